@@ -1,0 +1,101 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Patchbay",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Patchbay", targets: ["Patchbay"]),
+        .executable(name: "patchbay", targets: ["patchbay"]),
+        .executable(name: "patchbayd", targets: ["patchbayd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+    ],
+    targets: [
+        // The few C helpers Swift cannot import (CMSG_*, memfd, futex, eventfd, ucred, signalfd).
+        .target(
+            name: "CPatchbayShims",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Typed, thin syscall layer. No policy.
+        .target(
+            name: "PatchbaySystem",
+            dependencies: [
+                "CPatchbayShims",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        // The wire format: pure, no I/O, total on hostile input.
+        .target(
+            name: "PatchbayProtocol",
+            dependencies: [],
+            swiftSettings: strict
+        ),
+        // The broker: event loop, sessions, access control, quotas, one folder per subsystem.
+        .target(
+            name: "PatchbayBroker",
+            dependencies: [
+                "PatchbaySystem",
+                "PatchbayProtocol",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ],
+            swiftSettings: strict
+        ),
+        // The client library users import.
+        .target(
+            name: "Patchbay",
+            dependencies: ["PatchbaySystem", "PatchbayProtocol"],
+            swiftSettings: strict
+        ),
+        // The commands of the CLI, shared by `patchbay` and `patchbayd`.
+        .target(
+            name: "PatchbayCLI",
+            dependencies: [
+                "Patchbay",
+                "PatchbayBroker",
+                "PatchbaySystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "patchbay",
+            dependencies: ["PatchbayCLI"],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "patchbayd",
+            dependencies: ["PatchbayCLI"],
+            swiftSettings: strict
+        ),
+        // A scripted peer for the tests: does one awkward thing (fill its fd table, hang with a
+        // pending share, claim on a barrier) in a separate, unrelated process.
+        .executableTarget(
+            name: "PatchbayTestPeer",
+            dependencies: ["Patchbay", "PatchbaySystem"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "PatchbayProtocolTests",
+            dependencies: ["PatchbayProtocol"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "PatchbayTests",
+            dependencies: ["Patchbay", "PatchbaySystem", "PatchbayProtocol"],
+            swiftSettings: strict
+        ),
+    ]
+)

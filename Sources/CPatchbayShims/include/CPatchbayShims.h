@@ -1,0 +1,91 @@
+// The few Linux facilities that Swift's Glibc module does not import.
+//
+// Everything GNU-only lives out of line in shims.c, which is compiled with _GNU_SOURCE; this header
+// declares plain C functions with plain C types so that importing it never drags feature macros
+// into Swift (which breaks the build with duplicate `fd_set`/`environ` definitions).
+#ifndef CPATCHBAY_SHIMS_H
+#define CPATCHBAY_SHIMS_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/// Kernel-reported credentials of a socket peer (`struct ucred`).
+typedef struct {
+    int32_t pid;
+    uint32_t uid;
+    uint32_t gid;
+} pb_ucred;
+
+// Each function returns -1 and leaves errno set on failure, like the syscall it wraps.
+
+int pb_memfd_create(const char *name, unsigned int flags);
+unsigned int pb_mfd_cloexec(void);
+unsigned int pb_mfd_allow_sealing(void);
+
+int pb_add_seals(int fd, unsigned int seals);
+int pb_get_seals(int fd);
+unsigned int pb_seal_seal(void);
+unsigned int pb_seal_shrink(void);
+unsigned int pb_seal_grow(void);
+unsigned int pb_seal_write(void);
+unsigned int pb_seal_future_write(void);
+
+int pb_eventfd(unsigned int initval, int nonblock);
+
+/// futex(FUTEX_WAIT) on a word that may be shared between processes (no FUTEX_PRIVATE_FLAG).
+/// `timeout_ns` < 0 waits forever.
+int pb_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
+/// futex(FUTEX_WAKE); returns the number of waiters woken.
+int pb_futex_wake(uint32_t *word, int count);
+
+int pb_accept4(int fd, int nonblock);
+
+int pb_getrandom(void *buffer, size_t length);
+
+int pb_peer_credentials(int fd, pb_ucred *out);
+/// SO_PEERGROUPS: fills up to `capacity` gids; returns the total count the kernel reported
+/// (which may exceed capacity), or -1.
+int pb_peer_groups(int fd, uint32_t *groups, int capacity);
+
+/// sendmsg(2) of one buffer with `fd_count` descriptors in an SCM_RIGHTS message, MSG_NOSIGNAL.
+ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait);
+
+/// recvmsg(2) of one buffer with MSG_CMSG_CLOEXEC. Every descriptor that arrives is written to
+/// `fds` (up to `fd_capacity`; any beyond that are closed here so none leaks) and counted in
+/// `*fd_count`. `*flags_out` receives msg_flags (MSG_TRUNC, MSG_CTRUNC).
+ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
+                         int *fd_count, int *flags_out, int dontwait);
+
+int pb_msg_trunc(void);
+int pb_msg_ctrunc(void);
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and returns a signalfd for them.
+int pb_termination_signalfd(void);
+/// Reads one pending signal from a signalfd; returns its number, or -1.
+int pb_read_signalfd(int fd);
+
+/// The 'W*' wait macros.
+int pb_wifexited(int status);
+int pb_wexitstatus(int status);
+int pb_wifsignaled(int status);
+int pb_wtermsig(int status);
+
+/// posix_spawnattr_setflags with POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK (empty mask) |
+/// POSIX_SPAWN_SETSIGDEF for SIGPIPE/SIGTERM/SIGINT/SIGHUP, so children start with default signals.
+int pb_spawnattr_init_clean(void *attr, int new_session);
+
+/// pipe2(O_CLOEXEC).
+int pb_pipe_cloexec(int fds[2]);
+
+/// Clears FD_CLOEXEC on a descriptor.
+int pb_clear_cloexec(int fd);
+int pb_set_nonblocking(int fd, int on);
+
+/// epoll wrappers (the struct is packed on x86-64, which Swift imports awkwardly).
+int pb_epoll_create(void);
+int pb_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/// Waits for events; writes `(events, data)` pairs into the two arrays.
+int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int timeout_ms);
+
+#endif

@@ -1,0 +1,253 @@
+// Out-of-line GNU helpers; compiled with _GNU_SOURCE (see Package.swift).
+#include "CPatchbayShims.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+int pb_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+unsigned int pb_mfd_cloexec(void) { return MFD_CLOEXEC; }
+unsigned int pb_mfd_allow_sealing(void) { return MFD_ALLOW_SEALING; }
+
+int pb_add_seals(int fd, unsigned int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
+int pb_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+unsigned int pb_seal_seal(void) { return F_SEAL_SEAL; }
+unsigned int pb_seal_shrink(void) { return F_SEAL_SHRINK; }
+unsigned int pb_seal_grow(void) { return F_SEAL_GROW; }
+unsigned int pb_seal_write(void) { return F_SEAL_WRITE; }
+unsigned int pb_seal_future_write(void) { return F_SEAL_FUTURE_WRITE; }
+
+int pb_eventfd(unsigned int initval, int nonblock) {
+    return eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+}
+
+int pb_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns) {
+    struct timespec ts;
+    struct timespec *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tsp = &ts;
+    }
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, NULL, 0);
+}
+
+int pb_futex_wake(uint32_t *word, int count) {
+    return (int)syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
+}
+
+int pb_accept4(int fd, int nonblock) {
+    return accept4(fd, NULL, NULL, SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
+}
+
+int pb_getrandom(void *buffer, size_t length) {
+    size_t done = 0;
+    while (done < length) {
+        ssize_t n = getrandom((char *)buffer + done, length - done, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+int pb_peer_credentials(int fd, pb_ucred *out) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -1;
+    out->pid = cred.pid;
+    out->uid = cred.uid;
+    out->gid = cred.gid;
+    return 0;
+}
+
+int pb_peer_groups(int fd, uint32_t *groups, int capacity) {
+    gid_t buffer[256];
+    socklen_t len = sizeof buffer;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, buffer, &len) < 0) {
+        if (errno != ERANGE) return -1;
+        // More than 256 groups: report the count the kernel asked room for, fill what we can.
+        int total = (int)(len / sizeof(gid_t));
+        gid_t *big = malloc(len);
+        if (big == NULL) return -1;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, big, &len) < 0) { free(big); return -1; }
+        total = (int)(len / sizeof(gid_t));
+        for (int i = 0; i < total && i < capacity; i++) groups[i] = big[i];
+        free(big);
+        return total;
+    }
+    int total = (int)(len / sizeof(gid_t));
+    for (int i = 0; i < total && i < capacity; i++) groups[i] = buffer[i];
+    return total;
+}
+
+#define PB_MAX_FDS 16
+
+ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait) {
+    if (fd_count < 0 || fd_count > PB_MAX_FDS) { errno = EINVAL; return -1; }
+    struct iovec iov = { .iov_base = (void *)buffer, .iov_len = length };
+    union {
+        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd_count > 0) {
+        memset(&control, 0, sizeof control);
+        msg.msg_control = control.bytes;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fd_count);
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fd_count);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)fd_count);
+    }
+    ssize_t n;
+    do {
+        n = sendmsg(socket, &msg, MSG_NOSIGNAL | (dontwait ? MSG_DONTWAIT : 0));
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
+                         int *fd_count, int *flags_out, int dontwait) {
+    struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    union {
+        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = sizeof control.bytes;
+    *fd_count = 0;
+    *flags_out = 0;
+    ssize_t n;
+    do {
+        n = recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | (dontwait ? MSG_DONTWAIT : 0));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    *flags_out = msg.msg_flags;
+    // Adopt every descriptor that arrived, in every SCM_RIGHTS message: CMSG_SPACE rounds up, so
+    // a buffer sized for N can carry more, and the peer decides what it sends.
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *incoming = (int *)CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, incoming + i, sizeof fd);
+            if (*fd_count < fd_capacity) {
+                fds[(*fd_count)++] = fd;
+            } else {
+                close(fd);
+                *flags_out |= MSG_CTRUNC;
+            }
+        }
+    }
+    return n;
+}
+
+int pb_msg_trunc(void) { return MSG_TRUNC; }
+int pb_msg_ctrunc(void) { return MSG_CTRUNC; }
+
+int pb_termination_signalfd(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+    return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int pb_read_signalfd(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t n;
+    do {
+        n = read(fd, &info, sizeof info);
+    } while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof info) return -1;
+    return (int)info.ssi_signo;
+}
+
+int pb_wifexited(int status) { return WIFEXITED(status); }
+int pb_wexitstatus(int status) { return WEXITSTATUS(status); }
+int pb_wifsignaled(int status) { return WIFSIGNALED(status); }
+int pb_wtermsig(int status) { return WTERMSIG(status); }
+
+int pb_spawnattr_init_clean(void *attr, int new_session) {
+    posix_spawnattr_t *a = (posix_spawnattr_t *)attr;
+    int rc = posix_spawnattr_init(a);
+    if (rc != 0) { errno = rc; return -1; }
+    sigset_t none, defaults;
+    sigemptyset(&none);
+    sigemptyset(&defaults);
+    sigaddset(&defaults, SIGPIPE);
+    sigaddset(&defaults, SIGTERM);
+    sigaddset(&defaults, SIGINT);
+    sigaddset(&defaults, SIGHUP);
+    posix_spawnattr_setsigmask(a, &none);
+    posix_spawnattr_setsigdefault(a, &defaults);
+    short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+    if (new_session) flags |= POSIX_SPAWN_SETSID;
+    rc = posix_spawnattr_setflags(a, flags);
+    if (rc != 0) { errno = rc; return -1; }
+    return 0;
+}
+
+int pb_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int pb_clear_cloexec(int fd) {
+    int flags = fcntl(fd, F_GETFD);
+    if (flags < 0) return -1;
+    return fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+}
+
+int pb_set_nonblocking(int fd, int on) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -1;
+    return fcntl(fd, F_SETFL, on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK));
+}
+
+int pb_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int pb_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = data;
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int timeout_ms) {
+    struct epoll_event buffer[64];
+    if (capacity > 64) capacity = 64;
+    int n = epoll_wait(epfd, buffer, capacity, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        events[i] = buffer[i].events;
+        data[i] = buffer[i].data.u64;
+    }
+    return n;
+}

@@ -1,0 +1,96 @@
+import Glibc
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+
+/// A reply, with the descriptor it carried if any.
+struct Response: ~Copyable {
+    var reply: Reply
+    var descriptor: Descriptor?
+    /// The kernel dropped an attached descriptor (`MSG_CTRUNC`): we had no free slot.
+    var descriptorLost: Bool
+}
+
+/// One control connection to the broker: request ids, frames, and the descriptors riding along.
+/// Not thread-safe by itself; `Broker` serialises access.
+struct Connection: ~Copyable {
+    let socket: SeqpacketSocket
+    private var nextRequestID: UInt64 = 1
+    private let buffer: UnsafeMutableRawBufferPointer
+
+    init(socket: consuming SeqpacketSocket) {
+        self.socket = socket
+        buffer = .allocate(byteCount: maximumFrameSize, alignment: 16)
+    }
+
+    deinit {
+        buffer.deallocate()
+    }
+
+    /// Sends a request that gets no reply.
+    mutating func post(_ request: Request) throws(PatchbayError) {
+        let id = nextRequestID
+        nextRequestID &+= 1
+        do {
+            try socket.send(request.encode(requestID: id))
+        } catch {
+            throw Self.transportError(error)
+        }
+    }
+
+    /// Sends `request` with `descriptors` attached and waits for its reply.
+    mutating func call(_ request: Request, descriptors: [CInt] = []) throws(PatchbayError) -> Response {
+        let id = nextRequestID
+        nextRequestID &+= 1
+        do {
+            try socket.send(request.encode(requestID: id), descriptors: descriptors)
+        } catch {
+            throw Self.transportError(error)
+        }
+        while true {
+            var message: ReceivedMessage
+            do {
+                message = try socket.receive(into: buffer)
+            } catch {
+                throw Self.transportError(error)
+            }
+            if message.length == 0 && message.descriptors.count == 0 {
+                throw PatchbayError(.connectionReset, "the broker closed the connection")
+            }
+            let frame: Frame
+            do {
+                frame = try Frame.decode(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<message.length]))[...])
+            } catch {
+                throw PatchbayError(.protocolError, "the broker sent a bad frame: \(error.reason)")
+            }
+            if frame.kind == .error, frame.requestID == 0 || frame.requestID == id {
+                // Request id 0 is about the connection itself (for example: this uid is refused).
+                let reply = (try? ErrorReply.decode(frame))
+                    ?? ErrorReply(errno: EPROTO, reason: "the broker sent an unreadable error")
+                throw PatchbayError(reply)
+            }
+            // A frame for an earlier request nobody waits for any more: drop it (and its fds).
+            guard frame.requestID == id else { continue }
+            let reply: Reply
+            do {
+                reply = try Reply.decode(frame)
+            } catch {
+                throw PatchbayError(.protocolError, "the broker sent a bad reply: \(error.reason)")
+            }
+            guard reply.opcode == request.opcode else {
+                throw PatchbayError(.protocolError, "the broker answered \(request.opcode) with \(reply.opcode)")
+            }
+            let lost = message.descriptorsTruncated && message.descriptors.count == 0
+            return Response(reply: reply, descriptor: message.descriptors.takeFirst(), descriptorLost: lost)
+        }
+    }
+
+    static func transportError(_ error: Errno) -> PatchbayError {
+        switch error {
+        case .brokenPipe, .connectionReset, .socketNotConnected:
+            PatchbayError(error, "the connection to the broker is gone (was it restarted?); reconnect")
+        default:
+            PatchbayError(error, "talking to the broker failed")
+        }
+    }
+}

@@ -1,0 +1,282 @@
+// Keys: handing a file descriptor to an unrelated process (PatchworkOS `share`/`claim`).
+//
+// What it is. `share` gives the broker a descriptor and gets back a key: 128 bits from
+// getrandom(2), shown as 22 characters of base64url. `claim` with that key gets a descriptor for
+// the same open file description (shared offset, flags, access mode), exactly as SCM_RIGHTS would.
+//
+// Lifetime. The broker holds the file from `share` until the key is claimed or expires; the
+// sharer may close its own descriptor at once and may even die: the key stays claimable until its
+// deadline. Expiry is driven by the event loop's timeout (the earliest deadline in
+// `expiryQueue`), so an expired file is closed within milliseconds, not when someone next looks.
+//
+// Claiming is two-phase so that nothing is lost. A claim moves the key to "in flight" and sends
+// the descriptor; the claimer then acknowledges. If the kernel could not install the descriptor
+// (the claimer was out of descriptors, EMFILE: the reply arrives with MSG_CTRUNC), the claimer
+// says so and the key is restored; if the claimer vanishes before acknowledging, the key is
+// restored too. While a key is in flight every other claim gets ENOENT, so of any number of
+// concurrent claims exactly one wins.
+//
+// Errors. Malformed key text: EINVAL (in the client, before anything is sent). Unknown, claimed,
+// expired or restricted to someone else: ENOENT, all alike. Zero timeout: EINVAL. More than
+// `maximumKeysPerUser` outstanding for one uid: EDQUOT. Too many failed claims from one uid:
+// EAGAIN until its allowance refills (see `FailedClaimLimiter`).
+
+import HeapModule
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+
+/// A shared file waiting to be claimed.
+final class KeyEntry {
+    let file: Descriptor
+    let fileKind: FileKind
+    let ownerUID: UInt32
+    let ownerPID: Int32
+    let restriction: ClaimRestriction?
+    let createdAt: UInt64
+    /// Monotonic deadline in nanoseconds, or nil for "never".
+    let deadline: UInt64?
+    /// The session a claim reply went to, until it acknowledges.
+    var inFlightTo: UInt64?
+
+    init(file: consuming Descriptor, fileKind: FileKind, ownerUID: UInt32, ownerPID: Int32,
+         restriction: ClaimRestriction?, createdAt: UInt64, deadline: UInt64?) {
+        self.file = file
+        self.fileKind = fileKind
+        self.ownerUID = ownerUID
+        self.ownerPID = ownerPID
+        self.restriction = restriction
+        self.createdAt = createdAt
+        self.deadline = deadline
+    }
+
+    func permitsClaim(by claimer: PeerCredentials) -> Bool {
+        switch restriction {
+        case nil: true
+        case .uid(let uid)?: claimer.uid == uid
+        case .gid(let gid)?: claimer.isMember(of: gid)
+        case .pid(let pid)?: claimer.pid == pid
+        }
+    }
+}
+
+/// One deadline in the expiry queue. Entries are removed lazily: a popped item whose key is gone
+/// (claimed) is skipped.
+struct ExpiryItem: Comparable {
+    var deadline: UInt64
+    var token: KeyToken
+
+    static func < (lhs: ExpiryItem, rhs: ExpiryItem) -> Bool { lhs.deadline < rhs.deadline }
+    static func == (lhs: ExpiryItem, rhs: ExpiryItem) -> Bool {
+        lhs.deadline == rhs.deadline && lhs.token == rhs.token
+    }
+}
+
+/// An error the key table reports to a client: errno plus a sentence.
+struct KeyError: Error {
+    var errno: Errno
+    var reason: String
+}
+
+/// The outstanding keys, their deadlines and the per-uid accounting.
+final class KeyTable {
+    private(set) var entries: [KeyToken: KeyEntry] = [:]
+    private var expiryQueue = Heap<ExpiryItem>()
+    /// How many entries have a deadline (the live part of `expiryQueue`).
+    private var entriesWithDeadline = 0
+    private var keysPerUser: [UInt32: Int] = [:]
+    private let maximumKeysPerUser: Int
+    let limiter: FailedClaimLimiter
+
+    init(maximumKeysPerUser: Int, limiter: FailedClaimLimiter) {
+        self.maximumKeysPerUser = maximumKeysPerUser
+        self.limiter = limiter
+    }
+
+    var count: Int { entries.count }
+
+    func count(ownedBy uid: UInt32) -> Int { keysPerUser[uid] ?? 0 }
+
+    /// Stores `file` under a fresh key.
+    func share(
+        _ file: consuming Descriptor, expiry: KeyExpiry, restriction: ClaimRestriction?,
+        sharer: PeerCredentials, now: UInt64
+    ) throws(KeyError) -> KeyToken {
+        let deadline: UInt64?
+        switch expiry {
+        case .never:
+            deadline = nil
+        case .after(let nanoseconds):
+            guard nanoseconds > 0 else {
+                throw KeyError(errno: .invalidArgument, reason: "the timeout must be positive (or never)")
+            }
+            let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
+            deadline = overflow ? UInt64.max : sum
+        }
+        let owned = keysPerUser[sharer.uid] ?? 0
+        guard owned < maximumKeysPerUser else {
+            throw KeyError(errno: .diskQuotaExceeded,
+                           reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
+        }
+        let kind = (try? file.fileKind()) ?? .unknown
+        var token: KeyToken
+        repeat {
+            token = Self.randomToken()
+        } while entries[token] != nil
+        entries[token] = KeyEntry(file: file, fileKind: kind, ownerUID: sharer.uid, ownerPID: sharer.pid,
+                                  restriction: restriction, createdAt: now, deadline: deadline)
+        keysPerUser[sharer.uid] = owned + 1
+        if let deadline {
+            expiryQueue.insert(ExpiryItem(deadline: deadline, token: token))
+            entriesWithDeadline += 1
+        }
+        return token
+    }
+
+    /// Starts a claim: the entry goes in flight to `session` and its file is returned for sending.
+    /// Unknown, in flight, expired or restricted: ENOENT, all alike.
+    func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, session: UInt64, now: UInt64)
+        throws(KeyError) -> KeyEntry
+    {
+        guard limiter.allowsAttempt(uid: claimer.uid, now: now) else {
+            throw KeyError(
+                errno: .resourceTemporarilyUnavailable,
+                reason: "too many failed claims from uid \(claimer.uid); try again in \(limiter.millisecondsUntilNextAttempt(uid: claimer.uid, now: now)) ms")
+        }
+        guard let entry = entries[token], entry.inFlightTo == nil, !isExpired(entry, now: now),
+              entry.permitsClaim(by: claimer)
+        else {
+            limiter.recordFailure(uid: claimer.uid, now: now)
+            throw KeyError(errno: .noSuchFileOrDirectory,
+                           reason: "no such key: it was never issued, was already claimed, has expired, or is not for this claimer")
+        }
+        entry.inFlightTo = session
+        return entry
+    }
+
+    /// Ends a claim. `received` false (the descriptor was lost on the way) restores the key.
+    /// Returns false when the key was not in flight to `session`.
+    @discardableResult
+    func finishClaim(_ token: KeyToken, session: UInt64, received: Bool, now: UInt64) -> Bool {
+        guard let entry = entries[token], entry.inFlightTo == session else { return false }
+        if received || isExpired(entry, now: now) {
+            remove(token)
+        } else {
+            entry.inFlightTo = nil
+        }
+        return true
+    }
+
+    /// Removes every key whose deadline has passed, closing the files they held.
+    /// Returns how many expired.
+    @discardableResult
+    func expire(now: UInt64) -> Int {
+        var expired = 0
+        while let first = expiryQueue.min, first.deadline <= now {
+            _ = expiryQueue.removeMin()
+            // A key in flight is decided by its acknowledgement, which checks the deadline.
+            if let entry = entries[first.token], entry.deadline == first.deadline, entry.inFlightTo == nil {
+                remove(first.token)
+                expired += 1
+            }
+        }
+        return expired
+    }
+
+    /// The earliest deadline still pending, for the event loop's timeout.
+    var nextDeadline: UInt64? { expiryQueue.min?.deadline }
+
+    /// Age of each uid's oldest key, and counts by file kind, for `status`.
+    func summary(now: UInt64) -> (oldestByUser: [UInt32: UInt64], byKind: [UInt8: UInt32]) {
+        var oldest: [UInt32: UInt64] = [:]
+        var byKind: [UInt8: UInt32] = [:]
+        for entry in entries.values {
+            let age = now &- entry.createdAt
+            oldest[entry.ownerUID] = max(oldest[entry.ownerUID] ?? 0, age)
+            byKind[entry.fileKind.rawValue, default: 0] += 1
+        }
+        return (oldest, byKind)
+    }
+
+    var usersWithKeys: [UInt32: Int] { keysPerUser }
+
+    private func isExpired(_ entry: KeyEntry, now: UInt64) -> Bool {
+        if let deadline = entry.deadline { return deadline <= now }
+        return false
+    }
+
+    private func remove(_ token: KeyToken) {
+        guard let entry = entries.removeValue(forKey: token) else { return }
+        let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
+        keysPerUser[entry.ownerUID] = remaining > 0 ? remaining : nil
+        if entry.deadline != nil {
+            entriesWithDeadline -= 1
+            compactExpiryQueueIfMostlyStale()
+        }
+    }
+
+    /// Claimed keys leave their deadlines behind in the queue; rebuild it when those dominate so
+    /// memory follows the live keys, not the history of shares.
+    private func compactExpiryQueueIfMostlyStale() {
+        guard expiryQueue.count > 4096, expiryQueue.count > 4 * entriesWithDeadline else { return }
+        expiryQueue = Heap(entries.compactMap { token, entry in
+            entry.deadline.map { ExpiryItem(deadline: $0, token: token) }
+        })
+    }
+
+    private static func randomToken() -> KeyToken {
+        var words: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &words) { raw in
+            // getrandom(2) without GRND_NONBLOCK only fails for bad arguments; there is no weaker
+            // fallback to take, so a failure here is a broken system.
+            do { try secureRandomBytes(into: raw) } catch { fatalError("getrandom failed: \(error)") }
+        }
+        return KeyToken(high: words.0, low: words.1)
+    }
+}
+
+/// Failed-claim rate limiting: a token bucket per uid. Each failed claim spends one token; tokens
+/// come back at `refillPerSecond` up to `burst`. With the bucket empty, every claim from that uid
+/// is answered EAGAIN without the key being looked at, so guessing gains nothing.
+final class FailedClaimLimiter {
+    private struct Bucket {
+        var tokens: Double
+        var updatedAt: UInt64
+    }
+
+    let burst: Double
+    let refillPerSecond: Double
+    private var buckets: [UInt32: Bucket] = [:]
+
+    init(burst: Int, refillPerSecond: Double) {
+        self.burst = Double(max(burst, 1))
+        self.refillPerSecond = max(refillPerSecond, 0.001)
+    }
+
+    func allowsAttempt(uid: UInt32, now: UInt64) -> Bool {
+        refill(uid: uid, now: now) >= 1
+    }
+
+    func recordFailure(uid: UInt32, now: UInt64) {
+        let tokens = refill(uid: uid, now: now)
+        buckets[uid] = Bucket(tokens: max(tokens - 1, 0), updatedAt: now)
+    }
+
+    func millisecondsUntilNextAttempt(uid: UInt32, now: UInt64) -> Int {
+        let missing = 1 - refill(uid: uid, now: now)
+        return missing <= 0 ? 0 : Int((missing / refillPerSecond * 1000).rounded(.up))
+    }
+
+    private func refill(uid: UInt32, now: UInt64) -> Double {
+        guard var bucket = buckets[uid] else { return burst }
+        let elapsed = Double(now &- bucket.updatedAt) / 1e9
+        bucket.tokens = min(burst, bucket.tokens + elapsed * refillPerSecond)
+        bucket.updatedAt = now
+        if bucket.tokens >= burst {
+            buckets[uid] = nil  // full buckets need no memory
+        } else {
+            buckets[uid] = bucket
+        }
+        return bucket.tokens
+    }
+}

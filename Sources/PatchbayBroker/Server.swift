@@ -1,0 +1,491 @@
+// The broker: a user-space kernel for IPC objects. One thread, one epoll loop, non-blocking
+// sockets everywhere; the data itself never passes through here, only control requests.
+//
+// Every request is answered from memory without blocking: a slow client only fills its own
+// bounded reply queue (and is disconnected when that overflows), it never stalls another.
+
+import Glibc
+public import Logging
+import PatchbayProtocol
+import PatchbaySystem
+public import SystemPackage
+
+/// An error that stops the broker from starting, with a sentence for a person.
+public struct BrokerStartError: Error, CustomStringConvertible {
+    public var errno: Errno
+    public var reason: String
+    public var description: String { "\(errno.name): \(reason)" }
+}
+
+public final class BrokerServer {
+    private let configuration: BrokerConfiguration
+    private var logger: Logger
+    private let epoll: Epoll
+    private let listener: SeqpacketSocket
+    private let signals: TerminationSignals
+    /// Held for the broker's life so that a second broker on the same path refuses to start.
+    private let pathLock: FileLock?
+    private let socketPath: String
+    private let ownsSocketFile: Bool
+    private let startedAt = monotonicNanoseconds()
+    private let brokerUID = geteuid()
+
+    private var sessions: [UInt64: Session] = [:]
+    private var nextSessionID: UInt64 = firstSessionToken
+    private let keys: KeyTable
+    private var receiveBuffer: UnsafeMutableRawBufferPointer
+    private var running = true
+
+    private static let listenerToken: UInt64 = 1
+    private static let signalToken: UInt64 = 2
+    private static let firstSessionToken: UInt64 = 16
+
+    /// Creates the listening socket (or adopts an inherited one) and everything the loop needs.
+    /// Fails with EADDRINUSE when another broker already serves the path.
+    public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerStartError) {
+        self.configuration = configuration
+        self.logger = logger
+        raiseDescriptorLimit()
+        // Writes to a vanished client must fail with EPIPE, never kill the broker.
+        signal(SIGPIPE, SIG_IGN)
+
+        let inherited = try Self.inheritedListener()
+        if let inheritedFD = inherited {
+            listener = SeqpacketSocket(adopting: Descriptor(adopting: inheritedFD))
+            pathLock = nil
+            ownsSocketFile = false
+            socketPath = configuration.socketPath
+        } else {
+            let path = configuration.socketPath
+            try Self.prepareDirectory(for: path, mode: configuration.mode)
+            do {
+                pathLock = try FileLock(path: path + ".lock", wait: false)
+            } catch {
+                throw BrokerStartError(errno: .addressInUse,
+                                       reason: "another broker is already serving \(path)")
+            }
+            // The lock proves no broker is serving this path, so a socket file left here is stale.
+            unlink(path)
+            do {
+                let socket = try SeqpacketSocket(nonblocking: true)
+                let umaskBefore = umask(0o177)
+                defer { umask(umaskBefore) }
+                try socket.bind(path: path)
+                if configuration.mode == .system { chmod(path, 0o666) }
+                try socket.listen(backlog: 4096)
+                listener = socket
+            } catch {
+                throw BrokerStartError(errno: error, reason: "cannot listen on \(path): \(error.name)")
+            }
+            ownsSocketFile = true
+            socketPath = path
+        }
+        do {
+            epoll = try Epoll()
+            signals = try TerminationSignals()
+            try listener.descriptor.setNonblocking(true)
+            try epoll.add(listener.rawValue, events: .readable, token: Self.listenerToken)
+            try epoll.add(signals.descriptor.rawValue, events: .readable, token: Self.signalToken)
+        } catch {
+            throw BrokerStartError(errno: error, reason: "cannot set up the event loop: \(error.name)")
+        }
+        keys = KeyTable(
+            maximumKeysPerUser: configuration.maximumKeysPerUser,
+            limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
+                                        refillPerSecond: configuration.failedClaimsPerSecond))
+        receiveBuffer = .allocate(byteCount: maximumFrameSize + 1, alignment: 16)
+        self.logger[metadataKey: "socket"] = "\(socketPath)"
+    }
+
+    deinit {
+        receiveBuffer.deallocate()
+        if ownsSocketFile { unlink(socketPath) }
+    }
+
+    /// Serves until SIGTERM, SIGINT or SIGHUP. `ready` runs once the socket accepts connections.
+    public func run(ready: () -> Void = {}) {
+        logger.info("broker listening", metadata: [
+            "mode": "\(configuration.mode.rawValue)", "pid": "\(getpid())", "version": "\(patchbayVersion)",
+        ])
+        ready()
+        while running {
+            let events: [Epoll.Event]
+            do {
+                events = try epoll.wait(timeoutMilliseconds: nextTimeoutMilliseconds())
+            } catch {
+                logger.critical("epoll_wait failed", metadata: ["errno": "\(error.name)"])
+                break
+            }
+            for event in events {
+                switch event.token {
+                case Self.listenerToken: acceptClients()
+                case Self.signalToken: handleSignals()
+                default: serviceSession(event.token, events: event.events)
+                }
+            }
+            keys.expire(now: monotonicNanoseconds())
+        }
+        let clientCount = sessions.count
+        for id in Array(sessions.keys) { closeSession(id, reason: "broker stopping") }
+        logger.info("broker stopped", metadata: [
+            "clients": "\(clientCount)", "keys_dropped": "\(keys.count)",
+        ])
+    }
+
+    // MARK: Event loop pieces
+
+    private func nextTimeoutMilliseconds() -> CInt {
+        guard let deadline = keys.nextDeadline else { return -1 }
+        let now = monotonicNanoseconds()
+        if deadline <= now { return 0 }
+        let milliseconds = (deadline - now + 999_999) / 1_000_000
+        return CInt(min(milliseconds, 60_000))
+    }
+
+    private func handleSignals() {
+        while let number = signals.next() {
+            logger.info("stopping on signal", metadata: ["signal": "\(number)"])
+            running = false
+        }
+    }
+
+    private func acceptClients() {
+        while true {
+            let socket: SeqpacketSocket
+            do {
+                socket = try listener.accept(nonblocking: true)
+            } catch {
+                if error != .resourceTemporarilyUnavailable && error != .connectionAbort {
+                    logger.warning("accept failed", metadata: ["errno": "\(error.name)"])
+                }
+                return
+            }
+            let credentials: PeerCredentials
+            do {
+                credentials = try socket.peerCredentials()
+            } catch {
+                logger.warning("no peer credentials; dropping connection", metadata: ["errno": "\(error.name)"])
+                continue
+            }
+            if let refusal = admissionRefusal(for: credentials) {
+                // Tell the client why before closing; request id 0 addresses the connection.
+                let frame = refusal.encode(rawOpcode: 0, requestID: 0)
+                try? socket.send(frame, nonblocking: true)
+                logger.notice("connection refused", metadata: [
+                    "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(refusal.reason)",
+                ])
+                continue
+            }
+            let id = nextSessionID
+            nextSessionID += 1
+            let fd = socket.rawValue
+            let session = Session(id: id, socket: socket, credentials: credentials)
+            do {
+                try epoll.add(fd, events: [.readable], token: id)
+            } catch {
+                logger.warning("cannot watch client", metadata: ["errno": "\(error.name)"])
+                continue
+            }
+            sessions[id] = session
+            logger.debug("client connected", metadata: [
+                "session": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)",
+            ])
+        }
+    }
+
+    private func admissionRefusal(for credentials: PeerCredentials) -> ErrorReply? {
+        if configuration.mode == .user && credentials.uid != brokerUID {
+            return ErrorReply(errno: EACCES,
+                              reason: "this is the per-user broker of uid \(brokerUID); uid \(credentials.uid) may not use it")
+        }
+        if sessions.count >= configuration.maximumClients {
+            return ErrorReply(errno: EAGAIN, reason: "the broker already serves \(sessions.count) clients, its limit")
+        }
+        return nil
+    }
+
+    private func serviceSession(_ id: UInt64, events: Epoll.Events) {
+        guard let session = sessions[id] else { return }
+        if events.contains(.writable) {
+            flush(session)
+            guard sessions[id] != nil else { return }
+        }
+        if events.contains(.readable) || events.contains(.hangup) || events.contains(.error) {
+            // Bounded per wake-up so one busy client cannot starve the rest.
+            for _ in 0..<64 {
+                guard sessions[id] != nil else { return }
+                if !receiveOne(session) { return }
+            }
+        }
+    }
+
+    /// Reads and handles one frame. Returns false when there is nothing more to read now.
+    private func receiveOne(_ session: Session) -> Bool {
+        var message: ReceivedMessage
+        do {
+            message = try session.socket.receive(into: receiveBuffer, nonblocking: true)
+        } catch {
+            if error == .resourceTemporarilyUnavailable { return false }
+            closeSession(session.id, reason: "receive failed: \(error.name)")
+            return false
+        }
+        // On SOCK_SEQPACKET a zero-length read is the peer's close; an empty frame would be
+        // invalid anyway.
+        if message.length == 0 && message.descriptors.count == 0 && !message.truncated {
+            closeSession(session.id, reason: "client closed")
+            return false
+        }
+        let bytes = Array(UnsafeRawBufferPointer(rebasing: receiveBuffer[0..<min(message.length, maximumFrameSize)]))
+        handle(bytes[...], truncated: message.truncated || message.length > maximumFrameSize,
+               descriptorsTruncated: message.descriptorsTruncated, descriptors: &message.descriptors,
+               session: session)
+        return true
+    }
+
+    private func handle(
+        _ bytes: ArraySlice<UInt8>, truncated: Bool, descriptorsTruncated: Bool,
+        descriptors: inout ReceivedDescriptors, session: Session
+    ) {
+        let requestID = Frame.salvageRequestID(bytes) ?? 0
+        let rawOpcode = Frame.salvageOpcode(bytes)
+        if truncated {
+            sendError(ErrorReply(errno: EMSGSIZE, reason: "frames are limited to \(maximumFrameSize) bytes"),
+                      rawOpcode: rawOpcode, requestID: requestID, to: session)
+            return
+        }
+        if descriptorsTruncated {
+            sendError(ErrorReply(errno: EINVAL, reason: "a request carries at most \(maximumDescriptorsPerMessage) descriptors"),
+                      rawOpcode: rawOpcode, requestID: requestID, to: session)
+            return
+        }
+        let request: Request
+        let frame: Frame
+        do {
+            frame = try Frame.decode(bytes)
+            request = try Request.decode(frame)
+        } catch {
+            logger.debug("bad frame", metadata: ["session": "\(session.id)", "reason": "\(error.reason)"])
+            sendError(ErrorReply(error), rawOpcode: rawOpcode, requestID: requestID, to: session)
+            return
+        }
+        let expected = frame.opcode.requestDescriptors
+        guard descriptors.count == expected else {
+            if frame.opcode.expectsReply {
+                let reason = expected == 0
+                    ? "\(frame.opcode) requests carry no descriptors, but \(descriptors.count) arrived"
+                    : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived"
+                sendError(ErrorReply(errno: EINVAL, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
+            }
+            return
+        }
+        dispatch(request, requestID: requestID, descriptors: &descriptors, session: session)
+    }
+
+    private func dispatch(_ request: Request, requestID: UInt64, descriptors: inout ReceivedDescriptors,
+                          session: Session) {
+        let now = monotonicNanoseconds()
+        switch request {
+        case .status:
+            send(Reply.status(statusReport(now: now)).encode(requestID: requestID), to: session)
+
+        case .share(let expiry, let restriction):
+            guard let file = descriptors.takeFirst() else { return }
+            do {
+                let token = try keys.share(file, expiry: expiry, restriction: restriction,
+                                           sharer: session.credentials, now: now)
+                send(Reply.share(token).encode(requestID: requestID), to: session)
+            } catch {
+                sendError(ErrorReply(errno: error.errno.rawValue, reason: error.reason),
+                          rawOpcode: Opcode.share.rawValue, requestID: requestID, to: session)
+            }
+
+        case .claim(let token):
+            do {
+                let entry = try keys.beginClaim(token, by: session.credentials, session: session.id, now: now)
+                session.claimsInFlight.insert(token)
+                let reply = Reply.claim(fileKind: entry.fileKind.rawValue).encode(requestID: requestID)
+                if !send(reply, attaching: entry.file.rawValue, to: session) {
+                    // The client is gone or unreachable: the key goes back on the table.
+                    session.claimsInFlight.remove(token)
+                    keys.finishClaim(token, session: session.id, received: false, now: now)
+                }
+            } catch {
+                sendError(ErrorReply(errno: error.errno.rawValue, reason: error.reason),
+                          rawOpcode: Opcode.claim.rawValue, requestID: requestID, to: session)
+            }
+
+        case .claimAcknowledge(let token, let received):
+            guard session.claimsInFlight.remove(token) != nil else { return }
+            keys.finishClaim(token, session: session.id, received: received, now: now)
+        }
+    }
+
+    private func statusReport(now: UInt64) -> StatusReport {
+        var users: [UInt32: UserUsage] = [:]
+        for session in sessions.values {
+            users[session.credentials.uid, default: UserUsage(uid: session.credentials.uid)].clients += 1
+        }
+        let summary = keys.summary(now: now)
+        for (uid, count) in keys.usersWithKeys {
+            users[uid, default: UserUsage(uid: uid)].keys = UInt32(count)
+            users[uid, default: UserUsage(uid: uid)].oldestKeyAgeNanoseconds = summary.oldestByUser[uid] ?? 0
+        }
+        let rows = users.values.sorted {
+            ($0.keys + $0.clients, $1.uid) > ($1.keys + $1.clients, $0.uid)
+        }
+        return StatusReport(
+            pid: getpid(), version: patchbayVersion, mode: configuration.mode.rawValue, socketPath: socketPath,
+            uptimeNanoseconds: now - startedAt, clients: UInt32(sessions.count),
+            keysByFileKind: summary.byKind, users: Array(rows.prefix(StatusReport.maximumUsers)))
+    }
+
+    // MARK: Sending
+
+    private func sendError(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session) {
+        send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
+    }
+
+    /// Sends now if the socket takes it, else queues (with a duplicate of the attachment, so the
+    /// queued reply does not depend on the original staying open). Returns false if the session
+    /// was closed instead.
+    @discardableResult
+    private func send(_ bytes: [UInt8], attaching attachment: CInt? = nil, to session: Session) -> Bool {
+        if session.queuedReplies == 0 {
+            do {
+                try session.socket.send(bytes, descriptors: attachment.map { [$0] } ?? [], nonblocking: true)
+                return true
+            } catch {
+                if error != .resourceTemporarilyUnavailable && error != .noBufferSpace {
+                    closeSession(session.id, reason: "send failed: \(error.name)")
+                    return false
+                }
+            }
+        }
+        guard session.queuedReplies < configuration.maximumQueuedRepliesPerClient else {
+            closeSession(session.id, reason: "client is not reading its replies")
+            return false
+        }
+        var box: DescriptorBox?
+        if let attachment {
+            do {
+                box = DescriptorBox(try duplicateDescriptor(attachment))
+            } catch {
+                closeSession(session.id, reason: "cannot queue a descriptor: \(error.name)")
+                return false
+            }
+        }
+        session.outgoing.append(OutgoingFrame(bytes: bytes, attachment: box))
+        watchWritable(session, true)
+        return true
+    }
+
+    private func flush(_ session: Session) {
+        while session.outgoingHead < session.outgoing.count {
+            let frame = session.outgoing[session.outgoingHead]
+            let fds = frame.attachment.map { [$0.descriptor.rawValue] } ?? []
+            do {
+                try session.socket.send(frame.bytes, descriptors: fds, nonblocking: true)
+            } catch {
+                if error == .resourceTemporarilyUnavailable || error == .noBufferSpace { return }
+                closeSession(session.id, reason: "send failed: \(error.name)")
+                return
+            }
+            session.outgoingHead += 1
+        }
+        session.outgoing.removeAll(keepingCapacity: false)
+        session.outgoingHead = 0
+        watchWritable(session, false)
+    }
+
+    private func watchWritable(_ session: Session, _ on: Bool) {
+        guard session.wantsWritable != on else { return }
+        session.wantsWritable = on
+        try? epoll.modify(session.socket.rawValue, events: on ? [.readable, .writable] : [.readable],
+                          token: session.id)
+    }
+
+    private func closeSession(_ id: UInt64, reason: String) {
+        guard let session = sessions.removeValue(forKey: id) else { return }
+        try? epoll.remove(session.socket.rawValue)
+        let now = monotonicNanoseconds()
+        // A claimer that vanished before acknowledging: its keys go back on the table.
+        for token in session.claimsInFlight {
+            keys.finishClaim(token, session: id, received: false, now: now)
+        }
+        logger.debug("client disconnected", metadata: [
+            "session": "\(id)", "pid": "\(session.credentials.pid)", "reason": "\(reason)",
+        ])
+    }
+
+    // MARK: Start-up helpers
+
+    /// A listening socket passed by a service manager (`LISTEN_FDS`, `LISTEN_PID`), as fd 3.
+    private static func inheritedListener() throws(BrokerStartError) -> CInt? {
+        guard let countText = getenv("LISTEN_FDS").map({ String(cString: $0) }),
+              let pidText = getenv("LISTEN_PID").map({ String(cString: $0) }),
+              let count = Int(countText), let pid = Int32(pidText), pid == getpid()
+        else { return nil }
+        unsetenv("LISTEN_FDS")
+        unsetenv("LISTEN_PID")
+        unsetenv("LISTEN_FDNAMES")
+        guard count == 1 else {
+            throw BrokerStartError(errno: .invalidArgument,
+                                   reason: "socket activation passed \(count) sockets; the broker takes exactly one")
+        }
+        let fd: CInt = 3
+        var type: CInt = 0
+        var listening: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0,
+              type == CInt(SOCK_SEQPACKET.rawValue),
+              getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening != 0
+        else {
+            throw BrokerStartError(errno: .invalidArgument,
+                                   reason: "the inherited descriptor 3 is not a listening SOCK_SEQPACKET socket")
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return fd
+    }
+
+    /// Makes sure the socket's directory exists with the right owner and mode. A per-user
+    /// directory must be ours and 0700, or someone else could intercept the socket.
+    private static func prepareDirectory(for path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) {
+        guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return }
+        let directory = String(path[..<slash])
+        let wantedMode: mode_t = mode == .system ? 0o755 : 0o700
+        if mkdir(directory, wantedMode) == 0 {
+            chmod(directory, wantedMode)
+            return
+        }
+        let error = Errno.current
+        guard error == .fileExists else {
+            throw BrokerStartError(errno: error, reason: "cannot create \(directory): \(error.name)")
+        }
+        var info = stat()
+        guard lstat(directory, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
+            throw BrokerStartError(errno: .notDirectory, reason: "\(directory) exists and is not a directory")
+        }
+        if path == defaultUserPathFor(directory) {
+            guard info.st_uid == geteuid(), info.st_mode & 0o077 == 0 else {
+                throw BrokerStartError(
+                    errno: .permissionDenied,
+                    reason: "\(directory) must be owned by uid \(geteuid()) with mode 0700; it is owned by \(info.st_uid) with mode \(String(info.st_mode & 0o777, radix: 8))")
+            }
+        }
+    }
+
+    private static func defaultUserPathFor(_ directory: String) -> String {
+        BrokerConfiguration.defaultSocketPath(mode: .user)
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one: every outstanding key and every client holds
+/// a descriptor in the broker.
+private func raiseDescriptorLimit() {
+    var limit = rlimit()
+    guard getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+    }
+}

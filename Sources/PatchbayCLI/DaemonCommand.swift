@@ -1,0 +1,84 @@
+import ArgumentParser
+import Glibc
+import Logging
+import Patchbay
+import PatchbayBroker
+
+/// `patchbay daemon` (also `patchbayd`): runs the broker in the foreground until SIGTERM/SIGINT.
+public struct DaemonCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "daemon",
+        abstract: "Run the broker.",
+        discussion: """
+            Per-user by default: the socket is $XDG_RUNTIME_DIR/patchbay/patchbay.sock (or
+            /tmp/patchbay-$UID/patchbay.sock) in a directory of mode 0700, and only this uid may
+            connect. --system serves every uid at /run/patchbay/patchbay.sock. An inherited
+            listening socket (LISTEN_FDS=1, LISTEN_PID, fd 3) is used instead of creating one.
+            """
+    )
+
+    @Option(help: "Listen on this socket path.")
+    var socket: String?
+
+    @Flag(help: "Serve every user (socket /run/patchbay/patchbay.sock, mode 0666).")
+    var system = false
+
+    @Option(help: "Outstanding keys allowed per uid (EDQUOT beyond).")
+    var maxKeysPerUid = 4096
+
+    @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
+    var failedClaimBurst = 64
+
+    @Option(help: "Failed claims per second a uid is allowed once its burst is spent.")
+    var failedClaimsPerSecond = 16.0
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    @Option(help: "Write \"ready\" to this descriptor once listening, then close it.")
+    var readyFd: Int32?
+
+    @Flag(help: "Fork into the background first (used when a client starts the broker).")
+    var detach = false
+
+    public init() {}
+
+    public func run() throws {
+        if detach {
+            // Before any thread exists: the parent returns at once to whoever started us and the
+            // broker continues in a child that is no one's zombie.
+            let child = fork()
+            if child < 0 { fail("daemon", Errno.current, "fork failed") }
+            if child > 0 { _exit(0) }
+        }
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "patchbayd")
+
+        let mode: BrokerConfiguration.Mode = system ? .system : .user
+        var configuration = BrokerConfiguration(
+            mode: mode, socketPath: socket ?? BrokerConfiguration.defaultSocketPath(mode: mode))
+        configuration.maximumKeysPerUser = maxKeysPerUid
+        configuration.failedClaimBurst = failedClaimBurst
+        configuration.failedClaimsPerSecond = failedClaimsPerSecond
+
+        let server: BrokerServer
+        do {
+            server = try BrokerServer(configuration: configuration, logger: logger)
+        } catch {
+            if let readyFd { close(readyFd) }
+            fail("daemon", error.errno, error.reason)
+        }
+        server.run {
+            if let readyFd {
+                let message = Array("ready\n".utf8)
+                _ = message.withUnsafeBytes { write(readyFd, $0.baseAddress, $0.count) }
+                close(readyFd)
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+import ArgumentParser
+import Glibc
+import Patchbay
+
+/// `patchbay share`: hands a file or an inherited descriptor to the broker, prints the key.
+struct ShareCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "share",
+        abstract: "Share a file (or an inherited descriptor) and print its one-time key.",
+        discussion: "The key alone goes to stdout, so `key=$(patchbay share FILE)` works."
+    )
+
+    @Option(help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
+    var timeout = "60s"
+
+    @Option(name: .customLong("for-uid"), help: "Only this uid may claim the key.")
+    var forUID: UInt32?
+
+    @Option(name: .customLong("for-gid"), help: "Only members of this group may claim the key.")
+    var forGID: UInt32?
+
+    @Option(name: .customLong("for-pid"), help: "Only this process may claim the key.")
+    var forPID: Int32?
+
+    @Option(help: "Share this already-open descriptor instead of opening a path.")
+    var fd: Int32?
+
+    @Flag(help: "Open PATH for reading and writing (default: read-only).")
+    var write = false
+
+    @Argument(help: "The file to share.")
+    var path: String?
+
+    func validate() throws {
+        if (fd == nil) == (path == nil) {
+            throw ValidationError("give either PATH or --fd N")
+        }
+        if [forUID != nil, forGID != nil, forPID != nil].filter({ $0 }).count > 1 {
+            throw ValidationError("--for-uid, --for-gid and --for-pid exclude each other")
+        }
+        if fd != nil && write {
+            throw ValidationError("--write applies to PATH, not to --fd")
+        }
+    }
+
+    func run() throws {
+        let expiry: Broker.Expiry
+        do {
+            expiry = try DurationText.parse(timeout)
+        } catch {
+            fail("share", error)
+        }
+        let restriction: ClaimRestriction? =
+            forUID.map { .uid($0) } ?? forGID.map { .gid($0) } ?? forPID.map { .pid($0) }
+        let broker = connectBroker(for: "share")
+        let key: Key
+        do {
+            if let fd {
+                guard fcntl(fd, F_GETFD) >= 0 else {
+                    fail("share", .badFileDescriptor, "descriptor \(fd) is not open in this process")
+                }
+                key = try broker.share(rawDescriptor: fd, timeout: expiry, claimableBy: restriction)
+            } else {
+                let file: Descriptor
+                do {
+                    file = try openFile(path!, flags: write ? O_RDWR : O_RDONLY)
+                } catch {
+                    fail("share", error, "cannot open \(path!)")
+                }
+                key = try broker.share(file, timeout: expiry, claimableBy: restriction)
+            }
+        } catch {
+            fail("share", error)
+        }
+        writeStandardOutput(key.text + "\n")
+    }
+}
+
+/// `patchbay claim KEY [-- COMMAND [ARGS...]]`.
+struct ClaimCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "claim",
+        abstract: "Claim a shared file by its key.",
+        discussion: """
+            With a command, runs it with the claimed file as descriptor 3 and PATCHBAY_FD=3 in its
+            environment. Without, copies the file's readable contents to stdout.
+            """
+    )
+
+    @Argument(help: "The key printed by `patchbay share`.")
+    var key: String
+
+    @Argument(parsing: .postTerminator, help: "A command to run with the file as descriptor 3.")
+    var command: [String] = []
+
+    func run() throws {
+        let parsed: Key
+        do {
+            parsed = try Key(key)
+        } catch {
+            fail("claim", error)
+        }
+        let broker = connectBroker(for: "claim")
+        let file: Descriptor
+        do {
+            file = try broker.claim(parsed)
+        } catch {
+            fail("claim", error)
+        }
+        if command.isEmpty {
+            copyToStandardOutput(file)
+        } else {
+            execute(command, with: file)
+        }
+    }
+
+    private func copyToStandardOutput(_ file: borrowing Descriptor) {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count: Int
+            do {
+                count = try chunk.withUnsafeMutableBytes { raw in
+                    Result { () throws(Errno) -> Int in try file.read(into: raw) }
+                }.get()
+            } catch {
+                fail("claim", error, "reading the claimed file failed")
+            }
+            if count == 0 { return }
+            var offset = 0
+            while offset < count {
+                let written = chunk[offset..<count].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    fail("claim", Errno.current, "writing to stdout failed")
+                }
+                offset += written
+            }
+        }
+    }
+
+    private func execute(_ command: [String], with file: consuming Descriptor) -> Never {
+        let raw = file.release()
+        if raw == 3 {
+            _ = fcntl(3, F_SETFD, 0)  // dup2 onto itself would leave close-on-exec set
+        } else if dup2(raw, 3) < 0 {
+            fail("claim", Errno.current, "cannot place the claimed file at descriptor 3")
+        }
+        setenv("PATCHBAY_FD", "3", 1)
+        let argv = command.map { strdup($0) } + [nil]
+        execvp(command[0], argv)
+        let error = Errno.current
+        fail("claim", error, "cannot run \(command[0])")
+    }
+}

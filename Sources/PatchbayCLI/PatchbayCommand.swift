@@ -1,0 +1,27 @@
+import ArgumentParser
+import Patchbay
+
+/// `patchbay`: the command-line face of Patchbay.
+public struct PatchbayCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "patchbay",
+        abstract: "IPC from PatchworkOS, FreeBSD and DragonFly BSD for Linux processes.",
+        discussion: """
+            Commands talk to the per-user broker (started on demand) or to PATCHBAY_SOCKET.
+            Errors are printed as `patchbay: <command>: <ERRNO>: <sentence>` with exit status 1.
+            """,
+        version: patchbayVersion,
+        subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, DemoCommand.self]
+    )
+
+    public init() {}
+}
+
+/// Opens the broker connection for a command, or fails the command.
+func connectBroker(for command: String) -> Broker {
+    do {
+        return try Broker()
+    } catch {
+        fail(command, error)
+    }
+}

@@ -1,0 +1,74 @@
+import ArgumentParser
+import Patchbay
+
+/// `patchbay status [--json]`.
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show the broker's pid, version, uptime, clients and object counts per uid."
+    )
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let broker = connectBroker(for: "status")
+        let report: StatusReport
+        do {
+            report = try broker.status()
+        } catch {
+            fail("status", error)
+        }
+        writeStandardOutput(json ? Self.json(report) : Self.text(report))
+    }
+
+    static func json(_ report: StatusReport) -> String {
+        let users = report.users.map { user in
+            JSON.object([
+                ("uid", "\(user.uid)"), ("clients", "\(user.clients)"), ("keys", "\(user.keys)"),
+                ("shared_memory_objects", "\(user.sharedMemoryObjects)"), ("sockets", "\(user.sockets)"),
+                ("services", "\(user.services)"), ("oldest_key_age_ns", "\(user.oldestKeyAgeNanoseconds)"),
+            ])
+        }
+        let kinds = report.keysByFileKind.sorted { $0.key < $1.key }.map { kind, count in
+            (FileKind(rawValue: kind)?.name ?? "unknown", "\(count)")
+        }
+        return JSON.object([
+            ("pid", "\(report.pid)"), ("version", JSON.string(report.version)), ("mode", JSON.string(report.mode)),
+            ("socket", JSON.string(report.socketPath)), ("uptime_ns", "\(report.uptimeNanoseconds)"),
+            ("clients", "\(report.clients)"), ("keys", "\(report.keys)"),
+            ("shared_memory_objects", "\(report.sharedMemoryObjects)"), ("sockets", "\(report.sockets)"),
+            ("services", "\(report.services)"), ("keys_by_file_kind", JSON.object(kinds)),
+            ("users", JSON.array(users)),
+        ]) + "\n"
+    }
+
+    static func text(_ report: StatusReport) -> String {
+        var out = """
+            broker    pid \(report.pid), version \(report.version), \(report.mode) mode
+            socket    \(report.socketPath)
+            uptime    \(formatDuration(nanoseconds: report.uptimeNanoseconds))
+            clients   \(report.clients)
+            objects   \(report.keys) keys, \(report.sharedMemoryObjects) shared memory objects, \(report.sockets) sockets, \(report.services) services
+
+            """
+        if !report.keysByFileKind.isEmpty {
+            let kinds = report.keysByFileKind.sorted { $0.key < $1.key }.map { kind, count in
+                "\(count) \(FileKind(rawValue: kind)?.name ?? "unknown")"
+            }
+            out += "keys hold \(kinds.joined(separator: ", "))\n"
+        }
+        out += "\n" + pad("uid", 8) + pad("clients", 9) + pad("keys", 8) + pad("shm", 6) + pad("sockets", 9)
+            + pad("services", 10) + "oldest key\n"
+        for user in report.users {
+            out += pad("\(user.uid)", 8) + pad("\(user.clients)", 9) + pad("\(user.keys)", 8)
+                + pad("\(user.sharedMemoryObjects)", 6) + pad("\(user.sockets)", 9) + pad("\(user.services)", 10)
+                + (user.keys > 0 ? formatDuration(nanoseconds: user.oldestKeyAgeNanoseconds) : "-") + "\n"
+        }
+        return out
+    }
+
+    private static func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
+    }
+}

@@ -1,0 +1,315 @@
+import Glibc
+
+/// How long a shared key stays claimable.
+public enum KeyExpiry: Sendable, Equatable {
+    case never
+    case after(nanoseconds: UInt64)
+}
+
+/// Who may claim a key; anyone else gets `ENOENT`, as if the key did not exist.
+public enum ClaimRestriction: Sendable, Equatable {
+    case uid(UInt32)
+    case gid(UInt32)
+    case pid(Int32)
+}
+
+/// Every request a client can send. Descriptors travel beside the frame, not in it.
+public enum Request: Sendable, Equatable {
+    case status
+    case share(expiry: KeyExpiry, restriction: ClaimRestriction?)
+    case claim(KeyToken)
+    /// `received: false` means the descriptor was lost on the way in (the claimer had no free
+    /// descriptor slot), so the broker restores the key.
+    case claimAcknowledge(KeyToken, received: Bool)
+
+    public var opcode: Opcode {
+        switch self {
+        case .status: .status
+        case .share: .share
+        case .claim: .claim
+        case .claimAcknowledge: .claimAcknowledge
+        }
+    }
+
+    public func encode(requestID: UInt64) -> [UInt8] {
+        var writer = Frame.header(kind: .request, opcode: opcode, requestID: requestID)
+        switch self {
+        case .status:
+            break
+        case .share(let expiry, let restriction):
+            switch expiry {
+            case .never:
+                writer.u8(0)
+                writer.u64(0)
+            case .after(let nanoseconds):
+                writer.u8(1)
+                writer.u64(nanoseconds)
+            }
+            switch restriction {
+            case nil:
+                writer.u8(0)
+                writer.u32(0)
+            case .uid(let uid)?:
+                writer.u8(1)
+                writer.u32(uid)
+            case .gid(let gid)?:
+                writer.u8(2)
+                writer.u32(gid)
+            case .pid(let pid)?:
+                writer.u8(3)
+                writer.u32(UInt32(bitPattern: pid))
+            }
+        case .claim(let token):
+            writer.raw(token.bytes)
+        case .claimAcknowledge(let token, let received):
+            writer.raw(token.bytes)
+            writer.u8(received ? 1 : 0)
+        }
+        return writer.bytes
+    }
+
+    /// Decodes a request frame's payload. Total on hostile input.
+    public static func decode(_ frame: Frame) throws(DecodeError) -> Request {
+        guard frame.kind == .request else {
+            throw .invalidValue(field: "kind", reason: "a client may only send requests")
+        }
+        var reader = WireReader(frame.payload)
+        let request: Request
+        switch frame.opcode {
+        case .status:
+            request = .status
+        case .share:
+            let expiryKind = try reader.u8("expiry kind")
+            let nanoseconds = try reader.u64("timeout")
+            let expiry: KeyExpiry
+            switch expiryKind {
+            case 0: expiry = .never
+            case 1: expiry = .after(nanoseconds: nanoseconds)
+            default: throw .invalidValue(field: "expiry kind", reason: "\(expiryKind) is neither 0 (never) nor 1 (after)")
+            }
+            let restrictionKind = try reader.u8("restriction kind")
+            let value = try reader.u32("restriction value")
+            let restriction: ClaimRestriction?
+            switch restrictionKind {
+            case 0: restriction = nil
+            case 1: restriction = .uid(value)
+            case 2: restriction = .gid(value)
+            case 3: restriction = .pid(Int32(bitPattern: value))
+            default: throw .invalidValue(field: "restriction kind", reason: "\(restrictionKind) is not 0-3")
+            }
+            request = .share(expiry: expiry, restriction: restriction)
+        case .claim:
+            request = .claim(try token(&reader))
+        case .claimAcknowledge:
+            let token = try token(&reader)
+            let received = try reader.u8("received")
+            guard received <= 1 else { throw .invalidValue(field: "received", reason: "must be 0 or 1") }
+            request = .claimAcknowledge(token, received: received == 1)
+        }
+        try reader.finish()
+        return request
+    }
+
+    private static func token(_ reader: inout WireReader) throws(DecodeError) -> KeyToken {
+        // 16 bytes always make a token.
+        KeyToken(bytes: try reader.raw("key", count: 16))!
+    }
+}
+
+/// Every successful reply the broker sends.
+public enum Reply: Sendable, Equatable {
+    case status(StatusReport)
+    case share(KeyToken)
+    /// The claimed descriptor rides beside the frame; the payload says what kind of file it is.
+    case claim(fileKind: UInt8)
+
+    public var opcode: Opcode {
+        switch self {
+        case .status: .status
+        case .share: .share
+        case .claim: .claim
+        }
+    }
+
+    public func encode(requestID: UInt64) -> [UInt8] {
+        var writer = Frame.header(kind: .reply, opcode: opcode, requestID: requestID)
+        switch self {
+        case .status(let report): report.encode(into: &writer)
+        case .share(let token): writer.raw(token.bytes)
+        case .claim(let kind): writer.u8(kind)
+        }
+        return writer.bytes
+    }
+
+    public static func decode(_ frame: Frame) throws(DecodeError) -> Reply {
+        guard frame.kind == .reply else {
+            throw .invalidValue(field: "kind", reason: "expected a reply")
+        }
+        var reader = WireReader(frame.payload)
+        let reply: Reply
+        switch frame.opcode {
+        case .status:
+            reply = .status(try StatusReport.decode(&reader))
+        case .share:
+            reply = .share(KeyToken(bytes: try reader.raw("key", count: 16))!)
+        case .claim:
+            reply = .claim(fileKind: try reader.u8("file kind"))
+        case .claimAcknowledge:
+            throw .invalidValue(field: "opcode", reason: "acknowledgements have no reply")
+        }
+        try reader.finish()
+        return reply
+    }
+}
+
+/// A failed request: the errno (Linux numbering) and a sentence for a person.
+public struct ErrorReply: Sendable, Equatable, Error {
+    public var errno: Int32
+    public var reason: String
+
+    public init(errno: Int32, reason: String) {
+        self.errno = errno
+        self.reason = reason
+    }
+
+    public func encode(rawOpcode: UInt16, requestID: UInt64) -> [UInt8] {
+        var writer = Frame.header(kind: .error, rawOpcode: rawOpcode, requestID: requestID)
+        writer.i32(errno)
+        writer.string(reason)
+        return writer.bytes
+    }
+
+    public static func decode(_ frame: Frame) throws(DecodeError) -> ErrorReply {
+        guard frame.kind == .error else { throw .invalidValue(field: "kind", reason: "expected an error reply") }
+        var reader = WireReader(frame.payload)
+        let number = try reader.i32("errno")
+        guard number > 0 && number < 4096 else {
+            throw .invalidValue(field: "errno", reason: "\(number) is not an errno value")
+        }
+        let reason = try reader.string("reason")
+        try reader.finish()
+        return ErrorReply(errno: number, reason: reason)
+    }
+
+    /// The error for a frame that did not decode.
+    public init(_ error: DecodeError) {
+        switch error {
+        case .unsupportedVersion: self.init(errno: EPROTONOSUPPORT, reason: error.reason)
+        case .unknownOpcode: self.init(errno: EOPNOTSUPP, reason: error.reason)
+        case .oversized: self.init(errno: EMSGSIZE, reason: error.reason)
+        default: self.init(errno: EPROTO, reason: error.reason)
+        }
+    }
+}
+
+/// One uid's share of the broker's objects.
+public struct UserUsage: Sendable, Equatable {
+    public var uid: UInt32
+    public var clients: UInt32
+    public var keys: UInt32
+    public var sharedMemoryObjects: UInt32
+    public var sockets: UInt32
+    public var services: UInt32
+    /// Age of this uid's oldest outstanding key, 0 with none.
+    public var oldestKeyAgeNanoseconds: UInt64
+
+    public init(uid: UInt32, clients: UInt32 = 0, keys: UInt32 = 0, sharedMemoryObjects: UInt32 = 0,
+                sockets: UInt32 = 0, services: UInt32 = 0, oldestKeyAgeNanoseconds: UInt64 = 0) {
+        self.uid = uid
+        self.clients = clients
+        self.keys = keys
+        self.sharedMemoryObjects = sharedMemoryObjects
+        self.sockets = sockets
+        self.services = services
+        self.oldestKeyAgeNanoseconds = oldestKeyAgeNanoseconds
+    }
+
+    static let encodedSize = 32
+}
+
+/// What `patchbay status` shows. Keys are secret, so only counts, ages and file kinds appear.
+public struct StatusReport: Sendable, Equatable {
+    public var pid: Int32
+    public var version: String
+    /// `"user"` or `"system"`.
+    public var mode: String
+    public var socketPath: String
+    public var uptimeNanoseconds: UInt64
+    public var clients: UInt32
+    /// Outstanding keys by the kind of file they hold (`FileKind` raw values).
+    public var keysByFileKind: [UInt8: UInt32]
+    /// Per-uid usage, at most `maximumUsers` rows (the busiest first when there are more).
+    public var users: [UserUsage]
+
+    /// The most per-uid rows a report carries, which keeps it well inside one frame.
+    public static let maximumUsers = 1024
+
+    public init(pid: Int32, version: String, mode: String, socketPath: String, uptimeNanoseconds: UInt64,
+                clients: UInt32, keysByFileKind: [UInt8: UInt32], users: [UserUsage]) {
+        self.pid = pid
+        self.version = version
+        self.mode = mode
+        self.socketPath = socketPath
+        self.uptimeNanoseconds = uptimeNanoseconds
+        self.clients = clients
+        self.keysByFileKind = keysByFileKind
+        self.users = users
+    }
+
+    public var keys: UInt32 { users.reduce(0) { $0 + $1.keys } }
+    public var sharedMemoryObjects: UInt32 { users.reduce(0) { $0 + $1.sharedMemoryObjects } }
+    public var sockets: UInt32 { users.reduce(0) { $0 + $1.sockets } }
+    public var services: UInt32 { users.reduce(0) { $0 + $1.services } }
+
+    func encode(into writer: inout WireWriter) {
+        writer.i32(pid)
+        writer.string(String(version.prefix(256)))
+        writer.string(String(mode.prefix(16)))
+        writer.string(String(socketPath.prefix(4096)))
+        writer.u64(uptimeNanoseconds)
+        writer.u32(clients)
+        let kinds = keysByFileKind.sorted { $0.key < $1.key }
+        writer.u32(UInt32(kinds.count))
+        for (kind, count) in kinds {
+            writer.u8(kind)
+            writer.u32(count)
+        }
+        let rows = users.prefix(Self.maximumUsers)
+        writer.u32(UInt32(rows.count))
+        for row in rows {
+            writer.u32(row.uid)
+            writer.u32(row.clients)
+            writer.u32(row.keys)
+            writer.u32(row.sharedMemoryObjects)
+            writer.u32(row.sockets)
+            writer.u32(row.services)
+            writer.u64(row.oldestKeyAgeNanoseconds)
+        }
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> StatusReport {
+        let pid = try reader.i32("pid")
+        let version = try reader.string("version")
+        let mode = try reader.string("mode")
+        let socketPath = try reader.string("socket path")
+        let uptime = try reader.u64("uptime")
+        let clients = try reader.u32("clients")
+        var kinds: [UInt8: UInt32] = [:]
+        for _ in 0..<(try reader.count("file kinds", minimumElementSize: 5)) {
+            let kind = try reader.u8("file kind")
+            kinds[kind] = try reader.u32("file kind count")
+        }
+        var users: [UserUsage] = []
+        for _ in 0..<(try reader.count("users", minimumElementSize: UserUsage.encodedSize)) {
+            users.append(UserUsage(
+                uid: try reader.u32("uid"), clients: try reader.u32("clients"), keys: try reader.u32("keys"),
+                sharedMemoryObjects: try reader.u32("shared memory objects"), sockets: try reader.u32("sockets"),
+                services: try reader.u32("services"), oldestKeyAgeNanoseconds: try reader.u64("oldest key age")))
+        }
+        return StatusReport(pid: pid, version: version, mode: mode, socketPath: socketPath,
+                            uptimeNanoseconds: uptime, clients: clients, keysByFileKind: kinds, users: users)
+    }
+}
+
+/// The version string of this build.
+public let patchbayVersion = "0.1.0"

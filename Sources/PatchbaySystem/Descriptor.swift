@@ -1,0 +1,169 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// An open file descriptor that this value owns: it is closed exactly once, when the value ends.
+///
+/// `Descriptor` is `~Copyable`, so ownership is visible in the types: `consuming` hands it on,
+/// `borrowing` uses it. `release()` gives the raw number up without closing it (for `exec`, or for
+/// sending it away and then closing on purpose).
+public struct Descriptor: ~Copyable {
+    /// The kernel's number for the descriptor. Valid as long as this value lives.
+    public let rawValue: CInt
+
+    /// Takes ownership of `rawValue`, which this value will close.
+    public init(adopting rawValue: CInt) {
+        precondition(rawValue >= 0, "Descriptor(adopting:) needs a valid descriptor")
+        self.rawValue = rawValue
+    }
+
+    deinit {
+        // close(2) must not be retried on EINTR on Linux: the descriptor is gone either way.
+        _ = Glibc.close(rawValue)
+    }
+
+    /// Gives up ownership and returns the raw descriptor, which the caller must now close.
+    public consuming func release() -> CInt {
+        let fd = rawValue
+        discard self
+        return fd
+    }
+
+    /// A new descriptor for the same open file description, close-on-exec.
+    /// The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
+    public borrowing func duplicate() throws(Errno) -> Descriptor {
+        let fd = try syscallRetrying { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) }
+        return Descriptor(adopting: fd)
+    }
+
+    /// Reads up to `buffer.count` bytes; 0 means end of file. The corresponding C call is `read`.
+    public borrowing func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+        try syscallRetrying { Glibc.read(rawValue, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Writes up to `buffer.count` bytes and returns how many were written.
+    /// The corresponding C call is `write`.
+    public borrowing func write(_ buffer: UnsafeRawBufferPointer) throws(Errno) -> Int {
+        try syscallRetrying { Glibc.write(rawValue, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Writes every byte, looping over short writes.
+    public borrowing func writeAll(_ bytes: some Sequence<UInt8>) throws(Errno) {
+        let array = Array(bytes)
+        var offset = 0
+        while offset < array.count {
+            let result = array.withUnsafeBytes { raw in
+                Result { () throws(Errno) -> Int in try write(UnsafeRawBufferPointer(rebasing: raw[offset...])) }
+            }
+            offset += try result.get()
+        }
+    }
+
+    /// Reads until end of file.
+    public borrowing func readToEnd(limit: Int = .max) throws(Errno) -> [UInt8] {
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while result.count < limit {
+            let n = try chunk.withUnsafeMutableBytes { raw in
+                Result { () throws(Errno) -> Int in try read(into: raw) }
+            }.get()
+            if n == 0 { break }
+            result.append(contentsOf: chunk[0..<n])
+        }
+        return result
+    }
+
+    /// Sets or clears `O_NONBLOCK` on the open file description.
+    public borrowing func setNonblocking(_ on: Bool) throws(Errno) {
+        _ = try syscallRetrying { pb_set_nonblocking(rawValue, on ? 1 : 0) }
+    }
+
+    /// What kind of file this descriptor refers to. The corresponding C call is `fstat`.
+    public borrowing func fileKind() throws(Errno) -> FileKind {
+        var info = stat()
+        _ = try syscallRetrying { fstat(rawValue, &info) }
+        return FileKind(mode: info.st_mode)
+    }
+
+    /// The file's size in bytes, from `fstat`.
+    public borrowing func size() throws(Errno) -> Int {
+        var info = stat()
+        _ = try syscallRetrying { fstat(rawValue, &info) }
+        return Int(info.st_size)
+    }
+}
+
+/// The kind of file behind a descriptor, as `fstat` reports it.
+public enum FileKind: UInt8, Sendable, CaseIterable {
+    case unknown = 0
+    case regular, directory, socket, pipe, characterDevice, blockDevice, symbolicLink
+    /// Descriptors with no inode type: eventfd, epoll, timerfd, signalfd and friends.
+    case anonymous
+
+    public init(mode: mode_t) {
+        switch mode & S_IFMT {
+        case S_IFREG: self = .regular
+        case S_IFDIR: self = .directory
+        case S_IFSOCK: self = .socket
+        case S_IFIFO: self = .pipe
+        case S_IFCHR: self = .characterDevice
+        case S_IFBLK: self = .blockDevice
+        case S_IFLNK: self = .symbolicLink
+        case 0: self = .anonymous
+        default: self = .unknown
+        }
+    }
+
+    public var name: String {
+        switch self {
+        case .unknown: "unknown"
+        case .regular: "file"
+        case .directory: "directory"
+        case .socket: "socket"
+        case .pipe: "pipe"
+        case .characterDevice: "character-device"
+        case .blockDevice: "block-device"
+        case .symbolicLink: "symlink"
+        case .anonymous: "anonymous"
+        }
+    }
+}
+
+/// A new close-on-exec descriptor for the open file description behind `rawValue`, which the
+/// caller does not own. The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
+public func duplicateDescriptor(_ rawValue: CInt) throws(Errno) -> Descriptor {
+    Descriptor(adopting: try syscallRetrying { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) })
+}
+
+/// Opens a file. The corresponding C call is `open`; `O_CLOEXEC` is always added.
+public func openFile(_ path: String, flags: CInt, mode: mode_t = 0o600) throws(Errno) -> Descriptor {
+    let fd = try syscallRetrying { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    return Descriptor(adopting: fd)
+}
+
+/// The two ends of a pipe, both close-on-exec. The corresponding C call is `pipe2`.
+@frozen
+public struct Pipe: ~Copyable {
+    public var readEnd: Descriptor
+    public var writeEnd: Descriptor
+
+    public init() throws(Errno) {
+        var fds: [CInt] = [-1, -1]
+        _ = try syscallRetrying { pb_pipe_cloexec(&fds) }
+        readEnd = Descriptor(adopting: fds[0])
+        writeEnd = Descriptor(adopting: fds[1])
+    }
+}
+
+/// Number of descriptors a process has open, counted from `/proc/PID/fd`.
+public func openDescriptorCount(pid: pid_t) throws(Errno) -> Int {
+    guard let dir = opendir("/proc/\(pid)/fd") else { throw Errno.current }
+    defer { closedir(dir) }
+    var count = 0
+    while let entry = readdir(dir) {
+        let isDot = withUnsafeBytes(of: entry.pointee.d_name) { raw in raw[0] == UInt8(ascii: ".") }
+        if !isDot { count += 1 }
+    }
+    // opendir holds one descriptor of its own while counting; do not report it.
+    return pid == getpid() ? count - 1 : count
+}

@@ -1,0 +1,132 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// An epoll instance. Each registration carries a 64-bit token that comes back with its events.
+public struct Epoll: ~Copyable {
+    public struct Events: OptionSet, Sendable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        public static let readable = Events(rawValue: 0x001)
+        public static let writable = Events(rawValue: 0x004)
+        public static let error = Events(rawValue: 0x008)
+        public static let hangup = Events(rawValue: 0x010)
+        public static let peerHangup = Events(rawValue: 0x2000)
+    }
+
+    public struct Event: Sendable {
+        public var events: Events
+        public var token: UInt64
+    }
+
+    private let descriptor: Descriptor
+
+    /// The corresponding C call is `epoll_create1(EPOLL_CLOEXEC)`.
+    public init() throws(Errno) {
+        descriptor = Descriptor(adopting: try syscallRetrying { pb_epoll_create() })
+    }
+
+    public borrowing func add(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
+        _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 1, fd, events.rawValue, token) }
+    }
+
+    public borrowing func modify(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
+        _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 3, fd, events.rawValue, token) }
+    }
+
+    public borrowing func remove(_ fd: CInt) throws(Errno) {
+        _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 2, fd, 0, 0) }
+    }
+
+    /// Waits up to `timeoutMilliseconds` (-1: forever) and returns the ready registrations.
+    /// An interrupted wait returns no events rather than throwing.
+    public borrowing func wait(maximum: Int = 64, timeoutMilliseconds: CInt) throws(Errno) -> [Event] {
+        let capacity = min(maximum, 64)
+        var events = [UInt32](repeating: 0, count: capacity)
+        var tokens = [UInt64](repeating: 0, count: capacity)
+        let count = pb_epoll_wait(descriptor.rawValue, &events, &tokens, CInt(capacity), timeoutMilliseconds)
+        if count < 0 {
+            let error = Errno.current
+            if error == .interrupted { return [] }
+            throw error
+        }
+        return (0..<Int(count)).map { Event(events: Events(rawValue: events[$0]), token: tokens[$0]) }
+    }
+}
+
+/// An eventfd: a 64-bit counter that is readable while non-zero. The corresponding C call is
+/// `eventfd`.
+public struct EventCounter: ~Copyable {
+    public let descriptor: Descriptor
+
+    public init(initialValue: UInt32 = 0, nonblocking: Bool = false) throws(Errno) {
+        descriptor = Descriptor(adopting: try syscallRetrying { pb_eventfd(initialValue, nonblocking ? 1 : 0) })
+    }
+
+    public init(adopting descriptor: consuming Descriptor) {
+        self.descriptor = descriptor
+    }
+
+    /// Adds `value` to the counter, waking readers.
+    public borrowing func signal(_ value: UInt64 = 1) throws(Errno) {
+        var value = value
+        _ = try syscallRetrying { Glibc.write(descriptor.rawValue, &value, 8) }
+    }
+
+    /// Reads and resets the counter; blocks while it is zero unless non-blocking (`EAGAIN`).
+    public borrowing func consume() throws(Errno) -> UInt64 {
+        var value: UInt64 = 0
+        _ = try syscallRetrying { Glibc.read(descriptor.rawValue, &value, 8) }
+        return value
+    }
+}
+
+/// futex(2) on a 32-bit word that may live in memory shared between processes.
+public enum Futex {
+    /// Sleeps while `*word == expected`. Returns normally when woken, when the value differed
+    /// (`EAGAIN` is not an error here) or on a signal; throws `ETIMEDOUT` on timeout.
+    public static func wait(
+        _ word: UnsafeMutablePointer<UInt32>, expected: UInt32, timeoutNanoseconds: Int64 = -1
+    ) throws(Errno) {
+        if pb_futex_wait(word, expected, timeoutNanoseconds) == -1 {
+            let error = Errno.current
+            if error == .resourceTemporarilyUnavailable || error == .interrupted { return }
+            throw error
+        }
+    }
+
+    /// Wakes up to `count` sleepers; returns how many were woken.
+    @discardableResult
+    public static func wake(_ word: UnsafeMutablePointer<UInt32>, count: CInt = .max) -> Int {
+        Int(pb_futex_wake(word, count))
+    }
+}
+
+/// Bytes from the kernel's CSPRNG. The corresponding C call is `getrandom(flags: 0)`, which
+/// blocks only until the pool is first initialised and never falls back to anything weaker.
+public func secureRandomBytes(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
+    if pb_getrandom(buffer.baseAddress, buffer.count) != 0 { throw Errno.current }
+}
+
+/// Monotonic time in nanoseconds (`CLOCK_MONOTONIC`), for deadlines and durations.
+public func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+/// A signalfd for SIGTERM, SIGINT and SIGHUP, which are blocked in the calling thread so they
+/// arrive here instead of killing the process; an event loop reads them like any other input.
+public struct TerminationSignals: ~Copyable {
+    public let descriptor: Descriptor
+
+    public init() throws(Errno) {
+        descriptor = Descriptor(adopting: try syscallRetrying { pb_termination_signalfd() })
+    }
+
+    /// The next pending signal number, or nil when none is pending.
+    public borrowing func next() -> CInt? {
+        let signal = pb_read_signalfd(descriptor.rawValue)
+        return signal < 0 ? nil : signal
+    }
+}

@@ -1,0 +1,115 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// How a child process ended.
+public enum Termination: Sendable, Equatable, CustomStringConvertible {
+    case exited(CInt)
+    case signaled(CInt)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): "exited with status \(code)"
+        case .signaled(let signal): "killed by signal \(signal)"
+        }
+    }
+}
+
+/// Starts a program with `posix_spawn`, giving it exactly the descriptors named in
+/// `descriptors` (child number → parent descriptor); everything else the parent has open is
+/// close-on-exec and stays behind. Signals start at their defaults and unblocked.
+public func spawnProcess(
+    path: String,
+    arguments: [String],
+    environment: [String],
+    descriptors: [CInt: CInt] = [:],
+    newSession: Bool = false
+) throws(Errno) -> pid_t {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    // dup2 onto the same number would keep FD_CLOEXEC set, so route such descriptors through a
+    // temporary above every target first.
+    let highest = (descriptors.keys.max() ?? 2) + 1
+    var staged: [CInt: CInt] = [:]
+    var scratch = max(highest, 64) + 64
+    for (child, parent) in descriptors.sorted(by: { $0.key < $1.key }) {
+        posix_spawn_file_actions_adddup2(&actions, parent, scratch)
+        staged[child] = scratch
+        scratch += 1
+    }
+    for (child, temporary) in staged {
+        posix_spawn_file_actions_adddup2(&actions, temporary, child)
+        posix_spawn_file_actions_addclose(&actions, temporary)
+    }
+
+    var attributes = posix_spawnattr_t()
+    let initialised = withUnsafeMutablePointer(to: &attributes) {
+        pb_spawnattr_init_clean(UnsafeMutableRawPointer($0), newSession ? 1 : 0)
+    }
+    if initialised != 0 { throw Errno.current }
+    defer { posix_spawnattr_destroy(&attributes) }
+
+    let argv = ([path] + arguments).map { strdup($0) } + [nil]
+    let envp = environment.map { strdup($0) } + [nil]
+    defer {
+        for pointer in argv { free(pointer) }
+        for pointer in envp { free(pointer) }
+    }
+    var pid: pid_t = 0
+    let result = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
+    if result != 0 { throw Errno(rawValue: result) }
+    return pid
+}
+
+/// Waits for a child to end. The corresponding C call is `waitpid`.
+public func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
+    var status: CInt = 0
+    _ = try syscallRetrying { waitpid(pid, &status, 0) }
+    if pb_wifexited(status) != 0 { return .exited(pb_wexitstatus(status)) }
+    return .signaled(pb_wtermsig(status))
+}
+
+/// The environment of this process as `NAME=value` strings.
+public func currentEnvironment() -> [String] {
+    var result: [String] = []
+    var pointer = environ
+    while let entry = pointer.pointee {
+        result.append(String(cString: entry))
+        pointer += 1
+    }
+    return result
+}
+
+/// The environment with `overrides` applied (a nil value removes the variable).
+public func environment(applying overrides: [String: String?]) -> [String] {
+    var result = currentEnvironment().filter { entry in
+        let name = entry.split(separator: "=", maxSplits: 1).first.map(String.init) ?? entry
+        return overrides[name] == nil
+    }
+    for (name, value) in overrides.sorted(by: { $0.key < $1.key }) {
+        if let value { result.append("\(name)=\(value)") }
+    }
+    return result
+}
+
+/// The path of the running executable (`/proc/self/exe`).
+public func currentExecutablePath() -> String? {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard length > 0 else { return nil }
+    return String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// An exclusive advisory lock on a file (`flock`), released when the value ends.
+public struct FileLock: ~Copyable {
+    private let descriptor: Descriptor
+
+    /// Opens (creating, mode 0600) and locks `path`. With `wait: false` a lock held elsewhere
+    /// throws `EWOULDBLOCK` (`EAGAIN`).
+    public init(path: String, wait: Bool) throws(Errno) {
+        let fd = try openFile(path, flags: O_RDWR | O_CREAT, mode: 0o600)
+        _ = try syscallRetrying { flock(fd.rawValue, LOCK_EX | (wait ? 0 : LOCK_NB)) }
+        descriptor = fd
+    }
+}

@@ -1,0 +1,235 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// The most descriptors one message carries, in either direction.
+public let maximumDescriptorsPerMessage = 16
+
+/// Descriptors received with a message. Each one is owned here and closed when this value ends,
+/// unless it was taken out first, so a rejected request can never leak what it carried.
+public struct ReceivedDescriptors: ~Copyable {
+    private var raw: [CInt]
+
+    init(_ raw: [CInt]) { self.raw = raw }
+
+    public static var none: ReceivedDescriptors { ReceivedDescriptors([]) }
+
+    /// How many descriptors are still held.
+    public var count: Int { raw.count }
+
+    /// Takes the first descriptor still held, if any.
+    public mutating func takeFirst() -> Descriptor? {
+        guard !raw.isEmpty else { return nil }
+        return Descriptor(adopting: raw.removeFirst())
+    }
+
+    deinit {
+        for fd in raw { _ = Glibc.close(fd) }
+    }
+}
+
+/// What `receive` got: a datagram's length plus the truncation flags the kernel reported.
+public struct ReceivedMessage: ~Copyable {
+    /// Bytes copied into the buffer.
+    public var length: Int
+    /// The message was longer than the buffer (`MSG_TRUNC`); the rest is lost.
+    public var truncated: Bool
+    /// Descriptors were dropped (`MSG_CTRUNC`): the receiver was out of descriptors (`EMFILE`) or
+    /// the sender sent more than fit.
+    public var descriptorsTruncated: Bool
+    public var descriptors: ReceivedDescriptors
+}
+
+/// Kernel-verified identity of the process at the other end of a Unix socket.
+public struct PeerCredentials: Sendable, Hashable {
+    public var pid: pid_t
+    public var uid: uid_t
+    public var gid: gid_t
+    /// Supplementary groups (`SO_PEERGROUPS`), as captured when the connection was made.
+    public var groups: [gid_t]
+
+    public init(pid: pid_t, uid: uid_t, gid: gid_t, groups: [gid_t]) {
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+    }
+
+    /// Whether the peer belongs to `group`, as primary or supplementary group.
+    public func isMember(of group: gid_t) -> Bool {
+        gid == group || groups.contains(group)
+    }
+}
+
+/// An `AF_UNIX` socket of type `SOCK_SEQPACKET`: reliable, ordered, message boundaries kept,
+/// descriptors carried with `SCM_RIGHTS`.
+public struct SeqpacketSocket: ~Copyable {
+    public var descriptor: Descriptor
+
+    public init(adopting descriptor: consuming Descriptor) {
+        self.descriptor = descriptor
+    }
+
+    /// A new unbound socket. The corresponding C call is `socket(AF_UNIX, SOCK_SEQPACKET)`.
+    public init(nonblocking: Bool = false) throws(Errno) {
+        var type = CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue)
+        if nonblocking { type |= CInt(SOCK_NONBLOCK.rawValue) }
+        let fd = try syscallRetrying { socket(AF_UNIX, type, 0) }
+        descriptor = Descriptor(adopting: fd)
+    }
+
+    /// A connected pair. The corresponding C call is `socketpair`.
+    public static func pair() throws(Errno) -> SocketPair {
+        var fds: [CInt] = [-1, -1]
+        let type = CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue)
+        _ = try syscallRetrying { socketpair(AF_UNIX, type, 0, &fds) }
+        return SocketPair(
+            first: SeqpacketSocket(adopting: Descriptor(adopting: fds[0])),
+            second: SeqpacketSocket(adopting: Descriptor(adopting: fds[1])))
+    }
+
+    public var rawValue: CInt { descriptor.rawValue }
+
+    /// Binds to a filesystem path. The corresponding C call is `bind`.
+    public borrowing func bind(path: String) throws(Errno) {
+        var address = try UnixAddress(path: path)
+        _ = try syscallRetrying {
+            address.withSockaddr { Glibc.bind(descriptor.rawValue, $0, $1) }
+        }
+    }
+
+    /// The corresponding C call is `listen`.
+    public borrowing func listen(backlog: CInt) throws(Errno) {
+        _ = try syscallRetrying { Glibc.listen(descriptor.rawValue, backlog) }
+    }
+
+    /// Connects to a listening socket at `path`. The corresponding C call is `connect`.
+    public borrowing func connect(path: String) throws(Errno) {
+        var address = try UnixAddress(path: path)
+        let result = address.withSockaddr { Glibc.connect(descriptor.rawValue, $0, $1) }
+        if result == -1 {
+            let error = Errno.current
+            // An interrupted connect continues in the background; wait for it like the kernel would.
+            if error != .interrupted { throw error }
+            var poller = pollfd(fd: descriptor.rawValue, events: Int16(POLLOUT), revents: 0)
+            _ = try syscallRetrying { poll(&poller, 1, -1) }
+            var soError: CInt = 0
+            var length = socklen_t(MemoryLayout<CInt>.size)
+            _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_ERROR, &soError, &length) }
+            if soError != 0 { throw Errno(rawValue: soError) }
+        }
+    }
+
+    /// Accepts one connection, close-on-exec. `EAGAIN` when none waits on a non-blocking socket.
+    /// The corresponding C call is `accept4`.
+    public borrowing func accept(nonblocking: Bool) throws(Errno) -> SeqpacketSocket {
+        let fd = try syscallRetrying { pb_accept4(descriptor.rawValue, nonblocking ? 1 : 0) }
+        return SeqpacketSocket(adopting: Descriptor(adopting: fd))
+    }
+
+    /// Sends one message with `descriptors` attached (`SCM_RIGHTS`), never raising `SIGPIPE`.
+    /// The corresponding C call is `sendmsg`.
+    public borrowing func send(
+        _ bytes: UnsafeRawBufferPointer, descriptors: [CInt] = [], nonblocking: Bool = false
+    ) throws(Errno) -> Int {
+        let sent = descriptors.withUnsafeBufferPointer { fds in
+            pb_send_with_fds(descriptor.rawValue, bytes.baseAddress, bytes.count,
+                             fds.baseAddress, CInt(fds.count), nonblocking ? 1 : 0)
+        }
+        if sent < 0 { throw Errno.current }
+        return sent
+    }
+
+    /// Sends a whole byte array as one message; see `send(_:descriptors:nonblocking:)`.
+    public borrowing func send(
+        _ bytes: [UInt8], descriptors: [CInt] = [], nonblocking: Bool = false
+    ) throws(Errno) {
+        let sent = bytes.withUnsafeBytes { raw in
+            descriptors.withUnsafeBufferPointer { fds in
+                pb_send_with_fds(descriptor.rawValue, raw.baseAddress, raw.count,
+                                 fds.baseAddress, CInt(fds.count), nonblocking ? 1 : 0)
+            }
+        }
+        if sent < 0 { throw Errno.current }
+    }
+
+    /// Receives one message and every descriptor sent with it (`MSG_CMSG_CLOEXEC`). A length of 0
+    /// with no descriptors means the peer closed. The corresponding C call is `recvmsg`.
+    public borrowing func receive(
+        into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false
+    ) throws(Errno) -> ReceivedMessage {
+        var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
+        var fdCount: CInt = 0
+        var flags: CInt = 0
+        let length = fds.withUnsafeMutableBufferPointer { fdBuffer in
+            pb_recv_with_fds(descriptor.rawValue, buffer.baseAddress, buffer.count,
+                             fdBuffer.baseAddress, CInt(fdBuffer.count), &fdCount, &flags,
+                             nonblocking ? 1 : 0)
+        }
+        if length < 0 { throw Errno.current }
+        return ReceivedMessage(
+            length: length,
+            truncated: flags & pb_msg_trunc() != 0,
+            descriptorsTruncated: flags & pb_msg_ctrunc() != 0,
+            descriptors: ReceivedDescriptors(Array(fds[0..<Int(fdCount)])))
+    }
+
+    /// The peer's pid, uid, gid and supplementary groups, from the kernel
+    /// (`SO_PEERCRED` and `SO_PEERGROUPS`).
+    public borrowing func peerCredentials() throws(Errno) -> PeerCredentials {
+        var raw = pb_ucred()
+        _ = try syscallRetrying { pb_peer_credentials(descriptor.rawValue, &raw) }
+        var groups = [UInt32](repeating: 0, count: 64)
+        let total = try syscallRetrying {
+            groups.withUnsafeMutableBufferPointer { pb_peer_groups(descriptor.rawValue, $0.baseAddress, 64) }
+        }
+        return PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid,
+                               groups: Array(groups[0..<min(Int(total), 64)]))
+    }
+
+    /// The socket type (`SO_TYPE`), to check an inherited descriptor is what we expect.
+    public borrowing func socketType() throws(Errno) -> CInt {
+        var type: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_TYPE, &type, &length) }
+        return type
+    }
+
+    /// Whether the socket is listening (`SO_ACCEPTCONN`).
+    public borrowing func isListening() throws(Errno) -> Bool {
+        var value: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_ACCEPTCONN, &value, &length) }
+        return value != 0
+    }
+}
+
+/// Two connected sockets from `socketpair`.
+public struct SocketPair: ~Copyable {
+    public var first: SeqpacketSocket
+    public var second: SeqpacketSocket
+}
+
+/// A `sockaddr_un`, with the path length checked (`ENAMETOOLONG`).
+struct UnixAddress {
+    var storage = sockaddr_un()
+
+    init(path: String) throws(Errno) {
+        storage.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: storage.sun_path)
+        guard !bytes.isEmpty, !bytes.contains(0) else { throw Errno.invalidArgument }
+        guard bytes.count < capacity else { throw Errno.fileNameTooLong }
+        withUnsafeMutableBytes(of: &storage.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+        }
+    }
+
+    mutating func withSockaddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        withUnsafePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                body($0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+    }
+}

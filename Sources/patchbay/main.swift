@@ -1,0 +1,3 @@
+import PatchbayCLI
+
+PatchbayCommand.main()

@@ -1,0 +1,3 @@
+import PatchbayCLI
+
+DaemonCommand.main()
