@@ -83,8 +83,9 @@ let package = Package(
         // A scripted peer for the tests: does one awkward thing (fill its fd table, hang with a
         // pending share, claim on a barrier) in a separate, unrelated process.
         .executableTarget(
-            name: "PatchbayTestPeer",
+            name: "patchbay-testpeer",
             dependencies: ["Patchbay", "PatchbaySystem"],
+            path: "Sources/PatchbayTestPeer",
             swiftSettings: strict
         ),
         .testTarget(

@@ -79,7 +79,7 @@ int pb_peer_credentials(int fd, pb_ucred *out) {
 }
 
 int pb_peer_groups(int fd, uint32_t *groups, int capacity) {
-    gid_t buffer[256];
+    gid_t buffer[1024];
     socklen_t len = sizeof buffer;
     if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, buffer, &len) < 0) {
         if (errno != ERANGE) return -1;

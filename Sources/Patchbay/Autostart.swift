@@ -68,7 +68,7 @@ enum Autostart {
             try openFile(directory + "/patchbayd.log", flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o600)
         }
         let nullFile = try preparing { () throws(Errno) in try openFile("/dev/null", flags: O_RDWR) }
-        let isDaemonBinary = daemon.hasSuffix("/patchbayd")
+        let isDaemonBinary = daemon.split(separator: "/").last == "patchbayd"
         let arguments = (isDaemonBinary ? [] : ["daemon"]) + ["--socket", socketPath, "--ready-fd", "3", "--detach"]
         let pid: pid_t
         do {

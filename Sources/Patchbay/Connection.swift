@@ -57,6 +57,9 @@ struct Connection: ~Copyable {
             if message.length == 0 && message.descriptors.count == 0 {
                 throw PatchbayError(.connectionReset, "the broker closed the connection")
             }
+            if message.truncated {
+                throw PatchbayError(.protocolError, "the broker sent a frame larger than \(maximumFrameSize) bytes")
+            }
             let frame: Frame
             do {
                 frame = try Frame.decode(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<message.length]))[...])

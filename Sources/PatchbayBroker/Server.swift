@@ -169,7 +169,7 @@ public final class BrokerServer {
             }
             if let refusal = admissionRefusal(for: credentials) {
                 // Tell the client why before closing; request id 0 addresses the connection.
-                let frame = refusal.encode(rawOpcode: 0, requestID: 0)
+                let frame = refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0)
                 try? socket.send(frame, nonblocking: true)
                 logger.notice("connection refused", metadata: [
                     "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(refusal.reason)",
@@ -248,14 +248,25 @@ public final class BrokerServer {
     ) {
         let requestID = Frame.salvageRequestID(bytes) ?? 0
         let rawOpcode = Frame.salvageOpcode(bytes)
+        // Acknowledgements are one-way: even a malformed one gets no answer, which nobody awaits.
+        if rawOpcode == Opcode.claimAcknowledge.rawValue {
+            if let frame = try? Frame.decode(bytes), !truncated, !descriptorsTruncated, descriptors.count == 0,
+               case .claimAcknowledge(let token, let received)? = try? Request.decode(frame) {
+                dispatchAcknowledgement(token, received: received, session: session)
+            }
+            return
+        }
         if truncated {
             sendError(ErrorReply(errno: EMSGSIZE, reason: "frames are limited to \(maximumFrameSize) bytes"),
                       rawOpcode: rawOpcode, requestID: requestID, to: session)
             return
         }
         if descriptorsTruncated {
-            sendError(ErrorReply(errno: EINVAL, reason: "a request carries at most \(maximumDescriptorsPerMessage) descriptors"),
-                      rawOpcode: rawOpcode, requestID: requestID, to: session)
+            // Either the client sent more than fit, or the broker itself is out of descriptors.
+            let error = descriptors.count >= maximumDescriptorsPerMessage
+                ? ErrorReply(errno: EINVAL, reason: "a request carries at most \(maximumDescriptorsPerMessage) descriptors")
+                : ErrorReply(errno: EMFILE, reason: "the broker has no free descriptor to receive yours; try again later")
+            sendError(error, rawOpcode: rawOpcode, requestID: requestID, to: session)
             return
         }
         let request: Request
@@ -270,12 +281,10 @@ public final class BrokerServer {
         }
         let expected = frame.opcode.requestDescriptors
         guard descriptors.count == expected else {
-            if frame.opcode.expectsReply {
-                let reason = expected == 0
-                    ? "\(frame.opcode) requests carry no descriptors, but \(descriptors.count) arrived"
-                    : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived"
-                sendError(ErrorReply(errno: EINVAL, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
-            }
+            let reason = expected == 0
+                ? "\(frame.opcode) requests carry no descriptors, but \(descriptors.count) arrived"
+                : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived"
+            sendError(ErrorReply(errno: EINVAL, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
             return
         }
         dispatch(request, requestID: requestID, descriptors: &descriptors, session: session)
@@ -315,9 +324,13 @@ public final class BrokerServer {
             }
 
         case .claimAcknowledge(let token, let received):
-            guard session.claimsInFlight.remove(token) != nil else { return }
-            keys.finishClaim(token, session: session.id, received: received, now: now)
+            dispatchAcknowledgement(token, received: received, session: session)
         }
+    }
+
+    private func dispatchAcknowledgement(_ token: KeyToken, received: Bool, session: Session) {
+        guard session.claimsInFlight.remove(token) != nil else { return }
+        keys.finishClaim(token, session: session.id, received: received, now: monotonicNanoseconds())
     }
 
     private func statusReport(now: UInt64) -> StatusReport {

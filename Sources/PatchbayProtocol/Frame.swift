@@ -27,6 +27,9 @@ public enum FrameKind: UInt8, Sendable {
 
 /// The operation a frame concerns. Replies carry their request's opcode.
 public enum Opcode: UInt16, Sendable, CaseIterable {
+    /// About the connection itself, not a request: only ever an error frame from the broker with
+    /// request id 0 (for example, a per-user broker refusing another uid).
+    case connection = 0
     /// Broker identity, uptime and object counts.
     case status = 1
     /// Hand a descriptor to the broker under a new key.

@@ -76,6 +76,8 @@ public enum Request: Sendable, Equatable {
         var reader = WireReader(frame.payload)
         let request: Request
         switch frame.opcode {
+        case .connection:
+            throw .invalidValue(field: "opcode", reason: "opcode 0 is not a request")
         case .status:
             request = .status
         case .share:
@@ -154,8 +156,8 @@ public enum Reply: Sendable, Equatable {
             reply = .share(KeyToken(bytes: try reader.raw("key", count: 16))!)
         case .claim:
             reply = .claim(fileKind: try reader.u8("file kind"))
-        case .claimAcknowledge:
-            throw .invalidValue(field: "opcode", reason: "acknowledgements have no reply")
+        case .claimAcknowledge, .connection:
+            throw .invalidValue(field: "opcode", reason: "\(frame.opcode) has no reply")
         }
         try reader.finish()
         return reply

@@ -179,12 +179,14 @@ public struct SeqpacketSocket: ~Copyable {
     public borrowing func peerCredentials() throws(Errno) -> PeerCredentials {
         var raw = pb_ucred()
         _ = try syscallRetrying { pb_peer_credentials(descriptor.rawValue, &raw) }
-        var groups = [UInt32](repeating: 0, count: 64)
+        // NGROUPS_MAX is 65536; 1024 covers every real system and bounds memory per session.
+        let capacity = 1024
+        var groups = [UInt32](repeating: 0, count: capacity)
         let total = try syscallRetrying {
-            groups.withUnsafeMutableBufferPointer { pb_peer_groups(descriptor.rawValue, $0.baseAddress, 64) }
+            groups.withUnsafeMutableBufferPointer { pb_peer_groups(descriptor.rawValue, $0.baseAddress, CInt(capacity)) }
         }
         return PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid,
-                               groups: Array(groups[0..<min(Int(total), 64)]))
+                               groups: Array(groups[0..<min(Int(total), capacity)]))
     }
 
     /// The socket type (`SO_TYPE`), to check an inherited descriptor is what we expect.

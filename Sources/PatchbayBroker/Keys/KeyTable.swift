@@ -13,7 +13,7 @@
 // the descriptor; the claimer then acknowledges. If the kernel could not install the descriptor
 // (the claimer was out of descriptors, EMFILE: the reply arrives with MSG_CTRUNC), the claimer
 // says so and the key is restored; if the claimer vanishes before acknowledging, the key is
-// restored too. While a key is in flight every other claim gets ENOENT, so of any number of
+// restored too (unless its deadline has passed meanwhile). While a key is in flight every other claim gets ENOENT, so of any number of
 // concurrent claims exactly one wins.
 //
 // Errors. Malformed key text: EINVAL (in the client, before anything is sent). Unknown, claimed,
@@ -174,8 +174,9 @@ final class KeyTable {
         var expired = 0
         while let first = expiryQueue.min, first.deadline <= now {
             _ = expiryQueue.removeMin()
-            // A key in flight is decided by its acknowledgement, which checks the deadline.
-            if let entry = entries[first.token], entry.deadline == first.deadline, entry.inFlightTo == nil {
+            // A key in flight expires too: its claimer already holds the file, and if the file got
+            // lost on the way the key would be restored only to be expired anyway.
+            if let entry = entries[first.token], entry.deadline == first.deadline {
                 remove(first.token)
                 expired += 1
             }

@@ -1,0 +1,213 @@
+// Test support: real brokers on private sockets, real child processes, real descriptors.
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Testing
+
+/// The directory holding the built products (`patchbay`, `patchbayd`, `patchbay-testpeer`),
+/// which is where the test bundle itself lives.
+let productsDirectory: String = {
+    let executable = currentExecutablePath() ?? CommandLine.arguments[0]
+    return String(executable[..<executable.lastIndex(of: "/")!])
+}()
+
+let patchbayCLI = productsDirectory + "/patchbay"
+let patchbayDaemon = productsDirectory + "/patchbayd"
+let testPeer = productsDirectory + "/patchbay-testpeer"
+
+/// A fresh private directory, removed by `removeTree` at the end of a test.
+func makeTemporaryDirectory() -> String {
+    var template = Array("/tmp/patchbay-test-XXXXXX".utf8CString)
+    let result = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+    precondition(result != nil, "mkdtemp failed")
+    return String(cString: result!)
+}
+
+func removeTree(_ path: String) {
+    precondition(path.hasPrefix("/tmp/patchbay-test-"))
+    let pid = try! spawnProcess(path: "/bin/rm", arguments: ["-rf", path], environment: [])
+    _ = try? waitForProcess(pid)
+}
+
+func writeFile(_ path: String, _ contents: String) throws {
+    let file = try openFile(path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600)
+    try file.writeAll(Array(contents.utf8))
+}
+
+/// What a finished child printed and how it ended.
+struct Finished {
+    var termination: Termination
+    var standardOutput: String
+    var standardError: String
+}
+
+/// Runs a program to completion with `input` on its stdin.
+func run(_ path: String, _ arguments: [String], environment: [String: String?] = [:],
+         input: String = "") throws -> Finished {
+    let stdin = try Pipe()
+    let stdout = try Pipe()
+    let stderr = try Pipe()
+    let pid = try spawnProcess(
+        path: path, arguments: arguments, environment: PatchbaySystem.environment(applying: environment),
+        descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: stderr.writeEnd.rawValue])
+    let inputWriter = stdin.writeEnd
+    _ = consume stdin.readEnd
+    _ = consume stdout.writeEnd
+    _ = consume stderr.writeEnd
+    try inputWriter.writeAll(Array(input.utf8))
+    _ = consume inputWriter
+    let output = try stdout.readEnd.readToEnd()
+    let errors = try stderr.readEnd.readToEnd()
+    return Finished(termination: try waitForProcess(pid),
+                    standardOutput: String(decoding: output, as: UTF8.self),
+                    standardError: String(decoding: errors, as: UTF8.self))
+}
+
+/// A child that keeps running while the test talks to it line by line.
+final class Child {
+    let pid: pid_t
+    private var input: Descriptor?
+    private let output: Descriptor
+    private var reaped: Termination?
+
+    init(_ path: String, _ arguments: [String], environment: [String: String?] = [:]) throws {
+        let stdin = try Pipe()
+        let stdout = try Pipe()
+        pid = try spawnProcess(
+            path: path, arguments: arguments, environment: PatchbaySystem.environment(applying: environment),
+            descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: 2])
+        input = consume stdin.writeEnd
+        output = stdout.readEnd
+        _ = consume stdin.readEnd
+        _ = consume stdout.writeEnd
+    }
+
+    /// Reads one line of the child's stdout (blocking), without the newline; nil at end of file.
+    func readLine() throws -> String? {
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        while true {
+            let count = try withUnsafeMutableBytes(of: &byte) { raw in
+                Result { () throws(Errno) -> Int in try output.read(into: raw) }
+            }.get()
+            if count == 0 { return line.isEmpty ? nil : String(decoding: line, as: UTF8.self) }
+            if byte == UInt8(ascii: "\n") { return String(decoding: line, as: UTF8.self) }
+            line.append(byte)
+        }
+    }
+
+    /// Closes the child's stdin (its cue in several test-peer commands).
+    func closeInput() {
+        input = nil
+    }
+
+    func kill(_ signal: CInt) {
+        _ = Glibc.kill(pid, signal)
+    }
+
+    @discardableResult
+    func wait() throws -> Termination {
+        if let reaped { return reaped }
+        let termination = try waitForProcess(pid)
+        reaped = termination
+        return termination
+    }
+
+    deinit {
+        if reaped == nil {
+            _ = Glibc.kill(pid, SIGKILL)
+            _ = try? waitForProcess(pid)
+        }
+    }
+}
+
+/// A broker of the test's own, on a socket in a private directory, stopped at the end.
+final class TestBroker {
+    let directory: String
+    let socketPath: String
+    let pid: pid_t
+    private var stopped = false
+
+    /// Starts `patchbayd` with `arguments` and returns once it says it is ready.
+    init(_ arguments: [String] = []) throws {
+        directory = makeTemporaryDirectory()
+        socketPath = directory + "/patchbay.sock"
+        let ready = try Pipe()
+        let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
+        pid = try spawnProcess(
+            path: patchbayDaemon,
+            arguments: ["--socket", socketPath, "--ready-fd", "3", "--log-level", "debug"] + arguments,
+            environment: PatchbaySystem.environment(applying: ["LISTEN_FDS": nil, "LISTEN_PID": nil]),
+            descriptors: [1: log.rawValue, 2: log.rawValue, 3: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        let answer = try ready.readEnd.readToEnd(limit: 16)
+        guard String(decoding: answer, as: UTF8.self) == "ready\n" else {
+            throw PatchbayError(.connectionRefused, "test broker did not start; see \(directory)/broker.log")
+        }
+    }
+
+    /// Environment for child processes: talk to this broker.
+    var environment: [String: String?] { ["PATCHBAY_SOCKET": socketPath] }
+
+    func connect() throws -> Broker {
+        try Broker(socketPath: socketPath)
+    }
+
+    /// Descriptors the broker process has open right now.
+    func descriptorCount() throws -> Int {
+        try openDescriptorCount(pid: pid)
+    }
+
+    /// Waits (bounded) until the broker's descriptor count equals `expected`; returns the last
+    /// count seen. The broker closes descriptors asynchronously to the test (on a client's close
+    /// or a key's expiry), so the test polls the observable outcome with a deadline.
+    func waitForDescriptorCount(_ expected: Int, within seconds: Double = 5) throws -> Int {
+        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var count = try descriptorCount()
+        while count != expected && monotonicNanoseconds() < deadline {
+            usleep(2_000)
+            count = try descriptorCount()
+        }
+        return count
+    }
+
+    /// SIGTERM, then waits for the exit.
+    @discardableResult
+    func stop() throws -> Termination {
+        stopped = true
+        Glibc.kill(pid, SIGTERM)
+        return try waitForProcess(pid)
+    }
+
+    deinit {
+        if !stopped {
+            Glibc.kill(pid, SIGKILL)
+            _ = try? waitForProcess(pid)
+        }
+        removeTree(directory)
+    }
+}
+
+/// Runs `body` expecting a `PatchbayError` with `errno`; returns it.
+@discardableResult
+func expectErrno(_ errno: Errno, sourceLocation: SourceLocation = #_sourceLocation,
+                 _ body: () throws(PatchbayError) -> Void) -> PatchbayError? {
+    do {
+        try body()
+        Issue.record("expected \(errno.name), but the call succeeded", sourceLocation: sourceLocation)
+        return nil
+    } catch {
+        #expect(error.errno == errno, "expected \(errno.name), got \(error)", sourceLocation: sourceLocation)
+        return error
+    }
+}
+
+extension String {
+    /// Without leading and trailing whitespace and newlines.
+    var trimmed: String {
+        var scalars = Substring(self).unicodeScalars[...]
+        while let first = scalars.first, first.properties.isWhitespace { scalars.removeFirst() }
+        while let last = scalars.last, last.properties.isWhitespace { scalars.removeLast() }
+        return String(String.UnicodeScalarView(scalars))
+    }
+}
