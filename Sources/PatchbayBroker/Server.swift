@@ -247,7 +247,8 @@ public final class BrokerServer {
         descriptors: inout ReceivedDescriptors, session: Session
     ) {
         let requestID = Frame.salvageRequestID(bytes) ?? 0
-        let rawOpcode = Frame.salvageOpcode(bytes)
+        // Error replies echo the request's opcode when it is a known one, else 0.
+        let rawOpcode = Opcode(rawValue: Frame.salvageOpcode(bytes)).map(\.rawValue) ?? Opcode.connection.rawValue
         // Acknowledgements are one-way: even a malformed one gets no answer, which nobody awaits.
         if rawOpcode == Opcode.claimAcknowledge.rawValue {
             if let frame = try? Frame.decode(bytes), !truncated, !descriptorsTruncated, descriptors.count == 0,

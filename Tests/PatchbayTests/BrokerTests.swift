@@ -1,0 +1,234 @@
+// The broker as a process: hostile frames, lifecycle, socket activation, autostart.
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Testing
+
+/// A client that speaks raw frames, to send what the library never would.
+struct RawClient: ~Copyable {
+    let socket: SeqpacketSocket
+    let buffer: UnsafeMutableRawBufferPointer
+
+    init(path: String) throws {
+        let connected = try SeqpacketSocket()
+        try connected.connect(path: path)
+        socket = connected
+        buffer = .allocate(byteCount: maximumFrameSize, alignment: 8)
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Sends bytes (and descriptors) and returns the decoded answer.
+    func exchange(_ bytes: [UInt8], descriptors: [CInt] = []) throws -> (frame: Frame, descriptors: Int) {
+        try socket.send(bytes, descriptors: descriptors)
+        let message = try socket.receive(into: buffer)
+        let count = message.descriptors.count
+        return (try Frame.decode(Array(buffer[0..<message.length])[...]), count)
+    }
+
+    func error(for bytes: [UInt8], descriptors: [CInt] = []) throws -> (requestID: UInt64, reply: ErrorReply) {
+        let (frame, _) = try exchange(bytes, descriptors: descriptors)
+        #expect(frame.kind == .error)
+        return (frame.requestID, try ErrorReply.decode(frame))
+    }
+}
+
+@Suite("Broker")
+struct BrokerTests {
+    @Test("hostile frames get precise errors, leak nothing, and the session keeps working")
+    func hostileFrames() throws {
+        let broker = try TestBroker()
+        let client = try RawClient(path: broker.socketPath)
+        _ = try client.exchange(Request.status.encode(requestID: 1))
+        let baseline = try broker.descriptorCount()
+
+        // Garbage with a plausible header length: EPROTO, and the request id is echoed.
+        var garbage = Request.status.encode(requestID: 99)
+        garbage[0] = 0x00
+        let bad = try client.error(for: garbage)
+        #expect(bad.requestID == 99 && bad.reply.errno == EPROTO)
+        #expect(try client.error(for: [1, 2, 3]).reply.errno == EPROTO)
+
+        // Wrong version, unknown opcode, oversized.
+        var version = Request.status.encode(requestID: 2)
+        version[2] = 200
+        #expect(try client.error(for: version).reply.errno == EPROTONOSUPPORT)
+        var opcode = Request.status.encode(requestID: 3)
+        opcode[4] = 0x77
+        #expect(try client.error(for: opcode).reply.errno == EOPNOTSUPP)
+        let oversized = Request.status.encode(requestID: 4) + [UInt8](repeating: 0, count: maximumFrameSize)
+        let tooBig = try client.error(for: oversized)
+        #expect(tooBig.reply.errno == EMSGSIZE && tooBig.requestID == 4)
+
+        // Descriptors where none belong, and the wrong number where one does: EINVAL, and every
+        // descriptor that arrived is closed again.
+        let files = try (0..<3).map { _ in try openFile("/dev/null", flags: O_RDONLY).release() }
+        defer { for fd in files { close(fd) } }
+        let stray = try client.error(for: Request.status.encode(requestID: 5), descriptors: [files[0]])
+        #expect(stray.reply.errno == EINVAL && stray.reply.reason.contains("no descriptors"))
+        let missing = try client.error(for: Request.share(expiry: .never, restriction: nil).encode(requestID: 6))
+        #expect(missing.reply.errno == EINVAL)
+        let extra = try client.error(for: Request.share(expiry: .never, restriction: nil).encode(requestID: 7),
+                                     descriptors: files)
+        #expect(extra.reply.errno == EINVAL && extra.reply.reason.contains("exactly 1"))
+        let zero = try client.error(for: Request.share(expiry: .after(nanoseconds: 0), restriction: nil).encode(requestID: 8),
+                                    descriptors: [files[0]])
+        #expect(zero.reply.errno == EINVAL)
+        // A malformed acknowledgement is not answered (nobody waits for it) and changes nothing.
+        try client.socket.send(Request.claimAcknowledge(sampleKeyToken, received: true).encode(requestID: 9) + [1])
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+
+        // Still serving this session, in order, and everybody else.
+        let (frame, _) = try client.exchange(Request.status.encode(requestID: 10))
+        #expect(frame.kind == .reply && frame.requestID == 10)
+        #expect(try broker.connect().status().clients == 2)
+    }
+
+    @Test("SIGTERM stops the broker cleanly and removes its socket")
+    func cleanShutdown() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.share(try openFile("/dev/null", flags: O_RDONLY))
+        #expect(access(broker.socketPath, F_OK) == 0)
+        #expect(try broker.stop() == .exited(0))
+        #expect(access(broker.socketPath, F_OK) != 0)
+        // The client learns promptly: an error, not a hang.
+        do {
+            _ = try client.status()
+            Issue.record("a request to a stopped broker succeeded")
+        } catch {
+            #expect([Errno.connectionReset, .brokenPipe].contains(error.errno), "\(error)")
+            #expect(error.reason.contains("broker"))
+        }
+    }
+
+    @Test("a broker killed with SIGKILL gives its clients an error, and a new one takes over the path")
+    func killedBrokerIsReplaced() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.status()
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        do {
+            _ = try client.status()
+            Issue.record("a request to a dead broker succeeded")
+        } catch {
+            #expect([Errno.connectionReset, .brokenPipe].contains(error.errno), "\(error)")
+        }
+        // The stale socket file is still there; a new broker on the same path replaces it.
+        let replacement = try spawnDaemon(socketPath: broker.socketPath)
+        defer { kill(replacement, SIGTERM); _ = try? waitForProcess(replacement) }
+        #expect(try Broker(socketPath: broker.socketPath).status().pid == replacement)
+    }
+
+    @Test("a second broker on the same path refuses with EADDRINUSE")
+    func secondBrokerRefused() throws {
+        let broker = try TestBroker()
+        let second = try run(patchbayDaemon, ["--socket", broker.socketPath])
+        #expect(second.termination == .exited(1))
+        #expect(second.standardError.hasPrefix("patchbay: daemon: EADDRINUSE: "), "\(second.standardError)")
+        #expect(try broker.connect().status().pid == broker.pid)
+    }
+
+    @Test("socket activation: an inherited listening socket on descriptor 3 is served")
+    func socketActivation() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let path = directory + "/activated.sock"
+        let listener = try SeqpacketSocket()
+        try listener.bind(path: path)
+        try listener.listen(backlog: 16)
+        let ready = try Pipe()
+        // LISTEN_PID must be the daemon's own pid: a shell sets it and then execs into the daemon.
+        let pid = try spawnProcess(
+            path: "/bin/sh",
+            arguments: ["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" daemon --socket \"$1\" --ready-fd 4",
+                        patchbayCLI, path],
+            environment: currentEnvironment(),
+            descriptors: [3: listener.rawValue, 4: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
+        let status = try Broker(socketPath: path).status()
+        #expect(status.pid == pid)
+        kill(pid, SIGTERM)
+        #expect(try waitForProcess(pid) == .exited(0))
+        // The socket belonged to the service manager, so the broker leaves its file alone.
+        #expect(access(path, F_OK) == 0)
+    }
+
+    @Test("status counts clients and keys per uid, and never shows key text")
+    func statusCounts() throws {
+        let broker = try TestBroker()
+        let first = try broker.connect()
+        let second = try broker.connect()
+        let file = try openFile("/dev/null", flags: O_RDONLY)
+        let key = try first.share(file)
+        _ = try second.share(try EventCounter().descriptor)
+        let report = try second.status()
+        #expect(report.pid == broker.pid)
+        #expect(report.clients == 2)
+        #expect(report.keys == 2)
+        #expect(report.keysByFileKind[FileKind.characterDevice.rawValue] == 1)
+        #expect(report.keysByFileKind[FileKind.anonymous.rawValue] == 1)
+        let mine = try #require(report.users.first { $0.uid == geteuid() })
+        #expect(mine.clients == 2 && mine.keys == 2)
+        let cli = try run(patchbayCLI, ["status", "--json"], environment: broker.environment)
+        #expect(cli.termination == .exited(0))
+        #expect(cli.standardOutput.contains("\"pid\": \(broker.pid)"))
+        #expect(cli.standardOutput.contains("\"keys\": 2"))
+        #expect(!cli.standardOutput.contains(key.text))
+        let text = try run(patchbayCLI, ["status"], environment: broker.environment)
+        #expect(text.standardOutput.contains("2 keys"))
+        #expect(!text.standardOutput.contains(key.text))
+    }
+
+    @Test("autostart: clients started together with no broker all end up on one broker")
+    func autostartRace() throws {
+        let runtime = makeTemporaryDirectory()
+        defer { removeTree(runtime) }
+        let environment: [String: String?] = ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil]
+        // Eight CLI processes, released at once by closing their shared stdin... the CLI does not
+        // read stdin, so simply start them back to back: all race for the missing broker.
+        var children: [Child] = []
+        for _ in 0..<8 {
+            children.append(try Child(patchbayCLI, ["status", "--json"], environment: environment))
+        }
+        var pids: Set<String> = []
+        for child in children {
+            let line = try #require(try child.readLine())
+            #expect(try child.wait() == .exited(0))
+            let field = try #require(line.split(separator: ",").first { $0.contains("\"pid\"") })
+            pids.insert(String(field.split(separator: ":")[1]).trimmed)
+        }
+        #expect(pids.count == 1, "clients saw brokers \(pids)")
+        let pidText = try #require(pids.first)
+        let brokerPID = try #require(Int32(pidText))
+        // The per-user directory is private, and the broker outlives the clients that started it.
+        var info = stat()
+        #expect(stat(runtime + "/patchbay", &info) == 0)
+        #expect(info.st_mode & 0o777 == 0o700)
+        #expect(kill(brokerPID, 0) == 0)
+        kill(brokerPID, SIGTERM)
+        // Not our child (it detached); wait for its socket to disappear instead.
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while access(runtime + "/patchbay/patchbay.sock", F_OK) == 0 && monotonicNanoseconds() < deadline {
+            usleep(5_000)
+        }
+        #expect(access(runtime + "/patchbay/patchbay.sock", F_OK) != 0)
+    }
+}
+
+let sampleKeyToken = KeyToken(high: 1, low: 2)
+
+/// Starts `patchbayd` on `socketPath` and returns its pid once it is ready.
+func spawnDaemon(socketPath: String) throws -> pid_t {
+    let ready = try Pipe()
+    let pid = try spawnProcess(
+        path: patchbayDaemon, arguments: ["--socket", socketPath, "--ready-fd", "3"],
+        environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
+    _ = consume ready.writeEnd
+    guard try ready.readEnd.readToEnd() == Array("ready\n".utf8) else {
+        throw PatchbayError(.connectionRefused, "patchbayd did not start on \(socketPath)")
+    }
+    return pid
+}
