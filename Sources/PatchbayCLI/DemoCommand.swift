@@ -1,2 +1,226 @@
 import ArgumentParser
-struct DemoCommand: ParsableCommand { static let configuration = CommandConfiguration(commandName: "demo"); func run() {} }
+import Glibc
+import Patchbay
+
+/// `patchbay demo`: a guided tour, across real processes, of what Patchbay does today.
+struct DemoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "demo",
+        abstract: "A guided tour of Patchbay across real processes, with timings.",
+        discussion: "Runs its own broker on a private socket and removes everything it made when done."
+    )
+
+    func run() throws {
+        do {
+            try Tour().run()
+        } catch let error as PatchbayError {
+            fail("demo", error)
+        }
+    }
+}
+
+/// The tour itself; each step spawns real processes and prints what happened and how long it took.
+private final class Tour {
+    let executable = currentExecutablePath() ?? CommandLine.arguments[0]
+    var directory = ""
+    var socketPath = ""
+    var brokerPID: pid_t = 0
+
+    func run() throws {
+        directory = try makeDirectory()
+        defer { cleanUp() }
+        socketPath = directory + "/patchbay.sock"
+
+        heading("Patchbay \(patchbayVersion): IPC from PatchworkOS, FreeBSD and DragonFly BSD, on Linux")
+        say("Every step below runs real processes; the broker only brokers, the data never passes through it.")
+
+        // 1. The broker.
+        var started = monotonicNanoseconds()
+        brokerPID = try startBroker()
+        step(1, "start a private broker (pid \(brokerPID)) on \(socketPath)", since: started)
+        say("   (without PATCHBAY_SOCKET, the library starts the per-user broker by itself on first use)")
+        let broker = try Broker(socketPath: socketPath)
+
+        // 2. share in one process, claim in another.
+        let file = directory + "/greeting.txt"
+        try writeText(file, "Hello from a file nobody passed on the command line.\n")
+        started = monotonicNanoseconds()
+        let shared = try runChild(["share", file])
+        let key = shared.output.trimmedLine
+        step(2, "process \(shared.pid) opened greeting.txt, shared it and exited; key \(key)", since: started)
+        started = monotonicNanoseconds()
+        let claimed = try runChild(["claim", key])
+        step(3, "unrelated process \(claimed.pid) claimed the key and read the file:", since: started)
+        say("   > " + claimed.output.trimmedLine)
+        let again = try runChild(["claim", key])
+        step(4, "a second claim of the same key fails: keys are one-time", since: nil)
+        say("   > " + again.error.trimmedLine)
+
+        // 3. Any descriptor: a pipe, written by another process.
+        let pipe = try Pipe()
+        started = monotonicNanoseconds()
+        let pipeKey = try broker.share(pipe.writeEnd, timeout: .after(.seconds(10)))
+        let writer = try runChild(["claim", pipeKey.text, "--", "/bin/sh", "-c",
+                                   "echo \"a pipe end, written by pid $$ through fd $PATCHBAY_FD\" >&3"])
+        let pipeReadEnd = pipe.readEnd
+        _ = consume pipe.writeEnd
+        let piped = String(decoding: try wrap { () throws(Errno) in try pipeReadEnd.readToEnd() }, as: UTF8.self)
+        step(5, "this process shared a pipe's write end; process \(writer.pid) claimed it as fd 3:", since: started)
+        say("   > " + piped.trimmedLine)
+
+        // 4. Expiry.
+        let expiring = try broker.share(try openFile(file, flags: O_RDONLY), timeout: .after(.milliseconds(300)))
+        started = monotonicNanoseconds()
+        var gone = false
+        while !gone {
+            usleep(50_000)
+            let status = try broker.status()
+            gone = status.keys == 0
+        }
+        step(6, "a key shared with --timeout 300ms expired by itself (broker closed the file)", since: started)
+        let late = try runChild(["claim", expiring.text])
+        say("   > " + late.error.trimmedLine)
+
+        // 5. Restriction to one process.
+        let restricted = try runChild(["share", "--for-pid", "\(getpid())", file]).output.trimmedLine
+        let stranger = try runChild(["claim", restricted])
+        step(7, "a key restricted with --for-pid \(getpid()) is invisible to process \(stranger.pid):", since: nil)
+        say("   > " + stranger.error.trimmedLine)
+        let mine = try broker.claim(try Key(restricted))
+        say("   ...and claimable by process \(getpid()) itself (got fd \(mine.rawValue))")
+
+        // 6. Cost of a hand-off.
+        let probe = try openFile("/dev/null", flags: O_RDONLY)
+        var samples: [UInt64] = []
+        for _ in 0..<2000 {
+            let begin = monotonicNanoseconds()
+            let roundTrip = try broker.claim(try broker.share(probe))
+            samples.append(monotonicNanoseconds() - begin)
+            _ = consume roundTrip
+        }
+        samples.sort()
+        step(8, "2000 share+claim round trips through the broker: median \(formatDuration(nanoseconds: samples[samples.count / 2])), p99 \(formatDuration(nanoseconds: samples[samples.count * 99 / 100]))", since: nil)
+        say("   (a debug build of the demo; `swift run -c release patchbay demo` for release figures)")
+
+        // 7. Status.
+        let status = try runChild(["status"])
+        step(9, "patchbay status:", since: nil)
+        for line in status.output.split(separator: "\n", omittingEmptySubsequences: false) {
+            say("   " + line)
+        }
+        started = monotonicNanoseconds()
+        kill(brokerPID, SIGTERM)
+        let ended = try waitForProcess(brokerPID)
+        brokerPID = 0
+        step(10, "stop the broker with SIGTERM: \(ended)", since: started)
+        say("\nShared memory, /net sockets and CAPS services join this tour as they land.")
+    }
+
+    // MARK: Helpers
+
+    struct ChildResult {
+        var pid: pid_t
+        var termination: Termination
+        var output: String
+        var error: String
+    }
+
+    func runChild(_ arguments: [String]) throws -> ChildResult {
+        let stdout = try wrap { () throws(Errno) in try Pipe() }
+        let stderr = try wrap { () throws(Errno) in try Pipe() }
+        let pid = try wrap { () throws(Errno) in
+            try spawnProcess(path: executable, arguments: arguments,
+                             environment: environment(applying: ["PATCHBAY_SOCKET": socketPath]),
+                             descriptors: [1: stdout.writeEnd.rawValue, 2: stderr.writeEnd.rawValue])
+        }
+        let outputEnd = stdout.readEnd
+        let errorEnd = stderr.readEnd
+        _ = consume stdout.writeEnd
+        _ = consume stderr.writeEnd
+        let output = try wrap { () throws(Errno) in try outputEnd.readToEnd() }
+        let errors = try wrap { () throws(Errno) in try errorEnd.readToEnd() }
+        let termination = try wrap { () throws(Errno) in try waitForProcess(pid) }
+        return ChildResult(pid: pid, termination: termination, output: String(decoding: output, as: UTF8.self),
+                           error: String(decoding: errors, as: UTF8.self))
+    }
+
+    func startBroker() throws -> pid_t {
+        let ready = try wrap { () throws(Errno) in try Pipe() }
+        let log = try wrap { () throws(Errno) in
+            try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
+        }
+        let pid = try wrap { () throws(Errno) in
+            try spawnProcess(path: executable, arguments: ["daemon", "--socket", socketPath, "--ready-fd", "3"],
+                             environment: currentEnvironment(),
+                             descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
+        }
+        let readyEnd = ready.readEnd
+        _ = consume ready.writeEnd
+        let answer = try wrap { () throws(Errno) in try readyEnd.readToEnd(limit: 16) }
+        guard answer == Array("ready\n".utf8) else {
+            throw PatchbayError(.connectionRefused, "the broker did not start; see \(directory)/broker.log")
+        }
+        return pid
+    }
+
+    func makeDirectory() throws -> String {
+        var template = Array("/tmp/patchbay-demo-XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw PatchbayError(Errno.current, "cannot create a temporary directory")
+        }
+        return String(cString: made)
+    }
+
+    func writeText(_ path: String, _ text: String) throws {
+        let file = try wrap { () throws(Errno) in try openFile(path, flags: O_WRONLY | O_CREAT | O_TRUNC) }
+        try wrap { () throws(Errno) in try file.writeAll(Array(text.utf8)) }
+    }
+
+    func cleanUp() {
+        if brokerPID > 0 {
+            kill(brokerPID, SIGTERM)
+            _ = try? waitForProcess(brokerPID)
+        }
+        if directory.hasPrefix("/tmp/patchbay-demo-"),
+           let pid = try? spawnProcess(path: "/bin/rm", arguments: ["-rf", directory], environment: []) {
+            _ = try? waitForProcess(pid)
+        }
+    }
+
+    func wrap<T: ~Copyable>(_ body: () throws(Errno) -> T) throws(PatchbayError) -> T {
+        do {
+            return try body()
+        } catch {
+            throw PatchbayError(error, "the demo could not set up a step")
+        }
+    }
+
+    func heading(_ text: String) {
+        say(text)
+        say(String(repeating: "=", count: min(text.count, 100)))
+    }
+
+    func step(_ number: Int, _ text: String, since start: UInt64?) {
+        let timing = start.map { "  [\(formatDuration(nanoseconds: monotonicNanoseconds() - $0))]" } ?? ""
+        say("\n\(number). \(text)\(timing)")
+    }
+
+    func say(_ text: some StringProtocol) {
+        writeStandardOutput(String(text) + "\n")
+    }
+}
+
+extension String {
+    /// The first line, without surrounding spaces.
+    fileprivate var trimmedLine: String {
+        let line = split(separator: "\n").first.map(String.init) ?? ""
+        return line.trimmingSpaces
+    }
+
+    fileprivate var trimmingSpaces: String {
+        var scalars = Substring(self).unicodeScalars[...]
+        while let first = scalars.first, first.properties.isWhitespace { scalars.removeFirst() }
+        while let last = scalars.last, last.properties.isWhitespace { scalars.removeLast() }
+        return String(String.UnicodeScalarView(scalars))
+    }
+}
