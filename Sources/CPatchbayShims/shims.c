@@ -15,6 +15,7 @@
 #include <sys/random.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -214,6 +215,48 @@ int pb_spawnattr_init_clean(void *attr, int new_session) {
     if (new_session) flags |= POSIX_SPAWN_SETSID;
     rc = posix_spawnattr_setflags(a, flags);
     if (rc != 0) { errno = rc; return -1; }
+    return 0;
+}
+
+int pb_lock_file(int fd, int wait) {
+    struct flock lock;
+    memset(&lock, 0, sizeof lock);
+    lock.l_type = F_WRLCK;
+    lock.l_whence = SEEK_SET;
+    int rc;
+    do {
+        rc = fcntl(fd, wait ? F_SETLKW : F_SETLK, &lock);
+    } while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
+int pb_unlock_file(int fd) {
+    struct flock lock;
+    memset(&lock, 0, sizeof lock);
+    lock.l_type = F_UNLCK;
+    lock.l_whence = SEEK_SET;
+    return fcntl(fd, F_SETLK, &lock);
+}
+
+static int64_t pb_nanoseconds(struct statx_timestamp t) {
+    return (int64_t)t.tv_sec * 1000000000 + (int64_t)t.tv_nsec;
+}
+
+int pb_fstatx(int fd, pb_file_status *out) {
+    struct statx info;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_BTIME, &info) < 0) return -1;
+    out->size = info.stx_size;
+    out->blocks = info.stx_blocks;
+    out->mode = info.stx_mode;
+    out->uid = info.stx_uid;
+    out->gid = info.stx_gid;
+    out->nlink = info.stx_nlink;
+    out->inode = info.stx_ino;
+    out->device = ((uint64_t)info.stx_dev_major << 32) | info.stx_dev_minor;
+    out->access_ns = pb_nanoseconds(info.stx_atime);
+    out->modify_ns = pb_nanoseconds(info.stx_mtime);
+    out->change_ns = pb_nanoseconds(info.stx_ctime);
+    out->birth_ns = (info.stx_mask & STATX_BTIME) ? pb_nanoseconds(info.stx_btime) : 0;
     return 0;
 }
 

@@ -109,7 +109,7 @@ public final class Broker: Sendable {
 
     // MARK: Plumbing
 
-    private func call(_ request: Request, descriptors: [CInt] = []) throws(PatchbayError) -> Response {
+    func call(_ request: Request, descriptors: [CInt] = []) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
             try connection.call(request, descriptors: descriptors)
         }

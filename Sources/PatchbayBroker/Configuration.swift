@@ -23,9 +23,36 @@ public struct BrokerConfiguration: Sendable {
     /// The most clients connected at once; further connections are refused.
     public var maximumClients: Int = 65536
 
-    public init(mode: Mode, socketPath: String) {
+    /// The private directory (mode 0700, normally on tmpfs) holding named shared memory objects.
+    public var sharedMemoryDirectory: String
+
+    public init(mode: Mode, socketPath: String, sharedMemoryDirectory: String? = nil) {
         self.mode = mode
         self.socketPath = socketPath
+        self.sharedMemoryDirectory = sharedMemoryDirectory
+            ?? Self.defaultSharedMemoryDirectory(mode: mode, socketPath: socketPath)
+    }
+
+    /// `/dev/shm/patchbay-system` for the system broker; for the per-user broker at its default
+    /// path, `shm/` beside its socket when that lives in `$XDG_RUNTIME_DIR` (a tmpfs by
+    /// definition), else `/dev/shm/patchbay-$UID`; for a broker on any other socket,
+    /// `/dev/shm/patchbay-$UID-<hash of the socket path>`. So restarting a broker on the same
+    /// socket finds its objects again, and two brokers never share a store.
+    public static func defaultSharedMemoryDirectory(mode: Mode, socketPath: String) -> String {
+        if mode == .system { return "/dev/shm/patchbay-system" }
+        let base = "/dev/shm/patchbay-\(geteuid())"
+        if socketPath == defaultSocketPath(mode: .user) {
+            if let runtime = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), runtime.hasPrefix("/") {
+                return userBrokerDirectory(uid: geteuid(), xdgRuntimeDirectory: runtime) + "/shm"
+            }
+            return base
+        }
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a
+        for byte in socketPath.utf8 {
+            hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3
+        }
+        let hex = String(hash, radix: 16)
+        return base + "-" + String(repeating: "0", count: 16 - hex.count) + hex
     }
 
     /// The default for `mode`: `/run/patchbay/patchbay.sock` for system, else the per-user path

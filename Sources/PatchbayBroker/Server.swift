@@ -33,6 +33,7 @@ public final class BrokerServer {
     private var sessions: [UInt64: Session] = [:]
     private var nextSessionID: UInt64 = firstSessionToken
     private let keys: KeyTable
+    private let sharedMemory: SharedMemoryStore
     private var receiveBuffer: UnsafeMutableRawBufferPointer
     private var running = true
 
@@ -93,6 +94,7 @@ public final class BrokerServer {
             maximumKeysPerUser: configuration.maximumKeysPerUser,
             limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
                                         refillPerSecond: configuration.failedClaimsPerSecond))
+        sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
         receiveBuffer = .allocate(byteCount: maximumFrameSize + 1, alignment: 16)
         self.logger[metadataKey: "socket"] = "\(socketPath)"
     }
@@ -326,7 +328,58 @@ public final class BrokerServer {
 
         case .claimAcknowledge(let token, let received):
             dispatchAcknowledgement(token, received: received, session: session)
+
+        case .open(let path, let flags):
+            do {
+                let object = try Namespace.open(path, flags: flags, by: session.credentials)
+                send(Reply.open(objectKind: object.kind.rawValue).encode(requestID: requestID),
+                     attaching: object.handle.rawValue, to: session)
+            } catch {
+                sendError(error, .open, requestID, session)
+            }
+
+        case .sharedMemoryOpen(let request):
+            do {
+                let opened = try sharedMemory.open(request, by: session.credentials)
+                send(Reply.sharedMemoryOpen(opened.info).encode(requestID: requestID),
+                     attaching: opened.handle.rawValue, to: session)
+            } catch {
+                sendError(error, .sharedMemoryOpen, requestID, session)
+            }
+
+        case .sharedMemoryUnlink(let name):
+            do {
+                try sharedMemory.unlink(name, by: session.credentials)
+                send(Reply.sharedMemoryUnlink.encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .sharedMemoryUnlink, requestID, session)
+            }
+
+        case .sharedMemoryRename(let from, let to, let flags):
+            do {
+                try sharedMemory.rename(from: from, to: to, flags: flags, by: session.credentials)
+                send(Reply.sharedMemoryRename.encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .sharedMemoryRename, requestID, session)
+            }
+
+        case .sharedMemoryStat(let name):
+            do {
+                send(Reply.sharedMemoryStat(try sharedMemory.stat(name)).encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .sharedMemoryStat, requestID, session)
+            }
+
+        case .sharedMemoryList(let after):
+            // 48 entries of at most ~1.1 KB each stay inside one frame.
+            let (page, more) = sharedMemory.list(after: after, limit: 48)
+            send(Reply.sharedMemoryList(page, more: more).encode(requestID: requestID), to: session)
         }
+    }
+
+    private func sendError(_ error: RequestError, _ opcode: Opcode, _ requestID: UInt64, _ session: Session) {
+        sendError(ErrorReply(errno: error.errno.rawValue, reason: error.reason), rawOpcode: opcode.rawValue,
+                  requestID: requestID, to: session)
     }
 
     private func dispatchAcknowledgement(_ token: KeyToken, received: Bool, session: Session) {
@@ -340,12 +393,15 @@ public final class BrokerServer {
             users[session.credentials.uid, default: UserUsage(uid: session.credentials.uid)].clients += 1
         }
         let summary = keys.summary(now: now)
+        for (uid, count) in sharedMemory.countByOwner() {
+            users[uid, default: UserUsage(uid: uid)].sharedMemoryObjects = UInt32(count)
+        }
         for (uid, count) in keys.usersWithKeys {
             users[uid, default: UserUsage(uid: uid)].keys = UInt32(count)
             users[uid, default: UserUsage(uid: uid)].oldestKeyAgeNanoseconds = summary.oldestByUser[uid] ?? 0
         }
         let rows = users.values.sorted {
-            ($0.keys + $0.clients, $1.uid) > ($1.keys + $1.clients, $0.uid)
+            ($0.keys + $0.clients + $0.sharedMemoryObjects, $1.uid) > ($1.keys + $1.clients + $1.sharedMemoryObjects, $0.uid)
         }
         return StatusReport(
             pid: getpid(), version: patchbayVersion, mode: configuration.mode.rawValue, socketPath: socketPath,

@@ -23,6 +23,10 @@ public struct DaemonCommand: ParsableCommand {
     @Flag(help: "Serve every user (socket /run/patchbay/patchbay.sock, mode 0666).")
     var system = false
 
+    @Option(name: .customLong("shm-directory"),
+            help: "Private directory for named shared memory (default /dev/shm/patchbay-$UID[-hash]).")
+    var sharedMemoryDirectory: String?
+
     @Option(help: "Outstanding keys allowed per uid (EDQUOT beyond).")
     var maxKeysPerUid = 4096
 
@@ -61,7 +65,8 @@ public struct DaemonCommand: ParsableCommand {
 
         let mode: BrokerConfiguration.Mode = system ? .system : .user
         var configuration = BrokerConfiguration(
-            mode: mode, socketPath: socket ?? BrokerConfiguration.defaultSocketPath(mode: mode))
+            mode: mode, socketPath: socket ?? BrokerConfiguration.defaultSocketPath(mode: mode),
+            sharedMemoryDirectory: sharedMemoryDirectory)
         configuration.maximumKeysPerUser = maxKeysPerUid
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond

@@ -150,7 +150,8 @@ private final class Tour {
             try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
         }
         let pid = try wrap { () throws(Errno) in
-            try spawnProcess(path: executable, arguments: ["daemon", "--socket", socketPath, "--ready-fd", "3"],
+            try spawnProcess(path: executable, arguments: ["daemon", "--socket", socketPath, "--shm-directory",
+                                                           directory + "/shm", "--ready-fd", "3"],
                              environment: currentEnvironment(),
                              descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
         }

@@ -38,6 +38,14 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case claim = 17
     /// The claimer's report that the claimed descriptor arrived (or did not); no reply.
     case claimAcknowledge = 18
+    /// Open a path in the broker's namespace (`/dev/shmem/new`).
+    case open = 32
+    /// Named shared memory: `shm_open`, `shm_unlink`, `shm_rename`, stat and listing.
+    case sharedMemoryOpen = 40
+    case sharedMemoryUnlink = 41
+    case sharedMemoryRename = 42
+    case sharedMemoryStat = 43
+    case sharedMemoryList = 44
 
     /// Descriptors a request of this kind must carry.
     public var requestDescriptors: Int {
@@ -46,7 +54,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
 
     /// Descriptors a successful reply of this kind carries.
     public var replyDescriptors: Int {
-        self == .claim ? 1 : 0
+        switch self {
+        case .claim, .open, .sharedMemoryOpen: 1
+        default: 0
+        }
     }
 
     /// Whether the broker answers this request (acknowledgements are one-way).

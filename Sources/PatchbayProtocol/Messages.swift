@@ -21,6 +21,14 @@ public enum Request: Sendable, Equatable {
     /// `received: false` means the descriptor was lost on the way in (the claimer had no free
     /// descriptor slot), so the broker restores the key.
     case claimAcknowledge(KeyToken, received: Bool)
+    /// Opens a path of the broker's namespace; `flags` per path (`/dev/shmem/new`: bit 0 sealable).
+    case open(path: String, flags: UInt32)
+    case sharedMemoryOpen(SharedMemoryOpenRequest)
+    case sharedMemoryUnlink(name: [UInt8])
+    case sharedMemoryRename(from: [UInt8], to: [UInt8], flags: UInt32)
+    case sharedMemoryStat(name: [UInt8])
+    /// Lists names sorted bytewise, starting after `after` (empty: from the start).
+    case sharedMemoryList(after: [UInt8])
 
     public var opcode: Opcode {
         switch self {
@@ -28,6 +36,12 @@ public enum Request: Sendable, Equatable {
         case .share: .share
         case .claim: .claim
         case .claimAcknowledge: .claimAcknowledge
+        case .open: .open
+        case .sharedMemoryOpen: .sharedMemoryOpen
+        case .sharedMemoryUnlink: .sharedMemoryUnlink
+        case .sharedMemoryRename: .sharedMemoryRename
+        case .sharedMemoryStat: .sharedMemoryStat
+        case .sharedMemoryList: .sharedMemoryList
         }
     }
 
@@ -64,6 +78,23 @@ public enum Request: Sendable, Equatable {
         case .claimAcknowledge(let token, let received):
             writer.raw(token.bytes)
             writer.u8(received ? 1 : 0)
+        case .open(let path, let flags):
+            writer.string(path)
+            writer.u32(flags)
+        case .sharedMemoryOpen(let request):
+            writer.bytes(request.name)
+            writer.u8(request.access)
+            writer.u32(request.flags)
+            writer.u32(request.mode)
+            writer.u32(request.umask)
+        case .sharedMemoryUnlink(let name), .sharedMemoryStat(let name):
+            writer.bytes(name)
+        case .sharedMemoryRename(let from, let to, let flags):
+            writer.bytes(from)
+            writer.bytes(to)
+            writer.u32(flags)
+        case .sharedMemoryList(let after):
+            writer.bytes(after)
         }
         return writer.bytes
     }
@@ -107,6 +138,21 @@ public enum Request: Sendable, Equatable {
             let received = try reader.u8("received")
             guard received <= 1 else { throw .invalidValue(field: "received", reason: "must be 0 or 1") }
             request = .claimAcknowledge(token, received: received == 1)
+        case .open:
+            request = .open(path: try reader.string("path"), flags: try reader.u32("flags"))
+        case .sharedMemoryOpen:
+            request = .sharedMemoryOpen(SharedMemoryOpenRequest(
+                name: try reader.bytes("name"), access: try reader.u8("access"), flags: try reader.u32("flags"),
+                mode: try reader.u32("mode"), umask: try reader.u32("umask")))
+        case .sharedMemoryUnlink:
+            request = .sharedMemoryUnlink(name: try reader.bytes("name"))
+        case .sharedMemoryRename:
+            request = .sharedMemoryRename(from: try reader.bytes("from"), to: try reader.bytes("to"),
+                                          flags: try reader.u32("flags"))
+        case .sharedMemoryStat:
+            request = .sharedMemoryStat(name: try reader.bytes("name"))
+        case .sharedMemoryList:
+            request = .sharedMemoryList(after: try reader.bytes("after"))
         }
         try reader.finish()
         return request
@@ -124,12 +170,27 @@ public enum Reply: Sendable, Equatable {
     case share(KeyToken)
     /// The claimed descriptor rides beside the frame; the payload says what kind of file it is.
     case claim(fileKind: UInt8)
+    /// The opened object's descriptor rides beside the frame.
+    case open(objectKind: UInt8)
+    /// The handle rides beside the frame; the payload describes the object.
+    case sharedMemoryOpen(SharedMemoryInfo)
+    case sharedMemoryUnlink
+    case sharedMemoryRename
+    case sharedMemoryStat(SharedMemoryInfo)
+    /// One page of a listing; `more` means ask again after the last name.
+    case sharedMemoryList([SharedMemoryInfo], more: Bool)
 
     public var opcode: Opcode {
         switch self {
         case .status: .status
         case .share: .share
         case .claim: .claim
+        case .open: .open
+        case .sharedMemoryOpen: .sharedMemoryOpen
+        case .sharedMemoryUnlink: .sharedMemoryUnlink
+        case .sharedMemoryRename: .sharedMemoryRename
+        case .sharedMemoryStat: .sharedMemoryStat
+        case .sharedMemoryList: .sharedMemoryList
         }
     }
 
@@ -139,6 +200,13 @@ public enum Reply: Sendable, Equatable {
         case .status(let report): report.encode(into: &writer)
         case .share(let token): writer.raw(token.bytes)
         case .claim(let kind): writer.u8(kind)
+        case .open(let kind): writer.u8(kind)
+        case .sharedMemoryOpen(let info), .sharedMemoryStat(let info): info.encode(into: &writer)
+        case .sharedMemoryUnlink, .sharedMemoryRename: break
+        case .sharedMemoryList(let infos, let more):
+            writer.u8(more ? 1 : 0)
+            writer.u32(UInt32(infos.count))
+            for info in infos { info.encode(into: &writer) }
         }
         return writer.bytes
     }
@@ -156,6 +224,24 @@ public enum Reply: Sendable, Equatable {
             reply = .share(KeyToken(bytes: try reader.raw("key", count: 16))!)
         case .claim:
             reply = .claim(fileKind: try reader.u8("file kind"))
+        case .open:
+            reply = .open(objectKind: try reader.u8("object kind"))
+        case .sharedMemoryOpen:
+            reply = .sharedMemoryOpen(try SharedMemoryInfo.decode(&reader))
+        case .sharedMemoryUnlink:
+            reply = .sharedMemoryUnlink
+        case .sharedMemoryRename:
+            reply = .sharedMemoryRename
+        case .sharedMemoryStat:
+            reply = .sharedMemoryStat(try SharedMemoryInfo.decode(&reader))
+        case .sharedMemoryList:
+            let more = try reader.u8("more")
+            guard more <= 1 else { throw .invalidValue(field: "more", reason: "must be 0 or 1") }
+            var infos: [SharedMemoryInfo] = []
+            for _ in 0..<(try reader.count("objects", minimumElementSize: SharedMemoryInfo.minimumEncodedSize)) {
+                infos.append(try SharedMemoryInfo.decode(&reader))
+            }
+            reply = .sharedMemoryList(infos, more: more == 1)
         case .claimAcknowledge, .connection:
             throw .invalidValue(field: "opcode", reason: "\(frame.opcode) has no reply")
         }
@@ -315,3 +401,88 @@ public struct StatusReport: Sendable, Equatable {
 
 /// The version string of this build.
 public let patchbayVersion = "0.1.0"
+
+/// `shm_open` as a request. `access`: 0 read-only, 1 read-write (2, write-only, is `EINVAL`).
+public struct SharedMemoryOpenRequest: Sendable, Equatable {
+    public static let create: UInt32 = 1
+    public static let exclusive: UInt32 = 2
+    public static let truncate: UInt32 = 4
+    public static let knownFlags: UInt32 = create | exclusive | truncate
+
+    public var name: [UInt8]
+    public var access: UInt8
+    public var flags: UInt32
+    public var mode: UInt32
+    /// The caller's umask, applied to `mode` when the object is created.
+    public var umask: UInt32
+
+    public init(name: [UInt8], access: UInt8, flags: UInt32, mode: UInt32, umask: UInt32) {
+        self.name = name
+        self.access = access
+        self.flags = flags
+        self.mode = mode
+        self.umask = umask
+    }
+}
+
+/// Rename flags (`shm_rename`).
+public enum SharedMemoryRenameFlags {
+    public static let noReplace: UInt32 = 1
+    public static let exchange: UInt32 = 2
+}
+
+/// A named shared memory object as `stat` and `ls` show it. Times are nanoseconds since the epoch.
+public struct SharedMemoryInfo: Sendable, Equatable {
+    public var name: [UInt8]
+    public var size: UInt64
+    public var uid: UInt32
+    public var gid: UInt32
+    /// Permission bits (0o777 at most).
+    public var mode: UInt32
+    public var accessTime: Int64
+    public var modifyTime: Int64
+    public var changeTime: Int64
+    public var birthTime: Int64
+    /// 512-byte blocks actually populated.
+    public var blocks: UInt64
+
+    public init(name: [UInt8], size: UInt64, uid: UInt32, gid: UInt32, mode: UInt32, accessTime: Int64,
+                modifyTime: Int64, changeTime: Int64, birthTime: Int64, blocks: UInt64) {
+        self.name = name
+        self.size = size
+        self.uid = uid
+        self.gid = gid
+        self.mode = mode
+        self.accessTime = accessTime
+        self.modifyTime = modifyTime
+        self.changeTime = changeTime
+        self.birthTime = birthTime
+        self.blocks = blocks
+    }
+
+    /// The name as text (names are UTF-8; the broker refuses others).
+    public var nameText: String { String(decoding: name, as: UTF8.self) }
+
+    static let minimumEncodedSize = 2 + 8 + 4 + 4 + 4 + 8 * 4 + 8
+
+    func encode(into writer: inout WireWriter) {
+        writer.bytes(name)
+        writer.u64(size)
+        writer.u32(uid)
+        writer.u32(gid)
+        writer.u32(mode)
+        writer.i64(accessTime)
+        writer.i64(modifyTime)
+        writer.i64(changeTime)
+        writer.i64(birthTime)
+        writer.u64(blocks)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> SharedMemoryInfo {
+        SharedMemoryInfo(
+            name: try reader.bytes("name"), size: try reader.u64("size"), uid: try reader.u32("uid"),
+            gid: try reader.u32("gid"), mode: try reader.u32("mode"), accessTime: try reader.i64("access time"),
+            modifyTime: try reader.i64("modify time"), changeTime: try reader.i64("change time"),
+            birthTime: try reader.i64("birth time"), blocks: try reader.u64("blocks"))
+    }
+}

@@ -75,6 +75,13 @@ public struct WireWriter: Sendable {
 
     public mutating func raw(_ value: some Collection<UInt8>) { bytes.append(contentsOf: value) }
 
+    /// Bytes with a 16-bit length prefix (callers keep them under 65536).
+    public mutating func bytes(_ value: [UInt8]) {
+        let count = min(value.count, Int(UInt16.max))
+        u16(UInt16(count))
+        bytes.append(contentsOf: value[0..<count])
+    }
+
     private mutating func append<T: FixedWidthInteger>(_ value: T) {
         withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
     }
@@ -119,6 +126,12 @@ public struct WireReader: Sendable {
             throw .invalidValue(field: field, reason: "not valid UTF-8")
         }
         return text
+    }
+
+    /// Bytes with a 16-bit length prefix.
+    public mutating func bytes(_ field: String) throws(DecodeError) -> [UInt8] {
+        let length = Int(try u16(field))
+        return Array(try raw(field, count: length))
     }
 
     public mutating func raw(_ field: String, count: Int) throws(DecodeError) -> ArraySlice<UInt8> {

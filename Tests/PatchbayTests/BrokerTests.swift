@@ -116,7 +116,7 @@ struct BrokerTests {
             #expect([Errno.connectionReset, .brokenPipe].contains(error.errno), "\(error)")
         }
         // The stale socket file is still there; a new broker on the same path replaces it.
-        let replacement = try spawnDaemon(socketPath: broker.socketPath)
+        let replacement = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
         defer { kill(replacement, SIGTERM); _ = try? waitForProcess(replacement) }
         #expect(try Broker(socketPath: broker.socketPath).status().pid == replacement)
     }
@@ -124,7 +124,7 @@ struct BrokerTests {
     @Test("a second broker on the same path refuses with EADDRINUSE")
     func secondBrokerRefused() throws {
         let broker = try TestBroker()
-        let second = try run(patchbayDaemon, ["--socket", broker.socketPath])
+        let second = try run(patchbayDaemon, ["--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm"])
         #expect(second.termination == .exited(1))
         #expect(second.standardError.hasPrefix("patchbay: daemon: EADDRINUSE: "), "\(second.standardError)")
         #expect(try broker.connect().status().pid == broker.pid)
@@ -142,8 +142,8 @@ struct BrokerTests {
         // LISTEN_PID must be the daemon's own pid: a shell sets it and then execs into the daemon.
         let pid = try spawnProcess(
             path: "/bin/sh",
-            arguments: ["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" daemon --socket \"$1\" --ready-fd 4",
-                        patchbayCLI, path],
+            arguments: ["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" daemon --socket \"$1\" --shm-directory \"$2\" --ready-fd 4",
+                        patchbayCLI, path, directory + "/shm"],
             environment: currentEnvironment(),
             descriptors: [3: listener.rawValue, 4: ready.writeEnd.rawValue])
         _ = consume ready.writeEnd
@@ -221,10 +221,11 @@ struct BrokerTests {
 let sampleKeyToken = KeyToken(high: 1, low: 2)
 
 /// Starts `patchbayd` on `socketPath` and returns its pid once it is ready.
-func spawnDaemon(socketPath: String) throws -> pid_t {
+func spawnDaemon(socketPath: String, sharedMemoryDirectory: String) throws -> pid_t {
     let ready = try Pipe()
     let pid = try spawnProcess(
-        path: patchbayDaemon, arguments: ["--socket", socketPath, "--ready-fd", "3"],
+        path: patchbayDaemon,
+        arguments: ["--socket", socketPath, "--shm-directory", sharedMemoryDirectory, "--ready-fd", "3"],
         environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
     _ = consume ready.writeEnd
     guard try ready.readEnd.readToEnd() == Array("ready\n".utf8) else {

@@ -136,7 +136,8 @@ final class TestBroker {
         let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
         pid = try spawnProcess(
             path: patchbayDaemon,
-            arguments: ["--socket", socketPath, "--ready-fd", "3", "--log-level", "debug"] + arguments,
+            arguments: ["--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3",
+                        "--log-level", "debug"] + arguments,
             environment: PatchbaySystem.environment(applying: ["LISTEN_FDS": nil, "LISTEN_PID": nil]),
             descriptors: [1: log.rawValue, 2: log.rawValue, 3: ready.writeEnd.rawValue])
         _ = consume ready.writeEnd

@@ -75,6 +75,28 @@ int pb_wtermsig(int status);
 /// POSIX_SPAWN_SETSIGDEF for SIGPIPE/SIGTERM/SIGINT/SIGHUP, so children start with default signals.
 int pb_spawnattr_init_clean(void *attr, int new_session);
 
+/// A POSIX (per-process) write lock on the whole file, F_SETLKW when `wait`, else F_SETLK.
+int pb_lock_file(int fd, int wait);
+int pb_unlock_file(int fd);
+
+/// What statx(2) reports, with times as nanoseconds since the epoch (birth 0 when unknown).
+typedef struct {
+    uint64_t size;
+    uint64_t blocks;
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t nlink;
+    uint64_t inode;
+    uint64_t device;
+    int64_t access_ns;
+    int64_t modify_ns;
+    int64_t change_ns;
+    int64_t birth_ns;
+} pb_file_status;
+
+int pb_fstatx(int fd, pb_file_status *out);
+
 /// pipe2(O_CLOEXEC).
 int pb_pipe_cloexec(int fds[2]);
 

@@ -72,8 +72,8 @@ struct ExpiryItem: Comparable {
     }
 }
 
-/// An error the key table reports to a client: errno plus a sentence.
-struct KeyError: Error {
+/// An error a subsystem reports to a client: errno plus a sentence.
+struct RequestError: Error {
     var errno: Errno
     var reason: String
 }
@@ -101,21 +101,21 @@ final class KeyTable {
     func share(
         _ file: consuming Descriptor, expiry: KeyExpiry, restriction: ClaimRestriction?,
         sharer: PeerCredentials, now: UInt64
-    ) throws(KeyError) -> KeyToken {
+    ) throws(RequestError) -> KeyToken {
         let deadline: UInt64?
         switch expiry {
         case .never:
             deadline = nil
         case .after(let nanoseconds):
             guard nanoseconds > 0 else {
-                throw KeyError(errno: .invalidArgument, reason: "the timeout must be positive (or never)")
+                throw RequestError(errno: .invalidArgument, reason: "the timeout must be positive (or never)")
             }
             let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
             deadline = overflow ? UInt64.max : sum
         }
         let owned = keysPerUser[sharer.uid] ?? 0
         guard owned < maximumKeysPerUser else {
-            throw KeyError(errno: .diskQuotaExceeded,
+            throw RequestError(errno: .diskQuotaExceeded,
                            reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
         }
         let kind = (try? file.fileKind()) ?? .unknown
@@ -136,10 +136,10 @@ final class KeyTable {
     /// Starts a claim: the entry goes in flight to `session` and its file is returned for sending.
     /// Unknown, in flight, expired or restricted: ENOENT, all alike.
     func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, session: UInt64, now: UInt64)
-        throws(KeyError) -> KeyEntry
+        throws(RequestError) -> KeyEntry
     {
         guard limiter.allowsAttempt(uid: claimer.uid, now: now) else {
-            throw KeyError(
+            throw RequestError(
                 errno: .resourceTemporarilyUnavailable,
                 reason: "too many failed claims from uid \(claimer.uid); try again in \(limiter.millisecondsUntilNextAttempt(uid: claimer.uid, now: now)) ms")
         }
@@ -147,7 +147,7 @@ final class KeyTable {
               entry.permitsClaim(by: claimer)
         else {
             limiter.recordFailure(uid: claimer.uid, now: now)
-            throw KeyError(errno: .noSuchFileOrDirectory,
+            throw RequestError(errno: .noSuchFileOrDirectory,
                            reason: "no such key: it was never issued, was already claimed, has expired, or is not for this claimer")
         }
         entry.inFlightTo = session

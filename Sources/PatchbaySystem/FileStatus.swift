@@ -1,0 +1,78 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// What the kernel knows of a file (`statx`), times in nanoseconds since the epoch.
+public struct FileStatus: Sendable, Equatable {
+    public var size: Int
+    /// 512-byte blocks actually allocated (populated pages, for memory files).
+    public var blocks: Int
+    /// Type and permission bits (`st_mode`).
+    public var mode: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var linkCount: UInt32
+    public var inode: UInt64
+    public var device: UInt64
+    public var accessTime: Int64
+    public var modifyTime: Int64
+    public var changeTime: Int64
+    /// Creation time, 0 when the file system does not record it.
+    public var birthTime: Int64
+}
+
+extension Descriptor {
+    /// The corresponding C call is `statx(fd, "", AT_EMPTY_PATH)`.
+    public borrowing func status() throws(Errno) -> FileStatus {
+        var raw = pb_file_status()
+        _ = try syscallRetrying { pb_fstatx(rawValue, &raw) }
+        return FileStatus(
+            size: Int(raw.size), blocks: Int(raw.blocks), mode: raw.mode, uid: raw.uid, gid: raw.gid,
+            linkCount: raw.nlink, inode: raw.inode, device: raw.device, accessTime: raw.access_ns,
+            modifyTime: raw.modify_ns, changeTime: raw.change_ns, birthTime: raw.birth_ns)
+    }
+
+    /// Takes a POSIX write lock on the whole file, waiting for it. Such locks belong to the
+    /// process, so they exclude other processes (threads of one process need their own lock).
+    /// The corresponding C call is `fcntl(F_SETLKW)`.
+    public borrowing func lockFile() throws(Errno) {
+        _ = try syscallRetrying { pb_lock_file(rawValue, 1) }
+    }
+
+    /// The corresponding C call is `fcntl(F_SETLK, F_UNLCK)`.
+    public borrowing func unlockFile() {
+        _ = pb_unlock_file(rawValue)
+    }
+
+    /// The access mode the descriptor was opened with (`O_RDONLY`, `O_WRONLY` or `O_RDWR`).
+    public borrowing func accessMode() throws(Errno) -> CInt {
+        try syscallRetrying { fcntl(rawValue, F_GETFL) } & O_ACCMODE
+    }
+
+    /// Where `/proc/self/fd/N` points: a path, or a pseudo name like `/memfd:x (deleted)`.
+    public borrowing func procLink() -> String? {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let length = readlink("/proc/self/fd/\(rawValue)", &buffer, buffer.count - 1)
+        guard length > 0 else { return nil }
+        return String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Reads at `offset` without moving the file offset. The corresponding C call is `pread`.
+    public borrowing func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+        try syscallRetrying { pread(rawValue, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    /// Writes at `offset` without moving the file offset. The corresponding C call is `pwrite`.
+    public borrowing func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+        try syscallRetrying { pwrite(rawValue, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+}
+
+/// Opens `path` relative to the directory `directory`. The corresponding C call is `openat`;
+/// `O_CLOEXEC` and `O_NOFOLLOW` are always added.
+public func openFile(in directory: borrowing Descriptor, _ path: String, flags: CInt, mode: mode_t = 0o600)
+    throws(Errno) -> Descriptor
+{
+    let fd = try syscallRetrying { openat(directory.rawValue, path, flags | O_CLOEXEC | O_NOFOLLOW, mode) }
+    return Descriptor(adopting: fd)
+}
