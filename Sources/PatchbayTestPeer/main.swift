@@ -6,6 +6,13 @@
 //   claim-with-full-table KEY fill the descriptor table, claim, print the errno name (EMFILE)
 //   share-and-hang PATH TIMEOUT_MS
 //                             share PATH, print the key, block on stdin until killed
+//   shm-exchange KEY          claim an anonymous object, map it, print "read <first 4 bytes>",
+//                             write "pong" at offset 2048, print "done"
+//   shm-named-exchange NAME   the same through a named object opened read-write
+//   shm-first-map KEY LENGTH  claim, print "ready", wait for EOF, map LENGTH bytes, print
+//                             "mapped <length> size <size>" or the errno name
+//   shm-touch-past-end NAME   map two pages of NAME and touch the second (dies of SIGBUS when
+//                             the object is one page)
 import Glibc
 import Patchbay
 
@@ -69,6 +76,49 @@ func shareAndHang(_ path: String, milliseconds: Int64) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
+func exchange(_ memory: borrowing SharedMemory) throws(PatchbayError) {
+    let mapping = try memory.map()
+    say("read " + String(decoding: mapping.bytes.prefix(4), as: UTF8.self))
+    mapping.withUnsafeMutableBytes { bytes in
+        bytes.baseAddress!.advanced(by: 2048).copyMemory(from: "pong", byteCount: 4)
+    }
+    say("done")
+}
+
+func sharedMemoryExchange(keyText: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let memory = try SharedMemory(adopting: try broker.claim(try Key(keyText)))
+    try exchange(memory)
+}
+
+func namedExchange(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    try exchange(try broker.openSharedMemory(name, access: .readWrite))
+}
+
+func firstMapping(keyText: String, length: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let memory = try SharedMemory(adopting: try broker.claim(try Key(keyText)))
+    say("ready")
+    waitForEndOfInput()
+    do {
+        let mapping = try memory.map(length: length)
+        say("mapped \(mapping.count) size \(try memory.size)")
+    } catch {
+        say(error.errno.name)
+    }
+}
+
+func touchPastEnd(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let memory = try broker.openSharedMemory(name, access: .readWrite)
+    let mapping = try memory.map(length: 2 * pageSize)
+    say("mapped")
+    mapping.mutableBytes[pageSize] = 1  // past the end of a one-page object: SIGBUS
+    say("survived")
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -77,6 +127,14 @@ func main() -> CInt {
             try claimOnEndOfInput(arguments[1])
         case "claim-with-full-table" where arguments.count == 2:
             try claimWithFullTable(arguments[1])
+        case "shm-exchange" where arguments.count == 2:
+            try sharedMemoryExchange(keyText: arguments[1])
+        case "shm-named-exchange" where arguments.count == 2:
+            try namedExchange(arguments[1])
+        case "shm-first-map" where arguments.count == 3:
+            try firstMapping(keyText: arguments[1], length: Int(arguments[2]) ?? 0)
+        case "shm-touch-past-end" where arguments.count == 2:
+            try touchPastEnd(arguments[1])
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:
