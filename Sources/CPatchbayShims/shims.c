@@ -84,7 +84,7 @@ int pb_peer_groups(int fd, uint32_t *groups, int capacity) {
     socklen_t len = sizeof buffer;
     if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, buffer, &len) < 0) {
         if (errno != ERANGE) return -1;
-        // More than 256 groups: report the count the kernel asked room for, fill what we can.
+        // More than 1024 groups: ask again with room for all of them, fill what the caller can take.
         int total = (int)(len / sizeof(gid_t));
         gid_t *big = malloc(len);
         if (big == NULL) return -1;
@@ -214,7 +214,7 @@ int pb_spawnattr_init_clean(void *attr, int new_session) {
     short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
     if (new_session) flags |= POSIX_SPAWN_SETSID;
     rc = posix_spawnattr_setflags(a, flags);
-    if (rc != 0) { errno = rc; return -1; }
+    if (rc != 0) { posix_spawnattr_destroy(a); errno = rc; return -1; }
     return 0;
 }
 
@@ -257,6 +257,15 @@ int pb_fstatx(int fd, pb_file_status *out) {
     out->modify_ns = pb_nanoseconds(info.stx_mtime);
     out->change_ns = pb_nanoseconds(info.stx_ctime);
     out->birth_ns = (info.stx_mask & STATX_BTIME) ? pb_nanoseconds(info.stx_btime) : 0;
+    return 0;
+}
+
+int pb_file_type(int fd, uint32_t *mode) {
+    struct statx info;
+    // DONT_SYNC: a remote or FUSE file system answers from its cache instead of asking a server
+    // that might never reply; the type of an open file cannot change anyway.
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE, &info) < 0) return -1;
+    *mode = info.stx_mode;
     return 0;
 }
 

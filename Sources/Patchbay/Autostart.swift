@@ -28,16 +28,20 @@ enum Autostart {
         }
     }
 
+    /// Connects to the per-user broker, starting it if nobody answers. The directory must be
+    /// ours and private, and the broker must run as our uid: otherwise another user could stand
+    /// in front of us (say, by creating /tmp/patchbay-$UID first) and receive what we share.
     static func connectOrStart(path: String) throws(PatchbayError) -> SeqpacketSocket {
+        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
         do {
-            return try connect(path: path)
+            try prepareDirectory(directory, mode: 0o700, owner: geteuid(), private: true)
+        } catch {
+            throw PatchbayError(error.errno, error.reason)
+        }
+        do {
+            return try verifiedOwnBroker(try connect(path: path), path: path)
         } catch let first {
             guard first.errno == .noSuchFileOrDirectory || first.errno == .connectionRefused else { throw first }
-        }
-        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
-        if mkdir(directory, 0o700) != 0 && Errno.current != .fileExists {
-            let error = Errno.current
-            throw PatchbayError(error, "cannot create the broker directory \(directory): \(error.name)")
         }
         let lock: FileLock
         do {
@@ -52,9 +56,26 @@ enum Autostart {
     private static func connectOrStart(
         path: String, directory: String, holding lock: borrowing FileLock
     ) throws(PatchbayError) -> SeqpacketSocket {
-        if let socket = try? connect(path: path) { return socket }
+        if let socket = try? connect(path: path) { return try verifiedOwnBroker(socket, path: path) }
         try startBroker(socketPath: path, directory: directory)
-        return try connect(path: path)
+        return try verifiedOwnBroker(try connect(path: path), path: path)
+    }
+
+    /// The per-user broker must be running as this user (kernel credentials, not a claim).
+    private static func verifiedOwnBroker(_ socket: consuming SeqpacketSocket, path: String) throws(PatchbayError)
+        -> SeqpacketSocket
+    {
+        let peer: PeerCredentials
+        do {
+            peer = try socket.peerCredentials()
+        } catch {
+            throw PatchbayError(error, "cannot read the broker's credentials")
+        }
+        guard peer.uid == geteuid() else {
+            throw PatchbayError(.permissionDenied,
+                                "the broker at \(path) runs as uid \(peer.uid), not as uid \(geteuid()); refusing to use it")
+        }
+        return socket
     }
 
     /// Starts `patchbayd` (or `patchbay daemon`) detached and waits until it is listening.
@@ -65,7 +86,8 @@ enum Autostart {
         }
         let ready = try preparing { () throws(Errno) in try Pipe() }
         let logFile = try preparing { () throws(Errno) in
-            try openFile(directory + "/patchbayd.log", flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o600)
+            try openFile(directory + "/patchbayd.log", flags: O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_NOCTTY,
+                         mode: 0o600)
         }
         let nullFile = try preparing { () throws(Errno) in try openFile("/dev/null", flags: O_RDWR) }
         let isDaemonBinary = daemon.split(separator: "/").last == "patchbayd"
@@ -84,9 +106,20 @@ enum Autostart {
         // Only the broker may hold the write end now, so end of file means it died.
         let readEnd = ready.readEnd
         _ = consume ready.writeEnd
-        let answer = (try? readEnd.readToEnd(limit: 64)) ?? []
         // The first process forks the real broker and exits at once; reap it.
         _ = try? waitForProcess(pid)
+        // Bounded: a broker that hangs before "ready" must not hold every client of this user
+        // behind the autostart lock forever.
+        var poller = pollfd(fd: readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+        var readable: CInt = 0
+        repeat {
+            readable = poll(&poller, 1, 10_000)
+        } while readable < 0 && errno == EINTR
+        guard readable > 0 else {
+            throw PatchbayError(.timedOut,
+                                "the broker \(daemon) did not become ready within 10 s; its log is \(directory)/patchbayd.log")
+        }
+        let answer = (try? readEnd.readToEnd(limit: 64)) ?? []
         guard String(decoding: answer, as: UTF8.self).hasPrefix("ready") else {
             throw PatchbayError(.connectionRefused,
                                 "the broker \(daemon) did not start; its log is \(directory)/patchbayd.log")

@@ -20,8 +20,10 @@ public struct BrokerConfiguration: Sendable {
     public var failedClaimsPerSecond: Double = 16
     /// Replies queued for a client that does not read before it is disconnected.
     public var maximumQueuedRepliesPerClient: Int = 1024
-    /// The most clients connected at once; further connections are refused.
+    /// The most clients connected at once; further connections are refused (EAGAIN).
     public var maximumClients: Int = 65536
+    /// The most connections one uid may hold, so one user cannot take every slot.
+    public var maximumClientsPerUser: Int = 16384
 
     /// The private directory (mode 0700, normally on tmpfs) holding named shared memory objects.
     public var sharedMemoryDirectory: String

@@ -24,13 +24,21 @@ public final class BrokerServer {
     private let listener: SeqpacketSocket
     private let signals: TerminationSignals
     /// Held for the broker's life so that a second broker on the same path refuses to start.
-    private let pathLock: FileLock?
+    private let pathLock: FileLock
     private let socketPath: String
-    private let ownsSocketFile: Bool
+    /// The socket file this broker created (device and inode), removed at exit only if it is
+    /// still that file; nil for an inherited socket, which belongs to the service manager.
+    private var ownSocketFile: (device: UInt64, inode: UInt64)?
+    /// A descriptor kept in reserve: when accept fails with EMFILE, closing it makes room to
+    /// accept and immediately drop the connection, instead of spinning on a listener that stays
+    /// readable.
+    private var spareDescriptor: Descriptor?
     private let startedAt = monotonicNanoseconds()
     private let brokerUID = geteuid()
 
     private var sessions: [UInt64: Session] = [:]
+    private var clientsPerUser: [UInt32: Int] = [:]
+    private var shedConnections = 0
     private var nextSessionID: UInt64 = firstSessionToken
     private let keys: KeyTable
     private let sharedMemory: SharedMemoryStore
@@ -50,43 +58,34 @@ public final class BrokerServer {
         // Writes to a vanished client must fail with EPIPE, never kill the broker.
         signal(SIGPIPE, SIG_IGN)
 
+        let path = configuration.socketPath
+        socketPath = path
         let inherited = try Self.inheritedListener()
-        if let inheritedFD = inherited {
-            listener = SeqpacketSocket(adopting: Descriptor(adopting: inheritedFD))
-            pathLock = nil
-            ownsSocketFile = false
-            socketPath = configuration.socketPath
-        } else {
-            let path = configuration.socketPath
-            try Self.prepareDirectory(for: path, mode: configuration.mode)
-            do {
-                pathLock = try FileLock(path: path + ".lock", wait: false)
-            } catch {
-                throw BrokerStartError(errno: .addressInUse,
-                                       reason: "another broker is already serving \(path)")
-            }
-            // The lock proves no broker is serving this path, so a socket file left here is stale.
-            unlink(path)
-            do {
-                let socket = try SeqpacketSocket(nonblocking: true)
-                let umaskBefore = umask(0o177)
-                defer { umask(umaskBefore) }
-                try socket.bind(path: path)
-                if configuration.mode == .system { chmod(path, 0o666) }
-                try socket.listen(backlog: 4096)
-                listener = socket
-            } catch {
-                throw BrokerStartError(errno: error, reason: "cannot listen on \(path): \(error.name)")
-            }
-            ownsSocketFile = true
-            socketPath = path
+        if inherited == nil {
+            try Self.prepareSocketDirectory(for: path, mode: configuration.mode)
         }
+        // Under socket activation too: a broker started by hand on the same path must not steal it.
+        pathLock = try Self.lockPath(path)
+        // The store comes before the socket, so a store that cannot be used leaves no socket behind.
+        sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
+        if let inherited {
+            listener = SeqpacketSocket(adopting: Descriptor(adopting: inherited))
+            ownSocketFile = nil
+        } else {
+            listener = try Self.listen(on: path, mode: configuration.mode)
+            ownSocketFile = Self.identity(of: path)
+        }
+        spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
             epoll = try Epoll()
             signals = try TerminationSignals()
             try listener.descriptor.setNonblocking(true)
             try epoll.add(listener.rawValue, events: .readable, token: Self.listenerToken)
             try epoll.add(signals.descriptor.rawValue, events: .readable, token: Self.signalToken)
+            // Start the closing thread now: after the termination signals are blocked (threads
+            // inherit the mask, and a thread with them unblocked would die of SIGTERM), and so
+            // that its eventfd is part of the broker's steady state.
+            _ = DeferredCloser.shared
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot set up the event loop: \(error.name)")
         }
@@ -94,14 +93,23 @@ public final class BrokerServer {
             maximumKeysPerUser: configuration.maximumKeysPerUser,
             limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
                                         refillPerSecond: configuration.failedClaimsPerSecond))
-        sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
         receiveBuffer = .allocate(byteCount: maximumFrameSize + 1, alignment: 16)
         self.logger[metadataKey: "socket"] = "\(socketPath)"
     }
 
     deinit {
         receiveBuffer.deallocate()
-        if ownsSocketFile { unlink(socketPath) }
+        removeSocketFile()
+    }
+
+    /// Removes the socket file if it is still the one this broker created (a broker started
+    /// after ours was stopped by hand may own the path by now).
+    private func removeSocketFile() {
+        guard let own = ownSocketFile else { return }
+        ownSocketFile = nil
+        if let current = Self.identity(of: socketPath), current == own {
+            unlink(socketPath)
+        }
     }
 
     /// Serves until SIGTERM, SIGINT or SIGHUP. `ready` runs once the socket accepts connections.
@@ -127,6 +135,10 @@ public final class BrokerServer {
             }
             keys.expire(now: monotonicNanoseconds())
         }
+        // Stop taking connections first, so a client that races the shutdown finds no socket and
+        // starts a new broker instead of connecting to one that is going away.
+        removeSocketFile()
+        try? epoll.remove(listener.rawValue)
         let clientCount = sessions.count
         for id in Array(sessions.keys) { closeSession(id, reason: "broker stopping") }
         logger.info("broker stopped", metadata: [
@@ -140,7 +152,7 @@ public final class BrokerServer {
         guard let deadline = keys.nextDeadline else { return -1 }
         let now = monotonicNanoseconds()
         if deadline <= now { return 0 }
-        let milliseconds = (deadline - now + 999_999) / 1_000_000
+        let milliseconds = (deadline - now) / 1_000_000 + 1
         return CInt(min(milliseconds, 60_000))
     }
 
@@ -152,12 +164,15 @@ public final class BrokerServer {
     }
 
     private func acceptClients() {
-        while true {
+        // Bounded per wake-up so a flood of connections cannot starve the clients already here.
+        for _ in 0..<64 {
             let socket: SeqpacketSocket
             do {
                 socket = try listener.accept(nonblocking: true)
             } catch {
-                if error != .resourceTemporarilyUnavailable && error != .connectionAbort {
+                if error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
+                    shedConnectionWithoutDescriptors()
+                } else if error != .resourceTemporarilyUnavailable && error != .connectionAbort {
                     logger.warning("accept failed", metadata: ["errno": "\(error.name)"])
                 }
                 return
@@ -173,7 +188,7 @@ public final class BrokerServer {
                 // Tell the client why before closing; request id 0 addresses the connection.
                 let frame = refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0)
                 try? socket.send(frame, nonblocking: true)
-                logger.notice("connection refused", metadata: [
+                logger.debug("connection refused", metadata: [
                     "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(refusal.reason)",
                 ])
                 continue
@@ -189,10 +204,23 @@ public final class BrokerServer {
                 continue
             }
             sessions[id] = session
+            clientsPerUser[credentials.uid, default: 0] += 1
             logger.debug("client connected", metadata: [
                 "session": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)",
             ])
         }
+    }
+
+    /// Out of descriptors: use the spare to accept one waiting connection and close it at once,
+    /// so the listener stops being readable instead of waking the loop forever.
+    private func shedConnectionWithoutDescriptors() {
+        if shedConnections % 1000 == 0 {
+            logger.warning("out of descriptors; refusing connections", metadata: ["refused": "\(shedConnections)"])
+        }
+        shedConnections += 1
+        spareDescriptor = nil
+        if let dropped = try? listener.accept(nonblocking: true) { _ = consume dropped }
+        spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
     }
 
     private func admissionRefusal(for credentials: PeerCredentials) -> ErrorReply? {
@@ -202,6 +230,11 @@ public final class BrokerServer {
         }
         if sessions.count >= configuration.maximumClients {
             return ErrorReply(errno: EAGAIN, reason: "the broker already serves \(sessions.count) clients, its limit")
+        }
+        let mine = clientsPerUser[credentials.uid] ?? 0
+        if mine >= configuration.maximumClientsPerUser {
+            return ErrorReply(errno: EAGAIN,
+                              reason: "uid \(credentials.uid) already has \(mine) connections to the broker, its limit")
         }
         return nil
     }
@@ -241,6 +274,7 @@ public final class BrokerServer {
         handle(bytes[...], truncated: message.truncated || message.length > maximumFrameSize,
                descriptorsTruncated: message.descriptorsTruncated, descriptors: &message.descriptors,
                session: session)
+        discard(&message.descriptors)
         return true
     }
 
@@ -293,6 +327,14 @@ public final class BrokerServer {
         dispatch(request, requestID: requestID, descriptors: &descriptors, session: session)
     }
 
+    /// Descriptors a client sent that no request took are closed off the loop (their last close
+    /// could block).
+    private func discard(_ descriptors: inout ReceivedDescriptors) {
+        while let descriptor = descriptors.takeFirst() {
+            DeferredCloser.shared.close(descriptor)
+        }
+    }
+
     private func dispatch(_ request: Request, requestID: UInt64, descriptors: inout ReceivedDescriptors,
                           session: Session) {
         let now = monotonicNanoseconds()
@@ -316,7 +358,7 @@ public final class BrokerServer {
                 let entry = try keys.beginClaim(token, by: session.credentials, session: session.id, now: now)
                 session.claimsInFlight.insert(token)
                 let reply = Reply.claim(fileKind: entry.fileKind.rawValue).encode(requestID: requestID)
-                if !send(reply, attaching: entry.file.rawValue, to: session) {
+                if !send(reply, attaching: entry.file, to: session) {
                     // The client is gone or unreachable: the key goes back on the table.
                     session.claimsInFlight.remove(token)
                     keys.finishClaim(token, session: session.id, received: false, now: now)
@@ -450,9 +492,8 @@ public final class BrokerServer {
     }
 
     private func flush(_ session: Session) {
-        while session.outgoingHead < session.outgoing.count {
-            let frame = session.outgoing[session.outgoingHead]
-            let fds = frame.attachment.map { [$0.descriptor.rawValue] } ?? []
+        while let frame = session.outgoing.first {
+            let fds = frame.attachment.map { [$0.rawValue] } ?? []
             do {
                 try session.socket.send(frame.bytes, descriptors: fds, nonblocking: true)
             } catch {
@@ -460,10 +501,8 @@ public final class BrokerServer {
                 closeSession(session.id, reason: "send failed: \(error.name)")
                 return
             }
-            session.outgoingHead += 1
+            session.outgoing.removeFirst()
         }
-        session.outgoing.removeAll(keepingCapacity: false)
-        session.outgoingHead = 0
         watchWritable(session, false)
     }
 
@@ -477,6 +516,8 @@ public final class BrokerServer {
     private func closeSession(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
         try? epoll.remove(session.socket.rawValue)
+        let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
+        clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil
         let now = monotonicNanoseconds()
         // A claimer that vanished before acknowledging: its keys go back on the table.
         for token in session.claimsInFlight {
@@ -517,35 +558,67 @@ public final class BrokerServer {
         return fd
     }
 
-    /// Makes sure the socket's directory exists with the right owner and mode. A per-user
-    /// directory must be ours and 0700, or someone else could intercept the socket.
-    private static func prepareDirectory(for path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) {
+    /// Makes sure the socket's directory is safe: private and ours for a per-user broker; owned
+    /// by root (or us) and not writable by others for the system broker or a chosen path.
+    private static func prepareSocketDirectory(for path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) {
         guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return }
         let directory = String(path[..<slash])
-        let wantedMode: mode_t = mode == .system ? 0o755 : 0o700
-        if mkdir(directory, wantedMode) == 0 {
-            chmod(directory, wantedMode)
-            return
-        }
-        let error = Errno.current
-        guard error == .fileExists else {
-            throw BrokerStartError(errno: error, reason: "cannot create \(directory): \(error.name)")
-        }
-        var info = stat()
-        guard lstat(directory, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
-            throw BrokerStartError(errno: .notDirectory, reason: "\(directory) exists and is not a directory")
-        }
-        if path == defaultUserPathFor(directory) {
-            guard info.st_uid == geteuid(), info.st_mode & 0o077 == 0 else {
-                throw BrokerStartError(
-                    errno: .permissionDenied,
-                    reason: "\(directory) must be owned by uid \(geteuid()) with mode 0700; it is owned by \(info.st_uid) with mode \(String(info.st_mode & 0o777, radix: 8))")
-            }
+        let isDefaultUserPath = mode == .user && path == BrokerConfiguration.defaultSocketPath(mode: .user)
+        do {
+            try prepareDirectory(directory, mode: mode == .system ? 0o755 : 0o700, owner: geteuid(),
+                                 private: isDefaultUserPath, allowRootOwner: !isDefaultUserPath)
+        } catch {
+            throw BrokerStartError(errno: error.errno, reason: error.reason)
         }
     }
 
-    private static func defaultUserPathFor(_ directory: String) -> String {
-        BrokerConfiguration.defaultSocketPath(mode: .user)
+    /// The lock that makes one broker per socket path.
+    private static func lockPath(_ path: String) throws(BrokerStartError) -> FileLock {
+        do {
+            return try FileLock(path: path + ".lock", wait: false)
+        } catch {
+            if error == .resourceTemporarilyUnavailable {
+                throw BrokerStartError(errno: .addressInUse, reason: "another broker is already serving \(path)")
+            }
+            throw BrokerStartError(errno: error, reason: "cannot lock \(path).lock: \(error.name)")
+        }
+    }
+
+    /// Binds and listens at `path`. The path lock proves no broker serves it, so a socket file
+    /// left there is stale and removed; anything that is not a socket is left alone (EADDRINUSE).
+    private static func listen(on path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) -> SeqpacketSocket {
+        var info = stat()
+        if lstat(path, &info) == 0 {
+            guard info.st_mode & S_IFMT == S_IFSOCK else {
+                throw BrokerStartError(errno: .addressInUse, reason: "\(path) exists and is not a socket; not replacing it")
+            }
+            unlink(path)
+        }
+        do {
+            return try bindAndListen(path, permissions: mode == .system ? 0o666 : 0o600)
+        } catch {
+            throw BrokerStartError(errno: error, reason: "cannot listen on \(path): \(error.name)")
+        }
+    }
+
+    private static func bindAndListen(_ path: String, permissions: mode_t) throws(Errno) -> SeqpacketSocket {
+        let socket = try SeqpacketSocket(nonblocking: true)
+        try socket.bind(path: path)
+        // bind creates the file under the process umask; set the mode explicitly rather than
+        // changing the umask, which is process-wide.
+        if chmod(path, permissions) != 0 {
+            let error = Errno.current
+            unlink(path)
+            throw error
+        }
+        try socket.listen(backlog: 4096)
+        return socket
+    }
+
+    private static func identity(of path: String) -> (device: UInt64, inode: UInt64)? {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return nil }
+        return (UInt64(info.st_dev), UInt64(info.st_ino))
     }
 }
 

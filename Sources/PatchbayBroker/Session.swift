@@ -1,10 +1,13 @@
+import DequeModule
 import PatchbayProtocol
 import PatchbaySystem
 
-/// A descriptor kept alive while a reply that carries it waits in a send queue.
+/// A descriptor kept alive while a reply that carries it waits in a send queue. It is a copy of
+/// a client's file, so its close goes through the `DeferredCloser`.
 final class DescriptorBox {
-    let descriptor: Descriptor
-    init(_ descriptor: consuming Descriptor) { self.descriptor = descriptor }
+    let rawValue: CInt
+    init(_ descriptor: consuming Descriptor) { rawValue = descriptor.release() }
+    deinit { DeferredCloser.shared.close(raw: rawValue) }
 }
 
 /// One reply waiting for the client's socket to drain.
@@ -18,9 +21,9 @@ final class Session {
     let id: UInt64
     let socket: SeqpacketSocket
     let credentials: PeerCredentials
-    /// Replies the socket could not take yet, oldest first.
-    var outgoing: [OutgoingFrame] = []
-    var outgoingHead = 0
+    /// Replies the socket could not take yet, oldest first. Each leaves (with its descriptor) as
+    /// soon as it is sent.
+    var outgoing = Deque<OutgoingFrame>()
     /// Keys whose claim reply went to this client and await its acknowledgement.
     var claimsInFlight: Set<KeyToken> = []
     var wantsWritable = false
@@ -31,5 +34,5 @@ final class Session {
         self.credentials = credentials
     }
 
-    var queuedReplies: Int { outgoing.count - outgoingHead }
+    var queuedReplies: Int { outgoing.count }
 }

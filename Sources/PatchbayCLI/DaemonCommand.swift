@@ -47,15 +47,37 @@ public struct DaemonCommand: ParsableCommand {
 
     public init() {}
 
+    public func validate() throws {
+        guard maxKeysPerUid > 0 else { throw ValidationError("--max-keys-per-uid must be positive") }
+        guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
+        guard failedClaimsPerSecond.isFinite, failedClaimsPerSecond > 0 else {
+            throw ValidationError("--failed-claims-per-second must be a positive number")
+        }
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        if let readyFd {
+            let activated = getenv("LISTEN_FDS") != nil
+            guard readyFd >= 3, fcntl(readyFd, F_GETFD) >= 0, !(activated && readyFd == 3) else {
+                throw ValidationError("--ready-fd must name an open descriptor of 3 or more that is not the activation socket")
+            }
+        }
+    }
+
     public func run() throws {
+        // The ready descriptor is ours from here on; nothing else may inherit it.
+        if let readyFd { _ = fcntl(readyFd, F_SETFD, FD_CLOEXEC) }
         if detach {
-            // Before any thread exists: the parent returns at once to whoever started us and the
-            // broker continues in a child that is no one's zombie.
+            // Before any thread exists: the parent returns at once to whoever started us, and the
+            // broker continues in a child that is no one's zombie, in a session of its own, and
+            // holding no directory busy.
             let child = fork()
             if child < 0 { fail("daemon", Errno.current, "fork failed") }
             if child > 0 { _exit(0) }
+            _ = setsid()
+            _ = chdir("/")
         }
-        let level = Logger.Level(rawValue: logLevel) ?? .info
+        let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level

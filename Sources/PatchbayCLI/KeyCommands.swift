@@ -41,6 +41,10 @@ struct ShareCommand: ParsableCommand {
         if fd != nil && write {
             throw ValidationError("--write applies to PATH, not to --fd")
         }
+        // Checked before the broker connection exists, which could otherwise be descriptor N.
+        if let fd, fcntl(fd, F_GETFD) < 0 {
+            fail("share", .badFileDescriptor, "descriptor \(fd) is not open in this process")
+        }
     }
 
     func run() throws {
@@ -56,9 +60,6 @@ struct ShareCommand: ParsableCommand {
         let key: Key
         do {
             if let fd {
-                guard fcntl(fd, F_GETFD) >= 0 else {
-                    fail("share", .badFileDescriptor, "descriptor \(fd) is not open in this process")
-                }
                 key = try broker.share(rawDescriptor: fd, timeout: expiry, claimableBy: restriction)
             } else {
                 let file: Descriptor
@@ -100,17 +101,22 @@ struct ClaimCommand: ParsableCommand {
         } catch {
             fail("claim", error)
         }
-        let broker = connectBroker(for: "claim")
-        let file: Descriptor
-        do {
-            file = try broker.claim(parsed)
-        } catch {
-            fail("claim", error)
-        }
+        let file = claimFile(parsed)
         if command.isEmpty {
             copyToStandardOutput(file)
         } else {
             execute(command, with: file)
+        }
+    }
+
+    /// Claims in a scope of its own, so the broker connection is closed before the file is
+    /// moved to descriptor 3 (which the connection may well occupy).
+    private func claimFile(_ key: Key) -> Descriptor {
+        let broker = connectBroker(for: "claim")
+        do {
+            return try broker.claim(key)
+        } catch {
+            fail("claim", error)
         }
     }
 
@@ -142,8 +148,11 @@ struct ClaimCommand: ParsableCommand {
         let raw = file.release()
         if raw == 3 {
             _ = fcntl(3, F_SETFD, 0)  // dup2 onto itself would leave close-on-exec set
-        } else if dup2(raw, 3) < 0 {
-            fail("claim", Errno.current, "cannot place the claimed file at descriptor 3")
+        } else {
+            if dup2(raw, 3) < 0 {
+                fail("claim", Errno.current, "cannot place the claimed file at descriptor 3")
+            }
+            close(raw)
         }
         setenv("PATCHBAY_FD", "3", 1)
         let argv = command.map { strdup($0) } + [nil]

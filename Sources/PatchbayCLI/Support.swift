@@ -17,13 +17,15 @@ func writeStandardError(_ text: String) {
     _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
 }
 
-/// Writes to stdout unbuffered, so output interleaves correctly with child processes.
+/// Writes to stdout unbuffered, so output interleaves correctly with child processes. A failed
+/// write fails the command: `key=$(patchbay share ...)` must never get half a key and status 0.
 func writeStandardOutput(_ text: String) {
     let bytes = Array(text.utf8)
     var offset = 0
     while offset < bytes.count {
         let n = bytes[offset...].withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
-        if n <= 0 { return }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { fail("output", n < 0 ? Errno.current : .ioError, "writing to stdout failed") }
         offset += n
     }
 }
@@ -39,7 +41,8 @@ enum DurationText {
                 guard value > 0 else {
                     throw PatchbayError(.invalidArgument, "the timeout must be positive (or never); got \(text)")
                 }
-                return .after(.nanoseconds(Int64(min(value * scale * 1e9, 9.2e18))))
+                // Round up: a positive duration never becomes zero.
+                return .after(.nanoseconds(Int64(min((value * scale * 1e9).rounded(.up), 9.2e18))))
             }
         }
         throw PatchbayError(.invalidArgument,

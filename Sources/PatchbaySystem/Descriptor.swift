@@ -29,13 +29,6 @@ public struct Descriptor: ~Copyable {
         return fd
     }
 
-    /// A new descriptor for the same open file description, close-on-exec.
-    /// The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
-    public borrowing func duplicate() throws(Errno) -> Descriptor {
-        let fd = try syscallRetrying { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) }
-        return Descriptor(adopting: fd)
-    }
-
     /// Reads up to `buffer.count` bytes; 0 means end of file. The corresponding C call is `read`.
     public borrowing func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
         try syscallRetrying { Glibc.read(rawValue, buffer.baseAddress, buffer.count) }
@@ -64,8 +57,9 @@ public struct Descriptor: ~Copyable {
         var result: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         while result.count < limit {
+            let want = min(chunk.count, limit - result.count)
             let n = try chunk.withUnsafeMutableBytes { raw in
-                Result { () throws(Errno) -> Int in try read(into: raw) }
+                Result { () throws(Errno) -> Int in try read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<want])) }
             }.get()
             if n == 0 { break }
             result.append(contentsOf: chunk[0..<n])
@@ -78,11 +72,12 @@ public struct Descriptor: ~Copyable {
         _ = try syscallRetrying { pb_set_nonblocking(rawValue, on ? 1 : 0) }
     }
 
-    /// What kind of file this descriptor refers to. The corresponding C call is `fstat`.
+    /// What kind of file this descriptor refers to. The corresponding C call is `statx` with
+    /// `AT_STATX_DONT_SYNC`, so a network or FUSE file system cannot make it block.
     public borrowing func fileKind() throws(Errno) -> FileKind {
-        var info = stat()
-        _ = try syscallRetrying { fstat(rawValue, &info) }
-        return FileKind(mode: info.st_mode)
+        var mode: UInt32 = 0
+        _ = try syscallRetrying { pb_file_type(rawValue, &mode) }
+        return FileKind(mode: mode_t(mode))
     }
 
     /// The file's size in bytes, from `fstat`.

@@ -11,7 +11,6 @@ public struct Epoll: ~Copyable {
         public static let writable = Events(rawValue: 0x004)
         public static let error = Events(rawValue: 0x008)
         public static let hangup = Events(rawValue: 0x010)
-        public static let peerHangup = Events(rawValue: 0x2000)
     }
 
     public struct Event: Sendable {
@@ -61,6 +60,12 @@ public struct EventCounter: ~Copyable {
 
     public init(initialValue: UInt32 = 0, nonblocking: Bool = false) throws(Errno) {
         descriptor = Descriptor(adopting: try syscallRetrying { pb_eventfd(initialValue, nonblocking ? 1 : 0) })
+    }
+
+    /// Gives up ownership of the eventfd and returns its number, for objects that live as long
+    /// as the process.
+    public consuming func release() -> CInt {
+        descriptor.release()
     }
 
     public init(adopting descriptor: consuming Descriptor) {

@@ -11,12 +11,6 @@ extension Errno {
         errnoNames[rawValue] ?? "E\(rawValue)"
     }
 
-
-    /// Looks an error up by its C name (`"ENOENT"`); the inverse of `name`.
-    public init?(name: String) {
-        guard let entry = errnoNames.first(where: { $0.value == name }) else { return nil }
-        self.init(rawValue: entry.key)
-    }
 }
 
 /// Runs a system call, retrying it while it fails with `EINTR`, and turns `-1` into a thrown

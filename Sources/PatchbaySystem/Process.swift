@@ -26,21 +26,22 @@ public func spawnProcess(
     newSession: Bool = false
 ) throws(Errno) -> pid_t {
     var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
+    if posix_spawn_file_actions_init(&actions) != 0 { throw Errno.noMemory }
     defer { posix_spawn_file_actions_destroy(&actions) }
-    // dup2 onto the same number would keep FD_CLOEXEC set, so route such descriptors through a
-    // temporary above every target first.
-    let highest = (descriptors.keys.max() ?? 2) + 1
-    var staged: [CInt: CInt] = [:]
-    var scratch = max(highest, 64) + 64
+    // Copy every descriptor to a scratch number above all the numbers involved first, then into
+    // place: a direct dup2 could overwrite a parent descriptor that a later mapping still needs
+    // (child 3 ← parent 5 and child 5 ← parent 3).
+    let involved = Array(descriptors.keys) + Array(descriptors.values)
+    var scratch = (involved.max() ?? 2) + 1
+    var staged: [(child: CInt, temporary: CInt)] = []
     for (child, parent) in descriptors.sorted(by: { $0.key < $1.key }) {
-        posix_spawn_file_actions_adddup2(&actions, parent, scratch)
-        staged[child] = scratch
+        try check(posix_spawn_file_actions_adddup2(&actions, parent, scratch))
+        staged.append((child, scratch))
         scratch += 1
     }
     for (child, temporary) in staged {
-        posix_spawn_file_actions_adddup2(&actions, temporary, child)
-        posix_spawn_file_actions_addclose(&actions, temporary)
+        try check(posix_spawn_file_actions_adddup2(&actions, temporary, child))
+        try check(posix_spawn_file_actions_addclose(&actions, temporary))
     }
 
     var attributes = posix_spawnattr_t()
@@ -60,6 +61,10 @@ public func spawnProcess(
     let result = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
     if result != 0 { throw Errno(rawValue: result) }
     return pid
+}
+
+private func check(_ result: CInt) throws(Errno) {
+    if result != 0 { throw Errno(rawValue: result) }
 }
 
 /// Waits for a child to end. The corresponding C call is `waitpid`.
@@ -108,7 +113,7 @@ public struct FileLock: ~Copyable {
     /// Opens (creating, mode 0600) and locks `path`. With `wait: false` a lock held elsewhere
     /// throws `EWOULDBLOCK` (`EAGAIN`).
     public init(path: String, wait: Bool) throws(Errno) {
-        let fd = try openFile(path, flags: O_RDWR | O_CREAT, mode: 0o600)
+        let fd = try openFile(path, flags: O_RDWR | O_CREAT | O_NOFOLLOW | O_NOCTTY, mode: 0o600)
         _ = try syscallRetrying { flock(fd.rawValue, LOCK_EX | (wait ? 0 : LOCK_NB)) }
         descriptor = fd
     }

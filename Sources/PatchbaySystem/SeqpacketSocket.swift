@@ -12,8 +12,6 @@ public struct ReceivedDescriptors: ~Copyable {
 
     init(_ raw: [CInt]) { self.raw = raw }
 
-    public static var none: ReceivedDescriptors { ReceivedDescriptors([]) }
-
     /// How many descriptors are still held.
     public var count: Int { raw.count }
 
@@ -106,17 +104,13 @@ public struct SeqpacketSocket: ~Copyable {
     /// Connects to a listening socket at `path`. The corresponding C call is `connect`.
     public borrowing func connect(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
-        let result = address.withSockaddr { Glibc.connect(descriptor.rawValue, $0, $1) }
-        if result == -1 {
+        // An AF_UNIX connect interrupted while waiting for backlog room leaves the socket
+        // unconnected, so it is simply retried; EISCONN means an earlier attempt got through.
+        while true {
+            if address.withSockaddr({ Glibc.connect(descriptor.rawValue, $0, $1) }) == 0 { return }
             let error = Errno.current
-            // An interrupted connect continues in the background; wait for it like the kernel would.
+            if error == .socketIsConnected { return }
             if error != .interrupted { throw error }
-            var poller = pollfd(fd: descriptor.rawValue, events: Int16(POLLOUT), revents: 0)
-            _ = try syscallRetrying { poll(&poller, 1, -1) }
-            var soError: CInt = 0
-            var length = socklen_t(MemoryLayout<CInt>.size)
-            _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_ERROR, &soError, &length) }
-            if soError != 0 { throw Errno(rawValue: soError) }
         }
     }
 
@@ -144,13 +138,9 @@ public struct SeqpacketSocket: ~Copyable {
     public borrowing func send(
         _ bytes: [UInt8], descriptors: [CInt] = [], nonblocking: Bool = false
     ) throws(Errno) {
-        let sent = bytes.withUnsafeBytes { raw in
-            descriptors.withUnsafeBufferPointer { fds in
-                pb_send_with_fds(descriptor.rawValue, raw.baseAddress, raw.count,
-                                 fds.baseAddress, CInt(fds.count), nonblocking ? 1 : 0)
-            }
-        }
-        if sent < 0 { throw Errno.current }
+        _ = try bytes.withUnsafeBytes { raw in
+            Result { () throws(Errno) -> Int in try send(raw, descriptors: descriptors, nonblocking: nonblocking) }
+        }.get()
     }
 
     /// Receives one message and every descriptor sent with it (`MSG_CMSG_CLOEXEC`). A length of 0

@@ -97,6 +97,9 @@ typedef struct {
 
 int pb_fstatx(int fd, pb_file_status *out);
 
+/// The file type bits of an open file (statx STATX_TYPE with AT_STATX_DONT_SYNC).
+int pb_file_type(int fd, uint32_t *mode);
+
 /// pipe2(O_CLOEXEC).
 int pb_pipe_cloexec(int fds[2]);
 

@@ -13,7 +13,9 @@
 // the descriptor; the claimer then acknowledges. If the kernel could not install the descriptor
 // (the claimer was out of descriptors, EMFILE: the reply arrives with MSG_CTRUNC), the claimer
 // says so and the key is restored; if the claimer vanishes before acknowledging, the key is
-// restored too (unless its deadline has passed meanwhile). While a key is in flight every other claim gets ENOENT, so of any number of
+// restored too (unless its deadline has passed meanwhile). A claimer that stays connected but
+// never acknowledges is taken at its word after `acknowledgementTimeout`: the key counts as
+// claimed, so it cannot pin the sharer's quota or the file forever. While a key is in flight every other claim gets ENOENT, so of any number of
 // concurrent claims exactly one wins.
 //
 // Errors. Malformed key text: EINVAL (in the client, before anything is sent). Unknown, claimed,
@@ -28,7 +30,9 @@ import SystemPackage
 
 /// A shared file waiting to be claimed.
 final class KeyEntry {
-    let file: Descriptor
+    /// The shared file. Closed on the `DeferredCloser`'s thread when the entry goes, because the
+    /// last close of a file a client chose may block.
+    let file: CInt
     let fileKind: FileKind
     let ownerUID: UInt32
     let ownerPID: Int32
@@ -38,16 +42,23 @@ final class KeyEntry {
     let deadline: UInt64?
     /// The session a claim reply went to, until it acknowledges.
     var inFlightTo: UInt64?
+    /// Which claim is in flight (each claim gets a new number), so a stale acknowledgement
+    /// deadline cannot end a later claim.
+    var claimNumber: UInt64 = 0
 
     init(file: consuming Descriptor, fileKind: FileKind, ownerUID: UInt32, ownerPID: Int32,
          restriction: ClaimRestriction?, createdAt: UInt64, deadline: UInt64?) {
-        self.file = file
+        self.file = file.release()
         self.fileKind = fileKind
         self.ownerUID = ownerUID
         self.ownerPID = ownerPID
         self.restriction = restriction
         self.createdAt = createdAt
         self.deadline = deadline
+    }
+
+    deinit {
+        DeferredCloser.shared.close(raw: file)
     }
 
     func permitsClaim(by claimer: PeerCredentials) -> Bool {
@@ -60,16 +71,20 @@ final class KeyEntry {
     }
 }
 
-/// One deadline in the expiry queue. Entries are removed lazily: a popped item whose key is gone
-/// (claimed) is skipped.
+/// One deadline in the expiry queue: a key's expiry, or the end of the wait for a claim's
+/// acknowledgement. Items are removed lazily: a popped item whose key is gone (claimed) or whose
+/// claim has moved on is skipped.
 struct ExpiryItem: Comparable {
+    enum Purpose: Equatable {
+        case expiry
+        case acknowledgement(claimNumber: UInt64)
+    }
+
     var deadline: UInt64
     var token: KeyToken
+    var purpose: Purpose
 
     static func < (lhs: ExpiryItem, rhs: ExpiryItem) -> Bool { lhs.deadline < rhs.deadline }
-    static func == (lhs: ExpiryItem, rhs: ExpiryItem) -> Bool {
-        lhs.deadline == rhs.deadline && lhs.token == rhs.token
-    }
 }
 
 /// An error a subsystem reports to a client: errno plus a sentence.
@@ -86,16 +101,18 @@ final class KeyTable {
     private var entriesWithDeadline = 0
     private var keysPerUser: [UInt32: Int] = [:]
     private let maximumKeysPerUser: Int
+    private var claimsStarted: UInt64 = 0
     let limiter: FailedClaimLimiter
+    /// How long a claimer has to acknowledge before its claim counts as received.
+    let acknowledgementTimeout: UInt64
 
-    init(maximumKeysPerUser: Int, limiter: FailedClaimLimiter) {
+    init(maximumKeysPerUser: Int, limiter: FailedClaimLimiter, acknowledgementTimeout: UInt64 = 10_000_000_000) {
         self.maximumKeysPerUser = maximumKeysPerUser
         self.limiter = limiter
+        self.acknowledgementTimeout = acknowledgementTimeout
     }
 
     var count: Int { entries.count }
-
-    func count(ownedBy uid: UInt32) -> Int { keysPerUser[uid] ?? 0 }
 
     /// Stores `file` under a fresh key.
     func share(
@@ -127,7 +144,7 @@ final class KeyTable {
                                   restriction: restriction, createdAt: now, deadline: deadline)
         keysPerUser[sharer.uid] = owned + 1
         if let deadline {
-            expiryQueue.insert(ExpiryItem(deadline: deadline, token: token))
+            expiryQueue.insert(ExpiryItem(deadline: deadline, token: token, purpose: .expiry))
             entriesWithDeadline += 1
         }
         return token
@@ -151,6 +168,10 @@ final class KeyTable {
                            reason: "no such key: it was never issued, was already claimed, has expired, or is not for this claimer")
         }
         entry.inFlightTo = session
+        claimsStarted += 1
+        entry.claimNumber = claimsStarted
+        expiryQueue.insert(ExpiryItem(deadline: now &+ acknowledgementTimeout, token: token,
+                                      purpose: .acknowledgement(claimNumber: claimsStarted)))
         return entry
     }
 
@@ -174,11 +195,18 @@ final class KeyTable {
         var expired = 0
         while let first = expiryQueue.min, first.deadline <= now {
             _ = expiryQueue.removeMin()
-            // A key in flight expires too: its claimer already holds the file, and if the file got
-            // lost on the way the key would be restored only to be expired anyway.
-            if let entry = entries[first.token], entry.deadline == first.deadline {
+            guard let entry = entries[first.token] else { continue }
+            switch first.purpose {
+            case .expiry where entry.deadline == first.deadline:
+                // A key in flight expires too: its claimer already holds the file, and if the
+                // file got lost on the way the key would be restored only to be expired anyway.
                 remove(first.token)
                 expired += 1
+            case .acknowledgement(let claimNumber) where entry.inFlightTo != nil && entry.claimNumber == claimNumber:
+                // The claimer never said; it did receive the reply, so the claim stands.
+                remove(first.token)
+            default:
+                break
             }
         }
         return expired
@@ -210,19 +238,26 @@ final class KeyTable {
         guard let entry = entries.removeValue(forKey: token) else { return }
         let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
         keysPerUser[entry.ownerUID] = remaining > 0 ? remaining : nil
-        if entry.deadline != nil {
-            entriesWithDeadline -= 1
-            compactExpiryQueueIfMostlyStale()
-        }
+        if entry.deadline != nil { entriesWithDeadline -= 1 }
+        compactExpiryQueueIfMostlyStale()
     }
 
     /// Claimed keys leave their deadlines behind in the queue; rebuild it when those dominate so
     /// memory follows the live keys, not the history of shares.
     private func compactExpiryQueueIfMostlyStale() {
-        guard expiryQueue.count > 4096, expiryQueue.count > 4 * entriesWithDeadline else { return }
-        expiryQueue = Heap(entries.compactMap { token, entry in
-            entry.deadline.map { ExpiryItem(deadline: $0, token: token) }
-        })
+        guard expiryQueue.count > 4096, expiryQueue.count > 4 * (entriesWithDeadline + entries.count) else { return }
+        var items: [ExpiryItem] = []
+        for (token, entry) in entries {
+            if let deadline = entry.deadline {
+                items.append(ExpiryItem(deadline: deadline, token: token, purpose: .expiry))
+            }
+            if entry.inFlightTo != nil {
+                // The exact wait already spent is not kept; a fresh full wait is the safe side.
+                items.append(ExpiryItem(deadline: monotonicNanoseconds() &+ acknowledgementTimeout, token: token,
+                                        purpose: .acknowledgement(claimNumber: entry.claimNumber)))
+            }
+        }
+        expiryQueue = Heap(items)
     }
 
     private static func randomToken() -> KeyToken {
