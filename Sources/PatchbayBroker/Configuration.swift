@@ -18,6 +18,9 @@ public struct BrokerConfiguration: Sendable {
     /// Failed claims a uid may make in a burst before being slowed to `failedClaimsPerSecond`.
     public var failedClaimBurst: Int = 64
     public var failedClaimsPerSecond: Double = 16
+    /// How long a claimer has to acknowledge a claimed descriptor before the claim counts as
+    /// received (and the broker drops its copy), in nanoseconds.
+    public var claimAcknowledgementTimeout: UInt64 = 10_000_000_000
     /// Replies queued for a client that does not read before it is disconnected.
     public var maximumQueuedRepliesPerClient: Int = 1024
     /// The most clients connected at once; further connections are refused (EAGAIN).

@@ -92,7 +92,8 @@ public final class BrokerServer {
         keys = KeyTable(
             maximumKeysPerUser: configuration.maximumKeysPerUser,
             limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
-                                        refillPerSecond: configuration.failedClaimsPerSecond))
+                                        refillPerSecond: configuration.failedClaimsPerSecond),
+            acknowledgementTimeout: configuration.claimAcknowledgementTimeout)
         receiveBuffer = .allocate(byteCount: maximumFrameSize + 1, alignment: 16)
         self.logger[metadataKey: "socket"] = "\(socketPath)"
     }

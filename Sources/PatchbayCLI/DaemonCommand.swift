@@ -36,6 +36,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "Failed claims per second a uid is allowed once its burst is spent.")
     var failedClaimsPerSecond = 16.0
 
+    @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
+    var claimAckTimeout = "10s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -92,6 +95,12 @@ public struct DaemonCommand: ParsableCommand {
         configuration.maximumKeysPerUser = maxKeysPerUid
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
+        if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(claimAckTimeout) }) {
+            let (seconds, attoseconds) = duration.components
+            configuration.claimAcknowledgementTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        } else {
+            fail("daemon", .invalidArgument, "--claim-ack-timeout must be a duration, not never")
+        }
 
         let server: BrokerServer
         do {

@@ -233,3 +233,56 @@ func spawnDaemon(socketPath: String, sharedMemoryDirectory: String) throws -> pi
     }
     return pid
 }
+
+@Suite("Broker safety")
+struct BrokerSafetyTests {
+    @Test("a claimer that never acknowledges cannot pin the key: after the deadline the claim stands")
+    func acknowledgementDeadline() throws {
+        let broker = try TestBroker(["--claim-ack-timeout", "200ms"])
+        let client = try broker.connect()
+        let key = try client.share(try openFile("/dev/null", flags: O_RDONLY), timeout: .never)
+        _ = try client.status()
+        let baseline = try broker.descriptorCount()
+        let silent = try RawClient(path: broker.socketPath)
+        let (frame, descriptors) = try silent.exchange(Request.claim(key.token).encode(requestID: 1))
+        #expect(frame.kind == .reply && descriptors == 1)
+        // The silent claimer stays connected (one more descriptor) and never acknowledges; the
+        // broker's copy of the file goes when the acknowledgement deadline passes.
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+        #expect(try client.status().keys == 0)
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try client.claim(key) }
+    }
+
+    @Test("--socket on something that is not a socket is refused and left alone")
+    func socketPathIsNotASocket() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let path = directory + "/precious.txt"
+        try writeFile(path, "do not delete")
+        let daemon = try run(patchbayDaemon, ["--socket", path, "--shm-directory", directory + "/shm"])
+        #expect(daemon.termination == .exited(1))
+        #expect(daemon.standardError.contains("patchbay: daemon: EADDRINUSE: "), "\(daemon.standardError)")
+        #expect(try openFile(path, flags: O_RDONLY).readToEnd() == Array("do not delete".utf8))
+    }
+
+    @Test("the library refuses a per-user broker directory that is not private")
+    func autostartRefusesUnsafeDirectory() throws {
+        let runtime = makeTemporaryDirectory()
+        defer { removeTree(runtime) }
+        #expect(mkdir(runtime + "/patchbay", 0o755) == 0)
+        chmod(runtime + "/patchbay", 0o755)
+        let status = try run(patchbayCLI, ["status"], environment: ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil])
+        #expect(status.termination == .exited(1))
+        #expect(status.standardError.hasPrefix("patchbay: status: EACCES: "), "\(status.standardError)")
+        #expect(access(runtime + "/patchbay/patchbay.sock", F_OK) != 0)
+    }
+
+    @Test("daemon options are validated")
+    func optionValidation() throws {
+        for arguments in [["--max-keys-per-uid", "0"], ["--failed-claims-per-second", "nan"], ["--log-level", "loud"],
+                          ["--ready-fd", "999"], ["--claim-ack-timeout", "never"]] {
+            let daemon = try run(patchbayDaemon, ["--socket", "/tmp/patchbay-test-unused/x.sock"] + arguments)
+            #expect(daemon.termination == .exited(arguments[0] == "--claim-ack-timeout" ? 1 : 64), "\(arguments): \(daemon.standardError)")
+        }
+    }
+}
