@@ -102,9 +102,45 @@ private final class Tour {
         step(8, "2000 share+claim round trips through the broker: median \(formatDuration(nanoseconds: samples[samples.count / 2])), p99 \(formatDuration(nanoseconds: samples[samples.count * 99 / 100]))", since: nil)
         say("   (a debug build of the demo; `swift run -c release patchbay demo` for release figures)")
 
-        // 7. Status.
+        // 7. Shared memory, anonymous: this process maps it, a child writes back through it.
+        started = monotonicNanoseconds()
+        let anonymous = try SharedMemory.anonymous()
+        let board = try anonymous.map(length: 4096)
+        let greeting = Array("hello from pid \(getpid())".utf8)
+        board.withUnsafeMutableBytes { $0.copyBytes(from: greeting) }
+        let boardKey = try broker.share(anonymous.descriptor)
+        step(9, "an anonymous object: the first mapping fixed its size (\(try anonymous.size) bytes); shared by key",
+             since: started)
+        started = monotonicNanoseconds()
+        let painter = try runChild(["claim", boardKey.text, "--", "/bin/sh", "-c",
+                                    "head -c \(greeting.count) <&3; printf 'hello back from pid %s' $$ | dd of=/proc/self/fd/3 bs=1 seek=2048 conv=notrunc 2>/dev/null"])
+        let answer = board.withUnsafeBytes { bytes in
+            String(decoding: bytes[2048..<2048 + 64].prefix { $0 != 0 }, as: UTF8.self)
+        }
+        step(10, "process \(painter.pid) claimed it, read our bytes and wrote back; we read its bytes in place:",
+             since: started)
+        say("   child saw:  " + painter.output.trimmedLine)
+        say("   we see:     " + answer)
+
+        // 8. Shared memory, named: FreeBSD shm_open semantics, through the CLI and in place.
+        started = monotonicNanoseconds()
+        _ = try runChild(["shm", "create", "/demo/notice-board", "--size", "8k", "--mode", "0640"])
+        _ = try runChildWithInput(["shm", "write", "/demo/notice-board"], input: "posted by a short-lived process")
+        let named = try broker.openSharedMemory("/demo/notice-board", access: .readWrite)
+        let notice = try named.map()
+        let posted = notice.withUnsafeBytes { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let reply = Array("answered in place by pid \(getpid())".utf8)
+        notice.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[4096...]).copyBytes(from: reply) }
+        let readBack = try runChild(["shm", "read", "/demo/notice-board", "--offset", "4k", "--length", "\(reply.count)"])
+        step(11, "named object /demo/notice-board: one process wrote, we mapped and answered, another read:", since: started)
+        say("   we read:    " + posted)
+        say("   they read:  " + readBack.output)
+        let listing = try runChild(["shm", "ls"])
+        for line in listing.output.split(separator: "\n") { say("   " + line) }
+
+        // 9. Status.
         let status = try runChild(["status"])
-        step(9, "patchbay status:", since: nil)
+        step(12, "patchbay status:", since: nil)
         for line in status.output.split(separator: "\n", omittingEmptySubsequences: false) {
             say("   " + line)
         }
@@ -112,8 +148,9 @@ private final class Tour {
         kill(brokerPID, SIGTERM)
         let ended = try waitForProcess(brokerPID)
         brokerPID = 0
-        step(10, "stop the broker with SIGTERM: \(ended)", since: started)
-        say("\nShared memory, /net sockets and CAPS services join this tour as they land.")
+        step(13, "stop the broker with SIGTERM: \(ended) (named objects stay in its store for the next start)",
+             since: started)
+        say("\n/net sockets and CAPS services join this tour as they land.")
     }
 
     // MARK: Helpers
@@ -142,6 +179,21 @@ private final class Tour {
         let termination = try wrap { () throws(Errno) in try waitForProcess(pid) }
         return ChildResult(pid: pid, termination: termination, output: String(decoding: output, as: UTF8.self),
                            error: String(decoding: errors, as: UTF8.self))
+    }
+
+    func runChildWithInput(_ arguments: [String], input: String) throws -> ChildResult {
+        let stdin = try wrap { () throws(Errno) in try Pipe() }
+        let pid = try wrap { () throws(Errno) in
+            try spawnProcess(path: executable, arguments: arguments,
+                             environment: environment(applying: ["PATCHBAY_SOCKET": socketPath]),
+                             descriptors: [0: stdin.readEnd.rawValue])
+        }
+        let writer = stdin.writeEnd
+        _ = consume stdin.readEnd
+        try wrap { () throws(Errno) in try writer.writeAll(Array(input.utf8)) }
+        _ = consume writer
+        let termination = try wrap { () throws(Errno) in try waitForProcess(pid) }
+        return ChildResult(pid: pid, termination: termination, output: "", error: "")
     }
 
     func startBroker() throws -> pid_t {
