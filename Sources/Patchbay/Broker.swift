@@ -120,7 +120,8 @@ public final class Broker: Sendable {
     }
 }
 
-/// A one-time key naming a shared file: 128 random bits, written as 22 base64url characters.
+/// A one-time key naming a shared file: 128 random bits, written as 22 base64url characters
+/// that never start with `-` (docs/PROTOCOL.md §6).
 public struct Key: Sendable, Hashable, CustomStringConvertible {
     public let token: KeyToken
 
@@ -132,7 +133,7 @@ public struct Key: Sendable, Hashable, CustomStringConvertible {
     public init(_ text: String) throws(PatchbayError) {
         guard let token = KeyToken(text: text) else {
             throw PatchbayError(.invalidArgument,
-                                "a key is 22 characters of A-Z, a-z, 0-9, '-' and '_'; \"\(text.prefix(64))\" is not one")
+                                "a key is 22 characters of A-Z, a-z, 0-9, '-' and '_', starting with A, B, C or D; \"\(text.prefix(64))\" is not one")
         }
         self.token = token
     }

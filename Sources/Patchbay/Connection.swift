@@ -45,6 +45,9 @@ struct Connection: ~Copyable {
         do {
             try socket.send(request.encode(requestID: id), descriptors: descriptors)
         } catch {
+            // A broker that refused this connection sent why before closing; that frame is
+            // still queued here, and says more than EPIPE.
+            if let refusal = pendingRefusal() { throw refusal }
             throw Self.transportError(error)
         }
         while true {
@@ -86,6 +89,15 @@ struct Connection: ~Copyable {
             let lost = message.descriptorsTruncated && message.descriptors.count == 0
             return Response(reply: reply, descriptor: message.descriptors.takeFirst(), descriptorLost: lost)
         }
+    }
+
+    /// A connection-level error frame (request id 0) waiting in the receive queue, if any.
+    private func pendingRefusal() -> PatchbayError? {
+        guard let message = try? socket.receive(into: buffer, nonblocking: true), message.length >= frameHeaderSize,
+              let frame = try? Frame.decode(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<message.length]))[...]),
+              frame.kind == .error, frame.requestID == 0, let reply = try? ErrorReply.decode(frame)
+        else { return nil }
+        return PatchbayError(reply)
     }
 
     static func transportError(_ error: Errno) -> PatchbayError {

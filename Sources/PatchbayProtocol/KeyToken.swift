@@ -28,9 +28,12 @@ public struct KeyToken: Hashable, Sendable {
 
     private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
 
-    /// The 22-character base64url text.
+    /// The 22-character text: the 128 bits as base64url digits, most significant first, with the
+    /// 4 spare bits (22 × 6 = 132) leading and zero. So the text never starts with `-` (it starts
+    /// with one of `A B C D`), and no command line mistakes a key for an option. Equivalently:
+    /// base64url of two zero bytes followed by the 16 key bytes, minus its first two characters.
     public var text: String {
-        let source = bytes + [0, 0]  // pad to a multiple of 3
+        let source: [UInt8] = [0, 0] + bytes  // 18 bytes: six groups of three
         var output: [UInt8] = []
         output.reserveCapacity(24)
         for group in stride(from: 0, to: 18, by: 3) {
@@ -39,15 +42,16 @@ public struct KeyToken: Hashable, Sendable {
                 output.append(Self.alphabet[Int(value >> UInt32(shift) & 63)])
             }
         }
-        return String(decoding: output[0..<22], as: UTF8.self)
+        return String(decoding: output[2...], as: UTF8.self)
     }
 
     /// Parses key text. Only the canonical form is accepted: exactly 22 characters of the
-    /// base64url alphabet, with the unused low 4 bits of the last character zero.
+    /// base64url alphabet whose first character carries no more than the 2 bits that belong to
+    /// the key (it is one of `A B C D`).
     public init?(text: String) {
         let characters = Array(text.utf8)
         guard characters.count == 22 else { return nil }
-        var values: [UInt8] = []
+        var values: [UInt8] = [0, 0]
         values.reserveCapacity(24)
         for character in characters {
             switch character {
@@ -59,8 +63,7 @@ public struct KeyToken: Hashable, Sendable {
             default: return nil
             }
         }
-        guard values[21] & 0x0F == 0 else { return nil }
-        values += [0, 0]
+        guard values[2] < 4 else { return nil }
         var decoded: [UInt8] = []
         for group in stride(from: 0, to: 24, by: 4) {
             let value = UInt32(values[group]) << 18 | UInt32(values[group + 1]) << 12
@@ -68,6 +71,6 @@ public struct KeyToken: Hashable, Sendable {
             decoded += [UInt8(truncatingIfNeeded: value >> 16), UInt8(truncatingIfNeeded: value >> 8),
                         UInt8(truncatingIfNeeded: value)]
         }
-        self.init(bytes: decoded[0..<16])
+        self.init(bytes: decoded[2..<18])
     }
 }

@@ -187,12 +187,16 @@ struct ProtocolTests {
                     || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_")
             })
             #expect(KeyToken(text: text) == token)
+            #expect(text.first.map { "ABCD".contains($0) } == true)
         }
         #expect(KeyToken(high: 0, low: 0).text == "AAAAAAAAAAAAAAAAAAAAAA")
-        #expect(KeyToken(high: .max, low: .max).text == "_____________________w")
-        #expect(KeyToken(text: "_____________________w") == KeyToken(high: .max, low: .max))
-        // The last character carries 2 bits; any other low bits set means a non-canonical spelling.
-        #expect(KeyToken(text: "_____________________x") == nil)
+        #expect(KeyToken(high: .max, low: .max).text == "D_____________________")
+        #expect(KeyToken(text: "D_____________________") == KeyToken(high: .max, low: .max))
+        #expect(KeyToken(high: 0, low: 1).text == "AAAAAAAAAAAAAAAAAAAAAB")
+        #expect(KeyToken(bytes: Array(0..<16))!.text == "AAAQIDBAUGBwgJCgsMDQ4P")  // docs/PROTOCOL.md §6
+        // The first character carries 2 bits; any of its 4 high bits set is not a key.
+        #expect(KeyToken(text: "E_____________________") == nil)
+        #expect(KeyToken(text: "-AAAAAAAAAAAAAAAAAAAAA") == nil)
         #expect(KeyToken(text: "AAAAAAAAAAAAAAAAAAAAA") == nil)
         #expect(KeyToken(text: "AAAAAAAAAAAAAAAAAAAAAAA") == nil)
         #expect(KeyToken(text: "AAAAAAAAAAAAAAAAAAAA+A") == nil)

@@ -163,7 +163,7 @@ struct KeyTests {
     @Test("malformed key text is EINVAL, in the library and the CLI")
     func malformedKeys() throws {
         for text in ["", "short", "AAAAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAAA=", "AAAAAAAAAAAAAAAAAAAA/A",
-                     "AAAAAAAAAAAAAAAAAAAAAB", "AAAAAAAAAAAAAAAAAAAA\u{0}A"] {
+                     "EAAAAAAAAAAAAAAAAAAAAA", "-AAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAA\u{0}A"] {
             expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try Key(text) }
         }
         let broker = try TestBroker()

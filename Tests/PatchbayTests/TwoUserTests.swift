@@ -1,0 +1,81 @@
+// Two users, for real: the test (root) and `nobody` (65534), through setpriv. Skipped, with the
+// reason shown, when not running as root or when `nobody` cannot run the built products.
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Testing
+
+let otherUID: uid_t = 65534
+
+/// Whether a second user can be used: root, setpriv present, and `nobody` can run `patchbay`.
+let twoUsersAvailable: Bool = {
+    guard getuid() == 0, access("/usr/bin/setpriv", X_OK) == 0 else { return false }
+    let probe = try? run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                              patchbayCLI, "--version"])
+    return probe?.termination == .exited(0)
+}()
+
+/// Runs the CLI as `nobody`.
+func runAsOtherUser(_ arguments: [String], environment: [String: String?], input: String = "") throws -> Finished {
+    try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI] + arguments,
+            environment: environment, input: input)
+}
+
+@Suite("Two users", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserTests {
+    /// A broker in a directory other users can reach.
+    func openBroker(_ arguments: [String]) throws -> TestBroker {
+        let broker = try TestBroker(arguments)
+        chmod(broker.directory, 0o755)
+        return broker
+    }
+
+    @Test("a per-user broker refuses other uids")
+    func perUserBrokerRefusesOthers() throws {
+        let broker = try openBroker([])
+        chmod(broker.socketPath, 0o666)  // let the connection reach the broker's own check
+        let status = try runAsOtherUser(["status"], environment: broker.environment)
+        #expect(status.termination == .exited(1))
+        #expect(status.standardError.hasPrefix("patchbay: status: EACCES: this is the per-user broker of uid 0"),
+                "\(status.standardError)")
+    }
+
+    @Test("a system broker enforces shared memory modes from kernel credentials")
+    func systemBrokerModes() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        try root.openSharedMemory("/secret", options: .create, mode: 0o600).truncate(to: 4096)
+        try root.openSharedMemory("/public", options: .create, mode: 0o644).truncate(to: 4096)
+        let environment = broker.environment
+        let secret = try runAsOtherUser(["shm", "read", "/secret"], environment: environment)
+        #expect(secret.standardError.hasPrefix("patchbay: shm read: EACCES: "), "\(secret.standardError)")
+        #expect(try runAsOtherUser(["shm", "read", "/public"], environment: environment).termination == .exited(0))
+        let write = try runAsOtherUser(["shm", "write", "/public"], environment: environment, input: "x")
+        #expect(write.standardError.hasPrefix("patchbay: shm write: EACCES: "), "\(write.standardError)")
+        let remove = try runAsOtherUser(["shm", "rm", "/public"], environment: environment)
+        #expect(remove.standardError.hasPrefix("patchbay: shm rm: EACCES: "), "\(remove.standardError)")
+        // An object created by the other user is owned by its kernel identity, whatever it says.
+        #expect(try runAsOtherUser(["shm", "create", "/theirs", "--mode", "0600"], environment: environment)
+            .termination == .exited(0))
+        let theirs = try root.statSharedMemory("/theirs")
+        #expect(theirs.uid == otherUID && theirs.gid == 65534)
+        // Mode bits bind root too (no bypass).
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try root.openSharedMemory("/theirs") }
+    }
+
+    @Test("share --for-uid: only that uid can claim")
+    func claimRestrictedToAnotherUser() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        let path = broker.directory + "/for-nobody.txt"
+        try writeFile(path, "for nobody only")
+        chmod(path, 0o600)  // nobody cannot open it; only the key gets it there
+        let key = try root.share(try openFile(path, flags: O_RDONLY), claimableBy: .uid(otherUID))
+        let wrongKey = try root.share(try openFile(path, flags: O_RDONLY), claimableBy: .uid(0))
+        let claimed = try runAsOtherUser(["claim", key.text], environment: broker.environment)
+        #expect(claimed.standardOutput == "for nobody only", "\(claimed.standardError)")
+        let refused = try runAsOtherUser(["claim", wrongKey.text], environment: broker.environment)
+        #expect(refused.standardError.hasPrefix("patchbay: claim: ENOENT: "))
+        _ = try root.claim(wrongKey)
+    }
+}
