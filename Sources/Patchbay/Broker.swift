@@ -94,7 +94,7 @@ public final class Broker: Sendable {
             var response = try connection.call(.claim(key.token))
             guard case .claim = response.reply else { throw unexpected(response.reply) }
             // Tell the broker whether the descriptor arrived, so a lost one restores the key.
-            if let descriptor = response.descriptor.take() {
+            if !response.descriptorLost, let descriptor = response.takeDescriptor() {
                 try connection.post(.claimAcknowledge(key.token, received: true))
                 return descriptor
             }

@@ -3,12 +3,15 @@ import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
-/// A reply, with the descriptor it carried if any.
+/// A reply, with the descriptors it carried.
 struct Response: ~Copyable {
     var reply: Reply
-    var descriptor: Descriptor?
+    var descriptors: ReceivedDescriptors
     /// The kernel dropped an attached descriptor (`MSG_CTRUNC`): we had no free slot.
     var descriptorLost: Bool
+
+    /// The first descriptor, if any.
+    mutating func takeDescriptor() -> Descriptor? { descriptors.takeFirst() }
 }
 
 /// One control connection to the broker: request ids, frames, and the descriptors riding along.
@@ -86,8 +89,7 @@ struct Connection: ~Copyable {
             guard reply.opcode == request.opcode else {
                 throw PatchbayError(.protocolError, "the broker answered \(request.opcode) with \(reply.opcode)")
             }
-            let lost = message.descriptorsTruncated && message.descriptors.count == 0
-            return Response(reply: reply, descriptor: message.descriptors.takeFirst(), descriptorLost: lost)
+            return Response(reply: reply, descriptors: message.descriptors, descriptorLost: message.descriptorsTruncated)
         }
     }
 

@@ -300,7 +300,7 @@ extension Broker {
         let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: options.rawValue,
                                               mode: mode, umask: currentUmask())
         var response = try call(.sharedMemoryOpen(request))
-        guard case .sharedMemoryOpen = response.reply, let handle = response.descriptor.take() else {
+        guard case .sharedMemoryOpen = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
         return SharedMemory(descriptor: handle, kind: .named, isWritable: access == .readWrite)
@@ -310,7 +310,7 @@ extension Broker {
     /// `SharedMemory.anonymous` does the same without a round trip.
     public func newAnonymousSharedMemory(sealable: Bool = false) throws(PatchbayError) -> SharedMemory {
         var response = try call(.open(path: "/dev/shmem/new", flags: sealable ? 1 : 0))
-        guard case .open = response.reply, let handle = response.descriptor.take() else {
+        guard case .open = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
         return SharedMemory(descriptor: handle, kind: .anonymous, isWritable: true)

@@ -31,11 +31,17 @@ public struct BrokerConfiguration: Sendable {
     /// The private directory (mode 0700, normally on tmpfs) holding named shared memory objects.
     public var sharedMemoryDirectory: String
 
-    public init(mode: Mode, socketPath: String, sharedMemoryDirectory: String? = nil) {
+    /// Where bound `/net/local` names live as real AF_UNIX socket files: `net/` beside the
+    /// broker's socket.
+    public var netDirectory: String
+
+    public init(mode: Mode, socketPath: String, sharedMemoryDirectory: String? = nil, netDirectory: String? = nil) {
         self.mode = mode
         self.socketPath = socketPath
         self.sharedMemoryDirectory = sharedMemoryDirectory
             ?? Self.defaultSharedMemoryDirectory(mode: mode, socketPath: socketPath)
+        let socketDirectory = socketPath.lastIndex(of: "/").map { String(socketPath[..<$0]) } ?? "."
+        self.netDirectory = netDirectory ?? (socketDirectory.isEmpty ? "/net" : socketDirectory + "/net")
     }
 
     /// `/dev/shm/patchbay-system` for the system broker; for the per-user broker at its default

@@ -1,50 +1,62 @@
-// The broker's file namespace: paths a client can open, PatchworkOS style. Each entry is a
-// function from (path, flags, caller) to a new kernel object; the table grows with subsystems
-// (`/net/...` comes with sockets).
+// The broker's file namespace: the paths a client can open, PatchworkOS style.
+//
+//   /dev/shmem/new                  a new anonymous shared memory object on every open
+//   /net/<family>/<type>            a factory: a new socket (`seqpacket`, `stream`, `dgram`)
+//   /net/<family>/<id>/data         the socket's kernel socket
+//   /net/<family>/<id>/accept       one accepted connection of a listening socket
+//
+// A `:nonblock` suffix on any path is the same as the nonblock open flag.
 
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
-/// What kind of object an `open` returned (the reply's payload).
-enum NamespaceObjectKind: UInt8 {
-    case anonymousSharedMemory = 1
-}
+enum NamespacePath: Equatable {
+    case anonymousSharedMemory
+    case netFactory(family: String, type: NetSocketType)
+    case netData(family: String, id: UInt64)
+    case netAccept(family: String, id: UInt64)
 
-/// A new object from the namespace.
-struct NamespaceObject: ~Copyable {
-    var kind: NamespaceObjectKind
-    var handle: Descriptor
-}
-
-enum Namespace {
-    /// `/dev/shmem/new` flags: bit 0 asks for a sealable object.
-    static let sealableFlag: UInt32 = 1
-
-    typealias Opener = @Sendable (_ flags: UInt32, _ caller: PeerCredentials) throws(RequestError) -> NamespaceObject
-
-    static let entries: [String: Opener] = [
-        "/dev/shmem/new": openAnonymousSharedMemory,
-    ]
-
-    static func open(_ path: String, flags: UInt32, by caller: PeerCredentials) throws(RequestError) -> NamespaceObject {
-        guard let opener = entries[path] else {
-            throw RequestError(errno: .noSuchFileOrDirectory, reason: "\(path.prefix(200)) is not in the broker's namespace")
+    /// Parses a path and its `:nonblock` suffix; unknown paths are ENOENT.
+    static func parse(_ text: String, flags: UInt32) throws(RequestError) -> (NamespacePath, nonblock: Bool) {
+        var path = Substring(text)
+        var nonblock = flags & OpenFlags.nonblock != 0
+        if path.hasSuffix(":nonblock") {
+            path = path.dropLast(":nonblock".count)
+            nonblock = true
         }
-        return try opener(flags, caller)
+        if path == "/dev/shmem/new" { return (.anonymousSharedMemory, nonblock) }
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        // "", "net", family, ...
+        if parts.count >= 4, parts[0].isEmpty, parts[1] == "net" {
+            let family = String(parts[2])
+            if parts.count == 4, let type = NetSocketType(rawValue: String(parts[3])) {
+                return (.netFactory(family: family, type: type), nonblock)
+            }
+            if parts.count == 5, let id = UInt64(parts[3]) {
+                switch parts[4] {
+                case "data": return (.netData(family: family, id: id), nonblock)
+                case "accept": return (.netAccept(family: family, id: id), nonblock)
+                case "ctl":
+                    throw RequestError(errno: .invalidArgument,
+                                       reason: "ctl is written with a net control request, not opened")
+                default: break
+                }
+            }
+        }
+        throw RequestError(errno: .noSuchFileOrDirectory, reason: "\(text.prefix(200)) is not in the broker's namespace")
     }
+}
 
+enum AnonymousSharedMemory {
     /// Every open is a new anonymous object: a memfd of size 0 whose first mapping decides its size.
-    private static func openAnonymousSharedMemory(flags: UInt32, caller: PeerCredentials) throws(RequestError)
-        -> NamespaceObject
-    {
-        guard flags & ~sealableFlag == 0 else {
+    static func create(flags: UInt32) throws(RequestError) -> Descriptor {
+        guard flags & ~(OpenFlags.sealable | OpenFlags.nonblock) == 0 else {
             throw RequestError(errno: .invalidArgument, reason: "/dev/shmem/new takes only the sealable flag")
         }
         do {
-            let memory = try makeMemoryFile(name: "patchbay-anonymous", sealable: flags & sealableFlag != 0)
-            return NamespaceObject(kind: .anonymousSharedMemory, handle: memory)
+            return try makeMemoryFile(name: "patchbay-anonymous", sealable: flags & OpenFlags.sealable != 0)
         } catch {
             throw RequestError(errno: error, reason: "cannot create an anonymous object: \(error.name)")
         }

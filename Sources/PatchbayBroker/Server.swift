@@ -42,6 +42,7 @@ public final class BrokerServer {
     private var nextSessionID: UInt64 = firstSessionToken
     private let keys: KeyTable
     private let sharedMemory: SharedMemoryStore
+    private let net: NetTable
     private var receiveBuffer: UnsafeMutableRawBufferPointer
     private var running = true
 
@@ -68,6 +69,7 @@ public final class BrokerServer {
         pathLock = try Self.lockPath(path)
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
+        net = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
         if let inherited {
             listener = SeqpacketSocket(adopting: Descriptor(adopting: inherited))
             ownSocketFile = nil
@@ -131,6 +133,8 @@ public final class BrokerServer {
                 switch event.token {
                 case Self.listenerToken: acceptClients()
                 case Self.signalToken: handleSignals()
+                case Self.netListenerTokens...: serviceNetListener(event.token & (Self.netHandleTokens - 1))
+                case Self.netHandleTokens...: serviceNetHandle(event.token & (Self.netHandleTokens - 1), events: event.events)
                 default: serviceSession(event.token, events: event.events)
                 }
             }
@@ -374,11 +378,28 @@ public final class BrokerServer {
 
         case .open(let path, let flags):
             do {
-                let object = try Namespace.open(path, flags: flags, by: session.credentials)
-                send(Reply.open(objectKind: object.kind.rawValue).encode(requestID: requestID),
-                     attaching: object.handle.rawValue, to: session)
+                try open(path, flags: flags, requestID: requestID, session: session)
             } catch {
                 sendError(error, .open, requestID, session)
+            }
+
+        case .netControl(let id, let command):
+            do {
+                try net.control(id, command, caller: session.credentials)
+                send(Reply.netControl.encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .netControl, requestID, session)
+            }
+
+        case .netList:
+            send(Reply.netList(Array(net.list().prefix(512))).encode(requestID: requestID), to: session)
+
+        case .netPath(let name):
+            do {
+                try net.local.validate(Substring(name))
+                send(Reply.netPath(net.local.path(of: Substring(name))).encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .netPath, requestID, session)
             }
 
         case .sharedMemoryOpen(let request):
@@ -420,6 +441,114 @@ public final class BrokerServer {
         }
     }
 
+    // MARK: The namespace
+
+    private func open(_ path: String, flags: UInt32, requestID: UInt64, session: Session) throws(RequestError) {
+        let (target, nonblock) = try NamespacePath.parse(path, flags: flags)
+        let caller = session.credentials
+        switch target {
+        case .anonymousSharedMemory:
+            let memory = try AnonymousSharedMemory.create(flags: flags)
+            send(Reply.open(objectKind: OpenedObjectKind.anonymousSharedMemory.rawValue, id: 0).encode(requestID: requestID),
+                 attaching: memory.rawValue, to: session)
+        case .netFactory(let familyName, let type):
+            let family = try self.family(familyName)
+            let opened = try net.create(family: family, type: type, caller: caller)
+            watchHandle(opened.socket)
+            send(Reply.open(objectKind: OpenedObjectKind.socket.rawValue, id: opened.socket.id).encode(requestID: requestID),
+                 attaching: opened.clientHandle.rawValue, to: session)
+        case .netData(let familyName, let id):
+            _ = try family(familyName)
+            let data = try net.openData(id, caller: caller)
+            send(Reply.open(objectKind: OpenedObjectKind.socketData.rawValue, id: id).encode(requestID: requestID),
+                 attaching: data.rawValue, to: session)
+        case .netAccept(let familyName, let id):
+            _ = try family(familyName)
+            if let opened = try net.acceptNow(id, caller: caller) {
+                deliver(opened, requestID: requestID, to: session)
+                return
+            }
+            guard !nonblock else {
+                throw RequestError(errno: .resourceTemporarilyUnavailable, reason: "no connection is waiting on socket \(id)")
+            }
+            // Blocking accept: park the request; the listener's readiness completes it.
+            let listener = try net.lookup(id, caller: caller)
+            listener.waitingAccepts.append((session.id, requestID))
+            watchListener(listener, true)
+        }
+    }
+
+    private func family(_ name: String) throws(RequestError) -> any NetFamily {
+        guard let family = net.families[name] else {
+            throw RequestError(errno: .noSuchFileOrDirectory, reason: "there is no /net/\(name.prefix(40)) family; the families are local")
+        }
+        return family
+    }
+
+    private func deliver(_ opened: consuming NetOpened, requestID: UInt64, to session: Session) {
+        watchHandle(opened.socket)
+        var fds = [opened.clientHandle.rawValue]
+        if let data = opened.data { fds.append(data.rawValue) }
+        send(Reply.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id).encode(requestID: requestID),
+             attaching: fds, to: session)
+    }
+
+    private static let netHandleTokens: UInt64 = 1 << 48
+    private static let netListenerTokens: UInt64 = 2 << 48
+
+    private func watchHandle(_ socket: NetSocket) {
+        try? epoll.add(socket.handle.rawValue, events: [.readable], token: Self.netHandleTokens | socket.id)
+    }
+
+    private func watchListener(_ socket: NetSocket, _ on: Bool) {
+        if on {
+            // EEXIST when already watched: fine.
+            try? epoll.add(socket.kernel.rawValue, events: [.readable], token: Self.netListenerTokens | socket.id)
+        } else {
+            try? epoll.remove(socket.kernel.rawValue)
+        }
+    }
+
+    /// A handle end is readable: junk a client wrote (discarded) or the hang-up of the last copy.
+    private func serviceNetHandle(_ id: UInt64, events: Epoll.Events) {
+        guard let socket = net.sockets[id] else { return }
+        var scratch = [UInt8](repeating: 0, count: 64)
+        var closed = events.contains(.hangup) || events.contains(.error)
+        while !closed {
+            let count = scratch.withUnsafeMutableBytes { Glibc.recv(socket.handle.rawValue, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
+            if count == 0 { closed = true }
+            if count < 0 { break }
+        }
+        guard closed else { return }
+        try? epoll.remove(socket.handle.rawValue)
+        if !socket.waitingAccepts.isEmpty { watchListener(socket, false) }
+        for waiting in net.close(id) {
+            guard let session = sessions[waiting.session] else { continue }
+            sendError(RequestError(errno: .connectionAbort, reason: "socket \(id) stopped listening"), .open,
+                      waiting.requestID, session)
+        }
+    }
+
+    /// A listener with waiting accepts is readable: complete them in order.
+    private func serviceNetListener(_ id: UInt64) {
+        guard let listener = net.sockets[id] else { return }
+        while let waiting = listener.waitingAccepts.first {
+            guard let session = sessions[waiting.session] else {
+                listener.waitingAccepts.removeFirst()
+                continue
+            }
+            do {
+                guard let opened = try net.acceptPending(listener, owner: session.credentials) else { break }
+                listener.waitingAccepts.removeFirst()
+                deliver(opened, requestID: waiting.requestID, to: session)
+            } catch {
+                listener.waitingAccepts.removeFirst()
+                sendError(error, .open, waiting.requestID, session)
+            }
+        }
+        if listener.waitingAccepts.isEmpty { watchListener(listener, false) }
+    }
+
     private func sendError(_ error: RequestError, _ opcode: Opcode, _ requestID: UInt64, _ session: Session) {
         sendError(ErrorReply(errno: error.errno.rawValue, reason: error.reason), rawOpcode: opcode.rawValue,
                   requestID: requestID, to: session)
@@ -439,12 +568,16 @@ public final class BrokerServer {
         for (uid, count) in sharedMemory.countByOwner() {
             users[uid, default: UserUsage(uid: uid)].sharedMemoryObjects = UInt32(count)
         }
+        for (uid, count) in net.countByOwner() {
+            users[uid, default: UserUsage(uid: uid)].sockets = UInt32(count)
+        }
         for (uid, count) in keys.usersWithKeys {
             users[uid, default: UserUsage(uid: uid)].keys = UInt32(count)
             users[uid, default: UserUsage(uid: uid)].oldestKeyAgeNanoseconds = summary.oldestByUser[uid] ?? 0
         }
         let rows = users.values.sorted {
-            ($0.keys + $0.clients + $0.sharedMemoryObjects, $1.uid) > ($1.keys + $1.clients + $1.sharedMemoryObjects, $0.uid)
+            ($0.keys + $0.clients + $0.sharedMemoryObjects + $0.sockets, $1.uid)
+                > ($1.keys + $1.clients + $1.sharedMemoryObjects + $1.sockets, $0.uid)
         }
         return StatusReport(
             pid: getpid(), version: patchbayVersion, mode: configuration.mode.rawValue, socketPath: socketPath,
@@ -463,9 +596,14 @@ public final class BrokerServer {
     /// was closed instead.
     @discardableResult
     private func send(_ bytes: [UInt8], attaching attachment: CInt? = nil, to session: Session) -> Bool {
+        send(bytes, attaching: attachment.map { [$0] } ?? [], to: session)
+    }
+
+    @discardableResult
+    private func send(_ bytes: [UInt8], attaching attachments: [CInt], to session: Session) -> Bool {
         if session.queuedReplies == 0 {
             do {
-                try session.socket.send(bytes, descriptors: attachment.map { [$0] } ?? [], nonblocking: true)
+                try session.socket.send(bytes, descriptors: attachments, nonblocking: true)
                 return true
             } catch {
                 if error != .resourceTemporarilyUnavailable && error != .noBufferSpace {
@@ -478,23 +616,23 @@ public final class BrokerServer {
             closeSession(session.id, reason: "client is not reading its replies")
             return false
         }
-        var box: DescriptorBox?
-        if let attachment {
+        var boxes: [DescriptorBox] = []
+        for attachment in attachments {
             do {
-                box = DescriptorBox(try duplicateDescriptor(attachment))
+                boxes.append(DescriptorBox(try duplicateDescriptor(attachment)))
             } catch {
                 closeSession(session.id, reason: "cannot queue a descriptor: \(error.name)")
                 return false
             }
         }
-        session.outgoing.append(OutgoingFrame(bytes: bytes, attachment: box))
+        session.outgoing.append(OutgoingFrame(bytes: bytes, attachments: boxes))
         watchWritable(session, true)
         return true
     }
 
     private func flush(_ session: Session) {
         while let frame = session.outgoing.first {
-            let fds = frame.attachment.map { [$0.rawValue] } ?? []
+            let fds = frame.attachments.map(\.rawValue)
             do {
                 try session.socket.send(frame.bytes, descriptors: fds, nonblocking: true)
             } catch {
@@ -517,6 +655,7 @@ public final class BrokerServer {
     private func closeSession(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
         try? epoll.remove(session.socket.rawValue)
+        net.forgetWaits(of: id)
         let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
         clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil
         let now = monotonicNanoseconds()

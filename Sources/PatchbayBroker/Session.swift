@@ -13,7 +13,7 @@ final class DescriptorBox {
 /// One reply waiting for the client's socket to drain.
 struct OutgoingFrame {
     var bytes: [UInt8]
-    var attachment: DescriptorBox?
+    var attachments: [DescriptorBox]
 }
 
 /// One connected client: its socket, who the kernel says it is, and what it has in progress.

@@ -38,7 +38,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case claim = 17
     /// The claimer's report that the claimed descriptor arrived (or did not); no reply.
     case claimAcknowledge = 18
-    /// Open a path in the broker's namespace (`/dev/shmem/new`).
+    /// Open a path in the broker's namespace (`/dev/shmem/new`, `/net/local/seqpacket`,
+    /// `/net/local/<id>/data`, `/net/local/<id>/accept`).
     case open = 32
     /// Named shared memory: `shm_open`, `shm_unlink`, `shm_rename`, stat and listing.
     case sharedMemoryOpen = 40
@@ -46,6 +47,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case sharedMemoryRename = 42
     case sharedMemoryStat = 43
     case sharedMemoryList = 44
+    /// `/net`: write a command line to a socket's `ctl`; list sockets; a name's filesystem path.
+    case netControl = 50
+    case netList = 51
+    case netPath = 52
 
     /// Descriptors a request of this kind must carry.
     public var requestDescriptors: Int {
@@ -55,7 +60,9 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     /// Descriptors a successful reply of this kind carries.
     public var replyDescriptors: Int {
         switch self {
-        case .claim, .open, .sharedMemoryOpen: 1
+        case .claim, .sharedMemoryOpen: 1
+        // `open` replies carry 1 or 2 descriptors depending on the object (see OpenedObjectKind).
+        case .open: 1
         default: 0
         }
     }

@@ -21,8 +21,11 @@ public enum Request: Sendable, Equatable {
     /// `received: false` means the descriptor was lost on the way in (the claimer had no free
     /// descriptor slot), so the broker restores the key.
     case claimAcknowledge(KeyToken, received: Bool)
-    /// Opens a path of the broker's namespace; `flags` per path (`/dev/shmem/new`: bit 0 sealable).
+    /// Opens a path of the broker's namespace; `flags`: `OpenFlags`.
     case open(path: String, flags: UInt32)
+    case netControl(socket: UInt64, command: String)
+    case netList
+    case netPath(name: String)
     case sharedMemoryOpen(SharedMemoryOpenRequest)
     case sharedMemoryUnlink(name: [UInt8])
     case sharedMemoryRename(from: [UInt8], to: [UInt8], flags: UInt32)
@@ -42,6 +45,9 @@ public enum Request: Sendable, Equatable {
         case .sharedMemoryRename: .sharedMemoryRename
         case .sharedMemoryStat: .sharedMemoryStat
         case .sharedMemoryList: .sharedMemoryList
+        case .netControl: .netControl
+        case .netList: .netList
+        case .netPath: .netPath
         }
     }
 
@@ -95,6 +101,13 @@ public enum Request: Sendable, Equatable {
             writer.u32(flags)
         case .sharedMemoryList(let after):
             writer.bytes(after)
+        case .netControl(let socket, let command):
+            writer.u64(socket)
+            writer.string(command)
+        case .netList:
+            break
+        case .netPath(let name):
+            writer.string(name)
         }
         return writer.bytes
     }
@@ -153,6 +166,12 @@ public enum Request: Sendable, Equatable {
             request = .sharedMemoryStat(name: try reader.bytes("name"))
         case .sharedMemoryList:
             request = .sharedMemoryList(after: try reader.bytes("after"))
+        case .netControl:
+            request = .netControl(socket: try reader.u64("socket"), command: try reader.string("command"))
+        case .netList:
+            request = .netList
+        case .netPath:
+            request = .netPath(name: try reader.string("name"))
         }
         try reader.finish()
         return request
@@ -170,8 +189,12 @@ public enum Reply: Sendable, Equatable {
     case share(KeyToken)
     /// The claimed descriptor rides beside the frame; the payload says what kind of file it is.
     case claim(fileKind: UInt8)
-    /// The opened object's descriptor rides beside the frame.
-    case open(objectKind: UInt8)
+    /// The opened object's descriptors ride beside the frame (how many: `OpenedObjectKind`);
+    /// `id` names the socket for socket objects, 0 otherwise.
+    case open(objectKind: UInt8, id: UInt64)
+    case netControl
+    case netList([NetSocketInfo])
+    case netPath(String)
     /// The handle rides beside the frame; the payload describes the object.
     case sharedMemoryOpen(SharedMemoryInfo)
     case sharedMemoryUnlink
@@ -191,6 +214,9 @@ public enum Reply: Sendable, Equatable {
         case .sharedMemoryRename: .sharedMemoryRename
         case .sharedMemoryStat: .sharedMemoryStat
         case .sharedMemoryList: .sharedMemoryList
+        case .netControl: .netControl
+        case .netList: .netList
+        case .netPath: .netPath
         }
     }
 
@@ -200,7 +226,14 @@ public enum Reply: Sendable, Equatable {
         case .status(let report): report.encode(into: &writer)
         case .share(let token): writer.raw(token.bytes)
         case .claim(let kind): writer.u8(kind)
-        case .open(let kind): writer.u8(kind)
+        case .open(let kind, let id):
+            writer.u8(kind)
+            writer.u64(id)
+        case .netControl: break
+        case .netList(let sockets):
+            writer.u32(UInt32(sockets.count))
+            for socket in sockets { socket.encode(into: &writer) }
+        case .netPath(let path): writer.string(path)
         case .sharedMemoryOpen(let info), .sharedMemoryStat(let info): info.encode(into: &writer)
         case .sharedMemoryUnlink, .sharedMemoryRename: break
         case .sharedMemoryList(let infos, let more):
@@ -225,7 +258,17 @@ public enum Reply: Sendable, Equatable {
         case .claim:
             reply = .claim(fileKind: try reader.u8("file kind"))
         case .open:
-            reply = .open(objectKind: try reader.u8("object kind"))
+            reply = .open(objectKind: try reader.u8("object kind"), id: try reader.u64("id"))
+        case .netControl:
+            reply = .netControl
+        case .netList:
+            var sockets: [NetSocketInfo] = []
+            for _ in 0..<(try reader.count("sockets", minimumElementSize: NetSocketInfo.minimumEncodedSize)) {
+                sockets.append(try NetSocketInfo.decode(&reader))
+            }
+            reply = .netList(sockets)
+        case .netPath:
+            reply = .netPath(try reader.string("path"))
         case .sharedMemoryOpen:
             reply = .sharedMemoryOpen(try SharedMemoryInfo.decode(&reader))
         case .sharedMemoryUnlink:
@@ -484,5 +527,70 @@ public struct SharedMemoryInfo: Sendable, Equatable {
             gid: try reader.u32("gid"), mode: try reader.u32("mode"), accessTime: try reader.i64("access time"),
             modifyTime: try reader.i64("modify time"), changeTime: try reader.i64("change time"),
             birthTime: try reader.i64("birth time"), blocks: try reader.u64("blocks"))
+    }
+}
+
+/// Flags of an `open` request.
+public enum OpenFlags {
+    /// `/dev/shmem/new`: the new object accepts seals.
+    public static let sealable: UInt32 = 1
+    /// `/net`: the open itself must not wait (`accept` with nothing pending is `EAGAIN`), and the
+    /// library makes its own data calls on the handle non-blocking. Also written `path:nonblock`.
+    public static let nonblock: UInt32 = 2
+}
+
+/// What an `open` returned, and how many descriptors ride with the reply.
+public enum OpenedObjectKind: UInt8, Sendable {
+    /// `/dev/shmem/new`: the memfd.
+    case anonymousSharedMemory = 1
+    /// A `/net` factory: the socket's handle (the socket lives while a copy of it is open).
+    case socket = 2
+    /// `/net/<family>/<id>/data`: the kernel socket.
+    case socketData = 3
+    /// `/net/<family>/<id>/accept`: the new connection's handle, then its kernel socket.
+    case acceptedSocket = 4
+
+    public var descriptorCount: Int { self == .acceptedSocket ? 2 : 1 }
+}
+
+/// A `/net` socket as `patchbay net ls` shows it.
+public struct NetSocketInfo: Sendable, Equatable {
+    public var id: UInt64
+    public var family: String
+    /// `seqpacket`, `stream` or `dgram`.
+    public var type: String
+    /// `NEW`, `BOUND`, `LISTENING`, `CONNECTING`, `CONNECTED`, `CLOSING`, `CLOSED`.
+    public var state: String
+    /// The bound local name, empty if none.
+    public var name: String
+    public var ownerPID: Int32
+    public var ownerUID: UInt32
+
+    public init(id: UInt64, family: String, type: String, state: String, name: String, ownerPID: Int32, ownerUID: UInt32) {
+        self.id = id
+        self.family = family
+        self.type = type
+        self.state = state
+        self.name = name
+        self.ownerPID = ownerPID
+        self.ownerUID = ownerUID
+    }
+
+    static let minimumEncodedSize = 8 + 2 * 4 + 2 + 4 + 4
+
+    func encode(into writer: inout WireWriter) {
+        writer.u64(id)
+        writer.string(family)
+        writer.string(type)
+        writer.string(state)
+        writer.string(name)
+        writer.i32(ownerPID)
+        writer.u32(ownerUID)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> NetSocketInfo {
+        NetSocketInfo(id: try reader.u64("id"), family: try reader.string("family"), type: try reader.string("type"),
+                      state: try reader.string("state"), name: try reader.string("name"),
+                      ownerPID: try reader.i32("owner pid"), ownerUID: try reader.u32("owner uid"))
     }
 }

@@ -27,6 +27,7 @@ public struct ReceivedDescriptors: ~Copyable {
 }
 
 /// What `receive` got: a datagram's length plus the truncation flags the kernel reported.
+@frozen
 public struct ReceivedMessage: ~Copyable {
     /// Bytes copied into the buffer.
     public var length: Int
@@ -61,6 +62,7 @@ public struct PeerCredentials: Sendable, Hashable {
 
 /// An `AF_UNIX` socket of type `SOCK_SEQPACKET`: reliable, ordered, message boundaries kept,
 /// descriptors carried with `SCM_RIGHTS`.
+@frozen
 public struct SeqpacketSocket: ~Copyable {
     public var descriptor: Descriptor
 
@@ -197,6 +199,7 @@ public struct SeqpacketSocket: ~Copyable {
 }
 
 /// Two connected sockets from `socketpair`.
+@frozen
 public struct SocketPair: ~Copyable {
     public var first: SeqpacketSocket
     public var second: SeqpacketSocket

@@ -1,0 +1,412 @@
+// Sockets through /net (PatchworkOS): factories, socket ids, ctl commands, data and accept, on
+// real kernel sockets.
+//
+// What it is. `/net/<family>/` holds factory files named after socket types (`seqpacket`,
+// `stream`, `dgram`). Opening one creates a kernel socket in the broker and gives the client a
+// *handle*: one end of a socket pair whose other end the broker watches. Reading the handle
+// returns the socket's decimal id; the socket's files are `/net/<family>/<id>/ctl` (commands,
+// `NetControl` requests here), `data` (opening it hands the client the kernel socket itself, so
+// poll/epoll work and data costs what the kernel costs) and `accept` (opening it on a listening
+// socket accepts one connection and hands over its handle and kernel socket).
+//
+// Lifetime. A socket lives while any copy of its handle is open: when the last one closes (the
+// owner closed it, or died), the broker sees the hang-up, moves the socket to CLOSED (through
+// CLOSING if it was connected), closes its own copy of the kernel socket and releases its name.
+// Peers then read end of file once every data handle is closed too.
+//
+// Names. Families map names to addresses; `local` names (`[A-Za-z0-9._-]{1,64}`) are real
+// AF_UNIX socket files in the broker's net directory, so programs that know nothing of Patchbay
+// (socat, Python) can connect to a Patchbay listener, and `connect` reaches listeners Patchbay did
+// not create.
+//
+// Errors. Unknown command or bad argument: EINVAL naming the problem. A transition the state
+// machine does not allow (NetStateMachine.swift): EINVAL. Name taken: EADDRINUSE. Bound but not
+// listening: ECONNREFUSED. data before connect: ENOTCONN. accept with nothing pending and
+// nonblock: EAGAIN; listener closed while waiting: ECONNABORTED. Another uid's socket: EACCES.
+
+import Glibc
+import Logging
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+
+/// A socket family: a directory under /net and a way to turn names into kernel addresses. Only
+/// `local` exists now; `inet` would map names to host:port and use TCP/UDP sockets.
+protocol NetFamily {
+    var name: String { get }
+    func validate(_ address: Substring) throws(RequestError)
+    func path(of address: Substring) -> String
+}
+
+struct LocalFamily: NetFamily {
+    let name = "local"
+    let directory: String
+
+    func validate(_ address: Substring) throws(RequestError) {
+        guard isValidLocalSocketName(address) else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "\"\(address.prefix(80))\" is not a local name: use 1 to 64 of A-Z a-z 0-9 . _ - (not . or ..)")
+        }
+    }
+
+    func path(of address: Substring) -> String { directory + "/" + address }
+}
+
+enum NetSocketType: String, CaseIterable {
+    case seqpacket, stream, dgram
+
+    var kernelKind: UnixSocket.Kind {
+        switch self {
+        case .seqpacket: .seqpacket
+        case .stream: .stream
+        case .dgram: .datagram
+        }
+    }
+}
+
+/// One socket of the table.
+final class NetSocket {
+    let id: UInt64
+    let type: NetSocketType
+    let family: any NetFamily
+    let ownerPID: Int32
+    let ownerUID: UInt32
+    private(set) var state: NetSocketState
+    /// The bound name and the identity of the socket file made for it.
+    var name: String?
+    var boundFile: (device: UInt64, inode: UInt64)?
+    /// The broker's copy of the kernel socket.
+    let kernel: UnixSocket
+    /// The broker's end of the handle pair; its hang-up means every handle is closed.
+    let handle: Descriptor
+    /// accept opens waiting for a connection: (session, request id).
+    var waitingAccepts: [(session: UInt64, requestID: UInt64)] = []
+
+    init(id: UInt64, type: NetSocketType, family: any NetFamily, owner: PeerCredentials, state: NetSocketState,
+         kernel: consuming UnixSocket, handle: consuming Descriptor) {
+        self.id = id
+        self.type = type
+        self.family = family
+        self.ownerPID = owner.pid
+        self.ownerUID = owner.uid
+        self.state = state
+        self.kernel = kernel
+        self.handle = handle
+    }
+
+    /// The one way a socket changes state: checked against the table.
+    func transition(to next: NetSocketState) throws(RequestError) {
+        guard state.canTransition(to: next) else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "socket \(id) is \(state.rawValue); it cannot become \(next.rawValue)")
+        }
+        state = next
+    }
+
+    var info: NetSocketInfo {
+        NetSocketInfo(id: id, family: family.name, type: type.rawValue, state: state.rawValue, name: name ?? "",
+                      ownerPID: ownerPID, ownerUID: ownerUID)
+    }
+}
+
+/// A socket just made, with the descriptors for the client.
+struct NetOpened: ~Copyable {
+    var socket: NetSocket
+    var clientHandle: Descriptor
+    var data: Descriptor?
+}
+
+final class NetTable {
+    private(set) var sockets: [UInt64: NetSocket] = [:]
+    private var names: [String: UInt64] = [:]
+    private var nextID: UInt64 = 1
+    let local: LocalFamily
+    private let mode: BrokerConfiguration.Mode
+    private var logger: Logger
+
+    init(directory: String, mode: BrokerConfiguration.Mode, logger: Logger) throws(BrokerStartError) {
+        self.local = LocalFamily(directory: directory)
+        self.mode = mode
+        self.logger = logger
+        do {
+            try prepareDirectory(directory, mode: mode == .system ? 0o755 : 0o700, owner: geteuid(),
+                                 private: mode == .user, allowRootOwner: true)
+        } catch {
+            throw BrokerStartError(errno: error.errno, reason: error.reason)
+        }
+        removeStaleSocketFiles()
+    }
+
+    var families: [String: any NetFamily] { [local.name: local] }
+
+    // MARK: Opening
+
+    /// A factory open: a new socket in state NEW, owned by `caller`.
+    func create(family: any NetFamily, type: NetSocketType, caller: PeerCredentials) throws(RequestError) -> NetOpened {
+        do {
+            let kernel = try UnixSocket(type.kernelKind)
+            // Unbound datagram senders get an autobound address, so a datagram peer can answer.
+            if type == .dgram { try kernel.enableCredentialPassing() }
+            return try adopt(kernel, type: type, family: family, caller: caller, state: .new)
+        } catch let error as RequestError {
+            throw error
+        } catch {
+            throw RequestError(errno: (error as? Errno) ?? .ioError, reason: "cannot create a socket")
+        }
+    }
+
+    private func adopt(_ kernel: consuming UnixSocket, type: NetSocketType, family: any NetFamily,
+                       caller: PeerCredentials, state: NetSocketState) throws(RequestError) -> NetOpened {
+        let pair: SocketPair
+        do {
+            pair = try SeqpacketSocket.pair()
+        } catch {
+            throw RequestError(errno: error, reason: "cannot create the socket's handle")
+        }
+        let id = nextID
+        nextID += 1
+        let brokerEnd = pair.first
+        let clientEnd = pair.second
+        // Reading the handle returns the socket's id, as in PatchworkOS.
+        _ = try? brokerEnd.send(Array("\(id)\n".utf8), nonblocking: true)
+        do { try brokerEnd.descriptor.setNonblocking(true) } catch {}
+        let socket = NetSocket(id: id, type: type, family: family, owner: caller, state: state,
+                               kernel: kernel, handle: brokerEnd.descriptor)
+        sockets[id] = socket
+        return NetOpened(socket: socket, clientHandle: clientEnd.descriptor, data: nil)
+    }
+
+    /// `data`: the kernel socket, once connected (or bound, for datagrams).
+    func openData(_ id: UInt64, caller: PeerCredentials) throws(RequestError) -> Descriptor {
+        let socket = try lookup(id, caller: caller)
+        let ready = socket.state == .connected || (socket.type == .dgram && socket.state == .bound)
+        guard ready else {
+            throw RequestError(errno: .socketNotConnected,
+                               reason: "socket \(id) is \(socket.state.rawValue); data needs a connected socket")
+        }
+        do {
+            return try duplicateDescriptor(socket.kernel.rawValue)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot hand out the kernel socket")
+        }
+    }
+
+    /// `accept`: one connection now, or nil when none is pending (the caller parks or says EAGAIN).
+    func acceptNow(_ id: UInt64, caller: PeerCredentials) throws(RequestError) -> NetOpened? {
+        let socket = try lookup(id, caller: caller)
+        guard socket.state == .listening, socket.state.canTransition(to: .connected) else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "socket \(id) is \(socket.state.rawValue); accept needs a LISTENING socket")
+        }
+        return try acceptPending(socket, owner: caller)
+    }
+
+    /// Accepts one pending connection on a listener, as a new CONNECTED socket owned by `owner`.
+    func acceptPending(_ listener: NetSocket, owner: PeerCredentials) throws(RequestError) -> NetOpened? {
+        let connection: UnixSocket
+        do {
+            connection = try listener.kernel.accept()
+        } catch {
+            if error == .resourceTemporarilyUnavailable { return nil }
+            throw RequestError(errno: error, reason: "accept failed")
+        }
+        let data: Descriptor
+        do {
+            data = try duplicateDescriptor(connection.rawValue)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot hand out the accepted socket")
+        }
+        var opened = try adopt(connection, type: listener.type, family: listener.family, caller: owner, state: .connected)
+        opened.data = consume data
+        logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
+        return opened
+    }
+
+    // MARK: ctl
+
+    typealias Command = @Sendable (NetTable) -> (NetSocket, [Substring]) throws(RequestError) -> Void
+
+    /// The ctl commands: word → handler. Each is one state transition.
+    static let commands: [NetCommand: Command] = [
+        .bind: { $0.bind },
+        .listen: { $0.listen },
+        .connect: { $0.connect },
+    ]
+
+    /// Runs a command line: commands separated by `&&`, each applied only if the previous one
+    /// succeeded.
+    func control(_ id: UInt64, _ line: String, caller: PeerCredentials) throws(RequestError) {
+        let socket = try lookup(id, caller: caller)
+        let parts = line.split(separator: "&&", omittingEmptySubsequences: false)
+        for part in parts {
+            let words = part.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+            guard let word = words.first else {
+                throw RequestError(errno: .invalidArgument, reason: "empty command in \"\(line.prefix(120))\"")
+            }
+            guard let command = NetCommand(rawValue: String(word)), let handler = Self.commands[command] else {
+                throw RequestError(errno: .invalidArgument,
+                                   reason: "unknown command \"\(word.prefix(40))\"; the commands are bind, listen and connect")
+            }
+            try handler(self)(socket, Array(words.dropFirst()))
+        }
+    }
+
+    private func bind(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+        guard arguments.count == 1 else {
+            throw RequestError(errno: .invalidArgument, reason: "bind takes one name, e.g. \"bind my-service\"")
+        }
+        let name = arguments[0]
+        try socket.family.validate(name)
+        guard socket.state.canTransition(to: .bound) else { try socket.transition(to: .bound); return }
+        guard names[String(name)] == nil else {
+            throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
+        }
+        let path = socket.family.path(of: name)
+        do {
+            try socket.kernel.bind(path: path)
+        } catch {
+            let reason = error == .addressInUse
+                ? "the name \(name) is taken (a socket file exists at \(path))"
+                : "cannot bind \(name): \(error.name)"
+            throw RequestError(errno: error, reason: reason)
+        }
+        _ = chmod(path, mode == .system ? 0o666 : 0o600)
+        try socket.transition(to: .bound)
+        socket.name = String(name)
+        socket.boundFile = Self.identity(of: path)
+        names[String(name)] = socket.id
+    }
+
+    private func listen(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+        guard arguments.count <= 1 else {
+            throw RequestError(errno: .invalidArgument, reason: "listen takes at most one backlog number")
+        }
+        var backlog: CInt = 128
+        if let text = arguments.first {
+            guard let value = CInt(text), value > 0 else {
+                throw RequestError(errno: .invalidArgument, reason: "the backlog must be a positive number, not \"\(text.prefix(20))\"")
+            }
+            backlog = value
+        }
+        guard socket.state.canTransition(to: .listening) else { try socket.transition(to: .listening); return }
+        do {
+            try socket.kernel.listen(backlog: backlog)
+            // Only the broker ever accepts on a listener, and it must never wait there.
+            try socket.kernel.descriptor.setNonblocking(true)
+        } catch {
+            let reason = error == .notSupportedOnSocket ? "\(socket.type.rawValue) sockets do not listen" : "listen failed"
+            throw RequestError(errno: error, reason: reason)
+        }
+        try socket.transition(to: .listening)
+    }
+
+    private func connect(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+        guard arguments.count == 1 else {
+            throw RequestError(errno: .invalidArgument, reason: "connect takes one name, e.g. \"connect my-service\"")
+        }
+        let name = arguments[0]
+        try socket.family.validate(name)
+        let previous = socket.state
+        try socket.transition(to: .connecting)
+        do {
+            try socket.kernel.connectWithoutBlocking(path: socket.family.path(of: name))
+        } catch {
+            try socket.transition(to: previous)
+            let reason = switch error {
+            case .connectionRefused: "\(name) is bound but nobody is listening there"
+            case .noSuchFileOrDirectory: "nothing is bound to the name \(name)"
+            case .resourceTemporarilyUnavailable: "\(name)'s backlog is full; try again"
+            case .protocolWrongTypeForSocket: "\(name) is a socket of another type"
+            default: "cannot connect to \(name): \(error.name)"
+            }
+            throw RequestError(errno: error, reason: reason)
+        }
+        try socket.transition(to: .connected)
+    }
+
+    // MARK: Closing
+
+    /// Closes a socket whose every handle is gone: CONNECTED → CLOSING → CLOSED, or straight to
+    /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
+    func close(_ id: UInt64) -> [(session: UInt64, requestID: UInt64)] {
+        guard let socket = sockets.removeValue(forKey: id) else { return [] }
+        if socket.state == .connected { try? socket.transition(to: .closing) }
+        if socket.state == .connecting { try? socket.transition(to: .new) }
+        try? socket.transition(to: .closed)
+        if let name = socket.name {
+            names[name] = nil
+            let path = socket.family.path(of: Substring(name))
+            if let own = socket.boundFile, let current = Self.identity(of: path), current == own { unlink(path) }
+        }
+        logger.debug("socket closed", metadata: ["socket": "\(id)", "state": "\(socket.state.rawValue)"])
+        return socket.waitingAccepts
+    }
+
+    /// Forgets the accepts a departed session was waiting for.
+    func forgetWaits(of session: UInt64) {
+        for socket in sockets.values where !socket.waitingAccepts.isEmpty {
+            socket.waitingAccepts.removeAll { $0.session == session }
+        }
+    }
+
+    func list() -> [NetSocketInfo] {
+        sockets.values.sorted { $0.id < $1.id }.map(\.info)
+    }
+
+    func countByOwner() -> [UInt32: Int] {
+        var counts: [UInt32: Int] = [:]
+        for socket in sockets.values { counts[socket.ownerUID, default: 0] += 1 }
+        return counts
+    }
+
+    // MARK: Helpers
+
+    func lookup(_ id: UInt64, caller: PeerCredentials) throws(RequestError) -> NetSocket {
+        guard let socket = sockets[id] else {
+            throw RequestError(errno: .noSuchFileOrDirectory, reason: "there is no socket \(id)")
+        }
+        guard socket.ownerUID == caller.uid else {
+            throw RequestError(errno: .permissionDenied, reason: "socket \(id) belongs to uid \(socket.ownerUID)")
+        }
+        return socket
+    }
+
+    private static func identity(of path: String) -> (device: UInt64, inode: UInt64)? {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return nil }
+        return (UInt64(info.st_dev), UInt64(info.st_ino))
+    }
+
+    /// Socket files left by a broker that died: nobody listens on them (connect is refused), so
+    /// they would make every bind of their name fail.
+    private func removeStaleSocketFiles() {
+        guard let directory = opendir(local.directory) else { return }
+        defer { closedir(directory) }
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard isValidLocalSocketName(name) else { continue }
+            let path = local.path(of: Substring(name))
+            var info = stat()
+            guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { continue }
+            // Probe with each type: the wrong one says EPROTOTYPE, a live one connects, a dead
+            // one refuses.
+            var stale = true
+            for kind in UnixSocket.Kind.allCases {
+                guard let probe = try? UnixSocket(kind) else { continue }
+                do {
+                    try probe.connectWithoutBlocking(path: path)
+                    stale = false
+                    break
+                } catch {
+                    if error == .protocolWrongTypeForSocket { continue }
+                    if error != .connectionRefused { stale = false }
+                    break
+                }
+            }
+            if stale {
+                unlink(path)
+                logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+public import SystemPackage
+import Glibc
+import CPatchbayShims
+
+/// An `AF_UNIX` socket of any type (`SOCK_STREAM`, `SOCK_SEQPACKET`, `SOCK_DGRAM`): what
+/// `/net/local` sockets are made of.
+@frozen
+public struct UnixSocket: ~Copyable {
+    public enum Kind: CInt, Sendable, CaseIterable {
+        case stream = 1  // SOCK_STREAM
+        case datagram = 2  // SOCK_DGRAM
+        case seqpacket = 5  // SOCK_SEQPACKET
+    }
+
+    /// Where a datagram came from (a `sockaddr_un`), to answer it with `send(_:to:)`.
+    public struct Address: Sendable, Equatable {
+        public var bytes: [UInt8]
+        /// The path, or nil for an unnamed or abstract address.
+        public var path: String? {
+            guard bytes.count > 2, bytes[2] != 0 else { return nil }
+            return String(decoding: bytes[2...].prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+
+    public var descriptor: Descriptor
+
+    public init(adopting descriptor: consuming Descriptor) {
+        self.descriptor = descriptor
+    }
+
+    /// The corresponding C call is `socket(AF_UNIX, kind | SOCK_CLOEXEC)`.
+    public init(_ kind: Kind) throws(Errno) {
+        let fd = try syscallRetrying { socket(AF_UNIX, kind.rawValue | CInt(SOCK_CLOEXEC.rawValue), 0) }
+        descriptor = Descriptor(adopting: fd)
+    }
+
+    public var rawValue: CInt { descriptor.rawValue }
+
+    public borrowing func bind(path: String) throws(Errno) {
+        var address = try UnixAddress(path: path)
+        _ = try syscallRetrying { address.withSockaddr { Glibc.bind(descriptor.rawValue, $0, $1) } }
+    }
+
+    public borrowing func listen(backlog: CInt) throws(Errno) {
+        _ = try syscallRetrying { Glibc.listen(descriptor.rawValue, backlog) }
+    }
+
+    /// Connects without ever blocking: the socket is non-blocking for the call only, so a full
+    /// backlog is `EAGAIN` instead of a wait. The corresponding C call is `connect`.
+    public borrowing func connectWithoutBlocking(path: String) throws(Errno) {
+        var address = try UnixAddress(path: path)
+        try descriptor.setNonblocking(true)
+        defer { try? descriptor.setNonblocking(false) }
+        while true {
+            if address.withSockaddr({ Glibc.connect(descriptor.rawValue, $0, $1) }) == 0 { return }
+            let error = Errno.current
+            if error == .socketIsConnected { return }
+            if error != .interrupted { throw error }
+        }
+    }
+
+    /// Accepts one connection (blocking unless the socket is non-blocking), close-on-exec.
+    public borrowing func accept() throws(Errno) -> UnixSocket {
+        UnixSocket(adopting: Descriptor(adopting: try syscallRetrying { pb_accept4(descriptor.rawValue, 0) }))
+    }
+
+    /// Sends one message (one packet on seqpacket and dgram), never raising `SIGPIPE`.
+    /// `nonblocking` uses `MSG_DONTWAIT` for this call only.
+    public borrowing func send(_ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
+        let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
+        return try syscallRetrying { Glibc.send(descriptor.rawValue, bytes.baseAddress, bytes.count, CInt(flags)) }
+    }
+
+    /// Sends a datagram to `address`.
+    public borrowing func send(_ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false) throws(Errno) -> Int {
+        let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
+        return try syscallRetrying {
+            address.bytes.withUnsafeBytes { raw in
+                sendto(descriptor.rawValue, bytes.baseAddress, bytes.count, CInt(flags),
+                       raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(raw.count))
+            }
+        }
+    }
+
+    /// What one receive got.
+    public struct Received: Sendable {
+        /// Bytes copied into the buffer.
+        public var count: Int
+        /// The whole message's length: larger than `count` when a packet was cut short.
+        public var messageLength: Int
+        /// The packet did not fit and its tail was discarded (seqpacket and dgram).
+        public var truncated: Bool { messageLength > count }
+        public var sender: Address?
+    }
+
+    /// Receives one message (one packet on seqpacket and dgram). `count == 0` on a stream or
+    /// seqpacket socket with no truncation means end of file... or a zero-length packet, which
+    /// seqpacket also allows; `messageLength` cannot tell them apart either, as in the kernel.
+    public borrowing func receive(into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
+                                  wantSender: Bool = false) throws(Errno) -> Received {
+        // MSG_TRUNC makes recv return the real length of a packet that did not fit.
+        let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
+        if wantSender {
+            var storage = sockaddr_un()
+            var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+            let total = try syscallRetrying {
+                withUnsafeMutablePointer(to: &storage) { pointer in
+                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        recvfrom(descriptor.rawValue, buffer.baseAddress, buffer.count, flags, $0, &length)
+                    }
+                }
+            }
+            let address = withUnsafeBytes(of: &storage) { Array($0.prefix(Int(length))) }
+            return Received(count: min(total, buffer.count), messageLength: total, sender: Address(bytes: address))
+        }
+        let total = try syscallRetrying { recv(descriptor.rawValue, buffer.baseAddress, buffer.count, flags) }
+        return Received(count: min(total, buffer.count), messageLength: total, sender: nil)
+    }
+
+    /// Sets `SO_PASSCRED`, which makes Linux give an unbound socket an autobound (abstract)
+    /// address when it connects or sends, so a datagram peer can answer it.
+    public borrowing func enableCredentialPassing() throws(Errno) {
+        var one: CInt = 1
+        _ = try syscallRetrying {
+            setsockopt(descriptor.rawValue, SOL_SOCKET, SO_PASSCRED, &one, socklen_t(MemoryLayout<CInt>.size))
+        }
+    }
+
+    /// `shutdown(SHUT_WR)`: the peer reads end of file after the queued data.
+    public borrowing func shutdownWriting() throws(Errno) {
+        _ = try syscallRetrying { Glibc.shutdown(descriptor.rawValue, CInt(SHUT_WR)) }
+    }
+}
