@@ -487,8 +487,9 @@ public final class BrokerServer {
 
     private func deliver(_ opened: consuming NetOpened, requestID: UInt64, to session: Session) {
         watchHandle(opened.socket)
+        // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
         var fds = [opened.clientHandle.rawValue]
-        if let data = opened.data { fds.append(data.rawValue) }
+        if let data = opened.data?.rawValue { fds.append(data) }
         send(Reply.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id).encode(requestID: requestID),
              attaching: fds, to: session)
     }

@@ -20,7 +20,11 @@ func writeStandardError(_ text: String) {
 /// Writes to stdout unbuffered, so output interleaves correctly with child processes. A failed
 /// write fails the command: `key=$(patchbay share ...)` must never get half a key and status 0.
 func writeStandardOutput(_ text: String) {
-    let bytes = Array(text.utf8)
+    writeStandardOutput(bytes: Array(text.utf8))
+}
+
+/// Writes raw bytes to stdout, failing the command if stdout cannot take them.
+func writeStandardOutput(bytes: [UInt8]) {
     var offset = 0
     while offset < bytes.count {
         let n = bytes[offset...].withUnsafeBytes { write(1, $0.baseAddress, $0.count) }

@@ -67,16 +67,28 @@ public struct UnixSocket: ~Copyable {
     /// Sends one message (one packet on seqpacket and dgram), never raising `SIGPIPE`.
     /// `nonblocking` uses `MSG_DONTWAIT` for this call only.
     public borrowing func send(_ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
-        let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
-        return try syscallRetrying { Glibc.send(descriptor.rawValue, bytes.baseAddress, bytes.count, CInt(flags)) }
+        try Self.send(on: descriptor.rawValue, bytes, nonblocking: nonblocking)
     }
 
     /// Sends a datagram to `address`.
     public borrowing func send(_ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false) throws(Errno) -> Int {
+        try Self.send(on: descriptor.rawValue, bytes, to: address, nonblocking: nonblocking)
+    }
+
+    /// `send` on a socket descriptor owned elsewhere.
+    public static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
+        let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
+        return try syscallRetrying { Glibc.send(fd, bytes.baseAddress, bytes.count, flags) }
+    }
+
+    /// `sendto` on a socket descriptor owned elsewhere.
+    public static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false)
+        throws(Errno) -> Int
+    {
         let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
         return try syscallRetrying {
             address.bytes.withUnsafeBytes { raw in
-                sendto(descriptor.rawValue, bytes.baseAddress, bytes.count, CInt(flags),
+                sendto(fd, bytes.baseAddress, bytes.count, flags,
                        raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(raw.count))
             }
         }
@@ -91,6 +103,8 @@ public struct UnixSocket: ~Copyable {
         /// The packet did not fit and its tail was discarded (seqpacket and dgram).
         public var truncated: Bool { messageLength > count }
         public var sender: Address?
+        /// The peer has shut down and everything it sent has been read (stream and seqpacket).
+        public var isEndOfFile = false
     }
 
     /// Receives one message (one packet on seqpacket and dgram). `count == 0` on a stream or
@@ -98,6 +112,12 @@ public struct UnixSocket: ~Copyable {
     /// seqpacket also allows; `messageLength` cannot tell them apart either, as in the kernel.
     public borrowing func receive(into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
                                   wantSender: Bool = false) throws(Errno) -> Received {
+        try Self.receive(on: descriptor.rawValue, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+    }
+
+    /// `recv`/`recvfrom` on a socket descriptor owned elsewhere.
+    public static func receive(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
+                               wantSender: Bool = false) throws(Errno) -> Received {
         // MSG_TRUNC makes recv return the real length of a packet that did not fit.
         let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
         if wantSender {
@@ -106,15 +126,32 @@ public struct UnixSocket: ~Copyable {
             let total = try syscallRetrying {
                 withUnsafeMutablePointer(to: &storage) { pointer in
                     pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        recvfrom(descriptor.rawValue, buffer.baseAddress, buffer.count, flags, $0, &length)
+                        recvfrom(fd, buffer.baseAddress, buffer.count, flags, $0, &length)
                     }
                 }
             }
             let address = withUnsafeBytes(of: &storage) { Array($0.prefix(Int(length))) }
             return Received(count: min(total, buffer.count), messageLength: total, sender: Address(bytes: address))
         }
-        let total = try syscallRetrying { recv(descriptor.rawValue, buffer.baseAddress, buffer.count, flags) }
+        let total = try syscallRetrying { recv(fd, buffer.baseAddress, buffer.count, flags) }
         return Received(count: min(total, buffer.count), messageLength: total, sender: nil)
+    }
+
+    /// After a seqpacket `recv` returned 0 bytes: was it end of file, or a zero-length packet?
+    /// The kernel answers both with 0. End of file needs the peer to have shut down, and nothing
+    /// left to read after it (a peek returns 0 again). The one case this cannot tell, as no
+    /// seqpacket reader can, is an empty packet that was the very last thing the peer sent.
+    public static func zeroLengthReadIsEndOfFile(_ fd: CInt) -> Bool {
+        guard peerHasShutDown(fd) else { return false }
+        var byte: UInt8 = 0
+        return recv(fd, &byte, 1, CInt(MSG_PEEK) | CInt(MSG_DONTWAIT)) == 0
+    }
+
+    /// Whether the peer has shut down its writing side (or closed): `poll` reports `POLLRDHUP`.
+    public static func peerHasShutDown(_ fd: CInt) -> Bool {
+        var poller = pollfd(fd: fd, events: Int16(0x2000), revents: 0)  // POLLRDHUP
+        guard poll(&poller, 1, 0) > 0 else { return false }
+        return poller.revents & Int16(0x2000 | 0x10) != 0  // POLLRDHUP | POLLHUP
     }
 
     /// Sets `SO_PASSCRED`, which makes Linux give an unbound socket an autobound (abstract)
@@ -128,6 +165,10 @@ public struct UnixSocket: ~Copyable {
 
     /// `shutdown(SHUT_WR)`: the peer reads end of file after the queued data.
     public borrowing func shutdownWriting() throws(Errno) {
-        _ = try syscallRetrying { Glibc.shutdown(descriptor.rawValue, CInt(SHUT_WR)) }
+        try Self.shutdownWriting(on: descriptor.rawValue)
+    }
+
+    public static func shutdownWriting(on fd: CInt) throws(Errno) {
+        _ = try syscallRetrying { Glibc.shutdown(fd, CInt(SHUT_WR)) }
     }
 }

@@ -1,0 +1,255 @@
+// Sockets through /net (PatchworkOS), as a Swift value.
+//
+// The model: `Socket.open` opens a factory (`/net/local/seqpacket`, ...) and gets a handle and an
+// id; `control("bind x && listen")` writes the socket's ctl file; `accept()` opens its accept
+// file; once connected, the socket's data file is the kernel socket itself, so sending and
+// receiving cost what the kernel costs, and `dataDescriptor` goes straight into poll or epoll.
+// The socket lives while its handle does: dropping the `Socket` (or dying) closes it, releases its
+// name, and lets the peer read end of file.
+
+import Glibc
+import PatchbayProtocol
+import PatchbaySystem
+
+public struct Socket: ~Copyable {
+    public enum Family: String, Sendable, CaseIterable {
+        case local
+    }
+
+    public enum Kind: String, Sendable, CaseIterable {
+        case seqpacket, stream, dgram
+    }
+
+    /// The socket's id: its directory is `/net/<family>/<id>/`.
+    public let id: UInt64
+    public let family: Family
+    public let kind: Kind
+    /// Data calls on this handle never wait (`EAGAIN` instead); accept with nothing pending is
+    /// `EAGAIN`.
+    public let nonblocking: Bool
+    private let broker: Broker
+    /// The socket's handle. The socket lives while a copy of it is open anywhere; reading it
+    /// returns the id.
+    public let handle: Descriptor
+    /// The kernel socket once `data` is open, else -1.
+    private var dataFD: CInt = -1
+
+    init(broker: Broker, id: UInt64, family: Family, kind: Kind, nonblocking: Bool, handle: consuming Descriptor,
+         data: consuming Descriptor?) {
+        self.broker = broker
+        self.id = id
+        self.family = family
+        self.kind = kind
+        self.nonblocking = nonblocking
+        self.handle = handle
+        if let data { dataFD = data.release() }
+    }
+
+    deinit {
+        if dataFD >= 0 { Glibc.close(dataFD) }
+    }
+
+    // MARK: The model
+
+    /// Opens `/net/<family>/<kind>`: a new socket in state NEW.
+    public static func open(_ broker: Broker, family: Family = .local, type kind: Kind, nonblocking: Bool = false)
+        throws(PatchbayError) -> Socket
+    {
+        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(kind.rawValue)",
+                                             flags: nonblocking ? OpenFlags.nonblock : 0))
+        guard case .open(let objectKind, let id) = response.reply, objectKind == OpenedObjectKind.socket.rawValue,
+              let handle = response.takeDescriptor()
+        else { throw PatchbayError(.protocolError, "the broker's socket reply is malformed") }
+        return Socket(broker: broker, id: id, family: family, kind: kind, nonblocking: nonblocking, handle: handle, data: nil)
+    }
+
+    /// Writes a command line to the socket's ctl file: `bind <name>`, `listen [backlog]`,
+    /// `connect <name>`, chained with `&&`. A connected socket gets its data handle at once.
+    ///
+    /// - Throws: `EINVAL` (unknown command, bad argument, a transition the state machine does not
+    ///   allow), `EADDRINUSE`, `ECONNREFUSED` (bound but not listening), `ENOENT` (no such name).
+    public mutating func control(_ command: String) throws(PatchbayError) {
+        _ = try broker.call(.netControl(socket: id, command: command))
+        if dataFD < 0, (try? state()) == .connected {
+            try openData()
+        }
+    }
+
+    public mutating func bind(_ name: String) throws(PatchbayError) { try control("bind \(name)") }
+
+    public mutating func listen(backlog: Int? = nil) throws(PatchbayError) {
+        try control(backlog.map { "listen \($0)" } ?? "listen")
+    }
+
+    public mutating func connect(to name: String) throws(PatchbayError) { try control("connect \(name)") }
+
+    /// Opens the socket's data file: the kernel socket. Done for you when a socket connects or is
+    /// accepted; needed by hand for a bound datagram socket.
+    ///
+    /// - Throws: `ENOTCONN` before the socket is connected (or bound, for datagrams).
+    public mutating func openData() throws(PatchbayError) {
+        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: 0))
+        guard case .open = response.reply, let data = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's data reply carried no descriptor")
+        }
+        if dataFD >= 0 { Glibc.close(dataFD) }
+        dataFD = data.release()
+    }
+
+    /// Opens the socket's accept file: waits for one connection (or `EAGAIN` when non-blocking
+    /// and none is pending) and returns it as a socket with its own id, connected.
+    ///
+    /// - Throws: `EINVAL` unless listening, `EAGAIN`, `ECONNABORTED` when the listener closes
+    ///   while this waits.
+    public func accept(nonblocking: Bool? = nil) throws(PatchbayError) -> Socket {
+        let quick = nonblocking ?? self.nonblocking
+        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(id)/accept",
+                                             flags: quick ? OpenFlags.nonblock : 0))
+        guard case .open(let objectKind, let newID) = response.reply,
+              objectKind == OpenedObjectKind.acceptedSocket.rawValue,
+              let newHandle = response.takeDescriptor(), let data = response.takeDescriptor()
+        else { throw PatchbayError(.protocolError, "the broker's accept reply is malformed") }
+        return Socket(broker: broker, id: newID, family: family, kind: kind, nonblocking: self.nonblocking,
+                      handle: newHandle, data: data)
+    }
+
+    /// The socket's state as the broker knows it.
+    public func state() throws(PatchbayError) -> NetSocketState {
+        guard let info = try broker.listSockets().first(where: { $0.id == id }),
+              let state = NetSocketState(rawValue: info.state)
+        else { throw PatchbayError(.noSuchFileOrDirectory, "socket \(id) no longer exists") }
+        return state
+    }
+
+    // MARK: Data
+
+    /// The kernel socket's descriptor (for poll, epoll, or plain read/write), -1 before `data`
+    /// is open. Owned by this `Socket`.
+    public var dataDescriptor: CInt { dataFD }
+
+    /// Sends one message (one packet on seqpacket and dgram). Never raises SIGPIPE.
+    ///
+    /// - Throws: `ENOTCONN` before connect, `EPIPE` when the peer is gone, `EAGAIN` when
+    ///   non-blocking and the socket is full.
+    @discardableResult
+    public func send(_ bytes: UnsafeRawBufferPointer) throws(PatchbayError) -> Int {
+        let fd = try dataDescriptorOrFail()
+        do {
+            return try UnixSocket.send(on: fd, bytes, nonblocking: nonblocking)
+        } catch {
+            throw PatchbayError(error, Self.dataReason(error, sending: true))
+        }
+    }
+
+    @discardableResult
+    public func send(_ bytes: [UInt8]) throws(PatchbayError) -> Int {
+        try bytes.withUnsafeBytes { raw in
+            Result { () throws(PatchbayError) -> Int in try send(raw) }
+        }.get()
+    }
+
+    /// Sends a datagram to the address a received one came from.
+    @discardableResult
+    public func send(_ bytes: [UInt8], to address: UnixSocket.Address) throws(PatchbayError) -> Int {
+        let fd = try dataDescriptorOrFail()
+        let result = bytes.withUnsafeBytes { raw in
+            Result { () throws(Errno) -> Int in try UnixSocket.send(on: fd, raw, to: address, nonblocking: nonblocking) }
+        }
+        do { return try result.get() } catch { throw PatchbayError(error, Self.dataReason(error, sending: true)) }
+    }
+
+    /// Receives one message into `buffer` (at most one packet on seqpacket and dgram; a packet
+    /// longer than the buffer is cut and `truncated` says so). `isEndOfFile` tells end of file
+    /// from a zero-length packet (see `UnixSocket.zeroLengthReadIsEndOfFile`).
+    public func receive(into buffer: UnsafeMutableRawBufferPointer, wantSender: Bool = false)
+        throws(PatchbayError) -> UnixSocket.Received
+    {
+        let fd = try dataDescriptorOrFail()
+        do {
+            var received = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+            if received.messageLength == 0 {
+                switch kind {
+                case .stream: received.isEndOfFile = true
+                case .seqpacket: received.isEndOfFile = UnixSocket.zeroLengthReadIsEndOfFile(fd)
+                case .dgram: break
+                }
+            }
+            return received
+        } catch {
+            throw PatchbayError(error, Self.dataReason(error, sending: false))
+        }
+    }
+
+    /// Receives one message as bytes.
+    /// Receives one message as bytes; nil at end of file.
+    public func receive(maximumLength: Int = 65536) throws(PatchbayError) -> (bytes: [UInt8], truncated: Bool)? {
+        var buffer = [UInt8](repeating: 0, count: maximumLength)
+        let received = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> UnixSocket.Received in try receive(into: raw) }
+        }.get()
+        if received.isEndOfFile { return nil }
+        return (Array(buffer[0..<received.count]), received.truncated)
+    }
+
+    /// Stops sending: the peer reads what is queued, then end of file.
+    public func shutdownWriting() throws(PatchbayError) {
+        let fd = try dataDescriptorOrFail()
+        do { try UnixSocket.shutdownWriting(on: fd) } catch { throw PatchbayError(error, "shutdown failed") }
+    }
+
+    private func dataDescriptorOrFail() throws(PatchbayError) -> CInt {
+        guard dataFD >= 0 else {
+            throw PatchbayError(.socketNotConnected, "socket \(id) is not connected (no data handle)")
+        }
+        return dataFD
+    }
+
+    private static func dataReason(_ error: Errno, sending: Bool) -> String {
+        switch error {
+        case .brokenPipe: "the peer has closed the connection"
+        case .socketNotConnected: "the socket is not connected"
+        case .resourceTemporarilyUnavailable: sending ? "the socket is full (non-blocking)" : "nothing to read (non-blocking)"
+        case .connectionReset: "the peer reset the connection"
+        case .connectionRefused: "nobody is listening at the destination"
+        default: sending ? "send failed" : "receive failed"
+        }
+    }
+
+    // MARK: Conveniences
+
+    /// A listening socket bound to `name`.
+    public static func listen(_ broker: Broker, name: String, type kind: Kind = .seqpacket, backlog: Int? = nil,
+                              nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+        var socket = try open(broker, type: kind, nonblocking: nonblocking)
+        try socket.control("bind \(name) && " + (backlog.map { "listen \($0)" } ?? "listen"))
+        return socket
+    }
+
+    /// A socket connected to `name`, data handle open.
+    public static func connect(_ broker: Broker, to name: String, type kind: Kind = .seqpacket,
+                               nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+        var socket = try open(broker, type: kind, nonblocking: nonblocking)
+        try socket.connect(to: name)
+        return socket
+    }
+}
+
+extension Broker {
+    /// Every `/net` socket: id, family, type, state, name, owner.
+    public func listSockets() throws(PatchbayError) -> [NetSocketInfo] {
+        let response = try call(.netList)
+        guard case .netList(let sockets) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to a socket listing")
+        }
+        return sockets
+    }
+
+    /// The filesystem path of a local name: where programs that know nothing of Patchbay connect.
+    public func localSocketPath(_ name: String) throws(PatchbayError) -> String {
+        let response = try call(.netPath(name: name))
+        guard case .netPath(let path) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to a path request")
+        }
+        return path
+    }
+}
