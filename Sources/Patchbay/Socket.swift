@@ -102,14 +102,20 @@ public struct Socket: ~Copyable {
     /// - Throws: `EINVAL` unless listening, `EAGAIN`, `ECONNABORTED` when the listener closes
     ///   while this waits.
     public func accept(nonblocking: Bool? = nil) throws(PatchbayError) -> Socket {
-        let quick = nonblocking ?? self.nonblocking
+        try Socket.accept(broker, socket: id, family: family, type: kind, nonblocking: nonblocking ?? self.nonblocking)
+    }
+
+    /// Opens `/net/<family>/<id>/accept` of any socket of this uid by its id (the file view: the
+    /// socket need not be one this process opened).
+    public static func accept(_ broker: Broker, socket id: UInt64, family: Family = .local, type kind: Kind,
+                              nonblocking: Bool = false) throws(PatchbayError) -> Socket {
         var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(id)/accept",
-                                             flags: quick ? OpenFlags.nonblock : 0))
+                                             flags: nonblocking ? OpenFlags.nonblock : 0))
         guard case .open(let objectKind, let newID) = response.reply,
               objectKind == OpenedObjectKind.acceptedSocket.rawValue,
               let newHandle = response.takeDescriptor(), let data = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's accept reply is malformed") }
-        return Socket(broker: broker, id: newID, family: family, kind: kind, nonblocking: self.nonblocking,
+        return Socket(broker: broker, id: newID, family: family, kind: kind, nonblocking: nonblocking,
                       handle: newHandle, data: data)
     }
 

@@ -565,8 +565,11 @@ public struct NetSocketInfo: Sendable, Equatable {
     public var name: String
     public var ownerPID: Int32
     public var ownerUID: UInt32
+    /// Accept opens waiting for a connection on this socket.
+    public var waitingAccepts: UInt32
 
-    public init(id: UInt64, family: String, type: String, state: String, name: String, ownerPID: Int32, ownerUID: UInt32) {
+    public init(id: UInt64, family: String, type: String, state: String, name: String, ownerPID: Int32, ownerUID: UInt32,
+                waitingAccepts: UInt32 = 0) {
         self.id = id
         self.family = family
         self.type = type
@@ -574,9 +577,10 @@ public struct NetSocketInfo: Sendable, Equatable {
         self.name = name
         self.ownerPID = ownerPID
         self.ownerUID = ownerUID
+        self.waitingAccepts = waitingAccepts
     }
 
-    static let minimumEncodedSize = 8 + 2 * 4 + 2 + 4 + 4
+    static let minimumEncodedSize = 8 + 2 * 4 + 2 + 4 + 4 + 4
 
     func encode(into writer: inout WireWriter) {
         writer.u64(id)
@@ -586,11 +590,13 @@ public struct NetSocketInfo: Sendable, Equatable {
         writer.string(name)
         writer.i32(ownerPID)
         writer.u32(ownerUID)
+        writer.u32(waitingAccepts)
     }
 
     static func decode(_ reader: inout WireReader) throws(DecodeError) -> NetSocketInfo {
         NetSocketInfo(id: try reader.u64("id"), family: try reader.string("family"), type: try reader.string("type"),
                       state: try reader.string("state"), name: try reader.string("name"),
-                      ownerPID: try reader.i32("owner pid"), ownerUID: try reader.u32("owner uid"))
+                      ownerPID: try reader.i32("owner pid"), ownerUID: try reader.u32("owner uid"),
+                      waitingAccepts: try reader.u32("waiting accepts"))
     }
 }

@@ -105,7 +105,7 @@ final class NetSocket {
 
     var info: NetSocketInfo {
         NetSocketInfo(id: id, family: family.name, type: type.rawValue, state: state.rawValue, name: name ?? "",
-                      ownerPID: ownerPID, ownerUID: ownerUID)
+                      ownerPID: ownerPID, ownerUID: ownerUID, waitingAccepts: UInt32(waitingAccepts.count))
     }
 }
 
@@ -224,7 +224,9 @@ final class NetTable {
 
     // MARK: ctl
 
-    typealias Command = @Sendable (NetTable) -> (NetSocket, [Substring]) throws(RequestError) -> Void
+    /// A command handler. With `apply` false it only checks the arguments' syntax, so a line
+    /// with a malformed command anywhere changes nothing.
+    typealias Command = @Sendable (NetTable) -> (NetSocket, [Substring], _ apply: Bool) throws(RequestError) -> Void
 
     /// The ctl commands: word → handler. Each is one state transition.
     static let commands: [NetCommand: Command] = [
@@ -233,12 +235,13 @@ final class NetTable {
         .connect: { $0.connect },
     ]
 
-    /// Runs a command line: commands separated by `&&`, each applied only if the previous one
-    /// succeeded.
+    /// Runs a command line: commands separated by `&&`. The whole line is checked first (unknown
+    /// words, argument counts and syntax: EINVAL, nothing applied); then the commands run in
+    /// order, each only if the previous one succeeded, as in a shell.
     func control(_ id: UInt64, _ line: String, caller: PeerCredentials) throws(RequestError) {
         let socket = try lookup(id, caller: caller)
-        let parts = line.split(separator: "&&", omittingEmptySubsequences: false)
-        for part in parts {
+        var steps: [(Command, [Substring])] = []
+        for part in line.split(separator: "&&", omittingEmptySubsequences: false) {
             let words = part.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
             guard let word = words.first else {
                 throw RequestError(errno: .invalidArgument, reason: "empty command in \"\(line.prefix(120))\"")
@@ -247,16 +250,22 @@ final class NetTable {
                 throw RequestError(errno: .invalidArgument,
                                    reason: "unknown command \"\(word.prefix(40))\"; the commands are bind, listen and connect")
             }
-            try handler(self)(socket, Array(words.dropFirst()))
+            let arguments = Array(words.dropFirst())
+            try handler(self)(socket, arguments, false)
+            steps.append((handler, arguments))
+        }
+        for (handler, arguments) in steps {
+            try handler(self)(socket, arguments, true)
         }
     }
 
-    private func bind(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+    private func bind(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
         guard arguments.count == 1 else {
             throw RequestError(errno: .invalidArgument, reason: "bind takes one name, e.g. \"bind my-service\"")
         }
         let name = arguments[0]
         try socket.family.validate(name)
+        guard apply else { return }
         guard socket.state.canTransition(to: .bound) else { try socket.transition(to: .bound); return }
         guard names[String(name)] == nil else {
             throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
@@ -277,7 +286,7 @@ final class NetTable {
         names[String(name)] = socket.id
     }
 
-    private func listen(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+    private func listen(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
         guard arguments.count <= 1 else {
             throw RequestError(errno: .invalidArgument, reason: "listen takes at most one backlog number")
         }
@@ -288,6 +297,7 @@ final class NetTable {
             }
             backlog = value
         }
+        guard apply else { return }
         guard socket.state.canTransition(to: .listening) else { try socket.transition(to: .listening); return }
         do {
             try socket.kernel.listen(backlog: backlog)
@@ -300,12 +310,13 @@ final class NetTable {
         try socket.transition(to: .listening)
     }
 
-    private func connect(_ socket: NetSocket, _ arguments: [Substring]) throws(RequestError) {
+    private func connect(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
         guard arguments.count == 1 else {
             throw RequestError(errno: .invalidArgument, reason: "connect takes one name, e.g. \"connect my-service\"")
         }
         let name = arguments[0]
         try socket.family.validate(name)
+        guard apply else { return }
         let previous = socket.state
         try socket.transition(to: .connecting)
         do {

@@ -1,0 +1,345 @@
+// Sockets through /net (SEMANTICS.md §4): the state machine from its table, data on real kernel
+// sockets across unrelated processes, lifetime, and interop with programs that know nothing of
+// Patchbay.
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Synchronization
+import Testing
+
+/// Waits (bounded) until `name` is bound and LISTENING, e.g. by a child `patchbay net listen`.
+func waitUntilListening(_ broker: Broker, _ name: String) throws -> NetSocketInfo {
+    let deadline = monotonicNanoseconds() + 10_000_000_000
+    while monotonicNanoseconds() < deadline {
+        if let socket = try broker.listSockets().first(where: { $0.name == name && $0.state == "LISTENING" }) {
+            return socket
+        }
+        usleep(2_000)
+    }
+    throw PatchbayError(.timedOut, "\(name) never started listening")
+}
+
+@Suite("/net sockets")
+struct NetTests {
+    @Test("every transition the table allows succeeds, every other one is EINVAL", arguments: Socket.Kind.allCases.filter { $0 != .dgram })
+    func stateMachineFromTheTable(_ kind: Socket.Kind) throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let target = try Socket.listen(client, name: "target", type: kind, backlog: 64)
+        var counter = 0
+        /// A fresh socket driven into `state` by real commands (nil if the state is not reachable
+        /// from outside: CONNECTING is momentary, CLOSING and CLOSED have no handle left).
+        func socket(in state: NetSocketState) throws -> Socket? {
+            counter += 1
+            var socket = try Socket.open(client, type: kind)
+            switch state {
+            case .new: break
+            case .bound: try socket.bind("s\(counter)")
+            case .listening: try socket.control("bind s\(counter) && listen")
+            case .connected: try socket.connect(to: "target")
+            case .connecting, .closing, .closed: return nil
+            }
+            #expect(try socket.state() == state)
+            return socket
+        }
+        for state in NetSocketState.allCases {
+            for command in NetCommand.allCases {
+                guard var socket = try socket(in: state) else { continue }
+                counter += 1
+                let line = switch command {
+                case .bind: "bind n\(counter)"
+                case .listen: "listen"
+                case .connect: "connect target"
+                }
+                let allowed = state.canTransition(to: command.target)
+                do {
+                    try socket.control(line)
+                    #expect(allowed, "\(line) from \(state) succeeded but the table forbids it")
+                    let expected: NetSocketState = command == .connect ? .connected : command.target
+                    #expect(try socket.state() == expected)
+                } catch {
+                    #expect(!allowed, "\(line) from \(state) failed: \(error)")
+                    #expect(error.errno == .invalidArgument, "\(line) from \(state): \(error)")
+                    #expect(try socket.state() == state, "a refused transition changed the state")
+                }
+            }
+        }
+        // Accepted connections are born CONNECTED, and the listener stays LISTENING.
+        let accepted = try target.accept(nonblocking: true)
+        #expect(try accepted.state() == .connected)
+        #expect(try target.state() == .listening)
+        // The table itself, as SEMANTICS.md §4 writes it.
+        #expect(!NetSocketState.new.canTransition(to: .new))
+        #expect(NetSocketState.bound.canTransition(to: .connected))
+        #expect(NetSocketState.connected.canTransition(to: .closing))
+        #expect(!NetSocketState.connected.canTransition(to: .closed))
+        #expect(NetSocketState.closing.canTransition(to: .closed))
+    }
+
+    @Test("ctl: chains, precise EINVAL reasons, EADDRINUSE, ECONNREFUSED, ENOENT")
+    func controlCommands() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var socket = try Socket.open(client, type: .seqpacket)
+        for (line, fragment) in [("frobnicate", "unknown command \"frobnicate\""), ("bind", "bind takes one name"),
+                                 ("bind a b", "bind takes one name"), ("bind ../etc", "is not a local name"),
+                                 ("bind " + String(repeating: "x", count: 65), "is not a local name"),
+                                 ("bind ..", "is not a local name"), ("bind ok &&", "empty command"),
+                                 ("connect", "connect takes one name")] {
+            do {
+                try socket.control(line)
+                Issue.record("\(line) succeeded")
+            } catch {
+                #expect(error.errno == .invalidArgument && error.reason.contains(fragment), "\(line): \(error)")
+            }
+        }
+        #expect(try socket.state() == .new)
+        // A malformed line changes nothing...
+        do {
+            try socket.control("bind first && listen 0")
+            Issue.record("listen 0 succeeded")
+        } catch {
+            #expect(error.errno == .invalidArgument && error.reason.contains("backlog"))
+        }
+        #expect(try socket.state() == .new)
+        // ...while a well-formed chain runs command by command and stops at the first failure.
+        do {
+            try socket.control("bind first && connect first")
+            Issue.record("connecting a bound socket to itself succeeded")
+        } catch {
+            #expect(error.errno == .connectionRefused)
+        }
+        #expect(try socket.state() == .bound)
+        try socket.control("listen 5")
+        #expect(try socket.state() == .listening)
+        var twin = try Socket.open(client, type: .seqpacket)
+        expectErrno(.addressInUse) { () throws(PatchbayError) in try twin.bind("first") }
+        var quiet = try Socket.open(client, type: .seqpacket)
+        try quiet.bind("quiet")
+        var caller = try Socket.open(client, type: .seqpacket)
+        let refused = expectErrno(.connectionRefused) { () throws(PatchbayError) in try caller.connect(to: "quiet") }
+        #expect(refused?.reason.contains("nobody is listening") == true)
+        #expect(try caller.state() == .new)  // CONNECTING fell back
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in try caller.connect(to: "nobody-here") }
+        #expect(try client.listSockets().filter { !$0.name.isEmpty }.map(\.name).sorted() == ["first", "quiet"])
+    }
+
+    @Test("listen, connect, accept and data across two unrelated processes", arguments: Socket.Kind.allCases)
+    func acrossProcesses(_ kind: Socket.Kind) throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "echo", "--type", kind.rawValue, "--echo"],
+                               environment: broker.environment)
+        if kind == .dgram {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while try !client.listSockets().contains(where: { $0.name == "echo" && $0.state == "BOUND" }),
+                  monotonicNanoseconds() < deadline { usleep(2_000) }
+        } else {
+            _ = try waitUntilListening(client, "echo")
+        }
+        let socket = try Socket.connect(client, to: "echo", type: kind)
+        for message in ["first", "second message", String(repeating: "z", count: 3000)] {
+            try socket.send(Array(message.utf8))
+            var echoed: [UInt8] = []
+            while echoed.count < message.utf8.count {  // a stream may deliver in pieces
+                guard let part = try socket.receive() else { break }
+                echoed += part.bytes
+            }
+            #expect(String(decoding: echoed, as: UTF8.self) == message)
+        }
+        server.kill(SIGTERM)
+        _ = try server.wait()
+    }
+
+    @Test("seqpacket keeps boundaries, reports truncation, carries zero-length packets; nonblock is EAGAIN")
+    func seqpacketSemantics() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let listener = try Socket.listen(client, name: "packets", nonblocking: true)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try listener.accept() }
+        let sender = try Socket.connect(client, to: "packets")
+        let receiver = try listener.accept(nonblocking: true)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try receiver.receive() }
+        try sender.send(Array("one".utf8))
+        try sender.send([])
+        try sender.send(Array("a longer packet".utf8))
+        try sender.send(Array("three".utf8))
+        #expect(try receiver.receive()?.bytes == Array("one".utf8))
+        let empty = try #require(try receiver.receive())
+        #expect(empty.bytes.isEmpty && !empty.truncated)
+        var small = [UInt8](repeating: 0, count: 4)
+        let cut = try small.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> UnixSocket.Received in try receiver.receive(into: raw) }
+        }.get()
+        #expect(cut.count == 4 && cut.messageLength == 15 && cut.truncated)
+        #expect(small == Array("a lo".utf8))
+        // The rest of a truncated packet is gone; the next read is the next packet.
+        #expect(try receiver.receive()?.bytes == Array("three".utf8))
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try receiver.receive() }
+    }
+
+    @Test("data before connect is ENOTCONN, at the library and at the broker")
+    func notConnected() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var socket = try Socket.open(client, type: .stream)
+        expectErrno(.socketNotConnected) { () throws(PatchbayError) in try socket.send(Array("x".utf8)) }
+        expectErrno(.socketNotConnected) { () throws(PatchbayError) in try socket.openData() }
+        try socket.bind("unconnected")
+        expectErrno(.socketNotConnected) { () throws(PatchbayError) in try socket.openData() }
+        var datagram = try Socket.open(client, type: .dgram)
+        try datagram.bind("bound-datagram")
+        try datagram.openData()  // a bound datagram socket can receive
+    }
+
+    @Test("peer close: queued data first, then end of file; writing to a closed peer is EPIPE, not SIGPIPE")
+    func peerClose() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        for kind in [Socket.Kind.seqpacket, .stream] {
+            let listener = try Socket.listen(client, name: "close-\(kind.rawValue)", type: kind)
+            /// Connects, sends two messages and closes the sending side by dropping it.
+            func sendAndClose() throws -> Socket {
+                let sender = try Socket.connect(client, to: "close-\(kind.rawValue)", type: kind)
+                let accepted = try listener.accept()
+                try sender.send(Array("queued one".utf8))
+                try sender.send(Array("queued two".utf8))
+                return accepted  // the sender's Socket goes away here: handle and data close
+            }
+            let receiver = try sendAndClose()
+            var received: [UInt8] = []
+            while let part = try receiver.receive() { received += part.bytes }
+            #expect(String(decoding: received, as: UTF8.self) == "queued onequeued two")
+            #expect(try receiver.receive() == nil)
+            let error = expectErrno(.brokenPipe) { () throws(PatchbayError) in try receiver.send(Array("anyone?".utf8)) }
+            #expect(error?.reason.contains("peer") == true)
+        }
+    }
+
+    @Test("an owner killed with SIGKILL: name freed, peer sees EOF, broker descriptors back to baseline")
+    func ownerKilled() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.status()
+        let baseline = try broker.descriptorCount()
+        let server = try Child(patchbayCLI, ["net", "listen", "doomed", "--echo"], environment: broker.environment)
+        _ = try waitUntilListening(client, "doomed")
+        do {
+            let socket = try Socket.connect(client, to: "doomed")
+            try socket.send(Array("ping".utf8))
+            #expect(try socket.receive()?.bytes == Array("ping".utf8))
+            server.kill(SIGKILL)
+            #expect(try server.wait() == .signaled(SIGKILL))
+            #expect(try socket.receive() == nil)  // EOF, not a hang
+            // The name is free again.
+            let deadline = monotonicNanoseconds() + 5_000_000_000
+            while try client.listSockets().contains(where: { $0.name == "doomed" }), monotonicNanoseconds() < deadline {
+                usleep(2_000)
+            }
+            _ = try Socket.listen(client, name: "doomed")
+        }
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+        #expect(try client.listSockets().isEmpty)
+        #expect(try client.status().sockets == 0)
+    }
+
+    @Test("an accept waiting on a listener that closes gets ECONNABORTED")
+    func acceptAborted() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "short-lived", "--exec", "/bin/cat"],
+                               environment: broker.environment)
+        let listener = try waitUntilListening(client, "short-lived")
+        let outcome = Mutex<Errno?>(nil)
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        let waiter = try broker.connect()
+        startThread {
+            do {
+                _ = try Socket.accept(waiter, socket: listener.id, type: .seqpacket)
+            } catch let error as PatchbayError {
+                outcome.withLock { $0 = error.errno }
+            } catch {}
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        // Kill the listener only once the broker shows both accepts waiting (the server's own and
+        // ours), so ours is really parked.
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try client.listSockets().first(where: { $0.id == listener.id })?.waitingAccepts ?? 0 < 2,
+              monotonicNanoseconds() < deadline { usleep(2_000) }
+        server.kill(SIGKILL)
+        _ = try server.wait()
+        var byte: UInt8 = 0
+        _ = try withUnsafeMutableBytes(of: &byte) { raw in
+            Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) }
+        }.get()
+        #expect(outcome.withLock { $0 } == .connectionAbort)
+    }
+
+    @Test("interop: Python connects to a Patchbay listener by its path; Patchbay connects to a Python listener")
+    func interop() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "for-python", "--echo"], environment: broker.environment)
+        _ = try waitUntilListening(client, "for-python")
+        let path = try client.localSocketPath("for-python")
+        let cli = try run(patchbayCLI, ["net", "path", "for-python"], environment: broker.environment)
+        #expect(cli.standardOutput == path + "\n")
+        let python = try run("/usr/bin/env", ["python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sys.argv[1])
+            s.send(b"from python")
+            sys.stdout.write(s.recv(100).decode())
+            """, path])
+        #expect(python.standardOutput == "from python", "\(python.standardError)")
+        server.kill(SIGTERM)
+        _ = try server.wait()
+
+        // A listener Patchbay did not create, in the broker's net directory.
+        let foreignPath = broker.directory + "/net/foreign"
+        let foreign = try Child("/usr/bin/env", ["python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.bind(sys.argv[1]); s.listen(1)
+            print("ready", flush=True)
+            c, _ = s.accept()
+            c.send(c.recv(100).upper())
+            """, foreignPath])
+        #expect(try foreign.readLine() == "ready")
+        let socket = try Socket.connect(client, to: "foreign")
+        try socket.send(Array("hello python".utf8))
+        #expect(try socket.receive()?.bytes == Array("HELLO PYTHON".utf8))
+        #expect(try foreign.wait() == .exited(0))
+    }
+
+    @Test("the CLI: net connect relays lines as packets; ls, addrs and path")
+    func commandLine() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "upper", "--type", "stream", "--exec", "/usr/bin/tr", "a-z", "A-Z"],
+                               environment: broker.environment)
+        let echo = try Child(patchbayCLI, ["net", "listen", "echo", "--echo"], environment: broker.environment)
+        _ = try waitUntilListening(client, "upper")
+        _ = try waitUntilListening(client, "echo")
+        let shouted = try run(patchbayCLI, ["net", "connect", "upper", "--type", "stream"], environment: broker.environment,
+                              input: "quiet words\n")
+        #expect(shouted.standardOutput == "QUIET WORDS\n", "\(shouted.standardError)")
+        let echoed = try run(patchbayCLI, ["net", "connect", "echo"], environment: broker.environment,
+                             input: "one\ntwo\n\nthree\n")
+        #expect(echoed.standardOutput == "one\ntwo\n\nthree\n", "\(echoed.standardError)")
+        let listing = try run(patchbayCLI, ["net", "ls", "--json"], environment: broker.environment).standardOutput
+        #expect(listing.contains("\"name\": \"upper\"") && listing.contains("\"state\": \"LISTENING\""))
+        #expect(listing.contains("\"owner_pid\": \(server.pid)"))
+        #expect(try run(patchbayCLI, ["net", "addrs"], environment: broker.environment).standardOutput == "echo\nupper\n")
+        let missing = try run(patchbayCLI, ["net", "connect", "nobody"], environment: broker.environment)
+        #expect(missing.standardError.hasPrefix("patchbay: net connect: ENOENT: "))
+        let badName = try run(patchbayCLI, ["net", "path", "../x"], environment: broker.environment)
+        #expect(badName.standardError.hasPrefix("patchbay: net path: EINVAL: "))
+        server.kill(SIGTERM)
+        echo.kill(SIGTERM)
+        _ = try server.wait()
+        _ = try echo.wait()
+    }
+}
