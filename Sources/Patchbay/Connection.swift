@@ -58,6 +58,9 @@ struct Connection: ~Copyable {
             do {
                 message = try socket.receive(into: buffer)
             } catch {
+                // The kernel reports the broker's close (ECONNRESET) before frames still queued;
+                // reading that error clears it, so a refusal sent before the close is still there.
+                if error == .connectionReset, let refusal = pendingRefusal() { throw refusal }
                 throw Self.transportError(error)
             }
             if message.length == 0 && message.descriptors.count == 0 {
