@@ -314,6 +314,21 @@ struct NetTests {
         #expect(try foreign.wait() == .exited(0))
     }
 
+    @Test("interop: socat talks to a Patchbay stream listener by its path",
+          .enabled(if: access("/usr/bin/socat", X_OK) == 0, "socat is not installed (.ci/run installs it)"))
+    func socat() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "for-socat", "--type", "stream", "--echo"],
+                               environment: broker.environment)
+        _ = try waitUntilListening(client, "for-socat")
+        let path = try client.localSocketPath("for-socat")
+        let reply = try run("/usr/bin/socat", ["-t", "5", "-", "UNIX-CONNECT:" + path], input: "through socat\n")
+        #expect(reply.standardOutput == "through socat\n", "\(reply.standardError)")
+        server.kill(SIGTERM)
+        _ = try server.wait()
+    }
+
     @Test("the CLI: net connect relays lines as packets; ls, addrs and path")
     func commandLine() throws {
         let broker = try TestBroker()
