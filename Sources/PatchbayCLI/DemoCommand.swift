@@ -138,9 +138,47 @@ private final class Tour {
         let listing = try runChild(["shm", "ls"])
         for line in listing.output.split(separator: "\n") { say("   " + line) }
 
-        // 9. Status.
+        // 9. /net: a listener in another process, a connection from this one, packets both ways.
+        started = monotonicNanoseconds()
+        let echoServer = try spawnChild(["net", "listen", "demo-echo", "--echo"])
+        while try !broker.listSockets().contains(where: { $0.name == "demo-echo" && $0.state == "LISTENING" }) {
+            usleep(1_000)
+        }
+        step(12, "process \(echoServer) opened /net/local/seqpacket and wrote \"bind demo-echo && listen\" to its ctl",
+             since: started)
+        started = monotonicNanoseconds()
+        let connection = try Socket.connect(broker, to: "demo-echo")
+        step(13, "we opened a socket (id \(connection.id)), connected it, and got the kernel socket as its data file",
+             since: started)
+        for word in ["packets", "keep", "their", "boundaries"] {
+            try connection.send(Array(word.utf8))
+        }
+        var echoes: [String] = []
+        for _ in 0..<4 {
+            if let packet = try connection.receive() { echoes.append(String(decoding: packet.bytes, as: UTF8.self)) }
+        }
+        say("   sent 4 packets, got back: " + echoes.map { "[\($0)]" }.joined(separator: " "))
+        var pings: [UInt64] = []
+        let ping = Array("ping".utf8)
+        for _ in 0..<2000 {
+            let begin = monotonicNanoseconds()
+            try connection.send(ping)
+            _ = try connection.receive()
+            pings.append(monotonicNanoseconds() - begin)
+        }
+        pings.sort()
+        say("   2000 echo round trips across the two processes: median \(formatDuration(nanoseconds: pings[1000])), "
+            + "p99 \(formatDuration(nanoseconds: pings[1980])) (the kernel's own cost: the broker is not on the path)")
+        let path = try broker.localSocketPath("demo-echo")
+        say("   any program can connect too: socat - UNIX-CONNECT:\(path)")
+        let sockets = try runChild(["net", "ls"])
+        for line in sockets.output.split(separator: "\n") { say("   " + line) }
+        kill(echoServer, SIGTERM)
+        _ = try wrap { () throws(Errno) in try waitForProcess(echoServer) }
+
+        // 10. Status.
         let status = try runChild(["status"])
-        step(12, "patchbay status:", since: nil)
+        step(14, "patchbay status:", since: nil)
         for line in status.output.split(separator: "\n", omittingEmptySubsequences: false) {
             say("   " + line)
         }
@@ -148,9 +186,9 @@ private final class Tour {
         kill(brokerPID, SIGTERM)
         let ended = try waitForProcess(brokerPID)
         brokerPID = 0
-        step(13, "stop the broker with SIGTERM: \(ended) (named objects stay in its store for the next start)",
+        step(15, "stop the broker with SIGTERM: \(ended) (named objects stay in its store for the next start)",
              since: started)
-        say("\n/net sockets and CAPS services join this tour as they land.")
+        say("\nCAPS services join this tour when they land.")
     }
 
     // MARK: Helpers
@@ -179,6 +217,16 @@ private final class Tour {
         let termination = try wrap { () throws(Errno) in try waitForProcess(pid) }
         return ChildResult(pid: pid, termination: termination, output: String(decoding: output, as: UTF8.self),
                            error: String(decoding: errors, as: UTF8.self))
+    }
+
+    /// Starts a child that keeps running (output discarded); returns its pid.
+    func spawnChild(_ arguments: [String]) throws -> pid_t {
+        let null = try wrap { () throws(Errno) in try openFile("/dev/null", flags: O_RDWR) }
+        return try wrap { () throws(Errno) in
+            try spawnProcess(path: executable, arguments: arguments,
+                             environment: environment(applying: ["PATCHBAY_SOCKET": socketPath]),
+                             descriptors: [0: null.rawValue, 1: null.rawValue, 2: null.rawValue])
+        }
     }
 
     func runChildWithInput(_ arguments: [String], input: String) throws -> ChildResult {
