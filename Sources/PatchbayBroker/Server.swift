@@ -43,6 +43,7 @@ public final class BrokerServer {
     private let keys: KeyTable
     private let sharedMemory: SharedMemoryStore
     private let net: NetTable
+    private let caps: CapsRegistry
     private var receiveBuffer: UnsafeMutableRawBufferPointer
     private var running = true
 
@@ -70,6 +71,7 @@ public final class BrokerServer {
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
         net = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
+        caps = CapsRegistry(logger: logger)
         if let inherited {
             listener = SeqpacketSocket(adopting: Descriptor(adopting: inherited))
             ownSocketFile = nil
@@ -391,6 +393,40 @@ public final class BrokerServer {
                 sendError(error, .netControl, requestID, session)
             }
 
+        case .capsService(let name, let uid, let gid, let flags, let maximumInFlight):
+            do {
+                let service = try caps.register(name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: maximumInFlight,
+                                                session: session.id, caller: session.credentials)
+                send(Reply.capsService(serviceID: service.id, generation: service.generation).encode(requestID: requestID),
+                     attaching: service.status.rawValue, to: session)
+                retryWaitingClients(for: name)
+            } catch {
+                sendError(error, .capsService, requestID, session)
+            }
+
+        case .capsClient(let name, let uid, let gid, let flags):
+            do {
+                if let connection = try caps.connect(name: name, uid: uid, gid: gid, flags: flags, session: session.id,
+                                                     caller: session.credentials) {
+                    deliver(connection, requestID: requestID, to: session)
+                } else {
+                    caps.waiting.append((session.id, requestID, name, uid, gid, flags))
+                }
+            } catch {
+                sendError(error, .capsClient, requestID, session)
+            }
+
+        case .capsSetGeneration(let generation):
+            do {
+                try caps.setGeneration(generation, session: session.id)
+                send(Reply.capsSetGeneration.encode(requestID: requestID), to: session)
+            } catch {
+                sendError(error, .capsSetGeneration, requestID, session)
+            }
+
+        case .capsList:
+            send(Reply.capsList(Array(caps.list().prefix(512))).encode(requestID: requestID), to: session)
+
         case .netList:
             send(Reply.netList(Array(net.list().prefix(512))).encode(requestID: requestID), to: session)
 
@@ -439,6 +475,57 @@ public final class BrokerServer {
             let (page, more) = sharedMemory.list(after: after, limit: 48)
             send(Reply.sharedMemoryList(page, more: more).encode(requestID: requestID), to: session)
         }
+    }
+
+    // MARK: CAPS
+
+    /// Hands a new channel to its client (the reply) and its service (an event).
+    private func deliver(_ connection: consuming CapsConnection, requestID: UInt64, to client: Session) {
+        let service = connection.service
+        let reply = Reply.capsClient(channelID: connection.channelID, serviceID: service.id,
+                                     maximumInFlight: service.maximumInFlight, arenaSize: UInt32(caps.arenaSize))
+        send(reply.encode(requestID: requestID),
+             attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue, connection.serviceWake.rawValue,
+                         connection.clientWake.rawValue, connection.clientEnd.rawValue], to: client)
+        guard let serviceSession = sessions[service.session] else { return }
+        let credentials = client.credentials
+        let event = Event.capsConnected(
+            channelID: connection.channelID,
+            credentials: CapsCredentials(pid: credentials.pid, uid: Self.realUID(of: credentials.pid) ?? credentials.uid,
+                                         euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
+            arenaSize: UInt32(caps.arenaSize))
+        send(event.encode(),
+             attaching: [connection.channel.rawValue, connection.serviceWake.rawValue, connection.clientWake.rawValue,
+                         connection.serviceEnd.rawValue], to: serviceSession)
+    }
+
+    /// Clients waiting for `name` try again now that a service registered.
+    private func retryWaitingClients(for name: String) {
+        let waiting = caps.waiting.filter { $0.name == name }
+        caps.waiting.removeAll { $0.name == name }
+        for entry in waiting {
+            guard let session = sessions[entry.session] else { continue }
+            do {
+                if let connection = try caps.connect(name: entry.name, uid: entry.uid, gid: entry.gid, flags: entry.flags,
+                                                     session: session.id, caller: session.credentials) {
+                    deliver(connection, requestID: entry.requestID, to: session)
+                } else {
+                    caps.waiting.append(entry)
+                }
+            } catch {
+                sendError(error, .capsClient, entry.requestID, session)
+            }
+        }
+    }
+
+    /// The real uid of a process (`/proc/PID/status`), which SO_PEERCRED does not report.
+    private static func realUID(of pid: Int32) -> UInt32? {
+        guard let status = try? openFile("/proc/\(pid)/status", flags: O_RDONLY),
+              let bytes = try? status.readToEnd(limit: 8192) else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Uid:") {
+            return line.dropFirst(4).split(whereSeparator: { $0 == " " || $0 == "\t" }).first.flatMap { UInt32($0) }
+        }
+        return nil
     }
 
     // MARK: The namespace
@@ -569,6 +656,9 @@ public final class BrokerServer {
         for (uid, count) in sharedMemory.countByOwner() {
             users[uid, default: UserUsage(uid: uid)].sharedMemoryObjects = UInt32(count)
         }
+        for (uid, count) in caps.countByOwner() {
+            users[uid, default: UserUsage(uid: uid)].services = UInt32(count)
+        }
         for (uid, count) in net.countByOwner() {
             users[uid, default: UserUsage(uid: uid)].sockets = UInt32(count)
         }
@@ -577,8 +667,8 @@ public final class BrokerServer {
             users[uid, default: UserUsage(uid: uid)].oldestKeyAgeNanoseconds = summary.oldestByUser[uid] ?? 0
         }
         let rows = users.values.sorted {
-            ($0.keys + $0.clients + $0.sharedMemoryObjects + $0.sockets, $1.uid)
-                > ($1.keys + $1.clients + $1.sharedMemoryObjects + $1.sockets, $0.uid)
+            ($0.keys + $0.clients + $0.sharedMemoryObjects + $0.sockets + $0.services, $1.uid)
+                > ($1.keys + $1.clients + $1.sharedMemoryObjects + $1.sockets + $1.services, $0.uid)
         }
         return StatusReport(
             pid: getpid(), version: patchbayVersion, mode: configuration.mode.rawValue, socketPath: socketPath,
@@ -657,6 +747,9 @@ public final class BrokerServer {
         guard let session = sessions.removeValue(forKey: id) else { return }
         try? epoll.remove(session.socket.rawValue)
         net.forgetWaits(of: id)
+        for notice in caps.sessionClosed(id) {
+            if let service = sessions[notice.serviceSession] { send(notice.event.encode(), to: service) }
+        }
         let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
         clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil
         let now = monotonicNanoseconds()

@@ -23,6 +23,8 @@ public enum FrameKind: UInt8, Sendable {
     case request = 1
     case reply = 2
     case error = 3
+    /// Unsolicited, broker → client (request id 0): CAPS connection notices to a service port.
+    case event = 4
 }
 
 /// The operation a frame concerns. Replies carry their request's opcode.
@@ -51,6 +53,14 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case netControl = 50
     case netList = 51
     case netPath = 52
+    /// CAPS: register a service, connect a client, set a generation, list services; and the
+    /// events a service port receives.
+    case capsService = 60
+    case capsClient = 61
+    case capsSetGeneration = 62
+    case capsList = 63
+    case capsConnected = 64
+    case capsDisconnected = 65
 
     /// Descriptors a request of this kind must carry.
     public var requestDescriptors: Int {
@@ -63,8 +73,15 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .claim, .sharedMemoryOpen: 1
         // `open` replies carry 1 or 2 descriptors depending on the object (see OpenedObjectKind).
         case .open: 1
+        case .capsService: 1
+        case .capsClient: 5
         default: 0
         }
+    }
+
+    /// Descriptors an event of this kind carries.
+    public var eventDescriptors: Int {
+        self == .capsConnected ? 4 : 0
     }
 
     /// Whether the broker answers this request (acknowledgements are one-way).

@@ -26,6 +26,10 @@ public enum Request: Sendable, Equatable {
     case netControl(socket: UInt64, command: String)
     case netList
     case netPath(name: String)
+    case capsService(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32)
+    case capsClient(name: String, uid: Int32, gid: Int32, flags: UInt32)
+    case capsSetGeneration(UInt64)
+    case capsList
     case sharedMemoryOpen(SharedMemoryOpenRequest)
     case sharedMemoryUnlink(name: [UInt8])
     case sharedMemoryRename(from: [UInt8], to: [UInt8], flags: UInt32)
@@ -48,6 +52,10 @@ public enum Request: Sendable, Equatable {
         case .netControl: .netControl
         case .netList: .netList
         case .netPath: .netPath
+        case .capsService: .capsService
+        case .capsClient: .capsClient
+        case .capsSetGeneration: .capsSetGeneration
+        case .capsList: .capsList
         }
     }
 
@@ -108,6 +116,21 @@ public enum Request: Sendable, Equatable {
             break
         case .netPath(let name):
             writer.string(name)
+        case .capsService(let name, let uid, let gid, let flags, let maximumInFlight):
+            writer.string(name)
+            writer.i32(uid)
+            writer.i32(gid)
+            writer.u32(flags)
+            writer.u32(maximumInFlight)
+        case .capsClient(let name, let uid, let gid, let flags):
+            writer.string(name)
+            writer.i32(uid)
+            writer.i32(gid)
+            writer.u32(flags)
+        case .capsSetGeneration(let generation):
+            writer.u64(generation)
+        case .capsList:
+            break
         }
         return writer.bytes
     }
@@ -172,6 +195,18 @@ public enum Request: Sendable, Equatable {
             request = .netList
         case .netPath:
             request = .netPath(name: try reader.string("name"))
+        case .capsService:
+            request = .capsService(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                                   flags: try reader.u32("flags"), maximumInFlight: try reader.u32("maximum in flight"))
+        case .capsClient:
+            request = .capsClient(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                                  flags: try reader.u32("flags"))
+        case .capsSetGeneration:
+            request = .capsSetGeneration(try reader.u64("generation"))
+        case .capsList:
+            request = .capsList
+        case .capsConnected, .capsDisconnected:
+            throw .invalidValue(field: "opcode", reason: "\(frame.opcode) is an event, not a request")
         }
         try reader.finish()
         return request
@@ -195,6 +230,13 @@ public enum Reply: Sendable, Equatable {
     case netControl
     case netList([NetSocketInfo])
     case netPath(String)
+    /// The status page rides beside the frame.
+    case capsService(serviceID: UInt64, generation: UInt64)
+    /// The channel, the status page (read-only), the service's and the client's wake eventfds and
+    /// the client's end of the direct socket ride beside the frame.
+    case capsClient(channelID: UInt64, serviceID: UInt64, maximumInFlight: UInt32, arenaSize: UInt32)
+    case capsSetGeneration
+    case capsList([CapsServiceInfo])
     /// The handle rides beside the frame; the payload describes the object.
     case sharedMemoryOpen(SharedMemoryInfo)
     case sharedMemoryUnlink
@@ -217,6 +259,10 @@ public enum Reply: Sendable, Equatable {
         case .netControl: .netControl
         case .netList: .netList
         case .netPath: .netPath
+        case .capsService: .capsService
+        case .capsClient: .capsClient
+        case .capsSetGeneration: .capsSetGeneration
+        case .capsList: .capsList
         }
     }
 
@@ -234,6 +280,18 @@ public enum Reply: Sendable, Equatable {
             writer.u32(UInt32(sockets.count))
             for socket in sockets { socket.encode(into: &writer) }
         case .netPath(let path): writer.string(path)
+        case .capsService(let serviceID, let generation):
+            writer.u64(serviceID)
+            writer.u64(generation)
+        case .capsClient(let channelID, let serviceID, let maximumInFlight, let arenaSize):
+            writer.u64(channelID)
+            writer.u64(serviceID)
+            writer.u32(maximumInFlight)
+            writer.u32(arenaSize)
+        case .capsSetGeneration: break
+        case .capsList(let services):
+            writer.u32(UInt32(services.count))
+            for service in services { service.encode(into: &writer) }
         case .sharedMemoryOpen(let info), .sharedMemoryStat(let info): info.encode(into: &writer)
         case .sharedMemoryUnlink, .sharedMemoryRename: break
         case .sharedMemoryList(let infos, let more):
@@ -269,6 +327,21 @@ public enum Reply: Sendable, Equatable {
             reply = .netList(sockets)
         case .netPath:
             reply = .netPath(try reader.string("path"))
+        case .capsService:
+            reply = .capsService(serviceID: try reader.u64("service id"), generation: try reader.u64("generation"))
+        case .capsClient:
+            reply = .capsClient(channelID: try reader.u64("channel id"), serviceID: try reader.u64("service id"),
+                                maximumInFlight: try reader.u32("maximum in flight"), arenaSize: try reader.u32("arena size"))
+        case .capsSetGeneration:
+            reply = .capsSetGeneration
+        case .capsList:
+            var services: [CapsServiceInfo] = []
+            for _ in 0..<(try reader.count("services", minimumElementSize: CapsServiceInfo.minimumEncodedSize)) {
+                services.append(try CapsServiceInfo.decode(&reader))
+            }
+            reply = .capsList(services)
+        case .capsConnected, .capsDisconnected:
+            throw .invalidValue(field: "opcode", reason: "\(frame.opcode) is an event, not a reply")
         case .sharedMemoryOpen:
             reply = .sharedMemoryOpen(try SharedMemoryInfo.decode(&reader))
         case .sharedMemoryUnlink:
@@ -598,5 +671,129 @@ public struct NetSocketInfo: Sendable, Equatable {
                       state: try reader.string("state"), name: try reader.string("name"),
                       ownerPID: try reader.i32("owner pid"), ownerUID: try reader.u32("owner uid"),
                       waitingAccepts: try reader.u32("waiting accepts"))
+    }
+}
+
+/// Who sent a CAPS message, as the kernel reported it when the client connected.
+public struct CapsCredentials: Sendable, Equatable {
+    public var pid: Int32
+    /// Real uid (from /proc at connect time).
+    public var uid: UInt32
+    /// Effective uid (SO_PEERCRED).
+    public var euid: UInt32
+    public var gid: UInt32
+    /// Up to 16 supplementary groups (SO_PEERGROUPS).
+    public var groups: [UInt32]
+
+    public init(pid: Int32, uid: UInt32, euid: UInt32, gid: UInt32, groups: [UInt32]) {
+        self.pid = pid
+        self.uid = uid
+        self.euid = euid
+        self.gid = gid
+        self.groups = Array(groups.prefix(16))
+    }
+
+    func encode(into writer: inout WireWriter) {
+        writer.i32(pid)
+        writer.u32(uid)
+        writer.u32(euid)
+        writer.u32(gid)
+        writer.u8(UInt8(groups.count))
+        for group in groups { writer.u32(group) }
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsCredentials {
+        let pid = try reader.i32("pid")
+        let uid = try reader.u32("uid")
+        let euid = try reader.u32("euid")
+        let gid = try reader.u32("gid")
+        let count = Int(try reader.u8("group count"))
+        guard count <= 16 else { throw .invalidValue(field: "group count", reason: "at most 16") }
+        var groups: [UInt32] = []
+        for _ in 0..<count { groups.append(try reader.u32("group")) }
+        return CapsCredentials(pid: pid, uid: uid, euid: euid, gid: gid, groups: groups)
+    }
+}
+
+/// Unsolicited frames from the broker to a service port.
+public enum Event: Sendable, Equatable {
+    /// A client connected: its channel, wake eventfds and direct socket ride beside the frame.
+    case capsConnected(channelID: UInt64, credentials: CapsCredentials, arenaSize: UInt32)
+    case capsDisconnected(channelID: UInt64)
+
+    public var opcode: Opcode {
+        switch self {
+        case .capsConnected: .capsConnected
+        case .capsDisconnected: .capsDisconnected
+        }
+    }
+
+    public func encode() -> [UInt8] {
+        var writer = Frame.header(kind: .event, opcode: opcode, requestID: 0)
+        switch self {
+        case .capsConnected(let channelID, let credentials, let arenaSize):
+            writer.u64(channelID)
+            credentials.encode(into: &writer)
+            writer.u32(arenaSize)
+        case .capsDisconnected(let channelID):
+            writer.u64(channelID)
+        }
+        return writer.bytes
+    }
+
+    public static func decode(_ frame: Frame) throws(DecodeError) -> Event {
+        guard frame.kind == .event else { throw .invalidValue(field: "kind", reason: "expected an event") }
+        var reader = WireReader(frame.payload)
+        let event: Event
+        switch frame.opcode {
+        case .capsConnected:
+            event = .capsConnected(channelID: try reader.u64("channel id"),
+                                   credentials: try CapsCredentials.decode(&reader), arenaSize: try reader.u32("arena size"))
+        case .capsDisconnected:
+            event = .capsDisconnected(channelID: try reader.u64("channel id"))
+        default:
+            throw .invalidValue(field: "opcode", reason: "\(frame.opcode) is not an event")
+        }
+        try reader.finish()
+        return event
+    }
+}
+
+/// A registered service as `patchbay caps ls` shows it.
+public struct CapsServiceInfo: Sendable, Equatable {
+    public var name: String
+    public var uid: Int32
+    public var gid: Int32
+    public var flags: UInt32
+    public var clients: UInt32
+    public var generation: UInt64
+    public var pid: Int32
+
+    public init(name: String, uid: Int32, gid: Int32, flags: UInt32, clients: UInt32, generation: UInt64, pid: Int32) {
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.flags = flags
+        self.clients = clients
+        self.generation = generation
+        self.pid = pid
+    }
+
+    static let minimumEncodedSize = 2 + 4 * 4 + 8 + 4
+
+    func encode(into writer: inout WireWriter) {
+        writer.string(name)
+        writer.i32(uid)
+        writer.i32(gid)
+        writer.u32(flags)
+        writer.u32(clients)
+        writer.u64(generation)
+        writer.i32(pid)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsServiceInfo {
+        CapsServiceInfo(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                        flags: try reader.u32("flags"), clients: try reader.u32("clients"),
+                        generation: try reader.u64("generation"), pid: try reader.i32("pid"))
     }
 }

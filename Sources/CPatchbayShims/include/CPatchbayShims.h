@@ -100,6 +100,23 @@ int pb_fstatx(int fd, pb_file_status *out);
 /// The file type bits of an open file (statx STATX_TYPE with AT_STATX_DONT_SYNC).
 int pb_file_type(int fd, uint32_t *mode);
 
+/// Atomics on words in memory shared between processes (acquire loads, release stores,
+/// sequentially consistent read-modify-writes and fence).
+uint32_t pb_load_u32(const uint32_t *p);
+uint64_t pb_load_u64(const uint64_t *p);
+void pb_store_u32(uint32_t *p, uint32_t v);
+void pb_store_u64(uint64_t *p, uint64_t v);
+uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v);
+int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired);
+void pb_fence(void);
+void pb_cpu_relax(void);
+
+/// The CPU the caller runs on (sched_getcpu, through the vDSO where available).
+int pb_current_cpu(void);
+
+/// A counter that increases in every child created by fork (installed once with pthread_atfork).
+uint64_t pb_fork_generation(void);
+
 /// pipe2(O_CLOEXEC).
 int pb_pipe_cloexec(int fds[2]);
 

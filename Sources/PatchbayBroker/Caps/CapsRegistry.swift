@@ -1,0 +1,320 @@
+// CAPS (DragonFly BSD): named services, many clients to one service, REQUEST → REPLY → DISPOSE.
+//
+// What the broker does. Only the rendezvous. A service registers (name, uid, gid, flags); a
+// client connects (name, uid, gid, flags; -1 is a wildcard on the client side), and the broker
+// checks names, EPERM for registering someone else's uid or gid, shadowing (the newest matching
+// registration serves new clients), `exclusive`, and access: a class flag set on both sides, USER
+// (service uid == client euid), GROUP (client in the service gid) or WORLD, with no root bypass.
+//
+// Then it builds the channel and steps aside: one memfd per client connection (rings and payload
+// arenas, CapsLayout), an eventfd that wakes the service and one that wakes the client, and a
+// socket pair between the two peers for descriptors that ride along with messages. The client gets
+// its half in the connect reply, the service in a `capsConnected` event on its port's connection.
+// Requests and replies then go between the two processes without the broker.
+//
+// Lifetime. The broker keeps, per channel, only the header page mapped and the client's eventfd,
+// because it is the one that learns of deaths (a port's connection closes): a service that goes
+// away gets every channel marked service-closed and every client woken (their pending requests
+// come back as 0-byte replies, later puts are ENOTCONN); a client that goes away gets its channel
+// marked client-closed and the service told (its requests become DISPOSEs there).
+//
+// Errors: EINVAL (bad name or flags), ENAMETOOLONG, EPERM, EEXIST (exclusive), ENOENT (no match,
+// unless waiting), EACCES.
+
+import Glibc
+import Logging
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+
+final class CapsServiceRecord {
+    let id: UInt64
+    let name: String
+    let uid: Int32
+    let gid: Int32
+    let flags: UInt32
+    let maximumInFlight: UInt32
+    let session: UInt64
+    let owner: PeerCredentials
+    /// The status page: the broker maps it to read the generation and reopens it read-only for
+    /// clients.
+    let status: Descriptor
+    let statusMapping: Mapping
+    var channels: Set<UInt64> = []
+
+    init(id: UInt64, name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32, session: UInt64,
+         owner: PeerCredentials, status: consuming Descriptor, statusMapping: consuming Mapping) {
+        self.id = id
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.flags = flags
+        self.maximumInFlight = maximumInFlight
+        self.session = session
+        self.owner = owner
+        self.status = status
+        self.statusMapping = statusMapping
+    }
+
+    var generation: UInt64 {
+        get { SharedWord.load(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self)) }
+        set { SharedWord.store(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self), newValue) }
+    }
+
+    var info: CapsServiceInfo {
+        CapsServiceInfo(name: name, uid: uid, gid: gid, flags: flags, clients: UInt32(channels.count),
+                        generation: generation, pid: owner.pid)
+    }
+}
+
+final class CapsChannelRecord {
+    let id: UInt64
+    let serviceID: UInt64
+    let clientSession: UInt64
+    let header: Mapping
+    let clientWake: Descriptor
+
+    init(id: UInt64, serviceID: UInt64, clientSession: UInt64, header: consuming Mapping, clientWake: consuming Descriptor) {
+        self.id = id
+        self.serviceID = serviceID
+        self.clientSession = clientSession
+        self.header = header
+        self.clientWake = clientWake
+    }
+
+    private func word(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
+        header.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
+    }
+
+    /// The service is gone: mark it and wake the client wherever it waits.
+    func markServiceClosed() {
+        SharedWord.store(word(CapsLayout.serviceClosedOffset), 1)
+        SharedWord.increment(word(CapsLayout.clientWakeOffset))
+        Futex.wake(word(CapsLayout.clientWakeOffset))
+        var one: UInt64 = 1
+        _ = Glibc.write(clientWake.rawValue, &one, 8)
+    }
+
+    func markClientClosed() {
+        SharedWord.store(word(CapsLayout.clientClosedOffset), 1)
+    }
+}
+
+/// A service's status page: a memfd and the broker's mapping of it.
+struct StatusPage: ~Copyable {
+    var descriptor: Descriptor
+    var mapping: Mapping
+
+    init() throws(RequestError) {
+        do {
+            let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: false)
+            try memory.truncate(to: CapsLayout.statusSize)
+            mapping = try Mapping(memory, length: CapsLayout.statusSize, writable: true)
+            descriptor = memory
+        } catch {
+            throw RequestError(errno: error, reason: "cannot create the service's status page")
+        }
+    }
+}
+
+/// What the client gets for a new connection, and what the service gets.
+struct CapsConnection: ~Copyable {
+    var channelID: UInt64
+    var service: CapsServiceRecord
+    var channel: Descriptor
+    var statusReadOnly: Descriptor
+    var serviceWake: Descriptor
+    var clientWake: Descriptor
+    var clientEnd: Descriptor
+    var serviceEnd: Descriptor
+}
+
+final class CapsRegistry {
+    private(set) var services: [UInt64: CapsServiceRecord] = [:]
+    /// Registrations by name, oldest first (the newest shadows the others for new clients).
+    private var byName: [String: [UInt64]] = [:]
+    private(set) var channels: [UInt64: CapsChannelRecord] = [:]
+    private var channelBySession: [UInt64: UInt64] = [:]
+    private var serviceBySession: [UInt64: UInt64] = [:]
+    /// Clients waiting for a service: (session, request id, request).
+    var waiting: [(session: UInt64, requestID: UInt64, name: String, uid: Int32, gid: Int32, flags: UInt32)] = []
+    private var lastGeneration: [String: UInt64] = [:]
+    private var nextID: UInt64 = 1
+    private var logger: Logger
+    let arenaSize = CapsLayout.defaultArenaSize
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    // MARK: Registration
+
+    func register(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32,
+                  session: UInt64, caller: PeerCredentials) throws(RequestError) -> CapsServiceRecord {
+        try Self.validate(name)
+        guard flags & ~CapsFlags.serviceFlags == 0 else {
+            throw RequestError(errno: .invalidArgument, reason: "unknown service flags 0x\(String(flags & ~CapsFlags.serviceFlags, radix: 16))")
+        }
+        guard serviceBySession[session] == nil, channelBySession[session] == nil else {
+            throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
+        }
+        if caller.uid != 0 {
+            if uid != -1 && UInt32(bitPattern: uid) != caller.uid {
+                throw RequestError(errno: .notPermitted, reason: "uid \(caller.uid) may not register a service under uid \(uid)")
+            }
+            if gid != -1 && !caller.isMember(of: UInt32(bitPattern: gid)) {
+                throw RequestError(errno: .notPermitted, reason: "uid \(caller.uid) is not in group \(gid)")
+            }
+        }
+        if flags & CapsFlags.exclusive != 0,
+           (byName[name] ?? []).contains(where: { services[$0]?.uid == uid && services[$0]?.gid == gid }) {
+            throw RequestError(errno: .fileExists, reason: "a service \(name) (uid \(uid), gid \(gid)) is already registered")
+        }
+        let page = try StatusPage()
+        let id = nextID
+        nextID += 1
+        let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags,
+                                       maximumInFlight: maximumInFlight == 0 ? 128 : maximumInFlight,
+                                       session: session, owner: caller, status: page.descriptor, statusMapping: page.mapping)
+        // A restarted service is visibly new: its generation follows the last one of its name.
+        record.generation = (lastGeneration[name] ?? 0) + 1
+        services[id] = record
+        byName[name, default: []].append(id)
+        serviceBySession[session] = id
+        logger.debug("service registered", metadata: ["name": "\(name)", "service": "\(id)"])
+        return record
+    }
+
+    func setGeneration(_ generation: UInt64, session: UInt64) throws(RequestError) {
+        guard let id = serviceBySession[session], let service = services[id] else {
+            throw RequestError(errno: .invalidArgument, reason: "only a service port has a generation to set")
+        }
+        service.generation = generation
+    }
+
+    // MARK: Connecting
+
+    /// Connects a client, or returns nil when it should wait for a service to register.
+    func connect(name: String, uid: Int32, gid: Int32, flags: UInt32, session: UInt64, caller: PeerCredentials)
+        throws(RequestError) -> CapsConnection?
+    {
+        try Self.validate(name)
+        guard flags & ~CapsFlags.clientFlags == 0 else {
+            throw RequestError(errno: .invalidArgument, reason: "unknown client flags 0x\(String(flags & ~CapsFlags.clientFlags, radix: 16))")
+        }
+        guard serviceBySession[session] == nil, channelBySession[session] == nil else {
+            throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
+        }
+        let candidates = (byName[name] ?? []).compactMap { services[$0] }.filter { service in
+            (uid == -1 || service.uid == uid) && (gid == -1 || service.gid == gid)
+        }
+        guard let service = candidates.last else {
+            if flags & CapsFlags.waitForService != 0 { return nil }
+            throw RequestError(errno: .noSuchFileOrDirectory, reason: "no service \(name) is registered (matching uid \(uid), gid \(gid))")
+        }
+        guard Self.permits(service: service, clientFlags: flags, caller: caller) else {
+            throw RequestError(errno: .permissionDenied,
+                               reason: "service \(name) and this client share no access class that admits uid \(caller.uid)")
+        }
+        return try makeChannel(service: service, session: session)
+    }
+
+    /// USER, GROUP or WORLD, set on both sides and true of the client. Root gets no bypass.
+    static func permits(service: CapsServiceRecord, clientFlags: UInt32, caller: PeerCredentials) -> Bool {
+        let shared = service.flags & clientFlags
+        if shared & CapsFlags.user != 0, service.uid >= 0, UInt32(service.uid) == caller.uid { return true }
+        if shared & CapsFlags.group != 0, service.gid >= 0, caller.isMember(of: UInt32(service.gid)) { return true }
+        if shared & CapsFlags.world != 0 { return true }
+        return false
+    }
+
+    private func makeChannel(service: CapsServiceRecord, session: UInt64) throws(RequestError) -> CapsConnection {
+        do {
+            let memory = try makeMemoryFile(name: "patchbay-caps-channel", sealable: false)
+            try memory.truncate(to: CapsLayout.channelSize(arenaSize: arenaSize))
+            let header = try Mapping(memory, length: CapsLayout.headerSize, writable: true)
+            let base = header.baseAddress
+            base.advanced(by: CapsLayout.magicOffset).assumingMemoryBound(to: UInt32.self).pointee = CapsLayout.magic
+            base.advanced(by: CapsLayout.versionOffset).assumingMemoryBound(to: UInt32.self).pointee = CapsLayout.version
+            base.advanced(by: CapsLayout.ringCapacityOffset).assumingMemoryBound(to: UInt32.self).pointee = UInt32(CapsLayout.ringCapacity)
+            base.advanced(by: CapsLayout.arenaSizeOffset).assumingMemoryBound(to: UInt64.self).pointee = UInt64(arenaSize)
+            let serviceWake = try EventCounter(nonblocking: true)
+            let clientWake = try EventCounter(nonblocking: true)
+            let pair = try SeqpacketSocket.pair()
+            let statusReadOnly = try openFile("/proc/self/fd/\(service.status.rawValue)", flags: O_RDONLY)
+            let id = nextID
+            nextID += 1
+            let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
+                                           clientWake: try clientWake.descriptor.duplicateForBroker())
+            channels[id] = record
+            channelBySession[session] = id
+            service.channels.insert(id)
+            return CapsConnection(
+                channelID: id, service: service, channel: memory, statusReadOnly: statusReadOnly,
+                serviceWake: serviceWake.release().adopted, clientWake: clientWake.release().adopted,
+                clientEnd: pair.first.descriptor, serviceEnd: pair.second.descriptor)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot build the channel: \(error.name)")
+        }
+    }
+
+    // MARK: Deaths and listings
+
+    /// A connection closed. Returns the service sessions to tell of departed clients.
+    func sessionClosed(_ session: UInt64) -> [(serviceSession: UInt64, event: Event)] {
+        waiting.removeAll { $0.session == session }
+        var notices: [(UInt64, Event)] = []
+        if let id = channelBySession.removeValue(forKey: session), let channel = channels.removeValue(forKey: id) {
+            channel.markClientClosed()
+            if let service = services[channel.serviceID] {
+                service.channels.remove(id)
+                notices.append((service.session, .capsDisconnected(channelID: id)))
+            }
+        }
+        if let id = serviceBySession.removeValue(forKey: session), let service = services.removeValue(forKey: id) {
+            byName[service.name]?.removeAll { $0 == id }
+            if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
+            lastGeneration[service.name] = max(lastGeneration[service.name] ?? 0, service.generation)
+            for channelID in service.channels {
+                guard let channel = channels.removeValue(forKey: channelID) else { continue }
+                channelBySession[channel.clientSession] = nil
+                channel.markServiceClosed()
+            }
+            logger.debug("service gone", metadata: ["name": "\(service.name)", "clients": "\(service.channels.count)"])
+        }
+        return notices
+    }
+
+    func list() -> [CapsServiceInfo] {
+        services.values.sorted { $0.id < $1.id }.map(\.info)
+    }
+
+    func countByOwner() -> [UInt32: Int] {
+        var counts: [UInt32: Int] = [:]
+        for service in services.values { counts[service.owner.uid, default: 0] += 1 }
+        return counts
+    }
+
+    static func validate(_ name: String) throws(RequestError) {
+        switch capsNameProblem(name) {
+        case "EINVAL"?:
+            throw RequestError(errno: .invalidArgument, reason: "a service name is 1 to 63 of 0-9 A-Z a-z _ .; \"\(name.prefix(80))\" is not")
+        case "ENAMETOOLONG"?:
+            throw RequestError(errno: .fileNameTooLong, reason: "a service name is at most 63 characters; this one has \(name.utf8.count)")
+        default:
+            return
+        }
+    }
+}
+
+extension Descriptor {
+    /// A second descriptor for the same file, for the broker's own use.
+    borrowing func duplicateForBroker() throws(Errno) -> Descriptor {
+        try duplicateDescriptor(rawValue)
+    }
+}
+
+extension CInt {
+    /// Takes ownership of a released descriptor number again.
+    var adopted: Descriptor { Descriptor(adopting: self) }
+}

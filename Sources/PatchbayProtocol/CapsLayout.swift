@@ -1,0 +1,127 @@
+// The shape of a CAPS channel: the shared memory that one client and one service use directly,
+// without the broker. The broker creates it and touches only the header's closed flags and the
+// client's wake word; everything else belongs to the two peers. Documented in docs/PROTOCOL.md §12.
+//
+// Channel memory (one memfd per client connection):
+//
+//   0                  header (one page), fields below, each on its own cache line where it
+//                      is written by one side only
+//   4096               request ring: `ringCapacity` entries of 32 bytes (client → service)
+//   ...                reply ring: `ringCapacity` entries of 32 bytes (service → client)
+//   page-aligned       request arena: `arenaSize` bytes, allocated by the client
+//   page-aligned       reply arena: `arenaSize` bytes, allocated by the service
+//
+// Status page (one memfd per service; the service maps it writable, clients read-only): the
+// generation, and whether the service is asleep or running (and on which CPU).
+
+public enum CapsLayout {
+    public static let magic: UInt32 = 0x5350_4143  // "CAPS"
+    public static let version: UInt32 = 1
+    public static let headerSize = 4096
+    public static let entrySize = 32
+    public static let ringCapacity = 1024
+    /// Payload space per direction. The memfd is sparse: untouched space costs nothing.
+    public static let defaultArenaSize = 16 << 20
+
+    // Header offsets.
+    public static let magicOffset = 0
+    public static let versionOffset = 4
+    public static let ringCapacityOffset = 8
+    public static let arenaSizeOffset = 16
+    public static let requestTailOffset = 64      // written by the client
+    public static let requestHeadOffset = 128     // written by the service
+    public static let replyTailOffset = 192       // written by the service
+    public static let replyHeadOffset = 256       // written by the client
+    public static let clientWakeOffset = 320      // futex word the client sleeps on
+    public static let clientSleepingOffset = 324  // 1 while the client is (about to be) asleep
+    public static let clientWatchingOffset = 328  // 1 when the client waits through its eventfd
+    public static let clientRunningOffset = 384   // 1 while the client runs; its CPU beside it
+    public static let clientCPUOffset = 388
+    public static let serviceClosedOffset = 448   // set by the broker when the service is gone
+    public static let clientClosedOffset = 452    // set by the broker when the client is gone
+
+    public static func requestRingOffset() -> Int { headerSize }
+    public static func replyRingOffset(capacity: Int = ringCapacity) -> Int { headerSize + capacity * entrySize }
+    public static func requestArenaOffset(capacity: Int = ringCapacity) -> Int {
+        roundUpToPage(headerSize + 2 * capacity * entrySize)
+    }
+    public static func replyArenaOffset(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
+        requestArenaOffset(capacity: capacity) + arenaSize
+    }
+    public static func channelSize(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
+        replyArenaOffset(capacity: capacity, arenaSize: arenaSize) + arenaSize
+    }
+
+    // Ring entry layout (32 bytes).
+    public static let entryMessageID = 0   // u64
+    public static let entryOffset = 8      // u64: offset in the sender's arena
+    public static let entryLength = 16     // u32
+    public static let entryKind = 20       // u32: EntryKind
+    public static let entryState = 24      // u32: EntryState (request entries)
+    public static let entryFlags = 28      // u32: EntryFlags
+
+    // Status page.
+    public static let statusSize = 4096
+    public static let statusGenerationOffset = 8     // u64
+    public static let statusSleepingOffset = 64      // u32
+    public static let statusRunningOffset = 128      // u32
+    public static let statusCPUOffset = 132          // u32
+
+    static func roundUpToPage(_ value: Int) -> Int { (value + 4095) / 4096 * 4096 }
+}
+
+/// What a ring entry is.
+public enum CapsEntryKind: UInt32, Sendable {
+    case request = 1
+    case dispose = 2
+    case abort = 3
+    case reply = 4
+    /// A reply to a request the client aborted: frees the request's space, shown to nobody.
+    case discardedReply = 5
+}
+
+/// The life of a request entry still in the ring: the client may abort it in place until the
+/// service takes it (a compare-and-swap decides who wins).
+public enum CapsEntryState: UInt32, Sendable {
+    case pending = 0
+    case taken = 1
+    case aborted = 2
+}
+
+public enum CapsEntryFlags {
+    /// The payload did not fit the arena: it travels as a memfd on the peers' direct socket.
+    public static let attachedPayload: UInt32 = 1
+    /// Descriptors ride along on the peers' direct socket.
+    public static let descriptors: UInt32 = 2
+}
+
+/// Access classes and options of `service` and `client` (SEMANTICS.md §5).
+public enum CapsFlags {
+    public static let user: UInt32 = 1
+    public static let group: UInt32 = 2
+    public static let world: UInt32 = 4
+    /// service: fail with EEXIST if a matching service is registered.
+    public static let exclusive: UInt32 = 8
+    /// client: wait for a matching service instead of ENOENT.
+    public static let waitForService: UInt32 = 16
+    /// service: deliver connect and disconnect notices.
+    public static let notifyConnections: UInt32 = 32
+
+    public static let accessClasses: UInt32 = user | group | world
+    public static let serviceFlags: UInt32 = accessClasses | exclusive | notifyConnections
+    public static let clientFlags: UInt32 = accessClasses | waitForService
+}
+
+/// CAPS names: 1 to 63 characters of `[0-9A-Za-z_.]`. Returns the errno name of the failure
+/// (`EINVAL` or `ENAMETOOLONG`), nil when valid.
+public func capsNameProblem(_ name: String) -> String? {
+    let bytes = Array(name.utf8)
+    if bytes.isEmpty { return "EINVAL" }
+    let valid = bytes.allSatisfy { byte in
+        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+            || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+    }
+    if !valid { return "EINVAL" }
+    if bytes.count > 63 { return "ENAMETOOLONG" }
+    return nil
+}
