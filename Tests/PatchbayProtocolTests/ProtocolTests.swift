@@ -26,6 +26,15 @@ let sampleRequests: [Request] = [
     .claim(sampleToken),
     .claimAcknowledge(sampleToken, received: true),
     .claimAcknowledge(sampleToken, received: false),
+    .open(path: "/net/local/seqpacket", flags: OpenFlags.nonblock),
+    .sharedMemoryOpen(SharedMemoryOpenRequest(name: Array("/a".utf8), access: 1, flags: 3, mode: 0o640, umask: 0o022)),
+    .sharedMemoryRename(from: Array("/a".utf8), to: Array("/b".utf8), flags: 2),
+    .sharedMemoryList(after: []),
+    .netControl(socket: 7, command: "bind x && listen"),
+    .netList,
+    .capsService(name: "svc", uid: -1, gid: 100, flags: CapsFlags.world, maximumInFlight: 128),
+    .capsClient(name: "svc", uid: -1, gid: -1, flags: CapsFlags.world | CapsFlags.waitForService),
+    .capsSetGeneration(9),
 ]
 
 let sampleReport = StatusReport(
@@ -33,7 +42,13 @@ let sampleReport = StatusReport(
     uptimeNanoseconds: 123_456_789, clients: 3, keysByFileKind: [1: 2, 3: 1],
     users: [UserUsage(uid: 1000, clients: 3, keys: 3, oldestKeyAgeNanoseconds: 99)])
 
-let sampleReplies: [Reply] = [.status(sampleReport), .share(sampleToken), .claim(fileKind: 4)]
+let sampleReplies: [Reply] = [
+    .status(sampleReport), .share(sampleToken), .claim(fileKind: 4), .open(objectKind: 2, id: 5),
+    .netList([NetSocketInfo(id: 1, family: "local", type: "stream", state: "LISTENING", name: "x", ownerPID: 3, ownerUID: 0,
+                            waitingAccepts: 2)]),
+    .capsClient(channelID: 1, serviceID: 2, maximumInFlight: 128, arenaSize: 1 << 24),
+    .capsList([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)]),
+]
 
 @Suite("Wire protocol")
 struct ProtocolTests {
@@ -52,6 +67,17 @@ struct ProtocolTests {
         let frame = try Frame.decode(reply.encode(requestID: .max)[...])
         #expect(frame.requestID == .max)
         #expect(try Reply.decode(frame) == reply)
+    }
+
+    @Test("events survive encode and decode")
+    func eventRoundTrip() throws {
+        for event in [Event.capsConnected(channelID: 4, credentials: CapsCredentials(pid: 1, uid: 2, euid: 3, gid: 4, groups: [5, 6]),
+                                          arenaSize: 1 << 24),
+                      .capsDisconnected(channelID: 4)] {
+            let frame = try Frame.decode(event.encode()[...])
+            #expect(frame.kind == .event && frame.requestID == 0)
+            #expect(try Event.decode(frame) == event)
+        }
     }
 
     @Test("error replies carry errno and reason")
@@ -168,6 +194,7 @@ struct ProtocolTests {
                 case .request: if (try? Request.decode(frame)) != nil { decoded += 1 }
                 case .reply: if (try? Reply.decode(frame)) != nil { decoded += 1 }
                 case .error: if (try? ErrorReply.decode(frame)) != nil { decoded += 1 }
+                case .event: if (try? Event.decode(frame)) != nil { decoded += 1 }
                 }
             }
         }
