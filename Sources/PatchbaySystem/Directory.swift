@@ -65,3 +65,25 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
     precondition(result == 0, "pthread_create failed: \(result)")
     pthread_detach(thread)
 }
+
+/// A plain mutual-exclusion lock (pthread mutex) for objects that serialise their operations and
+/// return non-Sendable results from them, which `Mutex.withLock` does not allow.
+public final class Lock: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inline(__always)
+    public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}

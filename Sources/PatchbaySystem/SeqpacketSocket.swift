@@ -198,6 +198,26 @@ public struct SeqpacketSocket: ~Copyable {
     }
 }
 
+extension SeqpacketSocket {
+    /// `sendmsg` of one buffer and descriptors on a socket owned elsewhere; -1 with errno set.
+    public static func sendRaw(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>) -> Int {
+        pb_send_with_fds(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), 0)
+    }
+
+    /// `recvmsg` on a socket owned elsewhere: the length and the raw descriptors received (the
+    /// caller owns them), or nil with errno set.
+    public static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer) -> (length: Int, descriptors: [CInt])? {
+        var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
+        var count: CInt = 0
+        var flags: CInt = 0
+        let length = fds.withUnsafeMutableBufferPointer { pointer in
+            pb_recv_with_fds(fd, buffer.baseAddress, buffer.count, pointer.baseAddress, CInt(pointer.count), &count, &flags, 0)
+        }
+        guard length >= 0 else { return nil }
+        return (length, Array(fds[0..<Int(count)]))
+    }
+}
+
 /// Two connected sockets from `socketpair`.
 @frozen
 public struct SocketPair: ~Copyable {

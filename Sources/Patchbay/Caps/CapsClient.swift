@@ -1,0 +1,526 @@
+// A CAPS client port: put requests, receive replies, directly over the channel's shared memory.
+
+import Glibc
+import PatchbayProtocol
+import PatchbaySystem
+import Synchronization
+
+/// Descriptors that came with a message. Closed when this goes away, unless taken.
+public final class CapsDescriptors: @unchecked Sendable {
+    private var raw: [CInt]
+
+    init(_ raw: [CInt]) { self.raw = raw }
+
+    public var count: Int { raw.count }
+
+    /// Takes the next descriptor; the caller owns it.
+    public func take() -> Descriptor? {
+        raw.isEmpty ? nil : Descriptor(adopting: raw.removeFirst())
+    }
+
+    deinit { for fd in raw { close(fd) } }
+}
+
+/// What `CapsClient.get` and `wait` return: a REPLY (clients only ever see replies).
+public struct CapsReply: Sendable {
+    public var messageID: UInt64
+    /// The reply's full length. When larger than the buffer given, only the buffer's worth was
+    /// copied and the reply is still queued (receive again with a bigger buffer).
+    public var length: Int
+    /// Whether the reply was consumed (the buffer was large enough).
+    public var consumed: Bool
+    /// A 0-byte reply made by Patchbay because the service went away before answering.
+    public var serviceClosed: Bool
+    public var descriptors: CapsDescriptors?
+}
+
+/// How an `abort` ended.
+public enum CapsAbortOutcome: Sendable, Equatable {
+    /// The service had not read the request: it is gone, as if never sent.
+    case returned
+    /// The service already had it: it is told, and its reply will be discarded.
+    case atService
+}
+
+/// Options of `CapsClient` and `CapsService`: access classes (SEMANTICS.md §5).
+public struct CapsAccess: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// The service's uid is the client's effective uid.
+    public static let user = CapsAccess(rawValue: CapsFlags.user)
+    /// The client belongs to the service's gid.
+    public static let group = CapsAccess(rawValue: CapsFlags.group)
+    /// Anyone.
+    public static let world = CapsAccess(rawValue: CapsFlags.world)
+}
+
+/// Cancels a `CapsClient` connection that waits for its service, from another thread.
+public final class CapsConnectAttempt: Sendable {
+    private let socket = Mutex<CInt>(-1)
+    private let cancelled = Atomic<Bool>(false)
+
+    public init() {}
+
+    public func cancel() {
+        cancelled.store(true, ordering: .sequentiallyConsistent)
+        socket.withLock { fd in if fd >= 0 { _ = shutdown(fd, CInt(SHUT_RDWR)) } }
+    }
+
+    var isCancelled: Bool { cancelled.load(ordering: .sequentiallyConsistent) }
+
+    func attach(_ fd: CInt) {
+        socket.withLock { $0 = fd }
+        if isCancelled { _ = shutdown(fd, CInt(SHUT_RDWR)) }
+    }
+
+    func detach() { socket.withLock { $0 = -1 } }
+}
+
+public final class CapsClient: @unchecked Sendable {
+    public let name: String
+    /// The channel's id: the high half of every message id on it.
+    public let channelID: UInt64
+    public let maximumInFlight: Int
+
+    private let connection: Mutex<Connection>  // kept open: its closing is how the broker learns we are gone
+    private let channel: CapsChannel
+    private let status: Mapping
+    private let serviceWake: Descriptor
+    private let clientWake: Descriptor
+    private let direct: Descriptor
+    private let createdIn = forkGeneration()
+    private let lock = Lock()
+    private let cancelled = Atomic<Bool>(false)
+
+    private var allocator: ArenaAllocator
+    private var sequence: UInt32 = 0
+    /// Requests whose reply has not been consumed: arena offset (-1: attached) and length.
+    private var inFlight: [UInt64: (offset: Int, length: Int)] = [:]
+    private var inFlightOrder: [UInt64] = []
+    private var abortedAtService: Set<UInt64> = []
+    private var pendingDisposes: [UInt64] = []
+    private var closedReplies: [UInt64]?
+    private var watching = false
+
+    /// Connects to the newest service `name` that matches `uid` and `gid` (-1: any) and admits
+    /// this process through one of `access`'s classes.
+    ///
+    /// - Throws: `EINVAL`/`ENAMETOOLONG` (name), `ENOENT` (no such service, unless
+    ///   `waitForService`), `EACCES`, `ECANCELED` (the attempt was cancelled).
+    public init(_ broker: Broker, name: String, uid: Int32 = -1, gid: Int32 = -1, access: CapsAccess = [.user, .group, .world],
+                waitForService: Bool = false, attempt: CapsConnectAttempt? = nil) throws(PatchbayError) {
+        self.name = name
+        var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
+        attempt?.attach(port.socket.rawValue)
+        defer { attempt?.detach() }
+        var response: Response
+        do {
+            response = try port.call(.capsClient(name: name, uid: uid, gid: gid,
+                                                 flags: access.rawValue | (waitForService ? CapsFlags.waitForService : 0)))
+        } catch {
+            if attempt?.isCancelled == true { throw PatchbayError(.canceled, "waiting for service \(name) was cancelled") }
+            throw error
+        }
+        guard case .capsClient(let channelID, _, let maximumInFlight, _) = response.reply, response.descriptors.count == 5,
+              let memory = response.takeDescriptor(), let statusPage = response.takeDescriptor(),
+              let serviceWake = response.takeDescriptor(), let clientWake = response.takeDescriptor(),
+              let direct = response.takeDescriptor()
+        else { throw PatchbayError(.protocolError, "the broker's CAPS connect reply is malformed") }
+        self.channelID = channelID
+        self.maximumInFlight = Int(maximumInFlight)
+        channel = try CapsChannel(memory)
+        do {
+            status = try Mapping(statusPage, length: CapsLayout.statusSize, writable: false)
+        } catch {
+            throw PatchbayError(error, "cannot map the service's status page")
+        }
+        self.serviceWake = serviceWake
+        self.clientWake = clientWake
+        self.direct = direct
+        allocator = ArenaAllocator(size: channel.arenaSize)
+        connection = Mutex(port)
+        SharedWord.store(channel.word32(CapsLayout.clientRunningOffset), 1)
+    }
+
+    // MARK: Requests
+
+    /// Sends `bytes` as a REQUEST and returns its message id.
+    ///
+    /// - Throws: `ENOTCONN` (service gone, or this port was inherited across fork), `ENOBUFS`
+    ///   (the in-flight limit is reached).
+    @discardableResult
+    public func put(_ bytes: [UInt8], descriptors: [CInt] = []) throws(PatchbayError) -> UInt64 {
+        try put(length: bytes.count, descriptors: descriptors) { buffer in
+            bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        }
+    }
+
+    /// Sends a REQUEST of `length` bytes that `fill` writes in place, in the shared memory the
+    /// service will read it from: no copy. A request larger than the channel's payload space gets
+    /// its own shared memory object, attached.
+    @discardableResult
+    public func put(length: Int, descriptors: [CInt] = [], fill: (UnsafeMutableRawBufferPointer) -> Void)
+        throws(PatchbayError) -> UInt64
+    {
+        try lock.locked { () throws(PatchbayError) -> UInt64 in
+            try putLocked(length: length, descriptors: descriptors, fill: fill)
+        }
+    }
+
+    private func putLocked(length: Int, descriptors: [CInt], fill: (UnsafeMutableRawBufferPointer) -> Void)
+        throws(PatchbayError) -> UInt64
+    {
+            try checkUsable()
+            flushDisposes()
+            guard inFlight.count < maximumInFlight else {
+                throw PatchbayError(.noBufferSpace, "\(inFlight.count) requests are in flight, the limit of this service")
+            }
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            var flags: UInt32 = 0
+            var attachments = descriptors
+            var offset = -1
+            var payload: Descriptor?
+            if length <= channel.arenaSize, let slot = allocator.allocate(length) {
+                offset = slot
+                fill(UnsafeMutableRawBufferPointer(start: channel.requestArena.advanced(by: slot), count: length))
+            } else {
+                let object = try attachedPayload(length: length, fill: fill)
+                attachments.insert(object.rawValue, at: 0)
+                flags |= CapsEntryFlags.attachedPayload
+                payload = consume object
+            }
+            if !descriptors.isEmpty { flags |= CapsEntryFlags.descriptors }
+            if !attachments.isEmpty {
+                do {
+                    try sendAttachments(direct.rawValue, messageID: messageID, descriptors: attachments)
+                } catch {
+                    if offset >= 0 { allocator.release(offset: offset, length: length) }
+                    throw error
+                }
+            }
+            _ = consume payload
+            let entry = CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)), length: UInt32(length),
+                                  kind: .request, flags: flags)
+            guard channel.push(.request, entry) else {
+                if offset >= 0 { allocator.release(offset: offset, length: length) }
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+            inFlight[messageID] = (offset, length)
+            inFlightOrder.append(messageID)
+            wakeService()
+            return messageID
+    }
+
+    /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
+    ///
+    /// - Throws: `EINVAL` when `messageID` is not a request of this port in flight.
+    public func abort(_ messageID: UInt64) throws(PatchbayError) -> CapsAbortOutcome {
+        try lock.locked { () throws(PatchbayError) -> CapsAbortOutcome in
+            try checkUsable()
+            guard let request = inFlight[messageID], !abortedAtService.contains(messageID) else {
+                throw PatchbayError(.invalidArgument, "message \(messageID) is not a request in flight on this port")
+            }
+            // Still in the ring: take it back in place if the service has not taken it first.
+            if let slot = channel.pendingRequestSlots().first(where: { $0.messageID == messageID }),
+               SharedWord.compareExchange(slot.state, expected: CapsEntryState.pending.rawValue,
+                                          desired: CapsEntryState.aborted.rawValue) {
+                if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
+                forget(messageID)
+                return .returned
+            }
+            abortedAtService.insert(messageID)
+            _ = channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .abort, flags: 0))
+            wakeService()
+            return .atService
+        }
+    }
+
+    // MARK: Replies
+
+    /// The next REPLY, copied into `buffer`. A buffer too small gets the first `buffer.count`
+    /// bytes, the full length is returned, and the reply stays queued.
+    ///
+    /// - Throws: `EAGAIN` when no reply is waiting; `ENOTCONN` when the service is gone and every
+    ///   pending request has come back.
+    public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
+        try lock.locked { () throws(PatchbayError) -> CapsReply in
+            try checkInherited()
+            if watching { _ = try? EventCounter.drain(clientWake.rawValue) }
+            guard let reply = try nextReply(into: buffer) else {
+                throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting")
+            }
+            return reply
+        }
+    }
+
+    /// Waits for the next REPLY: spins while the service runs on another CPU, else sleeps on a
+    /// futex. Cancellable with `cancelWait()` (`ECANCELED`).
+    public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
+        try lock.locked { () throws(PatchbayError) -> CapsReply in
+            try checkInherited()
+            while true {
+                if let reply = try nextReply(into: buffer) { return reply }
+                try sleepUntilReply()
+            }
+        }
+    }
+
+    /// Sends a request and waits for its reply, which is returned as bytes.
+    public func call(_ bytes: [UInt8], maximumReply: Int = 1 << 16) throws(PatchbayError) -> [UInt8] {
+        let id = try put(bytes)
+        var buffer = [UInt8](repeating: 0, count: maximumReply)
+        while true {
+            let reply = try buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsReply in try wait(into: raw) }
+            }.get()
+            if !reply.consumed {
+                buffer = [UInt8](repeating: 0, count: reply.length)
+                continue
+            }
+            if reply.messageID == id { return Array(buffer[0..<reply.length]) }
+        }
+    }
+
+    /// Waits for the next REPLY and lets `body` read it in place, in the shared memory the
+    /// service wrote it to; the service is sent DISPOSE when `body` returns.
+    public func waitReply<R>(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
+        try lock.locked { () throws(PatchbayError) -> R in
+            try checkInherited()
+            while true {
+                if let result = try nextReplyInPlace(body) { return result }
+                try sleepUntilReply()
+            }
+        }
+    }
+
+    /// Makes a `wait` blocked in another thread return `ECANCELED`.
+    public func cancelWait() {
+        cancelled.store(true, ordering: .sequentiallyConsistent)
+        SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
+        Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+    }
+
+    /// The service's generation (its status page, kept current by the service).
+    public func generation() throws(PatchbayError) -> UInt64 {
+        try checkInherited()
+        return SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self))
+    }
+
+    /// A descriptor that becomes readable when a reply (or the service's departure) arrives, for
+    /// epoll loops; then call `get`.
+    public var eventDescriptor: CInt {
+        lock.locked {
+            watching = true
+            SharedWord.store(channel.word32(CapsLayout.clientWatchingOffset), 1)
+        }
+        return clientWake.rawValue
+    }
+
+    /// A client port cannot reply: `EINVAL` (SEMANTICS.md §5).
+    public func reply(to messageID: UInt64, _ bytes: [UInt8]) throws(PatchbayError) {
+        throw PatchbayError(.invalidArgument, "a client port cannot reply")
+    }
+
+    /// A client port cannot set a generation: `EINVAL`.
+    public func setGeneration(_ generation: UInt64) throws(PatchbayError) {
+        throw PatchbayError(.invalidArgument, "only a service port has a generation to set")
+    }
+
+    /// Requests in flight (put, reply not yet consumed).
+    public var requestsInFlight: Int { lock.locked { inFlight.count } }
+
+    // MARK: Internals
+
+    private func checkInherited() throws(PatchbayError) {
+        if forkGeneration() != createdIn {
+            throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and connect again")
+        }
+    }
+
+    private func checkUsable() throws(PatchbayError) {
+        try checkInherited()
+        if channel.serviceClosed {
+            throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
+        }
+    }
+
+    private func attachedPayload(length: Int, fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) -> Descriptor {
+        do {
+            let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
+            try object.truncate(to: max(length, 1))
+            let view = try Mapping(object, length: max(length, 1), writable: true)
+            fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
+            return object
+        } catch {
+            throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte payload")
+        }
+    }
+
+    private func wakeService() {
+        SharedWord.fence()
+        if SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)) != 0 {
+            var one: UInt64 = 1
+            _ = Glibc.write(serviceWake.rawValue, &one, 8)
+        }
+    }
+
+    private func flushDisposes() {
+        while let first = pendingDisposes.first,
+              channel.push(.request, CapsEntry(messageID: first, offset: 0, length: 0, kind: .dispose, flags: 0)) {
+            pendingDisposes.removeFirst()
+        }
+    }
+
+    private func forget(_ messageID: UInt64) {
+        inFlight[messageID] = nil
+        if let index = inFlightOrder.firstIndex(of: messageID) { inFlightOrder.remove(at: index) }
+    }
+
+    /// The next reply entry to show, skipping discarded ones. nil: nothing yet.
+    private func nextReply(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply? {
+        while let (entry, _) = channel.peek(.reply) {
+            if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+                finish(entry, dispose: entry.kind == .reply)
+                continue
+            }
+            var descriptors: [CInt] = []
+            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
+                descriptors = try receiveAttachments(direct.rawValue, messageID: entry.messageID)
+            }
+            let length = Int(entry.length)
+            let copied = min(length, buffer.count)
+            if entry.flags & CapsEntryFlags.attachedPayload != 0, let payload = descriptors.first {
+                if copied > 0, let view = try? Mapping(Descriptor(adopting: dup(payload)), length: length, writable: false) {
+                    buffer.baseAddress!.copyMemory(from: view.baseAddress, byteCount: copied)
+                }
+            } else if copied > 0 {
+                buffer.baseAddress!.copyMemory(from: channel.replyArena.advanced(by: Int(entry.offset)), byteCount: copied)
+            }
+            if copied < length {
+                // Too small: the reply stays queued; its descriptors must come again next time.
+                if !descriptors.isEmpty { try? sendAttachments(direct.rawValue, messageID: entry.messageID, descriptors: []) }
+                for fd in descriptors { close(fd) }
+                return CapsReply(messageID: entry.messageID, length: length, consumed: false, serviceClosed: false,
+                                 descriptors: nil)
+            }
+            if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty { close(descriptors.removeFirst()) }
+            finish(entry, dispose: true)
+            return CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
+                             descriptors: descriptors.isEmpty ? nil : CapsDescriptors(descriptors))
+        }
+        return try closedReply()
+    }
+
+    private func nextReplyInPlace<R>(_ body: (UInt64, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
+        while let (entry, _) = channel.peek(.reply) {
+            if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+                finish(entry, dispose: entry.kind == .reply)
+                continue
+            }
+            let length = Int(entry.length)
+            let result: R
+            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
+                var descriptors = try receiveAttachments(direct.rawValue, messageID: entry.messageID)
+                if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty {
+                    let payload = Descriptor(adopting: descriptors.removeFirst())
+                    guard let view = try? Mapping(payload, length: max(length, 1), writable: false) else {
+                        throw PatchbayError(.ioError, "cannot map an attached reply payload")
+                    }
+                    result = body(entry.messageID, UnsafeRawBufferPointer(start: view.baseAddress, count: length))
+                } else {
+                    result = body(entry.messageID, UnsafeRawBufferPointer(start: channel.replyArena.advanced(by: Int(entry.offset)),
+                                                                         count: length))
+                }
+                for fd in descriptors { close(fd) }
+            } else {
+                result = body(entry.messageID, UnsafeRawBufferPointer(start: channel.replyArena.advanced(by: Int(entry.offset)),
+                                                                     count: length))
+            }
+            finish(entry, dispose: true)
+            return result
+        }
+        if let closed = try closedReply() {
+            return body(closed.messageID, UnsafeRawBufferPointer(start: nil, count: 0))
+        }
+        return nil
+    }
+
+    /// Consumes a reply entry: frees the request's space, tells the service DISPOSE.
+    private func finish(_ entry: CapsEntry, dispose: Bool) {
+        channel.advance(.reply)
+        if let request = inFlight[entry.messageID], request.offset >= 0 {
+            allocator.release(offset: request.offset, length: request.length)
+        }
+        forget(entry.messageID)
+        abortedAtService.remove(entry.messageID)
+        guard dispose, !channel.serviceClosed else { return }
+        pendingDisposes.append(entry.messageID)
+        flushDisposes()
+        wakeService()
+    }
+
+    /// After the service went away: each unanswered request comes back as a 0-byte REPLY, then
+    /// ENOTCONN.
+    private func closedReply() throws(PatchbayError) -> CapsReply? {
+        guard channel.serviceClosed else { return nil }
+        if closedReplies == nil {
+            closedReplies = inFlightOrder.filter { !abortedAtService.contains($0) }
+        }
+        guard let messageID = closedReplies?.first else {
+            throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
+        }
+        closedReplies?.removeFirst()
+        if let request = inFlight[messageID], request.offset >= 0 {
+            allocator.release(offset: request.offset, length: request.length)
+        }
+        forget(messageID)
+        return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil)
+    }
+
+    /// Adaptive waiting: spin while the service runs on another CPU, then sleep on the futex.
+    private func sleepUntilReply() throws(PatchbayError) {
+        let statusBase = status.baseAddress
+        let serviceRunning = statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self)
+        let serviceCPU = statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self)
+        let ready = { [channel] in channel.hasEntries.reply || channel.serviceClosed }
+        let spun = spinUntil(ready) {
+            SharedWord.load(serviceRunning) != 0 && Int32(bitPattern: SharedWord.load(serviceCPU)) != currentCPU()
+        }
+        if spun { return }
+        let wakeWord = channel.word32(CapsLayout.clientWakeOffset)
+        let sleeping = channel.word32(CapsLayout.clientSleepingOffset)
+        let running = channel.word32(CapsLayout.clientRunningOffset)
+        while true {
+            if cancelled.exchange(false, ordering: .sequentiallyConsistent) {
+                throw PatchbayError(.canceled, "the wait was cancelled")
+            }
+            let seen = SharedWord.load(wakeWord)
+            SharedWord.store(sleeping, 1)
+            SharedWord.fence()
+            if ready() { break }
+            SharedWord.store(running, 0)
+            do {
+                try Futex.wait(wakeWord, expected: seen)
+            } catch {
+                SharedWord.store(sleeping, 0)
+                SharedWord.store(running, 1)
+                throw PatchbayError(error, "futex wait failed")
+            }
+            SharedWord.store(running, 1)
+            if ready() { break }
+        }
+        SharedWord.store(sleeping, 0)
+        SharedWord.store(running, 1)
+        SharedWord.store(channel.word32(CapsLayout.clientCPUOffset), UInt32(bitPattern: currentCPU()))
+    }
+}
+
+extension EventCounter {
+    /// Reads (resets) a non-blocking eventfd owned elsewhere.
+    static func drain(_ fd: CInt) throws(Errno) -> UInt64 {
+        var value: UInt64 = 0
+        _ = try syscallRetrying { Glibc.read(fd, &value, 8) }
+        return value
+    }
+}

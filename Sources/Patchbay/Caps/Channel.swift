@@ -1,0 +1,256 @@
+// The shared-memory channel between one CAPS client and its service (layout: CapsLayout in
+// PatchbayProtocol). Both processes map the same memfd; each ring has exactly one producer and
+// one consumer, so a slot is published with a release store of the tail and claimed with a
+// release store of the head, and nothing else needs a lock.
+
+import Glibc
+import PatchbayProtocol
+import PatchbaySystem
+import Synchronization
+
+/// One ring entry, as copied out of shared memory.
+struct CapsEntry {
+    var messageID: UInt64
+    var offset: UInt64
+    var length: UInt32
+    var kind: CapsEntryKind
+    var flags: UInt32
+}
+
+/// A mapped channel: header words, the two rings and the two arenas.
+final class CapsChannel: @unchecked Sendable {
+    let mapping: Mapping
+    let capacity: UInt64
+    let arenaSize: Int
+
+    init(_ memory: borrowing Descriptor) throws(PatchbayError) {
+        let header: (capacity: Int, arena: Int)
+        do {
+            let probe = try Mapping(memory, length: CapsLayout.headerSize, writable: false)
+            let base = probe.baseAddress
+            guard base.load(fromByteOffset: CapsLayout.magicOffset, as: UInt32.self) == CapsLayout.magic,
+                  base.load(fromByteOffset: CapsLayout.versionOffset, as: UInt32.self) == CapsLayout.version
+            else { throw PatchbayError(.protocolError, "the CAPS channel has an unknown layout") }
+            header = (Int(base.load(fromByteOffset: CapsLayout.ringCapacityOffset, as: UInt32.self)),
+                      Int(base.load(fromByteOffset: CapsLayout.arenaSizeOffset, as: UInt64.self)))
+        } catch let error as PatchbayError {
+            throw error
+        } catch {
+            throw PatchbayError((error as? Errno) ?? .ioError, "cannot map the CAPS channel")
+        }
+        guard header.capacity > 0, header.capacity & (header.capacity - 1) == 0 else {
+            throw PatchbayError(.protocolError, "the CAPS channel's ring capacity is not a power of two")
+        }
+        capacity = UInt64(header.capacity)
+        arenaSize = header.arena
+        do {
+            mapping = try Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
+                                  writable: true)
+        } catch {
+            throw PatchbayError(error, "cannot map the CAPS channel")
+        }
+    }
+
+    @inline(__always) func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
+        mapping.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
+    }
+
+    @inline(__always) func word64(_ offset: Int) -> UnsafeMutablePointer<UInt64> {
+        mapping.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt64.self)
+    }
+
+    var requestArena: UnsafeMutableRawPointer {
+        mapping.baseAddress.advanced(by: CapsLayout.requestArenaOffset(capacity: Int(capacity)))
+    }
+
+    var replyArena: UnsafeMutableRawPointer {
+        mapping.baseAddress.advanced(by: CapsLayout.replyArenaOffset(capacity: Int(capacity), arenaSize: arenaSize))
+    }
+
+    var serviceClosed: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) != 0 }
+    var clientClosed: Bool { SharedWord.load(word32(CapsLayout.clientClosedOffset)) != 0 }
+
+    // MARK: Rings
+
+    enum Ring {
+        case request, reply
+
+        var tailOffset: Int { self == .request ? CapsLayout.requestTailOffset : CapsLayout.replyTailOffset }
+        var headOffset: Int { self == .request ? CapsLayout.requestHeadOffset : CapsLayout.replyHeadOffset }
+    }
+
+    @inline(__always) private func slot(_ ring: Ring, _ index: UInt64) -> UnsafeMutableRawPointer {
+        let start = ring == .request ? CapsLayout.requestRingOffset() : CapsLayout.replyRingOffset(capacity: Int(capacity))
+        return mapping.baseAddress.advanced(by: start + Int(index & (capacity - 1)) * CapsLayout.entrySize)
+    }
+
+    /// Publishes an entry (producer side). False when the ring is full.
+    func push(_ ring: Ring, _ entry: CapsEntry) -> Bool {
+        let tail = SharedWord.load(word64(ring.tailOffset))
+        let head = SharedWord.load(word64(ring.headOffset))
+        guard tail &- head < capacity else { return false }
+        let slot = slot(ring, tail)
+        slot.storeBytes(of: entry.messageID, toByteOffset: CapsLayout.entryMessageID, as: UInt64.self)
+        slot.storeBytes(of: entry.offset, toByteOffset: CapsLayout.entryOffset, as: UInt64.self)
+        slot.storeBytes(of: entry.length, toByteOffset: CapsLayout.entryLength, as: UInt32.self)
+        slot.storeBytes(of: entry.kind.rawValue, toByteOffset: CapsLayout.entryKind, as: UInt32.self)
+        slot.storeBytes(of: entry.flags, toByteOffset: CapsLayout.entryFlags, as: UInt32.self)
+        SharedWord.store(slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self),
+                         CapsEntryState.pending.rawValue)
+        SharedWord.store(word64(ring.tailOffset), tail &+ 1)
+        return true
+    }
+
+    /// The oldest entry not yet consumed (consumer side), without consuming it.
+    func peek(_ ring: Ring) -> (entry: CapsEntry, state: UnsafeMutablePointer<UInt32>)? {
+        let head = SharedWord.load(word64(ring.headOffset))
+        let tail = SharedWord.load(word64(ring.tailOffset))
+        guard head != tail, tail &- head <= capacity else { return nil }
+        let slot = slot(ring, head)
+        let kind = CapsEntryKind(rawValue: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self)) ?? .discardedReply
+        let entry = CapsEntry(
+            messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
+            offset: slot.load(fromByteOffset: CapsLayout.entryOffset, as: UInt64.self),
+            length: slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self),
+            kind: kind,
+            flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self))
+        return (entry, slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self))
+    }
+
+    /// Consumes the oldest entry.
+    func advance(_ ring: Ring) {
+        let head = SharedWord.load(word64(ring.headOffset))
+        SharedWord.store(word64(ring.headOffset), head &+ 1)
+    }
+
+    var hasEntries: (request: Bool, reply: Bool) {
+        (SharedWord.load(word64(Ring.request.headOffset)) != SharedWord.load(word64(Ring.request.tailOffset)),
+         SharedWord.load(word64(Ring.reply.headOffset)) != SharedWord.load(word64(Ring.reply.tailOffset)))
+    }
+
+    /// Every request entry still in the ring (between the service's head and the client's tail),
+    /// newest last: for aborting in place.
+    func pendingRequestSlots() -> [(messageID: UInt64, state: UnsafeMutablePointer<UInt32>)] {
+        let head = SharedWord.load(word64(Ring.request.headOffset))
+        let tail = SharedWord.load(word64(Ring.request.tailOffset))
+        var result: [(UInt64, UnsafeMutablePointer<UInt32>)] = []
+        var index = head
+        while index != tail {
+            let slot = slot(.request, index)
+            if slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self) == CapsEntryKind.request.rawValue {
+                result.append((slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
+                               slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self)))
+            }
+            index &+= 1
+        }
+        return result
+    }
+}
+
+/// First-fit allocation of one side's arena. The state lives in the allocating process only: a
+/// peer never touches it, so nothing about it is shared or locked across processes.
+struct ArenaAllocator {
+    private var free: [(offset: Int, length: Int)]
+    static let alignment = 64
+
+    init(size: Int) {
+        free = [(0, size)]
+    }
+
+    static func rounded(_ length: Int) -> Int {
+        max(alignment, (length + alignment - 1) / alignment * alignment)
+    }
+
+    mutating func allocate(_ length: Int) -> Int? {
+        let size = Self.rounded(length)
+        guard let index = free.firstIndex(where: { $0.length >= size }) else { return nil }
+        let block = free[index]
+        if block.length == size {
+            free.remove(at: index)
+        } else {
+            free[index] = (block.offset + size, block.length - size)
+        }
+        return block.offset
+    }
+
+    mutating func release(offset: Int, length: Int) {
+        let size = Self.rounded(length)
+        let index = free.firstIndex { $0.offset > offset } ?? free.count
+        free.insert((offset, size), at: index)
+        // Merge with the neighbours.
+        if index + 1 < free.count, free[index].offset + free[index].length == free[index + 1].offset {
+            free[index].length += free[index + 1].length
+            free.remove(at: index + 1)
+        }
+        if index > 0, free[index - 1].offset + free[index - 1].length == free[index].offset {
+            free[index - 1].length += free[index].length
+            free.remove(at: index)
+        }
+    }
+}
+
+/// How long a waiter spins before sleeping, while its peer runs on another CPU. 20 µs by
+/// default (a cross-CPU wake-up costs about that much here); `PATCHBAY_CAPS_SPIN_NS` overrides
+/// (0 forces sleeping at once).
+let capsSpinBudget: UInt64 = {
+    if let text = getenv("PATCHBAY_CAPS_SPIN_NS").map({ String(cString: $0) }), let value = UInt64(text) {
+        return value
+    }
+    return 20_000
+}()
+
+/// Spins while `keepSpinning` says the peer is on another CPU and `ready` is false, for at most
+/// the spin budget. Returns true when `ready` became true.
+@inline(__always)
+func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
+    if ready() { return true }
+    guard capsSpinBudget > 0 else { return false }
+    let deadline = monotonicNanoseconds() &+ capsSpinBudget
+    var rounds = 0
+    while keepSpinning() {
+        for _ in 0..<32 {
+            if ready() { return true }
+            SharedWord.relax()
+        }
+        rounds += 1
+        if rounds & 7 == 0 && monotonicNanoseconds() > deadline { break }
+    }
+    return ready()
+}
+
+/// The message id: the channel's id in the high half, a per-client sequence number in the low
+/// half, so ids are unique across all of a service's clients.
+@inline(__always)
+func capsMessageID(channel: UInt64, sequence: UInt32) -> UInt64 { channel << 32 | UInt64(sequence) }
+
+@inline(__always)
+func capsChannel(of messageID: UInt64) -> UInt64 { messageID >> 32 }
+
+/// Sends descriptors (and, for attached payloads, the payload's memfd first) for one message on
+/// the peers' direct socket, tagged with the message id.
+func sendAttachments(_ socket: CInt, messageID: UInt64, descriptors: [CInt]) throws(PatchbayError) {
+    var tag = messageID
+    let sent = withUnsafeBytes(of: &tag) { raw in
+        descriptors.withUnsafeBufferPointer { fds in
+            SeqpacketSocket.sendRaw(socket, raw, fds)
+        }
+    }
+    if sent < 0 { throw PatchbayError(Errno.current, "cannot send the message's descriptors to the peer") }
+}
+
+/// Receives the descriptors sent for `messageID` (they were sent before the ring entry, so they
+/// are already queued).
+func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError) -> [CInt] {
+    var buffer = [UInt8](repeating: 0, count: 8)
+    while true {
+        let received = buffer.withUnsafeMutableBytes { raw in
+            SeqpacketSocket.receiveRaw(socket, raw)
+        }
+        guard let received else { throw PatchbayError(Errno.current, "cannot receive the message's descriptors") }
+        let tag = buffer.withUnsafeBytes { $0.load(as: UInt64.self) }
+        if received.length == 8 && tag == messageID { return received.descriptors }
+        // Descriptors of a message nobody will read any more (aborted, or its peer gone): close.
+        for fd in received.descriptors { close(fd) }
+        if received.length == 0 { throw PatchbayError(.connectionReset, "the peer's direct socket closed") }
+    }
+}
