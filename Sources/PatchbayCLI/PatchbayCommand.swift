@@ -11,7 +11,7 @@ public struct PatchbayCommand: ParsableCommand {
             Errors are printed as `patchbay: <command>: <ERRNO>: <sentence>` with exit status 1.
             """,
         version: patchbayVersion,
-        subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self,
+        subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
                       DemoCommand.self]
     )
 

@@ -20,6 +20,9 @@ public struct Epoll: ~Copyable {
 
     private let descriptor: Descriptor
 
+    /// The epoll descriptor: itself readable when any registered descriptor is ready.
+    public var descriptorNumber: CInt { descriptor.rawValue }
+
     /// The corresponding C call is `epoll_create1(EPOLL_CLOEXEC)`.
     public init() throws(Errno) {
         descriptor = Descriptor(adopting: try syscallRetrying { pb_epoll_create() })

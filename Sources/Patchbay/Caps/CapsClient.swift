@@ -21,6 +21,13 @@ public final class CapsDescriptors: @unchecked Sendable {
     deinit { for fd in raw { close(fd) } }
 }
 
+extension CapsClient {
+    /// Closes what no one will read any more.
+    func closeStashed(_ stash: [UInt64: [CInt]]) {
+        for fds in stash.values { for fd in fds { close(fd) } }
+    }
+}
+
 /// What `CapsClient.get` and `wait` return: a REPLY (clients only ever see replies).
 public struct CapsReply: Sendable {
     public var messageID: UInt64
@@ -100,6 +107,8 @@ public final class CapsClient: @unchecked Sendable {
     private var abortedAtService: Set<UInt64> = []
     private var pendingDisposes: [UInt64] = []
     private var closedReplies: [UInt64]?
+    /// Descriptors of a reply that did not fit the caller's buffer, kept for the next receive.
+    private var stashed: [UInt64: [CInt]] = [:]
     private var watching = false
 
     /// Connects to the newest service `name` that matches `uid` and `gid` (-1: any) and admits
@@ -140,6 +149,10 @@ public final class CapsClient: @unchecked Sendable {
         allocator = ArenaAllocator(size: channel.arenaSize)
         connection = Mutex(port)
         SharedWord.store(channel.word32(CapsLayout.clientRunningOffset), 1)
+    }
+
+    deinit {
+        closeStashed(stashed)
     }
 
     // MARK: Requests
@@ -386,7 +399,7 @@ public final class CapsClient: @unchecked Sendable {
             }
             var descriptors: [CInt] = []
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                descriptors = try receiveAttachments(direct.rawValue, messageID: entry.messageID)
+                descriptors = try attachments(of: entry.messageID)
             }
             let length = Int(entry.length)
             let copied = min(length, buffer.count)
@@ -398,9 +411,8 @@ public final class CapsClient: @unchecked Sendable {
                 buffer.baseAddress!.copyMemory(from: channel.replyArena.advanced(by: Int(entry.offset)), byteCount: copied)
             }
             if copied < length {
-                // Too small: the reply stays queued; its descriptors must come again next time.
-                if !descriptors.isEmpty { try? sendAttachments(direct.rawValue, messageID: entry.messageID, descriptors: []) }
-                for fd in descriptors { close(fd) }
+                // Too small: the reply stays queued, and so do its descriptors.
+                if !descriptors.isEmpty { stashed[entry.messageID] = descriptors }
                 return CapsReply(messageID: entry.messageID, length: length, consumed: false, serviceClosed: false,
                                  descriptors: nil)
             }
@@ -421,7 +433,7 @@ public final class CapsClient: @unchecked Sendable {
             let length = Int(entry.length)
             let result: R
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                var descriptors = try receiveAttachments(direct.rawValue, messageID: entry.messageID)
+                var descriptors = try attachments(of: entry.messageID)
                 if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty {
                     let payload = Descriptor(adopting: descriptors.removeFirst())
                     guard let view = try? Mapping(payload, length: max(length, 1), writable: false) else {
@@ -444,6 +456,11 @@ public final class CapsClient: @unchecked Sendable {
             return body(closed.messageID, UnsafeRawBufferPointer(start: nil, count: 0))
         }
         return nil
+    }
+
+    private func attachments(of messageID: UInt64) throws(PatchbayError) -> [CInt] {
+        if let kept = stashed.removeValue(forKey: messageID) { return kept }
+        return try receiveAttachments(direct.rawValue, messageID: messageID)
     }
 
     /// Consumes a reply entry: frees the request's space, tells the service DISPOSE.

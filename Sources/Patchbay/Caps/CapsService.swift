@@ -1,0 +1,551 @@
+// A CAPS service port: receive REQUESTs (and DISPOSEs) from every client, reply to them, over
+// each client's shared-memory channel.
+
+import Glibc
+import PatchbayProtocol
+import PatchbaySystem
+import Synchronization
+
+/// What a service receives.
+public enum CapsMessageKind: Sendable, Equatable {
+    /// A client's request: reply to it with its message id.
+    case request
+    /// The client consumed the reply (or went away without doing so): its space is free again.
+    case dispose
+    /// The client aborted a request the service already had; a reply to it is discarded.
+    case aborted
+    /// A client connected (only with `notifyConnections`).
+    case connected
+    /// A client went away (only with `notifyConnections`).
+    case disconnected
+}
+
+/// A message as the service sees it.
+public struct CapsServiceMessage: Sendable {
+    public var kind: CapsMessageKind
+    public var messageID: UInt64
+    /// The full length. When larger than the buffer given, only the buffer's worth was copied and
+    /// the message is still queued.
+    public var length: Int
+    public var consumed: Bool
+    /// The sender, from the kernel (SO_PEERCRED / SO_PEERGROUPS when the client connected).
+    public var credentials: CapsCredentials
+    /// The client connection the message belongs to.
+    public var channelID: UInt64
+    /// The payload came in the channel's shared memory (false: in an attached memfd).
+    public var inPlace: Bool
+    public var descriptors: CapsDescriptors?
+}
+
+public final class CapsService: @unchecked Sendable {
+    public let name: String
+    public let serviceID: UInt64
+
+    /// One client connection, as the service keeps it.
+    private final class ClientChannel {
+        let id: UInt64
+        let channel: CapsChannel
+        let credentials: CapsCredentials
+        let serviceWake: Descriptor
+        let clientWake: Descriptor
+        let direct: Descriptor
+        var allocator: ArenaAllocator
+
+        init(id: UInt64, channel: CapsChannel, credentials: CapsCredentials, serviceWake: consuming Descriptor,
+             clientWake: consuming Descriptor, direct: consuming Descriptor) {
+            self.id = id
+            self.channel = channel
+            self.credentials = credentials
+            self.serviceWake = serviceWake
+            self.clientWake = clientWake
+            self.direct = direct
+            allocator = ArenaAllocator(size: channel.arenaSize)
+        }
+    }
+
+    /// A request read and not yet replied to.
+    private struct Received {
+        var aborted: Bool
+    }
+
+    private let connection: Connection
+    private let status: Mapping
+    private let epoll: Epoll
+    private let cancelEvent: EventCounter
+    private let createdIn = forkGeneration()
+    private let notifyConnections: Bool
+    private let lock = Lock()
+
+    private var clients: [UInt64: ClientChannel] = [:]
+    private var order: [UInt64] = []
+    private var cursor = 0
+    private var lastActive: UInt64?
+    private var received: [UInt64: Received] = [:]
+    /// Replies not yet disposed: reply arena offset (-1: attached) and length.
+    private var replied: [UInt64: (offset: Int, length: Int)] = [:]
+    private var synthetic: [CapsServiceMessage] = []
+    private var stashed: [UInt64: [CInt]] = [:]
+    private var watching = false
+    private var getsSinceEvents = 0
+
+    private static let brokerToken: UInt64 = 1
+    private static let cancelToken: UInt64 = 2
+    private static let channelTokens: UInt64 = 1 << 62
+
+    /// Registers a service. `uid`/`gid` -1: not registered under that key; otherwise a non-root
+    /// caller may register only its own effective uid and a group it belongs to.
+    ///
+    /// - Throws: `EINVAL`/`ENAMETOOLONG` (name), `EPERM`, `EEXIST` (`exclusive`).
+    public init(_ broker: Broker, name: String, uid: Int32 = Int32(bitPattern: geteuid()), gid: Int32 = -1,
+                access: CapsAccess = [.user], exclusive: Bool = false, notifyConnections: Bool = false,
+                maximumInFlight: Int = 128) throws(PatchbayError) {
+        self.name = name
+        self.notifyConnections = notifyConnections
+        var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
+        let flags = access.rawValue | (exclusive ? CapsFlags.exclusive : 0) | (notifyConnections ? CapsFlags.notifyConnections : 0)
+        var response = try port.call(.capsService(name: name, uid: uid, gid: gid, flags: flags,
+                                                  maximumInFlight: UInt32(clamping: maximumInFlight)))
+        guard case .capsService(let serviceID, _) = response.reply, let page = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
+        }
+        self.serviceID = serviceID
+        do {
+            status = try Mapping(page, length: CapsLayout.statusSize, writable: true)
+            epoll = try Epoll()
+            cancelEvent = try EventCounter(nonblocking: true)
+            try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
+            try epoll.add(cancelEvent.descriptor.rawValue, events: .readable, token: Self.cancelToken)
+        } catch {
+            throw PatchbayError(error, "cannot set up the service port")
+        }
+        connection = port
+        statusWord(CapsLayout.statusRunningOffset).pointee = 1
+        statusWord(CapsLayout.statusCPUOffset).pointee = UInt32(bitPattern: currentCPU())
+    }
+
+    deinit {
+        for fds in stashed.values { for fd in fds { close(fd) } }
+    }
+
+    private func statusWord(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
+        status.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
+    }
+
+    // MARK: Receiving
+
+    /// The next message (REQUEST, DISPOSE, aborted, or a notice), copied into `buffer`.
+    ///
+    /// - Throws: `EAGAIN` when nothing is waiting.
+    public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
+        try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
+            try checkInherited()
+            if watching { drainWakeups() }
+            guard let message = try next(into: buffer) else {
+                throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting")
+            }
+            return message
+        }
+    }
+
+    /// Waits for the next message: spins while the last active client runs on another CPU, then
+    /// sleeps in epoll. Cancellable with `cancelWait()` (`ECANCELED`).
+    public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
+        try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
+            try checkInherited()
+            while true {
+                if let message = try next(into: buffer) { return message }
+                try sleepUntilWork()
+            }
+        }
+    }
+
+    /// Waits for the next message and lets `body` read its payload in place, in the shared memory
+    /// the client wrote it to.
+    public func receive<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
+        try lock.locked { () throws(PatchbayError) -> R in
+            try checkInherited()
+            while true {
+                if let result = try nextInPlace(body) { return result }
+                try sleepUntilWork()
+            }
+        }
+    }
+
+    /// Makes a `wait` blocked in another thread return `ECANCELED`.
+    public func cancelWait() {
+        try? cancelEvent.signal()
+    }
+
+    // MARK: Replying
+
+    /// Replies to a REQUEST with `bytes`.
+    ///
+    /// - Throws: `EINVAL` for an unknown message id, a message not yet read, a DISPOSE, or a
+    ///   request already answered.
+    public func reply(to messageID: UInt64, _ bytes: [UInt8], descriptors: [CInt] = []) throws(PatchbayError) {
+        try reply(to: messageID, length: bytes.count, descriptors: descriptors) { buffer in
+            bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        }
+    }
+
+    /// Replies with `length` bytes that `fill` writes in place, in the shared memory the client
+    /// will read them from.
+    public func reply(to messageID: UInt64, length: Int, descriptors: [CInt] = [],
+                      fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
+        try lock.locked { () throws(PatchbayError) in
+            try replyLocked(to: messageID, length: length, descriptors: descriptors, fill: fill)
+        }
+    }
+
+    private func replyLocked(to messageID: UInt64, length: Int, descriptors: [CInt],
+                             fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
+        try checkInherited()
+        guard let request = received[messageID] else {
+            throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
+        }
+        guard let client = clients[capsChannel(of: messageID)] else {
+            received[messageID] = nil
+            throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
+        }
+        received[messageID] = nil
+        if request.aborted {
+            // The client aborted: the reply only frees the request's space there.
+            _ = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .discardedReply, flags: 0))
+            wake(client)
+            return
+        }
+        var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
+        var attachments = descriptors
+        var offset = -1
+        var payload: Descriptor?
+        if length <= client.channel.arenaSize, let slot = client.allocator.allocate(length) {
+            offset = slot
+            fill(UnsafeMutableRawBufferPointer(start: client.channel.replyArena.advanced(by: slot), count: length))
+        } else {
+            do {
+                let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
+                try object.truncate(to: max(length, 1))
+                let view = try Mapping(object, length: max(length, 1), writable: true)
+                fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
+                attachments.insert(object.rawValue, at: 0)
+                payload = consume object
+            } catch {
+                throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte reply")
+            }
+            flags |= CapsEntryFlags.attachedPayload
+        }
+        if !attachments.isEmpty {
+            try sendAttachments(client.direct.rawValue, messageID: messageID, descriptors: attachments)
+        }
+        _ = consume payload
+        guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)),
+                                                     length: UInt32(length), kind: .reply, flags: flags)) else {
+            if offset >= 0 { client.allocator.release(offset: offset, length: length) }
+            received[messageID] = request
+            throw PatchbayError(.noBufferSpace, "the client's reply ring is full")
+        }
+        replied[messageID] = (offset, length)
+        wake(client)
+    }
+
+    /// Sets this port's generation, which clients read with `generation()`.
+    public func setGeneration(_ generation: UInt64) throws(PatchbayError) {
+        try checkInherited()
+        SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
+                         generation)
+    }
+
+    /// The generation this port has set.
+    public var currentGeneration: UInt64 {
+        SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self))
+    }
+
+    /// A service port has no service to ask: `EINVAL` (SEMANTICS.md §5).
+    public func generation() throws(PatchbayError) -> UInt64 {
+        throw PatchbayError(.invalidArgument, "generation() is for client ports; a service sets its own")
+    }
+
+    /// A service port cannot put: `EINVAL`.
+    public func put(_ bytes: [UInt8]) throws(PatchbayError) -> UInt64 {
+        throw PatchbayError(.invalidArgument, "a service port cannot put")
+    }
+
+    /// A descriptor that becomes readable when messages wait, for epoll loops; then call `get`.
+    public var eventDescriptor: CInt {
+        lock.locked {
+            watching = true
+            SharedWord.store(statusWord(CapsLayout.statusSleepingOffset), 1)
+        }
+        return epoll.rawValue
+    }
+
+    /// Clients connected now.
+    public var clientCount: Int { lock.locked { clients.count } }
+
+    // MARK: Internals
+
+    private func checkInherited() throws(PatchbayError) {
+        if forkGeneration() != createdIn {
+            throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and register again")
+        }
+    }
+
+    private func wake(_ client: ClientChannel) {
+        SharedWord.fence()
+        let channel = client.channel
+        if SharedWord.load(channel.word32(CapsLayout.clientSleepingOffset)) != 0 {
+            SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
+            Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+        }
+        if SharedWord.load(channel.word32(CapsLayout.clientWatchingOffset)) != 0 {
+            var one: UInt64 = 1
+            _ = Glibc.write(client.clientWake.rawValue, &one, 8)
+        }
+    }
+
+    /// The next message to show; nil when nothing waits.
+    private func next(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage? {
+        getsSinceEvents += 1
+        if getsSinceEvents >= 64 { processBrokerEvents() }
+        if !synthetic.isEmpty { return synthetic.removeFirst() }
+        guard let (client, entry, state) = nextEntry() else {
+            processBrokerEvents()
+            return synthetic.isEmpty ? nil : synthetic.removeFirst()
+        }
+        return try take(client, entry, state) { message, payload in
+            var message = message
+            let copied = min(message.length, buffer.count)
+            if copied > 0, let base = payload.baseAddress { buffer.baseAddress!.copyMemory(from: base, byteCount: copied) }
+            message.consumed = copied == message.length
+            return (message, message.consumed)
+        }
+    }
+
+    private func nextInPlace<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
+        if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
+        guard let (client, entry, state) = nextEntry() else {
+            processBrokerEvents()
+            if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
+            return nil
+        }
+        return try take(client, entry, state) { message, payload in (body(message, payload), true) }
+    }
+
+    /// Round-robin over the clients: the next entry of some request ring (aborted ones skipped).
+    private func nextEntry() -> (ClientChannel, CapsEntry, UnsafeMutablePointer<UInt32>)? {
+        guard !order.isEmpty else { return nil }
+        for step in 0..<order.count {
+            let index = (cursor + step) % order.count
+            guard let client = clients[order[index]] else { continue }
+            while let (entry, state) = client.channel.peek(.request) {
+                if entry.kind == .request,
+                   !SharedWord.compareExchange(state, expected: CapsEntryState.pending.rawValue, desired: CapsEntryState.taken.rawValue),
+                   SharedWord.load(state) == CapsEntryState.aborted.rawValue {
+                    client.channel.advance(.request)  // taken back by its client
+                    continue
+                }
+                cursor = (index + 1) % order.count
+                lastActive = client.id
+                return (client, entry, state)
+            }
+        }
+        return nil
+    }
+
+    /// Turns an entry into a message, lets `use` read it, and consumes it if `use` says so.
+    private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, _ state: UnsafeMutablePointer<UInt32>,
+                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> (R, consume: Bool)) throws(PatchbayError) -> R {
+        var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
+                                         credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
+        switch entry.kind {
+        case .request:
+            var descriptors: [CInt] = []
+            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
+                descriptors = try attachments(client, entry.messageID)
+            }
+            var view: Mapping?
+            var payload = UnsafeRawBufferPointer(start: client.channel.requestArena.advanced(by: Int(entry.offset)),
+                                                 count: Int(entry.length))
+            if entry.flags & CapsEntryFlags.attachedPayload != 0, let object = descriptors.first {
+                message.inPlace = false
+                guard let mapped = try? Mapping(Descriptor(adopting: dup(object)), length: max(Int(entry.length), 1),
+                                                writable: false) else {
+                    throw PatchbayError(.ioError, "cannot map an attached request payload")
+                }
+                payload = UnsafeRawBufferPointer(start: mapped.baseAddress, count: Int(entry.length))
+                view = consume mapped
+            }
+            let (result, consume) = use(message, payload)
+            _ = consume view
+            if consume {
+                if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty { close(descriptors.removeFirst()) }
+                client.channel.advance(.request)
+                received[entry.messageID] = Received(aborted: false)
+                message.descriptors = descriptors.isEmpty ? nil : CapsDescriptors(descriptors)
+            } else if !descriptors.isEmpty {
+                stashed[entry.messageID] = descriptors
+            }
+            return result
+        case .dispose:
+            client.channel.advance(.request)
+            if let reply = replied.removeValue(forKey: entry.messageID), reply.offset >= 0 {
+                client.allocator.release(offset: reply.offset, length: reply.length)
+            }
+            message.kind = .dispose
+            message.length = 0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+        case .abort:
+            client.channel.advance(.request)
+            received[entry.messageID]?.aborted = true
+            message.kind = .aborted
+            message.length = 0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+        case .reply, .discardedReply:
+            client.channel.advance(.request)  // not the client's to send; ignore
+            message.kind = .dispose
+            message.length = 0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+        }
+    }
+
+    private func attachments(_ client: ClientChannel, _ messageID: UInt64) throws(PatchbayError) -> [CInt] {
+        if let kept = stashed.removeValue(forKey: messageID) { return kept }
+        return try receiveAttachments(client.direct.rawValue, messageID: messageID)
+    }
+
+    /// Reads the broker's notices: clients connecting (their channels) and going away.
+    private func processBrokerEvents() {
+        getsSinceEvents = 0
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { buffer.deallocate() }
+        while true {
+            guard var message = try? connection.socket.receive(into: buffer, nonblocking: true) else { return }
+            if message.length == 0 && message.descriptors.count == 0 { return }
+            guard let frame = try? Frame.decode(Array(buffer[0..<message.length])[...]),
+                  let event = try? Event.decode(frame) else { continue }
+            switch event {
+            case .capsConnected(let channelID, let credentials, _):
+                guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
+                      let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
+                      let direct = message.descriptors.takeFirst(),
+                      let channel = try? CapsChannel(memory)
+                else { continue }
+                let token = Self.channelTokens | channelID
+                try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
+                clients[channelID] = ClientChannel(id: channelID, channel: channel, credentials: credentials,
+                                                   serviceWake: serviceWake, clientWake: clientWake, direct: direct)
+                order.append(channelID)
+                if notifyConnections {
+                    synthetic.append(CapsServiceMessage(kind: .connected, messageID: 0, length: 0, consumed: true,
+                                                        credentials: credentials, channelID: channelID, inPlace: true,
+                                                        descriptors: nil))
+                }
+            case .capsDisconnected(let channelID):
+                clientGone(channelID)
+            }
+        }
+    }
+
+    /// A client went away: what it left here becomes DISPOSEs (unread requests, read ones not
+    /// replied to, replies it never consumed), then its channel is dropped.
+    private func clientGone(_ channelID: UInt64) {
+        guard let client = clients.removeValue(forKey: channelID) else { return }
+        order.removeAll { $0 == channelID }
+        cursor = 0
+        try? epoll.remove(client.serviceWake.rawValue)
+        var left: [UInt64] = []
+        while let (entry, state) = client.channel.peek(.request) {
+            client.channel.advance(.request)
+            if entry.kind == .request, SharedWord.load(state) != CapsEntryState.aborted.rawValue { left.append(entry.messageID) }
+            if entry.kind == .dispose, let reply = replied.removeValue(forKey: entry.messageID), reply.offset >= 0 {
+                client.allocator.release(offset: reply.offset, length: reply.length)
+            }
+        }
+        for id in received.keys where capsChannel(of: id) == channelID { left.append(id) }
+        for id in replied.keys where capsChannel(of: id) == channelID { left.append(id) }
+        for id in left.sorted() {
+            received[id] = nil
+            replied[id] = nil
+            if let fds = stashed.removeValue(forKey: id) { for fd in fds { close(fd) } }
+            synthetic.append(CapsServiceMessage(kind: .dispose, messageID: id, length: 0, consumed: true,
+                                                credentials: client.credentials, channelID: channelID, inPlace: true,
+                                                descriptors: nil))
+        }
+        if notifyConnections {
+            synthetic.append(CapsServiceMessage(kind: .disconnected, messageID: 0, length: 0, consumed: true,
+                                                credentials: client.credentials, channelID: channelID, inPlace: true,
+                                                descriptors: nil))
+        }
+    }
+
+    private func hasWork() -> Bool {
+        if !synthetic.isEmpty { return true }
+        for client in clients.values where client.channel.hasEntries.request { return true }
+        return false
+    }
+
+    private func drainWakeups() {
+        for client in clients.values { _ = try? EventCounter.drain(client.serviceWake.rawValue) }
+    }
+
+    /// Adaptive waiting: spin while the last active client runs on another CPU; else mark the
+    /// port asleep (so clients signal its eventfds) and sleep in epoll.
+    private func sleepUntilWork() throws(PatchbayError) {
+        if let last = lastActive, let client = clients[last] {
+            let running = client.channel.word32(CapsLayout.clientRunningOffset)
+            let cpu = client.channel.word32(CapsLayout.clientCPUOffset)
+            if spinUntil({ [self] in hasWork() }, while: {
+                SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
+            }) { return }
+        }
+        let sleeping = statusWord(CapsLayout.statusSleepingOffset)
+        SharedWord.store(sleeping, 1)
+        SharedWord.fence()
+        if hasWork() {
+            if !watching { SharedWord.store(sleeping, 0) }
+            return
+        }
+        SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)
+        let events: [Epoll.Event]
+        do {
+            events = try epoll.wait(timeoutMilliseconds: -1)
+        } catch {
+            throw PatchbayError(error, "epoll_wait failed")
+        }
+        SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 1)
+        SharedWord.store(statusWord(CapsLayout.statusCPUOffset), UInt32(bitPattern: currentCPU()))
+        if !watching { SharedWord.store(sleeping, 0) }
+        for event in events {
+            switch event.token {
+            case Self.brokerToken:
+                processBrokerEvents()
+                if event.events.contains(.hangup) {
+                    throw PatchbayError(.connectionReset, "the broker closed this service's connection")
+                }
+            case Self.cancelToken:
+                _ = try? cancelEvent.consume()
+                throw PatchbayError(.canceled, "the wait was cancelled")
+            default:
+                if let client = clients[event.token & ~Self.channelTokens] {
+                    _ = try? EventCounter.drain(client.serviceWake.rawValue)
+                }
+            }
+        }
+    }
+}
+
+extension Epoll {
+    /// The epoll descriptor itself: readable when any registered descriptor is.
+    public var rawValue: CInt { descriptorNumber }
+}
+
+extension Broker {
+    /// Every registered CAPS service.
+    public func listServices() throws(PatchbayError) -> [CapsServiceInfo] {
+        let response = try call(.capsList)
+        guard case .capsList(let services) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to a service listing")
+        }
+        return services
+    }
+}

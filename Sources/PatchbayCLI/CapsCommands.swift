@@ -1,0 +1,195 @@
+import ArgumentParser
+import Glibc
+import Patchbay
+
+/// `patchbay caps ...`: DragonFly BSD's CAPS request/reply services.
+struct CapsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "caps",
+        abstract: "Named request/reply services (DragonFly BSD CAPS).",
+        subcommands: [Serve.self, Call.self, List.self]
+    )
+
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Register NAME and answer every request.",
+            discussion: "--echo replies with the request's bytes; --exec runs COMMAND per request, request on its stdin, reply from its stdout.")
+
+        @Argument var name: String
+
+        @Option(help: "Register under this uid (default: yours; -1: none).")
+        var uid: Int32?
+
+        @Option(help: "Register under this gid (default: none).")
+        var gid: Int32 = -1
+
+        @Option(help: "Access classes, comma-separated: user, group, world.")
+        var allow: String = "user"
+
+        @Flag(help: "Fail with EEXIST if a matching service is registered.")
+        var exclusive = false
+
+        @Flag(help: "Reply with the request's bytes.")
+        var echo = false
+
+        @Option(parsing: .remaining, help: "Run this command per request.")
+        var exec: [String] = []
+
+        func validate() throws {
+            guard echo != !exec.isEmpty else { throw ValidationError("give exactly one of --echo and --exec COMMAND") }
+        }
+
+        func run() throws {
+            let command = "caps serve"
+            let access = parseAccess(allow, command)
+            let broker = connectBroker(for: command)
+            let service = attempt(command) { () throws(PatchbayError) -> CapsService in
+                try CapsService(broker, name: name, uid: uid ?? Int32(bitPattern: geteuid()), gid: gid, access: access,
+                                exclusive: exclusive)
+            }
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                let message: CapsServiceMessage
+                do {
+                    message = try buffer.withUnsafeMutableBytes { raw in
+                        Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+                    }.get()
+                } catch {
+                    fail(command, error)
+                }
+                guard message.kind == .request else { continue }
+                if !message.consumed {
+                    buffer = [UInt8](repeating: 0, count: message.length)
+                    continue
+                }
+                let request = Array(buffer[0..<message.length])
+                let answer = echo ? request : runFilter(exec, input: request)
+                do {
+                    try service.reply(to: message.messageID, answer)
+                } catch {
+                    writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
+                }
+            }
+        }
+    }
+
+    struct Call: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Send DATA (or stdin) to service NAME and print the reply.")
+
+        @Argument var name: String
+
+        @Argument(help: "The request (default: stdin).")
+        var data: String?
+
+        @Option(help: "Only a service registered under this uid.")
+        var uid: Int32 = -1
+
+        @Option(help: "Only a service registered under this gid.")
+        var gid: Int32 = -1
+
+        @Option(help: "Access classes, comma-separated: user, group, world.")
+        var allow: String = "user,group,world"
+
+        @Flag(help: "Wait for the service to register instead of failing with ENOENT.")
+        var waitForService = false
+
+        func run() throws {
+            let command = "caps call"
+            let access = parseAccess(allow, command)
+            let request = data.map { Array($0.utf8) } ?? readStandardInput()
+            let broker = connectBroker(for: command)
+            let client = attempt(command) { () throws(PatchbayError) -> CapsClient in
+                try CapsClient(broker, name: name, uid: uid, gid: gid, access: access, waitForService: waitForService)
+            }
+            let reply = attempt(command) { () throws(PatchbayError) -> [UInt8] in try client.call(request) }
+            writeStandardOutput(bytes: reply)
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List services.")
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        func run() throws {
+            let broker = connectBroker(for: "caps ls")
+            let services = attempt("caps ls") { () throws(PatchbayError) in try broker.listServices() }
+            if json {
+                writeStandardOutput(JSON.array(services.map { service in
+                    JSON.object([
+                        ("name", JSON.string(service.name)), ("uid", "\(service.uid)"), ("gid", "\(service.gid)"),
+                        ("flags", JSON.string(flagNames(service.flags))), ("clients", "\(service.clients)"),
+                        ("generation", "\(service.generation)"), ("pid", "\(service.pid)"),
+                    ])
+                }) + "\n")
+                return
+            }
+            var out = "NAME                 UID     GID     FLAGS             CLIENTS  GENERATION  PID\n"
+            for service in services {
+                out += service.name.padding(21) + "\(service.uid)".padding(8) + "\(service.gid)".padding(8)
+                    + flagNames(service.flags).padding(18) + "\(service.clients)".padding(9)
+                    + "\(service.generation)".padding(12) + "\(service.pid)\n"
+            }
+            writeStandardOutput(out)
+        }
+    }
+}
+
+func parseAccess(_ text: String, _ command: String) -> CapsAccess {
+    var access: CapsAccess = []
+    for word in text.split(separator: ",") {
+        switch word {
+        case "user": access.insert(.user)
+        case "group": access.insert(.group)
+        case "world": access.insert(.world)
+        default: fail(command, .invalidArgument, "\"\(word)\" is not an access class; use user, group, world")
+        }
+    }
+    return access
+}
+
+func flagNames(_ flags: UInt32) -> String {
+    var names: [String] = []
+    if flags & CapsFlags.user != 0 { names.append("user") }
+    if flags & CapsFlags.group != 0 { names.append("group") }
+    if flags & CapsFlags.world != 0 { names.append("world") }
+    if flags & CapsFlags.exclusive != 0 { names.append("exclusive") }
+    return names.joined(separator: ",")
+}
+
+func readStandardInput() -> [UInt8] {
+    var result: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { Glibc.read(0, $0.baseAddress, $0.count) }
+        if count < 0 && errno == EINTR { continue }
+        if count <= 0 { return result }
+        result += chunk[0..<count]
+    }
+}
+
+/// Runs `command` with `input` on its stdin and returns its stdout.
+func runFilter(_ command: [String], input: [UInt8]) -> [UInt8] {
+    let path = command[0].contains("/") ? command[0] : (searchPath(command[0]) ?? command[0])
+    guard let stdin = try? Pipe(), let stdout = try? Pipe() else { return [] }
+    guard let pid = try? spawnProcess(path: path, arguments: Array(command.dropFirst()), environment: currentEnvironment(),
+                                      descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: 2])
+    else { return [] }
+    let writer = stdin.writeEnd
+    let reader = stdout.readEnd
+    _ = consume stdin.readEnd
+    _ = consume stdout.writeEnd
+    // Feed the input from a thread so a command that writes before reading all cannot deadlock.
+    let fd = dup(writer.rawValue)
+    _ = consume writer
+    let payload = input
+    startThread {
+        let sink = Descriptor(adopting: fd)
+        try? sink.writeAll(payload)
+    }
+    let output = (try? reader.readToEnd()) ?? []
+    _ = try? waitForProcess(pid)
+    return output
+}
+
