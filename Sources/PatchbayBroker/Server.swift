@@ -482,21 +482,24 @@ public final class BrokerServer {
     /// Hands a new channel to its client (the reply) and its service (an event).
     private func deliver(_ connection: consuming CapsConnection, requestID: UInt64, to client: Session) {
         let service = connection.service
+        // The service hears of the channel first: by the time the client has its reply (and may
+        // put a request), the service's notice is already queued.
+        if let serviceSession = sessions[service.session] {
+            let credentials = client.credentials
+            let event = Event.capsConnected(
+                channelID: connection.channelID,
+                credentials: CapsCredentials(pid: credentials.pid, uid: Self.realUID(of: credentials.pid) ?? credentials.uid,
+                                             euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
+                arenaSize: UInt32(caps.arenaSize))
+            send(event.encode(),
+                 attaching: [connection.channel.rawValue, connection.serviceWake.rawValue, connection.clientWake.rawValue,
+                             connection.serviceEnd.rawValue], to: serviceSession)
+        }
         let reply = Reply.capsClient(channelID: connection.channelID, serviceID: service.id,
                                      maximumInFlight: service.maximumInFlight, arenaSize: UInt32(caps.arenaSize))
         send(reply.encode(requestID: requestID),
              attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue, connection.serviceWake.rawValue,
                          connection.clientWake.rawValue, connection.clientEnd.rawValue], to: client)
-        guard let serviceSession = sessions[service.session] else { return }
-        let credentials = client.credentials
-        let event = Event.capsConnected(
-            channelID: connection.channelID,
-            credentials: CapsCredentials(pid: credentials.pid, uid: Self.realUID(of: credentials.pid) ?? credentials.uid,
-                                         euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
-            arenaSize: UInt32(caps.arenaSize))
-        send(event.encode(),
-             attaching: [connection.channel.rawValue, connection.serviceWake.rawValue, connection.clientWake.rawValue,
-                         connection.serviceEnd.rawValue], to: serviceSession)
     }
 
     /// Clients waiting for `name` try again now that a service registered.

@@ -11,6 +11,13 @@
 //   shm-named-exchange NAME   the same through a named object opened read-write
 //   shm-first-map KEY LENGTH  claim, print "ready", wait for EOF, map LENGTH bytes, print
 //                             "mapped <length> size <size>" or the errno name
+//   caps-client NAME COUNT    COUNT calls to an echo service answering "echo:" + request; prints
+//                             "ok COUNT" or the first mismatch
+//   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
+//   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
+//                             "got ID", never replies
+//   caps-fork NAME            connects, forks: the child's inherited port must say ENOTCONN, the
+//                             child reconnects and calls; prints what each side saw
 //   shm-touch-past-end NAME   map two pages of NAME and touch the second (dies of SIGBUS when
 //                             the object is one page)
 import Glibc
@@ -119,6 +126,74 @@ func touchPastEnd(_ name: String) throws(PatchbayError) {
     say("survived")
 }
 
+/// COUNT calls that each must come back as "echo:" + the request.
+func capsClient(_ name: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    for index in 0..<count {
+        let request = "\(getpid()):\(index)"
+        let reply = String(decoding: try client.call(Array(request.utf8)), as: UTF8.self)
+        if reply != "echo:" + request {
+            say("mismatch \(request) got \(reply)")
+            return
+        }
+    }
+    say("ok \(count)")
+}
+
+/// Puts three requests nobody will answer, says their ids, then waits to be killed.
+func capsPutAndHang(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    let ids = try (0..<3).map { (index) throws(PatchbayError) -> UInt64 in try client.put(Array("left behind \(index)".utf8)) }
+    say("sent " + ids.map(String.init).joined(separator: " "))
+    waitForEndOfInput()
+}
+
+/// A service that reads one request and never answers; killed by the test.
+func capsServiceHang(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    say("ready")
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let message = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+        }.get()
+        if message.kind == .request {
+            say("got \(message.messageID)")
+            break
+        }
+    }
+    waitForEndOfInput()
+}
+
+/// Connects, forks; the child finds its inherited port dead, reconnects and calls.
+func capsFork(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    _ = try client.call(Array("from parent".utf8))
+    let child = fork()
+    if child == 0 {
+        do {
+            _ = try client.put(Array("inherited".utf8))
+            say("child put succeeded")
+        } catch {
+            say("child " + error.errno.name)
+        }
+        do {
+            let fresh = try CapsClient(try Broker(), name: name, waitForService: true)
+            say("child reply " + String(decoding: try fresh.call(Array("from child".utf8)), as: UTF8.self))
+        } catch {
+            say("child reconnect " + error.description)
+        }
+        _exit(0)
+    }
+    var status: CInt = 0
+    waitpid(child, &status, 0)
+    say("parent reply " + String(decoding: try client.call(Array("after fork".utf8)), as: UTF8.self))
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -135,6 +210,14 @@ func main() -> CInt {
             try firstMapping(keyText: arguments[1], length: Int(arguments[2]) ?? 0)
         case "shm-touch-past-end" where arguments.count == 2:
             try touchPastEnd(arguments[1])
+        case "caps-client" where arguments.count == 3:
+            try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
+        case "caps-put-and-hang" where arguments.count == 2:
+            try capsPutAndHang(arguments[1])
+        case "caps-service-hang" where arguments.count == 2:
+            try capsServiceHang(arguments[1])
+        case "caps-fork" where arguments.count == 2:
+            try capsFork(arguments[1])
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:

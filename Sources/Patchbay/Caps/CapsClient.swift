@@ -1,5 +1,6 @@
 // A CAPS client port: put requests, receive replies, directly over the channel's shared memory.
 
+import Dispatch
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
@@ -110,6 +111,8 @@ public final class CapsClient: @unchecked Sendable {
     /// Descriptors of a reply that did not fit the caller's buffer, kept for the next receive.
     private var stashed: [UInt64: [CInt]] = [:]
     private var watching = false
+    /// Where the async `call` runs its blocking work, one call at a time.
+    let callQueue: DispatchQueue
 
     /// Connects to the newest service `name` that matches `uid` and `gid` (-1: any) and admits
     /// this process through one of `access`'s classes.
@@ -147,6 +150,7 @@ public final class CapsClient: @unchecked Sendable {
         self.clientWake = clientWake
         self.direct = direct
         allocator = ArenaAllocator(size: channel.arenaSize)
+        callQueue = DispatchQueue(label: "patchbay.caps.client.\(channelID)")
         connection = Mutex(port)
         SharedWord.store(channel.word32(CapsLayout.clientRunningOffset), 1)
     }
@@ -270,12 +274,13 @@ public final class CapsClient: @unchecked Sendable {
     /// Waits for the next REPLY: spins while the service runs on another CPU, else sleeps on a
     /// futex. Cancellable with `cancelWait()` (`ECANCELED`).
     public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
-        try lock.locked { () throws(PatchbayError) -> CapsReply in
-            try checkInherited()
-            while true {
-                if let reply = try nextReply(into: buffer) { return reply }
-                try sleepUntilReply()
+        try checkInherited()
+        while true {
+            // Sleeping happens outside the lock, so another thread may put meanwhile.
+            if let reply = try lock.locked({ () throws(PatchbayError) -> CapsReply? in try nextReply(into: buffer) }) {
+                return reply
             }
+            try sleepUntilReply()
         }
     }
 
@@ -298,12 +303,10 @@ public final class CapsClient: @unchecked Sendable {
     /// Waits for the next REPLY and lets `body` read it in place, in the shared memory the
     /// service wrote it to; the service is sent DISPOSE when `body` returns.
     public func waitReply<R>(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
-        try lock.locked { () throws(PatchbayError) -> R in
-            try checkInherited()
-            while true {
-                if let result = try nextReplyInPlace(body) { return result }
-                try sleepUntilReply()
-            }
+        try checkInherited()
+        while true {
+            if let result = try lock.locked({ () throws(PatchbayError) -> R? in try nextReplyInPlace(body) }) { return result }
+            try sleepUntilReply()
         }
     }
 

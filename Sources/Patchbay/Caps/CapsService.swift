@@ -150,24 +150,24 @@ public final class CapsService: @unchecked Sendable {
     /// Waits for the next message: spins while the last active client runs on another CPU, then
     /// sleeps in epoll. Cancellable with `cancelWait()` (`ECANCELED`).
     public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
-        try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
-            try checkInherited()
-            while true {
-                if let message = try next(into: buffer) { return message }
-                try sleepUntilWork()
+        try checkInherited()
+        while true {
+            // The lock is held to take a message, never while sleeping, so another thread can
+            // reply meanwhile.
+            if let message = try lock.locked({ () throws(PatchbayError) -> CapsServiceMessage? in try next(into: buffer) }) {
+                return message
             }
+            try sleepUntilWork()
         }
     }
 
     /// Waits for the next message and lets `body` read its payload in place, in the shared memory
     /// the client wrote it to.
     public func receive<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
-        try lock.locked { () throws(PatchbayError) -> R in
-            try checkInherited()
-            while true {
-                if let result = try nextInPlace(body) { return result }
-                try sleepUntilWork()
-            }
+        try checkInherited()
+        while true {
+            if let result = try lock.locked({ () throws(PatchbayError) -> R? in try nextInPlace(body) }) { return result }
+            try sleepUntilWork()
         }
     }
 
@@ -308,27 +308,33 @@ public final class CapsService: @unchecked Sendable {
         getsSinceEvents += 1
         if getsSinceEvents >= 64 { processBrokerEvents() }
         if !synthetic.isEmpty { return synthetic.removeFirst() }
-        guard let (client, entry, state) = nextEntry() else {
+        var found = nextEntry()
+        if found == nil {
+            // Perhaps a client this port has not heard of yet: read the broker's notices, look again.
             processBrokerEvents()
-            return synthetic.isEmpty ? nil : synthetic.removeFirst()
+            if !synthetic.isEmpty { return synthetic.removeFirst() }
+            found = nextEntry()
         }
-        return try take(client, entry, state) { message, payload in
+        guard let (client, entry, state) = found else { return nil }
+        return try take(client, entry, state, consume: buffer.count >= Int(entry.length)) { message, payload in
             var message = message
             let copied = min(message.length, buffer.count)
             if copied > 0, let base = payload.baseAddress { buffer.baseAddress!.copyMemory(from: base, byteCount: copied) }
             message.consumed = copied == message.length
-            return (message, message.consumed)
+            return message
         }
     }
 
     private func nextInPlace<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
-        guard let (client, entry, state) = nextEntry() else {
+        var found = nextEntry()
+        if found == nil {
             processBrokerEvents()
             if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
-            return nil
+            found = nextEntry()
         }
-        return try take(client, entry, state) { message, payload in (body(message, payload), true) }
+        guard let (client, entry, state) = found else { return nil }
+        return try take(client, entry, state, consume: true) { message, payload in body(message, payload) }
     }
 
     /// Round-robin over the clients: the next entry of some request ring (aborted ones skipped).
@@ -352,9 +358,10 @@ public final class CapsService: @unchecked Sendable {
         return nil
     }
 
-    /// Turns an entry into a message, lets `use` read it, and consumes it if `use` says so.
-    private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, _ state: UnsafeMutablePointer<UInt32>,
-                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> (R, consume: Bool)) throws(PatchbayError) -> R {
+    /// Turns an entry into a message, lets `use` read it, and consumes it when `consume` (a
+    /// request that did not fit the caller's buffer stays queued).
+    private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, _ state: UnsafeMutablePointer<UInt32>, consume: Bool,
+                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
         var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
                                          credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
         switch entry.kind {
@@ -375,16 +382,20 @@ public final class CapsService: @unchecked Sendable {
                 payload = UnsafeRawBufferPointer(start: mapped.baseAddress, count: Int(entry.length))
                 view = consume mapped
             }
-            let (result, consume) = use(message, payload)
-            _ = consume view
             if consume {
-                if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty { close(descriptors.removeFirst()) }
+                let payloadObject = entry.flags & CapsEntryFlags.attachedPayload != 0 && !descriptors.isEmpty
+                let carried = payloadObject ? Array(descriptors.dropFirst()) : descriptors
+                message.descriptors = carried.isEmpty ? nil : CapsDescriptors(carried)
+                let result = use(message, payload)
+                _ = consume view
+                if payloadObject { close(descriptors[0]) }
                 client.channel.advance(.request)
                 received[entry.messageID] = Received(aborted: false)
-                message.descriptors = descriptors.isEmpty ? nil : CapsDescriptors(descriptors)
-            } else if !descriptors.isEmpty {
-                stashed[entry.messageID] = descriptors
+                return result
             }
+            let result = use(message, payload)
+            _ = consume view
+            if !descriptors.isEmpty { stashed[entry.messageID] = descriptors }
             return result
         case .dispose:
             client.channel.advance(.request)
@@ -393,18 +404,18 @@ public final class CapsService: @unchecked Sendable {
             }
             message.kind = .dispose
             message.length = 0
-            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .abort:
             client.channel.advance(.request)
             received[entry.messageID]?.aborted = true
             message.kind = .aborted
             message.length = 0
-            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .reply, .discardedReply:
             client.channel.advance(.request)  // not the client's to send; ignore
             message.kind = .dispose
             message.length = 0
-            return use(message, UnsafeRawBufferPointer(start: nil, count: 0)).0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         }
     }
 
@@ -478,9 +489,8 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    private func hasWork() -> Bool {
-        if !synthetic.isEmpty { return true }
-        for client in clients.values where client.channel.hasEntries.request { return true }
+    private static func hasWork(_ channels: [CapsChannel]) -> Bool {
+        for channel in channels where channel.hasEntries.request { return true }
         return false
     }
 
@@ -491,17 +501,19 @@ public final class CapsService: @unchecked Sendable {
     /// Adaptive waiting: spin while the last active client runs on another CPU; else mark the
     /// port asleep (so clients signal its eventfds) and sleep in epoll.
     private func sleepUntilWork() throws(PatchbayError) {
-        if let last = lastActive, let client = clients[last] {
-            let running = client.channel.word32(CapsLayout.clientRunningOffset)
-            let cpu = client.channel.word32(CapsLayout.clientCPUOffset)
-            if spinUntil({ [self] in hasWork() }, while: {
+        // A snapshot of the channels: the rings themselves are read lock-free.
+        let (channels, last) = lock.locked { (clients.values.map(\.channel), lastActive.flatMap { clients[$0]?.channel }) }
+        if let last {
+            let running = last.word32(CapsLayout.clientRunningOffset)
+            let cpu = last.word32(CapsLayout.clientCPUOffset)
+            if spinUntil({ Self.hasWork(channels) }, while: {
                 SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
             }) { return }
         }
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)
         SharedWord.store(sleeping, 1)
         SharedWord.fence()
-        if hasWork() {
+        if Self.hasWork(channels) {
             if !watching { SharedWord.store(sleeping, 0) }
             return
         }
@@ -515,6 +527,10 @@ public final class CapsService: @unchecked Sendable {
         SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 1)
         SharedWord.store(statusWord(CapsLayout.statusCPUOffset), UInt32(bitPattern: currentCPU()))
         if !watching { SharedWord.store(sleeping, 0) }
+        try lock.locked { () throws(PatchbayError) in try handle(events) }
+    }
+
+    private func handle(_ events: [Epoll.Event]) throws(PatchbayError) {
         for event in events {
             switch event.token {
             case Self.brokerToken:

@@ -1,0 +1,432 @@
+// CAPS (SEMANTICS.md §5): the DragonFly scenario, every errno, many client processes, kernel
+// credentials, deaths on both sides, zero-copy payloads.
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Synchronization
+import Testing
+
+/// Waits for a message on `service`, copying into a fresh buffer.
+func serviceWait(_ service: CapsService, capacity: Int = 1 << 16) throws -> (CapsServiceMessage, [UInt8]) {
+    var buffer = [UInt8](repeating: 0, count: capacity)
+    let message = try buffer.withUnsafeMutableBytes { raw in
+        Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+    }.get()
+    return (message, Array(buffer[0..<min(message.length, capacity)]))
+}
+
+func clientWait(_ client: CapsClient, capacity: Int = 1 << 16) throws -> (CapsReply, [UInt8]) {
+    var buffer = [UInt8](repeating: 0, count: capacity)
+    let reply = try buffer.withUnsafeMutableBytes { raw in
+        Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
+    }.get()
+    return (reply, Array(buffer[0..<min(reply.length, capacity)]))
+}
+
+func clientGet(_ client: CapsClient, capacity: Int = 1 << 16) throws(PatchbayError) -> CapsReply {
+    var buffer = [UInt8](repeating: 0, count: capacity)
+    return try buffer.withUnsafeMutableBytes { raw in
+        Result { () throws(PatchbayError) -> CapsReply in try client.get(into: raw) }
+    }.get()
+}
+
+func serviceGet(_ service: CapsService, capacity: Int = 1 << 16) throws(PatchbayError) -> CapsServiceMessage {
+    var buffer = [UInt8](repeating: 0, count: capacity)
+    return try buffer.withUnsafeMutableBytes { raw in
+        Result { () throws(PatchbayError) -> CapsServiceMessage in try service.get(into: raw) }
+    }.get()
+}
+
+@Suite("CAPS")
+struct CapsTests {
+    @Test("the DragonFly scenario: xyz → good, REPLY then DISPOSE with the same msgid, generations, fork")
+    func dragonflyScenario() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "test.service", access: [.world])
+        let port = try CapsClient(client, name: "test.service")
+        let msgid = try port.put(Array("xyz".utf8))
+        let (request, bytes) = try serviceWait(service)
+        #expect(request.kind == .request && request.messageID == msgid && bytes == Array("xyz".utf8))
+        try service.reply(to: msgid, Array("good".utf8))
+        let (reply, answer) = try clientWait(port)
+        #expect(reply.messageID == msgid && answer == Array("good".utf8) && reply.consumed && !reply.serviceClosed)
+        let (dispose, _) = try serviceWait(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == msgid && dispose.length == 0)
+
+        #expect(try port.generation() == 1)
+        try service.setGeneration(7)
+        #expect(try port.generation() == 7)
+
+        // A forked child's inherited port answers ENOTCONN; it reconnects with waitForService.
+        let forker = try Child(testPeer, ["caps-fork", "fork.service"], environment: broker.environment)
+        let forkService = try CapsService(client, name: "fork.service", access: [.world])
+        var replies = 0
+        var messages: [String] = []
+        while replies < 3 {
+            let (message, payload) = try serviceWait(forkService)
+            guard message.kind == .request else { continue }
+            messages.append(String(decoding: payload, as: UTF8.self))
+            try forkService.reply(to: message.messageID, Array("ok".utf8))
+            replies += 1
+        }
+        #expect(try forker.readLine() == "child ENOTCONN")
+        #expect(try forker.readLine() == "child reply ok")
+        #expect(try forker.readLine() == "parent reply ok")
+        #expect(messages.sorted() == ["after fork", "from child", "from parent"])
+        #expect(try forker.wait() == .exited(0))
+    }
+
+    @Test("a restarted service is a new generation, seen by reconnecting clients")
+    func restartBumpsGeneration() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        do {
+            let first = try CapsService(client, name: "restart", access: [.world])
+            #expect(first.currentGeneration == 1)
+            #expect(try CapsClient(client, name: "restart").generation() == 1)
+        }
+        // The first service's port closed with its scope; the broker learns of it asynchronously.
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while try !client.listServices().isEmpty, monotonicNanoseconds() < deadline { usleep(2_000) }
+        let second = try CapsService(client, name: "restart", access: [.world])
+        #expect(second.currentGeneration == 2)
+        #expect(try CapsClient(client, name: "restart").generation() == 2)
+    }
+
+    @Test("service and client errnos: names, EPERM, EEXIST, ENOENT, EACCES")
+    func rendezvousErrors() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try CapsService(client, name: "") }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try CapsService(client, name: "has space") }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try CapsService(client, name: "slash/no") }
+        expectErrno(.fileNameTooLong) { () throws(PatchbayError) in _ = try CapsService(client, name: String(repeating: "a", count: 64)) }
+        _ = try CapsService(client, name: String(repeating: "b", count: 63), access: [.world])
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try CapsClient(client, name: "bad/name") }
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try CapsClient(client, name: "missing") }
+
+        let exclusive = try CapsService(client, name: "only.one", exclusive: true)
+        expectErrno(.fileExists) { () throws(PatchbayError) in _ = try CapsService(client, name: "only.one", exclusive: true) }
+        _ = exclusive
+
+        // Access needs a class on both sides. Root may register another uid, but gets no bypass.
+        let foreign = try CapsService(client, name: "foreign", uid: 12345, gid: -1, access: [.user])
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try CapsClient(client, name: "foreign") }
+        _ = foreign
+        let worldOnly = try CapsService(client, name: "world.only", access: [.world])
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try CapsClient(client, name: "world.only", access: [.user]) }
+        _ = try CapsClient(client, name: "world.only", access: [.world])
+        _ = worldOnly
+        let grouped = try CapsService(client, name: "grouped", uid: -1, gid: Int32(bitPattern: getegid()), access: [.group])
+        _ = try CapsClient(client, name: "grouped", access: [.group])
+        _ = grouped
+        // uid/gid wildcards and filters on the client side.
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try CapsClient(client, name: "grouped", uid: 999) }
+
+        // Shadowing: the newest registration serves new clients.
+        let older = try CapsService(client, name: "shadow", access: [.world])
+        let newer = try CapsService(client, name: "shadow", access: [.world])
+        let port = try CapsClient(client, name: "shadow")
+        let id = try port.put(Array("who?".utf8))
+        #expect(try serviceWait(newer).0.messageID == id)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try serviceGet(older) }
+    }
+
+    @Test("message errnos: EAGAIN, ENOBUFS, EINVAL for bad replies and wrong ports, short buffers, abort, cancellation")
+    func messageErrors() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "strict", access: [.world], maximumInFlight: 2)
+        let port = try CapsClient(client, name: "strict")
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try clientGet(port) }
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try serviceGet(service) }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try service.put(Array("no".utf8)) }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try service.generation() }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try port.reply(to: 1, []) }
+
+        let first = try port.put(Array("a longer request".utf8))
+        let second = try port.put(Array("two".utf8))
+        let limit = expectErrno(.noBufferSpace) { () throws(PatchbayError) in _ = try port.put(Array("three".utf8)) }
+        #expect(limit?.reason.contains("2") == true)
+        // Replying to a message the service has not read: EINVAL.
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: first, []) }
+        // A short buffer: the full length comes back, the message stays queued.
+        let peeked = try serviceGet(service, capacity: 4)
+        #expect(peeked.length == 16 && !peeked.consumed && peeked.messageID == first)
+        let (whole, bytes) = try serviceWait(service)
+        #expect(whole.messageID == first && whole.consumed && bytes == Array("a longer request".utf8))
+        try service.reply(to: first, Array("reply one".utf8))
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: first, []) }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: 0xDEAD_BEEF, []) }
+        let shortReply = try clientGet(port, capacity: 2)
+        #expect(shortReply.length == 9 && !shortReply.consumed)
+        #expect(try clientWait(port).1 == Array("reply one".utf8))
+
+        // Abort: not yet read → returned (the service never sees it); read → the service sees it
+        // aborted and its reply vanishes.
+        #expect(try port.abort(second) == .returned)
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try port.abort(second) }
+        let (dispose, _) = try serviceWait(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == first)
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: first, []) }
+        let third = try port.put(Array("taken".utf8))
+        #expect(try serviceWait(service).0.messageID == third)
+        #expect(try port.abort(third) == .atService)
+        let (aborted, _) = try serviceWait(service)
+        #expect(aborted.kind == .aborted && aborted.messageID == third)
+        try service.reply(to: third, Array("nobody reads this".utf8))
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try clientGet(port) }
+        #expect(port.requestsInFlight == 0)
+
+        // wait is cancellable.
+        let cancelled = Mutex<Errno?>(nil)
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        startThread {
+            do { _ = try clientWait(port) } catch let error as PatchbayError { cancelled.withLock { $0 = error.errno } } catch {}
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        port.cancelWait()
+        var byte: UInt8 = 0
+        _ = try withUnsafeMutableBytes(of: &byte) { raw in Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) } }.get()
+        #expect(cancelled.withLock { $0 } == .canceled)
+    }
+
+    @Test("32 client processes to one service, each getting only its own replies, with kernel credentials")
+    func manyClients() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "busy", access: [.world])
+        var children: [pid_t: Child] = [:]
+        for _ in 0..<32 {
+            let child = try Child(testPeer, ["caps-client", "busy", "20"], environment: broker.environment)
+            children[child.pid] = child
+        }
+        var answered = 0
+        var seenPIDs: Set<Int32> = []
+        while answered < 32 * 20 {
+            let (message, bytes) = try serviceWait(service)
+            guard message.kind == .request else { continue }
+            let text = String(decoding: bytes, as: UTF8.self)
+            // The credentials come from the kernel and match the process that sent the message.
+            #expect(text.hasPrefix("\(message.credentials.pid):"), "\(text) from pid \(message.credentials.pid)")
+            #expect(message.credentials.euid == geteuid() && message.credentials.gid == getegid())
+            #expect(message.credentials.uid == getuid())
+            seenPIDs.insert(message.credentials.pid)
+            try service.reply(to: message.messageID, Array(("echo:" + text).utf8))
+            answered += 1
+        }
+        #expect(Set(children.keys) == seenPIDs)
+        for child in children.values {
+            #expect(try child.readLine() == "ok 20")
+            #expect(try child.wait() == .exited(0))
+        }
+    }
+
+    @Test("a service killed with SIGKILL mid-request: 0-byte REPLYs, then ENOTCONN; nothing leaks")
+    func serviceKilled() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.status()
+        let baseline = try broker.descriptorCount()
+        do {
+            let server = try Child(testPeer, ["caps-service-hang", "doomed"], environment: broker.environment)
+            #expect(try server.readLine() == "ready")
+            let port = try CapsClient(client, name: "doomed")
+            let first = try port.put(Array("read, never answered".utf8))
+            #expect(try server.readLine() == "got \(first)")
+            let second = try port.put(Array("never read".utf8))
+            server.kill(SIGKILL)
+            _ = try server.wait()
+            let (reply1, _) = try clientWait(port)
+            let (reply2, _) = try clientWait(port)
+            #expect([reply1.messageID, reply2.messageID] == [first, second])
+            #expect(reply1.length == 0 && reply1.serviceClosed && reply2.length == 0 && reply2.serviceClosed)
+            expectErrno(.socketNotConnected) { () throws(PatchbayError) in _ = try clientGet(port) }
+            expectErrno(.socketNotConnected) { () throws(PatchbayError) in _ = try port.put(Array("late".utf8)) }
+        }
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+        #expect(try client.listServices().isEmpty)
+    }
+
+    @Test("a client killed with SIGKILL: its requests become DISPOSEs at the service; nothing leaks")
+    func clientKilled() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.status()
+        let baseline = try broker.descriptorCount()
+        do {
+            let service = try CapsService(client, name: "survivor", access: [.world], notifyConnections: true)
+            let peer = try Child(testPeer, ["caps-put-and-hang", "survivor"], environment: broker.environment)
+            let sent = try #require(try peer.readLine())
+            let ids = sent.split(separator: " ").dropFirst().compactMap { UInt64($0) }
+            #expect(ids.count == 3)
+            // Read one of the three (the others stay unread in the ring), then the client dies.
+            var seen: [CapsMessageKind] = []
+            var request: UInt64 = 0
+            while request == 0 {
+                let (message, _) = try serviceWait(service)
+                seen.append(message.kind)
+                if message.kind == .request { request = message.messageID }
+                if message.kind == .connected { #expect(message.credentials.pid == peer.pid) }
+            }
+            #expect(seen.first == .connected && request == ids[0])
+            peer.kill(SIGKILL)
+            _ = try peer.wait()
+            var disposed: [UInt64] = []
+            var disconnected = false
+            while !disconnected {
+                let (message, _) = try serviceWait(service)
+                if message.kind == .dispose { disposed.append(message.messageID) }
+                if message.kind == .disconnected { disconnected = true }
+            }
+            #expect(disposed.sorted() == ids)
+            expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: request, []) }
+            #expect(service.clientCount == 0)
+        }
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+    }
+
+    @Test("4 MiB requests and replies travel in place, in the channel's shared memory; larger ones attach a memfd")
+    func zeroCopyPayloads() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "bulk", access: [.world])
+        let port = try CapsClient(client, name: "bulk")
+        let size = 4 << 20
+        let id = try port.put(length: size) { buffer in
+            buffer.storeBytes(of: 0xC0FFEE, as: UInt64.self)
+            buffer.storeBytes(of: 0xF00D, toByteOffset: size - 8, as: UInt64.self)
+        }
+        let seen = try service.receive { message, payload in
+            (message.messageID, message.inPlace, message.length, message.descriptors == nil,
+             payload.load(as: UInt64.self), payload.load(fromByteOffset: size - 8, as: UInt64.self))
+        }
+        // In place: the bytes were read where the client wrote them, no descriptor, no socket.
+        #expect(seen.0 == id && seen.1 && seen.2 == size && seen.3 && seen.4 == 0xC0FFEE && seen.5 == 0xF00D)
+        try service.reply(to: id, length: size) { buffer in buffer.storeBytes(of: 0xBEEF, toByteOffset: 1 << 21, as: UInt64.self) }
+        let check = try port.waitReply { messageID, bytes in (messageID, bytes.count, bytes.load(fromByteOffset: 1 << 21, as: UInt64.self)) }
+        #expect(check.0 == id && check.1 == size && check.2 == 0xBEEF)
+
+        // Larger than the channel's payload space: its own shared memory object, attached.
+        let huge = 20 << 20
+        let big = try port.put(length: huge) { buffer in buffer.storeBytes(of: 42, toByteOffset: huge - 8, as: UInt64.self) }
+        var attachedSeen = false
+        while !attachedSeen {
+            attachedSeen = try service.receive { message, payload in
+                guard message.kind == .request else { return false }
+                #expect(message.messageID == big && !message.inPlace && payload.load(fromByteOffset: huge - 8, as: UInt64.self) == 42)
+                return true
+            }
+        }
+        try service.reply(to: big, Array("fine".utf8))
+        #expect(try clientWait(port).1 == Array("fine".utf8))
+    }
+
+    @Test("messages carry descriptors; ports plug into epoll")
+    func descriptorsAndEpoll() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "files", access: [.world])
+        let port = try CapsClient(client, name: "files")
+        let serviceEvents = service.eventDescriptor
+        let clientEvents = port.eventDescriptor
+        var poller = pollfd(fd: serviceEvents, events: Int16(POLLIN), revents: 0)
+        // The client's arrival is itself news (the broker's notice); once read, nothing is waiting.
+        #expect(poll(&poller, 1, 5000) == 1)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try serviceGet(service) }
+        #expect(poll(&poller, 1, 0) == 0)
+        let pipe = try Pipe()
+        let id = try port.put(Array("a pipe for you".utf8), descriptors: [pipe.writeEnd.rawValue])
+        #expect(poll(&poller, 1, 5000) == 1)
+        let message = try serviceGet(service)
+        #expect(message.messageID == id && message.descriptors?.count == 1)
+        guard let writer = message.descriptors?.take() else {
+            Issue.record("the attached descriptor did not arrive")
+            return
+        }
+        try writer.writeAll(Array("through a CAPS attachment".utf8))
+        _ = consume writer
+        _ = consume pipe.writeEnd
+        var clientPoller = pollfd(fd: clientEvents, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&clientPoller, 1, 0) == 0)
+        try service.reply(to: id, Array("done".utf8))
+        #expect(poll(&clientPoller, 1, 5000) == 1)
+        #expect(try clientGet(port).length == 4)
+        #expect(try pipe.readEnd.readToEnd() == Array("through a CAPS attachment".utf8))
+    }
+
+    @Test("the async API: requests as an AsyncSequence, calls that do not block the concurrency pool")
+    func asyncAPI() async throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "async.svc", access: [.world])
+        let server = Task {
+            var served = 0
+            for try await request in service.requests {
+                try service.reply(to: request.messageID, request.bytes.reversed())
+                served += 1
+                if served == 3 { break }
+            }
+            return served
+        }
+        let port = try await CapsClient.connect(client, name: "async.svc")
+        for word in ["abc", "hello", "caps"] {
+            let reply = try await port.call(Array(word.utf8))
+            #expect(reply == Array(word.utf8).reversed())
+        }
+        #expect(try await server.value == 3)
+        // A connect that waits for a service that never comes can be cancelled.
+        let waiting = Task { try await CapsClient.connect(client, name: "never.registered", waitForService: true) }
+        waiting.cancel()
+        do {
+            _ = try await waiting.value
+            Issue.record("a cancelled wait for a service returned a port")
+        } catch let error as PatchbayError {
+            #expect(error.errno == .canceled)
+        }
+    }
+
+    @Test("waitForService connects as soon as the service registers")
+    func waitForService() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let peer = try Child(testPeer, ["caps-client", "late.service", "3"], environment: broker.environment)
+        // The client is parked at the broker until the service registers.
+        let service = try CapsService(client, name: "late.service", access: [.world])
+        var answered = 0
+        while answered < 3 {
+            let (message, bytes) = try serviceWait(service)
+            guard message.kind == .request else { continue }
+            try service.reply(to: message.messageID, Array("echo:".utf8) + bytes)
+            answered += 1
+        }
+        #expect(try peer.readLine() == "ok 3")
+        #expect(try peer.wait() == .exited(0))
+    }
+
+    @Test("the CLI: caps serve, call and ls")
+    func commandLine() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let echo = try Child(patchbayCLI, ["caps", "serve", "cli.echo", "--echo"], environment: broker.environment)
+        let upper = try Child(patchbayCLI, ["caps", "serve", "cli.upper", "--allow", "world", "--exec", "/usr/bin/tr", "a-z", "A-Z"],
+                              environment: broker.environment)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try client.listServices().count < 2, monotonicNanoseconds() < deadline { usleep(2_000) }
+        #expect(try run(patchbayCLI, ["caps", "call", "cli.echo", "ping"], environment: broker.environment).standardOutput == "ping")
+        #expect(try run(patchbayCLI, ["caps", "call", "cli.upper"], environment: broker.environment, input: "quiet\n")
+            .standardOutput == "QUIET\n")
+        let listing = try run(patchbayCLI, ["caps", "ls", "--json"], environment: broker.environment).standardOutput
+        #expect(listing.contains("\"name\": \"cli.echo\"") && listing.contains("\"flags\": \"world\""))
+        let missing = try run(patchbayCLI, ["caps", "call", "nobody", "x"], environment: broker.environment)
+        #expect(missing.standardError.hasPrefix("patchbay: caps call: ENOENT: "))
+        echo.kill(SIGTERM)
+        upper.kill(SIGTERM)
+        _ = try echo.wait()
+        _ = try upper.wait()
+    }
+}
+
