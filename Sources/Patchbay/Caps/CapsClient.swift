@@ -284,19 +284,13 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    /// Sends a request and waits for its reply, which is returned as bytes.
-    public func call(_ bytes: [UInt8], maximumReply: Int = 1 << 16) throws(PatchbayError) -> [UInt8] {
+    /// Sends a request and waits for its reply, which is returned as bytes (other replies that
+    /// arrive first are consumed and dropped: use `put` and `wait` to juggle several).
+    public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
         let id = try put(bytes)
-        var buffer = [UInt8](repeating: 0, count: maximumReply)
         while true {
-            let reply = try buffer.withUnsafeMutableBytes { raw in
-                Result { () throws(PatchbayError) -> CapsReply in try wait(into: raw) }
-            }.get()
-            if !reply.consumed {
-                buffer = [UInt8](repeating: 0, count: reply.length)
-                continue
-            }
-            if reply.messageID == id { return Array(buffer[0..<reply.length]) }
+            let (replyID, answer) = try waitReply { messageID, payload in (messageID, Array(payload)) }
+            if replyID == id { return answer }
         }
     }
 
