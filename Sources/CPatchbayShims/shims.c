@@ -289,6 +289,15 @@ void pb_cpu_relax(void) {
 
 int pb_current_cpu(void) { return sched_getcpu(); }
 
+int pb_pin_to_cpu(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set);
+}
+
+int pb_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
+
 static uint64_t fork_generation = 0;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static void fork_child(void) { __atomic_fetch_add(&fork_generation, 1, __ATOMIC_SEQ_CST); }
@@ -296,6 +305,19 @@ static void fork_install(void) { pthread_atfork(NULL, NULL, fork_child); }
 uint64_t pb_fork_generation(void) {
     pthread_once(&fork_once, fork_install);
     return __atomic_load_n(&fork_generation, __ATOMIC_ACQUIRE);
+}
+
+int pb_file_identity(int fd, uint64_t *device, uint64_t *inode) {
+    struct statx info;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_INO, &info) < 0) return -1;
+    *device = ((uint64_t)info.stx_dev_major << 32) | info.stx_dev_minor;
+    *inode = info.stx_ino;
+    return 0;
+}
+
+int pb_same_open_file(int fd1, int fd2) {
+    pid_t self = getpid();
+    return (int)syscall(SYS_kcmp, self, self, 0 /* KCMP_FILE */, fd1, fd2);
 }
 
 int pb_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }

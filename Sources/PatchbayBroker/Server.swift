@@ -859,11 +859,18 @@ public final class BrokerServer {
     }
 }
 
-/// Raises the soft descriptor limit to the hard one: every outstanding key and every client holds
-/// a descriptor in the broker.
+/// Raises the descriptor limit as far as allowed: every outstanding key and every client holds
+/// a descriptor in the broker. The soft limit goes to the hard one; a privileged broker (root, or
+/// CAP_SYS_RESOURCE) also raises the hard limit, up to the kernel's `nr_open`.
 private func raiseDescriptorLimit() {
     var limit = rlimit()
     guard getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+    if let file = try? openFile("/proc/sys/fs/nr_open", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 32),
+       let ceiling = rlim_t(String(decoding: bytes, as: UTF8.self).split(separator: "\n").first ?? ""),
+       ceiling > limit.rlim_max {
+        var raised = rlimit(rlim_cur: ceiling, rlim_max: ceiling)
+        if setrlimit(CInt(RLIMIT_NOFILE.rawValue), &raised) == 0 { return }
+    }
     if limit.rlim_cur < limit.rlim_max {
         limit.rlim_cur = limit.rlim_max
         _ = setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)

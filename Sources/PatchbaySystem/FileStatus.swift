@@ -32,6 +32,21 @@ extension Descriptor {
             modifyTime: raw.modify_ns, changeTime: raw.change_ns, birthTime: raw.birth_ns)
     }
 
+    /// Device and inode, without asking a remote file system (`AT_STATX_DONT_SYNC`).
+    public borrowing func identity() throws(Errno) -> (device: UInt64, inode: UInt64) {
+        var device: UInt64 = 0
+        var inode: UInt64 = 0
+        _ = try syscallRetrying { pb_file_identity(rawValue, &device, &inode) }
+        return (device, inode)
+    }
+
+    /// Whether two descriptors of this process refer to the same open file description. nil when
+    /// the kernel will not say (kcmp unavailable). The corresponding C call is `kcmp(KCMP_FILE)`.
+    public static func sameOpenFile(_ first: CInt, _ second: CInt) -> Bool? {
+        let result = pb_same_open_file(first, second)
+        return result < 0 ? nil : result == 0
+    }
+
     /// Takes a POSIX write lock on the whole file, waiting for it. Such locks belong to the
     /// process, so they exclude other processes (threads of one process need their own lock).
     /// The corresponding C call is `fcntl(F_SETLKW)`.

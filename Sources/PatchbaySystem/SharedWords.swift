@@ -1,4 +1,5 @@
 import CPatchbayShims
+public import SystemPackage
 
 /// Atomic access to words that live in memory shared between processes. Loads acquire, stores
 /// release, read-modify-writes and `fence` are sequentially consistent: enough for the
@@ -22,6 +23,14 @@ public enum SharedWord {
 /// The CPU this thread is running on now. The corresponding C call is `sched_getcpu`.
 @inline(__always)
 public func currentCPU() -> Int32 { pb_current_cpu() }
+
+/// Pins the calling thread to `cpu`. The corresponding C call is `sched_setaffinity`.
+public func pinToCPU(_ cpu: Int32) throws(Errno) {
+    if pb_pin_to_cpu(cpu) != 0 { throw Errno.current }
+}
+
+/// CPUs online.
+public func onlineCPUCount() -> Int { Int(pb_cpu_count()) }
 
 /// Increases in every process created by `fork`, so objects can tell they were inherited.
 @inline(__always)

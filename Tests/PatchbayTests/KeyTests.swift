@@ -67,6 +67,24 @@ struct KeyTests {
         #expect(try EventCounter(adopting: claimed).consume() == 7)
     }
 
+    @Test("many keys for one open file cost the broker one descriptor")
+    func sameFileSharedManyTimes() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        _ = try client.status()
+        let baseline = try broker.descriptorCount()
+        let file = try openFile("/dev/null", flags: O_RDONLY)
+        var keys: [Key] = []
+        for _ in 0..<50 { keys.append(try client.share(file)) }
+        #expect(try broker.descriptorCount() == baseline + 1)
+        // A separately opened file is a different open file description: a descriptor of its own.
+        let other = try client.share(try openFile("/dev/null", flags: O_RDONLY))
+        #expect(try broker.descriptorCount() == baseline + 2)
+        for key in keys { _ = try client.claim(key) }
+        _ = try client.claim(other)
+        #expect(try broker.waitForDescriptorCount(baseline) == baseline)
+    }
+
     @Test("a key works once: the second claim is ENOENT")
     func secondClaimFails() throws {
         let broker = try TestBroker()

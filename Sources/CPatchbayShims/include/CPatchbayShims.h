@@ -97,6 +97,13 @@ typedef struct {
 
 int pb_fstatx(int fd, pb_file_status *out);
 
+/// Device and inode of an open file, with AT_STATX_DONT_SYNC; -1 on failure.
+int pb_file_identity(int fd, uint64_t *device, uint64_t *inode);
+
+/// kcmp(KCMP_FILE) on two descriptors of the calling process: 0 when both refer to the same open
+/// file description, 1 or 2 when not, -1 with errno (ENOSYS, EPERM) when kcmp is unavailable.
+int pb_same_open_file(int fd1, int fd2);
+
 /// The file type bits of an open file (statx STATX_TYPE with AT_STATX_DONT_SYNC).
 int pb_file_type(int fd, uint32_t *mode);
 
@@ -110,6 +117,11 @@ uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v);
 int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired);
 void pb_fence(void);
 void pb_cpu_relax(void);
+
+/// Pins the calling thread to one CPU (sched_setaffinity); -1 on failure.
+int pb_pin_to_cpu(int cpu);
+/// CPUs online.
+int pb_cpu_count(void);
 
 /// The CPU the caller runs on (sched_getcpu, through the vDSO where available).
 int pb_current_cpu(void);

@@ -189,23 +189,31 @@ struct ArenaAllocator {
     }
 }
 
-/// How long a waiter spins before sleeping, while its peer runs on another CPU. 20 µs by
-/// default (a cross-CPU wake-up costs about that much here); `PATCHBAY_CAPS_SPIN_NS` overrides
-/// (0 forces sleeping at once).
-let capsSpinBudget: UInt64 = {
-    if let text = getenv("PATCHBAY_CAPS_SPIN_NS").map({ String(cString: $0) }), let value = UInt64(text) {
-        return value
+/// How long a CAPS waiter spins before sleeping, while its peer runs on another CPU.
+public enum CapsTuning {
+    private static let spin = Atomic<UInt64>({
+        if let text = getenv("PATCHBAY_CAPS_SPIN_NS").map({ String(cString: $0) }), let value = UInt64(text) {
+            return value
+        }
+        return 20_000
+    }())
+
+    /// 20 µs by default (a cross-CPU wake-up costs about that much here); the environment
+    /// variable `PATCHBAY_CAPS_SPIN_NS` sets it at start; 0 sleeps at once.
+    public static var spinNanoseconds: UInt64 {
+        get { spin.load(ordering: .relaxed) }
+        set { spin.store(newValue, ordering: .relaxed) }
     }
-    return 20_000
-}()
+}
 
 /// Spins while `keepSpinning` says the peer is on another CPU and `ready` is false, for at most
 /// the spin budget. Returns true when `ready` became true.
 @inline(__always)
 func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
     if ready() { return true }
-    guard capsSpinBudget > 0 else { return false }
-    let deadline = monotonicNanoseconds() &+ capsSpinBudget
+    let budget = CapsTuning.spinNanoseconds
+    guard budget > 0 else { return false }
+    let deadline = monotonicNanoseconds() &+ budget
     var rounds = 0
     while keepSpinning() {
         for _ in 0..<32 {

@@ -28,12 +28,38 @@ import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
+/// One open file description the broker holds for one or more keys. Sharing the same open file
+/// many times (a broadcast) costs the broker one descriptor, not one per key: the kernel's kcmp
+/// tells whether a newly received descriptor is a file already held.
+final class HeldFile {
+    let descriptor: CInt
+    let identity: FileIdentity
+    let kind: FileKind
+    /// Keys referring to this file.
+    var keys = 0
+
+    init(descriptor: CInt, identity: FileIdentity, kind: FileKind) {
+        self.descriptor = descriptor
+        self.identity = identity
+        self.kind = kind
+    }
+
+    /// Closed on the `DeferredCloser`'s thread: the last close of a file a client chose may block.
+    deinit {
+        DeferredCloser.shared.close(raw: descriptor)
+    }
+}
+
+struct FileIdentity: Hashable {
+    var device: UInt64
+    var inode: UInt64
+}
+
 /// A shared file waiting to be claimed.
 final class KeyEntry {
-    /// The shared file. Closed on the `DeferredCloser`'s thread when the entry goes, because the
-    /// last close of a file a client chose may block.
-    let file: CInt
-    let fileKind: FileKind
+    let held: HeldFile
+    var file: CInt { held.descriptor }
+    var fileKind: FileKind { held.kind }
     let ownerUID: UInt32
     let ownerPID: Int32
     let restriction: ClaimRestriction?
@@ -46,19 +72,14 @@ final class KeyEntry {
     /// deadline cannot end a later claim.
     var claimNumber: UInt64 = 0
 
-    init(file: consuming Descriptor, fileKind: FileKind, ownerUID: UInt32, ownerPID: Int32,
+    init(held: HeldFile, ownerUID: UInt32, ownerPID: Int32,
          restriction: ClaimRestriction?, createdAt: UInt64, deadline: UInt64?) {
-        self.file = file.release()
-        self.fileKind = fileKind
+        self.held = held
         self.ownerUID = ownerUID
         self.ownerPID = ownerPID
         self.restriction = restriction
         self.createdAt = createdAt
         self.deadline = deadline
-    }
-
-    deinit {
-        DeferredCloser.shared.close(raw: file)
     }
 
     func permitsClaim(by claimer: PeerCredentials) -> Bool {
@@ -100,6 +121,10 @@ final class KeyTable {
     /// How many entries have a deadline (the live part of `expiryQueue`).
     private var entriesWithDeadline = 0
     private var keysPerUser: [UInt32: Int] = [:]
+    /// Files held for keys, by device and inode, to find the same open file shared again.
+    private var heldFiles: [FileIdentity: [HeldFile]] = [:]
+    /// False once kcmp proved unavailable (a seccomp filter, say).
+    private var sameFileComparable = true
     private let maximumKeysPerUser: Int
     private var claimsStarted: UInt64 = 0
     let limiter: FailedClaimLimiter
@@ -135,12 +160,13 @@ final class KeyTable {
             throw RequestError(errno: .diskQuotaExceeded,
                            reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
         }
-        let kind = (try? file.fileKind()) ?? .unknown
+        let held = hold(file)
+        held.keys += 1
         var token: KeyToken
         repeat {
             token = Self.randomToken()
         } while entries[token] != nil
-        entries[token] = KeyEntry(file: file, fileKind: kind, ownerUID: sharer.uid, ownerPID: sharer.pid,
+        entries[token] = KeyEntry(held: held, ownerUID: sharer.uid, ownerPID: sharer.pid,
                                   restriction: restriction, createdAt: now, deadline: deadline)
         keysPerUser[sharer.uid] = owned + 1
         if let deadline {
@@ -234,8 +260,44 @@ final class KeyTable {
         return false
     }
 
+    /// The held file for `file`: one already held if it is the same open file description (the
+    /// new descriptor is then closed), else a new one.
+    private func hold(_ file: consuming Descriptor) -> HeldFile {
+        let kind = (try? file.fileKind()) ?? .unknown
+        guard let (device, inode) = try? file.identity() else {
+            return HeldFile(descriptor: file.release(), identity: FileIdentity(device: 0, inode: 0), kind: kind)
+        }
+        let identity = FileIdentity(device: device, inode: inode)
+        if sameFileComparable {
+            // Bounded work per share: only the most recent few files of one inode are compared.
+            for candidate in (heldFiles[identity] ?? []).suffix(8).reversed() {
+                switch Descriptor.sameOpenFile(file.rawValue, candidate.descriptor) {
+                case true?:
+                    DeferredCloser.shared.close(file)
+                    return candidate
+                case false?:
+                    continue
+                case nil:
+                    sameFileComparable = false  // kcmp is not allowed here: one descriptor per key
+                }
+                break
+            }
+        }
+        let held = HeldFile(descriptor: file.release(), identity: identity, kind: kind)
+        if sameFileComparable, (heldFiles[identity]?.count ?? 0) < 64 { heldFiles[identity, default: []].append(held) }
+        return held
+    }
+
+    private func release(_ held: HeldFile) {
+        held.keys -= 1
+        guard held.keys == 0, var list = heldFiles[held.identity] else { return }
+        list.removeAll { $0 === held }
+        heldFiles[held.identity] = list.isEmpty ? nil : list
+    }
+
     private func remove(_ token: KeyToken) {
         guard let entry = entries.removeValue(forKey: token) else { return }
+        release(entry.held)
         let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
         keysPerUser[entry.ownerUID] = remaining > 0 ? remaining : nil
         if entry.deadline != nil { entriesWithDeadline -= 1 }

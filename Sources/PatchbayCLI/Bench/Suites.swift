@@ -1,0 +1,272 @@
+import Glibc
+import Patchbay
+
+extension Bench {
+    private func printHeader() {
+        if !json && rows.isEmpty { writeStandardOutput("\n" + Bench.header()) }
+    }
+
+    // MARK: CAPS
+
+    func caps() throws {
+        printHeader()
+        let spinCount = iterations(200_000)
+        let sleepCount = iterations(20_000)
+        let broker = try Broker(socketPath: socketPath)
+        let pureSpin = try sharedMemoryPingPong(sleeping: false, count: spinCount)
+        let futex = try sharedMemoryPingPong(sleeping: true, count: sleepCount)
+        let seqpacket = try socketPingPong(type: CInt(SOCK_SEQPACKET.rawValue), size: 64, count: sleepCount)
+
+        CapsTuning.spinNanoseconds = 20_000
+        let echo = try peer("caps-echo", ["--name", "bench.caps", "--spin", "20000"])
+        defer { echo.stop() }
+        let client = try CapsClient(broker, name: "bench.caps")
+        func roundTrip(_ length: Int) throws {
+            _ = try client.put(length: length) { buffer in
+                if length <= 64 { buffer.initializeMemory(as: UInt8.self, repeating: 1) } else {
+                    buffer.storeBytes(of: 1, as: UInt64.self)
+                }
+            }
+            try client.waitReply { _, _ in }
+        }
+        let caps64 = try measure(spinCount) { try roundTrip(64) }
+        add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "shm pure-spin ping-pong",
+                     baselineSamples: pureSpin, target: "≤ 2×", met: ratio(caps64, pureSpin) <= 2))
+        add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "AF_UNIX seqpacket ping-pong",
+                     baselineSamples: seqpacket, target: "≤ 0.02×", met: ratio(caps64, seqpacket) <= 0.02))
+        for size in [1 << 20, 4 << 20] {
+            let big = try measure(iterations(20_000)) { try roundTrip(size) }
+            add(BenchRow(name: "CAPS round trip, \(size >> 20) MiB in place", samples: big, baseline: "CAPS 64 B round trip",
+                         baselineSamples: caps64, target: "≤ 1.5×", met: ratio(big, caps64) <= 1.5))
+        }
+        // Pipelined: a window of 64 requests in flight.
+        let total = iterations(400_000)
+        let window = 64
+        let capsRate = try throughput(total) { count in
+            for _ in 0..<window { try roundTripPut(client) }
+            for _ in 0..<(count - window) {
+                try client.waitReply { _, _ in }
+                try roundTripPut(client)
+            }
+            for _ in 0..<window { try client.waitReply { _, _ in } }
+        }
+        let socketRate = try seqpacketPipelined(total: total, window: window)
+        add(BenchRow(name: "CAPS pipelined throughput, 64 B (window 64)", samples: Samples([capsRate]),
+                     baseline: "AF_UNIX seqpacket pipelined", baselineSamples: Samples([socketRate]), target: "≥ 10×",
+                     met: Double(capsRate) >= 10 * Double(socketRate), unit: "msg/s",
+                     ratioOverride: Double(capsRate) / Double(max(socketRate, 1))))
+        echo.stop()
+
+        // Sleeping forced on both sides: every hop is a futex/epoll wake-up.
+        CapsTuning.spinNanoseconds = 0
+        defer { CapsTuning.spinNanoseconds = 20_000 }
+        let sleeper = try peer("caps-echo", ["--name", "bench.sleep", "--spin", "0"])
+        defer { sleeper.stop() }
+        let sleepy = try CapsClient(broker, name: "bench.sleep")
+        let blocking = try measure(sleepCount) {
+            _ = try sleepy.put(length: 64) { $0.initializeMemory(as: UInt8.self, repeating: 1) }
+            try sleepy.waitReply { _, _ in }
+        }
+        add(BenchRow(name: "CAPS round trip, 64 B, blocking wait forced", samples: blocking, baseline: "shm futex ping-pong",
+                     baselineSamples: futex, target: "≤ 1.2×", met: ratio(blocking, futex) <= 1.2))
+    }
+
+    private func roundTripPut(_ client: CapsClient) throws {
+        _ = try client.put(length: 64) { $0.initializeMemory(as: UInt8.self, repeating: 2) }
+    }
+
+    /// Runs `body(total)` once and returns operations per second.
+    func throughput(_ total: Int, _ body: (Int) throws -> Void) rethrows -> UInt64 {
+        try body(min(total / 10, 10_000))  // warm up
+        let start = monotonicNanoseconds()
+        try body(total)
+        let elapsed = monotonicNanoseconds() - start
+        return UInt64(Double(total) / (Double(elapsed) / 1e9))
+    }
+
+    func seqpacketPipelined(total: Int, window: Int) throws -> UInt64 {
+        var fds: [CInt] = [-1, -1]
+        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
+        let mine = Descriptor(adopting: fds[0])
+        let theirs = Descriptor(adopting: fds[1])
+        let echo = try peer("socket-echo", ["--size", "64"], descriptors: [theirs.rawValue])
+        _ = consume theirs
+        defer { echo.stop() }
+        var buffer = [UInt8](repeating: 3, count: 64)
+        let fd = mine.rawValue
+        return try throughput(total) { count in
+            func send() throws { guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+            func receive() throws { guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+            for _ in 0..<window { try send() }
+            for _ in 0..<(count - window) {
+                try receive()
+                try send()
+            }
+            for _ in 0..<window { try receive() }
+        }
+    }
+
+    func ratio(_ value: Samples, _ baseline: Samples) -> Double {
+        baseline.median == 0 ? .infinity : Double(value.median) / Double(baseline.median)
+    }
+
+    // MARK: Keys
+
+    func keys() throws {
+        printHeader()
+        let count = iterations(20_000)
+        let broker = try Broker(socketPath: socketPath)
+        let file = try openFile("/dev/null", flags: O_RDONLY)
+
+        // Baseline: one descriptor over SCM_RIGHTS to the other process, which acknowledges.
+        var fds: [CInt] = [-1, -1]
+        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
+        let mine = Descriptor(adopting: fds[0])
+        let theirs = Descriptor(adopting: fds[1])
+        let receiver = try peer("fd-receiver", descriptors: [theirs.rawValue])
+        _ = consume theirs
+        let fileNumber = file.rawValue
+        let direct = try measure(count) {
+            var byte: UInt8 = 0
+            let sent = withUnsafeBytes(of: &byte) { raw in [fileNumber].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(mine.rawValue, raw, $0) } }
+            guard sent == 1, Glibc.read(mine.rawValue, &byte, 1) == 1 else { throw Errno.current }
+        }
+        receiver.stop()
+
+        // Patchbay: share here, the key travels to the other process, which claims it.
+        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
+        let keyChannel = Descriptor(adopting: fds[0])
+        let claimerEnd = Descriptor(adopting: fds[1])
+        let claimer = try peer("key-claimer", descriptors: [claimerEnd.rawValue])
+        _ = consume claimerEnd
+        defer { claimer.stop() }
+        let handoff = try measure(count) {
+            let key = try broker.share(file)
+            let text = Array(key.text.utf8)
+            var ack: UInt8 = 0
+            guard text.withUnsafeBytes({ Glibc.write(keyChannel.rawValue, $0.baseAddress, $0.count) }) == text.count,
+                  Glibc.read(keyChannel.rawValue, &ack, 1) == 1 else { throw Errno.current }
+        }
+        add(BenchRow(name: "share + claim of one fd between two processes", samples: handoff,
+                     baseline: "SCM_RIGHTS hand-off between them", baselineSamples: direct, target: "≤ 3×",
+                     met: ratio(handoff, direct) <= 3))
+
+        // Claims with few and with many keys outstanding.
+        let claimCount = iterations(10_000)
+        func claims() throws -> Samples {
+            var values: [UInt64] = []
+            values.reserveCapacity(claimCount)
+            for _ in 0..<claimCount {
+                let key = try broker.share(file)
+                let start = monotonicNanoseconds()
+                _ = try broker.claim(key)
+                values.append(monotonicNanoseconds() - start)
+            }
+            return Samples(values)
+        }
+        var held: [Key] = []
+        for _ in 0..<10 { held.append(try broker.share(file, timeout: .never)) }
+        let few = try claims()
+        let outstanding = quick ? 20_000 : 100_000
+        let before = Bench.residentKilobytes(brokerPID)
+        while held.count < outstanding { held.append(try broker.share(file, timeout: .never)) }
+        let after = Bench.residentKilobytes(brokerPID)
+        let many = try claims()
+        add(BenchRow(name: "claim with \(outstanding) keys outstanding", samples: many, baseline: "claim with 10 outstanding",
+                     baselineSamples: few, target: "≤ 1.2×", met: ratio(many, few) <= 1.2))
+        let perKey = Double(max(after - before, 0)) * 1024 / Double(outstanding - 10)
+        add(BenchRow(name: "broker memory per outstanding key (RSS delta)", samples: Samples([UInt64(perKey)]), baseline: "—",
+                     baselineSamples: nil, target: "≤ 512 B", met: perKey <= 512, unit: "B"))
+        notes.append("per-key memory includes the kernel's file reference, not the open file itself (the sharer's file is shared)")
+        for key in held { _ = try? broker.claim(key) }
+    }
+
+    // MARK: Shared memory
+
+    func sharedMemory() throws {
+        printHeader()
+        let count = iterations(20_000)
+        let raw = try measure(count) {
+            let fd = try makeMemoryFile(name: "bench", sealable: false)
+            try fd.truncate(to: 4096)
+            let mapping = try Mapping(fd, length: 4096, writable: true)
+            _ = consume mapping
+        }
+        let anonymous = try measure(count) {
+            let memory = try SharedMemory.anonymous()
+            let mapping = try memory.map(length: 4096)
+            _ = consume mapping
+        }
+        add(BenchRow(name: "anonymous object create + map, 4 KiB", samples: anonymous, baseline: "memfd_create + ftruncate + mmap",
+                     baselineSamples: raw, target: "≤ 1.2×", met: ratio(anonymous, raw) <= 1.2))
+
+        let broker = try Broker(socketPath: socketPath)
+        try broker.openSharedMemory("/bench", options: .create).truncate(to: 4096)
+        let path = "/patchbay-bench-\(getpid())"
+        let created = shm_open(path, O_RDWR | O_CREAT, 0o600)
+        guard created >= 0 else { throw Errno.current }
+        ftruncate(created, 4096)
+        close(created)
+        defer { shm_unlink(path) }
+        let plain = try measure(count) {
+            let fd = shm_open(path, O_RDWR, 0)
+            guard fd >= 0 else { throw Errno.current }
+            let mapping = try Mapping(Descriptor(adopting: fd), length: 4096, writable: true)
+            _ = consume mapping
+        }
+        let named = try measure(count) {
+            let memory = try broker.openSharedMemory("/bench", access: .readWrite)
+            let mapping = try memory.map(length: 4096)
+            _ = consume mapping
+        }
+        add(BenchRow(name: "named object open + map of an existing one", samples: named, baseline: "shm_open + mmap",
+                     baselineSamples: plain, target: "≤ 3×", met: ratio(named, plain) <= 3))
+    }
+
+    // MARK: /net
+
+    func net() throws {
+        printHeader()
+        let count = iterations(20_000)
+        let broker = try Broker(socketPath: socketPath)
+        let raw = try socketPingPong(type: CInt(SOCK_SEQPACKET.rawValue), size: 64, count: count)
+        let rawBulk = try socketPingPong(type: CInt(SOCK_SEQPACKET.rawValue), size: 65536, count: iterations(5_000))
+        let echo = try peer("net-echo", ["--name", "bench-net"])
+        defer { echo.stop() }
+        let socket = try Socket.connect(broker, to: "bench-net")
+        let fd = socket.dataDescriptor
+        var small = [UInt8](repeating: 1, count: 64)
+        let patchbay = try measure(count) { try exchange(fd, fd, &small) }
+        add(BenchRow(name: "/net seqpacket ping-pong, 64 B", samples: patchbay, baseline: "raw AF_UNIX seqpacket",
+                     baselineSamples: raw, target: "≤ 1.05× (≥ 0.95× speed)", met: ratio(patchbay, raw) <= 1.0 / 0.95))
+        var bulk = [UInt8](repeating: 2, count: 65536)
+        let patchbayBulk = try measure(iterations(5_000)) { try exchange(fd, fd, &bulk) }
+        add(BenchRow(name: "/net seqpacket bulk, 64 KiB round trip", samples: patchbayBulk, baseline: "raw AF_UNIX seqpacket",
+                     baselineSamples: rawBulk, target: "≤ 1.05×", met: ratio(patchbayBulk, rawBulk) <= 1.0 / 0.95))
+    }
+
+    // MARK: The broker under many clients
+
+    func broker() throws {
+        printHeader()
+        let count = iterations(20_000)
+        let broker = try Broker(socketPath: socketPath)
+        let alone = try measure(count) { _ = try broker.localSocketPath("bench") }
+        var limit = rlimit()
+        getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        limit.rlim_cur = limit.rlim_max
+        setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        let before = Bench.residentKilobytes(brokerPID)
+        var idle: [Broker] = []
+        for _ in 0..<999 { idle.append(try Broker(socketPath: socketPath)) }
+        _ = try broker.status()  // every connection accepted by now
+        let after = Bench.residentKilobytes(brokerPID)
+        let crowded = try measure(count) { _ = try broker.localSocketPath("bench") }
+        add(BenchRow(name: "broker control op with 1,000 clients", samples: crowded, baseline: "broker with 1 client",
+                     baselineSamples: alone, target: "≤ 1.5×", met: ratio(crowded, alone) <= 1.5))
+        let perClient = Double(max(after - before, 0)) * 1024 / 999
+        add(BenchRow(name: "broker memory per idle client (RSS delta)", samples: Samples([UInt64(perClient)]), baseline: "—",
+                     baselineSamples: nil, target: "≤ 32 KiB", met: perClient <= 32 * 1024, unit: "B"))
+        idle.removeAll()
+    }
+}
