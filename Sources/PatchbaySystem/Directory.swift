@@ -1,5 +1,5 @@
 public import SystemPackage
-import Glibc
+public import Glibc
 
 /// Why a directory cannot hold a socket or a store safely: errno plus a sentence.
 public struct DirectoryProblem: Error, Sendable {
@@ -69,7 +69,7 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
 /// A plain mutual-exclusion lock (pthread mutex) for objects that serialise their operations and
 /// return non-Sendable results from them, which `Mutex.withLock` does not allow.
 public final class Lock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
     public init() {
         pthread_mutex_init(mutex, nil)
@@ -80,7 +80,7 @@ public final class Lock: @unchecked Sendable {
         mutex.deallocate()
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }

@@ -1,23 +1,23 @@
-import CPatchbayShims
+public import CPatchbayShims
 public import SystemPackage
 
 /// Atomic access to words that live in memory shared between processes. Loads acquire, stores
 /// release, read-modify-writes and `fence` are sequentially consistent: enough for the
 /// single-producer/single-consumer rings and the sleep/wake handshakes built on them.
 public enum SharedWord {
-    @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
-    @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
-    @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
-    @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
-    @inline(__always) @discardableResult
+    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
+    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
+    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
+    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
+    @inlinable @inline(__always) @discardableResult
     public static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
         pb_cas_u32(p, expected, desired) != 0
     }
-    @inline(__always) public static func fence() { pb_fence() }
+    @inlinable @inline(__always) public static func fence() { pb_fence() }
     /// A pause hint for spin loops.
-    @inline(__always) public static func relax() { pb_cpu_relax() }
+    @inlinable @inline(__always) public static func relax() { pb_cpu_relax() }
 }
 
 /// The CPU this thread is running on now. The corresponding C call is `sched_getcpu`.

@@ -108,15 +108,24 @@ int pb_same_open_file(int fd1, int fd2);
 int pb_file_type(int fd, uint32_t *mode);
 
 /// Atomics on words in memory shared between processes (acquire loads, release stores,
-/// sequentially consistent read-modify-writes and fence).
-uint32_t pb_load_u32(const uint32_t *p);
-uint64_t pb_load_u64(const uint64_t *p);
-void pb_store_u32(uint32_t *p, uint32_t v);
-void pb_store_u64(uint64_t *p, uint64_t v);
-uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v);
-int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired);
-void pb_fence(void);
-void pb_cpu_relax(void);
+/// sequentially consistent read-modify-writes and fence). Inline: they sit on the hot path of
+/// every CAPS message, and these builtins need no feature macros.
+static inline uint32_t pb_load_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t pb_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void pb_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void pb_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline void pb_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void pb_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 /// Pins the calling thread to one CPU (sched_setaffinity); -1 on failure.
 int pb_pin_to_cpu(int cpu);

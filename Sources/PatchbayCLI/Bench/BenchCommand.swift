@@ -257,7 +257,7 @@ final class Bench {
     static func residentKilobytes(_ pid: pid_t) -> Int {
         guard let file = try? openFile("/proc/\(pid)/status", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 1 << 16) else { return 0 }
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            return Int(line.dropFirst(6).split(separator: " ").first ?? "0") ?? 0
+            return Int(line.dropFirst(6).split(whereSeparator: { $0 == " " || $0 == "\t" }).first ?? "0") ?? 0
         }
         return 0
     }
