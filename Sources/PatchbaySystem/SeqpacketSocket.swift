@@ -200,18 +200,22 @@ public struct SeqpacketSocket: ~Copyable {
 
 extension SeqpacketSocket {
     /// `sendmsg` of one buffer and descriptors on a socket owned elsewhere; -1 with errno set.
-    public static func sendRaw(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>) -> Int {
-        pb_send_with_fds(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), 0)
+    public static func sendRaw(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>,
+                               nonblocking: Bool = false) -> Int {
+        pb_send_with_fds(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), nonblocking ? 1 : 0)
     }
 
     /// `recvmsg` on a socket owned elsewhere: the length and the raw descriptors received (the
     /// caller owns them), or nil with errno set.
-    public static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer) -> (length: Int, descriptors: [CInt])? {
+    public static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false)
+        -> (length: Int, descriptors: [CInt])?
+    {
         var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
         var count: CInt = 0
         var flags: CInt = 0
         let length = fds.withUnsafeMutableBufferPointer { pointer in
-            pb_recv_with_fds(fd, buffer.baseAddress, buffer.count, pointer.baseAddress, CInt(pointer.count), &count, &flags, 0)
+            pb_recv_with_fds(fd, buffer.baseAddress, buffer.count, pointer.baseAddress, CInt(pointer.count), &count, &flags,
+                             nonblocking ? 1 : 0)
         }
         guard length >= 0 else { return nil }
         return (length, Array(fds[0..<Int(count)]))

@@ -188,6 +188,9 @@ public final class CapsClient: @unchecked Sendable {
         throws(PatchbayError) -> UInt64
     {
             try checkUsable()
+            guard length >= 0, length <= Int(UInt32.max) else {
+                throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
+            }
             flushDisposes()
             guard inFlight.count < maximumInFlight else {
                 throw PatchbayError(.noBufferSpace, "\(inFlight.count) requests are in flight, the limit of this service")
@@ -396,7 +399,13 @@ public final class CapsClient: @unchecked Sendable {
             }
             var descriptors: [CInt] = []
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                descriptors = try attachments(of: entry.messageID)
+                descriptors = (try? attachments(of: entry.messageID)) ?? []
+            }
+            guard payloadIsSound(entry, channel: channel, descriptors: descriptors) else {
+                // A reply the service could not have written honestly: dropped, never read.
+                for fd in descriptors { close(fd) }
+                finish(entry, dispose: true)
+                continue
             }
             let length = Int(entry.length)
             let copied = min(length, buffer.count)
@@ -418,6 +427,8 @@ public final class CapsClient: @unchecked Sendable {
             return CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
                              descriptors: descriptors.isEmpty ? nil : CapsDescriptors(descriptors))
         }
+        // The service may have replied just before going away: those replies come first.
+        if channel.serviceClosed && channel.hasEntries.reply { return try nextReply(into: buffer) }
         return try closedReply()
     }
 
@@ -430,7 +441,12 @@ public final class CapsClient: @unchecked Sendable {
             let length = Int(entry.length)
             let result: R
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                var descriptors = try attachments(of: entry.messageID)
+                var descriptors = (try? attachments(of: entry.messageID)) ?? []
+                guard payloadIsSound(entry, channel: channel, descriptors: descriptors) else {
+                    for fd in descriptors { close(fd) }
+                    finish(entry, dispose: true)
+                    continue
+                }
                 if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty {
                     let payload = Descriptor(adopting: descriptors.removeFirst())
                     guard let view = try? Mapping(payload, length: max(length, 1), writable: false) else {
@@ -443,12 +459,17 @@ public final class CapsClient: @unchecked Sendable {
                 }
                 for fd in descriptors { close(fd) }
             } else {
+                guard channel.fitsArena(offset: entry.offset, length: entry.length) else {
+                    finish(entry, dispose: true)
+                    continue
+                }
                 result = body(entry.messageID, UnsafeRawBufferPointer(start: channel.replyArena.advanced(by: Int(entry.offset)),
                                                                      count: length))
             }
             finish(entry, dispose: true)
             return result
         }
+        if channel.serviceClosed && channel.hasEntries.reply { return try nextReplyInPlace(body) }
         if let closed = try closedReply() {
             return body(closed.messageID, UnsafeRawBufferPointer(start: nil, count: 0))
         }

@@ -316,13 +316,14 @@ public final class CapsService: @unchecked Sendable {
             found = nextEntry()
         }
         guard let (client, entry, state) = found else { return nil }
-        return try take(client, entry, state, consume: buffer.count >= Int(entry.length)) { message, payload in
+        guard let message = try take(client, entry, state, consume: buffer.count >= Int(entry.length), { message, payload in
             var message = message
             let copied = min(message.length, buffer.count)
             if copied > 0, let base = payload.baseAddress { buffer.baseAddress!.copyMemory(from: base, byteCount: copied) }
             message.consumed = copied == message.length
             return message
-        }
+        }) else { return try next(into: buffer) }
+        return message
     }
 
     private func nextInPlace<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
@@ -334,7 +335,10 @@ public final class CapsService: @unchecked Sendable {
             found = nextEntry()
         }
         guard let (client, entry, state) = found else { return nil }
-        return try take(client, entry, state, consume: true) { message, payload in body(message, payload) }
+        guard let result = try take(client, entry, state, consume: true, { message, payload in body(message, payload) }) else {
+            return try nextInPlace(body)
+        }
+        return result
     }
 
     /// Round-robin over the clients: the next entry of some request ring (aborted ones skipped).
@@ -360,15 +364,22 @@ public final class CapsService: @unchecked Sendable {
 
     /// Turns an entry into a message, lets `use` read it, and consumes it when `consume` (a
     /// request that did not fit the caller's buffer stays queued).
+    /// nil: the entry was malformed (a payload outside the arena, or announced descriptors that
+    /// never came) and has been dropped.
     private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, _ state: UnsafeMutablePointer<UInt32>, consume: Bool,
-                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
+                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
                                          credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
         switch entry.kind {
         case .request:
             var descriptors: [CInt] = []
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                descriptors = try attachments(client, entry.messageID)
+                descriptors = (try? attachments(client, entry.messageID)) ?? []
+            }
+            guard payloadIsSound(entry, channel: client.channel, descriptors: descriptors) else {
+                for fd in descriptors { close(fd) }
+                client.channel.advance(.request)
+                return nil
             }
             var view: Mapping?
             var payload = UnsafeRawBufferPointer(start: client.channel.requestArena.advanced(by: Int(entry.offset)),
@@ -412,10 +423,8 @@ public final class CapsService: @unchecked Sendable {
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .reply, .discardedReply:
-            client.channel.advance(.request)  // not the client's to send; ignore
-            message.kind = .dispose
-            message.length = 0
-            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
+            client.channel.advance(.request)  // not the client's to send: dropped
+            return nil
         }
     }
 

@@ -38,8 +38,9 @@ final class CapsChannel: @unchecked Sendable {
         } catch {
             throw PatchbayError((error as? Errno) ?? .ioError, "cannot map the CAPS channel")
         }
-        guard header.capacity > 0, header.capacity & (header.capacity - 1) == 0 else {
-            throw PatchbayError(.protocolError, "the CAPS channel's ring capacity is not a power of two")
+        // Read once and checked: a peer could rewrite the header later, but nothing trusts it again.
+        guard header.capacity == CapsLayout.ringCapacity, header.arena > 0, header.arena <= 1 << 30 else {
+            throw PatchbayError(.protocolError, "the CAPS channel's header is not one this library made")
         }
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
@@ -65,6 +66,12 @@ final class CapsChannel: @unchecked Sendable {
 
     var replyArena: UnsafeMutableRawPointer {
         mapping.baseAddress.advanced(by: CapsLayout.replyArenaOffset(capacity: Int(capacity), arenaSize: arenaSize))
+    }
+
+    /// Whether `offset` and `length` from a ring entry lie inside an arena. A peer writes them, so
+    /// they are never used before this check: a bad pair would read outside the mapping.
+    func fitsArena(offset: UInt64, length: UInt32) -> Bool {
+        offset <= UInt64(arenaSize) && UInt64(length) <= UInt64(arenaSize) - offset
     }
 
     var serviceClosed: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) != 0 }
@@ -226,6 +233,17 @@ func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
     return ready()
 }
 
+/// Whether a payload a peer announced can be read safely: inside the arena, or an attached memfd
+/// at least as long as announced (a shorter one would fault when read).
+func payloadIsSound(_ entry: CapsEntry, channel: CapsChannel, descriptors: [CInt]) -> Bool {
+    if entry.flags & CapsEntryFlags.attachedPayload != 0 {
+        guard let object = descriptors.first else { return false }
+        var info = stat()
+        return fstat(object, &info) == 0 && Int(info.st_size) >= Int(entry.length)
+    }
+    return channel.fitsArena(offset: entry.offset, length: entry.length)
+}
+
 /// The message id: the channel's id in the high half, a per-client sequence number in the low
 /// half, so ids are unique across all of a service's clients.
 @inline(__always)
@@ -240,21 +258,28 @@ func sendAttachments(_ socket: CInt, messageID: UInt64, descriptors: [CInt]) thr
     var tag = messageID
     let sent = withUnsafeBytes(of: &tag) { raw in
         descriptors.withUnsafeBufferPointer { fds in
-            SeqpacketSocket.sendRaw(socket, raw, fds)
+            SeqpacketSocket.sendRaw(socket, raw, fds, nonblocking: true)
         }
     }
-    if sent < 0 { throw PatchbayError(Errno.current, "cannot send the message's descriptors to the peer") }
+    // Never wait on the peer: one that does not read its direct socket only hurts itself.
+    if sent < 0 {
+        let error = Errno.current
+        throw PatchbayError(error == .resourceTemporarilyUnavailable ? .noBufferSpace : error,
+                            "cannot send the message's descriptors to the peer")
+    }
 }
 
-/// Receives the descriptors sent for `messageID` (they were sent before the ring entry, so they
-/// are already queued).
+/// Receives the descriptors sent for `messageID`. They were sent before the ring entry, so they
+/// are already queued; if not, the peer lied, and nothing waits for it.
 func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError) -> [CInt] {
     var buffer = [UInt8](repeating: 0, count: 8)
     while true {
         let received = buffer.withUnsafeMutableBytes { raw in
-            SeqpacketSocket.receiveRaw(socket, raw)
+            SeqpacketSocket.receiveRaw(socket, raw, nonblocking: true)
         }
-        guard let received else { throw PatchbayError(Errno.current, "cannot receive the message's descriptors") }
+        guard let received else {
+            throw PatchbayError(.protocolError, "message \(messageID) announced descriptors its sender did not send")
+        }
         let tag = buffer.withUnsafeBytes { $0.load(as: UInt64.self) }
         if received.length == 8 && tag == messageID { return received.descriptors }
         // Descriptors of a message nobody will read any more (aborted, or its peer gone): close.

@@ -107,8 +107,11 @@ struct StatusPage: ~Copyable {
 
     init() throws(RequestError) {
         do {
-            let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: false)
+            let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: true)
             try memory.truncate(to: CapsLayout.statusSize)
+            // Sealed at its size: a peer that could shrink it would make the broker's own mapping
+            // fault (SIGBUS) when it reads the generation.
+            try memory.addSeals([.shrink, .grow, .seal])
             mapping = try Mapping(memory, length: CapsLayout.statusSize, writable: true)
             descriptor = memory
         } catch {
@@ -173,11 +176,12 @@ final class CapsRegistry {
         let page = try StatusPage()
         let id = nextID
         nextID += 1
-        let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags,
-                                       maximumInFlight: maximumInFlight == 0 ? 128 : maximumInFlight,
+        // At most a quarter of the ring, so requests, aborts and disposes always fit.
+        let inFlight = maximumInFlight == 0 ? 128 : min(maximumInFlight, UInt32(CapsLayout.ringCapacity / 4))
+        let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: inFlight,
                                        session: session, owner: caller, status: page.descriptor, statusMapping: page.mapping)
         // A restarted service is visibly new: its generation follows the last one of its name.
-        record.generation = (lastGeneration[name] ?? 0) + 1
+        record.generation = (lastGeneration[name] ?? 0) &+ 1
         services[id] = record
         byName[name, default: []].append(id)
         serviceBySession[session] = id
@@ -230,8 +234,10 @@ final class CapsRegistry {
 
     private func makeChannel(service: CapsServiceRecord, session: UInt64) throws(RequestError) -> CapsConnection {
         do {
-            let memory = try makeMemoryFile(name: "patchbay-caps-channel", sealable: false)
+            let memory = try makeMemoryFile(name: "patchbay-caps-channel", sealable: true)
             try memory.truncate(to: CapsLayout.channelSize(arenaSize: arenaSize))
+            // The broker maps the header; sealing the size keeps a peer from making it fault.
+            try memory.addSeals([.shrink, .grow, .seal])
             let header = try Mapping(memory, length: CapsLayout.headerSize, writable: true)
             let base = header.baseAddress
             base.advanced(by: CapsLayout.magicOffset).assumingMemoryBound(to: UInt32.self).pointee = CapsLayout.magic
