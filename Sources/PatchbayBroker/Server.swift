@@ -494,6 +494,7 @@ public final class BrokerServer {
             send(event.encode(),
                  attaching: [connection.channel.rawValue, connection.serviceWake.rawValue, connection.clientWake.rawValue,
                              connection.serviceEnd.rawValue], to: serviceSession)
+            service.noteEventQueued()
         }
         let reply = Reply.capsClient(channelID: connection.channelID, serviceID: service.id,
                                      maximumInFlight: service.maximumInFlight, arenaSize: UInt32(caps.arenaSize))
@@ -751,7 +752,10 @@ public final class BrokerServer {
         try? epoll.remove(session.socket.rawValue)
         net.forgetWaits(of: id)
         for notice in caps.sessionClosed(id) {
-            if let service = sessions[notice.serviceSession] { send(notice.event.encode(), to: service) }
+            if let service = sessions[notice.serviceSession] {
+                send(notice.event.encode(), to: service)
+                caps.service(ofSession: notice.serviceSession)?.noteEventQueued()
+            }
         }
         let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
         clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil

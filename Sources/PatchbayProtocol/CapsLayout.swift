@@ -66,6 +66,9 @@ public enum CapsLayout {
     public static let statusSleepingOffset = 64      // u32
     public static let statusRunningOffset = 128      // u32
     public static let statusCPUOffset = 132          // u32
+    /// Bumped by the broker after it queues an event on the service's connection, so the service
+    /// reads that connection only when something is there (no system call on the hot path).
+    public static let statusNoticesOffset = 192      // u32
 
     static func roundUpToPage(_ value: Int) -> Int { (value + 4095) / 4096 * 4096 }
 }

@@ -66,13 +66,18 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
     pthread_detach(thread)
 }
 
-/// A plain mutual-exclusion lock (pthread mutex) for objects that serialise their operations and
-/// return non-Sendable results from them, which `Mutex.withLock` does not allow.
+/// A recursive mutual-exclusion lock (pthread mutex) for objects that serialise their operations
+/// and return non-Sendable results from them, which `Mutex.withLock` does not allow. Recursive, so
+/// a callback run under it (a CAPS `receive` body) may call the same object again.
 public final class Lock: @unchecked Sendable {
     @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
     public init() {
-        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_mutexattr_t()
+        pthread_mutexattr_init(&attributes)
+        pthread_mutexattr_settype(&attributes, CInt(PTHREAD_MUTEX_RECURSIVE))
+        pthread_mutex_init(mutex, &attributes)
+        pthread_mutexattr_destroy(&attributes)
     }
 
     deinit {

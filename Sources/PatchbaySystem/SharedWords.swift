@@ -11,6 +11,8 @@ public enum SharedWord {
     @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
     @inlinable @inline(__always) @discardableResult
     public static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
+    @inlinable @inline(__always) @discardableResult
+    public static func decrement(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, UInt32.max) }
     @inlinable @inline(__always)
     public static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
         pb_cas_u32(p, expected, desired) != 0

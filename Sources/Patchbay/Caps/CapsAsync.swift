@@ -24,24 +24,24 @@ extension CapsService {
         AsyncThrowingStream { continuation in
             let queue = DispatchQueue(label: "patchbay.caps.service.\(name)")
             queue.async { [self] in
-                var buffer = [UInt8](repeating: 0, count: 1 << 16)
                 while true {
-                    let outcome = buffer.withUnsafeMutableBytes { raw in
-                        Result { () throws(PatchbayError) -> CapsServiceMessage in try wait(into: raw) }
+                    // Read in place and copy exactly the payload: no buffer sized by what a client
+                    // claims, no second read of a length a client could change.
+                    let outcome = Result { () throws(PatchbayError) -> CapsRequest? in
+                        try receive { message, payload in
+                            message.kind == .request
+                                ? CapsRequest(messageID: message.messageID, bytes: Array(payload),
+                                              credentials: message.credentials, channelID: message.channelID)
+                                : nil
+                        }
                     }
                     switch outcome {
                     case .failure(let error):
                         continuation.finish(throwing: error.errno == .canceled ? nil : error)
                         return
-                    case .success(let message) where message.kind == .request:
-                        if !message.consumed {
-                            buffer = [UInt8](repeating: 0, count: message.length)
-                            continue
-                        }
-                        let request = CapsRequest(messageID: message.messageID, bytes: Array(buffer[0..<message.length]),
-                                                  credentials: message.credentials, channelID: message.channelID)
+                    case .success(let request?):
                         if case .terminated = continuation.yield(request) { return }
-                    case .success:
+                    case .success(nil):
                         continue
                     }
                 }

@@ -110,6 +110,8 @@ public final class CapsClient: @unchecked Sendable {
     private var closedReplies: [UInt64]?
     /// Descriptors of a reply that did not fit the caller's buffer, kept for the next receive.
     private var stashed: [UInt64: [CInt]] = [:]
+    /// Replies that a `call` in one thread received for a `call` in another.
+    private var otherCalls: [UInt64: [UInt8]] = [:]
     private var watching = false
     /// Where the async `call` runs its blocking work, one call at a time.
     let callQueue: DispatchQueue
@@ -133,14 +135,14 @@ public final class CapsClient: @unchecked Sendable {
             if attempt?.isCancelled == true { throw PatchbayError(.canceled, "waiting for service \(name) was cancelled") }
             throw error
         }
-        guard case .capsClient(let channelID, _, let maximumInFlight, _) = response.reply, response.descriptors.count == 5,
+        guard case .capsClient(let channelID, _, let maximumInFlight, let arenaSize) = response.reply, response.descriptors.count == 5,
               let memory = response.takeDescriptor(), let statusPage = response.takeDescriptor(),
               let serviceWake = response.takeDescriptor(), let clientWake = response.takeDescriptor(),
               let direct = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's CAPS connect reply is malformed") }
         self.channelID = channelID
         self.maximumInFlight = Int(maximumInFlight)
-        channel = try CapsChannel(memory)
+        channel = try CapsChannel(memory, arenaSize: Int(arenaSize))
         do {
             status = try Mapping(statusPage, length: CapsLayout.statusSize, writable: false)
         } catch {
@@ -179,7 +181,8 @@ public final class CapsClient: @unchecked Sendable {
     public func put(length: Int, descriptors: [CInt] = [], fill: (UnsafeMutableRawBufferPointer) -> Void)
         throws(PatchbayError) -> UInt64
     {
-        try lock.locked { () throws(PatchbayError) -> UInt64 in
+        try checkInherited()
+        return try lock.locked { () throws(PatchbayError) -> UInt64 in
             try putLocked(length: length, descriptors: descriptors, fill: fill)
         }
     }
@@ -264,8 +267,8 @@ public final class CapsClient: @unchecked Sendable {
     /// - Throws: `EAGAIN` when no reply is waiting; `ENOTCONN` when the service is gone and every
     ///   pending request has come back.
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
-        try lock.locked { () throws(PatchbayError) -> CapsReply in
-            try checkInherited()
+        try checkInherited()
+        return try lock.locked { () throws(PatchbayError) -> CapsReply in
             if watching { _ = try? EventCounter.drain(clientWake.rawValue) }
             guard let reply = try nextReply(into: buffer) else {
                 throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting")
@@ -292,8 +295,11 @@ public final class CapsClient: @unchecked Sendable {
     public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
         let id = try put(bytes)
         while true {
+            if let kept = lock.locked({ otherCalls.removeValue(forKey: id) }) { return kept }
             let (replyID, answer) = try waitReply { messageID, payload in (messageID, Array(payload)) }
             if replyID == id { return answer }
+            // Another thread's call: keep its reply for it.
+            lock.locked { otherCalls[replyID] = answer }
         }
     }
 
@@ -394,6 +400,7 @@ public final class CapsClient: @unchecked Sendable {
     private func nextReply(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply? {
         while let (entry, _) = channel.peek(.reply) {
             if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+                discardAttachments(entry)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
             }
@@ -428,13 +435,14 @@ public final class CapsClient: @unchecked Sendable {
                              descriptors: descriptors.isEmpty ? nil : CapsDescriptors(descriptors))
         }
         // The service may have replied just before going away: those replies come first.
-        if channel.serviceClosed && channel.hasEntries.reply { return try nextReply(into: buffer) }
+        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReply(into: buffer) }
         return try closedReply()
     }
 
     private func nextReplyInPlace<R>(_ body: (UInt64, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         while let (entry, _) = channel.peek(.reply) {
             if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+                discardAttachments(entry)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
             }
@@ -469,7 +477,7 @@ public final class CapsClient: @unchecked Sendable {
             finish(entry, dispose: true)
             return result
         }
-        if channel.serviceClosed && channel.hasEntries.reply { return try nextReplyInPlace(body) }
+        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReplyInPlace(body) }
         if let closed = try closedReply() {
             return body(closed.messageID, UnsafeRawBufferPointer(start: nil, count: 0))
         }
@@ -479,6 +487,14 @@ public final class CapsClient: @unchecked Sendable {
     private func attachments(of messageID: UInt64) throws(PatchbayError) -> [CInt] {
         if let kept = stashed.removeValue(forKey: messageID) { return kept }
         return try receiveAttachments(direct.rawValue, messageID: messageID)
+    }
+
+    /// Closes the descriptors of a reply nobody will read, instead of leaving them queued.
+    private func discardAttachments(_ entry: CapsEntry) {
+        guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }
+        let leftovers = stashed.removeValue(forKey: entry.messageID)
+            ?? (try? receiveAttachments(direct.rawValue, messageID: entry.messageID)) ?? []
+        for fd in leftovers { close(fd) }
     }
 
     /// Consumes a reply entry: frees the request's space, tells the service DISPOSE.
@@ -515,10 +531,14 @@ public final class CapsClient: @unchecked Sendable {
 
     /// Adaptive waiting: spin while the service runs on another CPU, then sleep on the futex.
     private func sleepUntilReply() throws(PatchbayError) {
+        // Tell the service where this thread runs now, so it spins only when that helps.
+        let cpuWord = channel.word32(CapsLayout.clientCPUOffset)
+        let cpu = UInt32(bitPattern: currentCPU())
+        if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
         let statusBase = status.baseAddress
         let serviceRunning = statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self)
         let serviceCPU = statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self)
-        let ready = { [channel] in channel.hasEntries.reply || channel.serviceClosed }
+        let ready = { [channel] in channel.hasEntries(.reply) || channel.serviceClosed }
         let spun = spinUntil(ready) {
             SharedWord.load(serviceRunning) != 0 && Int32(bitPattern: SharedWord.load(serviceCPU)) != currentCPU()
         }
@@ -526,28 +546,31 @@ public final class CapsClient: @unchecked Sendable {
         let wakeWord = channel.word32(CapsLayout.clientWakeOffset)
         let sleeping = channel.word32(CapsLayout.clientSleepingOffset)
         let running = channel.word32(CapsLayout.clientRunningOffset)
+        // `sleeping` counts sleepers (several threads may wait on one port); the service wakes
+        // everyone when it is not zero.
+        SharedWord.increment(sleeping)
+        defer {
+            SharedWord.decrement(sleeping)
+            SharedWord.store(running, 1)
+        }
         while true {
+            // The wake word is read before the cancel flag, so a cancel between the two still
+            // changes the word and the futex returns at once.
+            let seen = SharedWord.load(wakeWord)
             if cancelled.exchange(false, ordering: .sequentiallyConsistent) {
                 throw PatchbayError(.canceled, "the wait was cancelled")
             }
-            let seen = SharedWord.load(wakeWord)
-            SharedWord.store(sleeping, 1)
             SharedWord.fence()
-            if ready() { break }
+            if ready() { return }
             SharedWord.store(running, 0)
             do {
                 try Futex.wait(wakeWord, expected: seen)
             } catch {
-                SharedWord.store(sleeping, 0)
-                SharedWord.store(running, 1)
                 throw PatchbayError(error, "futex wait failed")
             }
             SharedWord.store(running, 1)
-            if ready() { break }
+            if ready() { return }
         }
-        SharedWord.store(sleeping, 0)
-        SharedWord.store(running, 1)
-        SharedWord.store(channel.word32(CapsLayout.clientCPUOffset), UInt32(bitPattern: currentCPU()))
     }
 }
 

@@ -86,7 +86,8 @@ public final class CapsService: @unchecked Sendable {
     private var synthetic: [CapsServiceMessage] = []
     private var stashed: [UInt64: [CInt]] = [:]
     private var watching = false
-    private var getsSinceEvents = 0
+    /// The broker's notice counter as last read: the connection is read only when it moved.
+    private var noticesSeen: UInt32 = 0
 
     private static let brokerToken: UInt64 = 1
     private static let cancelToken: UInt64 = 2
@@ -137,8 +138,8 @@ public final class CapsService: @unchecked Sendable {
     ///
     /// - Throws: `EAGAIN` when nothing is waiting.
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
-        try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
-            try checkInherited()
+        try checkInherited()
+        return try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
             if watching { drainWakeups() }
             guard let message = try next(into: buffer) else {
                 throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting")
@@ -192,6 +193,7 @@ public final class CapsService: @unchecked Sendable {
     /// will read them from.
     public func reply(to messageID: UInt64, length: Int, descriptors: [CInt] = [],
                       fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
+        try checkInherited()
         try lock.locked { () throws(PatchbayError) in
             try replyLocked(to: messageID, length: length, descriptors: descriptors, fill: fill)
         }
@@ -235,7 +237,14 @@ public final class CapsService: @unchecked Sendable {
             flags |= CapsEntryFlags.attachedPayload
         }
         if !attachments.isEmpty {
-            try sendAttachments(client.direct.rawValue, messageID: messageID, descriptors: attachments)
+            do {
+                try sendAttachments(client.direct.rawValue, messageID: messageID, descriptors: attachments)
+            } catch {
+                // Nothing was sent: the request can still be answered.
+                if offset >= 0 { client.allocator.release(offset: offset, length: length) }
+                received[messageID] = request
+                throw error
+            }
         }
         _ = consume payload
         guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)),
@@ -273,8 +282,8 @@ public final class CapsService: @unchecked Sendable {
     /// A descriptor that becomes readable when messages wait, for epoll loops; then call `get`.
     public var eventDescriptor: CInt {
         lock.locked {
+            if !watching { SharedWord.increment(statusWord(CapsLayout.statusSleepingOffset)) }
             watching = true
-            SharedWord.store(statusWord(CapsLayout.statusSleepingOffset), 1)
         }
         return epoll.rawValue
     }
@@ -305,11 +314,10 @@ public final class CapsService: @unchecked Sendable {
 
     /// The next message to show; nil when nothing waits.
     private func next(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage? {
-        getsSinceEvents += 1
-        if getsSinceEvents >= 64 { processBrokerEvents() }
+        if noticesPending { processBrokerEvents() }
         if !synthetic.isEmpty { return synthetic.removeFirst() }
         var found = nextEntry()
-        if found == nil {
+        if found == nil && noticesPending {
             // Perhaps a client this port has not heard of yet: read the broker's notices, look again.
             processBrokerEvents()
             if !synthetic.isEmpty { return synthetic.removeFirst() }
@@ -328,8 +336,9 @@ public final class CapsService: @unchecked Sendable {
 
     private func nextInPlace<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
+        if noticesPending { processBrokerEvents() }
         var found = nextEntry()
-        if found == nil {
+        if found == nil && noticesPending {
             processBrokerEvents()
             if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
             found = nextEntry()
@@ -370,8 +379,13 @@ public final class CapsService: @unchecked Sendable {
                          _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
                                          credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
+        // Ids carry their channel: an entry naming another client's channel is forged.
+        guard capsChannel(of: entry.messageID) == client.id else {
+            client.channel.advance(.request)
+            return nil
+        }
         switch entry.kind {
-        case .request:
+        case .request where received[entry.messageID] == nil && replied[entry.messageID] == nil:
             var descriptors: [CInt] = []
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
                 descriptors = (try? attachments(client, entry.messageID)) ?? []
@@ -397,11 +411,13 @@ public final class CapsService: @unchecked Sendable {
                 let payloadObject = entry.flags & CapsEntryFlags.attachedPayload != 0 && !descriptors.isEmpty
                 let carried = payloadObject ? Array(descriptors.dropFirst()) : descriptors
                 message.descriptors = carried.isEmpty ? nil : CapsDescriptors(carried)
+                // Recorded before the body runs, so the body may reply at once. The payload stays
+                // valid: the client frees it only when it sees the reply.
+                client.channel.advance(.request)
+                received[entry.messageID] = Received(aborted: false)
                 let result = use(message, payload)
                 _ = consume view
                 if payloadObject { close(descriptors[0]) }
-                client.channel.advance(.request)
-                received[entry.messageID] = Received(aborted: false)
                 return result
             }
             let result = use(message, payload)
@@ -410,20 +426,22 @@ public final class CapsService: @unchecked Sendable {
             return result
         case .dispose:
             client.channel.advance(.request)
-            if let reply = replied.removeValue(forKey: entry.messageID), reply.offset >= 0 {
-                client.allocator.release(offset: reply.offset, length: reply.length)
-            }
+            // Only a reply this service sent can be disposed of.
+            guard let reply = replied.removeValue(forKey: entry.messageID) else { return nil }
+            if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
             message.kind = .dispose
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .abort:
             client.channel.advance(.request)
+            guard received[entry.messageID] != nil else { return nil }
             received[entry.messageID]?.aborted = true
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
-        case .reply, .discardedReply:
-            client.channel.advance(.request)  // not the client's to send: dropped
+        case .request, .reply, .discardedReply:
+            // A request id already in use, or a kind a client does not send: dropped.
+            client.channel.advance(.request)
             return nil
         }
     }
@@ -433,9 +451,14 @@ public final class CapsService: @unchecked Sendable {
         return try receiveAttachments(client.direct.rawValue, messageID: messageID)
     }
 
+    /// Whether the broker queued notices since they were last read (one load, no system call).
+    private var noticesPending: Bool {
+        SharedWord.load(statusWord(CapsLayout.statusNoticesOffset)) != noticesSeen
+    }
+
     /// Reads the broker's notices: clients connecting (their channels) and going away.
     private func processBrokerEvents() {
-        getsSinceEvents = 0
+        noticesSeen = SharedWord.load(statusWord(CapsLayout.statusNoticesOffset))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
         defer { buffer.deallocate() }
         while true {
@@ -444,11 +467,11 @@ public final class CapsService: @unchecked Sendable {
             guard let frame = try? Frame.decode(Array(buffer[0..<message.length])[...]),
                   let event = try? Event.decode(frame) else { continue }
             switch event {
-            case .capsConnected(let channelID, let credentials, _):
+            case .capsConnected(let channelID, let credentials, let arenaSize):
                 guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
                       let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
                       let direct = message.descriptors.takeFirst(),
-                      let channel = try? CapsChannel(memory)
+                      let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize))
                 else { continue }
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
@@ -477,8 +500,8 @@ public final class CapsService: @unchecked Sendable {
         while let (entry, state) = client.channel.peek(.request) {
             client.channel.advance(.request)
             if entry.kind == .request, SharedWord.load(state) != CapsEntryState.aborted.rawValue { left.append(entry.messageID) }
-            if entry.kind == .dispose, let reply = replied.removeValue(forKey: entry.messageID), reply.offset >= 0 {
-                client.allocator.release(offset: reply.offset, length: reply.length)
+            if entry.kind == .dispose, replied.removeValue(forKey: entry.messageID) != nil {
+                left.append(entry.messageID)  // a DISPOSE it sent before going: still shown
             }
         }
         for id in received.keys where capsChannel(of: id) == channelID { left.append(id) }
@@ -499,7 +522,7 @@ public final class CapsService: @unchecked Sendable {
     }
 
     private static func hasWork(_ channels: [CapsChannel]) -> Bool {
-        for channel in channels where channel.hasEntries.request { return true }
+        for channel in channels where channel.hasEntries(.request) { return true }
         return false
     }
 
@@ -510,20 +533,25 @@ public final class CapsService: @unchecked Sendable {
     /// Adaptive waiting: spin while the last active client runs on another CPU; else mark the
     /// port asleep (so clients signal its eventfds) and sleep in epoll.
     private func sleepUntilWork() throws(PatchbayError) {
+        let cpuWord = statusWord(CapsLayout.statusCPUOffset)
+        let cpu = UInt32(bitPattern: currentCPU())
+        if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
         // A snapshot of the channels: the rings themselves are read lock-free.
         let (channels, last) = lock.locked { (clients.values.map(\.channel), lastActive.flatMap { clients[$0]?.channel }) }
         if let last {
             let running = last.word32(CapsLayout.clientRunningOffset)
             let cpu = last.word32(CapsLayout.clientCPUOffset)
-            if spinUntil({ Self.hasWork(channels) }, while: {
+            if spinUntil({ Self.hasWork(channels) || noticesPending }, while: {
                 SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
             }) { return }
         }
+        // `sleeping` counts sleeping threads (one port may have several waiters); clients signal
+        // while it is not zero. In epoll mode the port holds one count of its own for good.
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)
-        SharedWord.store(sleeping, 1)
+        SharedWord.increment(sleeping)
         SharedWord.fence()
-        if Self.hasWork(channels) {
-            if !watching { SharedWord.store(sleeping, 0) }
+        if Self.hasWork(channels) || noticesPending {
+            SharedWord.decrement(sleeping)
             return
         }
         SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)
@@ -534,8 +562,7 @@ public final class CapsService: @unchecked Sendable {
             throw PatchbayError(error, "epoll_wait failed")
         }
         SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 1)
-        SharedWord.store(statusWord(CapsLayout.statusCPUOffset), UInt32(bitPattern: currentCPU()))
-        if !watching { SharedWord.store(sleeping, 0) }
+        SharedWord.decrement(sleeping)
         try lock.locked { () throws(PatchbayError) in try handle(events) }
     }
 

@@ -23,7 +23,7 @@ final class CapsChannel: @unchecked Sendable {
     let capacity: UInt64
     let arenaSize: Int
 
-    init(_ memory: borrowing Descriptor) throws(PatchbayError) {
+    init(_ memory: borrowing Descriptor, arenaSize expected: Int) throws(PatchbayError) {
         let header: (capacity: Int, arena: Int)
         do {
             let probe = try Mapping(memory, length: CapsLayout.headerSize, writable: false)
@@ -39,8 +39,14 @@ final class CapsChannel: @unchecked Sendable {
             throw PatchbayError((error as? Errno) ?? .ioError, "cannot map the CAPS channel")
         }
         // Read once and checked: a peer could rewrite the header later, but nothing trusts it again.
-        guard header.capacity == CapsLayout.ringCapacity, header.arena > 0, header.arena <= 1 << 30 else {
-            throw PatchbayError(.protocolError, "the CAPS channel's header is not one this library made")
+        // The sizes come from the broker's message; the header (which a peer can write) must agree,
+        // and the memfd must really be that large (it is sealed at its size by the broker).
+        var info = stat()
+        guard header.capacity == CapsLayout.ringCapacity, header.arena == expected,
+              fstat(memory.rawValue, &info) == 0,
+              Int(info.st_size) >= CapsLayout.channelSize(capacity: CapsLayout.ringCapacity, arenaSize: expected)
+        else {
+            throw PatchbayError(.protocolError, "the CAPS channel is not the one the broker described")
         }
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
@@ -112,7 +118,7 @@ final class CapsChannel: @unchecked Sendable {
     func peek(_ ring: Ring) -> (entry: CapsEntry, state: UnsafeMutablePointer<UInt32>)? {
         let head = SharedWord.load(word64(ring.headOffset))
         let tail = SharedWord.load(word64(ring.tailOffset))
-        guard head != tail, tail &- head <= capacity else { return nil }
+        guard Self.holdsEntries(head: head, tail: tail, capacity: capacity) else { return nil }
         let slot = slot(ring, head)
         let kind = CapsEntryKind(rawValue: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self)) ?? .discardedReply
         let entry = CapsEntry(
@@ -130,9 +136,16 @@ final class CapsChannel: @unchecked Sendable {
         SharedWord.store(word64(ring.headOffset), head &+ 1)
     }
 
-    var hasEntries: (request: Bool, reply: Bool) {
-        (SharedWord.load(word64(Ring.request.headOffset)) != SharedWord.load(word64(Ring.request.tailOffset)),
-         SharedWord.load(word64(Ring.reply.headOffset)) != SharedWord.load(word64(Ring.reply.tailOffset)))
+    /// Whether a ring holds entries, by the same test `peek` uses (indices a peer corrupted read
+    /// as empty, never as "work that never comes").
+    @inline(__always)
+    static func holdsEntries(head: UInt64, tail: UInt64, capacity: UInt64) -> Bool {
+        head != tail && tail &- head <= capacity
+    }
+
+    func hasEntries(_ ring: Ring) -> Bool {
+        Self.holdsEntries(head: SharedWord.load(word64(ring.headOffset)), tail: SharedWord.load(word64(ring.tailOffset)),
+                          capacity: capacity)
     }
 
     /// Every request entry still in the ring (between the service's head and the client's tail),
@@ -141,6 +154,7 @@ final class CapsChannel: @unchecked Sendable {
         let head = SharedWord.load(word64(Ring.request.headOffset))
         let tail = SharedWord.load(word64(Ring.request.tailOffset))
         var result: [(UInt64, UnsafeMutablePointer<UInt32>)] = []
+        guard Self.holdsEntries(head: head, tail: tail, capacity: capacity) else { return result }
         var index = head
         while index != tail {
             let slot = slot(.request, index)

@@ -61,6 +61,12 @@ final class CapsServiceRecord {
         set { SharedWord.store(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self), newValue) }
     }
 
+    /// Tells the service that an event is queued on its connection.
+    func noteEventQueued() {
+        let word = statusMapping.baseAddress.advanced(by: CapsLayout.statusNoticesOffset).assumingMemoryBound(to: UInt32.self)
+        SharedWord.increment(word)
+    }
+
     var info: CapsServiceInfo {
         CapsServiceInfo(name: name, uid: uid, gid: gid, flags: flags, clients: UInt32(channels.count),
                         generation: generation, pid: owner.pid)
@@ -289,6 +295,11 @@ final class CapsRegistry {
             logger.debug("service gone", metadata: ["name": "\(service.name)", "clients": "\(service.channels.count)"])
         }
         return notices
+    }
+
+    /// The service record behind a session, if that session is a service port.
+    func service(ofSession session: UInt64) -> CapsServiceRecord? {
+        serviceBySession[session].flatMap { services[$0] }
     }
 
     func list() -> [CapsServiceInfo] {
