@@ -292,7 +292,7 @@ final class Bench {
             return
         }
         for note in notes { writeStandardOutput("note: " + note + "\n") }
-        if loadBefore > 0.5 || loadAfter > Double(cpuCount) + 0.5 {
+        if loadBefore > 1.0 || loadAfter > Double(cpuCount) + 0.5 {
             writeStandardOutput("warning: the machine was busy (load average \(format2(loadBefore)) before, \(format2(loadAfter)) after); "
                 + "figures are noisier than usual\n")
         }
