@@ -241,6 +241,15 @@ public struct Socket: ~Copyable {
 }
 
 extension Broker {
+    /// Opens `/net/<family>/addrs`: the bound names, one per line, as a file to read.
+    public func openAddressList(family: Socket.Family = .local) throws(PatchbayError) -> Descriptor {
+        var response = try call(.open(path: "/net/\(family.rawValue)/addrs", flags: 0))
+        guard case .open = response.reply, let file = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's address list reply carried no descriptor")
+        }
+        return file
+    }
+
     /// Every `/net` socket: id, family, type, state, name, owner.
     public func listSockets() throws(PatchbayError) -> [NetSocketInfo] {
         let response = try call(.netList)

@@ -4,6 +4,7 @@
 //   /net/<family>/<type>            a factory: a new socket (`seqpacket`, `stream`, `dgram`)
 //   /net/<family>/<id>/data         the socket's kernel socket
 //   /net/<family>/<id>/accept       one accepted connection of a listening socket
+//   /net/<family>/addrs             the bound names, one per line (a read-only snapshot)
 //
 // A `:nonblock` suffix on any path is the same as the nonblock open flag.
 
@@ -17,6 +18,7 @@ enum NamespacePath: Equatable {
     case netFactory(family: String, type: NetSocketType)
     case netData(family: String, id: UInt64)
     case netAccept(family: String, id: UInt64)
+    case netAddresses(family: String)
 
     /// Parses a path and its `:nonblock` suffix; unknown paths are ENOENT.
     static func parse(_ text: String, flags: UInt32) throws(RequestError) -> (NamespacePath, nonblock: Bool) {
@@ -33,6 +35,9 @@ enum NamespacePath: Equatable {
             let family = String(parts[2])
             if parts.count == 4, let type = NetSocketType(rawValue: String(parts[3])) {
                 return (.netFactory(family: family, type: type), nonblock)
+            }
+            if parts.count == 4, parts[3] == "addrs" {
+                return (.netAddresses(family: family), nonblock)
             }
             if parts.count == 5, let id = UInt64(parts[3]) {
                 switch parts[4] {

@@ -553,6 +553,19 @@ public final class BrokerServer {
             let data = try net.openData(id, caller: caller)
             send(Reply.open(objectKind: OpenedObjectKind.socketData.rawValue, id: id).encode(requestID: requestID),
                  attaching: data.rawValue, to: session)
+        case .netAddresses(let familyName):
+            _ = try family(familyName)
+            let text = net.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
+            do {
+                let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: false)
+                try memory.writeAll(Array(text.utf8))
+                _ = lseek(memory.rawValue, 0, SEEK_SET)
+                let snapshot = try openFile("/proc/self/fd/\(memory.rawValue)", flags: O_RDONLY)
+                send(Reply.open(objectKind: OpenedObjectKind.addressList.rawValue, id: 0).encode(requestID: requestID),
+                     attaching: snapshot.rawValue, to: session)
+            } catch {
+                throw RequestError(errno: error, reason: "cannot build the address list")
+            }
         case .netAccept(let familyName, let id):
             _ = try family(familyName)
             if let opened = try net.acceptNow(id, caller: caller) {

@@ -147,8 +147,9 @@ struct NetCommand: ParsableCommand {
 
         func run() throws {
             let broker = connectBroker(for: "net addrs")
-            let sockets = attempt("net addrs") { () throws(PatchbayError) in try broker.listSockets() }
-            writeStandardOutput(sockets.filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined())
+            let file = attempt("net addrs") { () throws(PatchbayError) -> Descriptor in try broker.openAddressList() }
+            guard let text = try? file.readToEnd() else { fail("net addrs", .ioError, "cannot read /net/local/addrs") }
+            writeStandardOutput(bytes: text)
         }
     }
 

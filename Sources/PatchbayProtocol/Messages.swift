@@ -622,6 +622,8 @@ public enum OpenedObjectKind: UInt8, Sendable {
     case socketData = 3
     /// `/net/<family>/<id>/accept`: the new connection's handle, then its kernel socket.
     case acceptedSocket = 4
+    /// `/net/<family>/addrs`: a read-only memfd holding the bound names, one per line.
+    case addressList = 5
 
     public var descriptorCount: Int { self == .acceptedSocket ? 2 : 1 }
 }

@@ -63,6 +63,16 @@ struct TwoUserTests {
         expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try root.openSharedMemory("/theirs") }
     }
 
+    @Test("CAPS: registering someone else's uid or gid is EPERM for a non-root caller")
+    func capsRegistrationPermission() throws {
+        let broker = try openBroker(["--system"])
+        let asRoot = try runAsOtherUser(["caps", "serve", "stolen", "--uid", "0", "--echo"], environment: broker.environment)
+        #expect(asRoot.standardError.hasPrefix("patchbay: caps serve: EPERM: "), "\(asRoot.standardError)")
+        let asGroup = try runAsOtherUser(["caps", "serve", "stolen", "--uid=-1", "--gid", "0", "--echo"],
+                                         environment: broker.environment)
+        #expect(asGroup.standardError.hasPrefix("patchbay: caps serve: EPERM: "), "\(asGroup.standardError)")
+    }
+
     @Test("share --for-uid: only that uid can claim")
     func claimRestrictedToAnotherUser() throws {
         let broker = try openBroker(["--system"])
