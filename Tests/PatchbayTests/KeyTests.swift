@@ -76,10 +76,11 @@ struct KeyTests {
         let file = try openFile("/dev/null", flags: O_RDONLY)
         var keys: [Key] = []
         for _ in 0..<50 { keys.append(try client.share(file)) }
-        #expect(try broker.descriptorCount() == baseline + 1)
+        // The duplicates are closed on the broker's closing thread, so the count settles shortly.
+        #expect(try broker.waitForDescriptorCount(baseline + 1) == baseline + 1)
         // A separately opened file is a different open file description: a descriptor of its own.
         let other = try client.share(try openFile("/dev/null", flags: O_RDONLY))
-        #expect(try broker.descriptorCount() == baseline + 2)
+        #expect(try broker.waitForDescriptorCount(baseline + 2) == baseline + 2)
         for key in keys { _ = try client.claim(key) }
         _ = try client.claim(other)
         #expect(try broker.waitForDescriptorCount(baseline) == baseline)
@@ -127,17 +128,19 @@ struct KeyTests {
         _ = try client.status()  // the broker has accepted our connection: count it in the baseline
         let baseline = try broker.descriptorCount()
         let key: Key
+        let sharedAt = monotonicNanoseconds()
         do {
             let file = try openFile("/dev/null", flags: O_RDONLY)
-            key = try client.share(file, timeout: .after(.milliseconds(200)))
+            key = try client.share(file, timeout: .after(.milliseconds(300)))
         }
-        #expect(try broker.descriptorCount() == baseline + 1)
-        let sharedAt = monotonicNanoseconds()
+        let held = try broker.descriptorCount()
+        // Held until the deadline (unless this thread was descheduled past it).
+        #expect(held == baseline + 1 || monotonicNanoseconds() - sharedAt > 300_000_000)
         // The drop must happen by itself, without anyone looking the key up.
         let after = try broker.waitForDescriptorCount(baseline, within: 3)
         let elapsed = Double(monotonicNanoseconds() - sharedAt) / 1e9
         #expect(after == baseline)
-        #expect(elapsed >= 0.19 && elapsed < 1.2, "dropped after \(elapsed) s")
+        #expect(elapsed >= 0.29 && elapsed < 1.4, "dropped after \(elapsed) s")
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try client.claim(key) }
     }
 
