@@ -217,7 +217,7 @@ private final class Tour {
         brokerPID = 0
         step(16, "stop the broker with SIGTERM: \(ended) (named objects stay in its store for the next start)",
              since: started)
-        say("\nMeasured figures against raw Linux mechanisms: `swift run -c release patchbay bench` (when it lands).")
+        say("\nFigures against the raw Linux mechanisms, in release mode: `swift run -c release patchbay bench` (docs/BENCHMARKS.md).")
     }
 
     // MARK: Helpers
