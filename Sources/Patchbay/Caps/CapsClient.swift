@@ -104,7 +104,6 @@ public final class CapsClient: @unchecked Sendable {
     private var sequence: UInt32 = 0
     /// Requests whose reply has not been consumed: arena offset (-1: attached) and length.
     private var inFlight: [UInt64: (offset: Int, length: Int)] = [:]
-    private var inFlightOrder: [UInt64] = []
     private var abortedAtService: Set<UInt64> = []
     private var pendingDisposes: [UInt64] = []
     private var closedReplies: [UInt64]?
@@ -230,7 +229,6 @@ public final class CapsClient: @unchecked Sendable {
                 throw PatchbayError(.noBufferSpace, "the request ring is full")
             }
             inFlight[messageID] = (offset, length)
-            inFlightOrder.append(messageID)
             wakeService()
             return messageID
     }
@@ -393,13 +391,12 @@ public final class CapsClient: @unchecked Sendable {
 
     private func forget(_ messageID: UInt64) {
         inFlight[messageID] = nil
-        if let index = inFlightOrder.firstIndex(of: messageID) { inFlightOrder.remove(at: index) }
     }
 
     /// The next reply entry to show, skipping discarded ones. nil: nothing yet.
     private func nextReply(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply? {
         while let (entry, _) = channel.peek(.reply) {
-            if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+            if entry.kind == .discardedReply || (!abortedAtService.isEmpty && abortedAtService.contains(entry.messageID)) {
                 discardAttachments(entry)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
@@ -441,7 +438,7 @@ public final class CapsClient: @unchecked Sendable {
 
     private func nextReplyInPlace<R>(_ body: (UInt64, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         while let (entry, _) = channel.peek(.reply) {
-            if entry.kind == .discardedReply || abortedAtService.contains(entry.messageID) {
+            if entry.kind == .discardedReply || (!abortedAtService.isEmpty && abortedAtService.contains(entry.messageID)) {
                 discardAttachments(entry)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
@@ -504,7 +501,7 @@ public final class CapsClient: @unchecked Sendable {
             allocator.release(offset: request.offset, length: request.length)
         }
         forget(entry.messageID)
-        abortedAtService.remove(entry.messageID)
+        if !abortedAtService.isEmpty { abortedAtService.remove(entry.messageID) }
         guard dispose, !channel.serviceClosed else { return }
         pendingDisposes.append(entry.messageID)
         flushDisposes()
@@ -516,7 +513,8 @@ public final class CapsClient: @unchecked Sendable {
     private func closedReply() throws(PatchbayError) -> CapsReply? {
         guard channel.serviceClosed else { return nil }
         if closedReplies == nil {
-            closedReplies = inFlightOrder.filter { !abortedAtService.contains($0) }
+            // In the order they were put: message ids grow with the sequence.
+            closedReplies = inFlight.keys.filter { !abortedAtService.contains($0) }.sorted()
         }
         guard let messageID = closedReplies?.first else {
             throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")

@@ -77,7 +77,8 @@ public final class CapsService: @unchecked Sendable {
     private let lock = Lock()
 
     private var clients: [UInt64: ClientChannel] = [:]
-    private var order: [UInt64] = []
+    /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
+    private var order: [ClientChannel] = []
     private var cursor = 0
     private var lastActive: UInt64?
     private var received: [UInt64: Received] = [:]
@@ -355,7 +356,7 @@ public final class CapsService: @unchecked Sendable {
         guard !order.isEmpty else { return nil }
         for step in 0..<order.count {
             let index = (cursor + step) % order.count
-            guard let client = clients[order[index]] else { continue }
+            let client = order[index]
             while let (entry, state) = client.channel.peek(.request) {
                 if entry.kind == .request,
                    !SharedWord.compareExchange(state, expected: CapsEntryState.pending.rawValue, desired: CapsEntryState.taken.rawValue),
@@ -477,7 +478,7 @@ public final class CapsService: @unchecked Sendable {
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 clients[channelID] = ClientChannel(id: channelID, channel: channel, credentials: credentials,
                                                    serviceWake: serviceWake, clientWake: clientWake, direct: direct)
-                order.append(channelID)
+                if let added = clients[channelID] { order.append(added) }
                 if notifyConnections {
                     synthetic.append(CapsServiceMessage(kind: .connected, messageID: 0, length: 0, consumed: true,
                                                         credentials: credentials, channelID: channelID, inPlace: true,
@@ -493,7 +494,7 @@ public final class CapsService: @unchecked Sendable {
     /// replied to, replies it never consumed), then its channel is dropped.
     private func clientGone(_ channelID: UInt64) {
         guard let client = clients.removeValue(forKey: channelID) else { return }
-        order.removeAll { $0 == channelID }
+        order.removeAll { $0.id == channelID }
         cursor = 0
         try? epoll.remove(client.serviceWake.rawValue)
         var left: [UInt64] = []
