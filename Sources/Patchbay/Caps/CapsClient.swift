@@ -311,6 +311,16 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// `waitReply` for a body that returns nothing: not generic, so a caller in another module runs
+    /// specialised code (the hot path of a client).
+    public func waitReply(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
+        try checkInherited()
+        while true {
+            if try lock.locked({ () throws(PatchbayError) -> Bool in try nextReplyInPlace(body) != nil }) { return }
+            try sleepUntilReply()
+        }
+    }
+
     /// Makes a `wait` blocked in another thread return `ECANCELED`.
     public func cancelWait() {
         cancelled.store(true, ordering: .sequentiallyConsistent)

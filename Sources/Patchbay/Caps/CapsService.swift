@@ -173,6 +173,18 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// `receive` for a body that returns nothing: not generic, so a caller in another module runs
+    /// specialised code (the hot path of a service).
+    public func receive(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
+        try checkInherited()
+        while true {
+            if try lock.locked({ () throws(PatchbayError) -> Bool in
+                try nextInPlace { message, payload in body(message, payload) } != nil
+            }) { return }
+            try sleepUntilWork()
+        }
+    }
+
     /// Makes a `wait` blocked in another thread return `ECANCELED`.
     public func cancelWait() {
         try? cancelEvent.signal()

@@ -106,14 +106,19 @@ struct BenchPeerCommand: ParsableCommand {
         guard let broker = try? Broker(), let service = try? CapsService(broker, name: name, access: [.world]) else { return }
         ready()
         while true {
-            let outcome = try? service.receive { message, payload -> (CapsMessageKind, UInt64, UnsafeRawBufferPointer) in
-                (message.kind, message.messageID, payload)
-            }
-            guard let (kind, id, payload) = outcome else { return }
-            guard kind == .request else { continue }
-            let length = payload.count
-            try? service.reply(to: id, length: length) { buffer in
-                if length <= 4096, let source = payload.baseAddress { buffer.baseAddress!.copyMemory(from: source, byteCount: length) }
+            do {
+                // Replying inside the body: the request's payload is still in place there.
+                try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                    guard message.kind == .request else { return }
+                    let length = payload.count
+                    try? service.reply(to: message.messageID, length: length) { buffer in
+                        if length <= 4096, let source = payload.baseAddress {
+                            buffer.baseAddress!.copyMemory(from: source, byteCount: length)
+                        }
+                    }
+                }
+            } catch {
+                return
             }
         }
     }
