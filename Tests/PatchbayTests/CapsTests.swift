@@ -389,6 +389,50 @@ struct CapsTests {
         }
     }
 
+    @Test("a service may reply from inside receive; calls from several threads each get their own reply")
+    func reentrancyAndThreads() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "reentrant", access: [.world])
+        let port = try CapsClient(client, name: "reentrant")
+        let stop = Atomic<Bool>(false)
+        let served = Atomic<Int>(0)
+        startThread {
+            while !stop.load(ordering: .relaxed) {
+                // Replying from inside the body must not deadlock on the port's own lock.
+                try? service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                    guard message.kind == .request else { return }
+                    try? service.reply(to: message.messageID, Array("re:".utf8) + Array(payload))
+                    served.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        let failures = Atomic<Int>(0)
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        for thread in 0..<4 {
+            startThread {
+                for index in 0..<50 {
+                    let request = Array("\(thread)-\(index)".utf8)
+                    if (try? port.call(request)) != Array("re:".utf8) + request { failures.add(1, ordering: .relaxed) }
+                }
+                var byte: UInt8 = 1
+                _ = Glibc.write(signal, &byte, 1)
+            }
+        }
+        var finished = 0
+        while finished < 4 {
+            var byte: UInt8 = 0
+            finished += try withUnsafeMutableBytes(of: &byte) { raw in
+                Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) }
+            }.get()
+        }
+        #expect(failures.load(ordering: .relaxed) == 0)
+        #expect(served.load(ordering: .relaxed) == 200)
+        stop.store(true, ordering: .relaxed)
+        service.cancelWait()
+    }
+
     @Test("waitForService connects as soon as the service registers")
     func waitForService() throws {
         let broker = try TestBroker()

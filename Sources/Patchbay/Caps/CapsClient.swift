@@ -111,6 +111,8 @@ public final class CapsClient: @unchecked Sendable {
     private var stashed: [UInt64: [CInt]] = [:]
     /// Replies that a `call` in one thread received for a `call` in another.
     private var otherCalls: [UInt64: [UInt8]] = [:]
+    /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
+    private let stashEpoch = Atomic<UInt32>(0)
     private var watching = false
     /// Where the async `call` runs its blocking work, one call at a time.
     let callQueue: DispatchQueue
@@ -293,11 +295,31 @@ public final class CapsClient: @unchecked Sendable {
     public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
         let id = try put(bytes)
         while true {
-            if let kept = lock.locked({ otherCalls.removeValue(forKey: id) }) { return kept }
-            let (replyID, answer) = try waitReply { messageID, payload in (messageID, Array(payload)) }
-            if replyID == id { return answer }
-            // Another thread's call: keep its reply for it.
-            lock.locked { otherCalls[replyID] = answer }
+            let epoch = stashEpoch.load(ordering: .acquiring)
+            var stashedForOthers = false
+            let mine = try lock.locked { () throws(PatchbayError) -> [UInt8]? in
+                if let kept = otherCalls.removeValue(forKey: id) { return kept }
+                var answer: [UInt8]?
+                _ = try nextReplyInPlace { (replyID: UInt64, payload: UnsafeRawBufferPointer) in
+                    if replyID == id {
+                        answer = Array(payload)
+                    } else {
+                        // Another thread's call: keep its reply for it.
+                        otherCalls[replyID] = Array(payload)
+                        stashedForOthers = true
+                    }
+                }
+                return answer
+            }
+            if stashedForOthers {
+                // Wake the threads asleep in `call`, so the one this reply belongs to finds it.
+                stashEpoch.add(1, ordering: .releasing)
+                SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
+                Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+            }
+            if let mine { return mine }
+            if stashEpoch.load(ordering: .acquiring) != epoch { continue }
+            try sleepUntilReply(orUntilEpochChanges: epoch)
         }
     }
 
@@ -538,7 +560,7 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// Adaptive waiting: spin while the service runs on another CPU, then sleep on the futex.
-    private func sleepUntilReply() throws(PatchbayError) {
+    private func sleepUntilReply(orUntilEpochChanges epoch: UInt32? = nil) throws(PatchbayError) {
         // Tell the service where this thread runs now, so it spins only when that helps.
         let cpuWord = channel.word32(CapsLayout.clientCPUOffset)
         let cpu = UInt32(bitPattern: currentCPU())
@@ -546,7 +568,10 @@ public final class CapsClient: @unchecked Sendable {
         let statusBase = status.baseAddress
         let serviceRunning = statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self)
         let serviceCPU = statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self)
-        let ready = { [channel] in channel.hasEntries(.reply) || channel.serviceClosed }
+        let ready = { [channel, self] in
+            channel.hasEntries(.reply) || channel.serviceClosed
+                || (epoch != nil && self.stashEpoch.load(ordering: .acquiring) != epoch)
+        }
         let spun = spinUntil(ready) {
             SharedWord.load(serviceRunning) != 0 && Int32(bitPattern: SharedWord.load(serviceCPU)) != currentCPU()
         }
