@@ -395,10 +395,11 @@ public final class BrokerServer {
 
         case .capsService(let name, let uid, let gid, let flags, let maximumInFlight):
             do {
+                guard let page = descriptors.takeFirst() else { return }
                 let service = try caps.register(name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: maximumInFlight,
-                                                session: session.id, caller: session.credentials)
-                send(Reply.capsService(serviceID: service.id, generation: service.generation).encode(requestID: requestID),
-                     attaching: service.status.rawValue, to: session)
+                                                statusPage: page, session: session.id, caller: session.credentials)
+                send(Reply.capsService(serviceID: service.id, generation: caps.initialGeneration(of: name)).encode(requestID: requestID),
+                     attaching: service.notices.rawValue, to: session)
                 retryWaitingClients(for: name)
             } catch {
                 sendError(error, .capsService, requestID, session)
@@ -416,13 +417,11 @@ public final class BrokerServer {
                 sendError(error, .capsClient, requestID, session)
             }
 
-        case .capsSetGeneration(let generation):
-            do {
-                try caps.setGeneration(generation, session: session.id)
-                send(Reply.capsSetGeneration.encode(requestID: requestID), to: session)
-            } catch {
-                sendError(error, .capsSetGeneration, requestID, session)
-            }
+        case .capsSetGeneration:
+            // The status page is sealed against everyone but its service, the broker included.
+            sendError(RequestError(errno: .notSupportedOnSocket,
+                                   reason: "a service sets its generation by writing its status page"),
+                      .capsSetGeneration, requestID, session)
 
         case .capsList:
             send(Reply.capsList(Array(caps.list().prefix(512))).encode(requestID: requestID), to: session)

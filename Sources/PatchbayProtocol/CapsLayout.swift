@@ -66,9 +66,9 @@ public enum CapsLayout {
     public static let statusSleepingOffset = 64      // u32
     public static let statusRunningOffset = 128      // u32
     public static let statusCPUOffset = 132          // u32
-    /// Bumped by the broker after it queues an event on the service's connection, so the service
-    /// reads that connection only when something is there (no system call on the hot path).
-    public static let statusNoticesOffset = 192      // u32
+    // The notices page (a separate memfd the broker writes and the service reads) holds one u32
+    // at offset 0: bumped after the broker queues an event on the service's connection, so the
+    // service reads that connection only when something is there (no system call on the hot path).
 
     static func roundUpToPage(_ value: Int) -> Int { (value + 4095) / 4096 * 4096 }
 }

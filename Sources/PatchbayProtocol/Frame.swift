@@ -64,7 +64,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
 
     /// Descriptors a request of this kind must carry.
     public var requestDescriptors: Int {
-        self == .share ? 1 : 0
+        self == .share || self == .capsService ? 1 : 0
     }
 
     /// Descriptors a successful reply of this kind carries.

@@ -230,7 +230,8 @@ public enum Reply: Sendable, Equatable {
     case netControl
     case netList([NetSocketInfo])
     case netPath(String)
-    /// The status page rides beside the frame.
+    /// The notices page rides beside the frame; `generation` is where the service's generation
+    /// starts (one past the last of its name), which the service writes to its status page.
     case capsService(serviceID: UInt64, generation: UInt64)
     /// The channel, the status page (read-only), the service's and the client's wake eventfds and
     /// the client's end of the direct socket ride beside the frame.

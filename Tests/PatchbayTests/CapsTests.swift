@@ -402,8 +402,8 @@ struct CapsTests {
                 // Replying from inside the body must not deadlock on the port's own lock.
                 try? service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
                     guard message.kind == .request else { return }
+                    served.add(1, ordering: .relaxed)  // before the reply, which lets the caller finish
                     try? service.reply(to: message.messageID, Array("re:".utf8) + Array(payload))
-                    served.add(1, ordering: .relaxed)
                 }
             }
         }
@@ -474,3 +474,38 @@ struct CapsTests {
     }
 }
 
+
+@Suite("CAPS status page")
+struct CapsStatusPageTests {
+    @Test("a client cannot write the service's status page, even by reopening it read-write")
+    func statusPageIsSealed() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "sealed", access: [.world])
+        try service.setGeneration(41)
+        // Connect as a raw client to hold the descriptors the broker hands a client.
+        let raw = try SeqpacketSocket()
+        try raw.connect(path: broker.socketPath)
+        try raw.send(Request.capsClient(name: "sealed", uid: -1, gid: -1, flags: CapsFlags.world).encode(requestID: 1))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { buffer.deallocate() }
+        var message = try raw.receive(into: buffer)
+        let count = message.descriptors.count
+        #expect(count == 5)
+        _ = message.descriptors.takeFirst()  // the channel
+        guard let status = message.descriptors.takeFirst() else {
+            Issue.record("no status page in the connect reply")
+            return
+        }
+        // Read-only as handed out, and sealed: a read-write reopen through /proc cannot write.
+        let reopened = open("/proc/self/fd/\(status.rawValue)", O_RDWR | O_CLOEXEC)
+        #expect(reopened >= 0)
+        defer { close(reopened) }
+        var value: UInt64 = 7
+        #expect(pwrite(reopened, &value, 8, off_t(CapsLayout.statusGenerationOffset)) == -1)
+        #expect(errno == EPERM)
+        let writable = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, reopened, 0)
+        #expect(writable == MAP_FAILED)
+        #expect(try CapsClient(client, name: "sealed").generation() == 41)
+    }
+}

@@ -70,6 +70,8 @@ public final class CapsService: @unchecked Sendable {
 
     private let connection: Connection
     private let status: Mapping
+    /// The broker's notices counter (read-only here).
+    private let notices: Mapping
     private let epoll: Epoll
     private let cancelEvent: EventCounter
     private let createdIn = forkGeneration()
@@ -105,14 +107,19 @@ public final class CapsService: @unchecked Sendable {
         self.notifyConnections = notifyConnections
         var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
         let flags = access.rawValue | (exclusive ? CapsFlags.exclusive : 0) | (notifyConnections ? CapsFlags.notifyConnections : 0)
+        // The status page is this port's own: mapped writable here, then sealed so that nobody
+        // else (clients reopening it through /proc, the broker) can ever write it.
+        let page = try Self.makeStatusPage()
         var response = try port.call(.capsService(name: name, uid: uid, gid: gid, flags: flags,
-                                                  maximumInFlight: UInt32(clamping: maximumInFlight)))
-        guard case .capsService(let serviceID, _) = response.reply, let page = response.takeDescriptor() else {
+                                                  maximumInFlight: UInt32(clamping: maximumInFlight)),
+                                     descriptors: [page.descriptor.rawValue])
+        guard case .capsService(let serviceID, let generation) = response.reply, let noticesPage = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
         }
         self.serviceID = serviceID
+        status = page.mapping
         do {
-            status = try Mapping(page, length: CapsLayout.statusSize, writable: true)
+            notices = try Mapping(noticesPage, length: 4096, writable: false)
             epoll = try Epoll()
             cancelEvent = try EventCounter(nonblocking: true)
             try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
@@ -123,6 +130,28 @@ public final class CapsService: @unchecked Sendable {
         connection = port
         statusWord(CapsLayout.statusRunningOffset).pointee = 1
         statusWord(CapsLayout.statusCPUOffset).pointee = UInt32(bitPattern: currentCPU())
+        SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
+                         generation)
+    }
+
+    /// A status page and its writable mapping, sealed against any other writer.
+    private struct StatusPage: ~Copyable {
+        var descriptor: Descriptor
+        var mapping: Mapping
+    }
+
+    private static func makeStatusPage() throws(PatchbayError) -> StatusPage {
+        do {
+            let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: true)
+            try memory.truncate(to: CapsLayout.statusSize)
+            let mapping = try Mapping(memory, length: CapsLayout.statusSize, writable: true)
+            // FUTURE_WRITE: the mapping above keeps writing; no new writable mapping or write()
+            // is possible for anyone, whatever descriptor they hold.
+            try memory.addSeals([.futureWrite, .shrink, .grow, .seal])
+            return StatusPage(descriptor: memory, mapping: mapping)
+        } catch {
+            throw PatchbayError(error, "cannot create the service's status page")
+        }
     }
 
     deinit {
@@ -466,12 +495,12 @@ public final class CapsService: @unchecked Sendable {
 
     /// Whether the broker queued notices since they were last read (one load, no system call).
     private var noticesPending: Bool {
-        SharedWord.load(statusWord(CapsLayout.statusNoticesOffset)) != noticesSeen
+        SharedWord.load(notices.baseAddress.assumingMemoryBound(to: UInt32.self)) != noticesSeen
     }
 
     /// Reads the broker's notices: clients connecting (their channels) and going away.
     private func processBrokerEvents() {
-        noticesSeen = SharedWord.load(statusWord(CapsLayout.statusNoticesOffset))
+        noticesSeen = SharedWord.load(notices.baseAddress.assumingMemoryBound(to: UInt32.self))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
         defer { buffer.deallocate() }
         while true {

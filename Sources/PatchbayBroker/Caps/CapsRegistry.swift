@@ -36,14 +36,18 @@ final class CapsServiceRecord {
     let maximumInFlight: UInt32
     let session: UInt64
     let owner: PeerCredentials
-    /// The status page: the broker maps it to read the generation and reopens it read-only for
-    /// clients.
+    /// The status page, made by the service and sealed against writes by anyone else
+    /// (F_SEAL_FUTURE_WRITE after the service mapped it): the broker maps it read-only to read the
+    /// generation, and reopens it read-only for clients.
     let status: Descriptor
     let statusMapping: Mapping
+    /// The notices page: the broker's own (written here, read by the service).
+    let notices: Descriptor
+    let noticesMapping: Mapping
     var channels: Set<UInt64> = []
 
     init(id: UInt64, name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32, session: UInt64,
-         owner: PeerCredentials, status: consuming Descriptor, statusMapping: consuming Mapping) {
+         owner: PeerCredentials, pages: consuming ServicePages) {
         self.id = id
         self.name = name
         self.uid = uid
@@ -52,19 +56,20 @@ final class CapsServiceRecord {
         self.maximumInFlight = maximumInFlight
         self.session = session
         self.owner = owner
-        self.status = status
-        self.statusMapping = statusMapping
+        status = pages.status
+        statusMapping = pages.statusMapping
+        notices = pages.notices
+        noticesMapping = pages.noticesMapping
     }
 
+    /// The generation the service published in its status page.
     var generation: UInt64 {
-        get { SharedWord.load(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self)) }
-        set { SharedWord.store(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self), newValue) }
+        SharedWord.load(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self))
     }
 
     /// Tells the service that an event is queued on its connection.
     func noteEventQueued() {
-        let word = statusMapping.baseAddress.advanced(by: CapsLayout.statusNoticesOffset).assumingMemoryBound(to: UInt32.self)
-        SharedWord.increment(word)
+        SharedWord.increment(noticesMapping.baseAddress.assumingMemoryBound(to: UInt32.self))
     }
 
     var info: CapsServiceInfo {
@@ -106,23 +111,35 @@ final class CapsChannelRecord {
     }
 }
 
-/// A service's status page: a memfd and the broker's mapping of it.
-struct StatusPage: ~Copyable {
-    var descriptor: Descriptor
-    var mapping: Mapping
+/// A service's two pages: its status page (checked, mapped read-only) and the notices page the
+/// broker makes for it.
+struct ServicePages: ~Copyable {
+    var status: Descriptor
+    var statusMapping: Mapping
+    var notices: Descriptor
+    var noticesMapping: Mapping
 
-    init() throws(RequestError) {
-        do {
-            let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: true)
-            try memory.truncate(to: CapsLayout.statusSize)
-            // Sealed at its size: a peer that could shrink it would make the broker's own mapping
-            // fault (SIGBUS) when it reads the generation.
-            try memory.addSeals([.shrink, .grow, .seal])
-            mapping = try Mapping(memory, length: CapsLayout.statusSize, writable: true)
-            descriptor = memory
-        } catch {
-            throw RequestError(errno: error, reason: "cannot create the service's status page")
+    static func make(status page: consuming Descriptor) throws(RequestError) -> ServicePages {
+        let required: Seals = [.futureWrite, .shrink, .grow, .seal]
+        guard let seals = try? page.seals(), seals.contains(required), (try? page.size()) == CapsLayout.statusSize else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "a service's status page must be a \(CapsLayout.statusSize)-byte memfd sealed with future-write, shrink, grow and seal")
         }
+        do {
+            return try build(page)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot map the service's pages")
+        }
+    }
+
+    private static func build(_ page: consuming Descriptor) throws(Errno) -> ServicePages {
+        let statusMapping = try Mapping(page, length: CapsLayout.statusSize, writable: false)
+        let memory = try makeMemoryFile(name: "patchbay-caps-notices", sealable: true)
+        try memory.truncate(to: 4096)
+        // Sealed at its size: the service could otherwise make the broker's mapping fault.
+        try memory.addSeals([.shrink, .grow, .seal])
+        let noticesMapping = try Mapping(memory, length: 4096, writable: true)
+        return ServicePages(status: page, statusMapping: statusMapping, notices: memory, noticesMapping: noticesMapping)
     }
 }
 
@@ -159,7 +176,9 @@ final class CapsRegistry {
     // MARK: Registration
 
     func register(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32,
-                  session: UInt64, caller: PeerCredentials) throws(RequestError) -> CapsServiceRecord {
+                  statusPage: consuming Descriptor, session: UInt64, caller: PeerCredentials)
+        throws(RequestError) -> CapsServiceRecord
+    {
         try Self.validate(name)
         guard flags & ~CapsFlags.serviceFlags == 0 else {
             throw RequestError(errno: .invalidArgument, reason: "unknown service flags 0x\(String(flags & ~CapsFlags.serviceFlags, radix: 16))")
@@ -179,15 +198,13 @@ final class CapsRegistry {
            (byName[name] ?? []).contains(where: { services[$0]?.uid == uid && services[$0]?.gid == gid }) {
             throw RequestError(errno: .fileExists, reason: "a service \(name) (uid \(uid), gid \(gid)) is already registered")
         }
-        let page = try StatusPage()
+        let pages = try ServicePages.make(status: statusPage)
         let id = nextID
         nextID += 1
         // At most a quarter of the ring, so requests, aborts and disposes always fit.
         let inFlight = maximumInFlight == 0 ? 128 : min(maximumInFlight, UInt32(CapsLayout.ringCapacity / 4))
         let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: inFlight,
-                                       session: session, owner: caller, status: page.descriptor, statusMapping: page.mapping)
-        // A restarted service is visibly new: its generation follows the last one of its name.
-        record.generation = (lastGeneration[name] ?? 0) &+ 1
+                                       session: session, owner: caller, pages: pages)
         services[id] = record
         byName[name, default: []].append(id)
         serviceBySession[session] = id
@@ -195,11 +212,10 @@ final class CapsRegistry {
         return record
     }
 
-    func setGeneration(_ generation: UInt64, session: UInt64) throws(RequestError) {
-        guard let id = serviceBySession[session], let service = services[id] else {
-            throw RequestError(errno: .invalidArgument, reason: "only a service port has a generation to set")
-        }
-        service.generation = generation
+    /// The generation a new registration of `name` starts at: one past the last, so a restarted
+    /// service is visibly new. The service writes it to its status page.
+    func initialGeneration(of name: String) -> UInt64 {
+        (lastGeneration[name] ?? 0) &+ 1
     }
 
     // MARK: Connecting
