@@ -410,6 +410,9 @@ public final class BrokerServer {
                 if let connection = try caps.connect(name: name, uid: uid, gid: gid, flags: flags, session: session.id,
                                                      caller: session.credentials) {
                     deliver(connection, requestID: requestID, to: session)
+                } else if caps.waiting.contains(where: { $0.session == session.id }) {
+                    sendError(RequestError(errno: .invalidArgument, reason: "this connection already waits for a service"),
+                              .capsClient, requestID, session)
                 } else {
                     caps.waiting.append((session.id, requestID, name, uid, gid, flags))
                 }
@@ -825,15 +828,24 @@ public final class BrokerServer {
         }
     }
 
-    /// The lock that makes one broker per socket path.
+    /// The lock that makes one broker per socket path. A broker that is just exiting still holds
+    /// it for a moment (its socket file already gone, so clients start a new one): the lock is
+    /// tried for up to two seconds before the path counts as taken.
     private static func lockPath(_ path: String) throws(BrokerStartError) -> FileLock {
-        do {
-            return try FileLock(path: path + ".lock", wait: false)
-        } catch {
-            if error == .resourceTemporarilyUnavailable {
-                throw BrokerStartError(errno: .addressInUse, reason: "another broker is already serving \(path)")
+        let deadline = monotonicNanoseconds() + 2_000_000_000
+        while true {
+            do {
+                return try FileLock(path: path + ".lock", wait: false)
+            } catch {
+                guard error == .resourceTemporarilyUnavailable else {
+                    throw BrokerStartError(errno: error, reason: "cannot lock \(path).lock: \(error.name)")
+                }
+                // A live broker keeps its socket; a departing one has already removed it.
+                if access(path, F_OK) == 0 || monotonicNanoseconds() > deadline {
+                    throw BrokerStartError(errno: .addressInUse, reason: "another broker is already serving \(path)")
+                }
+                usleep(10_000)
             }
-            throw BrokerStartError(errno: error, reason: "cannot lock \(path).lock: \(error.name)")
         }
     }
 

@@ -357,7 +357,7 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// A descriptor that becomes readable when a reply (or the service's departure) arrives, for
-    /// epoll loops; then call `get`.
+    /// epoll loops; then call `get` until it says `EAGAIN`.
     public var eventDescriptor: CInt {
         lock.locked {
             watching = true

@@ -244,6 +244,9 @@ public final class CapsService: @unchecked Sendable {
     private func replyLocked(to messageID: UInt64, length: Int, descriptors: [CInt],
                              fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
         try checkInherited()
+        guard length >= 0, length <= Int(UInt32.max) else {
+            throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
+        }
         guard let request = received[messageID] else {
             throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
         }
@@ -321,7 +324,8 @@ public final class CapsService: @unchecked Sendable {
         throw PatchbayError(.invalidArgument, "a service port cannot put")
     }
 
-    /// A descriptor that becomes readable when messages wait, for epoll loops; then call `get`.
+    /// A descriptor that becomes readable when messages wait, for epoll loops; then call `get`
+    /// until it says `EAGAIN` (one readiness may stand for several messages).
     public var eventDescriptor: CInt {
         lock.locked {
             if !watching { SharedWord.increment(statusWord(CapsLayout.statusSleepingOffset)) }
@@ -592,7 +596,9 @@ public final class CapsService: @unchecked Sendable {
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)
         SharedWord.increment(sleeping)
         SharedWord.fence()
-        if Self.hasWork(channels) || noticesPending {
+        // Looked at again after publishing: another thread may have added a channel meanwhile.
+        let current = lock.locked { clients.values.map(\.channel) }
+        if Self.hasWork(current) || noticesPending {
             SharedWord.decrement(sleeping)
             return
         }
