@@ -89,6 +89,23 @@ let package = Package(
             path: "Sources/PatchbayTestPeer",
             swiftSettings: strict
         ),
+        // libFuzzer drivers, only declared when PATCHBAY_FUZZ is set (scripts/fuzz sets it and
+        // passes the sanitizer flags): they link against the fuzzer runtime, which a normal build
+        // does not have.
+    ] + (Context.environment["PATCHBAY_FUZZ"] == nil ? [] : [
+        .executableTarget(
+            name: "fuzz-protocol",
+            dependencies: ["PatchbayProtocol"],
+            path: "Fuzz/Protocol",
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "fuzz-broker",
+            dependencies: ["PatchbayProtocol", "PatchbaySystem"],
+            path: "Fuzz/Broker",
+            swiftSettings: strict
+        ),
+    ]) + [
         .testTarget(
             name: "PatchbayProtocolTests",
             dependencies: ["PatchbayProtocol"],
