@@ -18,6 +18,7 @@
 //                             "got ID", never replies
 //   caps-fork NAME            connects, forks: the child's inherited port must say ENOTCONN, the
 //                             child reconnects and calls; prints what each side saw
+//   chaos SERVICE             cycles through every subsystem until killed (see `chaos`)
 //   shm-touch-past-end NAME   map two pages of NAME and touch the second (dies of SIGBUS when
 //                             the object is one page)
 import Glibc
@@ -194,6 +195,42 @@ func capsFork(_ name: String) throws(PatchbayError) {
     say("parent reply " + String(decoding: try client.call(Array("after fork".utf8)), as: UTF8.self))
 }
 
+/// Cycles through operations of every subsystem until killed: keys (some left outstanding and
+/// printed as "key <text>"), named and anonymous shared memory, /net sockets, CAPS calls to
+/// `service`. Whatever instant the SIGKILL lands on, the broker must be left healthy.
+func chaos(service: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: service, waitForService: true)
+    let null: Descriptor
+    do { null = try openFile("/dev/null", flags: O_RDONLY) } catch { throw PatchbayError(error, "no /dev/null") }
+    var round = 0
+    while true {
+        round += 1
+        // Keys: one claimed at once (short-lived, so a kill between share and claim leaves
+        // nothing for long), one left for the test to claim.
+        _ = try broker.claim(try broker.share(null, timeout: .after(.milliseconds(300))))
+        say("key " + (try broker.share(null, timeout: .after(.seconds(120)))).text)
+        // Shared memory.
+        let name = "/chaos-\(getpid())-\(round)"
+        let memory = try broker.openSharedMemory(name, options: [.create, .exclusive])
+        try memory.truncate(to: 1 << 16)
+        let mapping = try memory.map()
+        mapping.mutableBytes[100] = 1
+        try broker.unlinkSharedMemory(name)
+        let anonymous = try SharedMemory.anonymous()
+        _ = try anonymous.map(length: 8192)
+        // /net: a listener and a connection to it, one packet each way.
+        let address = "chaos-\(getpid())-\(round)"
+        let listener = try Socket.listen(broker, name: address)
+        let outgoing = try Socket.connect(broker, to: address)
+        let incoming = try listener.accept()
+        try outgoing.send(Array("ping".utf8))
+        _ = try incoming.receive()
+        // CAPS.
+        _ = try client.call(Array("chaos \(round)".utf8))
+    }
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -218,6 +255,8 @@ func main() -> CInt {
             try capsServiceHang(arguments[1])
         case "caps-fork" where arguments.count == 2:
             try capsFork(arguments[1])
+        case "chaos" where arguments.count == 2:
+            try chaos(service: arguments[1])
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:
