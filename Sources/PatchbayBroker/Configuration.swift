@@ -15,6 +15,15 @@ public struct BrokerConfiguration: Sendable {
     public var socketPath: String
     /// Outstanding keys allowed per uid (`EDQUOT` beyond).
     public var maximumKeysPerUser: Int = 4096
+    /// Named shared memory objects one uid may own (`EDQUOT` beyond).
+    public var maximumSharedMemoryObjectsPerUser: Int = 4096
+    /// Memory one uid's named objects may occupy before it may create no more (`EDQUOT`), in
+    /// bytes. Checked at create against the pages its objects hold; see SharedMemoryStore.
+    public var maximumSharedMemoryBytesPerUser: Int = 8 << 30
+    /// `/net` sockets one uid may hold open (`EDQUOT` beyond), accepted connections included.
+    public var maximumSocketsPerUser: Int = 4096
+    /// CAPS services one uid may have registered at once (`EDQUOT` beyond).
+    public var maximumServicesPerUser: Int = 256
     /// Failed claims a uid may make in a burst before being slowed to `failedClaimsPerSecond`.
     public var failedClaimBurst: Int = 64
     public var failedClaimsPerSecond: Double = 16

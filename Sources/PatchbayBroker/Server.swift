@@ -70,8 +70,12 @@ public final class BrokerServer {
         pathLock = try Self.lockPath(path)
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         sharedMemory = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
+        sharedMemory.maximumObjectsPerUser = configuration.maximumSharedMemoryObjectsPerUser
+        sharedMemory.maximumBytesPerUser = configuration.maximumSharedMemoryBytesPerUser
         net = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
+        net.maximumSocketsPerUser = configuration.maximumSocketsPerUser
         caps = CapsRegistry(logger: logger)
+        caps.maximumServicesPerUser = configuration.maximumServicesPerUser
         if let inherited {
             listener = SeqpacketSocket(adopting: Descriptor(adopting: inherited))
             ownSocketFile = nil

@@ -30,6 +30,18 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "Outstanding keys allowed per uid (EDQUOT beyond).")
     var maxKeysPerUid = 4096
 
+    @Option(help: "Named shared memory objects allowed per uid (EDQUOT beyond).")
+    var maxShmObjectsPerUid = 4096
+
+    @Option(help: "Memory a uid's named shared memory may occupy before it can create no more (e.g. 8G, 512M).")
+    var maxShmBytesPerUid = "8G"
+
+    @Option(help: "/net sockets allowed open per uid (EDQUOT beyond).")
+    var maxSocketsPerUid = 4096
+
+    @Option(help: "CAPS services allowed registered per uid (EDQUOT beyond).")
+    var maxServicesPerUid = 256
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -52,6 +64,9 @@ public struct DaemonCommand: ParsableCommand {
 
     public func validate() throws {
         guard maxKeysPerUid > 0 else { throw ValidationError("--max-keys-per-uid must be positive") }
+        guard maxShmObjectsPerUid > 0 else { throw ValidationError("--max-shm-objects-per-uid must be positive") }
+        guard maxSocketsPerUid > 0 else { throw ValidationError("--max-sockets-per-uid must be positive") }
+        guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
         guard failedClaimsPerSecond.isFinite, failedClaimsPerSecond > 0 else {
             throw ValidationError("--failed-claims-per-second must be a positive number")
@@ -93,6 +108,13 @@ public struct DaemonCommand: ParsableCommand {
             mode: mode, socketPath: socket ?? BrokerConfiguration.defaultSocketPath(mode: mode),
             sharedMemoryDirectory: sharedMemoryDirectory)
         configuration.maximumKeysPerUser = maxKeysPerUid
+        configuration.maximumSharedMemoryObjectsPerUser = maxShmObjectsPerUid
+        configuration.maximumSharedMemoryBytesPerUser = parseSize(maxShmBytesPerUid, "daemon")
+        if configuration.maximumSharedMemoryBytesPerUser == 0 {
+            fail("daemon", .invalidArgument, "--max-shm-bytes-per-uid must be positive")
+        }
+        configuration.maximumSocketsPerUser = maxSocketsPerUid
+        configuration.maximumServicesPerUser = maxServicesPerUid
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
         if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(claimAckTimeout) }) {

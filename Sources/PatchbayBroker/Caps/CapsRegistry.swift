@@ -168,6 +168,8 @@ final class CapsRegistry {
     private var nextID: UInt64 = 1
     private var logger: Logger
     let arenaSize = CapsLayout.defaultArenaSize
+    /// Services one uid (the registering process's, whatever uid it registers under) may have.
+    var maximumServicesPerUser = 256
 
     init(logger: Logger) {
         self.logger = logger
@@ -197,6 +199,10 @@ final class CapsRegistry {
         if flags & CapsFlags.exclusive != 0,
            (byName[name] ?? []).contains(where: { services[$0]?.uid == uid && services[$0]?.gid == gid }) {
             throw RequestError(errno: .fileExists, reason: "a service \(name) (uid \(uid), gid \(gid)) is already registered")
+        }
+        let owned = services.values.reduce(0) { $0 + ($1.owner.uid == caller.uid ? 1 : 0) }
+        guard owned < maximumServicesPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(caller.uid) already has \(owned) services registered, the limit")
         }
         let pages = try ServicePages.make(status: statusPage)
         let id = nextID

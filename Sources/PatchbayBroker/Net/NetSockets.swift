@@ -122,6 +122,9 @@ final class NetTable {
     private var nextID: UInt64 = 1
     let local: LocalFamily
     private let mode: BrokerConfiguration.Mode
+    /// Open sockets per owner uid, against `maximumSocketsPerUser` (EDQUOT).
+    private var socketsPerUser: [UInt32: Int] = [:]
+    var maximumSocketsPerUser = 4096
     private var logger: Logger
 
     init(directory: String, mode: BrokerConfiguration.Mode, logger: Logger) throws(BrokerStartError) {
@@ -143,6 +146,7 @@ final class NetTable {
 
     /// A factory open: a new socket in state NEW, owned by `caller`.
     func create(family: any NetFamily, type: NetSocketType, caller: PeerCredentials) throws(RequestError) -> NetOpened {
+        try checkQuota(of: caller.uid)
         do {
             let kernel = try UnixSocket(type.kernelKind)
             // Unbound datagram senders get an autobound address, so a datagram peer can answer.
@@ -173,6 +177,7 @@ final class NetTable {
         let socket = NetSocket(id: id, type: type, family: family, owner: caller, state: state,
                                kernel: kernel, handle: brokerEnd.descriptor)
         sockets[id] = socket
+        socketsPerUser[caller.uid, default: 0] += 1
         return NetOpened(socket: socket, clientHandle: clientEnd.descriptor, data: nil)
     }
 
@@ -203,6 +208,8 @@ final class NetTable {
 
     /// Accepts one pending connection on a listener, as a new CONNECTED socket owned by `owner`.
     func acceptPending(_ listener: NetSocket, owner: PeerCredentials) throws(RequestError) -> NetOpened? {
+        // Before the kernel accept, so a refused accept leaves the connection queued.
+        try checkQuota(of: owner.uid)
         let connection: UnixSocket
         do {
             connection = try listener.kernel.accept()
@@ -341,6 +348,8 @@ final class NetTable {
     /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
     func close(_ id: UInt64) -> [(session: UInt64, requestID: UInt64)] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
+        let owned = (socketsPerUser[socket.ownerUID] ?? 1) - 1
+        socketsPerUser[socket.ownerUID] = owned > 0 ? owned : nil
         if socket.state == .connected { try? socket.transition(to: .closing) }
         if socket.state == .connecting { try? socket.transition(to: .new) }
         try? socket.transition(to: .closed)
@@ -364,10 +373,13 @@ final class NetTable {
         sockets.values.sorted { $0.id < $1.id }.map(\.info)
     }
 
-    func countByOwner() -> [UInt32: Int] {
-        var counts: [UInt32: Int] = [:]
-        for socket in sockets.values { counts[socket.ownerUID, default: 0] += 1 }
-        return counts
+    func countByOwner() -> [UInt32: Int] { socketsPerUser }
+
+    private func checkQuota(of uid: UInt32) throws(RequestError) {
+        let owned = socketsPerUser[uid] ?? 0
+        guard owned < maximumSocketsPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(uid) already holds \(owned) sockets, the limit")
+        }
     }
 
     // MARK: Helpers

@@ -24,6 +24,12 @@
 // group bits for a member of the group, other bits for everyone else. Decision: root gets no
 // bypass, as in CAPS, so an object's mode means the same for every caller.
 //
+// Quotas. Creating an object is refused with EDQUOT when the creator's uid already owns
+// `maximumObjectsPerUser` named objects, or when the pages its named objects hold (st_blocks, so
+// what they really occupy, not their sparse sizes) reach `maximumBytesPerUser`. The byte check
+// is made at create: a client that grows an object it already holds, with ftruncate and stores
+// on its own descriptor, does so without the broker, and only the tmpfs's own size bounds that.
+//
 // Errors (SEMANTICS.md §3): ENAMETOOLONG (checked first), EINVAL (no leading slash, NUL or
 // non-UTF-8 bytes, write-only access, unknown flags, bad rename flags), ENOENT, EEXIST (before any
 // permission check), EACCES.
@@ -59,6 +65,8 @@ final class SharedMemoryStore {
     private var journalRecords = 0
     private(set) var objects: [[UInt8]: SharedMemoryObject] = [:]
     private var logger: Logger
+    var maximumObjectsPerUser = 4096
+    var maximumBytesPerUser = 8 << 30
 
     /// Opens (or creates) the store at `path`, replays its journal and removes what a crash left.
     init(path: String, logger: Logger) throws(BrokerStartError) {
@@ -134,6 +142,7 @@ final class SharedMemoryStore {
         guard create else {
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no shared memory object is named \(Self.display(request.name))")
         }
+        try checkQuota(of: caller.uid)
         let object = SharedMemoryObject(id: Self.newIdentifier(), uid: caller.uid, gid: caller.gid,
                                         mode: request.mode & ~request.umask & 0o777)
         let data: Descriptor
@@ -234,6 +243,27 @@ final class SharedMemoryStore {
             if let info = try? stat(name) { result.append(info) }
         }
         return (result, names.count > limit)
+    }
+
+    /// EDQUOT when `uid` may create no more objects.
+    private func checkQuota(of uid: UInt32) throws(RequestError) {
+        var owned = 0
+        var bytes = 0
+        for object in objects.values where object.uid == uid {
+            owned += 1
+            var status = Glibc.stat()
+            if fstatat(objectsDirectory.rawValue, object.id, &status, AT_SYMLINK_NOFOLLOW) == 0 {
+                bytes += Int(status.st_blocks) * 512
+            }
+        }
+        guard owned < maximumObjectsPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded,
+                               reason: "uid \(uid) already owns \(owned) named shared memory objects, the limit")
+        }
+        guard bytes < maximumBytesPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded,
+                               reason: "uid \(uid)'s named shared memory objects hold \(bytes) bytes, at or past the limit of \(maximumBytesPerUser)")
+        }
     }
 
     /// Named objects per owner uid, for `status`.
