@@ -19,6 +19,8 @@
 //   caps-fork NAME            connects, forks: the child's inherited port must say ENOTCONN, the
 //                             child reconnects and calls; prints what each side saw
 //   chaos SERVICE             cycles through every subsystem until killed (see `chaos`)
+//   traffic busy|accept       keeps the broker busy (or blocked in a /net accept) until it dies,
+//                             then reconnects and checks its named object (see `traffic`)
 //   shm-touch-past-end NAME   map two pages of NAME and touch the second (dies of SIGBUS when
 //                             the object is one page)
 import Glibc
@@ -231,6 +233,76 @@ func chaos(service: String) throws(PatchbayError) {
     }
 }
 
+func monotonicNow() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+/// Traffic through a broker that gets killed: keys, a named object holding a counter, status
+/// (`busy`), or one blocking /net accept (`accept`). Prints "running" once the first round is
+/// done, then, when the broker dies, "error <errno> at <CLOCK_MONOTONIC ns>" for the first failed
+/// call. It then reconnects (polling the socket until a new broker answers; a connection that
+/// landed in the dying broker's listen backlog is reset, and is retried too), reopens its object
+/// and prints "recovered <counter in the object> <counter it last wrote>".
+func traffic(blockInAccept: Bool) -> Never {
+    let name = "/traffic-\(getpid())"
+    var written: UInt64 = 0
+    do {
+        let broker = try Broker()
+        let null: Descriptor
+        do { null = try openFile("/dev/null", flags: O_RDONLY) } catch { throw PatchbayError(error, "no /dev/null") }
+        let memory = try broker.openSharedMemory(name, options: [.create, .exclusive])
+        try memory.truncate(to: 4096)
+        let mapping = try memory.map()
+        var announced = false
+        while true {
+            _ = try broker.claim(try broker.share(null))
+            written += 1
+            mapping.mutableBytes.storeBytes(of: written, as: UInt64.self)
+            _ = try broker.status()
+            if !announced {
+                announced = true
+                say("running")
+            }
+            if blockInAccept {
+                let listener = try Socket.listen(broker, name: "traffic-\(getpid())")
+                _ = try listener.accept()
+                say("accept returned a connection nobody made")
+                exit(1)
+            }
+        }
+    } catch let error as PatchbayError {
+        say("error \(error.errno.name) at \(monotonicNow())")
+    } catch {
+        say("error \(error) at \(monotonicNow())")
+    }
+    while true {
+        let broker: Broker
+        do { broker = try Broker() } catch {
+            guard [.connectionRefused, .noSuchFileOrDirectory].contains(error.errno) else {
+                say("reconnect failed: \(error)")
+                exit(1)
+            }
+            usleep(1_000)
+            continue
+        }
+        do {
+            let memory = try broker.openSharedMemory(name)
+            let view = try memory.map(writable: false)
+            let found = view.bytes.load(as: UInt64.self)
+            say("recovered \(found) \(written)")
+            try broker.unlinkSharedMemory(name)
+            exit(0)
+        } catch {
+            // Connected into the listen backlog of a broker still being torn down: try again.
+            if [.connectionReset, .brokenPipe].contains(error.errno) { continue }
+            say("reopening \(name) failed: \(error)")
+            exit(1)
+        }
+    }
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -255,6 +327,8 @@ func main() -> CInt {
             try capsServiceHang(arguments[1])
         case "caps-fork" where arguments.count == 2:
             try capsFork(arguments[1])
+        case "traffic" where arguments.count == 2 && ["busy", "accept"].contains(arguments[1]):
+            traffic(blockInAccept: arguments[1] == "accept")
         case "chaos" where arguments.count == 2:
             try chaos(service: arguments[1])
         case "share-and-hang" where arguments.count == 3:
