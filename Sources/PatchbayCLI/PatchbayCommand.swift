@@ -12,7 +12,7 @@ public struct PatchbayCommand: ParsableCommand {
             """,
         version: patchbayVersion,
         subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
-                      BenchCommand.self, BenchPeerCommand.self,
+                      BenchCommand.self, BenchPeerCommand.self, LoadCommand.self,
                       DemoCommand.self]
     )
 
