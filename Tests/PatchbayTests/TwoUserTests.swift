@@ -3,6 +3,7 @@
 import Glibc
 import Patchbay
 import PatchbaySystem
+import Synchronization
 import Testing
 
 let otherUID: uid_t = 65534
@@ -71,6 +72,45 @@ struct TwoUserTests {
         let asGroup = try runAsOtherUser(["caps", "serve", "stolen", "--uid=-1", "--gid", "0", "--echo"],
                                          environment: broker.environment)
         #expect(asGroup.standardError.hasPrefix("patchbay: caps serve: EPERM: "), "\(asGroup.standardError)")
+    }
+
+    @Test("CAPS access classes for another user: USER and GROUP by kernel identity, WORLD for anyone")
+    func capsAccessClasses() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        // Root's USER-only service, a GROUP service for nobody's group, and a WORLD service.
+        let services = [
+            try CapsService(root, name: "root.user", access: [.user]),
+            try CapsService(root, name: "nobody.group", uid: -1, gid: 65534, access: [.group]),
+            try CapsService(root, name: "anyone.world", access: [.world]),
+        ]
+        let stop = Atomic<Bool>(false)
+        for service in services {
+            startThread {
+                while !stop.load(ordering: .relaxed) {
+                    try? service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                        if message.kind == .request {
+                            try? service.reply(to: message.messageID, Array("uid \(message.credentials.uid)".utf8))
+                        }
+                    }
+                }
+            }
+        }
+        defer {
+            stop.store(true, ordering: .relaxed)
+            for service in services { service.cancelWait() }
+        }
+        let environment = broker.environment
+        let user = try runAsOtherUser(["caps", "call", "root.user", "hi"], environment: environment)
+        #expect(user.standardError.hasPrefix("patchbay: caps call: EACCES: "), "\(user.standardError)")
+        // The service sees the caller's kernel uid, whatever the caller might claim.
+        let group = try runAsOtherUser(["caps", "call", "nobody.group", "hi"], environment: environment)
+        #expect(group.standardOutput.hasPrefix("uid 65534"), "\(group.standardOutput)\(group.standardError)")
+        let world = try runAsOtherUser(["caps", "call", "anyone.world", "hi"], environment: environment)
+        #expect(world.standardOutput.hasPrefix("uid 65534"), "\(world.standardOutput)\(world.standardError)")
+        // Asking for a service "of uid 65534" does not make root's service theirs.
+        let forged = try runAsOtherUser(["caps", "call", "root.user", "--uid", "65534", "hi"], environment: environment)
+        #expect(forged.standardError.hasPrefix("patchbay: caps call: ENOENT: "), "\(forged.standardError)")
     }
 
     @Test("share --for-uid: only that uid can claim")
