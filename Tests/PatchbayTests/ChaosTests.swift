@@ -26,6 +26,13 @@ func runChaos(_ broker: TestBroker, rounds: Int, seed: UInt64) throws -> [String
     return keys
 }
 
+/// The resident set of `pid`, from /proc.
+func residentKilobytes(_ pid: pid_t) throws -> Int {
+    let status = try openFile("/proc/\(pid)/status", flags: O_RDONLY).readToEnd()
+    let line = String(decoding: status, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+    return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? 0
+}
+
 struct ChaosRandom {
     var state: UInt64
     mutating func next() -> UInt64 {
@@ -61,6 +68,7 @@ struct ChaosTests {
         // scripts/chaos sets these for long runs with fresh seeds.
         let rounds = getenv("PATCHBAY_CHAOS_ROUNDS").flatMap { Int(String(cString: $0)) } ?? 12
         let seed = getenv("PATCHBAY_CHAOS_SEED").flatMap { UInt64(String(cString: $0)) } ?? 0xC4A05
+        let residentBefore = try residentKilobytes(broker.pid)
         let keys = try runChaos(broker, rounds: rounds, seed: seed)
         #expect(!keys.isEmpty)
 
@@ -92,5 +100,8 @@ struct ChaosTests {
         }
         #expect(left <= UInt32(rounds))
         #expect(count == baseline + Int(left), "broker holds \(count) descriptors, \(baseline) + \(left) keys expected")
+        // Reported, not asserted (the allocator keeps what it freed); scripts/chaos shows it.
+        print("chaos: \(rounds) clients killed, \(keys.count) keys claimed, \(left) unprinted keys left; broker RSS "
+              + "\(residentBefore) KiB before, \(try residentKilobytes(broker.pid)) KiB after; descriptors at baseline")
     }
 }
