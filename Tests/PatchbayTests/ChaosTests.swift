@@ -45,8 +45,9 @@ struct ChaosRandom {
 struct ChaosTests {
     @Test("clients killed at random points leave the broker healthy, nothing leaked, their keys claimable")
     func chaos() throws {
-        // A short acknowledgement window, so a claimer killed mid-claim is settled quickly.
-        let broker = try TestBroker(["--claim-ack-timeout", "200ms"])
+        // A short acknowledgement window, so a claimer killed mid-claim is settled quickly; room
+        // for the keys of thousands of dead clients (scripts/chaos), which the test claims last.
+        let broker = try TestBroker(["--claim-ack-timeout", "200ms", "--max-keys-per-uid", "1000000"])
         let client = try broker.connect()
         _ = try client.status()
         // A CAPS service the chaos clients call; it must keep serving the survivors.
