@@ -58,4 +58,30 @@ struct RestartTests {
         // They cleaned up after themselves on the new broker.
         #expect(try Broker(socketPath: broker.socketPath).listSharedMemory().isEmpty)
     }
+
+    @Test("CAPS channels already made outlive the broker: the data plane never went through it")
+    func capsChannelOutlivesBroker() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "survivor", access: [.world])
+        let port = try CapsClient(client, name: "survivor")
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        // Request, reply and DISPOSE all travel through the channel's shared memory.
+        let id = try port.put(Array("after the broker".utf8))
+        let (request, bytes) = try serviceWait(service)
+        #expect(request.kind == .request && request.messageID == id && bytes == Array("after the broker".utf8))
+        try service.reply(to: id, Array("still here".utf8))
+        let (reply, answer) = try clientWait(port)
+        #expect(reply.messageID == id && answer == Array("still here".utf8))
+        let (dispose, _) = try serviceWait(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == id)
+        // Finding a service needs the broker: a new client cannot, and says why.
+        do {
+            _ = try CapsClient(try Broker(socketPath: broker.socketPath), name: "survivor")
+            Issue.record("a new client reached a service with no broker")
+        } catch {
+            #expect([.connectionRefused, .connectionReset, .brokenPipe].contains(error.errno), "\(error)")
+        }
+    }
 }
