@@ -672,8 +672,8 @@ public final class BrokerServer {
 
     private func statusReport(now: UInt64) -> StatusReport {
         var users: [UInt32: UserUsage] = [:]
-        for session in sessions.values {
-            users[session.credentials.uid, default: UserUsage(uid: session.credentials.uid)].clients += 1
+        for (uid, count) in clientsPerUser {
+            users[uid, default: UserUsage(uid: uid)].clients = UInt32(count)
         }
         let summary = keys.summary(now: now)
         for (uid, count) in sharedMemory.countByOwner() {

@@ -87,11 +87,7 @@ final class Bench {
         self.json = json
         peerCPU = onlineCPUCount() > 1 ? 1 : 0
         loadBefore = Bench.loadAverage()
-        var template = Array("/tmp/patchbay-bench-XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw PatchbayError(Errno.current, "cannot create a temporary directory")
-        }
-        directory = String(cString: made)
+        directory = try makeScratchDirectory("patchbay-bench")
         socketPath = directory + "/patchbay.sock"
         try? pinToCPU(clientCPU)
         brokerPID = try startBroker()
@@ -319,4 +315,16 @@ func formatRate(_ value: UInt64) -> String {
     if value >= 1_000_000 { return format2(Double(value) / 1e6) + "M" }
     if value >= 1_000 { return format2(Double(value) / 1e3) + "k" }
     return "\(value)"
+}
+
+/// A fresh private directory for a benchmark's broker, its socket and its named shared memory:
+/// in /dev/shm (tmpfs) when it exists, as the broker's default store is, so named objects are
+/// measured on the file system they live on in production, not on whatever /tmp is.
+func makeScratchDirectory(_ prefix: String) throws -> String {
+    let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
+    var template = Array("\(base)/\(prefix)-XXXXXX".utf8CString)
+    guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+        throw PatchbayError(Errno.current, "cannot create a temporary directory in \(base)")
+    }
+    return String(cString: made)
 }

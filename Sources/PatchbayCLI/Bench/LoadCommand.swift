@@ -80,11 +80,7 @@ final class LoadRun {
     var brokerPID: pid_t = 0
 
     init() throws {
-        var template = Array("/tmp/patchbay-load-XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw PatchbayError(Errno.current, "cannot create a temporary directory")
-        }
-        directory = String(cString: made)
+        directory = try makeScratchDirectory("patchbay-load")
         socketPath = directory + "/patchbay.sock"
         let ready = try Pipe()
         let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
