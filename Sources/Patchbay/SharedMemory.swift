@@ -297,8 +297,10 @@ extension Broker {
         mode: UInt32 = 0o600
     ) throws(PatchbayError) -> SharedMemory {
         let bytes = try Self.nameBytes(name)
+        // The umask matters only to a new object, and reading it safely (from /proc, not by
+        // setting it) costs more than the round trip itself, so only a create pays for it.
         let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: options.rawValue,
-                                              mode: mode, umask: currentUmask())
+                                              mode: mode, umask: options.contains(.create) ? currentUmask() : 0)
         var response = try call(.sharedMemoryOpen(request))
         guard case .sharedMemoryOpen = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
