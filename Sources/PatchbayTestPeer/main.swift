@@ -25,6 +25,7 @@
 //                             the object is one page)
 import Glibc
 import Patchbay
+import PatchbaySystem
 
 func say(_ line: String) {
     let bytes = Array((line + "\n").utf8)
@@ -233,12 +234,6 @@ func chaos(service: String) throws(PatchbayError) {
     }
 }
 
-func monotonicNow() -> UInt64 {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
-}
-
 /// Traffic through a broker that gets killed: keys, a named object holding a counter, status
 /// (`busy`), or one blocking /net accept (`accept`). Prints "running" once the first round is
 /// done, then, when the broker dies, "error <errno> at <CLOCK_MONOTONIC ns>" for the first failed
@@ -273,9 +268,9 @@ func traffic(blockInAccept: Bool) -> Never {
             }
         }
     } catch let error as PatchbayError {
-        say("error \(error.errno.name) at \(monotonicNow())")
+        say("error \(error.errno.name) at \(monotonicNanoseconds())")
     } catch {
-        say("error \(error) at \(monotonicNow())")
+        say("error \(error) at \(monotonicNanoseconds())")
     }
     while true {
         let broker: Broker

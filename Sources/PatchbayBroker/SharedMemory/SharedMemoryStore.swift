@@ -245,20 +245,21 @@ final class SharedMemoryStore {
         return (result, names.count > limit)
     }
 
-    /// EDQUOT when `uid` may create no more objects.
+    /// EDQUOT when `uid` may create no more objects. The byte check stats each of the uid's
+    /// objects, in the event loop: at most `maximumObjectsPerUser` of them (about 1 µs each on
+    /// tmpfs), and only once the cheaper count check has passed.
     private func checkQuota(of uid: UInt32) throws(RequestError) {
-        var owned = 0
+        let owned = objects.values.filter { $0.uid == uid }
+        guard owned.count < maximumObjectsPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded,
+                               reason: "uid \(uid) already owns \(owned.count) named shared memory objects, the limit")
+        }
         var bytes = 0
-        for object in objects.values where object.uid == uid {
-            owned += 1
+        for object in owned {
             var status = Glibc.stat()
             if fstatat(objectsDirectory.rawValue, object.id, &status, AT_SYMLINK_NOFOLLOW) == 0 {
                 bytes += Int(status.st_blocks) * 512
             }
-        }
-        guard owned < maximumObjectsPerUser else {
-            throw RequestError(errno: .diskQuotaExceeded,
-                               reason: "uid \(uid) already owns \(owned) named shared memory objects, the limit")
         }
         guard bytes < maximumBytesPerUser else {
             throw RequestError(errno: .diskQuotaExceeded,

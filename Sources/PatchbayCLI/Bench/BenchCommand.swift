@@ -72,9 +72,9 @@ final class Bench {
     let quick: Bool
     let json: Bool
     let executable = currentExecutablePath() ?? CommandLine.arguments[0]
-    let directory: String
-    let socketPath: String
-    var brokerPID: pid_t = 0
+    let scratch: ScratchBroker
+    var socketPath: String { scratch.socketPath }
+    var brokerPID: pid_t { scratch.pid }
     var rows: [BenchRow] = []
     var notes: [String] = []
     let loadBefore: Double
@@ -87,10 +87,9 @@ final class Bench {
         self.json = json
         peerCPU = onlineCPUCount() > 1 ? 1 : 0
         loadBefore = Bench.loadAverage()
-        directory = try makeScratchDirectory("patchbay-bench")
-        socketPath = directory + "/patchbay.sock"
+        // Pinned first: the broker inherits the client's CPU.
         try? pinToCPU(clientCPU)
-        brokerPID = try startBroker()
+        scratch = try ScratchBroker("patchbay-bench", arguments: ["--max-keys-per-uid", "1000000", "--log-level", "warning"])
         setenv("PATCHBAY_SOCKET", socketPath, 1)
         if !json {
             writeStandardOutput("Patchbay \(patchbayVersion) benchmark\(quick ? " (quick)" : ""): this process on CPU \(clientCPU), "
@@ -138,30 +137,8 @@ final class Bench {
         return Peer(pid: pid, input: writer)
     }
 
-    func startBroker(arguments: [String] = []) throws -> pid_t {
-        let ready = try Pipe()
-        let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
-        let pid = try spawnProcess(
-            path: executable,
-            arguments: ["daemon", "--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3",
-                        "--max-keys-per-uid", "1000000", "--log-level", "warning"] + arguments,
-            environment: currentEnvironment(), descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
-        let reader = ready.readEnd
-        _ = consume ready.writeEnd
-        guard try reader.readToEnd(limit: 16) == Array("ready\n".utf8) else {
-            throw PatchbayError(.connectionRefused, "the benchmark's broker did not start")
-        }
-        return pid
-    }
-
     func stop() {
-        if brokerPID > 0 {
-            kill(brokerPID, SIGTERM)
-            _ = try? waitForProcess(brokerPID)
-        }
-        if let pid = try? spawnProcess(path: "/bin/rm", arguments: ["-rf", directory], environment: []) {
-            _ = try? waitForProcess(pid)
-        }
+        scratch.stop()
     }
 
     /// Times `body` `count` times after `warmup` untimed runs.
@@ -317,14 +294,45 @@ func formatRate(_ value: UInt64) -> String {
     return "\(value)"
 }
 
-/// A fresh private directory for a benchmark's broker, its socket and its named shared memory:
-/// in /dev/shm (tmpfs) when it exists, as the broker's default store is, so named objects are
-/// measured on the file system they live on in production, not on whatever /tmp is.
-func makeScratchDirectory(_ prefix: String) throws -> String {
-    let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
-    var template = Array("\(base)/\(prefix)-XXXXXX".utf8CString)
-    guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-        throw PatchbayError(Errno.current, "cannot create a temporary directory in \(base)")
+/// A broker of a benchmark's own, on a socket in a fresh private directory: in /dev/shm (tmpfs)
+/// when it exists, as the broker's default store is, so named objects are measured on the file
+/// system they live on in production, not on whatever /tmp is. `stop()` stops it and removes the
+/// directory.
+final class ScratchBroker {
+    let directory: String
+    let socketPath: String
+    private(set) var pid: pid_t = 0
+
+    init(_ prefix: String, arguments: [String]) throws {
+        let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
+        var template = Array("\(base)/\(prefix)-XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw PatchbayError(Errno.current, "cannot create a temporary directory in \(base)")
+        }
+        directory = String(cString: made)
+        socketPath = directory + "/patchbay.sock"
+        let ready = try Pipe()
+        let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
+        pid = try spawnProcess(
+            path: currentExecutablePath() ?? CommandLine.arguments[0],
+            arguments: ["daemon", "--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3"] + arguments,
+            environment: currentEnvironment(), descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
+        let reader = ready.readEnd
+        _ = consume ready.writeEnd
+        guard try reader.readToEnd(limit: 16) == Array("ready\n".utf8) else {
+            stop()
+            throw PatchbayError(.connectionRefused, "the broker did not start; see \(directory)/broker.log")
+        }
     }
-    return String(cString: made)
+
+    func stop() {
+        if pid > 0 {
+            kill(pid, SIGTERM)
+            _ = try? waitForProcess(pid)
+            pid = 0
+        }
+        if let remover = try? spawnProcess(path: "/bin/rm", arguments: ["-rf", directory], environment: []) {
+            _ = try? waitForProcess(remover)
+        }
+    }
 }

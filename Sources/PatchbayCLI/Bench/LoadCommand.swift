@@ -74,37 +74,16 @@ final class LoadConnections: @unchecked Sendable {
 }
 
 final class LoadRun {
-    let executable = currentExecutablePath() ?? CommandLine.arguments[0]
-    let directory: String
-    let socketPath: String
-    var brokerPID: pid_t = 0
+    let scratch: ScratchBroker
+    var socketPath: String { scratch.socketPath }
+    var brokerPID: pid_t { scratch.pid }
 
     init() throws {
-        directory = try makeScratchDirectory("patchbay-load")
-        socketPath = directory + "/patchbay.sock"
-        let ready = try Pipe()
-        let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
-        brokerPID = try spawnProcess(
-            path: executable,
-            arguments: ["daemon", "--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3",
-                        "--log-level", "notice"],
-            environment: currentEnvironment(), descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
-        let reader = ready.readEnd
-        _ = consume ready.writeEnd
-        guard try reader.readToEnd(limit: 16) == Array("ready\n".utf8) else {
-            throw PatchbayError(.connectionRefused, "the load test's broker did not start; see \(directory)/broker.log")
-        }
+        scratch = try ScratchBroker("patchbay-load", arguments: ["--log-level", "notice"])
     }
 
     func stop() {
-        if brokerPID > 0 {
-            kill(brokerPID, SIGTERM)
-            _ = try? waitForProcess(brokerPID)
-            brokerPID = 0
-        }
-        if let pid = try? spawnProcess(path: "/bin/rm", arguments: ["-rf", directory], environment: []) {
-            _ = try? waitForProcess(pid)
-        }
+        scratch.stop()
     }
 
     func run(clients: Int, seconds: Double, threads: Int, slowClient: Bool) throws {
