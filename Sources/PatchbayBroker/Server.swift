@@ -623,14 +623,16 @@ public final class BrokerServer {
     /// A handle end is readable: junk a client wrote (discarded) or the hang-up of the last copy.
     private func serviceNetHandle(_ id: UInt64, events: Epoll.Events) {
         guard let socket = net.sockets[id] else { return }
-        var scratch = [UInt8](repeating: 0, count: 64)
-        var closed = events.contains(.hangup) || events.contains(.error)
-        while !closed {
-            let count = scratch.withUnsafeMutableBytes { Glibc.recv(socket.handle.rawValue, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
-            if count == 0 { closed = true }
-            if count < 0 { break }
+        // Only the hang-up closes the socket: a zero-length packet also reads as 0 bytes. Junk is
+        // drained a bounded amount per wake-up, so a client writing without end cannot hold the loop.
+        guard events.contains(.hangup) || events.contains(.error) else {
+            var scratch = [UInt8](repeating: 0, count: 64)
+            for _ in 0..<64 {
+                let count = scratch.withUnsafeMutableBytes { Glibc.recv(socket.handle.rawValue, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
+                if count < 0 { break }
+            }
+            return
         }
-        guard closed else { return }
         try? epoll.remove(socket.handle.rawValue)
         if !socket.waitingAccepts.isEmpty { watchListener(socket, false) }
         for waiting in net.close(id) {

@@ -178,6 +178,30 @@ struct NetTests {
         expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try receiver.receive() }
     }
 
+    @Test("writing to a socket's handle, even an empty packet, never closes it; only the last close does")
+    func handleWritesDoNotClose() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let socket = try Socket.open(client, type: .seqpacket)
+        for _ in 0..<200 {
+            #expect(Glibc.send(socket.handle.rawValue, nil, 0, 0) == 0)
+            #expect([UInt8](repeating: 7, count: 32).withUnsafeBytes { Glibc.send(socket.handle.rawValue, $0.baseAddress, $0.count, 0) } == 32)
+        }
+        // The broker drains the handle on its own wake-ups; once nothing sent is left unread
+        // (SIOCOUTQ) it has seen every packet, and the socket must still be there.
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        var queued: CInt = 1
+        while monotonicNanoseconds() < deadline {
+            guard ioctl(socket.handle.rawValue, UInt(TIOCOUTQ), &queued) == 0, queued > 0 else { break }
+            usleep(1_000)
+        }
+        #expect(queued == 0)
+        #expect(try client.listSockets().map(\.id) == [socket.id])
+        _ = consume socket
+        while try !client.listSockets().isEmpty, monotonicNanoseconds() < deadline { usleep(1_000) }
+        #expect(try client.listSockets().isEmpty)
+    }
+
     @Test("data before connect is ENOTCONN, at the library and at the broker")
     func notConnected() throws {
         let broker = try TestBroker()

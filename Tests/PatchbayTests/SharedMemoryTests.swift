@@ -331,6 +331,10 @@ struct NamedSharedMemoryTests {
         #expect(try replaced.size == 1)  // the replaced object lives on through its handle
         try client.renameSharedMemory(from: "/b", to: "/d", .noReplace)
         #expect(try client.listSharedMemory().map(\.nameText) == ["/d"])
+        // EEXIST (noReplace) comes before EACCES: a source nobody may rename, onto an existing name.
+        _ = try client.openSharedMemory("/locked", options: .create, mode: 0)
+        expectFailure(.fileExists) { () throws(PatchbayError) in try client.renameSharedMemory(from: "/locked", to: "/d", .noReplace) }
+        expectFailure(.permissionDenied) { () throws(PatchbayError) in try client.renameSharedMemory(from: "/locked", to: "/d") }
     }
 
     @Test("stat counts populated blocks as pages are touched")

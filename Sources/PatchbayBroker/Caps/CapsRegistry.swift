@@ -102,6 +102,11 @@ final class CapsChannelRecord {
         SharedWord.store(word(CapsLayout.serviceClosedOffset), 1)
         SharedWord.increment(word(CapsLayout.clientWakeOffset))
         Futex.wake(word(CapsLayout.clientWakeOffset))
+        // The eventfd's open file description is shared with the client, which could have made
+        // it blocking and filled its counter: make it non-blocking again right before writing.
+        // (A full counter means the client is already woken; EAGAIN is fine.)
+        let flags = fcntl(clientWake.rawValue, F_GETFL)
+        if flags >= 0 && flags & O_NONBLOCK == 0 { _ = fcntl(clientWake.rawValue, F_SETFL, flags | O_NONBLOCK) }
         var one: UInt64 = 1
         _ = Glibc.write(clientWake.rawValue, &one, 8)
     }
@@ -122,6 +127,8 @@ struct ServicePages: ~Copyable {
     static func make(status page: consuming Descriptor) throws(RequestError) -> ServicePages {
         let required: Seals = [.futureWrite, .shrink, .grow, .seal]
         guard let seals = try? page.seals(), seals.contains(required), (try? page.size()) == CapsLayout.statusSize else {
+            // Not a sealed memfd, so it may be anything of the client's: close it off the loop.
+            DeferredCloser.shared.close(page)
             throw RequestError(errno: .invalidArgument,
                                reason: "a service's status page must be a \(CapsLayout.statusSize)-byte memfd sealed with future-write, shrink, grow and seal")
         }
@@ -177,10 +184,9 @@ final class CapsRegistry {
 
     // MARK: Registration
 
-    func register(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32,
-                  statusPage: consuming Descriptor, session: UInt64, caller: PeerCredentials)
-        throws(RequestError) -> CapsServiceRecord
-    {
+    /// The checks of a registration, before the broker takes the status page.
+    private func admitRegistration(name: String, uid: Int32, gid: Int32, flags: UInt32, session: UInt64,
+                                   caller: PeerCredentials) throws(RequestError) {
         try Self.validate(name)
         guard flags & ~CapsFlags.serviceFlags == 0 else {
             throw RequestError(errno: .invalidArgument, reason: "unknown service flags 0x\(String(flags & ~CapsFlags.serviceFlags, radix: 16))")
@@ -203,6 +209,19 @@ final class CapsRegistry {
         let owned = services.values.reduce(0) { $0 + ($1.owner.uid == caller.uid ? 1 : 0) }
         guard owned < maximumServicesPerUser else {
             throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(caller.uid) already has \(owned) services registered, the limit")
+        }
+    }
+
+    func register(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32,
+                  statusPage: consuming Descriptor, session: UInt64, caller: PeerCredentials)
+        throws(RequestError) -> CapsServiceRecord
+    {
+        do {
+            try admitRegistration(name: name, uid: uid, gid: gid, flags: flags, session: session, caller: caller)
+        } catch {
+            // The status page is the client's until checked: its close may block.
+            DeferredCloser.shared.close(statusPage)
+            throw error
         }
         let pages = try ServicePages.make(status: statusPage)
         let id = nextID

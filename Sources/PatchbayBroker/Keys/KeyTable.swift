@@ -139,27 +139,20 @@ final class KeyTable {
 
     var count: Int { entries.count }
 
-    /// Stores `file` under a fresh key.
+    /// Stores `file` under a fresh key. A refused file is closed on the closer thread: it is the
+    /// client's, and its close may block.
     func share(
         _ file: consuming Descriptor, expiry: KeyExpiry, restriction: ClaimRestriction?,
         sharer: PeerCredentials, now: UInt64
     ) throws(RequestError) -> KeyToken {
         let deadline: UInt64?
-        switch expiry {
-        case .never:
-            deadline = nil
-        case .after(let nanoseconds):
-            guard nanoseconds > 0 else {
-                throw RequestError(errno: .invalidArgument, reason: "the timeout must be positive (or never)")
-            }
-            let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
-            deadline = overflow ? UInt64.max : sum
+        do {
+            deadline = try admitShare(expiry: expiry, sharer: sharer, now: now)
+        } catch {
+            DeferredCloser.shared.close(file)
+            throw error
         }
         let owned = keysPerUser[sharer.uid] ?? 0
-        guard owned < maximumKeysPerUser else {
-            throw RequestError(errno: .diskQuotaExceeded,
-                           reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
-        }
         let held = hold(file)
         held.keys += 1
         var token: KeyToken
@@ -174,6 +167,24 @@ final class KeyTable {
             entriesWithDeadline += 1
         }
         return token
+    }
+
+    /// The new key's deadline, or EINVAL (timeout not positive) or EDQUOT (the sharer's quota).
+    private func admitShare(expiry: KeyExpiry, sharer: PeerCredentials, now: UInt64) throws(RequestError) -> UInt64? {
+        var deadline: UInt64?
+        if case .after(let nanoseconds) = expiry {
+            guard nanoseconds > 0 else {
+                throw RequestError(errno: .invalidArgument, reason: "the timeout must be positive (or never)")
+            }
+            let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
+            deadline = overflow ? UInt64.max : sum
+        }
+        let owned = keysPerUser[sharer.uid] ?? 0
+        guard owned < maximumKeysPerUser else {
+            throw RequestError(errno: .diskQuotaExceeded,
+                               reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
+        }
+        return deadline
     }
 
     /// Starts a claim: the entry goes in flight to `session` and its file is returned for sending.

@@ -199,15 +199,16 @@ final class SharedMemoryStore {
         guard let source = objects[from] else {
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no shared memory object is named \(Self.display(from))")
         }
+        let target = objects[to]
+        // SEMANTICS §3 order (FreeBSD's too): ENOENT, then EEXIST for noReplace, then EACCES.
+        if target != nil && noReplace {
+            throw RequestError(errno: .fileExists, reason: "\(Self.display(to)) already exists")
+        }
         guard Self.permits(source, caller, read: true, write: true) else {
             throw RequestError(errno: .permissionDenied,
                                reason: "renaming needs read and write permission on \(Self.display(from))")
         }
-        let target = objects[to]
         if let target {
-            if noReplace {
-                throw RequestError(errno: .fileExists, reason: "\(Self.display(to)) already exists")
-            }
             guard Self.permits(target, caller, read: true, write: true) else {
                 throw RequestError(errno: .permissionDenied,
                                    reason: "replacing needs read and write permission on \(Self.display(to))")
