@@ -78,8 +78,8 @@ public final class Broker: Sendable {
                 : UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
             expiry = .after(nanoseconds: max(nanoseconds, 1))
         }
-        let response = try call(.share(expiry: expiry, restriction: restriction), descriptors: [rawDescriptor])
-        guard case .share(let token) = response.reply else { throw unexpected(response.reply) }
+        let response = try call(.keys(.share(expiry: expiry, restriction: restriction)), descriptors: [rawDescriptor])
+        guard case .keys(.share(let token)) = response.reply else { throw unexpected(response.reply) }
         return Key(token: token)
     }
 
@@ -91,14 +91,14 @@ public final class Broker: Sendable {
     ///   `EAGAIN` while this uid is rate-limited after too many failed claims.
     public func claim(_ key: Key) throws(PatchbayError) -> Descriptor {
         try connection.withLock { (connection) throws(PatchbayError) -> Descriptor in
-            var response = try connection.call(.claim(key.token))
-            guard case .claim = response.reply else { throw unexpected(response.reply) }
+            var response = try connection.call(.keys(.claim(key.token)))
+            guard case .keys(.claim) = response.reply else { throw unexpected(response.reply) }
             // Tell the broker whether the descriptor arrived, so a lost one restores the key.
             if !response.descriptorLost, let descriptor = response.takeDescriptor() {
-                try connection.post(.claimAcknowledge(key.token, received: true))
+                try connection.post(.keys(.claimAcknowledge(key.token, received: true)))
                 return descriptor
             }
-            try connection.post(.claimAcknowledge(key.token, received: false))
+            try connection.post(.keys(.claimAcknowledge(key.token, received: false)))
             if response.descriptorLost {
                 throw PatchbayError(.tooManyOpenFiles,
                                     "no free descriptor to receive the file; the key is still valid")

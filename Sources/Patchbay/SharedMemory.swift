@@ -248,11 +248,11 @@ public struct SharedMemoryOpenOptions: OptionSet, Sendable {
     public let rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// Create the object if the name is free.
-    public static let create = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenRequest.create)
+    public static let create = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.create.rawValue)
     /// With `create`: fail with `EEXIST` if the name is taken.
-    public static let exclusive = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenRequest.exclusive)
+    public static let exclusive = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.exclusive.rawValue)
     /// With read-write access: set the size to 0.
-    public static let truncate = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenRequest.truncate)
+    public static let truncate = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.truncate.rawValue)
 }
 
 /// Access a handle asks for.
@@ -274,12 +274,12 @@ public enum SharedMemoryRename: Sendable {
     /// Both flags at once: refused with `EINVAL`, as in FreeBSD.
     case noReplaceAndExchange
 
-    var flags: UInt32 {
+    var flags: SharedMemoryRenameFlags {
         switch self {
-        case .replace: 0
-        case .noReplace: SharedMemoryRenameFlags.noReplace
-        case .exchange: SharedMemoryRenameFlags.exchange
-        case .noReplaceAndExchange: SharedMemoryRenameFlags.noReplace | SharedMemoryRenameFlags.exchange
+        case .replace: []
+        case .noReplace: .noReplace
+        case .exchange: .exchange
+        case .noReplaceAndExchange: [.noReplace, .exchange]
         }
     }
 }
@@ -299,10 +299,10 @@ extension Broker {
         let bytes = try Self.nameBytes(name)
         // The umask matters only to a new object, and reading it safely (from /proc, not by
         // setting it) costs more than the round trip itself, so only a create pays for it.
-        let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: options.rawValue,
+        let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: SharedMemoryOpenFlags(rawValue: options.rawValue),
                                               mode: mode, umask: options.contains(.create) ? currentUmask() : 0)
-        var response = try call(.sharedMemoryOpen(request))
-        guard case .sharedMemoryOpen = response.reply, let handle = response.takeDescriptor() else {
+        var response = try call(.sharedMemory(.open(request)))
+        guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
         return SharedMemory(descriptor: handle, kind: .named, isWritable: access == .readWrite)
@@ -311,8 +311,8 @@ extension Broker {
     /// A new anonymous object made by the broker (opening `/dev/shmem/new` in its namespace).
     /// `SharedMemory.anonymous` does the same without a round trip.
     public func newAnonymousSharedMemory(sealable: Bool = false) throws(PatchbayError) -> SharedMemory {
-        var response = try call(.open(path: "/dev/shmem/new", flags: sealable ? 1 : 0))
-        guard case .open = response.reply, let handle = response.takeDescriptor() else {
+        var response = try call(.namespace(.open(path: "/dev/shmem/new", flags: sealable ? .sealable : [])))
+        guard case .namespace(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
         return SharedMemory(descriptor: handle, kind: .anonymous, isWritable: true)
@@ -321,7 +321,7 @@ extension Broker {
     /// `shm_unlink`: removes the name. Existing handles and mappings keep working.
     /// - Throws: `ENOENT`, `EACCES` (needs read and write permission), name errors.
     public func unlinkSharedMemory(_ name: String) throws(PatchbayError) {
-        _ = try call(.sharedMemoryUnlink(name: try Self.nameBytes(name)))
+        _ = try call(.sharedMemory(.unlink(name: try Self.nameBytes(name))))
     }
 
     /// `shm_rename`, atomic.
@@ -330,14 +330,14 @@ extension Broker {
     public func renameSharedMemory(from: String, to: String, _ behaviour: SharedMemoryRename = .replace)
         throws(PatchbayError)
     {
-        _ = try call(.sharedMemoryRename(from: try Self.nameBytes(from), to: try Self.nameBytes(to),
-                                         flags: behaviour.flags))
+        _ = try call(.sharedMemory(.rename(from: try Self.nameBytes(from), to: try Self.nameBytes(to),
+                                         flags: behaviour.flags)))
     }
 
     /// Size, owner, mode, four times and populated blocks of a named object.
     public func statSharedMemory(_ name: String) throws(PatchbayError) -> SharedMemoryInfo {
-        let response = try call(.sharedMemoryStat(name: try Self.nameBytes(name)))
-        guard case .sharedMemoryStat(let info) = response.reply else {
+        let response = try call(.sharedMemory(.stat(name: try Self.nameBytes(name))))
+        guard case .sharedMemory(.stat(let info)) = response.reply else {
             throw PatchbayError(.protocolError, "unexpected reply to stat")
         }
         return info
@@ -348,8 +348,8 @@ extension Broker {
         var all: [SharedMemoryInfo] = []
         var after: [UInt8] = []
         while true {
-            let response = try call(.sharedMemoryList(after: after))
-            guard case .sharedMemoryList(let page, let more) = response.reply else {
+            let response = try call(.sharedMemory(.list(after: after)))
+            guard case .sharedMemory(.list(let page, let more)) = response.reply else {
                 throw PatchbayError(.protocolError, "unexpected reply to list")
             }
             all += page

@@ -55,9 +55,9 @@ public struct Socket: ~Copyable {
     public static func open(_ broker: Broker, family: Family = .local, type kind: Kind, nonblocking: Bool = false)
         throws(PatchbayError) -> Socket
     {
-        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(kind.rawValue)",
-                                             flags: nonblocking ? OpenFlags.nonblock : 0))
-        guard case .open(let objectKind, let id) = response.reply, objectKind == OpenedObjectKind.socket.rawValue,
+        var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(kind.rawValue)",
+                                                         flags: nonblocking ? .nonblock : [])))
+        guard case .namespace(.open(let objectKind, let id)) = response.reply, objectKind == OpenedObjectKind.socket.rawValue,
               let handle = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's socket reply is malformed") }
         return Socket(broker: broker, id: id, family: family, kind: kind, nonblocking: nonblocking, handle: handle, data: nil)
@@ -69,7 +69,7 @@ public struct Socket: ~Copyable {
     /// - Throws: `EINVAL` (unknown command, bad argument, a transition the state machine does not
     ///   allow), `EADDRINUSE`, `ECONNREFUSED` (bound but not listening), `ENOENT` (no such name).
     public mutating func control(_ command: String) throws(PatchbayError) {
-        _ = try broker.call(.netControl(socket: id, command: command))
+        _ = try broker.call(.net(.control(socket: id, command: command)))
         if dataFD < 0, (try? state()) == .connected {
             try openData()
         }
@@ -88,8 +88,8 @@ public struct Socket: ~Copyable {
     ///
     /// - Throws: `ENOTCONN` before the socket is connected (or bound, for datagrams).
     public mutating func openData() throws(PatchbayError) {
-        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: 0))
-        guard case .open = response.reply, let data = response.takeDescriptor() else {
+        var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: [])))
+        guard case .namespace(.open) = response.reply, let data = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's data reply carried no descriptor")
         }
         if dataFD >= 0 { Glibc.close(dataFD) }
@@ -109,9 +109,9 @@ public struct Socket: ~Copyable {
     /// socket need not be one this process opened).
     public static func accept(_ broker: Broker, socket id: UInt64, family: Family = .local, type kind: Kind,
                               nonblocking: Bool = false) throws(PatchbayError) -> Socket {
-        var response = try broker.call(.open(path: "/net/\(family.rawValue)/\(id)/accept",
-                                             flags: nonblocking ? OpenFlags.nonblock : 0))
-        guard case .open(let objectKind, let newID) = response.reply,
+        var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/accept",
+                                                         flags: nonblocking ? .nonblock : [])))
+        guard case .namespace(.open(let objectKind, let newID)) = response.reply,
               objectKind == OpenedObjectKind.acceptedSocket.rawValue,
               let newHandle = response.takeDescriptor(), let data = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's accept reply is malformed") }
@@ -243,8 +243,8 @@ public struct Socket: ~Copyable {
 extension Broker {
     /// Opens `/net/<family>/addrs`: the bound names, one per line, as a file to read.
     public func openAddressList(family: Socket.Family = .local) throws(PatchbayError) -> Descriptor {
-        var response = try call(.open(path: "/net/\(family.rawValue)/addrs", flags: 0))
-        guard case .open = response.reply, let file = response.takeDescriptor() else {
+        var response = try call(.namespace(.open(path: "/net/\(family.rawValue)/addrs", flags: [])))
+        guard case .namespace(.open) = response.reply, let file = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's address list reply carried no descriptor")
         }
         return file
@@ -252,8 +252,8 @@ extension Broker {
 
     /// Every `/net` socket: id, family, type, state, name, owner.
     public func listSockets() throws(PatchbayError) -> [NetSocketInfo] {
-        let response = try call(.netList)
-        guard case .netList(let sockets) = response.reply else {
+        let response = try call(.net(.list))
+        guard case .net(.list(let sockets)) = response.reply else {
             throw PatchbayError(.protocolError, "unexpected reply to a socket listing")
         }
         return sockets
@@ -261,8 +261,8 @@ extension Broker {
 
     /// The filesystem path of a local name: where programs that know nothing of Patchbay connect.
     public func localSocketPath(_ name: String) throws(PatchbayError) -> String {
-        let response = try call(.netPath(name: name))
-        guard case .netPath(let path) = response.reply else {
+        let response = try call(.net(.path(name: name)))
+        guard case .net(.path(let path)) = response.reply else {
             throw PatchbayError(.protocolError, "unexpected reply to a path request")
         }
         return path

@@ -21,9 +21,9 @@ enum NamespacePath: Equatable {
     case netAddresses(family: String)
 
     /// Parses a path and its `:nonblock` suffix; unknown paths are ENOENT.
-    static func parse(_ text: String, flags: UInt32) throws(RequestError) -> (NamespacePath, nonblock: Bool) {
+    static func parse(_ text: String, flags: OpenFlags) throws(RequestError) -> (NamespacePath, nonblock: Bool) {
         var path = Substring(text)
-        var nonblock = flags & OpenFlags.nonblock != 0
+        var nonblock = flags.contains(.nonblock)
         if path.hasSuffix(":nonblock") {
             path = path.dropLast(":nonblock".count)
             nonblock = true
@@ -56,12 +56,12 @@ enum NamespacePath: Equatable {
 
 enum AnonymousSharedMemory {
     /// Every open is a new anonymous object: a memfd of size 0 whose first mapping decides its size.
-    static func create(flags: UInt32) throws(RequestError) -> Descriptor {
-        guard flags & ~(OpenFlags.sealable | OpenFlags.nonblock) == 0 else {
+    static func create(flags: OpenFlags) throws(RequestError) -> Descriptor {
+        guard flags.isSubset(of: [.sealable, .nonblock]) else {
             throw RequestError(errno: .invalidArgument, reason: "/dev/shmem/new takes only the sealable flag")
         }
         do {
-            return try makeMemoryFile(name: "patchbay-anonymous", sealable: flags & OpenFlags.sealable != 0)
+            return try makeMemoryFile(name: "patchbay-anonymous", sealable: flags.contains(.sealable))
         } catch {
             throw RequestError(errno: error, reason: "cannot create an anonymous object: \(error.name)")
         }

@@ -299,7 +299,7 @@ public final class BrokerServer {
         // Acknowledgements are one-way: even a malformed one gets no answer, which nobody awaits.
         if rawOpcode == Opcode.claimAcknowledge.rawValue {
             if let frame = try? Frame.decode(bytes), !truncated, !descriptorsTruncated, descriptors.count == 0,
-               case .claimAcknowledge(let token, let received)? = try? Request.decode(frame) {
+               case .keys(.claimAcknowledge(let token, let received))? = try? Request.decode(frame) {
                 dispatchAcknowledgement(token, received: received, session: session)
             }
             return
@@ -353,22 +353,22 @@ public final class BrokerServer {
         case .status:
             send(Reply.status(statusReport(now: now)).encode(requestID: requestID), to: session)
 
-        case .share(let expiry, let restriction):
+        case .keys(.share(let expiry, let restriction)):
             guard let file = descriptors.takeFirst() else { return }
             do {
                 let token = try keys.share(file, expiry: expiry, restriction: restriction,
                                            sharer: session.credentials, now: now)
-                send(Reply.share(token).encode(requestID: requestID), to: session)
+                send(Reply.keys(.share(token)).encode(requestID: requestID), to: session)
             } catch {
                 sendError(ErrorReply(errno: error.errno.rawValue, reason: error.reason),
                           rawOpcode: Opcode.share.rawValue, requestID: requestID, to: session)
             }
 
-        case .claim(let token):
+        case .keys(.claim(let token)):
             do {
                 let entry = try keys.beginClaim(token, by: session.credentials, session: session.id, now: now)
                 session.claimsInFlight.insert(token)
-                let reply = Reply.claim(fileKind: entry.fileKind.rawValue).encode(requestID: requestID)
+                let reply = Reply.keys(.claim(fileKind: entry.fileKind.rawValue)).encode(requestID: requestID)
                 if !send(reply, attaching: entry.file, to: session) {
                     // The client is gone or unreachable: the key goes back on the table.
                     session.claimsInFlight.remove(token)
@@ -379,37 +379,37 @@ public final class BrokerServer {
                           rawOpcode: Opcode.claim.rawValue, requestID: requestID, to: session)
             }
 
-        case .claimAcknowledge(let token, let received):
+        case .keys(.claimAcknowledge(let token, let received)):
             dispatchAcknowledgement(token, received: received, session: session)
 
-        case .open(let path, let flags):
+        case .namespace(.open(let path, let flags)):
             do {
                 try open(path, flags: flags, requestID: requestID, session: session)
             } catch {
                 sendError(error, .open, requestID, session)
             }
 
-        case .netControl(let id, let command):
+        case .net(.control(let id, let command)):
             do {
                 try net.control(id, command, caller: session.credentials)
-                send(Reply.netControl.encode(requestID: requestID), to: session)
+                send(Reply.net(.control).encode(requestID: requestID), to: session)
             } catch {
                 sendError(error, .netControl, requestID, session)
             }
 
-        case .capsService(let name, let uid, let gid, let flags, let maximumInFlight):
+        case .caps(.service(let name, let uid, let gid, let flags, let maximumInFlight)):
             do {
                 guard let page = descriptors.takeFirst() else { return }
                 let service = try caps.register(name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: maximumInFlight,
                                                 statusPage: page, session: session.id, caller: session.credentials)
-                send(Reply.capsService(serviceID: service.id, generation: caps.initialGeneration(of: name)).encode(requestID: requestID),
+                send(Reply.caps(.service(serviceID: service.id, generation: caps.initialGeneration(of: name))).encode(requestID: requestID),
                      attaching: service.notices.rawValue, to: session)
                 retryWaitingClients(for: name)
             } catch {
                 sendError(error, .capsService, requestID, session)
             }
 
-        case .capsClient(let name, let uid, let gid, let flags):
+        case .caps(.client(let name, let uid, let gid, let flags)):
             do {
                 if let connection = try caps.connect(name: name, uid: uid, gid: gid, flags: flags, session: session.id,
                                                      caller: session.credentials) {
@@ -424,62 +424,62 @@ public final class BrokerServer {
                 sendError(error, .capsClient, requestID, session)
             }
 
-        case .capsSetGeneration:
+        case .caps(.setGeneration):
             // The status page is sealed against everyone but its service, the broker included.
             sendError(RequestError(errno: .notSupportedOnSocket,
                                    reason: "a service sets its generation by writing its status page"),
                       .capsSetGeneration, requestID, session)
 
-        case .capsList:
-            send(Reply.capsList(Array(caps.list().prefix(512))).encode(requestID: requestID), to: session)
+        case .caps(.list):
+            send(Reply.caps(.list(Array(caps.list().prefix(512)))).encode(requestID: requestID), to: session)
 
-        case .netList:
-            send(Reply.netList(Array(net.list().prefix(512))).encode(requestID: requestID), to: session)
+        case .net(.list):
+            send(Reply.net(.list(Array(net.list().prefix(512)))).encode(requestID: requestID), to: session)
 
-        case .netPath(let name):
+        case .net(.path(let name)):
             do {
                 try net.local.validate(Substring(name))
-                send(Reply.netPath(net.local.path(of: Substring(name))).encode(requestID: requestID), to: session)
+                send(Reply.net(.path(net.local.path(of: Substring(name)))).encode(requestID: requestID), to: session)
             } catch {
                 sendError(error, .netPath, requestID, session)
             }
 
-        case .sharedMemoryOpen(let request):
+        case .sharedMemory(.open(let request)):
             do {
                 let opened = try sharedMemory.open(request, by: session.credentials)
-                send(Reply.sharedMemoryOpen(opened.info).encode(requestID: requestID),
+                send(Reply.sharedMemory(.open(opened.info)).encode(requestID: requestID),
                      attaching: opened.handle.rawValue, to: session)
             } catch {
                 sendError(error, .sharedMemoryOpen, requestID, session)
             }
 
-        case .sharedMemoryUnlink(let name):
+        case .sharedMemory(.unlink(let name)):
             do {
                 try sharedMemory.unlink(name, by: session.credentials)
-                send(Reply.sharedMemoryUnlink.encode(requestID: requestID), to: session)
+                send(Reply.sharedMemory(.unlink).encode(requestID: requestID), to: session)
             } catch {
                 sendError(error, .sharedMemoryUnlink, requestID, session)
             }
 
-        case .sharedMemoryRename(let from, let to, let flags):
+        case .sharedMemory(.rename(let from, let to, let flags)):
             do {
                 try sharedMemory.rename(from: from, to: to, flags: flags, by: session.credentials)
-                send(Reply.sharedMemoryRename.encode(requestID: requestID), to: session)
+                send(Reply.sharedMemory(.rename).encode(requestID: requestID), to: session)
             } catch {
                 sendError(error, .sharedMemoryRename, requestID, session)
             }
 
-        case .sharedMemoryStat(let name):
+        case .sharedMemory(.stat(let name)):
             do {
-                send(Reply.sharedMemoryStat(try sharedMemory.stat(name)).encode(requestID: requestID), to: session)
+                send(Reply.sharedMemory(.stat(try sharedMemory.stat(name))).encode(requestID: requestID), to: session)
             } catch {
                 sendError(error, .sharedMemoryStat, requestID, session)
             }
 
-        case .sharedMemoryList(let after):
+        case .sharedMemory(.list(let after)):
             // 48 entries of at most ~1.1 KB each stay inside one frame.
             let (page, more) = sharedMemory.list(after: after, limit: 48)
-            send(Reply.sharedMemoryList(page, more: more).encode(requestID: requestID), to: session)
+            send(Reply.sharedMemory(.list(page, more: more)).encode(requestID: requestID), to: session)
         }
     }
 
@@ -492,18 +492,18 @@ public final class BrokerServer {
         // put a request), the service's notice is already queued.
         if let serviceSession = sessions[service.session] {
             let credentials = client.credentials
-            let event = Event.capsConnected(
+            let event = Event.caps(.connected(
                 channelID: connection.channelID,
                 credentials: CapsCredentials(pid: credentials.pid, uid: Self.realUID(of: credentials.pid) ?? credentials.uid,
                                              euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
-                arenaSize: UInt32(caps.arenaSize))
+                arenaSize: UInt32(caps.arenaSize)))
             send(event.encode(),
                  attaching: [connection.channel.rawValue, connection.serviceWake.rawValue, connection.clientWake.rawValue,
                              connection.serviceEnd.rawValue], to: serviceSession)
             service.noteEventQueued()
         }
-        let reply = Reply.capsClient(channelID: connection.channelID, serviceID: service.id,
-                                     maximumInFlight: service.maximumInFlight, arenaSize: UInt32(caps.arenaSize))
+        let reply = Reply.caps(.client(channelID: connection.channelID, serviceID: service.id,
+                                           maximumInFlight: service.maximumInFlight, arenaSize: UInt32(caps.arenaSize)))
         send(reply.encode(requestID: requestID),
              attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue, connection.serviceWake.rawValue,
                          connection.clientWake.rawValue, connection.clientEnd.rawValue], to: client)
@@ -540,24 +540,24 @@ public final class BrokerServer {
 
     // MARK: The namespace
 
-    private func open(_ path: String, flags: UInt32, requestID: UInt64, session: Session) throws(RequestError) {
+    private func open(_ path: String, flags: OpenFlags, requestID: UInt64, session: Session) throws(RequestError) {
         let (target, nonblock) = try NamespacePath.parse(path, flags: flags)
         let caller = session.credentials
         switch target {
         case .anonymousSharedMemory:
             let memory = try AnonymousSharedMemory.create(flags: flags)
-            send(Reply.open(objectKind: OpenedObjectKind.anonymousSharedMemory.rawValue, id: 0).encode(requestID: requestID),
+            send(Reply.namespace(.open(objectKind: OpenedObjectKind.anonymousSharedMemory.rawValue, id: 0)).encode(requestID: requestID),
                  attaching: memory.rawValue, to: session)
         case .netFactory(let familyName, let type):
             let family = try self.family(familyName)
             let opened = try net.create(family: family, type: type, caller: caller)
             watchHandle(opened.socket)
-            send(Reply.open(objectKind: OpenedObjectKind.socket.rawValue, id: opened.socket.id).encode(requestID: requestID),
+            send(Reply.namespace(.open(objectKind: OpenedObjectKind.socket.rawValue, id: opened.socket.id)).encode(requestID: requestID),
                  attaching: opened.clientHandle.rawValue, to: session)
         case .netData(let familyName, let id):
             _ = try family(familyName)
             let data = try net.openData(id, caller: caller)
-            send(Reply.open(objectKind: OpenedObjectKind.socketData.rawValue, id: id).encode(requestID: requestID),
+            send(Reply.namespace(.open(objectKind: OpenedObjectKind.socketData.rawValue, id: id)).encode(requestID: requestID),
                  attaching: data.rawValue, to: session)
         case .netAddresses(let familyName):
             _ = try family(familyName)
@@ -567,7 +567,7 @@ public final class BrokerServer {
                 try memory.writeAll(Array(text.utf8))
                 _ = lseek(memory.rawValue, 0, SEEK_SET)
                 let snapshot = try openFile("/proc/self/fd/\(memory.rawValue)", flags: O_RDONLY)
-                send(Reply.open(objectKind: OpenedObjectKind.addressList.rawValue, id: 0).encode(requestID: requestID),
+                send(Reply.namespace(.open(objectKind: OpenedObjectKind.addressList.rawValue, id: 0)).encode(requestID: requestID),
                      attaching: snapshot.rawValue, to: session)
             } catch {
                 throw RequestError(errno: error, reason: "cannot build the address list")
@@ -600,7 +600,7 @@ public final class BrokerServer {
         // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
         var fds = [opened.clientHandle.rawValue]
         if let data = opened.data?.rawValue { fds.append(data) }
-        send(Reply.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id).encode(requestID: requestID),
+        send(Reply.namespace(.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id)).encode(requestID: requestID),
              attaching: fds, to: session)
     }
 

@@ -151,10 +151,11 @@ func parseAccess(_ text: String, _ command: String) -> CapsAccess {
 
 func flagNames(_ flags: UInt32) -> String {
     var names: [String] = []
-    if flags & CapsFlags.user != 0 { names.append("user") }
-    if flags & CapsFlags.group != 0 { names.append("group") }
-    if flags & CapsFlags.world != 0 { names.append("world") }
-    if flags & CapsFlags.exclusive != 0 { names.append("exclusive") }
+    let flags = CapsFlags(rawValue: flags)
+    if flags.contains(.user) { names.append("user") }
+    if flags.contains(.group) { names.append("group") }
+    if flags.contains(.world) { names.append("world") }
+    if flags.contains(.exclusive) { names.append("exclusive") }
     return names.joined(separator: ",")
 }
 

@@ -97,34 +97,3 @@ public enum CapsEntryFlags {
     /// Descriptors ride along on the peers' direct socket.
     public static let descriptors: UInt32 = 2
 }
-
-/// Access classes and options of `service` and `client` (SEMANTICS.md §5).
-public enum CapsFlags {
-    public static let user: UInt32 = 1
-    public static let group: UInt32 = 2
-    public static let world: UInt32 = 4
-    /// service: fail with EEXIST if a matching service is registered.
-    public static let exclusive: UInt32 = 8
-    /// client: wait for a matching service instead of ENOENT.
-    public static let waitForService: UInt32 = 16
-    /// service: deliver connect and disconnect notices.
-    public static let notifyConnections: UInt32 = 32
-
-    public static let accessClasses: UInt32 = user | group | world
-    public static let serviceFlags: UInt32 = accessClasses | exclusive | notifyConnections
-    public static let clientFlags: UInt32 = accessClasses | waitForService
-}
-
-/// CAPS names: 1 to 63 characters of `[0-9A-Za-z_.]`. Returns the errno name of the failure
-/// (`EINVAL` or `ENAMETOOLONG`), nil when valid.
-public func capsNameProblem(_ name: String) -> String? {
-    let bytes = Array(name.utf8)
-    if bytes.isEmpty { return "EINVAL" }
-    let valid = bytes.allSatisfy { byte in
-        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
-            || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
-    }
-    if !valid { return "EINVAL" }
-    if bytes.count > 63 { return "ENAMETOOLONG" }
-    return nil
-}

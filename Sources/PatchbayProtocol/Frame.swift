@@ -27,69 +27,6 @@ public enum FrameKind: UInt8, Sendable {
     case event = 4
 }
 
-/// The operation a frame concerns. Replies carry their request's opcode.
-public enum Opcode: UInt16, Sendable, CaseIterable {
-    /// About the connection itself, not a request: only ever an error frame from the broker with
-    /// request id 0 (for example, a per-user broker refusing another uid).
-    case connection = 0
-    /// Broker identity, uptime and object counts.
-    case status = 1
-    /// Hand a descriptor to the broker under a new key.
-    case share = 16
-    /// Take a shared descriptor by its key.
-    case claim = 17
-    /// The claimer's report that the claimed descriptor arrived (or did not); no reply.
-    case claimAcknowledge = 18
-    /// Open a path in the broker's namespace (`/dev/shmem/new`, `/net/local/seqpacket`,
-    /// `/net/local/<id>/data`, `/net/local/<id>/accept`).
-    case open = 32
-    /// Named shared memory: `shm_open`, `shm_unlink`, `shm_rename`, stat and listing.
-    case sharedMemoryOpen = 40
-    case sharedMemoryUnlink = 41
-    case sharedMemoryRename = 42
-    case sharedMemoryStat = 43
-    case sharedMemoryList = 44
-    /// `/net`: write a command line to a socket's `ctl`; list sockets; a name's filesystem path.
-    case netControl = 50
-    case netList = 51
-    case netPath = 52
-    /// CAPS: register a service, connect a client, set a generation, list services; and the
-    /// events a service port receives.
-    case capsService = 60
-    case capsClient = 61
-    case capsSetGeneration = 62
-    case capsList = 63
-    case capsConnected = 64
-    case capsDisconnected = 65
-
-    /// Descriptors a request of this kind must carry.
-    public var requestDescriptors: Int {
-        self == .share || self == .capsService ? 1 : 0
-    }
-
-    /// Descriptors a successful reply of this kind carries.
-    public var replyDescriptors: Int {
-        switch self {
-        case .claim, .sharedMemoryOpen: 1
-        // `open` replies carry 1 or 2 descriptors depending on the object (see OpenedObjectKind).
-        case .open: 1
-        case .capsService: 1
-        case .capsClient: 5
-        default: 0
-        }
-    }
-
-    /// Descriptors an event of this kind carries.
-    public var eventDescriptors: Int {
-        self == .capsConnected ? 4 : 0
-    }
-
-    /// Whether the broker answers this request (acknowledgements are one-way).
-    public var expectsReply: Bool {
-        self != .claimAcknowledge
-    }
-}
-
 /// One decoded frame: header fields and the still-undecoded payload.
 public struct Frame: Sendable, Equatable {
     public var kind: FrameKind

@@ -19,22 +19,27 @@ let sampleToken = KeyToken(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_32
 
 let sampleRequests: [Request] = [
     .status,
-    .share(expiry: .never, restriction: nil),
-    .share(expiry: .after(nanoseconds: 200_000_000), restriction: .uid(1000)),
-    .share(expiry: .after(nanoseconds: 1), restriction: .gid(27)),
-    .share(expiry: .after(nanoseconds: .max), restriction: .pid(-5)),
-    .claim(sampleToken),
-    .claimAcknowledge(sampleToken, received: true),
-    .claimAcknowledge(sampleToken, received: false),
-    .open(path: "/net/local/seqpacket", flags: OpenFlags.nonblock),
-    .sharedMemoryOpen(SharedMemoryOpenRequest(name: Array("/a".utf8), access: 1, flags: 3, mode: 0o640, umask: 0o022)),
-    .sharedMemoryRename(from: Array("/a".utf8), to: Array("/b".utf8), flags: 2),
-    .sharedMemoryList(after: []),
-    .netControl(socket: 7, command: "bind x && listen"),
-    .netList,
-    .capsService(name: "svc", uid: -1, gid: 100, flags: CapsFlags.world, maximumInFlight: 128),
-    .capsClient(name: "svc", uid: -1, gid: -1, flags: CapsFlags.world | CapsFlags.waitForService),
-    .capsSetGeneration(9),
+    .keys(.share(expiry: .never, restriction: nil)),
+    .keys(.share(expiry: .after(nanoseconds: 200_000_000), restriction: .uid(1000))),
+    .keys(.share(expiry: .after(nanoseconds: 1), restriction: .gid(27))),
+    .keys(.share(expiry: .after(nanoseconds: .max), restriction: .pid(-5))),
+    .keys(.claim(sampleToken)),
+    .keys(.claimAcknowledge(sampleToken, received: true)),
+    .keys(.claimAcknowledge(sampleToken, received: false)),
+    .namespace(.open(path: "/net/local/seqpacket", flags: .nonblock)),
+    .sharedMemory(.open(SharedMemoryOpenRequest(name: Array("/a".utf8), access: 1, flags: [.create, .exclusive],
+                                                mode: 0o640, umask: 0o022))),
+    .sharedMemory(.rename(from: Array("/a".utf8), to: Array("/b".utf8), flags: .exchange)),
+    .sharedMemory(.unlink(name: Array("/a".utf8))),
+    .sharedMemory(.stat(name: Array("/a".utf8))),
+    .sharedMemory(.list(after: [])),
+    .net(.control(socket: 7, command: "bind x && listen")),
+    .net(.list),
+    .net(.path(name: "x")),
+    .caps(.service(name: "svc", uid: -1, gid: 100, flags: .world, maximumInFlight: 128)),
+    .caps(.client(name: "svc", uid: -1, gid: -1, flags: [.world, .waitForService])),
+    .caps(.setGeneration(9)),
+    .caps(.list),
 ]
 
 let sampleReport = StatusReport(
@@ -42,12 +47,22 @@ let sampleReport = StatusReport(
     uptimeNanoseconds: 123_456_789, clients: 3, keysByFileKind: [1: 2, 3: 1],
     users: [UserUsage(uid: 1000, clients: 3, keys: 3, oldestKeyAgeNanoseconds: 99)])
 
+let sampleInfo = SharedMemoryInfo(
+    name: Array("/app/state".utf8), size: 65536, uid: 1000, gid: 1000, mode: 0o640, accessTime: 1, modifyTime: 2,
+    changeTime: 3, birthTime: -4, blocks: 128)
+
 let sampleReplies: [Reply] = [
-    .status(sampleReport), .share(sampleToken), .claim(fileKind: 4), .open(objectKind: 2, id: 5),
-    .netList([NetSocketInfo(id: 1, family: "local", type: "stream", state: "LISTENING", name: "x", ownerPID: 3, ownerUID: 0,
-                            waitingAccepts: 2)]),
-    .capsClient(channelID: 1, serviceID: 2, maximumInFlight: 128, arenaSize: 1 << 24),
-    .capsList([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)]),
+    .status(sampleReport), .keys(.share(sampleToken)), .keys(.claim(fileKind: 4)),
+    .namespace(.open(objectKind: 2, id: 5)),
+    .sharedMemory(.open(sampleInfo)), .sharedMemory(.unlink), .sharedMemory(.rename), .sharedMemory(.stat(sampleInfo)),
+    .sharedMemory(.list([sampleInfo, sampleInfo], more: true)),
+    .net(.control), .net(.path("/run/patchbay/net/x")),
+    .net(.list([NetSocketInfo(id: 1, family: "local", type: "stream", state: "LISTENING", name: "x", ownerPID: 3, ownerUID: 0,
+                              waitingAccepts: 2)])),
+    .caps(.service(serviceID: 3, generation: 4)),
+    .caps(.client(channelID: 1, serviceID: 2, maximumInFlight: 128, arenaSize: 1 << 24)),
+    .caps(.setGeneration),
+    .caps(.list([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)])),
 ]
 
 @Suite("Wire protocol")
@@ -71,13 +86,37 @@ struct ProtocolTests {
 
     @Test("events survive encode and decode")
     func eventRoundTrip() throws {
-        for event in [Event.capsConnected(channelID: 4, credentials: CapsCredentials(pid: 1, uid: 2, euid: 3, gid: 4, groups: [5, 6]),
-                                          arenaSize: 1 << 24),
-                      .capsDisconnected(channelID: 4)] {
+        for event in [Event.caps(.connected(channelID: 4, credentials: CapsCredentials(pid: 1, uid: 2, euid: 3, gid: 4, groups: [5, 6]),
+                                               arenaSize: 1 << 24)),
+                      .caps(.disconnected(channelID: 4))] {
             let frame = try Frame.decode(event.encode()[...])
             #expect(frame.kind == .event && frame.requestID == 0)
             #expect(try Event.decode(frame) == event)
         }
+    }
+
+    @Test("the opcode table: every request and reply opcode has a payload that round-trips, and no frame crosses kinds")
+    func opcodeTable() throws {
+        let requestOpcodes = Set(Opcode.allCases.filter { $0.metadata.isRequest })
+        let replyOpcodes = Set(Opcode.allCases.filter { $0.metadata.expectsReply })
+        #expect(Set(sampleRequests.map(\.opcode)) == requestOpcodes)
+        #expect(Set(sampleReplies.map(\.opcode)) == replyOpcodes)
+        #expect(!requestOpcodes.contains(.connection) && !requestOpcodes.contains(.capsConnected))
+        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge])
+        for request in sampleRequests {
+            #expect(request.opcode.subsystem == Opcode(rawValue: request.opcode.rawValue)!.metadata.subsystem)
+        }
+        // An event opcode in a request frame, and a request-only opcode in a reply frame, are refused.
+        var bytes = Request.status.encode(requestID: 1)
+        bytes[4] = UInt8(Opcode.capsConnected.rawValue)
+        #expect(throws: DecodeError.self) { try Request.decode(try Frame.decode(bytes[...])) }
+        bytes = Reply.net(.control).encode(requestID: 1)
+        bytes[4] = UInt8(Opcode.claimAcknowledge.rawValue)
+        #expect(throws: DecodeError.self) { try Reply.decode(try Frame.decode(bytes[...])) }
+        // Flags keep unknown bits, so the broker can refuse them with EINVAL instead of ignoring them.
+        let odd = Request.sharedMemory(.open(SharedMemoryOpenRequest(name: [0x2F], access: 0, flags: .init(rawValue: 0x80),
+                                                                      mode: 0, umask: 0)))
+        #expect(try Request.decode(try Frame.decode(odd.encode(requestID: 2)[...])) == odd)
     }
 
     @Test("error replies carry errno and reason")
@@ -144,10 +183,10 @@ struct ProtocolTests {
 
     @Test("field values outside their domain are rejected")
     func fieldDomains() throws {
-        var share = Request.share(expiry: .never, restriction: nil).encode(requestID: 1)
+        var share = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
         share[frameHeaderSize] = 7  // expiry kind
         #expect(throws: DecodeError.self) { try Request.decode(try Frame.decode(share[...])) }
-        var acknowledgement = Request.claimAcknowledge(sampleToken, received: true).encode(requestID: 1)
+        var acknowledgement = Request.keys(.claimAcknowledge(sampleToken, received: true)).encode(requestID: 1)
         acknowledgement[acknowledgement.count - 1] = 2
         #expect(throws: DecodeError.self) { try Request.decode(try Frame.decode(acknowledgement[...])) }
         // Invalid UTF-8 in a string.
@@ -162,7 +201,7 @@ struct ProtocolTests {
         report.replaceSubrange(usersCountOffset..<usersCountOffset + 4, with: [0xFF, 0xFF, 0xFF, 0xFF])
         #expect(throws: DecodeError.self) { try Reply.decode(try Frame.decode(report[...])) }
         // A reply is not a request and the other way round.
-        #expect(throws: DecodeError.self) { try Request.decode(try Frame.decode(Reply.share(sampleToken).encode(requestID: 1)[...])) }
+        #expect(throws: DecodeError.self) { try Request.decode(try Frame.decode(Reply.keys(.share(sampleToken)).encode(requestID: 1)[...])) }
         #expect(throws: DecodeError.self) { try Reply.decode(try Frame.decode(Request.status.encode(requestID: 1)[...])) }
     }
 

@@ -66,16 +66,16 @@ struct BrokerTests {
         defer { for fd in files { close(fd) } }
         let stray = try client.error(for: Request.status.encode(requestID: 5), descriptors: [files[0]])
         #expect(stray.reply.errno == EINVAL && stray.reply.reason.contains("no descriptors"))
-        let missing = try client.error(for: Request.share(expiry: .never, restriction: nil).encode(requestID: 6))
+        let missing = try client.error(for: Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 6))
         #expect(missing.reply.errno == EINVAL)
-        let extra = try client.error(for: Request.share(expiry: .never, restriction: nil).encode(requestID: 7),
+        let extra = try client.error(for: Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 7),
                                      descriptors: files)
         #expect(extra.reply.errno == EINVAL && extra.reply.reason.contains("exactly 1"))
-        let zero = try client.error(for: Request.share(expiry: .after(nanoseconds: 0), restriction: nil).encode(requestID: 8),
+        let zero = try client.error(for: Request.keys(.share(expiry: .after(nanoseconds: 0), restriction: nil)).encode(requestID: 8),
                                     descriptors: [files[0]])
         #expect(zero.reply.errno == EINVAL)
         // A malformed acknowledgement is not answered (nobody waits for it) and changes nothing.
-        try client.socket.send(Request.claimAcknowledge(sampleKeyToken, received: true).encode(requestID: 9) + [1])
+        try client.socket.send(Request.keys(.claimAcknowledge(sampleKeyToken, received: true)).encode(requestID: 9) + [1])
         #expect(try broker.waitForDescriptorCount(baseline) == baseline)
 
         // Still serving this session, in order, and everybody else.
@@ -244,7 +244,7 @@ struct BrokerSafetyTests {
         _ = try client.status()
         let baseline = try broker.descriptorCount()
         let silent = try RawClient(path: broker.socketPath)
-        let (frame, descriptors) = try silent.exchange(Request.claim(key.token).encode(requestID: 1))
+        let (frame, descriptors) = try silent.exchange(Request.keys(.claim(key.token)).encode(requestID: 1))
         #expect(frame.kind == .reply && descriptors == 1)
         // The silent claimer stays connected (one more descriptor) and never acknowledges; the
         // broker's copy of the file goes when the acknowledgement deadline passes.

@@ -486,7 +486,7 @@ struct CapsStatusPageTests {
         // Connect as a raw client to hold the descriptors the broker hands a client.
         let raw = try SeqpacketSocket()
         try raw.connect(path: broker.socketPath)
-        try raw.send(Request.capsClient(name: "sealed", uid: -1, gid: -1, flags: CapsFlags.world).encode(requestID: 1))
+        try raw.send(Request.caps(.client(name: "sealed", uid: -1, gid: -1, flags: .world)).encode(requestID: 1))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
         defer { buffer.deallocate() }
         var message = try raw.receive(into: buffer)

@@ -299,7 +299,7 @@ struct KeyTests {
         do {
             let raw = try SeqpacketSocket()
             try raw.connect(path: broker.socketPath)
-            try raw.send(Request.claim(key.token).encode(requestID: 9))
+            try raw.send(Request.keys(.claim(key.token)).encode(requestID: 9))
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
             defer { buffer.deallocate() }
             let message = try raw.receive(into: buffer)

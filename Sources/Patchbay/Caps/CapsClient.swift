@@ -55,11 +55,11 @@ public struct CapsAccess: OptionSet, Sendable {
     public let rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// The service's uid is the client's effective uid.
-    public static let user = CapsAccess(rawValue: CapsFlags.user)
+    public static let user = CapsAccess(rawValue: CapsFlags.user.rawValue)
     /// The client belongs to the service's gid.
-    public static let group = CapsAccess(rawValue: CapsFlags.group)
+    public static let group = CapsAccess(rawValue: CapsFlags.group.rawValue)
     /// Anyone.
-    public static let world = CapsAccess(rawValue: CapsFlags.world)
+    public static let world = CapsAccess(rawValue: CapsFlags.world.rawValue)
 }
 
 /// Cancels a `CapsClient` connection that waits for its service, from another thread.
@@ -130,13 +130,14 @@ public final class CapsClient: @unchecked Sendable {
         defer { attempt?.detach() }
         var response: Response
         do {
-            response = try port.call(.capsClient(name: name, uid: uid, gid: gid,
-                                                 flags: access.rawValue | (waitForService ? CapsFlags.waitForService : 0)))
+            response = try port.call(.caps(.client(name: name, uid: uid, gid: gid,
+                                                   flags: CapsFlags(rawValue: access.rawValue)
+                                                       .union(waitForService ? .waitForService : []))))
         } catch {
             if attempt?.isCancelled == true { throw PatchbayError(.canceled, "waiting for service \(name) was cancelled") }
             throw error
         }
-        guard case .capsClient(let channelID, _, let maximumInFlight, let arenaSize) = response.reply, response.descriptors.count == 5,
+        guard case .caps(.client(let channelID, _, let maximumInFlight, let arenaSize)) = response.reply, response.descriptors.count == 5,
               let memory = response.takeDescriptor(), let statusPage = response.takeDescriptor(),
               let serviceWake = response.takeDescriptor(), let clientWake = response.takeDescriptor(),
               let direct = response.takeDescriptor()

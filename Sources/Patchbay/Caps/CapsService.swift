@@ -106,14 +106,14 @@ public final class CapsService: @unchecked Sendable {
         self.name = name
         self.notifyConnections = notifyConnections
         var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
-        let flags = access.rawValue | (exclusive ? CapsFlags.exclusive : 0) | (notifyConnections ? CapsFlags.notifyConnections : 0)
+        let flags = CapsFlags(rawValue: access.rawValue).union(exclusive ? .exclusive : []).union(notifyConnections ? .notifyConnections : [])
         // The status page is this port's own: mapped writable here, then sealed so that nobody
         // else (clients reopening it through /proc, the broker) can ever write it.
         let page = try Self.makeStatusPage()
-        var response = try port.call(.capsService(name: name, uid: uid, gid: gid, flags: flags,
-                                                  maximumInFlight: UInt32(clamping: maximumInFlight)),
+        var response = try port.call(.caps(.service(name: name, uid: uid, gid: gid, flags: flags,
+                                                          maximumInFlight: UInt32(clamping: maximumInFlight))),
                                      descriptors: [page.descriptor.rawValue])
-        guard case .capsService(let serviceID, let generation) = response.reply, let noticesPage = response.takeDescriptor() else {
+        guard case .caps(.service(let serviceID, let generation)) = response.reply, let noticesPage = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
         }
         self.serviceID = serviceID
@@ -513,7 +513,7 @@ public final class CapsService: @unchecked Sendable {
             guard let frame = try? Frame.decode(Array(buffer[0..<message.length])[...]),
                   let event = try? Event.decode(frame) else { continue }
             switch event {
-            case .capsConnected(let channelID, let credentials, let arenaSize):
+            case .caps(.connected(let channelID, let credentials, let arenaSize)):
                 guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
                       let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
                       let direct = message.descriptors.takeFirst(),
@@ -529,7 +529,7 @@ public final class CapsService: @unchecked Sendable {
                                                         credentials: credentials, channelID: channelID, inPlace: true,
                                                         descriptors: nil))
                 }
-            case .capsDisconnected(let channelID):
+            case .caps(.disconnected(let channelID)):
                 clientGone(channelID)
             }
         }
@@ -642,8 +642,8 @@ extension Epoll {
 extension Broker {
     /// Every registered CAPS service.
     public func listServices() throws(PatchbayError) -> [CapsServiceInfo] {
-        let response = try call(.capsList)
-        guard case .capsList(let services) = response.reply else {
+        let response = try call(.caps(.list))
+        guard case .caps(.list(let services)) = response.reply else {
             throw PatchbayError(.protocolError, "unexpected reply to a service listing")
         }
         return services

@@ -32,7 +32,7 @@ final class CapsServiceRecord {
     let name: String
     let uid: Int32
     let gid: Int32
-    let flags: UInt32
+    let flags: CapsFlags
     let maximumInFlight: UInt32
     let session: UInt64
     let owner: PeerCredentials
@@ -46,7 +46,7 @@ final class CapsServiceRecord {
     let noticesMapping: Mapping
     var channels: Set<UInt64> = []
 
-    init(id: UInt64, name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32, session: UInt64,
+    init(id: UInt64, name: String, uid: Int32, gid: Int32, flags: CapsFlags, maximumInFlight: UInt32, session: UInt64,
          owner: PeerCredentials, pages: consuming ServicePages) {
         self.id = id
         self.name = name
@@ -73,7 +73,7 @@ final class CapsServiceRecord {
     }
 
     var info: CapsServiceInfo {
-        CapsServiceInfo(name: name, uid: uid, gid: gid, flags: flags, clients: UInt32(channels.count),
+        CapsServiceInfo(name: name, uid: uid, gid: gid, flags: flags.rawValue, clients: UInt32(channels.count),
                         generation: generation, pid: owner.pid)
     }
 }
@@ -170,7 +170,7 @@ final class CapsRegistry {
     private var channelBySession: [UInt64: UInt64] = [:]
     private var serviceBySession: [UInt64: UInt64] = [:]
     /// Clients waiting for a service: (session, request id, request).
-    var waiting: [(session: UInt64, requestID: UInt64, name: String, uid: Int32, gid: Int32, flags: UInt32)] = []
+    var waiting: [(session: UInt64, requestID: UInt64, name: String, uid: Int32, gid: Int32, flags: CapsFlags)] = []
     private var lastGeneration: [String: UInt64] = [:]
     private var nextID: UInt64 = 1
     private var logger: Logger
@@ -185,11 +185,12 @@ final class CapsRegistry {
     // MARK: Registration
 
     /// The checks of a registration, before the broker takes the status page.
-    private func admitRegistration(name: String, uid: Int32, gid: Int32, flags: UInt32, session: UInt64,
+    private func admitRegistration(name: String, uid: Int32, gid: Int32, flags: CapsFlags, session: UInt64,
                                    caller: PeerCredentials) throws(RequestError) {
         try Self.validate(name)
-        guard flags & ~CapsFlags.serviceFlags == 0 else {
-            throw RequestError(errno: .invalidArgument, reason: "unknown service flags 0x\(String(flags & ~CapsFlags.serviceFlags, radix: 16))")
+        guard flags.isSubset(of: .serviceFlags) else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "unknown service flags 0x\(String(flags.subtracting(.serviceFlags).rawValue, radix: 16))")
         }
         guard serviceBySession[session] == nil, channelBySession[session] == nil else {
             throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
@@ -202,7 +203,7 @@ final class CapsRegistry {
                 throw RequestError(errno: .notPermitted, reason: "uid \(caller.uid) is not in group \(gid)")
             }
         }
-        if flags & CapsFlags.exclusive != 0,
+        if flags.contains(.exclusive),
            (byName[name] ?? []).contains(where: { services[$0]?.uid == uid && services[$0]?.gid == gid }) {
             throw RequestError(errno: .fileExists, reason: "a service \(name) (uid \(uid), gid \(gid)) is already registered")
         }
@@ -212,7 +213,7 @@ final class CapsRegistry {
         }
     }
 
-    func register(name: String, uid: Int32, gid: Int32, flags: UInt32, maximumInFlight: UInt32,
+    func register(name: String, uid: Int32, gid: Int32, flags: CapsFlags, maximumInFlight: UInt32,
                   statusPage: consuming Descriptor, session: UInt64, caller: PeerCredentials)
         throws(RequestError) -> CapsServiceRecord
     {
@@ -246,12 +247,13 @@ final class CapsRegistry {
     // MARK: Connecting
 
     /// Connects a client, or returns nil when it should wait for a service to register.
-    func connect(name: String, uid: Int32, gid: Int32, flags: UInt32, session: UInt64, caller: PeerCredentials)
+    func connect(name: String, uid: Int32, gid: Int32, flags: CapsFlags, session: UInt64, caller: PeerCredentials)
         throws(RequestError) -> CapsConnection?
     {
         try Self.validate(name)
-        guard flags & ~CapsFlags.clientFlags == 0 else {
-            throw RequestError(errno: .invalidArgument, reason: "unknown client flags 0x\(String(flags & ~CapsFlags.clientFlags, radix: 16))")
+        guard flags.isSubset(of: .clientFlags) else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "unknown client flags 0x\(String(flags.subtracting(.clientFlags).rawValue, radix: 16))")
         }
         guard serviceBySession[session] == nil, channelBySession[session] == nil else {
             throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
@@ -260,7 +262,7 @@ final class CapsRegistry {
             (uid == -1 || service.uid == uid) && (gid == -1 || service.gid == gid)
         }
         guard let service = candidates.last else {
-            if flags & CapsFlags.waitForService != 0 { return nil }
+            if flags.contains(.waitForService) { return nil }
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no service \(name) is registered (matching uid \(uid), gid \(gid))")
         }
         guard Self.permits(service: service, clientFlags: flags, caller: caller) else {
@@ -271,11 +273,11 @@ final class CapsRegistry {
     }
 
     /// USER, GROUP or WORLD, set on both sides and true of the client. Root gets no bypass.
-    static func permits(service: CapsServiceRecord, clientFlags: UInt32, caller: PeerCredentials) -> Bool {
-        let shared = service.flags & clientFlags
-        if shared & CapsFlags.user != 0, service.uid >= 0, UInt32(service.uid) == caller.uid { return true }
-        if shared & CapsFlags.group != 0, service.gid >= 0, caller.isMember(of: UInt32(service.gid)) { return true }
-        if shared & CapsFlags.world != 0 { return true }
+    static func permits(service: CapsServiceRecord, clientFlags: CapsFlags, caller: PeerCredentials) -> Bool {
+        let shared = service.flags.intersection(clientFlags)
+        if shared.contains(.user), service.uid >= 0, UInt32(service.uid) == caller.uid { return true }
+        if shared.contains(.group), service.gid >= 0, caller.isMember(of: UInt32(service.gid)) { return true }
+        if shared.contains(.world) { return true }
         return false
     }
 
@@ -321,7 +323,7 @@ final class CapsRegistry {
             channel.markClientClosed()
             if let service = services[channel.serviceID] {
                 service.channels.remove(id)
-                notices.append((service.session, .capsDisconnected(channelID: id)))
+                notices.append((service.session, .caps(.disconnected(channelID: id))))
             }
         }
         if let id = serviceBySession.removeValue(forKey: session), let service = services.removeValue(forKey: id) {

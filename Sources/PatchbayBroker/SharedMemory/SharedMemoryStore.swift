@@ -113,13 +113,13 @@ final class SharedMemoryStore {
         case 2: throw RequestError(errno: .invalidArgument, reason: "write-only access is not allowed; open read-only or read-write")
         default: throw RequestError(errno: .invalidArgument, reason: "access \(request.access) is not read-only (0) or read-write (1)")
         }
-        guard request.flags & ~SharedMemoryOpenRequest.knownFlags == 0 else {
+        guard request.flags.isSubset(of: .known) else {
             throw RequestError(errno: .invalidArgument,
-                               reason: "unknown open flags 0x\(String(request.flags & ~SharedMemoryOpenRequest.knownFlags, radix: 16)); only create, exclusive and truncate exist")
+                               reason: "unknown open flags 0x\(String(request.flags.subtracting(.known).rawValue, radix: 16)); only create, exclusive and truncate exist")
         }
-        let create = request.flags & SharedMemoryOpenRequest.create != 0
-        let exclusive = request.flags & SharedMemoryOpenRequest.exclusive != 0
-        let truncate = request.flags & SharedMemoryOpenRequest.truncate != 0
+        let create = request.flags.contains(.create)
+        let exclusive = request.flags.contains(.exclusive)
+        let truncate = request.flags.contains(.truncate)
         let access = readWrite ? O_RDWR : O_RDONLY
 
         if let object = objects[request.name] {
@@ -184,10 +184,12 @@ final class SharedMemoryStore {
     }
 
     /// `shm_rename` with `noReplace` or `exchange` (not both). Atomic: one journal record.
-    func rename(from: [UInt8], to: [UInt8], flags: UInt32, by caller: PeerCredentials) throws(RequestError) {
-        let noReplace = flags & SharedMemoryRenameFlags.noReplace != 0
-        let exchange = flags & SharedMemoryRenameFlags.exchange != 0
-        guard flags & ~(SharedMemoryRenameFlags.noReplace | SharedMemoryRenameFlags.exchange) == 0 else {
+    func rename(from: [UInt8], to: [UInt8], flags: SharedMemoryRenameFlags, by caller: PeerCredentials)
+        throws(RequestError)
+    {
+        let noReplace = flags.contains(.noReplace)
+        let exchange = flags.contains(.exchange)
+        guard flags.isSubset(of: .known) else {
             throw RequestError(errno: .invalidArgument, reason: "unknown rename flags; only noReplace and exchange exist")
         }
         guard !(noReplace && exchange) else {

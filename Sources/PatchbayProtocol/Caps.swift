@@ -1,0 +1,273 @@
+// CAPS (DragonFly BSD): register a named service, connect a client to it, list services; and the
+// events a service port receives when clients come and go. The channel the two then share, and
+// its layout, are CapsLayout.swift.
+
+/// Access classes and options of `service` and `client` (SEMANTICS.md §5).
+public struct CapsFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    public static let user = CapsFlags(rawValue: 1)
+    public static let group = CapsFlags(rawValue: 2)
+    public static let world = CapsFlags(rawValue: 4)
+    /// service: fail with EEXIST if a matching service is registered.
+    public static let exclusive = CapsFlags(rawValue: 8)
+    /// client: wait for a matching service instead of ENOENT.
+    public static let waitForService = CapsFlags(rawValue: 16)
+    /// service: deliver connect and disconnect notices.
+    public static let notifyConnections = CapsFlags(rawValue: 32)
+
+    public static let accessClasses: CapsFlags = [.user, .group, .world]
+    /// Every flag a service registration may carry.
+    public static let serviceFlags: CapsFlags = [.accessClasses, .exclusive, .notifyConnections]
+    /// Every flag a client connection may carry.
+    public static let clientFlags: CapsFlags = [.accessClasses, .waitForService]
+}
+
+/// CAPS names: 1 to 63 characters of `[0-9A-Za-z_.]`. Returns the errno name of the failure
+/// (`EINVAL` or `ENAMETOOLONG`), nil when valid.
+public func capsNameProblem(_ name: String) -> String? {
+    let bytes = Array(name.utf8)
+    if bytes.isEmpty { return "EINVAL" }
+    let valid = bytes.allSatisfy { byte in
+        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+            || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+    }
+    if !valid { return "EINVAL" }
+    if bytes.count > 63 { return "ENAMETOOLONG" }
+    return nil
+}
+
+/// Who sent a CAPS message, as the kernel reported it when the client connected.
+public struct CapsCredentials: Sendable, Equatable {
+    public var pid: Int32
+    /// Real uid (from /proc at connect time).
+    public var uid: UInt32
+    /// Effective uid (SO_PEERCRED).
+    public var euid: UInt32
+    public var gid: UInt32
+    /// Up to 16 supplementary groups (SO_PEERGROUPS).
+    public var groups: [UInt32]
+
+    public init(pid: Int32, uid: UInt32, euid: UInt32, gid: UInt32, groups: [UInt32]) {
+        self.pid = pid
+        self.uid = uid
+        self.euid = euid
+        self.gid = gid
+        self.groups = Array(groups.prefix(16))
+    }
+
+    func encode(into writer: inout WireWriter) {
+        writer.i32(pid)
+        writer.u32(uid)
+        writer.u32(euid)
+        writer.u32(gid)
+        writer.u8(UInt8(groups.count))
+        for group in groups { writer.u32(group) }
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsCredentials {
+        let pid = try reader.i32("pid")
+        let uid = try reader.u32("uid")
+        let euid = try reader.u32("euid")
+        let gid = try reader.u32("gid")
+        let count = Int(try reader.u8("group count"))
+        guard count <= 16 else { throw .invalidValue(field: "group count", reason: "at most 16") }
+        var groups: [UInt32] = []
+        for _ in 0..<count { groups.append(try reader.u32("group")) }
+        return CapsCredentials(pid: pid, uid: uid, euid: euid, gid: gid, groups: groups)
+    }
+}
+
+/// A registered service as `patchbay caps ls` shows it.
+public struct CapsServiceInfo: Sendable, Equatable {
+    public var name: String
+    public var uid: Int32
+    public var gid: Int32
+    public var flags: UInt32
+    public var clients: UInt32
+    public var generation: UInt64
+    public var pid: Int32
+
+    public init(name: String, uid: Int32, gid: Int32, flags: UInt32, clients: UInt32, generation: UInt64, pid: Int32) {
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.flags = flags
+        self.clients = clients
+        self.generation = generation
+        self.pid = pid
+    }
+
+    static let minimumEncodedSize = 2 + 4 * 4 + 8 + 4
+
+    func encode(into writer: inout WireWriter) {
+        writer.string(name)
+        writer.i32(uid)
+        writer.i32(gid)
+        writer.u32(flags)
+        writer.u32(clients)
+        writer.u64(generation)
+        writer.i32(pid)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsServiceInfo {
+        CapsServiceInfo(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                        flags: try reader.u32("flags"), clients: try reader.u32("clients"),
+                        generation: try reader.u64("generation"), pid: try reader.i32("pid"))
+    }
+}
+
+extension Request {
+    public enum Caps: Sendable, Equatable {
+        /// The service's status page rides beside the frame.
+        case service(name: String, uid: Int32, gid: Int32, flags: CapsFlags, maximumInFlight: UInt32)
+        case client(name: String, uid: Int32, gid: Int32, flags: CapsFlags)
+        case setGeneration(UInt64)
+        case list
+
+        public var opcode: Opcode {
+            switch self {
+            case .service: .capsService
+            case .client: .capsClient
+            case .setGeneration: .capsSetGeneration
+            case .list: .capsList
+            }
+        }
+
+        func encodePayload(into writer: inout WireWriter) {
+            switch self {
+            case .service(let name, let uid, let gid, let flags, let maximumInFlight):
+                writer.string(name)
+                writer.i32(uid)
+                writer.i32(gid)
+                writer.u32(flags.rawValue)
+                writer.u32(maximumInFlight)
+            case .client(let name, let uid, let gid, let flags):
+                writer.string(name)
+                writer.i32(uid)
+                writer.i32(gid)
+                writer.u32(flags.rawValue)
+            case .setGeneration(let generation):
+                writer.u64(generation)
+            case .list:
+                break
+            }
+        }
+
+        static func decode(_ opcode: Opcode, _ reader: inout WireReader) throws(DecodeError) -> Self {
+            switch opcode {
+            case .capsService:
+                return .service(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                                flags: CapsFlags(rawValue: try reader.u32("flags")),
+                                maximumInFlight: try reader.u32("maximum in flight"))
+            case .capsClient:
+                return .client(name: try reader.string("name"), uid: try reader.i32("uid"), gid: try reader.i32("gid"),
+                               flags: CapsFlags(rawValue: try reader.u32("flags")))
+            case .capsSetGeneration:
+                return .setGeneration(try reader.u64("generation"))
+            case .capsList:
+                return .list
+            default:
+                throw .wrongFrame(opcode, "caps request")
+            }
+        }
+    }
+}
+
+extension Reply {
+    public enum Caps: Sendable, Equatable {
+        /// The notices page rides beside the frame; `generation` is where the service's generation
+        /// starts (one past the last of its name), which the service writes to its status page.
+        case service(serviceID: UInt64, generation: UInt64)
+        /// The channel, the status page (read-only), the service's and the client's wake eventfds and
+        /// the client's end of the direct socket ride beside the frame.
+        case client(channelID: UInt64, serviceID: UInt64, maximumInFlight: UInt32, arenaSize: UInt32)
+        case setGeneration
+        case list([CapsServiceInfo])
+
+        public var opcode: Opcode {
+            switch self {
+            case .service: .capsService
+            case .client: .capsClient
+            case .setGeneration: .capsSetGeneration
+            case .list: .capsList
+            }
+        }
+
+        func encodePayload(into writer: inout WireWriter) {
+            switch self {
+            case .service(let serviceID, let generation):
+                writer.u64(serviceID)
+                writer.u64(generation)
+            case .client(let channelID, let serviceID, let maximumInFlight, let arenaSize):
+                writer.u64(channelID)
+                writer.u64(serviceID)
+                writer.u32(maximumInFlight)
+                writer.u32(arenaSize)
+            case .setGeneration: break
+            case .list(let services):
+                writer.u32(UInt32(services.count))
+                for service in services { service.encode(into: &writer) }
+            }
+        }
+
+        static func decode(_ opcode: Opcode, _ reader: inout WireReader) throws(DecodeError) -> Self {
+            switch opcode {
+            case .capsService:
+                return .service(serviceID: try reader.u64("service id"), generation: try reader.u64("generation"))
+            case .capsClient:
+                return .client(channelID: try reader.u64("channel id"), serviceID: try reader.u64("service id"),
+                               maximumInFlight: try reader.u32("maximum in flight"), arenaSize: try reader.u32("arena size"))
+            case .capsSetGeneration:
+                return .setGeneration
+            case .capsList:
+                var services: [CapsServiceInfo] = []
+                for _ in 0..<(try reader.count("services", minimumElementSize: CapsServiceInfo.minimumEncodedSize)) {
+                    services.append(try CapsServiceInfo.decode(&reader))
+                }
+                return .list(services)
+            default:
+                throw .wrongFrame(opcode, "caps reply")
+            }
+        }
+    }
+}
+
+extension Event {
+    public enum Caps: Sendable, Equatable {
+        /// A client connected: its channel, wake eventfds and direct socket ride beside the frame.
+        case connected(channelID: UInt64, credentials: CapsCredentials, arenaSize: UInt32)
+        case disconnected(channelID: UInt64)
+
+        public var opcode: Opcode {
+            switch self {
+            case .connected: .capsConnected
+            case .disconnected: .capsDisconnected
+            }
+        }
+
+        func encodePayload(into writer: inout WireWriter) {
+            switch self {
+            case .connected(let channelID, let credentials, let arenaSize):
+                writer.u64(channelID)
+                credentials.encode(into: &writer)
+                writer.u32(arenaSize)
+            case .disconnected(let channelID):
+                writer.u64(channelID)
+            }
+        }
+
+        static func decode(_ opcode: Opcode, _ reader: inout WireReader) throws(DecodeError) -> Self {
+            switch opcode {
+            case .capsConnected:
+                return .connected(channelID: try reader.u64("channel id"), credentials: try CapsCredentials.decode(&reader),
+                                  arenaSize: try reader.u32("arena size"))
+            case .capsDisconnected:
+                return .disconnected(channelID: try reader.u64("channel id"))
+            default:
+                throw .wrongFrame(opcode, "caps event")
+            }
+        }
+    }
+}
