@@ -53,17 +53,3 @@ enum NamespacePath: Equatable {
         throw RequestError(errno: .noSuchFileOrDirectory, reason: "\(text.prefix(200)) is not in the broker's namespace")
     }
 }
-
-enum AnonymousSharedMemory {
-    /// Every open is a new anonymous object: a memfd of size 0 whose first mapping decides its size.
-    static func create(flags: OpenFlags) throws(RequestError) -> Descriptor {
-        guard flags.isSubset(of: [.sealable, .nonblock]) else {
-            throw RequestError(errno: .invalidArgument, reason: "/dev/shmem/new takes only the sealable flag")
-        }
-        do {
-            return try makeMemoryFile(name: "patchbay-anonymous", sealable: flags.contains(.sealable))
-        } catch {
-            throw RequestError(errno: error, reason: "cannot create an anonymous object: \(error.name)")
-        }
-    }
-}

@@ -8,6 +8,42 @@ extension Descriptor {
         _ = try syscallRetrying { pb_clear_cloexec(rawValue) }
     }
 
+    /// Closes the descriptor at `exec` (sets `FD_CLOEXEC`).
+    public borrowing func setCloseOnExec() throws(Errno) {
+        _ = try syscallRetrying { fcntl(rawValue, F_SETFD, FD_CLOEXEC) }
+    }
+
+    /// Moves the file offset to `offset` from the start (`lseek(SEEK_SET)`).
+    public borrowing func seek(to offset: Int) throws(Errno) {
+        _ = try syscallRetrying { lseek(rawValue, off_t(offset), SEEK_SET) }
+    }
+
+    /// Adds `value` to an eventfd's counter: one 8-byte `write`.
+    public borrowing func addToEventCounter(_ value: UInt64 = 1) throws(Errno) {
+        var value = value
+        _ = try syscallRetrying { Glibc.write(rawValue, &value, 8) }
+    }
+
+    /// Reads and throws away up to `maximumPackets` packets waiting on a socket, without
+    /// blocking (`recv(MSG_DONTWAIT)` into a small buffer); returns how many there were.
+    @discardableResult
+    public borrowing func discardPendingPackets(maximumPackets: Int) -> Int {
+        var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        var count = 0
+        while count < maximumPackets {
+            let received = withUnsafeMutableBytes(of: &scratch) { Glibc.recv(rawValue, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
+            if received < 0 { break }
+            count += 1
+        }
+        return count
+    }
+
+    /// A new, read-only open file description of the same file, through `/proc/self/fd`: unlike
+    /// `dup`, whoever receives it cannot write, whatever the original allows.
+    public borrowing func reopenReadOnly() throws(Errno) -> Descriptor {
+        try openFile("/proc/self/fd/\(rawValue)", flags: O_RDONLY)
+    }
+
     /// Whether `FD_CLOEXEC` is set.
     public borrowing func isCloseOnExec() throws(Errno) -> Bool {
         let flags = try syscallRetrying { fcntl(rawValue, F_GETFD) }

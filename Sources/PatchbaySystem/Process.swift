@@ -106,6 +106,17 @@ public func currentExecutablePath() -> String? {
     return String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
+/// The real uid of process `pid`, which `SO_PEERCRED` does not report (it gives the effective
+/// one): the `Uid:` line of `/proc/PID/status`. Nil when the process is gone.
+public func realUserID(of pid: pid_t) -> uid_t? {
+    guard let status = try? openFile("/proc/\(pid)/status", flags: O_RDONLY),
+          let bytes = try? status.readToEnd(limit: 8192) else { return nil }
+    for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Uid:") {
+        return line.dropFirst(4).split(whereSeparator: { $0 == " " || $0 == "\t" }).first.flatMap { uid_t($0) }
+    }
+    return nil
+}
+
 /// An exclusive advisory lock on a file (`flock`), released when the value ends.
 public struct FileLock: ~Copyable {
     private let descriptor: Descriptor

@@ -105,10 +105,8 @@ final class CapsChannelRecord {
         // The eventfd's open file description is shared with the client, which could have made
         // it blocking and filled its counter: make it non-blocking again right before writing.
         // (A full counter means the client is already woken; EAGAIN is fine.)
-        let flags = fcntl(clientWake.rawValue, F_GETFL)
-        if flags >= 0 && flags & O_NONBLOCK == 0 { _ = fcntl(clientWake.rawValue, F_SETFL, flags | O_NONBLOCK) }
-        var one: UInt64 = 1
-        _ = Glibc.write(clientWake.rawValue, &one, 8)
+        try? clientWake.setNonblocking(true)
+        try? clientWake.addToEventCounter(1)
     }
 
     func markClientClosed() {
@@ -169,8 +167,6 @@ final class CapsRegistry {
     private(set) var channels: [UInt64: CapsChannelRecord] = [:]
     private var channelBySession: [UInt64: UInt64] = [:]
     private var serviceBySession: [UInt64: UInt64] = [:]
-    /// Clients waiting for a service: (session, request id, request).
-    var waiting: [(session: UInt64, requestID: UInt64, name: String, uid: Int32, gid: Int32, flags: CapsFlags)] = []
     private var lastGeneration: [String: UInt64] = [:]
     private var nextID: UInt64 = 1
     private var logger: Logger
@@ -296,7 +292,7 @@ final class CapsRegistry {
             let serviceWake = try EventCounter(nonblocking: true)
             let clientWake = try EventCounter(nonblocking: true)
             let pair = try SeqpacketSocket.pair()
-            let statusReadOnly = try openFile("/proc/self/fd/\(service.status.rawValue)", flags: O_RDONLY)
+            let statusReadOnly = try service.status.reopenReadOnly()
             let id = nextID
             nextID += 1
             let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
@@ -317,7 +313,6 @@ final class CapsRegistry {
 
     /// A connection closed. Returns the service sessions to tell of departed clients.
     func sessionClosed(_ session: UInt64) -> [(serviceSession: UInt64, event: Event)] {
-        waiting.removeAll { $0.session == session }
         var notices: [(UInt64, Event)] = []
         if let id = channelBySession.removeValue(forKey: session), let channel = channels.removeValue(forKey: id) {
             channel.markClientClosed()

@@ -108,12 +108,6 @@ struct ExpiryItem: Comparable {
     static func < (lhs: ExpiryItem, rhs: ExpiryItem) -> Bool { lhs.deadline < rhs.deadline }
 }
 
-/// An error a subsystem reports to a client: errno plus a sentence.
-struct RequestError: Error {
-    var errno: Errno
-    var reason: String
-}
-
 /// The outstanding keys, their deadlines and the per-uid accounting.
 final class KeyTable {
     private(set) var entries: [KeyToken: KeyEntry] = [:]

@@ -80,7 +80,8 @@ final class NetSocket {
     /// The broker's end of the handle pair; its hang-up means every handle is closed.
     let handle: Descriptor
     /// accept opens waiting for a connection: (session, request id).
-    var waitingAccepts: [(session: UInt64, requestID: UInt64)] = []
+    /// Blocking accepts parked until a connection arrives, oldest first.
+    var waitingAccepts: [ParkedRequest] = []
 
     init(id: UInt64, type: NetSocketType, family: any NetFamily, owner: PeerCredentials, state: NetSocketState,
          kernel: consuming UnixSocket, handle: consuming Descriptor) {
@@ -289,7 +290,7 @@ final class NetTable {
         _ = chmod(path, mode == .system ? 0o666 : 0o600)
         try socket.transition(to: .bound)
         socket.name = String(name)
-        socket.boundFile = Self.identity(of: path)
+        socket.boundFile = fileIdentity(atPath: path)
         names[String(name)] = socket.id
     }
 
@@ -346,7 +347,7 @@ final class NetTable {
 
     /// Closes a socket whose every handle is gone: CONNECTED → CLOSING → CLOSED, or straight to
     /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
-    func close(_ id: UInt64) -> [(session: UInt64, requestID: UInt64)] {
+    func close(_ id: UInt64) -> [ParkedRequest] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
         let owned = (socketsPerUser[socket.ownerUID] ?? 1) - 1
         socketsPerUser[socket.ownerUID] = owned > 0 ? owned : nil
@@ -356,7 +357,7 @@ final class NetTable {
         if let name = socket.name {
             names[name] = nil
             let path = socket.family.path(of: Substring(name))
-            if let own = socket.boundFile, let current = Self.identity(of: path), current == own { unlink(path) }
+            if let own = socket.boundFile, let current = fileIdentity(atPath: path), current == own { try? removeFile(atPath: path) }
         }
         logger.debug("socket closed", metadata: ["socket": "\(id)", "state": "\(socket.state.rawValue)"])
         return socket.waitingAccepts
@@ -394,12 +395,6 @@ final class NetTable {
         return socket
     }
 
-    private static func identity(of path: String) -> (device: UInt64, inode: UInt64)? {
-        var info = stat()
-        guard lstat(path, &info) == 0 else { return nil }
-        return (UInt64(info.st_dev), UInt64(info.st_ino))
-    }
-
     /// Socket files left by a broker that died: nobody listens on them (connect is refused), so
     /// they would make every bind of their name fail.
     private func removeStaleSocketFiles() {
@@ -409,8 +404,7 @@ final class NetTable {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
             guard isValidLocalSocketName(name) else { continue }
             let path = local.path(of: Substring(name))
-            var info = stat()
-            guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { continue }
+            guard isSocketFile(atPath: path) == true else { continue }
             // Probe with each type: the wrong one says EPROTOTYPE, a live one connects, a dead
             // one refuses.
             var stale = true
@@ -427,7 +421,7 @@ final class NetTable {
                 }
             }
             if stale {
-                unlink(path)
+                try? removeFile(atPath: path)
                 logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
             }
         }

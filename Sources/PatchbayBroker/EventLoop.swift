@@ -1,0 +1,75 @@
+// The loop's side of the kernel: one epoll instance, and for every descriptor in it a typed
+// registration saying who owns it. Readiness goes to that owner; the loop knows nothing else.
+
+import PatchbaySystem
+import SystemPackage
+
+/// What a watched descriptor is, and so which room its readiness goes to.
+enum Registration: Equatable {
+    /// The broker's listening socket: new clients.
+    case brokerListener
+    /// SIGTERM, SIGINT and SIGHUP, as a signalfd.
+    case terminationSignals
+    /// A client's connection.
+    case session(UInt64)
+    /// A `/net` socket's broker-side handle: its hang-up means every client copy is closed.
+    case netHandle(socket: UInt64)
+    /// A `/net` listener with accepts parked on it.
+    case netListener(socket: UInt64)
+}
+
+/// Epoll with typed registrations. Each registration gets a token of its own that is never
+/// reused, so an event still in a batch for a descriptor that was removed (and whose number a
+/// new descriptor may already have) is dropped, not misrouted.
+final class EventLoop {
+    private let epoll: Epoll
+    private var registrations: [UInt64: Registration] = [:]
+    private var tokenByDescriptor: [CInt: UInt64] = [:]
+    private var nextToken: UInt64 = 1
+
+    init() throws(Errno) {
+        epoll = try Epoll()
+    }
+
+    /// Watches `descriptor` for `events` on behalf of `owner`. Watching a descriptor that is
+    /// already watched only updates its events and owner.
+    func register(_ descriptor: CInt, as owner: Registration, events: Epoll.Events) throws(Errno) {
+        if let token = tokenByDescriptor[descriptor] {
+            registrations[token] = owner
+            try epoll.modify(descriptor, events: events, token: token)
+            return
+        }
+        let token = nextToken
+        nextToken += 1
+        try epoll.add(descriptor, events: events, token: token)
+        registrations[token] = owner
+        tokenByDescriptor[descriptor] = token
+    }
+
+    /// Changes the events a watched descriptor is watched for.
+    func modify(_ descriptor: CInt, events: Epoll.Events) throws(Errno) {
+        guard let token = tokenByDescriptor[descriptor] else { throw .noSuchFileOrDirectory }
+        try epoll.modify(descriptor, events: events, token: token)
+    }
+
+    /// Stops watching `descriptor`; its pending events are dropped. Call before closing it.
+    func unregister(_ descriptor: CInt) {
+        guard let token = tokenByDescriptor.removeValue(forKey: descriptor) else { return }
+        registrations[token] = nil
+        try? epoll.remove(descriptor)
+    }
+
+    func isRegistered(_ descriptor: CInt) -> Bool {
+        tokenByDescriptor[descriptor] != nil
+    }
+
+    /// Waits up to `timeoutMilliseconds` (-1: forever) and hands each ready descriptor's owner
+    /// and events to `body`. The owner is looked up as each event is handled, so a registration
+    /// an earlier event in the batch removed is skipped.
+    func wait(timeoutMilliseconds: CInt, _ body: (Registration, Epoll.Events) -> Void) throws(Errno) {
+        for event in try epoll.wait(timeoutMilliseconds: timeoutMilliseconds) {
+            guard let owner = registrations[event.token] else { continue }
+            body(owner, event.events)
+        }
+    }
+}

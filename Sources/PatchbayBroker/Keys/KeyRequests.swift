@@ -1,0 +1,85 @@
+// Keys: the requests. `share` puts a client's descriptor under a fresh key, `claim` sends it to
+// the claimer and waits for its acknowledgement (two-phase, so a descriptor the claimer could not
+// receive restores the key: docs/PROTOCOL.md §9), and a session that goes away mid-claim gives
+// its keys back. The table itself (deadlines, quotas, rate limits) is KeyTable.swift.
+//
+// Errors: EINVAL (timeout), EDQUOT (keys per uid), ENOENT (unknown, claimed, expired or
+// restricted: one answer for all), EAGAIN (too many failed claims).
+
+import PatchbayProtocol
+import PatchbaySystem
+
+final class KeyRequests: SessionClosedHook {
+    let table: KeyTable
+    private let sessions: SessionTable
+    /// Keys whose claim reply went to a session and await its acknowledgement.
+    private var claimsInFlight: [UInt64: Set<KeyToken>] = [:]
+
+    init(table: KeyTable, sessions: SessionTable) {
+        self.table = table
+        self.sessions = sessions
+    }
+
+    func handle(_ request: Request.Keys, descriptors: inout ReceivedDescriptors, _ context: RequestContext) {
+        switch request {
+        case .share(let expiry, let restriction):
+            guard let file = descriptors.takeFirst() else { return }
+            do {
+                let token = try table.share(file, expiry: expiry, restriction: restriction,
+                                            sharer: context.caller, now: context.now)
+                sessions.reply(.keys(.share(token)), to: context)
+            } catch {
+                sessions.fail(error, context)
+            }
+
+        case .claim(let token):
+            claim(token, context)
+
+        case .claimAcknowledge(let token, let received):
+            // One-way: no reply, whatever happens.
+            finish(token, session: context.session.id, received: received, now: context.now)
+        }
+    }
+
+    private func claim(_ token: KeyToken, _ context: RequestContext) {
+        let entry: KeyEntry
+        do {
+            entry = try table.beginClaim(token, by: context.caller, session: context.session.id, now: context.now)
+        } catch {
+            sessions.fail(error, context)
+            return
+        }
+        claimsInFlight[context.session.id, default: []].insert(token)
+        if !sessions.reply(.keys(.claim(fileKind: entry.fileKind.rawValue)), attaching: [entry.file], to: context) {
+            // The client is gone (its hook already gave the key back) or unreachable.
+            finish(token, session: context.session.id, received: false, now: context.now)
+        }
+    }
+
+    private func finish(_ token: KeyToken, session: UInt64, received: Bool, now: UInt64) {
+        guard claimsInFlight[session]?.remove(token) != nil else { return }
+        if claimsInFlight[session]?.isEmpty == true { claimsInFlight[session] = nil }
+        table.finishClaim(token, session: session, received: received, now: now)
+    }
+
+    /// A claimer that vanished before acknowledging: its keys go back on the table.
+    func sessionClosed(_ session: Session) {
+        guard let tokens = claimsInFlight.removeValue(forKey: session.id) else { return }
+        let now = monotonicNanoseconds()
+        for token in tokens {
+            table.finishClaim(token, session: session.id, received: false, now: now)
+        }
+    }
+
+    /// Drops every key whose deadline passed; the loop calls this after each wake-up.
+    func expire(now: UInt64) {
+        table.expire(now: now)
+    }
+
+    /// How long the loop may sleep before the next key expires (-1: no deadline).
+    func millisecondsUntilNextDeadline(now: UInt64) -> CInt {
+        guard let deadline = table.nextDeadline else { return -1 }
+        if deadline <= now { return 0 }
+        return CInt(min((deadline - now) / 1_000_000 + 1, 60_000))
+    }
+}

@@ -1,0 +1,169 @@
+// /net: the requests. Opening a factory makes a socket, `ctl` lines drive its state machine
+// (NetSockets.swift), `data` hands out the kernel socket, `accept` one connection: at once, or
+// parked here until the listener is readable. The broker watches each socket's handle: when the
+// last client copy is closed, the socket closes and its parked accepts end in ECONNABORTED.
+//
+// Errors: ENOENT, EACCES, EINVAL, ENOTCONN, EAGAIN (nonblocking accept), ECONNABORTED, EDQUOT,
+// EADDRINUSE, ECONNREFUSED, as SEMANTICS.md §4 says.
+
+import PatchbayProtocol
+import PatchbaySystem
+
+final class NetRequests: SessionClosedHook {
+    let table: NetTable
+    private let sessions: SessionTable
+    private let loop: EventLoop
+
+    /// Sockets a listing shows, so a reply stays inside one frame.
+    static let listLimit = 512
+
+    init(table: NetTable, sessions: SessionTable, loop: EventLoop) {
+        self.table = table
+        self.sessions = sessions
+        self.loop = loop
+    }
+
+    func handle(_ request: Request.Net, _ context: RequestContext) {
+        switch request {
+        case .control(let id, let command):
+            do {
+                try table.control(id, command, caller: context.caller)
+                sessions.reply(.net(.control), to: context)
+            } catch {
+                sessions.fail(error, context)
+            }
+        case .list:
+            sessions.reply(.net(.list(Array(table.list().prefix(Self.listLimit)))), to: context)
+        case .path(let name):
+            do {
+                try table.local.validate(Substring(name))
+                sessions.reply(.net(.path(table.local.path(of: Substring(name)))), to: context)
+            } catch {
+                sessions.fail(error, context)
+            }
+        }
+    }
+
+    // MARK: Opening /net paths
+
+    func open(_ target: NamespacePath, nonblock: Bool, _ context: RequestContext) throws(RequestError) {
+        let caller = context.caller
+        switch target {
+        case .netFactory(let familyName, let type):
+            let opened = try table.create(family: try family(familyName), type: type, caller: caller)
+            watchHandle(opened.socket)
+            sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.socket.rawValue, id: opened.socket.id)),
+                           attaching: [opened.clientHandle.rawValue], to: context)
+        case .netData(let familyName, let id):
+            _ = try family(familyName)
+            let data = try table.openData(id, caller: caller)
+            sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.socketData.rawValue, id: id)),
+                           attaching: [data.rawValue], to: context)
+        case .netAddresses(let familyName):
+            _ = try family(familyName)
+            let snapshot = try addressList()
+            sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.addressList.rawValue, id: 0)),
+                           attaching: [snapshot.rawValue], to: context)
+        case .netAccept(let familyName, let id):
+            _ = try family(familyName)
+            if let opened = try table.acceptNow(id, caller: caller) {
+                deliver(opened, to: context.session, requestID: context.requestID)
+                return
+            }
+            guard !nonblock else {
+                throw RequestError(errno: .resourceTemporarilyUnavailable, reason: "no connection is waiting on socket \(id)")
+            }
+            // Blocking accept: park the request; the listener's readiness completes it.
+            let listener = try table.lookup(id, caller: caller)
+            listener.waitingAccepts.append(context.parked)
+            watchListener(listener, true)
+        case .anonymousSharedMemory:
+            preconditionFailure("the namespace routes /dev/shmem/new to shared memory")
+        }
+    }
+
+    private func family(_ name: String) throws(RequestError) -> any NetFamily {
+        guard let family = table.families[name] else {
+            throw RequestError(errno: .noSuchFileOrDirectory, reason: "there is no /net/\(name.prefix(40)) family; the families are local")
+        }
+        return family
+    }
+
+    /// `addrs`: the bound names, one per line, in a read-only memfd (a snapshot).
+    private func addressList() throws(RequestError) -> Descriptor {
+        let text = table.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
+        do {
+            let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: false)
+            try memory.writeAll(Array(text.utf8))
+            try memory.seek(to: 0)
+            return try memory.reopenReadOnly()
+        } catch {
+            throw RequestError(errno: error, reason: "cannot build the address list")
+        }
+    }
+
+    /// Hands an accepted connection (its handle, then its kernel socket) to the accepting client.
+    private func deliver(_ opened: consuming NetOpened, to session: Session, requestID: UInt64) {
+        watchHandle(opened.socket)
+        // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
+        var fds = [opened.clientHandle.rawValue]
+        if let data = opened.data?.rawValue { fds.append(data) }
+        let reply = Reply.namespace(.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id))
+        sessions.send(reply.encode(requestID: requestID), attaching: fds, to: session)
+    }
+
+    // MARK: Readiness
+
+    private func watchHandle(_ socket: NetSocket) {
+        try? loop.register(socket.handle.rawValue, as: .netHandle(socket: socket.id), events: [.readable])
+    }
+
+    private func watchListener(_ socket: NetSocket, _ on: Bool) {
+        if on {
+            try? loop.register(socket.kernel.rawValue, as: .netListener(socket: socket.id), events: [.readable])
+        } else {
+            loop.unregister(socket.kernel.rawValue)
+        }
+    }
+
+    /// A handle end is readable: junk a client wrote (discarded) or the hang-up of the last copy.
+    func handleReadable(_ id: UInt64, events: Epoll.Events) {
+        guard let socket = table.sockets[id] else { return }
+        // Only the hang-up closes the socket: a zero-length packet also reads as 0 bytes. Junk is
+        // drained a bounded amount per wake-up, so a client writing without end cannot hold the loop.
+        guard events.contains(.hangup) || events.contains(.error) else {
+            socket.handle.discardPendingPackets(maximumPackets: 64)
+            return
+        }
+        loop.unregister(socket.handle.rawValue)
+        if !socket.waitingAccepts.isEmpty { watchListener(socket, false) }
+        for waiting in table.close(id) {
+            sessions.fail(RequestError(errno: .connectionAbort, reason: "socket \(id) stopped listening"), waiting)
+        }
+    }
+
+    /// A listener with parked accepts is readable: complete them in order.
+    func listenerReadable(_ id: UInt64) {
+        guard let listener = table.sockets[id] else { return }
+        while let waiting = listener.waitingAccepts.first {
+            guard let session = sessions[waiting.session] else {
+                listener.waitingAccepts.removeFirst()
+                continue
+            }
+            do {
+                guard let opened = try table.acceptPending(listener, owner: session.credentials) else { break }
+                listener.waitingAccepts.removeFirst()
+                deliver(opened, to: session, requestID: waiting.requestID)
+            } catch {
+                listener.waitingAccepts.removeFirst()
+                sessions.fail(error, waiting)
+            }
+        }
+        if listener.waitingAccepts.isEmpty { watchListener(listener, false) }
+    }
+
+    /// A departed session's parked accepts are forgotten.
+    func sessionClosed(_ session: Session) {
+        table.forgetWaits(of: session.id)
+    }
+}

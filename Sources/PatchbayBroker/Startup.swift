@@ -1,0 +1,157 @@
+// Start-up: everything the broker settles before its loop runs. The socket's directory is made
+// safe, one lock makes one broker per path, the listening socket is created (or adopted from a
+// service manager), and the descriptor limit is raised. Each step that fails says why, once.
+
+import Glibc
+import PatchbaySystem
+public import SystemPackage
+
+/// An error that stops the broker from starting, with a sentence for a person.
+public struct BrokerStartError: Error, CustomStringConvertible {
+    public var errno: Errno
+    public var reason: String
+    public var description: String { "\(errno.name): \(reason)" }
+}
+
+/// The broker's listening socket and the file it lives at.
+final class BrokerListener {
+    let socket: SeqpacketSocket
+    let path: String
+    /// Held for the broker's life so that a second broker on the same path refuses to start.
+    private let pathLock: FileLock
+    /// The socket file this broker created (device and inode), removed at exit only if it is
+    /// still that file; nil for an inherited socket, which belongs to the service manager.
+    private var ownSocketFile: (device: UInt64, inode: UInt64)?
+
+    /// Prepares `path`'s directory, takes the path's lock, and listens there, or adopts the
+    /// listening socket a service manager passed (`LISTEN_FDS`). `beforeListening` runs after the
+    /// lock and before the socket exists, so whatever it sets up (the shared memory store) can
+    /// fail without leaving a socket behind.
+    init(path: String, mode: BrokerConfiguration.Mode, beforeListening: () throws(BrokerStartError) -> Void)
+        throws(BrokerStartError)
+    {
+        self.path = path
+        let inherited = try Self.inheritedListener()
+        if inherited == nil {
+            try Self.prepareSocketDirectory(for: path, mode: mode)
+        }
+        // Under socket activation too: a broker started by hand on the same path must not steal it.
+        pathLock = try Self.lockPath(path)
+        try beforeListening()
+        if let inherited {
+            socket = inherited
+            ownSocketFile = nil
+        } else {
+            socket = try Self.listen(on: path, mode: mode)
+            ownSocketFile = fileIdentity(atPath: path)
+        }
+        do {
+            try socket.descriptor.setNonblocking(true)
+        } catch {
+            throw BrokerStartError(errno: error, reason: "cannot make the listening socket non-blocking: \(error.name)")
+        }
+    }
+
+    deinit {
+        removeSocketFile()
+    }
+
+    /// Removes the socket file if it is still the one this broker created (a broker started
+    /// after ours was stopped by hand may own the path by now).
+    func removeSocketFile() {
+        guard let own = ownSocketFile else { return }
+        ownSocketFile = nil
+        if let current = fileIdentity(atPath: path), current == own {
+            try? removeFile(atPath: path)
+        }
+    }
+
+    /// A listening socket passed by a service manager (`LISTEN_FDS`, `LISTEN_PID`), as fd 3.
+    private static func inheritedListener() throws(BrokerStartError) -> SeqpacketSocket? {
+        guard let countText = getenv("LISTEN_FDS").map({ String(cString: $0) }),
+              let pidText = getenv("LISTEN_PID").map({ String(cString: $0) }),
+              let count = Int(countText), let pid = Int32(pidText), pid == getpid()
+        else { return nil }
+        unsetenv("LISTEN_FDS")
+        unsetenv("LISTEN_PID")
+        unsetenv("LISTEN_FDNAMES")
+        guard count == 1 else {
+            throw BrokerStartError(errno: .invalidArgument,
+                                   reason: "socket activation passed \(count) sockets; the broker takes exactly one")
+        }
+        let socket = SeqpacketSocket(adopting: Descriptor(adopting: 3))
+        guard (try? socket.socketType()) == CInt(SOCK_SEQPACKET.rawValue), (try? socket.isListening()) == true else {
+            // The broker exits on this error, so closing the descriptor here changes nothing.
+            throw BrokerStartError(errno: .invalidArgument,
+                                   reason: "the inherited descriptor 3 is not a listening SOCK_SEQPACKET socket")
+        }
+        try? socket.descriptor.setCloseOnExec()
+        return socket
+    }
+
+    /// Makes sure the socket's directory is safe: private and ours for a per-user broker; owned
+    /// by root (or us) and not writable by others for the system broker or a chosen path.
+    private static func prepareSocketDirectory(for path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) {
+        guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return }
+        let directory = String(path[..<slash])
+        let isDefaultUserPath = mode == .user && path == BrokerConfiguration.defaultSocketPath(mode: .user)
+        do {
+            try prepareDirectory(directory, mode: mode == .system ? 0o755 : 0o700, owner: geteuid(),
+                                 private: isDefaultUserPath, allowRootOwner: !isDefaultUserPath)
+        } catch {
+            throw BrokerStartError(errno: error.errno, reason: error.reason)
+        }
+    }
+
+    /// The lock that makes one broker per socket path. A broker that is just exiting still holds
+    /// it for a moment (its socket file already gone, so clients start a new one): the lock is
+    /// tried for up to two seconds before the path counts as taken.
+    private static func lockPath(_ path: String) throws(BrokerStartError) -> FileLock {
+        let deadline = monotonicNanoseconds() + 2_000_000_000
+        while true {
+            do {
+                return try FileLock(path: path + ".lock", wait: false)
+            } catch {
+                guard error == .resourceTemporarilyUnavailable else {
+                    throw BrokerStartError(errno: error, reason: "cannot lock \(path).lock: \(error.name)")
+                }
+                // A live broker keeps its socket; a departing one has already removed it.
+                if fileExists(atPath: path) || monotonicNanoseconds() > deadline {
+                    throw BrokerStartError(errno: .addressInUse, reason: "another broker is already serving \(path)")
+                }
+                usleep(10_000)
+            }
+        }
+    }
+
+    /// Binds and listens at `path`. The path lock proves no broker serves it, so a socket file
+    /// left there is stale and removed; anything that is not a socket is left alone (EADDRINUSE).
+    private static func listen(on path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) -> SeqpacketSocket {
+        if let isSocket = isSocketFile(atPath: path) {
+            guard isSocket else {
+                throw BrokerStartError(errno: .addressInUse, reason: "\(path) exists and is not a socket; not replacing it")
+            }
+            try? removeFile(atPath: path)
+        }
+        do {
+            return try bindAndListen(path, permissions: mode == .system ? 0o666 : 0o600)
+        } catch {
+            throw BrokerStartError(errno: error, reason: "cannot listen on \(path): \(error.name)")
+        }
+    }
+
+    private static func bindAndListen(_ path: String, permissions: mode_t) throws(Errno) -> SeqpacketSocket {
+        let socket = try SeqpacketSocket(nonblocking: true)
+        try socket.bind(path: path)
+        // bind creates the file under the process umask; set the mode explicitly rather than
+        // changing the umask, which is process-wide.
+        do {
+            try changeMode(atPath: path, to: permissions)
+        } catch {
+            try? removeFile(atPath: path)
+            throw error
+        }
+        try socket.listen(backlog: 4096)
+        return socket
+    }
+}
