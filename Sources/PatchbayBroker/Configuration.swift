@@ -30,8 +30,17 @@ public struct BrokerConfiguration: Sendable {
     /// How long a claimer has to acknowledge a claimed descriptor before the claim counts as
     /// received (and the broker drops its copy), in nanoseconds.
     public var claimAcknowledgementTimeout: UInt64 = 10_000_000_000
-    /// Replies queued for a client that does not read before it is disconnected.
-    public var maximumQueuedRepliesPerClient: Int = 1024
+    /// Reply bytes, descriptors and frames queued for a client at which the broker stops reading
+    /// its requests until it drains (back-pressure, not a disconnect).
+    public var maximumQueuedBytesPerClient: Int = 1 << 20
+    public var maximumQueuedDescriptorsPerClient: Int = 64
+    public var maximumQueuedFramesPerClient: Int = 256
+    /// Frames queued for a client at which it is disconnected: only events the broker sends on
+    /// its own (CAPS notices) can get there, since requests stop being read long before.
+    public var maximumQueuedRepliesPerClient: Int = 4096
+    /// How long a client may leave its queue full, not reading at all, before it is disconnected,
+    /// in nanoseconds.
+    public var stuckClientTimeout: UInt64 = 30_000_000_000
     /// The most clients connected at once; further connections are refused (EAGAIN).
     public var maximumClients: Int = 65536
     /// The most connections one uid may hold, so one user cannot take every slot.

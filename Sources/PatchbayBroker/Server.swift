@@ -44,8 +44,10 @@ public final class BrokerServer {
     public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerStartError) {
         self.configuration = configuration
         self.logger = logger
-        // Every outstanding key and every client holds a descriptor in the broker.
-        DescriptorLimit.raiseToMaximum()
+        // Every outstanding key and every client holds a descriptor in the broker; the budget
+        // shares out what the kernel allows.
+        let limit = DescriptorLimit.raiseToMaximum()?.soft ?? 1024
+        let budget = DescriptorBudget(limit: limit, privilegedUID: configuration.mode == .system ? 0 : geteuid())
         // Writes to a vanished client must fail with EPIPE, never kill the broker.
         signal(SIGPIPE, SIG_IGN)
 
@@ -59,8 +61,10 @@ public final class BrokerServer {
         store.maximumBytesPerUser = configuration.maximumSharedMemoryBytesPerUser
         let netTable = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
         netTable.maximumSocketsPerUser = configuration.maximumSocketsPerUser
+        netTable.budget = budget
         let registry = CapsRegistry(logger: logger)
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
+        registry.budget = budget
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
             loop = try EventLoop()
@@ -74,12 +78,13 @@ public final class BrokerServer {
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot set up the event loop: \(error.name)")
         }
-        sessions = SessionTable(loop: loop, configuration: configuration, logger: logger)
+        sessions = SessionTable(loop: loop, configuration: configuration, budget: budget, logger: logger)
         let keyTable = KeyTable(
             maximumKeysPerUser: configuration.maximumKeysPerUser,
             limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
                                         refillPerSecond: configuration.failedClaimsPerSecond),
             acknowledgementTimeout: configuration.claimAcknowledgementTimeout)
+        keyTable.budget = budget
         keys = KeyRequests(table: keyTable, sessions: sessions)
         sharedMemory = SharedMemoryRequests(store: store, sessions: sessions)
         net = NetRequests(table: netTable, sessions: sessions, loop: loop)
@@ -101,7 +106,7 @@ public final class BrokerServer {
         ready()
         while running {
             do {
-                try loop.wait(timeoutMilliseconds: keys.millisecondsUntilNextDeadline(now: monotonicNanoseconds())) {
+                try loop.wait(timeoutMilliseconds: nextTimeoutMilliseconds()) {
                     owner, events in
                     switch owner {
                     case .brokerListener: acceptClients()
@@ -115,7 +120,9 @@ public final class BrokerServer {
                 logger.critical("epoll_wait failed", metadata: ["errno": "\(error.name)"])
                 break
             }
-            keys.expire(now: monotonicNanoseconds())
+            let now = monotonicNanoseconds()
+            keys.expire(now: now)
+            sessions.closeStuckSessions(now: now)
         }
         // Stop taking connections first, so a client that races the shutdown finds no socket and
         // starts a new broker instead of connecting to one that is going away.
@@ -126,6 +133,13 @@ public final class BrokerServer {
         logger.info("broker stopped", metadata: [
             "clients": "\(clientCount)", "keys_dropped": "\(keys.table.count)",
         ])
+    }
+
+    /// The loop sleeps until the next key deadline or stuck-client check, whichever comes first.
+    private func nextTimeoutMilliseconds() -> CInt {
+        let now = monotonicNanoseconds()
+        let timeouts = [keys.millisecondsUntilNextDeadline(now: now), sessions.millisecondsUntilNextStuckCheck(now: now)]
+        return timeouts.filter { $0 >= 0 }.min() ?? -1
     }
 
     private func handleSignals() {
@@ -157,15 +171,11 @@ public final class BrokerServer {
                 logger.warning("no peer credentials; dropping connection", metadata: ["errno": "\(error.name)"])
                 continue
             }
-            if let refusal = sessions.admissionRefusal(for: credentials) {
-                // Tell the client why before closing; request id 0 addresses the connection.
-                try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            if let refusal = sessions.admit(socket, credentials: credentials) {
                 logger.debug("connection refused", metadata: [
                     "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(refusal.reason)",
                 ])
-                continue
             }
-            sessions.admit(socket, credentials: credentials)
         }
     }
 
@@ -192,6 +202,13 @@ public final class BrokerServer {
         if events.contains(.readable) || events.contains(.hangup) || events.contains(.error) {
             for _ in 0..<Self.framesPerWakeup {
                 guard sessions[id] != nil else { return }
+                guard sessions.mayRead(session, now: monotonicNanoseconds()) else {
+                    // Paused with a full queue: a client that hung up will never read it.
+                    if events.contains(.hangup) || events.contains(.error) {
+                        sessions.close(id, reason: "client closed with replies unread")
+                    }
+                    return
+                }
                 if !receiveOne(session) { return }
             }
         }

@@ -7,18 +7,27 @@ import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
-/// A descriptor kept alive while a reply that carries it waits in a send queue. It is a copy of
-/// a client's file, so its close goes through the `DeferredCloser`.
+/// A descriptor kept alive while a reply that carries it waits in a send queue, charged to the
+/// session's uid. It is a copy of a client's file, so its close goes through the `DeferredCloser`.
 final class DescriptorBox {
     let rawValue: CInt
-    init(_ descriptor: consuming Descriptor) { rawValue = descriptor.release() }
+    private let charge: DescriptorCharge
+
+    init(_ descriptor: consuming Descriptor, charge: DescriptorCharge) {
+        rawValue = descriptor.release()
+        self.charge = charge
+    }
+
     deinit { DeferredCloser.shared.close(raw: rawValue) }
 }
 
-/// One reply waiting for the client's socket to drain.
+/// One frame waiting for the client's socket to drain.
 struct OutgoingFrame {
     var bytes: [UInt8]
     var attachments: [DescriptorBox]
+    /// What the frame announces, so a later frame can withdraw it (a CAPS connection notice whose
+    /// client already left).
+    var tag: UInt64?
 }
 
 /// One connected client.
@@ -26,32 +35,50 @@ final class Session {
     let id: UInt64
     let socket: SeqpacketSocket
     let credentials: PeerCredentials
-    /// Replies the socket could not take yet, oldest first. Each leaves (with its descriptor) as
+    /// The descriptor the connection itself costs, charged to its uid while it lives.
+    let charge: DescriptorCharge
+    /// Frames the socket could not take yet, oldest first. Each leaves (with its descriptors) as
     /// soon as it is sent.
     private var outgoing = Deque<OutgoingFrame>()
-    /// Whether the loop watches the socket for writability (only while replies are queued).
+    private(set) var queuedBytes = 0
+    private(set) var queuedDescriptors = 0
+    /// Whether the loop watches the socket for writability (only while frames are queued).
     var wantsWritable = false
+    /// Since when the broker has stopped reading this client because its queue is full (monotonic
+    /// nanoseconds), or nil while it reads.
+    var readingPausedSince: UInt64?
 
-    init(id: UInt64, socket: consuming SeqpacketSocket, credentials: PeerCredentials) {
+    init(id: UInt64, socket: consuming SeqpacketSocket, credentials: PeerCredentials, charge: DescriptorCharge) {
         self.id = id
         self.socket = socket
         self.credentials = credentials
+        self.charge = charge
     }
 
-    var queuedReplies: Int { outgoing.count }
+    var queuedFrames: Int { outgoing.count }
+
+    /// Whether the queue has reached the bounds past which the broker reads no more requests.
+    func isBackedUp(_ limits: QueueLimits) -> Bool {
+        queuedBytes >= limits.bytes || queuedDescriptors >= limits.descriptors || outgoing.count >= limits.pauseFrames
+    }
 
     enum SendOutcome: Equatable {
         case sent
         /// The socket is full; the frame waits in the queue (with copies of its descriptors).
         case queued
+        /// The copies of the descriptors could not be charged to the session's uid.
+        case refused(String)
         /// The session cannot go on; the reason is for the log.
         case failed(String)
     }
 
-    /// Sends now if the socket takes it, else queues, up to `queueLimit` frames. A queued
-    /// frame holds a duplicate of each attachment, so it does not depend on the original staying
-    /// open.
-    func send(_ bytes: [UInt8], attaching attachments: [CInt], queueLimit: Int) -> SendOutcome {
+    /// Sends now if the socket takes it, else queues. A queued frame holds a duplicate of each
+    /// attachment, charged to the session's uid, so it does not depend on the original staying
+    /// open. Only the frame count has a hard limit here: the byte and descriptor bounds stop the
+    /// broker reading requests (see `isBackedUp`), they never drop a reply.
+    func send(_ bytes: [UInt8], attaching attachments: [CInt], tag: UInt64? = nil, limits: QueueLimits,
+              budget: DescriptorBudget) -> SendOutcome
+    {
         if outgoing.isEmpty {
             do {
                 try socket.send(bytes, descriptors: attachments, nonblocking: true)
@@ -62,17 +89,34 @@ final class Session {
                 }
             }
         }
-        guard outgoing.count < queueLimit else { return .failed("client is not reading its replies") }
+        guard outgoing.count < limits.frames else { return .failed("client is not reading its replies") }
         var boxes: [DescriptorBox] = []
         for attachment in attachments {
+            let charge: DescriptorCharge
             do {
-                boxes.append(DescriptorBox(try duplicateDescriptor(attachment)))
+                charge = try DescriptorCharge(1, to: credentials.uid, in: budget, for: "a reply waiting to be read")
+            } catch {
+                return .refused(error.reason)
+            }
+            do {
+                boxes.append(DescriptorBox(try duplicateDescriptor(attachment), charge: charge))
             } catch {
                 return .failed("cannot queue a descriptor: \(error.name)")
             }
         }
-        outgoing.append(OutgoingFrame(bytes: bytes, attachments: boxes))
+        outgoing.append(OutgoingFrame(bytes: bytes, attachments: boxes, tag: tag))
+        queuedBytes += bytes.count
+        queuedDescriptors += boxes.count
         return .queued
+    }
+
+    /// Drops a queued frame announced with `tag`, if it is still waiting. Returns whether it was.
+    func withdraw(tag: UInt64) -> Bool {
+        guard let index = outgoing.firstIndex(where: { $0.tag == tag }) else { return false }
+        let frame = outgoing.remove(at: index)
+        queuedBytes -= frame.bytes.count
+        queuedDescriptors -= frame.attachments.count
+        return true
     }
 
     enum FlushOutcome: Equatable {
@@ -91,9 +135,24 @@ final class Session {
                 return .failed("send failed: \(error.name)")
             }
             outgoing.removeFirst()
+            queuedBytes -= frame.bytes.count
+            queuedDescriptors -= frame.attachments.count
         }
         return .drained
     }
+}
+
+/// How much may wait for one client before the broker stops reading it, and the hard limit.
+struct QueueLimits {
+    /// Queued bytes at which reading pauses.
+    var bytes: Int
+    /// Queued descriptors at which reading pauses.
+    var descriptors: Int
+    /// Queued frames at which reading pauses.
+    var pauseFrames: Int
+    /// Queued frames at which the client is disconnected (only broker-initiated events can get
+    /// there, since requests stop being read long before).
+    var frames: Int
 }
 
 /// Where a request came from and what it was, so its answer finds its way back.

@@ -1,5 +1,11 @@
-// The table of connected clients: admission (per-user broker, client limits), every reply and
-// event on its way out, and the end of a session, which each subsystem hears through its hook.
+// The table of connected clients: admission (per-user broker, client limits, the descriptor
+// budget), every reply and event on its way out with back-pressure, and the end of a session,
+// which each subsystem hears through its hook.
+//
+// Back-pressure: when a client's queue of unread replies reaches its bounds (bytes, descriptors,
+// frames), the broker stops reading that client's requests until the queue drains; a client that
+// leaves its queue full without reading for `stuckClientTimeout` is disconnected. So no unread
+// reply makes the broker grow without bound, and a slow reader only ever waits on itself.
 
 import Glibc
 import Logging
@@ -19,15 +25,24 @@ final class SessionTable {
     private var nextSessionID: UInt64 = 1
     private let loop: EventLoop
     private let configuration: BrokerConfiguration
+    let budget: DescriptorBudget
+    let limits: QueueLimits
     private let brokerUID = geteuid()
     private let logger: Logger
+    /// Sessions whose reading is paused, and since when.
+    private var paused: [UInt64: UInt64] = [:]
     /// The subsystems, told of every closed session.
     var closedHooks: [any SessionClosedHook] = []
 
-    init(loop: EventLoop, configuration: BrokerConfiguration, logger: Logger) {
+    init(loop: EventLoop, configuration: BrokerConfiguration, budget: DescriptorBudget, logger: Logger) {
         self.loop = loop
         self.configuration = configuration
+        self.budget = budget
         self.logger = logger
+        limits = QueueLimits(bytes: configuration.maximumQueuedBytesPerClient,
+                             descriptors: configuration.maximumQueuedDescriptorsPerClient,
+                             pauseFrames: configuration.maximumQueuedFramesPerClient,
+                             frames: configuration.maximumQueuedRepliesPerClient)
     }
 
     var count: Int { sessions.count }
@@ -36,8 +51,40 @@ final class SessionTable {
 
     // MARK: Admission
 
-    /// Why a new connection from `credentials` is refused, or nil to admit it.
-    func admissionRefusal(for credentials: PeerCredentials) -> ErrorReply? {
+    /// Admits a connection, or tells the client why not (request id 0 addresses the connection)
+    /// and closes it. Returns the refusal, for the log.
+    func admit(_ socket: consuming SeqpacketSocket, credentials: PeerCredentials) -> ErrorReply? {
+        if let refusal = admissionRefusal(for: credentials) {
+            try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            return refusal
+        }
+        let charge: DescriptorCharge
+        do {
+            charge = try DescriptorCharge(1, to: credentials.uid, in: budget, for: "another connection")
+        } catch {
+            let refusal = ErrorReply(error)
+            try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            return refusal
+        }
+        let id = nextSessionID
+        nextSessionID += 1
+        let fd = socket.rawValue
+        let session = Session(id: id, socket: socket, credentials: credentials, charge: charge)
+        do {
+            try loop.register(fd, as: .session(id), events: [.readable])
+        } catch {
+            logger.warning("cannot watch client", metadata: ["errno": "\(error.name)"])
+            return nil
+        }
+        sessions[id] = session
+        clientsPerUser[credentials.uid, default: 0] += 1
+        logger.debug("client connected", metadata: [
+            "session": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)",
+        ])
+        return nil
+    }
+
+    private func admissionRefusal(for credentials: PeerCredentials) -> ErrorReply? {
         if configuration.mode == .user && credentials.uid != brokerUID {
             return ErrorReply(errno: EACCES,
                               reason: "this is the per-user broker of uid \(brokerUID); uid \(credentials.uid) may not use it")
@@ -53,47 +100,62 @@ final class SessionTable {
         return nil
     }
 
-    /// Admits a connection that passed `admissionRefusal`.
-    func admit(_ socket: consuming SeqpacketSocket, credentials: PeerCredentials) {
-        let id = nextSessionID
-        nextSessionID += 1
-        let fd = socket.rawValue
-        let session = Session(id: id, socket: socket, credentials: credentials)
-        do {
-            try loop.register(fd, as: .session(id), events: [.readable])
-        } catch {
-            logger.warning("cannot watch client", metadata: ["errno": "\(error.name)"])
-            return
-        }
-        sessions[id] = session
-        clientsPerUser[credentials.uid, default: 0] += 1
-        logger.debug("client connected", metadata: [
-            "session": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)",
-        ])
-    }
-
     // MARK: Sending
 
+    /// How a frame fared on its way out.
+    enum Delivery: Equatable {
+        /// Sent, or queued for the client's socket to drain.
+        case underway
+        /// Its descriptors could not be held for the client (its descriptor share is full); nothing
+        /// was sent. The sentence says why.
+        case refused(String)
+        /// The session is closed.
+        case closed
+    }
+
     /// Sends `bytes` (and a copy of each attachment) to `session`, queueing while its socket is
-    /// full. Returns false if the session was closed instead.
+    /// full.
     @discardableResult
-    func send(_ bytes: [UInt8], attaching attachments: [CInt] = [], to session: Session) -> Bool {
-        switch session.send(bytes, attaching: attachments, queueLimit: configuration.maximumQueuedRepliesPerClient) {
+    func send(_ bytes: [UInt8], attaching attachments: [CInt] = [], tag: UInt64? = nil, to session: Session) -> Delivery {
+        switch session.send(bytes, attaching: attachments, tag: tag, limits: limits, budget: budget) {
         case .sent:
-            return true
+            return .underway
         case .queued:
             watchWritable(session, true)
-            return true
+            return .underway
+        case .refused(let reason):
+            return .refused(reason)
         case .failed(let reason):
             close(session.id, reason: reason)
-            return false
+            return .closed
         }
     }
 
-    /// Answers a request.
+    /// Answers a request. A reply whose descriptors cannot be held while it waits is answered with
+    /// the EDQUOT error instead. Returns whether the reply itself is on its way.
     @discardableResult
     func reply(_ reply: Reply, attaching attachments: [CInt] = [], to context: RequestContext) -> Bool {
-        send(reply.encode(requestID: context.requestID), attaching: attachments, to: context.session)
+        deliver(reply, attaching: attachments, to: context.session, as: context.parked)
+    }
+
+    /// Answers a parked request, if its session is still here. Returns whether the reply is on its way.
+    @discardableResult
+    func reply(_ reply: Reply, attaching attachments: [CInt] = [], to parked: ParkedRequest) -> Bool {
+        guard let session = sessions[parked.session] else { return false }
+        return deliver(reply, attaching: attachments, to: session, as: parked)
+    }
+
+    private func deliver(_ reply: Reply, attaching attachments: [CInt], to session: Session, as request: ParkedRequest) -> Bool {
+        switch send(reply.encode(requestID: request.requestID), attaching: attachments, to: session) {
+        case .underway:
+            return true
+        case .refused(let reason):
+            fail(ErrorReply(errno: EDQUOT, reason: reason), rawOpcode: request.opcode.rawValue,
+                 requestID: request.requestID, to: session)
+            return false
+        case .closed:
+            return false
+        }
     }
 
     /// Answers a request with an error.
@@ -111,19 +173,60 @@ final class SessionTable {
         send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
     }
 
-    /// The session's socket drained (or failed): send what waits.
+    /// The session's socket drained (or failed): send what waits, and read again once the queue
+    /// is back under its bounds.
     func writable(_ session: Session) {
         switch session.flush() {
         case .drained: watchWritable(session, false)
         case .pending: break
-        case .failed(let reason): close(session.id, reason: reason)
+        case .failed(let reason):
+            close(session.id, reason: reason)
+            return
         }
+        if session.readingPausedSince != nil, !session.isBackedUp(limits) {
+            session.readingPausedSince = nil
+            paused[session.id] = nil
+            updateInterest(session)
+        }
+    }
+
+    /// Whether the broker may read another request from `session` now. When its queue is full it
+    /// may not: reading pauses until the queue drains.
+    func mayRead(_ session: Session, now: UInt64) -> Bool {
+        if session.readingPausedSince != nil { return false }
+        guard session.isBackedUp(limits) else { return true }
+        session.readingPausedSince = now
+        paused[session.id] = now
+        updateInterest(session)
+        return false
+    }
+
+    /// Disconnects the clients that left their queue full without reading for too long.
+    func closeStuckSessions(now: UInt64) {
+        guard !paused.isEmpty else { return }
+        for (id, since) in paused where now &- since >= configuration.stuckClientTimeout {
+            close(id, reason: "client left \(sessions[id]?.queuedFrames ?? 0) replies unread")
+        }
+    }
+
+    /// How long the loop may sleep before a paused client's time is up (-1: none paused).
+    func millisecondsUntilNextStuckCheck(now: UInt64) -> CInt {
+        guard let oldest = paused.values.min() else { return -1 }
+        let deadline = oldest &+ configuration.stuckClientTimeout
+        if deadline <= now { return 0 }
+        return CInt(min((deadline - now) / 1_000_000 + 1, 60_000))
     }
 
     private func watchWritable(_ session: Session, _ on: Bool) {
         guard session.wantsWritable != on else { return }
         session.wantsWritable = on
-        try? loop.modify(session.socket.rawValue, events: on ? [.readable, .writable] : [.readable])
+        updateInterest(session)
+    }
+
+    private func updateInterest(_ session: Session) {
+        var events: Epoll.Events = session.readingPausedSince == nil ? [.readable] : []
+        if session.wantsWritable { events.insert(.writable) }
+        try? loop.modify(session.socket.rawValue, events: events)
     }
 
     // MARK: Closing
@@ -131,6 +234,7 @@ final class SessionTable {
     /// Ends a session: it leaves the table and the loop, and every subsystem hears of it.
     func close(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
+        paused[id] = nil
         loop.unregister(session.socket.rawValue)
         let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
         clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil

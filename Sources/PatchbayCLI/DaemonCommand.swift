@@ -51,6 +51,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
     var claimAckTimeout = "10s"
 
+    @Option(help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
+    var stuckClientTimeout = "30s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -122,6 +125,12 @@ public struct DaemonCommand: ParsableCommand {
             configuration.claimAcknowledgementTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         } else {
             fail("daemon", .invalidArgument, "--claim-ack-timeout must be a duration, not never")
+        }
+        if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(stuckClientTimeout) }) {
+            let (seconds, attoseconds) = duration.components
+            configuration.stuckClientTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        } else {
+            fail("daemon", .invalidArgument, "--stuck-client-timeout must be a duration, not never")
         }
 
         let server: BrokerServer

@@ -36,6 +36,14 @@ public struct UnixSocket: ~Copyable {
 
     public var rawValue: CInt { descriptor.rawValue }
 
+    /// The uid of the process at the other end, as the kernel recorded it when that process
+    /// connected or listened (`SO_PEERCRED`).
+    public borrowing func peerUID() throws(Errno) -> uid_t {
+        var raw = pb_ucred()
+        _ = try syscallRetrying { pb_peer_credentials(descriptor.rawValue, &raw) }
+        return raw.uid
+    }
+
     public borrowing func bind(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
         _ = try syscallRetrying { address.withSockaddr { Glibc.bind(descriptor.rawValue, $0, $1) } }

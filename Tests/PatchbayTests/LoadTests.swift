@@ -1,17 +1,19 @@
 // The load command, short form: the full run (1,000 clients, 30 s) is in docs/RELIABILITY.md.
-// Checks outcomes only (no errors, every operation kind ran, the slow client cut off, nothing
-// left behind); the latencies it prints are not asserted.
+// Checks outcomes only (no errors, every operation kind ran, the slow client held back by
+// back-pressure rather than growing the broker, nothing left behind); the latencies it prints are
+// not asserted.
 import Testing
 
 @Suite("Load")
 struct LoadTests {
-    @Test("patchbay load: 200 clients of mixed operations and one that never reads; no errors, the slow one cut off")
+    @Test("patchbay load: 200 clients of mixed operations and one that never reads; no errors, the slow one held back")
     func shortLoad() throws {
         let result = try run(patchbayCLI, ["load", "--clients", "200", "--threads", "2", "--seconds", "1"])
         #expect(result.termination == .exited(0), "\(result.standardOutput)\(result.standardError)")
         #expect(result.standardOutput.contains("errors: none"), "\(result.standardOutput)")
-        #expect(result.standardOutput.contains("the broker disconnected it"), "\(result.standardOutput)")
-        #expect(result.standardOutput.contains("broker after the run: 1 clients, 0 keys outstanding"), "\(result.standardOutput)")
+        #expect(result.standardOutput.contains("the broker stopped reading it"), "\(result.standardOutput)")
+        // The observer and the slow client, which is not cut off: it is only ever made to wait.
+        #expect(result.standardOutput.contains("broker after the run: 2 clients, 0 keys outstanding"), "\(result.standardOutput)")
         // Every operation kind ran, on every thread's connections.
         for label in ["status", "share + claim", "shm create + unlink", "/net socket open + close"] {
             let line = result.standardOutput.split(separator: "\n").first { $0.hasPrefix(label + " ") }

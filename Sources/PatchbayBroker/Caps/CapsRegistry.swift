@@ -45,9 +45,12 @@ final class CapsServiceRecord {
     let notices: Descriptor
     let noticesMapping: Mapping
     var channels: Set<UInt64> = []
+    /// The two pages' descriptors, charged to the registering uid.
+    private let charge: DescriptorCharge?
 
     init(id: UInt64, name: String, uid: Int32, gid: Int32, flags: CapsFlags, maximumInFlight: UInt32, session: UInt64,
-         owner: PeerCredentials, pages: consuming ServicePages) {
+         owner: PeerCredentials, pages: consuming ServicePages, charge: DescriptorCharge?) {
+        self.charge = charge
         self.id = id
         self.name = name
         self.uid = uid
@@ -84,8 +87,12 @@ final class CapsChannelRecord {
     let clientSession: UInt64
     let header: Mapping
     let clientWake: Descriptor
+    /// The client wake-up the broker keeps, charged to the client's uid.
+    private let charge: DescriptorCharge?
 
-    init(id: UInt64, serviceID: UInt64, clientSession: UInt64, header: consuming Mapping, clientWake: consuming Descriptor) {
+    init(id: UInt64, serviceID: UInt64, clientSession: UInt64, header: consuming Mapping, clientWake: consuming Descriptor,
+         charge: DescriptorCharge?) {
+        self.charge = charge
         self.id = id
         self.serviceID = serviceID
         self.clientSession = clientSession
@@ -173,6 +180,8 @@ final class CapsRegistry {
     let arenaSize = CapsLayout.defaultArenaSize
     /// Services one uid (the registering process's, whatever uid it registers under) may have.
     var maximumServicesPerUser = 256
+    /// Where services' and channels' descriptors are charged (nil: not charged, in unit tests).
+    var budget: DescriptorBudget?
 
     init(logger: Logger) {
         self.logger = logger
@@ -220,13 +229,22 @@ final class CapsRegistry {
             DeferredCloser.shared.close(statusPage)
             throw error
         }
+        let charge: DescriptorCharge?
+        do {
+            charge = try budget.map { (budget) throws(RequestError) in
+                try DescriptorCharge(2, to: caller.uid, in: budget, for: "another service's pages")
+            }
+        } catch {
+            DeferredCloser.shared.close(statusPage)
+            throw error
+        }
         let pages = try ServicePages.make(status: statusPage)
         let id = nextID
         nextID += 1
         // At most a quarter of the ring, so requests, aborts and disposes always fit.
         let inFlight = maximumInFlight == 0 ? 128 : min(maximumInFlight, UInt32(CapsLayout.ringCapacity / 4))
         let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: inFlight,
-                                       session: session, owner: caller, pages: pages)
+                                       session: session, owner: caller, pages: pages, charge: charge)
         services[id] = record
         byName[name, default: []].append(id)
         serviceBySession[session] = id
@@ -265,7 +283,7 @@ final class CapsRegistry {
             throw RequestError(errno: .permissionDenied,
                                reason: "service \(name) and this client share no access class that admits uid \(caller.uid)")
         }
-        return try makeChannel(service: service, session: session)
+        return try makeChannel(service: service, session: session, client: caller)
     }
 
     /// USER, GROUP or WORLD, set on both sides and true of the client. Root gets no bypass.
@@ -277,7 +295,12 @@ final class CapsRegistry {
         return false
     }
 
-    private func makeChannel(service: CapsServiceRecord, session: UInt64) throws(RequestError) -> CapsConnection {
+    private func makeChannel(service: CapsServiceRecord, session: UInt64, client: PeerCredentials)
+        throws(RequestError) -> CapsConnection
+    {
+        let charge = try budget.map { (budget) throws(RequestError) in
+            try DescriptorCharge(1, to: client.uid, in: budget, for: "another channel's wake-up")
+        }
         do {
             let memory = try makeMemoryFile(name: "patchbay-caps-channel", sealable: true)
             try memory.truncate(to: CapsLayout.channelSize(arenaSize: arenaSize))
@@ -296,7 +319,7 @@ final class CapsRegistry {
             let id = nextID
             nextID += 1
             let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
-                                           clientWake: try clientWake.descriptor.duplicateForBroker())
+                                           clientWake: try clientWake.descriptor.duplicateForBroker(), charge: charge)
             channels[id] = record
             channelBySession[session] = id
             service.channels.insert(id)

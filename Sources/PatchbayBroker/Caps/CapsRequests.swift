@@ -52,7 +52,7 @@ final class CapsRequests: SessionClosedHook {
             do {
                 if let connection = try registry.connect(name: name, uid: uid, gid: gid, flags: flags,
                                                          session: context.session.id, caller: context.caller) {
-                    deliver(connection, to: context.session, requestID: context.requestID)
+                    deliver(connection, to: context.session, as: context.parked)
                 } else if waiting.contains(where: { $0.request.session == context.session.id }) {
                     sessions.fail(RequestError(errno: .invalidArgument, reason: "this connection already waits for a service"),
                                   context)
@@ -73,31 +73,59 @@ final class CapsRequests: SessionClosedHook {
         }
     }
 
-    /// Hands a new channel to its client (the reply) and its service (an event).
-    private func deliver(_ connection: consuming CapsConnection, to client: Session, requestID: UInt64) {
+    /// Hands a new channel to its service (an event) and its client (the reply). If either cannot
+    /// take it (the service's port is not keeping up, or the client's descriptor share is full),
+    /// the channel is taken down again and the client told why.
+    private func deliver(_ connection: consuming CapsConnection, to client: Session, as request: ParkedRequest) {
         let service = connection.service
+        let channelID = connection.channelID
         // The service hears of the channel first: by the time the client has its reply (and may
         // put a request), the service's notice is already queued.
         if let serviceSession = sessions[service.session] {
             let credentials = client.credentials
             let event = Event.caps(.connected(
-                channelID: connection.channelID,
+                channelID: channelID,
                 credentials: CapsCredentials(pid: credentials.pid, uid: realUserID(of: credentials.pid) ?? credentials.uid,
                                              euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
                 arenaSize: UInt32(registry.arenaSize)))
-            sessions.send(event.encode(),
-                          attaching: [connection.channel.rawValue, connection.serviceWake.rawValue,
-                                      connection.clientWake.rawValue, connection.serviceEnd.rawValue],
-                          to: serviceSession)
+            let delivery = sessions.send(event.encode(),
+                                         attaching: [connection.channel.rawValue, connection.serviceWake.rawValue,
+                                                     connection.clientWake.rawValue, connection.serviceEnd.rawValue],
+                                         tag: channelID, to: serviceSession)
+            guard delivery == .underway else {
+                abandon(client)
+                sessions.fail(RequestError(errno: .resourceTemporarilyUnavailable,
+                                           reason: "service \(service.name) is not taking new connections as fast as they come; try again"),
+                              request)
+                return
+            }
             service.noteEventQueued()
         }
-        let reply = Reply.caps(.client(channelID: connection.channelID, serviceID: service.id,
+        let reply = Reply.caps(.client(channelID: channelID, serviceID: service.id,
                                        maximumInFlight: service.maximumInFlight, arenaSize: UInt32(registry.arenaSize)))
-        sessions.send(reply.encode(requestID: requestID),
-                      attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue,
-                                  connection.serviceWake.rawValue, connection.clientWake.rawValue,
-                                  connection.clientEnd.rawValue],
-                      to: client)
+        let sent = sessions.reply(reply,
+                                  attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue,
+                                              connection.serviceWake.rawValue, connection.clientWake.rawValue,
+                                              connection.clientEnd.rawValue],
+                                  to: request)
+        if !sent { abandon(client) }
+    }
+
+    /// Takes down the channel a client was just given, as if it had left.
+    private func abandon(_ client: Session) {
+        notifyDeparture(registry.sessionClosed(client.id))
+    }
+
+    /// Tells services that clients left. A connection notice the service has not read yet is
+    /// withdrawn instead: the service never hears of a channel that came and went, so clients
+    /// connecting and leaving fast cannot fill its queue.
+    private func notifyDeparture(_ notices: [(serviceSession: UInt64, event: Event)]) {
+        for notice in notices {
+            guard let service = sessions[notice.serviceSession] else { continue }
+            if case .caps(.disconnected(let channelID)) = notice.event, service.withdraw(tag: channelID) { continue }
+            sessions.send(notice.event.encode(), to: service)
+            registry.service(ofSession: notice.serviceSession)?.noteEventQueued()
+        }
     }
 
     /// Clients waiting for `name` try again now that a service registered.
@@ -109,7 +137,7 @@ final class CapsRequests: SessionClosedHook {
             do {
                 if let connection = try registry.connect(name: entry.name, uid: entry.uid, gid: entry.gid, flags: entry.flags,
                                                          session: session.id, caller: session.credentials) {
-                    deliver(connection, to: session, requestID: entry.request.requestID)
+                    deliver(connection, to: session, as: entry.request)
                 } else {
                     waiting.append(entry)
                 }
@@ -123,10 +151,6 @@ final class CapsRequests: SessionClosedHook {
     /// channels hears that the client left.
     func sessionClosed(_ session: Session) {
         waiting.removeAll { $0.request.session == session.id }
-        for notice in registry.sessionClosed(session.id) {
-            guard let service = sessions[notice.serviceSession] else { continue }
-            sessions.send(notice.event.encode(), to: service)
-            registry.service(ofSession: notice.serviceSession)?.noteEventQueued()
-        }
+        notifyDeparture(registry.sessionClosed(session.id))
     }
 }

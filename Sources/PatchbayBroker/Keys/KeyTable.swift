@@ -124,6 +124,10 @@ final class KeyTable {
     let limiter: FailedClaimLimiter
     /// How long a claimer has to acknowledge before its claim counts as received.
     let acknowledgementTimeout: UInt64
+    /// Where each key's file is charged, one descriptor per key, to the sharer's uid (nil: not
+    /// charged, in unit tests). Keys for the same open file share one descriptor, so this may
+    /// overcount; it never undercounts.
+    var budget: DescriptorBudget?
 
     init(maximumKeysPerUser: Int, limiter: FailedClaimLimiter, acknowledgementTimeout: UInt64 = 10_000_000_000) {
         self.maximumKeysPerUser = maximumKeysPerUser
@@ -178,6 +182,7 @@ final class KeyTable {
             throw RequestError(errno: .diskQuotaExceeded,
                                reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
         }
+        try budget?.charge(1, to: sharer.uid, for: "another key's file")
         return deadline
     }
 
@@ -303,6 +308,7 @@ final class KeyTable {
     private func remove(_ token: KeyToken) {
         guard let entry = entries.removeValue(forKey: token) else { return }
         release(entry.held)
+        budget?.release(1, from: entry.ownerUID)
         let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
         keysPerUser[entry.ownerUID] = remaining > 0 ? remaining : nil
         if entry.deadline != nil { entriesWithDeadline -= 1 }

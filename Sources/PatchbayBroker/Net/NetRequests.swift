@@ -67,7 +67,7 @@ final class NetRequests: SessionClosedHook {
         case .netAccept(let familyName, let id):
             _ = try family(familyName)
             if let opened = try table.acceptNow(id, caller: caller) {
-                deliver(opened, to: context.session, requestID: context.requestID)
+                deliver(opened, as: context.parked)
                 return
             }
             guard !nonblock else {
@@ -103,13 +103,15 @@ final class NetRequests: SessionClosedHook {
     }
 
     /// Hands an accepted connection (its handle, then its kernel socket) to the accepting client.
-    private func deliver(_ opened: consuming NetOpened, to session: Session, requestID: UInt64) {
+    /// Should the reply not get out, the client's handle closes here and the broker's end sees
+    /// the hang-up: the connection closes like any other.
+    private func deliver(_ opened: consuming NetOpened, as request: ParkedRequest) {
         watchHandle(opened.socket)
         // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
         var fds = [opened.clientHandle.rawValue]
         if let data = opened.data?.rawValue { fds.append(data) }
-        let reply = Reply.namespace(.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id))
-        sessions.send(reply.encode(requestID: requestID), attaching: fds, to: session)
+        sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id)),
+                       attaching: fds, to: request)
     }
 
     // MARK: Readiness
@@ -153,7 +155,7 @@ final class NetRequests: SessionClosedHook {
             do {
                 guard let opened = try table.acceptPending(listener, owner: session.credentials) else { break }
                 listener.waitingAccepts.removeFirst()
-                deliver(opened, to: session, requestID: waiting.requestID)
+                deliver(opened, as: waiting)
             } catch {
                 listener.waitingAccepts.removeFirst()
                 sessions.fail(error, waiting)

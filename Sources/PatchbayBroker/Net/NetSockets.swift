@@ -79,12 +79,21 @@ final class NetSocket {
     let kernel: UnixSocket
     /// The broker's end of the handle pair; its hang-up means every handle is closed.
     let handle: Descriptor
-    /// accept opens waiting for a connection: (session, request id).
     /// Blocking accepts parked until a connection arrives, oldest first.
     var waitingAccepts: [ParkedRequest] = []
+    /// The uid the socket counts against (quota and descriptors): its owner's, except for an
+    /// accepted connection, which counts against whoever connected.
+    let accountedUID: UInt32
+    /// The two descriptors the broker holds for it (kernel socket and handle end).
+    private let charge: DescriptorCharge?
+    /// A connection the owner's own quota could not take: kept for its next accept, so a refused
+    /// accept loses nothing.
+    var heldConnection: UnixSocket?
 
     init(id: UInt64, type: NetSocketType, family: any NetFamily, owner: PeerCredentials, state: NetSocketState,
-         kernel: consuming UnixSocket, handle: consuming Descriptor) {
+         kernel: consuming UnixSocket, handle: consuming Descriptor, accountedUID: UInt32, charge: DescriptorCharge?) {
+        self.accountedUID = accountedUID
+        self.charge = charge
         self.id = id
         self.type = type
         self.family = family
@@ -126,6 +135,8 @@ final class NetTable {
     /// Open sockets per owner uid, against `maximumSocketsPerUser` (EDQUOT).
     private var socketsPerUser: [UInt32: Int] = [:]
     var maximumSocketsPerUser = 4096
+    /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
+    var budget: DescriptorBudget?
     private var logger: Logger
 
     init(directory: String, mode: BrokerConfiguration.Mode, logger: Logger) throws(BrokerStartError) {
@@ -152,7 +163,7 @@ final class NetTable {
             let kernel = try UnixSocket(type.kernelKind)
             // Unbound datagram senders get an autobound address, so a datagram peer can answer.
             if type == .dgram { try kernel.enableCredentialPassing() }
-            return try adopt(kernel, type: type, family: family, caller: caller, state: .new)
+            return try adopt(kernel, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
         } catch let error as RequestError {
             throw error
         } catch {
@@ -161,7 +172,12 @@ final class NetTable {
     }
 
     private func adopt(_ kernel: consuming UnixSocket, type: NetSocketType, family: any NetFamily,
-                       caller: PeerCredentials, state: NetSocketState) throws(RequestError) -> NetOpened {
+                       caller: PeerCredentials, state: NetSocketState, accountedUID: UInt32) throws(RequestError)
+        -> NetOpened
+    {
+        let charge = try budget.map { (budget) throws(RequestError) in
+            try DescriptorCharge(2, to: accountedUID, in: budget, for: "another socket")
+        }
         let pair: SocketPair
         do {
             pair = try SeqpacketSocket.pair()
@@ -176,9 +192,9 @@ final class NetTable {
         _ = try? brokerEnd.send(Array("\(id)\n".utf8), nonblocking: true)
         do { try brokerEnd.descriptor.setNonblocking(true) } catch {}
         let socket = NetSocket(id: id, type: type, family: family, owner: caller, state: state,
-                               kernel: kernel, handle: brokerEnd.descriptor)
+                               kernel: kernel, handle: brokerEnd.descriptor, accountedUID: accountedUID, charge: charge)
         sockets[id] = socket
-        socketsPerUser[caller.uid, default: 0] += 1
+        socketsPerUser[accountedUID, default: 0] += 1
         return NetOpened(socket: socket, clientHandle: clientEnd.descriptor, data: nil)
     }
 
@@ -207,28 +223,55 @@ final class NetTable {
         return try acceptPending(socket, owner: caller)
     }
 
-    /// Accepts one pending connection on a listener, as a new CONNECTED socket owned by `owner`.
+    /// Accepts one pending connection on a listener, as a new CONNECTED socket owned by `owner`
+    /// and counted against the uid that connected (`SO_PEERCRED`), so connections another uid makes
+    /// never spend the listener owner's quota. A connection its maker's quota or descriptor share
+    /// cannot take is closed (its maker sees the connection reset) and the next one tried, up to
+    /// a bounded number per call. Nil when none is pending.
     func acceptPending(_ listener: NetSocket, owner: PeerCredentials) throws(RequestError) -> NetOpened? {
-        // Before the kernel accept, so a refused accept leaves the connection queued.
-        try checkQuota(of: owner.uid)
-        let connection: UnixSocket
-        do {
-            connection = try listener.kernel.accept()
-        } catch {
-            if error == .resourceTemporarilyUnavailable { return nil }
-            throw RequestError(errno: error, reason: "accept failed")
+        for _ in 0..<Self.refusedConnectionsPerAccept {
+            let connection: UnixSocket
+            if let held = listener.heldConnection.take() {
+                connection = held
+            } else {
+                do {
+                    connection = try listener.kernel.accept()
+                } catch {
+                    if error == .resourceTemporarilyUnavailable { return nil }
+                    throw RequestError(errno: error, reason: "accept failed")
+                }
+            }
+            let maker = (try? connection.peerUID()) ?? owner.uid
+            do throws(RequestError) {
+                if maker == owner.uid, let refusal = quotaRefusal(of: maker, sockets: 1) {
+                    // The owner's own connection: the accept fails, the connection waits for the next.
+                    listener.heldConnection = consume connection
+                    throw refusal
+                }
+                try checkQuota(of: maker)
+                let data: Descriptor
+                do {
+                    data = try duplicateDescriptor(connection.rawValue)
+                } catch {
+                    throw RequestError(errno: error, reason: "cannot hand out the accepted socket")
+                }
+                var opened = try adopt(connection, type: listener.type, family: listener.family, caller: owner,
+                                       state: .connected, accountedUID: maker)
+                opened.data = consume data
+                logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
+                return opened
+            } catch {
+                if error.errno != .diskQuotaExceeded || maker == owner.uid { throw error }
+                logger.debug("connection refused: its maker is over quota", metadata: [
+                    "listener": "\(listener.id)", "uid": "\(maker)", "reason": "\(error.reason)",
+                ])
+            }
         }
-        let data: Descriptor
-        do {
-            data = try duplicateDescriptor(connection.rawValue)
-        } catch {
-            throw RequestError(errno: error, reason: "cannot hand out the accepted socket")
-        }
-        var opened = try adopt(connection, type: listener.type, family: listener.family, caller: owner, state: .connected)
-        opened.data = consume data
-        logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
-        return opened
+        return nil
     }
+
+    /// Connections over their maker's quota dropped per accept before giving the loop back.
+    static let refusedConnectionsPerAccept = 64
 
     // MARK: ctl
 
@@ -349,8 +392,8 @@ final class NetTable {
     /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
     func close(_ id: UInt64) -> [ParkedRequest] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
-        let owned = (socketsPerUser[socket.ownerUID] ?? 1) - 1
-        socketsPerUser[socket.ownerUID] = owned > 0 ? owned : nil
+        let owned = (socketsPerUser[socket.accountedUID] ?? 1) - 1
+        socketsPerUser[socket.accountedUID] = owned > 0 ? owned : nil
         if socket.state == .connected { try? socket.transition(to: .closing) }
         if socket.state == .connecting { try? socket.transition(to: .new) }
         try? socket.transition(to: .closed)
@@ -377,10 +420,20 @@ final class NetTable {
     func countByOwner() -> [UInt32: Int] { socketsPerUser }
 
     private func checkQuota(of uid: UInt32) throws(RequestError) {
+        if let refusal = quotaRefusal(of: uid, sockets: 1) { throw refusal }
+    }
+
+    /// Why `uid` may not have `count` more sockets (its socket quota, or its descriptor share), or nil.
+    private func quotaRefusal(of uid: UInt32, sockets count: Int) -> RequestError? {
         let owned = socketsPerUser[uid] ?? 0
-        guard owned < maximumSocketsPerUser else {
-            throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(uid) already holds \(owned) sockets, the limit")
+        guard owned + count <= maximumSocketsPerUser else {
+            return RequestError(errno: .diskQuotaExceeded, reason: "uid \(uid) already holds \(owned) sockets, the limit")
         }
+        if let budget, !budget.fits(2 * count, for: uid) {
+            return RequestError(errno: .diskQuotaExceeded,
+                                reason: "uid \(uid) already holds \(budget.held[uid] ?? 0) of its \(budget.share(of: uid)) descriptors in the broker")
+        }
+        return nil
     }
 
     // MARK: Helpers

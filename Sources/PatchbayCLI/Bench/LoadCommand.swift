@@ -146,7 +146,10 @@ final class LoadRun {
             + "\(Bench.residentKilobytes(brokerPID)) KiB at the end\n")
         if let slow {
             writeStandardOutput("slow client: sent \(slow.sent) requests and read none; "
-                + (slow.disconnected ? "the broker disconnected it (\(slow.ending))" : "still connected at the end (\(slow.ending))") + "\n")
+                + (slow.disconnected
+                    ? "the broker disconnected it (\(slow.ending))"
+                    : "the broker stopped reading it once its replies filled the queue, so its requests wait in its own socket buffer (back-pressure; it is disconnected only after leaving them unread for 30 s)")
+                + "\n")
         }
         let after = try observer.status()
         writeStandardOutput("broker after the run: \(after.clients) clients, \(after.keys) keys outstanding\n")
