@@ -54,7 +54,10 @@ public final class BrokerServer {
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         var store: SharedMemoryStore?
         listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode) { () throws(BrokerStartError) in
-            store = try SharedMemoryStore(path: configuration.sharedMemoryDirectory, logger: logger)
+            // Every uid's objects on a tmpfs of its own, where the broker may mount: the system
+            // broker, run as root.
+            store = try SharedMemoryStore(path: configuration.sharedMemoryDirectory,
+                                          perOwnerStores: configuration.mode == .system && geteuid() == 0, logger: logger)
         }
         guard let store else { preconditionFailure("the listener sets the store up before listening") }
         store.maximumObjectsPerUser = configuration.maximumSharedMemoryObjectsPerUser
@@ -130,6 +133,7 @@ public final class BrokerServer {
         loop.unregister(listener.socket.rawValue)
         let clientCount = sessions.count
         sessions.closeAll(reason: "broker stopping")
+        sharedMemory.store.releaseEmptyOwnerStores()
         logger.info("broker stopped", metadata: [
             "clients": "\(clientCount)", "keys_dropped": "\(keys.table.count)",
         ])

@@ -54,7 +54,14 @@ func run(_ path: String, _ arguments: [String], environment: [String: String?] =
     _ = consume stdin.readEnd
     _ = consume stdout.writeEnd
     _ = consume stderr.writeEnd
-    try inputWriter.writeAll(Array(input.utf8))
+    // A child may stop reading its input and exit (that can be what the test is about): its
+    // input pipe then says EPIPE, which must not kill the test process with SIGPIPE.
+    signal(SIGPIPE, SIG_IGN)
+    do {
+        try inputWriter.writeAll(Array(input.utf8))
+    } catch {
+        guard error == .brokenPipe else { throw error }
+    }
     _ = consume inputWriter
     let output = try stdout.readEnd.readToEnd()
     let errors = try stderr.readEnd.readToEnd()
@@ -185,6 +192,7 @@ final class TestBroker {
             Glibc.kill(pid, SIGKILL)
             _ = try? waitForProcess(pid)
         }
+        unmountEverything(under: directory)
         removeTree(directory)
     }
 }
@@ -210,5 +218,18 @@ extension String {
         while let first = scalars.first, first.properties.isWhitespace { scalars.removeFirst() }
         while let last = scalars.last, last.properties.isWhitespace { scalars.removeLast() }
         return String(String.UnicodeScalarView(scalars))
+    }
+}
+
+/// Detaches every mount below `directory` (a system broker's per-uid tmpfs stores), deepest first,
+/// so the directory can be removed.
+func unmountEverything(under directory: String) {
+    guard let table = try? openFile("/proc/self/mountinfo", flags: O_RDONLY), let bytes = try? table.readToEnd() else { return }
+    let mountPoints = String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line -> String? in
+        let fields = line.split(separator: " ")
+        return fields.count > 4 ? String(fields[4]) : nil
+    }
+    for point in mountPoints.filter({ $0.hasPrefix(directory + "/") }).sorted(by: { $0.count > $1.count }) {
+        try? unmount(at: point)
     }
 }

@@ -19,16 +19,23 @@
 // files themselves; owners and modes live in the journal. Only a reboot (tmpfs) clears it all.
 //
 // Permissions. The owner is the creator's effective uid and gid as the kernel reports them; the
-// mode is `mode & ~umask & 0777`; the creator is not checked. Opening checks the mode bits (read
+// mode is `mode & ~umask & 0777`; the creator is not checked. Decision (Linux's
+// `protected_regular`): a create-open without exclusive of an existing object owned by another
+// uid that is not root is EACCES, so nobody can plant an object under a name another user is about
+// to create and have that user's data written into it. Opening checks the mode bits (read
 // for read-only; read and write for read-write) against the caller: owner bits for the owner,
 // group bits for a member of the group, other bits for everyone else. Decision: root gets no
 // bypass, as in CAPS, so an object's mode means the same for every caller.
 //
 // Quotas. Creating an object is refused with EDQUOT when the creator's uid already owns
-// `maximumObjectsPerUser` named objects, or when the pages its named objects hold (st_blocks, so
-// what they really occupy, not their sparse sizes) reach `maximumBytesPerUser`. The byte check
-// is made at create: a client that grows an object it already holds, with ftruncate and stores
-// on its own descriptor, does so without the broker, and only the tmpfs's own size bounds that.
+// `maximumObjectsPerUser` named objects, or when the pages its named objects hold reach
+// `maximumBytesPerUser`. Where the broker may mount (the system broker, as root), each uid's
+// objects live on a tmpfs of their own (`uids/<uid>/`, sized to the byte quota), so the kernel
+// enforces the quota on every route, ftruncate and stores through a client's own descriptor
+// included, and a uid that fills its tmpfs makes only its own writes fail. Elsewhere (the
+// per-user broker, one uid) objects share `objects/`, the byte check is made at create against
+// an estimate refreshed a bounded number of objects at a time, and growth through a descriptor
+// the client already holds is bounded only by the file system's own size.
 //
 // Errors (SEMANTICS.md §3): ENAMETOOLONG (checked first), EINVAL (no leading slash, NUL or
 // non-UTF-8 bytes, write-only access, unknown flags, bad rename flags), ENOENT, EEXIST (before any
@@ -42,11 +49,20 @@ import SystemPackage
 
 /// One named object: the file that holds it and who may do what with it.
 struct SharedMemoryObject {
-    /// The file name under `objects/`: 32 hex digits.
+    /// The file's name: 32 hex digits.
     var id: String
     var uid: UInt32
     var gid: UInt32
     var mode: UInt32
+    /// Whether the file is in its owner's own tmpfs (`uids/<uid>/`) or in `objects/`. Not
+    /// journaled: found again at start by looking.
+    var inOwnerStore = false
+}
+
+/// An open directory the store keeps.
+final class StoreDirectory {
+    let descriptor: Descriptor
+    init(_ descriptor: consuming Descriptor) { self.descriptor = descriptor }
 }
 
 /// A handle just opened, with what the client is told about it.
@@ -60,18 +76,30 @@ final class SharedMemoryStore {
 
     let path: String
     private let lock: FileLock
-    private let objectsDirectory: Descriptor
+    private let objectsDirectory: StoreDirectory
+    /// Each uid's own tmpfs, once it has one.
+    private var ownerDirectories: [UInt32: StoreDirectory] = [:]
+    /// Whether uids get a tmpfs of their own (false once mounting proved impossible).
+    private var perOwnerStores: Bool
     private var journal: Descriptor
     private var journalRecords = 0
-    private(set) var objects: [[UInt8]: SharedMemoryObject] = [:]
+    private(set) var objects = ObjectNames()
+    /// Where the bounded refresh of byte estimates resumes (an index into the sorted names).
+    private var refreshCursor = 0
     private var logger: Logger
     var maximumObjectsPerUser = 4096
     var maximumBytesPerUser = 8 << 30
 
+    /// Objects whose byte estimate one create refreshes, where the kernel does not count per uid.
+    static let refreshesPerCreate = 64
+
     /// Opens (or creates) the store at `path`, replays its journal and removes what a crash left.
-    init(path: String, logger: Logger) throws(BrokerStartError) {
+    /// With `perOwnerStores`, each uid's objects go to a tmpfs of its own (needs `CAP_SYS_ADMIN`;
+    /// without it the store says so and keeps every object in `objects/`).
+    init(path: String, perOwnerStores: Bool = false, logger: Logger) throws(BrokerStartError) {
         self.path = path
         self.logger = logger
+        self.perOwnerStores = perOwnerStores
         do {
             try Self.makePrivateDirectory(path)
             try Self.makePrivateDirectory(path + "/objects")
@@ -84,7 +112,7 @@ final class SharedMemoryStore {
             throw BrokerStartError(errno: .addressInUse, reason: "another broker is using the shared memory store \(path)")
         }
         do {
-            objectsDirectory = try openFile(path + "/objects", flags: O_RDONLY | O_DIRECTORY | O_NOFOLLOW)
+            objectsDirectory = StoreDirectory(try openFile(path + "/objects", flags: O_RDONLY | O_DIRECTORY | O_NOFOLLOW))
             journal = try openFile(path + "/journal", flags: O_RDWR | O_CREAT | O_APPEND | O_NOFOLLOW, mode: 0o600)
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot open the shared memory store \(path): \(error.name)")
@@ -126,6 +154,10 @@ final class SharedMemoryStore {
             if create && exclusive {
                 throw RequestError(errno: .fileExists, reason: "\(Self.display(request.name)) already exists")
             }
+            if create && object.uid != caller.uid && object.uid != 0 {
+                throw RequestError(errno: .permissionDenied,
+                                   reason: "\(Self.display(request.name)) already exists and belongs to uid \(object.uid); creating opens only your own or root's objects (use exclusive to make sure the object is new)")
+            }
             guard Self.permits(object, caller, read: true, write: readWrite) else {
                 throw RequestError(errno: .permissionDenied,
                                    reason: "mode \(Self.octal(object.mode)) of \(Self.display(request.name)) does not allow \(readWrite ? "read-write" : "read-only") access by uid \(caller.uid)")
@@ -143,21 +175,24 @@ final class SharedMemoryStore {
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no shared memory object is named \(Self.display(request.name))")
         }
         try checkQuota(of: caller.uid)
-        let object = SharedMemoryObject(id: Self.newIdentifier(), uid: caller.uid, gid: caller.gid,
+        var object = SharedMemoryObject(id: Self.newIdentifier(), uid: caller.uid, gid: caller.gid,
                                         mode: request.mode & ~request.umask & 0o777)
+        object.inOwnerStore = ownerStore(of: caller.uid) != nil
         let data: Descriptor
         do {
-            data = try openFile(in: objectsDirectory, object.id, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            data = try openFile(in: directory(of: object).descriptor, object.id, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
         } catch {
-            throw RequestError(errno: error, reason: "cannot create the object's file: \(error.name)")
+            throw RequestError(errno: error == .noSpace ? .diskQuotaExceeded : error,
+                               reason: "cannot create the object's file: \(error.name)")
         }
         do {
             try append(.bind(name: request.name, object: object))
         } catch {
-            unlinkat(objectsDirectory.rawValue, object.id, 0)
+            removeFile(of: object)
             throw error
         }
         objects[request.name] = object
+        compactIfMostlyDead()
         let handle: Descriptor
         if readWrite {
             handle = data
@@ -180,7 +215,8 @@ final class SharedMemoryStore {
         }
         try append(.unbind(name: name))
         objects[name] = nil
-        unlinkat(objectsDirectory.rawValue, object.id, 0)
+        removeFile(of: object)
+        compactIfMostlyDead()
     }
 
     /// `shm_rename` with `noReplace` or `exchange` (not both). Atomic: one journal record.
@@ -223,8 +259,9 @@ final class SharedMemoryStore {
             objects[from] = target
         } else {
             objects[from] = nil
-            if let target { unlinkat(objectsDirectory.rawValue, target.id, 0) }
+            if let target { removeFile(of: target) }
         }
+        compactIfMostlyDead()
     }
 
     /// What `stat` shows. Needs no permission, like `ls -l` of a directory one can read.
@@ -237,32 +274,31 @@ final class SharedMemoryStore {
         return try info(name, object, handle)
     }
 
-    /// Up to `limit` objects whose names sort after `after`, and whether more follow.
+    /// Up to `limit` objects whose names sort after `after`, and whether more follow: a binary
+    /// search and `limit` stats, however many objects there are.
     func list(after: [UInt8], limit: Int) -> ([SharedMemoryInfo], more: Bool) {
-        let names = objects.keys.filter { after.isEmpty || $0.lexicographicallyPrecedes(after) == false && $0 != after }
-            .sorted { $0.lexicographicallyPrecedes($1) }
+        let (names, more) = objects.page(after: after, limit: limit)
         var result: [SharedMemoryInfo] = []
-        for name in names.prefix(limit) {
+        for name in names {
             if let info = try? stat(name) { result.append(info) }
         }
-        return (result, names.count > limit)
+        return (result, more)
     }
 
-    /// EDQUOT when `uid` may create no more objects. The byte check stats each of the uid's
-    /// objects, in the event loop: at most `maximumObjectsPerUser` of them (about 1 µs each on
-    /// tmpfs), and only once the cheaper count check has passed.
+    /// EDQUOT when `uid` may create no more objects. Constant work for the count; for the bytes,
+    /// one `fstatvfs` of the uid's own tmpfs, or else a bounded refresh of the estimate.
     private func checkQuota(of uid: UInt32) throws(RequestError) {
-        let owned = objects.values.filter { $0.uid == uid }
-        guard owned.count < maximumObjectsPerUser else {
+        let owned = objects.objectsByOwner[uid] ?? 0
+        guard owned < maximumObjectsPerUser else {
             throw RequestError(errno: .diskQuotaExceeded,
-                               reason: "uid \(uid) already owns \(owned.count) named shared memory objects, the limit")
+                               reason: "uid \(uid) already owns \(owned) named shared memory objects, the limit")
         }
-        var bytes = 0
-        for object in owned {
-            var status = Glibc.stat()
-            if fstatat(objectsDirectory.rawValue, object.id, &status, AT_SYMLINK_NOFOLLOW) == 0 {
-                bytes += Int(status.st_blocks) * 512
-            }
+        let bytes: Int
+        if let store = ownerStore(of: uid) {
+            bytes = (try? store.descriptor.fileSystemUsage().usedBytes) ?? 0
+        } else {
+            refreshByteEstimates(count: Self.refreshesPerCreate)
+            bytes = objects.bytesByOwner[uid] ?? 0
         }
         guard bytes < maximumBytesPerUser else {
             throw RequestError(errno: .diskQuotaExceeded,
@@ -270,11 +306,82 @@ final class SharedMemoryStore {
         }
     }
 
+    /// Looks at the next `count` objects' files (in name order, wrapping) and records what they hold.
+    private func refreshByteEstimates(count: Int) {
+        let names = objects.sortedNames
+        guard !names.isEmpty else { return }
+        for _ in 0..<min(count, names.count) {
+            if refreshCursor >= names.count { refreshCursor = 0 }
+            let name = names[refreshCursor]
+            refreshCursor += 1
+            if let object = objects[name] { noteBytes(of: object) }
+        }
+    }
+
+    private func noteBytes(of object: SharedMemoryObject) {
+        var status = Glibc.stat()
+        if fstatat(directory(of: object).descriptor.rawValue, object.id, &status, AT_SYMLINK_NOFOLLOW) == 0 {
+            objects.noteBytes(Int(status.st_blocks) * 512, of: object)
+        }
+    }
+
     /// Named objects per owner uid, for `status`.
     func countByOwner() -> [UInt32: Int] {
-        var counts: [UInt32: Int] = [:]
-        for object in objects.values { counts[object.uid, default: 0] += 1 }
-        return counts
+        objects.objectsByOwner
+    }
+
+    // MARK: Per-owner stores
+
+    /// The directory holding `object`'s file.
+    private func directory(of object: SharedMemoryObject) -> StoreDirectory {
+        object.inOwnerStore ? (ownerDirectories[object.uid] ?? objectsDirectory) : objectsDirectory
+    }
+
+    private func removeFile(of object: SharedMemoryObject) {
+        unlinkat(directory(of: object).descriptor.rawValue, object.id, 0)
+    }
+
+    /// `uid`'s own tmpfs, mounted on first use; nil where stores are shared.
+    private func ownerStore(of uid: UInt32) -> StoreDirectory? {
+        guard perOwnerStores else { return nil }
+        if let store = ownerDirectories[uid] { return store }
+        let directory = path + "/uids/\(uid)"
+        do throws(RequestError) {
+            try Self.makePrivateDirectory(path + "/uids")
+            try Self.makePrivateDirectory(directory)
+            if !isMountPoint(directory) {
+                do {
+                    // Page-rounded by the kernel; a few inodes beyond the object quota for the root.
+                    try mountMemoryFileSystem(at: directory, bytes: maximumBytesPerUser, files: maximumObjectsPerUser + 16)
+                } catch {
+                    throw RequestError(errno: error, reason: "cannot mount a tmpfs at \(directory): \(error.name)")
+                }
+            }
+            let store = StoreDirectory(try Self.openDirectory(directory))
+            ownerDirectories[uid] = store
+            return store
+        } catch {
+            perOwnerStores = false
+            logger.warning("per-uid stores are not available; every uid's objects share one file system, and the byte quota is checked at create only",
+                           metadata: ["reason": "\(error.reason)"])
+            return nil
+        }
+    }
+
+    private static func openDirectory(_ path: String) throws(RequestError) -> Descriptor {
+        do {
+            return try openFile(path, flags: O_RDONLY | O_DIRECTORY | O_NOFOLLOW)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot open \(path): \(error.name)")
+        }
+    }
+
+    /// Unmounts the per-uid stores that hold no object (at a clean stop: nothing is lost).
+    func releaseEmptyOwnerStores() {
+        for uid in Array(ownerDirectories.keys) where (objects.objectsByOwner[uid] ?? 0) == 0 {
+            ownerDirectories[uid] = nil
+            try? unmount(at: path + "/uids/\(uid)")
+        }
     }
 
     // MARK: Permission and names
@@ -323,7 +430,7 @@ final class SharedMemoryStore {
 
     private func openData(_ object: SharedMemoryObject, flags: CInt) throws(RequestError) -> Descriptor {
         do {
-            return try openFile(in: objectsDirectory, object.id, flags: flags)
+            return try openFile(in: directory(of: object).descriptor, object.id, flags: flags)
         } catch {
             throw RequestError(errno: error, reason: "cannot open the object's file: \(error.name)")
         }
@@ -417,10 +524,15 @@ final class SharedMemoryStore {
             throw RequestError(errno: error, reason: "cannot record the change in the store's journal: \(error.name)")
         }
         journalRecords += 1
-        if journalRecords > 4 * objects.count + 4096 {
-            do { try compact() } catch {
-                logger.warning("journal compaction failed", metadata: ["errno": "\(error.name)"])
-            }
+    }
+
+    /// Rewrites the journal when dead records outnumber live names four to one. Called after a
+    /// change is applied to `objects`, never between its record and its application: compaction
+    /// writes `objects`, so a change not applied yet would be lost from the journal.
+    private func compactIfMostlyDead() {
+        guard journalRecords > 4 * objects.count + 4096 else { return }
+        do { try compact() } catch {
+            logger.warning("journal compaction failed", metadata: ["errno": "\(error.name)"])
         }
     }
 
@@ -460,22 +572,46 @@ final class SharedMemoryStore {
             }
             records += 1
         }
-        // Names whose file is gone (a crash between journal and file system) are dropped.
-        for (name, object) in objects {
+        // Each file is in its owner's tmpfs or in objects/; names whose file is gone (a crash
+        // between journal and file system) are dropped.
+        for (name, var object) in objects {
             var info = Glibc.stat()
-            if fstatat(objectsDirectory.rawValue, object.id, &info, AT_SYMLINK_NOFOLLOW) != 0 {
+            if let store = existingOwnerStore(of: object.uid),
+               fstatat(store.descriptor.rawValue, object.id, &info, AT_SYMLINK_NOFOLLOW) == 0 {
+                object.inOwnerStore = true
+                objects[name] = object
+            } else if fstatat(objectsDirectory.descriptor.rawValue, object.id, &info, AT_SYMLINK_NOFOLLOW) != 0 {
                 logger.warning("dropping a name whose file is missing", metadata: ["name": "\(Self.display(name))"])
                 objects[name] = nil
+                continue
             }
+            objects.noteBytes(Int(info.st_blocks) * 512, of: object)
         }
         journalRecords = records
+    }
+
+    /// A uid's tmpfs left mounted by an earlier broker, opened; nil if there is none.
+    private func existingOwnerStore(of uid: UInt32) -> StoreDirectory? {
+        if let store = ownerDirectories[uid] { return store }
+        let directory = path + "/uids/\(uid)"
+        guard isMountPoint(directory), let descriptor = try? Self.openDirectory(directory) else { return nil }
+        let store = StoreDirectory(descriptor)
+        ownerDirectories[uid] = store
+        return store
     }
 
     /// Deletes object files that no name refers to (their unlink was journaled, then the broker
     /// died before removing the file; or a creation died before its journal record).
     private func removeOrphans() throws(Errno) {
         let referenced = Set(objects.values.map(\.id))
-        let listing = try duplicateDescriptor(objectsDirectory.rawValue)
+        try removeOrphans(in: objectsDirectory, referenced: referenced)
+        for store in ownerDirectories.values {
+            try removeOrphans(in: store, referenced: referenced)
+        }
+    }
+
+    private func removeOrphans(in store: StoreDirectory, referenced: Set<String>) throws(Errno) {
+        let listing = try duplicateDescriptor(store.descriptor.rawValue)
         guard let directory = fdopendir(listing.release()) else { throw Errno.current }
         defer { closedir(directory) }
         rewinddir(directory)
@@ -488,7 +624,7 @@ final class SharedMemoryStore {
             if !referenced.contains(name) { orphans.append(name) }
         }
         for orphan in orphans {
-            unlinkat(objectsDirectory.rawValue, orphan, 0)
+            unlinkat(store.descriptor.rawValue, orphan, 0)
             logger.notice("removed an object file no name refers to", metadata: ["file": "\(orphan)"])
         }
     }
