@@ -116,5 +116,34 @@ let package = Package(
             dependencies: ["Patchbay", "PatchbaySystem", "PatchbayProtocol"],
             swiftSettings: strict
         ),
+        // The syscall layer on real kernel objects: descriptor passing, credentials, epoll,
+        // futex/eventfd, memfd seals, locks, errno.
+        .testTarget(
+            name: "PatchbaySystemTests",
+            dependencies: [
+                "PatchbaySystem",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        // The broker's pure structures (key table, limiter, namespace paths, the shared memory
+        // store's journal), without a running broker.
+        .testTarget(
+            name: "PatchbayBrokerTests",
+            dependencies: [
+                "PatchbayBroker",
+                "PatchbayProtocol",
+                "PatchbaySystem",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        // The client library's pure structures (the CAPS arena allocator and ring arithmetic).
+        .testTarget(
+            name: "PatchbayLibraryTests",
+            dependencies: ["Patchbay"],
+            swiftSettings: strict
+        ),
     ]
 )
