@@ -83,7 +83,7 @@ struct FailedClaimLimiterTests {
 
 @Suite("NamespacePath.parse")
 struct NamespacePathTests {
-    private func parse(_ text: String, flags: UInt32 = 0) throws(RequestError) -> (NamespacePath, Bool) {
+    private func parse(_ text: String, flags: OpenFlags = []) throws(RequestError) -> (NamespacePath, Bool) {
         let (path, nonblock) = try NamespacePath.parse(text, flags: flags)
         return (path, nonblock)
     }
