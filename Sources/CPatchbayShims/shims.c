@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -336,4 +337,15 @@ int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int 
         data[i] = buffer[i].data.u64;
     }
     return n;
+}
+
+int pb_pidfd_open(int pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int pb_pidfd_exited(int pidfd) {
+    struct pollfd entry = { .fd = pidfd, .events = POLLIN };
+    int ready = poll(&entry, 1, 0);
+    if (ready < 0) return -1;
+    return ready > 0 ? 1 : 0;
 }

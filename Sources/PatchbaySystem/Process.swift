@@ -117,6 +117,25 @@ public func realUserID(of pid: pid_t) -> uid_t? {
     return nil
 }
 
+/// A process held by a pidfd: unlike its pid, which the kernel hands to a new process once this
+/// one is gone, the handle keeps meaning this process (and says when it has exited).
+public final class ProcessHandle {
+    public let pid: pid_t
+    private let descriptor: Descriptor
+
+    /// A handle on the running process `pid`; `ESRCH` if there is none. The corresponding C call
+    /// is `pidfd_open`.
+    public init(pid: pid_t) throws(Errno) {
+        self.pid = pid
+        descriptor = Descriptor(adopting: try syscallRetrying { pb_pidfd_open(pid) })
+    }
+
+    /// Whether the process has exited (its pid may then belong to someone else already).
+    public var hasExited: Bool {
+        pb_pidfd_exited(descriptor.rawValue) != 0
+    }
+}
+
 /// An exclusive advisory lock on a file (`flock`), released when the value ends.
 public struct FileLock: ~Copyable {
     private let descriptor: Descriptor

@@ -328,7 +328,9 @@ struct KeyClaimTests {
         let table = makeTable()
         let byUID = try shareMemory(table, restriction: .uid(bob.uid), now: 0)
         let byGID = try shareMemory(table, restriction: .gid(100), now: 0)
-        let byPID = try shareMemory(table, restriction: .pid(carol.pid), now: 0)
+        // A pid restriction names a running process (this test's own).
+        let runner = credentials(uid: carol.uid, gid: carol.gid, pid: getpid())
+        let byPID = try shareMemory(table, restriction: .pid(runner.pid), now: 0)
         let open = try shareMemory(table, now: 0)
 
         let uidEntry = try #require(table.entries[byUID])
@@ -340,8 +342,14 @@ struct KeyClaimTests {
         // gid 100 is alice's primary group and one of bob's supplementary groups.
         #expect(gidEntry.permitsClaim(by: alice) && gidEntry.permitsClaim(by: bob))
         #expect(!gidEntry.permitsClaim(by: carol))
-        #expect(pidEntry.permitsClaim(by: carol))
-        #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: carol.pid + 1)))
+        #expect(pidEntry.permitsClaim(by: runner))
+        #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: runner.pid + 1)))
+        #expect(pidEntry.restrictedProcess?.hasExited == false)
+        // A pid no process has is refused at share: the key could only ever go to a stranger
+        // who later gets that number.
+        expectRequestError(.noSuchProcess) { () throws(RequestError) in
+            _ = try shareMemory(table, restriction: .pid(Int32.max), now: 0)
+        }
         #expect(openEntry.permitsClaim(by: carol) && openEntry.permitsClaim(by: credentials(uid: 0)))
 
         expectRequestError(.noSuchFileOrDirectory) { () throws(RequestError) in
@@ -353,7 +361,7 @@ struct KeyClaimTests {
             _ = try table.beginClaim(byGID, by: carol, session: 1, now: 1)
         }
         _ = try table.beginClaim(byGID, by: bob, session: 2, now: 1)
-        _ = try table.beginClaim(byPID, by: carol, session: 3, now: 1)
+        _ = try table.beginClaim(byPID, by: runner, session: 3, now: 1)
     }
 
     @Test("failed claims spend the uid's allowance: then every claim is EAGAIN, even of a valid key")

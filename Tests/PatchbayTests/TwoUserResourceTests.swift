@@ -63,3 +63,40 @@ struct TwoUserResourceTests {
         #expect(reopen.standardError.hasPrefix("patchbay: shm create: EACCES: "), "\(reopen.standardError)")
     }
 }
+
+/// Whether the next pid can be chosen (`/proc/sys/kernel/ns_last_pid`, root with CAP_SYS_ADMIN).
+let pidsCanBeSteered: Bool = access("/proc/sys/kernel/ns_last_pid", W_OK) == 0
+
+@Suite("Two users: pid reuse", .enabled(if: twoUsersAvailable && pidsCanBeSteered, "needs root with CAP_SYS_ADMIN, setpriv and nobody"))
+struct PidReuseTests {
+    @Test("a key restricted to a pid is not claimed by a later process that got the same pid")
+    func recycledPidCannotClaim() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        // The intended claimer: alive when the key is made, then gone.
+        let intended = try Child("/bin/sleep", ["60"])
+        let pid = intended.pid
+        let key = try root.share(try openFile("/etc/hostname", flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
+        intended.kill(SIGKILL)
+        try intended.wait()
+        // nobody's claimer is made to get that very pid (ns_last_pid), as a fork loop eventually
+        // would. Other tests spawn processes too, so a try may miss the number; a few tries hit it.
+        var landed = 0
+        for _ in 0..<50 where landed == 0 {
+            try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
+            let attempt = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                                          patchbayCLI, "claim", key.text], environment: broker.environment)
+            let output = try attempt.readLine()
+            let termination = try attempt.wait()
+            if attempt.pid == pid {
+                landed += 1
+                #expect(output == nil, "a process that recycled pid \(pid) claimed the key")
+                #expect(termination == .exited(1))
+            }
+        }
+        #expect(landed > 0, "no try got pid \(pid)")
+        // The key is still there, for the process it was meant for (gone), so nobody has it.
+        #expect(try root.status().keys == 1)
+    }
+}

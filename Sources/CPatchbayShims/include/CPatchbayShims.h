@@ -138,6 +138,12 @@ int pb_current_cpu(void);
 /// A counter that increases in every child created by fork (installed once with pthread_atfork).
 uint64_t pb_fork_generation(void);
 
+/* A pidfd for process `pid` (pidfd_open(2), close-on-exec), or -1 with errno set. */
+int pb_pidfd_open(int pid);
+
+/* Whether the process behind `pidfd` has exited: 1 yes, 0 no, -1 with errno set. */
+int pb_pidfd_exited(int pidfd);
+
 /// pipe2(O_CLOEXEC).
 int pb_pipe_cloexec(int fds[2]);
 

@@ -63,6 +63,9 @@ final class KeyEntry {
     let ownerUID: UInt32
     let ownerPID: Int32
     let restriction: ClaimRestriction?
+    /// For a pid restriction, the process itself (a pidfd): once it has exited, a later process
+    /// with the same pid is someone else, and nobody can claim.
+    let restrictedProcess: ProcessHandle?
     let createdAt: UInt64
     /// Monotonic deadline in nanoseconds, or nil for "never".
     let deadline: UInt64?
@@ -73,8 +76,9 @@ final class KeyEntry {
     var claimNumber: UInt64 = 0
 
     init(held: HeldFile, ownerUID: UInt32, ownerPID: Int32,
-         restriction: ClaimRestriction?, createdAt: UInt64, deadline: UInt64?) {
+         restriction: ClaimRestriction?, restrictedProcess: ProcessHandle? = nil, createdAt: UInt64, deadline: UInt64?) {
         self.held = held
+        self.restrictedProcess = restrictedProcess
         self.ownerUID = ownerUID
         self.ownerPID = ownerPID
         self.restriction = restriction
@@ -87,7 +91,8 @@ final class KeyEntry {
         case nil: true
         case .uid(let uid)?: claimer.uid == uid
         case .gid(let gid)?: claimer.isMember(of: gid)
-        case .pid(let pid)?: claimer.pid == pid
+        case .pid(let pid)?:
+            claimer.pid == pid && restrictedProcess?.hasExited == false
         }
     }
 }
@@ -144,8 +149,12 @@ final class KeyTable {
         sharer: PeerCredentials, now: UInt64
     ) throws(RequestError) -> KeyToken {
         let deadline: UInt64?
-        do {
+        var process: ProcessHandle?
+        do throws(RequestError) {
             deadline = try admitShare(expiry: expiry, sharer: sharer, now: now)
+            if case .pid(let pid)? = restriction {
+                process = try watch(pid, for: sharer)
+            }
         } catch {
             DeferredCloser.shared.close(file)
             throw error
@@ -158,13 +167,35 @@ final class KeyTable {
             token = Self.randomToken()
         } while entries[token] != nil
         entries[token] = KeyEntry(held: held, ownerUID: sharer.uid, ownerPID: sharer.pid,
-                                  restriction: restriction, createdAt: now, deadline: deadline)
+                                  restriction: restriction, restrictedProcess: process, createdAt: now,
+                                  deadline: deadline)
         keysPerUser[sharer.uid] = owned + 1
         if let deadline {
             expiryQueue.insert(ExpiryItem(deadline: deadline, token: token, purpose: .expiry))
             entriesWithDeadline += 1
         }
         return token
+    }
+
+    /// A handle on the process a key is restricted to, charged to the sharer; ESRCH if it is not
+    /// running (a pid no process has could only ever let a stranger claim).
+    private func watch(_ pid: Int32, for sharer: PeerCredentials) throws(RequestError) -> ProcessHandle {
+        let process: ProcessHandle
+        do {
+            guard pid > 0 else { throw Errno.noSuchProcess }
+            process = try ProcessHandle(pid: pid)
+        } catch {
+            budget?.release(1, from: sharer.uid)
+            throw RequestError(errno: .noSuchProcess,
+                               reason: "there is no process \(pid) to restrict the key to; a pid restriction names a running process")
+        }
+        do {
+            try budget?.charge(1, to: sharer.uid, for: "the process a key is restricted to")
+        } catch {
+            budget?.release(1, from: sharer.uid)
+            throw error
+        }
+        return process
     }
 
     /// The new key's deadline, or EINVAL (timeout not positive) or EDQUOT (the sharer's quota).
@@ -308,7 +339,7 @@ final class KeyTable {
     private func remove(_ token: KeyToken) {
         guard let entry = entries.removeValue(forKey: token) else { return }
         release(entry.held)
-        budget?.release(1, from: entry.ownerUID)
+        budget?.release(entry.restrictedProcess == nil ? 1 : 2, from: entry.ownerUID)
         let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
         keysPerUser[entry.ownerUID] = remaining > 0 ? remaining : nil
         if entry.deadline != nil { entriesWithDeadline -= 1 }
