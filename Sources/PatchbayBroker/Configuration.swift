@@ -46,6 +46,10 @@ public struct BrokerConfiguration: Sendable {
     /// The most connections one uid may hold, so one user cannot take every slot.
     public var maximumClientsPerUser: Int = 16384
 
+    /// Where the name reservations of the system broker are read from at start (`*.conf` files,
+    /// see Policy.swift); nil for none. The system broker's default is `/etc/patchbay/policy.d`.
+    public var policyDirectory: String?
+
     /// The private directory (mode 0700, normally on tmpfs) holding named shared memory objects.
     public var sharedMemoryDirectory: String
 
@@ -60,6 +64,7 @@ public struct BrokerConfiguration: Sendable {
             ?? Self.defaultSharedMemoryDirectory(mode: mode, socketPath: socketPath)
         let socketDirectory = socketPath.lastIndex(of: "/").map { String(socketPath[..<$0]) } ?? "."
         self.netDirectory = netDirectory ?? (socketDirectory.isEmpty ? "/net" : socketDirectory + "/net")
+        policyDirectory = mode == .system ? "/etc/patchbay/policy.d" : nil
     }
 
     /// `/dev/shm/patchbay-system` for the system broker; for the per-user broker at its default

@@ -62,12 +62,17 @@ public final class BrokerServer {
         guard let store else { preconditionFailure("the listener sets the store up before listening") }
         store.maximumObjectsPerUser = configuration.maximumSharedMemoryObjectsPerUser
         store.maximumBytesPerUser = configuration.maximumSharedMemoryBytesPerUser
+        let policy = try configuration.policyDirectory.map { (directory) throws(BrokerStartError) in
+            try Policy.load(directory: directory)
+        } ?? .none
         let netTable = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
         netTable.maximumSocketsPerUser = configuration.maximumSocketsPerUser
         netTable.budget = budget
+        netTable.policy = policy
         let registry = CapsRegistry(logger: logger)
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
         registry.budget = budget
+        registry.policy = policy
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
             loop = try EventLoop()

@@ -51,6 +51,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
     var claimAckTimeout = "10s"
 
+    @Option(help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")
+    var policyDirectory: String?
+
     @Option(help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
     var stuckClientTimeout = "30s"
 
@@ -118,6 +121,7 @@ public struct DaemonCommand: ParsableCommand {
         }
         configuration.maximumSocketsPerUser = maxSocketsPerUid
         configuration.maximumServicesPerUser = maxServicesPerUid
+        if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
         if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(claimAckTimeout) }) {

@@ -100,3 +100,91 @@ struct PidReuseTests {
         #expect(try root.status().keys == 1)
     }
 }
+
+@Suite("Two users: names", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserNameTests {
+    func openBroker(_ arguments: [String]) throws -> TestBroker {
+        let broker = try TestBroker(["--system"] + arguments)
+        chmod(broker.directory, 0o755)
+        return broker
+    }
+
+    /// Starts `caps serve NAME --allow world --echo` as nobody and waits (bounded) until the
+    /// broker lists the registration.
+    func serveAsNobody(_ name: String, _ broker: TestBroker, root: Broker) throws -> Child {
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                    "caps", "serve", name, "--allow", "world", "--echo"],
+                              environment: broker.environment)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try !root.listServices().contains(where: { $0.name == name && $0.uid == Int32(otherUID) }),
+              monotonicNanoseconds() < deadline {
+            usleep(2_000)
+        }
+        return child
+    }
+
+    @Test("CAPS names: another uid cannot shadow a live registration, and a caller that names no uid never reaches another uid's service")
+    func capsHijack() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "greeter", access: [.world])
+        let environment = broker.environment
+        // nobody tries to take root's name: EEXIST, naming the holder.
+        let hijack = try runAsOtherUser(["caps", "serve", "greeter", "--allow", "world", "--echo"], environment: environment)
+        #expect(hijack.standardError.hasPrefix("patchbay: caps serve: EEXIST: service greeter is registered by uid 0"),
+                "\(hijack.standardError)")
+        _ = consume service
+        // nobody's own service: root, naming no uid, does not reach it...
+        let theirs = try serveAsNobody("nobody.echo", broker, root: root)
+        defer { theirs.kill(SIGTERM); _ = try? theirs.wait() }
+        let untrusted = expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in
+            _ = try CapsClient(root, name: "nobody.echo")
+        }
+        #expect(untrusted?.reason.contains("uid 65534's") == true, "\(String(describing: untrusted))")
+        // ...unless it names the uid, which is asking for that user's service on purpose.
+        let chosen = try CapsClient(root, name: "nobody.echo", uid: Int32(otherUID))
+        #expect(try chosen.call(Array("hi".utf8)) == Array("hi".utf8))
+    }
+
+    @Test("policy: a reserved CAPS or /net name is taken only by its owners; a reserved name's owner is trusted by every caller")
+    func policyReservations() throws {
+        let policy = makeTemporaryDirectory()
+        defer { removeTree(policy) }
+        try writeFile(policy + "/10-test.conf", """
+            # reserved for root
+            caps  system.*      uid:0
+            net   printer       uid:0       # the spooler's socket
+            # nobody's, and trusted as such
+            caps  shared.echo   uid:65534
+            """)
+        let broker = try openBroker(["--policy-directory", policy])
+        let root = try broker.connect()
+        let environment = broker.environment
+        let capsTaken = try runAsOtherUser(["caps", "serve", "system.time", "--allow", "world", "--echo"], environment: environment)
+        #expect(capsTaken.standardError.hasPrefix("patchbay: caps serve: EACCES: "), "\(capsTaken.standardError)")
+        #expect(capsTaken.standardError.contains("reserved by the broker's policy for uid 0"), "\(capsTaken.standardError)")
+        let netTaken = try runAsOtherUser(["net", "listen", "printer", "--echo"], environment: environment)
+        #expect(netTaken.standardError.contains("EACCES"), "\(netTaken.standardError)")
+        // Root takes its own reserved names.
+        _ = try CapsService(root, name: "system.time", access: [.world])
+        _ = try Socket.listen(root, name: "printer")
+        // nobody's reserved service is trusted by root without naming the uid.
+        let theirs = try serveAsNobody("shared.echo", broker, root: root)
+        defer { theirs.kill(SIGTERM); _ = try? theirs.wait() }
+        let client = try CapsClient(root, name: "shared.echo")
+        #expect(try client.call(Array("ping".utf8)) == Array("ping".utf8))
+    }
+
+    @Test("a malformed policy stops the broker from starting, with the file and line")
+    func malformedPolicy() throws {
+        let policy = makeTemporaryDirectory()
+        defer { removeTree(policy) }
+        try writeFile(policy + "/bad.conf", "caps ok uid:0\ncaps broken owner:0\n")
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let result = try run(patchbayDaemon, ["--system", "--socket", directory + "/s.sock", "--shm-directory", directory + "/shm",
+                                              "--policy-directory", policy])
+        #expect(result.termination == .exited(1))
+        #expect(result.standardError.contains("bad.conf, line 2"), "\(result.standardError)")
+    }
+}

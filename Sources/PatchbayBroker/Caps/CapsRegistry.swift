@@ -182,6 +182,8 @@ final class CapsRegistry {
     var maximumServicesPerUser = 256
     /// Where services' and channels' descriptors are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
+    /// Names reserved for their owners (system broker).
+    var policy = Policy.none
 
     init(logger: Logger) {
         self.logger = logger
@@ -199,6 +201,12 @@ final class CapsRegistry {
         }
         guard serviceBySession[session] == nil, channelBySession[session] == nil else {
             throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
+        }
+        try policy.checkTake(.caps, Substring(name), by: caller)
+        // A name belongs to whoever holds it: another uid's live registration is never shadowed.
+        if let holder = (byName[name] ?? []).compactMap({ services[$0] }).first(where: { $0.owner.uid != caller.uid }) {
+            throw RequestError(errno: .fileExists,
+                               reason: "service \(name) is registered by uid \(holder.owner.uid) (pid \(holder.owner.pid)); a name is held by one uid at a time")
         }
         if caller.uid != 0 {
             if uid != -1 && UInt32(bitPattern: uid) != caller.uid {
@@ -272,11 +280,18 @@ final class CapsRegistry {
         guard serviceBySession[session] == nil, channelBySession[session] == nil else {
             throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
         }
+        // Naming no uid means "a service I can trust": my own uid's, root's, or the name's owners'
+        // by policy. Naming a uid asks for that uid's service, whoever it is.
         let candidates = (byName[name] ?? []).compactMap { services[$0] }.filter { service in
-            (uid == -1 || service.uid == uid) && (gid == -1 || service.gid == gid)
+            (uid == -1 ? policy.trusts(serviceOwner: service.owner.uid, of: name, client: caller) : service.uid == uid)
+                && (gid == -1 || service.gid == gid)
         }
         guard let service = candidates.last else {
             if flags.contains(.waitForService) { return nil }
+            if uid == -1, let other = (byName[name] ?? []).compactMap({ services[$0] }).first {
+                throw RequestError(errno: .noSuchFileOrDirectory,
+                                   reason: "no service \(name) of uid \(caller.uid) or root is registered; the one there is uid \(other.owner.uid)'s: name that uid to use it")
+            }
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no service \(name) is registered (matching uid \(uid), gid \(gid))")
         }
         guard Self.permits(service: service, clientFlags: flags, caller: caller) else {

@@ -137,6 +137,8 @@ final class NetTable {
     var maximumSocketsPerUser = 4096
     /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
+    /// Names reserved for their owners (system broker).
+    var policy = Policy.none
     private var logger: Logger
 
     init(directory: String, mode: BrokerConfiguration.Mode, logger: Logger) throws(BrokerStartError) {
@@ -303,6 +305,7 @@ final class NetTable {
             }
             let arguments = Array(words.dropFirst())
             try handler(self)(socket, arguments, false)
+            if command == .bind, let name = arguments.first { try policy.checkTake(.net, name, by: caller) }
             steps.append((handler, arguments))
         }
         for (handler, arguments) in steps {
