@@ -1,8 +1,20 @@
-@_exported public import PatchbaySystem
-@_exported public import PatchbayProtocol
-@_exported public import SystemPackage
+// The client library's handle on a broker, and the broker-wide request (`status`).
+//
+// The library mirrors the broker: each subsystem lives in its folder (`Keys/`, `SharedMemory/`,
+// `Net/`, `Caps/`) as extensions of `Broker` and the types it hands out. Every public call throws
+// `PatchbayError`; every descriptor it hands out is an owned `Descriptor`.
+
+public import PatchbayProtocol
+import Dispatch
 import Glibc
+import PatchbaySystem
 import Synchronization
+
+/// What `Broker.status()` returns: the broker's identity and each uid's share of its objects.
+public typealias StatusReport = PatchbayProtocol.StatusReport
+
+/// One uid's row of a `StatusReport`.
+public typealias UserUsage = PatchbayProtocol.UserUsage
 
 /// A connection to a Patchbay broker: the handle every Patchbay operation goes through.
 ///
@@ -10,10 +22,17 @@ import Synchronization
 /// itself when none answers (race-free: concurrent starters serialise on a lock file and all end
 /// up on the one broker that won). One `Broker` may be shared by many threads; their requests are
 /// serialised on its one connection.
+///
+/// Every call has an `async` twin for callers in Swift concurrency: it runs the blocking call on
+/// this broker's own dispatch queue (never on the concurrency pool) and resumes the task with the
+/// outcome. A task cancelled meanwhile still gets the outcome: a request sent is never abandoned
+/// half-way.
 public final class Broker: Sendable {
     /// The socket this connection is attached to.
     public let socketPath: String
     let connection: Mutex<Connection>
+    /// Where the async calls block, one at a time, as the connection serialises them anyway.
+    private let queue = DispatchQueue(label: "patchbay.broker")
 
     /// Connects to `socketPath`, or with nil to the default broker (see the type's summary).
     /// `autostart` applies only to the per-user default path.
@@ -40,7 +59,25 @@ public final class Broker: Sendable {
         return report
     }
 
+    /// `status()` without blocking a Swift concurrency thread.
+    public func status() async throws(PatchbayError) -> StatusReport {
+        try await offThePool { [self] () throws(PatchbayError) in try status() }
+    }
+
     // MARK: Plumbing
+
+    /// Runs a blocking call on this broker's queue and resumes the calling task with its outcome.
+    func offThePool<T: ~Copyable>(_ body: @escaping @Sendable () throws(PatchbayError) -> T) async throws(PatchbayError) -> T {
+        let handoff = Handoff<T>()
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            queue.async {
+                do throws(PatchbayError) { handoff.value = try body() } catch { handoff.error = error }
+                continuation.resume()
+            }
+        }
+        if let error = handoff.error { throw error }
+        return handoff.value.take()!
+    }
 
     func call(_ request: Request, descriptors: [CInt] = []) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
@@ -51,4 +88,11 @@ public final class Broker: Sendable {
     func unexpected(_ reply: Reply) -> PatchbayError {
         PatchbayError(.protocolError, "unexpected reply \(reply.opcode) from the broker")
     }
+}
+
+/// One outcome handed from the queue that produced it to the task that awaits it (written before
+/// the continuation resumes, read after: never at the same time).
+private final class Handoff<T: ~Copyable>: @unchecked Sendable {
+    var value: T?
+    var error: PatchbayError?
 }

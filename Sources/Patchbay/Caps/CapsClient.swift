@@ -5,10 +5,12 @@ import Dispatch
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// What `CapsClient.get` and `wait` return: a REPLY (clients only ever see replies).
 public struct CapsReply: Sendable {
+    /// The id of the request this answers.
     public var messageID: UInt64
     /// The reply's full length. When larger than the buffer given, only the buffer's worth was
     /// copied and the reply is still queued (receive again with a bigger buffer).
@@ -17,6 +19,7 @@ public struct CapsReply: Sendable {
     public var consumed: Bool
     /// A 0-byte reply made by Patchbay because the service went away before answering.
     public var serviceClosed: Bool
+    /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
 }
 
@@ -45,8 +48,10 @@ public final class CapsConnectAttempt: Sendable {
     private let socket = Mutex<CInt>(-1)
     private let cancelled = Atomic<Bool>(false)
 
+    /// An attempt to pass to `CapsClient(_:name:...attempt:)`.
     public init() {}
 
+    /// Makes the connection waiting with this attempt fail with `ECANCELED`.
     public func cancel() {
         cancelled.store(true, ordering: .sequentiallyConsistent)
         socket.withLock { fd in if fd >= 0 { _ = shutdown(fd, CInt(SHUT_RDWR)) } }

@@ -16,9 +16,17 @@
 // Errors: every call throws `PatchbayError`; the errnos are listed on each call and in the
 // README (CAPS section).
 
+public import PatchbayProtocol
 import Glibc
-import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
+
+/// Who sent a CAPS message, from the kernel (`SO_PEERCRED`/`SO_PEERGROUPS` when the client
+/// connected): pid, uid, euid, gid, up to 16 supplementary groups.
+public typealias CapsCredentials = PatchbayProtocol.CapsCredentials
+
+/// A registered service as `Broker.listServices()` shows it.
+public typealias CapsServiceInfo = PatchbayProtocol.CapsServiceInfo
 
 /// Descriptors that came with a message. They are owned here: whatever is not taken is closed
 /// when this goes away.

@@ -1,9 +1,11 @@
 // A CAPS service port: receive REQUESTs (and DISPOSEs) from every client, reply to them, over
 // each client's shared-memory channel (the story of CAPS is on top of CapsPort.swift).
 
-import Glibc
-import PatchbayProtocol
+// `public`: a service registers under the caller's effective uid by default (`geteuid()`).
+public import Glibc
+public import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// What a service receives.
@@ -22,11 +24,14 @@ public enum CapsMessageKind: Sendable, Equatable {
 
 /// A message as the service sees it.
 public struct CapsServiceMessage: Sendable {
+    /// What arrived.
     public var kind: CapsMessageKind
+    /// The id to reply to (0 for connection notices).
     public var messageID: UInt64
     /// The full length. When larger than the buffer given, only the buffer's worth was copied and
     /// the message is still queued.
     public var length: Int
+    /// Whether the message was consumed (the buffer was large enough, or it was read in place).
     public var consumed: Bool
     /// The sender, from the kernel (SO_PEERCRED / SO_PEERGROUPS when the client connected).
     public var credentials: CapsCredentials
@@ -34,6 +39,7 @@ public struct CapsServiceMessage: Sendable {
     public var channelID: UInt64
     /// The payload came in the channel's shared memory (false: in an attached memfd).
     public var inPlace: Bool
+    /// Descriptors the client attached (take them, or they close with the message).
     public var descriptors: CapsDescriptors?
 }
 
@@ -585,5 +591,10 @@ extension Broker {
             throw PatchbayError(.protocolError, "unexpected reply to a service listing")
         }
         return services
+    }
+
+    /// `listServices` without blocking a Swift concurrency thread.
+    public func listServices() async throws(PatchbayError) -> [CapsServiceInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listServices() }
     }
 }

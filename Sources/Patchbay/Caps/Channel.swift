@@ -6,6 +6,7 @@
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// One ring entry, as copied out of shared memory.

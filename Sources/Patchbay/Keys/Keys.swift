@@ -9,13 +9,20 @@
 // expired, or restricted to someone else: indistinguishable on purpose), `EMFILE` (the key stays
 // valid), `EDQUOT` (too many outstanding keys), `EAGAIN` (too many failed claims).
 
-import PatchbayProtocol
+public import PatchbayProtocol
+public import SystemPackage
 import PatchbaySystem
+
+/// Who may claim a key (`.uid`, `.gid`, `.pid`); anyone else gets `ENOENT`, as if the key did not
+/// exist.
+public typealias ClaimRestriction = PatchbayProtocol.ClaimRestriction
 
 extension Broker {
     /// How long a key stays claimable.
     public enum Expiry: Sendable, Equatable {
+        /// Until claimed (or the broker stops).
         case never
+        /// For a positive duration from the share; a claim after that is `ENOENT`.
         case after(Duration)
     }
 
@@ -31,7 +38,15 @@ extension Broker {
         try share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
     }
 
-    /// `share` for a descriptor this code does not own (for example one inherited at exec).
+    /// `share` for a swift-system `FileDescriptor`. The caller keeps owning it (and may close it
+    /// at once: the key holds the file).
+    public func share(
+        _ descriptor: FileDescriptor, timeout: Expiry = .after(.seconds(60)), claimableBy restriction: ClaimRestriction? = nil
+    ) throws(PatchbayError) -> Key {
+        try share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
+    }
+
+    /// `share` for a raw descriptor this code does not own (for example one inherited at exec).
     public func share(
         rawDescriptor: CInt, timeout: Expiry = .after(.seconds(60)), claimableBy restriction: ClaimRestriction? = nil
     ) throws(PatchbayError) -> Key {
@@ -67,7 +82,7 @@ extension Broker {
             // Tell the broker whether the descriptor arrived, so a lost one restores the key.
             if !response.descriptorLost, let descriptor = response.takeDescriptor() {
                 try connection.post(.keys(.claimAcknowledge(key.token, received: true)))
-                return descriptor
+                return Descriptor(descriptor)
             }
             try connection.post(.keys(.claimAcknowledge(key.token, received: false)))
             if response.descriptorLost {
@@ -76,5 +91,49 @@ extension Broker {
             }
             throw PatchbayError(.protocolError, "the broker's claim reply carried no descriptor")
         }
+    }
+
+    /// `claim`, handing the new descriptor over as a swift-system `FileDescriptor`: the caller owns
+    /// it and must close it (`close()`), exactly once.
+    ///
+    /// - Throws: as `claim`.
+    public func claimFileDescriptor(_ key: Key) throws(PatchbayError) -> FileDescriptor {
+        try claim(key).release()
+    }
+
+    // MARK: Async
+
+    /// `share` without blocking a Swift concurrency thread. The caller's borrow keeps
+    /// `descriptor` open until the broker has its own copy.
+    public func share(
+        _ descriptor: borrowing Descriptor, timeout: Expiry = .after(.seconds(60)), claimableBy restriction: ClaimRestriction? = nil
+    ) async throws(PatchbayError) -> Key {
+        try await share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
+    }
+
+    /// `share` of a swift-system `FileDescriptor` without blocking a Swift concurrency thread.
+    public func share(
+        _ descriptor: FileDescriptor, timeout: Expiry = .after(.seconds(60)), claimableBy restriction: ClaimRestriction? = nil
+    ) async throws(PatchbayError) -> Key {
+        try await share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
+    }
+
+    /// `share(rawDescriptor:)` without blocking a Swift concurrency thread.
+    public func share(
+        rawDescriptor: CInt, timeout: Expiry = .after(.seconds(60)), claimableBy restriction: ClaimRestriction? = nil
+    ) async throws(PatchbayError) -> Key {
+        try await offThePool { [self] () throws(PatchbayError) in
+            try share(rawDescriptor: rawDescriptor, timeout: timeout, claimableBy: restriction)
+        }
+    }
+
+    /// `claim` without blocking a Swift concurrency thread.
+    public func claim(_ key: Key) async throws(PatchbayError) -> Descriptor {
+        try await offThePool { [self] () throws(PatchbayError) in try claim(key) }
+    }
+
+    /// `claimFileDescriptor` without blocking a Swift concurrency thread.
+    public func claimFileDescriptor(_ key: Key) async throws(PatchbayError) -> FileDescriptor {
+        try await offThePool { [self] () throws(PatchbayError) in try claimFileDescriptor(key) }
     }
 }

@@ -1,7 +1,10 @@
 // The `/net` namespace as a whole: its bound names, its sockets, where a name lives on disk.
 
-import PatchbayProtocol
+public import PatchbayProtocol
 import PatchbaySystem
+
+/// A `/net` socket as `listSockets` shows it: id, family, type, state, name, owner.
+public typealias NetSocketInfo = PatchbayProtocol.NetSocketInfo
 
 extension Broker {
     /// Opens `/net/<family>/addrs`: the bound names, one per line, as a file to read.
@@ -10,7 +13,7 @@ extension Broker {
         guard case .namespace(.open) = response.reply, let file = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's address list reply carried no descriptor")
         }
-        return file
+        return Descriptor(file)
     }
 
     /// Every `/net` socket: id, family, type, state, name, owner.
@@ -29,5 +32,20 @@ extension Broker {
             throw PatchbayError(.protocolError, "unexpected reply to a path request")
         }
         return path
+    }
+
+    /// `openAddressList` without blocking a Swift concurrency thread.
+    public func openAddressList(family: Socket.Family = .local) async throws(PatchbayError) -> Descriptor {
+        try await offThePool { [self] () throws(PatchbayError) in try openAddressList(family: family) }
+    }
+
+    /// `listSockets` without blocking a Swift concurrency thread.
+    public func listSockets() async throws(PatchbayError) -> [NetSocketInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listSockets() }
+    }
+
+    /// `localSocketPath` without blocking a Swift concurrency thread.
+    public func localSocketPath(_ name: String) async throws(PatchbayError) -> String {
+        try await offThePool { [self] () throws(PatchbayError) in try localSocketPath(name) }
     }
 }

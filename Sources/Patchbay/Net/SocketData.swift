@@ -1,6 +1,7 @@
 // A connected socket's data: its kernel socket, read and written directly (no broker involved).
 
 import PatchbaySystem
+import SystemPackage
 
 extension Socket {
 
@@ -22,6 +23,7 @@ extension Socket {
         }
     }
 
+    /// Sends one message from an array; see `send(_:)`.
     @discardableResult
     public func send(_ bytes: [UInt8]) throws(PatchbayError) -> Int {
         try bytes.withUnsafeBytes { raw in
@@ -31,23 +33,27 @@ extension Socket {
 
     /// Sends a datagram to the address a received one came from.
     @discardableResult
-    public func send(_ bytes: [UInt8], to address: UnixSocket.Address) throws(PatchbayError) -> Int {
+    public func send(_ bytes: [UInt8], to address: Address) throws(PatchbayError) -> Int {
         let fd = try dataDescriptorOrFail()
         let result = bytes.withUnsafeBytes { raw in
-            Result { () throws(Errno) -> Int in try UnixSocket.send(on: fd, raw, to: address, nonblocking: nonblocking) }
+            Result { () throws(Errno) -> Int in try UnixSocket.send(on: fd, raw, to: address.system, nonblocking: nonblocking) }
         }
         do { return try result.get() } catch { throw PatchbayError(error, Self.dataReason(error, sending: true)) }
     }
 
     /// Receives one message into `buffer` (at most one packet on seqpacket and dgram; a packet
     /// longer than the buffer is cut and `truncated` says so). `isEndOfFile` tells end of file
-    /// from a zero-length packet (see `UnixSocket.zeroLengthReadIsEndOfFile`).
+    /// from a zero-length packet (on seqpacket, a 0-byte read is end of file only once the peer has
+    /// shut down and nothing is left; an empty packet that was the very last thing the peer sent
+    /// reads as end of file, as in any seqpacket reader).
     public func receive(into buffer: UnsafeMutableRawBufferPointer, wantSender: Bool = false)
-        throws(PatchbayError) -> UnixSocket.Received
+        throws(PatchbayError) -> Received
     {
         let fd = try dataDescriptorOrFail()
         do {
-            var received = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+            let system = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+            var received = Received(count: system.count, messageLength: system.messageLength,
+                                    sender: system.sender.map(Address.init))
             if received.messageLength == 0 {
                 switch kind {
                 case .stream: received.isEndOfFile = true
@@ -61,12 +67,11 @@ extension Socket {
         }
     }
 
-    /// Receives one message as bytes.
     /// Receives one message as bytes; nil at end of file.
     public func receive(maximumLength: Int = 65536) throws(PatchbayError) -> (bytes: [UInt8], truncated: Bool)? {
         var buffer = [UInt8](repeating: 0, count: maximumLength)
         let received = try buffer.withUnsafeMutableBytes { raw in
-            Result { () throws(PatchbayError) -> UnixSocket.Received in try receive(into: raw) }
+            Result { () throws(PatchbayError) -> Received in try receive(into: raw) }
         }.get()
         if received.isEndOfFile { return nil }
         return (Array(buffer[0..<received.count]), received.truncated)
@@ -94,5 +99,32 @@ extension Socket {
         case .connectionRefused: "nobody is listening at the destination"
         default: sending ? "send failed" : "receive failed"
         }
+    }
+}
+
+extension Socket {
+    /// Where a datagram came from (a `sockaddr_un`), to answer it with `send(_:to:)`.
+    public struct Address: Sendable, Equatable {
+        let system: UnixSocket.Address
+
+        /// The raw `sockaddr_un` bytes.
+        public var bytes: [UInt8] { system.bytes }
+
+        /// The path, or nil for an unnamed or abstract address.
+        public var path: String? { system.path }
+    }
+
+    /// What one `receive` got.
+    public struct Received: Sendable {
+        /// Bytes copied into the buffer.
+        public var count: Int
+        /// The whole message's length: larger than `count` when a packet was cut short.
+        public var messageLength: Int
+        /// The packet did not fit and its tail was discarded (seqpacket and dgram).
+        public var truncated: Bool { messageLength > count }
+        /// The sender's address, when asked for (`wantSender`).
+        public var sender: Address?
+        /// The peer has shut down and everything it sent has been read (stream and seqpacket).
+        public var isEndOfFile = false
     }
 }

@@ -8,7 +8,7 @@ extension SharedMemory {
     /// `SHM_ANON`/`/dev/shmem/new` object. `sealable` allows Linux memfd seals on it.
     public static func anonymous(sealable: Bool = false) throws(PatchbayError) -> SharedMemory {
         do {
-            return SharedMemory(descriptor: try makeMemoryFile(name: "patchbay-anonymous", sealable: sealable),
+            return SharedMemory(descriptor: Descriptor(try makeMemoryFile(name: "patchbay-anonymous", sealable: sealable)),
                                 kind: .anonymous, isWritable: true)
         } catch {
             throw PatchbayError(error, "cannot create an anonymous shared memory object")
@@ -24,6 +24,11 @@ extension Broker {
         guard case .namespace(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
-        return SharedMemory(descriptor: handle, kind: .anonymous, isWritable: true)
+        return SharedMemory(descriptor: Descriptor(handle), kind: .anonymous, isWritable: true)
+    }
+
+    /// `newAnonymousSharedMemory` without blocking a Swift concurrency thread.
+    public func newAnonymousSharedMemory(sealable: Bool = false) async throws(PatchbayError) -> SharedMemory {
+        try await offThePool { [self] () throws(PatchbayError) in try newAnonymousSharedMemory(sealable: sealable) }
     }
 }

@@ -2,6 +2,7 @@
 // mapping call returns (unmapped when it goes away).
 
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 extension SharedMemory {
@@ -35,7 +36,7 @@ extension SharedMemory {
             mappedLength = try sizeForAnonymousMapping(length: length, offset: offset)
         }
         do {
-            return try Mapping(descriptor, length: mappedLength, offset: offset, writable: writable)
+            return Mapping(try PatchbaySystem.Mapping(descriptor.system, length: mappedLength, offset: offset, writable: writable))
         } catch {
             throw PatchbayError(error, error == .permissionDenied
                 ? "the kernel refused a writable mapping (is the object sealed against writes?)"
@@ -61,11 +62,11 @@ extension SharedMemory {
 
     private func sizeUnderLock(length: Int?, offset: Int) throws(PatchbayError) -> Int {
         do {
-            try descriptor.lockFile()
+            try descriptor.system.lockFile()
         } catch {
             throw PatchbayError(error, "cannot lock the object to decide its size")
         }
-        defer { descriptor.unlockFile() }
+        defer { descriptor.system.unlockFile() }
         let size = try self.size
         if size > 0 {
             return try laterMappingLength(size: size, length: length, offset: offset)
@@ -78,7 +79,7 @@ extension SharedMemory {
         }
         let rounded = (length + pageSize - 1) / pageSize * pageSize
         do {
-            try descriptor.truncate(to: rounded)
+            try descriptor.system.truncate(to: rounded)
         } catch {
             throw PatchbayError(error, "cannot size the object to \(rounded) bytes")
         }
@@ -101,14 +102,35 @@ extension SharedMemory {
 /// Threads of one process share POSIX locks, so sizing also takes this process-wide lock.
 private let anonymousSizingLock = Mutex(())
 
-extension Mapping {
+/// A shared mapping of a shared memory object, unmapped when this value ends. The memory is used
+/// in place: `withUnsafeBytes`/`withUnsafeMutableBytes`, or `bytes`/`mutableBytes` while the
+/// mapping lives.
+public struct Mapping: ~Copyable {
+    let system: PatchbaySystem.Mapping
+
+    init(_ system: consuming PatchbaySystem.Mapping) {
+        self.system = system
+    }
+
+    /// The first mapped byte.
+    public var baseAddress: UnsafeMutableRawPointer { system.baseAddress }
+
+    /// The mapped length in bytes.
+    public var count: Int { system.count }
+
+    /// The mapped bytes, for reading in place (valid while the mapping lives).
+    public var bytes: UnsafeRawBufferPointer { system.bytes }
+
+    /// The mapped bytes, for writing in place (valid while the mapping lives).
+    public var mutableBytes: UnsafeMutableRawBufferPointer { system.mutableBytes }
+
     /// Runs `body` with the mapped bytes for reading, in place.
     public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
-        try body(bytes)
+        try body(system.bytes)
     }
 
     /// Runs `body` with the mapped bytes for writing, in place.
     public func withUnsafeMutableBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
-        try body(mutableBytes)
+        try body(system.mutableBytes)
     }
 }

@@ -1,8 +1,13 @@
 // Named shared memory (FreeBSD shm_open): the broker keeps the namespace.
 
+public import PatchbayProtocol
 import Glibc
-import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
+
+/// A named object as `statSharedMemory` and `listSharedMemory` show it: name, size, owner, mode,
+/// times (nanoseconds since the epoch) and populated blocks.
+public typealias SharedMemoryInfo = PatchbayProtocol.SharedMemoryInfo
 
 /// How `openSharedMemory` opens.
 public struct SharedMemoryOpenOptions: OptionSet, Sendable {
@@ -66,7 +71,7 @@ extension Broker {
         guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
-        return SharedMemory(descriptor: handle, kind: .named, isWritable: access == .readWrite)
+        return SharedMemory(descriptor: Descriptor(handle), kind: .named, isWritable: access == .readWrite)
     }
 
     /// `shm_unlink`: removes the name. Existing handles and mappings keep working.
@@ -107,6 +112,40 @@ extension Broker {
             guard more, let last = page.last else { return all }
             after = last.name
         }
+    }
+
+    // MARK: Async
+
+    /// `openSharedMemory` without blocking a Swift concurrency thread.
+    public func openSharedMemory(
+        _ name: String, access: SharedMemoryAccess = .readWrite, options: SharedMemoryOpenOptions = [],
+        mode: UInt32 = 0o600
+    ) async throws(PatchbayError) -> SharedMemory {
+        try await offThePool { [self] () throws(PatchbayError) in
+            try openSharedMemory(name, access: access, options: options, mode: mode)
+        }
+    }
+
+    /// `unlinkSharedMemory` without blocking a Swift concurrency thread.
+    public func unlinkSharedMemory(_ name: String) async throws(PatchbayError) {
+        try await offThePool { [self] () throws(PatchbayError) in try unlinkSharedMemory(name) }
+    }
+
+    /// `renameSharedMemory` without blocking a Swift concurrency thread.
+    public func renameSharedMemory(from: String, to: String, _ behaviour: SharedMemoryRename = .replace)
+        async throws(PatchbayError)
+    {
+        try await offThePool { [self] () throws(PatchbayError) in try renameSharedMemory(from: from, to: to, behaviour) }
+    }
+
+    /// `statSharedMemory` without blocking a Swift concurrency thread.
+    public func statSharedMemory(_ name: String) async throws(PatchbayError) -> SharedMemoryInfo {
+        try await offThePool { [self] () throws(PatchbayError) in try statSharedMemory(name) }
+    }
+
+    /// `listSharedMemory` without blocking a Swift concurrency thread.
+    public func listSharedMemory() async throws(PatchbayError) -> [SharedMemoryInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listSharedMemory() }
     }
 
     /// Name bytes, with the checks that must happen before anything is sent: a name longer than

@@ -13,10 +13,12 @@
 
 import Glibc
 import PatchbaySystem
+import SystemPackage
 
 /// A shared memory object held by this process: a descriptor plus what kind of object it is.
 /// Closing (dropping) it does not unmap mappings made from it.
 public struct SharedMemory: ~Copyable {
+    /// What kind of object a handle refers to.
     public enum Kind: Sendable, Equatable {
         /// Anonymous: size fixed by the first mapping (or by `truncate`), sealable if asked.
         case anonymous
@@ -24,6 +26,7 @@ public struct SharedMemory: ~Copyable {
         case named
     }
 
+    /// The object's descriptor, owned by this handle (share it with `Broker.share`).
     public let descriptor: Descriptor
     public let kind: Kind
     /// Whether this handle may write (it was opened read-write).
@@ -40,14 +43,14 @@ public struct SharedMemory: ~Copyable {
     public init(adopting descriptor: consuming Descriptor) throws(PatchbayError) {
         let access: CInt
         do {
-            access = try descriptor.accessMode()
+            access = try descriptor.system.accessMode()
         } catch {
             throw PatchbayError(error, "not an open descriptor")
         }
         guard access != O_WRONLY else {
             throw PatchbayError(.invalidArgument, "a write-only descriptor cannot be mapped")
         }
-        let link = descriptor.procLink() ?? ""
+        let link = descriptor.system.procLink() ?? ""
         self.kind = link.hasPrefix("/memfd:") ? .anonymous : .named
         self.isWritable = access == O_RDWR
         self.descriptor = descriptor
@@ -57,7 +60,7 @@ public struct SharedMemory: ~Copyable {
     public func readOnly() throws(PatchbayError) -> SharedMemory {
         do {
             let handle = try openFile("/proc/self/fd/\(descriptor.rawValue)", flags: O_RDONLY)
-            return SharedMemory(descriptor: handle, kind: kind, isWritable: false)
+            return SharedMemory(descriptor: Descriptor(handle), kind: kind, isWritable: false)
         } catch {
             throw PatchbayError(error, "cannot reopen the object read-only")
         }
@@ -66,7 +69,7 @@ public struct SharedMemory: ~Copyable {
     /// The object's current size in bytes.
     public var size: Int {
         get throws(PatchbayError) {
-            do { return try descriptor.size() } catch { throw PatchbayError(error, "fstat failed") }
+            try descriptor.size()
         }
     }
 
@@ -83,7 +86,7 @@ public struct SharedMemory: ~Copyable {
             throw PatchbayError(.invalidArgument, "the size cannot be negative")
         }
         do {
-            try descriptor.truncate(to: size)
+            try descriptor.system.truncate(to: size)
         } catch {
             throw PatchbayError(error, error == .notPermitted ? "a seal forbids this size change" : "ftruncate failed")
         }
@@ -92,7 +95,7 @@ public struct SharedMemory: ~Copyable {
     /// The object's seals. Named objects report `.seal` only: they can never be sealed.
     public func seals() throws(PatchbayError) -> Seals {
         if kind == .named { return .seal }
-        do { return try descriptor.seals() } catch { throw PatchbayError(error, "F_GET_SEALS failed") }
+        do { return Seals(rawValue: try descriptor.system.seals().rawValue) } catch { throw PatchbayError(error, "F_GET_SEALS failed") }
     }
 
     /// Adds seals (Linux memfd semantics).
@@ -104,7 +107,7 @@ public struct SharedMemory: ~Copyable {
             throw PatchbayError(.notPermitted, "named shared memory objects are never sealable")
         }
         do {
-            try descriptor.addSeals(seals)
+            try descriptor.system.addSeals(PatchbaySystem.Seals(rawValue: seals.rawValue))
         } catch {
             let reason = switch error {
             case .notPermitted: "the object does not allow (more) seals: it was not created sealable, or is sealed against sealing"
@@ -117,6 +120,23 @@ public struct SharedMemory: ~Copyable {
 
     /// Size, populated blocks and times, from the kernel.
     public func status() throws(PatchbayError) -> FileStatus {
-        do { return try descriptor.status() } catch { throw PatchbayError(error, "statx failed") }
+        try descriptor.status()
     }
+}
+
+/// Linux memfd seals (`F_SEAL_*`) on an anonymous object.
+public struct Seals: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// No more seals may be added (`F_SEAL_SEAL`).
+    public static let seal = Seals(rawValue: PatchbaySystem.Seals.seal.rawValue)
+    /// The size may not shrink (`F_SEAL_SHRINK`).
+    public static let shrink = Seals(rawValue: PatchbaySystem.Seals.shrink.rawValue)
+    /// The size may not grow (`F_SEAL_GROW`).
+    public static let grow = Seals(rawValue: PatchbaySystem.Seals.grow.rawValue)
+    /// No writes at all, through any mapping or descriptor (`F_SEAL_WRITE`).
+    public static let write = Seals(rawValue: PatchbaySystem.Seals.write.rawValue)
+    /// No new writable mappings or writes; existing writable mappings keep working
+    /// (`F_SEAL_FUTURE_WRITE`).
+    public static let futureWrite = Seals(rawValue: PatchbaySystem.Seals.futureWrite.rawValue)
 }
