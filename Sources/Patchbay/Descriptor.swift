@@ -97,18 +97,27 @@ public struct Descriptor: ~Copyable {
 
 /// What the kernel knows of a file (`statx`), times in nanoseconds since the epoch.
 public struct FileStatus: Sendable, Equatable {
+    /// Size in bytes.
     public var size: Int
     /// 512-byte blocks actually allocated (populated pages, for memory files).
     public var blocks: Int
     /// Type and permission bits (`st_mode`).
     public var mode: UInt32
+    /// Owner.
     public var uid: UInt32
+    /// Group.
     public var gid: UInt32
+    /// Hard links (0 for a memfd).
     public var linkCount: UInt32
+    /// Inode number.
     public var inode: UInt64
+    /// Device the inode lives on.
     public var device: UInt64
+    /// Last access.
     public var accessTime: Int64
+    /// Last modification of the contents.
     public var modifyTime: Int64
+    /// Last change of the inode.
     public var changeTime: Int64
     /// Creation time, 0 when the file system does not record it.
     public var birthTime: Int64

@@ -20,11 +20,14 @@ public struct CapsRequest: Sendable {
 /// The REQUESTs of a service port, as they arrive (`CapsService.requests`). Iteration throws
 /// `PatchbayError`.
 public struct CapsRequests: AsyncSequence, Sendable {
+    /// Each request, copied out.
     public typealias Element = CapsRequest
+    /// What iteration throws.
     public typealias Failure = PatchbayError
 
     let stream: AsyncThrowingStream<CapsRequest, any Error>
 
+    /// An iterator over the requests.
     public func makeAsyncIterator() -> AsyncIterator {
         AsyncIterator(base: stream.makeAsyncIterator())
     }
@@ -33,10 +36,12 @@ public struct CapsRequests: AsyncSequence, Sendable {
     public struct AsyncIterator: AsyncIteratorProtocol {
         var base: AsyncThrowingStream<CapsRequest, any Error>.Iterator
 
+        /// The next request; nil once the wait was cancelled or the iteration ended.
         public mutating func next() async throws(PatchbayError) -> CapsRequest? {
             do { return try await base.next() } catch { throw Self.patchbayError(error) }
         }
 
+        /// `next()`, on the caller's actor.
         public mutating func next(isolation actor: isolated (any Actor)?) async throws(PatchbayError) -> CapsRequest? {
             do { return try await base.next(isolation: actor) } catch { throw Self.patchbayError(error) }
         }

@@ -33,7 +33,9 @@ public enum CapsAbortOutcome: Sendable, Equatable {
 
 /// Options of `CapsClient` and `CapsService`: access classes (SEMANTICS.md §5).
 public struct CapsAccess: OptionSet, Sendable {
+    /// The wire's access class bits.
     public let rawValue: UInt32
+    /// Access classes from their wire bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// The service's uid is the client's effective uid.
     public static let user = CapsAccess(rawValue: CapsFlags.user.rawValue)

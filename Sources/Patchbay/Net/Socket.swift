@@ -31,7 +31,9 @@ public struct Socket: ~Copyable {
 
     /// The socket's id: its directory is `/net/<family>/<id>/`.
     public let id: UInt64
+    /// `/net/<family>/`.
     public let family: Family
+    /// seqpacket, stream or dgram.
     public let kind: Kind
     /// Data calls on this handle never wait (`EAGAIN` instead); accept with nothing pending is
     /// `EAGAIN`.

@@ -11,7 +11,9 @@ public typealias SharedMemoryInfo = PatchbayProtocol.SharedMemoryInfo
 
 /// How `openSharedMemory` opens.
 public struct SharedMemoryOpenOptions: OptionSet, Sendable {
+    /// The wire's open flag bits.
     public let rawValue: UInt32
+    /// Options from their wire bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// Create the object if the name is free.
     public static let create = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.create.rawValue)

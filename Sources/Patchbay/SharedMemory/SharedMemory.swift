@@ -28,6 +28,7 @@ public struct SharedMemory: ~Copyable {
 
     /// The object's descriptor, owned by this handle (share it with `Broker.share`).
     public let descriptor: Descriptor
+    /// Anonymous or named.
     public let kind: Kind
     /// Whether this handle may write (it was opened read-write).
     public let isWritable: Bool
@@ -126,7 +127,9 @@ public struct SharedMemory: ~Copyable {
 
 /// Linux memfd seals (`F_SEAL_*`) on an anonymous object.
 public struct Seals: OptionSet, Sendable, Hashable {
+    /// The `F_SEAL_*` bits.
     public let rawValue: UInt32
+    /// Seals from their `F_SEAL_*` bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// No more seals may be added (`F_SEAL_SEAL`).
     public static let seal = Seals(rawValue: PatchbaySystem.Seals.seal.rawValue)
