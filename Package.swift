@@ -53,11 +53,16 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // The client library users import.
+        // The client library users import. Its imports are internal unless marked `public`, so
+        // the compiler checks that nothing of the layers below leaks into its public API.
         .target(
             name: "Patchbay",
-            dependencies: ["PatchbaySystem", "PatchbayProtocol"],
-            swiftSettings: strict
+            dependencies: [
+                "PatchbaySystem",
+                "PatchbayProtocol",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict + [.enableUpcomingFeature("InternalImportsByDefault")]
         ),
         // The commands of the CLI, shared by `patchbay` and `patchbayd`.
         .target(
@@ -66,6 +71,8 @@ let package = Package(
                 "Patchbay",
                 "PatchbayBroker",
                 "PatchbaySystem",
+                "PatchbayProtocol",
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -85,7 +92,7 @@ let package = Package(
         // pending share, claim on a barrier) in a separate, unrelated process.
         .executableTarget(
             name: "patchbay-testpeer",
-            dependencies: ["Patchbay", "PatchbaySystem"],
+            dependencies: ["Patchbay", "PatchbaySystem", .product(name: "SystemPackage", package: "swift-system")],
             path: "Sources/PatchbayTestPeer",
             swiftSettings: strict
         ),
@@ -113,7 +120,10 @@ let package = Package(
         ),
         .testTarget(
             name: "PatchbayTests",
-            dependencies: ["Patchbay", "PatchbaySystem", "PatchbayProtocol"],
+            dependencies: [
+                "Patchbay", "PatchbaySystem", "PatchbayProtocol",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
             swiftSettings: strict
         ),
         // The syscall layer on real kernel objects: descriptor passing, credentials, epoll,

@@ -11,7 +11,7 @@ struct Response: ~Copyable {
     var descriptorLost: Bool
 
     /// The first descriptor, if any.
-    mutating func takeDescriptor() -> Descriptor? { descriptors.takeFirst() }
+    mutating func takeDescriptor() -> PatchbaySystem.Descriptor? { descriptors.takeFirst() }
 }
 
 /// One control connection to the broker: request ids, frames, and the descriptors riding along.

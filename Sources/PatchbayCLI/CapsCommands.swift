@@ -1,6 +1,9 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay caps ...`: DragonFly BSD's CAPS request/reply services.
 struct CapsCommand: ParsableCommand {
@@ -186,7 +189,7 @@ func runFilter(_ command: [String], input: [UInt8]) -> [UInt8] {
     _ = consume writer
     let payload = input
     startThread {
-        let sink = Descriptor(adopting: fd)
+        let sink = PatchbaySystem.Descriptor(adopting: fd)
         try? sink.writeAll(payload)
     }
     let output = (try? reader.readToEnd()) ?? []

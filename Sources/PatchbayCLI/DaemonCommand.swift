@@ -2,6 +2,8 @@ import ArgumentParser
 import Glibc
 import Logging
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 import PatchbayBroker
 
 /// `patchbay daemon` (also `patchbayd`): runs the broker in the foreground until SIGTERM/SIGINT.

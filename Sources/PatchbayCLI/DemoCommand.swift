@@ -1,6 +1,9 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay demo`: a guided tour, across real processes, of what Patchbay does today.
 struct DemoCommand: ParsableCommand {
@@ -59,7 +62,7 @@ private final class Tour {
         // 3. Any descriptor: a pipe, written by another process.
         let pipe = try Pipe()
         started = monotonicNanoseconds()
-        let pipeKey = try broker.share(pipe.writeEnd, timeout: .after(.seconds(10)))
+        let pipeKey = try broker.share(rawDescriptor: pipe.writeEnd.rawValue, timeout: .after(.seconds(10)))
         let writer = try runChild(["claim", pipeKey.text, "--", "/bin/sh", "-c",
                                    "echo \"a pipe end, written by pid $$ through fd $PATCHBAY_FD\" >&3"])
         let pipeReadEnd = pipe.readEnd
@@ -69,7 +72,9 @@ private final class Tour {
         say("   > " + piped.trimmedLine)
 
         // 4. Expiry.
-        let expiring = try broker.share(try openFile(file, flags: O_RDONLY), timeout: .after(.milliseconds(300)))
+        let expiringFile = try openFile(file, flags: O_RDONLY)
+        let expiring = try broker.share(rawDescriptor: expiringFile.rawValue, timeout: .after(.milliseconds(300)))
+        _ = consume expiringFile
         started = monotonicNanoseconds()
         var gone = false
         while !gone {
@@ -86,7 +91,7 @@ private final class Tour {
         let stranger = try runChild(["claim", restricted])
         step(7, "a key restricted with --for-pid \(getpid()) is invisible to process \(stranger.pid):", since: nil)
         say("   > " + stranger.error.trimmedLine)
-        let mine = try broker.claim(try Key(restricted))
+        let mine = try broker.claim(try Key(parsing: restricted))
         say("   ...and claimable by process \(getpid()) itself (got fd \(mine.rawValue))")
 
         // 6. Cost of a hand-off.
@@ -94,7 +99,7 @@ private final class Tour {
         var samples: [UInt64] = []
         for _ in 0..<2000 {
             let begin = monotonicNanoseconds()
-            let roundTrip = try broker.claim(try broker.share(probe))
+            let roundTrip = try broker.claim(try broker.share(rawDescriptor: probe.rawValue))
             samples.append(monotonicNanoseconds() - begin)
             _ = consume roundTrip
         }

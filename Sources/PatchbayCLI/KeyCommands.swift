@@ -1,6 +1,8 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay share`: hands a file or an inherited descriptor to the broker, prints the key.
 struct ShareCommand: ParsableCommand {
@@ -62,13 +64,13 @@ struct ShareCommand: ParsableCommand {
             if let fd {
                 key = try broker.share(rawDescriptor: fd, timeout: expiry, claimableBy: restriction)
             } else {
-                let file: Descriptor
+                let file: PatchbaySystem.Descriptor
                 do {
                     file = try openFile(path!, flags: write ? O_RDWR : O_RDONLY)
                 } catch {
                     fail("share", error, "cannot open \(path!)")
                 }
-                key = try broker.share(file, timeout: expiry, claimableBy: restriction)
+                key = try broker.share(rawDescriptor: file.rawValue, timeout: expiry, claimableBy: restriction)
             }
         } catch {
             fail("share", error)
@@ -97,7 +99,7 @@ struct ClaimCommand: ParsableCommand {
     func run() throws {
         let parsed: Key
         do {
-            parsed = try Key(key)
+            parsed = try Key(parsing: key)
         } catch {
             fail("claim", error)
         }
@@ -111,7 +113,7 @@ struct ClaimCommand: ParsableCommand {
 
     /// Claims in a scope of its own, so the broker connection is closed before the file is
     /// moved to descriptor 3 (which the connection may well occupy).
-    private func claimFile(_ key: Key) -> Descriptor {
+    private func claimFile(_ key: Key) -> Patchbay.Descriptor {
         let broker = connectBroker(for: "claim")
         do {
             return try broker.claim(key)
@@ -120,16 +122,16 @@ struct ClaimCommand: ParsableCommand {
         }
     }
 
-    private func copyToStandardOutput(_ file: borrowing Descriptor) {
+    private func copyToStandardOutput(_ file: borrowing Patchbay.Descriptor) {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
             let count: Int
             do {
                 count = try chunk.withUnsafeMutableBytes { raw in
-                    Result { () throws(Errno) -> Int in try file.read(into: raw) }
+                    Result { () throws(PatchbayError) -> Int in try file.read(into: raw) }
                 }.get()
             } catch {
-                fail("claim", error, "reading the claimed file failed")
+                fail("claim", error.errno, "reading the claimed file failed")
             }
             if count == 0 { return }
             var offset = 0
@@ -144,8 +146,8 @@ struct ClaimCommand: ParsableCommand {
         }
     }
 
-    private func execute(_ command: [String], with file: consuming Descriptor) -> Never {
-        let raw = file.release()
+    private func execute(_ command: [String], with file: consuming Patchbay.Descriptor) -> Never {
+        let raw = file.release().rawValue
         if raw == 3 {
             _ = fcntl(3, F_SETFD, 0)  // dup2 onto itself would leave close-on-exec set
         } else {

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// `patchbay net ...`: sockets through /net.
@@ -73,7 +75,7 @@ struct NetCommand: ParsableCommand {
                 var buffer = [UInt8](repeating: 0, count: 65536)
                 while true {
                     let received = try buffer.withUnsafeMutableBytes { raw in
-                        Result { () throws(PatchbayError) -> UnixSocket.Received in try socket.receive(into: raw, wantSender: true) }
+                        Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw, wantSender: true) }
                     }.get()
                     if let sender = received.sender {
                         _ = try? socket.send(Array(buffer[0..<received.count]), to: sender)
@@ -147,7 +149,7 @@ struct NetCommand: ParsableCommand {
 
         func run() throws {
             let broker = connectBroker(for: "net addrs")
-            let file = attempt("net addrs") { () throws(PatchbayError) -> Descriptor in try broker.openAddressList() }
+            let file = attempt("net addrs") { () throws(PatchbayError) -> Patchbay.Descriptor in try broker.openAddressList() }
             guard let text = try? file.readToEnd() else { fail("net addrs", .ioError, "cannot read /net/local/addrs") }
             writeStandardOutput(bytes: text)
         }
@@ -181,7 +183,7 @@ final class ConnectionBox: @unchecked Sendable {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let received = buffer.withUnsafeMutableBytes { raw in
-                Result { () throws(PatchbayError) -> UnixSocket.Received in try socket.receive(into: raw) }
+                Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw) }
             }
             guard case .success(let got) = received else { return }
             if got.isEndOfFile { return }
@@ -241,7 +243,7 @@ final class ConnectionBox: @unchecked Sendable {
                 }
             }
             let received = buffer.withUnsafeMutableBytes { raw in
-                Result { () throws(PatchbayError) -> UnixSocket.Received in try socket.receive(into: raw) }
+                Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw) }
             }
             guard case .success(let got) = received else { return }
             if got.isEndOfFile { return }

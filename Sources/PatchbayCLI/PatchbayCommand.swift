@@ -1,5 +1,8 @@
 import ArgumentParser
 import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay`: the command-line face of Patchbay.
 public struct PatchbayCommand: ParsableCommand {

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay shm ...`: anonymous and named shared memory.
 struct SharedMemoryCommand: ParsableCommand {

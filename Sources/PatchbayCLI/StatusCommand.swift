@@ -1,5 +1,7 @@
 import ArgumentParser
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay status [--json]`.
 struct StatusCommand: ParsableCommand {

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 /// Prints `patchbay: <command>: <ERRNO>: <sentence>` to stderr and exits with status 1.
 func fail(_ command: String, _ error: PatchbayError) -> Never {

@@ -26,6 +26,7 @@
 import Glibc
 import Patchbay
 import PatchbaySystem
+import SystemPackage
 
 func say(_ line: String) {
     let bytes = Array((line + "\n").utf8)
@@ -38,7 +39,7 @@ func waitForEndOfInput() {
 }
 
 func claimOnEndOfInput(_ keyText: String) throws(PatchbayError) {
-    let key = try Key(keyText)
+    let key = try Key(parsing: keyText)
     let broker = try Broker()
     say("ready")
     waitForEndOfInput()
@@ -52,7 +53,7 @@ func claimOnEndOfInput(_ keyText: String) throws(PatchbayError) {
 }
 
 func claimWithFullTable(_ keyText: String) throws(PatchbayError) {
-    let key = try Key(keyText)
+    let key = try Key(parsing: keyText)
     let broker = try Broker()
     // A low limit keeps the filling quick; the fillers stay open while claiming.
     var current = rlimit()
@@ -76,13 +77,13 @@ func claimWithFullTable(_ keyText: String) throws(PatchbayError) {
 
 func shareAndHang(_ path: String, milliseconds: Int64) throws(PatchbayError) {
     let broker = try Broker()
-    let file: Descriptor
+    let file: PatchbaySystem.Descriptor
     do {
         file = try openFile(path, flags: O_RDONLY)
     } catch {
         throw PatchbayError(error, "cannot open \(path)")
     }
-    let key = try broker.share(file, timeout: .after(.milliseconds(milliseconds)))
+    let key = try broker.share(rawDescriptor: file.rawValue, timeout: .after(.milliseconds(milliseconds)))
     say(key.text)
     waitForEndOfInput()
 }
@@ -99,7 +100,7 @@ func exchange(_ memory: borrowing SharedMemory) throws(PatchbayError) {
 
 func sharedMemoryExchange(keyText: String) throws(PatchbayError) {
     let broker = try Broker()
-    let memory = try SharedMemory(adopting: try broker.claim(try Key(keyText)))
+    let memory = try SharedMemory(adopting: try broker.claim(try Key(parsing: keyText)))
     try exchange(memory)
 }
 
@@ -110,7 +111,7 @@ func namedExchange(_ name: String) throws(PatchbayError) {
 
 func firstMapping(keyText: String, length: Int) throws(PatchbayError) {
     let broker = try Broker()
-    let memory = try SharedMemory(adopting: try broker.claim(try Key(keyText)))
+    let memory = try SharedMemory(adopting: try broker.claim(try Key(parsing: keyText)))
     say("ready")
     waitForEndOfInput()
     do {
@@ -204,15 +205,15 @@ func capsFork(_ name: String) throws(PatchbayError) {
 func chaos(service: String) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: service, waitForService: true)
-    let null: Descriptor
+    let null: PatchbaySystem.Descriptor
     do { null = try openFile("/dev/null", flags: O_RDONLY) } catch { throw PatchbayError(error, "no /dev/null") }
     var round = 0
     while true {
         round += 1
         // Keys: one claimed at once (short-lived, so a kill between share and claim leaves
         // nothing for long), one left for the test to claim.
-        _ = try broker.claim(try broker.share(null, timeout: .after(.milliseconds(300))))
-        say("key " + (try broker.share(null, timeout: .after(.seconds(120)))).text)
+        _ = try broker.claim(try broker.share(rawDescriptor: null.rawValue, timeout: .after(.milliseconds(300))))
+        say("key " + (try broker.share(rawDescriptor: null.rawValue, timeout: .after(.seconds(120)))).text)
         // Shared memory.
         let name = "/chaos-\(getpid())-\(round)"
         let memory = try broker.openSharedMemory(name, options: [.create, .exclusive])
@@ -243,16 +244,16 @@ func chaos(service: String) throws(PatchbayError) {
 func traffic(blockInAccept: Bool) -> Never {
     let name = "/traffic-\(getpid())"
     var written: UInt64 = 0
-    do {
+    do throws(PatchbayError) {
         let broker = try Broker()
-        let null: Descriptor
+        let null: PatchbaySystem.Descriptor
         do { null = try openFile("/dev/null", flags: O_RDONLY) } catch { throw PatchbayError(error, "no /dev/null") }
         let memory = try broker.openSharedMemory(name, options: [.create, .exclusive])
         try memory.truncate(to: 4096)
         let mapping = try memory.map()
         var announced = false
         while true {
-            _ = try broker.claim(try broker.share(null))
+            _ = try broker.claim(try broker.share(rawDescriptor: null.rawValue))
             written += 1
             mapping.mutableBytes.storeBytes(of: written, as: UInt64.self)
             _ = try broker.status()
@@ -267,10 +268,8 @@ func traffic(blockInAccept: Bool) -> Never {
                 exit(1)
             }
         }
-    } catch let error as PatchbayError {
-        say("error \(error.errno.name) at \(monotonicNanoseconds())")
     } catch {
-        say("error \(error) at \(monotonicNanoseconds())")
+        say("error \(error.errno.name) at \(monotonicNanoseconds())")
     }
     while true {
         let broker: Broker

@@ -1,7 +1,9 @@
 // The broker as a process: hostile frames, lifecycle, socket activation, autostart.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Testing
 
 /// A client that speaks raw frames, to send what the library never would.

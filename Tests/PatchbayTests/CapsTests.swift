@@ -2,7 +2,9 @@
 // credentials, deaths on both sides, zero-copy payloads.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 import Testing
 

@@ -4,7 +4,9 @@
 // left still claimable.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 import Testing
 
@@ -82,7 +84,7 @@ struct ChaosTests {
         #expect(service.clientCount == 0)
         // Every key a dead client left is still claimable (the sharer's death revokes nothing).
         for text in keys {
-            _ = try client.claim(try Key(text))
+            _ = try client.claim(try Key(parsing: text))
         }
         // Named objects a client created and was killed before unlinking stay, as POSIX says
         // they must; they hold no broker descriptor, and unlinking them must work.

@@ -1,7 +1,9 @@
 // Keys, end to end: real broker, real processes, real descriptors (SEMANTICS.md §1).
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Testing
 
 @Suite("Keys: share and claim")
@@ -18,7 +20,7 @@ struct KeyTests {
         let keyText = shared.standardOutput.trimmed
         #expect(keyText.count == 22)
         let client = try broker.connect()
-        let claimed = try client.claim(try Key(keyText))
+        let claimed = try client.claim(try Key(parsing: keyText))
         var head = [UInt8](repeating: 0, count: 4)
         let count = try head.withUnsafeMutableBytes { try claimed.read(into: $0) }
         #expect(count == 4 && head == Array("0123".utf8))
@@ -62,9 +64,9 @@ struct KeyTests {
         let eventCounter = try EventCounter(initialValue: 7)
         let eventKey = try client.share(eventCounter.descriptor)
         let claimed = try client.claim(eventKey)
-        #expect(try claimed.isCloseOnExec())
-        #expect(try claimed.fileKind() == .anonymous)
-        #expect(try EventCounter(adopting: claimed).consume() == 7)
+        #expect(try claimed.system.isCloseOnExec())
+        #expect(try claimed.system.fileKind() == .anonymous)
+        #expect(try EventCounter(adopting: PatchbaySystem.Descriptor(adopting: claimed.release().rawValue)).consume() == 7)
     }
 
     @Test("many keys for one open file cost the broker one descriptor")
@@ -171,7 +173,7 @@ struct KeyTests {
         // A pid restriction: only the named process may claim it.
         let forChild = try run(patchbayCLI, ["share", "--for-pid", "\(getpid())", "/dev/null"],
                                environment: broker.environment)
-        let mine = try Key(forChild.standardOutput.trimmed)
+        let mine = try Key(parsing: forChild.standardOutput.trimmed)
         let stranger = try run(patchbayCLI, ["claim", mine.text], environment: broker.environment)
         #expect(stranger.termination == .exited(1))
         #expect(stranger.standardError.hasPrefix("patchbay: claim: ENOENT: "))
@@ -185,7 +187,7 @@ struct KeyTests {
     func malformedKeys() throws {
         for text in ["", "short", "AAAAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAAA=", "AAAAAAAAAAAAAAAAAAAA/A",
                      "EAAAAAAAAAAAAAAAAAAAAA", "-AAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAA\u{0}A"] {
-            expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try Key(text) }
+            expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try Key(parsing: text) }
         }
         let broker = try TestBroker()
         let cli = try run(patchbayCLI, ["claim", "not-a-key"], environment: broker.environment)
@@ -194,7 +196,7 @@ struct KeyTests {
         // Well-formed but unknown: ENOENT.
         let client = try broker.connect()
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in
-            _ = try client.claim(try Key("AAAAAAAAAAAAAAAAAAAAAA"))
+            _ = try client.claim(try Key(parsing: "AAAAAAAAAAAAAAAAAAAAAA"))
         }
     }
 
@@ -285,7 +287,7 @@ struct KeyTests {
         let afterKill = try broker.waitForDescriptorCount(baseline + 1)
         #expect(afterKill == baseline + 1, "baseline \(baseline), now \(afterKill)")
         #expect(try client.status().keys == 1)
-        let claimed = try client.claim(try Key(keyText))
+        let claimed = try client.claim(try Key(parsing: keyText))
         #expect(try claimed.readToEnd() == Array("orphaned but alive".utf8))
         #expect(try broker.waitForDescriptorCount(baseline) == baseline)
     }

@@ -3,7 +3,9 @@
 // Patchbay.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 import Testing
 
@@ -169,7 +171,7 @@ struct NetTests {
         #expect(empty.bytes.isEmpty && !empty.truncated)
         var small = [UInt8](repeating: 0, count: 4)
         let cut = try small.withUnsafeMutableBytes { raw in
-            Result { () throws(PatchbayError) -> UnixSocket.Received in try receiver.receive(into: raw) }
+            Result { () throws(PatchbayError) -> Socket.Received in try receiver.receive(into: raw) }
         }.get()
         #expect(cut.count == 4 && cut.messageLength == 15 && cut.truncated)
         #expect(small == Array("a lo".utf8))

@@ -3,7 +3,9 @@
 // answers EDQUOT with a reason naming it, and room comes back when the uid releases something.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Testing
 
 @Suite("Quotas")

@@ -3,7 +3,9 @@
 // place; the named objects, and the bytes the clients wrote into them, are intact.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 import Testing
 

@@ -2,7 +2,9 @@
 // semantics, against the Swift API, with real processes on both sides.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Testing
 
 /// Runs `body` expecting `errno`; for calls whose result is ~Copyable or unused.
@@ -12,11 +14,11 @@ func expectFailure(_ errno: Errno, sourceLocation: SourceLocation = #_sourceLoca
     expectErrno(errno, sourceLocation: sourceLocation, body)
 }
 
-func bytesAt(_ mapping: borrowing Mapping, _ offset: Int, _ count: Int) -> String {
+func bytesAt(_ mapping: borrowing Patchbay.Mapping, _ offset: Int, _ count: Int) -> String {
     String(decoding: mapping.bytes[offset..<offset + count], as: UTF8.self)
 }
 
-func put(_ text: String, into mapping: borrowing Mapping, at offset: Int) {
+func put(_ text: String, into mapping: borrowing Patchbay.Mapping, at offset: Int) {
     mapping.withUnsafeMutableBytes { bytes in
         let source = Array(text.utf8)
         bytes.baseAddress!.advanced(by: offset).copyMemory(from: source, byteCount: source.count)
@@ -86,8 +88,8 @@ struct AnonymousSharedMemoryTests {
         let view = try reader.map(writable: false)
         put("shared", into: writer, at: 0)
         #expect(bytesAt(view, 0, 6) == "shared")
-        #expect(try reader.descriptor.isCloseOnExec())
-        #expect(try memory.descriptor.isCloseOnExec())
+        #expect(try reader.descriptor.system.isCloseOnExec())
+        #expect(try memory.descriptor.system.isCloseOnExec())
     }
 
     @Test("seals: refused unless created sealable; write seal vs a writable mapping is EBUSY; size seals are EPERM; the seal seal is final")
@@ -214,7 +216,7 @@ struct NamedSharedMemoryTests {
         #expect(info.uid == geteuid() && info.gid == getegid())
         #expect(info.mode == 0o640 & ~currentUmaskForTests())
         #expect(info.birthTime > 0 && info.birthTime <= info.changeTime)
-        #expect(try created.descriptor.isCloseOnExec())
+        #expect(try created.descriptor.system.isCloseOnExec())
         // A umask set in the creating process is applied.
         let masked = try run("/bin/sh", ["-c", "umask 077; exec \"$0\" shm create /masked --mode 0666", patchbayCLI],
                              environment: broker.environment)
@@ -463,12 +465,12 @@ struct NamedSharedMemoryTests {
         #expect(try cli(["shm", "truncate", "/moved", "1M"]).termination == .exited(0))
         #expect(try broker.connect().statSharedMemory("/moved").size == 1 << 20)
         let key = try cli(["shm", "share", "/moved", "--read-only"]).standardOutput.trimmed
-        let claimed = try SharedMemory(adopting: try broker.connect().claim(try Key(key)))
+        let claimed = try SharedMemory(adopting: try broker.connect().claim(try Key(parsing: key)))
         let claimedWritable = claimed.isWritable
         #expect(!claimedWritable)
         #expect(bytesAt(try claimed.map(writable: false), 4096, 15) == "through the CLI")
         let anonymousKey = try cli(["shm", "new", "--size", "10000"]).standardOutput.trimmed
-        let anonymous = try SharedMemory(adopting: try broker.connect().claim(try Key(anonymousKey)))
+        let anonymous = try SharedMemory(adopting: try broker.connect().claim(try Key(parsing: anonymousKey)))
         #expect(anonymous.kind == .anonymous)
         #expect(try anonymous.size == 3 * pageSize)
         #expect(try cli(["shm", "rm", "/moved"]).termination == .exited(0))

@@ -1,7 +1,9 @@
 // Test support: real brokers on private sockets, real child processes, real descriptors.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Testing
 
 /// The directory holding the built products (`patchbay`, `patchbayd`, `patchbay-testpeer`),
@@ -73,8 +75,8 @@ func run(_ path: String, _ arguments: [String], environment: [String: String?] =
 /// A child that keeps running while the test talks to it line by line.
 final class Child {
     let pid: pid_t
-    private var input: Descriptor?
-    private let output: Descriptor
+    private var input: PatchbaySystem.Descriptor?
+    private let output: PatchbaySystem.Descriptor
     private var reaped: Termination?
 
     init(_ path: String, _ arguments: [String], environment: [String: String?] = [:]) throws {
@@ -231,5 +233,15 @@ func unmountEverything(under directory: String) {
     }
     for point in mountPoints.filter({ $0.hasPrefix(directory + "/") }).sorted(by: { $0.count > $1.count }) {
         try? unmount(at: point)
+    }
+}
+
+extension Broker {
+    /// `share` for a descriptor of the system layer (the tests open files with PatchbaySystem's
+    /// `openFile`); the library's own overloads take `Patchbay.Descriptor`, `FileDescriptor` or a
+    /// raw number.
+    func share(_ descriptor: borrowing PatchbaySystem.Descriptor, timeout: Expiry = .after(.seconds(60)),
+               claimableBy restriction: ClaimRestriction? = nil) throws(PatchbayError) -> Key {
+        try share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
     }
 }

@@ -2,7 +2,9 @@
 // reason shown, when not running as root or when `nobody` cannot run the built products.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 import Testing
 

@@ -1,36 +1,16 @@
-// A CAPS client port: put requests, receive replies, directly over the channel's shared memory.
+// A CAPS client port: put requests, receive replies, directly over the channel's shared memory
+// (the story of CAPS is on top of CapsPort.swift).
 
 import Dispatch
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
-
-/// Descriptors that came with a message. Closed when this goes away, unless taken.
-public final class CapsDescriptors: @unchecked Sendable {
-    private var raw: [CInt]
-
-    init(_ raw: [CInt]) { self.raw = raw }
-
-    public var count: Int { raw.count }
-
-    /// Takes the next descriptor; the caller owns it.
-    public func take() -> Descriptor? {
-        raw.isEmpty ? nil : Descriptor(adopting: raw.removeFirst())
-    }
-
-    deinit { for fd in raw { close(fd) } }
-}
-
-extension CapsClient {
-    /// Closes what no one will read any more.
-    func closeStashed(_ stash: [UInt64: [CInt]]) {
-        for fds in stash.values { for fd in fds { close(fd) } }
-    }
-}
 
 /// What `CapsClient.get` and `wait` return: a REPLY (clients only ever see replies).
 public struct CapsReply: Sendable {
+    /// The id of the request this answers.
     public var messageID: UInt64
     /// The reply's full length. When larger than the buffer given, only the buffer's worth was
     /// copied and the reply is still queued (receive again with a bigger buffer).
@@ -39,6 +19,7 @@ public struct CapsReply: Sendable {
     public var consumed: Bool
     /// A 0-byte reply made by Patchbay because the service went away before answering.
     public var serviceClosed: Bool
+    /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
 }
 
@@ -52,7 +33,9 @@ public enum CapsAbortOutcome: Sendable, Equatable {
 
 /// Options of `CapsClient` and `CapsService`: access classes (SEMANTICS.md §5).
 public struct CapsAccess: OptionSet, Sendable {
+    /// The wire's access class bits.
     public let rawValue: UInt32
+    /// Access classes from their wire bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// The service's uid is the client's effective uid.
     public static let user = CapsAccess(rawValue: CapsFlags.user.rawValue)
@@ -67,8 +50,10 @@ public final class CapsConnectAttempt: Sendable {
     private let socket = Mutex<CInt>(-1)
     private let cancelled = Atomic<Bool>(false)
 
+    /// An attempt to pass to `CapsClient(_:name:...attempt:)`.
     public init() {}
 
+    /// Makes the connection waiting with this attempt fail with `ECANCELED`.
     public func cancel() {
         cancelled.store(true, ordering: .sequentiallyConsistent)
         socket.withLock { fd in if fd >= 0 { _ = shutdown(fd, CInt(SHUT_RDWR)) } }
@@ -84,20 +69,24 @@ public final class CapsConnectAttempt: Sendable {
     func detach() { socket.withLock { $0 = -1 } }
 }
 
+/// A CAPS client port: puts REQUESTs on its own channel to one service and receives the REPLYs,
+/// in the shared memory both processes map. Thread-safe: calls are serialised on the port, and
+/// waiting never holds it.
 public final class CapsClient: @unchecked Sendable {
+    /// The service's name.
     public let name: String
     /// The channel's id: the high half of every message id on it.
     public let channelID: UInt64
+    /// The most requests in flight at once (the service's limit).
     public let maximumInFlight: Int
 
     private let connection: Mutex<Connection>  // kept open: its closing is how the broker learns we are gone
     private let channel: CapsChannel
-    private let status: Mapping
-    private let serviceWake: Descriptor
-    private let clientWake: Descriptor
-    private let direct: Descriptor
-    private let createdIn = forkGeneration()
-    private let lock = Lock()
+    private let status: PatchbaySystem.Mapping
+    private let serviceWake: PatchbaySystem.Descriptor
+    private let clientWake: PatchbaySystem.Descriptor
+    private let direct: PatchbaySystem.Descriptor
+    private let core = CapsPortCore(anew: "connect again")
     private let cancelled = Atomic<Bool>(false)
 
     private var allocator: ArenaAllocator
@@ -107,8 +96,6 @@ public final class CapsClient: @unchecked Sendable {
     private var abortedAtService: Set<UInt64> = []
     private var pendingDisposes: [UInt64] = []
     private var closedReplies: [UInt64]?
-    /// Descriptors of a reply that did not fit the caller's buffer, kept for the next receive.
-    private var stashed: [UInt64: [CInt]] = [:]
     /// Replies that a `call` in one thread received for a `call` in another.
     private var otherCalls: [UInt64: [UInt8]] = [:]
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
@@ -146,7 +133,7 @@ public final class CapsClient: @unchecked Sendable {
         self.maximumInFlight = Int(maximumInFlight)
         channel = try CapsChannel(memory, arenaSize: Int(arenaSize))
         do {
-            status = try Mapping(statusPage, length: CapsLayout.statusSize, writable: false)
+            status = try PatchbaySystem.Mapping(statusPage, length: CapsLayout.statusSize, writable: false)
         } catch {
             throw PatchbayError(error, "cannot map the service's status page")
         }
@@ -159,13 +146,10 @@ public final class CapsClient: @unchecked Sendable {
         SharedWord.store(channel.word32(CapsLayout.clientRunningOffset), 1)
     }
 
-    deinit {
-        closeStashed(stashed)
-    }
-
     // MARK: Requests
 
-    /// Sends `bytes` as a REQUEST and returns its message id.
+    /// Sends `bytes` as a REQUEST, with `descriptors` (still owned by the caller) attached, and
+    /// returns its message id.
     ///
     /// - Throws: `ENOTCONN` (service gone, or this port was inherited across fork), `ENOBUFS`
     ///   (the in-flight limit is reached).
@@ -183,15 +167,8 @@ public final class CapsClient: @unchecked Sendable {
     public func put(length: Int, descriptors: [CInt] = [], fill: (UnsafeMutableRawBufferPointer) -> Void)
         throws(PatchbayError) -> UInt64
     {
-        try checkInherited()
-        return try lock.locked { () throws(PatchbayError) -> UInt64 in
-            try putLocked(length: length, descriptors: descriptors, fill: fill)
-        }
-    }
-
-    private func putLocked(length: Int, descriptors: [CInt], fill: (UnsafeMutableRawBufferPointer) -> Void)
-        throws(PatchbayError) -> UInt64
-    {
+        try core.checkInherited()
+        return try core.lock.locked { () throws(PatchbayError) -> UInt64 in
             try checkUsable()
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
@@ -202,45 +179,20 @@ public final class CapsClient: @unchecked Sendable {
             }
             sequence &+= 1
             let messageID = capsMessageID(channel: channelID, sequence: sequence)
-            var flags: UInt32 = 0
-            var attachments = descriptors
-            var offset = -1
-            var payload: Descriptor?
-            if length <= channel.arenaSize, let slot = allocator.allocate(length) {
-                offset = slot
-                fill(UnsafeMutableRawBufferPointer(start: channel.requestArena.advanced(by: slot), count: length))
-            } else {
-                let object = try attachedPayload(length: length, fill: fill)
-                attachments.insert(object.rawValue, at: 0)
-                flags |= CapsEntryFlags.attachedPayload
-                payload = consume object
-            }
-            if !descriptors.isEmpty { flags |= CapsEntryFlags.descriptors }
-            if !attachments.isEmpty {
-                do {
-                    try sendAttachments(direct.rawValue, messageID: messageID, descriptors: attachments)
-                } catch {
-                    if offset >= 0 { allocator.release(offset: offset, length: length) }
-                    throw error
-                }
-            }
-            _ = consume payload
-            let entry = CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)), length: UInt32(length),
-                                  kind: .request, flags: flags)
-            guard channel.push(.request, entry) else {
-                if offset >= 0 { allocator.release(offset: offset, length: length) }
-                throw PatchbayError(.noBufferSpace, "the request ring is full")
-            }
+            let offset = try CapsPortCore.publish(on: channel, .request, allocator: &allocator, direct: direct.rawValue,
+                                                  messageID: messageID, length: length, descriptors: descriptors,
+                                                  what: "payload", fill: fill)
             inFlight[messageID] = (offset, length)
             wakeService()
             return messageID
+        }
     }
 
     /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
     ///
     /// - Throws: `EINVAL` when `messageID` is not a request of this port in flight.
     public func abort(_ messageID: UInt64) throws(PatchbayError) -> CapsAbortOutcome {
-        try lock.locked { () throws(PatchbayError) -> CapsAbortOutcome in
+        try core.lock.locked { () throws(PatchbayError) -> CapsAbortOutcome in
             try checkUsable()
             guard let request = inFlight[messageID], !abortedAtService.contains(messageID) else {
                 throw PatchbayError(.invalidArgument, "message \(messageID) is not a request in flight on this port")
@@ -250,7 +202,7 @@ public final class CapsClient: @unchecked Sendable {
                SharedWord.compareExchange(slot.state, expected: CapsEntryState.pending.rawValue,
                                           desired: CapsEntryState.aborted.rawValue) {
                 if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
-                forget(messageID)
+                inFlight[messageID] = nil
                 return .returned
             }
             abortedAtService.insert(messageID)
@@ -268,12 +220,11 @@ public final class CapsClient: @unchecked Sendable {
     /// - Throws: `EAGAIN` when no reply is waiting; `ENOTCONN` when the service is gone and every
     ///   pending request has come back.
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
-        try checkInherited()
-        return try lock.locked { () throws(PatchbayError) -> CapsReply in
+        try core.checkInherited()
+        return try core.lock.locked { () throws(PatchbayError) -> CapsReply in
             if watching { _ = try? EventCounter.drain(clientWake.rawValue) }
-            guard let reply = try nextReply(into: buffer) else {
-                throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting")
-            }
+            guard let reply = try nextReply(room: buffer.count, { reply, payload in Self.copy(payload, into: buffer, reply) })
+            else { throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting") }
             return reply
         }
     }
@@ -281,10 +232,12 @@ public final class CapsClient: @unchecked Sendable {
     /// Waits for the next REPLY: spins while the service runs on another CPU, else sleeps on a
     /// futex. Cancellable with `cancelWait()` (`ECANCELED`).
     public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
-        try checkInherited()
+        try core.checkInherited()
         while true {
             // Sleeping happens outside the lock, so another thread may put meanwhile.
-            if let reply = try lock.locked({ () throws(PatchbayError) -> CapsReply? in try nextReply(into: buffer) }) {
+            if let reply = try core.lock.locked({ () throws(PatchbayError) -> CapsReply? in
+                try nextReply(room: buffer.count) { reply, payload in Self.copy(payload, into: buffer, reply) }
+            }) {
                 return reply
             }
             try sleepUntilReply()
@@ -298,15 +251,15 @@ public final class CapsClient: @unchecked Sendable {
         while true {
             let epoch = stashEpoch.load(ordering: .acquiring)
             var stashedForOthers = false
-            let mine = try lock.locked { () throws(PatchbayError) -> [UInt8]? in
+            let mine = try core.lock.locked { () throws(PatchbayError) -> [UInt8]? in
                 if let kept = otherCalls.removeValue(forKey: id) { return kept }
                 var answer: [UInt8]?
-                _ = try nextReplyInPlace { (replyID: UInt64, payload: UnsafeRawBufferPointer) in
-                    if replyID == id {
+                _ = try nextReply(room: nil) { reply, payload in
+                    if reply.messageID == id {
                         answer = Array(payload)
                     } else {
                         // Another thread's call: keep its reply for it.
-                        otherCalls[replyID] = Array(payload)
+                        otherCalls[reply.messageID] = Array(payload)
                         stashedForOthers = true
                     }
                 }
@@ -327,9 +280,11 @@ public final class CapsClient: @unchecked Sendable {
     /// Waits for the next REPLY and lets `body` read it in place, in the shared memory the
     /// service wrote it to; the service is sent DISPOSE when `body` returns.
     public func waitReply<R>(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
-        try checkInherited()
+        try core.checkInherited()
         while true {
-            if let result = try lock.locked({ () throws(PatchbayError) -> R? in try nextReplyInPlace(body) }) { return result }
+            if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in
+                try nextReply(room: nil) { reply, payload in body(reply.messageID, payload) }
+            }) { return result }
             try sleepUntilReply()
         }
     }
@@ -337,9 +292,11 @@ public final class CapsClient: @unchecked Sendable {
     /// `waitReply` for a body that returns nothing: not generic, so a caller in another module runs
     /// specialised code (the hot path of a client).
     public func waitReply(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
-        try checkInherited()
+        try core.checkInherited()
         while true {
-            if try lock.locked({ () throws(PatchbayError) -> Bool in try nextReplyInPlace(body) != nil }) { return }
+            if try core.lock.locked({ () throws(PatchbayError) -> Bool in
+                try nextReply(room: nil) { reply, payload in body(reply.messageID, payload) } != nil
+            }) { return }
             try sleepUntilReply()
         }
     }
@@ -353,14 +310,14 @@ public final class CapsClient: @unchecked Sendable {
 
     /// The service's generation (its status page, kept current by the service).
     public func generation() throws(PatchbayError) -> UInt64 {
-        try checkInherited()
+        try core.checkInherited()
         return SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self))
     }
 
     /// A descriptor that becomes readable when a reply (or the service's departure) arrives, for
-    /// epoll loops; then call `get` until it says `EAGAIN`.
+    /// epoll loops; then call `get` until it says `EAGAIN`. Owned by the port.
     public var eventDescriptor: CInt {
-        lock.locked {
+        core.lock.locked {
             watching = true
             SharedWord.store(channel.word32(CapsLayout.clientWatchingOffset), 1)
         }
@@ -378,32 +335,14 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// Requests in flight (put, reply not yet consumed).
-    public var requestsInFlight: Int { lock.locked { inFlight.count } }
+    public var requestsInFlight: Int { core.lock.locked { inFlight.count } }
 
     // MARK: Internals
 
-    private func checkInherited() throws(PatchbayError) {
-        if forkGeneration() != createdIn {
-            throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and connect again")
-        }
-    }
-
     private func checkUsable() throws(PatchbayError) {
-        try checkInherited()
+        try core.checkInherited()
         if channel.serviceClosed {
             throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
-        }
-    }
-
-    private func attachedPayload(length: Int, fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) -> Descriptor {
-        do {
-            let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
-            try object.truncate(to: max(length, 1))
-            let view = try Mapping(object, length: max(length, 1), writable: true)
-            fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
-            return object
-        } catch {
-            throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte payload")
         }
     }
 
@@ -422,109 +361,51 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    private func forget(_ messageID: UInt64) {
-        inFlight[messageID] = nil
+    /// Copy mode's delivery: as much of the reply as fits `buffer`.
+    @inline(__always)
+    private static func copy(_ payload: UnsafeRawBufferPointer, into buffer: UnsafeMutableRawBufferPointer,
+                             _ reply: CapsReply) -> CapsReply {
+        let copied = min(payload.count, buffer.count)
+        if copied > 0 { buffer.baseAddress!.copyMemory(from: payload.baseAddress!, byteCount: copied) }
+        return reply
     }
 
-    /// The next reply entry to show, skipping discarded ones. nil: nothing yet.
-    private func nextReply(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply? {
+    /// The next REPLY, shown to `deliver` in place (discarded replies are skipped); nil when none
+    /// is waiting. The one reading path of both modes: in place (`room` nil) the reply is consumed
+    /// after `deliver`, and the descriptors it carried are closed unless `deliver` took them; in
+    /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
+    /// with its descriptors, and `deliver` sees `consumed` false.
+    private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         while let (entry, _) = channel.peek(.reply) {
             if entry.kind == .discardedReply || (!abortedAtService.isEmpty && abortedAtService.contains(entry.messageID)) {
-                discardAttachments(entry)
+                core.stash.discard(entry, from: direct.rawValue)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
             }
-            var descriptors: [CInt] = []
-            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                descriptors = (try? attachments(of: entry.messageID)) ?? []
-            }
-            guard payloadIsSound(entry, channel: channel, descriptors: descriptors) else {
+            guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
                 // A reply the service could not have written honestly: dropped, never read.
-                for fd in descriptors { close(fd) }
                 finish(entry, dispose: true)
                 continue
             }
             let length = Int(entry.length)
-            let copied = min(length, buffer.count)
-            if entry.flags & CapsEntryFlags.attachedPayload != 0, let payload = descriptors.first {
-                if copied > 0, let view = try? Mapping(Descriptor(adopting: dup(payload)), length: length, writable: false) {
-                    buffer.baseAddress!.copyMemory(from: view.baseAddress, byteCount: copied)
-                }
-            } else if copied > 0 {
-                buffer.baseAddress!.copyMemory(from: channel.replyArena.advanced(by: Int(entry.offset)), byteCount: copied)
-            }
-            if copied < length {
+            if let room, room < length {
                 // Too small: the reply stays queued, and so do its descriptors.
-                if !descriptors.isEmpty { stashed[entry.messageID] = descriptors }
-                return CapsReply(messageID: entry.messageID, length: length, consumed: false, serviceClosed: false,
-                                 descriptors: nil)
+                if let attachments = payload.attachments { core.stash.keep(attachments, for: entry.messageID) }
+                let result = deliver(CapsReply(messageID: entry.messageID, length: length, consumed: false, serviceClosed: false,
+                                               descriptors: nil), payload.bytes)
+                _ = consume payload
+                return result
             }
-            if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty { close(descriptors.removeFirst()) }
-            finish(entry, dispose: true)
-            return CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
-                             descriptors: descriptors.isEmpty ? nil : CapsDescriptors(descriptors))
-        }
-        // The service may have replied just before going away: those replies come first.
-        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReply(into: buffer) }
-        return try closedReply()
-    }
-
-    private func nextReplyInPlace<R>(_ body: (UInt64, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
-        while let (entry, _) = channel.peek(.reply) {
-            if entry.kind == .discardedReply || (!abortedAtService.isEmpty && abortedAtService.contains(entry.messageID)) {
-                discardAttachments(entry)
-                finish(entry, dispose: entry.kind == .reply)
-                continue
-            }
-            let length = Int(entry.length)
-            let result: R
-            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                var descriptors = (try? attachments(of: entry.messageID)) ?? []
-                guard payloadIsSound(entry, channel: channel, descriptors: descriptors) else {
-                    for fd in descriptors { close(fd) }
-                    finish(entry, dispose: true)
-                    continue
-                }
-                if entry.flags & CapsEntryFlags.attachedPayload != 0, !descriptors.isEmpty {
-                    let payload = Descriptor(adopting: descriptors.removeFirst())
-                    guard let view = try? Mapping(payload, length: max(length, 1), writable: false) else {
-                        throw PatchbayError(.ioError, "cannot map an attached reply payload")
-                    }
-                    result = body(entry.messageID, UnsafeRawBufferPointer(start: view.baseAddress, count: length))
-                } else {
-                    result = body(entry.messageID, UnsafeRawBufferPointer(start: channel.replyArena.advanced(by: Int(entry.offset)),
-                                                                         count: length))
-                }
-                for fd in descriptors { close(fd) }
-            } else {
-                guard channel.fitsArena(offset: entry.offset, length: entry.length) else {
-                    finish(entry, dispose: true)
-                    continue
-                }
-                result = body(entry.messageID, UnsafeRawBufferPointer(start: channel.replyArena.advanced(by: Int(entry.offset)),
-                                                                     count: length))
-            }
+            let result = deliver(CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
+                                           descriptors: payload.carried()), payload.bytes)
+            _ = consume payload
             finish(entry, dispose: true)
             return result
         }
-        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReplyInPlace(body) }
-        if let closed = try closedReply() {
-            return body(closed.messageID, UnsafeRawBufferPointer(start: nil, count: 0))
-        }
-        return nil
-    }
-
-    private func attachments(of messageID: UInt64) throws(PatchbayError) -> [CInt] {
-        if let kept = stashed.removeValue(forKey: messageID) { return kept }
-        return try receiveAttachments(direct.rawValue, messageID: messageID)
-    }
-
-    /// Closes the descriptors of a reply nobody will read, instead of leaving them queued.
-    private func discardAttachments(_ entry: CapsEntry) {
-        guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }
-        let leftovers = stashed.removeValue(forKey: entry.messageID)
-            ?? (try? receiveAttachments(direct.rawValue, messageID: entry.messageID)) ?? []
-        for fd in leftovers { close(fd) }
+        // The service may have replied just before going away: those replies come first.
+        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReply(room: room, deliver) }
+        guard let closed = try closedReply() else { return nil }
+        return deliver(closed, UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
     /// Consumes a reply entry: frees the request's space, tells the service DISPOSE.
@@ -533,7 +414,7 @@ public final class CapsClient: @unchecked Sendable {
         if let request = inFlight[entry.messageID], request.offset >= 0 {
             allocator.release(offset: request.offset, length: request.length)
         }
-        forget(entry.messageID)
+        inFlight[entry.messageID] = nil
         if !abortedAtService.isEmpty { abortedAtService.remove(entry.messageID) }
         guard dispose, !channel.serviceClosed else { return }
         pendingDisposes.append(entry.messageID)
@@ -556,27 +437,29 @@ public final class CapsClient: @unchecked Sendable {
         if let request = inFlight[messageID], request.offset >= 0 {
             allocator.release(offset: request.offset, length: request.length)
         }
-        forget(messageID)
+        inFlight[messageID] = nil
         return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil)
     }
 
-    /// Adaptive waiting: spin while the service runs on another CPU, then sleep on the futex.
+    /// Spin-then-sleep until a reply (or the service's departure, or with `epoch` a reply kept
+    /// for another thread's `call`): spins while the service runs on another CPU, then sleeps on
+    /// the channel's futex.
     private func sleepUntilReply(orUntilEpochChanges epoch: UInt32? = nil) throws(PatchbayError) {
-        // Tell the service where this thread runs now, so it spins only when that helps.
-        let cpuWord = channel.word32(CapsLayout.clientCPUOffset)
-        let cpu = UInt32(bitPattern: currentCPU())
-        if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
         let statusBase = status.baseAddress
-        let serviceRunning = statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self)
-        let serviceCPU = statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self)
+        let service = PeerActivity(
+            running: statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self),
+            cpu: statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self))
         let ready = { [channel, self] in
             channel.hasEntries(.reply) || channel.serviceClosed
                 || (epoch != nil && self.stashEpoch.load(ordering: .acquiring) != epoch)
         }
-        let spun = spinUntil(ready) {
-            SharedWord.load(serviceRunning) != 0 && Int32(bitPattern: SharedWord.load(serviceCPU)) != currentCPU()
+        try CapsPortCore.wait(publishingCPUIn: channel.word32(CapsLayout.clientCPUOffset), peer: service, until: ready) {
+            () throws(PatchbayError) in try sleepOnFutex(until: ready)
         }
-        if spun { return }
+    }
+
+    /// The sleeping half of the wait: on the channel's wake word, which the service bumps.
+    private func sleepOnFutex(until ready: () -> Bool) throws(PatchbayError) {
         let wakeWord = channel.word32(CapsLayout.clientWakeOffset)
         let sleeping = channel.word32(CapsLayout.clientSleepingOffset)
         let running = channel.word32(CapsLayout.clientRunningOffset)

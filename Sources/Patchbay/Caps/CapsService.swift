@@ -1,9 +1,11 @@
 // A CAPS service port: receive REQUESTs (and DISPOSEs) from every client, reply to them, over
-// each client's shared-memory channel.
+// each client's shared-memory channel (the story of CAPS is on top of CapsPort.swift).
 
-import Glibc
-import PatchbayProtocol
+// `public`: a service registers under the caller's effective uid by default (`geteuid()`).
+public import Glibc
+public import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// What a service receives.
@@ -22,11 +24,14 @@ public enum CapsMessageKind: Sendable, Equatable {
 
 /// A message as the service sees it.
 public struct CapsServiceMessage: Sendable {
+    /// What arrived.
     public var kind: CapsMessageKind
+    /// The id to reply to (0 for connection notices).
     public var messageID: UInt64
     /// The full length. When larger than the buffer given, only the buffer's worth was copied and
     /// the message is still queued.
     public var length: Int
+    /// Whether the message was consumed (the buffer was large enough, or it was read in place).
     public var consumed: Bool
     /// The sender, from the kernel (SO_PEERCRED / SO_PEERGROUPS when the client connected).
     public var credentials: CapsCredentials
@@ -34,11 +39,17 @@ public struct CapsServiceMessage: Sendable {
     public var channelID: UInt64
     /// The payload came in the channel's shared memory (false: in an attached memfd).
     public var inPlace: Bool
+    /// Descriptors the client attached (take them, or they close with the message).
     public var descriptors: CapsDescriptors?
 }
 
+/// A CAPS service port: registered under a name, it receives the REQUESTs of every client that
+/// connects (each on its own channel, taken round-robin) and replies to them. Thread-safe: calls
+/// are serialised on the port, and waiting never holds it.
 public final class CapsService: @unchecked Sendable {
+    /// The name clients connect to.
     public let name: String
+    /// The broker's id for this registration.
     public let serviceID: UInt64
 
     /// One client connection, as the service keeps it.
@@ -46,13 +57,13 @@ public final class CapsService: @unchecked Sendable {
         let id: UInt64
         let channel: CapsChannel
         let credentials: CapsCredentials
-        let serviceWake: Descriptor
-        let clientWake: Descriptor
-        let direct: Descriptor
+        let serviceWake: PatchbaySystem.Descriptor
+        let clientWake: PatchbaySystem.Descriptor
+        let direct: PatchbaySystem.Descriptor
         var allocator: ArenaAllocator
 
-        init(id: UInt64, channel: CapsChannel, credentials: CapsCredentials, serviceWake: consuming Descriptor,
-             clientWake: consuming Descriptor, direct: consuming Descriptor) {
+        init(id: UInt64, channel: CapsChannel, credentials: CapsCredentials, serviceWake: consuming PatchbaySystem.Descriptor,
+             clientWake: consuming PatchbaySystem.Descriptor, direct: consuming PatchbaySystem.Descriptor) {
             self.id = id
             self.channel = channel
             self.credentials = credentials
@@ -69,14 +80,13 @@ public final class CapsService: @unchecked Sendable {
     }
 
     private let connection: Connection
-    private let status: Mapping
+    private let status: PatchbaySystem.Mapping
     /// The broker's notices counter (read-only here).
-    private let notices: Mapping
+    private let notices: PatchbaySystem.Mapping
     private let epoll: Epoll
     private let cancelEvent: EventCounter
-    private let createdIn = forkGeneration()
     private let notifyConnections: Bool
-    private let lock = Lock()
+    private let core = CapsPortCore(anew: "register again")
 
     private var clients: [UInt64: ClientChannel] = [:]
     /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
@@ -87,7 +97,6 @@ public final class CapsService: @unchecked Sendable {
     /// Replies not yet disposed: reply arena offset (-1: attached) and length.
     private var replied: [UInt64: (offset: Int, length: Int)] = [:]
     private var synthetic: [CapsServiceMessage] = []
-    private var stashed: [UInt64: [CInt]] = [:]
     private var watching = false
     /// The broker's notice counter as last read: the connection is read only when it moved.
     private var noticesSeen: UInt32 = 0
@@ -119,7 +128,7 @@ public final class CapsService: @unchecked Sendable {
         self.serviceID = serviceID
         status = page.mapping
         do {
-            notices = try Mapping(noticesPage, length: 4096, writable: false)
+            notices = try PatchbaySystem.Mapping(noticesPage, length: 4096, writable: false)
             epoll = try Epoll()
             cancelEvent = try EventCounter(nonblocking: true)
             try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
@@ -136,15 +145,15 @@ public final class CapsService: @unchecked Sendable {
 
     /// A status page and its writable mapping, sealed against any other writer.
     private struct StatusPage: ~Copyable {
-        var descriptor: Descriptor
-        var mapping: Mapping
+        var descriptor: PatchbaySystem.Descriptor
+        var mapping: PatchbaySystem.Mapping
     }
 
     private static func makeStatusPage() throws(PatchbayError) -> StatusPage {
         do {
             let memory = try makeMemoryFile(name: "patchbay-caps-status", sealable: true)
             try memory.truncate(to: CapsLayout.statusSize)
-            let mapping = try Mapping(memory, length: CapsLayout.statusSize, writable: true)
+            let mapping = try PatchbaySystem.Mapping(memory, length: CapsLayout.statusSize, writable: true)
             // FUTURE_WRITE: the mapping above keeps writing; no new writable mapping or write()
             // is possible for anyone, whatever descriptor they hold.
             try memory.addSeals([.futureWrite, .shrink, .grow, .seal])
@@ -154,26 +163,23 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    deinit {
-        for fds in stashed.values { for fd in fds { close(fd) } }
-    }
-
     private func statusWord(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
         status.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
     }
 
     // MARK: Receiving
 
-    /// The next message (REQUEST, DISPOSE, aborted, or a notice), copied into `buffer`.
+    /// The next message (REQUEST, DISPOSE, aborted, or a notice), copied into `buffer`. A buffer
+    /// too small for a REQUEST gets the first `buffer.count` bytes and leaves it queued
+    /// (`consumed` false).
     ///
     /// - Throws: `EAGAIN` when nothing is waiting.
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
-        try checkInherited()
-        return try lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
+        try core.checkInherited()
+        return try core.lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
             if watching { drainWakeups() }
-            guard let message = try next(into: buffer) else {
-                throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting")
-            }
+            guard let message = try nextMessage(room: buffer.count, { message, payload in Self.copy(payload, into: buffer, message) })
+            else { throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting") }
             return message
         }
     }
@@ -181,11 +187,13 @@ public final class CapsService: @unchecked Sendable {
     /// Waits for the next message: spins while the last active client runs on another CPU, then
     /// sleeps in epoll. Cancellable with `cancelWait()` (`ECANCELED`).
     public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
-        try checkInherited()
+        try core.checkInherited()
         while true {
             // The lock is held to take a message, never while sleeping, so another thread can
             // reply meanwhile.
-            if let message = try lock.locked({ () throws(PatchbayError) -> CapsServiceMessage? in try next(into: buffer) }) {
+            if let message = try core.lock.locked({ () throws(PatchbayError) -> CapsServiceMessage? in
+                try nextMessage(room: buffer.count) { message, payload in Self.copy(payload, into: buffer, message) }
+            }) {
                 return message
             }
             try sleepUntilWork()
@@ -195,9 +203,11 @@ public final class CapsService: @unchecked Sendable {
     /// Waits for the next message and lets `body` read its payload in place, in the shared memory
     /// the client wrote it to.
     public func receive<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
-        try checkInherited()
+        try core.checkInherited()
         while true {
-            if let result = try lock.locked({ () throws(PatchbayError) -> R? in try nextInPlace(body) }) { return result }
+            if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in try nextMessage(room: nil, body) }) {
+                return result
+            }
             try sleepUntilWork()
         }
     }
@@ -205,10 +215,10 @@ public final class CapsService: @unchecked Sendable {
     /// `receive` for a body that returns nothing: not generic, so a caller in another module runs
     /// specialised code (the hot path of a service).
     public func receive(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
-        try checkInherited()
+        try core.checkInherited()
         while true {
-            if try lock.locked({ () throws(PatchbayError) -> Bool in
-                try nextInPlace { message, payload in body(message, payload) } != nil
+            if try core.lock.locked({ () throws(PatchbayError) -> Bool in
+                try nextMessage(room: nil) { message, payload in body(message, payload) } != nil
             }) { return }
             try sleepUntilWork()
         }
@@ -232,79 +242,48 @@ public final class CapsService: @unchecked Sendable {
     }
 
     /// Replies with `length` bytes that `fill` writes in place, in the shared memory the client
-    /// will read them from.
+    /// will read them from. A reply larger than the channel's payload space gets its own shared
+    /// memory object, attached.
     public func reply(to messageID: UInt64, length: Int, descriptors: [CInt] = [],
                       fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
-        try checkInherited()
-        try lock.locked { () throws(PatchbayError) in
-            try replyLocked(to: messageID, length: length, descriptors: descriptors, fill: fill)
-        }
-    }
-
-    private func replyLocked(to messageID: UInt64, length: Int, descriptors: [CInt],
-                             fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
-        try checkInherited()
-        guard length >= 0, length <= Int(UInt32.max) else {
-            throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
-        }
-        guard let request = received[messageID] else {
-            throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
-        }
-        guard let client = clients[capsChannel(of: messageID)] else {
-            received[messageID] = nil
-            throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
-        }
-        received[messageID] = nil
-        if request.aborted {
-            // The client aborted: the reply only frees the request's space there.
-            _ = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .discardedReply, flags: 0))
-            wake(client)
-            return
-        }
-        var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
-        var attachments = descriptors
-        var offset = -1
-        var payload: Descriptor?
-        if length <= client.channel.arenaSize, let slot = client.allocator.allocate(length) {
-            offset = slot
-            fill(UnsafeMutableRawBufferPointer(start: client.channel.replyArena.advanced(by: slot), count: length))
-        } else {
-            do {
-                let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
-                try object.truncate(to: max(length, 1))
-                let view = try Mapping(object, length: max(length, 1), writable: true)
-                fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
-                attachments.insert(object.rawValue, at: 0)
-                payload = consume object
-            } catch {
-                throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte reply")
+        try core.checkInherited()
+        try core.lock.locked { () throws(PatchbayError) in
+            guard length >= 0, length <= Int(UInt32.max) else {
+                throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
             }
-            flags |= CapsEntryFlags.attachedPayload
-        }
-        if !attachments.isEmpty {
-            do {
-                try sendAttachments(client.direct.rawValue, messageID: messageID, descriptors: attachments)
+            guard let request = received[messageID] else {
+                throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
+            }
+            guard let client = clients[capsChannel(of: messageID)] else {
+                received[messageID] = nil
+                throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
+            }
+            received[messageID] = nil
+            if request.aborted {
+                // The client aborted: the reply only frees the request's space there.
+                _ = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .discardedReply,
+                                                          flags: 0))
+                wake(client)
+                return
+            }
+            let offset: Int
+            do throws(PatchbayError) {
+                offset = try CapsPortCore.publish(on: client.channel, .reply, allocator: &client.allocator,
+                                                  direct: client.direct.rawValue, messageID: messageID, length: length,
+                                                  descriptors: descriptors, what: "reply", fill: fill)
             } catch {
-                // Nothing was sent: the request can still be answered.
-                if offset >= 0 { client.allocator.release(offset: offset, length: length) }
+                // Nothing was published: the request can still be answered.
                 received[messageID] = request
                 throw error
             }
+            replied[messageID] = (offset, length)
+            wake(client)
         }
-        _ = consume payload
-        guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)),
-                                                     length: UInt32(length), kind: .reply, flags: flags)) else {
-            if offset >= 0 { client.allocator.release(offset: offset, length: length) }
-            received[messageID] = request
-            throw PatchbayError(.noBufferSpace, "the client's reply ring is full")
-        }
-        replied[messageID] = (offset, length)
-        wake(client)
     }
 
     /// Sets this port's generation, which clients read with `generation()`.
     public func setGeneration(_ generation: UInt64) throws(PatchbayError) {
-        try checkInherited()
+        try core.checkInherited()
         SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
                          generation)
     }
@@ -327,23 +306,17 @@ public final class CapsService: @unchecked Sendable {
     /// A descriptor that becomes readable when messages wait, for epoll loops; then call `get`
     /// until it says `EAGAIN` (one readiness may stand for several messages).
     public var eventDescriptor: CInt {
-        lock.locked {
+        core.lock.locked {
             if !watching { SharedWord.increment(statusWord(CapsLayout.statusSleepingOffset)) }
             watching = true
         }
-        return epoll.rawValue
+        return epoll.descriptorNumber
     }
 
     /// Clients connected now.
-    public var clientCount: Int { lock.locked { clients.count } }
+    public var clientCount: Int { core.lock.locked { clients.count } }
 
     // MARK: Internals
-
-    private func checkInherited() throws(PatchbayError) {
-        if forkGeneration() != createdIn {
-            throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and register again")
-        }
-    }
 
     private func wake(_ client: ClientChannel) {
         SharedWord.fence()
@@ -358,40 +331,37 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// The next message to show; nil when nothing waits.
-    private func next(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage? {
+    /// Copy mode's delivery: as much of the message as fits `buffer`.
+    @inline(__always)
+    private static func copy(_ payload: UnsafeRawBufferPointer, into buffer: UnsafeMutableRawBufferPointer,
+                             _ message: CapsServiceMessage) -> CapsServiceMessage {
+        var message = message
+        let copied = min(message.length, buffer.count)
+        if copied > 0, let base = payload.baseAddress { buffer.baseAddress!.copyMemory(from: base, byteCount: copied) }
+        message.consumed = copied == message.length
+        return message
+    }
+
+    /// The next message, shown to `deliver` in place; nil when nothing waits. The one reading path
+    /// of both modes: in place (`room` nil) a REQUEST is consumed before `deliver` runs (so it may
+    /// reply at once); in copy mode (`room`: the caller's buffer size) a REQUEST longer than the
+    /// room stays queued, with its descriptors.
+    private func nextMessage<R>(room: Int?, _ deliver: (CapsServiceMessage, UnsafeRawBufferPointer) -> R)
+        throws(PatchbayError) -> R?
+    {
         if noticesPending { processBrokerEvents() }
-        if !synthetic.isEmpty { return synthetic.removeFirst() }
+        if !synthetic.isEmpty { return deliver(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
         var found = nextEntry()
         if found == nil && noticesPending {
             // Perhaps a client this port has not heard of yet: read the broker's notices, look again.
             processBrokerEvents()
-            if !synthetic.isEmpty { return synthetic.removeFirst() }
+            if !synthetic.isEmpty { return deliver(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
             found = nextEntry()
         }
         guard let (client, entry, state) = found else { return nil }
-        guard let message = try take(client, entry, state, consume: buffer.count >= Int(entry.length), { message, payload in
-            var message = message
-            let copied = min(message.length, buffer.count)
-            if copied > 0, let base = payload.baseAddress { buffer.baseAddress!.copyMemory(from: base, byteCount: copied) }
-            message.consumed = copied == message.length
-            return message
-        }) else { return try next(into: buffer) }
-        return message
-    }
-
-    private func nextInPlace<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
-        if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
-        if noticesPending { processBrokerEvents() }
-        var found = nextEntry()
-        if found == nil && noticesPending {
-            processBrokerEvents()
-            if !synthetic.isEmpty { return body(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
-            found = nextEntry()
-        }
-        guard let (client, entry, state) = found else { return nil }
-        guard let result = try take(client, entry, state, consume: true, { message, payload in body(message, payload) }) else {
-            return try nextInPlace(body)
+        let consume = room.map { $0 >= Int(entry.length) } ?? true
+        guard let result = try take(client, entry, state, consume: consume, deliver) else {
+            return try nextMessage(room: room, deliver)
         }
         return result
     }
@@ -432,43 +402,25 @@ public final class CapsService: @unchecked Sendable {
         }
         switch entry.kind {
         case .request where received[entry.messageID] == nil && replied[entry.messageID] == nil:
-            var descriptors: [CInt] = []
-            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 {
-                descriptors = (try? attachments(client, entry.messageID)) ?? []
-            }
-            guard payloadIsSound(entry, channel: client.channel, descriptors: descriptors) else {
-                for fd in descriptors { close(fd) }
+            guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
+                                                 direct: client.direct.rawValue) else {
                 client.channel.advance(.request)
                 return nil
             }
-            var view: Mapping?
-            var payload = UnsafeRawBufferPointer(start: client.channel.requestArena.advanced(by: Int(entry.offset)),
-                                                 count: Int(entry.length))
-            if entry.flags & CapsEntryFlags.attachedPayload != 0, let object = descriptors.first {
-                message.inPlace = false
-                guard let mapped = try? Mapping(Descriptor(adopting: dup(object)), length: max(Int(entry.length), 1),
-                                                writable: false) else {
-                    throw PatchbayError(.ioError, "cannot map an attached request payload")
-                }
-                payload = UnsafeRawBufferPointer(start: mapped.baseAddress, count: Int(entry.length))
-                view = consume mapped
-            }
+            message.inPlace = !payload.isAttached
             if consume {
-                let payloadObject = entry.flags & CapsEntryFlags.attachedPayload != 0 && !descriptors.isEmpty
-                let carried = payloadObject ? Array(descriptors.dropFirst()) : descriptors
-                message.descriptors = carried.isEmpty ? nil : CapsDescriptors(carried)
+                message.descriptors = payload.carried()
                 // Recorded before the body runs, so the body may reply at once. The payload stays
                 // valid: the client frees it only when it sees the reply.
                 client.channel.advance(.request)
                 received[entry.messageID] = Received(aborted: false)
-                let result = use(message, payload)
-                _ = consume view
-                if payloadObject { close(descriptors[0]) }
+                let result = use(message, payload.bytes)
+                _ = consume payload
                 return result
             }
-            let result = use(message, payload)
-            _ = consume view
-            if !descriptors.isEmpty { stashed[entry.messageID] = descriptors }
+            let result = use(message, payload.bytes)
+            if let attachments = payload.attachments { core.stash.keep(attachments, for: entry.messageID) }
+            _ = consume payload
             return result
         case .dispose:
             client.channel.advance(.request)
@@ -490,11 +442,6 @@ public final class CapsService: @unchecked Sendable {
             client.channel.advance(.request)
             return nil
         }
-    }
-
-    private func attachments(_ client: ClientChannel, _ messageID: UInt64) throws(PatchbayError) -> [CInt] {
-        if let kept = stashed.removeValue(forKey: messageID) { return kept }
-        return try receiveAttachments(client.direct.rawValue, messageID: messageID)
     }
 
     /// Whether the broker queued notices since they were last read (one load, no system call).
@@ -555,7 +502,7 @@ public final class CapsService: @unchecked Sendable {
         for id in left.sorted() {
             received[id] = nil
             replied[id] = nil
-            if let fds = stashed.removeValue(forKey: id) { for fd in fds { close(fd) } }
+            core.stash.discard(id)
             synthetic.append(CapsServiceMessage(kind: .dispose, messageID: id, length: 0, consumed: true,
                                                 credentials: client.credentials, channelID: channelID, inPlace: true,
                                                 descriptors: nil))
@@ -576,28 +523,29 @@ public final class CapsService: @unchecked Sendable {
         for client in clients.values { _ = try? EventCounter.drain(client.serviceWake.rawValue) }
     }
 
-    /// Adaptive waiting: spin while the last active client runs on another CPU; else mark the
-    /// port asleep (so clients signal its eventfds) and sleep in epoll.
+    /// Spin-then-sleep until work arrives: spins while the last active client runs on another
+    /// CPU, then sleeps in epoll.
     private func sleepUntilWork() throws(PatchbayError) {
-        let cpuWord = statusWord(CapsLayout.statusCPUOffset)
-        let cpu = UInt32(bitPattern: currentCPU())
-        if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
         // A snapshot of the channels: the rings themselves are read lock-free.
-        let (channels, last) = lock.locked { (clients.values.map(\.channel), lastActive.flatMap { clients[$0]?.channel }) }
-        if let last {
-            let running = last.word32(CapsLayout.clientRunningOffset)
-            let cpu = last.word32(CapsLayout.clientCPUOffset)
-            if spinUntil({ Self.hasWork(channels) || noticesPending }, while: {
-                SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
-            }) { return }
+        let (channels, last) = core.lock.locked { (clients.values.map(\.channel), lastActive.flatMap { clients[$0]?.channel }) }
+        let client = last.map { PeerActivity(running: $0.word32(CapsLayout.clientRunningOffset),
+                                             cpu: $0.word32(CapsLayout.clientCPUOffset)) }
+        try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: client,
+                              until: { Self.hasWork(channels) || noticesPending }) {
+            () throws(PatchbayError) in try sleepInEpoll()
         }
+    }
+
+    /// The sleeping half of the wait: marks the port asleep (so clients signal its eventfds) and
+    /// sleeps in epoll.
+    private func sleepInEpoll() throws(PatchbayError) {
         // `sleeping` counts sleeping threads (one port may have several waiters); clients signal
         // while it is not zero. In epoll mode the port holds one count of its own for good.
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)
         SharedWord.increment(sleeping)
         SharedWord.fence()
         // Looked at again after publishing: another thread may have added a channel meanwhile.
-        let current = lock.locked { clients.values.map(\.channel) }
+        let current = core.lock.locked { clients.values.map(\.channel) }
         if Self.hasWork(current) || noticesPending {
             SharedWord.decrement(sleeping)
             return
@@ -611,7 +559,7 @@ public final class CapsService: @unchecked Sendable {
         }
         SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 1)
         SharedWord.decrement(sleeping)
-        try lock.locked { () throws(PatchbayError) in try handle(events) }
+        try core.lock.locked { () throws(PatchbayError) in try handle(events) }
     }
 
     private func handle(_ events: [Epoll.Event]) throws(PatchbayError) {
@@ -634,10 +582,6 @@ public final class CapsService: @unchecked Sendable {
     }
 }
 
-extension Epoll {
-    /// The epoll descriptor itself: readable when any registered descriptor is.
-    public var rawValue: CInt { descriptorNumber }
-}
 
 extension Broker {
     /// Every registered CAPS service.
@@ -647,5 +591,10 @@ extension Broker {
             throw PatchbayError(.protocolError, "unexpected reply to a service listing")
         }
         return services
+    }
+
+    /// `listServices` without blocking a Swift concurrency thread.
+    public func listServices() async throws(PatchbayError) -> [CapsServiceInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listServices() }
     }
 }

@@ -6,6 +6,7 @@
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// One ring entry, as copied out of shared memory.
@@ -19,14 +20,14 @@ struct CapsEntry {
 
 /// A mapped channel: header words, the two rings and the two arenas.
 final class CapsChannel: @unchecked Sendable {
-    let mapping: Mapping
+    let mapping: PatchbaySystem.Mapping
     let capacity: UInt64
     let arenaSize: Int
 
-    init(_ memory: borrowing Descriptor, arenaSize expected: Int) throws(PatchbayError) {
+    init(_ memory: borrowing PatchbaySystem.Descriptor, arenaSize expected: Int) throws(PatchbayError) {
         let header: (capacity: Int, arena: Int)
         do {
-            let probe = try Mapping(memory, length: CapsLayout.headerSize, writable: false)
+            let probe = try PatchbaySystem.Mapping(memory, length: CapsLayout.headerSize, writable: false)
             let base = probe.baseAddress
             guard base.load(fromByteOffset: CapsLayout.magicOffset, as: UInt32.self) == CapsLayout.magic,
                   base.load(fromByteOffset: CapsLayout.versionOffset, as: UInt32.self) == CapsLayout.version
@@ -51,7 +52,7 @@ final class CapsChannel: @unchecked Sendable {
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
         do {
-            mapping = try Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
+            mapping = try PatchbaySystem.Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
                                   writable: true)
         } catch {
             throw PatchbayError(error, "cannot map the CAPS channel")
@@ -245,59 +246,4 @@ func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
         if rounds & 7 == 0 && monotonicNanoseconds() > deadline { break }
     }
     return ready()
-}
-
-/// Whether a payload a peer announced can be read safely: inside the arena, or an attached memfd
-/// at least as long as announced (a shorter one would fault when read).
-func payloadIsSound(_ entry: CapsEntry, channel: CapsChannel, descriptors: [CInt]) -> Bool {
-    if entry.flags & CapsEntryFlags.attachedPayload != 0 {
-        guard let object = descriptors.first else { return false }
-        var info = stat()
-        return fstat(object, &info) == 0 && Int(info.st_size) >= Int(entry.length)
-    }
-    return channel.fitsArena(offset: entry.offset, length: entry.length)
-}
-
-/// The message id: the channel's id in the high half, a per-client sequence number in the low
-/// half, so ids are unique across all of a service's clients.
-@inline(__always)
-func capsMessageID(channel: UInt64, sequence: UInt32) -> UInt64 { channel << 32 | UInt64(sequence) }
-
-@inline(__always)
-func capsChannel(of messageID: UInt64) -> UInt64 { messageID >> 32 }
-
-/// Sends descriptors (and, for attached payloads, the payload's memfd first) for one message on
-/// the peers' direct socket, tagged with the message id.
-func sendAttachments(_ socket: CInt, messageID: UInt64, descriptors: [CInt]) throws(PatchbayError) {
-    var tag = messageID
-    let sent = withUnsafeBytes(of: &tag) { raw in
-        descriptors.withUnsafeBufferPointer { fds in
-            SeqpacketSocket.sendRaw(socket, raw, fds, nonblocking: true)
-        }
-    }
-    // Never wait on the peer: one that does not read its direct socket only hurts itself.
-    if sent < 0 {
-        let error = Errno.current
-        throw PatchbayError(error == .resourceTemporarilyUnavailable ? .noBufferSpace : error,
-                            "cannot send the message's descriptors to the peer")
-    }
-}
-
-/// Receives the descriptors sent for `messageID`. They were sent before the ring entry, so they
-/// are already queued; if not, the peer lied, and nothing waits for it.
-func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError) -> [CInt] {
-    var buffer = [UInt8](repeating: 0, count: 8)
-    while true {
-        let received = buffer.withUnsafeMutableBytes { raw in
-            SeqpacketSocket.receiveRaw(socket, raw, nonblocking: true)
-        }
-        guard let received else {
-            throw PatchbayError(.protocolError, "message \(messageID) announced descriptors its sender did not send")
-        }
-        let tag = buffer.withUnsafeBytes { $0.load(as: UInt64.self) }
-        if received.length == 8 && tag == messageID { return received.descriptors }
-        // Descriptors of a message nobody will read any more (aborted, or its peer gone): close.
-        for fd in received.descriptors { close(fd) }
-        if received.length == 0 { throw PatchbayError(.connectionReset, "the peer's direct socket closed") }
-    }
 }

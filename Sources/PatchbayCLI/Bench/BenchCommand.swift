@@ -1,6 +1,9 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
 
 /// `patchbay bench`: every Patchbay primitive against the raw Linux mechanism, measured in the
 /// same run, on the same CPUs, with peers in processes of their own.
@@ -104,8 +107,8 @@ final class Bench {
 
     final class Peer {
         let pid: pid_t
-        private let input: Descriptor
-        init(pid: pid_t, input: consuming Descriptor) {
+        private let input: PatchbaySystem.Descriptor
+        init(pid: pid_t, input: consuming PatchbaySystem.Descriptor) {
             self.pid = pid
             self.input = input
         }
@@ -187,8 +190,8 @@ final class Bench {
     func socketPingPong(type: CInt, size: Int, count: Int) throws -> Samples {
         var fds: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, type | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let mine = Descriptor(adopting: fds[0])
-        let theirs = Descriptor(adopting: fds[1])
+        let mine = PatchbaySystem.Descriptor(adopting: fds[0])
+        let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
         let echo = try peer(type == CInt(SOCK_STREAM.rawValue) ? "stream-echo" : "socket-echo", ["--size", "\(size)"],
                             descriptors: [theirs.rawValue])
         _ = consume theirs

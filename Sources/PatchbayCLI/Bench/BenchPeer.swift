@@ -1,6 +1,8 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 /// The other side of each benchmark, in a process of its own, pinned to its own CPU. Each role
 /// prints "ready" on stdout once set up, then serves until told to stop (or its input closes).
@@ -90,7 +92,7 @@ struct BenchPeerCommand: ParsableCommand {
         while true {
             let n = text.withUnsafeMutableBytes { Glibc.read(3, $0.baseAddress, $0.count) }
             if n <= 0 { return }
-            guard let key = try? Key(String(decoding: text[0..<n], as: UTF8.self)), (try? broker.claim(key)) != nil else {
+            guard let key = try? Key(parsing: String(decoding: text[0..<n], as: UTF8.self)), (try? broker.claim(key)) != nil else {
                 writeStandardError("bench-peer: claim failed\n")
                 return
             }

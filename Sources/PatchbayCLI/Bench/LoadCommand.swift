@@ -3,6 +3,7 @@ import Glibc
 import Patchbay
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// `patchbay load`: many clients at once doing mixed control operations against a broker of its

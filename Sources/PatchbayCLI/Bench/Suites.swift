@@ -1,5 +1,7 @@
 import Glibc
 import Patchbay
+import PatchbaySystem
+import SystemPackage
 
 extension Bench {
     private func printHeader() {
@@ -87,8 +89,8 @@ extension Bench {
     func seqpacketPipelined(total: Int, window: Int) throws -> UInt64 {
         var fds: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let mine = Descriptor(adopting: fds[0])
-        let theirs = Descriptor(adopting: fds[1])
+        let mine = PatchbaySystem.Descriptor(adopting: fds[0])
+        let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
         let echo = try peer("socket-echo", ["--size", "64"], descriptors: [theirs.rawValue])
         _ = consume theirs
         defer { echo.stop() }
@@ -121,8 +123,8 @@ extension Bench {
         // Baseline: one descriptor over SCM_RIGHTS to the other process, which acknowledges.
         var fds: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let mine = Descriptor(adopting: fds[0])
-        let theirs = Descriptor(adopting: fds[1])
+        let mine = PatchbaySystem.Descriptor(adopting: fds[0])
+        let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
         let receiver = try peer("fd-receiver", descriptors: [theirs.rawValue])
         _ = consume theirs
         let fileNumber = file.rawValue
@@ -135,13 +137,13 @@ extension Bench {
 
         // Patchbay: share here, the key travels to the other process, which claims it.
         guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let keyChannel = Descriptor(adopting: fds[0])
-        let claimerEnd = Descriptor(adopting: fds[1])
+        let keyChannel = PatchbaySystem.Descriptor(adopting: fds[0])
+        let claimerEnd = PatchbaySystem.Descriptor(adopting: fds[1])
         let claimer = try peer("key-claimer", descriptors: [claimerEnd.rawValue])
         _ = consume claimerEnd
         defer { claimer.stop() }
         let handoff = try measure(count) {
-            let key = try broker.share(file)
+            let key = try broker.share(rawDescriptor: file.rawValue)
             let text = Array(key.text.utf8)
             var ack: UInt8 = 0
             guard text.withUnsafeBytes({ Glibc.write(keyChannel.rawValue, $0.baseAddress, $0.count) }) == text.count,
@@ -157,7 +159,7 @@ extension Bench {
             var values: [UInt64] = []
             values.reserveCapacity(claimCount)
             for _ in 0..<claimCount {
-                let key = try broker.share(file)
+                let key = try broker.share(rawDescriptor: file.rawValue)
                 let start = monotonicNanoseconds()
                 _ = try broker.claim(key)
                 values.append(monotonicNanoseconds() - start)
@@ -165,11 +167,11 @@ extension Bench {
             return Samples(values)
         }
         var held: [Key] = []
-        for _ in 0..<10 { held.append(try broker.share(file, timeout: .never)) }
+        for _ in 0..<10 { held.append(try broker.share(rawDescriptor: file.rawValue, timeout: .never)) }
         let few = try claims()
         let outstanding = quick ? 20_000 : 100_000
         let before = Bench.residentKilobytes(brokerPID)
-        while held.count < outstanding { held.append(try broker.share(file, timeout: .never)) }
+        while held.count < outstanding { held.append(try broker.share(rawDescriptor: file.rawValue, timeout: .never)) }
         let after = Bench.residentKilobytes(brokerPID)
         let many = try claims()
         add(BenchRow(name: "claim with \(outstanding) keys outstanding", samples: many, baseline: "claim with 10 outstanding",
@@ -211,7 +213,7 @@ extension Bench {
         let plain = try measure(count) {
             let fd = shm_open(path, O_RDWR, 0)
             guard fd >= 0 else { throw Errno.current }
-            let mapping = try Mapping(Descriptor(adopting: fd), length: 4096, writable: true)
+            let mapping = try Mapping(PatchbaySystem.Descriptor(adopting: fd), length: 4096, writable: true)
             _ = consume mapping
         }
         let named = try measure(count) {

@@ -1,0 +1,309 @@
+// CAPS (DragonFly BSD's Capability Application Programming Suite): ports that talk directly
+// through shared memory once the broker has introduced them.
+//
+// The room: `CapsService` registers a name; each `CapsClient` that connects gets its own channel
+// (Channel.swift: two rings and two payload arenas in one memfd the broker made), a direct socket
+// pair to the service for descriptors and large payloads, and the service's status page (its
+// generation, whether it sleeps, where it runs). Requests and replies never pass through the
+// broker. This file is what both kinds of port share: the fork check, the stash of descriptors
+// that arrived for a message not yet read, how a message is written (arena or attached memfd)
+// and read, and the spin-then-sleep wait.
+//
+// Lifetime: a port lives while its object does; dropping it (or exiting) closes its broker
+// connection, which is how the broker and the peer learn it is gone. A port inherited across
+// `fork` refuses every call (`ENOTCONN`): two processes must never drive one ring end.
+//
+// Errors: every call throws `PatchbayError`; the errnos are listed on each call and in the
+// README (CAPS section).
+
+public import PatchbayProtocol
+import Glibc
+import PatchbaySystem
+import SystemPackage
+
+/// Who sent a CAPS message, from the kernel (`SO_PEERCRED`/`SO_PEERGROUPS` when the client
+/// connected): pid, uid, euid, gid, up to 16 supplementary groups.
+public typealias CapsCredentials = PatchbayProtocol.CapsCredentials
+
+/// A registered service as `Broker.listServices()` shows it.
+public typealias CapsServiceInfo = PatchbayProtocol.CapsServiceInfo
+
+/// Descriptors that came with a message. They are owned here: whatever is not taken is closed
+/// when this goes away.
+public final class CapsDescriptors: @unchecked Sendable {
+    private var raw: [CInt]
+
+    /// Takes ownership of `raw`.
+    init(adopting raw: [CInt]) { self.raw = raw }
+
+    deinit { for fd in raw { close(fd) } }
+
+    /// How many descriptors are still held.
+    public var count: Int { raw.count }
+
+    /// Takes the next descriptor; the caller owns it.
+    public func take() -> Descriptor? {
+        raw.isEmpty ? nil : Descriptor(adopting: raw.removeFirst())
+    }
+
+    /// The first descriptor, still owned here.
+    var first: CInt? { raw.first }
+
+    /// Closes the first descriptor (an attached payload, once read).
+    func dropFirst() {
+        if !raw.isEmpty { close(raw.removeFirst()) }
+    }
+
+    /// The rest, handed on as a set of their own (nil when none is left).
+    func remaining() -> CapsDescriptors? {
+        guard !raw.isEmpty else { return nil }
+        defer { raw = [] }
+        return CapsDescriptors(adopting: raw)
+    }
+}
+
+/// Descriptors that arrived for a message not yet read to the end (a message that did not fit
+/// the caller's buffer stays queued, and so do its descriptors). Dropping an entry closes it.
+/// Used under the port's lock only.
+final class AttachmentStash {
+    private var waiting: [UInt64: CapsDescriptors] = [:]
+
+    /// The descriptors sent with `messageID`: the kept ones, else those queued on `direct`.
+    func take(_ messageID: UInt64, from direct: CInt) throws(PatchbayError) -> CapsDescriptors {
+        if let kept = waiting.removeValue(forKey: messageID) { return kept }
+        return try receiveAttachments(direct, messageID: messageID)
+    }
+
+    /// Keeps `descriptors` for the next read of `messageID`.
+    func keep(_ descriptors: CapsDescriptors, for messageID: UInt64) {
+        waiting[messageID] = descriptors
+    }
+
+    /// Closes what was kept for `messageID`, if anything.
+    func discard(_ messageID: UInt64) {
+        waiting[messageID] = nil
+    }
+
+    /// Closes the descriptors of a message nobody will read, kept or still queued on `direct`.
+    func discard(_ entry: CapsEntry, from direct: CInt) {
+        guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }
+        if waiting.removeValue(forKey: entry.messageID) == nil {
+            _ = try? receiveAttachments(direct, messageID: entry.messageID)
+        }
+    }
+}
+
+/// A message's payload, ready to read in place: in the sender's arena, or in its attached memfd
+/// (mapped here for as long as this lives), plus every descriptor that came with it.
+struct CapsPayload: ~Copyable {
+    let bytes: UnsafeRawBufferPointer
+    /// Keeps an attached payload mapped.
+    let view: PatchbaySystem.Mapping?
+    /// Everything sent with the message; an attached payload's memfd comes first.
+    let attachments: CapsDescriptors?
+    let isAttached: Bool
+
+    /// The descriptors the sender attached, without the payload's memfd, for the reader to take.
+    func carried() -> CapsDescriptors? {
+        guard let attachments else { return nil }
+        if isAttached { attachments.dropFirst() }
+        return attachments.remaining()
+    }
+}
+
+/// What a CAPS client port and a service port share. Owned by the port (a constant of it, so the
+/// hot path pays no exclusivity check); every use of `stash` is under `lock`, which is recursive
+/// so that a receive body may call its port again.
+struct CapsPortCore {
+    /// Serialises the port's state; never held while sleeping.
+    let lock = Lock()
+    /// Descriptors of messages not yet read to the end.
+    let stash = AttachmentStash()
+    private let createdIn = forkGeneration()
+    /// What the user should do instead, said when the port was inherited.
+    private let anew: String
+
+    init(anew: String) {
+        self.anew = anew
+    }
+
+    /// `ENOTCONN` for a port inherited across `fork`.
+    @inline(__always)
+    func checkInherited() throws(PatchbayError) {
+        if forkGeneration() != createdIn {
+            throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and \(anew)")
+        }
+    }
+
+    // MARK: Writing a message
+
+    /// Writes a message of `length` bytes (`fill` writes them in place) into this side's arena of
+    /// `channel`, or into a memfd of its own when the arena has no room, sends its descriptors to
+    /// the peer, and publishes its entry on `ring`. Returns the arena offset (-1: attached). When
+    /// it throws, nothing was published and the arena space is free again.
+    static func publish(
+        on channel: CapsChannel, _ ring: CapsChannel.Ring, allocator: inout ArenaAllocator, direct: CInt,
+        messageID: UInt64, length: Int, descriptors: [CInt], what: String,
+        fill: (UnsafeMutableRawBufferPointer) -> Void
+    ) throws(PatchbayError) -> Int {
+        let arena = ring == .request ? channel.requestArena : channel.replyArena
+        var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
+        var attachments = descriptors
+        var offset = -1
+        var payload: PatchbaySystem.Descriptor?
+        if length <= channel.arenaSize, let slot = allocator.allocate(length) {
+            offset = slot
+            fill(UnsafeMutableRawBufferPointer(start: arena.advanced(by: slot), count: length))
+        } else {
+            let object = try attachedPayload(length: length, what: what, fill: fill)
+            attachments.insert(object.rawValue, at: 0)
+            flags |= CapsEntryFlags.attachedPayload
+            payload = consume object
+        }
+        if !attachments.isEmpty {
+            do {
+                try sendAttachments(direct, messageID: messageID, descriptors: attachments)
+            } catch {
+                if offset >= 0 { allocator.release(offset: offset, length: length) }
+                throw error
+            }
+        }
+        // The peer has its own copy of the memfd now (or nothing was attached).
+        _ = consume payload
+        let kind: CapsEntryKind = ring == .request ? .request : .reply
+        guard channel.push(ring, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)), length: UInt32(length),
+                                           kind: kind, flags: flags)) else {
+            if offset >= 0 { allocator.release(offset: offset, length: length) }
+            throw PatchbayError(.noBufferSpace, "the \(ring == .request ? "request" : "reply") ring is full")
+        }
+        return offset
+    }
+
+    /// A memfd holding a payload too large for the arena, written by `fill`.
+    private static func attachedPayload(length: Int, what: String, fill: (UnsafeMutableRawBufferPointer) -> Void)
+        throws(PatchbayError) -> PatchbaySystem.Descriptor
+    {
+        do {
+            let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
+            try object.truncate(to: max(length, 1))
+            let view = try PatchbaySystem.Mapping(object, length: max(length, 1), writable: true)
+            fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
+            return object
+        } catch {
+            throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte \(what)")
+        }
+    }
+
+    // MARK: Reading a message
+
+    /// The payload of `entry`, read from the peer's side of `channel` (`arena`): nil when the
+    /// peer could not have written it honestly (outside the arena, or announced descriptors that
+    /// never came, or a memfd shorter than announced); such a message is never read.
+    func payload(of entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer, direct: CInt)
+        throws(PatchbayError) -> CapsPayload?
+    {
+        let length = Int(entry.length)
+        guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else {
+            guard channel.fitsArena(offset: entry.offset, length: entry.length) else { return nil }
+            return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
+                               view: nil, attachments: nil, isAttached: false)
+        }
+        let attachments = (try? stash.take(entry.messageID, from: direct)) ?? CapsDescriptors(adopting: [])
+        guard payloadIsSound(entry, channel: channel, attachments: attachments) else { return nil }
+        guard entry.flags & CapsEntryFlags.attachedPayload != 0, let object = attachments.first else {
+            return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
+                               view: nil, attachments: attachments, isAttached: false)
+        }
+        // Mapped from a duplicate: the memfd itself stays with the message until it is consumed.
+        guard let view = try? PatchbaySystem.Mapping(PatchbaySystem.Descriptor(adopting: dup(object)),
+                                                     length: max(length, 1), writable: false) else {
+            // Its descriptors are closed; found again, the entry reads as unsound and is dropped.
+            throw PatchbayError(.ioError, "cannot map an attached payload")
+        }
+        return CapsPayload(bytes: UnsafeRawBufferPointer(start: view.baseAddress, count: length), view: view,
+                           attachments: attachments, isAttached: true)
+    }
+
+    // MARK: Waiting
+
+    /// Spin-then-sleep: tells the peer which CPU this thread runs on (in `cpuWord`), spins while
+    /// `peer` runs on another CPU and `ready` is false, for at most the spin budget
+    /// (`CapsTuning`), and otherwise calls `sleep`.
+    @inline(__always)
+    static func wait(
+        publishingCPUIn cpuWord: UnsafeMutablePointer<UInt32>, peer: PeerActivity?, until ready: () -> Bool,
+        orSleep sleep: () throws(PatchbayError) -> Void
+    ) throws(PatchbayError) {
+        let cpu = UInt32(bitPattern: currentCPU())
+        if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
+        if let peer, spinUntil(ready, while: { peer.isRunningElsewhere }) { return }
+        try sleep()
+    }
+}
+
+/// Where the peer of a port says it runs: its running flag and CPU words, in shared memory.
+struct PeerActivity {
+    let running: UnsafeMutablePointer<UInt32>
+    let cpu: UnsafeMutablePointer<UInt32>
+
+    /// The peer is running now, on another CPU than this thread: spinning can see its answer.
+    @inline(__always)
+    var isRunningElsewhere: Bool {
+        SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
+    }
+}
+
+/// Whether a payload a peer announced can be read safely: inside the arena, or an attached memfd
+/// at least as long as announced (a shorter one would fault when read).
+func payloadIsSound(_ entry: CapsEntry, channel: CapsChannel, attachments: CapsDescriptors) -> Bool {
+    if entry.flags & CapsEntryFlags.attachedPayload != 0 {
+        guard let object = attachments.first else { return false }
+        var info = stat()
+        return fstat(object, &info) == 0 && Int(info.st_size) >= Int(entry.length)
+    }
+    return channel.fitsArena(offset: entry.offset, length: entry.length)
+}
+
+/// The message id: the channel's id in the high half, a per-client sequence number in the low
+/// half, so ids are unique across all of a service's clients.
+@inline(__always)
+func capsMessageID(channel: UInt64, sequence: UInt32) -> UInt64 { channel << 32 | UInt64(sequence) }
+
+@inline(__always)
+func capsChannel(of messageID: UInt64) -> UInt64 { messageID >> 32 }
+
+/// Sends descriptors (and, for attached payloads, the payload's memfd first) for one message on
+/// the peers' direct socket, tagged with the message id.
+func sendAttachments(_ socket: CInt, messageID: UInt64, descriptors: [CInt]) throws(PatchbayError) {
+    var tag = messageID
+    let sent = withUnsafeBytes(of: &tag) { raw in
+        descriptors.withUnsafeBufferPointer { fds in
+            SeqpacketSocket.sendRaw(socket, raw, fds, nonblocking: true)
+        }
+    }
+    // Never wait on the peer: one that does not read its direct socket only hurts itself.
+    if sent < 0 {
+        let error = Errno.current
+        throw PatchbayError(error == .resourceTemporarilyUnavailable ? .noBufferSpace : error,
+                            "cannot send the message's descriptors to the peer")
+    }
+}
+
+/// Receives the descriptors sent for `messageID`. They were sent before the ring entry, so they
+/// are already queued; if not, the peer lied, and nothing waits for it. Descriptors of other
+/// messages found on the way belong to messages nobody will read any more (aborted, or their
+/// peer gone) and are closed.
+func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError) -> CapsDescriptors {
+    var tag: UInt64 = 0
+    while true {
+        let received = withUnsafeMutableBytes(of: &tag) { raw in
+            SeqpacketSocket.receiveRaw(socket, raw, nonblocking: true)
+        }
+        guard let received else {
+            throw PatchbayError(.protocolError, "message \(messageID) announced descriptors its sender did not send")
+        }
+        let descriptors = CapsDescriptors(adopting: received.descriptors)
+        if received.length == 8 && tag == messageID { return descriptors }
+        if received.length == 0 { throw PatchbayError(.connectionReset, "the peer's direct socket closed") }
+    }
+}

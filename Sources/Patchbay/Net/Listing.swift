@@ -1,0 +1,51 @@
+// The `/net` namespace as a whole: its bound names, its sockets, where a name lives on disk.
+
+public import PatchbayProtocol
+import PatchbaySystem
+
+/// A `/net` socket as `listSockets` shows it: id, family, type, state, name, owner.
+public typealias NetSocketInfo = PatchbayProtocol.NetSocketInfo
+
+extension Broker {
+    /// Opens `/net/<family>/addrs`: the bound names, one per line, as a file to read.
+    public func openAddressList(family: Socket.Family = .local) throws(PatchbayError) -> Descriptor {
+        var response = try call(.namespace(.open(path: "/net/\(family.rawValue)/addrs", flags: [])))
+        guard case .namespace(.open) = response.reply, let file = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's address list reply carried no descriptor")
+        }
+        return Descriptor(file)
+    }
+
+    /// Every `/net` socket: id, family, type, state, name, owner.
+    public func listSockets() throws(PatchbayError) -> [NetSocketInfo] {
+        let response = try call(.net(.list))
+        guard case .net(.list(let sockets)) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to a socket listing")
+        }
+        return sockets
+    }
+
+    /// The filesystem path of a local name: where programs that know nothing of Patchbay connect.
+    public func localSocketPath(_ name: String) throws(PatchbayError) -> String {
+        let response = try call(.net(.path(name: name)))
+        guard case .net(.path(let path)) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to a path request")
+        }
+        return path
+    }
+
+    /// `openAddressList` without blocking a Swift concurrency thread.
+    public func openAddressList(family: Socket.Family = .local) async throws(PatchbayError) -> Descriptor {
+        try await offThePool { [self] () throws(PatchbayError) in try openAddressList(family: family) }
+    }
+
+    /// `listSockets` without blocking a Swift concurrency thread.
+    public func listSockets() async throws(PatchbayError) -> [NetSocketInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listSockets() }
+    }
+
+    /// `localSocketPath` without blocking a Swift concurrency thread.
+    public func localSocketPath(_ name: String) async throws(PatchbayError) -> String {
+        try await offThePool { [self] () throws(PatchbayError) in try localSocketPath(name) }
+    }
+}

@@ -1,0 +1,136 @@
+// Mapping shared memory: the first-mapping rule of anonymous objects and the `Mapping` a
+// mapping call returns (unmapped when it goes away).
+
+import PatchbaySystem
+import SystemPackage
+import Synchronization
+
+extension SharedMemory {
+    /// Maps the object shared. `length` nil maps everything from `offset` to the end.
+    ///
+    /// For an anonymous object of size 0 this is the first mapping: it needs a length, must be at
+    /// offset 0, and fixes the size (rounded up to the page size).
+    ///
+    /// - Throws: `EACCES` for a writable mapping of a read-only handle; `EINVAL` for an offset that
+    ///   is not page-aligned, a zero length, a first mapping elsewhere than offset 0 or without a
+    ///   length, or a later mapping of an anonymous object that reaches past its end.
+    public func map(length: Int? = nil, offset: Int = 0, writable: Bool = true) throws(PatchbayError) -> Mapping {
+        if writable && !isWritable {
+            throw PatchbayError(.permissionDenied, "a writable mapping needs a read-write handle; this one is read-only")
+        }
+        guard offset >= 0, offset % pageSize == 0 else {
+            throw PatchbayError(.invalidArgument, "the offset must be a non-negative multiple of the page size (\(pageSize))")
+        }
+        if let length, length <= 0 {
+            throw PatchbayError(.invalidArgument, "a mapping needs a positive length")
+        }
+        let mappedLength: Int
+        switch kind {
+        case .named:
+            let size = try self.size
+            guard let length = length ?? (size > offset ? size - offset : nil) else {
+                throw PatchbayError(.invalidArgument, "the object is \(size) bytes; give a length to map past its end")
+            }
+            mappedLength = length
+        case .anonymous:
+            mappedLength = try sizeForAnonymousMapping(length: length, offset: offset)
+        }
+        do {
+            return Mapping(try PatchbaySystem.Mapping(descriptor.system, length: mappedLength, offset: offset, writable: writable))
+        } catch {
+            throw PatchbayError(error, error == .permissionDenied
+                ? "the kernel refused a writable mapping (is the object sealed against writes?)"
+                : "mmap failed")
+        }
+    }
+
+    /// The first-mapping rule, decided under a lock that excludes other processes (a POSIX lock
+    /// on the object) and other threads of this one.
+    private func sizeForAnonymousMapping(length: Int?, offset: Int) throws(PatchbayError) -> Int {
+        if !isWritable {
+            // A read-only handle cannot size the object, so it never takes the lock.
+            let size = try self.size
+            guard size > 0 else {
+                throw PatchbayError(.permissionDenied, "the object has no size yet and a read-only handle cannot fix it")
+            }
+            return try laterMappingLength(size: size, length: length, offset: offset)
+        }
+        return try anonymousSizingLock.withLock { _ throws(PatchbayError) -> Int in
+            try sizeUnderLock(length: length, offset: offset)
+        }
+    }
+
+    private func sizeUnderLock(length: Int?, offset: Int) throws(PatchbayError) -> Int {
+        do {
+            try descriptor.system.lockFile()
+        } catch {
+            throw PatchbayError(error, "cannot lock the object to decide its size")
+        }
+        defer { descriptor.system.unlockFile() }
+        let size = try self.size
+        if size > 0 {
+            return try laterMappingLength(size: size, length: length, offset: offset)
+        }
+        guard offset == 0 else {
+            throw PatchbayError(.invalidArgument, "the first mapping of an anonymous object decides its size and must be at offset 0")
+        }
+        guard let length else {
+            throw PatchbayError(.invalidArgument, "the first mapping of an anonymous object decides its size; give a length")
+        }
+        let rounded = (length + pageSize - 1) / pageSize * pageSize
+        do {
+            try descriptor.system.truncate(to: rounded)
+        } catch {
+            throw PatchbayError(error, "cannot size the object to \(rounded) bytes")
+        }
+        return rounded
+    }
+
+    private func laterMappingLength(size: Int, length: Int?, offset: Int) throws(PatchbayError) -> Int {
+        guard offset < size else {
+            throw PatchbayError(.invalidArgument, "offset \(offset) is past the end of the \(size)-byte object")
+        }
+        let mapped = length ?? (size - offset)
+        guard mapped <= size - offset else {
+            throw PatchbayError(.invalidArgument,
+                                "a mapping of \(mapped) bytes at offset \(offset) reaches past the end of the \(size)-byte object")
+        }
+        return mapped
+    }
+}
+
+/// Threads of one process share POSIX locks, so sizing also takes this process-wide lock.
+private let anonymousSizingLock = Mutex(())
+
+/// A shared mapping of a shared memory object, unmapped when this value ends. The memory is used
+/// in place: `withUnsafeBytes`/`withUnsafeMutableBytes`, or `bytes`/`mutableBytes` while the
+/// mapping lives.
+public struct Mapping: ~Copyable {
+    let system: PatchbaySystem.Mapping
+
+    init(_ system: consuming PatchbaySystem.Mapping) {
+        self.system = system
+    }
+
+    /// The first mapped byte.
+    public var baseAddress: UnsafeMutableRawPointer { system.baseAddress }
+
+    /// The mapped length in bytes.
+    public var count: Int { system.count }
+
+    /// The mapped bytes, for reading in place (valid while the mapping lives).
+    public var bytes: UnsafeRawBufferPointer { system.bytes }
+
+    /// The mapped bytes, for writing in place (valid while the mapping lives).
+    public var mutableBytes: UnsafeMutableRawBufferPointer { system.mutableBytes }
+
+    /// Runs `body` with the mapped bytes for reading, in place.
+    public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(system.bytes)
+    }
+
+    /// Runs `body` with the mapped bytes for writing, in place.
+    public func withUnsafeMutableBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(system.mutableBytes)
+    }
+}

@@ -1,0 +1,178 @@
+// Named shared memory (FreeBSD shm_open): the broker keeps the namespace.
+
+public import PatchbayProtocol
+import Glibc
+import PatchbaySystem
+import SystemPackage
+
+/// A named object as `statSharedMemory` and `listSharedMemory` show it: name, size, owner, mode,
+/// times (nanoseconds since the epoch) and populated blocks.
+public typealias SharedMemoryInfo = PatchbayProtocol.SharedMemoryInfo
+
+/// How `openSharedMemory` opens.
+public struct SharedMemoryOpenOptions: OptionSet, Sendable {
+    /// The wire's open flag bits.
+    public let rawValue: UInt32
+    /// Options from their wire bits.
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Create the object if the name is free.
+    public static let create = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.create.rawValue)
+    /// With `create`: fail with `EEXIST` if the name is taken.
+    public static let exclusive = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.exclusive.rawValue)
+    /// With read-write access: set the size to 0.
+    public static let truncate = SharedMemoryOpenOptions(rawValue: SharedMemoryOpenFlags.truncate.rawValue)
+}
+
+/// Access a handle asks for.
+public enum SharedMemoryAccess: UInt8, Sendable {
+    case readOnly = 0
+    case readWrite = 1
+    /// Refused with `EINVAL`, as in FreeBSD; present so the refusal can be exercised.
+    case writeOnly = 2
+}
+
+/// `renameSharedMemory` behaviour when the target exists.
+public enum SharedMemoryRename: Sendable {
+    /// Replace an existing target.
+    case replace
+    /// Fail with `EEXIST` if the target exists.
+    case noReplace
+    /// Swap the two objects' names atomically (a plain rename if the target does not exist).
+    case exchange
+    /// Both flags at once: refused with `EINVAL`, as in FreeBSD.
+    case noReplaceAndExchange
+
+    var flags: SharedMemoryRenameFlags {
+        switch self {
+        case .replace: []
+        case .noReplace: .noReplace
+        case .exchange: .exchange
+        case .noReplaceAndExchange: [.noReplace, .exchange]
+        }
+    }
+}
+
+extension Broker {
+    /// `shm_open`: opens (or with `.create`, creates) the named object `name`.
+    ///
+    /// New objects have size 0, the caller's effective uid and gid (from the kernel), and mode
+    /// `mode & ~umask & 0o777`.
+    ///
+    /// - Throws: `ENAMETOOLONG` (over 1023 bytes), `EINVAL` (no leading `/`, write-only access),
+    ///   `ENOENT`, `EEXIST` (`.create` + `.exclusive` on an existing name), `EACCES`.
+    public func openSharedMemory(
+        _ name: String, access: SharedMemoryAccess = .readWrite, options: SharedMemoryOpenOptions = [],
+        mode: UInt32 = 0o600
+    ) throws(PatchbayError) -> SharedMemory {
+        let bytes = try Self.nameBytes(name)
+        // The umask matters only to a new object, and reading it safely (from /proc, not by
+        // setting it) costs more than the round trip itself, so only a create pays for it.
+        let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: SharedMemoryOpenFlags(rawValue: options.rawValue),
+                                              mode: mode, umask: options.contains(.create) ? currentUmask() : 0)
+        var response = try call(.sharedMemory(.open(request)))
+        guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
+        }
+        return SharedMemory(descriptor: Descriptor(handle), kind: .named, isWritable: access == .readWrite)
+    }
+
+    /// `shm_unlink`: removes the name. Existing handles and mappings keep working.
+    /// - Throws: `ENOENT`, `EACCES` (needs read and write permission), name errors.
+    public func unlinkSharedMemory(_ name: String) throws(PatchbayError) {
+        _ = try call(.sharedMemory(.unlink(name: try Self.nameBytes(name))))
+    }
+
+    /// `shm_rename`, atomic.
+    /// - Throws: `ENOENT` (no `from`), `EEXIST` (`.noReplace` onto an existing name), `EACCES`,
+    ///   `EINVAL` (both flags), name errors.
+    public func renameSharedMemory(from: String, to: String, _ behaviour: SharedMemoryRename = .replace)
+        throws(PatchbayError)
+    {
+        _ = try call(.sharedMemory(.rename(from: try Self.nameBytes(from), to: try Self.nameBytes(to),
+                                         flags: behaviour.flags)))
+    }
+
+    /// Size, owner, mode, four times and populated blocks of a named object.
+    public func statSharedMemory(_ name: String) throws(PatchbayError) -> SharedMemoryInfo {
+        let response = try call(.sharedMemory(.stat(name: try Self.nameBytes(name))))
+        guard case .sharedMemory(.stat(let info)) = response.reply else {
+            throw PatchbayError(.protocolError, "unexpected reply to stat")
+        }
+        return info
+    }
+
+    /// Every named object, sorted by name.
+    public func listSharedMemory() throws(PatchbayError) -> [SharedMemoryInfo] {
+        var all: [SharedMemoryInfo] = []
+        var after: [UInt8] = []
+        while true {
+            let response = try call(.sharedMemory(.list(after: after)))
+            guard case .sharedMemory(.list(let page, let more)) = response.reply else {
+                throw PatchbayError(.protocolError, "unexpected reply to list")
+            }
+            all += page
+            guard more, let last = page.last else { return all }
+            after = last.name
+        }
+    }
+
+    // MARK: Async
+
+    /// `openSharedMemory` without blocking a Swift concurrency thread.
+    public func openSharedMemory(
+        _ name: String, access: SharedMemoryAccess = .readWrite, options: SharedMemoryOpenOptions = [],
+        mode: UInt32 = 0o600
+    ) async throws(PatchbayError) -> SharedMemory {
+        try await offThePool { [self] () throws(PatchbayError) in
+            try openSharedMemory(name, access: access, options: options, mode: mode)
+        }
+    }
+
+    /// `unlinkSharedMemory` without blocking a Swift concurrency thread.
+    public func unlinkSharedMemory(_ name: String) async throws(PatchbayError) {
+        try await offThePool { [self] () throws(PatchbayError) in try unlinkSharedMemory(name) }
+    }
+
+    /// `renameSharedMemory` without blocking a Swift concurrency thread.
+    public func renameSharedMemory(from: String, to: String, _ behaviour: SharedMemoryRename = .replace)
+        async throws(PatchbayError)
+    {
+        try await offThePool { [self] () throws(PatchbayError) in try renameSharedMemory(from: from, to: to, behaviour) }
+    }
+
+    /// `statSharedMemory` without blocking a Swift concurrency thread.
+    public func statSharedMemory(_ name: String) async throws(PatchbayError) -> SharedMemoryInfo {
+        try await offThePool { [self] () throws(PatchbayError) in try statSharedMemory(name) }
+    }
+
+    /// `listSharedMemory` without blocking a Swift concurrency thread.
+    public func listSharedMemory() async throws(PatchbayError) -> [SharedMemoryInfo] {
+        try await offThePool { [self] () throws(PatchbayError) in try listSharedMemory() }
+    }
+
+    /// Name bytes, with the checks that must happen before anything is sent: a name longer than
+    /// the wire can carry is `ENAMETOOLONG` here (the broker checks everything else).
+    static func nameBytes(_ name: String) throws(PatchbayError) -> [UInt8] {
+        let bytes = Array(name.utf8)
+        guard bytes.count <= 4096 else {
+            throw PatchbayError(.fileNameTooLong, "a shared memory name is at most 1023 bytes; this one has \(bytes.count)")
+        }
+        return bytes
+    }
+}
+
+/// This process's umask, read without changing it (`/proc/self/status`), falling back to the
+/// racy umask(2) probe on kernels without the field.
+func currentUmask() -> UInt32 {
+    if let status = try? openFile("/proc/self/status", flags: O_RDONLY),
+       let bytes = try? status.readToEnd(limit: 65536) {
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Umask:") {
+            if let value = UInt32(line.dropFirst(6).trimmingPrefix(while: { $0 == " " || $0 == "\t" }), radix: 8) {
+                return value
+            }
+        }
+    }
+    let mask = umask(0o022)
+    umask(mask)
+    return UInt32(mask)
+}
