@@ -33,7 +33,8 @@ let package = Package(
                 "CPatchbayShims",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
-            swiftSettings: strict
+            // Every declaration here is `package`: the library's users never see this layer.
+            swiftSettings: strict + [.enableUpcomingFeature("InternalImportsByDefault")]
         ),
         // The wire format: pure, no I/O, total on hostile input.
         .target(

@@ -1,25 +1,25 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
 import CPatchbayShims
 
 extension Descriptor {
     /// Lets the descriptor survive `exec` (clears `FD_CLOEXEC`).
-    public borrowing func clearCloseOnExec() throws(Errno) {
+    package borrowing func clearCloseOnExec() throws(Errno) {
         _ = try syscallRetrying { pb_clear_cloexec(rawValue) }
     }
 
     /// Closes the descriptor at `exec` (sets `FD_CLOEXEC`).
-    public borrowing func setCloseOnExec() throws(Errno) {
+    package borrowing func setCloseOnExec() throws(Errno) {
         _ = try syscallRetrying { fcntl(rawValue, F_SETFD, FD_CLOEXEC) }
     }
 
     /// Moves the file offset to `offset` from the start (`lseek(SEEK_SET)`).
-    public borrowing func seek(to offset: Int) throws(Errno) {
+    package borrowing func seek(to offset: Int) throws(Errno) {
         _ = try syscallRetrying { lseek(rawValue, off_t(offset), SEEK_SET) }
     }
 
     /// Adds `value` to an eventfd's counter: one 8-byte `write`.
-    public borrowing func addToEventCounter(_ value: UInt64 = 1) throws(Errno) {
+    package borrowing func addToEventCounter(_ value: UInt64 = 1) throws(Errno) {
         var value = value
         _ = try syscallRetrying { Glibc.write(rawValue, &value, 8) }
     }
@@ -27,7 +27,7 @@ extension Descriptor {
     /// Reads and throws away up to `maximumPackets` packets waiting on a socket, without
     /// blocking (`recv(MSG_DONTWAIT)` into a small buffer); returns how many there were.
     @discardableResult
-    public borrowing func discardPendingPackets(maximumPackets: Int) -> Int {
+    package borrowing func discardPendingPackets(maximumPackets: Int) -> Int {
         var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         var count = 0
         while count < maximumPackets {
@@ -40,12 +40,12 @@ extension Descriptor {
 
     /// A new, read-only open file description of the same file, through `/proc/self/fd`: unlike
     /// `dup`, whoever receives it cannot write, whatever the original allows.
-    public borrowing func reopenReadOnly() throws(Errno) -> Descriptor {
+    package borrowing func reopenReadOnly() throws(Errno) -> Descriptor {
         try openFile("/proc/self/fd/\(rawValue)", flags: O_RDONLY)
     }
 
     /// Whether `FD_CLOEXEC` is set.
-    public borrowing func isCloseOnExec() throws(Errno) -> Bool {
+    package borrowing func isCloseOnExec() throws(Errno) -> Bool {
         let flags = try syscallRetrying { fcntl(rawValue, F_GETFD) }
         return flags & FD_CLOEXEC != 0
     }

@@ -1,18 +1,18 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
-import CPatchbayShims
+package import CPatchbayShims
 
 /// An open file descriptor that this value owns: it is closed exactly once, when the value ends.
 ///
 /// `Descriptor` is `~Copyable`, so ownership is visible in the types: `consuming` hands it on,
 /// `borrowing` uses it. `release()` gives the raw number up without closing it (for `exec`, or for
 /// sending it away and then closing on purpose).
-public struct Descriptor: ~Copyable {
+package struct Descriptor: ~Copyable {
     /// The kernel's number for the descriptor. Valid as long as this value lives.
-    public let rawValue: CInt
+    package let rawValue: CInt
 
     /// Takes ownership of `rawValue`, which this value will close.
-    public init(adopting rawValue: CInt) {
+    package init(adopting rawValue: CInt) {
         precondition(rawValue >= 0, "Descriptor(adopting:) needs a valid descriptor")
         self.rawValue = rawValue
     }
@@ -23,25 +23,25 @@ public struct Descriptor: ~Copyable {
     }
 
     /// Gives up ownership and returns the raw descriptor, which the caller must now close.
-    public consuming func release() -> CInt {
+    package consuming func release() -> CInt {
         let fd = rawValue
         discard self
         return fd
     }
 
     /// Reads up to `buffer.count` bytes; 0 means end of file. The corresponding C call is `read`.
-    public borrowing func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+    package borrowing func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
         try syscallRetrying { Glibc.read(rawValue, buffer.baseAddress, buffer.count) }
     }
 
     /// Writes up to `buffer.count` bytes and returns how many were written.
     /// The corresponding C call is `write`.
-    public borrowing func write(_ buffer: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    package borrowing func write(_ buffer: UnsafeRawBufferPointer) throws(Errno) -> Int {
         try syscallRetrying { Glibc.write(rawValue, buffer.baseAddress, buffer.count) }
     }
 
     /// Writes every byte, looping over short writes.
-    public borrowing func writeAll(_ bytes: some Sequence<UInt8>) throws(Errno) {
+    package borrowing func writeAll(_ bytes: some Sequence<UInt8>) throws(Errno) {
         let array = Array(bytes)
         var offset = 0
         while offset < array.count {
@@ -53,7 +53,7 @@ public struct Descriptor: ~Copyable {
     }
 
     /// Reads until end of file.
-    public borrowing func readToEnd(limit: Int = .max) throws(Errno) -> [UInt8] {
+    package borrowing func readToEnd(limit: Int = .max) throws(Errno) -> [UInt8] {
         var result: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         while result.count < limit {
@@ -68,20 +68,20 @@ public struct Descriptor: ~Copyable {
     }
 
     /// Sets or clears `O_NONBLOCK` on the open file description.
-    public borrowing func setNonblocking(_ on: Bool) throws(Errno) {
+    package borrowing func setNonblocking(_ on: Bool) throws(Errno) {
         _ = try syscallRetrying { pb_set_nonblocking(rawValue, on ? 1 : 0) }
     }
 
     /// What kind of file this descriptor refers to. The corresponding C call is `statx` with
     /// `AT_STATX_DONT_SYNC`, so a network or FUSE file system cannot make it block.
-    public borrowing func fileKind() throws(Errno) -> FileKind {
+    package borrowing func fileKind() throws(Errno) -> FileKind {
         var mode: UInt32 = 0
         _ = try syscallRetrying { pb_file_type(rawValue, &mode) }
         return FileKind(mode: mode_t(mode))
     }
 
     /// The file's size in bytes, from `fstat`.
-    public borrowing func size() throws(Errno) -> Int {
+    package borrowing func size() throws(Errno) -> Int {
         var info = stat()
         _ = try syscallRetrying { fstat(rawValue, &info) }
         return Int(info.st_size)
@@ -89,13 +89,13 @@ public struct Descriptor: ~Copyable {
 }
 
 /// The kind of file behind a descriptor, as `fstat` reports it.
-public enum FileKind: UInt8, Sendable, CaseIterable {
+package enum FileKind: UInt8, Sendable, CaseIterable {
     case unknown = 0
     case regular, directory, socket, pipe, characterDevice, blockDevice, symbolicLink
     /// Descriptors with no inode type: eventfd, epoll, timerfd, signalfd and friends.
     case anonymous
 
-    public init(mode: mode_t) {
+    package init(mode: mode_t) {
         switch mode & S_IFMT {
         case S_IFREG: self = .regular
         case S_IFDIR: self = .directory
@@ -109,7 +109,7 @@ public enum FileKind: UInt8, Sendable, CaseIterable {
         }
     }
 
-    public var name: String {
+    package var name: String {
         switch self {
         case .unknown: "unknown"
         case .regular: "file"
@@ -126,23 +126,23 @@ public enum FileKind: UInt8, Sendable, CaseIterable {
 
 /// A new close-on-exec descriptor for the open file description behind `rawValue`, which the
 /// caller does not own. The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
-public func duplicateDescriptor(_ rawValue: CInt) throws(Errno) -> Descriptor {
+package func duplicateDescriptor(_ rawValue: CInt) throws(Errno) -> Descriptor {
     Descriptor(adopting: try syscallRetrying { fcntl(rawValue, F_DUPFD_CLOEXEC, 0) })
 }
 
 /// Opens a file. The corresponding C call is `open`; `O_CLOEXEC` is always added.
-public func openFile(_ path: String, flags: CInt, mode: mode_t = 0o600) throws(Errno) -> Descriptor {
+package func openFile(_ path: String, flags: CInt, mode: mode_t = 0o600) throws(Errno) -> Descriptor {
     let fd = try syscallRetrying { Glibc.open(path, flags | O_CLOEXEC, mode) }
     return Descriptor(adopting: fd)
 }
 
 /// The two ends of a pipe, both close-on-exec. The corresponding C call is `pipe2`.
 @frozen
-public struct Pipe: ~Copyable {
-    public var readEnd: Descriptor
-    public var writeEnd: Descriptor
+package struct Pipe: ~Copyable {
+    package var readEnd: Descriptor
+    package var writeEnd: Descriptor
 
-    public init() throws(Errno) {
+    package init() throws(Errno) {
         var fds: [CInt] = [-1, -1]
         _ = try syscallRetrying { pb_pipe_cloexec(&fds) }
         readEnd = Descriptor(adopting: fds[0])
@@ -151,7 +151,7 @@ public struct Pipe: ~Copyable {
 }
 
 /// Number of descriptors a process has open, counted from `/proc/PID/fd`.
-public func openDescriptorCount(pid: pid_t) throws(Errno) -> Int {
+package func openDescriptorCount(pid: pid_t) throws(Errno) -> Int {
     guard let dir = opendir("/proc/\(pid)/fd") else { throw Errno.current }
     defer { closedir(dir) }
     var count = 0

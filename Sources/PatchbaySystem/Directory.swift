@@ -1,10 +1,10 @@
-public import SystemPackage
-public import Glibc
+package import SystemPackage
+package import Glibc
 
 /// Why a directory cannot hold a socket or a store safely: errno plus a sentence.
-public struct DirectoryProblem: Error, Sendable {
-    public var errno: Errno
-    public var reason: String
+package struct DirectoryProblem: Error, Sendable {
+    package var errno: Errno
+    package var reason: String
 }
 
 /// Creates `path` (mode `mode`) if it is missing, then checks that what is there is safe to put
@@ -14,7 +14,7 @@ public struct DirectoryProblem: Error, Sendable {
 /// - when `private`: no access at all for group or others (a per-user directory, 0700);
 /// - otherwise: not writable by group or others, unless the sticky bit protects entries from
 ///   being replaced by other users (like /tmp).
-public func prepareDirectory(
+package func prepareDirectory(
     _ path: String, mode: mode_t, owner: uid_t, private: Bool, allowRootOwner: Bool = false
 ) throws(DirectoryProblem) {
     if mkdir(path, mode) == 0 {
@@ -50,7 +50,7 @@ public func prepareDirectory(
 
 /// Starts a detached thread running `body` (the corresponding C call is `pthread_create`). For
 /// blocking work that must stay off both event loops and Swift's concurrency pool.
-public func startThread(_ body: @escaping @Sendable () -> Void) {
+package func startThread(_ body: @escaping @Sendable () -> Void) {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
@@ -69,10 +69,10 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
 /// A recursive mutual-exclusion lock (pthread mutex) for objects that serialise their operations
 /// and return non-Sendable results from them, which `Mutex.withLock` does not allow. Recursive, so
 /// a callback run under it (a CAPS `receive` body) may call the same object again.
-public final class Lock: @unchecked Sendable {
+package final class Lock: @unchecked Sendable {
     @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
-    public init() {
+    package init() {
         var attributes = pthread_mutexattr_t()
         pthread_mutexattr_init(&attributes)
         pthread_mutexattr_settype(&attributes, CInt(PTHREAD_MUTEX_RECURSIVE))
@@ -86,7 +86,7 @@ public final class Lock: @unchecked Sendable {
     }
 
     @inlinable @inline(__always)
-    public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    package func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()

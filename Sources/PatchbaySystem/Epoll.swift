@@ -1,48 +1,48 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
 import CPatchbayShims
 
 /// An epoll instance. Each registration carries a 64-bit token that comes back with its events.
-public struct Epoll: ~Copyable {
-    public struct Events: OptionSet, Sendable {
-        public let rawValue: UInt32
-        public init(rawValue: UInt32) { self.rawValue = rawValue }
-        public static let readable = Events(rawValue: 0x001)
-        public static let writable = Events(rawValue: 0x004)
-        public static let error = Events(rawValue: 0x008)
-        public static let hangup = Events(rawValue: 0x010)
+package struct Epoll: ~Copyable {
+    package struct Events: OptionSet, Sendable {
+        package let rawValue: UInt32
+        package init(rawValue: UInt32) { self.rawValue = rawValue }
+        package static let readable = Events(rawValue: 0x001)
+        package static let writable = Events(rawValue: 0x004)
+        package static let error = Events(rawValue: 0x008)
+        package static let hangup = Events(rawValue: 0x010)
     }
 
-    public struct Event: Sendable {
-        public var events: Events
-        public var token: UInt64
+    package struct Event: Sendable {
+        package var events: Events
+        package var token: UInt64
     }
 
     private let descriptor: Descriptor
 
     /// The epoll descriptor: itself readable when any registered descriptor is ready.
-    public var descriptorNumber: CInt { descriptor.rawValue }
+    package var descriptorNumber: CInt { descriptor.rawValue }
 
     /// The corresponding C call is `epoll_create1(EPOLL_CLOEXEC)`.
-    public init() throws(Errno) {
+    package init() throws(Errno) {
         descriptor = Descriptor(adopting: try syscallRetrying { pb_epoll_create() })
     }
 
-    public borrowing func add(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
+    package borrowing func add(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
         _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 1, fd, events.rawValue, token) }
     }
 
-    public borrowing func modify(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
+    package borrowing func modify(_ fd: CInt, events: Events, token: UInt64) throws(Errno) {
         _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 3, fd, events.rawValue, token) }
     }
 
-    public borrowing func remove(_ fd: CInt) throws(Errno) {
+    package borrowing func remove(_ fd: CInt) throws(Errno) {
         _ = try syscallRetrying { pb_epoll_ctl(descriptor.rawValue, 2, fd, 0, 0) }
     }
 
     /// Waits up to `timeoutMilliseconds` (-1: forever) and returns the ready registrations.
     /// An interrupted wait returns no events rather than throwing.
-    public borrowing func wait(maximum: Int = 64, timeoutMilliseconds: CInt) throws(Errno) -> [Event] {
+    package borrowing func wait(maximum: Int = 64, timeoutMilliseconds: CInt) throws(Errno) -> [Event] {
         let capacity = min(maximum, 64)
         var events = [UInt32](repeating: 0, count: capacity)
         var tokens = [UInt64](repeating: 0, count: capacity)
@@ -58,31 +58,31 @@ public struct Epoll: ~Copyable {
 
 /// An eventfd: a 64-bit counter that is readable while non-zero. The corresponding C call is
 /// `eventfd`.
-public struct EventCounter: ~Copyable {
-    public let descriptor: Descriptor
+package struct EventCounter: ~Copyable {
+    package let descriptor: Descriptor
 
-    public init(initialValue: UInt32 = 0, nonblocking: Bool = false) throws(Errno) {
+    package init(initialValue: UInt32 = 0, nonblocking: Bool = false) throws(Errno) {
         descriptor = Descriptor(adopting: try syscallRetrying { pb_eventfd(initialValue, nonblocking ? 1 : 0) })
     }
 
     /// Gives up ownership of the eventfd and returns its number, for objects that live as long
     /// as the process.
-    public consuming func release() -> CInt {
+    package consuming func release() -> CInt {
         descriptor.release()
     }
 
-    public init(adopting descriptor: consuming Descriptor) {
+    package init(adopting descriptor: consuming Descriptor) {
         self.descriptor = descriptor
     }
 
     /// Adds `value` to the counter, waking readers.
-    public borrowing func signal(_ value: UInt64 = 1) throws(Errno) {
+    package borrowing func signal(_ value: UInt64 = 1) throws(Errno) {
         var value = value
         _ = try syscallRetrying { Glibc.write(descriptor.rawValue, &value, 8) }
     }
 
     /// Reads and resets the counter; blocks while it is zero unless non-blocking (`EAGAIN`).
-    public borrowing func consume() throws(Errno) -> UInt64 {
+    package borrowing func consume() throws(Errno) -> UInt64 {
         var value: UInt64 = 0
         _ = try syscallRetrying { Glibc.read(descriptor.rawValue, &value, 8) }
         return value
@@ -90,10 +90,10 @@ public struct EventCounter: ~Copyable {
 }
 
 /// futex(2) on a 32-bit word that may live in memory shared between processes.
-public enum Futex {
+package enum Futex {
     /// Sleeps while `*word == expected`. Returns normally when woken, when the value differed
     /// (`EAGAIN` is not an error here) or on a signal; throws `ETIMEDOUT` on timeout.
-    public static func wait(
+    package static func wait(
         _ word: UnsafeMutablePointer<UInt32>, expected: UInt32, timeoutNanoseconds: Int64 = -1
     ) throws(Errno) {
         if pb_futex_wait(word, expected, timeoutNanoseconds) == -1 {
@@ -105,19 +105,19 @@ public enum Futex {
 
     /// Wakes up to `count` sleepers; returns how many were woken.
     @discardableResult
-    public static func wake(_ word: UnsafeMutablePointer<UInt32>, count: CInt = .max) -> Int {
+    package static func wake(_ word: UnsafeMutablePointer<UInt32>, count: CInt = .max) -> Int {
         Int(pb_futex_wake(word, count))
     }
 }
 
 /// Bytes from the kernel's CSPRNG. The corresponding C call is `getrandom(flags: 0)`, which
 /// blocks only until the pool is first initialised and never falls back to anything weaker.
-public func secureRandomBytes(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
+package func secureRandomBytes(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
     if pb_getrandom(buffer.baseAddress, buffer.count) != 0 { throw Errno.current }
 }
 
 /// Monotonic time in nanoseconds (`CLOCK_MONOTONIC`), for deadlines and durations.
-public func monotonicNanoseconds() -> UInt64 {
+package func monotonicNanoseconds() -> UInt64 {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
@@ -125,15 +125,15 @@ public func monotonicNanoseconds() -> UInt64 {
 
 /// A signalfd for SIGTERM, SIGINT and SIGHUP, which are blocked in the calling thread so they
 /// arrive here instead of killing the process; an event loop reads them like any other input.
-public struct TerminationSignals: ~Copyable {
-    public let descriptor: Descriptor
+package struct TerminationSignals: ~Copyable {
+    package let descriptor: Descriptor
 
-    public init() throws(Errno) {
+    package init() throws(Errno) {
         descriptor = Descriptor(adopting: try syscallRetrying { pb_termination_signalfd() })
     }
 
     /// The next pending signal number, or nil when none is pending.
-    public borrowing func next() -> CInt? {
+    package borrowing func next() -> CInt? {
         let signal = pb_read_signalfd(descriptor.rawValue)
         return signal < 0 ? nil : signal
     }

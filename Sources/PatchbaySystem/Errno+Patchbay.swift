@@ -1,13 +1,13 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
 
 extension Errno {
     /// The calling thread's `errno`, as the last failed call left it.
     @inline(__always)
-    public static var current: Errno { Errno(rawValue: Glibc.errno) }
+    package static var current: Errno { Errno(rawValue: Glibc.errno) }
 
     /// The C name of the error (`"ENOENT"`), the form the CLI and the logs print.
-    public var name: String {
+    package var name: String {
         errnoNames[rawValue] ?? "E\(rawValue)"
     }
 
@@ -16,7 +16,7 @@ extension Errno {
 /// Runs a system call, retrying it while it fails with `EINTR`, and turns `-1` into a thrown
 /// `Errno`. The one place in Patchbay where `EINTR` is retried.
 @inline(__always)
-public func syscallRetrying<T: FixedWidthInteger>(_ call: () -> T) throws(Errno) -> T {
+package func syscallRetrying<T: FixedWidthInteger>(_ call: () -> T) throws(Errno) -> T {
     while true {
         let result = call()
         if result != -1 { return result }

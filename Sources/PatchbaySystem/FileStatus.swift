@@ -1,29 +1,29 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
-import CPatchbayShims
+package import CPatchbayShims
 
 /// What the kernel knows of a file (`statx`), times in nanoseconds since the epoch.
-public struct FileStatus: Sendable, Equatable {
-    public var size: Int
+package struct FileStatus: Sendable, Equatable {
+    package var size: Int
     /// 512-byte blocks actually allocated (populated pages, for memory files).
-    public var blocks: Int
+    package var blocks: Int
     /// Type and permission bits (`st_mode`).
-    public var mode: UInt32
-    public var uid: UInt32
-    public var gid: UInt32
-    public var linkCount: UInt32
-    public var inode: UInt64
-    public var device: UInt64
-    public var accessTime: Int64
-    public var modifyTime: Int64
-    public var changeTime: Int64
+    package var mode: UInt32
+    package var uid: UInt32
+    package var gid: UInt32
+    package var linkCount: UInt32
+    package var inode: UInt64
+    package var device: UInt64
+    package var accessTime: Int64
+    package var modifyTime: Int64
+    package var changeTime: Int64
     /// Creation time, 0 when the file system does not record it.
-    public var birthTime: Int64
+    package var birthTime: Int64
 }
 
 extension Descriptor {
     /// The corresponding C call is `statx(fd, "", AT_EMPTY_PATH)`.
-    public borrowing func status() throws(Errno) -> FileStatus {
+    package borrowing func status() throws(Errno) -> FileStatus {
         var raw = pb_file_status()
         _ = try syscallRetrying { pb_fstatx(rawValue, &raw) }
         return FileStatus(
@@ -33,7 +33,7 @@ extension Descriptor {
     }
 
     /// Device and inode, without asking a remote file system (`AT_STATX_DONT_SYNC`).
-    public borrowing func identity() throws(Errno) -> (device: UInt64, inode: UInt64) {
+    package borrowing func identity() throws(Errno) -> (device: UInt64, inode: UInt64) {
         var device: UInt64 = 0
         var inode: UInt64 = 0
         _ = try syscallRetrying { pb_file_identity(rawValue, &device, &inode) }
@@ -42,7 +42,7 @@ extension Descriptor {
 
     /// Whether two descriptors of this process refer to the same open file description. nil when
     /// the kernel will not say (kcmp unavailable). The corresponding C call is `kcmp(KCMP_FILE)`.
-    public static func sameOpenFile(_ first: CInt, _ second: CInt) -> Bool? {
+    package static func sameOpenFile(_ first: CInt, _ second: CInt) -> Bool? {
         let result = pb_same_open_file(first, second)
         return result < 0 ? nil : result == 0
     }
@@ -50,22 +50,22 @@ extension Descriptor {
     /// Takes a POSIX write lock on the whole file, waiting for it. Such locks belong to the
     /// process, so they exclude other processes (threads of one process need their own lock).
     /// The corresponding C call is `fcntl(F_SETLKW)`.
-    public borrowing func lockFile() throws(Errno) {
+    package borrowing func lockFile() throws(Errno) {
         _ = try syscallRetrying { pb_lock_file(rawValue, 1) }
     }
 
     /// The corresponding C call is `fcntl(F_SETLK, F_UNLCK)`.
-    public borrowing func unlockFile() {
+    package borrowing func unlockFile() {
         _ = pb_unlock_file(rawValue)
     }
 
     /// The access mode the descriptor was opened with (`O_RDONLY`, `O_WRONLY` or `O_RDWR`).
-    public borrowing func accessMode() throws(Errno) -> CInt {
+    package borrowing func accessMode() throws(Errno) -> CInt {
         try syscallRetrying { fcntl(rawValue, F_GETFL) } & O_ACCMODE
     }
 
     /// Where `/proc/self/fd/N` points: a path, or a pseudo name like `/memfd:x (deleted)`.
-    public borrowing func procLink() -> String? {
+    package borrowing func procLink() -> String? {
         var buffer = [CChar](repeating: 0, count: 4096)
         let length = readlink("/proc/self/fd/\(rawValue)", &buffer, buffer.count - 1)
         guard length > 0 else { return nil }
@@ -73,19 +73,19 @@ extension Descriptor {
     }
 
     /// Reads at `offset` without moving the file offset. The corresponding C call is `pread`.
-    public borrowing func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+    package borrowing func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) -> Int {
         try syscallRetrying { pread(rawValue, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
 
     /// Writes at `offset` without moving the file offset. The corresponding C call is `pwrite`.
-    public borrowing func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+    package borrowing func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Int {
         try syscallRetrying { pwrite(rawValue, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
 }
 
 /// Opens `path` relative to the directory `directory`. The corresponding C call is `openat`;
 /// `O_CLOEXEC` and `O_NOFOLLOW` are always added.
-public func openFile(in directory: borrowing Descriptor, _ path: String, flags: CInt, mode: mode_t = 0o600)
+package func openFile(in directory: borrowing Descriptor, _ path: String, flags: CInt, mode: mode_t = 0o600)
     throws(Errno) -> Descriptor
 {
     let fd = try syscallRetrying { openat(directory.rawValue, path, flags | O_CLOEXEC | O_NOFOLLOW, mode) }

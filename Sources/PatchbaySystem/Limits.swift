@@ -1,17 +1,17 @@
 // Resource limits of the running process.
 
-public import SystemPackage
+package import SystemPackage
 import Glibc
 
 /// The process's descriptor limit (`RLIMIT_NOFILE`).
-public struct DescriptorLimit: Sendable, Equatable {
+package struct DescriptorLimit: Sendable, Equatable {
     /// The limit in force: `open` fails with `EMFILE` at this many descriptors.
-    public var soft: Int
+    package var soft: Int
     /// How far the soft limit may be raised without privilege.
-    public var hard: Int
+    package var hard: Int
 
     /// The current limits. The corresponding C call is `getrlimit(RLIMIT_NOFILE)`.
-    public static func current() throws(Errno) -> DescriptorLimit {
+    package static func current() throws(Errno) -> DescriptorLimit {
         var limit = rlimit()
         _ = try syscallRetrying { getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit) }
         return DescriptorLimit(soft: Int(clamping: limit.rlim_cur), hard: Int(clamping: limit.rlim_max))
@@ -21,7 +21,7 @@ public struct DescriptorLimit: Sendable, Equatable {
     /// goes to the hard one, and a privileged process (root, or `CAP_SYS_RESOURCE`) also raises
     /// the hard limit up to the kernel's ceiling, `/proc/sys/fs/nr_open`.
     @discardableResult
-    public static func raiseToMaximum() -> DescriptorLimit? {
+    package static func raiseToMaximum() -> DescriptorLimit? {
         var limit = rlimit()
         guard getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
         if let ceiling = kernelCeiling(), ceiling > limit.rlim_max {

@@ -1,20 +1,20 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
 import CPatchbayShims
 
 /// memfd seals (`F_SEAL_*`).
-public struct Seals: OptionSet, Sendable {
-    public let rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
-    public static let seal = Seals(rawValue: pb_seal_seal())
-    public static let shrink = Seals(rawValue: pb_seal_shrink())
-    public static let grow = Seals(rawValue: pb_seal_grow())
-    public static let write = Seals(rawValue: pb_seal_write())
-    public static let futureWrite = Seals(rawValue: pb_seal_future_write())
+package struct Seals: OptionSet, Sendable {
+    package let rawValue: UInt32
+    package init(rawValue: UInt32) { self.rawValue = rawValue }
+    package static let seal = Seals(rawValue: pb_seal_seal())
+    package static let shrink = Seals(rawValue: pb_seal_shrink())
+    package static let grow = Seals(rawValue: pb_seal_grow())
+    package static let write = Seals(rawValue: pb_seal_write())
+    package static let futureWrite = Seals(rawValue: pb_seal_future_write())
 }
 
 /// An anonymous memory file. The corresponding C call is `memfd_create(MFD_CLOEXEC)`.
-public func makeMemoryFile(name: String, sealable: Bool) throws(Errno) -> Descriptor {
+package func makeMemoryFile(name: String, sealable: Bool) throws(Errno) -> Descriptor {
     var flags = pb_mfd_cloexec()
     if sealable { flags |= pb_mfd_allow_sealing() }
     return Descriptor(adopting: try syscallRetrying { pb_memfd_create(name, flags) })
@@ -22,28 +22,28 @@ public func makeMemoryFile(name: String, sealable: Bool) throws(Errno) -> Descri
 
 extension Descriptor {
     /// Sets the file's size. The corresponding C call is `ftruncate`.
-    public borrowing func truncate(to size: Int) throws(Errno) {
+    package borrowing func truncate(to size: Int) throws(Errno) {
         _ = try syscallRetrying { ftruncate(rawValue, off_t(size)) }
     }
 
     /// The corresponding C call is `fcntl(F_ADD_SEALS)`.
-    public borrowing func addSeals(_ seals: Seals) throws(Errno) {
+    package borrowing func addSeals(_ seals: Seals) throws(Errno) {
         _ = try syscallRetrying { pb_add_seals(rawValue, seals.rawValue) }
     }
 
     /// The corresponding C call is `fcntl(F_GET_SEALS)`.
-    public borrowing func seals() throws(Errno) -> Seals {
+    package borrowing func seals() throws(Errno) -> Seals {
         Seals(rawValue: UInt32(try syscallRetrying { pb_get_seals(rawValue) }))
     }
 }
 
 /// A shared mapping of a file, unmapped when this value ends.
-public struct Mapping: ~Copyable {
-    public let baseAddress: UnsafeMutableRawPointer
-    public let count: Int
+package struct Mapping: ~Copyable {
+    package let baseAddress: UnsafeMutableRawPointer
+    package let count: Int
 
     /// Maps `length` bytes of `descriptor` at `offset`, shared. The corresponding C call is `mmap`.
-    public init(
+    package init(
         _ descriptor: borrowing Descriptor, length: Int, offset: Int = 0, writable: Bool
     ) throws(Errno) {
         let protection = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
@@ -59,13 +59,13 @@ public struct Mapping: ~Copyable {
     }
 
     /// The mapped bytes, for reading in place.
-    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: baseAddress, count: count) }
+    package var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: baseAddress, count: count) }
 
     /// The mapped bytes, for writing in place.
-    public var mutableBytes: UnsafeMutableRawBufferPointer {
+    package var mutableBytes: UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(start: baseAddress, count: count)
     }
 }
 
 /// The system page size.
-public let pageSize: Int = Int(sysconf(CInt(_SC_PAGESIZE)))
+package let pageSize: Int = Int(sysconf(CInt(_SC_PAGESIZE)))

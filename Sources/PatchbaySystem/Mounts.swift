@@ -1,13 +1,13 @@
 // Mounts: the broker gives each uid's named shared memory a tmpfs of its own, so the kernel
 // enforces each uid's byte quota whatever route the bytes take (create, ftruncate, write, mmap).
 
-public import SystemPackage
+package import SystemPackage
 import Glibc
 
 /// Mounts a new tmpfs at `path`, at most `bytes` big (rounded up to pages) and holding at most
 /// `files` files, mode 0700, without devices, set-id or executables. Needs `CAP_SYS_ADMIN`.
 /// The corresponding C call is `mount("tmpfs", path, "tmpfs", ...)`.
-public func mountMemoryFileSystem(at path: String, bytes: Int, files: Int) throws(Errno) {
+package func mountMemoryFileSystem(at path: String, bytes: Int, files: Int) throws(Errno) {
     let options = "size=\(bytes),nr_inodes=\(files),mode=0700"
     _ = try syscallRetrying {
         mount("tmpfs", path, "tmpfs", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), options)
@@ -16,13 +16,13 @@ public func mountMemoryFileSystem(at path: String, bytes: Int, files: Int) throw
 
 /// Detaches the file system mounted at `path` (`umount2(MNT_DETACH)`): it goes once nothing
 /// uses it any more.
-public func unmount(at path: String) throws(Errno) {
+package func unmount(at path: String) throws(Errno) {
     _ = try syscallRetrying { umount2(path, CInt(MNT_DETACH)) }
 }
 
 /// Whether `path` is the root of a mount: a directory on another device than its parent, or
 /// its own parent (`/`).
-public func isMountPoint(_ path: String) -> Bool {
+package func isMountPoint(_ path: String) -> Bool {
     var own = stat()
     var parent = stat()
     guard lstat(path, &own) == 0, lstat(path + "/..", &parent) == 0 else { return false }
@@ -30,16 +30,16 @@ public func isMountPoint(_ path: String) -> Bool {
 }
 
 /// Space on the file system of an open directory (`fstatvfs`).
-public struct FileSystemUsage: Sendable, Equatable {
-    public var totalBytes: Int
-    public var usedBytes: Int
-    public var totalFiles: Int
-    public var usedFiles: Int
+package struct FileSystemUsage: Sendable, Equatable {
+    package var totalBytes: Int
+    package var usedBytes: Int
+    package var totalFiles: Int
+    package var usedFiles: Int
 }
 
 extension Descriptor {
     /// The usage of the file system this descriptor's file lives on.
-    public borrowing func fileSystemUsage() throws(Errno) -> FileSystemUsage {
+    package borrowing func fileSystemUsage() throws(Errno) -> FileSystemUsage {
         var info = statvfs()
         _ = try syscallRetrying { fstatvfs(rawValue, &info) }
         let block = Int(info.f_frsize > 0 ? info.f_frsize : info.f_bsize)

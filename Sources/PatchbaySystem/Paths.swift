@@ -1,34 +1,34 @@
 // Paths on the file system: the few calls the broker makes on names rather than descriptors.
 
-public import SystemPackage
-import Glibc
+package import SystemPackage
+package import Glibc
 
 /// The device and inode of the file at `path` itself (a final symlink is not followed), or nil
 /// when nothing is there. The corresponding C call is `lstat`.
-public func fileIdentity(atPath path: String) -> (device: UInt64, inode: UInt64)? {
+package func fileIdentity(atPath path: String) -> (device: UInt64, inode: UInt64)? {
     var info = stat()
     guard lstat(path, &info) == 0 else { return nil }
     return (UInt64(info.st_dev), UInt64(info.st_ino))
 }
 
 /// Whether the file at `path` itself is a socket; nil when nothing is there (`lstat`).
-public func isSocketFile(atPath path: String) -> Bool? {
+package func isSocketFile(atPath path: String) -> Bool? {
     var info = stat()
     guard lstat(path, &info) == 0 else { return nil }
     return info.st_mode & S_IFMT == S_IFSOCK
 }
 
 /// Whether anything exists at `path` (`access(F_OK)`).
-public func fileExists(atPath path: String) -> Bool {
+package func fileExists(atPath path: String) -> Bool {
     access(path, F_OK) == 0
 }
 
 /// Removes the name `path` (`unlink`).
-public func removeFile(atPath path: String) throws(Errno) {
+package func removeFile(atPath path: String) throws(Errno) {
     _ = try syscallRetrying { unlink(path) }
 }
 
 /// Sets the permission bits of the file at `path` (`chmod`).
-public func changeMode(atPath path: String, to mode: mode_t) throws(Errno) {
+package func changeMode(atPath path: String, to mode: mode_t) throws(Errno) {
     _ = try syscallRetrying { chmod(path, mode) }
 }

@@ -1,13 +1,13 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
-import CPatchbayShims
+package import CPatchbayShims
 
 /// How a child process ended.
-public enum Termination: Sendable, Equatable, CustomStringConvertible {
+package enum Termination: Sendable, Equatable, CustomStringConvertible {
     case exited(CInt)
     case signaled(CInt)
 
-    public var description: String {
+    package var description: String {
         switch self {
         case .exited(let code): "exited with status \(code)"
         case .signaled(let signal): "killed by signal \(signal)"
@@ -18,7 +18,7 @@ public enum Termination: Sendable, Equatable, CustomStringConvertible {
 /// Starts a program with `posix_spawn`, giving it exactly the descriptors named in
 /// `descriptors` (child number → parent descriptor); everything else the parent has open is
 /// close-on-exec and stays behind. Signals start at their defaults and unblocked.
-public func spawnProcess(
+package func spawnProcess(
     path: String,
     arguments: [String],
     environment: [String],
@@ -68,7 +68,7 @@ private func check(_ result: CInt) throws(Errno) {
 }
 
 /// Waits for a child to end. The corresponding C call is `waitpid`.
-public func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
+package func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
     var status: CInt = 0
     _ = try syscallRetrying { waitpid(pid, &status, 0) }
     if pb_wifexited(status) != 0 { return .exited(pb_wexitstatus(status)) }
@@ -76,7 +76,7 @@ public func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
 }
 
 /// The environment of this process as `NAME=value` strings.
-public func currentEnvironment() -> [String] {
+package func currentEnvironment() -> [String] {
     var result: [String] = []
     var pointer = environ
     while let entry = pointer.pointee {
@@ -87,7 +87,7 @@ public func currentEnvironment() -> [String] {
 }
 
 /// The environment with `overrides` applied (a nil value removes the variable).
-public func environment(applying overrides: [String: String?]) -> [String] {
+package func environment(applying overrides: [String: String?]) -> [String] {
     var result = currentEnvironment().filter { entry in
         let name = entry.split(separator: "=", maxSplits: 1).first.map(String.init) ?? entry
         return overrides[name] == nil
@@ -99,7 +99,7 @@ public func environment(applying overrides: [String: String?]) -> [String] {
 }
 
 /// The path of the running executable (`/proc/self/exe`).
-public func currentExecutablePath() -> String? {
+package func currentExecutablePath() -> String? {
     var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
     let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
     guard length > 0 else { return nil }
@@ -108,7 +108,7 @@ public func currentExecutablePath() -> String? {
 
 /// The real uid of process `pid`, which `SO_PEERCRED` does not report (it gives the effective
 /// one): the `Uid:` line of `/proc/PID/status`. Nil when the process is gone.
-public func realUserID(of pid: pid_t) -> uid_t? {
+package func realUserID(of pid: pid_t) -> UInt32? {
     guard let status = try? openFile("/proc/\(pid)/status", flags: O_RDONLY),
           let bytes = try? status.readToEnd(limit: 8192) else { return nil }
     for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Uid:") {
@@ -119,30 +119,30 @@ public func realUserID(of pid: pid_t) -> uid_t? {
 
 /// A process held by a pidfd: unlike its pid, which the kernel hands to a new process once this
 /// one is gone, the handle keeps meaning this process (and says when it has exited).
-public final class ProcessHandle {
-    public let pid: pid_t
+package final class ProcessHandle {
+    package let pid: pid_t
     private let descriptor: Descriptor
 
     /// A handle on the running process `pid`; `ESRCH` if there is none. The corresponding C call
     /// is `pidfd_open`.
-    public init(pid: pid_t) throws(Errno) {
+    package init(pid: pid_t) throws(Errno) {
         self.pid = pid
         descriptor = Descriptor(adopting: try syscallRetrying { pb_pidfd_open(pid) })
     }
 
     /// Whether the process has exited (its pid may then belong to someone else already).
-    public var hasExited: Bool {
+    package var hasExited: Bool {
         pb_pidfd_exited(descriptor.rawValue) != 0
     }
 }
 
 /// An exclusive advisory lock on a file (`flock`), released when the value ends.
-public struct FileLock: ~Copyable {
+package struct FileLock: ~Copyable {
     private let descriptor: Descriptor
 
     /// Opens (creating, mode 0600) and locks `path`. With `wait: false` a lock held elsewhere
     /// throws `EWOULDBLOCK` (`EAGAIN`).
-    public init(path: String, wait: Bool) throws(Errno) {
+    package init(path: String, wait: Bool) throws(Errno) {
         let fd = try openFile(path, flags: O_RDWR | O_CREAT | O_NOFOLLOW | O_NOCTTY, mode: 0o600)
         _ = try syscallRetrying { flock(fd.rawValue, LOCK_EX | (wait ? 0 : LOCK_NB)) }
         descriptor = fd

@@ -1,22 +1,22 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
-import CPatchbayShims
+package import CPatchbayShims
 
 /// The most descriptors one message carries, in either direction.
-public let maximumDescriptorsPerMessage = 16
+package let maximumDescriptorsPerMessage = 16
 
 /// Descriptors received with a message. Each one is owned here and closed when this value ends,
 /// unless it was taken out first, so a rejected request can never leak what it carried.
-public struct ReceivedDescriptors: ~Copyable {
+package struct ReceivedDescriptors: ~Copyable {
     private var raw: [CInt]
 
     init(_ raw: [CInt]) { self.raw = raw }
 
     /// How many descriptors are still held.
-    public var count: Int { raw.count }
+    package var count: Int { raw.count }
 
     /// Takes the first descriptor still held, if any.
-    public mutating func takeFirst() -> Descriptor? {
+    package mutating func takeFirst() -> Descriptor? {
         guard !raw.isEmpty else { return nil }
         return Descriptor(adopting: raw.removeFirst())
     }
@@ -28,26 +28,26 @@ public struct ReceivedDescriptors: ~Copyable {
 
 /// What `receive` got: a datagram's length plus the truncation flags the kernel reported.
 @frozen
-public struct ReceivedMessage: ~Copyable {
+package struct ReceivedMessage: ~Copyable {
     /// Bytes copied into the buffer.
-    public var length: Int
+    package var length: Int
     /// The message was longer than the buffer (`MSG_TRUNC`); the rest is lost.
-    public var truncated: Bool
+    package var truncated: Bool
     /// Descriptors were dropped (`MSG_CTRUNC`): the receiver was out of descriptors (`EMFILE`) or
     /// the sender sent more than fit.
-    public var descriptorsTruncated: Bool
-    public var descriptors: ReceivedDescriptors
+    package var descriptorsTruncated: Bool
+    package var descriptors: ReceivedDescriptors
 }
 
 /// Kernel-verified identity of the process at the other end of a Unix socket.
-public struct PeerCredentials: Sendable, Hashable {
-    public var pid: pid_t
-    public var uid: uid_t
-    public var gid: gid_t
+package struct PeerCredentials: Sendable, Hashable {
+    package var pid: pid_t
+    package var uid: UInt32
+    package var gid: UInt32
     /// Supplementary groups (`SO_PEERGROUPS`), as captured when the connection was made.
-    public var groups: [gid_t]
+    package var groups: [UInt32]
 
-    public init(pid: pid_t, uid: uid_t, gid: gid_t, groups: [gid_t]) {
+    package init(pid: pid_t, uid: UInt32, gid: UInt32, groups: [UInt32]) {
         self.pid = pid
         self.uid = uid
         self.gid = gid
@@ -55,7 +55,7 @@ public struct PeerCredentials: Sendable, Hashable {
     }
 
     /// Whether the peer belongs to `group`, as primary or supplementary group.
-    public func isMember(of group: gid_t) -> Bool {
+    package func isMember(of group: UInt32) -> Bool {
         gid == group || groups.contains(group)
     }
 }
@@ -63,15 +63,15 @@ public struct PeerCredentials: Sendable, Hashable {
 /// An `AF_UNIX` socket of type `SOCK_SEQPACKET`: reliable, ordered, message boundaries kept,
 /// descriptors carried with `SCM_RIGHTS`.
 @frozen
-public struct SeqpacketSocket: ~Copyable {
-    public var descriptor: Descriptor
+package struct SeqpacketSocket: ~Copyable {
+    package var descriptor: Descriptor
 
-    public init(adopting descriptor: consuming Descriptor) {
+    package init(adopting descriptor: consuming Descriptor) {
         self.descriptor = descriptor
     }
 
     /// A new unbound socket. The corresponding C call is `socket(AF_UNIX, SOCK_SEQPACKET)`.
-    public init(nonblocking: Bool = false) throws(Errno) {
+    package init(nonblocking: Bool = false) throws(Errno) {
         var type = CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue)
         if nonblocking { type |= CInt(SOCK_NONBLOCK.rawValue) }
         let fd = try syscallRetrying { socket(AF_UNIX, type, 0) }
@@ -79,7 +79,7 @@ public struct SeqpacketSocket: ~Copyable {
     }
 
     /// A connected pair. The corresponding C call is `socketpair`.
-    public static func pair() throws(Errno) -> SocketPair {
+    package static func pair() throws(Errno) -> SocketPair {
         var fds: [CInt] = [-1, -1]
         let type = CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue)
         _ = try syscallRetrying { socketpair(AF_UNIX, type, 0, &fds) }
@@ -88,10 +88,10 @@ public struct SeqpacketSocket: ~Copyable {
             second: SeqpacketSocket(adopting: Descriptor(adopting: fds[1])))
     }
 
-    public var rawValue: CInt { descriptor.rawValue }
+    package var rawValue: CInt { descriptor.rawValue }
 
     /// Binds to a filesystem path. The corresponding C call is `bind`.
-    public borrowing func bind(path: String) throws(Errno) {
+    package borrowing func bind(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
         _ = try syscallRetrying {
             address.withSockaddr { Glibc.bind(descriptor.rawValue, $0, $1) }
@@ -99,12 +99,12 @@ public struct SeqpacketSocket: ~Copyable {
     }
 
     /// The corresponding C call is `listen`.
-    public borrowing func listen(backlog: CInt) throws(Errno) {
+    package borrowing func listen(backlog: CInt) throws(Errno) {
         _ = try syscallRetrying { Glibc.listen(descriptor.rawValue, backlog) }
     }
 
     /// Connects to a listening socket at `path`. The corresponding C call is `connect`.
-    public borrowing func connect(path: String) throws(Errno) {
+    package borrowing func connect(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
         // An AF_UNIX connect interrupted while waiting for backlog room leaves the socket
         // unconnected, so it is simply retried; EISCONN means an earlier attempt got through.
@@ -118,14 +118,14 @@ public struct SeqpacketSocket: ~Copyable {
 
     /// Accepts one connection, close-on-exec. `EAGAIN` when none waits on a non-blocking socket.
     /// The corresponding C call is `accept4`.
-    public borrowing func accept(nonblocking: Bool) throws(Errno) -> SeqpacketSocket {
+    package borrowing func accept(nonblocking: Bool) throws(Errno) -> SeqpacketSocket {
         let fd = try syscallRetrying { pb_accept4(descriptor.rawValue, nonblocking ? 1 : 0) }
         return SeqpacketSocket(adopting: Descriptor(adopting: fd))
     }
 
     /// Sends one message with `descriptors` attached (`SCM_RIGHTS`), never raising `SIGPIPE`.
     /// The corresponding C call is `sendmsg`.
-    public borrowing func send(
+    package borrowing func send(
         _ bytes: UnsafeRawBufferPointer, descriptors: [CInt] = [], nonblocking: Bool = false
     ) throws(Errno) -> Int {
         let sent = descriptors.withUnsafeBufferPointer { fds in
@@ -137,7 +137,7 @@ public struct SeqpacketSocket: ~Copyable {
     }
 
     /// Sends a whole byte array as one message; see `send(_:descriptors:nonblocking:)`.
-    public borrowing func send(
+    package borrowing func send(
         _ bytes: [UInt8], descriptors: [CInt] = [], nonblocking: Bool = false
     ) throws(Errno) {
         _ = try bytes.withUnsafeBytes { raw in
@@ -147,7 +147,7 @@ public struct SeqpacketSocket: ~Copyable {
 
     /// Receives one message and every descriptor sent with it (`MSG_CMSG_CLOEXEC`). A length of 0
     /// with no descriptors means the peer closed. The corresponding C call is `recvmsg`.
-    public borrowing func receive(
+    package borrowing func receive(
         into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false
     ) throws(Errno) -> ReceivedMessage {
         var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
@@ -168,7 +168,7 @@ public struct SeqpacketSocket: ~Copyable {
 
     /// The peer's pid, uid, gid and supplementary groups, from the kernel
     /// (`SO_PEERCRED` and `SO_PEERGROUPS`).
-    public borrowing func peerCredentials() throws(Errno) -> PeerCredentials {
+    package borrowing func peerCredentials() throws(Errno) -> PeerCredentials {
         var raw = pb_ucred()
         _ = try syscallRetrying { pb_peer_credentials(descriptor.rawValue, &raw) }
         // NGROUPS_MAX is 65536; 1024 covers every real system and bounds memory per session.
@@ -182,7 +182,7 @@ public struct SeqpacketSocket: ~Copyable {
     }
 
     /// The socket type (`SO_TYPE`), to check an inherited descriptor is what we expect.
-    public borrowing func socketType() throws(Errno) -> CInt {
+    package borrowing func socketType() throws(Errno) -> CInt {
         var type: CInt = 0
         var length = socklen_t(MemoryLayout<CInt>.size)
         _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_TYPE, &type, &length) }
@@ -190,7 +190,7 @@ public struct SeqpacketSocket: ~Copyable {
     }
 
     /// Whether the socket is listening (`SO_ACCEPTCONN`).
-    public borrowing func isListening() throws(Errno) -> Bool {
+    package borrowing func isListening() throws(Errno) -> Bool {
         var value: CInt = 0
         var length = socklen_t(MemoryLayout<CInt>.size)
         _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_ACCEPTCONN, &value, &length) }
@@ -200,14 +200,14 @@ public struct SeqpacketSocket: ~Copyable {
 
 extension SeqpacketSocket {
     /// `sendmsg` of one buffer and descriptors on a socket owned elsewhere; -1 with errno set.
-    public static func sendRaw(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>,
+    package static func sendRaw(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>,
                                nonblocking: Bool = false) -> Int {
         pb_send_with_fds(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), nonblocking ? 1 : 0)
     }
 
     /// `recvmsg` on a socket owned elsewhere: the length and the raw descriptors received (the
     /// caller owns them), or nil with errno set.
-    public static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false)
+    package static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false)
         -> (length: Int, descriptors: [CInt])?
     {
         var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
@@ -224,9 +224,9 @@ extension SeqpacketSocket {
 
 /// Two connected sockets from `socketpair`.
 @frozen
-public struct SocketPair: ~Copyable {
-    public var first: SeqpacketSocket
-    public var second: SeqpacketSocket
+package struct SocketPair: ~Copyable {
+    package var first: SeqpacketSocket
+    package var second: SeqpacketSocket
 }
 
 /// A `sockaddr_un`, with the path length checked (`ENAMETOOLONG`).

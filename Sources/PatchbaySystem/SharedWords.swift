@@ -1,39 +1,39 @@
-public import CPatchbayShims
-public import SystemPackage
+import CPatchbayShims
+package import SystemPackage
 
 /// Atomic access to words that live in memory shared between processes. Loads acquire, stores
 /// release, read-modify-writes and `fence` are sequentially consistent: enough for the
 /// single-producer/single-consumer rings and the sleep/wake handshakes built on them.
-public enum SharedWord {
-    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
-    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
-    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
-    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
+package enum SharedWord {
+    @inlinable @inline(__always) package static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
+    @inlinable @inline(__always) package static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
+    @inlinable @inline(__always) package static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
+    @inlinable @inline(__always) package static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
     @inlinable @inline(__always) @discardableResult
-    public static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
+    package static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
     @inlinable @inline(__always) @discardableResult
-    public static func decrement(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, UInt32.max) }
+    package static func decrement(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, UInt32.max) }
     @inlinable @inline(__always)
-    public static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
+    package static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
         pb_cas_u32(p, expected, desired) != 0
     }
-    @inlinable @inline(__always) public static func fence() { pb_fence() }
+    @inlinable @inline(__always) package static func fence() { pb_fence() }
     /// A pause hint for spin loops.
-    @inlinable @inline(__always) public static func relax() { pb_cpu_relax() }
+    @inlinable @inline(__always) package static func relax() { pb_cpu_relax() }
 }
 
 /// The CPU this thread is running on now. The corresponding C call is `sched_getcpu`.
 @inline(__always)
-public func currentCPU() -> Int32 { pb_current_cpu() }
+package func currentCPU() -> Int32 { pb_current_cpu() }
 
 /// Pins the calling thread to `cpu`. The corresponding C call is `sched_setaffinity`.
-public func pinToCPU(_ cpu: Int32) throws(Errno) {
+package func pinToCPU(_ cpu: Int32) throws(Errno) {
     if pb_pin_to_cpu(cpu) != 0 { throw Errno.current }
 }
 
 /// CPUs online.
-public func onlineCPUCount() -> Int { Int(pb_cpu_count()) }
+package func onlineCPUCount() -> Int { Int(pb_cpu_count()) }
 
 /// Increases in every process created by `fork`, so objects can tell they were inherited.
 @inline(__always)
-public func forkGeneration() -> UInt64 { pb_fork_generation() }
+package func forkGeneration() -> UInt64 { pb_fork_generation() }

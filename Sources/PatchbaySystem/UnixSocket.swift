@@ -1,61 +1,61 @@
-public import SystemPackage
+package import SystemPackage
 import Glibc
 import CPatchbayShims
 
 /// An `AF_UNIX` socket of any type (`SOCK_STREAM`, `SOCK_SEQPACKET`, `SOCK_DGRAM`): what
 /// `/net/local` sockets are made of.
 @frozen
-public struct UnixSocket: ~Copyable {
-    public enum Kind: CInt, Sendable, CaseIterable {
+package struct UnixSocket: ~Copyable {
+    package enum Kind: CInt, Sendable, CaseIterable {
         case stream = 1  // SOCK_STREAM
         case datagram = 2  // SOCK_DGRAM
         case seqpacket = 5  // SOCK_SEQPACKET
     }
 
     /// Where a datagram came from (a `sockaddr_un`), to answer it with `send(_:to:)`.
-    public struct Address: Sendable, Equatable {
-        public var bytes: [UInt8]
+    package struct Address: Sendable, Equatable {
+        package var bytes: [UInt8]
         /// The path, or nil for an unnamed or abstract address.
-        public var path: String? {
+        package var path: String? {
             guard bytes.count > 2, bytes[2] != 0 else { return nil }
             return String(decoding: bytes[2...].prefix { $0 != 0 }, as: UTF8.self)
         }
     }
 
-    public var descriptor: Descriptor
+    package var descriptor: Descriptor
 
-    public init(adopting descriptor: consuming Descriptor) {
+    package init(adopting descriptor: consuming Descriptor) {
         self.descriptor = descriptor
     }
 
     /// The corresponding C call is `socket(AF_UNIX, kind | SOCK_CLOEXEC)`.
-    public init(_ kind: Kind) throws(Errno) {
+    package init(_ kind: Kind) throws(Errno) {
         let fd = try syscallRetrying { socket(AF_UNIX, kind.rawValue | CInt(SOCK_CLOEXEC.rawValue), 0) }
         descriptor = Descriptor(adopting: fd)
     }
 
-    public var rawValue: CInt { descriptor.rawValue }
+    package var rawValue: CInt { descriptor.rawValue }
 
     /// The uid of the process at the other end, as the kernel recorded it when that process
     /// connected or listened (`SO_PEERCRED`).
-    public borrowing func peerUID() throws(Errno) -> uid_t {
+    package borrowing func peerUID() throws(Errno) -> UInt32 {
         var raw = pb_ucred()
         _ = try syscallRetrying { pb_peer_credentials(descriptor.rawValue, &raw) }
         return raw.uid
     }
 
-    public borrowing func bind(path: String) throws(Errno) {
+    package borrowing func bind(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
         _ = try syscallRetrying { address.withSockaddr { Glibc.bind(descriptor.rawValue, $0, $1) } }
     }
 
-    public borrowing func listen(backlog: CInt) throws(Errno) {
+    package borrowing func listen(backlog: CInt) throws(Errno) {
         _ = try syscallRetrying { Glibc.listen(descriptor.rawValue, backlog) }
     }
 
     /// Connects without ever blocking: the socket is non-blocking for the call only, so a full
     /// backlog is `EAGAIN` instead of a wait. The corresponding C call is `connect`.
-    public borrowing func connectWithoutBlocking(path: String) throws(Errno) {
+    package borrowing func connectWithoutBlocking(path: String) throws(Errno) {
         var address = try UnixAddress(path: path)
         try descriptor.setNonblocking(true)
         defer { try? descriptor.setNonblocking(false) }
@@ -68,29 +68,29 @@ public struct UnixSocket: ~Copyable {
     }
 
     /// Accepts one connection (blocking unless the socket is non-blocking), close-on-exec.
-    public borrowing func accept() throws(Errno) -> UnixSocket {
+    package borrowing func accept() throws(Errno) -> UnixSocket {
         UnixSocket(adopting: Descriptor(adopting: try syscallRetrying { pb_accept4(descriptor.rawValue, 0) }))
     }
 
     /// Sends one message (one packet on seqpacket and dgram), never raising `SIGPIPE`.
     /// `nonblocking` uses `MSG_DONTWAIT` for this call only.
-    public borrowing func send(_ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
+    package borrowing func send(_ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
         try Self.send(on: descriptor.rawValue, bytes, nonblocking: nonblocking)
     }
 
     /// Sends a datagram to `address`.
-    public borrowing func send(_ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false) throws(Errno) -> Int {
+    package borrowing func send(_ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false) throws(Errno) -> Int {
         try Self.send(on: descriptor.rawValue, bytes, to: address, nonblocking: nonblocking)
     }
 
     /// `send` on a socket descriptor owned elsewhere.
-    public static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
+    package static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, nonblocking: Bool = false) throws(Errno) -> Int {
         let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
         return try syscallRetrying { Glibc.send(fd, bytes.baseAddress, bytes.count, flags) }
     }
 
     /// `sendto` on a socket descriptor owned elsewhere.
-    public static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false)
+    package static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false)
         throws(Errno) -> Int
     {
         let flags = CInt(MSG_NOSIGNAL) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
@@ -103,28 +103,28 @@ public struct UnixSocket: ~Copyable {
     }
 
     /// What one receive got.
-    public struct Received: Sendable {
+    package struct Received: Sendable {
         /// Bytes copied into the buffer.
-        public var count: Int
+        package var count: Int
         /// The whole message's length: larger than `count` when a packet was cut short.
-        public var messageLength: Int
+        package var messageLength: Int
         /// The packet did not fit and its tail was discarded (seqpacket and dgram).
-        public var truncated: Bool { messageLength > count }
-        public var sender: Address?
+        package var truncated: Bool { messageLength > count }
+        package var sender: Address?
         /// The peer has shut down and everything it sent has been read (stream and seqpacket).
-        public var isEndOfFile = false
+        package var isEndOfFile = false
     }
 
     /// Receives one message (one packet on seqpacket and dgram). `count == 0` on a stream or
     /// seqpacket socket with no truncation means end of file... or a zero-length packet, which
     /// seqpacket also allows; `messageLength` cannot tell them apart either, as in the kernel.
-    public borrowing func receive(into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
+    package borrowing func receive(into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
                                   wantSender: Bool = false) throws(Errno) -> Received {
         try Self.receive(on: descriptor.rawValue, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
     }
 
     /// `recv`/`recvfrom` on a socket descriptor owned elsewhere.
-    public static func receive(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
+    package static func receive(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
                                wantSender: Bool = false) throws(Errno) -> Received {
         // MSG_TRUNC makes recv return the real length of a packet that did not fit.
         let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
@@ -149,14 +149,14 @@ public struct UnixSocket: ~Copyable {
     /// The kernel answers both with 0. End of file needs the peer to have shut down, and nothing
     /// left to read after it (a peek returns 0 again). The one case this cannot tell, as no
     /// seqpacket reader can, is an empty packet that was the very last thing the peer sent.
-    public static func zeroLengthReadIsEndOfFile(_ fd: CInt) -> Bool {
+    package static func zeroLengthReadIsEndOfFile(_ fd: CInt) -> Bool {
         guard peerHasShutDown(fd) else { return false }
         var byte: UInt8 = 0
         return recv(fd, &byte, 1, CInt(MSG_PEEK) | CInt(MSG_DONTWAIT)) == 0
     }
 
     /// Whether the peer has shut down its writing side (or closed): `poll` reports `POLLRDHUP`.
-    public static func peerHasShutDown(_ fd: CInt) -> Bool {
+    package static func peerHasShutDown(_ fd: CInt) -> Bool {
         var poller = pollfd(fd: fd, events: Int16(0x2000), revents: 0)  // POLLRDHUP
         guard poll(&poller, 1, 0) > 0 else { return false }
         return poller.revents & Int16(0x2000 | 0x10) != 0  // POLLRDHUP | POLLHUP
@@ -164,7 +164,7 @@ public struct UnixSocket: ~Copyable {
 
     /// Sets `SO_PASSCRED`, which makes Linux give an unbound socket an autobound (abstract)
     /// address when it connects or sends, so a datagram peer can answer it.
-    public borrowing func enableCredentialPassing() throws(Errno) {
+    package borrowing func enableCredentialPassing() throws(Errno) {
         var one: CInt = 1
         _ = try syscallRetrying {
             setsockopt(descriptor.rawValue, SOL_SOCKET, SO_PASSCRED, &one, socklen_t(MemoryLayout<CInt>.size))
@@ -172,11 +172,11 @@ public struct UnixSocket: ~Copyable {
     }
 
     /// `shutdown(SHUT_WR)`: the peer reads end of file after the queued data.
-    public borrowing func shutdownWriting() throws(Errno) {
+    package borrowing func shutdownWriting() throws(Errno) {
         try Self.shutdownWriting(on: descriptor.rawValue)
     }
 
-    public static func shutdownWriting(on fd: CInt) throws(Errno) {
+    package static func shutdownWriting(on fd: CInt) throws(Errno) {
         _ = try syscallRetrying { Glibc.shutdown(fd, CInt(SHUT_WR)) }
     }
 }
