@@ -34,10 +34,21 @@ public final class BrokerServer {
     private var receiveBuffer: UnsafeMutableRawBufferPointer
     private var running = true
 
-    /// The most frames read from one client, and connections accepted, per wake-up: one busy
-    /// client or a flood of connections cannot starve the rest.
-    private static let framesPerWakeup = 64
+    /// The work done for one client, and the connections accepted, per wake-up: one busy client
+    /// or a flood of connections cannot starve the rest. Work is counted in units: one for most
+    /// requests, more for those that cost more (`cost(of:)`), so a client flooding listings gets
+    /// one page per turn while everyone else gets theirs.
+    private static let workPerWakeup = 64
     private static let acceptsPerWakeup = 64
+
+    /// What a request costs the loop, in units of an ordinary request.
+    private static func cost(of rawOpcode: UInt16) -> Int {
+        switch Opcode(rawValue: rawOpcode) {
+        case .sharedMemoryList?: SharedMemoryRequests.listPageSize  // a stat per object on the page
+        case .netList?, .capsList?, .status?: 8  // a walk of an in-memory table
+        default: 1
+        }
+    }
 
     /// Creates the listening socket (or adopts an inherited one) and everything the loop needs.
     /// Fails with EADDRINUSE when another broker already serves the path.
@@ -209,7 +220,8 @@ public final class BrokerServer {
             guard sessions[id] != nil else { return }
         }
         if events.contains(.readable) || events.contains(.hangup) || events.contains(.error) {
-            for _ in 0..<Self.framesPerWakeup {
+            var work = 0
+            while work < Self.workPerWakeup {
                 guard sessions[id] != nil else { return }
                 guard sessions.mayRead(session, now: monotonicNanoseconds()) else {
                     // Paused with a full queue: a client that hung up will never read it.
@@ -218,26 +230,28 @@ public final class BrokerServer {
                     }
                     return
                 }
-                if !receiveOne(session) { return }
+                guard let cost = receiveOne(session) else { return }
+                work += cost
             }
         }
     }
 
-    /// Reads and handles one frame. Returns false when there is nothing more to read now.
-    private func receiveOne(_ session: Session) -> Bool {
+    /// Reads and handles one frame and returns what it cost; nil when there is nothing more to
+    /// read now.
+    private func receiveOne(_ session: Session) -> Int? {
         var message: ReceivedMessage
         do {
             message = try session.socket.receive(into: receiveBuffer, nonblocking: true)
         } catch {
-            if error == .resourceTemporarilyUnavailable { return false }
+            if error == .resourceTemporarilyUnavailable { return nil }
             sessions.close(session.id, reason: "receive failed: \(error.name)")
-            return false
+            return nil
         }
         // On SOCK_SEQPACKET a zero-length read is the peer's close; an empty frame would be
         // invalid anyway.
         if message.length == 0 && message.descriptors.count == 0 && !message.truncated {
             sessions.close(session.id, reason: "client closed")
-            return false
+            return nil
         }
         let bytes = Array(UnsafeRawBufferPointer(rebasing: receiveBuffer[0..<min(message.length, maximumFrameSize)]))
         handle(bytes[...], truncated: message.truncated || message.length > maximumFrameSize,
@@ -247,7 +261,7 @@ public final class BrokerServer {
         while let descriptor = message.descriptors.takeFirst() {
             DeferredCloser.shared.close(descriptor)
         }
-        return true
+        return Self.cost(of: Frame.salvageOpcode(bytes[...]))
     }
 
     /// Checks a frame's envelope (size, descriptors, header, payload) and dispatches it.

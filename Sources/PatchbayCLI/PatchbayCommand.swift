@@ -15,7 +15,7 @@ public struct PatchbayCommand: ParsableCommand {
             """,
         version: patchbayVersion,
         subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
-                      BenchCommand.self, BenchPeerCommand.self, LoadCommand.self,
+                      BenchCommand.self, BenchPeerCommand.self, LoadCommand.self, HostileWorkerCommand.self,
                       DemoCommand.self]
     )
 

@@ -21,4 +21,17 @@ struct LoadTests {
             #expect((count.flatMap { Int($0) } ?? 0) >= 200, "\(label): \(line ?? "missing")")
         }
     }
+
+    @Test("patchbay load --hostile: one uid floods the broker with all it can make it hold; the honest client of another uid sees no error and the broker gives everything back")
+    func hostileLoad() throws {
+        let result = try run(patchbayCLI, ["load", "--hostile", "--seconds", "1"])
+        #expect(result.termination == .exited(0), "\(result.standardOutput)\(result.standardError)")
+        #expect(result.standardOutput.contains("honest client errors: none"), "\(result.standardOutput)")
+        // The hostile uid was stopped by its share of the broker, not by the broker running out.
+        #expect(result.standardOutput.contains("refused: EDQUOT"), "\(result.standardOutput)")
+        // Every descriptor it made the broker hold is back once it is gone.
+        let broker = result.standardOutput.split(separator: "\n").first { $0.hasPrefix("broker: ") } ?? ""
+        let counts = broker.split(separator: ";").last?.split(separator: " ").compactMap { Int($0) } ?? []
+        #expect(counts.count == 3 && counts[2] <= counts[0] + 2, "\(broker)")
+    }
 }

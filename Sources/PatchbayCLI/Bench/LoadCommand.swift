@@ -32,12 +32,19 @@ struct LoadCommand: ParsableCommand {
     @Flag(help: "Leave out the client that never reads.")
     var noSlowClient = false
 
+    @Flag(help: "Instead: one uid (nobody, when run as root) floods the broker with everything it can make it hold, while an honest client of another uid measures status and share + claim.")
+    var hostile = false
+
     func validate() throws {
         guard clients > 0, threads > 0, clients >= threads else { throw ValidationError("--clients must be at least --threads, both positive") }
         guard seconds.isFinite, seconds > 0 else { throw ValidationError("--seconds must be positive") }
     }
 
     func run() throws {
+        if hostile {
+            try HostileLoad(seconds: seconds).run()
+            return
+        }
         var limit = rlimit()
         getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
         limit.rlim_cur = limit.rlim_max

@@ -1,0 +1,201 @@
+import ArgumentParser
+import Glibc
+import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+
+/// `patchbay load --hostile`: one uid does everything it can to make the broker hold things and
+/// spend time (idle connections by the thousand, replies with descriptors it never reads, large
+/// listing replies it never reads, listing floods, never-expiring keys), while an honest client of
+/// another uid measures `status` and share + claim beside it. Run as root: the hostile uid is
+/// `nobody` (through setpriv); otherwise both run as the same uid and the report says so.
+struct HostileLoad {
+    let seconds: Double
+
+    func run() throws {
+        let scratch = try ScratchBroker("patchbay-hostile", arguments: ["--system", "--log-level", "notice",
+                                                                       "--policy-directory", "/nonexistent"])
+        defer { scratch.stop() }
+        chmod(scratch.directory, 0o755)
+        let honest = try Broker(socketPath: scratch.socketPath)
+        let idleRSS = Bench.residentKilobytes(scratch.pid)
+        let idleDescriptors = (try? openDescriptorCount(pid: scratch.pid)) ?? 0
+
+        let executable = currentExecutablePath() ?? CommandLine.arguments[0]
+        let asOtherUser = getuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0
+        let worker = [executable, "load-hostile-worker", "--socket", scratch.socketPath, "--seconds", "\(seconds)"]
+        let output = try Pipe()
+        let pid = try spawnProcess(
+            path: asOtherUser ? "/usr/bin/setpriv" : executable,
+            arguments: asOtherUser ? ["--reuid", "65534", "--regid", "65534", "--clear-groups"] + worker : Array(worker.dropFirst()),
+            environment: currentEnvironment(), descriptors: [1: output.writeEnd.rawValue, 2: 2])
+        _ = consume output.writeEnd
+        let reader = output.readEnd
+        writeStandardOutput("patchbay load --hostile: broker pid \(scratch.pid) (system mode), hostile uid "
+            + (asOtherUser ? "65534 (nobody)" : "\(getuid()) (the same as the honest client: run as root to separate them)")
+            + ", \(onlineCPUCount()) CPUs, \(format2(seconds)) s\n")
+        // The worker says "ready" once its flood is in place.
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        while (try? withUnsafeMutableBytes(of: &byte) { try reader.read(into: $0) }) == 1, byte != 10 { line.append(byte) }
+        writeStandardOutput("hostile: " + String(decoding: line, as: UTF8.self) + "\n")
+
+        var statusLatencies: [UInt64] = []
+        var keyLatencies: [UInt64] = []
+        var errors: [String: Int] = [:]
+        var peakRSS = idleRSS
+        var peakDescriptors = idleDescriptors
+        let file = try openFile("/dev/null", flags: O_RDONLY)
+        let end = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var round = 0
+        while monotonicNanoseconds() < end {
+            let start = monotonicNanoseconds()
+            do {
+                _ = try honest.status()
+                statusLatencies.append(monotonicNanoseconds() - start)
+            } catch {
+                errors[error.errno.name, default: 0] += 1
+            }
+            let keyStart = monotonicNanoseconds()
+            do {
+                let key = try honest.share(rawDescriptor: file.rawValue)
+                _ = try honest.claim(key)
+                keyLatencies.append(monotonicNanoseconds() - keyStart)
+            } catch {
+                errors[error.errno.name, default: 0] += 1
+            }
+            round += 1
+            if round % 64 == 0 {
+                peakRSS = max(peakRSS, Bench.residentKilobytes(scratch.pid))
+                peakDescriptors = max(peakDescriptors, (try? openDescriptorCount(pid: scratch.pid)) ?? 0)
+            }
+        }
+        let rest = (try? reader.readToEnd()) ?? []
+        let termination = try waitForProcess(pid)
+        let status = Samples(statusLatencies)
+        let keys = Samples(keyLatencies)
+        writeStandardOutput("hostile: " + String(decoding: rest, as: UTF8.self).split(separator: "\n").joined(separator: "\nhostile: ")
+            + " (\(termination))\n")
+        writeStandardOutput("honest client: \(status.values.count) status, p50 \(formatNanoseconds(status.median)), "
+            + "p99 \(formatNanoseconds(status.p99)), max \(formatNanoseconds(status.values.last ?? 0)); "
+            + "\(keys.values.count) share + claim, p50 \(formatNanoseconds(keys.median)), p99 \(formatNanoseconds(keys.p99))\n")
+        writeStandardOutput("honest client errors: " + (errors.isEmpty ? "none" : errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")) + "\n")
+        writeStandardOutput("broker: RSS \(idleRSS) KiB idle, \(peakRSS) KiB peak, \(Bench.residentKilobytes(scratch.pid)) KiB after; "
+            + "descriptors \(idleDescriptors) idle, \(peakDescriptors) peak, \((try? openDescriptorCount(pid: scratch.pid)) ?? 0) after\n")
+        if !errors.isEmpty { throw ExitCode(1) }
+    }
+}
+
+/// The hostile side of `patchbay load --hostile`, run as its own process (as another uid).
+struct HostileWorkerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "load-hostile-worker", shouldDisplay: false)
+
+    @Option var socket: String
+    @Option var seconds: Double
+
+    func run() throws {
+        var limit = rlimit()
+        getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        limit.rlim_cur = limit.rlim_max
+        setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        var refusals: [String: Int] = [:]
+        func refused(_ error: PatchbayError) { refusals[error.errno.name, default: 0] += 1 }
+
+        let broker = try Broker(socketPath: socket)
+        let file = try openFile("/dev/null", flags: O_RDONLY)
+        // Objects to list, so listing replies are large.
+        var objects = 0
+        while objects < 300 {
+            do {
+                _ = try broker.openSharedMemory("/hostile-\(objects)-" + String(repeating: "x", count: 900), options: [.create])
+                objects += 1
+            } catch {
+                refused(error)
+                break
+            }
+        }
+        // Connections that flood requests whose replies they never read: with a descriptor each
+        // (/dev/shmem/new), and large ones (a listing page).
+        var flooders: [CInt] = []
+        for index in 0..<40 {
+            guard let connection = Self.connect(socket) else { break }
+            let request = index % 2 == 0
+                ? Request.namespace(.open(path: "/dev/shmem/new", flags: [])).encode(requestID: 1)
+                : Request.sharedMemory(.list(after: [])).encode(requestID: 1)
+            while Self.send(request, on: connection) {}
+            flooders.append(connection)
+        }
+        // Idle connections, until the broker refuses.
+        var idle: [CInt] = []
+        let statusRequest = Request.status.encode(requestID: 1)
+        var buffer = [UInt8](repeating: 0, count: maximumFrameSize)
+        while idle.count < 1500 {
+            guard let connection = Self.connect(socket) else { refusals["connect (here)", default: 0] += 1; break }
+            // An admitted connection answers; a refused one gets an error frame, then its end.
+            _ = Self.send(statusRequest, on: connection, wait: true)
+            let length = buffer.withUnsafeMutableBytes { Glibc.recv(connection, $0.baseAddress, $0.count, 0) }
+            guard length >= frameHeaderSize, let frame = try? Frame.decode(buffer[0..<length]) else {
+                refusals["closed", default: 0] += 1
+                close(connection)
+                break
+            }
+            if frame.kind == .error {
+                let errno = (try? ErrorReply.decode(frame)).map { Errno(rawValue: $0.errno).name } ?? "error"
+                refusals[errno, default: 0] += 1
+                close(connection)
+                break
+            }
+            idle.append(connection)
+        }
+        // Never-expiring keys, until the broker says no.
+        var keys = 0
+        while keys < 100_000 {
+            do {
+                _ = try broker.share(rawDescriptor: file.rawValue, timeout: .never)
+                keys += 1
+            } catch {
+                refused(error)
+                break
+            }
+        }
+        writeStandardOutput("ready: \(keys) keys, \(objects) objects, \(flooders.count) connections flooding unread replies, "
+            + "\(idle.count) idle connections; refused: "
+            + refusals.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ") + "\n")
+        // Listing floods that do read, until the time is up.
+        let end = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var lists = 0
+        while monotonicNanoseconds() < end {
+            for connection in flooders {
+                _ = Self.send(Request.sharedMemory(.list(after: [])).encode(requestID: 2), on: connection)
+            }
+            if (try? broker.listSharedMemory()) != nil { lists += 1 }
+        }
+        let blocked = flooders.filter { !Self.send(statusRequest, on: $0) }.count
+        writeStandardOutput("listed \(lists) times while flooding; \(blocked) of \(flooders.count) flooding connections not read by the broker at the end\n")
+        for index in 0..<objects { try? broker.unlinkSharedMemory("/hostile-\(index)-" + String(repeating: "x", count: 900)) }
+    }
+
+    /// A raw connection to the broker (the library would read every reply).
+    static func connect(_ path: String) -> CInt? {
+        let fd = Glibc.socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { close(fd); return nil }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in bytes.enumerated() { raw[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { close(fd); return nil }
+        return fd
+    }
+
+    /// Sends one frame; false when the socket is full (or gone).
+    static func send(_ frame: [UInt8], on fd: CInt, wait: Bool = false) -> Bool {
+        frame.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL) | (wait ? 0 : CInt(MSG_DONTWAIT))) } == frame.count
+    }
+}
