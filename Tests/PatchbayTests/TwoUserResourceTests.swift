@@ -188,3 +188,110 @@ struct TwoUserNameTests {
         #expect(result.standardError.contains("bad.conf, line 2"), "\(result.standardError)")
     }
 }
+
+@Suite("Two users: who pays", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserAccountingTests {
+    func openBroker(_ arguments: [String]) throws -> TestBroker {
+        let broker = try TestBroker(["--system"] + arguments)
+        chmod(broker.directory, 0o755)
+        chmod(broker.directory + "/net", 0o755)
+        return broker
+    }
+
+    /// Runs Python as nobody: `script` gets the arguments after it, and its stdin stays open
+    /// until the test closes it (the hold on what it made).
+    func pythonAsNobody(_ script: String, _ arguments: [String]) throws -> Child {
+        try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", script]
+                  + arguments)
+    }
+
+    @Test("connections another uid makes to root's listener count against that uid: root's quota is untouched and its accepts never fail")
+    func connectionsChargedToTheirMaker() throws {
+        let broker = try openBroker(["--max-sockets-per-uid", "8"])
+        let root = try broker.connect()
+        let listener = try Socket.listen(root, name: "svc", type: .stream)
+        let path = try root.localSocketPath("svc")
+        // nobody connects 20 times, straight to the socket file, and holds every connection.
+        let holder = try pythonAsNobody("""
+            import socket, sys
+            held = []
+            for _ in range(20):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sys.argv[1])
+                held.append(s)
+            print(len(held), flush=True)
+            sys.stdin.read()
+            """, [path])
+        #expect(try holder.readLine() == "20")
+        // Root accepts until nothing is pending: nobody's first 8 connections (its quota), the
+        // rest closed by the broker; never EDQUOT for root.
+        final class Held {
+            let socket: Socket
+            let next: Held?
+            init(_ socket: consuming Socket, _ next: Held?) { self.socket = socket; self.next = next }
+        }
+        var accepted: Held?
+        var count = 0
+        while true {
+            do throws(PatchbayError) {
+                accepted = Held(try listener.accept(nonblocking: true), accepted)
+                count += 1
+            } catch {
+                #expect(error.errno == .resourceTemporarilyUnavailable, "\(error)")
+                break
+            }
+        }
+        #expect(count == 8)
+        let usage = try root.status().users
+        #expect(usage.first { $0.uid == otherUID }?.sockets == 8)
+        #expect(usage.first { $0.uid == 0 }?.sockets == 1)
+        // Root's own quota is whole: it can still open sockets.
+        _ = try Socket.open(root, type: .seqpacket)
+        holder.closeInput()
+        try holder.wait()
+        _ = accepted
+    }
+
+    @Test("one uid's idle connections stop at its share of the broker's descriptors; root's status and keys keep working")
+    func descriptorShare() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        let before = try broker.descriptorCount()
+        // nobody opens connections until the broker refuses one, and holds them.
+        let holder = try pythonAsNobody("""
+            import resource, socket, struct, sys
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            status = b"PB\\x01\\x01\\x01\\x00\\x00\\x00" + struct.pack("<Q", 1)
+            held = []
+            refusal = "none"
+            while len(held) < 20000:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(sys.argv[1])
+                s.send(status)
+                reply = s.recv(65536)
+                if len(reply) < 16 or reply[3] != 2:
+                    refusal = str(struct.unpack("<i", reply[16:20])[0]) if len(reply) >= 20 else "closed"
+                    break
+                held.append(s)
+            print(len(held), refusal, flush=True)
+            sys.stdin.read()
+            """, [broker.socketPath])
+        let answer = try #require(try holder.readLine()).split(separator: " ")
+        let held = Int(answer[0]) ?? 0
+        #expect(String(answer[1]) == "\(EDQUOT)", "the refusal was \(answer[1])")
+        // Its share: a quarter of three quarters of what the broker may hold, far from all of it.
+        #expect(held > 1000 && held < 5000, "nobody held \(held) connections")
+        let during = try broker.descriptorCount()
+        #expect(during - before >= held)
+        // Root is not affected: status, and keys that each cost the broker a descriptor.
+        #expect(try root.status().clients == UInt32(held + 1))
+        for _ in 0..<100 {
+            let key = try root.share(try openFile("/dev/null", flags: O_RDONLY), timeout: .never)
+            _ = try root.claim(key)
+        }
+        holder.closeInput()
+        try holder.wait()
+        #expect(try broker.waitForDescriptorCount(before) == before)
+    }
+}
