@@ -35,6 +35,9 @@ public struct BrokerConfiguration: Sendable {
     public var maximumQueuedBytesPerClient: Int = 1 << 20
     public var maximumQueuedDescriptorsPerClient: Int = 64
     public var maximumQueuedFramesPerClient: Int = 256
+    /// Reply bytes queued for all of one uid's clients at which the broker stops reading every
+    /// one of them, so many connections cannot add up what one may not hold.
+    public var maximumQueuedBytesPerUser: Int = 16 << 20
     /// Frames queued for a client at which it is disconnected: only events the broker sends on
     /// its own (CAPS notices) can get there, since requests stop being read long before.
     public var maximumQueuedRepliesPerClient: Int = 4096

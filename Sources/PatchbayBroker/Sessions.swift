@@ -31,6 +31,8 @@ final class SessionTable {
     private let logger: Logger
     /// Sessions whose reading is paused, and since when.
     private var paused: [UInt64: UInt64] = [:]
+    /// Reply bytes waiting for each uid's clients, all connections together.
+    private(set) var queuedBytesByUser: [UInt32: Int] = [:]
     /// The subsystems, told of every closed session.
     var closedHooks: [any SessionClosedHook] = []
 
@@ -121,6 +123,7 @@ final class SessionTable {
         case .sent:
             return .underway
         case .queued:
+            queuedBytesByUser[session.credentials.uid, default: 0] += bytes.count
             watchWritable(session, true)
             return .underway
         case .refused(let reason):
@@ -173,28 +176,57 @@ final class SessionTable {
         send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
     }
 
+    /// Withdraws a frame still queued for `session` under `tag`; whether there was one.
+    func withdraw(tag: UInt64, from session: Session) -> Bool {
+        let before = session.queuedBytes
+        guard session.withdraw(tag: tag) else { return false }
+        noteDrained(before - session.queuedBytes, of: session)
+        return true
+    }
+
     /// The session's socket drained (or failed): send what waits, and read again once the queue
-    /// is back under its bounds.
+    /// (and its uid's, all connections together) is back under its bounds.
     func writable(_ session: Session) {
-        switch session.flush() {
+        let before = session.queuedBytes
+        let outcome = session.flush()
+        noteDrained(before - session.queuedBytes, of: session)
+        switch outcome {
         case .drained: watchWritable(session, false)
         case .pending: break
         case .failed(let reason):
             close(session.id, reason: reason)
             return
         }
-        if session.readingPausedSince != nil, !session.isBackedUp(limits) {
+        resumeReadable(uid: session.credentials.uid)
+    }
+
+    private func noteDrained(_ bytes: Int, of session: Session) {
+        guard bytes != 0 else { return }
+        let remaining = (queuedBytesByUser[session.credentials.uid] ?? 0) - bytes
+        queuedBytesByUser[session.credentials.uid] = remaining > 0 ? remaining : nil
+    }
+
+    /// Whether `uid`'s clients together have as many reply bytes waiting as they may.
+    private func userIsBackedUp(_ uid: UInt32) -> Bool {
+        (queuedBytesByUser[uid] ?? 0) >= configuration.maximumQueuedBytesPerUser
+    }
+
+    /// Reads again the paused sessions of `uid` whose queues (their own and the uid's) allow it.
+    private func resumeReadable(uid: UInt32) {
+        guard !paused.isEmpty, !userIsBackedUp(uid) else { return }
+        for id in Array(paused.keys) {
+            guard let session = sessions[id], session.credentials.uid == uid, !session.isBackedUp(limits) else { continue }
             session.readingPausedSince = nil
-            paused[session.id] = nil
+            paused[id] = nil
             updateInterest(session)
         }
     }
 
-    /// Whether the broker may read another request from `session` now. When its queue is full it
-    /// may not: reading pauses until the queue drains.
+    /// Whether the broker may read another request from `session` now. When its queue, or all
+    /// its uid's queues together, are full it may not: reading pauses until they drain.
     func mayRead(_ session: Session, now: UInt64) -> Bool {
         if session.readingPausedSince != nil { return false }
-        guard session.isBackedUp(limits) else { return true }
+        guard session.isBackedUp(limits) || userIsBackedUp(session.credentials.uid) else { return true }
         session.readingPausedSince = now
         paused[session.id] = now
         updateInterest(session)
@@ -204,14 +236,17 @@ final class SessionTable {
     /// Disconnects the clients that left their queue full without reading for too long.
     func closeStuckSessions(now: UInt64) {
         guard !paused.isEmpty else { return }
+        // A paused client with replies of its own waiting is stuck; one with none, paused because
+        // its uid's clients together hold their most, waits for those to drain (or be cut off).
         for (id, since) in paused where now &- since >= configuration.stuckClientTimeout {
-            close(id, reason: "client left \(sessions[id]?.queuedFrames ?? 0) replies unread")
+            guard let session = sessions[id], session.queuedFrames > 0 else { continue }
+            close(id, reason: "client left \(session.queuedFrames) replies unread")
         }
     }
 
     /// How long the loop may sleep before a paused client's time is up (-1: none paused).
     func millisecondsUntilNextStuckCheck(now: UInt64) -> CInt {
-        guard let oldest = paused.values.min() else { return -1 }
+        guard let oldest = paused.filter({ (sessions[$0.key]?.queuedFrames ?? 0) > 0 }).values.min() else { return -1 }
         let deadline = oldest &+ configuration.stuckClientTimeout
         if deadline <= now { return 0 }
         return CInt(min((deadline - now) / 1_000_000 + 1, 60_000))
@@ -235,6 +270,8 @@ final class SessionTable {
     func close(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
         paused[id] = nil
+        noteDrained(session.queuedBytes, of: session)
+        resumeReadable(uid: session.credentials.uid)
         loop.unregister(session.socket.rawValue)
         let remaining = (clientsPerUser[session.credentials.uid] ?? 1) - 1
         clientsPerUser[session.credentials.uid] = remaining > 0 ? remaining : nil

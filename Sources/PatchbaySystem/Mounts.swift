@@ -20,6 +20,19 @@ package func unmount(at path: String) throws(Errno) {
     _ = try syscallRetrying { umount2(path, CInt(MNT_DETACH)) }
 }
 
+/// Detaches every mount below `directory`, deepest first (from `/proc/self/mountinfo`), so the
+/// directory can be removed.
+package func unmountEverything(under directory: String) {
+    guard let table = try? openFile("/proc/self/mountinfo", flags: O_RDONLY), let bytes = try? table.readToEnd() else { return }
+    let mountPoints = String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line -> String? in
+        let fields = line.split(separator: " ")
+        return fields.count > 4 ? String(fields[4]) : nil
+    }
+    for point in mountPoints.filter({ $0.hasPrefix(directory + "/") }).sorted(by: { $0.count > $1.count }) {
+        try? unmount(at: point)
+    }
+}
+
 /// Whether `path` is the root of a mount: a directory on another device than its parent, or
 /// its own parent (`/`).
 package func isMountPoint(_ path: String) -> Bool {

@@ -24,14 +24,16 @@ struct LoadTests {
 
     @Test("patchbay load --hostile: one uid floods the broker with all it can make it hold; the honest client of another uid sees no error and the broker gives everything back")
     func hostileLoad() throws {
-        let result = try run(patchbayCLI, ["load", "--hostile", "--seconds", "1"])
+        let result = try run(patchbayCLI, ["load", "--hostile", "--seconds", "1", "--clients", "20000"])
         #expect(result.termination == .exited(0), "\(result.standardOutput)\(result.standardError)")
         #expect(result.standardOutput.contains("honest client errors: none"), "\(result.standardOutput)")
         // The hostile uid was stopped by its share of the broker, not by the broker running out.
         #expect(result.standardOutput.contains("refused: EDQUOT"), "\(result.standardOutput)")
-        // Every descriptor it made the broker hold is back once it is gone.
+        // Every descriptor it made the broker hold is back once it is gone, but for what outlives
+        // it by design: the one file its never-expiring keys hold (keys of one open file share a
+        // descriptor) and its shared memory store's directory.
         let broker = result.standardOutput.split(separator: "\n").first { $0.hasPrefix("broker: ") } ?? ""
         let counts = broker.split(separator: ";").last?.split(separator: " ").compactMap { Int($0) } ?? []
-        #expect(counts.count == 3 && counts[2] <= counts[0] + 2, "\(broker)")
+        #expect(counts.count == 3 && counts[2] <= counts[0] + 3, "\(broker)")
     }
 }

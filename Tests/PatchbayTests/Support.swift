@@ -137,16 +137,19 @@ final class TestBroker {
     let pid: pid_t
     private var stopped = false
 
-    /// Starts `patchbayd` with `arguments` and returns once it says it is ready.
-    init(_ arguments: [String] = []) throws {
+    /// Starts `patchbayd` with `arguments` and returns once it says it is ready. With
+    /// `descriptorLimit`, the broker runs with that `RLIMIT_NOFILE` (soft and hard, through
+    /// prlimit), which sets the size of its descriptor budget.
+    init(_ arguments: [String] = [], descriptorLimit: Int? = nil) throws {
         directory = makeTemporaryDirectory()
         socketPath = directory + "/patchbay.sock"
         let ready = try Pipe()
         let log = try openFile(directory + "/broker.log", flags: O_WRONLY | O_CREAT | O_APPEND)
+        let daemon = [patchbayDaemon, "--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3",
+                      "--log-level", "debug"] + arguments
         pid = try spawnProcess(
-            path: patchbayDaemon,
-            arguments: ["--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3",
-                        "--log-level", "debug"] + arguments,
+            path: descriptorLimit == nil ? patchbayDaemon : "/usr/bin/prlimit",
+            arguments: descriptorLimit.map { ["--nofile=\($0):\($0)"] + daemon } ?? Array(daemon.dropFirst()),
             environment: PatchbaySystem.environment(applying: ["LISTEN_FDS": nil, "LISTEN_PID": nil]),
             descriptors: [1: log.rawValue, 2: log.rawValue, 3: ready.writeEnd.rawValue])
         _ = consume ready.writeEnd
@@ -220,19 +223,6 @@ extension String {
         while let first = scalars.first, first.properties.isWhitespace { scalars.removeFirst() }
         while let last = scalars.last, last.properties.isWhitespace { scalars.removeLast() }
         return String(String.UnicodeScalarView(scalars))
-    }
-}
-
-/// Detaches every mount below `directory` (a system broker's per-uid tmpfs stores), deepest first,
-/// so the directory can be removed.
-func unmountEverything(under directory: String) {
-    guard let table = try? openFile("/proc/self/mountinfo", flags: O_RDONLY), let bytes = try? table.readToEnd() else { return }
-    let mountPoints = String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line -> String? in
-        let fields = line.split(separator: " ")
-        return fields.count > 4 ? String(fields[4]) : nil
-    }
-    for point in mountPoints.filter({ $0.hasPrefix(directory + "/") }).sorted(by: { $0.count > $1.count }) {
-        try? unmount(at: point)
     }
 }
 

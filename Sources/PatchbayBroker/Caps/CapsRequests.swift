@@ -122,7 +122,7 @@ final class CapsRequests: SessionClosedHook {
     private func notifyDeparture(_ notices: [(serviceSession: UInt64, event: Event)]) {
         for notice in notices {
             guard let service = sessions[notice.serviceSession] else { continue }
-            if case .caps(.disconnected(let channelID)) = notice.event, service.withdraw(tag: channelID) { continue }
+            if case .caps(.disconnected(let channelID)) = notice.event, sessions.withdraw(tag: channelID, from: service) { continue }
             sessions.send(notice.event.encode(), to: service)
             registry.service(ofSession: notice.serviceSession)?.noteEventQueued()
         }

@@ -334,6 +334,8 @@ final class ScratchBroker {
             _ = try? waitForProcess(pid)
             pid = 0
         }
+        // A system broker leaves the per-uid stores that still hold objects mounted.
+        unmountEverything(under: directory)
         if let remover = try? spawnProcess(path: "/bin/rm", arguments: ["-rf", directory], environment: []) {
             _ = try? waitForProcess(remover)
         }

@@ -20,7 +20,7 @@ struct LoadCommand: ParsableCommand {
             close of a /net socket. Every error is counted by errno; none is expected.
             """)
 
-    @Option(help: "Client connections.")
+    @Option(help: "Client connections (with --hostile: the idle connections the hostile uid tries to hold).")
     var clients = 1000
 
     @Option(help: "How long to run, in seconds.")
@@ -42,7 +42,7 @@ struct LoadCommand: ParsableCommand {
 
     func run() throws {
         if hostile {
-            try HostileLoad(seconds: seconds).run()
+            try HostileLoad(seconds: seconds, connections: clients).run()
             return
         }
         var limit = rlimit()
