@@ -164,6 +164,13 @@ struct HostileWorkerCommand: ParsableCommand {
             }
             idle.append(connection)
         }
+        // Make room in its share for the flooders (the broker takes the hang-ups in its own time;
+        // a round trip on another connection gives it that time).
+        if refusals["EDQUOT"] != nil {
+            for connection in idle.suffix(100) { close(connection) }
+            idle.removeLast(min(100, idle.count))
+            _ = try? broker.status()
+        }
         // Connections that flood requests whose replies they never read: with a descriptor each
         // (/dev/shmem/new), and large ones (a listing page). From here on this uid's own
         // connections are held back with them: that is its problem, nobody else's.
