@@ -23,6 +23,7 @@
 
 import Glibc
 import Logging
+import OrderedCollections
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
@@ -168,7 +169,10 @@ struct CapsConnection: ~Copyable {
 }
 
 final class CapsRegistry {
-    private(set) var services: [UInt64: CapsServiceRecord] = [:]
+    /// In id order (ids only grow), so a listing is a prefix, not a sort.
+    private(set) var services: OrderedDictionary<UInt64, CapsServiceRecord> = [:]
+    /// Services registered by each uid (the registering process's), for the quota and `status`.
+    private var servicesPerUser: [UInt32: Int] = [:]
     /// Registrations by name, oldest first (the newest shadows the others for new clients).
     private var byName: [String: [UInt64]] = [:]
     private(set) var channels: [UInt64: CapsChannelRecord] = [:]
@@ -220,7 +224,7 @@ final class CapsRegistry {
            (byName[name] ?? []).contains(where: { services[$0]?.uid == uid && services[$0]?.gid == gid }) {
             throw RequestError(errno: .fileExists, reason: "a service \(name) (uid \(uid), gid \(gid)) is already registered")
         }
-        let owned = services.values.reduce(0) { $0 + ($1.owner.uid == caller.uid ? 1 : 0) }
+        let owned = servicesPerUser[caller.uid] ?? 0
         guard owned < maximumServicesPerUser else {
             throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(caller.uid) already has \(owned) services registered, the limit")
         }
@@ -254,6 +258,7 @@ final class CapsRegistry {
         let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: inFlight,
                                        session: session, owner: caller, pages: pages, charge: charge)
         services[id] = record
+        servicesPerUser[caller.uid, default: 0] += 1
         byName[name, default: []].append(id)
         serviceBySession[session] = id
         logger.debug("service registered", metadata: ["name": "\(name)", "service": "\(id)"])
@@ -360,6 +365,8 @@ final class CapsRegistry {
             }
         }
         if let id = serviceBySession.removeValue(forKey: session), let service = services.removeValue(forKey: id) {
+            let remaining = (servicesPerUser[service.owner.uid] ?? 1) - 1
+            servicesPerUser[service.owner.uid] = remaining > 0 ? remaining : nil
             byName[service.name]?.removeAll { $0 == id }
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
             lastGeneration[service.name] = max(lastGeneration[service.name] ?? 0, service.generation)
@@ -379,13 +386,16 @@ final class CapsRegistry {
     }
 
     func list() -> [CapsServiceInfo] {
-        services.values.sorted { $0.id < $1.id }.map(\.info)
+        list(limit: services.count)
+    }
+
+    /// The first `limit` services by id.
+    func list(limit: Int) -> [CapsServiceInfo] {
+        services.values.prefix(limit).map(\.info)
     }
 
     func countByOwner() -> [UInt32: Int] {
-        var counts: [UInt32: Int] = [:]
-        for service in services.values { counts[service.owner.uid, default: 0] += 1 }
-        return counts
+        servicesPerUser
     }
 
     static func validate(_ name: String) throws(RequestError) {

@@ -69,7 +69,7 @@ final class CapsRequests: SessionClosedHook {
                                        reason: "a service sets its generation by writing its status page"), context)
 
         case .list:
-            sessions.reply(.caps(.list(Array(registry.list().prefix(Self.listLimit)))), to: context)
+            sessions.reply(.caps(.list(registry.list(limit: Self.listLimit))), to: context)
         }
     }
 

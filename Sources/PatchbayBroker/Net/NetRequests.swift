@@ -33,7 +33,7 @@ final class NetRequests: SessionClosedHook {
                 sessions.fail(error, context)
             }
         case .list:
-            sessions.reply(.net(.list(Array(table.list().prefix(Self.listLimit)))), to: context)
+            sessions.reply(.net(.list(table.list(limit: Self.listLimit))), to: context)
         case .path(let name):
             do {
                 try table.local.validate(Substring(name))
@@ -75,7 +75,7 @@ final class NetRequests: SessionClosedHook {
             }
             // Blocking accept: park the request; the listener's readiness completes it.
             let listener = try table.lookup(id, caller: caller)
-            listener.waitingAccepts.append(context.parked)
+            table.park(context.parked, on: listener)
             watchListener(listener, true)
         case .anonymousSharedMemory:
             preconditionFailure("the namespace routes /dev/shmem/new to shared memory")

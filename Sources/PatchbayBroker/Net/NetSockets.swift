@@ -26,6 +26,7 @@
 
 import Glibc
 import Logging
+import OrderedCollections
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
@@ -127,7 +128,11 @@ struct NetOpened: ~Copyable {
 }
 
 final class NetTable {
-    private(set) var sockets: [UInt64: NetSocket] = [:]
+    /// In id order (ids only grow), so a listing is a prefix, not a sort.
+    private(set) var sockets: OrderedDictionary<UInt64, NetSocket> = [:]
+    /// Sockets with accepts parked on them, so a departed session's waits are found without a
+    /// walk of every socket.
+    private var socketsWithWaits: Set<UInt64> = []
     private var names: [String: UInt64] = [:]
     private var nextID: UInt64 = 1
     let local: LocalFamily
@@ -395,6 +400,7 @@ final class NetTable {
     /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
     func close(_ id: UInt64) -> [ParkedRequest] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
+        socketsWithWaits.remove(id)
         let owned = (socketsPerUser[socket.accountedUID] ?? 1) - 1
         socketsPerUser[socket.accountedUID] = owned > 0 ? owned : nil
         if socket.state == .connected { try? socket.transition(to: .closing) }
@@ -411,13 +417,26 @@ final class NetTable {
 
     /// Forgets the accepts a departed session was waiting for.
     func forgetWaits(of session: UInt64) {
-        for socket in sockets.values where !socket.waitingAccepts.isEmpty {
+        for id in socketsWithWaits {
+            guard let socket = sockets[id] else { continue }
             socket.waitingAccepts.removeAll { $0.session == session }
+            if socket.waitingAccepts.isEmpty { socketsWithWaits.remove(id) }
         }
     }
 
+    /// Parks an accept on `listener`.
+    func park(_ request: ParkedRequest, on listener: NetSocket) {
+        listener.waitingAccepts.append(request)
+        socketsWithWaits.insert(listener.id)
+    }
+
     func list() -> [NetSocketInfo] {
-        sockets.values.sorted { $0.id < $1.id }.map(\.info)
+        list(limit: sockets.count)
+    }
+
+    /// The first `limit` sockets by id.
+    func list(limit: Int) -> [NetSocketInfo] {
+        sockets.values.prefix(limit).map(\.info)
     }
 
     func countByOwner() -> [UInt32: Int] { socketsPerUser }
