@@ -1,7 +1,7 @@
 // Paths on the file system: the few calls the broker makes on names rather than descriptors.
 
 package import SystemPackage
-package import Glibc
+import Glibc
 
 /// The device and inode of the file at `path` itself (a final symlink is not followed), or nil
 /// when nothing is there. The corresponding C call is `lstat`.
@@ -29,6 +29,6 @@ package func removeFile(atPath path: String) throws(Errno) {
 }
 
 /// Sets the permission bits of the file at `path` (`chmod`).
-package func changeMode(atPath path: String, to mode: mode_t) throws(Errno) {
+package func changeMode(atPath path: String, to mode: UInt32) throws(Errno) {
     _ = try syscallRetrying { chmod(path, mode) }
 }
