@@ -154,7 +154,7 @@ let package = Package(
         // The client library's pure structures (the CAPS arena allocator and ring arithmetic).
         .testTarget(
             name: "PatchbayLibraryTests",
-            dependencies: ["Patchbay"],
+            dependencies: ["Patchbay", "PatchbaySystem", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict
         ),
     ]

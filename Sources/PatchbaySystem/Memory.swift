@@ -69,3 +69,10 @@ package struct Mapping: ~Copyable {
 
 /// The system page size.
 package let pageSize: Int = Int(sysconf(CInt(_SC_PAGESIZE)))
+
+/// The seals of the file behind a descriptor this code does not own, or nil when it has none to
+/// report (it is not a memfd, or was made without sealing: `F_GET_SEALS` fails).
+package func seals(ofDescriptor fd: CInt) -> Seals? {
+    let value = pb_get_seals(fd)
+    return value < 0 ? nil : Seals(rawValue: UInt32(value))
+}

@@ -184,10 +184,13 @@ struct CapsPortCore {
         throws(PatchbayError) -> PatchbaySystem.Descriptor
     {
         do {
-            let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: false)
+            let object = try makeMemoryFile(name: "patchbay-caps-payload", sealable: true)
             try object.truncate(to: max(length, 1))
             let view = try PatchbaySystem.Mapping(object, length: max(length, 1), writable: true)
             fill(UnsafeMutableRawBufferPointer(start: view.baseAddress, count: length))
+            // Its size sealed, so the peer can map it without fearing that it shrinks under its
+            // reads (SIGBUS); the receiver refuses any attached payload that is not.
+            try object.addSeals([.shrink, .grow])
             return object
         } catch {
             throw PatchbayError(error, "cannot make a shared memory object for a \(length)-byte \(what)")
@@ -215,10 +218,11 @@ struct CapsPortCore {
                                view: nil, attachments: attachments, isAttached: false)
         }
         // Mapped from a duplicate: the memfd itself stays with the message until it is consumed.
+        // A payload that cannot be mapped is dropped like any unsound one: it is the sender's
+        // problem, never a reason for this port to fail.
         guard let view = try? PatchbaySystem.Mapping(PatchbaySystem.Descriptor(adopting: dup(object)),
                                                      length: max(length, 1), writable: false) else {
-            // Its descriptors are closed; found again, the entry reads as unsound and is dropped.
-            throw PatchbayError(.ioError, "cannot map an attached payload")
+            return nil
         }
         return CapsPayload(bytes: UnsafeRawBufferPointer(start: view.baseAddress, count: length), view: view,
                            attachments: attachments, isAttached: true)
@@ -253,15 +257,23 @@ struct PeerActivity {
     }
 }
 
-/// Whether a payload a peer announced can be read safely: inside the arena, or an attached memfd
-/// at least as long as announced (a shorter one would fault when read).
+/// Whether a payload a peer announced can be read safely: inside the arena, or an attached payload
+/// that passes `attachedPayloadIsSound`.
 func payloadIsSound(_ entry: CapsEntry, channel: CapsChannel, attachments: CapsDescriptors) -> Bool {
     if entry.flags & CapsEntryFlags.attachedPayload != 0 {
         guard let object = attachments.first else { return false }
-        var info = stat()
-        return fstat(object, &info) == 0 && Int(info.st_size) >= Int(entry.length)
+        return attachedPayloadIsSound(object, length: Int(entry.length))
     }
     return channel.fitsArena(offset: entry.offset, length: entry.length)
+}
+
+/// Whether an attached payload can be mapped and read without the sender being able to make the
+/// reader fault: a memfd sealed against shrinking, at least as long as announced. A pipe, a socket
+/// or an unsealed memfd (whose sender could truncate it while it is read: SIGBUS) is not.
+func attachedPayloadIsSound(_ object: CInt, length: Int) -> Bool {
+    guard let seals = seals(ofDescriptor: object), seals.contains(.shrink) else { return false }
+    var info = stat()
+    return fstat(object, &info) == 0 && Int(info.st_size) >= length
 }
 
 /// The message id: the channel's id in the high half, a per-client sequence number in the low
