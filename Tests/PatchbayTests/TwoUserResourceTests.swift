@@ -252,6 +252,46 @@ struct TwoUserAccountingTests {
         _ = accepted
     }
 
+    @Test("another uid that never reads its replies makes the broker hold a bounded queue, not one descriptor per request; root is served meanwhile")
+    func unreadRepliesBounded() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        _ = try root.status()
+        let before = try broker.descriptorCount()
+        // nobody sends `open /dev/shmem/new` (each reply carries a new memfd) without ever reading,
+        // until its socket takes no more, and keeps the connection open.
+        let flooder = try pythonAsNobody("""
+            import socket, struct, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sys.argv[1])
+            path = b"/dev/shmem/new"
+            sent = 0
+            while sent < 100000:
+                frame = struct.pack("<2sBBHHQ", b"PB", 1, 1, 32, 0, sent + 1) + struct.pack("<H", len(path)) + path + struct.pack("<I", 0)
+                try:
+                    s.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                sent += 1
+            print(sent, flush=True)
+            sys.stdin.read()
+            """, [broker.socketPath])
+        let sent = Int(try #require(try flooder.readLine())) ?? 0
+        #expect(sent > 0 && sent < 100_000)
+        // Watched for a moment while nobody never reads: 64 queued descriptors, one turn of
+        // requests read before the pause, its connection.
+        var most = 0
+        let deadline = monotonicNanoseconds() + 1_000_000_000
+        while monotonicNanoseconds() < deadline {
+            most = max(most, try broker.descriptorCount() - before)
+            #expect(try root.status().clients == 2)
+        }
+        #expect(most <= 64 + 64 + 1, "the broker held \(most) descriptors for a client that never reads")
+        flooder.closeInput()
+        try flooder.wait()
+        #expect(try broker.waitForDescriptorCount(before) == before)
+    }
+
     @Test("one uid's idle connections stop at its share of the broker's descriptors; root's status and keys keep working")
     func descriptorShare() throws {
         // A broker with 2,048 descriptors: 64 its own, 256 in transit, root 1,728, all other uids
