@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <sched.h>
 #include <time.h>
@@ -348,4 +349,18 @@ int pb_pidfd_exited(int pidfd) {
     int ready = poll(&entry, 1, 0);
     if (ready < 0) return -1;
     return ready > 0 ? 1 : 0;
+}
+
+long pb_eventfd_read_nowait(int fd, uint64_t *value) {
+    struct iovec io = { value, sizeof *value };
+    return (long)preadv2(fd, &io, 1, -1, RWF_NOWAIT);
+}
+
+int pb_eventfd_signal_if_room(int fd) {
+    struct pollfd entry = { .fd = fd, .events = POLLOUT };
+    int ready = poll(&entry, 1, 0);
+    if (ready < 0) return -1;
+    if (ready == 0 || !(entry.revents & POLLOUT)) return 0;
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one ? 1 : -1;
 }

@@ -18,12 +18,6 @@ extension Descriptor {
         _ = try syscallRetrying { lseek(rawValue, off_t(offset), SEEK_SET) }
     }
 
-    /// Adds `value` to an eventfd's counter: one 8-byte `write`.
-    package borrowing func addToEventCounter(_ value: UInt64 = 1) throws(Errno) {
-        var value = value
-        _ = try syscallRetrying { Glibc.write(rawValue, &value, 8) }
-    }
-
     /// Reads and throws away up to `maximumPackets` packets waiting on a socket, without
     /// blocking (`recv(MSG_DONTWAIT)` into a small buffer); returns how many there were.
     @discardableResult

@@ -138,3 +138,25 @@ package struct TerminationSignals: ~Copyable {
         return signal < 0 ? nil : signal
     }
 }
+
+/// Reads (resets) an eventfd whose open file description others may share, without ever
+/// blocking: `preadv2(RWF_NOWAIT)` ignores `O_NONBLOCK`, which whoever else holds the
+/// description could have cleared. Returns 0 when the counter is zero.
+package func drainSharedEventCounter(_ fd: CInt) throws(Errno) -> UInt64 {
+    var value: UInt64 = 0
+    let result = pb_eventfd_read_nowait(fd, &value)
+    if result < 0 {
+        let error = Errno(rawValue: errno)
+        if error == .resourceTemporarilyUnavailable { return 0 }
+        throw error
+    }
+    return value
+}
+
+/// Adds 1 to an eventfd whose open file description others may share, only when that cannot
+/// block now: a full counter means its reader is woken already, so nothing is lost by skipping.
+/// (Between the check and the write another holder could fill the counter and clear
+/// `O_NONBLOCK`; the window is a few instructions wide.)
+package func signalSharedEventCounter(_ fd: CInt) {
+    _ = pb_eventfd_signal_if_room(fd)
+}

@@ -349,8 +349,7 @@ public final class CapsClient: @unchecked Sendable {
     private func wakeService() {
         SharedWord.fence()
         if SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)) != 0 {
-            var one: UInt64 = 1
-            _ = Glibc.write(serviceWake.rawValue, &one, 8)
+            signalSharedEventCounter(serviceWake.rawValue)
         }
     }
 
@@ -492,10 +491,9 @@ public final class CapsClient: @unchecked Sendable {
 }
 
 extension EventCounter {
-    /// Reads (resets) a non-blocking eventfd owned elsewhere.
+    /// Reads (resets) an eventfd whose open file description the peer shares, never blocking
+    /// (the peer could have cleared `O_NONBLOCK` on it).
     static func drain(_ fd: CInt) throws(Errno) -> UInt64 {
-        var value: UInt64 = 0
-        _ = try syscallRetrying { Glibc.read(fd, &value, 8) }
-        return value
+        try drainSharedEventCounter(fd)
     }
 }

@@ -326,8 +326,7 @@ public final class CapsService: @unchecked Sendable {
             Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
         }
         if SharedWord.load(channel.word32(CapsLayout.clientWatchingOffset)) != 0 {
-            var one: UInt64 = 1
-            _ = Glibc.write(client.clientWake.rawValue, &one, 8)
+            signalSharedEventCounter(client.clientWake.rawValue)
         }
     }
 

@@ -114,7 +114,7 @@ final class CapsChannelRecord {
         // it blocking and filled its counter: make it non-blocking again right before writing.
         // (A full counter means the client is already woken; EAGAIN is fine.)
         try? clientWake.setNonblocking(true)
-        try? clientWake.addToEventCounter(1)
+        signalSharedEventCounter(clientWake.rawValue)
     }
 
     func markClientClosed() {
