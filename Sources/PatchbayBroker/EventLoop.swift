@@ -59,10 +59,6 @@ final class EventLoop {
         try? epoll.remove(descriptor)
     }
 
-    func isRegistered(_ descriptor: CInt) -> Bool {
-        tokenByDescriptor[descriptor] != nil
-    }
-
     /// Waits up to `timeoutMilliseconds` (-1: forever) and hands each ready descriptor's owner
     /// and events to `body`. The owner is looked up as each event is handled, so a registration
     /// an earlier event in the batch removed is skipped.

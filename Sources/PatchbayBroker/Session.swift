@@ -73,11 +73,11 @@ final class Session {
     }
 
     /// Sends now if the socket takes it, else queues. A queued frame holds a duplicate of each
-    /// attachment, charged to the session's uid, so it does not depend on the original staying
-    /// open. Only the frame count has a hard limit here: the byte and descriptor bounds stop the
+    /// attachment, charged to `payer` (the session's own uid unless someone else caused the frame),
+    /// so it does not depend on the original staying open. Only the frame count has a hard limit here: the byte and descriptor bounds stop the
     /// broker reading requests (see `isBackedUp`), they never drop a reply.
     func send(_ bytes: [UInt8], attaching attachments: [CInt], tag: UInt64? = nil, limits: QueueLimits,
-              budget: DescriptorBudget) -> SendOutcome
+              budget: DescriptorBudget, payer: UInt32? = nil) -> SendOutcome
     {
         if outgoing.isEmpty {
             do {
@@ -94,7 +94,7 @@ final class Session {
         for attachment in attachments {
             let charge: DescriptorCharge
             do {
-                charge = try DescriptorCharge(1, to: credentials.uid, in: budget, for: "a reply waiting to be read")
+                charge = try DescriptorCharge(1, to: payer ?? credentials.uid, in: budget, for: "a reply waiting to be read")
             } catch {
                 return .refused(error.reason)
             }

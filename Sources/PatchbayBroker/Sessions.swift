@@ -116,10 +116,12 @@ final class SessionTable {
     }
 
     /// Sends `bytes` (and a copy of each attachment) to `session`, queueing while its socket is
-    /// full.
+    /// full. The copies a queued frame holds are charged to `payer`: the session's uid, unless
+    /// another client caused the frame (a CAPS connection notice is its client's doing).
     @discardableResult
-    func send(_ bytes: [UInt8], attaching attachments: [CInt] = [], tag: UInt64? = nil, to session: Session) -> Delivery {
-        switch session.send(bytes, attaching: attachments, tag: tag, limits: limits, budget: budget) {
+    func send(_ bytes: [UInt8], attaching attachments: [CInt] = [], tag: UInt64? = nil, to session: Session,
+              chargedTo payer: UInt32? = nil) -> Delivery {
+        switch session.send(bytes, attaching: attachments, tag: tag, limits: limits, budget: budget, payer: payer) {
         case .sent:
             return .underway
         case .queued:

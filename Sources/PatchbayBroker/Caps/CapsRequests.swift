@@ -91,7 +91,7 @@ final class CapsRequests: SessionClosedHook {
             let delivery = sessions.send(event.encode(),
                                          attaching: [connection.channel.rawValue, connection.serviceWake.rawValue,
                                                      connection.clientWake.rawValue, connection.serviceEnd.rawValue],
-                                         tag: channelID, to: serviceSession)
+                                         tag: channelID, to: serviceSession, chargedTo: credentials.uid)
             guard delivery == .underway else {
                 abandon(client)
                 sessions.fail(RequestError(errno: .resourceTemporarilyUnavailable,

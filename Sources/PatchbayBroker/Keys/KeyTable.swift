@@ -153,8 +153,10 @@ final class KeyTable {
         do throws(RequestError) {
             deadline = try admitShare(expiry: expiry, sharer: sharer, now: now)
             if case .pid(let pid)? = restriction {
-                process = try watch(pid, for: sharer)
+                process = try watch(pid)
             }
+            // Charged once every check has passed: the file, and the pidfd of a pid restriction.
+            try budget?.charge(process == nil ? 1 : 2, to: sharer.uid, for: "another key's file")
         } catch {
             DeferredCloser.shared.close(file)
             throw error
@@ -177,25 +179,16 @@ final class KeyTable {
         return token
     }
 
-    /// A handle on the process a key is restricted to, charged to the sharer; ESRCH if it is not
-    /// running (a pid no process has could only ever let a stranger claim).
-    private func watch(_ pid: Int32, for sharer: PeerCredentials) throws(RequestError) -> ProcessHandle {
-        let process: ProcessHandle
+    /// A handle on the process a key is restricted to; ESRCH if it is not running (a pid no
+    /// process has could only ever let a stranger claim).
+    private func watch(_ pid: Int32) throws(RequestError) -> ProcessHandle {
         do {
             guard pid > 0 else { throw Errno.noSuchProcess }
-            process = try ProcessHandle(pid: pid)
+            return try ProcessHandle(pid: pid)
         } catch {
-            budget?.release(1, from: sharer.uid)
             throw RequestError(errno: .noSuchProcess,
                                reason: "there is no process \(pid) to restrict the key to; a pid restriction names a running process")
         }
-        do {
-            try budget?.charge(1, to: sharer.uid, for: "the process a key is restricted to")
-        } catch {
-            budget?.release(1, from: sharer.uid)
-            throw error
-        }
-        return process
     }
 
     /// The new key's deadline, or EINVAL (timeout not positive) or EDQUOT (the sharer's quota).
@@ -213,7 +206,6 @@ final class KeyTable {
             throw RequestError(errno: .diskQuotaExceeded,
                                reason: "uid \(sharer.uid) already has \(owned) outstanding keys, the limit")
         }
-        try budget?.charge(1, to: sharer.uid, for: "another key's file")
         return deadline
     }
 

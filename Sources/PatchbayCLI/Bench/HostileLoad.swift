@@ -95,7 +95,8 @@ struct HostileLoad {
         writeStandardOutput("honest client errors: " + (errors.isEmpty ? "none" : errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")) + "\n")
         writeStandardOutput("broker: RSS \(idleRSS) KiB idle, \(peakRSS) KiB peak, \(Bench.residentKilobytes(scratch.pid)) KiB after; "
             + "descriptors \(idleDescriptors) idle, \(peakDescriptors) peak, \(descriptorsAfter) after\n")
-        if !errors.isEmpty { throw ExitCode(1) }
+        // A worker that did not run to its end made no flood worth the name: the run failed too.
+        if !errors.isEmpty || termination != .exited(0) { throw ExitCode(1) }
     }
 }
 
@@ -108,10 +109,7 @@ struct HostileWorkerCommand: ParsableCommand {
     @Option var connections: Int
 
     func run() throws {
-        var limit = rlimit()
-        getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-        limit.rlim_cur = limit.rlim_max
-        setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        DescriptorLimit.raiseToMaximum()
         var refusals: [String: Int] = [:]
         func refused(_ error: PatchbayError) { refusals[error.errno.name, default: 0] += 1 }
 

@@ -45,10 +45,7 @@ struct LoadCommand: ParsableCommand {
             try HostileLoad(seconds: seconds, connections: clients).run()
             return
         }
-        var limit = rlimit()
-        getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-        limit.rlim_cur = limit.rlim_max
-        setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        DescriptorLimit.raiseToMaximum()
         let load = try LoadRun()
         defer { load.stop() }
         try load.run(clients: clients, seconds: seconds, threads: threads, slowClient: !noSlowClient)

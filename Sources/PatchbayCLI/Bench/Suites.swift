@@ -254,10 +254,7 @@ extension Bench {
         let count = iterations(20_000)
         let broker = try Broker(socketPath: socketPath)
         let alone = try measure(count) { _ = try broker.localSocketPath("bench") }
-        var limit = rlimit()
-        getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-        limit.rlim_cur = limit.rlim_max
-        setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+        DescriptorLimit.raiseToMaximum()
         let before = Bench.residentKilobytes(brokerPID)
         var idle: [Broker] = []
         for _ in 0..<999 { idle.append(try Broker(socketPath: socketPath)) }
