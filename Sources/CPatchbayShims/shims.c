@@ -59,6 +59,51 @@ int pb_accept4(int fd, int nonblock) {
     return accept4(fd, NULL, NULL, SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
 }
 
+// A bounded accept. O_NONBLOCK lives in the open file description, which a client holding a copy
+// of the listener can clear at any moment, so the flag alone cannot keep the broker from waiting.
+// A flag found cleared is reported (ETIMEDOUT) without accepting; a flag cleared between that
+// check and the accept is caught by a per-thread timer aimed at this thread (SIGEV_THREAD_ID)
+// whose handler is installed without SA_RESTART, so the accept ends in EINTR, reported the same.
+static void pb_interrupt_only(int signo) { (void)signo; }
+
+static _Thread_local timer_t pb_accept_timer;
+static _Thread_local int pb_accept_timer_made;
+
+static int pb_accept_interrupt_signal(void) { return SIGRTMIN + 6; }
+
+int pb_accept_bounded(int fd, long timeout_us) {
+    if (!pb_accept_timer_made) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_handler = pb_interrupt_only;
+        sigemptyset(&action.sa_mask);
+        if (sigaction(pb_accept_interrupt_signal(), &action, NULL) != 0) return -1;
+        struct sigevent event;
+        memset(&event, 0, sizeof event);
+        event.sigev_notify = SIGEV_THREAD_ID;
+        event.sigev_signo = pb_accept_interrupt_signal();
+        event._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+        if (timer_create(CLOCK_MONOTONIC, &event, &pb_accept_timer) != 0) return -1;
+        pb_accept_timer_made = 1;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -1;
+    if (!(flags & O_NONBLOCK)) {
+        (void)fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    struct itimerspec arm = {.it_value = {.tv_sec = timeout_us / 1000000, .tv_nsec = (timeout_us % 1000000) * 1000L}};
+    struct itimerspec disarm = {0};
+    if (timer_settime(pb_accept_timer, 0, &arm, NULL) != 0) return -1;
+    int accepted = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+    int saved = errno;
+    (void)timer_settime(pb_accept_timer, 0, &disarm, NULL);
+    if (accepted < 0 && saved == EINTR) saved = ETIMEDOUT;
+    errno = saved;
+    return accepted;
+}
+
 int pb_getrandom(void *buffer, size_t length) {
     size_t done = 0;
     while (done < length) {

@@ -28,6 +28,10 @@ struct NetCommand: ParsableCommand {
         @Option(help: "seqpacket, stream or dgram.")
         var type: Socket.Kind = .seqpacket
 
+        @Option(help: ArgumentHelp("Permission bits of the name's socket file, in octal (default 0666 on a system broker, 0600 on a per-user one).",
+                                   valueName: "octal"))
+        var mode: String?
+
         @Flag(help: "Send everything back.")
         var echo = false
 
@@ -35,6 +39,7 @@ struct NetCommand: ParsableCommand {
         var exec: [String] = []
 
         func validate() throws {
+            if let mode, NetCommand.parsedMode(mode) == nil { throw ValidationError("--mode takes octal permission bits from 0 to 0777, not \"\(mode)\"") }
             guard echo != !exec.isEmpty else { throw ValidationError("give exactly one of --echo and --exec COMMAND") }
             guard !(type == .dgram && !exec.isEmpty) else { throw ValidationError("--exec needs connections; dgram has none") }
         }
@@ -47,7 +52,7 @@ struct NetCommand: ParsableCommand {
                 return
             }
             let listener = attempt(command) { () throws(PatchbayError) -> Socket in
-                try Socket.listen(broker, name: name, type: type)
+                try Socket.listen(broker, name: name, type: type, mode: mode.flatMap(NetCommand.parsedMode))
             }
             while true {
                 let connection: Socket
@@ -70,7 +75,7 @@ struct NetCommand: ParsableCommand {
         private func serveDatagrams(_ broker: Broker) -> PatchbayError? {
             do {
                 var socket = try Socket.open(broker, type: .dgram)
-                try socket.bind(name)
+                if let mode = mode.flatMap(NetCommand.parsedMode) { try socket.bind(name, mode: mode) } else { try socket.bind(name) }
                 try socket.openData()
                 var buffer = [UInt8](repeating: 0, count: 65536)
                 while true {
@@ -85,6 +90,13 @@ struct NetCommand: ParsableCommand {
                 return error
             }
         }
+    }
+
+    /// Octal permission bits, 0 to 0777.
+    static func parsedMode(_ text: String) -> UInt32? {
+        guard (1...4).contains(text.utf8.count), text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x37 }),
+              let value = UInt32(text, radix: 8), value <= 0o777 else { return nil }
+        return value
     }
 
     struct Connect: ParsableCommand {

@@ -18,7 +18,8 @@ public struct OpenFlags: OptionSet, Sendable, Hashable {
 public enum OpenedObjectKind: UInt8, Sendable {
     /// `/dev/shmem/new`: the memfd.
     case anonymousSharedMemory = 1
-    /// A `/net` factory: the socket's handle (the socket lives while a copy of it is open).
+    /// A `/net` factory: the socket's handle (the socket lives while a copy of it is open), then
+    /// its kernel socket, on which the client itself calls `listen` and `connect`.
     case socket = 2
     /// `/net/<family>/<id>/data`: the kernel socket.
     case socketData = 3
@@ -27,7 +28,7 @@ public enum OpenedObjectKind: UInt8, Sendable {
     /// `/net/<family>/addrs`: a read-only memfd holding the bound names, one per line.
     case addressList = 5
 
-    public var descriptorCount: Int { self == .acceptedSocket ? 2 : 1 }
+    public var descriptorCount: Int { self == .acceptedSocket || self == .socket ? 2 : 1 }
 }
 
 extension Request {

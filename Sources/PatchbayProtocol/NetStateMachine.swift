@@ -54,3 +54,97 @@ public func isValidLocalSocketName(_ name: some StringProtocol) -> Bool {
             || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
     }
 }
+
+/// One `ctl` command, its arguments checked.
+public enum NetControlStep: Sendable, Equatable {
+    /// `bind NAME [MODE]`: MODE is the octal permission of the name's socket file.
+    case bind(name: String, mode: UInt32?)
+    /// `listen [BACKLOG]`.
+    case listen(backlog: Int32?)
+    /// `connect NAME`.
+    case connect(name: String)
+
+    public var command: NetCommand {
+        switch self {
+        case .bind: .bind
+        case .listen: .listen
+        case .connect: .connect
+        }
+    }
+
+    /// The command as a line of its own.
+    public var line: String {
+        switch self {
+        case .bind(let name, let mode): mode.map { "bind \(name) 0\(String($0, radix: 8))" } ?? "bind \(name)"
+        case .listen(let backlog): backlog.map { "listen \($0)" } ?? "listen"
+        case .connect(let name): "connect \(name)"
+        }
+    }
+}
+
+/// A `ctl` line that does not parse: EINVAL, with the reason.
+public struct NetControlSyntaxError: Error, Sendable, Equatable {
+    public var reason: String
+}
+
+/// The `ctl` line grammar, shared by the broker and the library: commands joined by `&&`, words
+/// separated by blanks. The whole line is checked here before anything runs.
+public enum NetControlLine {
+    /// The default backlog of `listen`.
+    public static let defaultBacklog: Int32 = 128
+
+    public static func parse(_ line: String) throws(NetControlSyntaxError) -> [NetControlStep] {
+        var steps: [NetControlStep] = []
+        for part in line.split(separator: "&&", omittingEmptySubsequences: false) {
+            let words = part.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+            guard let word = words.first else {
+                throw NetControlSyntaxError(reason: "empty command in \"\(line.prefix(120))\"")
+            }
+            guard let command = NetCommand(rawValue: String(word)) else {
+                throw NetControlSyntaxError(reason: "unknown command \"\(word.prefix(40))\"; the commands are bind, listen and connect")
+            }
+            let arguments = words.dropFirst()
+            switch command {
+            case .bind:
+                guard (1...2).contains(arguments.count) else {
+                    throw NetControlSyntaxError(reason: "bind takes a name and an optional octal mode, e.g. \"bind my-service 0660\"")
+                }
+                let name = try localName(arguments.first!)
+                var mode: UInt32?
+                if arguments.count == 2 {
+                    let text = arguments.last!
+                    guard text.utf8.count <= 4, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x37 }), let value = UInt32(text, radix: 8), value <= 0o777 else {
+                        throw NetControlSyntaxError(reason: "the mode must be octal permission bits from 0 to 0777, not \"\(text.prefix(20))\"")
+                    }
+                    mode = value
+                }
+                steps.append(.bind(name: name, mode: mode))
+            case .listen:
+                guard arguments.count <= 1 else {
+                    throw NetControlSyntaxError(reason: "listen takes at most one backlog number")
+                }
+                var backlog: Int32?
+                if let text = arguments.first {
+                    guard let value = Int32(text), value > 0 else {
+                        throw NetControlSyntaxError(reason: "the backlog must be a positive number, not \"\(text.prefix(20))\"")
+                    }
+                    backlog = value
+                }
+                steps.append(.listen(backlog: backlog))
+            case .connect:
+                guard arguments.count == 1 else {
+                    throw NetControlSyntaxError(reason: "connect takes one name, e.g. \"connect my-service\"")
+                }
+                steps.append(.connect(name: try localName(arguments.first!)))
+            }
+        }
+        return steps
+    }
+
+    private static func localName(_ word: Substring) throws(NetControlSyntaxError) -> String {
+        guard isValidLocalSocketName(word) else {
+            throw NetControlSyntaxError(reason: "\"\(word.prefix(80))\" is not a local name: use 1 to 64 of A-Z a-z 0-9 . _ - (not . or ..)")
+        }
+        return String(word)
+    }
+}

@@ -32,3 +32,8 @@ package func removeFile(atPath path: String) throws(Errno) {
 package func changeMode(atPath path: String, to mode: UInt32) throws(Errno) {
     _ = try syscallRetrying { chmod(path, mode) }
 }
+
+/// Gives the file at `path` itself (a final symlink is not followed) to `uid`:`gid` (`lchown`).
+package func changeOwner(atPath path: String, uid: UInt32, gid: UInt32) throws(Errno) {
+    _ = try syscallRetrying { lchown(path, uid, gid) }
+}

@@ -67,6 +67,83 @@ package struct UnixSocket: ~Copyable {
         }
     }
 
+    /// The credentials the kernel recorded for the other end (`SO_PEERCRED`): on a connected
+    /// socket, the process that connected or listened there; on a listening socket, the process
+    /// that called `listen`.
+    package borrowing func peerCredentials() throws(Errno) -> (pid: Int32, uid: UInt32, gid: UInt32) {
+        try Self.peerCredentials(of: descriptor.rawValue)
+    }
+
+    /// `peerCredentials` of a socket descriptor owned elsewhere.
+    package static func peerCredentials(of fd: CInt) throws(Errno) -> (pid: Int32, uid: UInt32, gid: UInt32) {
+        var raw = pb_ucred()
+        _ = try syscallRetrying { pb_peer_credentials(fd, &raw) }
+        return (raw.pid, raw.uid, raw.gid)
+    }
+
+    /// Whether `listen` was called on the socket (`SO_ACCEPTCONN`).
+    package borrowing func isListening() -> Bool {
+        var value: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        return getsockopt(descriptor.rawValue, SOL_SOCKET, SO_ACCEPTCONN, &value, &length) == 0 && value != 0
+    }
+
+    /// The path of the socket this one is connected to, or nil when it is not connected or the
+    /// peer has no path (`getpeername`).
+    package borrowing func peerPath() -> String? {
+        var storage = sockaddr_un()
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let status = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(descriptor.rawValue, $0, &length) }
+        }
+        guard status == 0 else { return nil }
+        let bytes = withUnsafeBytes(of: storage) { Array($0.prefix(Int(length))) }
+        return Address(bytes: bytes).path
+    }
+
+    /// Accepts one connection on a listener whose open file description others also hold, never
+    /// waiting: `EAGAIN` when none is pending, `ETIMEDOUT` when a holder had switched the listener
+    /// to blocking mode (the flag is set again; an accept that blocked all the same is interrupted
+    /// after `timeoutMicroseconds`). Close-on-exec.
+    package borrowing func acceptWithoutWaiting(timeoutMicroseconds: Int = 200) throws(Errno) -> UnixSocket {
+        let fd = pb_accept_bounded(descriptor.rawValue, timeoutMicroseconds)
+        guard fd >= 0 else { throw Errno.current }
+        return UnixSocket(adopting: Descriptor(adopting: fd))
+    }
+
+    /// listen(2) on a socket descriptor owned elsewhere.
+    package static func listen(on fd: CInt, backlog: Int32) throws(Errno) {
+        _ = try syscallRetrying { Glibc.listen(fd, backlog) }
+    }
+
+    /// connect(2) on a socket descriptor owned elsewhere, never waiting for room in the listener's
+    /// backlog (`EAGAIN` instead): non-blocking for the call only.
+    package static func connectWithoutBlocking(on fd: CInt, path: String) throws(Errno) {
+        var address = try UnixAddress(path: path)
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0 else { throw Errno.current }
+        if flags & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        defer { if flags & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, flags) } }
+        while true {
+            if address.withSockaddr({ Glibc.connect(fd, $0, $1) }) == 0 { return }
+            let error = Errno.current
+            if error != .interrupted { throw error }
+        }
+    }
+
+    /// The path a socket descriptor is bound to, or nil when it is unbound or abstract
+    /// (`getsockname`).
+    package static func localPath(of fd: CInt) -> String? {
+        var storage = sockaddr_un()
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let status = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard status == 0 else { return nil }
+        let bytes = withUnsafeBytes(of: storage) { Array($0.prefix(Int(length))) }
+        return Address(bytes: bytes).path
+    }
+
     /// Accepts one connection (blocking unless the socket is non-blocking), close-on-exec.
     package borrowing func accept() throws(Errno) -> UnixSocket {
         UnixSocket(adopting: Descriptor(adopting: try syscallRetrying { pb_accept4(descriptor.rawValue, 0) }))

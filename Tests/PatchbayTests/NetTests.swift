@@ -83,8 +83,9 @@ struct NetTests {
         let broker = try TestBroker()
         let client = try broker.connect()
         var socket = try Socket.open(client, type: .seqpacket)
-        for (line, fragment) in [("frobnicate", "unknown command \"frobnicate\""), ("bind", "bind takes one name"),
-                                 ("bind a b", "bind takes one name"), ("bind ../etc", "is not a local name"),
+        for (line, fragment) in [("frobnicate", "unknown command \"frobnicate\""), ("bind", "bind takes a name"),
+                                 ("bind a b", "the mode must be octal"), ("bind a 01777", "the mode must be octal"),
+                                 ("bind a 9", "the mode must be octal"), ("bind a 0600 x", "bind takes a name"), ("bind ../etc", "is not a local name"),
                                  ("bind " + String(repeating: "x", count: 65), "is not a local name"),
                                  ("bind ..", "is not a local name"), ("bind ok &&", "empty command"),
                                  ("connect", "connect takes one name")] {
@@ -202,6 +203,85 @@ struct NetTests {
         _ = consume socket
         while try !client.listSockets().isEmpty, monotonicNanoseconds() < deadline { usleep(1_000) }
         #expect(try client.listSockets().isEmpty)
+    }
+
+    @Test("the broker never listens or connects for a client: both ends' SO_PEERCRED name the client; ctl only confirms the client's own calls")
+    func identityIsTheClients() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var listener = try Socket.open(client, type: .seqpacket)
+        var caller = try Socket.open(client, type: .seqpacket)
+        // A client speaking the protocol that says "listen" or "connect" without making the call
+        // itself is refused: the broker makes neither call for it.
+        let raw = try RawClient(path: broker.socketPath)
+        func control(_ id: UInt64, _ line: String) throws -> ErrorReply? {
+            let answer = try raw.exchange(Request.net(.control(socket: id, command: line)).encode(requestID: 7))
+            guard answer.frame.kind == .error else { return nil }
+            return try ErrorReply.decode(answer.frame)
+        }
+        #expect(try control(listener.id, "bind identity 0600") == nil)
+        let notListening = try control(listener.id, "listen")
+        #expect(notListening?.errno == EINVAL && notListening?.reason.contains("call listen(2)") == true,
+                "\(String(describing: notListening))")
+        #expect(try listener.state() == .bound)
+        try listener.listen()
+        #expect(try listener.state() == .listening)
+        let notConnected = try control(caller.id, "connect identity")
+        #expect(notConnected?.errno == ENOTCONN && notConnected?.reason.contains("call connect(2)") == true,
+                "\(String(describing: notConnected))")
+        #expect(try caller.state() == .new)
+        try caller.connect(to: "identity")
+        let accepted = try listener.accept()
+        // The connection was made by this process, and so was the listen: the broker (another
+        // process) appears on neither side.
+        let seenByListener = try UnixSocket.peerCredentials(of: accepted.dataDescriptor)
+        let seenByCaller = try UnixSocket.peerCredentials(of: caller.dataDescriptor)
+        #expect(seenByListener.pid == getpid() && seenByCaller.pid == getpid())
+        #expect(seenByListener.pid != broker.pid && seenByCaller.pid != broker.pid)
+        // The socket file is the binder's, with the mode it asked for.
+        var info = stat()
+        #expect(lstat(try client.localSocketPath("identity"), &info) == 0)
+        #expect(info.st_uid == getuid() && info.st_mode & 0o777 == 0o600)
+    }
+
+    @Test("a listener's holder that switches it to blocking mode cannot make the broker wait in accept")
+    func blockingListenerCannotStallTheBroker() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let other = try broker.connect()
+        let listener = try Socket.listen(client, name: "tampered", nonblocking: true)
+        let fd = listener.kernelDescriptor
+        // Cleared before the accept: refused, and the flag is set again for the next one.
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+        let refused = expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try listener.accept() }
+        #expect(refused?.reason.contains("blocking mode") == true, "\(String(describing: refused))")
+        #expect(fcntl(fd, F_GETFL) & O_NONBLOCK != 0)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try listener.accept() }
+        // Cleared over and over while accepts arrive: each one ends (EAGAIN or EINVAL) and the
+        // broker keeps serving everyone else.
+        let stop = Atomic<Bool>(false)
+        let stopped = try Pipe()
+        let signal = stopped.writeEnd.rawValue
+        startThread {
+            while !stop.load(ordering: .relaxed) {
+                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            }
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        for _ in 0..<2_000 {
+            do {
+                _ = try listener.accept()
+                Issue.record("an accept succeeded with nothing pending")
+            } catch {
+                #expect(error.errno == .resourceTemporarilyUnavailable || error.errno == .invalidArgument, "\(error)")
+            }
+        }
+        stop.store(true, ordering: .relaxed)
+        var byte: UInt8 = 0
+        _ = try withUnsafeMutableBytes(of: &byte) { raw in Result { () throws(Errno) -> Int in try stopped.readEnd.read(into: raw) } }.get()
+        #expect(try other.status().clients >= 2)
     }
 
     @Test("data before connect is ENOTCONN, at the library and at the broker")

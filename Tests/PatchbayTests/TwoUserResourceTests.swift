@@ -348,3 +348,86 @@ struct TwoUserAccountingTests {
     }
 }
 
+
+@Suite("Two users: /net identity", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserNetTests {
+    func openBroker() throws -> TestBroker {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        return broker
+    }
+
+    /// Waits (bounded) until `name` is LISTENING at the broker.
+    func waitUntilListening(_ name: String, _ root: Broker) throws {
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try !root.listSockets().contains(where: { $0.name == name && $0.state == "LISTENING" }),
+              monotonicNanoseconds() < deadline {
+            usleep(2_000)
+        }
+    }
+
+    @Test("a connection nobody makes through /net reaches a Patchbay-unaware root listener as nobody's process, never as the broker")
+    func connectorIsSeen() throws {
+        let broker = try openBroker()
+        let root = try broker.connect()
+        let path = try root.localSocketPath("root-raw")
+        let listener = try UnixSocket(.seqpacket)
+        try listener.bind(path: path)
+        chmod(path, 0o666)
+        try listener.listen(backlog: 8)
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                    "net", "connect", "root-raw"],
+                              environment: broker.environment)
+        var ready = pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 10_000) == 1)
+        let accepted = try listener.accept()
+        let peer = try accepted.peerCredentials()
+        #expect(peer.uid == otherUID && peer.gid == 65534, "\(peer)")
+        #expect(peer.pid == child.pid && peer.pid != broker.pid, "\(peer)")
+        // The relay ends once its input is done and the connection closes.
+        child.closeInput()
+        _ = consume accepted
+        #expect(try child.wait() == .exited(0))
+    }
+
+    @Test("nobody's listener: its socket file is nobody's, and root's clients, raw or through /net, see nobody's process")
+    func listenerIsSeen() throws {
+        let broker = try openBroker()
+        let root = try broker.connect()
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                    "net", "listen", "nobody-echo", "--echo"],
+                              environment: broker.environment)
+        defer { child.kill(SIGTERM); _ = try? child.wait() }
+        try waitUntilListening("nobody-echo", root)
+        let path = try root.localSocketPath("nobody-echo")
+        var info = stat()
+        #expect(lstat(path, &info) == 0)
+        #expect(info.st_uid == otherUID && info.st_gid == 65534 && info.st_mode & 0o777 == 0o666)
+        // A program that knows nothing of Patchbay.
+        let raw = try UnixSocket(.seqpacket)
+        try raw.connectWithoutBlocking(path: path)
+        let rawPeer = try raw.peerCredentials()
+        #expect(rawPeer.uid == otherUID && rawPeer.pid == child.pid, "\(rawPeer)")
+        // A Patchbay client.
+        let socket = try Socket.connect(root, to: "nobody-echo")
+        let peer = try UnixSocket.peerCredentials(of: socket.dataDescriptor)
+        #expect(peer.uid == otherUID && peer.pid == child.pid && peer.pid != broker.pid, "\(peer)")
+        try socket.send(Array("ping".utf8))
+        #expect(try socket.receive()?.bytes == Array("ping".utf8))
+    }
+
+    @Test("a name bound with mode 0600 keeps other users out at the kernel's own check")
+    func modeKeepsOthersOut() throws {
+        let broker = try openBroker()
+        let root = try broker.connect()
+        let listener = try Socket.listen(root, name: "root-only", mode: 0o600)
+        _ = listener
+        let attempt = try runAsOtherUser(["net", "connect", "root-only"], environment: broker.environment)
+        #expect(attempt.termination == .exited(1))
+        #expect(attempt.standardError.hasPrefix("patchbay: net connect: EACCES: "), "\(attempt.standardError)")
+        // nobody asks for a mode that is not octal permission bits: EINVAL before anything is bound.
+        let badMode = try runAsOtherUser(["net", "listen", "theirs", "--mode", "4777", "--echo"], environment: broker.environment)
+        #expect(badMode.termination != .exited(0))
+        #expect(try root.listSockets().allSatisfy { $0.name != "theirs" })
+    }
+}

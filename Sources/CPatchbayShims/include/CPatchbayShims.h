@@ -40,6 +40,10 @@ int pb_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
 int pb_futex_wake(uint32_t *word, int count);
 
 int pb_accept4(int fd, int nonblock);
+/// accept4(SOCK_CLOEXEC) on a listener that should be non-blocking but whose open file description
+/// others hold: never waits longer than `timeout_us`. ETIMEDOUT when O_NONBLOCK was found cleared
+/// (set again, nothing accepted) or the accept had to be interrupted; EAGAIN when none is pending.
+int pb_accept_bounded(int fd, long timeout_us);
 
 int pb_getrandom(void *buffer, size_t length);
 

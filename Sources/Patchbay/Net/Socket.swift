@@ -1,9 +1,13 @@
 // Sockets through /net (PatchworkOS), as a Swift value.
 //
-// The model: `Socket.open` opens a factory (`/net/local/seqpacket`, ...) and gets a handle and an
-// id; `control("bind x && listen")` writes the socket's ctl file; `accept()` opens its accept
-// file; once connected, the socket's data file is the kernel socket itself, so sending and
+// The model: `Socket.open` opens a factory (`/net/local/seqpacket`, ...) and gets a handle, an id
+// and the kernel socket; `control("bind x && listen")` writes the socket's ctl file; `accept()`
+// opens its accept file; once connected, the kernel socket is the data path, so sending and
 // receiving cost what the kernel costs, and `dataDescriptor` goes straight into poll or epoll.
+//
+// Identity. `listen` and `connect` are made here, by this process, on the kernel socket, and only
+// then confirmed to the broker: the kernel records the credentials of whoever calls them, so a
+// peer's SO_PEERCRED names this process, never the broker.
 // The socket lives while its handle does: dropping the `Socket` (or dying) closes it, releases its
 // name, and lets the peer read end of file.
 
@@ -42,22 +46,29 @@ public struct Socket: ~Copyable {
     /// The socket's handle. The socket lives while a copy of it is open anywhere; reading it
     /// returns the id.
     public let handle: Descriptor
-    /// The kernel socket once `data` is open, else -1.
-    var dataFD: CInt = -1
+    /// The kernel socket (from the factory open or the accept), or -1 for none.
+    var kernelFD: CInt = -1
+    /// Whether the kernel socket carries data yet: connected, accepted, or a bound datagram socket
+    /// whose data file was opened. Before that, data calls are `ENOTCONN`.
+    var dataIsOpen = false
+
+    /// The kernel socket once data flows, else -1.
+    var dataFD: CInt { dataIsOpen ? kernelFD : -1 }
 
     init(broker: Broker, id: UInt64, family: Family, kind: Kind, nonblocking: Bool, handle: consuming PatchbaySystem.Descriptor,
-         data: consuming PatchbaySystem.Descriptor?) {
+         kernel: consuming PatchbaySystem.Descriptor?, dataIsOpen: Bool) {
         self.broker = broker
         self.id = id
         self.family = family
         self.kind = kind
         self.nonblocking = nonblocking
         self.handle = Descriptor(handle)
-        if let data { dataFD = data.release() }
+        if let kernel { kernelFD = kernel.release() }
+        self.dataIsOpen = dataIsOpen && kernelFD >= 0
     }
 
     deinit {
-        if dataFD >= 0 { Glibc.close(dataFD) }
+        if kernelFD >= 0 { Glibc.close(kernelFD) }
     }
 
     // MARK: The model
@@ -69,39 +80,98 @@ public struct Socket: ~Copyable {
         var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(kind.rawValue)",
                                                          flags: nonblocking ? .nonblock : [])))
         guard case .namespace(.open(let objectKind, let id)) = response.reply, objectKind == OpenedObjectKind.socket.rawValue,
-              let handle = response.takeDescriptor()
+              let handle = response.takeDescriptor(), let kernel = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's socket reply is malformed") }
-        return Socket(broker: broker, id: id, family: family, kind: kind, nonblocking: nonblocking, handle: handle, data: nil)
+        return Socket(broker: broker, id: id, family: family, kind: kind, nonblocking: nonblocking, handle: handle,
+                      kernel: kernel, dataIsOpen: false)
     }
 
-    /// Writes a command line to the socket's ctl file: `bind <name>`, `listen [backlog]`,
-    /// `connect <name>`, chained with `&&`. A connected socket gets its data handle at once.
+    /// Writes a command line to the socket's ctl file: `bind <name> [mode]`, `listen [backlog]`,
+    /// `connect <name>`, chained with `&&`. The whole line is checked first; then each command
+    /// runs in order, stopping at the first failure. `listen` and `connect` are made by this
+    /// process on the kernel socket, then confirmed to the broker; a connected socket's data flows
+    /// at once.
     ///
     /// - Throws: `EINVAL` (unknown command, bad argument, a transition the state machine does not
-    ///   allow), `EADDRINUSE`, `ECONNREFUSED` (bound but not listening), `ENOENT` (no such name).
+    ///   allow), `EADDRINUSE`, `ECONNREFUSED` (bound but not listening), `ENOENT` (no such name),
+    ///   `EACCES` (the name's socket file does not let this user connect, or a reserved name),
+    ///   `EAGAIN` (the listener's backlog is full).
     public mutating func control(_ command: String) throws(PatchbayError) {
-        if let data = try Self.control(broker, family: family, socket: id, command, wantData: dataFD < 0) { adoptData(data) }
+        if try Self.control(broker, socket: id, kernel: kernelFD, command) { dataIsOpen = true }
     }
 
-    /// The broker's part of `control`: the command, then (with `wantData`) the data handle of a
-    /// socket the command connected. Returns that handle, owned by the caller.
-    private static func control(_ broker: Broker, family: Family, socket id: UInt64, _ command: String, wantData: Bool)
-        throws(PatchbayError) -> CInt?
-    {
-        _ = try broker.call(.net(.control(socket: id, command: command)))
-        guard wantData, (try? state(broker, socket: id)) == .connected else { return nil }
-        return try openData(broker, family: family, socket: id)
+    /// `control`, on a socket known by its id and kernel socket. Returns whether a command
+    /// connected the socket.
+    private static func control(_ broker: Broker, socket id: UInt64, kernel: CInt, _ line: String) throws(PatchbayError) -> Bool {
+        let steps: [NetControlStep]
+        do {
+            steps = try NetControlLine.parse(line)
+        } catch {
+            throw PatchbayError(.invalidArgument, error.reason)
+        }
+        var connected = false
+        for step in steps {
+            switch step {
+            case .bind:
+                break
+            case .listen(let backlog):
+                try listen(kernel, socket: id, backlog: backlog ?? NetControlLine.defaultBacklog)
+            case .connect(let name):
+                try connect(kernel, socket: id, to: name, path: try broker.localSocketPath(name))
+                connected = true
+            }
+            _ = try broker.call(.net(.control(socket: id, command: step.line)))
+        }
+        return connected
+    }
+
+    /// listen(2) on the kernel socket, which must be bound first (an unbound one would be given an
+    /// abstract address by the kernel).
+    private static func listen(_ kernel: CInt, socket id: UInt64, backlog: Int32) throws(PatchbayError) {
+        guard UnixSocket.localPath(of: kernel) != nil else {
+            throw PatchbayError(.invalidArgument, "socket \(id) is not bound; bind it before it listens")
+        }
+        do {
+            try UnixSocket.listen(on: kernel, backlog: backlog)
+        } catch {
+            throw PatchbayError(error == .notSupportedOnSocket ? .invalidArgument : error,
+                                error == .notSupportedOnSocket ? "datagram sockets do not listen" : "listen failed")
+        }
+    }
+
+    /// connect(2) on the kernel socket, without waiting for room in the listener's backlog.
+    private static func connect(_ kernel: CInt, socket id: UInt64, to name: String, path: String) throws(PatchbayError) {
+        do {
+            try UnixSocket.connectWithoutBlocking(on: kernel, path: path)
+        } catch {
+            let reason = switch error {
+            case .connectionRefused: "\(name) is bound but nobody is listening there"
+            case .noSuchFileOrDirectory: "nothing is bound to the name \(name)"
+            case .resourceTemporarilyUnavailable: "\(name)'s backlog is full; try again"
+            case .protocolWrongTypeForSocket: "\(name) is a socket of another type"
+            case .permissionDenied: "the socket file of \(name) does not let this user connect"
+            case .socketIsConnected, .invalidArgument: "socket \(id) is already connected or listening"
+            default: "cannot connect to \(name): \(error.name)"
+            }
+            throw PatchbayError(error == .socketIsConnected ? .invalidArgument : error, reason)
+        }
     }
 
     /// `control("bind <name>")`.
     public mutating func bind(_ name: String) throws(PatchbayError) { try control("bind \(name)") }
+
+    /// `control("bind <name> <mode>")`: the name's socket file gets `mode` (octal permission
+    /// bits, e.g. `0o660`) and belongs to this user.
+    public mutating func bind(_ name: String, mode: UInt32) throws(PatchbayError) {
+        try control(NetControlStep.bind(name: name, mode: mode).line)
+    }
 
     /// `control("listen [backlog]")`.
     public mutating func listen(backlog: Int? = nil) throws(PatchbayError) {
         try control(backlog.map { "listen \($0)" } ?? "listen")
     }
 
-    /// `control("connect <name>")`; the data handle opens at once.
+    /// `control("connect <name>")`: this process connects; data flows at once.
     public mutating func connect(to name: String) throws(PatchbayError) { try control("connect \(name)") }
 
     /// Opens the socket's data file: the kernel socket. Done for you when a socket connects or is
@@ -112,17 +182,19 @@ public struct Socket: ~Copyable {
         adoptData(try Self.openData(broker, family: family, socket: id))
     }
 
+    /// The kernel socket as the data path: `data`'s descriptor (the same socket) replaces it.
+    private mutating func adoptData(_ data: CInt) {
+        if kernelFD >= 0 { Glibc.close(kernelFD) }
+        kernelFD = data
+        dataIsOpen = true
+    }
+
     private static func openData(_ broker: Broker, family: Family, socket id: UInt64) throws(PatchbayError) -> CInt {
         var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: [])))
         guard case .namespace(.open) = response.reply, let data = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's data reply carried no descriptor")
         }
         return data.release()
-    }
-
-    private mutating func adoptData(_ data: CInt) {
-        if dataFD >= 0 { Glibc.close(dataFD) }
-        dataFD = data
     }
 
     /// Opens the socket's accept file: waits for one connection (or `EAGAIN` when non-blocking
@@ -145,7 +217,7 @@ public struct Socket: ~Copyable {
               let newHandle = response.takeDescriptor(), let data = response.takeDescriptor()
         else { throw PatchbayError(.protocolError, "the broker's accept reply is malformed") }
         return Socket(broker: broker, id: newID, family: family, kind: kind, nonblocking: nonblocking,
-                      handle: newHandle, data: data)
+                      handle: newHandle, kernel: data, dataIsOpen: true)
     }
 
     /// The socket's state as the broker knows it.
@@ -162,11 +234,13 @@ public struct Socket: ~Copyable {
 
     // MARK: Conveniences
 
-    /// A listening socket bound to `name`.
+    /// A listening socket bound to `name`; its socket file gets `mode` (octal permission bits)
+    /// when given, else the broker's default (0666 on a system broker, 0600 on a per-user one).
     public static func listen(_ broker: Broker, name: String, type kind: Kind = .seqpacket, backlog: Int? = nil,
-                              nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+                              mode: UInt32? = nil, nonblocking: Bool = false) throws(PatchbayError) -> Socket {
         var socket = try open(broker, type: kind, nonblocking: nonblocking)
-        try socket.control("bind \(name) && " + (backlog.map { "listen \($0)" } ?? "listen"))
+        let bind = NetControlStep.bind(name: name, mode: mode).line
+        try socket.control(bind + " && " + (backlog.map { "listen \($0)" } ?? "listen"))
         return socket
     }
 
@@ -191,11 +265,9 @@ public struct Socket: ~Copyable {
 
     /// `control` without blocking a Swift concurrency thread.
     public mutating func control(_ command: String) async throws(PatchbayError) {
-        let (broker, family, id, wantData) = (broker, family, id, dataFD < 0)
-        if let data = try await broker.offThePool({ () throws(PatchbayError) in
-            try Self.control(broker, family: family, socket: id, command, wantData: wantData)
-        }) {
-            adoptData(data)
+        let (broker, id, kernel) = (broker, id, kernelFD)
+        if try await broker.offThePool({ () throws(PatchbayError) in try Self.control(broker, socket: id, kernel: kernel, command) }) {
+            dataIsOpen = true
         }
     }
 
@@ -238,9 +310,9 @@ public struct Socket: ~Copyable {
 
     /// `listen(_:name:...)` without blocking a Swift concurrency thread.
     public static func listen(_ broker: Broker, name: String, type kind: Kind = .seqpacket, backlog: Int? = nil,
-                              nonblocking: Bool = false) async throws(PatchbayError) -> Socket {
+                              mode: UInt32? = nil, nonblocking: Bool = false) async throws(PatchbayError) -> Socket {
         try await broker.offThePool { () throws(PatchbayError) in
-            try listen(broker, name: name, type: kind, backlog: backlog, nonblocking: nonblocking)
+            try listen(broker, name: name, type: kind, backlog: backlog, mode: mode, nonblocking: nonblocking)
         }
     }
 

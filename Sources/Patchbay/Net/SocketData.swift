@@ -9,6 +9,12 @@ extension Socket {
     /// is open. Owned by this `Socket`.
     public var dataDescriptor: CInt { dataFD }
 
+    /// The kernel socket itself, from the factory open on (owned by this `Socket`): `listen` and
+    /// `connect` are made on it by this process, and socket options set on it (`SO_SNDBUF`,
+    /// `SO_PASSCRED`, ...) apply to the connection. The broker holds the same open file
+    /// description: it never waits on it, whatever flags are set here.
+    public var kernelDescriptor: CInt { kernelFD }
+
     /// Sends one message (one packet on seqpacket and dgram). Never raises SIGPIPE.
     ///
     /// - Throws: `ENOTCONN` before connect, `EPIPE` when the peer is gone, `EAGAIN` when

@@ -50,10 +50,9 @@ final class NetRequests: SessionClosedHook {
         let caller = context.caller
         switch target {
         case .netFactory(let familyName, let type):
-            let opened = try table.create(family: try family(familyName), type: type, caller: caller)
-            watchHandle(opened.socket)
-            sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.socket.rawValue, id: opened.socket.id)),
-                           attaching: [opened.clientHandle.rawValue], to: context)
+            // The handle, then the kernel socket: the client calls listen(2) and connect(2) on it
+            // itself, so the kernel records the client's credentials, never the broker's.
+            deliver(try table.create(family: try family(familyName), type: type, caller: caller), as: .socket, to: context.parked)
         case .netData(let familyName, let id):
             _ = try family(familyName)
             let data = try table.openData(id, caller: caller)
@@ -67,7 +66,7 @@ final class NetRequests: SessionClosedHook {
         case .netAccept(let familyName, let id):
             _ = try family(familyName)
             if let opened = try table.acceptNow(id, caller: caller) {
-                deliver(opened, as: context.parked)
+                deliver(opened, as: .acceptedSocket, to: context.parked)
                 return
             }
             guard !nonblock else {
@@ -102,16 +101,15 @@ final class NetRequests: SessionClosedHook {
         }
     }
 
-    /// Hands an accepted connection (its handle, then its kernel socket) to the accepting client.
-    /// Should the reply not get out, the client's handle closes here and the broker's end sees
-    /// the hang-up: the connection closes like any other.
-    private func deliver(_ opened: consuming NetOpened, as request: ParkedRequest) {
+    /// Hands a new socket or an accepted connection (its handle, then its kernel socket) to the
+    /// client. Should the reply not get out, the client's handle closes here and the broker's end
+    /// sees the hang-up: the socket closes like any other.
+    private func deliver(_ opened: consuming NetOpened, as kind: OpenedObjectKind, to request: ParkedRequest) {
         watchHandle(opened.socket)
         // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
         var fds = [opened.clientHandle.rawValue]
         if let data = opened.data?.rawValue { fds.append(data) }
-        sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.acceptedSocket.rawValue, id: opened.socket.id)),
-                       attaching: fds, to: request)
+        sessions.reply(.namespace(.open(objectKind: kind.rawValue, id: opened.socket.id)), attaching: fds, to: request)
     }
 
     // MARK: Readiness
@@ -155,7 +153,7 @@ final class NetRequests: SessionClosedHook {
             do {
                 guard let opened = try table.acceptPending(listener, owner: session.credentials) else { break }
                 listener.waitingAccepts.removeFirst()
-                deliver(opened, as: waiting)
+                deliver(opened, as: .acceptedSocket, to: waiting)
             } catch {
                 listener.waitingAccepts.removeFirst()
                 sessions.fail(error, waiting)

@@ -170,7 +170,10 @@ final class NetTable {
             let kernel = try UnixSocket(type.kernelKind)
             // Unbound datagram senders get an autobound address, so a datagram peer can answer.
             if type == .dgram { try kernel.enableCredentialPassing() }
-            return try adopt(kernel, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
+            let data = try duplicateDescriptor(kernel.rawValue)
+            var opened = try adopt(kernel, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
+            opened.data = consume data
+            return opened
         } catch let error as RequestError {
             throw error
         } catch {
@@ -242,9 +245,13 @@ final class NetTable {
                 connection = held
             } else {
                 do {
-                    connection = try listener.kernel.accept()
+                    connection = try listener.kernel.acceptWithoutWaiting()
                 } catch {
                     if error == .resourceTemporarilyUnavailable { return nil }
+                    if error == .timedOut {
+                        throw RequestError(errno: .invalidArgument,
+                                           reason: "socket \(listener.id)'s kernel socket was switched to blocking mode by one of its holders; the broker accepts only on a non-blocking listener (try again)")
+                    }
                     throw RequestError(errno: error, reason: "accept failed")
                 }
             }
@@ -282,54 +289,38 @@ final class NetTable {
 
     // MARK: ctl
 
-    /// A command handler. With `apply` false it only checks the arguments' syntax, so a line
-    /// with a malformed command anywhere changes nothing.
-    typealias Command = @Sendable (NetTable) -> (NetSocket, [Substring], _ apply: Bool) throws(RequestError) -> Void
-
-    /// The ctl commands: word → handler. Each is one state transition.
-    static let commands: [NetCommand: Command] = [
-        .bind: { $0.bind },
-        .listen: { $0.listen },
-        .connect: { $0.connect },
-    ]
-
-    /// Runs a command line: commands separated by `&&`. The whole line is checked first (unknown
-    /// words, argument counts and syntax: EINVAL, nothing applied); then the commands run in
-    /// order, each only if the previous one succeeded, as in a shell.
+    /// Runs a command line: commands joined by `&&` (NetControlLine). The whole line is checked
+    /// first (unknown words, arguments, reserved names: EINVAL or EACCES, nothing applied); then
+    /// the commands run in order, each only if the previous one succeeded, as in a shell.
+    ///
+    /// The broker never calls `listen` or `connect` itself: the kernel records the credentials of
+    /// whoever does, and every peer would see the broker's. The client makes those calls on the
+    /// kernel socket it got with the socket's handle; `listen` and `connect` here check that it
+    /// did and move the state.
     func control(_ id: UInt64, _ line: String, caller: PeerCredentials) throws(RequestError) {
         let socket = try lookup(id, caller: caller)
-        var steps: [(Command, [Substring])] = []
-        for part in line.split(separator: "&&", omittingEmptySubsequences: false) {
-            let words = part.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
-            guard let word = words.first else {
-                throw RequestError(errno: .invalidArgument, reason: "empty command in \"\(line.prefix(120))\"")
-            }
-            guard let command = NetCommand(rawValue: String(word)), let handler = Self.commands[command] else {
-                throw RequestError(errno: .invalidArgument,
-                                   reason: "unknown command \"\(word.prefix(40))\"; the commands are bind, listen and connect")
-            }
-            let arguments = Array(words.dropFirst())
-            try handler(self)(socket, arguments, false)
-            if command == .bind, let name = arguments.first { try policy.checkTake(.net, name, by: caller) }
-            steps.append((handler, arguments))
+        let steps: [NetControlStep]
+        do {
+            steps = try NetControlLine.parse(line)
+        } catch {
+            throw RequestError(errno: .invalidArgument, reason: error.reason)
         }
-        for (handler, arguments) in steps {
-            try handler(self)(socket, arguments, true)
+        for case .bind(let name, _) in steps { try policy.checkTake(.net, Substring(name), by: caller) }
+        for step in steps {
+            switch step {
+            case .bind(let name, let mode): try bind(socket, name, mode: mode, caller: caller)
+            case .listen: try confirmListening(socket, caller: caller)
+            case .connect(let name): try confirmConnected(socket, to: name)
+            }
         }
     }
 
-    private func bind(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
-        guard arguments.count == 1 else {
-            throw RequestError(errno: .invalidArgument, reason: "bind takes one name, e.g. \"bind my-service\"")
-        }
-        let name = arguments[0]
-        try socket.family.validate(name)
-        guard apply else { return }
+    private func bind(_ socket: NetSocket, _ name: String, mode requested: UInt32?, caller: PeerCredentials) throws(RequestError) {
         guard socket.state.canTransition(to: .bound) else { try socket.transition(to: .bound); return }
-        guard names[String(name)] == nil else {
+        guard names[name] == nil else {
             throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
         }
-        let path = socket.family.path(of: name)
+        let path = socket.family.path(of: Substring(name))
         do {
             try socket.kernel.bind(path: path)
         } catch {
@@ -338,59 +329,50 @@ final class NetTable {
                 : "cannot bind \(name): \(error.name)"
             throw RequestError(errno: error, reason: reason)
         }
-        _ = chmod(path, mode == .system ? 0o666 : 0o600)
+        // The file is the binder's, with the mode it asked for: whoever connects to the name
+        // directly (connect(2), socat) passes the kernel's own permission check on it.
+        let mode = requested ?? (self.mode == .system ? 0o666 : 0o600)
+        do {
+            try changeOwner(atPath: path, uid: caller.uid, gid: caller.gid)
+            try changeMode(atPath: path, to: mode)
+        } catch {
+            try? removeFile(atPath: path)
+            throw RequestError(errno: error, reason: "cannot give the socket file of \(name) its owner and mode")
+        }
         try socket.transition(to: .bound)
-        socket.name = String(name)
+        socket.name = name
         socket.boundFile = fileIdentity(atPath: path)
-        names[String(name)] = socket.id
+        names[name] = socket.id
     }
 
-    private func listen(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
-        guard arguments.count <= 1 else {
-            throw RequestError(errno: .invalidArgument, reason: "listen takes at most one backlog number")
-        }
-        var backlog: CInt = 128
-        if let text = arguments.first {
-            guard let value = CInt(text), value > 0 else {
-                throw RequestError(errno: .invalidArgument, reason: "the backlog must be a positive number, not \"\(text.prefix(20))\"")
-            }
-            backlog = value
-        }
-        guard apply else { return }
+    /// `listen`: the client called listen(2) on the kernel socket; the kernel recorded its
+    /// credentials there, and they must be the caller's uid.
+    private func confirmListening(_ socket: NetSocket, caller: PeerCredentials) throws(RequestError) {
         guard socket.state.canTransition(to: .listening) else { try socket.transition(to: .listening); return }
-        do {
-            try socket.kernel.listen(backlog: backlog)
-            // Only the broker ever accepts on a listener, and it must never wait there.
-            try socket.kernel.descriptor.setNonblocking(true)
-        } catch {
-            let reason = error == .notSupportedOnSocket ? "\(socket.type.rawValue) sockets do not listen" : "listen failed"
-            throw RequestError(errno: error, reason: reason)
+        guard socket.kernel.isListening() else {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "socket \(socket.id) is not listening: call listen(2) on its kernel socket (the second descriptor of its factory open) first")
         }
+        guard let listener = try? socket.kernel.peerCredentials(), listener.uid == caller.uid else {
+            throw RequestError(errno: .permissionDenied, reason: "socket \(socket.id) was put in listening mode by another uid")
+        }
+        // Only the broker accepts through the accept file, and it must never wait there.
+        try? socket.kernel.descriptor.setNonblocking(true)
         try socket.transition(to: .listening)
     }
 
-    private func connect(_ socket: NetSocket, _ arguments: [Substring], apply: Bool) throws(RequestError) {
-        guard arguments.count == 1 else {
-            throw RequestError(errno: .invalidArgument, reason: "connect takes one name, e.g. \"connect my-service\"")
+    /// `connect NAME`: the client called connect(2) on the kernel socket to NAME's socket file.
+    private func confirmConnected(_ socket: NetSocket, to name: String) throws(RequestError) {
+        guard socket.state.canTransition(to: .connecting) else { try socket.transition(to: .connecting); return }
+        let path = socket.family.path(of: Substring(name))
+        guard let peer = socket.kernel.peerPath() else {
+            throw RequestError(errno: .socketNotConnected,
+                               reason: "socket \(socket.id) is not connected: call connect(2) on its kernel socket to \(path) first")
         }
-        let name = arguments[0]
-        try socket.family.validate(name)
-        guard apply else { return }
-        let previous = socket.state
+        guard peer == path else {
+            throw RequestError(errno: .invalidArgument, reason: "socket \(socket.id) is connected to \(peer), not to \(name)")
+        }
         try socket.transition(to: .connecting)
-        do {
-            try socket.kernel.connectWithoutBlocking(path: socket.family.path(of: name))
-        } catch {
-            try socket.transition(to: previous)
-            let reason = switch error {
-            case .connectionRefused: "\(name) is bound but nobody is listening there"
-            case .noSuchFileOrDirectory: "nothing is bound to the name \(name)"
-            case .resourceTemporarilyUnavailable: "\(name)'s backlog is full; try again"
-            case .protocolWrongTypeForSocket: "\(name) is a socket of another type"
-            default: "cannot connect to \(name): \(error.name)"
-            }
-            throw RequestError(errno: error, reason: reason)
-        }
         try socket.transition(to: .connected)
     }
 
