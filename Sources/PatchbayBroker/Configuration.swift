@@ -38,8 +38,10 @@ public struct BrokerConfiguration: Sendable {
     /// Reply bytes queued for all of one uid's clients at which the broker stops reading every
     /// one of them, so many connections cannot add up what one may not hold.
     public var maximumQueuedBytesPerUser: Int = 16 << 20
-    /// Frames queued for a client at which it is disconnected: only events the broker sends on
-    /// its own (CAPS notices) can get there, since requests stop being read long before.
+    /// Frames queued for a client past which events other clients cause (CAPS connection notices)
+    /// are refused, the connecting client getting EAGAIN; the client itself is never disconnected
+    /// for them. Requests stop being read long before replies get there; departure notices (one
+    /// per channel the service was told of) may go past it.
     public var maximumQueuedRepliesPerClient: Int = 4096
     /// How long a client may leave its queue full, not reading at all, before it is disconnected,
     /// in nanoseconds.

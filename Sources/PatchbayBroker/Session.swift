@@ -77,7 +77,7 @@ final class Session {
     /// so it does not depend on the original staying open. Only the frame count has a hard limit here: the byte and descriptor bounds stop the
     /// broker reading requests (see `isBackedUp`), they never drop a reply.
     func send(_ bytes: [UInt8], attaching attachments: [CInt], tag: UInt64? = nil, limits: QueueLimits,
-              budget: DescriptorBudget, payer: UInt32? = nil) -> SendOutcome
+              budget: DescriptorBudget, payer: UInt32? = nil, pastFrameLimit: Bool = false) -> SendOutcome
     {
         if outgoing.isEmpty {
             do {
@@ -89,7 +89,12 @@ final class Session {
                 }
             }
         }
-        guard outgoing.count < limits.frames else { return .failed("client is not reading its replies") }
+        // Events other clients cause stop at the frame limit (refused: the other client is told),
+        // never closing this session for what others did. Only events bounded by other means
+        // (departures: one per channel this session was told of) may queue past it.
+        guard outgoing.count < limits.frames || pastFrameLimit else {
+            return .refused("the client has \(outgoing.count) messages queued, unread")
+        }
         var boxes: [DescriptorBox] = []
         for attachment in attachments {
             let charge: DescriptorCharge

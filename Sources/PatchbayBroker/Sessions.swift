@@ -120,8 +120,9 @@ final class SessionTable {
     /// another client caused the frame (a CAPS connection notice is its client's doing).
     @discardableResult
     func send(_ bytes: [UInt8], attaching attachments: [CInt] = [], tag: UInt64? = nil, to session: Session,
-              chargedTo payer: UInt32? = nil) -> Delivery {
-        switch session.send(bytes, attaching: attachments, tag: tag, limits: limits, budget: budget, payer: payer) {
+              chargedTo payer: UInt32? = nil, pastFrameLimit: Bool = false) -> Delivery {
+        switch session.send(bytes, attaching: attachments, tag: tag, limits: limits, budget: budget, payer: payer,
+                            pastFrameLimit: pastFrameLimit) {
         case .sent:
             return .underway
         case .queued:

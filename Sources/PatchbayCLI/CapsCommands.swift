@@ -50,6 +50,19 @@ struct CapsCommand: ParsableCommand {
                 try CapsService(broker, name: name, uid: uid ?? Int32(bitPattern: geteuid()), gid: gid, access: access,
                                 exclusive: exclusive)
             }
+            // Refused requests (a client past its in-flight limit) are reported once a second
+            // at most, never once per request.
+            startThread {
+                var reported = 0
+                while true {
+                    sleep(1)
+                    let refusals = service.refusals
+                    guard refusals.total > reported else { continue }
+                    let who = refusals.last.map { "; the last from pid \($0.pid), uid \($0.uid)" } ?? ""
+                    writeStandardError("patchbay: caps serve: refused \(refusals.total - reported) requests past a client's limit of \(service.maximumInFlight) in flight\(who)\n")
+                    reported = refusals.total
+                }
+            }
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             while true {
                 let message: CapsServiceMessage

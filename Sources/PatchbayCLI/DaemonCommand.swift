@@ -56,6 +56,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")
     var policyDirectory: String?
 
+    @Option(help: "Messages a client may leave unread before the broker refuses to queue more for it (CAPS connection notices: the connecting client gets EAGAIN).")
+    var maxQueuedMessages = 4096
+
     @Option(help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
     var stuckClientTimeout = "30s"
 
@@ -74,6 +77,7 @@ public struct DaemonCommand: ParsableCommand {
         guard maxKeysPerUid > 0 else { throw ValidationError("--max-keys-per-uid must be positive") }
         guard maxShmObjectsPerUid > 0 else { throw ValidationError("--max-shm-objects-per-uid must be positive") }
         guard maxSocketsPerUid > 0 else { throw ValidationError("--max-sockets-per-uid must be positive") }
+        guard maxQueuedMessages >= 16 else { throw ValidationError("--max-queued-messages must be at least 16") }
         guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
         guard failedClaimsPerSecond.isFinite, failedClaimsPerSecond > 0 else {
@@ -122,6 +126,7 @@ public struct DaemonCommand: ParsableCommand {
             fail("daemon", .invalidArgument, "--max-shm-bytes-per-uid must be positive")
         }
         configuration.maximumSocketsPerUser = maxSocketsPerUid
+        configuration.maximumQueuedRepliesPerClient = maxQueuedMessages
         configuration.maximumServicesPerUser = maxServicesPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst

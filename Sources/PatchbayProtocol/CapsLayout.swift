@@ -81,6 +81,10 @@ public enum CapsEntryKind: UInt32, Sendable {
     case reply = 4
     /// A reply to a request the client aborted: frees the request's space, shown to nobody.
     case discardedReply = 5
+    /// The service's answer to a request past the in-flight limit (more requests read and not
+    /// disposed than the limit the client was given at connect): no payload; the request's space
+    /// is free again and the caller sees `ENOBUFS`.
+    case refused = 6
 }
 
 /// The life of a request entry still in the ring: the client may abort it in place until the

@@ -155,6 +155,53 @@ func capsPutAndHang(_ name: String) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// A client that ignores its in-flight limit: puts `count` requests at once, then waits until the
+/// service has refused every one past the limit, and says how many were refused.
+func capsFlood(_ name: String, _ count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    client.enforcesInFlightLimit = false
+    for index in 0..<count { _ = try client.put(Array("flood \(index)".utf8)) }
+    say("sent \(count) with a limit of \(client.maximumInFlight)")
+    var refused = 0
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while refused < count - client.maximumInFlight {
+        let reply = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
+        }.get()
+        if reply.refused { refused += 1 }
+    }
+    say("refused \(refused)")
+    waitForEndOfInput()
+}
+
+/// Connects `held` clients at once and keeps them, then drops them all, then connects and drops
+/// one `cycles` times; reports how many connects were refused with EAGAIN.
+func capsChurn(_ name: String, held: Int, cycles: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var clients: [CapsClient] = []
+    var refusedHeld = 0
+    for _ in 0..<held {
+        do {
+            clients.append(try CapsClient(broker, name: name))
+        } catch {
+            guard error.errno == .resourceTemporarilyUnavailable else { throw error }
+            refusedHeld += 1
+        }
+    }
+    clients.removeAll()
+    var refusedCycles = 0
+    for _ in 0..<cycles {
+        do {
+            _ = try CapsClient(broker, name: name)
+        } catch {
+            guard error.errno == .resourceTemporarilyUnavailable else { throw error }
+            refusedCycles += 1
+        }
+    }
+    say("held \(held - refusedHeld) refused \(refusedHeld) cycles \(cycles - refusedCycles) refused \(refusedCycles)")
+}
+
 /// A service that reads one request and never answers; killed by the test.
 func capsServiceHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
@@ -317,6 +364,10 @@ func main() -> CInt {
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
         case "caps-put-and-hang" where arguments.count == 2:
             try capsPutAndHang(arguments[1])
+        case "caps-flood" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try capsFlood(arguments[1], Int(arguments[2])!)
+        case "caps-churn" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsChurn(arguments[1], held: Int(arguments[2])!, cycles: Int(arguments[3])!)
         case "caps-service-hang" where arguments.count == 2:
             try capsServiceHang(arguments[1])
         case "caps-fork" where arguments.count == 2:

@@ -431,3 +431,88 @@ struct TwoUserNetTests {
         #expect(try root.listSockets().allSatisfy { $0.name != "theirs" })
     }
 }
+
+@Suite("Two users: CAPS peers", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserCapsPeerTests {
+    @Test("a client of nobody's that ignores its in-flight limit gets refusals (ENOBUFS) past it; root's service holds only the limit")
+    func inFlightLimitAtTheService() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "limited", access: [.world], maximumInFlight: 4)
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-flood", "limited", "20"],
+                              environment: broker.environment)
+        #expect(try child.readLine() == "sent 20 with a limit of 4")
+        var held: [UInt64] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let next = buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsServiceMessage in try service.get(into: raw) }
+            }
+            guard case .success(let message) = next else {
+                if case .failure(let error) = next { #expect(error.errno == .resourceTemporarilyUnavailable, "\(error)") }
+                break
+            }
+            if message.kind == .request { held.append(message.messageID) }
+        }
+        #expect(held.count == 4)
+        #expect(service.refusals.total == 16 && service.refusals.last?.euid == otherUID)
+        #expect(try child.readLine() == "refused 16")
+        // The requests it holds are answered as usual.
+        for id in held { try service.reply(to: id, Array("ok".utf8)) }
+        child.closeInput()
+        #expect(try child.wait() == .exited(0))
+    }
+
+    @Test("connect/disconnect churn by nobody against root's service that does not read its port: refusals for nobody, never a disconnected service")
+    func churnNeverDisconnectsTheService() throws {
+        let broker = try TestBroker(["--system", "--max-queued-messages", "16"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "deaf", access: [.world])
+        let churn = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-churn", "deaf", "600", "600"],
+                              environment: broker.environment)
+        let report = try churn.readLine() ?? ""
+        #expect(try churn.wait() == .exited(0), "\(report)")
+        // Past the limit, connecting clients were refused (EAGAIN, to them); while the service
+        // reads nothing, so is every later one.
+        let numbers = report.split(separator: " ").compactMap { Int($0) }
+        #expect(numbers.count == 4 && numbers[0] >= 16 && numbers[1] > 0 && numbers[2] + numbers[3] == 600, "\(report)")
+        // The service was never disconnected: it is still registered, and once it reads its
+        // notices it serves root.
+        #expect(try root.listServices().contains { $0.name == "deaf" && $0.uid == 0 })
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        func drainNotices() {
+            while (try? buffer.withUnsafeMutableBytes({ raw in
+                Result { () throws(PatchbayError) -> CapsServiceMessage in try service.get(into: raw) }
+            }).get()) != nil {}
+        }
+        var connected: CapsClient?
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while connected == nil, monotonicNanoseconds() < deadline {
+            drainNotices()
+            do {
+                connected = try CapsClient(root, name: "deaf")
+            } catch {
+                #expect(error.errno == .resourceTemporarilyUnavailable, "\(error)")
+                usleep(1_000)
+            }
+        }
+        let client = try #require(connected)
+        let id = try client.put(Array("still here".utf8))
+        while true {
+            let message = try buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+            }.get()
+            if message.kind == .request && message.messageID == id { break }
+        }
+        try service.reply(to: id, Array("yes".utf8))
+        var reply = [UInt8](repeating: 0, count: 64)
+        let answer = try reply.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
+        }.get()
+        #expect(Array(reply[0..<answer.length]) == Array("yes".utf8))
+    }
+}

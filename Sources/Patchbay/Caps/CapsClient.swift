@@ -19,6 +19,10 @@ public struct CapsReply: Sendable {
     public var consumed: Bool
     /// A 0-byte reply made by Patchbay because the service went away before answering.
     public var serviceClosed: Bool
+    /// A 0-byte reply the service sent instead of reading the request, because this connection
+    /// had more requests there than its in-flight limit (never, through this library, which
+    /// stops at the limit with `ENOBUFS` at `put`). `call` throws `ENOBUFS` for it.
+    public var refused = false
     /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
 }
@@ -79,6 +83,9 @@ public final class CapsClient: @unchecked Sendable {
     public let channelID: UInt64
     /// The most requests in flight at once (the service's limit).
     public let maximumInFlight: Int
+    /// Off only in the project's own test peer, to play a client that ignores the limit (the
+    /// service enforces it too, and that is what such a test checks).
+    package var enforcesInFlightLimit = true
 
     private let connection: Mutex<Connection>  // kept open: its closing is how the broker learns we are gone
     private let channel: CapsChannel
@@ -174,7 +181,7 @@ public final class CapsClient: @unchecked Sendable {
                 throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
             }
             flushDisposes()
-            guard inFlight.count < maximumInFlight else {
+            guard inFlight.count < maximumInFlight || !enforcesInFlightLimit else {
                 throw PatchbayError(.noBufferSpace, "\(inFlight.count) requests are in flight, the limit of this service")
             }
             sequence &+= 1
@@ -254,14 +261,19 @@ public final class CapsClient: @unchecked Sendable {
             let mine = try core.lock.locked { () throws(PatchbayError) -> [UInt8]? in
                 if let kept = otherCalls.removeValue(forKey: id) { return kept }
                 var answer: [UInt8]?
+                var refused = false
                 _ = try nextReply(room: nil) { reply, payload in
                     if reply.messageID == id {
                         answer = Array(payload)
+                        refused = reply.refused
                     } else {
                         // Another thread's call: keep its reply for it.
                         otherCalls[reply.messageID] = Array(payload)
                         stashedForOthers = true
                     }
+                }
+                if refused {
+                    throw PatchbayError(.noBufferSpace, "the service refused request \(id): this connection had \(maximumInFlight) requests in flight there")
                 }
                 return answer
             }
@@ -380,6 +392,16 @@ public final class CapsClient: @unchecked Sendable {
                 core.stash.discard(entry, from: direct.rawValue)
                 finish(entry, dispose: entry.kind == .reply)
                 continue
+            }
+            if entry.kind == .refused {
+                guard inFlight[entry.messageID] != nil else {
+                    channel.advance(.reply)  // not a request of ours: dropped
+                    continue
+                }
+                finish(entry, dispose: false)
+                var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
+                refused.refused = true
+                return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
                 // A reply the service could not have written honestly: dropped, never read.

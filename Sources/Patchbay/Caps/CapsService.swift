@@ -79,6 +79,15 @@ public final class CapsService: @unchecked Sendable {
         var aborted: Bool
     }
 
+    /// Requests of other clients refused because they were past the in-flight limit, as
+    /// `refusals` reports them.
+    public struct Refusals: Sendable, Equatable {
+        /// Refused since the port was registered.
+        public var total: Int
+        /// The last client refused.
+        public var last: CapsCredentials?
+    }
+
     private let connection: Connection
     private let status: PatchbaySystem.Mapping
     /// The broker's notices counter (read-only here).
@@ -86,7 +95,12 @@ public final class CapsService: @unchecked Sendable {
     private let epoll: Epoll
     private let cancelEvent: EventCounter
     private let notifyConnections: Bool
+    /// Requests a client may have here, read and not yet disposed of, before the next is refused.
+    public let maximumInFlight: Int
     private let core = CapsPortCore(anew: "register again")
+    /// Per client: requests read and not disposed of (received or replied).
+    private var inFlight: [UInt64: Int] = [:]
+    private var refused = Refusals(total: 0, last: nil)
 
     private var clients: [UInt64: ClientChannel] = [:]
     /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
@@ -114,6 +128,8 @@ public final class CapsService: @unchecked Sendable {
                 maximumInFlight: Int = 128) throws(PatchbayError) {
         self.name = name
         self.notifyConnections = notifyConnections
+        // As the broker gives it to clients: 0 (or less) means 128, more than 256 is 256.
+        self.maximumInFlight = maximumInFlight <= 0 ? 128 : min(maximumInFlight, 256)
         var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
         let flags = CapsFlags(rawValue: access.rawValue).union(exclusive ? .exclusive : []).union(notifyConnections ? .notifyConnections : [])
         // The status page is this port's own: mapped writable here, then sealed so that nobody
@@ -261,6 +277,7 @@ public final class CapsService: @unchecked Sendable {
             received[messageID] = nil
             if request.aborted {
                 // The client aborted: the reply only frees the request's space there.
+                settle(messageID)
                 _ = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .discardedReply,
                                                           flags: 0))
                 wake(client)
@@ -315,6 +332,13 @@ public final class CapsService: @unchecked Sendable {
 
     /// Clients connected now.
     public var clientCount: Int { core.lock.locked { clients.count } }
+
+    /// Requests refused because their client had `maximumInFlight` requests here already, read
+    /// and not disposed of. The Patchbay client library never goes past the limit it is given at
+    /// connect; a client writing its ring by other means does, and gets `ENOBUFS` for each one.
+    /// Poll this to log refusals at the rate you choose (`patchbay caps serve` does, once a
+    /// second at most).
+    public var refusals: Refusals { core.lock.locked { refused } }
 
     // MARK: Internals
 
@@ -401,6 +425,10 @@ public final class CapsService: @unchecked Sendable {
         }
         switch entry.kind {
         case .request where received[entry.messageID] == nil && replied[entry.messageID] == nil:
+            if inFlight[client.id, default: 0] >= maximumInFlight {
+                refuse(entry, of: client)
+                return nil
+            }
             guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
                                                  direct: client.direct.rawValue) else {
                 client.channel.advance(.request)
@@ -413,6 +441,7 @@ public final class CapsService: @unchecked Sendable {
                 // valid: the client frees it only when it sees the reply.
                 client.channel.advance(.request)
                 received[entry.messageID] = Received(aborted: false)
+                inFlight[client.id, default: 0] += 1
                 let result = use(message, payload.bytes)
                 _ = consume payload
                 return result
@@ -425,6 +454,7 @@ public final class CapsService: @unchecked Sendable {
             client.channel.advance(.request)
             // Only a reply this service sent can be disposed of.
             guard let reply = replied.removeValue(forKey: entry.messageID) else { return nil }
+            settle(entry.messageID)
             if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
             message.kind = .dispose
             message.length = 0
@@ -436,11 +466,31 @@ public final class CapsService: @unchecked Sendable {
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
-        case .request, .reply, .discardedReply:
+        case .request, .reply, .discardedReply, .refused:
             // A request id already in use, or a kind a client does not send: dropped.
             client.channel.advance(.request)
             return nil
         }
+    }
+
+    /// A request past the client's in-flight limit: consumed unread (its descriptors closed) and
+    /// answered `refused`, which frees its space at the client. A client that does not read its
+    /// replies either finds its reply ring full, and the refusal is dropped: its space stays taken
+    /// there, which only that client feels.
+    private func refuse(_ entry: CapsEntry, of client: ClientChannel) {
+        client.channel.advance(.request)
+        core.stash.discard(entry, from: client.direct.rawValue)
+        _ = client.channel.push(.reply, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .refused, flags: 0))
+        wake(client)
+        refused.total += 1
+        refused.last = client.credentials
+    }
+
+    /// A request of this port is done with (disposed of, or its abort answered).
+    private func settle(_ messageID: UInt64) {
+        let channel = capsChannel(of: messageID)
+        guard let count = inFlight[channel] else { return }
+        inFlight[channel] = count > 1 ? count - 1 : nil
     }
 
     /// Whether the broker queued notices since they were last read (one load, no system call).
@@ -485,6 +535,7 @@ public final class CapsService: @unchecked Sendable {
     /// replied to, replies it never consumed), then its channel is dropped.
     private func clientGone(_ channelID: UInt64) {
         guard let client = clients.removeValue(forKey: channelID) else { return }
+        inFlight[channelID] = nil
         order.removeAll { $0.id == channelID }
         cursor = 0
         try? epoll.remove(client.serviceWake.rawValue)

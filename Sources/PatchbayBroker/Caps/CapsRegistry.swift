@@ -90,6 +90,9 @@ final class CapsChannelRecord {
     let clientWake: Descriptor
     /// The client wake-up the broker keeps, charged to the client's uid.
     private let charge: DescriptorCharge?
+    /// Whether the service's connection notice went out (sent or queued): only then is it told
+    /// of the client's departure.
+    var announced = false
 
     init(id: UInt64, serviceID: UInt64, clientSession: UInt64, header: consuming Mapping, clientWake: consuming Descriptor,
          charge: DescriptorCharge?) {
@@ -361,7 +364,7 @@ final class CapsRegistry {
             channel.markClientClosed()
             if let service = services[channel.serviceID] {
                 service.channels.remove(id)
-                notices.append((service.session, .caps(.disconnected(channelID: id))))
+                if channel.announced { notices.append((service.session, .caps(.disconnected(channelID: id)))) }
             }
         }
         if let id = serviceBySession.removeValue(forKey: session), let service = services.removeValue(forKey: id) {

@@ -99,6 +99,7 @@ final class CapsRequests: SessionClosedHook {
                               request)
                 return
             }
+            registry.channels[channelID]?.announced = true
             service.noteEventQueued()
         }
         let reply = Reply.caps(.client(channelID: channelID, serviceID: service.id,
@@ -123,7 +124,9 @@ final class CapsRequests: SessionClosedHook {
         for notice in notices {
             guard let service = sessions[notice.serviceSession] else { continue }
             if case .caps(.disconnected(let channelID)) = notice.event, sessions.withdraw(tag: channelID, from: service) { continue }
-            sessions.send(notice.event.encode(), to: service)
+            // A departure may queue past the frame limit: there is at most one per channel the
+            // service was told of, so what it holds is bounded by its live channels.
+            sessions.send(notice.event.encode(), to: service, pastFrameLimit: true)
             registry.service(ofSession: notice.serviceSession)?.noteEventQueued()
         }
     }
