@@ -396,16 +396,4 @@ int pb_pidfd_exited(int pidfd) {
     return ready > 0 ? 1 : 0;
 }
 
-long pb_eventfd_read_nowait(int fd, uint64_t *value) {
-    struct iovec io = { value, sizeof *value };
-    return (long)preadv2(fd, &io, 1, -1, RWF_NOWAIT);
-}
 
-int pb_eventfd_signal_if_room(int fd) {
-    struct pollfd entry = { .fd = fd, .events = POLLOUT };
-    int ready = poll(&entry, 1, 0);
-    if (ready < 0) return -1;
-    if (ready == 0 || !(entry.revents & POLLOUT)) return 0;
-    uint64_t one = 1;
-    return write(fd, &one, sizeof one) == (ssize_t)sizeof one ? 1 : -1;
-}

@@ -139,24 +139,48 @@ package struct TerminationSignals: ~Copyable {
     }
 }
 
-/// Reads (resets) an eventfd whose open file description others may share, without ever
-/// blocking: `preadv2(RWF_NOWAIT)` ignores `O_NONBLOCK`, which whoever else holds the
-/// description could have cleared. Returns 0 when the counter is zero.
-package func drainSharedEventCounter(_ fd: CInt) throws(Errno) -> UInt64 {
-    var value: UInt64 = 0
-    let result = pb_eventfd_read_nowait(fd, &value)
-    if result < 0 {
-        let error = Errno(rawValue: errno)
-        if error == .resourceTemporarilyUnavailable { return 0 }
-        throw error
+/// A one-way wake-up between two processes that do not trust each other: a datagram socket pair
+/// whose ends are two open file descriptions, one held by each side. Neither side can change how
+/// the other's end behaves (`O_NONBLOCK` lives in the description), every call here is
+/// non-blocking by itself (`MSG_DONTWAIT`), a full socket means its reader is woken already, and
+/// a datagram pair reports no hang-up when the writer goes, so it is readable only when woken.
+package enum WakeSocket {
+    /// The two ends of one wake-up.
+    @frozen
+    package struct Pair: ~Copyable {
+        /// Read (drained) by the side that is woken.
+        package var reader: Descriptor
+        /// Written by the side that wakes it.
+        package var writer: Descriptor
     }
-    return value
-}
 
-/// Adds 1 to an eventfd whose open file description others may share, only when that cannot
-/// block now: a full counter means its reader is woken already, so nothing is lost by skipping.
-/// (Between the check and the write another holder could fill the counter and clear
-/// `O_NONBLOCK`; the window is a few instructions wide.)
-package func signalSharedEventCounter(_ fd: CInt) {
-    _ = pb_eventfd_signal_if_room(fd)
+    /// A new pair, both ends close-on-exec and non-blocking.
+    package static func pair() throws(Errno) -> Pair {
+        var fds: [CInt] = [-1, -1]
+        let type = CInt(SOCK_DGRAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue) | CInt(SOCK_NONBLOCK.rawValue)
+        _ = try syscallRetrying { socketpair(AF_UNIX, type, 0, &fds) }
+        return Pair(reader: Descriptor(adopting: fds[0]), writer: Descriptor(adopting: fds[1]))
+    }
+
+    /// Wakes the reader: one 1-byte datagram. A full socket (the reader is woken already) or a
+    /// reader that is gone is not an error.
+    package static func wake(_ writer: CInt) {
+        var byte: UInt8 = 1
+        _ = Glibc.send(writer, &byte, 1, CInt(MSG_DONTWAIT) | CInt(MSG_NOSIGNAL))
+    }
+
+    /// Empties the reader's end without waiting; returns how many wake-ups it held (at most
+    /// `limit` are read per call).
+    @discardableResult
+    package static func drain(_ reader: CInt, limit: Int = 1024) -> Int {
+        var buffer: (UInt64, UInt64) = (0, 0)
+        var count = 0
+        while count < limit {
+            let received = withUnsafeMutableBytes(of: &buffer) { Glibc.recv(reader, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
+            if received < 0 && errno == EINTR { continue }
+            if received < 0 { break }
+            count += 1
+        }
+        return count
+    }
 }

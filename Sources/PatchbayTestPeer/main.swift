@@ -155,12 +155,19 @@ func capsPutAndHang(_ name: String) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
-/// A client that ignores its in-flight limit: puts `count` requests at once, then waits until the
+/// A client that ignores its in-flight limit (and makes every descriptor it holds blocking): puts
+/// `count` requests at once, then waits until the
 /// service has refused every one past the limit, and says how many were refused.
 func capsFlood(_ name: String, _ count: Int) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name, waitForService: true)
     client.enforcesInFlightLimit = false
+    // Every descriptor it holds made blocking, as a hostile client would try: nothing the
+    // service holds shares an open file description with them.
+    for fd in CInt(3)..<CInt(256) {
+        let flags = fcntl(fd, F_GETFL)
+        if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
+    }
     for index in 0..<count { _ = try client.put(Array("flood \(index)".utf8)) }
     say("sent \(count) with a limit of \(client.maximumInFlight)")
     var refused = 0

@@ -142,14 +142,6 @@ int pb_current_cpu(void);
 /// A counter that increases in every child created by fork (installed once with pthread_atfork).
 uint64_t pb_fork_generation(void);
 
-/* Reads (resets) an eventfd without ever blocking, whatever O_NONBLOCK says on its open file
-   description (preadv2 with RWF_NOWAIT): 8 on success, -1 with errno set (EAGAIN: zero). */
-long pb_eventfd_read_nowait(int fd, uint64_t *value);
-
-/* Adds 1 to an eventfd only if that cannot block now (poll for POLLOUT first): 1 written,
-   0 skipped (the counter is full, so its reader is already woken), -1 with errno set. */
-int pb_eventfd_signal_if_room(int fd);
-
 /* A pidfd for process `pid` (pidfd_open(2), close-on-exec), or -1 with errno set. */
 int pb_pidfd_open(int pid);
 

@@ -229,7 +229,7 @@ public final class CapsClient: @unchecked Sendable {
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
         try core.checkInherited()
         return try core.lock.locked { () throws(PatchbayError) -> CapsReply in
-            if watching { _ = try? EventCounter.drain(clientWake.rawValue) }
+            if watching { WakeSocket.drain(clientWake.rawValue) }
             guard let reply = try nextReply(room: buffer.count, { reply, payload in Self.copy(payload, into: buffer, reply) })
             else { throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting") }
             return reply
@@ -361,7 +361,7 @@ public final class CapsClient: @unchecked Sendable {
     private func wakeService() {
         SharedWord.fence()
         if SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)) != 0 {
-            signalSharedEventCounter(serviceWake.rawValue)
+            WakeSocket.wake(serviceWake.rawValue)
         }
     }
 
@@ -512,10 +512,4 @@ public final class CapsClient: @unchecked Sendable {
     }
 }
 
-extension EventCounter {
-    /// Reads (resets) an eventfd whose open file description the peer shares, never blocking
-    /// (the peer could have cleared `O_NONBLOCK` on it).
-    static func drain(_ fd: CInt) throws(Errno) -> UInt64 {
-        try drainSharedEventCounter(fd)
-    }
-}
+

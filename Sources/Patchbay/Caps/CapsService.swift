@@ -350,7 +350,7 @@ public final class CapsService: @unchecked Sendable {
             Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
         }
         if SharedWord.load(channel.word32(CapsLayout.clientWatchingOffset)) != 0 {
-            signalSharedEventCounter(client.clientWake.rawValue)
+            WakeSocket.wake(client.clientWake.rawValue)
         }
     }
 
@@ -570,7 +570,7 @@ public final class CapsService: @unchecked Sendable {
     }
 
     private func drainWakeups() {
-        for client in clients.values { _ = try? EventCounter.drain(client.serviceWake.rawValue) }
+        for client in clients.values { WakeSocket.drain(client.serviceWake.rawValue) }
     }
 
     /// Spin-then-sleep until work arrives: spins while the last active client runs on another
@@ -625,7 +625,7 @@ public final class CapsService: @unchecked Sendable {
                 throw PatchbayError(.canceled, "the wait was cancelled")
             default:
                 if let client = clients[event.token & ~Self.channelTokens] {
-                    _ = try? EventCounter.drain(client.serviceWake.rawValue)
+                    WakeSocket.drain(client.serviceWake.rawValue)
                 }
             }
         }

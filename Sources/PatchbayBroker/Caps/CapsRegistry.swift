@@ -113,11 +113,8 @@ final class CapsChannelRecord {
         SharedWord.store(word(CapsLayout.serviceClosedOffset), 1)
         SharedWord.increment(word(CapsLayout.clientWakeOffset))
         Futex.wake(word(CapsLayout.clientWakeOffset))
-        // The eventfd's open file description is shared with the client, which could have made
-        // it blocking and filled its counter: make it non-blocking again right before writing.
-        // (A full counter means the client is already woken; EAGAIN is fine.)
-        try? clientWake.setNonblocking(true)
-        signalSharedEventCounter(clientWake.rawValue)
+        // A copy of the writer's end the service holds: the send never waits, whatever its flags.
+        WakeSocket.wake(clientWake.rawValue)
     }
 
     func markClientClosed() {
@@ -165,8 +162,12 @@ struct CapsConnection: ~Copyable {
     var service: CapsServiceRecord
     var channel: Descriptor
     var statusReadOnly: Descriptor
-    var serviceWake: Descriptor
-    var clientWake: Descriptor
+    /// The service's wake-up: it reads, the client writes.
+    var serviceWakeReader: Descriptor
+    var serviceWakeWriter: Descriptor
+    /// The client's wake-up: it reads, the service (and the broker) write.
+    var clientWakeReader: Descriptor
+    var clientWakeWriter: Descriptor
     var clientEnd: Descriptor
     var serviceEnd: Descriptor
 }
@@ -335,20 +336,23 @@ final class CapsRegistry {
             base.advanced(by: CapsLayout.versionOffset).assumingMemoryBound(to: UInt32.self).pointee = CapsLayout.version
             base.advanced(by: CapsLayout.ringCapacityOffset).assumingMemoryBound(to: UInt32.self).pointee = UInt32(CapsLayout.ringCapacity)
             base.advanced(by: CapsLayout.arenaSizeOffset).assumingMemoryBound(to: UInt64.self).pointee = UInt64(arenaSize)
-            let serviceWake = try EventCounter(nonblocking: true)
-            let clientWake = try EventCounter(nonblocking: true)
+            // Each wake-up is a socket pair whose ends are held by different sides, so neither side
+            // can make the other's reads or writes block.
+            let serviceWake = try WakeSocket.pair()
+            let clientWake = try WakeSocket.pair()
             let pair = try SeqpacketSocket.pair()
             let statusReadOnly = try service.status.reopenReadOnly()
             let id = nextID
             nextID += 1
             let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
-                                           clientWake: try clientWake.descriptor.duplicateForBroker(), charge: charge)
+                                           clientWake: try clientWake.writer.duplicateForBroker(), charge: charge)
             channels[id] = record
             channelBySession[session] = id
             service.channels.insert(id)
             return CapsConnection(
                 channelID: id, service: service, channel: memory, statusReadOnly: statusReadOnly,
-                serviceWake: serviceWake.release().adopted, clientWake: clientWake.release().adopted,
+                serviceWakeReader: serviceWake.reader, serviceWakeWriter: serviceWake.writer,
+                clientWakeReader: clientWake.reader, clientWakeWriter: clientWake.writer,
                 clientEnd: pair.first.descriptor, serviceEnd: pair.second.descriptor)
         } catch {
             throw RequestError(errno: error, reason: "cannot build the channel: \(error.name)")

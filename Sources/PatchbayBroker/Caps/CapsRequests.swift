@@ -89,8 +89,8 @@ final class CapsRequests: SessionClosedHook {
                                              euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
                 arenaSize: UInt32(registry.arenaSize)))
             let delivery = sessions.send(event.encode(),
-                                         attaching: [connection.channel.rawValue, connection.serviceWake.rawValue,
-                                                     connection.clientWake.rawValue, connection.serviceEnd.rawValue],
+                                         attaching: [connection.channel.rawValue, connection.serviceWakeReader.rawValue,
+                                                     connection.clientWakeWriter.rawValue, connection.serviceEnd.rawValue],
                                          tag: channelID, to: serviceSession, chargedTo: credentials.uid)
             guard delivery == .underway else {
                 abandon(client)
@@ -106,7 +106,7 @@ final class CapsRequests: SessionClosedHook {
                                        maximumInFlight: service.maximumInFlight, arenaSize: UInt32(registry.arenaSize)))
         let sent = sessions.reply(reply,
                                   attaching: [connection.channel.rawValue, connection.statusReadOnly.rawValue,
-                                              connection.serviceWake.rawValue, connection.clientWake.rawValue,
+                                              connection.serviceWakeWriter.rawValue, connection.clientWakeReader.rawValue,
                                               connection.clientEnd.rawValue],
                                   to: request)
         if !sent { abandon(client) }
