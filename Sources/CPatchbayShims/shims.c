@@ -62,8 +62,9 @@ int pb_accept4(int fd, int nonblock) {
 // A bounded accept. O_NONBLOCK lives in the open file description, which a client holding a copy
 // of the listener can clear at any moment, so the flag alone cannot keep the broker from waiting.
 // A flag found cleared is reported (ETIMEDOUT) without accepting; a flag cleared between that
-// check and the accept is caught by a per-thread timer aimed at this thread (SIGEV_THREAD_ID)
-// whose handler is installed without SA_RESTART, so the accept ends in EINTR, reported the same.
+// check and the accept is caught by a periodic per-thread timer aimed at this thread
+// (SIGEV_THREAD_ID) whose handler is installed without SA_RESTART, so the accept ends in EINTR,
+// reported the same.
 static void pb_interrupt_only(int signo) { (void)signo; }
 
 static _Thread_local timer_t pb_accept_timer;
@@ -93,7 +94,10 @@ int pb_accept_bounded(int fd, long timeout_us) {
         errno = ETIMEDOUT;
         return -1;
     }
-    struct itimerspec arm = {.it_value = {.tv_sec = timeout_us / 1000000, .tv_nsec = (timeout_us % 1000000) * 1000L}};
+    // Periodic: should this thread lose the CPU between arming and accept4 and the first shot be
+    // spent before the call, the next one still interrupts it.
+    struct timespec period = {.tv_sec = timeout_us / 1000000, .tv_nsec = (timeout_us % 1000000) * 1000L};
+    struct itimerspec arm = {.it_interval = period, .it_value = period};
     struct itimerspec disarm = {0};
     if (timer_settime(pb_accept_timer, 0, &arm, NULL) != 0) return -1;
     int accepted = accept4(fd, NULL, NULL, SOCK_CLOEXEC);

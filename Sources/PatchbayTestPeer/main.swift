@@ -176,7 +176,7 @@ func capsFlood(_ name: String, _ count: Int) throws(PatchbayError) {
         let reply = try buffer.withUnsafeMutableBytes { raw in
             Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
         }.get()
-        if reply.refused { refused += 1 }
+        if reply.refusal == .noBufferSpace { refused += 1 }
     }
     say("refused \(refused)")
     waitForEndOfInput()
@@ -207,6 +207,36 @@ func capsChurn(_ name: String, held: Int, cycles: Int) throws(PatchbayError) {
         }
     }
     say("held \(held - refusedHeld) refused \(refusedHeld) cycles \(cycles - refusedCycles) refused \(refusedCycles)")
+}
+
+/// `body`'s result, its failure as a PatchbayError.
+func forgeable<T: ~Copyable>(_ body: () throws(Errno) -> T) throws(PatchbayError) -> T {
+    do { return try body() } catch { throw PatchbayError(error, "cannot make the forged attachments") }
+}
+
+/// A client that attaches what a service must not read as a request's payload: a pipe, and a
+/// memfd it could shrink under the service's reads (shrunk right after the put). Reports the
+/// errno of each refusal, then makes one honest call and reports its answer.
+func capsForge(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    let pipe = try forgeable { () throws(Errno) in try PatchbaySystem.Pipe() }
+    let memory = try forgeable { () throws(Errno) in try makeMemoryFile(name: "forged", sealable: false) }
+    try forgeable { () throws(Errno) in try memory.truncate(to: 1 << 20) }
+    _ = try client.putForgedAttachment(pipe.readEnd.rawValue, length: 4096)
+    _ = try client.putForgedAttachment(memory.rawValue, length: 1 << 20)
+    try? memory.truncate(to: 0)
+    var refusals: [String] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while refusals.count < 2 {
+        let reply = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
+        }.get()
+        refusals.append(reply.refusal?.name ?? "answered")
+    }
+    say("refused " + refusals.joined(separator: " "))
+    let answer = try client.call(Array("honest".utf8))
+    say("called " + String(decoding: answer, as: UTF8.self))
 }
 
 /// A service that reads one request and never answers; killed by the test.
@@ -375,6 +405,8 @@ func main() -> CInt {
             try capsFlood(arguments[1], Int(arguments[2])!)
         case "caps-churn" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsChurn(arguments[1], held: Int(arguments[2])!, cycles: Int(arguments[3])!)
+        case "caps-forge" where arguments.count == 2:
+            try capsForge(arguments[1])
         case "caps-service-hang" where arguments.count == 2:
             try capsServiceHang(arguments[1])
         case "caps-fork" where arguments.count == 2:

@@ -515,4 +515,31 @@ struct TwoUserCapsPeerTests {
         }.get()
         #expect(Array(reply[0..<answer.length]) == Array("yes".utf8))
     }
+
+    @Test("nobody attaches a pipe and a memfd it shrinks as request payloads: root's service refuses both (EBADMSG to nobody) and keeps serving")
+    func forgedAttachments() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "careful", access: [.world])
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-forge", "careful"],
+                              environment: broker.environment)
+        // The service answers what it receives (only the honest call reaches it).
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var served: [String] = []
+        while served.isEmpty {
+            let message = try buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+            }.get()
+            guard message.kind == .request else { continue }
+            served.append(String(decoding: buffer[0..<message.length], as: UTF8.self))
+            try service.reply(to: message.messageID, Array(buffer[0..<message.length]))
+        }
+        #expect(served == ["honest"])
+        #expect(try child.readLine() == "refused EBADMSG EBADMSG")
+        #expect(try child.readLine() == "called honest")
+        #expect(try child.wait() == .exited(0))
+        #expect(service.refusals.total == 2 && service.refusals.last?.euid == otherUID)
+    }
 }

@@ -5,7 +5,7 @@ import Dispatch
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
-import SystemPackage
+public import SystemPackage
 import Synchronization
 
 /// What `CapsClient.get` and `wait` return: a REPLY (clients only ever see replies).
@@ -19,10 +19,11 @@ public struct CapsReply: Sendable {
     public var consumed: Bool
     /// A 0-byte reply made by Patchbay because the service went away before answering.
     public var serviceClosed: Bool
-    /// A 0-byte reply the service sent instead of reading the request, because this connection
-    /// had more requests there than its in-flight limit (never, through this library, which
-    /// stops at the limit with `ENOBUFS` at `put`). `call` throws `ENOBUFS` for it.
-    public var refused = false
+    /// Set when the service refused the request unread, with why: `ENOBUFS`, this connection had
+    /// more requests there than its in-flight limit (never through this library, which stops at
+    /// the limit at `put`); `EBADMSG`, the payload was not one it could read safely. The reply
+    /// is then 0 bytes, and `call` throws this errno.
+    public var refusal: Errno?
     /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
 }
@@ -195,6 +196,25 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Puts a REQUEST whose "attached payload" is `object`, whatever it is, as a hostile client
+    /// writing its ring by other means could: only for the project's test peer, to check that a
+    /// service refuses what it cannot read safely.
+    package func putForgedAttachment(_ object: CInt, length: Int) throws(PatchbayError) -> UInt64 {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
+            try checkUsable()
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            try sendAttachments(direct.rawValue, messageID: messageID, descriptors: [object])
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: UInt32(length), kind: .request,
+                                                   flags: CapsEntryFlags.attachedPayload)) else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+            inFlight[messageID] = (-1, length)
+            wakeService()
+            return messageID
+        }
+    }
+
     /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
     ///
     /// - Throws: `EINVAL` when `messageID` is not a request of this port in flight.
@@ -261,19 +281,21 @@ public final class CapsClient: @unchecked Sendable {
             let mine = try core.lock.locked { () throws(PatchbayError) -> [UInt8]? in
                 if let kept = otherCalls.removeValue(forKey: id) { return kept }
                 var answer: [UInt8]?
-                var refused = false
+                var refusal: Errno?
                 _ = try nextReply(room: nil) { reply, payload in
                     if reply.messageID == id {
                         answer = Array(payload)
-                        refused = reply.refused
+                        refusal = reply.refusal
                     } else {
                         // Another thread's call: keep its reply for it.
                         otherCalls[reply.messageID] = Array(payload)
                         stashedForOthers = true
                     }
                 }
-                if refused {
-                    throw PatchbayError(.noBufferSpace, "the service refused request \(id): this connection had \(maximumInFlight) requests in flight there")
+                if let refusal {
+                    throw PatchbayError(refusal, refusal == .noBufferSpace
+                        ? "the service refused request \(id): this connection had \(maximumInFlight) requests in flight there"
+                        : "the service refused request \(id) unread: its payload was not one it could read safely")
                 }
                 return answer
             }
@@ -400,7 +422,7 @@ public final class CapsClient: @unchecked Sendable {
                 }
                 finish(entry, dispose: false)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
-                refused.refused = true
+                refused.refusal = entry.flags == 0 ? .noBufferSpace : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {

@@ -79,8 +79,8 @@ public final class CapsService: @unchecked Sendable {
         var aborted: Bool
     }
 
-    /// Requests of other clients refused because they were past the in-flight limit, as
-    /// `refusals` reports them.
+    /// Requests refused unread (past the in-flight limit, or with a payload that could not be read
+    /// safely), as `refusals` reports them.
     public struct Refusals: Sendable, Equatable {
         /// Refused since the port was registered.
         public var total: Int
@@ -333,9 +333,10 @@ public final class CapsService: @unchecked Sendable {
     /// Clients connected now.
     public var clientCount: Int { core.lock.locked { clients.count } }
 
-    /// Requests refused because their client had `maximumInFlight` requests here already, read
-    /// and not disposed of. The Patchbay client library never goes past the limit it is given at
-    /// connect; a client writing its ring by other means does, and gets `ENOBUFS` for each one.
+    /// Requests refused unread: their client had `maximumInFlight` requests here already, read
+    /// and not disposed of (`ENOBUFS` to it), or the payload was not something this port can read
+    /// safely, such as an attachment that is not a memfd sealed against shrinking (`EBADMSG`).
+    /// The Patchbay client library does neither; a client writing its ring by other means can.
     /// Poll this to log refusals at the rate you choose (`patchbay caps serve` does, once a
     /// second at most).
     public var refusals: Refusals { core.lock.locked { refused } }
@@ -426,12 +427,15 @@ public final class CapsService: @unchecked Sendable {
         switch entry.kind {
         case .request where received[entry.messageID] == nil && replied[entry.messageID] == nil:
             if inFlight[client.id, default: 0] >= maximumInFlight {
-                refuse(entry, of: client)
+                core.stash.discard(entry, from: client.direct.rawValue)
+                refuse(entry, of: client, with: .noBufferSpace)
                 return nil
             }
             guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
                                                  direct: client.direct.rawValue) else {
-                client.channel.advance(.request)
+                // A payload outside the arena, an attachment that is not a memfd sealed against
+                // shrinking, announced descriptors that never came: never read, and refused.
+                refuse(entry, of: client, with: .badMessage)
                 return nil
             }
             message.inPlace = !payload.isAttached
@@ -473,14 +477,15 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// A request past the client's in-flight limit: consumed unread (its descriptors closed) and
-    /// answered `refused`, which frees its space at the client. A client that does not read its
-    /// replies either finds its reply ring full, and the refusal is dropped: its space stays taken
-    /// there, which only that client feels.
-    private func refuse(_ entry: CapsEntry, of client: ClientChannel) {
+    /// A request this port will not read (past the client's in-flight limit: ENOBUFS; a payload it
+    /// cannot read safely: EBADMSG): consumed unread (its descriptors closed by the caller) and
+    /// answered REFUSED with the errno in its flags, which frees its space at the client. A client
+    /// that does not read its replies either finds its reply ring full, and the refusal is
+    /// dropped: its space stays taken there, which only that client feels.
+    private func refuse(_ entry: CapsEntry, of client: ClientChannel, with errno: Errno) {
         client.channel.advance(.request)
-        core.stash.discard(entry, from: client.direct.rawValue)
-        _ = client.channel.push(.reply, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .refused, flags: 0))
+        _ = client.channel.push(.reply, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .refused,
+                                                  flags: UInt32(bitPattern: errno.rawValue)))
         wake(client)
         refused.total += 1
         refused.last = client.credentials
