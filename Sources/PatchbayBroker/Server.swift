@@ -275,10 +275,12 @@ public final class BrokerServer {
         let refuse = { (errno: Int32, reason: String) in
             self.sessions.fail(ErrorReply(errno: errno, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
         }
-        // Acknowledgements are one-way: even a malformed one gets no answer, which nobody awaits.
-        if rawOpcode == Opcode.claimAcknowledge.rawValue {
-            if !truncated, !descriptorsTruncated, descriptors.count == 0, let frame = try? Frame.decode(bytes),
-               case .keys(let acknowledgement)? = try? Request.decode(frame) {
+        // Acknowledgements are one-way. A frame whose header is sound (magic, version, kind
+        // request, reserved bits, size) and whose opcode is the acknowledgement's never gets an
+        // answer, which nobody awaits: a bad payload or stray descriptors drop it silently. A
+        // frame whose header is not sound gets its error like any other (PROTOCOL.md §7).
+        if rawOpcode == Opcode.claimAcknowledge.rawValue, !truncated, let frame = try? Frame.decode(bytes), frame.kind == .request {
+            if !descriptorsTruncated, descriptors.count == 0, case .keys(let acknowledgement)? = try? Request.decode(frame) {
                 let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode,
                                              now: monotonicNanoseconds())
                 keys.handle(acknowledgement, descriptors: &descriptors, context)

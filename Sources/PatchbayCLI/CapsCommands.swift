@@ -45,6 +45,10 @@ struct CapsCommand: ParsableCommand {
         func run() throws {
             let command = "caps serve"
             let access = parseAccess(allow, command)
+            // A program that cannot run is found now, not at the first request.
+            let program = exec.first.map { resolveProgram($0, for: command) }
+            // A program that exits without reading its request must not kill the service.
+            signal(SIGPIPE, SIG_IGN)
             let broker = connectBroker(for: command)
             let service = attempt(command) { () throws(PatchbayError) -> CapsService in
                 try CapsService(broker, name: name, uid: uid ?? Int32(bitPattern: geteuid()), gid: gid, access: access,
@@ -79,9 +83,21 @@ struct CapsCommand: ParsableCommand {
                     continue
                 }
                 let request = Array(buffer[0..<message.length])
-                let answer = echo ? request : runFilter(exec, input: request)
+                let answer: Result<[UInt8], FilterFailure> = if let program {
+                    runFilter(program, Array(exec.dropFirst()), input: request)
+                } else {
+                    .success(request)
+                }
                 do {
-                    try service.reply(to: message.messageID, answer)
+                    switch answer {
+                    case .success(let bytes):
+                        try service.reply(to: message.messageID, bytes)
+                    case .failure(let failure):
+                        // Never an empty reply the caller would take for an answer: an error
+                        // reply (EIO), and the reason here.
+                        writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason)\n")
+                        try service.reply(to: message.messageID, error: .ioError)
+                    }
                 } catch {
                     writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
                 }
@@ -159,7 +175,7 @@ func parseAccess(_ text: String, _ command: String) -> CapsAccess {
         case "user": access.insert(.user)
         case "group": access.insert(.group)
         case "world": access.insert(.world)
-        default: fail(command, .invalidArgument, "\"\(word)\" is not an access class; use user, group, world")
+        default: failUsage(command, "\"\(word)\" is not an access class; use user, group, world")
         }
     }
     return access
@@ -187,12 +203,23 @@ func readStandardInput() -> [UInt8] {
 }
 
 /// Runs `command` with `input` on its stdin and returns its stdout.
-func runFilter(_ command: [String], input: [UInt8]) -> [UInt8] {
-    let path = command[0].contains("/") ? command[0] : (searchPath(command[0]) ?? command[0])
-    guard let stdin = try? Pipe(), let stdout = try? Pipe() else { return [] }
-    guard let pid = try? spawnProcess(path: path, arguments: Array(command.dropFirst()), environment: currentEnvironment(),
-                                      descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: 2])
-    else { return [] }
+/// Why `--exec`'s program gave no answer.
+struct FilterFailure: Error {
+    var reason: String
+}
+
+/// Runs `program` with `input` on its stdin; its stdout is the answer, if it exits 0.
+func runFilter(_ program: String, _ arguments: [String], input: [UInt8]) -> Result<[UInt8], FilterFailure> {
+    guard let stdin = try? Pipe(), let stdout = try? Pipe() else {
+        return .failure(FilterFailure(reason: "cannot make pipes for \(program)"))
+    }
+    let pid: pid_t
+    do {
+        pid = try spawnProcess(path: program, arguments: arguments, environment: currentEnvironment(),
+                               descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: 2])
+    } catch {
+        return .failure(FilterFailure(reason: "cannot run \(program): \(error.name)"))
+    }
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
     _ = consume stdin.readEnd
@@ -206,7 +233,12 @@ func runFilter(_ command: [String], input: [UInt8]) -> [UInt8] {
         try? sink.writeAll(payload)
     }
     let output = (try? reader.readToEnd()) ?? []
-    _ = try? waitForProcess(pid)
-    return output
+    guard let termination = try? waitForProcess(pid) else {
+        return .failure(FilterFailure(reason: "lost track of \(program)"))
+    }
+    guard termination == .exited(0) else {
+        return .failure(FilterFailure(reason: "\(program) ended with \(termination)"))
+    }
+    return .success(output)
 }
 

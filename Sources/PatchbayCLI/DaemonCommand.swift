@@ -5,6 +5,7 @@ import Patchbay
 import PatchbaySystem
 import SystemPackage
 import PatchbayBroker
+import PatchbayProtocol
 
 /// `patchbay daemon` (also `patchbayd`): runs the broker in the foreground until SIGTERM/SIGINT.
 public struct DaemonCommand: ParsableCommand {
@@ -12,11 +13,12 @@ public struct DaemonCommand: ParsableCommand {
         commandName: "daemon",
         abstract: "Run the broker.",
         discussion: """
-            Per-user by default: the socket is $XDG_RUNTIME_DIR/patchbay/patchbay.sock (or
-            /tmp/patchbay-$UID/patchbay.sock) in a directory of mode 0700, and only this uid may
-            connect. --system serves every uid at /run/patchbay/patchbay.sock. An inherited
+            Per-user by default: the socket is $XDG_RUNTIME_DIR/patchbay/patchbay.sock (or \
+            /tmp/patchbay-$EUID/patchbay.sock) in a directory of mode 0700, and only this uid may \
+            connect. --system serves every uid at /run/patchbay/patchbay.sock. An inherited \
             listening socket (LISTEN_FDS=1, LISTEN_PID, fd 3) is used instead of creating one.
-            """
+            """,
+        version: PatchbayProtocol.patchbayVersion
     )
 
     @Option(help: "Listen on this socket path.")
@@ -123,7 +125,7 @@ public struct DaemonCommand: ParsableCommand {
         configuration.maximumSharedMemoryObjectsPerUser = maxShmObjectsPerUid
         configuration.maximumSharedMemoryBytesPerUser = parseSize(maxShmBytesPerUid, "daemon")
         if configuration.maximumSharedMemoryBytesPerUser == 0 {
-            fail("daemon", .invalidArgument, "--max-shm-bytes-per-uid must be positive")
+            failUsage("daemon", "--max-shm-bytes-per-uid must be positive")
         }
         configuration.maximumSocketsPerUser = maxSocketsPerUid
         configuration.maximumQueuedRepliesPerClient = maxQueuedMessages
@@ -131,17 +133,17 @@ public struct DaemonCommand: ParsableCommand {
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
-        if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(claimAckTimeout) }) {
+        if case .after(let duration) = DurationText.parse(claimAckTimeout, for: "daemon") {
             let (seconds, attoseconds) = duration.components
             configuration.claimAcknowledgementTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         } else {
-            fail("daemon", .invalidArgument, "--claim-ack-timeout must be a duration, not never")
+            failUsage("daemon", "--claim-ack-timeout must be a duration, not never")
         }
-        if case .after(let duration) = attempt("daemon", { () throws(PatchbayError) in try DurationText.parse(stuckClientTimeout) }) {
+        if case .after(let duration) = DurationText.parse(stuckClientTimeout, for: "daemon") {
             let (seconds, attoseconds) = duration.components
             configuration.stuckClientTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         } else {
-            fail("daemon", .invalidArgument, "--stuck-client-timeout must be a duration, not never")
+            failUsage("daemon", "--stuck-client-timeout must be a duration, not never")
         }
 
         let server: BrokerServer

@@ -12,14 +12,14 @@ struct ShareCommand: ParsableCommand {
         discussion: "The key alone goes to stdout, so `key=$(patchbay share FILE)` works."
     )
 
-    @Option(help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
+    @Option(parsing: .unconditional, help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
     var timeout = "60s"
 
-    @Option(name: .customLong("for-uid"), help: "Only this uid may claim the key.")
-    var forUID: UInt32?
+    @Option(name: .customLong("for-uid"), parsing: .unconditional, help: ArgumentHelp("Only this user may claim the key.", valueName: "uid-or-name"))
+    var forUser: String?
 
-    @Option(name: .customLong("for-gid"), help: "Only members of this group may claim the key.")
-    var forGID: UInt32?
+    @Option(name: .customLong("for-gid"), parsing: .unconditional, help: ArgumentHelp("Only members of this group may claim the key.", valueName: "gid-or-name"))
+    var forGroup: String?
 
     @Option(name: .customLong("for-pid"), help: "Only this process may claim the key.")
     var forPID: Int32?
@@ -37,7 +37,7 @@ struct ShareCommand: ParsableCommand {
         if (fd == nil) == (path == nil) {
             throw ValidationError("give either PATH or --fd N")
         }
-        if [forUID != nil, forGID != nil, forPID != nil].filter({ $0 }).count > 1 {
+        if [forUser != nil, forGroup != nil, forPID != nil].filter({ $0 }).count > 1 {
             throw ValidationError("--for-uid, --for-gid and --for-pid exclude each other")
         }
         if fd != nil && write {
@@ -50,14 +50,9 @@ struct ShareCommand: ParsableCommand {
     }
 
     func run() throws {
-        let expiry: Broker.Expiry
-        do {
-            expiry = try DurationText.parse(timeout)
-        } catch {
-            fail("share", error)
-        }
+        let expiry = DurationText.parse(timeout, for: "share")
         let restriction: ClaimRestriction? =
-            forUID.map { .uid($0) } ?? forGID.map { .gid($0) } ?? forPID.map { .pid($0) }
+            forUser.map { .uid(userID($0, for: "share")) } ?? forGroup.map { .gid(groupID($0, for: "share")) } ?? forPID.map { .pid($0) }
         let broker = connectBroker(for: "share")
         let key: Key
         do {
@@ -85,7 +80,7 @@ struct ClaimCommand: ParsableCommand {
         commandName: "claim",
         abstract: "Claim a shared file by its key.",
         discussion: """
-            With a command, runs it with the claimed file as descriptor 3 and PATCHBAY_FD=3 in its
+            With a command, runs it with the claimed file as descriptor 3 and PATCHBAY_FD=3 in its \
             environment. Without, copies the file's readable contents to stdout.
             """
     )
@@ -103,12 +98,24 @@ struct ClaimCommand: ParsableCommand {
         } catch {
             fail("claim", error)
         }
+        // A program that cannot run is found before the key is spent.
+        let program = command.first.map { resolveProgram($0, for: "claim") }
         let file = claimFile(parsed)
-        if command.isEmpty {
-            copyToStandardOutput(file)
+        if let program {
+            execute(program, command, with: file)
         } else {
-            execute(command, with: file)
+            refuseUncopyable(file)
+            copyToStandardOutput(file)
         }
+    }
+
+    /// Without a command the file is copied to stdout; a directory cannot be. The key is spent by
+    /// now, so say what arrived and how to use it next time.
+    private func refuseUncopyable(_ file: borrowing Patchbay.Descriptor) {
+        var info = stat()
+        guard fstat(file.rawValue, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else { return }
+        fail("claim", .isDirectory,
+             "the claimed file is a directory, which cannot be copied to stdout; the key is used up. Run a command with it instead: patchbay claim KEY -- ls -l /dev/fd/3")
     }
 
     /// Claims in a scope of its own, so the broker connection is closed before the file is
@@ -146,7 +153,7 @@ struct ClaimCommand: ParsableCommand {
         }
     }
 
-    private func execute(_ command: [String], with file: consuming Patchbay.Descriptor) -> Never {
+    private func execute(_ program: String, _ command: [String], with file: consuming Patchbay.Descriptor) -> Never {
         let raw = file.release().rawValue
         if raw == 3 {
             _ = fcntl(3, F_SETFD, 0)  // dup2 onto itself would leave close-on-exec set
@@ -158,8 +165,8 @@ struct ClaimCommand: ParsableCommand {
         }
         setenv("PATCHBAY_FD", "3", 1)
         let argv = command.map { strdup($0) } + [nil]
-        execvp(command[0], argv)
+        execv(program, argv)
         let error = Errno.current
-        fail("claim", error, "cannot run \(command[0])")
+        fail("claim", error, "cannot run \(command[0])", status: ExitStatus.cannotRun)
     }
 }

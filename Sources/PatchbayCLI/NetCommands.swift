@@ -46,6 +46,10 @@ struct NetCommand: ParsableCommand {
 
         func run() throws {
             let command = "net listen"
+            // A program that cannot run is found now, not at the first connection.
+            let program = exec.first.map { resolveProgram($0, for: command) }
+            // A peer that goes away while a reply is written must not kill the listener.
+            signal(SIGPIPE, SIG_IGN)
             let broker = connectBroker(for: command)
             if type == .dgram {
                 if let error = serveDatagrams(broker) { fail(command, error) }
@@ -65,8 +69,9 @@ struct NetCommand: ParsableCommand {
                 let box = ConnectionBox(connection)
                 if echo {
                     startThread { box.echo() }
-                } else {
-                    startThread { box.run(exec) }
+                } else if let program {
+                    let arguments = Array(exec.dropFirst())
+                    startThread { box.run(program, arguments) }
                 }
             }
         }
@@ -107,24 +112,46 @@ struct NetCommand: ParsableCommand {
         @Argument(help: "The local name to connect to.")
         var name: String
 
-        @Option(help: "seqpacket, stream or dgram.")
-        var type: Socket.Kind = .seqpacket
+        @Option(help: "seqpacket, stream or dgram (default: the type of the socket bound to NAME).")
+        var type: Socket.Kind?
 
         func run() throws {
             let command = "net connect"
             let broker = connectBroker(for: command)
             let socket = attempt(command) { () throws(PatchbayError) -> Socket in
-                try Socket.connect(broker, to: name, type: type)
+                if let type { return try Socket.connect(broker, to: name, type: type) }
+                // The listener's type, found by trying: the kernel says EPROTOTYPE for a wrong one.
+                for kind in [Socket.Kind.seqpacket, .stream, .dgram] {
+                    do throws(PatchbayError) {
+                        return try Socket.connect(broker, to: name, type: kind)
+                    } catch {
+                        if error.errno != .protocolWrongTypeForSocket || kind == .dgram { throw error }
+                    }
+                }
+                preconditionFailure("unreachable: the last kind rethrows")
             }
+            let kind = socket.kind
             let box = ConnectionBox(socket)
-            let packets = type != .stream
+            let packets = kind != .stream
             let finished = Mutex(false)
+            let inputFailure = Mutex<PatchbayError?>(nil)
             // stdin → socket on a thread of its own; socket → stdout here.
             startThread {
-                box.relayInput(packets: packets)
-                finished.withLock { $0 = true }
+                if let error = box.relayInput(packets: packets, done: { finished.withLock { $0 = true } }) {
+                    inputFailure.withLock { $0 = error }
+                }
             }
-            box.relayOutput(packets: packets, datagrams: type == .dgram, inputDone: { finished.withLock { $0 } })
+            let outcome = box.relayOutput(packets: packets, datagrams: kind == .dgram, inputDone: { finished.withLock { $0 } })
+            // The connection ending before the input did is a failure: the peer went away.
+            switch outcome {
+            case .failed(let error):
+                fail(command, error.errno, "the connection failed: \(error.reason)")
+            case .endOfFile where !finished.withLock({ $0 }):
+                fail(command, .connectionReset, "\(name) closed the connection before all input was sent")
+            case .endOfFile, .quiet:
+                break
+            }
+            if let error = inputFailure.withLock({ $0 }) { fail(command, error.errno, "sending failed: \(error.reason)") }
         }
     }
 
@@ -159,10 +186,18 @@ struct NetCommand: ParsableCommand {
     struct Addresses: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "addrs", abstract: "List bound local names (/net/local/addrs).")
 
+        @Flag(help: "Print JSON.")
+        var json = false
+
         func run() throws {
             let broker = connectBroker(for: "net addrs")
             let file = attempt("net addrs") { () throws(PatchbayError) -> Patchbay.Descriptor in try broker.openAddressList() }
             guard let text = try? file.readToEnd() else { fail("net addrs", .ioError, "cannot read /net/local/addrs") }
+            if json {
+                let names = String(decoding: text, as: UTF8.self).split(separator: "\n").map { JSON.string(String($0)) }
+                writeStandardOutput(JSON.array(names) + "\n")
+                return
+            }
             writeStandardOutput(bytes: text)
         }
     }
@@ -173,9 +208,16 @@ struct NetCommand: ParsableCommand {
 
         @Argument var name: String
 
+        @Flag(help: "Print the path even when nothing is bound to NAME.")
+        var unbound = false
+
         func run() throws {
             let broker = connectBroker(for: "net path")
-            writeStandardOutput(attempt("net path") { () throws(PatchbayError) in try broker.localSocketPath(name) } + "\n")
+            let path = attempt("net path") { () throws(PatchbayError) in try broker.localSocketPath(name) }
+            if !unbound && isSocketFile(atPath: path) != true {
+                fail("net path", .noSuchFileOrDirectory, "nothing is bound to \(name) (--unbound prints its path all the same)")
+            }
+            writeStandardOutput(path + "\n")
         }
     }
 }
@@ -206,44 +248,65 @@ final class ConnectionBox: @unchecked Sendable {
         }
     }
 
-    /// Runs `command` with the connection as stdin and stdout, and waits for it.
-    func run(_ command: [String]) {
-        let path = command[0].contains("/") ? command[0] : (searchPath(command[0]) ?? command[0])
+    /// Runs `program` with the connection as stdin and stdout, and waits for it; a program that
+    /// fails is logged.
+    func run(_ program: String, _ arguments: [String]) {
         let fd = socket.dataDescriptor
-        guard let pid = try? spawnProcess(path: path, arguments: Array(command.dropFirst()),
-                                          environment: currentEnvironment(), descriptors: [0: fd, 1: fd, 2: 2])
-        else {
-            writeStandardError("patchbay: net listen: ENOENT: cannot run \(command[0])\n")
-            return
+        do {
+            let pid = try spawnProcess(path: program, arguments: arguments, environment: currentEnvironment(),
+                                       descriptors: [0: fd, 1: fd, 2: 2])
+            let termination = try waitForProcess(pid)
+            if termination != .exited(0) {
+                writeStandardError("patchbay: net listen: \(program) ended with \(termination) for a connection\n")
+            }
+        } catch {
+            writeStandardError("patchbay: net listen: \(error.name): cannot run \(program)\n")
         }
-        _ = try? waitForProcess(pid)
     }
 
-    /// stdin → socket. Lines become packets when `packets`; at end of input, writing shuts down.
-    func relayInput(packets: Bool) {
+    /// stdin → socket. Lines become packets when `packets`; at end of input, `done` is called and
+    /// writing shuts down. Returns the error that stopped it early, if any.
+    func relayInput(packets: Bool, done: () -> Void) -> PatchbayError? {
         var pending: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
             let count = chunk.withUnsafeMutableBytes { Glibc.read(0, $0.baseAddress, $0.count) }
             if count < 0 && errno == EINTR { continue }
             if count <= 0 { break }
-            if !packets {
-                if (try? socket.send(Array(chunk[0..<count]))) == nil { return }
-                continue
-            }
-            pending += chunk[0..<count]
-            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                if (try? socket.send(Array(pending[..<newline]))) == nil { return }
-                pending.removeSubrange(...newline)
+            do throws(PatchbayError) {
+                if !packets {
+                    try socket.send(Array(chunk[0..<count]))
+                    continue
+                }
+                pending += chunk[0..<count]
+                while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                    try socket.send(Array(pending[..<newline]))
+                    pending.removeSubrange(...newline)
+                }
+            } catch {
+                return error
             }
         }
-        if packets && !pending.isEmpty { _ = try? socket.send(pending) }
+        if packets && !pending.isEmpty {
+            do { try socket.send(pending) } catch { return error }
+        }
+        done()
         if socket.kind != .dgram { try? socket.shutdownWriting() }
+        return nil
+    }
+
+    /// How the output side of a relay ended.
+    enum OutputEnd {
+        /// The peer shut down (stream, seqpacket).
+        case endOfFile
+        /// Datagrams: the input was done and nothing more arrived for half a second.
+        case quiet
+        case failed(PatchbayError)
     }
 
     /// socket → stdout until end of file (datagrams, which have none: until input is done and
     /// nothing more arrives for half a second).
-    func relayOutput(packets: Bool, datagrams: Bool, inputDone: () -> Bool) {
+    func relayOutput(packets: Bool, datagrams: Bool, inputDone: () -> Bool) -> OutputEnd {
         let fd = socket.dataDescriptor
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -251,14 +314,18 @@ final class ConnectionBox: @unchecked Sendable {
                 var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
                 let done = inputDone()
                 if poll(&poller, 1, done ? 500 : 100) == 0 {
-                    if done { return } else { continue }
+                    if done { return .quiet } else { continue }
                 }
             }
             let received = buffer.withUnsafeMutableBytes { raw in
                 Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw) }
             }
-            guard case .success(let got) = received else { return }
-            if got.isEndOfFile { return }
+            let got: Socket.Received
+            switch received {
+            case .success(let value): got = value
+            case .failure(let error): return .failed(error)
+            }
+            if got.isEndOfFile { return .endOfFile }
             writeStandardOutput(bytes: Array(buffer[0..<got.count]) + (packets ? [UInt8(ascii: "\n")] : []))
         }
     }

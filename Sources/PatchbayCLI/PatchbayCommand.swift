@@ -10,8 +10,10 @@ public struct PatchbayCommand: ParsableCommand {
         commandName: "patchbay",
         abstract: "IPC from PatchworkOS, FreeBSD and DragonFly BSD for Linux processes.",
         discussion: """
-            Commands talk to the per-user broker (started on demand) or to PATCHBAY_SOCKET.
-            Errors are printed as `patchbay: <command>: <ERRNO>: <sentence>` with exit status 1.
+            Commands talk to the per-user broker (started on demand) or to PATCHBAY_SOCKET. \
+            Errors are printed as `patchbay: <command>: <ERRNO>: <sentence>`. Exit status: 0 done; \
+            1 the operation failed (the errno says why); 64 a wrong command line; 69 no broker \
+            could be reached or started; 127 a program to run does not exist or cannot be run.
             """,
         version: patchbayVersion,
         subcommands: [DaemonCommand.self, StatusCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
@@ -27,6 +29,6 @@ func connectBroker(for command: String) -> Broker {
     do {
         return try Broker()
     } catch {
-        fail(command, error)
+        fail(command, error, status: ExitStatus.unavailable)
     }
 }

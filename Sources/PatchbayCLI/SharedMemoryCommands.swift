@@ -18,19 +18,19 @@ struct SharedMemoryCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create an anonymous object of SIZE bytes and print a key that shares it.")
 
-        @Option(help: "The size (the first mapping fixes it, rounded up to the page size).")
+        @Option(parsing: .unconditional, help: "The size (the first mapping fixes it, rounded up to the page size).")
         var size: String
 
         @Flag(help: "Allow Linux memfd seals on the object.")
         var sealable = false
 
-        @Option(help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
+        @Option(parsing: .unconditional, help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
         var timeout = "60s"
 
         func run() throws {
             let command = "shm new"
             let bytes = parseSize(size, command)
-            let expiry = attempt(command) { () throws(PatchbayError) in try DurationText.parse(timeout) }
+            let expiry = DurationText.parse(timeout, for: command)
             let broker = connectBroker(for: command)
             do {
                 let memory = try SharedMemory.anonymous(sealable: sealable)
@@ -49,10 +49,10 @@ struct SharedMemoryCommand: ParsableCommand {
         @Argument(help: "The name, starting with /.")
         var name: String
 
-        @Option(help: "Set the size after opening.")
+        @Option(parsing: .unconditional, help: "Set the size after opening.")
         var size: String?
 
-        @Option(help: "Permission bits for a new object, in octal (masked by the umask).")
+        @Option(parsing: .unconditional, help: "Permission bits for a new object, in octal (masked by the umask).")
         var mode = "0600"
 
         @Flag(help: "Fail with EEXIST if the name exists.")
@@ -61,7 +61,7 @@ struct SharedMemoryCommand: ParsableCommand {
         func run() throws {
             let command = "shm create"
             guard let bits = UInt32(mode, radix: 8), bits <= 0o7777 else {
-                fail(command, .invalidArgument, "\"\(mode)\" is not an octal mode like 0600")
+                failUsage(command, "\"\(mode)\" is not an octal mode like 0600")
             }
             let bytes = size.map { parseSize($0, command) }
             let broker = connectBroker(for: command)
@@ -81,7 +81,7 @@ struct SharedMemoryCommand: ParsableCommand {
 
         @Argument var name: String
 
-        @Option(help: "Where to start writing.")
+        @Option(parsing: .unconditional, help: "Where to start writing.")
         var offset: String = "0"
 
         func run() throws {
@@ -117,10 +117,10 @@ struct SharedMemoryCommand: ParsableCommand {
 
         @Argument var name: String
 
-        @Option(help: "Where to start reading.")
+        @Option(parsing: .unconditional, help: "Where to start reading.")
         var offset: String = "0"
 
-        @Option(help: "How many bytes (default: to the end).")
+        @Option(parsing: .unconditional, help: "How many bytes (default: to the end).")
         var length: String?
 
         func run() throws {
@@ -230,6 +230,10 @@ struct SharedMemoryCommand: ParsableCommand {
         @Flag(help: "Swap the two names.")
         var exchange = false
 
+        func validate() throws {
+            if noReplace && exchange { throw ValidationError("--no-replace and --exchange exclude each other") }
+        }
+
         func run() throws {
             let behaviour: SharedMemoryRename = switch (noReplace, exchange) {
             case (true, true): .noReplaceAndExchange
@@ -265,12 +269,12 @@ struct SharedMemoryCommand: ParsableCommand {
         @Flag(help: "Share a read-only handle.")
         var readOnly = false
 
-        @Option(help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
+        @Option(parsing: .unconditional, help: "How long the key stays claimable: 500ms, 30s, 5m, 1h or never.")
         var timeout = "60s"
 
         func run() throws {
             let command = "shm share"
-            let expiry = attempt(command) { () throws(PatchbayError) in try DurationText.parse(timeout) }
+            let expiry = DurationText.parse(timeout, for: command)
             let broker = connectBroker(for: command)
             let key = attempt(command) { () throws(PatchbayError) -> Key in
                 let memory = try broker.openSharedMemory(name, access: readOnly ? .readOnly : .readWrite)
@@ -290,9 +294,10 @@ func attempt<T: ~Copyable>(_ command: String, _ body: () throws(PatchbayError) -
     }
 }
 
-/// `4096`, `4k`, `16M`, `1G` (powers of 1024).
+/// `4096`, `4k`, `16M`, `1G`, `1T` (powers of 1024).
 func parseSize(_ text: String, _ command: String) -> Int {
-    let units: [Character: Int] = ["k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30]
+    let units: [Character: Int] = ["k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30,
+                                  "t": 1 << 40, "T": 1 << 40]
     var digits = Substring(text)
     var scale = 1
     if let last = digits.last, let unit = units[last] {
@@ -300,10 +305,10 @@ func parseSize(_ text: String, _ command: String) -> Int {
         digits = digits.dropLast()
     }
     guard let value = Int(digits), value >= 0 else {
-        fail(command, .invalidArgument, "\"\(text)\" is not a size; write it like 4096, 4k, 16M or 1G")
+        failUsage(command, "\"\(text)\" is not a size; write it like 4096, 4k, 16M, 1G or 1T")
     }
     let (product, overflow) = value.multipliedReportingOverflow(by: scale)
-    guard !overflow else { fail(command, .invalidArgument, "\(text) is too large") }
+    guard !overflow else { failUsage(command, "\(text) is too large") }
     return product
 }
 

@@ -4,14 +4,47 @@ import Patchbay
 import PatchbaySystem
 import SystemPackage
 
-/// Prints `patchbay: <command>: <ERRNO>: <sentence>` to stderr and exits with status 1.
-func fail(_ command: String, _ error: PatchbayError) -> Never {
-    writeStandardError("patchbay: \(command): \(error.errno.name): \(error.reason)\n")
-    exit(1)
+/// The exit statuses of `patchbay` and `patchbayd` (sysexits where one fits; README has the table).
+enum ExitStatus {
+    /// What was asked did not happen: the broker, the kernel or the peer said no (the errno says
+    /// why).
+    static let failed: Int32 = 1
+    /// The command line is wrong: an unknown option, a missing argument, a value that does not
+    /// parse (`EX_USAGE`).
+    static let usage: Int32 = 64
+    /// No broker could be reached or started (`EX_UNAVAILABLE`).
+    static let unavailable: Int32 = 69
+    /// The program to run (`claim -- COMMAND`, `--exec`) does not exist or cannot be run.
+    static let cannotRun: Int32 = 127
 }
 
-func fail(_ command: String, _ errno: Errno, _ reason: String) -> Never {
-    fail(command, PatchbayError(errno, reason))
+/// Prints `patchbay: <command>: <ERRNO>: <sentence>` to stderr and exits (status 1 unless told).
+func fail(_ command: String, _ error: PatchbayError, status: Int32 = ExitStatus.failed) -> Never {
+    writeStandardError("patchbay: \(command): \(error.errno.name): \(error.reason)\n")
+    exit(status)
+}
+
+func fail(_ command: String, _ errno: Errno, _ reason: String, status: Int32 = ExitStatus.failed) -> Never {
+    fail(command, PatchbayError(errno, reason), status: status)
+}
+
+/// A value on the command line that does not parse: `EINVAL`, exit status 64.
+func failUsage(_ command: String, _ reason: String) -> Never {
+    fail(command, .invalidArgument, reason, status: ExitStatus.usage)
+}
+
+/// The program a command would run, resolved through `PATH` and checked to be executable, or
+/// the command fails at once (status 127) rather than at its first use.
+func resolveProgram(_ name: String, for command: String) -> String {
+    let path = name.contains("/") ? name : (searchPath(name) ?? name)
+    var info = stat()
+    guard stat(path, &info) == 0 else {
+        fail(command, .noSuchFileOrDirectory, "cannot run \(name): no such program", status: ExitStatus.cannotRun)
+    }
+    guard info.st_mode & S_IFMT != S_IFDIR, access(path, X_OK) == 0 else {
+        fail(command, .permissionDenied, "cannot run \(name): not an executable file", status: ExitStatus.cannotRun)
+    }
+    return path
 }
 
 func writeStandardError(_ text: String) {
@@ -43,7 +76,7 @@ enum DurationText {
         let units: [(String, Double)] = [("ns", 1e-9), ("us", 1e-6), ("µs", 1e-6), ("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             let number = String(text.dropLast(suffix.count))
-            if let value = Double(number), value.isFinite {
+            if let value = Double(number), value.isFinite, number.first.map({ $0.isNumber || $0 == "." || $0 == "-" }) == true {
                 guard value > 0 else {
                     throw PatchbayError(.invalidArgument, "the timeout must be positive (or never); got \(text)")
                 }
@@ -53,6 +86,11 @@ enum DurationText {
         }
         throw PatchbayError(.invalidArgument,
                             "\"\(text)\" is not a duration; write it like 500ms, 30s, 5m, 1h or never")
+    }
+
+    /// `parse`, or the command fails as a usage error (status 64).
+    static func parse(_ text: String, for command: String) -> Broker.Expiry {
+        do { return try parse(text) } catch { failUsage(command, error.reason) }
     }
 }
 
@@ -101,4 +139,18 @@ func formatDuration(nanoseconds: UInt64) -> String {
 private func format1(_ value: Double) -> String {
     let rounded = (value * 10).rounded() / 10
     return rounded == rounded.rounded() && rounded >= 100 ? String(Int(rounded)) : String(rounded)
+}
+
+/// A user named by uid or by name (`getpwnam`), or the command fails as a usage error.
+func userID(_ text: String, for command: String) -> UInt32 {
+    if let uid = UInt32(text) { return uid }
+    guard !text.isEmpty, let entry = getpwnam(text) else { failUsage(command, "\"\(text)\" is neither a uid nor a user name") }
+    return entry.pointee.pw_uid
+}
+
+/// A group named by gid or by name (`getgrnam`), or the command fails as a usage error.
+func groupID(_ text: String, for command: String) -> UInt32 {
+    if let gid = UInt32(text) { return gid }
+    guard !text.isEmpty, let entry = getgrnam(text) else { failUsage(command, "\"\(text)\" is neither a gid nor a group name") }
+    return entry.pointee.gr_gid
 }

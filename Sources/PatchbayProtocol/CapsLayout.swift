@@ -81,10 +81,11 @@ public enum CapsEntryKind: UInt32, Sendable {
     case reply = 4
     /// A reply to a request the client aborted: frees the request's space, shown to nobody.
     case discardedReply = 5
-    /// The service's answer to a request past the in-flight limit (more requests read and not
-    /// disposed than the limit the client was given at connect): no payload; the request's space
-    /// is free again and the caller sees `ENOBUFS`.
-    case refused = 6
+    /// The service's answer with an errno instead of bytes (the errno in the entry's flags): a
+    /// request it refused unread (`ENOBUFS` past the in-flight limit, `EBADMSG` a payload it could
+    /// not read safely), or one it failed to answer (`CapsService.reply(to:error:)`). No payload;
+    /// the request's space is free again, no DISPOSE follows, and the caller sees the errno.
+    case errorReply = 6
 }
 
 /// The life of a request entry still in the ring: the client may abort it in place until the

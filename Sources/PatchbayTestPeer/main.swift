@@ -176,7 +176,7 @@ func capsFlood(_ name: String, _ count: Int) throws(PatchbayError) {
         let reply = try buffer.withUnsafeMutableBytes { raw in
             Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
         }.get()
-        if reply.refusal == .noBufferSpace { refused += 1 }
+        if reply.error == .noBufferSpace { refused += 1 }
     }
     say("refused \(refused)")
     waitForEndOfInput()
@@ -232,7 +232,7 @@ func capsForge(_ name: String) throws(PatchbayError) {
         let reply = try buffer.withUnsafeMutableBytes { raw in
             Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) }
         }.get()
-        refusals.append(reply.refusal?.name ?? "answered")
+        refusals.append(reply.error?.name ?? "answered")
     }
     say("refused " + refusals.joined(separator: " "))
     let answer = try client.call(Array("honest".utf8))

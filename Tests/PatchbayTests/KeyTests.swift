@@ -154,7 +154,7 @@ struct KeyTests {
         expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try client.share(file, timeout: .after(.zero)) }
         expectErrno(.invalidArgument) { () throws(PatchbayError) in _ = try client.share(file, timeout: .after(.seconds(-1))) }
         let cli = try run(patchbayCLI, ["share", "--timeout", "0s", "/dev/null"], environment: broker.environment)
-        #expect(cli.termination == .exited(1))
+        #expect(cli.termination == .exited(64))
         #expect(cli.standardError.hasPrefix("patchbay: share: EINVAL: "))
         let key = try client.share(file, timeout: .never)
         #expect(try client.status().keys == 1)

@@ -384,8 +384,10 @@ struct TwoUserNetTests {
         let peer = try accepted.peerCredentials()
         #expect(peer.uid == otherUID && peer.gid == 65534, "\(peer)")
         #expect(peer.pid == child.pid && peer.pid != broker.pid, "\(peer)")
-        // The relay ends once its input is done and the connection closes.
+        // The relay ends once its input is done (it shuts down writing) and the connection closes.
         child.closeInput()
+        var byte: UInt8 = 0
+        #expect(recv(accepted.rawValue, &byte, 1, 0) == 0)
         _ = consume accepted
         #expect(try child.wait() == .exited(0))
     }

@@ -19,11 +19,12 @@ public struct CapsReply: Sendable {
     public var consumed: Bool
     /// A 0-byte reply made by Patchbay because the service went away before answering.
     public var serviceClosed: Bool
-    /// Set when the service refused the request unread, with why: `ENOBUFS`, this connection had
-    /// more requests there than its in-flight limit (never through this library, which stops at
-    /// the limit at `put`); `EBADMSG`, the payload was not one it could read safely. The reply
-    /// is then 0 bytes, and `call` throws this errno.
-    public var refusal: Errno?
+    /// Set when the service answered with an error instead of bytes: `ENOBUFS`, this connection
+    /// had more requests there than its in-flight limit (never through this library, which stops
+    /// at the limit at `put`); `EBADMSG`, the payload was not one it could read safely; or any
+    /// errno the service chose (`CapsService.reply(to:error:)`). The reply is then 0 bytes, and
+    /// `call` throws this errno.
+    public var error: Errno?
     /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
 }
@@ -105,7 +106,7 @@ public final class CapsClient: @unchecked Sendable {
     private var pendingDisposes: [UInt64] = []
     private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
-    private var otherCalls: [UInt64: [UInt8]] = [:]
+    private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
     private var watching = false
@@ -272,30 +273,28 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// Sends a request and waits for its reply, which is returned as bytes (other replies that
-    /// arrive first are consumed and dropped: use `put` and `wait` to juggle several).
+    /// arrive first are kept for the threads that wait for them in `call`).
+    ///
+    /// - Throws: `ECONNRESET` when the service went away before answering (where `wait` shows a
+    ///   0-byte reply with `serviceClosed`); the errno of an error reply (`ENOBUFS`, `EBADMSG`,
+    ///   or what the service chose); `put`'s errors.
     public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
         let id = try put(bytes)
         while true {
             let epoch = stashEpoch.load(ordering: .acquiring)
             var stashedForOthers = false
-            let mine = try core.lock.locked { () throws(PatchbayError) -> [UInt8]? in
+            let mine = try core.lock.locked { () throws(PatchbayError) -> Result<[UInt8], PatchbayError>? in
                 if let kept = otherCalls.removeValue(forKey: id) { return kept }
-                var answer: [UInt8]?
-                var refusal: Errno?
+                var answer: Result<[UInt8], PatchbayError>?
                 _ = try nextReply(room: nil) { reply, payload in
+                    let outcome = Self.outcome(of: reply, payload, limit: maximumInFlight)
                     if reply.messageID == id {
-                        answer = Array(payload)
-                        refusal = reply.refusal
+                        answer = outcome
                     } else {
                         // Another thread's call: keep its reply for it.
-                        otherCalls[reply.messageID] = Array(payload)
+                        otherCalls[reply.messageID] = outcome
                         stashedForOthers = true
                     }
-                }
-                if let refusal {
-                    throw PatchbayError(refusal, refusal == .noBufferSpace
-                        ? "the service refused request \(id): this connection had \(maximumInFlight) requests in flight there"
-                        : "the service refused request \(id) unread: its payload was not one it could read safely")
                 }
                 return answer
             }
@@ -305,9 +304,33 @@ public final class CapsClient: @unchecked Sendable {
                 SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
                 Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
             }
-            if let mine { return mine }
+            if let mine { return try mine.get() }
             if stashEpoch.load(ordering: .acquiring) != epoch { continue }
             try sleepUntilReply(orUntilEpochChanges: epoch)
+        }
+    }
+
+    /// What `call` makes of a reply: its bytes, or the error it stands for (an error reply; the
+    /// 0-byte reply made up when the service went away before answering).
+    private static func outcome(of reply: CapsReply, _ payload: UnsafeRawBufferPointer, limit: Int)
+        -> Result<[UInt8], PatchbayError>
+    {
+        if let errno = reply.error { return .failure(serviceError(errno, for: reply.messageID, limit: limit)) }
+        if reply.serviceClosed {
+            return .failure(PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)"))
+        }
+        return .success(Array(payload))
+    }
+
+    /// The error a caller sees for an error reply.
+    static func serviceError(_ errno: Errno, for id: UInt64, limit: Int) -> PatchbayError {
+        switch errno {
+        case .noBufferSpace:
+            PatchbayError(errno, "the service refused request \(id) unread: this connection had \(limit) requests in flight there")
+        case .badMessage:
+            PatchbayError(errno, "the service refused request \(id) unread: its payload was not one it could read safely")
+        default:
+            PatchbayError(errno, "the service answered request \(id) with an error (\(errno.name)) instead of a reply")
         }
     }
 
@@ -415,14 +438,14 @@ public final class CapsClient: @unchecked Sendable {
                 finish(entry, dispose: entry.kind == .reply)
                 continue
             }
-            if entry.kind == .refused {
+            if entry.kind == .errorReply {
                 guard inFlight[entry.messageID] != nil else {
                     channel.advance(.reply)  // not a request of ours: dropped
                     continue
                 }
                 finish(entry, dispose: false)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
-                refused.refusal = entry.flags == 0 ? .noBufferSpace : Errno(rawValue: CInt(bitPattern: entry.flags))
+                refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {

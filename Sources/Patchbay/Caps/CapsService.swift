@@ -5,7 +5,7 @@
 public import Glibc
 public import PatchbayProtocol
 import PatchbaySystem
-import SystemPackage
+public import SystemPackage
 import Synchronization
 
 /// What a service receives.
@@ -298,6 +298,34 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// Answers a REQUEST with an errno instead of bytes, for a request this service could not
+    /// answer (its program failed, the request made no sense): the client's `call` throws it,
+    /// and `wait`/`get` show it in `CapsReply.error`, so it is never mistaken for an empty reply.
+    ///
+    /// - Throws: `EINVAL` for an unknown message id, a request not read or already answered, or
+    ///   an errno of 0; `ENOBUFS` when the client's reply ring is full (answer again later).
+    public func reply(to messageID: UInt64, error: Errno) throws(PatchbayError) {
+        try core.checkInherited()
+        try core.lock.locked { () throws(PatchbayError) in
+            guard error.rawValue > 0 else { throw PatchbayError(.invalidArgument, "an error reply needs an errno") }
+            guard let request = received[messageID] else {
+                throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
+            }
+            guard let client = clients[capsChannel(of: messageID)] else {
+                received[messageID] = nil
+                throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
+            }
+            let kind: CapsEntryKind = request.aborted ? .discardedReply : .errorReply
+            guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: kind,
+                                                        flags: request.aborted ? 0 : UInt32(bitPattern: error.rawValue))) else {
+                throw PatchbayError(.noBufferSpace, "the reply ring of message \(messageID)'s client is full")
+            }
+            received[messageID] = nil
+            settle(messageID)
+            wake(client)
+        }
+    }
+
     /// Sets this port's generation, which clients read with `generation()`.
     public func setGeneration(_ generation: UInt64) throws(PatchbayError) {
         try core.checkInherited()
@@ -470,7 +498,7 @@ public final class CapsService: @unchecked Sendable {
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
-        case .request, .reply, .discardedReply, .refused:
+        case .request, .reply, .discardedReply, .errorReply:
             // A request id already in use, or a kind a client does not send: dropped.
             client.channel.advance(.request)
             return nil
@@ -484,7 +512,7 @@ public final class CapsService: @unchecked Sendable {
     /// dropped: its space stays taken there, which only that client feels.
     private func refuse(_ entry: CapsEntry, of client: ClientChannel, with errno: Errno) {
         client.channel.advance(.request)
-        _ = client.channel.push(.reply, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .refused,
+        _ = client.channel.push(.reply, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .errorReply,
                                                   flags: UInt32(bitPattern: errno.rawValue)))
         wake(client)
         refused.total += 1

@@ -158,12 +158,26 @@ public struct Socket: ~Copyable {
     }
 
     /// `control("bind <name>")`.
-    public mutating func bind(_ name: String) throws(PatchbayError) { try control("bind \(name)") }
+    public mutating func bind(_ name: String) throws(PatchbayError) {
+        try Self.checkName(name)
+        try control("bind \(name)")
+    }
 
     /// `control("bind <name> <mode>")`: the name's socket file gets `mode` (octal permission
     /// bits, e.g. `0o660`) and belongs to this user.
     public mutating func bind(_ name: String, mode: UInt32) throws(PatchbayError) {
+        try Self.checkName(name)
+        guard mode <= 0o777 else { throw PatchbayError(.invalidArgument, "the mode must be permission bits from 0 to 0777") }
         try control(NetControlStep.bind(name: name, mode: mode).line)
+    }
+
+    /// A name checked before it goes into a command line, so `"a && listen"` is a bad name, not
+    /// a second command.
+    static func checkName(_ name: String) throws(PatchbayError) {
+        guard isValidLocalSocketName(name) else {
+            throw PatchbayError(.invalidArgument,
+                                "\"\(name.prefix(80))\" is not a local name: use 1 to 64 of A-Z a-z 0-9 . _ - (not . or ..)")
+        }
     }
 
     /// `control("listen [backlog]")`.
@@ -172,7 +186,10 @@ public struct Socket: ~Copyable {
     }
 
     /// `control("connect <name>")`: this process connects; data flows at once.
-    public mutating func connect(to name: String) throws(PatchbayError) { try control("connect \(name)") }
+    public mutating func connect(to name: String) throws(PatchbayError) {
+        try Self.checkName(name)
+        try control("connect \(name)")
+    }
 
     /// Opens the socket's data file: the kernel socket. Done for you when a socket connects or is
     /// accepted; needed by hand for a bound datagram socket.
@@ -238,6 +255,8 @@ public struct Socket: ~Copyable {
     /// when given, else the broker's default (0666 on a system broker, 0600 on a per-user one).
     public static func listen(_ broker: Broker, name: String, type kind: Kind = .seqpacket, backlog: Int? = nil,
                               mode: UInt32? = nil, nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+        try checkName(name)
+        if let mode, mode > 0o777 { throw PatchbayError(.invalidArgument, "the mode must be permission bits from 0 to 0777") }
         var socket = try open(broker, type: kind, nonblocking: nonblocking)
         let bind = NetControlStep.bind(name: name, mode: mode).line
         try socket.control(bind + " && " + (backlog.map { "listen \($0)" } ?? "listen"))
@@ -247,6 +266,7 @@ public struct Socket: ~Copyable {
     /// A socket connected to `name`, data handle open.
     public static func connect(_ broker: Broker, to name: String, type kind: Kind = .seqpacket,
                                nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+        try checkName(name)
         var socket = try open(broker, type: kind, nonblocking: nonblocking)
         try socket.connect(to: name)
         return socket
@@ -272,7 +292,10 @@ public struct Socket: ~Copyable {
     }
 
     /// `bind` without blocking a Swift concurrency thread.
-    public mutating func bind(_ name: String) async throws(PatchbayError) { try await control("bind \(name)") }
+    public mutating func bind(_ name: String) async throws(PatchbayError) {
+        try Self.checkName(name)
+        try await control("bind \(name)")
+    }
 
     /// `listen` without blocking a Swift concurrency thread.
     public mutating func listen(backlog: Int? = nil) async throws(PatchbayError) {
@@ -280,7 +303,10 @@ public struct Socket: ~Copyable {
     }
 
     /// `connect(to:)` without blocking a Swift concurrency thread.
-    public mutating func connect(to name: String) async throws(PatchbayError) { try await control("connect \(name)") }
+    public mutating func connect(to name: String) async throws(PatchbayError) {
+        try Self.checkName(name)
+        try await control("connect \(name)")
+    }
 
     /// `openData` without blocking a Swift concurrency thread.
     public mutating func openData() async throws(PatchbayError) {

@@ -38,9 +38,14 @@ extension SharedMemory {
         do {
             return Mapping(try PatchbaySystem.Mapping(descriptor.system, length: mappedLength, offset: offset, writable: writable))
         } catch {
-            throw PatchbayError(error, error == .permissionDenied
-                ? "the kernel refused a writable mapping (is the object sealed against writes?)"
-                : "mmap failed")
+            // Linux says EPERM for a writable mapping of a write-sealed memfd, EACCES for a
+            // read-only descriptor.
+            let reason = switch error {
+            case .notPermitted: "the kernel refused a writable mapping: the object is sealed against writes"
+            case .permissionDenied: "the kernel refused a writable mapping: this descriptor is not open for writing"
+            default: "mmap failed"
+            }
+            throw PatchbayError(error, reason)
         }
     }
 

@@ -150,11 +150,14 @@ extension Broker {
         try await offThePool { [self] () throws(PatchbayError) in try listSharedMemory() }
     }
 
-    /// Name bytes, with the checks that must happen before anything is sent: a name longer than
-    /// the wire can carry is `ENAMETOOLONG` here (the broker checks everything else).
+    /// The longest name, in bytes (FreeBSD's `PATH_MAX - 1`); the broker says the same.
+    static let maximumNameLength = 1023
+
+    /// Name bytes, with the length check made before anything is sent (`ENAMETOOLONG`, the
+    /// broker's sentence); the broker checks everything else.
     static func nameBytes(_ name: String) throws(PatchbayError) -> [UInt8] {
         let bytes = Array(name.utf8)
-        guard bytes.count <= 4096 else {
+        guard bytes.count <= maximumNameLength else {
             throw PatchbayError(.fileNameTooLong, "a shared memory name is at most 1023 bytes; this one has \(bytes.count)")
         }
         return bytes

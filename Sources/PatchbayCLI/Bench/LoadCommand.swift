@@ -14,9 +14,9 @@ struct LoadCommand: ParsableCommand {
         commandName: "load",
         abstract: "Load test: many concurrent clients, mixed operations, one client that never reads (run with -c release).",
         discussion: """
-            Opens CLIENTS connections to a broker started on a private socket and spreads them over
-            THREADS threads; each thread cycles through its connections, one operation each: status,
-            share + claim of a descriptor, create + unlink of a named shared memory object, open +
+            Opens CLIENTS connections to a broker started on a private socket and spreads them over \
+            THREADS threads; each thread cycles through its connections, one operation each: status, \
+            share + claim of a descriptor, create + unlink of a named shared memory object, open + \
             close of a /net socket. Every error is counted by errno; none is expected.
             """)
 

@@ -1,0 +1,167 @@
+// The CLI never reports success when what it was asked to do did not happen, checks its input
+// before acting on it, and exits with the documented statuses: 0 done, 1 the operation failed,
+// 64 a wrong command line, 69 no broker, 127 a program that cannot run.
+import Glibc
+import Patchbay
+import PatchbayProtocol
+import PatchbaySystem
+import SystemPackage
+import Testing
+
+@Suite("CLI: honest exits")
+struct CLIHonestyTests {
+    func cli(_ broker: TestBroker, _ arguments: [String], input: String = "") throws -> Finished {
+        try run(patchbayCLI, arguments, environment: broker.environment, input: input)
+    }
+
+    @Test("caps call fails (ECONNRESET) when the service dies before answering, never prints an empty answer")
+    func callToDyingService() throws {
+        let broker = try TestBroker()
+        let server = try Child(testPeer, ["caps-service-hang", "doomed"], environment: broker.environment)
+        #expect(try server.readLine() == "ready")
+        let caller = try Child(patchbayCLI, ["caps", "call", "doomed", "hello"], environment: broker.environment)
+        #expect(try server.readLine()?.hasPrefix("got ") == true)
+        server.kill(SIGKILL)
+        _ = try server.wait()
+        #expect(try caller.readLine() == nil)  // nothing on stdout
+        #expect(try caller.wait() == .exited(1))
+    }
+
+    @Test("caps serve --exec: a missing program fails at start (127); a failing one is an error reply (EIO), not an empty answer")
+    func servedProgramFailures() throws {
+        let broker = try TestBroker()
+        let missing = try cli(broker, ["caps", "serve", "ghost", "--exec", "/nonexistent/prog"])
+        #expect(missing.termination == .exited(127))
+        #expect(missing.standardError.hasPrefix("patchbay: caps serve: ENOENT: cannot run /nonexistent/prog"), "\(missing.standardError)")
+        #expect(try broker.connect().listServices().isEmpty)
+        let server = try Child(patchbayCLI, ["caps", "serve", "failing", "--exec", "/bin/false"], environment: broker.environment)
+        defer { server.kill(SIGTERM); _ = try? server.wait() }
+        let call = try cli(broker, ["caps", "call", "failing", "--wait-for-service", "hello"])
+        #expect(call.termination == .exited(1))
+        #expect(call.standardOutput.isEmpty)
+        #expect(call.standardError.hasPrefix("patchbay: caps call: EIO: the service answered request "), "\(call.standardError)")
+        // The library sees the same error reply.
+        let client = try CapsClient(try broker.connect(), name: "failing")
+        expectErrno(.ioError) { () throws(PatchbayError) in _ = try client.call(Array("x".utf8)) }
+    }
+
+    @Test("net listen --exec with a missing program fails at start (127), binding nothing")
+    func listenWithMissingProgram() throws {
+        let broker = try TestBroker()
+        let listen = try cli(broker, ["net", "listen", "svc", "--exec", "/nonexistent/prog"])
+        #expect(listen.termination == .exited(127))
+        #expect(listen.standardError.hasPrefix("patchbay: net listen: ENOENT: "), "\(listen.standardError)")
+        #expect(try broker.connect().listSockets().isEmpty)
+    }
+
+    @Test("an established net connect whose listener goes away exits 1 (ECONNRESET), not 0")
+    func connectOutlivedByListener() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var listener: Socket? = try Socket.listen(client, name: "shortlived")
+        let relay = try Child(patchbayCLI, ["net", "connect", "shortlived"], environment: broker.environment)
+        var accepted: Socket? = try listener!.accept()
+        try accepted!.send(Array("bye".utf8))
+        #expect(try relay.readLine() == "bye")
+        accepted = nil
+        listener = nil
+        #expect(try relay.wait() == .exited(1))
+        // A connection that ends after its input did is a success.
+        let echo = try Child(patchbayCLI, ["net", "listen", "echoer", "--echo"], environment: broker.environment)
+        defer { echo.kill(SIGTERM); _ = try? echo.wait() }
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try !client.listSockets().contains(where: { $0.name == "echoer" && $0.state == "LISTENING" }),
+              monotonicNanoseconds() < deadline { usleep(2_000) }
+        let done = try cli(broker, ["net", "connect", "echoer"], input: "one\ntwo\n")
+        #expect(done.termination == .exited(0) && done.standardOutput == "one\ntwo\n", "\(done.standardError)")
+    }
+
+    @Test("net connect finds a stream listener's type by itself; names are checked before they reach a ctl line")
+    func connectTypeAndNames() throws {
+        let broker = try TestBroker()
+        let echo = try Child(patchbayCLI, ["net", "listen", "streamer", "--type", "stream", "--echo"], environment: broker.environment)
+        defer { echo.kill(SIGTERM); _ = try? echo.wait() }
+        let client = try broker.connect()
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try !client.listSockets().contains(where: { $0.name == "streamer" && $0.state == "LISTENING" }),
+              monotonicNanoseconds() < deadline { usleep(2_000) }
+        let connect = try cli(broker, ["net", "connect", "streamer"], input: "flowing")
+        #expect(connect.termination == .exited(0) && connect.standardOutput == "flowing", "\(connect.standardError)")
+        for name in ["z && listen", "bad name!"] {
+            let listen = try cli(broker, ["net", "listen", name, "--echo"])
+            #expect(listen.termination == .exited(1))
+            #expect(listen.standardError.contains("EINVAL: \"\(name)\" is not a local name"), "\(listen.standardError)")
+        }
+        #expect(try client.listSockets().allSatisfy { $0.name != "z" })
+    }
+
+    @Test("net path of an unbound name is ENOENT unless --unbound; net addrs --json")
+    func pathAndAddresses() throws {
+        let broker = try TestBroker()
+        let unbound = try cli(broker, ["net", "path", "nothing-here"])
+        #expect(unbound.termination == .exited(1))
+        #expect(unbound.standardError.hasPrefix("patchbay: net path: ENOENT: nothing is bound to nothing-here"))
+        let anyway = try cli(broker, ["net", "path", "nothing-here", "--unbound"])
+        #expect(anyway.termination == .exited(0) && anyway.standardOutput.hasSuffix("/nothing-here\n"))
+        let listener = try Socket.listen(try broker.connect(), name: "bound-one")
+        _ = listener
+        #expect(try cli(broker, ["net", "path", "bound-one"]).termination == .exited(0))
+        let json = try cli(broker, ["net", "addrs", "--json"])
+        #expect(json.standardOutput == "[\"bound-one\"]\n", "\(json.standardOutput)")
+    }
+
+    @Test("claim: a missing program fails before the key is spent (127); a directory without a command says how to use it")
+    func claimHonesty() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let key = try client.share(try openFile(directory, flags: O_RDONLY | O_DIRECTORY)).text
+        let missing = try cli(broker, ["claim", key, "--", "/nonexistent/prog"])
+        #expect(missing.termination == .exited(127))
+        #expect(try client.status().keys == 1)  // not spent
+        let plain = try cli(broker, ["claim", key])
+        #expect(plain.termination == .exited(1))
+        #expect(plain.standardError.hasPrefix("patchbay: claim: EISDIR: the claimed file is a directory"), "\(plain.standardError)")
+        #expect(plain.standardError.contains("-- "))
+    }
+
+    @Test("values that look like options reach their validator; users and groups by name; T sizes; documented exit statuses")
+    func inputChecks() throws {
+        let broker = try TestBroker()
+        let negative = try cli(broker, ["share", "--timeout", "-5s", "/dev/null"])
+        #expect(negative.termination == .exited(64))
+        #expect(negative.standardError.hasPrefix("patchbay: share: EINVAL: the timeout must be positive"), "\(negative.standardError)")
+        let size = try cli(broker, ["shm", "new", "--size", "-1"])
+        #expect(size.termination == .exited(64))
+        #expect(size.standardError.hasPrefix("patchbay: shm new: EINVAL: \"-1\" is not a size"), "\(size.standardError)")
+        let tera = try cli(broker, ["shm", "new", "--size", "1T"])
+        #expect(!tera.standardError.contains("is not a size"), "\(tera.standardError)")
+        let byName = try cli(broker, ["share", "--for-uid", "root", "--timeout", "5s", "/dev/null"])
+        #expect(byName.termination == .exited(0), "\(byName.standardError)")
+        let byGroup = try cli(broker, ["share", "--for-gid", "root", "--timeout", "5s", "/dev/null"])
+        #expect(byGroup.termination == .exited(0), "\(byGroup.standardError)")
+        let unknownUser = try cli(broker, ["share", "--for-uid", "no-such-user-here", "/dev/null"])
+        #expect(unknownUser.termination == .exited(64))
+        #expect(try cli(broker, ["share", "--frobnicate"]).termination == .exited(64))
+        let noBroker = try run(patchbayCLI, ["status"], environment: ["PATCHBAY_SOCKET": broker.directory + "/absent.sock"])
+        #expect(noBroker.termination == .exited(69), "\(noBroker.standardError)")
+        let version = try run(patchbayDaemon, ["--version"])
+        #expect(version.termination == .exited(0) && version.standardOutput == patchbayVersion + "\n")
+    }
+
+    @Test("the library: names over 1023 bytes are ENAMETOOLONG before sending; a writable map of a write-sealed object explains EPERM")
+    func libraryMessages() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let long = expectErrno(.fileNameTooLong) { () throws(PatchbayError) in
+            _ = try client.openSharedMemory("/" + String(repeating: "n", count: 1023), options: .create)
+        }
+        #expect(long?.reason.contains("at most 1023 bytes") == true)
+        let object = try SharedMemory.anonymous(sealable: true)
+        try object.truncate(to: 4096)
+        try object.addSeals(.write)
+        let sealed = expectErrno(.notPermitted) { () throws(PatchbayError) in _ = try object.map() }
+        #expect(sealed?.reason.contains("sealed against writes") == true, "\(String(describing: sealed))")
+    }
+}
