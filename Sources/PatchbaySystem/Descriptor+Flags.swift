@@ -9,6 +9,12 @@ extension Descriptor {
     }
 
     /// Closes the descriptor at `exec` (sets `FD_CLOEXEC`).
+    /// Gives the file to `uid`:`gid` with permission bits `mode` (`fchown`, `fchmod`).
+    package borrowing func setOwnerAndMode(uid: UInt32, gid: UInt32, mode: UInt32) throws(Errno) {
+        _ = try syscallRetrying { fchown(rawValue, uid, gid) }
+        _ = try syscallRetrying { fchmod(rawValue, mode_t(mode)) }
+    }
+
     package borrowing func setCloseOnExec() throws(Errno) {
         _ = try syscallRetrying { fcntl(rawValue, F_SETFD, FD_CLOEXEC) }
     }

@@ -164,4 +164,17 @@ struct CLIHonestyTests {
         let sealed = expectErrno(.notPermitted) { () throws(PatchbayError) in _ = try object.map() }
         #expect(sealed?.reason.contains("sealed against writes") == true, "\(String(describing: sealed))")
     }
+
+    @Test("fstat on a named object's descriptor reports the object's mode (after the umask) and owner")
+    func namedObjectStatus() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let previous = umask(0o027)
+        defer { umask(previous) }
+        let object = try client.openSharedMemory("/moded", options: .create, mode: 0o666)
+        let status = try object.status()
+        #expect(status.mode & 0o777 == 0o640, "\(String(status.mode, radix: 8))")
+        #expect(status.uid == geteuid() && status.gid == getegid())
+        #expect(try client.statSharedMemory("/moded").mode == 0o640)
+    }
 }

@@ -62,6 +62,11 @@ struct TwoUserTests {
             .termination == .exited(0))
         let theirs = try root.statSharedMemory("/theirs")
         #expect(theirs.uid == otherUID && theirs.gid == 65534)
+        // fstat on a descriptor says the same as the broker: nobody's object, nobody's mode.
+        #expect(try runAsOtherUser(["shm", "create", "/theirs-public", "--mode", "0444"], environment: environment)
+            .termination == .exited(0))
+        let status = try root.openSharedMemory("/theirs-public", access: .readOnly).status()
+        #expect(status.uid == otherUID && status.gid == 65534 && status.mode & 0o777 == 0o444, "\(status)")
         // Mode bits bind root too (no bypass).
         expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try root.openSharedMemory("/theirs") }
     }

@@ -185,6 +185,11 @@ final class SharedMemoryStore {
             throw RequestError(errno: error == .noSpace ? .diskQuotaExceeded : error,
                                reason: "cannot create the object's file: \(error.name)")
         }
+        // The file carries the object's owner and mode, so fstat on any descriptor of it reports
+        // them (FreeBSD's shm fstat does). The broker's table stays the authority for access. A
+        // broker that is not root keeps read and write for itself (it is the owner anyway).
+        let fileMode = geteuid() == 0 ? object.mode : object.mode | 0o600
+        try? data.setOwnerAndMode(uid: object.uid, gid: object.gid, mode: fileMode)
         do {
             try append(.bind(name: request.name, object: object))
         } catch {
