@@ -62,6 +62,18 @@ struct BrokerTests {
         let tooBig = try client.error(for: oversized)
         #expect(tooBig.reply.errno == EMSGSIZE && tooBig.requestID == 4)
 
+        // Acknowledgements: one with an unsound header gets its error like any frame; a sound one
+        // with a bad payload gets no answer at all (the next answer is the next request's).
+        var badAck = Request.keys(.claimAcknowledge(sampleKeyToken, received: true)).encode(requestID: 11)
+        badAck[0] = 0x00
+        let badAckError = try client.error(for: badAck)
+        #expect(badAckError.requestID == 11 && badAckError.reply.errno == EPROTO)
+        var oddAck = Request.keys(.claimAcknowledge(sampleKeyToken, received: true)).encode(requestID: 12)
+        oddAck[oddAck.count - 1] = 7  // received must be 0 or 1
+        try client.socket.send(oddAck, descriptors: [])
+        let next = try client.exchange(Request.status.encode(requestID: 13))
+        #expect(next.frame.requestID == 13 && next.frame.kind == .reply)
+
         // Descriptors where none belong, and the wrong number where one does: EINVAL, and every
         // descriptor that arrived is closed again.
         let files = try (0..<3).map { _ in try openFile("/dev/null", flags: O_RDONLY).release() }
