@@ -34,6 +34,12 @@ public final class Broker: Sendable {
     /// Where the async calls block, one at a time, as the connection serialises them anyway.
     private let queue = DispatchQueue(label: "patchbay.broker")
 
+    /// The socket a `Broker()` would use: $PATCHBAY_SOCKET, else the per-user default.
+    public static var defaultSocketPath: String {
+        if let explicit = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }), !explicit.isEmpty { return explicit }
+        return Autostart.defaultUserSocketPath()
+    }
+
     /// Connects to `socketPath`, or with nil to the default broker (see the type's summary).
     /// `autostart` applies only to the per-user default path.
     public init(socketPath: String? = nil, autostart: Bool = true) throws(PatchbayError) {

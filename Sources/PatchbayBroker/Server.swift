@@ -143,6 +143,7 @@ public final class BrokerServer {
             keys.expire(now: now)
             sessions.closeStuckSessions(now: now)
         }
+        ServiceManager.notify("STOPPING=1")
         // Stop taking connections first, so a client that races the shutdown finds no socket and
         // starts a new broker instead of connecting to one that is going away.
         listener.removeSocketFile()
@@ -150,6 +151,7 @@ public final class BrokerServer {
         let clientCount = sessions.count
         sessions.closeAll(reason: "broker stopping")
         sharedMemory.store.releaseEmptyOwnerStores()
+        sharedMemory.store.removeIfEmpty()
         logger.info("broker stopped", metadata: [
             "clients": "\(clientCount)", "keys_dropped": "\(keys.table.count)",
         ])

@@ -154,6 +154,7 @@ public struct DaemonCommand: ParsableCommand {
             fail("daemon", error.errno, error.reason)
         }
         server.run {
+            ServiceManager.notify("READY=1\nSTATUS=serving \(configuration.socketPath)\nMAINPID=\(getpid())")
             if let readyFd {
                 let message = Array("ready\n".utf8)
                 _ = message.withUnsafeBytes { write(readyFd, $0.baseAddress, $0.count) }

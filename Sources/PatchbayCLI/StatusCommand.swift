@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import Patchbay
 import PatchbaySystem
 import SystemPackage
@@ -14,7 +15,18 @@ struct StatusCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        let broker = connectBroker(for: "status")
+        // Asking never starts a broker: not running is an answer (status 3, as systemctl says).
+        let path = Broker.defaultSocketPath
+        let broker: Broker
+        do {
+            broker = try Broker(socketPath: path, autostart: false)
+        } catch {
+            if error.errno == .noSuchFileOrDirectory || error.errno == .connectionRefused {
+                writeStandardOutput(json ? "{\"running\": false, \"socket\": \(JSON.string(path))}\n" : "not running (no broker at \(path))\n")
+                Glibc.exit(3)
+            }
+            fail("status", error, status: ExitStatus.unavailable)
+        }
         let report: StatusReport
         do {
             report = try broker.status()

@@ -170,6 +170,53 @@ struct BrokerTests {
         #expect(access(path, F_OK) == 0)
     }
 
+    @Test("started as the systemd unit starts it (inherited socket, NOTIFY_SOCKET): READY=1 once serving, STOPPING=1 and exit 0 on SIGTERM, an empty store removed")
+    func serviceManagerReadiness() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let path = directory + "/activated.sock"
+        let listener = try SeqpacketSocket()
+        try listener.bind(path: path)
+        try listener.listen(backlog: 16)
+        // The service manager's end of the notification protocol: a datagram socket.
+        let manager = try UnixSocket(.datagram)
+        try manager.bind(path: directory + "/notify")
+        let pid = try spawnProcess(
+            path: "/bin/sh",
+            arguments: ["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --socket \"$1\" --shm-directory \"$2\"",
+                        patchbayDaemon, path, directory + "/shm"],
+            environment: PatchbaySystem.environment(applying: ["NOTIFY_SOCKET": directory + "/notify"]),
+            descriptors: [3: listener.rawValue])
+        func nextNotification() throws -> String {
+            var ready = pollfd(fd: manager.rawValue, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 10_000) == 1 else { return "(nothing within 10 s)" }
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let count = buffer.withUnsafeMutableBytes { recv(manager.rawValue, $0.baseAddress, $0.count, 0) }
+            return String(decoding: buffer[0..<max(count, 0)], as: UTF8.self)
+        }
+        let readiness = try nextNotification()
+        #expect(readiness.contains("READY=1") && readiness.contains("MAINPID=\(pid)"), "\(readiness)")
+        // Ready means serving.
+        #expect(try Broker(socketPath: path).status().pid == pid)
+        #expect(access(directory + "/shm", F_OK) == 0)
+        kill(pid, SIGTERM)
+        #expect(try nextNotification().contains("STOPPING=1"))
+        #expect(try waitForProcess(pid) == .exited(0))
+        // Nothing was stored, so the store is gone; the socket stays, the manager's.
+        #expect(access(directory + "/shm", F_OK) != 0)
+        #expect(access(path, F_OK) == 0)
+    }
+
+    @Test("status never starts a broker: not running is exit status 3")
+    func statusWhenNotRunning() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let status = try run(patchbayCLI, ["status"], environment: ["PATCHBAY_SOCKET": directory + "/absent.sock"])
+        #expect(status.termination == .exited(3))
+        #expect(status.standardOutput.hasPrefix("not running"))
+        #expect(access(directory + "/absent.sock", F_OK) != 0)
+    }
+
     @Test("status counts clients and keys per uid, and never shows key text")
     func statusCounts() throws {
         let broker = try TestBroker()

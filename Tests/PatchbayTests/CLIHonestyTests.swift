@@ -144,7 +144,7 @@ struct CLIHonestyTests {
         let unknownUser = try cli(broker, ["share", "--for-uid", "no-such-user-here", "/dev/null"])
         #expect(unknownUser.termination == .exited(64))
         #expect(try cli(broker, ["share", "--frobnicate"]).termination == .exited(64))
-        let noBroker = try run(patchbayCLI, ["status"], environment: ["PATCHBAY_SOCKET": broker.directory + "/absent.sock"])
+        let noBroker = try run(patchbayCLI, ["shm", "ls"], environment: ["PATCHBAY_SOCKET": broker.directory + "/absent.sock"])
         #expect(noBroker.termination == .exited(69), "\(noBroker.standardError)")
         let version = try run(patchbayDaemon, ["--version"])
         #expect(version.termination == .exited(0) && version.standardOutput == patchbayVersion + "\n")

@@ -382,6 +382,20 @@ final class SharedMemoryStore {
     }
 
     /// Unmounts the per-uid stores that hold no object (at a clean stop: nothing is lost).
+    /// At a clean stop: a store that holds no object is removed (journal, lock, directories),
+    /// so brokers on passing sockets leave nothing behind. One that holds objects stays, for the
+    /// next broker on the same socket.
+    func removeIfEmpty() {
+        guard objects.count == 0, ownerDirectories.isEmpty else { return }
+        try? PatchbaySystem.removeFile(atPath: path + "/journal")
+        _ = rmdir(path + "/objects")
+        _ = rmdir(path + "/uids")
+        try? PatchbaySystem.removeFile(atPath: path + "/lock")
+        if rmdir(path) == 0 {
+            logger.info("removed the empty shared memory store", metadata: ["path": "\(path)"])
+        }
+    }
+
     func releaseEmptyOwnerStores() {
         for uid in Array(ownerDirectories.keys) where (objects.objectsByOwner[uid] ?? 0) == 0 {
             ownerDirectories[uid] = nil
