@@ -40,6 +40,10 @@ public final class Broker: Sendable {
         return Autostart.defaultUserSocketPath()
     }
 
+    /// The broker executable autostart would run: $PATCHBAY_DAEMON, else `patchbayd` (or
+    /// `patchbay`) beside the running program, else `patchbayd` on PATH; nil when none is found.
+    public static var daemonExecutable: String? { Autostart.daemonExecutable() }
+
     /// Connects to `socketPath`, or with nil to the default broker (see the type's summary).
     /// `autostart` applies only to the per-user default path.
     public init(socketPath: String? = nil, autostart: Bool = true) throws(PatchbayError) {

@@ -14,12 +14,16 @@ struct StatusCommand: ParsableCommand {
     @Flag(help: "Print JSON.")
     var json = false
 
+    @Flag(help: "Start the per-user broker if none runs (as any other command would), then report.")
+    var start = false
+
     func run() throws {
-        // Asking never starts a broker: not running is an answer (status 3, as systemctl says).
+        // Asking never starts a broker unless told to: not running is an answer (status 3, as
+        // systemctl says).
         let path = Broker.defaultSocketPath
         let broker: Broker
         do {
-            broker = try Broker(socketPath: path, autostart: false)
+            broker = start ? try Broker() : try Broker(socketPath: path, autostart: false)
         } catch {
             if error.errno == .noSuchFileOrDirectory || error.errno == .connectionRefused {
                 writeStandardOutput(json ? "{\"running\": false, \"socket\": \(JSON.string(path))}\n" : "not running (no broker at \(path))\n")

@@ -252,7 +252,7 @@ struct BrokerTests {
         // read stdin, so simply start them back to back: all race for the missing broker.
         var children: [Child] = []
         for _ in 0..<8 {
-            children.append(try Child(patchbayCLI, ["status", "--json"], environment: environment))
+            children.append(try Child(patchbayCLI, ["status", "--start", "--json"], environment: environment))
         }
         var pids: Set<String> = []
         for child in children {
@@ -332,7 +332,7 @@ struct BrokerSafetyTests {
         defer { removeTree(runtime) }
         #expect(mkdir(runtime + "/patchbay", 0o755) == 0)
         chmod(runtime + "/patchbay", 0o755)
-        let status = try run(patchbayCLI, ["status"], environment: ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil])
+        let status = try run(patchbayCLI, ["status", "--start"], environment: ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil])
         #expect(status.termination == .exited(69))  // no broker could be reached or started
         #expect(status.standardError.hasPrefix("patchbay: status: EACCES: "), "\(status.standardError)")
         #expect(access(runtime + "/patchbay/patchbay.sock", F_OK) != 0)

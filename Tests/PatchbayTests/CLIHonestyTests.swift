@@ -177,4 +177,20 @@ struct CLIHonestyTests {
         #expect(status.uid == geteuid() && status.gid == getegid())
         #expect(try client.statSharedMemory("/moded").mode == 0o640)
     }
+
+    @Test("doctor names the socket, store, log, lock and daemon, says what is wrong, and never starts a broker")
+    func doctor() throws {
+        let broker = try TestBroker()
+        let healthy = try cli(broker, ["doctor", "--json"])
+        #expect(healthy.termination == .exited(0), "\(healthy.standardOutput)")
+        #expect(healthy.standardOutput.contains("a broker answers: pid \(broker.pid)"), "\(healthy.standardOutput)")
+        let runtime = makeTemporaryDirectory()
+        defer { removeTree(runtime) }
+        #expect(mkdir(runtime + "/patchbay", 0o755) == 0)
+        chmod(runtime + "/patchbay", 0o755)
+        let unsafe = try run(patchbayCLI, ["doctor"], environment: ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil])
+        #expect(unsafe.termination == .exited(1))
+        #expect(unsafe.standardOutput.contains("directory PROBLEM  \(runtime)/patchbay"), "\(unsafe.standardOutput)")
+        #expect(access(runtime + "/patchbay/patchbay.sock", F_OK) != 0)
+    }
 }

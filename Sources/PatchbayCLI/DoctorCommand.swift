@@ -1,0 +1,115 @@
+import ArgumentParser
+import Glibc
+import Patchbay
+import PatchbayBroker
+import PatchbaySystem
+import SystemPackage
+
+/// `patchbay doctor`: where the broker's socket, directory, store, log, lock and executable are,
+/// and what is wrong with them. Never starts a broker.
+struct DoctorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "doctor",
+        abstract: "Say where the broker's socket, store, log and lock are, and what is wrong with them.",
+        discussion: """
+            Looks at the broker this user's commands would use (PATCHBAY_SOCKET, else the per-user \
+            one) without starting it. Exit status 0 when nothing is wrong, 1 otherwise.
+            """
+    )
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    struct Finding {
+        var what: String
+        var path: String
+        var ok: Bool
+        var note: String
+    }
+
+    func run() throws {
+        let socketPath = Broker.defaultSocketPath
+        let directory = socketPath.lastIndex(of: "/").map { String(socketPath[..<$0]) } ?? "."
+        var findings: [Finding] = []
+
+        // The directory: it must be private to this user for a per-user broker.
+        var info = stat()
+        if lstat(directory, &info) != 0 {
+            findings.append(Finding(what: "directory", path: directory, ok: true, note: "missing; made when a broker starts"))
+        } else {
+            let mode = info.st_mode & 0o7777
+            let mine = info.st_uid == geteuid()
+            let isDirectory = info.st_mode & S_IFMT == S_IFDIR
+            let shared = socketPath == BrokerConfiguration.defaultSocketPath(mode: .system)
+            let ok = isDirectory && (shared || (mine && mode & 0o077 == 0))
+            findings.append(Finding(what: "directory", path: directory, ok: ok, note: ok
+                ? "mode \(octal(UInt32(mode))), owner uid \(info.st_uid)"
+                : isDirectory
+                    ? "mode \(octal(UInt32(mode))), owner uid \(info.st_uid): a per-user broker's directory must be this user's (uid \(geteuid())) with no access for others"
+                    : "not a directory"))
+        }
+
+        // The socket, and whether a broker answers on it.
+        if isSocketFile(atPath: socketPath) != true {
+            let exists = fileExists(atPath: socketPath)
+            findings.append(Finding(what: "socket", path: socketPath, ok: !exists, note: exists
+                ? "something that is not a socket is in the way"
+                : "no broker running; one starts on the first use"))
+        } else {
+            do {
+                let report = try Broker(socketPath: socketPath, autostart: false).status()
+                findings.append(Finding(what: "socket", path: socketPath, ok: true,
+                                        note: "a broker answers: pid \(report.pid), version \(report.version), \(report.clients) clients"))
+            } catch {
+                findings.append(Finding(what: "socket", path: socketPath, ok: false,
+                                        note: "\(error.errno.name): \(error.reason) (a stale socket file is removed by the next broker)"))
+            }
+        }
+
+        // Named shared memory's store.
+        let store = BrokerConfiguration.defaultSharedMemoryDirectory(mode: socketPath == BrokerConfiguration.defaultSocketPath(mode: .system) ? .system : .user,
+                                                                     socketPath: socketPath)
+        if lstat(store, &info) != 0 {
+            findings.append(Finding(what: "store", path: store, ok: true, note: "missing; made when a broker starts"))
+        } else {
+            let ok = info.st_mode & S_IFMT == S_IFDIR && info.st_mode & 0o077 == 0
+            findings.append(Finding(what: "store", path: store, ok: ok, note: ok
+                ? "private directory (mode \(octal(UInt32(info.st_mode & 0o7777))))"
+                : "mode \(octal(UInt32(info.st_mode & 0o7777))): the store must be a directory only its broker can enter"))
+        }
+
+        // The autostarted broker's log and the autostart lock.
+        let log = directory + "/patchbayd.log"
+        if lstat(log, &info) == 0 {
+            findings.append(Finding(what: "log", path: log, ok: true, note: "\(info.st_size) bytes"))
+        } else {
+            findings.append(Finding(what: "log", path: log, ok: true, note: "none yet (written by an autostarted broker; a systemd one logs to the journal)"))
+        }
+        let lock = directory + "/autostart.lock"
+        findings.append(Finding(what: "lock", path: lock, ok: true,
+                                note: fileExists(atPath: lock) ? "present (held only while a broker starts)" : "none yet"))
+
+        // What autostart would run.
+        if let daemon = Broker.daemonExecutable {
+            findings.append(Finding(what: "daemon", path: daemon, ok: true, note: "autostart runs this"))
+        } else {
+            findings.append(Finding(what: "daemon", path: "-", ok: false,
+                                    note: "patchbayd is not beside this program nor on PATH: autostart cannot start a broker (install it, or set PATCHBAY_DAEMON)"))
+        }
+
+        if json {
+            writeStandardOutput(JSON.array(findings.map { finding in
+                JSON.object([("what", JSON.string(finding.what)), ("path", JSON.string(finding.path)),
+                             ("ok", finding.ok ? "true" : "false"), ("note", JSON.string(finding.note))])
+            }) + "\n")
+        } else {
+            var out = ""
+            for finding in findings {
+                out += finding.what.padding(10) + (finding.ok ? "ok       " : "PROBLEM  ") + finding.path + "\n"
+                out += String(repeating: " ", count: 19) + finding.note + "\n"
+            }
+            writeStandardOutput(out)
+        }
+        if findings.contains(where: { !$0.ok }) { throw ExitCode(1) }
+    }
+}
