@@ -46,6 +46,10 @@ public struct BrokerConfiguration: Sendable {
     /// How long a client may leave its queue full, not reading at all, before it is disconnected,
     /// in nanoseconds.
     public var stuckClientTimeout: UInt64 = 30_000_000_000
+    /// Keep every key's file in the service manager's descriptor store (systemd's
+    /// `FileDescriptorStoreMax=`, through `$NOTIFY_SOCKET`), so keys survive a restart or a
+    /// crash. Also on when the manager says it keeps descriptors (`$FDSTORE`).
+    public var keepKeysWithServiceManager = false
     /// The most clients connected at once; further connections are refused (EAGAIN).
     public var maximumClients: Int = 65536
     /// The most connections one uid may hold, so one user cannot take every slot.

@@ -104,6 +104,22 @@ public final class BrokerServer {
                                         refillPerSecond: configuration.failedClaimsPerSecond),
             acknowledgementTimeout: configuration.claimAcknowledgementTimeout)
         keyTable.budget = budget
+        // Keys kept by the service manager across a restart come back first; new ones go to its
+        // store from now on.
+        let keepKeys = getenv("NOTIFY_SOCKET") != nil && (configuration.keepKeysWithServiceManager || ServiceManager.keepsDescriptors)
+        if keepKeys || !listener.inheritedKeyFiles.isEmpty {
+            keyTable.fdStore = keepKeys ? KeyFDStore() : nil
+            var restored = 0
+            for (name, fd) in listener.inheritedKeyFiles {
+                if let key = StoredKey(name: name), keyTable.restore(key, file: Descriptor(adopting: fd), now: monotonicNanoseconds()) {
+                    restored += 1
+                } else if StoredKey(name: name) == nil {
+                    close(fd)
+                }
+            }
+            listener.inheritedKeyFiles = []
+            if restored > 0 { logger.info("keys restored from the service manager", metadata: ["keys": "\(restored)"]) }
+        }
         keys = KeyRequests(table: keyTable, sessions: sessions)
         sharedMemory = SharedMemoryRequests(store: store, sessions: sessions)
         net = NetRequests(table: netTable, sessions: sessions, loop: loop)

@@ -22,6 +22,8 @@ final class BrokerListener {
     /// The socket file this broker created (device and inode), removed at exit only if it is
     /// still that file; nil for an inherited socket, which belongs to the service manager.
     private var ownSocketFile: (device: UInt64, inode: UInt64)?
+    /// Key files the service manager kept for this broker (`pbkey-` names), for the key table.
+    var inheritedKeyFiles: [(name: String, file: CInt)] = []
 
     /// Prepares `path`'s directory, takes the path's lock, and listens there, or adopts the
     /// listening socket a service manager passed (`LISTEN_FDS`). `beforeListening` runs after the
@@ -31,7 +33,9 @@ final class BrokerListener {
         throws(BrokerStartError)
     {
         self.path = path
-        let inherited = try Self.inheritedListener()
+        var keyFiles: [(name: String, file: CInt)] = []
+        let inherited = try Self.inheritedListener(keyFiles: &keyFiles)
+        inheritedKeyFiles = keyFiles
         if inherited == nil {
             try Self.prepareSocketDirectory(for: path, mode: mode)
         }
@@ -66,24 +70,39 @@ final class BrokerListener {
         }
     }
 
-    /// A listening socket passed by a service manager (`LISTEN_FDS`, `LISTEN_PID`), as fd 3.
-    private static func inheritedListener() throws(BrokerStartError) -> SeqpacketSocket? {
+    /// What a service manager passed (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, from fd 3):
+    /// at most one listening socket, and key files it kept (`pbkey-` names, KeyFDStore.swift).
+    private static func inheritedListener(keyFiles: inout [(name: String, file: CInt)]) throws(BrokerStartError)
+        -> SeqpacketSocket?
+    {
         guard let countText = getenv("LISTEN_FDS").map({ String(cString: $0) }),
               let pidText = getenv("LISTEN_PID").map({ String(cString: $0) }),
-              let count = Int(countText), let pid = Int32(pidText), pid == getpid()
+              let count = Int(countText), let pid = Int32(pidText), pid == getpid(), (1...65_536).contains(count)
         else { return nil }
+        let names = getenv("LISTEN_FDNAMES").map { String(cString: $0).split(separator: ":", omittingEmptySubsequences: false).map(String.init) } ?? []
         unsetenv("LISTEN_FDS")
         unsetenv("LISTEN_PID")
         unsetenv("LISTEN_FDNAMES")
-        guard count == 1 else {
-            throw BrokerStartError(errno: .invalidArgument,
-                                   reason: "socket activation passed \(count) sockets; the broker takes exactly one")
+        var listenerFD: CInt?
+        for index in 0..<count {
+            let fd = CInt(3 + index)
+            let name = index < names.count ? names[index] : ""
+            if name.hasPrefix(StoredKey.prefix) {
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                keyFiles.append((name, fd))
+            } else if listenerFD == nil {
+                listenerFD = fd
+            } else {
+                throw BrokerStartError(errno: .invalidArgument,
+                                       reason: "socket activation passed more than one socket (\(name.isEmpty ? "fd \(fd)" : name)); the broker takes exactly one")
+            }
         }
-        let socket = SeqpacketSocket(adopting: Descriptor(adopting: 3))
+        guard let listenerFD else { return nil }
+        let socket = SeqpacketSocket(adopting: Descriptor(adopting: listenerFD))
         guard (try? socket.socketType()) == CInt(SOCK_SEQPACKET.rawValue), (try? socket.isListening()) == true else {
             // The broker exits on this error, so closing the descriptor here changes nothing.
             throw BrokerStartError(errno: .invalidArgument,
-                                   reason: "the inherited descriptor 3 is not a listening SOCK_SEQPACKET socket")
+                                   reason: "the inherited descriptor \(listenerFD) is not a listening SOCK_SEQPACKET socket")
         }
         try? socket.descriptor.setCloseOnExec()
         return socket

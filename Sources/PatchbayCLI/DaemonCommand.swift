@@ -55,6 +55,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
     var claimAckTimeout = "10s"
 
+    @Flag(help: "Keep each key's file in the service manager's descriptor store ($NOTIFY_SOCKET, systemd's FileDescriptorStoreMax=), so keys survive a restart or a crash.")
+    var fdStore = false
+
     @Option(help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")
     var policyDirectory: String?
 
@@ -129,6 +132,7 @@ public struct DaemonCommand: ParsableCommand {
         }
         configuration.maximumSocketsPerUser = maxSocketsPerUid
         configuration.maximumQueuedRepliesPerClient = maxQueuedMessages
+        configuration.keepKeysWithServiceManager = fdStore
         configuration.maximumServicesPerUser = maxServicesPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst

@@ -9,6 +9,19 @@ package enum ServiceManager {
     /// it. Returns whether it was sent; without $NOTIFY_SOCKET there is nobody to tell.
     @discardableResult
     package static func notify(_ state: String) -> Bool {
+        notify(state, descriptors: [])
+    }
+
+    /// Whether the service manager keeps descriptors for this service: `$NOTIFY_SOCKET` is set and
+    /// `$FDSTORE` (systemd's `FileDescriptorStoreMax=`) is positive.
+    package static var keepsDescriptors: Bool {
+        guard getenv("NOTIFY_SOCKET") != nil, let raw = getenv("FDSTORE"), let count = Int(String(cString: raw)) else { return false }
+        return count > 0
+    }
+
+    /// `notify` with descriptors beside the message (`SCM_RIGHTS`), for `FDSTORE=1`.
+    @discardableResult
+    package static func notify(_ state: String, descriptors: [CInt]) -> Bool {
         guard let raw = getenv("NOTIFY_SOCKET") else { return false }
         var name = Array(String(cString: raw).utf8)
         guard name.count >= 2, name[0] == UInt8(ascii: "/") || name[0] == UInt8(ascii: "@") else { return false }
@@ -23,10 +36,12 @@ package enum ServiceManager {
         guard fd >= 0 else { return false }
         defer { close(fd) }
         let bytes = Array(state.utf8)
-        let sent = withUnsafePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
-                bytes.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL), address, length) }
-            }
+        let connected = withUnsafePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
+        }
+        guard connected == 0 else { return false }
+        let sent = bytes.withUnsafeBytes { raw in
+            descriptors.withUnsafeBufferPointer { SeqpacketSocket.sendRaw(fd, raw, $0, nonblocking: true) }
         }
         return sent == bytes.count
     }

@@ -207,6 +207,82 @@ struct BrokerTests {
         #expect(access(path, F_OK) == 0)
     }
 
+    @Test("keys survive a broker crash in the service manager's fd store: FDSTORE=1 at share, FDSTOREREMOVE=1 at claim, restored from LISTEN_FDNAMES")
+    func keysInServiceManagerStore() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let path = directory + "/kept.sock"
+        let listener = try SeqpacketSocket()
+        try listener.bind(path: path)
+        try listener.listen(backlog: 16)
+        // This test plays the service manager: it owns the listening socket and a notification
+        // socket, keeps the descriptors the broker stores, and hands them back at the restart.
+        let manager = try UnixSocket(.datagram)
+        try manager.bind(path: directory + "/notify")
+        var stored: [String: CInt] = [:]
+        defer { for fd in stored.values { close(fd) } }
+        func nextMessage() throws -> String {
+            var ready = pollfd(fd: manager.rawValue, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 10_000) == 1 else { return "(nothing within 10 s)" }
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let message = buffer.withUnsafeMutableBytes { SeqpacketSocket.receiveRaw(manager.rawValue, $0) }
+            guard let message else { return "(receive failed)" }
+            let text = String(decoding: buffer[0..<message.length], as: UTF8.self)
+            let name = text.split(separator: "\n").first { $0.hasPrefix("FDNAME=") }.map { String($0.dropFirst(7)) } ?? ""
+            if text.contains("FDSTORE=1"), let fd = message.descriptors.first {
+                stored[name] = fd
+            } else if text.contains("FDSTOREREMOVE=1"), let fd = stored.removeValue(forKey: name) {
+                close(fd)
+            }
+            for extra in message.descriptors.dropFirst() { close(extra) }
+            return text
+        }
+        func startBroker(_ passed: [(String, CInt)]) throws -> pid_t {
+            var descriptors: [CInt: CInt] = [3: listener.rawValue]
+            for (index, entry) in passed.enumerated() { descriptors[CInt(4 + index)] = entry.1 }
+            let names = (["patchbay.socket"] + passed.map(\.0)).joined(separator: ":")
+            let pid = try spawnProcess(
+                path: "/bin/sh",
+                arguments: ["-c", "LISTEN_PID=$$ LISTEN_FDS=\(1 + passed.count) LISTEN_FDNAMES=\"$3\" exec \"$0\" --socket \"$1\" --shm-directory \"$2\" --fd-store",
+                            patchbayDaemon, path, directory + "/shm", names],
+                environment: PatchbaySystem.environment(applying: ["NOTIFY_SOCKET": directory + "/notify"]),
+                descriptors: descriptors)
+            #expect(try nextMessage().contains("READY=1"))
+            return pid
+        }
+
+        let first = try startBroker([])
+        let file = try openFile(directory + "/payload", flags: O_RDWR | O_CREAT, mode: 0o600)
+        try file.writeAll(Array("kept across the crash".utf8))
+        let client = try Broker(socketPath: path)
+        let forever = try client.share(file, timeout: .never)
+        #expect(try nextMessage().contains("FDSTORE=1"))
+        let restricted = try client.share(file, timeout: .after(.seconds(3600)), claimableBy: .uid(geteuid()))
+        #expect(try nextMessage().contains("FDSTORE=1"))
+        let claimedBefore = try client.share(file, timeout: .never)
+        #expect(try nextMessage().contains("FDSTORE=1"))
+        _ = try client.claim(claimedBefore)
+        #expect(try nextMessage().contains("FDSTOREREMOVE=1"))
+        #expect(stored.count == 2)
+        #expect(stored.keys.allSatisfy { !$0.contains(claimedBefore.text) })
+
+        // A crash: the broker is gone, the manager still holds the files.
+        kill(first, SIGKILL)
+        _ = try waitForProcess(first)
+        let second = try startBroker(stored.map { ($0.key, $0.value) })
+        defer { kill(second, SIGTERM); _ = try? waitForProcess(second) }
+        let after = try Broker(socketPath: path)
+        #expect(try after.status().keys == 2)
+        let claimed = try after.claim(forever)
+        var buffer = [UInt8](repeating: 0, count: 64)
+        // The same open file description the sharer wrote through: read from the start.
+        let count = buffer.withUnsafeMutableBytes { pread(claimed.rawValue, $0.baseAddress, $0.count, 0) }
+        #expect(Array(buffer[0..<count]) == Array("kept across the crash".utf8))
+        #expect(try nextMessage().contains("FDSTOREREMOVE=1"))
+        _ = try after.claim(restricted)
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try after.claim(claimedBefore) }
+    }
+
     @Test("status never starts a broker: not running is exit status 3")
     func statusWhenNotRunning() throws {
         let directory = makeTemporaryDirectory()

@@ -144,6 +144,35 @@ final class KeyTable {
 
     /// Stores `file` under a fresh key. A refused file is closed on the closer thread: it is the
     /// client's, and its close may block.
+    /// Where keys are kept across restarts (a service manager's fd store), when there is one.
+    var fdStore: KeyFDStore?
+
+    /// A key the service manager kept across a restart: back in the table with its token,
+    /// deadline, owner and restriction (charged to its owner again). One whose deadline passed
+    /// meanwhile, or that its owner's share cannot take, is dropped, and the store told.
+    func restore(_ key: StoredKey, file: consuming Descriptor, now: UInt64) -> Bool {
+        if let deadline = key.deadline, deadline <= now {
+            DeferredCloser.shared.close(file)
+            fdStore?.removed(key)
+            return false
+        }
+        guard entries[key.token] == nil, (try? budget?.charge(1, to: key.ownerUID, for: "a restored key's file")) != nil else {
+            DeferredCloser.shared.close(file)
+            fdStore?.removed(key)
+            return false
+        }
+        let held = hold(file)
+        held.keys += 1
+        entries[key.token] = KeyEntry(held: held, ownerUID: key.ownerUID, ownerPID: 0, restriction: key.restriction,
+                                      createdAt: now, deadline: key.deadline)
+        keysPerUser[key.ownerUID, default: 0] += 1
+        if let deadline = key.deadline {
+            expiryQueue.insert(ExpiryItem(deadline: deadline, token: key.token, purpose: .expiry))
+            entriesWithDeadline += 1
+        }
+        return true
+    }
+
     func share(
         _ file: consuming Descriptor, expiry: KeyExpiry, restriction: ClaimRestriction?,
         sharer: PeerCredentials, now: UInt64
@@ -176,6 +205,8 @@ final class KeyTable {
             expiryQueue.insert(ExpiryItem(deadline: deadline, token: token, purpose: .expiry))
             entriesWithDeadline += 1
         }
+        fdStore?.stored(StoredKey(token: token, deadline: deadline, ownerUID: sharer.uid, restriction: restriction),
+                        file: held.descriptor)
         return token
     }
 
@@ -330,6 +361,7 @@ final class KeyTable {
 
     private func remove(_ token: KeyToken) {
         guard let entry = entries.removeValue(forKey: token) else { return }
+        fdStore?.removed(StoredKey(token: token, deadline: entry.deadline, ownerUID: entry.ownerUID, restriction: entry.restriction))
         release(entry.held)
         budget?.release(entry.restrictedProcess == nil ? 1 : 2, from: entry.ownerUID)
         let remaining = (keysPerUser[entry.ownerUID] ?? 1) - 1
