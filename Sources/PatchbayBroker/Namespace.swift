@@ -39,7 +39,8 @@ enum NamespacePath: Equatable {
             if parts.count == 4, parts[3] == "addrs" {
                 return (.netAddresses(family: family), nonblock)
             }
-            if parts.count == 5, let id = UInt64(parts[3]) {
+            // Ids are written as the handle reads them: decimal, no sign, no leading zero.
+            if parts.count == 5, let id = UInt64(parts[3]), String(id) == parts[3] {
                 switch parts[4] {
                 case "data": return (.netData(family: family, id: id), nonblock)
                 case "accept": return (.netAccept(family: family, id: id), nonblock)

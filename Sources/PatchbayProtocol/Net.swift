@@ -54,7 +54,9 @@ extension Request {
     public enum Net: Sendable, Equatable {
         /// A command line written to socket `socket`'s `ctl` (`bind NAME`, `listen`, `connect NAME`, ...).
         case control(socket: UInt64, command: String)
-        case list
+        /// Sockets in id order, starting after id `after` (0: from the first). A reply holds at
+        /// most 512; ask again after the last id for more.
+        case list(after: UInt64)
         /// The filesystem path of a bound local name.
         case path(name: String)
 
@@ -71,8 +73,9 @@ extension Request {
             case .control(let socket, let command):
                 writer.u64(socket)
                 writer.string(command)
-            case .list:
-                break
+            case .list(let after):
+                // Empty for 0, as the request was before it took a cursor.
+                if after != 0 { writer.u64(after) }
             case .path(let name):
                 writer.string(name)
             }
@@ -81,7 +84,7 @@ extension Request {
         static func decode(_ opcode: Opcode, _ reader: inout WireReader) throws(DecodeError) -> Self {
             switch opcode {
             case .netControl: return .control(socket: try reader.u64("socket"), command: try reader.string("command"))
-            case .netList: return .list
+            case .netList: return .list(after: reader.remaining == 0 ? 0 : try reader.u64("after"))
             case .netPath: return .path(name: try reader.string("name"))
             default: throw .wrongFrame(opcode, "net request")
             }

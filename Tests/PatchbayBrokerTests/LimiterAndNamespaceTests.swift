@@ -130,7 +130,8 @@ struct NamespacePathTests {
         "/net", "/net/", "/net/local", "/net/local/", "/net/local/raw", "/net/local/42", "/net/local/42/",
         "/net/local/42/foo", "/net/local/42/data/more", "/net/local/x/data", "/net/local/-1/data",
         "/net/local/18446744073709551616/data", "/net/local/ 42/data", "net/local/42/data", "//net/local/42/data",
-        "/net/local/stream/extra", "/net/local/addrs/1",
+        "/net/local/stream/extra", "/net/local/addrs/1", "/net/local/042/data", "/net/local/+42/data",
+        "/net/local/0x2a/accept",
     ])
     func unknownPaths(text: String) {
         expectRequestError(.noSuchFileOrDirectory) { () throws(RequestError) in _ = try parse(text) }

@@ -284,6 +284,20 @@ struct NetTests {
         #expect(try other.status().clients >= 2)
     }
 
+    @Test("listings page past 512 sockets: every socket is listed, and the state of the 600th is found")
+    func listingPages() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        final class Held { let socket: Socket; init(_ socket: consuming Socket) { self.socket = socket } }
+        var sockets: [Held] = []
+        for _ in 0..<600 { sockets.append(Held(try Socket.open(client, type: .seqpacket))) }
+        let listed = try client.listSockets()
+        #expect(listed.count == 600)
+        #expect(listed.map(\.id) == sockets.map { $0.socket.id })
+        #expect(try sockets[599].socket.state() == .new)
+        #expect(try client.listSockets(after: sockets[599].socket.id).isEmpty)
+    }
+
     @Test("data before connect is ENOTCONN, at the library and at the broker")
     func notConnected() throws {
         let broker = try TestBroker()

@@ -16,14 +16,30 @@ extension Broker {
         return Descriptor(file)
     }
 
-    /// Every `/net` socket: id, family, type, state, name, owner.
+    /// Every `/net` socket: id, family, type, state, name, owner, in id order (page after page
+    /// of the broker's listing, so sockets made meanwhile may or may not appear).
     public func listSockets() throws(PatchbayError) -> [NetSocketInfo] {
-        let response = try call(.net(.list))
+        var all: [NetSocketInfo] = []
+        var after: UInt64 = 0
+        while true {
+            let page = try listSockets(after: after)
+            all += page
+            guard let last = page.last, page.count >= Self.socketListPage else { return all }
+            after = last.id
+        }
+    }
+
+    /// Sockets whose id is above `after`, in id order: at most one page (512).
+    public func listSockets(after: UInt64) throws(PatchbayError) -> [NetSocketInfo] {
+        let response = try call(.net(.list(after: after)))
         guard case .net(.list(let sockets)) = response.reply else {
             throw PatchbayError(.protocolError, "unexpected reply to a socket listing")
         }
         return sockets
     }
+
+    /// The most sockets one listing reply holds.
+    static let socketListPage = 512
 
     /// The filesystem path of a local name: where programs that know nothing of Patchbay connect.
     public func localSocketPath(_ name: String) throws(PatchbayError) -> String {

@@ -243,7 +243,7 @@ public struct Socket: ~Copyable {
     }
 
     private static func state(_ broker: Broker, socket id: UInt64) throws(PatchbayError) -> NetSocketState {
-        guard let info = try broker.listSockets().first(where: { $0.id == id }),
+        guard let info = try broker.listSockets(after: id &- 1).first, info.id == id,
               let state = NetSocketState(rawValue: info.state)
         else { throw PatchbayError(.noSuchFileOrDirectory, "socket \(id) no longer exists") }
         return state

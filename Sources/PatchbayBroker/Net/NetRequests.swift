@@ -32,8 +32,8 @@ final class NetRequests: SessionClosedHook {
             } catch {
                 sessions.fail(error, context)
             }
-        case .list:
-            sessions.reply(.net(.list(table.list(limit: Self.listLimit))), to: context)
+        case .list(let after):
+            sessions.reply(.net(.list(table.list(after: after, limit: Self.listLimit))), to: context)
         case .path(let name):
             do {
                 try table.local.validate(Substring(name))

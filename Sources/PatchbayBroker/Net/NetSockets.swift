@@ -418,7 +418,20 @@ final class NetTable {
 
     /// The first `limit` sockets by id.
     func list(limit: Int) -> [NetSocketInfo] {
-        sockets.values.prefix(limit).map(\.info)
+        list(after: 0, limit: limit)
+    }
+
+    /// The first `limit` sockets whose id is above `after`: ids only grow, so the table is in id
+    /// order and the start is found by binary search.
+    func list(after: UInt64, limit: Int) -> [NetSocketInfo] {
+        let ids = sockets.keys
+        var low = 0
+        var high = ids.count
+        while low < high {
+            let middle = (low + high) / 2
+            if ids[middle] <= after { low = middle + 1 } else { high = middle }
+        }
+        return sockets.values[low...].prefix(limit).map(\.info)
     }
 
     func countByOwner() -> [UInt32: Int] { socketsPerUser }
