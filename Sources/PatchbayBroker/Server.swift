@@ -84,6 +84,7 @@ public final class BrokerServer {
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
         registry.budget = budget
         registry.policy = policy
+        registry.generationsFile = store.path + "/caps-generations"
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
             loop = try EventLoop()

@@ -283,6 +283,25 @@ struct BrokerTests {
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try after.claim(claimedBefore) }
     }
 
+    @Test("CAPS generations carry on across a broker crash: a name registered after the restart is newer than every one before")
+    func generationsAcrossRestart() throws {
+        let broker = try TestBroker()
+        do {
+            let first = try CapsService(try broker.connect(), name: "survivor")
+            #expect(first.currentGeneration == 1)
+        }
+        let second = try CapsService(try broker.connect(), name: "survivor")
+        #expect(second.currentGeneration == 2)
+        // The broker dies while the second registration runs.
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        let third = try CapsService(try Broker(socketPath: broker.socketPath), name: "survivor")
+        #expect(third.currentGeneration == 3)
+        _ = second
+    }
+
     @Test("status never starts a broker: not running is exit status 3")
     func statusWhenNotRunning() throws {
         let directory = makeTemporaryDirectory()

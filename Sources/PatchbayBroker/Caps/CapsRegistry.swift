@@ -197,6 +197,41 @@ final class CapsRegistry {
         self.logger = logger
     }
 
+    /// Where the last generation of each name is kept across broker restarts (a file in the
+    /// broker's private store directory, lines of `<generation> <name>`), so a service registered
+    /// after a restart is still visibly newer than the one before. Nil: kept in memory only.
+    var generationsFile: String? {
+        didSet { loadGenerations() }
+    }
+
+    private func loadGenerations() {
+        guard let generationsFile, let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
+              let bytes = try? file.readToEnd(limit: 1 << 20) else { return }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count == 2, let generation = UInt64(fields[0]), capsNameProblem(String(fields[1])) == nil else { continue }
+            lastGeneration[String(fields[1]), default: 0] = max(lastGeneration[String(fields[1])] ?? 0, generation)
+        }
+    }
+
+    /// Rewrites the generations file whole (a new file renamed over the old, so a crash leaves
+    /// one or the other).
+    private func saveGenerations() {
+        guard let generationsFile else { return }
+        let text = lastGeneration.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)\n" }.joined()
+        let temporary = generationsFile + ".new"
+        do {
+            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+            try file.writeAll(Array(text.utf8))
+        } catch {
+            logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
+            return
+        }
+        if rename(temporary, generationsFile) != 0 {
+            logger.warning("cannot save CAPS generations", metadata: ["errno": "\(Errno.current.name)"])
+        }
+    }
+
     // MARK: Registration
 
     /// The checks of a registration, before the broker takes the status page.
@@ -271,8 +306,13 @@ final class CapsRegistry {
 
     /// The generation a new registration of `name` starts at: one past the last, so a restarted
     /// service is visibly new. The service writes it to its status page.
+    /// Recorded (and saved) at once, so a broker that dies while the service runs still starts
+    /// the next registration above it.
     func initialGeneration(of name: String) -> UInt64 {
-        (lastGeneration[name] ?? 0) &+ 1
+        let generation = (lastGeneration[name] ?? 0) &+ 1
+        lastGeneration[name] = generation
+        saveGenerations()
+        return generation
     }
 
     // MARK: Connecting
@@ -377,6 +417,7 @@ final class CapsRegistry {
             byName[service.name]?.removeAll { $0 == id }
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
             lastGeneration[service.name] = max(lastGeneration[service.name] ?? 0, service.generation)
+            saveGenerations()
             for channelID in service.channels {
                 guard let channel = channels.removeValue(forKey: channelID) else { continue }
                 channelBySession[channel.clientSession] = nil
