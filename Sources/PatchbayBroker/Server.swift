@@ -112,11 +112,11 @@ public final class BrokerServer {
             keyTable.fdStore = keepKeys ? KeyFDStore() : nil
             var restored = 0
             for (name, fd) in listener.inheritedKeyFiles {
-                if let key = StoredKey(name: name), keyTable.restore(key, file: Descriptor(adopting: fd), now: monotonicNanoseconds()) {
-                    restored += 1
-                } else if StoredKey(name: name) == nil {
-                    close(fd)
+                guard let key = StoredKey(name: name) else {
+                    close(fd)  // not a name this broker writes
+                    continue
                 }
+                if keyTable.restore(key, file: Descriptor(adopting: fd), now: monotonicNanoseconds()) { restored += 1 }
             }
             listener.inheritedKeyFiles = []
             if restored > 0 { logger.info("keys restored from the service manager", metadata: ["keys": "\(restored)"]) }

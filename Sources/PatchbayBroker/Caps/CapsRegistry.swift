@@ -198,37 +198,58 @@ final class CapsRegistry {
     }
 
     /// Where the last generation of each name is kept across broker restarts (a file in the
-    /// broker's private store directory, lines of `<generation> <name>`), so a service registered
-    /// after a restart is still visibly newer than the one before. Nil: kept in memory only.
+    /// broker's private store directory, lines of `<generation> <name>`, the highest per name
+    /// winning), so a service registered after a restart is still visibly newer than the one
+    /// before. Nil: kept in memory only.
     var generationsFile: String? {
         didSet { loadGenerations() }
     }
+    /// Lines in the file: one short line is appended per change, and the file is rewritten whole
+    /// only when stale lines dominate, so a registration costs the loop one small write, not the
+    /// whole table. No descriptor is held between writes.
+    private var generationLines = 0
 
     private func loadGenerations() {
-        guard let generationsFile, let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
-              let bytes = try? file.readToEnd(limit: 1 << 20) else { return }
+        guard let generationsFile else { return }
+        // No file: nothing to load, and none is made until a name registers.
+        guard let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
+              let bytes = try? file.readToEnd(limit: 16 << 20) else { return }
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
             guard fields.count == 2, let generation = UInt64(fields[0]), capsNameProblem(String(fields[1])) == nil else { continue }
-            lastGeneration[String(fields[1]), default: 0] = max(lastGeneration[String(fields[1])] ?? 0, generation)
+            lastGeneration[String(fields[1])] = max(lastGeneration[String(fields[1])] ?? 0, generation)
         }
+        rewriteGenerations()
     }
 
-    /// Rewrites the generations file whole (a new file renamed over the old, so a crash leaves
-    /// one or the other).
-    private func saveGenerations() {
+    /// Records `name`'s last generation: one appended line, the file compacted when stale lines
+    /// outnumber the names.
+    private func saveGeneration(of name: String) {
+        guard let generationsFile, let generation = lastGeneration[name] else { return }
+        do throws(Errno) {
+            let file = try openFile(generationsFile, flags: O_WRONLY | O_APPEND | O_NOFOLLOW)
+            try file.writeAll(Array("\(generation) \(name)\n".utf8))
+            generationLines += 1
+        } catch {
+            if error == .noSuchFileOrDirectory { return rewriteGenerations() }  // the first: made whole
+            logger.warning("cannot save a CAPS generation", metadata: ["errno": "\(error.name)"])
+        }
+        if generationLines > 2 * lastGeneration.count + 64 { rewriteGenerations() }
+    }
+
+    /// Writes the table whole to a new file renamed over the old (a crash leaves one or the
+    /// other).
+    private func rewriteGenerations() {
         guard let generationsFile else { return }
         let text = lastGeneration.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)\n" }.joined()
         let temporary = generationsFile + ".new"
-        do {
+        do throws(Errno) {
             let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
             try file.writeAll(Array(text.utf8))
+            guard rename(temporary, generationsFile) == 0 else { throw Errno.current }
+            generationLines = lastGeneration.count
         } catch {
             logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
-            return
-        }
-        if rename(temporary, generationsFile) != 0 {
-            logger.warning("cannot save CAPS generations", metadata: ["errno": "\(Errno.current.name)"])
         }
     }
 
@@ -311,7 +332,7 @@ final class CapsRegistry {
     func initialGeneration(of name: String) -> UInt64 {
         let generation = (lastGeneration[name] ?? 0) &+ 1
         lastGeneration[name] = generation
-        saveGenerations()
+        saveGeneration(of: name)
         return generation
     }
 
@@ -416,8 +437,9 @@ final class CapsRegistry {
             servicesPerUser[service.owner.uid] = remaining > 0 ? remaining : nil
             byName[service.name]?.removeAll { $0 == id }
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
-            lastGeneration[service.name] = max(lastGeneration[service.name] ?? 0, service.generation)
-            saveGenerations()
+            let previous = lastGeneration[service.name] ?? 0
+            lastGeneration[service.name] = max(previous, service.generation)
+            if service.generation > previous { saveGeneration(of: service.name) }
             for channelID in service.channels {
                 guard let channel = channels.removeValue(forKey: channelID) else { continue }
                 channelBySession[channel.clientSession] = nil

@@ -156,7 +156,15 @@ final class LoadRun {
                     : "the broker stopped reading it once its replies filled the queue, so its requests wait in its own socket buffer (back-pressure; it is disconnected only after leaving them unread for 30 s)")
                 + "\n")
         }
-        let after = try observer.status()
+        // The clients' hang-ups reach the broker as events it may not have handled yet when the
+        // observer asks: wait (bounded) until only the observer and the slow client remain.
+        let remaining = slow == nil ? 1 : 2
+        var after = try observer.status()
+        let settleDeadline = monotonicNanoseconds() + 5_000_000_000
+        while after.clients > remaining, monotonicNanoseconds() < settleDeadline {
+            usleep(5_000)
+            after = try observer.status()
+        }
         writeStandardOutput("broker after the run: \(after.clients) clients, \(after.keys) keys outstanding\n")
         if !errors.isEmpty { throw ExitCode(1) }
     }
