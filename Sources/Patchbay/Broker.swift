@@ -30,6 +30,12 @@ public typealias UserUsage = PatchbayProtocol.UserUsage
 public final class Broker: Sendable {
     /// The socket this connection is attached to.
     public let socketPath: String
+    /// How this broker (and the service ports and listeners made through it) reconnect when the
+    /// broker goes away and comes back (Reconnect.swift).
+    public let reconnectPolicy: ReconnectPolicy
+    /// Whether a reconnection may start the per-user broker, as the first connection could.
+    let autostarts: Bool
+    private let reconnectionCount = Atomic<UInt64>(0)
     let connection: Mutex<Connection>
     /// Where the async calls block, one at a time, as the connection serialises them anyway.
     private let queue = DispatchQueue(label: "patchbay.broker")
@@ -45,20 +51,22 @@ public final class Broker: Sendable {
     public static var daemonExecutable: String? { Autostart.daemonExecutable() }
 
     /// Connects to `socketPath`, or with nil to the default broker (see the type's summary).
-    /// `autostart` applies only to the per-user default path.
-    public init(socketPath: String? = nil, autostart: Bool = true) throws(PatchbayError) {
+    /// `autostart` applies only to the per-user default path. `reconnect` says how a lost
+    /// connection is made again (Reconnect.swift): by default 8 attempts over about 3.5 s.
+    public init(socketPath: String? = nil, autostart: Bool = true, reconnect: ReconnectPolicy = .standard) throws(PatchbayError) {
         let explicit = socketPath ?? getenv("PATCHBAY_SOCKET").map { String(cString: $0) }
         let path: String
-        let socket: SeqpacketSocket
+        var allowed = false
         if let explicit, !explicit.isEmpty {
             path = explicit
-            socket = try Autostart.connect(path: path)
         } else {
             path = Autostart.defaultUserSocketPath()
-            let allowed = autostart && getenv("PATCHBAY_AUTOSTART").map { String(cString: $0) } != "0"
-            socket = allowed ? try Autostart.connectOrStart(path: path) : try Autostart.connect(path: path)
+            allowed = autostart && getenv("PATCHBAY_AUTOSTART").map { String(cString: $0) } != "0"
         }
+        let socket = allowed ? try Autostart.connectOrStart(path: path) : try Autostart.connect(path: path)
         self.socketPath = path
+        autostarts = allowed
+        reconnectPolicy = reconnect
         connection = Mutex(Connection(socket: socket))
     }
 
@@ -89,10 +97,62 @@ public final class Broker: Sendable {
         return handoff.value.take()!
     }
 
-    func call(_ request: Request, descriptors: [CInt] = []) throws(PatchbayError) -> Response {
+    /// How many times this broker's connection was made again after the broker went away.
+    public var reconnections: UInt64 { reconnectionCount.load(ordering: .acquiring) }
+
+    /// Sends `request` and waits for its reply. A connection found gone before the request left
+    /// is made again (per `reconnectPolicy`) and the request sent on the new one; a reply lost
+    /// with the connection is ECONNRESET, never a retry (the broker may have acted on it).
+    ///
+    /// `within`: the request names an object of the broker as it was at that reconnection count
+    /// (a socket id): after a reconnection it is not sent, since the new broker's ids mean other
+    /// objects; ECONNRESET says the broker restarted, and the caller finds its object again.
+    func call(_ request: Request, descriptors: [CInt] = [], within generation: UInt64? = nil) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
-            try connection.call(request, descriptors: descriptors)
+            let reconnects = reconnectPolicy.reconnects
+            if connection.isBroken && reconnects { try reconnect(&connection) }
+            try check(generation)
+            do throws(PatchbayError) {
+                return try connection.call(request, descriptors: descriptors)
+            } catch {
+                guard connection.isBroken, reconnects else { throw error }
+                guard connection.lastRequestUnsent else {
+                    throw PatchbayError(error.errno, "the broker went away before it answered, so this may not have happened; "
+                                            + "the next call connects again")
+                }
+                try reconnect(&connection)
+                try check(generation)
+                return try connection.call(request, descriptors: descriptors)
+            }
         }
+    }
+
+    private func check(_ generation: UInt64?) throws(PatchbayError) {
+        if let generation, generation != reconnections {
+            throw PatchbayError(.connectionReset, "the broker restarted; what this names belonged to the broker before")
+        }
+    }
+
+    /// A new connection to the same broker, after the old one broke.
+    private func reconnect(_ connection: inout Connection) throws(PatchbayError) {
+        connection = try reconnectPolicy.retry(what: "the broker at \(socketPath)") { () throws(PatchbayError) -> Connection in
+            try connectServing()
+        }
+        reconnectionCount.add(1, ordering: .releasing)
+    }
+
+    /// One attempt at a fresh connection of the caller's own to the same broker (a service
+    /// port's), starting the per-user broker if this one may.
+    func connectOnce() throws(PatchbayError) -> SeqpacketSocket {
+        autostarts ? try Autostart.connectOrStart(path: socketPath) : try Autostart.connect(path: socketPath)
+    }
+
+    /// One attempt at a new connection that answers: a broker being killed can still complete a
+    /// connect (its listening socket closes last), so a round trip (`status`) proves it serves.
+    private func connectServing() throws(PatchbayError) -> Connection {
+        var connection = Connection(socket: try connectOnce())
+        _ = try connection.call(.status)
+        return connection
     }
 
     func unexpected(_ reply: Reply) -> PatchbayError {

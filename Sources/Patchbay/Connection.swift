@@ -20,6 +20,10 @@ struct Connection: ~Copyable {
     let socket: SeqpacketSocket
     private var nextRequestID: UInt64 = 1
     private let buffer: UnsafeMutableRawBufferPointer
+    /// The connection is gone (the broker closed it or died): nothing more can be said on it.
+    private(set) var isBroken = false
+    /// When broken: the last request never left this process (safe to send again elsewhere).
+    private(set) var lastRequestUnsent = false
 
     init(socket: consuming SeqpacketSocket) {
         self.socket = socket
@@ -37,6 +41,7 @@ struct Connection: ~Copyable {
         do {
             try socket.send(request.encode(requestID: id))
         } catch {
+            noteFailure(error, unsent: true)
             throw Self.transportError(error)
         }
     }
@@ -51,6 +56,7 @@ struct Connection: ~Copyable {
             // A broker that refused this connection sent why before closing; that frame is
             // still queued here, and says more than EPIPE.
             if let refusal = pendingRefusal() { throw refusal }
+            noteFailure(error, unsent: true)
             throw Self.transportError(error)
         }
         while true {
@@ -61,9 +67,11 @@ struct Connection: ~Copyable {
                 // The kernel reports the broker's close (ECONNRESET) before frames still queued;
                 // reading that error clears it, so a refusal sent before the close is still there.
                 if error == .connectionReset, let refusal = pendingRefusal() { throw refusal }
+                noteFailure(error, unsent: false)
                 throw Self.transportError(error)
             }
             if message.length == 0 && message.descriptors.count == 0 {
+                noteFailure(.connectionReset, unsent: false)
                 throw PatchbayError(.connectionReset, "the broker closed the connection")
             }
             if message.truncated {
@@ -94,6 +102,13 @@ struct Connection: ~Copyable {
             }
             return Response(reply: reply, descriptors: message.descriptors, descriptorLost: message.descriptorsTruncated)
         }
+    }
+
+    /// Records a transport failure: the connection is done for.
+    private mutating func noteFailure(_ error: Errno, unsent: Bool) {
+        guard ReconnectPolicy.isTransport(error) else { return }
+        isBroken = true
+        lastRequestUnsent = unsent
     }
 
     /// A connection-level error frame (request id 0) waiting in the receive queue, if any.

@@ -351,7 +351,7 @@ public final class BrokerServer {
         case .sharedMemory(let request):
             sharedMemory.handle(request, context)
         case .net(let request):
-            net.handle(request, context)
+            net.handle(request, descriptors: &descriptors, context)
         case .caps(let request):
             caps.handle(request, descriptors: &descriptors, context)
         }

@@ -49,7 +49,8 @@ struct CapsCommand: ParsableCommand {
             let program = exec.first.map { resolveProgram($0, for: command) }
             // A program that exits without reading its request must not kill the service.
             signal(SIGPIPE, SIG_IGN)
-            let broker = connectBroker(for: command)
+            // A server outlives broker restarts: it registers again when the broker is back.
+            let broker = connectBroker(for: command, reconnect: .forever)
             let service = attempt(command) { () throws(PatchbayError) -> CapsService in
                 try CapsService(broker, name: name, uid: uid ?? Int32(bitPattern: geteuid()), gid: gid, access: access,
                                 exclusive: exclusive)
@@ -58,8 +59,14 @@ struct CapsCommand: ParsableCommand {
             // at most, never once per request.
             startThread {
                 var reported = 0
+                var registrations = 1
                 while true {
                     sleep(1)
+                    let now = service.registrations
+                    if now != registrations {
+                        registrations = now
+                        writeStandardError("patchbay: caps serve: the broker restarted; \(name) is registered again (service \(service.serviceID))\n")
+                    }
                     let refusals = service.refusals
                     guard refusals.total > reported else { continue }
                     let who = refusals.last.map { "; the last from pid \($0.pid), uid \($0.uid)" } ?? ""

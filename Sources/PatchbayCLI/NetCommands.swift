@@ -50,7 +50,8 @@ struct NetCommand: ParsableCommand {
             let program = exec.first.map { resolveProgram($0, for: command) }
             // A peer that goes away while a reply is written must not kill the listener.
             signal(SIGPIPE, SIG_IGN)
-            let broker = connectBroker(for: command)
+            // A server outlives broker restarts: it binds its name again when the broker is back.
+            let broker = connectBroker(for: command, reconnect: .forever)
             if type == .dgram {
                 if let error = serveDatagrams(broker) { fail(command, error) }
                 return
@@ -58,6 +59,7 @@ struct NetCommand: ParsableCommand {
             let listener = attempt(command) { () throws(PatchbayError) -> Socket in
                 try Socket.listen(broker, name: name, type: type, mode: mode.flatMap(NetCommand.parsedMode))
             }
+            var reconnections = broker.reconnections
             while true {
                 let connection: Socket
                 do {
@@ -65,6 +67,10 @@ struct NetCommand: ParsableCommand {
                 } catch {
                     if error.errno == .interrupted { continue }
                     fail(command, error)
+                }
+                if broker.reconnections != reconnections {
+                    reconnections = broker.reconnections
+                    writeStandardError("patchbay: net listen: the broker restarted; \(name) is listening again (socket \(listener.id))\n")
                 }
                 let box = ConnectionBox(connection)
                 if echo {

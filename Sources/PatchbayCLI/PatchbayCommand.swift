@@ -25,9 +25,9 @@ public struct PatchbayCommand: ParsableCommand {
 }
 
 /// Opens the broker connection for a command, or fails the command.
-func connectBroker(for command: String) -> Broker {
+func connectBroker(for command: String, reconnect: ReconnectPolicy = .standard) -> Broker {
     do {
-        return try Broker()
+        return try Broker(reconnect: reconnect)
     } catch {
         fail(command, error, status: ExitStatus.unavailable)
     }

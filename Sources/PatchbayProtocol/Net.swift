@@ -59,12 +59,16 @@ extension Request {
         case list(after: UInt64)
         /// The filesystem path of a bound local name.
         case path(name: String)
+        /// A listening kernel socket (attached) still bound to `name`'s socket file, made by a
+        /// broker that is gone: registered again as a new socket, LISTENING, under `name`.
+        case adopt(family: String, type: String, name: String)
 
         public var opcode: Opcode {
             switch self {
             case .control: .netControl
             case .list: .netList
             case .path: .netPath
+            case .adopt: .netAdopt
             }
         }
 
@@ -78,6 +82,10 @@ extension Request {
                 if after != 0 { writer.u64(after) }
             case .path(let name):
                 writer.string(name)
+            case .adopt(let family, let type, let name):
+                writer.string(family)
+                writer.string(type)
+                writer.string(name)
             }
         }
 
@@ -86,6 +94,8 @@ extension Request {
             case .netControl: return .control(socket: try reader.u64("socket"), command: try reader.string("command"))
             case .netList: return .list(after: reader.remaining == 0 ? 0 : try reader.u64("after"))
             case .netPath: return .path(name: try reader.string("name"))
+            case .netAdopt:
+                return .adopt(family: try reader.string("family"), type: try reader.string("type"), name: try reader.string("name"))
             default: throw .wrongFrame(opcode, "net request")
             }
         }
@@ -97,12 +107,15 @@ extension Reply {
         case control
         case list([NetSocketInfo])
         case path(String)
+        /// The adopted listener's new id; its handle is attached.
+        case adopt(id: UInt64)
 
         public var opcode: Opcode {
             switch self {
             case .control: .netControl
             case .list: .netList
             case .path: .netPath
+            case .adopt: .netAdopt
             }
         }
 
@@ -113,6 +126,7 @@ extension Reply {
                 writer.u32(UInt32(sockets.count))
                 for socket in sockets { socket.encode(into: &writer) }
             case .path(let path): writer.string(path)
+            case .adopt(let id): writer.u64(id)
             }
         }
 
@@ -126,6 +140,7 @@ extension Reply {
                 }
                 return .list(sockets)
             case .netPath: return .path(try reader.string("path"))
+            case .netAdopt: return .adopt(id: try reader.u64("id"))
             default: throw .wrongFrame(opcode, "net reply")
             }
         }

@@ -44,6 +44,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case netControl = 50
     case netList = 51
     case netPath = 52
+    /// `/net`: take back a listener that outlived a broker restart (its kernel socket attached).
+    case netAdopt = 53
     /// CAPS: register a service, connect a client, set a generation, list services; and the
     /// events a service port receives.
     case capsService = 60
@@ -88,6 +90,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .netControl:        Metadata(.net,          true,    true,  false, 0, 0, 0)
         case .netList:           Metadata(.net,          true,    true,  false, 0, 0, 0)
         case .netPath:           Metadata(.net,          true,    true,  false, 0, 0, 0)
+        case .netAdopt:          Metadata(.net,          true,    true,  false, 1, 1, 0)
         case .capsService:       Metadata(.caps,         true,    true,  false, 1, 1, 0)
         case .capsClient:        Metadata(.caps,         true,    true,  false, 0, 5, 0)
         case .capsSetGeneration: Metadata(.caps,         true,    true,  false, 0, 0, 0)

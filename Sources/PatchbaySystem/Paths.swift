@@ -18,6 +18,13 @@ package func isSocketFile(atPath path: String) -> Bool? {
     return info.st_mode & S_IFMT == S_IFSOCK
 }
 
+/// The owner uid of the socket file at `path` itself; nil when nothing, or no socket, is there.
+package func socketFileOwner(atPath path: String) -> UInt32? {
+    var info = stat()
+    guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return nil }
+    return info.st_uid
+}
+
 /// Whether anything exists at `path` (`access(F_OK)`).
 package func fileExists(atPath path: String) -> Bool {
     access(path, F_OK) == 0

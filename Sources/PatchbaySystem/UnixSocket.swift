@@ -82,6 +82,18 @@ package struct UnixSocket: ~Copyable {
     }
 
     /// Whether `listen` was called on the socket (`SO_ACCEPTCONN`).
+    /// The socket type (`SO_TYPE`: `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`) and family
+    /// (`SO_DOMAIN`), to check a descriptor a client handed over.
+    package borrowing func typeAndFamily() throws(Errno) -> (type: CInt, family: CInt) {
+        var type: CInt = 0
+        var family: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_TYPE, &type, &length) }
+        length = socklen_t(MemoryLayout<CInt>.size)
+        _ = try syscallRetrying { getsockopt(descriptor.rawValue, SOL_SOCKET, SO_DOMAIN, &family, &length) }
+        return (type, family)
+    }
+
     package borrowing func isListening() -> Bool {
         var value: CInt = 0
         var length = socklen_t(MemoryLayout<CInt>.size)

@@ -86,4 +86,126 @@ struct RestartTests {
             #expect([.connectionRefused, .connectionReset, .brokenPipe].contains(error.errno), "\(error)")
         }
     }
+
+    @Test("a broker killed under a listener, a service and their clients: established traffic goes on, the names come back, nothing fails silently")
+    func serversRideOutARestart() throws {
+        let broker = try TestBroker()
+        let listener = try Child(patchbayCLI, ["net", "listen", "echo1", "--echo"], environment: broker.environment)
+        defer { listener.kill(SIGTERM); _ = try? listener.wait() }
+        let server = try Child(patchbayCLI, ["caps", "serve", "svc", "--echo"], environment: broker.environment)
+        defer { server.kill(SIGTERM); _ = try? server.wait() }
+        let client = try broker.connect()
+        let before = try waitUntilListening(client, "echo1")
+        try waitUntilRegistered(client, "svc")
+
+        // Established before the kill: a /net connection and a CAPS channel.
+        let connection = try Socket.connect(client, to: "echo1")
+        #expect(try connection.send(Array("one".utf8)) == 3)
+        #expect(try connection.receive()?.bytes == Array("one".utf8))
+        let port = try CapsClient(client, name: "svc")
+        #expect(try port.call(Array("first".utf8)) == Array("first".utf8))
+
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+
+        // With no broker: the established traffic flows, what needs a broker fails and says so.
+        #expect(try connection.send(Array("two".utf8)) == 3)
+        #expect(try connection.receive()?.bytes == Array("two".utf8))
+        #expect(try port.call(Array("second".utf8)) == Array("second".utf8))
+        let refused = try run(patchbayCLI, ["caps", "call", "svc", "x"], environment: broker.environment)
+        #expect(refused.termination == .exited(69) && refused.standardOutput.isEmpty, "\(refused)")
+        #expect(throws: PatchbayError.self) { try Broker(socketPath: broker.socketPath) }  // a first connection is not retried
+
+        // A new broker on the same path and store: the servers take their names back by
+        // themselves, and this process's Broker reconnects on its next call.
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        let after = try waitUntilListening(client, "echo1")
+        #expect(client.reconnections == 1)
+        #expect(after.ownerPID == before.ownerPID)
+        try waitUntilRegistered(client, "svc")
+        // New clients reach both names; the old ones still work.
+        let fresh = try Socket.connect(client, to: "echo1")
+        #expect(try fresh.send(Array("three".utf8)) == 5)
+        #expect(try fresh.receive()?.bytes == Array("three".utf8))
+        #expect(try connection.send(Array("four".utf8)) == 4)
+        #expect(try connection.receive()?.bytes == Array("four".utf8))
+        #expect(try CapsClient(client, name: "svc").call(Array("new".utf8)) == Array("new".utf8))
+        #expect(try port.call(Array("old".utf8)) == Array("old".utf8))
+        let call = try run(patchbayCLI, ["caps", "call", "svc", "cli"], environment: broker.environment)
+        #expect(call.termination == .exited(0) && call.standardOutput == "cli", "\(call)")
+        // Both servers are still the same processes, and said what happened.
+        #expect(listener.isRunning && server.isRunning)
+    }
+
+    @Test("a library service registers again and a library listener takes its socket back; a departed client is noticed without the broker")
+    func libraryRidesOutARestart() throws {
+        let broker = try TestBroker()
+        let owner = try Broker(socketPath: broker.socketPath, reconnect: .forever)
+        let service = try CapsService(owner, name: "lib_svc", access: [.world])
+        let firstID = service.serviceID
+        let listener = ListenerBox(try Socket.listen(owner, name: "lib-echo"))
+        let kernelSocket = listener.socket.kernelDescriptor
+        // A client in another process, connected before the kill, goes away while the broker is
+        // down: the service learns it from the channel itself, and its requests become DISPOSEs.
+        let peer = try Child(testPeer, ["caps-put-and-hang", "lib_svc"], environment: broker.environment)
+        let sent = try #require(try peer.readLine())
+        let ids = Set(sent.split(separator: " ").dropFirst().compactMap { UInt64($0) })
+        #expect(ids.count == 3, "\(sent)")
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        peer.kill(SIGKILL)
+        _ = try peer.wait()
+        var disposed: Set<UInt64> = []
+        while disposed != ids {
+            let (message, _) = try serviceWait(service)
+            if message.kind == .dispose { disposed.insert(message.messageID) }
+        }
+
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        // The listener takes its kernel socket back at its next accept: a connection waiting in
+        // its backlog since before is not lost.
+        let other = try Broker(socketPath: broker.socketPath)
+        let accepted = Mutex<Bool>(false)
+        let socketID = Mutex<UInt64>(0)
+        startThread {
+            if let connection = try? listener.socket.accept() {
+                accepted.withLock { $0 = true }
+                socketID.withLock { $0 = connection.id }
+            }
+        }
+        _ = try waitUntilListening(other, "lib-echo")
+        let caller = try Socket.connect(other, to: "lib-echo")
+        _ = caller
+        // The service is registered again, under a new id, and answers a new client.
+        try waitUntilRegistered(other, "lib_svc")
+        #expect(service.registrations == 2 && service.serviceID != firstID)
+        let newClient = try CapsClient(other, name: "lib_svc")
+        let id = try newClient.put(Array("hello".utf8))
+        let (again, payload) = try serviceWait(service)
+        #expect(again.kind == .request && again.messageID == id && payload == Array("hello".utf8))
+        try service.reply(to: id, payload)
+        #expect(try clientWait(newClient).1 == Array("hello".utf8))
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while !accepted.withLock({ $0 }), monotonicNanoseconds() < deadline { usleep(2_000) }
+        #expect(accepted.withLock { $0 })
+        // The same kernel socket, taken back by the new broker.
+        #expect(listener.socket.kernelDescriptor == kernelSocket && socketID.withLock { $0 } != 0)
+    }
+
+    func waitUntilRegistered(_ broker: Broker, _ name: String) throws {
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while monotonicNanoseconds() < deadline {
+            if try broker.listServices().contains(where: { $0.name == name }) { return }
+            usleep(2_000)
+        }
+        throw PatchbayError(.timedOut, "\(name) never registered")
+    }
+}
+
+/// A listener a thread can accept on.
+final class ListenerBox: @unchecked Sendable {
+    let socket: Socket
+    init(_ socket: consuming Socket) { self.socket = socket }
 }

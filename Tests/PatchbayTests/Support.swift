@@ -106,6 +106,13 @@ final class Child {
     }
 
     /// Closes the child's stdin (its cue in several test-peer commands).
+    /// Whether the process is still alive (not exited, not a zombie), without reaping it.
+    var isRunning: Bool {
+        guard reaped == nil, let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY), let bytes = try? stat.readToEnd(limit: 4096),
+              let close = bytes.lastIndex(of: UInt8(ascii: ")")), close + 2 < bytes.count else { return false }
+        return bytes[close + 2] != UInt8(ascii: "Z")
+    }
+
     func closeInput() {
         input = nil
     }

@@ -49,8 +49,10 @@ public struct CapsServiceMessage: Sendable {
 public final class CapsService: @unchecked Sendable {
     /// The name clients connect to.
     public let name: String
-    /// The broker's id for this registration.
-    public let serviceID: UInt64
+    /// The broker's id for this registration (a new one after registering again with a broker
+    /// that restarted).
+    public var serviceID: UInt64 { core.lock.locked { registeredID } }
+    private var registeredID: UInt64
 
     /// One client connection, as the service keeps it.
     private final class ClientChannel {
@@ -88,12 +90,30 @@ public final class CapsService: @unchecked Sendable {
         public var last: CapsCredentials?
     }
 
-    private let connection: Connection
+    private var connection: Connection
     private let status: PatchbaySystem.Mapping
-    /// The broker's notices counter (read-only here).
-    private let notices: PatchbaySystem.Mapping
+    /// The status page itself, to register again with.
+    private let statusPage: PatchbaySystem.Descriptor
+    /// The broker's notices counter (read-only here): the page of the current registration. Pages
+    /// of earlier registrations stay mapped (a few KiB per broker restart), so a reader never
+    /// touches an unmapped page.
+    private var noticePages: [NoticePage] = []
+    private let noticesAddress = Atomic<UInt>(0)
     private let epoll: Epoll
     private let cancelEvent: EventCounter
+    /// Signalled by the thread that registers the service again after the broker went away.
+    private let registrationEvent: EventCounter
+    /// What a new registration needs: the broker (for its path and reconnect policy) and the
+    /// registration's terms.
+    private let broker: Broker
+    private let terms: Request.Caps
+    /// The broker went away and the service is not registered (yet) with its successor.
+    private var unregistered = false
+    /// Registering again failed for good: `wait` throws this.
+    private var registrationFailure: PatchbayError?
+    /// How many times the service registered again with a restarted broker.
+    public var registrations: Int { core.lock.locked { registrationCount } }
+    private var registrationCount = 1
     private let notifyConnections: Bool
     /// Requests a client may have here, read and not yet disposed of, before the next is refused.
     public let maximumInFlight: Int
@@ -117,7 +137,10 @@ public final class CapsService: @unchecked Sendable {
 
     private static let brokerToken: UInt64 = 1
     private static let cancelToken: UInt64 = 2
+    private static let registrationToken: UInt64 = 3
     private static let channelTokens: UInt64 = 1 << 62
+    /// A client's direct socket, watched for its hang-up while no broker reports departures.
+    private static let departureTokens: UInt64 = 1 << 61
 
     /// Registers a service. `uid`/`gid` -1: not registered under that key; otherwise a non-root
     /// caller may register only its own effective uid and a group it belongs to.
@@ -128,35 +151,141 @@ public final class CapsService: @unchecked Sendable {
                 maximumInFlight: Int = 128) throws(PatchbayError) {
         self.name = name
         self.notifyConnections = notifyConnections
+        self.broker = broker
         // As the broker gives it to clients: 0 (or less) means 128, more than 256 is 256.
         self.maximumInFlight = maximumInFlight <= 0 ? 128 : min(maximumInFlight, 256)
-        var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
         let flags = CapsFlags(rawValue: access.rawValue).union(exclusive ? .exclusive : []).union(notifyConnections ? .notifyConnections : [])
+        terms = .service(name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: UInt32(clamping: maximumInFlight))
         // The status page is this port's own: mapped writable here, then sealed so that nobody
         // else (clients reopening it through /proc, the broker) can ever write it.
         let page = try Self.makeStatusPage()
-        var response = try port.call(.caps(.service(name: name, uid: uid, gid: gid, flags: flags,
-                                                          maximumInFlight: UInt32(clamping: maximumInFlight))),
-                                     descriptors: [page.descriptor.rawValue])
-        guard case .caps(.service(let serviceID, let generation)) = response.reply, let noticesPage = response.takeDescriptor() else {
-            throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
-        }
-        self.serviceID = serviceID
+        var registration = try Self.register(terms, socket: try Autostart.connect(path: broker.socketPath),
+                                             statusPage: page.descriptor.rawValue)
+        registeredID = registration.serviceID
+        let generation = registration.generation
         status = page.mapping
+        statusPage = page.descriptor
+        let port = registration.takePort()
         do {
-            notices = try PatchbaySystem.Mapping(noticesPage, length: 4096, writable: false)
             epoll = try Epoll()
             cancelEvent = try EventCounter(nonblocking: true)
+            registrationEvent = try EventCounter(nonblocking: true)
             try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
             try epoll.add(cancelEvent.descriptor.rawValue, events: .readable, token: Self.cancelToken)
+            try epoll.add(registrationEvent.descriptor.rawValue, events: .readable, token: Self.registrationToken)
         } catch {
             throw PatchbayError(error, "cannot set up the service port")
         }
+        noticePages.append(NoticePage(registration.takeNotices()))
+        noticesAddress.store(UInt(bitPattern: noticePages[0].mapping.baseAddress), ordering: .releasing)
         connection = port
         statusWord(CapsLayout.statusRunningOffset).pointee = 1
         statusWord(CapsLayout.statusCPUOffset).pointee = UInt32(bitPattern: currentCPU())
         SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
                          generation)
+    }
+
+    /// One registration's notices page, kept mapped for the port's life.
+    private final class NoticePage {
+        let mapping: PatchbaySystem.Mapping
+        init(_ mapping: consuming PatchbaySystem.Mapping) { self.mapping = mapping }
+    }
+
+    /// A registration made: the port connection, the notices page, the id and generation.
+    private struct Registration: ~Copyable {
+        var port: Connection?
+        var notices: PatchbaySystem.Mapping?
+        var serviceID: UInt64
+        var generation: UInt64
+
+        mutating func takePort() -> Connection {
+            guard let port = port.take() else { preconditionFailure("a registration's port is taken once") }
+            return port
+        }
+
+        mutating func takeNotices() -> PatchbaySystem.Mapping {
+            guard let notices = notices.take() else { preconditionFailure("a registration's notices are taken once") }
+            return notices
+        }
+    }
+
+    /// Registers `terms` over a new port connection `socket`, with the status page attached.
+    private static func register(_ terms: Request.Caps, socket: consuming SeqpacketSocket, statusPage: CInt)
+        throws(PatchbayError) -> Registration
+    {
+        var port = Connection(socket: socket)
+        var response = try port.call(.caps(terms), descriptors: [statusPage])
+        guard case .caps(.service(let serviceID, let generation)) = response.reply, let noticesPage = response.takeDescriptor() else {
+            throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
+        }
+        let notices: PatchbaySystem.Mapping
+        do {
+            notices = try PatchbaySystem.Mapping(noticesPage, length: 4096, writable: false)
+        } catch {
+            throw PatchbayError(error, "cannot map the service's notices page")
+        }
+        return Registration(port: port, notices: notices, serviceID: serviceID, generation: generation)
+    }
+
+    // MARK: Riding out a broker restart
+
+    /// The broker went away: the clients' channels keep working (they never needed it), their
+    /// departures are now watched here, and a thread of its own registers the service again once
+    /// a broker answers on the same path (per the broker's `reconnectPolicy`). Called with the
+    /// lock held.
+    private func brokerLost() throws(PatchbayError) {
+        try? epoll.remove(connection.socket.rawValue)
+        guard broker.reconnectPolicy.reconnects else {
+            throw PatchbayError(.connectionReset, "the broker closed this service's connection")
+        }
+        guard !unregistered else { return }
+        unregistered = true
+        for client in clients.values {
+            try? epoll.add(client.direct.rawValue, events: [], token: Self.departureTokens | client.id)
+        }
+        let (broker, terms, page, name) = (broker, terms, statusPage.rawValue, name)
+        startThread { [weak self] in
+            do throws(PatchbayError) {
+                let registration = try broker.reconnectPolicy.retry(what: "the broker at \(broker.socketPath)") {
+                    () throws(PatchbayError) -> Registration in
+                    guard self != nil else { throw PatchbayError(.canceled, "the service \(name) was closed") }
+                    return try Self.register(terms, socket: try broker.connectOnce(), statusPage: page)
+                }
+                self?.registered(registration)
+            } catch {
+                self?.registrationFailed(error)
+            }
+        }
+    }
+
+    /// The new registration, from the registering thread.
+    private func registered(_ registration: consuming Registration) {
+        var registration = registration
+        core.lock.locked {
+                let port = registration.takePort()
+                noticePages.append(NoticePage(registration.takeNotices()))
+                noticesAddress.store(UInt(bitPattern: noticePages[noticePages.count - 1].mapping.baseAddress), ordering: .releasing)
+                noticesSeen = 0
+                registeredID = registration.serviceID
+                registrationCount += 1
+                do throws(Errno) {
+                    try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
+                } catch {
+                    registrationFailure = PatchbayError(error, "cannot watch the new connection to the broker")
+                }
+                connection = port
+                unregistered = false
+        }
+        try? registrationEvent.signal()
+    }
+
+    /// Registering again failed for good (the name was taken meanwhile, or no broker came back
+    /// within the policy): the next `wait` throws it.
+    private func registrationFailed(_ error: PatchbayError) {
+        core.lock.locked {
+            registrationFailure = PatchbayError(error.errno, "the service \(name) could not register again: \(error.reason)")
+        }
+        try? registrationEvent.signal()
     }
 
     /// A status page and its writable mapping, sealed against any other writer.
@@ -526,14 +655,19 @@ public final class CapsService: @unchecked Sendable {
         inFlight[channel] = count > 1 ? count - 1 : nil
     }
 
+    /// The current notices counter.
+    private var noticesWord: UnsafeMutablePointer<UInt32> {
+        UnsafeMutablePointer(bitPattern: noticesAddress.load(ordering: .acquiring))!
+    }
+
     /// Whether the broker queued notices since they were last read (one load, no system call).
     private var noticesPending: Bool {
-        SharedWord.load(notices.baseAddress.assumingMemoryBound(to: UInt32.self)) != noticesSeen
+        SharedWord.load(noticesWord) != noticesSeen
     }
 
     /// Reads the broker's notices: clients connecting (their channels) and going away.
     private func processBrokerEvents() {
-        noticesSeen = SharedWord.load(notices.baseAddress.assumingMemoryBound(to: UInt32.self))
+        noticesSeen = SharedWord.load(noticesWord)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
         defer { buffer.deallocate() }
         while true {
@@ -572,6 +706,7 @@ public final class CapsService: @unchecked Sendable {
         order.removeAll { $0.id == channelID }
         cursor = 0
         try? epoll.remove(client.serviceWake.rawValue)
+        try? epoll.remove(client.direct.rawValue)
         var left: [UInt64] = []
         while let (entry, state) = client.channel.peek(.request) {
             client.channel.advance(.request)
@@ -650,12 +785,18 @@ public final class CapsService: @unchecked Sendable {
             switch event.token {
             case Self.brokerToken:
                 processBrokerEvents()
-                if event.events.contains(.hangup) {
-                    throw PatchbayError(.connectionReset, "the broker closed this service's connection")
-                }
+                if event.events.contains(.hangup) { try brokerLost() }
             case Self.cancelToken:
                 _ = try? cancelEvent.consume()
                 throw PatchbayError(.canceled, "the wait was cancelled")
+            case Self.registrationToken:
+                _ = try? registrationEvent.consume()
+                if let registrationFailure { throw registrationFailure }
+            case let token where token & Self.departureTokens != 0 && token & Self.channelTokens == 0:
+                // The client closed its end of the direct socket: it is gone (or closed its port).
+                let id = token & ~Self.departureTokens
+                if let client = clients[id] { try? epoll.remove(client.direct.rawValue) }
+                clientGone(id)
             default:
                 if let client = clients[event.token & ~Self.channelTokens] {
                     WakeSocket.drain(client.serviceWake.rawValue)

@@ -33,8 +33,9 @@ public struct Socket: ~Copyable {
         case seqpacket, stream, dgram
     }
 
-    /// The socket's id: its directory is `/net/<family>/<id>/`.
-    public let id: UInt64
+    /// The socket's id: its directory is `/net/<family>/<id>/`. A listener that bound its name
+    /// again after a broker restart has a new id.
+    public var id: UInt64 { core.id }
     /// `/net/<family>/`.
     public let family: Family
     /// seqpacket, stream or dgram.
@@ -45,12 +46,20 @@ public struct Socket: ~Copyable {
     let broker: Broker
     /// The socket's handle. The socket lives while a copy of it is open anywhere; reading it
     /// returns the id.
-    public let handle: Descriptor
+    public var handle: Descriptor { _read { yield core.handle } }
+    /// What a broker restart can replace: id, handle, kernel socket.
+    let core: SocketCore
     /// The kernel socket (from the factory open or the accept), or -1 for none.
-    var kernelFD: CInt = -1
+    var kernelFD: CInt {
+        get { core.kernelFD }
+        nonmutating set { core.kernelFD = newValue }
+    }
     /// Whether the kernel socket carries data yet: connected, accepted, or a bound datagram socket
     /// whose data file was opened. Before that, data calls are `ENOTCONN`.
-    var dataIsOpen = false
+    var dataIsOpen: Bool {
+        get { core.dataIsOpen }
+        nonmutating set { core.dataIsOpen = newValue }
+    }
 
     /// The kernel socket once data flows, else -1.
     var dataFD: CInt { dataIsOpen ? kernelFD : -1 }
@@ -58,17 +67,13 @@ public struct Socket: ~Copyable {
     init(broker: Broker, id: UInt64, family: Family, kind: Kind, nonblocking: Bool, handle: consuming PatchbaySystem.Descriptor,
          kernel: consuming PatchbaySystem.Descriptor?, dataIsOpen: Bool) {
         self.broker = broker
-        self.id = id
         self.family = family
         self.kind = kind
         self.nonblocking = nonblocking
-        self.handle = Descriptor(handle)
+        var kernelFD: CInt = -1
         if let kernel { kernelFD = kernel.release() }
-        self.dataIsOpen = dataIsOpen && kernelFD >= 0
-    }
-
-    deinit {
-        if kernelFD >= 0 { Glibc.close(kernelFD) }
+        core = SocketCore(id: id, handle: Descriptor(handle), kernelFD: kernelFD, dataIsOpen: dataIsOpen && kernelFD >= 0,
+                          brokerGeneration: broker.reconnections)
     }
 
     // MARK: The model
@@ -97,12 +102,26 @@ public struct Socket: ~Copyable {
     ///   `EACCES` (the name's socket file does not let this user connect, or a reserved name),
     ///   `EAGAIN` (the listener's backlog is full).
     public mutating func control(_ command: String) throws(PatchbayError) {
-        if try Self.control(broker, socket: id, kernel: kernelFD, command) { dataIsOpen = true }
+        if try Self.control(broker, socket: id, kernel: kernelFD, command, within: core.brokerGeneration) { dataIsOpen = true }
+        noteListening(command)
+    }
+
+    /// Remembers a name bound and listened on, to bind it again after a broker restart.
+    private func noteListening(_ line: String) {
+        guard kind != .dgram, let steps = try? NetControlLine.parse(line) else { return }
+        for step in steps {
+            switch step {
+            case .bind(let name, let mode): core.bound = (name, mode)
+            case .listen(let backlog): core.listening = core.bound.map { ($0.name, $0.mode, backlog) }
+            case .connect: break
+            }
+        }
     }
 
     /// `control`, on a socket known by its id and kernel socket. Returns whether a command
     /// connected the socket.
-    private static func control(_ broker: Broker, socket id: UInt64, kernel: CInt, _ line: String) throws(PatchbayError) -> Bool {
+    private static func control(_ broker: Broker, socket id: UInt64, kernel: CInt, _ line: String,
+                                within generation: UInt64?) throws(PatchbayError) -> Bool {
         let steps: [NetControlStep]
         do {
             steps = try NetControlLine.parse(line)
@@ -120,7 +139,7 @@ public struct Socket: ~Copyable {
                 try connect(kernel, socket: id, to: name, path: try broker.localSocketPath(name))
                 connected = true
             }
-            _ = try broker.call(.net(.control(socket: id, command: step.line)))
+            _ = try broker.call(.net(.control(socket: id, command: step.line)), within: generation)
         }
         return connected
     }
@@ -196,7 +215,7 @@ public struct Socket: ~Copyable {
     ///
     /// - Throws: `ENOTCONN` before the socket is connected (or bound, for datagrams).
     public mutating func openData() throws(PatchbayError) {
-        adoptData(try Self.openData(broker, family: family, socket: id))
+        adoptData(try Self.openData(broker, family: family, socket: id, within: core.brokerGeneration))
     }
 
     /// The kernel socket as the data path: `data`'s descriptor (the same socket) replaces it.
@@ -206,8 +225,8 @@ public struct Socket: ~Copyable {
         dataIsOpen = true
     }
 
-    private static func openData(_ broker: Broker, family: Family, socket id: UInt64) throws(PatchbayError) -> CInt {
-        var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: [])))
+    private static func openData(_ broker: Broker, family: Family, socket id: UInt64, within generation: UInt64?) throws(PatchbayError) -> CInt {
+        var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/data", flags: [])), within: generation)
         guard case .namespace(.open) = response.reply, let data = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's data reply carried no descriptor")
         }
@@ -219,16 +238,88 @@ public struct Socket: ~Copyable {
     ///
     /// - Throws: `EINVAL` unless listening, `EAGAIN`, `ECONNABORTED` when the listener closes
     ///   while this waits.
+    ///
+    /// After a broker restart, a listener bound by name (`Socket.listen`, or `bind` and `listen`
+    /// on this socket) binds its name again before it accepts: the same socket if the broker
+    /// kept it (`--fd-store`), else a new one, with a new id, in place of this one. Connections
+    /// already accepted are not touched. An accept waiting when the broker went away waits again
+    /// once it is back (per the broker's `reconnectPolicy`).
     public func accept(nonblocking: Bool? = nil) throws(PatchbayError) -> Socket {
-        try Socket.accept(broker, socket: id, family: family, type: kind, nonblocking: nonblocking ?? self.nonblocking)
+        try Self.accept(broker, core: core, family: family, type: kind, nonblocking: nonblocking ?? self.nonblocking)
+    }
+
+    /// `accept()` on the socket `core` holds, binding its name again first if it must.
+    private static func accept(_ broker: Broker, core: SocketCore, family: Family, type kind: Kind,
+                               nonblocking: Bool) throws(PatchbayError) -> Socket {
+        do throws(PatchbayError) {
+            if core.listening != nil && core.brokerGeneration != broker.reconnections {
+                try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
+            }
+            return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
+                                     within: core.brokerGeneration)
+        } catch {
+            guard core.listening != nil, broker.reconnectPolicy.reconnects, ReconnectPolicy.isTransport(error.errno) else { throw error }
+            try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
+            return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
+                                     within: core.brokerGeneration)
+        }
+    }
+
+    /// A listener whose broker restarted: keeps its socket if the broker restored it, else binds
+    /// and listens on a new one under the same name and puts it in this one's place.
+    private static func listenAgain(_ broker: Broker, core: SocketCore, family: Family, type kind: Kind,
+                                    nonblocking: Bool) throws(PatchbayError) {
+        guard let listening = core.listening else { return }
+        let id = core.id
+        // This call connects again if it must (and throws if the broker does not come back).
+        let found = try broker.listSockets(after: id &- 1).first
+        let generation = broker.reconnections
+        if let found, found.id == id, found.name == listening.name, found.state == NetSocketState.listening.rawValue,
+           found.ownerPID == getpid() {
+            core.brokerGeneration = generation
+            return
+        }
+        // The kernel socket is still bound and listening (connections may wait in its backlog):
+        // the new broker takes it back if its socket file is still there and still ours.
+        do throws(PatchbayError) {
+            var response = try broker.call(.net(.adopt(family: family.rawValue, type: kind.rawValue, name: listening.name)),
+                                           descriptors: [core.kernelFD])
+            guard case .net(.adopt(let newID)) = response.reply, let handle = response.takeDescriptor() else {
+                throw PatchbayError(.protocolError, "the broker's adopt reply is malformed")
+            }
+            core.id = newID
+            core.handle = Descriptor(handle)
+            core.brokerGeneration = generation
+            return
+        } catch {
+            // Taken by someone else meanwhile, or the broker's answer is lost: say so. Anything
+            // else (the file is gone, an older broker): bind the name on a new socket.
+            if error.errno == .addressInUse || ReconnectPolicy.isTransport(error.errno) || error.errno == .protocolError {
+                throw PatchbayError(error.errno, "the broker restarted and \(listening.name) could not be taken back: \(error.reason)")
+            }
+        }
+        var fresh = try Socket.open(broker, family: family, type: kind, nonblocking: nonblocking)
+        let bind = NetControlStep.bind(name: listening.name, mode: listening.mode).line
+        do throws(PatchbayError) {
+            try fresh.control(bind + " && " + (listening.backlog.map { "listen \($0)" } ?? "listen"))
+        } catch {
+            throw PatchbayError(error.errno, "the broker restarted and \(listening.name) could not be bound again: \(error.reason)")
+        }
+        core.replace(with: fresh.core)
+        core.brokerGeneration = generation
     }
 
     /// Opens `/net/<family>/<id>/accept` of any socket of this uid by its id (the file view: the
     /// socket need not be one this process opened).
     public static func accept(_ broker: Broker, socket id: UInt64, family: Family = .local, type kind: Kind,
                               nonblocking: Bool = false) throws(PatchbayError) -> Socket {
+        try accept(broker, socket: id, family: family, type: kind, nonblocking: nonblocking, within: nil)
+    }
+
+    private static func accept(_ broker: Broker, socket id: UInt64, family: Family, type kind: Kind,
+                               nonblocking: Bool, within generation: UInt64?) throws(PatchbayError) -> Socket {
         var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/accept",
-                                                         flags: nonblocking ? .nonblock : [])))
+                                                         flags: nonblocking ? .nonblock : [])), within: generation)
         guard case .namespace(.open(let objectKind, let newID)) = response.reply,
               objectKind == OpenedObjectKind.acceptedSocket.rawValue,
               let newHandle = response.takeDescriptor(), let data = response.takeDescriptor()
@@ -238,6 +329,8 @@ public struct Socket: ~Copyable {
     }
 
     /// The socket's state as the broker knows it.
+    ///
+    /// - Throws: `ENOENT` when the broker no longer has it.
     public func state() throws(PatchbayError) -> NetSocketState {
         try Self.state(broker, socket: id)
     }
@@ -285,10 +378,13 @@ public struct Socket: ~Copyable {
 
     /// `control` without blocking a Swift concurrency thread.
     public mutating func control(_ command: String) async throws(PatchbayError) {
-        let (broker, id, kernel) = (broker, id, kernelFD)
-        if try await broker.offThePool({ () throws(PatchbayError) in try Self.control(broker, socket: id, kernel: kernel, command) }) {
+        let (broker, id, kernel, generation) = (broker, id, kernelFD, core.brokerGeneration)
+        if try await broker.offThePool({ () throws(PatchbayError) in
+            try Self.control(broker, socket: id, kernel: kernel, command, within: generation)
+        }) {
             dataIsOpen = true
         }
+        noteListening(command)
     }
 
     /// `bind` without blocking a Swift concurrency thread.
@@ -310,14 +406,19 @@ public struct Socket: ~Copyable {
 
     /// `openData` without blocking a Swift concurrency thread.
     public mutating func openData() async throws(PatchbayError) {
-        let (broker, family, id) = (broker, family, id)
-        adoptData(try await broker.offThePool { () throws(PatchbayError) in try Self.openData(broker, family: family, socket: id) })
+        let (broker, family, id, generation) = (broker, family, id, core.brokerGeneration)
+        adoptData(try await broker.offThePool { () throws(PatchbayError) in
+            try Self.openData(broker, family: family, socket: id, within: generation)
+        })
     }
 
     /// `accept` without blocking a Swift concurrency thread: the wait for a connection happens on
     /// the broker's queue (and, like the blocking call, holds the broker's connection meanwhile).
     public func accept(nonblocking: Bool? = nil) async throws(PatchbayError) -> Socket {
-        try await Socket.accept(broker, socket: id, family: family, type: kind, nonblocking: nonblocking ?? self.nonblocking)
+        let (broker, core, family, kind, nonblocking) = (broker, core, family, kind, nonblocking ?? self.nonblocking)
+        return try await broker.offThePool { () throws(PatchbayError) in
+            try Self.accept(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
+        }
     }
 
     /// `accept(_:socket:...)` without blocking a Swift concurrency thread.
@@ -348,5 +449,39 @@ public struct Socket: ~Copyable {
         try await broker.offThePool { () throws(PatchbayError) in
             try connect(broker, to: name, type: kind, nonblocking: nonblocking)
         }
+    }
+}
+
+/// The parts of a `Socket` that a broker restart can replace, owned by the one `Socket`.
+final class SocketCore: @unchecked Sendable {
+    var id: UInt64
+    var handle: Descriptor
+    var kernelFD: CInt
+    var dataIsOpen: Bool
+    /// The name bound and its mode, once `bind` succeeded.
+    var bound: (name: String, mode: UInt32?)?
+    /// A listener bound by name: what to do again after a broker restart.
+    var listening: (name: String, mode: UInt32?, backlog: Int32?)?
+    /// The broker's reconnection count when this socket was last known to the broker.
+    var brokerGeneration: UInt64
+
+    init(id: UInt64, handle: consuming Descriptor, kernelFD: CInt, dataIsOpen: Bool, brokerGeneration: UInt64) {
+        self.id = id
+        self.handle = handle
+        self.kernelFD = kernelFD
+        self.dataIsOpen = dataIsOpen
+        self.brokerGeneration = brokerGeneration
+    }
+
+    /// Takes `other`'s socket; `other` gets this one's, and closes it when it goes.
+    func replace(with other: SocketCore) {
+        swap(&id, &other.id)
+        swap(&handle, &other.handle)
+        swap(&kernelFD, &other.kernelFD)
+        swap(&dataIsOpen, &other.dataIsOpen)
+    }
+
+    deinit {
+        if kernelFD >= 0 { Glibc.close(kernelFD) }
     }
 }

@@ -202,7 +202,44 @@ final class CapsRegistry {
     /// winning), so a service registered after a restart is still visibly newer than the one
     /// before. Nil: kept in memory only.
     var generationsFile: String? {
-        didSet { loadGenerations() }
+        didSet {
+            loadGenerations()
+            loadReservedIDs()
+        }
+    }
+    /// Ids (of services and channels) are never handed out twice, even across restarts: a
+    /// service that outlived the broker keeps its clients' channels under their old ids, and a
+    /// new client must not arrive under one of them. The ids up to `reservedIDs` are taken from
+    /// the file `caps-ids` beside the generations, in blocks of `idBlock`, before any is used.
+    private var reservedIDs: UInt64 = 0
+    private static let idBlock: UInt64 = 4096
+
+    private var idsFile: String? { generationsFile.map { String($0[..<($0.lastIndex(of: "/") ?? $0.startIndex)]) + "/caps-ids" } }
+
+    private func loadReservedIDs() {
+        guard let idsFile, let file = try? openFile(idsFile, flags: O_RDONLY | O_NOFOLLOW),
+              let bytes = try? file.readToEnd(limit: 64),
+              let ceiling = UInt64(String(decoding: bytes.prefix { $0 != 0x0A }, as: UTF8.self)) else { return }
+        nextID = max(nextID, ceiling)
+        reservedIDs = 0
+    }
+
+    /// The next id, reserving a new block in the file first when the last one is used up.
+    private func takeID() -> UInt64 {
+        let id = nextID
+        nextID += 1
+        if let idsFile, id >= reservedIDs {
+            reservedIDs = id + Self.idBlock
+            let temporary = idsFile + ".new"
+            do throws(Errno) {
+                let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+                try file.writeAll(Array("\(reservedIDs)\n".utf8))
+                guard rename(temporary, idsFile) == 0 else { throw Errno.current }
+            } catch {
+                logger.warning("cannot reserve CAPS ids", metadata: ["errno": "\(error.name)"])
+            }
+        }
+        return id
     }
     /// Lines in the file: one short line is appended per change, and the file is rewritten whole
     /// only when stale lines dominate, so a registration costs the loop one small write, not the
@@ -311,8 +348,7 @@ final class CapsRegistry {
             throw error
         }
         let pages = try ServicePages.make(status: statusPage)
-        let id = nextID
-        nextID += 1
+        let id = takeID()
         // At most a quarter of the ring, so requests, aborts and disposes always fit.
         let inFlight = maximumInFlight == 0 ? 128 : min(maximumInFlight, UInt32(CapsLayout.ringCapacity / 4))
         let record = CapsServiceRecord(id: id, name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: inFlight,
@@ -403,8 +439,7 @@ final class CapsRegistry {
             let clientWake = try WakeSocket.pair()
             let pair = try SeqpacketSocket.pair()
             let statusReadOnly = try service.status.reopenReadOnly()
-            let id = nextID
-            nextID += 1
+            let id = takeID()
             let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
                                            clientWake: try clientWake.writer.duplicateForBroker(), charge: charge)
             channels[id] = record

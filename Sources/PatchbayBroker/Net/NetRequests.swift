@@ -23,8 +23,21 @@ final class NetRequests: SessionClosedHook {
         self.loop = loop
     }
 
-    func handle(_ request: Request.Net, _ context: RequestContext) {
+    func handle(_ request: Request.Net, descriptors: inout ReceivedDescriptors, _ context: RequestContext) {
         switch request {
+        case .adopt(let familyName, let typeName, let name):
+            guard let listener = descriptors.takeFirst() else { return }
+            do throws(RequestError) {
+                guard let type = NetSocketType(rawValue: typeName) else {
+                    throw RequestError(errno: .invalidArgument, reason: "\"\(typeName.prefix(40))\" is not a socket type: seqpacket, stream or dgram")
+                }
+                let opened = try table.adopt(UnixSocket(adopting: listener), family: try family(familyName), type: type, name: name,
+                                             caller: context.caller)
+                watchHandle(opened.socket)
+                sessions.reply(.net(.adopt(id: opened.socket.id)), attaching: [opened.clientHandle.rawValue], to: context)
+            } catch {
+                sessions.fail(error, context)
+            }
         case .control(let id, let command):
             do {
                 try table.control(id, command, caller: context.caller)

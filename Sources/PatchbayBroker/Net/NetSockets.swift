@@ -287,6 +287,45 @@ final class NetTable {
     /// Connections over their maker's quota dropped per accept before giving the loop back.
     static let refusedConnectionsPerAccept = 64
 
+    // MARK: Adopting a listener
+
+    /// A listener that outlived the broker that made it (the client kept its kernel socket; the
+    /// broker restarted without keeping it): registered again under `name`, LISTENING, with a
+    /// new id and handle. Checked so that nobody adopts what is not theirs: a listening socket of
+    /// the family and type given, put in listening mode by the caller's uid (SO_PEERCRED), bound
+    /// to exactly `name`'s path in the broker's directory, where the socket file is the caller's
+    /// (the broker gave it to the binder); and the name free in this broker.
+    func adopt(_ kernel: consuming UnixSocket, family: any NetFamily, type: NetSocketType, name: String,
+               caller: PeerCredentials) throws(RequestError) -> NetOpened {
+        try family.validate(Substring(name))
+        try policy.checkTake(.net, Substring(name), by: caller)
+        guard names[name] == nil else {
+            throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
+        }
+        try checkQuota(of: caller.uid)
+        let path = family.path(of: Substring(name))
+        guard let kinds = try? kernel.typeAndFamily(), kinds.family == AF_UNIX, kinds.type == type.kernelKind.rawValue else {
+            throw RequestError(errno: .invalidArgument, reason: "the descriptor is not a local \(type.rawValue) socket")
+        }
+        guard type != .dgram, kernel.isListening() else {
+            throw RequestError(errno: .invalidArgument, reason: "the descriptor is not a listening socket")
+        }
+        guard UnixSocket.localPath(of: kernel.rawValue) == path else {
+            throw RequestError(errno: .invalidArgument, reason: "the socket is not bound to \(name) in this broker's directory")
+        }
+        guard let listener = try? kernel.peerCredentials(), listener.uid == caller.uid,
+              socketFileOwner(atPath: path) == caller.uid else {
+            throw RequestError(errno: .permissionDenied, reason: "the listener on \(name) is not uid \(caller.uid)'s")
+        }
+        try? kernel.descriptor.setNonblocking(true)
+        let opened = try adopt(kernel, type: type, family: family, caller: caller, state: .listening, accountedUID: caller.uid)
+        opened.socket.name = name
+        opened.socket.boundFile = fileIdentity(atPath: path)
+        names[name] = opened.socket.id
+        logger.info("listener adopted", metadata: ["socket": "\(opened.socket.id)", "name": "\(name)", "uid": "\(caller.uid)"])
+        return opened
+    }
+
     // MARK: ctl
 
     /// Runs a command line: commands joined by `&&` (NetControlLine). The whole line is checked
@@ -468,6 +507,7 @@ final class NetTable {
     /// Socket files left by a broker that died: nobody listens on them (connect is refused), so
     /// they would make every bind of their name fail.
     private func removeStaleSocketFiles() {
+        let boundPaths = boundUnixSocketPaths()
         guard let directory = opendir(local.directory) else { return }
         defer { closedir(directory) }
         while let entry = readdir(directory) {
@@ -475,8 +515,17 @@ final class NetTable {
             guard isValidLocalSocketName(name) else { continue }
             let path = local.path(of: Substring(name))
             guard isSocketFile(atPath: path) == true else { continue }
-            // Probe with each type: the wrong one says EPROTOTYPE, a live one connects, a dead
-            // one refuses.
+            // A socket bound there still exists (a listener that outlived the broker before):
+            // the kernel lists it in /proc/net/unix. Not a probe connection, which the listener
+            // would accept as a connection from nobody.
+            if let bound = boundPaths {
+                if bound.contains(path) { continue }
+                try? removeFile(atPath: path)
+                logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
+                continue
+            }
+            // Without /proc: probe with each type: the wrong one says EPROTOTYPE, a live one
+            // connects, a dead one refuses.
             var stale = true
             for kind in UnixSocket.Kind.allCases {
                 guard let probe = try? UnixSocket(kind) else { continue }
@@ -495,5 +544,21 @@ final class NetTable {
                 logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
             }
         }
+    }
+
+    /// The paths of every AF_UNIX socket bound in this network namespace (the last column of
+    /// /proc/net/unix), or nil when that file cannot be read.
+    private func boundUnixSocketPaths() -> Set<String>? {
+        guard let file = try? openFile("/proc/net/unix", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 64 << 20)
+        else { return nil }
+        var paths: Set<String> = []
+        let prefix = local.directory + "/"
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n").dropFirst() {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let fields = line.split(separator: " ", maxSplits: 7, omittingEmptySubsequences: true)
+            guard fields.count == 8, fields[7].hasPrefix(prefix) else { continue }
+            paths.insert(String(fields[7]))
+        }
+        return paths
     }
 }
