@@ -381,6 +381,19 @@ func traffic(blockInAccept: Bool) -> Never {
     }
 }
 
+/// Claims KEY (a listener's kernel socket someone shared), says "claimed", and at the end of its
+/// input tries to adopt it under NAME at the broker, saying "adopted ID" or "refused ERRNO".
+func adoptClaimed(_ keyText: String, _ name: String) throws(PatchbayError) {
+    let claimed = try Broker().claim(try Key(parsing: keyText))
+    say("claimed")
+    waitForEndOfInput()
+    do {
+        say("adopted \(try Broker().adoptListener(claimed.rawValue, name: name, type: .seqpacket))")
+    } catch {
+        say("refused \(error.errno.name)")
+    }
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -415,6 +428,8 @@ func main() -> CInt {
             traffic(blockInAccept: arguments[1] == "accept")
         case "chaos" where arguments.count == 2:
             try chaos(service: arguments[1])
+        case "adopt-claimed" where arguments.count == 3:
+            try adoptClaimed(arguments[1], arguments[2])
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:

@@ -4,6 +4,7 @@
 import Glibc
 import Patchbay
 import PatchbaySystem
+import Synchronization
 import Testing
 
 @Suite("Two users: resources", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
@@ -431,6 +432,51 @@ struct TwoUserNetTests {
         let badMode = try runAsOtherUser(["net", "listen", "theirs", "--mode", "4777", "--echo"], environment: broker.environment)
         #expect(badMode.termination != .exited(0))
         #expect(try root.listSockets().allSatisfy { $0.name != "theirs" })
+    }
+}
+
+extension TwoUserNetTests {
+    @Test("nobody holding root's listener (shared to it) cannot take it as its own after a broker restart: EACCES; root's own listener takes it back")
+    func adoptionIsTheOwners() throws {
+        let broker = try openBroker()
+        let root = try Broker(socketPath: broker.socketPath, reconnect: .forever)
+        let listener = try Socket.listen(root, name: "root-svc")
+        let key = try root.share(rawDescriptor: listener.kernelDescriptor)
+        let thief = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "adopt-claimed", key.text, "root-svc"],
+                              environment: broker.environment)
+        #expect(try thief.readLine() == "claimed")
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let ready = try Pipe()
+        let restarted = try spawnProcess(
+            path: patchbayDaemon,
+            arguments: ["--system", "--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm", "--ready-fd", "3"],
+            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
+        // nobody tries first, with root's kernel socket: the listener was put in listening mode
+        // by root, and the socket file is root's.
+        thief.closeInput()
+        #expect(try thief.readLine() == "refused EACCES")
+        #expect(try thief.wait() == .exited(0))
+        // Root's own library takes it back at its next accept; a client connects through it.
+        let box = ListenerBox(listener)
+        let accepted = Mutex<Bool>(false)
+        startThread {
+            guard let connection = try? box.socket.accept() else { return }
+            // Read to the end (nobody's relay shuts down writing when its input ends), then close.
+            while case .some(.some) = try? connection.receive() {}
+            accepted.withLock { $0 = true }
+        }
+        // (Watched on a connection of its own: the accept holds `root`'s while it waits.)
+        try waitUntilListening("root-svc", try broker.connect())
+        let client = try runAsOtherUser(["net", "connect", "root-svc"], environment: broker.environment, input: "hello\n")
+        #expect(client.termination == .exited(0), "\(client.standardError)")
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while !accepted.withLock({ $0 }), monotonicNanoseconds() < deadline { usleep(2_000) }
+        #expect(accepted.withLock { $0 })
     }
 }
 

@@ -64,4 +64,16 @@ extension Broker {
     public func localSocketPath(_ name: String) async throws(PatchbayError) -> String {
         try await offThePool { [self] () throws(PatchbayError) in try localSocketPath(name) }
     }
+
+    /// `netAdopt` by hand, for tests that try to take a listener that is not theirs: sends
+    /// `listener` to be registered under `name` and returns the new socket's id (its handle is
+    /// closed at once).
+    package func adoptListener(_ listener: CInt, name: String, type kind: Socket.Kind) throws(PatchbayError) -> UInt64 {
+        var response = try call(.net(.adopt(family: Socket.Family.local.rawValue, type: kind.rawValue, name: name)),
+                                descriptors: [listener])
+        guard case .net(.adopt(let id)) = response.reply, response.takeDescriptor() != nil else {
+            throw PatchbayError(.protocolError, "the broker's adopt reply is malformed")
+        }
+        return id
+    }
 }
