@@ -13,6 +13,9 @@ let package = Package(
         .library(name: "Patchbay", targets: ["Patchbay"]),
         .executable(name: "patchbay", targets: ["patchbay"]),
         .executable(name: "patchbayd", targets: ["patchbayd"]),
+        // libpatchbay: the library through a C ABI (patchbay.h); scripts/install installs it as
+        // libpatchbay.so.0 with the header and patchbay.pc.
+        .library(name: "PatchbayC", type: .dynamic, targets: ["PatchbayC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -65,6 +68,22 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict + [.enableUpcomingFeature("InternalImportsByDefault")]
+        ),
+        // The C ABI's header (include/patchbay.h, installed as is) and the thread's last reason.
+        .target(
+            name: "CPatchbayABI"
+        ),
+        // The C library's exports: `@_cdecl` functions over the Swift library. Only the `pb_`
+        // names are exported (Sources/PatchbayC/exports.map); the soname is libpatchbay.so.0.
+        .target(
+            name: "PatchbayC",
+            dependencies: ["Patchbay", "CPatchbayABI", .product(name: "SystemPackage", package: "swift-system")],
+            exclude: ["exports.map"],
+            swiftSettings: strict,
+            linkerSettings: [
+                .unsafeFlags(["-Xlinker", "-soname=libpatchbay.so.0",
+                              "-Xlinker", "--version-script=\(Context.packageDirectory)/Sources/PatchbayC/exports.map"]),
+            ]
         ),
         // The commands of the CLI, shared by `patchbay` and `patchbayd`.
         .target(

@@ -58,6 +58,13 @@ package struct Mapping: ~Copyable {
         munmap(baseAddress, count)
     }
 
+    /// Gives the mapping up without unmapping it: the caller unmaps it (`munmap`).
+    package consuming func release() -> UnsafeMutableRawPointer {
+        let address = baseAddress
+        discard self
+        return address
+    }
+
     /// The mapped bytes, for reading in place.
     package var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: baseAddress, count: count) }
 

@@ -310,6 +310,57 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// `call` into a caller's buffer, for the C library: the reply is copied into `reply` and its
+    /// length returned, with no allocation unless another thread's reply must be kept for it.
+    ///
+    /// - Throws: `EMSGSIZE` when the reply is longer than `reply` (it is disposed of); `call`'s
+    ///   errors otherwise.
+    package func call(_ request: UnsafeRawBufferPointer, into reply: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> Int {
+        let id = try put(length: request.count) { buffer in
+            if request.count > 0 { buffer.copyMemory(from: request) }
+        }
+        func copy(_ bytes: UnsafeRawBufferPointer) -> Result<Int, PatchbayError> {
+            guard bytes.count <= reply.count else {
+                return .failure(PatchbayError(.messageTooLong, "the reply to request \(id) is \(bytes.count) bytes, more than the \(reply.count) given"))
+            }
+            if bytes.count > 0 { reply.copyMemory(from: bytes) }
+            return .success(bytes.count)
+        }
+        while true {
+            let epoch = stashEpoch.load(ordering: .acquiring)
+            var stashedForOthers = false
+            let mine = try core.lock.locked { () throws(PatchbayError) -> Result<Int, PatchbayError>? in
+                if let kept = otherCalls.removeValue(forKey: id) {
+                    return kept.flatMap { bytes in bytes.withUnsafeBytes { copy($0) } }
+                }
+                var answer: Result<Int, PatchbayError>?
+                _ = try nextReply(room: nil) { received, payload in
+                    if received.messageID == id {
+                        if let errno = received.error {
+                            answer = .failure(Self.serviceError(errno, for: id, limit: maximumInFlight))
+                        } else if received.serviceClosed {
+                            answer = .failure(PatchbayError(.connectionReset, "the service went away before answering request \(id)"))
+                        } else {
+                            answer = copy(payload)
+                        }
+                    } else {
+                        otherCalls[received.messageID] = Self.outcome(of: received, payload, limit: maximumInFlight)
+                        stashedForOthers = true
+                    }
+                }
+                return answer
+            }
+            if stashedForOthers {
+                stashEpoch.add(1, ordering: .releasing)
+                SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
+                Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+            }
+            if let mine { return try mine.get() }
+            if stashEpoch.load(ordering: .acquiring) != epoch { continue }
+            try sleepUntilReply(orUntilEpochChanges: epoch)
+        }
+    }
+
     /// What `call` makes of a reply: its bytes, or the error it stands for (an error reply; the
     /// 0-byte reply made up when the service went away before answering).
     private static func outcome(of reply: CapsReply, _ payload: UnsafeRawBufferPointer, limit: Int)

@@ -106,16 +106,16 @@ public struct Socket: ~Copyable {
         noteListening(command)
     }
 
+    /// `control` on a socket held where it cannot be mutated (the C library's handle): the data
+    /// state lives in the socket's core, so nothing is lost.
+    package func control(line command: String) throws(PatchbayError) {
+        if try Self.control(broker, socket: id, kernel: kernelFD, command, within: core.brokerGeneration) { dataIsOpen = true }
+        noteListening(command)
+    }
+
     /// Remembers a name bound and listened on, to bind it again after a broker restart.
     private func noteListening(_ line: String) {
-        guard kind != .dgram, let steps = try? NetControlLine.parse(line) else { return }
-        for step in steps {
-            switch step {
-            case .bind(let name, let mode): core.bound = (name, mode)
-            case .listen(let backlog): core.listening = core.bound.map { ($0.name, $0.mode, backlog) }
-            case .connect: break
-            }
-        }
+        if kind != .dgram { core.noteListening(line) }
     }
 
     /// `control`, on a socket known by its id and kernel socket. Returns whether a command
@@ -218,8 +218,13 @@ public struct Socket: ~Copyable {
         adoptData(try Self.openData(broker, family: family, socket: id, within: core.brokerGeneration))
     }
 
+    /// `openData` on a socket held where it cannot be mutated (the C library's handle).
+    package func openDataInPlace() throws(PatchbayError) {
+        adoptData(try Self.openData(broker, family: family, socket: id, within: core.brokerGeneration))
+    }
+
     /// The kernel socket as the data path: `data`'s descriptor (the same socket) replaces it.
-    private mutating func adoptData(_ data: CInt) {
+    private func adoptData(_ data: CInt) {
         if kernelFD >= 0 { Glibc.close(kernelFD) }
         kernelFD = data
         dataIsOpen = true
@@ -471,6 +476,18 @@ final class SocketCore: @unchecked Sendable {
         self.kernelFD = kernelFD
         self.dataIsOpen = dataIsOpen
         self.brokerGeneration = brokerGeneration
+    }
+
+    /// Remembers a name bound and listened on by `line`.
+    func noteListening(_ line: String) {
+        guard let steps = try? NetControlLine.parse(line) else { return }
+        for step in steps {
+            switch step {
+            case .bind(let name, let mode): bound = (name, mode)
+            case .listen(let backlog): listening = bound.map { ($0.name, $0.mode, backlog) }
+            case .connect: break
+            }
+        }
     }
 
     /// Takes `other`'s socket; `other` gets this one's, and closes it when it goes.

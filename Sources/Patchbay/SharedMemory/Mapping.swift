@@ -117,6 +117,9 @@ public struct Mapping: ~Copyable {
         self.system = system
     }
 
+    /// Gives the mapping up without unmapping it (for the C library, whose callers `munmap`).
+    package consuming func release() -> UnsafeMutableRawPointer { system.release() }
+
     /// The first mapped byte.
     public var baseAddress: UnsafeMutableRawPointer { system.baseAddress }
 

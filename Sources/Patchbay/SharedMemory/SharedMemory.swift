@@ -57,6 +57,18 @@ public struct SharedMemory: ~Copyable {
         self.descriptor = descriptor
     }
 
+    /// A handle on a copy (`dup`) of a descriptor the caller keeps, for the C library.
+    package init(borrowingRawDescriptor fd: CInt) throws(PatchbayError) {
+        let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        guard copy >= 0 else { throw PatchbayError(Errno(rawValue: errno), "descriptor \(fd) is not open") }
+        try self.init(adopting: Descriptor(PatchbaySystem.Descriptor(adopting: copy)))
+    }
+
+    /// Gives up the descriptor to the caller, who closes it (for the C library).
+    package consuming func releaseDescriptor() -> CInt {
+        descriptor.release().rawValue
+    }
+
     /// A read-only handle on the same object (a new open file description).
     public func readOnly() throws(PatchbayError) -> SharedMemory {
         do {

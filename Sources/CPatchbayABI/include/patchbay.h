@@ -1,0 +1,264 @@
+/*
+ * patchbay.h: Patchbay from C and C++.
+ *
+ * The Swift library, exported through a C ABI: keys (hand any descriptor to an unrelated
+ * process), shared memory (anonymous and FreeBSD-style named objects), sockets through /net and
+ * CAPS services, all through a Patchbay broker (patchbayd). Link with -lpatchbay
+ * (pkg-config: patchbay).
+ *
+ * Conventions (as in sd-bus and liburing):
+ *   - Every function that can fail returns >= 0 on success and -errno on failure; errno itself
+ *     is not set. pb_last_reason() gives the calling thread's last failure as a sentence.
+ *   - Opaque handles (pb_broker, pb_caps_service, pb_caps_client, pb_socket) are made by an
+ *     *_open function and freed by the matching *_close, which accepts NULL.
+ *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
+ *     Every descriptor the library makes is close-on-exec.
+ *   - A pb_broker is thread-safe: calls on it are serialised over its one connection. A CAPS
+ *     port is thread-safe too; a pb_socket is to be used by one thread at a time.
+ *   - Strings are NUL-terminated UTF-8.
+ *
+ * Errors common to every call that talks to the broker: -ECONNREFUSED or -ENOENT (no broker at
+ * the socket), -ECONNRESET or -EPIPE (the broker went away and did not come back; see
+ * "Broker restarts" in the README), -EPROTO (the broker sent something unreadable).
+ */
+#ifndef PATCHBAY_H
+#define PATCHBAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PB_VERSION_MAJOR 0
+#define PB_VERSION_MINOR 1
+
+/* ---- The broker ------------------------------------------------------------------------- */
+
+typedef struct pb_broker pb_broker;
+
+/* Connects to $PATCHBAY_SOCKET if set, else to this user's broker, starting it when none
+ * answers (the installed patchbayd; PATCHBAY_AUTOSTART=0 disables that). *out is set on success.
+ * -EACCES: the per-user directory or broker is not this user's. */
+int pb_broker_open(pb_broker **out);
+
+/* Connects to the broker listening at socket_path (no autostart). */
+int pb_broker_open_at(pb_broker **out, const char *socket_path);
+
+/* Closes the connection. Ports and sockets opened through it stay valid (each holds what it
+ * needs). NULL is ignored. */
+void pb_broker_close(pb_broker *broker);
+
+/* The calling thread's last failure as a sentence a person understands ("" if none yet). The
+ * string stays valid until the thread's next failing call. Never NULL. */
+const char *pb_last_reason(void);
+
+/* ---- Keys: share and claim a descriptor ---------------------------------------------------- */
+
+#define PB_KEY_TEXT_SIZE 23   /* 22 characters of base64url and a NUL */
+#define PB_TIMEOUT_NEVER (-1)
+
+/* Puts fd under a new one-time key, valid for timeout_ms milliseconds (PB_TIMEOUT_NEVER: until
+ * claimed or the broker stops), and writes the key's text into key. fd stays yours; the key
+ * holds the same open file description.
+ * -EINVAL: timeout_ms is 0 or below -1, or fd is not open. -EDQUOT: too many outstanding keys. */
+int pb_share(pb_broker *broker, int fd, int64_t timeout_ms, char key[PB_KEY_TEXT_SIZE]);
+
+/* Claims key: returns a new descriptor (close-on-exec) for the shared open file description.
+ * -EINVAL: not a key's text. -ENOENT: unknown, claimed, expired or not for this process (one
+ * answer for all). -EMFILE: no free descriptor here; the key stays valid. -EAGAIN: too many
+ * failed claims, slowed down. */
+int pb_claim(pb_broker *broker, const char *key);
+
+/* ---- Shared memory ------------------------------------------------------------------------ */
+
+/* shm_open(3) with FreeBSD's semantics, in the broker's namespace: name starts with '/', at most
+ * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC. New objects have size
+ * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec).
+ * -EINVAL, -ENAMETOOLONG, -ENOENT, -EEXIST, -EACCES, -EDQUOT. */
+int pb_shm_open(pb_broker *broker, const char *name, int oflag, mode_t mode);
+
+/* shm_unlink(3): removes the name; descriptors and mappings keep working. -ENOENT, -EACCES. */
+int pb_shm_unlink(pb_broker *broker, const char *name);
+
+#define PB_SHM_RENAME_NOREPLACE 1   /* fail with -EEXIST if `to` exists */
+#define PB_SHM_RENAME_EXCHANGE  2   /* swap the two names atomically */
+
+/* shm_rename(2) (FreeBSD), atomic. flags: 0 (replace `to`), or one of the two above (both:
+ * -EINVAL). -ENOENT, -EEXIST, -EACCES. */
+int pb_shm_rename(pb_broker *broker, const char *from, const char *to, int flags);
+
+#define PB_SHM_SEALABLE 1   /* allow Linux memfd seals (F_ADD_SEALS) on the object */
+
+/* A new anonymous object (a memfd, made in this process: no broker needed), size 0 until its
+ * first pb_shm_map or an ftruncate. Returns a descriptor (close-on-exec; share it with pb_share).
+ * -EINVAL: unknown flags. */
+int pb_shm_anonymous(unsigned flags);
+
+/* mmap(2) of a shared memory object, MAP_SHARED, at offset 0, with the PatchworkOS rule for
+ * anonymous objects: the first mapping of an object of size 0 fixes its size (length, rounded up
+ * to the page size), decided under a lock so that two processes racing cannot both size it; a
+ * later mapping longer than the object is -EINVAL. Named objects map as mmap does (past the size
+ * is allowed; touching it is SIGBUS). prot: PROT_READ, or PROT_READ | PROT_WRITE. Unmap with
+ * munmap(2). -EACCES: a writable mapping of a read-only descriptor (or of a read-only-claimed
+ * one); -EPERM: sealed against writes; -EINVAL: length 0, bad prot. */
+int pb_shm_map(int fd, size_t length, int prot, void **address);
+
+/* ---- Sockets through /net ---------------------------------------------------------------- */
+
+/* A /net socket (PatchworkOS): opened from a factory (/net/local/<type>), driven by ctl
+ * command lines ("bind NAME [MODE]", "listen [BACKLOG]", "connect NAME", joined with "&&"),
+ * with the kernel socket itself as its data path once connected. */
+typedef struct pb_socket pb_socket;
+
+#define PB_NET_NONBLOCK 1   /* data calls and accept return -EAGAIN instead of waiting */
+
+/* Opens /net/local/<type>: type is "seqpacket", "stream" or "dgram". A new socket in state NEW.
+ * -EINVAL: unknown type or flags. -EDQUOT: too many sockets. */
+int pb_net_open(pb_broker *broker, const char *type, unsigned flags, pb_socket **out);
+
+/* Writes a command line to the socket's ctl file. The whole line is checked first, then each
+ * command runs in order, stopping at the first failure. -EINVAL (unknown command, bad argument,
+ * a transition the state machine does not allow), -EADDRINUSE, -ECONNREFUSED, -ENOENT,
+ * -EACCES, -EAGAIN (a full backlog). */
+int pb_net_ctl(pb_socket *socket, const char *command);
+
+/* Accepts one connection on a listening socket: waits (unless PB_NET_NONBLOCK was given to
+ * pb_net_open, or flags has it), and sets *out to the connected socket.
+ * -EINVAL: not listening. -EAGAIN. -ECONNABORTED: the listener closed while this waited. */
+int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
+
+/* The socket's kernel descriptor for data (send/recv/poll/epoll), once connected or accepted
+ * (or, for dgram, bound and opened with pb_net_ctl's "bind"). The descriptor belongs to the
+ * socket: do not close it. -ENOTCONN before that. */
+int pb_net_data(pb_socket *socket);
+
+/* The socket's id (its directory is /net/local/<id>/). */
+uint64_t pb_net_id(const pb_socket *socket);
+
+/* Convenience: open, "bind NAME && listen", for seqpacket or stream (type). */
+int pb_net_listen(pb_broker *broker, const char *name, const char *type, pb_socket **out);
+
+/* Convenience: open, "connect NAME". */
+int pb_net_connect(pb_broker *broker, const char *name, const char *type, pb_socket **out);
+
+/* Closes the socket (its handle, and its kernel socket here). NULL is ignored. */
+void pb_net_close(pb_socket *socket);
+
+/* ---- CAPS (DragonFly BSD) --------------------------------------------------------------- */
+
+typedef struct pb_caps_service pb_caps_service;
+typedef struct pb_caps_client  pb_caps_client;
+
+#define PB_CAPS_USER  1   /* clients of the service's uid may connect */
+#define PB_CAPS_GROUP 2   /* clients in the service's group may connect */
+#define PB_CAPS_WORLD 4   /* anyone may connect */
+
+#define PB_CAPS_WAIT_FOR_SERVICE 1   /* pb_caps_client_open waits until the name is registered */
+
+enum pb_caps_kind {
+    PB_CAPS_REQUEST = 1,       /* a client's request: answer with pb_caps_reply */
+    PB_CAPS_REPLY = 2,         /* the service's answer (a client's message) */
+    PB_CAPS_DISPOSE = 3,       /* the client consumed the reply, or went away: its space is free */
+    PB_CAPS_ABORTED = 4,       /* the client aborted a request the service had read */
+    PB_CAPS_CONNECTED = 5,     /* a client connected (services opened with notices only) */
+    PB_CAPS_DISCONNECTED = 6   /* a client went away (idem) */
+};
+
+/* A message's header. The credentials are the kernel's (SO_PEERCRED when the client connected),
+ * for a service; for a client, the service's. */
+struct pb_caps_message {
+    uint64_t id;       /* the message id: reply with it */
+    int kind;          /* enum pb_caps_kind */
+    size_t length;     /* the payload's full length */
+    pid_t pid;
+    uid_t uid;
+    uid_t euid;
+    gid_t gid;
+};
+
+/* Registers a service under name (1 to 63 of [0-9A-Za-z_.]) for the caller's effective uid,
+ * with access a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (0: PB_CAPS_USER).
+ * -EINVAL, -ENAMETOOLONG (name), -EEXIST (another registration of this uid has the name and
+ * asked for exclusivity), -EPERM (a name reserved to another user), -EDQUOT. */
+int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
+
+/* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
+ * into buffer. Returns the payload length. -EMSGSIZE: the payload is longer than capacity;
+ * m->length says how long, and the message stays queued for a call with a larger buffer.
+ * -ECANCELED: pb_caps_service_cancel was called. */
+int pb_caps_wait(pb_caps_service *service, struct pb_caps_message *m, void *buffer, size_t capacity);
+
+/* pb_caps_wait without waiting: -EAGAIN when nothing is queued. */
+int pb_caps_get(pb_caps_service *service, struct pb_caps_message *m, void *buffer, size_t capacity);
+
+/* Zero-copy receive: waits for the next message and calls read with its header and payload in
+ * place, in the shared memory the client wrote it to (valid only during the call). Returns
+ * what read returns (which should be >= 0). */
+int pb_caps_receive(pb_caps_service *service,
+                    int (*read)(const struct pb_caps_message *m, const void *data, size_t length, void *context),
+                    void *context);
+
+/* Replies to request id with length bytes of data. -EINVAL: not a request read and awaiting a
+ * reply (unknown id, answered already, a DISPOSE); -EMSGSIZE: over 4 GiB. */
+int pb_caps_reply(pb_caps_service *service, uint64_t id, const void *data, size_t length);
+
+/* Zero-copy reply: fill writes the reply's length bytes in place, in the client's shared memory. */
+int pb_caps_reply_in_place(pb_caps_service *service, uint64_t id, size_t length,
+                           void (*fill)(void *buffer, size_t length, void *context), void *context);
+
+/* Answers request id with an errno instead of bytes: the client's pb_caps_call returns -error.
+ * -EINVAL: error <= 0 or not a pending request; -ENOBUFS: the client's reply ring is full. */
+int pb_caps_reply_error(pb_caps_service *service, uint64_t id, int error);
+
+/* A descriptor that is readable when a message may be waiting: for poll/epoll. When readable,
+ * drain with pb_caps_get until -EAGAIN. Belongs to the service: do not close it. */
+int pb_caps_service_fd(pb_caps_service *service);
+
+/* Makes a pb_caps_wait blocked in another thread return -ECANCELED. */
+void pb_caps_service_cancel(pb_caps_service *service);
+
+/* Unregisters the service; its clients see the service gone. NULL is ignored. */
+void pb_caps_service_close(pb_caps_service *service);
+
+/* Connects to the service registered under name (flags: PB_CAPS_WAIT_FOR_SERVICE).
+ * -ENOENT: no such service (or none this user may reach). */
+int pb_caps_client_open(pb_broker *broker, const char *name, unsigned flags, pb_caps_client **out);
+
+/* Sends a request and waits for its reply, which is copied into reply. Returns the reply's
+ * length. -EMSGSIZE: the reply was longer than capacity (it is discarded); -ECONNRESET: the
+ * service went away first; the errno a service answered with pb_caps_reply_error; -ENOBUFS: too
+ * many requests in flight. */
+ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length, void *reply, size_t capacity);
+
+/* Sends a request without waiting; *id is its message id. */
+int pb_caps_put(pb_caps_client *client, const void *data, size_t length, uint64_t *id);
+
+/* Zero-copy request: fill writes length bytes in place, in the shared memory the service reads. */
+int pb_caps_put_in_place(pb_caps_client *client, size_t length,
+                         void (*fill)(void *buffer, size_t length, void *context), void *context, uint64_t *id);
+
+/* Waits for the next reply and copies it into buffer (m->kind is PB_CAPS_REPLY, m->id the
+ * request's id). Returns its length, or the errno the service answered with (negated).
+ * -EMSGSIZE as pb_caps_wait (the reply stays queued); -ECONNRESET: the service went away. */
+int pb_caps_wait_reply(pb_caps_client *client, struct pb_caps_message *m, void *buffer, size_t capacity);
+
+/* Zero-copy: waits for the next reply and calls read with it in place (valid only during the
+ * call); the reply is disposed of afterwards. Returns what read returns. */
+int pb_caps_receive_reply(pb_caps_client *client,
+                          int (*read)(const struct pb_caps_message *m, const void *data, size_t length, void *context),
+                          void *context);
+
+/* A descriptor readable when a reply may be waiting (for poll/epoll); do not close it. */
+int pb_caps_client_fd(pb_caps_client *client);
+
+/* Disconnects; the service gets DISPOSEs for what was left. NULL is ignored. */
+void pb_caps_client_close(pb_caps_client *client);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PATCHBAY_H */

@@ -1,0 +1,241 @@
+// libpatchbay: CAPS services and clients (patchbay.h, "CAPS").
+
+import CPatchbayABI
+import Glibc
+import Patchbay
+import SystemPackage
+
+public typealias ReadCallback = @convention(c) (UnsafePointer<pb_caps_message>?, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?) -> CInt
+public typealias FillCallback = @convention(c) (UnsafeMutableRawPointer?, Int, UnsafeMutableRawPointer?) -> Void
+
+extension pb_caps_message {
+    init(_ message: CapsServiceMessage) {
+        let kind: pb_caps_kind = switch message.kind {
+        case .request: PB_CAPS_REQUEST
+        case .dispose: PB_CAPS_DISPOSE
+        case .aborted: PB_CAPS_ABORTED
+        case .connected: PB_CAPS_CONNECTED
+        case .disconnected: PB_CAPS_DISCONNECTED
+        }
+        self.init(id: message.messageID, kind: CInt(kind.rawValue), length: message.length, pid: message.credentials.pid,
+                  uid: message.credentials.uid, euid: message.credentials.euid, gid: message.credentials.gid)
+    }
+
+    /// A reply, as a client sees it (no credentials: the client chose the service).
+    init(reply id: UInt64, length: Int) {
+        self.init(id: id, kind: CInt(PB_CAPS_REPLY.rawValue), length: length, pid: 0, uid: 0, euid: 0, gid: 0)
+    }
+}
+
+func buffer(_ pointer: UnsafeMutableRawPointer?, _ capacity: Int) throws(PatchbayError) -> UnsafeMutableRawBufferPointer {
+    guard pointer != nil || capacity == 0 else { throw PatchbayError(.invalidArgument, "the buffer is NULL") }
+    return UnsafeMutableRawBufferPointer(start: pointer, count: capacity)
+}
+
+func bytes(_ pointer: UnsafeRawPointer?, _ length: Int) throws(PatchbayError) -> UnsafeRawBufferPointer {
+    guard pointer != nil || length == 0 else { throw PatchbayError(.invalidArgument, "the data is NULL") }
+    return UnsafeRawBufferPointer(start: pointer, count: length)
+}
+
+// MARK: Services
+
+@_cdecl("pb_caps_service_open")
+public func pb_caps_service_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ access: CUnsignedInt,
+                                 _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let broker = try object(broker, as: Broker.self, "broker")
+        let out = try checkOut(out)
+        let all = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
+        guard access & ~all == 0 else {
+            throw PatchbayError(.invalidArgument, "unknown access bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD")
+        }
+        let classes = CapsAccess(rawValue: access == 0 ? CUnsignedInt(PB_CAPS_USER) : access)
+        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"), access: classes))
+        return 0
+    }
+}
+
+/// `wait` and `get`: the header into `m`, the payload into the buffer.
+private func deliver(_ message: CapsServiceMessage, _ m: UnsafeMutablePointer<pb_caps_message>?) throws(PatchbayError) -> CInt {
+    m?.pointee = pb_caps_message(message)
+    guard message.consumed else {
+        throw PatchbayError(.messageTooLong, "message \(message.messageID) is \(message.length) bytes, more than the buffer; it stays queued")
+    }
+    return CInt(clamping: message.length)
+}
+
+@_cdecl("pb_caps_wait")
+public func pb_caps_wait(_ service: OpaquePointer?, _ m: UnsafeMutablePointer<pb_caps_message>?,
+                         _ data: UnsafeMutableRawPointer?, _ capacity: Int) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let service = try object(service, as: CapsService.self, "service")
+        return try deliver(try service.wait(into: try buffer(data, capacity)), m)
+    }
+}
+
+@_cdecl("pb_caps_get")
+public func pb_caps_get(_ service: OpaquePointer?, _ m: UnsafeMutablePointer<pb_caps_message>?,
+                        _ data: UnsafeMutableRawPointer?, _ capacity: Int) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let service = try object(service, as: CapsService.self, "service")
+        return try deliver(try service.get(into: try buffer(data, capacity)), m)
+    }
+}
+
+@_cdecl("pb_caps_receive")
+public func pb_caps_receive(_ service: OpaquePointer?, _ read: ReadCallback?, _ context: UnsafeMutableRawPointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let service = try object(service, as: CapsService.self, "service")
+        guard let read else { throw PatchbayError(.invalidArgument, "the read callback is NULL") }
+        var result: CInt = 0
+        try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+            var header = pb_caps_message(message)
+            result = read(&header, payload.baseAddress, payload.count, context)
+        }
+        return result
+    }
+}
+
+@_cdecl("pb_caps_reply")
+public func pb_caps_reply(_ service: OpaquePointer?, _ id: UInt64, _ data: UnsafeRawPointer?, _ length: Int) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let service = try object(service, as: CapsService.self, "service")
+        let payload = try bytes(data, length)
+        try service.reply(to: id, length: length) { buffer in
+            if length > 0 { buffer.copyMemory(from: payload) }
+        }
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_reply_in_place")
+public func pb_caps_reply_in_place(_ service: OpaquePointer?, _ id: UInt64, _ length: Int, _ fill: FillCallback?,
+                                   _ context: UnsafeMutableRawPointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let service = try object(service, as: CapsService.self, "service")
+        guard let fill else { throw PatchbayError(.invalidArgument, "the fill callback is NULL") }
+        try service.reply(to: id, length: length) { buffer in fill(buffer.baseAddress, buffer.count, context) }
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_reply_error")
+public func pb_caps_reply_error(_ service: OpaquePointer?, _ id: UInt64, _ error: CInt) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try object(service, as: CapsService.self, "service").reply(to: id, error: Errno(rawValue: error))
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_service_fd")
+public func pb_caps_service_fd(_ service: OpaquePointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in try object(service, as: CapsService.self, "service").eventDescriptor }
+}
+
+@_cdecl("pb_caps_service_cancel")
+public func pb_caps_service_cancel(_ service: OpaquePointer?) {
+    guard let service else { return }
+    Unmanaged<CapsService>.fromOpaque(UnsafeRawPointer(service)).takeUnretainedValue().cancelWait()
+}
+
+@_cdecl("pb_caps_service_close")
+public func pb_caps_service_close(_ service: OpaquePointer?) {
+    release(service, as: CapsService.self)
+}
+
+// MARK: Clients
+
+@_cdecl("pb_caps_client_open")
+public func pb_caps_client_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ flags: CUnsignedInt,
+                                _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let broker = try object(broker, as: Broker.self, "broker")
+        let out = try checkOut(out)
+        guard flags & ~CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) == 0 else {
+            throw PatchbayError(.invalidArgument, "unknown flags \(flags): only PB_CAPS_WAIT_FOR_SERVICE")
+        }
+        out.pointee = handle(try CapsClient(broker, name: try string(name, "the name"),
+                                            waitForService: flags & CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) != 0))
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_call")
+public func pb_caps_call(_ client: OpaquePointer?, _ request: UnsafeRawPointer?, _ length: Int,
+                         _ reply: UnsafeMutableRawPointer?, _ capacity: Int) -> Int {
+    do throws(PatchbayError) {
+        let client = try object(client, as: CapsClient.self, "client")
+        return try client.call(try bytes(request, length), into: try buffer(reply, capacity))
+    } catch {
+        return Int(fail(error))
+    }
+}
+
+@_cdecl("pb_caps_put")
+public func pb_caps_put(_ client: OpaquePointer?, _ data: UnsafeRawPointer?, _ length: Int, _ id: UnsafeMutablePointer<UInt64>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let client = try object(client, as: CapsClient.self, "client")
+        let payload = try bytes(data, length)
+        let messageID = try client.put(length: length) { buffer in
+            if length > 0 { buffer.copyMemory(from: payload) }
+        }
+        id?.pointee = messageID
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_put_in_place")
+public func pb_caps_put_in_place(_ client: OpaquePointer?, _ length: Int, _ fill: FillCallback?, _ context: UnsafeMutableRawPointer?,
+                                 _ id: UnsafeMutablePointer<UInt64>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let client = try object(client, as: CapsClient.self, "client")
+        guard let fill else { throw PatchbayError(.invalidArgument, "the fill callback is NULL") }
+        let messageID = try client.put(length: length) { buffer in fill(buffer.baseAddress, buffer.count, context) }
+        id?.pointee = messageID
+        return 0
+    }
+}
+
+@_cdecl("pb_caps_wait_reply")
+public func pb_caps_wait_reply(_ client: OpaquePointer?, _ m: UnsafeMutablePointer<pb_caps_message>?,
+                               _ data: UnsafeMutableRawPointer?, _ capacity: Int) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let client = try object(client, as: CapsClient.self, "client")
+        let reply = try client.wait(into: try buffer(data, capacity))
+        m?.pointee = pb_caps_message(reply: reply.messageID, length: reply.length)
+        if let errno = reply.error {
+            throw PatchbayError(errno, "the service answered request \(reply.messageID) with an error (\(errno.name))")
+        }
+        if reply.serviceClosed {
+            throw PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)")
+        }
+        guard reply.consumed else {
+            throw PatchbayError(.messageTooLong, "the reply to \(reply.messageID) is \(reply.length) bytes, more than the buffer; it stays queued")
+        }
+        return CInt(clamping: reply.length)
+    }
+}
+
+@_cdecl("pb_caps_receive_reply")
+public func pb_caps_receive_reply(_ client: OpaquePointer?, _ read: ReadCallback?, _ context: UnsafeMutableRawPointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let client = try object(client, as: CapsClient.self, "client")
+        guard let read else { throw PatchbayError(.invalidArgument, "the read callback is NULL") }
+        var result: CInt = 0
+        try client.waitReply { (id: UInt64, payload: UnsafeRawBufferPointer) in
+            var header = pb_caps_message(reply: id, length: payload.count)
+            result = read(&header, payload.baseAddress, payload.count, context)
+        }
+        return result
+    }
+}
+
+@_cdecl("pb_caps_client_fd")
+public func pb_caps_client_fd(_ client: OpaquePointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in try object(client, as: CapsClient.self, "client").eventDescriptor }
+}
+
+@_cdecl("pb_caps_client_close")
+public func pb_caps_client_close(_ client: OpaquePointer?) {
+    release(client, as: CapsClient.self)
+}

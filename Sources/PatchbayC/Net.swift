@@ -1,0 +1,104 @@
+// libpatchbay: sockets through /net (patchbay.h, "Sockets through /net").
+
+import CPatchbayABI
+import Glibc
+import Patchbay
+
+/// A `/net` socket as C holds it.
+final class SocketHandle {
+    let socket: Socket
+    init(_ socket: consuming Socket) { self.socket = socket }
+}
+
+
+func socketKind(_ type: UnsafePointer<CChar>?) throws(PatchbayError) -> Socket.Kind {
+    let name = try string(type, "the socket type")
+    guard let kind = Socket.Kind(rawValue: name) else {
+        throw PatchbayError(.invalidArgument, "\"\(name.prefix(40))\" is not a socket type: seqpacket, stream or dgram")
+    }
+    return kind
+}
+
+func checkNetFlags(_ flags: CUnsignedInt) throws(PatchbayError) -> Bool {
+    guard flags & ~CUnsignedInt(PB_NET_NONBLOCK) == 0 else {
+        throw PatchbayError(.invalidArgument, "unknown flags \(flags): only PB_NET_NONBLOCK")
+    }
+    return flags & CUnsignedInt(PB_NET_NONBLOCK) != 0
+}
+
+@_cdecl("pb_net_open")
+public func pb_net_open(_ broker: OpaquePointer?, _ type: UnsafePointer<CChar>?, _ flags: CUnsignedInt,
+                        _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let broker = try object(broker, as: Broker.self, "broker")
+        let out = try checkOut(out)
+        let nonblocking = try checkNetFlags(flags)
+        out.pointee = handle(SocketHandle(try Socket.open(broker, type: try socketKind(type), nonblocking: nonblocking)))
+        return 0
+    }
+}
+
+@_cdecl("pb_net_ctl")
+public func pb_net_ctl(_ socket: OpaquePointer?, _ command: UnsafePointer<CChar>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try object(socket, as: SocketHandle.self, "socket").socket.control(line: try string(command, "the command"))
+        return 0
+    }
+}
+
+@_cdecl("pb_net_accept")
+public func pb_net_accept(_ listener: OpaquePointer?, _ flags: CUnsignedInt, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let listener = try object(listener, as: SocketHandle.self, "listener")
+        let out = try checkOut(out)
+        let nonblocking = try checkNetFlags(flags)
+        out.pointee = handle(SocketHandle(try listener.socket.accept(nonblocking: nonblocking ? true : nil)))
+        return 0
+    }
+}
+
+@_cdecl("pb_net_data")
+public func pb_net_data(_ socket: OpaquePointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let held = try object(socket, as: SocketHandle.self, "socket")
+        // A bound datagram socket's data file is opened on first use.
+        if held.socket.dataDescriptor < 0 && held.socket.kind == .dgram { try held.socket.openDataInPlace() }
+        guard held.socket.dataDescriptor >= 0 else {
+            throw PatchbayError(.socketNotConnected, "socket \(held.socket.id) is not connected (no data descriptor yet)")
+        }
+        return held.socket.dataDescriptor
+    }
+}
+
+@_cdecl("pb_net_id")
+public func pb_net_id(_ socket: OpaquePointer?) -> UInt64 {
+    guard let socket else { return 0 }
+    return Unmanaged<SocketHandle>.fromOpaque(UnsafeRawPointer(socket)).takeUnretainedValue().socket.id
+}
+
+@_cdecl("pb_net_listen")
+public func pb_net_listen(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ type: UnsafePointer<CChar>?,
+                          _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let broker = try object(broker, as: Broker.self, "broker")
+        let out = try checkOut(out)
+        out.pointee = handle(SocketHandle(try Socket.listen(broker, name: try string(name, "the name"), type: try socketKind(type))))
+        return 0
+    }
+}
+
+@_cdecl("pb_net_connect")
+public func pb_net_connect(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ type: UnsafePointer<CChar>?,
+                           _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let broker = try object(broker, as: Broker.self, "broker")
+        let out = try checkOut(out)
+        out.pointee = handle(SocketHandle(try Socket.connect(broker, to: try string(name, "the name"), type: try socketKind(type))))
+        return 0
+    }
+}
+
+@_cdecl("pb_net_close")
+public func pb_net_close(_ socket: OpaquePointer?) {
+    release(socket, as: SocketHandle.self)
+}
