@@ -167,8 +167,9 @@ enum pb_caps_kind {
     PB_CAPS_DISCONNECTED = 6   /* a client went away (idem) */
 };
 
-/* A message's header. The credentials are the kernel's (SO_PEERCRED when the client connected),
- * for a service; for a client, the service's. */
+/* A message's header. For a service, the credentials are the client's, from the kernel
+ * (SO_PEERCRED when the client connected); uid is the real uid, euid the effective one. For a
+ * client (replies), they are 0: the client chose its service by name. */
 struct pb_caps_message {
     uint64_t id;       /* the message id: reply with it */
     int kind;          /* enum pb_caps_kind */
@@ -213,8 +214,9 @@ int pb_caps_reply_in_place(pb_caps_service *service, uint64_t id, size_t length,
  * -EINVAL: error <= 0 or not a pending request; -ENOBUFS: the client's reply ring is full. */
 int pb_caps_reply_error(pb_caps_service *service, uint64_t id, int error);
 
-/* A descriptor that is readable when a message may be waiting: for poll/epoll. When readable,
- * drain with pb_caps_get until -EAGAIN. Belongs to the service: do not close it. */
+/* A descriptor that is readable when a message may be waiting: for poll/epoll (messages queued
+ * before the first call included). When readable, drain with pb_caps_get until -EAGAIN. Belongs
+ * to the service: do not close it. */
 int pb_caps_service_fd(pb_caps_service *service);
 
 /* Makes a pb_caps_wait blocked in another thread return -ECANCELED. */
@@ -245,13 +247,18 @@ int pb_caps_put_in_place(pb_caps_client *client, size_t length,
  * -EMSGSIZE as pb_caps_wait (the reply stays queued); -ECONNRESET: the service went away. */
 int pb_caps_wait_reply(pb_caps_client *client, struct pb_caps_message *m, void *buffer, size_t capacity);
 
+/* pb_caps_wait_reply without waiting: -EAGAIN when no reply is queued. */
+int pb_caps_client_get(pb_caps_client *client, struct pb_caps_message *m, void *buffer, size_t capacity);
+
 /* Zero-copy: waits for the next reply and calls read with it in place (valid only during the
  * call); the reply is disposed of afterwards. Returns what read returns. */
 int pb_caps_receive_reply(pb_caps_client *client,
                           int (*read)(const struct pb_caps_message *m, const void *data, size_t length, void *context),
                           void *context);
 
-/* A descriptor readable when a reply may be waiting (for poll/epoll); do not close it. */
+/* A descriptor readable when a reply may be waiting (for poll/epoll), including replies that
+ * arrived before the first call; when readable, drain with pb_caps_client_get until -EAGAIN.
+ * Belongs to the client: do not close it. */
 int pb_caps_client_fd(pb_caps_client *client);
 
 /* Disconnects; the service gets DISPOSEs for what was left. NULL is ignored. */

@@ -110,6 +110,18 @@ public final class CapsClient: @unchecked Sendable {
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
     private var watching = false
+    /// While watching: what `eventDescriptor` returns, an epoll set of the wake socket and
+    /// `backlogEvent`, which announces replies that arrived before watching began.
+    private var watchSet: WatchSet?
+
+    private final class WatchSet {
+        let epoll: Epoll
+        let backlog: EventCounter
+        init(epoll: consuming Epoll, backlog: consuming EventCounter) {
+            self.epoll = epoll
+            self.backlog = backlog
+        }
+    }
     /// Where the async `call` runs its blocking work, one call at a time.
     let callQueue: DispatchQueue
 
@@ -250,7 +262,10 @@ public final class CapsClient: @unchecked Sendable {
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
         try core.checkInherited()
         return try core.lock.locked { () throws(PatchbayError) -> CapsReply in
-            if watching { WakeSocket.drain(clientWake.rawValue) }
+            if watching {
+                WakeSocket.drain(clientWake.rawValue)
+                if let watchSet { _ = try? watchSet.backlog.consume() }
+            }
             guard let reply = try nextReply(room: buffer.count, { reply, payload in Self.copy(payload, into: buffer, reply) })
             else { throw PatchbayError(.resourceTemporarilyUnavailable, "no reply is waiting") }
             return reply
@@ -426,10 +441,26 @@ public final class CapsClient: @unchecked Sendable {
     /// epoll loops; then call `get` until it says `EAGAIN`. Owned by the port.
     public var eventDescriptor: CInt {
         core.lock.locked {
+            if watching, let watchSet { return watchSet.epoll.descriptorNumber }
+            do throws(Errno) {
+                let set = try Epoll()
+                let backlog = try EventCounter(nonblocking: true)
+                try set.add(clientWake.rawValue, events: .readable, token: 1)
+                try set.add(backlog.descriptor.rawValue, events: .readable, token: 2)
+                watchSet = WatchSet(epoll: set, backlog: backlog)
+            } catch {
+                // Without the set, the wake socket alone (replies queued before now go unannounced).
+                watching = true
+                SharedWord.store(channel.word32(CapsLayout.clientWatchingOffset), 1)
+                return clientWake.rawValue
+            }
             watching = true
             SharedWord.store(channel.word32(CapsLayout.clientWatchingOffset), 1)
+            SharedWord.fence()
+            // The service signals from now on; what it answered before is announced here.
+            if channel.hasEntries(.reply) || channel.serviceClosed, let watchSet { try? watchSet.backlog.signal() }
+            return watchSet?.epoll.descriptorNumber ?? clientWake.rawValue
         }
-        return clientWake.rawValue
     }
 
     /// A client port cannot reply: `EINVAL` (SEMANTICS.md §5).

@@ -101,6 +101,9 @@ public final class CapsService: @unchecked Sendable {
     private let noticesAddress = Atomic<UInt>(0)
     private let epoll: Epoll
     private let cancelEvent: EventCounter
+    /// Made readable by `eventDescriptor` for what was already waiting when watching began (no
+    /// client signalled it: nobody was watching yet); drained by `get`.
+    private let backlogEvent: EventCounter
     /// Signalled by the thread that registers the service again after the broker went away.
     private let registrationEvent: EventCounter
     /// What a new registration needs: the broker (for its path and reconnect policy) and the
@@ -138,6 +141,7 @@ public final class CapsService: @unchecked Sendable {
     private static let brokerToken: UInt64 = 1
     private static let cancelToken: UInt64 = 2
     private static let registrationToken: UInt64 = 3
+    private static let backlogToken: UInt64 = 4
     private static let channelTokens: UInt64 = 1 << 62
     /// A client's direct socket, watched for its hang-up while no broker reports departures.
     private static let departureTokens: UInt64 = 1 << 61
@@ -170,9 +174,11 @@ public final class CapsService: @unchecked Sendable {
             epoll = try Epoll()
             cancelEvent = try EventCounter(nonblocking: true)
             registrationEvent = try EventCounter(nonblocking: true)
+            backlogEvent = try EventCounter(nonblocking: true)
             try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
             try epoll.add(cancelEvent.descriptor.rawValue, events: .readable, token: Self.cancelToken)
             try epoll.add(registrationEvent.descriptor.rawValue, events: .readable, token: Self.registrationToken)
+            try epoll.add(backlogEvent.descriptor.rawValue, events: .readable, token: Self.backlogToken)
         } catch {
             throw PatchbayError(error, "cannot set up the service port")
         }
@@ -322,7 +328,10 @@ public final class CapsService: @unchecked Sendable {
     public func get(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsServiceMessage {
         try core.checkInherited()
         return try core.lock.locked { () throws(PatchbayError) -> CapsServiceMessage in
-            if watching { drainWakeups() }
+            if watching {
+                drainWakeups()
+                _ = try? backlogEvent.consume()
+            }
             guard let message = try nextMessage(room: buffer.count, { message, payload in Self.copy(payload, into: buffer, message) })
             else { throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting") }
             return message
@@ -481,8 +490,12 @@ public final class CapsService: @unchecked Sendable {
     /// until it says `EAGAIN` (one readiness may stand for several messages).
     public var eventDescriptor: CInt {
         core.lock.locked {
-            if !watching { SharedWord.increment(statusWord(CapsLayout.statusSleepingOffset)) }
+            guard !watching else { return }
+            SharedWord.increment(statusWord(CapsLayout.statusSleepingOffset))
             watching = true
+            SharedWord.fence()
+            // Clients signal from now on; what they queued before is announced here.
+            if Self.hasWork(clients.values.map(\.channel)) || noticesPending || !synthetic.isEmpty { try? backlogEvent.signal() }
         }
         return epoll.descriptorNumber
     }
@@ -789,6 +802,8 @@ public final class CapsService: @unchecked Sendable {
             case Self.cancelToken:
                 _ = try? cancelEvent.consume()
                 throw PatchbayError(.canceled, "the wait was cancelled")
+            case Self.backlogToken:
+                _ = try? backlogEvent.consume()
             case Self.registrationToken:
                 _ = try? registrationEvent.consume()
                 if let registrationFailure { throw registrationFailure }

@@ -1,0 +1,489 @@
+/*
+ * The C library's own tests: every function of patchbay.h against a real broker (the one
+ * PATCHBAY_SOCKET names), with the errno paths of the Swift tests that apply to C.
+ *
+ *   test_patchbay all              run every test; prints "ok N" and exits 0, or the first
+ *                                  failure (file:line, the call, its result and reason) and 1
+ *   test_patchbay service NAME     a CAPS service: answers each REQUEST with "c:" + its bytes,
+ *                                  printing "request ID PID UID GID" and "dispose ID"; exits after
+ *                                  the first DISPOSE
+ *   test_patchbay call NAME DATA   a CAPS client: prints the reply to DATA
+ *   test_patchbay share PATH       shares PATH opened read-only, prints the key, waits for stdin EOF
+ *
+ * Compiled with -std=c11 -Wall -Wextra -Werror; the header is also checked as C++.
+ */
+#define _GNU_SOURCE
+#include <patchbay.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int checks;
+
+#define CHECK(condition) do { \
+        checks++; \
+        if (!(condition)) { \
+            fprintf(stderr, "%s:%d: failed: %s (last reason: %s)\n", __FILE__, __LINE__, #condition, pb_last_reason()); \
+            exit(1); \
+        } \
+    } while (0)
+
+/* A call that must succeed (>= 0). */
+#define OK(call) do { long long result_ = (long long)(call); checks++; \
+        if (result_ < 0) { \
+            fprintf(stderr, "%s:%d: %s = %lld (%s): %s\n", __FILE__, __LINE__, #call, result_, strerror((int)-result_), pb_last_reason()); \
+            exit(1); \
+        } \
+    } while (0)
+
+/* A call that must fail with -expected and leave a reason. */
+#define FAILS(call, expected) do { long long result_ = (long long)(call); checks++; \
+        if (result_ != -(expected) || pb_last_reason()[0] == '\0') { \
+            fprintf(stderr, "%s:%d: %s = %lld, expected -%s (%d); reason: %s\n", __FILE__, __LINE__, #call, result_, #expected, \
+                    (expected), pb_last_reason()); \
+            exit(1); \
+        } \
+    } while (0)
+
+static char unique[64];
+
+/* A name of this run's own, so tests can run again on the same broker. */
+static const char *named(const char *prefix, char *buffer, size_t size) {
+    snprintf(buffer, size, "%s%s", prefix, unique);
+    return buffer;
+}
+
+/* ---- broker ---- */
+
+static void test_broker(void) {
+    pb_broker *broker = NULL;
+    FAILS(pb_broker_open_at(&broker, "/nonexistent/patchbay.sock"), ENOENT);
+    CHECK(broker == NULL);
+    CHECK(strstr(pb_last_reason(), "/nonexistent/patchbay.sock") != NULL);
+    FAILS(pb_broker_open(NULL), EINVAL);
+    OK(pb_broker_open(&broker));
+    CHECK(broker != NULL);
+    pb_broker_close(broker);
+    pb_broker_close(NULL);
+}
+
+/* ---- keys ---- */
+
+static void test_keys(pb_broker *broker) {
+    int pipe_ends[2];
+    CHECK(pipe(pipe_ends) == 0);
+    char key[PB_KEY_TEXT_SIZE];
+    OK(pb_share(broker, pipe_ends[1], 30000, key));
+    CHECK(strlen(key) == 22);
+    close(pipe_ends[1]);   /* the key holds the write end now */
+    int claimed = pb_claim(broker, key);
+    OK(claimed);
+    CHECK(fcntl(claimed, F_GETFD) & FD_CLOEXEC);
+    CHECK(write(claimed, "through", 7) == 7);
+    close(claimed);
+    char bytes[16] = {0};
+    CHECK(read(pipe_ends[0], bytes, sizeof bytes) == 7 && memcmp(bytes, "through", 7) == 0);
+    CHECK(read(pipe_ends[0], bytes, sizeof bytes) == 0);   /* every write end is closed */
+    close(pipe_ends[0]);
+
+    FAILS(pb_claim(broker, key), ENOENT);                          /* one time */
+    FAILS(pb_claim(broker, "AAAAAAAAAAAAAAAAAAAAAA"), ENOENT);     /* unknown */
+    FAILS(pb_claim(broker, "not a key"), EINVAL);
+    FAILS(pb_claim(broker, NULL), EINVAL);
+    FAILS(pb_share(broker, 0, 0, key), EINVAL);                    /* timeout 0 */
+    FAILS(pb_share(broker, 0, -2, key), EINVAL);
+    FAILS(pb_share(NULL, 0, 1000, key), EINVAL);
+
+    /* Never expires; expires. */
+    int file = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    OK(pb_share(broker, file, PB_TIMEOUT_NEVER, key));
+    int again = pb_claim(broker, key);
+    OK(again);
+    close(again);
+    OK(pb_share(broker, file, 1, key));
+    struct timespec pause = {0, 20 * 1000 * 1000};
+    int late = 0;
+    for (int attempt = 0; attempt < 100 && (late = pb_claim(broker, key)) >= 0; attempt++) {
+        close(late);
+        nanosleep(&pause, NULL);
+    }
+    FAILS(late, ENOENT);
+    close(file);
+}
+
+/* ---- shared memory ---- */
+
+static void test_named(pb_broker *broker) {
+    char name[96], other[96];
+    named("/c-shm-", name, sizeof name);
+    named("/c-shm-other-", other, sizeof other);
+    int fd = pb_shm_open(broker, name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    OK(fd);
+    CHECK(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+    struct stat info;
+    CHECK(fstat(fd, &info) == 0 && info.st_size == 0);
+    FAILS(pb_shm_open(broker, name, O_RDWR | O_CREAT | O_EXCL, 0600), EEXIST);
+    FAILS(pb_shm_open(broker, name, O_WRONLY, 0), EINVAL);
+    FAILS(pb_shm_open(broker, "no-slash", O_RDWR | O_CREAT, 0600), EINVAL);
+    char long_name[1100];
+    long_name[0] = '/';
+    memset(long_name + 1, 'x', sizeof long_name - 2);
+    long_name[sizeof long_name - 1] = '\0';
+    FAILS(pb_shm_open(broker, long_name, O_RDWR | O_CREAT, 0600), ENAMETOOLONG);
+    FAILS(pb_shm_open(broker, "/c-absent", O_RDWR, 0), ENOENT);
+
+    /* Named objects map as mmap does: ftruncate first, then what one writes another reads. */
+    CHECK(ftruncate(fd, 8192) == 0);
+    void *address = NULL;
+    OK(pb_shm_map(fd, 8192, PROT_READ | PROT_WRITE, &address));
+    memcpy(address, "named bytes", 11);
+    int reader = pb_shm_open(broker, name, O_RDONLY, 0);
+    OK(reader);
+    void *view = NULL;
+    FAILS(pb_shm_map(reader, 8192, PROT_READ | PROT_WRITE, &view), EACCES);
+    OK(pb_shm_map(reader, 8192, PROT_READ, &view));
+    CHECK(memcmp(view, "named bytes", 11) == 0);
+    munmap(view, 8192);
+    munmap(address, 8192);
+    close(reader);
+
+    /* Truncate at open. */
+    int truncated = pb_shm_open(broker, name, O_RDWR | O_TRUNC, 0);
+    OK(truncated);
+    CHECK(fstat(truncated, &info) == 0 && info.st_size == 0);
+    close(truncated);
+
+    /* Rename. */
+    int second = pb_shm_open(broker, other, O_RDWR | O_CREAT | O_EXCL, 0600);
+    OK(second);
+    close(second);
+    FAILS(pb_shm_rename(broker, name, other, PB_SHM_RENAME_NOREPLACE), EEXIST);
+    FAILS(pb_shm_rename(broker, name, other, PB_SHM_RENAME_NOREPLACE | PB_SHM_RENAME_EXCHANGE), EINVAL);
+    OK(pb_shm_rename(broker, name, other, PB_SHM_RENAME_EXCHANGE));
+    OK(pb_shm_rename(broker, other, name, 0));   /* replaces */
+    FAILS(pb_shm_rename(broker, other, name, 0), ENOENT);
+    OK(pb_shm_unlink(broker, name));
+    FAILS(pb_shm_unlink(broker, name), ENOENT);
+    FAILS(pb_shm_open(broker, name, O_RDWR, 0), ENOENT);
+    /* The descriptor and its object outlive the name. */
+    CHECK(fstat(fd, &info) == 0);
+    close(fd);
+}
+
+static void test_anonymous(void) {
+    FAILS(pb_shm_anonymous(8), EINVAL);
+    int fd = pb_shm_anonymous(PB_SHM_SEALABLE);
+    OK(fd);
+    CHECK(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+    void *address = NULL;
+    FAILS(pb_shm_map(fd, 0, PROT_READ | PROT_WRITE, &address), EINVAL);
+    FAILS(pb_shm_map(fd, 4096, PROT_WRITE, &address), EINVAL);
+    FAILS(pb_shm_map(fd, 4096, PROT_READ, NULL), EINVAL);
+    long page = sysconf(_SC_PAGESIZE);
+    OK(pb_shm_map(fd, 100, PROT_READ | PROT_WRITE, &address));   /* first mapping: fixes the size */
+    struct stat info;
+    CHECK(fstat(fd, &info) == 0 && info.st_size == page);
+    memcpy(address, "first", 5);
+    void *again = NULL;
+    FAILS(pb_shm_map(fd, 2 * page, PROT_READ, &again), EINVAL);    /* past the end */
+    OK(pb_shm_map(fd, page, PROT_READ, &again));
+    CHECK(memcmp(again, "first", 5) == 0);
+    munmap(again, page);
+    munmap(address, page);
+    /* Sealable: F_ADD_SEALS works on it. */
+    CHECK(fcntl(fd, F_ADD_SEALS, F_SEAL_GROW) == 0);
+    close(fd);
+    FAILS(pb_shm_map(-1, 4096, PROT_READ, &address), EBADF);
+}
+
+/* ---- /net ---- */
+
+static void test_net(pb_broker *broker) {
+    char name[96];
+    named("c-net-", name, sizeof name);
+    pb_socket *listener = NULL, *client = NULL, *server = NULL, *fresh = NULL;
+    FAILS(pb_net_open(broker, "datagram", 0, &fresh), EINVAL);
+    FAILS(pb_net_open(broker, "stream", 8, &fresh), EINVAL);
+    OK(pb_net_listen(broker, name, "seqpacket", &listener));
+    CHECK(pb_net_id(listener) > 0);
+    FAILS(pb_net_listen(broker, name, "seqpacket", &fresh), EADDRINUSE);
+    FAILS(pb_net_connect(broker, "c-nobody-there", "seqpacket", &fresh), ENOENT);
+    FAILS(pb_net_data(listener), ENOTCONN);
+
+    OK(pb_net_connect(broker, name, "seqpacket", &client));
+    OK(pb_net_accept(listener, 0, &server));   /* the connection waits in the backlog */
+    CHECK(pb_net_id(server) != pb_net_id(listener));
+    int a = pb_net_data(client), b = pb_net_data(server);
+    OK(a);
+    OK(b);
+    CHECK(send(a, "ping", 4, 0) == 4);
+    char bytes[16];
+    CHECK(recv(b, bytes, sizeof bytes, 0) == 4 && memcmp(bytes, "ping", 4) == 0);
+    CHECK(send(b, "pong!", 5, 0) == 5);
+    CHECK(recv(a, bytes, sizeof bytes, 0) == 5 && memcmp(bytes, "pong!", 5) == 0);
+    /* The peer sees this process, not the broker. */
+    struct ucred peer;
+    socklen_t length = sizeof peer;
+    CHECK(getsockopt(b, SOL_SOCKET, SO_PEERCRED, &peer, &length) == 0 && peer.pid == getpid());
+    FAILS(pb_net_accept(listener, PB_NET_NONBLOCK, &fresh), EAGAIN);
+    FAILS(pb_net_accept(client, 0, &fresh), EINVAL);   /* not listening */
+    pb_net_close(server);
+    CHECK(recv(a, bytes, sizeof bytes, 0) == 0);       /* end of file */
+    pb_net_close(client);
+
+    /* ctl by hand. */
+    OK(pb_net_open(broker, "stream", 0, &fresh));
+    FAILS(pb_net_ctl(fresh, "frobnicate"), EINVAL);
+    FAILS(pb_net_ctl(fresh, "listen"), EINVAL);        /* NEW cannot listen */
+    FAILS(pb_net_ctl(fresh, "connect c-nobody-there"), ENOENT);
+    pb_net_close(fresh);
+    pb_net_close(listener);
+    pb_net_close(NULL);
+    /* The name is free again once the broker has seen the handle close (it does so on its own
+     * loop, right after): bounded retries, not a sleep. */
+    int relisten = -EADDRINUSE;
+    for (int attempt = 0; attempt < 1000 && relisten == -EADDRINUSE; attempt++) {
+        relisten = pb_net_listen(broker, name, "stream", &listener);
+        if (relisten == -EADDRINUSE) sched_yield();
+    }
+    OK(relisten);
+    pb_net_close(listener);
+}
+
+/* ---- CAPS ---- */
+
+struct served {
+    pb_caps_service *service;
+    int requests;
+};
+
+/* Answers requests with "c:" + their bytes until a DISPOSE for each. */
+static void *serve(void *argument) {
+    struct served *served = argument;
+    char buffer[256], answer[260];
+    struct pb_caps_message m;
+    int disposes = 0;
+    while (disposes < served->requests) {
+        int length = pb_caps_wait(served->service, &m, buffer, sizeof buffer);
+        if (length < 0) break;
+        if (m.kind == PB_CAPS_REQUEST) {
+            memcpy(answer, "c:", 2);
+            memcpy(answer + 2, buffer, (size_t)length);
+            if (pb_caps_reply(served->service, m.id, answer, (size_t)length + 2) < 0) break;
+        } else if (m.kind == PB_CAPS_DISPOSE) {
+            disposes++;
+        }
+    }
+    return NULL;
+}
+
+static int read_in_place(const struct pb_caps_message *m, const void *data, size_t length, void *context) {
+    memcpy(context, data, length);
+    return (int)m->kind * 1000 + (int)length;
+}
+
+static void fill_in_place(void *buffer, size_t length, void *context) {
+    memcpy(buffer, context, length);
+}
+
+static void *cancel_later(void *argument) {
+    pb_caps_service_cancel(argument);
+    return NULL;
+}
+
+static void test_caps(pb_broker *broker) {
+    char name[96];
+    named("c_caps_", name, sizeof name);
+    pb_caps_service *service = NULL;
+    pb_caps_client *client = NULL;
+    FAILS(pb_caps_service_open(broker, "bad name!", PB_CAPS_USER, &service), EINVAL);
+    FAILS(pb_caps_service_open(broker, name, 64, &service), EINVAL);
+    FAILS(pb_caps_client_open(broker, name, 0, &client), ENOENT);
+    OK(pb_caps_service_open(broker, name, PB_CAPS_USER, &service));
+    OK(pb_caps_client_open(broker, name, 0, &client));
+
+    /* One thread: put, wait, reply, wait_reply, DISPOSE; credentials from the kernel. */
+    uint64_t id = 0;
+    OK(pb_caps_put(client, "hello", 5, &id));
+    struct pb_caps_message m;
+    char buffer[64];
+    char tiny[2];
+    FAILS(pb_caps_wait(service, &m, tiny, sizeof tiny), EMSGSIZE);
+    CHECK(m.length == 5 && m.kind == PB_CAPS_REQUEST);   /* still queued */
+    int length = pb_caps_wait(service, &m, buffer, sizeof buffer);
+    CHECK(length == 5 && memcmp(buffer, "hello", 5) == 0);
+    CHECK(m.id == id && m.kind == PB_CAPS_REQUEST && m.length == 5);
+    CHECK(m.pid == getpid() && m.uid == getuid() && m.euid == geteuid() && m.gid == getegid());
+    FAILS(pb_caps_reply(service, id + 1000, "x", 1), EINVAL);
+    OK(pb_caps_reply(service, id, "world", 5));
+    FAILS(pb_caps_reply(service, id, "again", 5), EINVAL);
+    length = pb_caps_wait_reply(client, &m, buffer, sizeof buffer);
+    CHECK(length == 5 && memcmp(buffer, "world", 5) == 0 && m.id == id && m.kind == PB_CAPS_REPLY);
+    length = pb_caps_wait(service, &m, buffer, sizeof buffer);
+    CHECK(length == 0 && m.kind == PB_CAPS_DISPOSE && m.id == id);
+    FAILS(pb_caps_get(service, &m, buffer, sizeof buffer), EAGAIN);
+
+    /* Zero-copy both ways. */
+    OK(pb_caps_put_in_place(client, 6, fill_in_place, "inside", &id));
+    char seen[64] = {0};
+    CHECK(pb_caps_receive(service, read_in_place, seen) == PB_CAPS_REQUEST * 1000 + 6 && memcmp(seen, "inside", 6) == 0);
+    OK(pb_caps_reply_in_place(service, id, 7, fill_in_place, "outside"));
+    CHECK(pb_caps_receive_reply(client, read_in_place, seen) == PB_CAPS_REPLY * 1000 + 7 && memcmp(seen, "outside", 7) == 0);
+    length = pb_caps_wait(service, &m, buffer, sizeof buffer);
+    CHECK(m.kind == PB_CAPS_DISPOSE && m.id == id);
+
+    /* An error reply: the client's call sees the errno. */
+    OK(pb_caps_put(client, "?", 1, &id));
+    CHECK(pb_caps_wait(service, &m, buffer, sizeof buffer) == 1);
+    FAILS(pb_caps_reply_error(service, id, 0), EINVAL);
+    OK(pb_caps_reply_error(service, id, EPERM));
+    FAILS(pb_caps_wait_reply(client, &m, buffer, sizeof buffer), EPERM);
+
+    /* The descriptors are readable when something waits, including what was queued before they
+     * were first asked for; drained, they are not. */
+    OK(pb_caps_put(client, "poll", 4, &id));
+    int fd = pb_caps_service_fd(service);
+    OK(fd);
+    struct pollfd ready = {fd, POLLIN, 0};
+    CHECK(poll(&ready, 1, 10000) == 1);
+    CHECK(pb_caps_get(service, &m, buffer, sizeof buffer) == 4 && m.id == id);
+    FAILS(pb_caps_get(service, &m, buffer, sizeof buffer), EAGAIN);
+    CHECK(poll(&ready, 1, 0) == 0);
+    OK(pb_caps_reply(service, id, "", 0));
+    FAILS(pb_caps_client_get(NULL, &m, buffer, sizeof buffer), EINVAL);
+    int client_fd = pb_caps_client_fd(client);
+    OK(client_fd);
+    struct pollfd answered = {client_fd, POLLIN, 0};
+    CHECK(poll(&answered, 1, 10000) == 1);
+    CHECK(pb_caps_client_get(client, &m, buffer, sizeof buffer) == 0 && m.id == id && m.kind == PB_CAPS_REPLY);
+    FAILS(pb_caps_client_get(client, &m, buffer, sizeof buffer), EAGAIN);
+    CHECK(poll(&answered, 1, 0) == 0);
+    CHECK(pb_caps_wait(service, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISPOSE && m.id == id);
+
+    /* pb_caps_call with a service thread; a reply longer than the buffer is EMSGSIZE. */
+    pthread_t thread;
+    struct served served = {service, 3};
+    CHECK(pthread_create(&thread, NULL, serve, &served) == 0);
+    ssize_t answer = pb_caps_call(client, "abc", 3, buffer, sizeof buffer);
+    CHECK(answer == 5 && memcmp(buffer, "c:abc", 5) == 0);
+    answer = pb_caps_call(client, "", 0, buffer, sizeof buffer);
+    CHECK(answer == 2 && memcmp(buffer, "c:", 2) == 0);
+    FAILS(pb_caps_call(client, "long", 4, tiny, sizeof tiny), EMSGSIZE);
+    CHECK(pthread_join(thread, NULL) == 0);
+
+    /* Cancel a blocked wait from another thread. */
+    CHECK(pthread_create(&thread, NULL, cancel_later, service) == 0);
+    FAILS(pb_caps_wait(service, &m, buffer, sizeof buffer), ECANCELED);
+    CHECK(pthread_join(thread, NULL) == 0);
+
+    /* The service goes: the client's next call says so. */
+    pb_caps_service_close(service);
+    CHECK(pb_caps_call(client, "x", 1, buffer, sizeof buffer) < 0);
+    pb_caps_client_close(client);
+    pb_caps_client_close(NULL);
+    pb_caps_service_close(NULL);
+}
+
+/* ---- the other modes ---- */
+
+static int run_service(const char *name) {
+    pb_broker *broker;
+    pb_caps_service *service;
+    if (pb_broker_open(&broker) < 0 || pb_caps_service_open(broker, name, PB_CAPS_USER, &service) < 0) {
+        fprintf(stderr, "service: %s\n", pb_last_reason());
+        return 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    char buffer[4096], answer[4100];
+    struct pb_caps_message m;
+    for (;;) {
+        int length = pb_caps_wait(service, &m, buffer, sizeof buffer);
+        if (length < 0) {
+            fprintf(stderr, "service: %s\n", pb_last_reason());
+            return 1;
+        }
+        if (m.kind == PB_CAPS_REQUEST) {
+            printf("request %llu %d %u %u\n", (unsigned long long)m.id, (int)m.pid, (unsigned)m.uid, (unsigned)m.gid);
+            fflush(stdout);
+            memcpy(answer, "c:", 2);
+            memcpy(answer + 2, buffer, (size_t)length);
+            pb_caps_reply(service, m.id, answer, (size_t)length + 2);
+        } else if (m.kind == PB_CAPS_DISPOSE) {
+            printf("dispose %llu\n", (unsigned long long)m.id);
+            fflush(stdout);
+            break;
+        }
+    }
+    pb_caps_service_close(service);
+    pb_broker_close(broker);
+    return 0;
+}
+
+static int run_call(const char *name, const char *data) {
+    pb_broker *broker;
+    pb_caps_client *client;
+    if (pb_broker_open(&broker) < 0 || pb_caps_client_open(broker, name, PB_CAPS_WAIT_FOR_SERVICE, &client) < 0) {
+        fprintf(stderr, "call: %s\n", pb_last_reason());
+        return 1;
+    }
+    char reply[4096];
+    ssize_t length = pb_caps_call(client, data, strlen(data), reply, sizeof reply);
+    if (length < 0) {
+        fprintf(stderr, "call: %s: %s\n", strerror((int)-length), pb_last_reason());
+        return 1;
+    }
+    printf("%.*s\n", (int)length, reply);
+    pb_caps_client_close(client);
+    pb_broker_close(broker);
+    return 0;
+}
+
+static int run_share(const char *path) {
+    pb_broker *broker;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    char key[PB_KEY_TEXT_SIZE];
+    if (fd < 0 || pb_broker_open(&broker) < 0 || pb_share(broker, fd, 60000, key) < 0) {
+        fprintf(stderr, "share: %s\n", pb_last_reason());
+        return 1;
+    }
+    close(fd);
+    printf("%s\n", key);
+    fflush(stdout);
+    char byte;
+    while (read(0, &byte, 1) > 0) {}
+    pb_broker_close(broker);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "all") == 0) {
+        snprintf(unique, sizeof unique, "%d", (int)getpid());
+        test_broker();
+        pb_broker *broker;
+        OK(pb_broker_open(&broker));
+        test_keys(broker);
+        test_named(broker);
+        test_anonymous();
+        test_net(broker);
+        test_caps(broker);
+        pb_broker_close(broker);
+        printf("ok %d\n", checks);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "service") == 0) return run_service(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "call") == 0) return run_call(argv[2], argv[3]);
+    if (argc == 3 && strcmp(argv[1], "share") == 0) return run_share(argv[2]);
+    fprintf(stderr, "usage: test_patchbay all | service NAME | call NAME DATA | share PATH\n");
+    return 2;
+}
