@@ -105,7 +105,7 @@ enum Autostart {
         }
         // Only the broker may hold the write end now, so end of file means it died.
         let readEnd = ready.readEnd
-        _ = consume ready.writeEnd
+        ready.writeEnd.close()
         // The first process forks the real broker and exits at once; reap it.
         _ = try? waitForProcess(pid)
         // Bounded: a broker that hangs before "ready" must not hold every client of this user

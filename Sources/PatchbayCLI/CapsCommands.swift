@@ -230,7 +230,7 @@ func runFilter(_ program: String, _ arguments: [String], input: [UInt8]) -> Resu
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
     _ = consume stdin.readEnd
-    _ = consume stdout.writeEnd
+    stdout.writeEnd.close()
     // Feed the input from a thread so a command that writes before reading all cannot deadlock.
     let fd = dup(writer.rawValue)
     _ = consume writer

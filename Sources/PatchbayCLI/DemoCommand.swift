@@ -66,7 +66,7 @@ private final class Tour {
         let writer = try runChild(["claim", pipeKey.text, "--", "/bin/sh", "-c",
                                    "echo \"a pipe end, written by pid $$ through fd $PATCHBAY_FD\" >&3"])
         let pipeReadEnd = pipe.readEnd
-        _ = consume pipe.writeEnd
+        pipe.writeEnd.close()
         let piped = String(decoding: try wrap { () throws(Errno) in try pipeReadEnd.readToEnd() }, as: UTF8.self)
         step(5, "this process shared a pipe's write end; process \(writer.pid) claimed it as fd 3:", since: started)
         say("   > " + piped.trimmedLine)
@@ -244,8 +244,8 @@ private final class Tour {
         }
         let outputEnd = stdout.readEnd
         let errorEnd = stderr.readEnd
-        _ = consume stdout.writeEnd
-        _ = consume stderr.writeEnd
+        stdout.writeEnd.close()
+        stderr.writeEnd.close()
         let output = try wrap { () throws(Errno) in try outputEnd.readToEnd() }
         let errors = try wrap { () throws(Errno) in try errorEnd.readToEnd() }
         let termination = try wrap { () throws(Errno) in try waitForProcess(pid) }
@@ -290,7 +290,7 @@ private final class Tour {
                              descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
         }
         let readyEnd = ready.readEnd
-        _ = consume ready.writeEnd
+        ready.writeEnd.close()
         let answer = try wrap { () throws(Errno) in try readyEnd.readToEnd(limit: 16) }
         guard answer == Array("ready\n".utf8) else {
             throw PatchbayError(.connectionRefused, "the broker did not start; see \(directory)/broker.log")

@@ -22,6 +22,15 @@ package struct Descriptor: ~Copyable {
         _ = Glibc.close(rawValue)
     }
 
+    /// Closes the descriptor now, at this point of the program (not wherever the optimiser
+    /// places the end of the value's life): for a pipe's write end whose closing a reader waits
+    /// for.
+    package consuming func close() {
+        let fd = rawValue
+        discard self
+        _ = Glibc.close(fd)
+    }
+
     /// Gives up ownership and returns the raw descriptor, which the caller must now close.
     package consuming func release() -> CInt {
         let fd = rawValue

@@ -128,7 +128,7 @@ final class Bench {
                                    environment: currentEnvironment(), descriptors: map)
         let reader = stdout.readEnd
         let writer = stdin.writeEnd
-        _ = consume stdout.writeEnd
+        stdout.writeEnd.close()
         _ = consume stdin.readEnd
         var line: [UInt8] = []
         var byte: UInt8 = 0
@@ -207,7 +207,7 @@ final class Bench {
         let writer = there.writeEnd
         let reader = back.readEnd
         _ = consume there.readEnd
-        _ = consume back.writeEnd
+        back.writeEnd.close()
         defer { echo.stop() }
         var buffer = [UInt8](repeating: 7, count: size)
         return try measure(count) { try exchange(writer.rawValue, reader.rawValue, &buffer) }
@@ -321,7 +321,7 @@ final class ScratchBroker {
             arguments: ["daemon", "--socket", socketPath, "--shm-directory", directory + "/shm", "--ready-fd", "3"] + arguments,
             environment: currentEnvironment(), descriptors: [2: log.rawValue, 3: ready.writeEnd.rawValue])
         let reader = ready.readEnd
-        _ = consume ready.writeEnd
+        ready.writeEnd.close()
         guard try reader.readToEnd(limit: 16) == Array("ready\n".utf8) else {
             stop()
             throw PatchbayError(.connectionRefused, "the broker did not start; see \(directory)/broker.log")

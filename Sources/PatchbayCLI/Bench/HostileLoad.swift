@@ -33,7 +33,7 @@ struct HostileLoad {
             path: asOtherUser ? "/usr/bin/setpriv" : executable,
             arguments: asOtherUser ? ["--reuid", "65534", "--regid", "65534", "--clear-groups"] + worker : Array(worker.dropFirst()),
             environment: currentEnvironment(), descriptors: [1: output.writeEnd.rawValue, 2: 2])
-        _ = consume output.writeEnd
+        output.writeEnd.close()
         let reader = output.readEnd
         writeStandardOutput("patchbay load --hostile: broker pid \(scratch.pid) (system mode), hostile uid "
             + (asOtherUser ? "65534 (nobody)" : "\(getuid()) (the same as the honest client: run as root to separate them)")

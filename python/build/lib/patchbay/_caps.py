@@ -1,0 +1,200 @@
+"""CAPS (DragonFly BSD): named request/reply services and their clients."""
+
+from __future__ import annotations
+
+import errno
+import enum
+from ctypes import byref, c_char, c_uint64, string_at
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+
+from . import _native
+from ._broker import Broker
+from ._native import check, encode, lib
+
+
+class MessageKind(enum.IntEnum):
+    """enum pb_caps_kind."""
+
+    REQUEST = 1       # a client's request: answer with CapsService.reply
+    REPLY = 2         # the service's answer (a client's message)
+    DISPOSE = 3       # the client consumed the reply, or went away: its space is free
+    ABORTED = 4       # the client aborted a request the service had read
+    CONNECTED = 5     # a client connected (services opened with notices only)
+    DISCONNECTED = 6  # a client went away (idem)
+
+
+USER = 1   # PB_CAPS_USER: clients of the service's uid may connect
+GROUP = 2  # PB_CAPS_GROUP: clients in the service's group may connect
+WORLD = 4  # PB_CAPS_WORLD: anyone may connect
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+_ACCESS = {"user": USER, "group": GROUP, "world": WORLD}
+_WAIT_FOR_SERVICE = 1  # PB_CAPS_WAIT_FOR_SERVICE
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message with its payload. The credentials are the kernel's (SO_PEERCRED when the client
+    connected): for a service, the client's; for a client, zero (it chose the service)."""
+
+    id: int
+    kind: int  # a MessageKind: compare with patchbay.REQUEST, patchbay.DISPOSE, ...
+    data: bytes
+    pid: int
+    uid: int
+    euid: int
+    gid: int
+
+
+def _access_mask(access: Union[int, str, Iterable[str]]) -> int:
+    if isinstance(access, int):
+        return access
+    if isinstance(access, str):
+        access = (access,)
+    mask = 0
+    for word in access:
+        if word not in _ACCESS:
+            raise ValueError(f"unknown access class {word!r}: user, group or world")
+        mask |= _ACCESS[word]
+    return mask
+
+
+def _receive(function: Callable[..., int], handle: int, capacity: int) -> Tuple[Message, int]:
+    """Calls a pb_caps_wait-shaped function, with a larger buffer each time it answers EMSGSIZE
+    (the message then stays queued). Returns the message and the capacity that fitted."""
+    header = _native.CapsMessage()
+    while True:
+        buffer = (c_char * capacity).from_buffer(bytearray(capacity))
+        result = function(handle, byref(header), buffer, capacity)
+        if result == -errno.EMSGSIZE and header.length > capacity:
+            capacity = header.length
+            continue
+        check(result)
+        try:
+            kind: int = MessageKind(header.kind)
+        except ValueError:  # a kind newer than this package
+            kind = header.kind
+        message = Message(header.id, kind, string_at(buffer, header.length),
+                          header.pid, header.uid, header.euid, header.gid)
+        return message, capacity
+
+
+def _payload(data: BytesLike) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+class CapsService(_native.Handle):
+    """A CAPS service registered under name (1 to 63 of [0-9A-Za-z_.]) for this effective uid.
+
+    access says who may connect: an iterable of "user", "group", "world" (or a mask of USER,
+    GROUP, WORLD). Iterating over the service yields its messages, waiting for each, until
+    cancel() is called. Thread-safe (close() aside).
+    """
+
+    _close_function = "pb_caps_service_close"
+
+    def __init__(self, broker: Broker, name: str, access: Union[int, str, Iterable[str]] = ("user",)) -> None:
+        super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name),
+                                             _access_mask(access)))
+        self.name = name
+        self._capacity = 64 * 1024
+
+    def wait(self) -> Message:
+        """Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice).
+        OSError ECANCELED once cancel() is called."""
+        message, self._capacity = _receive(lib().pb_caps_wait, self._live(), self._capacity)
+        return message
+
+    def get(self) -> Optional[Message]:
+        """The next message if one is queued, else None (does not wait)."""
+        try:
+            message, self._capacity = _receive(lib().pb_caps_get, self._live(), self._capacity)
+        except BlockingIOError:
+            return None
+        return message
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.wait()
+            except OSError as error:
+                if error.errno == errno.ECANCELED:
+                    return
+                raise
+
+    def reply(self, id: int, data: BytesLike) -> None:
+        """Replies to request id with data (any bytes-like object)."""
+        data = _payload(data)
+        check(lib().pb_caps_reply(self._live(), id, data, len(data)))
+
+    def reply_error(self, id: int, error: int) -> None:
+        """Answers request id with an errno (> 0) instead of bytes: the client's call raises it."""
+        check(lib().pb_caps_reply_error(self._live(), id, error))
+
+    def fileno(self) -> int:
+        """A descriptor readable when a message may be waiting (for select/poll/epoll); then
+        drain with get() until it returns None. It belongs to the service: do not close it.
+        A message queued before the first call makes it readable too."""
+        return check(lib().pb_caps_service_fd(self._live()))
+
+    def cancel(self) -> None:
+        """Makes a wait() in another thread (or the next one) raise ECANCELED, ending iteration."""
+        lib().pb_caps_service_cancel(self._live())
+
+
+class CapsClient(_native.Handle):
+    """A connection to the CAPS service registered under name.
+
+    FileNotFoundError (ENOENT) when no such service is registered (or none this user may
+    reach), unless wait is true: then it waits until the name is registered. Thread-safe
+    (close() aside).
+    """
+
+    _close_function = "pb_caps_client_close"
+
+    def __init__(self, broker: Broker, name: str, wait: bool = False, *, reply_capacity: int = 1 << 20) -> None:
+        super().__init__(_native.open_handle(lib().pb_caps_client_open, broker._live(), encode(name),
+                                             _WAIT_FOR_SERVICE if wait else 0))
+        self.name = name
+        self.reply_capacity = reply_capacity
+        self._capacity = 64 * 1024
+
+    def call(self, data: BytesLike, *, reply_capacity: Optional[int] = None) -> bytes:
+        """Sends data as a request and returns the reply. A reply longer than reply_capacity
+        (default: the client's, 1 MiB) is discarded: OSError EMSGSIZE. The errno a service
+        answered with reply_error is raised as OSError; ConnectionResetError when the service
+        went away first."""
+        data = _payload(data)
+        capacity = self.reply_capacity if reply_capacity is None else reply_capacity
+        buffer = (c_char * capacity).from_buffer(bytearray(capacity))
+        length = check(lib().pb_caps_call(self._live(), data, len(data), buffer, capacity))
+        return string_at(buffer, length)
+
+    def put(self, data: BytesLike) -> int:
+        """Sends data as a request without waiting; returns its message id (see wait_reply)."""
+        data = _payload(data)
+        message_id = c_uint64()
+        check(lib().pb_caps_put(self._live(), data, len(data), byref(message_id)))
+        return message_id.value
+
+    def wait_reply(self) -> Tuple[int, bytes]:
+        """Waits for the next reply and returns (request id, reply). Raises the errno the service
+        answered with; ConnectionResetError when the service went away."""
+        message, self._capacity = _receive(lib().pb_caps_wait_reply, self._live(), self._capacity)
+        return message.id, message.data
+
+    def get(self) -> Optional[Tuple[int, bytes]]:
+        """The next reply as (request id, reply) if one is queued, else None (does not wait)."""
+        try:
+            message, self._capacity = _receive(lib().pb_caps_client_get, self._live(), self._capacity)
+        except BlockingIOError:
+            return None
+        return message.id, message.data
+
+    def fileno(self) -> int:
+        """A descriptor readable when a reply may be waiting (for select/poll/epoll). It belongs
+        to the client: do not close it; drain with get() until it returns None. A reply that
+        arrived before the first call makes it readable too."""
+        return check(lib().pb_caps_client_fd(self._live()))

@@ -1,0 +1,67 @@
+"""Sockets through /net (PatchworkOS)."""
+
+from __future__ import annotations
+
+import os
+
+from . import _native
+from ._broker import Broker
+from ._native import check, encode, lib
+
+_NONBLOCK = 1  # PB_NET_NONBLOCK
+
+
+class Socket(_native.Handle):
+    """A /net socket: made from a factory (/net/local/<type>, type "seqpacket", "stream" or
+    "dgram"), driven by ctl command lines, with the kernel socket (fileno()) as its data path
+    once connected. Make one with Socket.open, Socket.listen or Socket.connect (or accept());
+    use it from one thread at a time.
+    """
+
+    _close_function = "pb_net_close"
+
+    @classmethod
+    def open(cls, broker: Broker, type: str = "seqpacket", nonblock: bool = False) -> Socket:
+        """A new socket in state NEW; nonblock makes accept and data calls raise BlockingIOError
+        instead of waiting."""
+        return cls(_native.open_handle(lib().pb_net_open, broker._live(), encode(type), _NONBLOCK if nonblock else 0))
+
+    @classmethod
+    def listen(cls, broker: Broker, name: str, type: str = "seqpacket") -> Socket:
+        """A socket bound to name and listening (seqpacket or stream). OSError EADDRINUSE when the
+        name is taken."""
+        return cls(_native.open_handle(lib().pb_net_listen, broker._live(), encode(name), encode(type)))
+
+    @classmethod
+    def connect(cls, broker: Broker, name: str, type: str = "seqpacket") -> Socket:
+        """A socket connected to the listener bound to name (FileNotFoundError when nothing is,
+        ConnectionRefusedError when nobody listens there)."""
+        return cls(_native.open_handle(lib().pb_net_connect, broker._live(), encode(name), encode(type)))
+
+    def ctl(self, command: str) -> None:
+        """Runs a ctl command line: "bind NAME [MODE]", "listen [BACKLOG]", "connect NAME", joined
+        with "&&"; the line is checked whole, then each command runs until one fails."""
+        check(lib().pb_net_ctl(self._live(), encode(command)))
+
+    def accept(self, nonblock: bool = False) -> Socket:
+        """Accepts one connection on a listening socket, waiting for it unless the socket was opened
+        non-blocking or nonblock is true (then BlockingIOError when none is pending)."""
+        return Socket(_native.open_handle(lib().pb_net_accept, self._live(), _NONBLOCK if nonblock else 0))
+
+    def fileno(self) -> int:
+        """The kernel socket for data (send/recv/select), once connected or accepted (or, for
+        dgram, bound). It belongs to the Socket: do not close it. OSError ENOTCONN before that."""
+        return check(lib().pb_net_data(self._live()))
+
+    @property
+    def id(self) -> int:
+        """The socket's id: its directory is /net/local/<id>/."""
+        return int(lib().pb_net_id(self._live()))
+
+    def send(self, data: bytes) -> int:
+        """Writes data to the kernel socket (one packet for seqpacket); returns the bytes written."""
+        return os.write(self.fileno(), data)
+
+    def recv(self, size: int = 65536) -> bytes:
+        """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream."""
+        return os.read(self.fileno(), size)
