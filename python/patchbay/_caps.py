@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import enum
+import threading
 from ctypes import byref, c_char, c_uint64, string_at
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
@@ -159,6 +160,7 @@ class CapsClient(_native.Handle):
                                              _WAIT_FOR_SERVICE if wait else 0))
         self.name = name
         self.reply_capacity = reply_capacity
+        self._buffers = threading.local()
         self._capacity = 64 * 1024
 
     def call(self, data: BytesLike, *, reply_capacity: Optional[int] = None) -> bytes:
@@ -168,7 +170,12 @@ class CapsClient(_native.Handle):
         went away first."""
         data = _payload(data)
         capacity = self.reply_capacity if reply_capacity is None else reply_capacity
-        buffer = (c_char * capacity).from_buffer(bytearray(capacity))
+        # One reply buffer per thread, kept: allocating (and zeroing) a megabyte per call would
+        # cost more than the round trip itself.
+        buffer = getattr(self._buffers, "reply", None)
+        if buffer is None or len(buffer) < capacity:
+            buffer = (c_char * capacity)()
+            self._buffers.reply = buffer
         length = check(lib().pb_caps_call(self._live(), data, len(data), buffer, capacity))
         return string_at(buffer, length)
 

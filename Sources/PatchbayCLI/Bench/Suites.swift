@@ -36,6 +36,15 @@ extension Bench {
                      baselineSamples: pureSpin, target: "≤ 2×", met: ratio(caps64, pureSpin) <= 2))
         add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "AF_UNIX seqpacket ping-pong",
                      baselineSamples: seqpacket, target: "≤ 0.02×", met: ratio(caps64, seqpacket) <= 0.02))
+        // The same round trip from C: pb_caps_call through libpatchbay's C ABI (copy in, copy out).
+        if let library = CLibrary.load() {
+            let caller = try library.caller(socketPath: socketPath, service: "bench.caps", length: 64)
+            let samples = try measure(spinCount) { try caller.roundTrip() }
+            add(BenchRow(name: "CAPS round trip, 64 B, from C (pb_caps_call)", samples: samples, baseline: "the Swift round trip",
+                         baselineSamples: caps64, target: "≤ 1.2×", met: ratio(samples, caps64) <= 1.2))
+        } else {
+            writeStandardError("patchbay: bench: the C row is skipped: no libpatchbay (build it with swift build -c release, or set PATCHBAY_LIBRARY)\n")
+        }
         for size in [1 << 20, 4 << 20] {
             let big = try measure(iterations(20_000)) { try roundTrip(size) }
             add(BenchRow(name: "CAPS round trip, \(size >> 20) MiB in place", samples: big, baseline: "CAPS 64 B round trip",
@@ -268,5 +277,86 @@ extension Bench {
         add(BenchRow(name: "broker memory per idle client (RSS delta)", samples: Samples([UInt64(perClient)]), baseline: "—",
                      baselineSamples: nil, target: "≤ 32 KiB", met: perClient <= 32 * 1024, unit: "B"))
         idle.removeAll()
+    }
+}
+
+/// libpatchbay, opened with dlopen for the C row: $PATCHBAY_LIBRARY, else the library built beside
+/// this program (libPatchbayC.so), else an installed one (../lib, then the loader's path).
+struct CLibrary {
+    typealias BrokerOpenAt = @convention(c) (UnsafeMutablePointer<OpaquePointer?>?, UnsafePointer<CChar>?) -> CInt
+    typealias ClientOpen = @convention(c) (OpaquePointer?, UnsafePointer<CChar>?, CUnsignedInt, UnsafeMutablePointer<OpaquePointer?>?) -> CInt
+    typealias Call = @convention(c) (OpaquePointer?, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?, Int) -> Int
+    typealias Close = @convention(c) (OpaquePointer?) -> Void
+    typealias Reason = @convention(c) () -> UnsafePointer<CChar>?
+
+    let brokerOpenAt: BrokerOpenAt
+    let clientOpen: ClientOpen
+    let call: Call
+    let clientClose: Close
+    let brokerClose: Close
+    let reason: Reason
+
+    static func load() -> CLibrary? {
+        var candidates: [String] = []
+        if let explicit = getenv("PATCHBAY_LIBRARY") { candidates.append(String(cString: explicit)) }
+        if let executable = currentExecutablePath(), let slash = executable.lastIndex(of: "/") {
+            let directory = String(executable[..<slash])
+            candidates += [directory + "/libPatchbayC.so", directory + "/../lib/libpatchbay.so.0"]
+        }
+        candidates.append("libpatchbay.so.0")
+        for candidate in candidates {
+            guard let handle = dlopen(candidate, RTLD_NOW | RTLD_LOCAL) else { continue }
+            func symbol<T>(_ name: String, _ type: T.Type) -> T? {
+                dlsym(handle, name).map { unsafeBitCast($0, to: type) }
+            }
+            guard let brokerOpenAt = symbol("pb_broker_open_at", BrokerOpenAt.self),
+                  let clientOpen = symbol("pb_caps_client_open", ClientOpen.self), let call = symbol("pb_caps_call", Call.self),
+                  let clientClose = symbol("pb_caps_client_close", Close.self), let brokerClose = symbol("pb_broker_close", Close.self),
+                  let reason = symbol("pb_last_reason", Reason.self)
+            else { continue }
+            return CLibrary(brokerOpenAt: brokerOpenAt, clientOpen: clientOpen, call: call, clientClose: clientClose,
+                            brokerClose: brokerClose, reason: reason)
+        }
+        return nil
+    }
+
+    /// A CAPS client of `service` through the C ABI, sending `length`-byte requests.
+    func caller(socketPath: String, service: String, length: Int) throws -> CCaller {
+        try CCaller(self, socketPath: socketPath, service: service, length: length)
+    }
+}
+
+/// One pb_caps_client and its buffers.
+final class CCaller {
+    let library: CLibrary
+    let length: Int
+    private var broker: OpaquePointer?
+    private var client: OpaquePointer?
+    private let request: UnsafeMutableRawBufferPointer
+    private let reply: UnsafeMutableRawBufferPointer
+
+    init(_ library: CLibrary, socketPath: String, service: String, length: Int) throws {
+        self.library = library
+        self.length = length
+        request = .allocate(byteCount: length, alignment: 16)
+        reply = .allocate(byteCount: length, alignment: 16)
+        request.initializeMemory(as: UInt8.self, repeating: 1)
+        guard library.brokerOpenAt(&broker, socketPath) == 0, library.clientOpen(broker, service, 0, &client) == 0 else {
+            throw PatchbayError(.connectionRefused, "libpatchbay could not connect: \(lastReason)")
+        }
+    }
+
+    private var lastReason: String { library.reason().map { String(cString: $0) } ?? "" }
+
+    func roundTrip() throws {
+        let answered = library.call(client, request.baseAddress, length, reply.baseAddress, length)
+        guard answered == length else { throw PatchbayError(.ioError, "pb_caps_call returned \(answered): \(lastReason)") }
+    }
+
+    deinit {
+        library.clientClose(client)
+        library.brokerClose(broker)
+        request.deallocate()
+        reply.deallocate()
     }
 }
