@@ -45,12 +45,17 @@ public func pb_caps_service_open(_ broker: OpaquePointer?, _ name: UnsafePointer
     exported { () throws(PatchbayError) -> CInt in
         let broker = try object(broker, as: Broker.self, "broker")
         let out = try checkOut(out)
-        let all = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
-        guard access & ~all == 0 else {
-            throw PatchbayError(.invalidArgument, "unknown access bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD")
+        let classBits = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
+        let known = classBits | CUnsignedInt(PB_CAPS_NOTIFY | PB_CAPS_EXCLUSIVE)
+        guard access & ~known == 0 else {
+            throw PatchbayError(.invalidArgument,
+                                "unknown bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD, PB_CAPS_NOTIFY, PB_CAPS_EXCLUSIVE")
         }
-        let classes = CapsAccess(rawValue: access == 0 ? CUnsignedInt(PB_CAPS_USER) : access)
-        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"), access: classes))
+        let classes = access & classBits
+        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"),
+                                             access: CapsAccess(rawValue: classes == 0 ? CUnsignedInt(PB_CAPS_USER) : classes),
+                                             exclusive: access & CUnsignedInt(PB_CAPS_EXCLUSIVE) != 0,
+                                             notifyConnections: access & CUnsignedInt(PB_CAPS_NOTIFY) != 0))
         return 0
     }
 }

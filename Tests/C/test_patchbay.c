@@ -386,6 +386,19 @@ static void test_caps(pb_broker *broker) {
     FAILS(pb_caps_wait(service, &m, buffer, sizeof buffer), ECANCELED);
     CHECK(pthread_join(thread, NULL) == 0);
 
+    /* Exclusive registration; connection notices. */
+    pb_caps_service *second = NULL;
+    FAILS(pb_caps_service_open(broker, name, PB_CAPS_USER | PB_CAPS_EXCLUSIVE, &second), EEXIST);
+    char noticed[96];
+    named("c_notify_", noticed, sizeof noticed);
+    OK(pb_caps_service_open(broker, noticed, PB_CAPS_NOTIFY, &second));
+    pb_caps_client *visitor = NULL;
+    OK(pb_caps_client_open(broker, noticed, 0, &visitor));
+    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_CONNECTED && m.pid == getpid());
+    pb_caps_client_close(visitor);
+    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISCONNECTED && m.pid == getpid());
+    pb_caps_service_close(second);
+
     /* The service goes: the client's next call says so. */
     pb_caps_service_close(service);
     CHECK(pb_caps_call(client, "x", 1, buffer, sizeof buffer) < 0);

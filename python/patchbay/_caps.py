@@ -33,6 +33,8 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 _ACCESS = {"user": USER, "group": GROUP, "world": WORLD}
 _WAIT_FOR_SERVICE = 1  # PB_CAPS_WAIT_FOR_SERVICE
+_NOTIFY = 8  # PB_CAPS_NOTIFY
+_EXCLUSIVE = 16  # PB_CAPS_EXCLUSIVE
 
 
 @dataclass(frozen=True)
@@ -90,15 +92,17 @@ class CapsService(_native.Handle):
     """A CAPS service registered under name (1 to 63 of [0-9A-Za-z_.]) for this effective uid.
 
     access says who may connect: an iterable of "user", "group", "world" (or a mask of USER,
-    GROUP, WORLD). Iterating over the service yields its messages, waiting for each, until
-    cancel() is called. Thread-safe (close() aside).
+    GROUP, WORLD). notify: also deliver CONNECTED and DISCONNECTED messages; exclusive: raise
+    FileExistsError if the name is registered already. Iterating over the service yields its
+    messages, waiting for each, until cancel() is called. Thread-safe (close() aside).
     """
 
     _close_function = "pb_caps_service_close"
 
-    def __init__(self, broker: Broker, name: str, access: Union[int, str, Iterable[str]] = ("user",)) -> None:
-        super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name),
-                                             _access_mask(access)))
+    def __init__(self, broker: Broker, name: str, access: Union[int, str, Iterable[str]] = ("user",), *,
+                 notify: bool = False, exclusive: bool = False) -> None:
+        mask = _access_mask(access) | (_NOTIFY if notify else 0) | (_EXCLUSIVE if exclusive else 0)
+        super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name), mask))
         self.name = name
         self._capacity = 64 * 1024
 

@@ -423,6 +423,17 @@ class CapsTests(BrokerTestCase):
             self.assertEqual(select.select([client.fileno()], [], [], 0)[0], [])
             self.assertIsNone(client.get())
 
+    def test_notices_and_exclusive_registration(self) -> None:
+        name = unique("py")
+        with patchbay.CapsService(self.broker, name, notify=True) as service:
+            with self.assertRaises(FileExistsError):
+                patchbay.CapsService(self.broker, name, exclusive=True)
+            with patchbay.CapsClient(self.broker, name):
+                connected = self.next_message(service)
+                self.assertEqual((connected.kind, connected.pid), (patchbay.CONNECTED, os.getpid()))
+            departed = self.next_message(service)
+            self.assertEqual((departed.kind, departed.pid), (patchbay.DISCONNECTED, os.getpid()))
+
     def test_client_waiting_for_the_service_to_register(self) -> None:
         name = unique("py")
         replies: "queue.Queue[bytes]" = queue.Queue()
@@ -485,8 +496,7 @@ class CapsTests(BrokerTestCase):
             self.assertEqual(self.next_message(service).kind, patchbay.DISPOSE)
 
     def next_message(self, service: patchbay.CapsService) -> patchbay.Message:
-        """The service's next message, polled through fileno() with a deadline. The descriptor
-        is asked for before the first get (see the expected failures above)."""
+        """The service's next message, polled through fileno() with a deadline."""
         descriptor = service.fileno()
         deadline = time.monotonic() + DEADLINE
         while True:

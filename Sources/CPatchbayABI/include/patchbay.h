@@ -155,6 +155,8 @@ typedef struct pb_caps_client  pb_caps_client;
 #define PB_CAPS_USER  1   /* clients of the service's uid may connect */
 #define PB_CAPS_GROUP 2   /* clients in the service's group may connect */
 #define PB_CAPS_WORLD 4   /* anyone may connect */
+#define PB_CAPS_NOTIFY 8      /* pb_caps_service_open: also deliver CONNECTED and DISCONNECTED */
+#define PB_CAPS_EXCLUSIVE 16  /* pb_caps_service_open: -EEXIST if the name is registered already */
 
 #define PB_CAPS_WAIT_FOR_SERVICE 1   /* pb_caps_client_open waits until the name is registered */
 
@@ -163,7 +165,7 @@ enum pb_caps_kind {
     PB_CAPS_REPLY = 2,         /* the service's answer (a client's message) */
     PB_CAPS_DISPOSE = 3,       /* the client consumed the reply, or went away: its space is free */
     PB_CAPS_ABORTED = 4,       /* the client aborted a request the service had read */
-    PB_CAPS_CONNECTED = 5,     /* a client connected (services opened with notices only) */
+    PB_CAPS_CONNECTED = 5,     /* a client connected (services opened with PB_CAPS_NOTIFY only) */
     PB_CAPS_DISCONNECTED = 6   /* a client went away (idem) */
 };
 
@@ -180,10 +182,11 @@ struct pb_caps_message {
     gid_t gid;
 };
 
-/* Registers a service under name (1 to 63 of [0-9A-Za-z_.]) for the caller's effective uid,
- * with access a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (0: PB_CAPS_USER).
- * -EINVAL, -ENAMETOOLONG (name), -EEXIST (another registration of this uid has the name and
- * asked for exclusivity), -EPERM (a name reserved to another user), -EDQUOT. */
+/* Registers a service under name (1 to 63 of [0-9A-Za-z_.]) for the caller's effective uid.
+ * access: a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (none of the three: PB_CAPS_USER),
+ * with PB_CAPS_NOTIFY and PB_CAPS_EXCLUSIVE. -EINVAL (name, unknown bits), -ENAMETOOLONG,
+ * -EEXIST (PB_CAPS_EXCLUSIVE and the name is registered; or another uid has it), -EPERM (a name
+ * reserved to another user), -EDQUOT. */
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
 
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
