@@ -166,3 +166,16 @@ private final class Handoff<T: ~Copyable>: @unchecked Sendable {
     var value: T?
     var error: PatchbayError?
 }
+
+extension Broker {
+    /// The broker's metrics in the Prometheus text exposition format: counters since it started
+    /// (requests by subsystem, operation and outcome; keys shared, claimed, expired), gauges
+    /// (clients, keys outstanding, objects, sockets, services, channels, descriptors, memory,
+    /// per-uid rows) and a histogram of its time per request. On a system broker a non-root
+    /// caller gets the per-uid rows of its own uid only.
+    public func metrics() throws(PatchbayError) -> String {
+        let response = try call(.metrics)
+        guard case .metrics(let text) = response.reply else { throw unexpected(response.reply) }
+        return text
+    }
+}

@@ -157,7 +157,7 @@ public final class BrokerServer {
                 break
             }
             let now = monotonicNanoseconds()
-            keys.expire(now: now)
+            sessions.metrics.expired(keys.expire(now: now))
             sessions.closeStuckSessions(now: now)
         }
         ServiceManager.notify("STOPPING=1")
@@ -332,9 +332,12 @@ public final class BrokerServer {
                 : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived")
         }
         let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+        defer { sessions.metrics.observe(nanoseconds: monotonicNanoseconds() - context.now) }
         switch request {
         case .status:
             sessions.reply(.status(statusReport(now: context.now)), to: context)
+        case .metrics:
+            sessions.reply(.metrics(metricsText(now: context.now, for: context.caller)), to: context)
         case .keys(let request):
             keys.handle(request, descriptors: &descriptors, context)
         case .namespace(.open(let path, let flags)):
@@ -355,6 +358,67 @@ public final class BrokerServer {
         case .caps(let request):
             caps.handle(request, descriptors: &descriptors, context)
         }
+    }
+
+    // MARK: Metrics
+
+    /// The exposition text. Per-uid rows: a non-root caller of a system broker sees its own uid
+    /// only; root (and the per-user broker's one user) sees every uid, at most 200 (the busiest),
+    /// so the text stays inside one frame.
+    private func metricsText(now: UInt64, for caller: PeerCredentials) -> String {
+        let report = statusReport(now: now)
+        let metrics = sessions.metrics
+        var out = MetricsText()
+        out.metric("patchbay_info", "gauge", "The broker's version and mode (always 1).",
+                   [(MetricsText.labels(["version": report.version, "mode": report.mode]), "1")])
+        out.metric("patchbay_uptime_seconds", "gauge", "Seconds since the broker started.",
+                   [("", MetricsText.number(Double(report.uptimeNanoseconds / 1_000_000) / 1000))])
+        let requests = metrics.requests.sorted { ($0.key.opcode, $0.key.errno) < ($1.key.opcode, $1.key.errno) }
+        out.metric("patchbay_requests_total", "counter", "Requests answered since start, by subsystem, operation and outcome (ok or the errno).",
+                   requests.map { outcome, count in
+                       let opcode = Opcode(rawValue: outcome.opcode)
+                       let outcomeName = outcome.errno == 0 ? "ok" : Errno(rawValue: outcome.errno).name
+                       return (MetricsText.labels(["subsystem": opcode?.subsystem.label ?? "broker",
+                                                   "operation": opcode.map { "\($0)" } ?? "unknown", "outcome": outcomeName]),
+                               "\(count)")
+                   })
+        out.metric("patchbay_keys_shared_total", "counter", "Keys handed out since start.", [("", "\(metrics.answered(.share))")])
+        out.metric("patchbay_keys_claimed_total", "counter", "Claims answered with a descriptor since start.", [("", "\(metrics.answered(.claim))")])
+        out.metric("patchbay_keys_expired_total", "counter", "Keys that expired unclaimed since start.", [("", "\(metrics.keysExpired)")])
+        var histogram: [(labels: String, value: String)] = []
+        var cumulative: UInt64 = 0
+        for (index, bound) in BrokerMetrics.bounds.enumerated() {
+            cumulative += metrics.buckets[index]
+            histogram.append((MetricsText.labels(["le": "\(bound)"]), "\(cumulative)"))
+        }
+        histogram.append((MetricsText.labels(["le": "+Inf"]), "\(metrics.durationCount)"))
+        out.histogram("patchbay_request_duration_seconds", "The broker's time handling one request (its loop's share).",
+                      buckets: histogram, sum: metrics.durationSum, count: metrics.durationCount)
+        out.gauge("patchbay_clients", "Connected clients.", report.clients)
+        out.gauge("patchbay_keys_outstanding", "Keys shared and not yet claimed or expired.", report.keys)
+        out.gauge("patchbay_shm_objects", "Named shared memory objects.", report.sharedMemoryObjects)
+        out.gauge("patchbay_sockets", "Open /net sockets.", report.sockets)
+        out.gauge("patchbay_caps_services", "Registered CAPS services.", report.users.reduce(0) { $0 + $1.services })
+        out.gauge("patchbay_caps_channels", "CAPS client channels.", caps.registry.channels.count)
+        if let descriptors = try? openDescriptorCount(pid: getpid()) {
+            out.gauge("patchbay_broker_descriptors", "Descriptors the broker process holds.", descriptors)
+        }
+        if let resident = residentMemoryBytes() {
+            out.gauge("patchbay_resident_memory_bytes", "The broker's resident memory.", resident)
+        }
+        let everyone = caller.uid == 0 || configuration.mode == .user
+        let rows = report.users.filter { everyone || $0.uid == caller.uid }.prefix(200)
+        let bytes = sharedMemory.store.objects.bytesByOwner
+        func perUser(_ name: String, _ help: String, _ value: (UserUsage) -> String) {
+            out.metric(name, "gauge", help, rows.map { (MetricsText.labels(["uid": "\($0.uid)"]), value($0)) })
+        }
+        perUser("patchbay_user_clients", "Connected clients, per uid.") { "\($0.clients)" }
+        perUser("patchbay_user_keys", "Outstanding keys, per uid.") { "\($0.keys)" }
+        perUser("patchbay_user_shm_objects", "Named shared memory objects, per owner uid.") { "\($0.sharedMemoryObjects)" }
+        perUser("patchbay_user_shm_bytes", "Bytes of named shared memory, per owner uid.") { "\(bytes[$0.uid] ?? 0)" }
+        perUser("patchbay_user_sockets", "Open /net sockets, per uid.") { "\($0.sockets)" }
+        perUser("patchbay_user_caps_services", "Registered CAPS services, per uid.") { "\($0.services)" }
+        return out.text
     }
 
     // MARK: Status

@@ -21,6 +21,8 @@ protocol SessionClosedHook: AnyObject {
 
 final class SessionTable {
     private(set) var sessions: [UInt64: Session] = [:]
+    /// Every reply and error leaves through here, so here they are counted.
+    let metrics = BrokerMetrics()
     private(set) var clientsPerUser: [UInt32: Int] = [:]
     private var nextSessionID: UInt64 = 1
     private let loop: EventLoop
@@ -154,6 +156,7 @@ final class SessionTable {
     private func deliver(_ reply: Reply, attaching attachments: [CInt], to session: Session, as request: ParkedRequest) -> Bool {
         switch send(reply.encode(requestID: request.requestID), attaching: attachments, to: session) {
         case .underway:
+            metrics.count(opcode: request.opcode.rawValue, errno: 0)
             return true
         case .refused(let reason):
             fail(ErrorReply(errno: EDQUOT, reason: reason), rawOpcode: request.opcode.rawValue,
@@ -176,6 +179,7 @@ final class SessionTable {
     }
 
     func fail(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session) {
+        metrics.count(opcode: rawOpcode, errno: error.errno)
         send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
     }
 

@@ -76,6 +76,13 @@ public struct DaemonCommand: ParsableCommand {
     @Flag(help: "Fork into the background first (used when a client starts the broker).")
     var detach = false
 
+    @Option(help: ArgumentHelp("Write the metrics (Prometheus text, as `patchbay metrics` prints them) to this absolute path, replaced atomically, for node_exporter's textfile collector.",
+                               valueName: "path"))
+    var metricsFile: String?
+
+    @Option(help: "How often --metrics-file is written (e.g. 15s, 500ms).")
+    var metricsInterval = "15s"
+
     public init() {}
 
     public func validate() throws {
@@ -100,6 +107,10 @@ public struct DaemonCommand: ParsableCommand {
     }
 
     public func run() throws {
+        if let metricsFile, !metricsFile.hasPrefix("/") { failUsage("daemon", "--metrics-file needs an absolute path, not \"\(metricsFile)\"") }
+        guard case .after(let metricsPeriod) = DurationText.parse(metricsInterval, for: "daemon"), metricsPeriod >= .milliseconds(10) else {
+            failUsage("daemon", "--metrics-interval must be a duration of at least 10ms")
+        }
         // The ready descriptor is ours from here on; nothing else may inherit it.
         if let readyFd { _ = fcntl(readyFd, F_SETFD, FD_CLOEXEC) }
         if detach {
@@ -157,13 +168,57 @@ public struct DaemonCommand: ParsableCommand {
             if let readyFd { close(readyFd) }
             fail("daemon", error.errno, error.reason)
         }
-        server.run {
+        let socketPath = configuration.socketPath
+        server.run { [metricsFile] in
+            if let metricsFile { MetricsFileWriter.start(path: metricsFile, every: metricsPeriod, socketPath: socketPath, logger: logger) }
             ServiceManager.notify("READY=1\nSTATUS=serving \(configuration.socketPath)\nMAINPID=\(getpid())")
             if let readyFd {
                 let message = Array("ready\n".utf8)
                 _ = message.withUnsafeBytes { write(readyFd, $0.baseAddress, $0.count) }
                 close(readyFd)
             }
+        }
+    }
+}
+
+/// `--metrics-file`: a thread of the daemon that asks its own broker for the metrics, as any
+/// client would, and replaces the file atomically (a temporary file beside it, renamed over it).
+enum MetricsFileWriter {
+    static func start(path: String, every period: Duration, socketPath: String, logger: Logger) {
+        startThread {
+            var broker: Broker?
+            var failing = false
+            let (seconds, attoseconds) = period.components
+            while true {
+                do throws(PatchbayError) {
+                    let client: Broker
+                    if let broker { client = broker } else {
+                        client = try Broker(socketPath: socketPath, autostart: false, reconnect: .never)
+                    }
+                    broker = client
+                    try write(try client.metrics(), to: path)
+                    if failing { logger.notice("metrics file written again", metadata: ["path": "\(path)"]) }
+                    failing = false
+                } catch {
+                    broker = nil
+                    if !failing { logger.warning("cannot write the metrics file", metadata: ["path": "\(path)", "errno": "\(error.errno.name)", "reason": "\(error.reason)"]) }
+                    failing = true
+                }
+                var pause = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
+                var remaining = timespec()
+                while nanosleep(&pause, &remaining) != 0 && errno == EINTR { pause = remaining }
+            }
+        }
+    }
+
+    private static func write(_ text: String, to path: String) throws(PatchbayError) {
+        let temporary = path + ".tmp"
+        do throws(Errno) {
+            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode: 0o644)
+            try file.writeAll(Array(text.utf8))
+            guard rename(temporary, path) == 0 else { throw Errno.current }
+        } catch {
+            throw PatchbayError(error, "cannot write \(path)")
         }
     }
 }

@@ -25,6 +25,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case connection = 0
     /// Broker identity, uptime and object counts.
     case status = 1
+    /// The broker's metrics in the Prometheus text exposition format.
+    case metrics = 2
     /// Hand a descriptor to the broker under a new key.
     case share = 16
     /// Take a shared descriptor by its key.
@@ -78,6 +80,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         //                                subsystem      request  reply  event  fds: req rep evt
         case .connection:        Metadata(.broker,       false,   false, false, 0, 0, 0)
         case .status:            Metadata(.broker,       true,    true,  false, 0, 0, 0)
+        case .metrics:           Metadata(.broker,       true,    true,  false, 0, 0, 0)
         case .share:             Metadata(.keys,         true,    true,  false, 1, 0, 0)
         case .claim:             Metadata(.keys,         true,    true,  false, 0, 1, 0)
         case .claimAcknowledge:  Metadata(.keys,         true,    false, false, 0, 0, 0)

@@ -4,6 +4,8 @@
 /// Every successful reply the broker sends.
 public enum Reply: Sendable, Equatable {
     case status(StatusReport)
+    /// The Prometheus text exposition of the broker's metrics.
+    case metrics(String)
     case keys(Keys)
     case namespace(Namespace)
     case sharedMemory(SharedMemory)
@@ -13,6 +15,7 @@ public enum Reply: Sendable, Equatable {
     public var opcode: Opcode {
         switch self {
         case .status: .status
+        case .metrics: .metrics
         case .keys(let reply): reply.opcode
         case .namespace(let reply): reply.opcode
         case .sharedMemory(let reply): reply.opcode
@@ -25,6 +28,7 @@ public enum Reply: Sendable, Equatable {
         var writer = Frame.header(kind: .reply, opcode: opcode, requestID: requestID)
         switch self {
         case .status(let report): report.encode(into: &writer)
+        case .metrics(let text): writer.string(text)
         case .keys(let reply): reply.encodePayload(into: &writer)
         case .namespace(let reply): reply.encodePayload(into: &writer)
         case .sharedMemory(let reply): reply.encodePayload(into: &writer)
@@ -43,7 +47,7 @@ public enum Reply: Sendable, Equatable {
         var reader = WireReader(frame.payload)
         let reply: Reply
         switch opcode.subsystem {
-        case .broker: reply = .status(try StatusReport.decode(&reader))
+        case .broker: reply = opcode == .metrics ? .metrics(try reader.string("metrics")) : .status(try StatusReport.decode(&reader))
         case .keys: reply = .keys(try .decode(opcode, &reader))
         case .namespace: reply = .namespace(try .decode(opcode, &reader))
         case .sharedMemory: reply = .sharedMemory(try .decode(opcode, &reader))

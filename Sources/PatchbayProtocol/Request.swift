@@ -5,6 +5,8 @@
 public enum Request: Sendable, Equatable {
     /// Broker identity, uptime and object counts (no payload).
     case status
+    /// Metrics, as Prometheus text (no payload).
+    case metrics
     case keys(Keys)
     case namespace(Namespace)
     case sharedMemory(SharedMemory)
@@ -14,6 +16,7 @@ public enum Request: Sendable, Equatable {
     public var opcode: Opcode {
         switch self {
         case .status: .status
+        case .metrics: .metrics
         case .keys(let request): request.opcode
         case .namespace(let request): request.opcode
         case .sharedMemory(let request): request.opcode
@@ -25,7 +28,7 @@ public enum Request: Sendable, Equatable {
     public func encode(requestID: UInt64) -> [UInt8] {
         var writer = Frame.header(kind: .request, opcode: opcode, requestID: requestID)
         switch self {
-        case .status: break
+        case .status, .metrics: break
         case .keys(let request): request.encodePayload(into: &writer)
         case .namespace(let request): request.encodePayload(into: &writer)
         case .sharedMemory(let request): request.encodePayload(into: &writer)
@@ -45,7 +48,7 @@ public enum Request: Sendable, Equatable {
         var reader = WireReader(frame.payload)
         let request: Request
         switch opcode.subsystem {
-        case .broker: request = .status
+        case .broker: request = opcode == .metrics ? .metrics : .status
         case .keys: request = .keys(try .decode(opcode, &reader))
         case .namespace: request = .namespace(try .decode(opcode, &reader))
         case .sharedMemory: request = .sharedMemory(try .decode(opcode, &reader))

@@ -18,7 +18,7 @@ struct SplitMix: RandomNumberGenerator {
 let sampleToken = KeyToken(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210)
 
 let sampleRequests: [Request] = [
-    .status,
+    .status, .metrics,
     .keys(.share(expiry: .never, restriction: nil)),
     .keys(.share(expiry: .after(nanoseconds: 200_000_000), restriction: .uid(1000))),
     .keys(.share(expiry: .after(nanoseconds: 1), restriction: .gid(27))),
@@ -53,7 +53,7 @@ let sampleInfo = SharedMemoryInfo(
     changeTime: 3, birthTime: -4, blocks: 128)
 
 let sampleReplies: [Reply] = [
-    .status(sampleReport), .keys(.share(sampleToken)), .keys(.claim(fileKind: 4)),
+    .status(sampleReport), .metrics("# TYPE patchbay_clients gauge\npatchbay_clients 1\n"), .keys(.share(sampleToken)), .keys(.claim(fileKind: 4)),
     .namespace(.open(objectKind: 2, id: 5)),
     .sharedMemory(.open(sampleInfo)), .sharedMemory(.unlink), .sharedMemory(.rename), .sharedMemory(.stat(sampleInfo)),
     .sharedMemory(.list([sampleInfo, sampleInfo], more: true)),

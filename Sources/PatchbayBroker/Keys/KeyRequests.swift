@@ -72,7 +72,9 @@ final class KeyRequests: SessionClosedHook {
     }
 
     /// Drops every key whose deadline passed; the loop calls this after each wake-up.
-    func expire(now: UInt64) {
+    /// Returns how many expired.
+    @discardableResult
+    func expire(now: UInt64) -> Int {
         table.expire(now: now)
     }
 
