@@ -180,6 +180,10 @@ struct RestartTests {
         _ = caller
         // The service is registered again, under a new id, and answers a new client.
         try waitUntilRegistered(other, "lib_svc")
+        // The broker lists the registration as soon as it has made it; the service's own thread
+        // records it once the answer is back: bounded wait for that.
+        let recorded = monotonicNanoseconds() + 10_000_000_000
+        while service.registrations < 2, monotonicNanoseconds() < recorded { usleep(1_000) }
         #expect(service.registrations == 2 && service.serviceID != firstID)
         let newClient = try CapsClient(other, name: "lib_svc")
         let id = try newClient.put(Array("hello".utf8))
