@@ -58,7 +58,8 @@ struct CBuild: Sendable {
     }
 }
 
-@Suite("C and Python", .enabled(if: cCompiler != nil && python3 != nil, "needs a C compiler and python3"))
+@Suite("C and Python", .enabled(if: cCompiler != nil && python3 != nil, "needs a C compiler and python3"),
+       .enabled(if: getenv("PATCHBAY_SANITIZER") == nil, "an instrumented library does not load into uninstrumented C programs or Python"))
 struct CrossLanguageTests {
     @Test("the C tests: every function of patchbay.h and its errno paths, against a broker")
     func cTests() throws {
