@@ -46,6 +46,7 @@ public final class BrokerServer {
         switch Opcode(rawValue: rawOpcode) {
         case .sharedMemoryList?: SharedMemoryRequests.listPageSize  // a stat per object on the page
         case .netList?, .capsList?, .status?: 8  // a walk of an in-memory table
+        case .metrics?: 16  // the status walk, and the text
         default: 1
         }
     }
@@ -363,7 +364,7 @@ public final class BrokerServer {
     // MARK: Metrics
 
     /// The exposition text. Per-uid rows: a non-root caller of a system broker sees its own uid
-    /// only; root (and the per-user broker's one user) sees every uid, at most 200 (the busiest),
+    /// only; root (and the per-user broker's one user) sees every uid, at most 100 (the busiest),
     /// so the text stays inside one frame.
     private func metricsText(now: UInt64, for caller: PeerCredentials) -> String {
         let report = statusReport(now: now)
@@ -400,14 +401,16 @@ public final class BrokerServer {
         out.gauge("patchbay_sockets", "Open /net sockets.", report.sockets)
         out.gauge("patchbay_caps_services", "Registered CAPS services.", report.users.reduce(0) { $0 + $1.services })
         out.gauge("patchbay_caps_channels", "CAPS client channels.", caps.registry.channels.count)
-        if let descriptors = try? openDescriptorCount(pid: getpid()) {
-            out.gauge("patchbay_broker_descriptors", "Descriptors the broker process holds.", descriptors)
-        }
+        // From the budget's books, not a walk of /proc/self/fd (thousands of entries, in the loop).
+        let budget = sessions.budget
+        out.gauge("patchbay_broker_descriptors", "Descriptors the broker holds for clients (charged to their uids).",
+                  budget.held.values.reduce(0, +))
+        out.gauge("patchbay_broker_descriptor_limit", "The broker's RLIMIT_NOFILE.", budget.limit)
         if let resident = residentMemoryBytes() {
             out.gauge("patchbay_resident_memory_bytes", "The broker's resident memory.", resident)
         }
         let everyone = caller.uid == 0 || configuration.mode == .user
-        let rows = report.users.filter { everyone || $0.uid == caller.uid }.prefix(200)
+        let rows = report.users.filter { everyone || $0.uid == caller.uid }.prefix(100)
         let bytes = sharedMemory.store.objects.bytesByOwner
         func perUser(_ name: String, _ help: String, _ value: (UserUsage) -> String) {
             out.metric(name, "gauge", help, rows.map { (MetricsText.labels(["uid": "\($0.uid)"]), value($0)) })
@@ -418,6 +421,7 @@ public final class BrokerServer {
         perUser("patchbay_user_shm_bytes", "Bytes of named shared memory, per owner uid.") { "\(bytes[$0.uid] ?? 0)" }
         perUser("patchbay_user_sockets", "Open /net sockets, per uid.") { "\($0.sockets)" }
         perUser("patchbay_user_caps_services", "Registered CAPS services, per uid.") { "\($0.services)" }
+        perUser("patchbay_user_descriptors", "Broker descriptors charged to each uid.") { "\(budget.held[$0.uid] ?? 0)" }
         return out.text
     }
 

@@ -206,7 +206,7 @@ public func pb_caps_wait_reply(_ client: OpaquePointer?, _ m: UnsafeMutablePoint
                                _ data: UnsafeMutableRawPointer?, _ capacity: Int) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
         let client = try object(client, as: CapsClient.self, "client")
-        return try deliver(try client.wait(into: try buffer(data, capacity)), m)
+        return try deliver(try client.wait(into: try buffer(data, capacity)), of: client, m)
     }
 }
 
@@ -215,19 +215,14 @@ public func pb_caps_client_get(_ client: OpaquePointer?, _ m: UnsafeMutablePoint
                                _ data: UnsafeMutableRawPointer?, _ capacity: Int) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
         let client = try object(client, as: CapsClient.self, "client")
-        return try deliver(try client.get(into: try buffer(data, capacity)), m)
+        return try deliver(try client.get(into: try buffer(data, capacity)), of: client, m)
     }
 }
 
 /// `wait_reply` and `client_get`: the header into `m`, the reply into the buffer, or its errno.
-private func deliver(_ reply: CapsReply, _ m: UnsafeMutablePointer<pb_caps_message>?) throws(PatchbayError) -> CInt {
+private func deliver(_ reply: CapsReply, of client: CapsClient, _ m: UnsafeMutablePointer<pb_caps_message>?) throws(PatchbayError) -> CInt {
     m?.pointee = pb_caps_message(reply: reply.messageID, length: reply.length)
-    if let errno = reply.error {
-        throw PatchbayError(errno, "the service answered request \(reply.messageID) with an error (\(errno.name))")
-    }
-    if reply.serviceClosed {
-        throw PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)")
-    }
+    if let failure = CapsClient.failure(of: reply, limit: client.maximumInFlight) { throw failure }
     guard reply.consumed else {
         throw PatchbayError(.messageTooLong, "the reply to \(reply.messageID) is \(reply.length) bytes, more than the buffer; it stays queued")
     }

@@ -294,20 +294,44 @@ public final class CapsClient: @unchecked Sendable {
     ///   0-byte reply with `serviceClosed`); the errno of an error reply (`ENOBUFS`, `EBADMSG`,
     ///   or what the service chose); `put`'s errors.
     public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
-        let id = try put(bytes)
+        try awaitReply(to: try put(bytes)) { .success(Array($0)) }
+    }
+
+    /// `call` into a caller's buffer, for the C library: the reply is copied into `reply` and its
+    /// length returned, with no allocation unless another thread's reply must be kept for it.
+    ///
+    /// - Throws: `EMSGSIZE` when the reply is longer than `reply` (it is disposed of); `call`'s
+    ///   errors otherwise.
+    package func call(_ request: UnsafeRawBufferPointer, into reply: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> Int {
+        let id = try put(length: request.count) { buffer in
+            if request.count > 0 { buffer.copyMemory(from: request) }
+        }
+        return try awaitReply(to: id) { bytes in
+            guard bytes.count <= reply.count else {
+                return .failure(PatchbayError(.messageTooLong, "the reply to request \(id) is \(bytes.count) bytes, more than the \(reply.count) given"))
+            }
+            if bytes.count > 0 { reply.copyMemory(from: bytes) }
+            return .success(bytes.count)
+        }
+    }
+
+    /// Waits for the reply to request `id` and hands its bytes to `take` (an error reply, or the
+    /// service's departure, is thrown instead). Replies to other threads' calls that arrive first
+    /// are kept for them, and they are woken to look.
+    private func awaitReply<T>(to id: UInt64, _ take: (UnsafeRawBufferPointer) -> Result<T, PatchbayError>) throws(PatchbayError) -> T {
         while true {
             let epoch = stashEpoch.load(ordering: .acquiring)
             var stashedForOthers = false
-            let mine = try core.lock.locked { () throws(PatchbayError) -> Result<[UInt8], PatchbayError>? in
-                if let kept = otherCalls.removeValue(forKey: id) { return kept }
-                var answer: Result<[UInt8], PatchbayError>?
+            let mine = try core.lock.locked { () throws(PatchbayError) -> Result<T, PatchbayError>? in
+                if let kept = otherCalls.removeValue(forKey: id) { return kept.flatMap { bytes in bytes.withUnsafeBytes(take) } }
+                var answer: Result<T, PatchbayError>?
                 _ = try nextReply(room: nil) { reply, payload in
-                    let outcome = Self.outcome(of: reply, payload, limit: maximumInFlight)
                     if reply.messageID == id {
-                        answer = outcome
+                        answer = Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) } ?? take(payload)
                     } else {
                         // Another thread's call: keep its reply for it.
-                        otherCalls[reply.messageID] = outcome
+                        otherCalls[reply.messageID] = Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) }
+                            ?? .success(Array(payload))
                         stashedForOthers = true
                     }
                 }
@@ -325,67 +349,14 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    /// `call` into a caller's buffer, for the C library: the reply is copied into `reply` and its
-    /// length returned, with no allocation unless another thread's reply must be kept for it.
-    ///
-    /// - Throws: `EMSGSIZE` when the reply is longer than `reply` (it is disposed of); `call`'s
-    ///   errors otherwise.
-    package func call(_ request: UnsafeRawBufferPointer, into reply: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> Int {
-        let id = try put(length: request.count) { buffer in
-            if request.count > 0 { buffer.copyMemory(from: request) }
-        }
-        func copy(_ bytes: UnsafeRawBufferPointer) -> Result<Int, PatchbayError> {
-            guard bytes.count <= reply.count else {
-                return .failure(PatchbayError(.messageTooLong, "the reply to request \(id) is \(bytes.count) bytes, more than the \(reply.count) given"))
-            }
-            if bytes.count > 0 { reply.copyMemory(from: bytes) }
-            return .success(bytes.count)
-        }
-        while true {
-            let epoch = stashEpoch.load(ordering: .acquiring)
-            var stashedForOthers = false
-            let mine = try core.lock.locked { () throws(PatchbayError) -> Result<Int, PatchbayError>? in
-                if let kept = otherCalls.removeValue(forKey: id) {
-                    return kept.flatMap { bytes in bytes.withUnsafeBytes { copy($0) } }
-                }
-                var answer: Result<Int, PatchbayError>?
-                _ = try nextReply(room: nil) { received, payload in
-                    if received.messageID == id {
-                        if let errno = received.error {
-                            answer = .failure(Self.serviceError(errno, for: id, limit: maximumInFlight))
-                        } else if received.serviceClosed {
-                            answer = .failure(PatchbayError(.connectionReset, "the service went away before answering request \(id)"))
-                        } else {
-                            answer = copy(payload)
-                        }
-                    } else {
-                        otherCalls[received.messageID] = Self.outcome(of: received, payload, limit: maximumInFlight)
-                        stashedForOthers = true
-                    }
-                }
-                return answer
-            }
-            if stashedForOthers {
-                stashEpoch.add(1, ordering: .releasing)
-                SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
-                Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
-            }
-            if let mine { return try mine.get() }
-            if stashEpoch.load(ordering: .acquiring) != epoch { continue }
-            try sleepUntilReply(orUntilEpochChanges: epoch)
-        }
-    }
-
-    /// What `call` makes of a reply: its bytes, or the error it stands for (an error reply; the
-    /// 0-byte reply made up when the service went away before answering).
-    private static func outcome(of reply: CapsReply, _ payload: UnsafeRawBufferPointer, limit: Int)
-        -> Result<[UInt8], PatchbayError>
-    {
-        if let errno = reply.error { return .failure(serviceError(errno, for: reply.messageID, limit: limit)) }
+    /// The error a reply stands for, if any: an error reply, or the 0-byte reply made up when the
+    /// service went away before answering.
+    package static func failure(of reply: CapsReply, limit: Int) -> PatchbayError? {
+        if let errno = reply.error { return serviceError(errno, for: reply.messageID, limit: limit) }
         if reply.serviceClosed {
-            return .failure(PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)"))
+            return PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)")
         }
-        return .success(Array(payload))
+        return nil
     }
 
     /// The error a caller sees for an error reply.
