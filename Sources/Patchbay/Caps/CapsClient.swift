@@ -100,9 +100,10 @@ public final class CapsClient: @unchecked Sendable {
 
     private var allocator: ArenaAllocator
     private var sequence: UInt32 = 0
-    /// Requests whose reply has not been consumed: arena offset (-1: attached) and length.
-    private var inFlight: [UInt64: (offset: Int, length: Int)] = [:]
-    private var abortedAtService: Set<UInt64> = []
+    /// Requests whose reply has not been consumed: arena offset (-1: attached), length, and
+    /// whether the service was told of an abort (`abortedAtService`).
+    private let requests = MessageTable(capacity: CapsLayout.ringCapacity)
+    private static let abortedAtService: UInt32 = 1
     private var pendingDisposes: [UInt64] = []
     private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
@@ -195,15 +196,15 @@ public final class CapsClient: @unchecked Sendable {
                 throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
             }
             flushDisposes()
-            guard inFlight.count < maximumInFlight || !enforcesInFlightLimit else {
-                throw PatchbayError(.noBufferSpace, "\(inFlight.count) requests are in flight, the limit of this service")
+            guard requests.count < maximumInFlight || !enforcesInFlightLimit else {
+                throw PatchbayError(.noBufferSpace, "\(requests.count) requests are in flight, the limit of this service")
             }
             sequence &+= 1
             let messageID = capsMessageID(channel: channelID, sequence: sequence)
             let offset = try CapsPortCore.publish(on: channel, .request, allocator: &allocator, direct: direct.rawValue,
                                                   messageID: messageID, length: length, descriptors: descriptors,
                                                   what: "payload", fill: fill)
-            inFlight[messageID] = (offset, length)
+            requests.insert(MessageRecord(id: messageID, offset: offset, length: length, state: 0))
             wakeService()
             return messageID
         }
@@ -222,7 +223,7 @@ public final class CapsClient: @unchecked Sendable {
                                                    flags: CapsEntryFlags.attachedPayload)) else {
                 throw PatchbayError(.noBufferSpace, "the request ring is full")
             }
-            inFlight[messageID] = (-1, length)
+            requests.insert(MessageRecord(id: messageID, offset: -1, length: length, state: 0))
             wakeService()
             return messageID
         }
@@ -234,7 +235,7 @@ public final class CapsClient: @unchecked Sendable {
     public func abort(_ messageID: UInt64) throws(PatchbayError) -> CapsAbortOutcome {
         try core.lock.locked { () throws(PatchbayError) -> CapsAbortOutcome in
             try checkUsable()
-            guard let request = inFlight[messageID], !abortedAtService.contains(messageID) else {
+            guard let request = requests.find(messageID), request.state & Self.abortedAtService == 0 else {
                 throw PatchbayError(.invalidArgument, "message \(messageID) is not a request in flight on this port")
             }
             // Still in the ring: take it back in place if the service has not taken it first.
@@ -242,10 +243,10 @@ public final class CapsClient: @unchecked Sendable {
                SharedWord.compareExchange(slot.state, expected: CapsEntryState.pending.rawValue,
                                           desired: CapsEntryState.aborted.rawValue) {
                 if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
-                inFlight[messageID] = nil
+                requests.remove(messageID)
                 return .returned
             }
-            abortedAtService.insert(messageID)
+            requests.setState(messageID, Self.abortedAtService)
             _ = channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .abort, flags: 0))
             wakeService()
             return .atService
@@ -445,7 +446,7 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// Requests in flight (put, reply not yet consumed).
-    public var requestsInFlight: Int { core.lock.locked { inFlight.count } }
+    public var requestsInFlight: Int { core.lock.locked { requests.count } }
 
     // MARK: Internals
 
@@ -486,24 +487,25 @@ public final class CapsClient: @unchecked Sendable {
     /// with its descriptors, and `deliver` sees `consumed` false.
     private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         while let (entry, _) = channel.peek(.reply) {
-            if entry.kind == .discardedReply || (!abortedAtService.isEmpty && abortedAtService.contains(entry.messageID)) {
+            let request = requests.find(entry.messageID)
+            if entry.kind == .discardedReply || (request.map { $0.state & Self.abortedAtService != 0 } ?? false) {
                 core.stash.discard(entry, from: direct.rawValue)
-                finish(entry, dispose: entry.kind == .reply)
+                finish(entry, request, dispose: entry.kind == .reply)
                 continue
             }
             if entry.kind == .errorReply {
-                guard inFlight[entry.messageID] != nil else {
+                guard request != nil else {
                     channel.advance(.reply)  // not a request of ours: dropped
                     continue
                 }
-                finish(entry, dispose: false)
+                finish(entry, request, dispose: false)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
                 // A reply the service could not have written honestly: dropped, never read.
-                finish(entry, dispose: true)
+                finish(entry, request, dispose: true)
                 continue
             }
             let length = Int(entry.length)
@@ -518,7 +520,7 @@ public final class CapsClient: @unchecked Sendable {
             let result = deliver(CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
                                            descriptors: payload.carried()), payload.bytes)
             _ = consume payload
-            finish(entry, dispose: true)
+            finish(entry, request, dispose: true)
             return result
         }
         // The service may have replied just before going away: those replies come first.
@@ -527,14 +529,14 @@ public final class CapsClient: @unchecked Sendable {
         return deliver(closed, UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
-    /// Consumes a reply entry: frees the request's space, tells the service DISPOSE.
-    private func finish(_ entry: CapsEntry, dispose: Bool) {
+    /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once),
+    /// tells the service DISPOSE.
+    private func finish(_ entry: CapsEntry, _ request: MessageRecord?, dispose: Bool) {
         channel.advance(.reply)
-        if let request = inFlight[entry.messageID], request.offset >= 0 {
-            allocator.release(offset: request.offset, length: request.length)
+        if let request {
+            if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
+            requests.remove(entry.messageID)
         }
-        inFlight[entry.messageID] = nil
-        if !abortedAtService.isEmpty { abortedAtService.remove(entry.messageID) }
         guard dispose, !channel.serviceClosed else { return }
         pendingDisposes.append(entry.messageID)
         flushDisposes()
@@ -547,16 +549,15 @@ public final class CapsClient: @unchecked Sendable {
         guard channel.serviceClosed else { return nil }
         if closedReplies == nil {
             // In the order they were put: message ids grow with the sequence.
-            closedReplies = inFlight.keys.filter { !abortedAtService.contains($0) }.sorted()
+            closedReplies = requests.all().filter { $0.state & Self.abortedAtService == 0 }.map(\.id).sorted()
         }
         guard let messageID = closedReplies?.first else {
             throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
         }
         closedReplies?.removeFirst()
-        if let request = inFlight[messageID], request.offset >= 0 {
+        if let request = requests.remove(messageID), request.offset >= 0 {
             allocator.release(offset: request.offset, length: request.length)
         }
-        inFlight[messageID] = nil
         return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil)
     }
 

@@ -63,9 +63,13 @@ public final class CapsService: @unchecked Sendable {
         let clientWake: PatchbaySystem.Descriptor
         let direct: PatchbaySystem.Descriptor
         var allocator: ArenaAllocator
+        /// Its requests read and not yet disposed of, by sequence number: `received`,
+        /// `receivedAborted` (the client aborted it since), or `replied` (with the reply's arena
+        /// offset, -1 when attached, and length). Their number is what the in-flight limit bounds.
+        let messages: MessageTable
 
         init(id: UInt64, channel: CapsChannel, credentials: CapsCredentials, serviceWake: consuming PatchbaySystem.Descriptor,
-             clientWake: consuming PatchbaySystem.Descriptor, direct: consuming PatchbaySystem.Descriptor) {
+             clientWake: consuming PatchbaySystem.Descriptor, direct: consuming PatchbaySystem.Descriptor, maximumInFlight: Int) {
             self.id = id
             self.channel = channel
             self.credentials = credentials
@@ -73,13 +77,14 @@ public final class CapsService: @unchecked Sendable {
             self.clientWake = clientWake
             self.direct = direct
             allocator = ArenaAllocator(size: channel.arenaSize)
+            messages = MessageTable(capacity: 2 * maximumInFlight)
         }
     }
 
-    /// A request read and not yet replied to.
-    private struct Received {
-        var aborted: Bool
-    }
+    // A message's state in `ClientChannel.messages`.
+    private static let received: UInt32 = 1
+    private static let receivedAborted: UInt32 = 2
+    private static let replied: UInt32 = 3
 
     /// Requests refused unread (past the in-flight limit, or with a payload that could not be read
     /// safely), as `refusals` reports them.
@@ -121,18 +126,17 @@ public final class CapsService: @unchecked Sendable {
     /// Requests a client may have here, read and not yet disposed of, before the next is refused.
     public let maximumInFlight: Int
     private let core = CapsPortCore(anew: "register again")
-    /// Per client: requests read and not disposed of (received or replied).
-    private var inFlight: [UInt64: Int] = [:]
     private var refused = Refusals(total: 0, last: nil)
 
     private var clients: [UInt64: ClientChannel] = [:]
     /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
     private var order: [ClientChannel] = []
+    /// Their channels, in the same order: what a waiter polls, taken without copying.
+    private var channels: [CapsChannel] = []
     private var cursor = 0
-    private var lastActive: UInt64?
-    private var received: [UInt64: Received] = [:]
-    /// Replies not yet disposed: reply arena offset (-1: attached) and length.
-    private var replied: [UInt64: (offset: Int, length: Int)] = [:]
+    /// The client whose request was read last: whose CPU a waiter watches, and the first place a
+    /// reply looks for its client.
+    private var lastActive: ClientChannel?
     private var synthetic: [CapsServiceMessage] = []
     private var watching = false
     /// The broker's notice counter as last read: the connection is read only when it moved.
@@ -405,17 +409,10 @@ public final class CapsService: @unchecked Sendable {
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
             }
-            guard let request = received[messageID] else {
-                throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
-            }
-            guard let client = clients[capsChannel(of: messageID)] else {
-                received[messageID] = nil
-                throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
-            }
-            received[messageID] = nil
-            if request.aborted {
+            let (client, request) = try awaitingReply(messageID)
+            if request.state == Self.receivedAborted {
                 // The client aborted: the reply only frees the request's space there.
-                settle(messageID)
+                client.messages.remove(messageID)
                 _ = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .discardedReply,
                                                           flags: 0))
                 wake(client)
@@ -428,10 +425,10 @@ public final class CapsService: @unchecked Sendable {
                                                   descriptors: descriptors, what: "reply", fill: fill)
             } catch {
                 // Nothing was published: the request can still be answered.
-                received[messageID] = request
                 throw error
             }
-            replied[messageID] = (offset, length)
+            client.messages.remove(messageID)
+            client.messages.insert(MessageRecord(id: messageID, offset: offset, length: length, state: Self.replied))
             wake(client)
         }
     }
@@ -446,20 +443,14 @@ public final class CapsService: @unchecked Sendable {
         try core.checkInherited()
         try core.lock.locked { () throws(PatchbayError) in
             guard error.rawValue > 0 else { throw PatchbayError(.invalidArgument, "an error reply needs an errno") }
-            guard let request = received[messageID] else {
-                throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
-            }
-            guard let client = clients[capsChannel(of: messageID)] else {
-                received[messageID] = nil
-                throw PatchbayError(.invalidArgument, "the client of message \(messageID) is gone")
-            }
-            let kind: CapsEntryKind = request.aborted ? .discardedReply : .errorReply
-            guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: kind,
-                                                        flags: request.aborted ? 0 : UInt32(bitPattern: error.rawValue))) else {
+            let (client, request) = try awaitingReply(messageID)
+            let aborted = request.state == Self.receivedAborted
+            guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0,
+                                                        kind: aborted ? .discardedReply : .errorReply,
+                                                        flags: aborted ? 0 : UInt32(bitPattern: error.rawValue))) else {
                 throw PatchbayError(.noBufferSpace, "the reply ring of message \(messageID)'s client is full")
             }
-            received[messageID] = nil
-            settle(messageID)
+            client.messages.remove(messageID)
             wake(client)
         }
     }
@@ -495,7 +486,7 @@ public final class CapsService: @unchecked Sendable {
             watching = true
             SharedWord.fence()
             // Clients signal from now on; what they queued before is announced here.
-            if Self.hasWork(clients.values.map(\.channel)) || noticesPending || !synthetic.isEmpty { try? backlogEvent.signal() }
+            if Self.hasWork(channels) || noticesPending || !synthetic.isEmpty { try? backlogEvent.signal() }
         }
         return epoll.descriptorNumber
     }
@@ -512,6 +503,17 @@ public final class CapsService: @unchecked Sendable {
     public var refusals: Refusals { core.lock.locked { refused } }
 
     // MARK: Internals
+
+    /// The client of `messageID` and the request's record, when it is a request read and not yet
+    /// answered; `EINVAL` otherwise.
+    private func awaitingReply(_ messageID: UInt64) throws(PatchbayError) -> (ClientChannel, MessageRecord) {
+        let channelID = capsChannel(of: messageID)
+        let client = lastActive.flatMap { $0.id == channelID ? $0 : nil } ?? clients[channelID]
+        guard let client, let request = client.messages.find(messageID), request.state != Self.replied else {
+            throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
+        }
+        return (client, request)
+    }
 
     private func wake(_ client: ClientChannel) {
         SharedWord.fence()
@@ -574,7 +576,7 @@ public final class CapsService: @unchecked Sendable {
                     continue
                 }
                 cursor = (index + 1) % order.count
-                lastActive = client.id
+                lastActive = client
                 return (client, entry, state)
             }
         }
@@ -595,8 +597,8 @@ public final class CapsService: @unchecked Sendable {
             return nil
         }
         switch entry.kind {
-        case .request where received[entry.messageID] == nil && replied[entry.messageID] == nil:
-            if inFlight[client.id, default: 0] >= maximumInFlight {
+        case .request where !client.messages.contains(entry.messageID):
+            if client.messages.count >= maximumInFlight {
                 core.stash.discard(entry, from: client.direct.rawValue)
                 refuse(entry, of: client, with: .noBufferSpace)
                 return nil
@@ -614,8 +616,7 @@ public final class CapsService: @unchecked Sendable {
                 // Recorded before the body runs, so the body may reply at once. The payload stays
                 // valid: the client frees it only when it sees the reply.
                 client.channel.advance(.request)
-                received[entry.messageID] = Received(aborted: false)
-                inFlight[client.id, default: 0] += 1
+                client.messages.insert(MessageRecord(id: entry.messageID, offset: -1, length: 0, state: Self.received))
                 let result = use(message, payload.bytes)
                 _ = consume payload
                 return result
@@ -627,16 +628,16 @@ public final class CapsService: @unchecked Sendable {
         case .dispose:
             client.channel.advance(.request)
             // Only a reply this service sent can be disposed of.
-            guard let reply = replied.removeValue(forKey: entry.messageID) else { return nil }
-            settle(entry.messageID)
+            guard let reply = client.messages.find(entry.messageID), reply.state == Self.replied else { return nil }
+            client.messages.remove(entry.messageID)
             if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
             message.kind = .dispose
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .abort:
             client.channel.advance(.request)
-            guard received[entry.messageID] != nil else { return nil }
-            received[entry.messageID]?.aborted = true
+            guard let request = client.messages.find(entry.messageID), request.state != Self.replied else { return nil }
+            client.messages.setState(entry.messageID, Self.receivedAborted)
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
@@ -659,13 +660,6 @@ public final class CapsService: @unchecked Sendable {
         wake(client)
         refused.total += 1
         refused.last = client.credentials
-    }
-
-    /// A request of this port is done with (disposed of, or its abort answered).
-    private func settle(_ messageID: UInt64) {
-        let channel = capsChannel(of: messageID)
-        guard let count = inFlight[channel] else { return }
-        inFlight[channel] = count > 1 ? count - 1 : nil
     }
 
     /// The current notices counter.
@@ -697,9 +691,11 @@ public final class CapsService: @unchecked Sendable {
                 else { continue }
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
-                clients[channelID] = ClientChannel(id: channelID, channel: channel, credentials: credentials,
-                                                   serviceWake: serviceWake, clientWake: clientWake, direct: direct)
-                if let added = clients[channelID] { order.append(added) }
+                let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,
+                                          clientWake: clientWake, direct: direct, maximumInFlight: maximumInFlight)
+                if let replaced = clients.updateValue(added, forKey: channelID) { forget(replaced) }
+                order.append(added)
+                channels.append(channel)
                 if notifyConnections {
                     synthetic.append(CapsServiceMessage(kind: .connected, messageID: 0, length: 0, consumed: true,
                                                         credentials: credentials, channelID: channelID, inPlace: true,
@@ -715,24 +711,20 @@ public final class CapsService: @unchecked Sendable {
     /// replied to, replies it never consumed), then its channel is dropped.
     private func clientGone(_ channelID: UInt64) {
         guard let client = clients.removeValue(forKey: channelID) else { return }
-        inFlight[channelID] = nil
-        order.removeAll { $0.id == channelID }
-        cursor = 0
+        forget(client)
         try? epoll.remove(client.serviceWake.rawValue)
         try? epoll.remove(client.direct.rawValue)
         var left: [UInt64] = []
         while let (entry, state) = client.channel.peek(.request) {
             client.channel.advance(.request)
             if entry.kind == .request, SharedWord.load(state) != CapsEntryState.aborted.rawValue { left.append(entry.messageID) }
-            if entry.kind == .dispose, replied.removeValue(forKey: entry.messageID) != nil {
+            if entry.kind == .dispose, client.messages.find(entry.messageID)?.state == Self.replied {
+                client.messages.remove(entry.messageID)
                 left.append(entry.messageID)  // a DISPOSE it sent before going: still shown
             }
         }
-        for id in received.keys where capsChannel(of: id) == channelID { left.append(id) }
-        for id in replied.keys where capsChannel(of: id) == channelID { left.append(id) }
+        left.append(contentsOf: client.messages.all().map(\.id))
         for id in left.sorted() {
-            received[id] = nil
-            replied[id] = nil
             core.stash.discard(id)
             synthetic.append(CapsServiceMessage(kind: .dispose, messageID: id, length: 0, consumed: true,
                                                 credentials: client.credentials, channelID: channelID, inPlace: true,
@@ -743,6 +735,14 @@ public final class CapsService: @unchecked Sendable {
                                                 credentials: client.credentials, channelID: channelID, inPlace: true,
                                                 descriptors: nil))
         }
+    }
+
+    /// Drops `client` from the round-robin order and the polled channels.
+    private func forget(_ client: ClientChannel) {
+        order.removeAll { $0 === client }
+        channels.removeAll { $0 === client.channel }
+        if lastActive === client { lastActive = nil }
+        cursor = 0
     }
 
     private static func hasWork(_ channels: [CapsChannel]) -> Bool {
@@ -758,11 +758,11 @@ public final class CapsService: @unchecked Sendable {
     /// CPU, then sleeps in epoll.
     private func sleepUntilWork() throws(PatchbayError) {
         // A snapshot of the channels: the rings themselves are read lock-free.
-        let (channels, last) = core.lock.locked { (clients.values.map(\.channel), lastActive.flatMap { clients[$0]?.channel }) }
+        let (polled, last) = core.lock.locked { () -> ([CapsChannel], CapsChannel?) in (channels, lastActive?.channel) }
         let client = last.map { PeerActivity(running: $0.word32(CapsLayout.clientRunningOffset),
                                              cpu: $0.word32(CapsLayout.clientCPUOffset)) }
         try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: client,
-                              until: { Self.hasWork(channels) || noticesPending }) {
+                              until: { Self.hasWork(polled) || noticesPending }) {
             () throws(PatchbayError) in try sleepInEpoll()
         }
     }
@@ -776,7 +776,7 @@ public final class CapsService: @unchecked Sendable {
         SharedWord.increment(sleeping)
         SharedWord.fence()
         // Looked at again after publishing: another thread may have added a channel meanwhile.
-        let current = core.lock.locked { clients.values.map(\.channel) }
+        let current = core.lock.locked { () -> [CapsChannel] in channels }
         if Self.hasWork(current) || noticesPending {
             SharedWord.decrement(sleeping)
             return
