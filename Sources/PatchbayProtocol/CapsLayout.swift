@@ -6,8 +6,8 @@
 //
 //   0                  header (one page), fields below, each on its own cache line where it
 //                      is written by one side only
-//   4096               request ring: `ringCapacity` entries of 32 bytes (client → service)
-//   ...                reply ring: `ringCapacity` entries of 32 bytes (service → client)
+//   4096               request ring: `ringCapacity` entries of 128 bytes (client → service)
+//   ...                reply ring: `ringCapacity` entries of 128 bytes (service → client)
 //   page-aligned       request arena: `arenaSize` bytes, allocated by the client
 //   page-aligned       reply arena: `arenaSize` bytes, allocated by the service
 //
@@ -16,9 +16,14 @@
 
 public enum CapsLayout {
     public static let magic: UInt32 = 0x5350_4143  // "CAPS"
-    public static let version: UInt32 = 1
+    /// 2: 128-byte entries that carry a sequence stamp (the consumer polls the entry, not the
+    /// tail) and payloads of up to `inlineCapacity` bytes inline. Version 1 had 32-byte entries
+    /// published by the tail alone, every payload in the arena.
+    public static let version: UInt32 = 2
     public static let headerSize = 4096
-    public static let entrySize = 32
+    public static let entrySize = 128
+    /// The most payload bytes an entry carries itself (`CapsEntryFlags.inlinePayload`).
+    public static let inlineCapacity = entrySize - entryInline
     public static let ringCapacity = 1024
     /// Payload space per direction. The memfd is sparse: untouched space costs nothing.
     public static let defaultArenaSize = 16 << 20
@@ -52,13 +57,16 @@ public enum CapsLayout {
         replyArenaOffset(capacity: capacity, arenaSize: arenaSize) + arenaSize
     }
 
-    // Ring entry layout (32 bytes).
-    public static let entryMessageID = 0   // u64
-    public static let entryOffset = 8      // u64: offset in the sender's arena
-    public static let entryLength = 16     // u32
-    public static let entryKind = 20       // u32: EntryKind
-    public static let entryState = 24      // u32: EntryState (request entries)
-    public static let entryFlags = 28      // u32: EntryFlags
+    // Ring entry layout (128 bytes, two cache lines; the first holds everything but the end of
+    // an inline payload).
+    public static let entryStamp = 0       // u64: the entry's ring position + 1, stored last
+    public static let entryMessageID = 8   // u64
+    public static let entryOffset = 16     // u64: offset in the sender's arena
+    public static let entryLength = 24     // u32
+    public static let entryKind = 28       // u32: EntryKind
+    public static let entryState = 32      // u32: EntryState (request entries)
+    public static let entryFlags = 36      // u32: EntryFlags
+    public static let entryInline = 40     // the inline payload, up to `inlineCapacity` bytes
 
     // Status page.
     public static let statusSize = 4096
@@ -101,4 +109,6 @@ public enum CapsEntryFlags {
     public static let attachedPayload: UInt32 = 1
     /// Descriptors ride along on the peers' direct socket.
     public static let descriptors: UInt32 = 2
+    /// The payload is in the entry itself, at `CapsLayout.entryInline` (offset unused).
+    public static let inlinePayload: UInt32 = 4
 }

@@ -327,6 +327,54 @@ struct CapsTests {
         #expect(try clientWait(port).1 == Array("fine".utf8))
     }
 
+    @Test("payloads of up to 88 bytes travel inline in the ring entry, longer ones in the arena; an oversized inline entry is refused")
+    func inlinePayloads() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "inline", access: [.world])
+        let port = try CapsClient(client, name: "inline")
+        for length in [0, 1, 87, 88, 89, 200] {
+            let bytes = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ length) }
+            let id = try port.put(bytes)
+            let (request, payload) = try serviceWait(service)
+            #expect(request.kind == .request && request.messageID == id && request.inPlace && payload == bytes, "length \(length)")
+            // Several replies queued before the client reads: each inline one stays intact in its slot.
+            try service.reply(to: id, bytes.reversed())
+            let (reply, answer) = try clientWait(port)
+            #expect(reply.messageID == id && answer == bytes.reversed(), "length \(length)")
+            let (dispose, _) = try serviceWait(service)
+            #expect(dispose.kind == .dispose && dispose.messageID == id)
+        }
+        // Pipelined: 100 small requests, all put before any is read.
+        var ids: [UInt64] = []
+        for index in 0..<100 { ids.append(try port.put(Array(repeating: UInt8(index), count: index % 89))) }
+        var answered = 0
+        while answered < ids.count {
+            let (message, payload) = try serviceWait(service)
+            guard message.kind == .request else { continue }
+            let index = ids.firstIndex(of: message.messageID)!
+            #expect(payload == Array(repeating: UInt8(index), count: index % 89))
+            try service.reply(to: message.messageID, payload)
+            answered += 1
+        }
+        for index in 0..<ids.count {
+            let (reply, answer) = try clientWait(port)
+            #expect(reply.messageID == ids[index] && answer == Array(repeating: UInt8(index), count: index % 89))
+        }
+        // An entry that claims 200 inline bytes (an entry holds 88): EBADMSG, never read.
+        let forged = try port.putForgedInline(length: 200)
+        // The service reads on: the 100 DISPOSEs, then nothing (the forged request refused unread).
+        var disposes = 0
+        while let message = try? serviceGet(service) {
+            #expect(message.kind == .dispose)
+            disposes += 1
+        }
+        #expect(disposes == ids.count)
+        let (refused, _) = try clientWait(port)
+        #expect(refused.messageID == forged && refused.error == .badMessage)
+        #expect(service.refusals.total == 1)
+    }
+
     @Test("messages carry descriptors; ports plug into epoll")
     func descriptorsAndEpoll() throws {
         let broker = try TestBroker()

@@ -229,6 +229,24 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Puts a REQUEST entry that says its payload is inline but is `length` bytes long, as a
+    /// hostile client writing its ring by other means could: only for the project's tests, to
+    /// check that a service refuses an inline payload longer than an entry holds.
+    package func putForgedInline(length: UInt32) throws(PatchbayError) -> UInt64 {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
+            try checkUsable()
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: length, kind: .request,
+                                                   flags: CapsEntryFlags.inlinePayload)) else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+            requests.insert(MessageRecord(id: messageID, offset: -1, length: Int(length), state: 0))
+            wakeService()
+            return messageID
+        }
+    }
+
     /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
     ///
     /// - Throws: `EINVAL` when `messageID` is not a request of this port in flight.

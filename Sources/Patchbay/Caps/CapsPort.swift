@@ -137,15 +137,28 @@ struct CapsPortCore {
 
     // MARK: Writing a message
 
-    /// Writes a message of `length` bytes (`fill` writes them in place) into this side's arena of
-    /// `channel`, or into a memfd of its own when the arena has no room, sends its descriptors to
-    /// the peer, and publishes its entry on `ring`. Returns the arena offset (-1: attached). When
-    /// it throws, nothing was published and the arena space is free again.
+    /// Writes a message of `length` bytes (`fill` writes them in place) into its ring entry when
+    /// it fits there (`CapsLayout.inlineCapacity`), else into this side's arena of `channel`, or
+    /// into a memfd of its own when the arena has no room; sends its descriptors to the peer, and
+    /// publishes its entry on `ring`. Returns the arena offset (-1: inline or attached, no arena
+    /// space). When it throws, nothing was published and the arena space is free again.
     static func publish(
         on channel: CapsChannel, _ ring: CapsChannel.Ring, allocator: inout ArenaAllocator, direct: CInt,
         messageID: UInt64, length: Int, descriptors: [CInt], what: String,
         fill: (UnsafeMutableRawBufferPointer) -> Void
     ) throws(PatchbayError) -> Int {
+        let kind: CapsEntryKind = ring == .request ? .request : .reply
+        if length <= CapsLayout.inlineCapacity {
+            guard let slot = channel.reserve(ring) else {
+                throw PatchbayError(.noBufferSpace, "the \(ring == .request ? "request" : "reply") ring is full")
+            }
+            fill(CapsChannel.inlineSpace(slot, length: length))
+            if !descriptors.isEmpty { try sendAttachments(direct, messageID: messageID, descriptors: descriptors) }
+            channel.commit(ring, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(length), kind: kind,
+                                                 flags: CapsEntryFlags.inlinePayload
+                                                     | (descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors)))
+            return -1
+        }
         let arena = ring == .request ? channel.requestArena : channel.replyArena
         var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
         var attachments = descriptors
@@ -170,7 +183,6 @@ struct CapsPortCore {
         }
         // The peer has its own copy of the memfd now (or nothing was attached).
         _ = consume payload
-        let kind: CapsEntryKind = ring == .request ? .request : .reply
         guard channel.push(ring, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)), length: UInt32(length),
                                            kind: kind, flags: flags)) else {
             if offset >= 0 { allocator.release(offset: offset, length: length) }
@@ -206,6 +218,19 @@ struct CapsPortCore {
         throws(PatchbayError) -> CapsPayload?
     {
         let length = Int(entry.length)
+        if entry.flags & CapsEntryFlags.inlinePayload != 0 {
+            // In the entry itself: at most `inlineCapacity` bytes, never with an attached payload.
+            guard length <= CapsLayout.inlineCapacity, entry.flags & CapsEntryFlags.attachedPayload == 0,
+                  let start = entry.inlineBytes else { return nil }
+            let attachments: CapsDescriptors?
+            if entry.flags & CapsEntryFlags.descriptors != 0 {
+                attachments = (try? stash.take(entry.messageID, from: direct)) ?? CapsDescriptors(adopting: [])
+            } else {
+                attachments = nil
+            }
+            return CapsPayload(bytes: UnsafeRawBufferPointer(start: start, count: length), view: nil, attachments: attachments,
+                               isAttached: false)
+        }
         guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else {
             guard channel.fitsArena(offset: entry.offset, length: entry.length) else { return nil }
             return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),

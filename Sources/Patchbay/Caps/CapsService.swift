@@ -81,6 +81,12 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// Room for an inline payload on the stack (`CapsLayout.inlineCapacity`, 88 bytes).
+    private struct InlinePayload {
+        var words: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    }
+
     // A message's state in `ClientChannel.messages`.
     private static let received: UInt32 = 1
     private static let receivedAborted: UInt32 = 2
@@ -613,13 +619,26 @@ public final class CapsService: @unchecked Sendable {
             message.inPlace = !payload.isAttached
             if consume {
                 message.descriptors = payload.carried()
-                // Recorded before the body runs, so the body may reply at once. The payload stays
-                // valid: the client frees it only when it sees the reply.
-                client.channel.advance(.request)
+                // Recorded before the body runs, so the body may reply at once. A payload in the
+                // arena stays valid: the client frees it only when it sees the reply. One inline
+                // in the ring entry is copied first (at most `inlineCapacity` bytes, on the
+                // stack): once the head moves past it, the client may reuse the slot.
                 client.messages.insert(MessageRecord(id: entry.messageID, offset: -1, length: 0, state: Self.received))
-                let result = use(message, payload.bytes)
+                guard entry.flags & CapsEntryFlags.inlinePayload != 0 else {
+                    client.channel.advance(.request)
+                    let result = use(message, payload.bytes)
+                    _ = consume payload  // an attached payload stays mapped until here
+                    return result
+                }
+                let source = payload.bytes
                 _ = consume payload
-                return result
+                var scratch = InlinePayload()
+                return withUnsafeMutableBytes(of: &scratch) { buffer in
+                    let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<source.count])
+                    if source.count > 0 { copy.copyMemory(from: source) }
+                    client.channel.advance(.request)
+                    return use(message, UnsafeRawBufferPointer(copy))
+                }
             }
             let result = use(message, payload.bytes)
             if let attachments = payload.attachments { core.stash.keep(attachments, for: entry.messageID) }

@@ -16,6 +16,8 @@ struct CapsEntry {
     var length: UInt32
     var kind: CapsEntryKind
     var flags: UInt32
+    /// Where an inline payload is, in the ring slot (set by `peek`).
+    var inlineBytes: UnsafeRawPointer? = nil
 }
 
 /// A mapped channel: header words, the two rings and the two arenas.
@@ -23,6 +25,16 @@ final class CapsChannel: @unchecked Sendable {
     let mapping: PatchbaySystem.Mapping
     let capacity: UInt64
     let arenaSize: Int
+    /// This side's private ring positions, per ring (request ring at 0, reply ring at 1): as
+    /// producer, its tail and its last look at the consumer's head; as consumer, its head. The
+    /// shared words are written for the peer (and observers) but never read back, so a peer
+    /// that scribbles on them cannot move this side, and the consumer's head is read only when
+    /// the known copy says the ring is full: its cache line stays with the consumer instead of
+    /// crossing CPUs on every push.
+    private let positions: UnsafeMutablePointer<UInt64>
+    @inline(__always) private func tail(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + ring.index }
+    @inline(__always) private func knownHead(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 2 + ring.index }
+    @inline(__always) private func head(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 4 + ring.index }
 
     init(_ memory: borrowing PatchbaySystem.Descriptor, arenaSize expected: Int) throws(PatchbayError) {
         let header: (capacity: Int, arena: Int)
@@ -51,12 +63,25 @@ final class CapsChannel: @unchecked Sendable {
         }
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
+        positions = .allocate(capacity: 6)
+        positions.initialize(repeating: 0, count: 6)
         do {
             mapping = try PatchbaySystem.Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
                                   writable: true)
         } catch {
             throw PatchbayError(error, "cannot map the CAPS channel")
         }
+        // A new channel starts at 0; the peer's words are read once, here, and only its own
+        // position is taken from them (each side then keeps its positions privately).
+        for ring in [Ring.request, .reply] {
+            SharedWord.store(tail(ring), SharedWord.load(word64(ring.tailOffset)))
+            SharedWord.store(head(ring), SharedWord.load(word64(ring.headOffset)))
+            SharedWord.store(knownHead(ring), SharedWord.load(head(ring)))
+        }
+    }
+
+    deinit {
+        positions.deallocate()
     }
 
     @inline(__always) func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
@@ -85,25 +110,45 @@ final class CapsChannel: @unchecked Sendable {
     var clientClosed: Bool { SharedWord.load(word32(CapsLayout.clientClosedOffset)) != 0 }
 
     // MARK: Rings
+    //
+    // Each ring has one producer and one consumer. The producer fills a slot (its inline payload
+    // first, if any, then the fields) and stores the slot's stamp last, with release ordering:
+    // the entry at position p is there when its stamp reads p + 1. The consumer polls the stamp
+    // of the slot at its head, so seeing an entry costs the entry's own cache line and nothing
+    // else; it then stores its new head, which the producer reads only when the ring looks full.
+    // The producer also stores its tail, for observers; neither side needs it.
 
     enum Ring {
         case request, reply
 
         var tailOffset: Int { self == .request ? CapsLayout.requestTailOffset : CapsLayout.replyTailOffset }
         var headOffset: Int { self == .request ? CapsLayout.requestHeadOffset : CapsLayout.replyHeadOffset }
+        var index: Int { self == .request ? 0 : 1 }
     }
 
-    @inline(__always) private func slot(_ ring: Ring, _ index: UInt64) -> UnsafeMutableRawPointer {
+    @inline(__always) private func slot(_ ring: Ring, _ position: UInt64) -> UnsafeMutableRawPointer {
         let start = ring == .request ? CapsLayout.requestRingOffset() : CapsLayout.replyRingOffset(capacity: Int(capacity))
-        return mapping.baseAddress.advanced(by: start + Int(index & (capacity - 1)) * CapsLayout.entrySize)
+        return mapping.baseAddress.advanced(by: start + Int(position & (capacity - 1)) * CapsLayout.entrySize)
     }
 
-    /// Publishes an entry (producer side). False when the ring is full.
-    func push(_ ring: Ring, _ entry: CapsEntry) -> Bool {
-        let tail = SharedWord.load(word64(ring.tailOffset))
-        let head = SharedWord.load(word64(ring.headOffset))
-        guard tail &- head < capacity else { return false }
-        let slot = slot(ring, tail)
+    @inline(__always) private static func stamp(_ slot: UnsafeMutableRawPointer) -> UnsafeMutablePointer<UInt64> {
+        slot.advanced(by: CapsLayout.entryStamp).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// The slot of the next entry (producer side), for an inline payload to be written before
+    /// `commit`; nil when the ring is full.
+    func reserve(_ ring: Ring) -> UnsafeMutableRawPointer? {
+        let tail = SharedWord.load(tail(ring))
+        if tail &- SharedWord.load(knownHead(ring)) >= capacity {
+            SharedWord.store(knownHead(ring), SharedWord.load(word64(ring.headOffset)))
+            guard tail &- SharedWord.load(knownHead(ring)) < capacity else { return nil }
+        }
+        return slot(ring, tail)
+    }
+
+    /// Publishes the slot `reserve` gave with `entry`'s fields (producer side).
+    func commit(_ ring: Ring, _ slot: UnsafeMutableRawPointer, _ entry: CapsEntry) {
+        let tail = SharedWord.load(tail(ring))
         slot.storeBytes(of: entry.messageID, toByteOffset: CapsLayout.entryMessageID, as: UInt64.self)
         slot.storeBytes(of: entry.offset, toByteOffset: CapsLayout.entryOffset, as: UInt64.self)
         slot.storeBytes(of: entry.length, toByteOffset: CapsLayout.entryLength, as: UInt32.self)
@@ -111,49 +156,64 @@ final class CapsChannel: @unchecked Sendable {
         slot.storeBytes(of: entry.flags, toByteOffset: CapsLayout.entryFlags, as: UInt32.self)
         SharedWord.store(slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self),
                          CapsEntryState.pending.rawValue)
+        SharedWord.store(Self.stamp(slot), tail &+ 1)
+        SharedWord.store(self.tail(ring), tail &+ 1)
         SharedWord.store(word64(ring.tailOffset), tail &+ 1)
+    }
+
+    /// Publishes an entry without inline payload (producer side). False when the ring is full.
+    func push(_ ring: Ring, _ entry: CapsEntry) -> Bool {
+        guard let slot = reserve(ring) else { return false }
+        commit(ring, slot, entry)
         return true
+    }
+
+    /// The payload space of a reserved slot.
+    static func inlineSpace(_ slot: UnsafeMutableRawPointer, length: Int) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(start: slot.advanced(by: CapsLayout.entryInline), count: length)
     }
 
     /// The oldest entry not yet consumed (consumer side), without consuming it.
     func peek(_ ring: Ring) -> (entry: CapsEntry, state: UnsafeMutablePointer<UInt32>)? {
-        let head = SharedWord.load(word64(ring.headOffset))
-        let tail = SharedWord.load(word64(ring.tailOffset))
-        guard Self.holdsEntries(head: head, tail: tail, capacity: capacity) else { return nil }
+        let head = SharedWord.load(head(ring))
         let slot = slot(ring, head)
+        guard SharedWord.load(Self.stamp(slot)) == head &+ 1 else { return nil }
         let kind = CapsEntryKind(rawValue: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self)) ?? .discardedReply
         let entry = CapsEntry(
             messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
             offset: slot.load(fromByteOffset: CapsLayout.entryOffset, as: UInt64.self),
             length: slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self),
             kind: kind,
-            flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self))
+            flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
+            inlineBytes: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
         return (entry, slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self))
     }
 
     /// Consumes the oldest entry.
     func advance(_ ring: Ring) {
-        let head = SharedWord.load(word64(ring.headOffset))
-        SharedWord.store(word64(ring.headOffset), head &+ 1)
+        let head = SharedWord.load(head(ring)) &+ 1
+        SharedWord.store(self.head(ring), head)
+        SharedWord.store(word64(ring.headOffset), head)
     }
 
-    /// Whether a ring holds entries, by the same test `peek` uses (indices a peer corrupted read
-    /// as empty, never as "work that never comes").
+    /// Whether a ring holds entries (consumer side): the slot at the head carries its stamp.
+    func hasEntries(_ ring: Ring) -> Bool {
+        let head = SharedWord.load(head(ring))
+        return SharedWord.load(Self.stamp(slot(ring, head))) == head &+ 1
+    }
+
+    /// Whether the shared indices say a ring holds entries, as an observer reading only them
+    /// would judge (indices a peer corrupted read as empty).
     @inline(__always)
     static func holdsEntries(head: UInt64, tail: UInt64, capacity: UInt64) -> Bool {
         head != tail && tail &- head <= capacity
     }
 
-    func hasEntries(_ ring: Ring) -> Bool {
-        Self.holdsEntries(head: SharedWord.load(word64(ring.headOffset)), tail: SharedWord.load(word64(ring.tailOffset)),
-                          capacity: capacity)
-    }
-
-    /// Every request entry still in the ring (between the service's head and the client's tail),
-    /// newest last: for aborting in place.
+    /// Every request entry still in the ring (between the service's head and this client's
+    /// tail), newest last: for aborting in place.
     func pendingRequestSlots() -> [(messageID: UInt64, state: UnsafeMutablePointer<UInt32>)] {
         let head = SharedWord.load(word64(Ring.request.headOffset))
-        let tail = SharedWord.load(word64(Ring.request.tailOffset))
+        let tail = SharedWord.load(tail(.request))
         var result: [(UInt64, UnsafeMutablePointer<UInt32>)] = []
         guard Self.holdsEntries(head: head, tail: tail, capacity: capacity) else { return result }
         var index = head
