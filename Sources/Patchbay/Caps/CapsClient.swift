@@ -104,7 +104,8 @@ public final class CapsClient: @unchecked Sendable {
     /// whether the service was told of an abort (`abortedAtService`).
     private let requests = MessageTable(capacity: CapsLayout.ringCapacity)
     private static let abortedAtService: UInt32 = 1
-    private var pendingDisposes: [UInt64] = []
+    /// DISPOSEs that found the request ring full, sent before anything else goes on it.
+    private let disposeBacklog = DisposeBacklog()
     private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
     private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
@@ -195,7 +196,8 @@ public final class CapsClient: @unchecked Sendable {
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
             }
-            flushDisposes()
+            // DISPOSEs go first: the service sees them in the order they happened.
+            guard flushDisposes() else { throw PatchbayError(.noBufferSpace, "the request ring is full") }
             guard requests.count < maximumInFlight || !enforcesInFlightLimit else {
                 throw PatchbayError(.noBufferSpace, "\(requests.count) requests are in flight, the limit of this service")
             }
@@ -482,10 +484,12 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    private func flushDisposes() {
-        while let first = pendingDisposes.first,
-              channel.push(.request, CapsEntry(messageID: first, offset: 0, length: 0, kind: .dispose, flags: 0)) {
-            pendingDisposes.removeFirst()
+    /// Sends the DISPOSEs that waited for room; true when none is left waiting.
+    @discardableResult
+    private func flushDisposes() -> Bool {
+        guard disposeBacklog.count > 0 else { return true }
+        return disposeBacklog.drain { id in
+            channel.push(.request, CapsEntry(messageID: id, offset: 0, length: 0, kind: .dispose, flags: 0))
         }
     }
 
@@ -556,8 +560,10 @@ public final class CapsClient: @unchecked Sendable {
             requests.remove(entry.messageID)
         }
         guard dispose, !channel.serviceClosed else { return }
-        pendingDisposes.append(entry.messageID)
-        flushDisposes()
+        if !flushDisposes() || !channel.push(.request, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .dispose,
+                                                                  flags: 0)) {
+            disposeBacklog.append(entry.messageID)
+        }
         wakeService()
     }
 
@@ -630,3 +636,29 @@ public final class CapsClient: @unchecked Sendable {
 }
 
 
+
+/// DISPOSEs waiting for room in the request ring, oldest first. Its count lives in memory of its
+/// own, so the hot path's check that nothing waits is one load.
+final class DisposeBacklog {
+    private let waiting = UnsafeMutablePointer<Int>.allocate(capacity: 1)
+    private var ids: [UInt64] = []
+
+    init() { waiting.initialize(to: 0) }
+    deinit { waiting.deallocate() }
+
+    @inline(__always) var count: Int { waiting.pointee }
+
+    func append(_ id: UInt64) {
+        ids.append(id)
+        waiting.pointee = ids.count
+    }
+
+    /// Hands the ids to `send`, oldest first, until it says false; true when all went.
+    func drain(_ send: (UInt64) -> Bool) -> Bool {
+        var sent = 0
+        while sent < ids.count, send(ids[sent]) { sent += 1 }
+        ids.removeFirst(sent)
+        waiting.pointee = ids.count
+        return ids.isEmpty
+    }
+}

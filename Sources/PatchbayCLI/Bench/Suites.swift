@@ -36,6 +36,22 @@ extension Bench {
                      baselineSamples: pureSpin, target: "≤ 2×", met: ratio(caps64, pureSpin) <= 2))
         add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "AF_UNIX seqpacket ping-pong",
                      baselineSamples: seqpacket, target: "≤ 0.02×", met: ratio(caps64, seqpacket) <= 0.02))
+        // The software alone: both ports in this thread, so nothing crosses CPUs and nothing
+        // waits. What the spinning round trip costs beyond this is the crossing itself.
+        let selfService = try CapsService(broker, name: "bench.self", access: [.world])
+        let selfClient = try CapsClient(broker, name: "bench.self")
+        let software = try measure(spinCount) {
+            _ = try selfClient.put(length: 64) { $0.initializeMemory(as: UInt8.self, repeating: 1) }
+            try selfService.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) -> Void in
+                _ = try? selfService.reply(to: message.messageID, length: payload.count) { buffer in
+                    buffer.baseAddress!.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                }
+            }
+            try selfClient.waitReply { _, _ in }
+            try selfService.receive { (_: CapsServiceMessage, _: UnsafeRawBufferPointer) in }
+        }
+        add(BenchRow(name: "CAPS round trip, 64 B, both ports in one thread", samples: software,
+                     baseline: "CAPS 64 B round trip (spinning)", baselineSamples: caps64, target: "(software share)", met: nil))
         // The same round trip from C: pb_caps_call through libpatchbay's C ABI (copy in, copy out).
         if let library = CLibrary.load() {
             let caller = try library.caller(socketPath: socketPath, service: "bench.caps", length: 64)
