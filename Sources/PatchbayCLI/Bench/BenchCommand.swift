@@ -29,7 +29,10 @@ struct BenchCommand: ParsableCommand {
     func run() throws {
         let bench = try Bench(quick: quick, json: json)
         defer { bench.stop() }
-        for suite in suites.isEmpty ? Suite.allCases : suites {
+        let chosen = suites.isEmpty ? Suite.allCases : suites
+        for (index, suite) in chosen.enumerated() {
+            bench.stage = "\(suite.rawValue), suite \(index + 1) of \(chosen.count)"
+            bench.progress("starting")
             switch suite {
             case .caps: try bench.caps()
             case .keys: try bench.keys()
@@ -38,6 +41,7 @@ struct BenchCommand: ParsableCommand {
             case .broker: try bench.broker()
             }
         }
+        bench.clearProgress()
         bench.report()
     }
 }
@@ -54,9 +58,13 @@ struct BenchRow {
     /// For throughput rows, the figure is operations per second instead of a latency.
     var unit: String = "ns"
     var ratioOverride: Double?
+    /// For rows measured in rounds alternating with their baseline: the ratio of medians of each
+    /// round (`ratio` is then their median).
+    var roundRatios: [Double] = []
 
     var ratio: Double? {
         if let ratioOverride { return ratioOverride }
+        if !roundRatios.isEmpty { return roundRatios.sorted()[roundRatios.count / 2] }
         guard let baseline = baselineSamples, baseline.median > 0 else { return nil }
         return Double(samples.median) / Double(baseline.median)
     }
@@ -69,6 +77,9 @@ struct Samples {
 
     var median: UInt64 { values.isEmpty ? 0 : values[values.count / 2] }
     var p99: UInt64 { values.isEmpty ? 0 : values[min(values.count - 1, values.count * 99 / 100)] }
+
+    /// Each sample divided by `count`: the time per message of a batch.
+    func perMessage(_ count: Int) -> Samples { Samples(values.map { $0 / UInt64(max(count, 1)) }) }
 }
 
 final class Bench {
@@ -156,9 +167,58 @@ final class Bench {
         return Samples(values)
     }
 
+    /// Rounds of a paired measurement: 3 quick, 7 full.
+    var rounds: Int { quick ? 3 : 7 }
+
+    /// Measures `subject` and `baseline` back to back, `rounds` times alternating, `count`
+    /// iterations in all for each: where the two vCPUs land on the host changes during a run, and
+    /// a ratio is only honest between figures taken under the same placement. Returns all samples
+    /// of each and the ratio of medians of every round.
+    func paired(count: Int, baseline: (Int) throws -> Samples, subject: (Int) throws -> Samples) rethrows
+        -> (subject: Samples, baseline: Samples, ratios: [Double])
+    {
+        var subjectValues: [UInt64] = []
+        var baselineValues: [UInt64] = []
+        var ratios: [Double] = []
+        let each = max(count / rounds, 100)
+        for round in 0..<rounds {
+            progress("round \(round + 1) of \(rounds)")
+            let base = try baseline(each)
+            let measured = try subject(each)
+            baselineValues += base.values
+            subjectValues += measured.values
+            if base.median > 0 { ratios.append(Double(measured.median) / Double(base.median)) }
+        }
+        return (Samples(subjectValues), Samples(baselineValues), ratios)
+    }
+
     func add(_ row: BenchRow) {
         rows.append(row)
+        clearProgress()
         if !json { writeStandardOutput(Bench.format(row)) }
+        progress("\(rows.count) rows measured")
+    }
+
+    // MARK: Progress
+
+    /// Progress goes to a terminal only: never into a pipe, a file or JSON output.
+    lazy var showsProgress = !json && isatty(STDOUT_FILENO) == 1 && isatty(STDERR_FILENO) == 1
+    /// The suite running now, as progress names it.
+    var stage = ""
+    private var progressShown = false
+
+    /// Shows where the run is (`[caps] round 2 of 7`) on one line of the terminal, replaced by the
+    /// next, and erased before a row is printed.
+    func progress(_ step: String) {
+        guard showsProgress else { return }
+        writeStandardError("\r\u{1B}[K[\(stage)] \(step)")
+        progressShown = true
+    }
+
+    func clearProgress() {
+        guard progressShown else { return }
+        writeStandardError("\r\u{1B}[K")
+        progressShown = false
     }
 
     // MARK: Raw baselines
@@ -248,8 +308,13 @@ final class Bench {
         let baseline = row.baselineSamples.map(figure) ?? "—"
         let ratio = row.ratio.map { String(format2($0)) + "×" } ?? "—"
         let verdict = row.met.map { $0 ? "met" : "MISSED" } ?? ""
-        return row.name.padding(46) + figure(row.samples).padding(24) + row.baseline.padding(34) + baseline.padding(24)
+        var line = row.name.padding(46) + figure(row.samples).padding(24) + row.baseline.padding(34) + baseline.padding(24)
             + ratio.padding(9) + row.target.padding(12) + verdict + "\n"
+        if let low = row.roundRatios.min(), let high = row.roundRatios.max() {
+            line += "    \(row.roundRatios.count) rounds alternating with the baseline on the same CPUs: "
+                + "ratio of medians \(format2(low))× to \(format2(high))× (median \(ratio))\n"
+        }
+        return line
     }
 
     func report() {
@@ -262,6 +327,7 @@ final class Bench {
                     ("baseline_median_ns", row.baselineSamples.map { "\($0.median)" } ?? "null"),
                     ("ratio", row.ratio.map { String(format2($0)) } ?? "null"), ("target", JSON.string(row.target)),
                     ("met", row.met.map { $0 ? "true" : "false" } ?? "null"),
+                    ("round_ratios", "[" + row.roundRatios.map { format2($0) }.joined(separator: ",") + "]"),
                 ])
             }
             writeStandardOutput(JSON.array(items) + "\n")
