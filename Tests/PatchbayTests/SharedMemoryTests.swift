@@ -180,6 +180,38 @@ struct AnonymousSharedMemoryTests {
         }
     }
 
+    @Test("an object whose descriptor never left the process is sized without the lock; once shared, a peer's first mapping counts")
+    func confinedAndShared() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        // Confined: the first mapping sizes it, a later one past the end is EINVAL, truncate moves the end.
+        let mine = try SharedMemory.anonymous()
+        let first = try mine.map(length: 5000)
+        let firstSize = try mine.size
+        #expect(first.count == 8192 && firstSize == 8192)
+        #expect(throws: PatchbayError.self) { _ = try mine.map(length: 3 * 4096) }
+        let second = try mine.map(length: 4096, offset: 4096)
+        #expect(second.count == 4096)
+        try mine.truncate(to: 4 * 4096)
+        let grown = try mine.map(length: 4 * 4096)
+        #expect(grown.count == 4 * 4096)
+        // Shared before any mapping: the peer maps first (3 pages) and this process sees that size.
+        let shared = try SharedMemory.anonymous()
+        let peer = try Child(testPeer, ["shm-first-map", try client.share(shared.descriptor).text, "12288"],
+                             environment: broker.environment)
+        #expect(try peer.readLine() == "ready")
+        peer.closeInput()
+        #expect(try peer.readLine() == "mapped 12288 size 12288")
+        _ = try peer.wait()
+        // Were the descriptor still thought confined, this would be taken for the first mapping
+        // and shrink the object to one page under the peer.
+        let later = try shared.map(length: 4096)
+        #expect(later.count == 4096)
+        #expect(throws: PatchbayError.self, "not a first mapping of 4 pages: the peer's 3 stand") { _ = try shared.map(length: 4 * 4096) }
+        let sharedSize = try shared.size
+        #expect(sharedSize == 12288)
+    }
+
     @Test("the broker's /dev/shmem/new makes a new object on every open")
     func brokerNamespace() throws {
         let broker = try TestBroker()

@@ -9,7 +9,7 @@ extension SharedMemory {
     public static func anonymous(sealable: Bool = false) throws(PatchbayError) -> SharedMemory {
         do {
             return SharedMemory(descriptor: Descriptor(try makeMemoryFile(name: "patchbay-anonymous", sealable: sealable)),
-                                kind: .anonymous, isWritable: true)
+                                kind: .anonymous, isWritable: true, confined: true)
         } catch {
             throw PatchbayError(error, "cannot create an anonymous shared memory object")
         }

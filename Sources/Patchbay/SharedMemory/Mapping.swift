@@ -36,7 +36,7 @@ extension SharedMemory {
             mappedLength = try sizeForAnonymousMapping(length: length, offset: offset)
         }
         do {
-            return Mapping(try PatchbaySystem.Mapping(descriptor.system, length: mappedLength, offset: offset, writable: writable))
+            return Mapping(try PatchbaySystem.Mapping(handle.system, length: mappedLength, offset: offset, writable: writable))
         } catch {
             // Linux says EPERM for a writable mapping of a write-sealed memfd, EACCES for a
             // read-only descriptor.
@@ -61,21 +61,31 @@ extension SharedMemory {
             return try laterMappingLength(size: size, length: length, offset: offset)
         }
         return try anonymousSizingLock.withLock { _ throws(PatchbayError) -> Int in
-            try sizeUnderLock(length: length, offset: offset)
+            if let size = confinement?.confinedSize {
+                // Only this process holds it: the size is the one it set, and nobody can race.
+                return try size > 0 ? laterMappingLength(size: size, length: length, offset: offset)
+                                    : firstMappingLength(length: length, offset: offset)
+            }
+            return try sizeUnderLock(length: length, offset: offset)
         }
     }
 
     private func sizeUnderLock(length: Int?, offset: Int) throws(PatchbayError) -> Int {
         do {
-            try descriptor.system.lockFile()
+            try handle.system.lockFile()
         } catch {
             throw PatchbayError(error, "cannot lock the object to decide its size")
         }
-        defer { descriptor.system.unlockFile() }
+        defer { handle.system.unlockFile() }
         let size = try self.size
         if size > 0 {
             return try laterMappingLength(size: size, length: length, offset: offset)
         }
+        return try firstMappingLength(length: length, offset: offset)
+    }
+
+    /// The first mapping: sizes the object (the caller holds what excludes other sizers).
+    private func firstMappingLength(length: Int?, offset: Int) throws(PatchbayError) -> Int {
         guard offset == 0 else {
             throw PatchbayError(.invalidArgument, "the first mapping of an anonymous object decides its size and must be at offset 0")
         }
@@ -84,10 +94,11 @@ extension SharedMemory {
         }
         let rounded = (length + pageSize - 1) / pageSize * pageSize
         do {
-            try descriptor.system.truncate(to: rounded)
+            try handle.system.truncate(to: rounded)
         } catch {
             throw PatchbayError(error, "cannot size the object to \(rounded) bytes")
         }
+        confinement?.sized(rounded)
         return rounded
     }
 

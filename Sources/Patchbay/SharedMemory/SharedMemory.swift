@@ -13,6 +13,7 @@
 
 import Glibc
 import PatchbaySystem
+import Synchronization
 import SystemPackage
 
 /// A shared memory object held by this process: a descriptor plus what kind of object it is.
@@ -26,17 +27,29 @@ public struct SharedMemory: ~Copyable {
         case named
     }
 
-    /// The object's descriptor, owned by this handle (share it with `Broker.share`).
-    public let descriptor: Descriptor
+    /// The object's descriptor, owned by this handle (share it with `Broker.share`). Once it has
+    /// been asked for, the object may be in other processes' hands, and its first mapping is
+    /// decided under a lock that excludes them.
+    public var descriptor: Descriptor {
+        _read {
+            confinement?.escape()
+            yield handle
+        }
+    }
+    let handle: Descriptor
     /// Anonymous or named.
     public let kind: Kind
     /// Whether this handle may write (it was opened read-write).
     public let isWritable: Bool
+    /// For an anonymous object made in this process: whether its descriptor can still be only
+    /// here, and its size as this process set it.
+    let confinement: Confinement?
 
-    init(descriptor: consuming Descriptor, kind: Kind, isWritable: Bool) {
-        self.descriptor = descriptor
+    init(descriptor: consuming Descriptor, kind: Kind, isWritable: Bool, confined: Bool = false) {
+        self.handle = descriptor
         self.kind = kind
         self.isWritable = isWritable
+        confinement = confined ? Confinement() : nil
     }
 
     /// Adopts a descriptor that refers to a shared memory object (claimed by key, received over a
@@ -54,7 +67,8 @@ public struct SharedMemory: ~Copyable {
         let link = descriptor.system.procLink() ?? ""
         self.kind = link.hasPrefix("/memfd:") ? .anonymous : .named
         self.isWritable = access == O_RDWR
-        self.descriptor = descriptor
+        self.handle = descriptor
+        confinement = nil
     }
 
     /// A handle on a copy (`dup`) of a descriptor the caller keeps, for the C library.
@@ -66,13 +80,14 @@ public struct SharedMemory: ~Copyable {
 
     /// Gives up the descriptor to the caller, who closes it (for the C library).
     package consuming func releaseDescriptor() -> CInt {
-        descriptor.release().rawValue
+        confinement?.escape()
+        return handle.release().rawValue
     }
 
     /// A read-only handle on the same object (a new open file description).
     public func readOnly() throws(PatchbayError) -> SharedMemory {
         do {
-            let handle = try openFile("/proc/self/fd/\(descriptor.rawValue)", flags: O_RDONLY)
+            let handle = try openFile("/proc/self/fd/\(handle.rawValue)", flags: O_RDONLY)
             return SharedMemory(descriptor: Descriptor(handle), kind: kind, isWritable: false)
         } catch {
             throw PatchbayError(error, "cannot reopen the object read-only")
@@ -82,7 +97,7 @@ public struct SharedMemory: ~Copyable {
     /// The object's current size in bytes.
     public var size: Int {
         get throws(PatchbayError) {
-            try descriptor.size()
+            try handle.size()
         }
     }
 
@@ -99,7 +114,8 @@ public struct SharedMemory: ~Copyable {
             throw PatchbayError(.invalidArgument, "the size cannot be negative")
         }
         do {
-            try descriptor.system.truncate(to: size)
+            try handle.system.truncate(to: size)
+            confinement?.sized(size)
         } catch {
             throw PatchbayError(error, error == .notPermitted ? "a seal forbids this size change" : "ftruncate failed")
         }
@@ -108,7 +124,7 @@ public struct SharedMemory: ~Copyable {
     /// The object's seals. Named objects report `.seal` only: they can never be sealed.
     public func seals() throws(PatchbayError) -> Seals {
         if kind == .named { return .seal }
-        do { return Seals(rawValue: try descriptor.system.seals().rawValue) } catch { throw PatchbayError(error, "F_GET_SEALS failed") }
+        do { return Seals(rawValue: try handle.system.seals().rawValue) } catch { throw PatchbayError(error, "F_GET_SEALS failed") }
     }
 
     /// Adds seals (Linux memfd semantics).
@@ -120,7 +136,7 @@ public struct SharedMemory: ~Copyable {
             throw PatchbayError(.notPermitted, "named shared memory objects are never sealable")
         }
         do {
-            try descriptor.system.addSeals(PatchbaySystem.Seals(rawValue: seals.rawValue))
+            try handle.system.addSeals(PatchbaySystem.Seals(rawValue: seals.rawValue))
         } catch {
             let reason = switch error {
             case .notPermitted: "the object does not allow (more) seals: it was not created sealable, or is sealed against sealing"
@@ -133,7 +149,7 @@ public struct SharedMemory: ~Copyable {
 
     /// Size, populated blocks and times, from the kernel.
     public func status() throws(PatchbayError) -> FileStatus {
-        try descriptor.status()
+        try handle.status()
     }
 }
 
@@ -154,4 +170,26 @@ public struct Seals: OptionSet, Sendable, Hashable {
     /// No new writable mappings or writes; existing writable mappings keep working
     /// (`F_SEAL_FUTURE_WRITE`).
     public static let futureWrite = Seals(rawValue: PatchbaySystem.Seals.futureWrite.rawValue)
+}
+
+/// What makes an anonymous object's first mapping cheap: while its descriptor has not left this
+/// process (nobody asked for `descriptor`, nothing inherited it across `fork`), no other process
+/// can map or size it, so the first-mapping rule needs neither the POSIX lock nor an `fstat`:
+/// the size is the one this process set. Threads of this process still take the process-wide
+/// sizing lock.
+final class Confinement: Sendable {
+    private let createdIn = forkGeneration()
+    private let escaped = Atomic<Bool>(false)
+    /// The size this process gave the object (0: none yet).
+    private let size = Atomic<Int>(0)
+
+    func escape() { escaped.store(true, ordering: .releasing) }
+
+    /// The object's size while it is confined; nil once it may not be.
+    var confinedSize: Int? {
+        guard !escaped.load(ordering: .acquiring), forkGeneration() == createdIn else { return nil }
+        return size.load(ordering: .acquiring)
+    }
+
+    func sized(_ bytes: Int) { size.store(bytes, ordering: .releasing) }
 }

@@ -281,7 +281,7 @@ extension Bench {
             _ = consume mapping
         }
         add(BenchRow(name: "anonymous object create + map, 4 KiB", samples: anonymous, baseline: "memfd_create + ftruncate + mmap",
-                     baselineSamples: raw, target: "≤ 1.2×", met: ratio(anonymous, raw) <= 1.2))
+                     baselineSamples: raw, target: "≤ 1.1×", met: ratio(anonymous, raw) <= 1.1))
 
         let broker = try Broker(socketPath: socketPath)
         try broker.openSharedMemory("/bench", options: .create).truncate(to: 4096)
@@ -303,7 +303,7 @@ extension Bench {
             _ = consume mapping
         }
         add(BenchRow(name: "named object open + map of an existing one", samples: named, baseline: "shm_open + mmap",
-                     baselineSamples: plain, target: "≤ 3×", met: ratio(named, plain) <= 3))
+                     baselineSamples: plain, target: "≤ 2×", met: ratio(named, plain) <= 2))
     }
 
     // MARK: /net
