@@ -26,6 +26,9 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print JSON rows instead of the table.")
     var json = false
 
+    @Option(help: ArgumentHelp("Also draw the run as an SVG chart in this file.", valueName: "file"))
+    var svg: String?
+
     func run() throws {
         let bench = try Bench(quick: quick, json: json)
         defer { bench.stop() }
@@ -43,6 +46,17 @@ struct BenchCommand: ParsableCommand {
         }
         bench.clearProgress()
         bench.report()
+        if let svg {
+            let title = "Patchbay \(patchbayVersion) benchmark\(quick ? " (quick)" : ""), \(bench.cpuCount) CPUs, "
+                + "load average \(format2(bench.loadBefore))"
+            let bytes = Array(BenchChart.svg(rows: bench.rows, title: title).utf8)
+            do {
+                let file = try openFile(svg, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+                try file.writeAll(bytes)
+            } catch {
+                throw PatchbayError(error, "cannot write the chart to \(svg)")
+            }
+        }
     }
 }
 

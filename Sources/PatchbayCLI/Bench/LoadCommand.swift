@@ -123,11 +123,20 @@ final class LoadRun {
         let start = monotonicNanoseconds()
         let end = start + UInt64(seconds * 1e9)
         var peakRSS = connectedRSS
+        // On a terminal, how far the run is, on one line rewritten in place (never into a pipe).
+        let showsProgress = isatty(STDOUT_FILENO) == 1 && isatty(STDERR_FILENO) == 1
+        var shownSecond = -1
         while monotonicNanoseconds() < end {
             slow?.push()
             peakRSS = max(peakRSS, Bench.residentKilobytes(brokerPID))
+            let second = Int((monotonicNanoseconds() - start) / 1_000_000_000)
+            if showsProgress && second != shownSecond {
+                shownSecond = second
+                writeStandardError("\r\u{1B}[K[load] \(second) of \(Int(seconds.rounded(.up))) s, broker RSS \(peakRSS) KiB peak")
+            }
             usleep(slow?.disconnected == false ? 1_000 : 50_000)
         }
+        if showsProgress { writeStandardError("\r\u{1B}[K") }
         running.store(false, ordering: .relaxed)
         while finished.load(ordering: .acquiring) < threads { usleep(1_000) }
         let elapsed = Double(monotonicNanoseconds() - start) / 1e9
