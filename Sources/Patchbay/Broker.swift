@@ -37,6 +37,9 @@ public final class Broker: Sendable {
     let autostarts: Bool
     private let reconnectionCount = Atomic<UInt64>(0)
     let connection: Mutex<Connection>
+    /// Named objects this broker opened, to open again without it while nothing changed
+    /// (SharedMemory/Reopen.swift).
+    let namedObjects = NamedObjectCache()
     /// Where the async calls block, one at a time, as the connection serialises them anyway.
     private let queue = DispatchQueue(label: "patchbay.broker")
 

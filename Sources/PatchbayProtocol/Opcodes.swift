@@ -42,6 +42,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case sharedMemoryRename = 42
     case sharedMemoryStat = 43
     case sharedMemoryList = 44
+    case sharedMemoryWatch = 45
     /// `/net`: write a command line to a socket's `ctl`; list sockets; a name's filesystem path.
     case netControl = 50
     case netList = 51
@@ -90,6 +91,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .sharedMemoryRename: Metadata(.sharedMemory, true,   true,  false, 0, 0, 0)
         case .sharedMemoryStat:  Metadata(.sharedMemory, true,    true,  false, 0, 0, 0)
         case .sharedMemoryList:  Metadata(.sharedMemory, true,    true,  false, 0, 0, 0)
+        case .sharedMemoryWatch: Metadata(.sharedMemory, true,    true,  false, 0, 1, 0)
         case .netControl:        Metadata(.net,          true,    true,  false, 0, 0, 0)
         case .netList:           Metadata(.net,          true,    true,  false, 0, 0, 0)
         case .netPath:           Metadata(.net,          true,    true,  false, 0, 0, 0)

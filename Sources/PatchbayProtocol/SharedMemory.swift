@@ -105,6 +105,9 @@ extension Request {
         case stat(name: [UInt8])
         /// Lists names sorted bytewise, starting after `after` (empty: from the start).
         case list(after: [UInt8])
+        /// The namespace's change counter: a page the broker bumps on every change of what a name
+        /// refers to (create, unlink, rename), for clients that reopen objects by themselves.
+        case watch
 
         public var opcode: Opcode {
             switch self {
@@ -113,6 +116,7 @@ extension Request {
             case .rename: .sharedMemoryRename
             case .stat: .sharedMemoryStat
             case .list: .sharedMemoryList
+            case .watch: .sharedMemoryWatch
             }
         }
 
@@ -132,6 +136,8 @@ extension Request {
                 writer.u32(flags.rawValue)
             case .list(let after):
                 writer.bytes(after)
+            case .watch:
+                break
             }
         }
 
@@ -151,6 +157,8 @@ extension Request {
                 return .stat(name: try reader.bytes("name"))
             case .sharedMemoryList:
                 return .list(after: try reader.bytes("after"))
+            case .sharedMemoryWatch:
+                return .watch
             default:
                 throw .wrongFrame(opcode, "shared memory request")
             }
@@ -167,6 +175,8 @@ extension Reply {
         case stat(SharedMemoryInfo)
         /// One page of a listing; `more` means ask again after the last name.
         case list([SharedMemoryInfo], more: Bool)
+        /// The change counter's page rides beside the frame (a sealed memfd: a u64 at offset 0).
+        case watch
 
         public var opcode: Opcode {
             switch self {
@@ -175,13 +185,14 @@ extension Reply {
             case .rename: .sharedMemoryRename
             case .stat: .sharedMemoryStat
             case .list: .sharedMemoryList
+            case .watch: .sharedMemoryWatch
             }
         }
 
         func encodePayload(into writer: inout WireWriter) {
             switch self {
             case .open(let info), .stat(let info): info.encode(into: &writer)
-            case .unlink, .rename: break
+            case .unlink, .rename, .watch: break
             case .list(let infos, let more):
                 writer.u8(more ? 1 : 0)
                 writer.u32(UInt32(infos.count))
@@ -194,6 +205,7 @@ extension Reply {
             case .sharedMemoryOpen: return .open(try SharedMemoryInfo.decode(&reader))
             case .sharedMemoryUnlink: return .unlink
             case .sharedMemoryRename: return .rename
+            case .sharedMemoryWatch: return .watch
             case .sharedMemoryStat: return .stat(try SharedMemoryInfo.decode(&reader))
             case .sharedMemoryList:
                 let more = try reader.u8("more")

@@ -230,6 +230,67 @@ struct AnonymousSharedMemoryTests {
 
 @Suite("Named shared memory")
 struct NamedSharedMemoryTests {
+    /// How many opens of named objects the broker has answered (its metrics).
+    private func brokerOpens(_ broker: Broker) throws -> Int {
+        let text = try broker.metrics()
+        let prefix = "patchbay_requests_total{subsystem=\"shm\",operation=\"sharedMemoryOpen\","
+        return text.split(separator: "\n").filter { $0.hasPrefix(prefix) }
+            .compactMap { Int($0.split(separator: " ").last ?? "") }.reduce(0, +)
+    }
+
+    @Test("reopening a name the broker opened before skips the broker while no name changed; a rename, an unlink or a new object is seen")
+    func reopenWithoutBroker() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let other = try broker.connect()
+        let created = try client.openSharedMemory("/reopen", options: .create)
+        try created.truncate(to: 4096)
+        let inode = try created.status().inode
+        _ = try client.openSharedMemory("/reopen")  // the broker answers, and this is remembered
+        let asked = try brokerOpens(other)
+        for _ in 0..<5 {
+            let again = try client.openSharedMemory("/reopen")
+            #expect(try again.status().inode == inode && (try again.size) == 4096)
+        }
+        #expect(try brokerOpens(other) == asked, "five reopens, none of them through the broker")
+        // Read-only is remembered apart: the first goes to the broker.
+        _ = try client.openSharedMemory("/reopen", access: .readOnly)
+        #expect(try brokerOpens(other) == asked + 1)
+
+        // Another client renames it away: the name is gone for this one too.
+        try other.renameSharedMemory(from: "/reopen", to: "/moved")
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try client.openSharedMemory("/reopen") }
+        #expect(try client.openSharedMemory("/moved").status().inode == inode)
+        // Renamed back, then unlinked and made anew: the new object, never the old one.
+        try other.renameSharedMemory(from: "/moved", to: "/reopen")
+        #expect(try client.openSharedMemory("/reopen").status().inode == inode)
+        #expect(try client.openSharedMemory("/reopen").status().inode == inode)
+        try other.unlinkSharedMemory("/reopen")
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try client.openSharedMemory("/reopen") }
+        let fresh = try other.openSharedMemory("/reopen", options: .create)
+        #expect(try client.openSharedMemory("/reopen").status().inode == (try fresh.status().inode))
+        #expect(try fresh.status().inode != inode)
+    }
+
+    @Test("a broker restarted under a remembered name is asked again: its namespace may differ")
+    func reopenAfterRestart() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let object = try client.openSharedMemory("/kept", options: .create)
+        let inode = try object.status().inode
+        _ = try client.openSharedMemory("/kept")
+        #expect(try client.openSharedMemory("/kept").status().inode == inode)
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        // The new broker moves the name before this client calls it again (a rename keeps the
+        // object's file where it was: only the broker knows the name moved).
+        let other = try Broker(socketPath: broker.socketPath)
+        try other.renameSharedMemory(from: "/kept", to: "/elsewhere")
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try client.openSharedMemory("/kept") }
+    }
+
     @Test("create: size 0, owner from the kernel, mode masked by the umask; reopen sees the same bytes")
     func createAndReopen() throws {
         let broker = try TestBroker()

@@ -65,6 +65,32 @@ struct TwoUserResourceTests {
     }
 }
 
+extension TwoUserResourceTests {
+    @Test("the namespace's change counter is the broker's uid's only: nobody gets EACCES and opens through the broker, with the same answers")
+    func changeCounterIsRootsOnly() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        let object = try root.openSharedMemory("/shared-state", options: .create, mode: 0o644)
+        try object.truncate(to: 5)
+        _ = try object.map().withUnsafeMutableBytes { $0.copyBytes(from: Array("hello".utf8)) }
+        // nobody reads it twice (each `shm read` opens it plainly, which asks for the counter first).
+        for _ in 0..<2 {
+            let read = try runAsOtherUser(["shm", "read", "/shared-state"], environment: broker.environment)
+            #expect(read.termination == .exited(0) && read.standardOutput == "hello", "\(read.standardError)")
+        }
+        let refused = "patchbay_requests_total{subsystem=\"shm\",operation=\"sharedMemoryWatch\",outcome=\"EACCES\"} 2"
+        #expect(try root.metrics().contains(refused))
+        // Root's own reopen still skips the broker after the first (the counter is root's).
+        _ = try root.openSharedMemory("/shared-state")
+        let before = try root.metrics()
+        _ = try root.openSharedMemory("/shared-state")
+        let after = try root.metrics()
+        let opens = "patchbay_requests_total{subsystem=\"shm\",operation=\"sharedMemoryOpen\",outcome=\"ok\"}"
+        let count = { (text: String) in text.split(separator: "\n").first { $0.hasPrefix(opens) }.map { String($0) } }
+        #expect(count(before) == count(after), "the second reopen did not reach the broker")
+    }
+}
+
 /// Whether the next pid can be chosen (`/proc/sys/kernel/ns_last_pid`, root with CAP_SYS_ADMIN).
 let pidsCanBeSteered: Bool = access("/proc/sys/kernel/ns_last_pid", W_OK) == 0
 

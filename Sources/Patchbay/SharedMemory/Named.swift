@@ -65,6 +65,14 @@ extension Broker {
         mode: UInt32 = 0o600
     ) throws(PatchbayError) -> SharedMemory {
         let bytes = try Self.nameBytes(name)
+        let plain = options.isEmpty && access != .writeOnly
+        // An object this broker opened under this name before, while no name changed since:
+        // opened directly (Reopen.swift), at the cost of a local open.
+        if plain, let fd = namedObjects.reopen(bytes, readWrite: access == .readWrite, broker: self) {
+            return SharedMemory(descriptor: Descriptor(adopting: fd), kind: .named, isWritable: access == .readWrite)
+        }
+        // Read before asking: a change after this makes what the broker answers unsafe to reuse.
+        let counter = plain ? namedObjects.counter(for: self) : nil
         // The umask matters only to a new object, and reading it safely (from /proc, not by
         // setting it) costs more than the round trip itself, so only a create pays for it.
         let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: SharedMemoryOpenFlags(rawValue: options.rawValue),
@@ -73,6 +81,7 @@ extension Broker {
         guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
         }
+        if let counter { namedObjects.remember(bytes, readWrite: access == .readWrite, handle: handle.rawValue, counter: counter) }
         return SharedMemory(descriptor: Descriptor(handle), kind: .named, isWritable: access == .readWrite)
     }
 

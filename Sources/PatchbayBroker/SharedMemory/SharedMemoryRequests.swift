@@ -5,6 +5,7 @@
 //
 // Errors: EINVAL, ENAMETOOLONG, ENOENT, EEXIST, EACCES, EDQUOT, ENOSPC, as SEMANTICS.md §2–3 say.
 
+import Glibc
 import PatchbayProtocol
 import PatchbaySystem
 
@@ -21,7 +22,7 @@ final class SharedMemoryRequests {
     }
 
     func handle(_ request: Request.SharedMemory, _ context: RequestContext) {
-        do {
+        do throws(RequestError) {
             switch request {
             case .open(let open):
                 let opened = try store.open(open, by: context.caller)
@@ -37,6 +38,15 @@ final class SharedMemoryRequests {
             case .list(let after):
                 let (page, more) = store.list(after: after, limit: Self.listPageSize)
                 sessions.reply(.sharedMemory(.list(page, more: more)), to: context)
+            case .watch:
+                // Only for the broker's own uid (the per-user broker's user, or root on the system
+                // broker): another uid could not open the store's files anyway, and the counter
+                // would tell it how often other users change their names.
+                guard context.caller.uid == geteuid() else {
+                    throw RequestError(errno: .permissionDenied,
+                                       reason: "the namespace's change counter is for uid \(geteuid()), the broker's own")
+                }
+                sessions.reply(.sharedMemory(.watch), attaching: [store.changes.descriptor.rawValue], to: context)
             }
         } catch {
             sessions.fail(error, context)

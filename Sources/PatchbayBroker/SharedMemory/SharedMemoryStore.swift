@@ -93,10 +93,19 @@ final class SharedMemoryStore {
     /// Objects whose byte estimate one create refreshes, where the kernel does not count per uid.
     static let refreshesPerCreate = 64
 
+    /// Bumped on every change of what a name refers to; clients map it read-only (opcode 45) to
+    /// know when an object they opened by a name may no longer be that name's.
+    let changes: ChangeCounter
+
     /// Opens (or creates) the store at `path`, replays its journal and removes what a crash left.
     /// With `perOwnerStores`, each uid's objects go to a tmpfs of its own (needs `CAP_SYS_ADMIN`;
     /// without it the store says so and keeps every object in `objects/`).
     init(path: String, perOwnerStores: Bool = false, logger: Logger) throws(BrokerStartError) {
+        do {
+            changes = try ChangeCounter()
+        } catch {
+            throw BrokerStartError(errno: error, reason: "cannot create the namespace's change counter: \(error.name)")
+        }
         self.path = path
         self.logger = logger
         self.perOwnerStores = perOwnerStores
@@ -543,6 +552,7 @@ final class SharedMemoryStore {
             throw RequestError(errno: error, reason: "cannot record the change in the store's journal: \(error.name)")
         }
         journalRecords += 1
+        changes.bump()
     }
 
     /// Rewrites the journal when dead records outnumber live names four to one. Called after a
@@ -661,5 +671,28 @@ final class SharedMemoryStore {
         _ = try syscallRetrying { Glibc.rename(temporary, path + "/journal") }
         journal = replacement
         journalRecords = objects.count
+    }
+}
+
+/// The namespace's change counter: a u64 at offset 0 of a one-page memfd that the broker maps
+/// writable and then seals with future-write, so that no client (each gets the memfd itself,
+/// opcode 45) can write it or map it writable. The broker bumps it, with release ordering,
+/// whenever a name comes to refer to another object or to none (create, unlink, rename,
+/// exchange), before it answers the request that made the change.
+final class ChangeCounter {
+    let descriptor: Descriptor
+    private let mapping: Mapping
+
+    init() throws(Errno) {
+        let memory = try makeMemoryFile(name: "patchbay-shm-changes", sealable: true)
+        try memory.truncate(to: 4096)
+        mapping = try Mapping(memory, length: 4096, writable: true)
+        try memory.addSeals([.futureWrite, .shrink, .grow, .seal])
+        descriptor = memory
+    }
+
+    func bump() {
+        let word = mapping.baseAddress.assumingMemoryBound(to: UInt64.self)
+        SharedWord.store(word, SharedWord.load(word) &+ 1)
     }
 }
