@@ -401,6 +401,9 @@ public final class BrokerServer {
         out.gauge("patchbay_sockets", "Open /net sockets.", report.sockets)
         out.gauge("patchbay_caps_services", "Registered CAPS services.", report.users.reduce(0) { $0 + $1.services })
         out.gauge("patchbay_caps_channels", "CAPS client channels.", caps.registry.channels.count)
+        out.metric("patchbay_shm_objects_created_total", "counter",
+                   "Named shared memory objects created since start (their bytes come later, from the client's ftruncate: see patchbay_user_shm_bytes).",
+                   [("", "\(sharedMemory.store.objectsCreated)")])
         // From the budget's books, not a walk of /proc/self/fd (thousands of entries, in the loop).
         let budget = sessions.budget
         out.gauge("patchbay_broker_descriptors", "Descriptors the broker holds for clients (charged to their uids).",
@@ -422,6 +425,19 @@ public final class BrokerServer {
         perUser("patchbay_user_sockets", "Open /net sockets, per uid.") { "\($0.sockets)" }
         perUser("patchbay_user_caps_services", "Registered CAPS services, per uid.") { "\($0.services)" }
         perUser("patchbay_user_descriptors", "Broker descriptors charged to each uid.") { "\(budget.held[$0.uid] ?? 0)" }
+        // CAPS traffic per service, from the channels' ring words (never the messages): the
+        // caller's own services only for a non-root caller of a system broker, at most 100 (the
+        // busiest).
+        let services = caps.registry.messageCounts().filter { everyone || $0.uid == caller.uid }
+            .sorted { ($0.toService &+ $0.toClient, $0.name) > ($1.toService &+ $1.toClient, $1.name) }.prefix(100)
+        out.metric("patchbay_caps_messages_total", "counter",
+                   "CAPS messages since each service registered, as its channels' ring words say: to_service counts the REQUESTs, DISPOSEs and ABORTs it consumed, to_client the replies it published.",
+                   services.flatMap { service in
+                       ["to_service", "to_client"].map { direction in
+                           (MetricsText.labels(["service": service.name, "uid": "\(service.uid)", "direction": direction]),
+                            "\(direction == "to_service" ? service.toService : service.toClient)")
+                       }
+                   })
         return out.text
     }
 

@@ -127,6 +127,43 @@ struct MetricsTests {
         #expect(none.termination == .exited(69) && none.standardOutput.isEmpty)
     }
 
+    @Test("CAPS messages per service from the ring words, kept after a client leaves; shared memory objects created")
+    func capsAndSharedMemoryCounters() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "counted", access: [.world])
+        let key = "patchbay_caps_messages_total{service=\"counted\",uid=\"\(geteuid())\",direction="
+        do {
+            let port = try CapsClient(client, name: "counted")
+            for index in 0..<5 {
+                let id = try port.put(Array("call \(index)".utf8))
+                let (request, _) = try serviceWait(service)
+                #expect(request.messageID == id)
+                try service.reply(to: id, Array("ok".utf8))
+                _ = try clientWait(port)
+                let (dispose, _) = try serviceWait(service)
+                #expect(dispose.kind == .dispose)
+            }
+            let live = Exposition(try client.metrics())
+            #expect(live.samples[key + "\"to_service\"}"] == 10, "5 REQUESTs and 5 DISPOSEs consumed")
+            #expect(live.samples[key + "\"to_client\"}"] == 5, "5 REPLYs published")
+        }
+        // The client is gone (its port closed): the service's counts stay.
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while try client.listServices().first(where: { $0.name == "counted" })?.clients != 0, monotonicNanoseconds() < deadline {
+            usleep(2_000)
+        }
+        let after = Exposition(try client.metrics())
+        #expect(after.samples[key + "\"to_service\"}"] == 10 && after.samples[key + "\"to_client\"}"] == 5)
+        #expect(after.types["patchbay_caps_messages_total"] == "counter")
+
+        let created = after.samples["patchbay_shm_objects_created_total"] ?? -1
+        _ = try client.openSharedMemory("/counted-1", options: .create)
+        _ = try client.openSharedMemory("/counted-2", options: .create)
+        _ = try client.openSharedMemory("/counted-1", options: .create)  // exists: not created again
+        #expect(Exposition(try client.metrics()).samples["patchbay_shm_objects_created_total"] == created + 2)
+    }
+
     @Test("patchbayd --metrics-file writes the exposition atomically and keeps it current")
     func metricsFile() throws {
         let directory = makeTemporaryDirectory()
@@ -158,12 +195,21 @@ struct TwoUserMetricsTests {
         chmod(broker.directory, 0o755)
         let root = try broker.connect()
         _ = try root.share(try openFile("/dev/null", flags: O_RDONLY))
+        // Root's CAPS service and its traffic: root sees its counts, nobody does not.
+        let service = try CapsService(root, name: "roots_own", access: [.world])
+        let port = try CapsClient(root, name: "roots_own")
+        let id = try port.put([1])
+        _ = try serviceWait(service)
+        try service.reply(to: id, [2])
+        _ = try clientWait(port)
         let seen = try runAsOtherUser(["metrics"], environment: broker.environment)
         #expect(seen.termination == .exited(0), "\(seen.standardError)")
         let theirs = Exposition(seen.standardOutput)
         #expect(theirs.value("patchbay_user_clients{uid=\"\(otherUID)\"}") == 1)
         #expect(!seen.standardOutput.contains("uid=\"0\""), "nobody saw root's rows")
+        #expect(!seen.standardOutput.contains("roots_own"), "nobody saw root's service traffic")
         let all = Exposition(try root.metrics())
         #expect(all.value("patchbay_user_keys{uid=\"0\"}") == 1)
+        #expect(all.value("patchbay_caps_messages_total{service=\"roots_own\",uid=\"0\",direction=\"to_client\"}") == 1)
     }
 }

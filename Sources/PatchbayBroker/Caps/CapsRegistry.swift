@@ -46,6 +46,8 @@ final class CapsServiceRecord {
     let notices: Descriptor
     let noticesMapping: Mapping
     var channels: Set<UInt64> = []
+    /// Messages counted on channels that have closed (see `CapsChannelRecord.messages`).
+    var closedMessages: (toService: UInt64, toClient: UInt64) = (0, 0)
     /// The two pages' descriptors, charged to the registering uid.
     private let charge: DescriptorCharge?
 
@@ -119,6 +121,16 @@ final class CapsChannelRecord {
 
     func markClientClosed() {
         SharedWord.store(word(CapsLayout.clientClosedOffset), 1)
+    }
+
+    /// The channel's traffic as the service's own header words say (PROTOCOL.md §12.4): the
+    /// request ring's head (entries it consumed: REQUESTs, DISPOSEs, ABORTs) and the reply ring's
+    /// tail (entries it published). Read without touching the rings, and written by the service
+    /// only, so a client cannot inflate the counts of someone else's service.
+    var messages: (toService: UInt64, toClient: UInt64) {
+        let base = header.baseAddress
+        return (SharedWord.load(base.advanced(by: CapsLayout.requestHeadOffset).assumingMemoryBound(to: UInt64.self)),
+                SharedWord.load(base.advanced(by: CapsLayout.replyTailOffset).assumingMemoryBound(to: UInt64.self)))
     }
 }
 
@@ -464,6 +476,9 @@ final class CapsRegistry {
             channel.markClientClosed()
             if let service = services[channel.serviceID] {
                 service.channels.remove(id)
+                let counts = channel.messages
+                service.closedMessages.toService &+= counts.toService
+                service.closedMessages.toClient &+= counts.toClient
                 if channel.announced { notices.append((service.session, .caps(.disconnected(channelID: id)))) }
             }
         }
@@ -492,6 +507,23 @@ final class CapsRegistry {
 
     func list() -> [CapsServiceInfo] {
         list(limit: services.count)
+    }
+
+    /// Messages per registered service since it registered, summed per name and owner uid:
+    /// its live channels' counts plus those of channels that closed.
+    func messageCounts() -> [(name: String, uid: UInt32, toService: UInt64, toClient: UInt64)] {
+        var sums: [String: [UInt32: (UInt64, UInt64)]] = [:]
+        for service in services.values {
+            var (toService, toClient) = service.closedMessages
+            for id in service.channels {
+                guard let counts = channels[id]?.messages else { continue }
+                toService &+= counts.toService
+                toClient &+= counts.toClient
+            }
+            let previous = sums[service.name, default: [:]][service.owner.uid, default: (0, 0)]
+            sums[service.name, default: [:]][service.owner.uid] = (previous.0 &+ toService, previous.1 &+ toClient)
+        }
+        return sums.flatMap { name, byUid in byUid.map { (name, $0.key, $0.value.0, $0.value.1) } }
     }
 
     /// The first `limit` services by id.

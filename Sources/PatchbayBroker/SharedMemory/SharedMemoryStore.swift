@@ -96,6 +96,8 @@ final class SharedMemoryStore {
     /// Bumped on every change of what a name refers to; clients map it read-only (opcode 45) to
     /// know when an object they opened by a name may no longer be that name's.
     let changes: ChangeCounter
+    /// Named objects created since the broker started (`patchbay_shm_objects_created_total`).
+    private(set) var objectsCreated: UInt64 = 0
 
     /// Opens (or creates) the store at `path`, replays its journal and removes what a crash left.
     /// With `perOwnerStores`, each uid's objects go to a tmpfs of its own (needs `CAP_SYS_ADMIN`;
@@ -206,6 +208,7 @@ final class SharedMemoryStore {
             throw error
         }
         objects[request.name] = object
+        objectsCreated &+= 1
         compactIfMostlyDead()
         let handle: Descriptor
         if readWrite {
