@@ -47,6 +47,7 @@ public final class BrokerServer {
         case .sharedMemoryList?: SharedMemoryRequests.listPageSize  // a stat per object on the page
         case .netList?, .capsList?, .status?: 8  // a walk of an in-memory table
         case .metrics?: 16  // the status walk, and the text
+        case .capsTraffic?: 16  // a sort of the channel ids, and a page of them
         default: 1
         }
     }

@@ -10,7 +10,7 @@ struct CapsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "caps",
         abstract: "Named request/reply services (DragonFly BSD CAPS).",
-        subcommands: [Serve.self, Call.self, List.self]
+        subcommands: [Serve.self, Call.self, List.self, Top.self]
     )
 
     struct Serve: ParsableCommand {
@@ -171,6 +171,86 @@ struct CapsCommand: ParsableCommand {
                     + "\(service.generation)".padding(12) + "\(service.pid)\n"
             }
             writeStandardOutput(out)
+        }
+    }
+}
+
+extension CapsCommand {
+    /// `patchbay caps top`: every channel's traffic, refreshed, from the rings' words.
+    struct Top: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show CAPS traffic per service and client, refreshed (from the channels' ring words).",
+            discussion: """
+            Per channel: the service, the client's pid and uid, requests and replies per second \
+            over the last interval, and what is in flight: requests put and not yet taken by the \
+            service, replies put and not yet taken by the client. Counts are ring entries (the \
+            request ring also carries DISPOSEs and ABORTs), read by the broker from the channel \
+            headers, never from the messages; each side writes its own words. Root sees every \
+            channel; another user of the system broker, those of its services and its clients.
+            """)
+
+        @Option(help: "Time between refreshes: 500ms, 1s, 2s.")
+        var interval = "1s"
+
+        @Option(help: "Stop after this many refreshes (default: until interrupted).")
+        var count: Int?
+
+        @Flag(help: "Print one JSON object per channel per refresh instead of the table.")
+        var json = false
+
+        func run() throws {
+            guard case .after(let period) = DurationText.parse(interval, for: "caps top"), period >= .milliseconds(10) else {
+                failUsage("caps top", "--interval must be a duration of at least 10ms, such as 500ms or 1s")
+            }
+            if let count, count < 1 { failUsage("caps top", "--count must be at least 1") }
+            let broker = connectBroker(for: "caps top")
+            let seconds = Double(period.components.seconds) + Double(period.components.attoseconds) / 1e18
+            let terminal = !json && isatty(STDOUT_FILENO) == 1
+            var previous: [UInt64: CapsChannelTraffic] = [:]
+            var previousTime: UInt64 = 0
+            var refresh = 0
+            while count.map({ refresh < $0 }) ?? true {
+                if refresh > 0 { usleep(useconds_t(seconds * 1e6)) }
+                let channels = attempt("caps top") { () throws(PatchbayError) in try broker.capsTraffic() }
+                let now = monotonicNanoseconds()
+                let elapsed = previousTime == 0 ? 0 : Double(now - previousTime) / 1e9
+                var out = terminal ? "\u{1B}[H\u{1B}[2J" : ""
+                if !json {
+                    out += "SERVICE              CHANNEL     CLIENT PID  UID     REQ/S      REP/S      REQ WAITING  REP WAITING\n"
+                }
+                for channel in channels {
+                    let before = previous[channel.channelID]
+                    func rate(_ now: UInt64, _ then: UInt64?) -> String {
+                        guard let then, elapsed > 0, now >= then else { return "—" }
+                        return "\(Int((Double(now - then) / elapsed).rounded()))"
+                    }
+                    let requestRate = rate(channel.requestsTaken, before?.requestsTaken)
+                    let replyRate = rate(channel.repliesPut, before?.repliesPut)
+                    let waitingRequests = channel.requestsPut >= channel.requestsTaken ? channel.requestsPut - channel.requestsTaken : 0
+                    let waitingReplies = channel.repliesPut >= channel.repliesTaken ? channel.repliesPut - channel.repliesTaken : 0
+                    if json {
+                        out += JSON.object([
+                            ("refresh", "\(refresh)"), ("service", JSON.string(channel.service)),
+                            ("service_uid", "\(channel.serviceUID)"), ("service_pid", "\(channel.servicePID)"),
+                            ("channel", "\(channel.channelID)"), ("client_pid", "\(channel.clientPID)"),
+                            ("client_uid", "\(channel.clientUID)"), ("requests_put", "\(channel.requestsPut)"),
+                            ("requests_taken", "\(channel.requestsTaken)"), ("replies_put", "\(channel.repliesPut)"),
+                            ("replies_taken", "\(channel.repliesTaken)"),
+                            ("requests_per_second", requestRate == "—" ? "null" : requestRate),
+                            ("replies_per_second", replyRate == "—" ? "null" : replyRate),
+                        ]) + "\n"
+                    } else {
+                        out += channel.service.padding(21) + "\(channel.channelID)".padding(12) + "\(channel.clientPID)".padding(12)
+                            + "\(channel.clientUID)".padding(8) + requestRate.padding(11) + replyRate.padding(11)
+                            + "\(waitingRequests)".padding(13) + "\(waitingReplies)\n"
+                    }
+                }
+                if !json && !terminal { out += "\n" }
+                writeStandardOutput(out)
+                previous = Dictionary(channels.map { ($0.channelID, $0) }, uniquingKeysWith: { first, _ in first })
+                previousTime = now
+                refresh += 1
+            }
         }
     }
 }

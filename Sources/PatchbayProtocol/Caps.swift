@@ -118,6 +118,71 @@ public struct CapsServiceInfo: Sendable, Equatable {
     }
 }
 
+/// One CAPS channel's traffic as `patchbay caps top` shows it, read by the broker from the
+/// channel's ring words (PROTOCOL.md §12.4), never from its messages. The service writes
+/// `requestsTaken` (its request-ring head) and `repliesPut` (its reply-ring tail); the client
+/// writes `requestsPut` (its request-ring tail) and `repliesTaken` (its reply-ring head), so each
+/// side can misreport only its own words. Entries, not messages: the request ring also carries
+/// DISPOSEs and ABORTs.
+public struct CapsChannelTraffic: Sendable, Equatable {
+    public var service: String
+    /// The service's registered uid (-1: none) and the uid and pid of the process that registered it.
+    public var serviceUID: Int32
+    public var serviceOwner: UInt32
+    public var servicePID: Int32
+    public var channelID: UInt64
+    public var clientUID: UInt32
+    public var clientPID: Int32
+    public var requestsPut: UInt64
+    public var requestsTaken: UInt64
+    public var repliesPut: UInt64
+    public var repliesTaken: UInt64
+
+    /// Channels per reply page: each is at most about 120 bytes, so a page stays far inside a frame.
+    public static let pageSize = 256
+
+    public init(service: String, serviceUID: Int32, serviceOwner: UInt32, servicePID: Int32, channelID: UInt64,
+                clientUID: UInt32, clientPID: Int32, requestsPut: UInt64, requestsTaken: UInt64, repliesPut: UInt64,
+                repliesTaken: UInt64) {
+        self.service = service
+        self.serviceUID = serviceUID
+        self.serviceOwner = serviceOwner
+        self.servicePID = servicePID
+        self.channelID = channelID
+        self.clientUID = clientUID
+        self.clientPID = clientPID
+        self.requestsPut = requestsPut
+        self.requestsTaken = requestsTaken
+        self.repliesPut = repliesPut
+        self.repliesTaken = repliesTaken
+    }
+
+    static let minimumEncodedSize = 2 + 4 + 4 + 4 + 8 + 4 + 4 + 4 * 8
+
+    func encode(into writer: inout WireWriter) {
+        writer.string(service)
+        writer.i32(serviceUID)
+        writer.u32(serviceOwner)
+        writer.i32(servicePID)
+        writer.u64(channelID)
+        writer.u32(clientUID)
+        writer.i32(clientPID)
+        writer.u64(requestsPut)
+        writer.u64(requestsTaken)
+        writer.u64(repliesPut)
+        writer.u64(repliesTaken)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsChannelTraffic {
+        CapsChannelTraffic(service: try reader.string("service"), serviceUID: try reader.i32("service uid"),
+                           serviceOwner: try reader.u32("service owner"), servicePID: try reader.i32("service pid"),
+                           channelID: try reader.u64("channel id"), clientUID: try reader.u32("client uid"),
+                           clientPID: try reader.i32("client pid"), requestsPut: try reader.u64("requests put"),
+                           requestsTaken: try reader.u64("requests taken"), repliesPut: try reader.u64("replies put"),
+                           repliesTaken: try reader.u64("replies taken"))
+    }
+}
+
 extension Request {
     public enum Caps: Sendable, Equatable {
         /// The service's status page rides beside the frame.
@@ -125,6 +190,8 @@ extension Request {
         case client(name: String, uid: Int32, gid: Int32, flags: CapsFlags)
         case setGeneration(UInt64)
         case list
+        /// The channels' traffic, in channel id order, starting after `after` (0: from the start).
+        case traffic(after: UInt64)
 
         public var opcode: Opcode {
             switch self {
@@ -132,6 +199,7 @@ extension Request {
             case .client: .capsClient
             case .setGeneration: .capsSetGeneration
             case .list: .capsList
+            case .traffic: .capsTraffic
             }
         }
 
@@ -152,6 +220,8 @@ extension Request {
                 writer.u64(generation)
             case .list:
                 break
+            case .traffic(let after):
+                writer.u64(after)
             }
         }
 
@@ -168,6 +238,8 @@ extension Request {
                 return .setGeneration(try reader.u64("generation"))
             case .capsList:
                 return .list
+            case .capsTraffic:
+                return .traffic(after: try reader.u64("after"))
             default:
                 throw .wrongFrame(opcode, "caps request")
             }
@@ -185,6 +257,9 @@ extension Reply {
         case client(channelID: UInt64, serviceID: UInt64, maximumInFlight: UInt32, arenaSize: UInt32)
         case setGeneration
         case list([CapsServiceInfo])
+        /// One page of channels (at most `CapsChannelTraffic.pageSize`); `more`: ask again after
+        /// the last channel's id.
+        case traffic([CapsChannelTraffic], more: Bool)
 
         public var opcode: Opcode {
             switch self {
@@ -192,6 +267,7 @@ extension Reply {
             case .client: .capsClient
             case .setGeneration: .capsSetGeneration
             case .list: .capsList
+            case .traffic: .capsTraffic
             }
         }
 
@@ -209,6 +285,10 @@ extension Reply {
             case .list(let services):
                 writer.u32(UInt32(services.count))
                 for service in services { service.encode(into: &writer) }
+            case .traffic(let channels, let more):
+                writer.u8(more ? 1 : 0)
+                writer.u32(UInt32(channels.count))
+                for channel in channels { channel.encode(into: &writer) }
             }
         }
 
@@ -227,6 +307,14 @@ extension Reply {
                     services.append(try CapsServiceInfo.decode(&reader))
                 }
                 return .list(services)
+            case .capsTraffic:
+                let more = try reader.u8("more")
+                guard more <= 1 else { throw .invalidValue(field: "more", reason: "must be 0 or 1") }
+                var channels: [CapsChannelTraffic] = []
+                for _ in 0..<(try reader.count("channels", minimumElementSize: CapsChannelTraffic.minimumEncodedSize)) {
+                    channels.append(try CapsChannelTraffic.decode(&reader))
+                }
+                return .traffic(channels, more: more == 1)
             default:
                 throw .wrongFrame(opcode, "caps reply")
             }

@@ -57,6 +57,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case capsList = 63
     case capsConnected = 64
     case capsDisconnected = 65
+    /// CAPS: every channel's traffic, from its ring words (`patchbay caps top`).
+    case capsTraffic = 66
 
     /// What an opcode is: its subsystem, the frames it appears in and their descriptors.
     public struct Metadata: Sendable, Equatable {
@@ -102,6 +104,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .capsList:          Metadata(.caps,         true,    true,  false, 0, 0, 0)
         case .capsConnected:     Metadata(.caps,         false,   false, true,  0, 0, 4)
         case .capsDisconnected:  Metadata(.caps,         false,   false, true,  0, 0, 0)
+        case .capsTraffic:       Metadata(.caps,         true,    true,  false, 0, 0, 0)
         }
     }
 

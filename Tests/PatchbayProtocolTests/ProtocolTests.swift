@@ -42,6 +42,7 @@ let sampleRequests: [Request] = [
     .caps(.client(name: "svc", uid: -1, gid: -1, flags: [.world, .waitForService])),
     .caps(.setGeneration(9)),
     .caps(.list),
+    .caps(.traffic(after: 7)),
 ]
 
 let sampleReport = StatusReport(
@@ -65,6 +66,8 @@ let sampleReplies: [Reply] = [
     .caps(.client(channelID: 1, serviceID: 2, maximumInFlight: 128, arenaSize: 1 << 24)),
     .caps(.setGeneration),
     .caps(.list([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)])),
+    .caps(.traffic([CapsChannelTraffic(service: "svc", serviceUID: -1, serviceOwner: 0, servicePID: 10, channelID: 3, clientUID: 65534,
+                                       clientPID: 11, requestsPut: 9, requestsTaken: 8, repliesPut: 4, repliesTaken: 4)], more: true)),
 ]
 
 @Suite("Wire protocol")

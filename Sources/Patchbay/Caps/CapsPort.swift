@@ -28,6 +28,9 @@ public typealias CapsCredentials = PatchbayProtocol.CapsCredentials
 /// A registered service as `Broker.listServices()` shows it.
 public typealias CapsServiceInfo = PatchbayProtocol.CapsServiceInfo
 
+/// One channel's traffic as `Broker.capsTraffic()` shows it: the four ring words of its header.
+public typealias CapsChannelTraffic = PatchbayProtocol.CapsChannelTraffic
+
 /// Descriptors that came with a message. They are owned here: whatever is not taken is closed
 /// when this goes away.
 public final class CapsDescriptors: @unchecked Sendable {

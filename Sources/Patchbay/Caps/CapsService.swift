@@ -851,6 +851,23 @@ extension Broker {
         return services
     }
 
+    /// Every CAPS channel this caller may see (all of them for root and the broker's own user;
+    /// otherwise those of its own services and its own client connections), in channel id order,
+    /// with its ring words: the broker reads them from the channels' headers, never a message.
+    public func capsTraffic() throws(PatchbayError) -> [CapsChannelTraffic] {
+        var channels: [CapsChannelTraffic] = []
+        var after: UInt64 = 0
+        while true {
+            let response = try call(.caps(.traffic(after: after)))
+            guard case .caps(.traffic(let page, let more)) = response.reply else {
+                throw PatchbayError(.protocolError, "unexpected reply to a CAPS traffic listing")
+            }
+            channels += page
+            guard more, let last = page.last else { return channels }
+            after = last.channelID
+        }
+    }
+
     /// `listServices` without blocking a Swift concurrency thread.
     public func listServices() async throws(PatchbayError) -> [CapsServiceInfo] {
         try await offThePool { [self] () throws(PatchbayError) in try listServices() }

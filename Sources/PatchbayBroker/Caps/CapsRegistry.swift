@@ -123,6 +123,15 @@ final class CapsChannelRecord {
         SharedWord.store(word(CapsLayout.clientClosedOffset), 1)
     }
 
+    /// The four ring words of the header, as the peers published them.
+    var ringWords: (requestTail: UInt64, requestHead: UInt64, replyTail: UInt64, replyHead: UInt64) {
+        func load(_ offset: Int) -> UInt64 {
+            SharedWord.load(header.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt64.self))
+        }
+        return (load(CapsLayout.requestTailOffset), load(CapsLayout.requestHeadOffset), load(CapsLayout.replyTailOffset),
+                load(CapsLayout.replyHeadOffset))
+    }
+
     /// The channel's traffic as the service's own header words say (PROTOCOL.md §12.4): the
     /// request ring's head (entries it consumed: REQUESTs, DISPOSEs, ABORTs) and the reply ring's
     /// tail (entries it published). Read without touching the rings, and written by the service
@@ -507,6 +516,26 @@ final class CapsRegistry {
 
     func list() -> [CapsServiceInfo] {
         list(limit: services.count)
+    }
+
+    /// A page of channels' traffic, in id order after `after`: what `visible` lets the caller see,
+    /// with each client's credentials from `client`.
+    func traffic(after: UInt64, limit: Int, client: (CapsChannelRecord) -> PeerCredentials?,
+                 visible: (CapsServiceRecord, PeerCredentials?) -> Bool) -> ([CapsChannelTraffic], more: Bool) {
+        var page: [CapsChannelTraffic] = []
+        for id in channels.keys.filter({ $0 > after }).sorted() {
+            guard let channel = channels[id], let service = services[channel.serviceID] else { continue }
+            let credentials = client(channel)
+            guard visible(service, credentials) else { continue }
+            if page.count == limit { return (page, true) }
+            let words = channel.ringWords
+            page.append(CapsChannelTraffic(service: service.name, serviceUID: service.uid, serviceOwner: service.owner.uid,
+                                           servicePID: service.owner.pid, channelID: id, clientUID: credentials?.uid ?? 0,
+                                           clientPID: credentials?.pid ?? 0, requestsPut: words.requestTail,
+                                           requestsTaken: words.requestHead, repliesPut: words.replyTail,
+                                           repliesTaken: words.replyHead))
+        }
+        return (page, false)
     }
 
     /// Messages per registered service since it registered, summed per name and owner uid:

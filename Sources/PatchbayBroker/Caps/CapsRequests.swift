@@ -7,6 +7,7 @@
 // Errors: EINVAL, ENAMETOOLONG, EPERM, EEXIST, ENOENT, EACCES, EDQUOT, EOPNOTSUPP (the broker
 // never writes a generation), as SEMANTICS.md §5 says.
 
+import Glibc
 import PatchbayProtocol
 import PatchbaySystem
 
@@ -70,6 +71,18 @@ final class CapsRequests: SessionClosedHook {
 
         case .list:
             sessions.reply(.caps(.list(registry.list(limit: Self.listLimit))), to: context)
+
+        case .traffic(let after):
+            // Root and the broker's own user see every channel; anyone else (on the system broker)
+            // the channels of its own services and its own client connections.
+            let caller = context.caller.uid
+            let everyone = caller == 0 || caller == geteuid()
+            let (page, more) = registry.traffic(after: after, limit: CapsChannelTraffic.pageSize) { channel in
+                self.sessions[channel.clientSession]?.credentials
+            } visible: { service, client in
+                everyone || service.owner.uid == caller || client?.uid == caller
+            }
+            sessions.reply(.caps(.traffic(page, more: more)), to: context)
         }
     }
 
