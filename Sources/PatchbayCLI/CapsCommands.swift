@@ -181,8 +181,9 @@ extension CapsCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show CAPS traffic per service and client, refreshed (from the channels' ring words).",
             discussion: """
-            Per channel: the service, the client's pid and uid, requests and replies per second \
-            over the last interval, and what is in flight: requests put and not yet taken by the \
+            Per channel: the service, the client's pid and uid, the request-ring entries the \
+            service took and the replies it put since the client connected, both per second over \
+            the last interval, and what is in flight: requests put and not yet taken by the \
             service, replies put and not yet taken by the client. Counts are ring entries (the \
             request ring also carries DISPOSEs and ABORTs), read by the broker from the channel \
             headers, never from the messages; each side writes its own words. Root sees every \
@@ -216,7 +217,7 @@ extension CapsCommand {
                 let elapsed = previousTime == 0 ? 0 : Double(now - previousTime) / 1e9
                 var out = terminal ? "\u{1B}[H\u{1B}[2J" : ""
                 if !json {
-                    out += "SERVICE              CHANNEL     CLIENT PID  UID     REQ/S      REP/S      REQ WAITING  REP WAITING\n"
+                    out += "SERVICE              CHANNEL     CLIENT PID  UID     TAKEN      REPLIED    REQ/S      REP/S      REQ WAITING  REP WAITING\n"
                 }
                 for channel in channels {
                     let before = previous[channel.channelID]
@@ -241,7 +242,8 @@ extension CapsCommand {
                         ]) + "\n"
                     } else {
                         out += channel.service.padding(21) + "\(channel.channelID)".padding(12) + "\(channel.clientPID)".padding(12)
-                            + "\(channel.clientUID)".padding(8) + requestRate.padding(11) + replyRate.padding(11)
+                            + "\(channel.clientUID)".padding(8) + "\(channel.requestsTaken)".padding(11)
+                            + "\(channel.repliesPut)".padding(11) + requestRate.padding(11) + replyRate.padding(11)
                             + "\(waitingRequests)".padding(13) + "\(waitingReplies)\n"
                     }
                 }

@@ -207,6 +207,11 @@ private final class Tour {
             + "p99 \(formatDuration(nanoseconds: trips[19800])) (requests and replies never touch the broker)")
         let services = try runChild(["caps", "ls"])
         for line in services.output.split(separator: "\n") { say("   " + line) }
+        // The broker never saw those messages, yet it can count them: from the channel header's
+        // ring words (`patchbay caps top` refreshes this every second).
+        let traffic = try runChild(["caps", "top", "--count", "1"])
+        say("   patchbay caps top (the broker reads the ring words, never a message):")
+        for line in traffic.output.split(separator: "\n") { say("   " + line) }
         kill(capsServer, SIGTERM)
         _ = try wrap { () throws(Errno) in try waitForProcess(capsServer) }
 
