@@ -333,9 +333,19 @@ public final class BrokerServer {
                 ? "\(frame.opcode) requests carry no descriptors, but \(descriptors.count) arrived"
                 : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived")
         }
-        let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+        var context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+        if !sessions.monitors.isEmpty {
+            context.object = Self.describe(request, descriptors: descriptors)
+            // Read while the caller surely runs: it may exit the moment it has its answer.
+            sessions.noteCommand(of: session)
+        }
         defer { sessions.metrics.observe(nanoseconds: monotonicNanoseconds() - context.now) }
         switch request {
+        case .monitor(let filter):
+            // Root and the per-user broker's user see every caller; others (on the system broker)
+            // their own uid's requests only.
+            sessions.watch(session, filter: filter, seesEveryone: context.caller.uid == 0 || configuration.mode == .user)
+            sessions.reply(.monitor, to: context)
         case .status:
             sessions.reply(.status(statusReport(now: context.now)), to: context)
         case .metrics:
@@ -359,6 +369,41 @@ public final class BrokerServer {
             net.handle(request, descriptors: &descriptors, context)
         case .caps(let request):
             caps.handle(request, descriptors: &descriptors, context)
+        }
+    }
+
+    // MARK: Monitors
+
+    /// What a request concerns, as a monitor shows it: a name, a socket id and its command, a
+    /// service, the kind of file a share hands over; never a key's text.
+    private static func describe(_ request: Request, descriptors: borrowing ReceivedDescriptors) -> String {
+        switch request {
+        case .status, .metrics, .monitor: return ""
+        case .keys(.share):
+            guard let fd = descriptors.first else { return "" }
+            var info = stat()
+            guard fstat(fd, &info) == 0 else { return "" }
+            switch info.st_mode & S_IFMT {
+            case S_IFREG: return "regular file"
+            case S_IFDIR: return "directory"
+            case S_IFSOCK: return "socket"
+            case S_IFIFO: return "pipe"
+            case S_IFCHR: return "character device"
+            case S_IFBLK: return "block device"
+            default: return "file"
+            }
+        case .keys(.claim), .keys(.claimAcknowledge): return "a key"
+        case .namespace(.open(let path, _)): return path
+        case .sharedMemory(.open(let open)): return String(decoding: open.name, as: UTF8.self)
+        case .sharedMemory(.unlink(let name)), .sharedMemory(.stat(let name)): return String(decoding: name, as: UTF8.self)
+        case .sharedMemory(.rename(let from, let to, _)):
+            return String(decoding: from, as: UTF8.self) + " -> " + String(decoding: to, as: UTF8.self)
+        case .sharedMemory(.list), .sharedMemory(.watch): return ""
+        case .net(.control(let socket, let command)): return "socket \(socket): \(command)"
+        case .net(.list): return ""
+        case .net(.path(let name)), .net(.adopt(_, _, let name)): return name
+        case .caps(.service(let name, _, _, _, _)), .caps(.client(let name, _, _, _)): return name
+        case .caps(.setGeneration), .caps(.list), .caps(.traffic): return ""
         }
     }
 

@@ -47,6 +47,8 @@ final class Session {
     /// Since when the broker has stopped reading this client because its queue is full (monotonic
     /// nanoseconds), or nil while it reads.
     var readingPausedSince: UInt64?
+    /// The client's command name, read once a monitor first needs it.
+    var command: String?
 
     init(id: UInt64, socket: consuming SeqpacketSocket, credentials: PeerCredentials, charge: DescriptorCharge) {
         self.id = id
@@ -167,10 +169,14 @@ struct RequestContext {
     let opcode: Opcode
     /// When the broker took the request up (monotonic nanoseconds).
     let now: UInt64
+    /// What the request concerns, for monitors (set only while someone watches).
+    var object = ""
 
     var caller: PeerCredentials { session.credentials }
     /// The request as one to finish later (parked until an accept or a service arrives).
-    var parked: ParkedRequest { ParkedRequest(session: session.id, requestID: requestID, opcode: opcode) }
+    var parked: ParkedRequest {
+        ParkedRequest(session: session.id, requestID: requestID, opcode: opcode, object: object, start: now)
+    }
 }
 
 /// A request answered later: by session id, since the session may be gone by then.
@@ -178,4 +184,7 @@ struct ParkedRequest: Equatable {
     let session: UInt64
     let requestID: UInt64
     let opcode: Opcode
+    /// For monitors: what it concerns and when the broker took it up.
+    var object = ""
+    var start: UInt64 = 0
 }

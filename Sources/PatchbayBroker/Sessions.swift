@@ -157,10 +157,13 @@ final class SessionTable {
         switch send(reply.encode(requestID: request.requestID), attaching: attachments, to: session) {
         case .underway:
             metrics.count(opcode: request.opcode.rawValue, errno: 0)
+            if !monitors.isEmpty {
+                announce(rawOpcode: request.opcode.rawValue, errno: 0, caller: session, object: request.object, start: request.start)
+            }
             return true
         case .refused(let reason):
             fail(ErrorReply(errno: EDQUOT, reason: reason), rawOpcode: request.opcode.rawValue,
-                 requestID: request.requestID, to: session)
+                 requestID: request.requestID, to: session, object: request.object, start: request.start)
             return false
         case .closed:
             return false
@@ -169,18 +172,104 @@ final class SessionTable {
 
     /// Answers a request with an error.
     func fail(_ error: RequestError, _ context: RequestContext) {
-        fail(ErrorReply(error), rawOpcode: context.opcode.rawValue, requestID: context.requestID, to: context.session)
+        fail(ErrorReply(error), rawOpcode: context.opcode.rawValue, requestID: context.requestID, to: context.session,
+             object: context.object, start: context.now)
     }
 
     /// Answers a parked request with an error, if its session is still here.
     func fail(_ error: RequestError, _ parked: ParkedRequest) {
         guard let session = sessions[parked.session] else { return }
-        fail(ErrorReply(error), rawOpcode: parked.opcode.rawValue, requestID: parked.requestID, to: session)
+        fail(ErrorReply(error), rawOpcode: parked.opcode.rawValue, requestID: parked.requestID, to: session,
+             object: parked.object, start: parked.start)
     }
 
-    func fail(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session) {
+    func fail(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session, object: String = "",
+              start: UInt64 = 0) {
         metrics.count(opcode: rawOpcode, errno: error.errno)
         send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
+        if !monitors.isEmpty { announce(rawOpcode: rawOpcode, errno: error.errno, caller: session, object: object, start: start) }
+    }
+
+    // MARK: Monitors
+
+    /// A connection that watches: what it asked to see, whose events it may see, and how many it
+    /// missed since its last one.
+    final class Monitor {
+        let filter: MonitorFilter
+        /// Root, or the per-user broker's user: every caller's events; otherwise its own uid's.
+        let seesEveryone: Bool
+        let uid: UInt32
+        var lost: UInt64 = 0
+
+        init(filter: MonitorFilter, seesEveryone: Bool, uid: UInt32) {
+            self.filter = filter
+            self.seesEveryone = seesEveryone
+            self.uid = uid
+        }
+    }
+
+    /// Watching sessions. Empty, the hooks above cost one check per answer.
+    private(set) var monitors: [UInt64: Monitor] = [:]
+    /// Bytes a monitor may have queued; past them its events are counted as lost, never queued,
+    /// so a monitor that does not read costs the broker nothing more and slows nobody.
+    static let monitorQueueLimit = 64 << 10
+
+    func watch(_ session: Session, filter: MonitorFilter, seesEveryone: Bool) {
+        monitors[session.id] = Monitor(filter: filter, seesEveryone: seesEveryone, uid: session.credentials.uid)
+    }
+
+    /// Tells every monitor that may see it of an answer to `caller`.
+    private func announce(rawOpcode: UInt16, errno: Int32, caller: Session, object: String, start: UInt64) {
+        let opcode = Opcode(rawValue: rawOpcode)
+        let subsystem = opcode?.subsystem ?? .broker
+        let credentials = caller.credentials
+        var event: MonitorEvent?
+        for (id, monitor) in Array(monitors) {
+            guard id != caller.id || opcode != .monitor, let target = sessions[id] else { continue }
+            let filter = monitor.filter
+            guard monitor.seesEveryone || credentials.uid == monitor.uid,
+                  filter.subsystems == 0 || filter.subsystems & MonitorFilter.bit(of: subsystem) != 0,
+                  filter.uid < 0 || filter.uid == Int64(credentials.uid),
+                  filter.pid == 0 || filter.pid == credentials.pid,
+                  filter.name.isEmpty || filter.name == object
+            else { continue }
+            guard target.queuedBytes < Self.monitorQueueLimit else {
+                monitor.lost &+= 1
+                continue
+            }
+            if event == nil {
+                noteCommand(of: caller)
+                var now = timespec()
+                clock_gettime(CLOCK_REALTIME, &now)
+                event = MonitorEvent(
+                    time: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec), subsystem: subsystem.label,
+                    operation: opcode.map { "\($0)" } ?? "unknown", pid: credentials.pid, uid: credentials.uid,
+                    command: caller.command ?? "", object: object,
+                    outcome: errno == 0 ? "ok" : Errno(rawValue: errno).name,
+                    elapsed: start == 0 ? 0 : monotonicNanoseconds() &- start, lost: 0)
+            }
+            guard var outgoing = event else { continue }
+            outgoing.lost = monitor.lost
+            if send(Event.monitor(outgoing).encode(), to: target) == .underway {
+                monitor.lost = 0
+            } else {
+                monitor.lost &+= 1
+            }
+        }
+    }
+
+    /// Reads the session's command name once.
+    func noteCommand(of session: Session) {
+        if session.command == nil { session.command = commandName(of: session.credentials.pid) }
+    }
+
+    /// A process's command name (`/proc/PID/comm`), or "" when it cannot be read.
+    private func commandName(of pid: pid_t) -> String {
+        guard let file = try? openFile("/proc/\(pid)/comm", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 64) else {
+            return ""
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
+        return text.hasSuffix("\n") ? String(text.dropLast()) : text
     }
 
     /// Withdraws a frame still queued for `session` under `tag`; whether there was one.
@@ -276,6 +365,7 @@ final class SessionTable {
     /// Ends a session: it leaves the table and the loop, and every subsystem hears of it.
     func close(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
+        monitors[id] = nil
         paused[id] = nil
         noteDrained(session.queuedBytes, of: session)
         resumeReadable(uid: session.credentials.uid)

@@ -16,7 +16,7 @@ public struct PatchbayCommand: ParsableCommand {
             could be reached or started; 127 a program to run does not exist or cannot be run.
             """,
         version: patchbayVersion,
-        subcommands: [DaemonCommand.self, StatusCommand.self, MetricsCommand.self, DoctorCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
+        subcommands: [DaemonCommand.self, StatusCommand.self, MetricsCommand.self, MonitorCommand.self, DoctorCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
                       BenchCommand.self, BenchPeerCommand.self, LoadCommand.self, HostileWorkerCommand.self,
                       DemoCommand.self]
     )

@@ -4,10 +4,13 @@
 /// Every event the broker sends.
 public enum Event: Sendable, Equatable {
     case caps(Caps)
+    /// To a monitor: a request the broker answered.
+    case monitor(MonitorEvent)
 
     public var opcode: Opcode {
         switch self {
         case .caps(let event): event.opcode
+        case .monitor: .monitorEvent
         }
     }
 
@@ -15,6 +18,7 @@ public enum Event: Sendable, Equatable {
         var writer = Frame.header(kind: .event, opcode: opcode, requestID: 0)
         switch self {
         case .caps(let event): event.encodePayload(into: &writer)
+        case .monitor(let event): event.encode(into: &writer)
         }
         return writer.bytes
     }
@@ -27,6 +31,7 @@ public enum Event: Sendable, Equatable {
         let event: Event
         switch opcode.subsystem {
         case .caps: event = .caps(try .decode(opcode, &reader))
+        case .broker where opcode == .monitorEvent: event = .monitor(try MonitorEvent.decode(&reader))
         default: throw .wrongFrame(opcode, "event")
         }
         try reader.finish()

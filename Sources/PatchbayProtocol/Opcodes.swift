@@ -27,6 +27,9 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case status = 1
     /// The broker's metrics in the Prometheus text exposition format.
     case metrics = 2
+    /// Watch: the connection receives a `monitorEvent` per request the broker answers.
+    case monitor = 3
+    case monitorEvent = 4
     /// Hand a descriptor to the broker under a new key.
     case share = 16
     /// Take a shared descriptor by its key.
@@ -84,6 +87,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .connection:        Metadata(.broker,       false,   false, false, 0, 0, 0)
         case .status:            Metadata(.broker,       true,    true,  false, 0, 0, 0)
         case .metrics:           Metadata(.broker,       true,    true,  false, 0, 0, 0)
+        case .monitor:           Metadata(.broker,       true,    true,  false, 0, 0, 0)
+        case .monitorEvent:      Metadata(.broker,       false,   false, true,  0, 0, 0)
         case .share:             Metadata(.keys,         true,    true,  false, 1, 0, 0)
         case .claim:             Metadata(.keys,         true,    true,  false, 0, 1, 0)
         case .claimAcknowledge:  Metadata(.keys,         true,    false, false, 0, 0, 0)

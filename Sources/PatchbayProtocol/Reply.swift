@@ -6,6 +6,8 @@ public enum Reply: Sendable, Equatable {
     case status(StatusReport)
     /// The Prometheus text exposition of the broker's metrics.
     case metrics(String)
+    /// Watching from now on: events follow on this connection.
+    case monitor
     case keys(Keys)
     case namespace(Namespace)
     case sharedMemory(SharedMemory)
@@ -16,6 +18,7 @@ public enum Reply: Sendable, Equatable {
         switch self {
         case .status: .status
         case .metrics: .metrics
+        case .monitor: .monitor
         case .keys(let reply): reply.opcode
         case .namespace(let reply): reply.opcode
         case .sharedMemory(let reply): reply.opcode
@@ -29,6 +32,7 @@ public enum Reply: Sendable, Equatable {
         switch self {
         case .status(let report): report.encode(into: &writer)
         case .metrics(let text): writer.string(text)
+        case .monitor: break
         case .keys(let reply): reply.encodePayload(into: &writer)
         case .namespace(let reply): reply.encodePayload(into: &writer)
         case .sharedMemory(let reply): reply.encodePayload(into: &writer)
@@ -47,7 +51,12 @@ public enum Reply: Sendable, Equatable {
         var reader = WireReader(frame.payload)
         let reply: Reply
         switch opcode.subsystem {
-        case .broker: reply = opcode == .metrics ? .metrics(try reader.string("metrics")) : .status(try StatusReport.decode(&reader))
+        case .broker:
+            switch opcode {
+            case .metrics: reply = .metrics(try reader.string("metrics"))
+            case .monitor: reply = .monitor
+            default: reply = .status(try StatusReport.decode(&reader))
+            }
         case .keys: reply = .keys(try .decode(opcode, &reader))
         case .namespace: reply = .namespace(try .decode(opcode, &reader))
         case .sharedMemory: reply = .sharedMemory(try .decode(opcode, &reader))

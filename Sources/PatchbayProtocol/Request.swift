@@ -7,6 +7,8 @@ public enum Request: Sendable, Equatable {
     case status
     /// Metrics, as Prometheus text (no payload).
     case metrics
+    /// Watch the broker's answers (PROTOCOL.md §5.9).
+    case monitor(MonitorFilter)
     case keys(Keys)
     case namespace(Namespace)
     case sharedMemory(SharedMemory)
@@ -17,6 +19,7 @@ public enum Request: Sendable, Equatable {
         switch self {
         case .status: .status
         case .metrics: .metrics
+        case .monitor: .monitor
         case .keys(let request): request.opcode
         case .namespace(let request): request.opcode
         case .sharedMemory(let request): request.opcode
@@ -29,6 +32,7 @@ public enum Request: Sendable, Equatable {
         var writer = Frame.header(kind: .request, opcode: opcode, requestID: requestID)
         switch self {
         case .status, .metrics: break
+        case .monitor(let filter): filter.encode(into: &writer)
         case .keys(let request): request.encodePayload(into: &writer)
         case .namespace(let request): request.encodePayload(into: &writer)
         case .sharedMemory(let request): request.encodePayload(into: &writer)
@@ -48,7 +52,12 @@ public enum Request: Sendable, Equatable {
         var reader = WireReader(frame.payload)
         let request: Request
         switch opcode.subsystem {
-        case .broker: request = opcode == .metrics ? .metrics : .status
+        case .broker:
+            switch opcode {
+            case .metrics: request = .metrics
+            case .monitor: request = .monitor(try MonitorFilter.decode(&reader))
+            default: request = .status
+            }
         case .keys: request = .keys(try .decode(opcode, &reader))
         case .namespace: request = .namespace(try .decode(opcode, &reader))
         case .sharedMemory: request = .sharedMemory(try .decode(opcode, &reader))

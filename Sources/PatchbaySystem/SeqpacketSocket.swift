@@ -14,6 +14,8 @@ package struct ReceivedDescriptors: ~Copyable {
 
     /// How many descriptors are still held.
     package var count: Int { raw.count }
+    /// The first descriptor's number, still owned here (to look at it, not to keep it).
+    package var first: CInt? { raw.first }
 
     /// Takes the first descriptor still held, if any.
     package mutating func takeFirst() -> Descriptor? {

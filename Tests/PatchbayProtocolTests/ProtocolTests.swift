@@ -43,6 +43,7 @@ let sampleRequests: [Request] = [
     .caps(.setGeneration(9)),
     .caps(.list),
     .caps(.traffic(after: 7)),
+    .monitor(MonitorFilter(subsystems: 10, uid: 65534, pid: 42, name: "/x")),
 ]
 
 let sampleReport = StatusReport(
@@ -66,6 +67,7 @@ let sampleReplies: [Reply] = [
     .caps(.client(channelID: 1, serviceID: 2, maximumInFlight: 128, arenaSize: 1 << 24)),
     .caps(.setGeneration),
     .caps(.list([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)])),
+    .monitor,
     .caps(.traffic([CapsChannelTraffic(service: "svc", serviceUID: -1, serviceOwner: 0, servicePID: 10, channelID: 3, clientUID: 65534,
                                        clientPID: 11, requestsPut: 9, requestsTaken: 8, repliesPut: 4, repliesTaken: 4)], more: true)),
 ]
@@ -93,7 +95,9 @@ struct ProtocolTests {
     func eventRoundTrip() throws {
         for event in [Event.caps(.connected(channelID: 4, credentials: CapsCredentials(pid: 1, uid: 2, euid: 3, gid: 4, groups: [5, 6]),
                                                arenaSize: 1 << 24)),
-                      .caps(.disconnected(channelID: 4))] {
+                      .caps(.disconnected(channelID: 4)),
+                      .monitor(MonitorEvent(time: 1, subsystem: "keys", operation: "claim", pid: 7, uid: 65534, command: "cat",
+                                            object: "a key", outcome: "ENOENT", elapsed: 1200, lost: 3))] {
             let frame = try Frame.decode(event.encode()[...])
             #expect(frame.kind == .event && frame.requestID == 0)
             #expect(try Event.decode(frame) == event)

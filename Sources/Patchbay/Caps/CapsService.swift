@@ -722,6 +722,8 @@ public final class CapsService: @unchecked Sendable {
                 }
             case .caps(.disconnected(let channelID)):
                 clientGone(channelID)
+            case .monitor:
+                continue  // a service port never asks to watch
             }
         }
     }

@@ -1,0 +1,96 @@
+import ArgumentParser
+import Glibc
+import Patchbay
+
+/// `patchbay monitor`: the broker's answers, live, one line each.
+struct MonitorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "monitor",
+        abstract: "Watch the broker answer requests, live: time, subsystem, operation, caller, object, outcome, time taken.",
+        discussion: """
+            One line per answered request: share, claim, shared memory open/unlink/rename/stat, /net \
+            opens and ctl commands, CAPS registrations and connections, and every refusal with its \
+            errno (quotas and rate limits included). Never a key's text. Root and the per-user \
+            broker's user see every caller; another user of the system broker sees its own \
+            requests. A monitor that does not keep up is not waited for: a line says how many \
+            events it missed. Watching costs the broker nothing while nobody watches. Never starts \
+            a broker: with none running it fails with status 69.
+            """)
+
+    @Option(name: .customLong("subsystem"), help: "keys, shm, net, caps, broker, namespace (repeatable; default: all).")
+    var subsystems: [String] = []
+
+    @Option(help: "Only requests of this uid.")
+    var uid: Int64?
+
+    @Option(help: "Only requests of this pid.")
+    var pid: Int32?
+
+    @Option(help: "Only requests about this object (a name, exactly as shown).")
+    var name: String?
+
+    @Option(help: "Stop after this many events.")
+    var count: Int?
+
+    @Flag(help: "One JSON object per line.")
+    var json = false
+
+    func run() throws {
+        var mask: UInt8 = 0
+        for word in subsystems {
+            switch word {
+            case "keys": mask |= 2
+            case "namespace": mask |= 4
+            case "shm": mask |= 8
+            case "net": mask |= 16
+            case "caps": mask |= 32
+            case "broker": mask |= 1
+            default: failUsage("monitor", "\"\(word)\" is not a subsystem; use keys, shm, net, caps, broker or namespace")
+            }
+        }
+        if let count, count < 1 { failUsage("monitor", "--count must be at least 1") }
+        let broker: Broker
+        do {
+            broker = try Broker(socketPath: Broker.defaultSocketPath, autostart: false)
+        } catch {
+            fail("monitor", error, status: ExitStatus.unavailable)
+        }
+        let filter = MonitorFilter(subsystems: mask, uid: uid ?? -1, pid: pid ?? 0, name: name ?? "")
+        let monitor = attempt("monitor") { () throws(PatchbayError) in try BrokerMonitor(broker, filter: filter) }
+        if !json {
+            writeStandardOutput("TIME             SUBSYSTEM  OPERATION           PID      UID     COMMAND          OBJECT                          OUTCOME   TOOK\n")
+        }
+        var seen = 0
+        while count.map({ seen < $0 }) ?? true {
+            let event = attempt("monitor") { () throws(PatchbayError) in try monitor.next() }
+            if event.lost > 0 {
+                writeStandardOutput(json ? JSON.object([("lost", "\(event.lost)")]) + "\n"
+                                         : "-- \(event.lost) events missed: this monitor did not read fast enough --\n")
+            }
+            if json {
+                writeStandardOutput(JSON.object([
+                    ("time_ns", "\(event.time)"), ("subsystem", JSON.string(event.subsystem)),
+                    ("operation", JSON.string(event.operation)), ("pid", "\(event.pid)"), ("uid", "\(event.uid)"),
+                    ("command", JSON.string(event.command)), ("object", JSON.string(event.object)),
+                    ("outcome", JSON.string(event.outcome)), ("elapsed_ns", "\(event.elapsed)"),
+                ]) + "\n")
+            } else {
+                writeStandardOutput(Self.clock(event.time).padding(17) + event.subsystem.padding(11) + event.operation.padding(20)
+                    + "\(event.pid)".padding(9) + "\(event.uid)".padding(8) + event.command.padding(17)
+                    + String(event.object.prefix(31)).padding(32) + event.outcome.padding(10)
+                    + formatDuration(nanoseconds: event.elapsed) + "\n")
+            }
+            seen += 1
+        }
+    }
+
+    /// HH:MM:SS.micro, local time.
+    static func clock(_ nanoseconds: UInt64) -> String {
+        var seconds = time_t(nanoseconds / 1_000_000_000)
+        var parts = tm()
+        localtime_r(&seconds, &parts)
+        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
+        let micro = String(nanoseconds % 1_000_000_000 / 1000)
+        return "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec))." + String(repeating: "0", count: 6 - micro.count) + micro
+    }
+}
