@@ -183,6 +183,8 @@ private final class Tour {
 
         // 10. CAPS: a service in another process, requests and replies over shared memory.
         started = monotonicNanoseconds()
+        // A monitor watches the broker meanwhile (what `patchbay monitor --subsystem caps` prints).
+        let watcher = try BrokerMonitor(broker, filter: MonitorFilter(subsystems: MonitorFilter.bit(of: .caps)))
         let capsServer = try spawnChild(["caps", "serve", "demo.echo", "--allow", "world", "--echo"])
         let client = try CapsClient(broker, name: "demo.echo", waitForService: true)
         step(14, "process \(capsServer) registered CAPS service demo.echo; we connected (channel \(client.channelID))",
@@ -209,6 +211,11 @@ private final class Tour {
         for line in services.output.split(separator: "\n") { say("   " + line) }
         // The broker never saw those messages, yet it can count them: from the channel header's
         // ring words (`patchbay caps top` refreshes this every second).
+        say("   patchbay monitor, beside it: the broker saw the registration and the connection, not one message:")
+        while let event = try watcher.next(timeoutMilliseconds: 100) {
+            say("   " + MonitorCommand.clock(event.time) + "  " + event.operation.padding(13) + "pid \(event.pid)".padding(11)
+                + event.command.padding(10) + event.object.padding(11) + event.outcome)
+        }
         let traffic = try runChild(["caps", "top", "--count", "1"])
         say("   patchbay caps top (the broker reads the ring words, never a message):")
         for line in traffic.output.split(separator: "\n") { say("   " + line) }
