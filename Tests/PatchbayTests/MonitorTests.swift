@@ -73,6 +73,11 @@ struct MonitorTests {
         let watcher = try Child(patchbayCLI, ["monitor", "--json", "--count", "1", "--name", "/named-by-cli"],
                                 environment: broker.environment)
         try waitForMonitors(client, before + 1)
+        guard try monitorsAccepted(client) == before + 1 else {
+            watcher.kill(SIGKILL)
+            Issue.record("the command line's monitor never registered")
+            return
+        }
         _ = try client.openSharedMemory("/named-by-cli", options: .create)
         let line = try watcher.readLine() ?? ""
         #expect(line.contains("\"object\": \"/named-by-cli\"") && line.contains("\"outcome\": \"ok\""), "\(line)")
@@ -110,6 +115,7 @@ struct TwoUserMonitorTests {
         _ = try root.openSharedMemory("/roots-secret", options: .create)
         let made = try runAsOtherUser(["shm", "create", "/nobodys", "--size", "4k"], environment: broker.environment)
         #expect(made.termination == .exited(0), "\(made.standardError)")
+        if made.termination != .exited(0) { watcher.kill(SIGKILL) }  // no event of nobody's would ever come
         let line = try watcher.readLine() ?? ""
         #expect(!line.contains("roots-secret") && line.contains("\"uid\": 65534"), "nobody's first event: \(line)")
         #expect(try watcher.wait() == .exited(0))
