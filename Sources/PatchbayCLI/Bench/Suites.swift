@@ -146,8 +146,9 @@ extension Bench {
         return UInt64(Double(total) / (Double(elapsed) / 1e9))
     }
 
-    /// `batch` messages written, then `batch` read back, over a seqpacket pair with an echo peer.
-    func seqpacketBatches(batch: Int, count: Int) throws -> Samples {
+    /// Runs `body` with a seqpacket pair whose other end an echo peer serves: `send` writes a
+    /// 64-byte message, `receive` reads one back.
+    private func withSeqpacketEcho<R>(_ body: (_ send: () throws -> Void, _ receive: () throws -> Void) throws -> R) throws -> R {
         var fds: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
         let mine = PatchbaySystem.Descriptor(adopting: fds[0])
@@ -157,35 +158,31 @@ extension Bench {
         defer { echo.stop() }
         var buffer = [UInt8](repeating: 3, count: 64)
         let fd = mine.rawValue
-        return try measure(count) {
-            for _ in 0..<batch {
-                guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current }
-            }
-            for _ in 0..<batch {
-                guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current }
+        func send() throws { guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+        func receive() throws { guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+        return try body(send, receive)
+    }
+
+    /// `batch` messages written, then `batch` read back, over a seqpacket pair with an echo peer.
+    func seqpacketBatches(batch: Int, count: Int) throws -> Samples {
+        try withSeqpacketEcho { send, receive in
+            try measure(count) {
+                for _ in 0..<batch { try send() }
+                for _ in 0..<batch { try receive() }
             }
         }
     }
 
     func seqpacketPipelined(total: Int, window: Int) throws -> UInt64 {
-        var fds: [CInt] = [-1, -1]
-        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let mine = PatchbaySystem.Descriptor(adopting: fds[0])
-        let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
-        let echo = try peer("socket-echo", ["--size", "64"], descriptors: [theirs.rawValue])
-        _ = consume theirs
-        defer { echo.stop() }
-        var buffer = [UInt8](repeating: 3, count: 64)
-        let fd = mine.rawValue
-        return try throughput(total) { count in
-            func send() throws { guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
-            func receive() throws { guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
-            for _ in 0..<window { try send() }
-            for _ in 0..<(count - window) {
-                try receive()
-                try send()
+        try withSeqpacketEcho { send, receive in
+            try throughput(total) { count in
+                for _ in 0..<window { try send() }
+                for _ in 0..<(count - window) {
+                    try receive()
+                    try send()
+                }
+                for _ in 0..<window { try receive() }
             }
-            for _ in 0..<window { try receive() }
         }
     }
 
