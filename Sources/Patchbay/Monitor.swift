@@ -38,7 +38,8 @@ public final class BrokerMonitor {
     public func next(timeoutMilliseconds: Int32) throws(PatchbayError) -> MonitorEvent? {
         let deadline = monotonicNanoseconds() + UInt64(max(timeoutMilliseconds, 0)) * 1_000_000
         while true {
-            let left = deadline > monotonicNanoseconds() ? Int32((deadline - monotonicNanoseconds()) / 1_000_000) : 0
+            let now = monotonicNanoseconds()  // read once: a second read may already be past the deadline
+            let left = deadline > now ? Int32((deadline - now) / 1_000_000) : 0
             var entry = pollfd(fd: connection.socket.rawValue, events: Int16(POLLIN), revents: 0)
             let ready = poll(&entry, 1, left)
             if ready < 0 && errno != EINTR { throw PatchbayError(Errno(rawValue: errno), "cannot wait for the broker's events") }
