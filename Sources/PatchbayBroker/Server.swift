@@ -296,15 +296,18 @@ public final class BrokerServer {
         let refuse = { (errno: Int32, reason: String) in
             self.sessions.fail(ErrorReply(errno: errno, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
         }
-        // Acknowledgements are one-way. A frame whose header is sound (magic, version, kind
-        // request, reserved bits, size) and whose opcode is the acknowledgement's never gets an
+        // Acknowledgements and tap records are one-way. A frame whose header is sound (magic,
+        // version, kind request, reserved bits, size) and whose opcode is one-way never gets an
         // answer, which nobody awaits: a bad payload or stray descriptors drop it silently. A
         // frame whose header is not sound gets its error like any other (PROTOCOL.md §7).
-        if rawOpcode == Opcode.claimAcknowledge.rawValue, !truncated, let frame = try? Frame.decode(bytes), frame.kind == .request {
-            if !descriptorsTruncated, descriptors.count == 0, case .keys(let acknowledgement)? = try? Request.decode(frame) {
-                let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode,
-                                             now: monotonicNanoseconds())
-                keys.handle(acknowledgement, descriptors: &descriptors, context)
+        if let opcode = Opcode(rawValue: rawOpcode), opcode.metadata.isRequest, !opcode.expectsReply, !truncated,
+           let frame = try? Frame.decode(bytes), frame.kind == .request {
+            guard !descriptorsTruncated, descriptors.count == 0, let request = try? Request.decode(frame) else { return }
+            let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+            switch request {
+            case .keys(let acknowledgement): keys.handle(acknowledgement, descriptors: &descriptors, context)
+            case .caps(let records): caps.handle(records, descriptors: &descriptors, context)
+            default: break
             }
             return
         }
@@ -335,7 +338,7 @@ public final class BrokerServer {
         }
         var context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
         if !sessions.monitors.isEmpty {
-            context.object = Self.describe(request, descriptors: descriptors)
+            (context.object, context.owners, context.detail) = describe(request, descriptors: descriptors)
             // Read while the caller surely runs: it may exit the moment it has its answer.
             sessions.noteCommand(of: session)
         }
@@ -375,35 +378,44 @@ public final class BrokerServer {
     // MARK: Monitors
 
     /// What a request concerns, as a monitor shows it: a name, a socket id and its command, a
-    /// service, the kind of file a share hands over; never a key's text.
-    private static func describe(_ request: Request, descriptors: borrowing ReceivedDescriptors) -> String {
+    /// service, the kind of file a share hands over; never a key's text. Then the uids that own
+    /// that object (their monitors see the request too), and a detail (an open's flags).
+    /// A claim's key is described by its handler, once it is known to be the caller's to claim.
+    private func describe(_ request: Request, descriptors: borrowing ReceivedDescriptors)
+        -> (object: String, owners: [UInt32], detail: String)
+    {
+        let objects = sharedMemory.store.objects
+        func owner(ofObject name: [UInt8]) -> [UInt32] { objects[name].map { [$0.uid] } ?? [] }
+        func owner(ofSocket id: UInt64) -> [UInt32] { net.table.sockets[id].map { [$0.ownerUID] } ?? [] }
+        func text(_ name: [UInt8]) -> String { String(decoding: name, as: UTF8.self) }
         switch request {
-        case .status, .metrics, .monitor: return ""
+        case .status, .metrics, .monitor: return ("", [], "")
         case .keys(.share):
-            guard let fd = descriptors.first else { return "" }
+            guard let fd = descriptors.first else { return ("", [], "") }
             var info = stat()
-            guard fstat(fd, &info) == 0 else { return "" }
-            switch info.st_mode & S_IFMT {
-            case S_IFREG: return "regular file"
-            case S_IFDIR: return "directory"
-            case S_IFSOCK: return "socket"
-            case S_IFIFO: return "pipe"
-            case S_IFCHR: return "character device"
-            case S_IFBLK: return "block device"
-            default: return "file"
+            guard fstat(fd, &info) == 0 else { return ("", [], "") }
+            return (FileKind(mode: info.st_mode).spoken, [], "")
+        case .keys(.claim), .keys(.claimAcknowledge): return ("a key", [], "")
+        case .namespace(.open(let path, let flags)):
+            switch (try? NamespacePath.parse(path, flags: flags))?.0 {
+            case .netData(_, let id)?, .netAccept(_, let id)?: return (path, owner(ofSocket: id), "")
+            default: return (path, [], "")
             }
-        case .keys(.claim), .keys(.claimAcknowledge): return "a key"
-        case .namespace(.open(let path, _)): return path
-        case .sharedMemory(.open(let open)): return String(decoding: open.name, as: UTF8.self)
-        case .sharedMemory(.unlink(let name)), .sharedMemory(.stat(let name)): return String(decoding: name, as: UTF8.self)
+        case .sharedMemory(.open(let open)):
+            var flags: [String] = [open.access == 0 ? "read-only" : "read-write"]
+            if open.flags.contains(.create) { flags.append("create") }
+            if open.flags.contains(.exclusive) { flags.append("exclusive") }
+            if open.flags.contains(.truncate) { flags.append("truncate") }
+            return (text(open.name), owner(ofObject: open.name), flags.joined(separator: " "))
+        case .sharedMemory(.unlink(let name)), .sharedMemory(.stat(let name)): return (text(name), owner(ofObject: name), "")
         case .sharedMemory(.rename(let from, let to, _)):
-            return String(decoding: from, as: UTF8.self) + " -> " + String(decoding: to, as: UTF8.self)
-        case .sharedMemory(.list), .sharedMemory(.watch): return ""
-        case .net(.control(let socket, let command)): return "socket \(socket): \(command)"
-        case .net(.list): return ""
-        case .net(.path(let name)), .net(.adopt(_, _, let name)): return name
-        case .caps(.service(let name, _, _, _, _)), .caps(.client(let name, _, _, _)): return name
-        case .caps(.setGeneration), .caps(.list), .caps(.traffic): return ""
+            return (text(from) + " -> " + text(to), owner(ofObject: from) + owner(ofObject: to), "")
+        case .sharedMemory(.list), .sharedMemory(.watch): return ("", [], "")
+        case .net(.control(let socket, let command)): return ("socket \(socket): \(command)", owner(ofSocket: socket), "")
+        case .net(.list): return ("", [], "")
+        case .net(.path(let name)), .net(.adopt(_, _, let name)): return (name, [], "")
+        case .caps(.service(let name, _, _, _, _)), .caps(.client(let name, _, _, _)): return (name, caps.registry.owners(of: name), "")
+        case .caps(.setGeneration), .caps(.list), .caps(.traffic), .caps(.tap), .caps(.tapRecords): return ("", [], "")
         }
     }
 

@@ -171,11 +171,17 @@ struct RequestContext {
     let now: UInt64
     /// What the request concerns, for monitors (set only while someone watches).
     var object = ""
+    /// The uids owning that object (a key's sharer, a name's owner, a service's): their monitors
+    /// see the request too (set only while someone watches).
+    var owners: [UInt32] = []
+    /// More about the object (a claimed key's file and age), once the handler knows it.
+    var detail = ""
 
     var caller: PeerCredentials { session.credentials }
     /// The request as one to finish later (parked until an accept or a service arrives).
     var parked: ParkedRequest {
-        ParkedRequest(session: session.id, requestID: requestID, opcode: opcode, object: object, start: now)
+        ParkedRequest(session: session.id, requestID: requestID, opcode: opcode, object: object, owners: owners,
+                      detail: detail, start: now)
     }
 }
 
@@ -184,7 +190,9 @@ struct ParkedRequest: Equatable {
     let session: UInt64
     let requestID: UInt64
     let opcode: Opcode
-    /// For monitors: what it concerns and when the broker took it up.
+    /// For monitors: what it concerns, whose it is, and when the broker took it up.
     var object = ""
+    var owners: [UInt32] = []
+    var detail = ""
     var start: UInt64 = 0
 }

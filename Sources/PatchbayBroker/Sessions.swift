@@ -157,13 +157,11 @@ final class SessionTable {
         switch send(reply.encode(requestID: request.requestID), attaching: attachments, to: session) {
         case .underway:
             metrics.count(opcode: request.opcode.rawValue, errno: 0)
-            if !monitors.isEmpty {
-                announce(rawOpcode: request.opcode.rawValue, errno: 0, caller: session, object: request.object, start: request.start)
-            }
+            if !monitors.isEmpty { announce(request, errno: 0, caller: session) }
             return true
         case .refused(let reason):
             fail(ErrorReply(errno: EDQUOT, reason: reason), rawOpcode: request.opcode.rawValue,
-                 requestID: request.requestID, to: session, object: request.object, start: request.start)
+                 requestID: request.requestID, to: session, about: request)
             return false
         case .closed:
             return false
@@ -173,21 +171,25 @@ final class SessionTable {
     /// Answers a request with an error.
     func fail(_ error: RequestError, _ context: RequestContext) {
         fail(ErrorReply(error), rawOpcode: context.opcode.rawValue, requestID: context.requestID, to: context.session,
-             object: context.object, start: context.now)
+             about: context.parked)
     }
 
     /// Answers a parked request with an error, if its session is still here.
     func fail(_ error: RequestError, _ parked: ParkedRequest) {
         guard let session = sessions[parked.session] else { return }
-        fail(ErrorReply(error), rawOpcode: parked.opcode.rawValue, requestID: parked.requestID, to: session,
-             object: parked.object, start: parked.start)
+        fail(ErrorReply(error), rawOpcode: parked.opcode.rawValue, requestID: parked.requestID, to: session, about: parked)
     }
 
-    func fail(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session, object: String = "",
-              start: UInt64 = 0) {
+    /// Answers with an error; `about` (the request as monitors see it) is nil for a frame that
+    /// never became a request.
+    func fail(_ error: ErrorReply, rawOpcode: UInt16, requestID: UInt64, to session: Session, about request: ParkedRequest? = nil) {
         metrics.count(opcode: rawOpcode, errno: error.errno)
         send(error.encode(rawOpcode: rawOpcode, requestID: requestID), to: session)
-        if !monitors.isEmpty { announce(rawOpcode: rawOpcode, errno: error.errno, caller: session, object: object, start: start) }
+        if !monitors.isEmpty {
+            let opcode = Opcode(rawValue: rawOpcode) ?? .connection
+            announce(request ?? ParkedRequest(session: session.id, requestID: requestID, opcode: opcode), errno: error.errno,
+                     caller: session, rawOpcode: rawOpcode)
+        }
     }
 
     // MARK: Monitors
@@ -218,19 +220,37 @@ final class SessionTable {
         monitors[session.id] = Monitor(filter: filter, seesEveryone: seesEveryone, uid: session.credentials.uid)
     }
 
-    /// Tells every monitor that may see it of an answer to `caller`.
-    private func announce(rawOpcode: UInt16, errno: Int32, caller: Session, object: String, start: UInt64) {
-        let opcode = Opcode(rawValue: rawOpcode)
-        let subsystem = opcode?.subsystem ?? .broker
+    /// Tells every monitor that may see it of an answer to `caller`: monitors of the caller's uid
+    /// and of the object's owners.
+    private func announce(_ request: ParkedRequest, errno: Int32, caller: Session, rawOpcode: UInt16? = nil) {
+        let opcode = Opcode(rawValue: rawOpcode ?? request.opcode.rawValue)
         let credentials = caller.credentials
+        var audience = request.owners
+        audience.append(credentials.uid)
+        announce(opcode?.subsystem ?? .broker, pid: credentials.pid, uid: credentials.uid, object: request.object,
+                 audience: audience, skipping: opcode == .monitor ? caller.id : nil) {
+            noteCommand(of: caller)
+            return MonitorEvent(
+                time: 0, subsystem: "", operation: opcode.map { "\($0)" } ?? "unknown", pid: credentials.pid,
+                uid: credentials.uid, command: caller.command ?? "", object: request.object,
+                outcome: errno == 0 ? "ok" : Errno(rawValue: errno).name,
+                elapsed: request.start == 0 ? 0 : monotonicNanoseconds() &- request.start, lost: 0, detail: request.detail)
+        }
+    }
+
+    /// Tells every monitor that may see it of an event: monitors that see everyone, and those of
+    /// the uids in `audience`, whose filter the event passes. `make` builds the event once, only
+    /// if some monitor takes it (its time, subsystem and lost count are filled in here).
+    func announce(_ subsystem: Subsystem, pid: Int32, uid: UInt32, object: String, audience: [UInt32],
+                  skipping skipped: UInt64? = nil, lost extra: UInt64 = 0, _ make: () -> MonitorEvent) {
         var event: MonitorEvent?
         for (id, monitor) in Array(monitors) {
-            guard id != caller.id || opcode != .monitor, let target = sessions[id] else { continue }
+            guard id != skipped, let target = sessions[id] else { continue }
             let filter = monitor.filter
-            guard monitor.seesEveryone || credentials.uid == monitor.uid,
+            guard monitor.seesEveryone || audience.contains(monitor.uid),
                   filter.subsystems == 0 || filter.subsystems & MonitorFilter.bit(of: subsystem) != 0,
-                  filter.uid < 0 || filter.uid == Int64(credentials.uid),
-                  filter.pid == 0 || filter.pid == credentials.pid,
+                  filter.uid < 0 || filter.uid == Int64(uid),
+                  filter.pid == 0 || filter.pid == pid,
                   filter.name.isEmpty || filter.name == object
             else { continue }
             guard target.queuedBytes < Self.monitorQueueLimit else {
@@ -238,18 +258,15 @@ final class SessionTable {
                 continue
             }
             if event == nil {
-                noteCommand(of: caller)
+                var made = make()
                 var now = timespec()
                 clock_gettime(CLOCK_REALTIME, &now)
-                event = MonitorEvent(
-                    time: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec), subsystem: subsystem.label,
-                    operation: opcode.map { "\($0)" } ?? "unknown", pid: credentials.pid, uid: credentials.uid,
-                    command: caller.command ?? "", object: object,
-                    outcome: errno == 0 ? "ok" : Errno(rawValue: errno).name,
-                    elapsed: start == 0 ? 0 : monotonicNanoseconds() &- start, lost: 0)
+                made.time = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+                made.subsystem = subsystem.label
+                event = made
             }
             guard var outgoing = event else { continue }
-            outgoing.lost = monitor.lost
+            outgoing.lost = monitor.lost &+ extra
             if send(Event.monitor(outgoing).encode(), to: target) == .underway {
                 monitor.lost = 0
             } else {

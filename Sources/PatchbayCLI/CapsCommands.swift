@@ -35,6 +35,12 @@ struct CapsCommand: ParsableCommand {
         @Flag(help: "Reply with the request's bytes.")
         var echo = false
 
+        @Flag(help: "Show every message this service takes and answers to monitors of your uid (patchbay monitor): id, kind, length, client.")
+        var tap = false
+
+        @Flag(help: "As --tap, with each payload's first 256 bytes.")
+        var tapPayload = false
+
         @Option(parsing: .remaining, help: "Run this command per request.")
         var exec: [String] = []
 
@@ -53,7 +59,7 @@ struct CapsCommand: ParsableCommand {
             let broker = connectBroker(for: command, reconnect: .forever)
             let service = attempt(command) { () throws(PatchbayError) -> CapsService in
                 try CapsService(broker, name: name, uid: uid ?? Int32(bitPattern: geteuid()), gid: gid, access: access,
-                                exclusive: exclusive)
+                                exclusive: exclusive, tap: tapPayload ? .payloads : tap ? .headers : nil)
             }
             // Refused requests (a client past its in-flight limit) are reported once a second
             // at most, never once per request.

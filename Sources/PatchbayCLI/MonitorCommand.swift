@@ -10,11 +10,15 @@ struct MonitorCommand: ParsableCommand {
         discussion: """
             One line per answered request: share, claim, shared memory open/unlink/rename/stat, /net \
             opens and ctl commands, CAPS registrations and connections, and every refusal with its \
-            errno (quotas and rate limits included). Never a key's text. Root and the per-user \
-            broker's user see every caller; another user of the system broker sees its own \
-            requests. A monitor that does not keep up is not waited for: a line says how many \
-            events it missed. Watching costs the broker nothing while nobody watches. Never starts \
-            a broker: with none running it fails with status 69.
+            errno (quotas and rate limits included); one per key that expires (keyExpiry), CAPS \
+            client that leaves (capsDisconnect) and service port that closes (capsDeath); and one \
+            per message of a service tapped with `caps serve --tap` (tapRequest, tapReply, ...). \
+            Never a key's text. Root and the per-user broker's user see everything; another user \
+            of the system broker sees its own requests, requests on its objects (its keys, names, \
+            sockets, services), and its own services' taps. A monitor that does not keep up is \
+            not waited for: a line says how many events it missed. Watching costs the broker \
+            nothing while nobody watches. Never starts a broker: with none running it fails with \
+            status 69.
             """)
 
     @Option(name: .customLong("subsystem"), help: "keys, shm, net, caps, broker, namespace (repeatable; default: all).")
@@ -58,7 +62,7 @@ struct MonitorCommand: ParsableCommand {
         let filter = MonitorFilter(subsystems: mask, uid: uid ?? -1, pid: pid ?? 0, name: name ?? "")
         let monitor = attempt("monitor") { () throws(PatchbayError) in try BrokerMonitor(broker, filter: filter) }
         if !json {
-            writeStandardOutput("TIME             SUBSYSTEM  OPERATION           PID      UID     COMMAND          OBJECT                          OUTCOME   TOOK\n")
+            writeStandardOutput("TIME             SUBSYSTEM  OPERATION           PID      UID     COMMAND          OBJECT                          OUTCOME   TOOK      DETAIL\n")
         }
         var seen = 0
         while count.map({ seen < $0 }) ?? true {
@@ -73,15 +77,28 @@ struct MonitorCommand: ParsableCommand {
                     ("operation", JSON.string(event.operation)), ("pid", "\(event.pid)"), ("uid", "\(event.uid)"),
                     ("command", JSON.string(event.command)), ("object", JSON.string(event.object)),
                     ("outcome", JSON.string(event.outcome)), ("elapsed_ns", "\(event.elapsed)"),
+                    ("detail", JSON.string(event.detail)),
+                    ("payload_hex", JSON.string(event.payload.map { Self.hex($0) }.joined())),
                 ]) + "\n")
             } else {
                 writeStandardOutput(Self.clock(event.time).padding(17) + event.subsystem.padding(11) + event.operation.padding(20)
                     + "\(event.pid)".padding(9) + "\(event.uid)".padding(8) + event.command.padding(17)
                     + String(event.object.prefix(31)).padding(32) + event.outcome.padding(10)
-                    + formatDuration(nanoseconds: event.elapsed) + "\n")
+                    + (event.elapsed == 0 ? "-" : formatDuration(nanoseconds: event.elapsed)).padding(10) + event.detail + "\n")
+                if !event.payload.isEmpty { writeStandardOutput("    | " + Self.printable(event.payload) + "\n") }
             }
             seen += 1
         }
+    }
+
+    /// Payload bytes as text: printable ASCII as is, anything else as `\xNN`.
+    static func printable(_ bytes: [UInt8]) -> String {
+        bytes.map { $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "\\") ? String(UnicodeScalar($0)) : "\\x" + hex($0) }.joined()
+    }
+
+    static func hex(_ byte: UInt8) -> String {
+        let digits = Array("0123456789abcdef")
+        return String([digits[Int(byte >> 4)], digits[Int(byte & 15)]])
     }
 
     /// HH:MM:SS.micro, local time.

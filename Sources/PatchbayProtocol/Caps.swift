@@ -183,6 +183,63 @@ public struct CapsChannelTraffic: Sendable, Equatable {
     }
 }
 
+/// One message a tapped service saw, as its tap reports it (`capsTapRecord`, PROTOCOL.md §12.6).
+/// The broker adds who the client is from the channel's kernel credentials, never from the record.
+public struct CapsTapRecord: Sendable, Equatable {
+    public enum Kind: UInt8, Sendable {
+        /// A REQUEST the service took.
+        case request = 1
+        /// A reply it sent.
+        case reply = 2
+        /// An error reply (`length` is the errno).
+        case errorReply = 3
+        /// A DISPOSE it received: the client is done with a reply.
+        case dispose = 4
+        /// An ABORT it received: the client took a request back.
+        case abort = 5
+    }
+
+    /// Bytes of payload a record carries at most (the rest is only counted in `length`).
+    public static let payloadLimit = 256
+    /// Records in one `capsTapRecord` frame at most.
+    public static let recordsPerFrame = 64
+
+    public var messageID: UInt64
+    public var kind: Kind
+    /// The payload's length; the errno for an error reply.
+    public var length: UInt32
+    /// The payload's first bytes (at most `payloadLimit`), only from a tap that asked for them.
+    public var payload: [UInt8]
+
+    public init(messageID: UInt64, kind: Kind, length: UInt32, payload: [UInt8] = []) {
+        self.messageID = messageID
+        self.kind = kind
+        self.length = length
+        self.payload = payload
+    }
+
+    static let minimumEncodedSize = 8 + 1 + 4 + 2
+
+    func encode(into writer: inout WireWriter) {
+        writer.u64(messageID)
+        writer.u8(kind.rawValue)
+        writer.u32(length)
+        writer.bytes(payload)
+    }
+
+    static func decode(_ reader: inout WireReader) throws(DecodeError) -> CapsTapRecord {
+        let messageID = try reader.u64("message id")
+        let rawKind = try reader.u8("kind")
+        guard let kind = Kind(rawValue: rawKind) else { throw .invalidValue(field: "kind", reason: "unknown tap record kind \(rawKind)") }
+        let length = try reader.u32("length")
+        let payload = try reader.bytes("payload")
+        guard payload.count <= payloadLimit else {
+            throw .invalidValue(field: "payload", reason: "at most \(payloadLimit) bytes")
+        }
+        return CapsTapRecord(messageID: messageID, kind: kind, length: length, payload: payload)
+    }
+}
+
 extension Request {
     public enum Caps: Sendable, Equatable {
         /// The service's status page rides beside the frame.
@@ -192,6 +249,11 @@ extension Request {
         case list
         /// The channels' traffic, in channel id order, starting after `after` (0: from the start).
         case traffic(after: UInt64)
+        /// This connection becomes the tap of service `serviceID` (registered by the same process);
+        /// `payloads`: its records may carry payload bytes.
+        case tap(serviceID: UInt64, payloads: Bool)
+        /// Messages the tapped service saw (one-way); `lost`: records it could not send before these.
+        case tapRecords(lost: UInt32, [CapsTapRecord])
 
         public var opcode: Opcode {
             switch self {
@@ -200,6 +262,8 @@ extension Request {
             case .setGeneration: .capsSetGeneration
             case .list: .capsList
             case .traffic: .capsTraffic
+            case .tap: .capsTap
+            case .tapRecords: .capsTapRecord
             }
         }
 
@@ -222,6 +286,13 @@ extension Request {
                 break
             case .traffic(let after):
                 writer.u64(after)
+            case .tap(let serviceID, let payloads):
+                writer.u64(serviceID)
+                writer.u8(payloads ? 1 : 0)
+            case .tapRecords(let lost, let records):
+                writer.u32(lost)
+                writer.u32(UInt32(records.count))
+                for record in records { record.encode(into: &writer) }
             }
         }
 
@@ -240,6 +311,21 @@ extension Request {
                 return .list
             case .capsTraffic:
                 return .traffic(after: try reader.u64("after"))
+            case .capsTap:
+                let serviceID = try reader.u64("service id")
+                let payloads = try reader.u8("payloads")
+                guard payloads <= 1 else { throw .invalidValue(field: "payloads", reason: "must be 0 or 1") }
+                return .tap(serviceID: serviceID, payloads: payloads == 1)
+            case .capsTapRecord:
+                let lost = try reader.u32("lost")
+                let count = try reader.count("records", minimumElementSize: CapsTapRecord.minimumEncodedSize)
+                guard count <= CapsTapRecord.recordsPerFrame else {
+                    throw .invalidValue(field: "records", reason: "at most \(CapsTapRecord.recordsPerFrame) per frame")
+                }
+                var records: [CapsTapRecord] = []
+                records.reserveCapacity(count)
+                for _ in 0..<count { records.append(try CapsTapRecord.decode(&reader)) }
+                return .tapRecords(lost: lost, records)
             default:
                 throw .wrongFrame(opcode, "caps request")
             }
@@ -260,6 +346,7 @@ extension Reply {
         /// One page of channels (at most `CapsChannelTraffic.pageSize`); `more`: ask again after
         /// the last channel's id.
         case traffic([CapsChannelTraffic], more: Bool)
+        case tap
 
         public var opcode: Opcode {
             switch self {
@@ -268,6 +355,7 @@ extension Reply {
             case .setGeneration: .capsSetGeneration
             case .list: .capsList
             case .traffic: .capsTraffic
+            case .tap: .capsTap
             }
         }
 
@@ -281,7 +369,7 @@ extension Reply {
                 writer.u64(serviceID)
                 writer.u32(maximumInFlight)
                 writer.u32(arenaSize)
-            case .setGeneration: break
+            case .setGeneration, .tap: break
             case .list(let services):
                 writer.u32(UInt32(services.count))
                 for service in services { service.encode(into: &writer) }
@@ -315,6 +403,8 @@ extension Reply {
                     channels.append(try CapsChannelTraffic.decode(&reader))
                 }
                 return .traffic(channels, more: more == 1)
+            case .capsTap:
+                return .tap
             default:
                 throw .wrongFrame(opcode, "caps reply")
             }

@@ -1,5 +1,6 @@
 // The monitor: a connection that asked to watch (opcode 3) receives one event (opcode 4) per
-// request the broker answers, as the broker answers it (PROTOCOL.md §5.9).
+// request the broker answers, as the broker answers it, per key expiry and CAPS departure, and
+// per message a tapped CAPS service reports (PROTOCOL.md §5.9).
 
 /// What a monitor wants to see. Empty fields match everything.
 public struct MonitorFilter: Sendable, Equatable {
@@ -63,11 +64,16 @@ public struct MonitorEvent: Sendable, Equatable {
     /// From the broker taking the request up to answering it (nanoseconds; a parked request's
     /// wait included).
     public var elapsed: UInt64
-    /// Events this monitor missed just before this one (its socket was full).
+    /// Events this monitor missed just before this one (its socket was full, or a tapped
+    /// service's own tap connection was).
     public var lost: UInt64
+    /// More about the object: a key's age, a channel, a tapped message's id and length ("" if nothing).
+    public var detail: String
+    /// A tapped message's first bytes (only from a tap that asked for payloads).
+    public var payload: [UInt8]
 
     public init(time: UInt64, subsystem: String, operation: String, pid: Int32, uid: UInt32, command: String, object: String,
-                outcome: String, elapsed: UInt64, lost: UInt64) {
+                outcome: String, elapsed: UInt64, lost: UInt64, detail: String = "", payload: [UInt8] = []) {
         self.time = time
         self.subsystem = subsystem
         self.operation = operation
@@ -78,6 +84,8 @@ public struct MonitorEvent: Sendable, Equatable {
         self.outcome = outcome
         self.elapsed = elapsed
         self.lost = lost
+        self.detail = detail
+        self.payload = payload
     }
 
     func encode(into writer: inout WireWriter) {
@@ -91,12 +99,15 @@ public struct MonitorEvent: Sendable, Equatable {
         writer.string(outcome)
         writer.u64(elapsed)
         writer.u64(lost)
+        writer.string(detail)
+        writer.bytes(payload)
     }
 
     static func decode(_ reader: inout WireReader) throws(DecodeError) -> MonitorEvent {
         MonitorEvent(time: try reader.u64("time"), subsystem: try reader.string("subsystem"),
                      operation: try reader.string("operation"), pid: try reader.i32("pid"), uid: try reader.u32("uid"),
                      command: try reader.string("command"), object: try reader.string("object"),
-                     outcome: try reader.string("outcome"), elapsed: try reader.u64("elapsed"), lost: try reader.u64("lost"))
+                     outcome: try reader.string("outcome"), elapsed: try reader.u64("elapsed"), lost: try reader.u64("lost"),
+                     detail: try reader.string("detail"), payload: try reader.bytes("payload"))
     }
 }

@@ -62,6 +62,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     case capsDisconnected = 65
     /// CAPS: every channel's traffic, from its ring words (`patchbay caps top`).
     case capsTraffic = 66
+    /// CAPS: a service's own second connection becomes its tap (`caps serve --tap`), then reports
+    /// the messages the service sees, one-way, for monitors of its uid (§12.6).
+    case capsTap = 67
+    case capsTapRecord = 68
 
     /// What an opcode is: its subsystem, the frames it appears in and their descriptors.
     public struct Metadata: Sendable, Equatable {
@@ -110,6 +114,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .capsConnected:     Metadata(.caps,         false,   false, true,  0, 0, 4)
         case .capsDisconnected:  Metadata(.caps,         false,   false, true,  0, 0, 0)
         case .capsTraffic:       Metadata(.caps,         true,    true,  false, 0, 0, 0)
+        case .capsTap:           Metadata(.caps,         true,    true,  false, 0, 0, 0)
+        case .capsTapRecord:     Metadata(.caps,         true,    false, false, 0, 0, 0)
         }
     }
 

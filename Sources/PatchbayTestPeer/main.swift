@@ -394,6 +394,16 @@ func adoptClaimed(_ keyText: String, _ name: String) throws(PatchbayError) {
     }
 }
 
+/// Tries to become the tap of service ID (someone else's), saying "tapped" or "refused ERRNO".
+func capsTap(_ id: UInt64) {
+    do {
+        _ = try CapsTap(try Broker(), serviceID: id, mode: .payloads)
+        say("tapped")
+    } catch {
+        say("refused \(error.errno.name)")
+    }
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -422,6 +432,8 @@ func main() -> CInt {
             try capsForge(arguments[1])
         case "caps-service-hang" where arguments.count == 2:
             try capsServiceHang(arguments[1])
+        case "caps-tap" where arguments.count == 2 && UInt64(arguments[1]) != nil:
+            capsTap(UInt64(arguments[1])!)
         case "caps-fork" where arguments.count == 2:
             try capsFork(arguments[1])
         case "traffic" where arguments.count == 2 && ["busy", "accept"].contains(arguments[1]):

@@ -43,6 +43,9 @@ let sampleRequests: [Request] = [
     .caps(.setGeneration(9)),
     .caps(.list),
     .caps(.traffic(after: 7)),
+    .caps(.tap(serviceID: 5, payloads: true)),
+    .caps(.tapRecords(lost: 2, [CapsTapRecord(messageID: 1 << 32 | 7, kind: .request, length: 3, payload: [1, 2, 3]),
+                                CapsTapRecord(messageID: 1 << 32 | 7, kind: .errorReply, length: 5)])),
     .monitor(MonitorFilter(subsystems: 10, uid: 65534, pid: 42, name: "/x")),
 ]
 
@@ -68,6 +71,7 @@ let sampleReplies: [Reply] = [
     .caps(.setGeneration),
     .caps(.list([CapsServiceInfo(name: "svc", uid: 0, gid: -1, flags: 7, clients: 3, generation: 2, pid: 10)])),
     .monitor,
+    .caps(.tap),
     .caps(.traffic([CapsChannelTraffic(service: "svc", serviceUID: -1, serviceOwner: 0, servicePID: 10, channelID: 3, clientUID: 65534,
                                        clientPID: 11, requestsPut: 9, requestsTaken: 8, repliesPut: 4, repliesTaken: 4)], more: true)),
 ]
@@ -97,7 +101,10 @@ struct ProtocolTests {
                                                arenaSize: 1 << 24)),
                       .caps(.disconnected(channelID: 4)),
                       .monitor(MonitorEvent(time: 1, subsystem: "keys", operation: "claim", pid: 7, uid: 65534, command: "cat",
-                                            object: "a key", outcome: "ENOENT", elapsed: 1200, lost: 3))] {
+                                            object: "a key", outcome: "ENOENT", elapsed: 1200, lost: 3)),
+                      .monitor(MonitorEvent(time: 2, subsystem: "caps", operation: "tapRequest", pid: 8, uid: 0, command: "sh",
+                                            object: "svc", outcome: "ok", elapsed: 0, lost: 0, detail: "message 9, 3 bytes",
+                                            payload: [0, 255, 7]))] {
             let frame = try Frame.decode(event.encode()[...])
             #expect(frame.kind == .event && frame.requestID == 0)
             #expect(try Event.decode(frame) == event)
@@ -111,7 +118,7 @@ struct ProtocolTests {
         #expect(Set(sampleRequests.map(\.opcode)) == requestOpcodes)
         #expect(Set(sampleReplies.map(\.opcode)) == replyOpcodes)
         #expect(!requestOpcodes.contains(.connection) && !requestOpcodes.contains(.capsConnected))
-        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge])
+        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge, .capsTapRecord])
         for request in sampleRequests {
             #expect(request.opcode.subsystem == Opcode(rawValue: request.opcode.rawValue)!.metadata.subsystem)
         }

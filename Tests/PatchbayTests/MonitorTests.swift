@@ -48,8 +48,12 @@ struct MonitorTests {
         let again = try run(patchbayCLI, ["claim", key], environment: broker.environment)
         #expect(again.termination != .exited(0))
         let claims = try events(monitor) { $0.operation == "claim" && $0.outcome == "ENOENT" }
-        #expect(claims.found != nil && claims.seen.contains { $0.operation == "claim" && $0.outcome == "ok" })
-        #expect(!claims.seen.contains { $0.object.contains(key) }, "a key's text never shows")
+        // The claim that got the file says what it was and whose; the failed one nothing of the key.
+        let claimed = claims.seen.first { $0.operation == "claim" && $0.outcome == "ok" }
+        #expect(claimed?.object == "regular file" && claimed?.detail.hasPrefix("shared by uid \(geteuid()) pid \(share?.pid ?? 0), ") == true,
+                "\(String(describing: claimed))")
+        #expect(claims.found?.object == "a key" && claims.found?.detail == "")
+        #expect(!claims.seen.contains { $0.object.contains(key) || $0.detail.contains(key) }, "a key's text never shows")
 
         // shared memory, here: create, open of a missing name (ENOENT).
         _ = try client.openSharedMemory("/watched", options: .create)
@@ -82,6 +86,113 @@ struct MonitorTests {
         let line = try watcher.readLine() ?? ""
         #expect(line.contains("\"object\": \"/named-by-cli\"") && line.contains("\"outcome\": \"ok\""), "\(line)")
         #expect(try watcher.wait() == .exited(0))
+    }
+
+    @Test("what is no client's request: a key's expiry, a socket's last close, a CAPS client leaving, a service's port closing")
+    func departuresAndExpiry() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let monitor = try BrokerMonitor(client)
+        let file = try openFile("/etc/hostname", flags: O_RDONLY)
+        _ = try client.share(file, timeout: .after(.milliseconds(50)))
+        let expiry = try events(monitor) { $0.operation == "keyExpiry" }.found
+        #expect(expiry?.subsystem == "keys" && expiry?.object == "regular file" && expiry?.uid == geteuid()
+                && expiry?.pid == getpid() && expiry?.outcome == "ok" && expiry?.detail.hasPrefix("unclaimed for ") == true,
+                "\(String(describing: expiry))")
+
+        // A /net socket whose last handle closes.
+        do {
+            let socket = try Socket.listen(client, name: "closing-listener", type: .seqpacket, backlog: 4)
+            let closedID = socket.id
+            _ = consume socket
+            let closed = try events(monitor) { $0.operation == "netClose" }.found
+            #expect(closed?.subsystem == "net" && closed?.object == "socket \(closedID)" && closed?.pid == getpid()
+                    && closed?.detail == "was LISTENING, named closing-listener", "\(String(describing: closed))")
+        }
+
+        let service = try Child(patchbayCLI, ["caps", "serve", "departing", "--allow", "world", "--echo"], environment: broker.environment)
+        let registered = try events(monitor) { $0.operation == "capsService" && $0.object == "departing" }.found
+        #expect(registered?.pid == service.pid)
+        let called = try run(patchbayCLI, ["caps", "call", "departing", "hello"], environment: broker.environment)
+        #expect(called.termination == .exited(0) && called.standardOutput == "hello")
+        let connect = try events(monitor) { $0.operation == "capsClient" && $0.object == "departing" }.found
+        let left = try events(monitor) { $0.operation == "capsDisconnect" }.found
+        #expect(left?.object == "departing" && left?.pid == connect?.pid && left?.command == "patchbay"
+                && left?.detail.hasPrefix("channel ") == true, "\(String(describing: left))")
+        service.kill(SIGKILL)
+        _ = try service.wait()
+        let death = try events(monitor) { $0.operation == "capsDeath" }.found
+        #expect(death?.object == "departing" && death?.pid == service.pid && death?.uid == geteuid(), "\(String(describing: death))")
+    }
+
+    @Test("a tapped service's messages, with the client's kernel credentials; payloads only when asked; only the registering process taps")
+    func tappedService() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let monitor = try BrokerMonitor(client, filter: MonitorFilter(subsystems: MonitorFilter.bit(of: .caps)))
+        let service = try CapsService(client, name: "tapped", access: [.world], tap: .payloads)
+        let caller = try CapsClient(client, name: "tapped")
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let id = try caller.put(Array("hello tap".utf8))
+        let message = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+        }.get()
+        #expect(message.messageID == id)
+        try service.reply(to: id, Array("HELLO".utf8))
+        let reply = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsReply in try caller.wait(into: raw) }
+        }.get()
+        #expect(reply.messageID == id)
+        let failing = try caller.put(Array("x".utf8))
+        // The first reply's DISPOSE may come first.
+        while try buffer.withUnsafeMutableBytes({ raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+        }).get().messageID != failing {}
+        try service.reply(to: failing, error: .ioError)
+
+        let request = try events(monitor) { $0.operation == "tapRequest" }.found
+        #expect(request?.object == "tapped" && request?.pid == getpid() && request?.uid == geteuid()
+                && request?.payload == Array("hello tap".utf8) && request?.detail == "message \(id), 9 bytes",
+                "\(String(describing: request))")
+        let answered = try events(monitor) { $0.operation == "tapReply" }.found
+        #expect(answered?.payload == Array("HELLO".utf8) && answered?.detail == "message \(id), 5 bytes")
+        let refused = try events(monitor) { $0.operation == "tapErrorReply" }.found
+        #expect(refused?.detail == "message \(failing), EIO")
+
+        // Headers only: no bytes.
+        let plain = try CapsService(client, name: "tapped.plain", access: [.world], tap: .headers)
+        let plainCaller = try CapsClient(client, name: "tapped.plain")
+        let plainID = try plainCaller.put(Array("secret".utf8))
+        _ = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try plain.wait(into: raw) }
+        }.get()
+        let header = try events(monitor) { $0.operation == "tapRequest" && $0.object == "tapped.plain" }.found
+        #expect(header?.detail == "message \(plainID), 6 bytes" && header?.payload == [])
+
+        // A tap reporting another service's message is ignored: the next event is its own.
+        let forger = try CapsTap(client, serviceID: plain.serviceID, mode: .headers)
+        forger.record(.request, id, length: 1)
+        forger.record(.dispose, plainID, length: 0)
+        let next = try events(monitor) { $0.operation.hasPrefix("tap") && $0.operation != "tapDispose" || $0.detail == "message \(plainID)" }.found
+        #expect(next?.operation == "tapDispose" && next?.object == "tapped.plain", "\(String(describing: next))")
+
+        // Another process may not tap this one's service; a service that does not exist is ENOENT.
+        let stranger = try run(testPeer, ["caps-tap", "\(service.serviceID)"], environment: broker.environment)
+        #expect(stranger.standardOutput == "refused EPERM\n", "\(stranger.standardOutput)")
+        let nothing = try run(testPeer, ["caps-tap", "999999"], environment: broker.environment)
+        #expect(nothing.standardOutput == "refused ENOENT\n", "\(nothing.standardOutput)")
+
+        // The command line: `caps serve --tap-payload`, called from another process.
+        let served = try Child(patchbayCLI, ["caps", "serve", "tapped.cli", "--allow", "world", "--tap-payload", "--echo"],
+                               environment: broker.environment)
+        defer { served.kill(SIGKILL); _ = try? served.wait() }
+        _ = try events(monitor) { $0.operation == "capsService" && $0.object == "tapped.cli" }
+        let called = try run(patchbayCLI, ["caps", "call", "tapped.cli", "from the CLI"], environment: broker.environment)
+        #expect(called.standardOutput == "from the CLI")
+        let cli = try events(monitor) { $0.operation == "tapRequest" && $0.object == "tapped.cli" }.found
+        #expect(cli?.payload == Array("from the CLI".utf8) && cli?.command == "patchbay" && cli?.pid != getpid()
+                && cli?.pid != served.pid, "\(String(describing: cli))")
+        _ = (caller, plainCaller)
     }
 
     @Test("a monitor that never reads does not slow the broker; it is told how many events it missed")
@@ -121,5 +232,42 @@ struct TwoUserMonitorTests {
         #expect(try watcher.wait() == .exited(0))
         let seen = try events(rootMonitor) { $0.object == "/nobodys" }.found
         #expect(seen?.uid == 65534)
+    }
+
+    @Test("nobody's monitor sees root's requests on nobody's objects, never root's tap; nobody cannot tap root's service")
+    func monitorSeesOwnObjects() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let made = try runAsOtherUser(["shm", "create", "/nobodys-object", "--size", "4k"], environment: broker.environment)
+        #expect(made.termination == .exited(0), "\(made.standardError)")
+        let before = try monitorsAccepted(root)
+        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                     "monitor", "--json", "--count", "1"], environment: broker.environment)
+        try waitForMonitors(root, before + 1)
+        // Root's tapped service and its traffic first: nobody must see none of it.
+        let service = try CapsService(root, name: "roots.tapped", access: [.world], tap: .payloads)
+        let client = try CapsClient(root, name: "roots.tapped")
+        let id = try client.put(Array("root's secret".utf8))
+        var buffer = [UInt8](repeating: 0, count: 256)
+        _ = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+        }.get()
+        try service.reply(to: id, Array("root's answer".utf8))
+        // Then root tries to open nobody's object read-write (its mode, 0644, refuses): that nobody sees.
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try root.openSharedMemory("/nobodys-object") }
+        // Nobody's own request last, so that the watcher has a line even if root's were hidden.
+        _ = try runAsOtherUser(["status"], environment: broker.environment)
+        if made.termination != .exited(0) { watcher.kill(SIGKILL) }
+        let line = try watcher.readLine() ?? ""
+        #expect(line.contains("\"object\": \"/nobodys-object\"") && line.contains("\"uid\": 0,")
+                && line.contains("\"outcome\": \"EACCES\"") && !line.contains("secret"),
+                "nobody's first event: \(line)")
+        #expect(try watcher.wait() == .exited(0))
+
+        let tapper = try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                  "caps-tap", "\(service.serviceID)"], environment: broker.environment)
+        #expect(tapper.standardOutput == "refused EPERM\n", "\(tapper.standardOutput)")
+        _ = client
     }
 }

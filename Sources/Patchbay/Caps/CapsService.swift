@@ -129,6 +129,9 @@ public final class CapsService: @unchecked Sendable {
     public var registrations: Int { core.lock.locked { registrationCount } }
     private var registrationCount = 1
     private let notifyConnections: Bool
+    /// How the service is tapped (nil: not), and the tap of the current registration.
+    private let tapMode: CapsTapMode?
+    private var tap: CapsTap?
     /// Requests a client may have here, read and not yet disposed of, before the next is refused.
     public let maximumInFlight: Int
     private let core = CapsPortCore(anew: "register again")
@@ -159,12 +162,16 @@ public final class CapsService: @unchecked Sendable {
     /// Registers a service. `uid`/`gid` -1: not registered under that key; otherwise a non-root
     /// caller may register only its own effective uid and a group it belongs to.
     ///
+    /// `tap`: report every message this port takes or answers to monitors of this uid (and
+    /// root), as `patchbay monitor` shows them: headers only, or with each payload's first bytes.
+    ///
     /// - Throws: `EINVAL`/`ENAMETOOLONG` (name), `EPERM`, `EEXIST` (`exclusive`).
     public init(_ broker: Broker, name: String, uid: Int32 = Int32(bitPattern: geteuid()), gid: Int32 = -1,
                 access: CapsAccess = [.user], exclusive: Bool = false, notifyConnections: Bool = false,
-                maximumInFlight: Int = 128) throws(PatchbayError) {
+                maximumInFlight: Int = 128, tap: CapsTapMode? = nil) throws(PatchbayError) {
         self.name = name
         self.notifyConnections = notifyConnections
+        tapMode = tap
         self.broker = broker
         // As the broker gives it to clients: 0 (or less) means 128, more than 256 is 256.
         self.maximumInFlight = maximumInFlight <= 0 ? 128 : min(maximumInFlight, 256)
@@ -195,6 +202,9 @@ public final class CapsService: @unchecked Sendable {
         noticePages.append(NoticePage(registration.takeNotices()))
         noticesAddress.store(UInt(bitPattern: noticePages[0].mapping.baseAddress), ordering: .releasing)
         connection = port
+        if let tap {
+            self.tap = try CapsTap(broker, serviceID: registeredID, mode: tap)
+        }
         statusWord(CapsLayout.statusRunningOffset).pointee = 1
         statusWord(CapsLayout.statusCPUOffset).pointee = UInt32(bitPattern: currentCPU())
         SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
@@ -291,6 +301,8 @@ public final class CapsService: @unchecked Sendable {
                 }
                 connection = port
                 unregistered = false
+                // The old broker's tap went with it; a tap that cannot be made again is only lost.
+                tap = tapMode.flatMap { mode in try? CapsTap(broker, serviceID: registeredID, mode: mode) }
         }
         try? registrationEvent.signal()
     }
@@ -426,9 +438,20 @@ public final class CapsService: @unchecked Sendable {
             }
             let offset: Int
             do throws(PatchbayError) {
-                offset = try CapsPortCore.publish(on: client.channel, .reply, allocator: &client.allocator,
-                                                  direct: client.direct.rawValue, messageID: messageID, length: length,
-                                                  descriptors: descriptors, what: "reply", fill: fill)
+                if let tap {
+                    var head: [UInt8] = []
+                    offset = try CapsPortCore.publish(on: client.channel, .reply, allocator: &client.allocator,
+                                                      direct: client.direct.rawValue, messageID: messageID, length: length,
+                                                      descriptors: descriptors, what: "reply") { buffer in
+                        fill(buffer)
+                        head = tap.head(of: UnsafeRawBufferPointer(buffer))
+                    }
+                    tap.record(.reply, messageID, length: length, head: head)
+                } else {
+                    offset = try CapsPortCore.publish(on: client.channel, .reply, allocator: &client.allocator,
+                                                      direct: client.direct.rawValue, messageID: messageID, length: length,
+                                                      descriptors: descriptors, what: "reply", fill: fill)
+                }
             } catch {
                 // Nothing was published: the request can still be answered.
                 throw error
@@ -456,6 +479,7 @@ public final class CapsService: @unchecked Sendable {
                                                         flags: aborted ? 0 : UInt32(bitPattern: error.rawValue))) else {
                 throw PatchbayError(.noBufferSpace, "the reply ring of message \(messageID)'s client is full")
             }
+            if !aborted { tap?.record(.errorReply, messageID, length: Int(error.rawValue)) }
             client.messages.remove(messageID)
             wake(client)
         }
@@ -624,6 +648,7 @@ public final class CapsService: @unchecked Sendable {
                 // in the ring entry is copied first (at most `inlineCapacity` bytes, on the
                 // stack): once the head moves past it, the client may reuse the slot.
                 client.messages.insert(MessageRecord(id: entry.messageID, offset: -1, length: 0, state: Self.received))
+                if let tap { tap.record(.request, entry.messageID, length: Int(entry.length), head: tap.head(of: payload.bytes)) }
                 guard entry.flags & CapsEntryFlags.inlinePayload != 0 else {
                     client.channel.advance(.request)
                     let result = use(message, payload.bytes)
@@ -650,6 +675,7 @@ public final class CapsService: @unchecked Sendable {
             guard let reply = client.messages.find(entry.messageID), reply.state == Self.replied else { return nil }
             client.messages.remove(entry.messageID)
             if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+            tap?.record(.dispose, entry.messageID, length: 0)
             message.kind = .dispose
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
@@ -657,6 +683,7 @@ public final class CapsService: @unchecked Sendable {
             client.channel.advance(.request)
             guard let request = client.messages.find(entry.messageID), request.state != Self.replied else { return nil }
             client.messages.setState(entry.messageID, Self.receivedAborted)
+            tap?.record(.abort, entry.messageID, length: 0)
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))

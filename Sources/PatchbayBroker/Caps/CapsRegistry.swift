@@ -509,6 +509,16 @@ final class CapsRegistry {
         return notices
     }
 
+    /// The channel a client session holds, if any.
+    func channel(ofSession session: UInt64) -> CapsChannelRecord? {
+        channelBySession[session].flatMap { channels[$0] }
+    }
+
+    /// The uids whose services are registered under `name` (for monitors).
+    func owners(of name: String) -> [UInt32] {
+        (byName[name] ?? []).compactMap { services[$0]?.owner.uid }
+    }
+
     /// The service record behind a session, if that session is a service port.
     func service(ofSession session: UInt64) -> CapsServiceRecord? {
         serviceBySession[session].flatMap { services[$0] }

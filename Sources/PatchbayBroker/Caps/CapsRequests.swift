@@ -10,6 +10,7 @@
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 
 final class CapsRequests: SessionClosedHook {
     let registry: CapsRegistry
@@ -25,6 +26,16 @@ final class CapsRequests: SessionClosedHook {
     }
 
     private var waiting: [WaitingClient] = []
+
+    /// A service's tap (`caps serve --tap`): a connection of the process that registered it,
+    /// whose records of the messages the service sees go to monitors of the service's uid.
+    private struct Tap {
+        var serviceID: UInt64
+        var payloads: Bool
+    }
+
+    /// Taps by session id.
+    private var taps: [UInt64: Tap] = [:]
 
     /// Services a listing shows, so a reply stays inside one frame.
     static let listLimit = 512
@@ -71,6 +82,23 @@ final class CapsRequests: SessionClosedHook {
 
         case .list:
             sessions.reply(.caps(.list(registry.list(limit: Self.listLimit))), to: context)
+
+        case .tap(let serviceID, let payloads):
+            guard let service = registry.services[serviceID] else {
+                return sessions.fail(RequestError(errno: .noSuchFileOrDirectory, reason: "no service has id \(serviceID)"), context)
+            }
+            guard service.owner.pid == context.caller.pid, service.owner.uid == context.caller.uid else {
+                return sessions.fail(RequestError(errno: .notPermitted,
+                                                  reason: "only the process that registered service \(service.name) (pid \(service.owner.pid)) may tap it"),
+                                     context)
+            }
+            taps[context.session.id] = Tap(serviceID: serviceID, payloads: payloads)
+            sessions.reply(.caps(.tap), to: context)
+
+        case .tapRecords(let lost, let records):
+            // One-way: never answered. Records from a connection that is no tap, or about another
+            // service's channels, are dropped.
+            report(records, lost: lost, from: context.session)
 
         case .traffic(let after):
             // Root and the broker's own user see every channel; anyone else (on the system broker)
@@ -167,6 +195,63 @@ final class CapsRequests: SessionClosedHook {
     /// channels hears that the client left.
     func sessionClosed(_ session: Session) {
         waiting.removeAll { $0.request.session == session.id }
+        taps[session.id] = nil
+        if !sessions.monitors.isEmpty { announceDeparture(of: session) }
         notifyDeparture(registry.sessionClosed(session.id))
+    }
+
+    // MARK: Monitors
+
+    /// Tells monitors that a client's channel ended (`capsDisconnect`, seen by the client's and the
+    /// service's uids) or that a service's port closed (`capsDeath`, seen by the service's uid).
+    private func announceDeparture(of session: Session) {
+        let credentials = session.credentials
+        if let channel = registry.channel(ofSession: session.id), let service = registry.services[channel.serviceID] {
+            let (name, channelID) = (service.name, channel.id)
+            sessions.announce(.caps, pid: credentials.pid, uid: credentials.uid, object: name,
+                              audience: [credentials.uid, service.owner.uid]) {
+                MonitorEvent(time: 0, subsystem: "", operation: "capsDisconnect", pid: credentials.pid, uid: credentials.uid,
+                             command: session.command ?? "", object: name, outcome: "ok", elapsed: 0, lost: 0,
+                             detail: "channel \(channelID)")
+            }
+        }
+        if let service = registry.service(ofSession: session.id) {
+            let (name, clients) = (service.name, service.channels.count)
+            sessions.announce(.caps, pid: credentials.pid, uid: credentials.uid, object: name, audience: [service.owner.uid]) {
+                MonitorEvent(time: 0, subsystem: "", operation: "capsDeath", pid: credentials.pid, uid: credentials.uid,
+                             command: session.command ?? "", object: name, outcome: "ok", elapsed: 0, lost: 0,
+                             detail: "service \(service.id), \(clients) client\(clients == 1 ? "" : "s") cut off")
+            }
+        }
+    }
+
+    /// A tap's records, as events for monitors of the service's uid (and root). Who the client is
+    /// comes from the channel the message id names (kernel credentials), never from the record.
+    private func report(_ records: [CapsTapRecord], lost: UInt32, from session: Session) {
+        guard !sessions.monitors.isEmpty, let tap = taps[session.id], let service = registry.services[tap.serviceID] else { return }
+        var extra = UInt64(lost)
+        for record in records {
+            guard let channel = registry.channels[record.messageID >> 32], channel.serviceID == service.id,
+                  let client = sessions[channel.clientSession] else { continue }
+            let credentials = client.credentials
+            let operation: String
+            var detail = "message \(record.messageID)"
+            switch record.kind {
+            case .request: operation = "tapRequest"; detail += ", \(record.length) bytes"
+            case .reply: operation = "tapReply"; detail += ", \(record.length) bytes"
+            case .errorReply: operation = "tapErrorReply"; detail += ", \(Errno(rawValue: Int32(truncatingIfNeeded: record.length)).name)"
+            case .dispose: operation = "tapDispose"
+            case .abort: operation = "tapAbort"
+            }
+            let payload = tap.payloads ? record.payload : []
+            sessions.announce(.caps, pid: credentials.pid, uid: credentials.uid, object: service.name,
+                              audience: [service.owner.uid], lost: extra) {
+                sessions.noteCommand(of: client)
+                return MonitorEvent(time: 0, subsystem: "", operation: operation, pid: credentials.pid, uid: credentials.uid,
+                                    command: client.command ?? "", object: service.name, outcome: "ok", elapsed: 0, lost: 0,
+                                    detail: detail, payload: payload)
+            }
+            extra = 0
+        }
     }
 }

@@ -50,6 +50,14 @@ final class KeyRequests: SessionClosedHook {
             return
         }
         claimsInFlight[context.session.id, default: []].insert(token)
+        var context = context
+        if !sessions.monitors.isEmpty {
+            // Described only now that the key is known to be the caller's to claim: a failed
+            // guess shows nothing of the key it hit or missed.
+            context.object = entry.fileKind.spoken
+            context.detail = "shared by uid \(entry.ownerUID) pid \(entry.ownerPID), \(Self.age(context.now &- entry.createdAt)) ago"
+            context.owners = [entry.ownerUID]
+        }
         if !sessions.reply(.keys(.claim(fileKind: entry.fileKind.rawValue)), attaching: [entry.file], to: context) {
             // The client is gone (its hook already gave the key back) or unreachable.
             finish(token, session: context.session.id, received: false, now: context.now)
@@ -71,11 +79,28 @@ final class KeyRequests: SessionClosedHook {
         }
     }
 
-    /// Drops every key whose deadline passed; the loop calls this after each wake-up.
+    /// Drops every key whose deadline passed; the loop calls this after each wake-up. Monitors of
+    /// the sharer's uid hear of each (its file's kind and age, never the key).
     /// Returns how many expired.
     @discardableResult
     func expire(now: UInt64) -> Int {
-        table.expire(now: now)
+        guard !sessions.monitors.isEmpty else { return table.expire(now: now) }
+        return table.expire(now: now) { entry in
+            self.sessions.announce(.keys, pid: entry.ownerPID, uid: entry.ownerUID, object: entry.fileKind.spoken,
+                              audience: [entry.ownerUID]) {
+                MonitorEvent(time: 0, subsystem: "", operation: "keyExpiry", pid: entry.ownerPID, uid: entry.ownerUID,
+                             command: "", object: entry.fileKind.spoken, outcome: "ok", elapsed: 0, lost: 0,
+                             detail: "unclaimed for \(Self.age(now &- entry.createdAt))")
+            }
+        }
+    }
+
+    /// A duration in words: `850 ms`, `12.5 s`, `3 min`.
+    static func age(_ nanoseconds: UInt64) -> String {
+        let milliseconds = nanoseconds / 1_000_000
+        if milliseconds < 1000 { return "\(milliseconds) ms" }
+        if milliseconds < 120_000 { return "\(milliseconds / 1000).\(milliseconds % 1000 / 100) s" }
+        return "\(milliseconds / 60_000) min"
     }
 
     /// How long the loop may sleep before the next key expires (-1: no deadline).

@@ -281,7 +281,7 @@ final class KeyTable {
     /// Removes every key whose deadline has passed, closing the files they held.
     /// Returns how many expired.
     @discardableResult
-    func expire(now: UInt64) -> Int {
+    func expire(now: UInt64, reporting report: ((KeyEntry) -> Void)? = nil) -> Int {
         var expired = 0
         while let first = expiryQueue.min, first.deadline <= now {
             _ = expiryQueue.removeMin()
@@ -290,6 +290,7 @@ final class KeyTable {
             case .expiry where entry.deadline == first.deadline:
                 // A key in flight expires too: its claimer already holds the file, and if the
                 // file got lost on the way the key would be restored only to be expired anyway.
+                report?(entry)
                 remove(first.token)
                 expired += 1
             case .acknowledgement(let claimNumber) where entry.inFlightTo != nil && entry.claimNumber == claimNumber:
@@ -442,5 +443,22 @@ final class FailedClaimLimiter {
             buckets[uid] = bucket
         }
         return bucket.tokens
+    }
+}
+
+extension FileKind {
+    /// The kind in words, as monitors show what a key holds.
+    var spoken: String {
+        switch self {
+        case .regular: "regular file"
+        case .directory: "directory"
+        case .socket: "socket"
+        case .pipe: "pipe"
+        case .characterDevice: "character device"
+        case .blockDevice: "block device"
+        case .symbolicLink: "symbolic link"
+        case .anonymous: "anonymous file (eventfd, epoll, ...)"
+        case .unknown: "file"
+        }
     }
 }

@@ -150,6 +150,15 @@ final class NetRequests: SessionClosedHook {
         }
         loop.unregister(socket.handle.rawValue)
         if !socket.waitingAccepts.isEmpty { watchListener(socket, false) }
+        if !sessions.monitors.isEmpty {
+            // No request: the last handle closed (its owner closed it, or died).
+            let (state, name, owner) = (socket.state, socket.name, socket.ownerUID)
+            sessions.announce(.net, pid: socket.ownerPID, uid: owner, object: "socket \(id)", audience: [owner, socket.accountedUID]) {
+                MonitorEvent(time: 0, subsystem: "", operation: "netClose", pid: socket.ownerPID, uid: owner, command: "",
+                             object: "socket \(id)", outcome: "ok", elapsed: 0, lost: 0,
+                             detail: "was \(state.rawValue)" + (name.map { ", named \($0)" } ?? ""))
+            }
+        }
         for waiting in table.close(id) {
             sessions.fail(RequestError(errno: .connectionAbort, reason: "socket \(id) stopped listening"), waiting)
         }
