@@ -48,6 +48,7 @@ public final class BrokerServer {
         case .netList?, .capsList?, .status?: 8  // a walk of an in-memory table
         case .metrics?: 16  // the status walk, and the text
         case .capsTraffic?: 16  // a sort of the channel ids, and a page of them
+        case .capsTapRecord?: 8  // up to 64 records, each an event for the monitors that see it
         default: 1
         }
     }
@@ -415,7 +416,10 @@ public final class BrokerServer {
         case .net(.list): return ("", [], "")
         case .net(.path(let name)), .net(.adopt(_, _, let name)): return (name, [], "")
         case .caps(.service(let name, _, _, _, _)), .caps(.client(let name, _, _, _)): return (name, caps.registry.owners(of: name), "")
-        case .caps(.setGeneration), .caps(.list), .caps(.traffic), .caps(.tap), .caps(.tapRecords): return ("", [], "")
+        case .caps(.tap(let serviceID, let payloads)):
+            guard let service = caps.registry.services[serviceID] else { return ("", [], "service \(serviceID)") }
+            return (service.name, [service.owner.uid], payloads ? "headers and payloads" : "headers")
+        case .caps(.setGeneration), .caps(.list), .caps(.traffic), .caps(.tapRecords): return ("", [], "")
         }
     }
 

@@ -221,6 +221,19 @@ private final class Tour {
         for line in traffic.output.split(separator: "\n") { say("   " + line) }
         kill(capsServer, SIGTERM)
         _ = try wrap { () throws(Errno) in try waitForProcess(capsServer) }
+        // A service can show its own messages, to monitors of its uid: `caps serve --tap-payload`.
+        let tappedServer = try spawnChild(["caps", "serve", "demo.tapped", "--allow", "world", "--tap-payload", "--echo"])
+        let tappedClient = try CapsClient(broker, name: "demo.tapped", waitForService: true)
+        _ = try tappedClient.call(Array("hello, tap".utf8))
+        _ = try tappedClient.call(Array("again".utf8))
+        say("   a service run with --tap-payload shows what it handles (the client's pid from the kernel, never from the service):")
+        while let event = try watcher.next(timeoutMilliseconds: 100) {
+            say("   " + MonitorCommand.clock(event.time) + "  " + event.operation.padding(15) + "pid \(event.pid)".padding(11)
+                + event.object.padding(13) + event.detail
+                + (event.payload.isEmpty ? "" : "  \"" + MonitorCommand.printable(event.payload) + "\""))
+        }
+        kill(tappedServer, SIGTERM)
+        _ = try wrap { () throws(Errno) in try waitForProcess(tappedServer) }
 
         // 11. Status.
         let status = try runChild(["status"])
