@@ -332,13 +332,13 @@ int pb_pin_to_cpu(int cpu) {
 
 int pb_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
 
-static uint64_t fork_generation = 0;
+uint64_t pb_fork_generation_value = 0;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void fork_child(void) { __atomic_fetch_add(&fork_generation, 1, __ATOMIC_SEQ_CST); }
+static void fork_child(void) { __atomic_fetch_add(&pb_fork_generation_value, 1, __ATOMIC_SEQ_CST); }
 static void fork_install(void) { pthread_atfork(NULL, NULL, fork_child); }
 uint64_t pb_fork_generation(void) {
     pthread_once(&fork_once, fork_install);
-    return __atomic_load_n(&fork_generation, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&pb_fork_generation_value, __ATOMIC_ACQUIRE);
 }
 
 int pb_file_identity(int fd, uint64_t *device, uint64_t *inode) {

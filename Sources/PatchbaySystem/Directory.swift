@@ -1,5 +1,5 @@
 package import SystemPackage
-package import Glibc
+public import Glibc
 
 /// Why a directory cannot hold a socket or a store safely: errno plus a sentence.
 package struct DirectoryProblem: Error, Sendable {
@@ -68,11 +68,12 @@ package func startThread(_ body: @escaping @Sendable () -> Void) {
 
 /// A recursive mutual-exclusion lock (pthread mutex) for objects that serialise their operations
 /// and return non-Sendable results from them, which `Mutex.withLock` does not allow. Recursive, so
-/// a callback run under it (a CAPS `receive` body) may call the same object again.
-package final class Lock: @unchecked Sendable {
+/// a callback run under it (a CAPS `receive` body) may call the same object again. Public so that
+/// `locked` is specialised and inlined in the library (see SharedWords.swift); not API.
+public final class Lock: @unchecked Sendable {
     @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
-    package init() {
+    public init() {
         var attributes = pthread_mutexattr_t()
         pthread_mutexattr_init(&attributes)
         pthread_mutexattr_settype(&attributes, CInt(PTHREAD_MUTEX_RECURSIVE))
@@ -86,7 +87,7 @@ package final class Lock: @unchecked Sendable {
     }
 
     @inlinable @inline(__always)
-    package func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()

@@ -1,30 +1,34 @@
-import CPatchbayShims
+// Public, not package, and `@inlinable` with a public import of the shims: this toolchain inlines
+// `@inlinable` bodies across modules only for public declarations (a package one stays a call),
+// and these run several times per CAPS message. They are not part of Patchbay's API: the
+// library's users import `Patchbay`, which does not re-export this module.
+public import CPatchbayShims
 package import SystemPackage
 
 /// Atomic access to words that live in memory shared between processes. Loads acquire, stores
 /// release, read-modify-writes and `fence` are sequentially consistent: enough for the
 /// single-producer/single-consumer rings and the sleep/wake handshakes built on them.
-package enum SharedWord {
-    @inlinable @inline(__always) package static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
-    @inlinable @inline(__always) package static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
-    @inlinable @inline(__always) package static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
-    @inlinable @inline(__always) package static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
+public enum SharedWord {
+    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_load_u32(p) }
+    @inlinable @inline(__always) public static func load(_ p: UnsafeMutablePointer<UInt64>) -> UInt64 { pb_load_u64(p) }
+    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt32>, _ v: UInt32) { pb_store_u32(p, v) }
+    @inlinable @inline(__always) public static func store(_ p: UnsafeMutablePointer<UInt64>, _ v: UInt64) { pb_store_u64(p, v) }
     @inlinable @inline(__always) @discardableResult
-    package static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
+    public static func increment(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, 1) }
     @inlinable @inline(__always) @discardableResult
-    package static func decrement(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, UInt32.max) }
+    public static func decrement(_ p: UnsafeMutablePointer<UInt32>) -> UInt32 { pb_fetch_add_u32(p, UInt32.max) }
     @inlinable @inline(__always)
-    package static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
+    public static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
         pb_cas_u32(p, expected, desired) != 0
     }
-    @inlinable @inline(__always) package static func fence() { pb_fence() }
+    @inlinable @inline(__always) public static func fence() { pb_fence() }
     /// A pause hint for spin loops.
-    @inlinable @inline(__always) package static func relax() { pb_cpu_relax() }
+    @inlinable @inline(__always) public static func relax() { pb_cpu_relax() }
 }
 
 /// The CPU this thread is running on now. The corresponding C call is `sched_getcpu`.
-@inline(__always)
-package func currentCPU() -> Int32 { pb_current_cpu() }
+@inlinable @inline(__always)
+public func currentCPU() -> Int32 { pb_current_cpu() }
 
 /// Pins the calling thread to `cpu`. The corresponding C call is `sched_setaffinity`.
 package func pinToCPU(_ cpu: Int32) throws(Errno) {
@@ -35,5 +39,10 @@ package func pinToCPU(_ cpu: Int32) throws(Errno) {
 package func onlineCPUCount() -> Int { Int(pb_cpu_count()) }
 
 /// Increases in every process created by `fork`, so objects can tell they were inherited.
-@inline(__always)
-package func forkGeneration() -> UInt64 { pb_fork_generation() }
+@inlinable @inline(__always)
+public func forkGeneration() -> UInt64 { pb_fork_generation() }
+
+/// `forkGeneration()` as one load, exact once `forkGeneration()` has been called in this process
+/// (objects that check it call that when they are made).
+@inlinable @inline(__always)
+public func forkGenerationSeen() -> UInt64 { pb_fork_generation_seen() }

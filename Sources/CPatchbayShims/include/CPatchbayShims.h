@@ -142,6 +142,15 @@ int pb_current_cpu(void);
 /// A counter that increases in every child created by fork (installed once with pthread_atfork).
 uint64_t pb_fork_generation(void);
 
+/// The counter itself, for `pb_fork_generation_seen`.
+extern uint64_t pb_fork_generation_value;
+
+/// The counter without the installation check: exact once `pb_fork_generation` has been called
+/// (a port calls it when it is made, so every fork after that counts). One load, inlined.
+static inline uint64_t pb_fork_generation_seen(void) {
+    return __atomic_load_n(&pb_fork_generation_value, __ATOMIC_RELAXED);
+}
+
 /* A pidfd for process `pid` (pidfd_open(2), close-on-exec), or -1 with errno set. */
 int pb_pidfd_open(int pid);
 

@@ -133,7 +133,8 @@ struct CapsPortCore {
     /// `ENOTCONN` for a port inherited across `fork`.
     @inline(__always)
     func checkInherited() throws(PatchbayError) {
-        if forkGeneration() != createdIn {
+        // `createdIn` came from `forkGeneration()`, which installed the fork counter.
+        if forkGenerationSeen() != createdIn {
             throw PatchbayError(.socketNotConnected, "this port was inherited across fork; close it and \(anew)")
         }
     }

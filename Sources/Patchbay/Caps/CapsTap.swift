@@ -9,7 +9,7 @@
 // not keep up costs the service nothing either: records that do not fit are counted, and the
 // next record that does carries the count (monitors show it as missed events).
 
-public import PatchbayProtocol
+package import PatchbayProtocol
 import Glibc
 import PatchbaySystem
 
