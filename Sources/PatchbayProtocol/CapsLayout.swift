@@ -40,6 +40,7 @@ public enum CapsLayout {
     public static let clientWakeOffset = 320      // futex word the client sleeps on
     public static let clientSleepingOffset = 324  // 1 while the client is (about to be) asleep
     public static let clientWatchingOffset = 328  // 1 when the client waits through its eventfd
+    public static let serviceWakePendingOffset = 332  // 1: the client woke the service's socket and it has not run since
     public static let clientRunningOffset = 384   // 1 while the client runs; its CPU beside it
     public static let clientCPUOffset = 388
     public static let serviceClosedOffset = 448   // set by the broker when the service is gone

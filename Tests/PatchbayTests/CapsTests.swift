@@ -79,6 +79,30 @@ struct CapsTests {
         #expect(try forker.wait() == .exited(0))
     }
 
+    @Test("a client that marks a wake-up pending without sending it delays only its own requests")
+    func pendingWakeMarkIsPerChannel() throws {
+        let broker = try TestBroker()
+        let service = try Child(patchbayCLI, ["caps", "serve", "pending.echo", "--allow", "world", "--echo"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let client = try broker.connect()
+        let hostile = try CapsClient(client, name: "pending.echo", waitForService: true)
+        let honest = try CapsClient(client, name: "pending.echo")
+        hostile.markServiceWakePending()
+        let held = try hostile.put(Array("held".utf8))
+        // The honest channel wakes the service whatever the other one claims.
+        #expect(try honest.call(Array("ok".utf8)) == Array("ok".utf8))
+        // Woken, the service looks at every ring: the held request is answered too.
+        var buffer = [UInt8](repeating: 0, count: 16)
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        var answered: CapsReply?
+        while answered == nil, monotonicNanoseconds() < deadline {
+            answered = try? buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsReply in try hostile.get(into: raw) }
+            }.get()
+        }
+        #expect(answered?.messageID == held && buffer.prefix(4) == Array("held".utf8)[...])
+    }
+
     @Test("a restarted service is a new generation, seen by reconnecting clients")
     func restartBumpsGeneration() throws {
         let broker = try TestBroker()

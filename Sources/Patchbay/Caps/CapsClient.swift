@@ -249,6 +249,13 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Marks a wake-up of the service as already sent, without sending one, as a hostile client
+    /// writing its channel header could: only for the project's tests, to check that such a mark
+    /// delays this channel's messages alone.
+    package func markServiceWakePending() {
+        SharedWord.store(channel.word32(CapsLayout.serviceWakePendingOffset), 1)
+    }
+
     /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
     ///
     /// - Throws: `EINVAL` when `messageID` is not a request of this port in flight.
@@ -477,10 +484,17 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// After a push: wakes the service if it sleeps, unless a wake-up is already on its way to it
+    /// (one this port sent that the service has not run since): a DISPOSE and the next REQUEST
+    /// then cost one wake-up, not two.
     private func wakeService() {
         SharedWord.fence()
         if SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)) != 0 {
-            WakeSocket.wake(serviceWake.rawValue)
+            let pending = channel.word32(CapsLayout.serviceWakePendingOffset)
+            if SharedWord.load(pending) == 0 {
+                SharedWord.store(pending, 1)
+                WakeSocket.wake(serviceWake.rawValue)
+            }
         }
     }
 

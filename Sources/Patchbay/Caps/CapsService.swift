@@ -799,7 +799,15 @@ public final class CapsService: @unchecked Sendable {
     }
 
     private func drainWakeups() {
-        for client in clients.values { WakeSocket.drain(client.serviceWake.rawValue) }
+        for client in clients.values { Self.drainWakeups(of: client) }
+    }
+
+    /// Takes `client`'s wake-ups: clears its pending mark first (so a push it makes from now on
+    /// wakes this port again), then empties its wake socket. The rings are looked at after this.
+    private static func drainWakeups(of client: ClientChannel) {
+        SharedWord.store(client.channel.word32(CapsLayout.serviceWakePendingOffset), 0)
+        SharedWord.fence()
+        WakeSocket.drain(client.serviceWake.rawValue)
     }
 
     /// Spin-then-sleep until work arrives: spins while the last active client runs on another
@@ -861,9 +869,7 @@ public final class CapsService: @unchecked Sendable {
                 if let client = clients[id] { try? epoll.remove(client.direct.rawValue) }
                 clientGone(id)
             default:
-                if let client = clients[event.token & ~Self.channelTokens] {
-                    WakeSocket.drain(client.serviceWake.rawValue)
-                }
+                if let client = clients[event.token & ~Self.channelTokens] { Self.drainWakeups(of: client) }
             }
         }
     }
