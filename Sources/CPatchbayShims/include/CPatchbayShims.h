@@ -122,7 +122,16 @@ static inline uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v) { return __atom
 static inline int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
-static inline void pb_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/// A full fence. On x86-64 a locked add to the stack's red zone orders stores before later loads
+/// as `mfence` does for ordinary (write-back) memory, at about half its cost; Linux's own smp_mb()
+/// is the same instruction. Elsewhere the compiler's sequentially consistent fence.
+static inline void pb_fence(void) {
+#if defined(__x86_64__)
+    __asm__ __volatile__("lock; addl $0,-4(%%rsp)" ::: "memory", "cc");
+#else
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
 static inline void pb_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
