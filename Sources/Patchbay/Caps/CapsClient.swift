@@ -98,23 +98,23 @@ public final class CapsClient: @unchecked Sendable {
     private let core = CapsPortCore(anew: "connect again")
     private let cancelled = Atomic<Bool>(false)
 
-    private var allocator: ArenaAllocator
-    private var sequence: UInt32 = 0
+    @exclusivity(unchecked) private var allocator: ArenaAllocator
+    @exclusivity(unchecked) private var sequence: UInt32 = 0
     /// Requests whose reply has not been consumed: arena offset (-1: attached), length, and
     /// whether the service was told of an abort (`abortedAtService`).
     private let requests = MessageTable(capacity: CapsLayout.ringCapacity)
     private static let abortedAtService: UInt32 = 1
     /// DISPOSEs that found the request ring full, sent before anything else goes on it.
     private let disposeBacklog = DisposeBacklog()
-    private var closedReplies: [UInt64]?
+    @exclusivity(unchecked) private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
-    private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
+    @exclusivity(unchecked) private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
-    private var watching = false
+    @exclusivity(unchecked) private var watching = false
     /// While watching: what `eventDescriptor` returns, an epoll set of the wake socket and
     /// `backlogEvent`, which announces replies that arrived before watching began.
-    private var watchSet: WatchSet?
+    @exclusivity(unchecked) private var watchSet: WatchSet?
 
     private final class WatchSet {
         let epoll: Epoll

@@ -116,7 +116,10 @@ struct CapsPayload: ~Copyable {
 
 /// What a CAPS client port and a service port share. Owned by the port (a constant of it, so the
 /// hot path pays no exclusivity check); every use of `stash` is under `lock`, which is recursive
-/// so that a receive body may call its port again.
+/// so that a receive body may call its port again. The ports' own mutable state is used under the
+/// same lock and marked `@exclusivity(unchecked)`: the lock is what keeps accesses apart, and the
+/// runtime's dynamic check (a thread-local access set per access) cost more than the rest of a
+/// message's bookkeeping.
 struct CapsPortCore {
     /// Serialises the port's state; never held while sleeping.
     let lock = Lock()

@@ -52,7 +52,7 @@ public final class CapsService: @unchecked Sendable {
     /// The broker's id for this registration (a new one after registering again with a broker
     /// that restarted).
     public var serviceID: UInt64 { core.lock.locked { registeredID } }
-    private var registeredID: UInt64
+    @exclusivity(unchecked) private var registeredID: UInt64
 
     /// One client connection, as the service keeps it.
     private final class ClientChannel {
@@ -62,7 +62,7 @@ public final class CapsService: @unchecked Sendable {
         let serviceWake: PatchbaySystem.Descriptor
         let clientWake: PatchbaySystem.Descriptor
         let direct: PatchbaySystem.Descriptor
-        var allocator: ArenaAllocator
+        @exclusivity(unchecked) var allocator: ArenaAllocator
         /// Its requests read and not yet disposed of, by sequence number: `received`,
         /// `receivedAborted` (the client aborted it since), or `replied` (with the reply's arena
         /// offset, -1 when attached, and length). Their number is what the in-flight limit bounds.
@@ -122,7 +122,7 @@ public final class CapsService: @unchecked Sendable {
     private let broker: Broker
     private let terms: Request.Caps
     /// The broker went away and the service is not registered (yet) with its successor.
-    private var unregistered = false
+    @exclusivity(unchecked) private var unregistered = false
     /// Registering again failed for good: `wait` throws this.
     private var registrationFailure: PatchbayError?
     /// How many times the service registered again with a restarted broker.
@@ -131,25 +131,25 @@ public final class CapsService: @unchecked Sendable {
     private let notifyConnections: Bool
     /// How the service is tapped (nil: not), and the tap of the current registration.
     private let tapMode: CapsTapMode?
-    private var tap: CapsTap?
+    @exclusivity(unchecked) private var tap: CapsTap?
     /// Requests a client may have here, read and not yet disposed of, before the next is refused.
     public let maximumInFlight: Int
     private let core = CapsPortCore(anew: "register again")
-    private var refused = Refusals(total: 0, last: nil)
+    @exclusivity(unchecked) private var refused = Refusals(total: 0, last: nil)
 
-    private var clients: [UInt64: ClientChannel] = [:]
+    @exclusivity(unchecked) private var clients: [UInt64: ClientChannel] = [:]
     /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
-    private var order: [ClientChannel] = []
+    @exclusivity(unchecked) private var order: [ClientChannel] = []
     /// Their channels, in the same order: what a waiter polls, taken without copying.
-    private var channels: [CapsChannel] = []
-    private var cursor = 0
+    @exclusivity(unchecked) private var channels: [CapsChannel] = []
+    @exclusivity(unchecked) private var cursor = 0
     /// The client whose request was read last: whose CPU a waiter watches, and the first place a
     /// reply looks for its client.
-    private var lastActive: ClientChannel?
-    private var synthetic: [CapsServiceMessage] = []
-    private var watching = false
+    @exclusivity(unchecked) private var lastActive: ClientChannel?
+    @exclusivity(unchecked) private var synthetic: [CapsServiceMessage] = []
+    @exclusivity(unchecked) private var watching = false
     /// The broker's notice counter as last read: the connection is read only when it moved.
-    private var noticesSeen: UInt32 = 0
+    @exclusivity(unchecked) private var noticesSeen: UInt32 = 0
 
     private static let brokerToken: UInt64 = 1
     private static let cancelToken: UInt64 = 2
@@ -594,10 +594,13 @@ public final class CapsService: @unchecked Sendable {
 
     /// Round-robin over the clients: the next entry of some request ring (aborted ones skipped).
     private func nextEntry() -> (ClientChannel, CapsEntry, UnsafeMutablePointer<UInt32>)? {
-        guard !order.isEmpty else { return nil }
-        for step in 0..<order.count {
-            let index = (cursor + step) % order.count
+        let count = order.count
+        guard count > 0 else { return nil }
+        var index = cursor < count ? cursor : 0
+        for _ in 0..<count {
             let client = order[index]
+            index += 1
+            if index == count { index = 0 }
             while let (entry, state) = client.channel.peek(.request) {
                 if entry.kind == .request,
                    !SharedWord.compareExchange(state, expected: CapsEntryState.pending.rawValue, desired: CapsEntryState.taken.rawValue),
@@ -605,7 +608,7 @@ public final class CapsService: @unchecked Sendable {
                     client.channel.advance(.request)  // taken back by its client
                     continue
                 }
-                cursor = (index + 1) % order.count
+                cursor = index
                 lastActive = client
                 return (client, entry, state)
             }
