@@ -351,7 +351,10 @@ public final class CapsClient: @unchecked Sendable {
             let epoch = stashEpoch.load(ordering: .acquiring)
             var stashedForOthers = false
             let mine = try core.lock.locked { () throws(PatchbayError) -> Result<T, PatchbayError>? in
-                if let kept = otherCalls.removeValue(forKey: id) { return kept.flatMap { bytes in bytes.withUnsafeBytes(take) } }
+                // (Checked for emptiness first: a lookup hashes the id even in an empty dictionary.)
+                if !otherCalls.isEmpty, let kept = otherCalls.removeValue(forKey: id) {
+                    return kept.flatMap { bytes in bytes.withUnsafeBytes(take) }
+                }
                 var answer: Result<T, PatchbayError>?
                 _ = try nextReply(room: nil) { reply, payload in
                     if reply.messageID == id {

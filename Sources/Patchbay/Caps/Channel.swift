@@ -255,18 +255,23 @@ struct ArenaAllocator {
         return block.offset
     }
 
+    /// Frees a block, joined with its free neighbours in place (the usual case, a block freed
+    /// next to the free space it came from, moves no element of the list).
     mutating func release(offset: Int, length: Int) {
         let size = Self.rounded(length)
         let index = free.firstIndex { $0.offset > offset } ?? free.count
-        free.insert((offset, size), at: index)
-        // Merge with the neighbours.
-        if index + 1 < free.count, free[index].offset + free[index].length == free[index + 1].offset {
-            free[index].length += free[index + 1].length
-            free.remove(at: index + 1)
-        }
-        if index > 0, free[index - 1].offset + free[index - 1].length == free[index].offset {
-            free[index - 1].length += free[index].length
+        let joinsPrevious = index > 0 && free[index - 1].offset + free[index - 1].length == offset
+        let joinsNext = index < free.count && offset + size == free[index].offset
+        switch (joinsPrevious, joinsNext) {
+        case (true, true):
+            free[index - 1].length += size + free[index].length
             free.remove(at: index)
+        case (true, false):
+            free[index - 1].length += size
+        case (false, true):
+            free[index] = (offset, size + free[index].length)
+        case (false, false):
+            free.insert((offset, size), at: index)
         }
     }
 }
