@@ -805,12 +805,16 @@ public final class CapsService: @unchecked Sendable {
         for client in clients.values { Self.drainWakeups(of: client) }
     }
 
-    /// Takes `client`'s wake-ups: clears its pending mark first (so a push it makes from now on
-    /// wakes this port again), then empties its wake socket. The rings are looked at after this.
+    /// Takes `client`'s wake-ups: empties its wake socket, then clears its pending mark (so a push
+    /// it makes from now on wakes this port again). The rings are looked at after this. In this
+    /// order, a mark that is set always has its byte still in the socket, or a look at the rings
+    /// to come: a byte written just after the drain stays for the next wait; a mark cleared
+    /// before the client looked at it makes the client write again. (Cleared first, a client
+    /// could set the mark and have its byte drained at once, and its next push would wake no one.)
     private static func drainWakeups(of client: ClientChannel) {
+        WakeSocket.drain(client.serviceWake.rawValue)
         SharedWord.store(client.channel.word32(CapsLayout.serviceWakePendingOffset), 0)
         SharedWord.fence()
-        WakeSocket.drain(client.serviceWake.rawValue)
     }
 
     /// Spin-then-sleep until work arrives: spins while the last active client runs on another
