@@ -146,6 +146,41 @@ func capsClient(_ name: String, count: Int) throws(PatchbayError) {
     say("ok \(count)")
 }
 
+/// Round trips with spinning off (every wait sleeps), `window` requests in flight, each reply
+/// checked against its request; says "ok COUNT", or "stalled" and exits 1 when a minute passes
+/// (a wake-up lost somewhere would otherwise hang the test that runs this).
+func capsForcedSleep(_ name: String, count: Int, window: Int) throws(PatchbayError) {
+    CapsTuning.spinNanoseconds = 0
+    startThread {
+        sleep(60)
+        say("stalled")
+        exit(1)
+    }
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    var expected: [UInt64: String] = [:]
+    var sent = 0
+    var received = 0
+    while received < count {
+        while sent < count && expected.count < window {
+            let request = "\(getpid()):\(sent)"
+            expected[try client.put(Array(request.utf8))] = request
+            sent += 1
+        }
+        var mismatch: String?
+        try client.waitReply { (id: UInt64, bytes: UnsafeRawBufferPointer) in
+            let reply = String(decoding: bytes, as: UTF8.self)
+            if expected.removeValue(forKey: id) != reply { mismatch = reply }
+        }
+        if let mismatch {
+            say("mismatch \(mismatch)")
+            return
+        }
+        received += 1
+    }
+    say("ok \(count)")
+}
+
 /// Puts three requests nobody will answer, says their ids, then waits to be killed.
 func capsPutAndHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
@@ -422,6 +457,8 @@ func main() -> CInt {
             try touchPastEnd(arguments[1])
         case "caps-client" where arguments.count == 3:
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
+        case "caps-forced-sleep" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
         case "caps-put-and-hang" where arguments.count == 2:
             try capsPutAndHang(arguments[1])
         case "caps-flood" where arguments.count == 3 && Int(arguments[2]) != nil:

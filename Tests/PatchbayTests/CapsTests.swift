@@ -103,6 +103,21 @@ struct CapsTests {
         #expect(answered?.messageID == held && buffer.prefix(4) == Array("held".utf8)[...])
     }
 
+    @Test("spinning off on both sides: every hop a wake-up, none lost over thousands of round trips, one window at a time")
+    func forcedSleepLosesNoWakeUp() throws {
+        let broker = try TestBroker()
+        var environment = broker.environment
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+        let service = try Child(patchbayCLI, ["caps", "serve", "sleepy.echo", "--allow", "world", "--echo"], environment: environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        // One client at a time: a second one's wake-ups would rescue a first one's lost wake-up.
+        for window in [1, 4] {
+            let client = try Child(testPeer, ["caps-forced-sleep", "sleepy.echo", "5000", "\(window)"], environment: environment)
+            #expect(try client.readLine() == "ok 5000", "window \(window)")
+            #expect(try client.wait() == .exited(0))
+        }
+    }
+
     @Test("a restarted service is a new generation, seen by reconnecting clients")
     func restartBumpsGeneration() throws {
         let broker = try TestBroker()
