@@ -48,7 +48,7 @@ public final class BrokerServer {
         case .netList?, .capsList?, .status?: 8  // a walk of an in-memory table
         case .metrics?: 16  // the status walk, and the text
         case .capsTraffic?: 16  // a sort of the channel ids, and a page of them
-        case .capsTapRecord?: 8  // up to 64 records, each an event for the monitors that see it
+        case .capsTapRecord?: 64  // up to 64 records, each an event (and a send) per monitor that sees it: a whole turn
         default: 1
         }
     }

@@ -25,6 +25,7 @@
 //                             the object is one page)
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
@@ -429,6 +430,20 @@ func adoptClaimed(_ keyText: String, _ name: String) throws(PatchbayError) {
     }
 }
 
+/// Registers service NAME, taps it with payloads, puts one request on it from a client of its
+/// own, then reports that request `count` times (256 payload bytes each) as fast as it can;
+/// says "flooded".
+func capsTapFlood(_ name: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    let client = try CapsClient(broker, name: name)
+    let id = try client.put(Array(repeating: 0x41, count: 256))
+    let tap = try CapsTap(broker, serviceID: service.serviceID, mode: .payloads)
+    let head = [UInt8](repeating: 0x42, count: CapsTapRecord.payloadLimit)
+    for _ in 0..<count { tap.record(.request, id, length: 256, head: head) }
+    say("flooded")
+}
+
 /// Tries to become the tap of service ID (someone else's), saying "tapped" or "refused ERRNO".
 func capsTap(_ id: UInt64) {
     do {
@@ -469,6 +484,8 @@ func main() -> CInt {
             try capsForge(arguments[1])
         case "caps-service-hang" where arguments.count == 2:
             try capsServiceHang(arguments[1])
+        case "caps-tap-flood" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try capsTapFlood(arguments[1], count: Int(arguments[2])!)
         case "caps-tap" where arguments.count == 2 && UInt64(arguments[1]) != nil:
             capsTap(UInt64(arguments[1])!)
         case "caps-fork" where arguments.count == 2:

@@ -234,6 +234,36 @@ struct TwoUserMonitorTests {
         #expect(seen?.uid == 65534)
     }
 
+    @Test("nobody flooding its own tap under root's monitor: root's requests are all answered, the monitor is told what it missed")
+    func tapFloodDoesNotStall() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let monitor = try BrokerMonitor(root, filter: MonitorFilter(subsystems: MonitorFilter.bit(of: .caps)))
+        let flood = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                   "caps-tap-flood", "nobodys.flood", "50000"], environment: broker.environment)
+        defer { flood.kill(SIGKILL); _ = try? flood.wait() }
+        // Root's requests while the flood runs (the monitor reads nothing meanwhile): every one answered.
+        for _ in 0..<2_000 { _ = try root.status() }
+        #expect(try flood.readLine() == "flooded")
+        #expect(try flood.wait() == .exited(0))
+        // Root sees nobody's tapped messages; once it reads again, the next event says how many it
+        // missed (a service of root's registered last makes sure there is a next event).
+        var tapped = 0
+        var missed: UInt64 = 0
+        while let event = try monitor.next(timeoutMilliseconds: 200) {
+            if event.operation == "tapRequest" && event.object == "nobodys.flood" && event.uid == 65534 { tapped += 1 }
+            missed += event.lost
+        }
+        let sentinel = try CapsService(root, name: "after.the.flood")
+        let last = try events(monitor) { event in
+            missed += event.lost
+            return event.object == "after.the.flood"
+        }.found
+        #expect(last != nil && tapped > 0 && missed > 0, "tapped \(tapped), missed \(missed)")
+        _ = sentinel
+    }
+
     @Test("nobody's monitor sees root's requests on nobody's objects, never root's tap; nobody cannot tap root's service")
     func monitorSeesOwnObjects() throws {
         let broker = try TestBroker(["--system"])
