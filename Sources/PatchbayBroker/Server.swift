@@ -307,7 +307,7 @@ public final class BrokerServer {
             let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
             switch request {
             case .keys(let acknowledgement): keys.handle(acknowledgement, descriptors: &descriptors, context)
-            case .caps(let records): caps.handle(records, descriptors: &descriptors, context)
+            case .caps(let tapRecords): caps.handle(tapRecords, descriptors: &descriptors, context)
             default: break
             }
             return

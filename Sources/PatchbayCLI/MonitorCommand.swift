@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import Patchbay
+import PatchbaySystem
 
 /// `patchbay monitor`: the broker's answers, live, one line each.
 struct MonitorCommand: ParsableCommand {

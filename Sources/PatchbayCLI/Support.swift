@@ -121,26 +121,6 @@ enum JSON {
     }
 }
 
-/// Formats nanoseconds for people: `850 ns`, `12.3 µs`, `4.56 ms`, `1.2 s`, `3m 20s`.
-func formatDuration(nanoseconds: UInt64) -> String {
-    let value = Double(nanoseconds)
-    switch nanoseconds {
-    case ..<1_000: return "\(nanoseconds) ns"
-    case ..<1_000_000: return String(format1(value / 1e3)) + " µs"
-    case ..<1_000_000_000: return String(format1(value / 1e6)) + " ms"
-    case ..<60_000_000_000: return String(format1(value / 1e9)) + " s"
-    default:
-        let seconds = nanoseconds / 1_000_000_000
-        if seconds < 3600 { return "\(seconds / 60)m \(seconds % 60)s" }
-        return "\(seconds / 3600)h \(seconds % 3600 / 60)m"
-    }
-}
-
-private func format1(_ value: Double) -> String {
-    let rounded = (value * 10).rounded() / 10
-    return rounded == rounded.rounded() && rounded >= 100 ? String(Int(rounded)) : String(rounded)
-}
-
 /// A user named by uid or by name (`getpwnam`), or the command fails as a usage error.
 func userID(_ text: String, for command: String) -> UInt32 {
     if let uid = UInt32(text) { return uid }

@@ -123,6 +123,26 @@ package func monotonicNanoseconds() -> UInt64 {
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
 
+/// Formats nanoseconds for people (the CLI's tables, the broker's monitor details): `850 ns`, `12.3 µs`, `4.56 ms`, `1.2 s`, `3m 20s`.
+package func formatDuration(nanoseconds: UInt64) -> String {
+    let value = Double(nanoseconds)
+    switch nanoseconds {
+    case ..<1_000: return "\(nanoseconds) ns"
+    case ..<1_000_000: return String(format1(value / 1e3)) + " µs"
+    case ..<1_000_000_000: return String(format1(value / 1e6)) + " ms"
+    case ..<60_000_000_000: return String(format1(value / 1e9)) + " s"
+    default:
+        let seconds = nanoseconds / 1_000_000_000
+        if seconds < 3600 { return "\(seconds / 60)m \(seconds % 60)s" }
+        return "\(seconds / 3600)h \(seconds % 3600 / 60)m"
+    }
+}
+
+private func format1(_ value: Double) -> String {
+    let rounded = (value * 10).rounded() / 10
+    return rounded == rounded.rounded() && rounded >= 100 ? String(Int(rounded)) : String(rounded)
+}
+
 /// A signalfd for SIGTERM, SIGINT and SIGHUP, which are blocked in the calling thread so they
 /// arrive here instead of killing the process; an event loop reads them like any other input.
 package struct TerminationSignals: ~Copyable {

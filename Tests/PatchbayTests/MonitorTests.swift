@@ -234,6 +234,30 @@ struct TwoUserMonitorTests {
         #expect(seen?.uid == 65534)
     }
 
+    @Test("nobody's failed claim of root's restricted key shows nobody nothing of the key; root's monitor sees the same")
+    func failedClaimDescribesNoKey() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let rootMonitor = try BrokerMonitor(root, filter: MonitorFilter(subsystems: MonitorFilter.bit(of: .keys)))
+        let file = try openFile("/etc/hostname", flags: O_RDONLY)
+        let key = try root.share(file, claimableBy: .uid(0))
+        let before = try monitorsAccepted(root)
+        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                     "monitor", "--json", "--count", "1", "--subsystem", "keys"],
+                                environment: broker.environment)
+        try waitForMonitors(root, before + 1)
+        let claimed = try runAsOtherUser(["claim", key.text], environment: broker.environment)
+        #expect(claimed.termination != .exited(0))
+        let line = try watcher.readLine() ?? ""
+        #expect(line.contains("\"operation\": \"claim\"") && line.contains("\"object\": \"a key\"")
+                && line.contains("\"outcome\": \"ENOENT\"") && line.contains("\"detail\": \"\"")
+                && !line.contains("regular file") && !line.contains(key.text), "nobody's event: \(line)")
+        #expect(try watcher.wait() == .exited(0))
+        let seen = try events(rootMonitor) { $0.operation == "claim" }.found
+        #expect(seen?.uid == 65534 && seen?.object == "a key" && seen?.detail == "", "\(String(describing: seen))")
+    }
+
     @Test("nobody flooding its own tap under root's monitor: root's requests are all answered, the monitor is told what it missed")
     func tapFloodDoesNotStall() throws {
         let broker = try TestBroker(["--system"])

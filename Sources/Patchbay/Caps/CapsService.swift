@@ -287,6 +287,9 @@ public final class CapsService: @unchecked Sendable {
     /// The new registration, from the registering thread.
     private func registered(_ registration: consuming Registration) {
         var registration = registration
+        // The old broker's tap went with it. The new one is asked for before taking the lock (a
+        // broker round trip must not hold up the port); a tap that cannot be made is only lost.
+        let newTap = tapMode.flatMap { mode in try? CapsTap(broker, serviceID: registration.serviceID, mode: mode) }
         core.lock.locked {
                 let port = registration.takePort()
                 noticePages.append(NoticePage(registration.takeNotices()))
@@ -301,8 +304,7 @@ public final class CapsService: @unchecked Sendable {
                 }
                 connection = port
                 unregistered = false
-                // The old broker's tap went with it; a tap that cannot be made again is only lost.
-                tap = tapMode.flatMap { mode in try? CapsTap(broker, serviceID: registeredID, mode: mode) }
+                tap = newTap
         }
         try? registrationEvent.signal()
     }

@@ -55,7 +55,7 @@ final class KeyRequests: SessionClosedHook {
             // Described only now that the key is known to be the caller's to claim: a failed
             // guess shows nothing of the key it hit or missed.
             context.object = entry.fileKind.spoken
-            context.detail = "shared by uid \(entry.ownerUID) pid \(entry.ownerPID), \(Self.age(context.now &- entry.createdAt)) ago"
+            context.detail = "shared by uid \(entry.ownerUID) pid \(entry.ownerPID), \(formatDuration(nanoseconds: context.now &- entry.createdAt)) ago"
             context.owners = [entry.ownerUID]
         }
         if !sessions.reply(.keys(.claim(fileKind: entry.fileKind.rawValue)), attaching: [entry.file], to: context) {
@@ -90,17 +90,9 @@ final class KeyRequests: SessionClosedHook {
                               audience: [entry.ownerUID]) {
                 MonitorEvent(time: 0, subsystem: "", operation: "keyExpiry", pid: entry.ownerPID, uid: entry.ownerUID,
                              command: "", object: entry.fileKind.spoken, outcome: "ok", elapsed: 0, lost: 0,
-                             detail: "unclaimed for \(Self.age(now &- entry.createdAt))")
+                             detail: "unclaimed for \(formatDuration(nanoseconds: now &- entry.createdAt))")
             }
         }
-    }
-
-    /// A duration in words: `850 ms`, `12.5 s`, `3 min`.
-    static func age(_ nanoseconds: UInt64) -> String {
-        let milliseconds = nanoseconds / 1_000_000
-        if milliseconds < 1000 { return "\(milliseconds) ms" }
-        if milliseconds < 120_000 { return "\(milliseconds / 1000).\(milliseconds % 1000 / 100) s" }
-        return "\(milliseconds / 60_000) min"
     }
 
     /// How long the loop may sleep before the next key expires (-1: no deadline).
