@@ -244,7 +244,9 @@ final class SessionTable {
     func announce(_ subsystem: Subsystem, pid: Int32, uid: UInt32, object: String, audience: [UInt32],
                   skipping skipped: UInt64? = nil, lost extra: UInt64 = 0, _ make: () -> MonitorEvent) {
         var event: MonitorEvent?
-        for (id, monitor) in Array(monitors) {
+        // The dictionary is a value: the loop walks the monitors as they were, even if a send
+        // below closes one (no copy unless that happens).
+        for (id, monitor) in monitors {
             guard id != skipped, let target = sessions[id] else { continue }
             let filter = monitor.filter
             guard monitor.seesEveryone || audience.contains(monitor.uid),
