@@ -55,6 +55,15 @@ int pb_futex_wake(uint32_t *word, int count) {
     return (int)syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
 }
 
+#ifndef __NR_futex_waitv
+#define __NR_futex_waitv 449  // the same number on every architecture (the generic table)
+#endif
+
+int pb_futex_waitv(struct pb_futex_waiter *waiters, unsigned int count) {
+    _Static_assert(sizeof(struct pb_futex_waiter) == 24, "struct futex_waitv is 24 bytes");
+    return (int)syscall(__NR_futex_waitv, waiters, count, 0, NULL, 0);
+}
+
 int pb_accept4(int fd, int nonblock) {
     return accept4(fd, NULL, NULL, SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
 }

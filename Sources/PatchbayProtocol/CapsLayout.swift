@@ -16,10 +16,12 @@
 
 public enum CapsLayout {
     public static let magic: UInt32 = 0x5350_4143  // "CAPS"
-    /// 2: 128-byte entries that carry a sequence stamp (the consumer polls the entry, not the
-    /// tail) and payloads of up to `inlineCapacity` bytes inline. Version 1 had 32-byte entries
-    /// published by the tail alone, every payload in the arena.
-    public static let version: UInt32 = 2
+    /// 3: a service may sleep on futex words in the channel header (`serviceWakeWordOffset`)
+    /// instead of its wake sockets, and says so in its status page (`statusFutexSleepingOffset`);
+    /// clients wake it the way it sleeps. Version 2 brought 128-byte entries that carry a sequence
+    /// stamp (the consumer polls the entry, not the tail) and payloads of up to `inlineCapacity`
+    /// bytes inline; version 1 had 32-byte entries published by the tail alone.
+    public static let version: UInt32 = 3
     public static let headerSize = 4096
     public static let entrySize = 128
     /// The most payload bytes an entry carries itself (`CapsEntryFlags.inlinePayload`).
@@ -41,6 +43,8 @@ public enum CapsLayout {
     public static let clientSleepingOffset = 324  // 1 while the client is (about to be) asleep
     public static let clientWatchingOffset = 328  // 1 when the client waits through its eventfd
     public static let serviceWakePendingOffset = 332  // 1: the client woke the service's socket and it has not run since
+    public static let serviceWakeWordOffset = 336     // futex word a service sleeping on futexes waits on; bumped by the client
+    public static let serviceFutexPendingOffset = 340 // 1: the client bumped the word and the service has not slept since
     public static let clientRunningOffset = 384   // 1 while the client runs; its CPU beside it
     public static let clientCPUOffset = 388
     public static let serviceClosedOffset = 448   // set by the broker when the service is gone
@@ -72,7 +76,8 @@ public enum CapsLayout {
     // Status page.
     public static let statusSize = 4096
     public static let statusGenerationOffset = 8     // u64
-    public static let statusSleepingOffset = 64      // u32
+    public static let statusSleepingOffset = 64      // u32: threads sleeping in epoll (wake sockets)
+    public static let statusFutexSleepingOffset = 68 // u32: threads sleeping on the channels' futex words
     public static let statusRunningOffset = 128      // u32
     public static let statusCPUOffset = 132          // u32
     // The notices page (a separate memfd the broker writes and the service reads) holds one u32

@@ -1,6 +1,6 @@
 package import SystemPackage
 import Glibc
-import CPatchbayShims
+package import CPatchbayShims
 
 /// An epoll instance. Each registration carries a 64-bit token that comes back with its events.
 package struct Epoll: ~Copyable {
@@ -11,6 +11,8 @@ package struct Epoll: ~Copyable {
         package static let writable = Events(rawValue: 0x004)
         package static let error = Events(rawValue: 0x008)
         package static let hangup = Events(rawValue: 0x010)
+        /// `EPOLLET`: reported once per change, not while it lasts.
+        package static let edgeTriggered = Events(rawValue: 1 << 31)
     }
 
     package struct Event: Sendable {
@@ -101,6 +103,26 @@ package enum Futex {
             if error == .resourceTemporarilyUnavailable || error == .interrupted { return }
             throw error
         }
+    }
+
+    /// The most words one `waitAny` watches (the kernel's limit).
+    package static let waitAnyLimit = 128
+
+    /// Sleeps until one of `waiters` (at most `waitAnyLimit`, each with its expected value and
+    /// `flags` 2) is woken; returns at once when one no longer holds its value, or on a signal.
+    /// Returns the index of the word woken, nil for the other two. Throws `ENOSYS` on a kernel
+    /// older than 5.16.
+    package static func waitAny(_ waiters: UnsafeMutableBufferPointer<pb_futex_waiter>) throws(Errno) -> Int? {
+        let woken = pb_futex_waitv(waiters.baseAddress, UInt32(waiters.count))
+        if woken >= 0 { return Int(woken) }
+        let error = Errno.current
+        if error == .resourceTemporarilyUnavailable || error == .interrupted { return nil }
+        throw error
+    }
+
+    /// A `waitAny` entry for a 32-bit word shared between processes (`FUTEX_32`).
+    package static func waiter(_ word: UnsafeMutablePointer<UInt32>, expected: UInt32) -> pb_futex_waiter {
+        pb_futex_waiter(expected: UInt64(expected), address: UInt64(UInt(bitPattern: word)), flags: 2, reserved: 0)
     }
 
     /// Wakes up to `count` sleepers; returns how many were woken.

@@ -28,6 +28,7 @@ import Patchbay
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
+import Synchronization
 
 func say(_ line: String) {
     let bytes = Array((line + "\n").utf8)
@@ -180,6 +181,27 @@ func capsForcedSleep(_ name: String, count: Int, window: Int) throws(PatchbayErr
         received += 1
     }
     say("ok \(count)")
+}
+
+let stormEnded = Atomic<Bool>(false)
+
+/// Connects to `name` and, until its input ends, scribbles its channel's service wake words:
+/// bumps the futex word, flips the pending mark, wakes the word, in a tight loop. Says "storming"
+/// once it started.
+func capsWakeStorm(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    startThread {
+        waitForEndOfInput()
+        stormEnded.store(true, ordering: .relaxed)
+    }
+    say("storming")
+    var round = 0
+    while !stormEnded.load(ordering: .relaxed) {
+        client.scribbleServiceWakeWords(round)
+        round += 1
+    }
+    say("rounds \(round)")
 }
 
 /// Puts three requests nobody will answer, says their ids, then waits to be killed.
@@ -474,6 +496,8 @@ func main() -> CInt {
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
         case "caps-forced-sleep" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
+        case "caps-wake-storm" where arguments.count == 2:
+            try capsWakeStorm(arguments[1])
         case "caps-put-and-hang" where arguments.count == 2:
             try capsPutAndHang(arguments[1])
         case "caps-flood" where arguments.count == 3 && Int(arguments[2]) != nil:

@@ -106,16 +106,67 @@ struct CapsTests {
     @Test("spinning off on both sides: every hop a wake-up, none lost over thousands of round trips, one window at a time")
     func forcedSleepLosesNoWakeUp() throws {
         let broker = try TestBroker()
-        var environment = broker.environment
-        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
-        let service = try Child(patchbayCLI, ["caps", "serve", "sleepy.echo", "--allow", "world", "--echo"], environment: environment)
-        defer { service.kill(SIGKILL); _ = try? service.wait() }
-        // One client at a time: a second one's wake-ups would rescue a first one's lost wake-up.
-        for window in [1, 4] {
-            let client = try Child(testPeer, ["caps-forced-sleep", "sleepy.echo", "5000", "\(window)"], environment: environment)
-            #expect(try client.readLine() == "ok 5000", "window \(window)")
-            #expect(try client.wait() == .exited(0))
+        // Both ways a service sleeps: on its channels' futex words (the default), and in epoll on
+        // its wake sockets.
+        for mode in ["futex", "epoll"] {
+            var environment = broker.environment
+            environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+            environment["PATCHBAY_CAPS_SERVICE_SLEEP"] = mode
+            let name = "sleepy.\(mode)"
+            let service = try Child(patchbayCLI, ["caps", "serve", name, "--allow", "world", "--echo"], environment: environment)
+            defer { service.kill(SIGKILL); _ = try? service.wait() }
+            // One client at a time: a second one's wake-ups would rescue a first one's lost wake-up.
+            for window in [1, 4] {
+                let client = try Child(testPeer, ["caps-forced-sleep", name, "5000", "\(window)"], environment: environment)
+                #expect(try client.readLine() == "ok 5000", "\(mode), window \(window)")
+                #expect(try client.wait() == .exited(0))
+            }
         }
+    }
+
+    @Test("a service sleeps on its channels' futex words by default, in epoll when told to or when watched through its descriptor, and is woken either way")
+    func serviceSleepsAsItSays() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        /// Waits until the service behind `port` sleeps as `expected` says (it sleeps once idle).
+        func awaitSleepers(_ port: CapsClient, _ expected: (epoll: UInt32, futex: UInt32)) -> Bool {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while monotonicNanoseconds() < deadline {
+                if port.serviceSleepers == expected { return true }
+                usleep(1_000)
+            }
+            return false
+        }
+        for (mode, expected) in [("futex", (epoll: UInt32(0), futex: UInt32(1))), ("epoll", (epoll: 1, futex: 0))] {
+            var environment = broker.environment
+            environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+            environment["PATCHBAY_CAPS_SERVICE_SLEEP"] = mode
+            let service = try Child(patchbayCLI, ["caps", "serve", "sleeps.\(mode)", "--allow", "world", "--echo"],
+                                    environment: environment)
+            defer { service.kill(SIGKILL); _ = try? service.wait() }
+            let port = try CapsClient(client, name: "sleeps.\(mode)", waitForService: true)
+            #expect(awaitSleepers(port, expected), "\(mode): \(port.serviceSleepers)")
+            // Asleep that way, it is woken by requests (from a peer that gives up after a minute
+            // rather than hang this test).
+            let caller = try Child(testPeer, ["caps-forced-sleep", "sleeps.\(mode)", "100", "1"], environment: environment)
+            #expect(try caller.readLine() == "ok 100", "\(mode)")
+            #expect(try caller.wait() == .exited(0))
+            #expect(awaitSleepers(port, expected), "\(mode) again: \(port.serviceSleepers)")
+        }
+        // Watched through its descriptor, a port holds one epoll count for good: clients wake its
+        // sockets, which is what makes that descriptor readable.
+        let watched = try CapsService(client, name: "sleeps.watched", access: [.world])
+        let descriptor = watched.eventDescriptor
+        let port = try CapsClient(client, name: "sleeps.watched")
+        #expect(port.serviceSleepers == (epoll: 1, futex: 0))
+        _ = try port.put(Array("seen".utf8))
+        var ready = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 10_000) == 1)
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let message = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try watched.get(into: raw) }
+        }.get()
+        #expect(message.kind == .request && buffer.prefix(4) == Array("seen".utf8)[...])
     }
 
     @Test("a restarted service is a new generation, seen by reconnecting clients")

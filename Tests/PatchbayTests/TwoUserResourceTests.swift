@@ -542,6 +542,31 @@ struct TwoUserCapsPeerTests {
         #expect(try child.wait() == .exited(0))
     }
 
+    @Test("nobody storms its own channel's service wake words (bump, flip the pending mark, wake) while root's client does thousands of sleeping round trips with root's service: every one answered")
+    func wakeWordStormHurtsOnlyItsChannel() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        var environment = broker.environment
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+        let service = try Child(patchbayCLI, ["caps", "serve", "stormed", "--allow", "world", "--echo"], environment: environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let storm = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-wake-storm", "stormed"],
+                              environment: environment)
+        #expect(try storm.readLine() == "storming")
+        // Root's client sleeps on every wait; it says "stalled" and fails after a minute.
+        let honest = try Child(testPeer, ["caps-forced-sleep", "stormed", "3000", "2"], environment: environment)
+        #expect(try honest.readLine() == "ok 3000")
+        #expect(try honest.wait() == .exited(0))
+        storm.closeInput()
+        let rounds = try storm.readLine() ?? ""
+        #expect(rounds.hasPrefix("rounds "), "\(rounds)")
+        #expect(try storm.wait() == .exited(0))
+        // The storm left the service as it was: still serving.
+        let root = try broker.connect()
+        #expect(try CapsClient(root, name: "stormed").call(Array("after".utf8)) == Array("after".utf8))
+    }
+
     @Test("connect/disconnect churn by nobody against root's service that does not read its port: refusals for nobody, never a disconnected service")
     func churnNeverDisconnectsTheService() throws {
         let broker = try TestBroker(["--system", "--max-queued-messages", "16"])

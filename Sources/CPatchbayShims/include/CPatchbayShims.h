@@ -39,6 +39,19 @@ int pb_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
 /// futex(FUTEX_WAKE); returns the number of waiters woken.
 int pb_futex_wake(uint32_t *word, int count);
 
+/// One word of a `pb_futex_waitv` (the kernel's `struct futex_waitv`): the value it must still
+/// hold, its address, and `flags` 2 (`FUTEX_32`, shared between processes).
+struct pb_futex_waiter {
+    uint64_t expected;
+    uint64_t address;
+    uint32_t flags;
+    uint32_t reserved;
+};
+/// futex_waitv(2) (Linux 5.16) on up to 128 words: sleeps until one of them is woken, and not at
+/// all if one no longer holds its expected value (-1, EAGAIN). Returns the index of the word
+/// woken; -1 with errno otherwise (ENOSYS: the kernel has no futex_waitv).
+int pb_futex_waitv(struct pb_futex_waiter *waiters, unsigned int count);
+
 int pb_accept4(int fd, int nonblock);
 /// accept4(SOCK_CLOEXEC) on a listener that should be non-blocking but whose open file description
 /// others hold: never waits longer than `timeout_us`. ETIMEDOUT when O_NONBLOCK was found cleared

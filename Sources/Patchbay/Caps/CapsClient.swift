@@ -254,6 +254,23 @@ public final class CapsClient: @unchecked Sendable {
     /// delays this channel's messages alone.
     package func markServiceWakePending() {
         SharedWord.store(channel.word32(CapsLayout.serviceWakePendingOffset), 1)
+        SharedWord.store(channel.word32(CapsLayout.serviceFutexPendingOffset), 1)
+    }
+
+    /// What a hostile client can do to the service's wake words of its own channel: bumps its
+    /// futex word, flips its pending mark and wakes the word. Only for the project's tests, to
+    /// check that the service keeps serving its other clients through a storm of these.
+    package func scribbleServiceWakeWords(_ round: Int) {
+        SharedWord.increment(channel.word32(CapsLayout.serviceWakeWordOffset))
+        SharedWord.store(channel.word32(CapsLayout.serviceFutexPendingOffset), UInt32(round & 1))
+        Futex.wake(channel.word32(CapsLayout.serviceWakeWordOffset))
+    }
+
+    /// The service's threads asleep, as its status page says: in epoll (on its wake sockets, or
+    /// held for good by a port watched through its descriptor) and on futex words. For tests.
+    package var serviceSleepers: (epoll: UInt32, futex: UInt32) {
+        (SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)),
+         SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusFutexSleepingOffset).assumingMemoryBound(to: UInt32.self)))
     }
 
     /// Takes a message back (DragonFly's `caps_sys_abort`, which DragonFly never implemented).
@@ -487,12 +504,26 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    /// After a push: wakes the service if it sleeps, unless a wake-up is already on its way to it
-    /// (one this port sent that the service has not run since): a DISPOSE and the next REQUEST
-    /// then cost one wake-up, not two.
+    /// After a push: wakes the service if it sleeps, the way it sleeps (a thread may sleep on the
+    /// channels' futex words, another in epoll on the wake sockets), unless a wake-up of that kind
+    /// is already on its way to it (one this port sent that the service has not taken since): a
+    /// DISPOSE and the next REQUEST then cost one wake-up, not two.
+    @inline(__always)
     private func wakeService() {
         SharedWord.fence()
-        if SharedWord.load(status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)) != 0 {
+        // Both counts are on one cache line of the status page.
+        let sleepers = status.baseAddress.advanced(by: CapsLayout.statusSleepingOffset).assumingMemoryBound(to: UInt32.self)
+        let futexSleepers = status.baseAddress.advanced(by: CapsLayout.statusFutexSleepingOffset).assumingMemoryBound(to: UInt32.self)
+        if SharedWord.load(futexSleepers) != 0 {
+            let pending = channel.word32(CapsLayout.serviceFutexPendingOffset)
+            if SharedWord.load(pending) == 0 {
+                SharedWord.store(pending, 1)
+                let word = channel.word32(CapsLayout.serviceWakeWordOffset)
+                SharedWord.increment(word)
+                Futex.wake(word, count: 1)
+            }
+        }
+        if SharedWord.load(sleepers) != 0 {
             let pending = channel.word32(CapsLayout.serviceWakePendingOffset)
             if SharedWord.load(pending) == 0 {
                 SharedWord.store(pending, 1)

@@ -4,6 +4,7 @@
 // `public`: a service registers under the caller's effective uid by default (`geteuid()`).
 public import Glibc
 public import PatchbayProtocol
+import CPatchbayShims
 import PatchbaySystem
 public import SystemPackage
 import Synchronization
@@ -110,7 +111,16 @@ public final class CapsService: @unchecked Sendable {
     /// touches an unmapped page.
     private var noticePages: [NoticePage] = []
     private let noticesAddress = Atomic<UInt>(0)
+    /// What a sleeping thread waits on in epoll: every client's wake socket and `control`.
     private let epoll: Epoll
+    /// Everything else that wakes the port: the broker connection, `cancelWait`, a new
+    /// registration, the backlog of `eventDescriptor`, the clients' direct sockets while no broker
+    /// reports departures. Read without waiting when it is ready.
+    private let control: Epoll
+    /// Watches `control` for threads that sleep on futex words (started at the first such sleep).
+    @exclusivity(unchecked) private var controlWatch: ControlWatch?
+    /// `controlWatch`'s word as last seen: `control` is read when it moved.
+    @exclusivity(unchecked) private var controlSeen: UInt32 = 0
     private let cancelEvent: EventCounter
     /// Made readable by `eventDescriptor` for what was already waiting when watching began (no
     /// client signalled it: nobody was watching yet); drained by `get`.
@@ -155,6 +165,8 @@ public final class CapsService: @unchecked Sendable {
     private static let cancelToken: UInt64 = 2
     private static let registrationToken: UInt64 = 3
     private static let backlogToken: UInt64 = 4
+    /// `control` itself, in `epoll`.
+    private static let controlToken: UInt64 = 5
     private static let channelTokens: UInt64 = 1 << 62
     /// A client's direct socket, watched for its hang-up while no broker reports departures.
     private static let departureTokens: UInt64 = 1 << 61
@@ -189,13 +201,15 @@ public final class CapsService: @unchecked Sendable {
         let port = registration.takePort()
         do {
             epoll = try Epoll()
+            control = try Epoll()
             cancelEvent = try EventCounter(nonblocking: true)
             registrationEvent = try EventCounter(nonblocking: true)
             backlogEvent = try EventCounter(nonblocking: true)
-            try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
-            try epoll.add(cancelEvent.descriptor.rawValue, events: .readable, token: Self.cancelToken)
-            try epoll.add(registrationEvent.descriptor.rawValue, events: .readable, token: Self.registrationToken)
-            try epoll.add(backlogEvent.descriptor.rawValue, events: .readable, token: Self.backlogToken)
+            try control.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
+            try control.add(cancelEvent.descriptor.rawValue, events: .readable, token: Self.cancelToken)
+            try control.add(registrationEvent.descriptor.rawValue, events: .readable, token: Self.registrationToken)
+            try control.add(backlogEvent.descriptor.rawValue, events: .readable, token: Self.backlogToken)
+            try epoll.add(control.descriptorNumber, events: .readable, token: Self.controlToken)
         } catch {
             throw PatchbayError(error, "cannot set up the service port")
         }
@@ -209,6 +223,10 @@ public final class CapsService: @unchecked Sendable {
         statusWord(CapsLayout.statusCPUOffset).pointee = UInt32(bitPattern: currentCPU())
         SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
                          generation)
+    }
+
+    deinit {
+        controlWatch?.stop()
     }
 
     /// One registration's notices page, kept mapped for the port's life.
@@ -260,14 +278,14 @@ public final class CapsService: @unchecked Sendable {
     /// a broker answers on the same path (per the broker's `reconnectPolicy`). Called with the
     /// lock held.
     private func brokerLost() throws(PatchbayError) {
-        try? epoll.remove(connection.socket.rawValue)
+        try? control.remove(connection.socket.rawValue)
         guard broker.reconnectPolicy.reconnects else {
             throw PatchbayError(.connectionReset, "the broker closed this service's connection")
         }
         guard !unregistered else { return }
         unregistered = true
         for client in clients.values {
-            try? epoll.add(client.direct.rawValue, events: [], token: Self.departureTokens | client.id)
+            try? control.add(client.direct.rawValue, events: [], token: Self.departureTokens | client.id)
         }
         let (broker, terms, page, name) = (broker, terms, statusPage.rawValue, name)
         startThread { [weak self] in
@@ -298,7 +316,7 @@ public final class CapsService: @unchecked Sendable {
                 registeredID = registration.serviceID
                 registrationCount += 1
                 do throws(Errno) {
-                    try epoll.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
+                    try control.add(port.socket.rawValue, events: .readable, token: Self.brokerToken)
                 } catch {
                     registrationFailure = PatchbayError(error, "cannot watch the new connection to the broker")
                 }
@@ -766,7 +784,7 @@ public final class CapsService: @unchecked Sendable {
         guard let client = clients.removeValue(forKey: channelID) else { return }
         forget(client)
         try? epoll.remove(client.serviceWake.rawValue)
-        try? epoll.remove(client.direct.rawValue)
+        try? control.remove(client.direct.rawValue)
         var left: [UInt64] = []
         while let (entry, state) = client.channel.peek(.request) {
             client.channel.advance(.request)
@@ -820,20 +838,78 @@ public final class CapsService: @unchecked Sendable {
     }
 
     /// Spin-then-sleep until work arrives: spins while the last active client runs on another
-    /// CPU, then sleeps in epoll.
+    /// CPU, then sleeps: on the channels' futex words when it can, else in epoll.
     private func sleepUntilWork() throws(PatchbayError) {
         // A snapshot of the channels: the rings themselves are read lock-free.
-        let (polled, last) = core.lock.locked { () -> ([CapsChannel], CapsChannel?) in (channels, lastActive?.channel) }
+        let (polled, last, onFutexes) = core.lock.locked { () -> ([CapsChannel], CapsChannel?, Bool) in
+            (channels, lastActive?.channel, !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
+        }
         let client = last.map { PeerActivity(running: $0.word32(CapsLayout.clientRunningOffset),
                                              cpu: $0.word32(CapsLayout.clientCPUOffset)) }
         try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: client,
                               until: { Self.hasWork(polled) || noticesPending }) {
-            () throws(PatchbayError) in try sleepInEpoll()
+            () throws(PatchbayError) in
+            if onFutexes, let watch = try startControlWatch() {
+                try sleepOnFutexes(polled, watch)
+            } else {
+                try sleepInEpoll()
+            }
         }
     }
 
-    /// The sleeping half of the wait: marks the port asleep (so clients signal its eventfds) and
-    /// sleeps in epoll.
+    /// The thread that wakes futex sleepers for what arrives in `control`, started once; nil if
+    /// it cannot be (the port sleeps in epoll then).
+    private func startControlWatch() throws(PatchbayError) -> ControlWatch? {
+        core.lock.locked { () -> ControlWatch? in
+            if controlWatch == nil { controlWatch = try? ControlWatch(watching: control.descriptorNumber) }
+            return controlWatch
+        }
+    }
+
+    /// The sleeping half of the wait on futex words (PROTOCOL.md §12.8): counts itself in the
+    /// status page's futex sleepers, clears each polled channel's pending mark and notes its wake
+    /// word, looks at the rings once more, then sleeps in one futex_waitv on those words and the
+    /// control watch's. A client that pushes after that look sees the count, bumps its word and
+    /// wakes it; one that pushed before is seen by the look.
+    private func sleepOnFutexes(_ polled: [CapsChannel], _ watch: ControlWatch) throws(PatchbayError) {
+        let sleeping = statusWord(CapsLayout.statusFutexSleepingOffset)
+        SharedWord.increment(sleeping)
+        SharedWord.fence()
+        let result = withUnsafeTemporaryAllocation(of: pb_futex_waiter.self, capacity: polled.count + 1) {
+            waiters -> Result<Void, Errno> in
+            let controlNow = SharedWord.load(watch.word)
+            waiters[0] = Futex.waiter(watch.word, expected: controlNow)
+            for (index, channel) in polled.enumerated() {
+                // Cleared before the look below: a push it covered is seen there, and a later
+                // one sets it again and bumps the word.
+                let pending = channel.word32(CapsLayout.serviceFutexPendingOffset)
+                if SharedWord.load(pending) != 0 { SharedWord.store(pending, 0) }
+                let word = channel.word32(CapsLayout.serviceWakeWordOffset)
+                waiters[index + 1] = Futex.waiter(word, expected: SharedWord.load(word))
+            }
+            SharedWord.fence()
+            if Self.hasWork(polled) || noticesPending || controlNow != core.lock.locked({ controlSeen }) {
+                return .success(())
+            }
+            SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)
+            defer { SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 1) }
+            return Result { () throws(Errno) in _ = try Futex.waitAny(waiters) }
+        }
+        SharedWord.decrement(sleeping)
+        if case .failure(let error) = result {
+            if error == .noFunction { ServiceSleep.onFutexes = false; return }
+            throw PatchbayError(error, "futex_waitv failed")
+        }
+        let controlNow = SharedWord.load(watch.word)
+        try core.lock.locked { () throws(PatchbayError) in
+            guard controlNow != controlSeen else { return }
+            controlSeen = controlNow
+            try handleControl()
+        }
+    }
+
+    /// The sleeping half of the wait in epoll: marks the port asleep (so clients wake its wake
+    /// sockets) and sleeps in epoll on them and `control`.
     private func sleepInEpoll() throws(PatchbayError) {
         // `sleeping` counts sleeping threads (one port may have several waiters); clients signal
         // while it is not zero. In epoll mode the port holds one count of its own for good.
@@ -858,7 +934,25 @@ public final class CapsService: @unchecked Sendable {
         try core.lock.locked { () throws(PatchbayError) in try handle(events) }
     }
 
+    /// What woke a thread sleeping in epoll: wake sockets (drained), or `control`.
     private func handle(_ events: [Epoll.Event]) throws(PatchbayError) {
+        for event in events {
+            if event.token == Self.controlToken {
+                try handleControl()
+            } else if let client = clients[event.token & ~Self.channelTokens] {
+                Self.drainWakeups(of: client)
+            }
+        }
+    }
+
+    /// Reads `control` without waiting and acts on what is there.
+    private func handleControl() throws(PatchbayError) {
+        let events: [Epoll.Event]
+        do {
+            events = try control.wait(timeoutMilliseconds: 0)
+        } catch {
+            throw PatchbayError(error, "epoll_wait failed")
+        }
         for event in events {
             switch event.token {
             case Self.brokerToken:
@@ -872,18 +966,17 @@ public final class CapsService: @unchecked Sendable {
             case Self.registrationToken:
                 _ = try? registrationEvent.consume()
                 if let registrationFailure { throw registrationFailure }
-            case let token where token & Self.departureTokens != 0 && token & Self.channelTokens == 0:
+            case let token where token & Self.departureTokens != 0:
                 // The client closed its end of the direct socket: it is gone (or closed its port).
                 let id = token & ~Self.departureTokens
-                if let client = clients[id] { try? epoll.remove(client.direct.rawValue) }
+                if let client = clients[id] { try? control.remove(client.direct.rawValue) }
                 clientGone(id)
             default:
-                if let client = clients[event.token & ~Self.channelTokens] { Self.drainWakeups(of: client) }
+                continue
             }
         }
     }
 }
-
 
 extension Broker {
     /// Every registered CAPS service.
