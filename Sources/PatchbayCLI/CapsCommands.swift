@@ -191,7 +191,8 @@ extension CapsCommand {
             service took and the replies it put since the client connected, both per second over \
             the last interval, and what is in flight: requests put and not yet taken by the \
             service, replies put and not yet taken by the client. Counts are ring entries (the \
-            request ring also carries DISPOSEs and ABORTs), read by the broker from the channel \
+            request ring also carries ABORTs; a DISPOSE is the client's reply head moving past a \
+            reply, so replies taken count them), read by the broker from the channel \
             headers, never from the messages; each side writes its own words. Root sees every \
             channel; another user of the system broker, those of its services and its clients.
             """)

@@ -123,7 +123,7 @@ public struct CapsServiceInfo: Sendable, Equatable {
 /// `requestsTaken` (its request-ring head) and `repliesPut` (its reply-ring tail); the client
 /// writes `requestsPut` (its request-ring tail) and `repliesTaken` (its reply-ring head), so each
 /// side can misreport only its own words. Entries, not messages: the request ring also carries
-/// DISPOSEs and ABORTs.
+/// ABORTs, and the client's reply head is its DISPOSEs too (each REPLY it moves past).
 public struct CapsChannelTraffic: Sendable, Equatable {
     public var service: String
     /// The service's registered uid (-1: none) and the uid and pid of the process that registered it.

@@ -297,6 +297,30 @@ func capsForge(_ name: String) throws(PatchbayError) {
     say("called " + String(decoding: answer, as: UTF8.self))
 }
 
+/// Forges DISPOSEs: puts two requests ("one", "two") and says "put ID ID"; once told "go" (the
+/// service replied to both), pushes DISPOSE entries for them and writes its reply head past the
+/// service's tail, far off, and back, then puts "three" and says "forged"; once told "go" again,
+/// consumes the three replies and says "consumed".
+func capsForgeDispose(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    let first = try client.put(Array("one".utf8))
+    let second = try client.put(Array("two".utf8))
+    say("put \(first) \(second)")
+    guard Swift.readLine() == "go" else { return }
+    try client.putForgedDispose(first)
+    try client.putForgedDispose(second)
+    for head: UInt64 in [1_000, 1 << 63, 0] { client.scribbleReplyHead(head) }
+    _ = try client.put(Array("three".utf8))
+    say("forged")
+    guard Swift.readLine() == "go" else { return }
+    var replies: [String] = []
+    for _ in 0..<3 {
+        try client.waitReply { (_: UInt64, bytes: UnsafeRawBufferPointer) in replies.append(String(decoding: bytes, as: UTF8.self)) }
+    }
+    say("consumed " + replies.joined(separator: " "))
+}
+
 /// A service that reads one request and never answers; killed by the test.
 func capsServiceHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
@@ -496,6 +520,8 @@ func main() -> CInt {
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
         case "caps-forced-sleep" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
+        case "caps-forge-dispose" where arguments.count == 2:
+            try capsForgeDispose(arguments[1])
         case "caps-wake-storm" where arguments.count == 2:
             try capsWakeStorm(arguments[1])
         case "caps-put-and-hang" where arguments.count == 2:

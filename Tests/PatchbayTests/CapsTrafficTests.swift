@@ -28,8 +28,8 @@ struct CapsTrafficTests {
         let channels = try client.capsTraffic().filter { $0.service == "traffic.echo" }
         #expect(channels.count == 2)
         let busyRow = channels.first { $0.channelID == busy.channelID }
-        #expect(busyRow?.requestsPut == 9, "4 REQUESTs, 4 DISPOSEs, 1 REQUEST waiting")
-        #expect(busyRow?.requestsTaken == 8 && busyRow?.repliesPut == 4 && busyRow?.repliesTaken == 4)
+        #expect(busyRow?.requestsPut == 5, "4 REQUESTs, 1 REQUEST waiting (DISPOSEs are the reply head)")
+        #expect(busyRow?.requestsTaken == 4 && busyRow?.repliesPut == 4 && busyRow?.repliesTaken == 4)
         #expect(busyRow?.clientPID == getpid() && busyRow?.clientUID == geteuid() && busyRow?.servicePID == getpid())
         let idleRow = channels.first { $0.channelID == idle.channelID }
         #expect(idleRow?.requestsPut == 0 && idleRow?.repliesPut == 0)
@@ -40,7 +40,7 @@ struct CapsTrafficTests {
         let lines = top.standardOutput.split(separator: "\n").filter { $0.contains("\"traffic.echo\"") }
         #expect(lines.count == 4, "two channels, two refreshes: \(top.standardOutput)")
         #expect(lines.contains { $0.contains("\"channel\": \(busy.channelID)") && $0.contains("\"requests_waiting\"") == false
-                                 && $0.contains("\"requests_put\": 9") && $0.contains("\"requests_per_second\": null") })
+                                 && $0.contains("\"requests_put\": 5") && $0.contains("\"requests_per_second\": null") })
         #expect(lines.contains { $0.contains("\"refresh\": 1") && $0.contains("\"requests_per_second\": 0") })
         let table = try run(patchbayCLI, ["caps", "top", "--count", "1"], environment: broker.environment)
         #expect(table.standardOutput.hasPrefix("SERVICE") && table.standardOutput.contains("traffic.echo"))

@@ -105,7 +105,6 @@ final class Child {
         }
     }
 
-    /// Closes the child's stdin (its cue in several test-peer commands).
     /// Whether the process is still alive (not exited, not a zombie), without reaping it.
     var isRunning: Bool {
         guard reaped == nil, let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY), let bytes = try? stat.readToEnd(limit: 4096),
@@ -113,8 +112,14 @@ final class Child {
         return bytes[close + 2] != UInt8(ascii: "Z")
     }
 
+    /// Closes the child's stdin (its cue in several test-peer commands).
     func closeInput() {
         input = nil
+    }
+
+    /// Writes `line` and a newline to the child's stdin.
+    func writeLine(_ line: String) throws {
+        try input?.writeAll(Array((line + "\n").utf8))
     }
 
     func kill(_ signal: CInt) {

@@ -542,6 +542,53 @@ struct TwoUserCapsPeerTests {
         #expect(try child.wait() == .exited(0))
     }
 
+    @Test("nobody forges DISPOSEs of replies it has not consumed (kind 2 entries, a reply head past the service's tail or far off): root's service disposes of nothing until nobody consumes, then of each reply once, in order")
+    func forgedDisposesAreIgnored() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "disposals", access: [.world])
+        let child = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-forge-dispose", "disposals"],
+                              environment: broker.environment)
+        let put = try child.readLine() ?? ""
+        let ids = put.split(separator: " ").dropFirst().compactMap { UInt64($0) }
+        #expect(ids.count == 2, "\(put)")
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        func next() throws -> CapsServiceMessage {
+            try buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+            }.get()
+        }
+        for id in ids {
+            let message = try next()
+            #expect(message.kind == .request && message.messageID == id)
+            try service.reply(to: id, Array(buffer[0..<message.length]))
+        }
+        try child.writeLine("go")
+        #expect(try child.readLine() == "forged")
+        // Only the honest request arrives: the forged entries and heads made no DISPOSE.
+        let third = try next()
+        #expect(third.kind == .request && String(decoding: buffer[0..<third.length], as: UTF8.self) == "three")
+        let more = buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.get(into: raw) }
+        }
+        if case .success(let message) = more { Issue.record("unexpected \(message.kind) \(message.messageID)") }
+        try service.reply(to: third.messageID, Array("three".utf8))
+        // Consumed for real, each reply is disposed of once, in the order consumed.
+        try child.writeLine("go")
+        #expect(try child.readLine() == "consumed one two three")
+        var disposed: [UInt64] = []
+        while disposed.count < 3 {
+            let message = try next()
+            #expect(message.kind == .dispose, "\(message.kind)")
+            disposed.append(message.messageID)
+        }
+        #expect(disposed == ids + [third.messageID])
+        #expect(try child.wait() == .exited(0))
+        #expect(service.refusals.total == 0)
+    }
+
     @Test("nobody storms its own channel's service wake words (bump, flip the pending mark, wake) while root's client does thousands of sleeping round trips with root's service: every one answered")
     func wakeWordStormHurtsOnlyItsChannel() throws {
         let broker = try TestBroker(["--system"])

@@ -104,8 +104,6 @@ public final class CapsClient: @unchecked Sendable {
     /// whether the service was told of an abort (`abortedAtService`).
     private let requests = MessageTable(capacity: CapsLayout.ringCapacity)
     private static let abortedAtService: UInt32 = 1
-    /// DISPOSEs that found the request ring full, sent before anything else goes on it.
-    private let disposeBacklog = DisposeBacklog()
     @exclusivity(unchecked) private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
     @exclusivity(unchecked) private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
@@ -196,8 +194,6 @@ public final class CapsClient: @unchecked Sendable {
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a message is at most 4 GiB")
             }
-            // DISPOSEs go first: the service sees them in the order they happened.
-            guard flushDisposes() else { throw PatchbayError(.noBufferSpace, "the request ring is full") }
             guard requests.count < maximumInFlight || !enforcesInFlightLimit else {
                 throw PatchbayError(.noBufferSpace, "\(requests.count) requests are in flight, the limit of this service")
             }
@@ -264,6 +260,27 @@ public final class CapsClient: @unchecked Sendable {
         SharedWord.increment(channel.word32(CapsLayout.serviceWakeWordOffset))
         SharedWord.store(channel.word32(CapsLayout.serviceFutexPendingOffset), UInt32(round & 1))
         Futex.wake(channel.word32(CapsLayout.serviceWakeWordOffset))
+    }
+
+    /// Pushes a DISPOSE entry (kind 2) for `messageID` into the request ring, as a client of
+    /// layout 2 did and a hostile one can: only for the project's tests (the service drops it).
+    package func putForgedDispose(_ messageID: UInt64) throws(PatchbayError) {
+        try core.lock.locked { () throws(PatchbayError) in
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .dispose, flags: 0)) else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+            wakeService()
+        }
+    }
+
+    /// Writes `value` into the channel's shared reply head word, as a hostile client can, and
+    /// wakes the service: only for the project's tests. This port's own position is private, so
+    /// its next consumed reply publishes the true head again.
+    package func scribbleReplyHead(_ value: UInt64) {
+        core.lock.locked {
+            SharedWord.store(channel.word64(CapsLayout.replyHeadOffset), value)
+            wakeService()
+        }
     }
 
     /// The service's threads asleep, as its status page says: in epoll (on its wake sockets, or
@@ -532,15 +549,6 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
-    /// Sends the DISPOSEs that waited for room; true when none is left waiting.
-    @discardableResult
-    private func flushDisposes() -> Bool {
-        guard disposeBacklog.count > 0 else { return true }
-        return disposeBacklog.drain { id in
-            channel.push(.request, CapsEntry(messageID: id, offset: 0, length: 0, kind: .dispose, flags: 0))
-        }
-    }
-
     /// Copy mode's delivery: as much of the reply as fits `buffer`.
     @inline(__always)
     private static func copy(_ payload: UnsafeRawBufferPointer, into buffer: UnsafeMutableRawBufferPointer,
@@ -599,8 +607,9 @@ public final class CapsClient: @unchecked Sendable {
         return deliver(closed, UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
-    /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once),
-    /// tells the service DISPOSE.
+    /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once).
+    /// Moving the reply head is the DISPOSE of a REPLY (layout 3): the service makes one of it,
+    /// and is woken for it if it sleeps (`dispose`: the entry was a REPLY).
     private func finish(_ entry: CapsEntry, _ request: MessageRecord?, dispose: Bool) {
         channel.advance(.reply)
         if let request {
@@ -608,10 +617,6 @@ public final class CapsClient: @unchecked Sendable {
             requests.remove(entry.messageID)
         }
         guard dispose, !channel.serviceClosed else { return }
-        if !flushDisposes() || !channel.push(.request, CapsEntry(messageID: entry.messageID, offset: 0, length: 0, kind: .dispose,
-                                                                  flags: 0)) {
-            disposeBacklog.append(entry.messageID)
-        }
         wakeService()
     }
 
@@ -680,33 +685,5 @@ public final class CapsClient: @unchecked Sendable {
             SharedWord.store(running, 1)
             if ready() { return }
         }
-    }
-}
-
-
-
-/// DISPOSEs waiting for room in the request ring, oldest first. Its count lives in memory of its
-/// own, so the hot path's check that nothing waits is one load.
-final class DisposeBacklog {
-    private let waiting = UnsafeMutablePointer<Int>.allocate(capacity: 1)
-    private var ids: [UInt64] = []
-
-    init() { waiting.initialize(to: 0) }
-    deinit { waiting.deallocate() }
-
-    @inline(__always) var count: Int { waiting.pointee }
-
-    func append(_ id: UInt64) {
-        ids.append(id)
-        waiting.pointee = ids.count
-    }
-
-    /// Hands the ids to `send`, oldest first, until it says false; true when all went.
-    func drain(_ send: (UInt64) -> Bool) -> Bool {
-        var sent = 0
-        while sent < ids.count, send(ids[sent]) { sent += 1 }
-        ids.removeFirst(sent)
-        waiting.pointee = ids.count
-        return ids.isEmpty
     }
 }

@@ -604,16 +604,17 @@ public final class CapsService: @unchecked Sendable {
             if !synthetic.isEmpty { return deliver(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
             found = nextEntry()
         }
-        guard let (client, entry, state) = found else { return nil }
+        guard let (client, entry) = found else { return nil }
         let consume = room.map { $0 >= Int(entry.length) } ?? true
-        guard let result = try take(client, entry, state, consume: consume, deliver) else {
+        guard let result = try take(client, entry, consume: consume, deliver) else {
             return try nextMessage(room: room, deliver)
         }
         return result
     }
 
-    /// Round-robin over the clients: the next entry of some request ring (aborted ones skipped).
-    private func nextEntry() -> (ClientChannel, CapsEntry, UnsafeMutablePointer<UInt32>)? {
+    /// Round-robin over the clients: the next DISPOSE made of some client's reply head, else the
+    /// next entry of its request ring (aborted ones skipped).
+    private func nextEntry() -> (ClientChannel, CapsEntry)? {
         let count = order.count
         guard count > 0 else { return nil }
         var index = cursor < count ? cursor : 0
@@ -621,7 +622,18 @@ public final class CapsService: @unchecked Sendable {
             let client = order[index]
             index += 1
             if index == count { index = 0 }
+            // The client moved its reply head before anything it pushed after: its DISPOSEs come
+            // before that.
+            if client.channel.hasDisposals, let disposed = client.channel.nextDisposal() {
+                cursor = index
+                lastActive = client
+                return (client, CapsEntry(messageID: disposed, offset: 0, length: 0, kind: .dispose, flags: 0))
+            }
             while let (entry, state) = client.channel.peek(.request) {
+                if entry.kind == .dispose {
+                    client.channel.advance(.request)  // not an entry since layout 3: dropped
+                    continue
+                }
                 if entry.kind == .request,
                    !SharedWord.compareExchange(state, expected: CapsEntryState.pending.rawValue, desired: CapsEntryState.taken.rawValue),
                    SharedWord.load(state) == CapsEntryState.aborted.rawValue {
@@ -630,7 +642,7 @@ public final class CapsService: @unchecked Sendable {
                 }
                 cursor = index
                 lastActive = client
-                return (client, entry, state)
+                return (client, entry)
             }
         }
         return nil
@@ -640,10 +652,20 @@ public final class CapsService: @unchecked Sendable {
     /// request that did not fit the caller's buffer stays queued).
     /// nil: the entry was malformed (a payload outside the arena, or announced descriptors that
     /// never came) and has been dropped.
-    private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, _ state: UnsafeMutablePointer<UInt32>, consume: Bool,
+    private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, consume: Bool,
                          _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
                                          credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
+        if entry.kind == .dispose {
+            // Made here of the client's reply head, for a REPLY this port sent: never a ring entry.
+            guard let reply = client.messages.find(entry.messageID), reply.state == Self.replied else { return nil }
+            client.messages.remove(entry.messageID)
+            if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+            tap?.record(.dispose, entry.messageID, length: 0)
+            message.kind = .dispose
+            message.length = 0
+            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
+        }
         // Ids carry their channel: an entry naming another client's channel is forged.
         guard capsChannel(of: entry.messageID) == client.id else {
             client.channel.advance(.request)
@@ -692,16 +714,6 @@ public final class CapsService: @unchecked Sendable {
             if let attachments = payload.attachments { core.stash.keep(attachments, for: entry.messageID) }
             _ = consume payload
             return result
-        case .dispose:
-            client.channel.advance(.request)
-            // Only a reply this service sent can be disposed of.
-            guard let reply = client.messages.find(entry.messageID), reply.state == Self.replied else { return nil }
-            client.messages.remove(entry.messageID)
-            if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
-            tap?.record(.dispose, entry.messageID, length: 0)
-            message.kind = .dispose
-            message.length = 0
-            return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .abort:
             client.channel.advance(.request)
             guard let request = client.messages.find(entry.messageID), request.state != Self.replied else { return nil }
@@ -710,8 +722,9 @@ public final class CapsService: @unchecked Sendable {
             message.kind = .aborted
             message.length = 0
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
-        case .request, .reply, .discardedReply, .errorReply:
-            // A request id already in use, or a kind a client does not send: dropped.
+        case .request, .dispose, .reply, .discardedReply, .errorReply:
+            // A request id already in use, or a kind a client does not send (layout 3: a DISPOSE
+            // is the client's reply head, never an entry): dropped.
             client.channel.advance(.request)
             return nil
         }
@@ -758,6 +771,7 @@ public final class CapsService: @unchecked Sendable {
                       let direct = message.descriptors.takeFirst(),
                       let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize))
                 else { continue }
+                channel.trackDisposals()
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,
@@ -789,11 +803,8 @@ public final class CapsService: @unchecked Sendable {
         while let (entry, state) = client.channel.peek(.request) {
             client.channel.advance(.request)
             if entry.kind == .request, SharedWord.load(state) != CapsEntryState.aborted.rawValue { left.append(entry.messageID) }
-            if entry.kind == .dispose, client.messages.find(entry.messageID)?.state == Self.replied {
-                client.messages.remove(entry.messageID)
-                left.append(entry.messageID)  // a DISPOSE it sent before going: still shown
-            }
         }
+        // Replies it consumed before going are among these: still shown, in id order with the rest.
         left.append(contentsOf: client.messages.all().map(\.id))
         for id in left.sorted() {
             core.stash.discard(id)
@@ -817,7 +828,7 @@ public final class CapsService: @unchecked Sendable {
     }
 
     private static func hasWork(_ channels: [CapsChannel]) -> Bool {
-        for channel in channels where channel.hasEntries(.request) { return true }
+        for channel in channels where channel.hasEntries(.request) || channel.hasDisposals { return true }
         return false
     }
 

@@ -31,10 +31,22 @@ final class CapsChannel: @unchecked Sendable {
     /// that scribbles on them cannot move this side, and the consumer's head is read only when
     /// the known copy says the ring is full: its cache line stays with the consumer instead of
     /// crossing CPUs on every push.
+    ///
+    /// The service also keeps, for the reply ring, what its DISPOSEs come from (layout 3: the
+    /// client's reply head is its DISPOSE of every REPLY before it): the head as last looked at,
+    /// how far it has been believed (never backwards, never past this side's tail), and how far
+    /// DISPOSEs were made of it.
     private let positions: UnsafeMutablePointer<UInt64>
     @inline(__always) private func tail(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + ring.index }
     @inline(__always) private func knownHead(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 2 + ring.index }
     @inline(__always) private func head(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 4 + ring.index }
+    @inline(__always) private var consumedSeen: UnsafeMutablePointer<UInt64> { positions + 6 }
+    @inline(__always) private var consumed: UnsafeMutablePointer<UInt64> { positions + 7 }
+    @inline(__always) private var disposed: UnsafeMutablePointer<UInt64> { positions + 8 }
+    /// The service's record of its reply ring, by position: the message id of each REPLY pushed
+    /// (0 for entries that get no DISPOSE: error and discarded replies). Private to the service,
+    /// so a client that rewrites the ring cannot make it dispose of anything but what it sent.
+    private var replyLog: UnsafeMutablePointer<UInt64>?
 
     init(_ memory: borrowing PatchbaySystem.Descriptor, arenaSize expected: Int) throws(PatchbayError) {
         let header: (capacity: Int, arena: Int)
@@ -63,8 +75,8 @@ final class CapsChannel: @unchecked Sendable {
         }
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
-        positions = .allocate(capacity: 6)
-        positions.initialize(repeating: 0, count: 6)
+        positions = .allocate(capacity: 9)
+        positions.initialize(repeating: 0, count: 9)
         do {
             mapping = try PatchbaySystem.Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
                                   writable: true)
@@ -78,10 +90,20 @@ final class CapsChannel: @unchecked Sendable {
             SharedWord.store(head(ring), SharedWord.load(word64(ring.headOffset)))
             SharedWord.store(knownHead(ring), SharedWord.load(head(ring)))
         }
+        for word in [consumedSeen, consumed, disposed] { SharedWord.store(word, SharedWord.load(head(.reply))) }
     }
 
     deinit {
         positions.deallocate()
+        replyLog?.deallocate()
+    }
+
+    /// Makes this the service's side: its REPLYs are logged, to be disposed of when the client's
+    /// reply head passes them.
+    func trackDisposals() {
+        let log = UnsafeMutablePointer<UInt64>.allocate(capacity: Int(capacity))
+        log.initialize(repeating: 0, count: Int(capacity))
+        replyLog = log
     }
 
     @inline(__always) func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
@@ -139,6 +161,8 @@ final class CapsChannel: @unchecked Sendable {
     /// `commit`; nil when the ring is full.
     func reserve(_ ring: Ring) -> UnsafeMutableRawPointer? {
         let tail = SharedWord.load(tail(ring))
+        // The service never reuses a reply slot whose DISPOSE it has not made yet.
+        if ring == .reply, replyLog != nil, tail &- SharedWord.load(disposed) >= capacity { return nil }
         if tail &- SharedWord.load(knownHead(ring)) >= capacity {
             SharedWord.store(knownHead(ring), SharedWord.load(word64(ring.headOffset)))
             guard tail &- SharedWord.load(knownHead(ring)) < capacity else { return nil }
@@ -156,6 +180,9 @@ final class CapsChannel: @unchecked Sendable {
         slot.storeBytes(of: entry.flags, toByteOffset: CapsLayout.entryFlags, as: UInt32.self)
         SharedWord.store(slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self),
                          CapsEntryState.pending.rawValue)
+        if ring == .reply, let replyLog {
+            replyLog[Int(tail & (capacity - 1))] = entry.kind == .reply ? entry.messageID : 0
+        }
         SharedWord.store(Self.stamp(slot), tail &+ 1)
         SharedWord.store(self.tail(ring), tail &+ 1)
         SharedWord.store(word64(ring.tailOffset), tail &+ 1)
@@ -194,6 +221,39 @@ final class CapsChannel: @unchecked Sendable {
         let head = SharedWord.load(head(ring)) &+ 1
         SharedWord.store(self.head(ring), head)
         SharedWord.store(word64(ring.headOffset), head)
+    }
+
+    /// Whether the client's reply head moved since the service last looked, or DISPOSEs made of
+    /// it wait (service side): one load of the head's cache line.
+    @inline(__always)
+    var hasDisposals: Bool {
+        SharedWord.load(word64(CapsLayout.replyHeadOffset)) != SharedWord.load(consumedSeen)
+            || SharedWord.load(disposed) != SharedWord.load(consumed)
+    }
+
+    /// The message id of the next REPLY the client consumed and the service has not disposed of
+    /// yet (service side), nil when none. The client's reply head is believed only forwards and
+    /// up to this side's tail: a head moved anywhere else is looked at once and ignored.
+    func nextDisposal() -> UInt64? {
+        guard let replyLog else { return nil }
+        let head = SharedWord.load(word64(CapsLayout.replyHeadOffset))
+        if head != SharedWord.load(consumedSeen) {
+            SharedWord.store(consumedSeen, head)
+            let believed = SharedWord.load(consumed)
+            if head &- believed <= SharedWord.load(tail(.reply)) &- believed { SharedWord.store(consumed, head) }
+        }
+        let upTo = SharedWord.load(consumed)
+        var position = SharedWord.load(disposed)
+        while position != upTo {
+            let id = replyLog[Int(position & (capacity - 1))]
+            position &+= 1
+            if id != 0 {
+                SharedWord.store(disposed, position)
+                return id
+            }
+        }
+        SharedWord.store(disposed, position)
+        return nil
     }
 
     /// Whether a ring holds entries (consumer side): the slot at the head carries its stamp.

@@ -133,7 +133,7 @@ final class CapsChannelRecord {
     }
 
     /// The channel's traffic as the service's own header words say (PROTOCOL.md §12.4): the
-    /// request ring's head (entries it consumed: REQUESTs, DISPOSEs, ABORTs) and the reply ring's
+    /// request ring's head (entries it consumed: REQUESTs and ABORTs) and the reply ring's
     /// tail (entries it published). Read without touching the rings, and written by the service
     /// only, so a client cannot inflate the counts of someone else's service.
     var messages: (toService: UInt64, toClient: UInt64) {
