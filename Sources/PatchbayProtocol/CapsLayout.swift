@@ -10,6 +10,8 @@
 //   ...                reply ring: `ringCapacity` entries of 128 bytes (service → client)
 //   page-aligned       request arena: `arenaSize` bytes, allocated by the client
 //   page-aligned       reply arena: `arenaSize` bytes, allocated by the service
+//   after it           request claims: `ringCapacity` u64 words, one per request-ring slot,
+//                      where the service takes a REQUEST or its client takes it back
 //
 // Status page (one memfd per service; the service maps it writable, clients read-only): the
 // generation, and whether the service is asleep or running (and on which CPU).
@@ -58,8 +60,20 @@ public enum CapsLayout {
     public static func replyArenaOffset(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
         requestArenaOffset(capacity: capacity) + arenaSize
     }
-    public static func channelSize(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
+    /// The request claims: one u64 per request-ring slot (layout 3).
+    public static func claimsOffset(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
         replyArenaOffset(capacity: capacity, arenaSize: arenaSize) + arenaSize
+    }
+    public static func channelSize(capacity: Int = ringCapacity, arenaSize: Int = defaultArenaSize) -> Int {
+        claimsOffset(capacity: capacity, arenaSize: arenaSize) + capacity * 8
+    }
+
+    /// The claim word's value once the REQUEST at ring `position` is taken by the service or, with
+    /// `aborted`, taken back by its client. Any other value is an older position's (or 0, none):
+    /// the request is unclaimed, and a compare-and-swap from that value decides who gets it.
+    @inline(__always)
+    public static func claim(of position: UInt64, aborted: Bool) -> UInt64 {
+        (position &+ 1) << 1 | (aborted ? 1 : 0)
     }
 
     // Ring entry layout (128 bytes, two cache lines; the first holds everything but the end of
@@ -69,7 +83,9 @@ public enum CapsLayout {
     public static let entryOffset = 16     // u64: offset in the sender's arena
     public static let entryLength = 24     // u32
     public static let entryKind = 28       // u32: EntryKind
-    public static let entryState = 32      // u32: EntryState (request entries)
+    /// u32, request entries: the low 32 bits of the client's reply head when it pushed the entry
+    /// (layout 3; layout 2 had the entry's state here, which the claims replace).
+    public static let entryConsumed = 32
     public static let entryFlags = 36      // u32: EntryFlags
     public static let entryInline = 40     // the inline payload, up to `inlineCapacity` bytes
 
@@ -100,14 +116,6 @@ public enum CapsEntryKind: UInt32, Sendable {
     /// not read safely), or one it failed to answer (`CapsService.reply(to:error:)`). No payload;
     /// the request's space is free again, no DISPOSE follows, and the caller sees the errno.
     case errorReply = 6
-}
-
-/// The life of a request entry still in the ring: the client may abort it in place until the
-/// service takes it (a compare-and-swap decides who wins).
-public enum CapsEntryState: UInt32, Sendable {
-    case pending = 0
-    case taken = 1
-    case aborted = 2
 }
 
 public enum CapsEntryFlags {

@@ -21,6 +21,10 @@ public enum SharedWord {
     public static func compareExchange(_ p: UnsafeMutablePointer<UInt32>, expected: UInt32, desired: UInt32) -> Bool {
         pb_cas_u32(p, expected, desired) != 0
     }
+    @inlinable @inline(__always)
+    public static func compareExchange(_ p: UnsafeMutablePointer<UInt64>, expected: UInt64, desired: UInt64) -> Bool {
+        pb_cas_u64(p, expected, desired) != 0
+    }
     @inlinable @inline(__always) public static func fence() { pb_fence() }
     /// A pause hint for spin loops.
     @inlinable @inline(__always) public static func relax() { pb_cpu_relax() }

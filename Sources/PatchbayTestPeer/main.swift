@@ -299,7 +299,8 @@ func capsForge(_ name: String) throws(PatchbayError) {
 
 /// Forges DISPOSEs: puts two requests ("one", "two") and says "put ID ID"; once told "go" (the
 /// service replied to both), pushes DISPOSE entries for them and writes its reply head past the
-/// service's tail, far off, and back, then puts "three" and says "forged"; once told "go" again,
+/// service's tail, far off, and back, then puts "three" in an entry that announces a reply head
+/// past the service's tail, and says "forged"; once told "go" again,
 /// consumes the three replies and says "consumed".
 func capsForgeDispose(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
@@ -311,7 +312,7 @@ func capsForgeDispose(_ name: String) throws(PatchbayError) {
     try client.putForgedDispose(first)
     try client.putForgedDispose(second)
     for head: UInt64 in [1_000, 1 << 63, 0] { client.scribbleReplyHead(head) }
-    _ = try client.put(Array("three".utf8))
+    _ = try client.putForgedConsumed(Array("three".utf8), consumed: 1_000)
     say("forged")
     guard Swift.readLine() == "go" else { return }
     var replies: [String] = []

@@ -135,6 +135,9 @@ static inline uint32_t pb_fetch_add_u32(uint32_t *p, uint32_t v) { return __atom
 static inline int pb_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
+static inline int pb_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 /// A full fence. On x86-64 a locked add to the stack's red zone orders stores before later loads
 /// as `mfence` does for ordinary (write-back) memory, at about half its cost; Linux's own smp_mb()
 /// is the same instruction. Elsewhere the compiler's sequentially consistent fence.

@@ -273,6 +273,25 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Puts a REQUEST (inline, at most 88 bytes) whose entry announces `consumed` as this port's
+    /// reply head, as a hostile client can: only for the project's tests.
+    package func putForgedConsumed(_ bytes: [UInt8], consumed: UInt32) throws(PatchbayError) -> UInt64 {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
+            try checkUsable()
+            guard bytes.count <= CapsLayout.inlineCapacity, let slot = channel.reserve(.request) else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full, or the payload is not inline")
+            }
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            bytes.withUnsafeBytes { CapsChannel.inlineSpace(slot, length: bytes.count).copyMemory(from: $0) }
+            channel.commit(.request, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(bytes.count), kind: .request,
+                                                     flags: CapsEntryFlags.inlinePayload), forgedConsumed: consumed)
+            requests.insert(MessageRecord(id: messageID, offset: -1, length: bytes.count, state: 0))
+            wakeService()
+            return messageID
+        }
+    }
+
     /// Writes `value` into the channel's shared reply head word, as a hostile client can, and
     /// wakes the service: only for the project's tests. This port's own position is private, so
     /// its next consumed reply publishes the true head again.
@@ -301,8 +320,7 @@ public final class CapsClient: @unchecked Sendable {
             }
             // Still in the ring: take it back in place if the service has not taken it first.
             if let slot = channel.pendingRequestSlots().first(where: { $0.messageID == messageID }),
-               SharedWord.compareExchange(slot.state, expected: CapsEntryState.pending.rawValue,
-                                          desired: CapsEntryState.aborted.rawValue) {
+               channel.claimForAbort(slot.position) {
                 if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
                 requests.remove(messageID)
                 return .returned

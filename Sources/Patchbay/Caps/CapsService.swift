@@ -622,22 +622,23 @@ public final class CapsService: @unchecked Sendable {
             let client = order[index]
             index += 1
             if index == count { index = 0 }
-            // The client moved its reply head before anything it pushed after: its DISPOSEs come
-            // before that.
-            if client.channel.hasDisposals, let disposed = client.channel.nextDisposal() {
-                cursor = index
-                lastActive = client
-                return (client, CapsEntry(messageID: disposed, offset: 0, length: 0, kind: .dispose, flags: 0))
-            }
-            while let (entry, state) = client.channel.peek(.request) {
-                if entry.kind == .dispose {
-                    client.channel.advance(.request)  // not an entry since layout 3: dropped
-                    continue
+            let channel = client.channel
+            while true {
+                // The client's reply head comes with each request entry (the line read anyway),
+                // and is read from its shared word only when the ring is empty. DISPOSEs of what
+                // it consumed before pushing an entry come before that entry.
+                let next = channel.peek(.request)
+                if let (entry, _) = next { channel.noteConsumed(entry.consumed) }
+                if next != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: next == nil) {
+                    cursor = index
+                    lastActive = client
+                    return (client, CapsEntry(messageID: disposed, offset: 0, length: 0, kind: .dispose, flags: 0))
                 }
-                if entry.kind == .request,
-                   !SharedWord.compareExchange(state, expected: CapsEntryState.pending.rawValue, desired: CapsEntryState.taken.rawValue),
-                   SharedWord.load(state) == CapsEntryState.aborted.rawValue {
-                    client.channel.advance(.request)  // taken back by its client
+                guard let (entry, position) = next else { break }
+                // A DISPOSE entry (layout 2's, not one since) is dropped; a request its client
+                // took back is skipped.
+                if entry.kind == .dispose || (entry.kind == .request && !channel.claimForService(position)) {
+                    channel.advance(.request)
                     continue
                 }
                 cursor = index
@@ -769,9 +770,8 @@ public final class CapsService: @unchecked Sendable {
                 guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
                       let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
                       let direct = message.descriptors.takeFirst(),
-                      let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize))
+                      let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize), tracksDisposals: true)
                 else { continue }
-                channel.trackDisposals()
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,
@@ -800,9 +800,9 @@ public final class CapsService: @unchecked Sendable {
         try? epoll.remove(client.serviceWake.rawValue)
         try? control.remove(client.direct.rawValue)
         var left: [UInt64] = []
-        while let (entry, state) = client.channel.peek(.request) {
+        while let (entry, position) = client.channel.peek(.request) {
             client.channel.advance(.request)
-            if entry.kind == .request, SharedWord.load(state) != CapsEntryState.aborted.rawValue { left.append(entry.messageID) }
+            if entry.kind == .request, !client.channel.isAborted(position) { left.append(entry.messageID) }
         }
         // Replies it consumed before going are among these: still shown, in id order with the rest.
         left.append(contentsOf: client.messages.all().map(\.id))

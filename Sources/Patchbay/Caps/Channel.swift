@@ -16,6 +16,9 @@ struct CapsEntry {
     var length: UInt32
     var kind: CapsEntryKind
     var flags: UInt32
+    /// In a request entry: the low 32 bits of the client's reply head when it pushed the entry
+    /// (layout 3), so the service learns of DISPOSEs from the line it reads anyway.
+    var consumed: UInt32 = 0
     /// Where an inline payload is, in the ring slot (set by `peek`).
     var inlineBytes: UnsafeRawPointer? = nil
 }
@@ -46,9 +49,11 @@ final class CapsChannel: @unchecked Sendable {
     /// The service's record of its reply ring, by position: the message id of each REPLY pushed
     /// (0 for entries that get no DISPOSE: error and discarded replies). Private to the service,
     /// so a client that rewrites the ring cannot make it dispose of anything but what it sent.
-    private var replyLog: UnsafeMutablePointer<UInt64>?
+    private let replyLog: UnsafeMutablePointer<UInt64>?
 
-    init(_ memory: borrowing PatchbaySystem.Descriptor, arenaSize expected: Int) throws(PatchbayError) {
+    /// Maps a channel. `tracksDisposals`: this is the service's side, which logs its REPLYs to
+    /// make DISPOSEs of them when the client's reply head passes them.
+    init(_ memory: borrowing PatchbaySystem.Descriptor, arenaSize expected: Int, tracksDisposals: Bool = false) throws(PatchbayError) {
         let header: (capacity: Int, arena: Int)
         do {
             let probe = try PatchbaySystem.Mapping(memory, length: CapsLayout.headerSize, writable: false)
@@ -77,6 +82,13 @@ final class CapsChannel: @unchecked Sendable {
         arenaSize = header.arena
         positions = .allocate(capacity: 9)
         positions.initialize(repeating: 0, count: 9)
+        if tracksDisposals {
+            let log = UnsafeMutablePointer<UInt64>.allocate(capacity: header.capacity)
+            log.initialize(repeating: 0, count: header.capacity)
+            replyLog = log
+        } else {
+            replyLog = nil
+        }
         do {
             mapping = try PatchbaySystem.Mapping(memory, length: CapsLayout.channelSize(capacity: header.capacity, arenaSize: header.arena),
                                   writable: true)
@@ -98,13 +110,6 @@ final class CapsChannel: @unchecked Sendable {
         replyLog?.deallocate()
     }
 
-    /// Makes this the service's side: its REPLYs are logged, to be disposed of when the client's
-    /// reply head passes them.
-    func trackDisposals() {
-        let log = UnsafeMutablePointer<UInt64>.allocate(capacity: Int(capacity))
-        log.initialize(repeating: 0, count: Int(capacity))
-        replyLog = log
-    }
 
     @inline(__always) func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
         mapping.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
@@ -171,15 +176,19 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// Publishes the slot `reserve` gave with `entry`'s fields (producer side).
-    func commit(_ ring: Ring, _ slot: UnsafeMutableRawPointer, _ entry: CapsEntry) {
+    /// (`forgedConsumed`: a reply head to announce instead of the true one, for the tests' hostile
+    /// client only.)
+    func commit(_ ring: Ring, _ slot: UnsafeMutableRawPointer, _ entry: CapsEntry, forgedConsumed: UInt32? = nil) {
         let tail = SharedWord.load(tail(ring))
         slot.storeBytes(of: entry.messageID, toByteOffset: CapsLayout.entryMessageID, as: UInt64.self)
         slot.storeBytes(of: entry.offset, toByteOffset: CapsLayout.entryOffset, as: UInt64.self)
         slot.storeBytes(of: entry.length, toByteOffset: CapsLayout.entryLength, as: UInt32.self)
         slot.storeBytes(of: entry.kind.rawValue, toByteOffset: CapsLayout.entryKind, as: UInt32.self)
         slot.storeBytes(of: entry.flags, toByteOffset: CapsLayout.entryFlags, as: UInt32.self)
-        SharedWord.store(slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self),
-                         CapsEntryState.pending.rawValue)
+        if ring == .request {
+            slot.storeBytes(of: forgedConsumed ?? UInt32(truncatingIfNeeded: SharedWord.load(head(.reply))),
+                            toByteOffset: CapsLayout.entryConsumed, as: UInt32.self)
+        }
         if ring == .reply, let replyLog {
             replyLog[Int(tail & (capacity - 1))] = entry.kind == .reply ? entry.messageID : 0
         }
@@ -200,8 +209,8 @@ final class CapsChannel: @unchecked Sendable {
         UnsafeMutableRawBufferPointer(start: slot.advanced(by: CapsLayout.entryInline), count: length)
     }
 
-    /// The oldest entry not yet consumed (consumer side), without consuming it.
-    func peek(_ ring: Ring) -> (entry: CapsEntry, state: UnsafeMutablePointer<UInt32>)? {
+    /// The oldest entry not yet consumed (consumer side), without consuming it, and its position.
+    func peek(_ ring: Ring) -> (entry: CapsEntry, position: UInt64)? {
         let head = SharedWord.load(head(ring))
         let slot = slot(ring, head)
         guard SharedWord.load(Self.stamp(slot)) == head &+ 1 else { return nil }
@@ -212,8 +221,46 @@ final class CapsChannel: @unchecked Sendable {
             length: slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self),
             kind: kind,
             flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
+            consumed: slot.load(fromByteOffset: CapsLayout.entryConsumed, as: UInt32.self),
             inlineBytes: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
-        return (entry, slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self))
+        return (entry, head)
+    }
+
+    // MARK: Claims
+    //
+    // Who gets a REQUEST still in the ring, the service (taking it) or its client (taking it back
+    // with `abort`), is decided by a compare-and-swap on the slot's claim word, in a region of
+    // its own at the end of the channel. The client never writes it but to abort, so its cache
+    // line stays with the service, and taking a request costs no cache-line transfer.
+
+    @inline(__always) private func claimWord(_ position: UInt64) -> UnsafeMutablePointer<UInt64> {
+        mapping.baseAddress.advanced(by: CapsLayout.claimsOffset(capacity: Int(capacity), arenaSize: arenaSize)
+                                     + Int(position & (capacity - 1)) * 8).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// The service claims the REQUEST at `position`: false when its client took it back first (or
+    /// wrote anything else there).
+    func claimForService(_ position: UInt64) -> Bool {
+        let word = claimWord(position)
+        let taken = CapsLayout.claim(of: position, aborted: false)
+        let current = SharedWord.load(word)
+        if current == taken { return true }  // taken before and left queued (a buffer too small)
+        if current == taken | 1 { return false }
+        return SharedWord.compareExchange(word, expected: current, desired: taken)
+    }
+
+    /// The client takes back the REQUEST at `position`: false when the service took it first.
+    func claimForAbort(_ position: UInt64) -> Bool {
+        let word = claimWord(position)
+        let aborted = CapsLayout.claim(of: position, aborted: true)
+        let current = SharedWord.load(word)
+        if current & ~1 == aborted & ~1 { return current == aborted }
+        return SharedWord.compareExchange(word, expected: current, desired: aborted)
+    }
+
+    /// Whether the REQUEST at `position` was taken back by its client.
+    func isAborted(_ position: UInt64) -> Bool {
+        SharedWord.load(claimWord(position)) == CapsLayout.claim(of: position, aborted: true)
     }
 
     /// Consumes the oldest entry.
@@ -231,16 +278,32 @@ final class CapsChannel: @unchecked Sendable {
             || SharedWord.load(disposed) != SharedWord.load(consumed)
     }
 
+    /// Takes the client's reply head as a request entry carried it (its low 32 bits, widened
+    /// forwards from what the service believes), under the same rule as the shared word.
+    func noteConsumed(_ low: UInt32) {
+        let believed = SharedWord.load(consumed)
+        believe(believed &+ UInt64(low &- UInt32(truncatingIfNeeded: believed)))
+    }
+
+    /// The client's reply head is believed only forwards and up to this side's tail: a head
+    /// moved anywhere else is ignored.
+    @inline(__always)
+    private func believe(_ head: UInt64) {
+        let believed = SharedWord.load(consumed)
+        if head &- believed <= SharedWord.load(tail(.reply)) &- believed { SharedWord.store(consumed, head) }
+    }
+
     /// The message id of the next REPLY the client consumed and the service has not disposed of
-    /// yet (service side), nil when none. The client's reply head is believed only forwards and
-    /// up to this side's tail: a head moved anywhere else is looked at once and ignored.
-    func nextDisposal() -> UInt64? {
+    /// yet (service side), nil when none. `readingHead`: look at the shared reply head word too
+    /// (a client that pushes nothing after consuming says it only there).
+    func nextDisposal(readingHead: Bool) -> UInt64? {
         guard let replyLog else { return nil }
-        let head = SharedWord.load(word64(CapsLayout.replyHeadOffset))
-        if head != SharedWord.load(consumedSeen) {
-            SharedWord.store(consumedSeen, head)
-            let believed = SharedWord.load(consumed)
-            if head &- believed <= SharedWord.load(tail(.reply)) &- believed { SharedWord.store(consumed, head) }
+        if readingHead {
+            let head = SharedWord.load(word64(CapsLayout.replyHeadOffset))
+            if head != SharedWord.load(consumedSeen) {
+                SharedWord.store(consumedSeen, head)
+                believe(head)
+            }
         }
         let upTo = SharedWord.load(consumed)
         var position = SharedWord.load(disposed)
@@ -270,18 +333,17 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// Every request entry still in the ring (between the service's head and this client's
-    /// tail), newest last: for aborting in place.
-    func pendingRequestSlots() -> [(messageID: UInt64, state: UnsafeMutablePointer<UInt32>)] {
+    /// tail), newest last, with its position: for aborting in place.
+    func pendingRequestSlots() -> [(messageID: UInt64, position: UInt64)] {
         let head = SharedWord.load(word64(Ring.request.headOffset))
         let tail = SharedWord.load(tail(.request))
-        var result: [(UInt64, UnsafeMutablePointer<UInt32>)] = []
+        var result: [(UInt64, UInt64)] = []
         guard Self.holdsEntries(head: head, tail: tail, capacity: capacity) else { return result }
         var index = head
         while index != tail {
             let slot = slot(.request, index)
             if slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self) == CapsEntryKind.request.rawValue {
-                result.append((slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
-                               slot.advanced(by: CapsLayout.entryState).assumingMemoryBound(to: UInt32.self)))
+                result.append((slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self), index))
             }
             index &+= 1
         }
