@@ -38,7 +38,9 @@ public func capsNameProblem(_ name: String) -> String? {
     return nil
 }
 
-/// Who sent a CAPS message, as the kernel reported it when the client connected.
+/// Who sent a CAPS message, as the kernel reported it when the client connected. A plain value
+/// (the groups are kept inline, not in an array's heap storage), so handing it out with every
+/// message costs no reference counting.
 public struct CapsCredentials: Sendable, Equatable {
     public var pid: Int32
     /// Real uid (from /proc at connect time).
@@ -46,15 +48,37 @@ public struct CapsCredentials: Sendable, Equatable {
     /// Effective uid (SO_PEERCRED).
     public var euid: UInt32
     public var gid: UInt32
-    /// Up to 16 supplementary groups (SO_PEERGROUPS).
-    public var groups: [UInt32]
+    private var groupWords: (UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32,
+                             UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32) =
+        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    private var groupCount: UInt8 = 0
+
+    /// Up to 16 supplementary groups (SO_PEERGROUPS); more are dropped.
+    public var groups: [UInt32] {
+        get {
+            withUnsafeBytes(of: groupWords) { Array($0.bindMemory(to: UInt32.self).prefix(Int(groupCount))) }
+        }
+        set {
+            let kept = newValue.prefix(16)
+            groupCount = UInt8(kept.count)
+            withUnsafeMutableBytes(of: &groupWords) { raw in
+                let words = raw.bindMemory(to: UInt32.self)
+                for index in 0..<16 { words[index] = index < kept.count ? kept[kept.startIndex + index] : 0 }
+            }
+        }
+    }
 
     public init(pid: Int32, uid: UInt32, euid: UInt32, gid: UInt32, groups: [UInt32]) {
         self.pid = pid
         self.uid = uid
         self.euid = euid
         self.gid = gid
-        self.groups = Array(groups.prefix(16))
+        self.groups = groups
+    }
+
+    public static func == (left: CapsCredentials, right: CapsCredentials) -> Bool {
+        left.pid == right.pid && left.uid == right.uid && left.euid == right.euid && left.gid == right.gid
+            && left.groups == right.groups
     }
 
     func encode(into writer: inout WireWriter) {

@@ -110,7 +110,6 @@ final class CapsChannel: @unchecked Sendable {
         replyLog?.deallocate()
     }
 
-
     @inline(__always) func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
         mapping.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
     }
