@@ -599,6 +599,13 @@ public final class CapsClient: @unchecked Sendable {
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
+            if let bytes = CapsPortCore.plainInline(entry), room.map({ $0 >= bytes.count }) ?? true {
+                // The common case, with nothing to keep alive: as below, without a payload value.
+                let result = deliver(CapsReply(messageID: entry.messageID, length: bytes.count, consumed: true, serviceClosed: false,
+                                               descriptors: nil), bytes)
+                finish(entry, request, dispose: true)
+                return result
+            }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
                 // A reply the service could not have written honestly: dropped, never read.
                 finish(entry, request, dispose: true)

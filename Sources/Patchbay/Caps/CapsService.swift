@@ -653,6 +653,7 @@ public final class CapsService: @unchecked Sendable {
     /// request that did not fit the caller's buffer stays queued).
     /// nil: the entry was malformed (a payload outside the arena, or announced descriptors that
     /// never came) and has been dropped.
+    @inline(__always)
     private func take<R>(_ client: ClientChannel, _ entry: CapsEntry, consume: Bool,
                          _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
         var message = CapsServiceMessage(kind: .request, messageID: entry.messageID, length: Int(entry.length), consumed: true,
@@ -679,6 +680,12 @@ public final class CapsService: @unchecked Sendable {
                 refuse(entry, of: client, with: .noBufferSpace)
                 return nil
             }
+            if consume, let source = CapsPortCore.plainInline(entry) {
+                // The common case, with nothing to keep alive: as below, without a payload value.
+                client.messages.insert(MessageRecord(id: entry.messageID, offset: -1, length: 0, state: Self.received))
+                if let tap { tap.record(.request, entry.messageID, length: Int(entry.length), head: tap.head(of: source)) }
+                return Self.deliverInline(source, message, advancing: client.channel, use)
+            }
             guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
                                                  direct: client.direct.rawValue) else {
                 // A payload outside the arena, an attachment that is not a memfd sealed against
@@ -703,13 +710,7 @@ public final class CapsService: @unchecked Sendable {
                 }
                 let source = payload.bytes
                 _ = consume payload
-                var scratch = InlinePayload()
-                return withUnsafeMutableBytes(of: &scratch) { buffer in
-                    let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<source.count])
-                    if source.count > 0 { copy.copyMemory(from: source) }
-                    client.channel.advance(.request)
-                    return use(message, UnsafeRawBufferPointer(copy))
-                }
+                return Self.deliverInline(source, message, advancing: client.channel, use)
             }
             let result = use(message, payload.bytes)
             if let attachments = payload.attachments { core.stash.keep(attachments, for: entry.messageID) }
@@ -728,6 +729,20 @@ public final class CapsService: @unchecked Sendable {
             // is the client's reply head, never an entry): dropped.
             client.channel.advance(.request)
             return nil
+        }
+    }
+
+    /// Shows `use` an inline request's bytes from a copy on the stack (at most `inlineCapacity`),
+    /// consuming the entry first: once the head moves past it, the client may reuse the slot.
+    @inline(__always)
+    private static func deliverInline<R>(_ source: UnsafeRawBufferPointer, _ message: CapsServiceMessage, advancing channel: CapsChannel,
+                                         _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) -> R {
+        var scratch = InlinePayload()
+        return withUnsafeMutableBytes(of: &scratch) { buffer in
+            let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<source.count])
+            if source.count > 0 { copy.copyMemory(from: source) }
+            channel.advance(.request)
+            return use(message, UnsafeRawBufferPointer(copy))
         }
     }
 
