@@ -599,8 +599,8 @@ public final class CapsClient: @unchecked Sendable {
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
             }
-            if let bytes = CapsPortCore.plainInline(entry), room.map({ $0 >= bytes.count }) ?? true {
-                // The common case, with nothing to keep alive: as below, without a payload value.
+            if let bytes = CapsPortCore.plainPayload(entry, in: channel, arena: channel.replyArena), room.map({ $0 >= bytes.count }) ?? true {
+                // The common cases, with nothing to keep alive: as below, without a payload value.
                 let result = deliver(CapsReply(messageID: entry.messageID, length: bytes.count, consumed: true, serviceClosed: false,
                                                descriptors: nil), bytes)
                 finish(entry, request, dispose: true)

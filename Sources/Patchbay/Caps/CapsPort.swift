@@ -221,14 +221,17 @@ struct CapsPortCore {
     /// The payload of `entry`, read from the peer's side of `channel` (`arena`): nil when the
     /// peer could not have written it honestly (outside the arena, or announced descriptors that
     /// never came, or a memfd shorter than announced); such a message is never read.
-    /// The bytes of a payload inline in its entry with nothing attached, the common case, read
-    /// in place without building a `CapsPayload`; nil for anything else (`payload` then checks
-    /// and builds it).
+    /// The bytes of a payload with nothing attached, inline in its entry or in the arena, the
+    /// common cases, read in place without building a `CapsPayload`; nil for anything else,
+    /// sound or not (`payload` then checks and builds it).
     @inline(__always)
-    static func plainInline(_ entry: CapsEntry) -> UnsafeRawBufferPointer? {
-        guard entry.flags == CapsEntryFlags.inlinePayload, entry.length <= UInt32(CapsLayout.inlineCapacity),
-              let start = entry.inlineBytes else { return nil }
-        return UnsafeRawBufferPointer(start: start, count: Int(entry.length))
+    static func plainPayload(_ entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer? {
+        if entry.flags == CapsEntryFlags.inlinePayload {
+            guard entry.length <= UInt32(CapsLayout.inlineCapacity), let start = entry.inlineBytes else { return nil }
+            return UnsafeRawBufferPointer(start: start, count: Int(entry.length))
+        }
+        guard entry.flags == 0, channel.fitsArena(offset: entry.offset, length: entry.length) else { return nil }
+        return UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: Int(entry.length))
     }
 
     func payload(of entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer, direct: CInt)

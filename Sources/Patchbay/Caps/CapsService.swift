@@ -680,11 +680,13 @@ public final class CapsService: @unchecked Sendable {
                 refuse(entry, of: client, with: .noBufferSpace)
                 return nil
             }
-            if consume, let source = CapsPortCore.plainInline(entry) {
-                // The common case, with nothing to keep alive: as below, without a payload value.
+            if consume, let source = CapsPortCore.plainPayload(entry, in: client.channel, arena: client.channel.requestArena) {
+                // The common cases, with nothing to keep alive: as below, without a payload value.
                 client.messages.insert(MessageRecord(id: entry.messageID, offset: -1, length: 0, state: Self.received))
                 if let tap { tap.record(.request, entry.messageID, length: Int(entry.length), head: tap.head(of: source)) }
-                return Self.deliverInline(source, message, advancing: client.channel, use)
+                if entry.flags == CapsEntryFlags.inlinePayload { return Self.deliverInline(source, message, advancing: client.channel, use) }
+                client.channel.advance(.request)
+                return use(message, source)
             }
             guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
                                                  direct: client.direct.rawValue) else {
