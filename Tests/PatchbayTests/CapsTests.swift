@@ -153,6 +153,32 @@ struct CapsTests {
             #expect(try caller.wait() == .exited(0))
             #expect(awaitSleepers(port, expected), "\(mode) again: \(port.serviceSleepers)")
         }
+        // With 127 channels it still sleeps on futex words (128 words, one of them the port's own:
+        // futex_waitv's limit); past that in epoll, and on futex words again once they are fewer.
+        var environment = broker.environment
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+        let crowded = try Child(patchbayCLI, ["caps", "serve", "sleeps.crowded", "--allow", "world", "--echo"], environment: environment)
+        defer { crowded.kill(SIGKILL); _ = try? crowded.wait() }
+        var crowd = [try CapsClient(client, name: "sleeps.crowded", waitForService: true)]
+        #expect(awaitSleepers(crowd[0], (epoll: 0, futex: 1)), "one client: \(crowd[0].serviceSleepers)")
+        while crowd.count < 127 { crowd.append(try CapsClient(client, name: "sleeps.crowded")) }
+        // The service learns of each new client on its broker connection, which wakes it from its
+        // futex sleep.
+        #expect(try crowd[126].call(Array("in".utf8)) == Array("in".utf8))
+        #expect(awaitSleepers(crowd[0], (epoll: 0, futex: 1)), "127 clients: \(crowd[0].serviceSleepers)")
+        crowd.append(try CapsClient(client, name: "sleeps.crowded"))
+        #expect(try crowd[127].call(Array("in".utf8)) == Array("in".utf8))
+        #expect(awaitSleepers(crowd[0], (epoll: 1, futex: 0)), "128 clients: \(crowd[0].serviceSleepers)")
+        let caller = try Child(testPeer, ["caps-forced-sleep", "sleeps.crowded", "50", "1"], environment: environment)
+        #expect(try caller.readLine() == "ok 50", "129 clients, in epoll")
+        #expect(try caller.wait() == .exited(0))
+        crowd.removeLast(100)
+        #expect(try crowd[0].call(Array("out".utf8)) == Array("out".utf8))
+        #expect(awaitSleepers(crowd[0], (epoll: 0, futex: 1)), "28 clients: \(crowd[0].serviceSleepers)")
+        let again = try Child(testPeer, ["caps-forced-sleep", "sleeps.crowded", "50", "1"], environment: environment)
+        #expect(try again.readLine() == "ok 50", "29 clients, on futex words again")
+        #expect(try again.wait() == .exited(0))
+
         // Watched through its descriptor, a port holds one epoll count for good: clients wake its
         // sockets, which is what makes that descriptor readable.
         let watched = try CapsService(client, name: "sleeps.watched", access: [.world])
