@@ -366,6 +366,45 @@ func capsFork(_ name: String) throws(PatchbayError) {
     say("parent reply " + String(decoding: try client.call(Array("after fork".utf8)), as: UTF8.self))
 }
 
+/// Registers a service that sleeps at once (spinning off), forks a child that cancels the
+/// inherited port's wait and drops it, waits for the child, says "ready", then echoes requests
+/// until its input ends. The parent's port must not notice the child: a new client is announced
+/// to it on its broker connection, which only its watching thread turns into a wake-up.
+func capsServiceFork(_ name: String) throws(PatchbayError) {
+    CapsTuning.spinNanoseconds = 0
+    let broker = try Broker()
+    var service: CapsService? = try CapsService(broker, name: name, access: [.world])
+    // One wait that sleeps and is cancelled, so the watching thread runs before the fork.
+    service!.cancelWait()
+    do {
+        try service!.receive { (_: CapsServiceMessage, _: UnsafeRawBufferPointer) in }
+        say("not cancelled")
+        return
+    } catch {
+        guard error.errno == .canceled else { throw error }
+    }
+    let child = fork()
+    if child == 0 {
+        service?.cancelWait()
+        service = nil
+        _exit(0)
+    }
+    var status: CInt = 0
+    waitpid(child, &status, 0)
+    startThread {
+        waitForEndOfInput()
+        exit(0)
+    }
+    say("ready")
+    let port = service!
+    while true {
+        try port.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+            guard message.kind == .request else { return }
+            try? port.reply(to: message.messageID, length: payload.count) { $0.copyMemory(from: payload) }
+        }
+    }
+}
+
 /// Cycles through operations of every subsystem until killed: keys (some left outstanding and
 /// printed as "key <text>"), named and anonymous shared memory, /net sockets, CAPS calls to
 /// `service`. Whatever instant the SIGKILL lands on, the broker must be left healthy.
@@ -523,6 +562,8 @@ func main() -> CInt {
             try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
         case "caps-forge-dispose" where arguments.count == 2:
             try capsForgeDispose(arguments[1])
+        case "caps-service-fork" where arguments.count == 2:
+            try capsServiceFork(arguments[1])
         case "caps-wake-storm" where arguments.count == 2:
             try capsWakeStorm(arguments[1])
         case "caps-put-and-hang" where arguments.count == 2:

@@ -124,6 +124,21 @@ struct CapsTests {
         }
     }
 
+    @Test("a forked child that cancels and drops an inherited service port leaves the parent's port watching: a client that connects afterwards is served")
+    func inheritedServiceLeavesTheParentAlone() throws {
+        let broker = try TestBroker()
+        var environment = broker.environment
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+        let service = try Child(testPeer, ["caps-service-fork", "forked.service"], environment: environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        #expect(try service.readLine() == "ready")
+        // A new client is announced to the sleeping service on its broker connection; only the
+        // parent's watching thread turns that into a wake-up. (The peer gives up after a minute.)
+        let client = try Child(testPeer, ["caps-forced-sleep", "forked.service", "100", "1"], environment: environment)
+        #expect(try client.readLine() == "ok 100")
+        #expect(try client.wait() == .exited(0))
+    }
+
     @Test("a service sleeps on its channels' futex words by default, in epoll when told to or when watched through its descriptor, and is woken either way")
     func serviceSleepsAsItSays() throws {
         let broker = try TestBroker()

@@ -133,6 +133,10 @@ struct CapsPortCore {
         self.anew = anew
     }
 
+    /// Whether this port was inherited across `fork`: its descriptors and memory are shared with
+    /// the parent's port, which must not be disturbed from here.
+    var isInherited: Bool { forkGenerationSeen() != createdIn }
+
     /// `ENOTCONN` for a port inherited across `fork`.
     @inline(__always)
     func checkInherited() throws(PatchbayError) {

@@ -226,7 +226,9 @@ public final class CapsService: @unchecked Sendable {
     }
 
     deinit {
-        controlWatch?.stop()
+        // An inherited copy going away must not stop the parent's watching thread (the stop
+        // event is the same eventfd in both processes).
+        if !core.isInherited { controlWatch?.stop() }
     }
 
     /// One registration's notices page, kept mapped for the port's life.
@@ -421,7 +423,9 @@ public final class CapsService: @unchecked Sendable {
     }
 
     /// Makes a `wait` blocked in another thread return `ECANCELED`.
+    /// Does nothing on a port inherited across `fork` (its event is the parent's too).
     public func cancelWait() {
+        guard !core.isInherited else { return }
         try? cancelEvent.signal()
     }
 
