@@ -405,6 +405,16 @@ func capsServiceFork(_ name: String) throws(PatchbayError) {
     }
 }
 
+/// Connects `count` clients to `name`, says "holding COUNT", and drops them all when its input
+/// ends (then exits).
+func capsHold(_ name: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var clients = [try CapsClient(broker, name: name, waitForService: true)]
+    while clients.count < count { clients.append(try CapsClient(broker, name: name)) }
+    say("holding \(clients.count)")
+    waitForEndOfInput()
+}
+
 /// Cycles through operations of every subsystem until killed: keys (some left outstanding and
 /// printed as "key <text>"), named and anonymous shared memory, /net sockets, CAPS calls to
 /// `service`. Whatever instant the SIGKILL lands on, the broker must be left healthy.
@@ -564,6 +574,8 @@ func main() -> CInt {
             try capsForgeDispose(arguments[1])
         case "caps-service-fork" where arguments.count == 2:
             try capsServiceFork(arguments[1])
+        case "caps-hold" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try capsHold(arguments[1], count: Int(arguments[2])!)
         case "caps-wake-storm" where arguments.count == 2:
             try capsWakeStorm(arguments[1])
         case "caps-put-and-hang" where arguments.count == 2:

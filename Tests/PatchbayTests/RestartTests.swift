@@ -138,6 +138,37 @@ struct RestartTests {
         #expect(listener.isRunning && server.isRunning)
     }
 
+    @Test("70 clients leave at once while no broker runs: a service sleeping on futex words is told of every one")
+    func manyDeparturesWithoutTheBroker() throws {
+        let broker = try TestBroker()
+        let owner = try Broker(socketPath: broker.socketPath, reconnect: .forever)
+        let service = try CapsService(owner, name: "crowd_svc", access: [.world], notifyConnections: true)
+        let crowd = try Child(testPeer, ["caps-hold", "crowd_svc", "70"], environment: broker.environment)
+        defer { crowd.kill(SIGKILL); _ = try? crowd.wait() }
+        #expect(try crowd.readLine() == "holding 70")
+        var connected = 0
+        while connected < 70 {
+            if try serviceWait(service).0.kind == .connected { connected += 1 }
+        }
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        // A wait that hangs is cancelled after a minute, and fails the test instead.
+        let watchdog = WatchdogBox(service)
+        startThread {
+            let deadline = monotonicNanoseconds() + 60_000_000_000
+            while !watchdog.done.load(ordering: .relaxed), monotonicNanoseconds() < deadline { usleep(10_000) }
+            if !watchdog.done.load(ordering: .relaxed) { watchdog.service.cancelWait() }
+        }
+        crowd.closeInput()
+        #expect(try crowd.wait() == .exited(0))
+        var departed = 0
+        while departed < 70 {
+            if try serviceWait(service).0.kind == .disconnected { departed += 1 }
+        }
+        watchdog.done.store(true, ordering: .relaxed)
+        #expect(departed == 70)
+    }
+
     @Test("a library service registers again and a library listener takes its socket back; a departed client is noticed without the broker")
     func libraryRidesOutARestart() throws {
         let broker = try TestBroker()
@@ -212,4 +243,12 @@ struct RestartTests {
 final class ListenerBox: @unchecked Sendable {
     let socket: Socket
     init(_ socket: consuming Socket) { self.socket = socket }
+}
+
+/// What the departures test's watchdog thread needs: the service to cancel and the flag that
+/// says the test is done.
+private final class WatchdogBox: @unchecked Sendable {
+    let service: CapsService
+    let done = Atomic<Bool>(false)
+    init(_ service: CapsService) { self.service = service }
 }

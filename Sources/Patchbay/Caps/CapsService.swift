@@ -881,7 +881,7 @@ public final class CapsService: @unchecked Sendable {
         try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: client,
                               until: { Self.hasWork(polled) || noticesPending }) {
             () throws(PatchbayError) in
-            if onFutexes, let watch = try startControlWatch() {
+            if onFutexes, let watch = startControlWatch() {
                 try sleepOnFutexes(polled, watch)
             } else {
                 try sleepInEpoll()
@@ -891,7 +891,7 @@ public final class CapsService: @unchecked Sendable {
 
     /// The thread that wakes futex sleepers for what arrives in `control`, started once; nil if
     /// it cannot be (the port sleeps in epoll then).
-    private func startControlWatch() throws(PatchbayError) -> ControlWatch? {
+    private func startControlWatch() -> ControlWatch? {
         core.lock.locked { () -> ControlWatch? in
             if controlWatch == nil { controlWatch = try? ControlWatch(watching: control.descriptorNumber) }
             return controlWatch
@@ -977,36 +977,45 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// Reads `control` without waiting and acts on what is there.
+    /// Reads `control` without waiting and acts on everything there, then throws what should end
+    /// the wait (a cancel, a registration that failed, a broker lost for good). Everything is
+    /// taken first: a thread sleeping on futex words hears of `control` only when something new
+    /// arrives there, so nothing ready may be left behind.
     private func handleControl() throws(PatchbayError) {
-        let events: [Epoll.Event]
-        do {
-            events = try control.wait(timeoutMilliseconds: 0)
-        } catch {
-            throw PatchbayError(error, "epoll_wait failed")
-        }
-        for event in events {
-            switch event.token {
-            case Self.brokerToken:
-                processBrokerEvents()
-                if event.events.contains(.hangup) { try brokerLost() }
-            case Self.cancelToken:
-                _ = try? cancelEvent.consume()
-                throw PatchbayError(.canceled, "the wait was cancelled")
-            case Self.backlogToken:
-                _ = try? backlogEvent.consume()
-            case Self.registrationToken:
-                _ = try? registrationEvent.consume()
-                if let registrationFailure { throw registrationFailure }
-            case let token where token & Self.departureTokens != 0:
-                // The client closed its end of the direct socket: it is gone (or closed its port).
-                let id = token & ~Self.departureTokens
-                if let client = clients[id] { try? control.remove(client.direct.rawValue) }
-                clientGone(id)
-            default:
-                continue
+        var failure: PatchbayError?
+        var events: [Epoll.Event]
+        repeat {
+            do {
+                events = try control.wait(maximum: 64, timeoutMilliseconds: 0)
+            } catch {
+                throw PatchbayError(error, "epoll_wait failed")
             }
-        }
+            for event in events {
+                switch event.token {
+                case Self.brokerToken:
+                    processBrokerEvents()
+                    if event.events.contains(.hangup) {
+                        do throws(PatchbayError) { try brokerLost() } catch { failure = failure ?? error }
+                    }
+                case Self.cancelToken:
+                    _ = try? cancelEvent.consume()
+                    failure = failure ?? PatchbayError(.canceled, "the wait was cancelled")
+                case Self.backlogToken:
+                    _ = try? backlogEvent.consume()
+                case Self.registrationToken:
+                    _ = try? registrationEvent.consume()
+                    if let registrationFailure { failure = failure ?? registrationFailure }
+                case let token where token & Self.departureTokens != 0:
+                    // The client closed its end of the direct socket: it is gone (or closed its port).
+                    let id = token & ~Self.departureTokens
+                    if let client = clients[id] { try? control.remove(client.direct.rawValue) }
+                    clientGone(id)
+                default:
+                    continue
+                }
+            }
+        } while events.count == 64
+        if let failure { throw failure }
     }
 }
 
