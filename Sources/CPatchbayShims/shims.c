@@ -51,6 +51,26 @@ int pb_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns) {
     return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, NULL, 0);
 }
 
+void pb_lock_wait(struct pb_lock *lock) {
+    // Held only for bookkeeping, never while sleeping: a short spin usually sees it free.
+    for (int round = 0; round < 100; round++) {
+        uint32_t expected = 0;
+        if (__atomic_load_n(&lock->state, __ATOMIC_RELAXED) == 0
+            && __atomic_compare_exchange_n(&lock->state, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            return;
+        }
+        pb_cpu_relax();
+    }
+    // Marked "sleepers" from here on, so the holder's release wakes one of them.
+    while (__atomic_exchange_n(&lock->state, 2, __ATOMIC_ACQUIRE) != 0) {
+        syscall(SYS_futex, &lock->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+    }
+}
+
+void pb_lock_wake(struct pb_lock *lock) {
+    syscall(SYS_futex, &lock->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
 int pb_futex_wake(uint32_t *word, int count) {
     return (int)syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
 }

@@ -1,5 +1,6 @@
 package import SystemPackage
-public import Glibc
+import Glibc
+public import CPatchbayShims
 
 /// Why a directory cannot hold a socket or a store safely: errno plus a sentence.
 package struct DirectoryProblem: Error, Sendable {
@@ -66,30 +67,27 @@ package func startThread(_ body: @escaping @Sendable () -> Void) {
     pthread_detach(thread)
 }
 
-/// A recursive mutual-exclusion lock (pthread mutex) for objects that serialise their operations
-/// and return non-Sendable results from them, which `Mutex.withLock` does not allow. Recursive, so
-/// a callback run under it (a CAPS `receive` body) may call the same object again. Public so that
-/// `locked` is specialised and inlined in the library (see SharedWords.swift); not API.
+/// A recursive mutual-exclusion lock for objects that serialise their operations and return
+/// non-Sendable results from them, which `Mutex.withLock` does not allow. Recursive, so a callback
+/// run under it (a CAPS `receive` body) may call the same object again. A compare-and-swap to take
+/// and an exchange to give back when uncontended, a private futex when not (`pb_lock` in the C
+/// shim). Public so that `locked` is specialised and inlined in the library (see
+/// SharedWords.swift); not API.
 public final class Lock: @unchecked Sendable {
-    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    @usableFromInline let state = UnsafeMutablePointer<pb_lock>.allocate(capacity: 1)
 
     public init() {
-        var attributes = pthread_mutexattr_t()
-        pthread_mutexattr_init(&attributes)
-        pthread_mutexattr_settype(&attributes, CInt(PTHREAD_MUTEX_RECURSIVE))
-        pthread_mutex_init(mutex, &attributes)
-        pthread_mutexattr_destroy(&attributes)
+        state.initialize(to: pb_lock(state: 0, depth: 0, owner: 0))
     }
 
     deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
+        state.deallocate()
     }
 
     @inlinable @inline(__always)
     public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        pb_lock_acquire(state)
+        defer { pb_lock_release(state) }
         return try body()
     }
 }

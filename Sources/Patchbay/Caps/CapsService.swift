@@ -148,14 +148,22 @@ public final class CapsService: @unchecked Sendable {
     @exclusivity(unchecked) private var refused = Refusals(total: 0, last: nil)
 
     @exclusivity(unchecked) private var clients: [UInt64: ClientChannel] = [:]
-    /// The clients in round-robin order (kept beside `clients` so a scan does no hashing).
-    @exclusivity(unchecked) private var order: [ClientChannel] = []
+    /// The clients in round-robin order (kept beside `clients` so a scan does no hashing). Not
+    /// counted: `clients` owns them. Every reference to a client on the message path is taken
+    /// from here or `lastActive` and used borrowed (`Unmanaged.borrowing`): counting it would
+    /// cost two atomic operations each time, several times per message.
+    @exclusivity(unchecked) private var order: [Unmanaged<ClientChannel>] = []
     /// Their channels, in the same order: what a waiter polls, taken without copying.
     @exclusivity(unchecked) private var channels: [CapsChannel] = []
     @exclusivity(unchecked) private var cursor = 0
     /// The client whose request was read last: whose CPU a waiter watches, and the first place a
-    /// reply looks for its client.
-    @exclusivity(unchecked) private var lastActive: ClientChannel?
+    /// reply looks for its client. Not counted, like `order` (`forget` clears it).
+    @exclusivity(unchecked) private var lastActive: Unmanaged<ClientChannel>?
+    /// Message-path scopes running now that borrow a client (a receive body may call the port
+    /// again, and a client that goes meanwhile must outlive them): clients dropped while it is not
+    /// zero wait in `departed` until it is.
+    @exclusivity(unchecked) private var borrows = 0
+    @exclusivity(unchecked) private var departed: [ClientChannel] = []
     @exclusivity(unchecked) private var synthetic: [CapsServiceMessage] = []
     @exclusivity(unchecked) private var watching = false
     /// The broker's notice counter as last read: the connection is read only when it moved.
@@ -451,7 +459,9 @@ public final class CapsService: @unchecked Sendable {
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
             }
-            let (client, request) = try awaitingReply(messageID)
+            let awaiting = try awaitingReply(messageID)
+            let request = awaiting.request
+            try borrowing(awaiting.client) { client throws(PatchbayError) in
             if request.state == Self.receivedAborted {
                 // The client aborted: the reply only frees the request's space there.
                 client.messages.remove(messageID)
@@ -483,6 +493,7 @@ public final class CapsService: @unchecked Sendable {
             client.messages.remove(messageID)
             client.messages.insert(MessageRecord(id: messageID, offset: offset, length: length, state: Self.replied))
             wake(client)
+            }
         }
     }
 
@@ -496,7 +507,9 @@ public final class CapsService: @unchecked Sendable {
         try core.checkInherited()
         try core.lock.locked { () throws(PatchbayError) in
             guard error.rawValue > 0 else { throw PatchbayError(.invalidArgument, "an error reply needs an errno") }
-            let (client, request) = try awaitingReply(messageID)
+            let awaiting = try awaitingReply(messageID)
+            let request = awaiting.request
+            try borrowing(awaiting.client) { client throws(PatchbayError) in
             let aborted = request.state == Self.receivedAborted
             guard client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0,
                                                         kind: aborted ? .discardedReply : .errorReply,
@@ -506,6 +519,7 @@ public final class CapsService: @unchecked Sendable {
             if !aborted { tap?.record(.errorReply, messageID, length: Int(error.rawValue)) }
             client.messages.remove(messageID)
             wake(client)
+            }
         }
     }
 
@@ -560,13 +574,23 @@ public final class CapsService: @unchecked Sendable {
 
     /// The client of `messageID` and the request's record, when it is a request read and not yet
     /// answered; `EINVAL` otherwise.
-    private func awaitingReply(_ messageID: UInt64) throws(PatchbayError) -> (ClientChannel, MessageRecord) {
+    private func awaitingReply(_ messageID: UInt64) throws(PatchbayError) -> Awaiting {
         let channelID = capsChannel(of: messageID)
-        let client = lastActive.flatMap { $0.id == channelID ? $0 : nil } ?? clients[channelID]
-        guard let client, let request = client.messages.find(messageID), request.state != Self.replied else {
+        if let last = lastActive,
+           let request = last._withUnsafeGuaranteedRef({ client in client.id == channelID ? client.messages.find(messageID) : nil }),
+           request.state != Self.replied {
+            return Awaiting(client: last, request: request)
+        }
+        guard let client = clients[channelID], let request = client.messages.find(messageID), request.state != Self.replied else {
             throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
         }
-        return (client, request)
+        return Awaiting(client: Unmanaged.passUnretained(client), request: request)
+    }
+
+    /// A request awaiting a reply and its client (not counted: see `order`).
+    private struct Awaiting {
+        let client: Unmanaged<ClientChannel>
+        let request: MessageRecord
     }
 
     private func wake(_ client: ClientChannel) {
@@ -608,17 +632,40 @@ public final class CapsService: @unchecked Sendable {
             if !synthetic.isEmpty { return deliver(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
             found = nextEntry()
         }
-        guard let (client, entry) = found else { return nil }
+        guard let found else { return nil }
+        let entry = found.entry
         let consume = room.map { $0 >= Int(entry.length) } ?? true
-        guard let result = try take(client, entry, consume: consume, deliver) else {
+        guard let result = try borrowing(found.client, { client throws(PatchbayError) in
+            try take(client, entry, consume: consume, deliver)
+        }) else {
             return try nextMessage(room: room, deliver)
         }
         return result
     }
 
+    /// Runs `body` with `client` borrowed (see `order`); a client dropped meanwhile is kept until
+    /// the outermost such scope ends.
+    @inline(__always)
+    private func borrowing<R>(_ client: Unmanaged<ClientChannel>, _ body: (ClientChannel) throws(PatchbayError) -> R)
+        throws(PatchbayError) -> R
+    {
+        borrows += 1
+        defer {
+            borrows -= 1
+            if borrows == 0 && !departed.isEmpty { departed.removeAll() }
+        }
+        return try client.borrowing(body)
+    }
+
+    /// An entry `nextEntry` found and its client.
+    private struct Found {
+        let client: Unmanaged<ClientChannel>
+        let entry: CapsEntry
+    }
+
     /// Round-robin over the clients: the next DISPOSE made of some client's reply head, else the
     /// next entry of its request ring (aborted ones skipped).
-    private func nextEntry() -> (ClientChannel, CapsEntry)? {
+    private func nextEntry() -> Found? {
         let count = order.count
         guard count > 0 else { return nil }
         var index = cursor < count ? cursor : 0
@@ -626,31 +673,37 @@ public final class CapsService: @unchecked Sendable {
             let client = order[index]
             index += 1
             if index == count { index = 0 }
-            let channel = client.channel
-            while true {
-                // The client's reply head comes with each request entry (the line read anyway),
-                // and is read from its shared word only when the ring is empty. DISPOSEs of what
-                // it consumed before pushing an entry come before that entry.
-                let next = channel.peek(.request)
-                if let (entry, _) = next { channel.noteConsumed(entry.consumed) }
-                if next != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: next == nil) {
-                    cursor = index
-                    lastActive = client
-                    return (client, CapsEntry(messageID: disposed, offset: 0, length: 0, kind: .dispose, flags: 0))
-                }
-                guard let (entry, position) = next else { break }
-                // A DISPOSE entry (layout 2's, not one since) is dropped; a request its client
-                // took back is skipped.
-                if entry.kind == .dispose || (entry.kind == .request && !channel.claimForService(position)) {
-                    channel.advance(.request)
-                    continue
-                }
+            if let entry = client._withUnsafeGuaranteedRef({ Self.nextEntry(of: $0.channel) }) {
                 cursor = index
                 lastActive = client
-                return (client, entry)
+                return Found(client: client, entry: entry)
             }
         }
         return nil
+    }
+
+    /// One client's next message: a DISPOSE made of its reply head, else the next entry of its
+    /// request ring (aborted ones skipped).
+    @inline(__always)
+    private static func nextEntry(of channel: CapsChannel) -> CapsEntry? {
+        while true {
+            // The client's reply head comes with each request entry (the line read anyway), and
+            // is read from its shared word only when the ring is empty. DISPOSEs of what it
+            // consumed before pushing an entry come before that entry.
+            let next = channel.peek(.request)
+            if let (entry, _) = next { channel.noteConsumed(entry.consumed) }
+            if next != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: next == nil) {
+                return CapsEntry(messageID: disposed, offset: 0, length: 0, kind: .dispose, flags: 0)
+            }
+            guard let (entry, position) = next else { return nil }
+            // A DISPOSE entry (layout 2's, not one since) is dropped; a request its client took
+            // back is skipped.
+            if entry.kind == .dispose || (entry.kind == .request && !channel.claimForService(position)) {
+                channel.advance(.request)
+                continue
+            }
+            return entry
+        }
     }
 
     /// Turns an entry into a message, lets `use` read it, and consumes it when `consume` (a
@@ -798,7 +851,7 @@ public final class CapsService: @unchecked Sendable {
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,
                                           clientWake: clientWake, direct: direct, maximumInFlight: maximumInFlight)
                 if let replaced = clients.updateValue(added, forKey: channelID) { forget(replaced) }
-                order.append(added)
+                order.append(Unmanaged.passUnretained(added))
                 channels.append(channel)
                 if notifyConnections {
                     synthetic.append(CapsServiceMessage(kind: .connected, messageID: 0, length: 0, consumed: true,
@@ -842,10 +895,12 @@ public final class CapsService: @unchecked Sendable {
 
     /// Drops `client` from the round-robin order and the polled channels.
     private func forget(_ client: ClientChannel) {
-        order.removeAll { $0 === client }
+        let handle = Unmanaged.passUnretained(client).toOpaque()
+        order.removeAll { $0.toOpaque() == handle }
         channels.removeAll { $0 === client.channel }
-        if lastActive === client { lastActive = nil }
+        if lastActive?.toOpaque() == handle { lastActive = nil }
         cursor = 0
+        if borrows > 0 { departed.append(client) }
     }
 
     private static func hasWork(_ channels: [CapsChannel]) -> Bool {
@@ -874,7 +929,7 @@ public final class CapsService: @unchecked Sendable {
     private func sleepUntilWork() throws(PatchbayError) {
         // A snapshot of the channels: the rings themselves are read lock-free.
         let (polled, last, onFutexes) = core.lock.locked { () -> ([CapsChannel], CapsChannel?, Bool) in
-            (channels, lastActive?.channel, !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
+            (channels, lastActive?.takeUnretainedValue().channel, !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
         }
         let client = last.map { PeerActivity(running: $0.word32(CapsLayout.clientRunningOffset),
                                              cpu: $0.word32(CapsLayout.clientCPUOffset)) }
