@@ -82,12 +82,6 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// Room for an inline payload on the stack (`CapsLayout.inlineCapacity`, 88 bytes).
-    private struct InlinePayload {
-        var words: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
-            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    }
-
     // A message's state in `ClientChannel.messages`.
     private static let received: UInt32 = 1
     private static let receivedAborted: UInt32 = 2
@@ -796,8 +790,7 @@ public final class CapsService: @unchecked Sendable {
     @inline(__always)
     private static func deliverInline<R>(_ source: UnsafeRawBufferPointer, _ message: CapsServiceMessage, advancing channel: CapsChannel,
                                          _ use: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) -> R {
-        var scratch = InlinePayload()
-        return withUnsafeMutableBytes(of: &scratch) { buffer in
+        withUnsafeTemporaryAllocation(byteCount: CapsLayout.inlineCapacity, alignment: 8) { buffer in
             let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<source.count])
             if source.count > 0 { copy.copyMemory(from: source) }
             channel.advance(.request)

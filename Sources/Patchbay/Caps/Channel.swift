@@ -28,6 +28,14 @@ final class CapsChannel: @unchecked Sendable {
     let mapping: PatchbaySystem.Mapping
     let capacity: UInt64
     let arenaSize: Int
+    /// Where each part of the mapping starts, worked out once: the message path only adds to
+    /// these. `mask` is `capacity - 1` (a power of two).
+    private let requestSlots: UnsafeMutableRawPointer
+    private let replySlots: UnsafeMutableRawPointer
+    let requestArena: UnsafeMutableRawPointer
+    let replyArena: UnsafeMutableRawPointer
+    private let claims: UnsafeMutablePointer<UInt64>
+    private let mask: UInt64
     /// This side's private ring positions, per ring (request ring at 0, reply ring at 1): as
     /// producer, its tail and its last look at the consumer's head; as consumer, its head. The
     /// shared words are written for the peer (and observers) but never read back, so a peer
@@ -95,6 +103,14 @@ final class CapsChannel: @unchecked Sendable {
         } catch {
             throw PatchbayError(error, "cannot map the CAPS channel")
         }
+        let base = mapping.baseAddress
+        requestSlots = base.advanced(by: CapsLayout.requestRingOffset())
+        replySlots = base.advanced(by: CapsLayout.replyRingOffset(capacity: header.capacity))
+        requestArena = base.advanced(by: CapsLayout.requestArenaOffset(capacity: header.capacity))
+        replyArena = base.advanced(by: CapsLayout.replyArenaOffset(capacity: header.capacity, arenaSize: header.arena))
+        claims = base.advanced(by: CapsLayout.claimsOffset(capacity: header.capacity, arenaSize: header.arena))
+            .assumingMemoryBound(to: UInt64.self)
+        mask = UInt64(header.capacity - 1)
         // A new channel starts at 0; the peer's words are read once, here, and only its own
         // position is taken from them (each side then keeps its positions privately).
         for ring in [Ring.request, .reply] {
@@ -116,14 +132,6 @@ final class CapsChannel: @unchecked Sendable {
 
     @inline(__always) func word64(_ offset: Int) -> UnsafeMutablePointer<UInt64> {
         mapping.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt64.self)
-    }
-
-    var requestArena: UnsafeMutableRawPointer {
-        mapping.baseAddress.advanced(by: CapsLayout.requestArenaOffset(capacity: Int(capacity)))
-    }
-
-    var replyArena: UnsafeMutableRawPointer {
-        mapping.baseAddress.advanced(by: CapsLayout.replyArenaOffset(capacity: Int(capacity), arenaSize: arenaSize))
     }
 
     /// Whether `offset` and `length` from a ring entry lie inside an arena. A peer writes them, so
@@ -153,8 +161,7 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     @inline(__always) private func slot(_ ring: Ring, _ position: UInt64) -> UnsafeMutableRawPointer {
-        let start = ring == .request ? CapsLayout.requestRingOffset() : CapsLayout.replyRingOffset(capacity: Int(capacity))
-        return mapping.baseAddress.advanced(by: start + Int(position & (capacity - 1)) * CapsLayout.entrySize)
+        (ring == .request ? requestSlots : replySlots) + Int(truncatingIfNeeded: (position & mask) &* UInt64(CapsLayout.entrySize))
     }
 
     @inline(__always) private static func stamp(_ slot: UnsafeMutableRawPointer) -> UnsafeMutablePointer<UInt64> {
@@ -163,6 +170,7 @@ final class CapsChannel: @unchecked Sendable {
 
     /// The slot of the next entry (producer side), for an inline payload to be written before
     /// `commit`; nil when the ring is full.
+    @inline(__always)
     func reserve(_ ring: Ring) -> UnsafeMutableRawPointer? {
         let tail = SharedWord.load(tail(ring))
         // The service never reuses a reply slot whose DISPOSE it has not made yet.
@@ -177,6 +185,7 @@ final class CapsChannel: @unchecked Sendable {
     /// Publishes the slot `reserve` gave with `entry`'s fields (producer side).
     /// (`forgedConsumed`: a reply head to announce instead of the true one, for the tests' hostile
     /// client only.)
+    @inline(__always)
     func commit(_ ring: Ring, _ slot: UnsafeMutableRawPointer, _ entry: CapsEntry, forgedConsumed: UInt32? = nil) {
         let tail = SharedWord.load(tail(ring))
         slot.storeBytes(of: entry.messageID, toByteOffset: CapsLayout.entryMessageID, as: UInt64.self)
@@ -189,7 +198,7 @@ final class CapsChannel: @unchecked Sendable {
                             toByteOffset: CapsLayout.entryConsumed, as: UInt32.self)
         }
         if ring == .reply, let replyLog {
-            replyLog[Int(tail & (capacity - 1))] = entry.kind == .reply ? entry.messageID : 0
+            replyLog[Int(truncatingIfNeeded: tail & mask)] = entry.kind == .reply ? entry.messageID : 0
         }
         SharedWord.store(Self.stamp(slot), tail &+ 1)
         SharedWord.store(self.tail(ring), tail &+ 1)
@@ -197,6 +206,7 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// Publishes an entry without inline payload (producer side). False when the ring is full.
+    @inline(__always)
     func push(_ ring: Ring, _ entry: CapsEntry) -> Bool {
         guard let slot = reserve(ring) else { return false }
         commit(ring, slot, entry)
@@ -209,6 +219,7 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// The oldest entry not yet consumed (consumer side), without consuming it, and its position.
+    @inline(__always)
     func peek(_ ring: Ring) -> (entry: CapsEntry, position: UInt64)? {
         let head = SharedWord.load(head(ring))
         let slot = slot(ring, head)
@@ -233,12 +244,12 @@ final class CapsChannel: @unchecked Sendable {
     // line stays with the service, and taking a request costs no cache-line transfer.
 
     @inline(__always) private func claimWord(_ position: UInt64) -> UnsafeMutablePointer<UInt64> {
-        mapping.baseAddress.advanced(by: CapsLayout.claimsOffset(capacity: Int(capacity), arenaSize: arenaSize)
-                                     + Int(position & (capacity - 1)) * 8).assumingMemoryBound(to: UInt64.self)
+        claims + Int(truncatingIfNeeded: position & mask)
     }
 
     /// The service claims the REQUEST at `position`: false when its client took it back first (or
     /// wrote anything else there).
+    @inline(__always)
     func claimForService(_ position: UInt64) -> Bool {
         let word = claimWord(position)
         let taken = CapsLayout.claim(of: position, aborted: false)
@@ -263,6 +274,7 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// Consumes the oldest entry.
+    @inline(__always)
     func advance(_ ring: Ring) {
         let head = SharedWord.load(head(ring)) &+ 1
         SharedWord.store(self.head(ring), head)
@@ -279,6 +291,7 @@ final class CapsChannel: @unchecked Sendable {
 
     /// Takes the client's reply head as a request entry carried it (its low 32 bits, widened
     /// forwards from what the service believes), under the same rule as the shared word.
+    @inline(__always)
     func noteConsumed(_ low: UInt32) {
         let believed = SharedWord.load(consumed)
         believe(believed &+ UInt64(low &- UInt32(truncatingIfNeeded: believed)))
@@ -295,6 +308,7 @@ final class CapsChannel: @unchecked Sendable {
     /// The message id of the next REPLY the client consumed and the service has not disposed of
     /// yet (service side), nil when none. `readingHead`: look at the shared reply head word too
     /// (a client that pushes nothing after consuming says it only there).
+    @inline(__always)
     func nextDisposal(readingHead: Bool) -> UInt64? {
         guard let replyLog else { return nil }
         if readingHead {
@@ -307,7 +321,7 @@ final class CapsChannel: @unchecked Sendable {
         let upTo = SharedWord.load(consumed)
         var position = SharedWord.load(disposed)
         while position != upTo {
-            let id = replyLog[Int(position & (capacity - 1))]
+            let id = replyLog[Int(truncatingIfNeeded: position & mask)]
             position &+= 1
             if id != 0 {
                 SharedWord.store(disposed, position)
@@ -319,6 +333,7 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     /// Whether a ring holds entries (consumer side): the slot at the head carries its stamp.
+    @inline(__always)
     func hasEntries(_ ring: Ring) -> Bool {
         let head = SharedWord.load(head(ring))
         return SharedWord.load(Self.stamp(slot(ring, head))) == head &+ 1
