@@ -671,8 +671,9 @@ public final class CapsClient: @unchecked Sendable {
         let service = PeerActivity(
             running: statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self),
             cpu: statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self))
-        let ready = { [channel, self] in
-            channel.hasEntries(.reply) || channel.serviceClosed
+        // Captured by reference (the closure does not escape): no count is taken per wait.
+        let ready = {
+            self.channel.hasEntries(.reply) || self.channel.serviceClosed
                 || (epoch != nil && self.stashEpoch.load(ordering: .acquiring) != epoch)
         }
         try CapsPortCore.wait(publishingCPUIn: channel.word32(CapsLayout.clientCPUOffset), peer: service, until: ready) {

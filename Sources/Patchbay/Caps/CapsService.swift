@@ -147,8 +147,55 @@ public final class CapsService: @unchecked Sendable {
     /// from here or `lastActive` and used borrowed (`Unmanaged.borrowing`): counting it would
     /// cost two atomic operations each time, several times per message.
     @exclusivity(unchecked) private var order: [Unmanaged<ClientChannel>] = []
-    /// Their channels, in the same order: what a waiter polls, taken without copying.
-    @exclusivity(unchecked) private var channels: [CapsChannel] = []
+    /// Their channels, in the same order.
+    @exclusivity(unchecked) private var channels: [CapsChannel] = [] {
+        didSet { pollSet = PollSet(channels) }
+    }
+    /// What a waiter polls: the channels, and their probes in memory of the set's own. Made anew
+    /// when a client comes or goes; a waiter takes the current one with the lock it held to look
+    /// for a message, and polls it without the lock.
+    @exclusivity(unchecked) private var pollSet = PollSet([])
+
+    private final class PollSet {
+        let channels: [CapsChannel]
+        private let probes: UnsafeMutableBufferPointer<CapsChannel.Probe>
+
+        init(_ channels: [CapsChannel]) {
+            self.channels = channels
+            probes = .allocate(capacity: max(channels.count, 1))
+            _ = probes.initialize(from: channels.map(\.probe))
+        }
+
+        deinit { probes.deallocate() }
+
+        /// Whether some channel has a request or a DISPOSE to make.
+        @inline(__always)
+        var hasWork: Bool {
+            for index in 0..<channels.count where probes[index].hasWork { return true }
+            return false
+        }
+    }
+
+    /// How a thread that found nothing waits, settled under the lock it looked with.
+    private struct WaitPlan {
+        let set: PollSet
+        /// The last active client, whose CPU decides whether spinning can see its next message
+        /// (its channel is in `set`, which keeps it mapped).
+        let peer: PeerActivity?
+        let onFutexes: Bool
+    }
+
+    /// The plan for waiting now (under the lock).
+    private func waitPlan() -> WaitPlan {
+        let peer = lastActive.map { client in
+            client._withUnsafeGuaranteedRef { client in
+                PeerActivity(running: client.channel.word32(CapsLayout.clientRunningOffset),
+                             cpu: client.channel.word32(CapsLayout.clientCPUOffset))
+            }
+        }
+        return WaitPlan(set: pollSet, peer: peer,
+                        onFutexes: !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
+    }
     @exclusivity(unchecked) private var cursor = 0
     /// The client whose request was read last: whose CPU a waiter watches, and the first place a
     /// reply looks for its client. Not counted, like `order` (`forget` clears it).
@@ -391,12 +438,15 @@ public final class CapsService: @unchecked Sendable {
         while true {
             // The lock is held to take a message, never while sleeping, so another thread can
             // reply meanwhile.
+            var plan: WaitPlan?
             if let message = try core.lock.locked({ () throws(PatchbayError) -> CapsServiceMessage? in
-                try nextMessage(room: buffer.count) { message, payload in Self.copy(payload, into: buffer, message) }
+                let message = try nextMessage(room: buffer.count) { message, payload in Self.copy(payload, into: buffer, message) }
+                if message == nil { plan = waitPlan() }
+                return message
             }) {
                 return message
             }
-            try sleepUntilWork()
+            try sleepUntilWork(plan)
         }
     }
 
@@ -405,10 +455,15 @@ public final class CapsService: @unchecked Sendable {
     public func receive<R>(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
         try core.checkInherited()
         while true {
-            if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in try nextMessage(room: nil, body) }) {
+            var plan: WaitPlan?
+            if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in
+                let result = try nextMessage(room: nil, body)
+                if result == nil { plan = waitPlan() }
+                return result
+            }) {
                 return result
             }
-            try sleepUntilWork()
+            try sleepUntilWork(plan)
         }
     }
 
@@ -417,10 +472,13 @@ public final class CapsService: @unchecked Sendable {
     public func receive(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         while true {
+            var plan: WaitPlan?
             if try core.lock.locked({ () throws(PatchbayError) -> Bool in
-                try nextMessage(room: nil) { message, payload in body(message, payload) } != nil
+                if try nextMessage(room: nil, { message, payload in body(message, payload) }) != nil { return true }
+                plan = waitPlan()
+                return false
             }) { return }
-            try sleepUntilWork()
+            try sleepUntilWork(plan)
         }
     }
 
@@ -919,17 +977,15 @@ public final class CapsService: @unchecked Sendable {
 
     /// Spin-then-sleep until work arrives: spins while the last active client runs on another
     /// CPU, then sleeps: on the channels' futex words when it can, else in epoll.
-    private func sleepUntilWork() throws(PatchbayError) {
-        // A snapshot of the channels: the rings themselves are read lock-free.
-        let (polled, last, onFutexes) = core.lock.locked { () -> ([CapsChannel], CapsChannel?, Bool) in
-            (channels, lastActive?.takeUnretainedValue().channel, !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
-        }
-        let client = last.map { PeerActivity(running: $0.word32(CapsLayout.clientRunningOffset),
-                                             cpu: $0.word32(CapsLayout.clientCPUOffset)) }
-        try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: client,
-                              until: { Self.hasWork(polled) || noticesPending }) {
+    /// `plan`: settled under the lock the caller looked for a message with (nil: settled here).
+    private func sleepUntilWork(_ plan: WaitPlan?) throws(PatchbayError) {
+        // The rings themselves are read lock-free.
+        let plan = plan ?? core.lock.locked { waitPlan() }
+        let polled = plan.set
+        try CapsPortCore.wait(publishingCPUIn: statusWord(CapsLayout.statusCPUOffset), peer: plan.peer,
+                              until: { polled.hasWork || noticesPending }) {
             () throws(PatchbayError) in
-            if onFutexes, let watch = startControlWatch() {
+            if plan.onFutexes, let watch = startControlWatch() {
                 try sleepOnFutexes(polled, watch)
             } else {
                 try sleepInEpoll()
@@ -951,7 +1007,8 @@ public final class CapsService: @unchecked Sendable {
     /// word, looks at the rings once more, then sleeps in one futex_waitv on those words and the
     /// control watch's. A client that pushes after that look sees the count, bumps its word and
     /// wakes it; one that pushed before is seen by the look.
-    private func sleepOnFutexes(_ polled: [CapsChannel], _ watch: ControlWatch) throws(PatchbayError) {
+    private func sleepOnFutexes(_ set: PollSet, _ watch: ControlWatch) throws(PatchbayError) {
+        let polled = set.channels
         let sleeping = statusWord(CapsLayout.statusFutexSleepingOffset)
         SharedWord.increment(sleeping)
         SharedWord.fence()
@@ -968,7 +1025,7 @@ public final class CapsService: @unchecked Sendable {
                 waiters[index + 1] = Futex.waiter(word, expected: SharedWord.load(word))
             }
             SharedWord.fence()
-            if Self.hasWork(polled) || noticesPending || controlNow != core.lock.locked({ controlSeen }) {
+            if set.hasWork || noticesPending || controlNow != core.lock.locked({ controlSeen }) {
                 return .success(())
             }
             SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)

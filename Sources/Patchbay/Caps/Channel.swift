@@ -332,6 +332,30 @@ final class CapsChannel: @unchecked Sendable {
         return nil
     }
 
+    /// What a waiting service polls on this channel, as raw addresses (copying it counts no
+    /// reference): whether `hasEntries(.request) || hasDisposals`.
+    struct Probe {
+        let requestSlots: UnsafeMutableRawPointer
+        let mask: UInt64
+        let positions: UnsafeMutablePointer<UInt64>
+        let replyHeadWord: UnsafeMutablePointer<UInt64>
+
+        @inline(__always)
+        var hasWork: Bool {
+            let head = SharedWord.load(positions + 4)
+            let slot = requestSlots + Int(truncatingIfNeeded: (head & mask) &* UInt64(CapsLayout.entrySize))
+            if SharedWord.load(slot.advanced(by: CapsLayout.entryStamp).assumingMemoryBound(to: UInt64.self)) == head &+ 1 {
+                return true
+            }
+            return SharedWord.load(replyHeadWord) != SharedWord.load(positions + 6)
+                || SharedWord.load(positions + 8) != SharedWord.load(positions + 7)
+        }
+    }
+
+    var probe: Probe {
+        Probe(requestSlots: requestSlots, mask: mask, positions: positions, replyHeadWord: word64(CapsLayout.replyHeadOffset))
+    }
+
     /// Whether a ring holds entries (consumer side): the slot at the head carries its stamp.
     @inline(__always)
     func hasEntries(_ ring: Ring) -> Bool {
@@ -436,7 +460,9 @@ func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
     if ready() { return true }
     let budget = CapsTuning.spinNanoseconds
     guard budget > 0 else { return false }
-    let deadline = monotonicNanoseconds() &+ budget
+    // The clock is first read after 256 looks: most waits between spinning peers end before
+    // that, and a clock read costs as much as several of them.
+    var deadline = UInt64.max
     var rounds = 0
     while keepSpinning() {
         for _ in 0..<32 {
@@ -444,7 +470,10 @@ func spinUntil(_ ready: () -> Bool, while keepSpinning: () -> Bool) -> Bool {
             SharedWord.relax()
         }
         rounds += 1
-        if rounds & 7 == 0 && monotonicNanoseconds() > deadline { break }
+        if rounds & 7 == 0 {
+            let now = monotonicNanoseconds()
+            if deadline == .max { deadline = now &+ budget } else if now > deadline { break }
+        }
     }
     return ready()
 }
