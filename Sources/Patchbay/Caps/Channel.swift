@@ -390,14 +390,29 @@ final class CapsChannel: @unchecked Sendable {
 }
 
 /// First-fit allocation of one side's arena. The state lives in the allocating process only: a
-/// peer never touches it, so nothing about it is shared or locked across processes.
-struct ArenaAllocator {
-    private var free: [(offset: Int, length: Int)]
+/// peer never touches it, so nothing about it is shared or locked across processes. The free
+/// blocks, by offset, are kept in memory of the allocator's own: an allocation and a release are a
+/// short scan and a few stores, with no reference counting or uniqueness check (an array here
+/// cost four atomic operations a message).
+struct ArenaAllocator: ~Copyable {
+    private struct Block {
+        var offset: Int
+        var length: Int
+    }
+
+    private var blocks: UnsafeMutablePointer<Block>
+    private var count: Int
+    private var capacity: Int
     static let alignment = 64
 
     init(size: Int) {
-        free = [(0, size)]
+        capacity = 8
+        blocks = .allocate(capacity: capacity)
+        blocks.initialize(to: Block(offset: 0, length: size))
+        count = 1
     }
+
+    deinit { blocks.deallocate() }
 
     static func rounded(_ length: Int) -> Int {
         max(alignment, (length + alignment - 1) / alignment * alignment)
@@ -405,34 +420,56 @@ struct ArenaAllocator {
 
     mutating func allocate(_ length: Int) -> Int? {
         let size = Self.rounded(length)
-        guard let index = free.firstIndex(where: { $0.length >= size }) else { return nil }
-        let block = free[index]
-        if block.length == size {
-            free.remove(at: index)
+        var index = 0
+        while index < count && blocks[index].length < size { index += 1 }
+        guard index < count else { return nil }
+        let offset = blocks[index].offset
+        if blocks[index].length == size {
+            remove(at: index)
         } else {
-            free[index] = (block.offset + size, block.length - size)
+            blocks[index].offset += size
+            blocks[index].length -= size
         }
-        return block.offset
+        return offset
     }
 
     /// Frees a block, joined with its free neighbours in place (the usual case, a block freed
-    /// next to the free space it came from, moves no element of the list).
+    /// next to the free space it came from, moves no other block).
     mutating func release(offset: Int, length: Int) {
         let size = Self.rounded(length)
-        let index = free.firstIndex { $0.offset > offset } ?? free.count
-        let joinsPrevious = index > 0 && free[index - 1].offset + free[index - 1].length == offset
-        let joinsNext = index < free.count && offset + size == free[index].offset
+        var index = 0
+        while index < count && blocks[index].offset <= offset { index += 1 }
+        let joinsPrevious = index > 0 && blocks[index - 1].offset + blocks[index - 1].length == offset
+        let joinsNext = index < count && offset + size == blocks[index].offset
         switch (joinsPrevious, joinsNext) {
         case (true, true):
-            free[index - 1].length += size + free[index].length
-            free.remove(at: index)
+            blocks[index - 1].length += size + blocks[index].length
+            remove(at: index)
         case (true, false):
-            free[index - 1].length += size
+            blocks[index - 1].length += size
         case (false, true):
-            free[index] = (offset, size + free[index].length)
+            blocks[index] = Block(offset: offset, length: size + blocks[index].length)
         case (false, false):
-            free.insert((offset, size), at: index)
+            insert(Block(offset: offset, length: size), at: index)
         }
+    }
+
+    private mutating func remove(at index: Int) {
+        (blocks + index).moveInitialize(from: blocks + index + 1, count: count - index - 1)
+        count -= 1
+    }
+
+    private mutating func insert(_ block: Block, at index: Int) {
+        if count == capacity {
+            let larger = UnsafeMutablePointer<Block>.allocate(capacity: capacity * 2)
+            larger.moveInitialize(from: blocks, count: count)
+            blocks.deallocate()
+            blocks = larger
+            capacity *= 2
+        }
+        (blocks + index + 1).moveInitialize(from: blocks + index, count: count - index)
+        (blocks + index).initialize(to: block)
+        count += 1
     }
 }
 
