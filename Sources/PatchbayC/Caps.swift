@@ -169,8 +169,13 @@ public func pb_caps_client_open(_ broker: OpaquePointer?, _ name: UnsafePointer<
 public func pb_caps_call(_ client: OpaquePointer?, _ request: UnsafeRawPointer?, _ length: Int,
                          _ reply: UnsafeMutableRawPointer?, _ capacity: Int) -> Int {
     do throws(PatchbayError) {
-        let client = try object(client, as: CapsClient.self, "client")
-        return try client.call(try bytes(request, length), into: try buffer(reply, capacity))
+        guard let client else { throw PatchbayError(.invalidArgument, "the client is NULL") }
+        let request = try bytes(request, length)
+        let reply = try buffer(reply, capacity)
+        // Borrowed, not counted: the handle holds the client until pb_caps_client_close.
+        return try Unmanaged<CapsClient>.fromOpaque(UnsafeRawPointer(client))._withUnsafeGuaranteedRef { client in
+            Result { () throws(PatchbayError) -> Int in try client.call(request, into: reply) }
+        }.get()
     } catch {
         return Int(fail(error))
     }

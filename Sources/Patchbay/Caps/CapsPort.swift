@@ -171,6 +171,16 @@ struct CapsPortCore {
             return -1
         }
         let arena = ring == .request ? channel.requestArena : channel.replyArena
+        if descriptors.isEmpty, length <= channel.arenaSize, let slot = allocator.allocate(length) {
+            // The common case, in the arena with nothing attached: no descriptor list to build.
+            fill(UnsafeMutableRawBufferPointer(start: arena.advanced(by: slot), count: length))
+            guard channel.push(ring, CapsEntry(messageID: messageID, offset: UInt64(slot), length: UInt32(length), kind: kind, flags: 0))
+            else {
+                allocator.release(offset: slot, length: length)
+                throw PatchbayError(.noBufferSpace, "the \(ring == .request ? "request" : "reply") ring is full")
+            }
+            return slot
+        }
         var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
         var attachments = descriptors
         var offset = -1
