@@ -418,6 +418,7 @@ struct ArenaAllocator: ~Copyable {
         max(alignment, (length + alignment - 1) / alignment * alignment)
     }
 
+    @inline(__always)
     mutating func allocate(_ length: Int) -> Int? {
         let size = Self.rounded(length)
         var index = 0
@@ -435,6 +436,7 @@ struct ArenaAllocator: ~Copyable {
 
     /// Frees a block, joined with its free neighbours in place (the usual case, a block freed
     /// next to the free space it came from, moves no other block).
+    @inline(__always)
     mutating func release(offset: Int, length: Int) {
         let size = Self.rounded(length)
         var index = 0
