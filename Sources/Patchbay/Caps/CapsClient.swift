@@ -107,6 +107,9 @@ public final class CapsClient: @unchecked Sendable {
     @exclusivity(unchecked) private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
     @exclusivity(unchecked) private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
+    /// How many replies `otherCalls` holds: looked at first, so a `call` with nothing kept for it
+    /// does not touch the dictionary (reading it counts a reference to its storage).
+    @exclusivity(unchecked) private var otherCallsKept = 0
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
     @exclusivity(unchecked) private var watching = false
@@ -403,8 +406,9 @@ public final class CapsClient: @unchecked Sendable {
             let epoch = stashEpoch.load(ordering: .acquiring)
             var stashedForOthers = false
             let mine = try core.lock.locked { () throws(PatchbayError) -> Result<T, PatchbayError>? in
-                // (Checked for emptiness first: a lookup hashes the id even in an empty dictionary.)
-                if !otherCalls.isEmpty, let kept = otherCalls.removeValue(forKey: id) {
+                // (Its count looked at first: a lookup hashes the id even in an empty dictionary.)
+                if otherCallsKept > 0, let kept = otherCalls.removeValue(forKey: id) {
+                    otherCallsKept -= 1
                     return kept.flatMap { bytes in bytes.withUnsafeBytes(take) }
                 }
                 var answer: Result<T, PatchbayError>?
@@ -413,8 +417,8 @@ public final class CapsClient: @unchecked Sendable {
                         answer = Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) } ?? take(payload)
                     } else {
                         // Another thread's call: keep its reply for it.
-                        otherCalls[reply.messageID] = Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) }
-                            ?? .success(Array(payload))
+                        if otherCalls.updateValue(Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) }
+                            ?? .success(Array(payload)), forKey: reply.messageID) == nil { otherCallsKept += 1 }
                         stashedForOthers = true
                     }
                 }
