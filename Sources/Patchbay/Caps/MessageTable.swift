@@ -118,13 +118,3 @@ final class MessageTable {
         return result
     }
 }
-
-extension Unmanaged {
-    /// `body` with the instance, whose reference is not counted for it: the caller keeps it
-    /// alive for the call (the guarantee `_withUnsafeGuaranteedRef` asks for), with typed throws.
-    @inline(__always)
-    func borrowing<R, E: Error>(_ body: (Instance) throws(E) -> R) throws(E) -> R {
-        let result = _withUnsafeGuaranteedRef { instance in Result { () throws(E) -> R in try body(instance) } }
-        return try result.get()
-    }
-}

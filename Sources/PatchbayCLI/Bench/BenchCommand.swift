@@ -206,6 +206,17 @@ final class Bench {
         return (Samples(subjectValues), Samples(baselineValues), ratios)
     }
 
+    /// Adds a row measured with `paired`: its ratio is the median of the rounds' ratios, and its
+    /// target is met when that is at most `limit`.
+    func addPaired(_ name: String, _ pairs: (subject: Samples, baseline: Samples, ratios: [Double]), baseline: String,
+                   target: String, limit: Double) {
+        var row = BenchRow(name: name, samples: pairs.subject, baseline: baseline, baselineSamples: pairs.baseline,
+                           target: target, met: nil)
+        row.roundRatios = pairs.ratios
+        row.met = (row.ratio ?? .infinity) <= limit
+        add(row)
+    }
+
     func add(_ row: BenchRow) {
         rows.append(row)
         clearProgress()

@@ -33,12 +33,8 @@ extension Bench {
         // during its own rounds: two spinners on one CPU would measure each other).
         let spinPairs = try paired(count: spinCount, baseline: { count in try sharedMemoryPingPong(sleeping: false, count: count) },
                                    subject: { count in try measure(count) { try roundTrip(64) } })
-        let (caps64, pureSpin) = (spinPairs.subject, spinPairs.baseline)
-        var spinRow = BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "shm pure-spin ping-pong",
-                               baselineSamples: pureSpin, target: "≤ 2×", met: nil)
-        spinRow.roundRatios = spinPairs.ratios
-        spinRow.met = (spinRow.ratio ?? .infinity) <= 2
-        add(spinRow)
+        let caps64 = spinPairs.subject
+        addPaired("CAPS round trip, 64 B, spinning peers", spinPairs, baseline: "shm pure-spin ping-pong", target: "≤ 2×", limit: 2)
         add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "AF_UNIX seqpacket ping-pong",
                      baselineSamples: seqpacket, target: "≤ 0.02×", met: ratio(caps64, seqpacket) <= 0.02))
         // The software alone: both ports in this thread, so nothing crosses CPUs and nothing
@@ -74,22 +70,15 @@ extension Bench {
             }
             let pairs = try paired(count: spinCount, baseline: { count in try measure(count) { try copyingRoundTrip() } },
                                    subject: { count in try measure(count) { try caller.roundTrip() } })
-            var row = BenchRow(name: "CAPS round trip, 64 B, from C (pb_caps_call)", samples: pairs.subject,
-                               baseline: "the Swift round trip, copying", baselineSamples: pairs.baseline, target: "≤ 1.2×", met: nil)
-            row.roundRatios = pairs.ratios
-            row.met = (row.ratio ?? .infinity) <= 1.2
-            add(row)
+            addPaired("CAPS round trip, 64 B, from C (pb_caps_call)", pairs, baseline: "the Swift round trip, copying",
+                      target: "≤ 1.2×", limit: 1.2)
         } else {
             writeStandardError("patchbay: bench: the C row is skipped: no libpatchbay (build it with swift build -c release, or set PATCHBAY_LIBRARY)\n")
         }
         for size in [1 << 20, 4 << 20] {
             let pairs = try paired(count: iterations(20_000), baseline: { count in try measure(count) { try roundTrip(64) } },
                                    subject: { count in try measure(count) { try roundTrip(size) } })
-            var row = BenchRow(name: "CAPS round trip, \(size >> 20) MiB in place", samples: pairs.subject, baseline: "CAPS 64 B round trip",
-                               baselineSamples: pairs.baseline, target: "≤ 1.1×", met: nil)
-            row.roundRatios = pairs.ratios
-            row.met = (row.ratio ?? .infinity) <= 1.1
-            add(row)
+            addPaired("CAPS round trip, \(size >> 20) MiB in place", pairs, baseline: "CAPS 64 B round trip", target: "≤ 1.1×", limit: 1.1)
         }
         // A batch of 16 requests put at once, then their 16 replies: per message, against the
         // same pattern over a seqpacket socket pair.
@@ -146,11 +135,8 @@ extension Bench {
                                             try sleepy.waitReply { _, _ in }
                                         }
                                     })
-        var sleepRow = BenchRow(name: "CAPS round trip, 64 B, blocking wait forced", samples: sleepPairs.subject,
-                                baseline: "shm futex ping-pong", baselineSamples: sleepPairs.baseline, target: "≤ 1.1×", met: nil)
-        sleepRow.roundRatios = sleepPairs.ratios
-        sleepRow.met = (sleepRow.ratio ?? .infinity) <= 1.1
-        add(sleepRow)
+        addPaired("CAPS round trip, 64 B, blocking wait forced", sleepPairs, baseline: "shm futex ping-pong", target: "≤ 1.1×",
+                  limit: 1.1)
     }
 
     private func roundTripPut(_ client: CapsClient) throws {
@@ -166,21 +152,27 @@ extension Bench {
         return UInt64(Double(total) / (Double(elapsed) / 1e9))
     }
 
-    /// Runs `body` with a seqpacket pair whose other end an echo peer serves: `send` writes a
-    /// 64-byte message, `receive` reads one back.
-    private func withSeqpacketEcho<R>(_ body: (_ send: () throws -> Void, _ receive: () throws -> Void) throws -> R) throws -> R {
+    /// Runs `body` with one end of a seqpacket pair whose other end an echo peer serves (messages
+    /// of up to `size` bytes).
+    private func withSeqpacketEcho<R>(size: Int, _ body: (CInt) throws -> R) throws -> R {
         var fds: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
         let mine = PatchbaySystem.Descriptor(adopting: fds[0])
         let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
-        let echo = try peer("socket-echo", ["--size", "64"], descriptors: [theirs.rawValue])
+        let echo = try peer("socket-echo", ["--size", "\(size)"], descriptors: [theirs.rawValue])
         _ = consume theirs
         defer { echo.stop() }
-        var buffer = [UInt8](repeating: 3, count: 64)
-        let fd = mine.rawValue
-        func send() throws { guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
-        func receive() throws { guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
-        return try body(send, receive)
+        return try body(mine.rawValue)
+    }
+
+    /// `withSeqpacketEcho` for 64-byte messages: `send` writes one, `receive` reads one back.
+    private func withSeqpacketEcho<R>(_ body: (_ send: () throws -> Void, _ receive: () throws -> Void) throws -> R) throws -> R {
+        try withSeqpacketEcho(size: 64) { fd in
+            var buffer = [UInt8](repeating: 3, count: 64)
+            func send() throws { guard buffer.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+            func receive() throws { guard buffer.withUnsafeMutableBytes({ Glibc.read(fd, $0.baseAddress, 64) }) == 64 else { throw Errno.current } }
+            return try body(send, receive)
+        }
     }
 
     /// `batch` messages written, then `batch` read back, over a seqpacket pair with an echo peer.
@@ -334,34 +326,22 @@ extension Bench {
         // The raw socket pair and the /net socket, each with its echo peer (both asleep in recv
         // between messages), measured in rounds alternating back to back: the cost of a wake-up
         // on this guest moves between rows, and the ratio must compare one placement.
-        var fds: [CInt] = [-1, -1]
-        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else { throw Errno.current }
-        let mine = PatchbaySystem.Descriptor(adopting: fds[0])
-        let theirs = PatchbaySystem.Descriptor(adopting: fds[1])
-        let rawEcho = try peer("socket-echo", ["--size", "65536"], descriptors: [theirs.rawValue])
-        _ = consume theirs
-        defer { rawEcho.stop() }
-        let echo = try peer("net-echo", ["--name", "bench-net"])
-        defer { echo.stop() }
-        let socket = try Socket.connect(broker, to: "bench-net")
-        let fd = socket.dataDescriptor
-        let raw = mine.rawValue
-        var small = [UInt8](repeating: 1, count: 64)
-        let pingPong = try paired(count: count, baseline: { count in try measure(count) { try exchange(raw, raw, &small) } },
-                                  subject: { count in try measure(count) { try exchange(fd, fd, &small) } })
-        var row = BenchRow(name: "/net seqpacket ping-pong, 64 B", samples: pingPong.subject, baseline: "raw AF_UNIX seqpacket",
-                           baselineSamples: pingPong.baseline, target: "≤ 1.05× (≥ 0.95× speed)", met: nil)
-        row.roundRatios = pingPong.ratios
-        row.met = (row.ratio ?? .infinity) <= 1.0 / 0.95
-        add(row)
-        var bulk = [UInt8](repeating: 2, count: 65536)
-        let bulkPairs = try paired(count: iterations(5_000), baseline: { count in try measure(count) { try exchange(raw, raw, &bulk) } },
-                                   subject: { count in try measure(count) { try exchange(fd, fd, &bulk) } })
-        var bulkRow = BenchRow(name: "/net seqpacket bulk, 64 KiB round trip", samples: bulkPairs.subject, baseline: "raw AF_UNIX seqpacket",
-                               baselineSamples: bulkPairs.baseline, target: "≤ 1.05×", met: nil)
-        bulkRow.roundRatios = bulkPairs.ratios
-        bulkRow.met = (bulkRow.ratio ?? .infinity) <= 1.0 / 0.95
-        add(bulkRow)
+        try withSeqpacketEcho(size: 65536) { raw in
+            let echo = try peer("net-echo", ["--name", "bench-net"])
+            defer { echo.stop() }
+            let socket = try Socket.connect(broker, to: "bench-net")
+            let fd = socket.dataDescriptor
+            var small = [UInt8](repeating: 1, count: 64)
+            addPaired("/net seqpacket ping-pong, 64 B",
+                      try paired(count: count, baseline: { count in try measure(count) { try exchange(raw, raw, &small) } },
+                                 subject: { count in try measure(count) { try exchange(fd, fd, &small) } }),
+                      baseline: "raw AF_UNIX seqpacket", target: "≤ 1.05× (≥ 0.95× speed)", limit: 1.0 / 0.95)
+            var bulk = [UInt8](repeating: 2, count: 65536)
+            addPaired("/net seqpacket bulk, 64 KiB round trip",
+                      try paired(count: iterations(5_000), baseline: { count in try measure(count) { try exchange(raw, raw, &bulk) } },
+                                 subject: { count in try measure(count) { try exchange(fd, fd, &bulk) } }),
+                      baseline: "raw AF_UNIX seqpacket", target: "≤ 1.05×", limit: 1.0 / 0.95)
+        }
     }
 
     // MARK: The broker under many clients
