@@ -506,6 +506,72 @@ struct CapsTests {
         #expect(service.refusals.total == 1)
     }
 
+    @Test("two clients are taken in turn; a DISPOSE comes before the request put after consuming its reply; short buffers keep a request queued")
+    func messageOrder() throws {
+        // Inline requests go the service's one-pass path, arena ones and short buffers the
+        // general path: both must give the same order, bytes and records.
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "order", access: [.world])
+        let first = try CapsClient(connection, name: "order")
+        let second = try CapsClient(connection, name: "order")
+        let bigRequest = [UInt8](repeating: 2, count: 200)
+        let a1 = try first.put(Array("a1".utf8))
+        let b1 = try second.put(Array("b1".utf8))
+        let a2 = try first.put(bigRequest)
+        let b2 = try second.put(Array("b2".utf8))
+        var seen: [(UInt64, [UInt8], UInt64)] = []
+        for _ in 0..<4 {
+            try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                #expect(message.kind == .request && message.credentials.pid == getpid() && message.consumed)
+                seen.append((message.messageID, Array(payload), message.channelID))
+                // Each request answered with its bytes reversed: inline, or in the arena for 200.
+                try? service.reply(to: message.messageID, length: payload.count) { buffer in
+                    for index in 0..<payload.count { buffer[index] = payload[payload.count - 1 - index] }
+                }
+            }
+        }
+        let ids = seen.map(\.0)
+        #expect(ids == [a1, b1, a2, b2] || ids == [b1, a1, b2, a2], "taken in turn")
+        #expect(seen.first { $0.0 == a2 }?.1 == bigRequest && seen.first { $0.0 == b2 }?.1 == Array("b2".utf8))
+        #expect(Set(seen.map(\.2)).count == 2)
+
+        // The first client consumes a1's reply and puts a3: the service sees a1's DISPOSE first.
+        let (reply1, answer1) = try clientWait(first)
+        #expect(reply1.messageID == a1 && answer1 == Array("1a".utf8))
+        let a3 = try first.put(Array("a3x".utf8))
+        // (`get`, not `wait`: everything asked for below is already there, and a wrong order must
+        // fail the test rather than hang it.)
+        let dispose1 = try serviceGet(service)
+        #expect(dispose1.kind == .dispose && dispose1.messageID == a1)
+        // A buffer too small: the request stays queued, then comes whole.
+        let short = try serviceGet(service, capacity: 1)
+        #expect(short.kind == .request && short.messageID == a3 && short.length == 3 && !short.consumed)
+        var payload3 = [UInt8](repeating: 0, count: 16)
+        let request3 = try payload3.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.get(into: raw) }
+        }.get()
+        #expect(request3.messageID == a3 && request3.consumed && payload3.prefix(request3.length) == ArraySlice("a3x".utf8))
+        try service.reply(to: a3, Array("ok".utf8))
+        #expect(throws: PatchbayError.self) { try service.reply(to: a3, Array("twice".utf8)) }
+
+        let (reply2, answer2) = try clientWait(first)
+        #expect(reply2.messageID == a2 && answer2 == bigRequest)
+        let (reply3, answer3) = try clientWait(first)
+        #expect(reply3.messageID == a3 && answer3 == Array("ok".utf8))
+        for id in [b1, b2] {
+            let (reply, _) = try clientWait(second)
+            #expect(reply.messageID == id)
+        }
+        var disposed: Set<UInt64> = []
+        while let message = try? serviceGet(service) {
+            #expect(message.kind == .dispose)
+            disposed.insert(message.messageID)
+        }
+        #expect(disposed == [a2, a3, b1, b2])
+        #expect(first.requestsInFlight == 0 && second.requestsInFlight == 0)
+    }
+
     @Test("messages carry descriptors; ports plug into epoll")
     func descriptorsAndEpoll() throws {
         let broker = try TestBroker()

@@ -508,6 +508,10 @@ public final class CapsService: @unchecked Sendable {
                       fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         try core.lock.locked { () throws(PatchbayError) in
+            if length >= 0, length <= CapsLayout.inlineCapacity, descriptors.isEmpty, tap == nil, let last = lastActive,
+               quickReply(to: messageID, length: length, of: last, fill: fill) {
+                return
+            }
             guard length >= 0, length <= Int(UInt32.max) else {
                 throw PatchbayError(.messageTooLong, "a reply is at most 4 GiB")
             }
@@ -547,6 +551,26 @@ public final class CapsService: @unchecked Sendable {
             wake(client)
             }
         }
+    }
+
+    /// The common reply in one pass: inline, nothing attached, no tap, to a request of the client
+    /// served last. False, having done nothing, for anything else (another client's request, an
+    /// id not awaiting a reply, a full ring), which the general path then answers or refuses.
+    @inline(__always)
+    private func quickReply(to messageID: UInt64, length: Int, of handle: Unmanaged<ClientChannel>,
+                            fill: (UnsafeMutableRawBufferPointer) -> Void) -> Bool {
+        // (The body throws nothing: `try?` only meets `borrowing`'s signature.)
+        (try? borrowing(handle) { client throws(PatchbayError) -> Bool in
+            guard client.id == capsChannel(of: messageID), let request = client.messages.find(messageID),
+                  request.state == Self.received, let slot = client.channel.reserve(.reply)
+            else { return false }
+            fill(CapsChannel.inlineSpace(slot, length: length))
+            client.channel.commit(.reply, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(length), kind: .reply,
+                                                          flags: CapsEntryFlags.inlinePayload))
+            client.messages.replace(MessageRecord(id: messageID, offset: -1, length: length, state: Self.replied))
+            wake(client)
+            return true
+        }) ?? false
     }
 
     /// Answers a REQUEST with an errno instead of bytes, for a request this service could not
@@ -675,6 +699,7 @@ public final class CapsService: @unchecked Sendable {
     private func nextMessage<R>(room: Int?, _ deliver: (CapsServiceMessage, UnsafeRawBufferPointer) -> R)
         throws(PatchbayError) -> R?
     {
+        if let result = quickMessage(room: room, deliver) { return result }
         if noticesPending { processBrokerEvents() }
         if !synthetic.isEmpty { return deliver(synthetic.removeFirst(), UnsafeRawBufferPointer(start: nil, count: 0)) }
         var found = nextEntry()
@@ -693,6 +718,61 @@ public final class CapsService: @unchecked Sendable {
             return try nextMessage(room: room, deliver)
         }
         return result
+    }
+
+    /// The common messages in one pass, the way a kernel has a fast path for its common system
+    /// call: a DISPOSE made of the reply head of the client next in the round-robin order, or that
+    /// client's next REQUEST when its payload is inline with nothing attached. Nil for anything
+    /// else (broker or connection notices, a tap, another client's turn, a request too long for
+    /// the caller's buffer, in the arena, attached or carrying descriptors, an abort, a forged or
+    /// unexpected entry, a client at its in-flight limit), having done nothing the general path
+    /// does not do again (noting the client's reply head and claiming an entry are idempotent),
+    /// and that path takes it. Each field is read from the entry once, and the message is built
+    /// once, in place.
+    @inline(__always)
+    private func quickMessage<R>(room: Int?, _ deliver: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) -> R? {
+        guard tap == nil, synthetic.isEmpty, !noticesPending else { return nil }
+        let count = order.count
+        guard count > 0 else { return nil }
+        let index = cursor < count ? cursor : 0
+        let handle = order[index]
+        // (The body throws nothing: `try?` only meets `borrowing`'s signature.)
+        return try? borrowing(handle) { client throws(PatchbayError) -> R? in
+            let channel = client.channel
+            let request = channel.peekRequest()
+            if let request { channel.noteConsumed(request.consumed) }
+            if request != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: request == nil) {
+                // A DISPOSE of a REPLY this port sent; anything else goes the general way, which
+                // drops it.
+                guard let reply = client.messages.find(disposed), reply.state == Self.replied else { return nil }
+                client.messages.remove(disposed)
+                if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+                cursor = index + 1
+                lastActive = handle
+                return deliver(CapsServiceMessage(kind: .dispose, messageID: disposed, length: 0, consumed: true,
+                                                  credentials: client.credentials, channelID: client.id, inPlace: true,
+                                                  descriptors: nil),
+                               UnsafeRawBufferPointer(start: nil, count: 0))
+            }
+            guard let request, request.isPlainInlineRequest, capsChannel(of: request.messageID) == client.id,
+                  room.map({ $0 >= request.length }) ?? true,
+                  client.messages.count < maximumInFlight, !client.messages.contains(request.messageID),
+                  channel.claimForService(request.position)
+            else { return nil }
+            client.messages.insert(MessageRecord(id: request.messageID, offset: -1, length: 0, state: Self.received))
+            cursor = index + 1
+            lastActive = handle
+            // Copied first, then consumed: once the head moves past it, the client may reuse the slot.
+            return withUnsafeTemporaryAllocation(byteCount: CapsLayout.inlineCapacity, alignment: 8) { buffer in
+                let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<request.length])
+                if request.length > 0 { copy.copyMemory(from: UnsafeRawBufferPointer(start: request.payload, count: request.length)) }
+                channel.advance(.request)
+                return deliver(CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length,
+                                                  consumed: true, credentials: client.credentials, channelID: client.id,
+                                                  inPlace: true, descriptors: nil),
+                               UnsafeRawBufferPointer(copy))
+            }
+        }
     }
 
     /// Runs `body` with `client` borrowed (see `order`); a client dropped meanwhile is kept until

@@ -236,6 +236,39 @@ final class CapsChannel: @unchecked Sendable {
         return (entry, head)
     }
 
+    /// The entry at the request ring's head, as the service's fast path reads it: the fields
+    /// it decides on, each loaded once from the slot.
+    struct RequestAtHead {
+        let position: UInt64
+        let messageID: UInt64
+        let length: Int
+        let kind: UInt32
+        let flags: UInt32
+        let consumed: UInt32
+        let payload: UnsafeRawPointer
+
+        /// A REQUEST whose payload is inline, with nothing attached, no longer than an entry holds.
+        @inline(__always)
+        var isPlainInlineRequest: Bool {
+            kind == CapsEntryKind.request.rawValue && flags == CapsEntryFlags.inlinePayload && length <= CapsLayout.inlineCapacity
+        }
+    }
+
+    /// The request ring's oldest entry (service side), without consuming it.
+    @inline(__always)
+    func peekRequest() -> RequestAtHead? {
+        let head = SharedWord.load(head(.request))
+        let slot = slot(.request, head)
+        guard SharedWord.load(Self.stamp(slot)) == head &+ 1 else { return nil }
+        return RequestAtHead(position: head,
+                             messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
+                             length: Int(slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self)),
+                             kind: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self),
+                             flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
+                             consumed: slot.load(fromByteOffset: CapsLayout.entryConsumed, as: UInt32.self),
+                             payload: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
+    }
+
     // MARK: Claims
     //
     // Who gets a REQUEST still in the ring, the service (taking it) or its client (taking it back

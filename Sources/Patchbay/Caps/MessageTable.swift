@@ -93,6 +93,17 @@ final class MessageTable {
         return true
     }
 
+    /// Replaces the record of `record.id`, which must be held, in place.
+    @inline(__always)
+    func replace(_ record: MessageRecord) {
+        let slot = slot(record.id)
+        if slot.pointee.id == record.id && record.id != 0 {
+            slot.pointee = record
+        } else {
+            spill.records[record.id] = record
+        }
+    }
+
     /// Removes and returns `id`'s record.
     @discardableResult @inline(__always)
     func remove(_ id: UInt64) -> MessageRecord? {
