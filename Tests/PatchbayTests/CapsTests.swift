@@ -572,6 +572,25 @@ struct CapsTests {
         #expect(first.requestsInFlight == 0 && second.requestsInFlight == 0)
     }
 
+    @Test("a request aborted after its reply was pushed: the reply is discarded, never delivered, and still DISPOSEd")
+    func abortAfterReply() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "late.abort", access: [.world])
+        let port = try CapsClient(connection, name: "late.abort")
+        let id = try port.put(Array("late".utf8))
+        let request = try serviceGet(service)
+        #expect(request.kind == .request && request.messageID == id)
+        try service.reply(to: id, Array("too late".utf8))  // inline, in the ring, not read yet
+        #expect(try port.abort(id) == .atService)
+        #expect(throws: PatchbayError.self) { _ = try clientGet(port) }  // EAGAIN: discarded
+        #expect(port.requestsInFlight == 0)
+        // The ABORT of an answered request is dropped; the reply's slot is DISPOSEd.
+        let dispose = try serviceGet(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == id)
+        #expect(throws: PatchbayError.self) { _ = try serviceGet(service) }
+    }
+
     @Test("messages carry descriptors; ports plug into epoll")
     func descriptorsAndEpoll() throws {
         let broker = try TestBroker()

@@ -586,11 +586,20 @@ public final class CapsClient: @unchecked Sendable {
     /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
     /// with its descriptors, and `deliver` sees `consumed` false.
     private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
+        // The common reply in one pass: inline, nothing attached, to a request of this port's that
+        // was not aborted. Anything else goes the general way below.
+        if let entry = channel.entryAtHead(.reply), entry.isPlainInline(.reply), room.map({ $0 >= entry.length }) ?? true,
+           let request = requests.find(entry.messageID), request.state & Self.abortedAtService == 0 {
+            let result = deliver(CapsReply(messageID: entry.messageID, length: entry.length, consumed: true, serviceClosed: false,
+                                           descriptors: nil), UnsafeRawBufferPointer(start: entry.payload, count: entry.length))
+            finish(entry.messageID, request, dispose: true)
+            return result
+        }
         while let (entry, _) = channel.peek(.reply) {
             let request = requests.find(entry.messageID)
             if entry.kind == .discardedReply || (request.map { $0.state & Self.abortedAtService != 0 } ?? false) {
                 core.stash.discard(entry, from: direct.rawValue)
-                finish(entry, request, dispose: entry.kind == .reply)
+                finish(entry.messageID, request, dispose: entry.kind == .reply)
                 continue
             }
             if entry.kind == .errorReply {
@@ -598,7 +607,7 @@ public final class CapsClient: @unchecked Sendable {
                     channel.advance(.reply)  // not a request of ours: dropped
                     continue
                 }
-                finish(entry, request, dispose: false)
+                finish(entry.messageID, request, dispose: false)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
@@ -607,12 +616,12 @@ public final class CapsClient: @unchecked Sendable {
                 // The common cases, with nothing to keep alive: as below, without a payload value.
                 let result = deliver(CapsReply(messageID: entry.messageID, length: bytes.count, consumed: true, serviceClosed: false,
                                                descriptors: nil), bytes)
-                finish(entry, request, dispose: true)
+                finish(entry.messageID, request, dispose: true)
                 return result
             }
             guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
                 // A reply the service could not have written honestly: dropped, never read.
-                finish(entry, request, dispose: true)
+                finish(entry.messageID, request, dispose: true)
                 continue
             }
             let length = Int(entry.length)
@@ -627,7 +636,7 @@ public final class CapsClient: @unchecked Sendable {
             let result = deliver(CapsReply(messageID: entry.messageID, length: length, consumed: true, serviceClosed: false,
                                            descriptors: payload.carried()), payload.bytes)
             _ = consume payload
-            finish(entry, request, dispose: true)
+            finish(entry.messageID, request, dispose: true)
             return result
         }
         // The service may have replied just before going away: those replies come first.
@@ -639,11 +648,12 @@ public final class CapsClient: @unchecked Sendable {
     /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once).
     /// Moving the reply head is the DISPOSE of a REPLY (layout 3): the service makes one of it,
     /// and is woken for it if it sleeps (`dispose`: the entry was a REPLY).
-    private func finish(_ entry: CapsEntry, _ request: MessageRecord?, dispose: Bool) {
+    @inline(__always)
+    private func finish(_ messageID: UInt64, _ request: MessageRecord?, dispose: Bool) {
         channel.advance(.reply)
         if let request {
             if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
-            requests.remove(entry.messageID)
+            requests.remove(messageID)
         }
         guard dispose, !channel.serviceClosed else { return }
         wakeService()

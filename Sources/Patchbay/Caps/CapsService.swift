@@ -739,7 +739,7 @@ public final class CapsService: @unchecked Sendable {
         // (The body throws nothing: `try?` only meets `borrowing`'s signature.)
         return try? borrowing(handle) { client throws(PatchbayError) -> R? in
             let channel = client.channel
-            let request = channel.peekRequest()
+            let request = channel.entryAtHead(.request)
             if let request { channel.noteConsumed(request.consumed) }
             if request != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: request == nil) {
                 // A DISPOSE of a REPLY this port sent; anything else goes the general way, which
@@ -754,7 +754,7 @@ public final class CapsService: @unchecked Sendable {
                                                   descriptors: nil),
                                UnsafeRawBufferPointer(start: nil, count: 0))
             }
-            guard let request, request.isPlainInlineRequest, capsChannel(of: request.messageID) == client.id,
+            guard let request, request.isPlainInline(.request), capsChannel(of: request.messageID) == client.id,
                   room.map({ $0 >= request.length }) ?? true,
                   client.messages.count < maximumInFlight, !client.messages.contains(request.messageID),
                   channel.claimForService(request.position)

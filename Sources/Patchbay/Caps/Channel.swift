@@ -236,37 +236,39 @@ final class CapsChannel: @unchecked Sendable {
         return (entry, head)
     }
 
-    /// The entry at the request ring's head, as the service's fast path reads it: the fields
-    /// it decides on, each loaded once from the slot.
-    struct RequestAtHead {
+    /// The entry at a ring's head as the one-pass paths read it (consumer side): the fields they
+    /// decide on, each loaded once from the slot.
+    struct EntryAtHead {
         let position: UInt64
         let messageID: UInt64
         let length: Int
         let kind: UInt32
         let flags: UInt32
+        /// In a request entry: the low half of the client's reply head (see `CapsEntry`).
         let consumed: UInt32
         let payload: UnsafeRawPointer
 
-        /// A REQUEST whose payload is inline, with nothing attached, no longer than an entry holds.
+        /// An entry of `kind` whose payload is inline, with nothing attached, no longer than an
+        /// entry holds.
         @inline(__always)
-        var isPlainInlineRequest: Bool {
-            kind == CapsEntryKind.request.rawValue && flags == CapsEntryFlags.inlinePayload && length <= CapsLayout.inlineCapacity
+        func isPlainInline(_ kind: CapsEntryKind) -> Bool {
+            self.kind == kind.rawValue && flags == CapsEntryFlags.inlinePayload && length <= CapsLayout.inlineCapacity
         }
     }
 
-    /// The request ring's oldest entry (service side), without consuming it.
+    /// A ring's oldest entry (consumer side), without consuming it.
     @inline(__always)
-    func peekRequest() -> RequestAtHead? {
-        let head = SharedWord.load(head(.request))
-        let slot = slot(.request, head)
+    func entryAtHead(_ ring: Ring) -> EntryAtHead? {
+        let head = SharedWord.load(head(ring))
+        let slot = slot(ring, head)
         guard SharedWord.load(Self.stamp(slot)) == head &+ 1 else { return nil }
-        return RequestAtHead(position: head,
-                             messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
-                             length: Int(slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self)),
-                             kind: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self),
-                             flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
-                             consumed: slot.load(fromByteOffset: CapsLayout.entryConsumed, as: UInt32.self),
-                             payload: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
+        return EntryAtHead(position: head,
+                           messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
+                           length: Int(slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self)),
+                           kind: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self),
+                           flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
+                           consumed: ring == .request ? slot.load(fromByteOffset: CapsLayout.entryConsumed, as: UInt32.self) : 0,
+                           payload: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
     }
 
     // MARK: Claims
