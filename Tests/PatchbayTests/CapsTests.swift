@@ -591,6 +591,32 @@ struct CapsTests {
         #expect(throws: PatchbayError.self) { _ = try serviceGet(service) }
     }
 
+    @Test("a request whose arena payload lies outside the arena is refused unread (EBADMSG); one at its very end is read")
+    func arenaBounds() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "arena.bounds", access: [.world])
+        let port = try CapsClient(connection, name: "arena.bounds")
+        let arena = UInt64(CapsLayout.defaultArenaSize)
+        // Past the end, straddling it, and an offset so large that offset + length wraps.
+        let forged = [(arena, UInt32(100)), (arena - 64, UInt32(128)), (UInt64.max - 10, UInt32(100))]
+        var ids: [UInt64] = []
+        for (offset, length) in forged { ids.append(try port.putForgedArenaPayload(offset: offset, length: length)) }
+        // The last 100 bytes of the arena are inside it: read, and answered.
+        let last = try port.putForgedArenaPayload(offset: arena - 100, length: 100)
+        let (message, payload) = try serviceWait(service)
+        #expect(message.kind == .request && message.messageID == last && payload.count == 100)
+        try service.reply(to: last, Array("end".utf8))
+        #expect(throws: PatchbayError.self) { _ = try serviceGet(service) }
+        #expect(service.refusals.total == forged.count)
+        for id in ids {
+            let refused = try clientGet(port)
+            #expect(refused.messageID == id && refused.error == .badMessage)
+        }
+        let (answer, bytes) = try clientWait(port)
+        #expect(answer.messageID == last && bytes == Array("end".utf8))
+    }
+
     @Test("messages carry descriptors; ports plug into epoll")
     func descriptorsAndEpoll() throws {
         let broker = try TestBroker()

@@ -248,6 +248,24 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Puts a REQUEST entry that says its payload is `length` bytes at `offset` of this port's
+    /// arena, whatever those are, as a hostile client writing its ring by other means could: only
+    /// for the project's tests, to check that a service never reads outside the arena.
+    package func putForgedArenaPayload(offset: UInt64, length: UInt32) throws(PatchbayError) -> UInt64 {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
+            try checkUsable()
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: offset, length: length, kind: .request, flags: 0))
+            else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+            requests.insert(MessageRecord(id: messageID, offset: -1, length: Int(length), state: 0))
+            wakeService()
+            return messageID
+        }
+    }
+
     /// Marks a wake-up of the service as already sent, without sending one, as a hostile client
     /// writing its channel header could: only for the project's tests, to check that such a mark
     /// delays this channel's messages alone.
@@ -586,12 +604,13 @@ public final class CapsClient: @unchecked Sendable {
     /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
     /// with its descriptors, and `deliver` sees `consumed` false.
     private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
-        // The common reply in one pass: inline, nothing attached, to a request of this port's that
-        // was not aborted. Anything else goes the general way below.
-        if let entry = channel.entryAtHead(.reply), entry.isPlainInline(.reply), room.map({ $0 >= entry.length }) ?? true,
+        // The common reply in one pass: nothing attached, inline or in the arena, to a request of
+        // this port's that was not aborted. Anything else goes the general way below.
+        if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),
+           room.map({ $0 >= entry.length }) ?? true,
            let request = requests.find(entry.messageID), request.state & Self.abortedAtService == 0 {
             let result = deliver(CapsReply(messageID: entry.messageID, length: entry.length, consumed: true, serviceClosed: false,
-                                           descriptors: nil), UnsafeRawBufferPointer(start: entry.payload, count: entry.length))
+                                           descriptors: nil), bytes)
             finish(entry.messageID, request, dispose: true)
             return result
         }

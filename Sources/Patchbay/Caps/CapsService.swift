@@ -508,7 +508,7 @@ public final class CapsService: @unchecked Sendable {
                       fill: (UnsafeMutableRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         try core.lock.locked { () throws(PatchbayError) in
-            if length >= 0, length <= CapsLayout.inlineCapacity, descriptors.isEmpty, tap == nil, let last = lastActive,
+            if length >= 0, descriptors.isEmpty, tap == nil, let last = lastActive,
                quickReply(to: messageID, length: length, of: last, fill: fill) {
                 return
             }
@@ -553,21 +553,33 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// The common reply in one pass: inline, nothing attached, no tap, to a request of the client
-    /// served last. False, having done nothing, for anything else (another client's request, an
-    /// id not awaiting a reply, a full ring), which the general path then answers or refuses.
+    /// The common reply in one pass: nothing attached, no tap, inline or in the arena, to a
+    /// request of the client served last. False, having done nothing, for anything else (another
+    /// client's request, an id not awaiting a reply, a full ring or arena), which the general
+    /// path then answers or refuses.
     @inline(__always)
     private func quickReply(to messageID: UInt64, length: Int, of handle: Unmanaged<ClientChannel>,
                             fill: (UnsafeMutableRawBufferPointer) -> Void) -> Bool {
         // (The body throws nothing: `try?` only meets `borrowing`'s signature.)
         (try? borrowing(handle) { client throws(PatchbayError) -> Bool in
+            let channel = client.channel
             guard client.id == capsChannel(of: messageID), let request = client.messages.find(messageID),
-                  request.state == Self.received, let slot = client.channel.reserve(.reply)
+                  request.state == Self.received, let slot = channel.reserve(.reply)
             else { return false }
-            fill(CapsChannel.inlineSpace(slot, length: length))
-            client.channel.commit(.reply, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(length), kind: .reply,
-                                                          flags: CapsEntryFlags.inlinePayload))
-            client.messages.replace(MessageRecord(id: messageID, offset: -1, length: length, state: Self.replied))
+            let offset: Int
+            if length <= CapsLayout.inlineCapacity {
+                offset = -1
+                fill(CapsChannel.inlineSpace(slot, length: length))
+                channel.commit(.reply, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(length), kind: .reply,
+                                                       flags: CapsEntryFlags.inlinePayload))
+            } else {
+                guard length <= channel.arenaSize, let space = client.allocator.allocate(length) else { return false }
+                offset = space
+                fill(UnsafeMutableRawBufferPointer(start: channel.replyArena.advanced(by: space), count: length))
+                channel.commit(.reply, slot, CapsEntry(messageID: messageID, offset: UInt64(space), length: UInt32(length),
+                                                       kind: .reply, flags: 0))
+            }
+            client.messages.replace(MessageRecord(id: messageID, offset: offset, length: length, state: Self.replied))
             wake(client)
             return true
         }) ?? false
@@ -754,23 +766,28 @@ public final class CapsService: @unchecked Sendable {
                                                   descriptors: nil),
                                UnsafeRawBufferPointer(start: nil, count: 0))
             }
-            guard let request, request.isPlainInline(.request), capsChannel(of: request.messageID) == client.id,
-                  room.map({ $0 >= request.length }) ?? true,
+            guard let request, let bytes = channel.plainPayload(request, .request, arena: channel.requestArena),
+                  capsChannel(of: request.messageID) == client.id, room.map({ $0 >= request.length }) ?? true,
                   client.messages.count < maximumInFlight, !client.messages.contains(request.messageID),
                   channel.claimForService(request.position)
             else { return nil }
             client.messages.insert(MessageRecord(id: request.messageID, offset: -1, length: 0, state: Self.received))
             cursor = index + 1
             lastActive = handle
-            // Copied first, then consumed: once the head moves past it, the client may reuse the slot.
-            return withUnsafeTemporaryAllocation(byteCount: CapsLayout.inlineCapacity, alignment: 8) { buffer in
-                let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<request.length])
-                if request.length > 0 { copy.copyMemory(from: UnsafeRawBufferPointer(start: request.payload, count: request.length)) }
+            let message = CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length, consumed: true,
+                                             credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
+            guard request.isInline else {
+                // In the arena: valid until the client sees the reply, so consumed at once.
                 channel.advance(.request)
-                return deliver(CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length,
-                                                  consumed: true, credentials: client.credentials, channelID: client.id,
-                                                  inPlace: true, descriptors: nil),
-                               UnsafeRawBufferPointer(copy))
+                return deliver(message, bytes)
+            }
+            // Inline: copied first, then consumed (once the head moves past it, the client may
+            // reuse the slot).
+            return withUnsafeTemporaryAllocation(byteCount: CapsLayout.inlineCapacity, alignment: 8) { buffer in
+                let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes.count])
+                if bytes.count > 0 { copy.copyMemory(from: bytes) }
+                channel.advance(.request)
+                return deliver(message, UnsafeRawBufferPointer(copy))
             }
         }
     }

@@ -241,19 +241,31 @@ final class CapsChannel: @unchecked Sendable {
     struct EntryAtHead {
         let position: UInt64
         let messageID: UInt64
+        let offset: UInt64
         let length: Int
         let kind: UInt32
         let flags: UInt32
         /// In a request entry: the low half of the client's reply head (see `CapsEntry`).
         let consumed: UInt32
-        let payload: UnsafeRawPointer
+        /// Where an inline payload is: in the slot.
+        let inlineBytes: UnsafeRawPointer
 
-        /// An entry of `kind` whose payload is inline, with nothing attached, no longer than an
-        /// entry holds.
+        /// Whether the payload is inline (else in the sender's arena).
         @inline(__always)
-        func isPlainInline(_ kind: CapsEntryKind) -> Bool {
-            self.kind == kind.rawValue && flags == CapsEntryFlags.inlinePayload && length <= CapsLayout.inlineCapacity
+        var isInline: Bool { flags == CapsEntryFlags.inlinePayload }
+    }
+
+    /// The bytes of an entry of `kind` with nothing attached, inline (no longer than an entry
+    /// holds) or inside the sender's `arena`; nil for any other entry, which the general paths take.
+    @inline(__always)
+    func plainPayload(_ entry: EntryAtHead, _ kind: CapsEntryKind, arena: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer? {
+        guard entry.kind == kind.rawValue else { return nil }
+        if entry.flags == CapsEntryFlags.inlinePayload {
+            guard entry.length <= CapsLayout.inlineCapacity else { return nil }
+            return UnsafeRawBufferPointer(start: entry.inlineBytes, count: entry.length)
         }
+        guard entry.flags == 0, fitsArena(offset: entry.offset, length: UInt32(truncatingIfNeeded: entry.length)) else { return nil }
+        return UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: entry.length)
     }
 
     /// A ring's oldest entry (consumer side), without consuming it.
@@ -264,11 +276,12 @@ final class CapsChannel: @unchecked Sendable {
         guard SharedWord.load(Self.stamp(slot)) == head &+ 1 else { return nil }
         return EntryAtHead(position: head,
                            messageID: slot.load(fromByteOffset: CapsLayout.entryMessageID, as: UInt64.self),
+                           offset: slot.load(fromByteOffset: CapsLayout.entryOffset, as: UInt64.self),
                            length: Int(slot.load(fromByteOffset: CapsLayout.entryLength, as: UInt32.self)),
                            kind: slot.load(fromByteOffset: CapsLayout.entryKind, as: UInt32.self),
                            flags: slot.load(fromByteOffset: CapsLayout.entryFlags, as: UInt32.self),
                            consumed: ring == .request ? slot.load(fromByteOffset: CapsLayout.entryConsumed, as: UInt32.self) : 0,
-                           payload: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
+                           inlineBytes: UnsafeRawPointer(slot.advanced(by: CapsLayout.entryInline)))
     }
 
     // MARK: Claims
