@@ -734,13 +734,13 @@ public final class CapsService: @unchecked Sendable {
 
     /// The common messages in one pass, the way a kernel has a fast path for its common system
     /// call: a DISPOSE made of the reply head of the client next in the round-robin order, or that
-    /// client's next REQUEST when its payload is inline with nothing attached. Nil for anything
-    /// else (broker or connection notices, a tap, another client's turn, a request too long for
-    /// the caller's buffer, in the arena, attached or carrying descriptors, an abort, a forged or
-    /// unexpected entry, a client at its in-flight limit), having done nothing the general path
-    /// does not do again (noting the client's reply head and claiming an entry are idempotent),
-    /// and that path takes it. Each field is read from the entry once, and the message is built
-    /// once, in place.
+    /// client's next REQUEST when its payload is inline or in the arena with nothing attached.
+    /// Nil for anything else (broker or connection notices, a tap, a request too long for the
+    /// caller's buffer, attached or carrying descriptors, an abort, a forged or unexpected entry,
+    /// a client at its in-flight limit, nothing from that client), having done nothing the
+    /// general path does not do again (noting the client's reply head and claiming an entry are
+    /// idempotent), and that path takes it. Each field is read from the entry once, and the
+    /// message is built once, in place.
     @inline(__always)
     private func quickMessage<R>(room: Int?, _ deliver: (CapsServiceMessage, UnsafeRawBufferPointer) -> R) -> R? {
         guard tap == nil, synthetic.isEmpty, !noticesPending else { return nil }
