@@ -554,6 +554,7 @@ public final class CapsClient: @unchecked Sendable {
 
     // MARK: Internals
 
+    @inline(__always)
     private func checkUsable() throws(PatchbayError) {
         try core.checkInherited()
         if channel.serviceClosed {

@@ -472,12 +472,12 @@ public final class CapsService: @unchecked Sendable {
     public func receive(_ body: (CapsServiceMessage, UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         while true {
-            var plan: WaitPlan?
-            if try core.lock.locked({ () throws(PatchbayError) -> Bool in
-                if try nextMessage(room: nil, { message, payload in body(message, payload) }) != nil { return true }
-                plan = waitPlan()
-                return false
-            }) { return }
+            // nil: a message was delivered (and no plan was made, so none is released).
+            let plan = try core.lock.locked { () throws(PatchbayError) -> WaitPlan? in
+                if try nextMessage(room: nil, { message, payload in body(message, payload) }) != nil { return nil }
+                return waitPlan()
+            }
+            guard let plan else { return }
             try sleepUntilWork(plan)
         }
     }
@@ -774,12 +774,13 @@ public final class CapsService: @unchecked Sendable {
             client.messages.insert(MessageRecord(id: request.messageID, offset: -1, length: 0, state: Self.received))
             cursor = index + 1
             lastActive = handle
-            let message = CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length, consumed: true,
-                                             credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
+            // (The message is built where it is delivered: built before, it would be copied.)
             guard request.isInline else {
                 // In the arena: valid until the client sees the reply, so consumed at once.
                 channel.advance(.request)
-                return deliver(message, bytes)
+                return deliver(CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length,
+                                                  consumed: true, credentials: client.credentials, channelID: client.id,
+                                                  inPlace: true, descriptors: nil), bytes)
             }
             // Inline: copied first, then consumed (once the head moves past it, the client may
             // reuse the slot).
@@ -787,7 +788,9 @@ public final class CapsService: @unchecked Sendable {
                 let copy = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes.count])
                 if bytes.count > 0 { copy.copyMemory(from: bytes) }
                 channel.advance(.request)
-                return deliver(message, UnsafeRawBufferPointer(copy))
+                return deliver(CapsServiceMessage(kind: .request, messageID: request.messageID, length: request.length,
+                                                  consumed: true, credentials: client.credentials, channelID: client.id,
+                                                  inPlace: true, descriptors: nil), UnsafeRawBufferPointer(copy))
             }
         }
     }
