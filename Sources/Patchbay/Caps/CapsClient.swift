@@ -234,29 +234,23 @@ public final class CapsClient: @unchecked Sendable {
     /// hostile client writing its ring by other means could: only for the project's tests, to
     /// check that a service refuses an inline payload longer than an entry holds.
     package func putForgedInline(length: UInt32) throws(PatchbayError) -> UInt64 {
-        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
-            try checkUsable()
-            sequence &+= 1
-            let messageID = capsMessageID(channel: channelID, sequence: sequence)
-            guard channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: length, kind: .request,
-                                                   flags: CapsEntryFlags.inlinePayload)) else {
-                throw PatchbayError(.noBufferSpace, "the request ring is full")
-            }
-            requests.insert(MessageRecord(id: messageID, offset: -1, length: Int(length), state: 0))
-            wakeService()
-            return messageID
-        }
+        try putForged(offset: 0, length: length, flags: CapsEntryFlags.inlinePayload)
     }
 
     /// Puts a REQUEST entry that says its payload is `length` bytes at `offset` of this port's
     /// arena, whatever those are, as a hostile client writing its ring by other means could: only
     /// for the project's tests, to check that a service never reads outside the arena.
     package func putForgedArenaPayload(offset: UInt64, length: UInt32) throws(PatchbayError) -> UInt64 {
+        try putForged(offset: offset, length: length, flags: 0)
+    }
+
+    /// A REQUEST entry with whatever payload fields the tests' hostile client chose.
+    private func putForged(offset: UInt64, length: UInt32, flags: UInt32) throws(PatchbayError) -> UInt64 {
         try core.lock.locked { () throws(PatchbayError) -> UInt64 in
             try checkUsable()
             sequence &+= 1
             let messageID = capsMessageID(channel: channelID, sequence: sequence)
-            guard channel.push(.request, CapsEntry(messageID: messageID, offset: offset, length: length, kind: .request, flags: 0))
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: offset, length: length, kind: .request, flags: flags))
             else {
                 throw PatchbayError(.noBufferSpace, "the request ring is full")
             }

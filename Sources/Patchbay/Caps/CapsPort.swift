@@ -232,22 +232,15 @@ struct CapsPortCore {
 
     // MARK: Reading a message
 
+    /// `CapsChannel.plainBytes` for a ring entry as `peek` copied it out.
+    @inline(__always)
+    static func plainPayload(_ entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer? {
+        channel.plainBytes(flags: entry.flags, offset: entry.offset, length: entry.length, inline: entry.inlineBytes, arena: arena)
+    }
+
     /// The payload of `entry`, read from the peer's side of `channel` (`arena`): nil when the
     /// peer could not have written it honestly (outside the arena, or announced descriptors that
     /// never came, or a memfd shorter than announced); such a message is never read.
-    /// The bytes of a payload with nothing attached, inline in its entry or in the arena, the
-    /// common cases, read in place without building a `CapsPayload`; nil for anything else,
-    /// sound or not (`payload` then checks and builds it).
-    @inline(__always)
-    static func plainPayload(_ entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer? {
-        if entry.flags == CapsEntryFlags.inlinePayload {
-            guard entry.length <= UInt32(CapsLayout.inlineCapacity), let start = entry.inlineBytes else { return nil }
-            return UnsafeRawBufferPointer(start: start, count: Int(entry.length))
-        }
-        guard entry.flags == 0, channel.fitsArena(offset: entry.offset, length: entry.length) else { return nil }
-        return UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: Int(entry.length))
-    }
-
     func payload(of entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer, direct: CInt)
         throws(PatchbayError) -> CapsPayload?
     {

@@ -756,9 +756,7 @@ public final class CapsService: @unchecked Sendable {
             if request != nil || channel.hasDisposals, let disposed = channel.nextDisposal(readingHead: request == nil) {
                 // A DISPOSE of a REPLY this port sent; anything else goes the general way, which
                 // drops it.
-                guard let reply = client.messages.find(disposed), reply.state == Self.replied else { return nil }
-                client.messages.remove(disposed)
-                if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+                guard Self.dispose(disposed, of: client) else { return nil }
                 cursor = index + 1
                 lastActive = handle
                 return deliver(CapsServiceMessage(kind: .dispose, messageID: disposed, length: 0, consumed: true,
@@ -793,6 +791,16 @@ public final class CapsService: @unchecked Sendable {
                                                   inPlace: true, descriptors: nil), UnsafeRawBufferPointer(copy))
             }
         }
+    }
+
+    /// A DISPOSE made: forgets the REPLY `id` and frees its arena space. False when `id` is not a
+    /// REPLY this port sent to `client`, which then makes no DISPOSE.
+    @inline(__always)
+    private static func dispose(_ id: UInt64, of client: ClientChannel) -> Bool {
+        guard let reply = client.messages.find(id), reply.state == replied else { return false }
+        client.messages.remove(id)
+        if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+        return true
     }
 
     /// Runs `body` with `client` borrowed (see `order`); a client dropped meanwhile is kept until
@@ -869,9 +877,7 @@ public final class CapsService: @unchecked Sendable {
                                          credentials: client.credentials, channelID: client.id, inPlace: true, descriptors: nil)
         if entry.kind == .dispose {
             // Made here of the client's reply head, for a REPLY this port sent: never a ring entry.
-            guard let reply = client.messages.find(entry.messageID), reply.state == Self.replied else { return nil }
-            client.messages.remove(entry.messageID)
-            if reply.offset >= 0 { client.allocator.release(offset: reply.offset, length: reply.length) }
+            guard Self.dispose(entry.messageID, of: client) else { return nil }
             tap?.record(.dispose, entry.messageID, length: 0)
             message.kind = .dispose
             message.length = 0

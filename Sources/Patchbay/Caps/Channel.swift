@@ -48,12 +48,17 @@ final class CapsChannel: @unchecked Sendable {
     /// how far it has been believed (never backwards, never past this side's tail), and how far
     /// DISPOSEs were made of it.
     private let positions: UnsafeMutablePointer<UInt64>
-    @inline(__always) private func tail(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + ring.index }
-    @inline(__always) private func knownHead(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 2 + ring.index }
-    @inline(__always) private func head(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + 4 + ring.index }
-    @inline(__always) private var consumedSeen: UnsafeMutablePointer<UInt64> { positions + 6 }
-    @inline(__always) private var consumed: UnsafeMutablePointer<UInt64> { positions + 7 }
-    @inline(__always) private var disposed: UnsafeMutablePointer<UInt64> { positions + 8 }
+    /// Where each of them is in `positions` (a ring's own word is at its index past these; the
+    /// waiting service's `Probe` reads them by the same numbers).
+    private enum Position {
+        static let tail = 0, knownHead = 2, head = 4, consumedSeen = 6, consumed = 7, disposed = 8, count = 9
+    }
+    @inline(__always) private func tail(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + Position.tail + ring.index }
+    @inline(__always) private func knownHead(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + Position.knownHead + ring.index }
+    @inline(__always) private func head(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + Position.head + ring.index }
+    @inline(__always) private var consumedSeen: UnsafeMutablePointer<UInt64> { positions + Position.consumedSeen }
+    @inline(__always) private var consumed: UnsafeMutablePointer<UInt64> { positions + Position.consumed }
+    @inline(__always) private var disposed: UnsafeMutablePointer<UInt64> { positions + Position.disposed }
     /// The service's record of its reply ring, by position: the message id of each REPLY pushed
     /// (0 for entries that get no DISPOSE: error and discarded replies). Private to the service,
     /// so a client that rewrites the ring cannot make it dispose of anything but what it sent.
@@ -88,8 +93,8 @@ final class CapsChannel: @unchecked Sendable {
         }
         capacity = UInt64(header.capacity)
         arenaSize = header.arena
-        positions = .allocate(capacity: 9)
-        positions.initialize(repeating: 0, count: 9)
+        positions = .allocate(capacity: Position.count)
+        positions.initialize(repeating: 0, count: Position.count)
         if tracksDisposals {
             let log = UnsafeMutablePointer<UInt64>.allocate(capacity: header.capacity)
             log.initialize(repeating: 0, count: header.capacity)
@@ -255,17 +260,28 @@ final class CapsChannel: @unchecked Sendable {
         var isInline: Bool { flags == CapsEntryFlags.inlinePayload }
     }
 
-    /// The bytes of an entry of `kind` with nothing attached, inline (no longer than an entry
-    /// holds) or inside the sender's `arena`; nil for any other entry, which the general paths take.
+    /// The bytes of a payload with nothing attached, inline in its entry (no longer than an entry
+    /// holds) or inside the sender's `arena`: the common cases, read in place. Nil for anything
+    /// else, sound or not, which the general paths check and build (`CapsPortCore.payload`). The
+    /// one rule for every path that reads a payload in place.
+    @inline(__always)
+    func plainBytes(flags: UInt32, offset: UInt64, length: UInt32, inline: UnsafeRawPointer?, arena: UnsafeMutableRawPointer)
+        -> UnsafeRawBufferPointer?
+    {
+        if flags == CapsEntryFlags.inlinePayload {
+            guard length <= UInt32(CapsLayout.inlineCapacity), let inline else { return nil }
+            return UnsafeRawBufferPointer(start: inline, count: Int(length))
+        }
+        guard flags == 0, fitsArena(offset: offset, length: length) else { return nil }
+        return UnsafeRawBufferPointer(start: arena.advanced(by: Int(offset)), count: Int(length))
+    }
+
+    /// `plainBytes` of an entry of `kind` at a ring's head; nil for an entry of another kind.
     @inline(__always)
     func plainPayload(_ entry: EntryAtHead, _ kind: CapsEntryKind, arena: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer? {
         guard entry.kind == kind.rawValue else { return nil }
-        if entry.flags == CapsEntryFlags.inlinePayload {
-            guard entry.length <= CapsLayout.inlineCapacity else { return nil }
-            return UnsafeRawBufferPointer(start: entry.inlineBytes, count: entry.length)
-        }
-        guard entry.flags == 0, fitsArena(offset: entry.offset, length: UInt32(truncatingIfNeeded: entry.length)) else { return nil }
-        return UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: entry.length)
+        return plainBytes(flags: entry.flags, offset: entry.offset, length: UInt32(truncatingIfNeeded: entry.length),
+                          inline: entry.inlineBytes, arena: arena)
     }
 
     /// A ring's oldest entry (consumer side), without consuming it.
@@ -390,13 +406,13 @@ final class CapsChannel: @unchecked Sendable {
 
         @inline(__always)
         var hasWork: Bool {
-            let head = SharedWord.load(positions + 4)
+            let head = SharedWord.load(positions + Position.head + Ring.request.index)
             let slot = requestSlots + Int(truncatingIfNeeded: (head & mask) &* UInt64(CapsLayout.entrySize))
             if SharedWord.load(slot.advanced(by: CapsLayout.entryStamp).assumingMemoryBound(to: UInt64.self)) == head &+ 1 {
                 return true
             }
-            return SharedWord.load(replyHeadWord) != SharedWord.load(positions + 6)
-                || SharedWord.load(positions + 8) != SharedWord.load(positions + 7)
+            return SharedWord.load(replyHeadWord) != SharedWord.load(positions + Position.consumedSeen)
+                || SharedWord.load(positions + Position.disposed) != SharedWord.load(positions + Position.consumed)
         }
     }
 
