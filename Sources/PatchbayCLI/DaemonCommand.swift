@@ -83,6 +83,10 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How often --metrics-file is written (e.g. 15s, 500ms).")
     var metricsInterval = "15s"
 
+    @Option(help: ArgumentHelp("The --metrics-file's permissions, in octal. The file holds the broker's view, every uid's rows and every service's name: 0640 lets the file's group read it too (a directory with the setgid bit gives the file the directory's group), 0644 lets every user read them.",
+                               valueName: "mode"))
+    var metricsFileMode = "0600"
+
     public init() {}
 
     public func validate() throws {
@@ -110,6 +114,9 @@ public struct DaemonCommand: ParsableCommand {
         if let metricsFile, !metricsFile.hasPrefix("/") { failUsage("daemon", "--metrics-file needs an absolute path, not \"\(metricsFile)\"") }
         guard case .after(let metricsPeriod) = DurationText.parse(metricsInterval, for: "daemon"), metricsPeriod >= .milliseconds(10) else {
             failUsage("daemon", "--metrics-interval must be a duration of at least 10ms")
+        }
+        guard let metricsMode = mode_t(metricsFileMode, radix: 8), metricsMode <= 0o666 else {
+            failUsage("daemon", "--metrics-file-mode must be octal permissions without execute, setuid, setgid or sticky bits (e.g. 0600, 0640), not \"\(metricsFileMode)\"")
         }
         // The ready descriptor is ours from here on; nothing else may inherit it.
         if let readyFd { _ = fcntl(readyFd, F_SETFD, FD_CLOEXEC) }
@@ -170,7 +177,9 @@ public struct DaemonCommand: ParsableCommand {
         }
         let socketPath = configuration.socketPath
         server.run { [metricsFile] in
-            if let metricsFile { MetricsFileWriter.start(path: metricsFile, every: metricsPeriod, socketPath: socketPath, logger: logger) }
+            if let metricsFile {
+                MetricsFileWriter.start(path: metricsFile, mode: metricsMode, every: metricsPeriod, socketPath: socketPath, logger: logger)
+            }
             ServiceManager.notify("READY=1\nSTATUS=serving \(configuration.socketPath)\nMAINPID=\(getpid())")
             if let readyFd {
                 let message = Array("ready\n".utf8)
@@ -182,9 +191,10 @@ public struct DaemonCommand: ParsableCommand {
 }
 
 /// `--metrics-file`: a thread of the daemon that asks its own broker for the metrics, as any
-/// client would, and replaces the file atomically (a temporary file beside it, renamed over it).
+/// client would, and replaces the file atomically (a temporary file beside it, renamed over it),
+/// with `mode` whatever the umask.
 enum MetricsFileWriter {
-    static func start(path: String, every period: Duration, socketPath: String, logger: Logger) {
+    static func start(path: String, mode: mode_t, every period: Duration, socketPath: String, logger: Logger) {
         startThread {
             var broker: Broker?
             var failing = false
@@ -196,7 +206,7 @@ enum MetricsFileWriter {
                         client = try Broker(socketPath: socketPath, autostart: false, reconnect: .never)
                     }
                     broker = client
-                    try write(try client.metrics(), to: path)
+                    try write(try client.metrics(), to: path, mode: mode)
                     if failing { logger.notice("metrics file written again", metadata: ["path": "\(path)"]) }
                     failing = false
                 } catch {
@@ -211,10 +221,14 @@ enum MetricsFileWriter {
         }
     }
 
-    private static func write(_ text: String, to path: String) throws(PatchbayError) {
+    private static func write(_ text: String, to path: String, mode: mode_t) throws(PatchbayError) {
         let temporary = path + ".tmp"
         do throws(Errno) {
-            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode: 0o644)
+            // A new file each time (one left by a failed write may be open in a reader that
+            // could read what goes into it), made private, then given its mode whatever the umask.
+            if unlink(temporary) != 0 && errno != ENOENT { throw Errno.current }
+            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
+            guard fchmod(file.rawValue, mode) == 0 else { throw Errno.current }
             try file.writeAll(Array(text.utf8))
             guard rename(temporary, path) == 0 else { throw Errno.current }
         } catch {

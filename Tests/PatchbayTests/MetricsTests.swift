@@ -212,4 +212,39 @@ struct TwoUserMetricsTests {
         #expect(all.value("patchbay_user_keys{uid=\"0\"}") == 1)
         #expect(all.value("patchbay_caps_messages_total{service=\"roots_own\",uid=\"0\",direction=\"to_client\"}") == 1)
     }
+
+    @Test("a system broker's --metrics-file (every uid's rows) is 0600 unless told otherwise: nobody cannot read it")
+    func metricsFileIsPrivate() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        chmod(directory, 0o755)
+        // A temporary file an earlier run left, world-readable: it must not be written into.
+        let path = directory + "/patchbay.prom"
+        let stale = try openFile(path + ".tmp", flags: O_WRONLY | O_CREAT, mode: 0o644)
+        fchmod(stale.rawValue, 0o644)
+        let broker = try TestBroker(["--system", "--metrics-file", path, "--metrics-interval", "20ms"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        _ = try root.share(try openFile("/dev/null", flags: O_RDONLY))
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        var status = stat()
+        while stat(path, &status) != 0, monotonicNanoseconds() < deadline { usleep(5_000) }
+        #expect(status.st_mode & 0o7777 == 0o600)
+        var staleStatus = stat()
+        #expect(fstat(stale.rawValue, &staleStatus) == 0 && staleStatus.st_size == 0, "the stale temporary file was written into")
+        let read = try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", "/bin/cat", path], environment: [:])
+        #expect(read.termination != .exited(0) && read.standardOutput.isEmpty && read.standardError.contains("Permission denied"))
+
+        let shared = directory + "/shared.prom"
+        let open = try TestBroker(["--system", "--metrics-file", shared, "--metrics-file-mode", "0640", "--metrics-interval", "20ms"])
+        _ = try open.connect()
+        while stat(shared, &status) != 0, monotonicNanoseconds() < deadline { usleep(5_000) }
+        #expect(status.st_mode & 0o7777 == 0o640)
+
+        for bad in ["0755", "4600", "rw", "-1"] {
+            let refused = try run(patchbayDaemon, ["--socket", directory + "/x.sock", "--metrics-file", directory + "/y.prom",
+                                                   "--metrics-file-mode", bad])
+            #expect(refused.termination == .exited(64), "\(bad)")
+        }
+    }
 }
