@@ -50,10 +50,12 @@ final class DescriptorBudget {
     }
 
     /// Whether `count` more descriptors for `uid` fit its share (and the others' together).
+    /// Descriptors a uid handed over that wait to be closed count against its share too.
     func fits(_ count: Int, for uid: UInt32) -> Bool {
-        let mine = held[uid] ?? 0
+        let mine = (held[uid] ?? 0) + DeferredCloser.shared.outstanding(of: uid)
         if uid == privilegedUID { return mine + count <= privilegedShare }
-        return mine + count <= perUserShare && heldByOthers + count <= othersShare
+        return mine + count <= perUserShare
+            && heldByOthers + DeferredCloser.shared.outstanding(ofAllBut: privilegedUID) + count <= othersShare
     }
 
     /// Charges `count` descriptors to `uid`, or throws EDQUOT saying whose share is full.

@@ -281,7 +281,7 @@ public final class BrokerServer {
         // Descriptors a client sent that no request took are closed off the loop (their last
         // close could block).
         while let descriptor = message.descriptors.takeFirst() {
-            DeferredCloser.shared.close(descriptor)
+            DeferredCloser.shared.close(descriptor, of: session.credentials.uid)
         }
         return Self.cost(of: Frame.salvageOpcode(bytes[...]))
     }

@@ -18,7 +18,7 @@ final class DescriptorBox {
         self.charge = charge
     }
 
-    deinit { DeferredCloser.shared.close(raw: rawValue) }
+    deinit { DeferredCloser.shared.close(raw: rawValue, of: charge.uid) }
 }
 
 /// One frame waiting for the client's socket to drain.

@@ -114,7 +114,9 @@ public enum CapsEntryKind: UInt32, Sendable {
     /// The service's answer with an errno instead of bytes (the errno in the entry's flags): a
     /// request it refused unread (`ENOBUFS` past the in-flight limit, `EBADMSG` a payload it could
     /// not read safely), or one it failed to answer (`CapsService.reply(to:error:)`). No payload;
-    /// the request's space is free again, no DISPOSE follows, and the caller sees the errno.
+    /// the request's space is free again and the caller sees the errno. Once the client consumes
+    /// it, the service sees a DISPOSE, as for a REPLY (none for a refusal: its program never saw
+    /// the request).
     case errorReply = 6
 }
 

@@ -171,3 +171,22 @@ package func openDescriptorCount(pid: pid_t) throws(Errno) -> Int {
     // opendir holds one descriptor of its own while counting; do not report it.
     return pid == getpid() ? count - 1 : count
 }
+
+/// Closes a descriptor another process handed over, without letting that process's choice of
+/// file make the close wait: the last `close` of a TCP socket with `SO_LINGER` set (and data the
+/// peer does not take) waits up to the linger time, which the sender chose. Lingering is turned
+/// off first, so the kernel finishes the socket in the background. (Any other holder of the same
+/// socket sees `SO_LINGER` off from then on.) A sender that keeps a copy can set it again
+/// between the two calls, so callers that must not wait at all still close off their hot thread.
+package func closeHandedOver(_ fd: CInt) {
+    var info = stat()
+    if fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK {
+        var current = linger()
+        var size = socklen_t(MemoryLayout<linger>.size)
+        if getsockopt(fd, SOL_SOCKET, SO_LINGER, &current, &size) == 0, current.l_onoff != 0, current.l_linger > 0 {
+            var off = linger(l_onoff: 0, l_linger: 0)
+            _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, socklen_t(MemoryLayout<linger>.size))
+        }
+    }
+    _ = close(fd)
+}

@@ -90,6 +90,51 @@ func shareAndHang(_ path: String, milliseconds: Int64) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// A TCP socket whose last close would wait an hour: `SO_LINGER` on, connected to 127.0.0.1:`port`
+/// (a listener that never reads), its send queue full.
+func lingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descriptor {
+    let fd = socket(AF_INET, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw PatchbayError(Errno.current, "socket") }
+    let descriptor = PatchbaySystem.Descriptor(adopting: fd)
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = port.bigEndian
+    address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard connected == 0 else { throw PatchbayError(Errno.current, "connect to port \(port)") }
+    var hour = linger(l_onoff: 1, l_linger: 3600)
+    guard setsockopt(fd, SOL_SOCKET, SO_LINGER, &hour, socklen_t(MemoryLayout<linger>.size)) == 0 else {
+        throw PatchbayError(Errno.current, "SO_LINGER")
+    }
+    let chunk = [UInt8](repeating: 7, count: 65536)
+    while chunk.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }) > 0 {}
+    return descriptor
+}
+
+/// Shares a lingering TCP socket for `milliseconds`, closes its own copy, and exits: when the key
+/// expires, the broker holds the socket's last descriptor.
+func shareLingering(port: UInt16, milliseconds: Int64) throws(PatchbayError) {
+    let broker = try Broker()
+    let socket = try lingeringSocket(port: port)
+    _ = try broker.share(rawDescriptor: socket.rawValue, timeout: .after(.milliseconds(milliseconds)))
+    say("shared")
+}
+
+/// Puts one request to `service` with a lingering TCP socket attached, closes its own copy, and
+/// stays connected until its input ends: the service holds the socket's last descriptor.
+func capsAttachLingering(service: String, port: UInt16) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: service)
+    do {
+        let socket = try lingeringSocket(port: port)
+        _ = try client.put(Array("lingering".utf8), descriptors: [socket.rawValue])
+    }
+    say("put")
+    waitForEndOfInput()
+}
+
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
 func exchange(_ memory: borrowing SharedMemory) throws(PatchbayError) {
     let mapping = try memory.map()
@@ -600,6 +645,10 @@ func main() -> CInt {
             try chaos(service: arguments[1])
         case "adopt-claimed" where arguments.count == 3:
             try adoptClaimed(arguments[1], arguments[2])
+        case "share-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil:
+            try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!)
+        case "caps-attach-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
+            try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!)
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:

@@ -287,6 +287,31 @@ static void *serve(void *argument) {
     return NULL;
 }
 
+/* Echoes one request in place (of any size: one larger than the arena travels as a memfd of its
+ * own), then takes its DISPOSE. */
+struct echoed {
+    pb_caps_service *service;
+    int replied;
+    int kinds[2];
+};
+
+static int echo_in_place(const struct pb_caps_message *m, const void *data, size_t length, void *context) {
+    struct echoed *echoed = context;
+    if (m->kind == PB_CAPS_REQUEST) {
+        echoed->replied = pb_caps_reply(echoed->service, m->id, data, length);
+        /* A reply that could not be sent must still end the call, or the test would hang. */
+        if (echoed->replied < 0) pb_caps_reply_error(echoed->service, m->id, -echoed->replied);
+    }
+    return m->kind;
+}
+
+static void *echo_once(void *argument) {
+    struct echoed *echoed = argument;
+    echoed->kinds[0] = pb_caps_receive(echoed->service, echo_in_place, echoed);
+    echoed->kinds[1] = pb_caps_receive(echoed->service, echo_in_place, echoed);
+    return NULL;
+}
+
 static int read_in_place(const struct pb_caps_message *m, const void *data, size_t length, void *context) {
     memcpy(context, data, length);
     return (int)m->kind * 1000 + (int)length;
@@ -348,6 +373,9 @@ static void test_caps(pb_broker *broker) {
     FAILS(pb_caps_reply_error(service, id, 0), EINVAL);
     OK(pb_caps_reply_error(service, id, EPERM));
     FAILS(pb_caps_wait_reply(client, &m, buffer, sizeof buffer), EPERM);
+    /* Consumed, it is disposed of like a reply (already: pb_caps_get, so a wrong library fails
+     * here rather than hangs). */
+    CHECK(pb_caps_get(service, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISPOSE && m.id == id);
 
     /* The descriptors are readable when something waits, including what was queued before they
      * were first asked for; drained, they are not. */
@@ -380,6 +408,22 @@ static void test_caps(pb_broker *broker) {
     CHECK(answer == 2 && memcmp(buffer, "c:", 2) == 0);
     FAILS(pb_caps_call(client, "long", 4, tiny, sizeof tiny), EMSGSIZE);
     CHECK(pthread_join(thread, NULL) == 0);
+
+    /* 17 MB each way, more than the channel's 16 MiB arena: a memfd attached to each message. */
+    size_t huge = 17000000;
+    unsigned char *big = malloc(huge), *back = malloc(huge);
+    CHECK(big != NULL && back != NULL);
+    for (size_t i = 0; i < huge; i++) big[i] = (unsigned char)(i * 7 + 3);
+    struct echoed echoed = {service, -1, {0, 0}};
+    CHECK(pthread_create(&thread, NULL, echo_once, &echoed) == 0);
+    answer = pb_caps_call(client, big, huge, back, huge);
+    if (answer < 0) fprintf(stderr, "17 MB call: %s\n", pb_last_reason());
+    CHECK(answer == (ssize_t)huge && memcmp(big, back, huge) == 0);
+    if (answer != (ssize_t)huge) pb_caps_service_cancel(service);  /* the thread must not wait on */
+    CHECK(pthread_join(thread, NULL) == 0);
+    CHECK(echoed.replied == 0 && echoed.kinds[0] == PB_CAPS_REQUEST && echoed.kinds[1] == PB_CAPS_DISPOSE);
+    free(big);
+    free(back);
 
     /* Cancel a blocked wait from another thread. */
     CHECK(pthread_create(&thread, NULL, cancel_later, service) == 0);

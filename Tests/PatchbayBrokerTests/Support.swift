@@ -32,7 +32,7 @@ func expectRequestError(
 /// in order).
 func drainDeferredCloser(sourceLocation: SourceLocation = #_sourceLocation) throws {
     let sentinel = try Pipe()
-    DeferredCloser.shared.close(sentinel.writeEnd)
+    DeferredCloser.shared.close(sentinel.writeEnd, of: getuid())  // the tests' clients are this uid
     var poller = pollfd(fd: sentinel.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
     var ready: CInt = 0
     repeat { ready = poll(&poller, 1, 10_000) } while ready < 0 && Errno.current == .interrupted

@@ -572,6 +572,43 @@ struct CapsTests {
         #expect(first.requestsInFlight == 0 && second.requestsInFlight == 0)
     }
 
+    @Test("an error reply reaches the client as its errno and, once consumed, is DISPOSEd like a reply; it takes its record with it")
+    func errorRepliesAreDisposed() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "errors", access: [.world])
+        let port = try CapsClient(connection, name: "errors")
+        let failing = try port.put(Array("fail me".utf8))
+        let (request, _) = try serviceWait(service)
+        #expect(request.messageID == failing)
+        try service.reply(to: failing, error: .permissionDenied)
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: failing, error: .ioError) }
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try service.reply(to: failing, []) }
+        // Nothing to dispose of before the client consumes it.
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try serviceGet(service) }
+        let reply = try clientGet(port)
+        #expect(reply.messageID == failing && reply.error == .permissionDenied && reply.length == 0)
+        let dispose = try serviceGet(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == failing)
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try serviceGet(service) }
+        // call throws the errno, and the next request goes through as usual.
+        let caller = try CapsClient(connection, name: "errors")
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        startThread {
+            if let (message, _) = try? serviceWait(service) { try? service.reply(to: message.messageID, error: .noSuchProcess) }
+            if let (dispose, _) = try? serviceWait(service), dispose.kind == .dispose {
+                var byte: UInt8 = 1
+                _ = Glibc.write(signal, &byte, 1)
+            }
+        }
+        expectErrno(.noSuchProcess) { () throws(PatchbayError) in _ = try caller.call(Array("x".utf8)) }
+        var byte: UInt8 = 0
+        _ = try withUnsafeMutableBytes(of: &byte) { raw in Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) } }.get()
+        #expect(byte == 1, "the service saw no DISPOSE of the error reply call consumed")
+        #expect(port.requestsInFlight == 0 && caller.requestsInFlight == 0)
+    }
+
     @Test("a request aborted after its reply was pushed: the reply is discarded, never delivered, and still DISPOSEd")
     func abortAfterReply() throws {
         let broker = try TestBroker()

@@ -613,7 +613,7 @@ public final class CapsClient: @unchecked Sendable {
             let request = requests.find(entry.messageID)
             if entry.kind == .discardedReply || (request.map { $0.state & Self.abortedAtService != 0 } ?? false) {
                 core.stash.discard(entry, from: direct.rawValue)
-                finish(entry.messageID, request, dispose: entry.kind == .reply)
+                finish(entry.messageID, request, dispose: entry.kind != .discardedReply)
                 continue
             }
             if entry.kind == .errorReply {
@@ -621,7 +621,7 @@ public final class CapsClient: @unchecked Sendable {
                     channel.advance(.reply)  // not a request of ours: dropped
                     continue
                 }
-                finish(entry.messageID, request, dispose: false)
+                finish(entry.messageID, request, dispose: true)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))

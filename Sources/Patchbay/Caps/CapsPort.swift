@@ -39,7 +39,8 @@ public final class CapsDescriptors: @unchecked Sendable {
     /// Takes ownership of `raw`.
     init(adopting raw: [CInt]) { self.raw = raw }
 
-    deinit { for fd in raw { close(fd) } }
+    /// (A descriptor the peer chose: a lingering socket's close must not make this port wait.)
+    deinit { for fd in raw { closeHandedOver(fd) } }
 
     /// How many descriptors are still held.
     public var count: Int { raw.count }
@@ -54,7 +55,7 @@ public final class CapsDescriptors: @unchecked Sendable {
 
     /// Closes the first descriptor (an attached payload, once read).
     func dropFirst() {
-        if !raw.isEmpty { close(raw.removeFirst()) }
+        if !raw.isEmpty { closeHandedOver(raw.removeFirst()) }
     }
 
     /// The rest, handed on as a set of their own (nil when none is left).
@@ -182,28 +183,28 @@ struct CapsPortCore {
             return slot
         }
         var flags: UInt32 = descriptors.isEmpty ? 0 : CapsEntryFlags.descriptors
-        var attachments = descriptors
         var offset = -1
-        var payload: PatchbaySystem.Descriptor?
         if length <= channel.arenaSize, let slot = allocator.allocate(length) {
             offset = slot
             fill(UnsafeMutableRawBufferPointer(start: arena.advanced(by: slot), count: length))
+            if !descriptors.isEmpty {
+                do {
+                    try sendAttachments(direct, messageID: messageID, descriptors: descriptors)
+                } catch {
+                    allocator.release(offset: offset, length: length)
+                    throw error
+                }
+            }
         } else {
             let object = try attachedPayload(length: length, what: what, fill: fill)
-            attachments.insert(object.rawValue, at: 0)
             flags |= CapsEntryFlags.attachedPayload
-            payload = consume object
-        }
-        if !attachments.isEmpty {
-            do {
-                try sendAttachments(direct, messageID: messageID, descriptors: attachments)
-            } catch {
-                if offset >= 0 { allocator.release(offset: offset, length: length) }
-                throw error
+            // Open until the peer has its own copy: its lifetime is extended over the send
+            // explicitly (an optimised build otherwise closed it after its last use, before the
+            // send, which then failed with EBADF).
+            try withExtendedLifetime(object) { () throws(PatchbayError) in
+                try sendAttachments(direct, messageID: messageID, descriptors: [object.rawValue] + descriptors)
             }
         }
-        // The peer has its own copy of the memfd now (or nothing was attached).
-        _ = consume payload
         guard channel.push(ring, CapsEntry(messageID: messageID, offset: UInt64(max(offset, 0)), length: UInt32(length),
                                            kind: kind, flags: flags)) else {
             if offset >= 0 { allocator.release(offset: offset, length: length) }

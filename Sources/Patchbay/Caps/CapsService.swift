@@ -604,8 +604,12 @@ public final class CapsService: @unchecked Sendable {
                                                         flags: aborted ? 0 : UInt32(bitPattern: error.rawValue))) else {
                 throw PatchbayError(.noBufferSpace, "the reply ring of message \(messageID)'s client is full")
             }
-            if !aborted { tap?.record(.errorReply, messageID, length: Int(error.rawValue)) }
             client.messages.remove(messageID)
+            if !aborted {
+                tap?.record(.errorReply, messageID, length: Int(error.rawValue))
+                // DISPOSEd like any REPLY once the client consumes it.
+                client.messages.insert(MessageRecord(id: messageID, offset: -1, length: 0, state: Self.replied))
+            }
             wake(client)
             }
         }

@@ -203,7 +203,7 @@ final class CapsChannel: @unchecked Sendable {
                             toByteOffset: CapsLayout.entryConsumed, as: UInt32.self)
         }
         if ring == .reply, let replyLog {
-            replyLog[Int(truncatingIfNeeded: tail & mask)] = entry.kind == .reply ? entry.messageID : 0
+            replyLog[Int(truncatingIfNeeded: tail & mask)] = entry.kind == .reply || entry.kind == .errorReply ? entry.messageID : 0
         }
         SharedWord.store(Self.stamp(slot), tail &+ 1)
         SharedWord.store(self.tail(ring), tail &+ 1)

@@ -151,11 +151,11 @@ struct ServicePages: ~Copyable {
     var notices: Descriptor
     var noticesMapping: Mapping
 
-    static func make(status page: consuming Descriptor) throws(RequestError) -> ServicePages {
+    static func make(status page: consuming Descriptor, of uid: UInt32) throws(RequestError) -> ServicePages {
         let required: Seals = [.futureWrite, .shrink, .grow, .seal]
         guard let seals = try? page.seals(), seals.contains(required), (try? page.size()) == CapsLayout.statusSize else {
             // Not a sealed memfd, so it may be anything of the client's: close it off the loop.
-            DeferredCloser.shared.close(page)
+            DeferredCloser.shared.close(page, of: uid)
             throw RequestError(errno: .invalidArgument,
                                reason: "a service's status page must be a \(CapsLayout.statusSize)-byte memfd sealed with future-write, shrink, grow and seal")
         }
@@ -356,7 +356,7 @@ final class CapsRegistry {
             try admitRegistration(name: name, uid: uid, gid: gid, flags: flags, session: session, caller: caller)
         } catch {
             // The status page is the client's until checked: its close may block.
-            DeferredCloser.shared.close(statusPage)
+            DeferredCloser.shared.close(statusPage, of: caller.uid)
             throw error
         }
         let charge: DescriptorCharge?
@@ -365,10 +365,10 @@ final class CapsRegistry {
                 try DescriptorCharge(2, to: caller.uid, in: budget, for: "another service's pages")
             }
         } catch {
-            DeferredCloser.shared.close(statusPage)
+            DeferredCloser.shared.close(statusPage, of: caller.uid)
             throw error
         }
-        let pages = try ServicePages.make(status: statusPage)
+        let pages = try ServicePages.make(status: statusPage, of: caller.uid)
         let id = takeID()
         // At most a quarter of the ring, so requests, aborts and disposes always fit.
         let inFlight = maximumInFlight == 0 ? 128 : min(maximumInFlight, UInt32(CapsLayout.ringCapacity / 4))

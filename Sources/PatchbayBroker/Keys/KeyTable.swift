@@ -37,16 +37,19 @@ final class HeldFile {
     let kind: FileKind
     /// Keys referring to this file.
     var keys = 0
+    /// Who shared it first: its close is queued as that uid's.
+    let uid: UInt32
 
-    init(descriptor: CInt, identity: FileIdentity, kind: FileKind) {
+    init(descriptor: CInt, identity: FileIdentity, kind: FileKind, uid: UInt32) {
         self.descriptor = descriptor
         self.identity = identity
         self.kind = kind
+        self.uid = uid
     }
 
     /// Closed on the `DeferredCloser`'s thread: the last close of a file a client chose may block.
     deinit {
-        DeferredCloser.shared.close(raw: descriptor)
+        DeferredCloser.shared.close(raw: descriptor, of: uid)
     }
 }
 
@@ -152,16 +155,16 @@ final class KeyTable {
     /// meanwhile, or that its owner's share cannot take, is dropped, and the store told.
     func restore(_ key: StoredKey, file: consuming Descriptor, now: UInt64) -> Bool {
         if let deadline = key.deadline, deadline <= now {
-            DeferredCloser.shared.close(file)
+            DeferredCloser.shared.close(file, of: key.ownerUID)
             fdStore?.removed(key)
             return false
         }
         guard entries[key.token] == nil, (try? budget?.charge(1, to: key.ownerUID, for: "a restored key's file")) != nil else {
-            DeferredCloser.shared.close(file)
+            DeferredCloser.shared.close(file, of: key.ownerUID)
             fdStore?.removed(key)
             return false
         }
-        let held = hold(file)
+        let held = hold(file, uid: key.ownerUID)
         held.keys += 1
         entries[key.token] = KeyEntry(held: held, ownerUID: key.ownerUID, ownerPID: 0, restriction: key.restriction,
                                       createdAt: now, deadline: key.deadline)
@@ -187,11 +190,11 @@ final class KeyTable {
             // Charged once every check has passed: the file, and the pidfd of a pid restriction.
             try budget?.charge(process == nil ? 1 : 2, to: sharer.uid, for: "another key's file")
         } catch {
-            DeferredCloser.shared.close(file)
+            DeferredCloser.shared.close(file, of: sharer.uid)
             throw error
         }
         let owned = keysPerUser[sharer.uid] ?? 0
-        let held = hold(file)
+        let held = hold(file, uid: sharer.uid)
         held.keys += 1
         var token: KeyToken
         repeat {
@@ -327,10 +330,10 @@ final class KeyTable {
 
     /// The held file for `file`: one already held if it is the same open file description (the
     /// new descriptor is then closed), else a new one.
-    private func hold(_ file: consuming Descriptor) -> HeldFile {
+    private func hold(_ file: consuming Descriptor, uid: UInt32) -> HeldFile {
         let kind = (try? file.fileKind()) ?? .unknown
         guard let (device, inode) = try? file.identity() else {
-            return HeldFile(descriptor: file.release(), identity: FileIdentity(device: 0, inode: 0), kind: kind)
+            return HeldFile(descriptor: file.release(), identity: FileIdentity(device: 0, inode: 0), kind: kind, uid: uid)
         }
         let identity = FileIdentity(device: device, inode: inode)
         if sameFileComparable {
@@ -338,7 +341,7 @@ final class KeyTable {
             for candidate in (heldFiles[identity] ?? []).suffix(8).reversed() {
                 switch Descriptor.sameOpenFile(file.rawValue, candidate.descriptor) {
                 case true?:
-                    DeferredCloser.shared.close(file)
+                    DeferredCloser.shared.close(file, of: uid)
                     return candidate
                 case false?:
                     continue
@@ -348,7 +351,7 @@ final class KeyTable {
                 break
             }
         }
-        let held = HeldFile(descriptor: file.release(), identity: identity, kind: kind)
+        let held = HeldFile(descriptor: file.release(), identity: identity, kind: kind, uid: uid)
         if sameFileComparable, (heldFiles[identity]?.count ?? 0) < 64 { heldFiles[identity, default: []].append(held) }
         return held
     }

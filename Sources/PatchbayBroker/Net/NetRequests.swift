@@ -6,6 +6,7 @@
 // Errors: ENOENT, EACCES, EINVAL, ENOTCONN, EAGAIN (nonblocking accept), ECONNABORTED, EDQUOT,
 // EADDRINUSE, ECONNREFUSED, as SEMANTICS.md §4 says.
 
+import Glibc
 import PatchbayProtocol
 import PatchbaySystem
 
@@ -27,6 +28,13 @@ final class NetRequests: SessionClosedHook {
         switch request {
         case .adopt(let familyName, let typeName, let name):
             guard let listener = descriptors.takeFirst() else { return }
+            // Anything but a local socket is the client's choice of file, whose last close may
+            // block (a lingering TCP socket): refused, and closed off the loop.
+            guard Self.isLocalSocket(listener.rawValue) else {
+                DeferredCloser.shared.close(listener, of: context.caller.uid)
+                sessions.fail(RequestError(errno: .invalidArgument, reason: "the descriptor is not a local socket"), context)
+                return
+            }
             do throws(RequestError) {
                 guard let type = NetSocketType(rawValue: typeName) else {
                     throw RequestError(errno: .invalidArgument, reason: "\"\(typeName.prefix(40))\" is not a socket type: seqpacket, stream or dgram")
@@ -137,6 +145,13 @@ final class NetRequests: SessionClosedHook {
         } else {
             loop.unregister(socket.kernel.rawValue)
         }
+    }
+
+    /// Whether `fd` is an `AF_UNIX` socket.
+    private static func isLocalSocket(_ fd: CInt) -> Bool {
+        var domain: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && domain == AF_UNIX
     }
 
     /// A handle end is readable: junk a client wrote (discarded) or the hang-up of the last copy.

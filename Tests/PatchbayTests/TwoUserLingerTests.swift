@@ -1,0 +1,107 @@
+// Two users: the last close of a file can block (a TCP socket with SO_LINGER and data its peer
+// does not take waits up to the linger time, which its owner chose). nobody hands such sockets
+// to the broker and to root's service, and leaves them their last descriptor.
+
+import Glibc
+import Patchbay
+import PatchbaySystem
+import Synchronization
+import SystemPackage
+import Testing
+
+/// A TCP listener on 127.0.0.1 that never accepts: what is sent to its connections stays unread,
+/// so a lingering sender's last close would wait.
+private final class DeafListener {
+    let fd: CInt
+    let port: UInt16
+    init() throws {
+        (fd, port) = try deafListener()
+    }
+    deinit { close(fd) }
+}
+
+private func deafListener() throws -> (CInt, UInt16) {
+    let fd = socket(AF_INET, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw Errno.current }
+    var small: CInt = 4096
+    _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<CInt>.size))
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let bound = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+            bind(fd, pointer, length) == 0 && listen(fd, 8) == 0 && getsockname(fd, pointer, &length) == 0
+        }
+    }
+    guard bound else {
+        let error = Errno.current
+        close(fd)
+        throw error
+    }
+    return (fd, UInt16(bigEndian: address.sin_port))
+}
+
+private func asNobody(_ arguments: [String], environment: [String: String?]) throws -> Finished {
+    try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer] + arguments,
+            environment: environment)
+}
+
+@Suite("Two users: lingering sockets", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
+struct TwoUserLingerTests {
+    @Test("a lingering TCP socket nobody left to the broker in an expiring key is closed at once, and root's expired files after it")
+    func lingeringKeyIsClosedAtOnce() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let port = listener.port
+        let root = try broker.connect()
+        _ = try root.status()  // the broker has accepted root's connection: counted in the baseline
+        let baseline = try broker.descriptorCount()
+        let sharer = try asNobody(["share-lingering", "\(port)", "50"], environment: broker.environment)
+        #expect(sharer.termination == .exited(0) && sharer.standardOutput.contains("shared"), "\(sharer.standardError)")
+        // Root's own file, expiring just after nobody's: its close must not wait behind it.
+        _ = try root.share(try openFile("/dev/null", flags: O_RDONLY), timeout: .after(.milliseconds(100)))
+        // Bounded: both keys expire within a second, and the closing threads end 2 s after.
+        let deadline = monotonicNanoseconds() + 15_000_000_000
+        var count = try broker.descriptorCount()
+        while count > baseline, monotonicNanoseconds() < deadline {
+            usleep(20_000)
+            count = try broker.descriptorCount()
+        }
+        #expect(count == baseline, "the broker still holds \(count - baseline) descriptors")
+        #expect(try root.share(try openFile("/dev/null", flags: O_RDONLY)).text.count == 22)
+        withExtendedLifetime(listener) {}
+    }
+
+    @Test("a lingering TCP socket nobody attached to a request does not hang root's service when it closes it")
+    func lingeringAttachmentDoesNotHangService() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let port = listener.port
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "lingersvc", access: [.world])
+        let client = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "caps-attach-lingering", "lingersvc", "\(port)"], environment: broker.environment)
+        defer { client.closeInput() }
+        #expect(try client.readLine() == "put")
+        // The service reads the request and drops its descriptor (closed with the message) on a
+        // thread; this one waits for it, bounded, so a hang fails the test instead of hanging it.
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        let seen = Mutex<(UInt32, Int)?>(nil)
+        startThread {
+            if let (message, _) = try? serviceWait(service) {
+                seen.withLock { $0 = (message.credentials.euid, message.descriptors?.count ?? 0) }
+            }
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&poller, 1, 20_000) == 1, "the service is stuck closing nobody's socket")
+        let got = seen.withLock { $0 }
+        #expect(got?.0 == 65534 && got?.1 == 1)
+        withExtendedLifetime(listener) {}
+    }
+}
