@@ -117,17 +117,74 @@ package func realUserID(of pid: pid_t) -> UInt32? {
     return nil
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/PID/stat`): with
+/// the pid, it names one process since boot, where the pid alone is handed on once the process
+/// is gone. Nil when there is no such process.
+package func processStartTime(of pid: pid_t) -> UInt64? {
+    guard let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY),
+          let bytes = try? stat.readToEnd(limit: 4096),
+          let close = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+    // After the command (which may hold spaces and parentheses): field 3 onwards.
+    let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
+    guard fields.count > 19 else { return nil }
+    return UInt64(String(decoding: fields[19], as: UTF8.self))
+}
+
+/// The start time of the process behind `pidfd` (number `pid`), kept only if the process was
+/// still there after it was read: then the number was still its own, and the time is its time,
+/// not that of a process that got the pid since. Nil once it has exited.
+package func verifiedStartTime(pid: pid_t, pidfd: CInt) -> UInt64? {
+    guard let start = processStartTime(of: pid), pb_pidfd_exited(pidfd) == 0 else { return nil }
+    return start
+}
+
+/// The inode of a pidfd when pidfds live in pidfs (Linux 6.9 on): a number no other process gets
+/// while the system runs, where a start time in clock ticks is shared by processes started in the
+/// same tick. Nil on older kernels (one anonymous inode for every pidfd).
+package func pidfdInode(_ pidfd: CInt) -> UInt64? {
+    var info = stat()
+    guard pidfdInodesAreUnique, fstat(pidfd, &info) == 0 else { return nil }
+    return UInt64(info.st_ino)
+}
+
+/// Whether pidfds of two processes have inodes of their own (pidfs) rather than one shared
+/// anonymous inode: this process's against init's.
+private let pidfdInodesAreUnique: Bool = {
+    let mine = pb_pidfd_open(getpid()), inits = pb_pidfd_open(1)
+    defer {
+        if mine >= 0 { close(mine) }
+        if inits >= 0 { close(inits) }
+    }
+    var first = stat(), second = stat()
+    guard mine >= 0, inits >= 0, fstat(mine, &first) == 0, fstat(inits, &second) == 0 else { return false }
+    return first.st_ino != second.st_ino
+}()
+
+/// The real uid of the process `pid` that started at `startTime`, nil if that process is gone
+/// (its pid may be someone else's by now).
+package func verifiedRealUserID(pid: pid_t, startTime: UInt64, inode: UInt64?) -> UInt32? {
+    guard let process = try? ProcessHandle(pid: pid), process.startTime == startTime, process.inode == inode,
+          let uid = realUserID(of: pid), !process.hasExited else { return nil }
+    return uid
+}
+
 /// A process held by a pidfd: unlike its pid, which the kernel hands to a new process once this
 /// one is gone, the handle keeps meaning this process (and says when it has exited).
 package final class ProcessHandle {
     package let pid: pid_t
     private let descriptor: Descriptor
+    /// `processStartTime`, read while the handle held the process (nil: it had exited already).
+    package let startTime: UInt64?
+    /// `pidfdInode` of the handle.
+    package let inode: UInt64?
 
     /// A handle on the running process `pid`; `ESRCH` if there is none. The corresponding C call
     /// is `pidfd_open`.
     package init(pid: pid_t) throws(Errno) {
         self.pid = pid
         descriptor = Descriptor(adopting: try syscallRetrying { pb_pidfd_open(pid) })
+        startTime = verifiedStartTime(pid: pid, pidfd: descriptor.rawValue)
+        inode = pidfdInode(descriptor.rawValue)
     }
 
     /// Whether the process has exited (its pid may then belong to someone else already).

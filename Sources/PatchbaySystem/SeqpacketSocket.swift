@@ -48,12 +48,27 @@ package struct PeerCredentials: Sendable, Hashable {
     package var gid: UInt32
     /// Supplementary groups (`SO_PEERGROUPS`), as captured when the connection was made.
     package var groups: [UInt32]
+    /// When the process that connected started (`processStartTime`), read through a pidfd of
+    /// that very process (`SO_PEERPIDFD`) when the connection was accepted; nil if it had exited
+    /// by then. With `pid`, it tells that process from a later one given the same pid.
+    package var startTime: UInt64?
+    /// `pidfdInode` of that pidfd (Linux 6.9 on): tells apart processes started in the same tick.
+    package var processInode: UInt64?
 
-    package init(pid: pid_t, uid: UInt32, gid: UInt32, groups: [UInt32]) {
+    package init(pid: pid_t, uid: UInt32, gid: UInt32, groups: [UInt32], startTime: UInt64? = nil, processInode: UInt64? = nil) {
         self.pid = pid
         self.uid = uid
         self.gid = gid
         self.groups = groups
+        self.startTime = startTime
+        self.processInode = processInode
+    }
+
+    /// Whether the process that connected is `process`, still running: same pid, same start, and
+    /// where pidfds have inodes of their own, the same process inode.
+    package func isProcess(_ process: ProcessHandle) -> Bool {
+        pid == process.pid && startTime != nil && startTime == process.startTime && processInode == process.inode
+            && !process.hasExited
     }
 
     /// Whether the peer belongs to `group`, as primary or supplementary group.
@@ -179,8 +194,24 @@ package struct SeqpacketSocket: ~Copyable {
         let total = try syscallRetrying {
             groups.withUnsafeMutableBufferPointer { pb_peer_groups(descriptor.rawValue, $0.baseAddress, CInt(capacity)) }
         }
+        let (startTime, inode) = peerProcess(pid: raw.pid)
         return PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid,
-                               groups: Array(groups[0..<min(Int(total), capacity)]))
+                               groups: Array(groups[0..<min(Int(total), capacity)]),
+                               startTime: startTime, processInode: inode)
+    }
+
+    /// The connecting process's start time and pidfd inode, through a pidfd the kernel took of it
+    /// at `connect` (`SO_PEERPIDFD`, Linux 6.5), or else one opened now by its pid (a narrow race:
+    /// the process gone and its pid reused between `connect` and now).
+    private borrowing func peerProcess(pid: pid_t) -> (UInt64?, UInt64?) {
+        var pidfd: CInt = -1
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        if getsockopt(descriptor.rawValue, SOL_SOCKET, 77 /* SO_PEERPIDFD */, &pidfd, &length) != 0 || pidfd < 0 {
+            pidfd = pb_pidfd_open(pid)
+        }
+        guard pidfd >= 0 else { return (nil, nil) }
+        defer { Glibc.close(pidfd) }
+        return (verifiedStartTime(pid: pid, pidfd: pidfd), pidfdInode(pidfd))
     }
 
     /// The socket type (`SO_TYPE`), to check an inherited descriptor is what we expect.

@@ -135,6 +135,58 @@ func capsAttachLingering(service: String, port: UInt16) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// The pid-reuse attack on a pid-restricted key: a child connects to the broker, hands the
+/// connection to this process and exits; says "orphaned PID" (the child's pid, free again); then
+/// reads a key from its input and claims it over that connection, as the child's pid, and says
+/// "claimed" or "refused ERRNO".
+func claimThroughOrphanedConnection() throws(PatchbayError) {
+    guard let path = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }) else {
+        throw PatchbayError(.invalidArgument, "PATCHBAY_SOCKET is not set")
+    }
+    var pair: [CInt] = [-1, -1]
+    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0, &pair) == 0 else { throw PatchbayError(Errno.current, "socketpair") }
+    let child = fork()
+    if child == 0 {
+        // The child: plain system calls only, then _exit.
+        let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        var byte: UInt8 = 1
+        let sent = connected == 0
+            ? withUnsafeBytes(of: &byte) { raw in [fd].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(pair[1], raw, $0) } }
+            : -1
+        _exit(sent == 1 ? 0 : 1)
+    }
+    var buffer = [UInt8](repeating: 0, count: 8)
+    guard child > 0, let received = buffer.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(pair[0], $0) }),
+          let connection = received.descriptors.first else {
+        throw PatchbayError(.protocolError, "the child did not hand over its connection")
+    }
+    var status: CInt = 0
+    _ = waitpid(child, &status, 0)
+    say("orphaned \(child)")
+    guard let line = readLine(), let token = KeyToken(text: line) else { throw PatchbayError(.invalidArgument, "no key") }
+    let frame = Request.keys(.claim(token)).encode(requestID: 1)
+    guard frame.withUnsafeBytes({ raw in [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection, raw, $0) } }) == frame.count
+    else { throw PatchbayError(Errno.current, "send") }
+    var answer = [UInt8](repeating: 0, count: 65536)
+    guard let reply = answer.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(connection, $0) }),
+          let decoded = try? Frame.decode(answer[0..<reply.length]) else {
+        throw PatchbayError(.protocolError, "no answer to the claim")
+    }
+    if decoded.kind == .error, let error = try? ErrorReply.decode(decoded) {
+        say("refused \(Errno(rawValue: error.errno).name)")
+    } else {
+        say(reply.descriptors.isEmpty ? "answered without a file" : "claimed")
+    }
+}
+
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
 func exchange(_ memory: borrowing SharedMemory) throws(PatchbayError) {
     let mapping = try memory.map()
@@ -649,6 +701,8 @@ func main() -> CInt {
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!)
         case "caps-attach-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!)
+        case "claim-through-orphaned-connection" where arguments.count == 1:
+            try claimThroughOrphanedConnection()
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:

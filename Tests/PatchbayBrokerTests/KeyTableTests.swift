@@ -329,7 +329,9 @@ struct KeyClaimTests {
         let byUID = try shareMemory(table, restriction: .uid(bob.uid), now: 0)
         let byGID = try shareMemory(table, restriction: .gid(100), now: 0)
         // A pid restriction names a running process (this test's own).
-        let runner = credentials(uid: carol.uid, gid: carol.gid, pid: getpid())
+        var runner = credentials(uid: carol.uid, gid: carol.gid, pid: getpid())
+        let me = try ProcessHandle(pid: getpid())
+        (runner.startTime, runner.processInode) = (me.startTime, me.inode)
         let byPID = try shareMemory(table, restriction: .pid(runner.pid), now: 0)
         let open = try shareMemory(table, now: 0)
 
@@ -343,6 +345,17 @@ struct KeyClaimTests {
         #expect(gidEntry.permitsClaim(by: alice) && gidEntry.permitsClaim(by: bob))
         #expect(!gidEntry.permitsClaim(by: carol))
         #expect(pidEntry.permitsClaim(by: runner))
+        // The same pid from an earlier or later process (another start, another pidfd inode), or
+        // from a connection whose process could not be identified, is a stranger.
+        var earlier = runner
+        earlier.startTime = runner.startTime.map { $0 &- 1 }
+        #expect(!pidEntry.permitsClaim(by: earlier))
+        if let inode = runner.processInode {
+            var other = runner
+            other.processInode = inode &+ 1
+            #expect(!pidEntry.permitsClaim(by: other))
+        }
+        #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: runner.pid)))
         #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: runner.pid + 1)))
         #expect(pidEntry.restrictedProcess?.hasExited == false)
         // A pid no process has is refused at share: the key could only ever go to a stranger

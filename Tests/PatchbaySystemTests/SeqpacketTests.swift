@@ -281,7 +281,9 @@ struct SeqpacketAddressTests {
         let pair = try SeqpacketSocket.pair()
         let credentials = try pair.first.peerCredentials()
         #expect(credentials == PeerCredentials(pid: getpid(), uid: geteuid(), gid: getegid(),
-                                               groups: credentials.groups))
+                                               groups: credentials.groups, startTime: processStartTime(of: getpid()),
+                                               processInode: credentials.processInode))
+        #expect(credentials.startTime != nil)
         #expect(Set(credentials.groups) == Set(currentGroups()))
     }
 

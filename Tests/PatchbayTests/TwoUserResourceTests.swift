@@ -126,6 +126,34 @@ struct PidReuseTests {
         // The key is still there, for the process it was meant for (gone), so nobody has it.
         #expect(try root.status().keys == 1)
     }
+
+    @Test("a key restricted to a running process is not claimed over a connection an earlier holder of its pid made")
+    func orphanedConnectionCannotClaim() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        // nobody's child connects, hands the connection to its parent and exits: its pid is free.
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "claim-through-orphaned-connection"], environment: broker.environment)
+        defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
+        let line = try #require(try attacker.readLine())
+        let pid = try #require(line.hasPrefix("orphaned ") ? pid_t(line.dropFirst(9)) : nil, "\(line)")
+        // Root's process is made to get that pid (ns_last_pid), as waiting for the counter to wrap
+        // would; the key is restricted to it, alive.
+        var intended: Child?
+        for _ in 0..<50 where intended == nil {
+            try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
+            let attempt = try Child("/bin/sleep", ["60"])
+            if attempt.pid == pid { intended = attempt } else { attempt.kill(SIGKILL); _ = try attempt.wait() }
+        }
+        let victim = try #require(intended, "no try got pid \(pid)")
+        defer { victim.kill(SIGKILL); _ = try? victim.wait() }
+        let key = try root.share(try openFile("/etc/hostname", flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
+        try attacker.writeLine(key.text)
+        let outcome = try attacker.readLine()
+        #expect(outcome == "refused ENOENT", "\(String(describing: outcome))")
+        #expect(try root.status().keys == 1)
+    }
 }
 
 @Suite("Two users: names", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))

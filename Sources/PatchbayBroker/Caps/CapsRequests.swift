@@ -126,7 +126,11 @@ final class CapsRequests: SessionClosedHook {
             let credentials = client.credentials
             let event = Event.caps(.connected(
                 channelID: channelID,
-                credentials: CapsCredentials(pid: credentials.pid, uid: realUserID(of: credentials.pid) ?? credentials.uid,
+                // The real uid of the process that connected, if it is still the one with that
+                // pid; otherwise (gone, its pid perhaps someone else's) the effective one.
+                credentials: CapsCredentials(pid: credentials.pid,
+                                             uid: credentials.startTime.flatMap { verifiedRealUserID(pid: credentials.pid, startTime: $0, inode: credentials.processInode) }
+                                                 ?? credentials.uid,
                                              euid: credentials.uid, gid: credentials.gid, groups: credentials.groups),
                 arenaSize: UInt32(registry.arenaSize)))
             let delivery = sessions.send(event.encode(),

@@ -95,7 +95,10 @@ final class KeyEntry {
         case .uid(let uid)?: claimer.uid == uid
         case .gid(let gid)?: claimer.isMember(of: gid)
         case .pid(let pid)?:
-            claimer.pid == pid && restrictedProcess?.hasExited == false
+            // The very process: its pid, and the start time read through a pidfd of the process
+            // that connected, so a process given the pid since (or a connection kept from a
+            // process that had it before) is a stranger.
+            claimer.pid == pid && restrictedProcess.map(claimer.isProcess) == true
         }
     }
 }
