@@ -52,7 +52,10 @@ public func pb_caps_service_open(_ broker: OpaquePointer?, _ name: UnsafePointer
                                 "unknown bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD, PB_CAPS_NOTIFY, PB_CAPS_EXCLUSIVE")
         }
         let classes = access & classBits
-        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"),
+        // The GROUP class needs a group to compare with: the caller's effective gid, as the
+        // service's uid is its effective uid.
+        let gid = classes & CUnsignedInt(PB_CAPS_GROUP) != 0 ? Int32(bitPattern: getegid()) : -1
+        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"), gid: gid,
                                              access: CapsAccess(rawValue: classes == 0 ? CUnsignedInt(PB_CAPS_USER) : classes),
                                              exclusive: access & CUnsignedInt(PB_CAPS_EXCLUSIVE) != 0,
                                              notifyConnections: access & CUnsignedInt(PB_CAPS_NOTIFY) != 0))
@@ -60,12 +63,11 @@ public func pb_caps_service_open(_ broker: OpaquePointer?, _ name: UnsafePointer
     }
 }
 
-/// `wait` and `get`: the header into `m`, the payload into the buffer.
+/// `wait` and `get`: the header into `m`, the payload into the buffer, and the payload's full
+/// length (DragonFly's rule: more than the buffer's capacity means only that much was copied and
+/// the message stays queued).
 private func deliver(_ message: CapsServiceMessage, _ m: UnsafeMutablePointer<pb_caps_message>?) throws(PatchbayError) -> CInt {
     m?.pointee = pb_caps_message(message)
-    guard message.consumed else {
-        throw PatchbayError(.messageTooLong, "message \(message.messageID) is \(message.length) bytes, more than the buffer; it stays queued")
-    }
     return CInt(clamping: message.length)
 }
 
@@ -224,13 +226,12 @@ public func pb_caps_client_get(_ client: OpaquePointer?, _ m: UnsafeMutablePoint
     }
 }
 
-/// `wait_reply` and `client_get`: the header into `m`, the reply into the buffer, or its errno.
+/// `wait_reply` and `client_get`: the header into `m`, the reply into the buffer and its full
+/// length (as `deliver` above), or the errno the service answered with. A request the service
+/// left unanswered when it went away comes back as a 0-byte reply, as in DragonFly.
 private func deliver(_ reply: CapsReply, of client: CapsClient, _ m: UnsafeMutablePointer<pb_caps_message>?) throws(PatchbayError) -> CInt {
     m?.pointee = pb_caps_message(reply: reply.messageID, length: reply.length)
-    if let failure = CapsClient.failure(of: reply, limit: client.maximumInFlight) { throw failure }
-    guard reply.consumed else {
-        throw PatchbayError(.messageTooLong, "the reply to \(reply.messageID) is \(reply.length) bytes, more than the buffer; it stays queued")
-    }
+    if let errno = reply.error { throw CapsClient.serviceError(errno, for: reply.messageID, limit: client.maximumInFlight) }
     return CInt(clamping: reply.length)
 }
 

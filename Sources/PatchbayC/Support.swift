@@ -31,10 +31,14 @@ func exported(_ body: () throws(PatchbayError) -> CInt) -> CInt {
     }
 }
 
-/// A NUL-terminated argument, or EINVAL for NULL.
+/// A NUL-terminated argument, or EINVAL for NULL or bytes that are not UTF-8 (which a lenient
+/// decoding would replace, making two different names one).
 func string(_ pointer: UnsafePointer<CChar>?, _ what: String) throws(PatchbayError) -> String {
     guard let pointer else { throw PatchbayError(.invalidArgument, "\(what) is NULL") }
-    return String(cString: pointer)
+    guard let text = String(validatingCString: pointer) else {
+        throw PatchbayError(.invalidArgument, "\(what) is not valid UTF-8")
+    }
+    return text
 }
 
 /// The object behind an opaque handle.

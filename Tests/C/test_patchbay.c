@@ -103,6 +103,7 @@ static void test_keys(pb_broker *broker) {
     FAILS(pb_share(broker, 0, 0, key), EINVAL);                    /* timeout 0 */
     FAILS(pb_share(broker, 0, -2, key), EINVAL);
     FAILS(pb_share(NULL, 0, 1000, key), EINVAL);
+    FAILS(pb_share(broker, 987, 1000, key), EBADF);                /* not open */
 
     /* Never expires; expires. */
     int file = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -134,6 +135,10 @@ static void test_named(pb_broker *broker) {
     CHECK(fstat(fd, &info) == 0 && info.st_size == 0);
     FAILS(pb_shm_open(broker, name, O_RDWR | O_CREAT | O_EXCL, 0600), EEXIST);
     FAILS(pb_shm_open(broker, name, O_WRONLY, 0), EINVAL);
+    /* Bytes that are not UTF-8 are refused, never replaced (which would make "/n\xff" and
+     * "/n\xfe" one name). */
+    FAILS(pb_shm_open(broker, "/n\xff", O_RDWR | O_CREAT | O_EXCL, 0600), EINVAL);
+    FAILS(pb_shm_unlink(broker, "/n\x80"), EINVAL);
     FAILS(pb_shm_open(broker, "no-slash", O_RDWR | O_CREAT, 0600), EINVAL);
     char long_name[1100];
     long_name[0] = '/';
@@ -334,6 +339,17 @@ static void test_caps(pb_broker *broker) {
     FAILS(pb_caps_service_open(broker, "bad name!", PB_CAPS_USER, &service), EINVAL);
     FAILS(pb_caps_service_open(broker, name, 64, &service), EINVAL);
     FAILS(pb_caps_client_open(broker, name, 0, &client), ENOENT);
+    /* The GROUP class: registered under the caller's effective gid, so its members (the caller
+     * too) may connect. */
+    char grouped[96];
+    named("c_group_", grouped, sizeof grouped);
+    pb_caps_service *group_service = NULL;
+    pb_caps_client *member = NULL;
+    OK(pb_caps_service_open(broker, grouped, PB_CAPS_GROUP, &group_service));
+    OK(pb_caps_client_open(broker, grouped, 0, &member));
+    pb_caps_client_close(member);
+    pb_caps_service_close(group_service);
+
     OK(pb_caps_service_open(broker, name, PB_CAPS_USER, &service));
     OK(pb_caps_client_open(broker, name, 0, &client));
 
@@ -343,8 +359,9 @@ static void test_caps(pb_broker *broker) {
     struct pb_caps_message m;
     char buffer[64];
     char tiny[2];
-    FAILS(pb_caps_wait(service, &m, tiny, sizeof tiny), EMSGSIZE);
-    CHECK(m.length == 5 && m.kind == PB_CAPS_REQUEST);   /* still queued */
+    /* A buffer too small: its worth copied, the full length returned, the message still queued. */
+    CHECK(pb_caps_wait(service, &m, tiny, sizeof tiny) == 5 && memcmp(tiny, "he", 2) == 0);
+    CHECK(m.length == 5 && m.kind == PB_CAPS_REQUEST);
     int length = pb_caps_wait(service, &m, buffer, sizeof buffer);
     CHECK(length == 5 && memcmp(buffer, "hello", 5) == 0);
     CHECK(m.id == id && m.kind == PB_CAPS_REQUEST && m.length == 5);
@@ -443,8 +460,13 @@ static void test_caps(pb_broker *broker) {
     CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISCONNECTED && m.pid == getpid());
     pb_caps_service_close(second);
 
-    /* The service goes: the client's next call says so. */
+    /* The service goes with a request unanswered: it comes back as a 0-byte reply, then
+     * -ENOTCONN; a call says the service went away. */
+    OK(pb_caps_put(client, "left", 4, &id));
+    CHECK(pb_caps_wait(service, &m, buffer, sizeof buffer) == 4 && m.id == id);
     pb_caps_service_close(service);
+    CHECK(pb_caps_wait_reply(client, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_REPLY && m.id == id && m.length == 0);
+    FAILS(pb_caps_wait_reply(client, &m, buffer, sizeof buffer), ENOTCONN);
     CHECK(pb_caps_call(client, "x", 1, buffer, sizeof buffer) < 0);
     pb_caps_client_close(client);
     pb_caps_client_close(NULL);

@@ -125,6 +125,12 @@ struct NetTests {
         #expect(try caller.state() == .new)  // CONNECTING fell back
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in try caller.connect(to: "nobody-here") }
         #expect(try client.listSockets().filter { !$0.name.isEmpty }.map(\.name).sorted() == ["first", "quiet"])
+        // A datagram socket does not listen: the kernel's EOPNOTSUPP, as SEMANTICS.md's table says.
+        var datagram = try Socket.open(client, type: .dgram)
+        try datagram.bind("datagram")
+        let notListening = expectErrno(.notSupported) { () throws(PatchbayError) in try datagram.control("listen") }
+        #expect(notListening?.reason.contains("datagram sockets do not listen") == true)
+        #expect(try datagram.state() == .bound)
     }
 
     @Test("listen, connect, accept and data across two unrelated processes", arguments: Socket.Kind.allCases)

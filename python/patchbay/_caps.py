@@ -65,14 +65,15 @@ def _access_mask(access: Union[int, str, Iterable[str]]) -> int:
 
 
 def _receive(function: Callable[..., int], handle: int, capacity: int) -> Tuple[Message, int]:
-    """Calls a pb_caps_wait-shaped function, with a larger buffer each time it answers EMSGSIZE
-    (the message then stays queued). Returns the message and the capacity that fitted."""
+    """Calls a pb_caps_wait-shaped function, with a larger buffer each time the message is
+    longer than the buffer (it then stays queued). Returns the message and the capacity that
+    fitted."""
     header = _native.CapsMessage()
     while True:
         buffer = (c_char * capacity).from_buffer(bytearray(capacity))
         result = function(handle, byref(header), buffer, capacity)
-        if result == -errno.EMSGSIZE and header.length > capacity:
-            capacity = header.length
+        if result > capacity or (result == -errno.EMSGSIZE and header.length > capacity):
+            capacity = max(result, header.length)
             continue
         check(result)
         try:
@@ -192,7 +193,8 @@ class CapsClient(_native.Handle):
 
     def wait_reply(self) -> Tuple[int, bytes]:
         """Waits for the next reply and returns (request id, reply). Raises the errno the service
-        answered with; ConnectionResetError when the service went away."""
+        answered with. A request the service left unanswered when it went away comes back as an
+        empty reply (DragonFly's rule); after those, OSError ENOTCONN."""
         message, self._capacity = _receive(lib().pb_caps_wait_reply, self._live(), self._capacity)
         return message.id, message.data
 

@@ -63,7 +63,8 @@ const char *pb_last_reason(void);
 /* Puts fd under a new one-time key, valid for timeout_ms milliseconds (PB_TIMEOUT_NEVER: until
  * claimed or the broker stops), and writes the key's text into key. fd stays yours; the key
  * holds the same open file description.
- * -EINVAL: timeout_ms is 0 or below -1, or fd is not open. -EDQUOT: too many outstanding keys. */
+ * -EINVAL: timeout_ms is 0 or below -1. -EBADF: fd is not open. -EDQUOT: too many outstanding
+ * keys. */
 int pb_share(pb_broker *broker, int fd, int64_t timeout_ms, char key[PB_KEY_TEXT_SIZE]);
 
 /* Claims key: returns a new descriptor (close-on-exec) for the shared open file description.
@@ -153,7 +154,7 @@ typedef struct pb_caps_service pb_caps_service;
 typedef struct pb_caps_client  pb_caps_client;
 
 #define PB_CAPS_USER  1   /* clients of the service's uid may connect */
-#define PB_CAPS_GROUP 2   /* clients in the service's group may connect */
+#define PB_CAPS_GROUP 2   /* clients in the service's group (its registrar's effective gid) may connect */
 #define PB_CAPS_WORLD 4   /* anyone may connect */
 #define PB_CAPS_NOTIFY 8      /* pb_caps_service_open: also deliver CONNECTED and DISCONNECTED */
 #define PB_CAPS_EXCLUSIVE 16  /* pb_caps_service_open: -EEXIST if the name is registered already */
@@ -182,7 +183,8 @@ struct pb_caps_message {
     gid_t gid;
 };
 
-/* Registers a service under name (1 to 63 of [0-9A-Za-z_.]) for the caller's effective uid.
+/* Registers a service under name (1 to 63 of [0-9A-Za-z_.]) for the caller's effective uid and,
+ * with PB_CAPS_GROUP, its effective gid (the group whose members may connect).
  * access: a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (none of the three: PB_CAPS_USER),
  * with PB_CAPS_NOTIFY and PB_CAPS_EXCLUSIVE. -EINVAL (name, unknown bits), -ENAMETOOLONG,
  * -EEXIST (PB_CAPS_EXCLUSIVE and the name is registered; or another uid has it), -EPERM (a name
@@ -190,9 +192,9 @@ struct pb_caps_message {
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
 
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
- * into buffer. Returns the payload length. -EMSGSIZE: the payload is longer than capacity;
- * m->length says how long, and the message stays queued for a call with a larger buffer.
- * -ECANCELED: pb_caps_service_cancel was called. */
+ * into buffer. Returns the payload's full length (m->length too). When that is more than
+ * capacity, only capacity bytes were copied and the message stays queued for a call with a
+ * larger buffer (DragonFly's rule). -ECANCELED: pb_caps_service_cancel was called. */
 int pb_caps_wait(pb_caps_service *service, struct pb_caps_message *m, void *buffer, size_t capacity);
 
 /* pb_caps_wait without waiting: -EAGAIN when nothing is queued. */
@@ -246,8 +248,10 @@ int pb_caps_put_in_place(pb_caps_client *client, size_t length,
                          void (*fill)(void *buffer, size_t length, void *context), void *context, uint64_t *id);
 
 /* Waits for the next reply and copies it into buffer (m->kind is PB_CAPS_REPLY, m->id the
- * request's id). Returns its length, or the errno the service answered with (negated).
- * -EMSGSIZE as pb_caps_wait (the reply stays queued); -ECONNRESET: the service went away. */
+ * request's id). Returns its full length, or the errno the service answered with (negated).
+ * More than capacity: as pb_caps_wait (only capacity bytes copied; the reply stays queued).
+ * A request the service left unanswered when it went away comes back as a 0-byte reply; once
+ * they are all back, -ENOTCONN. */
 int pb_caps_wait_reply(pb_caps_client *client, struct pb_caps_message *m, void *buffer, size_t capacity);
 
 /* pb_caps_wait_reply without waiting: -EAGAIN when no reply is queued. */

@@ -459,7 +459,7 @@ public final class CapsClient: @unchecked Sendable {
     }
 
     /// The error a caller sees for an error reply.
-    static func serviceError(_ errno: Errno, for id: UInt64, limit: Int) -> PatchbayError {
+    package static func serviceError(_ errno: Errno, for id: UInt64, limit: Int) -> PatchbayError {
         switch errno {
         case .noBufferSpace:
             PatchbayError(errno, "the service refused request \(id) unread: this connection had \(limit) requests in flight there")

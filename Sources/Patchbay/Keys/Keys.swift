@@ -9,6 +9,7 @@
 // expired, or restricted to someone else: indistinguishable on purpose), `EMFILE` (the key stays
 // valid), `EDQUOT` (too many outstanding keys), `EAGAIN` (too many failed claims).
 
+import Glibc
 public import PatchbayProtocol
 public import SystemPackage
 import PatchbaySystem
@@ -29,8 +30,8 @@ extension Broker {
     /// Hands `descriptor`'s open file to the broker and returns a one-time key for it. The caller
     /// keeps its own descriptor (and may close it at once: the key holds the file).
     ///
-    /// - Throws: `EINVAL` for a timeout that is not positive; `EDQUOT` when this uid already has
-    ///   the maximum number of outstanding keys.
+    /// - Throws: `EINVAL` for a timeout that is not positive; `EBADF` for a descriptor that is not
+    ///   open; `EDQUOT` when this uid already has the maximum number of outstanding keys.
     public func share(
         _ descriptor: borrowing Descriptor, timeout: Expiry = .after(.seconds(60)),
         claimableBy restriction: ClaimRestriction? = nil
@@ -63,6 +64,9 @@ extension Broker {
                 ? UInt64.max
                 : UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
             expiry = .after(nanoseconds: max(nanoseconds, 1))
+        }
+        guard fcntl(rawDescriptor, F_GETFD) >= 0 else {
+            throw PatchbayError(.badFileDescriptor, "descriptor \(rawDescriptor) is not open; there is nothing to share")
         }
         let response = try call(.keys(.share(expiry: expiry, restriction: restriction)), descriptors: [rawDescriptor])
         guard case .keys(.share(let token)) = response.reply else { throw unexpected(response.reply) }

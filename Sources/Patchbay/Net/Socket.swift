@@ -153,8 +153,7 @@ public struct Socket: ~Copyable {
         do {
             try UnixSocket.listen(on: kernel, backlog: backlog)
         } catch {
-            throw PatchbayError(error == .notSupportedOnSocket ? .invalidArgument : error,
-                                error == .notSupportedOnSocket ? "datagram sockets do not listen" : "listen failed")
+            throw PatchbayError(error, error == .notSupportedOnSocket ? "datagram sockets do not listen" : "listen failed")
         }
     }
 
