@@ -190,3 +190,12 @@ package func closeHandedOver(_ fd: CInt) {
     }
     _ = close(fd)
 }
+
+extension Descriptor {
+    /// Whether `poll` reports the descriptor hung up (`POLLHUP`: a socket whose peer is gone),
+    /// without waiting.
+    package borrowing func isHungUp() -> Bool {
+        var poller = pollfd(fd: rawValue, events: 0, revents: 0)
+        return poll(&poller, 1, 0) > 0 && poller.revents & Int16(POLLHUP) != 0
+    }
+}

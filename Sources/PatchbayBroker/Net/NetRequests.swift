@@ -22,6 +22,7 @@ final class NetRequests: SessionClosedHook {
         self.table = table
         self.sessions = sessions
         self.loop = loop
+        table.closeHungUp = { [unowned self] id in handleReadable(id, events: .hangup) }
     }
 
     func handle(_ request: Request.Net, descriptors: inout ReceivedDescriptors, _ context: RequestContext) {

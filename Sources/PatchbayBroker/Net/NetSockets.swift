@@ -130,6 +130,9 @@ struct NetOpened: ~Copyable {
 final class NetTable {
     /// In id order (ids only grow), so a listing is a prefix, not a sort.
     private(set) var sockets: OrderedDictionary<UInt64, NetSocket> = [:]
+    /// Closes a socket whose every handle is closed as the loop does on reading the hang-up
+    /// (set by `NetRequests`): `nameIsFree` calls it for a name whose holder is gone.
+    var closeHungUp: (UInt64) -> Void = { _ in }
     /// Sockets with accepts parked on them, so a departed session's waits are found without a
     /// walk of every socket.
     private var socketsWithWaits: Set<UInt64> = []
@@ -299,7 +302,7 @@ final class NetTable {
                caller: PeerCredentials) throws(RequestError) -> NetOpened {
         try family.validate(Substring(name))
         try policy.checkTake(.net, Substring(name), by: caller)
-        guard names[name] == nil else {
+        guard nameIsFree(name) else {
             throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
         }
         try checkQuota(of: caller.uid)
@@ -354,9 +357,19 @@ final class NetTable {
         }
     }
 
+    /// Whether `name` is free, after closing the socket that holds it if every handle of that
+    /// socket is closed already and only the loop has not read the hang-up yet: a client that
+    /// closes its socket and at once binds the name again finds it free (SEMANTICS.md §4: the
+    /// name is released when the last handle closes).
+    private func nameIsFree(_ name: String) -> Bool {
+        guard let id = names[name] else { return true }
+        if let holder = sockets[id], holder.handle.isHungUp() { closeHungUp(id) }
+        return names[name] == nil
+    }
+
     private func bind(_ socket: NetSocket, _ name: String, mode requested: UInt32?, caller: PeerCredentials) throws(RequestError) {
         guard socket.state.canTransition(to: .bound) else { try socket.transition(to: .bound); return }
-        guard names[name] == nil else {
+        guard nameIsFree(name) else {
             throw RequestError(errno: .addressInUse, reason: "the name \(name) is already bound")
         }
         let path = socket.family.path(of: Substring(name))

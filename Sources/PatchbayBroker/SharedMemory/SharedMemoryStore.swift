@@ -188,7 +188,7 @@ final class SharedMemoryStore {
         try checkQuota(of: caller.uid)
         var object = SharedMemoryObject(id: Self.newIdentifier(), uid: caller.uid, gid: caller.gid,
                                         mode: request.mode & ~request.umask & 0o777)
-        object.inOwnerStore = ownerStore(of: caller.uid) != nil
+        object.inOwnerStore = try ownerStore(of: caller.uid) != nil
         let data: Descriptor
         do {
             data = try openFile(in: directory(of: object).descriptor, object.id, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
@@ -311,7 +311,7 @@ final class SharedMemoryStore {
                                reason: "uid \(uid) already owns \(owned) named shared memory objects, the limit")
         }
         let bytes: Int
-        if let store = ownerStore(of: uid) {
+        if let store = try ownerStore(of: uid) {
             bytes = (try? store.descriptor.fileSystemUsage().usedBytes) ?? 0
         } else {
             refreshByteEstimates(count: Self.refreshesPerCreate)
@@ -358,8 +358,11 @@ final class SharedMemoryStore {
         unlinkat(directory(of: object).descriptor.rawValue, object.id, 0)
     }
 
-    /// `uid`'s own tmpfs, mounted on first use; nil where stores are shared.
-    private func ownerStore(of uid: UInt32) -> StoreDirectory? {
+    /// `uid`'s own tmpfs, mounted on first use; nil where stores are shared. Per-uid stores are
+    /// given up for good only when mounting is impossible here (no privilege, no tmpfs); a
+    /// passing shortage (out of descriptors or memory) fails this one request and changes
+    /// nothing, or a client that ran the broker short once would switch the byte limit off.
+    private func ownerStore(of uid: UInt32) throws(RequestError) -> StoreDirectory? {
         guard perOwnerStores else { return nil }
         if let store = ownerDirectories[uid] { return store }
         let directory = path + "/uids/\(uid)"
@@ -378,6 +381,11 @@ final class SharedMemoryStore {
             ownerDirectories[uid] = store
             return store
         } catch {
+            let passing: [Errno] = [.tooManyOpenFiles, .tooManyOpenFilesInSystem, .noMemory, .resourceTemporarilyUnavailable,
+                                    .interrupted, .noSpace, .resourceBusy]
+            if passing.contains(error.errno) {
+                throw RequestError(errno: error.errno, reason: "cannot open uid \(uid)'s store now: \(error.reason)")
+            }
             perOwnerStores = false
             logger.warning("per-uid stores are not available; every uid's objects share one file system, and the byte quota is checked at create only",
                            metadata: ["reason": "\(error.reason)"])
