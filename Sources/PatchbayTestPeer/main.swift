@@ -171,8 +171,18 @@ func claimThroughOrphanedConnection() throws(PatchbayError) {
     var status: CInt = 0
     _ = waitpid(child, &status, 0)
     say("orphaned \(child)")
-    guard let line = readLine(), let token = KeyToken(text: line) else { throw PatchbayError(.invalidArgument, "no key") }
-    let frame = Request.keys(.claim(token)).encode(requestID: 1)
+    // "claim KEY", or "caps-client NAME" (a connection to a CAPS service: its notice carries the
+    // credentials the broker gives this connection).
+    guard let line = readLine() else { throw PatchbayError(.invalidArgument, "no command") }
+    let request: Request
+    if line.hasPrefix("claim "), let token = KeyToken(text: String(line.dropFirst(6))) {
+        request = .keys(.claim(token))
+    } else if line.hasPrefix("caps-client ") {
+        request = .caps(.client(name: String(line.dropFirst(12)), uid: -1, gid: -1, flags: [.world]))
+    } else {
+        throw PatchbayError(.invalidArgument, "unknown command \(line)")
+    }
+    let frame = request.encode(requestID: 1)
     guard frame.withUnsafeBytes({ raw in [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection, raw, $0) } }) == frame.count
     else { throw PatchbayError(Errno.current, "send") }
     var answer = [UInt8](repeating: 0, count: 65536)
@@ -182,9 +192,12 @@ func claimThroughOrphanedConnection() throws(PatchbayError) {
     }
     if decoded.kind == .error, let error = try? ErrorReply.decode(decoded) {
         say("refused \(Errno(rawValue: error.errno).name)")
-    } else {
+    } else if line.hasPrefix("claim ") {
         say(reply.descriptors.isEmpty ? "answered without a file" : "claimed")
+    } else {
+        say("connected")
     }
+    for fd in reply.descriptors { close(fd) }
 }
 
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.

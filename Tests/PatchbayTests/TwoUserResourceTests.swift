@@ -149,10 +149,37 @@ struct PidReuseTests {
         let victim = try #require(intended, "no try got pid \(pid)")
         defer { victim.kill(SIGKILL); _ = try? victim.wait() }
         let key = try root.share(try openFile("/etc/hostname", flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
-        try attacker.writeLine(key.text)
+        try attacker.writeLine("claim " + key.text)
         let outcome = try attacker.readLine()
         #expect(outcome == "refused ENOENT", "\(String(describing: outcome))")
         #expect(try root.status().keys == 1)
+    }
+
+    @Test("a CAPS service sees nobody as nobody over a connection an earlier holder of a root process's pid made, never with root's real uid")
+    func orphanedConnectionCannotBorrowRealUID() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "whoami", access: [.world], notifyConnections: true)
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "claim-through-orphaned-connection"], environment: broker.environment)
+        defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
+        let line = try #require(try attacker.readLine())
+        let pid = try #require(line.hasPrefix("orphaned ") ? pid_t(line.dropFirst(9)) : nil, "\(line)")
+        var intended: Child?
+        for _ in 0..<50 where intended == nil {
+            try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
+            let attempt = try Child("/bin/sleep", ["60"])
+            if attempt.pid == pid { intended = attempt } else { attempt.kill(SIGKILL); _ = try attempt.wait() }
+        }
+        let rootProcess = try #require(intended, "no try got pid \(pid)")
+        defer { rootProcess.kill(SIGKILL); _ = try? rootProcess.wait() }
+        try attacker.writeLine("caps-client whoami")
+        #expect(try attacker.readLine() == "connected")
+        let (notice, _) = try serviceWait(service)
+        #expect(notice.kind == .connected)
+        #expect(notice.credentials.uid == otherUID && notice.credentials.euid == otherUID,
+                "the service saw uid \(notice.credentials.uid) euid \(notice.credentials.euid)")
     }
 }
 
