@@ -12,27 +12,43 @@ import Synchronization
 /// own: a uid that still makes one close wait (it set `SO_LINGER` again on a copy it kept, between
 /// the two calls) holds up only its own closes, and what waits to be closed still counts against
 /// its descriptor share (`outstanding`), so it cannot make the broker pile up descriptors either.
+///
+/// The loop never waits for a closing thread: a thread touches only its own uid's queue (one
+/// short lock to take the batch) and atomics, and sleeps on a futex word, so it holds no
+/// descriptor of its own.
 final class DeferredCloser: Sendable {
     static let shared = DeferredCloser()
 
-    private struct Queue {
-        var descriptors: [CInt] = []
+    /// One uid's descriptors to close. Kept once made (one per uid that ever handed one over).
+    private final class Queue: @unchecked Sendable {  // the word is touched through atomics and futexes only
+        let pending = Mutex<[CInt]>([])
         /// Queued plus being closed.
-        var outstanding = 0
-        /// The word the uid's thread sleeps on (bumped for each descriptor queued); nil when no
-        /// thread runs. A futex, not an eventfd: a closing thread holds no descriptor of its own.
-        var wakeup: UnsafeMutablePointer<UInt32>?
+        let outstanding = Atomic<Int>(0)
+        /// Whether a thread serves this queue.
+        let running = Atomic<Bool>(false)
+        /// Bumped for each descriptor queued; the thread sleeps on it.
+        let wakeup: UnsafeMutablePointer<UInt32>
+
+        init() {
+            wakeup = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            wakeup.initialize(to: 0)
+        }
     }
 
-    private struct Queues: @unchecked Sendable {  // used under the mutex only
-        var byUID: [UInt32: Queue] = [:]
-    }
-
-    private let queues = Mutex(Queues())
+    private let queues = Mutex<[UInt32: Queue]>([:])
     /// How long a uid's thread waits for more work before it ends.
     private static let idleNanoseconds: Int64 = 2_000_000_000
 
     private init() {}
+
+    private func queue(of uid: UInt32) -> Queue {
+        queues.withLock { queues in
+            if let queue = queues[uid] { return queue }
+            let queue = Queue()
+            queues[uid] = queue
+            return queue
+        }
+    }
 
     /// Queues `descriptor`, handed over by `uid`, to be closed soon, off the calling thread.
     func close(_ descriptor: consuming Descriptor, of uid: UInt32) {
@@ -41,61 +57,49 @@ final class DeferredCloser: Sendable {
 
     /// Queues a raw descriptor this code owns, handed over by `uid`.
     func close(raw: CInt, of uid: UInt32) {
-        let start = queues.withLock { queues -> UnsafeMutablePointer<UInt32>? in
-            var queue = queues.byUID[uid] ?? Queue()
-            queue.descriptors.append(raw)
-            queue.outstanding += 1
-            defer { queues.byUID[uid] = queue }
-            if let wakeup = queue.wakeup {
-                // Under the lock: the thread frees the word only after taking its queue away.
-                SharedWord.increment(wakeup)
-                Futex.wake(wakeup)
-                return nil
-            }
-            let wakeup = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
-            wakeup.initialize(to: 0)
-            queue.wakeup = wakeup
-            return wakeup
-        }
-        if let start {
-            let address = UInt(bitPattern: start)
-            startThread { [self] in run(uid, wakeup: UnsafeMutablePointer(bitPattern: address)!) }
+        let queue = queue(of: uid)
+        queue.outstanding.add(1, ordering: .relaxed)
+        queue.pending.withLock { $0.append(raw) }
+        SharedWord.increment(queue.wakeup)
+        if queue.running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
+            startThread { [self] in run(queue) }
+        } else {
+            Futex.wake(queue.wakeup)
         }
     }
 
     /// Descriptors `uid` handed over that are not closed yet.
     func outstanding(of uid: UInt32) -> Int {
-        queues.withLock { $0.byUID[uid]?.outstanding ?? 0 }
+        queues.withLock { $0[uid] }?.outstanding.load(ordering: .relaxed) ?? 0
     }
 
     /// Descriptors not closed yet of every uid but `uid`.
     func outstanding(ofAllBut uid: UInt32) -> Int {
-        queues.withLock { queues in queues.byUID.reduce(0) { $0 + ($1.key == uid ? 0 : $1.value.outstanding) } }
+        queues.withLock { queues in
+            queues.reduce(0) { $0 + ($1.key == uid ? 0 : $1.value.outstanding.load(ordering: .relaxed)) }
+        }
     }
 
-    private func run(_ uid: UInt32, wakeup: UnsafeMutablePointer<UInt32>) {
+    private func run(_ queue: Queue) {
         while true {
-            let (batch, seen) = queues.withLock { queues -> ([CInt], UInt32) in
-                let batch = queues.byUID[uid]?.descriptors ?? []
-                if !batch.isEmpty { queues.byUID[uid]?.descriptors.removeAll() }
-                return (batch, SharedWord.load(wakeup))
+            let seen = SharedWord.load(queue.wakeup)
+            let batch = queue.pending.withLock { pending -> [CInt] in
+                defer { pending.removeAll(keepingCapacity: true) }
+                return pending
             }
             for fd in batch {
                 closeHandedOver(fd)
-                queues.withLock { $0.byUID[uid]?.outstanding -= 1 }
+                queue.outstanding.subtract(1, ordering: .relaxed)
             }
             if !batch.isEmpty { continue }
             do {
-                try Futex.wait(wakeup, expected: seen, timeoutNanoseconds: Self.idleNanoseconds)
+                try Futex.wait(queue.wakeup, expected: seen, timeoutNanoseconds: Self.idleNanoseconds)
             } catch {
-                // Idle: the thread ends, unless something was queued meanwhile.
-                let ended = queues.withLock { queues -> Bool in
-                    guard queues.byUID[uid]?.descriptors.isEmpty ?? true else { return false }
-                    queues.byUID[uid] = nil
-                    return true
-                }
-                if ended {
-                    wakeup.deallocate()
+                // Idle: the thread ends, unless something was queued meanwhile and no new thread
+                // took it (the flag is given up first, then the queue looked at again).
+                queue.running.store(false, ordering: .sequentiallyConsistent)
+                let empty = queue.pending.withLock { $0.isEmpty }
+                if empty || !queue.running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
                     return
                 }
             }
