@@ -134,6 +134,14 @@ public func pb_caps_reply_error(_ service: OpaquePointer?, _ id: UInt64, _ error
     }
 }
 
+@_cdecl("pb_caps_set_generation")
+public func pb_caps_set_generation(_ service: OpaquePointer?, _ generation: UInt64) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try object(service, as: CapsService.self, "service").setGeneration(generation)
+        return 0
+    }
+}
+
 @_cdecl("pb_caps_service_fd")
 public func pb_caps_service_fd(_ service: OpaquePointer?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in try object(service, as: CapsService.self, "service").eventDescriptor }
@@ -180,6 +188,26 @@ public func pb_caps_call(_ client: OpaquePointer?, _ request: UnsafeRawPointer?,
         }.get()
     } catch {
         return Int(fail(error))
+    }
+}
+
+@_cdecl("pb_caps_abort")
+public func pb_caps_abort(_ client: OpaquePointer?, _ id: UInt64) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        switch try object(client, as: CapsClient.self, "client").abort(id) {
+        case .returned: PB_CAPS_ABORT_RETURNED
+        case .atService: PB_CAPS_ABORT_AT_SERVICE
+        }
+    }
+}
+
+@_cdecl("pb_caps_generation")
+public func pb_caps_generation(_ client: OpaquePointer?, _ generation: UnsafeMutablePointer<UInt64>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        let client = try object(client, as: CapsClient.self, "client")
+        guard let generation else { throw PatchbayError(.invalidArgument, "the generation pointer is NULL") }
+        generation.pointee = try client.generation()
+        return 0
     }
 }
 

@@ -8,6 +8,7 @@
 import CPatchbayABI
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import SystemPackage
 
 /// Records `error` as the thread's reason and returns it as -errno.
@@ -93,21 +94,47 @@ public func pb_broker_close(_ broker: OpaquePointer?) {
 
 @_cdecl("pb_share")
 public func pb_share(_ broker: OpaquePointer?, _ fd: CInt, _ timeout: Int64, _ key: UnsafeMutablePointer<CChar>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in try share(broker, fd, timeout, nil, key) }
+}
+
+@_cdecl("pb_share_for")
+public func pb_share_for(_ broker: OpaquePointer?, _ fd: CInt, _ timeout: Int64, _ who: CInt, _ id: Int64,
+                         _ key: UnsafeMutablePointer<CChar>?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        let broker = try object(broker, as: Broker.self, "broker")
-        guard let key else { throw PatchbayError(.invalidArgument, "the key buffer is NULL") }
-        let expiry: Broker.Expiry
-        switch timeout {
-        case Int64(PB_TIMEOUT_NEVER): expiry = .never
-        case 1...: expiry = .after(.milliseconds(timeout))
-        default: throw PatchbayError(.invalidArgument, "the timeout must be positive milliseconds or PB_TIMEOUT_NEVER (-1), not \(timeout)")
+        let restriction: ClaimRestriction
+        switch who {
+        case PB_CLAIMABLE_BY_UID:
+            guard let uid = UInt32(exactly: id) else { throw PatchbayError(.invalidArgument, "uid \(id) is out of range") }
+            restriction = .uid(uid)
+        case PB_CLAIMABLE_BY_GID:
+            guard let gid = UInt32(exactly: id) else { throw PatchbayError(.invalidArgument, "gid \(id) is out of range") }
+            restriction = .gid(gid)
+        case PB_CLAIMABLE_BY_PID:
+            guard let pid = Int32(exactly: id), pid > 0 else { throw PatchbayError(.invalidArgument, "pid \(id) is out of range") }
+            restriction = .pid(pid)
+        default:
+            throw PatchbayError(.invalidArgument, "who must be PB_CLAIMABLE_BY_UID, PB_CLAIMABLE_BY_GID or PB_CLAIMABLE_BY_PID, not \(who)")
         }
-        let text = try broker.share(rawDescriptor: fd, timeout: expiry).text
-        let bytes = Array(text.utf8.prefix(Int(PB_KEY_TEXT_SIZE) - 1))
-        for (index, byte) in bytes.enumerated() { key[index] = CChar(bitPattern: byte) }
-        key[bytes.count] = 0
-        return 0
+        return try share(broker, fd, timeout, restriction, key)
     }
+}
+
+/// `pb_share` and `pb_share_for`.
+private func share(_ broker: OpaquePointer?, _ fd: CInt, _ timeout: Int64, _ restriction: ClaimRestriction?,
+                   _ key: UnsafeMutablePointer<CChar>?) throws(PatchbayError) -> CInt {
+    let broker = try object(broker, as: Broker.self, "broker")
+    guard let key else { throw PatchbayError(.invalidArgument, "the key buffer is NULL") }
+    let expiry: Broker.Expiry
+    switch timeout {
+    case Int64(PB_TIMEOUT_NEVER): expiry = .never
+    case 1...: expiry = .after(.milliseconds(timeout))
+    default: throw PatchbayError(.invalidArgument, "the timeout must be positive milliseconds or PB_TIMEOUT_NEVER (-1), not \(timeout)")
+    }
+    let text = try broker.share(rawDescriptor: fd, timeout: expiry, claimableBy: restriction).text
+    let bytes = Array(text.utf8.prefix(Int(PB_KEY_TEXT_SIZE) - 1))
+    for (index, byte) in bytes.enumerated() { key[index] = CChar(bitPattern: byte) }
+    key[bytes.count] = 0
+    return 0
 }
 
 @_cdecl("pb_claim")

@@ -105,6 +105,20 @@ static void test_keys(pb_broker *broker) {
     FAILS(pb_share(NULL, 0, 1000, key), EINVAL);
     FAILS(pb_share(broker, 987, 1000, key), EBADF);                /* not open */
 
+    /* For one claimer: this process (by pid), a uid that is not ours; who and ids checked. */
+    int restricted = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    OK(restricted);
+    OK(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_PID, getpid(), key));
+    int mine = pb_claim(broker, key);
+    OK(mine);
+    close(mine);
+    OK(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_UID, (int64_t)getuid() + 4242, key));
+    FAILS(pb_claim(broker, key), ENOENT);                          /* not for this uid */
+    FAILS(pb_share_for(broker, restricted, 30000, 9, 0, key), EINVAL);
+    FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_GID, -1, key), EINVAL);
+    FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_PID, 2147483647, key), ESRCH);
+    close(restricted);
+
     /* Never expires; expires. */
     int file = open("/dev/null", O_RDONLY | O_CLOEXEC);
     OK(pb_share(broker, file, PB_TIMEOUT_NEVER, key));
@@ -393,6 +407,26 @@ static void test_caps(pb_broker *broker) {
     /* Consumed, it is disposed of like a reply (already: pb_caps_get, so a wrong library fails
      * here rather than hangs). */
     CHECK(pb_caps_get(service, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISPOSE && m.id == id);
+
+    /* Abort: unread, the request is returned; read, the service is told and its reply discarded. */
+    OK(pb_caps_put(client, "unread", 6, &id));
+    CHECK(pb_caps_abort(client, id) == PB_CAPS_ABORT_RETURNED);
+    FAILS(pb_caps_abort(client, id), EINVAL);
+    FAILS(pb_caps_get(service, &m, buffer, sizeof buffer), EAGAIN);
+    OK(pb_caps_put(client, "read", 4, &id));
+    CHECK(pb_caps_get(service, &m, buffer, sizeof buffer) == 4 && m.id == id);
+    CHECK(pb_caps_abort(client, id) == PB_CAPS_ABORT_AT_SERVICE);
+    CHECK(pb_caps_get(service, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_ABORTED && m.id == id);
+    OK(pb_caps_reply(service, id, "late", 4));
+    FAILS(pb_caps_client_get(client, &m, buffer, sizeof buffer), EAGAIN);   /* discarded, no DISPOSE */
+    FAILS(pb_caps_get(service, &m, buffer, sizeof buffer), EAGAIN);
+
+    /* Generations: the service sets, its clients read. */
+    uint64_t generation = 0;
+    OK(pb_caps_set_generation(service, 42));
+    OK(pb_caps_generation(client, &generation));
+    CHECK(generation == 42);
+    FAILS(pb_caps_generation(client, NULL), EINVAL);
 
     /* The descriptors are readable when something waits, including what was queued before they
      * were first asked for; drained, they are not. */

@@ -73,6 +73,15 @@ int pb_share(pb_broker *broker, int fd, int64_t timeout_ms, char key[PB_KEY_TEXT
  * failed claims, slowed down. */
 int pb_claim(pb_broker *broker, const char *key);
 
+#define PB_CLAIMABLE_BY_UID 1   /* pb_share_for: only this uid may claim */
+#define PB_CLAIMABLE_BY_GID 2   /* only members of this group (primary or supplementary) */
+#define PB_CLAIMABLE_BY_PID 3   /* only this running process (not a later one given its pid) */
+
+/* pb_share for one claimer: who is PB_CLAIMABLE_BY_UID, _GID or _PID, and id the uid, gid or
+ * pid. Anyone else's claim gets -ENOENT, as for a wrong key. -EINVAL as pb_share, or an
+ * unknown who or an id out of range; -ESRCH: no running process has that pid. */
+int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t id, char key[PB_KEY_TEXT_SIZE]);
+
 /* ---- Shared memory ------------------------------------------------------------------------ */
 
 /* shm_open(3) with FreeBSD's semantics, in the broker's namespace: name starts with '/', at most
@@ -219,6 +228,10 @@ int pb_caps_reply_in_place(pb_caps_service *service, uint64_t id, size_t length,
  * -EINVAL: error <= 0 or not a pending request; -ENOBUFS: the client's reply ring is full. */
 int pb_caps_reply_error(pb_caps_service *service, uint64_t id, int error);
 
+/* Sets this service's generation, which its clients read with pb_caps_generation (a restarted
+ * service starts past every generation its name had; see DragonFly's caps_sys_setgen). */
+int pb_caps_set_generation(pb_caps_service *service, uint64_t generation);
+
 /* A descriptor that is readable when a message may be waiting: for poll/epoll (messages queued
  * before the first call included). When readable, drain with pb_caps_get until -EAGAIN. Belongs
  * to the service: do not close it. */
@@ -242,6 +255,16 @@ ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length,
 
 /* Sends a request without waiting; *id is its message id. */
 int pb_caps_put(pb_caps_client *client, const void *data, size_t length, uint64_t *id);
+
+/* Takes request id back. Returns PB_CAPS_ABORT_RETURNED (the service had not read it: it is
+ * gone, its reply never comes) or PB_CAPS_ABORT_AT_SERVICE (the service has it and is told; its
+ * reply is discarded). -EINVAL: id is not a request of this client in flight. */
+#define PB_CAPS_ABORT_RETURNED 0
+#define PB_CAPS_ABORT_AT_SERVICE 1
+int pb_caps_abort(pb_caps_client *client, uint64_t id);
+
+/* The service's generation (DragonFly's caps_sys_getgen), into *generation. */
+int pb_caps_generation(pb_caps_client *client, uint64_t *generation);
 
 /* Zero-copy request: fill writes length bytes in place, in the shared memory the service reads. */
 int pb_caps_put_in_place(pb_caps_client *client, size_t length,
