@@ -36,10 +36,16 @@ class Broker(_native.Handle):
 
     # Keys
 
-    def share(self, fd: FileDescriptorLike, timeout: Optional[float] = None) -> str:
+    def share(self, fd: FileDescriptorLike, timeout: Optional[float] = None, *, for_uid: Optional[int] = None,
+              for_gid: Optional[int] = None, for_pid: Optional[int] = None) -> str:
         """Puts fd (a number or an object with fileno()) under a new one-time key and returns its
         text. The key is valid for timeout seconds, or until claimed (or the broker stops) when
-        timeout is None. fd stays yours: the key holds the same open file description."""
+        timeout is None. fd stays yours: the key holds the same open file description. At most one
+        of for_uid, for_gid, for_pid restricts who may claim (anyone else gets FileNotFoundError,
+        as for a wrong key); a for_pid no process has is ProcessLookupError (ESRCH)."""
+        restrictions = [(who, value) for who, value in ((1, for_uid), (2, for_gid), (3, for_pid)) if value is not None]
+        if len(restrictions) > 1:
+            raise ValueError("give at most one of for_uid, for_gid and for_pid")
         if timeout is None:
             milliseconds = _native.TIMEOUT_NEVER
         elif timeout > 0:
@@ -47,7 +53,11 @@ class Broker(_native.Handle):
         else:
             raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
         key = create_string_buffer(_native.KEY_TEXT_SIZE)
-        check(lib().pb_share(self._live(), _native.fd_of(fd), milliseconds, key))
+        if restrictions:
+            (who, value), = restrictions
+            check(lib().pb_share_for(self._live(), _native.fd_of(fd), milliseconds, who, value, key))
+        else:
+            check(lib().pb_share(self._live(), _native.fd_of(fd), milliseconds, key))
         return key.value.decode("ascii")
 
     def claim(self, key: str) -> int:

@@ -139,6 +139,10 @@ class CapsService(_native.Handle):
         """Answers request id with an errno (> 0) instead of bytes: the client's call raises it."""
         check(lib().pb_caps_reply_error(self._live(), id, error))
 
+    def set_generation(self, generation: int) -> None:
+        """Sets this service's generation, which its clients read with CapsClient.generation()."""
+        check(lib().pb_caps_set_generation(self._live(), generation))
+
     def fileno(self) -> int:
         """A descriptor readable when a message may be waiting (for select/poll/epoll); then
         drain with get() until it returns None. It belongs to the service: do not close it.
@@ -183,6 +187,18 @@ class CapsClient(_native.Handle):
             self._buffers.reply = buffer
         length = check(lib().pb_caps_call(self._live(), data, len(data), buffer, capacity))
         return string_at(buffer, length)
+
+    def abort(self, id: int) -> bool:
+        """Takes request id back. True: the service had not read it, and it is gone (no reply
+        will come); False: the service has it and is told, and its reply is discarded. OSError
+        EINVAL when id is not a request of this client in flight."""
+        return check(lib().pb_caps_abort(self._live(), id)) == 0
+
+    def generation(self) -> int:
+        """The service's generation (it sets it; a restarted service starts past the old ones)."""
+        value = c_uint64()
+        check(lib().pb_caps_generation(self._live(), byref(value)))
+        return value.value
 
     def put(self, data: BytesLike) -> int:
         """Sends data as a request without waiting; returns its message id (see wait_reply)."""

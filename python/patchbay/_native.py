@@ -51,6 +51,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     # Keys
     "pb_share": (c_int, [c_void_p, c_int, c_int64, c_char_p]),
     "pb_claim": (c_int, [c_void_p, c_char_p]),
+    "pb_share_for": (c_int, [c_void_p, c_int, c_int64, c_int, c_int64, c_char_p]),
     # Shared memory
     "pb_shm_open": (c_int, [c_void_p, c_char_p, c_int, c_uint]),
     "pb_shm_unlink": (c_int, [c_void_p, c_char_p]),
@@ -74,12 +75,15 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "pb_caps_reply": (c_int, [c_void_p, c_uint64, c_void_p, c_size_t]),
     "pb_caps_reply_in_place": (c_int, [c_void_p, c_uint64, c_size_t, FILL_CALLBACK, c_void_p]),
     "pb_caps_reply_error": (c_int, [c_void_p, c_uint64, c_int]),
+    "pb_caps_set_generation": (c_int, [c_void_p, c_uint64]),
     "pb_caps_service_fd": (c_int, [c_void_p]),
     "pb_caps_service_cancel": (None, [c_void_p]),
     "pb_caps_service_close": (None, [c_void_p]),
     # CAPS clients
     "pb_caps_client_open": (c_int, [c_void_p, c_char_p, c_uint, _OUT]),
     "pb_caps_call": (c_ssize_t, [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t]),
+    "pb_caps_abort": (c_int, [c_void_p, c_uint64]),
+    "pb_caps_generation": (c_int, [c_void_p, POINTER(c_uint64)]),
     "pb_caps_put": (c_int, [c_void_p, c_void_p, c_size_t, POINTER(c_uint64)]),
     "pb_caps_put_in_place": (c_int, [c_void_p, c_size_t, FILL_CALLBACK, c_void_p, POINTER(c_uint64)]),
     "pb_caps_wait_reply": (c_int, [c_void_p, _MESSAGE, c_void_p, c_size_t]),

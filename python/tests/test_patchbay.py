@@ -191,6 +191,19 @@ class KeyTests(BrokerTestCase):
         with self.assertRaises(FileNotFoundError):
             self.broker.claim(key)
 
+    def test_share_for_one_claimer(self) -> None:
+        with open("/dev/null", "rb") as file:
+            key = self.broker.share(file, 30, for_pid=os.getpid())
+            claimed = self.broker.claim(key)
+            os.close(claimed)
+            key = self.broker.share(file, 30, for_uid=os.getuid() + 4242)
+            with self.assertRaises(FileNotFoundError):
+                self.broker.claim(key)
+            with self.assertRaises(ProcessLookupError):
+                self.broker.share(file, 30, for_pid=2147483647)
+            with self.assertRaises(ValueError):
+                self.broker.share(file, 30, for_uid=0, for_gid=0)
+
     def test_claim_of_an_unknown_key_is_ENOENT(self) -> None:
         with self.assertRaises(FileNotFoundError) as caught:
             self.broker.claim("A" + secrets.token_urlsafe(16)[:21])
@@ -365,6 +378,24 @@ class CapsTests(BrokerTestCase):
             with self.assertRaises(OSError) as caught:  # answered already
                 service.reply(request.id, b"again")
             self.assertEqual(caught.exception.errno, errno.EINVAL)
+
+    def test_abort_and_generation(self) -> None:
+        name = unique("py")
+        service = patchbay.CapsService(self.broker, name)
+        with patchbay.CapsClient(self.broker, name) as client:
+            unread = client.put(b"never read")
+            self.assertTrue(client.abort(unread))  # returned: the service never sees it
+            with self.assertRaises(OSError) as caught:
+                client.abort(unread)
+            self.assertEqual(caught.exception.errno, errno.EINVAL)
+            taken = client.put(b"read")
+            self.assertEqual(service.wait().id, taken)
+            self.assertFalse(client.abort(taken))  # at the service: it is told
+            told = service.wait()
+            self.assertEqual((told.kind, told.id), (patchbay.ABORTED, taken))
+            service.set_generation(7)
+            self.assertEqual(client.generation(), 7)
+        service.close()
 
     def test_reply_error_raises_the_errno_in_the_client(self) -> None:
         name = unique("py")
