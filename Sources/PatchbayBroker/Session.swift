@@ -47,7 +47,8 @@ final class Session {
     /// Since when the broker has stopped reading this client because its queue is full (monotonic
     /// nanoseconds), or nil while it reads.
     var readingPausedSince: UInt64?
-    /// The client's command name, read once a monitor first needs it.
+    /// The client's command name: read when the connection was accepted, else (the process had
+    /// exited by then) once a monitor first needs it.
     var command: String?
 
     init(id: UInt64, socket: consuming SeqpacketSocket, credentials: PeerCredentials, charge: DescriptorCharge) {
@@ -55,6 +56,7 @@ final class Session {
         self.socket = socket
         self.credentials = credentials
         self.charge = charge
+        command = credentials.command
     }
 
     var queuedFrames: Int { outgoing.count }

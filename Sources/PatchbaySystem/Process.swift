@@ -121,21 +121,32 @@ package func realUserID(of pid: pid_t) -> UInt32? {
 /// the pid, it names one process since boot, where the pid alone is handed on once the process
 /// is gone. Nil when there is no such process.
 package func processStartTime(of pid: pid_t) -> UInt64? {
-    guard let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY),
-          let bytes = try? stat.readToEnd(limit: 4096),
-          let close = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
-    // After the command (which may hold spaces and parentheses): field 3 onwards.
-    let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
-    guard fields.count > 19 else { return nil }
-    return UInt64(String(decoding: fields[19], as: UTF8.self))
+    processStat(of: pid)?.startTime
 }
 
-/// The start time of the process behind `pidfd` (number `pid`), kept only if the process was
-/// still there after it was read: then the number was still its own, and the time is its time,
-/// not that of a process that got the pid since. Nil once it has exited.
+/// The command name (`comm`, field 2) and start time (field 22) of `/proc/PID/stat`.
+package func processStat(of pid: pid_t) -> (command: String, startTime: UInt64)? {
+    guard let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY),
+          let bytes = try? stat.readToEnd(limit: 4096),
+          let open = bytes.firstIndex(of: UInt8(ascii: "(")),
+          let close = bytes.lastIndex(of: UInt8(ascii: ")")), open < close else { return nil }
+    // After the command (which may hold spaces and parentheses): field 3 onwards.
+    let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
+    guard fields.count > 19, let start = UInt64(String(decoding: fields[19], as: UTF8.self)) else { return nil }
+    return (String(decoding: bytes[(open + 1)..<close], as: UTF8.self), start)
+}
+
+/// The command name and start time of the process behind `pidfd` (number `pid`), kept only if
+/// the process was still there after they were read: then the number was still its own, and
+/// they are its, not those of a process that got the pid since. Nil once it has exited.
+package func verifiedProcessStat(pid: pid_t, pidfd: CInt) -> (command: String, startTime: UInt64)? {
+    guard let stat = processStat(of: pid), pb_pidfd_exited(pidfd) == 0 else { return nil }
+    return stat
+}
+
+/// `verifiedProcessStat`'s start time.
 package func verifiedStartTime(pid: pid_t, pidfd: CInt) -> UInt64? {
-    guard let start = processStartTime(of: pid), pb_pidfd_exited(pidfd) == 0 else { return nil }
-    return start
+    verifiedProcessStat(pid: pid, pidfd: pidfd)?.startTime
 }
 
 /// The inode of a pidfd when pidfds live in pidfs (Linux 6.9 on): a number no other process gets

@@ -54,14 +54,19 @@ package struct PeerCredentials: Sendable, Hashable {
     package var startTime: UInt64?
     /// `pidfdInode` of that pidfd (Linux 6.9 on): tells apart processes started in the same tick.
     package var processInode: UInt64?
+    /// Its command name (`comm`), read with the start time: what monitors show, even once the
+    /// process has exited.
+    package var command: String?
 
-    package init(pid: pid_t, uid: UInt32, gid: UInt32, groups: [UInt32], startTime: UInt64? = nil, processInode: UInt64? = nil) {
+    package init(pid: pid_t, uid: UInt32, gid: UInt32, groups: [UInt32], startTime: UInt64? = nil, processInode: UInt64? = nil,
+                 command: String? = nil) {
         self.pid = pid
         self.uid = uid
         self.gid = gid
         self.groups = groups
         self.startTime = startTime
         self.processInode = processInode
+        self.command = command
     }
 
     /// Whether the process that connected is `process`, still running: same pid, same start, and
@@ -194,16 +199,16 @@ package struct SeqpacketSocket: ~Copyable {
         let total = try syscallRetrying {
             groups.withUnsafeMutableBufferPointer { pb_peer_groups(descriptor.rawValue, $0.baseAddress, CInt(capacity)) }
         }
-        let (startTime, inode) = peerProcess(pid: raw.pid)
+        let (stat, inode) = peerProcess(pid: raw.pid)
         return PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid,
                                groups: Array(groups[0..<min(Int(total), capacity)]),
-                               startTime: startTime, processInode: inode)
+                               startTime: stat?.startTime, processInode: inode, command: stat?.command)
     }
 
     /// The connecting process's start time and pidfd inode, through a pidfd the kernel took of it
     /// at `connect` (`SO_PEERPIDFD`, Linux 6.5), or else one opened now by its pid (a narrow race:
     /// the process gone and its pid reused between `connect` and now).
-    private borrowing func peerProcess(pid: pid_t) -> (UInt64?, UInt64?) {
+    private borrowing func peerProcess(pid: pid_t) -> ((command: String, startTime: UInt64)?, UInt64?) {
         var pidfd: CInt = -1
         var length = socklen_t(MemoryLayout<CInt>.size)
         if getsockopt(descriptor.rawValue, SOL_SOCKET, 77 /* SO_PEERPIDFD */, &pidfd, &length) != 0 || pidfd < 0 {
@@ -211,7 +216,7 @@ package struct SeqpacketSocket: ~Copyable {
         }
         guard pidfd >= 0 else { return (nil, nil) }
         defer { Glibc.close(pidfd) }
-        return (verifiedStartTime(pid: pid, pidfd: pidfd), pidfdInode(pidfd))
+        return (verifiedProcessStat(pid: pid, pidfd: pidfd), pidfdInode(pidfd))
     }
 
     /// The socket type (`SO_TYPE`), to check an inherited descriptor is what we expect.

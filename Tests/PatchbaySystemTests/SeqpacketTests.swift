@@ -282,7 +282,8 @@ struct SeqpacketAddressTests {
         let credentials = try pair.first.peerCredentials()
         #expect(credentials == PeerCredentials(pid: getpid(), uid: geteuid(), gid: getegid(),
                                                groups: credentials.groups, startTime: processStartTime(of: getpid()),
-                                               processInode: credentials.processInode))
+                                               processInode: credentials.processInode, command: credentials.command))
+        #expect(credentials.command == processStat(of: getpid())?.command)
         #expect(credentials.startTime != nil)
         #expect(Set(credentials.groups) == Set(currentGroups()))
     }

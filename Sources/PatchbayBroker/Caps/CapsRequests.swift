@@ -8,6 +8,7 @@
 // never writes a generation), as SEMANTICS.md §5 says.
 
 import Glibc
+import DequeModule
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
@@ -36,6 +37,12 @@ final class CapsRequests: SessionClosedHook {
 
     /// Taps by session id.
     private var taps: [UInt64: Tap] = [:]
+    /// Clients of tapped services that have gone, by channel id, with the service they used: a
+    /// tap's records reach the broker on the service's connection and may come after the client
+    /// left, and are still shown as that client's. The last `departedLimit` only.
+    private var departed: [UInt64: (serviceID: UInt64, credentials: PeerCredentials, command: String)] = [:]
+    private var departedOrder: Deque<UInt64> = []
+    private static let departedLimit = 1024
 
     /// Services a listing shows, so a reply stays inside one frame.
     static let listLimit = 512
@@ -200,6 +207,13 @@ final class CapsRequests: SessionClosedHook {
     func sessionClosed(_ session: Session) {
         waiting.removeAll { $0.request.session == session.id }
         taps[session.id] = nil
+        if !taps.isEmpty, let channel = registry.channel(ofSession: session.id),
+           taps.values.contains(where: { $0.serviceID == channel.serviceID }) {
+            sessions.noteCommand(of: session)
+            departed[channel.id] = (channel.serviceID, session.credentials, session.command ?? "")
+            departedOrder.append(channel.id)
+            if departedOrder.count > Self.departedLimit, let oldest = departedOrder.popFirst() { departed[oldest] = nil }
+        }
         if !sessions.monitors.isEmpty { announceDeparture(of: session) }
         notifyDeparture(registry.sessionClosed(session.id))
     }
@@ -235,9 +249,17 @@ final class CapsRequests: SessionClosedHook {
         guard !sessions.monitors.isEmpty, let tap = taps[session.id], let service = registry.services[tap.serviceID] else { return }
         var extra = UInt64(lost)
         for record in records {
-            guard let channel = registry.channels[record.messageID >> 32], channel.serviceID == service.id,
-                  let client = sessions[channel.clientSession] else { continue }
-            let credentials = client.credentials
+            let channelID = record.messageID >> 32
+            let credentials: PeerCredentials
+            let command: String
+            if let channel = registry.channels[channelID], channel.serviceID == service.id, let client = sessions[channel.clientSession] {
+                sessions.noteCommand(of: client)
+                (credentials, command) = (client.credentials, client.command ?? "")
+            } else if let gone = departed[channelID], gone.serviceID == service.id {
+                (credentials, command) = (gone.credentials, gone.command)
+            } else {
+                continue
+            }
             let operation: String
             var detail = "message \(record.messageID)"
             switch record.kind {
@@ -250,10 +272,9 @@ final class CapsRequests: SessionClosedHook {
             let payload = tap.payloads ? record.payload : []
             sessions.announce(.caps, pid: credentials.pid, uid: credentials.uid, object: service.name,
                               audience: [service.owner.uid], lost: extra) {
-                sessions.noteCommand(of: client)
-                return MonitorEvent(time: 0, subsystem: "", operation: operation, pid: credentials.pid, uid: credentials.uid,
-                                    command: client.command ?? "", object: service.name, outcome: "ok", elapsed: 0, lost: 0,
-                                    detail: detail, payload: payload)
+                MonitorEvent(time: 0, subsystem: "", operation: operation, pid: credentials.pid, uid: credentials.uid,
+                             command: command, object: service.name, outcome: "ok", elapsed: 0, lost: 0,
+                             detail: detail, payload: payload)
             }
             extra = 0
         }
