@@ -210,11 +210,16 @@ ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const in
     return n;
 }
 
+/* Room for every descriptor one message can carry (the kernel's SCM_MAX_FD): descriptors that
+ * do not fit the control buffer are closed by the kernel inside recvmsg, in this thread, and the
+ * last close of a file its sender chose can block (a TCP socket with SO_LINGER): never here. */
+#define PB_MAX_RECV_FDS 253
+
 ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
                          int *fd_count, int *flags_out, int dontwait) {
     struct iovec iov = { .iov_base = buffer, .iov_len = length };
     union {
-        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_FDS)];
+        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
         struct cmsghdr align;
     } control;
     struct msghdr msg;

@@ -68,6 +68,16 @@ final class DeferredCloser: Sendable {
         }
     }
 
+    /// Makes the last close of the file behind `fd` (which its owner still closes itself) happen
+    /// here, for `uid`: a copy is queued, so the owner's own close is not the last. For the
+    /// broker's sockets that a client can write descriptors into (a connection, a `/net` socket
+    /// and its handle): closing one frees what waits in its queue, and a lingering TCP socket
+    /// among it would make that close wait.
+    func closeLast(of fd: CInt, for uid: UInt32) {
+        let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        if copy >= 0 { close(raw: copy, of: uid) }
+    }
+
     /// Descriptors `uid` handed over that are not closed yet.
     func outstanding(of uid: UInt32) -> Int {
         queues.withLock { $0[uid] }?.outstanding.load(ordering: .relaxed) ?? 0

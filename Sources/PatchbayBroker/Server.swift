@@ -254,6 +254,13 @@ public final class BrokerServer {
                 }
                 guard let cost = receiveOne(session) else { return }
                 work += cost
+                // Descriptors a uid sent that wait to be closed count against its share: one
+                // whose closes do not finish (a file it chose blocks them) and that keeps sending
+                // more is cut off, rather than the broker's table filling up.
+                if !sessions.budget.fits(0, for: session.credentials.uid) {
+                    sessions.close(id, reason: "its descriptors waiting to be closed exceed its share")
+                    return
+                }
             }
         }
     }
@@ -315,11 +322,13 @@ public final class BrokerServer {
         if truncated {
             return refuse(EMSGSIZE, "frames are limited to \(maximumFrameSize) bytes")
         }
+        if descriptors.count > maximumDescriptorsPerMessage {
+            // All of them received (closed off the loop after this), none refused inside recvmsg.
+            return refuse(EINVAL, "a request carries at most \(maximumDescriptorsPerMessage) descriptors")
+        }
         if descriptorsTruncated {
-            // Either the client sent more than fit, or the broker itself is out of descriptors.
-            return descriptors.count >= maximumDescriptorsPerMessage
-                ? refuse(EINVAL, "a request carries at most \(maximumDescriptorsPerMessage) descriptors")
-                : refuse(EMFILE, "the broker has no free descriptor to receive yours; try again later")
+            // The broker itself is out of descriptors.
+            return refuse(EMFILE, "the broker has no free descriptor to receive yours; try again later")
         }
         let frame: Frame
         let request: Request

@@ -59,6 +59,10 @@ final class Session {
         command = credentials.command
     }
 
+    /// The connection's last close happens on the uid's closing thread: descriptors the client
+    /// sent that were never read are freed with it.
+    deinit { DeferredCloser.shared.closeLast(of: socket.rawValue, for: credentials.uid) }
+
     var queuedFrames: Int { outgoing.count }
 
     /// Whether the queue has reached the bounds past which the broker reads no more requests.

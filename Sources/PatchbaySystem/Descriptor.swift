@@ -1,5 +1,6 @@
 package import SystemPackage
 import Glibc
+import Synchronization
 package import CPatchbayShims
 
 /// An open file descriptor that this value owns: it is closed exactly once, when the value ends.
@@ -183,7 +184,8 @@ package func closeHandedOver(_ fd: CInt) {
     if fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK {
         var current = linger()
         var size = socklen_t(MemoryLayout<linger>.size)
-        if getsockopt(fd, SOL_SOCKET, SO_LINGER, &current, &size) == 0, current.l_onoff != 0, current.l_linger > 0 {
+        // Any l_linger: -1 is stored as "no timeout" and read back as a negative number.
+        if getsockopt(fd, SOL_SOCKET, SO_LINGER, &current, &size) == 0, current.l_onoff != 0 {
             var off = linger(l_onoff: 0, l_linger: 0)
             _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, socklen_t(MemoryLayout<linger>.size))
         }
@@ -197,5 +199,60 @@ extension Descriptor {
     package borrowing func isHungUp() -> Bool {
         var poller = pollfd(fd: rawValue, events: 0, revents: 0)
         return poll(&poller, 1, 0) > 0 && poller.revents & Int16(POLLHUP) != 0
+    }
+}
+
+/// Whether closing `fd` could free descriptors that wait inside it: a local socket with data
+/// queued (which may carry `SCM_RIGHTS`) or listening (its pending connections may). The last
+/// close of one of those can be the last close of a file someone else chose, and wait.
+package func mayHoldDescriptors(_ fd: CInt) -> Bool {
+    var info = stat()
+    guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return false }
+    var domain: CInt = 0
+    var length = socklen_t(MemoryLayout<CInt>.size)
+    guard getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0, domain == AF_UNIX else { return false }
+    var listening: CInt = 0
+    length = socklen_t(MemoryLayout<CInt>.size)
+    if getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening != 0 { return true }
+    var queued: CInt = 0
+    return ioctl(fd, UInt(FIONREAD), &queued) != 0 || queued > 0
+}
+
+/// Closes descriptors a peer handed over without the calling thread waiting on any of them:
+/// `closeHandedOver` at once, unless the descriptor may hold others (`mayHoldDescriptors`), which
+/// goes to one background thread of the process, started on first use.
+package enum PeerDescriptors {
+    private final class Queue: @unchecked Sendable {  // `pending` under `lock`; `word` by atomics and futexes
+        let lock = Mutex<[CInt]>([])
+        let word: UnsafeMutablePointer<UInt32> = {
+            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            word.initialize(to: 0)
+            return word
+        }()
+    }
+
+    private static let queue: Queue = {
+        let queue = Queue()
+        startThread {
+            while true {
+                let seen = SharedWord.load(queue.word)
+                let batch = queue.lock.withLock { pending -> [CInt] in
+                    defer { pending.removeAll() }
+                    return pending
+                }
+                for fd in batch { closeHandedOver(fd) }
+                if batch.isEmpty { try? Futex.wait(queue.word, expected: seen) }
+            }
+        }
+        return queue
+    }()
+
+    /// Closes `fd`, a descriptor this code owns that a peer chose.
+    package static func close(_ fd: CInt) {
+        guard mayHoldDescriptors(fd) else { return closeHandedOver(fd) }
+        let queue = queue
+        queue.lock.withLock { $0.append(fd) }
+        SharedWord.increment(queue.word)
+        Futex.wake(queue.word)
     }
 }

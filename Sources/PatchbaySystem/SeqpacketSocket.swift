@@ -5,6 +5,12 @@ package import CPatchbayShims
 /// The most descriptors one message carries, in either direction.
 package let maximumDescriptorsPerMessage = 16
 
+/// The most descriptors one message can bring (the kernel's `SCM_MAX_FD`). A receive takes them
+/// all, so that none is closed inside `recvmsg` by the kernel, in the receiving thread; what a
+/// message brings beyond `maximumDescriptorsPerMessage` is refused by the caller, who decides
+/// where it is closed.
+package let maximumDescriptorsReceived = 253
+
 /// Descriptors received with a message. Each one is owned here and closed when this value ends,
 /// unless it was taken out first, so a rejected request can never leak what it carried.
 package struct ReceivedDescriptors: ~Copyable {
@@ -172,7 +178,7 @@ package struct SeqpacketSocket: ~Copyable {
     package borrowing func receive(
         into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false
     ) throws(Errno) -> ReceivedMessage {
-        var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
+        var fds = [CInt](repeating: -1, count: maximumDescriptorsReceived)
         var fdCount: CInt = 0
         var flags: CInt = 0
         let length = fds.withUnsafeMutableBufferPointer { fdBuffer in
@@ -248,7 +254,7 @@ extension SeqpacketSocket {
     package static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false)
         -> (length: Int, descriptors: [CInt])?
     {
-        var fds = [CInt](repeating: -1, count: maximumDescriptorsPerMessage)
+        var fds = [CInt](repeating: -1, count: maximumDescriptorsReceived)
         var count: CInt = 0
         var flags: CInt = 0
         let length = fds.withUnsafeMutableBufferPointer { pointer in

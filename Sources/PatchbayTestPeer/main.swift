@@ -92,7 +92,7 @@ func shareAndHang(_ path: String, milliseconds: Int64) throws(PatchbayError) {
 
 /// A TCP socket whose last close would wait an hour: `SO_LINGER` on, connected to 127.0.0.1:`port`
 /// (a listener that never reads), its send queue full.
-func lingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descriptor {
+func lingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(PatchbayError) -> PatchbaySystem.Descriptor {
     let fd = socket(AF_INET, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw PatchbayError(Errno.current, "socket") }
     let descriptor = PatchbaySystem.Descriptor(adopting: fd)
@@ -104,7 +104,8 @@ func lingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descr
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
     guard connected == 0 else { throw PatchbayError(Errno.current, "connect to port \(port)") }
-    var hour = linger(l_onoff: 1, l_linger: 3600)
+    // (-1 is stored as "no timeout at all", and read back as a negative number.)
+    var hour = linger(l_onoff: 1, l_linger: seconds)
     guard setsockopt(fd, SOL_SOCKET, SO_LINGER, &hour, socklen_t(MemoryLayout<linger>.size)) == 0 else {
         throw PatchbayError(Errno.current, "SO_LINGER")
     }
@@ -115,20 +116,39 @@ func lingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descr
 
 /// Shares a lingering TCP socket for `milliseconds`, closes its own copy, and exits: when the key
 /// expires, the broker holds the socket's last descriptor.
-func shareLingering(port: UInt16, milliseconds: Int64) throws(PatchbayError) {
+func shareLingering(port: UInt16, milliseconds: Int64, seconds: Int32) throws(PatchbayError) {
     let broker = try Broker()
-    let socket = try lingeringSocket(port: port)
+    let socket = try lingeringSocket(port: port, seconds: seconds)
     _ = try broker.share(rawDescriptor: socket.rawValue, timeout: .after(.milliseconds(milliseconds)))
     say("shared")
 }
 
-/// Puts one request to `service` with a lingering TCP socket attached, closes its own copy, and
-/// stays connected until its input ends: the service holds the socket's last descriptor.
-func capsAttachLingering(service: String, port: UInt16) throws(PatchbayError) {
+/// A local socket with a lingering TCP socket waiting in its queue (`SCM_RIGHTS`): whoever closes
+/// it last closes that socket too.
+func wrappedLingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descriptor {
+    var pair: [CInt] = [-1, -1]
+    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+        throw PatchbayError(Errno.current, "socketpair")
+    }
+    let sender = PatchbaySystem.Descriptor(adopting: pair[0])
+    let wrapper = PatchbaySystem.Descriptor(adopting: pair[1])
+    let inner = try lingeringSocket(port: port)
+    var byte: UInt8 = 1
+    guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) } }) == 1
+    else { throw PatchbayError(Errno.current, "sendmsg") }
+    _ = consume sender
+    _ = consume inner
+    return wrapper
+}
+
+/// Puts one request to `service` with a lingering TCP socket attached (`wrapped`: inside a local
+/// socket's queue), closes its own copy, and stays connected until its input ends: the service
+/// holds the last descriptor.
+func capsAttachLingering(service: String, port: UInt16, wrapped: Bool) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: service)
     do {
-        let socket = try lingeringSocket(port: port)
+        let socket = wrapped ? try wrappedLingeringSocket(port: port) : try lingeringSocket(port: port, seconds: -1)
         _ = try client.put(Array("lingering".utf8), descriptors: [socket.rawValue])
     }
     say("put")
@@ -198,6 +218,86 @@ func claimThroughOrphanedConnection() throws(PatchbayError) {
         say("connected")
     }
     for fd in reply.descriptors { close(fd) }
+}
+
+/// A `/net` listener of its own with a lingering TCP socket sent on a connection it never
+/// accepts, then everything dropped: the broker's copy of the listener is the last, and closing
+/// it closes that socket. Says "dropped" and stays until its input ends.
+func netListenerWithLingering(port: UInt16) throws(PatchbayError) {
+    let broker = try Broker()
+    let path: String
+    do {
+        let listener = try Socket.listen(broker, name: "lingering.embryo", type: .seqpacket)
+        path = try broker.localSocketPath("lingering.embryo")
+        let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw PatchbayError(Errno.current, "connect to \(path)") }
+        let inner = try lingeringSocket(port: port)
+        var byte: UInt8 = 1
+        guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(fd, raw, $0) } }) == 1
+        else { throw PatchbayError(Errno.current, "sendmsg") }
+        close(fd)
+        _ = consume inner
+        _ = consume listener
+    }
+    say("dropped")
+    waitForEndOfInput()
+}
+
+/// One share frame carrying 17 descriptors (16 of /dev/null, then a lingering TCP socket), one
+/// more than a request may: the broker must refuse it without its loop closing the socket (the
+/// kernel closes what does not fit a receive's control buffer, in the receiving thread).
+func sendSeventeenWithLingering(port: UInt16) throws(PatchbayError) {
+    guard let path = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }) else {
+        throw PatchbayError(.invalidArgument, "PATCHBAY_SOCKET is not set")
+    }
+    let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
+    }
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard connected == 0 else { throw PatchbayError(Errno.current, "connect") }
+    var descriptors = (0..<16).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) }
+    let lingering = try lingeringSocket(port: port)
+    descriptors.append(lingering.rawValue)
+    let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
+    // More than the shim's 16: sent with sendmsg directly.
+    var iov = iovec()
+    let control = UnsafeMutableRawPointer.allocate(byteCount: 1024, alignment: 8)
+    defer { control.deallocate() }
+    let length = MemoryLayout<cmsghdr>.size + 4 * descriptors.count
+    let header = control.assumingMemoryBound(to: cmsghdr.self)
+    header.pointee.cmsg_len = length
+    header.pointee.cmsg_level = SOL_SOCKET
+    header.pointee.cmsg_type = CInt(SCM_RIGHTS)
+    descriptors.withUnsafeBytes { control.advanced(by: MemoryLayout<cmsghdr>.size).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    let sent = frame.withUnsafeBytes { raw -> Int in
+        iov.iov_base = UnsafeMutableRawPointer(mutating: raw.baseAddress)
+        iov.iov_len = raw.count
+        return withUnsafeMutablePointer(to: &iov) { iovPointer in
+            var message = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: iovPointer, msg_iovlen: 1, msg_control: control,
+                                 msg_controllen: (length + 7) & ~7, msg_flags: 0)
+            return sendmsg(fd, &message, 0)
+        }
+    }
+    guard sent == frame.count else { throw PatchbayError(Errno.current, "sendmsg") }
+    for descriptor in descriptors.dropLast() { close(descriptor) }
+    _ = consume lingering
+    say("sent")
+    // The connection stays open (the broker must answer or refuse, not wait) until input ends.
+    waitForEndOfInput()
+    close(fd)
 }
 
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
@@ -710,10 +810,15 @@ func main() -> CInt {
             try chaos(service: arguments[1])
         case "adopt-claimed" where arguments.count == 3:
             try adoptClaimed(arguments[1], arguments[2])
-        case "share-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil:
-            try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!)
-        case "caps-attach-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
-            try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!)
+        case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil
+                                      && Int32(arguments[3]) != nil:
+            try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
+        case "caps-attach-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil:
+            try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, wrapped: arguments[3] == "wrapped")
+        case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
+            try netListenerWithLingering(port: UInt16(arguments[1])!)
+        case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
+            try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:
             try claimThroughOrphanedConnection()
         case "share-and-hang" where arguments.count == 3:

@@ -268,15 +268,17 @@ static void test_net(pb_broker *broker) {
     pb_net_close(fresh);
     pb_net_close(listener);
     pb_net_close(NULL);
-    /* The name is free again once the broker has seen the handle close (it does so on its own
-     * loop, right after): bounded retries, not a sleep. */
-    int relisten = -EADDRINUSE;
-    for (int attempt = 0; attempt < 1000 && relisten == -EADDRINUSE; attempt++) {
-        relisten = pb_net_listen(broker, name, "stream", &listener);
-        if (relisten == -EADDRINUSE) sched_yield();
+    /* The name is free again at once: a bind of a name whose holder's handles are all closed
+     * closes that socket first (before, 49 binds in 50 made right after the close failed). */
+    for (int round = 0; round < 20; round++) {
+        OK(pb_net_listen(broker, name, "stream", &listener));
+        pb_net_close(listener);
+        OK(pb_net_open(broker, "stream", 0, &fresh));
+        char bind_again[128];
+        snprintf(bind_again, sizeof bind_again, "bind %s", name);
+        OK(pb_net_ctl(fresh, bind_again));
+        pb_net_close(fresh);
     }
-    OK(relisten);
-    pb_net_close(listener);
 }
 
 /* ---- CAPS ---- */

@@ -133,27 +133,6 @@ struct NetTests {
         #expect(try datagram.state() == .bound)
     }
 
-    @Test("a name is free again as soon as its socket's last handle is closed: close, then bind at once")
-    func rebindAfterClose() throws {
-        let broker = try TestBroker()
-        let client = try broker.connect()
-        for round in 0..<20 {
-            do {
-                var first = try Socket.open(client, type: .seqpacket)
-                try first.control("bind again && listen")
-            }  // closed here: its handle, its kernel socket
-            var second = try Socket.open(client, type: .seqpacket)
-            do {
-                try second.control("bind again && listen")
-            } catch {
-                Issue.record("round \(round): \(error)")
-                return
-            }
-            #expect(try second.state() == .listening)
-            #expect(try client.listSockets().filter { $0.name == "again" }.map(\.id) == [second.id])
-        }
-    }
-
     @Test("listen, connect, accept and data across two unrelated processes", arguments: Socket.Kind.allCases)
     func acrossProcesses(_ kind: Socket.Kind) throws {
         let broker = try TestBroker()

@@ -49,8 +49,9 @@ private func asNobody(_ arguments: [String], environment: [String: String?]) thr
 
 @Suite("Two users: lingering sockets", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
 struct TwoUserLingerTests {
-    @Test("a lingering TCP socket nobody left to the broker in an expiring key is closed at once, and root's expired files after it")
-    func lingeringKeyIsClosedAtOnce() throws {
+    @Test("a lingering TCP socket nobody left to the broker in an expiring key is closed at once, and root's expired files after it",
+          arguments: [3600, -1] as [Int32])  // -1: no timeout at all, read back as a negative number
+    func lingeringKeyIsClosedAtOnce(seconds: Int32) throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
@@ -58,7 +59,7 @@ struct TwoUserLingerTests {
         let root = try broker.connect()
         _ = try root.status()  // the broker has accepted root's connection: counted in the baseline
         let baseline = try broker.descriptorCount()
-        let sharer = try asNobody(["share-lingering", "\(port)", "50"], environment: broker.environment)
+        let sharer = try asNobody(["share-lingering", "\(port)", "50", "\(seconds)"], environment: broker.environment)
         #expect(sharer.termination == .exited(0) && sharer.standardOutput.contains("shared"), "\(sharer.standardError)")
         // Root's own file, expiring just after nobody's: its close must not wait behind it.
         _ = try root.share(try openFile("/dev/null", flags: O_RDONLY), timeout: .after(.milliseconds(100)))
@@ -74,8 +75,9 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
-    @Test("a lingering TCP socket nobody attached to a request does not hang root's service when it closes it")
-    func lingeringAttachmentDoesNotHangService() throws {
+    @Test("a lingering TCP socket nobody attached to a request, bare or inside a local socket's queue, does not hang root's service when it closes it",
+          arguments: ["bare", "wrapped"])
+    func lingeringAttachmentDoesNotHangService(_ how: String) throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
@@ -83,7 +85,7 @@ struct TwoUserLingerTests {
         let root = try broker.connect()
         let service = try CapsService(root, name: "lingersvc", access: [.world])
         let client = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                    "caps-attach-lingering", "lingersvc", "\(port)"], environment: broker.environment)
+                                                    "caps-attach-lingering", "lingersvc", "\(port)", how], environment: broker.environment)
         defer { client.closeInput() }
         #expect(try client.readLine() == "put")
         // The service reads the request and drops its descriptor (closed with the message) on a
@@ -102,6 +104,61 @@ struct TwoUserLingerTests {
         #expect(poll(&poller, 1, 20_000) == 1, "the service is stuck closing nobody's socket")
         let got = seen.withLock { $0 }
         #expect(got?.0 == 65534 && got?.1 == 1)
+        withExtendedLifetime(listener) {}
+    }
+
+    @Test("nobody's /net listener dropped with a lingering TCP socket queued on a connection it never accepted: the broker keeps answering root")
+    func droppedListenerDoesNotFreezeTheLoop() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "net-listener-with-lingering", "\(listener.port)"], environment: broker.environment)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        #expect(try attacker.readLine() == "dropped")
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        let answered = Mutex(0)
+        startThread {
+            // Until the broker has seen the listener's handle close (its name is free again).
+            for _ in 0..<200 {
+                if (try? root.listSockets())?.contains(where: { $0.name == "lingering.embryo" }) == false { break }
+                usleep(10_000)
+            }
+            for _ in 0..<3 where (try? root.status()) != nil { answered.withLock { $0 += 1 } }
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&poller, 1, 20_000) == 1, "the broker's loop is stuck")
+        #expect(answered.withLock { $0 } == 3)
+        withExtendedLifetime(listener) {}
+    }
+
+    @Test("a frame from nobody with 17 descriptors, the last a lingering TCP socket: refused, and the broker keeps answering root")
+    func tooManyDescriptorsDoNotFreezeTheLoop() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "send-17-with-lingering", "\(listener.port)"], environment: broker.environment)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        #expect(try attacker.readLine() == "sent")
+        // Root's requests, from another thread, bounded: a frozen loop fails the test instead of
+        // hanging it.
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        let answered = Mutex(0)
+        startThread {
+            for _ in 0..<3 where (try? root.status()) != nil { answered.withLock { $0 += 1 } }
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&poller, 1, 20_000) == 1, "the broker's loop is stuck")
+        #expect(answered.withLock { $0 } == 3)
         withExtendedLifetime(listener) {}
     }
 }

@@ -39,8 +39,8 @@ public final class CapsDescriptors: @unchecked Sendable {
     /// Takes ownership of `raw`.
     init(adopting raw: [CInt]) { self.raw = raw }
 
-    /// (A descriptor the peer chose: a lingering socket's close must not make this port wait.)
-    deinit { for fd in raw { closeHandedOver(fd) } }
+    /// (Descriptors the peer chose: the port's thread never waits on one's last close.)
+    deinit { for fd in raw { PeerDescriptors.close(fd) } }
 
     /// How many descriptors are still held.
     public var count: Int { raw.count }
@@ -55,7 +55,7 @@ public final class CapsDescriptors: @unchecked Sendable {
 
     /// Closes the first descriptor (an attached payload, once read).
     func dropFirst() {
-        if !raw.isEmpty { closeHandedOver(raw.removeFirst()) }
+        if !raw.isEmpty { PeerDescriptors.close(raw.removeFirst()) }
     }
 
     /// The rest, handed on as a set of their own (nil when none is left).

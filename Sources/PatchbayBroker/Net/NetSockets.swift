@@ -105,6 +105,16 @@ final class NetSocket {
         self.handle = handle
     }
 
+    /// The last closes of the kernel socket, the handle end and a held connection happen on the
+    /// accounted uid's closing thread: each may hold descriptors a client sent (on a pending
+    /// connection, in the handle's queue), and a lingering TCP socket among them would make the
+    /// close wait.
+    deinit {
+        DeferredCloser.shared.closeLast(of: kernel.rawValue, for: accountedUID)
+        DeferredCloser.shared.closeLast(of: handle.rawValue, for: accountedUID)
+        if let held = heldConnection?.rawValue { DeferredCloser.shared.closeLast(of: held, for: accountedUID) }
+    }
+
     /// The one way a socket changes state: checked against the table.
     func transition(to next: NetSocketState) throws(RequestError) {
         guard state.canTransition(to: next) else {
