@@ -90,6 +90,25 @@ func shareAndHang(_ path: String, milliseconds: Int64) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// The broker's socket path, as the library finds it (`PATCHBAY_SOCKET`), for raw clients.
+func brokerSocketPath() throws(PatchbayError) -> String {
+    guard let path = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }) else {
+        throw PatchbayError(.invalidArgument, "PATCHBAY_SOCKET is not set")
+    }
+    return path
+}
+
+/// A raw seqpacket connection to the local socket at `path` (the broker's, or a /net name's file).
+func connectSeqpacket(to path: String) throws(PatchbayError) -> SeqpacketSocket {
+    do {
+        let socket = try SeqpacketSocket()
+        try socket.connect(path: path)
+        return socket
+    } catch {
+        throw PatchbayError(error, "cannot connect to \(path)")
+    }
+}
+
 /// A TCP socket whose last close would wait an hour: `SO_LINGER` on, connected to 127.0.0.1:`port`
 /// (a listener that never reads), its send queue full.
 func lingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(PatchbayError) -> PatchbaySystem.Descriptor {
@@ -160,27 +179,15 @@ func capsAttachLingering(service: String, port: UInt16, wrapped: Bool) throws(Pa
 /// reads a key from its input and claims it over that connection, as the child's pid, and says
 /// "claimed" or "refused ERRNO".
 func claimThroughOrphanedConnection() throws(PatchbayError) {
-    guard let path = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }) else {
-        throw PatchbayError(.invalidArgument, "PATCHBAY_SOCKET is not set")
-    }
+    let path = try brokerSocketPath()
     var pair: [CInt] = [-1, -1]
     guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0, &pair) == 0 else { throw PatchbayError(Errno.current, "socketpair") }
     let child = fork()
     if child == 0 {
         // The child: plain system calls only, then _exit.
-        let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        guard let connection = try? connectSeqpacket(to: path) else { _exit(1) }
         var byte: UInt8 = 1
-        let sent = connected == 0
-            ? withUnsafeBytes(of: &byte) { raw in [fd].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(pair[1], raw, $0) } }
-            : -1
+        let sent = withUnsafeBytes(of: &byte) { raw in [connection.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(pair[1], raw, $0) } }
         _exit(sent == 1 ? 0 : 1)
     }
     var buffer = [UInt8](repeating: 0, count: 8)
@@ -229,21 +236,12 @@ func netListenerWithLingering(port: UInt16) throws(PatchbayError) {
     do {
         let listener = try Socket.listen(broker, name: "lingering.embryo", type: .seqpacket)
         path = try broker.localSocketPath("lingering.embryo")
-        let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else { throw PatchbayError(Errno.current, "connect to \(path)") }
+        let connection = try connectSeqpacket(to: path)
         let inner = try lingeringSocket(port: port)
         var byte: UInt8 = 1
-        guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(fd, raw, $0) } }) == 1
+        guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection.rawValue, raw, $0) } }) == 1
         else { throw PatchbayError(Errno.current, "sendmsg") }
-        close(fd)
+        _ = consume connection
         _ = consume inner
         _ = consume listener
     }
@@ -255,19 +253,8 @@ func netListenerWithLingering(port: UInt16) throws(PatchbayError) {
 /// more than a request may: the broker must refuse it without its loop closing the socket (the
 /// kernel closes what does not fit a receive's control buffer, in the receiving thread).
 func sendSeventeenWithLingering(port: UInt16) throws(PatchbayError) {
-    guard let path = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }) else {
-        throw PatchbayError(.invalidArgument, "PATCHBAY_SOCKET is not set")
-    }
-    let fd = socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0)
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
-    }
-    let connected = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    guard connected == 0 else { throw PatchbayError(Errno.current, "connect") }
+    let connection = try connectSeqpacket(to: try brokerSocketPath())
+    let fd = connection.rawValue
     var descriptors = (0..<16).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) }
     let lingering = try lingeringSocket(port: port)
     descriptors.append(lingering.rawValue)
@@ -297,7 +284,7 @@ func sendSeventeenWithLingering(port: UInt16) throws(PatchbayError) {
     say("sent")
     // The connection stays open (the broker must answer or refuse, not wait) until input ends.
     waitForEndOfInput()
-    close(fd)
+    _ = consume connection
 }
 
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.

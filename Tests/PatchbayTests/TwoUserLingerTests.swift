@@ -42,6 +42,25 @@ private func deafListener() throws -> (CInt, UInt16) {
     return (fd, UInt16(bigEndian: address.sin_port))
 }
 
+/// Runs `body` on a thread of its own and says whether it finished within 20 s: a thread stuck in
+/// a close fails the test instead of hanging it. (Stuck, it is left behind, with the pipe it
+/// would signal on, so that no later descriptor gets that number under it.)
+private func finishes(_ body: @escaping @Sendable () -> Void) throws -> Bool {
+    var ends: [CInt] = [-1, -1]
+    guard pipe(&ends) == 0 else { throw Errno.current }
+    let signal = ends[1]
+    startThread {
+        body()
+        var byte: UInt8 = 1
+        _ = Glibc.write(signal, &byte, 1)
+    }
+    var poller = pollfd(fd: ends[0], events: Int16(POLLIN), revents: 0)
+    guard poll(&poller, 1, 20_000) == 1 else { return false }
+    close(ends[0])
+    close(ends[1])
+    return true
+}
+
 private func asNobody(_ arguments: [String], environment: [String: String?]) throws -> Finished {
     try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer] + arguments,
             environment: environment)
@@ -88,20 +107,13 @@ struct TwoUserLingerTests {
                                                     "caps-attach-lingering", "lingersvc", "\(port)", how], environment: broker.environment)
         defer { client.closeInput() }
         #expect(try client.readLine() == "put")
-        // The service reads the request and drops its descriptor (closed with the message) on a
-        // thread; this one waits for it, bounded, so a hang fails the test instead of hanging it.
-        let done = try Pipe()
-        let signal = done.writeEnd.rawValue
+        // The service reads the request and drops its descriptor (closed with the message).
         let seen = Mutex<(UInt32, Int)?>(nil)
-        startThread {
+        #expect(try finishes {
             if let (message, _) = try? serviceWait(service) {
                 seen.withLock { $0 = (message.credentials.euid, message.descriptors?.count ?? 0) }
             }
-            var byte: UInt8 = 1
-            _ = Glibc.write(signal, &byte, 1)
-        }
-        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&poller, 1, 20_000) == 1, "the service is stuck closing nobody's socket")
+        }, "the service is stuck closing nobody's socket")
         let got = seen.withLock { $0 }
         #expect(got?.0 == 65534 && got?.1 == 1)
         withExtendedLifetime(listener) {}
@@ -117,21 +129,15 @@ struct TwoUserLingerTests {
                                                       "net-listener-with-lingering", "\(listener.port)"], environment: broker.environment)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         #expect(try attacker.readLine() == "dropped")
-        let done = try Pipe()
-        let signal = done.writeEnd.rawValue
         let answered = Mutex(0)
-        startThread {
+        #expect(try finishes {
             // Until the broker has seen the listener's handle close (its name is free again).
             for _ in 0..<200 {
                 if (try? root.listSockets())?.contains(where: { $0.name == "lingering.embryo" }) == false { break }
                 usleep(10_000)
             }
             for _ in 0..<3 where (try? root.status()) != nil { answered.withLock { $0 += 1 } }
-            var byte: UInt8 = 1
-            _ = Glibc.write(signal, &byte, 1)
-        }
-        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&poller, 1, 20_000) == 1, "the broker's loop is stuck")
+        }, "the broker's loop is stuck")
         #expect(answered.withLock { $0 } == 3)
         withExtendedLifetime(listener) {}
     }
@@ -146,18 +152,9 @@ struct TwoUserLingerTests {
                                                       "send-17-with-lingering", "\(listener.port)"], environment: broker.environment)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         #expect(try attacker.readLine() == "sent")
-        // Root's requests, from another thread, bounded: a frozen loop fails the test instead of
-        // hanging it.
-        let done = try Pipe()
-        let signal = done.writeEnd.rawValue
         let answered = Mutex(0)
-        startThread {
-            for _ in 0..<3 where (try? root.status()) != nil { answered.withLock { $0 += 1 } }
-            var byte: UInt8 = 1
-            _ = Glibc.write(signal, &byte, 1)
-        }
-        var poller = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&poller, 1, 20_000) == 1, "the broker's loop is stuck")
+        #expect(try finishes { for _ in 0..<3 where (try? root.status()) != nil { answered.withLock { $0 += 1 } } },
+                "the broker's loop is stuck")
         #expect(answered.withLock { $0 } == 3)
         withExtendedLifetime(listener) {}
     }

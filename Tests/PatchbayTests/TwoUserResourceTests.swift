@@ -94,6 +94,26 @@ extension TwoUserResourceTests {
 /// Whether the next pid can be chosen (`/proc/sys/kernel/ns_last_pid`, root with CAP_SYS_ADMIN).
 let pidsCanBeSteered: Bool = access("/proc/sys/kernel/ns_last_pid", W_OK) == 0
 
+/// The pid of the child that made the connection `attacker` (the test peer's
+/// `claim-through-orphaned-connection`) holds: it has exited, so its pid is free.
+private func orphanedPid(of attacker: Child) throws -> pid_t {
+    let line = try #require(try attacker.readLine())
+    return try #require(line.hasPrefix("orphaned ") ? pid_t(line.dropFirst(9)) : nil, "\(line)")
+}
+
+/// A root process (`sleep 60`) made to get `pid` through `ns_last_pid`, as waiting for the pid
+/// counter to wrap would; nil if no try got it.
+private func rootProcess(withPid pid: pid_t) throws -> Child? {
+    for _ in 0..<50 {
+        try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
+        let attempt = try Child("/bin/sleep", ["60"])
+        if attempt.pid == pid { return attempt }
+        attempt.kill(SIGKILL)
+        _ = try attempt.wait()
+    }
+    return nil
+}
+
 @Suite("Two users: pid reuse", .enabled(if: twoUsersAvailable && pidsCanBeSteered, "needs root with CAP_SYS_ADMIN, setpriv and nobody"))
 struct PidReuseTests {
     @Test("a key restricted to a pid is not claimed by a later process that got the same pid")
@@ -136,17 +156,9 @@ struct PidReuseTests {
         let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
                                                       "claim-through-orphaned-connection"], environment: broker.environment)
         defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
-        let line = try #require(try attacker.readLine())
-        let pid = try #require(line.hasPrefix("orphaned ") ? pid_t(line.dropFirst(9)) : nil, "\(line)")
-        // Root's process is made to get that pid (ns_last_pid), as waiting for the counter to wrap
-        // would; the key is restricted to it, alive.
-        var intended: Child?
-        for _ in 0..<50 where intended == nil {
-            try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
-            let attempt = try Child("/bin/sleep", ["60"])
-            if attempt.pid == pid { intended = attempt } else { attempt.kill(SIGKILL); _ = try attempt.wait() }
-        }
-        let victim = try #require(intended, "no try got pid \(pid)")
+        let pid = try orphanedPid(of: attacker)
+        // The key is restricted to root's process with that pid, alive.
+        let victim = try #require(try rootProcess(withPid: pid), "no try got pid \(pid)")
         defer { victim.kill(SIGKILL); _ = try? victim.wait() }
         let key = try root.share(try openFile("/etc/hostname", flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
         try attacker.writeLine("claim " + key.text)
@@ -164,16 +176,9 @@ struct PidReuseTests {
         let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
                                                       "claim-through-orphaned-connection"], environment: broker.environment)
         defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
-        let line = try #require(try attacker.readLine())
-        let pid = try #require(line.hasPrefix("orphaned ") ? pid_t(line.dropFirst(9)) : nil, "\(line)")
-        var intended: Child?
-        for _ in 0..<50 where intended == nil {
-            try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
-            let attempt = try Child("/bin/sleep", ["60"])
-            if attempt.pid == pid { intended = attempt } else { attempt.kill(SIGKILL); _ = try attempt.wait() }
-        }
-        let rootProcess = try #require(intended, "no try got pid \(pid)")
-        defer { rootProcess.kill(SIGKILL); _ = try? rootProcess.wait() }
+        let pid = try orphanedPid(of: attacker)
+        let holder = try #require(try rootProcess(withPid: pid), "no try got pid \(pid)")
+        defer { holder.kill(SIGKILL); _ = try? holder.wait() }
         try attacker.writeLine("caps-client whoami")
         #expect(try attacker.readLine() == "connected")
         let (notice, _) = try serviceWait(service)
