@@ -3,6 +3,7 @@
 // own; the table of sessions (Sessions.swift) decides what to do when it overflows.
 
 import DequeModule
+import Glibc
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
@@ -60,8 +61,13 @@ final class Session {
     }
 
     /// The connection's last close happens on the uid's closing thread: descriptors the client
-    /// sent that were never read are freed with it.
-    deinit { DeferredCloser.shared.closeLast(of: socket.rawValue, for: credentials.uid) }
+    /// sent that were never read are freed with it. It is shut down first, here, so the client
+    /// learns of the hang-up at once even while that thread is busy (shutting down a local
+    /// socket frees nothing in its queue, so it cannot wait).
+    deinit {
+        shutdown(socket.rawValue, CInt(SHUT_RDWR))
+        DeferredCloser.shared.closeLast(of: socket.rawValue, for: credentials.uid)
+    }
 
     var queuedFrames: Int { outgoing.count }
 

@@ -144,14 +144,14 @@ func shareLingering(port: UInt16, milliseconds: Int64, seconds: Int32) throws(Pa
 
 /// A local socket with a lingering TCP socket waiting in its queue (`SCM_RIGHTS`): whoever closes
 /// it last closes that socket too.
-func wrappedLingeringSocket(port: UInt16) throws(PatchbayError) -> PatchbaySystem.Descriptor {
+func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(PatchbayError) -> PatchbaySystem.Descriptor {
     var pair: [CInt] = [-1, -1]
     guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
         throw PatchbayError(Errno.current, "socketpair")
     }
     let sender = PatchbaySystem.Descriptor(adopting: pair[0])
     let wrapper = PatchbaySystem.Descriptor(adopting: pair[1])
-    let inner = try lingeringSocket(port: port)
+    let inner = try lingeringSocket(port: port, seconds: seconds)
     var byte: UInt8 = 1
     guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) } }) == 1
     else { throw PatchbayError(Errno.current, "sendmsg") }
@@ -254,37 +254,89 @@ func netListenerWithLingering(port: UInt16) throws(PatchbayError) {
 /// kernel closes what does not fit a receive's control buffer, in the receiving thread).
 func sendSeventeenWithLingering(port: UInt16) throws(PatchbayError) {
     let connection = try connectSeqpacket(to: try brokerSocketPath())
-    let fd = connection.rawValue
     var descriptors = (0..<16).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) }
     let lingering = try lingeringSocket(port: port)
     descriptors.append(lingering.rawValue)
     let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
-    // More than the shim's 16: sent with sendmsg directly.
-    var iov = iovec()
-    let control = UnsafeMutableRawPointer.allocate(byteCount: 1024, alignment: 8)
-    defer { control.deallocate() }
-    let length = MemoryLayout<cmsghdr>.size + 4 * descriptors.count
-    let header = control.assumingMemoryBound(to: cmsghdr.self)
-    header.pointee.cmsg_len = length
-    header.pointee.cmsg_level = SOL_SOCKET
-    header.pointee.cmsg_type = CInt(SCM_RIGHTS)
-    descriptors.withUnsafeBytes { control.advanced(by: MemoryLayout<cmsghdr>.size).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-    let sent = frame.withUnsafeBytes { raw -> Int in
-        iov.iov_base = UnsafeMutableRawPointer(mutating: raw.baseAddress)
-        iov.iov_len = raw.count
-        return withUnsafeMutablePointer(to: &iov) { iovPointer in
-            var message = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: iovPointer, msg_iovlen: 1, msg_control: control,
-                                 msg_controllen: (length + 7) & ~7, msg_flags: 0)
-            return sendmsg(fd, &message, 0)
-        }
-    }
-    guard sent == frame.count else { throw PatchbayError(Errno.current, "sendmsg") }
+    guard sendFrame(connection.rawValue, frame, descriptors) == frame.count else { throw PatchbayError(Errno.current, "sendmsg") }
     for descriptor in descriptors.dropLast() { close(descriptor) }
     _ = consume lingering
     say("sent")
     // The connection stays open (the broker must answer or refuse, not wait) until input ends.
     waitForEndOfInput()
     _ = consume connection
+}
+
+/// Sends one frame with `descriptors` (any number: more than the shim's 16 too) with sendmsg.
+func sendFrame(_ fd: CInt, _ frame: [UInt8], _ descriptors: [CInt]) -> Int {
+    var iov = iovec()
+    let length = MemoryLayout<cmsghdr>.size + 4 * descriptors.count
+    let control = UnsafeMutableRawPointer.allocate(byteCount: (length + 7) & ~7, alignment: 8)
+    defer { control.deallocate() }
+    control.initializeMemory(as: UInt8.self, repeating: 0, count: (length + 7) & ~7)
+    let header = control.assumingMemoryBound(to: cmsghdr.self)
+    header.pointee.cmsg_len = length
+    header.pointee.cmsg_level = SOL_SOCKET
+    header.pointee.cmsg_type = CInt(SCM_RIGHTS)
+    descriptors.withUnsafeBytes { control.advanced(by: MemoryLayout<cmsghdr>.size).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    return frame.withUnsafeBytes { raw -> Int in
+        iov.iov_base = UnsafeMutableRawPointer(mutating: raw.baseAddress)
+        iov.iov_len = raw.count
+        return withUnsafeMutablePointer(to: &iov) { iovPointer in
+            var message = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: iovPointer, msg_iovlen: 1, msg_control: control,
+                                 msg_controllen: (length + 7) & ~7, msg_flags: 0)
+            return sendmsg(fd, &message, CInt(MSG_NOSIGNAL))
+        }
+    }
+}
+
+/// Blocks this uid's closing thread in the broker (a local socket holding a lingering TCP socket,
+/// first of 17 descriptors the broker refuses), then keeps sending frames of 17 refused
+/// descriptors, reading the broker's answers, until the broker hangs up or `limit` descriptors
+/// have gone. Says how many went before the hang-up.
+func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
+    let connection = try connectSeqpacket(to: try brokerSocketPath())
+    let fd = connection.rawValue
+    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+    defer { close(null) }
+    let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
+    // The broker's copy of the wrapper must be the last, and whether it is races with the broker
+    // refusing it. This side closes its copy at once; a close that waits (this side was last, and
+    // lingers the 5 s instead of the broker) means another try. 5 s is far longer than the flood.
+    var blocking = false
+    for _ in 0..<5 where !blocking {
+        let wrapped = try wrappedLingeringSocket(port: port, seconds: 5)
+        guard sendFrame(fd, frame, [wrapped.rawValue] + Array(repeating: null, count: 16)) == frame.count else {
+            throw PatchbayError(Errno.current, "sendmsg")
+        }
+        let start = monotonicNanoseconds()
+        wrapped.close()
+        blocking = monotonicNanoseconds() - start < 1_000_000_000
+    }
+    guard blocking else {
+        say("could not leave the broker the last copy")
+        return
+    }
+    var sent = 17
+    var answers = [UInt8](repeating: 0, count: 4096)
+    while sent < limit {
+        // The broker's answers (EINVAL for each frame) are read, so its queue for this client
+        // never fills: a hang-up can only be the rule on descriptors waiting to be closed.
+        while answers.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }) > 0 {}
+        guard sendFrame(fd, frame, Array(repeating: null, count: 17)) == frame.count else {
+            let error = Errno.current
+            if error == .brokenPipe || error == .connectionReset {
+                say("disconnected after \(sent)")
+                return
+            }
+            throw PatchbayError(error, "sendmsg")
+        }
+        sent += 17
+    }
+    say("still connected after \(sent)")
+    waitForEndOfInput()
 }
 
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
@@ -804,6 +856,8 @@ func main() -> CInt {
             try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, wrapped: arguments[3] == "wrapped")
         case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try netListenerWithLingering(port: UInt16(arguments[1])!)
+        case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
+            try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:

@@ -158,4 +158,28 @@ struct TwoUserLingerTests {
         #expect(answered.withLock { $0 } == 3)
         withExtendedLifetime(listener) {}
     }
+    @Test("nobody's descriptors waiting behind its stuck closing thread stop at its share: it is cut off, root is not")
+    func pendingClosesPastTheShareDisconnect() throws {
+        // A small table (RLIMIT_NOFILE 512) makes nobody's share small; 20,000 descriptors would
+        // fill it many times over.
+        let broker = try TestBroker(["--system"], descriptorLimit: 512)
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "flood-behind-lingering", "\(listener.port)", "20000"],
+                                 environment: broker.environment)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        let line = try #require(try attacker.readLine())
+        // (How many went before the hang-up says little: frames wait in the socket's queue, read or not.)
+        #expect(line.hasPrefix("disconnected after "), "nobody was not cut off: \(line)")
+        let log = String(decoding: try openFile(broker.directory + "/broker.log", flags: O_RDONLY).readToEnd(), as: UTF8.self)
+        #expect(log.contains("its descriptors waiting to be closed exceed its share"))
+        // Root's share is untouched: it still hands a descriptor over and gets it back.
+        let pipe = try Pipe()
+        let key = try root.share(rawDescriptor: pipe.writeEnd.rawValue, timeout: .never)
+        _ = try root.claim(key)
+        #expect(try broker.descriptorCount() < 512)
+        withExtendedLifetime(listener) {}
+    }
 }
