@@ -202,57 +202,41 @@ extension Descriptor {
     }
 }
 
-/// Whether closing `fd` could free descriptors that wait inside it: a local socket with data
-/// queued (which may carry `SCM_RIGHTS`) or listening (its pending connections may). The last
-/// close of one of those can be the last close of a file someone else chose, and wait.
+/// Whether closing `fd` could free descriptors that wait inside it: any local socket. One with
+/// messages queued may hold `SCM_RIGHTS` (a message of 0 bytes can carry them, so the queued byte
+/// count says nothing), one listening may hold connections that do, and a peer can queue them on
+/// a connected one until the moment it is closed. The last close of one of those can be the last
+/// close of a file someone else chose, and wait.
 package func mayHoldDescriptors(_ fd: CInt) -> Bool {
     var info = stat()
     guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return false }
     var domain: CInt = 0
     var length = socklen_t(MemoryLayout<CInt>.size)
-    guard getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0, domain == AF_UNIX else { return false }
-    var listening: CInt = 0
-    length = socklen_t(MemoryLayout<CInt>.size)
-    if getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening != 0 { return true }
-    var queued: CInt = 0
-    return ioctl(fd, UInt(FIONREAD), &queued) != 0 || queued > 0
+    return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) != 0 || domain == AF_UNIX
 }
 
 /// Closes descriptors a peer handed over without the calling thread waiting on any of them:
 /// `closeHandedOver` at once, unless the descriptor may hold others (`mayHoldDescriptors`), which
-/// goes to one background thread of the process, started on first use.
+/// goes to the closing thread of the peer it came from (`ClosingThreads`): a peer that makes one
+/// close wait holds up only its own.
 package enum PeerDescriptors {
-    private final class Queue: @unchecked Sendable {  // `pending` under `lock`; `word` by atomics and futexes
-        let lock = Mutex<[CInt]>([])
-        let word: UnsafeMutablePointer<UInt32> = {
-            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
-            word.initialize(to: 0)
-            return word
-        }()
+    private static let threads = ClosingThreads()
+
+    /// Closes `fd`, a descriptor this code owns that `peer` chose.
+    package static func close(_ fd: CInt, of peer: UInt64) {
+        guard mayHoldDescriptors(fd) else { return closeHandedOver(fd) }
+        threads.close(raw: fd, of: peer)
     }
 
-    private static let queue: Queue = {
-        let queue = Queue()
-        startThread {
-            while true {
-                let seen = SharedWord.load(queue.word)
-                let batch = queue.lock.withLock { pending -> [CInt] in
-                    defer { pending.removeAll() }
-                    return pending
-                }
-                for fd in batch { closeHandedOver(fd) }
-                if batch.isEmpty { try? Futex.wait(queue.word, expected: seen) }
-            }
-        }
-        return queue
-    }()
+    /// Makes the last close of `fd` happen on `peer`'s closing thread (`ClosingThreads.closeLast`):
+    /// for a local socket this code keeps, and still closes itself, that `peer` can queue
+    /// descriptors into.
+    package static func closeLast(of fd: CInt, for peer: UInt64) {
+        threads.closeLast(of: fd, for: peer)
+    }
 
-    /// Closes `fd`, a descriptor this code owns that a peer chose.
-    package static func close(_ fd: CInt) {
-        guard mayHoldDescriptors(fd) else { return closeHandedOver(fd) }
-        let queue = queue
-        queue.lock.withLock { $0.append(fd) }
-        SharedWord.increment(queue.word)
-        Futex.wake(queue.word)
+    /// How many descriptors `peer` handed over wait to be closed.
+    package static func outstanding(of peer: UInt64) -> Int {
+        threads.outstanding(of: peer)
     }
 }

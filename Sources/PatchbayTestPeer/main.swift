@@ -144,7 +144,8 @@ func shareLingering(port: UInt16, milliseconds: Int64, seconds: Int32) throws(Pa
 
 /// A local socket with a lingering TCP socket waiting in its queue (`SCM_RIGHTS`): whoever closes
 /// it last closes that socket too.
-func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(PatchbayError) -> PatchbaySystem.Descriptor {
+/// (`bytes`: the message carrying it has 1 byte, or none: a queue of 0 bytes can hold descriptors.)
+func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600, bytes: Int = 1) throws(PatchbayError) -> PatchbaySystem.Descriptor {
     var pair: [CInt] = [-1, -1]
     guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
         throw PatchbayError(Errno.current, "socketpair")
@@ -153,7 +154,9 @@ func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(Patchbay
     let wrapper = PatchbaySystem.Descriptor(adopting: pair[1])
     let inner = try lingeringSocket(port: port, seconds: seconds)
     var byte: UInt8 = 1
-    guard withUnsafeBytes(of: &byte, { raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) } }) == 1
+    guard withUnsafeBytes(of: &byte, { raw in
+        [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, UnsafeRawBufferPointer(rebasing: raw.prefix(bytes)), $0) }
+    }) == bytes
     else { throw PatchbayError(Errno.current, "sendmsg") }
     _ = consume sender
     _ = consume inner
@@ -163,12 +166,24 @@ func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600) throws(Patchbay
 /// Puts one request to `service` with a lingering TCP socket attached (`wrapped`: inside a local
 /// socket's queue), closes its own copy, and stays connected until its input ends: the service
 /// holds the last descriptor.
-func capsAttachLingering(service: String, port: UInt16, wrapped: Bool) throws(PatchbayError) {
+func capsAttachLingering(service: String, port: UInt16, how: String) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: service)
     do {
-        let socket = wrapped ? try wrappedLingeringSocket(port: port) : try lingeringSocket(port: port, seconds: -1)
-        _ = try client.put(Array("lingering".utf8), descriptors: [socket.rawValue])
+        switch how {
+        case "direct":
+            // Announced by no entry: a request first (so the service knows this client), then
+            // the socket left on the direct socket, which the service closes when this client goes.
+            _ = try client.put(Array("hello".utf8))
+            let socket = try wrappedLingeringSocket(port: port)
+            try client.sendUnannounced([socket.rawValue])
+        case "wrapped", "wrapped-empty":
+            let socket = try wrappedLingeringSocket(port: port, bytes: how == "wrapped" ? 1 : 0)
+            _ = try client.put(Array("lingering".utf8), descriptors: [socket.rawValue])
+        default:
+            let socket = try lingeringSocket(port: port, seconds: -1)
+            _ = try client.put(Array("lingering".utf8), descriptors: [socket.rawValue])
+        }
     }
     say("put")
     waitForEndOfInput()
@@ -853,7 +868,7 @@ func main() -> CInt {
                                       && Int32(arguments[3]) != nil:
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
         case "caps-attach-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil:
-            try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, wrapped: arguments[3] == "wrapped")
+            try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, how: arguments[3])
         case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try netListenerWithLingering(port: UInt16(arguments[1])!)
         case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:

@@ -94,8 +94,8 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
-    @Test("a lingering TCP socket nobody attached to a request, bare or inside a local socket's queue, does not hang root's service when it closes it",
-          arguments: ["bare", "wrapped"])
+    @Test("a lingering TCP socket nobody attached to a request, bare or inside a local socket's queue (a message of 1 byte or 0), does not hang root's service when it closes it",
+          arguments: ["bare", "wrapped", "wrapped-empty"])
     func lingeringAttachmentDoesNotHangService(_ how: String) throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
@@ -116,6 +116,38 @@ struct TwoUserLingerTests {
         }, "the service is stuck closing nobody's socket")
         let got = seen.withLock { $0 }
         #expect(got?.0 == 65534 && got?.1 == 1)
+        withExtendedLifetime(listener) {}
+    }
+
+    @Test("a lingering TCP socket nobody left on its direct socket to root's service, announced by nothing: the service closes it when nobody goes, and goes on")
+    func lingeringOnTheDirectSocketDoesNotHangService() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "directsvc", access: [.world])
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "caps-attach-lingering", "directsvc", "\(listener.port)", "direct"],
+                                 environment: broker.environment)
+        #expect(try attacker.readLine() == "put")
+        let (request, _) = try serviceWait(service)
+        #expect(request.kind == .request && request.credentials.euid == 65534)
+        // nobody goes: the service drops its channel (and the direct socket with the lingering
+        // socket in its queue), then answers root.
+        attacker.closeInput()
+        _ = try attacker.wait()
+        let caller = try CapsClient(root, name: "directsvc")
+        let answered = Mutex(false)
+        #expect(try finishes {
+            guard (try? caller.put([1])) != nil else { return }
+            while let (message, _) = try? serviceWait(service) {
+                if message.kind == .request && message.credentials.euid == 0 {
+                    answered.withLock { $0 = (try? service.reply(to: message.messageID, [2])) != nil }
+                    return
+                }
+            }
+        }, "the service is stuck closing nobody's direct socket")
+        #expect(answered.withLock { $0 })
         withExtendedLifetime(listener) {}
     }
 

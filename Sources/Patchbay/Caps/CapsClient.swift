@@ -96,6 +96,8 @@ public final class CapsClient: @unchecked Sendable {
     private let clientWake: PatchbaySystem.Descriptor
     private let direct: PatchbaySystem.Descriptor
     private let core = CapsPortCore(anew: "connect again")
+    /// The service, as the owner of descriptors it sends (`PeerDescriptors`): this channel.
+    private var servicePeer: UInt64 { 1 << 63 | channelID }
     private let cancelled = Atomic<Bool>(false)
 
     @exclusivity(unchecked) private var allocator: ArenaAllocator
@@ -168,6 +170,14 @@ public final class CapsClient: @unchecked Sendable {
         callQueue = DispatchQueue(label: "patchbay.caps.client.\(channelID)")
         connection = Mutex(port)
         SharedWord.store(channel.word32(CapsLayout.clientRunningOffset), 1)
+    }
+
+    /// The service can queue descriptors into each of these local sockets: their last closes
+    /// happen on its closing thread, never on a thread of this program's.
+    deinit {
+        for socket in [direct.rawValue, serviceWake.rawValue, clientWake.rawValue] {
+            PeerDescriptors.closeLast(of: socket, for: servicePeer)
+        }
     }
 
     // MARK: Requests
@@ -286,6 +296,12 @@ public final class CapsClient: @unchecked Sendable {
             }
             wakeService()
         }
+    }
+
+    /// Sends `descriptors` on the direct socket with no ring entry announcing them, as a hostile
+    /// client can: only for the project's tests (the service closes them with the socket).
+    package func sendUnannounced(_ descriptors: [CInt]) throws(PatchbayError) {
+        try sendAttachments(direct.rawValue, messageID: 0, descriptors: descriptors)
     }
 
     /// Puts a REQUEST (inline, at most 88 bytes) whose entry announces `consumed` as this port's
@@ -612,7 +628,7 @@ public final class CapsClient: @unchecked Sendable {
         while let (entry, _) = channel.peek(.reply) {
             let request = requests.find(entry.messageID)
             if entry.kind == .discardedReply || (request.map { $0.state & Self.abortedAtService != 0 } ?? false) {
-                core.stash.discard(entry, from: direct.rawValue)
+                core.stash.discard(entry, from: direct.rawValue, peer: servicePeer)
                 finish(entry.messageID, request, dispose: entry.kind != .discardedReply)
                 continue
             }
@@ -633,7 +649,7 @@ public final class CapsClient: @unchecked Sendable {
                 finish(entry.messageID, request, dispose: true)
                 return result
             }
-            guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue) else {
+            guard let payload = try core.payload(of: entry, in: channel, arena: channel.replyArena, direct: direct.rawValue, peer: servicePeer) else {
                 // A reply the service could not have written honestly: dropped, never read.
                 finish(entry.messageID, request, dispose: true)
                 continue

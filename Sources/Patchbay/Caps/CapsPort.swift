@@ -35,12 +35,18 @@ public typealias CapsChannelTraffic = PatchbayProtocol.CapsChannelTraffic
 /// when this goes away.
 public final class CapsDescriptors: @unchecked Sendable {
     private var raw: [CInt]
+    /// Whose they are: the peer they came from (a client's uid, or a client port's service), whose
+    /// closing thread closes any that could make a close wait.
+    private let peer: UInt64
 
-    /// Takes ownership of `raw`.
-    init(adopting raw: [CInt]) { self.raw = raw }
+    /// Takes ownership of `raw`, from `peer`.
+    init(adopting raw: [CInt], from peer: UInt64) {
+        self.raw = raw
+        self.peer = peer
+    }
 
     /// (Descriptors the peer chose: the port's thread never waits on one's last close.)
-    deinit { for fd in raw { PeerDescriptors.close(fd) } }
+    deinit { for fd in raw { PeerDescriptors.close(fd, of: peer) } }
 
     /// How many descriptors are still held.
     public var count: Int { raw.count }
@@ -55,14 +61,14 @@ public final class CapsDescriptors: @unchecked Sendable {
 
     /// Closes the first descriptor (an attached payload, once read).
     func dropFirst() {
-        if !raw.isEmpty { PeerDescriptors.close(raw.removeFirst()) }
+        if !raw.isEmpty { PeerDescriptors.close(raw.removeFirst(), of: peer) }
     }
 
     /// The rest, handed on as a set of their own (nil when none is left).
     func remaining() -> CapsDescriptors? {
         guard !raw.isEmpty else { return nil }
         defer { raw = [] }
-        return CapsDescriptors(adopting: raw)
+        return CapsDescriptors(adopting: raw, from: peer)
     }
 }
 
@@ -72,10 +78,11 @@ public final class CapsDescriptors: @unchecked Sendable {
 final class AttachmentStash {
     private var waiting: [UInt64: CapsDescriptors] = [:]
 
-    /// The descriptors sent with `messageID`: the kept ones, else those queued on `direct`.
-    func take(_ messageID: UInt64, from direct: CInt) throws(PatchbayError) -> CapsDescriptors {
+    /// The descriptors sent with `messageID`: the kept ones, else those queued on `direct`, from
+    /// `peer`.
+    func take(_ messageID: UInt64, from direct: CInt, peer: UInt64) throws(PatchbayError) -> CapsDescriptors {
         if let kept = waiting.removeValue(forKey: messageID) { return kept }
-        return try receiveAttachments(direct, messageID: messageID)
+        return try receiveAttachments(direct, messageID: messageID, peer: peer)
     }
 
     /// Keeps `descriptors` for the next read of `messageID`.
@@ -89,10 +96,10 @@ final class AttachmentStash {
     }
 
     /// Closes the descriptors of a message nobody will read, kept or still queued on `direct`.
-    func discard(_ entry: CapsEntry, from direct: CInt) {
+    func discard(_ entry: CapsEntry, from direct: CInt, peer: UInt64) {
         guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }
         if waiting.removeValue(forKey: entry.messageID) == nil {
-            _ = try? receiveAttachments(direct, messageID: entry.messageID)
+            _ = try? receiveAttachments(direct, messageID: entry.messageID, peer: peer)
         }
     }
 }
@@ -242,7 +249,7 @@ struct CapsPortCore {
     /// The payload of `entry`, read from the peer's side of `channel` (`arena`): nil when the
     /// peer could not have written it honestly (outside the arena, or announced descriptors that
     /// never came, or a memfd shorter than announced); such a message is never read.
-    func payload(of entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer, direct: CInt)
+    func payload(of entry: CapsEntry, in channel: CapsChannel, arena: UnsafeMutableRawPointer, direct: CInt, peer: UInt64)
         throws(PatchbayError) -> CapsPayload?
     {
         let length = Int(entry.length)
@@ -252,7 +259,7 @@ struct CapsPortCore {
                   let start = entry.inlineBytes else { return nil }
             let attachments: CapsDescriptors?
             if entry.flags & CapsEntryFlags.descriptors != 0 {
-                attachments = (try? stash.take(entry.messageID, from: direct)) ?? CapsDescriptors(adopting: [])
+                attachments = (try? stash.take(entry.messageID, from: direct, peer: peer)) ?? CapsDescriptors(adopting: [], from: peer)
             } else {
                 attachments = nil
             }
@@ -264,7 +271,7 @@ struct CapsPortCore {
             return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
                                view: nil, attachments: nil, isAttached: false)
         }
-        let attachments = (try? stash.take(entry.messageID, from: direct)) ?? CapsDescriptors(adopting: [])
+        let attachments = (try? stash.take(entry.messageID, from: direct, peer: peer)) ?? CapsDescriptors(adopting: [], from: peer)
         guard payloadIsSound(entry, channel: channel, attachments: attachments) else { return nil }
         guard entry.flags & CapsEntryFlags.attachedPayload != 0, let object = attachments.first else {
             return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
@@ -358,7 +365,7 @@ func sendAttachments(_ socket: CInt, messageID: UInt64, descriptors: [CInt]) thr
 /// are already queued; if not, the peer lied, and nothing waits for it. Descriptors of other
 /// messages found on the way belong to messages nobody will read any more (aborted, or their
 /// peer gone) and are closed.
-func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError) -> CapsDescriptors {
+func receiveAttachments(_ socket: CInt, messageID: UInt64, peer: UInt64) throws(PatchbayError) -> CapsDescriptors {
     var tag: UInt64 = 0
     while true {
         let received = withUnsafeMutableBytes(of: &tag) { raw in
@@ -367,7 +374,7 @@ func receiveAttachments(_ socket: CInt, messageID: UInt64) throws(PatchbayError)
         guard let received else {
             throw PatchbayError(.protocolError, "message \(messageID) announced descriptors its sender did not send")
         }
-        let descriptors = CapsDescriptors(adopting: received.descriptors)
+        let descriptors = CapsDescriptors(adopting: received.descriptors, from: peer)
         if received.length == 8 && tag == messageID { return descriptors }
         if received.length == 0 { throw PatchbayError(.connectionReset, "the peer's direct socket closed") }
     }

@@ -80,6 +80,14 @@ public final class CapsService: @unchecked Sendable {
             allocator = ArenaAllocator(size: channel.arenaSize)
             messages = MessageTable(capacity: 2 * maximumInFlight)
         }
+
+        /// The client can queue descriptors into each of these local sockets: their last closes
+        /// happen on its uid's closing thread, never on the port's.
+        deinit {
+            for socket in [direct.rawValue, serviceWake.rawValue, clientWake.rawValue] {
+                PeerDescriptors.closeLast(of: socket, for: UInt64(credentials.uid))
+            }
+        }
     }
 
     // A message's state in `ClientChannel.messages`.
@@ -895,7 +903,7 @@ public final class CapsService: @unchecked Sendable {
         switch entry.kind {
         case .request where !client.messages.contains(entry.messageID):
             if client.messages.count >= maximumInFlight {
-                core.stash.discard(entry, from: client.direct.rawValue)
+                core.stash.discard(entry, from: client.direct.rawValue, peer: UInt64(client.credentials.uid))
                 refuse(entry, of: client, with: .noBufferSpace)
                 return nil
             }
@@ -908,7 +916,7 @@ public final class CapsService: @unchecked Sendable {
                 return use(message, source)
             }
             guard let payload = try core.payload(of: entry, in: client.channel, arena: client.channel.requestArena,
-                                                 direct: client.direct.rawValue) else {
+                                                 direct: client.direct.rawValue, peer: UInt64(client.credentials.uid)) else {
                 // A payload outside the arena, an attachment that is not a memfd sealed against
                 // shrinking, announced descriptors that never came: never read, and refused.
                 refuse(entry, of: client, with: .badMessage)

@@ -1,0 +1,129 @@
+// Closing threads: descriptors a peer chose, closed off the caller's thread, one thread per
+// owner (the peer they came from), so that a close that waits holds up only that owner's closes.
+
+package import SystemPackage
+import Glibc
+import Synchronization
+
+/// Closes descriptors that peers handed over, off the calling thread, one thread per owner (the
+/// broker's uids; a CAPS port's peers).
+///
+/// The last `close` of a file can block: a TCP socket with `SO_LINGER` and unsent data, a local
+/// socket whose queue holds one, a FUSE or NFS file flushing to a server that may never answer.
+/// A thread that serves others must never wait on a peer's choice of file, so what a peer gave is
+/// closed here instead. Lingering is turned off before the close (`closeHandedOver`), and each
+/// owner's descriptors are closed on a thread of that owner's own: an owner that still makes one
+/// close wait holds up only its own closes, and what waits to be closed is counted
+/// (`outstanding`), so the caller can refuse an owner that piles descriptors up.
+///
+/// A caller never waits for a closing thread: a thread touches only its own owner's queue (one
+/// short lock to take the batch) and atomics, and sleeps on a futex word, so it holds no
+/// descriptor of its own. It ends after 2 s without work.
+package final class ClosingThreads: Sendable {
+
+    /// One owner's descriptors to close. Kept once made (one per owner that ever handed one over).
+    private final class Queue: @unchecked Sendable {  // the word is touched through atomics and futexes only
+        let pending = Mutex<[CInt]>([])
+        /// Queued plus being closed.
+        let outstanding = Atomic<Int>(0)
+        /// Whether a thread serves this queue.
+        let running = Atomic<Bool>(false)
+        /// Bumped for each descriptor queued; the thread sleeps on it.
+        let wakeup: UnsafeMutablePointer<UInt32>
+
+        init() {
+            wakeup = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            wakeup.initialize(to: 0)
+        }
+    }
+
+    private let queues = Mutex<[UInt64: Queue]>([:])
+    /// How long an owner's thread waits for more work before it ends.
+    private static let idleNanoseconds: Int64 = 2_000_000_000
+
+    package init() {}
+
+    private func queue(of owner: UInt64) -> Queue {
+        queues.withLock { queues in
+            if let queue = queues[owner] { return queue }
+            let queue = Queue()
+            queues[owner] = queue
+            return queue
+        }
+    }
+
+    /// Queues `descriptor`, handed over by `owner`, to be closed soon, off the calling thread.
+    package func close(_ descriptor: consuming Descriptor, of owner: UInt64) {
+        close(raw: descriptor.release(), of: owner)
+    }
+
+    /// Queues a raw descriptor this code owns, handed over by `owner`.
+    package func close(raw: CInt, of owner: UInt64) {
+        let queue = queue(of: owner)
+        queue.outstanding.add(1, ordering: .relaxed)
+        queue.pending.withLock { $0.append(raw) }
+        SharedWord.increment(queue.wakeup)
+        if queue.running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
+            startThread { [self] in run(queue) }
+        } else {
+            Futex.wake(queue.wakeup)
+        }
+    }
+
+    /// Makes the last close of the file behind `fd` (which its owner still closes itself) happen
+    /// here, for `owner`. For sockets a peer can write descriptors into (the broker's
+    /// connections, `/net` sockets and handles, a CAPS port's sockets to its peer): closing one
+    /// frees what waits in its queue, and a lingering TCP socket among it would make that close
+    /// wait. A copy is queued, and `fd` is pointed at `/dev/null` first: the caller's reference is
+    /// gone before the copy can be closed, so the copy's close is the last whichever thread runs
+    /// first (queued with the original still open, the closing thread could close the copy before
+    /// the caller's own close, which would then be the last). The caller still closes `fd`.
+    package func closeLast(of fd: CInt, for owner: UInt64) {
+        let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        guard copy >= 0 else { return }
+        if let nothing = try? FileDescriptor.open("/dev/null", .readOnly, options: .closeOnExec) {
+            if dup2(nothing.rawValue, fd) == fd { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            try? nothing.close()
+        }
+        close(raw: copy, of: owner)
+    }
+
+
+    /// Descriptors `owner` handed over that are not closed yet.
+    package func outstanding(of owner: UInt64) -> Int {
+        queues.withLock { $0[owner] }?.outstanding.load(ordering: .relaxed) ?? 0
+    }
+
+    /// Descriptors not closed yet of every owner but `owner`.
+    package func outstanding(ofAllBut owner: UInt64) -> Int {
+        queues.withLock { queues in
+            queues.reduce(0) { $0 + ($1.key == owner ? 0 : $1.value.outstanding.load(ordering: .relaxed)) }
+        }
+    }
+
+    private func run(_ queue: Queue) {
+        while true {
+            let seen = SharedWord.load(queue.wakeup)
+            let batch = queue.pending.withLock { pending -> [CInt] in
+                defer { pending.removeAll(keepingCapacity: true) }
+                return pending
+            }
+            for fd in batch {
+                closeHandedOver(fd)
+                queue.outstanding.subtract(1, ordering: .relaxed)
+            }
+            if !batch.isEmpty { continue }
+            do {
+                try Futex.wait(queue.wakeup, expected: seen, timeoutNanoseconds: Self.idleNanoseconds)
+            } catch {
+                // Idle: the thread ends, unless something was queued meanwhile and no new thread
+                // took it (the flag is given up first, then the queue looked at again).
+                queue.running.store(false, ordering: .sequentiallyConsistent)
+                let empty = queue.pending.withLock { $0.isEmpty }
+                if empty || !queue.running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
+                    return
+                }
+            }
+        }
+    }
+}
