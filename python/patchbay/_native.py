@@ -104,15 +104,44 @@ def _load() -> ctypes.CDLL:
     except OSError as error:
         raise OSError(f"libpatchbay could not be loaded ({error}); install it, or set PATCHBAY_LIBRARY "
                       f"to its path, e.g. PATCHBAY_LIBRARY=/usr/lib/libpatchbay.so.0") from error
+    checked = _Library()
     for function_name, (restype, argtypes) in _PROTOTYPES.items():
         function = getattr(library, function_name)
         function.restype = restype
         function.argtypes = argtypes
-    return library
+        setattr(checked, function_name, _range_checked(function_name, function, argtypes))
+    return checked  # type: ignore[return-value]
+
+
+class _Library:
+    """The library's functions, each behind a check of its integer arguments."""
+
+
+def _range_checked(name: str, function: Any, argtypes: list[Any]) -> Callable[..., Any]:
+    """function, refusing integer arguments outside their C type with OverflowError: ctypes would
+    silently keep their low bits (a descriptor 2**40 would become 0, a uid 2**70 root's)."""
+    bounds = []
+    for index, argtype in enumerate(argtypes):
+        if argtype in (c_int, c_uint, c_int64, c_uint64, c_size_t):
+            bits = 8 * ctypes.sizeof(argtype)
+            signed = argtype(-1).value < 0
+            low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            bounds.append((index, low, high, argtype.__name__))
+    if not bounds:
+        return function
+
+    def call(*arguments: Any) -> Any:
+        for index, low, high, type_name in bounds:
+            value = arguments[index] if index < len(arguments) else None
+            if isinstance(value, int) and not low <= value <= high:
+                raise OverflowError(f"{name}: argument {index + 1} is {value}, outside {type_name} ({low} to {high})")
+        return function(*arguments)
+    return call
 
 
 def lib() -> ctypes.CDLL:
-    """The loaded library, its functions declared (loaded at the first call)."""
+    """The loaded library, its functions declared and their integer arguments range-checked
+    (loaded at the first call)."""
     global _library
     if _library is None:
         with _lock:

@@ -220,6 +220,20 @@ class KeyTests(BrokerTestCase):
         with self.assertRaises(ValueError):
             self.broker.share(0, timeout=0)
 
+    def test_integers_outside_their_c_type_are_refused_not_truncated(self) -> None:
+        # ctypes alone keeps the low bits: descriptor 2**40 would share stdin, uid 2**70 root.
+        with self.assertRaises(OverflowError):
+            self.broker.share(2 ** 40)
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        with self.assertRaises(OverflowError):
+            self.broker.share(read_end, for_uid=2 ** 70)
+        with self.assertRaises(OverflowError):
+            self.broker.share(read_end, for_pid=-(2 ** 64))
+        with self.assertRaises(OverflowError):
+            self.broker.shm_open("/overflow-mode", os.O_CREAT | os.O_RDWR, mode=2 ** 40)
+
 
 class SharedMemoryTests(BrokerTestCase):
 
