@@ -356,8 +356,16 @@ public final class BrokerServer {
         switch request {
         case .monitor(let filter):
             // Root and the per-user broker's user see every caller; others (on the system broker)
-            // their own uid's requests only.
-            sessions.watch(session, filter: filter, seesEveryone: context.caller.uid == 0 || configuration.mode == .user)
+            // their own uid's requests only, through at most `monitorsPerUser` monitors.
+            let seesEveryone = context.caller.uid == 0 || configuration.mode == .user
+            if !seesEveryone, sessions.monitors[session.id] == nil,
+               sessions.monitorCount(of: context.caller.uid) >= SessionTable.monitorsPerUser {
+                sessions.fail(RequestError(errno: .diskQuotaExceeded,
+                                           reason: "uid \(context.caller.uid) already has \(SessionTable.monitorsPerUser) monitors open, the most a user may have"),
+                              context)
+                break
+            }
+            sessions.watch(session, filter: filter, seesEveryone: seesEveryone)
             sessions.reply(.monitor, to: context)
         case .status:
             sessions.reply(.status(statusReport(now: context.now)), to: context)

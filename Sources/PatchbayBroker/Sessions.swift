@@ -216,6 +216,16 @@ final class SessionTable {
     /// so a monitor that does not read costs the broker nothing more and slows nobody.
     static let monitorQueueLimit = 64 << 10
 
+    /// Monitors a uid other than root may have open on the system broker. Each event goes to
+    /// every monitor that may see it, in the loop: without a bound, one user's monitors times its
+    /// own events (keys expiring together, say) was loop time and memory everyone paid for.
+    static let monitorsPerUser = 8
+
+    /// How many monitors `uid` has open.
+    func monitorCount(of uid: UInt32) -> Int {
+        monitors.values.reduce(0) { $0 + ($1.uid == uid ? 1 : 0) }
+    }
+
     func watch(_ session: Session, filter: MonitorFilter, seesEveryone: Bool) {
         monitors[session.id] = Monitor(filter: filter, seesEveryone: seesEveryone, uid: session.credentials.uid)
     }

@@ -14,6 +14,8 @@
 //   caps-client NAME COUNT    COUNT calls to an echo service answering "echo:" + request; prints
 //                             "ok COUNT" or the first mismatch
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
+//   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
+//                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
 //                             "got ID", never replies
 //   caps-fork NAME            connects, forks: the child's inherited port must say ENOTCONN, the
@@ -351,6 +353,24 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
         sent += 17
     }
     say("still connected after \(sent)")
+    waitForEndOfInput()
+}
+
+/// Opens up to `count` monitors of the broker and keeps them until input ends: says "opened N",
+/// or "refused at N ERRNO" for the first one the broker refused.
+func openMonitors(_ count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var monitors: [BrokerMonitor] = []
+    for index in 1...count {
+        do {
+            monitors.append(try BrokerMonitor(broker))
+        } catch {
+            say("refused at \(index) \(error.errno.name)")
+            waitForEndOfInput()
+            return
+        }
+    }
+    say("opened \(monitors.count)")
     waitForEndOfInput()
 }
 
@@ -873,6 +893,8 @@ func main() -> CInt {
             try netListenerWithLingering(port: UInt16(arguments[1])!)
         case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
+        case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
+            try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:

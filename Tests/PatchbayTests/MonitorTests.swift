@@ -258,6 +258,19 @@ struct TwoUserMonitorTests {
         #expect(seen?.uid == 65534 && seen?.object == "a key" && seen?.detail == "", "\(String(describing: seen))")
     }
 
+    @Test("nobody may open 8 monitors of the system broker, not 9 (EDQUOT); root is not limited")
+    func monitorsPerUserAreBounded() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                     "open-monitors", "20"], environment: broker.environment)
+        defer { watcher.closeInput(); _ = try? watcher.wait() }
+        #expect(try watcher.readLine() == "refused at 9 EDQUOT")
+        let root = try broker.connect()
+        let rootMonitors = try (0..<12).map { _ in try BrokerMonitor(root) }
+        #expect(rootMonitors.count == 12)
+    }
+
     @Test("nobody flooding its own tap under root's monitor: root's requests are all answered, the monitor is told what it missed")
     func tapFloodDoesNotStall() throws {
         let broker = try TestBroker(["--system"])
