@@ -85,7 +85,7 @@ public final class Lock: @unchecked Sendable {
     }
 
     @inlinable @inline(__always)
-    public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    public func locked<R: ~Copyable, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pb_lock_acquire(state)
         defer { pb_lock_release(state) }
         return try body()

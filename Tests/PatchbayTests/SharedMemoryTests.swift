@@ -62,6 +62,23 @@ struct AnonymousSharedMemoryTests {
         expectFailure(.permissionDenied) { () throws(PatchbayError) in _ = try readOnly.map(length: pageSize, writable: false) }
     }
 
+    @Test("a first mapping the kernel cannot make fixes nothing: the object keeps no size, and a later first mapping decides it",
+          arguments: [false, true])  // true: shared first, so the sizing takes the object's lock
+    func failedFirstMappingFixesNothing(shared: Bool) throws {
+        let memory = try SharedMemory.anonymous()
+        let broker = try TestBroker()
+        if shared {
+            _ = try broker.connect().share(memory.descriptor, timeout: .after(.seconds(5)))
+        }
+        expectFailure(.noMemory) { () throws(PatchbayError) in _ = try memory.map(length: 1 << 62) }
+        #expect(try memory.size == 0)
+        expectFailure(.invalidArgument) { () throws(PatchbayError) in _ = try memory.map(length: Int.max) }
+        #expect(try memory.size == 0)
+        let mapping = try memory.map(length: pageSize)
+        #expect(mapping.count == pageSize)
+        #expect(try memory.size == pageSize)
+    }
+
     @Test("SHM_ANON style: truncate sets the size, shrinking zeroes the tail")
     func truncateStyle() throws {
         let memory = try SharedMemory.anonymous()

@@ -24,25 +24,28 @@ extension SharedMemory {
         if let length, length <= 0 {
             throw PatchbayError(.invalidArgument, "a mapping needs a positive length")
         }
-        let mappedLength: Int
         switch kind {
         case .named:
             let size = try self.size
             guard let length = length ?? (size > offset ? size - offset : nil) else {
                 throw PatchbayError(.invalidArgument, "the object is \(size) bytes; give a length to map past its end")
             }
-            mappedLength = length
+            return try mapSystem(length: length, offset: offset, writable: writable)
         case .anonymous:
-            mappedLength = try sizeForAnonymousMapping(length: length, offset: offset)
+            return try mapAnonymous(length: length, offset: offset, writable: writable)
         }
+    }
+
+    private func mapSystem(length: Int, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
         do {
-            return Mapping(try PatchbaySystem.Mapping(handle.system, length: mappedLength, offset: offset, writable: writable))
+            return Mapping(try PatchbaySystem.Mapping(handle.system, length: length, offset: offset, writable: writable))
         } catch {
             // Linux says EPERM for a writable mapping of a write-sealed memfd, EACCES for a
             // read-only descriptor.
             let reason = switch error {
             case .notPermitted: "the kernel refused a writable mapping: the object is sealed against writes"
             case .permissionDenied: "the kernel refused a writable mapping: this descriptor is not open for writing"
+            case .noMemory: "the kernel could not map \(length) bytes (no room in this process's address space)"
             default: "mmap failed"
             }
             throw PatchbayError(error, reason)
@@ -50,27 +53,32 @@ extension SharedMemory {
     }
 
     /// The first-mapping rule, decided under a lock that excludes other processes (a POSIX lock
-    /// on the object) and other threads of this one.
-    private func sizeForAnonymousMapping(length: Int?, offset: Int) throws(PatchbayError) -> Int {
+    /// on the object) and other threads of this one; a first mapping is made under it too, so one
+    /// that fails leaves the object as it was (of no size).
+    private func mapAnonymous(length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
         if !isWritable {
             // A read-only handle cannot size the object, so it never takes the lock.
             let size = try self.size
             guard size > 0 else {
                 throw PatchbayError(.permissionDenied, "the object has no size yet and a read-only handle cannot fix it")
             }
-            return try laterMappingLength(size: size, length: length, offset: offset)
+            return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                 writable: writable)
         }
-        return try anonymousSizingLock.withLock { _ throws(PatchbayError) -> Int in
+        return try anonymousSizingLock.locked { () throws(PatchbayError) -> Mapping in
             if let size = confinement?.confinedSize {
                 // Only this process holds it: the size is the one it set, and nobody can race.
-                return try size > 0 ? laterMappingLength(size: size, length: length, offset: offset)
-                                    : firstMappingLength(length: length, offset: offset)
+                if size > 0 {
+                    return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                         writable: writable)
+                }
+                return try firstMapping(length: length, offset: offset, writable: writable)
             }
-            return try sizeUnderLock(length: length, offset: offset)
+            return try mapUnderLock(length: length, offset: offset, writable: writable)
         }
     }
 
-    private func sizeUnderLock(length: Int?, offset: Int) throws(PatchbayError) -> Int {
+    private func mapUnderLock(length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
         do {
             try handle.system.lockFile()
         } catch {
@@ -79,18 +87,24 @@ extension SharedMemory {
         defer { handle.system.unlockFile() }
         let size = try self.size
         if size > 0 {
-            return try laterMappingLength(size: size, length: length, offset: offset)
+            return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                 writable: writable)
         }
-        return try firstMappingLength(length: length, offset: offset)
+        return try firstMapping(length: length, offset: offset, writable: writable)
     }
 
-    /// The first mapping: sizes the object (the caller holds what excludes other sizers).
-    private func firstMappingLength(length: Int?, offset: Int) throws(PatchbayError) -> Int {
+    /// The first mapping: sizes the object and maps it (the caller holds what excludes other
+    /// sizers). If the kernel cannot map it, the object goes back to no size: a failed call fixes
+    /// nothing.
+    private func firstMapping(length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
         guard offset == 0 else {
             throw PatchbayError(.invalidArgument, "the first mapping of an anonymous object decides its size and must be at offset 0")
         }
         guard let length else {
             throw PatchbayError(.invalidArgument, "the first mapping of an anonymous object decides its size; give a length")
+        }
+        guard length <= Int.max - pageSize else {
+            throw PatchbayError(.invalidArgument, "a mapping of \(length) bytes is longer than any object can be")
         }
         let rounded = (length + pageSize - 1) / pageSize * pageSize
         do {
@@ -98,8 +112,14 @@ extension SharedMemory {
         } catch {
             throw PatchbayError(error, "cannot size the object to \(rounded) bytes")
         }
-        confinement?.sized(rounded)
-        return rounded
+        do {
+            let mapping = try mapSystem(length: rounded, offset: 0, writable: writable)
+            confinement?.sized(rounded)
+            return mapping
+        } catch {
+            try? handle.system.truncate(to: 0)
+            throw error
+        }
     }
 
     private func laterMappingLength(size: Int, length: Int?, offset: Int) throws(PatchbayError) -> Int {
@@ -116,7 +136,7 @@ extension SharedMemory {
 }
 
 /// Threads of one process share POSIX locks, so sizing also takes this process-wide lock.
-private let anonymousSizingLock = Mutex(())
+private let anonymousSizingLock = Lock()
 
 /// A shared mapping of a shared memory object, unmapped when this value ends. The memory is used
 /// in place: `withUnsafeBytes`/`withUnsafeMutableBytes`, or `bytes`/`mutableBytes` while the
