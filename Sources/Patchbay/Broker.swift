@@ -113,6 +113,12 @@ public final class Broker: Sendable {
     func call(_ request: Request, descriptors: [CInt] = [], within generation: UInt64? = nil) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
             let reconnects = reconnectPolicy.reconnects
+            if connection.isInherited {
+                // A fork child: the parent keeps the connection; this process makes its own (its
+                // copy of the socket is closed, which the parent does not notice).
+                connection = try connectServing()
+                reconnectionCount.add(1, ordering: .releasing)
+            }
             if connection.isBroken && reconnects { try reconnect(&connection) }
             try check(generation)
             do throws(PatchbayError) {
@@ -132,7 +138,8 @@ public final class Broker: Sendable {
 
     private func check(_ generation: UInt64?) throws(PatchbayError) {
         if let generation, generation != reconnections {
-            throw PatchbayError(.connectionReset, "the broker restarted; what this names belonged to the broker before")
+            throw PatchbayError(.connectionReset, "the connection to the broker was made again (the broker restarted, or this "
+                                    + "process is a fork child): what this names belonged to the connection before")
         }
     }
 

@@ -24,11 +24,17 @@ struct Connection: ~Copyable {
     private(set) var isBroken = false
     /// When broken: the last request never left this process (safe to send again elsewhere).
     private(set) var lastRequestUnsent = false
+    /// The process's fork generation when this connection was made.
+    private let createdIn = forkGeneration()
 
     init(socket: consuming SeqpacketSocket) {
         self.socket = socket
         buffer = .allocate(byteCount: maximumFrameSize, alignment: 16)
     }
+
+    /// Whether this process is a `fork` child of the one that made the connection: the socket is
+    /// the parent's too, and a request sent on it could be answered to either process.
+    var isInherited: Bool { forkGenerationSeen() != createdIn }
 
     deinit {
         buffer.deallocate()

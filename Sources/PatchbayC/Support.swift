@@ -80,7 +80,10 @@ public func pb_broker_open(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt
 public func pb_broker_open_at(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ path: UnsafePointer<CChar>?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
         let out = try checkOut(out)
-        out.pointee = handle(try Broker(socketPath: try string(path, "the socket path"), autostart: false))
+        let socketPath = try string(path, "the socket path")
+        // (An empty path would mean the default broker to Broker: not what this call names.)
+        guard !socketPath.isEmpty else { throw PatchbayError(.invalidArgument, "the socket path is empty") }
+        out.pointee = handle(try Broker(socketPath: socketPath, autostart: false))
         return 0
     }
 }
@@ -104,10 +107,11 @@ public func pb_share_for(_ broker: OpaquePointer?, _ fd: CInt, _ timeout: Int64,
         let restriction: ClaimRestriction
         switch who {
         case PB_CLAIMABLE_BY_UID:
-            guard let uid = UInt32(exactly: id) else { throw PatchbayError(.invalidArgument, "uid \(id) is out of range") }
+            // ((uid_t)-1 is no uid: nobody could ever claim the key.)
+            guard let uid = UInt32(exactly: id), uid != .max else { throw PatchbayError(.invalidArgument, "uid \(id) is out of range") }
             restriction = .uid(uid)
         case PB_CLAIMABLE_BY_GID:
-            guard let gid = UInt32(exactly: id) else { throw PatchbayError(.invalidArgument, "gid \(id) is out of range") }
+            guard let gid = UInt32(exactly: id), gid != .max else { throw PatchbayError(.invalidArgument, "gid \(id) is out of range") }
             restriction = .gid(gid)
         case PB_CLAIMABLE_BY_PID:
             guard let pid = Int32(exactly: id), pid > 0 else { throw PatchbayError(.invalidArgument, "pid \(id) is out of range") }

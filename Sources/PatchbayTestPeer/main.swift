@@ -14,6 +14,8 @@
 //   caps-client NAME COUNT    COUNT calls to an echo service answering "echo:" + request; prints
 //                             "ok COUNT" or the first mismatch
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
+//   broker-fork N             one Broker, fork, N shm opens and unlinks in parent and child at
+//                             once; prints "child ok" then "parent ok", or the first failure
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -650,6 +652,34 @@ func capsFork(_ name: String) throws(PatchbayError) {
     say("parent reply " + String(decoding: try client.call(Array("after fork".utf8)), as: UTF8.self))
 }
 
+/// Connects, makes one call, forks; parent and child then each make `count` calls on the same
+/// `Broker` at once (each its own shared memory names). Says "parent ok" / "child ok", or the
+/// first failure.
+func brokerFork(count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    _ = try broker.status()
+    let child = fork()
+    let who = child == 0 ? "child" : "parent"
+    var outcome = "\(who) ok"
+    do {
+        for index in 0..<count {
+            let name = "/fork-\(getpid())-\(index)"
+            let memory = try broker.openSharedMemory(name, options: [.create, .exclusive])
+            _ = consume memory
+            try broker.unlinkSharedMemory(name)
+        }
+    } catch {
+        outcome = "\(who) " + error.description
+    }
+    if child == 0 {
+        say(outcome)
+        _exit(0)
+    }
+    var status: CInt = 0
+    waitpid(child, &status, 0)
+    say(outcome)
+}
+
 /// Registers a service that sleeps at once (spinning off), forks a child that cancels the
 /// inherited port's wait and drops it, waits for the child, says "ready", then echoes requests
 /// until its input ends. The parent's port must not notice the child: a new client is announced
@@ -893,6 +923,8 @@ func main() -> CInt {
             try netListenerWithLingering(port: UInt16(arguments[1])!)
         case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
+        case "broker-fork" where arguments.count == 2 && Int(arguments[1]) != nil:
+            try brokerFork(count: Int(arguments[1])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
             try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

@@ -70,6 +70,8 @@ static void test_broker(void) {
     FAILS(pb_broker_open_at(&broker, "/nonexistent/patchbay.sock"), ENOENT);
     CHECK(broker == NULL);
     CHECK(strstr(pb_last_reason(), "/nonexistent/patchbay.sock") != NULL);
+    FAILS(pb_broker_open_at(&broker, ""), EINVAL);                /* not the default broker */
+    CHECK(broker == NULL);
     FAILS(pb_broker_open(NULL), EINVAL);
     OK(pb_broker_open(&broker));
     CHECK(broker != NULL);
@@ -116,6 +118,7 @@ static void test_keys(pb_broker *broker) {
     FAILS(pb_claim(broker, key), ENOENT);                          /* not for this uid */
     FAILS(pb_share_for(broker, restricted, 30000, 9, 0, key), EINVAL);
     FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_GID, -1, key), EINVAL);
+    FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_UID, 4294967295LL, key), EINVAL);  /* (uid_t)-1 */
     FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_PID, 2147483647, key), ESRCH);
     close(restricted);
 
@@ -208,6 +211,10 @@ static void test_anonymous(void) {
     FAILS(pb_shm_map(fd, 0, PROT_READ | PROT_WRITE, &address), EINVAL);
     FAILS(pb_shm_map(fd, 4096, PROT_WRITE, &address), EINVAL);
     FAILS(pb_shm_map(fd, 4096, PROT_READ, NULL), EINVAL);
+    /* A first mapping the kernel cannot make fixes nothing: the object keeps size 0. */
+    FAILS(pb_shm_map(fd, (size_t)1 << 62, PROT_READ | PROT_WRITE, &address), ENOMEM);
+    struct stat unsized;
+    CHECK(fstat(fd, &unsized) == 0 && unsized.st_size == 0);
     long page = sysconf(_SC_PAGESIZE);
     OK(pb_shm_map(fd, 100, PROT_READ | PROT_WRITE, &address));   /* first mapping: fixes the size */
     struct stat info;
@@ -383,6 +390,8 @@ static void test_caps(pb_broker *broker) {
     CHECK(m.id == id && m.kind == PB_CAPS_REQUEST && m.length == 5);
     CHECK(m.pid == getpid() && m.uid == getuid() && m.euid == geteuid() && m.gid == getegid());
     FAILS(pb_caps_reply(service, id + 1000, "x", 1), EINVAL);
+    FAILS(pb_caps_reply_error(service, id, 100000), EINVAL);      /* not an errno */
+    FAILS(pb_caps_set_generation(service, UINT64_MAX), EINVAL);   /* the next could not pass it */
     OK(pb_caps_reply(service, id, "world", 5));
     FAILS(pb_caps_reply(service, id, "again", 5), EINVAL);
     length = pb_caps_wait_reply(client, &m, buffer, sizeof buffer);

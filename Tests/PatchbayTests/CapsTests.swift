@@ -41,6 +41,16 @@ func serviceGet(_ service: CapsService, capacity: Int = 1 << 16) throws(Patchbay
 
 @Suite("CAPS")
 struct CapsTests {
+    @Test("a Broker used by a fork child and its parent at once: the child makes a connection of its own, neither hangs or reads the other's replies",
+          .timeLimit(.minutes(1)))
+    func brokerAcrossFork() throws {
+        let broker = try TestBroker()
+        let forker = try Child(testPeer, ["broker-fork", "300"], environment: broker.environment)
+        #expect(try forker.readLine() == "child ok")
+        #expect(try forker.readLine() == "parent ok")
+        _ = try forker.wait()
+    }
+
     @Test("the DragonFly scenario: xyz → good, REPLY then DISPOSE with the same msgid, generations, fork")
     func dragonflyScenario() throws {
         let broker = try TestBroker()

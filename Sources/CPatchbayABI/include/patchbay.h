@@ -13,13 +13,21 @@
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
  *     Every descriptor the library makes is close-on-exec.
- *   - A pb_broker is thread-safe: calls on it are serialised over its one connection. A CAPS
- *     port is thread-safe too; a pb_socket is to be used by one thread at a time.
+ *   - A pb_broker is thread-safe: calls on it are serialised over its one connection, so a
+ *     call that waits (a blocking pb_net_accept on a socket made through it) holds up the
+ *     broker's other calls until it returns: give such a wait a pb_broker of its own. A CAPS
+ *     port is thread-safe too; a pb_socket is to be used by one thread at a time. Closing a
+ *     handle while another thread is blocked in a call on it is not allowed (cancel a CAPS wait
+ *     with pb_caps_service_cancel first).
+ *   - After fork, a child that calls through its parent's pb_broker gets a connection of its
+ *     own on its first call (the parent keeps the old one). CAPS ports do not follow: a child's
+ *     inherited ports answer -ENOTCONN.
  *   - Strings are NUL-terminated UTF-8.
  *
  * Errors common to every call that talks to the broker: -ECONNREFUSED or -ENOENT (no broker at
- * the socket), -ECONNRESET or -EPIPE (the broker went away and did not come back; see
- * "Broker restarts" in the README), -EPROTO (the broker sent something unreadable).
+ * the socket), -ECONNRESET or -EPIPE (the broker went away and did not come back within the
+ * reconnection attempts, about 3.5 s per call; see "Broker restarts" in the README), -EPROTO
+ * (the broker sent something unreadable).
  */
 #ifndef PATCHBAY_H
 #define PATCHBAY_H
@@ -44,7 +52,8 @@ typedef struct pb_broker pb_broker;
  * -EACCES: the per-user directory or broker is not this user's. */
 int pb_broker_open(pb_broker **out);
 
-/* Connects to the broker listening at socket_path (no autostart). */
+/* Connects to the broker listening at socket_path (no autostart). -EINVAL: socket_path is NULL
+ * or empty. */
 int pb_broker_open_at(pb_broker **out, const char *socket_path);
 
 /* Closes the connection. Ports and sockets opened through it stay valid (each holds what it
@@ -79,7 +88,7 @@ int pb_claim(pb_broker *broker, const char *key);
 
 /* pb_share for one claimer: who is PB_CLAIMABLE_BY_UID, _GID or _PID, and id the uid, gid or
  * pid. Anyone else's claim gets -ENOENT, as for a wrong key. -EINVAL as pb_share, or an
- * unknown who or an id out of range; -ESRCH: no running process has that pid. */
+ * unknown who or an id out of range (including (uid_t)-1 and (gid_t)-1); -ESRCH: no running process has that pid. */
 int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t id, char key[PB_KEY_TEXT_SIZE]);
 
 /* ---- Shared memory ------------------------------------------------------------------------ */
@@ -168,7 +177,8 @@ typedef struct pb_caps_client  pb_caps_client;
 #define PB_CAPS_GROUP 2   /* clients in the service's group (its registrar's effective gid) may connect */
 #define PB_CAPS_WORLD 4   /* anyone may connect */
 #define PB_CAPS_NOTIFY 8      /* pb_caps_service_open: also deliver CONNECTED and DISCONNECTED */
-#define PB_CAPS_EXCLUSIVE 16  /* pb_caps_service_open: -EEXIST if the name is registered already */
+#define PB_CAPS_EXCLUSIVE 16  /* pb_caps_service_open: -EEXIST if a live registration has the same
+                                 name, uid and gid (another uid or gid may still register the name) */
 
 #define PB_CAPS_WAIT_FOR_SERVICE 1   /* pb_caps_client_open waits until the name is registered */
 
@@ -198,7 +208,8 @@ struct pb_caps_message {
  * with PB_CAPS_GROUP, its effective gid (the group whose members may connect).
  * access: a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (none of the three: PB_CAPS_USER),
  * with PB_CAPS_NOTIFY and PB_CAPS_EXCLUSIVE. -EINVAL (name, unknown bits), -ENAMETOOLONG,
- * -EEXIST (PB_CAPS_EXCLUSIVE and the name is registered; or another uid has it), -EPERM (a name
+ * -EEXIST (PB_CAPS_EXCLUSIVE and a live registration has this name, uid and gid; or another uid
+ * has the name), -EPERM (a name
  * reserved to another user), -EDQUOT. */
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
 
@@ -227,11 +238,12 @@ int pb_caps_reply_in_place(pb_caps_service *service, uint64_t id, size_t length,
                            void (*fill)(void *buffer, size_t length, void *context), void *context);
 
 /* Answers request id with an errno instead of bytes: the client's pb_caps_call returns -error.
- * -EINVAL: error <= 0 or not a pending request; -ENOBUFS: the client's reply ring is full. */
+ * -EINVAL: error not an errno (1 to 4095) or id not a pending request; -ENOBUFS: the client's reply ring is full. */
 int pb_caps_reply_error(pb_caps_service *service, uint64_t id, int error);
 
 /* Sets this service's generation, which its clients read with pb_caps_generation (a restarted
- * service starts past every generation its name had; see DragonFly's caps_sys_setgen). */
+ * service starts past every generation its name had; see DragonFly's caps_sys_setgen).
+ * -EINVAL: UINT64_MAX (the next registration could not start past it). */
 int pb_caps_set_generation(pb_caps_service *service, uint64_t generation);
 
 /* A descriptor that is readable when a message may be waiting: for poll/epoll (messages queued

@@ -602,7 +602,10 @@ public final class CapsService: @unchecked Sendable {
     public func reply(to messageID: UInt64, error: Errno) throws(PatchbayError) {
         try core.checkInherited()
         try core.lock.locked { () throws(PatchbayError) in
-            guard error.rawValue > 0 else { throw PatchbayError(.invalidArgument, "an error reply needs an errno") }
+            // (Linux's errnos end below 4096; the client's call returns the negative errno.)
+            guard error.rawValue > 0, error.rawValue < 4096 else {
+                throw PatchbayError(.invalidArgument, "an error reply needs an errno (1 to 4095), not \(error.rawValue)")
+            }
             let awaiting = try awaitingReply(messageID)
             let request = awaiting.request
             try borrowing(awaiting.client) { client throws(PatchbayError) in
@@ -626,6 +629,10 @@ public final class CapsService: @unchecked Sendable {
     /// Sets this port's generation, which clients read with `generation()`.
     public func setGeneration(_ generation: UInt64) throws(PatchbayError) {
         try core.checkInherited()
+        // A registration after this one starts one past it: 2^64 - 1 would wrap to 0.
+        guard generation < .max else {
+            throw PatchbayError(.invalidArgument, "a generation is at most 2^64 - 2 (the next registration starts one past it)")
+        }
         SharedWord.store(status.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self),
                          generation)
     }
