@@ -24,6 +24,9 @@ public struct BrokerConfiguration: Sendable {
     public var maximumSocketsPerUser: Int = 4096
     /// CAPS services one uid may have registered at once (`EDQUOT` beyond).
     public var maximumServicesPerUser: Int = 256
+    /// Connections one uid other than root may have open to one service of another uid
+    /// (`EDQUOT` beyond).
+    public var maximumCapsClientsPerUser: Int = 64
     /// Failed claims a uid may make in a burst before being slowed to `failedClaimsPerSecond`.
     public var failedClaimBurst: Int = 64
     public var failedClaimsPerSecond: Double = 16

@@ -85,6 +85,7 @@ public final class BrokerServer {
         netTable.policy = policy
         let registry = CapsRegistry(logger: logger)
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
+        registry.maximumClientsPerUser = configuration.maximumCapsClientsPerUser
         registry.budget = budget
         registry.policy = policy
         registry.generationsFile = store.path + "/caps-generations"

@@ -46,6 +46,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "CAPS services allowed registered per uid (EDQUOT beyond).")
     var maxServicesPerUid = 256
 
+    @Option(help: "Connections one uid other than root may have open to one CAPS service of another uid (EDQUOT beyond).")
+    var maxCapsClientsPerUid = 64
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -93,6 +96,7 @@ public struct DaemonCommand: ParsableCommand {
         guard maxKeysPerUid > 0 else { throw ValidationError("--max-keys-per-uid must be positive") }
         guard maxShmObjectsPerUid > 0 else { throw ValidationError("--max-shm-objects-per-uid must be positive") }
         guard maxSocketsPerUid > 0 else { throw ValidationError("--max-sockets-per-uid must be positive") }
+        guard maxCapsClientsPerUid > 0 else { throw ValidationError("--max-caps-clients-per-uid must be positive") }
         guard maxQueuedMessages >= 16 else { throw ValidationError("--max-queued-messages must be at least 16") }
         guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
@@ -152,6 +156,7 @@ public struct DaemonCommand: ParsableCommand {
         configuration.maximumQueuedRepliesPerClient = maxQueuedMessages
         configuration.keepKeysWithServiceManager = fdStore
         configuration.maximumServicesPerUser = maxServicesPerUid
+        configuration.maximumCapsClientsPerUser = maxCapsClientsPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond

@@ -16,6 +16,8 @@
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
 //   broker-fork N             one Broker, fork, N shm opens and unlinks in parent and child at
 //                             once; prints "child ok" then "parent ok", or the first failure
+//   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
+//                             "refused at I ERRNO", keeps them until EOF
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -355,6 +357,24 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
         sent += 17
     }
     say("still connected after \(sent)")
+    waitForEndOfInput()
+}
+
+/// Connects up to `count` clients to service `name` and keeps them until input ends: says
+/// "connected N", or "refused at N ERRNO" for the first connection the broker refused.
+func capsConnectMany(_ name: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var clients: [CapsClient] = []
+    for index in 1...count {
+        do {
+            clients.append(try CapsClient(broker, name: name, access: [.world]))
+        } catch {
+            say("refused at \(index) \(error.errno.name)")
+            waitForEndOfInput()
+            return
+        }
+    }
+    say("connected \(clients.count)")
     waitForEndOfInput()
 }
 
@@ -925,6 +945,8 @@ func main() -> CInt {
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
         case "broker-fork" where arguments.count == 2 && Int(arguments[1]) != nil:
             try brokerFork(count: Int(arguments[1])!)
+        case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try capsConnectMany(arguments[1], count: Int(arguments[2])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
             try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

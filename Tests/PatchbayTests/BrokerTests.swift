@@ -437,7 +437,7 @@ struct BrokerSafetyTests {
     func optionValidation() throws {
         for arguments in [["--max-keys-per-uid", "0"], ["--failed-claims-per-second", "nan"], ["--log-level", "loud"],
                           ["--ready-fd", "999"], ["--claim-ack-timeout", "never"], ["--max-sockets-per-uid", "0"],
-                          ["--max-services-per-uid", "-1"], ["--max-shm-objects-per-uid", "0"],
+                          ["--max-services-per-uid", "-1"], ["--max-caps-clients-per-uid", "0"], ["--max-shm-objects-per-uid", "0"],
                           ["--max-shm-bytes-per-uid", "0"], ["--max-shm-bytes-per-uid", "lots"]] {
             let daemon = try run(patchbayDaemon, ["--socket", "/tmp/patchbay-test-unused/x.sock"] + arguments)
             // Every bad value is a usage error (64), whether the parser or a later check finds it.

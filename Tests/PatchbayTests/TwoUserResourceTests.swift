@@ -676,7 +676,7 @@ struct TwoUserCapsPeerTests {
 
     @Test("connect/disconnect churn by nobody against root's service that does not read its port: refusals for nobody, never a disconnected service")
     func churnNeverDisconnectsTheService() throws {
-        let broker = try TestBroker(["--system", "--max-queued-messages", "16"])
+        let broker = try TestBroker(["--system", "--max-queued-messages", "16", "--max-caps-clients-per-uid", "1000"])
         chmod(broker.directory, 0o755)
         let root = try broker.connect()
         let service = try CapsService(root, name: "deaf", access: [.world])

@@ -81,6 +81,21 @@ struct TwoUserTests {
         #expect(asGroup.standardError.hasPrefix("patchbay: caps serve: EPERM: "), "\(asGroup.standardError)")
     }
 
+    @Test("nobody may hold 5 connections to root's world service with --max-caps-clients-per-uid 5, not 6 (EDQUOT); root may hold more")
+    func capsClientsPerUserAreBounded() throws {
+        let broker = try TestBroker(["--system", "--max-caps-clients-per-uid", "5"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "crowded", access: [.world])
+        let crowd = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                   "caps-connect-many", "crowded", "50"], environment: broker.environment)
+        defer { crowd.closeInput(); _ = try? crowd.wait() }
+        #expect(try crowd.readLine() == "refused at 6 EDQUOT")
+        let rootClients = try (0..<8).map { _ in try CapsClient(root, name: "crowded") }
+        #expect(rootClients.count == 8)
+        withExtendedLifetime(service) {}
+    }
+
     @Test("CAPS access classes for another user: USER and GROUP by kernel identity, WORLD for anyone")
     func capsAccessClasses() throws {
         let broker = try openBroker(["--system"])

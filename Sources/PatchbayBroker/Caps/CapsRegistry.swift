@@ -88,6 +88,8 @@ final class CapsChannelRecord {
     let id: UInt64
     let serviceID: UInt64
     let clientSession: UInt64
+    /// The client's uid (`maximumClientsPerUser` counts by it).
+    let clientUID: UInt32
     let header: Mapping
     let clientWake: Descriptor
     /// The client wake-up the broker keeps, charged to the client's uid.
@@ -96,9 +98,10 @@ final class CapsChannelRecord {
     /// of the client's departure.
     var announced = false
 
-    init(id: UInt64, serviceID: UInt64, clientSession: UInt64, header: consuming Mapping, clientWake: consuming Descriptor,
-         charge: DescriptorCharge?) {
+    init(id: UInt64, serviceID: UInt64, clientSession: UInt64, clientUID: UInt32, header: consuming Mapping,
+         clientWake: consuming Descriptor, charge: DescriptorCharge?) {
         self.charge = charge
+        self.clientUID = clientUID
         self.id = id
         self.serviceID = serviceID
         self.clientSession = clientSession
@@ -209,6 +212,10 @@ final class CapsRegistry {
     let arenaSize = CapsLayout.defaultArenaSize
     /// Services one uid (the registering process's, whatever uid it registers under) may have.
     var maximumServicesPerUser = 256
+    /// Connections one uid may have open to one service, unless it is root or the service's own
+    /// uid: each holds three of the service process's descriptors, and without a bound one user
+    /// could fill the service's table, leaving every later client waiting for an answer.
+    var maximumClientsPerUser = 64
     /// Where services' and channels' descriptors are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
@@ -425,6 +432,13 @@ final class CapsRegistry {
             throw RequestError(errno: .permissionDenied,
                                reason: "service \(name) and this client share no access class that admits uid \(caller.uid)")
         }
+        if caller.uid != 0, Int64(caller.uid) != Int64(service.owner.uid) {
+            let held = service.channels.reduce(0) { $0 + (channels[$1]?.clientUID == caller.uid ? 1 : 0) }
+            guard held < maximumClientsPerUser else {
+                throw RequestError(errno: .diskQuotaExceeded,
+                                   reason: "uid \(caller.uid) already has \(held) connections to service \(name), the most one user may have (--max-caps-clients-per-uid)")
+            }
+        }
         return try makeChannel(service: service, session: session, client: caller)
     }
 
@@ -461,8 +475,8 @@ final class CapsRegistry {
             let pair = try SeqpacketSocket.pair()
             let statusReadOnly = try service.status.reopenReadOnly()
             let id = takeID()
-            let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, header: header,
-                                           clientWake: try clientWake.writer.duplicateForBroker(), charge: charge)
+            let record = CapsChannelRecord(id: id, serviceID: service.id, clientSession: session, clientUID: client.uid,
+                                           header: header, clientWake: try clientWake.writer.duplicateForBroker(), charge: charge)
             channels[id] = record
             channelBySession[session] = id
             service.channels.insert(id)
