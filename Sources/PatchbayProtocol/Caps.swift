@@ -278,6 +278,8 @@ extension Request {
         case tap(serviceID: UInt64, payloads: Bool)
         /// Messages the tapped service saw (one-way); `lost`: records it could not send before these.
         case tapRecords(lost: UInt32, [CapsTapRecord])
+        /// The service port could not take the client of channel `channelID` (one-way).
+        case refuseClient(channelID: UInt64)
 
         public var opcode: Opcode {
             switch self {
@@ -288,6 +290,7 @@ extension Request {
             case .traffic: .capsTraffic
             case .tap: .capsTap
             case .tapRecords: .capsTapRecord
+            case .refuseClient: .capsRefuseClient
             }
         }
 
@@ -317,6 +320,8 @@ extension Request {
                 writer.u32(lost)
                 writer.u32(UInt32(records.count))
                 for record in records { record.encode(into: &writer) }
+            case .refuseClient(let channelID):
+                writer.u64(channelID)
             }
         }
 
@@ -350,6 +355,8 @@ extension Request {
                 records.reserveCapacity(count)
                 for _ in 0..<count { records.append(try CapsTapRecord.decode(&reader)) }
                 return .tapRecords(lost: lost, records)
+            case .capsRefuseClient:
+                return .refuseClient(channelID: try reader.u64("channel id"))
             default:
                 throw .wrongFrame(opcode, "caps request")
             }

@@ -49,7 +49,9 @@ public enum CapsLayout {
     public static let serviceFutexPendingOffset = 340 // 1: the client bumped the word and the service has not slept since
     public static let clientRunningOffset = 384   // 1 while the client runs; its CPU beside it
     public static let clientCPUOffset = 388
-    public static let serviceClosedOffset = 448   // set by the broker when the service is gone
+    public static let serviceClosedOffset = 448   // set by the broker when the service is gone (1) or refused this client (2)
+    /// `serviceClosedOffset`'s value when the service could not take this client.
+    public static let serviceRefusedClient: UInt32 = 2
     public static let clientClosedOffset = 452    // set by the broker when the client is gone
 
     public static func requestRingOffset() -> Int { headerSize }

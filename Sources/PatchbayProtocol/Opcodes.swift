@@ -66,6 +66,9 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     /// the messages the service sees, one-way, for monitors of its uid (§12.6).
     case capsTap = 67
     case capsTapRecord = 68
+    /// CAPS: a service port that could not take a new client (its descriptors did not arrive, or
+    /// its channel could not be mapped) says so, one-way; the broker marks the channel refused.
+    case capsRefuseClient = 69
 
     /// What an opcode is: its subsystem, the frames it appears in and their descriptors.
     public struct Metadata: Sendable, Equatable {
@@ -116,6 +119,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .capsTraffic:       Metadata(.caps,         true,    true,  false, 0, 0, 0)
         case .capsTap:           Metadata(.caps,         true,    true,  false, 0, 0, 0)
         case .capsTapRecord:     Metadata(.caps,         true,    false, false, 0, 0, 0)
+        case .capsRefuseClient:  Metadata(.caps,         true,    false, false, 0, 0, 0)
         }
     }
 

@@ -16,6 +16,8 @@
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
 //   broker-fork N             one Broker, fork, N shm opens and unlinks in parent and child at
 //                             once; prints "child ok" then "parent ok", or the first failure
+//   caps-serve-full NAME      registers NAME (world), fills its descriptor table, prints "full",
+//                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
@@ -358,6 +360,33 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     }
     say("still connected after \(sent)")
     waitForEndOfInput()
+}
+
+/// Registers a world service `name`, then fills this process's descriptor table (soft limit 256)
+/// so that no new client's descriptors can arrive; says "full", then serves until input ends.
+func capsServeFull(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    var limit = rlimit()
+    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+    limit.rlim_cur = 256
+    guard setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit) == 0 else { throw PatchbayError(Errno.current, "setrlimit") }
+    var filler: [CInt] = []
+    while true {
+        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { break }
+        filler.append(fd)
+    }
+    say("full")
+    startThread {
+        waitForEndOfInput()
+        exit(0)
+    }
+    while true {
+        try service.receive { (message: CapsServiceMessage, _: UnsafeRawBufferPointer) in
+            if message.kind == .request { try? service.reply(to: message.messageID, [1]) }
+        }
+    }
 }
 
 /// Connects up to `count` clients to service `name` and keeps them until input ends: says
@@ -945,6 +974,8 @@ func main() -> CInt {
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
         case "broker-fork" where arguments.count == 2 && Int(arguments[1]) != nil:
             try brokerFork(count: Int(arguments[1])!)
+        case "caps-serve-full" where arguments.count == 2:
+            try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:

@@ -46,6 +46,7 @@ let sampleRequests: [Request] = [
     .caps(.tap(serviceID: 5, payloads: true)),
     .caps(.tapRecords(lost: 2, [CapsTapRecord(messageID: 1 << 32 | 7, kind: .request, length: 3, payload: [1, 2, 3]),
                                 CapsTapRecord(messageID: 1 << 32 | 7, kind: .errorReply, length: 5)])),
+    .caps(.refuseClient(channelID: 1 << 40 | 3)),
     .monitor(MonitorFilter(subsystems: 10, uid: 65534, pid: 42, name: "/x")),
 ]
 
@@ -118,7 +119,7 @@ struct ProtocolTests {
         #expect(Set(sampleRequests.map(\.opcode)) == requestOpcodes)
         #expect(Set(sampleReplies.map(\.opcode)) == replyOpcodes)
         #expect(!requestOpcodes.contains(.connection) && !requestOpcodes.contains(.capsConnected))
-        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge, .capsTapRecord])
+        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge, .capsTapRecord, .capsRefuseClient])
         for request in sampleRequests {
             #expect(request.opcode.subsystem == Opcode(rawValue: request.opcode.rawValue)!.metadata.subsystem)
         }

@@ -41,6 +41,30 @@ func serviceGet(_ service: CapsService, capacity: Int = 1 << 16) throws(Patchbay
 
 @Suite("CAPS")
 struct CapsTests {
+    @Test("a service with no free descriptor cannot take a new client: the client is told at once (ENOTCONN, or ECONNRESET for a call), never left waiting",
+          .timeLimit(.minutes(1)))
+    func serviceOutOfDescriptorsRefusesTheClient() throws {
+        let broker = try TestBroker()
+        let full = try Child(testPeer, ["caps-serve-full", "full.service"], environment: broker.environment)
+        defer { full.closeInput(); _ = try? full.wait() }
+        #expect(try full.readLine() == "full")
+        let client = try CapsClient(try broker.connect(), name: "full.service")
+        var caught: Errno?
+        do {
+            _ = try client.call([1])
+        } catch {
+            caught = error.errno
+        }
+        #expect(caught == .connectionReset)
+        // Then every call says why.
+        do {
+            _ = try client.call([2])
+            Issue.record("a refused client's call succeeded")
+        } catch {
+            #expect(error.errno == .socketNotConnected && error.description.contains("could not take this connection"), "\(error)")
+        }
+    }
+
     @Test("a Broker used by a fork child and its parent at once: the child makes a connection of its own, neither hangs or reads the other's replies",
           .timeLimit(.minutes(1)))
     func brokerAcrossFork() throws {

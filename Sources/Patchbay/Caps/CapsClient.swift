@@ -564,11 +564,18 @@ public final class CapsClient: @unchecked Sendable {
 
     // MARK: Internals
 
+    /// Why this port can say no more: the service went away, or could not take this client.
+    private var goneReason: String {
+        channel.serviceRefused
+            ? "the service \(name) could not take this connection (it is out of descriptors); connect again later"
+            : "the service \(name) has gone away"
+    }
+
     @inline(__always)
     private func checkUsable() throws(PatchbayError) {
         try core.checkInherited()
         if channel.serviceClosed {
-            throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
+            throw PatchbayError(.socketNotConnected, goneReason)
         }
     }
 
@@ -698,7 +705,7 @@ public final class CapsClient: @unchecked Sendable {
             closedReplies = requests.all().filter { $0.state & Self.abortedAtService == 0 }.map(\.id).sorted()
         }
         guard let messageID = closedReplies?.first else {
-            throw PatchbayError(.socketNotConnected, "the service \(name) has gone away")
+            throw PatchbayError(.socketNotConnected, goneReason)
         }
         closedReplies?.removeFirst()
         if let request = requests.remove(messageID), request.offset >= 0 {

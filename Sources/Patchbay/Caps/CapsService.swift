@@ -1021,7 +1021,13 @@ public final class CapsService: @unchecked Sendable {
                       let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
                       let direct = message.descriptors.takeFirst(),
                       let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize), tracksDisposals: true)
-                else { continue }
+                else {
+                    // This port cannot take the client (out of descriptors: the kernel dropped
+                    // them; or the channel cannot be mapped): the broker tells the client at once,
+                    // rather than letting it wait for answers that cannot come.
+                    try? connection.post(.caps(.refuseClient(channelID: channelID)))
+                    continue
+                }
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,

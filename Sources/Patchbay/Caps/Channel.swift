@@ -146,6 +146,8 @@ final class CapsChannel: @unchecked Sendable {
     }
 
     var serviceClosed: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) != 0 }
+    /// The service is there, but could not take this client (the broker marked the channel so).
+    var serviceRefused: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) == CapsLayout.serviceRefusedClient }
     var clientClosed: Bool { SharedWord.load(word32(CapsLayout.clientClosedOffset)) != 0 }
 
     // MARK: Rings

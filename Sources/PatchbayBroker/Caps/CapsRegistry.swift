@@ -113,9 +113,10 @@ final class CapsChannelRecord {
         header.baseAddress.advanced(by: offset).assumingMemoryBound(to: UInt32.self)
     }
 
-    /// The service is gone: mark it and wake the client wherever it waits.
-    func markServiceClosed() {
-        SharedWord.store(word(CapsLayout.serviceClosedOffset), 1)
+    /// The service is gone (or, `refused`, could not take this client): mark it and wake the
+    /// client wherever it waits.
+    func markServiceClosed(refused: Bool = false) {
+        SharedWord.store(word(CapsLayout.serviceClosedOffset), refused ? CapsLayout.serviceRefusedClient : 1)
         SharedWord.increment(word(CapsLayout.clientWakeOffset))
         Futex.wake(word(CapsLayout.clientWakeOffset))
         // A copy of the writer's end the service holds: the send never waits, whatever its flags.
@@ -493,6 +494,19 @@ final class CapsRegistry {
     // MARK: Deaths and listings
 
     /// A connection closed. Returns the service sessions to tell of departed clients.
+    /// The service of session `session` could not take the client of `channelID` (its port got
+    /// the channel's descriptors short, or could not map it): the channel ends as if the service
+    /// had gone, for that client only, which learns it at once instead of waiting for answers
+    /// that cannot come. Ignored for a channel of another service.
+    func refuse(channelID: UInt64, bySession session: UInt64) {
+        guard let channel = channels[channelID], let service = services[channel.serviceID], service.session == session else { return }
+        channels[channelID] = nil
+        channelBySession[channel.clientSession] = nil
+        service.channels.remove(channelID)
+        channel.markServiceClosed(refused: true)
+        logger.warning("service could not take a client", metadata: ["name": "\(service.name)", "channel": "\(channelID)"])
+    }
+
     func sessionClosed(_ session: UInt64) -> [(serviceSession: UInt64, event: Event)] {
         var notices: [(UInt64, Event)] = []
         if let id = channelBySession.removeValue(forKey: session), let channel = channels.removeValue(forKey: id) {

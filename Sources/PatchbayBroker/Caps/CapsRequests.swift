@@ -107,6 +107,10 @@ final class CapsRequests: SessionClosedHook {
             // service's channels, are dropped.
             report(records, lost: lost, from: context.session)
 
+        case .refuseClient(let channelID):
+            // One-way: a channel that is not this service's own is ignored.
+            registry.refuse(channelID: channelID, bySession: context.session.id)
+
         case .traffic(let after):
             // Root and the broker's own user see every channel; anyone else (on the system broker)
             // the channels of its own services and its own client connections.
