@@ -74,7 +74,11 @@ def shm_map(fd: FileDescriptorLike, length: int, writable: bool = True) -> Mappi
     """Maps length bytes of the shared memory object fd (a number or an object with fileno()),
     shared, at offset 0. The first mapping of an anonymous object of size 0 fixes its size
     (length rounded up to the page size); a later mapping longer than the object is OSError
-    EINVAL. PermissionError for a writable mapping of a read-only descriptor."""
+    EINVAL. PermissionError for a writable mapping of a read-only descriptor; OSError ENOMEM when
+    the kernel cannot map that much (a first mapping that fails leaves the object of size 0).
+    A named object maps as mmap does, past its size too, and touching the part past its size
+    kills the process with SIGBUS, as with mmap: size it first (os.ftruncate), or map at most
+    os.fstat(fd).st_size bytes."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     address = c_void_p()
     check(lib().pb_shm_map(_native.fd_of(fd), length, prot, byref(address)))
