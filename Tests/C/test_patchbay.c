@@ -26,6 +26,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static int checks;
@@ -590,6 +591,65 @@ static int run_share(const char *path) {
     return 0;
 }
 
+/* ---- closing a service while another thread waits on it ---- */
+
+struct closing_wait {
+    pb_caps_service *service;
+    volatile int tid;   /* set by the waiter, read by the main thread (only as "not yet 0") */
+    int result;
+};
+
+static void *wait_to_be_closed(void *argument) {
+    struct closing_wait *w = argument;
+    __atomic_store_n(&w->tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
+    struct pb_caps_message m;
+    char buffer[8];
+    w->result = pb_caps_wait(w->service, &m, buffer, sizeof buffer);
+    return NULL;
+}
+
+/* Whether thread tid of this process is asleep (state S in /proc). */
+static int thread_sleeps(int tid) {
+    char path[64], text[512];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+    FILE *file = fopen(path, "r");
+    if (!file) return 0;
+    size_t n = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[n] = 0;
+    const char *end = strrchr(text, ')');
+    return end && end[1] == ' ' && end[2] == 'S';
+}
+
+static void test_close_cancels_wait(pb_broker *broker) {
+    char name[96];
+    named("c_closing_", name, sizeof name);
+    pb_caps_service *service = NULL;
+    OK(pb_caps_service_open(broker, name, PB_CAPS_USER, &service));
+    struct closing_wait w = { service, 0, 1 };
+    pthread_t thread;
+    CHECK(pthread_create(&thread, NULL, wait_to_be_closed, &w) == 0);
+    /* Until the waiter sleeps in pb_caps_wait (its state in /proc), for at most 10 s. */
+    int asleep = 0;
+    for (int i = 0; i < 10000 && !asleep; i++) {
+        int tid = __atomic_load_n(&w.tid, __ATOMIC_ACQUIRE);
+        if (tid != 0 && thread_sleeps(tid)) asleep = 1; else usleep(1000);
+    }
+    CHECK(asleep);
+    pb_caps_service_close(service);                 /* cancels the wait, then closes */
+    CHECK(pthread_join(thread, NULL) == 0);
+    CHECK(w.result == -ECANCELED);
+    /* The service is gone: its name is free once the broker has seen its port close. */
+    int gone = 0;
+    for (int i = 0; i < 5000 && !gone; i++) {
+        pb_caps_client *client = NULL;
+        int result = pb_caps_client_open(broker, name, 0, &client);
+        if (result == -ENOENT) gone = 1;
+        else { pb_caps_client_close(client); usleep(1000); }
+    }
+    CHECK(gone);
+}
+
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "all") == 0) {
         snprintf(unique, sizeof unique, "%d", (int)getpid());
@@ -601,6 +661,7 @@ int main(int argc, char **argv) {
         test_anonymous();
         test_net(broker);
         test_caps(broker);
+        test_close_cancels_wait(broker);
         pb_broker_close(broker);
         printf("ok %d\n", checks);
         return 0;

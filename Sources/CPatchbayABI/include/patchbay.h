@@ -17,8 +17,9 @@
  *     call that waits (a blocking pb_net_accept on a socket made through it) holds up the
  *     broker's other calls until it returns: give such a wait a pb_broker of its own. A CAPS
  *     port is thread-safe too; a pb_socket is to be used by one thread at a time. Closing a
- *     handle while another thread is blocked in a call on it is not allowed (cancel a CAPS wait
- *     with pb_caps_service_cancel first).
+ *     handle while another thread is in a call on it is not allowed, with one exception:
+ *     pb_caps_service_close while another thread is blocked in pb_caps_wait or
+ *     pb_caps_receive cancels that wait (-ECANCELED) first.
  *   - After fork, a child that calls through its parent's pb_broker gets a connection of its
  *     own on its first call (the parent keeps the old one). CAPS ports do not follow: a child's
  *     inherited ports answer -ENOTCONN.
