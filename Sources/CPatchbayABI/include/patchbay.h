@@ -215,7 +215,7 @@ struct pb_caps_message {
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
 
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
- * into buffer. Returns the payload's full length (m->length too). When that is more than
+ * into buffer. Returns the payload's full length (capped at INT_MAX; m->length has it whole). When that is more than
  * capacity, only capacity bytes were copied and the message stays queued for a call with a
  * larger buffer (DragonFly's rule). -ECANCELED: pb_caps_service_cancel was called. */
 int pb_caps_wait(pb_caps_service *service, struct pb_caps_message *m, void *buffer, size_t capacity);
@@ -286,7 +286,8 @@ int pb_caps_put_in_place(pb_caps_client *client, size_t length,
                          void (*fill)(void *buffer, size_t length, void *context), void *context, uint64_t *id);
 
 /* Waits for the next reply and copies it into buffer (m->kind is PB_CAPS_REPLY, m->id the
- * request's id). Returns its full length, or the errno the service answered with (negated).
+ * request's id). Returns its full length (capped at INT_MAX; m->length has it whole), or the
+ * errno the service answered with (negated).
  * More than capacity: as pb_caps_wait (only capacity bytes copied; the reply stays queued).
  * A request the service left unanswered when it went away comes back as a 0-byte reply; once
  * they are all back, -ENOTCONN. */
