@@ -81,20 +81,24 @@ struct ClaimCommand: ParsableCommand {
         abstract: "Claim a shared file by its key.",
         discussion: """
             With a command, runs it with the claimed file as descriptor 3 and PATCHBAY_FD=3 in its \
-            environment. Without, copies the file's readable contents to stdout.
+            environment. Without, copies the file's readable contents to stdout. A key on a command \
+            line can be read by every local user (/proc/PID/cmdline) until it is claimed: give - \
+            to read it from the first line of stdin instead.
             """
     )
 
-    @Argument(help: "The key printed by `patchbay share`.")
+    @Argument(help: "The key printed by `patchbay share`, or - to read it from stdin.")
     var key: String
 
     @Argument(parsing: .postTerminator, help: "A command to run with the file as descriptor 3.")
     var command: [String] = []
 
     func run() throws {
+        let text = key == "-" ? (readLine(strippingNewline: true) ?? "") : key
+        if key != "-" { scrubArgument(key) }
         let parsed: Key
         do {
-            parsed = try Key(parsing: key)
+            parsed = try Key(parsing: String(text.filter { $0 != " " && $0 != "\t" && $0 != "\r" }))
         } catch {
             fail("claim", error)
         }
@@ -106,6 +110,15 @@ struct ClaimCommand: ParsableCommand {
         } else {
             refuseUncopyable(file)
             copyToStandardOutput(file)
+        }
+    }
+
+    /// Blanks the key in this process's own argument memory, which other users can read through
+    /// /proc/PID/cmdline: it narrows the window (from start until now) in which it shows there.
+    private func scrubArgument(_ text: String) {
+        for index in 0..<Int(CommandLine.argc) {
+            guard let argument = CommandLine.unsafeArgv[index], String(cString: argument) == text else { continue }
+            memset(argument, 0x2A, strlen(argument))  // '*'
         }
     }
 

@@ -81,6 +81,23 @@ struct TwoUserTests {
         #expect(asGroup.standardError.hasPrefix("patchbay: caps serve: EPERM: "), "\(asGroup.standardError)")
     }
 
+    @Test("nobody claims root's key and says the file never came: root's own claim is refused (it learns of the theft), not given the file a second time")
+    func stolenClaimIsNotGivenBack() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let path = broker.directory + "/secret.txt"
+        try writeFile(path, "secret")
+        let key = try root.share(try openFile(path, flags: O_RDONLY))
+        let thief = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                   "claim-with-full-table", key.text], environment: broker.environment)
+        #expect(try thief.readLine() == "EMFILE")
+        #expect(throws: PatchbayError.self) { _ = try root.claim(key) }
+        thief.closeInput()
+        #expect(try thief.readLine() == "claimed on retry")
+        _ = try thief.wait()
+    }
+
     @Test("nobody may hold 5 connections to root's world service with --max-caps-clients-per-uid 5, not 6 (EDQUOT); root may hold more")
     func capsClientsPerUserAreBounded() throws {
         let broker = try TestBroker(["--system", "--max-caps-clients-per-uid", "5"])

@@ -13,7 +13,9 @@
 // the descriptor; the claimer then acknowledges. If the kernel could not install the descriptor
 // (the claimer was out of descriptors, EMFILE: the reply arrives with MSG_CTRUNC), the claimer
 // says so and the key is restored; if the claimer vanishes before acknowledging, the key is
-// restored too (unless its deadline has passed meanwhile). A claimer that stays connected but
+// restored too (unless its deadline has passed meanwhile). A restored key can be claimed again
+// by that claiming process only: the reply may have reached it whatever it says, and a file
+// given to one claimer must never silently go to a second. A claimer that stays connected but
 // never acknowledges is taken at its word after `acknowledgementTimeout`: the key counts as
 // claimed, so it cannot pin the sharer's quota or the file forever. While a key is in flight every other claim gets ENOENT, so of any number of
 // concurrent claims exactly one wins.
@@ -77,6 +79,12 @@ final class KeyEntry {
     /// Which claim is in flight (each claim gets a new number), so a stale acknowledgement
     /// deadline cannot end a later claim.
     var claimNumber: UInt64 = 0
+    /// Who the claim in flight is for.
+    var inFlightClaimer: PeerCredentials?
+    /// After a claim that did not say it received the file (it said it lost it, or went away):
+    /// that claimer, the only one who may claim the key again. The reply may have reached it all
+    /// the same (a claimer can say anything), so nobody else gets the file too.
+    var restoredFor: PeerCredentials?
 
     init(held: HeldFile, ownerUID: UInt32, ownerPID: Int32,
          restriction: ClaimRestriction?, restrictedProcess: ProcessHandle? = nil, createdAt: UInt64, deadline: UInt64?) {
@@ -90,7 +98,8 @@ final class KeyEntry {
     }
 
     func permitsClaim(by claimer: PeerCredentials) -> Bool {
-        switch restriction {
+        if let earlier = restoredFor, !Self.sameProcess(earlier, claimer) { return false }
+        return switch restriction {
         case nil: true
         case .uid(let uid)?: claimer.uid == uid
         case .gid(let gid)?: claimer.isMember(of: gid)
@@ -100,6 +109,12 @@ final class KeyEntry {
             // process that had it before) is a stranger.
             claimer.pid == pid && restrictedProcess.map(claimer.isProcess) == true
         }
+    }
+
+    /// Whether two connections' peers are one process: uid, pid, and the start time and pidfd
+    /// inode read when each connected (a later process given the pid differs in them).
+    static func sameProcess(_ one: PeerCredentials, _ other: PeerCredentials) -> Bool {
+        one.uid == other.uid && one.pid == other.pid && one.startTime == other.startTime && one.processInode == other.processInode
     }
 }
 
@@ -264,6 +279,7 @@ final class KeyTable {
                            reason: "no such key: it was never issued, was already claimed, has expired, or is not for this claimer")
         }
         entry.inFlightTo = session
+        entry.inFlightClaimer = claimer
         claimsStarted += 1
         entry.claimNumber = claimsStarted
         expiryQueue.insert(ExpiryItem(deadline: now &+ acknowledgementTimeout, token: token,
@@ -271,8 +287,9 @@ final class KeyTable {
         return entry
     }
 
-    /// Ends a claim. `received` false (the descriptor was lost on the way) restores the key.
-    /// Returns false when the key was not in flight to `session`.
+    /// Ends a claim. `received` false (the descriptor was lost on the way, or the claimer went
+    /// away before saying) restores the key for that claimer only. Returns false when the key was
+    /// not in flight to `session`.
     @discardableResult
     func finishClaim(_ token: KeyToken, session: UInt64, received: Bool, now: UInt64) -> Bool {
         guard let entry = entries[token], entry.inFlightTo == session else { return false }
@@ -280,6 +297,7 @@ final class KeyTable {
             remove(token)
         } else {
             entry.inFlightTo = nil
+            entry.restoredFor = entry.inFlightClaimer
         }
         return true
     }
