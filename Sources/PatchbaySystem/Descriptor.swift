@@ -228,11 +228,22 @@ package enum PeerDescriptors {
         threads.close(raw: fd, of: peer)
     }
 
-    /// Makes the last close of `fd` happen on `peer`'s closing thread (`ClosingThreads.closeLast`):
-    /// for a local socket this code keeps, and still closes itself, that `peer` can queue
-    /// descriptors into.
+    /// For a local socket this code keeps, and still closes itself, that `peer` can queue
+    /// descriptors into: its last close happens on `peer`'s closing thread
+    /// (`ClosingThreads.closeLast`). It is shut down for reading first, so nothing more can be
+    /// queued in it meanwhile. (Whether its queue is empty cannot be told: a message of 0 bytes
+    /// can carry descriptors, and a local socket's queue is charged to the sender's memory.)
     package static func closeLast(of fd: CInt, for peer: UInt64) {
+        shutdown(fd, CInt(SHUT_RD))
         threads.closeLast(of: fd, for: peer)
+    }
+
+    /// Closes `fd`, a socket of this code's own that `peer` could queue descriptors into, on
+    /// `peer`'s closing thread (at once if it cannot hold any).
+    package static func closeOwn(_ fd: CInt, of peer: UInt64) {
+        guard mayHoldDescriptors(fd) else { return closeHandedOver(fd) }
+        shutdown(fd, CInt(SHUT_RD))
+        threads.close(raw: fd, of: peer)
     }
 
     /// How many descriptors `peer` handed over wait to be closed.

@@ -17,6 +17,10 @@
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
 //   broker-fork N             one Broker, fork, N shm opens and unlinks in parent and child at
 //                             once; prints "child ok" then "parent ok", or the first failure
+//   caps-wedge-and-flood NAME PORT N
+//                             blocks its closing thread in NAME, then N calls with 8 local
+//                             sockets each; prints "cut off after I: ERRNO" or "sent N", then
+//                             "again: ok" or "again: ERRNO" for a new connection
 //   caps-serve-full NAME      registers NAME (world), fills its descriptor table, prints "full",
 //                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
@@ -368,6 +372,51 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
         sent += 17
     }
     say("still connected after \(sent)")
+    waitForEndOfInput()
+}
+
+/// Blocks this uid's closing thread in service `name` (a request carrying a local socket with a
+/// lingering TCP socket queued in it), then calls with 8 local sockets attached each time, up to
+/// `count` calls: says "cut off after N: ERRNO" at the first failure, or "sent N"; then connects
+/// again and calls with one attached: "again: ok" or "again: ERRNO".
+func capsWedgeAndFlood(_ name: String, port: UInt16, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name)
+    do {
+        let wedge = try wrappedLingeringSocket(port: port, seconds: 10)
+        _ = try client.put(Array("wedge".utf8), descriptors: [wedge.rawValue])
+    }
+    func pairs(_ count: Int) -> [CInt] {
+        (0..<count).flatMap { _ -> [CInt] in
+            var pair: [CInt] = [-1, -1]
+            _ = socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair)
+            close(pair[1])
+            return [pair[0]]
+        }
+    }
+    var outcome = "sent \(count)"
+    for index in 0..<count {
+        let sockets = pairs(8)
+        defer { for fd in sockets { close(fd) } }
+        do {
+            _ = try client.put(Array("flood".utf8), descriptors: sockets)
+            _ = try client.waitReply { _, _ in }
+        } catch {
+            outcome = "cut off after \(index): \(error.errno.name)"
+            break
+        }
+    }
+    say(outcome)
+    do {
+        let again = try CapsClient(broker, name: name)
+        let sockets = pairs(1)
+        defer { for fd in sockets { close(fd) } }
+        _ = try again.put(Array("again".utf8), descriptors: sockets)
+        _ = try again.waitReply { _, _ in }
+        say("again: ok")
+    } catch {
+        say("again: " + error.errno.name)
+    }
     waitForEndOfInput()
 }
 
@@ -983,6 +1032,8 @@ func main() -> CInt {
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
         case "broker-fork" where arguments.count == 2 && Int(arguments[1]) != nil:
             try brokerFork(count: Int(arguments[1])!)
+        case "caps-wedge-and-flood" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsWedgeAndFlood(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
         case "caps-serve-full" where arguments.count == 2:
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:

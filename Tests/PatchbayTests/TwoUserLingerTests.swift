@@ -151,6 +151,36 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("nobody blocks its own closing thread in root's service, then floods it with local sockets: cut off past its bound, refused when it comes back, the service's descriptors bounded and root served")
+    func floodBehindAStuckCloseIsBounded() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let service = try Child(patchbayCLI, ["caps", "serve", "flooded", "--allow", "world", "--echo"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let root = try broker.connect()
+        let probe = try CapsClient(root, name: "flooded", waitForService: true)
+        #expect(try probe.call(Array("before".utf8)) == Array("before".utf8))
+        let before = try openDescriptorCount(pid: service.pid)
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "caps-wedge-and-flood", "flooded", "\(listener.port)", "200"],
+                                 environment: broker.environment)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        // Cut off once its uid's waiting descriptors pass the bound. (Which thread ends up in the
+        // lingering close is the kernel's choice: the port's closing thread, or the kernel's own
+        // collector of sockets in flight; in the second case the closes catch up.)
+        let flood = try attacker.readLine() ?? ""
+        #expect(flood.hasPrefix("cut off after ") || flood == "sent 200", "\(flood)")
+        let again = try attacker.readLine() ?? ""
+        #expect(again.hasPrefix("again: "), "\(flood); \(again)")
+        // 200 calls of 8 sockets would have been 1,600 descriptors: the bound (64) and the
+        // channels' own sockets are what is left.
+        let after = try openDescriptorCount(pid: service.pid)
+        #expect(after - before < 100, "the service went from \(before) to \(after) descriptors")
+        #expect(try probe.call(Array("after".utf8)) == Array("after".utf8))
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("nobody's /net listener dropped with a lingering TCP socket queued on a connection it never accepted: the broker keeps answering root")
     func droppedListenerDoesNotFreezeTheLoop() throws {
         let broker = try TestBroker(["--system"])

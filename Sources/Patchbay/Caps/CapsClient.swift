@@ -174,7 +174,10 @@ public final class CapsClient: @unchecked Sendable {
 
     /// The service can queue descriptors into each of these local sockets: their last closes
     /// happen on its closing thread, never on a thread of this program's.
+    /// (Not in a fork child: the sockets are the parent's too, and shutting them down would end
+    /// the parent's port; the child's close is not the last one anyway.)
     deinit {
+        guard !core.isInherited else { return }
         for socket in [direct.rawValue, serviceWake.rawValue, clientWake.rawValue] {
             PeerDescriptors.closeLast(of: socket, for: servicePeer)
         }

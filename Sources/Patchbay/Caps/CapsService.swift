@@ -81,9 +81,14 @@ public final class CapsService: @unchecked Sendable {
             messages = MessageTable(capacity: 2 * maximumInFlight)
         }
 
+        /// The fork generation it was made in: in a fork child the sockets are the parent's too.
+        private let createdIn = forkGeneration()
+
         /// The client can queue descriptors into each of these local sockets: their last closes
-        /// happen on its uid's closing thread, never on the port's.
+        /// happen on its uid's closing thread, never on the port's (not in a fork child, whose
+        /// close is not the last, and which must not shut down the parent's sockets).
         deinit {
+            guard forkGenerationSeen() == createdIn else { return }
             for socket in [direct.rawValue, serviceWake.rawValue, clientWake.rawValue] {
                 PeerDescriptors.closeLast(of: socket, for: UInt64(credentials.uid))
             }
@@ -909,6 +914,14 @@ public final class CapsService: @unchecked Sendable {
         }
         switch entry.kind {
         case .request where !client.messages.contains(entry.messageID):
+            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0,
+               Self.pastDescriptorBound(client.credentials.uid) {
+                // Its uid's descriptors wait to be closed past the bound (a close of one of them
+                // does not finish): reading more would pile them up in this process. The client
+                // is cut off instead, its channel's own sockets closed the way `closeLast` does.
+                cutOff(client)
+                return nil
+            }
             if client.messages.count >= maximumInFlight {
                 core.stash.discard(entry, from: client.direct.rawValue, peer: UInt64(client.credentials.uid))
                 refuse(entry, of: client, with: .noBufferSpace)
@@ -1017,6 +1030,14 @@ public final class CapsService: @unchecked Sendable {
                   let event = try? Event.decode(frame) else { continue }
             switch event {
             case .caps(.connected(let channelID, let credentials, let arenaSize)):
+                if Self.pastDescriptorBound(credentials.uid) {
+                    // Its uid's descriptors already wait to be closed past the bound: not taken.
+                    try? connection.post(.caps(.refuseClient(channelID: channelID)))
+                    while let socket = message.descriptors.takeFirst() {
+                        PeerDescriptors.closeOwn(socket.release(), of: UInt64(credentials.uid))
+                    }
+                    continue
+                }
                 guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
                       let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
                       let direct = message.descriptors.takeFirst(),
@@ -1046,6 +1067,22 @@ public final class CapsService: @unchecked Sendable {
                 continue  // a service port never asks to watch
             }
         }
+    }
+
+    /// How many of one uid's descriptors may wait to be closed (`PeerDescriptors`) before this
+    /// port takes no more from it: a uid whose closes do not finish (a file it chose blocks them)
+    /// could otherwise fill this process's descriptor table.
+    static let peerDescriptorBound = 64
+
+    static func pastDescriptorBound(_ uid: UInt32) -> Bool {
+        PeerDescriptors.outstanding(of: UInt64(uid)) >= peerDescriptorBound
+    }
+
+    /// Ends a client's channel from this side: the broker marks it refused (its client learns at
+    /// once), and it goes as a departed client does.
+    private func cutOff(_ client: ClientChannel) {
+        try? connection.post(.caps(.refuseClient(channelID: client.id)))
+        clientGone(client.id)
     }
 
     /// A client went away: what it left here becomes DISPOSEs (unread requests, read ones not
