@@ -83,9 +83,9 @@ struct MonitorCommand: ParsableCommand {
                 ]) + "\n")
             } else {
                 writeStandardOutput(Self.clock(event.time).padding(17) + event.subsystem.padding(11) + event.operation.padding(20)
-                    + "\(event.pid)".padding(9) + "\(event.uid)".padding(8) + event.command.padding(17)
-                    + String(event.object.prefix(31)).padding(32) + event.outcome.padding(10)
-                    + (event.elapsed == 0 ? "-" : formatDuration(nanoseconds: event.elapsed)).padding(10) + event.detail + "\n")
+                    + "\(event.pid)".padding(9) + "\(event.uid)".padding(8) + terminalSafe(event.command).padding(17)
+                    + String(terminalSafe(event.object).prefix(31)).padding(32) + event.outcome.padding(10)
+                    + (event.elapsed == 0 ? "-" : formatDuration(nanoseconds: event.elapsed)).padding(10) + terminalSafe(event.detail) + "\n")
                 if !event.payload.isEmpty { writeStandardOutput("    | " + Self.printable(event.payload) + "\n") }
             }
             seen += 1

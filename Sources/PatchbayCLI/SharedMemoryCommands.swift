@@ -170,7 +170,7 @@ struct SharedMemoryCommand: ParsableCommand {
                 writeStandardOutput(sharedMemoryJSON(info) + "\n")
             } else {
                 writeStandardOutput("""
-                    name    \(info.nameText)
+                    name    \(terminalSafe(info.nameText))
                     size    \(info.size)
                     owner   \(info.uid):\(info.gid)
                     mode    \(octal(info.mode))
@@ -201,7 +201,7 @@ struct SharedMemoryCommand: ParsableCommand {
             var out = "MODE  OWNER        SIZE        NAME\n"
             for info in all {
                 let owner = "\(info.uid):\(info.gid)"
-                out += octal(info.mode) + "  " + owner.padding(11) + "  " + "\(info.size)".padding(10) + "  " + info.nameText + "\n"
+                out += octal(info.mode) + "  " + owner.padding(11) + "  " + "\(info.size)".padding(10) + "  " + terminalSafe(info.nameText) + "\n"
             }
             writeStandardOutput(out)
         }

@@ -54,6 +54,28 @@ func writeStandardError(_ text: String) {
 
 /// Writes to stdout unbuffered, so output interleaves correctly with child processes. A failed
 /// write fails the command: `key=$(patchbay share ...)` must never get half a key and status 0.
+/// `text` as it may go to a terminal: control characters (C0, DEL, C1), with which a name or a
+/// command another user chose could move the cursor, retitle the window or forge lines, shown as
+/// `\xNN` or `\u{NNNN}`, and `\` as `\\` so that nothing reads as one of those.
+func terminalSafe(_ text: String) -> String {
+    var out = ""
+    for scalar in text.unicodeScalars {
+        switch scalar.value {
+        case 0x5C: out += "\\\\"
+        case 0..<0x20, 0x7F: out += "\\x" + String(scalar.value, radix: 16).leftPadded(2)
+        case 0x80..<0xA0: out += "\\u{" + String(scalar.value, radix: 16) + "}"
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out
+}
+
+extension String {
+    fileprivate func leftPadded(_ width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
+}
+
 func writeStandardOutput(_ text: String) {
     writeStandardOutput(bytes: Array(text.utf8))
 }

@@ -14,6 +14,21 @@ struct CLIHonestyTests {
         try run(patchbayCLI, arguments, environment: broker.environment, input: input)
     }
 
+    @Test("names with terminal control characters are printed escaped by shm ls and shm stat, never raw")
+    func controlCharactersAreEscaped() throws {
+        let broker = try TestBroker()
+        let name = "/t\u{1B}]0;owned\u{07}\nforged\u{9B}2J"
+        _ = try broker.connect().openSharedMemory(name, options: [.create])
+        for arguments in [["shm", "ls"], ["shm", "stat", name]] {
+            let out = try cli(broker, arguments)
+            #expect(out.termination == .exited(0), "\(out.standardError)")
+            let bytes = Array(out.standardOutput.utf8)
+            #expect(!bytes.contains(0x1B) && !bytes.contains(0x07) && !out.standardOutput.unicodeScalars.contains("\u{9B}"),
+                    "\(arguments): \(out.standardOutput)")
+            #expect(out.standardOutput.contains("/t\\x1b]0;owned\\x07\\x0aforged\\u{9b}2J"), "\(out.standardOutput)")
+        }
+    }
+
     @Test("caps call fails (ECONNRESET) when the service dies before answering, never prints an empty answer")
     func callToDyingService() throws {
         let broker = try TestBroker()
