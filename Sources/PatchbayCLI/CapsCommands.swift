@@ -41,6 +41,9 @@ struct CapsCommand: ParsableCommand {
         @Flag(help: "As --tap, with each payload's first 256 bytes.")
         var tapPayload = false
 
+        @Option(help: "Refuse requests larger than this unread, with EMSGSIZE (e.g. 64M, 512K).")
+        var maxRequest: String = "64M"
+
         @Option(parsing: .remaining, help: "Run this command per request.")
         var exec: [String] = []
 
@@ -80,40 +83,48 @@ struct CapsCommand: ParsableCommand {
                     reported = refusals.total
                 }
             }
-            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            let limit = parseSize(maxRequest, command)
+            if limit <= 0 { failUsage(command, "--max-request must be positive") }
             while true {
-                let message: CapsServiceMessage
                 do {
-                    message = try buffer.withUnsafeMutableBytes { raw in
-                        Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
-                    }.get()
+                    // In place: an attached payload is read where it is mapped, so a request is
+                    // copied once, and one past --max-request is refused unread (a peer's hollow
+                    // memfd of gigabytes costs it nothing, and this service no memory).
+                    try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                        guard message.kind == .request else { return }
+                        answer(message, payload, limit: limit, service: service, program: program)
+                    }
                 } catch {
                     fail(command, error)
                 }
-                guard message.kind == .request else { continue }
-                if !message.consumed {
-                    buffer = [UInt8](repeating: 0, count: message.length)
-                    continue
+            }
+        }
+
+        private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, service: CapsService,
+                            program: String?) {
+            do {
+                guard payload.count <= limit else {
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): \(payload.count) bytes, more than --max-request (\(limit)); refused with EMSGSIZE\n")
+                    try service.reply(to: message.messageID, error: .messageTooLong)
+                    return
                 }
-                let request = Array(buffer[0..<message.length])
+                let request = Array(payload)
                 let answer: Result<[UInt8], FilterFailure> = if let program {
                     runFilter(program, Array(exec.dropFirst()), input: request)
                 } else {
                     .success(request)
                 }
-                do {
-                    switch answer {
-                    case .success(let bytes):
-                        try service.reply(to: message.messageID, bytes)
-                    case .failure(let failure):
-                        // Never an empty reply the caller would take for an answer: an error
-                        // reply (EIO), and the reason here.
-                        writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason)\n")
-                        try service.reply(to: message.messageID, error: .ioError)
-                    }
-                } catch {
-                    writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
+                switch answer {
+                case .success(let bytes):
+                    try service.reply(to: message.messageID, bytes)
+                case .failure(let failure):
+                    // Never an empty reply the caller would take for an answer: an error
+                    // reply (EIO), and the reason here.
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason)\n")
+                    try service.reply(to: message.messageID, error: .ioError)
                 }
+            } catch {
+                writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
             }
         }
     }

@@ -14,6 +14,35 @@ struct CLIHonestyTests {
         try run(patchbayCLI, arguments, environment: broker.environment, input: input)
     }
 
+    @Test("caps serve --max-request: a larger request is refused unread (EMSGSIZE), a smaller one echoed; a hollow attachment costs the service no memory")
+    func serveRefusesLargeRequests() throws {
+        let broker = try TestBroker()
+        let server = try Child(patchbayCLI, ["caps", "serve", "capped", "--echo", "--max-request", "64K"], environment: broker.environment)
+        defer { server.kill(SIGKILL); _ = try? server.wait() }
+        let client = try CapsClient(try broker.connect(), name: "capped", waitForService: true)
+        #expect(try client.call(Array(repeating: 5, count: 1000)) == Array(repeating: 5, count: 1000))
+        do {
+            _ = try client.call(Array(repeating: 6, count: 100_000))
+            Issue.record("a request past --max-request was answered")
+        } catch {
+            #expect(error.errno == .messageTooLong, "\(error)")
+        }
+        // 256 MiB, never written: in place, the refusal touches none of it.
+        let before = try residentKiB(of: server.pid)
+        _ = try client.put(length: 256 << 20) { _ in }
+        let (reply, _) = try clientWait(client)
+        #expect(reply.error == .messageTooLong, "\(reply)")
+        #expect(try residentKiB(of: server.pid) - before < 32 << 10)
+        #expect(try client.call([1, 2, 3]) == [1, 2, 3])
+    }
+
+    /// A process's resident memory in KiB (VmRSS).
+    private func residentKiB(of pid: pid_t) throws -> Int {
+        let status = String(decoding: try openFile("/proc/\(pid)/status", flags: O_RDONLY).readToEnd(), as: UTF8.self)
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+
     @Test("names with terminal control characters are printed escaped by shm ls and shm stat, never raw")
     func controlCharactersAreEscaped() throws {
         let broker = try TestBroker()
