@@ -41,7 +41,8 @@ package final class ClosingThreads: Sendable {
     /// How long an owner's thread waits for more work before it ends.
     private static let idleNanoseconds: Int64 = 2_000_000_000
 
-    package init() {}
+    /// (Opens `/dev/null` for `closeLast` now, with the owner's other descriptors, not at a first close.)
+    package init() { _ = Self.nothing }
 
     private func queue(of owner: UInt64) -> Queue {
         queues.withLock { queues in
@@ -81,12 +82,13 @@ package final class ClosingThreads: Sendable {
     package func closeLast(of fd: CInt, for owner: UInt64) {
         let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
         guard copy >= 0 else { return }
-        if let nothing = try? FileDescriptor.open("/dev/null", .readOnly, options: .closeOnExec) {
-            if dup2(nothing.rawValue, fd) == fd { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-            try? nothing.close()
-        }
+        if Self.nothing >= 0, dup2(Self.nothing, fd) == fd { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         close(raw: copy, of: owner)
     }
+
+    /// `/dev/null`, opened once (not per close, on the broker's loop): what `closeLast` leaves
+    /// behind a descriptor number.
+    private static let nothing: CInt = (try? FileDescriptor.open("/dev/null", .readOnly, options: .closeOnExec))?.rawValue ?? -1
 
 
     /// Descriptors `owner` handed over that are not closed yet.

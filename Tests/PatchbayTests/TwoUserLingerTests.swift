@@ -66,6 +66,12 @@ private func asNobody(_ arguments: [String], environment: [String: String?]) thr
             environment: environment)
 }
 
+/// The test peer running as nobody against `broker`, followed line by line.
+private func nobodyPeer(_ arguments: [String], _ broker: TestBroker) throws -> Child {
+    try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer] + arguments,
+              environment: broker.environment)
+}
+
 @Suite("Two users: lingering sockets", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
 struct TwoUserLingerTests {
     @Test("a lingering TCP socket nobody left to the broker in an expiring key is closed at once, and root's expired files after it",
@@ -103,8 +109,7 @@ struct TwoUserLingerTests {
         let port = listener.port
         let root = try broker.connect()
         let service = try CapsService(root, name: "lingersvc", access: [.world])
-        let client = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                    "caps-attach-lingering", "lingersvc", "\(port)", how], environment: broker.environment)
+        let client = try nobodyPeer(["caps-attach-lingering", "lingersvc", "\(port)", how], broker)
         defer { client.closeInput() }
         #expect(try client.readLine() == "put")
         // The service reads the request and drops its descriptor (closed with the message).
@@ -126,9 +131,7 @@ struct TwoUserLingerTests {
         let listener = try DeafListener()
         let root = try broker.connect()
         let service = try CapsService(root, name: "directsvc", access: [.world])
-        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                      "caps-attach-lingering", "directsvc", "\(listener.port)", "direct"],
-                                 environment: broker.environment)
+        let attacker = try nobodyPeer(["caps-attach-lingering", "directsvc", "\(listener.port)", "direct"], broker)
         #expect(try attacker.readLine() == "put")
         let (request, _) = try serviceWait(service)
         #expect(request.kind == .request && request.credentials.euid == 65534)
@@ -162,9 +165,7 @@ struct TwoUserLingerTests {
         let probe = try CapsClient(root, name: "flooded", waitForService: true)
         #expect(try probe.call(Array("before".utf8)) == Array("before".utf8))
         let before = try openDescriptorCount(pid: service.pid)
-        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                      "caps-wedge-and-flood", "flooded", "\(listener.port)", "200"],
-                                 environment: broker.environment)
+        let attacker = try nobodyPeer(["caps-wedge-and-flood", "flooded", "\(listener.port)", "200"], broker)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         // Cut off once its uid's waiting descriptors pass the bound. (Which thread ends up in the
         // lingering close is the kernel's choice: the port's closing thread, or the kernel's own
@@ -187,8 +188,7 @@ struct TwoUserLingerTests {
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()
-        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                      "net-listener-with-lingering", "\(listener.port)"], environment: broker.environment)
+        let attacker = try nobodyPeer(["net-listener-with-lingering", "\(listener.port)"], broker)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         #expect(try attacker.readLine() == "dropped")
         let answered = Mutex(0)
@@ -210,8 +210,7 @@ struct TwoUserLingerTests {
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()
-        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                      "send-17-with-lingering", "\(listener.port)"], environment: broker.environment)
+        let attacker = try nobodyPeer(["send-17-with-lingering", "\(listener.port)"], broker)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         #expect(try attacker.readLine() == "sent")
         let answered = Mutex(0)
@@ -228,9 +227,7 @@ struct TwoUserLingerTests {
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()
-        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
-                                                      "flood-behind-lingering", "\(listener.port)", "20000"],
-                                 environment: broker.environment)
+        let attacker = try nobodyPeer(["flood-behind-lingering", "\(listener.port)", "20000"], broker)
         defer { attacker.closeInput(); _ = try? attacker.wait() }
         let line = try #require(try attacker.readLine())
         // (How many went before the hang-up says little: frames wait in the socket's queue, read or not.)

@@ -1030,23 +1030,25 @@ public final class CapsService: @unchecked Sendable {
                   let event = try? Event.decode(frame) else { continue }
             switch event {
             case .caps(.connected(let channelID, let credentials, let arenaSize)):
-                if Self.pastDescriptorBound(credentials.uid) {
-                    // Its uid's descriptors already wait to be closed past the bound: not taken.
+                // A client not taken (its uid's descriptors already wait to be closed past the
+                // bound; its descriptors did not all arrive, this process being out of them; or
+                // its channel cannot be mapped) is refused: the broker tells it at once, rather
+                // than letting it wait for answers that cannot come. Its sockets, which it may
+                // have queued descriptors into already, are closed as `closeOwn` does.
+                func refuse(_ sockets: [CInt]) {
                     try? connection.post(.caps(.refuseClient(channelID: channelID)))
-                    while let socket = message.descriptors.takeFirst() {
-                        PeerDescriptors.closeOwn(socket.release(), of: UInt64(credentials.uid))
-                    }
+                    for socket in sockets { PeerDescriptors.closeOwn(socket, of: UInt64(credentials.uid)) }
+                }
+                guard !Self.pastDescriptorBound(credentials.uid), message.descriptors.count == 4 else {
+                    var sockets: [CInt] = []
+                    while let socket = message.descriptors.takeFirst() { sockets.append(socket.release()) }
+                    refuse(sockets)
                     continue
                 }
-                guard message.descriptors.count == 4, let memory = message.descriptors.takeFirst(),
-                      let serviceWake = message.descriptors.takeFirst(), let clientWake = message.descriptors.takeFirst(),
-                      let direct = message.descriptors.takeFirst(),
-                      let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize), tracksDisposals: true)
-                else {
-                    // This port cannot take the client (out of descriptors: the kernel dropped
-                    // them; or the channel cannot be mapped): the broker tells the client at once,
-                    // rather than letting it wait for answers that cannot come.
-                    try? connection.post(.caps(.refuseClient(channelID: channelID)))
+                let memory = message.descriptors.takeFirst()!, serviceWake = message.descriptors.takeFirst()!
+                let clientWake = message.descriptors.takeFirst()!, direct = message.descriptors.takeFirst()!
+                guard let channel = try? CapsChannel(memory, arenaSize: Int(arenaSize), tracksDisposals: true) else {
+                    refuse([serviceWake.release(), clientWake.release(), direct.release()])
                     continue
                 }
                 let token = Self.channelTokens | channelID

@@ -493,7 +493,6 @@ final class CapsRegistry {
 
     // MARK: Deaths and listings
 
-    /// A connection closed. Returns the service sessions to tell of departed clients.
     /// The service of session `session` could not take the client of `channelID` (its port got
     /// the channel's descriptors short, or could not map it): the channel ends as if the service
     /// had gone, for that client only, which learns it at once instead of waiting for answers
@@ -507,6 +506,7 @@ final class CapsRegistry {
         logger.warning("service could not take a client", metadata: ["name": "\(service.name)", "channel": "\(channelID)"])
     }
 
+    /// A connection closed. Returns the service sessions to tell of departed clients.
     func sessionClosed(_ session: UInt64) -> [(serviceSession: UInt64, event: Event)] {
         var notices: [(UInt64, Event)] = []
         if let id = channelBySession.removeValue(forKey: session), let channel = channels.removeValue(forKey: id) {
