@@ -27,6 +27,9 @@ public struct BrokerConfiguration: Sendable {
     /// Connections one uid other than root may have open to one service of another uid
     /// (`EDQUOT` beyond).
     public var maximumCapsClientsPerUser: Int = 64
+    /// CAPS names one uid may have remembered for their generations; past it, its least recently
+    /// registered name not registered now is forgotten.
+    public var maximumCapsNamesPerUser: Int = 1024
     /// Failed claims a uid may make in a burst before being slowed to `failedClaimsPerSecond`.
     public var failedClaimBurst: Int = 64
     public var failedClaimsPerSecond: Double = 16

@@ -86,6 +86,7 @@ public final class BrokerServer {
         let registry = CapsRegistry(logger: logger)
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
         registry.maximumClientsPerUser = configuration.maximumCapsClientsPerUser
+        registry.maximumNamesPerUser = configuration.maximumCapsNamesPerUser
         registry.budget = budget
         registry.policy = policy
         registry.generationsFile = store.path + "/caps-generations"

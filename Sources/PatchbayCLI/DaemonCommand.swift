@@ -49,6 +49,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "Connections one uid other than root may have open to one CAPS service of another uid (EDQUOT beyond).")
     var maxCapsClientsPerUid = 64
 
+    @Option(help: "CAPS names a uid may have remembered for their generations; past it, its least recently registered name not registered now is forgotten.")
+    var maxCapsNamesPerUid = 1024
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -97,6 +100,7 @@ public struct DaemonCommand: ParsableCommand {
         guard maxShmObjectsPerUid > 0 else { throw ValidationError("--max-shm-objects-per-uid must be positive") }
         guard maxSocketsPerUid > 0 else { throw ValidationError("--max-sockets-per-uid must be positive") }
         guard maxCapsClientsPerUid > 0 else { throw ValidationError("--max-caps-clients-per-uid must be positive") }
+        guard maxCapsNamesPerUid > 0 else { throw ValidationError("--max-caps-names-per-uid must be positive") }
         guard maxQueuedMessages >= 16 else { throw ValidationError("--max-queued-messages must be at least 16") }
         guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
@@ -157,6 +161,7 @@ public struct DaemonCommand: ParsableCommand {
         configuration.keepKeysWithServiceManager = fdStore
         configuration.maximumServicesPerUser = maxServicesPerUid
         configuration.maximumCapsClientsPerUser = maxCapsClientsPerUid
+        configuration.maximumCapsNamesPerUser = maxCapsNamesPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond

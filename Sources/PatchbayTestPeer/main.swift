@@ -25,6 +25,9 @@
 //                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
+//   caps-register-many PREFIX N
+//                             registers and closes PREFIX.0 to PREFIX.(N-1) in turn, prints
+//                             "generations G0 G1 ..."
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -463,6 +466,23 @@ func capsConnectMany(_ name: String, count: Int) throws(PatchbayError) {
     }
     say("connected \(clients.count)")
     waitForEndOfInput()
+}
+
+/// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
+/// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
+func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var generations: [UInt64] = []
+    for index in 0..<count {
+        let name = "\(prefix).\(index)"
+        do {
+            let service = try CapsService(broker, name: name, access: [.world])
+            generations.append(service.currentGeneration)
+        }
+        // The broker handles each connection in turn: the close is seen when the list lacks it.
+        while try broker.listServices().contains(where: { $0.name == name }) { sched_yield() }
+    }
+    say("generations " + generations.map(String.init).joined(separator: " "))
 }
 
 /// Opens up to `count` monitors of the broker and keeps them until input ends: says "opened N",
@@ -1038,6 +1058,8 @@ func main() -> CInt {
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
+        case "caps-register-many" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try capsRegisterMany(arguments[1], count: Int(arguments[2])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
             try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

@@ -377,11 +377,11 @@ struct BrokerTests {
 let sampleKeyToken = KeyToken(high: 1, low: 2)
 
 /// Starts `patchbayd` on `socketPath` and returns its pid once it is ready.
-func spawnDaemon(socketPath: String, sharedMemoryDirectory: String) throws -> pid_t {
+func spawnDaemon(socketPath: String, sharedMemoryDirectory: String, _ arguments: [String] = []) throws -> pid_t {
     let ready = try Pipe()
     let pid = try spawnProcess(
         path: patchbayDaemon,
-        arguments: ["--socket", socketPath, "--shm-directory", sharedMemoryDirectory, "--ready-fd", "3"],
+        arguments: ["--socket", socketPath, "--shm-directory", sharedMemoryDirectory, "--ready-fd", "3"] + arguments,
         environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
     _ = consume ready.writeEnd
     guard try ready.readEnd.readToEnd() == Array("ready\n".utf8) else {
@@ -437,7 +437,7 @@ struct BrokerSafetyTests {
     func optionValidation() throws {
         for arguments in [["--max-keys-per-uid", "0"], ["--failed-claims-per-second", "nan"], ["--log-level", "loud"],
                           ["--ready-fd", "999"], ["--claim-ack-timeout", "never"], ["--max-sockets-per-uid", "0"],
-                          ["--max-services-per-uid", "-1"], ["--max-caps-clients-per-uid", "0"], ["--max-shm-objects-per-uid", "0"],
+                          ["--max-services-per-uid", "-1"], ["--max-caps-clients-per-uid", "0"], ["--max-caps-names-per-uid", "0"], ["--max-shm-objects-per-uid", "0"],
                           ["--max-shm-bytes-per-uid", "0"], ["--max-shm-bytes-per-uid", "lots"]] {
             let daemon = try run(patchbayDaemon, ["--socket", "/tmp/patchbay-test-unused/x.sock"] + arguments)
             // Every bad value is a usage error (64), whether the parser or a later check finds it.

@@ -67,7 +67,7 @@ private func asNobody(_ arguments: [String], environment: [String: String?]) thr
 }
 
 /// The test peer running as nobody against `broker`, followed line by line.
-private func nobodyPeer(_ arguments: [String], _ broker: TestBroker) throws -> Child {
+func nobodyPeer(_ arguments: [String], _ broker: TestBroker) throws -> Child {
     try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer] + arguments,
               environment: broker.environment)
 }

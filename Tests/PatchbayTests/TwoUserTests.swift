@@ -98,6 +98,59 @@ struct TwoUserTests {
         _ = try thief.wait()
     }
 
+    @Test("nobody's fresh CAPS names are remembered up to --max-caps-names-per-uid, its oldest then forgotten; root's are not, and a forgotten name still comes back newer")
+    func rememberedNamesAreBoundedPerUser() throws {
+        let broker = try TestBroker(["--system", "--max-caps-names-per-uid", "8"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        do {
+            let kept = try CapsService(root, name: "root.kept", access: [.world])
+            #expect(kept.currentGeneration == 1)
+            let raised = try CapsService(root, name: "root.raised", access: [.world])
+            try raised.setGeneration(40)
+        }
+        while try root.listServices().contains(where: { $0.name == "root.kept" || $0.name == "root.raised" }) { sched_yield() }
+        // nobody registers 30 fresh names, one after another; without a bound the broker would keep
+        // all 30 for good. Each starts above every generation forgotten before it.
+        let churn = try nobodyPeer(["caps-register-many", "n", "30"], broker)
+        let said = try churn.readLine() ?? ""
+        let generations = said.split(separator: " ").dropFirst().compactMap { UInt64($0) }
+        #expect(said.hasPrefix("generations ") && generations.count == 30, "\(said)")
+        #expect(generations.first == 1 && zip(generations, generations.dropFirst()).allSatisfy { $0 <= $1 }, "\(said)")
+        _ = try churn.wait()
+        // The generations file, replayed line by line as the broker reads it at start.
+        let text = try String(decoding: openFile(broker.directory + "/shm/caps-generations", flags: O_RDONLY).readToEnd(limit: 1 << 20),
+                              as: UTF8.self)
+        var owners: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ").map(String.init)
+            guard fields.count == 3 else { continue }
+            if fields[2] == "-" { owners[fields[1]] = nil } else { owners[fields[1]] = fields[2] }
+        }
+        let nobodys = owners.filter { $0.value == "65534" }.keys.sorted()
+        #expect(nobodys.count == 8, "\(nobodys)")
+        #expect(nobodys == (22..<30).map { "n.\($0)" }.sorted(), "the 8 most recent stay")
+        #expect(owners["root.kept"] == "0" && owners["root.raised"] == "0")
+        // Root's name was not forgotten for nobody's: its generation goes on from 1.
+        #expect((try CapsService(root, name: "root.kept", access: [.world])).currentGeneration == 2)
+        // A forgotten name comes back above every generation forgotten (n.0 to n.21's).
+        guard generations.count == 30 else { return }
+        #expect((try CapsService(root, name: "n.0", access: [.world])).currentGeneration == generations[21] + 1)
+        // One nobody's still remembered goes on from its own.
+        #expect((try CapsService(root, name: "n.29", access: [.world])).currentGeneration == generations[29] + 1)
+        // Root's raised name was never nobody's to forget.
+        #expect((try CapsService(root, name: "root.raised", access: [.world])).currentGeneration == 41)
+        // A broker started again reads it all back: what was forgotten, the floor, what was kept.
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm", ["--system"])
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        let after = try Broker(socketPath: broker.socketPath)
+        #expect((try CapsService(after, name: "n.1", access: [.world])).currentGeneration == generations[21] + 1)
+        #expect((try CapsService(after, name: "n.28", access: [.world])).currentGeneration == generations[28] + 1)
+        #expect((try CapsService(after, name: "root.kept", access: [.world])).currentGeneration == 3)
+    }
+
     @Test("nobody may hold 5 connections to root's world service with --max-caps-clients-per-uid 5, not 6 (EDQUOT); root may hold more")
     func capsClientsPerUserAreBounded() throws {
         let broker = try TestBroker(["--system", "--max-caps-clients-per-uid", "5"])

@@ -197,6 +197,12 @@ struct CapsConnection: ~Copyable {
     var serviceEnd: Descriptor
 }
 
+/// What the registry keeps of a name after its services close.
+struct RememberedName {
+    var generation: UInt64
+    var owner: UInt32
+}
+
 final class CapsRegistry {
     /// In id order (ids only grow), so a listing is a prefix, not a sort.
     private(set) var services: OrderedDictionary<UInt64, CapsServiceRecord> = [:]
@@ -207,7 +213,14 @@ final class CapsRegistry {
     private(set) var channels: [UInt64: CapsChannelRecord] = [:]
     private var channelBySession: [UInt64: UInt64] = [:]
     private var serviceBySession: [UInt64: UInt64] = [:]
-    private var lastGeneration: [String: UInt64] = [:]
+    /// The last generation of every name remembered, and the uid it is charged to: the uid that
+    /// registered it last.
+    private var lastGeneration: [String: RememberedName] = [:]
+    /// The names charged to each uid, the least recently registered first.
+    private var namesByUser: [UInt32: OrderedSet<String>] = [:]
+    /// The highest generation of a name forgotten: a name not remembered starts above it, so a
+    /// forgotten name registered again is still visibly newer than before. 0 while none was.
+    private var forgottenFloor: UInt64 = 0
     private var nextID: UInt64 = 1
     private var logger: Logger
     let arenaSize = CapsLayout.defaultArenaSize
@@ -217,6 +230,11 @@ final class CapsRegistry {
     /// uid: each holds three of the service process's descriptors, and without a bound one user
     /// could fill the service's table, leaving every later client waiting for an answer.
     var maximumClientsPerUser = 64
+    /// Names one uid may have remembered (each a line of the generations file and a record in
+    /// memory, kept after its service closes): past it, its least recently registered name not
+    /// registered now is forgotten. Without a bound, one user registering fresh names would
+    /// make the broker hold them forever.
+    var maximumNamesPerUser = 1024
     /// Where services' and channels' descriptors are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
@@ -280,22 +298,39 @@ final class CapsRegistry {
         // No file: nothing to load, and none is made until a name registers.
         guard let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
               let bytes = try? file.readToEnd(limit: 16 << 20) else { return }
+        // Lines in the order they were written: `<generation> <name> <uid>` (a registration, or a
+        // generation seen at a close; without a uid, from an older broker: root's), `<generation>
+        // <name> -` (the name was forgotten), `<generation> *` (the floor).
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
-            guard fields.count == 2, let generation = UInt64(fields[0]), capsNameProblem(String(fields[1])) == nil else { continue }
-            lastGeneration[String(fields[1])] = max(lastGeneration[String(fields[1])] ?? 0, generation)
+            guard fields.count >= 2, fields.count <= 3, let generation = UInt64(fields[0]) else { continue }
+            if fields[1] == "*" {
+                forgottenFloor = max(forgottenFloor, generation)
+                continue
+            }
+            let name = String(fields[1])
+            guard capsNameProblem(name) == nil else { continue }
+            if fields.count == 3 && fields[2] == "-" {
+                forget(name)
+                continue
+            }
+            let uid = fields.count == 3 ? UInt32(fields[2]) ?? 0 : 0
+            remember(name, generation: max(lastGeneration[name]?.generation ?? 0, generation), chargedTo: uid)
         }
         rewriteGenerations()
     }
 
     /// Records `name`'s last generation: one appended line, the file compacted when stale lines
     /// outnumber the names.
-    private func saveGeneration(of name: String) {
-        guard let generationsFile, let generation = lastGeneration[name] else { return }
+    private func saveGeneration(of name: String, forgotten: [String] = []) {
+        guard let generationsFile, let remembered = lastGeneration[name] else { return }
         do throws(Errno) {
             let file = try openFile(generationsFile, flags: O_WRONLY | O_APPEND | O_NOFOLLOW)
-            try file.writeAll(Array("\(generation) \(name)\n".utf8))
-            generationLines += 1
+            var text = forgotten.isEmpty ? "" : "\(forgottenFloor) *\n"
+            for each in forgotten { text += "0 \(each) -\n" }
+            text += "\(remembered.generation) \(name) \(remembered.owner)\n"
+            try file.writeAll(Array(text.utf8))
+            generationLines += 1 + (forgotten.isEmpty ? 0 : 1 + forgotten.count)
         } catch {
             if error == .noSuchFileOrDirectory { return rewriteGenerations() }  // the first: made whole
             logger.warning("cannot save a CAPS generation", metadata: ["errno": "\(error.name)"])
@@ -307,7 +342,13 @@ final class CapsRegistry {
     /// other).
     private func rewriteGenerations() {
         guard let generationsFile else { return }
-        let text = lastGeneration.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)\n" }.joined()
+        // Each uid's names oldest first, so the order of forgetting survives a restart.
+        var text = forgottenFloor > 0 ? "\(forgottenFloor) *\n" : ""
+        for uid in namesByUser.keys.sorted() {
+            for name in namesByUser[uid] ?? [] {
+                if let remembered = lastGeneration[name] { text += "\(remembered.generation) \(name) \(uid)\n" }
+            }
+        }
         let temporary = generationsFile + ".new"
         do throws(Errno) {
             let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
@@ -394,12 +435,43 @@ final class CapsRegistry {
     /// service is visibly new. The service writes it to its status page.
     /// Recorded (and saved) at once, so a broker that dies while the service runs still starts
     /// the next registration above it.
-    func initialGeneration(of name: String) -> UInt64 {
-        let generation = (lastGeneration[name] ?? 0) &+ 1
-        lastGeneration[name] = generation
-        saveGeneration(of: name)
+    /// The name is charged to `uid`, the registering process's, as its most recently registered;
+    /// past `maximumNamesPerUser`, that uid's least recently registered names not registered
+    /// now are forgotten.
+    func initialGeneration(of name: String, by uid: UInt32) -> UInt64 {
+        let generation = (lastGeneration[name]?.generation ?? forgottenFloor) &+ 1
+        remember(name, generation: generation, chargedTo: uid)
+        var forgotten: [String] = []
+        if let names = namesByUser[uid], names.count > maximumNamesPerUser {
+            // The live ones are at most `maximumServicesPerUser`; the others are candidates.
+            for candidate in names where candidate != name && byName[candidate] == nil {
+                forgotten.append(candidate)
+                if names.count - forgotten.count <= maximumNamesPerUser { break }
+            }
+            for each in forgotten {
+                forgottenFloor = max(forgottenFloor, lastGeneration[each]?.generation ?? 0)
+                forget(each)
+            }
+        }
+        saveGeneration(of: name, forgotten: forgotten)
         return generation
     }
+
+    /// Records `name`'s generation, charged to `uid` as its most recently registered name.
+    private func remember(_ name: String, generation: UInt64, chargedTo uid: UInt32) {
+        if let previous = lastGeneration[name] { namesByUser[previous.owner]?.remove(name) }
+        lastGeneration[name] = RememberedName(generation: generation, owner: uid)
+        namesByUser[uid, default: []].append(name)
+    }
+
+    private func forget(_ name: String) {
+        guard let previous = lastGeneration.removeValue(forKey: name) else { return }
+        namesByUser[previous.owner]?.remove(name)
+        if namesByUser[previous.owner]?.isEmpty == true { namesByUser[previous.owner] = nil }
+    }
+
+    /// Names remembered for `uid` (for `status` and the tests).
+    func rememberedNames(of uid: UInt32) -> Int { namesByUser[uid]?.count ?? 0 }
 
     // MARK: Connecting
 
@@ -524,9 +596,10 @@ final class CapsRegistry {
             servicesPerUser[service.owner.uid] = remaining > 0 ? remaining : nil
             byName[service.name]?.removeAll { $0 == id }
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
-            let previous = lastGeneration[service.name] ?? 0
-            lastGeneration[service.name] = max(previous, service.generation)
-            if service.generation > previous { saveGeneration(of: service.name) }
+            if let previous = lastGeneration[service.name], service.generation > previous.generation {
+                lastGeneration[service.name]?.generation = service.generation
+                saveGeneration(of: service.name)
+            }
             for channelID in service.channels {
                 guard let channel = channels.removeValue(forKey: channelID) else { continue }
                 channelBySession[channel.clientSession] = nil
