@@ -448,10 +448,11 @@ final class CapsRegistry {
                 forgotten.append(candidate)
                 if names.count - forgotten.count <= maximumNamesPerUser { break }
             }
-            for each in forgotten {
-                forgottenFloor = max(forgottenFloor, lastGeneration[each]?.generation ?? 0)
-                forget(each)
-            }
+        }
+        // (Out of the scope above, where a copy of the set would be made at the first removal.)
+        for each in forgotten {
+            forgottenFloor = max(forgottenFloor, lastGeneration[each]?.generation ?? 0)
+            forget(each)
         }
         saveGeneration(of: name, forgotten: forgotten)
         return generation
