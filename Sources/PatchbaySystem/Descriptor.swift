@@ -250,4 +250,12 @@ package enum PeerDescriptors {
     package static func outstanding(of peer: UInt64) -> Int {
         threads.outstanding(of: peer)
     }
+
+    /// How many of one peer's descriptors may wait to be closed before a CAPS port takes no more
+    /// from it: a peer whose closes do not finish (a file it chose blocks them) could otherwise
+    /// fill this process's descriptor table.
+    package static let bound = 64
+
+    /// Whether `peer` has `bound` descriptors waiting to be closed.
+    package static func pastBound(of peer: UInt64) -> Bool { outstanding(of: peer) >= bound }
 }

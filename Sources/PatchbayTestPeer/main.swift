@@ -28,6 +28,12 @@
 //   caps-register-many PREFIX N
 //                             registers and closes PREFIX.0 to PREFIX.(N-1) in turn, prints
 //                             "generations G0 G1 ..."
+//   caps-serve-wedging NAME PORT
+//                             a hostile service: its first reply carries a local socket whose
+//                             last close waits, every later one 8 local sockets; until EOF
+//   caps-call-flood NAME N UID
+//                             calls NAME (of UID) N times, prints "cut off after I: ERRNO" or
+//                             "answered N", "descriptors +D", then "again: ok" or "again: ERRNO"
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -421,6 +427,86 @@ func capsWedgeAndFlood(_ name: String, port: UInt16, count: Int) throws(Patchbay
         say("again: " + error.errno.name)
     }
     waitForEndOfInput()
+}
+
+/// A hostile service `name` (world): says "ready", then answers its first request with a local
+/// socket whose last close will wait (a lingering TCP socket to `port` is put in its queue only
+/// once the client holds the last copy: a socket the client already closed refuses it, and the
+/// next request tries again), and every later request with 8 local sockets. Serves until its
+/// input ends.
+func capsServeWedging(_ name: String, port: UInt16) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    var wedged = false
+    say("ready")
+    let done = Atomic<Bool>(false)
+    startThread {
+        waitForEndOfInput()
+        done.store(true, ordering: .relaxed)
+        service.cancelWait()
+    }
+    while !done.load(ordering: .relaxed) {
+        do {
+            try service.receive { (message: CapsServiceMessage, _: UnsafeRawBufferPointer) in
+                guard message.kind == .request else { return }
+                if !wedged {
+                    // Made first: the client may close the local socket at any moment after the reply.
+                    guard let inner = try? lingeringSocket(port: port, seconds: 30) else { return }
+                    var pair: [CInt] = [-1, -1]
+                    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else { return }
+                    let sender = PatchbaySystem.Descriptor(adopting: pair[0])
+                    try? service.reply(to: message.messageID, Array("wedge".utf8), descriptors: [pair[1]])
+                    close(pair[1])
+                    var byte: UInt8 = 1
+                    wedged = withUnsafeBytes(of: &byte) { raw in
+                        [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) }
+                    } == 1
+                    if !wedged {
+                        // Too late: the client closed it. This close, the last, must not wait.
+                        var now = linger(l_onoff: 1, l_linger: 0)
+                        _ = setsockopt(inner.rawValue, SOL_SOCKET, SO_LINGER, &now, socklen_t(MemoryLayout<linger>.size))
+                    }
+                    return
+                }
+                let sockets = (0..<8).map { _ -> CInt in
+                    var pair: [CInt] = [-1, -1]
+                    _ = socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair)
+                    close(pair[1])
+                    return pair[0]
+                }
+                try? service.reply(to: message.messageID, Array("flood".utf8), descriptors: sockets)
+                for fd in sockets { close(fd) }
+            }
+        } catch {
+            break
+        }
+    }
+}
+
+/// Calls `name` (registered by `uid`) up to `count` times; says "cut off after I: ERRNO" at the first failure (or
+/// "answered N"), then "descriptors +D": how many more this process has open than before.
+func capsCallFlood(_ name: String, count: Int, uid: Int32) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, uid: uid)
+    let before = (try? openDescriptorCount(pid: getpid())) ?? 0
+    var outcome = "answered \(count)"
+    for index in 0..<count {
+        do {
+            _ = try client.call(Array("hello".utf8))
+        } catch {
+            outcome = "cut off after \(index): \(error.errno.name)"
+            break
+        }
+    }
+    say(outcome)
+    let after = (try? openDescriptorCount(pid: getpid())) ?? 0
+    say("descriptors +\(after - before)")
+    do {
+        _ = try client.call(Array("again".utf8))
+        say("again: ok")
+    } catch {
+        say("again: " + error.errno.name)
+    }
 }
 
 /// Registers a world service `name`, then fills this process's descriptor table (soft limit 256)
@@ -1060,6 +1146,10 @@ func main() -> CInt {
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
         case "caps-register-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsRegisterMany(arguments[1], count: Int(arguments[2])!)
+        case "caps-serve-wedging" where arguments.count == 3 && UInt16(arguments[2]) != nil:
+            try capsServeWedging(arguments[1], port: UInt16(arguments[2])!)
+        case "caps-call-flood" where arguments.count == 4 && Int(arguments[2]) != nil && Int32(arguments[3]) != nil:
+            try capsCallFlood(arguments[1], count: Int(arguments[2])!, uid: Int32(arguments[3])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
             try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

@@ -182,6 +182,32 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("nobody's service blocks root's closing thread for it, then answers with local sockets: root's client cuts it off past the bound, its descriptors bounded")
+    func hostileServiceIsCutOffPastTheBound() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let service = try nobodyPeer(["caps-serve-wedging", "wedging", "\(listener.port)"], broker)
+        defer { service.closeInput(); _ = try? service.wait() }
+        #expect(try service.readLine() == "ready")
+        // Root's client in a process of its own: its closing thread for this service stays stuck
+        // until the listener goes, and the count of its descriptors is its own.
+        let client = try Child(testPeer, ["caps-call-flood", "wedging", "200", "65534"], environment: broker.environment)
+        defer { _ = try? client.wait() }
+        let outcome = try client.readLine() ?? ""
+        let count = try client.readLine() ?? ""
+        let again = try client.readLine() ?? ""
+        // 200 answers of 8 sockets would have been 1,600 descriptors waiting to be closed: the
+        // bound is 64 (8 answers), then the service is cut off, the call in flight reset.
+        #expect(outcome.hasPrefix("cut off after ") && outcome.hasSuffix(": ECONNRESET"), "\(outcome)")
+        let index = Int(outcome.dropFirst("cut off after ".count).prefix { $0.isNumber }) ?? .max
+        #expect(index <= 12, "\(outcome)")
+        let grown = Int(count.dropFirst("descriptors +".count)) ?? .max
+        #expect(count.hasPrefix("descriptors +") && grown < 100, "\(count)")
+        #expect(again == "again: ENOTCONN", "\(again)")
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("nobody's /net listener dropped with a lingering TCP socket queued on a connection it never accepted: the broker keeps answering root")
     func droppedListenerDoesNotFreezeTheLoop() throws {
         let broker = try TestBroker(["--system"])

@@ -445,10 +445,10 @@ public final class CapsClient: @unchecked Sendable {
                 var answer: Result<T, PatchbayError>?
                 _ = try nextReply(room: nil) { reply, payload in
                     if reply.messageID == id {
-                        answer = Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) } ?? take(payload)
+                        answer = Self.failure(of: reply, limit: maximumInFlight, cutOff: channel.isCutOff ? cutOffReason : nil).map { .failure($0) } ?? take(payload)
                     } else {
                         // Another thread's call: keep its reply for it.
-                        if otherCalls.updateValue(Self.failure(of: reply, limit: maximumInFlight).map { .failure($0) }
+                        if otherCalls.updateValue(Self.failure(of: reply, limit: maximumInFlight, cutOff: channel.isCutOff ? cutOffReason : nil).map { .failure($0) }
                             ?? .success(Array(payload)), forKey: reply.messageID) == nil { otherCallsKept += 1 }
                         stashedForOthers = true
                     }
@@ -469,8 +469,11 @@ public final class CapsClient: @unchecked Sendable {
 
     /// The error a reply stands for, if any: an error reply, or the 0-byte reply made up when the
     /// service went away before answering.
-    package static func failure(of reply: CapsReply, limit: Int) -> PatchbayError? {
+    package static func failure(of reply: CapsReply, limit: Int, cutOff: String? = nil) -> PatchbayError? {
         if let errno = reply.error { return serviceError(errno, for: reply.messageID, limit: limit) }
+        if reply.serviceClosed, let cutOff {
+            return PatchbayError(.connectionReset, "request \(reply.messageID) was not answered: \(cutOff)")
+        }
         if reply.serviceClosed {
             return PatchbayError(.connectionReset, "the service went away before answering request \(reply.messageID)")
         }
@@ -569,9 +572,14 @@ public final class CapsClient: @unchecked Sendable {
 
     /// Why this port can say no more: the service went away, or could not take this client.
     private var goneReason: String {
-        channel.serviceRefused
+        if channel.isCutOff { return cutOffReason }
+        return channel.serviceRefused
             ? "the service \(name) could not take this connection (it is out of descriptors); connect again later"
             : "the service \(name) has gone away"
+    }
+
+    private var cutOffReason: String {
+        "this client cut the service \(name) off: \(PeerDescriptors.bound) of the descriptors it sent wait to be closed (a close of one of them does not finish)"
     }
 
     @inline(__always)
@@ -625,6 +633,7 @@ public final class CapsClient: @unchecked Sendable {
     /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
     /// with its descriptors, and `deliver` sees `consumed` false.
     private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
+        if channel.isCutOff { return try closedReply().map { deliver($0, UnsafeRawBufferPointer(start: nil, count: 0)) } }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
         if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),
@@ -651,6 +660,14 @@ public final class CapsClient: @unchecked Sendable {
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
                 return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
+            }
+            if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0, PeerDescriptors.pastBound(of: servicePeer) {
+                // The service's descriptors wait to be closed past the bound (a close of one of
+                // them does not finish): taking more would pile them up in this process. The
+                // service is cut off instead: what is in flight comes back as if it had gone.
+                channel.cutOff()
+                shutdown(direct.rawValue, CInt(SHUT_RD))
+                return try nextReply(room: room, deliver)
             }
             if let bytes = CapsPortCore.plainPayload(entry, in: channel, arena: channel.replyArena), room.map({ $0 >= bytes.count }) ?? true {
                 // The common cases, with nothing to keep alive: as below, without a payload value.
@@ -680,7 +697,7 @@ public final class CapsClient: @unchecked Sendable {
             return result
         }
         // The service may have replied just before going away: those replies come first.
-        if channel.serviceClosed && channel.hasEntries(.reply) { return try nextReply(room: room, deliver) }
+        if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, deliver) }
         guard let closed = try closedReply() else { return nil }
         return deliver(closed, UnsafeRawBufferPointer(start: nil, count: 0))
     }

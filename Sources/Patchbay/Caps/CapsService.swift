@@ -1071,13 +1071,10 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// How many of one uid's descriptors may wait to be closed (`PeerDescriptors`) before this
-    /// port takes no more from it: a uid whose closes do not finish (a file it chose blocks them)
-    /// could otherwise fill this process's descriptor table.
-    static let peerDescriptorBound = 64
-
+    /// Whether `uid`'s descriptors wait to be closed past `PeerDescriptors.bound`: this port then
+    /// takes no more from it.
     static func pastDescriptorBound(_ uid: UInt32) -> Bool {
-        PeerDescriptors.outstanding(of: UInt64(uid)) >= peerDescriptorBound
+        PeerDescriptors.pastBound(of: UInt64(uid))
     }
 
     /// Ends a client's channel from this side: the broker marks it refused (its client learns at

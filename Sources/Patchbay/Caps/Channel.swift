@@ -51,7 +51,7 @@ final class CapsChannel: @unchecked Sendable {
     /// Where each of them is in `positions` (a ring's own word is at its index past these; the
     /// waiting service's `Probe` reads them by the same numbers).
     private enum Position {
-        static let tail = 0, knownHead = 2, head = 4, consumedSeen = 6, consumed = 7, disposed = 8, count = 9
+        static let tail = 0, knownHead = 2, head = 4, consumedSeen = 6, consumed = 7, disposed = 8, cutOff = 9, count = 10
     }
     @inline(__always) private func tail(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + Position.tail + ring.index }
     @inline(__always) private func knownHead(_ ring: Ring) -> UnsafeMutablePointer<UInt64> { positions + Position.knownHead + ring.index }
@@ -145,7 +145,15 @@ final class CapsChannel: @unchecked Sendable {
         offset <= UInt64(arenaSize) && UInt64(length) <= UInt64(arenaSize) - offset
     }
 
-    var serviceClosed: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) != 0 }
+    /// The service is gone for this side: the broker said so in the header, or this client cut it
+    /// off (`cutOff`; kept in this process, where the service cannot undo it).
+    var serviceClosed: Bool {
+        SharedWord.load(word32(CapsLayout.serviceClosedOffset)) != 0 || positions[Position.cutOff] != 0
+    }
+    /// Whether this client cut the service off.
+    var isCutOff: Bool { positions[Position.cutOff] != 0 }
+    /// Treats the service as gone from now on (client side), whatever the header says.
+    func cutOff() { positions[Position.cutOff] = 1 }
     /// The service is there, but could not take this client (the broker marked the channel so).
     var serviceRefused: Bool { SharedWord.load(word32(CapsLayout.serviceClosedOffset)) == CapsLayout.serviceRefusedClient }
     var clientClosed: Bool { SharedWord.load(word32(CapsLayout.clientClosedOffset)) != 0 }
