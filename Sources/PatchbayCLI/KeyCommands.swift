@@ -110,6 +110,10 @@ struct ClaimCommand: ParsableCommand {
         } else {
             refuseUncopyable(file)
             copyToStandardOutput(file)
+            // Not closed here: the sharer chose the file, and its last close can wait (a socket
+            // with SO_LINGER, or a local socket holding one). The process's exit closes it
+            // without anyone waiting.
+            _ = file.release()
         }
     }
 
@@ -144,14 +148,31 @@ struct ClaimCommand: ParsableCommand {
 
     private func copyToStandardOutput(_ file: borrowing Patchbay.Descriptor) {
         var chunk = [UInt8](repeating: 0, count: 65536)
+        // A local socket's messages can carry descriptors: a plain read would drop them, and their
+        // last closes would happen in this thread (one can wait). They are received instead and
+        // left open for the process's exit to close; a socket that carries too many is refused.
+        let local = mayHoldDescriptors(file.rawValue)
+        var carried = 0
         while true {
             let count: Int
-            do {
-                count = try chunk.withUnsafeMutableBytes { raw in
-                    Result { () throws(PatchbayError) -> Int in try file.read(into: raw) }
-                }.get()
-            } catch {
-                fail("claim", error.errno, "reading the claimed file failed")
+            if local {
+                guard let received = chunk.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(file.rawValue, $0) }) else {
+                    fail("claim", Errno.current, "reading the claimed socket failed")
+                }
+                count = received.length
+                carried += received.descriptors.count
+                if carried > 512 {
+                    fail("claim", .tooManyOpenFiles,
+                         "the claimed socket's messages carried more than 512 descriptors; stopped reading it")
+                }
+            } else {
+                do {
+                    count = try chunk.withUnsafeMutableBytes { raw in
+                        Result { () throws(PatchbayError) -> Int in try file.read(into: raw) }
+                    }.get()
+                } catch {
+                    fail("claim", error.errno, "reading the claimed file failed")
+                }
             }
             if count == 0 { return }
             var offset = 0

@@ -34,6 +34,9 @@
 //   caps-call-flood NAME N UID
 //                             calls NAME (of UID) N times, prints "cut off after I: ERRNO" or
 //                             "answered N", "descriptors +D", then "again: ok" or "again: ERRNO"
+//   share-wrapped-lingering PORT SECONDS
+//                             shares a local socket holding a lingering TCP socket, prints
+//                             the key, waits for EOF
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -170,6 +173,19 @@ func shareLingering(port: UInt16, milliseconds: Int64, seconds: Int32) throws(Pa
     let socket = try lingeringSocket(port: port, seconds: seconds)
     _ = try broker.share(rawDescriptor: socket.rawValue, timeout: .after(.milliseconds(milliseconds)))
     say("shared")
+}
+
+/// Shares a local socket holding a lingering TCP socket (`wrappedLingeringSocket`), closes its own
+/// copy, says the key, and waits for its input to end: whoever claims it holds the last copy.
+func shareWrappedLingering(port: UInt16, seconds: Int32) throws(PatchbayError) {
+    let broker = try Broker()
+    let key: Key
+    do {
+        let socket = try wrappedLingeringSocket(port: port, seconds: seconds)
+        key = try broker.share(rawDescriptor: socket.rawValue, timeout: .never)
+    }
+    say(key.text)
+    waitForEndOfInput()
 }
 
 /// A local socket with a lingering TCP socket waiting in its queue (`SCM_RIGHTS`): whoever closes
@@ -1127,6 +1143,8 @@ func main() -> CInt {
             try chaos(service: arguments[1])
         case "adopt-claimed" where arguments.count == 3:
             try adoptClaimed(arguments[1], arguments[2])
+        case "share-wrapped-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int32(arguments[2]) != nil:
+            try shareWrappedLingering(port: UInt16(arguments[1])!, seconds: Int32(arguments[2])!)
         case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil
                                       && Int32(arguments[3]) != nil:
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)

@@ -208,6 +208,28 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("root's patchbay claim of a local socket nobody shared, holding a lingering TCP socket: copies its bytes and exits, without waiting on the close")
+    func claimedLingeringSocketDoesNotHangTheCLI() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let sharer = try nobodyPeer(["share-wrapped-lingering", "\(listener.port)", "30"], broker)
+        defer { sharer.closeInput(); _ = try? sharer.wait() }
+        let key = try sharer.readLine() ?? ""
+        let environment = broker.environment
+        let result = Mutex<Finished?>(nil)
+        // The socket's one message (1 byte) carries the TCP socket: a plain read would drop it,
+        // and its close, the last, would wait in the CLI for 30 s.
+        #expect(try finishes {
+            let claimed = try? run(patchbayCLI, ["claim", "-"], environment: environment, input: key + "\n")
+            result.withLock { $0 = claimed }
+        })
+        let claimed = result.withLock { $0 }
+        #expect(claimed?.termination == .exited(0), "\(claimed?.standardError ?? "")")
+        #expect(claimed?.standardOutput == "\u{1}")
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("nobody's /net listener dropped with a lingering TCP socket queued on a connection it never accepted: the broker keeps answering root")
     func droppedListenerDoesNotFreezeTheLoop() throws {
         let broker = try TestBroker(["--system"])
