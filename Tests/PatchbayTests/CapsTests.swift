@@ -539,6 +539,13 @@ struct CapsTests {
         let (refused, _) = try clientWait(port)
         #expect(refused.messageID == forged && refused.error == .badMessage)
         #expect(service.refusals.total == 1)
+        // An entry that announces descriptors and sends none: EBADMSG too, not delivered without them.
+        let announced = try port.putForgedAnnouncingDescriptors(length: 4)
+        #expect((try? serviceGet(service)) == nil)
+        // (The refusal is in the reply ring once the service's get returns: nothing to wait for.)
+        let unsent = try? clientGet(port)
+        #expect(unsent?.messageID == announced && unsent?.error == .badMessage)
+        #expect(service.refusals.total == 2)
     }
 
     @Test("two clients are taken in turn; a DISPOSE comes before the request put after consuming its reply; short buffers keep a request queued")

@@ -257,6 +257,13 @@ public final class CapsClient: @unchecked Sendable {
         try putForged(offset: offset, length: length, flags: 0)
     }
 
+    /// Puts a REQUEST entry of `length` inline bytes that announces descriptors and sends none, as
+    /// a hostile client writing its ring by other means could: only for the project's tests, to
+    /// check that a service refuses it rather than deliver it without them.
+    package func putForgedAnnouncingDescriptors(length: UInt32) throws(PatchbayError) -> UInt64 {
+        try putForged(offset: 0, length: length, flags: CapsEntryFlags.inlinePayload | CapsEntryFlags.descriptors)
+    }
+
     /// A REQUEST entry with whatever payload fields the tests' hostile client chose.
     private func putForged(offset: UInt64, length: UInt32, flags: UInt32) throws(PatchbayError) -> UInt64 {
         try core.lock.locked { () throws(PatchbayError) -> UInt64 in

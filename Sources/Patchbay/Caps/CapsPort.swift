@@ -259,7 +259,9 @@ struct CapsPortCore {
                   let start = entry.inlineBytes else { return nil }
             let attachments: CapsDescriptors?
             if entry.flags & CapsEntryFlags.descriptors != 0 {
-                attachments = (try? stash.take(entry.messageID, from: direct, peer: peer)) ?? CapsDescriptors(adopting: [], from: peer)
+                // Sent before the entry was published: none queued means none was sent.
+                guard let sent = try? stash.take(entry.messageID, from: direct, peer: peer) else { return nil }
+                attachments = sent
             } else {
                 attachments = nil
             }
@@ -271,8 +273,8 @@ struct CapsPortCore {
             return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
                                view: nil, attachments: nil, isAttached: false)
         }
-        let attachments = (try? stash.take(entry.messageID, from: direct, peer: peer)) ?? CapsDescriptors(adopting: [], from: peer)
-        guard payloadIsSound(entry, channel: channel, attachments: attachments) else { return nil }
+        guard let attachments = try? stash.take(entry.messageID, from: direct, peer: peer),
+              payloadIsSound(entry, channel: channel, attachments: attachments) else { return nil }
         guard entry.flags & CapsEntryFlags.attachedPayload != 0, let object = attachments.first else {
             return CapsPayload(bytes: UnsafeRawBufferPointer(start: arena.advanced(by: Int(entry.offset)), count: length),
                                view: nil, attachments: attachments, isAttached: false)
