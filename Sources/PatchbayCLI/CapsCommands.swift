@@ -149,15 +149,31 @@ struct CapsCommand: ParsableCommand {
         @Flag(help: "Wait for the service to register instead of failing with ENOENT.")
         var waitForService = false
 
+        @Option(help: "Refuse a reply larger than this, unread, with EMSGSIZE (e.g. 64M, 512K).")
+        var maxReply: String = "64M"
+
         func run() throws {
             let command = "caps call"
             let access = parseAccess(allow, command)
+            let limit = parseSize(maxReply, command)
+            if limit <= 0 { failUsage(command, "--max-reply must be positive") }
             let request = data.map { Array($0.utf8) } ?? readStandardInput()
             let broker = connectBroker(for: command)
             let client = attempt(command) { () throws(PatchbayError) -> CapsClient in
                 try CapsClient(broker, name: name, uid: uid, gid: gid, access: access, waitForService: waitForService)
             }
-            let reply = attempt(command) { () throws(PatchbayError) -> [UInt8] in try client.call(request) }
+            // Read in place and copied once, after its length is checked: a service's attached
+            // reply of gigabytes it never wrote costs it nothing, and this process nothing either.
+            let reply = attempt(command) { () throws(PatchbayError) -> [UInt8] in
+                _ = try client.put(request)
+                return try client.waitReply { (_: UInt64, bytes: UnsafeRawBufferPointer) -> Result<[UInt8], PatchbayError> in
+                    guard bytes.count <= limit else {
+                        return .failure(PatchbayError(.messageTooLong,
+                                                      "the reply is \(bytes.count) bytes, more than --max-reply (\(limit)); not read"))
+                    }
+                    return .success(Array(bytes))
+                }.get()
+            }
             writeStandardOutput(bytes: reply)
         }
     }

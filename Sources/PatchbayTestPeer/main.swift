@@ -209,6 +209,32 @@ func wrappedLingeringSocket(port: UInt16, seconds: Int32 = 3600, bytes: Int = 1)
     return wrapper
 }
 
+/// Hands a local socket to someone with `handOver`, closes this side's copy, and only then puts a
+/// lingering TCP socket (to `port`, lingering `seconds`) in its queue: true when that worked, so
+/// the receiver's copy is the last one and its close will wait. False when the receiver had
+/// already closed it (the socket then refuses the TCP socket, whose own close here does not wait).
+func handOverWedge(port: UInt16, seconds: Int32, _ handOver: (CInt) throws(PatchbayError) -> Void) throws(PatchbayError) -> Bool {
+    let inner = try lingeringSocket(port: port, seconds: seconds)
+    var pair: [CInt] = [-1, -1]
+    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+        throw PatchbayError(Errno.current, "socketpair")
+    }
+    let sender = PatchbaySystem.Descriptor(adopting: pair[0])
+    do {
+        let wrapper = PatchbaySystem.Descriptor(adopting: pair[1])
+        try handOver(wrapper.rawValue)
+    }
+    var byte: UInt8 = 1
+    let queued = withUnsafeBytes(of: &byte) { raw in
+        [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) }
+    } == 1
+    if !queued {
+        var now = linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(inner.rawValue, SOL_SOCKET, SO_LINGER, &now, socklen_t(MemoryLayout<linger>.size))
+    }
+    return queued
+}
+
 /// Puts one request to `service` with a lingering TCP socket attached (`wrapped`: inside a local
 /// socket's queue), closes its own copy, and stays connected until its input ends: the service
 /// holds the last descriptor.
@@ -363,18 +389,16 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
     defer { close(null) }
     let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
-    // The broker's copy of the wrapper must be the last, and whether it is races with the broker
-    // refusing it. This side closes its copy at once; a close that waits (this side was last, and
-    // lingers the 5 s instead of the broker) means another try. 5 s is far longer than the flood.
+    // The broker's copy of the wrapper must be the last: the lingering socket goes into it only
+    // once this side's copy is closed, and a wrapper the broker already closed means another try.
+    // 15 s is far longer than the flood, even on a loaded machine.
     var blocking = false
-    for _ in 0..<5 where !blocking {
-        let wrapped = try wrappedLingeringSocket(port: port, seconds: 5)
-        guard sendFrame(fd, frame, [wrapped.rawValue] + Array(repeating: null, count: 16)) == frame.count else {
-            throw PatchbayError(Errno.current, "sendmsg")
+    for _ in 0..<20 where !blocking {
+        blocking = try handOverWedge(port: port, seconds: 15) { (wrapper) throws(PatchbayError) in
+            guard sendFrame(fd, frame, [wrapper] + Array(repeating: null, count: 16)) == frame.count else {
+                throw PatchbayError(Errno.current, "sendmsg")
+            }
         }
-        let start = monotonicNanoseconds()
-        wrapped.close()
-        blocking = monotonicNanoseconds() - start < 1_000_000_000
     }
     guard blocking else {
         say("could not leave the broker the last copy")
@@ -407,9 +431,12 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
 func capsWedgeAndFlood(_ name: String, port: UInt16, count: Int) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name)
+    // The service's copy of the wrapper is the last: this side's is closed before the entry that
+    // lets the service take it is published.
     do {
-        let wedge = try wrappedLingeringSocket(port: port, seconds: 10)
-        _ = try client.put(Array("wedge".utf8), descriptors: [wedge.rawValue])
+        let wedge = try wrappedLingeringSocket(port: port, seconds: 15).release()
+        _ = try client.put(Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }
+        _ = try client.waitReply { _, _ in }
     }
     func pairs(_ count: Int) -> [CInt] {
         (0..<count).flatMap { _ -> [CInt] in

@@ -6,6 +6,7 @@ import Patchbay
 import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
+import Synchronization
 import Testing
 
 @Suite("CLI: honest exits")
@@ -34,6 +35,39 @@ struct CLIHonestyTests {
         #expect(reply.error == .messageTooLong, "\(reply)")
         #expect(try residentKiB(of: server.pid) - before < 32 << 10)
         #expect(try client.call([1, 2, 3]) == [1, 2, 3])
+    }
+
+    @Test("caps call refuses a reply past --max-reply (default 64M) unread, with EMSGSIZE and exit 1; a small one is printed")
+    func callRefusesLargeReplies() throws {
+        let broker = try TestBroker()
+        let service = try CapsService(try broker.connect(), name: "bloater", access: [.world])
+        let stop = Atomic<Bool>(false)
+        startThread {
+            while !stop.load(ordering: .relaxed) {
+                try? service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                    guard message.kind == .request else { return }
+                    // "big": 256 MiB in a memfd of its own, never written.
+                    let length = payload.count == 3 && payload.elementsEqual("big".utf8) ? 256 << 20 : payload.count
+                    try? service.reply(to: message.messageID, length: length) { buffer in
+                        if length == payload.count, length > 0 { buffer.copyMemory(from: payload) }
+                    }
+                }
+            }
+        }
+        defer {
+            stop.store(true, ordering: .relaxed)
+            service.cancelWait()
+        }
+        for arguments in [["caps", "call", "bloater", "big"], ["caps", "call", "bloater", "big", "--max-reply", "1M"]] {
+            let out = try cli(broker, arguments)
+            #expect(out.termination == .exited(1), "\(arguments)")
+            #expect(out.standardError.hasPrefix("patchbay: caps call: EMSGSIZE: the reply is 268435456 bytes"), "\(out.standardError)")
+            #expect(out.standardOutput.isEmpty)
+        }
+        let small = try cli(broker, ["caps", "call", "bloater", "small", "--max-reply", "5"])
+        #expect(small.termination == .exited(0) && small.standardOutput == "small", "\(small.standardError)")
+        let over = try cli(broker, ["caps", "call", "bloater", "small!", "--max-reply", "5"])
+        #expect(over.termination == .exited(1) && over.standardError.contains("EMSGSIZE"), "\(over.standardError)")
     }
 
     /// A process's resident memory in KiB (VmRSS).

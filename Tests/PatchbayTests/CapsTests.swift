@@ -548,6 +548,47 @@ struct CapsTests {
         #expect(service.refusals.total == 2)
     }
 
+    @Test("a client takes no reply to a request it did not make: forged ids are dropped unread, nothing is kept for them, and the true reply comes through")
+    func repliesToNoRequestAreDropped() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "forger", access: [.world])
+        let client = try CapsClient(connection, name: "forger")
+        let id = try client.put(Array("real".utf8))
+        let (request, _) = try serviceWait(service)
+        #expect(request.kind == .request && request.messageID == id)
+        // Ids on this client's channel that it never used, and one of another channel.
+        for sequence in UInt64(1000)..<1040 {
+            #expect(service.pushForgedReply(onChannel: client.channelID, messageID: client.channelID << 32 | sequence, length: 80))
+        }
+        #expect(service.pushForgedReply(onChannel: client.channelID, messageID: (client.channelID + 7) << 32 | 1, length: 80))
+        try service.reply(to: id, Array("answer".utf8))
+        // call's way (replies for other threads' calls are kept): only the true one is taken.
+        var seen: [UInt64] = []
+        try client.waitReply { (messageID: UInt64, _: UnsafeRawBufferPointer) in seen.append(messageID) }
+        #expect(seen == [id])
+        #expect(client.requestsInFlight == 0)
+        #expect(throws: PatchbayError.self) { _ = try clientGet(client) }
+    }
+
+    @Test("waitReply throws an error reply's errno, as call does, instead of showing it as an empty reply")
+    func waitReplyThrowsErrorReplies() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "refuser", access: [.world])
+        let client = try CapsClient(connection, name: "refuser")
+        let id = try client.put(Array("please".utf8))
+        let (request, _) = try serviceWait(service)
+        try service.reply(to: request.messageID, error: .permissionDenied)
+        var ran = false
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in try client.waitReply { (_: UInt64, _: UnsafeRawBufferPointer) in ran = true } }
+        #expect(!ran)
+        // Consumed all the same: DISPOSEd, and nothing left in flight.
+        let (dispose, _) = try serviceWait(service)
+        #expect(dispose.kind == .dispose && dispose.messageID == id)
+        #expect(client.requestsInFlight == 0)
+    }
+
     @Test("two clients are taken in turn; a DISPOSE comes before the request put after consuming its reply; short buffers keep a request queued")
     func messageOrder() throws {
         // Inline requests go the service's one-pass path, arena ones and short buffers the

@@ -31,7 +31,7 @@ private func deafListener() throws -> (CInt, UInt16) {
     var length = socklen_t(MemoryLayout<sockaddr_in>.size)
     let bound = withUnsafeMutablePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
-            bind(fd, pointer, length) == 0 && listen(fd, 8) == 0 && getsockname(fd, pointer, &length) == 0
+            bind(fd, pointer, length) == 0 && listen(fd, 256) == 0 && getsockname(fd, pointer, &length) == 0
         }
     }
     guard bound else {

@@ -314,6 +314,29 @@ public final class CapsClient: @unchecked Sendable {
         try sendAttachments(direct.rawValue, messageID: 0, descriptors: descriptors)
     }
 
+    /// Puts an inline REQUEST of `bytes` (at most 88) with `descriptors`, and runs
+    /// `beforePublishing` once they are sent and before the entry is published: only for the
+    /// project's tests, whose hostile client closes its own copies there, so that the service's
+    /// copies are the last whatever the timing (the service takes them only for a published entry).
+    package func put(_ bytes: [UInt8], descriptors: [CInt], beforePublishing: () -> Void) throws(PatchbayError) -> UInt64 {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64 in
+            try checkUsable()
+            guard bytes.count <= CapsLayout.inlineCapacity, let slot = channel.reserve(.request) else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full, or the request is not inline")
+            }
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            try sendAttachments(direct.rawValue, messageID: messageID, descriptors: descriptors)
+            beforePublishing()
+            bytes.withUnsafeBytes { CapsChannel.inlineSpace(slot, length: bytes.count).copyMemory(from: $0) }
+            channel.commit(.request, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(bytes.count), kind: .request,
+                                                     flags: CapsEntryFlags.inlinePayload | CapsEntryFlags.descriptors))
+            requests.insert(MessageRecord(id: messageID, offset: -1, length: bytes.count, state: 0))
+            wakeService()
+            return messageID
+        }
+    }
+
     /// Puts a REQUEST (inline, at most 88 bytes) whose entry announces `consumed` as this port's
     /// reply head, as a hostile client can: only for the project's tests.
     package func putForgedConsumed(_ bytes: [UInt8], consumed: UInt32) throws(PatchbayError) -> UInt64 {
@@ -452,10 +475,10 @@ public final class CapsClient: @unchecked Sendable {
                 var answer: Result<T, PatchbayError>?
                 _ = try nextReply(room: nil) { reply, payload in
                     if reply.messageID == id {
-                        answer = Self.failure(of: reply, limit: maximumInFlight, cutOff: channel.isCutOff ? cutOffReason : nil).map { .failure($0) } ?? take(payload)
+                        answer = failure(of: reply).map { .failure($0) } ?? take(payload)
                     } else {
                         // Another thread's call: keep its reply for it.
-                        if otherCalls.updateValue(Self.failure(of: reply, limit: maximumInFlight, cutOff: channel.isCutOff ? cutOffReason : nil).map { .failure($0) }
+                        if otherCalls.updateValue(failure(of: reply).map { .failure($0) }
                             ?? .success(Array(payload)), forKey: reply.messageID) == nil { otherCallsKept += 1 }
                         stashedForOthers = true
                     }
@@ -501,12 +524,19 @@ public final class CapsClient: @unchecked Sendable {
 
     /// Waits for the next REPLY and lets `body` read it in place, in the shared memory the
     /// service wrote it to; the service is sent DISPOSE when `body` returns.
+    ///
+    /// - Throws: as `call`, instead of running `body`: the errno of an error reply, `ECONNRESET`
+    ///   for a request the service went away without answering (each in `put` order), then
+    ///   `ENOTCONN`.
     public func waitReply<R>(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
         try core.checkInherited()
         while true {
-            if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in
-                try nextReply(room: nil) { reply, payload in body(reply.messageID, payload) }
-            }) { return result }
+            if let result = try core.lock.locked({ () throws(PatchbayError) -> Result<R, PatchbayError>? in
+                try nextReply(room: nil) { reply, payload in
+                    if let failure = failure(of: reply) { return .failure(failure) }
+                    return .success(body(reply.messageID, payload))
+                }
+            }) { return try result.get() }
             try sleepUntilReply()
         }
     }
@@ -516,11 +546,25 @@ public final class CapsClient: @unchecked Sendable {
     public func waitReply(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         while true {
+            var failed: PatchbayError?
             if try core.lock.locked({ () throws(PatchbayError) -> Bool in
-                try nextReply(room: nil) { reply, payload in body(reply.messageID, payload) } != nil
-            }) { return }
+                try nextReply(room: nil) { reply, payload in
+                    if let failure = failure(of: reply) { failed = failure } else { body(reply.messageID, payload) }
+                } != nil
+            }) {
+                if let failed { throw failed }
+                return
+            }
             try sleepUntilReply()
         }
+    }
+
+    /// What a reply stands for when it is no answer to give a body: an error reply, or one made
+    /// up for a request the service went away without answering.
+    @inline(__always)
+    private func failure(of reply: CapsReply) -> PatchbayError? {
+        guard reply.error != nil || reply.serviceClosed else { return nil }
+        return Self.failure(of: reply, limit: maximumInFlight, cutOff: channel.isCutOff ? cutOffReason : nil)
     }
 
     /// Makes a `wait` blocked in another thread return `ECANCELED`.
@@ -658,11 +702,14 @@ public final class CapsClient: @unchecked Sendable {
                 finish(entry.messageID, request, dispose: entry.kind != .discardedReply)
                 continue
             }
+            if request == nil {
+                // A reply to no request of this port's (the service wrote the ring as it liked):
+                // dropped unread, so nothing is kept for it, with what it carried.
+                core.stash.discard(entry, from: direct.rawValue, peer: servicePeer)
+                channel.advance(.reply)
+                continue
+            }
             if entry.kind == .errorReply {
-                guard request != nil else {
-                    channel.advance(.reply)  // not a request of ours: dropped
-                    continue
-                }
                 finish(entry.messageID, request, dispose: true)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))

@@ -598,6 +598,20 @@ public final class CapsService: @unchecked Sendable {
         }) ?? false
     }
 
+    /// Pushes a REPLY of `length` inline bytes for `messageID` into the reply ring of channel
+    /// `channelID`, whatever that id is, as a hostile service writing the ring by other means
+    /// could: only for the project's tests, to check that a client takes no reply to a request
+    /// it did not make. False when there is no such channel or its ring is full.
+    package func pushForgedReply(onChannel channelID: UInt64, messageID: UInt64, length: UInt32) -> Bool {
+        core.lock.locked {
+            guard let client = clients[channelID] else { return false }
+            let pushed = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: length, kind: .reply,
+                                                               flags: CapsEntryFlags.inlinePayload))
+            wake(client)
+            return pushed
+        }
+    }
+
     /// Answers a REQUEST with an errno instead of bytes, for a request this service could not
     /// answer (its program failed, the request made no sense): the client's `call` throws it,
     /// and `wait`/`get` show it in `CapsReply.error`, so it is never mistaken for an empty reply.
