@@ -571,6 +571,30 @@ struct CapsTests {
         #expect(throws: PatchbayError.self) { _ = try clientGet(client) }
     }
 
+    @Test("generations stop growing at 2^63 - 1 instead of wrapping to 0: after a page showing 2^64 - 2, and through the floor of forgotten names")
+    func generationsDoNotWrap() throws {
+        let broker = try TestBroker(["--max-caps-names-per-uid", "1"])
+        let connection = try broker.connect()
+        func gone(_ name: String) throws {
+            while try connection.listServices().contains(where: { $0.name == name }) { sched_yield() }
+        }
+        do {
+            let high = try CapsService(connection, name: "high", access: [.world])
+            try high.setGeneration(UInt64.max - 1)
+        }
+        try gone("high")
+        let highest = UInt64(Int64.max)
+        for _ in 0..<2 {
+            do { #expect(try CapsService(connection, name: "high", access: [.world]).currentGeneration == highest) }
+            try gone("high")
+        }
+        // One name remembered per uid: "high" is forgotten for "fresh", which then is for "newer",
+        // which starts above every generation forgotten, not at 0.
+        do { #expect(try CapsService(connection, name: "fresh", access: [.world]).currentGeneration == 1) }
+        try gone("fresh")
+        do { #expect(try CapsService(connection, name: "newer", access: [.world]).currentGeneration == highest) }
+    }
+
     @Test("waitReply throws an error reply's errno, as call does, instead of showing it as an empty reply")
     func waitReplyThrowsErrorReplies() throws {
         let broker = try TestBroker()

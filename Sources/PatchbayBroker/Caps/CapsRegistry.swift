@@ -305,7 +305,7 @@ final class CapsRegistry {
             let fields = line.split(separator: " ")
             guard fields.count >= 2, fields.count <= 3, let generation = UInt64(fields[0]) else { continue }
             if fields[1] == "*" {
-                forgottenFloor = max(forgottenFloor, generation)
+                forgottenFloor = max(forgottenFloor, min(generation, Self.highestGeneration))
                 continue
             }
             let name = String(fields[1])
@@ -315,7 +315,7 @@ final class CapsRegistry {
                 continue
             }
             let uid = fields.count == 3 ? UInt32(fields[2]) ?? 0 : 0
-            remember(name, generation: max(lastGeneration[name]?.generation ?? 0, generation), chargedTo: uid)
+            remember(name, generation: max(lastGeneration[name]?.generation ?? 0, min(generation, Self.highestGeneration)), chargedTo: uid)
         }
         rewriteGenerations()
     }
@@ -439,7 +439,7 @@ final class CapsRegistry {
     /// past `maximumNamesPerUser`, that uid's least recently registered names not registered
     /// now are forgotten.
     func initialGeneration(of name: String, by uid: UInt32) -> UInt64 {
-        let generation = (lastGeneration[name]?.generation ?? forgottenFloor) &+ 1
+        let generation = min((lastGeneration[name]?.generation ?? forgottenFloor) + 1, Self.highestGeneration)
         remember(name, generation: generation, chargedTo: uid)
         var forgotten: [String] = []
         if let names = namesByUser[uid], names.count > maximumNamesPerUser {
@@ -457,6 +457,12 @@ final class CapsRegistry {
         saveGeneration(of: name, forgotten: forgotten)
         return generation
     }
+
+    /// The highest generation the broker hands out or records: generations stop growing there
+    /// rather than wrap to 0 (a service may write any value to its page, and one of 2^64 − 1 would
+    /// otherwise make the next registration of its name, or through the floor every new name,
+    /// start at 0). Kept within a signed 64-bit integer, for C and Python callers.
+    static let highestGeneration = UInt64(Int64.max)
 
     /// Records `name`'s generation, charged to `uid` as its most recently registered name.
     private func remember(_ name: String, generation: UInt64, chargedTo uid: UInt32) {
@@ -597,8 +603,10 @@ final class CapsRegistry {
             servicesPerUser[service.owner.uid] = remaining > 0 ? remaining : nil
             byName[service.name]?.removeAll { $0 == id }
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
-            if let previous = lastGeneration[service.name], service.generation > previous.generation {
-                lastGeneration[service.name]?.generation = service.generation
+            // (A page is the service's to write: past the highest generation, it counts as that.)
+            let shown = min(service.generation, Self.highestGeneration)
+            if let previous = lastGeneration[service.name], shown > previous.generation {
+                lastGeneration[service.name]?.generation = shown
                 saveGeneration(of: service.name)
             }
             for channelID in service.channels {
