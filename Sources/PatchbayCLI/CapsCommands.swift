@@ -44,6 +44,9 @@ struct CapsCommand: ParsableCommand {
         @Option(help: "Refuse requests larger than this unread, with EMSGSIZE (e.g. 64M, 512K).")
         var maxRequest: String = "64M"
 
+        @Option(help: "Replies a client uid has not consumed yet may hold this much (e.g. 256M); past it, requests of that uid get EDQUOT.")
+        var maxReplyBytesPerUid: String = "256M"
+
         @Option(parsing: .remaining, help: "Run this command per request.")
         var exec: [String] = []
 
@@ -85,14 +88,23 @@ struct CapsCommand: ParsableCommand {
             }
             let limit = parseSize(maxRequest, command)
             if limit <= 0 { failUsage(command, "--max-request must be positive") }
+            let heldLimit = parseSize(maxReplyBytesPerUid, command)
+            if heldLimit <= 0 { failUsage(command, "--max-reply-bytes-per-uid must be positive") }
+            var held = HeldReplies(limit: heldLimit)
             while true {
                 do {
                     // In place: an attached payload is read where it is mapped, so a request is
                     // copied once, and one past --max-request is refused unread (a peer's hollow
                     // memfd of gigabytes costs it nothing, and this service no memory).
                     try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
-                        guard message.kind == .request else { return }
-                        answer(message, payload, limit: limit, service: service, program: program)
+                        switch message.kind {
+                        case .request:
+                            answer(message, payload, limit: limit, held: &held, service: service, program: program)
+                        case .dispose:
+                            held.consumed(message.messageID)
+                        default:
+                            break
+                        }
                     }
                 } catch {
                     fail(command, error)
@@ -100,12 +112,19 @@ struct CapsCommand: ParsableCommand {
             }
         }
 
-        private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, service: CapsService,
-                            program: String?) {
+        private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, held: inout HeldReplies,
+                            service: CapsService, program: String?) {
+            let uid = message.credentials.uid
             do {
                 guard payload.count <= limit else {
                     writeStandardError("patchbay: caps serve: request \(message.messageID): \(payload.count) bytes, more than --max-request (\(limit)); refused with EMSGSIZE\n")
                     try service.reply(to: message.messageID, error: .messageTooLong)
+                    return
+                }
+                // An echo's reply is as long as its request: refused before the copy is made.
+                guard held.admits(payload.count, of: uid) else {
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): uid \(uid)'s replies not consumed yet hold \(held.bytes(of: uid)) bytes, --max-reply-bytes-per-uid is \(held.limit); refused with EDQUOT\n")
+                    try service.reply(to: message.messageID, error: .diskQuotaExceeded)
                     return
                 }
                 let request = Array(payload)
@@ -115,8 +134,12 @@ struct CapsCommand: ParsableCommand {
                     .success(request)
                 }
                 switch answer {
+                case .success(let bytes) where !held.admits(bytes.count, of: uid):
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): a \(bytes.count)-byte reply would take uid \(uid)'s replies not consumed yet past --max-reply-bytes-per-uid (\(held.limit)); refused with EDQUOT\n")
+                    try service.reply(to: message.messageID, error: .diskQuotaExceeded)
                 case .success(let bytes):
                     try service.reply(to: message.messageID, bytes)
+                    held.replied(message.messageID, bytes.count, to: uid)
                 case .failure(let failure):
                     // Never an empty reply the caller would take for an answer: an error
                     // reply (EIO), and the reason here.
@@ -365,3 +388,33 @@ func runFilter(_ program: String, _ arguments: [String], input: [UInt8]) -> Resu
     return .success(output)
 }
 
+
+/// What `caps serve`'s replies not consumed yet hold, per client uid: a reply's memory (in the
+/// channel's arena, or a memfd of its own) is this service's until its client consumes it (its
+/// DISPOSE), so a client that never does could otherwise make the service hold gigabytes.
+struct HeldReplies {
+    let limit: Int
+    private var replies: [UInt64: (uid: UInt32, bytes: Int)] = [:]
+    private var perUid: [UInt32: Int] = [:]
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    func bytes(of uid: UInt32) -> Int { perUid[uid] ?? 0 }
+
+    /// Whether a reply of `bytes` more keeps `uid` within the limit.
+    func admits(_ bytes: Int, of uid: UInt32) -> Bool { bytes <= limit - self.bytes(of: uid) }
+
+    mutating func replied(_ messageID: UInt64, _ bytes: Int, to uid: UInt32) {
+        replies[messageID] = (uid, bytes)
+        perUid[uid, default: 0] += bytes
+    }
+
+    /// A DISPOSE (the client consumed the reply, or went away without).
+    mutating func consumed(_ messageID: UInt64) {
+        guard let reply = replies.removeValue(forKey: messageID) else { return }
+        let left = (perUid[reply.uid] ?? 0) - reply.bytes
+        perUid[reply.uid] = left > 0 ? left : nil
+    }
+}

@@ -37,6 +37,29 @@ struct CLIHonestyTests {
         #expect(try client.call([1, 2, 3]) == [1, 2, 3])
     }
 
+    @Test("caps serve holds at most --max-reply-bytes-per-uid of replies a client uid has not consumed: past it EDQUOT, and room again once it consumes")
+    func serveBoundsRepliesNotConsumed() throws {
+        let broker = try TestBroker()
+        let server = try Child(patchbayCLI, ["caps", "serve", "holder", "--echo", "--max-reply-bytes-per-uid", "1M"],
+                               environment: broker.environment)
+        defer { server.kill(SIGKILL); _ = try? server.wait() }
+        let connection = try broker.connect()
+        let holder = try CapsClient(connection, name: "holder", waitForService: true)
+        let other = try CapsClient(connection, name: "holder")
+        let request = [UInt8](repeating: 9, count: 400_000)
+        _ = try holder.put(request)
+        _ = try holder.put(request)
+        // Until both replies are in the holder's ring (the broker reads the channel's words).
+        while try connection.capsTraffic().first(where: { $0.channelID == holder.channelID })?.repliesPut != 2 { sched_yield() }
+        // 800,000 bytes held for this uid, not consumed: one more 400,000 is past 1M, from any
+        // connection of the uid.
+        expectErrno(.diskQuotaExceeded) { () throws(PatchbayError) in _ = try other.call(request) }
+        #expect(try other.call([1, 2, 3]) == [1, 2, 3])
+        for _ in 0..<2 { _ = try clientWait(holder, capacity: 1 << 20) }
+        // Consumed: the DISPOSEs come before this request, and there is room again.
+        #expect(try holder.call(request) == request)
+    }
+
     @Test("caps call refuses a reply past --max-reply (default 64M) unread, with EMSGSIZE and exit 1; a small one is printed")
     func callRefusesLargeReplies() throws {
         let broker = try TestBroker()

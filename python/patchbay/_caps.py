@@ -65,10 +65,12 @@ def _access_mask(access: Union[int, str, Iterable[str]]) -> int:
 
 
 def _receive(function: Callable[..., int], handle: int, capacity: int) -> Tuple[Message, int]:
-    """Calls a pb_caps_wait-shaped function, with a larger buffer each time the message is
-    longer than the buffer (it then stays queued). Returns the message and the capacity that
-    fitted."""
+    """Calls a pb_caps_wait-shaped function, with a larger buffer when the message is longer
+    than the buffer (it then stays queued). Returns the message and the capacity to use next:
+    the one given, never a larger one a single long message needed (a peer's one hollow request
+    of gigabytes would otherwise make every later message allocate and clear as much)."""
     header = _native.CapsMessage()
+    usual = capacity
     while True:
         buffer = (c_char * capacity).from_buffer(bytearray(capacity))
         result = function(handle, byref(header), buffer, capacity)
@@ -82,7 +84,7 @@ def _receive(function: Callable[..., int], handle: int, capacity: int) -> Tuple[
             kind = header.kind
         message = Message(header.id, kind, string_at(buffer, header.length),
                           header.pid, header.uid, header.euid, header.gid)
-        return message, capacity
+        return message, usual
 
 
 def _payload(data: BytesLike) -> bytes:

@@ -441,6 +441,11 @@ class CapsTests(BrokerTestCase):
             self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
             request_id = client.put(big)  # wait_reply grows its buffer instead
             self.assertEqual(client.wait_reply(), (request_id, big))
+            # Grown for one message only: a peer's one huge message must not make every later
+            # one allocate as much.
+            self.assertEqual(client.call(b"small"), b"small")
+            self.assertEqual(service._capacity, 64 * 1024)
+            self.assertEqual(client._capacity, 64 * 1024)
 
     # pb_caps_service_fd is readable for a message queued before it was first asked for.
     def test_service_fd_is_readable_for_a_message_queued_before_it_was_asked_for(self) -> None:
