@@ -438,7 +438,7 @@ public final class BrokerServer {
         case .caps(.tap(let serviceID, let payloads)):
             guard let service = caps.registry.services[serviceID] else { return ("", [], "service \(serviceID)") }
             return (service.name, [service.owner.uid], payloads ? "headers and payloads" : "headers")
-        case .caps(.setGeneration), .caps(.list), .caps(.traffic), .caps(.tapRecords), .caps(.refuseClient): return ("", [], "")
+        case .caps(.setGeneration), .caps(.list), .caps(.traffic), .caps(.tapRecords), .caps(.refuseClient), .caps(.refuseUser): return ("", [], "")
         }
     }
 

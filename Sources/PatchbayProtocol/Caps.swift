@@ -280,6 +280,9 @@ extension Request {
         case tapRecords(lost: UInt32, [CapsTapRecord])
         /// The service port could not take the client of channel `channelID` (one-way).
         case refuseClient(channelID: UInt64)
+        /// The service port takes no new connections from `uid` (`refusing`), or takes them again
+        /// (one-way).
+        case refuseUser(uid: UInt32, refusing: Bool)
 
         public var opcode: Opcode {
             switch self {
@@ -291,6 +294,7 @@ extension Request {
             case .tap: .capsTap
             case .tapRecords: .capsTapRecord
             case .refuseClient: .capsRefuseClient
+            case .refuseUser: .capsRefuseUser
             }
         }
 
@@ -322,6 +326,9 @@ extension Request {
                 for record in records { record.encode(into: &writer) }
             case .refuseClient(let channelID):
                 writer.u64(channelID)
+            case .refuseUser(let uid, let refusing):
+                writer.u32(uid)
+                writer.u8(refusing ? 1 : 0)
             }
         }
 
@@ -357,6 +364,11 @@ extension Request {
                 return .tapRecords(lost: lost, records)
             case .capsRefuseClient:
                 return .refuseClient(channelID: try reader.u64("channel id"))
+            case .capsRefuseUser:
+                let uid = try reader.u32("uid")
+                let refusing = try reader.u8("refusing")
+                guard refusing <= 1 else { throw .invalidValue(field: "refusing", reason: "0 or 1") }
+                return .refuseUser(uid: uid, refusing: refusing == 1)
             default:
                 throw .wrongFrame(opcode, "caps request")
             }

@@ -69,6 +69,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
     /// CAPS: a service port that could not take a new client (its descriptors did not arrive, or
     /// its channel could not be mapped) says so, one-way; the broker marks the channel refused.
     case capsRefuseClient = 69
+    /// CAPS: a service port says it takes no new connections from a uid (whose descriptors wait
+    /// to be closed there past its bound), or takes them again, one-way; the broker refuses that
+    /// uid's connections to the service meanwhile.
+    case capsRefuseUser = 70
 
     /// What an opcode is: its subsystem, the frames it appears in and their descriptors.
     public struct Metadata: Sendable, Equatable {
@@ -120,6 +124,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable {
         case .capsTap:           Metadata(.caps,         true,    true,  false, 0, 0, 0)
         case .capsTapRecord:     Metadata(.caps,         true,    false, false, 0, 0, 0)
         case .capsRefuseClient:  Metadata(.caps,         true,    false, false, 0, 0, 0)
+        case .capsRefuseUser:    Metadata(.caps,         true,    false, false, 0, 0, 0)
         }
     }
 

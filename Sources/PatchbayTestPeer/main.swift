@@ -21,6 +21,9 @@
 //                             blocks its closing thread in NAME, then N calls with 8 local
 //                             sockets each; prints "cut off after I: ERRNO" or "sent N", then
 //                             "again: ok" or "again: ERRNO" for a new connection
+//   caps-wedge-and-churn NAME PORT N
+//                             blocks its closing thread in NAME, then connects and leaves N
+//                             times; prints "refused at I: ERRNO" or "connected N"
 //   caps-serve-full NAME      registers NAME (world), fills its descriptor table, prints "full",
 //                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
@@ -550,6 +553,33 @@ func capsCallFlood(_ name: String, count: Int, uid: Int32) throws(PatchbayError)
     } catch {
         say("again: " + error.errno.name)
     }
+}
+
+/// Blocks its closing thread in `name` (as `capsWedgeAndFlood`), then connects and leaves up to
+/// `count` times, one connection at a time: each departure leaves the service its channel's
+/// sockets to close behind the stuck one. Says "refused at I: ERRNO" for the first connection
+/// refused, or "connected N"; then waits for its input to end.
+func capsWedgeAndChurn(_ name: String, port: UInt16, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name)
+    do {
+        let wedge = try wrappedLingeringSocket(port: port, seconds: 15).release()
+        _ = try client.put(Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }
+        _ = try client.waitReply { _, _ in }
+    }
+    var outcome = "connected \(count)"
+    for index in 0..<count {
+        do {
+            let visitor = try CapsClient(broker, name: name)
+            // Answered, or refused by the service (past the bound): either way it then leaves.
+            _ = try? visitor.call(Array("hi".utf8))
+        } catch {
+            outcome = "refused at \(index): \(error.errno.name)"
+            break
+        }
+    }
+    say(outcome)
+    waitForEndOfInput()
 }
 
 /// Registers a world service `name`, then fills this process's descriptor table (soft limit 256)
@@ -1185,6 +1215,8 @@ func main() -> CInt {
             try brokerFork(count: Int(arguments[1])!)
         case "caps-wedge-and-flood" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsWedgeAndFlood(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
+        case "caps-wedge-and-churn" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsWedgeAndChurn(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
         case "caps-serve-full" where arguments.count == 2:
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:

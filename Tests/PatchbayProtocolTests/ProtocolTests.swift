@@ -47,6 +47,7 @@ let sampleRequests: [Request] = [
     .caps(.tapRecords(lost: 2, [CapsTapRecord(messageID: 1 << 32 | 7, kind: .request, length: 3, payload: [1, 2, 3]),
                                 CapsTapRecord(messageID: 1 << 32 | 7, kind: .errorReply, length: 5)])),
     .caps(.refuseClient(channelID: 1 << 40 | 3)),
+    .caps(.refuseUser(uid: 65534, refusing: true)),
     .monitor(MonitorFilter(subsystems: 10, uid: 65534, pid: 42, name: "/x")),
 ]
 
@@ -119,7 +120,7 @@ struct ProtocolTests {
         #expect(Set(sampleRequests.map(\.opcode)) == requestOpcodes)
         #expect(Set(sampleReplies.map(\.opcode)) == replyOpcodes)
         #expect(!requestOpcodes.contains(.connection) && !requestOpcodes.contains(.capsConnected))
-        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge, .capsTapRecord, .capsRefuseClient])
+        #expect(requestOpcodes.subtracting(replyOpcodes) == [.claimAcknowledge, .capsTapRecord, .capsRefuseClient, .capsRefuseUser])
         for request in sampleRequests {
             #expect(request.opcode.subsystem == Opcode(rawValue: request.opcode.rawValue)!.metadata.subsystem)
         }

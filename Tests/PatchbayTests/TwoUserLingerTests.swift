@@ -182,6 +182,40 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("nobody blocks its own closing thread in root's service, then connects and leaves 400 times: its sockets stop at the bound, the broker refuses its new connections (EDQUOT), root is served")
+    func churnBehindAStuckCloseIsRefusedAtTheBroker() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        var listener: DeafListener? = try DeafListener()
+        let port = listener!.port
+        let service = try Child(patchbayCLI, ["caps", "serve", "churned", "--allow", "world", "--echo"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let root = try broker.connect()
+        let probe = try CapsClient(root, name: "churned", waitForService: true)
+        #expect(try probe.call(Array("before".utf8)) == Array("before".utf8))
+        let before = try openDescriptorCount(pid: service.pid)
+        let attacker = try nobodyPeer(["caps-wedge-and-churn", "churned", "\(port)", "400"], broker)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        // Each departure leaves 3 sockets behind the stuck close: past 64 the service refuses the
+        // uid, and asks the broker to (capsRefuseUser).
+        let outcome = try attacker.readLine() ?? ""
+        #expect(outcome.hasPrefix("refused at ") && outcome.hasSuffix(": EDQUOT"), "\(outcome)")
+        let after = try openDescriptorCount(pid: service.pid)
+        #expect(after - before < 100, "the service went from \(before) to \(after) descriptors")
+        #expect(try probe.call(Array("after".utf8)) == Array("after".utf8))
+        #expect(try CapsClient(root, name: "churned").call(Array("new".utf8)) == Array("new".utf8))
+        // Once the stuck close ends (the listener goes, resetting the lingering connection) and
+        // the closes catch up, the service takes nobody again: it looks whenever it has no work.
+        listener = nil
+        var readmitted = false
+        for _ in 0..<200 where !readmitted {
+            _ = try probe.call(Array("look".utf8))
+            readmitted = try runAsOtherUser(["caps", "call", "churned", "back", "--uid", "0"],
+                                            environment: broker.environment).termination == .exited(0)
+        }
+        #expect(readmitted)
+    }
+
     @Test("nobody's service blocks root's closing thread for it, then answers with local sockets: root's client cuts it off past the bound, its descriptors bounded")
     func hostileServiceIsCutOffPastTheBound() throws {
         let broker = try TestBroker(["--system"])

@@ -155,6 +155,9 @@ public final class CapsService: @unchecked Sendable {
     @exclusivity(unchecked) private var refused = Refusals(total: 0, last: nil)
 
     @exclusivity(unchecked) private var clients: [UInt64: ClientChannel] = [:]
+    /// Uids whose new connections the broker was asked to refuse (`capsRefuseUser`): their
+    /// descriptors wait to be closed here past the bound.
+    @exclusivity(unchecked) private var refusedUsers: Set<UInt32> = []
     /// The clients in round-robin order (kept beside `clients` so a scan does no hashing). Not
     /// counted: `clients` owns them. Every reference to a client on the message path is taken
     /// from here or `lastActive` and used borrowed (`Unmanaged.borrowing`): counting it would
@@ -200,6 +203,7 @@ public final class CapsService: @unchecked Sendable {
 
     /// The plan for waiting now (under the lock).
     private func waitPlan() -> WaitPlan {
+        if !refusedUsers.isEmpty { readmitUsers() }
         let peer = lastActive.map { client in
             client._withUnsafeGuaranteedRef { client in
                 PeerActivity(running: client.channel.word32(CapsLayout.clientRunningOffset),
@@ -377,6 +381,7 @@ public final class CapsService: @unchecked Sendable {
                 noticePages.append(NoticePage(registration.takeNotices()))
                 noticesAddress.store(UInt(bitPattern: noticePages[noticePages.count - 1].mapping.baseAddress), ordering: .releasing)
                 noticesSeen = 0
+                refusedUsers = []  // the new broker was never asked
                 registeredID = registration.serviceID
                 registrationCount += 1
                 do throws(Errno) {
@@ -1054,6 +1059,7 @@ public final class CapsService: @unchecked Sendable {
                     for socket in sockets { PeerDescriptors.closeOwn(socket, of: UInt64(credentials.uid)) }
                 }
                 guard !Self.pastDescriptorBound(credentials.uid), message.descriptors.count == 4 else {
+                    if Self.pastDescriptorBound(credentials.uid) { refuseUser(credentials.uid) }
                     var sockets: [CInt] = []
                     while let socket = message.descriptors.takeFirst() { sockets.append(socket.release()) }
                     refuse(sockets)
@@ -1095,7 +1101,23 @@ public final class CapsService: @unchecked Sendable {
     /// once), and it goes as a departed client does.
     private func cutOff(_ client: ClientChannel) {
         try? connection.post(.caps(.refuseClient(channelID: client.id)))
+        refuseUser(client.credentials.uid)
         clientGone(client.id)
+    }
+
+    /// Asks the broker to refuse `uid`'s new connections here: each one refused here would still
+    /// leave its three sockets to be closed behind the stuck ones, so the count would only slow.
+    private func refuseUser(_ uid: UInt32) {
+        guard refusedUsers.insert(uid).inserted else { return }
+        try? connection.post(.caps(.refuseUser(uid: uid, refusing: true)))
+    }
+
+    /// Takes connections again from the refused uids whose closes have caught up.
+    private func readmitUsers() {
+        for uid in refusedUsers where !Self.pastDescriptorBound(uid) {
+            refusedUsers.remove(uid)
+            try? connection.post(.caps(.refuseUser(uid: uid, refusing: false)))
+        }
     }
 
     /// A client went away: what it left here becomes DISPOSEs (unread requests, read ones not

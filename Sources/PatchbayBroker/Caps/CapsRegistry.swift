@@ -46,6 +46,9 @@ final class CapsServiceRecord {
     let notices: Descriptor
     let noticesMapping: Mapping
     var channels: Set<UInt64> = []
+    /// Uids whose new connections the service takes no more for now (`capsRefuseUser`), at most
+    /// `CapsRegistry.maximumRefusedUsers`.
+    var refusedUsers: Set<UInt32> = []
     /// Messages counted on channels that have closed (see `CapsChannelRecord.messages`).
     var closedMessages: (toService: UInt64, toClient: UInt64) = (0, 0)
     /// The two pages' descriptors, charged to the registering uid.
@@ -512,6 +515,10 @@ final class CapsRegistry {
             throw RequestError(errno: .permissionDenied,
                                reason: "service \(name) and this client share no access class that admits uid \(caller.uid)")
         }
+        if service.refusedUsers.contains(caller.uid) {
+            throw RequestError(errno: .diskQuotaExceeded,
+                               reason: "service \(name) takes no new connections from uid \(caller.uid) for now: that uid's descriptors wait to be closed there past its bound")
+        }
         if caller.uid != 0, Int64(caller.uid) != Int64(service.owner.uid) {
             let held = service.channels.reduce(0) { $0 + (channels[$1]?.clientUID == caller.uid ? 1 : 0) }
             guard held < maximumClientsPerUser else {
@@ -583,6 +590,20 @@ final class CapsRegistry {
         service.channels.remove(channelID)
         channel.markServiceClosed(refused: true)
         logger.warning("service could not take a client", metadata: ["name": "\(service.name)", "channel": "\(channelID)"])
+    }
+
+    /// Uids one service may have refused at once: its refusals are memory the broker holds.
+    static let maximumRefusedUsers = 1024
+
+    /// The service of session `session` takes no new connections from `uid` (`refusing`), or
+    /// takes them again. Past `maximumRefusedUsers` uids, more refusals are ignored.
+    func refuseUser(_ uid: UInt32, _ refusing: Bool, bySession session: UInt64) {
+        guard let id = serviceBySession[session], let service = services[id] else { return }
+        if !refusing {
+            service.refusedUsers.remove(uid)
+        } else if service.refusedUsers.count < Self.maximumRefusedUsers, service.refusedUsers.insert(uid).inserted {
+            logger.warning("service refuses new connections of a uid", metadata: ["name": "\(service.name)", "uid": "\(uid)"])
+        }
     }
 
     /// A connection closed. Returns the service sessions to tell of departed clients.

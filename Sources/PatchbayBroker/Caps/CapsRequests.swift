@@ -111,6 +111,10 @@ final class CapsRequests: SessionClosedHook {
             // One-way: a channel that is not this service's own is ignored.
             registry.refuse(channelID: channelID, bySession: context.session.id)
 
+        case .refuseUser(let uid, let refusing):
+            // One-way: from a connection that is no service, ignored.
+            registry.refuseUser(uid, refusing, bySession: context.session.id)
+
         case .traffic(let after):
             // Root and the broker's own user see every channel; anyone else (on the system broker)
             // the channels of its own services and its own client connections.
