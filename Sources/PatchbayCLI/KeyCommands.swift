@@ -152,11 +152,26 @@ struct ClaimCommand: ParsableCommand {
         // last closes would happen in this thread (one can wait). They are received instead and
         // left open for the process's exit to close; a socket that carries too many is refused.
         let local = mayHoldDescriptors(file.rawValue)
+        // A socket of messages (seqpacket, datagram): each is read whole, however long, and one
+        // of 0 bytes is not the end; the end is the peer gone with no byte left.
+        var type: CInt = 0
+        var typeLength = socklen_t(MemoryLayout<CInt>.size)
+        let messages = local && getsockopt(file.rawValue, SOL_SOCKET, SO_TYPE, &type, &typeLength) == 0
+            && type != CInt(SOCK_STREAM.rawValue)
         var carried = 0
         while true {
             let count: Int
             if local {
+                if messages {
+                    let next = recv(file.rawValue, nil, 0, CInt(MSG_PEEK | MSG_TRUNC))
+                    if next < 0 {
+                        if errno == EINTR { continue }
+                        fail("claim", Errno.current, "reading the claimed socket failed")
+                    }
+                    if next > chunk.count { chunk = [UInt8](repeating: 0, count: next) }
+                }
                 guard let received = chunk.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(file.rawValue, $0) }) else {
+                    if errno == EINTR { continue }
                     fail("claim", Errno.current, "reading the claimed socket failed")
                 }
                 count = received.length
@@ -165,6 +180,7 @@ struct ClaimCommand: ParsableCommand {
                     fail("claim", .tooManyOpenFiles,
                          "the claimed socket's messages carried more than 512 descriptors; stopped reading it")
                 }
+                if count == 0 && messages && !Self.messagesEnded(file.rawValue) { continue }
             } else {
                 do {
                     count = try chunk.withUnsafeMutableBytes { raw in
@@ -185,6 +201,16 @@ struct ClaimCommand: ParsableCommand {
                 offset += written
             }
         }
+    }
+
+    /// After a read of 0 bytes from a socket of messages: whether that was its end (the peer gone,
+    /// no byte left queued) rather than a message of 0 bytes.
+    private static func messagesEnded(_ fd: CInt) -> Bool {
+        let peerGone: Int16 = 0x2000  // POLLRDHUP, which Glibc's module leaves out (_GNU_SOURCE)
+        var poller = pollfd(fd: fd, events: Int16(POLLIN) | peerGone, revents: 0)
+        guard poll(&poller, 1, 0) == 1, poller.revents & (peerGone | Int16(POLLHUP)) != 0 else { return false }
+        var queued: CInt = 0
+        return ioctl(fd, UInt(FIONREAD), &queued) != 0 || queued == 0
     }
 
     private func execute(_ program: String, _ command: [String], with file: consuming Patchbay.Descriptor) -> Never {

@@ -93,6 +93,25 @@ struct CLIHonestyTests {
         #expect(over.termination == .exited(1) && over.standardError.contains("EMSGSIZE"), "\(over.standardError)")
     }
 
+    @Test("claim without a command copies a seqpacket socket's messages whole: one of 0 bytes is not the end, one over 64 KiB is not cut")
+    func claimCopiesMessagesWhole() throws {
+        let broker = try TestBroker()
+        var pair: [CInt] = [-1, -1]
+        #expect(socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
+        let long = [UInt8](repeating: UInt8(ascii: "x"), count: 100_000)
+        var sndbuf: CInt = 1 << 20
+        _ = setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, socklen_t(MemoryLayout<CInt>.size))
+        for message in [Array("abc".utf8), [], Array("def".utf8), long, []] {
+            #expect(message.withUnsafeBytes { send(pair[0], $0.baseAddress, $0.count, 0) } == message.count)
+        }
+        close(pair[0])
+        let key = try broker.connect().share(rawDescriptor: pair[1])
+        close(pair[1])
+        let out = try cli(broker, ["claim", "-"], input: key.text + "\n")
+        #expect(out.termination == .exited(0), "\(out.standardError)")
+        #expect(out.standardOutput == "abcdef" + String(repeating: "x", count: 100_000), "\(out.standardOutput.count) bytes")
+    }
+
     /// A process's resident memory in KiB (VmRSS).
     private func residentKiB(of pid: pid_t) throws -> Int {
         let status = String(decoding: try openFile("/proc/\(pid)/status", flags: O_RDONLY).readToEnd(), as: UTF8.self)

@@ -63,7 +63,12 @@ class Broker(_native.Handle):
     def claim(self, key: str) -> int:
         """Claims key and returns a new descriptor (close-on-exec) for the shared open file
         description; close it yourself. FileNotFoundError (ENOENT) for an unknown, claimed or
-        expired key; OSError EINVAL for text that is not a key."""
+        expired key; OSError EINVAL for text that is not a key.
+
+        The file is whatever the sharer chose, and your close may be its last one, which can wait
+        as long as the sharer likes (a TCP socket with SO_LINGER, a local socket holding one, a
+        FUSE file). From a key you did not expect, close it on a thread that may wait, or leave it
+        to the process's exit, which never waits on it."""
         return check(lib().pb_claim(self._live(), encode(key)))
 
     # Named shared memory (FreeBSD's shm_open semantics, in the broker's namespace)

@@ -80,7 +80,12 @@ int pb_share(pb_broker *broker, int fd, int64_t timeout_ms, char key[PB_KEY_TEXT
 /* Claims key: returns a new descriptor (close-on-exec) for the shared open file description.
  * -EINVAL: not a key's text. -ENOENT: unknown, claimed, expired or not for this process (one
  * answer for all). -EMFILE: no free descriptor here; the key stays valid. -EAGAIN: too many
- * failed claims, slowed down. */
+ * failed claims, slowed down.
+ * The file is whatever the sharer chose, and your close may be its last one, which can wait as
+ * long as the sharer likes: a TCP socket with SO_LINGER, a local socket holding one in its queue
+ * (reading it with read(2) drops what the queue carries, in your thread, which waits the same
+ * way), a FUSE file. From a key you did not expect, close it on a thread that may wait, or leave
+ * it to the process's exit, which never waits on it. */
 int pb_claim(pb_broker *broker, const char *key);
 
 #define PB_CLAIMABLE_BY_UID 1   /* pb_share_for: only this uid may claim */

@@ -76,6 +76,11 @@ extension Broker {
     /// Claims the file behind `key`: a new descriptor (close-on-exec) for the same open file
     /// description the sharer had.
     ///
+    /// The file is whatever the sharer chose, and the caller's close may be its last one, which
+    /// can wait as long as the sharer likes (a TCP socket with `SO_LINGER`, a local socket holding
+    /// one, a FUSE file). From a key you did not expect, close it on a thread that may wait, or
+    /// leave it to the process's exit, which never waits on it.
+    ///
     /// - Throws: `ENOENT` when the key does not exist, was claimed, expired or is restricted to
     ///   someone else; `EMFILE` when this process has no free descriptor (the key stays valid);
     ///   `EAGAIN` while this uid is rate-limited after too many failed claims.
