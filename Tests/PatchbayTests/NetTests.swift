@@ -455,6 +455,36 @@ struct NetTests {
         _ = try server.wait()
     }
 
+    @Test("addrs: opens while the names are the same share one snapshot, each at offset 0; a uid's new snapshots are rate-limited (32, then 8 a second), past which it gets the last one")
+    func addressSnapshotsAreShared() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        func inode(_ file: borrowing Patchbay.Descriptor) -> UInt64 {
+            var info = stat()
+            return fstat(file.rawValue, &info) == 0 ? UInt64(info.st_ino) : 0
+        }
+        do {
+            let listener = try Socket.listen(client, name: "shared.name")
+            let first = try client.openAddressList()
+            let second = try client.openAddressList()
+            #expect(inode(first) != 0 && inode(first) == inode(second))
+            #expect(try first.readToEnd() == Array("shared.name\n".utf8))
+            #expect(try second.readToEnd() == Array("shared.name\n".utf8), "its own offset, at 0")
+            _ = consume listener
+        }
+        // Every open after a change of the names would otherwise be a copy of its own.
+        let start = monotonicNanoseconds()
+        var inodes = Set<UInt64>()
+        for index in 0..<100 {
+            let listener = try Socket.listen(client, name: "churn.\(index)")
+            inodes.insert(inode(try client.openAddressList()))
+            _ = consume listener
+        }
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        #expect(inodes.count > 1)
+        #expect(Double(inodes.count) <= 32 + 8 * seconds.rounded(.up) + 2, "\(inodes.count) snapshots in \(seconds) s")
+    }
+
     @Test("the CLI: net connect relays lines as packets; ls, addrs and path")
     func commandLine() throws {
         let broker = try TestBroker()

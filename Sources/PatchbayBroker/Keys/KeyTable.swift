@@ -426,7 +426,10 @@ final class KeyTable {
 
 /// Failed-claim rate limiting: a token bucket per uid. Each failed claim spends one token; tokens
 /// come back at `refillPerSecond` up to `burst`. With the bucket empty, every claim from that uid
-/// is answered EAGAIN without the key being looked at, so guessing gains nothing.
+/// is answered EAGAIN without the key being looked at, so guessing gains nothing. (The same bucket
+/// bounds other things a uid can make the broker do often, as `UidTokenBucket`.)
+typealias UidTokenBucket = FailedClaimLimiter
+
 final class FailedClaimLimiter {
     private struct Bucket {
         var tokens: Double

@@ -18,6 +18,15 @@ final class NetRequests: SessionClosedHook {
     /// Sockets a listing shows, so a reply stays inside one frame.
     static let listLimit = 512
 
+    /// The last `addrs` snapshot and the text it holds. Opens while the names are the same get it
+    /// again (each its own read-only open file description, at offset 0): a snapshot is memory
+    /// the broker made, and a client holding thousands of opens must not hold thousands of copies.
+    private var snapshot: AddressSnapshot?
+    /// New snapshots a uid may have built (a burst, then 8 a second): one whose opens alternate
+    /// with changes to the names would otherwise pin a new copy each time. Past it, it gets the
+    /// last one built, which may not show its latest change yet.
+    private let snapshotBuilds = UidTokenBucket(burst: 32, refillPerSecond: 8)
+
     init(table: NetTable, sessions: SessionTable, loop: EventLoop) {
         self.table = table
         self.sessions = sessions
@@ -82,7 +91,7 @@ final class NetRequests: SessionClosedHook {
                            attaching: [data.rawValue], to: context)
         case .netAddresses(let familyName):
             _ = try family(familyName)
-            let snapshot = try addressList()
+            let snapshot = try addressList(for: caller.uid)
             sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.addressList.rawValue, id: 0)),
                            attaching: [snapshot.rawValue], to: context)
         case .netAccept(let familyName, let id):
@@ -110,14 +119,21 @@ final class NetRequests: SessionClosedHook {
         return family
     }
 
-    /// `addrs`: the bound names, one per line, in a read-only memfd (a snapshot).
-    private func addressList() throws(RequestError) -> Descriptor {
+    /// `addrs`: the bound names, one per line, in a read-only memfd (a snapshot), shared with
+    /// every open made while the names are the same.
+    private func addressList(for uid: UInt32) throws(RequestError) -> Descriptor {
         let text = table.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
+        let now = monotonicNanoseconds()
         do {
+            if let snapshot, snapshot.text == text || !snapshotBuilds.allowsAttempt(uid: uid, now: now) {
+                return try snapshot.memory.reopenReadOnly()
+            }
+            snapshotBuilds.recordFailure(uid: uid, now: now)
             let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: false)
             try memory.writeAll(Array(text.utf8))
-            try memory.seek(to: 0)
-            return try memory.reopenReadOnly()
+            let opened = try memory.reopenReadOnly()
+            snapshot = AddressSnapshot(text: text, memory: memory)
+            return opened
         } catch {
             throw RequestError(errno: error, reason: "cannot build the address list")
         }
@@ -203,5 +219,16 @@ final class NetRequests: SessionClosedHook {
     /// A departed session's parked accepts are forgotten.
     func sessionClosed(_ session: Session) {
         table.forgetWaits(of: session.id)
+    }
+}
+
+/// An `addrs` snapshot: the text, and the memfd holding it, writable here only.
+private final class AddressSnapshot {
+    let text: String
+    let memory: Descriptor
+
+    init(text: String, memory: consuming Descriptor) {
+        self.text = text
+        self.memory = memory
     }
 }
