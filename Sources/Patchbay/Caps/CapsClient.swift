@@ -532,10 +532,8 @@ public final class CapsClient: @unchecked Sendable {
         try core.checkInherited()
         while true {
             if let result = try core.lock.locked({ () throws(PatchbayError) -> Result<R, PatchbayError>? in
-                try nextReply(room: nil) { reply, payload in
-                    if let failure = failure(of: reply) { return .failure(failure) }
-                    return .success(body(reply.messageID, payload))
-                }
+                try nextReply(room: nil, { reply, payload in .success(body(reply.messageID, payload)) },
+                              failed: { reply in .failure(self.failure(of: reply)!) })
             }) { return try result.get() }
             try sleepUntilReply()
         }
@@ -546,13 +544,13 @@ public final class CapsClient: @unchecked Sendable {
     public func waitReply(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> Void) throws(PatchbayError) {
         try core.checkInherited()
         while true {
-            var failed: PatchbayError?
+            // (The failure path keeps the reply aside: the common one stays a Bool, the cheapest.)
+            var refused: CapsReply?
             if try core.lock.locked({ () throws(PatchbayError) -> Bool in
-                try nextReply(room: nil) { reply, payload in
-                    if let failure = failure(of: reply) { failed = failure } else { body(reply.messageID, payload) }
-                } != nil
+                try nextReply(room: nil, { reply, payload in body(reply.messageID, payload) },
+                              failed: { reply in refused = reply }) != nil
             }) {
-                if let failed { throw failed }
+                if let refused, let failure = failure(of: refused) { throw failure }
                 return
             }
             try sleepUntilReply()
@@ -684,7 +682,14 @@ public final class CapsClient: @unchecked Sendable {
     /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
     /// with its descriptors, and `deliver` sees `consumed` false.
     private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
-        if channel.isCutOff { return try closedReply().map { deliver($0, UnsafeRawBufferPointer(start: nil, count: 0)) } }
+        try nextReply(room: room, deliver, failed: { reply in deliver(reply, UnsafeRawBufferPointer(start: nil, count: 0)) })
+    }
+
+    /// `nextReply`, with error replies and the ones made up for the service's departure shown to
+    /// `failed` instead of `deliver`.
+    private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
+                              failed refusal: (CapsReply) -> R) throws(PatchbayError) -> R? {
+        if channel.isCutOff { return try closedReply().map(refusal) }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
         if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),
@@ -713,7 +718,7 @@ public final class CapsClient: @unchecked Sendable {
                 finish(entry.messageID, request, dispose: true)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
                 refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
-                return deliver(refused, UnsafeRawBufferPointer(start: nil, count: 0))
+                return refusal(refused)
             }
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0, PeerDescriptors.pastBound(of: servicePeer) {
                 // The service's descriptors wait to be closed past the bound (a close of one of
@@ -751,9 +756,9 @@ public final class CapsClient: @unchecked Sendable {
             return result
         }
         // The service may have replied just before going away: those replies come first.
-        if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, deliver) }
+        if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, deliver, failed: refusal) }
         guard let closed = try closedReply() else { return nil }
-        return deliver(closed, UnsafeRawBufferPointer(start: nil, count: 0))
+        return refusal(closed)
     }
 
     /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once).
