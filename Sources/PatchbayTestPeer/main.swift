@@ -427,6 +427,15 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// Blocks this uid's closing thread in `client`'s service for 15 s: a request carrying a local
+/// socket that holds a lingering TCP socket to `port`. The service's copy is the last one: this
+/// side's is closed before the entry that lets the service take it is published.
+func wedgeClosingThread(through client: CapsClient, port: UInt16) throws(PatchbayError) {
+    let wedge = try wrappedLingeringSocket(port: port, seconds: 15).release()
+    _ = try client.put(Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }
+    _ = try client.waitReply { _, _ in }
+}
+
 /// Blocks this uid's closing thread in service `name` (a request carrying a local socket with a
 /// lingering TCP socket queued in it), then calls with 8 local sockets attached each time, up to
 /// `count` calls: says "cut off after N: ERRNO" at the first failure, or "sent N"; then connects
@@ -434,13 +443,7 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
 func capsWedgeAndFlood(_ name: String, port: UInt16, count: Int) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name)
-    // The service's copy of the wrapper is the last: this side's is closed before the entry that
-    // lets the service take it is published.
-    do {
-        let wedge = try wrappedLingeringSocket(port: port, seconds: 15).release()
-        _ = try client.put(Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }
-        _ = try client.waitReply { _, _ in }
-    }
+    try wedgeClosingThread(through: client, port: port)
     func pairs(_ count: Int) -> [CInt] {
         (0..<count).flatMap { _ -> [CInt] in
             var pair: [CInt] = [-1, -1]
@@ -476,10 +479,9 @@ func capsWedgeAndFlood(_ name: String, port: UInt16, count: Int) throws(Patchbay
 }
 
 /// A hostile service `name` (world): says "ready", then answers its first request with a local
-/// socket whose last close will wait (a lingering TCP socket to `port` is put in its queue only
-/// once the client holds the last copy: a socket the client already closed refuses it, and the
-/// next request tries again), and every later request with 8 local sockets. Serves until its
-/// input ends.
+/// socket whose last close will wait (it holds a lingering TCP socket to `port`, and this side's
+/// copy is closed before the reply is published), and every later request with 8 local sockets.
+/// Serves until its input ends.
 func capsServeWedging(_ name: String, port: UInt16) throws(PatchbayError) {
     let broker = try Broker()
     let service = try CapsService(broker, name: name, access: [.world])
@@ -496,22 +498,10 @@ func capsServeWedging(_ name: String, port: UInt16) throws(PatchbayError) {
             try service.receive { (message: CapsServiceMessage, _: UnsafeRawBufferPointer) in
                 guard message.kind == .request else { return }
                 if !wedged {
-                    // Made first: the client may close the local socket at any moment after the reply.
-                    guard let inner = try? lingeringSocket(port: port, seconds: 30) else { return }
-                    var pair: [CInt] = [-1, -1]
-                    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else { return }
-                    let sender = PatchbaySystem.Descriptor(adopting: pair[0])
-                    try? service.reply(to: message.messageID, Array("wedge".utf8), descriptors: [pair[1]])
-                    close(pair[1])
-                    var byte: UInt8 = 1
-                    wedged = withUnsafeBytes(of: &byte) { raw in
-                        [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.rawValue, raw, $0) }
-                    } == 1
-                    if !wedged {
-                        // Too late: the client closed it. This close, the last, must not wait.
-                        var now = linger(l_onoff: 1, l_linger: 0)
-                        _ = setsockopt(inner.rawValue, SOL_SOCKET, SO_LINGER, &now, socklen_t(MemoryLayout<linger>.size))
-                    }
+                    // The client's copy is the last one: this side's is closed before the entry
+                    // that lets the client take it is published.
+                    guard let wedge = try? wrappedLingeringSocket(port: port, seconds: 10).release() else { return }
+                    wedged = (try? service.reply(to: message.messageID, Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }) != nil
                     return
                 }
                 let sockets = (0..<8).map { _ -> CInt in
@@ -562,11 +552,7 @@ func capsCallFlood(_ name: String, count: Int, uid: Int32) throws(PatchbayError)
 func capsWedgeAndChurn(_ name: String, port: UInt16, count: Int) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name)
-    do {
-        let wedge = try wrappedLingeringSocket(port: port, seconds: 15).release()
-        _ = try client.put(Array("wedge".utf8), descriptors: [wedge]) { close(wedge) }
-        _ = try client.waitReply { _, _ in }
-    }
+    try wedgeClosingThread(through: client, port: port)
     var outcome = "connected \(count)"
     for index in 0..<count {
         do {

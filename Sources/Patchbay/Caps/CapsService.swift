@@ -603,6 +603,29 @@ public final class CapsService: @unchecked Sendable {
         }) ?? false
     }
 
+    /// Replies to `messageID` with `bytes` inline (at most 88) and `descriptors`, running
+    /// `beforePublishing` once they are sent and before the entry is published: only for the
+    /// project's tests, whose hostile service closes its own copies there, so that the client's
+    /// are the last whatever the timing (the client takes them only for a published entry).
+    package func reply(to messageID: UInt64, _ bytes: [UInt8], descriptors: [CInt], beforePublishing: () -> Void) throws(PatchbayError) {
+        try core.lock.locked { () throws(PatchbayError) in
+            let awaiting = try awaitingReply(messageID)
+            try borrowing(awaiting.client) { client throws(PatchbayError) in
+                guard bytes.count <= CapsLayout.inlineCapacity, let slot = client.channel.reserve(.reply) else {
+                    throw PatchbayError(.noBufferSpace, "the reply ring is full, or the reply is not inline")
+                }
+                try sendAttachments(client.direct.rawValue, messageID: messageID, descriptors: descriptors)
+                beforePublishing()
+                bytes.withUnsafeBytes { CapsChannel.inlineSpace(slot, length: bytes.count).copyMemory(from: $0) }
+                client.channel.commit(.reply, slot, CapsEntry(messageID: messageID, offset: 0, length: UInt32(bytes.count), kind: .reply,
+                                                              flags: CapsEntryFlags.inlinePayload | CapsEntryFlags.descriptors))
+                client.messages.remove(messageID)
+                client.messages.insert(MessageRecord(id: messageID, offset: -1, length: bytes.count, state: Self.replied))
+                wake(client)
+            }
+        }
+    }
+
     /// Pushes a REPLY of `length` inline bytes for `messageID` into the reply ring of channel
     /// `channelID`, whatever that id is, as a hostile service writing the ring by other means
     /// could: only for the project's tests, to check that a client takes no reply to a request
