@@ -61,11 +61,18 @@ final class EventLoop {
 
     /// Waits up to `timeoutMilliseconds` (-1: forever) and hands each ready descriptor's owner
     /// and events to `body`. The owner is looked up as each event is handled, so a registration
-    /// an earlier event in the batch removed is skipped.
-    func wait(timeoutMilliseconds: CInt, _ body: (Registration, Epoll.Events) -> Void) throws(Errno) {
-        for event in try epoll.wait(timeoutMilliseconds: timeoutMilliseconds) {
+    /// an earlier event in the batch removed is skipped. Returns how many events the batch held
+    /// (`batchSize` when more may be ready).
+    @discardableResult
+    func wait(timeoutMilliseconds: CInt, _ body: (Registration, Epoll.Events) -> Void) throws(Errno) -> Int {
+        let events = try epoll.wait(maximum: Self.batchSize, timeoutMilliseconds: timeoutMilliseconds)
+        for event in events {
             guard let owner = registrations[event.token] else { continue }
             body(owner, event.events)
         }
+        return events.count
     }
+
+    /// Events one `wait` takes at most.
+    static let batchSize = 64
 }

@@ -40,6 +40,14 @@ public final class BrokerServer {
     /// one page per turn while everyone else gets theirs.
     private static let workPerWakeup = 64
     private static let acceptsPerWakeup = 64
+    /// The work done for all of one uid's connections per turn of the loop: a uid with thousands
+    /// of connections full of requests gets this much, then waits for the next turn, while every
+    /// other uid's requests are taken in this one. (Each turn looks at every ready connection:
+    /// up to `batchesPerTurn` batches of events.)
+    private static let workPerUidPerTurn = 1024
+    private static let batchesPerTurn = 64
+    /// The work done so far in this turn, per uid.
+    private var turnWork: [UInt32: Int] = [:]
 
     /// What a request costs the loop, in units of an ordinary request.
     private static func cost(of rawOpcode: UInt16) -> Int {
@@ -147,8 +155,8 @@ public final class BrokerServer {
         ready()
         while running {
             do {
-                try loop.wait(timeoutMilliseconds: nextTimeoutMilliseconds()) {
-                    owner, events in
+                turnWork.removeAll(keepingCapacity: true)
+                let dispatch = { [unowned self] (owner: Registration, events: Epoll.Events) in
                     switch owner {
                     case .brokerListener: acceptClients()
                     case .terminationSignals: handleSignals()
@@ -156,6 +164,15 @@ public final class BrokerServer {
                     case .netHandle(let id): net.handleReadable(id, events: events)
                     case .netListener(let id): net.listenerReadable(id)
                     }
+                }
+                var batch = try loop.wait(timeoutMilliseconds: nextTimeoutMilliseconds(), dispatch)
+                // A full batch may leave more descriptors ready: all of them are looked at in
+                // this turn, so one uid's thousands of busy connections cannot keep another
+                // uid's out of it (each uid's work in a turn is bounded: `workPerUidPerTurn`).
+                var batches = 1
+                while batch == EventLoop.batchSize && batches < Self.batchesPerTurn {
+                    batch = try loop.wait(timeoutMilliseconds: 0, dispatch)
+                    batches += 1
                 }
             } catch {
                 logger.critical("epoll_wait failed", metadata: ["errno": "\(error.name)"])
@@ -244,8 +261,15 @@ public final class BrokerServer {
             guard sessions[id] != nil else { return }
         }
         if events.contains(.readable) || events.contains(.hangup) || events.contains(.error) {
+            // Past its uid's work for this turn, a connection is read in the next one (it stays
+            // ready); a hang-up is still seen now.
+            let uid = session.credentials.uid
+            let done = turnWork[uid] ?? 0
+            let allowance = min(Self.workPerWakeup, Self.workPerUidPerTurn - done)
+            guard allowance > 0 || !events.contains(.readable) else { return }
             var work = 0
-            while work < Self.workPerWakeup {
+            defer { turnWork[uid] = done + work }
+            while work < max(allowance, 1) {
                 guard sessions[id] != nil else { return }
                 guard sessions.mayRead(session, now: monotonicNanoseconds()) else {
                     // Paused with a full queue: a client that hung up will never read it.

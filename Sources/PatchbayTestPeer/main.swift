@@ -40,6 +40,8 @@
 //   share-wrapped-lingering PORT SECONDS
 //                             shares a local socket holding a lingering TCP socket, prints
 //                             the key, waits for EOF
+//   pipeline-metrics N K      N connections with K metrics requests each, unread; prints
+//                             "queued", then on a line of input "answered A of N*K"
 //   open-monitors N           opens up to N monitors, prints "opened N" or "refused at I ERRNO",
 //                             keeps them until EOF
 //   caps-service-hang NAME    registers NAME (world), prints "ready", reads one request, prints
@@ -610,6 +612,35 @@ func capsConnectMany(_ name: String, count: Int) throws(PatchbayError) {
         }
     }
     say("connected \(clients.count)")
+    waitForEndOfInput()
+}
+
+/// Opens `connections` broker connections and writes `each` `metrics` requests on every one
+/// without reading a reply; says "queued", then on a line of input counts the replies that have
+/// come (reading what is there, not waiting) and says "answered A of T", then waits for its input
+/// to end.
+func pipelineMetrics(connections: Int, each: Int) throws(PatchbayError) {
+    let path = try brokerSocketPath()
+    var sockets: [CInt] = []
+    let frame = Request.metrics.encode(requestID: 1)
+    for _ in 0..<connections {
+        let connection = try connectSeqpacket(to: path)
+        let socket = dup(connection.rawValue)  // kept open past the connection's scope
+        sockets.append(socket)
+        for _ in 0..<each {
+            guard frame.withUnsafeBytes({ send(socket, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }) == frame.count else {
+                throw PatchbayError(Errno.current, "send")
+            }
+        }
+    }
+    say("queued")
+    _ = readLine()
+    var answered = 0
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    for socket in sockets {
+        while buffer.withUnsafeMutableBytes({ recv(socket, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }) > 0 { answered += 1 }
+    }
+    say("answered \(answered) of \(connections * each)")
     waitForEndOfInput()
 }
 
@@ -1213,6 +1244,8 @@ func main() -> CInt {
             try capsServeWedging(arguments[1], port: UInt16(arguments[2])!)
         case "caps-call-flood" where arguments.count == 4 && Int(arguments[2]) != nil && Int32(arguments[3]) != nil:
             try capsCallFlood(arguments[1], count: Int(arguments[2])!, uid: Int32(arguments[3])!)
+        case "pipeline-metrics" where arguments.count == 3 && Int(arguments[1]) != nil && Int(arguments[2]) != nil:
+            try pipelineMetrics(connections: Int(arguments[1])!, each: Int(arguments[2])!)
         case "open-monitors" where arguments.count == 2 && Int(arguments[1]) != nil:
             try openMonitors(Int(arguments[1])!)
         case "send-17-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

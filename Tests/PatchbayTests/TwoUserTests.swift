@@ -151,6 +151,28 @@ struct TwoUserTests {
         #expect((try CapsService(after, name: "root.kept", access: [.world])).currentGeneration == 3)
     }
 
+    @Test("root's request is taken in the loop's next turn, not after the thousands nobody pipelined on hundreds of connections")
+    func busyUserDoesNotDelayAnother() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        _ = try root.status()
+        // 500 connections of 16 metrics requests each: 8,000 requests of 16 units of work.
+        let flood = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                   "pipeline-metrics", "500", "16"], environment: broker.environment)
+        defer { flood.closeInput(); _ = try? flood.wait() }
+        #expect(try flood.readLine() == "queued")
+        _ = try root.status()
+        try flood.writeLine("count")
+        let line = try flood.readLine() ?? ""
+        let answered = Int(line.split(separator: " ").dropFirst().first ?? "") ?? .max
+        // A uid's work per turn is bounded (1,024 units: 64 of these), and every ready connection
+        // is looked at in each turn, so root's request came back before nobody had one answer per
+        // connection. (Served a connection at a time, root's connection waited for all of
+        // nobody's ready ones: 4 answers each.)
+        #expect(line.hasPrefix("answered ") && answered < 500, "\(line)")
+    }
+
     @Test("nobody may hold 5 connections to root's world service with --max-caps-clients-per-uid 5, not 6 (EDQUOT); root may hold more")
     func capsClientsPerUserAreBounded() throws {
         let broker = try TestBroker(["--system", "--max-caps-clients-per-uid", "5"])
