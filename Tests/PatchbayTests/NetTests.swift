@@ -250,6 +250,32 @@ struct NetTests {
         #expect(info.st_uid == getuid() && info.st_mode & 0o777 == 0o600)
     }
 
+    @Test("connect NAME is refused (EINVAL) when the kernel socket reached another listener at NAME's path: the peer must be NAME's own listener, by the kernel's word")
+    func connectToAnImpostorIsRefused() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let listener = try Socket.listen(client, name: "real")
+        let path = try run(patchbayCLI, ["net", "path", "real"], environment: broker.environment).standardOutput
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(path.hasSuffix("/real"))
+        // Another process's listener takes the path (as one in namespaces of its own would).
+        #expect(unlink(path) == 0)
+        let impostor = try Child("/usr/bin/python3", ["-c", """
+            import socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.bind(\(String(reflecting: path)))
+            s.listen(8)
+            print("ready", flush=True)
+            input()
+            """])
+        defer { impostor.closeInput(); _ = try? impostor.wait() }
+        #expect(try impostor.readLine() == "ready")
+        var socket = try Socket.open(client, type: .seqpacket)
+        let refused = expectErrno(.invalidArgument) { () throws(PatchbayError) in try socket.connect(to: "real") }
+        #expect(refused?.reason.contains("another listener") == true, "\(String(describing: refused))")
+        _ = consume listener
+    }
+
     @Test("a listener's holder that switches it to blocking mode cannot make the broker wait in accept")
     func blockingListenerCannotStallTheBroker() throws {
         let broker = try TestBroker()

@@ -434,6 +434,15 @@ final class NetTable {
         guard peer == path else {
             throw RequestError(errno: .invalidArgument, reason: "socket \(socket.id) is connected to \(peer), not to \(name)")
         }
+        // A path is only a string: whoever can put another socket file there, or mount over the
+        // directory in namespaces of its own, has the same one. The peer must be the name's own
+        // listener, as the kernel tells it: the pid and uid that called listen(2) on each.
+        if let listenerID = names[name], let listener = sockets[listenerID], listenerID != socket.id,
+           let expected = try? listener.kernel.peerCredentials(), let actual = try? socket.kernel.peerCredentials(),
+           expected.pid != actual.pid || expected.uid != actual.uid {
+            throw RequestError(errno: .invalidArgument,
+                               reason: "socket \(socket.id) is connected to another listener at \(path) (pid \(actual.pid), uid \(actual.uid)), not to \(name)'s")
+        }
         try socket.transition(to: .connecting)
         try socket.transition(to: .connected)
     }
