@@ -199,6 +199,8 @@ public final class CapsService: @unchecked Sendable {
         /// (its channel is in `set`, which keeps it mapped).
         let peer: PeerActivity?
         let onFutexes: Bool
+        /// How long a sleep in epoll may last, in milliseconds (-1: until something arrives).
+        let lookAgainAfter: CInt
     }
 
     /// The plan for waiting now (under the lock).
@@ -210,8 +212,12 @@ public final class CapsService: @unchecked Sendable {
                              cpu: client.channel.word32(CapsLayout.clientCPUOffset))
             }
         }
+        // While it refuses a uid, it sleeps in epoll, at most a second at a time, to look again:
+        // nothing else would wake it when that uid's closes catch up.
         return WaitPlan(set: pollSet, peer: peer,
-                        onFutexes: !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes)
+                        onFutexes: !watching && channels.count < Futex.waitAnyLimit && ServiceSleep.onFutexes
+                            && refusedUsers.isEmpty,
+                        lookAgainAfter: refusedUsers.isEmpty ? -1 : 1_000)
     }
     @exclusivity(unchecked) private var cursor = 0
     /// The client whose request was read last: whose CPU a waiter watches, and the first place a
@@ -1214,7 +1220,7 @@ public final class CapsService: @unchecked Sendable {
             if plan.onFutexes, let watch = startControlWatch() {
                 try sleepOnFutexes(polled, watch)
             } else {
-                try sleepInEpoll()
+                try sleepInEpoll(lookingAgainAfter: plan.lookAgainAfter)
             }
         }
     }
@@ -1273,7 +1279,7 @@ public final class CapsService: @unchecked Sendable {
 
     /// The sleeping half of the wait in epoll: marks the port asleep (so clients wake its wake
     /// sockets) and sleeps in epoll on them and `control`.
-    private func sleepInEpoll() throws(PatchbayError) {
+    private func sleepInEpoll(lookingAgainAfter timeout: CInt = -1) throws(PatchbayError) {
         // `sleeping` counts sleeping threads (one port may have several waiters); clients signal
         // while it is not zero. In epoll mode the port holds one count of its own for good.
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)
@@ -1288,7 +1294,7 @@ public final class CapsService: @unchecked Sendable {
         SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)
         let events: [Epoll.Event]
         do {
-            events = try epoll.wait(timeoutMilliseconds: -1)
+            events = try epoll.wait(timeoutMilliseconds: timeout)
         } catch {
             throw PatchbayError(error, "epoll_wait failed")
         }
