@@ -302,7 +302,9 @@ int pb_caps_wait_reply(pb_caps_client *client, struct pb_caps_message *m, void *
 int pb_caps_client_get(pb_caps_client *client, struct pb_caps_message *m, void *buffer, size_t capacity);
 
 /* Zero-copy: waits for the next reply and calls read with it in place (valid only during the
- * call); the reply is disposed of afterwards. Returns what read returns. */
+ * call); the reply is disposed of afterwards. Returns what read returns. An error reply returns
+ * its -errno, and a request the service went away without answering -ECONNRESET (then, once
+ * none is left, -ENOTCONN), without calling read, as pb_caps_call does. */
 int pb_caps_receive_reply(pb_caps_client *client,
                           int (*read)(const struct pb_caps_message *m, const void *data, size_t length, void *context),
                           void *context);
