@@ -496,6 +496,14 @@ struct NetTests {
             #expect(inode(first) != 0 && inode(first) == inode(second))
             #expect(try first.readToEnd() == Array("shared.name\n".utf8))
             #expect(try second.readToEnd() == Array("shared.name\n".utf8), "its own offset, at 0")
+            // Sealed: reopened for writing through /proc, it can be neither written nor resized.
+            let writable = open("/proc/self/fd/\(first.rawValue)", O_RDWR)
+            if writable >= 0 {
+                #expect(pwrite(writable, "FORGED", 6, 0) == -1 && errno == EPERM)
+                #expect(ftruncate(writable, 1 << 20) == -1 && errno == EPERM)
+                close(writable)
+            }
+            #expect(try client.openAddressList().readToEnd() == Array("shared.name\n".utf8))
             _ = consume listener
         }
         // Every open after a change of the names would otherwise be a copy of its own.

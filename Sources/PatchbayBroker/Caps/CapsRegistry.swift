@@ -602,7 +602,8 @@ final class CapsRegistry {
         if !refusing {
             service.refusedUsers.remove(uid)
         } else if service.refusedUsers.count < Self.maximumRefusedUsers, service.refusedUsers.insert(uid).inserted {
-            logger.warning("service refuses new connections of a uid", metadata: ["name": "\(service.name)", "uid": "\(uid)"])
+            // (Debug only: a service can refuse and take a uid again as often as it likes.)
+            logger.debug("service refuses new connections of a uid", metadata: ["name": "\(service.name)", "uid": "\(uid)"])
         }
     }
 

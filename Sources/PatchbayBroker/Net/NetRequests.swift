@@ -129,8 +129,11 @@ final class NetRequests: SessionClosedHook {
                 return try snapshot.memory.reopenReadOnly()
             }
             snapshotBuilds.recordFailure(uid: uid, now: now)
-            let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: false)
+            let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: true)
             try memory.writeAll(Array(text.utf8))
+            // Shared by every open, so sealed: a client could reopen its read-only copy for
+            // writing through /proc, and rewrite or grow what everyone else reads.
+            try memory.addSeals([.write, .shrink, .grow, .seal])
             let opened = try memory.reopenReadOnly()
             snapshot = AddressSnapshot(text: text, memory: memory)
             return opened
