@@ -28,6 +28,9 @@
 //                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
+//   caps-register NAME[=GEN]...
+//                             registers and closes each NAME in turn (writing GEN to its page
+//                             first when given), prints "generations G1 G2 ..."
 //   caps-register-many PREFIX N
 //                             registers and closes PREFIX.0 to PREFIX.(N-1) in turn, prints
 //                             "generations G0 G1 ..."
@@ -647,13 +650,22 @@ func pipelineMetrics(connections: Int, each: Int) throws(PatchbayError) {
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
+    try capsRegister((0..<count).map { "\(prefix).\($0)" })
+}
+
+/// Registers each of `names` in turn (`NAME=GENERATION`: then writes that generation to its page),
+/// each closed and gone from the broker's list before the next: says "generations G1 G2 ...",
+/// the generation each got.
+func capsRegister(_ names: [String]) throws(PatchbayError) {
     let broker = try Broker()
     var generations: [UInt64] = []
-    for index in 0..<count {
-        let name = "\(prefix).\(index)"
+    for entry in names {
+        let parts = entry.split(separator: "=", maxSplits: 1)
+        let name = String(parts[0])
         do {
             let service = try CapsService(broker, name: name, access: [.world])
             generations.append(service.currentGeneration)
+            if parts.count == 2, let generation = UInt64(parts[1]) { try service.setGeneration(generation) }
         }
         // The broker handles each connection in turn: the close is seen when the list lacks it.
         while try broker.listServices().contains(where: { $0.name == name }) { sched_yield() }
@@ -1238,6 +1250,8 @@ func main() -> CInt {
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
+        case "caps-register" where arguments.count >= 2:
+            try capsRegister(Array(arguments.dropFirst()))
         case "caps-register-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsRegisterMany(arguments[1], count: Int(arguments[2])!)
         case "caps-serve-wedging" where arguments.count == 3 && UInt16(arguments[2]) != nil:

@@ -98,7 +98,7 @@ struct TwoUserTests {
         _ = try thief.wait()
     }
 
-    @Test("nobody's fresh CAPS names are remembered up to --max-caps-names-per-uid, its oldest then forgotten; root's are not, and a forgotten name still comes back newer")
+    @Test("nobody's fresh CAPS names are remembered up to --max-caps-names-per-uid, its oldest then forgotten; root's are not, a forgotten name still comes back newer, and nobody's registrations never move root's generations")
     func rememberedNamesAreBoundedPerUser() throws {
         let broker = try TestBroker(["--system", "--max-caps-names-per-uid", "8"])
         chmod(broker.directory, 0o755)
@@ -111,7 +111,7 @@ struct TwoUserTests {
         }
         while try root.listServices().contains(where: { $0.name == "root.kept" || $0.name == "root.raised" }) { sched_yield() }
         // nobody registers 30 fresh names, one after another; without a bound the broker would keep
-        // all 30 for good. Each starts above every generation forgotten before it.
+        // all 30 for good. Each starts above every generation nobody forgot before it.
         let churn = try nobodyPeer(["caps-register-many", "n", "30"], broker)
         let said = try churn.readLine() ?? ""
         let generations = said.split(separator: " ").dropFirst().compactMap { UInt64($0) }
@@ -121,34 +121,40 @@ struct TwoUserTests {
         // The generations file, replayed line by line as the broker reads it at start.
         let text = try String(decoding: openFile(broker.directory + "/shm/caps-generations", flags: O_RDONLY).readToEnd(limit: 1 << 20),
                               as: UTF8.self)
-        var owners: [String: String] = [:]
+        var remembered = Set<String>()
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ").map(String.init)
-            guard fields.count == 3 else { continue }
-            if fields[2] == "-" { owners[fields[1]] = nil } else { owners[fields[1]] = fields[2] }
+            guard fields.count == 3, fields[1] != "*" else { continue }
+            if fields[0] == "-" { remembered.remove(fields[2] + " " + fields[1]) } else { remembered.insert(fields[2] + " " + fields[1]) }
         }
-        let nobodys = owners.filter { $0.value == "65534" }.keys.sorted()
-        #expect(nobodys.count == 8, "\(nobodys)")
-        #expect(nobodys == (22..<30).map { "n.\($0)" }.sorted(), "the 8 most recent stay")
-        #expect(owners["root.kept"] == "0" && owners["root.raised"] == "0")
-        // Root's name was not forgotten for nobody's: its generation goes on from 1.
+        let nobodys = remembered.filter { $0.hasPrefix("65534 ") }.sorted()
+        #expect(nobodys == (22..<30).map { "65534 n.\($0)" }.sorted(), "the 8 most recent stay: \(nobodys)")
+        #expect(remembered.contains("0 root.kept") && remembered.contains("0 root.raised"))
+        // Root's names were not forgotten for nobody's: their generations go on.
         #expect((try CapsService(root, name: "root.kept", access: [.world])).currentGeneration == 2)
-        // A forgotten name comes back above every generation forgotten (n.0 to n.21's).
-        guard generations.count == 30 else { return }
-        #expect((try CapsService(root, name: "n.0", access: [.world])).currentGeneration == generations[21] + 1)
-        // One nobody's still remembered goes on from its own.
-        #expect((try CapsService(root, name: "n.29", access: [.world])).currentGeneration == generations[29] + 1)
-        // Root's raised name was never nobody's to forget.
         #expect((try CapsService(root, name: "root.raised", access: [.world])).currentGeneration == 41)
-        // A broker started again reads it all back: what was forgotten, the floor, what was kept.
+        // Nobody's names are nobody's record: root registering one starts its own at 1.
+        #expect((try CapsService(root, name: "n.29", access: [.world])).currentGeneration == 1)
+        guard generations.count == 30 else { return }
+        // nobody's forgotten name comes back above every generation nobody forgot (n.0 to n.21's;
+        // n.22 goes then), its remembered one from its own; and root's name, free while root's
+        // service is down, is a name nobody never had (above n.22's, and n.23 goes), registered
+        // with a huge generation: root's own goes on from 2 all the same.
+        while try root.listServices().contains(where: { $0.name == "root.kept" || $0.name == "n.29" }) { sched_yield() }
+        let again = try nobodyPeer(["caps-register", "n.0", "n.28", "root.kept=9223372036854775000"], broker)
+        #expect(try again.readLine() == "generations \(generations[21] + 1) \(generations[28] + 1) \(generations[22] + 1)")
+        _ = try again.wait()
+        #expect((try CapsService(root, name: "root.kept", access: [.world])).currentGeneration == 3)
+        // A broker started again reads it all back: what was forgotten, the floors, what was kept.
         kill(broker.pid, SIGKILL)
         _ = try waitForProcess(broker.pid)
         let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm", ["--system"])
         defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
         let after = try Broker(socketPath: broker.socketPath)
-        #expect((try CapsService(after, name: "n.1", access: [.world])).currentGeneration == generations[21] + 1)
-        #expect((try CapsService(after, name: "n.28", access: [.world])).currentGeneration == generations[28] + 1)
-        #expect((try CapsService(after, name: "root.kept", access: [.world])).currentGeneration == 3)
+        #expect((try CapsService(after, name: "root.kept", access: [.world])).currentGeneration == 4)
+        let later = try nobodyPeer(["caps-register", "n.1", "n.27"], broker)
+        #expect(try later.readLine() == "generations \(generations[23] + 1) \(generations[27] + 1)")
+        _ = try later.wait()
     }
 
     @Test("root's request is taken in the loop's next turn, not after the thousands nobody pipelined on hundreds of connections")

@@ -200,10 +200,10 @@ struct CapsConnection: ~Copyable {
     var serviceEnd: Descriptor
 }
 
-/// What the registry keeps of a name after its services close.
-struct RememberedName {
-    var generation: UInt64
-    var owner: UInt32
+/// A name as one uid registered it: what the registry keeps a generation for.
+struct RememberedName: Hashable {
+    let uid: UInt32
+    let name: String
 }
 
 final class CapsRegistry {
@@ -216,14 +216,15 @@ final class CapsRegistry {
     private(set) var channels: [UInt64: CapsChannelRecord] = [:]
     private var channelBySession: [UInt64: UInt64] = [:]
     private var serviceBySession: [UInt64: UInt64] = [:]
-    /// The last generation of every name remembered, and the uid it is charged to: the uid that
-    /// registered it last.
-    private var lastGeneration: [String: RememberedName] = [:]
-    /// The names charged to each uid, the least recently registered first.
+    /// The last generation of every name each uid registered (the registering process's uid),
+    /// remembered after its services close, and charged to that uid. Kept per uid, so another
+    /// uid's registrations of the same name (while it is free) never move this one's.
+    private var lastGeneration: [RememberedName: UInt64] = [:]
+    /// The names remembered for each uid, the least recently registered first.
     private var namesByUser: [UInt32: OrderedSet<String>] = [:]
-    /// The highest generation of a name forgotten: a name not remembered starts above it, so a
-    /// forgotten name registered again is still visibly newer than before. 0 while none was.
-    private var forgottenFloor: UInt64 = 0
+    /// Per uid, the highest generation of a name it forgot: a name it has no record of starts
+    /// above it, so a forgotten name registered again is still visibly newer than before.
+    private var forgottenFloor: [UInt32: UInt64] = [:]
     private var nextID: UInt64 = 1
     private var logger: Logger
     let arenaSize = CapsLayout.defaultArenaSize
@@ -302,36 +303,38 @@ final class CapsRegistry {
         guard let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
               let bytes = try? file.readToEnd(limit: 16 << 20) else { return }
         // Lines in the order they were written: `<generation> <name> <uid>` (a registration, or a
-        // generation seen at a close; without a uid, from an older broker: root's), `<generation>
-        // <name> -` (the name was forgotten), `<generation> *` (the floor).
+        // generation seen at a close; without a uid, from an older broker: root's), `- <name>
+        // <uid>` (forgotten), `<generation> * <uid>` (that uid's floor). Others are skipped.
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
-            guard fields.count >= 2, fields.count <= 3, let generation = UInt64(fields[0]) else { continue }
+            guard fields.count == 2 || fields.count == 3 else { continue }
+            let uid = fields.count == 3 ? UInt32(fields[2]) : 0
+            guard let uid else { continue }
+            if fields[0] == "-" {
+                forget(RememberedName(uid: uid, name: String(fields[1])))
+                continue
+            }
+            guard let generation = UInt64(fields[0]).map({ min($0, Self.highestGeneration) }) else { continue }
             if fields[1] == "*" {
-                forgottenFloor = max(forgottenFloor, min(generation, Self.highestGeneration))
+                if fields.count == 3 { forgottenFloor[uid] = max(forgottenFloor[uid] ?? 0, generation) }
                 continue
             }
-            let name = String(fields[1])
-            guard capsNameProblem(name) == nil else { continue }
-            if fields.count == 3 && fields[2] == "-" {
-                forget(name)
-                continue
-            }
-            let uid = fields.count == 3 ? UInt32(fields[2]) ?? 0 : 0
-            remember(name, generation: max(lastGeneration[name]?.generation ?? 0, min(generation, Self.highestGeneration)), chargedTo: uid)
+            let key = RememberedName(uid: uid, name: String(fields[1]))
+            guard capsNameProblem(key.name) == nil else { continue }
+            remember(key, generation: max(lastGeneration[key] ?? 0, generation))
         }
         rewriteGenerations()
     }
 
     /// Records `name`'s last generation: one appended line, the file compacted when stale lines
     /// outnumber the names.
-    private func saveGeneration(of name: String, forgotten: [String] = []) {
-        guard let generationsFile, let remembered = lastGeneration[name] else { return }
+    private func saveGeneration(of key: RememberedName, forgotten: [String] = []) {
+        guard let generationsFile, let generation = lastGeneration[key] else { return }
         do throws(Errno) {
             let file = try openFile(generationsFile, flags: O_WRONLY | O_APPEND | O_NOFOLLOW)
-            var text = forgotten.isEmpty ? "" : "\(forgottenFloor) *\n"
-            for each in forgotten { text += "0 \(each) -\n" }
-            text += "\(remembered.generation) \(name) \(remembered.owner)\n"
+            var text = forgotten.isEmpty ? "" : "\(forgottenFloor[key.uid] ?? 0) * \(key.uid)\n"
+            for each in forgotten { text += "- \(each) \(key.uid)\n" }
+            text += "\(generation) \(key.name) \(key.uid)\n"
             try file.writeAll(Array(text.utf8))
             generationLines += 1 + (forgotten.isEmpty ? 0 : 1 + forgotten.count)
         } catch {
@@ -346,10 +349,11 @@ final class CapsRegistry {
     private func rewriteGenerations() {
         guard let generationsFile else { return }
         // Each uid's names oldest first, so the order of forgetting survives a restart.
-        var text = forgottenFloor > 0 ? "\(forgottenFloor) *\n" : ""
+        var text = ""
+        for (uid, floor) in forgottenFloor.sorted(by: { $0.key < $1.key }) { text += "\(floor) * \(uid)\n" }
         for uid in namesByUser.keys.sorted() {
             for name in namesByUser[uid] ?? [] {
-                if let remembered = lastGeneration[name] { text += "\(remembered.generation) \(name) \(uid)\n" }
+                if let generation = lastGeneration[RememberedName(uid: uid, name: name)] { text += "\(generation) \(name) \(uid)\n" }
             }
         }
         let temporary = generationsFile + ".new"
@@ -438,46 +442,52 @@ final class CapsRegistry {
     /// service is visibly new. The service writes it to its status page.
     /// Recorded (and saved) at once, so a broker that dies while the service runs still starts
     /// the next registration above it.
-    /// The name is charged to `uid`, the registering process's, as its most recently registered;
-    /// past `maximumNamesPerUser`, that uid's least recently registered names not registered
-    /// now are forgotten.
+    /// The name is remembered for `uid`, the registering process's, as its most recently
+    /// registered; past `maximumNamesPerUser`, that uid's least recently registered names it has
+    /// no live registration of are forgotten.
     func initialGeneration(of name: String, by uid: UInt32) -> UInt64 {
-        let generation = min((lastGeneration[name]?.generation ?? forgottenFloor) + 1, Self.highestGeneration)
-        remember(name, generation: generation, chargedTo: uid)
+        let key = RememberedName(uid: uid, name: name)
+        let generation = min((lastGeneration[key] ?? forgottenFloor[uid] ?? 0) + 1, Self.highestGeneration)
+        remember(key, generation: generation)
         var forgotten: [String] = []
         if let names = namesByUser[uid], names.count > maximumNamesPerUser {
             // The live ones are at most `maximumServicesPerUser`; the others are candidates.
-            for candidate in names where candidate != name && byName[candidate] == nil {
+            for candidate in names where candidate != name && !isRegistered(candidate, by: uid) {
                 forgotten.append(candidate)
                 if names.count - forgotten.count <= maximumNamesPerUser { break }
             }
         }
         // (Out of the scope above, where a copy of the set would be made at the first removal.)
         for each in forgotten {
-            forgottenFloor = max(forgottenFloor, lastGeneration[each]?.generation ?? 0)
-            forget(each)
+            let old = RememberedName(uid: uid, name: each)
+            forgottenFloor[uid] = max(forgottenFloor[uid] ?? 0, lastGeneration[old] ?? 0)
+            forget(old)
         }
-        saveGeneration(of: name, forgotten: forgotten)
+        saveGeneration(of: key, forgotten: forgotten)
         return generation
     }
 
     /// The highest generation the broker hands out or records: generations stop growing there
     /// rather than wrap to 0 (a service may write any value to its page, and one of 2^64 − 1 would
-    /// otherwise make the next registration of its name, or through the floor every new name,
-    /// start at 0). Kept within a signed 64-bit integer, for C and Python callers.
+    /// otherwise make the next registration of its name start at 0). Kept within a signed 64-bit
+    /// integer, for C and Python callers.
     static let highestGeneration = UInt64(Int64.max)
 
-    /// Records `name`'s generation, charged to `uid` as its most recently registered name.
-    private func remember(_ name: String, generation: UInt64, chargedTo uid: UInt32) {
-        if let previous = lastGeneration[name] { namesByUser[previous.owner]?.remove(name) }
-        lastGeneration[name] = RememberedName(generation: generation, owner: uid)
-        namesByUser[uid, default: []].append(name)
+    private func isRegistered(_ name: String, by uid: UInt32) -> Bool {
+        (byName[name] ?? []).contains { services[$0]?.owner.uid == uid }
     }
 
-    private func forget(_ name: String) {
-        guard let previous = lastGeneration.removeValue(forKey: name) else { return }
-        namesByUser[previous.owner]?.remove(name)
-        if namesByUser[previous.owner]?.isEmpty == true { namesByUser[previous.owner] = nil }
+    /// Records a generation for `key`, as its uid's most recently registered name.
+    private func remember(_ key: RememberedName, generation: UInt64) {
+        lastGeneration[key] = generation
+        namesByUser[key.uid, default: []].remove(key.name)
+        namesByUser[key.uid, default: []].append(key.name)
+    }
+
+    private func forget(_ key: RememberedName) {
+        guard lastGeneration.removeValue(forKey: key) != nil else { return }
+        namesByUser[key.uid]?.remove(key.name)
+        if namesByUser[key.uid]?.isEmpty == true { namesByUser[key.uid] = nil }
     }
 
     /// Names remembered for `uid` (for `status` and the tests).
@@ -627,9 +637,10 @@ final class CapsRegistry {
             if byName[service.name]?.isEmpty == true { byName[service.name] = nil }
             // (A page is the service's to write: past the highest generation, it counts as that.)
             let shown = min(service.generation, Self.highestGeneration)
-            if let previous = lastGeneration[service.name], shown > previous.generation {
-                lastGeneration[service.name]?.generation = shown
-                saveGeneration(of: service.name)
+            let key = RememberedName(uid: service.owner.uid, name: service.name)
+            if let previous = lastGeneration[key], shown > previous {
+                lastGeneration[key] = shown
+                saveGeneration(of: key)
             }
             for channelID in service.channels {
                 guard let channel = channels.removeValue(forKey: channelID) else { continue }
