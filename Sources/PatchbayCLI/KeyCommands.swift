@@ -175,6 +175,11 @@ struct ClaimCommand: ParsableCommand {
                     fail("claim", Errno.current, "reading the claimed socket failed")
                 }
                 count = received.length
+                if received.truncated {
+                    // Longer than its length a moment before: another holder of the socket read
+                    // in between. The rest of it is lost, and the copy must not end as if whole.
+                    fail("claim", .messageTooLong, "a message of the claimed socket was cut (another process reads it too); the copy is not whole")
+                }
                 carried += received.descriptors.count
                 if carried > 512 {
                     fail("claim", .tooManyOpenFiles,

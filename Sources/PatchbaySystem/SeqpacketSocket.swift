@@ -250,9 +250,10 @@ extension SeqpacketSocket {
     }
 
     /// `recvmsg` on a socket owned elsewhere: the length and the raw descriptors received (the
-    /// caller owns them), or nil with errno set.
+    /// caller owns them), and whether the message was longer than `buffer` (`MSG_TRUNC`: the rest
+    /// is lost); nil with errno set.
     package static func receiveRaw(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false)
-        -> (length: Int, descriptors: [CInt])?
+        -> (length: Int, descriptors: [CInt], truncated: Bool)?
     {
         var fds = [CInt](repeating: -1, count: maximumDescriptorsReceived)
         var count: CInt = 0
@@ -262,7 +263,7 @@ extension SeqpacketSocket {
                              nonblocking ? 1 : 0)
         }
         guard length >= 0 else { return nil }
-        return (length, Array(fds[0..<Int(count)]))
+        return (length, Array(fds[0..<Int(count)]), flags & CInt(MSG_TRUNC) != 0)
     }
 }
 
