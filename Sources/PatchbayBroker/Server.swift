@@ -114,7 +114,7 @@ public final class BrokerServer {
         sessions = SessionTable(loop: loop, configuration: configuration, budget: budget, logger: logger)
         let keyTable = KeyTable(
             maximumKeysPerUser: configuration.maximumKeysPerUser,
-            limiter: FailedClaimLimiter(burst: configuration.failedClaimBurst,
+            limiter: UidTokenBucket(burst: configuration.failedClaimBurst,
                                         refillPerSecond: configuration.failedClaimsPerSecond),
             acknowledgementTimeout: configuration.claimAcknowledgementTimeout)
         keyTable.budget = budget
@@ -262,7 +262,7 @@ public final class BrokerServer {
         }
         if events.contains(.readable) || events.contains(.hangup) || events.contains(.error) {
             // Past its uid's work for this turn, a connection is read in the next one (it stays
-            // ready); a hang-up is still seen now.
+            // ready); one with only a hang-up or an error to report is still handled now.
             let uid = session.credentials.uid
             let done = turnWork[uid] ?? 0
             let allowance = min(Self.workPerWakeup, Self.workPerUidPerTurn - done)

@@ -121,8 +121,9 @@ struct CapsCommand: ParsableCommand {
                     try service.reply(to: message.messageID, error: .messageTooLong)
                     return
                 }
-                // An echo's reply is as long as its request: refused before the copy is made.
-                guard held.admits(payload.count, of: uid) else {
+                // An echo's reply is as long as its request: refused before the copy is made (a
+                // program's reply is checked once it is known, below).
+                guard program != nil || held.admits(payload.count, of: uid) else {
                     writeStandardError("patchbay: caps serve: request \(message.messageID): uid \(uid)'s replies not consumed yet hold \(held.bytes(of: uid)) bytes, --max-reply-bytes-per-uid is \(held.limit); refused with EDQUOT\n")
                     try service.reply(to: message.messageID, error: .diskQuotaExceeded)
                     return

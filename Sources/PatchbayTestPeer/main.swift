@@ -28,6 +28,7 @@
 //                             serves until EOF
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
+//   refuse-user-raw UID       sends capsRefuseUser for UID from a plain connection, prints "sent"
 //   caps-register NAME[=GEN]...
 //                             registers and closes each NAME in turn (writing GEN to its page
 //                             first when given), prints "generations G1 G2 ..."
@@ -647,6 +648,22 @@ func pipelineMetrics(connections: Int, each: Int) throws(PatchbayError) {
     waitForEndOfInput()
 }
 
+/// Sends `capsRefuseUser` for `uid` on a connection that is no service port, then a status
+/// request, whose answer says the broker has handled the first; says "sent".
+func refuseUserRaw(_ uid: UInt32) throws(PatchbayError) {
+    let connection = try connectSeqpacket(to: try brokerSocketPath())
+    for frame in [Request.caps(.refuseUser(uid: uid, refusing: true)).encode(requestID: 1), Request.status.encode(requestID: 2)] {
+        guard frame.withUnsafeBytes({ send(connection.rawValue, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }) == frame.count else {
+            throw PatchbayError(Errno.current, "send")
+        }
+    }
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    guard buffer.withUnsafeMutableBytes({ recv(connection.rawValue, $0.baseAddress, $0.count, 0) }) > 0 else {
+        throw PatchbayError(Errno.current, "recv")
+    }
+    say("sent")
+}
+
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
@@ -1250,6 +1267,8 @@ func main() -> CInt {
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
+        case "refuse-user-raw" where arguments.count == 2 && UInt32(arguments[1]) != nil:
+            try refuseUserRaw(UInt32(arguments[1])!)
         case "caps-register" where arguments.count >= 2:
             try capsRegister(Array(arguments.dropFirst()))
         case "caps-register-many" where arguments.count == 3 && Int(arguments[2]) != nil:

@@ -11,7 +11,7 @@ private let bob = credentials(uid: 1001, gid: 101, pid: 502, groups: [100, 7])
 private let carol = credentials(uid: 1002, gid: 102, pid: 503)
 
 private func makeTable(keysPerUser: Int = 64, burst: Int = 100, acknowledgement: UInt64 = 10_000_000_000) -> KeyTable {
-    KeyTable(maximumKeysPerUser: keysPerUser, limiter: FailedClaimLimiter(burst: burst, refillPerSecond: 1),
+    KeyTable(maximumKeysPerUser: keysPerUser, limiter: UidTokenBucket(burst: burst, refillPerSecond: 1),
              acknowledgementTimeout: acknowledgement)
 }
 
@@ -383,7 +383,7 @@ struct KeyClaimTests {
 
     @Test("failed claims spend the uid's allowance: then every claim is EAGAIN, even of a valid key")
     func failedClaimsAreLimited() throws {
-        let table = KeyTable(maximumKeysPerUser: 8, limiter: FailedClaimLimiter(burst: 2, refillPerSecond: 10))
+        let table = KeyTable(maximumKeysPerUser: 8, limiter: UidTokenBucket(burst: 2, refillPerSecond: 10))
         let valid = try shareMemory(table, now: 0)
         let unknown = KeyToken(high: 1, low: 2)
         for _ in 0..<2 {

@@ -6,78 +6,78 @@ import Testing
 
 private let second: UInt64 = 1_000_000_000
 
-@Suite("FailedClaimLimiter")
-struct FailedClaimLimiterTests {
+@Suite("UidTokenBucket")
+struct UidTokenBucketTests {
     @Test("a full bucket allows `burst` failures, then refuses until a token refills")
     func burstThenRefuse() {
-        let limiter = FailedClaimLimiter(burst: 3, refillPerSecond: 2)
+        let limiter = UidTokenBucket(burst: 3, refillPerSecond: 2)
         let t0: UInt64 = 50 * second
         for _ in 0..<3 {
-            #expect(limiter.allowsAttempt(uid: 7, now: t0))
-            limiter.recordFailure(uid: 7, now: t0)
+            #expect(limiter.hasToken(uid: 7, now: t0))
+            limiter.spendToken(uid: 7, now: t0)
         }
-        #expect(!limiter.allowsAttempt(uid: 7, now: t0))
-        #expect(limiter.millisecondsUntilNextAttempt(uid: 7, now: t0) == 500)
-        #expect(!limiter.allowsAttempt(uid: 7, now: t0 + second / 4))
-        #expect(limiter.millisecondsUntilNextAttempt(uid: 7, now: t0 + second / 4) == 250)
-        #expect(limiter.allowsAttempt(uid: 7, now: t0 + second / 2))
-        #expect(limiter.millisecondsUntilNextAttempt(uid: 7, now: t0 + second / 2) == 0)
+        #expect(!limiter.hasToken(uid: 7, now: t0))
+        #expect(limiter.millisecondsUntilNextToken(uid: 7, now: t0) == 500)
+        #expect(!limiter.hasToken(uid: 7, now: t0 + second / 4))
+        #expect(limiter.millisecondsUntilNextToken(uid: 7, now: t0 + second / 4) == 250)
+        #expect(limiter.hasToken(uid: 7, now: t0 + second / 2))
+        #expect(limiter.millisecondsUntilNextToken(uid: 7, now: t0 + second / 2) == 0)
         // Only one token came back.
-        limiter.recordFailure(uid: 7, now: t0 + second / 2)
-        #expect(!limiter.allowsAttempt(uid: 7, now: t0 + second / 2))
+        limiter.spendToken(uid: 7, now: t0 + second / 2)
+        #expect(!limiter.hasToken(uid: 7, now: t0 + second / 2))
     }
 
     @Test("refill stops at the burst, however long the uid stayed away")
     func refillCapsAtBurst() {
-        let limiter = FailedClaimLimiter(burst: 2, refillPerSecond: 100)
-        limiter.recordFailure(uid: 1, now: 0)
-        limiter.recordFailure(uid: 1, now: 0)
-        #expect(!limiter.allowsAttempt(uid: 1, now: 0))
+        let limiter = UidTokenBucket(burst: 2, refillPerSecond: 100)
+        limiter.spendToken(uid: 1, now: 0)
+        limiter.spendToken(uid: 1, now: 0)
+        #expect(!limiter.hasToken(uid: 1, now: 0))
         let later: UInt64 = 3_600 * second
-        limiter.recordFailure(uid: 1, now: later)
-        limiter.recordFailure(uid: 1, now: later)
-        #expect(!limiter.allowsAttempt(uid: 1, now: later), "more than `burst` tokens accumulated")
+        limiter.spendToken(uid: 1, now: later)
+        limiter.spendToken(uid: 1, now: later)
+        #expect(!limiter.hasToken(uid: 1, now: later), "more than `burst` tokens accumulated")
     }
 
     @Test("failures on an empty bucket run up no debt")
     func noDebt() {
-        let limiter = FailedClaimLimiter(burst: 1, refillPerSecond: 1)
-        for _ in 0..<10 { limiter.recordFailure(uid: 5, now: 0) }
-        #expect(!limiter.allowsAttempt(uid: 5, now: second / 2))
-        #expect(limiter.allowsAttempt(uid: 5, now: second))
+        let limiter = UidTokenBucket(burst: 1, refillPerSecond: 1)
+        for _ in 0..<10 { limiter.spendToken(uid: 5, now: 0) }
+        #expect(!limiter.hasToken(uid: 5, now: second / 2))
+        #expect(limiter.hasToken(uid: 5, now: second))
     }
 
     @Test("each uid has its own bucket")
     func perUID() {
-        let limiter = FailedClaimLimiter(burst: 1, refillPerSecond: 1)
-        limiter.recordFailure(uid: 1, now: 0)
-        #expect(!limiter.allowsAttempt(uid: 1, now: 0))
-        #expect(limiter.allowsAttempt(uid: 2, now: 0))
-        #expect(limiter.millisecondsUntilNextAttempt(uid: 2, now: 0) == 0)
+        let limiter = UidTokenBucket(burst: 1, refillPerSecond: 1)
+        limiter.spendToken(uid: 1, now: 0)
+        #expect(!limiter.hasToken(uid: 1, now: 0))
+        #expect(limiter.hasToken(uid: 2, now: 0))
+        #expect(limiter.millisecondsUntilNextToken(uid: 2, now: 0) == 0)
     }
 
     @Test("nonsense settings are clamped: burst at least 1, refill at least 0.001 per second")
     func clamping() {
-        let limiter = FailedClaimLimiter(burst: 0, refillPerSecond: 0)
+        let limiter = UidTokenBucket(burst: 0, refillPerSecond: 0)
         #expect(limiter.burst == 1)
         #expect(limiter.refillPerSecond == 0.001)
-        #expect(limiter.allowsAttempt(uid: 3, now: 0))
-        limiter.recordFailure(uid: 3, now: 0)
-        #expect(!limiter.allowsAttempt(uid: 3, now: 0))
-        #expect((999_999...1_000_001).contains(limiter.millisecondsUntilNextAttempt(uid: 3, now: 0)))
-        #expect(!limiter.allowsAttempt(uid: 3, now: 900 * second))
-        #expect(limiter.allowsAttempt(uid: 3, now: 2_000 * second))
+        #expect(limiter.hasToken(uid: 3, now: 0))
+        limiter.spendToken(uid: 3, now: 0)
+        #expect(!limiter.hasToken(uid: 3, now: 0))
+        #expect((999_999...1_000_001).contains(limiter.millisecondsUntilNextToken(uid: 3, now: 0)))
+        #expect(!limiter.hasToken(uid: 3, now: 900 * second))
+        #expect(limiter.hasToken(uid: 3, now: 2_000 * second))
     }
 
     @Test("fractional refill rates accumulate across calls")
     func fractionalRefill() {
-        let limiter = FailedClaimLimiter(burst: 1, refillPerSecond: 0.5)
-        limiter.recordFailure(uid: 9, now: 0)
+        let limiter = UidTokenBucket(burst: 1, refillPerSecond: 0.5)
+        limiter.spendToken(uid: 9, now: 0)
         // Asking in between must not lose the partial token.
-        #expect(!limiter.allowsAttempt(uid: 9, now: second))
-        #expect(limiter.millisecondsUntilNextAttempt(uid: 9, now: second) == 1_000)
-        #expect(!limiter.allowsAttempt(uid: 9, now: 3 * second / 2))
-        #expect(limiter.allowsAttempt(uid: 9, now: 2 * second))
+        #expect(!limiter.hasToken(uid: 9, now: second))
+        #expect(limiter.millisecondsUntilNextToken(uid: 9, now: second) == 1_000)
+        #expect(!limiter.hasToken(uid: 9, now: 3 * second / 2))
+        #expect(limiter.hasToken(uid: 9, now: 2 * second))
     }
 }
 

@@ -157,6 +157,24 @@ struct TwoUserTests {
         _ = try later.wait()
     }
 
+    @Test("capsRefuseUser from a connection that is no service port moves nothing: root still connects to root's service")
+    func refuseUserFromElsewhereIsIgnored() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "guarded", access: [.world])
+        for uid in ["0", "65534"] {
+            let peer = try nobodyPeer(["refuse-user-raw", uid], broker)
+            #expect(try peer.readLine() == "sent")
+            _ = try peer.wait()
+        }
+        _ = try CapsClient(root, name: "guarded")
+        let visitor = try nobodyPeer(["caps-connect-many", "guarded", "1"], broker)
+        defer { visitor.closeInput(); _ = try? visitor.wait() }
+        #expect(try visitor.readLine() == "connected 1")
+        withExtendedLifetime(service) {}
+    }
+
     @Test("root's request is taken in the loop's next turn, not after the thousands nobody pipelined on hundreds of connections")
     func busyUserDoesNotDelayAnother() throws {
         let broker = try TestBroker(["--system"])

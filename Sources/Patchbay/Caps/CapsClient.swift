@@ -726,7 +726,7 @@ public final class CapsClient: @unchecked Sendable {
                 // service is cut off instead: what is in flight comes back as if it had gone.
                 channel.cutOff()
                 shutdown(direct.rawValue, CInt(SHUT_RD))
-                return try nextReply(room: room, deliver)
+                return try nextReply(room: room, deliver, failed: refusal)
             }
             if let bytes = CapsPortCore.plainPayload(entry, in: channel, arena: channel.replyArena), room.map({ $0 >= bytes.count }) ?? true {
                 // The common cases, with nothing to keep alive: as below, without a payload value.

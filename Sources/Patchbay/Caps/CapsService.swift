@@ -1087,8 +1087,9 @@ public final class CapsService: @unchecked Sendable {
                     try? connection.post(.caps(.refuseClient(channelID: channelID)))
                     for socket in sockets { PeerDescriptors.closeOwn(socket, of: UInt64(credentials.uid)) }
                 }
-                guard !Self.pastDescriptorBound(credentials.uid), message.descriptors.count == 4 else {
-                    if Self.pastDescriptorBound(credentials.uid) { refuseUser(credentials.uid) }
+                let stuck = Self.pastDescriptorBound(credentials.uid)
+                guard !stuck, message.descriptors.count == 4 else {
+                    if stuck { refuseUser(credentials.uid) }
                     var sockets: [CInt] = []
                     while let socket = message.descriptors.takeFirst() { sockets.append(socket.release()) }
                     refuse(sockets)
@@ -1279,7 +1280,7 @@ public final class CapsService: @unchecked Sendable {
 
     /// The sleeping half of the wait in epoll: marks the port asleep (so clients wake its wake
     /// sockets) and sleeps in epoll on them and `control`.
-    private func sleepInEpoll(lookingAgainAfter timeout: CInt = -1) throws(PatchbayError) {
+    private func sleepInEpoll(lookingAgainAfter timeout: CInt) throws(PatchbayError) {
         // `sleeping` counts sleeping threads (one port may have several waiters); clients signal
         // while it is not zero. In epoll mode the port holds one count of its own for good.
         let sleeping = statusWord(CapsLayout.statusSleepingOffset)

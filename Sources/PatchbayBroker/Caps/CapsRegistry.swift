@@ -490,9 +490,6 @@ final class CapsRegistry {
         if namesByUser[key.uid]?.isEmpty == true { namesByUser[key.uid] = nil }
     }
 
-    /// Names remembered for `uid` (for `status` and the tests).
-    func rememberedNames(of uid: UInt32) -> Int { namesByUser[uid]?.count ?? 0 }
-
     // MARK: Connecting
 
     /// Connects a client, or returns nil when it should wait for a service to register.

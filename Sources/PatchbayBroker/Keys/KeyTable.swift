@@ -23,7 +23,7 @@
 // Errors. Malformed key text: EINVAL (in the client, before anything is sent). Unknown, claimed,
 // expired or restricted to someone else: ENOENT, all alike. Zero timeout: EINVAL. More than
 // `maximumKeysPerUser` outstanding for one uid: EDQUOT. Too many failed claims from one uid:
-// EAGAIN until its allowance refills (see `FailedClaimLimiter`).
+// EAGAIN until its allowance refills (see `UidTokenBucket`).
 
 import HeapModule
 import PatchbayProtocol
@@ -147,7 +147,7 @@ final class KeyTable {
     private var sameFileComparable = true
     private let maximumKeysPerUser: Int
     private var claimsStarted: UInt64 = 0
-    let limiter: FailedClaimLimiter
+    let limiter: UidTokenBucket
     /// How long a claimer has to acknowledge before its claim counts as received.
     let acknowledgementTimeout: UInt64
     /// Where each key's file is charged, one descriptor per key, to the sharer's uid (nil: not
@@ -155,7 +155,7 @@ final class KeyTable {
     /// overcount; it never undercounts.
     var budget: DescriptorBudget?
 
-    init(maximumKeysPerUser: Int, limiter: FailedClaimLimiter, acknowledgementTimeout: UInt64 = 10_000_000_000) {
+    init(maximumKeysPerUser: Int, limiter: UidTokenBucket, acknowledgementTimeout: UInt64 = 10_000_000_000) {
         self.maximumKeysPerUser = maximumKeysPerUser
         self.limiter = limiter
         self.acknowledgementTimeout = acknowledgementTimeout
@@ -266,15 +266,15 @@ final class KeyTable {
     func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, session: UInt64, now: UInt64)
         throws(RequestError) -> KeyEntry
     {
-        guard limiter.allowsAttempt(uid: claimer.uid, now: now) else {
+        guard limiter.hasToken(uid: claimer.uid, now: now) else {
             throw RequestError(
                 errno: .resourceTemporarilyUnavailable,
-                reason: "too many failed claims from uid \(claimer.uid); try again in \(limiter.millisecondsUntilNextAttempt(uid: claimer.uid, now: now)) ms")
+                reason: "too many failed claims from uid \(claimer.uid); try again in \(limiter.millisecondsUntilNextToken(uid: claimer.uid, now: now)) ms")
         }
         guard let entry = entries[token], entry.inFlightTo == nil, !isExpired(entry, now: now),
               entry.permitsClaim(by: claimer)
         else {
-            limiter.recordFailure(uid: claimer.uid, now: now)
+            limiter.spendToken(uid: claimer.uid, now: now)
             throw RequestError(errno: .noSuchFileOrDirectory,
                            reason: "no such key: it was never issued, was already claimed, has expired, or is not for this claimer")
         }
@@ -424,13 +424,11 @@ final class KeyTable {
     }
 }
 
-/// Failed-claim rate limiting: a token bucket per uid. Each failed claim spends one token; tokens
-/// come back at `refillPerSecond` up to `burst`. With the bucket empty, every claim from that uid
-/// is answered EAGAIN without the key being looked at, so guessing gains nothing. (The same bucket
-/// bounds other things a uid can make the broker do often, as `UidTokenBucket`.)
-typealias UidTokenBucket = FailedClaimLimiter
-
-final class FailedClaimLimiter {
+/// A token bucket per uid, for what a uid may make the broker do only so often: each time spends
+/// a token, and tokens come back at `refillPerSecond` up to `burst`. Failed claims use it: with
+/// the bucket empty, every claim from that uid is answered EAGAIN without the key being looked
+/// at, so guessing gains nothing. So do new `/net/local/addrs` snapshots.
+final class UidTokenBucket {
     private struct Bucket {
         var tokens: Double
         var updatedAt: UInt64
@@ -445,16 +443,16 @@ final class FailedClaimLimiter {
         self.refillPerSecond = max(refillPerSecond, 0.001)
     }
 
-    func allowsAttempt(uid: UInt32, now: UInt64) -> Bool {
+    func hasToken(uid: UInt32, now: UInt64) -> Bool {
         refill(uid: uid, now: now) >= 1
     }
 
-    func recordFailure(uid: UInt32, now: UInt64) {
+    func spendToken(uid: UInt32, now: UInt64) {
         let tokens = refill(uid: uid, now: now)
         buckets[uid] = Bucket(tokens: max(tokens - 1, 0), updatedAt: now)
     }
 
-    func millisecondsUntilNextAttempt(uid: UInt32, now: UInt64) -> Int {
+    func millisecondsUntilNextToken(uid: UInt32, now: UInt64) -> Int {
         let missing = 1 - refill(uid: uid, now: now)
         return missing <= 0 ? 0 : Int((missing / refillPerSecond * 1000).rounded(.up))
     }

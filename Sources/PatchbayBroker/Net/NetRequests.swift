@@ -125,10 +125,10 @@ final class NetRequests: SessionClosedHook {
         let text = table.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
         let now = monotonicNanoseconds()
         do {
-            if let snapshot, snapshot.text == text || !snapshotBuilds.allowsAttempt(uid: uid, now: now) {
+            if let snapshot, snapshot.text == text || !snapshotBuilds.hasToken(uid: uid, now: now) {
                 return try snapshot.memory.reopenReadOnly()
             }
-            snapshotBuilds.recordFailure(uid: uid, now: now)
+            snapshotBuilds.spendToken(uid: uid, now: now)
             let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: true)
             try memory.writeAll(Array(text.utf8))
             // Shared by every open, so sealed: a client could reopen its read-only copy for
