@@ -389,7 +389,7 @@ func sendFrame(_ fd: CInt, _ frame: [UInt8], _ descriptors: [CInt]) -> Int {
 /// Blocks this uid's closing thread in the broker (a local socket holding a lingering TCP socket,
 /// first of 17 descriptors the broker refuses), then keeps sending frames of 17 refused
 /// descriptors, reading the broker's answers, until the broker hangs up or `limit` descriptors
-/// have gone. Says how many went before the hang-up.
+/// have gone; four rounds of a wedge and its flood at most. Says how many went before the hang-up.
 func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     let connection = try connectSeqpacket(to: try brokerSocketPath())
     let fd = connection.rawValue
@@ -400,34 +400,41 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
     // The broker's copy of the wrapper must be the last: the lingering socket goes into it only
     // once this side's copy is closed, and a wrapper the broker already closed means another try.
-    // 15 s is far longer than the flood, even on a loaded machine.
-    var blocking = false
-    for _ in 0..<20 where !blocking {
-        blocking = try handOverWedge(port: port, seconds: 15) { (wrapper) throws(PatchbayError) in
-            guard sendFrame(fd, frame, [wrapper] + Array(repeating: null, count: 16)) == frame.count else {
-                throw PatchbayError(Errno.current, "sendmsg")
+    // 15 s is far longer than the flood, even on a loaded machine. Rarely, the kernel's collector
+    // of sockets in flight makes the lingering close on a thread of its own (the broker's closing
+    // thread then does not wait, and nothing piles up): a few more wedges, each with its flood.
+    var sent = 0
+    var answers = [UInt8](repeating: 0, count: 4096)
+    for _ in 0..<4 {
+        var blocking = false
+        for _ in 0..<20 where !blocking {
+            blocking = try handOverWedge(port: port, seconds: 15) { (wrapper) throws(PatchbayError) in
+                guard sendFrame(fd, frame, [wrapper] + Array(repeating: null, count: 16)) == frame.count else {
+                    throw PatchbayError(Errno.current, "sendmsg")
+                }
             }
         }
-    }
-    guard blocking else {
-        say("could not leave the broker the last copy")
-        return
-    }
-    var sent = 17
-    var answers = [UInt8](repeating: 0, count: 4096)
-    while sent < limit {
-        // The broker's answers (EINVAL for each frame) are read, so its queue for this client
-        // never fills: a hang-up can only be the rule on descriptors waiting to be closed.
-        while answers.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }) > 0 {}
-        guard sendFrame(fd, frame, Array(repeating: null, count: 17)) == frame.count else {
-            let error = Errno.current
-            if error == .brokenPipe || error == .connectionReset {
-                say("disconnected after \(sent)")
-                return
-            }
-            throw PatchbayError(error, "sendmsg")
+        guard blocking else {
+            say("could not leave the broker the last copy")
+            return
         }
         sent += 17
+        var round = 17
+        while round < limit {
+            // The broker's answers (EINVAL for each frame) are read, so its queue for this client
+            // never fills: a hang-up can only be the rule on descriptors waiting to be closed.
+            while answers.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }) > 0 {}
+            guard sendFrame(fd, frame, Array(repeating: null, count: 17)) == frame.count else {
+                let error = Errno.current
+                if error == .brokenPipe || error == .connectionReset {
+                    say("disconnected after \(sent)")
+                    return
+                }
+                throw PatchbayError(error, "sendmsg")
+            }
+            sent += 17
+            round += 17
+        }
     }
     say("still connected after \(sent)")
     waitForEndOfInput()
