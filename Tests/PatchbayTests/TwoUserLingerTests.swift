@@ -216,8 +216,9 @@ struct TwoUserLingerTests {
         #expect(readmitted)
     }
 
-    @Test("nobody's service blocks root's closing thread for it, then answers with local sockets: root's client cuts it off past the bound, its descriptors bounded")
-    func hostileServiceIsCutOffPastTheBound() throws {
+    @Test("nobody's service blocks root's closing thread for it, then answers with local sockets: root's client cuts it off past the bound, its descriptors bounded (call, and put with waitReply, whose body does not run)",
+          arguments: ["call", "wait-reply"])
+    func hostileServiceIsCutOffPastTheBound(_ how: String) throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
@@ -226,7 +227,7 @@ struct TwoUserLingerTests {
         #expect(try service.readLine() == "ready")
         // Root's client in a process of its own: its closing thread for this service stays stuck
         // until the listener goes, and the count of its descriptors is its own.
-        let client = try Child(testPeer, ["caps-call-flood", "wedging", "200", "65534"], environment: broker.environment)
+        let client = try Child(testPeer, ["caps-call-flood", "wedging", "200", "65534"] + (how == "call" ? [] : [how]), environment: broker.environment)
         defer { _ = try? client.wait() }
         let outcome = try client.readLine() ?? ""
         let count = try client.readLine() ?? ""
