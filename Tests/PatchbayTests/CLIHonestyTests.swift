@@ -60,8 +60,8 @@ struct CLIHonestyTests {
         #expect(try holder.call(request) == request)
     }
 
-    @Test("caps call refuses a reply past --max-reply (default 64M) unread, with EMSGSIZE and exit 1; a small one is printed")
-    func callRefusesLargeReplies() throws {
+    @Test("caps call refuses a reply past --max-reply (default 64M) unread, with EMSGSIZE and exit 1; a small one is printed; the library's call(_:maxReplyLength:), blocking and async, refuses the same way")
+    func callRefusesLargeReplies() async throws {
         let broker = try TestBroker()
         let service = try CapsService(try broker.connect(), name: "bloater", access: [.world])
         let stop = Atomic<Bool>(false)
@@ -91,6 +91,18 @@ struct CLIHonestyTests {
         #expect(small.termination == .exited(0) && small.standardOutput == "small", "\(small.standardError)")
         let over = try cli(broker, ["caps", "call", "bloater", "small!", "--max-reply", "5"])
         #expect(over.termination == .exited(1) && over.standardError.contains("EMSGSIZE"), "\(over.standardError)")
+        // The library's call with a limit: the same refusal, unread, and the client goes on.
+        let client = try CapsClient(try broker.connect(), name: "bloater")
+        #expect(throws: PatchbayError.self) { _ = try client.call(Array("big".utf8), maxReplyLength: 1 << 20) }
+        do {
+            _ = try client.call(Array("small!".utf8), maxReplyLength: 5)
+            Issue.record("a 6-byte reply passed a limit of 5")
+        } catch {
+            #expect(error.errno == .messageTooLong && error.description.contains("6 bytes, more than the 5 allowed"), "\(error)")
+        }
+        #expect(try client.call(Array("small".utf8), maxReplyLength: 5) == Array("small".utf8))
+        #expect(try await client.call(Array("async".utf8), maxReplyLength: 5) == Array("async".utf8))
+        await #expect(throws: PatchbayError.self) { _ = try await client.call(Array("big".utf8), maxReplyLength: 1 << 20) }
     }
 
     @Test("claim without a command copies a seqpacket socket's messages whole: one of 0 bytes is not the end, one over 64 KiB is not cut")

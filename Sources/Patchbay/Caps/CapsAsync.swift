@@ -94,13 +94,17 @@ extension CapsService {
 extension CapsClient {
     /// Sends `bytes` and waits for the reply without blocking a Swift concurrency thread.
     /// Cancelling the task cancels the wait (`ECANCELED`); the request stays in flight.
-    public func call(_ bytes: [UInt8]) async throws(PatchbayError) -> [UInt8] {
+    /// (`maxReplyLength`: as in the blocking `call(_:maxReplyLength:)`; nil: no limit.)
+    public func call(_ bytes: [UInt8], maxReplyLength: Int? = nil) async throws(PatchbayError) -> [UInt8] {
         // One queue per port: concurrent calls take turns, so each reads its own reply.
         let queue = callQueue
         return try await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<[UInt8], PatchbayError>, Never>) in
                 queue.async { [self] in
-                    continuation.resume(returning: Result { () throws(PatchbayError) in try call(bytes) })
+                    continuation.resume(returning: Result { () throws(PatchbayError) in
+                        if let maxReplyLength { return try call(bytes, maxReplyLength: maxReplyLength) }
+                        return try call(bytes)
+                    })
                 }
             }
         } onCancel: { [self] in

@@ -441,6 +441,23 @@ public final class CapsClient: @unchecked Sendable {
         try awaitReply(to: try put(bytes)) { .success(Array($0)) }
     }
 
+    /// `call`, copying no reply longer than `maxReplyLength`: for a service not trusted to answer
+    /// briefly (a reply is read in place, so one of gigabytes the service never wrote costs this
+    /// process nothing unless copied).
+    ///
+    /// - Throws: `EMSGSIZE` when the reply is longer (it is disposed of, unread); `call`'s errors
+    ///   otherwise.
+    public func call(_ bytes: [UInt8], maxReplyLength: Int) throws(PatchbayError) -> [UInt8] {
+        let id = try put(bytes)
+        return try awaitReply(to: id) { reply in
+            guard reply.count <= maxReplyLength else {
+                return .failure(PatchbayError(.messageTooLong,
+                                              "the reply to request \(id) is \(reply.count) bytes, more than the \(maxReplyLength) allowed; not read"))
+            }
+            return .success(Array(reply))
+        }
+    }
+
     /// `call` into a caller's buffer, for the C library: the reply is copied into `reply` and its
     /// length returned, with no allocation unless another thread's reply must be kept for it.
     ///
