@@ -104,7 +104,11 @@ private func orphanedPid(of attacker: Child) throws -> pid_t {
 /// A root process (`sleep 60`) made to get `pid` through `ns_last_pid`, as waiting for the pid
 /// counter to wrap would; nil if no try got it.
 private func rootProcess(withPid pid: pid_t) throws -> Child? {
-    for _ in 0..<50 {
+    // Other tests running at the same time fork too, and may take the number between the write
+    // and this fork: under the full suite 50 tries in a row were seen to miss, so the tries go
+    // on for up to a minute (they hit at once when nothing else forks).
+    let deadline = monotonicNanoseconds() + 60_000_000_000
+    while monotonicNanoseconds() < deadline {
         try writeFile("/proc/sys/kernel/ns_last_pid", "\(pid - 1)")
         let attempt = try Child("/bin/sleep", ["60"])
         if attempt.pid == pid { return attempt }
