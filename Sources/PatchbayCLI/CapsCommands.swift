@@ -61,6 +61,17 @@ struct CapsCommand: ParsableCommand {
             let program = exec.first.map { resolveProgram($0, for: command) }
             // A program that exits without reading its request must not kill the service.
             signal(SIGPIPE, SIG_IGN)
+            // The program is started from a process started now, before anything from a client
+            // is taken (ExecStarter says why).
+            let starter = program.map { program in
+                attempt(command) { () throws(PatchbayError) -> ExecStarter in
+                    do throws(Errno) {
+                        return try ExecStarter(program: program, arguments: Array(exec.dropFirst()))
+                    } catch {
+                        throw PatchbayError(error, "cannot start the process that runs \(program)")
+                    }
+                }
+            }
             // A server outlives broker restarts: it registers again when the broker is back.
             let broker = connectBroker(for: command, reconnect: .forever)
             let service = attempt(command) { () throws(PatchbayError) -> CapsService in
@@ -99,7 +110,7 @@ struct CapsCommand: ParsableCommand {
                     try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
                         switch message.kind {
                         case .request:
-                            answer(message, payload, limit: limit, held: &held, service: service, program: program)
+                            answer(message, payload, limit: limit, held: &held, service: service, program: starter)
                         case .dispose:
                             held.consumed(message.messageID)
                         default:
@@ -113,7 +124,7 @@ struct CapsCommand: ParsableCommand {
         }
 
         private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, held: inout HeldReplies,
-                            service: CapsService, program: String?) {
+                            service: CapsService, program: ExecStarter?) {
             let uid = message.credentials.uid
             do {
                 guard payload.count <= limit else {
@@ -130,7 +141,7 @@ struct CapsCommand: ParsableCommand {
                 }
                 let request = Array(payload)
                 let answer: Result<[UInt8], FilterFailure> = if let program {
-                    runFilter(program, Array(exec.dropFirst()), input: request)
+                    runFilter(program, input: request)
                 } else {
                     .success(request)
                 }
@@ -355,22 +366,17 @@ struct FilterFailure: Error {
     var reason: String
 }
 
-/// Runs `program` with `input` on its stdin; its stdout is the answer, if it exits 0.
-func runFilter(_ program: String, _ arguments: [String], input: [UInt8]) -> Result<[UInt8], FilterFailure> {
+/// Runs the starter's program with `input` on its stdin; its stdout is the answer, if it exits 0.
+func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], FilterFailure> {
+    let program = starter.program
     guard let stdin = try? Pipe(), let stdout = try? Pipe() else {
         return .failure(FilterFailure(reason: "cannot make pipes for \(program)"))
     }
-    let pid: pid_t
-    do {
-        pid = try spawnProcess(path: program, arguments: arguments, environment: currentEnvironment(),
-                               descriptors: [0: stdin.readEnd.rawValue, 1: stdout.writeEnd.rawValue, 2: 2])
-    } catch {
-        return .failure(FilterFailure(reason: "cannot run \(program): \(error.name)"))
-    }
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
-    _ = consume stdin.readEnd
-    stdout.writeEnd.close()
+    guard starter.start(stdin: stdin.readEnd.release(), stdout: stdout.writeEnd.release()) else {
+        return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone"))
+    }
     // Feed the input from a thread so a command that writes before reading all cannot deadlock.
     let fd = dup(writer.rawValue)
     _ = consume writer
@@ -380,15 +386,15 @@ func runFilter(_ program: String, _ arguments: [String], input: [UInt8]) -> Resu
         try? sink.writeAll(payload)
     }
     let output = (try? reader.readToEnd()) ?? []
-    guard let termination = try? waitForProcess(pid) else {
-        return .failure(FilterFailure(reason: "lost track of \(program)"))
-    }
-    guard termination == .exited(0) else {
+    switch starter.wait() {
+    case .failure(let failure):
+        return .failure(failure)
+    case .success(let termination) where termination != .exited(0):
         return .failure(FilterFailure(reason: "\(program) ended with \(termination)"))
+    case .success:
+        return .success(output)
     }
-    return .success(output)
 }
-
 
 /// What `caps serve`'s replies not consumed yet hold, per client uid: a reply's memory (in the
 /// channel's arena, or a memfd of its own) is this service's until its client consumes it (its

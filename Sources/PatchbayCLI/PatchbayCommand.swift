@@ -17,7 +17,7 @@ public struct PatchbayCommand: ParsableCommand {
             """,
         version: patchbayVersion,
         subcommands: [DaemonCommand.self, StatusCommand.self, MetricsCommand.self, MonitorCommand.self, DoctorCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,
-                      BenchCommand.self, BenchPeerCommand.self, LoadCommand.self, HostileWorkerCommand.self,
+                      BenchCommand.self, BenchPeerCommand.self, LoadCommand.self, HostileWorkerCommand.self, ExecStarterCommand.self,
                       DemoCommand.self]
     )
 

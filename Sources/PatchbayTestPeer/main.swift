@@ -276,6 +276,27 @@ func capsAttachLingering(service: String, port: UInt16, how: String) throws(Patc
     waitForEndOfInput()
 }
 
+/// Calls `service` `count` times, each request carrying a local socket with a lingering TCP
+/// socket (to `port`) in its queue, this side's copy closed: the service closes the last copy of
+/// each, while it may be starting a program for the next (`caps serve --exec`). Says "answered N"
+/// or "failed at I: ERRNO".
+func capsExecRace(_ service: String, port: UInt16, count: Int, seconds: Int32 = 30, pause: useconds_t = 0) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: service)
+    for index in 0..<count {
+        if pause > 0 { usleep(pause) }
+        do throws(PatchbayError) {
+            let socket = try wrappedLingeringSocket(port: port, seconds: seconds).release()
+            _ = try client.put(Array("race".utf8), descriptors: [socket]) { close(socket) }
+            try client.waitReply { _, _ in }
+        } catch {
+            say("failed at \(index): \(error.errno.name)")
+            return
+        }
+    }
+    say("answered \(count)")
+}
+
 /// The pid-reuse attack on a pid-restricted key: a child connects to the broker, hands the
 /// connection to this process and exits; says "orphaned PID" (the child's pid, free again); then
 /// reads a key from its input and claims it over that connection, as the child's pid, and says
@@ -1297,6 +1318,10 @@ func main() -> CInt {
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsConnectMany(arguments[1], count: Int(arguments[2])!)
+        case "caps-exec-paced" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!, seconds: 1, pause: 1_200_000)
+        case "caps-exec-race" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
         case "refuse-user-raw" where arguments.count == 2 && UInt32(arguments[1]) != nil:
             try refuseUserRaw(UInt32(arguments[1])!)
         case "caps-register" where arguments.count >= 2:

@@ -2,6 +2,7 @@
 // does not take waits up to the linger time, which its owner chose). nobody hands such sockets
 // to the broker and to root's service, and leaves them their last descriptor.
 
+import Foundation
 import Glibc
 import Patchbay
 import PatchbaySystem
@@ -40,6 +41,33 @@ private func deafListener() throws -> (CInt, UInt16) {
         throw error
     }
     return (fd, UInt16(bigEndian: address.sin_port))
+}
+
+/// The pids whose parent is `pid`.
+private func childProcesses(of pid: pid_t) -> [pid_t] {
+    guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+    return entries.compactMap { pid_t($0) }.filter { child in
+        // The parent is the second field after the command's closing parenthesis.
+        guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8),
+              let end = stat.lastIndex(of: ")") else { return false }
+        let fields = stat[stat.index(after: end)...].split(separator: " ")
+        return fields.count > 1 && pid_t(fields[1]) == pid
+    }
+}
+
+private func commandLine(of pid: pid_t) -> String {
+    ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").replacingOccurrences(of: "\0", with: " ")
+}
+
+/// What descriptor `fd` of `pid` is: "socket:[inode]", for instance.
+private func socketIdentity(of pid: pid_t, _ fd: String) -> String {
+    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? ""
+}
+
+/// The descriptor numbers of `pid` that are sockets.
+private func socketDescriptors(of pid: pid_t) -> [String] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+    return entries.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasPrefix("socket:") }
 }
 
 /// Runs `body` on a thread of its own and says whether it finished within 20 s: a thread stuck in
@@ -308,6 +336,42 @@ struct TwoUserLingerTests {
         #expect(answered.withLock { $0 } == 3)
         withExtendedLifetime(listener) {}
     }
+    @Test("root's caps serve --exec starts its programs from a process holding no socket but its own: nobody's attachments (local sockets holding lingering TCP sockets), closed while programs start, never leave a child of the service the last copy")
+    func execStarterHoldsNothingFromClients() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let service = try Child(patchbayCLI, ["caps", "serve", "starter", "--allow", "world", "--exec", "/bin/cat"],
+                                environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let root = try broker.connect()
+        let probe = try CapsClient(root, name: "starter", waitForService: true)
+        #expect(try probe.call(Array("before".utf8)) == Array("before".utf8))
+        let starter = try #require(childProcesses(of: service.pid).first { commandLine(of: $0).contains("exec-starter") },
+                                   "caps serve --exec has no starter process")
+        // What the starter has from the start (the service's own, inherited before any client).
+        let own = Set(socketDescriptors(of: starter).map { socketIdentity(of: starter, $0) })
+        // nobody's requests each carry a local socket with a lingering TCP socket in its queue;
+        // root's calls keep programs starting meanwhile.
+        let attacker = try nobodyPeer(["caps-exec-race", "starter", "\(listener.port)", "40"], broker)
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        var sockets: Set<String> = []
+        let answered = Mutex(0)
+        #expect(try finishes {
+            for index in 0..<40 where (try? probe.call(Array("root \(index)".utf8))) == Array("root \(index)".utf8) {
+                answered.withLock { $0 += 1 }
+            }
+        }, "root's calls were held up")
+        sockets.formUnion(socketDescriptors(of: starter).map { socketIdentity(of: starter, $0) })
+        let outcome = try attacker.readLine() ?? ""
+        sockets.formUnion(socketDescriptors(of: starter).map { socketIdentity(of: starter, $0) })
+        #expect(answered.withLock { $0 } == 40)
+        #expect(outcome.hasPrefix("answered ") || outcome.hasSuffix(": ECONNRESET"), "\(outcome)")
+        // The starter holds no socket it did not have before the clients came.
+        #expect(!own.isEmpty && sockets.isSubset(of: own), "the starter held sockets \(sockets.subtracting(own)) besides its own \(own)")
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("nobody's descriptors waiting behind its stuck closing thread stop at its share: it is cut off, root is not")
     func pendingClosesPastTheShareDisconnect() throws {
         // A small table (RLIMIT_NOFILE 512) makes nobody's share small; 20,000 descriptors would
@@ -324,7 +388,7 @@ struct TwoUserLingerTests {
         let log = String(decoding: try openFile(broker.directory + "/broker.log", flags: O_RDONLY).readToEnd(), as: UTF8.self)
         #expect(log.contains("its descriptors waiting to be closed exceed its share"))
         // Root's share is untouched: it still hands a descriptor over and gets it back.
-        let pipe = try Pipe()
+        let pipe = try PatchbaySystem.Pipe()
         let key = try root.share(rawDescriptor: pipe.writeEnd.rawValue, timeout: .never)
         _ = try root.claim(key)
         #expect(try broker.descriptorCount() < 512)
