@@ -374,9 +374,11 @@ func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], Filter
     }
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
-    guard starter.start(stdin: stdin.readEnd.release(), stdout: stdout.writeEnd.release()) else {
-        return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone"))
-    }
+    // (The program's ends are closed here once sent: the program's output ends when it exits.)
+    let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue)
+    _ = consume stdin.readEnd
+    stdout.writeEnd.close()
+    guard let tag else { return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone")) }
     // Feed the input from a thread so a command that writes before reading all cannot deadlock.
     let fd = dup(writer.rawValue)
     _ = consume writer
@@ -386,7 +388,7 @@ func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], Filter
         try? sink.writeAll(payload)
     }
     let output = (try? reader.readToEnd()) ?? []
-    switch starter.wait() {
+    switch starter.wait(tag) {
     case .failure(let failure):
         return .failure(failure)
     case .success(let termination) where termination != .exited(0):

@@ -9,9 +9,16 @@ import SystemPackage
 // and a close made meanwhile leaves the child's copy the last one. For a local socket with a
 // lingering TCP socket in its queue, that last close (at exec, in the child) waits as long as a
 // client chose, and posix_spawn, and the whole service, with it. The starter holds nothing a
-// client chose: only the socket to the service and, for each request, the program's two pipes.
+// client chose: only the socket to the service and, for each program, its standard input and
+// output (the request's pipes; for `net listen --exec`, the connection, which is the program's).
+//
+// Between the two, on a local seqpacket socket: the service sends a message of 8 bytes (a tag)
+// with two descriptors (the program's stdin and stdout); the starter answers, once the program
+// has ended, with 16 bytes: the tag, then how it ended (0 and the exit status, 1 and the signal,
+// 2 and the errno it could not be started with). Programs run at the same time as far as the
+// service starts them so.
 
-/// The starter's side: one program run per message on fd 3, in order.
+/// The starter's side: a program per message on fd 3, each waited for on a thread of its own.
 struct ExecStarterCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "exec-starter", shouldDisplay: false)
 
@@ -20,44 +27,64 @@ struct ExecStarterCommand: ParsableCommand {
     func run() throws {
         guard let path = program.first else { throw ExitCode(2) }
         let arguments = Array(program.dropFirst())
-        var byte: UInt8 = 0
+        let environment = currentEnvironment()
+        var tag: UInt64 = 0
         while true {
-            // One byte and the program's stdin and stdout; nothing (the service is gone): done.
-            guard let received = withUnsafeMutableBytes(of: &byte, { SeqpacketSocket.receiveRaw(3, $0) }) else {
+            // A tag and the program's stdin and stdout; nothing (the service is gone): done.
+            guard let received = withUnsafeMutableBytes(of: &tag, { SeqpacketSocket.receiveRaw(3, $0) }) else {
                 if errno == EINTR { continue }
                 return
             }
-            guard received.length == 1, received.descriptors.count == 2 else {
+            guard received.length == 8, received.descriptors.count == 2 else {
                 received.descriptors.forEach { close($0) }
                 if received.length == 0 { return }
                 continue
             }
-            var answer: [Int32]
-            do {
-                let pid = try spawnProcess(path: path, arguments: arguments, environment: currentEnvironment(),
-                                           descriptors: [0: received.descriptors[0], 1: received.descriptors[1], 2: 2])
-                received.descriptors.forEach { close($0) }
-                switch try waitForProcess(pid) {
-                case .exited(let code): answer = [0, code]
-                case .signaled(let signal): answer = [1, signal]
+            let started = Result { () throws(Errno) -> pid_t in
+                try spawnProcess(path: path, arguments: arguments, environment: environment,
+                                 descriptors: [0: received.descriptors[0], 1: received.descriptors[1], 2: 2])
+            }
+            received.descriptors.forEach { close($0) }
+            let which = tag
+            switch started {
+            case .success(let pid):
+                startThread {
+                    let answer: [Int64] = switch try? waitForProcess(pid) {
+                    case .exited(let code): [0, Int64(code)]
+                    case .signaled(let signal): [1, Int64(signal)]
+                    case nil: [2, Int64(ECHILD)]
+                    }
+                    Self.answer(which, answer)
                 }
-            } catch {
-                received.descriptors.forEach { close($0) }
-                answer = [2, error.rawValue]
+            case .failure(let error):
+                Self.answer(which, [2, Int64(error.rawValue)])
             }
-            let sent = answer.withUnsafeBytes { bytes in
-                [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(3, bytes, $0) }
-            }
-            if sent != 8 { return }
         }
+    }
+
+    private static func answer(_ tag: UInt64, _ how: [Int64]) {
+        let message = [Int64(bitPattern: tag)] + how
+        _ = message.withUnsafeBytes { bytes in [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(3, bytes, $0) } }
     }
 }
 
-/// The service's side: the starter, started now, and a program run through it.
-final class ExecStarter {
+/// The service's side: the starter, started now, and programs run through it, from any thread.
+final class ExecStarter: @unchecked Sendable {  // the socket is written whole messages at a time; the rest under `state`
     private let socket: CInt
-    private let pid: pid_t
     let program: String
+    private struct State {
+        var nextTag: UInt64 = 1
+        /// Answers not yet taken, by tag; a tag with no entry yet is still running.
+        var answers: [UInt64: Result<Termination, FilterFailure>] = [:]
+        /// Whether a thread reads the socket now (the others wait for it to hand them their answer).
+        var reading = false
+        /// The starter is gone: every wait fails.
+        var gone = false
+    }
+    private var state = State()
+    /// Guards `state`; `changed` is signalled when an answer is filed or the reader steps aside.
+    private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
     /// Starts the starter for `program` with `arguments`. Call it before taking anything from a
     /// client.
@@ -69,39 +96,71 @@ final class ExecStarter {
         defer { close(pair[1]) }
         let executable = currentExecutablePath() ?? CommandLine.arguments[0]
         do {
-            pid = try spawnProcess(path: executable, arguments: ["exec-starter", program] + arguments,
-                                   environment: currentEnvironment(), descriptors: [0: 0, 1: 1, 2: 2, 3: pair[1]])
+            _ = try spawnProcess(path: executable, arguments: ["exec-starter", program] + arguments,
+                                 environment: currentEnvironment(), descriptors: [0: 0, 1: 1, 2: 2, 3: pair[1]])
         } catch {
             close(pair[0])
             throw error
         }
         socket = pair[0]
         self.program = program
+        pthread_mutex_init(lock, nil)
+        pthread_cond_init(changed, nil)
     }
 
-    /// Starts the program once with `stdin` and `stdout` (both closed here once sent); false when
-    /// the starter is gone. `wait` tells how it ended.
-    func start(stdin: CInt, stdout: CInt) -> Bool {
-        var byte: UInt8 = 1
-        let sent = withUnsafeBytes(of: &byte) { bytes in
-            [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, bytes, $0) }
+    /// Starts the program once with `stdin` and `stdout` (the same descriptor may be both; the
+    /// caller still owns them, and may close them once this returns). Nil when the starter is
+    /// gone; else the tag `wait` takes.
+    func start(stdin: CInt, stdout: CInt) -> UInt64? {
+        pthread_mutex_lock(lock)
+        let tag = state.nextTag
+        state.nextTag += 1
+        pthread_mutex_unlock(lock)
+        var bytes = tag
+        let sent = withUnsafeBytes(of: &bytes) { raw in
+            [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, raw, $0) }
         }
-        close(stdin)
-        close(stdout)
-        return sent == 1
+        return sent == 8 ? tag : nil
     }
 
-    /// How the program `start` started ended.
-    func wait() -> Result<Termination, FilterFailure> {
-        var answer: [Int32] = [0, 0]
-        guard let received = answer.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(socket, $0) }), received.length == 8 else {
-            return .failure(FilterFailure(reason: "lost track of \(program): its starter is gone"))
-        }
-        received.descriptors.forEach { close($0) }
-        switch answer[0] {
-        case 0: return .success(.exited(answer[1]))
-        case 1: return .success(.signaled(answer[1]))
-        default: return .failure(FilterFailure(reason: "cannot run \(program): \(Errno(rawValue: answer[1]).name)"))
+    /// How the program `start` started as `tag` ended. One thread at a time reads the starter's
+    /// answers and files them by tag; the others wait for theirs.
+    func wait(_ tag: UInt64) -> Result<Termination, FilterFailure> {
+        pthread_mutex_lock(lock)
+        while true {
+            if let answer = state.answers.removeValue(forKey: tag) {
+                pthread_mutex_unlock(lock)
+                return answer
+            }
+            if state.gone {
+                pthread_mutex_unlock(lock)
+                return .failure(FilterFailure(reason: "lost track of \(program): its starter is gone"))
+            }
+            if state.reading {
+                pthread_cond_wait(changed, lock)
+                continue
+            }
+            state.reading = true
+            pthread_mutex_unlock(lock)
+            var answer: [Int64] = [0, 0, 0]
+            let received = answer.withUnsafeMutableBytes { SeqpacketSocket.receiveRaw(socket, $0) }
+            pthread_mutex_lock(lock)
+            state.reading = false
+            if let received, received.length == 24 {
+                received.descriptors.forEach { close($0) }
+                let result: Result<Termination, FilterFailure> = switch answer[1] {
+                case 0: .success(.exited(CInt(truncatingIfNeeded: answer[2])))
+                case 1: .success(.signaled(CInt(truncatingIfNeeded: answer[2])))
+                default: .failure(FilterFailure(reason: "cannot run \(program): \(Errno(rawValue: CInt(truncatingIfNeeded: answer[2])).name)"))
+                }
+                state.answers[UInt64(bitPattern: answer[0])] = result
+            } else if received == nil && errno == EINTR {
+                // read again
+            } else {
+                received?.descriptors.forEach { close($0) }
+                state.gone = true
+            }
+            pthread_cond_broadcast(changed)
         }
     }
 }

@@ -51,6 +51,17 @@ struct NetCommand: ParsableCommand {
             // A peer that goes away while a reply is written must not kill the listener.
             signal(SIGPIPE, SIG_IGN)
             // A server outlives broker restarts: it binds its name again when the broker is back.
+            // The programs are started by a process started now, before any connection is taken
+            // (ExecStarter says why).
+            let starter = program.map { program in
+                attempt(command) { () throws(PatchbayError) -> ExecStarter in
+                    do throws(Errno) {
+                        return try ExecStarter(program: program, arguments: Array(exec.dropFirst()))
+                    } catch {
+                        throw PatchbayError(error, "cannot start the process that runs \(program)")
+                    }
+                }
+            }
             let broker = connectBroker(for: command, reconnect: .forever)
             if type == .dgram {
                 if let error = serveDatagrams(broker) { fail(command, error) }
@@ -75,9 +86,8 @@ struct NetCommand: ParsableCommand {
                 let box = ConnectionBox(connection)
                 if echo {
                     startThread { box.echo() }
-                } else if let program {
-                    let arguments = Array(exec.dropFirst())
-                    startThread { box.run(program, arguments) }
+                } else if let starter {
+                    startThread { box.run(starter) }
                 }
             }
         }
@@ -254,19 +264,21 @@ final class ConnectionBox: @unchecked Sendable {
         }
     }
 
-    /// Runs `program` with the connection as stdin and stdout, and waits for it; a program that
-    /// fails is logged.
-    func run(_ program: String, _ arguments: [String]) {
+    /// Runs the starter's program with the connection as stdin and stdout, and waits for it; a
+    /// program that fails is logged.
+    func run(_ starter: ExecStarter) {
         let fd = socket.dataDescriptor
-        do {
-            let pid = try spawnProcess(path: program, arguments: arguments, environment: currentEnvironment(),
-                                       descriptors: [0: fd, 1: fd, 2: 2])
-            let termination = try waitForProcess(pid)
-            if termination != .exited(0) {
-                writeStandardError("patchbay: net listen: \(program) ended with \(termination) for a connection\n")
-            }
-        } catch {
-            writeStandardError("patchbay: net listen: \(error.name): cannot run \(program)\n")
+        guard let tag = starter.start(stdin: fd, stdout: fd) else {
+            writeStandardError("patchbay: net listen: cannot run \(starter.program): its starter is gone\n")
+            return
+        }
+        switch starter.wait(tag) {
+        case .success(let termination) where termination != .exited(0):
+            writeStandardError("patchbay: net listen: \(starter.program) ended with \(termination) for a connection\n")
+        case .success:
+            break
+        case .failure(let failure):
+            writeStandardError("patchbay: net listen: \(failure.reason)\n")
         }
     }
 

@@ -414,7 +414,7 @@ func sendFrame(_ fd: CInt, _ frame: [UInt8], _ descriptors: [CInt]) -> Int {
 }
 
 /// Blocks this uid's closing thread in the broker (a local socket holding a lingering TCP socket,
-/// first of 17 descriptors the broker refuses), then keeps sending frames of 17 refused
+/// in a key that expires), then keeps sending frames of 17 refused
 /// descriptors, reading the broker's answers, until the broker hangs up or `limit` descriptors
 /// have gone; four rounds of a wedge and its flood at most. Says how many went before the hang-up.
 func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
@@ -425,12 +425,13 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
     let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
     defer { close(null) }
     let frame = Request.keys(.share(expiry: .never, restriction: nil)).encode(requestID: 1)
-    // The broker's copy of the wrapper must be the last: the lingering socket goes into it only
-    // once this side's copy is closed, and a wrapper the broker already closed means another try.
-    // 15 s is far longer than the flood, even on a loaded machine. In one CI run the wedge did
-    // not hold the broker's closing thread and nothing piled up (the cause was not found: the
-    // broker forks nothing that could have made the last close instead): a few more wedges, each
-    // with its flood.
+    // The wedge: a key of 100 ms for the local socket, which the broker keeps (so its copy is
+    // the last once this side's is closed and the lingering socket queued in it), and closes on
+    // this uid's closing thread when the key expires; the flood starts once it has (the broker
+    // lists no key). (A frame the broker refuses at once raced this side's close: under load the
+    // broker sometimes closed first, 20 times in a row.)
+    let wedgeFrame = Request.keys(.share(expiry: .after(nanoseconds: 100_000_000), restriction: nil)).encode(requestID: 2)
+    let observer = try Broker()
     var sent = 0
     var answers = [UInt8](repeating: 0, count: 4096)
     for wedge in 1...4 {
@@ -438,7 +439,7 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
         for _ in 0..<20 where !blocking {
             var hungUp = false
             blocking = try handOverWedge(port: port, seconds: 15) { (wrapper) throws(PatchbayError) in
-                guard sendFrame(fd, frame, [wrapper] + Array(repeating: null, count: 16)) == frame.count else {
+                guard sendFrame(fd, wedgeFrame, [wrapper]) == wedgeFrame.count else {
                     let error = Errno.current
                     guard error == .brokenPipe || error == .connectionReset else { throw PatchbayError(error, "sendmsg") }
                     hungUp = true
@@ -451,11 +452,12 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
             }
         }
         guard blocking else {
-            say("could not leave the broker the last copy")
+            say("could not leave the broker the last copy (wedge \(wedge), after \(sent))")
             return
         }
-        sent += 17
-        var flooded = 17
+        let expired = monotonicNanoseconds() + 5_000_000_000
+        while (try? observer.status().keys) ?? 0 > 0, monotonicNanoseconds() < expired { usleep(5_000) }
+        var flooded = 0
         while flooded < limit {
             // The broker's answers (EINVAL for each frame) are read, so its queue for this client
             // never fills: a hang-up can only be the rule on descriptors waiting to be closed.

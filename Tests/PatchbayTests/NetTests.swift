@@ -531,6 +531,8 @@ struct NetTests {
         let shouted = try run(patchbayCLI, ["net", "connect", "upper", "--type", "stream"], environment: broker.environment,
                               input: "quiet words\n")
         #expect(shouted.standardOutput == "QUIET WORDS\n", "\(shouted.standardError)")
+        // The program ran through the listener's starter, started before any connection.
+        #expect(childProcesses(of: server.pid).contains { processCommandLine(of: $0).contains("exec-starter /usr/bin/tr a-z A-Z") })
         let echoed = try run(patchbayCLI, ["net", "connect", "echo"], environment: broker.environment,
                              input: "one\ntwo\n\nthree\n")
         #expect(echoed.standardOutput == "one\ntwo\n\nthree\n", "\(echoed.standardError)")

@@ -44,7 +44,7 @@ private func deafListener() throws -> (CInt, UInt16) {
 }
 
 /// The pids whose parent is `pid`.
-private func childProcesses(of pid: pid_t) -> [pid_t] {
+func childProcesses(of pid: pid_t) -> [pid_t] {
     guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
     return entries.compactMap { pid_t($0) }.filter { child in
         // The parent is the second field after the command's closing parenthesis.
@@ -55,7 +55,7 @@ private func childProcesses(of pid: pid_t) -> [pid_t] {
     }
 }
 
-private func commandLine(of pid: pid_t) -> String {
+func processCommandLine(of pid: pid_t) -> String {
     ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").replacingOccurrences(of: "\0", with: " ")
 }
 
@@ -347,7 +347,7 @@ struct TwoUserLingerTests {
         let root = try broker.connect()
         let probe = try CapsClient(root, name: "starter", waitForService: true)
         #expect(try probe.call(Array("before".utf8)) == Array("before".utf8))
-        let starter = try #require(childProcesses(of: service.pid).first { commandLine(of: $0).contains("exec-starter") },
+        let starter = try #require(childProcesses(of: service.pid).first { processCommandLine(of: $0).contains("exec-starter") },
                                    "caps serve --exec has no starter process")
         // What the starter has from the start (the service's own, inherited before any client).
         let own = Set(socketDescriptors(of: starter).map { socketIdentity(of: starter, $0) })
