@@ -63,15 +63,7 @@ struct CapsCommand: ParsableCommand {
             signal(SIGPIPE, SIG_IGN)
             // The program is started from a process started now, before anything from a client
             // is taken (ExecStarter says why).
-            let starter = program.map { program in
-                attempt(command) { () throws(PatchbayError) -> ExecStarter in
-                    do throws(Errno) {
-                        return try ExecStarter(program: program, arguments: Array(exec.dropFirst()))
-                    } catch {
-                        throw PatchbayError(error, "cannot start the process that runs \(program)")
-                    }
-                }
-            }
+            let starter = program.map { startExecStarter($0, arguments: Array(exec.dropFirst()), for: command) }
             // A server outlives broker restarts: it registers again when the broker is back.
             let broker = connectBroker(for: command, reconnect: .forever)
             let service = attempt(command) { () throws(PatchbayError) -> CapsService in

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import Patchbay
 import PatchbaySystem
 import SystemPackage
 
@@ -65,6 +66,17 @@ struct ExecStarterCommand: ParsableCommand {
     private static func answer(_ tag: UInt64, _ how: [Int64]) {
         let message = [Int64(bitPattern: tag)] + how
         _ = message.withUnsafeBytes { bytes in [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(3, bytes, $0) } }
+    }
+}
+
+/// The starter for `program`, started now; a command that cannot start it fails, saying why.
+func startExecStarter(_ program: String, arguments: [String], for command: String) -> ExecStarter {
+    attempt(command) { () throws(PatchbayError) -> ExecStarter in
+        do throws(Errno) {
+            return try ExecStarter(program: program, arguments: arguments)
+        } catch {
+            throw PatchbayError(error, "cannot start the process that runs \(program)")
+        }
     }
 }
 

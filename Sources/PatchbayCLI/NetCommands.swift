@@ -53,15 +53,7 @@ struct NetCommand: ParsableCommand {
             // A server outlives broker restarts: it binds its name again when the broker is back.
             // The programs are started by a process started now, before any connection is taken
             // (ExecStarter says why).
-            let starter = program.map { program in
-                attempt(command) { () throws(PatchbayError) -> ExecStarter in
-                    do throws(Errno) {
-                        return try ExecStarter(program: program, arguments: Array(exec.dropFirst()))
-                    } catch {
-                        throw PatchbayError(error, "cannot start the process that runs \(program)")
-                    }
-                }
-            }
+            let starter = program.map { startExecStarter($0, arguments: Array(exec.dropFirst()), for: command) }
             let broker = connectBroker(for: command, reconnect: .forever)
             if type == .dgram {
                 if let error = serveDatagrams(broker) { fail(command, error) }
