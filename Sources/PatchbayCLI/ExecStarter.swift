@@ -156,6 +156,7 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
             pthread_mutex_unlock(lock)
             var answer: [Int64] = [0, 0, 0]
             let received = answer.withUnsafeMutableBytes { SeqpacketSocket.receiveRaw(socket, $0) }
+            let interrupted = received == nil && errno == EINTR  // (read before the lock is taken)
             pthread_mutex_lock(lock)
             state.reading = false
             if let received, received.length == 24 {
@@ -166,7 +167,7 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
                 default: .failure(FilterFailure(reason: "cannot run \(program): \(Errno(rawValue: CInt(truncatingIfNeeded: answer[2])).name)"))
                 }
                 state.answers[UInt64(bitPattern: answer[0])] = result
-            } else if received == nil && errno == EINTR {
+            } else if interrupted {
                 // read again
             } else {
                 received?.descriptors.forEach { close($0) }
