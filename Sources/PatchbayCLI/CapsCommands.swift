@@ -192,14 +192,7 @@ struct CapsCommand: ParsableCommand {
             // Read in place and copied once, after its length is checked: a service's attached
             // reply of gigabytes it never wrote costs it nothing, and this process nothing either.
             let reply = attempt(command) { () throws(PatchbayError) -> [UInt8] in
-                _ = try client.put(request)
-                return try client.waitReply { (_: UInt64, bytes: UnsafeRawBufferPointer) -> Result<[UInt8], PatchbayError> in
-                    guard bytes.count <= limit else {
-                        return .failure(PatchbayError(.messageTooLong,
-                                                      "the reply is \(bytes.count) bytes, more than --max-reply (\(limit)); not read"))
-                    }
-                    return .success(Array(bytes))
-                }.get()
+                try client.call(request, maxReplyLength: limit)
             }
             writeStandardOutput(bytes: reply)
         }

@@ -437,11 +437,16 @@ final class NetTable {
         // A path is only a string: whoever can put another socket file there, or mount over the
         // directory in namespaces of its own, has the same one. The peer must be the name's own
         // listener, as the kernel tells it: the pid and uid that called listen(2) on each.
-        if let listenerID = names[name], let listener = sockets[listenerID], listenerID != socket.id,
-           let expected = try? listener.kernel.peerCredentials(), let actual = try? socket.kernel.peerCredentials(),
-           expected.pid != actual.pid || expected.uid != actual.uid {
-            throw RequestError(errno: .invalidArgument,
-                               reason: "socket \(socket.id) is connected to another listener at \(path) (pid \(actual.pid), uid \(actual.uid)), not to \(name)'s")
+        // (With no socket of this broker's at the name, a listener of another program made there
+        // is reached, as a path is.) Credentials the kernel will not tell are no proof.
+        if let listenerID = names[name], let listener = sockets[listenerID], listenerID != socket.id {
+            guard let expected = try? listener.kernel.peerCredentials(), let actual = try? socket.kernel.peerCredentials() else {
+                throw RequestError(errno: .invalidArgument, reason: "cannot tell whether socket \(socket.id) is connected to \(name)'s listener")
+            }
+            guard expected.pid == actual.pid && expected.uid == actual.uid else {
+                throw RequestError(errno: .invalidArgument,
+                                   reason: "socket \(socket.id) is connected to another listener at \(path) (pid \(actual.pid), uid \(actual.uid)), not to \(name)'s")
+            }
         }
         try socket.transition(to: .connecting)
         try socket.transition(to: .connected)
