@@ -114,6 +114,8 @@ public final class CapsClient: @unchecked Sendable {
     @exclusivity(unchecked) private var otherCallsKept = 0
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
+    /// This port woke the service since a wait last looked (see `PeerActivity.woken`).
+    private let wokeService = Atomic<Bool>(false)
     @exclusivity(unchecked) private var watching = false
     /// While watching: what `eventDescriptor` returns, an epoll set of the wake socket and
     /// `backlogEvent`, which announces replies that arrived before watching began.
@@ -673,6 +675,7 @@ public final class CapsClient: @unchecked Sendable {
                 let word = channel.word32(CapsLayout.serviceWakeWordOffset)
                 SharedWord.increment(word)
                 Futex.wake(word, count: 1)
+                wokeService.store(true, ordering: .relaxed)
             }
         }
         if SharedWord.load(sleepers) != 0 {
@@ -680,6 +683,7 @@ public final class CapsClient: @unchecked Sendable {
             if SharedWord.load(pending) == 0 {
                 SharedWord.store(pending, 1)
                 WakeSocket.wake(serviceWake.rawValue)
+                wokeService.store(true, ordering: .relaxed)
             }
         }
     }
@@ -817,7 +821,8 @@ public final class CapsClient: @unchecked Sendable {
         let statusBase = status.baseAddress
         let service = PeerActivity(
             running: statusBase.advanced(by: CapsLayout.statusRunningOffset).assumingMemoryBound(to: UInt32.self),
-            cpu: statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self))
+            cpu: statusBase.advanced(by: CapsLayout.statusCPUOffset).assumingMemoryBound(to: UInt32.self),
+            woken: tookServiceWake())
         // Captured by reference (the closure does not escape): no count is taken per wait.
         let ready = {
             self.channel.hasEntries(.reply) || self.channel.serviceClosed
@@ -826,6 +831,15 @@ public final class CapsClient: @unchecked Sendable {
         try CapsPortCore.wait(publishingCPUIn: channel.word32(CapsLayout.clientCPUOffset), peer: service, until: ready) {
             () throws(PatchbayError) in try sleepOnFutex(until: ready)
         }
+    }
+
+    /// Whether this port woke the service since a wait last asked, forgetting it (no locked
+    /// instruction when it did not, the case of every wait between spinning peers).
+    @inline(__always)
+    private func tookServiceWake() -> Bool {
+        guard wokeService.load(ordering: .relaxed) else { return false }
+        wokeService.store(false, ordering: .relaxed)
+        return true
     }
 
     /// The sleeping half of the wait: on the channel's wake word, which the service bumps.

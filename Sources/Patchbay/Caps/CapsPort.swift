@@ -311,11 +311,17 @@ struct CapsPortCore {
 struct PeerActivity {
     let running: UnsafeMutablePointer<UInt32>
     let cpu: UnsafeMutablePointer<UInt32>
+    /// This port woke the peer since its last wait: the peer is on its way to run, and its answer
+    /// may come within the spin budget even though its running flag still says it sleeps.
+    /// (Without this, two peers that once fell asleep stay in step asleep: each wakes the other
+    /// and, seeing it not yet running, sleeps at once; every round trip then costs two wake-ups.)
+    var woken = false
 
-    /// The peer is running now, on another CPU than this thread: spinning can see its answer.
+    /// The peer is running now, or was just woken, on another CPU than this thread: spinning can
+    /// see its answer.
     @inline(__always)
     var isRunningElsewhere: Bool {
-        SharedWord.load(running) != 0 && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
+        (woken || SharedWord.load(running) != 0) && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
     }
 }
 

@@ -63,6 +63,8 @@ public final class CapsService: @unchecked Sendable {
         let serviceWake: PatchbaySystem.Descriptor
         let clientWake: PatchbaySystem.Descriptor
         let direct: PatchbaySystem.Descriptor
+        /// The port woke this client since it last planned a wait (see `PeerActivity.woken`).
+        @exclusivity(unchecked) var woken = false
         @exclusivity(unchecked) var allocator: ArenaAllocator
         /// Its requests read and not yet disposed of, by sequence number: `received`,
         /// `receivedAborted` (the client aborted it since), or `replied` (with the reply's arena
@@ -208,8 +210,9 @@ public final class CapsService: @unchecked Sendable {
         if !refusedUsers.isEmpty { readmitUsers() }
         let peer = lastActive.map { client in
             client._withUnsafeGuaranteedRef { client in
-                PeerActivity(running: client.channel.word32(CapsLayout.clientRunningOffset),
-                             cpu: client.channel.word32(CapsLayout.clientCPUOffset))
+                defer { client.woken = false }
+                return PeerActivity(running: client.channel.word32(CapsLayout.clientRunningOffset),
+                                    cpu: client.channel.word32(CapsLayout.clientCPUOffset), woken: client.woken)
             }
         }
         // While it refuses a uid, it sleeps in epoll, at most a second at a time, to look again:
@@ -759,9 +762,11 @@ public final class CapsService: @unchecked Sendable {
         if SharedWord.load(channel.word32(CapsLayout.clientSleepingOffset)) != 0 {
             SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
             Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+            client.woken = true
         }
         if SharedWord.load(channel.word32(CapsLayout.clientWatchingOffset)) != 0 {
             WakeSocket.wake(client.clientWake.rawValue)
+            client.woken = true
         }
     }
 
