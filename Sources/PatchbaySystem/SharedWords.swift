@@ -28,6 +28,8 @@ public enum SharedWord {
     @inlinable @inline(__always) public static func fence() { pb_fence() }
     /// A pause hint for spin loops.
     @inlinable @inline(__always) public static func relax() { pb_cpu_relax() }
+    /// Starts bringing in the cache line at `address` for reading; returns at once.
+    @inlinable @inline(__always) public static func prefetch(_ address: UnsafeRawPointer) { pb_prefetch(address) }
 }
 
 /// The CPU this thread is running on now. The corresponding C call is `sched_getcpu`.

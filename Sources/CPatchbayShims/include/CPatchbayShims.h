@@ -157,6 +157,9 @@ static inline void pb_cpu_relax(void) {
 #endif
 }
 
+/// Asks for the cache line at `address` to be brought in for reading, without waiting for it.
+static inline void pb_prefetch(const void *address) { __builtin_prefetch(address, 0, 3); }
+
 /// A recursive lock for the threads of one process, for the CAPS ports' state. A pthread
 /// recursive mutex costs about 60 instructions a lock and unlock, several times per message;
 /// this one takes one compare-and-swap and one exchange when nobody waits, and sleeps on a

@@ -418,6 +418,9 @@ final class CapsChannel: @unchecked Sendable {
         var hasWork: Bool {
             let head = SharedWord.load(positions + Position.head + Ring.request.index)
             let slot = requestSlots + Int(truncatingIfNeeded: (head & mask) &* UInt64(CapsLayout.entrySize))
+            // The entry's second line (the end of an inline payload) is asked for with the
+            // stamp's, so both cross together instead of one after the other.
+            SharedWord.prefetch(slot + 64)
             if SharedWord.load(slot.advanced(by: CapsLayout.entryStamp).assumingMemoryBound(to: UInt64.self)) == head &+ 1 {
                 return true
             }
@@ -434,6 +437,7 @@ final class CapsChannel: @unchecked Sendable {
     @inline(__always)
     func hasEntries(_ ring: Ring) -> Bool {
         let head = SharedWord.load(head(ring))
+        SharedWord.prefetch(slot(ring, head) + 64)  // as in `Probe.hasWork`
         return SharedWord.load(Self.stamp(slot(ring, head))) == head &+ 1
     }
 
