@@ -30,18 +30,31 @@ extension Bench {
             try client.waitReply { _, _ in }
         }
         // The floor and the round trip, alternating in rounds (the spinning echo peer runs only
-        // during its own rounds: two spinners on one CPU would measure each other).
-        let spinPairs = try paired(count: spinCount, baseline: { count in try sharedMemoryPingPong(sleeping: false, count: count) },
-                                   subject: { count in try measure(count) { try roundTrip(64) } })
+        // during its own rounds: two spinners on one CPU would measure each other). Back to back,
+        // 16 to a sample: a clock read between round trips costs more than a crossing, and gives
+        // the service time to finish the last DISPOSE before the next request comes, which a
+        // caller that calls again at once does not.
+        let group = 16
+        let spinPairs = try paired(count: spinCount / group,
+                                   baseline: { count in try sharedMemoryPingPong(sleeping: false, count: count, grouping: group) },
+                                   subject: { count in try measure(count, grouping: group) { try roundTrip(64) } })
         let caps64 = spinPairs.subject
         addPaired("CAPS round trip, 64 B, spinning peers", spinPairs, baseline: "shm pure-spin ping-pong", target: "≤ 2×", limit: 2)
+        // The same, each round trip timed alone (how this row was measured until 2026-11-27).
+        let onePairs = try paired(count: spinCount, baseline: { count in try sharedMemoryPingPong(sleeping: false, count: count) },
+                                  subject: { count in try measure(count) { try roundTrip(64) } })
+        var timedAlone = BenchRow(name: "CAPS round trip, 64 B, each timed alone", samples: onePairs.subject,
+                                  baseline: "shm pure-spin, each timed alone", baselineSamples: onePairs.baseline,
+                                  target: "(clock read in each)", met: nil)
+        timedAlone.roundRatios = onePairs.ratios
+        add(timedAlone)
         add(BenchRow(name: "CAPS round trip, 64 B, spinning peers", samples: caps64, baseline: "AF_UNIX seqpacket ping-pong",
                      baselineSamples: seqpacket, target: "≤ 0.02×", met: ratio(caps64, seqpacket) <= 0.02))
         // The software alone: both ports in this thread, so nothing crosses CPUs and nothing
         // waits. What the spinning round trip costs beyond this is the crossing itself.
         let selfService = try CapsService(broker, name: "bench.self", access: [.world])
         let selfClient = try CapsClient(broker, name: "bench.self")
-        let software = try measure(spinCount) {
+        let software = try measure(spinCount / group, grouping: group) {
             _ = try selfClient.put(length: 64) { $0.initializeMemory(as: UInt8.self, repeating: 1) }
             try selfService.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) -> Void in
                 _ = try? selfService.reply(to: message.messageID, length: payload.count) { buffer in
