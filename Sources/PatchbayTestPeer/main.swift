@@ -15,6 +15,10 @@
 //   caps-client NAME COUNT    COUNT calls to an echo service answering "echo:" + request; prints
 //                             "ok COUNT" or the first mismatch
 //   caps-put-and-hang NAME    puts 3 requests, prints "sent ID ID ID", waits to be killed
+//   caps-woken-wait NAME SPIN_NS
+//                             with that spin budget: connects, prints "ready", waits for "go",
+//                             puts a request, prints "waiting N" (N: its thread's voluntary
+//                             context switches so far), waits for the reply, prints "replied"
 //   broker-fork N             one Broker, fork, N shm opens and unlinks in parent and child at
 //                             once; prints "child ok" then "parent ok", or the first failure
 //   caps-wedge-and-flood NAME PORT N
@@ -876,6 +880,35 @@ func capsWakeStorm(_ name: String) throws(PatchbayError) {
 }
 
 /// Puts three requests nobody will answer, says their ids, then waits to be killed.
+/// A client that puts one request and waits for the reply, spinning up to `spin` ns. To a service
+/// it finds asleep, its wait must spin (it just woke the service), not sleep, however long the
+/// service takes to run; the test stops the service and watches this thread's context switches.
+func capsWokenWait(_ name: String, spin: UInt64) throws(PatchbayError) {
+    CapsTuning.spinNanoseconds = spin
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    say("ready")
+    guard Swift.readLine() == "go" else { return }
+    _ = try client.put(Array("woken".utf8))
+    say("waiting \(voluntarySwitchesOfThisThread() ?? -1)")
+    try client.waitReply { _, _ in }
+    say("replied")
+}
+
+/// `voluntary_ctxt_switches` of the calling thread, from /proc (reading it does not block).
+func voluntarySwitchesOfThisThread() -> Int? {
+    guard let file = fopen("/proc/thread-self/status", "r") else { return nil }
+    defer { fclose(file) }
+    var line = [CChar](repeating: 0, count: 256)
+    while fgets(&line, CInt(line.count), file) != nil {
+        let text = String(cString: line)
+        if text.hasPrefix("voluntary_ctxt_switches:") {
+            return Int(String(text.dropFirst("voluntary_ctxt_switches:".count).filter(\.isNumber)))
+        }
+    }
+    return nil
+}
+
 func capsPutAndHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name, waitForService: true)
@@ -1277,6 +1310,8 @@ func main() -> CInt {
             try capsHold(arguments[1], count: Int(arguments[2])!)
         case "caps-wake-storm" where arguments.count == 2:
             try capsWakeStorm(arguments[1])
+        case "caps-woken-wait" where arguments.count == 3 && UInt64(arguments[2]) != nil:
+            try capsWokenWait(arguments[1], spin: UInt64(arguments[2])!)
         case "caps-put-and-hang" where arguments.count == 2:
             try capsPutAndHang(arguments[1])
         case "caps-flood" where arguments.count == 3 && Int(arguments[2]) != nil:

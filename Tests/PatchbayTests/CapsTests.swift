@@ -159,6 +159,111 @@ struct CapsTests {
         }
     }
 
+    @Test("a port that woke its sleeping peer spins for it, before the peer even runs, instead of sleeping at once (peers that once fell asleep stayed asleep in step)")
+    func wokenPeerCountsAsRunning() throws {
+        // Spinning is only for a peer on another CPU: the two are pinned apart, which needs two.
+        guard onlineCPUCount() >= 2 else { return }
+        let broker = try TestBroker()
+        let observer = try broker.connect()
+        /// A thread's state letter, CPU time in clock ticks and voluntary context switches (a sleep
+        /// on a futex is one; so is a stop).
+        func thread(_ pid: pid_t) -> (state: Character, ticks: Int, switches: Int)? {
+            func text(_ path: String) -> String? {
+                guard let file = try? openFile(path, flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 8192) else { return nil }
+                return String(decoding: bytes, as: UTF8.self)
+            }
+            guard let stat = text("/proc/\(pid)/task/\(pid)/stat"), let close = stat.lastIndex(of: ")"),
+                  let status = text("/proc/\(pid)/task/\(pid)/status"),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("voluntary_ctxt_switches:") }),
+                  let switches = Int(String(line.filter(\.isNumber)))
+            else { return nil }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 12, let state = fields[0].first, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+            return (state, user + system, switches)
+        }
+        /// Polls `pid`'s main thread until `done` says so (10 s at most); its last look.
+        func watch(_ pid: pid_t, until done: ((state: Character, ticks: Int, switches: Int)) -> Bool)
+            -> (state: Character, ticks: Int, switches: Int)?
+        {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            var now = thread(pid)
+            while let current = now, !done(current), monotonicNanoseconds() < deadline {
+                usleep(2_000)
+                now = thread(pid)
+            }
+            return now
+        }
+        /// Whether `pid`'s main thread, from `start`, gains a tenth of a second of CPU time without
+        /// a voluntary context switch: it spins.
+        func spins(_ pid: pid_t, from start: (state: Character, ticks: Int, switches: Int)) -> Bool {
+            let tenth = max(Int(sysconf(Int32(_SC_CLK_TCK))) / 10, 1)
+            let last = watch(pid) { $0.switches != start.switches || $0.ticks - start.ticks >= tenth }
+            return last.map { $0.switches == start.switches && $0.ticks - start.ticks >= tenth } ?? false
+        }
+
+        // The client's side. The service sleeps as soon as it is idle, and is stopped asleep: its
+        // running word stays 0 however it is woken.
+        var environment = broker.environment
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
+        let service = try Child("/usr/bin/taskset", ["-c", "0", patchbayCLI, "caps", "serve", "woken.client", "--allow", "world", "--echo"],
+                                environment: environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let port = try CapsClient(observer, name: "woken.client", waitForService: true)
+        let asleep = monotonicNanoseconds() + 10_000_000_000
+        while port.serviceSleepers != (epoll: 0, futex: 1) && monotonicNanoseconds() < asleep { usleep(1_000) }
+        #expect(port.serviceSleepers == (epoll: 0, futex: 1))
+        service.kill(SIGSTOP)
+        let client = try Child("/usr/bin/taskset", ["-c", "1", testPeer, "caps-woken-wait", "woken.client", "60000000000"],
+                               environment: broker.environment)
+        defer { client.kill(SIGKILL); _ = try? client.wait() }
+        #expect(try client.readLine() == "ready")
+        try client.writeLine("go")
+        let waiting = try client.readLine() ?? ""
+        let before = waiting.hasPrefix("waiting ") ? Int(waiting.dropFirst("waiting ".count)) : nil
+        if let before, let start = thread(client.pid) {
+            #expect(start.switches == before, "the client slept while its service, which it had woken, had not run yet")
+            #expect(spins(client.pid, from: start), "the client did not spin for the service it woke")
+        } else {
+            Issue.record("client: \(waiting)")
+        }
+        service.kill(SIGCONT)
+        #expect(try client.readLine() == "replied")
+        #expect(try client.wait() == .exited(0))
+
+        // The service's side: it wakes a client stopped asleep with its reply, then waits for the
+        // next request, spinning.
+        environment["PATCHBAY_CAPS_SPIN_NS"] = "60000000000"
+        let spinner = try Child("/usr/bin/taskset", ["-c", "0", patchbayCLI, "caps", "serve", "woken.service", "--allow", "world", "--echo"],
+                                environment: environment)
+        defer { spinner.kill(SIGKILL); _ = try? spinner.wait() }
+        _ = try CapsClient(observer, name: "woken.service", waitForService: true)
+        spinner.kill(SIGSTOP)
+        _ = watch(spinner.pid) { $0.state == "T" }
+        let sleeper = try Child("/usr/bin/taskset", ["-c", "1", testPeer, "caps-woken-wait", "woken.service", "0"],
+                                environment: broker.environment)
+        defer { sleeper.kill(SIGKILL); _ = try? sleeper.wait() }
+        #expect(try sleeper.readLine() == "ready")
+        try sleeper.writeLine("go")
+        let put = try sleeper.readLine() ?? ""
+        // The client asleep for its reply (its switch count moved past the one it printed), then stopped.
+        if put.hasPrefix("waiting "), let printed = Int(put.dropFirst("waiting ".count)) {
+            _ = watch(sleeper.pid) { $0.switches > printed && $0.state == "S" }
+        } else {
+            Issue.record("client: \(put)")
+        }
+        sleeper.kill(SIGSTOP)
+        _ = watch(sleeper.pid) { $0.state == "T" }
+        if let stopped = thread(spinner.pid) {
+            spinner.kill(SIGCONT)
+            #expect(spins(spinner.pid, from: stopped), "the service slept after waking its client, which had not run yet")
+        } else {
+            Issue.record("no service thread")
+        }
+        sleeper.kill(SIGCONT)
+        #expect(try sleeper.readLine() == "replied")
+        #expect(try sleeper.wait() == .exited(0))
+    }
+
     @Test("a forked child that cancels and drops an inherited service port leaves the parent's port watching: a client that connects afterwards is served")
     func inheritedServiceLeavesTheParentAlone() throws {
         let broker = try TestBroker()
