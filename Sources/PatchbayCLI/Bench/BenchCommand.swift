@@ -169,24 +169,12 @@ final class Bench {
         scratch.stop()
     }
 
-    /// Times `body` `count` times after `warmup` untimed runs.
-    func measure(_ count: Int, warmup: Int? = nil, _ body: () throws -> Void) rethrows -> Samples {
-        for _ in 0..<(warmup ?? max(count / 10, 50)) { try body() }
-        var values = [UInt64](repeating: 0, count: count)
-        for index in 0..<count {
-            let start = monotonicNanoseconds()
-            try body()
-            values[index] = monotonicNanoseconds() - start
-        }
-        return Samples(values)
-    }
-
-    /// Times `body` in groups of `group` back-to-back runs, `count` groups after a warm-up: each
-    /// sample is a group's time divided by `group`. A clock read (about 22 ns here, more than a
-    /// cache line's crossing) then weighs on a sample `group` times less, and nothing but the
-    /// operation itself runs between one run and the next.
-    func measure(_ count: Int, grouping group: Int, _ body: () throws -> Void) rethrows -> Samples {
-        for _ in 0..<max(count / 10, 50) * group { try body() }
+    /// Times `body` `count` times after `warmup` untimed runs, or with `group` above 1, in `count`
+    /// groups of `group` back-to-back runs, each sample a group's time divided by `group`: a clock
+    /// read (about 22 ns here, more than a cache line's crossing) then weighs on a sample `group`
+    /// times less, and nothing but the operation itself runs between one run and the next.
+    func measure(_ count: Int, warmup: Int? = nil, grouping group: Int = 1, _ body: () throws -> Void) rethrows -> Samples {
+        for _ in 0..<(warmup ?? max(count / 10, 50)) * group { try body() }
         var values = [UInt64](repeating: 0, count: count)
         for index in 0..<count {
             let start = monotonicNanoseconds()
@@ -264,7 +252,7 @@ final class Bench {
     // MARK: Raw baselines
 
     /// Shared-memory ping-pong with a peer that spins (or always sleeps on a futex).
-    /// `grouping`: as `measure(_:grouping:_:)`.
+    /// `grouping`: as `measure`'s.
     func sharedMemoryPingPong(sleeping: Bool, count: Int, grouping group: Int = 1) throws -> Samples {
         let memory = try makeMemoryFile(name: "bench-pingpong", sealable: false)
         try memory.truncate(to: 4096)
