@@ -879,7 +879,6 @@ func capsWakeStorm(_ name: String) throws(PatchbayError) {
     say("rounds \(round)")
 }
 
-/// Puts three requests nobody will answer, says their ids, then waits to be killed.
 /// A client that puts one request and waits for the reply, spinning up to `spin` ns. To a service
 /// it finds asleep, its wait must spin (it just woke the service), not sleep, however long the
 /// service takes to run; the test stops the service and watches this thread's context switches.
@@ -909,6 +908,7 @@ func voluntarySwitchesOfThisThread() -> Int? {
     return nil
 }
 
+/// Puts three requests nobody will answer, says their ids, then waits to be killed.
 func capsPutAndHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name, waitForService: true)

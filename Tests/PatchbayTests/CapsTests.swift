@@ -161,8 +161,9 @@ struct CapsTests {
 
     @Test("a port that woke its sleeping peer spins for it, before the peer even runs, instead of sleeping at once (peers that once fell asleep stayed asleep in step)")
     func wokenPeerCountsAsRunning() throws {
-        // Spinning is only for a peer on another CPU: the two are pinned apart, which needs two.
-        guard onlineCPUCount() >= 2 else { return }
+        // Spinning is only for a peer on another CPU: the two are pinned apart (with taskset),
+        // which needs two.
+        guard onlineCPUCount() >= 2, access("/usr/bin/taskset", X_OK) == 0 else { return }
         let broker = try TestBroker()
         let observer = try broker.connect()
         /// A thread's state letter, CPU time in clock ticks and voluntary context switches (a sleep
@@ -231,7 +232,9 @@ struct CapsTests {
         #expect(try client.wait() == .exited(0))
 
         // The service's side: it wakes a client stopped asleep with its reply, then waits for the
-        // next request, spinning.
+        // next request, spinning. (It may have been stopped anywhere, even asleep, and may sleep
+        // once more after it is let go, until it hears of the new client: its spin is looked for
+        // from the moment it runs, not from the stop.)
         environment["PATCHBAY_CAPS_SPIN_NS"] = "60000000000"
         let spinner = try Child("/usr/bin/taskset", ["-c", "0", patchbayCLI, "caps", "serve", "woken.service", "--allow", "world", "--echo"],
                                 environment: environment)
@@ -255,7 +258,13 @@ struct CapsTests {
         _ = watch(sleeper.pid) { $0.state == "T" }
         if let stopped = thread(spinner.pid) {
             spinner.kill(SIGCONT)
-            #expect(spins(spinner.pid, from: stopped), "the service slept after waking its client, which had not run yet")
+            // Running, and gaining CPU time: it has answered and spins (asleep, it would gain none).
+            let running = watch(spinner.pid) { $0.state == "R" && $0.ticks > stopped.ticks }
+            if let running, running.state == "R", running.ticks > stopped.ticks {
+                #expect(spins(spinner.pid, from: running), "the service slept after waking its client, which had not run yet")
+            } else {
+                Issue.record("the service did not run after waking its client: \(String(describing: running))")
+            }
         } else {
             Issue.record("no service thread")
         }

@@ -169,8 +169,8 @@ final class Bench {
         scratch.stop()
     }
 
-    /// Times `body` `count` times after `warmup` untimed runs, or with `group` above 1, in `count`
-    /// groups of `group` back-to-back runs, each sample a group's time divided by `group`: a clock
+    /// Times `body` `count` times after `warmup` untimed runs (with `group` above 1, `warmup` untimed
+    /// groups), or with `group` above 1, in `count` groups of `group` back-to-back runs, each sample a group's time divided by `group`: a clock
     /// read (about 22 ns here, more than a cache line's crossing) then weighs on a sample `group`
     /// times less, and nothing but the operation itself runs between one run and the next.
     func measure(_ count: Int, warmup: Int? = nil, grouping group: Int = 1, _ body: () throws -> Void) rethrows -> Samples {
