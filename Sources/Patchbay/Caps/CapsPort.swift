@@ -302,7 +302,7 @@ struct CapsPortCore {
     ) throws(PatchbayError) {
         let cpu = UInt32(bitPattern: currentCPU())
         if SharedWord.load(cpuWord) != cpu { SharedWord.store(cpuWord, cpu) }
-        if let peer, spinUntil(ready, while: { peer.isRunningElsewhere }) { return }
+        if var peer, spinUntil(ready, while: { peer.isRunningElsewhere() }) { return }
         try sleep()
     }
 }
@@ -312,16 +312,20 @@ struct PeerActivity {
     let running: UnsafeMutablePointer<UInt32>
     let cpu: UnsafeMutablePointer<UInt32>
     /// This port woke the peer since its last wait: the peer is on its way to run, and its answer
-    /// may come within the spin budget even though its running flag still says it sleeps.
-    /// (Without this, two peers that once fell asleep stay in step asleep: each wakes the other
-    /// and, seeing it not yet running, sleeps at once; every round trip then costs two wake-ups.)
+    /// may come within the spin budget even though its running flag still says it sleeps, until
+    /// the flag has been seen set (from then on the flag says all: a peer that ran and went back
+    /// to sleep is not waited for). (Without this, two peers that once fell asleep stay in step
+    /// asleep: each wakes the other and, seeing it not yet running, sleeps at once; every round
+    /// trip then costs two wake-ups.)
     var woken = false
 
-    /// The peer is running now, or was just woken, on another CPU than this thread: spinning can
-    /// see its answer.
+    /// The peer is running now, or was just woken and has not run yet, on another CPU than this
+    /// thread: spinning can see its answer.
     @inline(__always)
-    var isRunningElsewhere: Bool {
-        (woken || SharedWord.load(running) != 0) && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
+    mutating func isRunningElsewhere() -> Bool {
+        let running = SharedWord.load(running) != 0
+        if running { woken = false }
+        return (woken || running) && Int32(bitPattern: SharedWord.load(cpu)) != currentCPU()
     }
 }
 
