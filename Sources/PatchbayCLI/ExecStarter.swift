@@ -15,8 +15,8 @@ import SystemPackage
 //
 // Between the two, on a local seqpacket socket: the service sends a message of 8 bytes (a tag)
 // with two descriptors (the program's stdin and stdout); the starter answers, once the program
-// has ended, with 16 bytes: the tag, then how it ended (0 and the exit status, 1 and the signal,
-// 2 and the errno it could not be started with). Programs run at the same time as far as the
+// has ended, with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status,
+// 1 and the signal, 2 and the errno it could not be started with). Programs run at the same time as far as the
 // service starts them so.
 
 /// The starter's side: a program per message on fd 3, each waited for on a thread of its own.

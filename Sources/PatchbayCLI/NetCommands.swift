@@ -50,10 +50,10 @@ struct NetCommand: ParsableCommand {
             let program = exec.first.map { resolveProgram($0, for: command) }
             // A peer that goes away while a reply is written must not kill the listener.
             signal(SIGPIPE, SIG_IGN)
-            // A server outlives broker restarts: it binds its name again when the broker is back.
             // The programs are started by a process started now, before any connection is taken
             // (ExecStarter says why).
             let starter = program.map { startExecStarter($0, arguments: Array(exec.dropFirst()), for: command) }
+            // A server outlives broker restarts: it binds its name again when the broker is back.
             let broker = connectBroker(for: command, reconnect: .forever)
             if type == .dgram {
                 if let error = serveDatagrams(broker) { fail(command, error) }

@@ -182,6 +182,10 @@ struct CapsTests {
             guard fields.count > 12, let state = fields[0].first, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
             return (state, user + system, switches)
         }
+        /// `program` with `arguments`, pinned to `cpu` from its start (its threads too).
+        func pinned(_ cpu: Int, _ program: String, _ arguments: [String], _ environment: [String: String?]) throws -> Child {
+            try Child("/usr/bin/taskset", ["-c", "\(cpu)", program] + arguments, environment: environment)
+        }
         /// Polls `pid`'s main thread until `done` says so (10 s at most); its last look.
         func watch(_ pid: pid_t, until done: ((state: Character, ticks: Int, switches: Int)) -> Bool)
             -> (state: Character, ticks: Int, switches: Int)?
@@ -206,16 +210,14 @@ struct CapsTests {
         // running word stays 0 however it is woken.
         var environment = broker.environment
         environment["PATCHBAY_CAPS_SPIN_NS"] = "0"
-        let service = try Child("/usr/bin/taskset", ["-c", "0", patchbayCLI, "caps", "serve", "woken.client", "--allow", "world", "--echo"],
-                                environment: environment)
+        let service = try pinned(0, patchbayCLI, ["caps", "serve", "woken.client", "--allow", "world", "--echo"], environment)
         defer { service.kill(SIGKILL); _ = try? service.wait() }
         let port = try CapsClient(observer, name: "woken.client", waitForService: true)
         let asleep = monotonicNanoseconds() + 10_000_000_000
         while port.serviceSleepers != (epoll: 0, futex: 1) && monotonicNanoseconds() < asleep { usleep(1_000) }
         #expect(port.serviceSleepers == (epoll: 0, futex: 1))
         service.kill(SIGSTOP)
-        let client = try Child("/usr/bin/taskset", ["-c", "1", testPeer, "caps-woken-wait", "woken.client", "60000000000"],
-                               environment: broker.environment)
+        let client = try pinned(1, testPeer, ["caps-woken-wait", "woken.client", "60000000000"], broker.environment)
         defer { client.kill(SIGKILL); _ = try? client.wait() }
         #expect(try client.readLine() == "ready")
         try client.writeLine("go")
@@ -236,14 +238,12 @@ struct CapsTests {
         // once more after it is let go, until it hears of the new client: its spin is looked for
         // from the moment it runs, not from the stop.)
         environment["PATCHBAY_CAPS_SPIN_NS"] = "60000000000"
-        let spinner = try Child("/usr/bin/taskset", ["-c", "0", patchbayCLI, "caps", "serve", "woken.service", "--allow", "world", "--echo"],
-                                environment: environment)
+        let spinner = try pinned(0, patchbayCLI, ["caps", "serve", "woken.service", "--allow", "world", "--echo"], environment)
         defer { spinner.kill(SIGKILL); _ = try? spinner.wait() }
         _ = try CapsClient(observer, name: "woken.service", waitForService: true)
         spinner.kill(SIGSTOP)
         _ = watch(spinner.pid) { $0.state == "T" }
-        let sleeper = try Child("/usr/bin/taskset", ["-c", "1", testPeer, "caps-woken-wait", "woken.service", "0"],
-                                environment: broker.environment)
+        let sleeper = try pinned(1, testPeer, ["caps-woken-wait", "woken.service", "0"], broker.environment)
         defer { sleeper.kill(SIGKILL); _ = try? sleeper.wait() }
         #expect(try sleeper.readLine() == "ready")
         try sleeper.writeLine("go")

@@ -102,8 +102,7 @@ extension CapsClient {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<[UInt8], PatchbayError>, Never>) in
                 queue.async { [self] in
                     continuation.resume(returning: Result { () throws(PatchbayError) in
-                        if let maxReplyLength { return try call(bytes, maxReplyLength: maxReplyLength) }
-                        return try call(bytes)
+                        try call(bytes, maxReplyLength: maxReplyLength ?? .max)
                     })
                 }
             }
