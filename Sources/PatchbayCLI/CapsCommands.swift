@@ -112,6 +112,12 @@ struct CapsCommand: ParsableCommand {
                 } catch {
                     fail(command, error)
                 }
+                // Without its starter the service can answer nothing again: it stops, failing,
+                // rather than refuse every request from now on (the request that found it gone
+                // had its error reply).
+                if let starter, starter.isGone {
+                    fail(command, .ioError, "the process that runs \(starter.program) is gone; no request can be answered any more")
+                }
             }
         }
 

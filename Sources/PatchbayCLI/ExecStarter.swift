@@ -132,7 +132,21 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
         let sent = withUnsafeBytes(of: &bytes) { raw in
             [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, raw, $0) }
         }
-        return sent == 8 ? tag : nil
+        guard sent == 8 else {
+            pthread_mutex_lock(lock)
+            state.gone = true
+            pthread_cond_broadcast(changed)
+            pthread_mutex_unlock(lock)
+            return nil
+        }
+        return tag
+    }
+
+    /// The starter is gone (killed, or crashed): no program can be run any more.
+    var isGone: Bool {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        return state.gone
     }
 
     /// How the program `start` started as `tag` ended. One thread at a time reads the starter's

@@ -260,9 +260,9 @@ final class ConnectionBox: @unchecked Sendable {
     /// program that fails is logged.
     func run(_ starter: ExecStarter) {
         let fd = socket.dataDescriptor
+        // Without its starter the listener can serve nothing again: it stops, failing.
         guard let tag = starter.start(stdin: fd, stdout: fd) else {
-            writeStandardError("patchbay: net listen: cannot run \(starter.program): its starter is gone\n")
-            return
+            fail("net listen", .ioError, "the process that runs \(starter.program) is gone; no connection can be served any more")
         }
         switch starter.wait(tag) {
         case .success(let termination) where termination != .exited(0):
@@ -270,6 +270,7 @@ final class ConnectionBox: @unchecked Sendable {
         case .success:
             break
         case .failure(let failure):
+            if starter.isGone { fail("net listen", .ioError, failure.reason) }
             writeStandardError("patchbay: net listen: \(failure.reason)\n")
         }
     }

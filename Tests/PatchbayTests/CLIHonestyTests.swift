@@ -178,6 +178,48 @@ struct CLIHonestyTests {
         expectErrno(.ioError) { () throws(PatchbayError) in _ = try client.call(Array("x".utf8)) }
     }
 
+    @Test("caps serve --exec and net listen --exec whose starter is killed: what finds it gone fails (EIO for a request), then the command exits 1 instead of refusing everything from then on")
+    func servedProgramStarterGone() throws {
+        let broker = try TestBroker()
+        let server = try Child(patchbayCLI, ["caps", "serve", "orphaned", "--exec", "/bin/cat"], environment: broker.environment)
+        defer { server.kill(SIGKILL); _ = try? server.wait() }
+        let client = try CapsClient(try broker.connect(), name: "orphaned", waitForService: true)
+        #expect(try client.call(Array("first".utf8)) == Array("first".utf8))
+        // The starter: the service's child running `patchbay exec-starter`.
+        let starter = childProcesses(of: server.pid).first { processCommandLine(of: $0).contains("exec-starter /bin/cat") }
+        guard let starter else {
+            Issue.record("no exec-starter child of the service")
+            return
+        }
+        kill(starter, SIGKILL)
+        expectErrno(.ioError) { () throws(PatchbayError) in _ = try client.call(Array("second".utf8)) }
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while server.isRunning && monotonicNanoseconds() < deadline { usleep(2_000) }
+        #expect(!server.isRunning, "the service went on without its starter")
+        if !server.isRunning { #expect(try server.wait() == .exited(1)) }
+
+        // The same for net listen: the connection that finds the starter gone ends, and so does
+        // the listener, failing.
+        let listener = try Child(patchbayCLI, ["net", "listen", "orphaned", "--exec", "/bin/cat"], environment: broker.environment)
+        defer { listener.kill(SIGKILL); _ = try? listener.wait() }
+        let observer = try broker.connect()
+        let listening = monotonicNanoseconds() + 10_000_000_000
+        while try !observer.listSockets().contains(where: { $0.name == "orphaned" && $0.state == "LISTENING" }),
+              monotonicNanoseconds() < listening { usleep(2_000) }
+        guard let netStarter = childProcesses(of: listener.pid).first(where: { processCommandLine(of: $0).contains("exec-starter /bin/cat") })
+        else {
+            Issue.record("no exec-starter child of the listener")
+            return
+        }
+        kill(netStarter, SIGKILL)
+        let served = try cli(broker, ["net", "connect", "orphaned"], input: "hello\n")
+        #expect(served.standardOutput.isEmpty, "\(served.standardOutput)")
+        let stopped = monotonicNanoseconds() + 10_000_000_000
+        while listener.isRunning && monotonicNanoseconds() < stopped { usleep(2_000) }
+        #expect(!listener.isRunning, "the listener went on without its starter")
+        if !listener.isRunning { #expect(try listener.wait() == .exited(1)) }
+    }
+
     @Test("net listen --exec with a missing program fails at start (127), binding nothing")
     func listenWithMissingProgram() throws {
         let broker = try TestBroker()
