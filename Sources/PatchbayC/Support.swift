@@ -151,21 +151,44 @@ public func pb_claim(_ broker: OpaquePointer?, _ key: UnsafePointer<CChar>?) -> 
 
 // MARK: Shared memory
 
+/// Whether a name argument is `PB_SHM_ANON`, FreeBSD's `SHM_ANON`: the pointer 1.
+private func isAnonymous(_ name: UnsafePointer<CChar>?) -> Bool {
+    name.map { UInt(bitPattern: $0) == 1 } ?? false
+}
+
+/// A shared memory name from C. NULL (and `PB_SHM_ANON` where no anonymous object is meant) is
+/// `EFAULT`, as FreeBSD's calls answer a name they cannot read.
+private func sharedMemoryName(_ pointer: UnsafePointer<CChar>?, _ what: String) throws(PatchbayError) -> String {
+    guard let pointer, !isAnonymous(pointer) else {
+        throw PatchbayError(.badAddress, "\(what) is \(pointer == nil ? "NULL" : "PB_SHM_ANON, which names no object here")")
+    }
+    return try string(pointer, what)
+}
+
 @_cdecl("pb_shm_open")
 public func pb_shm_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ oflag: CInt, _ mode: mode_t) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        let broker = try object(broker, as: Broker.self, "broker")
-        let name = try string(name, "the name")
+        // FreeBSD's order: the access mode and the flags, then the name.
         let access: SharedMemoryAccess
         switch oflag & O_ACCMODE {
         case O_RDONLY: access = .readOnly
         case O_RDWR: access = .readWrite
-        default: access = .writeOnly  // the broker refuses it (EINVAL), as FreeBSD does
+        default: throw PatchbayError(.invalidArgument, "write-only access is not allowed; open read-only or read-write")
         }
         let known = O_ACCMODE | O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
         guard oflag & ~known == 0 else {
             throw PatchbayError(.invalidArgument, "flags other than O_CREAT, O_EXCL, O_TRUNC (and O_CLOEXEC) are not shm_open's")
         }
+        if isAnonymous(name) {
+            // SHM_ANON: a new anonymous object, made here (no broker needed); the other flags
+            // and the mode do not apply.
+            guard access == .readWrite else {
+                throw PatchbayError(.invalidArgument, "an anonymous object (PB_SHM_ANON) is opened O_RDWR: read-only, nothing could ever write it")
+            }
+            return try SharedMemory.anonymous(sealable: false).releaseDescriptor()
+        }
+        let broker = try object(broker, as: Broker.self, "broker")
+        let name = try sharedMemoryName(name, "the name")
         var options: SharedMemoryOpenOptions = []
         if oflag & O_CREAT != 0 { options.insert(.create) }
         if oflag & O_EXCL != 0 { options.insert(.exclusive) }
@@ -178,7 +201,8 @@ public func pb_shm_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?,
 @_cdecl("pb_shm_unlink")
 public func pb_shm_unlink(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        try object(broker, as: Broker.self, "broker").unlinkSharedMemory(try string(name, "the name"))
+        let broker = try object(broker, as: Broker.self, "broker")
+        try broker.unlinkSharedMemory(try sharedMemoryName(name, "the name"))
         return 0
     }
 }
@@ -186,16 +210,21 @@ public func pb_shm_unlink(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>
 @_cdecl("pb_shm_rename")
 public func pb_shm_rename(_ broker: OpaquePointer?, _ from: UnsafePointer<CChar>?, _ to: UnsafePointer<CChar>?, _ flags: CInt) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        let broker = try object(broker, as: Broker.self, "broker")
+        // FreeBSD's order: the flags, an anonymous name, then the names themselves.
         let behaviour: SharedMemoryRename
         switch flags {
         case 0: behaviour = .replace
         case PB_SHM_RENAME_NOREPLACE: behaviour = .noReplace
         case PB_SHM_RENAME_EXCHANGE: behaviour = .exchange
-        case PB_SHM_RENAME_NOREPLACE | PB_SHM_RENAME_EXCHANGE: behaviour = .noReplaceAndExchange  // EINVAL from the broker
+        case PB_SHM_RENAME_NOREPLACE | PB_SHM_RENAME_EXCHANGE:
+            throw PatchbayError(.invalidArgument, "PB_SHM_RENAME_NOREPLACE and PB_SHM_RENAME_EXCHANGE exclude each other")
         default: throw PatchbayError(.invalidArgument, "unknown rename flags \(flags)")
         }
-        try broker.renameSharedMemory(from: try string(from, "from"), to: try string(to, "to"), behaviour)
+        guard !isAnonymous(from), !isAnonymous(to) else {
+            throw PatchbayError(.invalidArgument, "an anonymous object (PB_SHM_ANON) has no name to rename from or to")
+        }
+        let broker = try object(broker, as: Broker.self, "broker")
+        try broker.renameSharedMemory(from: try sharedMemoryName(from, "from"), to: try sharedMemoryName(to, "to"), behaviour)
         return 0
     }
 }

@@ -73,7 +73,7 @@ struct CapsCommand: ParsableCommand {
             // Refused requests (a client past its in-flight limit) are reported once a second
             // at most, never once per request.
             startThread {
-                var reported = 0
+                var reported = (total: 0, pastLimit: 0)
                 var registrations = 1
                 while true {
                     sleep(1)
@@ -83,10 +83,14 @@ struct CapsCommand: ParsableCommand {
                         writeStandardError("patchbay: caps serve: the broker restarted; \(name) is registered again (service \(service.serviceID))\n")
                     }
                     let refusals = service.refusals
-                    guard refusals.total > reported else { continue }
+                    guard refusals.total > reported.total else { continue }
                     let who = refusals.last.map { "; the last from pid \($0.pid), uid \($0.uid)" } ?? ""
-                    writeStandardError("patchbay: caps serve: refused \(refusals.total - reported) requests past a client's limit of \(service.maximumInFlight) in flight\(who)\n")
-                    reported = refusals.total
+                    let pastLimit = refusals.pastLimit - reported.pastLimit
+                    let unreadable = refusals.total - reported.total - pastLimit
+                    let reasons = [pastLimit > 0 ? "\(pastLimit) past a client's limit of \(service.maximumInFlight) in flight (ENOBUFS)" : nil,
+                                   unreadable > 0 ? "\(unreadable) with a payload it could not read safely (EBADMSG)" : nil]
+                    writeStandardError("patchbay: caps serve: refused \(reasons.compactMap { $0 }.joined(separator: " and "))\(who)\n")
+                    reported = (refusals.total, refusals.pastLimit)
                 }
             }
             let limit = parseSize(maxRequest, command)

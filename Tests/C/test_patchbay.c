@@ -164,6 +164,15 @@ static void test_named(pb_broker *broker) {
     long_name[sizeof long_name - 1] = '\0';
     FAILS(pb_shm_open(broker, long_name, O_RDWR | O_CREAT, 0600), ENAMETOOLONG);
     FAILS(pb_shm_open(broker, "/c-absent", O_RDWR, 0), ENOENT);
+    /* FreeBSD's order: the access mode and the flags come before the name; a name that cannot
+     * be read is EFAULT, as FreeBSD's bad-pointer cases. */
+    FAILS(pb_shm_open(broker, long_name, O_WRONLY, 0), EINVAL);
+    FAILS(pb_shm_open(broker, long_name, O_RDWR | O_APPEND, 0), EINVAL);
+    FAILS(pb_shm_open(broker, NULL, O_RDONLY, 0), EFAULT);
+    FAILS(pb_shm_unlink(broker, NULL), EFAULT);
+    FAILS(pb_shm_unlink(broker, PB_SHM_ANON), EFAULT);
+    FAILS(pb_shm_rename(broker, NULL, name, 0), EFAULT);
+    FAILS(pb_shm_rename(broker, name, NULL, 0), EFAULT);
 
     /* Named objects map as mmap does: ftruncate first, then what one writes another reads. */
     CHECK(ftruncate(fd, 8192) == 0);
@@ -192,6 +201,11 @@ static void test_named(pb_broker *broker) {
     close(second);
     FAILS(pb_shm_rename(broker, name, other, PB_SHM_RENAME_NOREPLACE), EEXIST);
     FAILS(pb_shm_rename(broker, name, other, PB_SHM_RENAME_NOREPLACE | PB_SHM_RENAME_EXCHANGE), EINVAL);
+    FAILS(pb_shm_rename(broker, name, other, 4), EINVAL);
+    /* Renaming from or to anonymous makes no sense (FreeBSD: EINVAL, before the names). */
+    FAILS(pb_shm_rename(broker, PB_SHM_ANON, other, 0), EINVAL);
+    FAILS(pb_shm_rename(broker, name, PB_SHM_ANON, 0), EINVAL);
+    FAILS(pb_shm_rename(broker, PB_SHM_ANON, NULL, 0), EINVAL);
     OK(pb_shm_rename(broker, name, other, PB_SHM_RENAME_EXCHANGE));
     OK(pb_shm_rename(broker, other, name, 0));   /* replaces */
     FAILS(pb_shm_rename(broker, other, name, 0), ENOENT);
@@ -231,6 +245,35 @@ static void test_anonymous(void) {
     CHECK(fcntl(fd, F_ADD_SEALS, F_SEAL_GROW) == 0);
     close(fd);
     FAILS(pb_shm_map(-1, 4096, PROT_READ, &address), EBADF);
+}
+
+/* FreeBSD's SHM_ANON through pb_shm_open: a new anonymous object, read-write only, no broker. */
+static void test_shm_anon(void) {
+    FAILS(pb_shm_open(NULL, PB_SHM_ANON, O_RDONLY, 0777), EINVAL);
+    FAILS(pb_shm_open(NULL, PB_SHM_ANON, O_WRONLY, 0777), EINVAL);
+    FAILS(pb_shm_open(NULL, PB_SHM_ANON, O_RDWR | O_APPEND, 0777), EINVAL);
+    int fd = pb_shm_open(NULL, PB_SHM_ANON, O_RDWR, 0777);
+    OK(fd);
+    CHECK(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+    CHECK((fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDWR);
+    struct stat info;
+    CHECK(fstat(fd, &info) == 0 && info.st_size == 0);
+    /* Not sealable (as pb_shm_anonymous(0)); the first mapping fixes its size. */
+    CHECK(fcntl(fd, F_ADD_SEALS, F_SEAL_GROW) == -1);
+    long page = sysconf(_SC_PAGESIZE);
+    void *address = NULL;
+    OK(pb_shm_map(fd, 10, PROT_READ | PROT_WRITE, &address));
+    CHECK(fstat(fd, &info) == 0 && info.st_size == page);
+    memcpy(address, "anon", 4);
+    CHECK(pread(fd, (char[4]){0}, 4, 0) == 4);
+    munmap(address, page);
+    /* Each open is a new object. */
+    int other = pb_shm_open(NULL, PB_SHM_ANON, O_RDWR | O_CREAT | O_EXCL, 0600);
+    OK(other);
+    struct stat second;
+    CHECK(fstat(other, &second) == 0 && second.st_ino != info.st_ino && second.st_size == 0);
+    close(other);
+    close(fd);
 }
 
 /* ---- /net ---- */
@@ -659,6 +702,7 @@ int main(int argc, char **argv) {
         test_keys(broker);
         test_named(broker);
         test_anonymous();
+        test_shm_anon();
         test_net(broker);
         test_caps(broker);
         test_close_cancels_wait(broker);

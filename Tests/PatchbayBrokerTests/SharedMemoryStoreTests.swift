@@ -353,6 +353,12 @@ struct SharedMemoryOperationTests {
         expectRequestError(.invalidArgument) { () throws(RequestError) in try open("/private", access: 2, flags: [], by: alice) }
         expectRequestError(.invalidArgument) { () throws(RequestError) in try open("/private", access: 3, flags: [], by: alice) }
         expectRequestError(.invalidArgument) { () throws(RequestError) in try open("/private", access: 0, flags: SharedMemoryOpenFlags(rawValue: 8), by: alice) }
+        // FreeBSD's order: the access mode and the flags before the name (a name too long, or with
+        // no leading slash, does not answer first).
+        let tooLong = "/" + String(repeating: "n", count: 1100)
+        expectRequestError(.invalidArgument) { () throws(RequestError) in try open(tooLong, access: 2, flags: [], by: alice) }
+        expectRequestError(.invalidArgument) { () throws(RequestError) in try open(tooLong, access: 0, flags: SharedMemoryOpenFlags(rawValue: 8), by: alice) }
+        expectRequestError(.fileNameTooLong) { () throws(RequestError) in try open(tooLong, access: 0, flags: [], by: alice) }
         expectRequestError(.noSuchFileOrDirectory) { () throws(RequestError) in try open("/none", access: 0, flags: [], by: alice) }
         expectRequestError(.fileExists) { () throws(RequestError) in
             try open("/private", access: 0, flags: [createFlag, exclusiveFlag], by: carol)

@@ -351,11 +351,18 @@ struct NamedSharedMemoryTests {
         }
     }
 
-    @Test("open flags: write-only and unknown flags are EINVAL; missing is ENOENT; exclusive is EEXIST")
+    @Test("open flags: write-only and unknown flags are EINVAL, before the name is looked at; missing is ENOENT; exclusive is EEXIST")
     func openFlags() throws {
         let broker = try TestBroker()
         let client = try broker.connect()
         expectFailure(.invalidArgument) { () throws(PatchbayError) in _ = try client.openSharedMemory("/w", access: .writeOnly, options: .create) }
+        // FreeBSD's order: the access mode and the flags before the name.
+        let tooLong = "/" + String(repeating: "n", count: 5000)
+        expectFailure(.invalidArgument) { () throws(PatchbayError) in _ = try client.openSharedMemory(tooLong, access: .writeOnly) }
+        expectFailure(.invalidArgument) { () throws(PatchbayError) in
+            _ = try client.openSharedMemory(tooLong, options: SharedMemoryOpenOptions(rawValue: 0x100))
+        }
+        expectFailure(.fileNameTooLong) { () throws(PatchbayError) in _ = try client.openSharedMemory(tooLong) }
         expectFailure(.invalidArgument) { () throws(PatchbayError) in
             _ = try client.openSharedMemory("/w", options: [.create, SharedMemoryOpenOptions(rawValue: 0x100)])
         }

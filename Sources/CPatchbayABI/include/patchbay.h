@@ -99,20 +99,30 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
 
 /* ---- Shared memory ------------------------------------------------------------------------ */
 
+/* FreeBSD's SHM_ANON, as a name: pb_shm_open makes a new anonymous object (see below);
+ * pb_shm_rename refuses it (-EINVAL). */
+#define PB_SHM_ANON ((const char *)1)
+
 /* shm_open(3) with FreeBSD's semantics, in the broker's namespace: name starts with '/', at most
  * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC. New objects have size
- * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec).
- * -EINVAL, -ENAMETOOLONG, -ENOENT, -EEXIST, -EACCES, -EDQUOT. */
+ * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec). Checked in FreeBSD's
+ * order: -EINVAL (write-only access, another flag), then the name: -EFAULT (NULL),
+ * -ENAMETOOLONG, -EINVAL (no leading '/', not UTF-8); then -ENOENT, -EEXIST, -EACCES, -EDQUOT.
+ * name PB_SHM_ANON: a new anonymous object as pb_shm_anonymous(0) makes, with no broker needed
+ * (broker may be NULL); oflag must be O_RDWR (-EINVAL for O_RDONLY, as FreeBSD), its other
+ * flags and mode are ignored. */
 int pb_shm_open(pb_broker *broker, const char *name, int oflag, mode_t mode);
 
-/* shm_unlink(3): removes the name; descriptors and mappings keep working. -ENOENT, -EACCES. */
+/* shm_unlink(3): removes the name; descriptors and mappings keep working. -ENOENT, -EACCES;
+ * -EFAULT: name is NULL or PB_SHM_ANON. */
 int pb_shm_unlink(pb_broker *broker, const char *name);
 
 #define PB_SHM_RENAME_NOREPLACE 1   /* fail with -EEXIST if `to` exists */
 #define PB_SHM_RENAME_EXCHANGE  2   /* swap the two names atomically */
 
-/* shm_rename(2) (FreeBSD), atomic. flags: 0 (replace `to`), or one of the two above (both:
- * -EINVAL). -ENOENT, -EEXIST, -EACCES. */
+/* shm_rename(2) (FreeBSD), atomic. flags: 0 (replace `to`), or one of the two above. Checked in
+ * FreeBSD's order: -EINVAL (another flag, both flags, from or to PB_SHM_ANON), then the names
+ * (-EFAULT: NULL), then -ENOENT, -EEXIST, -EACCES. */
 int pb_shm_rename(pb_broker *broker, const char *from, const char *to, int flags);
 
 #define PB_SHM_SEALABLE 1   /* allow Linux memfd seals (F_ADD_SEALS) on the object */

@@ -109,6 +109,9 @@ public final class CapsService: @unchecked Sendable {
         public var total: Int
         /// The last client refused.
         public var last: CapsCredentials?
+        /// Of `total`, those refused for being past their client's in-flight limit (`ENOBUFS`);
+        /// the others had a payload this port could not read safely (`EBADMSG`).
+        public var pastLimit: Int = 0
     }
 
     private var connection: Connection
@@ -1058,6 +1061,7 @@ public final class CapsService: @unchecked Sendable {
                                                   flags: UInt32(bitPattern: errno.rawValue)))
         wake(client)
         refused.total += 1
+        if errno == .noBufferSpace { refused.pastLimit += 1 }
         refused.last = client.credentials
     }
 

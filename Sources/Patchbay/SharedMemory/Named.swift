@@ -64,8 +64,17 @@ extension Broker {
         _ name: String, access: SharedMemoryAccess = .readWrite, options: SharedMemoryOpenOptions = [],
         mode: UInt32 = 0o600
     ) throws(PatchbayError) -> SharedMemory {
+        // FreeBSD's order: the access mode and the flags, then the name (the broker checks all
+        // three the same way; these two are refused here so that a name too long to send does
+        // not answer first).
+        guard access != .writeOnly else {
+            throw PatchbayError(.invalidArgument, "write-only access is not allowed; open read-only or read-write")
+        }
+        guard options.isSubset(of: [.create, .exclusive, .truncate]) else {
+            throw PatchbayError(.invalidArgument, "unknown open flags 0x\(String(options.subtracting([.create, .exclusive, .truncate]).rawValue, radix: 16)); only create, exclusive and truncate exist")
+        }
         let bytes = try Self.nameBytes(name)
-        let plain = options.isEmpty && access != .writeOnly
+        let plain = options.isEmpty
         // An object this broker opened under this name before, while no name changed since:
         // opened directly (Reopen.swift), at the cost of a local open.
         if plain, let fd = namedObjects.reopen(bytes, readWrite: access == .readWrite, broker: self) {

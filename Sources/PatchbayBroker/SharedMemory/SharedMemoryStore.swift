@@ -37,9 +37,9 @@
 // an estimate refreshed a bounded number of objects at a time, and growth through a descriptor
 // the client already holds is bounded only by the file system's own size.
 //
-// Errors (SEMANTICS.md §3): ENAMETOOLONG (checked first), EINVAL (no leading slash, NUL or
-// non-UTF-8 bytes, write-only access, unknown flags, bad rename flags), ENOENT, EEXIST (before any
-// permission check), EACCES.
+// Errors (SEMANTICS.md §3), in FreeBSD's order: EINVAL (write-only access, unknown flags, bad
+// rename flags), then the name's: ENAMETOOLONG, then EINVAL (no leading slash, NUL or non-UTF-8
+// bytes); ENOENT, EEXIST (before any permission check), EACCES.
 
 import Glibc
 import Logging
@@ -144,7 +144,7 @@ final class SharedMemoryStore {
     func open(_ request: SharedMemoryOpenRequest, by caller: PeerCredentials) throws(RequestError)
         -> OpenedObject
     {
-        try Self.validate(request.name)
+        // FreeBSD's order: the access mode and the flags, then the name.
         let readWrite: Bool
         switch request.access {
         case 0: readWrite = false
@@ -156,6 +156,7 @@ final class SharedMemoryStore {
             throw RequestError(errno: .invalidArgument,
                                reason: "unknown open flags 0x\(String(request.flags.subtracting(.known).rawValue, radix: 16)); only create, exclusive and truncate exist")
         }
+        try Self.validate(request.name)
         let create = request.flags.contains(.create)
         let exclusive = request.flags.contains(.exclusive)
         let truncate = request.flags.contains(.truncate)
