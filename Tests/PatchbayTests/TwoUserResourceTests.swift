@@ -598,7 +598,7 @@ struct TwoUserCapsPeerTests {
             if message.kind == .request { held.append(message.messageID) }
         }
         #expect(held.count == 4)
-        #expect(service.refusals.total == 16 && service.refusals.last?.euid == otherUID)
+        #expect(service.refusals.total == 16 && service.refusals.pastLimit == 16 && service.refusals.last?.euid == otherUID)
         #expect(try child.readLine() == "refused 16")
         // The requests it holds are answered as usual.
         for id in held { try service.reply(to: id, Array("ok".utf8)) }
