@@ -1,6 +1,7 @@
 // The loop's side of the kernel: one epoll instance, and for every descriptor in it a typed
 // registration saying who owns it. Readiness goes to that owner; the loop knows nothing else.
 
+import Logging
 import PatchbaySystem
 import SystemPackage
 
@@ -26,18 +27,33 @@ final class EventLoop {
     private var registrations: [UInt64: Registration] = [:]
     private var tokenByDescriptor: [CInt: UInt64] = [:]
     private var nextToken: UInt64 = 1
+    /// Told of a registration found dead (its descriptor closed while watched) and replaced,
+    /// which only a close path that forgot to unregister leaves.
+    private let logger: Logger
 
-    init() throws(Errno) {
+    init(logger: Logger) throws(Errno) {
         epoll = try Epoll()
+        self.logger = logger
     }
 
     /// Watches `descriptor` for `events` on behalf of `owner`. Watching a descriptor that is
     /// already watched only updates its events and owner.
     func register(_ descriptor: CInt, as owner: Registration, events: Epoll.Events) throws(Errno) {
         if let token = tokenByDescriptor[descriptor] {
-            registrations[token] = owner
-            try epoll.modify(descriptor, events: events, token: token)
-            return
+            do throws(Errno) {
+                try epoll.modify(descriptor, events: events, token: token)
+                registrations[token] = owner
+                return
+            } catch .noSuchFileOrDirectory {
+                // The number's earlier descriptor was closed while watched (epoll forgot it with
+                // its file): that registration is dead, and this is a new descriptor. Every
+                // close is meant to unregister first; this keeps one that did not from refusing
+                // every later descriptor given the same number.
+                logger.error("descriptor \(descriptor) was closed while watched (for \(String(describing: registrations[token]))); watching the new one",
+                             metadata: ["descriptor": "\(descriptor)"])
+                tokenByDescriptor[descriptor] = nil
+                registrations[token] = nil
+            }
         }
         let token = nextToken
         nextToken += 1

@@ -100,7 +100,7 @@ public final class BrokerServer {
         registry.generationsFile = store.path + "/caps-generations"
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
-            loop = try EventLoop()
+            loop = try EventLoop(logger: logger)
             signals = try TerminationSignals()
             try loop.register(listener.socket.rawValue, as: .brokerListener, events: .readable)
             try loop.register(signals.descriptor.rawValue, as: .terminationSignals, events: .readable)

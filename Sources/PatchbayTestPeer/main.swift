@@ -33,6 +33,10 @@
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
 //   refuse-user-raw UID       sends capsRefuseUser for UID from a plain connection, prints "sent"
+//   net-accept-left-behind NAME
+//                             listens on NAME, parks a blocking accept on it from a second, plain
+//                             connection, closes that connection, then the listener; prints
+//                             "done" once the broker shows each step
 //   caps-register NAME[=GEN]...
 //                             registers and closes each NAME in turn (writing GEN to its page
 //                             first when given), prints "generations G1 G2 ..."
@@ -721,6 +725,34 @@ func refuseUserRaw(_ uid: UInt32) throws(PatchbayError) {
     say("sent")
 }
 
+/// A listener whose only waiting accept's connection leaves before the listener closes: the
+/// order in which the broker must stop watching the listener when its waits are forgotten.
+func netAcceptLeftBehind(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    func waitUntil(_ what: String, _ condition: () throws(PatchbayError) -> Bool) throws(PatchbayError) {
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try !condition() {
+            guard monotonicNanoseconds() < deadline else { throw PatchbayError(.timedOut, "waiting for \(what)") }
+            usleep(2_000)
+        }
+    }
+    let listener = try Socket.listen(broker, name: name)
+    let id = listener.id
+    func waiting() throws(PatchbayError) -> UInt32 { try broker.listSockets().first(where: { $0.id == id })?.waitingAccepts ?? 0 }
+    do {
+        let waiter = try connectSeqpacket(to: try brokerSocketPath())
+        let frame = Request.namespace(.open(path: "/net/local/\(id)/accept", flags: [])).encode(requestID: 1)
+        guard frame.withUnsafeBytes({ send(waiter.rawValue, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }) == frame.count else {
+            throw PatchbayError(Errno.current, "send")
+        }
+        try waitUntil("the accept to be parked") { () throws(PatchbayError) in try waiting() == 1 }
+    }
+    try waitUntil("the accept to be forgotten") { () throws(PatchbayError) in try waiting() == 0 }
+    _ = consume listener
+    try waitUntil("the listener to close") { () throws(PatchbayError) in try !broker.listSockets().contains(where: { $0.id == id }) }
+    say("done")
+}
+
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
@@ -1359,6 +1391,8 @@ func main() -> CInt {
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!, seconds: 1, pause: 1_200_000)
         case "caps-exec-race" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
+        case "net-accept-left-behind" where arguments.count == 2:
+            try netAcceptLeftBehind(arguments[1])
         case "refuse-user-raw" where arguments.count == 2 && UInt32(arguments[1]) != nil:
             try refuseUserRaw(UInt32(arguments[1])!)
         case "caps-register" where arguments.count >= 2:

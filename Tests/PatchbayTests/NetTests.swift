@@ -429,6 +429,45 @@ struct NetTests {
         #expect(outcome.withLock { $0 } == .connectionAbort)
     }
 
+    @Test("a listener closed after the connection of its last waiting accept left is no longer watched: every later connection gets in")
+    func listenerClosedAfterItsWaiterLeft() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        func waitingAccepts(_ id: UInt64) throws -> UInt32 {
+            try client.listSockets().first(where: { $0.id == id })?.waitingAccepts ?? 0
+        }
+        func waitFor(_ what: String, _ condition: () throws -> Bool) throws {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while try !condition() {
+                guard monotonicNanoseconds() < deadline else { Issue.record("timed out waiting for \(what)"); return }
+                usleep(2_000)
+            }
+        }
+        do {
+            let listener = try Socket.listen(client, name: "left-behind")
+            let id = listener.id
+            do {
+                // A blocking accept, parked; then its connection goes away with it parked.
+                let waiter = try RawClient(path: broker.socketPath)
+                try waiter.socket.send(Request.namespace(.open(path: "/net/local/\(id)/accept", flags: [])).encode(requestID: 1))
+                try waitFor("the accept to be parked") { try waitingAccepts(id) == 1 }
+            }
+            try waitFor("the waiter's accept to be forgotten") { try waitingAccepts(id) == 0 }
+            _ = consume listener  // its handle and kernel socket close here
+        }
+        try waitFor("the listener to close") { try client.status().sockets == 0 }
+        // The listener's descriptor number is free in the broker again; the connections made now
+        // take it and the numbers around it, and each must be admitted and answered.
+        var brokers: [Broker] = []
+        for index in 0..<24 {
+            let connection = try broker.connect()
+            #expect(throws: Never.self, "connection \(index)") { _ = try connection.status() }
+            brokers.append(connection)
+        }
+        let log = (try? String(contentsOfFile: broker.directory + "/broker.log", encoding: .utf8)) ?? ""
+        #expect(!log.contains("cannot watch client") && !log.contains("was closed while watched"), "\(log.suffix(2000))")
+    }
+
     @Test("interop: Python connects to a Patchbay listener by its path; Patchbay connects to a Python listener")
     func interop() throws {
         let broker = try TestBroker()

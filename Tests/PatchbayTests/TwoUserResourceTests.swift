@@ -46,6 +46,65 @@ struct TwoUserResourceTests {
         #expect(try root.statSharedMemory("/mine").blocks * 512 >= 512 << 10)
     }
 
+    @Test("a clean stop unmounts each uid's empty store and removes a store left with no object; one with an object stays, mounted")
+    func emptyStoreRemovedAtCleanStop() throws {
+        let broker = try openBroker([])
+        let store = broker.directory + "/shm"
+        let uidStore = store + "/uids/\(otherUID)"
+        let environment = broker.environment
+        #expect(try runAsOtherUser(["shm", "create", "/passing", "--size", "4k"], environment: environment).termination == .exited(0))
+        #expect(isMountPoint(uidStore), "nobody's objects live in a tmpfs of its own")
+        #expect(try runAsOtherUser(["shm", "rm", "/passing"], environment: environment).termination == .exited(0))
+        #expect(try broker.stop() == .exited(0))
+        #expect(!isMountPoint(uidStore))
+        #expect(access(store, F_OK) != 0, "the store, empty, outlived its broker")
+
+        // With an object left, the store and nobody's tmpfs stay for the next broker.
+        let kept = try openBroker([])
+        let keptStore = kept.directory + "/shm"
+        #expect(try runAsOtherUser(["shm", "create", "/kept", "--size", "4k"], environment: kept.environment).termination == .exited(0))
+        #expect(try kept.stop() == .exited(0))
+        #expect(isMountPoint(keptStore + "/uids/\(otherUID)"))
+        #expect(access(keptStore + "/journal", F_OK) == 0)
+    }
+
+    @Test("nobody's listeners killed with an accept waiting leave no stale watch behind: the broker takes every later connection, root's included")
+    func killedListenersLeaveNoStaleWatch() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        for round in 0..<4 {
+            // `net listen` waits in a blocking accept; killed, its session and its socket's
+            // handle go at once, in whichever order the broker sees them.
+            let name = "trap-\(round)"
+            let listener = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                          "net", "listen", name, "--echo"], environment: broker.environment)
+            let id = try waitUntilListening(root, name).id
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while try root.listSockets().first(where: { $0.id == id })?.waitingAccepts ?? 0 == 0, monotonicNanoseconds() < deadline {
+                usleep(2_000)
+            }
+            listener.kill(SIGKILL)
+            _ = try listener.wait()
+            while try root.listSockets().contains(where: { $0.id == id }), monotonicNanoseconds() < deadline { usleep(2_000) }
+            #expect(try !root.listSockets().contains(where: { $0.id == id }))
+        }
+        // And in the order that always left the watch behind: the waiting connection leaves
+        // first, then the listener closes.
+        let ordered = try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                   "net-accept-left-behind", "trap-ordered"], environment: broker.environment)
+        #expect(ordered.standardOutput == "done\n", "\(ordered.standardError)")
+        // The listeners' descriptor numbers are free again in the broker; connections made now
+        // take them, and each must be admitted and answered.
+        var held: [Broker] = []
+        for index in 0..<24 {
+            let connection = try broker.connect()
+            #expect(throws: Never.self, "connection \(index)") { _ = try connection.status() }
+            held.append(connection)
+        }
+        let log = (try? String(contentsOfFile: broker.directory + "/broker.log", encoding: .utf8)) ?? ""
+        #expect(!log.contains("cannot watch client") && !log.contains("was closed while watched"), "\(log.suffix(2000))")
+    }
+
     @Test("a name another uid planted is not opened by create: root's create of nobody's object is EACCES")
     func squattedName() throws {
         let broker = try openBroker([])

@@ -183,8 +183,12 @@ final class NetRequests: SessionClosedHook {
             socket.handle.discardPendingPackets(maximumPackets: 64)
             return
         }
+        // Both of its descriptors close with it, so neither may stay watched: a number left in
+        // the loop would be taken for the next descriptor given that number (whose registration
+        // then fails). The listener may be watched without waiting accepts (the last one's
+        // session left just now), so it is not asked.
         loop.unregister(socket.handle.rawValue)
-        if !socket.waitingAccepts.isEmpty { watchListener(socket, false) }
+        watchListener(socket, false)
         if !sessions.monitors.isEmpty {
             // No request: the last handle closed (its owner closed it, or died).
             let (state, name, owner) = (socket.state, socket.name, socket.ownerUID)
@@ -219,9 +223,10 @@ final class NetRequests: SessionClosedHook {
         if listener.waitingAccepts.isEmpty { watchListener(listener, false) }
     }
 
-    /// A departed session's parked accepts are forgotten.
+    /// A departed session's parked accepts are forgotten, and a listener left with none is no
+    /// longer watched.
     func sessionClosed(_ session: Session) {
-        table.forgetWaits(of: session.id)
+        for listener in table.forgetWaits(of: session.id) { watchListener(listener, false) }
     }
 }
 

@@ -473,13 +473,20 @@ final class NetTable {
         return socket.waitingAccepts
     }
 
-    /// Forgets the accepts a departed session was waiting for.
-    func forgetWaits(of session: UInt64) {
+    /// Forgets the accepts a departed session was waiting for; returns the listeners left with
+    /// none (which the caller stops watching: their descriptors may close before they are
+    /// readable again).
+    func forgetWaits(of session: UInt64) -> [NetSocket] {
+        var idle: [NetSocket] = []
         for id in socketsWithWaits {
             guard let socket = sockets[id] else { continue }
             socket.waitingAccepts.removeAll { $0.session == session }
-            if socket.waitingAccepts.isEmpty { socketsWithWaits.remove(id) }
+            if socket.waitingAccepts.isEmpty {
+                socketsWithWaits.remove(id)
+                idle.append(socket)
+            }
         }
+        return idle
     }
 
     /// Parks an accept on `listener`.

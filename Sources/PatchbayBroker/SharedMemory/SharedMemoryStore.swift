@@ -402,7 +402,6 @@ final class SharedMemoryStore {
         }
     }
 
-    /// Unmounts the per-uid stores that hold no object (at a clean stop: nothing is lost).
     /// At a clean stop: a store that holds no object is removed (journal, lock, directories),
     /// so brokers on passing sockets leave nothing behind. One that holds objects stays, for the
     /// next broker on the same socket.
@@ -417,10 +416,13 @@ final class SharedMemoryStore {
         }
     }
 
+    /// Unmounts the per-uid stores that hold no object (at a clean stop: nothing is lost).
     func releaseEmptyOwnerStores() {
         for uid in Array(ownerDirectories.keys) where (objects.objectsByOwner[uid] ?? 0) == 0 {
             ownerDirectories[uid] = nil
-            try? unmount(at: path + "/uids/\(uid)")
+            // The mount point goes too (empty once unmounted), or the store could never be
+            // removed as empty: `uids` would still hold it.
+            if (try? unmount(at: path + "/uids/\(uid)")) != nil { _ = rmdir(path + "/uids/\(uid)") }
         }
     }
 
