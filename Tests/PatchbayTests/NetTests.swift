@@ -468,6 +468,48 @@ struct NetTests {
         #expect(!log.contains("cannot watch client") && !log.contains("was closed while watched"), "\(log.suffix(2000))")
     }
 
+    @Test("a connection waits in one accept at a time: a second blocking accept on it is EINVAL at once, another connection's waits")
+    func oneWaitingAcceptPerConnection() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let listener = try Socket.listen(client, name: "one-wait")
+        func accept(_ requestID: UInt64) -> [UInt8] {
+            Request.namespace(.open(path: "/net/local/\(listener.id)/accept", flags: [])).encode(requestID: requestID)
+        }
+        func waitForWaiting(_ count: UInt32) throws {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while try client.listSockets().first(where: { $0.id == listener.id })?.waitingAccepts != count {
+                guard monotonicNanoseconds() < deadline else { Issue.record("never \(count) waiting"); return }
+                usleep(2_000)
+            }
+        }
+        let first = try RawClient(path: broker.socketPath)
+        // A broker that parked the second accept would never answer it: fail, not hang.
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        #expect(setsockopt(first.socket.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size)) == 0)
+        try first.socket.send(accept(1))
+        try waitForWaiting(1)
+        // A second one on the same connection is answered at once, not kept (what a client could
+        // make the broker hold in waiting accepts is one per connection).
+        for requestID: UInt64 in 2...50 {
+            let (answered, refused) = try first.error(for: accept(requestID))
+            #expect(answered == requestID && refused.errno == EINVAL && refused.reason.contains("already waits in an accept"),
+                    "\(refused)")
+        }
+        let second = try RawClient(path: broker.socketPath)
+        try second.socket.send(accept(1))
+        try waitForWaiting(2)
+        // A connection arrives: the first waiter gets it, and may then wait again.
+        let caller = try Socket.connect(client, to: "one-wait")
+        let message = try first.socket.receive(into: first.buffer)
+        let frame = try Frame.decode(Array(first.buffer[0..<message.length])[...])
+        #expect(frame.kind == .reply && frame.requestID == 1 && message.descriptors.count == 2)
+        try waitForWaiting(1)
+        try first.socket.send(accept(51))
+        try waitForWaiting(2)
+        _ = consume caller
+    }
+
     @Test("interop: Python connects to a Patchbay listener by its path; Patchbay connects to a Python listener")
     func interop() throws {
         let broker = try TestBroker()

@@ -105,6 +105,10 @@ final class NetRequests: SessionClosedHook {
             }
             // Blocking accept: park the request; the listener's readiness completes it.
             let listener = try table.lookup(id, caller: caller)
+            guard !table.waitsInAccept(context.session.id) else {
+                throw RequestError(errno: .invalidArgument,
+                                   reason: "this connection already waits in an accept; a connection waits in one at a time")
+            }
             table.park(context.parked, on: listener)
             watchListener(listener, true)
         case .anonymousSharedMemory:
@@ -208,15 +212,15 @@ final class NetRequests: SessionClosedHook {
         guard let listener = table.sockets[id] else { return }
         while let waiting = listener.waitingAccepts.first {
             guard let session = sessions[waiting.session] else {
-                listener.waitingAccepts.removeFirst()
+                table.dropFirstWait(of: listener)
                 continue
             }
             do {
                 guard let opened = try table.acceptPending(listener, owner: session.credentials) else { break }
-                listener.waitingAccepts.removeFirst()
+                table.dropFirstWait(of: listener)
                 deliver(opened, as: .acceptedSocket, to: waiting)
             } catch {
-                listener.waitingAccepts.removeFirst()
+                table.dropFirstWait(of: listener)
                 sessions.fail(error, waiting)
             }
         }
@@ -226,7 +230,7 @@ final class NetRequests: SessionClosedHook {
     /// A departed session's parked accepts are forgotten, and a listener left with none is no
     /// longer watched.
     func sessionClosed(_ session: Session) {
-        for listener in table.forgetWaits(of: session.id) { watchListener(listener, false) }
+        if let listener = table.forgetWaits(of: session.id) { watchListener(listener, false) }
     }
 }
 

@@ -146,6 +146,10 @@ final class NetTable {
     /// Sockets with accepts parked on them, so a departed session's waits are found without a
     /// walk of every socket.
     private var socketsWithWaits: Set<UInt64> = []
+    /// The listener each session's parked accept waits on: a connection waits in one accept at a
+    /// time, so what a client can make the broker hold in parked accepts is bounded by its
+    /// connections.
+    private var acceptWaits: [UInt64: UInt64] = [:]
     private var names: [String: UInt64] = [:]
     private var nextID: UInt64 = 1
     let local: LocalFamily
@@ -459,6 +463,7 @@ final class NetTable {
     func close(_ id: UInt64) -> [ParkedRequest] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
         socketsWithWaits.remove(id)
+        for waiting in socket.waitingAccepts { acceptWaits[waiting.session] = nil }
         let owned = (socketsPerUser[socket.accountedUID] ?? 1) - 1
         socketsPerUser[socket.accountedUID] = owned > 0 ? owned : nil
         if socket.state == .connected { try? socket.transition(to: .closing) }
@@ -473,26 +478,34 @@ final class NetTable {
         return socket.waitingAccepts
     }
 
-    /// Forgets the accepts a departed session was waiting for; returns the listeners left with
-    /// none (which the caller stops watching: their descriptors may close before they are
-    /// readable again).
-    func forgetWaits(of session: UInt64) -> [NetSocket] {
-        var idle: [NetSocket] = []
-        for id in socketsWithWaits {
-            guard let socket = sockets[id] else { continue }
-            socket.waitingAccepts.removeAll { $0.session == session }
-            if socket.waitingAccepts.isEmpty {
-                socketsWithWaits.remove(id)
-                idle.append(socket)
-            }
-        }
-        return idle
+    /// Forgets the accept a departed session was waiting in; returns its listener if that left it
+    /// with none (which the caller stops watching: its descriptor may close before it is readable
+    /// again).
+    func forgetWaits(of session: UInt64) -> NetSocket? {
+        guard let id = acceptWaits.removeValue(forKey: session), let socket = sockets[id] else { return nil }
+        socket.waitingAccepts.removeAll { $0.session == session }
+        guard socket.waitingAccepts.isEmpty else { return nil }
+        socketsWithWaits.remove(id)
+        return socket
     }
 
-    /// Parks an accept on `listener`.
+    /// Whether `session` waits in an accept now.
+    func waitsInAccept(_ session: UInt64) -> Bool {
+        acceptWaits[session] != nil
+    }
+
+    /// Parks an accept on `listener` (its session waits in no other: `waitsInAccept`).
     func park(_ request: ParkedRequest, on listener: NetSocket) {
         listener.waitingAccepts.append(request)
         socketsWithWaits.insert(listener.id)
+        acceptWaits[request.session] = listener.id
+    }
+
+    /// Ends the first accept waiting on `listener` (answered, failed, or its session gone).
+    func dropFirstWait(of listener: NetSocket) {
+        let waiting = listener.waitingAccepts.removeFirst()
+        acceptWaits[waiting.session] = nil
+        if listener.waitingAccepts.isEmpty { socketsWithWaits.remove(listener.id) }
     }
 
     func list() -> [NetSocketInfo] {
