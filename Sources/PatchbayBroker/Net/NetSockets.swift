@@ -143,12 +143,9 @@ final class NetTable {
     /// Closes a socket whose every handle is closed as the loop does on reading the hang-up
     /// (set by `NetRequests`): `nameIsFree` calls it for a name whose holder is gone.
     var closeHungUp: (UInt64) -> Void = { _ in }
-    /// Sockets with accepts parked on them, so a departed session's waits are found without a
-    /// walk of every socket.
-    private var socketsWithWaits: Set<UInt64> = []
-    /// The listener each session's parked accept waits on: a connection waits in one accept at a
-    /// time, so what a client can make the broker hold in parked accepts is bounded by its
-    /// connections.
+    /// The listener each session's parked accept waits on, so a departed session's wait is found
+    /// without a walk of every socket. A connection waits in one accept at a time, so what a
+    /// client can make the broker hold in parked accepts is bounded by its connections.
     private var acceptWaits: [UInt64: UInt64] = [:]
     private var names: [String: UInt64] = [:]
     private var nextID: UInt64 = 1
@@ -462,7 +459,6 @@ final class NetTable {
     /// CLOSED; releases its name. Returns the accepts that were waiting on it (for ECONNABORTED).
     func close(_ id: UInt64) -> [ParkedRequest] {
         guard let socket = sockets.removeValue(forKey: id) else { return [] }
-        socketsWithWaits.remove(id)
         for waiting in socket.waitingAccepts { acceptWaits[waiting.session] = nil }
         let owned = (socketsPerUser[socket.accountedUID] ?? 1) - 1
         socketsPerUser[socket.accountedUID] = owned > 0 ? owned : nil
@@ -484,9 +480,7 @@ final class NetTable {
     func forgetWaits(of session: UInt64) -> NetSocket? {
         guard let id = acceptWaits.removeValue(forKey: session), let socket = sockets[id] else { return nil }
         socket.waitingAccepts.removeAll { $0.session == session }
-        guard socket.waitingAccepts.isEmpty else { return nil }
-        socketsWithWaits.remove(id)
-        return socket
+        return socket.waitingAccepts.isEmpty ? socket : nil
     }
 
     /// Whether `session` waits in an accept now.
@@ -497,7 +491,6 @@ final class NetTable {
     /// Parks an accept on `listener` (its session waits in no other: `waitsInAccept`).
     func park(_ request: ParkedRequest, on listener: NetSocket) {
         listener.waitingAccepts.append(request)
-        socketsWithWaits.insert(listener.id)
         acceptWaits[request.session] = listener.id
     }
 
@@ -505,7 +498,6 @@ final class NetTable {
     func dropFirstWait(of listener: NetSocket) {
         let waiting = listener.waitingAccepts.removeFirst()
         acceptWaits[waiting.session] = nil
-        if listener.waitingAccepts.isEmpty { socketsWithWaits.remove(listener.id) }
     }
 
     func list() -> [NetSocketInfo] {
