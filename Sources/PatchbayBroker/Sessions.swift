@@ -77,8 +77,12 @@ final class SessionTable {
         do {
             try loop.register(fd, as: .session(id), events: [.readable])
         } catch {
+            // (The kernel's limit on watches, or its memory.) Refused like any other, with a
+            // frame saying so.
             logger.warning("cannot watch client", metadata: ["errno": "\(error.name)"])
-            return nil
+            let refusal = ErrorReply(errno: error.rawValue, reason: "the broker cannot watch another connection now (\(error.name)); try again")
+            try? session.socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            return refusal
         }
         sessions[id] = session
         clientsPerUser[credentials.uid, default: 0] += 1
