@@ -196,12 +196,27 @@ package enum WakeSocket {
         package var writer: Descriptor
     }
 
-    /// A new pair, both ends close-on-exec and non-blocking.
+    /// A new pair, both ends close-on-exec and non-blocking, and neither taking descriptors where
+    /// the kernel can refuse them (`SO_PASSRIGHTS` off, Linux 6.16): a peer's `sendmsg` with
+    /// `SCM_RIGHTS` to either end fails with `EPERM`. (Received, a descriptor's last close could
+    /// wait, a lingering TCP socket's for an hour, in whichever thread drains or closes the end.)
     package static func pair() throws(Errno) -> Pair {
         var fds: [CInt] = [-1, -1]
         let type = CInt(SOCK_DGRAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue) | CInt(SOCK_NONBLOCK.rawValue)
         _ = try syscallRetrying { socketpair(AF_UNIX, type, 0, &fds) }
+        for fd in fds { refuseDescriptors(fd) }
         return Pair(reader: Descriptor(adopting: fds[0]), writer: Descriptor(adopting: fds[1]))
+    }
+
+    /// `SO_PASSRIGHTS` (asm-generic/socket.h, Linux 6.16; the C library's headers here predate it).
+    static let passRights: CInt = 83
+
+    /// Turns `SO_PASSRIGHTS` off on a local socket; false on a kernel without it (`ENOPROTOOPT`),
+    /// where `drain` still keeps what arrives off the draining thread.
+    @discardableResult
+    package static func refuseDescriptors(_ fd: CInt) -> Bool {
+        var off: CInt = 0
+        return setsockopt(fd, SOL_SOCKET, passRights, &off, socklen_t(MemoryLayout<CInt>.size)) == 0
     }
 
     /// Wakes the reader: one 1-byte datagram. A full socket (the reader is woken already) or a
@@ -212,17 +227,25 @@ package enum WakeSocket {
     }
 
     /// Empties the reader's end without waiting; returns how many wake-ups it held (at most
-    /// `limit` are read per call).
+    /// `limit` are read per call). Read with room for descriptors: on a kernel that cannot refuse
+    /// them (`pair`), any that `peer` sent anyway are closed on its closing thread, never here (a
+    /// plain `recv` would have the kernel close them in this thread).
     @discardableResult
-    package static func drain(_ reader: CInt, limit: Int = 1024) -> Int {
-        var buffer: (UInt64, UInt64) = (0, 0)
-        var count = 0
-        while count < limit {
-            let received = withUnsafeMutableBytes(of: &buffer) { Glibc.recv(reader, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
-            if received < 0 && errno == EINTR { continue }
-            if received < 0 { break }
-            count += 1
+    package static func drain(_ reader: CInt, of peer: UInt64, limit: Int = 1024) -> Int {
+        withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds in
+            var buffer: (UInt64, UInt64) = (0, 0)
+            var count = 0
+            while count < limit {
+                var received: CInt = 0
+                var flags: CInt = 0
+                let length = withUnsafeMutableBytes(of: &buffer) {
+                    pb_recv_with_fds(reader, $0.baseAddress, $0.count, fds.baseAddress, CInt(fds.count), &received, &flags, 1)
+                }
+                for index in 0..<Int(received) { PeerDescriptors.close(fds[index], of: peer) }
+                if length < 0 { break }  // (EINTR is retried inside)
+                count += 1
+            }
+            return count
         }
-        return count
     }
 }

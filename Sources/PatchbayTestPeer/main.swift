@@ -33,6 +33,9 @@
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
 //   refuse-user-raw UID       sends capsRefuseUser for UID from a plain connection, prints "sent"
+//   caps-wake-lingering NAME PORT
+//                             sends a wake-up carrying a local socket with a lingering TCP socket
+//                             in its queue on NAME's wake socket; prints "sent" or "refused ERRNO"
 //   net-accept-left-behind NAME
 //                             listens on NAME, parks a blocking accept on it from a second, plain
 //                             connection, closes that connection, then the listener; prints
@@ -282,6 +285,20 @@ func capsAttachLingering(service: String, port: UInt16, how: String) throws(Patc
     }
     say("put")
     waitForEndOfInput()
+}
+
+/// Connects to `service` and sends, on its wake socket, a wake-up carrying a local socket with a
+/// lingering TCP socket in its queue (this side's copy closed): says "sent", or "refused ERRNO"
+/// when the kernel refuses descriptors there; then stays until its input ends.
+func capsWakeLingering(service: String, port: UInt16) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: service)
+    // (Lingering 2 s only: refused, this side's own close of it is the last, and waits that long.)
+    let socket = try wrappedLingeringSocket(port: port, seconds: 2)
+    let refused = client.wakeServiceCarrying([socket.rawValue])
+    say(refused.map { "refused \($0.name)" } ?? "sent")
+    waitForEndOfInput()
+    _ = consume socket
 }
 
 /// Calls `service` `count` times, each request carrying a local socket with a lingering TCP
@@ -1371,6 +1388,8 @@ func main() -> CInt {
         case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil
                                       && Int32(arguments[3]) != nil:
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
+        case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
+            try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!)
         case "caps-attach-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil:
             try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, how: arguments[3])
         case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

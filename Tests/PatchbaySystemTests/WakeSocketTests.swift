@@ -18,11 +18,11 @@ struct WakeSocketTests {
         let reader = pair.reader.rawValue
         #expect(!isReadable(reader))
         _ = fcntl(reader, F_SETFL, fcntl(reader, F_GETFL) & ~O_NONBLOCK)  // as a careless owner could
-        #expect(WakeSocket.drain(reader) == 0)
+        #expect(WakeSocket.drain(reader, of: 1) == 0)
         WakeSocket.wake(pair.writer.rawValue)
         WakeSocket.wake(pair.writer.rawValue)
         #expect(isReadable(reader))
-        #expect(WakeSocket.drain(reader) == 2)
+        #expect(WakeSocket.drain(reader, of: 1) == 2)
         #expect(!isReadable(reader))
     }
 
@@ -32,8 +32,37 @@ struct WakeSocketTests {
         let writer = pair.writer.rawValue
         _ = fcntl(writer, F_SETFL, fcntl(writer, F_GETFL) & ~O_NONBLOCK)
         for _ in 0..<10_000 { WakeSocket.wake(writer) }
-        let held = WakeSocket.drain(pair.reader.rawValue, limit: 100_000)
+        let held = WakeSocket.drain(pair.reader.rawValue, of: 1, limit: 100_000)
         #expect(held > 0 && held < 10_000, "the queue is bounded by the kernel: \(held)")
+    }
+
+    @Test("neither end takes descriptors where the kernel can refuse them (EPERM); where it cannot, a drain takes them and closes them off its thread, leaking none")
+    func noDescriptors() throws {
+        let pair = try WakeSocket.pair()
+        var ends: [CInt] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        defer { if ends[0] >= 0 { close(ends[0]) }; close(ends[1]) }
+        func send(from fd: CInt) -> Int {
+            var byte: UInt8 = 1
+            return withUnsafeBytes(of: &byte) { raw in [ends[0]].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(fd, raw, $0, nonblocking: true) } }
+        }
+        if WakeSocket.refuseDescriptors(pair.reader.rawValue) {
+            #expect(send(from: pair.writer.rawValue) == -1 && errno == EPERM)
+            #expect(send(from: pair.reader.rawValue) == -1 && errno == EPERM)
+            // A kernel without SO_PASSRIGHTS, as far as this end goes:
+            var on: CInt = 1
+            #expect(setsockopt(pair.reader.rawValue, SOL_SOCKET, 83, &on, socklen_t(MemoryLayout<CInt>.size)) == 0)
+        }
+        #expect(send(from: pair.writer.rawValue) == 1)
+        close(ends[0])
+        ends[0] = -1
+        // The pipe's read end is now only in the reader's queue: the drain takes it and closes it
+        // (on the peer's closing thread; a pipe's end at once), which the write end sees.
+        #expect(WakeSocket.drain(pair.reader.rawValue, of: 1) == 1)
+        var writer = pollfd(fd: ends[1], events: Int16(POLLOUT), revents: 0)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while poll(&writer, 1, 0) >= 0, writer.revents & Int16(POLLERR) == 0, monotonicNanoseconds() < deadline { usleep(1_000) }
+        #expect(writer.revents & Int16(POLLERR) != 0, "the descriptor a drain received was never closed")
     }
 
     @Test("a reader whose writer is gone is not readable (no hang-up to spin on)")

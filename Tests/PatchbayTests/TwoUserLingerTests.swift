@@ -152,6 +152,39 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("nobody cannot hand root's service a descriptor on its wake socket (the kernel refuses it), and the service, waiting in epoll, goes on serving")
+    func wakeSocketTakesNoDescriptors() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "wakesvc", access: [.world])
+        let attacker = try nobodyPeer(["caps-wake-lingering", "wakesvc", "\(listener.port)"], broker)
+        defer { attacker.closeInput() }
+        let said = try attacker.readLine() ?? ""
+        if WakeSocket.refuseDescriptors(try WakeSocket.pair().reader.rawValue) {
+            #expect(said == "refused EPERM", "\(said)")
+        } else {
+            #expect(said == "sent" || said.hasPrefix("refused"), "\(said)")  // drained safely instead (WakeSocketTests)
+        }
+        // The service drains its wake sockets as it waits through its descriptor, and answers.
+        let caller = try CapsClient(root, name: "wakesvc")
+        let answered = Mutex(false)
+        #expect(try finishes {
+            guard (try? caller.put([1])) != nil else { return }
+            var entry = pollfd(fd: service.eventDescriptor, events: Int16(POLLIN), revents: 0)
+            while poll(&entry, 1, 10_000) == 1 {
+                guard let message = try? serviceGet(service) else { continue }
+                if message.kind == .request && message.credentials.euid == 0 {
+                    answered.withLock { $0 = (try? service.reply(to: message.messageID, [2])) != nil }
+                    return
+                }
+            }
+        }, "the service is stuck draining its wake socket")
+        #expect(answered.withLock { $0 })
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("a lingering TCP socket nobody left on its direct socket to root's service, announced by nothing: the service closes it when nobody goes, and goes on")
     func lingeringOnTheDirectSocketDoesNotHangService() throws {
         let broker = try TestBroker(["--system"])

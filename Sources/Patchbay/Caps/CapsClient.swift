@@ -316,6 +316,16 @@ public final class CapsClient: @unchecked Sendable {
         try sendAttachments(direct.rawValue, messageID: 0, descriptors: descriptors)
     }
 
+    /// Sends a wake-up carrying `descriptors` on the service's wake socket, as a hostile client
+    /// could: only for the project's tests (the kernel refuses it where it can, `WakeSocket.pair`).
+    package func wakeServiceCarrying(_ descriptors: [CInt]) -> Errno? {
+        var byte: UInt8 = 1
+        let sent = withUnsafeBytes(of: &byte) { raw in
+            descriptors.withUnsafeBufferPointer { SeqpacketSocket.sendRaw(serviceWake.rawValue, raw, $0, nonblocking: true) }
+        }
+        return sent == 1 ? nil : Errno.current
+    }
+
     /// Puts an inline REQUEST of `bytes` (at most 88) with `descriptors`, and runs
     /// `beforePublishing` once they are sent and before the entry is published: only for the
     /// project's tests, whose hostile client closes its own copies there, so that the service's
@@ -409,7 +419,7 @@ public final class CapsClient: @unchecked Sendable {
         try core.checkInherited()
         return try core.lock.locked { () throws(PatchbayError) -> CapsReply in
             if watching {
-                WakeSocket.drain(clientWake.rawValue)
+                WakeSocket.drain(clientWake.rawValue, of: servicePeer)
                 if let watchSet { _ = try? watchSet.backlog.consume() }
             }
             guard let reply = try nextReply(room: buffer.count, { reply, payload in Self.copy(payload, into: buffer, reply) })

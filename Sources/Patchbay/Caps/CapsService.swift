@@ -1212,7 +1212,7 @@ public final class CapsService: @unchecked Sendable {
     /// before the client looked at it makes the client write again. (Cleared first, a client
     /// could set the mark and have its byte drained at once, and its next push would wake no one.)
     private static func drainWakeups(of client: ClientChannel) {
-        WakeSocket.drain(client.serviceWake.rawValue)
+        WakeSocket.drain(client.serviceWake.rawValue, of: UInt64(client.credentials.uid))
         SharedWord.store(client.channel.word32(CapsLayout.serviceWakePendingOffset), 0)
         SharedWord.fence()
     }
