@@ -685,6 +685,38 @@ struct CapsTests {
         #expect(throws: PatchbayError.self) { _ = try clientGet(client) }
     }
 
+    @Test("an error reply whose errno is not 1 to 4095 (a negative number, INT_MIN, past 4095) is EIO to the client, never a length or a success")
+    func errorReplyOutOfRangeIsEIO() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "errno_forger", access: [.world])
+        let client = try CapsClient(connection, name: "errno_forger")
+        for flags: UInt32 in [0x8000_0000, 0xFFFF_FFFB, 0x8000_0001, 4096, 100_000] {
+            let id = try client.put(Array("x".utf8))
+            let (request, _) = try serviceWait(service)
+            #expect(request.messageID == id)
+            #expect(service.pushForgedErrorReply(onChannel: client.channelID, messageID: id, flags: flags))
+            let (reply, bytes) = try clientWait(client)
+            #expect(reply.messageID == id && reply.error == .ioError && bytes.isEmpty, "flags \(flags)")
+        }
+        // call's way (the one C's pb_caps_call takes): thrown as EIO.
+        for flags: UInt32 in [0x8000_0000, 0xFFFF_FFFB] {
+            let outcome = Mutex<Errno?>(nil)
+            let done = try Pipe()
+            let signal = done.writeEnd.rawValue
+            startThread {
+                do { _ = try client.call(Array("y".utf8)) } catch let error as PatchbayError { outcome.withLock { $0 = error.errno } } catch {}
+                var byte: UInt8 = 1
+                _ = Glibc.write(signal, &byte, 1)
+            }
+            let (request, _) = try serviceWait(service)
+            #expect(service.pushForgedErrorReply(onChannel: client.channelID, messageID: request.messageID, flags: flags))
+            var byte: UInt8 = 0
+            _ = try withUnsafeMutableBytes(of: &byte) { raw in Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) } }.get()
+            #expect(outcome.withLock { $0 } == .ioError, "flags \(flags)")
+        }
+    }
+
     @Test("generations stop growing at 2^63 - 1 instead of wrapping to 0: after a page showing 2^64 - 2, and through the floor of forgotten names")
     func generationsDoNotWrap() throws {
         let broker = try TestBroker(["--max-caps-names-per-uid", "1"])

@@ -748,7 +748,9 @@ public final class CapsClient: @unchecked Sendable {
             if entry.kind == .errorReply {
                 finish(entry.messageID, request, dispose: true)
                 var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
-                refused.error = entry.flags == 0 ? .ioError : Errno(rawValue: CInt(bitPattern: entry.flags))
+                // An errno is 1 to 4095 (PROTOCOL §7); anything else the service wrote is EIO, never
+                // a number a caller could take for a length or a success.
+                refused.error = (1...4095).contains(entry.flags) ? Errno(rawValue: CInt(entry.flags)) : .ioError
                 return refusal(refused)
             }
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0, PeerDescriptors.pastBound(of: servicePeer) {
@@ -798,6 +800,9 @@ public final class CapsClient: @unchecked Sendable {
     @inline(__always)
     private func finish(_ messageID: UInt64, _ request: MessageRecord?, dispose: Bool) {
         channel.advance(.reply)
+        // Descriptors kept for a reply read short (copy mode) go with it, whatever the service
+        // then rewrote its entry into.
+        core.stash.discardKept(messageID)
         if let request {
             if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
             requests.remove(messageID)

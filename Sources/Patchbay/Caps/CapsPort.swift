@@ -95,6 +95,12 @@ final class AttachmentStash {
         waiting[messageID] = nil
     }
 
+    /// `discard`, at the cost of one load when nothing is kept (the common case, on the hot path).
+    @inline(__always)
+    func discardKept(_ messageID: UInt64) {
+        if !waiting.isEmpty { waiting[messageID] = nil }
+    }
+
     /// Closes the descriptors of a message nobody will read, kept or still queued on `direct`.
     func discard(_ entry: CapsEntry, from direct: CInt, peer: UInt64) {
         guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }
@@ -389,6 +395,13 @@ func receiveAttachments(_ socket: CInt, messageID: UInt64, peer: UInt64) throws(
         let descriptors = CapsDescriptors(adopting: received.descriptors, from: peer)
         if received.length == 8 && tag == messageID { return descriptors }
         if received.length == 0 { throw PatchbayError(.connectionReset, "the peer's direct socket closed") }
+        // Another message's, closed on the peer's closing thread. A peer that makes those closes
+        // wait could otherwise have this loop take every descriptor it queued (253 a message):
+        // past the bound, stop, and let the caller cut it off.
+        _ = consume descriptors
+        if PeerDescriptors.pastBound(of: peer) {
+            throw PatchbayError(.noBufferSpace, "the peer's descriptors wait to be closed past the bound; message \(messageID)'s were not read")
+        }
     }
 }
 

@@ -652,6 +652,18 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// Pushes an ERROR_REPLY for `messageID` with `flags` as its errno, whatever they are, as a
+    /// hostile service writing the ring by other means could: only for the project's tests.
+    package func pushForgedErrorReply(onChannel channelID: UInt64, messageID: UInt64, flags: UInt32) -> Bool {
+        core.lock.locked {
+            guard let client = clients[channelID] else { return false }
+            client.messages.remove(messageID)
+            let pushed = client.channel.push(.reply, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .errorReply, flags: flags))
+            wake(client)
+            return pushed
+        }
+    }
+
     /// Answers a REQUEST with an errno instead of bytes, for a request this service could not
     /// answer (its program failed, the request made no sense): the client's `call` throws it,
     /// and `wait`/`get` show it in `CapsReply.error`, so it is never mistaken for an empty reply.
@@ -1023,6 +1035,7 @@ public final class CapsService: @unchecked Sendable {
             return result
         case .abort:
             client.channel.advance(.request)
+            core.stash.discardKept(entry.messageID)  // kept for a request read short, now taken back
             guard let request = client.messages.find(entry.messageID), request.state != Self.replied else { return nil }
             client.messages.setState(entry.messageID, Self.receivedAborted)
             tap?.record(.abort, entry.messageID, length: 0)
@@ -1031,8 +1044,9 @@ public final class CapsService: @unchecked Sendable {
             return use(message, UnsafeRawBufferPointer(start: nil, count: 0))
         case .request, .dispose, .reply, .discardedReply, .errorReply:
             // A request id already in use, or a kind a client does not send (layout 3: a DISPOSE
-            // is the client's reply head, never an entry): dropped.
+            // is the client's reply head, never an entry): dropped, with anything kept for it.
             client.channel.advance(.request)
+            core.stash.discardKept(entry.messageID)
             return nil
         }
     }
