@@ -256,6 +256,41 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
     return n;
 }
 
+ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
+                        int *fds, int *fd_count) {
+    struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    union {
+        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = sizeof control.bytes;
+    if (name != NULL) {
+        msg.msg_name = name;
+        msg.msg_namelen = *name_length;
+    }
+    *fd_count = 0;
+    ssize_t n;
+    do {
+        n = recvmsg(socket, &msg, flags | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    if (name != NULL) *name_length = msg.msg_namelen;
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *incoming = (int *)CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count && *fd_count < PB_MAX_RECV_FDS; i++) {
+            memcpy(&fds[(*fd_count)++], incoming + i, sizeof(int));
+        }
+    }
+    return n;
+}
+
 int pb_msg_trunc(void) { return MSG_TRUNC; }
 int pb_msg_ctrunc(void) { return MSG_CTRUNC; }
 

@@ -212,26 +212,28 @@ package struct UnixSocket: ~Copyable {
         try Self.receive(on: descriptor.rawValue, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
     }
 
-    /// `recv`/`recvfrom` on a socket descriptor owned elsewhere.
+    /// `recvmsg` on a socket descriptor owned elsewhere. Descriptors the peer sent with the data
+    /// (this API takes none) are closed on a closing thread of that socket's own, never here: a
+    /// plain `recv` has the kernel close them in this thread, where a lingering TCP socket's
+    /// close would wait up to its linger time.
     package static func receive(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
                                wantSender: Bool = false) throws(Errno) -> Received {
-        // MSG_TRUNC makes recv return the real length of a packet that did not fit.
+        // MSG_TRUNC makes recvmsg return the real length of a packet that did not fit.
         let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
-        if wantSender {
-            var storage = sockaddr_un()
-            var length = socklen_t(MemoryLayout<sockaddr_un>.size)
-            let total = try syscallRetrying {
-                withUnsafeMutablePointer(to: &storage) { pointer in
-                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        recvfrom(fd, buffer.baseAddress, buffer.count, flags, $0, &length)
-                    }
-                }
+        var storage = sockaddr_un()
+        var length = CUnsignedInt(MemoryLayout<sockaddr_un>.size)
+        let total = try withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds throws(Errno) -> Int in
+            var count: CInt = 0
+            let total = withUnsafeMutableBytes(of: &storage) { name in
+                pb_recv_message(fd, buffer.baseAddress, buffer.count, flags, wantSender ? name.baseAddress : nil, &length,
+                                fds.baseAddress, &count)
             }
-            let address = withUnsafeBytes(of: &storage) { Array($0.prefix(Int(length))) }
-            return Received(count: min(total, buffer.count), messageLength: total, sender: Address(bytes: address))
+            for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: 1 << 62 | UInt64(UInt32(bitPattern: fd))) }
+            guard total >= 0 else { throw Errno.current }
+            return total
         }
-        let total = try syscallRetrying { recv(fd, buffer.baseAddress, buffer.count, flags) }
-        return Received(count: min(total, buffer.count), messageLength: total, sender: nil)
+        let sender = wantSender ? withUnsafeBytes(of: &storage) { Address(bytes: Array($0.prefix(Int(length)))) } : nil
+        return Received(count: min(total, buffer.count), messageLength: total, sender: sender)
     }
 
     /// After a seqpacket `recv` returned 0 bytes: was it end of file, or a zero-length packet?

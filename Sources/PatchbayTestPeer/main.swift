@@ -33,6 +33,9 @@
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
 //   refuse-user-raw UID       sends capsRefuseUser for UID from a plain connection, prints "sent"
+//   net-send-lingering NAME PORT
+//                             listens on NAME, accepts one connection, sends it "hello" with a
+//                             lingering TCP socket attached; prints "listening", then "sent"
 //   caps-wake-lingering NAME PORT
 //                             sends a wake-up carrying a local socket with a lingering TCP socket
 //                             in its queue on NAME's wake socket; prints "sent" or "refused ERRNO"
@@ -284,6 +287,24 @@ func capsAttachLingering(service: String, port: UInt16, how: String) throws(Patc
         }
     }
     say("put")
+    waitForEndOfInput()
+}
+
+/// Listens on `name` (says "listening"), accepts one connection, and sends it "hello" with a
+/// lingering TCP socket (to `port`, 60 s) attached, this side's copy closed: the receiver holds
+/// the last one. Says "sent", then stays until its input ends.
+func netSendLingering(name: String, port: UInt16) throws(PatchbayError) {
+    let broker = try Broker()
+    let listener = try Socket.listen(broker, name: name, type: .seqpacket)
+    say("listening")
+    let connection = try listener.accept()
+    do {
+        let inner = try lingeringSocket(port: port)
+        let hello = Array("hello".utf8)
+        guard hello.withUnsafeBytes({ raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection.dataDescriptor, raw, $0) } }) == hello.count
+        else { throw PatchbayError(Errno.current, "sendmsg") }
+    }
+    say("sent")
     waitForEndOfInput()
 }
 
@@ -1388,6 +1409,8 @@ func main() -> CInt {
         case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil
                                       && Int32(arguments[3]) != nil:
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
+        case "net-send-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
+            try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!)
         case "caps-attach-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil:

@@ -510,6 +510,31 @@ struct NetTests {
         _ = consume caller
     }
 
+    @Test("descriptors a peer sends with data are taken off the socket and closed, not left to the kernel to close in the receiving thread", arguments: [Socket.Kind.seqpacket, .stream])
+    func receivedDescriptorsAreClosedElsewhere(_ kind: Socket.Kind) throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let listener = try Socket.listen(client, name: "fd-sender-\(kind)", type: kind)
+        let sender = try Socket.connect(client, to: "fd-sender-\(kind)", type: kind)
+        let receiver = try listener.accept()
+        var ends: [CInt] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[1]) }
+        var bytes: [UInt8] = Array("with a descriptor".utf8)
+        let sent = bytes.withUnsafeMutableBytes { raw in
+            [ends[0]].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.dataDescriptor, UnsafeRawBufferPointer(raw), $0) }
+        }
+        #expect(sent == bytes.count)
+        close(ends[0])  // the read end now lives only in the receiver's queue
+        let received = try receiver.receive()
+        #expect(received?.bytes == bytes)
+        // Taken and closed: nothing in this process holds the pipe's read end any more.
+        var writer = pollfd(fd: ends[1], events: Int16(POLLOUT), revents: 0)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while poll(&writer, 1, 0) >= 0, writer.revents & Int16(POLLERR) == 0, monotonicNanoseconds() < deadline { usleep(1_000) }
+        #expect(writer.revents & Int16(POLLERR) != 0)
+    }
+
     @Test("interop: Python connects to a Patchbay listener by its path; Patchbay connects to a Python listener")
     func interop() throws {
         let broker = try TestBroker()

@@ -152,6 +152,31 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("a lingering TCP socket nobody's /net listener sends root with its data: root's receive returns the data at once, the socket closed elsewhere")
+    func lingeringWithNetDataDoesNotHangReceiver() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["net-send-lingering", "lingering.data", "\(listener.port)"], broker)
+        defer { attacker.closeInput() }
+        #expect(try attacker.readLine() == "listening")
+        let connection = try Socket.connect(root, to: "lingering.data")
+        #expect(try attacker.readLine() == "sent")
+        let data = connection.dataDescriptor
+        let got = Mutex<[UInt8]?>(nil)
+        #expect(try finishes {
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let count = buffer.withUnsafeMutableBytes { raw in
+                (try? UnixSocket.receive(on: data, into: raw))?.count
+            }
+            if let count { got.withLock { $0 = Array(buffer[0..<count]) } }
+        }, "root's receive is stuck closing nobody's socket")
+        #expect(got.withLock { $0 } == Array("hello".utf8))
+        withExtendedLifetime(listener) {}
+        withExtendedLifetime(connection) {}
+    }
+
     @Test("nobody cannot hand root's service a descriptor on its wake socket (the kernel refuses it), and the service, waiting in epoll, goes on serving")
     func wakeSocketTakesNoDescriptors() throws {
         let broker = try TestBroker(["--system"])

@@ -74,6 +74,13 @@ ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const in
 /// `*fd_count`. `*flags_out` receives msg_flags (MSG_TRUNC, MSG_CTRUNC).
 ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
                          int *fd_count, int *flags_out, int dontwait);
+/// recvmsg(2) for data that may come with descriptors nobody asked for: `flags` are passed on
+/// (MSG_TRUNC, MSG_DONTWAIT), MSG_CMSG_CLOEXEC is added, the sender's address goes to `name`
+/// (when not NULL; `*name_length` in and out), and every descriptor that arrived is stored in
+/// `fds` (room for PB_MAX_RECV_FDS: no more can come in one message), for the caller to close
+/// where it chooses. EINTR is retried.
+ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
+                        int *fds, int *fd_count);
 
 int pb_msg_trunc(void);
 int pb_msg_ctrunc(void);
