@@ -403,8 +403,59 @@ int pb_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
 
 uint64_t pb_fork_generation_value = 0;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void fork_child(void) { __atomic_fetch_add(&pb_fork_generation_value, 1, __ATOMIC_SEQ_CST); }
-static void fork_install(void) { pthread_atfork(NULL, NULL, fork_child); }
+
+/* Descriptors a fork child must not hold (pb_fork_release_add): taken under a lock that fork
+ * itself holds across the fork, so the child's copy of the list is whole. */
+static pthread_mutex_t fork_release_lock = PTHREAD_MUTEX_INITIALIZER;
+static int *fork_release_fds;
+static size_t fork_release_count;
+static size_t fork_release_capacity;
+
+static void fork_prepare(void) { pthread_mutex_lock(&fork_release_lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&fork_release_lock); }
+static void fork_child(void) {
+    __atomic_fetch_add(&pb_fork_generation_value, 1, __ATOMIC_SEQ_CST);
+    if (fork_release_count > 0) {
+        /* The child's numbers stay open (its inherited objects close them later) but on
+         * /dev/null: the parent's sockets are no longer held here. */
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (null >= 0) {
+            for (size_t i = 0; i < fork_release_count; i++) dup3(null, fork_release_fds[i], O_CLOEXEC);
+            close(null);
+        }
+    }
+    pthread_mutex_unlock(&fork_release_lock);
+}
+static void fork_install(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+int pb_fork_release_add(int fd) {
+    pthread_once(&fork_once, fork_install);
+    pthread_mutex_lock(&fork_release_lock);
+    if (fork_release_count == fork_release_capacity) {
+        size_t capacity = fork_release_capacity ? fork_release_capacity * 2 : 16;
+        int *grown = realloc(fork_release_fds, capacity * sizeof(int));
+        if (grown == NULL) {
+            pthread_mutex_unlock(&fork_release_lock);
+            return -1;
+        }
+        fork_release_fds = grown;
+        fork_release_capacity = capacity;
+    }
+    fork_release_fds[fork_release_count++] = fd;
+    pthread_mutex_unlock(&fork_release_lock);
+    return 0;
+}
+
+void pb_fork_release_remove(int fd) {
+    pthread_mutex_lock(&fork_release_lock);
+    for (size_t i = 0; i < fork_release_count; i++) {
+        if (fork_release_fds[i] == fd) {
+            fork_release_fds[i] = fork_release_fds[--fork_release_count];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&fork_release_lock);
+}
 uint64_t pb_fork_generation(void) {
     pthread_once(&fork_once, fork_install);
     return __atomic_load_n(&pb_fork_generation_value, __ATOMIC_ACQUIRE);

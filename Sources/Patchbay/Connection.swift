@@ -1,3 +1,4 @@
+import CPatchbayShims
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
@@ -27,9 +28,22 @@ struct Connection: ~Copyable {
     /// The process's fork generation when this connection was made.
     private let createdIn = forkGeneration()
 
+    /// Released in fork children (`releaseInForkChildren`).
+    private var releasedInForkChildren = false
+
     init(socket: consuming SeqpacketSocket) {
         self.socket = socket
         buffer = .allocate(byteCount: maximumFrameSize, alignment: 16)
+    }
+
+    /// Makes fork children let go of this connection's socket (it refers to /dev/null there), for
+    /// a connection whose closing tells the broker its owner is gone: a CAPS port's. Without it a
+    /// child that does not exec would keep a closed or dead service registered (its clients
+    /// waiting for answers that cannot come), or a closed client's requests undisposed, for as
+    /// long as it lives. The child's own copies of the port answer ENOTCONN either way.
+    mutating func releaseInForkChildren() {
+        guard !releasedInForkChildren else { return }
+        releasedInForkChildren = pb_fork_release_add(socket.rawValue) == 0
     }
 
     /// Whether this process is a `fork` child of the one that made the connection: the socket is
@@ -37,6 +51,8 @@ struct Connection: ~Copyable {
     var isInherited: Bool { forkGenerationSeen() != createdIn }
 
     deinit {
+        // Before the socket closes: a later descriptor given its number must not be released.
+        if releasedInForkChildren { pb_fork_release_remove(socket.rawValue) }
         buffer.deallocate()
     }
 

@@ -36,6 +36,9 @@
 //   net-send-lingering NAME PORT
 //                             listens on NAME, accepts one connection, sends it "hello" with a
 //                             lingering TCP socket attached; prints "listening", then "sent"
+//   caps-fork-and-go NAME service|client
+//                             a port whose process forks a child that lives on, then closes the
+//                             port; prints "ready" / "put ID", then "closed PID"
 //   caps-wake-lingering NAME PORT
 //                             sends a wake-up carrying a local socket with a lingering TCP socket
 //                             in its queue on NAME's wake socket; prints "sent" or "refused ERRNO"
@@ -1143,6 +1146,40 @@ func capsFork(_ name: String) throws(PatchbayError) {
 /// Connects, makes one call, forks; parent and child then each make `count` calls on the same
 /// `Broker` at once (each its own shared memory names). Says "parent ok" / "child ok", or the
 /// first failure.
+/// A CAPS port whose process forks a child that does not exec, then closes the port and lives
+/// on (as does the child, until input ends): the child must not keep the port alive. `service`:
+/// registers NAME, says "ready", waits for a request, forks, closes, says "closed PID".
+/// `client`: connects to NAME, puts a request, says "put ID", forks, closes, says "closed PID".
+func capsForkAndGo(_ name: String, side: String) throws(PatchbayError) {
+    let broker = try Broker()
+    var child: pid_t = -1
+    func forkChild() {
+        child = fork()
+        if child == 0 {
+            // Off the test's output pipe, which must end when the parent does.
+            let null = open("/dev/null", O_WRONLY)
+            dup2(null, 1)
+            dup2(null, 2)
+            waitForEndOfInput()
+            _exit(0)
+        }
+    }
+    if side == "service" {
+        let service = try CapsService(broker, name: name, access: [.world])
+        say("ready")
+        try service.receive { _, _ in }
+        forkChild()
+        _ = consume service
+    } else {
+        let client = try CapsClient(broker, name: name)
+        say("put \(try client.put(Array("from a parent that forks".utf8)))")
+        forkChild()
+        _ = consume client
+    }
+    say("closed \(child)")
+    waitForEndOfInput()
+}
+
 func brokerFork(count: Int) throws(PatchbayError) {
     let broker = try Broker()
     _ = try broker.status()
@@ -1409,6 +1446,8 @@ func main() -> CInt {
         case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil
                                       && Int32(arguments[3]) != nil:
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
+        case "caps-fork-and-go" where arguments.count == 3 && ["service", "client"].contains(arguments[2]):
+            try capsForkAndGo(arguments[1], side: arguments[2])
         case "net-send-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:

@@ -685,6 +685,54 @@ struct CapsTests {
         #expect(throws: PatchbayError.self) { _ = try clientGet(client) }
     }
 
+    @Test("a port closed by a process that forked a child (no exec): the child does not keep it alive; the client is answered as by any service that went, the service gets its DISPOSE")
+    func forkChildDoesNotKeepPortAlive() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        // The service's side.
+        let server = try Child(testPeer, ["caps-fork-and-go", "forking_service", "service"], environment: broker.environment)
+        #expect(try server.readLine() == "ready")
+        let client = try CapsClient(connection, name: "forking_service")
+        let id = try client.put(Array("question".utf8))
+        let forked = try server.readLine() ?? ""
+        #expect(forked.hasPrefix("closed "))
+        let serviceChild = pid_t(forked.dropFirst("closed ".count)) ?? 0
+        defer { if serviceChild > 0 { kill(serviceChild, SIGKILL) } }
+        #expect(server.isRunning && kill(serviceChild, 0) == 0, "the service's process and its forked child are alive")
+        // Gone from the broker (bounded: a child holding the registration would hold it forever)...
+        func within10s(_ condition: () throws -> Bool) throws -> Bool {
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while try !condition() {
+                guard monotonicNanoseconds() < deadline else { return false }
+                usleep(2_000)
+            }
+            return true
+        }
+        let serviceGone = try within10s { try !connection.listServices().contains(where: { $0.name == "forking_service" }) }
+        #expect(serviceGone)
+        // ...and the client answered as when a service goes (a 0-byte reply, serviceClosed).
+        if serviceGone {
+            let (reply, _) = try clientWait(client)
+            #expect(reply.messageID == id && reply.serviceClosed)
+        }
+
+        // The client's side: its request becomes a DISPOSE at the service once it goes.
+        let service = try CapsService(connection, name: "forking_client", access: [.world])
+        let caller = try Child(testPeer, ["caps-fork-and-go", "forking_client", "client"], environment: broker.environment)
+        let put = try caller.readLine() ?? ""
+        let callerForked = try caller.readLine() ?? ""
+        let callerChild = pid_t(callerForked.dropFirst("closed ".count)) ?? 0
+        defer { if callerChild > 0 { kill(callerChild, SIGKILL) } }
+        #expect(caller.isRunning && kill(callerChild, 0) == 0, "the client's process and its forked child are alive")
+        // Its request, left unread, comes back as a DISPOSE: the client is gone, though its child lives.
+        let clientGone = try within10s { try !connection.listServices().contains(where: { $0.name == "forking_client" && $0.clients > 0 }) }
+        #expect(clientGone)
+        if clientGone {
+            let (gone, _) = try serviceWait(service)
+            #expect(gone.kind == .dispose && "put \(gone.messageID)" == put, "\(gone.kind) \(gone.messageID), \(put)")
+        }
+    }
+
     @Test("an error reply whose errno is not 1 to 4095 (a negative number, INT_MIN, past 4095) is EIO to the client, never a length or a success")
     func errorReplyOutOfRangeIsEIO() throws {
         let broker = try TestBroker()

@@ -22,7 +22,8 @@
  *     pb_caps_receive cancels that wait (-ECANCELED) first.
  *   - After fork, a child that calls through its parent's pb_broker gets a connection of its
  *     own on its first call (the parent keeps the old one). CAPS ports do not follow: a child's
- *     inherited ports answer -ENOTCONN.
+ *     inherited ports answer -ENOTCONN, and hold nothing of the parent's port open, so a port the
+ *     parent closes (or a parent that dies) is gone for its peers though the child lives on.
  *   - Strings are NUL-terminated UTF-8.
  *
  * Errors common to every call that talks to the broker: -ECONNREFUSED or -ENOENT (no broker at

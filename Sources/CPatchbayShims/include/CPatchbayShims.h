@@ -220,6 +220,13 @@ int pb_current_cpu(void);
 /// A counter that increases in every child created by fork (installed once with pthread_atfork).
 uint64_t pb_fork_generation(void);
 
+/// Registers `fd` as one a fork child must not hold: in every child made by fork from now on,
+/// before fork returns there, the number is made to refer to /dev/null (dup3), so the child no
+/// longer holds what it referred to, and the number stays valid for the child's code to close.
+/// Remove it (pb_fork_release_remove) before closing it. -1 when out of memory.
+int pb_fork_release_add(int fd);
+void pb_fork_release_remove(int fd);
+
 /// The counter itself, for `pb_fork_generation_seen`.
 extern uint64_t pb_fork_generation_value;
 

@@ -141,6 +141,8 @@ public final class CapsClient: @unchecked Sendable {
                 waitForService: Bool = false, attempt: CapsConnectAttempt? = nil) throws(PatchbayError) {
         self.name = name
         var port = Connection(socket: try Autostart.connect(path: broker.socketPath))
+        // Its closing is how the broker learns the client is gone: a fork child must not keep it.
+        port.releaseInForkChildren()
         attempt?.attach(port.socket.rawValue)
         defer { attempt?.detach() }
         var response: Response

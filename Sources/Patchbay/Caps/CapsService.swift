@@ -338,6 +338,8 @@ public final class CapsService: @unchecked Sendable {
         throws(PatchbayError) -> Registration
     {
         var port = Connection(socket: socket)
+        // Its closing is how the broker learns the service is gone: a fork child must not keep it.
+        port.releaseInForkChildren()
         var response = try port.call(.caps(terms), descriptors: [statusPage])
         guard case .caps(.service(let serviceID, let generation)) = response.reply, let noticesPage = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
