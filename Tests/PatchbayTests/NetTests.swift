@@ -535,6 +535,21 @@ struct NetTests {
         #expect(writer.revents & Int16(POLLERR) != 0)
     }
 
+    @Test("a listen refused on a socket listening already (EINVAL) leaves its backlog as it was")
+    func refusedListenKeepsBacklog() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var listener = try Socket.listen(client, name: "small-backlog", backlog: 1)
+        expectErrno(.invalidArgument) { () throws(PatchbayError) in try listener.listen() }
+        // A backlog of 1 holds two connections waiting (Linux's rule), and refuses a third.
+        let first = try Socket.connect(client, to: "small-backlog")
+        let second = try Socket.connect(client, to: "small-backlog")
+        expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in _ = try Socket.connect(client, to: "small-backlog") }
+        _ = consume first
+        _ = consume second
+        _ = consume listener
+    }
+
     @Test("interop: Python connects to a Patchbay listener by its path; Patchbay connects to a Python listener")
     func interop() throws {
         let broker = try TestBroker()

@@ -150,6 +150,11 @@ public struct Socket: ~Copyable {
         guard UnixSocket.localPath(of: kernel) != nil else {
             throw PatchbayError(.invalidArgument, "socket \(id) is not bound; bind it before it listens")
         }
+        // Listening already: the broker refuses the command (a state cannot go to itself), and a
+        // listen(2) here would have changed the backlog first.
+        var listening: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        if getsockopt(kernel, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening != 0 { return }
         do {
             try UnixSocket.listen(on: kernel, backlog: backlog)
         } catch {
