@@ -733,6 +733,55 @@ struct CapsTests {
         }
     }
 
+    @Test("a call that reads past a put's reply keeps it for wait (not lost), copying at most the channel's payload space; past that it shows EMSGSIZE")
+    func callKeepsPutReplies() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "keeper", access: [.world])
+        let client = try CapsClient(connection, name: "keeper")
+        // A call in another thread, while a put's reply comes first.
+        func callWhile(_ putID: UInt64, replyingToPutWith length: Int) throws -> Result<[UInt8], PatchbayError>? {
+            let outcome = Mutex<Result<[UInt8], PatchbayError>?>(nil)
+            let done = try Pipe()
+            let signal = done.writeEnd.rawValue
+            startThread {
+                let result = Result { () throws(PatchbayError) -> [UInt8] in try client.call(Array("call".utf8), maxReplyLength: 64) }
+                outcome.withLock { $0 = result }
+                var byte: UInt8 = 1
+                _ = Glibc.write(signal, &byte, 1)
+            }
+            var callID: UInt64 = 0
+            var seen = 0
+            while seen < 2 {
+                let (message, _) = try serviceWait(service)
+                guard message.kind == .request else { continue }
+                seen += 1
+                if message.messageID != putID { callID = message.messageID }
+            }
+            try service.reply(to: putID, length: length) { buffer in
+                if buffer.count >= 10 { buffer.copyMemory(from: Array("put answer".utf8).withUnsafeBytes { UnsafeRawBufferPointer($0) }) }
+            }
+            try service.reply(to: callID, Array("call answer".utf8))
+            var byte: UInt8 = 0
+            _ = try withUnsafeMutableBytes(of: &byte) { raw in Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) } }.get()
+            return outcome.withLock { $0 }
+        }
+        let small = try client.put(Array("put".utf8))
+        let first = try callWhile(small, replyingToPutWith: 10)
+        #expect((try? first?.get()) == Array("call answer".utf8))
+        // There at once, for get (it never waits: a reply lost would fail here, not hang).
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let kept = try buffer.withUnsafeMutableBytes { raw in Result { () throws(PatchbayError) -> CapsReply in try client.get(into: raw) } }.get()
+        #expect(kept.messageID == small && kept.error == nil && Array(buffer[0..<kept.length]) == Array("put answer".utf8))
+        // One longer than the channel's payload space (an attached memfd): not copied, EMSGSIZE.
+        let large = try client.put(Array("put".utf8))
+        let second = try callWhile(large, replyingToPutWith: CapsLayout.defaultArenaSize + 4096)
+        #expect((try? second?.get()) == Array("call answer".utf8))
+        let refused = try clientGet(client)
+        #expect(refused.messageID == large && refused.error == .messageTooLong)
+        #expect(client.requestsInFlight == 0)
+    }
+
     @Test("an error reply whose errno is not 1 to 4095 (a negative number, INT_MIN, past 4095) is EIO to the client, never a length or a success")
     func errorReplyOutOfRangeIsEIO() throws {
         let broker = try TestBroker()

@@ -280,8 +280,12 @@ int pb_caps_client_open(pb_broker *broker, const char *name, unsigned flags, pb_
 
 /* Sends a request and waits for its reply, which is copied into reply. Returns the reply's
  * length. -EMSGSIZE: the reply was longer than capacity (it is discarded); -ECONNRESET: the
- * service went away first; the errno a service answered with pb_caps_reply_error; -ENOBUFS: too
- * many requests in flight. */
+ * service went away first; the errno a service answered with pb_caps_reply_error (anything not
+ * 1 to 4095 is -EIO); -ENOBUFS: too many requests in flight. Replies that come first for other
+ * threads' calls are kept for them (no longer than each one's capacity: past it they get
+ * -EMSGSIZE), and those to pb_caps_put requests for pb_caps_get, pb_caps_wait_reply and
+ * pb_caps_receive_reply (copied, up to the channel's 16 MiB of payload space for all kept at
+ * once: past it such a reply shows -EMSGSIZE instead of its bytes). */
 ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length, void *reply, size_t capacity);
 
 /* Sends a request without waiting; *id is its message id. */

@@ -106,6 +106,12 @@ public final class CapsClient: @unchecked Sendable {
     /// whether the service was told of an abort (`abortedAtService`).
     private let requests = MessageTable(capacity: CapsLayout.ringCapacity)
     private static let abortedAtService: UInt32 = 1
+    /// Made by `call`, whose thread waits for the reply (its limit in `replyLimit`).
+    private static let madeByCall: UInt32 = 2
+    /// Replies to `put`s that a `call` read on its way to its own: shown first to `get`, `wait`
+    /// and `waitReply`, in the order they came, with their bytes copied, `keptReplyBytes` in all.
+    @exclusivity(unchecked) private var keptReplies: [(reply: CapsReply, bytes: [UInt8])] = []
+    @exclusivity(unchecked) private var keptReplyBytes = 0
     @exclusivity(unchecked) private var closedReplies: [UInt64]?
     /// Replies that a `call` in one thread received for a `call` in another.
     @exclusivity(unchecked) private var otherCalls: [UInt64: Result<[UInt8], PatchbayError>] = [:]
@@ -208,6 +214,15 @@ public final class CapsClient: @unchecked Sendable {
     public func put(length: Int, descriptors: [CInt] = [], fill: (UnsafeMutableRawBufferPointer) -> Void)
         throws(PatchbayError) -> UInt64
     {
+        try put(length: length, descriptors: descriptors, callLimit: nil, fill: fill)
+    }
+
+    /// `put`; with `callLimit`, the request is a `call`'s, whose reply is read by its thread and
+    /// is at most that long.
+    @inline(__always)
+    private func put(length: Int, descriptors: [CInt], callLimit: Int?, fill: (UnsafeMutableRawBufferPointer) -> Void)
+        throws(PatchbayError) -> UInt64
+    {
         try core.checkInherited()
         return try core.lock.locked { () throws(PatchbayError) -> UInt64 in
             try checkUsable()
@@ -222,7 +237,8 @@ public final class CapsClient: @unchecked Sendable {
             let offset = try CapsPortCore.publish(on: channel, .request, allocator: &allocator, direct: direct.rawValue,
                                                   messageID: messageID, length: length, descriptors: descriptors,
                                                   what: "payload", fill: fill)
-            requests.insert(MessageRecord(id: messageID, offset: offset, length: length, state: 0))
+            requests.insert(MessageRecord(id: messageID, offset: offset, length: length, state: callLimit == nil ? 0 : Self.madeByCall,
+                                          replyLimit: callLimit ?? 0))
             wakeService()
             return messageID
         }
@@ -403,7 +419,7 @@ public final class CapsClient: @unchecked Sendable {
                 requests.remove(messageID)
                 return .returned
             }
-            requests.setState(messageID, Self.abortedAtService)
+            requests.setState(messageID, request.state | Self.abortedAtService)
             _ = channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .abort, flags: 0))
             wakeService()
             return .atService
@@ -452,7 +468,7 @@ public final class CapsClient: @unchecked Sendable {
     ///   0-byte reply with `serviceClosed`); the errno of an error reply (`ENOBUFS`, `EBADMSG`,
     ///   or what the service chose); `put`'s errors.
     public func call(_ bytes: [UInt8]) throws(PatchbayError) -> [UInt8] {
-        try awaitReply(to: try put(bytes)) { .success(Array($0)) }
+        try call(bytes, maxReplyLength: .max)
     }
 
     /// `call`, copying no reply longer than `maxReplyLength`: for a service not trusted to answer
@@ -462,7 +478,9 @@ public final class CapsClient: @unchecked Sendable {
     /// - Throws: `EMSGSIZE` when the reply is longer (it is disposed of, unread); `call`'s errors
     ///   otherwise.
     public func call(_ bytes: [UInt8], maxReplyLength: Int) throws(PatchbayError) -> [UInt8] {
-        let id = try put(bytes)
+        let id = try put(length: bytes.count, descriptors: [], callLimit: maxReplyLength) { buffer in
+            bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        }
         return try awaitReply(to: id) { reply in
             guard reply.count <= maxReplyLength else {
                 return .failure(PatchbayError(.messageTooLong,
@@ -478,7 +496,7 @@ public final class CapsClient: @unchecked Sendable {
     /// - Throws: `EMSGSIZE` when the reply is longer than `reply` (it is disposed of); `call`'s
     ///   errors otherwise.
     package func call(_ request: UnsafeRawBufferPointer, into reply: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> Int {
-        let id = try put(length: request.count) { buffer in
+        let id = try put(length: request.count, descriptors: [], callLimit: reply.count) { buffer in
             if request.count > 0 { buffer.copyMemory(from: request) }
         }
         return try awaitReply(to: id) { bytes in
@@ -504,13 +522,19 @@ public final class CapsClient: @unchecked Sendable {
                     return kept.flatMap { bytes in bytes.withUnsafeBytes(take) }
                 }
                 var answer: Result<T, PatchbayError>?
-                _ = try nextReply(room: nil) { reply, payload in
+                _ = try nextReply(room: nil, servingKept: false) { reply, payload in
                     if reply.messageID == id {
                         answer = failure(of: reply).map { .failure($0) } ?? take(payload)
+                    } else if let other = requests.find(reply.messageID), other.state & Self.madeByCall != 0 {
+                        // Another thread's call: keep its reply for it, no longer than it takes.
+                        let kept: Result<[UInt8], PatchbayError> = failure(of: reply).map { .failure($0) }
+                            ?? (payload.count <= other.replyLimit ? .success(Array(payload))
+                                : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(other.replyLimit) allowed; not read")))
+                        if otherCalls.updateValue(kept, forKey: reply.messageID) == nil { otherCallsKept += 1 }
+                        stashedForOthers = true
                     } else {
-                        // Another thread's call: keep its reply for it.
-                        if otherCalls.updateValue(failure(of: reply).map { .failure($0) }
-                            ?? .success(Array(payload)), forKey: reply.messageID) == nil { otherCallsKept += 1 }
+                        // A put's: kept for get, wait and waitReply.
+                        keep(reply, payload)
                         stashedForOthers = true
                     }
                 }
@@ -709,19 +733,61 @@ public final class CapsClient: @unchecked Sendable {
         return reply
     }
 
+    /// Keeps a `put`'s reply that a `call` read on its way to its own, for `get`, `wait` and
+    /// `waitReply`. Its bytes are copied, up to the channel's payload space for all kept replies
+    /// together: past that (a service answering puts with attached gigabytes while a call waits),
+    /// the reply is kept as `EMSGSIZE` instead, its bytes not read.
+    private func keep(_ reply: CapsReply, _ payload: UnsafeRawBufferPointer) {
+        // A reader waiting through `eventDescriptor` is told (the ring no longer shows it).
+        if let watchSet { try? watchSet.backlog.signal() }
+        var kept = reply
+        kept.descriptors = nil
+        if reply.error == nil && !reply.serviceClosed && keptReplyBytes + payload.count > channel.arenaSize {
+            kept.error = .messageTooLong
+            kept.length = 0
+            keptReplies.append((kept, []))
+            return
+        }
+        keptReplyBytes += payload.count
+        keptReplies.append((kept, Array(payload)))
+    }
+
+    /// The first kept reply (`keep`), shown as `nextReply` shows one; nil when none is kept.
+    private func nextKeptReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
+                                  failed refusal: (CapsReply) -> R) -> R? {
+        guard let (reply, bytes) = keptReplies.first else { return nil }
+        if reply.error != nil || reply.serviceClosed {
+            keptReplies.removeFirst()
+            return refusal(reply)
+        }
+        if let room, room < bytes.count {
+            var shown = reply
+            shown.consumed = false
+            return bytes.withUnsafeBytes { deliver(shown, $0) }
+        }
+        keptReplies.removeFirst()
+        keptReplyBytes -= bytes.count
+        return bytes.withUnsafeBytes { deliver(reply, $0) }
+    }
+
     /// The next REPLY, shown to `deliver` in place (discarded replies are skipped); nil when none
     /// is waiting. The one reading path of both modes: in place (`room` nil) the reply is consumed
     /// after `deliver`, and the descriptors it carried are closed unless `deliver` took them; in
     /// copy mode (`room`: the caller's buffer size) a reply longer than the room stays queued,
     /// with its descriptors, and `deliver` sees `consumed` false.
-    private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R? {
-        try nextReply(room: room, deliver, failed: { reply in deliver(reply, UnsafeRawBufferPointer(start: nil, count: 0)) })
+    private func nextReply<R>(room: Int?, servingKept: Bool = true, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R)
+        throws(PatchbayError) -> R?
+    {
+        try nextReply(room: room, servingKept: servingKept, deliver,
+                      failed: { reply in deliver(reply, UnsafeRawBufferPointer(start: nil, count: 0)) })
     }
 
     /// `nextReply`, with error replies and the ones made up for the service's departure shown to
     /// `failed` instead of `deliver`.
-    private func nextReply<R>(room: Int?, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
+    private func nextReply<R>(room: Int?, servingKept: Bool = true, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
                               failed refusal: (CapsReply) -> R) throws(PatchbayError) -> R? {
+        // Replies a call read past come first, in the order they came (a call skips them).
+        if servingKept, !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
         if channel.isCutOff { return try closedReply().map(refusal) }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
@@ -761,7 +827,7 @@ public final class CapsClient: @unchecked Sendable {
                 // service is cut off instead: what is in flight comes back as if it had gone.
                 channel.cutOff()
                 shutdown(direct.rawValue, CInt(SHUT_RD))
-                return try nextReply(room: room, deliver, failed: refusal)
+                return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
             }
             if let bytes = CapsPortCore.plainPayload(entry, in: channel, arena: channel.replyArena), room.map({ $0 >= bytes.count }) ?? true {
                 // The common cases, with nothing to keep alive: as below, without a payload value.
@@ -791,7 +857,7 @@ public final class CapsClient: @unchecked Sendable {
             return result
         }
         // The service may have replied just before going away: those replies come first.
-        if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, deliver, failed: refusal) }
+        if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal) }
         guard let closed = try closedReply() else { return nil }
         return refusal(closed)
     }

@@ -18,6 +18,9 @@ struct MessageRecord {
     var offset: Int
     var length: Int
     var state: UInt32
+    /// A client's request made by `call`: the longest reply it takes (another thread that reads
+    /// the reply first copies no more for it).
+    var replyLimit: Int = 0
 }
 
 final class MessageTable {
