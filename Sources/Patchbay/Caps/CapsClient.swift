@@ -238,7 +238,7 @@ public final class CapsClient: @unchecked Sendable {
                                                   messageID: messageID, length: length, descriptors: descriptors,
                                                   what: "payload", fill: fill)
             requests.insert(MessageRecord(id: messageID, offset: offset, length: length, state: callLimit == nil ? 0 : Self.madeByCall,
-                                          replyLimit: callLimit ?? 0))
+                                          replyLimit: UInt32(clamping: callLimit ?? 0)))
             wakeService()
             return messageID
         }
@@ -528,7 +528,7 @@ public final class CapsClient: @unchecked Sendable {
                     } else if let other = requests.find(reply.messageID), other.state & Self.madeByCall != 0 {
                         // Another thread's call: keep its reply for it, no longer than it takes.
                         let kept: Result<[UInt8], PatchbayError> = failure(of: reply).map { .failure($0) }
-                            ?? (payload.count <= other.replyLimit ? .success(Array(payload))
+                            ?? (payload.count <= Int(other.replyLimit) ? .success(Array(payload))
                                 : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(other.replyLimit) allowed; not read")))
                         if otherCalls.updateValue(kept, forKey: reply.messageID) == nil { otherCallsKept += 1 }
                         stashedForOthers = true

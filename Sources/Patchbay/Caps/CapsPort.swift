@@ -76,7 +76,7 @@ public final class CapsDescriptors: @unchecked Sendable {
 /// the caller's buffer stays queued, and so do its descriptors). Dropping an entry closes it.
 /// Used under the port's lock only.
 final class AttachmentStash {
-    private var waiting: [UInt64: CapsDescriptors] = [:]
+    @exclusivity(unchecked) private var waiting: [UInt64: CapsDescriptors] = [:]  // under the port lock, as `stash` is
 
     /// The descriptors sent with `messageID`: the kept ones, else those queued on `direct`, from
     /// `peer`.

@@ -19,8 +19,9 @@ struct MessageRecord {
     var length: Int
     var state: UInt32
     /// A client's request made by `call`: the longest reply it takes (another thread that reads
-    /// the reply first copies no more for it).
-    var replyLimit: Int = 0
+    /// the reply first copies no more for it). 32 bits, in the record's padding (a reply is at
+    /// most 4 GiB - 1 bytes, so a larger limit is the same as this one's largest).
+    var replyLimit: UInt32 = 0
 }
 
 final class MessageTable {
