@@ -35,11 +35,6 @@ struct Policy {
             }
         }
 
-        func includes(uid: UInt32) -> Bool {
-            if case .uid(let owner) = self { return owner == uid }
-            return false
-        }
-
         var description: String {
             switch self {
             case .uid(let uid): "uid \(uid)"
@@ -79,10 +74,11 @@ struct Policy {
 
     /// Whether a client that named no uid trusts a service of `name` registered by `owner`:
     /// its own, root's, or an owner the name is reserved for.
-    func trusts(serviceOwner owner: UInt32, of name: String, client: PeerCredentials) -> Bool {
-        if owner == client.uid || owner == 0 { return true }
+    func trusts(serviceOwner owner: PeerCredentials, of name: String, client: PeerCredentials) -> Bool {
+        if owner.uid == client.uid || owner.uid == 0 { return true }
         guard let rule = rule(for: .caps, Substring(name)) else { return false }
-        return rule.owners.contains { $0.includes(uid: owner) }
+        // An owner the rule names: its uid, or a member of its group (as registering checks).
+        return rule.owners.contains { $0.includes(owner) }
     }
 
     // MARK: Reading

@@ -296,7 +296,7 @@ struct TwoUserNameTests {
         #expect(try chosen.call(Array("hi".utf8)) == Array("hi".utf8))
     }
 
-    @Test("policy: a reserved CAPS or /net name is taken only by its owners; a reserved name's owner is trusted by every caller")
+    @Test("policy: a reserved CAPS or /net name is taken only by its owners; a reserved name's owner (a uid, or a member of a group) is trusted by every caller")
     func policyReservations() throws {
         let policy = makeTemporaryDirectory()
         defer { removeTree(policy) }
@@ -306,6 +306,8 @@ struct TwoUserNameTests {
             net   printer       uid:0       # the spooler's socket
             # nobody's, and trusted as such
             caps  shared.echo   uid:65534
+            # a group's: any member's service is trusted
+            caps  team.*        group:65534
             """)
         let broker = try openBroker(["--policy-directory", policy])
         let root = try broker.connect()
@@ -323,6 +325,11 @@ struct TwoUserNameTests {
         defer { theirs.kill(SIGTERM); _ = try? theirs.wait() }
         let client = try CapsClient(root, name: "shared.echo")
         #expect(try client.call(Array("ping".utf8)) == Array("ping".utf8))
+        // A name reserved for a group: nobody, a member of it, registers; root trusts it too.
+        let member = try serveAsNobody("team.echo", broker, root: root)
+        defer { member.kill(SIGTERM); _ = try? member.wait() }
+        let teamClient = try CapsClient(root, name: "team.echo")
+        #expect(try teamClient.call(Array("pong".utf8)) == Array("pong".utf8))
     }
 
     @Test("a malformed policy stops the broker from starting, with the file and line")

@@ -507,7 +507,7 @@ final class CapsRegistry {
         // Naming no uid means "a service I can trust": my own uid's, root's, or the name's owners'
         // by policy. Naming a uid asks for that uid's service, whoever it is.
         let candidates = (byName[name] ?? []).compactMap { services[$0] }.filter { service in
-            (uid == -1 ? policy.trusts(serviceOwner: service.owner.uid, of: name, client: caller) : service.uid == uid)
+            (uid == -1 ? policy.trusts(serviceOwner: service.owner, of: name, client: caller) : service.uid == uid)
                 && (gid == -1 || service.gid == gid)
         }
         guard let service = candidates.last else {
