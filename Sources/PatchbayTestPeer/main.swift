@@ -33,6 +33,10 @@
 //   caps-connect-many NAME N  connects up to N clients to NAME, prints "connected N" or
 //                             "refused at I ERRNO", keeps them until EOF
 //   refuse-user-raw UID       sends capsRefuseUser for UID from a plain connection, prints "sent"
+//   caps-stray-flood NAME PORT COUNT
+//                             a service that sticks its client's closing thread, then sends COUNT
+//                             stray messages of 252 descriptors (as many as fit); prints "ready",
+//                             then "flooded N"
 //   net-send-lingering NAME PORT
 //                             listens on NAME, accepts one connection, sends it "hello" with a
 //                             lingering TCP socket attached; prints "listening", then "sent"
@@ -291,6 +295,78 @@ func capsAttachLingering(service: String, port: UInt16, how: String) throws(Patc
     }
     say("put")
     waitForEndOfInput()
+}
+
+/// A hostile service: registers `service` (world), says "ready", takes two requests, then on
+/// their client's direct socket sends a local socket with a lingering TCP socket in its queue (to
+/// stick the client's closing thread for that service), then up to `messages` stray messages of
+/// 252 local sockets each (as many as its queue takes), tagged with ids nobody waits for; then answers both requests, each with one
+/// descriptor. Says "flooded N" (N: the stray messages the direct socket took), and stays until
+/// its input ends.
+func capsStrayFlood(service name: String, port: UInt16, messages: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    say("ready")
+    var requests: [CapsServiceMessage] = []
+    while requests.count < 2 {
+        try service.receive { message, _ in if message.kind == .request { requests.append(message) } }
+    }
+    guard let direct = service.directSocket(ofChannel: requests[0].channelID) else {
+        throw PatchbayError(.invalidArgument, "no channel")
+    }
+    do {
+        let wedge = try wrappedLingeringSocket(port: port)
+        guard sendRights(direct, tag: 1 << 40, [wedge.rawValue]) else { throw PatchbayError(Errno.current, "sendmsg") }
+    }
+    var sent = 0
+    for index in 0..<messages {
+        var ends: [CInt] = []
+        for _ in 0..<126 {
+            var pair: [CInt] = [-1, -1]
+            guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+                throw PatchbayError(Errno.current, "socketpair")
+            }
+            ends += pair
+        }
+        defer { for fd in ends { close(fd) } }
+        guard sendRights(direct, tag: (1 << 40) + 1 + UInt64(index), ends) else { break }  // the queue is full
+        sent += 1
+    }
+    for request in requests {
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { close(null) }
+        try service.reply(to: request.messageID, Array("with one".utf8), descriptors: [null])
+    }
+    say("flooded \(sent)")
+    waitForEndOfInput()
+}
+
+/// One message of `tag` (8 bytes) carrying `fds` (up to the kernel's 253), without waiting: what
+/// the library never sends (it sends at most 16), built by hand (the control message is a 16-byte
+/// header, then the descriptors). False when it was not sent.
+func sendRights(_ socket: CInt, tag: UInt64, _ fds: [CInt]) -> Bool {
+    var tag = tag
+    let header = 16
+    var control = [UInt8](repeating: 0, count: (header + fds.count * 4 + 7) & ~7)
+    control.withUnsafeMutableBytes { raw in
+        raw.storeBytes(of: UInt64(header + fds.count * 4), toByteOffset: 0, as: UInt64.self)  // cmsg_len
+        raw.storeBytes(of: SOL_SOCKET, toByteOffset: 8, as: CInt.self)
+        raw.storeBytes(of: CInt(SCM_RIGHTS), toByteOffset: 12, as: CInt.self)
+        for (index, fd) in fds.enumerated() { raw.storeBytes(of: fd, toByteOffset: header + index * 4, as: CInt.self) }
+    }
+    return withUnsafeMutableBytes(of: &tag) { payload in
+        control.withUnsafeMutableBytes { controlBytes in
+            var vector = iovec(iov_base: payload.baseAddress, iov_len: payload.count)
+            return withUnsafeMutablePointer(to: &vector) { vectorPointer in
+                var message = msghdr()
+                message.msg_iov = vectorPointer
+                message.msg_iovlen = 1
+                message.msg_control = controlBytes.baseAddress
+                message.msg_controllen = controlBytes.count
+                return sendmsg(socket, &message, CInt(MSG_DONTWAIT) | CInt(MSG_NOSIGNAL)) == 8
+            }
+        }
+    }
 }
 
 /// Listens on `name` (says "listening"), accepts one connection, and sends it "hello" with a
@@ -1448,6 +1524,8 @@ func main() -> CInt {
             try shareLingering(port: UInt16(arguments[1])!, milliseconds: Int64(arguments[2])!, seconds: Int32(arguments[3])!)
         case "caps-fork-and-go" where arguments.count == 3 && ["service", "client"].contains(arguments[2]):
             try capsForkAndGo(arguments[1], side: arguments[2])
+        case "caps-stray-flood" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
+            try capsStrayFlood(service: arguments[1], port: UInt16(arguments[2])!, messages: Int(arguments[3])!)
         case "net-send-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:

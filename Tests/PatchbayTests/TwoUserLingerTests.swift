@@ -152,6 +152,40 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("nobody's service sticks root's client's closing thread, then floods its direct socket with stray descriptors: the client takes no more than its bound, and cuts the service off")
+    func strayDescriptorsStopAtTheBound() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["caps-stray-flood", "strayflood", "\(listener.port)", "20"], broker)
+        defer { attacker.closeInput() }
+        #expect(try attacker.readLine() == "ready")
+        let client = try CapsClient(root, name: "strayflood", uid: Int32(otherUID))
+        let baseline = try openDescriptorCount(pid: getpid())
+        _ = try client.put(Array("one".utf8))
+        _ = try client.put(Array("two".utf8))
+        let flooded = try attacker.readLine() ?? ""
+        let strays = Int(flooded.dropFirst("flooded ".count)) ?? 0
+        #expect(strays * 252 > 4 * 253, "only \(strays) stray messages fit: \(flooded)")
+        // Hundreds of descriptors wait on the direct socket; reading the replies must not take them all.
+        var outcomes: [String] = []
+        for _ in 0..<2 {
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let reply = buffer.withUnsafeMutableBytes { raw in Result { () throws(PatchbayError) -> CapsReply in try client.wait(into: raw) } }
+            switch reply {
+            case .success(let reply): outcomes.append(reply.serviceClosed ? "closed" : "reply")
+            case .failure(let error): outcomes.append(error.errno.name)
+            }
+            if case .failure = reply { break }
+        }
+        let held = try openDescriptorCount(pid: getpid()) - baseline
+        // The bound (64 waiting closes) plus the one message read past it (252) plus a few.
+        #expect(held < 64 + 253 + 16, "root's client took \(held) of nobody's descriptors")
+        #expect(outcomes.contains("closed") || outcomes.contains("ENOTCONN") || outcomes.contains("ECONNRESET"), "\(outcomes)")
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("a lingering TCP socket nobody's /net listener sends root with its data: root's receive returns the data at once, the socket closed elsewhere")
     func lingeringWithNetDataDoesNotHangReceiver() throws {
         let broker = try TestBroker(["--system"])

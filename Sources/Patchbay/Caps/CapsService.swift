@@ -654,6 +654,12 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// Channel `channelID`'s direct socket (this side's end), for a test peer that writes it as a
+    /// hostile service could: only for the project's tests.
+    package func directSocket(ofChannel channelID: UInt64) -> CInt? {
+        core.lock.locked { clients[channelID]?.direct.rawValue }
+    }
+
     /// Pushes an ERROR_REPLY for `messageID` with `flags` as its errno, whatever they are, as a
     /// hostile service writing the ring by other means could: only for the project's tests.
     package func pushForgedErrorReply(onChannel channelID: UInt64, messageID: UInt64, flags: UInt32) -> Bool {
