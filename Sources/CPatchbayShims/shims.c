@@ -284,8 +284,12 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
         size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         int *incoming = (int *)CMSG_DATA(cmsg);
-        for (size_t i = 0; i < count && *fd_count < PB_MAX_RECV_FDS; i++) {
-            memcpy(&fds[(*fd_count)++], incoming + i, sizeof(int));
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, incoming + i, sizeof fd);
+            /* More than the kernel sends in one message cannot come; should it, none leaks. */
+            if (*fd_count < PB_MAX_RECV_FDS) fds[(*fd_count)++] = fd;
+            else close(fd);
         }
     }
     return n;

@@ -30,6 +30,8 @@ final class EventLoop {
     /// Told of a registration found dead (its descriptor closed while watched) and replaced,
     /// which only a close path that forgot to unregister leaves.
     private let logger: Logger
+    /// Events for registrations that no longer exist, since the loop started.
+    private var deadEvents = 0
 
     init(logger: Logger) throws(Errno) {
         epoll = try Epoll()
@@ -45,10 +47,12 @@ final class EventLoop {
                 registrations[token] = owner
                 return
             } catch .noSuchFileOrDirectory {
-                // The number's earlier descriptor was closed while watched (epoll forgot it with
-                // its file): that registration is dead, and this is a new descriptor. Every
-                // close is meant to unregister first; this keeps one that did not from refusing
-                // every later descriptor given the same number.
+                // The number's earlier descriptor was closed while watched: a bug (every close is
+                // meant to unregister first), which this keeps from refusing every later
+                // descriptor given the same number. The earlier watch is gone if its file closed
+                // for good; if another process still holds that file, epoll keeps watching it
+                // under the dead token (nothing here can name it any more), and `wait` drops
+                // its events: logged, as this is.
                 logger.error("descriptor \(descriptor) was closed while watched (for \(String(describing: registrations[token]))); watching the new one",
                              metadata: ["descriptor": "\(descriptor)"])
                 tokenByDescriptor[descriptor] = nil
@@ -83,7 +87,16 @@ final class EventLoop {
     func wait(timeoutMilliseconds: CInt, _ body: (Registration, Epoll.Events) -> Void) throws(Errno) -> Int {
         let events = try epoll.wait(maximum: Self.batchSize, timeoutMilliseconds: timeoutMilliseconds)
         for event in events {
-            guard let owner = registrations[event.token] else { continue }
+            guard let owner = registrations[event.token] else {
+                // A removed registration's event still in this batch (expected), or the watch of
+                // a descriptor closed without being unregistered (a bug): counted, and logged
+                // when it keeps coming.
+                deadEvents &+= 1
+                if deadEvents & (deadEvents &- 1) == 0, deadEvents >= 1024 {
+                    logger.error("\(deadEvents) events for registrations that no longer exist")
+                }
+                continue
+            }
             body(owner, event.events)
         }
         return events.count

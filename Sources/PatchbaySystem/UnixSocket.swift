@@ -218,6 +218,14 @@ package struct UnixSocket: ~Copyable {
     /// close would wait up to its linger time.
     package static func receive(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer, nonblocking: Bool = false,
                                wantSender: Bool = false) throws(Errno) -> Received {
+        // A peer whose descriptors wait to be closed past the bound (one of their closes does not
+        // finish) gets nothing more read: the socket is shut for reading, and this fails, rather
+        // than pile them up in this process.
+        let owner = 1 << 62 | UInt64(UInt32(bitPattern: fd))
+        if PeerDescriptors.pastBound(of: owner) {
+            shutdown(fd, CInt(SHUT_RD))
+            throw .noBufferSpace
+        }
         // MSG_TRUNC makes recvmsg return the real length of a packet that did not fit.
         let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
         var storage = sockaddr_un()
@@ -228,7 +236,7 @@ package struct UnixSocket: ~Copyable {
                 pb_recv_message(fd, buffer.baseAddress, buffer.count, flags, wantSender ? name.baseAddress : nil, &length,
                                 fds.baseAddress, &count)
             }
-            for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: 1 << 62 | UInt64(UInt32(bitPattern: fd))) }
+            for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: owner) }
             guard total >= 0 else { throw Errno.current }
             return total
         }

@@ -782,6 +782,49 @@ struct CapsTests {
         #expect(client.requestsInFlight == 0)
     }
 
+    @Test("two threads calling, the later one answered with an error first: each call gets its own outcome, whichever thread reads it")
+    func errorReplyForAnotherThreadsCall() throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "crossed", access: [.world])
+        let client = try CapsClient(connection, name: "crossed")
+        for round in 0..<20 {
+            let outcomes = Mutex<[String: String]>([:])
+            let done = try Pipe()
+            let signal = done.writeEnd.rawValue
+            for name in ["first", "second"] {
+                startThread {
+                    let outcome: String
+                    do { outcome = String(decoding: try client.call(Array(name.utf8)), as: UTF8.self) } catch let error as PatchbayError {
+                        outcome = error.errno.name
+                    } catch { outcome = "?" }
+                    outcomes.withLock { $0[name] = outcome }
+                    var byte: UInt8 = 1
+                    _ = Glibc.write(signal, &byte, 1)
+                }
+            }
+            var ids: [String: UInt64] = [:]
+            while ids.count < 2 {
+                let (message, bytes) = try serviceWait(service)
+                if message.kind == .request { ids[String(decoding: bytes, as: UTF8.self)] = message.messageID }
+            }
+            try service.reply(to: ids["second"]!, error: .permissionDenied)
+            try service.reply(to: ids["first"]!, Array("answer".utf8))
+            // Both calls end (bounded: a call whose reply another thread kept in the wrong place
+            // would wait for ever).
+            var ended = 0
+            var entry = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+            while ended < 2, poll(&entry, 1, 10_000) == 1 {
+                var byte: UInt8 = 0
+                _ = Glibc.read(done.readEnd.rawValue, &byte, 1)
+                ended += 1
+            }
+            #expect(ended == 2, "round \(round): a call never ended")
+            #expect(outcomes.withLock { $0 } == ["first": "answer", "second": "EACCES"], "round \(round)")
+            if ended < 2 { break }
+        }
+    }
+
     @Test("an error reply whose errno is not 1 to 4095 (a negative number, INT_MIN, past 4095) is EIO to the client, never a length or a success")
     func errorReplyOutOfRangeIsEIO() throws {
         let broker = try TestBroker()

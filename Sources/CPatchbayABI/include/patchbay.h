@@ -107,7 +107,7 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
 /* shm_open(3) with FreeBSD's semantics, in the broker's namespace: name starts with '/', at most
  * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC. New objects have size
  * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec). Checked in FreeBSD's
- * order: -EINVAL (write-only access, another flag), then the name: -EFAULT (NULL),
+ * order: -EINVAL (write-only access, another flag; then a NULL broker), then the name: -EFAULT (NULL),
  * -ENAMETOOLONG, -EINVAL (no leading '/', not UTF-8); then -ENOENT, -EEXIST, -EACCES, -EDQUOT.
  * name PB_SHM_ANON: a new anonymous object as pb_shm_anonymous(0) makes, with no broker needed
  * (broker may be NULL); oflag must be O_RDWR (-EINVAL for O_RDONLY, as FreeBSD), its other
@@ -285,7 +285,8 @@ int pb_caps_client_open(pb_broker *broker, const char *name, unsigned flags, pb_
  * threads' calls are kept for them (no longer than each one's capacity: past it they get
  * -EMSGSIZE), and those to pb_caps_put requests for pb_caps_get, pb_caps_wait_reply and
  * pb_caps_receive_reply (copied, up to the channel's 16 MiB of payload space for all kept at
- * once: past it such a reply shows -EMSGSIZE instead of its bytes). */
+ * once: past it such a reply shows -EMSGSIZE instead of its bytes; descriptors it carried are
+ * closed). */
 ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length, void *reply, size_t capacity);
 
 /* Sends a request without waiting; *id is its message id. */

@@ -27,6 +27,9 @@ public struct CapsReply: Sendable {
     public var error: Errno?
     /// Descriptors the service attached (take them, or they close with the reply).
     public var descriptors: CapsDescriptors?
+    /// The request was a `call`'s (noted for a reply whose record is gone when it is shown: an
+    /// error reply, or one made up for the service's departure).
+    var madeByCall = false
 }
 
 /// How an `abort` ended.
@@ -451,13 +454,15 @@ public final class CapsClient: @unchecked Sendable {
     public func wait(into buffer: UnsafeMutableRawBufferPointer) throws(PatchbayError) -> CapsReply {
         try core.checkInherited()
         while true {
-            // Sleeping happens outside the lock, so another thread may put meanwhile.
+            // Sleeping happens outside the lock, so another thread may put meanwhile, or a call
+            // keep a reply for this one (`keep`): the epoch, read first, tells.
+            let epoch = stashEpoch.load(ordering: .acquiring)
             if let reply = try core.lock.locked({ () throws(PatchbayError) -> CapsReply? in
                 try nextReply(room: buffer.count) { reply, payload in Self.copy(payload, into: buffer, reply) }
             }) {
                 return reply
             }
-            try sleepUntilReply()
+            try sleepUntilReply(orUntilEpochChanges: epoch)
         }
     }
 
@@ -525,11 +530,11 @@ public final class CapsClient: @unchecked Sendable {
                 _ = try nextReply(room: nil, servingKept: false) { reply, payload in
                     if reply.messageID == id {
                         answer = failure(of: reply).map { .failure($0) } ?? take(payload)
-                    } else if let other = requests.find(reply.messageID), other.state & Self.madeByCall != 0 {
+                    } else if let limit = callLimit(of: reply) {
                         // Another thread's call: keep its reply for it, no longer than it takes.
                         let kept: Result<[UInt8], PatchbayError> = failure(of: reply).map { .failure($0) }
-                            ?? (payload.count <= Int(other.replyLimit) ? .success(Array(payload))
-                                : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(other.replyLimit) allowed; not read")))
+                            ?? (payload.count <= limit ? .success(Array(payload))
+                                : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(limit) allowed; not read")))
                         if otherCalls.updateValue(kept, forKey: reply.messageID) == nil { otherCallsKept += 1 }
                         stashedForOthers = true
                     } else {
@@ -586,11 +591,12 @@ public final class CapsClient: @unchecked Sendable {
     public func waitReply<R>(_ body: (_ messageID: UInt64, _ bytes: UnsafeRawBufferPointer) -> R) throws(PatchbayError) -> R {
         try core.checkInherited()
         while true {
+            let epoch = stashEpoch.load(ordering: .acquiring)  // as in `wait`
             if let result = try core.lock.locked({ () throws(PatchbayError) -> Result<R, PatchbayError>? in
                 try nextReply(room: nil, { reply, payload in .success(body(reply.messageID, payload)) },
                               failed: { reply in .failure(self.failure(of: reply)!) })
             }) { return try result.get() }
-            try sleepUntilReply()
+            try sleepUntilReply(orUntilEpochChanges: epoch)
         }
     }
 
@@ -601,6 +607,7 @@ public final class CapsClient: @unchecked Sendable {
         while true {
             // (The failure path keeps the reply aside: the common one stays a Bool, the cheapest.)
             var refused: CapsReply?
+            let epoch = stashEpoch.load(ordering: .acquiring)  // as in `wait`
             if try core.lock.locked({ () throws(PatchbayError) -> Bool in
                 try nextReply(room: nil, { reply, payload in body(reply.messageID, payload) },
                               failed: { reply in refused = reply }) != nil
@@ -608,7 +615,7 @@ public final class CapsClient: @unchecked Sendable {
                 if let refused, let failure = failure(of: refused) { throw failure }
                 return
             }
-            try sleepUntilReply()
+            try sleepUntilReply(orUntilEpochChanges: epoch)
         }
     }
 
@@ -733,6 +740,13 @@ public final class CapsClient: @unchecked Sendable {
         return reply
     }
 
+    /// The reply limit of the `call` that `reply` answers; nil for a `put`'s reply.
+    private func callLimit(of reply: CapsReply) -> Int? {
+        if reply.madeByCall { return .max }  // an error reply or a departure: no bytes to bound
+        guard let record = requests.find(reply.messageID), record.state & Self.madeByCall != 0 else { return nil }
+        return Int(record.replyLimit)
+    }
+
     /// Keeps a `put`'s reply that a `call` read on its way to its own, for `get`, `wait` and
     /// `waitReply`. Its bytes are copied, up to the channel's payload space for all kept replies
     /// together: past that (a service answering puts with attached gigabytes while a call waits),
@@ -815,7 +829,8 @@ public final class CapsClient: @unchecked Sendable {
             }
             if entry.kind == .errorReply {
                 finish(entry.messageID, request, dispose: true)
-                var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil)
+                var refused = CapsReply(messageID: entry.messageID, length: 0, consumed: true, serviceClosed: false, descriptors: nil,
+                                        madeByCall: (request?.state ?? 0) & Self.madeByCall != 0)
                 // An errno is 1 to 4095 (PROTOCOL §7); anything else the service wrote is EIO, never
                 // a number a caller could take for a length or a success.
                 refused.error = (1...4095).contains(entry.flags) ? Errno(rawValue: CInt(entry.flags)) : .ioError
@@ -891,10 +906,12 @@ public final class CapsClient: @unchecked Sendable {
             throw PatchbayError(.socketNotConnected, goneReason)
         }
         closedReplies?.removeFirst()
-        if let request = requests.remove(messageID), request.offset >= 0 {
+        let request = requests.remove(messageID)
+        if let request, request.offset >= 0 {
             allocator.release(offset: request.offset, length: request.length)
         }
-        return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil)
+        return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil,
+                         madeByCall: (request?.state ?? 0) & Self.madeByCall != 0)
     }
 
     /// Spin-then-sleep until a reply (or the service's departure, or with `epoch` a reply kept
