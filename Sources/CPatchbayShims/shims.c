@@ -182,11 +182,14 @@ int pb_peer_groups(int fd, uint32_t *groups, int capacity) {
 
 #define PB_MAX_FDS 16
 
-ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait) {
-    if (fd_count < 0 || fd_count > PB_MAX_FDS) { errno = EINVAL; return -1; }
+/* Room for every descriptor one message can carry (the kernel's SCM_MAX_FD). */
+#define PB_MAX_RECV_FDS 253
+
+ssize_t pb_send_rights(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait) {
+    if (fd_count < 0 || fd_count > PB_MAX_RECV_FDS) { errno = EINVAL; return -1; }
     struct iovec iov = { .iov_base = (void *)buffer, .iov_len = length };
     union {
-        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_FDS)];
+        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
         struct cmsghdr align;
     } control;
     struct msghdr msg;
@@ -210,13 +213,16 @@ ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const in
     return n;
 }
 
-/* Room for every descriptor one message can carry (the kernel's SCM_MAX_FD): descriptors that
- * do not fit the control buffer are closed by the kernel inside recvmsg, in this thread, and the
- * last close of a file its sender chose can block (a TCP socket with SO_LINGER): never here. */
-#define PB_MAX_RECV_FDS 253
+ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait) {
+    if (fd_count > PB_MAX_FDS) { errno = EINVAL; return -1; }
+    return pb_send_rights(socket, buffer, length, fds, fd_count, dontwait);
+}
 
-ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
-                         int *fd_count, int *flags_out, int dontwait) {
+/* The control buffer has room for everything one message can carry: descriptors that do not fit
+ * are closed by the kernel inside recvmsg, in this thread, and the last close of a file its
+ * sender chose can block (a TCP socket with SO_LINGER): never here. */
+ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out) {
     struct iovec iov = { .iov_base = buffer, .iov_len = length };
     union {
         char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
@@ -228,13 +234,18 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
     msg.msg_iovlen = 1;
     msg.msg_control = control.bytes;
     msg.msg_controllen = sizeof control.bytes;
+    if (name != NULL) {
+        msg.msg_name = name;
+        msg.msg_namelen = *name_length;
+    }
     *fd_count = 0;
     *flags_out = 0;
     ssize_t n;
     do {
-        n = recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | (dontwait ? MSG_DONTWAIT : 0));
+        n = recvmsg(socket, &msg, flags | MSG_CMSG_CLOEXEC);
     } while (n < 0 && errno == EINTR);
     if (n < 0) return n;
+    if (name != NULL) *name_length = msg.msg_namelen;
     *flags_out = msg.msg_flags;
     // Adopt every descriptor that arrived, in every SCM_RIGHTS message: CMSG_SPACE rounds up, so
     // a buffer sized for N can carry more, and the peer decides what it sends.
@@ -256,43 +267,10 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
     return n;
 }
 
-ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int *fd_count) {
-    struct iovec iov = { .iov_base = buffer, .iov_len = length };
-    union {
-        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
-        struct cmsghdr align;
-    } control;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.bytes;
-    msg.msg_controllen = sizeof control.bytes;
-    if (name != NULL) {
-        msg.msg_name = name;
-        msg.msg_namelen = *name_length;
-    }
-    *fd_count = 0;
-    ssize_t n;
-    do {
-        n = recvmsg(socket, &msg, flags | MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) return n;
-    if (name != NULL) *name_length = msg.msg_namelen;
-    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
-        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        int *incoming = (int *)CMSG_DATA(cmsg);
-        for (size_t i = 0; i < count; i++) {
-            int fd;
-            memcpy(&fd, incoming + i, sizeof fd);
-            /* More than the kernel sends in one message cannot come; should it, none leaks. */
-            if (*fd_count < PB_MAX_RECV_FDS) fds[(*fd_count)++] = fd;
-            else close(fd);
-        }
-    }
-    return n;
+ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
+                         int *fd_count, int *flags_out, int dontwait) {
+    return pb_recv_message(socket, buffer, length, dontwait ? MSG_DONTWAIT : 0, NULL, NULL, fds, fd_capacity, fd_count,
+                           flags_out);
 }
 
 int pb_msg_trunc(void) { return MSG_TRUNC; }

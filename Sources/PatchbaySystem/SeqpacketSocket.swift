@@ -249,6 +249,13 @@ extension SeqpacketSocket {
         pb_send_with_fds(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), nonblocking ? 1 : 0)
     }
 
+    /// `sendRaw` with up to 253 descriptors in one message, past the protocol's 16: only for the
+    /// project's tests and test peer, which send what a hostile peer could.
+    package static func sendRights(_ fd: CInt, _ bytes: UnsafeRawBufferPointer, _ descriptors: UnsafeBufferPointer<CInt>,
+                                   nonblocking: Bool = false) -> Int {
+        pb_send_rights(fd, bytes.baseAddress, bytes.count, descriptors.baseAddress, CInt(descriptors.count), nonblocking ? 1 : 0)
+    }
+
     /// `recvmsg` on a socket owned elsewhere: the length and the raw descriptors received (the
     /// caller owns them), and whether the message was longer than `buffer` (`MSG_TRUNC`: the rest
     /// is lost); nil with errno set.

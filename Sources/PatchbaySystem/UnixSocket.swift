@@ -232,9 +232,10 @@ package struct UnixSocket: ~Copyable {
         var length = CUnsignedInt(MemoryLayout<sockaddr_un>.size)
         let total = try withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds throws(Errno) -> Int in
             var count: CInt = 0
+            var received: CInt = 0
             let total = withUnsafeMutableBytes(of: &storage) { name in
                 pb_recv_message(fd, buffer.baseAddress, buffer.count, flags, wantSender ? name.baseAddress : nil, &length,
-                                fds.baseAddress, &count)
+                                fds.baseAddress, CInt(fds.count), &count, &received)
             }
             for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: owner) }
             guard total >= 0 else { throw Errno.current }

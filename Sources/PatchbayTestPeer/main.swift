@@ -342,31 +342,9 @@ func capsStrayFlood(service name: String, port: UInt16, messages: Int) throws(Pa
 }
 
 /// One message of `tag` (8 bytes) carrying `fds` (up to the kernel's 253), without waiting: what
-/// the library never sends (it sends at most 16), built by hand (the control message is a 16-byte
-/// header, then the descriptors). False when it was not sent.
+/// the library never sends (it sends at most 16). False when it was not sent.
 func sendRights(_ socket: CInt, tag: UInt64, _ fds: [CInt]) -> Bool {
-    var tag = tag
-    let header = 16
-    var control = [UInt8](repeating: 0, count: (header + fds.count * 4 + 7) & ~7)
-    control.withUnsafeMutableBytes { raw in
-        raw.storeBytes(of: UInt64(header + fds.count * 4), toByteOffset: 0, as: UInt64.self)  // cmsg_len
-        raw.storeBytes(of: SOL_SOCKET, toByteOffset: 8, as: CInt.self)
-        raw.storeBytes(of: CInt(SCM_RIGHTS), toByteOffset: 12, as: CInt.self)
-        for (index, fd) in fds.enumerated() { raw.storeBytes(of: fd, toByteOffset: header + index * 4, as: CInt.self) }
-    }
-    return withUnsafeMutableBytes(of: &tag) { payload in
-        control.withUnsafeMutableBytes { controlBytes in
-            var vector = iovec(iov_base: payload.baseAddress, iov_len: payload.count)
-            return withUnsafeMutablePointer(to: &vector) { vectorPointer in
-                var message = msghdr()
-                message.msg_iov = vectorPointer
-                message.msg_iovlen = 1
-                message.msg_control = controlBytes.baseAddress
-                message.msg_controllen = controlBytes.count
-                return sendmsg(socket, &message, CInt(MSG_DONTWAIT) | CInt(MSG_NOSIGNAL)) == 8
-            }
-        }
-    }
+    withUnsafeBytes(of: tag) { raw in fds.withUnsafeBufferPointer { SeqpacketSocket.sendRights(socket, raw, $0, nonblocking: true) } } == 8
 }
 
 /// Listens on `name` (says "listening"), accepts one connection, and sends it "hello" with a

@@ -359,34 +359,8 @@ private func client2Connect(_ path: String) throws {
     try socket.connect(path: path)
 }
 
-/// `sendmsg` with one SCM_RIGHTS message of any number of descriptors (the library caps at 16).
+/// `sendmsg` with one SCM_RIGHTS message of up to 253 descriptors (the library caps at 16).
 func sendRawRights(_ socket: CInt, payload: [UInt8], descriptors: [CInt]) throws {
-    let headerSize = 16  // struct cmsghdr on LP64: size_t len, int level, int type
-    let dataLength = descriptors.count * MemoryLayout<CInt>.size
-    let length = headerSize + dataLength
-    let space = (length + 7) & ~7
-    var control = [UInt8](repeating: 0, count: space)
-    control.withUnsafeMutableBytes { raw in
-        raw.storeBytes(of: length, toByteOffset: 0, as: Int.self)
-        raw.storeBytes(of: SOL_SOCKET, toByteOffset: 8, as: CInt.self)
-        raw.storeBytes(of: 1, toByteOffset: 12, as: CInt.self)  // SCM_RIGHTS
-        for (index, fd) in descriptors.enumerated() {
-            raw.storeBytes(of: fd, toByteOffset: headerSize + index * 4, as: CInt.self)
-        }
-    }
-    var payload = payload
-    let sent = payload.withUnsafeMutableBytes { data in
-        control.withUnsafeMutableBytes { controlBytes in
-            var vector = iovec(iov_base: data.baseAddress, iov_len: data.count)
-            return withUnsafeMutablePointer(to: &vector) { vectorPointer in
-                var header = msghdr()
-                header.msg_iov = vectorPointer
-                header.msg_iovlen = 1
-                header.msg_control = controlBytes.baseAddress
-                header.msg_controllen = controlBytes.count
-                return sendmsg(socket, &header, CInt(MSG_NOSIGNAL))
-            }
-        }
-    }
+    let sent = payload.withUnsafeBytes { raw in descriptors.withUnsafeBufferPointer { SeqpacketSocket.sendRights(socket, raw, $0) } }
     if sent < 0 { throw Errno.current }
 }

@@ -700,15 +700,7 @@ struct CapsTests {
         defer { if serviceChild > 0 { kill(serviceChild, SIGKILL) } }
         #expect(server.isRunning && kill(serviceChild, 0) == 0, "the service's process and its forked child are alive")
         // Gone from the broker (bounded: a child holding the registration would hold it forever)...
-        func within10s(_ condition: () throws -> Bool) throws -> Bool {
-            let deadline = monotonicNanoseconds() + 10_000_000_000
-            while try !condition() {
-                guard monotonicNanoseconds() < deadline else { return false }
-                usleep(2_000)
-            }
-            return true
-        }
-        let serviceGone = try within10s { try !connection.listServices().contains(where: { $0.name == "forking_service" }) }
+        let serviceGone = try eventually { try !connection.listServices().contains(where: { $0.name == "forking_service" }) }
         #expect(serviceGone)
         // ...and the client answered as when a service goes (a 0-byte reply, serviceClosed).
         if serviceGone {
@@ -725,7 +717,7 @@ struct CapsTests {
         defer { if callerChild > 0 { kill(callerChild, SIGKILL) } }
         #expect(caller.isRunning && kill(callerChild, 0) == 0, "the client's process and its forked child are alive")
         // Its request, left unread, comes back as a DISPOSE: the client is gone, though its child lives.
-        let clientGone = try within10s { try !connection.listServices().contains(where: { $0.name == "forking_client" && $0.clients > 0 }) }
+        let clientGone = try eventually { try !connection.listServices().contains(where: { $0.name == "forking_client" && $0.clients > 0 }) }
         #expect(clientGone)
         if clientGone {
             let (gone, _) = try serviceWait(service)

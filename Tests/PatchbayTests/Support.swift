@@ -247,3 +247,28 @@ extension Broker {
         try share(rawDescriptor: descriptor.rawValue, timeout: timeout, claimableBy: restriction)
     }
 }
+
+/// Polls `condition` until it holds or 10 s pass; whether it held. For outcomes another process
+/// brings about, which the test can only observe: a wait that would otherwise hang fails instead.
+func eventually(_ condition: () throws -> Bool) throws -> Bool {
+    let deadline = monotonicNanoseconds() + 10_000_000_000
+    while try !condition() {
+        guard monotonicNanoseconds() < deadline else { return false }
+        usleep(2_000)
+    }
+    return true
+}
+
+/// 24 connections to `broker` held at once, each admitted and answered, and its log without a
+/// dropped connection or a watch left on a closed descriptor: what a descriptor number left in
+/// the broker's event loop would break for whichever connection is given it.
+func expectEveryConnectionAdmitted(_ broker: TestBroker) throws {
+    var held: [Broker] = []
+    for index in 0..<24 {
+        let connection = try broker.connect()
+        #expect(throws: Never.self, "connection \(index)") { _ = try connection.status() }
+        held.append(connection)
+    }
+    let log = (try? String(contentsOfFile: broker.directory + "/broker.log", encoding: .utf8)) ?? ""
+    #expect(!log.contains("cannot watch client") && !log.contains("was closed while watched"), "\(log.suffix(2000))")
+}

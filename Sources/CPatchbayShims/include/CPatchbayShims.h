@@ -77,10 +77,15 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
 /// recvmsg(2) for data that may come with descriptors nobody asked for: `flags` are passed on
 /// (MSG_TRUNC, MSG_DONTWAIT), MSG_CMSG_CLOEXEC is added, the sender's address goes to `name`
 /// (when not NULL; `*name_length` in and out), and every descriptor that arrived is stored in
-/// `fds` (room for PB_MAX_RECV_FDS: no more can come in one message), for the caller to close
-/// where it chooses. EINTR is retried.
+/// `fds` (up to `fd_capacity`; any beyond are closed here, with MSG_CTRUNC in `*flags_out`, which
+/// receives msg_flags), for the caller to close where it chooses. EINTR is retried.
+/// `pb_recv_with_fds` is this with no address and `dontwait` for MSG_DONTWAIT.
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int *fd_count);
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out);
+
+/// sendmsg(2) of one buffer with up to 253 descriptors (the kernel's most) in one SCM_RIGHTS
+/// message, MSG_NOSIGNAL; `pb_send_with_fds` is this for at most 16, the protocol's most.
+ssize_t pb_send_rights(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait);
 
 int pb_msg_trunc(void);
 int pb_msg_ctrunc(void);
