@@ -219,6 +219,13 @@ package enum WakeSocket {
         return setsockopt(fd, SOL_SOCKET, passRights, &off, socklen_t(MemoryLayout<CInt>.size)) == 0
     }
 
+    /// Turns `SO_PASSRIGHTS` back on: only for the project's tests, which play a kernel that
+    /// cannot refuse descriptors on a wake socket.
+    package static func acceptDescriptors(_ fd: CInt) {
+        var on: CInt = 1
+        _ = setsockopt(fd, SOL_SOCKET, passRights, &on, socklen_t(MemoryLayout<CInt>.size))
+    }
+
     /// Wakes the reader: one 1-byte datagram. A full socket (the reader is woken already) or a
     /// reader that is gone is not an error.
     package static func wake(_ writer: CInt) {

@@ -43,9 +43,11 @@
 //   caps-fork-and-go NAME service|client
 //                             a port whose process forks a child that lives on, then closes the
 //                             port; prints "ready" / "put ID", then "closed PID"
-//   caps-wake-lingering NAME PORT
+//   caps-wake-lingering NAME PORT [SECONDS]
 //                             sends a wake-up carrying a local socket with a lingering TCP socket
-//                             in its queue on NAME's wake socket; prints "sent" or "refused ERRNO"
+//                             (SECONDS, 2 by default) in its queue on NAME's wake socket; prints
+//                             "sent" or "refused ERRNO" (given SECONDS, prints "connected" first,
+//                             and sends on a line "go")
 //   net-accept-left-behind NAME
 //                             listens on NAME, parks a blocking accept on it from a second, plain
 //                             connection, closes that connection, then the listener; prints
@@ -368,12 +370,22 @@ func netSendLingering(name: String, port: UInt16) throws(PatchbayError) {
 /// Connects to `service` and sends, on its wake socket, a wake-up carrying a local socket with a
 /// lingering TCP socket in its queue (this side's copy closed): says "sent", or "refused ERRNO"
 /// when the kernel refuses descriptors there; then stays until its input ends.
-func capsWakeLingering(service: String, port: UInt16) throws(PatchbayError) {
+func capsWakeLingering(service: String, port: UInt16, seconds: Int32 = 2, onGo: Bool = false) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: service)
-    // (Lingering 2 s only: refused, this side's own close of it is the last, and waits that long.)
-    let socket = try wrappedLingeringSocket(port: port, seconds: 2)
+    if onGo {
+        say("connected")
+        guard Swift.readLine() == "go" else { return }
+    }
+    // (2 s by default: refused, this side's own close of it is the last, and waits that long.)
+    let socket = try wrappedLingeringSocket(port: port, seconds: seconds)
     let refused = client.wakeServiceCarrying([socket.rawValue])
+    if onGo && refused == nil {
+        _ = consume socket  // the copy in the service's queue is the last
+        say("sent")
+        waitForEndOfInput()
+        return
+    }
     say(refused.map { "refused \($0.name)" } ?? "sent")
     waitForEndOfInput()
     _ = consume socket
@@ -1508,6 +1520,8 @@ func main() -> CInt {
             try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!)
+        case "caps-wake-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int32(arguments[3]) != nil:
+            try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!, seconds: Int32(arguments[3])!, onGo: true)
         case "caps-attach-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil:
             try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, how: arguments[3])
         case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

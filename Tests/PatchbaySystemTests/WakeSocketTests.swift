@@ -36,7 +36,10 @@ struct WakeSocketTests {
         #expect(held > 0 && held < 10_000, "the queue is bounded by the kernel: \(held)")
     }
 
-    @Test("neither end takes descriptors where the kernel can refuse them (EPERM); where it cannot, a drain takes them and closes them off its thread, leaking none")
+    // Where the kernel cannot refuse them, this shows only that a drain leaks none (a plain recv
+    // would close them too, in the draining thread); that it closes them off its own thread is
+    // TwoUserLingerTests.wakeSocketDrainClosesElsewhere (a close that would wait a minute).
+    @Test("neither end takes descriptors where the kernel can refuse them (EPERM); where it cannot, a drain takes them and closes them, leaking none")
     func noDescriptors() throws {
         let pair = try WakeSocket.pair()
         var ends: [CInt] = [-1, -1]

@@ -244,6 +244,42 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("on a kernel that cannot refuse them (played here by turning SO_PASSRIGHTS back on), a lingering socket nobody sends on root's service's wake socket is closed off the service's thread, and the service goes on serving")
+    func wakeSocketDrainClosesElsewhere() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "wakedrain", access: [.world], notifyConnections: true)
+        service.wakeSocketsTakeDescriptors = true
+        // Lingering 60 s: three times what `finishes` waits, so a close in the draining thread is caught.
+        let attacker = try nobodyPeer(["caps-wake-lingering", "wakedrain", "\(listener.port)", "60"], broker)
+        defer { attacker.closeInput() }
+        #expect(try attacker.readLine() == "connected")
+        // The service takes nobody's channel (turning the option back on for it), then nobody sends.
+        let (connected, _) = try serviceWait(service)
+        #expect(connected.kind == .connected && connected.credentials.euid == 65534)
+        try attacker.writeLine("go")
+        #expect(try attacker.readLine() == "sent")
+        let caller = try CapsClient(root, name: "wakedrain")
+        let answered = Mutex(false)
+        #expect(try finishes {
+            guard (try? caller.put([1])) != nil else { return }
+            var entry = pollfd(fd: service.eventDescriptor, events: Int16(POLLIN), revents: 0)
+            repeat {
+                // Everything ready (root's connection notice, then its request), then wait again.
+                while let message = try? serviceGet(service) {
+                    if message.kind == .request && message.credentials.euid == 0 {
+                        answered.withLock { $0 = (try? service.reply(to: message.messageID, [2])) != nil }
+                        return
+                    }
+                }
+            } while poll(&entry, 1, 10_000) == 1
+        }, "the service is stuck closing what it drained from its wake socket")
+        #expect(answered.withLock { $0 })
+        withExtendedLifetime(listener) {}
+    }
+
     @Test("a lingering TCP socket nobody left on its direct socket to root's service, announced by nothing: the service closes it when nobody goes, and goes on")
     func lingeringOnTheDirectSocketDoesNotHangService() throws {
         let broker = try TestBroker(["--system"])

@@ -640,6 +640,15 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
+    /// Lets the wake sockets of clients that connect from now on take descriptors, as on a
+    /// kernel before 6.16 (no `SO_PASSRIGHTS`): only for the project's tests, which show that a
+    /// drain then closes what arrives off this port's thread.
+    package var wakeSocketsTakeDescriptors: Bool {
+        get { core.lock.locked { takesDescriptorsOnWake } }
+        set { core.lock.locked { takesDescriptorsOnWake = newValue } }
+    }
+    @exclusivity(unchecked) private var takesDescriptorsOnWake = false
+
     /// Pushes a REPLY of `length` inline bytes for `messageID` into the reply ring of channel
     /// `channelID`, whatever that id is, as a hostile service writing the ring by other means
     /// could: only for the project's tests, to check that a client takes no reply to a request
@@ -1132,6 +1141,7 @@ public final class CapsService: @unchecked Sendable {
                     refuse([serviceWake.release(), clientWake.release(), direct.release()])
                     continue
                 }
+                if takesDescriptorsOnWake { WakeSocket.acceptDescriptors(serviceWake.rawValue) }
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,
