@@ -48,6 +48,9 @@
 //                             (SECONDS, 2 by default) in its queue on NAME's wake socket; prints
 //                             "sent" or "refused ERRNO" (given SECONDS, prints "connected" first,
 //                             and sends on a line "go")
+//   net-accept-many NAME N    listens on NAME and sends N blocking accepts on one plain
+//                             connection, one at a time; prints "refused R of N-1 EINVAL, waiting W" (W: the
+//                             accepts the broker keeps for the listener), then waits for EOF
 //   net-accept-left-behind NAME
 //                             listens on NAME, parks a blocking accept on it from a second, plain
 //                             connection, closes that connection, then the listener; prints
@@ -860,6 +863,45 @@ func netAcceptLeftBehind(_ name: String) throws(PatchbayError) {
     say("done")
 }
 
+/// Listens on `name` and sends `count` blocking accepts for it on one plain connection: the
+/// broker keeps the first waiting and must answer each of the others EINVAL at once. Says
+/// "refused R of N-1 EINVAL, waiting W", W the accepts the broker lists as waiting, and keeps
+/// the listener and the connection until its input ends.
+func netAcceptMany(_ name: String, count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let listener = try Socket.listen(broker, name: name)
+    let waiter = try connectSeqpacket(to: try brokerSocketPath())
+    // A broker that kept a second accept would never answer it: counted, not waited for.
+    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    _ = setsockopt(waiter.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    let id = listener.id
+    func accept(_ requestID: UInt64) throws(PatchbayError) {
+        let frame = Request.namespace(.open(path: "/net/local/\(id)/accept", flags: [])).encode(requestID: requestID)
+        guard frame.withUnsafeBytes({ send(waiter.rawValue, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }) == frame.count else {
+            throw PatchbayError(Errno.current, "send")
+        }
+    }
+    // One at a time, each answer read before the next is sent (a connection that sends without
+    // reading is cut off by the system broker, which is another rule).
+    try accept(1)
+    var refused = 0
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    for requestID in 2...UInt64(count) {
+        try accept(requestID)
+        let length = buffer.withUnsafeMutableBytes { recv(waiter.rawValue, $0.baseAddress, $0.count, 0) }
+        guard length > 0 else { break }
+        if let frame = try? Frame.decode(buffer[0..<length]), frame.kind == .error,
+           let reply = try? ErrorReply.decode(frame), reply.errno == EINVAL {
+            refused += 1
+        }
+    }
+    let waiting = try broker.listSockets().first(where: { $0.id == id })?.waitingAccepts ?? 0
+    say("refused \(refused) of \(count - 1) EINVAL, waiting \(waiting)")
+    waitForEndOfInput()
+    withExtendedLifetime(waiter) {}
+    _ = consume listener
+}
+
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
@@ -1518,6 +1560,8 @@ func main() -> CInt {
             try capsStrayFlood(service: arguments[1], port: UInt16(arguments[2])!, messages: Int(arguments[3])!)
         case "net-send-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
+        case "net-accept-many" where arguments.count == 3 && Int(arguments[2]).map({ $0 > 1 }) == true:
+            try netAcceptMany(arguments[1], count: Int(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int32(arguments[3]) != nil:

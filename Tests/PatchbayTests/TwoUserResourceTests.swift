@@ -94,6 +94,24 @@ struct TwoUserResourceTests {
         try expectEveryConnectionAdmitted(broker)
     }
 
+    @Test("nobody's blocking accepts: one waits per connection, the other 999 are EINVAL at once; root's listener accepts as before")
+    func oneWaitingAcceptForNobody() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["net-accept-many", "accept.flood", "1000"], broker)
+        defer { attacker.closeInput() }
+        let said = try attacker.readLine()
+        #expect(said == "refused 999 of 999 EINVAL, waiting 1", "\(String(describing: said))")
+        // The broker lists the one waiting accept too, and root's own listener is not held up.
+        let flood = try #require(try root.listSockets().first(where: { $0.name == "accept.flood" }))
+        #expect(flood.waitingAccepts == 1 && flood.ownerUID == otherUID, "\(flood)")
+        let listener = try Socket.listen(root, name: "root.accepts")
+        let caller = try Socket.connect(root, to: "root.accepts")
+        let accepted = try listener.accept()
+        try caller.send(Array("past the flood".utf8))
+        #expect(try accepted.receive()?.bytes == Array("past the flood".utf8))
+    }
+
     @Test("a name another uid planted is not opened by create: root's create of nobody's object is EACCES")
     func squattedName() throws {
         let broker = try openBroker([])
