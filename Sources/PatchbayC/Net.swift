@@ -70,6 +70,13 @@ public func pb_net_data(_ socket: OpaquePointer?) -> CInt {
     }
 }
 
+@_cdecl("pb_net_fd")
+public func pb_net_fd(_ socket: OpaquePointer?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try object(socket, as: SocketHandle.self, "socket").socket.kernelDescriptor
+    }
+}
+
 @_cdecl("pb_net_id")
 public func pb_net_id(_ socket: OpaquePointer?) -> UInt64 {
     guard let socket else { return 0 }

@@ -289,9 +289,19 @@ static void test_net(pb_broker *broker) {
     FAILS(pb_net_listen(broker, name, "seqpacket", &fresh), EADDRINUSE);
     FAILS(pb_net_connect(broker, "c-nobody-there", "seqpacket", &fresh), ENOENT);
     FAILS(pb_net_data(listener), ENOTCONN);
+    FAILS(pb_net_fd(NULL), EINVAL);
+    /* A listener's kernel descriptor polls readable when a connection waits: an event loop's
+     * way to accept without a thread blocked in pb_net_accept. */
+    int listening = pb_net_fd(listener);
+    OK(listening);
+    struct pollfd waiting = { .fd = listening, .events = POLLIN };
+    CHECK(poll(&waiting, 1, 0) == 0);
 
     OK(pb_net_connect(broker, name, "seqpacket", &client));
-    OK(pb_net_accept(listener, 0, &server));   /* the connection waits in the backlog */
+    CHECK(poll(&waiting, 1, 10000) == 1 && (waiting.revents & POLLIN));
+    OK(pb_net_accept(listener, PB_NET_NONBLOCK, &server));   /* the connection waits in the backlog */
+    CHECK(poll(&waiting, 1, 0) == 0);
+    CHECK(pb_net_fd(server) == pb_net_data(server));
     CHECK(pb_net_id(server) != pb_net_id(listener));
     int a = pb_net_data(client), b = pb_net_data(server);
     OK(a);

@@ -49,8 +49,15 @@ class Socket(_native.Handle):
         return Socket(_native.open_handle(lib().pb_net_accept, self._live(), _NONBLOCK if nonblock else 0))
 
     def fileno(self) -> int:
-        """The kernel socket for data (send/recv/select), once connected or accepted (or, for
-        dgram, bound). It belongs to the Socket: do not close it. OSError ENOTCONN before that."""
+        """The kernel socket, from the open on, for select/poll/selectors: a listener's is readable
+        when a connection waits (then accept(nonblock=True)), a connected one's when data does.
+        It belongs to the Socket: do not close it. A listener whose broker restarted without
+        keeping its sockets gets a new one at its next accept."""
+        return check(lib().pb_net_fd(self._live()))
+
+    def _data(self) -> int:
+        """The kernel socket once it carries data (connected, accepted, or a bound dgram);
+        OSError ENOTCONN before that."""
         return check(lib().pb_net_data(self._live()))
 
     @property
@@ -60,8 +67,8 @@ class Socket(_native.Handle):
 
     def send(self, data: bytes) -> int:
         """Writes data to the kernel socket (one packet for seqpacket); returns the bytes written."""
-        return os.write(self.fileno(), data)
+        return os.write(self._data(), data)
 
     def recv(self, size: int = 65536) -> bytes:
         """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream."""
-        return os.read(self.fileno(), size)
+        return os.read(self._data(), size)

@@ -599,11 +599,17 @@ class NetTests(BrokerTestCase):
         name = unique("py")
         with patchbay.Socket.open(self.broker, nonblock=True) as listener:
             with self.assertRaises(OSError) as caught:
-                listener.fileno()
+                listener.send(b"before a connection")
             self.assertEqual(caught.exception.errno, errno.ENOTCONN)
             listener.ctl(f"bind {name} && listen 4")
             with self.assertRaises(BlockingIOError):
                 listener.accept()
+            # The listener's kernel socket is selectable: readable when a connection waits.
+            self.assertEqual(select.select([listener.fileno()], [], [], 0)[0], [])
+            with patchbay.Socket.connect(self.broker, name):
+                self.assertEqual(select.select([listener], [], [], DEADLINE)[0], [listener])
+                listener.accept().close()
+            self.assertEqual(select.select([listener], [], [], 0)[0], [])
             with self.assertRaises(OSError) as caught:
                 listener.ctl("no such command")
             self.assertEqual(caught.exception.errno, errno.EINVAL)

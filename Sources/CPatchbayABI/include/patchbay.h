@@ -173,6 +173,14 @@ int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
  * socket: do not close it. -ENOTCONN before that. */
 int pb_net_data(pb_socket *socket);
 
+/* The socket's kernel descriptor, from pb_net_open on (the one pb_net_data returns once data is
+ * open): for poll/epoll and socket options. A listener's is readable when a connection waits,
+ * so an event loop polls it and then calls pb_net_accept with PB_NET_NONBLOCK (-EAGAIN if another
+ * acceptor took it first). It belongs to the socket: do not close it, and do not accept(2) on it
+ * (the connection would have no id). After a broker restart that kept no sockets, a listener gets
+ * a new kernel socket at its next pb_net_accept: ask again then. -EINVAL: NULL. */
+int pb_net_fd(pb_socket *socket);
+
 /* The socket's id (its directory is /net/local/<id>/). */
 uint64_t pb_net_id(const pb_socket *socket);
 
