@@ -273,6 +273,57 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
                            flags_out);
 }
 
+int pb_queue_holds_no_descriptors(int socket, int limit) {
+    // From now on a peer's SCM_RIGHTS to this socket is EPERM (Linux 6.16); before, this cannot
+    // be made sure of.
+    int off = 0, on = 1;
+    if (setsockopt(socket, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &off, sizeof off) != 0) return 0;
+    // Every message comes with the sender's credentials, so one of 0 bytes is told from the end.
+    if (setsockopt(socket, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) != 0) return 0;
+    for (int taken = 0; taken < limit; taken++) {
+        char byte;
+        struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+        union {
+            char bytes[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
+            struct cmsghdr align;
+        } control;
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.bytes;
+        msg.msg_controllen = sizeof control.bytes;
+        ssize_t n;
+        do {
+            n = recvmsg(socket, &msg, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
+        int message = 0, rights = (msg.msg_flags & MSG_CTRUNC) != 0;
+        for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+            if (cmsg->cmsg_level != SOL_SOCKET) continue;
+            if (cmsg->cmsg_type == SCM_CREDENTIALS) message = 1;
+            if (cmsg->cmsg_type != SCM_RIGHTS) continue;
+            rights = 1;
+            // Peeked: copies of files the queued message still holds, so never their last close.
+            size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            int *incoming = (int *)CMSG_DATA(cmsg);
+            for (size_t i = 0; i < count; i++) {
+                int fd;
+                memcpy(&fd, incoming + i, sizeof fd);
+                close(fd);
+            }
+        }
+        if (rights) return 0;
+        if (!message && n == 0) return 1;   // the end: the peer is gone and nothing is queued
+        // A message without descriptors: taken off the queue (it has none for the kernel to close).
+        do {
+            n = recv(socket, &byte, 1, MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
+    }
+    return 0;
+}
+
 int pb_msg_trunc(void) { return MSG_TRUNC; }
 int pb_msg_ctrunc(void) { return MSG_CTRUNC; }
 

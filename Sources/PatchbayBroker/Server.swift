@@ -230,6 +230,7 @@ public final class BrokerServer {
                 credentials = try socket.peerCredentials()
             } catch {
                 logger.warning("no peer credentials; dropping connection", metadata: ["errno": "\(error.name)"])
+                DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: DeferredCloser.unknownPeer)
                 continue
             }
             if let refusal = sessions.admit(socket, credentials: credentials) {
@@ -248,7 +249,10 @@ public final class BrokerServer {
         }
         shedConnections += 1
         spareDescriptor = nil
-        if let dropped = try? listener.socket.accept(nonblocking: true) { _ = consume dropped }
+        if let dropped = try? listener.socket.accept(nonblocking: true) {
+            let uid = (try? dropped.peerCredentials()).map { UInt64($0.uid) } ?? DeferredCloser.unknownPeer
+            DeferredCloser.shared.closeRefused(dropped.descriptor.release(), of: uid)
+        }
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
     }
 
@@ -276,6 +280,15 @@ public final class BrokerServer {
                     if events.contains(.hangup) || events.contains(.error) {
                         sessions.close(id, reason: "client closed with replies unread")
                     }
+                    return
+                }
+                // A frame can bring `maximumDescriptorsReceived`. A uid whose descriptors wait
+                // to be closed (its closes may not finish) and that has no room left for a frame's
+                // worth is cut off before it is read: read first, each of its connections would
+                // land that many in the broker, past its share.
+                if DeferredCloser.shared.outstanding(of: uid) > 0
+                    && !sessions.budget.fits(maximumDescriptorsReceived, for: uid) {
+                    sessions.close(id, reason: "its descriptors waiting to be closed leave no room for another frame's")
                     return
                 }
                 guard let cost = receiveOne(session) else { return }
@@ -530,6 +543,10 @@ public final class BrokerServer {
         perUser("patchbay_user_sockets", "Open /net sockets, per uid.") { "\($0.sockets)" }
         perUser("patchbay_user_caps_services", "Registered CAPS services, per uid.") { "\($0.services)" }
         perUser("patchbay_user_descriptors", "Broker descriptors charged to each uid.") { "\(budget.held[$0.uid] ?? 0)" }
+        perUser("patchbay_user_descriptors_closing",
+                "Descriptors each uid handed the broker that wait to be closed on its closing thread (they count against its share too).") {
+            "\(DeferredCloser.shared.outstanding(of: $0.uid))"
+        }
         // CAPS traffic per service, from the channels' ring words (never the messages): the
         // caller's own services only for a non-root caller of a system broker, at most 100 (the
         // busiest).

@@ -58,8 +58,12 @@ final class SessionTable {
     /// Admits a connection, or tells the client why not (request id 0 addresses the connection)
     /// and closes it. Returns the refusal, for the log.
     func admit(_ socket: consuming SeqpacketSocket, credentials: PeerCredentials) -> ErrorReply? {
+        // A refused connection was never read: what its client queued in it (descriptors too,
+        // whose last close could wait) is freed by its close, which must not happen here on the
+        // loop unless nothing is queued (`closeRefused`).
         if let refusal = admissionRefusal(for: credentials) {
             try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            DeferredCloser.shared.closeRefused(socket, of: credentials.uid)
             return refusal
         }
         let charge: DescriptorCharge
@@ -68,6 +72,7 @@ final class SessionTable {
         } catch {
             let refusal = ErrorReply(error)
             try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+            DeferredCloser.shared.closeRefused(socket, of: credentials.uid)
             return refusal
         }
         let id = nextSessionID

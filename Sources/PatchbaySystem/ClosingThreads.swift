@@ -4,6 +4,7 @@
 package import SystemPackage
 import Glibc
 import Synchronization
+import CPatchbayShims
 
 /// Closes descriptors that peers handed over, off the calling thread, one thread per owner (the
 /// broker's uids; a CAPS port's peers).
@@ -68,6 +69,19 @@ package final class ClosingThreads: Sendable {
             startThread { [self] in run(queue) }
         } else {
             Futex.wake(queue.wakeup)
+        }
+    }
+
+    /// Closes `fd`, a local socket this code owns and never read from (a connection refused at
+    /// once), that a peer may have queued descriptors in: here and now when its queue holds none
+    /// and can take none (`pb_queue_holds_no_descriptors`, Linux 6.16), else on `owner`'s closing
+    /// thread. Refused at once, such a socket is not left waiting behind `owner`'s closes (which
+    /// `owner` may have made wait), and so costs nothing that grows with each refusal.
+    package func closeRefused(_ fd: CInt, of owner: UInt64) {
+        if pb_queue_holds_no_descriptors(fd, 4096) == 1 {
+            Glibc.close(fd)
+        } else {
+            close(raw: fd, of: owner)
         }
     }
 

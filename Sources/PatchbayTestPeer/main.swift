@@ -51,6 +51,16 @@
 //   net-accept-many NAME N    listens on NAME and sends N blocking accepts on one plain
 //                             connection, one at a time; prints "refused R of N-1 EINVAL, waiting W" (W: the
 //                             accepts the broker keeps for the listener), then waits for EOF
+//   flood-connections-behind-lingering PORT N
+//                             wedges its closing thread in the broker, then sends one status frame
+//                             with 253 descriptors on each of N new connections; prints "flooded K,
+//                             answered A, cut off C" once the broker has answered or cut off each
+//   admit-lingering PORT      opens connections until the broker refuses one (its share is full),
+//                             then connects once more with a frame holding a lingering TCP socket
+//                             queued before the broker reads it; prints "refused ERRNO with it
+//                             queued", then waits for EOF
+//   adopt-lingering PORT      asks the broker to adopt a socket pair's end holding a lingering TCP
+//                             socket; prints "refused ERRNO" or "adopted"
 //   net-accept-left-behind NAME
 //                             listens on NAME, parks a blocking accept on it from a second, plain
 //                             connection, closes that connection, then the listener; prints
@@ -593,6 +603,183 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
         }
     }
     say("still connected after \(sent)")
+    waitForEndOfInput()
+}
+
+/// Blocks this uid's closing thread in the broker (as `floodBehindLingering` does), then opens
+/// `connections` connections and sends on each one `status` frame carrying 253 descriptors (the
+/// kernel's most in one message), reading nothing. Says "flooded N" (the frames sent), then waits
+/// for its input to end, every connection kept open.
+func floodConnectionsBehindLingering(port: UInt16, connections: Int) throws(PatchbayError) {
+    let wedging = try connectSeqpacket(to: try brokerSocketPath())
+    let wedgeFrame = Request.keys(.share(expiry: .after(nanoseconds: 100_000_000), restriction: nil)).encode(requestID: 1)
+    var blocking = false
+    for _ in 0..<20 where !blocking {
+        blocking = try handOverWedge(port: port, seconds: 30) { (wrapper) throws(PatchbayError) in
+            guard sendFrame(wedging.rawValue, wedgeFrame, [wrapper]) == wedgeFrame.count else {
+                throw PatchbayError(Errno.current, "sendmsg")
+            }
+        }
+    }
+    guard blocking else {
+        say("could not leave the broker the last copy")
+        return
+    }
+    let observer = try Broker()
+    let expired = monotonicNanoseconds() + 5_000_000_000
+    while (try? observer.status().keys) ?? 0 > 0, monotonicNanoseconds() < expired { usleep(5_000) }
+    let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+    defer { close(null) }
+    let frame = Request.status.encode(requestID: 2)
+    var kept: [CInt] = []
+    var flooded = 0
+    for _ in 0..<connections {
+        guard let connection = try? connectSeqpacket(to: try brokerSocketPath()) else { break }
+        let fd = dup(connection.rawValue)  // kept open past the connection's scope
+        kept.append(fd)
+        if sendFrame(fd, frame, Array(repeating: null, count: 253)) == frame.count { flooded += 1 }
+    }
+    // Each connection's fate, once the broker has got to it: answered, or cut off.
+    var answered = 0, cut = 0
+    var answer = [UInt8](repeating: 0, count: 4096)
+    for fd in kept {
+        var timeout = timeval(tv_sec: 20, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let length = answer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        if length > 0 { answered += 1 } else if length == 0 || errno == ECONNRESET { cut += 1 }
+    }
+    say("flooded \(flooded), answered \(answered), cut off \(cut)")
+    waitForEndOfInput()
+    for fd in kept { close(fd) }
+}
+
+/// One end of a local socket pair, `wrapper`, whose queue holds the only copy of a lingering TCP
+/// socket (to `port`): handed over and closed here, the last close of `wrapper` is whoever's
+/// closes it there, and waits. (`sender`, the other end, holds nothing.) Kept instead, `disarm`
+/// takes the TCP socket back out and closes it at once.
+struct LastCopyWrapper {
+    let wrapper: CInt
+    private let sender: CInt
+
+    init(port: UInt16, seconds: Int32) throws(PatchbayError) {
+        let inner = try lingeringSocket(port: port, seconds: seconds)
+        var pair: [CInt] = [-1, -1]
+        guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw PatchbayError(Errno.current, "socketpair")
+        }
+        var byte: UInt8 = 1
+        let queued = withUnsafeBytes(of: &byte) { raw in
+            [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(pair[0], raw, $0) }
+        } == 1
+        guard queued else {
+            let error = Errno.current
+            var now = linger(l_onoff: 1, l_linger: 0)
+            _ = setsockopt(inner.rawValue, SOL_SOCKET, SO_LINGER, &now, socklen_t(MemoryLayout<linger>.size))
+            close(pair[0])
+            close(pair[1])
+            throw PatchbayError(error, "queueing the lingering socket")
+        }
+        _ = consume inner  // its only copy is now in the wrapper's queue
+        sender = pair[0]
+        wrapper = pair[1]
+    }
+
+    /// The wrapper was not handed over: takes the TCP socket out of it and closes both at once.
+    func disarm() {
+        var byte: UInt8 = 0
+        let received = withUnsafeMutableBytes(of: &byte) { SeqpacketSocket.receiveRaw(wrapper, $0, nonblocking: true) }
+        for fd in received?.descriptors ?? [] {
+            var now = linger(l_onoff: 1, l_linger: 0)
+            _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, socklen_t(MemoryLayout<linger>.size))
+            close(fd)
+        }
+        close(wrapper)
+        close(sender)
+    }
+
+    /// Handed over (a copy now travels or is held elsewhere): this side's copies are closed.
+    func handedOver() {
+        close(wrapper)
+        close(sender)
+    }
+}
+
+/// Fills this uid's share of the broker with connections, then makes one more and queues in it,
+/// before the broker can refuse it, a frame carrying a local socket that holds a lingering TCP
+/// socket (to `port`), this side's copies closed: the refused connection's close frees it.
+func admitLingering(port: UInt16) throws(PatchbayError) {
+    let path = try brokerSocketPath()
+    var kept: [CInt] = []  // the admitted connections, kept open
+    var answer = [UInt8](repeating: 0, count: 4096)
+    /// The broker's first answer on `fd` to a status request: nil if it admitted the connection.
+    func refusal(_ fd: CInt) -> ErrorReply? {
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let length = answer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        guard length > 0, let frame = try? Frame.decode(answer[0..<length]), frame.kind == .error else { return nil }
+        return try? ErrorReply.decode(frame)
+    }
+    let status = Request.status.encode(requestID: 1)
+    while kept.count < 10_000 {
+        let connection = try connectSeqpacket(to: path)
+        _ = sendFrame(connection.rawValue, status, [])
+        if refusal(connection.rawValue) != nil { break }
+        kept.append(dup(connection.rawValue))
+    }
+    // Made first: between the connect and the send, the broker may accept and refuse (then the
+    // send fails, and the next connection tries again with the same wrapper).
+    let wedge = try LastCopyWrapper(port: port, seconds: 60)
+    for attempt in 1...1000 {
+        let connection = try connectSeqpacket(to: path)
+        let sent = sendFrame(connection.rawValue, status, [wedge.wrapper]) == status.count
+        guard sent else { continue }
+        wedge.handedOver()
+        if let refused = refusal(connection.rawValue) {
+            say("refused \(Errno(rawValue: refused.errno).name) with it queued (attempt \(attempt), after \(kept.count))")
+        } else {
+            say("admitted past its share (attempt \(attempt), after \(kept.count))")
+        }
+        waitForEndOfInput()
+        return
+    }
+    wedge.disarm()
+    say("could not queue it before the refusal")
+    waitForEndOfInput()
+}
+
+/// Asks the broker to adopt, as a listener, a local socket that is none: one end of a pair whose
+/// queue holds a lingering TCP socket (to `port`), this side's copies closed, so the broker's
+/// refusal holds the last one. Says "refused ERRNO" (or "adopted"), then waits for EOF.
+func adoptLingering(port: UInt16) throws(PatchbayError) {
+    let connection = try connectSeqpacket(to: try brokerSocketPath())
+    let adoptID: UInt64 = 1000
+    let frame = Request.net(.adopt(family: "local", type: "seqpacket", name: "adopt.lingering")).encode(requestID: adoptID)
+    let wedge = try LastCopyWrapper(port: port, seconds: 60)
+    // 256 status requests go first, so the broker reaches the adoption a good while after this
+    // side has closed its copy (then the broker's is the last), not microseconds after.
+    let status = Request.status.encode(requestID: 1)
+    for _ in 0..<256 { _ = sendFrame(connection.rawValue, status, []) }
+    guard sendFrame(connection.rawValue, frame, [wedge.wrapper]) == frame.count else {
+        let error = Errno.current
+        wedge.disarm()
+        throw PatchbayError(error, "sendmsg")
+    }
+    wedge.handedOver()
+    var answer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let length = answer.withUnsafeMutableBytes { recv(connection.rawValue, $0.baseAddress, $0.count, 0) }
+        guard length > 0, let reply = try? Frame.decode(answer[0..<length]) else {
+            say("disconnected")
+            break
+        }
+        guard reply.requestID == adoptID else { continue }
+        if reply.kind == .error, let error = try? ErrorReply.decode(reply) {
+            say("refused \(Errno(rawValue: error.errno).name)")
+        } else {
+            say("adopted")
+        }
+        break
+    }
     waitForEndOfInput()
 }
 
@@ -1570,6 +1757,12 @@ func main() -> CInt {
             try capsAttachLingering(service: arguments[1], port: UInt16(arguments[2])!, how: arguments[3])
         case "net-listener-with-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try netListenerWithLingering(port: UInt16(arguments[1])!)
+        case "flood-connections-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
+            try floodConnectionsBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
+        case "admit-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
+            try admitLingering(port: UInt16(arguments[1])!)
+        case "adopt-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
+            try adoptLingering(port: UInt16(arguments[1])!)
         case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
             try floodBehindLingering(port: UInt16(arguments[1])!, limit: Int(arguments[2])!)
         case "broker-fork" where arguments.count == 2 && Int(arguments[1]) != nil:

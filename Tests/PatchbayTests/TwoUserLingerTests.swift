@@ -15,10 +15,18 @@ import Testing
 private final class DeafListener {
     let fd: CInt
     let port: UInt16
+    private var open = true
     init() throws {
         (fd, port) = try deafListener()
     }
-    deinit { close(fd) }
+    /// Closes it now: its connections are reset, so a lingering close waiting on one returns. (A
+    /// test whose broker holds such a socket at its end closes the listener before the broker
+    /// stops, or the broker's exit waits out the linger.)
+    func close() {
+        if open { Glibc.close(fd) }
+        open = false
+    }
+    deinit { close() }
 }
 
 private func deafListener() throws -> (CInt, UInt16) {
@@ -500,6 +508,69 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
+    @Test("a connection nobody makes past its share, with a lingering socket queued in it before the broker reads it: refused without holding up the broker's loop")
+    func refusedConnectionClosedOffTheLoop() throws {
+        // RLIMIT_NOFILE 512: nobody's share is a few dozen connections.
+        let broker = try TestBroker(["--system"], descriptorLimit: 512)
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["admit-lingering", "\(listener.port)"], broker)
+        defer { attacker.closeInput() }
+        let said = try attacker.readLine() ?? ""
+        #expect(said.hasPrefix("refused EDQUOT with it queued"), "\(said)")
+        // The refused connection's close would wait a minute where it is made: root is answered.
+        for _ in 0..<3 {
+            #expect(try finishes { _ = try? root.status() }, "the broker's loop is stuck closing nobody's refused connection")
+        }
+        listener.close()
+        withExtendedLifetime(broker) {}
+    }
+
+    @Test("a socket pair's end holding a lingering socket, sent to be adopted as a listener: refused (EINVAL) and closed off the broker's loop")
+    func refusedAdoptionClosedOffTheLoop() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["adopt-lingering", "\(listener.port)"], broker)
+        defer { attacker.closeInput() }
+        // The refusal is answered after the socket is given up: at once, unless its close waits.
+        let said = Mutex<String?>(nil)
+        nonisolated(unsafe) let peer = attacker  // read on that thread only, while this one waits
+        #expect(try finishes { said.withLock { $0 = try? peer.readLine() } }, "the broker's refusal waited for its close of nobody's socket")
+        #expect(said.withLock { $0 } == "refused EINVAL", "\(String(describing: said.withLock { $0 }))")
+        for _ in 0..<3 {
+            #expect(try finishes { _ = try? root.status() }, "the broker's loop is stuck closing nobody's socket")
+        }
+        listener.close()
+        withExtendedLifetime(broker) {}
+    }
+
+    @Test("nobody's closing thread stuck, then a frame of 253 descriptors on each of 20 connections: the broker holds no more than nobody's share and one frame's worth; root is served")
+    func descriptorsPastTheShareAreNotRead() throws {
+        // RLIMIT_NOFILE 2048: nobody's share is a few hundred; 20 frames of 253 would be 5,060.
+        let broker = try TestBroker(["--system"], descriptorLimit: 2048)
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let baseline = try broker.descriptorCount()
+        let attacker = try nobodyPeer(["flood-connections-behind-lingering", "\(listener.port)", "20"], broker)
+        defer { attacker.closeInput() }
+        // Said once the broker has answered or cut off each connection (it has read what it will).
+        let said = try attacker.readLine() ?? ""
+        #expect(said.hasPrefix("flooded 20, answered "), "\(said)")
+        let share = (2048 - 64 - 256) * 3 / 4 / 4
+        let held = try broker.descriptorCount() - baseline
+        #expect(held <= share + 253 + 16, "the broker holds \(held) more descriptors; nobody's share is \(share)")
+        // Root still hands a descriptor over and gets it back.
+        let pipe = try PatchbaySystem.Pipe()
+        let key = try root.share(rawDescriptor: pipe.writeEnd.rawValue, timeout: .never)
+        _ = try root.claim(key)
+        listener.close()
+        withExtendedLifetime(broker) {}
+    }
+
     @Test("nobody's descriptors waiting behind its stuck closing thread stop at its share: it is cut off, root is not")
     func pendingClosesPastTheShareDisconnect() throws {
         // A small table (RLIMIT_NOFILE 512) makes nobody's share small; 20,000 descriptors would
@@ -514,7 +585,8 @@ struct TwoUserLingerTests {
         // (How many went before the hang-up says little: frames wait in the socket's queue, read or not.)
         #expect(line.hasPrefix("disconnected after "), "nobody was not cut off: \(line)")
         let log = String(decoding: try openFile(broker.directory + "/broker.log", flags: O_RDONLY).readToEnd(), as: UTF8.self)
-        #expect(log.contains("its descriptors waiting to be closed exceed its share"))
+        #expect(log.contains("its descriptors waiting to be closed exceed its share")
+                || log.contains("its descriptors waiting to be closed leave no room for another frame's"))
         // Root's share is untouched: it still hands a descriptor over and gets it back.
         let pipe = try PatchbaySystem.Pipe()
         let key = try root.share(rawDescriptor: pipe.writeEnd.rawValue, timeout: .never)

@@ -83,6 +83,14 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
                         int *fds, int fd_capacity, int *fd_count, int *flags_out);
 
+/// For a local socket this process never read from (a connection refused at once, a connection a
+/// listener will not serve), before it is closed here: 1 when its receive queue holds no
+/// descriptors and none can be added (SO_PASSRIGHTS is turned off, Linux 6.16), so that its close
+/// frees no file of a peer's, whose last close could wait; 0 when it may (one is queued, the
+/// kernel is older, or more than `limit` messages wait). Messages without descriptors are taken
+/// off the queue on the way; descriptors seen are peeked copies, closed here.
+int pb_queue_holds_no_descriptors(int socket, int limit);
+
 /// sendmsg(2) of one buffer with up to 253 descriptors (the kernel's most) in one SCM_RIGHTS
 /// message, MSG_NOSIGNAL; `pb_send_with_fds` is this for at most 16, the protocol's most.
 ssize_t pb_send_rights(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait);

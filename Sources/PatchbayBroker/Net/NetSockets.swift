@@ -185,9 +185,7 @@ final class NetTable {
             // Unbound datagram senders get an autobound address, so a datagram peer can answer.
             if type == .dgram { try kernel.enableCredentialPassing() }
             let data = try duplicateDescriptor(kernel.rawValue)
-            var opened = try adopt(kernel, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
-            opened.data = consume data
-            return opened
+            return try adopt(kernel, data: data, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
         } catch let error as RequestError {
             throw error
         } catch {
@@ -195,18 +193,28 @@ final class NetTable {
         }
     }
 
-    private func adopt(_ kernel: consuming UnixSocket, type: NetSocketType, family: any NetFamily,
+    /// Puts `kernel` (with `data`, a copy of it for the client, if any) in the table. Refused,
+    /// both are closed on `accountedUID`'s closing thread, the copy first: a socket a peer made
+    /// (an accepted connection) may hold what that peer queued, whose last close could wait.
+    private func adopt(_ kernel: consuming UnixSocket, data: consuming Descriptor?, type: NetSocketType, family: any NetFamily,
                        caller: PeerCredentials, state: NetSocketState, accountedUID: UInt32) throws(RequestError)
         -> NetOpened
     {
-        let charge = try budget.map { (budget) throws(RequestError) in
-            try DescriptorCharge(2, to: accountedUID, in: budget, for: "another socket")
-        }
+        let charge: DescriptorCharge?
         let pair: SocketPair
-        do {
-            pair = try SeqpacketSocket.pair()
+        do throws(RequestError) {
+            charge = try budget.map { (budget) throws(RequestError) in
+                try DescriptorCharge(2, to: accountedUID, in: budget, for: "another socket")
+            }
+            do {
+                pair = try SeqpacketSocket.pair()
+            } catch {
+                throw RequestError(errno: error, reason: "cannot create the socket's handle")
+            }
         } catch {
-            throw RequestError(errno: error, reason: "cannot create the socket's handle")
+            if let data = data.take() { DeferredCloser.shared.close(data, of: accountedUID) }
+            DeferredCloser.shared.close(kernel.descriptor, of: accountedUID)
+            throw error
         }
         let id = nextID
         nextID += 1
@@ -219,7 +227,7 @@ final class NetTable {
                                kernel: kernel, handle: brokerEnd.descriptor, accountedUID: accountedUID, charge: charge)
         sockets[id] = socket
         socketsPerUser[accountedUID, default: 0] += 1
-        return NetOpened(socket: socket, clientHandle: clientEnd.descriptor, data: nil)
+        return NetOpened(socket: socket, clientHandle: clientEnd.descriptor, data: data)
     }
 
     /// `data`: the kernel socket, once connected (or bound, for datagrams).
@@ -270,30 +278,31 @@ final class NetTable {
                 }
             }
             let maker = (try? connection.peerUID()) ?? owner.uid
-            do throws(RequestError) {
-                if maker == owner.uid, let refusal = quotaRefusal(of: maker, sockets: 1) {
+            if let refusal = quotaRefusal(of: maker, sockets: 1) {
+                if maker == owner.uid {
                     // The owner's own connection: the accept fails, the connection waits for the next.
                     listener.heldConnection = consume connection
                     throw refusal
                 }
-                try checkQuota(of: maker)
-                let data: Descriptor
-                do {
-                    data = try duplicateDescriptor(connection.rawValue)
-                } catch {
-                    throw RequestError(errno: error, reason: "cannot hand out the accepted socket")
-                }
-                var opened = try adopt(connection, type: listener.type, family: listener.family, caller: owner,
-                                       state: .connected, accountedUID: maker)
-                opened.data = consume data
-                logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
-                return opened
-            } catch {
-                if error.errno != .diskQuotaExceeded || maker == owner.uid { throw error }
+                // Another uid's, over its quota: refused. Never read, it may hold what its maker
+                // queued, whose last close could wait: not closed here on the loop unless empty.
                 logger.debug("connection refused: its maker is over quota", metadata: [
-                    "listener": "\(listener.id)", "uid": "\(maker)", "reason": "\(error.reason)",
+                    "listener": "\(listener.id)", "uid": "\(maker)", "reason": "\(refusal.reason)",
                 ])
+                DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
+                continue
             }
+            let data: Descriptor
+            do {
+                data = try duplicateDescriptor(connection.rawValue)
+            } catch {
+                DeferredCloser.shared.close(connection.descriptor, of: maker)
+                throw RequestError(errno: error, reason: "cannot hand out the accepted socket")
+            }
+            let opened = try adopt(connection, data: data, type: listener.type, family: listener.family, caller: owner,
+                                   state: .connected, accountedUID: maker)
+            logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
+            return opened
         }
         return nil
     }
@@ -311,6 +320,27 @@ final class NetTable {
     /// (the broker gave it to the binder); and the name free in this broker.
     func adopt(_ kernel: consuming UnixSocket, family: any NetFamily, type: NetSocketType, name: String,
                caller: PeerCredentials) throws(RequestError) -> NetOpened {
+        do throws(RequestError) {
+            try checkAdoptable(kernel, family: family, type: type, name: name, caller: caller)
+        } catch {
+            // The client's socket: whatever waits in it (a listener's backlog of connections and
+            // what they queued) is freed by its last close, off the loop.
+            DeferredCloser.shared.close(kernel.descriptor, of: caller.uid)
+            throw error
+        }
+        let path = family.path(of: Substring(name))
+        try? kernel.descriptor.setNonblocking(true)
+        let opened = try adopt(kernel, data: nil, type: type, family: family, caller: caller, state: .listening, accountedUID: caller.uid)
+        opened.socket.name = name
+        opened.socket.boundFile = fileIdentity(atPath: path)
+        names[name] = opened.socket.id
+        logger.info("listener adopted", metadata: ["socket": "\(opened.socket.id)", "name": "\(name)", "uid": "\(caller.uid)"])
+        return opened
+    }
+
+    /// Whether `kernel` may be adopted as `name`'s listener by `caller`.
+    private func checkAdoptable(_ kernel: borrowing UnixSocket, family: any NetFamily, type: NetSocketType, name: String,
+                                caller: PeerCredentials) throws(RequestError) {
         try family.validate(Substring(name))
         try policy.checkTake(.net, Substring(name), by: caller)
         guard nameIsFree(name) else {
@@ -331,13 +361,6 @@ final class NetTable {
               socketFileOwner(atPath: path) == caller.uid else {
             throw RequestError(errno: .permissionDenied, reason: "the listener on \(name) is not uid \(caller.uid)'s")
         }
-        try? kernel.descriptor.setNonblocking(true)
-        let opened = try adopt(kernel, type: type, family: family, caller: caller, state: .listening, accountedUID: caller.uid)
-        opened.socket.name = name
-        opened.socket.boundFile = fileIdentity(atPath: path)
-        names[name] = opened.socket.id
-        logger.info("listener adopted", metadata: ["socket": "\(opened.socket.id)", "name": "\(name)", "uid": "\(caller.uid)"])
-        return opened
     }
 
     // MARK: ctl
