@@ -156,9 +156,9 @@ public func pb_caps_service_cancel(_ service: OpaquePointer?) {
 @_cdecl("pb_caps_service_close")
 public func pb_caps_service_close(_ service: OpaquePointer?) {
     guard let service else { return }
-    // A wait blocked in another thread returns -ECANCELED and lets the service go; without this
-    // its reference kept the service registered, and the wait blocked, after the close.
-    Unmanaged<CapsService>.fromOpaque(UnsafeRawPointer(service)).takeUnretainedValue().cancelWait()
+    // Every wait blocked in another thread returns -ECANCELED and lets the service go; without
+    // this their references kept the service registered, and the waits blocked, after the close.
+    Unmanaged<CapsService>.fromOpaque(UnsafeRawPointer(service)).takeUnretainedValue().cancelWaits()
     release(service, as: CapsService.self)
 }
 

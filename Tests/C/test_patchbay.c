@@ -27,6 +27,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 static int checks;
@@ -679,19 +680,33 @@ static void test_close_cancels_wait(pb_broker *broker) {
     named("c_closing_", name, sizeof name);
     pb_caps_service *service = NULL;
     OK(pb_caps_service_open(broker, name, PB_CAPS_USER, &service));
-    struct closing_wait w = { service, 0, 1 };
-    pthread_t thread;
-    CHECK(pthread_create(&thread, NULL, wait_to_be_closed, &w) == 0);
-    /* Until the waiter sleeps in pb_caps_wait (its state in /proc), for at most 10 s. */
-    int asleep = 0;
-    for (int i = 0; i < 10000 && !asleep; i++) {
-        int tid = __atomic_load_n(&w.tid, __ATOMIC_ACQUIRE);
-        if (tid != 0 && thread_sleeps(tid)) asleep = 1; else usleep(1000);
+    /* Three threads wait: the close cancels every one of them. */
+    enum { WAITERS = 3 };
+    struct closing_wait w[WAITERS];
+    pthread_t threads[WAITERS];
+    for (int k = 0; k < WAITERS; k++) {
+        w[k] = (struct closing_wait){ service, 0, 1 };
+        CHECK(pthread_create(&threads[k], NULL, wait_to_be_closed, &w[k]) == 0);
     }
-    CHECK(asleep);
-    pb_caps_service_close(service);                 /* cancels the wait, then closes */
-    CHECK(pthread_join(thread, NULL) == 0);
-    CHECK(w.result == -ECANCELED);
+    /* Until each waiter sleeps in pb_caps_wait (its state in /proc), for at most 10 s. */
+    for (int k = 0; k < WAITERS; k++) {
+        int asleep = 0;
+        for (int i = 0; i < 10000 && !asleep; i++) {
+            int tid = __atomic_load_n(&w[k].tid, __ATOMIC_ACQUIRE);
+            if (tid != 0 && thread_sleeps(tid)) asleep = 1; else usleep(1000);
+        }
+        CHECK(asleep);
+    }
+    pb_caps_service_close(service);                 /* cancels the waits, then closes */
+    for (int k = 0; k < WAITERS; k++) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 10;
+        int joined = pthread_timedjoin_np(threads[k], NULL, &deadline);
+        CHECK(joined == 0);
+        if (joined != 0) return;                    /* a waiter still blocked: reported */
+        CHECK(w[k].result == -ECANCELED);
+    }
     /* The service is gone: its name is free once the broker has seen its port close. */
     int gone = 0;
     for (int i = 0; i < 5000 && !gone; i++) {

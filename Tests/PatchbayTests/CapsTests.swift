@@ -774,6 +774,54 @@ struct CapsTests {
         #expect(client.requestsInFlight == 0)
     }
 
+    @Test("a call in one thread, put and wait, get or waitReply in another, the call answered first: each reader gets its own reply, and the call returns", arguments: ["wait", "get", "waitReply"])
+    func putReaderLeavesCallReplies(_ reader: String) throws {
+        let broker = try TestBroker()
+        let connection = try broker.connect()
+        let service = try CapsService(connection, name: "mixed", access: [.world])
+        let client = try CapsClient(connection, name: "mixed")
+        for round in 0..<10 {
+            let outcome = Mutex<Result<[UInt8], PatchbayError>?>(nil)
+            let done = try Pipe()
+            let signal = done.writeEnd.rawValue
+            let putID = try client.put(Array("put \(round)".utf8))
+            startThread {
+                let result = Result { () throws(PatchbayError) -> [UInt8] in try client.call(Array("call \(round)".utf8)) }
+                outcome.withLock { $0 = result }
+                var byte: UInt8 = 1
+                _ = Glibc.write(signal, &byte, 1)
+            }
+            var callID: UInt64 = 0
+            while callID == 0 {
+                let (message, _) = try serviceWait(service)
+                if message.kind == .request && message.messageID != putID { callID = message.messageID }
+            }
+            // The call's reply first: the put's reader comes to it first in the ring.
+            try service.reply(to: callID, Array("call answer \(round)".utf8))
+            try service.reply(to: putID, Array("put answer \(round)".utf8))
+            var got: (UInt64, [UInt8])?
+            switch reader {
+            case "wait":
+                let (reply, bytes) = try clientWait(client)
+                got = (reply.messageID, bytes)
+            case "get":
+                // The put's reply is there once the call's is: get never waits.
+                try #require(try eventually { (try? clientGet(client)).map { got = ($0.messageID, []) } != nil })
+            default:
+                got = try Result { () throws(PatchbayError) -> (UInt64, [UInt8]) in
+                    try client.waitReply { id, bytes in (id, Array(bytes)) }
+                }.get()
+            }
+            #expect(got?.0 == putID, "round \(round): \(reader) showed \(String(describing: got?.0)), not the put's \(putID)")
+            if reader != "get" { #expect(got?.1 == Array("put answer \(round)".utf8)) }
+            var entry = pollfd(fd: done.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+            #expect(poll(&entry, 1, 10_000) == 1, "round \(round): the call never returned (its reply went to \(reader))")
+            #expect((try? outcome.withLock { $0 }?.get()) == Array("call answer \(round)".utf8))
+            if entry.revents == 0 { return }  // its thread is stuck: not another round on this client
+        }
+        #expect(client.requestsInFlight == 0)
+    }
+
     @Test("two threads calling, the later one answered with an error first: each call gets its own outcome, whichever thread reads it")
     func errorReplyForAnotherThreadsCall() throws {
         let broker = try TestBroker()

@@ -7,8 +7,9 @@
  * (pkg-config: patchbay).
  *
  * Conventions (as in sd-bus and liburing):
- *   - Every function that can fail returns >= 0 on success and -errno on failure; errno itself
- *     is not set. pb_last_reason() gives the calling thread's last failure as a sentence.
+ *   - Every function that can fail returns >= 0 on success and -errno on failure; errno is not
+ *     part of the answer (the system calls made on the way may leave any value in it).
+ *     pb_last_reason() gives the calling thread's last failure as a sentence.
  *   - Opaque handles (pb_broker, pb_caps_service, pb_caps_client, pb_socket) are made by an
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
@@ -18,8 +19,8 @@
  *     broker's other calls until it returns: give such a wait a pb_broker of its own. A CAPS
  *     port is thread-safe too; a pb_socket is to be used by one thread at a time. Closing a
  *     handle while another thread is in a call on it is not allowed, with one exception:
- *     pb_caps_service_close while another thread is blocked in pb_caps_wait or
- *     pb_caps_receive cancels that wait (-ECANCELED) first.
+ *     pb_caps_service_close while other threads are blocked in pb_caps_wait or
+ *     pb_caps_receive cancels every one of those waits (-ECANCELED) first.
  *   - After fork, a child that calls through its parent's pb_broker gets a connection of its
  *     own on its first call (the parent keeps the old one). CAPS ports do not follow: a child's
  *     inherited ports answer -ENOTCONN, and hold nothing of the parent's port open, so a port the
@@ -105,7 +106,8 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
 #define PB_SHM_ANON ((const char *)1)
 
 /* shm_open(3) with FreeBSD's semantics, in the broker's namespace: name starts with '/', at most
- * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC. New objects have size
+ * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC (and O_CLOEXEC, always
+ * in effect, as FreeBSD accepts it). New objects have size
  * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec). Checked in FreeBSD's
  * order: -EINVAL (write-only access, another flag; then a NULL broker), then the name: -EFAULT (NULL),
  * -ENAMETOOLONG, -EINVAL (no leading '/', not UTF-8); then -ENOENT, -EEXIST, -EACCES, -EDQUOT.
@@ -234,8 +236,8 @@ struct pb_caps_message {
  * access: a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (none of the three: PB_CAPS_USER),
  * with PB_CAPS_NOTIFY and PB_CAPS_EXCLUSIVE. -EINVAL (name, unknown bits), -ENAMETOOLONG,
  * -EEXIST (PB_CAPS_EXCLUSIVE and a live registration has this name, uid and gid; or another uid
- * has the name), -EPERM (a name
- * reserved to another user), -EDQUOT. */
+ * has the name), -EACCES (a name the broker's policy reserves to another user or group),
+ * -EDQUOT. */
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
 
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
@@ -276,7 +278,8 @@ int pb_caps_set_generation(pb_caps_service *service, uint64_t generation);
  * to the service: do not close it. */
 int pb_caps_service_fd(pb_caps_service *service);
 
-/* Makes a pb_caps_wait blocked in another thread return -ECANCELED. */
+/* Makes one pb_caps_wait (or pb_caps_receive) blocked in another thread return -ECANCELED; if
+ * none is blocked, the next one that would block returns -ECANCELED at once. */
 void pb_caps_service_cancel(pb_caps_service *service);
 
 /* Unregisters the service; its clients see the service gone. NULL is ignored. */

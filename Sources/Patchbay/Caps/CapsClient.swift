@@ -121,6 +121,9 @@ public final class CapsClient: @unchecked Sendable {
     /// How many replies `otherCalls` holds: looked at first, so a `call` with nothing kept for it
     /// does not touch the dictionary (reading it counts a reference to its storage).
     @exclusivity(unchecked) private var otherCallsKept = 0
+    /// Requests made by `call` still in flight: while there are none, no reply needs setting
+    /// aside for a call (`setAsideCallReplies`).
+    @exclusivity(unchecked) private var callsInFlight = 0
     /// Bumped whenever one thread keeps a reply for another, so sleepers look again.
     private let stashEpoch = Atomic<UInt32>(0)
     /// This port woke the service since a wait last looked (see `PeerActivity.woken`).
@@ -242,6 +245,7 @@ public final class CapsClient: @unchecked Sendable {
                                                   what: "payload", fill: fill)
             requests.insert(MessageRecord(id: messageID, offset: offset, length: length, state: callLimit == nil ? 0 : Self.madeByCall,
                                           replyLimit: UInt32(clamping: callLimit ?? 0)))
+            if callLimit != nil { callsInFlight += 1 }
             wakeService()
             return messageID
         }
@@ -420,6 +424,7 @@ public final class CapsClient: @unchecked Sendable {
                channel.claimForAbort(slot.position) {
                 if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
                 requests.remove(messageID)
+                if request.state & Self.madeByCall != 0 { callsInFlight -= 1 }
                 return .returned
             }
             requests.setState(messageID, request.state | Self.abortedAtService)
@@ -530,27 +535,14 @@ public final class CapsClient: @unchecked Sendable {
                 _ = try nextReply(room: nil, servingKept: false) { reply, payload in
                     if reply.messageID == id {
                         answer = failure(of: reply).map { .failure($0) } ?? take(payload)
-                    } else if let limit = callLimit(of: reply) {
-                        // Another thread's call: keep its reply for it, no longer than it takes.
-                        let kept: Result<[UInt8], PatchbayError> = failure(of: reply).map { .failure($0) }
-                            ?? (payload.count <= limit ? .success(Array(payload))
-                                : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(limit) allowed; not read")))
-                        if otherCalls.updateValue(kept, forKey: reply.messageID) == nil { otherCallsKept += 1 }
-                        stashedForOthers = true
                     } else {
-                        // A put's: kept for get, wait and waitReply.
-                        keep(reply, payload)
+                        setAside(reply, payload)
                         stashedForOthers = true
                     }
                 }
                 return answer
             }
-            if stashedForOthers {
-                // Wake the threads asleep in `call`, so the one this reply belongs to finds it.
-                stashEpoch.add(1, ordering: .releasing)
-                SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
-                Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
-            }
+            if stashedForOthers { wakeCallers() }
             if let mine { return try mine.get() }
             if stashEpoch.load(ordering: .acquiring) != epoch { continue }
             try sleepUntilReply(orUntilEpochChanges: epoch)
@@ -740,6 +732,40 @@ public final class CapsClient: @unchecked Sendable {
         return reply
     }
 
+    /// Keeps a reply read on the way to another one: another thread's call's for that call (no
+    /// longer than it takes), a put's for `get`, `wait` and `waitReply` (`keep`). The threads
+    /// asleep in `call` are then woken (`wakeCallers`) to look.
+    private func setAside(_ reply: CapsReply, _ payload: UnsafeRawBufferPointer) {
+        guard let limit = callLimit(of: reply) else {
+            keep(reply, payload)
+            return
+        }
+        let kept: Result<[UInt8], PatchbayError> = failure(of: reply).map { .failure($0) }
+            ?? (payload.count <= limit ? .success(Array(payload))
+                : .failure(PatchbayError(.messageTooLong, "the reply to request \(reply.messageID) is \(payload.count) bytes, more than the \(limit) allowed; not read")))
+        if otherCalls.updateValue(kept, forKey: reply.messageID) == nil { otherCallsKept += 1 }
+    }
+
+    /// Wakes the threads asleep in `call`, so that the one a reply was set aside for finds it.
+    private func wakeCallers() {
+        stashEpoch.add(1, ordering: .releasing)
+        SharedWord.increment(channel.word32(CapsLayout.clientWakeOffset))
+        Futex.wake(channel.word32(CapsLayout.clientWakeOffset))
+    }
+
+    /// Takes the replies to calls at the head of the reply ring off it and keeps them for their
+    /// calls: `get`, `wait` and `waitReply` show only replies to puts (a call waiting in another
+    /// thread would otherwise wait for ever for the reply they showed).
+    private func setAsideCallReplies() throws(PatchbayError) {
+        var setAsideAny = false
+        while let (entry, _) = channel.peek(.reply), let record = requests.find(entry.messageID),
+              record.state & Self.madeByCall != 0 {
+            _ = try nextReply(room: nil, servingKept: false) { reply, payload in setAside(reply, payload) }
+            setAsideAny = true
+        }
+        if setAsideAny { wakeCallers() }
+    }
+
     /// The reply limit of the `call` that `reply` answers; nil for a `put`'s reply.
     private func callLimit(of reply: CapsReply) -> Int? {
         if reply.madeByCall { return .max }  // an error reply or a departure: no bytes to bound
@@ -800,8 +826,13 @@ public final class CapsClient: @unchecked Sendable {
     /// `failed` instead of `deliver`.
     private func nextReply<R>(room: Int?, servingKept: Bool = true, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
                               failed refusal: (CapsReply) -> R) throws(PatchbayError) -> R? {
-        // Replies a call read past come first, in the order they came (a call skips them).
-        if servingKept, !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
+        // Replies a call read past come first, in the order they came (a call skips them), then
+        // the ring's, past those to calls (`servingKept` is a reader other than `call`).
+        if servingKept {
+            if !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
+            if callsInFlight > 0, channel.hasEntries(.reply) { try setAsideCallReplies() }
+            if !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
+        }
         if channel.isCutOff { return try closedReply().map(refusal) }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
@@ -874,6 +905,12 @@ public final class CapsClient: @unchecked Sendable {
         // The service may have replied just before going away: those replies come first.
         if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal) }
         guard let closed = try closedReply() else { return nil }
+        if servingKept && closed.madeByCall {
+            // A call's request the service went away without answering: that call's to report.
+            setAside(closed, UnsafeRawBufferPointer(start: nil, count: 0))
+            wakeCallers()
+            return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
+        }
         return refusal(closed)
     }
 
@@ -889,6 +926,7 @@ public final class CapsClient: @unchecked Sendable {
         if let request {
             if request.offset >= 0 { allocator.release(offset: request.offset, length: request.length) }
             requests.remove(messageID)
+            if request.state & Self.madeByCall != 0 { callsInFlight -= 1 }
         }
         guard dispose, !channel.serviceClosed else { return }
         wakeService()
@@ -910,6 +948,7 @@ public final class CapsClient: @unchecked Sendable {
         if let request, request.offset >= 0 {
             allocator.release(offset: request.offset, length: request.length)
         }
+        if let request, request.state & Self.madeByCall != 0 { callsInFlight -= 1 }
         return CapsReply(messageID: messageID, length: 0, consumed: true, serviceClosed: true, descriptors: nil,
                          madeByCall: (request?.state ?? 0) & Self.madeByCall != 0)
     }

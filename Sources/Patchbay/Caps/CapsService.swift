@@ -134,6 +134,9 @@ public final class CapsService: @unchecked Sendable {
     /// `controlWatch`'s word as last seen: `control` is read when it moved.
     @exclusivity(unchecked) private var controlSeen: UInt32 = 0
     private let cancelEvent: EventCounter
+    /// Set by `cancelWaits`: every wait, blocked or to come, ends with `ECANCELED` (the cancel
+    /// event is then left signalled, so each thread asleep on it wakes).
+    private let waitsCancelled = Atomic<Bool>(false)
     /// Made readable by `eventDescriptor` for what was already waiting when watching began (no
     /// client signalled it: nobody was watching yet); drained by `get`.
     private let backlogEvent: EventCounter
@@ -514,7 +517,17 @@ public final class CapsService: @unchecked Sendable {
         }
     }
 
-    /// Makes a `wait` blocked in another thread return `ECANCELED`.
+    /// Makes every `wait` and `receive` blocked in other threads, and every later one that finds
+    /// nothing queued, return `ECANCELED`: for a service about to be closed while other threads
+    /// wait on it. (`cancelWait` ends one wait.) Does nothing on a port inherited across `fork`.
+    public func cancelWaits() {
+        guard !core.isInherited else { return }
+        waitsCancelled.store(true, ordering: .releasing)
+        try? cancelEvent.signal()
+    }
+
+    /// Makes one `wait` blocked in another thread return `ECANCELED` (if none is blocked, the
+    /// next one to block returns at once).
     /// Does nothing on a port inherited across `fork` (its event is the parent's too).
     public func cancelWait() {
         guard !core.isInherited else { return }
@@ -1253,6 +1266,7 @@ public final class CapsService: @unchecked Sendable {
     /// CPU, then sleeps: on the channels' futex words when it can, else in epoll.
     /// `plan`: settled under the lock the caller looked for a message with (nil: settled here).
     private func sleepUntilWork(_ plan: WaitPlan?) throws(PatchbayError) {
+        try checkWaitsCancelled()
         // The rings themselves are read lock-free.
         let plan = plan ?? core.lock.locked { waitPlan() }
         let polled = plan.set
@@ -1264,6 +1278,14 @@ public final class CapsService: @unchecked Sendable {
             } else {
                 try sleepInEpoll(lookingAgainAfter: plan.lookAgainAfter)
             }
+        }
+        // Woken by another thread's cancellation (it took the control event's news): ends too.
+        try checkWaitsCancelled()
+    }
+
+    private func checkWaitsCancelled() throws(PatchbayError) {
+        if waitsCancelled.load(ordering: .acquiring) {
+            throw PatchbayError(.canceled, "the wait was cancelled: the service is closing")
         }
     }
 
@@ -1377,7 +1399,8 @@ public final class CapsService: @unchecked Sendable {
                         do throws(PatchbayError) { try brokerLost() } catch { failure = failure ?? error }
                     }
                 case Self.cancelToken:
-                    _ = try? cancelEvent.consume()
+                    // After `cancelWaits` the event stays signalled: every sleeper wakes to it.
+                    if !waitsCancelled.load(ordering: .acquiring) { _ = try? cancelEvent.consume() }
                     failure = failure ?? PatchbayError(.canceled, "the wait was cancelled")
                 case Self.backlogToken:
                     _ = try? backlogEvent.consume()
