@@ -54,6 +54,15 @@ extension Descriptor {
         _ = try syscallRetrying { pb_lock_file(rawValue, 1) }
     }
 
+    /// `lockFile` without waiting: false when another process holds a lock on the file.
+    /// The corresponding C call is `fcntl(F_SETLK)`.
+    package borrowing func tryLockFile() throws(Errno) -> Bool {
+        if pb_lock_file(rawValue, 0) == 0 { return true }
+        let error = Errno.current
+        if error == .resourceTemporarilyUnavailable || error == .permissionDenied { return false }
+        throw error
+    }
+
     /// The corresponding C call is `fcntl(F_SETLK, F_UNLCK)`.
     package borrowing func unlockFile() {
         _ = pb_unlock_file(rawValue)

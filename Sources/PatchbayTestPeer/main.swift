@@ -91,6 +91,8 @@
 //   chaos SERVICE             cycles through every subsystem until killed (see `chaos`)
 //   traffic busy|accept       keeps the broker busy (or blocked in a /net accept) until it dies,
 //                             then reconnects and checks its named object (see `traffic`)
+//   shm-hold-lock KEY         claims KEY and holds a POSIX read lock on the whole file; prints
+//                             "locked", then waits for EOF
 //   shm-touch-past-end NAME   map two pages of NAME and touch the second (dies of SIGBUS when
 //                             the object is one page)
 import Glibc
@@ -108,6 +110,19 @@ func say(_ line: String) {
 func waitForEndOfInput() {
     var byte: UInt8 = 0
     while read(0, &byte, 1) > 0 {}
+}
+
+/// Claims `keyText` and takes a POSIX read lock on the whole file, as any holder of a readable
+/// descriptor may (the anonymous first-mapping lock is a write lock); keeps it until EOF.
+func holdReadLock(_ keyText: String) throws(PatchbayError) {
+    let file = try Broker().claim(try Key(parsing: keyText))
+    var lock = flock()
+    lock.l_type = Int16(F_RDLCK)
+    lock.l_whence = Int16(SEEK_SET)
+    guard fcntl(file.rawValue, F_SETLK, &lock) == 0 else { throw PatchbayError(Errno.current, "F_SETLK") }
+    say("locked")
+    waitForEndOfInput()
+    withExtendedLifetime(file) {}
 }
 
 func claimOnEndOfInput(_ keyText: String) throws(PatchbayError) {
@@ -728,7 +743,7 @@ func admitLingering(port: UInt16) throws(PatchbayError) {
     }
     // Made first: between the connect and the send, the broker may accept and refuse (then the
     // send fails, and the next connection tries again with the same wrapper).
-    let wedge = try LastCopyWrapper(port: port, seconds: 60)
+    var wedge = try LastCopyWrapper(port: port, seconds: 60)
     for attempt in 1...1000 {
         let connection = try connectSeqpacket(to: path)
         let sent = sendFrame(connection.rawValue, status, [wedge.wrapper]) == status.count
@@ -736,11 +751,13 @@ func admitLingering(port: UInt16) throws(PatchbayError) {
         wedge.handedOver()
         if let refused = refusal(connection.rawValue) {
             say("refused \(Errno(rawValue: refused.errno).name) with it queued (attempt \(attempt), after \(kept.count))")
-        } else {
-            say("admitted past its share (attempt \(attempt), after \(kept.count))")
+            waitForEndOfInput()
+            return
         }
-        waitForEndOfInput()
-        return
+        // Admitted after all (closes this uid had waiting, which count against its share,
+        // finished meanwhile): kept, and another wrapper for the next connection.
+        kept.append(dup(connection.rawValue))
+        wedge = try LastCopyWrapper(port: port, seconds: 60)
     }
     wedge.disarm()
     say("could not queue it before the refusal")
@@ -1698,6 +1715,8 @@ func main() -> CInt {
             try namedExchange(arguments[1])
         case "shm-first-map" where arguments.count == 3:
             try firstMapping(keyText: arguments[1], length: Int(arguments[2]) ?? 0)
+        case "shm-hold-lock" where arguments.count == 2:
+            try holdReadLock(arguments[1])
         case "shm-touch-past-end" where arguments.count == 2:
             try touchPastEnd(arguments[1])
         case "caps-client" where arguments.count == 3:

@@ -78,6 +78,12 @@ private func socketDescriptors(of pid: pid_t) -> [String] {
     return entries.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasPrefix("socket:") }
 }
 
+/// A shared memory handle that threads of a test may use in turn.
+private final class SharedMemoryHolder: @unchecked Sendable {
+    let memory: SharedMemory
+    init(_ memory: consuming SharedMemory) { self.memory = memory }
+}
+
 /// Runs `body` on a thread of its own and says whether it finished within 20 s: a thread stuck in
 /// a close fails the test instead of hanging it. (Stuck, it is left behind, with the pipe it
 /// would signal on, so that no later descriptor gets that number under it.)
@@ -569,6 +575,36 @@ struct TwoUserLingerTests {
         _ = try root.claim(key)
         listener.close()
         withExtendedLifetime(broker) {}
+    }
+
+    @Test("nobody holds a read lock on root's shared anonymous object: root's first mapping gives up (EAGAIN) instead of waiting for ever, and once sized it maps at once")
+    func heldLockDoesNotHangMapping() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let held = SharedMemoryHolder(try SharedMemory.anonymous())
+        let key = try root.share(held.memory.descriptor, timeout: .never, claimableBy: .uid(otherUID))
+        let attacker = try nobodyPeer(["shm-hold-lock", key.description], broker)
+        defer { attacker.closeInput() }
+        #expect(try attacker.readLine() == "locked")
+        let first = Mutex<Errno?>(nil)
+        #expect(try finishes {
+            do throws(PatchbayError) { _ = try held.memory.map(length: 4096) } catch { first.withLock { $0 = error.errno } }
+        }, "root's first mapping waits for nobody's lock")
+        #expect(first.withLock { $0 } == .resourceTemporarilyUnavailable)
+        #expect(try held.memory.size == 0, "a first mapping that gave up fixed nothing")
+        // Sized (ftruncate takes no lock): there is nothing to decide, and the mapping is made now.
+        try held.memory.truncate(to: 8192)
+        let mapped = Mutex(0)
+        #expect(try finishes {
+            do throws(PatchbayError) {
+                let mapping = try held.memory.map()
+                mapped.withLock { $0 = mapping.count }
+            } catch {
+                mapped.withLock { $0 = -1 }
+            }
+        }, "root's mapping of a sized object waits for nobody's lock")
+        #expect(mapped.withLock { $0 } == 8192)
     }
 
     @Test("nobody's descriptors waiting behind its stuck closing thread stop at its share: it is cut off, root is not")

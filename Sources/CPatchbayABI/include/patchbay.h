@@ -142,7 +142,8 @@ int pb_shm_anonymous(unsigned flags);
  * is allowed; touching it is SIGBUS). prot: PROT_READ, or PROT_READ | PROT_WRITE. Unmap with
  * munmap(2). -EACCES: a writable mapping of a read-only descriptor (or of a read-only-claimed
  * one); -EPERM: sealed against writes; -EINVAL: length 0, bad prot; -ENOMEM: the kernel could
- * not map that much (a first mapping that fails leaves the object of size 0); -EBADF, -ENODEV:
+ * not map that much (a first mapping that fails leaves the object of size 0); -EAGAIN: the object
+ * has no size yet and another process has held its lock for 2 s; -EBADF, -ENODEV:
  * fd is not open, or not something mmap can map. */
 int pb_shm_map(int fd, size_t length, int prot, void **address);
 

@@ -1,6 +1,7 @@
 // Mapping shared memory: the first-mapping rule of anonymous objects and the `Mapping` a
 // mapping call returns (unmapped when it goes away).
 
+import Glibc
 import PatchbaySystem
 import SystemPackage
 import Synchronization
@@ -65,32 +66,67 @@ extension SharedMemory {
             return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
                                  writable: writable)
         }
-        return try anonymousSizingLock.locked { () throws(PatchbayError) -> Mapping in
-            if let size = confinement?.confinedSize {
-                // Only this process holds it: the size is the one it set, and nobody can race.
-                if size > 0 {
-                    return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                         writable: writable)
-                }
-                return try firstMapping(length: length, offset: offset, writable: writable)
+        if confinement != nil, let mapping = try anonymousSizingLock.locked({ () throws(PatchbayError) -> Mapping? in
+            // Only this process holds it: the size is the one it set, and nobody can race.
+            guard let size = confinement?.confinedSize else { return nil }
+            if size > 0 {
+                return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                     writable: writable)
             }
-            return try mapUnderLock(length: length, offset: offset, writable: writable)
+            return try firstMapping(length: length, offset: offset, writable: writable)
+        }) {
+            return mapping
         }
-    }
-
-    private func mapUnderLock(length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
-        do {
-            try handle.system.lockFile()
-        } catch {
-            throw PatchbayError(error, "cannot lock the object to decide its size")
-        }
-        defer { handle.system.unlockFile() }
+        // Sized already: there is nothing to decide, and so no lock to wait for (another process
+        // holding one, a reader's lock for instance, cannot hold this mapping up).
         let size = try self.size
         if size > 0 {
             return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
                                  writable: writable)
         }
-        return try firstMapping(length: length, offset: offset, writable: writable)
+        return try mapUnderLock(length: length, offset: offset, writable: writable)
+    }
+
+    /// The lock held by another process is waited for at most this long (it is held for the
+    /// few system calls of a first mapping).
+    private static let sizingLockPatience: UInt64 = 2_000_000_000
+
+    /// Decides the size under the object's lock, looking each millisecond whether it is free
+    /// (or whoever holds it sized the object), for at most `sizingLockPatience`: `EAGAIN` past
+    /// that. This process's lock is held only while trying, so its other threads never wait on
+    /// another process's lock.
+    private func mapUnderLock(length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
+        let deadline = monotonicNanoseconds() + Self.sizingLockPatience
+        while true {
+            if let mapping = try anonymousSizingLock.locked({ () throws(PatchbayError) -> Mapping? in
+                let locked: Bool
+                do throws(Errno) {
+                    locked = try handle.system.tryLockFile()
+                } catch {
+                    throw PatchbayError(error, "cannot lock the object to decide its size")
+                }
+                guard locked else { return nil }
+                defer { handle.system.unlockFile() }
+                let size = try self.size
+                if size > 0 {
+                    return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                         writable: writable)
+                }
+                return try firstMapping(length: length, offset: offset, writable: writable)
+            }) {
+                return mapping
+            }
+            let size = try self.size
+            if size > 0 {
+                return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
+                                     writable: writable)
+            }
+            guard monotonicNanoseconds() < deadline else {
+                throw PatchbayError(.resourceTemporarilyUnavailable,
+                                    "another process has held the object's lock for 2 s without sizing it; its first mapping cannot be decided now")
+            }
+            Glibc.usleep(1_000)
+        }
     }
 
     /// The first mapping: sizes the object and maps it (the caller holds what excludes other
