@@ -299,6 +299,43 @@ struct SharedMemoryReplayTests {
             _ = try SharedMemoryStore(path: temporary.directory + "/link", logger: quietLogger)
         } == .notDirectory)
     }
+
+    @Test("a change whose journal record does not fit (the file system full) is undone from the journal too: the changes after it survive a reopen", .enabled(if: geteuid() == 0, "needs root to mount a small tmpfs"))
+    func fullJournalLosesNothingAfter() throws {
+        let temporary = TemporaryStore()
+        // A tmpfs of 64 KiB of its own, so that it can be filled.
+        try #require(mount("tmpfs", temporary.directory, "tmpfs", 0, "size=64k,mode=0700") == 0, "mount: \(errno)")
+        defer { umount2(temporary.directory, Int32(MNT_DETACH)) }
+        var store: SharedMemoryStore? = try temporary.open()
+        try create(store!, "/before")
+        // Everything but a few hundred bytes taken by a file outside the store.
+        let filler = temporary.directory + "/filler"
+        let fd = open(filler, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        try #require(fd >= 0)
+        let chunk = [UInt8](repeating: 1, count: 4096)
+        while chunk.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) > 0 {}
+        close(fd)
+        // Creates until one is refused for want of room: its record was cut short (or not written).
+        var refused: Errno?
+        for index in 0..<1000 where refused == nil {
+            do throws(RequestError) {
+                try create(store!, "/filling-\(index)-" + String(repeating: "x", count: 200))
+            } catch {
+                refused = error.errno
+            }
+        }
+        #expect(refused == .noSpace, "\(String(describing: refused))")
+        // Room again: the next change is recorded after the failed one, and must come back.
+        unlink(filler)
+        try create(store!, "/after")
+        let before = snapshot(store!)
+        store = nil
+        store = try temporary.open()
+        #expect(snapshot(store!) == before)
+        #expect(snapshot(store!)["/after"] != nil, "a change recorded after a failed one was lost")
+        store = nil
+    }
+
 }
 
 @Suite("SharedMemoryStore: operations, permissions and quotas")

@@ -551,18 +551,30 @@ final class SharedMemoryStore {
     }
 
     /// Appends one record with one `write`, so a record is either wholly there or (torn by a
-    /// crash mid-write, which tmpfs makes unlikely) detected and dropped at replay.
+    /// crash mid-write, which tmpfs makes unlikely) detected and dropped at replay. A write that
+    /// fails or is cut short (the file system full) is undone: the journal is cut back to where
+    /// it ended, so no part of a record stays in it for later ones to follow (replay stops at
+    /// the first record it cannot read, and everything after it would be lost).
     private func append(_ record: Record) throws(RequestError) {
         let bytes = record.encode()
+        let end = try? journal.size()
         let outcome = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) -> Int in try journal.write(raw) }
+        }
+        func undo() {
+            guard let end else { return }
+            if (try? journal.truncate(to: end)) == nil {
+                logger.error("cannot cut a failed journal record back; the names recorded after it would not survive a restart")
+            }
         }
         switch outcome {
         case .success(let written) where written == bytes.count:
             break
         case .success:
+            undo()
             throw RequestError(errno: .noSpace, reason: "the store's journal is full")
         case .failure(let error):
+            undo()
             throw RequestError(errno: error, reason: "cannot record the change in the store's journal: \(error.name)")
         }
         journalRecords += 1
