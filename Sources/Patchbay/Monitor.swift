@@ -17,6 +17,8 @@ public typealias MonitorEvent = PatchbayProtocol.MonitorEvent
 public final class BrokerMonitor {
     private var connection: Connection
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: maximumFrameSize, alignment: 16)
+    /// Events that came but could not be read since the last one returned: added to its `lost`.
+    private var unreadable: UInt64 = 0
 
     /// Starts watching the broker `broker` talks to, with `filter`.
     public init(_ broker: Broker, filter: MonitorFilter = MonitorFilter()) throws(PatchbayError) {
@@ -61,7 +63,13 @@ public final class BrokerMonitor {
             }
             if message.length == 0 { throw PatchbayError(.connectionReset, "the broker closed the monitor's connection") }
             guard let frame = try? Frame.decode(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<message.length]))[...]),
-                  case .monitor(let event)? = try? Event.decode(frame) else { continue }
+                  case .monitor(var event)? = try? Event.decode(frame) else {
+                // Unreadable (too long for the buffer, or a newer broker's): counted as lost.
+                unreadable &+= 1
+                continue
+            }
+            event.lost &+= unreadable
+            unreadable = 0
             return event
         }
     }

@@ -280,6 +280,10 @@ final class SessionTable {
             }
             if event == nil {
                 var made = make()
+                // A request's object can be as long as its frame (a ctl line of 64 KiB): cut, so
+                // that the event, with everything else in it, fits a frame and reaches monitors.
+                made.object = Self.cut(made.object, to: Self.monitorTextLimit)
+                made.detail = Self.cut(made.detail, to: Self.monitorTextLimit)
                 var now = timespec()
                 clock_gettime(CLOCK_REALTIME, &now)
                 made.time = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
@@ -294,6 +298,23 @@ final class SessionTable {
                 monitor.lost &+= 1
             }
         }
+    }
+
+    /// The most bytes of an event's object and of its detail shown to monitors.
+    static let monitorTextLimit = 4096
+
+    /// `text` cut to at most `limit` bytes of UTF-8 (at a character's boundary), "…" marking a cut.
+    static func cut(_ text: String, to limit: Int) -> String {
+        guard text.utf8.count > limit else { return text }
+        var kept = String.UnicodeScalarView()
+        var bytes = 0
+        for scalar in text.unicodeScalars {
+            let size = String(scalar).utf8.count
+            guard bytes + size <= limit - 3 else { break }
+            kept.append(scalar)
+            bytes += size
+        }
+        return String(kept) + "…"
     }
 
     /// Reads the session's command name once.

@@ -2,6 +2,7 @@
 // uid and command, the object, the outcome; filters; a monitor that does not read; two users.
 import Glibc
 import Patchbay
+import PatchbayProtocol
 import PatchbaySystem
 import Testing
 
@@ -86,6 +87,23 @@ struct MonitorTests {
         let line = try watcher.readLine() ?? ""
         #expect(line.contains("\"object\": \"/named-by-cli\"") && line.contains("\"outcome\": \"ok\""), "\(line)")
         #expect(try watcher.wait() == .exited(0))
+    }
+
+    @Test("a request whose object is as long as its frame (a ctl line padded to 64 KiB) still reaches monitors, its object cut to 4 KiB")
+    func longObjectIsCut() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let monitor = try BrokerMonitor(client, filter: MonitorFilter(subsystems: MonitorFilter.bit(of: .net)))
+        let socket = try Socket.open(client, type: .seqpacket)
+        // Sent as a client written from PROTOCOL.md may send it (the library sends its own form).
+        let raw = try RawClient(path: broker.socketPath)
+        let line = "bind" + String(repeating: " ", count: 65_380) + "padded-bind"
+        let (answer, _) = try raw.exchange(Request.net(.control(socket: socket.id, command: line)).encode(requestID: 1))
+        #expect(answer.kind == .reply)
+        let bind = try events(monitor) { $0.object.hasPrefix("socket \(socket.id): bind ") }.found
+        #expect(bind?.outcome == "ok" && bind?.lost == 0, "\(String(describing: bind?.outcome))")
+        #expect((bind?.object.utf8.count ?? .max) <= 4096 && bind?.object.hasSuffix("…") == true, "\(bind?.object.utf8.count ?? -1) \(String(describing: bind?.object.suffix(40)))")
+        _ = consume socket
     }
 
     @Test("what is no client's request: a key's expiry, a socket's last close, a CAPS client leaving, a service's port closing")
