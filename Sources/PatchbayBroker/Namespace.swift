@@ -21,7 +21,14 @@ enum NamespacePath: Equatable {
     case netAddresses(family: String)
 
     /// Parses a path and its `:nonblock` suffix; unknown paths are ENOENT.
+    /// No path in the namespace is longer (the longest is about 60 bytes).
+    static let maximumLength = 1024
+
     static func parse(_ text: String, flags: OpenFlags) throws(RequestError) -> (NamespacePath, nonblock: Bool) {
+        guard text.utf8.count <= maximumLength else {
+            throw RequestError(errno: .fileNameTooLong,
+                               reason: "a path in the broker's namespace is at most \(maximumLength) bytes; this one is \(text.utf8.count)")
+        }
         var path = Substring(text)
         var nonblock = flags.contains(.nonblock)
         if path.hasSuffix(":nonblock") {

@@ -329,7 +329,9 @@ public final class BrokerServer {
         while let descriptor = message.descriptors.takeFirst() {
             DeferredCloser.shared.close(descriptor, of: session.credentials.uid)
         }
-        return Self.cost(of: Frame.salvageOpcode(bytes[...]))
+        // A frame's bytes are read, checked and parsed whatever it asks: one more unit per 4 KiB
+        // (a 64 KiB path costs what it takes, not what a status request does).
+        return Self.cost(of: Frame.salvageOpcode(bytes[...])) + bytes.count / 4096
     }
 
     /// Checks a frame's envelope (size, descriptors, header, payload) and dispatches it.

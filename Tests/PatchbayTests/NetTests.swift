@@ -524,6 +524,29 @@ struct NetTests {
         #expect(writer.revents & Int16(POLLERR) != 0)
     }
 
+    @Test("a namespace path longer than any in the namespace is ENAMETOOLONG before it is parsed; addrs shows a name bound after the last open")
+    func longPathAndFreshAddresses() throws {
+        let broker = try TestBroker()
+        let raw = try RawClient(path: broker.socketPath)
+        let long = "/net/local/" + String(repeating: "x", count: 60_000) + "/accept"
+        let (_, refused) = try raw.error(for: Request.namespace(.open(path: long, flags: [])).encode(requestID: 1))
+        #expect(refused.errno == ENAMETOOLONG && refused.reason.contains("at most 1024 bytes"), "\(refused)")
+        // The address list is rebuilt only when a name changed, and is then current.
+        let client = try broker.connect()
+        func addresses() throws -> [String] {
+            let list = try client.openAddressList()
+            return String(decoding: try list.readToEnd(), as: UTF8.self).split(separator: "\n").map(String.init)
+        }
+        _ = try addresses()
+        let first = try Socket.listen(client, name: "addr-one")
+        #expect(try addresses().contains("addr-one"))
+        let second = try Socket.listen(client, name: "addr-two")
+        #expect(try addresses().filter { $0.hasPrefix("addr-") } == ["addr-one", "addr-two"])
+        _ = consume first
+        #expect(try eventually { try !addresses().contains("addr-one") })
+        _ = consume second
+    }
+
     @Test("a listen refused on a socket listening already (EINVAL) leaves its backlog as it was")
     func refusedListenKeepsBacklog() throws {
         let broker = try TestBroker()

@@ -126,10 +126,17 @@ final class NetRequests: SessionClosedHook {
     /// `addrs`: the bound names, one per line, in a read-only memfd (a snapshot), shared with
     /// every open made while the names are the same.
     private func addressList(for uid: UInt32) throws(RequestError) -> Descriptor {
-        let text = table.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
         let now = monotonicNanoseconds()
         do {
-            if let snapshot, snapshot.text == text || !snapshotBuilds.hasToken(uid: uid, now: now) {
+            // The names unchanged since the snapshot, or no new one allowed yet: no walk of the
+            // table at all (a walk and a sort of every socket per open, 1 work unit, was a way to
+            // spend the loop's time).
+            if let snapshot, snapshot.version == table.namesVersion || !snapshotBuilds.hasToken(uid: uid, now: now) {
+                return try snapshot.memory.reopenReadOnly()
+            }
+            let text = table.list().filter { !$0.name.isEmpty }.map { $0.name + "\n" }.sorted().joined()
+            if let snapshot, snapshot.text == text {
+                snapshot.version = table.namesVersion
                 return try snapshot.memory.reopenReadOnly()
             }
             snapshotBuilds.spendToken(uid: uid, now: now)
@@ -139,7 +146,7 @@ final class NetRequests: SessionClosedHook {
             // writing through /proc, and rewrite or grow what everyone else reads.
             try memory.addSeals([.write, .shrink, .grow, .seal])
             let opened = try memory.reopenReadOnly()
-            snapshot = AddressSnapshot(text: text, memory: memory)
+            snapshot = AddressSnapshot(text: text, version: table.namesVersion, memory: memory)
             return opened
         } catch {
             throw RequestError(errno: error, reason: "cannot build the address list")
@@ -237,10 +244,13 @@ final class NetRequests: SessionClosedHook {
 /// An `addrs` snapshot: the text, and the memfd holding it, writable here only.
 private final class AddressSnapshot {
     let text: String
+    /// The table's `namesVersion` the text was last found to match.
+    var version: UInt64
     let memory: Descriptor
 
-    init(text: String, memory: consuming Descriptor) {
+    init(text: String, version: UInt64, memory: consuming Descriptor) {
         self.text = text
+        self.version = version
         self.memory = memory
     }
 }

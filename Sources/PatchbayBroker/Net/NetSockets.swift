@@ -147,7 +147,11 @@ final class NetTable {
     /// without a walk of every socket. A connection waits in one accept at a time, so what a
     /// client can make the broker hold in parked accepts is bounded by its connections.
     private var acceptWaits: [UInt64: UInt64] = [:]
-    private var names: [String: UInt64] = [:]
+    private var names: [String: UInt64] = [:] {
+        didSet { namesVersion &+= 1 }  // (no `oldValue`: the change stays in place)
+    }
+    /// Moves whenever a name is bound or let go: an `addrs` snapshot of the same version is current.
+    private(set) var namesVersion: UInt64 = 0
     private var nextID: UInt64 = 1
     let local: LocalFamily
     private let mode: BrokerConfiguration.Mode
