@@ -111,6 +111,16 @@ public final class Broker: Sendable {
     /// (a socket id): after a reconnection it is not sent, since the new broker's ids mean other
     /// objects; ECONNRESET says the broker restarted, and the caller finds its object again.
     func call(_ request: Request, descriptors: [CInt] = [], within generation: UInt64? = nil) throws(PatchbayError) -> Response {
+        let response = try callKeepingLost(request, descriptors: descriptors, within: generation)
+        // The reply's descriptors did not all fit this process's table: what was asked for
+        // happened in the broker, but its result cannot be handed over.
+        guard !response.descriptorLost else {
+            throw PatchbayError(.tooManyOpenFiles, "no free descriptor in this process to receive what the broker sent")
+        }
+        return response
+    }
+
+    private func callKeepingLost(_ request: Request, descriptors: [CInt], within generation: UInt64?) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
             let reconnects = reconnectPolicy.reconnects
             if connection.isInherited {

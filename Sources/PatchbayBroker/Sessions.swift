@@ -244,7 +244,10 @@ final class SessionTable {
     private func announce(_ request: ParkedRequest, errno: Int32, caller: Session, rawOpcode: UInt16? = nil) {
         let opcode = Opcode(rawValue: rawOpcode ?? request.opcode.rawValue)
         let credentials = caller.credentials
-        var audience = request.owners
+        // A connection to a CAPS name that failed reached no service: the name's owners are not
+        // told of it (they would learn who tried, from where, and that the name was not theirs
+        // to answer).
+        var audience = opcode == .capsClient && errno != 0 ? [] : request.owners
         audience.append(credentials.uid)
         announce(opcode?.subsystem ?? .broker, pid: credentials.pid, uid: credentials.uid, object: request.object,
                  audience: audience, skipping: opcode == .monitor ? caller.id : nil) {

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -249,6 +250,36 @@ static void test_anonymous(void) {
 }
 
 /* FreeBSD's SHM_ANON through pb_shm_open: a new anonymous object, read-write only, no broker. */
+/* With no free descriptor, calls whose answer is a descriptor fail with -EMFILE (not -EPROTO), and
+ * pb_shm_open with O_CREAT creates nothing, as shm_open(3). */
+static void test_no_free_descriptor(pb_broker *broker) {
+    char name[96];
+    named("/c-emfile-", name, sizeof name);
+    struct rlimit saved;
+    CHECK(getrlimit(RLIMIT_NOFILE, &saved) == 0);
+    /* Every descriptor below a low soft limit taken. */
+    int fillers[256];
+    int filled = 0;
+    int probe = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    CHECK(probe >= 0);
+    struct rlimit low = { (rlim_t)probe + 64, saved.rlim_max };
+    close(probe);
+    CHECK(setrlimit(RLIMIT_NOFILE, &low) == 0);
+    int fd;
+    while (filled < 256 && (fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0) fillers[filled++] = fd;
+    CHECK(filled < 256);
+    FAILS(pb_shm_open(broker, name, O_RDWR | O_CREAT | O_EXCL, 0600), EMFILE);
+    pb_socket *socket = NULL;
+    FAILS(pb_net_open(broker, "seqpacket", 0, &socket), EMFILE);
+    for (int i = 0; i < filled; i++) close(fillers[i]);
+    CHECK(setrlimit(RLIMIT_NOFILE, &saved) == 0);
+    /* Nothing was created: the exclusive create works now. */
+    int made = pb_shm_open(broker, name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    OK(made);
+    close(made);
+    OK(pb_shm_unlink(broker, name));
+}
+
 static void test_shm_anon(void) {
     FAILS(pb_shm_open(NULL, PB_SHM_ANON, O_RDONLY, 0777), EINVAL);
     FAILS(pb_shm_open(NULL, PB_SHM_ANON, O_WRONLY, 0777), EINVAL);
@@ -728,6 +759,7 @@ int main(int argc, char **argv) {
         test_named(broker);
         test_anonymous();
         test_shm_anon();
+        test_no_free_descriptor(broker);
         test_net(broker);
         test_caps(broker);
         test_close_cancels_wait(broker);

@@ -252,6 +252,31 @@ struct TwoUserMonitorTests {
         #expect(seen?.uid == 65534)
     }
 
+    @Test("nobody holds a CAPS name: its monitor sees root connect to its service, not root's failed attempt to reach a service of root's under that name")
+    func failedCapsConnectNotShownToNameOwner() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let service = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                     "caps", "serve", "squat.agent", "--echo", "--allow", "world"],
+                                environment: broker.environment)
+        defer { service.kill(SIGTERM); _ = try? service.wait() }
+        #expect(try eventually { try root.listServices().contains { $0.name == "squat.agent" } })
+        let before = try monitorsAccepted(root)
+        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                     "monitor", "--json", "--count", "1", "--subsystem", "caps"],
+                                environment: broker.environment)
+        try waitForMonitors(root, before + 1)
+        // Root asks for a service of its own under that name: there is none (ENOENT).
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try CapsClient(root, name: "squat.agent", uid: 0) }
+        // Then connects to nobody's: that, nobody's monitor is told of.
+        let client = try CapsClient(root, name: "squat.agent", uid: 65534)
+        let line = try watcher.readLine() ?? ""
+        #expect(line.contains("\"operation\": \"capsClient\"") && line.contains("\"outcome\": \"ok\""), "nobody's first event: \(line)")
+        #expect(try watcher.wait() == .exited(0))
+        withExtendedLifetime(client) {}
+    }
+
     @Test("nobody's failed claim of root's restricted key shows nobody nothing of the key; root's monitor sees the same")
     func failedClaimDescribesNoKey() throws {
         let broker = try TestBroker(["--system"])

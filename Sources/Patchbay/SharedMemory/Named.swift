@@ -86,6 +86,16 @@ extension Broker {
         // setting it) costs more than the round trip itself, so only a create pays for it.
         let request = SharedMemoryOpenRequest(name: bytes, access: access.rawValue, flags: SharedMemoryOpenFlags(rawValue: options.rawValue),
                                               mode: mode, umask: options.contains(.create) ? currentUmask() : 0)
+        if options.contains(.create) {
+            // With no free descriptor here, the broker would make the object and this process
+            // could not take it: refused first, as shm_open(3) is (it needs its descriptor first).
+            let probe = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
+            guard probe >= 0 else {
+                let error = Errno.current
+                throw PatchbayError(error, "no free descriptor in this process for the object; nothing was created")
+            }
+            Glibc.close(probe)
+        }
         var response = try call(.sharedMemory(.open(request)))
         guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's open reply carried no descriptor")
