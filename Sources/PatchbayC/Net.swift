@@ -66,7 +66,10 @@ public func pb_net_data(_ socket: OpaquePointer?) -> CInt {
         guard held.socket.dataDescriptor >= 0 else {
             throw PatchbayError(.socketNotConnected, "socket \(held.socket.id) is not connected (no data descriptor yet)")
         }
-        return held.socket.dataDescriptor
+        let fd = held.socket.dataDescriptor
+        // PB_NET_NONBLOCK: C's data calls are the kernel's, on this descriptor.
+        if held.socket.nonblocking { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        return fd
     }
 }
 

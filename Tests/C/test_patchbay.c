@@ -353,6 +353,20 @@ static void test_net(pb_broker *broker) {
     CHECK(recv(a, bytes, sizeof bytes, 0) == 0);       /* end of file */
     pb_net_close(client);
 
+    /* Opened PB_NET_NONBLOCK: the data descriptor does not wait either. */
+    pb_socket *quick = NULL, *quick_server = NULL;
+    OK(pb_net_open(broker, "seqpacket", PB_NET_NONBLOCK, &quick));
+    char connect_line[128];
+    snprintf(connect_line, sizeof connect_line, "connect %s", name);
+    OK(pb_net_ctl(quick, connect_line));
+    OK(pb_net_accept(listener, 0, &quick_server));
+    int quick_data = pb_net_data(quick);
+    OK(quick_data);
+    CHECK(fcntl(quick_data, F_GETFL) & O_NONBLOCK);
+    CHECK(recv(quick_data, bytes, sizeof bytes, 0) == -1 && errno == EAGAIN);
+    pb_net_close(quick_server);
+    pb_net_close(quick);
+
     /* ctl by hand. */
     OK(pb_net_open(broker, "stream", 0, &fresh));
     FAILS(pb_net_ctl(fresh, "frobnicate"), EINVAL);

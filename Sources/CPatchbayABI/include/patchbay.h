@@ -156,7 +156,8 @@ int pb_shm_map(int fd, size_t length, int prot, void **address);
  * with the kernel socket itself as its data path once connected. */
 typedef struct pb_socket pb_socket;
 
-#define PB_NET_NONBLOCK 1   /* data calls and accept return -EAGAIN instead of waiting */
+#define PB_NET_NONBLOCK 1   /* accept returns -EAGAIN instead of waiting, and pb_net_data's
+                               descriptor is O_NONBLOCK (recv/send say EAGAIN) */
 
 /* Opens /net/local/<type>: type is "seqpacket", "stream" or "dgram". A new socket in state NEW.
  * -EINVAL: unknown type or flags. -EDQUOT: too many sockets. */
