@@ -175,6 +175,16 @@ static void test_named(pb_broker *broker) {
     FAILS(pb_shm_unlink(broker, PB_SHM_ANON), EFAULT);
     FAILS(pb_shm_rename(broker, NULL, name, 0), EFAULT);
     FAILS(pb_shm_rename(broker, name, NULL, 0), EFAULT);
+    {
+        /* FreeBSD's order: a bad `from` is reported before a `to` that is too long. */
+        char long_name[1100];
+        long_name[0] = '/';
+        memset(long_name + 1, 'n', sizeof long_name - 2);
+        long_name[sizeof long_name - 1] = 0;
+        FAILS(pb_shm_rename(broker, "no-slash", long_name, 0), EINVAL);
+        FAILS(pb_shm_rename(broker, "", long_name, 0), EINVAL);
+        FAILS(pb_shm_rename(broker, name, long_name, 0), ENAMETOOLONG);
+    }
 
     /* Named objects map as mmap does: ftruncate first, then what one writes another reads. */
     CHECK(ftruncate(fd, 8192) == 0);

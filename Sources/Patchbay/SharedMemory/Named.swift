@@ -116,8 +116,13 @@ extension Broker {
     public func renameSharedMemory(from: String, to: String, _ behaviour: SharedMemoryRename = .replace)
         throws(PatchbayError)
     {
-        _ = try call(.sharedMemory(.rename(from: try Self.nameBytes(from), to: try Self.nameBytes(to),
-                                         flags: behaviour.flags)))
+        // FreeBSD's order: `from` fails the name rules before `to` does (the broker checks the
+        // rest of both in that order; only the lengths are checked here, and `from`'s first).
+        let source = try Self.nameBytes(from)
+        if Array(to.utf8).count > Self.maximumNameLength, source.first != UInt8(ascii: "/") {
+            throw PatchbayError(.invalidArgument, "a shared memory name starts with '/': \(from.prefix(60))")
+        }
+        _ = try call(.sharedMemory(.rename(from: source, to: try Self.nameBytes(to), flags: behaviour.flags)))
     }
 
     /// Size, owner, mode, four times and populated blocks of a named object.
