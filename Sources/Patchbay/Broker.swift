@@ -36,6 +36,9 @@ public final class Broker: Sendable {
     /// Whether a reconnection may start the per-user broker, as the first connection could.
     let autostarts: Bool
     private let reconnectionCount = Atomic<UInt64>(0)
+    /// The `reconnections` count this process's own connection began at, in a fork child (0 in
+    /// the process that made the `Broker`): what was made before it is the parent's.
+    private let forkedAtCount = Atomic<UInt64>(0)
     let connection: Mutex<Connection>
     /// Named objects this broker opened, to open again without it while nothing changed
     /// (SharedMemory/Reopen.swift).
@@ -103,6 +106,12 @@ public final class Broker: Sendable {
     /// How many times this broker's connection was made again after the broker went away.
     public var reconnections: UInt64 { reconnectionCount.load(ordering: .acquiring) }
 
+    /// Whether an object made at reconnection count `generation` was made by the parent of this
+    /// fork child (before its own connection), not by this process.
+    package func madeBeforeFork(_ generation: UInt64) -> Bool {
+        generation < forkedAtCount.load(ordering: .acquiring)
+    }
+
     /// Sends `request` and waits for its reply. A connection found gone before the request left
     /// is made again (per `reconnectPolicy`) and the request sent on the new one; a reply lost
     /// with the connection is ECONNRESET, never a retry (the broker may have acted on it).
@@ -127,7 +136,8 @@ public final class Broker: Sendable {
                 // A fork child: the parent keeps the connection; this process makes its own (its
                 // copy of the socket is closed, which the parent does not notice).
                 connection = try connectServing()
-                reconnectionCount.add(1, ordering: .releasing)
+                let now = reconnectionCount.add(1, ordering: .releasing).newValue
+                forkedAtCount.store(now, ordering: .releasing)
             }
             if connection.isBroken && reconnects { try reconnect(&connection) }
             try check(generation)

@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -123,6 +124,16 @@ static void test_keys(pb_broker *broker) {
     FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_GID, -1, key), EINVAL);
     FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_UID, 4294967295LL, key), EINVAL);  /* (uid_t)-1 */
     FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_PID, 2147483647, key), ESRCH);
+    {
+        /* A child that exited and is not reaped yet (a zombie) is not running either. */
+        pid_t child = fork();
+        if (child == 0) _exit(0);
+        CHECK(child > 0);
+        siginfo_t info;
+        CHECK(waitid(P_PID, (id_t)child, &info, WEXITED | WNOWAIT) == 0);   /* exited, kept unreaped */
+        FAILS(pb_share_for(broker, restricted, 30000, PB_CLAIMABLE_BY_PID, child, key), ESRCH);
+        CHECK(waitpid(child, NULL, 0) == child);
+    }
     close(restricted);
 
     /* Never expires; expires. */
@@ -332,6 +343,20 @@ static void test_net(pb_broker *broker) {
     FAILS(pb_net_connect(broker, "c-nobody-there", "seqpacket", &fresh), ENOENT);
     FAILS(pb_net_data(listener), ENOTCONN);
     FAILS(pb_net_fd(NULL), EINVAL);
+    {
+        /* A fork child's accept on its parent's listener: -ECONNRESET (SEMANTICS §6), not a
+         * listener bound again as after a broker restart. */
+        pid_t child = fork();
+        if (child == 0) {
+            pb_socket *taken = NULL;
+            int result = pb_net_accept(listener, PB_NET_NONBLOCK, &taken);
+            _exit(result == -ECONNRESET ? 0 : 100 + (result < 0 ? -result : 0));
+        }
+        CHECK(child > 0);
+        int status = 0;
+        CHECK(waitpid(child, &status, 0) == child);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
     /* A listener's kernel descriptor polls readable when a connection waits: an event loop's
      * way to accept without a thread blocked in pb_net_accept. */
     int listening = pb_net_fd(listener);

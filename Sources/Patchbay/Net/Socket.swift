@@ -260,6 +260,11 @@ public struct Socket: ~Copyable {
     /// `accept()` on the socket `core` holds, binding its name again first if it must.
     private static func accept(_ broker: Broker, core: SocketCore, family: Family, type kind: Kind,
                                nonblocking: Bool) throws(PatchbayError) -> Socket {
+        if broker.madeBeforeFork(core.brokerGeneration) {
+            // The parent's listener (SEMANTICS §6): not this process's to bind again.
+            throw PatchbayError(.connectionReset, "socket \(core.id) was made by the parent process before fork; "
+                                    + "a fork child's sockets are its own")
+        }
         do throws(PatchbayError) {
             if core.listening != nil && core.brokerGeneration != broker.reconnections {
                 try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
@@ -267,7 +272,8 @@ public struct Socket: ~Copyable {
             return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
                                      within: core.brokerGeneration)
         } catch {
-            guard core.listening != nil, broker.reconnectPolicy.reconnects, ReconnectPolicy.isTransport(error.errno) else { throw error }
+            guard core.listening != nil, !broker.madeBeforeFork(core.brokerGeneration), broker.reconnectPolicy.reconnects,
+                  ReconnectPolicy.isTransport(error.errno) else { throw error }
             try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
             return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
                                      within: core.brokerGeneration)

@@ -255,7 +255,10 @@ final class KeyTable {
     private func watch(_ pid: Int32) throws(RequestError) -> ProcessHandle {
         do {
             guard pid > 0 else { throw Errno.noSuchProcess }
-            return try ProcessHandle(pid: pid)
+            let handle = try ProcessHandle(pid: pid)
+            // A process that exited but is not reaped yet still has a pidfd: it will never claim.
+            guard !handle.hasExited else { throw Errno.noSuchProcess }
+            return handle
         } catch {
             throw RequestError(errno: .noSuchProcess,
                                reason: "there is no process \(pid) to restrict the key to; a pid restriction names a running process")
