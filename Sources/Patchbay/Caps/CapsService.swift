@@ -518,9 +518,11 @@ public final class CapsService: @unchecked Sendable {
     }
 
     /// Makes every `wait` and `receive` blocked in other threads, and every later one that finds
-    /// nothing queued, return `ECANCELED`: for a service about to be closed while other threads
-    /// wait on it. (`cancelWait` ends one wait.) Does nothing on a port inherited across `fork`.
-    public func cancelWaits() {
+    /// nothing queued, return `ECANCELED`: only for a port about to be released (C's
+    /// `pb_caps_service_close`), since the cancel event then stays signalled (every sleeper
+    /// wakes to it, and a futex sleeper's watch thread with it) until the port goes.
+    /// (`cancelWait` ends one wait.) Does nothing on a port inherited across `fork`.
+    package func cancelWaits() {
         guard !core.isInherited else { return }
         waitsCancelled.store(true, ordering: .releasing)
         try? cancelEvent.signal()
