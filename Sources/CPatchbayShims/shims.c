@@ -274,10 +274,12 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
 }
 
 int pb_queue_holds_no_descriptors(int socket, int limit) {
-    // From now on a peer's SCM_RIGHTS to this socket is EPERM (Linux 6.16); before, this cannot
-    // be made sure of.
+    // From now on nothing more can be queued: a peer's send sees this end shut for reading (the
+    // kernel checks it under the lock it queues under) and fails with EPIPE. SO_PASSRIGHTS off
+    // too where the kernel has it (6.16), for good measure.
     int off = 0, on = 1;
-    if (setsockopt(socket, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &off, sizeof off) != 0) return 0;
+    if (shutdown(socket, SHUT_RD) != 0) return 0;
+    (void)setsockopt(socket, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &off, sizeof off);
     // Every message comes with the sender's credentials, so one of 0 bytes is told from the end.
     if (setsockopt(socket, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) != 0) return 0;
     for (int taken = 0; taken < limit; taken++) {

@@ -49,6 +49,10 @@ public final class BrokerServer {
     /// The work done so far in this turn, per uid.
     private var turnWork: [UInt32: Int] = [:]
 
+    /// Closes a uid may have waiting (its last connection's, a few descriptors no request took)
+    /// before its frames are read with care (`serviceSession`): more mean its closes are stuck.
+    private static let closesBeforeCaution = 64
+
     /// What a request costs the loop, in units of an ordinary request.
     private static func cost(of rawOpcode: UInt16) -> Int {
         switch Opcode(rawValue: rawOpcode) {
@@ -213,6 +217,8 @@ public final class BrokerServer {
     // MARK: Clients arriving
 
     private func acceptClients() {
+        // The spare, used up by a shed whose close was deferred, comes back once there is room.
+        if spareDescriptor == nil { spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY) }
         for _ in 0..<Self.acceptsPerWakeup {
             let socket: SeqpacketSocket
             do {
@@ -286,8 +292,8 @@ public final class BrokerServer {
                 // to be closed (its closes may not finish) and that has no room left for a frame's
                 // worth is cut off before it is read: read first, each of its connections would
                 // land that many in the broker, past its share.
-                if DeferredCloser.shared.outstanding(of: uid) > 0
-                    && !sessions.budget.fits(maximumDescriptorsReceived, for: uid) {
+                if DeferredCloser.shared.outstanding(of: uid) > Self.closesBeforeCaution
+                    && !sessions.budget.fits(min(maximumDescriptorsReceived, sessions.budget.share(of: uid) / 2), for: uid) {
                     sessions.close(id, reason: "its descriptors waiting to be closed leave no room for another frame's")
                     return
                 }

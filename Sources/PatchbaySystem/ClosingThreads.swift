@@ -74,11 +74,12 @@ package final class ClosingThreads: Sendable {
 
     /// Closes `fd`, a local socket this code owns and never read from (a connection refused at
     /// once), that a peer may have queued descriptors in: here and now when its queue holds none
-    /// and can take none (`pb_queue_holds_no_descriptors`, Linux 6.16), else on `owner`'s closing
-    /// thread. Refused at once, such a socket is not left waiting behind `owner`'s closes (which
-    /// `owner` may have made wait), and so costs nothing that grows with each refusal.
+    /// and can take none (`pb_queue_holds_no_descriptors`: shut for reading, then walked), else on
+    /// `owner`'s closing thread. A refused connection with nothing queued is thus not left
+    /// waiting behind `owner`'s closes (which `owner` may have made wait); one with descriptors
+    /// queued is, and holds a descriptor here until then.
     package func closeRefused(_ fd: CInt, of owner: UInt64) {
-        if pb_queue_holds_no_descriptors(fd, 4096) == 1 {
+        if pb_queue_holds_no_descriptors(fd, 16) == 1 {
             Glibc.close(fd)
         } else {
             close(raw: fd, of: owner)

@@ -85,10 +85,10 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
 
 /// For a local socket this process never read from (a connection refused at once, a connection a
 /// listener will not serve), before it is closed here: 1 when its receive queue holds no
-/// descriptors and none can be added (SO_PASSRIGHTS is turned off, Linux 6.16), so that its close
-/// frees no file of a peer's, whose last close could wait; 0 when it may (one is queued, the
-/// kernel is older, or more than `limit` messages wait). Messages without descriptors are taken
-/// off the queue on the way; descriptors seen are peeked copies, closed here.
+/// descriptors and none can be added (it is shut for reading first), so that its close frees no
+/// file of a peer's, whose last close could wait; 0 when it may (one is queued, or more than
+/// `limit` messages wait). Messages without descriptors are taken off the queue on the way;
+/// descriptors seen are peeked copies, closed here.
 int pb_queue_holds_no_descriptors(int socket, int limit);
 
 /// sendmsg(2) of one buffer with up to 253 descriptors (the kernel's most) in one SCM_RIGHTS

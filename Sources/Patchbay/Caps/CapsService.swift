@@ -1323,7 +1323,10 @@ public final class CapsService: @unchecked Sendable {
                 waiters[index + 1] = Futex.waiter(word, expected: SharedWord.load(word))
             }
             SharedWord.fence()
-            if set.hasWork || noticesPending || controlNow != core.lock.locked({ controlSeen }) {
+            // (`waitsCancelled` looked at after `controlNow`: a cancellation whose one edge of the
+            // watch word another sleeper took is still seen.)
+            if set.hasWork || noticesPending || controlNow != core.lock.locked({ controlSeen })
+                || waitsCancelled.load(ordering: .acquiring) {
                 return .success(())
             }
             SharedWord.store(statusWord(CapsLayout.statusRunningOffset), 0)
