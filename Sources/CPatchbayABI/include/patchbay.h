@@ -14,8 +14,9 @@
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
  *     Every descriptor the library makes is close-on-exec. A call whose answer is a descriptor
- *     fails with -EMFILE when this process has no free one (pb_shm_open with O_CREAT then creates
- *     nothing).
+ *     fails with -EMFILE when this process has no free one (pb_shm_open with O_CREAT checks for
+ *     one first, so it creates nothing unless another thread takes it meanwhile; opening a CAPS
+ *     port says -EPROTO then).
  *   - A pb_broker is thread-safe: calls on it are serialised over its one connection, so a
  *     call that waits (a blocking pb_net_accept on a socket made through it) holds up the
  *     broker's other calls until it returns: give such a wait a pb_broker of its own. A CAPS
