@@ -833,7 +833,16 @@ public final class CapsClient: @unchecked Sendable {
             if callsInFlight > 0, channel.hasEntries(.reply) { try setAsideCallReplies() }
             if !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
         }
-        if channel.isCutOff { return try closedReply().map(refusal) }
+        if channel.isCutOff {
+            guard let closed = try closedReply() else { return nil }
+            if servingKept && closed.madeByCall {
+                // A call's, made up for the cut-off: that call's to report.
+                setAside(closed, UnsafeRawBufferPointer(start: nil, count: 0))
+                wakeCallers()
+                return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
+            }
+            return refusal(closed)
+        }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
         if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),

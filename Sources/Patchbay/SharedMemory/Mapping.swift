@@ -143,19 +143,17 @@ extension SharedMemory {
             throw PatchbayError(.invalidArgument, "a mapping of \(length) bytes is longer than any object can be")
         }
         let rounded = (length + pageSize - 1) / pageSize * pageSize
-        do {
+        // Mapped first (a mapping may reach past the end), then sized: another process that
+        // finds the size without the lock (`mapAnonymous`) only ever finds a final one. One that
+        // cannot be mapped leaves the object as it was.
+        let mapping = try mapSystem(length: rounded, offset: 0, writable: writable)
+        do throws(Errno) {
             try handle.system.truncate(to: rounded)
         } catch {
-            throw PatchbayError(error, "cannot size the object to \(rounded) bytes")
+            throw PatchbayError(error, "cannot size the object to \(rounded) bytes")  // (unmapped as it goes)
         }
-        do {
-            let mapping = try mapSystem(length: rounded, offset: 0, writable: writable)
-            confinement?.sized(rounded)
-            return mapping
-        } catch {
-            try? handle.system.truncate(to: 0)
-            throw error
-        }
+        confinement?.sized(rounded)
+        return mapping
     }
 
     private func laterMappingLength(size: Int, length: Int?, offset: Int) throws(PatchbayError) -> Int {
