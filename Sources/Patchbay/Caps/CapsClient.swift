@@ -833,16 +833,7 @@ public final class CapsClient: @unchecked Sendable {
             if callsInFlight > 0, channel.hasEntries(.reply) { try setAsideCallReplies() }
             if !keptReplies.isEmpty, let kept = nextKeptReply(room: room, deliver, failed: refusal) { return kept }
         }
-        if channel.isCutOff {
-            guard let closed = try closedReply() else { return nil }
-            if servingKept && closed.madeByCall {
-                // A call's, made up for the cut-off: that call's to report.
-                setAside(closed, UnsafeRawBufferPointer(start: nil, count: 0))
-                wakeCallers()
-                return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
-            }
-            return refusal(closed)
-        }
+        if channel.isCutOff { return try nextMadeUpReply(room: room, servingKept: servingKept, deliver, failed: refusal) }
         // The common reply in one pass: nothing attached, inline or in the arena, to a request of
         // this port's that was not aborted. Anything else goes the general way below.
         if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),
@@ -913,14 +904,19 @@ public final class CapsClient: @unchecked Sendable {
         }
         // The service may have replied just before going away: those replies come first.
         if channel.serviceClosed && !channel.isCutOff && channel.hasEntries(.reply) { return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal) }
+        return try nextMadeUpReply(room: room, servingKept: servingKept, deliver, failed: refusal)
+    }
+
+    /// The next reply made up for a request the service will not answer (it went away, or was
+    /// cut off), shown to `refusal`; one to another thread's call is that call's to report, and
+    /// is set aside for it when a reader other than `call` comes to it (`servingKept`).
+    private func nextMadeUpReply<R>(room: Int?, servingKept: Bool, _ deliver: (CapsReply, UnsafeRawBufferPointer) -> R,
+                                    failed refusal: (CapsReply) -> R) throws(PatchbayError) -> R? {
         guard let closed = try closedReply() else { return nil }
-        if servingKept && closed.madeByCall {
-            // A call's request the service went away without answering: that call's to report.
-            setAside(closed, UnsafeRawBufferPointer(start: nil, count: 0))
-            wakeCallers()
-            return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
-        }
-        return refusal(closed)
+        guard servingKept && closed.madeByCall else { return refusal(closed) }
+        setAside(closed, UnsafeRawBufferPointer(start: nil, count: 0))
+        wakeCallers()
+        return try nextReply(room: room, servingKept: servingKept, deliver, failed: refusal)
     }
 
     /// Consumes a reply entry: frees the request's space (`request`: its record, looked up once).

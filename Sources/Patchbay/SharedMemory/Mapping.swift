@@ -63,16 +63,12 @@ extension SharedMemory {
             guard size > 0 else {
                 throw PatchbayError(.permissionDenied, "the object has no size yet and a read-only handle cannot fix it")
             }
-            return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                 writable: writable)
+            return try laterMapping(size: size, length: length, offset: offset, writable: writable)
         }
         if confinement != nil, let mapping = try anonymousSizingLock.locked({ () throws(PatchbayError) -> Mapping? in
             // Only this process holds it: the size is the one it set, and nobody can race.
             guard let size = confinement?.confinedSize else { return nil }
-            if size > 0 {
-                return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                     writable: writable)
-            }
+            if size > 0 { return try laterMapping(size: size, length: length, offset: offset, writable: writable) }
             return try firstMapping(length: length, offset: offset, writable: writable)
         }) {
             return mapping
@@ -80,10 +76,7 @@ extension SharedMemory {
         // Sized already: there is nothing to decide, and so no lock to wait for (another process
         // holding one, a reader's lock for instance, cannot hold this mapping up).
         let size = try self.size
-        if size > 0 {
-            return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                 writable: writable)
-        }
+        if size > 0 { return try laterMapping(size: size, length: length, offset: offset, writable: writable) }
         return try mapUnderLock(length: length, offset: offset, writable: writable)
     }
 
@@ -108,19 +101,13 @@ extension SharedMemory {
                 guard locked else { return nil }
                 defer { handle.system.unlockFile() }
                 let size = try self.size
-                if size > 0 {
-                    return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                         writable: writable)
-                }
+                if size > 0 { return try laterMapping(size: size, length: length, offset: offset, writable: writable) }
                 return try firstMapping(length: length, offset: offset, writable: writable)
             }) {
                 return mapping
             }
             let size = try self.size
-            if size > 0 {
-                return try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset,
-                                     writable: writable)
-            }
+            if size > 0 { return try laterMapping(size: size, length: length, offset: offset, writable: writable) }
             guard monotonicNanoseconds() < deadline else {
                 throw PatchbayError(.resourceTemporarilyUnavailable,
                                     "another process has held the object's lock for 2 s without sizing it; its first mapping cannot be decided now")
@@ -154,6 +141,11 @@ extension SharedMemory {
         }
         confinement?.sized(rounded)
         return mapping
+    }
+
+    /// A mapping of an object that has its size already: within it.
+    private func laterMapping(size: Int, length: Int?, offset: Int, writable: Bool) throws(PatchbayError) -> Mapping {
+        try mapSystem(length: laterMappingLength(size: size, length: length, offset: offset), offset: offset, writable: writable)
     }
 
     private func laterMappingLength(size: Int, length: Int?, offset: Int) throws(PatchbayError) -> Int {
