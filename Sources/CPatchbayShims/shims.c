@@ -18,7 +18,10 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
+#include <linux/magic.h>
 #include <sys/wait.h>
 #include <sched.h>
 #include <time.h>
@@ -324,6 +327,152 @@ int pb_queue_holds_no_descriptors(int socket, int limit) {
         if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
     }
     return 0;
+}
+
+// What `pb_empty_and_close` does with a descriptor it took out of a queue.
+enum { PB_HAND_ON, PB_CLOSE_NOW, PB_EMPTY_FIRST };
+
+// Whether the last close of `fd` is made without waiting: files of kinds and filesystems that have
+// no flush to a server or device to drain (sockets once their lingering is turned off), local
+// sockets to be emptied first, and anything else (a FUSE or NFS file, a terminal) handed on.
+static int pb_disposal(int fd) {
+    struct stat info;
+    if (fstat(fd, &info) != 0) return PB_HAND_ON;
+    if (S_ISSOCK(info.st_mode)) {
+        int domain = 0;
+        socklen_t length = sizeof domain;
+        if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) != 0) return PB_HAND_ON;
+        if (domain == AF_UNIX) return PB_EMPTY_FIRST;
+        struct linger now = { .l_onoff = 0, .l_linger = 0 };
+        return setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now) == 0 ? PB_CLOSE_NOW : PB_HAND_ON;
+    }
+    if (S_ISCHR(info.st_mode)) return major(info.st_rdev) == 1 ? PB_CLOSE_NOW : PB_HAND_ON;  // null, zero, random...
+    if (S_ISBLK(info.st_mode)) return PB_HAND_ON;
+    struct statfs where;
+    if (fstatfs(fd, &where) != 0) return PB_HAND_ON;
+    switch ((unsigned long)where.f_type) {
+    case PIPEFS_MAGIC: case ANON_INODE_FS_MAGIC: case TMPFS_MAGIC: case HUGETLBFS_MAGIC:
+    case PROC_SUPER_MAGIC: case SYSFS_MAGIC: case EXT4_SUPER_MAGIC: case XFS_SUPER_MAGIC:
+    case BTRFS_SUPER_MAGIC: case CGROUP2_SUPER_MAGIC: case NSFS_MAGIC: case 0x50494446 /* pidfs */:
+    case OVERLAYFS_SUPER_MAGIC:
+        return PB_CLOSE_NOW;
+    default:
+        return PB_HAND_ON;
+    }
+}
+
+int pb_empty_and_close(int socket, int budget, int *left, int left_capacity) {
+    if (budget < 0 || left_capacity < budget + PB_MAX_RECV_FDS + 1) { errno = EINVAL; return -1; }
+    // Every descriptor this takes counts against `budget`, so the stack holds at most that many
+    // and one message's worth past it.
+    int *stack = malloc(sizeof(int) * (size_t)(budget + PB_MAX_RECV_FDS + 1));
+    char *data = malloc(65536);
+    if (stack == NULL || data == NULL) {
+        free(stack);
+        free(data);
+        left[0] = socket;
+        return 1;
+    }
+    int top = 0, kept = 0, taken = 0;
+    stack[top++] = socket;
+    while (top > 0) {
+        int fd = stack[--top];
+        int on = 1, emptied = 0;
+        // Nothing can be queued from now on (a sender sees this end shut for reading); every message
+        // comes with credentials, so one of 0 bytes is told from the end.
+        if (taken < budget && shutdown(fd, SHUT_RD) == 0 &&
+            setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) == 0) {
+            int listening = 0;
+            socklen_t length = sizeof listening;
+            if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening) {
+                // A listener's queue holds connections, each with a queue of its own.
+                int connection;
+                while (taken < budget && (connection = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >= 0) {
+                    taken++;
+                    stack[top++] = connection;
+                }
+                // Shut for reading, an empty listener's accept says EINVAL at once (it never waits).
+                emptied = taken < budget && (errno == EINVAL || errno == EAGAIN || errno == EWOULDBLOCK);
+            } else {
+                int type = 0;
+                length = sizeof type;
+                (void)getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length);
+                for (int messages = 0; messages < 1024; messages++) {
+                    if (taken >= budget) {
+                        // Nothing more is taken: empty only if nothing is left (a peek, without
+                        // room for descriptors, takes no copy of any).
+                        char byte;
+                        ssize_t n;
+                        int flags = 0;
+                        do {
+                            struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+                            struct msghdr msg;
+                            memset(&msg, 0, sizeof msg);
+                            msg.msg_iov = &iov;
+                            msg.msg_iovlen = 1;
+                            n = recvmsg(fd, &msg, MSG_PEEK | MSG_DONTWAIT);
+                            flags = msg.msg_flags;
+                        } while (n < 0 && errno == EINTR);
+                        emptied = n < 0 ? (errno == EAGAIN || errno == EWOULDBLOCK)
+                                        : n == 0 && (type == SOCK_STREAM || (flags & MSG_CTRUNC) == 0);
+                        break;
+                    }
+                    struct iovec iov = { .iov_base = data, .iov_len = 65536 };
+                    union {
+                        char bytes[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
+                        struct cmsghdr align;
+                    } control;
+                    struct msghdr msg;
+                    memset(&msg, 0, sizeof msg);
+                    msg.msg_iov = &iov;
+                    msg.msg_iovlen = 1;
+                    msg.msg_control = control.bytes;
+                    msg.msg_controllen = sizeof control.bytes;
+                    ssize_t n;
+                    do {
+                        n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+                    } while (n < 0 && errno == EINTR);
+                    if (n < 0) {
+                        emptied = errno == EAGAIN || errno == EWOULDBLOCK;
+                        break;
+                    }
+                    int message = 0;
+                    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+                        if (cmsg->cmsg_level != SOL_SOCKET) continue;
+                        if (cmsg->cmsg_type == SCM_CREDENTIALS) message = 1;
+                        if (cmsg->cmsg_type != SCM_RIGHTS) continue;
+                        message = 1;
+                        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                        int *incoming = (int *)CMSG_DATA(cmsg);
+                        for (size_t i = 0; i < count; i++) {
+                            int received;
+                            memcpy(&received, incoming + i, sizeof received);
+                            taken++;
+                            switch (pb_disposal(received)) {
+                            case PB_CLOSE_NOW: close(received); break;
+                            case PB_EMPTY_FIRST: stack[top++] = received; break;
+                            default: left[kept++] = received; break;
+                            }
+                        }
+                    }
+                    // The end: the peer is gone and nothing is queued. (A stream's read of 0 bytes
+                    // comes with credentials too; a message of 0 bytes is a datagram's.)
+                    if (n == 0 && (!message || type == SOCK_STREAM)) {
+                        emptied = 1;
+                        break;
+                    }
+                }
+            }
+        }
+        if (emptied) {
+            close(fd);
+        } else {
+            left[kept++] = fd;
+        }
+    }
+    free(stack);
+    free(data);
+    return kept;
 }
 
 int pb_msg_trunc(void) { return MSG_TRUNC; }

@@ -22,9 +22,10 @@ import CPatchbayShims
 /// descriptor of its own. It ends after 2 s without work.
 package final class ClosingThreads: Sendable {
 
-    /// One owner's descriptors to close. Kept once made (one per owner that ever handed one over).
-    private final class Queue: @unchecked Sendable {  // the word is touched through atomics and futexes only
-        let pending = Mutex<[CInt]>([])
+    /// Work for one thread: one owner's descriptors to close (kept once made, one per owner that
+    /// ever handed one over), or the refused sockets to be emptied, with their owners.
+    private final class Queue<Item: Sendable>: @unchecked Sendable {  // the word is touched through atomics and futexes only
+        let pending = Mutex<[Item]>([])
         /// Queued plus being closed.
         let outstanding = Atomic<Int>(0)
         /// Whether a thread serves this queue.
@@ -38,17 +39,24 @@ package final class ClosingThreads: Sendable {
         }
     }
 
-    private let queues = Mutex<[UInt64: Queue]>([:])
+    private let queues = Mutex<[UInt64: Queue<CInt>]>([:])
+    /// Refused sockets holding descriptors, to be emptied (`closeRefused`), and their owners.
+    private let refused = Queue<(fd: CInt, owner: UInt64)>()
+    /// How many descriptors the emptying of one refused socket takes out at most: past that, the
+    /// rest waits for its owner's closing thread. Anyone who wants one of their refused sockets
+    /// to wait there thus puts more than this many descriptors in flight for it, of the kernel's
+    /// limit on a user's (its `RLIMIT_NOFILE`).
+    package static let emptyingBudget: CInt = 1024
     /// How long an owner's thread waits for more work before it ends.
     private static let idleNanoseconds: Int64 = 2_000_000_000
 
     /// (Opens `/dev/null` for `closeLast` now, with the owner's other descriptors, not at a first close.)
     package init() { _ = Self.nothing }
 
-    private func queue(of owner: UInt64) -> Queue {
+    private func queue(of owner: UInt64) -> Queue<CInt> {
         queues.withLock { queues in
             if let queue = queues[owner] { return queue }
-            let queue = Queue()
+            let queue = Queue<CInt>()
             queues[owner] = queue
             return queue
         }
@@ -63,10 +71,18 @@ package final class ClosingThreads: Sendable {
     package func close(raw: CInt, of owner: UInt64) {
         let queue = queue(of: owner)
         queue.outstanding.add(1, ordering: .relaxed)
-        queue.pending.withLock { $0.append(raw) }
+        enqueue(raw, on: queue) { fd in
+            closeHandedOver(fd)
+            queue.outstanding.subtract(1, ordering: .relaxed)
+        }
+    }
+
+    /// Puts `item` on `queue` and wakes its thread, or starts one that runs `handle` on each item.
+    private func enqueue<Item>(_ item: Item, on queue: Queue<Item>, _ handle: @escaping @Sendable (Item) -> Void) {
+        queue.pending.withLock { $0.append(item) }
         SharedWord.increment(queue.wakeup)
         if queue.running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
-            startThread { [self] in run(queue) }
+            startThread { [self] in run(queue, handle) }
         } else {
             Futex.wake(queue.wakeup)
         }
@@ -75,14 +91,36 @@ package final class ClosingThreads: Sendable {
     /// Closes `fd`, a local socket this code owns and never read from (a connection refused at
     /// once), that a peer may have queued descriptors in: here and now when its queue holds none
     /// and can take none (`pb_queue_holds_no_descriptors`: shut for reading, then walked), else on
-    /// `owner`'s closing thread. A refused connection with nothing queued is thus not left
-    /// waiting behind `owner`'s closes (which `owner` may have made wait); one with descriptors
-    /// queued is, and holds a descriptor here until then.
+    /// the emptying thread, shared by every owner: it takes out what is queued and closes what
+    /// it took where that cannot wait (a TCP socket's lingering turned off first; local sockets
+    /// among it emptied the same way), up to `emptyingBudget` descriptors
+    /// (`pb_empty_and_close`). What is left (a socket past the budget, a file whose close may
+    /// wait on a server) goes to `owner`'s closing thread. A refused connection is thus not left
+    /// waiting behind `owner`'s closes, which `owner` may have made wait, unless it carries more
+    /// than the budget; it counts against `owner` (`outstanding`) until it is closed.
     package func closeRefused(_ fd: CInt, of owner: UInt64) {
         if pb_queue_holds_no_descriptors(fd, 16) == 1 {
             Glibc.close(fd)
-        } else {
-            close(raw: fd, of: owner)
+            return
+        }
+        queue(of: owner).outstanding.add(1, ordering: .relaxed)
+        enqueue((fd, owner), on: refused) { [self] item in
+            for fd in Self.emptyAndClose(item.fd) { close(raw: fd, of: item.owner) }
+            queue(of: item.owner).outstanding.subtract(1, ordering: .relaxed)
+        }
+    }
+
+    /// `pb_empty_and_close` of `fd`: what it left open.
+    package static func emptyAndClose(_ fd: CInt) -> [CInt] {
+        let capacity = Int(emptyingBudget) + 254
+        return [CInt](unsafeUninitializedCapacity: capacity) { buffer, count in
+            let left = pb_empty_and_close(fd, emptyingBudget, buffer.baseAddress, CInt(capacity))
+            if left < 0 {
+                buffer[0] = fd
+                count = 1
+            } else {
+                count = Int(left)
+            }
         }
     }
 
@@ -118,17 +156,14 @@ package final class ClosingThreads: Sendable {
         }
     }
 
-    private func run(_ queue: Queue) {
+    private func run<Item>(_ queue: Queue<Item>, _ handle: (Item) -> Void) {
         while true {
             let seen = SharedWord.load(queue.wakeup)
-            let batch = queue.pending.withLock { pending -> [CInt] in
+            let batch = queue.pending.withLock { pending -> [Item] in
                 defer { pending.removeAll(keepingCapacity: true) }
                 return pending
             }
-            for fd in batch {
-                closeHandedOver(fd)
-                queue.outstanding.subtract(1, ordering: .relaxed)
-            }
+            for item in batch { handle(item) }
             if !batch.isEmpty { continue }
             do {
                 try Futex.wait(queue.wakeup, expected: seen, timeoutNanoseconds: Self.idleNanoseconds)

@@ -59,6 +59,11 @@
 //                             then connects once more with a frame holding a lingering TCP socket
 //                             queued before the broker reads it; prints "refused ERRNO with it
 //                             queued", then waits for EOF
+//   refused-behind-lingering PORT N
+//                             wedges its closing thread in the broker, fills its share, then makes N
+//                             connections refused with descriptors queued in each (every tenth a
+//                             local socket holding a lingering TCP socket); prints "refused R with
+//                             descriptors queued (W a lingering socket), of N", then waits for EOF
 //   adopt-lingering PORT      asks the broker to adopt a socket pair's end holding a lingering TCP
 //                             socket; prints "refused ERRNO" or "adopted"
 //   net-accept-left-behind NAME
@@ -762,6 +767,84 @@ func admitLingering(port: UInt16) throws(PatchbayError) {
     wedge.disarm()
     say("could not queue it before the refusal")
     waitForEndOfInput()
+}
+
+/// Wedges this uid's closing thread in the broker (as `floodConnectionsBehindLingering` does), fills
+/// its share with connections, then makes `connections` more, each with a frame queued before the
+/// broker can refuse it: one carrying /dev/null and a pipe's end, every tenth a local socket
+/// holding a lingering TCP socket (to `port`) instead, this side's copies closed. Says "refused R
+/// with descriptors queued (W a lingering socket), of N" once the broker has refused each, then
+/// waits for its input to end, the admitted connections kept open.
+func refusedBehindLingering(port: UInt16, connections: Int) throws(PatchbayError) {
+    let path = try brokerSocketPath()
+    let wedging = try connectSeqpacket(to: path)
+    let wedgeFrame = Request.keys(.share(expiry: .after(nanoseconds: 100_000_000), restriction: nil)).encode(requestID: 1)
+    var blocking = false
+    for _ in 0..<20 where !blocking {
+        blocking = try handOverWedge(port: port, seconds: 30) { (wrapper) throws(PatchbayError) in
+            guard sendFrame(wedging.rawValue, wedgeFrame, [wrapper]) == wedgeFrame.count else {
+                throw PatchbayError(Errno.current, "sendmsg")
+            }
+        }
+    }
+    guard blocking else {
+        say("could not leave the broker the last copy")
+        return
+    }
+    let observer = try Broker()
+    let expired = monotonicNanoseconds() + 5_000_000_000
+    while (try? observer.status().keys) ?? 0 > 0, monotonicNanoseconds() < expired { usleep(5_000) }
+    var kept: [CInt] = []
+    var answer = [UInt8](repeating: 0, count: 4096)
+    /// Whether the broker's first answer on `fd` is a refusal.
+    func refused(_ fd: CInt) -> Bool {
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let length = answer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        guard length > 0, let frame = try? Frame.decode(answer[0..<length]) else { return false }
+        return frame.kind == .error
+    }
+    let status = Request.status.encode(requestID: 2)
+    while kept.count < 10_000 {
+        let connection = try connectSeqpacket(to: path)
+        _ = sendFrame(connection.rawValue, status, [])
+        if refused(connection.rawValue) { break }
+        kept.append(dup(connection.rawValue))
+    }
+    let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+    defer { close(null) }
+    let pipe: PatchbaySystem.Pipe
+    do { pipe = try PatchbaySystem.Pipe() } catch { throw PatchbayError(error, "pipe") }
+    var count = 0, wrapped = 0
+    for index in 0..<connections {
+        let wrapping = index % 10 == 9
+        var sent = false
+        var connection: CInt = -1
+        if wrapping {
+            // Made before the connection (it takes a while): the broker refuses a connection at
+            // once, and a send after that fails. Tried on new connections until one takes it.
+            let wedge = try LastCopyWrapper(port: port, seconds: 60)
+            for _ in 0..<100 where !sent {
+                close(connection)
+                let made = try connectSeqpacket(to: path)
+                connection = dup(made.rawValue)
+                sent = sendFrame(connection, status, [wedge.wrapper]) == status.count
+            }
+            if sent { wedge.handedOver() } else { wedge.disarm() }
+        } else {
+            let made = try connectSeqpacket(to: path)
+            connection = dup(made.rawValue)
+            sent = sendFrame(connection, status, [null, pipe.readEnd.rawValue]) == status.count
+        }
+        defer { close(connection) }
+        if sent && refused(connection) {
+            count += 1
+            if wrapping { wrapped += 1 }
+        }
+    }
+    say("refused \(count) with descriptors queued (\(wrapped) a lingering socket), of \(connections)")
+    waitForEndOfInput()
+    for fd in kept { close(fd) }
 }
 
 /// Asks the broker to adopt, as a listener, a local socket that is none: one end of a pair whose
@@ -1780,6 +1863,8 @@ func main() -> CInt {
             try floodConnectionsBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
         case "admit-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try admitLingering(port: UInt16(arguments[1])!)
+        case "refused-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
+            try refusedBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
         case "adopt-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try adoptLingering(port: UInt16(arguments[1])!)
         case "flood-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:

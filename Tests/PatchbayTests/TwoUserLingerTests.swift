@@ -577,6 +577,36 @@ struct TwoUserLingerTests {
         withExtendedLifetime(broker) {}
     }
 
+    @Test("nobody's closing thread stuck, then 200 connections past its share, each with descriptors queued before the broker reads it (every tenth a local socket holding a lingering TCP socket): each is emptied and closed at once, not held behind the stuck close; root is served")
+    func refusedConnectionsAreNotHeldBehindAStuckClose() throws {
+        // RLIMIT_NOFILE 2048: nobody's share is a few hundred; 200 refused connections held behind
+        // its stuck close (30 s) would be 200 more.
+        let broker = try TestBroker(["--system"], descriptorLimit: 2048)
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        let baseline = try broker.descriptorCount()
+        let attacker = try nobodyPeer(["refused-behind-lingering", "\(listener.port)", "200"], broker)
+        defer { attacker.closeInput() }
+        let said = try attacker.readLine() ?? ""
+        let refused = Int(said.dropFirst("refused ".count).prefix { $0.isNumber }) ?? 0
+        let wrapped = Int(said.split(separator: "(").last?.prefix { $0.isNumber } ?? "") ?? 0
+        #expect(said.hasPrefix("refused ") && said.hasSuffix(" a lingering socket), of 200") && refused >= 100 && wrapped >= 5, "\(said)")
+        // nobody's admitted connections, its wedged key's socket, and a few in passing: not the
+        // refused ones, which the emptying thread closes in well under the 30 s the wedge lasts.
+        let share = (2048 - 64 - 256) * 3 / 4 / 4
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        var held = try broker.descriptorCount() - baseline
+        while held > share + 16, monotonicNanoseconds() < deadline {
+            usleep(10_000)
+            held = try broker.descriptorCount() - baseline
+        }
+        #expect(held <= share + 16, "the broker holds \(held) more descriptors; nobody's share is \(share)")
+        #expect(try finishes { _ = try? root.status() }, "the broker's loop is stuck")
+        listener.close()
+        withExtendedLifetime(broker) {}
+    }
+
     @Test("nobody holds a read lock on root's shared anonymous object: root's first mapping gives up (EAGAIN) instead of waiting for ever, and once sized it maps at once")
     func heldLockDoesNotHangMapping() throws {
         let broker = try TestBroker(["--system"])

@@ -91,6 +91,17 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
 /// descriptors seen are peeked copies, closed here.
 int pb_queue_holds_no_descriptors(int socket, int limit);
 
+/// Closes the local socket `socket` (which this process owns and never reads from again) so that
+/// no close here waits on a file a peer chose: the socket is shut for reading, then everything
+/// queued in it is taken out, and each descriptor that came with it closed at once if its last
+/// close cannot wait (a socket with lingering turned off; a pipe, memfd, eventfd or file on a
+/// local filesystem; /dev/null and its kin), and local sockets among them emptied the same way
+/// (a listener's pending connections too). At most `budget` descriptors are taken in all. What
+/// could not be closed so (a socket not emptied within the budget, a file on FUSE or NFS, a
+/// terminal) is left open in `left` (at least `budget` + 254 entries): the return is their number,
+/// for the caller to close where a wait holds up no one else; -1 (EINVAL) for a short `left`.
+int pb_empty_and_close(int socket, int budget, int *left, int left_capacity);
+
 /// sendmsg(2) of one buffer with up to 253 descriptors (the kernel's most) in one SCM_RIGHTS
 /// message, MSG_NOSIGNAL; `pb_send_with_fds` is this for at most 16, the protocol's most.
 ssize_t pb_send_rights(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait);
