@@ -1195,6 +1195,51 @@ struct CapsTests {
         service.cancelWait()
     }
 
+    @Test("a call that gives up waiting (cancelled): its reply, when it comes, is disposed of unread, not kept; the next call gets its own")
+    func abandonedCallsReplyIsDisposedOf() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "abandoned", access: [.world])
+        let port = try CapsClient(client, name: "abandoned")
+        let outcome = Mutex<Errno?>(nil)
+        let done = try Pipe()
+        let signal = done.writeEnd.rawValue
+        startThread {
+            do throws(PatchbayError) { _ = try port.call(Array("slow".utf8)) } catch { outcome.withLock { $0 = error.errno } }
+            var byte: UInt8 = 1
+            _ = Glibc.write(signal, &byte, 1)
+        }
+        // The service has the request; the call, waiting for its reply, gives up.
+        var slow: UInt64 = 0
+        while slow == 0 {
+            try service.receive { (message: CapsServiceMessage, _: UnsafeRawBufferPointer) in
+                if message.kind == .request { slow = message.messageID }
+            }
+        }
+        port.cancelWait()
+        var byte: UInt8 = 0
+        _ = try withUnsafeMutableBytes(of: &byte) { raw in
+            Result { () throws(Errno) -> Int in try done.readEnd.read(into: raw) }
+        }.get()
+        #expect(outcome.withLock { $0 } == .canceled)
+        #expect(port.requestsInFlight == 1, "the request stays in flight until its reply comes")
+        try service.reply(to: slow, Array("late".utf8))
+        startThread {
+            var answered = false
+            while !answered {
+                try? service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                    guard message.kind == .request else { return }
+                    try? service.reply(to: message.messageID, Array("re:".utf8) + Array(payload))
+                    answered = true
+                }
+            }
+        }
+        // The next call meets the late reply first on the ring: disposed of, not kept for anyone.
+        #expect(try port.call(Array("next".utf8)) == Array("re:next".utf8))
+        #expect(port.repliesKeptForCalls == 0, "the abandoned call's reply was kept, for no one")
+        #expect(port.requestsInFlight == 0)
+    }
+
     @Test("waitForService connects as soon as the service registers")
     func waitForService() throws {
         let broker = try TestBroker()

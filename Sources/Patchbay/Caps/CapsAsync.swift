@@ -93,7 +93,8 @@ extension CapsService {
 
 extension CapsClient {
     /// Sends `bytes` and waits for the reply without blocking a Swift concurrency thread.
-    /// Cancelling the task cancels the wait (`ECANCELED`); the request stays in flight.
+    /// Cancelling the task cancels the wait (`ECANCELED`); the request stays in flight until its
+    /// reply comes, which is then disposed of unread.
     /// (`maxReplyLength`: as in the blocking `call(_:maxReplyLength:)`; nil: no limit.)
     public func call(_ bytes: [UInt8], maxReplyLength: Int? = nil) async throws(PatchbayError) -> [UInt8] {
         // One queue per port: concurrent calls take turns, so each reads its own reply.

@@ -111,6 +111,11 @@ public final class CapsClient: @unchecked Sendable {
     private static let abortedAtService: UInt32 = 1
     /// Made by `call`, whose thread waits for the reply (its limit in `replyLimit`).
     private static let madeByCall: UInt32 = 2
+    /// Made by a `call` that gave up waiting (cancelled): its reply is disposed of unread when it
+    /// comes, by whichever reader meets it.
+    private static let abandonedByCall: UInt32 = 4
+    /// Requests whose reply is disposed of unread.
+    private static let unread: UInt32 = abortedAtService | abandonedByCall
     /// Replies to `put`s that a `call` read on its way to its own: shown first to `get`, `wait`
     /// and `waitReply`, in the order they came, with their bytes copied, `keptReplyBytes` in all.
     @exclusivity(unchecked) private var keptReplies: [(reply: CapsReply, bytes: [UInt8])] = []
@@ -545,9 +550,31 @@ public final class CapsClient: @unchecked Sendable {
             if stashedForOthers { wakeCallers() }
             if let mine { return try mine.get() }
             if stashEpoch.load(ordering: .acquiring) != epoch { continue }
-            try sleepUntilReply(orUntilEpochChanges: epoch)
+            do {
+                try sleepUntilReply(orUntilEpochChanges: epoch)
+            } catch {
+                abandon(id)
+                throw error
+            }
         }
     }
+
+    /// A `call` gives up waiting for the reply to `id`: one already set aside for it is dropped,
+    /// one still to come will be disposed of unread, as an aborted request's is (`nextReply`), and
+    /// none is made up for it if the service goes (`closedReply`). The request stays in flight
+    /// until then.
+    private func abandon(_ id: UInt64) {
+        core.lock.locked {
+            if otherCallsKept > 0, otherCalls.removeValue(forKey: id) != nil {
+                otherCallsKept -= 1
+            } else if let request = requests.find(id) {
+                requests.setState(id, request.state | Self.abandonedByCall)
+            }
+        }
+    }
+
+    /// Replies set aside for calls and not yet taken by them. For tests.
+    package var repliesKeptForCalls: Int { core.lock.locked { otherCallsKept } }
 
     /// The error a reply stands for, if any: an error reply, or the 0-byte reply made up when the
     /// service went away before answering.
@@ -838,7 +865,7 @@ public final class CapsClient: @unchecked Sendable {
         // this port's that was not aborted. Anything else goes the general way below.
         if let entry = channel.entryAtHead(.reply), let bytes = channel.plainPayload(entry, .reply, arena: channel.replyArena),
            room.map({ $0 >= entry.length }) ?? true,
-           let request = requests.find(entry.messageID), request.state & Self.abortedAtService == 0 {
+           let request = requests.find(entry.messageID), request.state & Self.unread == 0 {
             let result = deliver(CapsReply(messageID: entry.messageID, length: entry.length, consumed: true, serviceClosed: false,
                                            descriptors: nil), bytes)
             finish(entry.messageID, request, dispose: true)
@@ -846,7 +873,7 @@ public final class CapsClient: @unchecked Sendable {
         }
         while let (entry, _) = channel.peek(.reply) {
             let request = requests.find(entry.messageID)
-            if entry.kind == .discardedReply || (request.map { $0.state & Self.abortedAtService != 0 } ?? false) {
+            if entry.kind == .discardedReply || (request.map { $0.state & Self.unread != 0 } ?? false) {
                 core.stash.discard(entry, from: direct.rawValue, peer: servicePeer)
                 finish(entry.messageID, request, dispose: entry.kind != .discardedReply)
                 continue
@@ -942,8 +969,14 @@ public final class CapsClient: @unchecked Sendable {
     private func closedReply() throws(PatchbayError) -> CapsReply? {
         guard channel.serviceClosed else { return nil }
         if closedReplies == nil {
+            // Calls that gave up waiting get none: their requests go now.
+            for abandoned in requests.all() where abandoned.state & Self.abandonedByCall != 0 {
+                requests.remove(abandoned.id)
+                if abandoned.offset >= 0 { allocator.release(offset: abandoned.offset, length: abandoned.length) }
+                callsInFlight -= 1
+            }
             // In the order they were put: message ids grow with the sequence.
-            closedReplies = requests.all().filter { $0.state & Self.abortedAtService == 0 }.map(\.id).sorted()
+            closedReplies = requests.all().filter { $0.state & Self.unread == 0 }.map(\.id).sorted()
         }
         guard let messageID = closedReplies?.first else {
             throw PatchbayError(.socketNotConnected, goneReason)
