@@ -59,6 +59,9 @@
 //                             then connects once more with a frame holding a lingering TCP socket
 //                             queued before the broker reads it; prints "refused ERRNO with it
 //                             queued", then waits for EOF
+//   caps-open-with-full-table NAME client|service SPARE
+//                             fills its descriptor table but SPARE, opens a CAPS port; prints the errno (or
+//                             "opened"), then "opened on retry" (or "retry ERRNO") once it has room
 //   refused-behind-lingering PORT N
 //                             wedges its closing thread in the broker, fills its share, then makes N
 //                             connections refused with descriptors queued in each (every tenth a
@@ -1032,6 +1035,46 @@ func capsWedgeAndChurn(_ name: String, port: UInt16, count: Int) throws(Patchbay
     waitForEndOfInput()
 }
 
+/// Fills this process's descriptor table but for `spare` descriptors (soft limit 64, its broker
+/// connection made first), then opens a CAPS port (`side`: "client" of service `name`, or "service" registering it): says the
+/// errno it got, or "opened"; then, with room again, tries once more and says "opened on retry" or
+/// "retry ERRNO".
+func capsOpenWithFullTable(_ name: String, side: String, spare: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    _ = try broker.status()
+    var current = rlimit()
+    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
+    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
+    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+    var fillers: [CInt] = []
+    while true {
+        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { break }
+        fillers.append(fd)
+    }
+    for _ in 0..<spare { if let fd = fillers.popLast() { close(fd) } }
+    func openPort() throws(PatchbayError) {
+        if side == "client" {
+            _ = try CapsClient(broker, name: name, access: [.world])
+        } else {
+            _ = try CapsService(broker, name: name, access: [.world])
+        }
+    }
+    do {
+        try openPort()
+        say("opened")
+    } catch {
+        say(error.errno.name)
+    }
+    for fd in fillers { close(fd) }
+    do {
+        try openPort()
+        say("opened on retry")
+    } catch {
+        say("retry " + error.errno.name)
+    }
+}
+
 /// Registers a world service `name`, then fills this process's descriptor table (soft limit 256)
 /// so that no new client's descriptors can arrive; says "full", then serves until input ends.
 func capsServeFull(_ name: String) throws(PatchbayError) {
@@ -1875,6 +1918,8 @@ func main() -> CInt {
             try capsWedgeAndFlood(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
         case "caps-wedge-and-churn" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsWedgeAndChurn(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
+        case "caps-open-with-full-table" where arguments.count == 4 && ["client", "service"].contains(arguments[2]) && Int(arguments[3]) != nil:
+            try capsOpenWithFullTable(arguments[1], side: arguments[2], spare: Int(arguments[3])!)
         case "caps-serve-full" where arguments.count == 2:
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:

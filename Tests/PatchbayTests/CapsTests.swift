@@ -1240,6 +1240,23 @@ struct CapsTests {
         #expect(port.requestsInFlight == 0)
     }
 
+    @Test("a CAPS port opened with too few free descriptors for what the broker sends (0 to 7 spare): EMFILE, never EPROTO, and nothing left behind: the same port opens once there is room",
+          arguments: ["client", "service"])
+    func portOpenedWithoutRoomIsEMFILE(_ side: String) throws {
+        let broker = try TestBroker()
+        let service = try Child(patchbayCLI, ["caps", "serve", "roomy", "--allow", "world", "--echo"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        _ = try CapsClient(try broker.connect(), name: "roomy", waitForService: true)
+        for spare in 0..<8 {
+            let name = side == "client" ? "roomy" : "roomy.\(spare)"
+            let peer = try Child(testPeer, ["caps-open-with-full-table", name, side, "\(spare)"], environment: broker.environment)
+            let first = try peer.readLine() ?? ""
+            #expect(first == "EMFILE" || first == "opened", "\(spare) spare: \(first)")
+            #expect(try peer.readLine() == "opened on retry", "\(spare) spare")
+            #expect(try peer.wait() == .exited(0))
+        }
+    }
+
     @Test("waitForService connects as soon as the service registers")
     func waitForService() throws {
         let broker = try TestBroker()

@@ -16,7 +16,7 @@
  *     Every descriptor the library makes is close-on-exec. A call whose answer is a descriptor
  *     fails with -EMFILE when this process has no free one (pb_shm_open with O_CREAT checks for
  *     one first, so it creates nothing unless another thread takes it meanwhile; opening a CAPS
- *     port says -EPROTO then).
+ *     port, which receives up to five, says -EMFILE too, and the broker forgets the port).
  *   - A pb_broker is thread-safe: calls on it are serialised over its one connection, so a
  *     call that waits (a blocking pb_net_accept on a socket made through it) holds up the
  *     broker's other calls until it returns: give such a wait a pb_broker of its own. A CAPS

@@ -171,6 +171,9 @@ public final class CapsClient: @unchecked Sendable {
             if attempt?.isCancelled == true { throw PatchbayError(.canceled, "waiting for service \(name) was cancelled") }
             throw error
         }
+        guard !response.descriptorLost else {
+            throw PatchbayError(.tooManyOpenFiles, "no free descriptors in this process for the channel's five (its memory, status page, wake and direct sockets)")
+        }
         guard case .caps(.client(let channelID, _, let maximumInFlight, let arenaSize)) = response.reply, response.descriptors.count == 5,
               let memory = response.takeDescriptor(), let statusPage = response.takeDescriptor(),
               let serviceWake = response.takeDescriptor(), let clientWake = response.takeDescriptor(),

@@ -344,6 +344,9 @@ public final class CapsService: @unchecked Sendable {
         // Its closing is how the broker learns the service is gone: a fork child must not keep it.
         port.releaseInForkChildren()
         var response = try port.call(.caps(terms), descriptors: [statusPage])
+        guard !response.descriptorLost else {
+            throw PatchbayError(.tooManyOpenFiles, "no free descriptor in this process for the service's notice page")
+        }
         guard case .caps(.service(let serviceID, let generation)) = response.reply, let noticesPage = response.takeDescriptor() else {
             throw PatchbayError(.protocolError, "the broker's CAPS service reply is malformed")
         }
