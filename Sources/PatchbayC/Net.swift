@@ -3,10 +3,14 @@
 import CPatchbayABI
 import Glibc
 import Patchbay
+import Synchronization
 
 /// A `/net` socket as C holds it.
 final class SocketHandle {
     let socket: Socket
+    /// The data descriptor made non-blocking for `PB_NET_NONBLOCK` (-1: none yet), so that
+    /// `pb_net_data`, called before each send or receive, changes its flags only the first time.
+    let madeNonblocking = Atomic<CInt>(-1)
     init(_ socket: consuming Socket) { self.socket = socket }
 }
 
@@ -68,7 +72,10 @@ public func pb_net_data(_ socket: OpaquePointer?) -> CInt {
         }
         let fd = held.socket.dataDescriptor
         // PB_NET_NONBLOCK: C's data calls are the kernel's, on this descriptor.
-        if held.socket.nonblocking { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        if held.socket.nonblocking, held.madeNonblocking.load(ordering: .relaxed) != fd {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            held.madeNonblocking.store(fd, ordering: .relaxed)
+        }
         return fd
     }
 }
