@@ -77,13 +77,18 @@ public final class BrokerServer {
         // Writes to a vanished client must fail with EPIPE, never kill the broker.
         signal(SIGPIPE, SIG_IGN)
 
+        // What the service manager keeps for a restart (keys, uids' tmpfs roots), if it keeps any.
+        let keepWithServiceManager = getenv("NOTIFY_SOCKET") != nil
+            && (configuration.keepKeysWithServiceManager || ServiceManager.keepsDescriptors)
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         var store: SharedMemoryStore?
-        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode) { () throws(BrokerStartError) in
+        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode) { (keptOwnerRoots) throws(BrokerStartError) in
             // Every uid's objects on a tmpfs of its own, where the broker may mount: the system
             // broker, run as root.
             store = try SharedMemoryStore(path: configuration.sharedMemoryDirectory,
-                                          perOwnerStores: configuration.mode == .system && geteuid() == 0, logger: logger)
+                                          perOwnerStores: configuration.mode == .system && geteuid() == 0,
+                                          keptOwnerRoots: keptOwnerRoots, keepRootsWithServiceManager: keepWithServiceManager,
+                                          logger: logger)
         }
         guard let store else { preconditionFailure("the listener sets the store up before listening") }
         store.maximumObjectsPerUser = configuration.maximumSharedMemoryObjectsPerUser
@@ -124,7 +129,7 @@ public final class BrokerServer {
         keyTable.budget = budget
         // Keys kept by the service manager across a restart come back first; new ones go to its
         // store from now on.
-        let keepKeys = getenv("NOTIFY_SOCKET") != nil && (configuration.keepKeysWithServiceManager || ServiceManager.keepsDescriptors)
+        let keepKeys = keepWithServiceManager
         if keepKeys || !listener.inheritedKeyFiles.isEmpty {
             keyTable.fdStore = keepKeys ? KeyFDStore() : nil
             var restored = 0

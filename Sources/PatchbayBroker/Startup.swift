@@ -25,23 +25,37 @@ final class BrokerListener {
     /// Key files the service manager kept for this broker (`pbkey-` names), for the key table.
     var inheritedKeyFiles: [(name: String, file: CInt)] = []
 
+    /// The name under which the service manager keeps a uid's shared memory tmpfs (its root
+    /// directory, `SharedMemoryStore`): `pbshm-uid-<uid>`.
+    static let ownerRootPrefix = "pbshm-uid-"
+
     /// Prepares `path`'s directory, takes the path's lock, and listens there, or adopts the
     /// listening socket a service manager passed (`LISTEN_FDS`). `beforeListening` runs after the
     /// lock and before the socket exists, so whatever it sets up (the shared memory store) can
-    /// fail without leaving a socket behind.
-    init(path: String, mode: BrokerConfiguration.Mode, beforeListening: () throws(BrokerStartError) -> Void)
+    /// fail without leaving a socket behind; it is given the uids' tmpfs roots the service
+    /// manager kept (`pbshm-uid-` names), by uid.
+    init(path: String, mode: BrokerConfiguration.Mode,
+         beforeListening: (_ keptOwnerRoots: [UInt32: CInt]) throws(BrokerStartError) -> Void)
         throws(BrokerStartError)
     {
         self.path = path
-        var keyFiles: [(name: String, file: CInt)] = []
-        let inherited = try Self.inheritedListener(keyFiles: &keyFiles)
-        inheritedKeyFiles = keyFiles
+        var keptFiles: [(name: String, file: CInt)] = []
+        let inherited = try Self.inheritedListener(keptFiles: &keptFiles)
+        inheritedKeyFiles = keptFiles.filter { $0.name.hasPrefix(StoredKey.prefix) }
+        var ownerRoots: [UInt32: CInt] = [:]
+        for (name, fd) in keptFiles where name.hasPrefix(Self.ownerRootPrefix) {
+            if let uid = UInt32(name.dropFirst(Self.ownerRootPrefix.count)), ownerRoots[uid] == nil {
+                ownerRoots[uid] = fd
+            } else {
+                close(fd)
+            }
+        }
         if inherited == nil {
             try Self.prepareSocketDirectory(for: path, mode: mode)
         }
         // Under socket activation too: a broker started by hand on the same path must not steal it.
         pathLock = try Self.lockPath(path)
-        try beforeListening()
+        try beforeListening(ownerRoots)
         if let inherited {
             socket = inherited
             ownSocketFile = nil
@@ -71,8 +85,9 @@ final class BrokerListener {
     }
 
     /// What a service manager passed (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, from fd 3):
-    /// at most one listening socket, and key files it kept (`pbkey-` names, KeyFDStore.swift).
-    private static func inheritedListener(keyFiles: inout [(name: String, file: CInt)]) throws(BrokerStartError)
+    /// at most one listening socket, and files it kept: keys (`pbkey-` names, KeyFDStore.swift)
+    /// and uids' shared memory roots (`pbshm-uid-`).
+    private static func inheritedListener(keptFiles: inout [(name: String, file: CInt)]) throws(BrokerStartError)
         -> SeqpacketSocket?
     {
         guard let countText = getenv("LISTEN_FDS").map({ String(cString: $0) }),
@@ -87,9 +102,9 @@ final class BrokerListener {
         for index in 0..<count {
             let fd = CInt(3 + index)
             let name = index < names.count ? names[index] : ""
-            if name.hasPrefix(StoredKey.prefix) {
+            if name.hasPrefix(StoredKey.prefix) || name.hasPrefix(ownerRootPrefix) {
                 _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                keyFiles.append((name, fd))
+                keptFiles.append((name, fd))
             } else if listenerFD == nil {
                 listenerFD = fd
             } else {

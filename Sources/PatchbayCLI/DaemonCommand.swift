@@ -61,7 +61,7 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
     var claimAckTimeout = "10s"
 
-    @Flag(help: "Keep each key's file in the service manager's descriptor store ($NOTIFY_SOCKET, systemd's FileDescriptorStoreMax=), so keys survive a restart or a crash.")
+    @Flag(help: "Keep each key's file, and each uid's shared memory tmpfs (--system), in the service manager's descriptor store ($NOTIFY_SOCKET, systemd's FileDescriptorStoreMax=), so they survive a restart or a crash.")
     var fdStore = false
 
     @Option(help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")

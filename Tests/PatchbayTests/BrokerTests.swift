@@ -283,6 +283,78 @@ struct BrokerTests {
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try after.claim(claimedBefore) }
     }
 
+    @Test("named shared memory survives a crash of a system broker whose mount namespace goes with it (a unit's private one): each uid's tmpfs root is kept in the service manager's fd store and found through it",
+          .enabled(if: geteuid() == 0 && access("/usr/bin/unshare", X_OK) == 0, "needs root and unshare"))
+    func sharedMemoryInServiceManagerStore() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let path = directory + "/kept.sock"
+        let listener = try SeqpacketSocket()
+        try listener.bind(path: path)
+        try listener.listen(backlog: 16)
+        // This test plays the service manager, as in the keys' test above.
+        let manager = try UnixSocket(.datagram)
+        try manager.bind(path: directory + "/notify")
+        var stored: [String: CInt] = [:]
+        defer { for fd in stored.values { close(fd) } }
+        func nextMessage() throws -> String {
+            var ready = pollfd(fd: manager.rawValue, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 10_000) == 1 else { return "(nothing within 10 s)" }
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let message = buffer.withUnsafeMutableBytes { SeqpacketSocket.receiveRaw(manager.rawValue, $0) }
+            guard let message else { return "(receive failed)" }
+            let text = String(decoding: buffer[0..<message.length], as: UTF8.self)
+            let name = text.split(separator: "\n").first { $0.hasPrefix("FDNAME=") }.map { String($0.dropFirst(7)) } ?? ""
+            if text.contains("FDSTORE=1"), let fd = message.descriptors.first {
+                if let old = stored.updateValue(fd, forKey: name) { close(old) }
+            } else if text.contains("FDSTOREREMOVE=1"), let fd = stored.removeValue(forKey: name) {
+                close(fd)
+            }
+            for extra in message.descriptors.dropFirst() { close(extra) }
+            return text
+        }
+        /// A system broker alone in a new mount namespace: its per-uid tmpfs mounts go with it.
+        func startBroker(_ passed: [(String, CInt)]) throws -> pid_t {
+            var descriptors: [CInt: CInt] = [3: listener.rawValue]
+            for (index, entry) in passed.enumerated() { descriptors[CInt(4 + index)] = entry.1 }
+            let names = (["patchbay.socket"] + passed.map(\.0)).joined(separator: ":")
+            let pid = try spawnProcess(
+                path: "/usr/bin/unshare",
+                arguments: ["--mount", "--propagation", "private", "/bin/sh", "-c",
+                            "LISTEN_PID=$$ LISTEN_FDS=\(1 + passed.count) LISTEN_FDNAMES=\"$3\" exec \"$0\" --system --socket \"$1\" --shm-directory \"$2\" --fd-store",
+                            patchbayDaemon, path, directory + "/shm", names],
+                environment: PatchbaySystem.environment(applying: ["NOTIFY_SOCKET": directory + "/notify"]),
+                descriptors: descriptors)
+            #expect(try nextMessage().contains("READY=1"))
+            return pid
+        }
+
+        let first = try startBroker([])
+        let client = try Broker(socketPath: path)
+        let memory = try client.openSharedMemory("/kept", options: .create)
+        #expect(try nextMessage() == "FDSTORE=1\nFDNAME=pbshm-uid-0")
+        try memory.truncate(to: 4096)
+        do {
+            let mapping = try memory.map(length: 4096)
+            Array("kept across the crash".utf8).withUnsafeBytes { mapping.mutableBytes.copyMemory(from: $0) }
+        }
+        // The tmpfs is mounted only in the broker's namespace, never in this one.
+        #expect(!isMountPoint(directory + "/shm/uids/0"))
+        // A crash: the broker and its mount namespace are gone; the manager holds the tmpfs root.
+        kill(first, SIGKILL)
+        _ = try waitForProcess(first)
+        let second = try startBroker(stored.map { ($0.key, $0.value) })
+        defer { kill(second, SIGTERM); _ = try? waitForProcess(second) }
+        let after = try Broker(socketPath: path)
+        let again = try after.openSharedMemory("/kept")
+        #expect(try again.size == 4096)
+        let mapping = try again.map(length: 4096)
+        #expect(Array(UnsafeRawBufferPointer(rebasing: mapping.bytes[0..<21])) == Array("kept across the crash".utf8))
+        // Created after the restart, in the same tmpfs, and found by the same name.
+        _ = try after.openSharedMemory("/new", options: .create)
+        #expect(try after.status().sharedMemoryObjects == 2)
+    }
+
     @Test("CAPS generations carry on across a broker crash: a name registered after the restart is newer than every one before")
     func generationsAcrossRestart() throws {
         let broker = try TestBroker()

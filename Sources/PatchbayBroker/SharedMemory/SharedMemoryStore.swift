@@ -81,6 +81,11 @@ final class SharedMemoryStore {
     private var ownerDirectories: [UInt32: StoreDirectory] = [:]
     /// Whether uids get a tmpfs of their own (false once mounting proved impossible).
     private var perOwnerStores: Bool
+    /// uids' tmpfs roots the service manager kept from an earlier broker, not taken yet.
+    private var keptOwnerRoots: [UInt32: StoreDirectory] = [:]
+    /// Whether each uid's tmpfs root goes to the service manager's descriptor store, so that it
+    /// outlives the mount namespace it was mounted in (a unit's private one, gone at a restart).
+    private let keepRootsWithServiceManager: Bool
     private var journal: Descriptor
     private var journalRecords = 0
     private(set) var objects = ObjectNames()
@@ -102,7 +107,16 @@ final class SharedMemoryStore {
     /// Opens (or creates) the store at `path`, replays its journal and removes what a crash left.
     /// With `perOwnerStores`, each uid's objects go to a tmpfs of its own (needs `CAP_SYS_ADMIN`;
     /// without it the store says so and keeps every object in `objects/`).
-    init(path: String, perOwnerStores: Bool = false, logger: Logger) throws(BrokerStartError) {
+    ///
+    /// A uid's tmpfs is found again at `uids/<uid>` if it is still mounted there, else in
+    /// `keptOwnerRoots` (its root directory, which the service manager kept: the mount went with
+    /// the last broker's mount namespace, the file system did not). With
+    /// `keepRootsWithServiceManager`, each root in use is given to the service manager
+    /// (`FDSTORE=1`, `pbshm-uid-<uid>`) and taken back when its tmpfs is let go.
+    init(path: String, perOwnerStores: Bool = false, keptOwnerRoots: [UInt32: CInt] = [:],
+         keepRootsWithServiceManager: Bool = false, logger: Logger) throws(BrokerStartError) {
+        for (uid, fd) in keptOwnerRoots { self.keptOwnerRoots[uid] = StoreDirectory(Descriptor(adopting: fd)) }
+        self.keepRootsWithServiceManager = keepRootsWithServiceManager
         do {
             changes = try ChangeCounter()
         } catch {
@@ -135,6 +149,13 @@ final class SharedMemoryStore {
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot recover the shared memory store \(path): \(error.name)")
         }
+        // Kept roots that no name needs (their uid's tmpfs is mounted after all, or holds nothing
+        // named): the service manager lets its copy go, unless it now keeps the mounted one
+        // under the same name.
+        for uid in self.keptOwnerRoots.keys where ownerDirectories[uid] == nil && keepRootsWithServiceManager {
+            ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(BrokerListener.ownerRootPrefix)\(uid)")
+        }
+        self.keptOwnerRoots = [:]
         logger.info("shared memory store ready", metadata: ["store": "\(path)", "objects": "\(objects.count)"])
     }
 
@@ -380,6 +401,7 @@ final class SharedMemoryStore {
             }
             let store = StoreDirectory(try Self.openDirectory(directory))
             ownerDirectories[uid] = store
+            keepWithServiceManager(store, of: uid)
             return store
         } catch {
             let passing: [Errno] = [.tooManyOpenFiles, .tooManyOpenFilesInSystem, .noMemory, .resourceTemporarilyUnavailable,
@@ -392,6 +414,13 @@ final class SharedMemoryStore {
                            metadata: ["reason": "\(error.reason)"])
             return nil
         }
+    }
+
+    /// Gives `uid`'s tmpfs root to the service manager to keep (`keepRootsWithServiceManager`): a
+    /// later broker, in a mount namespace of its own, finds the file system through it.
+    private func keepWithServiceManager(_ store: StoreDirectory, of uid: UInt32) {
+        guard keepRootsWithServiceManager else { return }
+        ServiceManager.notify("FDSTORE=1\nFDNAME=\(BrokerListener.ownerRootPrefix)\(uid)", descriptors: [store.descriptor.rawValue])
     }
 
     private static func openDirectory(_ path: String) throws(RequestError) -> Descriptor {
@@ -420,6 +449,9 @@ final class SharedMemoryStore {
     func releaseEmptyOwnerStores() {
         for uid in Array(ownerDirectories.keys) where (objects.objectsByOwner[uid] ?? 0) == 0 {
             ownerDirectories[uid] = nil
+            if keepRootsWithServiceManager {
+                ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(BrokerListener.ownerRootPrefix)\(uid)")
+            }
             // The mount point goes too (empty once unmounted), or the store could never be
             // removed as empty: `uids` would still hold it.
             if (try? unmount(at: path + "/uids/\(uid)")) != nil { _ = rmdir(path + "/uids/\(uid)") }
@@ -645,14 +677,20 @@ final class SharedMemoryStore {
         journalRecords = records
     }
 
-    /// A uid's tmpfs left mounted by an earlier broker, opened; nil if there is none.
+    /// A uid's tmpfs left by an earlier broker: still mounted, or kept by the service manager
+    /// (`keptOwnerRoots`); nil if there is none.
     private func existingOwnerStore(of uid: UInt32) -> StoreDirectory? {
         if let store = ownerDirectories[uid] { return store }
         let directory = path + "/uids/\(uid)"
-        guard isMountPoint(directory), let descriptor = try? Self.openDirectory(directory) else { return nil }
-        let store = StoreDirectory(descriptor)
-        ownerDirectories[uid] = store
-        return store
+        if isMountPoint(directory), let descriptor = try? Self.openDirectory(directory) {
+            let store = StoreDirectory(descriptor)
+            ownerDirectories[uid] = store
+            keepWithServiceManager(store, of: uid)
+            return store
+        }
+        guard let kept = keptOwnerRoots.removeValue(forKey: uid) else { return nil }
+        ownerDirectories[uid] = kept
+        return kept
     }
 
     /// Deletes object files that no name refers to (their unlink was journaled, then the broker
