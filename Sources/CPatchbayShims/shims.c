@@ -363,6 +363,13 @@ static int pb_disposal(int fd) {
 
 int pb_empty_and_close(int socket, int budget, int *left, int left_capacity) {
     if (budget < 0 || left_capacity < budget + PB_MAX_RECV_FDS + 1) { errno = EINVAL; return -1; }
+    // Anything but a local socket (a TCP connection a /net listener refused) holds no descriptors:
+    // closed at once, its lingering off and its bytes unread, or handed on.
+    switch (pb_disposal(socket)) {
+    case PB_CLOSE_NOW: close(socket); return 0;
+    case PB_HAND_ON: left[0] = socket; return 1;
+    default: break;
+    }
     // Every descriptor this takes counts against `budget`, so the stack holds at most that many
     // and one message's worth past it.
     int *stack = malloc(sizeof(int) * (size_t)(budget + PB_MAX_RECV_FDS + 1));

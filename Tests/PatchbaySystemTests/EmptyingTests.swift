@@ -155,6 +155,16 @@ struct EmptyingTests {
         withExtendedLifetime(pipe) {}
     }
 
+    @Test("a TCP socket handed in itself (a /net connection refused), lingering with its send queue full: closed at once, nothing left")
+    func tcpSocketClosesAtOnce() throws {
+        let listener = try DeafTCPListener()
+        let socket = try listener.lingeringSocket()
+        let identity: Set<String> = [link(socket)]
+        let left = try within20Seconds { ClosingThreads.emptyAndClose(socket) }
+        #expect(left == [], "emptying waited on the close (nil), or left it open")
+        #expect(openCount(of: identity) == 0)
+    }
+
     @Test("a chain of local sockets deeper than the budget: emptied down to the budget, the rest handed back open, one socket, for a closing thread")
     func pastTheBudgetIsHandedBack() throws {
         var inner = open("/dev/null", O_RDONLY | O_CLOEXEC)

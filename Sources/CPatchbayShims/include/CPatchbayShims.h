@@ -91,7 +91,8 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
 /// descriptors seen are peeked copies, closed here.
 int pb_queue_holds_no_descriptors(int socket, int limit);
 
-/// Closes the local socket `socket` (which this process owns and never reads from again) so that
+/// Closes the local socket `socket` (which this process owns and never reads from again; any other
+/// socket is closed at once, lingering turned off) so that
 /// no close here waits on a file a peer chose: the socket is shut for reading, then everything
 /// queued in it is taken out, and each descriptor that came with it closed at once if its last
 /// close cannot wait (a socket with lingering turned off; a pipe, memfd, eventfd or file on a
