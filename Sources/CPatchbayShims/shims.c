@@ -482,6 +482,27 @@ int pb_empty_and_close(int socket, int budget, int *left, int left_capacity) {
     return kept;
 }
 
+int pb_interrupt_signal(void) { return SIGRTMIN + 3; }
+
+static void pb_interrupted(int signo) { (void)signo; }
+
+int pb_install_interrupt_handler(int signo) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = pb_interrupted;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    return sigaction(signo, &action, NULL);
+}
+
+int pb_interrupt_thread(pthread_t thread, int signo) { return pthread_kill(thread, signo); }
+
+int pb_block_all_signals(void) {
+    sigset_t all;
+    sigfillset(&all);
+    return pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
+
 int pb_msg_trunc(void) { return MSG_TRUNC; }
 int pb_msg_ctrunc(void) { return MSG_CTRUNC; }
 

@@ -52,6 +52,9 @@ public struct BrokerConfiguration: Sendable {
     /// How long a client may leave its queue full, not reading at all, before it is disconnected,
     /// in nanoseconds.
     public var stuckClientTimeout: UInt64 = 30_000_000_000
+    /// How long the close of a descriptor a client handed over may wait (a lingering TCP socket,
+    /// a terminal draining) before it is interrupted, in nanoseconds; 0: never.
+    public var closeTimeout: UInt64 = 5_000_000_000
     /// Keep every key's file in the service manager's descriptor store (systemd's
     /// `FileDescriptorStoreMax=`, through `$NOTIFY_SOCKET`), so keys survive a restart or a
     /// crash. Also on when the manager says it keeps descriptors (`$FDSTORE`).

@@ -76,6 +76,8 @@ public final class BrokerServer {
         let budget = DescriptorBudget(limit: limit, privilegedUID: configuration.mode == .system ? 0 : geteuid())
         // Writes to a vanished client must fail with EPIPE, never kill the broker.
         signal(SIGPIPE, SIG_IGN)
+        // No close of what a client chose waits longer than this.
+        DeferredCloser.shared.interruptCloses(after: configuration.closeTimeout)
 
         // What the service manager keeps for a restart (keys, uids' tmpfs roots), if it keeps any.
         let keepWithServiceManager = getenv("NOTIFY_SOCKET") != nil
@@ -540,6 +542,9 @@ public final class BrokerServer {
         out.gauge("patchbay_broker_descriptors", "Descriptors the broker holds for clients (charged to their uids).",
                   budget.held.values.reduce(0, +))
         out.gauge("patchbay_broker_descriptor_limit", "The broker's RLIMIT_NOFILE.", budget.limit)
+        out.metric("patchbay_closes_interrupted_total", "counter",
+                   "Closes of descriptors clients handed over that waited past --close-timeout and were interrupted.",
+                   [("", "\(DeferredCloser.shared.interruptedCloses)")])
         if let resident = residentMemoryBytes() {
             out.gauge("patchbay_resident_memory_bytes", "The broker's resident memory.", resident)
         }

@@ -73,6 +73,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
     var stuckClientTimeout = "30s"
 
+    @Option(help: "How long the close of a descriptor a client handed over may wait (a lingering TCP socket) before it is interrupted (e.g. 5s, or never).")
+    var closeTimeout = "5s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -176,6 +179,13 @@ public struct DaemonCommand: ParsableCommand {
             configuration.stuckClientTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         } else {
             failUsage("daemon", "--stuck-client-timeout must be a duration, not never")
+        }
+        switch DurationText.parse(closeTimeout, for: "daemon") {
+        case .never:
+            configuration.closeTimeout = 0
+        case .after(let duration):
+            let (seconds, attoseconds) = duration.components
+            configuration.closeTimeout = max(1, UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000))
         }
 
         let server: BrokerServer

@@ -20,6 +20,12 @@ import CPatchbayShims
 /// A caller never waits for a closing thread: a thread touches only its own owner's queue (one
 /// short lock to take the batch) and atomics, and sleeps on a futex word, so it holds no
 /// descriptor of its own. It ends after 2 s without work.
+///
+/// With `interruptCloses(after:)` (the broker's), a close that has waited that long is
+/// interrupted: its thread is sent a signal whose handler does nothing, which ends the waits a
+/// close makes on a peer's behalf (a lingering TCP socket's, a terminal's drain), so no owner,
+/// and no racer who turns lingering back on between this side's `setsockopt` and its `close`,
+/// keeps a thread waiting for longer.
 package final class ClosingThreads: Sendable {
 
     /// Work for one thread: one owner's descriptors to close (kept once made, one per owner that
@@ -32,6 +38,9 @@ package final class ClosingThreads: Sendable {
         let running = Atomic<Bool>(false)
         /// Bumped for each descriptor queued; the thread sleeps on it.
         let wakeup: UnsafeMutablePointer<UInt32>
+        /// Since when the thread has been in one close (0: it is not), and which thread it is.
+        /// Held while the thread is signalled, so that it cannot end meanwhile.
+        let closing = Mutex<(since: UInt64, thread: pthread_t)>((0, 0))
 
         init() {
             wakeup = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
@@ -49,6 +58,10 @@ package final class ClosingThreads: Sendable {
     package static let emptyingBudget: CInt = 1024
     /// How long an owner's thread waits for more work before it ends.
     private static let idleNanoseconds: Int64 = 2_000_000_000
+    /// How long a close may wait before it is interrupted (0: never).
+    private let interruptAfter = Atomic<UInt64>(0)
+    /// Closes interrupted so far.
+    private let interrupted = Atomic<UInt64>(0)
 
     /// (Opens `/dev/null` for `closeLast` now, with the owner's other descriptors, not at a first close.)
     package init() { _ = Self.nothing }
@@ -156,14 +169,54 @@ package final class ClosingThreads: Sendable {
         }
     }
 
+    /// Interrupts every close that has waited `nanoseconds` (the first call installs the
+    /// signal's handler, which does nothing, and starts the thread that watches).
+    package func interruptCloses(after nanoseconds: UInt64) {
+        let before = interruptAfter.exchange(nanoseconds, ordering: .relaxed)
+        guard before == 0, nanoseconds > 0 else { return }
+        _ = pb_install_interrupt_handler(pb_interrupt_signal())
+        startThread { [self] in watchCloses() }
+    }
+
+    /// Closes interrupted so far (`interruptCloses`).
+    package var interruptedCloses: UInt64 { interrupted.load(ordering: .relaxed) }
+
+    private func watchCloses() {
+        // Started before a caller may block its termination signals for a signalfd: none is
+        // delivered here.
+        _ = pb_block_all_signals()
+        let signal = pb_interrupt_signal()
+        while true {
+            let limit = interruptAfter.load(ordering: .relaxed)
+            let period = min(max(limit / 4, 1_000_000), 250_000_000)
+            var pause = timespec(tv_sec: Int(period / 1_000_000_000), tv_nsec: Int(period % 1_000_000_000))
+            _ = nanosleep(&pause, nil)
+            let now = monotonicNanoseconds()
+            func look<Item>(_ queue: Queue<Item>) {
+                queue.closing.withLock { closing in
+                    guard closing.since != 0, now &- closing.since >= limit else { return }
+                    if pb_interrupt_thread(closing.thread, signal) == 0 { interrupted.add(1, ordering: .relaxed) }
+                    closing.since = now  // again after another `limit`, if the close still waits
+                }
+            }
+            for queue in queues.withLock({ Array($0.values) }) { look(queue) }
+            look(refused)
+        }
+    }
+
     private func run<Item>(_ queue: Queue<Item>, _ handle: (Item) -> Void) {
+        let me = pthread_self()
         while true {
             let seen = SharedWord.load(queue.wakeup)
             let batch = queue.pending.withLock { pending -> [Item] in
                 defer { pending.removeAll(keepingCapacity: true) }
                 return pending
             }
-            for item in batch { handle(item) }
+            for item in batch {
+                queue.closing.withLock { $0 = (monotonicNanoseconds(), me) }
+                handle(item)
+                queue.closing.withLock { $0.since = 0 }
+            }
             if !batch.isEmpty { continue }
             do {
                 try Futex.wait(queue.wakeup, expected: seen, timeoutNanoseconds: Self.idleNanoseconds)

@@ -62,6 +62,9 @@
 //   caps-open-with-full-table NAME client|service SPARE
 //                             fills its descriptor table but SPARE, opens a CAPS port; prints the errno (or
 //                             "opened"), then "opened on retry" (or "retry ERRNO") once it has room
+//   wedge-broker PORT SECONDS  blocks its closing thread in the broker (a local socket holding a TCP
+//                             socket lingering SECONDS, in a key that expires); prints "wedged",
+//                             then waits for EOF
 //   refused-behind-lingering PORT N
 //                             wedges its closing thread in the broker, fills its share, then makes N
 //                             connections refused with descriptors queued in each (every tenth a
@@ -633,24 +636,40 @@ func floodBehindLingering(port: UInt16, limit: Int) throws(PatchbayError) {
 /// `connections` connections and sends on each one `status` frame carrying 253 descriptors (the
 /// kernel's most in one message), reading nothing. Says "flooded N" (the frames sent), then waits
 /// for its input to end, every connection kept open.
-func floodConnectionsBehindLingering(port: UInt16, connections: Int) throws(PatchbayError) {
+/// Blocks this uid's closing thread in the broker: shares, in a key that expires in 100 ms, a local
+/// socket whose queue holds the only copy of a TCP socket lingering `seconds` (to `port`), and
+/// waits until the key has expired (the broker's close of it is then the last, and waits). False
+/// if the broker's copy could not be made the last.
+func wedgeBrokerClosingThread(port: UInt16, seconds: Int32) throws(PatchbayError) -> Bool {
     let wedging = try connectSeqpacket(to: try brokerSocketPath())
     let wedgeFrame = Request.keys(.share(expiry: .after(nanoseconds: 100_000_000), restriction: nil)).encode(requestID: 1)
     var blocking = false
     for _ in 0..<20 where !blocking {
-        blocking = try handOverWedge(port: port, seconds: 30) { (wrapper) throws(PatchbayError) in
+        blocking = try handOverWedge(port: port, seconds: seconds) { (wrapper) throws(PatchbayError) in
             guard sendFrame(wedging.rawValue, wedgeFrame, [wrapper]) == wedgeFrame.count else {
                 throw PatchbayError(Errno.current, "sendmsg")
             }
         }
     }
-    guard blocking else {
-        say("could not leave the broker the last copy")
-        return
-    }
+    guard blocking else { return false }
     let observer = try Broker()
     let expired = monotonicNanoseconds() + 5_000_000_000
     while (try? observer.status().keys) ?? 0 > 0, monotonicNanoseconds() < expired { usleep(5_000) }
+    return true
+}
+
+/// `wedgeBrokerClosingThread` for `seconds`; says "wedged" (or "could not leave the broker the
+/// last copy"), then waits for its input to end.
+func wedgeBroker(port: UInt16, seconds: Int32) throws(PatchbayError) {
+    say(try wedgeBrokerClosingThread(port: port, seconds: seconds) ? "wedged" : "could not leave the broker the last copy")
+    waitForEndOfInput()
+}
+
+func floodConnectionsBehindLingering(port: UInt16, connections: Int) throws(PatchbayError) {
+    guard try wedgeBrokerClosingThread(port: port, seconds: 30) else {
+        say("could not leave the broker the last copy")
+        return
+    }
     let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
     defer { close(null) }
     let frame = Request.status.encode(requestID: 2)
@@ -780,23 +799,10 @@ func admitLingering(port: UInt16) throws(PatchbayError) {
 /// waits for its input to end, the admitted connections kept open.
 func refusedBehindLingering(port: UInt16, connections: Int) throws(PatchbayError) {
     let path = try brokerSocketPath()
-    let wedging = try connectSeqpacket(to: path)
-    let wedgeFrame = Request.keys(.share(expiry: .after(nanoseconds: 100_000_000), restriction: nil)).encode(requestID: 1)
-    var blocking = false
-    for _ in 0..<20 where !blocking {
-        blocking = try handOverWedge(port: port, seconds: 30) { (wrapper) throws(PatchbayError) in
-            guard sendFrame(wedging.rawValue, wedgeFrame, [wrapper]) == wedgeFrame.count else {
-                throw PatchbayError(Errno.current, "sendmsg")
-            }
-        }
-    }
-    guard blocking else {
+    guard try wedgeBrokerClosingThread(port: port, seconds: 30) else {
         say("could not leave the broker the last copy")
         return
     }
-    let observer = try Broker()
-    let expired = monotonicNanoseconds() + 5_000_000_000
-    while (try? observer.status().keys) ?? 0 > 0, monotonicNanoseconds() < expired { usleep(5_000) }
     var kept: [CInt] = []
     var answer = [UInt8](repeating: 0, count: 4096)
     /// Whether the broker's first answer on `fd` is a refusal.
@@ -1906,6 +1912,8 @@ func main() -> CInt {
             try floodConnectionsBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
         case "admit-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try admitLingering(port: UInt16(arguments[1])!)
+        case "wedge-broker" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int32(arguments[2]) != nil:
+            try wedgeBroker(port: UInt16(arguments[1])!, seconds: Int32(arguments[2])!)
         case "refused-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:
             try refusedBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
         case "adopt-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:

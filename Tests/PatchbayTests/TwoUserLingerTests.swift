@@ -556,7 +556,8 @@ struct TwoUserLingerTests {
     @Test("nobody's closing thread stuck, then a frame of 253 descriptors on each of 20 connections: the broker holds no more than nobody's share and one frame's worth; root is served")
     func descriptorsPastTheShareAreNotRead() throws {
         // RLIMIT_NOFILE 2048: nobody's share is a few hundred; 20 frames of 253 would be 5,060.
-        let broker = try TestBroker(["--system"], descriptorLimit: 2048)
+        // (Closes that wait are never interrupted here: the wedge must last.)
+        let broker = try TestBroker(["--system", "--close-timeout", "never"], descriptorLimit: 2048)
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()
@@ -581,7 +582,8 @@ struct TwoUserLingerTests {
     func refusedConnectionsAreNotHeldBehindAStuckClose() throws {
         // RLIMIT_NOFILE 2048: nobody's share is a few hundred; 200 refused connections held behind
         // its stuck close (30 s) would be 200 more.
-        let broker = try TestBroker(["--system"], descriptorLimit: 2048)
+        // (Closes that wait are never interrupted here: the wedge must last.)
+        let broker = try TestBroker(["--system", "--close-timeout", "never"], descriptorLimit: 2048)
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()
@@ -603,6 +605,34 @@ struct TwoUserLingerTests {
         }
         #expect(held <= share + 16, "the broker holds \(held) more descriptors; nobody's share is \(share)")
         #expect(try finishes { _ = try? root.status() }, "the broker's loop is stuck")
+        listener.close()
+        withExtendedLifetime(broker) {}
+    }
+
+    @Test("nobody makes its closing thread's close wait a minute (a local socket holding a lingering TCP socket): with --close-timeout 300ms the close is interrupted, and the broker's descriptors come back in well under the minute")
+    func longClosesAreInterrupted() throws {
+        let broker = try TestBroker(["--system", "--close-timeout", "300ms"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        _ = try root.status()
+        let baseline = try broker.descriptorCount()
+        let attacker = try nobodyPeer(["wedge-broker", "\(listener.port)", "60"], broker)
+        defer { attacker.closeInput() }
+        #expect(try attacker.readLine() == "wedged")
+        // The wedge's socket is closed on nobody's closing thread, which waits in the close: a
+        // minute without the interruption.
+        let deadline = monotonicNanoseconds() + 15_000_000_000
+        var interrupted = 0
+        while interrupted == 0, monotonicNanoseconds() < deadline {
+            let text = try root.metrics()
+            interrupted = text.split(separator: "\n").first { $0.hasPrefix("patchbay_closes_interrupted_total ") }
+                .flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+            if interrupted == 0 { usleep(20_000) }
+        }
+        #expect(interrupted >= 1, "no close was interrupted within 15 s")
+        // nobody's connections, whose last closes went behind the wedge, are closed too.
+        #expect(try broker.waitForDescriptorCount(baseline, within: 10) == baseline)
         listener.close()
         withExtendedLifetime(broker) {}
     }
@@ -641,7 +671,8 @@ struct TwoUserLingerTests {
     func pendingClosesPastTheShareDisconnect() throws {
         // A small table (RLIMIT_NOFILE 512) makes nobody's share small; 20,000 descriptors would
         // fill it many times over.
-        let broker = try TestBroker(["--system"], descriptorLimit: 512)
+        // (Closes that wait are never interrupted here: the wedge must last.)
+        let broker = try TestBroker(["--system", "--close-timeout", "never"], descriptorLimit: 512)
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
         let root = try broker.connect()

@@ -103,6 +103,15 @@ int pb_queue_holds_no_descriptors(int socket, int limit);
 /// for the caller to close where a wait holds up no one else; -1 (EINVAL) for a short `left`.
 int pb_empty_and_close(int socket, int budget, int *left, int left_capacity);
 
+/// The signal that interrupts a close waiting too long (SIGRTMIN + 3), its handler (which does
+/// nothing: a waiting close returns when the signal is delivered; SA_RESTART for everything
+/// else), and its delivery to one thread.
+int pb_interrupt_signal(void);
+int pb_install_interrupt_handler(int signo);
+int pb_interrupt_thread(pthread_t thread, int signo);
+/// Blocks every signal in the calling thread (one that must never take a process's signals).
+int pb_block_all_signals(void);
+
 /// sendmsg(2) of one buffer with up to 253 descriptors (the kernel's most) in one SCM_RIGHTS
 /// message, MSG_NOSIGNAL; `pb_send_with_fds` is this for at most 16, the protocol's most.
 ssize_t pb_send_rights(int socket, const void *buffer, size_t length, const int *fds, int fd_count, int dontwait);
