@@ -132,6 +132,40 @@ struct TwoUserResourceTests {
 }
 
 extension TwoUserResourceTests {
+    @Test("nobody renames root's own world-writable object onto the name root is about to create privately: root's create is EACCES, before and after a broker restart; nobody's rename is allowed (it may read and write the object)")
+    func plantedByRenameIsNotOpenedByCreate() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        // World-writable: made through the CLI with umask 0 (this process's umask stays as it is).
+        let made = try run("/bin/sh", ["-c", "umask 0 && exec \"$0\" shm create /public/board --size 4k --mode 0666", patchbayCLI],
+                           environment: broker.environment)
+        #expect(made.termination == .exited(0), "\(made.standardError)")
+        #expect(try root.statSharedMemory("/public/board").mode == 0o666)
+        let moved = try runAsOtherUser(["shm", "mv", "/public/board", "/app/secret"], environment: broker.environment)
+        #expect(moved.termination == .exited(0), "\(moved.standardError)")
+        let error = expectErrno(.permissionDenied) { () throws(PatchbayError) in
+            _ = try root.openSharedMemory("/app/secret", options: .create, mode: 0o600)
+        }
+        #expect(error?.reason.contains("put under that name by uid 65534") == true, "\(String(describing: error))")
+        // The CLI says so and exits non-zero.
+        let create = try run(patchbayCLI, ["shm", "create", "/app/secret", "--mode", "0600", "--size", "4k"], environment: broker.environment)
+        #expect(create.termination != .exited(0) && create.standardError.contains("EACCES"), "\(create.standardError)")
+        // Opening it by name without create is asking for that object, on its mode.
+        _ = try root.openSharedMemory("/app/secret", access: .readOnly)
+        // Who put it there is journalled: a restarted broker refuses the same.
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm", ["--system"])
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        let again = try Broker(socketPath: broker.socketPath)
+        expectErrno(.permissionDenied) { () throws(PatchbayError) in
+            _ = try again.openSharedMemory("/app/secret", options: .create, mode: 0o600)
+        }
+        // Root renaming it back names it root's again: create-open allowed.
+        try again.renameSharedMemory(from: "/app/secret", to: "/app/mine")
+        _ = try again.openSharedMemory("/app/mine", options: .create, mode: 0o600)
+    }
+
     @Test("the namespace's change counter is the broker's uid's only: nobody gets EACCES and opens through the broker, with the same answers")
     func changeCounterIsRootsOnly() throws {
         let broker = try openBroker([])

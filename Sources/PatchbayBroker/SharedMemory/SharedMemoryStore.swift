@@ -21,8 +21,9 @@
 // Permissions. The owner is the creator's effective uid and gid as the kernel reports them; the
 // mode is `mode & ~umask & 0777`; the creator is not checked. Decision (Linux's
 // `protected_regular`): a create-open without exclusive of an existing object owned by another
-// uid that is not root is EACCES, so nobody can plant an object under a name another user is about
-// to create and have that user's data written into it. Opening checks the mode bits (read
+// uid that is not root, or put under its name by one (a rename), is EACCES, so nobody can plant
+// an object under a name another user is about to create, not even that user's own world-writable
+// one, and have that user's data written into it. Opening checks the mode bits (read
 // for read-only; read and write for read-write) against the caller: owner bits for the owner,
 // group bits for a member of the group, other bits for everyone else. Decision: root gets no
 // bypass, as in CAPS, so an object's mode means the same for every caller.
@@ -54,9 +55,19 @@ struct SharedMemoryObject {
     var uid: UInt32
     var gid: UInt32
     var mode: UInt32
+    /// Who put the object under its name: its creator, or the uid that renamed it there.
+    var boundBy: UInt32
     /// Whether the file is in its owner's own tmpfs (`uids/<uid>/`) or in `objects/`. Not
     /// journaled: found again at start by looking.
     var inOwnerStore = false
+
+    init(id: String, uid: UInt32, gid: UInt32, mode: UInt32, boundBy: UInt32? = nil) {
+        self.id = id
+        self.uid = uid
+        self.gid = gid
+        self.mode = mode
+        self.boundBy = boundBy ?? uid
+    }
 }
 
 /// An open directory the store keeps.
@@ -191,6 +202,10 @@ final class SharedMemoryStore {
                 throw RequestError(errno: .permissionDenied,
                                    reason: "\(Self.display(request.name)) already exists and belongs to uid \(object.uid); creating opens only your own or root's objects (use exclusive to make sure the object is new)")
             }
+            if create && object.boundBy != caller.uid && object.boundBy != 0 {
+                throw RequestError(errno: .permissionDenied,
+                                   reason: "\(Self.display(request.name)) already exists, put under that name by uid \(object.boundBy) (a rename); creating opens only objects you or root named (use exclusive to make sure the object is new)")
+            }
             guard Self.permits(object, caller, read: true, write: readWrite) else {
                 throw RequestError(errno: .permissionDenied,
                                    reason: "mode \(Self.octal(object.mode)) of \(Self.display(request.name)) does not allow \(readWrite ? "read-write" : "read-only") access by uid \(caller.uid)")
@@ -292,10 +307,13 @@ final class SharedMemoryStore {
             }
         }
         let swap = exchange && target != nil
-        try append(.rename(from: from, to: to, exchange: swap))
-        objects[to] = source
-        if swap {
-            objects[from] = target
+        try append(.rename(from: from, to: to, exchange: swap, by: caller.uid))
+        var moved = source
+        moved.boundBy = caller.uid
+        objects[to] = moved
+        if swap, var other = target {
+            other.boundBy = caller.uid
+            objects[from] = other
         } else {
             objects[from] = nil
             if let target { removeFile(of: target) }
@@ -551,29 +569,33 @@ final class SharedMemoryStore {
 
     // MARK: Journal
 
+    /// Journal records. Types 1 and 3 (a bind and a rename without the uid that made them) are
+    /// still read, from journals older brokers wrote: their names count as bound by the owner.
     enum Record {
         case bind(name: [UInt8], object: SharedMemoryObject)
         case unbind(name: [UInt8])
-        case rename(from: [UInt8], to: [UInt8], exchange: Bool)
+        case rename(from: [UInt8], to: [UInt8], exchange: Bool, by: UInt32)
 
         func encode() -> [UInt8] {
             var body = WireWriter()
             switch self {
             case .bind(let name, let object):
-                body.u8(1)
+                body.u8(4)
                 body.string(object.id)
                 body.u32(object.uid)
                 body.u32(object.gid)
                 body.u32(object.mode)
                 body.bytes(name)
+                body.u32(object.boundBy)
             case .unbind(let name):
                 body.u8(2)
                 body.bytes(name)
-            case .rename(let from, let to, let exchange):
-                body.u8(3)
+            case .rename(let from, let to, let exchange, let renamer):
+                body.u8(5)
                 body.bytes(from)
                 body.bytes(to)
                 body.u8(exchange ? 1 : 0)
+                body.u32(renamer)
             }
             var framed = WireWriter()
             framed.u32(UInt32(body.bytes.count))
@@ -636,19 +658,26 @@ final class SharedMemoryStore {
             var fields = WireReader(body)
             do {
                 switch try fields.u8("type") {
-                case 1:
+                case let type where type == 1 || type == 4:
                     let id = try fields.string("id")
-                    let object = SharedMemoryObject(id: id, uid: try fields.u32("uid"), gid: try fields.u32("gid"),
+                    var object = SharedMemoryObject(id: id, uid: try fields.u32("uid"), gid: try fields.u32("gid"),
                                                     mode: try fields.u32("mode"))
-                    objects[try fields.bytes("name")] = object
+                    let name = try fields.bytes("name")
+                    if type == 4 { object.boundBy = try fields.u32("bound by") }
+                    objects[name] = object
                 case 2:
                     objects[try fields.bytes("name")] = nil
-                case 3:
+                case let type where type == 3 || type == 5:
                     let from = try fields.bytes("from")
                     let to = try fields.bytes("to")
                     let exchange = try fields.u8("exchange") == 1
-                    let source = objects[from]
-                    let target = objects[to]
+                    var source = objects[from]
+                    var target = objects[to]
+                    if type == 5 {
+                        let renamer = try fields.u32("renamer")
+                        source?.boundBy = renamer
+                        target?.boundBy = renamer
+                    }
                     objects[to] = source
                     objects[from] = exchange ? target : nil
                 default:
