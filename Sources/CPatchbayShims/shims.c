@@ -482,6 +482,8 @@ int pb_empty_and_close(int socket, int budget, int *left, int left_capacity) {
     return kept;
 }
 
+int pb_o_tmpfile(void) { return O_TMPFILE; }
+
 int pb_interrupt_signal(void) { return SIGRTMIN + 3; }
 
 static void pb_interrupted(int signo) { (void)signo; }

@@ -148,6 +148,7 @@ public final class BrokerServer {
         keys = KeyRequests(table: keyTable, sessions: sessions)
         sharedMemory = SharedMemoryRequests(store: store, sessions: sessions)
         net = NetRequests(table: netTable, sessions: sessions, loop: loop)
+        net.scratchFile = { [unowned store] uid throws(RequestError) in try store.scratchFile(for: uid) }
         caps = CapsRequests(registry: registry, sessions: sessions)
         sessions.closedHooks = [keys, net, caps]
         receiveBuffer = .allocate(byteCount: maximumFrameSize + 1, alignment: 16)

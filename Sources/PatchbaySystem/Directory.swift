@@ -91,3 +91,11 @@ public final class Lock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// A new file with no name (`O_TMPFILE`) in the file system of `directory`, open read-write, with
+/// `mode`: it goes when its last descriptor closes.
+package func openUnnamedFile(in directory: CInt, mode: mode_t) throws(Errno) -> Descriptor {
+    let fd = openat(directory, ".", pb_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw Errno.current }
+    return Descriptor(adopting: fd)
+}

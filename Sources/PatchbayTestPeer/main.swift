@@ -62,6 +62,9 @@
 //   caps-open-with-full-table NAME client|service SPARE
 //                             fills its descriptor table but SPARE, opens a CAPS port; prints the errno (or
 //                             "opened"), then "opened on retry" (or "retry ERRNO") once it has room
+//   pin-addrs N               changes a bound name and opens /net/local/addrs N times, keeping
+//                             each list; prints "distinct D of N", then whether the last one
+//                             reopens for writing ("reopen for writing: ERRNO"), then waits for EOF
 //   wedge-broker PORT SECONDS  blocks its closing thread in the broker (a local socket holding a TCP
 //                             socket lingering SECONDS, in a key that expires); prints "wedged",
 //                             then waits for EOF
@@ -789,6 +792,30 @@ func admitLingering(port: UInt16) throws(PatchbayError) {
     wedge.disarm()
     say("could not queue it before the refusal")
     waitForEndOfInput()
+}
+
+/// Changes a bound name and opens `/net/local/addrs`, `count` times, keeping every list it got:
+/// says "distinct D of N" (how many different files it holds), then waits for its input to end.
+func pinAddressLists(count: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    var socket = try Socket.open(broker, type: .dgram)
+    var held: [CInt] = []
+    var inodes: Set<UInt64> = []
+    for index in 0..<count {
+        socket = try Socket.open(broker, type: .dgram)
+        try socket.bind("pin-\(index)-" + String(repeating: "x", count: 48))
+        let list = try broker.openAddressList()
+        var info = stat()
+        if fstat(list.rawValue, &info) == 0 { inodes.insert(UInt64(info.st_ino)) }
+        held.append(list.release().rawValue)
+    }
+    say("distinct \(inodes.count) of \(count)")
+    // A list is everyone's who opens it while the names stay: never writable by a client.
+    let writable = held.last.map { open("/proc/self/fd/\($0)", O_RDWR | O_CLOEXEC) } ?? -1
+    say(writable >= 0 ? "reopened for writing" : "reopen for writing: \(Errno.current.name)")
+    if writable >= 0 { close(writable) }
+    waitForEndOfInput()
+    for fd in held { close(fd) }
 }
 
 /// Wedges this uid's closing thread in the broker (as `floodConnectionsBehindLingering` does), fills
@@ -1912,6 +1939,8 @@ func main() -> CInt {
             try floodConnectionsBehindLingering(port: UInt16(arguments[1])!, connections: Int(arguments[2])!)
         case "admit-lingering" where arguments.count == 2 && UInt16(arguments[1]) != nil:
             try admitLingering(port: UInt16(arguments[1])!)
+        case "pin-addrs" where arguments.count == 2 && Int(arguments[1]) != nil:
+            try pinAddressLists(count: Int(arguments[1])!)
         case "wedge-broker" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int32(arguments[2]) != nil:
             try wedgeBroker(port: UInt16(arguments[1])!, seconds: Int32(arguments[2])!)
         case "refused-behind-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int(arguments[2]) != nil:

@@ -132,6 +132,26 @@ struct TwoUserResourceTests {
 }
 
 extension TwoUserResourceTests {
+    @Test("the /net address lists nobody keeps open count against its own shared memory quota: past it, it gets the last list again, and its own creates fail; root's are untouched")
+    func pinnedAddressListsAreCharged() throws {
+        let broker = try openBroker(["--max-shm-bytes-per-uid", "64K"])
+        let root = try broker.connect()
+        let pinner = try nobodyPeer(["pin-addrs", "60"], broker)
+        defer { pinner.closeInput(); _ = try? pinner.wait() }
+        let said = try pinner.readLine() ?? ""
+        // Each list is a page of nobody's 64 KiB (16 pages): without the charge, the build rate
+        // limit alone (a burst of 32) would have let it keep 32 or more.
+        let distinct = Int(said.split(separator: " ").dropFirst().first ?? "") ?? .max
+        #expect(said.hasPrefix("distinct ") && distinct <= 17, "\(said)")
+        #expect(try pinner.readLine() == "reopen for writing: EACCES")
+        let full = try runAsOtherUser(["shm", "create", "/nobody-state", "--size", "4k"], environment: broker.environment)
+        #expect(full.termination != .exited(0) && full.standardError.contains("EDQUOT"), "\(full.standardError)")
+        // Root's quota is its own: it creates, and gets a list of its own.
+        let mine = try root.openSharedMemory("/root-state", options: .create)
+        try mine.truncate(to: 4096)
+        _ = try root.openAddressList()
+    }
+
     @Test("nobody renames root's own world-writable object onto the name root is about to create privately: root's create is EACCES, before and after a broker restart; nobody's rename is allowed (it may read and write the object)")
     func plantedByRenameIsNotOpenedByCreate() throws {
         let broker = try openBroker([])

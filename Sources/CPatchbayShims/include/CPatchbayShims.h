@@ -103,6 +103,9 @@ int pb_queue_holds_no_descriptors(int socket, int limit);
 /// for the caller to close where a wait holds up no one else; -1 (EINVAL) for a short `left`.
 int pb_empty_and_close(int socket, int budget, int *left, int left_capacity);
 
+/// O_TMPFILE (GNU): an unnamed file in a directory's file system.
+int pb_o_tmpfile(void);
+
 /// The signal that interrupts a close waiting too long (SIGRTMIN + 3), its handler (which does
 /// nothing: a waiting close returns when the signal is delivered; SA_RESTART for everything
 /// else), and its delivery to one thread.

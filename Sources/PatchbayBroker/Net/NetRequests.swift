@@ -9,6 +9,7 @@
 import Glibc
 import PatchbayProtocol
 import PatchbaySystem
+import SystemPackage
 
 final class NetRequests: SessionClosedHook {
     let table: NetTable
@@ -26,6 +27,10 @@ final class NetRequests: SessionClosedHook {
     /// with changes to the names would otherwise pin a new copy each time. Past it, it gets the
     /// last one built, which may not show its latest change yet.
     private let snapshotBuilds = UidTokenBucket(burst: 32, refillPerSecond: 8)
+    /// Where a snapshot a uid builds is written (`SharedMemoryStore.scratchFile`): a file in
+    /// that uid's own tmpfs, so the copies it keeps pinned count against its own quota. Nil (or
+    /// nil from it): a memfd, the broker's memory.
+    var scratchFile: ((UInt32) throws(RequestError) -> Descriptor?)?
 
     init(table: NetTable, sessions: SessionTable, loop: EventLoop) {
         self.table = table
@@ -127,7 +132,7 @@ final class NetRequests: SessionClosedHook {
     /// every open made while the names are the same.
     private func addressList(for uid: UInt32) throws(RequestError) -> Descriptor {
         let now = monotonicNanoseconds()
-        do {
+        do throws(Errno) {
             // The names unchanged since the snapshot, or no new one allowed yet: no walk of the
             // table at all (a walk and a sort of every socket per open, 1 work unit, was a way to
             // spend the loop's time).
@@ -140,17 +145,44 @@ final class NetRequests: SessionClosedHook {
                 return try snapshot.memory.reopenReadOnly()
             }
             snapshotBuilds.spendToken(uid: uid, now: now)
-            let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: true)
-            try memory.writeAll(Array(text.utf8))
-            // Shared by every open, so sealed: a client could reopen its read-only copy for
-            // writing through /proc, and rewrite or grow what everyone else reads.
-            try memory.addSeals([.write, .shrink, .grow, .seal])
+            let memory: Descriptor
+            do throws(Errno) {
+                memory = try buildSnapshot(text, for: uid)
+            } catch {
+                // The uid's own quota is full (the copies it keeps): it gets the last snapshot.
+                guard let snapshot else { throw error }
+                return try snapshot.memory.reopenReadOnly()
+            }
             let opened = try memory.reopenReadOnly()
             snapshot = AddressSnapshot(text: text, version: table.namesVersion, memory: memory)
             return opened
         } catch {
             throw RequestError(errno: error, reason: "cannot build the address list")
         }
+    }
+
+    /// A file holding `text` that no client can write: in `uid`'s own tmpfs where there is one
+    /// (mode 0444, owned by the broker: a client's reopen for writing through /proc is refused),
+    /// else a sealed memfd (whose mode would allow that reopen).
+    private func buildSnapshot(_ text: String, for uid: UInt32) throws(Errno) -> Descriptor {
+        let scratch: Descriptor?
+        do {
+            scratch = try scratchFile?(uid) ?? nil
+        } catch {
+            throw error.errno
+        }
+        if let scratch {
+            do {
+                try scratch.writeAll(Array(text.utf8))
+            } catch {
+                throw error == .noSpace ? .diskQuotaExceeded : error
+            }
+            return scratch
+        }
+        let memory = try makeMemoryFile(name: "patchbay-net-addrs", sealable: true)
+        try memory.writeAll(Array(text.utf8))
+        try memory.addSeals([.write, .shrink, .grow, .seal])
+        return memory
     }
 
     /// Hands a new socket or an accepted connection (its handle, then its kernel socket) to the

@@ -434,6 +434,20 @@ final class SharedMemoryStore {
         }
     }
 
+    /// A new, unnamed file (`O_TMPFILE`, mode 0444) in `uid`'s own tmpfs, for memory the broker
+    /// builds on `uid`'s behalf and hands over (an `addrs` snapshot): its pages count against
+    /// `uid`'s byte quota and its inode against its object quota, enforced by the kernel, for as
+    /// long as anyone holds it. Nil where uids have no tmpfs of their own.
+    func scratchFile(for uid: UInt32) throws(RequestError) -> Descriptor? {
+        guard let store = try ownerStore(of: uid) else { return nil }
+        do {
+            return try openUnnamedFile(in: store.descriptor.rawValue, mode: 0o444)
+        } catch {
+            throw RequestError(errno: error == .noSpace ? .diskQuotaExceeded : error,
+                               reason: "no room for a file in uid \(uid)'s shared memory store: \(error.name)")
+        }
+    }
+
     /// Gives `uid`'s tmpfs root to the service manager to keep (`keepRootsWithServiceManager`): a
     /// later broker, in a mount namespace of its own, finds the file system through it.
     private func keepWithServiceManager(_ store: StoreDirectory, of uid: UInt32) {
