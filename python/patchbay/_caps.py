@@ -7,7 +7,7 @@ import enum
 import threading
 from ctypes import byref, c_char, c_uint64, string_at
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 from . import _native
 from ._broker import Broker
@@ -64,27 +64,39 @@ def _access_mask(access: Union[int, str, Iterable[str]]) -> int:
     return mask
 
 
-def _receive(function: Callable[..., int], handle: int, capacity: int) -> Tuple[Message, int]:
+def _message(header: _native.CapsMessage, data: bytes) -> Message:
+    try:
+        kind: int = MessageKind(header.kind)
+    except ValueError:  # a kind newer than this package
+        kind = header.kind
+    return Message(header.id, kind, data, header.pid, header.uid, header.euid, header.gid)
+
+
+def _receive(function: Callable[..., int], handle: int, capacity: int,
+             too_long: Optional[Callable[[int], Optional[Message]]] = None,
+             limit: Optional[int] = None) -> Tuple[Message, int]:
     """Calls a pb_caps_wait-shaped function, with a larger buffer when the message is longer
     than the buffer (it then stays queued). Returns the message and the capacity to use next:
     the one given, never a larger one a single long message needed (a peer's one hollow request
-    of gigabytes would otherwise make every later message allocate and clear as much)."""
+    of gigabytes would otherwise make every later message allocate and clear as much). A message
+    longer than limit is handed to too_long instead of being copied: it returns the message to
+    give instead, or None to look again."""
     header = _native.CapsMessage()
     usual = capacity
     while True:
         buffer = (c_char * capacity).from_buffer(bytearray(capacity))
         result = function(handle, byref(header), buffer, capacity)
         if result > capacity or (result == -errno.EMSGSIZE and header.length > capacity):
+            if limit is not None and too_long is not None and header.length > limit:
+                instead = too_long(limit)
+                if instead is not None:
+                    return instead, usual
+                capacity = usual
+                continue
             capacity = max(result, header.length)
             continue
         check(result)
-        try:
-            kind: int = MessageKind(header.kind)
-        except ValueError:  # a kind newer than this package
-            kind = header.kind
-        message = Message(header.id, kind, string_at(buffer, header.length),
-                          header.pid, header.uid, header.euid, header.gid)
-        return message, usual
+        return _message(header, string_at(buffer, header.length)), usual
 
 
 def _payload(data: BytesLike) -> bytes:
@@ -98,30 +110,80 @@ class CapsService(_native.Handle):
     GROUP, WORLD). notify: also deliver CONNECTED and DISCONNECTED messages; exclusive: raise
     FileExistsError if the name is registered already. Iterating over the service yields its
     messages, waiting for each, until cancel() is called. Thread-safe (close() aside).
+
+    What a client can make the service hold is bounded, as `patchbay caps serve` bounds it: a
+    request longer than max_request (64 MiB) is answered EMSGSIZE unread, never copied (a client
+    can announce gigabytes it never wrote); a reply that would take the replies a client's uid
+    has not consumed yet past max_reply_bytes_per_uid (256 MiB) is answered EDQUOT instead, since
+    a reply's memory is the service's until the client consumes it (its DISPOSE). None: no limit.
     """
 
     _close_function = "pb_caps_service_close"
 
     def __init__(self, broker: Broker, name: str, access: Union[int, str, Iterable[str]] = ("user",), *,
-                 notify: bool = False, exclusive: bool = False) -> None:
+                 notify: bool = False, exclusive: bool = False, max_request: Optional[int] = 64 << 20,
+                 max_reply_bytes_per_uid: Optional[int] = 256 << 20) -> None:
         mask = _access_mask(access) | (_NOTIFY if notify else 0) | (_EXCLUSIVE if exclusive else 0)
         super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name), mask))
         self.name = name
+        self.max_request = max_request
+        self.max_reply_bytes_per_uid = max_reply_bytes_per_uid
         self._capacity = 64 * 1024
+        self._books = threading.Lock()
+        self._awaiting: Dict[int, int] = {}              # request id -> its client's uid
+        self._replied: Dict[int, Tuple[int, int]] = {}   # reply id -> (uid, bytes), until its DISPOSE
+        self._held: Dict[int, int] = {}                  # uid -> bytes of its replies not consumed
+
+    def _refuse_long(self, limit: int) -> Optional[Message]:
+        """Takes the next message in place: a REQUEST longer than limit is answered EMSGSIZE,
+        unread (None: look again); anything else (another thread took the long one first) is
+        copied and returned."""
+        taken: Dict[str, object] = {}
+
+        def read(m, data, length, context):  # type: ignore[no-untyped-def]
+            header = m.contents
+            if header.kind == MessageKind.REQUEST and header.length > limit:
+                taken["refuse"] = header.id
+            else:
+                taken["message"] = _message(header, string_at(data, min(length, limit)))
+            return 0
+
+        check(lib().pb_caps_receive(self._live(), _native.READ_CALLBACK(read), None))
+        if "refuse" in taken:
+            lib().pb_caps_reply_error(self._live(), taken["refuse"], errno.EMSGSIZE)
+            return None
+        message = taken.get("message")
+        return message if isinstance(message, Message) else None
+
+    def _noted(self, message: Message) -> Message:
+        """Keeps the books of requests awaiting replies and replies not consumed."""
+        if self.max_reply_bytes_per_uid is None:
+            return message
+        with self._books:
+            if message.kind == MessageKind.REQUEST:
+                self._awaiting[message.id] = message.uid
+            elif message.kind in (MessageKind.DISPOSE, MessageKind.ABORTED):
+                self._awaiting.pop(message.id, None)
+                uid, size = self._replied.pop(message.id, (0, 0))
+                if size:
+                    self._held[uid] = self._held.get(uid, 0) - size
+        return message
 
     def wait(self) -> Message:
         """Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice).
         OSError ECANCELED once cancel() is called."""
-        message, self._capacity = _receive(lib().pb_caps_wait, self._live(), self._capacity)
-        return message
+        message, self._capacity = _receive(lib().pb_caps_wait, self._live(), self._capacity,
+                                           self._refuse_long, self.max_request)
+        return self._noted(message)
 
     def get(self) -> Optional[Message]:
         """The next message if one is queued, else None (does not wait)."""
         try:
-            message, self._capacity = _receive(lib().pb_caps_get, self._live(), self._capacity)
+            message, self._capacity = _receive(lib().pb_caps_get, self._live(), self._capacity,
+                                               self._refuse_long, self.max_request)
         except BlockingIOError:
             return None
-        return message
+        return self._noted(message)
 
     def __iter__(self) -> Iterator[Message]:
         while True:
@@ -133,13 +195,32 @@ class CapsService(_native.Handle):
                 raise
 
     def reply(self, id: int, data: BytesLike) -> None:
-        """Replies to request id with data (any bytes-like object)."""
+        """Replies to request id with data (any bytes-like object). A reply that would take its
+        client's uid past max_reply_bytes_per_uid of replies not consumed yet is answered EDQUOT
+        instead (the client's call raises it)."""
         data = _payload(data)
+        if self.max_reply_bytes_per_uid is not None:
+            with self._books:
+                uid = self._awaiting.get(id)
+                over = uid is not None and self._held.get(uid, 0) + len(data) > self.max_reply_bytes_per_uid
+            if over:
+                check(lib().pb_caps_reply_error(self._live(), id, errno.EDQUOT))
+                with self._books:
+                    self._awaiting.pop(id, None)
+                return
         check(lib().pb_caps_reply(self._live(), id, data, len(data)))
+        if self.max_reply_bytes_per_uid is not None:
+            with self._books:
+                uid = self._awaiting.pop(id, None)
+                if uid is not None:
+                    self._replied[id] = (uid, len(data))
+                    self._held[uid] = self._held.get(uid, 0) + len(data)
 
     def reply_error(self, id: int, error: int) -> None:
         """Answers request id with an errno (> 0) instead of bytes: the client's call raises it."""
         check(lib().pb_caps_reply_error(self._live(), id, error))
+        with self._books:
+            self._awaiting.pop(id, None)
 
     def set_generation(self, generation: int) -> None:
         """Sets this service's generation, which its clients read with CapsClient.generation()."""

@@ -447,6 +447,38 @@ class CapsTests(BrokerTestCase):
             self.assertEqual(service._capacity, 64 * 1024)
             self.assertEqual(client._capacity, 64 * 1024)
 
+    def test_a_request_past_max_request_is_refused_unread_and_replies_past_the_uid_budget_are_EDQUOT(self) -> None:
+        name = unique("py")
+        service = patchbay.CapsService(self.broker, name, max_request=100 * 1024, max_reply_bytes_per_uid=150 * 1024)
+        seen = []
+
+        def echo(message: patchbay.Message) -> None:
+            if message.kind == patchbay.REQUEST:
+                seen.append(len(message.data))
+                service.reply(message.id, message.data)
+
+        self.serve_in_thread(service, echo)
+        with patchbay.CapsClient(self.broker, name) as client:
+            # Over the limit: EMSGSIZE to the client, never copied by the service.
+            with self.assertRaises(OSError) as caught:
+                client.call(secrets.token_bytes(200 * 1024))
+            self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
+            self.assertEqual(client.call(b"small"), b"small")
+            self.assertEqual(seen, [5])
+            # Replies this uid has not consumed count: the second 80 KiB one would pass 150 KiB.
+            first = client.put(secrets.token_bytes(80 * 1024))
+            second = client.put(secrets.token_bytes(80 * 1024))
+            replies = {}
+            for _ in range(2):
+                try:
+                    request_id, data = client.wait_reply()
+                    replies[request_id] = len(data)
+                except OSError as error:
+                    replies[second if first in replies else first] = error.errno
+            self.assertEqual(replies, {first: 80 * 1024, second: errno.EDQUOT})
+            # Consumed (DISPOSEd), they no longer count.
+            self.assertEqual(client.call(b"x" * 80 * 1024), b"x" * 80 * 1024)
+
     # pb_caps_service_fd is readable for a message queued before it was first asked for.
     def test_service_fd_is_readable_for_a_message_queued_before_it_was_asked_for(self) -> None:
         name = unique("py")
