@@ -290,17 +290,44 @@ class CapsClient(_native.Handle):
         check(lib().pb_caps_put(self._live(), data, len(data), byref(message_id)))
         return message_id.value
 
+    def _drop_long(self, limit: int) -> Optional[Message]:
+        """Takes the next reply in place: one longer than limit is disposed of unread and raised
+        as OSError EMSGSIZE; anything else (another thread took the long one first) is copied
+        and returned."""
+        taken: Dict[str, object] = {}
+
+        def read(m, data, length, context):  # type: ignore[no-untyped-def]
+            header = m.contents
+            if header.length > limit:
+                taken["dropped"] = (header.id, header.length)
+            else:
+                taken["message"] = _message(header, string_at(data, length))
+            return 0
+
+        check(lib().pb_caps_receive_reply(self._live(), _native.READ_CALLBACK(read), None))
+        dropped = taken.get("dropped")
+        if isinstance(dropped, tuple):
+            raise OSError(errno.EMSGSIZE, f"the reply to request {dropped[0]} is {dropped[1]} bytes, more than "
+                                          f"reply_capacity ({limit}); disposed of unread")
+        message = taken.get("message")
+        return message if isinstance(message, Message) else None
+
     def wait_reply(self) -> Tuple[int, bytes]:
         """Waits for the next reply and returns (request id, reply). Raises the errno the service
         answered with. A request the service left unanswered when it went away comes back as an
-        empty reply (DragonFly's rule); after those, OSError ENOTCONN."""
-        message, self._capacity = _receive(lib().pb_caps_wait_reply, self._live(), self._capacity)
+        empty reply (DragonFly's rule); after those, OSError ENOTCONN. A reply longer than
+        reply_capacity is disposed of unread: OSError EMSGSIZE (a service can announce gigabytes
+        it never wrote)."""
+        message, self._capacity = _receive(lib().pb_caps_wait_reply, self._live(), self._capacity,
+                                           self._drop_long, self.reply_capacity)
         return message.id, message.data
 
     def get(self) -> Optional[Tuple[int, bytes]]:
-        """The next reply as (request id, reply) if one is queued, else None (does not wait)."""
+        """The next reply as (request id, reply) if one is queued, else None (does not wait);
+        one longer than reply_capacity as in wait_reply."""
         try:
-            message, self._capacity = _receive(lib().pb_caps_client_get, self._live(), self._capacity)
+            message, self._capacity = _receive(lib().pb_caps_client_get, self._live(), self._capacity,
+                                               self._drop_long, self.reply_capacity)
         except BlockingIOError:
             return None
         return message.id, message.data

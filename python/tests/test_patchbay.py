@@ -441,6 +441,13 @@ class CapsTests(BrokerTestCase):
             self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
             request_id = client.put(big)  # wait_reply grows its buffer instead
             self.assertEqual(client.wait_reply(), (request_id, big))
+            # Up to reply_capacity only: a longer reply is disposed of unread.
+            client.reply_capacity = 100 * 1024
+            client.put(big)
+            with self.assertRaises(OSError) as caught:
+                client.wait_reply()
+            self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
+            client.reply_capacity = 1 << 20
             # Grown for one message only: a peer's one huge message must not make every later
             # one allocate as much.
             self.assertEqual(client.call(b"small"), b"small")
