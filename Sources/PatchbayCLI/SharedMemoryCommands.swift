@@ -66,8 +66,14 @@ struct SharedMemoryCommand: ParsableCommand {
             let bytes = size.map { parseSize($0, command) }
             let broker = connectBroker(for: command)
             do {
+                // An existing object is opened as it is (POSIX's O_CREAT): said on stderr, so that
+                // a --mode that did not apply is never taken for one that did.
+                let existing = exclusive ? nil : try? broker.statSharedMemory(name)
                 let memory = try broker.openSharedMemory(
                     name, access: .readWrite, options: exclusive ? [.create, .exclusive] : [.create], mode: bits)
+                if let existing {
+                    writeStandardError("patchbay: shm create: \(name) already existed: opened it as it is (mode 0\(String(existing.mode, radix: 8)), owner uid \(existing.uid)); --mode applies to a new object only, --exclusive makes sure it is new\n")
+                }
                 if let bytes { try memory.truncate(to: bytes) }
             } catch {
                 fail(command, error)

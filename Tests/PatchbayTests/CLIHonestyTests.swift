@@ -15,6 +15,19 @@ struct CLIHonestyTests {
         try run(patchbayCLI, arguments, environment: broker.environment, input: input)
     }
 
+    @Test("shm create of an existing object opens it as it is and says so on stderr (its mode and owner): --mode applied to nothing; --exclusive fails with EEXIST")
+    func createOfAnExistingObjectSaysSo() throws {
+        let broker = try TestBroker()
+        let first = try cli(broker, ["shm", "create", "/said", "--mode", "0644"])
+        #expect(first.termination == .exited(0) && first.standardError.isEmpty, "\(first.standardError)")
+        let second = try cli(broker, ["shm", "create", "/said", "--mode", "0600"])
+        #expect(second.termination == .exited(0))
+        #expect(second.standardError.contains("/said already existed: opened it as it is (mode 0644, owner uid \(geteuid()))"),
+                "\(second.standardError)")
+        let exclusive = try cli(broker, ["shm", "create", "/said", "--exclusive"])
+        #expect(exclusive.termination == .exited(1) && exclusive.standardError.contains("EEXIST"), "\(exclusive.standardError)")
+    }
+
     @Test("caps serve --max-request: a larger request is refused unread (EMSGSIZE), a smaller one echoed; a hollow attachment costs the service no memory")
     func serveRefusesLargeRequests() throws {
         let broker = try TestBroker()
