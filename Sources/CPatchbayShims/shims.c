@@ -225,10 +225,12 @@ ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const in
  * are closed by the kernel inside recvmsg, in this thread, and the last close of a file its
  * sender chose can block (a TCP socket with SO_LINGER): never here. */
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int fd_capacity, int *fd_count, int *flags_out) {
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid) {
     struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    // Room for the sender's credentials too (SO_PASSCRED): they come first, and without room for
+    // them the descriptors after them would be cut off, closed by the kernel in this thread.
     union {
-        char bytes[CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
+        char bytes[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int) * PB_MAX_RECV_FDS)];
         struct cmsghdr align;
     } control;
     struct msghdr msg;
@@ -243,6 +245,7 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
     }
     *fd_count = 0;
     *flags_out = 0;
+    if (sender_pid != NULL) *sender_pid = 0;
     ssize_t n;
     do {
         n = recvmsg(socket, &msg, flags | MSG_CMSG_CLOEXEC);
@@ -253,7 +256,14 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
     // Adopt every descriptor that arrived, in every SCM_RIGHTS message: CMSG_SPACE rounds up, so
     // a buffer sized for N can carry more, and the peer decides what it sends.
     for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        if (cmsg->cmsg_level != SOL_SOCKET) continue;
+        if (cmsg->cmsg_type == SCM_CREDENTIALS && cmsg->cmsg_len >= CMSG_LEN(sizeof(struct ucred))) {
+            struct ucred credentials;
+            memcpy(&credentials, CMSG_DATA(cmsg), sizeof credentials);
+            if (sender_pid != NULL) *sender_pid = credentials.pid;
+            continue;
+        }
+        if (cmsg->cmsg_type != SCM_RIGHTS) continue;
         size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         int *incoming = (int *)CMSG_DATA(cmsg);
         for (size_t i = 0; i < count; i++) {
@@ -273,7 +283,7 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
 ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
                          int *fd_count, int *flags_out, int dontwait) {
     return pb_recv_message(socket, buffer, length, dontwait ? MSG_DONTWAIT : 0, NULL, NULL, fds, fd_capacity, fd_count,
-                           flags_out);
+                           flags_out, NULL);
 }
 
 int pb_queue_holds_no_descriptors(int socket, int limit) {

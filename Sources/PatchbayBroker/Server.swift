@@ -247,6 +247,10 @@ public final class BrokerServer {
                 DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: DeferredCloser.unknownPeer)
                 continue
             }
+            // Each frame then says which process sent it: a claim of a key restricted to a pid
+            // must come from that process itself, not from one that inherited its connection.
+            // (Should it fail, no frame names a sender, and no such claim succeeds.)
+            try? socket.enableSenderCredentials()
             if let refusal = sessions.admit(socket, credentials: credentials) {
                 logger.debug("connection refused", metadata: [
                     "uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "reason": "\(refusal.reason)",
@@ -337,7 +341,8 @@ public final class BrokerServer {
         }
         let bytes = Array(UnsafeRawBufferPointer(rebasing: receiveBuffer[0..<min(message.length, maximumFrameSize)]))
         handle(bytes[...], truncated: message.truncated || message.length > maximumFrameSize,
-               descriptorsTruncated: message.descriptorsTruncated, descriptors: &message.descriptors, session: session)
+               descriptorsTruncated: message.descriptorsTruncated, descriptors: &message.descriptors, sender: message.senderPID,
+               session: session)
         // Descriptors a client sent that no request took are closed off the loop (their last
         // close could block).
         while let descriptor = message.descriptors.takeFirst() {
@@ -351,7 +356,7 @@ public final class BrokerServer {
     /// Checks a frame's envelope (size, descriptors, header, payload) and dispatches it.
     private func handle(
         _ bytes: ArraySlice<UInt8>, truncated: Bool, descriptorsTruncated: Bool,
-        descriptors: inout ReceivedDescriptors, session: Session
+        descriptors: inout ReceivedDescriptors, sender: pid_t, session: Session
     ) {
         let requestID = Frame.salvageRequestID(bytes) ?? 0
         // Error replies echo the request's opcode when it is a known one, else 0.
@@ -366,7 +371,8 @@ public final class BrokerServer {
         if let opcode = Opcode(rawValue: rawOpcode), opcode.metadata.isRequest, !opcode.expectsReply, !truncated,
            let frame = try? Frame.decode(bytes), frame.kind == .request {
             guard !descriptorsTruncated, descriptors.count == 0, let request = try? Request.decode(frame) else { return }
-            let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+            let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds(),
+                                         sender: sender)
             switch request {
             case .keys(let acknowledgement): keys.handle(acknowledgement, descriptors: &descriptors, context)
             case .caps(let tapRecords): caps.handle(tapRecords, descriptors: &descriptors, context)
@@ -401,7 +407,8 @@ public final class BrokerServer {
                 ? "\(frame.opcode) requests carry no descriptors, but \(descriptors.count) arrived"
                 : "\(frame.opcode) needs exactly \(expected) descriptor(s), but \(descriptors.count) arrived")
         }
-        var context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds())
+        var context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds(),
+                                     sender: sender)
         if !sessions.monitors.isEmpty {
             (context.object, context.owners, context.detail) = describe(request, descriptors: descriptors)
             // Read while the caller surely runs: it may exit the moment it has its answer.

@@ -181,6 +181,10 @@ struct RequestContext {
     let opcode: Opcode
     /// When the broker took the request up (monotonic nanoseconds).
     let now: UInt64
+    /// The process that sent this very frame, as the kernel recorded it (`SCM_CREDENTIALS`; 0 when
+    /// unknown): the connection's `caller` made the connection, and another process may hold it
+    /// since (a child it forked, one it passed the socket to).
+    var sender: pid_t = 0
     /// What the request concerns, for monitors (set only while someone watches).
     var object = ""
     /// The uids owning that object (a key's sharer, a name's owner, a service's): their monitors

@@ -45,6 +45,11 @@ package struct ReceivedMessage: ~Copyable {
     /// the sender sent more than fit.
     package var descriptorsTruncated: Bool
     package var descriptors: ReceivedDescriptors
+    /// The process that sent this very message, as the kernel recorded it when it was sent
+    /// (`SCM_CREDENTIALS`); 0 unless the socket has `SO_PASSCRED` (`enableSenderCredentials`).
+    /// Unlike the connection's credentials, a process that inherited the connection, or was
+    /// given it, is told from the one that made it.
+    package var senderPID: pid_t = 0
 }
 
 /// Kernel-verified identity of the process at the other end of a Unix socket.
@@ -181,17 +186,28 @@ package struct SeqpacketSocket: ~Copyable {
         var fds = [CInt](repeating: -1, count: maximumDescriptorsReceived)
         var fdCount: CInt = 0
         var flags: CInt = 0
+        var sender: CInt = 0
         let length = fds.withUnsafeMutableBufferPointer { fdBuffer in
-            pb_recv_with_fds(descriptor.rawValue, buffer.baseAddress, buffer.count,
-                             fdBuffer.baseAddress, CInt(fdBuffer.count), &fdCount, &flags,
-                             nonblocking ? 1 : 0)
+            pb_recv_message(descriptor.rawValue, buffer.baseAddress, buffer.count, nonblocking ? CInt(MSG_DONTWAIT) : 0, nil, nil,
+                            fdBuffer.baseAddress, CInt(fdBuffer.count), &fdCount, &flags, &sender)
         }
         if length < 0 { throw Errno.current }
         return ReceivedMessage(
             length: length,
             truncated: flags & pb_msg_trunc() != 0,
             descriptorsTruncated: flags & pb_msg_ctrunc() != 0,
-            descriptors: ReceivedDescriptors(Array(fds[0..<Int(fdCount)])))
+            descriptors: ReceivedDescriptors(Array(fds[0..<Int(fdCount)])),
+            senderPID: sender)
+    }
+
+    /// Sets `SO_PASSCRED`: from now on each message received says which process sent it
+    /// (`ReceivedMessage.senderPID`). (On a connected socket, which has an address already, it
+    /// binds nothing.)
+    package borrowing func enableSenderCredentials() throws(Errno) {
+        var one: CInt = 1
+        guard setsockopt(descriptor.rawValue, SOL_SOCKET, SO_PASSCRED, &one, socklen_t(MemoryLayout<CInt>.size)) == 0 else {
+            throw Errno.current
+        }
     }
 
     /// The peer's pid, uid, gid and supplementary groups, from the kernel

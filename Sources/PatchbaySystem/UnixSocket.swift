@@ -235,7 +235,7 @@ package struct UnixSocket: ~Copyable {
             var received: CInt = 0
             let total = withUnsafeMutableBytes(of: &storage) { name in
                 pb_recv_message(fd, buffer.baseAddress, buffer.count, flags, wantSender ? name.baseAddress : nil, &length,
-                                fds.baseAddress, CInt(fds.count), &count, &received)
+                                fds.baseAddress, CInt(fds.count), &count, &received, nil)
             }
             for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: owner) }
             guard total >= 0 else { throw Errno.current }

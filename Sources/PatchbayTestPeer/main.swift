@@ -478,8 +478,56 @@ func claimThroughOrphanedConnection() throws(PatchbayError) {
     var status: CInt = 0
     _ = waitpid(child, &status, 0)
     say("orphaned \(child)")
-    // "claim KEY", or "caps-client NAME" (a connection to a CAPS service: its notice carries the
-    // credentials the broker gives this connection).
+    try answerCommand(over: connection)
+}
+
+/// A connection made by a process that then runs `program` (a set-uid one, say, keeping its pid),
+/// kept by this process, which made it fork that one first: says "exec'd PID" once `program` runs
+/// (its input a pipe this process holds, so it waits there), then answers a command as
+/// `answerCommand` over that connection, and ends `program` when its own input ends.
+func claimAfterExec(_ arguments: [String]) throws(PatchbayError) {
+    let path = try brokerSocketPath()
+    var pair: [CInt] = [-1, -1]
+    var started: [CInt] = [-1, -1]  // close-on-exec: end of file once the program runs
+    var input: [CInt] = [-1, -1]    // the program's standard input
+    guard socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue), 0, &pair) == 0, pipe(&started) == 0, pipe(&input) == 0,
+          fcntl(started[1], F_SETFD, FD_CLOEXEC) == 0
+    else { throw PatchbayError(Errno.current, "socketpair or pipe") }
+    // Everything the child needs is made before the fork: it runs plain system calls only.
+    let argv = arguments.map { strdup($0) } + [nil]
+    let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
+    let child = fork()
+    if child == 0 {
+        guard let connection = try? connectSeqpacket(to: path) else { _exit(1) }
+        var byte: UInt8 = 1
+        let sent = withUnsafeBytes(of: &byte) { raw in [connection.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(pair[1], raw, $0) } }
+        guard sent == 1, dup2(input[0], 0) == 0, dup2(null, 1) == 1, dup2(null, 2) == 2 else { _exit(1) }
+        close(input[1])
+        _ = argv.withUnsafeBufferPointer { execv(argv[0]!, $0.baseAddress!) }
+        _exit(127)
+    }
+    close(input[0])
+    close(started[1])
+    var buffer = [UInt8](repeating: 0, count: 8)
+    guard child > 0, let received = buffer.withUnsafeMutableBytes({ SeqpacketSocket.receiveRaw(pair[0], $0) }),
+          let connection = received.descriptors.first else {
+        throw PatchbayError(.protocolError, "the child did not hand over its connection")
+    }
+    var byte: UInt8 = 0
+    while read(started[0], &byte, 1) > 0 {}
+    say("exec'd \(child)")
+    try answerCommand(over: connection)
+    waitForEndOfInput()
+    close(input[1])  // the program reads end of file and ends
+    var status: CInt = 0
+    _ = waitpid(child, &status, 0)
+}
+
+/// Reads one command and sends it as a request over `connection` (a raw broker connection),
+/// saying what came back: "claim KEY" ("claimed", "refused ERRNO"), or "caps-client NAME" (a
+/// connection to a CAPS service: its notice carries the credentials the broker gives this
+/// connection; "connected").
+func answerCommand(over connection: CInt) throws(PatchbayError) {
     guard let line = readLine() else { throw PatchbayError(.invalidArgument, "no command") }
     let request: Request
     if line.hasPrefix("claim "), let token = KeyToken(text: String(line.dropFirst(6))) {
@@ -1986,6 +2034,8 @@ func main() -> CInt {
             try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:
             try claimThroughOrphanedConnection()
+        case "claim-after-exec" where arguments.count >= 2 && arguments[1].hasPrefix("/"):
+            try claimAfterExec(Array(arguments.dropFirst()))
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:

@@ -28,6 +28,19 @@ private func shareMemory(_ table: KeyTable, expiry: KeyExpiry = .never, restrict
     return try table.share(file, expiry: expiry, restriction: restriction, sharer: sharer, now: now)
 }
 
+// The claims these tests make come from the process that made the connection.
+extension KeyEntry {
+    fileprivate func permitsClaim(by claimer: PeerCredentials) -> Bool { permitsClaim(by: claimer, sentBy: claimer.pid) }
+}
+
+extension KeyTable {
+    fileprivate func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, session: UInt64, now: UInt64)
+        throws(RequestError) -> KeyEntry
+    {
+        try beginClaim(token, by: claimer, sentBy: claimer.pid, session: session, now: now)
+    }
+}
+
 @Suite("KeyTable: expiry queue")
 struct KeyExpiryTests {
     @Test("expire(now:) closes exactly the keys whose deadline passed; nextDeadline follows the earliest")
@@ -362,6 +375,12 @@ struct KeyClaimTests {
         #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: runner.pid)))
         #expect(!pidEntry.permitsClaim(by: credentials(uid: carol.uid, pid: runner.pid + 1)))
         #expect(pidEntry.restrictedProcess?.hasExited == false)
+        // Over the process's own connection, but sent by another process (one that inherited
+        // the connection): a stranger. And one whose sender is unknown (0).
+        #expect(!pidEntry.permitsClaim(by: runner, sentBy: runner.pid + 1))
+        #expect(!pidEntry.permitsClaim(by: runner, sentBy: 0))
+        // The sender matters only to a pid restriction.
+        #expect(uidEntry.permitsClaim(by: bob, sentBy: 0) && openEntry.permitsClaim(by: carol, sentBy: 0))
         // A pid no process has is refused at share: the key could only ever go to a stranger
         // who later gets that number.
         expectRequestError(.noSuchProcess) { () throws(RequestError) in

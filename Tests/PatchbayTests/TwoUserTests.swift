@@ -266,4 +266,37 @@ struct TwoUserTests {
         #expect(refused.standardError.hasPrefix("patchbay: claim: ENOENT: "))
         _ = try root.claim(wrongKey)
     }
+
+    @Test("a key for a set-uid program's pid is not claimed by nobody's child over the connection the program's process made before its exec")
+    func childOfSetUIDProgramCannotClaim() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        let path = broker.directory + "/for-the-helper.txt"
+        try writeFile(path, "for the set-uid helper only")
+        chmod(path, 0o600)
+        // nobody connects, forks, and the connecting process execs a set-uid root program (it
+        // waits on its input: chfn asks for a password) with the same pid, start time and pidfd;
+        // its child keeps the connection. (A program that is not set-uid, where chfn is missing,
+        // shows the same: the connection is the child's to use now, not the program's.)
+        var chfn = stat()
+        let setUID = stat("/usr/bin/chfn", &chfn) == 0 && chfn.st_mode & S_ISUID != 0 && chfn.st_uid == 0
+        let program = setUID ? ["/usr/bin/chfn"] : ["/bin/sleep", "60"]
+        let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "claim-after-exec"] + program, environment: broker.environment)
+        defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
+        let line = try #require(try attacker.readLine())
+        let pid = try #require(line.hasPrefix("exec'd ") ? pid_t(line.dropFirst(7)) : nil, "\(line)")
+        if setUID {
+            // Root sees a process running as root (euid 0) under that pid: its helper.
+            let status = try run("/bin/grep", ["^Uid:", "/proc/\(pid)/status"]).standardOutput
+            let uids = status.split(whereSeparator: \.isWhitespace)
+            #expect(uids.count == 5 && uids[1] == "65534" && uids[2] == "0", "\(uids)")
+        }
+        let key = try root.share(try openFile(path, flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
+        try attacker.writeLine("claim " + key.text)
+        #expect(try attacker.readLine() == "refused ENOENT")
+        #expect(try root.status().keys == 1, "the key is still there for the helper")
+        attacker.closeInput()
+        _ = try attacker.wait()
+    }
 }

@@ -78,10 +78,12 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
 /// (MSG_TRUNC, MSG_DONTWAIT), MSG_CMSG_CLOEXEC is added, the sender's address goes to `name`
 /// (when not NULL; `*name_length` in and out), and every descriptor that arrived is stored in
 /// `fds` (up to `fd_capacity`; any beyond are closed here, with MSG_CTRUNC in `*flags_out`, which
-/// receives msg_flags), for the caller to close where it chooses. EINTR is retried.
+/// receives msg_flags), for the caller to close where it chooses. EINTR is retried. With
+/// `SO_PASSCRED` on the socket, `*sender_pid` (when not NULL) receives the pid the kernel recorded
+/// for the process that sent this very message (`SCM_CREDENTIALS`), else 0.
 /// `pb_recv_with_fds` is this with no address and `dontwait` for MSG_DONTWAIT.
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int fd_capacity, int *fd_count, int *flags_out);
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid);
 
 /// For a local socket this process never read from (a connection refused at once, a connection a
 /// listener will not serve), before it is closed here: 1 when its receive queue holds no

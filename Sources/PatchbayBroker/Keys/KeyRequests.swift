@@ -44,7 +44,7 @@ final class KeyRequests: SessionClosedHook {
     private func claim(_ token: KeyToken, _ context: RequestContext) {
         let entry: KeyEntry
         do {
-            entry = try table.beginClaim(token, by: context.caller, session: context.session.id, now: context.now)
+            entry = try table.beginClaim(token, by: context.caller, sentBy: context.sender, session: context.session.id, now: context.now)
         } catch {
             sessions.fail(error, context)
             return

@@ -97,7 +97,9 @@ final class KeyEntry {
         self.deadline = deadline
     }
 
-    func permitsClaim(by claimer: PeerCredentials) -> Bool {
+    /// Whether `claimer`'s connection may claim this key, with the claim sent by process `sender`
+    /// (the kernel's record of who sent the frame: `RequestContext.sender`).
+    func permitsClaim(by claimer: PeerCredentials, sentBy sender: Int32) -> Bool {
         if let earlier = restoredFor, !Self.sameProcess(earlier, claimer) { return false }
         return switch restriction {
         case nil: true
@@ -106,8 +108,12 @@ final class KeyEntry {
         case .pid(let pid)?:
             // The very process: its pid, and the start time read through a pidfd of the process
             // that connected, so a process given the pid since (or a connection kept from a
-            // process that had it before) is a stranger.
-            claimer.pid == pid && restrictedProcess.map(claimer.isProcess) == true
+            // process that had it before) is a stranger. And the claim sent by that process
+            // itself: a connection it made before it exec'd a set-uid program, kept by a child it
+            // forked first, is that child's to use, not the program's (the child would otherwise
+            // claim what was shared for the program). `isProcess` checks that the process is
+            // still running (its pidfd says so): no other has had its pid since it sent the frame.
+            claimer.pid == pid && sender == pid && restrictedProcess.map(claimer.isProcess) == true
         }
     }
 
@@ -285,7 +291,7 @@ final class KeyTable {
 
     /// Starts a claim: the entry goes in flight to `session` and its file is returned for sending.
     /// Unknown, in flight, expired or restricted: ENOENT, all alike.
-    func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, session: UInt64, now: UInt64)
+    func beginClaim(_ token: KeyToken, by claimer: PeerCredentials, sentBy sender: Int32, session: UInt64, now: UInt64)
         throws(RequestError) -> KeyEntry
     {
         guard limiter.hasToken(uid: claimer.uid, now: now) else {
@@ -294,7 +300,7 @@ final class KeyTable {
                 reason: "too many failed claims from uid \(claimer.uid); try again in \(limiter.millisecondsUntilNextToken(uid: claimer.uid, now: now)) ms")
         }
         guard let entry = entries[token], entry.inFlightTo == nil, !isExpired(entry, now: now),
-              entry.permitsClaim(by: claimer)
+              entry.permitsClaim(by: claimer, sentBy: sender)
         else {
             limiter.spendToken(uid: claimer.uid, now: now)
             throw RequestError(errno: .noSuchFileOrDirectory,
