@@ -17,6 +17,9 @@ enum Registration: Equatable {
     case netHandle(socket: UInt64)
     /// A `/net` listener with accepts parked on it.
     case netListener(socket: UInt64)
+    /// An accepted `/net` connection charged to the uid that connected: the broker's copy of the
+    /// kernel socket, watched for the hang-up of that uid's end.
+    case netMaker(socket: UInt64)
 }
 
 /// Epoll with typed registrations. Each registration gets a token of its own that is never

@@ -175,6 +175,7 @@ public final class BrokerServer {
                     case .session(let id): serviceSession(id, events: events)
                     case .netHandle(let id): net.handleReadable(id, events: events)
                     case .netListener(let id): net.listenerReadable(id)
+                    case .netMaker(let id): net.makerMayBeGone(id)
                     }
                 }
                 var batch = try loop.wait(timeoutMilliseconds: nextTimeoutMilliseconds(), dispatch)

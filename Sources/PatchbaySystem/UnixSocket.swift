@@ -262,6 +262,14 @@ package struct UnixSocket: ~Copyable {
         return poller.revents & Int16(0x2000 | 0x10) != 0  // POLLRDHUP | POLLHUP
     }
 
+    /// Whether the connection is shut both ways (`POLLHUP`): for a connected local socket, its
+    /// peer has closed (or shut down both directions), or this end was shut down both ways.
+    package static func hasHungUp(_ fd: CInt) -> Bool {
+        var poller = pollfd(fd: fd, events: 0, revents: 0)
+        guard poll(&poller, 1, 0) > 0 else { return false }
+        return poller.revents & Int16(0x10) != 0  // POLLHUP
+    }
+
     /// Sets `SO_PASSCRED`, which makes Linux give an unbound socket an autobound (abstract)
     /// address when it connects or sends, so a datagram peer can answer it.
     package borrowing func enableCredentialPassing() throws(Errno) {

@@ -1313,6 +1313,27 @@ func netAcceptMany(_ name: String, count: Int) throws(PatchbayError) {
     _ = consume listener
 }
 
+/// A `/net` listener named `name` (seqpacket) that keeps what it accepts: says "listening", then
+/// for each "accept" line accepts one connection (waiting for it) and says "accepted"; ends with
+/// its input, and only then lets the connections go.
+func netAcceptKeep(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let listener = try Socket.listen(broker, name: name)
+    say("listening")
+    final class Kept {
+        let socket: Socket
+        let next: Kept?
+        init(_ socket: consuming Socket, _ next: Kept?) { self.socket = socket; self.next = next }
+    }
+    var kept: Kept?
+    while let line = readLine(), line == "accept" {
+        kept = Kept(try listener.accept(), kept)
+        say("accepted")
+    }
+    withExtendedLifetime(kept) {}
+    _ = consume listener
+}
+
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
@@ -2013,6 +2034,8 @@ func main() -> CInt {
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!, seconds: 1, pause: 1_200_000)
         case "caps-exec-race" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
+        case "net-accept-keep" where arguments.count == 2:
+            try netAcceptKeep(arguments[1])
         case "net-accept-left-behind" where arguments.count == 2:
             try netAcceptLeftBehind(arguments[1])
         case "refuse-user-raw" where arguments.count == 2 && UInt32(arguments[1]) != nil:

@@ -423,6 +423,52 @@ struct TwoUserAccountingTests {
                   + arguments)
     }
 
+    @Test("root's connections that nobody's listener accepted and keeps count against root only while root's end is open: closed, they are nobody's, and root's quota is whole")
+    func acceptedConnectionsGoToTheHolderOnceTheMakerLeaves() throws {
+        let broker = try openBroker(["--max-sockets-per-uid", "8"])
+        let root = try broker.connect()
+        let acceptor = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "net-accept-keep", "pin"], environment: broker.environment)
+        defer { acceptor.closeInput(); _ = try? acceptor.wait() }
+        #expect(try acceptor.readLine() == "listening")
+        let path = try root.localSocketPath("pin")
+        func sockets(of uid: uid_t) -> Int { Int((try? root.status().users.first { $0.uid == uid }?.sockets) ?? 0) }
+        // Root connects straight to the socket file 6 times, closing each at once; nobody accepts
+        // each through /net and keeps it.
+        for _ in 0..<6 {
+            do {
+                let connection = try SeqpacketSocket()
+                try connection.connect(path: path)
+            }
+            try acceptor.writeLine("accept")
+            #expect(try acceptor.readLine() == "accepted")
+        }
+        // One more that root keeps open: root's while it is.
+        let live = try SeqpacketSocket()
+        try live.connect(path: path)
+        try acceptor.writeLine("accept")
+        #expect(try acceptor.readLine() == "accepted")
+        #expect(try eventually { sockets(of: 0) == 1 && sockets(of: otherUID) == 7 },
+                "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
+        _ = consume live
+        #expect(try eventually { sockets(of: 0) == 0 && sockets(of: otherUID) == 8 },
+                "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
+        // Root's quota is whole: 8 sockets of its own.
+        final class Mine {
+            let socket: Socket
+            let next: Mine?
+            init(_ socket: consuming Socket, _ next: Mine?) { self.socket = socket; self.next = next }
+        }
+        var mine: Mine?
+        for _ in 0..<8 { mine = Mine(try Socket.open(root, type: .seqpacket), mine) }
+        #expect(sockets(of: 0) == 8)
+        // And the broker's descriptors held for nobody's 8 (2 each) count in nobody's share; root's
+        // are its 8 sockets' and its connections'.
+        let metrics = try root.metrics()
+        #expect(metrics.contains("patchbay_user_descriptors{uid=\"65534\"} 17\n"), "\(metrics)")
+        withExtendedLifetime(mine) {}
+    }
+
     @Test("connections another uid makes to root's listener count against that uid: root's quota is untouched and its accepts never fail")
     func connectionsChargedToTheirMaker() throws {
         let broker = try openBroker(["--max-sockets-per-uid", "8"])

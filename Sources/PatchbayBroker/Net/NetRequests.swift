@@ -190,6 +190,7 @@ final class NetRequests: SessionClosedHook {
     /// sees the hang-up: the socket closes like any other.
     private func deliver(_ opened: consuming NetOpened, as kind: OpenedObjectKind, to request: ParkedRequest) {
         watchHandle(opened.socket)
+        if opened.socket.accountedUID != opened.socket.ownerUID { watchMaker(opened.socket) }
         // Borrow, not bind: `if let` would move the data descriptor out and close it too early.
         var fds = [opened.clientHandle.rawValue]
         if let data = opened.data?.rawValue { fds.append(data) }
@@ -200,6 +201,23 @@ final class NetRequests: SessionClosedHook {
 
     private func watchHandle(_ socket: NetSocket) {
         try? loop.register(socket.handle.rawValue, as: .netHandle(socket: socket.id), events: [.readable])
+    }
+
+    /// Watches an accepted connection another uid made for the hang-up of that uid's end: no
+    /// readiness asked for (the client reads its data from the same socket), so only a hang-up or
+    /// an error is reported, once (edge-triggered). At once if it has hung up already.
+    private func watchMaker(_ socket: NetSocket) {
+        try? loop.register(socket.kernel.rawValue, as: .netMaker(socket: socket.id), events: [.edgeTriggered])
+    }
+
+    /// An accepted connection's kernel socket reported a hang-up or an error: once the maker's end
+    /// is gone (both directions shut), the socket counts against its owner and is no longer
+    /// watched. (Its close, with its handle's hang-up, unregisters the same descriptor.)
+    func makerMayBeGone(_ id: UInt64) {
+        guard let socket = table.sockets[id] else { return }
+        guard UnixSocket.hasHungUp(socket.kernel.rawValue) else { return }
+        loop.unregister(socket.kernel.rawValue)
+        table.chargeToOwner(id)
     }
 
     private func watchListener(_ socket: NetSocket, _ on: Bool) {
