@@ -20,6 +20,10 @@
 #include <sys/syscall.h>
 #include <sys/statfs.h>
 #include <sys/sysmacros.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
 #include <sys/uio.h>
 #include <linux/magic.h>
 #include <sys/wait.h>
@@ -745,3 +749,74 @@ int pb_pidfd_exited(int pidfd) {
 }
 
 
+
+/* Which files a local socket is bound to, from the kernel's socket table (sock_diag, the
+ * UNIX_DIAG_VFS attribute: the device and inode of the socket file a bound socket made). A path
+ * string proves nothing: anyone can bind a socket to the same path string in a mount namespace of
+ * its own, or keep a socket whose file was since unlinked and made again. */
+int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound) {
+    memset(bound, 0, (size_t)count);
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    struct timeval timeout = { .tv_sec = 5, .tv_usec = 0 };
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    struct {
+        struct nlmsghdr header;
+        struct unix_diag_req request;
+    } query;
+    memset(&query, 0, sizeof query);
+    query.header.nlmsg_len = sizeof query;
+    query.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    query.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    query.request.sdiag_family = AF_UNIX;
+    query.request.udiag_states = ~0u;
+    query.request.udiag_show = UDIAG_SHOW_VFS;
+    if (send(fd, &query, sizeof query, 0) != (ssize_t)sizeof query) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    static _Thread_local char buffer[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
+    for (;;) {
+        ssize_t n;
+        do {
+            n = recv(fd, buffer, sizeof buffer, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n <= 0) {
+            int saved = n == 0 ? EPROTO : errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        int length = (int)n;
+        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, length); header = NLMSG_NEXT(header, length)) {
+            if (header->nlmsg_type == NLMSG_DONE) {
+                close(fd);
+                return 0;
+            }
+            if (header->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *error = NLMSG_DATA(header);
+                close(fd);
+                errno = error->error < 0 ? -error->error : EPROTO;
+                return -1;
+            }
+            if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY || header->nlmsg_len < NLMSG_LENGTH(sizeof(struct unix_diag_msg))) continue;
+            struct unix_diag_msg *message = NLMSG_DATA(header);
+            int left = (int)(header->nlmsg_len - NLMSG_LENGTH(sizeof *message));
+            for (struct rtattr *attribute = (struct rtattr *)(message + 1); RTA_OK(attribute, left);
+                 attribute = RTA_NEXT(attribute, left)) {
+                if (attribute->rta_type != UNIX_DIAG_VFS || RTA_PAYLOAD(attribute) < sizeof(struct unix_diag_vfs)) continue;
+                struct unix_diag_vfs vfs;
+                memcpy(&vfs, RTA_DATA(attribute), sizeof vfs);
+                // The kernel's device number (major << 20 | minor), and the inode's low 32 bits.
+                unsigned int major_number = vfs.udiag_vfs_dev >> 20, minor_number = vfs.udiag_vfs_dev & 0xfffff;
+                for (int i = 0; i < count; i++) {
+                    if (major(devices[i]) == major_number && minor(devices[i]) == minor_number &&
+                        (uint32_t)inodes[i] == vfs.udiag_vfs_ino)
+                        bound[i] = 1;
+                }
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 package import SystemPackage
 import Glibc
+import CPatchbayShims
 
 /// The device and inode of the file at `path` itself (a final symlink is not followed), or nil
 /// when nothing is there. The corresponding C call is `lstat`.
@@ -9,6 +10,16 @@ package func fileIdentity(atPath path: String) -> (device: UInt64, inode: UInt64
     var info = stat()
     guard lstat(path, &info) == 0 else { return nil }
     return (UInt64(info.st_dev), UInt64(info.st_ino))
+}
+
+/// For each file (`fileIdentity`), whether a local socket in this network namespace is bound to
+/// it, from the kernel's socket table (sock_diag); nil when that cannot be read.
+package func unixSocketsBound(to files: [(device: UInt64, inode: UInt64)]) -> [Bool]? {
+    let devices = files.map(\.device)
+    let inodes = files.map(\.inode)
+    var bound = [UInt8](repeating: 0, count: files.count)
+    guard pb_unix_sockets_bound_to(devices, inodes, CInt(files.count), &bound) == 0 else { return nil }
+    return bound.map { $0 != 0 }
 }
 
 /// Whether the file at `path` itself is a socket; nil when nothing is there (`lstat`).

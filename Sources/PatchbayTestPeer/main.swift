@@ -1313,6 +1313,23 @@ func netAcceptMany(_ name: String, count: Int) throws(PatchbayError) {
     _ = consume listener
 }
 
+/// Binds `name` through `/net` (a listener), keeps a copy of its kernel socket and closes the
+/// socket's handle: the broker lets the name go and removes its file, while the kept socket stays
+/// bound to that (now unlinked) file, under the same path string. Says "kept" once the name is
+/// free, and holds the socket until its input ends.
+func netBindKeep(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let kept: CInt
+    do {
+        let socket = try Socket.listen(broker, name: name)
+        kept = dup(socket.kernelDescriptor)
+    }
+    while try broker.listSockets().contains(where: { $0.name == name }) { usleep(1_000) }
+    say("kept")
+    waitForEndOfInput()
+    close(kept)
+}
+
 /// A `/net` listener named `name` (seqpacket) that keeps what it accepts: says "listening", then
 /// for each "accept" line accepts one connection (waiting for it) and says "accepted"; ends with
 /// its input, and only then lets the connections go.
@@ -2034,6 +2051,8 @@ func main() -> CInt {
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!, seconds: 1, pause: 1_200_000)
         case "caps-exec-race" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsExecRace(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
+        case "net-bind-keep" where arguments.count == 2:
+            try netBindKeep(arguments[1])
         case "net-accept-keep" where arguments.count == 2:
             try netAcceptKeep(arguments[1])
         case "net-accept-left-behind" where arguments.count == 2:

@@ -469,6 +469,34 @@ struct TwoUserAccountingTests {
         withExtendedLifetime(mine) {}
     }
 
+    @Test("after a crash, a socket nobody keeps under the path string of root's name does not keep root's stale socket file: the new broker removes it, and root binds its name again")
+    func staleSocketFileIsToldByIdentityNotPath() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        // nobody binds "svc" first, keeps the kernel socket, lets the name go.
+        let squatter = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "net-bind-keep", "svc"], environment: broker.environment)
+        defer { squatter.closeInput(); _ = try? squatter.wait() }
+        #expect(try squatter.readLine() == "kept")
+        // Root binds it now (a new socket file under the same path), and a second name it keeps
+        // across the crash; the broker dies, then root's "svc" service.
+        var service: Socket? = try Socket.listen(root, name: "svc")
+        let alive = try Socket.listen(root, name: "alive")
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        service = nil
+        #expect(service == nil && isSocketFile(atPath: broker.directory + "/net/svc") == true)
+        // The next broker removes the file no socket is bound to, whatever path strings the
+        // kernel lists, and keeps the one root's live listener is bound to.
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm", ["--system"])
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        #expect(isSocketFile(atPath: broker.directory + "/net/svc") == nil)
+        #expect(isSocketFile(atPath: broker.directory + "/net/alive") == true)
+        let again = try Broker(socketPath: broker.socketPath)
+        _ = try Socket.listen(again, name: "svc")
+        _ = alive
+    }
+
     @Test("connections another uid makes to root's listener count against that uid: root's quota is untouched and its accepts never fail")
     func connectionsChargedToTheirMaker() throws {
         let broker = try openBroker(["--max-sockets-per-uid", "8"])

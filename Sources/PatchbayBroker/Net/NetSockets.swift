@@ -606,46 +606,60 @@ final class NetTable {
         return socket
     }
 
-    /// Socket files left by a broker that died: nobody listens on them (connect is refused), so
-    /// they would make every bind of their name fail.
+    /// Socket files left by a broker that died: no socket is bound to them any more, so they
+    /// would make every bind of their name fail. A file a socket is still bound to (a listener
+    /// that outlived the broker before, in a client's hands) stays.
     private func removeStaleSocketFiles() {
-        let boundPaths = boundUnixSocketPaths()
-        guard let directory = opendir(local.directory) else { return }
-        defer { closedir(directory) }
-        while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard isValidLocalSocketName(name) else { continue }
-            let path = local.path(of: Substring(name))
-            guard isSocketFile(atPath: path) == true else { continue }
-            // A socket bound there still exists (a listener that outlived the broker before):
-            // the kernel lists it in /proc/net/unix. Not a probe connection, which the listener
-            // would accept as a connection from nobody.
-            if let bound = boundPaths {
-                if bound.contains(path) { continue }
-                try? removeFile(atPath: path)
-                logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
-                continue
-            }
-            // Without /proc: probe with each type: the wrong one says EPROTOTYPE, a live one
-            // connects, a dead one refuses.
-            var stale = true
-            for kind in UnixSocket.Kind.allCases {
-                guard let probe = try? UnixSocket(kind) else { continue }
-                do {
-                    try probe.connectWithoutBlocking(path: path)
-                    stale = false
-                    break
-                } catch {
-                    if error == .protocolWrongTypeForSocket { continue }
-                    if error != .connectionRefused { stale = false }
-                    break
-                }
-            }
-            if stale {
-                try? removeFile(atPath: path)
-                logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
+        var files: [(name: String, path: String, identity: (device: UInt64, inode: UInt64))] = []
+        if let directory = opendir(local.directory) {
+            defer { closedir(directory) }
+            while let entry = readdir(directory) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard isValidLocalSocketName(name) else { continue }
+                let path = local.path(of: Substring(name))
+                guard isSocketFile(atPath: path) == true, let identity = fileIdentity(atPath: path) else { continue }
+                files.append((name, path, identity))
             }
         }
+        guard !files.isEmpty else { return }
+        // Which of these very files a socket is bound to, from the kernel's socket table: not a
+        // path string (/proc/net/unix), which any user can make a socket of its own show (bound
+        // in a mount namespace of its own, or kept after its file was unlinked and made again).
+        // Not a probe connection either, which a listener would accept as one from root.
+        let bound = unixSocketsBound(to: files.map(\.identity))
+        let boundPaths = bound == nil ? boundUnixSocketPaths() : nil
+        if bound == nil {
+            logger.warning("the kernel's socket table (sock_diag) cannot be read; stale socket files are told by path instead")
+        }
+        for (index, file) in files.enumerated() {
+            let live: Bool
+            if let bound {
+                live = bound[index]
+            } else if let boundPaths {
+                live = boundPaths.contains(file.path)
+            } else {
+                live = answersConnections(file.path)
+            }
+            guard !live else { continue }
+            try? removeFile(atPath: file.path)
+            logger.notice("removed a stale socket file", metadata: ["name": "\(file.name)"])
+        }
+    }
+
+    /// Without the socket table or /proc: a probe with each type (the wrong one says EPROTOTYPE,
+    /// a live one connects, a dead one refuses).
+    private func answersConnections(_ path: String) -> Bool {
+        for kind in UnixSocket.Kind.allCases {
+            guard let probe = try? UnixSocket(kind) else { continue }
+            do {
+                try probe.connectWithoutBlocking(path: path)
+                return true
+            } catch {
+                if error == .protocolWrongTypeForSocket { continue }
+                return error != .connectionRefused
+            }
+        }
+        return false
     }
 
     /// The paths of every AF_UNIX socket bound in this network namespace (the last column of
