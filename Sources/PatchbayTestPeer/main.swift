@@ -916,9 +916,13 @@ func refusedBehindLingering(port: UInt16, connections: Int) throws(PatchbayError
             }
             if sent { wedge.handedOver() } else { wedge.disarm() }
         } else {
-            let made = try connectSeqpacket(to: path)
-            connection = dup(made.rawValue)
-            sent = sendFrame(connection, status, [null, pipe.readEnd.rawValue]) == status.count
+            // Likewise: on a loaded machine the broker may refuse the connection before the send.
+            for _ in 0..<100 where !sent {
+                close(connection)
+                let made = try connectSeqpacket(to: path)
+                connection = dup(made.rawValue)
+                sent = sendFrame(connection, status, [null, pipe.readEnd.rawValue]) == status.count
+            }
         }
         defer { close(connection) }
         if sent && refused(connection) {
