@@ -71,13 +71,6 @@ final class DescriptorBudget {
         if uid != privilegedUID { heldByOthers += count }
     }
 
-    /// Charges `count` descriptors the broker holds already to `uid`, whatever its share: what
-    /// moves to it from another uid's charge (`DescriptorCharge(holding:to:in:)`).
-    func chargeHeld(_ count: Int, to uid: UInt32) {
-        held[uid, default: 0] += count
-        if uid != privilegedUID { heldByOthers += count }
-    }
-
     /// Gives back descriptors charged to `uid`.
     func release(_ count: Int, from uid: UInt32) {
         let remaining = (held[uid] ?? 0) - count
@@ -96,15 +89,6 @@ final class DescriptorCharge {
     /// Charges `count` to `uid` now.
     init(_ count: Int, to uid: UInt32, in budget: DescriptorBudget, for what: String) throws(RequestError) {
         try budget.charge(count, to: uid, for: what)
-        self.budget = budget
-        self.uid = uid
-        self.count = count
-    }
-
-    /// Charges `count` descriptors the broker holds already to `uid`, past its share if need be:
-    /// for a charge that moves from one uid to another (the old one then ends).
-    init(holding count: Int, to uid: UInt32, in budget: DescriptorBudget) {
-        budget.chargeHeld(count, to: uid)
         self.budget = budget
         self.uid = uid
         self.count = count

@@ -1335,8 +1335,9 @@ func netBindKeep(_ name: String) throws(PatchbayError) {
 }
 
 /// A `/net` listener named `name` (seqpacket) that keeps what it accepts: says "listening", then
-/// for each "accept" line accepts one connection (waiting for it) and says "accepted"; ends with
-/// its input, and only then lets the connections go.
+/// for each "accept" line accepts one connection (waiting for it) and says "accepted"; for "read",
+/// reads one message from each connection kept and says "read N", N the ones that said "bye";
+/// ends with its input, and only then lets the connections go.
 func netAcceptKeep(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
     let listener = try Socket.listen(broker, name: name)
@@ -1347,9 +1348,21 @@ func netAcceptKeep(_ name: String) throws(PatchbayError) {
         init(_ socket: consuming Socket, _ next: Kept?) { self.socket = socket; self.next = next }
     }
     var kept: Kept?
-    while let line = readLine(), line == "accept" {
-        kept = Kept(try listener.accept(), kept)
-        say("accepted")
+    while let line = readLine() {
+        if line == "accept" {
+            kept = Kept(try listener.accept(), kept)
+            say("accepted")
+        } else if line == "read" {
+            var count = 0
+            var next = kept
+            while let connection = next {
+                if (try? connection.socket.receive())??.bytes == Array("bye".utf8) { count += 1 }
+                next = connection.next
+            }
+            say("read \(count)")
+        } else {
+            break
+        }
     }
     withExtendedLifetime(kept) {}
     _ = consume listener

@@ -423,8 +423,8 @@ struct TwoUserAccountingTests {
                   + arguments)
     }
 
-    @Test("root's connections that nobody's listener accepted and keeps count against root only while root's end is open: closed, they are nobody's, and root's quota is whole")
-    func acceptedConnectionsGoToTheHolderOnceTheMakerLeaves() throws {
+    @Test("root's connections that nobody's listener accepted and keeps count against root only while root's end is open: closed, the broker lets them go (nobody still reads what root sent), and root's quota is whole")
+    func deadAcceptedConnectionsLeaveTheTable() throws {
         let broker = try openBroker(["--max-sockets-per-uid", "8"])
         let root = try broker.connect()
         let acceptor = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
@@ -433,12 +433,13 @@ struct TwoUserAccountingTests {
         #expect(try acceptor.readLine() == "listening")
         let path = try root.localSocketPath("pin")
         func sockets(of uid: uid_t) -> Int { Int((try? root.status().users.first { $0.uid == uid }?.sockets) ?? 0) }
-        // Root connects straight to the socket file 6 times, closing each at once; nobody accepts
-        // each through /net and keeps it.
+        // Root connects straight to the socket file 6 times, says "bye" and closes each at once;
+        // nobody accepts each through /net and keeps it.
         for _ in 0..<6 {
             do {
                 let connection = try SeqpacketSocket()
                 try connection.connect(path: path)
+                try connection.send(Array("bye".utf8))
             }
             try acceptor.writeLine("accept")
             #expect(try acceptor.readLine() == "accepted")
@@ -448,11 +449,15 @@ struct TwoUserAccountingTests {
         try live.connect(path: path)
         try acceptor.writeLine("accept")
         #expect(try acceptor.readLine() == "accepted")
-        #expect(try eventually { sockets(of: 0) == 1 && sockets(of: otherUID) == 7 },
+        #expect(try eventually { sockets(of: 0) == 1 && sockets(of: otherUID) == 1 },
                 "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
+        try live.send(Array("bye".utf8))
         _ = consume live
-        #expect(try eventually { sockets(of: 0) == 0 && sockets(of: otherUID) == 8 },
+        #expect(try eventually { sockets(of: 0) == 0 && sockets(of: otherUID) == 1 },
                 "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
+        // nobody still has each connection's kernel socket, and what root sent.
+        try acceptor.writeLine("read")
+        #expect(try acceptor.readLine() == "read 7")
         // Root's quota is whole: 8 sockets of its own.
         final class Mine {
             let socket: Socket
@@ -462,11 +467,61 @@ struct TwoUserAccountingTests {
         var mine: Mine?
         for _ in 0..<8 { mine = Mine(try Socket.open(root, type: .seqpacket), mine) }
         #expect(sockets(of: 0) == 8)
-        // And the broker's descriptors held for nobody's 8 (2 each) count in nobody's share; root's
-        // are its 8 sockets' and its connections'.
+        // The broker holds nothing for the 7 any more: nobody's descriptors are its listener's 2
+        // and its connection's 1.
         let metrics = try root.metrics()
-        #expect(metrics.contains("patchbay_user_descriptors{uid=\"65534\"} 17\n"), "\(metrics)")
+        #expect(metrics.contains("patchbay_user_descriptors{uid=\"65534\"} 3\n"), "\(metrics)")
         withExtendedLifetime(mine) {}
+    }
+
+    @Test("nobody connecting to root's listener and closing, again and again, puts nothing on root: root accepts and keeps them all, and its quota stays whole")
+    func connectAndCloseFloodCostsTheAcceptorNothing() throws {
+        let broker = try openBroker(["--max-sockets-per-uid", "8"])
+        let root = try broker.connect()
+        let listener = try Socket.listen(root, name: "svc")
+        let path = try root.localSocketPath("svc")
+        func sockets(of uid: uid_t) -> Int { Int((try? root.status().users.first { $0.uid == uid }?.sockets) ?? 0) }
+        final class Held {
+            let socket: Socket
+            let next: Held?
+            init(_ socket: consuming Socket, _ next: Held?) { self.socket = socket; self.next = next }
+        }
+        var accepted: Held?
+        var count = 0
+        // Rounds of 6 (within nobody's quota of 8 while they wait to be accepted): nobody connects,
+        // says "hi" and closes; root accepts each and keeps it.
+        for _ in 0..<5 {
+            let flood = try pythonAsNobody("""
+                import socket, sys
+                for _ in range(6):
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.connect(sys.argv[1])
+                    s.send(b"hi")
+                    s.close()
+                print("done", flush=True)
+                """, [path])
+            #expect(try flood.readLine() == "done")
+            try flood.wait()
+            for _ in 0..<6 {
+                accepted = Held(try listener.accept(nonblocking: true), accepted)
+                count += 1
+            }
+            // None of them stays charged to anyone: root holds only its listener.
+            #expect(try eventually { sockets(of: 0) == 1 && sockets(of: otherUID) == 0 },
+                    "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
+        }
+        #expect(count == 30)
+        // Root reads what each said, and its quota is whole: 7 more sockets of its own.
+        var next = accepted
+        var said = 0
+        while let connection = next {
+            if try connection.socket.receive()?.bytes == Array("hi".utf8) { said += 1 }
+            next = connection.next
+        }
+        #expect(said == 30)
+        var mine: Held?
+        for _ in 0..<7 { mine = Held(try Socket.open(root, type: .seqpacket), mine) }
+        withExtendedLifetime((accepted, mine)) {}
     }
 
     @Test("after a crash, a socket nobody keeps under the path string of root's name does not keep root's stale socket file: the new broker removes it, and root binds its name again")

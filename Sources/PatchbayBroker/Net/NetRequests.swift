@@ -210,14 +210,16 @@ final class NetRequests: SessionClosedHook {
         try? loop.register(socket.kernel.rawValue, as: .netMaker(socket: socket.id), events: [.edgeTriggered])
     }
 
-    /// An accepted connection's kernel socket reported a hang-up or an error: once the maker's end
-    /// is gone (both directions shut), the socket counts against its owner and is no longer
-    /// watched. (Its close, with its handle's hang-up, unregisters the same descriptor.)
+    /// An accepted connection's kernel socket reported a hang-up or an error: once the connection
+    /// is shut both ways (its maker closed its end, say), the broker lets it go, as when its last
+    /// handle closes. The acceptor keeps the kernel socket it was given with the accept, and reads
+    /// what the maker sent, then end of file; its handle reads the hang-up. So nobody pays for a
+    /// connection that only the acceptor's process holds: not the maker, whose quota an acceptor
+    /// keeping it would otherwise hold for as long as it liked, and not the acceptor, onto whose
+    /// quota a maker connecting and closing in a loop would otherwise push them.
     func makerMayBeGone(_ id: UInt64) {
-        guard let socket = table.sockets[id] else { return }
-        guard UnixSocket.hasHungUp(socket.kernel.rawValue) else { return }
-        loop.unregister(socket.kernel.rawValue)
-        table.chargeToOwner(id)
+        guard let socket = table.sockets[id], UnixSocket.hasHungUp(socket.kernel.rawValue) else { return }
+        release(socket, reason: "hung up: its maker's end is gone")
     }
 
     private func watchListener(_ socket: NetSocket, _ on: Bool) {
@@ -244,6 +246,13 @@ final class NetRequests: SessionClosedHook {
             socket.handle.discardPendingPackets(maximumPackets: 64)
             return
         }
+        release(socket, reason: nil)
+    }
+
+    /// Closes `socket` in the table (its handle's last copy closed, or, with `reason`, the broker
+    /// let it go): its watches end, monitors hear of it, its waiting accepts fail.
+    private func release(_ socket: NetSocket, reason: String?) {
+        let id = socket.id
         // Both of its descriptors close with it, so neither may stay watched: a number left in
         // the loop would be taken for the next descriptor given that number (whose registration
         // then fails). The listener may be watched without waiting accepts (the last one's
@@ -251,12 +260,13 @@ final class NetRequests: SessionClosedHook {
         loop.unregister(socket.handle.rawValue)
         watchListener(socket, false)
         if !sessions.monitors.isEmpty {
-            // No request: the last handle closed (its owner closed it, or died).
+            // No request: the last handle closed (its owner closed it, or died), or the broker let
+            // the socket go (`reason`).
             let (state, name, owner) = (socket.state, socket.name, socket.ownerUID)
             sessions.announce(.net, pid: socket.ownerPID, uid: owner, object: "socket \(id)", audience: [owner, socket.accountedUID]) {
                 MonitorEvent(time: 0, subsystem: "", operation: "netClose", pid: socket.ownerPID, uid: owner, command: "",
                              object: "socket \(id)", outcome: "ok", elapsed: 0, lost: 0,
-                             detail: "was \(state.rawValue)" + (name.map { ", named \($0)" } ?? ""))
+                             detail: "was \(state.rawValue)" + (name.map { ", named \($0)" } ?? "") + (reason.map { "; \($0)" } ?? ""))
             }
         }
         for waiting in table.close(id) {

@@ -83,11 +83,11 @@ final class NetSocket {
     /// Blocking accepts parked until a connection arrives, oldest first.
     var waitingAccepts: [ParkedRequest] = []
     /// The uid the socket counts against (quota and descriptors): its owner's, except for an
-    /// accepted connection, which counts against whoever connected while that end is open
-    /// (`NetTable.chargeToOwner` moves it to the owner once the maker's end hangs up).
-    private(set) var accountedUID: UInt32
+    /// accepted connection, which counts against whoever connected (and leaves the table once
+    /// that end hangs up: `NetRequests.makerMayBeGone`).
+    let accountedUID: UInt32
     /// The two descriptors the broker holds for it (kernel socket and handle end).
-    private var charge: DescriptorCharge?
+    private let charge: DescriptorCharge?
     /// A connection the owner's own quota could not take: kept for its next accept, so a refused
     /// accept loses nothing.
     var heldConnection: UnixSocket?
@@ -114,13 +114,6 @@ final class NetSocket {
         DeferredCloser.shared.closeLast(of: kernel.rawValue, for: accountedUID)
         DeferredCloser.shared.closeLast(of: handle.rawValue, for: accountedUID)
         if let held = heldConnection?.rawValue { DeferredCloser.shared.closeLast(of: held, for: accountedUID) }
-    }
-
-    /// From now on the socket counts against its owner: the descriptors too, even past the
-    /// owner's share (they are held already; the owner's next socket is what it refuses).
-    fileprivate func chargeOwner(in budget: DescriptorBudget?) {
-        if let budget { charge = DescriptorCharge(holding: 2, to: ownerUID, in: budget) }
-        accountedUID = ownerUID
     }
 
     /// The one way a socket changes state: checked against the table.
@@ -507,24 +500,6 @@ final class NetTable {
         }
         logger.debug("socket closed", metadata: ["socket": "\(id)", "state": "\(socket.state.rawValue)"])
         return socket.waitingAccepts
-    }
-
-    /// An accepted connection whose maker's end has hung up (closed, or shut both ways) counts
-    /// against the socket's owner from now on: the maker holds nothing of it any more, and the
-    /// owner alone decides how long the broker keeps it. (Charged to the maker for good, a
-    /// listener's owner could accept another uid's connections, keep them, and so hold that uid's
-    /// socket quota and descriptor share for as long as it liked.) False if nothing moved.
-    @discardableResult
-    func chargeToOwner(_ id: UInt64) -> Bool {
-        guard let socket = sockets[id], socket.accountedUID != socket.ownerUID else { return false }
-        let left = (socketsPerUser[socket.accountedUID] ?? 1) - 1
-        socketsPerUser[socket.accountedUID] = left > 0 ? left : nil
-        socketsPerUser[socket.ownerUID, default: 0] += 1
-        logger.debug("maker gone: socket charged to its owner", metadata: [
-            "socket": "\(id)", "maker": "\(socket.accountedUID)", "owner": "\(socket.ownerUID)",
-        ])
-        socket.chargeOwner(in: budget)
-        return true
     }
 
     /// Forgets the accept a departed session was waiting in; returns its listener if that left it
