@@ -365,13 +365,19 @@ public final class BrokerServer {
         let refuse = { (errno: Int32, reason: String) in
             self.sessions.fail(ErrorReply(errno: errno, reason: reason), rawOpcode: rawOpcode, requestID: requestID, to: session)
         }
+        // A connection is its maker's: every frame must be sent by the process that made it (the
+        // kernel records each frame's sender: SO_PASSCRED). A child that inherited the connection
+        // before its parent exec'd a set-uid program, or a process it was passed to, would
+        // otherwise act under that process's pid: the pid a CAPS service or a /net listing shows
+        // for it, a pid-restricted key. (0: the sender's pid is not known in this namespace.)
+        let stranger = sender != 0 && sender != session.credentials.pid
         // Acknowledgements and tap records are one-way. A frame whose header is sound (magic,
         // version, kind request, reserved bits, size) and whose opcode is one-way never gets an
         // answer, which nobody awaits: a bad payload or stray descriptors drop it silently. A
         // frame whose header is not sound gets its error like any other (PROTOCOL.md §7).
         if let opcode = Opcode(rawValue: rawOpcode), opcode.metadata.isRequest, !opcode.expectsReply, !truncated,
            let frame = try? Frame.decode(bytes), frame.kind == .request {
-            guard !descriptorsTruncated, descriptors.count == 0, let request = try? Request.decode(frame) else { return }
+            guard !stranger, !descriptorsTruncated, descriptors.count == 0, let request = try? Request.decode(frame) else { return }
             let context = RequestContext(session: session, requestID: requestID, opcode: frame.opcode, now: monotonicNanoseconds(),
                                          sender: sender)
             switch request {
@@ -380,6 +386,9 @@ public final class BrokerServer {
             default: break
             }
             return
+        }
+        if stranger {
+            return refuse(EPERM, "this request was sent by pid \(sender), but the connection was made by pid \(session.credentials.pid): a connection is used by the process that made it (a process that inherits or is given one connects again)")
         }
         if truncated {
             return refuse(EMSGSIZE, "frames are limited to \(maximumFrameSize) bytes")

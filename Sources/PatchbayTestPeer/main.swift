@@ -534,6 +534,8 @@ func answerCommand(over connection: CInt) throws(PatchbayError) {
         request = .keys(.claim(token))
     } else if line.hasPrefix("caps-client ") {
         request = .caps(.client(name: String(line.dropFirst(12)), uid: -1, gid: -1, flags: [.world]))
+    } else if line.hasPrefix("caps-service ") {
+        request = .caps(.service(name: String(line.dropFirst(13)), uid: -1, gid: -1, flags: [.world], maximumInFlight: 0))
     } else {
         throw PatchbayError(.invalidArgument, "unknown command \(line)")
     }

@@ -294,9 +294,35 @@ struct TwoUserTests {
         }
         let key = try root.share(try openFile(path, flags: O_RDONLY), timeout: .never, claimableBy: .pid(pid))
         try attacker.writeLine("claim " + key.text)
-        #expect(try attacker.readLine() == "refused ENOENT")
+        #expect(try attacker.readLine() == "refused EPERM")
         #expect(try root.status().keys == 1, "the key is still there for the helper")
         attacker.closeInput()
         _ = try attacker.wait()
+    }
+
+    @Test("nobody's child cannot open a CAPS channel (nor register a service) under a set-uid program's pid, over the connection the program's process made before its exec")
+    func childOfSetUIDProgramCannotSpeakForIt() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        let service = try CapsService(root, name: "whoami", access: [.world], notifyConnections: true)
+        var chfn = stat()
+        let setUID = stat("/usr/bin/chfn", &chfn) == 0 && chfn.st_mode & S_ISUID != 0 && chfn.st_uid == 0
+        let program = setUID ? ["/usr/bin/chfn"] : ["/bin/sleep", "60"]
+        for command in ["caps-client whoami", "caps-service mine"] {
+            let attacker = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                          "claim-after-exec"] + program, environment: broker.environment)
+            defer { attacker.kill(SIGKILL); _ = try? attacker.wait() }
+            let line = try #require(try attacker.readLine())
+            #expect(line.hasPrefix("exec'd "), "\(line)")
+            // Without the rule, root's service would see the program's pid (its euid 0 by then),
+            // and capsList would show it as the registering process.
+            try attacker.writeLine(command)
+            #expect(try attacker.readLine() == "refused EPERM", "\(command)")
+            attacker.closeInput()
+            _ = try attacker.wait()
+        }
+        let services = try root.listServices()
+        #expect(services.first { $0.name == "whoami" }?.clients == 0 && !services.contains { $0.name == "mine" })
+        withExtendedLifetime(service) {}
     }
 }
