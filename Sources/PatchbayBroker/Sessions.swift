@@ -246,8 +246,12 @@ final class SessionTable {
         let credentials = caller.credentials
         // A connection to a CAPS name that failed reached no service: the name's owners are not
         // told of it (they would learn who tried, from where, and that the name was not theirs
-        // to answer).
-        var audience = opcode == .capsClient && errno != 0 ? [] : request.owners
+        // to answer). Nor of any other failure but a refusal of access: a request that failed
+        // for another reason did nothing to their objects, and would show them the caller's
+        // names (a rename of a name that does not exist onto theirs names the caller's source).
+        // A refusal (EACCES, EPERM) they see: someone tried their object.
+        let owners = errno == 0 || (opcode != .capsClient && (errno == EACCES || errno == EPERM))
+        var audience = owners ? request.owners : []
         audience.append(credentials.uid)
         announce(opcode?.subsystem ?? .broker, pid: credentials.pid, uid: credentials.uid, object: request.object,
                  audience: audience, skipping: opcode == .monitor ? caller.id : nil) {

@@ -344,6 +344,27 @@ struct TwoUserMonitorTests {
         _ = sentinel
     }
 
+    @Test("nobody's monitor does not see root's failed rename of a name root never made onto nobody's object (it would show root's name)")
+    func failedRenameOntoAnotherUsersNameIsNotShownToIt() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let made = try runAsOtherUser(["shm", "create", "/nobodys-object", "--size", "4k"], environment: broker.environment)
+        #expect(made.termination == .exited(0), "\(made.standardError)")
+        let before = try monitorsAccepted(root)
+        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                     "monitor", "--json", "--count", "1"], environment: broker.environment)
+        try waitForMonitors(root, before + 1)
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in
+            try root.renameSharedMemory(from: "/roots-private-plan", to: "/nobodys-object")
+        }
+        // Nobody's own request next: the first line nobody's monitor shows.
+        _ = try runAsOtherUser(["status"], environment: broker.environment)
+        let line = try watcher.readLine() ?? ""
+        #expect(line.contains("\"operation\": \"status\"") && !line.contains("roots-private-plan"), "nobody's first event: \(line)")
+        #expect(try watcher.wait() == .exited(0))
+    }
+
     @Test("nobody's monitor sees root's requests on nobody's objects, never root's tap; nobody cannot tap root's service")
     func monitorSeesOwnObjects() throws {
         let broker = try TestBroker(["--system"])
