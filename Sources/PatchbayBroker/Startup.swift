@@ -68,6 +68,11 @@ final class BrokerListener {
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot make the listening socket non-blocking: \(error.name)")
         }
+        // Every frame says which process sent it (`Server.handle`): set on the listener, the
+        // accepted connections have it from the start (Linux copies it at accept, and records
+        // the sender of a frame sent before the accept anyway), so no frame reads between the
+        // accept and the broker's own `setsockopt` on the connection without its sender.
+        try? socket.enableSenderCredentials()
     }
 
     deinit {
