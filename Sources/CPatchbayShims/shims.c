@@ -820,3 +820,25 @@ int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, in
         }
     }
 }
+
+/* An O_PATH descriptor of the socket file at `path`, found without following any symbolic link in
+ * any component (openat2's RESOLVE_NO_SYMLINKS: ELOOP if there is one), or -1 with errno
+ * (ENOTSOCK if the file is no socket). Sending to "/proc/self/fd/N" then reaches exactly that
+ * file, whatever is renamed in its place meanwhile. */
+int pb_open_socket_file(const char *path) {
+    struct {
+        uint64_t flags, mode, resolve;
+    } how = { .flags = O_PATH | O_CLOEXEC, .mode = 0, .resolve = 0x04 /* RESOLVE_NO_SYMLINKS */ };
+    int fd;
+    do {
+        fd = (int)syscall(437 /* openat2, every architecture */, AT_FDCWD, path, &how, sizeof how);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) return -1;
+    struct stat info;
+    if (fstat(fd, &info) != 0 || !S_ISSOCK(info.st_mode)) {
+        close(fd);
+        errno = ENOTSOCK;
+        return -1;
+    }
+    return fd;
+}

@@ -96,7 +96,9 @@ struct NetCommand: ParsableCommand {
                         Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw, wantSender: true) }
                     }.get()
                     if let sender = received.sender {
-                        _ = try? socket.send(Array(buffer[0..<received.count]), to: sender)
+                        // Never waiting for a sender that does not read, and never through a link
+                        // the sender may have pointed elsewhere since (`reply`).
+                        _ = try? socket.reply(Array(buffer[0..<received.count]), to: sender)
                     }
                 }
             } catch {

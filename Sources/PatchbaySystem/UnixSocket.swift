@@ -178,6 +178,25 @@ package struct UnixSocket: ~Copyable {
         return try syscallRetrying { Glibc.send(fd, bytes.baseAddress, bytes.count, flags) }
     }
 
+    /// Answers the sender of a received datagram: never waits (a receiver whose queue is full
+    /// loses the answer: `EAGAIN`), and to a path only through the very socket file found there
+    /// with no symbolic link in any component (`ELOOP`), so a sender that binds under a link and
+    /// then points the link elsewhere cannot have the answer sent, in this process's name, to
+    /// another socket. Abstract and autobound addresses are sent to as they are.
+    package static func reply(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address) throws(Errno) -> Int {
+        guard let path = address.path else { return try send(on: fd, bytes, to: address, nonblocking: true) }
+        let file = path.withCString { pb_open_socket_file($0) }
+        guard file >= 0 else { throw Errno.current }
+        defer { close(file) }
+        var target = sockaddr_un()
+        target.sun_family = sa_family_t(AF_UNIX)
+        let name = Array("/proc/self/fd/\(file)".utf8)
+        withUnsafeMutableBytes(of: &target.sun_path) { raw in raw.copyBytes(from: name) }
+        let length = MemoryLayout.offset(of: \sockaddr_un.sun_path)! + name.count + 1
+        let bytesOfAddress = withUnsafeBytes(of: &target) { Array($0.prefix(length)) }
+        return try send(on: fd, bytes, to: Address(bytes: bytesOfAddress), nonblocking: true)
+    }
+
     /// `sendto` on a socket descriptor owned elsewhere.
     package static func send(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address, nonblocking: Bool = false)
         throws(Errno) -> Int

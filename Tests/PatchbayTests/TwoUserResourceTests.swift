@@ -553,6 +553,53 @@ struct TwoUserAccountingTests {
         _ = alive
     }
 
+    @Test("root's datagram echo answers nobody only at nobody's own socket: not through a link nobody pointed at root's private socket after binding under it, and never waiting for a sender that does not read")
+    func datagramEchoIsNoDeputy() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        // Root's private datagram socket, which nobody cannot reach itself (a directory of root's).
+        let rootDirectory = broker.directory + "/private"
+        mkdir(rootDirectory, 0o700)
+        let target = try UnixSocket(.datagram)
+        try target.bind(path: rootDirectory + "/s")
+        let echo = try Child(patchbayCLI, ["net", "listen", "rootd", "--type", "dgram", "--echo"], environment: broker.environment)
+        defer { echo.kill(SIGKILL); _ = try? echo.wait() }  // (one stuck in a send would not end on SIGTERM)
+        #expect(try eventually { try root.listSockets().contains { $0.name == "rootd" } })
+        let echoPath = try root.localSocketPath("rootd")
+        let playground = broker.directory + "/nobodys"
+        mkdir(playground, 0o755)
+        chown(playground, 65534, 65534)
+        // nobody binds under a link to a directory of its own, points the link at root's
+        // directory, and sends; then, from a socket under no link, sends again and reads the
+        // answer (the echo answers in order: the first was handled before it).
+        let attacker = try pythonAsNobody("""
+            import os, socket, sys
+            base, private, echo = sys.argv[1], sys.argv[2], sys.argv[3]
+            os.mkdir(base + "/real"); os.mkdir(base + "/plain")
+            os.symlink(base + "/real", base + "/link")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(base + "/link/s")
+            os.symlink(private, base + "/next"); os.rename(base + "/next", base + "/link")
+            s.sendto(b"first", echo)
+            t = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            t.bind(base + "/plain/t")
+            # A sender that never reads: 40 datagrams fill its queue and the echo's answers.
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            u.bind(base + "/plain/u")
+            for _ in range(40):
+                u.sendto(b"jam", echo)
+            t.sendto(b"second", echo)
+            t.settimeout(10)
+            print(t.recv(64).decode(), flush=True)
+            sys.stdin.read()
+            """, [playground, rootDirectory, echoPath])
+        defer { attacker.closeInput(); _ = try? attacker.wait() }
+        #expect(try attacker.readLine() == "second")
+        // Nothing reached root's private socket.
+        var byte: UInt8 = 0
+        #expect(recv(target.rawValue, &byte, 1, CInt(MSG_DONTWAIT)) == -1 && errno == EAGAIN)
+    }
+
     @Test("connections another uid makes to root's listener count against that uid: root's quota is untouched and its accepts never fail")
     func connectionsChargedToTheirMaker() throws {
         let broker = try openBroker(["--max-sockets-per-uid", "8"])

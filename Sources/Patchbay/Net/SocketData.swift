@@ -37,7 +37,22 @@ extension Socket {
         }.get()
     }
 
-    /// Sends a datagram to the address a received one came from.
+    /// Answers the sender of a datagram this socket received (`Received.sender`), as a server
+    /// should: never waiting (a sender that does not read loses the answer: `EAGAIN`), and to a
+    /// path only through the very socket file found there with no symbolic link on the way
+    /// (`ELOOP`). With `send(to:)` a sender that bound its socket under a link, then pointed the
+    /// link at another socket, would have the answer sent there, under this process's name.
+    @discardableResult
+    public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
+        let fd = try dataDescriptorOrFail()
+        let result = bytes.withUnsafeBytes { raw in
+            Result { () throws(Errno) -> Int in try UnixSocket.reply(on: fd, raw, to: sender.system) }
+        }
+        do { return try result.get() } catch { throw PatchbayError(error, "cannot answer \(sender): \(error.name)") }
+    }
+
+    /// Sends a datagram to `address` (a name's path, or the address a received one came from:
+    /// a server answering a sender it does not trust uses `reply(_:to:)`).
     @discardableResult
     public func send(_ bytes: [UInt8], to address: Address) throws(PatchbayError) -> Int {
         let fd = try dataDescriptorOrFail()
