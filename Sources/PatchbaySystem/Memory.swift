@@ -17,7 +17,12 @@ package struct Seals: OptionSet, Sendable {
 package func makeMemoryFile(name: String, sealable: Bool) throws(Errno) -> Descriptor {
     var flags = pb_mfd_cloexec()
     if sealable { flags |= pb_mfd_allow_sealing() }
-    return Descriptor(adopting: try syscallRetrying { pb_memfd_create(name, flags) })
+    let memory = Descriptor(adopting: try syscallRetrying { pb_memfd_create(name, flags) })
+    // A memfd is made with mode 0777, and anyone holding any descriptor of it could open it again
+    // through /proc/self/fd with any access: a read-only handle given to another user would be
+    // a read-write one. 0600: only its owner (and root) reopens it, as `readOnly()` does.
+    _ = try syscallRetrying { fchmod(memory.rawValue, 0o600) }
+    return memory
 }
 
 extension Descriptor {

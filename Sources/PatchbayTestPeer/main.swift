@@ -153,6 +153,21 @@ func claimOnEndOfInput(_ keyText: String) throws(PatchbayError) {
     }
 }
 
+/// Claims `keyText` and tries to open the claimed file again through /proc/self/fd for reading
+/// and writing: says "reopened" or the errno.
+func reopenWritable(_ keyText: String) throws(PatchbayError) {
+    let key = try Key(parsing: keyText)
+    let broker = try Broker()
+    let file = try broker.claim(key)
+    let again = open("/proc/self/fd/\(file.rawValue)", O_RDWR | O_CLOEXEC)
+    if again >= 0 {
+        close(again)
+        say("reopened")
+    } else {
+        say(Errno.current.name)
+    }
+}
+
 func claimWithFullTable(_ keyText: String) throws(PatchbayError) {
     let key = try Key(parsing: keyText)
     let broker = try Broker()
@@ -1971,6 +1986,8 @@ func main() -> CInt {
         switch arguments.first {
         case "claim-on-eof" where arguments.count == 2:
             try claimOnEndOfInput(arguments[1])
+        case "reopen-writable" where arguments.count == 2:
+            try reopenWritable(arguments[1])
         case "claim-with-full-table" where arguments.count == 2:
             try claimWithFullTable(arguments[1])
         case "shm-exchange" where arguments.count == 2:

@@ -600,6 +600,27 @@ struct TwoUserAccountingTests {
         #expect(recv(target.rawValue, &byte, 1, CInt(MSG_DONTWAIT)) == -1 && errno == EAGAIN)
     }
 
+    @Test("a read-only handle of root's anonymous object, given to nobody, is not opened again read-write through /proc; nobody's own object (made by the broker) is nobody's")
+    func readOnlyAnonymousHandleStaysReadOnly() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        for made in ["library", "broker"] {
+            let object = made == "library" ? try SharedMemory.anonymous() : try root.newAnonymousSharedMemory()
+            let mapping = try object.map(length: 4096)
+            mapping.baseAddress.storeBytes(of: 7, as: UInt8.self)
+            let readOnly = try object.readOnly()
+            let key = try root.share(rawDescriptor: readOnly.descriptor.rawValue, timeout: .never)
+            let reopen = try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                      "reopen-writable", key.text], environment: broker.environment)
+            #expect(reopen.standardOutput == "EACCES\n", "\(made): \(reopen.standardOutput) \(reopen.standardError)")
+            _ = mapping
+        }
+        // An object nobody asks the broker for is nobody's: it may make a read-only handle of it.
+        let own = try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                               "shm", "new", "--size", "4k"], environment: broker.environment)
+        #expect(own.termination == .exited(0), "\(own.standardError)")
+    }
+
     @Test("connections another uid makes to root's listener count against that uid: root's quota is untouched and its accepts never fail")
     func connectionsChargedToTheirMaker() throws {
         let broker = try openBroker(["--max-sockets-per-uid", "8"])

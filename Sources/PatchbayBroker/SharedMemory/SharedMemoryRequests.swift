@@ -64,6 +64,11 @@ final class SharedMemoryRequests {
         } catch {
             throw RequestError(errno: error, reason: "cannot create an anonymous object: \(error.name)")
         }
+        // The caller's object, mode 0600 (`makeMemoryFile`): it may reopen it (a read-only
+        // handle), another user given a handle may not reopen it for more access.
+        if context.caller.uid != geteuid(), fchown(memory.rawValue, context.caller.uid, context.caller.gid) != 0 {
+            throw RequestError(errno: .current, reason: "cannot give the anonymous object to uid \(context.caller.uid)")
+        }
         sessions.reply(.namespace(.open(objectKind: OpenedObjectKind.anonymousSharedMemory.rawValue, id: 0)),
                        attaching: [memory.rawValue], to: context)
     }
