@@ -244,9 +244,9 @@ public final class BrokerServer {
                 DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: DeferredCloser.unknownPeer)
                 continue
             }
-            // Each frame then says which process sent it: a claim of a key restricted to a pid
-            // must come from that process itself, not from one that inherited its connection.
-            // (Should it fail, no frame names a sender, and no such claim succeeds.)
+            // Each frame says which process sent it (`handle`: a connection is its maker's). The
+            // listener has the flag and Linux copies it at accept; set again in case a kernel does
+            // not. (Should both fail, frames name no sender: only pid-restricted claims fail.)
             try? socket.enableSenderCredentials()
             if let refusal = sessions.admit(socket, credentials: credentials) {
                 logger.debug("connection refused", metadata: [

@@ -188,13 +188,10 @@ package struct UnixSocket: ~Copyable {
         let file = path.withCString { pb_open_socket_file($0) }
         guard file >= 0 else { throw Errno.current }
         defer { close(file) }
-        var target = sockaddr_un()
-        target.sun_family = sa_family_t(AF_UNIX)
-        let name = Array("/proc/self/fd/\(file)".utf8)
-        withUnsafeMutableBytes(of: &target.sun_path) { raw in raw.copyBytes(from: name) }
-        let length = MemoryLayout.offset(of: \sockaddr_un.sun_path)! + name.count + 1
-        let bytesOfAddress = withUnsafeBytes(of: &target) { Array($0.prefix(length)) }
-        return try send(on: fd, bytes, to: Address(bytes: bytesOfAddress), nonblocking: true)
+        var target = try UnixAddress(path: "/proc/self/fd/\(file)")
+        return try syscallRetrying {
+            target.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, CInt(MSG_NOSIGNAL) | CInt(MSG_DONTWAIT), $0, $1) }
+        }
     }
 
     /// `sendto` on a socket descriptor owned elsewhere.

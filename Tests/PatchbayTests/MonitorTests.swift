@@ -344,8 +344,9 @@ struct TwoUserMonitorTests {
         _ = sentinel
     }
 
-    @Test("nobody's monitor does not see root's failed rename of a name root never made onto nobody's object (it would show root's name)")
-    func failedRenameOntoAnotherUsersNameIsNotShownToIt() throws {
+    /// A system broker holding nobody's object `/nobodys-object` (`made`: its creation), and
+    /// nobody's monitor, showing one event, accepted by the broker.
+    func nobodysObjectWatchedByNobody() throws -> (TestBroker, Broker, Finished, Child) {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
         let root = try broker.connect()
@@ -355,6 +356,12 @@ struct TwoUserMonitorTests {
         let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
                                                      "monitor", "--json", "--count", "1"], environment: broker.environment)
         try waitForMonitors(root, before + 1)
+        return (broker, root, made, watcher)
+    }
+
+    @Test("nobody's monitor does not see root's failed rename of a name root never made onto nobody's object (it would show root's name)")
+    func failedRenameOntoAnotherUsersNameIsNotShownToIt() throws {
+        let (broker, root, _, watcher) = try nobodysObjectWatchedByNobody()
         expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in
             try root.renameSharedMemory(from: "/roots-private-plan", to: "/nobodys-object")
         }
@@ -367,15 +374,7 @@ struct TwoUserMonitorTests {
 
     @Test("nobody's monitor sees root's requests on nobody's objects, never root's tap; nobody cannot tap root's service")
     func monitorSeesOwnObjects() throws {
-        let broker = try TestBroker(["--system"])
-        chmod(broker.directory, 0o755)
-        let root = try broker.connect()
-        let made = try runAsOtherUser(["shm", "create", "/nobodys-object", "--size", "4k"], environment: broker.environment)
-        #expect(made.termination == .exited(0), "\(made.standardError)")
-        let before = try monitorsAccepted(root)
-        let watcher = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
-                                                     "monitor", "--json", "--count", "1"], environment: broker.environment)
-        try waitForMonitors(root, before + 1)
+        let (broker, root, made, watcher) = try nobodysObjectWatchedByNobody()
         // Root's tapped service and its traffic first: nobody must see none of it.
         let service = try CapsService(root, name: "roots.tapped", access: [.world], tap: .payloads)
         let client = try CapsClient(root, name: "roots.tapped")

@@ -320,9 +320,8 @@ struct NetTests {
     func listingPages() throws {
         let broker = try TestBroker()
         let client = try broker.connect()
-        final class Held { let socket: Socket; init(_ socket: consuming Socket) { self.socket = socket } }
-        var sockets: [Held] = []
-        for _ in 0..<600 { sockets.append(Held(try Socket.open(client, type: .seqpacket))) }
+        var sockets: [HeldSocket] = []
+        for _ in 0..<600 { sockets.append(HeldSocket(try Socket.open(client, type: .seqpacket))) }
         let listed = try client.listSockets()
         #expect(listed.count == 600)
         #expect(listed.map(\.id) == sockets.map { $0.socket.id })

@@ -272,3 +272,9 @@ func expectEveryConnectionAdmitted(_ broker: TestBroker) throws {
     let log = (try? String(contentsOfFile: broker.directory + "/broker.log", encoding: .utf8)) ?? ""
     #expect(!log.contains("cannot watch client") && !log.contains("was closed while watched"), "\(log.suffix(2000))")
 }
+
+/// A `Socket` a test keeps open: it is not copyable, so an array holds it boxed.
+final class HeldSocket {
+    let socket: Socket
+    init(_ socket: consuming Socket) { self.socket = socket }
+}

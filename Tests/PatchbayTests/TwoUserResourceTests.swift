@@ -460,13 +460,8 @@ struct TwoUserAccountingTests {
         try acceptor.writeLine("read")
         #expect(try acceptor.readLine() == "read 7")
         // Root's quota is whole: 8 sockets of its own.
-        final class Mine {
-            let socket: Socket
-            let next: Mine?
-            init(_ socket: consuming Socket, _ next: Mine?) { self.socket = socket; self.next = next }
-        }
-        var mine: Mine?
-        for _ in 0..<8 { mine = Mine(try Socket.open(root, type: .seqpacket), mine) }
+        var mine: [HeldSocket] = []
+        for _ in 0..<8 { mine.append(HeldSocket(try Socket.open(root, type: .seqpacket))) }
         #expect(sockets(of: 0) == 8)
         // The broker holds nothing for the 7 any more: nobody's descriptors are its listener's 2
         // and its connection's 1.
@@ -482,13 +477,7 @@ struct TwoUserAccountingTests {
         let listener = try Socket.listen(root, name: "svc")
         let path = try root.localSocketPath("svc")
         func sockets(of uid: uid_t) -> Int { Int((try? root.status().users.first { $0.uid == uid }?.sockets) ?? 0) }
-        final class Held {
-            let socket: Socket
-            let next: Held?
-            init(_ socket: consuming Socket, _ next: Held?) { self.socket = socket; self.next = next }
-        }
-        var accepted: Held?
-        var count = 0
+        var accepted: [HeldSocket] = []
         // Rounds of 6 (within nobody's quota of 8 while they wait to be accepted): nobody connects,
         // says "hi" and closes; root accepts each and keeps it.
         for _ in 0..<5 {
@@ -503,25 +492,18 @@ struct TwoUserAccountingTests {
                 """, [path])
             #expect(try flood.readLine() == "done")
             try flood.wait()
-            for _ in 0..<6 {
-                accepted = Held(try listener.accept(nonblocking: true), accepted)
-                count += 1
-            }
+            for _ in 0..<6 { accepted.append(HeldSocket(try listener.accept(nonblocking: true))) }
             // None of them stays charged to anyone: root holds only its listener.
             #expect(try eventually { sockets(of: 0) == 1 && sockets(of: otherUID) == 0 },
                     "root \(sockets(of: 0)), nobody \(sockets(of: otherUID))")
         }
-        #expect(count == 30)
+        #expect(accepted.count == 30)
         // Root reads what each said, and its quota is whole: 7 more sockets of its own.
-        var next = accepted
         var said = 0
-        while let connection = next {
-            if try connection.socket.receive()?.bytes == Array("hi".utf8) { said += 1 }
-            next = connection.next
-        }
+        for connection in accepted where try connection.socket.receive()?.bytes == Array("hi".utf8) { said += 1 }
         #expect(said == 30)
-        var mine: Held?
-        for _ in 0..<7 { mine = Held(try Socket.open(root, type: .seqpacket), mine) }
+        var mine: [HeldSocket] = []
+        for _ in 0..<7 { mine.append(HeldSocket(try Socket.open(root, type: .seqpacket))) }
         withExtendedLifetime((accepted, mine)) {}
     }
 
@@ -641,23 +623,16 @@ struct TwoUserAccountingTests {
         #expect(try holder.readLine() == "20")
         // Root accepts until nothing is pending: nobody's first 8 connections (its quota), the
         // rest closed by the broker; never EDQUOT for root.
-        final class Held {
-            let socket: Socket
-            let next: Held?
-            init(_ socket: consuming Socket, _ next: Held?) { self.socket = socket; self.next = next }
-        }
-        var accepted: Held?
-        var count = 0
+        var accepted: [HeldSocket] = []
         while true {
             do throws(PatchbayError) {
-                accepted = Held(try listener.accept(nonblocking: true), accepted)
-                count += 1
+                accepted.append(HeldSocket(try listener.accept(nonblocking: true)))
             } catch {
                 #expect(error.errno == .resourceTemporarilyUnavailable, "\(error)")
                 break
             }
         }
-        #expect(count == 8)
+        #expect(accepted.count == 8)
         let usage = try root.status().users
         #expect(usage.first { $0.uid == otherUID }?.sockets == 8)
         #expect(usage.first { $0.uid == 0 }?.sockets == 1)

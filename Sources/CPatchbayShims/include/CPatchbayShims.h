@@ -297,9 +297,10 @@ int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int 
 /// For each of `count` files (`devices[i]` as `stat` gives `st_dev`, `inodes[i]`), whether a local
 /// socket in this network namespace is bound to it (the kernel's socket table, sock_diag's
 /// UNIX_DIAG_VFS): `bound[i]` 1 or 0. 0, or -1 with errno (no sock_diag for AF_UNIX).
+int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound);
+
 /// An O_PATH descriptor of the socket file at `path`, no symbolic link followed in any component
 /// (ELOOP), ENOTSOCK if it is no socket; -1 with errno.
 int pb_open_socket_file(const char *path);
-int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound);
 
 #endif
