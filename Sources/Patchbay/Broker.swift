@@ -132,14 +132,7 @@ public final class Broker: Sendable {
     private func callKeepingLost(_ request: Request, descriptors: [CInt], within generation: UInt64?) throws(PatchbayError) -> Response {
         try connection.withLock { (connection) throws(PatchbayError) -> Response in
             let reconnects = reconnectPolicy.reconnects
-            if connection.isInherited {
-                // A fork child: the parent keeps the connection; this process makes its own (its
-                // copy of the socket is closed, which the parent does not notice).
-                connection = try connectServing()
-                let now = reconnectionCount.add(1, ordering: .releasing).newValue
-                forkedAtCount.store(now, ordering: .releasing)
-            }
-            if connection.isBroken && reconnects { try reconnect(&connection) }
+            try makeOwn(&connection)
             try check(generation)
             do throws(PatchbayError) {
                 return try connection.call(request, descriptors: descriptors)
@@ -154,6 +147,19 @@ public final class Broker: Sendable {
                 return try connection.call(request, descriptors: descriptors)
             }
         }
+    }
+
+    /// Before a request is sent on `connection` (its lock held): a fork child makes a connection
+    /// of its own, since the broker takes a connection's frames only from the process that made
+    /// it (the parent keeps the old one: the child's copy of the socket is closed, which the
+    /// parent does not notice); a broken one is made again, per `reconnectPolicy`.
+    func makeOwn(_ connection: inout Connection) throws(PatchbayError) {
+        if connection.isInherited {
+            connection = try connectServing()
+            let now = reconnectionCount.add(1, ordering: .releasing).newValue
+            forkedAtCount.store(now, ordering: .releasing)
+        }
+        if connection.isBroken && reconnectPolicy.reconnects { try reconnect(&connection) }
     }
 
     private func check(_ generation: UInt64?) throws(PatchbayError) {

@@ -30,6 +30,9 @@ public struct BrokerConfiguration: Sendable {
     /// CAPS names one uid may have remembered for their generations; past it, its least recently
     /// registered name not registered now is forgotten.
     public var maximumCapsNamesPerUser: Int = 1024
+    /// How long each CAPS name registered when the last broker stopped is kept for the uid that
+    /// held it (until it registers the name again), in nanoseconds; 0: not kept.
+    public var capsNameGrace: UInt64 = 30_000_000_000
     /// Failed claims a uid may make in a burst before being slowed to `failedClaimsPerSecond`.
     public var failedClaimBurst: Int = 64
     public var failedClaimsPerSecond: Double = 16

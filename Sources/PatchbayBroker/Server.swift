@@ -104,6 +104,7 @@ public final class BrokerServer {
         registry.maximumNamesPerUser = configuration.maximumCapsNamesPerUser
         registry.budget = budget
         registry.policy = policy
+        registry.nameGrace = configuration.capsNameGrace
         registry.generationsFile = store.path + "/caps-generations"
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
@@ -190,6 +191,7 @@ public final class BrokerServer {
             let now = monotonicNanoseconds()
             sessions.metrics.expired(keys.expire(now: now))
             sessions.closeStuckSessions(now: now)
+            caps.registry.releaseKeptNames(now: now)
         }
         ServiceManager.notify("STOPPING=1")
         // Stop taking connections first, so a client that races the shutdown finds no socket and
@@ -205,10 +207,12 @@ public final class BrokerServer {
         ])
     }
 
-    /// The loop sleeps until the next key deadline or stuck-client check, whichever comes first.
+    /// The loop sleeps until the next key deadline, stuck-client check or release of the CAPS
+    /// names kept across a restart, whichever comes first.
     private func nextTimeoutMilliseconds() -> CInt {
         let now = monotonicNanoseconds()
-        let timeouts = [keys.millisecondsUntilNextDeadline(now: now), sessions.millisecondsUntilNextStuckCheck(now: now)]
+        let timeouts = [keys.millisecondsUntilNextDeadline(now: now), sessions.millisecondsUntilNextStuckCheck(now: now),
+                        caps.registry.millisecondsUntilKeptNamesRelease(now: now)]
         return timeouts.filter { $0 >= 0 }.min() ?? -1
     }
 

@@ -52,6 +52,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "CAPS names a uid may have remembered for their generations; past it, its least recently registered name not registered now is forgotten.")
     var maxCapsNamesPerUid = 1024
 
+    @Option(help: "How long a CAPS name registered when the broker last stopped stays its holder's uid's, until that uid registers it again (e.g. 30s, 2m; 0 keeps none): another uid's registration meanwhile is EEXIST.")
+    var capsNameGrace = "30s"
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -173,6 +176,14 @@ public struct DaemonCommand: ParsableCommand {
             configuration.claimAcknowledgementTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         } else {
             failUsage("daemon", "--claim-ack-timeout must be a duration, not never")
+        }
+        if capsNameGrace == "0" {
+            configuration.capsNameGrace = 0
+        } else if case .after(let duration) = DurationText.parse(capsNameGrace, for: "daemon") {
+            let (seconds, attoseconds) = duration.components
+            configuration.capsNameGrace = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        } else {
+            failUsage("daemon", "--caps-name-grace must be a duration or 0, not never")
         }
         if case .after(let duration) = DurationText.parse(stuckClientTimeout, for: "daemon") {
             let (seconds, attoseconds) = duration.components

@@ -1796,6 +1796,43 @@ func brokerFork(count: Int) throws(PatchbayError) {
     say(outcome)
 }
 
+/// Forks, then shares a pipe's write end for the child's pid only and passes the key text down
+/// another pipe; the child's first call on the parent's `Broker` is the claim, through which it
+/// writes "x". Says "child claimed" (or the child's error) and "parent read x".
+func brokerForkClaim() throws(PatchbayError) {
+    let broker = try Broker()
+    _ = try broker.status()
+    var data: [CInt] = [-1, -1], keys: [CInt] = [-1, -1]
+    guard pipe(&data) == 0, pipe(&keys) == 0 else { throw PatchbayError(Errno.current, "pipe") }
+    let child = fork()
+    if child == 0 {
+        var text = [UInt8](repeating: 0, count: 64)
+        let count = read(keys[0], &text, text.count)
+        var outcome = "child claimed"
+        do throws(PatchbayError) {
+            guard count > 0, let key = Key(String(decoding: text[..<count], as: UTF8.self)) else {
+                throw PatchbayError(.invalidArgument, "no key came")
+            }
+            let claimed = try broker.claim(key)
+            guard write(claimed.rawValue, "x", 1) == 1 else { throw PatchbayError(Errno.current, "write") }
+        } catch {
+            outcome = "child " + error.description
+        }
+        say(outcome)
+        _exit(0)
+    }
+    let key = try broker.share(rawDescriptor: data[1], claimableBy: .pid(child))
+    _ = key.text.withCString { write(keys[1], $0, strlen($0)) }
+    var status: CInt = 0
+    waitpid(child, &status, 0)
+    close(data[1])
+    // (Not waiting: the child wrote before it exited, or never will; an unclaimed key keeps the
+    // write end open.)
+    _ = fcntl(data[0], F_SETFL, O_NONBLOCK)
+    var byte: UInt8 = 0
+    say(read(data[0], &byte, 1) == 1 ? "parent read \(Character(UnicodeScalar(byte)))" : "parent read nothing")
+}
+
 /// Registers a service that sleeps at once (spinning off), forks a child that cancels the
 /// inherited port's wait and drops it, waits for the child, says "ready", then echoes requests
 /// until its input ends. The parent's port must not notice the child: a new client is announced
@@ -2112,6 +2149,8 @@ func main() -> CInt {
             try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:
             try claimThroughOrphanedConnection()
+        case "broker-fork-claim" where arguments.count == 1:
+            try brokerForkClaim()
         case "claim-after-exec" where arguments.count >= 2 && arguments[1].hasPrefix("/"):
             try claimAfterExec(Array(arguments.dropFirst()))
         case "share-and-hang" where arguments.count == 3:

@@ -76,6 +76,15 @@ struct CapsTests {
         _ = try forker.wait()
     }
 
+    @Test("a fork child whose first call on its parent's Broker is a claim makes its own connection: it claims the key shared for its pid")
+    func forkChildClaimsOnItsOwnConnection() throws {
+        let broker = try TestBroker()
+        let forker = try Child(testPeer, ["broker-fork-claim"], environment: broker.environment)
+        #expect(try forker.readLine() == "child claimed")
+        #expect(try forker.readLine() == "parent read x")
+        #expect(try forker.wait() == .exited(0))
+    }
+
     @Test("the DragonFly scenario: xyz → good, REPLY then DISPOSE with the same msgid, generations, fork")
     func dragonflyScenario() throws {
         let broker = try TestBroker()

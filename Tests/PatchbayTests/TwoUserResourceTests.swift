@@ -358,6 +358,68 @@ struct TwoUserNameTests {
         #expect(try chosen.call(Array("hi".utf8)) == Array("hi".utf8))
     }
 
+    @Test("a CAPS name root held when the broker died stays root's after the restart: nobody's registration is EEXIST until root registers it again or --caps-name-grace passes; a name root had let go is free at once; with a grace of 0 nothing is kept")
+    func capsNamesAreKeptAcrossARestart() throws {
+        let broker = try openBroker([])
+        let generations = broker.directory + "/shm/caps-generations"
+        /// Kills the broker (root's services stay up and hold their names) and starts another.
+        func crashAndRestart(_ arguments: [String], killing pid: pid_t) throws -> pid_t {
+            kill(pid, SIGKILL)
+            _ = try waitForProcess(pid)
+            return try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm",
+                                   ["--system"] + arguments)
+        }
+        func nobodyRegisters(_ name: String) throws -> String {
+            let peer = try nobodyPeer(["caps-register", name], broker)
+            let said = try peer.readLine() ?? ""
+            _ = try peer.wait()
+            return said
+        }
+        // Root's services never register again by themselves here (no reconnection), so what
+        // nobody can do in the window before they would is seen plainly.
+        var root: Broker? = try Broker(socketPath: broker.socketPath, reconnect: .never)
+        var held: CapsService? = try CapsService(root!, name: "held.name", access: [.world])
+        do { _ = try CapsService(root!, name: "let.go", access: [.world]) }
+        while try root!.listServices().contains(where: { $0.name == "let.go" }) { sched_yield() }
+
+        var daemon = try crashAndRestart([], killing: broker.pid)
+        defer { kill(daemon, SIGTERM); _ = try? waitForProcess(daemon) }
+        // (A registration that closes at once: one that held the name would not end the test.)
+        let taken = try nobodyRegisters("held.name")
+        #expect(taken.hasPrefix("error EEXIST: service held.name was registered by uid 0 when the broker last stopped"), "\(taken)")
+        // A name root had let go before the crash is anyone's.
+        #expect(try nobodyRegisters("let.go") == "generations 1")
+        // Root registers it again, its generation going on; once root lets it go, it is free.
+        held = nil
+        root = try Broker(socketPath: broker.socketPath, reconnect: .never)
+        do { #expect(try CapsService(root!, name: "held.name", access: [.world]).currentGeneration == 2) }
+        while try root!.listServices().contains(where: { $0.name == "held.name" }) { sched_yield() }
+        #expect(try nobodyRegisters("held.name") == "generations 1")
+
+        // With a grace of 0, nothing is kept.
+        held = try CapsService(root!, name: "held.again", access: [.world])
+        daemon = try crashAndRestart(["--caps-name-grace", "0"], killing: daemon)
+        #expect(try nobodyRegisters("held.again") == "generations 1")
+
+        // With a short grace the broker releases the name by itself when it passes, and writes so
+        // (the next restart does not keep it again): nobody, trying until then, gets it.
+        root = try Broker(socketPath: broker.socketPath, reconnect: .never)
+        held = try CapsService(root!, name: "held.brief", access: [.world])
+        daemon = try crashAndRestart(["--caps-name-grace", "2s"], killing: daemon)
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        var said = ""
+        while monotonicNanoseconds() < deadline {
+            said = try nobodyRegisters("held.brief")
+            if said.hasPrefix("generations") { break }
+            #expect(said.contains("EEXIST"), "\(said)")
+        }
+        #expect(said == "generations 1")
+        let text = String(decoding: try openFile(generations, flags: O_RDONLY).readToEnd(limit: 1 << 20), as: UTF8.self)
+        let lines = text.split(separator: "\n").filter { $0.hasSuffix(" held.brief 0") }
+        #expect(lines.last == "released held.brief 0", "\(lines)")
+        _ = held
+    }
+
     @Test("policy: a reserved CAPS or /net name is taken only by its owners; a reserved name's owner (a uid, or a member of a group) is trusted by every caller")
     func policyReservations() throws {
         let policy = makeTemporaryDirectory()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from ctypes import byref, c_void_p, create_string_buffer
@@ -36,11 +37,12 @@ class Broker(_native.Handle):
 
     # Keys
 
-    def share(self, fd: FileDescriptorLike, timeout: Optional[float] = None, *, for_uid: Optional[int] = None,
+    def share(self, fd: FileDescriptorLike, timeout: Optional[float] = 60.0, *, for_uid: Optional[int] = None,
               for_gid: Optional[int] = None, for_pid: Optional[int] = None) -> str:
         """Puts fd (a number or an object with fileno()) under a new one-time key and returns its
-        text. The key is valid for timeout seconds, or until claimed (or the broker stops) when
-        timeout is None. fd stays yours: the key holds the same open file description. At most one
+        text. The key is valid for timeout seconds (60 unless given), or until claimed (or the
+        broker stops) when timeout is None; a timeout that is not positive is OSError EINVAL, as
+        in C. fd stays yours: the key holds the same open file description. At most one
         of for_uid, for_gid, for_pid restricts who may claim (anyone else gets FileNotFoundError,
         as for a wrong key); a for_pid no process has is ProcessLookupError (ESRCH)."""
         restrictions = [(who, value) for who, value in ((1, for_uid), (2, for_gid), (3, for_pid)) if value is not None]
@@ -51,7 +53,7 @@ class Broker(_native.Handle):
         elif timeout > 0:
             milliseconds = max(1, math.ceil(timeout * 1000))
         else:
-            raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
+            raise OSError(errno.EINVAL, f"the timeout must be positive seconds (or None: never), not {timeout!r}")
         key = create_string_buffer(_native.KEY_TEXT_SIZE)
         if restrictions:
             (who, value), = restrictions

@@ -204,6 +204,32 @@ class KeyTests(BrokerTestCase):
             with self.assertRaises(ValueError):
                 self.broker.share(file, 30, for_uid=0, for_gid=0)
 
+    def test_a_fork_child_claims_through_its_parents_broker(self) -> None:
+        # The child's first call is the claim: it makes a connection of its own for it (the broker
+        # takes a connection's frames only from the process that made it).
+        read_end, write_end = os.pipe()
+        keys_read, keys_write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                key = os.read(keys_read, 64).decode()
+                fd = self.broker.claim(key)
+                os.write(fd, b"x")
+                status = 0
+            finally:
+                os._exit(status)
+        try:
+            os.write(keys_write, self.broker.share(write_end, 30, for_pid=child).encode())
+            _, status = os.waitpid(child, 0)
+            self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+            os.close(write_end)
+            os.set_blocking(read_end, False)
+            self.assertEqual(os.read(read_end, 1), b"x")
+        finally:
+            for fd in (read_end, keys_read, keys_write):
+                os.close(fd)
+
     def test_claim_of_an_unknown_key_is_ENOENT(self) -> None:
         with self.assertRaises(FileNotFoundError) as caught:
             self.broker.claim("A" + secrets.token_urlsafe(16)[:21])
@@ -217,8 +243,10 @@ class KeyTests(BrokerTestCase):
         self.assertIn("22 characters", str(caught.exception.strerror))
 
     def test_share_refuses_a_timeout_that_is_not_positive(self) -> None:
-        with self.assertRaises(ValueError):
-            self.broker.share(0, timeout=0)
+        for timeout in (0, -1, -0.5):
+            with self.assertRaises(OSError) as caught:
+                self.broker.share(0, timeout=timeout)
+            self.assertEqual(caught.exception.errno, errno.EINVAL)
 
     def test_integers_outside_their_c_type_are_refused_not_truncated(self) -> None:
         # ctypes alone keeps the low bits: descriptor 2**40 would share stdin, uid 2**70 root.

@@ -86,6 +86,9 @@ extension Broker {
     ///   `EAGAIN` while this uid is rate-limited after too many failed claims.
     public func claim(_ key: Key) throws(PatchbayError) -> Descriptor {
         try connection.withLock { (connection) throws(PatchbayError) -> Descriptor in
+            // (Not `call`: the acknowledgement must follow on the same connection. A claim that
+            // may have reached the broker is never sent again.)
+            try makeOwn(&connection)
             var response = try connection.call(.keys(.claim(key.token)))
             guard case .keys(.claim) = response.reply else { throw unexpected(response.reply) }
             // Tell the broker whether the descriptor arrived, so a lost one restores the key.

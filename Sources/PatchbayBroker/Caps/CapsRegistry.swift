@@ -243,6 +243,16 @@ final class CapsRegistry {
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
     var policy = Policy.none
+    /// How long a name held when the last broker stopped stays its holder's, in nanoseconds
+    /// (`--caps-name-grace`; set before `generationsFile`). 0: not kept.
+    var nameGrace: UInt64 = 30_000_000_000
+    /// The names held when the last broker stopped (a crash or not), each kept for the uid that
+    /// held it until that uid registers it again or `keptNamesUntil` passes: another uid's
+    /// registration meanwhile is `EEXIST`, as while the holder was registered. So a restart is no
+    /// moment for another user to take a service's name before the service registers again.
+    private var keptNames: [String: UInt32] = [:]
+    /// When the kept names are released (`CLOCK_MONOTONIC` nanoseconds).
+    private var keptNamesUntil: UInt64 = 0
 
     init(logger: Logger) {
         self.logger = logger
@@ -304,12 +314,24 @@ final class CapsRegistry {
               let bytes = try? file.readToEnd(limit: 16 << 20) else { return }
         // Lines in the order they were written: `<generation> <name> <uid>` (a registration, or a
         // generation seen at a close; without a uid, from an older broker: root's), `- <name>
-        // <uid>` (forgotten), `<generation> * <uid>` (that uid's floor). Others are skipped.
+        // <uid>` (forgotten), `<generation> * <uid>` (that uid's floor), `held <name> <uid>` and
+        // `released <name> <uid>` (the uid's first registration of the name began, its last
+        // ended). Others are skipped.
+        var held: [String: UInt32] = [:]
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
             guard fields.count == 2 || fields.count == 3 else { continue }
             let uid = fields.count == 3 ? UInt32(fields[2]) : 0
             guard let uid else { continue }
+            if fields[0] == "held" || fields[0] == "released" {
+                guard fields.count == 3, capsNameProblem(String(fields[1])) == nil else { continue }
+                if fields[0] == "held" {
+                    held[String(fields[1])] = uid
+                } else if held[String(fields[1])] == uid {
+                    held[String(fields[1])] = nil
+                }
+                continue
+            }
             if fields[0] == "-" {
                 forget(RememberedName(uid: uid, name: String(fields[1])))
                 continue
@@ -323,25 +345,39 @@ final class CapsRegistry {
             guard capsNameProblem(key.name) == nil else { continue }
             remember(key, generation: max(lastGeneration[key] ?? 0, generation))
         }
+        if nameGrace > 0 && !held.isEmpty {
+            keptNames = held
+            keptNamesUntil = monotonicNanoseconds() &+ nameGrace
+            logger.info("CAPS names kept for their holders", metadata: [
+                "names": "\(held.count)", "seconds": "\(nameGrace / 1_000_000_000)",
+            ])
+        }
         rewriteGenerations()
     }
 
     /// Records `name`'s last generation: one appended line, the file compacted when stale lines
     /// outnumber the names.
-    private func saveGeneration(of key: RememberedName, forgotten: [String] = []) {
-        guard let generationsFile, let generation = lastGeneration[key] else { return }
+    private func saveGeneration(of key: RememberedName, forgotten: [String] = [], held: Bool = false) {
+        guard let generation = lastGeneration[key] else { return }
+        var text = forgotten.isEmpty ? "" : "\(forgottenFloor[key.uid] ?? 0) * \(key.uid)\n"
+        for each in forgotten { text += "- \(each) \(key.uid)\n" }
+        text += "\(generation) \(key.name) \(key.uid)\n"
+        if held { text += "held \(key.name) \(key.uid)\n" }
+        appendGenerationLines(text)
+    }
+
+    /// Appends `text`'s lines to the file, or writes the table whole when there is none yet.
+    private func appendGenerationLines(_ text: String) {
+        guard let generationsFile else { return }
         do throws(Errno) {
             let file = try openFile(generationsFile, flags: O_WRONLY | O_APPEND | O_NOFOLLOW)
-            var text = forgotten.isEmpty ? "" : "\(forgottenFloor[key.uid] ?? 0) * \(key.uid)\n"
-            for each in forgotten { text += "- \(each) \(key.uid)\n" }
-            text += "\(generation) \(key.name) \(key.uid)\n"
             try file.writeAll(Array(text.utf8))
-            generationLines += 1 + (forgotten.isEmpty ? 0 : 1 + forgotten.count)
+            generationLines += text.utf8.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
         } catch {
             if error == .noSuchFileOrDirectory { return rewriteGenerations() }  // the first: made whole
             logger.warning("cannot save a CAPS generation", metadata: ["errno": "\(error.name)"])
         }
-        if generationLines > 2 * lastGeneration.count + 64 { rewriteGenerations() }
+        if generationLines > 2 * (lastGeneration.count + services.count) + 64 { rewriteGenerations() }
     }
 
     /// Writes the table whole to a new file renamed over the old (a crash leaves one or the
@@ -356,12 +392,18 @@ final class CapsRegistry {
                 if let generation = lastGeneration[RememberedName(uid: uid, name: name)] { text += "\(generation) \(name) \(uid)\n" }
             }
         }
+        // The names held now, by a registration or kept from before the restart.
+        var held = Set(services.values.map { RememberedName(uid: $0.owner.uid, name: $0.name) })
+        if monotonicNanoseconds() < keptNamesUntil {
+            for (name, uid) in keptNames { held.insert(RememberedName(uid: uid, name: name)) }
+        }
+        for each in held.sorted(by: { ($0.uid, $0.name) < ($1.uid, $1.name) }) { text += "held \(each.name) \(each.uid)\n" }
         let temporary = generationsFile + ".new"
         do throws(Errno) {
             let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
             try file.writeAll(Array(text.utf8))
             guard rename(temporary, generationsFile) == 0 else { throw Errno.current }
-            generationLines = lastGeneration.count
+            generationLines = forgottenFloor.count + lastGeneration.count + held.count
         } catch {
             logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
         }
@@ -381,7 +423,17 @@ final class CapsRegistry {
             throw RequestError(errno: .invalidArgument, reason: "this connection is already a CAPS port; open one per port")
         }
         try policy.checkTake(.caps, Substring(name), by: caller)
-        // A name belongs to whoever holds it: another uid's live registration is never shadowed.
+        // A name belongs to whoever holds it: another uid's live registration is never shadowed,
+        // nor a name held when the last broker stopped, while it is kept for its holder.
+        if let keeper = keptNames[name] {
+            if monotonicNanoseconds() >= keptNamesUntil {
+                releaseKeptNames()
+            } else if keeper != caller.uid {
+                let seconds = (keptNamesUntil - monotonicNanoseconds() + 999_999_999) / 1_000_000_000
+                throw RequestError(errno: .fileExists,
+                                   reason: "service \(name) was registered by uid \(keeper) when the broker last stopped; the name is kept for that uid until it registers again, or for \(seconds) s more (--caps-name-grace)")
+            }
+        }
         if let holder = (byName[name] ?? []).compactMap({ services[$0] }).first(where: { $0.owner.uid != caller.uid }) {
             throw RequestError(errno: .fileExists,
                                reason: "service \(name) is registered by uid \(holder.owner.uid) (pid \(holder.owner.pid)); a name is held by one uid at a time")
@@ -434,6 +486,8 @@ final class CapsRegistry {
         servicesPerUser[caller.uid, default: 0] += 1
         byName[name, default: []].append(id)
         serviceBySession[session] = id
+        // Held again by its keeper (admitted): kept no longer.
+        if keptNames[name] != nil { keptNames[name] = nil }
         logger.debug("service registered", metadata: ["name": "\(name)", "service": "\(id)"])
         return record
     }
@@ -463,7 +517,7 @@ final class CapsRegistry {
             forgottenFloor[uid] = max(forgottenFloor[uid] ?? 0, lastGeneration[old] ?? 0)
             forget(old)
         }
-        saveGeneration(of: key, forgotten: forgotten)
+        saveGeneration(of: key, forgotten: forgotten, held: registrations(of: name, by: uid) == 1)
         return generation
     }
 
@@ -475,6 +529,30 @@ final class CapsRegistry {
 
     private func isRegistered(_ name: String, by uid: UInt32) -> Bool {
         (byName[name] ?? []).contains { services[$0]?.owner.uid == uid }
+    }
+
+    private func registrations(of name: String, by uid: UInt32) -> Int {
+        (byName[name] ?? []).reduce(0) { $0 + (services[$1]?.owner.uid == uid ? 1 : 0) }
+    }
+
+    /// Milliseconds until the names kept from before the restart are released, or -1 (none).
+    func millisecondsUntilKeptNamesRelease(now: UInt64) -> CInt {
+        guard !keptNames.isEmpty else { return -1 }
+        return now >= keptNamesUntil ? 0 : CInt(clamping: (keptNamesUntil - now + 999_999) / 1_000_000)
+    }
+
+    /// Releases the names kept from before the restart once their time is up.
+    func releaseKeptNames(now: UInt64) {
+        if !keptNames.isEmpty && now >= keptNamesUntil { releaseKeptNames() }
+    }
+
+    /// The kept names' holders did not register them again in time: anyone may take them now,
+    /// and the file says so, so the next restart does not keep them again.
+    private func releaseKeptNames() {
+        let text = keptNames.sorted { $0.key < $1.key }.map { "released \($0.key) \($0.value)\n" }.joined()
+        logger.info("CAPS names kept for their holders released", metadata: ["names": "\(keptNames.count)"])
+        keptNames = [:]
+        appendGenerationLines(text)
     }
 
     /// Records a generation for `key`, as its uid's most recently registered name.
@@ -635,10 +713,13 @@ final class CapsRegistry {
             // (A page is the service's to write: past the highest generation, it counts as that.)
             let shown = min(service.generation, Self.highestGeneration)
             let key = RememberedName(uid: service.owner.uid, name: service.name)
+            var lines = ""
             if let previous = lastGeneration[key], shown > previous {
                 lastGeneration[key] = shown
-                saveGeneration(of: key)
+                lines += "\(shown) \(key.name) \(key.uid)\n"
             }
+            if !isRegistered(service.name, by: service.owner.uid) { lines += "released \(key.name) \(key.uid)\n" }
+            if !lines.isEmpty { appendGenerationLines(lines) }
             for channelID in service.channels {
                 guard let channel = channels.removeValue(forKey: channelID) else { continue }
                 channelBySession[channel.clientSession] = nil
