@@ -176,7 +176,7 @@ struct EmptyingTests {
         }
         let left = ClosingThreads.emptyAndClose(inner)
         #expect(left.count == 1)
-        #expect(left.first.map { link($0).hasPrefix("socket:") } == true)
+        #expect(left.first.map { link($0).hasPrefix("socket:") } == true, "handed back: \(left.map { "\($0) \(link($0))" })")
         // The rest of the chain: 7 sockets and /dev/null, closed here (nothing in it waits).
         for fd in left { close(fd) }
     }
