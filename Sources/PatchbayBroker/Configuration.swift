@@ -66,6 +66,11 @@ public struct BrokerConfiguration: Sendable {
     public var maximumClients: Int = 65536
     /// The most connections one uid may hold, so one user cannot take every slot.
     public var maximumClientsPerUser: Int = 16384
+    /// New connections one uid other than root (and the per-user broker's own) may open in a
+    /// burst, then per second: past them a connection is refused (`EAGAIN`) before the broker
+    /// looks at its process, so connecting and closing in a loop costs the broker little.
+    public var connectionBurstPerUser: Int = 1024
+    public var connectionsPerSecondPerUser: Double = 512
 
     /// Where the name reservations of the system broker are read from at start (`*.conf` files,
     /// see Policy.swift); nil for none. The system broker's default is `/etc/patchbay/policy.d`.

@@ -40,6 +40,9 @@ public final class BrokerServer {
     /// one page per turn while everyone else gets theirs.
     private static let workPerWakeup = 64
     private static let acceptsPerWakeup = 64
+    /// And at most this long accepting per wake-up (the listener stays ready for the next turn),
+    /// so connections opened and closed in a loop delay other clients' requests by no more.
+    private static let acceptNanosecondsPerWakeup: UInt64 = 250_000
     /// What each uid has had of this turn of the loop (`TurnShares`: 1,024 units or 250 µs).
     /// (Each turn looks at every ready connection: up to `batchesPerTurn` batches of events.)
     private var turn = TurnShares()
@@ -228,8 +231,11 @@ public final class BrokerServer {
     private func acceptClients() {
         // The spare, used up by a shed whose close was deferred, comes back once there is room.
         if spareDescriptor == nil { spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY) }
-        for _ in 0..<Self.acceptsPerWakeup {
-            let socket: SeqpacketSocket
+        let started = monotonicNanoseconds()
+        for index in 0..<Self.acceptsPerWakeup {
+            let now = monotonicNanoseconds()
+            if index > 0 && now &- started >= Self.acceptNanosecondsPerWakeup { return }
+            var socket: SeqpacketSocket
             do {
                 socket = try listener.socket.accept(nonblocking: true)
             } catch {
@@ -239,6 +245,10 @@ public final class BrokerServer {
                     logger.warning("accept failed", metadata: ["errno": "\(error.name)"])
                 }
                 return
+            }
+            if let uid = try? UnixSocket.peerCredentials(of: socket.rawValue).uid {
+                guard let admitted = sessions.refuseIfConnectingTooFast(socket, uid: uid, now: now) else { continue }
+                socket = admitted
             }
             let credentials: PeerCredentials
             do {
@@ -567,6 +577,9 @@ public final class BrokerServer {
         out.metric("patchbay_closes_interrupted_total", "counter",
                    "Closes of descriptors clients handed over that waited past --close-timeout and were interrupted.",
                    [("", "\(DeferredCloser.shared.interruptedCloses)")])
+        out.metric("patchbay_connections_refused_for_rate_total", "counter",
+                   "Connections refused because their uid opened them faster than --connections-per-second-per-uid allows.",
+                   [("", "\(sessions.refusedForRate)")])
         if let resident = residentMemoryBytes() {
             out.gauge("patchbay_resident_memory_bytes", "The broker's resident memory.", resident)
         }

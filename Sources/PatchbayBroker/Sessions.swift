@@ -37,12 +37,18 @@ final class SessionTable {
     private(set) var queuedBytesByUser: [UInt32: Int] = [:]
     /// The subsystems, told of every closed session.
     var closedHooks: [any SessionClosedHook] = []
+    /// New connections per uid (`connectionBurstPerUser`, `connectionsPerSecondPerUser`).
+    private let connecting: UidTokenBucket
+    /// Connections refused for coming faster than their uid's rate.
+    private(set) var refusedForRate: UInt64 = 0
 
     init(loop: EventLoop, configuration: BrokerConfiguration, budget: DescriptorBudget, logger: Logger) {
         self.loop = loop
         self.configuration = configuration
         self.budget = budget
         self.logger = logger
+        connecting = UidTokenBucket(burst: configuration.connectionBurstPerUser,
+                                    refillPerSecond: configuration.connectionsPerSecondPerUser)
         limits = QueueLimits(bytes: configuration.maximumQueuedBytesPerClient,
                              descriptors: configuration.maximumQueuedDescriptorsPerClient,
                              pauseFrames: configuration.maximumQueuedFramesPerClient,
@@ -94,6 +100,24 @@ final class SessionTable {
         logger.debug("client connected", metadata: [
             "session": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)",
         ])
+        return nil
+    }
+
+    /// The first look at a connection just accepted, by its uid alone (one `getsockopt`), before
+    /// the broker reads anything about its process: a uid other than root and the per-user
+    /// broker's own that connects faster than its rate is refused here, its socket closed (or
+    /// emptied off the loop), at a few system calls' cost. Nil: go on to `admit`.
+    func refuseIfConnectingTooFast(_ socket: consuming SeqpacketSocket, uid: UInt32, now: UInt64) -> SeqpacketSocket? {
+        guard uid != 0 && uid != brokerUID else { return socket }
+        if connecting.hasToken(uid: uid, now: now) {
+            connecting.spendToken(uid: uid, now: now)
+            return socket
+        }
+        refusedForRate &+= 1
+        let wait = connecting.millisecondsUntilNextToken(uid: uid, now: now)
+        let refusal = ErrorReply(errno: EAGAIN, reason: "uid \(uid) opens connections faster than the broker takes them from one user (\(Int(connecting.refillPerSecond)) a second after a burst of \(Int(connecting.burst))): try again in \(wait) ms")
+        try? socket.send(refusal.encode(rawOpcode: Opcode.connection.rawValue, requestID: 0), nonblocking: true)
+        DeferredCloser.shared.closeRefused(socket, of: uid)
         return nil
     }
 

@@ -55,6 +55,12 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a CAPS name registered when the broker last stopped stays its holder's uid's, until that uid registers it again (e.g. 30s, 2m; 0 keeps none): another uid's registration meanwhile is EEXIST.")
     var capsNameGrace = "30s"
 
+    @Option(help: "New connections a uid other than root may open to the broker in a burst before it is slowed down (EAGAIN beyond).")
+    var connectionBurstPerUid = 1024
+
+    @Option(help: "New connections per second a uid other than root is allowed once its burst is spent.")
+    var connectionsPerSecondPerUid = 512.0
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -109,6 +115,10 @@ public struct DaemonCommand: ParsableCommand {
         guard maxCapsNamesPerUid > 0 else { throw ValidationError("--max-caps-names-per-uid must be positive") }
         guard maxQueuedMessages >= 16 else { throw ValidationError("--max-queued-messages must be at least 16") }
         guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
+        guard connectionBurstPerUid > 0 else { throw ValidationError("--connection-burst-per-uid must be positive") }
+        guard connectionsPerSecondPerUid.isFinite, connectionsPerSecondPerUid > 0 else {
+            throw ValidationError("--connections-per-second-per-uid must be a positive number")
+        }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
         guard failedClaimsPerSecond.isFinite, failedClaimsPerSecond > 0 else {
             throw ValidationError("--failed-claims-per-second must be a positive number")
@@ -169,6 +179,8 @@ public struct DaemonCommand: ParsableCommand {
         configuration.maximumCapsClientsPerUser = maxCapsClientsPerUid
         configuration.maximumCapsNamesPerUser = maxCapsNamesPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
+        configuration.connectionBurstPerUser = connectionBurstPerUid
+        configuration.connectionsPerSecondPerUser = connectionsPerSecondPerUid
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
         if case .after(let duration) = DurationText.parse(claimAckTimeout, for: "daemon") {

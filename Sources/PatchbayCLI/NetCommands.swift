@@ -35,10 +35,18 @@ struct NetCommand: ParsableCommand {
         @Flag(help: "Send everything back.")
         var echo = false
 
+        @Option(help: "Connections served at once; more wait in the backlog until one ends.")
+        var maxConnections = 1024
+
+        @Option(help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections); more from it are closed at once.")
+        var maxConnectionsPerUid: Int?
+
         @Option(parsing: .remaining, help: "Run this command per connection (stdin/stdout = the connection).")
         var exec: [String] = []
 
         func validate() throws {
+            guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
+            if let maxConnectionsPerUid, maxConnectionsPerUid <= 0 { throw ValidationError("--max-connections-per-uid must be positive") }
             if let mode, NetCommand.parsedMode(mode) == nil { throw ValidationError("--mode takes octal permission bits from 0 to 0777, not \"\(mode)\"") }
             guard echo != !exec.isEmpty else { throw ValidationError("give exactly one of --echo and --exec COMMAND") }
             guard !(type == .dgram && !exec.isEmpty) else { throw ValidationError("--exec needs connections; dgram has none") }
@@ -59,27 +67,54 @@ struct NetCommand: ParsableCommand {
                 if let error = serveDatagrams(broker) { fail(command, error) }
                 return
             }
+            // Each connection holds two descriptors here (and a process with --exec): the soft
+            // limit, often 1024, would be reached by one user's few hundred connections.
+            raiseDescriptorLimit()
+            let slots = ConnectionSlots(total: maxConnections, perUID: maxConnectionsPerUid ?? max(maxConnections / 4, 1))
             let listener = attempt(command) { () throws(PatchbayError) -> Socket in
                 try Socket.listen(broker, name: name, type: type, mode: mode.flatMap(NetCommand.parsedMode))
             }
             var reconnections = broker.reconnections
+            var refused = 0
+            var lost = 0
             while true {
+                // Full: the next connection waits in the backlog until one ends.
+                slots.waitForRoom()
                 let connection: Socket
                 do {
                     connection = try listener.accept()
                 } catch {
                     if error.errno == .interrupted { continue }
+                    // No descriptor for the connection (it is lost): the server goes on, and
+                    // tries again once a connection ends, or in 100 ms.
+                    if error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+                        lost += 1
+                        if lost == 1 || lost % 100 == 0 {
+                            writeStandardError("patchbay: net listen: \(lost) connection(s) lost so far: \(error.reason); serving the \(slots.count) open ones\n")
+                        }
+                        slots.waitForRelease(nanoseconds: 100_000_000)
+                        continue
+                    }
                     fail(command, error)
                 }
                 if broker.reconnections != reconnections {
                     reconnections = broker.reconnections
                     writeStandardError("patchbay: net listen: the broker restarted; \(name) is listening again (socket \(listener.id))\n")
                 }
+                // Who connected, as the kernel recorded it at connect.
+                let uid = (try? UnixSocket.peerCredentials(of: connection.dataDescriptor).uid) ?? UInt32.max
+                guard slots.take(for: uid) else {
+                    refused += 1
+                    if refused == 1 || refused % 1000 == 0 {
+                        writeStandardError("patchbay: net listen: uid \(uid) already has \(slots.perUID) connections served, its most (--max-connections-per-uid): its new ones are closed (\(refused) so far, all uids)\n")
+                    }
+                    continue
+                }
                 let box = ConnectionBox(connection)
                 if echo {
-                    startThread { box.echo() }
+                    startThread { box.echo(); slots.release(for: uid) }
                 } else if let starter {
-                    startThread { box.run(starter) }
+                    startThread { box.run(starter); slots.release(for: uid) }
                 }
             }
         }
@@ -235,6 +270,71 @@ struct NetCommand: ParsableCommand {
 extension Socket.Kind: ExpressibleByArgument {}
 
 /// One connection, shared by the threads that serve it; it closes when the last of them lets go.
+/// The connections a `net listen` server serves: at most `total` at once, and at most `perUID`
+/// from any one uid other than the server's own, so one user cannot take every slot (nor make the
+/// server run that many programs for it). The acceptor sleeps on a futex word while full; each
+/// connection that ends moves the word and wakes it.
+final class ConnectionSlots: @unchecked Sendable {
+    let total: Int
+    let perUID: Int
+    private let ownUID = getuid()
+    private let state = Mutex<(open: Int, byUID: [UInt32: Int])>((0, [:]))
+    private let released = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+
+    init(total: Int, perUID: Int) {
+        self.total = total
+        self.perUID = perUID
+        released.initialize(to: 0)
+    }
+
+    deinit { released.deallocate() }
+
+    var count: Int { state.withLock { $0.open } }
+
+    /// Returns once fewer than `total` connections are open.
+    func waitForRoom() {
+        while true {
+            let seen = SharedWord.load(released)
+            if state.withLock({ $0.open < total }) { return }
+            try? Futex.wait(released, expected: seen)
+        }
+    }
+
+    /// Returns once a connection ends, or after `nanoseconds`.
+    func waitForRelease(nanoseconds: Int64) {
+        try? Futex.wait(released, expected: SharedWord.load(released), timeoutNanoseconds: nanoseconds)
+    }
+
+    /// Takes a slot for a connection from `uid`, unless that uid already holds its share.
+    func take(for uid: UInt32) -> Bool {
+        state.withLock { state in
+            if uid != ownUID && state.byUID[uid, default: 0] >= perUID { return false }
+            state.open += 1
+            state.byUID[uid, default: 0] += 1
+            return true
+        }
+    }
+
+    func release(for uid: UInt32) {
+        state.withLock { state in
+            state.open -= 1
+            let left = state.byUID[uid, default: 1] - 1
+            state.byUID[uid] = left > 0 ? left : nil
+        }
+        _ = SharedWord.increment(released)
+        Futex.wake(released)
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one (a server's connections each hold
+/// some; the soft limit is often 1024 for select()'s sake, which nothing here uses).
+func raiseDescriptorLimit() {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+    limit.rlim_cur = limit.rlim_max
+    _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+}
+
 final class ConnectionBox: @unchecked Sendable {
     let socket: Socket
 

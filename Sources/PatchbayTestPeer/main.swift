@@ -1385,6 +1385,31 @@ func netAcceptKeep(_ name: String) throws(PatchbayError) {
     _ = consume listener
 }
 
+/// Connects to the seqpacket listener `name` `count` times, keeping every connection, and on each
+/// sends "hi" and reads the answer: says "echoed E ended N" (answered "hi"; closed by the
+/// server unanswered), then keeps them all until its input ends.
+func netConnectHold(_ name: String, count: Int) throws(PatchbayError) {
+    final class Held {
+        let socket: Socket
+        let next: Held?
+        init(_ socket: consuming Socket, _ next: Held?) { self.socket = socket; self.next = next }
+    }
+    let broker = try Broker()
+    var held: Held?
+    var echoed = 0
+    var ended = 0
+    for _ in 0..<count {
+        let socket = try Socket.connect(broker, to: name)
+        _ = try? socket.send(Array("hi".utf8))
+        let answer = (try? socket.receive()) ?? nil
+        if answer?.bytes == Array("hi".utf8) { echoed += 1 } else { ended += 1 }
+        held = Held(socket, held)
+    }
+    say("echoed \(echoed) ended \(ended)")
+    waitForEndOfInput()
+    withExtendedLifetime(held) {}
+}
+
 /// Registers the CAPS names `prefix.0` to `prefix.(count-1)` one at a time, each closed (and gone
 /// from the broker's list) before the next: says "generations G0 G1 ...", the generation each got.
 func capsRegisterMany(_ prefix: String, count: Int) throws(PatchbayError) {
@@ -1427,6 +1452,22 @@ func openMonitors(_ count: Int) throws(PatchbayError) {
     }
     say("opened \(monitors.count)")
     waitForEndOfInput()
+}
+
+/// Connects to the broker `count` times, one connection at a time, each asked for the status
+/// and closed before the next: says "connected N", or "refused at N ERRNO: REASON" for the
+/// first connection the broker refused.
+func connectChurn(_ count: Int) {
+    for index in 1...count {
+        do throws(PatchbayError) {
+            let broker = try Broker(autostart: false, reconnect: .never)
+            _ = try broker.status()
+        } catch {
+            say("refused at \(index) \(error.description)")
+            return
+        }
+    }
+    say("connected \(count)")
 }
 
 /// Reads the first 4 bytes of the mapping, then writes "pong" at 2048: both directions.
@@ -2149,6 +2190,10 @@ func main() -> CInt {
             try sendSeventeenWithLingering(port: UInt16(arguments[1])!)
         case "claim-through-orphaned-connection" where arguments.count == 1:
             try claimThroughOrphanedConnection()
+        case "net-connect-hold" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try netConnectHold(arguments[1], count: Int(arguments[2])!)
+        case "connect-churn" where arguments.count == 2 && Int(arguments[1]) != nil:
+            connectChurn(Int(arguments[1])!)
         case "broker-fork-claim" where arguments.count == 1:
             try brokerForkClaim()
         case "claim-after-exec" where arguments.count >= 2 && arguments[1].hasPrefix("/"):

@@ -15,6 +15,66 @@ struct TwoUserResourceTests {
         return broker
     }
 
+    @Test("nobody connecting and closing in a loop is refused (EAGAIN, saying why) past its burst before the broker reads its process; root, at the same pace, never is, and its own connection is served throughout")
+    func connectionChurnIsRateLimitedPerUid() throws {
+        let broker = try openBroker(["--connection-burst-per-uid", "12", "--connections-per-second-per-uid", "0.5"])
+        let root = try broker.connect()
+        let churn = try nobodyPeer(["connect-churn", "40"], broker)
+        let said = try churn.readLine() ?? ""
+        _ = try churn.wait()
+        // 12 in the burst (a token back every 2 s may add one on a slow machine), then refused.
+        #expect(said.hasPrefix("refused at 13 EAGAIN: uid 65534 opens connections faster than the broker takes them from one user")
+                    || said.hasPrefix("refused at 14 EAGAIN: uid 65534 opens connections faster"), "\(said)")
+        // Root's connection, open all along, is served; root may open as many as it likes.
+        _ = try root.status()
+        let rootChurn = try Child(testPeer, ["connect-churn", "40"], environment: broker.environment)
+        #expect(try rootChurn.readLine() == "connected 40")
+        _ = try rootChurn.wait()
+        let refused = Exposition(try root.metrics()).samples["patchbay_connections_refused_for_rate_total"] ?? 0
+        #expect(refused == 1, "one refusal (nobody stopped at its first): \(refused)")
+    }
+
+    @Test("root's net listen serves nobody at most --max-connections-per-uid connections at once (its others are closed at once) and root still gets through; out of descriptors, it loses a connection, never its name")
+    func listenerBoundsOneUsersConnections() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        func answers(_ name: String, _ text: String) throws -> Bool {
+            let socket = try Socket.connect(root, to: name)
+            _ = try socket.send(Array(text.utf8))
+            return try socket.receive()?.bytes == Array(text.utf8)
+        }
+        let server = try Child(patchbayCLI, ["net", "listen", "bounded", "--echo", "--max-connections", "8", "--max-connections-per-uid", "3"],
+                               environment: broker.environment)
+        defer { server.kill(SIGTERM); _ = try? server.wait() }
+        _ = try waitUntilListening(root, "bounded")
+        let holder = try nobodyPeer(["net-connect-hold", "bounded", "6"], broker)
+        #expect(try holder.readLine() == "echoed 3 ended 3")
+        // Root is the server's own uid: served while nobody holds its three.
+        #expect(try answers("bounded", "root"))
+        holder.closeInput()
+        _ = try holder.wait()
+
+        // A server whose descriptors run out (a hard limit of 40: each connection holds two)
+        // loses the connections it cannot take, and goes on serving under its name.
+        let starved = try Child("/usr/bin/prlimit", ["--nofile=40", "--", patchbayCLI, "net", "listen", "starved", "--echo",
+                                                     "--max-connections-per-uid", "100"], environment: broker.environment)
+        defer { starved.kill(SIGTERM); _ = try? starved.wait() }
+        let listening = try waitUntilListening(root, "starved")
+        let flood = try nobodyPeer(["net-connect-hold", "starved", "30"], broker)
+        let said = try flood.readLine() ?? ""
+        let counts = said.split(separator: " ").compactMap { Int($0) }
+        #expect(said.hasPrefix("echoed ") && counts.count == 2 && counts[0] > 0 && counts[1] > 0 && counts[0] + counts[1] == 30, "\(said)")
+        flood.closeInput()
+        _ = try flood.wait()
+        #expect(starved.isRunning)
+        // Once nobody's connections are gone, root's is answered, by the same server.
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        var answered = false
+        while !answered && monotonicNanoseconds() < deadline { answered = try answers("starved", "still mine") }
+        #expect(answered)
+        #expect(try root.listSockets().first { $0.name == "starved" }?.ownerPID == listening.ownerPID)
+    }
+
     @Test("shared memory bytes: a uid that grows its object through its own descriptor fills only its own tmpfs; root's objects keep working")
     func sharedMemoryBytesPerUid() throws {
         let broker = try openBroker(["--max-shm-bytes-per-uid", "1M"])

@@ -16,8 +16,12 @@ struct HostileLoad {
     let connections: Int
 
     func run() throws {
+        // The connection rate per uid is raised for this run, so that what stops the hostile uid's
+        // thousands of idle connections is its share of the broker's descriptors (the rate is
+        // tested on its own: `Two users: resources`).
         let scratch = try ScratchBroker("patchbay-hostile", arguments: ["--system", "--log-level", "notice",
-                                                                       "--policy-directory", "/nonexistent"])
+                                                                       "--policy-directory", "/nonexistent",
+                                                                       "--connection-burst-per-uid", "1000000"])
         defer { scratch.stop() }
         chmod(scratch.directory, 0o755)
         let honest = try Broker(socketPath: scratch.socketPath)
