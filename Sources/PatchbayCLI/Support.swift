@@ -64,10 +64,24 @@ func terminalSafe(_ text: String) -> String {
         case 0x5C: out += "\\\\"
         case 0..<0x20, 0x7F: out += "\\x" + String(scalar.value, radix: 16).leftPadded(2)
         case 0x80..<0xA0: out += "\\u{" + String(scalar.value, radix: 16) + "}"
+        // Characters that show nothing, or move or reorder what follows, and spaces that are
+        // not U+0020: another user's name must not pass for yours ("/rootobj" + U+200B) nor
+        // rearrange the row it is printed in (U+202E).
+        case _ where isDeceptiveScalar(scalar): out += "\\u{" + String(scalar.value, radix: 16) + "}"
         default: out.unicodeScalars.append(scalar)
         }
     }
     return out
+}
+
+/// Format characters (zero-width, direction overrides and isolates, the BOM), line and
+/// paragraph separators, and space separators other than U+0020.
+private func isDeceptiveScalar(_ scalar: Unicode.Scalar) -> Bool {
+    switch scalar.properties.generalCategory {
+    case .format, .lineSeparator, .paragraphSeparator: return true
+    case .spaceSeparator: return scalar.value != 0x20
+    default: return false
+    }
 }
 
 extension String {

@@ -160,6 +160,26 @@ struct CLIHonestyTests {
         }
     }
 
+    @Test("names with characters that show nothing or reorder the line (zero-width space, right-to-left override, no-break space) are printed escaped: one user's name cannot pass for another's")
+    func invisibleCharactersAreEscaped() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        for name in ["/rootobj\u{200B}", "/x\u{202E}0:0 6660", "/a\u{00A0}b\u{FEFF}"] {
+            _ = try client.openSharedMemory(name, options: [.create])
+        }
+        let out = try cli(broker, ["shm", "ls"])
+        #expect(out.termination == .exited(0), "\(out.standardError)")
+        for scalar in ["\u{200B}", "\u{202E}", "\u{00A0}", "\u{FEFF}"] as [Unicode.Scalar] {
+            #expect(!out.standardOutput.unicodeScalars.contains(scalar), "\(out.standardOutput)")
+        }
+        for shown in ["/rootobj\\u{200b}", "/x\\u{202e}0:0 6660", "/a\\u{a0}b\\u{feff}"] {
+            #expect(out.standardOutput.contains(shown), "\(shown) in \(out.standardOutput)")
+        }
+        // Letters of other scripts are shown as they are.
+        _ = try client.openSharedMemory("/café-данные", options: [.create])
+        #expect(try cli(broker, ["shm", "ls"]).standardOutput.contains("/café-данные"))
+    }
+
     @Test("caps call fails (ECONNRESET) when the service dies before answering, never prints an empty answer")
     func callToDyingService() throws {
         let broker = try TestBroker()
