@@ -189,7 +189,7 @@ public struct DaemonCommand: ParsableCommand {
         } else {
             failUsage("daemon", "--claim-ack-timeout must be a duration, not never")
         }
-        if capsNameGrace == "0" {
+        if ["0", "0s", "0ms"].contains(capsNameGrace) {
             configuration.capsNameGrace = 0
         } else if case .after(let duration) = DurationText.parse(capsNameGrace, for: "daemon") {
             let (seconds, attoseconds) = duration.components
