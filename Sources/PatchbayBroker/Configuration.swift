@@ -71,6 +71,10 @@ public struct BrokerConfiguration: Sendable {
     /// looks at its process, so connecting and closing in a loop costs the broker little.
     public var connectionBurstPerUser: Int = 1024
     public var connectionsPerSecondPerUser: Double = 512
+    /// Connections one uid other than root may make to `/net` listeners in a burst, then per
+    /// second: past them the broker closes them unread rather than accept and hand them over.
+    public var netConnectionBurstPerUser: Int = 4096
+    public var netConnectionsPerSecondPerUser: Double = 2048
 
     /// Where the name reservations of the system broker are read from at start (`*.conf` files,
     /// see Policy.swift); nil for none. The system broker's default is `/etc/patchbay/policy.d`.

@@ -99,6 +99,8 @@ public final class BrokerServer {
         } ?? .none
         let netTable = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
         netTable.maximumSocketsPerUser = configuration.maximumSocketsPerUser
+        netTable.connecting = UidTokenBucket(burst: configuration.netConnectionBurstPerUser,
+                                             refillPerSecond: configuration.netConnectionsPerSecondPerUser)
         netTable.budget = budget
         netTable.policy = policy
         let registry = CapsRegistry(logger: logger)
@@ -578,8 +580,9 @@ public final class BrokerServer {
                    "Closes of descriptors clients handed over that waited past --close-timeout and were interrupted.",
                    [("", "\(DeferredCloser.shared.interruptedCloses)")])
         out.metric("patchbay_connections_refused_for_rate_total", "counter",
-                   "Connections refused because their uid opened them faster than --connections-per-second-per-uid allows.",
-                   [("", "\(sessions.refusedForRate)")])
+                   "Connections refused because their uid made them faster than it may: to the broker (--connections-per-second-per-uid), to /net listeners (--net-connections-per-second-per-uid).",
+                   [(MetricsText.labels(["to": "broker"]), "\(sessions.refusedForRate)"),
+                    (MetricsText.labels(["to": "net"]), "\(net.table.refusedForRate)")])
         if let resident = residentMemoryBytes() {
             out.gauge("patchbay_resident_memory_bytes", "The broker's resident memory.", resident)
         }

@@ -61,6 +61,12 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "New connections per second a uid other than root is allowed once its burst is spent.")
     var connectionsPerSecondPerUid = 512.0
 
+    @Option(help: "Connections a uid other than root may make to /net listeners in a burst before the broker closes them unaccepted.")
+    var netConnectionBurstPerUid = 4096
+
+    @Option(help: "Connections per second a uid other than root may make to /net listeners once its burst is spent.")
+    var netConnectionsPerSecondPerUid = 2048.0
+
     @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
@@ -118,6 +124,10 @@ public struct DaemonCommand: ParsableCommand {
         guard connectionBurstPerUid > 0 else { throw ValidationError("--connection-burst-per-uid must be positive") }
         guard connectionsPerSecondPerUid.isFinite, connectionsPerSecondPerUid > 0 else {
             throw ValidationError("--connections-per-second-per-uid must be a positive number")
+        }
+        guard netConnectionBurstPerUid > 0 else { throw ValidationError("--net-connection-burst-per-uid must be positive") }
+        guard netConnectionsPerSecondPerUid.isFinite, netConnectionsPerSecondPerUid > 0 else {
+            throw ValidationError("--net-connections-per-second-per-uid must be a positive number")
         }
         guard failedClaimBurst > 0 else { throw ValidationError("--failed-claim-burst must be positive") }
         guard failedClaimsPerSecond.isFinite, failedClaimsPerSecond > 0 else {
@@ -181,6 +191,8 @@ public struct DaemonCommand: ParsableCommand {
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
         configuration.connectionBurstPerUser = connectionBurstPerUid
         configuration.connectionsPerSecondPerUser = connectionsPerSecondPerUid
+        configuration.netConnectionBurstPerUser = netConnectionBurstPerUid
+        configuration.netConnectionsPerSecondPerUser = netConnectionsPerSecondPerUid
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
         if case .after(let duration) = DurationText.parse(claimAckTimeout, for: "daemon") {

@@ -38,6 +38,9 @@ struct NetCommand: ParsableCommand {
         @Option(help: "Connections served at once; more wait in the backlog until one ends.")
         var maxConnections = 1024
 
+        @Option(help: "The listen backlog: connections the kernel queues before connect fails with EAGAIN (the kernel caps it at net.core.somaxconn).")
+        var backlog = 4096
+
         @Option(help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections); more from it are closed at once.")
         var maxConnectionsPerUid: Int?
 
@@ -46,6 +49,7 @@ struct NetCommand: ParsableCommand {
 
         func validate() throws {
             guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
+            guard backlog > 0 else { throw ValidationError("--backlog must be positive") }
             if let maxConnectionsPerUid, maxConnectionsPerUid <= 0 { throw ValidationError("--max-connections-per-uid must be positive") }
             if let mode, NetCommand.parsedMode(mode) == nil { throw ValidationError("--mode takes octal permission bits from 0 to 0777, not \"\(mode)\"") }
             guard echo != !exec.isEmpty else { throw ValidationError("give exactly one of --echo and --exec COMMAND") }
@@ -72,7 +76,7 @@ struct NetCommand: ParsableCommand {
             raiseDescriptorLimit()
             let slots = ConnectionSlots(total: maxConnections, perUID: maxConnectionsPerUid ?? max(maxConnections / 4, 1))
             let listener = attempt(command) { () throws(PatchbayError) -> Socket in
-                try Socket.listen(broker, name: name, type: type, mode: mode.flatMap(NetCommand.parsedMode))
+                try Socket.listen(broker, name: name, type: type, backlog: backlog, mode: mode.flatMap(NetCommand.parsedMode))
             }
             var reconnections = broker.reconnections
             var refused = 0

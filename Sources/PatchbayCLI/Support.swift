@@ -74,9 +74,12 @@ func terminalSafe(_ text: String) -> String {
     return out
 }
 
-/// Format characters (zero-width, direction overrides and isolates, the BOM), line and
-/// paragraph separators, and space separators other than U+0020.
+/// Format characters (zero-width, direction overrides and isolates, the BOM), other characters
+/// meant to be invisible (Unicode's default-ignorable code points: the Hangul fillers, variation
+/// selectors, the combining grapheme joiner), the blank Braille pattern, line and paragraph
+/// separators, and space separators other than U+0020.
 private func isDeceptiveScalar(_ scalar: Unicode.Scalar) -> Bool {
+    if scalar.properties.isDefaultIgnorableCodePoint || scalar.value == 0x2800 { return true }
     switch scalar.properties.generalCategory {
     case .format, .lineSeparator, .paragraphSeparator: return true
     case .spaceSeparator: return scalar.value != 0x20

@@ -164,15 +164,15 @@ struct CLIHonestyTests {
     func invisibleCharactersAreEscaped() throws {
         let broker = try TestBroker()
         let client = try broker.connect()
-        for name in ["/rootobj\u{200B}", "/x\u{202E}0:0 6660", "/a\u{00A0}b\u{FEFF}"] {
+        for name in ["/rootobj\u{200B}", "/x\u{202E}0:0 6660", "/a\u{00A0}b\u{FEFF}", "/etc\u{3164}passwd\u{034F}\u{2800}"] {
             _ = try client.openSharedMemory(name, options: [.create])
         }
         let out = try cli(broker, ["shm", "ls"])
         #expect(out.termination == .exited(0), "\(out.standardError)")
-        for scalar in ["\u{200B}", "\u{202E}", "\u{00A0}", "\u{FEFF}"] as [Unicode.Scalar] {
+        for scalar in ["\u{200B}", "\u{202E}", "\u{00A0}", "\u{FEFF}", "\u{3164}", "\u{034F}", "\u{2800}"] as [Unicode.Scalar] {
             #expect(!out.standardOutput.unicodeScalars.contains(scalar), "\(out.standardOutput)")
         }
-        for shown in ["/rootobj\\u{200b}", "/x\\u{202e}0:0 6660", "/a\\u{a0}b\\u{feff}"] {
+        for shown in ["/rootobj\\u{200b}", "/x\\u{202e}0:0 6660", "/a\\u{a0}b\\u{feff}", "/etc\\u{3164}passwd\\u{34f}\\u{2800}"] {
             #expect(out.standardOutput.contains(shown), "\(shown) in \(out.standardOutput)")
         }
         // Letters of other scripts are shown as they are.

@@ -277,7 +277,12 @@ final class NetRequests: SessionClosedHook {
     /// A listener with parked accepts is readable: complete them in order.
     func listenerReadable(_ id: UInt64) {
         guard let listener = table.sockets[id] else { return }
+        // At most this long per wake-up: the listener stays ready, and the rest is taken in the
+        // next turn, after other clients' requests (connections made and closed in a loop cost
+        // the loop no more).
+        let started = monotonicNanoseconds()
         while let waiting = listener.waitingAccepts.first {
+            if monotonicNanoseconds() &- started >= Self.acceptNanosecondsPerWakeup { return }
             guard let session = sessions[waiting.session] else {
                 table.dropFirstWait(of: listener)
                 continue
@@ -293,6 +298,8 @@ final class NetRequests: SessionClosedHook {
         }
         if listener.waitingAccepts.isEmpty { watchListener(listener, false) }
     }
+
+    static let acceptNanosecondsPerWakeup: UInt64 = 250_000
 
     /// A departed session's parked accepts are forgotten, and a listener left with none is no
     /// longer watched.

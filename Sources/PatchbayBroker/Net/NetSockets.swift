@@ -159,6 +159,12 @@ final class NetTable {
     /// Open sockets per owner uid, against `maximumSocketsPerUser` (EDQUOT).
     private var socketsPerUser: [UInt32: Int] = [:]
     var maximumSocketsPerUser = 4096
+    /// Connections a uid other than root may make to `/net` listeners, which the broker accepts
+    /// and hands over (each an entry, a handle, a delivery): past the burst and the rate, the
+    /// broker closes them unread instead (the connecting side reads end of file).
+    var connecting = UidTokenBucket(burst: 4096, refillPerSecond: 2048)
+    /// Connections refused for their maker's rate.
+    private(set) var refusedForRate: UInt64 = 0
     /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
@@ -283,6 +289,15 @@ final class NetTable {
                 }
             }
             let maker = (try? connection.peerUID()) ?? owner.uid
+            if maker != 0 {
+                let now = monotonicNanoseconds()
+                guard connecting.hasToken(uid: maker, now: now) else {
+                    refusedForRate &+= 1
+                    DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
+                    continue
+                }
+                connecting.spendToken(uid: maker, now: now)
+            }
             if let refusal = quotaRefusal(of: maker, sockets: 1) {
                 if maker == owner.uid {
                     // The owner's own connection: the accept fails, the connection waits for the next.
