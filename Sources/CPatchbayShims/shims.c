@@ -294,7 +294,9 @@ int pb_queue_holds_no_descriptors(int socket, int limit) {
     // From now on nothing more can be queued: a peer's send sees this end shut for reading (the
     // kernel checks it under the lock it queues under) and fails with EPIPE. SO_PASSRIGHTS off
     // too where the kernel has it (6.16), for good measure.
-    int off = 0, on = 1;
+    int off = 0, on = 1, type = 0;
+    socklen_t length = sizeof type;
+    if (getsockopt(socket, SOL_SOCKET, SO_TYPE, &type, &length) != 0) return 0;
     if (shutdown(socket, SHUT_RD) != 0) return 0;
     (void)setsockopt(socket, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &off, sizeof off);
     // Every message comes with the sender's credentials, so one of 0 bytes is told from the end.
@@ -333,7 +335,9 @@ int pb_queue_holds_no_descriptors(int socket, int limit) {
             }
         }
         if (rights) return 0;
-        if (!message && n == 0) return 1;   // the end: the peer is gone and nothing is queued
+        // The end: the peer is gone and nothing is queued. (A stream socket has no messages of 0
+        // bytes, and Linux hands the credentials even with its end of file.)
+        if (n == 0 && (!message || type == SOCK_STREAM)) return 1;
         // A message without descriptors: taken off the queue (it has none for the kernel to close).
         do {
             n = recv(socket, &byte, 1, MSG_DONTWAIT);

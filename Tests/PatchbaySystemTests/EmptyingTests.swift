@@ -165,6 +165,24 @@ struct EmptyingTests {
         #expect(openCount(of: identity) == 0)
     }
 
+    @Test("a refused connection whose peer connected and closed having sent nothing is closed at once, stream or seqpacket, not handed to a closing thread (a connect-and-close loop costs a few system calls each)",
+          arguments: [SOCK_STREAM, SOCK_SEQPACKET])
+    func emptyRefusedConnectionClosesAtOnce(_ type: __socket_type) throws {
+        let threads = ClosingThreads()
+        let (peer, refused) = try localPair(type)
+        close(peer)
+        threads.closeRefused(refused, of: 7)
+        #expect(threads.outstanding(of: 7) == 0, "handed to the closing thread")
+        // One that holds a descriptor is not closed here.
+        let (sender, holder) = try localPair(type)
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        try queue([null], on: sender)
+        close(null)
+        close(sender)
+        threads.closeRefused(holder, of: 8)
+        #expect(threads.outstanding(of: 8) <= 1)
+    }
+
     @Test("a chain of local sockets deeper than the budget: emptied down to the budget, the rest handed back open, one socket, for a closing thread")
     func pastTheBudgetIsHandedBack() throws {
         var inner = open("/dev/null", O_RDONLY | O_CLOEXEC)
