@@ -144,9 +144,13 @@ struct EmptyingTests {
         close(caller)
         // All of it, a pipe's end and /dev/null in the outer socket, this side's copies closed.
         let pipe = try Pipe()
+        // (A copy: `queue` closes what it sends, and the pipe closes its own ends. Sending the
+        // pipe's own number closed it twice, the second time whatever another test had opened
+        // under that number meanwhile.)
+        let pipeEnd = fcntl(pipe.readEnd.rawValue, F_DUPFD_CLOEXEC, 0)
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
         links.insert(link(outer))
-        try queue([stream, datagram, local, pipe.readEnd.rawValue, null], on: outerSender, bytes: [])
+        try queue([stream, datagram, local, pipeEnd, null], on: outerSender, bytes: [])
         close(outerSender)
         #expect(openCount(of: links) == 1, "only the outer socket is in this process's table; the rest is in its queue")
         let left = try within20Seconds { ClosingThreads.emptyAndClose(outer) }
@@ -177,7 +181,6 @@ struct EmptyingTests {
         let (sender, holder) = try localPair(type)
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
         try queue([null], on: sender)
-        close(null)
         close(sender)
         threads.closeRefused(holder, of: 8)
         #expect(threads.outstanding(of: 8) <= 1)
