@@ -108,11 +108,7 @@ final class SessionTable {
     /// broker's own that connects faster than its rate is refused here, its socket closed (or
     /// emptied off the loop), at a few system calls' cost. Nil: go on to `admit`.
     func refuseIfConnectingTooFast(_ socket: consuming SeqpacketSocket, uid: UInt32, now: UInt64) -> SeqpacketSocket? {
-        guard uid != 0 && uid != brokerUID else { return socket }
-        if connecting.hasToken(uid: uid, now: now) {
-            connecting.spendToken(uid: uid, now: now)
-            return socket
-        }
+        if uid == 0 || uid == brokerUID || connecting.take(uid: uid, now: now) { return socket }
         refusedForRate &+= 1
         let wait = connecting.millisecondsUntilNextToken(uid: uid, now: now)
         let refusal = ErrorReply(errno: EAGAIN, reason: "uid \(uid) opens connections faster than the broker takes them from one user (\(Int(connecting.refillPerSecond)) a second after a burst of \(Int(connecting.burst))): try again in \(wait) ms")

@@ -196,22 +196,19 @@ public struct DaemonCommand: ParsableCommand {
         configuration.failedClaimBurst = failedClaimBurst
         configuration.failedClaimsPerSecond = failedClaimsPerSecond
         if case .after(let duration) = DurationText.parse(claimAckTimeout, for: "daemon") {
-            let (seconds, attoseconds) = duration.components
-            configuration.claimAcknowledgementTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+            configuration.claimAcknowledgementTimeout = nanoseconds(duration)
         } else {
             failUsage("daemon", "--claim-ack-timeout must be a duration, not never")
         }
         if ["0", "0s", "0ms"].contains(capsNameGrace) {
             configuration.capsNameGrace = 0
         } else if case .after(let duration) = DurationText.parse(capsNameGrace, for: "daemon") {
-            let (seconds, attoseconds) = duration.components
-            configuration.capsNameGrace = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+            configuration.capsNameGrace = nanoseconds(duration)
         } else {
             failUsage("daemon", "--caps-name-grace must be a duration or 0, not never")
         }
         if case .after(let duration) = DurationText.parse(stuckClientTimeout, for: "daemon") {
-            let (seconds, attoseconds) = duration.components
-            configuration.stuckClientTimeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+            configuration.stuckClientTimeout = nanoseconds(duration)
         } else {
             failUsage("daemon", "--stuck-client-timeout must be a duration, not never")
         }
@@ -219,8 +216,7 @@ public struct DaemonCommand: ParsableCommand {
         case .never:
             configuration.closeTimeout = 0
         case .after(let duration):
-            let (seconds, attoseconds) = duration.components
-            configuration.closeTimeout = max(1, UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000))
+            configuration.closeTimeout = max(1, nanoseconds(duration))
         }
 
         let server: BrokerServer
@@ -290,4 +286,10 @@ enum MetricsFileWriter {
             throw PatchbayError(error, "cannot write \(path)")
         }
     }
+}
+
+/// A parsed duration in nanoseconds, as the broker's configuration keeps them.
+private func nanoseconds(_ duration: Duration) -> UInt64 {
+    let (seconds, attoseconds) = duration.components
+    return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
 }

@@ -480,6 +480,13 @@ final class UidTokenBucket {
         buckets[uid] = Bucket(tokens: max(tokens - 1, 0), updatedAt: now)
     }
 
+    /// Spends a token if `uid` has one; false (nothing spent) if not.
+    func take(uid: UInt32, now: UInt64) -> Bool {
+        guard hasToken(uid: uid, now: now) else { return false }
+        spendToken(uid: uid, now: now)
+        return true
+    }
+
     func millisecondsUntilNextToken(uid: UInt32, now: UInt64) -> Int {
         let missing = 1 - refill(uid: uid, now: now)
         return missing <= 0 ? 0 : Int((missing / refillPerSecond * 1000).rounded(.up))

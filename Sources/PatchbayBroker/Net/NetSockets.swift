@@ -289,14 +289,10 @@ final class NetTable {
                 }
             }
             let maker = (try? connection.peerUID()) ?? owner.uid
-            if maker != 0 {
-                let now = monotonicNanoseconds()
-                guard connecting.hasToken(uid: maker, now: now) else {
-                    refusedForRate &+= 1
-                    DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
-                    continue
-                }
-                connecting.spendToken(uid: maker, now: now)
+            if maker != 0 && !connecting.take(uid: maker, now: monotonicNanoseconds()) {
+                refusedForRate &+= 1
+                DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
+                continue
             }
             if let refusal = quotaRefusal(of: maker, sockets: 1) {
                 if maker == owner.uid {
