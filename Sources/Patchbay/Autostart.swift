@@ -19,6 +19,7 @@ enum Autostart {
     }
 
     static func connect(path: String) throws(PatchbayError) -> SeqpacketSocket {
+        if geteuid() == 0, let own = connectAsRoot(besides: path) { return own }
         do {
             let socket = try SeqpacketSocket()
             try socket.connect(path: path)
@@ -26,6 +27,18 @@ enum Autostart {
         } catch {
             throw PatchbayError(error, connectFailureReason(error, path: path))
         }
+    }
+
+    /// Root's own way to a system broker: its second socket (`rootSocketPath(forBrokerAt:)`, mode
+    /// 0600), where root's connections never wait behind other users' in a listen backlog. Used
+    /// only if the process listening there is root; nil (and the shared socket is used) when
+    /// there is none, or it is anyone else's.
+    private static func connectAsRoot(besides path: String) -> SeqpacketSocket? {
+        let own = rootSocketPath(forBrokerAt: path)
+        guard own.utf8.count < 108, let socket = try? SeqpacketSocket(), (try? socket.connect(path: own)) != nil,
+              (try? socket.peerCredentials())?.uid == 0
+        else { return nil }
+        return socket
     }
 
     /// Connects to the per-user broker, starting it if nobody answers. The directory must be

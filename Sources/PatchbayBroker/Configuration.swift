@@ -70,6 +70,8 @@ public struct BrokerConfiguration: Sendable {
     /// burst, then per second: past them a connection is refused (`EAGAIN`) before the broker
     /// looks at its process, so connecting and closing in a loop costs the broker little.
     public var connectionBurstPerUser: Int = 1024
+    /// The listen backlog of the broker's socket (and of root's own beside the system broker's).
+    public var listenBacklog: Int32 = 4096
     public var connectionsPerSecondPerUser: Double = 512
     /// Connections one uid other than root may make to `/net` listeners in a burst, then per
     /// second: past them the broker closes them unread rather than accept and hand them over.

@@ -9,6 +9,8 @@ import SystemPackage
 enum Registration: Equatable {
     /// The broker's listening socket: new clients.
     case brokerListener
+    /// The system broker's second listening socket, root's own (mode 0600).
+    case rootListener
     /// SIGTERM, SIGINT and SIGHUP, as a signalfd.
     case terminationSignals
     /// A client's connection.

@@ -25,6 +25,8 @@ public final class BrokerServer {
     /// readable.
     private var spareDescriptor: Descriptor?
     private var shedConnections = 0
+    /// Connections root made on its own socket (`BrokerListener.rootSocket`).
+    private var acceptedOnRootSocket: UInt64 = 0
     private let startedAt = monotonicNanoseconds()
     private let sessions: SessionTable
     private let keys: KeyRequests
@@ -83,7 +85,7 @@ public final class BrokerServer {
             && (configuration.keepKeysWithServiceManager || ServiceManager.keepsDescriptors)
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         var store: SharedMemoryStore?
-        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode) { (keptOwnerRoots) throws(BrokerStartError) in
+        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode, backlog: configuration.listenBacklog) { (keptOwnerRoots) throws(BrokerStartError) in
             // Every uid's objects on a tmpfs of its own, where the broker may mount: the system
             // broker, run as root.
             store = try SharedMemoryStore(path: configuration.sharedMemoryDirectory,
@@ -116,6 +118,7 @@ public final class BrokerServer {
             loop = try EventLoop(logger: logger)
             signals = try TerminationSignals()
             try loop.register(listener.socket.rawValue, as: .brokerListener, events: .readable)
+            if let root = listener.rootSocket { try loop.register(root.socket.rawValue, as: .rootListener, events: .readable) }
             try loop.register(signals.descriptor.rawValue, as: .terminationSignals, events: .readable)
             // Start the closing thread now: after the termination signals are blocked (threads
             // inherit the mask, and a thread with them unblocked would die of SIGTERM), and so
@@ -166,13 +169,17 @@ public final class BrokerServer {
         logger.info("broker listening", metadata: [
             "mode": "\(configuration.mode.rawValue)", "pid": "\(getpid())", "version": "\(patchbayVersion)",
         ])
+        if let problem = listener.rootSocketProblem {
+            logger.warning("no socket of root's own; root connects through the shared one", metadata: ["reason": "\(problem)"])
+        }
         ready()
         while running {
             do {
                 turn.startTurn()
                 let dispatch = { [unowned self] (owner: Registration, events: Epoll.Events) in
                     switch owner {
-                    case .brokerListener: acceptClients()
+                    case .brokerListener: acceptClients(on: listener.socket)
+                    case .rootListener: if let root = listener.rootSocket { acceptClients(on: root.socket, rootOnly: true) }
                     case .terminationSignals: handleSignals()
                     case .session(let id): serviceSession(id, events: events)
                     case .netHandle(let id): net.handleReadable(id, events: events)
@@ -203,6 +210,7 @@ public final class BrokerServer {
         // starts a new broker instead of connecting to one that is going away.
         listener.removeSocketFile()
         loop.unregister(listener.socket.rawValue)
+        if let root = listener.rootSocket { loop.unregister(root.socket.rawValue) }
         let clientCount = sessions.count
         sessions.closeAll(reason: "broker stopping")
         sharedMemory.store.releaseEmptyOwnerStores()
@@ -230,7 +238,10 @@ public final class BrokerServer {
 
     // MARK: Clients arriving
 
-    private func acceptClients() {
+    /// Accepts what waits on `socket`, for at most `acceptNanosecondsPerWakeup`. `rootOnly`: the
+    /// root socket, whose file mode admits root alone; a connection from any other uid there
+    /// (the file's mode changed under the broker) is closed unserved.
+    private func acceptClients(on listening: borrowing SeqpacketSocket, rootOnly: Bool = false) {
         // The spare, used up by a shed whose close was deferred, comes back once there is room.
         if spareDescriptor == nil { spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY) }
         let started = monotonicNanoseconds()
@@ -239,18 +250,29 @@ public final class BrokerServer {
             if index > 0 && now &- started >= Self.acceptNanosecondsPerWakeup { return }
             var socket: SeqpacketSocket
             do {
-                socket = try listener.socket.accept(nonblocking: true)
+                socket = try listening.accept(nonblocking: true)
             } catch {
                 if error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
-                    shedConnectionWithoutDescriptors()
+                    shedConnectionWithoutDescriptors(on: listening)
                 } else if error != .resourceTemporarilyUnavailable && error != .connectionAbort {
                     logger.warning("accept failed", metadata: ["errno": "\(error.name)"])
                 }
                 return
             }
             if let uid = try? UnixSocket.peerCredentials(of: socket.rawValue).uid {
+                if rootOnly {
+                    guard uid == 0 else {
+                        DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: UInt64(uid))
+                        continue
+                    }
+                    acceptedOnRootSocket &+= 1
+                }
                 guard let admitted = sessions.refuseIfConnectingTooFast(socket, uid: uid, now: now) else { continue }
                 socket = admitted
+            }
+            else if rootOnly {
+                DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: DeferredCloser.unknownPeer)
+                continue
             }
             let credentials: PeerCredentials
             do {
@@ -274,13 +296,13 @@ public final class BrokerServer {
 
     /// Out of descriptors: use the spare to accept one waiting connection and close it at once,
     /// so the listener stops being readable instead of waking the loop forever.
-    private func shedConnectionWithoutDescriptors() {
+    private func shedConnectionWithoutDescriptors(on listening: borrowing SeqpacketSocket) {
         if shedConnections % 1000 == 0 {
             logger.warning("out of descriptors; refusing connections", metadata: ["refused": "\(shedConnections)"])
         }
         shedConnections += 1
         spareDescriptor = nil
-        if let dropped = try? listener.socket.accept(nonblocking: true) {
+        if let dropped = try? listening.accept(nonblocking: true) {
             let uid = (try? dropped.peerCredentials()).map { UInt64($0.uid) } ?? DeferredCloser.unknownPeer
             DeferredCloser.shared.closeRefused(dropped.descriptor.release(), of: uid)
         }
@@ -579,6 +601,9 @@ public final class BrokerServer {
         out.metric("patchbay_closes_interrupted_total", "counter",
                    "Closes of descriptors clients handed over that waited past --close-timeout and were interrupted.",
                    [("", "\(DeferredCloser.shared.interruptedCloses)")])
+        out.metric("patchbay_connections_on_root_socket_total", "counter",
+                   "Connections root made on its own socket (the system broker's second one, mode 0600).",
+                   [("", "\(acceptedOnRootSocket)")])
         out.metric("patchbay_connections_refused_for_rate_total", "counter",
                    "Connections refused because their uid made them faster than it may: to the broker (--connections-per-second-per-uid), to /net listeners (--net-connections-per-second-per-uid).",
                    [(MetricsText.labels(["to": "broker"]), "\(sessions.refusedForRate)"),

@@ -3,6 +3,7 @@
 // service manager), and the descriptor limit is raised. Each step that fails says why, once.
 
 import Glibc
+import PatchbayProtocol
 import PatchbaySystem
 public import SystemPackage
 
@@ -24,6 +25,12 @@ final class BrokerListener {
     private var ownSocketFile: (device: UInt64, inode: UInt64)?
     /// Key files the service manager kept for this broker (`pbkey-` names), for the key table.
     var inheritedKeyFiles: [(name: String, file: CInt)] = []
+    /// The system broker's second socket, root's own (`rootSocketPath(forBrokerAt:)`, mode 0600):
+    /// root's connections wait in no backlog that another uid can fill. Nil in per-user mode, or
+    /// when it could not be made (`rootSocketProblem` says why; the broker serves without it).
+    private(set) var rootSocket: RootSocket?
+    private(set) var rootSocketProblem: String?
+    private var ownRootSocketFile: (device: UInt64, inode: UInt64)?
 
     /// The name under which the service manager keeps a uid's shared memory tmpfs (its root
     /// directory, `SharedMemoryStore`): `pbshm-uid-<uid>`.
@@ -34,7 +41,7 @@ final class BrokerListener {
     /// lock and before the socket exists, so whatever it sets up (the shared memory store) can
     /// fail without leaving a socket behind; it is given the uids' tmpfs roots the service
     /// manager kept (`pbshm-uid-` names), by uid.
-    init(path: String, mode: BrokerConfiguration.Mode,
+    init(path: String, mode: BrokerConfiguration.Mode, backlog: Int32 = 4096,
          beforeListening: (_ keptOwnerRoots: [UInt32: CInt]) throws(BrokerStartError) -> Void)
         throws(BrokerStartError)
     {
@@ -60,7 +67,7 @@ final class BrokerListener {
             socket = inherited
             ownSocketFile = nil
         } else {
-            socket = try Self.listen(on: path, mode: mode)
+            socket = try Self.listen(on: path, mode: mode, backlog: backlog)
             ownSocketFile = fileIdentity(atPath: path)
         }
         do {
@@ -73,19 +80,56 @@ final class BrokerListener {
         // the sender of a frame sent before the accept anyway), so no frame reads between the
         // accept and the broker's own `setsockopt` on the connection without its sender.
         try? socket.enableSenderCredentials()
+        if mode == .system { makeRootSocket(backlog: backlog) }
     }
 
     deinit {
         removeSocketFile()
     }
 
-    /// Removes the socket file if it is still the one this broker created (a broker started
+    /// Root's listening socket, held where an optional can name it.
+    final class RootSocket {
+        let socket: SeqpacketSocket
+        init(_ socket: consuming SeqpacketSocket) { self.socket = socket }
+    }
+
+    /// Removes the socket files if they are still the ones this broker created (a broker started
     /// after ours was stopped by hand may own the path by now).
     func removeSocketFile() {
-        guard let own = ownSocketFile else { return }
+        for (file, own) in [(path, ownSocketFile), (rootSocketPath(forBrokerAt: path), ownRootSocketFile)] {
+            guard let own else { continue }
+            if let current = fileIdentity(atPath: file), current == own {
+                try? removeFile(atPath: file)
+            }
+        }
         ownSocketFile = nil
-        if let current = fileIdentity(atPath: path), current == own {
-            try? removeFile(atPath: path)
+        ownRootSocketFile = nil
+    }
+
+    /// Listens at root's own path too, also under socket activation (the service manager passes
+    /// one socket; this one is the broker's, in the same directory). The path lock is held, so a
+    /// socket file left there is stale: removed if it is root's; anything else is left alone and
+    /// the broker serves without it.
+    private func makeRootSocket(backlog: Int32) {
+        let rootPath = rootSocketPath(forBrokerAt: path)
+        guard rootPath.utf8.count < 108 else {
+            rootSocketProblem = "\(rootPath) is too long for a socket address"
+            return
+        }
+        if let isSocket = isSocketFile(atPath: rootPath) {
+            guard isSocket, socketFileOwner(atPath: rootPath) == 0 else {
+                rootSocketProblem = "\(rootPath) exists and is not root's socket; not replacing it"
+                return
+            }
+            try? removeFile(atPath: rootPath)
+        }
+        do {
+            let socket = try Self.bindAndListen(rootPath, permissions: 0o600, backlog: backlog)
+            try? socket.enableSenderCredentials()
+            rootSocket = RootSocket(consume socket)
+            ownRootSocketFile = fileIdentity(atPath: rootPath)
+        } catch {
+            rootSocketProblem = "cannot listen on \(rootPath): \(error.name)"
         }
     }
 
@@ -165,7 +209,7 @@ final class BrokerListener {
 
     /// Binds and listens at `path`. The path lock proves no broker serves it, so a socket file
     /// left there is stale and removed; anything that is not a socket is left alone (EADDRINUSE).
-    private static func listen(on path: String, mode: BrokerConfiguration.Mode) throws(BrokerStartError) -> SeqpacketSocket {
+    private static func listen(on path: String, mode: BrokerConfiguration.Mode, backlog: Int32) throws(BrokerStartError) -> SeqpacketSocket {
         if let isSocket = isSocketFile(atPath: path) {
             guard isSocket else {
                 throw BrokerStartError(errno: .addressInUse, reason: "\(path) exists and is not a socket; not replacing it")
@@ -173,13 +217,13 @@ final class BrokerListener {
             try? removeFile(atPath: path)
         }
         do {
-            return try bindAndListen(path, permissions: mode == .system ? 0o666 : 0o600)
+            return try bindAndListen(path, permissions: mode == .system ? 0o666 : 0o600, backlog: backlog)
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot listen on \(path): \(error.name)")
         }
     }
 
-    private static func bindAndListen(_ path: String, permissions: mode_t) throws(Errno) -> SeqpacketSocket {
+    private static func bindAndListen(_ path: String, permissions: mode_t, backlog: Int32) throws(Errno) -> SeqpacketSocket {
         let socket = try SeqpacketSocket(nonblocking: true)
         try socket.bind(path: path)
         // bind creates the file under the process umask; set the mode explicitly rather than
@@ -190,7 +234,7 @@ final class BrokerListener {
             try? removeFile(atPath: path)
             throw error
         }
-        try socket.listen(backlog: 4096)
+        try socket.listen(backlog: backlog)
         return socket
     }
 }

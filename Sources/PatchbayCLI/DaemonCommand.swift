@@ -55,6 +55,9 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "How long a CAPS name registered when the broker last stopped stays its holder's uid's, until that uid registers it again (e.g. 30s, 2m; 0 keeps none): another uid's registration meanwhile is EEXIST.")
     var capsNameGrace = "30s"
 
+    @Option(help: "The listen backlog of the broker's socket (the kernel caps it at net.core.somaxconn). Root's own socket beside the system broker's has its own.")
+    var listenBacklog: Int32 = 4096
+
     @Option(help: "New connections a uid other than root may open to the broker in a burst before it is slowed down (EAGAIN beyond).")
     var connectionBurstPerUid = 1024
 
@@ -121,6 +124,7 @@ public struct DaemonCommand: ParsableCommand {
         guard maxCapsNamesPerUid > 0 else { throw ValidationError("--max-caps-names-per-uid must be positive") }
         guard maxQueuedMessages >= 16 else { throw ValidationError("--max-queued-messages must be at least 16") }
         guard maxServicesPerUid > 0 else { throw ValidationError("--max-services-per-uid must be positive") }
+        guard listenBacklog > 0 else { throw ValidationError("--listen-backlog must be positive") }
         guard connectionBurstPerUid > 0 else { throw ValidationError("--connection-burst-per-uid must be positive") }
         guard connectionsPerSecondPerUid.isFinite, connectionsPerSecondPerUid > 0 else {
             throw ValidationError("--connections-per-second-per-uid must be a positive number")
@@ -189,6 +193,7 @@ public struct DaemonCommand: ParsableCommand {
         configuration.maximumCapsClientsPerUser = maxCapsClientsPerUid
         configuration.maximumCapsNamesPerUser = maxCapsNamesPerUid
         if let policyDirectory { configuration.policyDirectory = policyDirectory }
+        configuration.listenBacklog = listenBacklog
         configuration.connectionBurstPerUser = connectionBurstPerUid
         configuration.connectionsPerSecondPerUser = connectionsPerSecondPerUid
         configuration.netConnectionBurstPerUser = netConnectionBurstPerUid

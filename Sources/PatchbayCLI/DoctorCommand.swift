@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import Patchbay
 import PatchbayBroker
+import PatchbayProtocol
 import PatchbaySystem
 import SystemPackage
 
@@ -63,6 +64,20 @@ struct DoctorCommand: ParsableCommand {
             } catch {
                 findings.append(Finding(what: "socket", path: socketPath, ok: false,
                                         note: "\(error.errno.name): \(error.reason) (a stale socket file is removed by the next broker)"))
+            }
+        }
+
+        // The system broker's second socket, root's own.
+        if socketPath == BrokerConfiguration.defaultSocketPath(mode: .system), isSocketFile(atPath: socketPath) == true {
+            let own = rootSocketPath(forBrokerAt: socketPath)
+            if lstat(own, &info) != 0 {
+                findings.append(Finding(what: "root socket", path: own, ok: false,
+                                        note: "missing: root's connections wait in the shared socket's backlog with everyone's (the broker's log says why)"))
+            } else {
+                let ok = info.st_mode & S_IFMT == S_IFSOCK && info.st_uid == 0 && info.st_mode & 0o077 == 0
+                findings.append(Finding(what: "root socket", path: own, ok: ok, note: ok
+                    ? "mode \(octal(UInt32(info.st_mode & 0o7777))), root's alone"
+                    : "mode \(octal(UInt32(info.st_mode & 0o7777))), owner uid \(info.st_uid): must be a socket of root's with no access for others"))
             }
         }
 

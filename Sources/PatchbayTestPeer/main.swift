@@ -1457,6 +1457,68 @@ func openMonitors(_ count: Int) throws(PatchbayError) {
 /// Connects to the broker `count` times, one connection at a time, each asked for the status
 /// and closed before the next: says "connected N", or "refused at N ERRNO: REASON" for the
 /// first connection the broker refused.
+/// Connects to the broker's socket without blocking until the kernel refuses (its listen
+/// backlog full, while the broker does not accept), says how many got in and why the next did
+/// not, and holds them until its input closes.
+func connectFill() throws(PatchbayError) {
+    let path = try brokerSocketPath()
+    var held: [CInt] = []
+    while held.count < 100_000 {
+        var socket: SeqpacketSocket
+        do {
+            socket = try SeqpacketSocket()
+        } catch {
+            say("filled \(held.count) \((error as? Errno)?.name ?? "\(error)")")
+            break
+        }
+        do throws(Errno) {
+            try UnixSocket.connectWithoutBlocking(on: socket.descriptor.rawValue, path: path)
+        } catch {
+            say("filled \(held.count) \(error.name)")
+            break
+        }
+        held.append(socket.descriptor.release())
+    }
+    waitForEndOfInput()
+    for fd in held { close(fd) }
+}
+
+/// A seqpacket listener at `path` that closes every connection it accepts at once, until its
+/// input closes: a socket another user planted where a client might look for its broker.
+func listenAndDrop(_ path: String) throws(PatchbayError) {
+    do {
+        let listener = try SeqpacketSocket(nonblocking: true)
+        try listener.bind(path: path)
+        chmod(path, 0o666)
+        try listener.listen(backlog: 16)
+        say("listening")
+        var watched = [pollfd(fd: listener.descriptor.rawValue, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: 0, events: Int16(POLLIN), revents: 0)]
+        while true {
+            _ = poll(&watched, 2, -1)
+            if watched[1].revents != 0 { return }
+            while let dropped = try? listener.accept(nonblocking: true) { _ = consume dropped }
+        }
+    } catch {
+        throw PatchbayError(error, "cannot listen at \(path)")
+    }
+}
+
+/// One blocking connect to the local socket at `path`: "connected", or the errno's name.
+func connectTo(_ path: String) {
+    do {
+        let socket = try SeqpacketSocket()
+        do {
+            try socket.connect(path: path)
+            say("connected")
+        } catch {
+            say(error.name)
+        }
+    } catch {
+        say(error.name)
+    }
+}
+
 func connectChurn(_ count: Int) {
     for index in 1...count {
         do throws(PatchbayError) {
@@ -2192,6 +2254,12 @@ func main() -> CInt {
             try claimThroughOrphanedConnection()
         case "net-connect-hold" where arguments.count == 3 && Int(arguments[2]) != nil:
             try netConnectHold(arguments[1], count: Int(arguments[2])!)
+        case "connect-fill" where arguments.count == 1:
+            try connectFill()
+        case "listen-and-drop" where arguments.count == 2:
+            try listenAndDrop(arguments[1])
+        case "connect-to" where arguments.count == 2:
+            connectTo(arguments[1])
         case "connect-churn" where arguments.count == 2 && Int(arguments[1]) != nil:
             connectChurn(Int(arguments[1])!)
         case "broker-fork-claim" where arguments.count == 1:

@@ -5,6 +5,7 @@ import Glibc
 import Patchbay
 import PatchbaySystem
 import Synchronization
+import SystemPackage
 import Testing
 
 @Suite("Two users: resources", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
@@ -32,6 +33,59 @@ struct TwoUserResourceTests {
         _ = try rootChurn.wait()
         let refused = Exposition(try root.metrics()).samples["patchbay_connections_refused_for_rate_total{to=\"broker\"}"] ?? -1
         #expect(refused == 1, "one refusal (nobody stopped at its first): \(refused)")
+    }
+
+    @Test("the system broker listens for root on a socket of its own (mode 0600) that nobody cannot connect to: with the shared socket's backlog filled by nobody while the broker is held up, root still connects, and root's library goes through it")
+    func rootHasASocketOfItsOwn() throws {
+        let broker = try openBroker(["--listen-backlog", "2"])
+        let rootPath = broker.socketPath + ".root"
+        var info = stat()
+        #expect(lstat(rootPath, &info) == 0)
+        #expect(info.st_mode & S_IFMT == S_IFSOCK && info.st_uid == 0 && info.st_mode & 0o777 == 0o600,
+                "mode \(String(info.st_mode, radix: 8)), uid \(info.st_uid)")
+        let knocking = try nobodyPeer(["connect-to", rootPath], broker)
+        #expect(try knocking.readLine() == "EACCES")
+        _ = try knocking.wait()
+
+        // The broker held up: nobody fills the shared socket's backlog; a connection there is then
+        // refused at once, and root's own socket still takes one.
+        kill(broker.pid, SIGSTOP)
+        var resumed = false
+        defer { if !resumed { kill(broker.pid, SIGCONT) } }
+        let filler = try nobodyPeer(["connect-fill"], broker)
+        let said = try filler.readLine() ?? ""
+        #expect(said.hasPrefix("filled ") && said.hasSuffix(" EAGAIN"), "\(said)")
+        let shared = try SeqpacketSocket()
+        #expect(throws: Errno.resourceTemporarilyUnavailable) {
+            try UnixSocket.connectWithoutBlocking(on: shared.descriptor.rawValue, path: broker.socketPath)
+        }
+        let own = try SeqpacketSocket()
+        try UnixSocket.connectWithoutBlocking(on: own.descriptor.rawValue, path: rootPath)
+        kill(broker.pid, SIGCONT)
+        resumed = true
+
+        // Root's library connects through its own socket: the broker counts that one and the raw one.
+        let root = try broker.connect()
+        let onRootSocket = Exposition(try root.metrics()).samples["patchbay_connections_on_root_socket_total"] ?? -1
+        #expect(onRootSocket == 2, "\(onRootSocket)")
+        filler.closeInput()
+        _ = try filler.wait()
+        try broker.stop()
+        #expect(!fileExists(atPath: rootPath), "the broker removes root's socket when it stops")
+    }
+
+    @Test("root's library uses a socket beside the broker's only if root listens there: one another user planted is passed over for the broker's own")
+    func plantedRootSocketIsPassedOver() throws {
+        // A broker that makes no socket of root's own (per-user mode), in a directory anyone may
+        // write: nobody listens at the name root's library looks at first, and drops what comes.
+        let broker = try TestBroker([])
+        chmod(broker.directory, 0o777)
+        let planted = try nobodyPeer(["listen-and-drop", broker.socketPath + ".root"], broker)
+        defer { planted.closeInput(); _ = try? planted.wait() }
+        #expect(try planted.readLine() == "listening")
+        let root = try broker.connect()
+        #expect(try root.status().pid == broker.pid)
+        #expect(socketFileOwner(atPath: broker.socketPath + ".root") == 65534)
     }
 
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")
