@@ -119,9 +119,10 @@ struct DoctorCommand: ParsableCommand {
             }) + "\n")
         } else {
             var out = ""
+            let width = max(10, (findings.map(\.what.count).max() ?? 0) + 1)
             for finding in findings {
-                out += finding.what.padding(10) + (finding.ok ? "ok       " : "PROBLEM  ") + finding.path + "\n"
-                out += String(repeating: " ", count: 19) + finding.note + "\n"
+                out += finding.what.padding(width) + (finding.ok ? "ok       " : "PROBLEM  ") + finding.path + "\n"
+                out += String(repeating: " ", count: width + 9) + finding.note + "\n"
             }
             writeStandardOutput(out)
         }
