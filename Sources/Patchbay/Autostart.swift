@@ -31,11 +31,14 @@ enum Autostart {
 
     /// Root's own way to a system broker: its second socket (`rootSocketPath(forBrokerAt:)`, mode
     /// 0600), where root's connections never wait behind other users' in a listen backlog. Used
-    /// only if the process listening there is root; nil (and the shared socket is used) when
-    /// there is none, or it is anyone else's.
+    /// only if the file is root's and the process listening there is root; nil (and the shared
+    /// socket is used) when there is none, it is anyone else's, or its backlog is full: the
+    /// connect never waits, so a socket another user planted there (in a directory anyone may
+    /// write) cannot hold root's program up.
     private static func connectAsRoot(besides path: String) -> SeqpacketSocket? {
         let own = rootSocketPath(forBrokerAt: path)
-        guard own.utf8.count < 108, let socket = try? SeqpacketSocket(), (try? socket.connect(path: own)) != nil,
+        guard own.utf8.count < 108, socketFileOwner(atPath: own) == 0, let socket = try? SeqpacketSocket(),
+              (try? UnixSocket.connectWithoutBlocking(on: socket.descriptor.rawValue, path: own)) != nil,
               (try? socket.peerCredentials())?.uid == 0
         else { return nil }
         return socket

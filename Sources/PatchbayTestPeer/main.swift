@@ -1504,6 +1504,24 @@ func listenAndDrop(_ path: String) throws(PatchbayError) {
     }
 }
 
+/// A seqpacket listener at `path` (mode 0666) that never accepts, its backlog of 0 filled by a
+/// connection of its own: a blocking connect there waits until its input closes.
+func listenFull(_ path: String) throws(PatchbayError) {
+    do {
+        let listener = try SeqpacketSocket()
+        try listener.bind(path: path)
+        chmod(path, 0o666)
+        try listener.listen(backlog: 0)
+        let filling = try SeqpacketSocket()
+        try UnixSocket.connectWithoutBlocking(on: filling.descriptor.rawValue, path: path)
+        say("listening full")
+        waitForEndOfInput()
+        _ = consume filling
+    } catch {
+        throw PatchbayError(error, "cannot listen at \(path)")
+    }
+}
+
 /// One blocking connect to the local socket at `path`: "connected", or the errno's name.
 func connectTo(_ path: String) {
     do {
@@ -2256,6 +2274,8 @@ func main() -> CInt {
             try netConnectHold(arguments[1], count: Int(arguments[2])!)
         case "connect-fill" where arguments.count == 1:
             try connectFill()
+        case "listen-full" where arguments.count == 2:
+            try listenFull(arguments[1])
         case "listen-and-drop" where arguments.count == 2:
             try listenAndDrop(arguments[1])
         case "connect-to" where arguments.count == 2:

@@ -81,11 +81,24 @@ struct TwoUserResourceTests {
         let broker = try TestBroker([])
         chmod(broker.directory, 0o777)
         let planted = try nobodyPeer(["listen-and-drop", broker.socketPath + ".root"], broker)
-        defer { planted.closeInput(); _ = try? planted.wait() }
         #expect(try planted.readLine() == "listening")
         let root = try broker.connect()
         #expect(try root.status().pid == broker.pid)
         #expect(socketFileOwner(atPath: broker.socketPath + ".root") == 65534)
+        planted.closeInput()
+        _ = try planted.wait()
+        unlink(broker.socketPath + ".root")
+
+        // One planted with its backlog full, where a blocking connect would wait for ever: root's
+        // program (a child, stopped after 20 s if it hangs) still reaches the broker.
+        let full = try nobodyPeer(["listen-full", broker.socketPath + ".root"], broker)
+        defer { full.closeInput(); _ = try? full.wait() }
+        #expect(try full.readLine() == "listening full")
+        let program = try Child(testPeer, ["connect-churn", "1"], environment: broker.environment)
+        let watchdog = killing(program.pid, after: 20)
+        #expect(try program.readLine() == "connected 1")
+        watchdog()
+        _ = try program.wait()
     }
 
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")
@@ -1251,5 +1264,23 @@ struct TwoUserCapsPeerTests {
         #expect(try child.readLine() == "called honest")
         #expect(try child.wait() == .exited(0))
         #expect(service.refusals.total == 2 && service.refusals.last?.euid == otherUID)
+    }
+}
+
+/// Kills `pid` after `seconds` unless the returned function is called first: a bound on a child
+/// that might hang, so a test fails instead of waiting for ever.
+func killing(_ pid: pid_t, after seconds: Int32) -> () -> Void {
+    var ends: [CInt] = [-1, -1]
+    guard pipe(&ends) == 0 else { return {} }
+    let (cancel, watch) = (ends[1], ends[0])
+    startThread {
+        var poller = pollfd(fd: watch, events: Int16(POLLIN), revents: 0)
+        if poll(&poller, 1, seconds * 1000) == 0 { kill(pid, SIGKILL) }
+        close(watch)
+    }
+    return {
+        var byte: UInt8 = 1
+        _ = Glibc.write(cancel, &byte, 1)
+        close(cancel)
     }
 }
