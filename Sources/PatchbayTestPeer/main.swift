@@ -1468,7 +1468,7 @@ func connectFill() throws(PatchbayError) {
         do {
             socket = try SeqpacketSocket()
         } catch {
-            say("filled \(held.count) \((error as? Errno)?.name ?? "\(error)")")
+            say("filled \(held.count) \(error.name)")
             break
         }
         do throws(Errno) {
