@@ -48,6 +48,9 @@ public final class BrokerServer {
     /// What each uid has had of this turn of the loop (`TurnShares`: 1,024 units or 250 µs).
     /// (Each turn looks at every ready connection: up to `batchesPerTurn` batches of events.)
     private var turn = TurnShares()
+    /// The loop's time charged to each uid since the start (its requests, and its connections
+    /// refused on another uid's behalf).
+    private var loopNanoseconds: [UInt32: UInt64] = [:]
     private static let batchesPerTurn = 64
 
     /// Closes a uid may have waiting (its last connection's, a few descriptors no request took)
@@ -183,7 +186,9 @@ public final class BrokerServer {
                     case .terminationSignals: handleSignals()
                     case .session(let id): serviceSession(id, events: events)
                     case .netHandle(let id): net.handleReadable(id, events: events)
-                    case .netListener(let id): net.listenerReadable(id)
+                    case .netListener(let id):
+                        net.listenerReadable(id)
+                        for (maker, nanoseconds) in net.table.takeRefusalTime() { charge(maker, work: 0, nanoseconds: nanoseconds) }
                     case .netMaker(let id): net.makerMayBeGone(id)
                     }
                 }
@@ -325,13 +330,25 @@ public final class BrokerServer {
             guard allowance > 0 || !events.contains(.readable) else { return }
             var work = 0
             let started = monotonicNanoseconds()
-            defer { turn.charge(uid, work: work, nanoseconds: monotonicNanoseconds() - started) }
+            // Time the loop spent refusing other uids' connections to this uid's listener (in
+            // its accepts) is theirs: charged to them, not to this uid, whose other connections
+            // would otherwise wait turn after turn while another uid connects in a loop.
+            let refusedBefore = net.table.refusalTotal
+            defer {
+                var own = monotonicNanoseconds() - started
+                for (maker, nanoseconds) in net.table.takeRefusalTime() {
+                    charge(maker, work: 0, nanoseconds: nanoseconds)
+                    own -= min(own, nanoseconds)
+                }
+                charge(uid, work: work, nanoseconds: own)
+            }
             while work < max(allowance, 1) {
                 guard sessions[id] != nil else { return }
                 let now = monotonicNanoseconds()
                 // The uid's time for this turn is up: the rest waits for the next (at least one
                 // frame was read in this wake-up).
-                if work > 0 && !turn.hasTime(for: uid, after: now - started) { return }
+                let own = (now - started) &- min(now - started, net.table.refusalTotal &- refusedBefore)
+                if work > 0 && !turn.hasTime(for: uid, after: own) { return }
                 guard sessions.mayRead(session, now: now) else {
                     // Paused with a full queue: a client that hung up will never read it.
                     if events.contains(.hangup) || events.contains(.error) {
@@ -359,6 +376,13 @@ public final class BrokerServer {
                 }
             }
         }
+    }
+
+    /// Charges `uid` for loop time in this turn's shares and in its running total
+    /// (`patchbay_user_loop_seconds_total`).
+    private func charge(_ uid: UInt32, work: Int, nanoseconds: UInt64) {
+        turn.charge(uid, work: work, nanoseconds: nanoseconds)
+        loopNanoseconds[uid, default: 0] &+= nanoseconds
     }
 
     /// Reads and handles one frame and returns what it cost; nil when there is nothing more to
@@ -628,6 +652,10 @@ public final class BrokerServer {
                 "Descriptors each uid handed the broker that wait to be closed on its closing thread (they count against its share too).") {
             "\(DeferredCloser.shared.outstanding(of: $0.uid))"
         }
+        let charged = loopNanoseconds.filter { everyone || $0.key == caller.uid }.sorted { ($0.value, $1.key) > ($1.value, $0.key) }.prefix(100)
+        out.metric("patchbay_user_loop_seconds_total", "counter",
+                   "The broker loop's time charged to each uid: reading and answering its requests, and refusing its connections to another uid's /net listener (the busiest 100).",
+                   charged.map { (MetricsText.labels(["uid": "\($0.key)"]), MetricsText.number(Double($0.value) / 1e9)) })
         // CAPS traffic per service, from the channels' ring words (never the messages): the
         // caller's own services only for a non-root caller of a system broker, at most 100 (the
         // busiest).

@@ -1522,19 +1522,19 @@ func listenFull(_ path: String) throws(PatchbayError) {
     }
 }
 
-/// One blocking connect to the local socket at `path`: "connected", or the errno's name.
-func connectTo(_ path: String) {
-    do {
-        let socket = try SeqpacketSocket()
+/// One blocking connect to the local socket at `path`: "connected", or the errno's name. With
+/// `times`, that many, each closed at once: "connected N", or the first errno's name.
+func connectTo(_ path: String, times: Int? = nil) {
+    for _ in 0..<(times ?? 1) {
         do {
+            let socket = try SeqpacketSocket()
             try socket.connect(path: path)
-            say("connected")
         } catch {
             say(error.name)
+            return
         }
-    } catch {
-        say(error.name)
     }
+    say(times.map { "connected \($0)" } ?? "connected")
 }
 
 func connectChurn(_ count: Int) {
@@ -2278,8 +2278,8 @@ func main() -> CInt {
             try listenFull(arguments[1])
         case "listen-and-drop" where arguments.count == 2:
             try listenAndDrop(arguments[1])
-        case "connect-to" where arguments.count == 2:
-            connectTo(arguments[1])
+        case "connect-to" where arguments.count == 2 || (arguments.count == 3 && Int(arguments[2]) != nil):
+            connectTo(arguments[1], times: arguments.count == 3 ? Int(arguments[2])! : nil)
         case "connect-churn" where arguments.count == 2 && Int(arguments[1]) != nil:
             connectChurn(Int(arguments[1])!)
         case "broker-fork-claim" where arguments.count == 1:

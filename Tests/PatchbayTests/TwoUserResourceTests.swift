@@ -122,6 +122,28 @@ struct TwoUserResourceTests {
         #expect(refused == 7 || refused == 6, "\(refused)")
     }
 
+    @Test("the loop's time refusing nobody's connections to root's /net listener is charged to nobody's share of the turn, not root's (whose other requests waited turn after turn while nobody connected in a loop)")
+    func refusedNetConnectionsAreChargedToTheirMaker() throws {
+        let broker = try openBroker(["--net-connection-burst-per-uid", "2", "--net-connections-per-second-per-uid", "0.5"])
+        let root = try broker.connect()
+        let server = try Child(patchbayCLI, ["net", "listen", "charged", "--echo"], environment: broker.environment)
+        defer { server.kill(SIGTERM); _ = try? server.wait() }
+        _ = try waitUntilListening(root, "charged")
+        // Plain connects to the listener's file: nobody sends the broker nothing at all.
+        let churn = try nobodyPeer(["connect-to", broker.directory + "/net/charged", "12"], broker)
+        #expect(try churn.readLine() == "connected 12")
+        _ = try churn.wait()
+        // Wait (bounded) for the broker to have refused the ones past the burst.
+        var refused = 0.0
+        for _ in 0..<500 where refused < 9 {
+            refused = Exposition(try root.metrics()).samples["patchbay_connections_refused_for_rate_total{to=\"net\"}"] ?? 0
+            if refused < 9 { usleep(10_000) }
+        }
+        #expect(refused >= 9, "\(refused)")
+        let charged = Exposition(try root.metrics()).samples["patchbay_user_loop_seconds_total{uid=\"65534\"}"] ?? 0
+        #expect(charged > 0, "\(charged)")
+    }
+
     @Test("root's net listen serves nobody at most --max-connections-per-uid connections at once (its others are closed at once) and root still gets through; out of descriptors, it loses a connection, never its name")
     func listenerBoundsOneUsersConnections() throws {
         let broker = try openBroker([])

@@ -165,6 +165,12 @@ final class NetTable {
     var connecting = UidTokenBucket(burst: 4096, refillPerSecond: 2048)
     /// Connections refused for their maker's rate.
     private(set) var refusedForRate: UInt64 = 0
+    /// The loop's time spent refusing connections to listeners (for their maker's rate or quota),
+    /// by maker uid, since `takeRefusalTime`: that maker's doing, not the accepting caller's, so
+    /// the loop charges it to the maker's share of the turn (`TurnShares`). `refusalTotal` is
+    /// the running sum, for a caller to tell its own time from it while it accepts.
+    private var refusalTime: [UInt32: UInt64] = [:]
+    private(set) var refusalTotal: UInt64 = 0
     /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
@@ -273,6 +279,7 @@ final class NetTable {
     /// a bounded number per call. Nil when none is pending.
     func acceptPending(_ listener: NetSocket, owner: PeerCredentials) throws(RequestError) -> NetOpened? {
         for _ in 0..<Self.refusedConnectionsPerAccept {
+            let began = monotonicNanoseconds()
             let connection: UnixSocket
             if let held = listener.heldConnection.take() {
                 connection = held
@@ -289,9 +296,10 @@ final class NetTable {
                 }
             }
             let maker = (try? connection.peerUID()) ?? owner.uid
-            if maker != 0 && !connecting.take(uid: maker, now: monotonicNanoseconds()) {
+            if maker != 0 && !connecting.take(uid: maker, now: began) {
                 refusedForRate &+= 1
                 DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
+                noteRefusal(by: maker, since: began)
                 continue
             }
             if let refusal = quotaRefusal(of: maker, sockets: 1) {
@@ -306,6 +314,7 @@ final class NetTable {
                     "listener": "\(listener.id)", "uid": "\(maker)", "reason": "\(refusal.reason)",
                 ])
                 DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
+                noteRefusal(by: maker, since: began)
                 continue
             }
             let data: Descriptor
@@ -321,6 +330,19 @@ final class NetTable {
             return opened
         }
         return nil
+    }
+
+    private func noteRefusal(by maker: UInt32, since began: UInt64) {
+        let spent = monotonicNanoseconds() &- began
+        refusalTime[maker, default: 0] &+= spent
+        refusalTotal &+= spent
+    }
+
+    /// The time spent refusing each maker's connections since the last call (`refusalTime`).
+    func takeRefusalTime() -> [UInt32: UInt64] {
+        guard !refusalTime.isEmpty else { return [:] }
+        defer { refusalTime.removeAll(keepingCapacity: true) }
+        return refusalTime
     }
 
     /// Connections over their maker's quota dropped per accept before giving the loop back.
