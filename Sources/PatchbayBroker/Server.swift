@@ -330,7 +330,7 @@ public final class BrokerServer {
             guard allowance > 0 || !events.contains(.readable) else { return }
             var work = 0
             let started = monotonicNanoseconds()
-            // Time the loop spent refusing other uids' connections to this uid's listener (in
+            // Time the loop spent refusing or accepting other uids' connections to this uid's listener (in
             // its accepts) is theirs: charged to them, not to this uid, whose other connections
             // would otherwise wait turn after turn while another uid connects in a loop.
             let refusedBefore = net.table.refusalTotal
@@ -654,7 +654,7 @@ public final class BrokerServer {
         }
         let charged = loopNanoseconds.filter { everyone || $0.key == caller.uid }.sorted { ($0.value, $1.key) > ($1.value, $0.key) }.prefix(100)
         out.metric("patchbay_user_loop_seconds_total", "counter",
-                   "The broker loop's time charged to each uid: reading and answering its requests, and refusing its connections to another uid's /net listener (the busiest 100).",
+                   "The broker loop's time charged to each uid: reading and answering its requests, and refusing or accepting its connections to another uid's /net listener (the busiest 100).",
                    charged.map { (MetricsText.labels(["uid": "\($0.key)"]), MetricsText.number(Double($0.value) / 1e9)) })
         // CAPS traffic per service, from the channels' ring words (never the messages): the
         // caller's own services only for a non-root caller of a system broker, at most 100 (the

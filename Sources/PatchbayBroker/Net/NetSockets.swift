@@ -165,10 +165,11 @@ final class NetTable {
     var connecting = UidTokenBucket(burst: 4096, refillPerSecond: 2048)
     /// Connections refused for their maker's rate.
     private(set) var refusedForRate: UInt64 = 0
-    /// The loop's time spent refusing connections to listeners (for their maker's rate or quota),
-    /// by maker uid, since `takeRefusalTime`: that maker's doing, not the accepting caller's, so
-    /// the loop charges it to the maker's share of the turn (`TurnShares`). `refusalTotal` is
-    /// the running sum, for a caller to tell its own time from it while it accepts.
+    /// The loop's time spent on connections other uids made to listeners (refusing them, for
+    /// their maker's rate or quota, or accepting them), by maker uid, since `takeRefusalTime`:
+    /// that maker's doing, not the accepting caller's, so the loop charges it to the maker's
+    /// share of the turn (`TurnShares`). `refusalTotal` is the running sum, for a caller to tell
+    /// its own time from it while it accepts.
     private var refusalTime: [UInt32: UInt64] = [:]
     private(set) var refusalTotal: UInt64 = 0
     /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
@@ -327,6 +328,8 @@ final class NetTable {
             let opened = try adopt(connection, data: data, type: listener.type, family: listener.family, caller: owner,
                                    state: .connected, accountedUID: maker)
             logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
+            // Accepting another uid's connection is that uid's doing too, like refusing one.
+            if maker != owner.uid { noteRefusal(by: maker, since: began) }
             return opened
         }
         return nil
