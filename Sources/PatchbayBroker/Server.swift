@@ -48,8 +48,8 @@ public final class BrokerServer {
     /// What each uid has had of this turn of the loop (`TurnShares`: 1,024 units or 250 µs).
     /// (Each turn looks at every ready connection: up to `batchesPerTurn` batches of events.)
     private var turn = TurnShares()
-    /// The loop's time charged to each uid since the start (its requests, and its connections
-    /// refused on another uid's behalf).
+    /// The loop's time charged to each uid since the start (its requests, and its connections to
+    /// another uid's listener, refused or accepted).
     private var loopNanoseconds: [UInt32: UInt64] = [:]
     private static let batchesPerTurn = 64
 
@@ -188,7 +188,7 @@ public final class BrokerServer {
                     case .netHandle(let id): net.handleReadable(id, events: events)
                     case .netListener(let id):
                         net.listenerReadable(id)
-                        for (maker, nanoseconds) in net.table.takeRefusalTime() { charge(maker, work: 0, nanoseconds: nanoseconds) }
+                        for (maker, nanoseconds) in net.table.takeMakersTime() { charge(maker, work: 0, nanoseconds: nanoseconds) }
                     case .netMaker(let id): net.makerMayBeGone(id)
                     }
                 }
@@ -264,20 +264,17 @@ public final class BrokerServer {
                 }
                 return
             }
-            if let uid = try? UnixSocket.peerCredentials(of: socket.rawValue).uid {
-                if rootOnly {
-                    guard uid == 0 else {
-                        DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: UInt64(uid))
-                        continue
-                    }
-                    acceptedOnRootSocket &+= 1
+            let uid = try? UnixSocket.peerCredentials(of: socket.rawValue).uid
+            if rootOnly {
+                guard uid == 0 else {
+                    DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: uid.map(UInt64.init) ?? DeferredCloser.unknownPeer)
+                    continue
                 }
+                acceptedOnRootSocket &+= 1
+            }
+            if let uid {
                 guard let admitted = sessions.refuseIfConnectingTooFast(socket, uid: uid, now: now) else { continue }
                 socket = admitted
-            }
-            else if rootOnly {
-                DeferredCloser.shared.closeRefused(socket.descriptor.release(), of: DeferredCloser.unknownPeer)
-                continue
             }
             let credentials: PeerCredentials
             do {
@@ -330,13 +327,13 @@ public final class BrokerServer {
             guard allowance > 0 || !events.contains(.readable) else { return }
             var work = 0
             let started = monotonicNanoseconds()
-            // Time the loop spent refusing or accepting other uids' connections to this uid's listener (in
-            // its accepts) is theirs: charged to them, not to this uid, whose other connections
-            // would otherwise wait turn after turn while another uid connects in a loop.
-            let refusedBefore = net.table.refusalTotal
+            // Time the loop spent refusing or accepting other uids' connections to this uid's
+            // listener (in its accepts) is theirs: charged to them, not to this uid, whose other
+            // connections would otherwise wait turn after turn while another uid connects in a loop.
+            let makersBefore = net.table.makersTimeTotal
             defer {
                 var own = monotonicNanoseconds() - started
-                for (maker, nanoseconds) in net.table.takeRefusalTime() {
+                for (maker, nanoseconds) in net.table.takeMakersTime() {
                     charge(maker, work: 0, nanoseconds: nanoseconds)
                     own -= min(own, nanoseconds)
                 }
@@ -347,7 +344,7 @@ public final class BrokerServer {
                 let now = monotonicNanoseconds()
                 // The uid's time for this turn is up: the rest waits for the next (at least one
                 // frame was read in this wake-up).
-                let own = (now - started) &- min(now - started, net.table.refusalTotal &- refusedBefore)
+                let own = (now - started) &- min(now - started, net.table.makersTimeTotal &- makersBefore)
                 if work > 0 && !turn.hasTime(for: uid, after: own) { return }
                 guard sessions.mayRead(session, now: now) else {
                     // Paused with a full queue: a client that hung up will never read it.

@@ -166,12 +166,12 @@ final class NetTable {
     /// Connections refused for their maker's rate.
     private(set) var refusedForRate: UInt64 = 0
     /// The loop's time spent on connections other uids made to listeners (refusing them, for
-    /// their maker's rate or quota, or accepting them), by maker uid, since `takeRefusalTime`:
+    /// their maker's rate or quota, or accepting them), by maker uid, since `takeMakersTime`:
     /// that maker's doing, not the accepting caller's, so the loop charges it to the maker's
-    /// share of the turn (`TurnShares`). `refusalTotal` is the running sum, for a caller to tell
+    /// share of the turn (`TurnShares`). `makersTimeTotal` is the running sum, for a caller to tell
     /// its own time from it while it accepts.
-    private var refusalTime: [UInt32: UInt64] = [:]
-    private(set) var refusalTotal: UInt64 = 0
+    private var makersTime: [UInt32: UInt64] = [:]
+    private(set) var makersTimeTotal: UInt64 = 0
     /// Where the descriptors of every socket are charged (nil: not charged, in unit tests).
     var budget: DescriptorBudget?
     /// Names reserved for their owners (system broker).
@@ -300,7 +300,7 @@ final class NetTable {
             if maker != 0 && !connecting.take(uid: maker, now: began) {
                 refusedForRate &+= 1
                 DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
-                noteRefusal(by: maker, since: began)
+                chargeMaker(maker, since: began)
                 continue
             }
             if let refusal = quotaRefusal(of: maker, sockets: 1) {
@@ -315,7 +315,7 @@ final class NetTable {
                     "listener": "\(listener.id)", "uid": "\(maker)", "reason": "\(refusal.reason)",
                 ])
                 DeferredCloser.shared.closeRefused(connection.descriptor.release(), of: UInt64(maker))
-                noteRefusal(by: maker, since: began)
+                chargeMaker(maker, since: began)
                 continue
             }
             let data: Descriptor
@@ -329,23 +329,23 @@ final class NetTable {
                                    state: .connected, accountedUID: maker)
             logger.debug("accepted", metadata: ["listener": "\(listener.id)", "socket": "\(opened.socket.id)"])
             // Accepting another uid's connection is that uid's doing too, like refusing one.
-            if maker != owner.uid { noteRefusal(by: maker, since: began) }
+            if maker != owner.uid { chargeMaker(maker, since: began) }
             return opened
         }
         return nil
     }
 
-    private func noteRefusal(by maker: UInt32, since began: UInt64) {
+    private func chargeMaker(_ maker: UInt32, since began: UInt64) {
         let spent = monotonicNanoseconds() &- began
-        refusalTime[maker, default: 0] &+= spent
-        refusalTotal &+= spent
+        makersTime[maker, default: 0] &+= spent
+        makersTimeTotal &+= spent
     }
 
-    /// The time spent refusing each maker's connections since the last call (`refusalTime`).
-    func takeRefusalTime() -> [UInt32: UInt64] {
-        guard !refusalTime.isEmpty else { return [:] }
-        defer { refusalTime.removeAll(keepingCapacity: true) }
-        return refusalTime
+    /// The time spent on each maker's connections since the last call (`makersTime`).
+    func takeMakersTime() -> [UInt32: UInt64] {
+        guard !makersTime.isEmpty else { return [:] }
+        defer { makersTime.removeAll(keepingCapacity: true) }
+        return makersTime
     }
 
     /// Connections over their maker's quota dropped per accept before giving the loop back.
