@@ -15,8 +15,10 @@ public struct DaemonCommand: ParsableCommand {
         discussion: """
             Per-user by default: the socket is $XDG_RUNTIME_DIR/patchbay/patchbay.sock (or \
             /tmp/patchbay-$EUID/patchbay.sock) in a directory of mode 0700, and only this uid may \
-            connect. --system serves every uid at /run/patchbay/patchbay.sock. An inherited \
-            listening socket (LISTEN_FDS=1, LISTEN_PID, fd 3) is used instead of creating one.
+            connect. --system serves every uid at /run/patchbay/patchbay.sock, and root alone at \
+            /run/patchbay/patchbay.sock.root (mode 0600), which root's clients try first so that \
+            other users cannot make root's connections wait. An inherited listening socket \
+            (LISTEN_FDS=1, LISTEN_PID, fd 3) is used instead of creating the first one.
             """,
         version: PatchbayProtocol.patchbayVersion
     )
@@ -24,7 +26,7 @@ public struct DaemonCommand: ParsableCommand {
     @Option(help: "Listen on this socket path.")
     var socket: String?
 
-    @Flag(help: "Serve every user (socket /run/patchbay/patchbay.sock, mode 0666).")
+    @Flag(help: "Serve every user (socket /run/patchbay/patchbay.sock, mode 0666; root's own beside it, <socket>.root, mode 0600).")
     var system = false
 
     @Option(name: .customLong("shm-directory"),
