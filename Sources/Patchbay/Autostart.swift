@@ -48,12 +48,7 @@ enum Autostart {
     /// ours and private, and the broker must run as our uid: otherwise another user could stand
     /// in front of us (say, by creating /tmp/patchbay-$UID first) and receive what we share.
     static func connectOrStart(path: String) throws(PatchbayError) -> SeqpacketSocket {
-        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
-        do {
-            try prepareDirectory(directory, mode: 0o700, owner: geteuid(), private: true)
-        } catch {
-            throw PatchbayError(error.errno, error.reason)
-        }
+        let directory = try ownPrivateDirectory(of: path)
         do {
             return try verifiedOwnBroker(try connect(path: path), path: path)
         } catch let first {
@@ -66,6 +61,27 @@ enum Autostart {
             throw PatchbayError(error, "cannot lock \(directory)/autostart.lock to start a broker")
         }
         return try connectOrStart(path: path, directory: directory, holding: lock)
+    }
+
+    /// Connects to the per-user broker without starting one (autostart off, `Broker(autostart:
+    /// false)`, `patchbay status`), under the same checks as `connectOrStart`: the default path
+    /// is a well-known name, and another user who made its directory first, or runs a broker
+    /// there, must not receive what this process sends.
+    static func connectToOwn(path: String) throws(PatchbayError) -> SeqpacketSocket {
+        _ = try ownPrivateDirectory(of: path)
+        return try verifiedOwnBroker(try connect(path: path), path: path)
+    }
+
+    /// The per-user socket's directory, made if missing (mode 0700), and refused unless it is
+    /// this uid's and private.
+    private static func ownPrivateDirectory(of path: String) throws(PatchbayError) -> String {
+        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+        do {
+            try prepareDirectory(directory, mode: 0o700, owner: geteuid(), private: true)
+        } catch {
+            throw PatchbayError(error.errno, error.reason)
+        }
+        return directory
     }
 
     /// The part of the start that runs under the autostart lock.

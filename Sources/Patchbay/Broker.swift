@@ -35,6 +35,9 @@ public final class Broker: Sendable {
     public let reconnectPolicy: ReconnectPolicy
     /// Whether a reconnection may start the per-user broker, as the first connection could.
     let autostarts: Bool
+    /// Whether `socketPath` is the per-user default (not one the caller named): checked at every
+    /// connection (`Autostart.connectToOwn`), started or not.
+    private let isOwnDefault: Bool
     private let reconnectionCount = Atomic<UInt64>(0)
     /// The `reconnections` count this process's own connection began at, in a fork child (0 in
     /// the process that made the `Broker`): what was made before it is the parent's.
@@ -63,15 +66,20 @@ public final class Broker: Sendable {
         let explicit = socketPath ?? getenv("PATCHBAY_SOCKET").map { String(cString: $0) }
         let path: String
         var allowed = false
+        var isDefault = false
         if let explicit, !explicit.isEmpty {
             path = explicit
         } else {
             path = Autostart.defaultUserSocketPath()
+            isDefault = true
             allowed = autostart && getenv("PATCHBAY_AUTOSTART").map { String(cString: $0) } != "0"
         }
-        let socket = allowed ? try Autostart.connectOrStart(path: path) : try Autostart.connect(path: path)
         self.socketPath = path
         autostarts = allowed
+        // Also when named explicitly (the CLI's `status`, `metrics` and `monitor` name it, as
+        // `pb_broker_open_at` may): this uid's per-user path is checked however it was reached.
+        isOwnDefault = isDefault || path == Autostart.defaultUserSocketPath()
+        let socket = try Self.connect(path, autostarts: allowed, isOwnDefault: isOwnDefault)
         reconnectPolicy = reconnect
         connection = Mutex(Connection(socket: socket))
     }
@@ -180,7 +188,15 @@ public final class Broker: Sendable {
     /// One attempt at a fresh connection of the caller's own to the same broker (a service
     /// port's), starting the per-user broker if this one may.
     func connectOnce() throws(PatchbayError) -> SeqpacketSocket {
-        autostarts ? try Autostart.connectOrStart(path: socketPath) : try Autostart.connect(path: socketPath)
+        try Self.connect(socketPath, autostarts: autostarts, isOwnDefault: isOwnDefault)
+    }
+
+    /// A connection to `path`: the per-user default is checked (its directory this uid's and
+    /// private, its broker running as this uid) whether or not it may be started; a path the
+    /// caller named is used as given.
+    private static func connect(_ path: String, autostarts: Bool, isOwnDefault: Bool) throws(PatchbayError) -> SeqpacketSocket {
+        if autostarts { return try Autostart.connectOrStart(path: path) }
+        return isOwnDefault ? try Autostart.connectToOwn(path: path) : try Autostart.connect(path: path)
     }
 
     /// One attempt at a new connection that answers: a broker being killed can still complete a

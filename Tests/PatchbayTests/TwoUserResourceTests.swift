@@ -101,6 +101,30 @@ struct TwoUserResourceTests {
         _ = try program.wait()
     }
 
+    @Test("with autostart off, root's client still checks its per-user default path: nobody who made that directory first and runs a broker in it gets neither root's status request nor what root shares (EACCES)")
+    func defaultPathIsCheckedWithoutAutostart() throws {
+        let runtime = makeTemporaryDirectory()
+        defer { removeTree(runtime) }
+        chmod(runtime, 0o777)
+        let directory = runtime + "/patchbay"
+        let store = runtime + "/nobody-shm"
+        let nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0755", directory]).termination == .exited(0))
+        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+        let squatter = try Child("/usr/bin/setpriv", nobody + ["/bin/sh", "-c", "exec \"$0\" --system --socket \"$1\" --shm-directory \"$2\" --policy-directory \"$2\" --ready-fd 3 3>&1",
+                                                            patchbayDaemon, directory + "/patchbay.sock", store])
+        defer { squatter.kill(SIGTERM); _ = try? squatter.wait() }
+        #expect(try squatter.readLine() == "ready")
+        let environment: [String: String?] = ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil, "PATCHBAY_AUTOSTART": "0"]
+        let status = try run(patchbayCLI, ["status"], environment: environment)
+        #expect(status.termination != .exited(0))
+        #expect(status.standardError.hasPrefix("patchbay: status: EACCES: \(directory) belongs to uid 65534"), "\(status.standardError)")
+        let share = try run(patchbayCLI, ["share", "/etc/hostname"], environment: environment)
+        #expect(share.termination != .exited(0))
+        #expect(share.standardError.hasPrefix("patchbay: share: EACCES: "), "\(share.standardError)")
+        #expect(share.standardOutput.isEmpty, "no key: \(share.standardOutput)")
+    }
+
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")
     func netConnectionChurnIsRateLimitedPerUid() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "5", "--net-connections-per-second-per-uid", "0.5"])

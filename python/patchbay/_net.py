@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import os
+import queue
+import socket as _socket
+import threading
 
 from . import _native
 from ._broker import Broker
@@ -70,5 +74,57 @@ class Socket(_native.Handle):
         return os.write(self._data(), data)
 
     def recv(self, size: int = 65536) -> bytes:
-        """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream."""
-        return os.read(self._data(), size)
+        """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream.
+
+        Descriptors a peer sends along (SCM_RIGHTS) are received and closed on a thread of this
+        package's, never here: the last close of one can wait as long as its sender likes (a TCP
+        socket with SO_LINGER), and a plain read would make the kernel close them in this
+        thread."""
+        return _receive(self._data(), size)
+
+
+# Descriptors that arrived with data: SCM_RIGHTS carries at most 253 (SCM_MAX_FD) per message,
+# all received, so the kernel drops none (and closes none) in the caller's thread.
+_ANCILLARY = _socket.CMSG_SPACE(253 * array.array("i").itemsize)
+_closing: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: "threading.Thread | None" = None
+
+
+def _close_queued() -> None:
+    while True:
+        fd = _closing.get()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_later(fds: "list[int]") -> None:
+    """Closes fds on the package's closing thread (started on first use, a daemon)."""
+    global _closer
+    with _closer_lock:
+        if _closer is None:
+            _closer = threading.Thread(target=_close_queued, name="patchbay-closer", daemon=True)
+            _closer.start()
+    for fd in fds:
+        _closing.put(fd)
+
+
+def _receive(fd: int, size: int) -> bytes:
+    """recvmsg on the kernel socket fd, which stays the Socket's: the bytes, with any descriptors
+    that came along closed off this thread."""
+    view = _socket.socket(fileno=fd)
+    try:
+        data, ancillary, _, _ = view.recvmsg(size, _ANCILLARY, _socket.MSG_CMSG_CLOEXEC)
+    finally:
+        view.detach()
+    received: "list[int]" = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            received.extend(fds)
+    if received:
+        _close_later(received)
+    return data

@@ -655,6 +655,37 @@ class NetTests(BrokerTestCase):
                 accepted.send(b"and back")
                 self.assertEqual(self.finish(child).strip(), "and back")
 
+    def test_recv_does_not_wait_for_a_lingering_socket_sent_with_the_data(self) -> None:
+        # A peer sends, with its bytes, a TCP socket whose last close waits 20 s (SO_LINGER, its
+        # send queue full toward a listener that never reads), and closes its own copy: a plain
+        # read would make the kernel drop it, and wait, in the receiving thread.
+        import socket
+        import struct
+        name = unique("py")
+        tcp_listener = socket.socket()
+        tcp_listener.bind(("127.0.0.1", 0))
+        tcp_listener.listen(1)
+        lingering = socket.socket()
+        lingering.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 20))
+        lingering.connect(tcp_listener.getsockname())
+        lingering.setblocking(False)
+        try:
+            while True:
+                lingering.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        with patchbay.Socket.listen(self.broker, name) as listener, \
+                patchbay.Socket.connect(self.broker, name) as connector, \
+                listener.accept() as accepted:
+            sender = socket.socket(fileno=os.dup(connector.fileno()))
+            socket.send_fds(sender, [b"with a socket"], [lingering.fileno()])
+            sender.close()
+            lingering.close()
+            got: "queue.Queue[bytes]" = queue.Queue()
+            threading.Thread(target=lambda: got.put(accepted.recv()), daemon=True).start()
+            self.assertEqual(got.get(timeout=10), b"with a socket")
+        tcp_listener.close()
+
     def test_second_listen_on_a_name_is_EADDRINUSE(self) -> None:
         name = unique("py")
         with patchbay.Socket.listen(self.broker, name):

@@ -177,7 +177,12 @@ int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
 
 /* The socket's kernel descriptor for data (send/recv/poll/epoll), once connected or accepted
  * (or, for dgram, bound and opened with pb_net_ctl's "bind"). The descriptor belongs to the
- * socket: do not close it. -ENOTCONN before that. */
+ * socket: do not close it. -ENOTCONN before that.
+ * A peer can send descriptors with its bytes (SCM_RIGHTS). read() or recv() make the kernel
+ * close them in the calling thread, and the last close of one can wait as long as the sender
+ * chose (a TCP socket with SO_LINGER). Against a peer you do not trust, receive with recvmsg(),
+ * room for 253 descriptors (SCM_MAX_FD) and MSG_CMSG_CLOEXEC, and close what comes on a thread
+ * that may wait, as the Swift library and the Python package do. */
 int pb_net_data(pb_socket *socket);
 
 /* The socket's kernel descriptor, from pb_net_open on (the one pb_net_data returns once data is
