@@ -607,7 +607,12 @@ struct NamedSharedMemoryTests {
 
 /// The object files in a test broker's store.
 func objectFiles(_ broker: TestBroker) throws -> [String] {
-    guard let directory = opendir(broker.directory + "/shm/objects") else { throw Errno.current }
+    try directoryEntries(broker.directory + "/shm/objects")
+}
+
+/// The names in a directory, without "." and "..".
+func directoryEntries(_ path: String) throws -> [String] {
+    guard let directory = opendir(path) else { throw Errno.current }
     defer { closedir(directory) }
     var names: [String] = []
     while let entry = readdir(directory) {

@@ -125,6 +125,26 @@ struct TwoUserResourceTests {
         #expect(share.standardOutput.isEmpty, "no key: \(share.standardOutput)")
     }
 
+    @Test("a system broker whose shared memory store's name nobody took first, in a directory anyone may write (as /dev/shm), moves nobody's entry aside and starts")
+    func plantedStoreIsMovedAside() throws {
+        let socketDirectory = makeTemporaryDirectory()
+        let shared = makeTemporaryDirectory()
+        defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
+        chmod(shared, 0o1777)
+        let store = shared + "/patchbay-system"
+        let nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+        let broker = try Child("/bin/sh", ["-c", "exec \"$0\" --system --socket \"$1\" --shm-directory \"$2\" --ready-fd 3 3>&1",
+                                           patchbayDaemon, socketDirectory + "/patchbay.sock", store])
+        defer { broker.kill(SIGTERM); _ = try? broker.wait() }
+        #expect(try broker.readLine() == "ready")
+        var info = stat()
+        #expect(lstat(store, &info) == 0 && info.st_uid == 0 && info.st_mode & 0o777 == 0o700, "uid \(info.st_uid)")
+        let moved = try directoryEntries(shared).filter { $0.hasPrefix("patchbay-system.moved-aside-65534-") }
+        #expect(moved.count == 1, "\(moved)")
+        #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
+    }
+
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")
     func netConnectionChurnIsRateLimitedPerUid() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "5", "--net-connections-per-second-per-uid", "0.5"])

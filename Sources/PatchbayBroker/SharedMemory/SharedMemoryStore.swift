@@ -136,6 +136,7 @@ final class SharedMemoryStore {
         self.path = path
         self.logger = logger
         self.perOwnerStores = perOwnerStores
+        if geteuid() == 0 { Self.moveAsideIfPlanted(path, logger: logger) }
         do {
             try Self.makePrivateDirectory(path)
             try Self.makePrivateDirectory(path + "/objects")
@@ -563,6 +564,26 @@ final class SharedMemoryStore {
             do { try secureRandomBytes(into: raw) } catch { fatalError("getrandom failed: \(error)") }
         }
         return bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+    }
+
+    /// A store's name in a directory anyone may write (the default `/dev/shm/patchbay-system`) can
+    /// be taken by another user first, which kept the broker from starting (seventh attack round).
+    /// Run as root, the broker moves such an entry aside, to `<path>.moved-aside-<uid>-<random>`,
+    /// still its maker's, and says so; its own store is then made in its place. (A broker not run
+    /// as root cannot move another user's entry in a sticky directory: it refuses to start.)
+    private static func moveAsideIfPlanted(_ path: String, logger: Logger) {
+        var info = Glibc.stat()
+        guard lstat(path, &info) == 0, info.st_uid != geteuid(),
+              let slash = path.lastIndex(of: "/") else { return }
+        var parent = Glibc.stat()
+        let parentPath = slash == path.startIndex ? "/" : String(path[..<slash])
+        guard lstat(parentPath + "/.", &parent) == 0, parent.st_mode & 0o002 != 0 else { return }
+        let aside = path + ".moved-aside-\(info.st_uid)-" + newIdentifier().prefix(8)
+        if Glibc.rename(path, aside) == 0 {
+            logger.warning("another user's entry was at the shared memory store's path: moved aside", metadata: [
+                "path": "\(path)", "uid": "\(info.st_uid)", "moved_to": "\(aside)",
+            ])
+        }
     }
 
     private static func makePrivateDirectory(_ path: String) throws(RequestError) {
