@@ -440,9 +440,11 @@ static void *serve(void *argument) {
         int length = pb_caps_wait(served->service, &m, buffer, sizeof buffer);
         if (length < 0) break;
         if (m.kind == PB_CAPS_REQUEST) {
+            /* A request longer than the buffer was only partly copied (and stays queued). */
+            size_t copied = (size_t)length < sizeof buffer ? (size_t)length : sizeof buffer;
             memcpy(answer, "c:", 2);
-            memcpy(answer + 2, buffer, (size_t)length);
-            if (pb_caps_reply(served->service, m.id, answer, (size_t)length + 2) < 0) break;
+            memcpy(answer + 2, buffer, copied);
+            if (pb_caps_reply(served->service, m.id, answer, copied + 2) < 0) break;
         } else if (m.kind == PB_CAPS_DISPOSE) {
             disposes++;
         }
@@ -675,9 +677,10 @@ static int run_service(const char *name) {
         if (m.kind == PB_CAPS_REQUEST) {
             printf("request %llu %d %u %u\n", (unsigned long long)m.id, (int)m.pid, (unsigned)m.uid, (unsigned)m.gid);
             fflush(stdout);
+            size_t copied = (size_t)length < sizeof buffer ? (size_t)length : sizeof buffer;
             memcpy(answer, "c:", 2);
-            memcpy(answer + 2, buffer, (size_t)length);
-            pb_caps_reply(service, m.id, answer, (size_t)length + 2);
+            memcpy(answer + 2, buffer, copied);
+            pb_caps_reply(service, m.id, answer, copied + 2);
         } else if (m.kind == PB_CAPS_DISPOSE) {
             printf("dispose %llu\n", (unsigned long long)m.id);
             fflush(stdout);

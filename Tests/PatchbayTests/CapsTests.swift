@@ -948,7 +948,7 @@ struct CapsTests {
         #expect(client.requestsInFlight == 0)
     }
 
-    @Test("two clients are taken in turn; a DISPOSE comes before the request put after consuming its reply; short buffers keep a request queued")
+    @Test("two clients are taken in turn; a DISPOSE comes before the request put after consuming its reply; short buffers keep a request queued, which an error reply refuses unread")
     func messageOrder() throws {
         // Inline requests go the service's one-pass path, arena ones and short buffers the
         // general path: both must give the same order, bytes and records.
@@ -996,11 +996,24 @@ struct CapsTests {
         #expect(request3.messageID == a3 && request3.consumed && payload3.prefix(request3.length) == ArraySlice("a3x".utf8))
         try service.reply(to: a3, Array("ok".utf8))
         #expect(throws: PatchbayError.self) { try service.reply(to: a3, Array("twice".utf8)) }
+        // One too long for the buffer can be refused without being read: it goes, and the caller
+        // gets the errno.
+        let a4 = try first.put(Array("far too long for the buffer".utf8))
+        let long = try serviceGet(service, capacity: 4)
+        #expect(long.kind == .request && long.messageID == a4 && !long.consumed)
+        try service.reply(to: a4, error: .messageTooLong)
+        #expect(throws: PatchbayError.self) { try service.reply(to: a4, error: .messageTooLong) }
+        #expect(throws: PatchbayError.self) { try serviceGet(service, capacity: 64) }  // nothing queued any more
 
         let (reply2, answer2) = try clientWait(first)
         #expect(reply2.messageID == a2 && answer2 == bigRequest)
         let (reply3, answer3) = try clientWait(first)
         #expect(reply3.messageID == a3 && answer3 == Array("ok".utf8))
+        var refusedBuffer = [UInt8](repeating: 0, count: 64)
+        let refused = try refusedBuffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsReply in try first.get(into: raw) }
+        }.get()
+        #expect(refused.messageID == a4 && refused.error == .messageTooLong, "\(refused)")
         for id in [b1, b2] {
             let (reply, _) = try clientWait(second)
             #expect(reply.messageID == id)
@@ -1010,7 +1023,7 @@ struct CapsTests {
             #expect(message.kind == .dispose)
             disposed.insert(message.messageID)
         }
-        #expect(disposed == [a2, a3, b1, b2])
+        #expect(disposed == [a2, a3, a4, b1, b2])  // a4: the error reply its program chose is DISPOSEd like a reply
         #expect(first.requestsInFlight == 0 && second.requestsInFlight == 0)
     }
 

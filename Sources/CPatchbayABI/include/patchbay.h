@@ -275,6 +275,9 @@ int pb_caps_reply_in_place(pb_caps_service *service, uint64_t id, size_t length,
                            void (*fill)(void *buffer, size_t length, void *context), void *context);
 
 /* Answers request id with an errno instead of bytes: the client's pb_caps_call returns -error.
+ * A request pb_caps_wait showed but left queued (longer than the buffer) may be answered so: it
+ * is taken unread, so a service with a fixed buffer refuses what does not fit (say, EMSGSIZE)
+ * instead of meeting it again at every wait.
  * -EINVAL: error not an errno (1 to 4095) or id not a pending request; -ENOBUFS: the client's reply ring is full. */
 int pb_caps_reply_error(pb_caps_service *service, uint64_t id, int error);
 

@@ -712,7 +712,16 @@ public final class CapsService: @unchecked Sendable {
             guard error.rawValue > 0, error.rawValue < 4096 else {
                 throw PatchbayError(.invalidArgument, "an error reply needs an errno (1 to 4095), not \(error.rawValue)")
             }
-            let awaiting = try awaitingReply(messageID)
+            // A request shown in copy mode and left queued (longer than the caller's buffer) is
+            // taken now, unread: a service can refuse what it has no room for.
+            let awaiting: Awaiting
+            if let read = try? awaitingReply(messageID) {
+                awaiting = read
+            } else if let queued = takeQueuedRequest(messageID) {
+                awaiting = queued
+            } else {
+                awaiting = try awaitingReply(messageID)  // (throws: EINVAL, saying why)
+            }
             let request = awaiting.request
             try borrowing(awaiting.client) { client throws(PatchbayError) in
             let aborted = request.state == Self.receivedAborted
@@ -798,6 +807,23 @@ public final class CapsService: @unchecked Sendable {
             throw PatchbayError(.invalidArgument, "message \(messageID) is not a request read and awaiting a reply")
         }
         return Awaiting(client: Unmanaged.passUnretained(client), request: request)
+    }
+
+    /// The REQUEST `messageID` if it is at the head of its client's ring and taken by this port
+    /// (shown by a `get` or `wait` whose buffer it did not fit, so it stayed queued): consumed now,
+    /// unread, with whatever it carried closed, and recorded as read. Nil for anything else (not
+    /// there, or its client took it back first).
+    private func takeQueuedRequest(_ messageID: UInt64) -> Awaiting? {
+        guard let client = clients[capsChannel(of: messageID)], !client.messages.contains(messageID),
+              client.messages.count < maximumInFlight,
+              let (entry, position) = client.channel.peek(.request), entry.kind == .request, entry.messageID == messageID,
+              client.channel.claimForService(position)
+        else { return nil }
+        client.channel.advance(.request)
+        core.stash.discard(entry, from: client.direct.rawValue, peer: UInt64(client.credentials.uid))
+        let record = MessageRecord(id: messageID, offset: -1, length: 0, state: Self.received)
+        client.messages.insert(record)
+        return Awaiting(client: Unmanaged.passUnretained(client), request: record)
     }
 
     /// A request awaiting a reply and its client (not counted: see `order`).
