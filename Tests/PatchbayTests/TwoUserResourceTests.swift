@@ -46,6 +46,14 @@ struct TwoUserResourceTests {
         let knocking = try nobodyPeer(["connect-to", rootPath], broker)
         #expect(try knocking.readLine() == "EACCES")
         _ = try knocking.wait()
+        // Should its mode let nobody in, the broker still serves nobody nothing there.
+        chmod(rootPath, 0o666)
+        let inside = try Child("/usr/bin/setpriv", setprivNobody + [testPeer, "connect-churn", "1"],
+                               environment: ["PATCHBAY_SOCKET": rootPath])
+        let insideSaid = try inside.readLine() ?? ""
+        #expect(insideSaid.hasPrefix("refused at 1 "), "\(insideSaid)")
+        _ = try inside.wait()
+        chmod(rootPath, 0o600)
 
         // The broker held up: nobody fills the shared socket's backlog; a connection there is then
         // refused at once, and root's own socket still takes one.
@@ -108,11 +116,10 @@ struct TwoUserResourceTests {
         chmod(runtime, 0o777)
         let directory = runtime + "/patchbay"
         let store = runtime + "/nobody-shm"
-        let nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
-        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0755", directory]).termination == .exited(0))
-        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
-        let squatter = try Child("/usr/bin/setpriv", nobody + ["/bin/sh", "-c", "exec \"$0\" --system --socket \"$1\" --shm-directory \"$2\" --policy-directory \"$2\" --ready-fd 3 3>&1",
-                                                            patchbayDaemon, directory + "/patchbay.sock", store])
+        #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0755", directory]).termination == .exited(0))
+        #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+        let squatter = try daemonSayingReady(["--system", "--socket", directory + "/patchbay.sock", "--shm-directory", store,
+                                              "--policy-directory", store], asNobody: true)
         defer { squatter.kill(SIGTERM); _ = try? squatter.wait() }
         #expect(try squatter.readLine() == "ready")
         let environment: [String: String?] = ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil, "PATCHBAY_AUTOSTART": "0"]
@@ -132,10 +139,8 @@ struct TwoUserResourceTests {
         defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
         chmod(shared, 0o1777)
         let store = shared + "/patchbay-system"
-        let nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
-        #expect(try run("/usr/bin/setpriv", nobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
-        let broker = try Child("/bin/sh", ["-c", "exec \"$0\" --system --socket \"$1\" --shm-directory \"$2\" --ready-fd 3 3>&1",
-                                           patchbayDaemon, socketDirectory + "/patchbay.sock", store])
+        #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+        let broker = try daemonSayingReady(["--system", "--socket", socketDirectory + "/patchbay.sock", "--shm-directory", store])
         defer { broker.kill(SIGTERM); _ = try? broker.wait() }
         #expect(try broker.readLine() == "ready")
         var info = stat()
@@ -1349,4 +1354,14 @@ func killing(_ pid: pid_t, after seconds: Int32) -> () -> Void {
         _ = Glibc.write(cancel, &byte, 1)
         close(cancel)
     }
+}
+
+/// `setpriv`'s arguments to run a program as nobody.
+let setprivNobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+/// `patchbayd` with `arguments` (as nobody with `asNobody`), saying "ready" on its stdout (its
+/// ready descriptor), for a test that starts one on paths of its own choosing.
+func daemonSayingReady(_ arguments: [String], asNobody nobody: Bool = false) throws -> Child {
+    let shell = ["/bin/sh", "-c", "exec \"$0\" \"$@\" --ready-fd 3 3>&1", patchbayDaemon] + arguments
+    return nobody ? try Child("/usr/bin/setpriv", setprivNobody + shell) : try Child(shell[0], Array(shell.dropFirst()))
 }

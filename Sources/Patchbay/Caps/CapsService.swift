@@ -715,12 +715,11 @@ public final class CapsService: @unchecked Sendable {
             // A request shown in copy mode and left queued (longer than the caller's buffer) is
             // taken now, unread: a service can refuse what it has no room for.
             let awaiting: Awaiting
-            if let read = try? awaitingReply(messageID) {
-                awaiting = read
-            } else if let queued = takeQueuedRequest(messageID) {
+            do throws(PatchbayError) {
+                awaiting = try awaitingReply(messageID)
+            } catch {
+                guard let queued = takeQueuedRequest(messageID) else { throw error }
                 awaiting = queued
-            } else {
-                awaiting = try awaitingReply(messageID)  // (throws: EINVAL, saying why)
             }
             let request = awaiting.request
             try borrowing(awaiting.client) { client throws(PatchbayError) in
