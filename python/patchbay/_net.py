@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import array
+import errno
 import os
 import queue
 import socket as _socket
+import stat
+import struct
 import threading
 
 from . import _native
@@ -79,31 +82,57 @@ class Socket(_native.Handle):
         Descriptors a peer sends along (SCM_RIGHTS) are received and closed on a thread of this
         package's, never here: the last close of one can wait as long as its sender likes (a TCP
         socket with SO_LINGER), and a plain read would make the kernel close them in this
-        thread."""
+        thread. A socket's lingering is turned off before it is closed. While more than 1024
+        received descriptors wait to be closed (a peer keeps making their closes wait), recv
+        raises OSError EMFILE and reads nothing: the bytes stay queued, and closing the socket
+        cuts the peer off."""
         return _receive(self._data(), size)
 
 
 # Descriptors that arrived with data: SCM_RIGHTS carries at most 253 (SCM_MAX_FD) per message,
 # all received, so the kernel drops none (and closes none) in the caller's thread.
 _ANCILLARY = _socket.CMSG_SPACE(253 * array.array("i").itemsize)
+# Received descriptors queued or being closed, at most about this many: past it, recv refuses
+# (EMFILE) without reading until the closing thread catches up.
+_CLOSING_BOUND = 1024
 _closing: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-_closer_lock = threading.Lock()
+_closer_lock = threading.Condition()
 _closer: "threading.Thread | None" = None
+_outstanding = 0
+
+
+def _close_handed_over(fd: int) -> None:
+    """Closes fd, which a peer chose: a socket's lingering is turned off first, so that its last
+    close does not wait for unsent data (the kernel still sends it, after the close)."""
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            view = _socket.socket(fileno=fd)
+            try:
+                view.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 0, 0))
+            finally:
+                view.detach()
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _close_queued() -> None:
+    global _outstanding
     while True:
-        fd = _closing.get()
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _close_handed_over(_closing.get())
+        with _closer_lock:
+            _outstanding -= 1
+            _closer_lock.notify_all()
 
 
 def _close_later(fds: "list[int]") -> None:
     """Closes fds on the package's closing thread (started on first use, a daemon)."""
-    global _closer
+    global _closer, _outstanding
     with _closer_lock:
+        _outstanding += len(fds)
         if _closer is None:
             _closer = threading.Thread(target=_close_queued, name="patchbay-closer", daemon=True)
             _closer.start()
@@ -111,9 +140,20 @@ def _close_later(fds: "list[int]") -> None:
         _closing.put(fd)
 
 
+def _closed_all(timeout: float) -> bool:
+    """Whether every received descriptor queued so far was closed within timeout (for tests)."""
+    with _closer_lock:
+        return _closer_lock.wait_for(lambda: _outstanding == 0, timeout)
+
+
 def _receive(fd: int, size: int) -> bytes:
     """recvmsg on the kernel socket fd, which stays the Socket's: the bytes, with any descriptors
-    that came along closed off this thread."""
+    that came along closed off this thread. EMFILE, reading nothing, while the closing thread is
+    more than _CLOSING_BOUND descriptors behind (a peer that makes their closes wait)."""
+    with _closer_lock:
+        if _outstanding >= _CLOSING_BOUND:
+            raise OSError(errno.EMFILE, f"{_outstanding} descriptors received with data still wait to be closed "
+                          "(a peer makes their closes wait); nothing was read")
     view = _socket.socket(fileno=fd)
     try:
         data, ancillary, _, _ = view.recvmsg(size, _ANCILLARY, _socket.MSG_CMSG_CLOEXEC)

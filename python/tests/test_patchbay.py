@@ -684,7 +684,30 @@ class NetTests(BrokerTestCase):
             got: "queue.Queue[bytes]" = queue.Queue()
             threading.Thread(target=lambda: got.put(accepted.recv()), daemon=True).start()
             self.assertEqual(got.get(timeout=10), b"with a socket")
+            # Its lingering is turned off before the close: the closing thread is not held 20 s.
+            from patchbay import _net
+            self.assertTrue(_net._closed_all(10))
         tcp_listener.close()
+
+    def test_recv_refuses_while_received_descriptors_wait_to_be_closed(self) -> None:
+        # Past the bound of descriptors waiting for the closing thread (here made to look
+        # reached), recv reads nothing and says EMFILE; the bytes stay for the next recv.
+        from patchbay import _net
+        name = unique("py")
+        with patchbay.Socket.listen(self.broker, name) as listener, \
+                patchbay.Socket.connect(self.broker, name) as connector, \
+                listener.accept() as accepted:
+            connector.send(b"kept")
+            with _net._closer_lock:
+                _net._outstanding += _net._CLOSING_BOUND
+            try:
+                with self.assertRaises(OSError) as caught:
+                    accepted.recv()
+                self.assertEqual(caught.exception.errno, errno.EMFILE)
+            finally:
+                with _net._closer_lock:
+                    _net._outstanding -= _net._CLOSING_BOUND
+            self.assertEqual(accepted.recv(), b"kept")
 
     def test_second_listen_on_a_name_is_EADDRINUSE(self) -> None:
         name = unique("py")

@@ -181,8 +181,9 @@ int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
  * A peer can send descriptors with its bytes (SCM_RIGHTS). read() or recv() make the kernel
  * close them in the calling thread, and the last close of one can wait as long as the sender
  * chose (a TCP socket with SO_LINGER). Against a peer you do not trust, receive with recvmsg(),
- * room for 253 descriptors (SCM_MAX_FD) and MSG_CMSG_CLOEXEC, and close what comes on a thread
- * that may wait, as the Swift library and the Python package do. */
+ * room for 253 descriptors (SCM_MAX_FD) and MSG_CMSG_CLOEXEC, turn a socket's lingering off
+ * (SO_LINGER, l_onoff 0) and close what came on a thread that may wait, with a bound on how many
+ * wait there, as the Swift library and the Python package do. */
 int pb_net_data(pb_socket *socket);
 
 /* The socket's kernel descriptor, from pb_net_open on (the one pb_net_data returns once data is
