@@ -47,6 +47,12 @@ struct CapsCommand: ParsableCommand {
         @Option(help: "Replies a client uid has not consumed yet may hold this much (e.g. 256M); past it, requests of that uid get EDQUOT.")
         var maxReplyBytesPerUid: String = "256M"
 
+        @Option(help: "With --exec: a program that writes more than this is not read further and its request gets EMSGSIZE (e.g. 64M).")
+        var maxReply: String = "64M"
+
+        @Option(help: "With --exec: a program still running after this long is killed and its request gets ETIMEDOUT (e.g. 500ms, 30s, 5m, or never).")
+        var execTimeout: String = "30s"
+
         @Option(parsing: .remaining, help: "Run this command per request.")
         var exec: [String] = []
 
@@ -98,6 +104,13 @@ struct CapsCommand: ParsableCommand {
             let heldLimit = parseSize(maxReplyBytesPerUid, command)
             if heldLimit <= 0 { failUsage(command, "--max-reply-bytes-per-uid must be positive") }
             var held = HeldReplies(limit: heldLimit)
+            let replyLimit = parseSize(maxReply, command)
+            if replyLimit < 0 { failUsage(command, "--max-reply must not be negative") }
+            let timeout: UInt64 = switch DurationText.parse(execTimeout, for: command) {
+            case .never: 0
+            case .after(let duration): nanoseconds(duration)
+            }
+            let limits = FilterLimits(output: replyLimit, nanoseconds: timeout)
             while true {
                 do {
                     // In place: an attached payload is read where it is mapped, so a request is
@@ -106,7 +119,7 @@ struct CapsCommand: ParsableCommand {
                     try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
                         switch message.kind {
                         case .request:
-                            answer(message, payload, limit: limit, held: &held, service: service, program: starter)
+                            answer(message, payload, limit: limit, held: &held, service: service, program: starter, limits: limits)
                         case .dispose:
                             held.consumed(message.messageID)
                         default:
@@ -126,7 +139,7 @@ struct CapsCommand: ParsableCommand {
         }
 
         private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, held: inout HeldReplies,
-                            service: CapsService, program: ExecStarter?) {
+                            service: CapsService, program: ExecStarter?, limits: FilterLimits) {
             let uid = message.credentials.uid
             do {
                 guard payload.count <= limit else {
@@ -143,7 +156,7 @@ struct CapsCommand: ParsableCommand {
                 }
                 let request = Array(payload)
                 let answer: Result<[UInt8], FilterFailure> = if let program {
-                    runFilter(program, input: request)
+                    runFilter(program, input: request, limits: limits)
                 } else {
                     .success(request)
                 }
@@ -156,9 +169,9 @@ struct CapsCommand: ParsableCommand {
                     held.replied(message.messageID, bytes.count, to: uid)
                 case .failure(let failure):
                     // Never an empty reply the caller would take for an answer: an error
-                    // reply (EIO), and the reason here.
-                    writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason)\n")
-                    try service.reply(to: message.messageID, error: .ioError)
+                    // reply (EIO, ETIMEDOUT or EMSGSIZE), and the reason here.
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason); refused with \(failure.errno.name)\n")
+                    try service.reply(to: message.messageID, error: failure.errno)
                 }
             } catch {
                 writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
@@ -359,10 +372,23 @@ func readStandardInput() -> [UInt8] {
 /// Why `--exec`'s program gave no answer.
 struct FilterFailure: Error {
     var reason: String
+    /// The errno of the error reply: `EIO` unless the program ran out of time (`ETIMEDOUT`) or
+    /// wrote more than a reply may hold (`EMSGSIZE`).
+    var errno: Errno = .ioError
 }
 
-/// Runs the starter's program with `input` on its stdin; its stdout is the answer, if it exits 0.
-func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], FilterFailure> {
+/// How much a `--exec` program may write and how long it may run, for one request.
+struct FilterLimits {
+    var output: Int
+    var nanoseconds: UInt64
+}
+
+/// Runs the starter's program with `input` on its stdin; its stdout is the answer, if it exits 0
+/// within `limits`. A program that writes more than `limits.output` bytes is not read further (its
+/// next write fails, `EPIPE`), and one that runs longer than `limits.nanoseconds` is killed by
+/// the starter; this side stops reading at that deadline too, so that a process the program left
+/// behind holding its stdout cannot hold the service.
+func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits) -> Result<[UInt8], FilterFailure> {
     let program = starter.program
     guard let stdin = try? Pipe(), let stdout = try? Pipe() else {
         return .failure(FilterFailure(reason: "cannot make pipes for \(program)"))
@@ -370,7 +396,7 @@ func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], Filter
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
     // (The program's ends are closed here once sent: the program's output ends when it exits.)
-    let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue)
+    let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue, limit: limits.nanoseconds)
     _ = consume stdin.readEnd
     stdout.writeEnd.close()
     guard let tag else { return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone")) }
@@ -382,14 +408,50 @@ func runFilter(_ starter: ExecStarter, input: [UInt8]) -> Result<[UInt8], Filter
         let sink = PatchbaySystem.Descriptor(adopting: fd)
         try? sink.writeAll(payload)
     }
-    let output = (try? reader.readToEnd()) ?? []
-    switch starter.wait(tag) {
-    case .failure(let failure):
+    // A second past the starter's deadline: its kill, and the end of the output, come first.
+    let deadline = monotonicNanoseconds() &+ limits.nanoseconds &+ 1_000_000_000
+    let output = readOutput(reader, limit: limits.output, deadline: deadline)
+    _ = consume reader
+    let ended = starter.wait(tag)
+    switch (output, ended) {
+    case (_, .failure(let failure)):
         return .failure(failure)
-    case .success(let termination) where termination != .exited(0):
+    case (.tooLong, _):
+        return .failure(FilterFailure(reason: "\(program) wrote more than --max-reply (\(limits.output) bytes)", errno: .messageTooLong))
+    case (.late, _):
+        return .failure(FilterFailure(reason: "\(program)'s output did not end within --exec-timeout", errno: .timedOut))
+    case (_, .success(let termination)) where termination != .exited(0):
         return .failure(FilterFailure(reason: "\(program) ended with \(termination)"))
-    case .success:
-        return .success(output)
+    case (.bytes(let bytes), .success):
+        return .success(bytes)
+    }
+}
+
+/// What `readOutput` got.
+enum FilterOutput {
+    case bytes([UInt8])
+    /// More than the limit: reading stopped there.
+    case tooLong
+    /// No end of the output by the deadline.
+    case late
+}
+
+/// Reads `reader` to its end, at most `limit` bytes and until `deadline` (monotonic).
+func readOutput(_ reader: borrowing PatchbaySystem.Descriptor, limit: Int, deadline: UInt64) -> FilterOutput {
+    var output: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let now = monotonicNanoseconds()
+        guard now < deadline else { return .late }
+        var entry = pollfd(fd: reader.rawValue, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&entry, 1, CInt(min((deadline - now + 999_999) / 1_000_000, 60_000)))
+        if ready < 0 && errno == EINTR { continue }
+        if ready == 0 { continue }
+        let count = chunk.withUnsafeMutableBytes { Glibc.read(reader.rawValue, $0.baseAddress, $0.count) }
+        if count < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+        if count <= 0 { return .bytes(output) }
+        guard output.count + count <= limit else { return .tooLong }
+        output += chunk[0..<count]
     }
 }
 

@@ -296,7 +296,7 @@ enum MetricsFileWriter {
 }
 
 /// A parsed duration in nanoseconds, as the broker's configuration keeps them.
-private func nanoseconds(_ duration: Duration) -> UInt64 {
+func nanoseconds(_ duration: Duration) -> UInt64 {
     let (seconds, attoseconds) = duration.components
     return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
 }

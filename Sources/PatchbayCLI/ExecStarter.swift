@@ -13,11 +13,12 @@ import SystemPackage
 // client chose: only the socket to the service and, for each program, its standard input and
 // output (the request's pipes; for `net listen --exec`, the connection, which is the program's).
 //
-// Between the two, on a local seqpacket socket: the service sends a message of 8 bytes (a tag)
-// with two descriptors (the program's stdin and stdout); the starter answers, once the program
-// has ended, with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status,
-// 1 and the signal, 2 and the errno it could not be started with). Programs run at the same time as far as the
-// service starts them so.
+// Between the two, on a local seqpacket socket: the service sends a message of 16 bytes, two
+// 64-bit words (a tag, and how long the program may run in nanoseconds, 0 for ever), with two
+// descriptors (the program's stdin and stdout); the starter answers, once the program has ended,
+// with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status, 1 and the
+// signal, 2 and the errno it could not be started with, 3 and 0: it ran out of time and the
+// starter killed it). Programs run at the same time as far as the service starts them so.
 
 /// The starter's side: a program per message on fd 3, each waited for on a thread of its own.
 struct ExecStarterCommand: ParsableCommand {
@@ -29,14 +30,15 @@ struct ExecStarterCommand: ParsableCommand {
         guard let path = program.first else { throw ExitCode(2) }
         let arguments = Array(program.dropFirst())
         let environment = currentEnvironment()
-        var tag: UInt64 = 0
+        var words: (tag: UInt64, limit: UInt64) = (0, 0)
         while true {
-            // A tag and the program's stdin and stdout; nothing (the service is gone): done.
-            guard let received = withUnsafeMutableBytes(of: &tag, { SeqpacketSocket.receiveRaw(3, $0) }) else {
+            // A tag, a time limit and the program's stdin and stdout; nothing (the service is
+            // gone): done.
+            guard let received = withUnsafeMutableBytes(of: &words, { SeqpacketSocket.receiveRaw(3, $0) }) else {
                 if errno == EINTR { continue }
                 return
             }
-            guard received.length == 8, received.descriptors.count == 2 else {
+            guard received.length == 16, received.descriptors.count == 2 else {
                 received.descriptors.forEach { close($0) }
                 if received.length == 0 { return }
                 continue
@@ -46,11 +48,16 @@ struct ExecStarterCommand: ParsableCommand {
                                  descriptors: [0: received.descriptors[0], 1: received.descriptors[1], 2: 2])
             }
             received.descriptors.forEach { close($0) }
-            let which = tag
+            let (which, limit) = words
             switch started {
             case .success(let pid):
                 startThread {
+                    // Only this thread reaps the program, so until it does, `pid` is the
+                    // program's and no other process's: killed here, it cannot be another.
+                    let outOfTime = limit > 0 && !childEnds(pid, within: limit)
+                    if outOfTime { kill(pid, SIGKILL) }
                     let answer: [Int64] = switch try? waitForProcess(pid) {
+                    case _ where outOfTime: [3, 0]
                     case .exited(let code): [0, Int64(code)]
                     case .signaled(let signal): [1, Int64(signal)]
                     case nil: [2, Int64(ECHILD)]
@@ -121,18 +128,19 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
     }
 
     /// Starts the program once with `stdin` and `stdout` (the same descriptor may be both; the
-    /// caller still owns them, and may close them once this returns). Nil when the starter is
-    /// gone; else the tag `wait` takes.
-    func start(stdin: CInt, stdout: CInt) -> UInt64? {
+    /// caller still owns them, and may close them once this returns), to be killed if it runs
+    /// longer than `limit` nanoseconds (0: it may run for ever). Nil when the starter is gone;
+    /// else the tag `wait` takes.
+    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0) -> UInt64? {
         pthread_mutex_lock(lock)
         let tag = state.nextTag
         state.nextTag += 1
         pthread_mutex_unlock(lock)
-        var bytes = tag
-        let sent = withUnsafeBytes(of: &bytes) { raw in
+        var words = (tag, limit)
+        let sent = withUnsafeBytes(of: &words) { raw in
             [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, raw, $0) }
         }
-        guard sent == 8 else {
+        guard sent == 16 else {
             pthread_mutex_lock(lock)
             state.gone = true
             pthread_cond_broadcast(changed)
@@ -178,6 +186,7 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
                 let result: Result<Termination, FilterFailure> = switch answer[1] {
                 case 0: .success(.exited(CInt(truncatingIfNeeded: answer[2])))
                 case 1: .success(.signaled(CInt(truncatingIfNeeded: answer[2])))
+                case 3: .failure(FilterFailure(reason: "\(program) ran out of time and was killed", errno: .timedOut))
                 default: .failure(FilterFailure(reason: "cannot run \(program): \(Errno(rawValue: CInt(truncatingIfNeeded: answer[2])).name)"))
                 }
                 state.answers[UInt64(bitPattern: answer[0])] = result

@@ -75,6 +75,23 @@ package func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
     return .signaled(pb_wtermsig(status))
 }
 
+/// Whether `pid`, a child of this process that nobody reaps meanwhile, ends within
+/// `nanoseconds` (its pidfd turns readable; it is not reaped). True at once if no pidfd can be
+/// opened for it (a kernel before 5.3): it may then take all the time it likes.
+package func childEnds(_ pid: pid_t, within nanoseconds: UInt64) -> Bool {
+    let pidfd = pb_pidfd_open(pid)
+    guard pidfd >= 0 else { return true }
+    defer { close(pidfd) }
+    let deadline = monotonicNanoseconds() &+ nanoseconds
+    while true {
+        let now = monotonicNanoseconds()
+        guard now < deadline else { return false }
+        var entry = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&entry, 1, CInt(min((deadline - now + 999_999) / 1_000_000, 60_000)))
+        if ready > 0 || (ready < 0 && errno != EINTR) { return true }  // (a poll that fails: not timed)
+    }
+}
+
 /// The environment of this process as `NAME=value` strings.
 package func currentEnvironment() -> [String] {
     var result: [String] = []

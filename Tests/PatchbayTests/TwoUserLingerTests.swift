@@ -63,6 +63,12 @@ func childProcesses(of pid: pid_t) -> [pid_t] {
     }
 }
 
+/// Every process whose command line (arguments joined by spaces, as `processCommandLine`) is `line`.
+func processes(withCommandLine line: String) -> [pid_t] {
+    guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+    return entries.compactMap { pid_t($0) }.filter { processCommandLine(of: $0) == line }
+}
+
 func processCommandLine(of pid: pid_t) -> String {
     ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").replacingOccurrences(of: "\0", with: " ")
 }

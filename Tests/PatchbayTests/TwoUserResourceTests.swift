@@ -171,6 +171,48 @@ struct TwoUserResourceTests {
         #expect(refused == 7 || refused == 6, "\(refused)")
     }
 
+    @Test("root's caps serve --exec bounds what nobody's requests make its program do: output past --max-reply is not read (EMSGSIZE), a program past --exec-timeout is killed (ETIMEDOUT), and output a process it left behind holds open is given up at that deadline (ETIMEDOUT); the service answers again after each")
+    func execProgramsAreBounded() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        func serve(_ name: String, _ options: [String]) throws -> Child {
+            try Child(patchbayCLI, ["caps", "serve", name, "--allow", "world"] + options, environment: broker.environment)
+        }
+        // `yes` never ends and writes as fast as it can; `sleep` never reads and outlives the
+        // limit; the shell exits at once, leaving a sleep behind that holds its stdout.
+        let services = [try serve("endless", ["--max-reply", "1M", "--exec", "/usr/bin/yes"]),
+                        try serve("stuck", ["--exec-timeout", "300ms", "--exec", "/bin/sleep", "20"]),
+                        try serve("leaver", ["--exec-timeout", "300ms", "--exec", "/bin/sh", "-c", "/bin/sleep 20.5 & exec /bin/cat"])]
+        // Without the bounds the calls below never end: the services are killed after 60 s, and
+        // the calls then fail otherwise.
+        let watchdogs = services.map { killing($0.pid, after: 60) }
+        defer {
+            watchdogs.forEach { $0() }
+            for service in services { service.kill(SIGKILL); _ = try? service.wait() }
+            // The sleeps the shell left behind (the starter does not own them).
+            for pid in processes(withCommandLine: "/bin/sleep 20.5 ") { kill(pid, SIGKILL) }
+        }
+        func callAsNobody(_ name: String) throws -> Finished {
+            try run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                         "caps", "call", name, "--wait-for-service", "from nobody"], environment: broker.environment)
+        }
+        let root = try broker.connect()
+        for (name, errno) in [("endless", "EMSGSIZE"), ("stuck", "ETIMEDOUT"), ("leaver", "ETIMEDOUT")] {
+            let call = try callAsNobody(name)
+            #expect(call.termination == .exited(1), "\(name): \(call.standardError)")
+            #expect(call.standardOutput.isEmpty, "\(name)")
+            #expect(call.standardError.hasPrefix("patchbay: caps call: \(errno): the service answered request "), "\(name): \(call.standardError)")
+        }
+        // Each service is still there, and answers root the same way.
+        expectErrno(.messageTooLong) { () throws(PatchbayError) in _ = try CapsClient(root, name: "endless").call(Array("x".utf8)) }
+        expectErrno(.timedOut) { () throws(PatchbayError) in _ = try CapsClient(root, name: "stuck").call(Array("x".utf8)) }
+        // The programs were killed and reaped: the starters have no child left.
+        for service in services.prefix(2) {
+            let starter = try #require(childProcesses(of: service.pid).first { processCommandLine(of: $0).contains("exec-starter") })
+            #expect(childProcesses(of: starter).isEmpty, "\(processCommandLine(of: starter)) still has children")
+        }
+    }
+
     @Test("the loop's time refusing nobody's connections to root's /net listener is charged to nobody's share of the turn, not root's (whose other requests waited turn after turn while nobody connected in a loop)")
     func refusedNetConnectionsAreChargedToTheirMaker() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "2", "--net-connections-per-second-per-uid", "0.5"])
