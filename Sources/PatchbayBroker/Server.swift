@@ -91,7 +91,15 @@ public final class BrokerServer {
         listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode, backlog: configuration.listenBacklog) { (keptOwnerRoots) throws(BrokerStartError) in
             // Every uid's objects on a tmpfs of its own, where the broker may mount: the system
             // broker, run as root.
-            store = try SharedMemoryStore(path: configuration.sharedMemoryDirectory,
+            // The per-user broker at its default path: its socket directory is private, and
+            // records where the store went if another user took its default name.
+            var storePath = configuration.sharedMemoryDirectory
+            if configuration.mode == .user, configuration.socketPath == BrokerConfiguration.defaultSocketPath(mode: .user),
+               let slash = configuration.socketPath.lastIndex(of: "/") {
+                storePath = try StorePlace.choose(default: storePath, socketDirectory: String(configuration.socketPath[..<slash]),
+                                                  logger: logger)
+            }
+            store = try SharedMemoryStore(path: storePath,
                                           perOwnerStores: configuration.mode == .system && geteuid() == 0,
                                           keptOwnerRoots: keptOwnerRoots, keepRootsWithServiceManager: keepWithServiceManager,
                                           logger: logger)

@@ -82,14 +82,24 @@ struct DoctorCommand: ParsableCommand {
         }
 
         // Named shared memory's store.
-        let store = BrokerConfiguration.defaultSharedMemoryDirectory(mode: socketPath == BrokerConfiguration.defaultSocketPath(mode: .system) ? .system : .user,
-                                                                     socketPath: socketPath)
+        let isSystem = socketPath == BrokerConfiguration.defaultSocketPath(mode: .system)
+        let defaultStore = BrokerConfiguration.defaultSharedMemoryDirectory(mode: isSystem ? .system : .user, socketPath: socketPath)
+        // A per-user broker whose default store name another user took keeps it beside that,
+        // recorded in its socket directory.
+        let recordedStore = isSystem ? nil : StorePlace.recorded(for: defaultStore, in: directory)
+        let store = recordedStore ?? defaultStore
         if lstat(store, &info) != 0 {
             findings.append(Finding(what: "store", path: store, ok: true, note: "missing; made when a broker starts"))
+        } else if !isSystem && info.st_uid != geteuid() {
+            let movesAside = socketPath == BrokerConfiguration.defaultSocketPath(mode: .user)
+            findings.append(Finding(what: "store", path: store, ok: movesAside, note: movesAside
+                ? "owner uid \(info.st_uid), not this user: the next broker keeps its store beside it, under a name of its own, recorded as \(directory)/\(StorePlace.recordName)"
+                : "owner uid \(info.st_uid), not this user: a broker on this socket refuses to start (EACCES); give it --shm-directory"))
         } else {
             let ok = info.st_mode & S_IFMT == S_IFDIR && info.st_mode & 0o077 == 0
+            let place = recordedStore == nil ? "" : ", beside \(defaultStore), which another user took (recorded as \(directory)/\(StorePlace.recordName))"
             findings.append(Finding(what: "store", path: store, ok: ok, note: ok
-                ? "private directory (mode \(octal(UInt32(info.st_mode & 0o7777))))"
+                ? "private directory (mode \(octal(UInt32(info.st_mode & 0o7777))))\(place)"
                 : "mode \(octal(UInt32(info.st_mode & 0o7777))): the store must be a directory only its broker can enter"))
         }
 

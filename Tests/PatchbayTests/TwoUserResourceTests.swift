@@ -150,6 +150,56 @@ struct TwoUserResourceTests {
         #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
     }
 
+    @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart; the taker's entry is left alone")
+    func perUserStoreNameTakenByAnother() throws {
+        // A user with no other business on this machine (no passwd entry needed), running its
+        // per-user broker at the default path: no XDG_RUNTIME_DIR, so /tmp/patchbay-$UID.
+        let uid = UInt32.random(in: 40_000..<60_000)
+        let store = "/dev/shm/patchbay-\(uid)"
+        let socketDirectory = "/tmp/patchbay-\(uid)"
+        func cleanUp() {
+            let stores = ((try? directoryEntries("/dev/shm")) ?? []).filter { $0 == "patchbay-\(uid)" || $0.hasPrefix("patchbay-\(uid)-") }
+            _ = try? run("/bin/rm", ["-rf", socketDirectory] + stores.map { "/dev/shm/" + $0 })
+        }
+        cleanUp()
+        defer { cleanUp() }
+        let asUser = ["--reuid", "\(uid)", "--regid", "\(uid)", "--clear-groups"]
+        let environment: [String: String?] = ["XDG_RUNTIME_DIR": nil, "PATCHBAY_SOCKET": nil, "PATCHBAY_AUTOSTART": "0"]
+        #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+        func startBroker() throws -> Child {
+            try Child("/usr/bin/setpriv", asUser + ["/bin/sh", "-c", "exec \"$0\" --ready-fd 3 3>&1", patchbayDaemon], environment: environment)
+        }
+        func cli(_ arguments: [String], input: String = "") throws -> Finished {
+            try run("/usr/bin/setpriv", asUser + [patchbayCLI] + arguments, environment: environment, input: input)
+        }
+        let first = try startBroker()
+        defer { first.kill(SIGTERM); _ = try? first.wait() }
+        #expect(try first.readLine() == "ready")
+        let create = try cli(["shm", "create", "/kept"])
+        #expect(create.termination == .exited(0), "\(create.standardError)")
+        let write = try cli(["shm", "write", "/kept"], input: "kept bytes")
+        #expect(write.termination == .exited(0), "\(write.standardError)")
+        // The record names a directory of the user's own beside the taken name.
+        var target = [CChar](repeating: 0, count: 4097)
+        let length = readlink(socketDirectory + "/shm-store", &target, 4096)
+        let place = length > 0 ? String(decoding: target[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+        #expect(place.hasPrefix(store + "-") && place.utf8.count == store.utf8.count + 7, "\(place)")
+        var info = stat()
+        #expect(lstat(place, &info) == 0 && info.st_uid == uid && info.st_mode & 0o7777 == 0o700, "\(place): uid \(info.st_uid)")
+        #expect(lstat(store, &info) == 0 && info.st_uid == 65534, "nobody's entry was touched")
+        // A restart finds the store through the record, with the object in it.
+        first.kill(SIGTERM)
+        #expect(try first.wait() == .exited(0))
+        let second = try startBroker()
+        defer { second.kill(SIGTERM); _ = try? second.wait() }
+        #expect(try second.readLine() == "ready")
+        let read = try cli(["shm", "read", "/kept"])
+        #expect(read.termination == .exited(0), "\(read.standardError)")
+        #expect(read.standardOutput == "kept bytes")
+        let doctor = try cli(["doctor"])
+        #expect(doctor.standardOutput.contains(place), "\(doctor.standardOutput)")
+    }
+
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")
     func netConnectionChurnIsRateLimitedPerUid() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "5", "--net-connections-per-second-per-uid", "0.5"])
