@@ -409,8 +409,10 @@ func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits) -> 
         try? sink.writeAll(payload)
     }
     // A second past the starter's deadline: its kill, and the end of the output, come first.
-    let deadline = monotonicNanoseconds() &+ limits.nanoseconds &+ 1_000_000_000
-    let output = readOutput(reader, limit: limits.output, deadline: deadline)
+    // No deadline when the program may run for ever.
+    let (deadline, overflow) = monotonicNanoseconds().addingReportingOverflow(limits.nanoseconds &+ 1_000_000_000)
+    let readingEnds = limits.nanoseconds == 0 || overflow ? UInt64.max : deadline
+    let output = readOutput(reader, limit: limits.output, deadline: readingEnds)
     _ = consume reader
     let ended = starter.wait(tag)
     switch (output, ended) {
@@ -444,7 +446,7 @@ func readOutput(_ reader: borrowing PatchbaySystem.Descriptor, limit: Int, deadl
         let now = monotonicNanoseconds()
         guard now < deadline else { return .late }
         var entry = pollfd(fd: reader.rawValue, events: Int16(POLLIN), revents: 0)
-        let ready = poll(&entry, 1, CInt(min((deadline - now + 999_999) / 1_000_000, 60_000)))
+        let ready = poll(&entry, 1, CInt((min(deadline - now, 60_000_000_000) + 999_999) / 1_000_000))
         if ready < 0 && errno == EINTR { continue }
         if ready == 0 { continue }
         let count = chunk.withUnsafeMutableBytes { Glibc.read(reader.rawValue, $0.baseAddress, $0.count) }

@@ -82,12 +82,13 @@ package func childEnds(_ pid: pid_t, within nanoseconds: UInt64) -> Bool {
     let pidfd = pb_pidfd_open(pid)
     guard pidfd >= 0 else { return true }
     defer { close(pidfd) }
-    let deadline = monotonicNanoseconds() &+ nanoseconds
+    let (sum, overflow) = monotonicNanoseconds().addingReportingOverflow(nanoseconds)
+    let deadline = overflow ? UInt64.max : sum
     while true {
         let now = monotonicNanoseconds()
         guard now < deadline else { return false }
         var entry = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
-        let ready = poll(&entry, 1, CInt(min((deadline - now + 999_999) / 1_000_000, 60_000)))
+        let ready = poll(&entry, 1, CInt((min(deadline - now, 60_000_000_000) + 999_999) / 1_000_000))
         if ready > 0 || (ready < 0 && errno != EINTR) { return true }  // (a poll that fails: not timed)
     }
 }

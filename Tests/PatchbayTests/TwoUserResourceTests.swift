@@ -221,7 +221,7 @@ struct TwoUserResourceTests {
         #expect(refused == 7 || refused == 6, "\(refused)")
     }
 
-    @Test("root's caps serve --exec bounds what nobody's requests make its program do: output past --max-reply is not read (EMSGSIZE), a program past --exec-timeout is killed (ETIMEDOUT), and output a process it left behind holds open is given up at that deadline (ETIMEDOUT); the service answers again after each")
+    @Test("root's caps serve --exec bounds what nobody's requests make its program do: output past --max-reply is not read (EMSGSIZE), a program past --exec-timeout is killed (ETIMEDOUT), and output a process it left behind holds open is given up at that deadline (ETIMEDOUT); the service answers again after each; with --exec-timeout never a slow program is waited for")
     func execProgramsAreBounded() throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
@@ -232,7 +232,8 @@ struct TwoUserResourceTests {
         // limit; the shell exits at once, leaving a sleep behind that holds its stdout.
         let services = [try serve("endless", ["--max-reply", "1M", "--exec", "/usr/bin/yes"]),
                         try serve("stuck", ["--exec-timeout", "300ms", "--exec", "/bin/sleep", "20"]),
-                        try serve("leaver", ["--exec-timeout", "300ms", "--exec", "/bin/sh", "-c", "/bin/sleep 20.5 & exec /bin/cat"])]
+                        try serve("leaver", ["--exec-timeout", "300ms", "--exec", "/bin/sh", "-c", "/bin/sleep 20.5 & exec /bin/cat"]),
+                        try serve("patient", ["--exec-timeout", "never", "--exec", "/bin/sh", "-c", "/bin/sleep 1.5; exec /bin/cat"])]
         // Without the bounds the calls below never end: the services are killed after 60 s, and
         // the calls then fail otherwise.
         let watchdogs = services.map { killing($0.pid, after: 60) }
@@ -256,6 +257,9 @@ struct TwoUserResourceTests {
         // Each service is still there, and answers root the same way.
         expectErrno(.messageTooLong) { () throws(PatchbayError) in _ = try CapsClient(root, name: "endless").call(Array("x".utf8)) }
         expectErrno(.timedOut) { () throws(PatchbayError) in _ = try CapsClient(root, name: "stuck").call(Array("x".utf8)) }
+        // Without a limit, a program takes the time it takes (here more than the second this
+        // side otherwise waits past the limit).
+        #expect(try CapsClient(root, name: "patient", waitForService: true).call(Array("in time".utf8)) == Array("in time".utf8))
         // The programs were killed and reaped: the starters have no child left.
         for service in services.prefix(2) {
             let starter = try #require(childProcesses(of: service.pid).first { processCommandLine(of: $0).contains("exec-starter") })
