@@ -98,6 +98,11 @@ public enum CapsLayout {
     public static let statusFutexSleepingOffset = 68 // u32: threads sleeping on the channels' futex words
     public static let statusRunningOffset = 128      // u32
     public static let statusCPUOffset = 132          // u32
+    /// u64 each, on a line of their own: what the service consumed of its channels' request rings
+    /// and published in their reply rings, counted where only it can write (the broker's
+    /// per-service message counts; a channel's header words can be written by its client too).
+    public static let statusRequestsTakenOffset = 192
+    public static let statusRepliesPutOffset = 200
     // The notices page (a separate memfd the broker writes and the service reads) holds one u32
     // at offset 0: bumped after the broker queues an event on the service's connection, so the
     // service reads that connection only when something is there (no system call on the hot path).

@@ -1786,6 +1786,18 @@ func capsForge(_ name: String) throws(PatchbayError) {
     say("called " + String(decoding: answer, as: UTF8.self))
 }
 
+/// One honest call to `name`, then the service's words of the channel's header (request head,
+/// reply tail) written with a value near 2^63, as a client that wants the service's counts
+/// inflated would; says "scribbled" and waits for its stdin to close.
+func capsScribbleServiceWords(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    _ = try client.call(Array("honest".utf8))
+    client.scribbleServiceWords(1 << 62)
+    say("scribbled")
+    while Swift.readLine() != nil {}
+}
+
 /// Forges DISPOSEs: puts two requests ("one", "two") and says "put ID ID"; once told "go" (the
 /// service replied to both), pushes DISPOSE entries for them and writes its reply head past the
 /// service's tail, far off, and back, then puts "three" in an entry that announces a reply head
@@ -2162,6 +2174,8 @@ func main() -> CInt {
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
         case "caps-forced-sleep" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
+        case "caps-scribble-service-words" where arguments.count == 2:
+            try capsScribbleServiceWords(arguments[1])
         case "caps-forge-dispose" where arguments.count == 2:
             try capsForgeDispose(arguments[1])
         case "caps-service-fork" where arguments.count == 2:

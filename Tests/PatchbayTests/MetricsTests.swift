@@ -213,6 +213,32 @@ struct TwoUserMetricsTests {
         #expect(all.value("patchbay_caps_messages_total{service=\"roots_own\",uid=\"0\",direction=\"to_client\"}") == 1)
     }
 
+    @Test("nobody, a client of root's service, writes the service's words of its channel's header (request head, reply tail) near 2^62: root's per-service message counts are the service's own, unchanged, before and after nobody leaves")
+    func clientCannotInflateServiceCounts() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let service = try Child(patchbayCLI, ["caps", "serve", "roots_counted", "--allow", "world", "--echo"], environment: broker.environment)
+        defer { service.kill(SIGTERM); _ = try? service.wait() }
+        let root = try broker.connect()
+        let port = try CapsClient(root, name: "roots_counted", waitForService: true)
+        for index in 0..<2 { #expect(try port.call([UInt8(index)]) == [UInt8(index)]) }
+        let attacker = try nobodyPeer(["caps-scribble-service-words", "roots_counted"], broker)
+        #expect(try attacker.readLine() == "scribbled")
+        let key = "patchbay_caps_messages_total{service=\"roots_counted\",uid=\"0\",direction="
+        func counts() throws -> [Double?] {
+            let metrics = Exposition(try root.metrics())
+            return [metrics.samples[key + "\"to_service\"}"], metrics.samples[key + "\"to_client\"}"]]
+        }
+        #expect(try counts() == [3, 3], "2 of root's requests and nobody's one, consumed and answered")
+        attacker.closeInput()
+        #expect(try attacker.wait() == .exited(0))
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while try root.listServices().first(where: { $0.name == "roots_counted" })?.clients != 1, monotonicNanoseconds() < deadline {
+            usleep(2_000)
+        }
+        #expect(try counts() == [3, 3])
+    }
+
     @Test("a system broker's --metrics-file (every uid's rows) is 0600 unless told otherwise: nobody cannot read it")
     func metricsFileIsPrivate() throws {
         let directory = makeTemporaryDirectory()

@@ -411,6 +411,15 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Writes `value` into the service's words of the channel's header (the request ring's head,
+    /// the reply ring's tail), as a hostile client can: only for the project's tests.
+    package func scribbleServiceWords(_ value: UInt64) {
+        core.lock.locked {
+            SharedWord.store(channel.word64(CapsLayout.requestHeadOffset), value)
+            SharedWord.store(channel.word64(CapsLayout.replyTailOffset), value)
+        }
+    }
+
     /// The service's threads asleep, as its status page says: in epoll (on its wake sockets, or
     /// held for good by a port watched through its descriptor) and on futex words. For tests.
     package var serviceSleepers: (epoll: UInt32, futex: UInt32) {

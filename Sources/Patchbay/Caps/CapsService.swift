@@ -1185,6 +1185,7 @@ public final class CapsService: @unchecked Sendable {
                     continue
                 }
                 if takesDescriptorsOnWake { WakeSocket.acceptDescriptors(serviceWake.rawValue) }
+                channel.tally = status.baseAddress.advanced(by: CapsLayout.statusRequestsTakenOffset).assumingMemoryBound(to: UInt64.self)
                 let token = Self.channelTokens | channelID
                 try? epoll.add(serviceWake.rawValue, events: .readable, token: token)
                 let added = ClientChannel(id: channelID, channel: channel, credentials: credentials, serviceWake: serviceWake,

@@ -63,6 +63,10 @@ final class CapsChannel: @unchecked Sendable {
     /// (0 for entries that get no DISPOSE: error and discarded replies). Private to the service,
     /// so a client that rewrites the ring cannot make it dispose of anything but what it sent.
     private let replyLog: UnsafeMutablePointer<UInt64>?
+    /// Where the service counts the request-ring entries it consumes and the reply-ring entries
+    /// it publishes (two u64 in its status page, §12.7, which its clients cannot write): nil on a
+    /// client's side. Written under the service port's lock.
+    var tally: UnsafeMutablePointer<UInt64>?
 
     /// Maps a channel. `tracksDisposals`: this is the service's side, which logs its REPLYs to
     /// make DISPOSEs of them when the client's reply head passes them.
@@ -215,6 +219,7 @@ final class CapsChannel: @unchecked Sendable {
         if ring == .reply, let replyLog {
             replyLog[Int(truncatingIfNeeded: tail & mask)] = entry.kind == .reply || entry.kind == .errorReply ? entry.messageID : 0
         }
+        if ring == .reply, let tally { SharedWord.store(tally + 1, SharedWord.load(tally + 1) &+ 1) }
         SharedWord.store(Self.stamp(slot), tail &+ 1)
         SharedWord.store(self.tail(ring), tail &+ 1)
         SharedWord.store(word64(ring.tailOffset), tail &+ 1)
@@ -353,6 +358,7 @@ final class CapsChannel: @unchecked Sendable {
         let head = SharedWord.load(head(ring)) &+ 1
         SharedWord.store(self.head(ring), head)
         SharedWord.store(word64(ring.headOffset), head)
+        if ring == .request, let tally { SharedWord.store(tally, SharedWord.load(tally) &+ 1) }
     }
 
     /// Whether the client's reply head moved since the service last looked, or DISPOSEs made of

@@ -49,8 +49,6 @@ final class CapsServiceRecord {
     /// Uids whose new connections the service takes no more for now (`capsRefuseUser`), at most
     /// `CapsRegistry.maximumRefusedUsers`.
     var refusedUsers: Set<UInt32> = []
-    /// Messages counted on channels that have closed (see `CapsChannelRecord.messages`).
-    var closedMessages: (toService: UInt64, toClient: UInt64) = (0, 0)
     /// The two pages' descriptors, charged to the registering uid.
     private let charge: DescriptorCharge?
 
@@ -74,6 +72,16 @@ final class CapsServiceRecord {
     /// The generation the service published in its status page.
     var generation: UInt64 {
         SharedWord.load(statusMapping.baseAddress.advanced(by: CapsLayout.statusGenerationOffset).assumingMemoryBound(to: UInt64.self))
+    }
+
+    /// The messages the service counted in its status page (PROTOCOL.md §12.7): request-ring
+    /// entries it consumed (REQUESTs and ABORTs) and reply-ring entries it published, on all its
+    /// channels. Only the service writes that page; a channel's header words, which its client
+    /// can write as well, are not used.
+    var messages: (toService: UInt64, toClient: UInt64) {
+        let base = statusMapping.baseAddress
+        return (SharedWord.load(base.advanced(by: CapsLayout.statusRequestsTakenOffset).assumingMemoryBound(to: UInt64.self)),
+                SharedWord.load(base.advanced(by: CapsLayout.statusRepliesPutOffset).assumingMemoryBound(to: UInt64.self)))
     }
 
     /// Tells the service that an event is queued on its connection.
@@ -139,15 +147,6 @@ final class CapsChannelRecord {
                 load(CapsLayout.replyHeadOffset))
     }
 
-    /// The channel's traffic as the service's own header words say (PROTOCOL.md §12.4): the
-    /// request ring's head (entries it consumed: REQUESTs and ABORTs) and the reply ring's
-    /// tail (entries it published). Read without touching the rings, and written by the service
-    /// only, so a client cannot inflate the counts of someone else's service.
-    var messages: (toService: UInt64, toClient: UInt64) {
-        let base = header.baseAddress
-        return (SharedWord.load(base.advanced(by: CapsLayout.requestHeadOffset).assumingMemoryBound(to: UInt64.self)),
-                SharedWord.load(base.advanced(by: CapsLayout.replyTailOffset).assumingMemoryBound(to: UInt64.self)))
-    }
 }
 
 /// A service's two pages: its status page (checked, mapped read-only) and the notices page the
@@ -699,9 +698,6 @@ final class CapsRegistry {
             channel.markClientClosed()
             if let service = services[channel.serviceID] {
                 service.channels.remove(id)
-                let counts = channel.messages
-                service.closedMessages.toService &+= counts.toService
-                service.closedMessages.toClient &+= counts.toClient
                 if channel.announced { notices.append((service.session, .caps(.disconnected(channelID: id)))) }
             }
         }
@@ -774,12 +770,7 @@ final class CapsRegistry {
     func messageCounts() -> [(name: String, uid: UInt32, toService: UInt64, toClient: UInt64)] {
         var sums: [String: [UInt32: (UInt64, UInt64)]] = [:]
         for service in services.values {
-            var (toService, toClient) = service.closedMessages
-            for id in service.channels {
-                guard let counts = channels[id]?.messages else { continue }
-                toService &+= counts.toService
-                toClient &+= counts.toClient
-            }
+            let (toService, toClient) = service.messages
             let previous = sums[service.name, default: [:]][service.owner.uid, default: (0, 0)]
             sums[service.name, default: [:]][service.owner.uid] = (previous.0 &+ toService, previous.1 &+ toClient)
         }
