@@ -33,9 +33,13 @@ func exported(_ body: () throws(PatchbayError) -> CInt) -> CInt {
 }
 
 /// A NUL-terminated argument, or EINVAL for NULL or bytes that are not UTF-8 (which a lenient
-/// decoding would replace, making two different names one).
+/// decoding would replace, making two different names one), EFAULT for a pointer to memory that
+/// cannot be read (as a kernel's copy-in answers, where reading it here would crash the caller).
 func string(_ pointer: UnsafePointer<CChar>?, _ what: String) throws(PatchbayError) -> String {
     guard let pointer else { throw PatchbayError(.invalidArgument, "\(what) is NULL") }
+    if pb__probe_string(pointer, 4096) == -EFAULT {
+        throw PatchbayError(.badAddress, "\(what) points at memory this process cannot read")
+    }
     guard let text = String(validatingCString: pointer) else {
         throw PatchbayError(.invalidArgument, "\(what) is not valid UTF-8")
     }
@@ -162,7 +166,19 @@ private func sharedMemoryName(_ pointer: UnsafePointer<CChar>?, _ what: String) 
     guard let pointer, !isAnonymous(pointer) else {
         throw PatchbayError(.badAddress, "\(what) is \(pointer == nil ? "NULL" : "PB_SHM_ANON, which names no object here")")
     }
-    return try string(pointer, what)
+    // As FreeBSD's copy-in of a path (`shm_copyin_path`): unreadable memory is EFAULT, no NUL
+    // within the longest name and its NUL (1024 bytes) ENAMETOOLONG, whatever follows, and then a
+    // name without its leading slash EINVAL, each name in turn (rename's `from` before its `to`).
+    switch pb__probe_string(pointer, 1024) {
+    case -EFAULT: throw PatchbayError(.badAddress, "\(what) points at memory this process cannot read")
+    case -ENAMETOOLONG: throw PatchbayError(.fileNameTooLong, "\(what) is longer than 1023 bytes")
+    default: break
+    }
+    let text = try string(pointer, what)
+    guard text.utf8.first == UInt8(ascii: "/") else {
+        throw PatchbayError(.invalidArgument, "\(what), \"\(text)\", does not start with /")
+    }
+    return text
 }
 
 @_cdecl("pb_shm_open")

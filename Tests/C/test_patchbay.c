@@ -186,6 +186,12 @@ static void test_named(pb_broker *broker) {
     FAILS(pb_shm_unlink(broker, PB_SHM_ANON), EFAULT);
     FAILS(pb_shm_rename(broker, NULL, name, 0), EFAULT);
     FAILS(pb_shm_rename(broker, name, NULL, 0), EFAULT);
+    /* A pointer to memory that cannot be read (FreeBSD's open_bad_path_pointer and
+     * unlink_bad_path_pointer use 1024): EFAULT, not a crash. */
+    FAILS(pb_shm_open(broker, (const char *)1024, O_RDONLY, 0777), EFAULT);
+    FAILS(pb_shm_unlink(broker, (const char *)1024), EFAULT);
+    FAILS(pb_shm_rename(broker, (const char *)1024, name, 0), EFAULT);
+    FAILS(pb_shm_rename(broker, name, (const char *)1024, 0), EFAULT);
     {
         /* FreeBSD's order: a bad `from` is reported before a `to` that is too long. */
         char long_name[1100];

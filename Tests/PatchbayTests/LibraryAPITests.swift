@@ -136,13 +136,15 @@ struct LibraryAPITests {
         #expect(report.pid == broker.pid)
 
         let pipe = try PatchbaySystem.Pipe()
-        let key = try await client.share(FileDescriptor(rawValue: pipe.writeEnd.rawValue), timeout: .after(.seconds(30)))
+        // Keys that never expire: under the whole suite this test's awaits can wait for the
+        // cooperative pool for longer than a key's default minute (one run took 37 s).
+        let key = try await client.share(FileDescriptor(rawValue: pipe.writeEnd.rawValue), timeout: .never)
         let claimed = try await client.claim(key)
         try claimed.writeAll(Array("async".utf8))
         _ = consume claimed
         _ = consume pipe.writeEnd
         #expect(try pipe.readEnd.readToEnd() == Array("async".utf8))
-        let rawKey = try await client.share(rawDescriptor: pipe.readEnd.rawValue)
+        let rawKey = try await client.share(rawDescriptor: pipe.readEnd.rawValue, timeout: .never)
         let asFileDescriptor = try await client.claimFileDescriptor(rawKey)
         #expect(fcntl(asFileDescriptor.rawValue, F_GETFD) >= 0)
         try asFileDescriptor.close()

@@ -10,6 +10,8 @@
  *   - Every function that can fail returns >= 0 on success and -errno on failure; errno is not
  *     part of the answer (the system calls made on the way may leave any value in it).
  *     pb_last_reason() gives the calling thread's last failure as a sentence.
+ *   - A string argument that points at memory this process cannot read is -EFAULT, as a kernel's
+ *     copy-in answers, never a crash (the library reads it through process_vm_readv first).
  *   - Opaque handles (pb_broker, pb_caps_service, pb_caps_client, pb_socket) are made by an
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
@@ -112,7 +114,8 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
  * 1023 bytes. oflag: O_RDONLY or O_RDWR, with O_CREAT, O_EXCL, O_TRUNC (and O_CLOEXEC, always
  * in effect, as FreeBSD accepts it). New objects have size
  * 0 and mode (mode & ~umask & 0777). Returns a descriptor (close-on-exec). Checked in FreeBSD's
- * order: -EINVAL (write-only access, another flag; then a NULL broker), then the name: -EFAULT (NULL),
+ * order: -EINVAL (write-only access, another flag; then a NULL broker), then the name: -EFAULT (NULL,
+ * or memory that cannot be read),
  * -ENAMETOOLONG, -EINVAL (no leading '/', not UTF-8); then -ENOENT, -EEXIST, -EACCES, -EDQUOT.
  * name PB_SHM_ANON: a new anonymous object as pb_shm_anonymous(0) makes, with no broker needed
  * (broker may be NULL); oflag must be O_RDWR (-EINVAL for O_RDONLY, as FreeBSD), its other
@@ -120,7 +123,7 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
 int pb_shm_open(pb_broker *broker, const char *name, int oflag, mode_t mode);
 
 /* shm_unlink(3): removes the name; descriptors and mappings keep working. -ENOENT, -EACCES;
- * -EFAULT: name is NULL or PB_SHM_ANON. */
+ * -EFAULT: name is NULL, PB_SHM_ANON or unreadable. */
 int pb_shm_unlink(pb_broker *broker, const char *name);
 
 #define PB_SHM_RENAME_NOREPLACE 1   /* fail with -EEXIST if `to` exists */
@@ -128,7 +131,8 @@ int pb_shm_unlink(pb_broker *broker, const char *name);
 
 /* shm_rename(2) (FreeBSD), atomic. flags: 0 (replace `to`), or one of the two above. Checked in
  * FreeBSD's order: -EINVAL (another flag, both flags, from or to PB_SHM_ANON), then the names
- * (-EFAULT: NULL), then -ENOENT, -EEXIST, -EACCES. */
+ * (each in turn, `from` first: -EFAULT for NULL or unreadable memory, -ENAMETOOLONG, -EINVAL without
+ * its leading '/'), then -ENOENT, -EEXIST, -EACCES. */
 int pb_shm_rename(pb_broker *broker, const char *from, const char *to, int flags);
 
 #define PB_SHM_SEALABLE 1   /* allow Linux memfd seals (F_ADD_SEALS) on the object */
