@@ -5,6 +5,7 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -12,13 +13,19 @@
 
 int pb__probe_string(const void *pointer, unsigned long limit) {
     char buffer[4096];
-    if (limit > sizeof buffer) limit = sizeof buffer;
-    struct iovec here = { buffer, limit };
-    struct iovec there = { (void *)pointer, limit };
-    // Bytes up to the first page that cannot be read (a partial read), or EFAULT for none.
-    ssize_t got = process_vm_readv(getpid(), &here, 1, &there, 1, 0);
-    if (got < 0) return errno == EFAULT ? -EFAULT : -ENOSYS;
-    const char *end = memchr(buffer, 0, (size_t)got);
-    if (end != NULL) return (int)(end - buffer);
-    return (unsigned long)got < limit ? -EFAULT : -ENAMETOOLONG;
+    if (limit > INT_MAX) limit = INT_MAX;
+    unsigned long seen = 0;
+    while (seen < limit) {
+        unsigned long want = limit - seen < sizeof buffer ? limit - seen : sizeof buffer;
+        struct iovec here = { buffer, want };
+        struct iovec there = { (char *)pointer + seen, want };
+        // Bytes up to the first page that cannot be read (a partial read), or EFAULT for none.
+        ssize_t got = process_vm_readv(getpid(), &here, 1, &there, 1, 0);
+        if (got < 0) return errno == EFAULT ? -EFAULT : -ENOSYS;
+        const char *end = memchr(buffer, 0, (size_t)got);
+        if (end != NULL) return (int)(seen + (unsigned long)(end - buffer));
+        if ((unsigned long)got < want) return -EFAULT;
+        seen += want;
+    }
+    return -ENAMETOOLONG;
 }

@@ -37,9 +37,14 @@ func exported(_ body: () throws(PatchbayError) -> CInt) -> CInt {
 /// cannot be read (as a kernel's copy-in answers, where reading it here would crash the caller).
 func string(_ pointer: UnsafePointer<CChar>?, _ what: String) throws(PatchbayError) -> String {
     guard let pointer else { throw PatchbayError(.invalidArgument, "\(what) is NULL") }
-    if pb__probe_string(pointer, 4096) == -EFAULT {
+    if pb__probe_string(pointer, UInt(CInt.max)) == -EFAULT {
         throw PatchbayError(.badAddress, "\(what) points at memory this process cannot read")
     }
+    return try decoded(pointer, what)
+}
+
+/// A NUL-terminated argument already found readable, or EINVAL for bytes that are not UTF-8.
+private func decoded(_ pointer: UnsafePointer<CChar>, _ what: String) throws(PatchbayError) -> String {
     guard let text = String(validatingCString: pointer) else {
         throw PatchbayError(.invalidArgument, "\(what) is not valid UTF-8")
     }
@@ -174,7 +179,7 @@ private func sharedMemoryName(_ pointer: UnsafePointer<CChar>?, _ what: String) 
     case -ENAMETOOLONG: throw PatchbayError(.fileNameTooLong, "\(what) is longer than 1023 bytes")
     default: break
     }
-    let text = try string(pointer, what)
+    let text = try decoded(pointer, what)
     guard text.utf8.first == UInt8(ascii: "/") else {
         throw PatchbayError(.invalidArgument, "\(what), \"\(text)\", does not start with /")
     }

@@ -410,8 +410,7 @@ func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits) -> 
     }
     // A second past the starter's deadline: its kill, and the end of the output, come first.
     // No deadline when the program may run for ever.
-    let (deadline, overflow) = monotonicNanoseconds().addingReportingOverflow(limits.nanoseconds &+ 1_000_000_000)
-    let readingEnds = limits.nanoseconds == 0 || overflow ? UInt64.max : deadline
+    let readingEnds = limits.nanoseconds == 0 ? UInt64.max : deadline(afterNanoseconds: limits.nanoseconds &+ 1_000_000_000)
     let output = readOutput(reader, limit: limits.output, deadline: readingEnds)
     _ = consume reader
     let ended = starter.wait(tag)
@@ -443,12 +442,7 @@ func readOutput(_ reader: borrowing PatchbaySystem.Descriptor, limit: Int, deadl
     var output: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
-        let now = monotonicNanoseconds()
-        guard now < deadline else { return .late }
-        var entry = pollfd(fd: reader.rawValue, events: Int16(POLLIN), revents: 0)
-        let ready = poll(&entry, 1, CInt((min(deadline - now, 60_000_000_000) + 999_999) / 1_000_000))
-        if ready < 0 && errno == EINTR { continue }
-        if ready == 0 { continue }
+        guard waitReadable(reader.rawValue, until: deadline) else { return .late }
         let count = chunk.withUnsafeMutableBytes { Glibc.read(reader.rawValue, $0.baseAddress, $0.count) }
         if count < 0 && (errno == EINTR || errno == EAGAIN) { continue }
         if count <= 0 { return .bytes(output) }

@@ -82,14 +82,26 @@ package func childEnds(_ pid: pid_t, within nanoseconds: UInt64) -> Bool {
     let pidfd = pb_pidfd_open(pid)
     guard pidfd >= 0 else { return true }
     defer { close(pidfd) }
+    return waitReadable(pidfd, until: deadline(afterNanoseconds: nanoseconds))
+}
+
+/// The monotonic time `nanoseconds` from now (`monotonicNanoseconds`), or `UInt64.max` when that
+/// does not fit.
+package func deadline(afterNanoseconds nanoseconds: UInt64) -> UInt64 {
     let (sum, overflow) = monotonicNanoseconds().addingReportingOverflow(nanoseconds)
-    let deadline = overflow ? UInt64.max : sum
+    return overflow ? UInt64.max : sum
+}
+
+/// Waits until `fd` is readable (or at its end, or hung up): true; false once the monotonic
+/// `deadline` passes first. A poll that fails other than `EINTR` is true too: no wait would
+/// cure it, and the caller's read says what is wrong.
+package func waitReadable(_ fd: CInt, until deadline: UInt64) -> Bool {
     while true {
         let now = monotonicNanoseconds()
         guard now < deadline else { return false }
-        var entry = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+        var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         let ready = poll(&entry, 1, CInt((min(deadline - now, 60_000_000_000) + 999_999) / 1_000_000))
-        if ready > 0 || (ready < 0 && errno != EINTR) { return true }  // (a poll that fails: not timed)
+        if ready > 0 || (ready < 0 && errno != EINTR) { return true }
     }
 }
 

@@ -193,6 +193,19 @@ static void test_named(pb_broker *broker) {
     FAILS(pb_shm_rename(broker, (const char *)1024, name, 0), EFAULT);
     FAILS(pb_shm_rename(broker, name, (const char *)1024, 0), EFAULT);
     {
+        /* Two pages of bytes with no NUL, then a page that cannot be read: a shm name is
+         * ENAMETOOLONG at 1024 bytes (FreeBSD's copy-in), any other string EFAULT. */
+        char *pages = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        CHECK(pages != MAP_FAILED);
+        CHECK(munmap(pages + 2 * 4096, 4096) == 0);
+        memset(pages, 'x', 2 * 4096);
+        pages[0] = '/';
+        FAILS(pb_shm_open(broker, pages, O_RDONLY, 0), ENAMETOOLONG);
+        pb_caps_client *unreadable = NULL;
+        FAILS(pb_caps_client_open(broker, pages, 0, &unreadable), EFAULT);
+        munmap(pages, 2 * 4096);
+    }
+    {
         /* FreeBSD's order: a bad `from` is reported before a `to` that is too long. */
         char long_name[1100];
         long_name[0] = '/';

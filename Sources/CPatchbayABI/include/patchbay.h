@@ -11,7 +11,8 @@
  *     part of the answer (the system calls made on the way may leave any value in it).
  *     pb_last_reason() gives the calling thread's last failure as a sentence.
  *   - A string argument that points at memory this process cannot read is -EFAULT, as a kernel's
- *     copy-in answers, never a crash (the library reads it through process_vm_readv first).
+ *     copy-in answers, never a crash (the library reads it through process_vm_readv first, up to
+ *     its NUL however far that is).
  *   - Opaque handles (pb_broker, pb_caps_service, pb_caps_client, pb_socket) are made by an
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.

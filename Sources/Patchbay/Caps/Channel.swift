@@ -218,8 +218,8 @@ final class CapsChannel: @unchecked Sendable {
         }
         if ring == .reply, let replyLog {
             replyLog[Int(truncatingIfNeeded: tail & mask)] = entry.kind == .reply || entry.kind == .errorReply ? entry.messageID : 0
+            if let tally { SharedWord.store(tally + 1, SharedWord.load(tally + 1) &+ 1) }
         }
-        if ring == .reply, let tally { SharedWord.store(tally + 1, SharedWord.load(tally + 1) &+ 1) }
         SharedWord.store(Self.stamp(slot), tail &+ 1)
         SharedWord.store(self.tail(ring), tail &+ 1)
         SharedWord.store(word64(ring.tailOffset), tail &+ 1)
