@@ -11,6 +11,8 @@ from typing import Optional, Union
 from . import _native
 from ._native import FileDescriptorLike, check, encode, lib
 
+_INT64_MAX = 2**63 - 1
+
 SHM_RENAME_NOREPLACE = 1  # PB_SHM_RENAME_NOREPLACE: fail with EEXIST if the target exists
 SHM_RENAME_EXCHANGE = 2   # PB_SHM_RENAME_EXCHANGE: swap the two names atomically
 
@@ -41,8 +43,9 @@ class Broker(_native.Handle):
               for_gid: Optional[int] = None, for_pid: Optional[int] = None) -> str:
         """Puts fd (a number or an object with fileno()) under a new one-time key and returns its
         text. The key is valid for timeout seconds (60 unless given), or until claimed (or the
-        broker stops) when timeout is None; a timeout that is not positive is OSError EINVAL, as
-        in C. fd stays yours: the key holds the same open file description. At most one
+        broker stops) when timeout is None; a timeout that is not positive (or NaN) is OSError
+        EINVAL, as in C, and one too long to count (1e20, infinity) lasts as long as the
+        broker's clock counts. fd stays yours: the key holds the same open file description. At most one
         of for_uid, for_gid, for_pid restricts who may claim (anyone else gets FileNotFoundError,
         as for a wrong key); a for_pid no process has is ProcessLookupError (ESRCH)."""
         restrictions = [(who, value) for who, value in ((1, for_uid), (2, for_gid), (3, for_pid)) if value is not None]
@@ -51,7 +54,9 @@ class Broker(_native.Handle):
         if timeout is None:
             milliseconds = _native.TIMEOUT_NEVER
         elif timeout > 0:
-            milliseconds = max(1, math.ceil(timeout * 1000))
+            # Past what a signed 64-bit count of milliseconds holds (infinity included) the key
+            # lasts as long as the broker's clock can count, as in C with INT64_MAX.
+            milliseconds = _INT64_MAX if timeout * 1000 >= _INT64_MAX else max(1, math.ceil(timeout * 1000))
         else:
             raise OSError(errno.EINVAL, f"the timeout must be positive seconds (or None: never), not {timeout!r}")
         key = create_string_buffer(_native.KEY_TEXT_SIZE)

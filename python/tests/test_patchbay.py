@@ -248,6 +248,21 @@ class KeyTests(BrokerTestCase):
                 self.broker.share(0, timeout=timeout)
             self.assertEqual(caught.exception.errno, errno.EINVAL)
 
+    def test_share_takes_a_timeout_longer_than_milliseconds_can_count(self) -> None:
+        # 1e20 s and infinity are past a signed 64-bit count of milliseconds: the key lasts as
+        # long as the broker's clock counts, and NaN is not positive.
+        for timeout in (1e20, float("inf"), 9.3e15):
+            read_end, write_end = os.pipe()
+            self.addCleanup(os.close, read_end)
+            self.addCleanup(os.close, write_end)
+            claimed = self.broker.claim(self.broker.share(write_end, timeout=timeout))
+            self.addCleanup(os.close, claimed)
+            os.write(claimed, b"later")
+            self.assertEqual(os.read(read_end, 5), b"later")
+        with self.assertRaises(OSError) as caught:
+            self.broker.share(0, timeout=float("nan"))
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+
     def test_integers_outside_their_c_type_are_refused_not_truncated(self) -> None:
         # ctypes alone keeps the low bits: descriptor 2**40 would share stdin, uid 2**70 root.
         with self.assertRaises(OverflowError):
