@@ -43,24 +43,49 @@ func bytes(_ pointer: UnsafeRawPointer?, _ length: Int) throws(PatchbayError) ->
 public func pb_caps_service_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ access: CUnsignedInt,
                                  _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        let broker = try object(broker, as: Broker.self, "broker")
-        let out = try checkOut(out)
-        let classBits = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
-        let known = classBits | CUnsignedInt(PB_CAPS_NOTIFY | PB_CAPS_EXCLUSIVE)
-        guard access & ~known == 0 else {
-            throw PatchbayError(.invalidArgument,
-                                "unknown bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD, PB_CAPS_NOTIFY, PB_CAPS_EXCLUSIVE")
-        }
-        let classes = access & classBits
         // The GROUP class needs a group to compare with: the caller's effective gid, as the
         // service's uid is its effective uid.
-        let gid = classes & CUnsignedInt(PB_CAPS_GROUP) != 0 ? Int32(bitPattern: getegid()) : -1
-        out.pointee = handle(try CapsService(broker, name: try string(name, "the name"), gid: gid,
-                                             access: CapsAccess(rawValue: classes == 0 ? CUnsignedInt(PB_CAPS_USER) : classes),
-                                             exclusive: access & CUnsignedInt(PB_CAPS_EXCLUSIVE) != 0,
-                                             notifyConnections: access & CUnsignedInt(PB_CAPS_NOTIFY) != 0))
+        let gid = access & CUnsignedInt(PB_CAPS_GROUP) != 0 ? Int32(bitPattern: getegid()) : -1
+        try openService(broker, name, uid: Int32(bitPattern: geteuid()), gid: gid, access, out)
         return 0
     }
+}
+
+@_cdecl("pb_caps_service_register")
+public func pb_caps_service_register(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ uid: Int64, _ gid: Int64,
+                                     _ access: CUnsignedInt, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try openService(broker, name, uid: try registrationID(uid, "uid"), gid: try registrationID(gid, "gid"), access, out)
+        return 0
+    }
+}
+
+/// A uid or gid as the wire carries it: PB_CAPS_ANY (-1), or the id's bits in an i32.
+/// ((uid_t)-1 is no one's id: it would read as the wildcard.)
+private func registrationID(_ id: Int64, _ what: String) throws(PatchbayError) -> Int32 {
+    if id == Int64(PB_CAPS_ANY) { return -1 }
+    guard let id = UInt32(exactly: id), id != .max else {
+        throw PatchbayError(.invalidArgument, "\(what) \(id) is out of range: 0 to 4294967294, or PB_CAPS_ANY (-1)")
+    }
+    return Int32(bitPattern: id)
+}
+
+/// `pb_caps_service_open` and `pb_caps_service_register`.
+private func openService(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, uid: Int32, gid: Int32,
+                         _ access: CUnsignedInt, _ out: UnsafeMutablePointer<OpaquePointer?>?) throws(PatchbayError) {
+    let broker = try object(broker, as: Broker.self, "broker")
+    let out = try checkOut(out)
+    let classBits = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
+    let known = classBits | CUnsignedInt(PB_CAPS_NOTIFY | PB_CAPS_EXCLUSIVE)
+    guard access & ~known == 0 else {
+        throw PatchbayError(.invalidArgument,
+                            "unknown bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD, PB_CAPS_NOTIFY, PB_CAPS_EXCLUSIVE")
+    }
+    let classes = access & classBits
+    out.pointee = handle(try CapsService(broker, name: try string(name, "the name"), uid: uid, gid: gid,
+                                         access: CapsAccess(rawValue: classes == 0 ? CUnsignedInt(PB_CAPS_USER) : classes),
+                                         exclusive: access & CUnsignedInt(PB_CAPS_EXCLUSIVE) != 0,
+                                         notifyConnections: access & CUnsignedInt(PB_CAPS_NOTIFY) != 0))
 }
 
 /// `wait` and `get`: the header into `m`, the payload into the buffer, and the payload's full
@@ -168,15 +193,38 @@ public func pb_caps_service_close(_ service: OpaquePointer?) {
 public func pb_caps_client_open(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ flags: CUnsignedInt,
                                 _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
-        let broker = try object(broker, as: Broker.self, "broker")
-        let out = try checkOut(out)
-        guard flags & ~CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) == 0 else {
-            throw PatchbayError(.invalidArgument, "unknown flags \(flags): only PB_CAPS_WAIT_FOR_SERVICE")
-        }
-        out.pointee = handle(try CapsClient(broker, name: try string(name, "the name"),
-                                            waitForService: flags & CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) != 0))
+        try openClient(broker, name, uid: -1, gid: -1, access: 0, flags, out)
         return 0
     }
+}
+
+@_cdecl("pb_caps_client_connect")
+public func pb_caps_client_connect(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ uid: Int64, _ gid: Int64,
+                                   _ access: CUnsignedInt, _ flags: CUnsignedInt,
+                                   _ out: UnsafeMutablePointer<OpaquePointer?>?) -> CInt {
+    exported { () throws(PatchbayError) -> CInt in
+        try openClient(broker, name, uid: try registrationID(uid, "uid"), gid: try registrationID(gid, "gid"),
+                       access: access, flags, out)
+        return 0
+    }
+}
+
+/// `pb_caps_client_open` and `pb_caps_client_connect`; an access of 0 is all three classes.
+private func openClient(_ broker: OpaquePointer?, _ name: UnsafePointer<CChar>?, uid: Int32, gid: Int32,
+                        access: CUnsignedInt, _ flags: CUnsignedInt,
+                        _ out: UnsafeMutablePointer<OpaquePointer?>?) throws(PatchbayError) {
+    let broker = try object(broker, as: Broker.self, "broker")
+    let out = try checkOut(out)
+    let classBits = CUnsignedInt(PB_CAPS_USER | PB_CAPS_GROUP | PB_CAPS_WORLD)
+    guard access & ~classBits == 0 else {
+        throw PatchbayError(.invalidArgument, "unknown access bits \(access): PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD")
+    }
+    guard flags & ~CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) == 0 else {
+        throw PatchbayError(.invalidArgument, "unknown flags \(flags): only PB_CAPS_WAIT_FOR_SERVICE")
+    }
+    out.pointee = handle(try CapsClient(broker, name: try string(name, "the name"), uid: uid, gid: gid,
+                                        access: CapsAccess(rawValue: access == 0 ? classBits : access),
+                                        waitForService: flags & CUnsignedInt(PB_CAPS_WAIT_FOR_SERVICE) != 0))
 }
 
 @_cdecl("pb_caps_call")

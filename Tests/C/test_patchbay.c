@@ -529,6 +529,26 @@ static void test_caps(pb_broker *broker) {
     pb_caps_client_close(member);
     pb_caps_service_close(group_service);
 
+    /* Every argument of DragonFly's calls: the registration's uid and gid, the client's classes. */
+    char keyed[96];
+    named("c_keyed_", keyed, sizeof keyed);
+    pb_caps_service *keyed_service = NULL;
+    pb_caps_client *keyed_client = NULL;
+    FAILS(pb_caps_service_register(broker, keyed, 4294967295LL, PB_CAPS_ANY, PB_CAPS_USER, &keyed_service), EINVAL);
+    FAILS(pb_caps_service_register(broker, keyed, -2, PB_CAPS_ANY, PB_CAPS_USER, &keyed_service), EINVAL);
+    FAILS(pb_caps_service_register(broker, keyed, geteuid(), 1LL << 32, PB_CAPS_USER, &keyed_service), EINVAL);
+    OK(pb_caps_service_register(broker, keyed, geteuid(), getegid(), PB_CAPS_USER | PB_CAPS_GROUP, &keyed_service));
+    FAILS(pb_caps_client_connect(broker, keyed, geteuid(), PB_CAPS_ANY, 8, 0, &keyed_client), EINVAL);
+    FAILS(pb_caps_client_connect(broker, keyed, geteuid(), PB_CAPS_ANY, 0, 2, &keyed_client), EINVAL);
+    FAILS(pb_caps_client_connect(broker, keyed, (int64_t)geteuid() + 1, PB_CAPS_ANY, 0, 0, &keyed_client), ENOENT);
+    FAILS(pb_caps_client_connect(broker, keyed, PB_CAPS_ANY, (int64_t)getegid() + 1, 0, 0, &keyed_client), ENOENT);
+    FAILS(pb_caps_client_connect(broker, keyed, geteuid(), getegid(), PB_CAPS_WORLD, 0, &keyed_client), EACCES);
+    OK(pb_caps_client_connect(broker, keyed, geteuid(), getegid(), PB_CAPS_GROUP, 0, &keyed_client));
+    pb_caps_client_close(keyed_client);
+    OK(pb_caps_client_connect(broker, keyed, PB_CAPS_ANY, PB_CAPS_ANY, PB_CAPS_USER, 0, &keyed_client));
+    pb_caps_client_close(keyed_client);
+    pb_caps_service_close(keyed_service);
+
     OK(pb_caps_service_open(broker, name, PB_CAPS_USER, &service));
     OK(pb_caps_client_open(broker, name, 0, &client));
 
@@ -676,10 +696,20 @@ static void test_caps(pb_broker *broker) {
 
 /* ---- the other modes ---- */
 
-static int run_service(const char *name) {
+/* A service under name that answers one request with "c:" and its bytes, and stops at its
+ * DISPOSE. keyed: registered with pb_caps_service_register(uid, gid, access), else
+ * pb_caps_service_open(PB_CAPS_USER). A failure to register prints "error ERRNO". */
+static int run_service(const char *name, int keyed, int64_t uid, int64_t gid, unsigned access) {
     pb_broker *broker;
     pb_caps_service *service;
-    if (pb_broker_open(&broker) < 0 || pb_caps_service_open(broker, name, PB_CAPS_USER, &service) < 0) {
+    if (pb_broker_open(&broker) < 0) {
+        fprintf(stderr, "service: %s\n", pb_last_reason());
+        return 1;
+    }
+    int opened = keyed ? pb_caps_service_register(broker, name, uid, gid, access, &service)
+                       : pb_caps_service_open(broker, name, PB_CAPS_USER, &service);
+    if (opened < 0) {
+        printf("error %d\n", -opened);
         fprintf(stderr, "service: %s\n", pb_last_reason());
         return 1;
     }
@@ -711,10 +741,20 @@ static int run_service(const char *name) {
     return 0;
 }
 
-static int run_call(const char *name, const char *data) {
+/* One call to name, printing the reply. keyed: connected with pb_caps_client_connect(uid, gid,
+ * access) at once, else pb_caps_client_open waiting for the service. A failure to connect prints
+ * "error ERRNO". */
+static int run_call(const char *name, const char *data, int keyed, int64_t uid, int64_t gid, unsigned access) {
     pb_broker *broker;
     pb_caps_client *client;
-    if (pb_broker_open(&broker) < 0 || pb_caps_client_open(broker, name, PB_CAPS_WAIT_FOR_SERVICE, &client) < 0) {
+    if (pb_broker_open(&broker) < 0) {
+        fprintf(stderr, "call: %s\n", pb_last_reason());
+        return 1;
+    }
+    int opened = keyed ? pb_caps_client_connect(broker, name, uid, gid, access, 0, &client)
+                       : pb_caps_client_open(broker, name, PB_CAPS_WAIT_FOR_SERVICE, &client);
+    if (opened < 0) {
+        printf("error %d\n", -opened);
         fprintf(stderr, "call: %s\n", pb_last_reason());
         return 1;
     }
@@ -838,9 +878,14 @@ int main(int argc, char **argv) {
         printf("ok %d\n", checks);
         return 0;
     }
-    if (argc == 3 && strcmp(argv[1], "service") == 0) return run_service(argv[2]);
-    if (argc == 4 && strcmp(argv[1], "call") == 0) return run_call(argv[2], argv[3]);
+    if (argc == 3 && strcmp(argv[1], "service") == 0) return run_service(argv[2], 0, 0, 0, 0);
+    if (argc == 6 && strcmp(argv[1], "register") == 0)
+        return run_service(argv[2], 1, strtoll(argv[3], NULL, 10), strtoll(argv[4], NULL, 10), (unsigned)strtoul(argv[5], NULL, 10));
+    if (argc == 4 && strcmp(argv[1], "call") == 0) return run_call(argv[2], argv[3], 0, 0, 0, 0);
+    if (argc == 7 && strcmp(argv[1], "connect") == 0)
+        return run_call(argv[2], argv[6], 1, strtoll(argv[3], NULL, 10), strtoll(argv[4], NULL, 10), (unsigned)strtoul(argv[5], NULL, 10));
     if (argc == 3 && strcmp(argv[1], "share") == 0) return run_share(argv[2]);
-    fprintf(stderr, "usage: test_patchbay all | service NAME | call NAME DATA | share PATH\n");
+    fprintf(stderr, "usage: test_patchbay all | service NAME | register NAME UID GID ACCESS | call NAME DATA"
+                    " | connect NAME UID GID ACCESS DATA | share PATH\n");
     return 2;
 }

@@ -251,6 +251,47 @@ struct TwoUserTests {
         #expect(forged.standardError.hasPrefix("patchbay: caps call: ENOENT: "), "\(forged.standardError)")
     }
 
+    @Test("C names a service's owner as DragonFly's caps_sys_client does: root reaches nobody's service by its uid, not by name alone; nobody cannot register as root")
+    func cClientNamesTheServiceOwner() throws {
+        let build = try CBuild.shared.get()
+        // The C test program and its library link, where nobody can run them.
+        chmod(build.libraryDirectory, 0o755)
+        let broker = try openBroker(["--system"])
+        var environment = build.environment(broker)
+        environment["PATCHBAY_SOCKET"] = broker.socketPath
+        // Access bits: PB_CAPS_USER 1, PB_CAPS_WORLD 4.
+        let asNobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups", build.testProgram]
+        // nobody may register only under its own uid and groups.
+        for (uid, gid) in [("0", "-1"), ("-1", "0")] {
+            let stolen = try run("/usr/bin/setpriv", asNobody + ["register", "c.owned", uid, gid, "4"],
+                                 environment: environment)
+            #expect(stolen.standardOutput == "error \(EPERM)\n", "\(stolen.standardOutput)\(stolen.standardError)")
+        }
+        let service = try Child("/usr/bin/setpriv", asNobody + ["register", "c.owned", "65534", "-1", "4"],
+                                environment: environment)
+        #expect(try service.readLine() == "ready")
+        // By name alone, root's client looks only for services it can trust (its own, root's).
+        let byName = try run(build.testProgram, ["connect", "c.owned", "-1", "-1", "0", "hi"], environment: environment)
+        #expect(byName.standardOutput == "error \(ENOENT)\n", "\(byName.standardOutput)\(byName.standardError)")
+        // The classes must meet: the service admits WORLD only.
+        let userOnly = try run(build.testProgram, ["connect", "c.owned", "65534", "-1", "1", "hi"],
+                               environment: environment)
+        #expect(userOnly.standardOutput == "error \(EACCES)\n", "\(userOnly.standardOutput)\(userOnly.standardError)")
+        let named = try run(build.testProgram, ["connect", "c.owned", "65534", "-1", "4", "hi"],
+                            environment: environment)
+        guard named.standardOutput == "c:hi\n" else {
+            Issue.record("root's call by uid: \(named.standardOutput)\(named.standardError)")
+            service.kill(SIGKILL)  // it would wait for a request that never comes
+            _ = try service.wait()
+            return
+        }
+        // nobody's service saw root's kernel uid on the request, then the DISPOSE.
+        let request = try #require(try service.readLine()).split(separator: " ")
+        #expect(request.count == 5 && request[0] == "request" && request[3] == "0", "\(request)")
+        #expect(try service.readLine() == "dispose \(request.count == 5 ? request[1] : "")")
+        #expect(try service.wait() == .exited(0))
+    }
+
     @Test("share --for-uid: only that uid can claim")
     func claimRestrictedToAnotherUser() throws {
         let broker = try openBroker(["--system"])

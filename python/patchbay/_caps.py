@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import enum
+import os
 import threading
 from ctypes import byref, c_char, c_uint64, string_at
 from dataclasses import dataclass
@@ -111,6 +112,12 @@ class CapsService(_native.Handle):
     FileExistsError if the name is registered already. Iterating over the service yields its
     messages, waiting for each, until cancel() is called. Thread-safe (close() aside).
 
+    uid and gid register it under other keys, as DragonFly's caps_sys_service: uid (this
+    effective uid unless given) is whom "user" admits, gid (this effective gid with "group",
+    else none, unless given) whose members "group" admits; -1 is none. Clients that name a uid
+    or gid find only registrations under it. Only root may give another uid or a group it is
+    not in (PermissionError, EPERM).
+
     What a client can make the service hold is bounded, as `patchbay caps serve` bounds it: a
     request longer than max_request (64 MiB) is answered EMSGSIZE unread, never copied (a client
     can announce gigabytes it never wrote); a reply that would take the replies a client's uid
@@ -122,9 +129,18 @@ class CapsService(_native.Handle):
 
     def __init__(self, broker: Broker, name: str, access: Union[int, str, Iterable[str]] = ("user",), *,
                  notify: bool = False, exclusive: bool = False, max_request: Optional[int] = 64 << 20,
-                 max_reply_bytes_per_uid: Optional[int] = 256 << 20) -> None:
+                 max_reply_bytes_per_uid: Optional[int] = 256 << 20, uid: Optional[int] = None,
+                 gid: Optional[int] = None) -> None:
         mask = _access_mask(access) | (_NOTIFY if notify else 0) | (_EXCLUSIVE if exclusive else 0)
-        super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name), mask))
+        if uid is None and gid is None:
+            super().__init__(_native.open_handle(lib().pb_caps_service_open, broker._live(), encode(name), mask))
+        else:
+            if uid is None:
+                uid = os.geteuid()
+            if gid is None:
+                gid = os.getegid() if mask & GROUP else -1
+            super().__init__(_native.open_handle(lib().pb_caps_service_register, broker._live(), encode(name),
+                                                 uid, gid, mask))
         self.name = name
         self.max_request = max_request
         self.max_reply_bytes_per_uid = max_reply_bytes_per_uid
@@ -243,13 +259,27 @@ class CapsClient(_native.Handle):
     FileNotFoundError (ENOENT) when no such service is registered (or none this user may
     reach), unless wait is true: then it waits until the name is registered. Thread-safe
     (close() aside).
+
+    uid, gid and access are DragonFly's caps_sys_client's: the newest service registered under
+    that uid and gid (-1 or None: any) is chosen, and the client is admitted through one of
+    access's classes ("user", "group", "world", or a mask; all three unless given) that the
+    service also set (PermissionError, EACCES, when none admits it). Naming no uid finds only
+    services this user can trust: its own uid's, root's, or the name's owners' by the broker's
+    policy; naming one finds that uid's, whoever it is.
     """
 
     _close_function = "pb_caps_client_close"
 
-    def __init__(self, broker: Broker, name: str, wait: bool = False, *, reply_capacity: int = 1 << 20) -> None:
-        super().__init__(_native.open_handle(lib().pb_caps_client_open, broker._live(), encode(name),
-                                             _WAIT_FOR_SERVICE if wait else 0))
+    def __init__(self, broker: Broker, name: str, wait: bool = False, *, reply_capacity: int = 1 << 20,
+                 uid: Optional[int] = None, gid: Optional[int] = None,
+                 access: Optional[Union[int, str, Iterable[str]]] = None) -> None:
+        flags = _WAIT_FOR_SERVICE if wait else 0
+        if uid is None and gid is None and access is None:
+            super().__init__(_native.open_handle(lib().pb_caps_client_open, broker._live(), encode(name), flags))
+        else:
+            super().__init__(_native.open_handle(lib().pb_caps_client_connect, broker._live(), encode(name),
+                                                 -1 if uid is None else uid, -1 if gid is None else gid,
+                                                 0 if access is None else _access_mask(access), flags))
         self.name = name
         self.reply_capacity = reply_capacity
         self._buffers = threading.local()

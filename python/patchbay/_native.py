@@ -70,6 +70,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "pb_net_close": (None, [c_void_p]),
     # CAPS services
     "pb_caps_service_open": (c_int, [c_void_p, c_char_p, c_uint, _OUT]),
+    "pb_caps_service_register": (c_int, [c_void_p, c_char_p, c_int64, c_int64, c_uint, _OUT]),
     "pb_caps_wait": (c_int, [c_void_p, _MESSAGE, c_void_p, c_size_t]),
     "pb_caps_get": (c_int, [c_void_p, _MESSAGE, c_void_p, c_size_t]),
     "pb_caps_receive": (c_int, [c_void_p, READ_CALLBACK, c_void_p]),
@@ -82,6 +83,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "pb_caps_service_close": (None, [c_void_p]),
     # CAPS clients
     "pb_caps_client_open": (c_int, [c_void_p, c_char_p, c_uint, _OUT]),
+    "pb_caps_client_connect": (c_int, [c_void_p, c_char_p, c_int64, c_int64, c_uint, c_uint, _OUT]),
     "pb_caps_call": (c_ssize_t, [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t]),
     "pb_caps_abort": (c_int, [c_void_p, c_uint64]),
     "pb_caps_generation": (c_int, [c_void_p, POINTER(c_uint64)]),

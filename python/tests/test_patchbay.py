@@ -591,6 +591,29 @@ class CapsTests(BrokerTestCase):
             service.cancel()
             self.assertEqual(list(service), [])
 
+    def test_registration_keys_and_client_classes_as_dragonfly_names_them(self) -> None:
+        name = unique("keyed")
+        service = patchbay.CapsService(self.broker, name, access=("group",), gid=os.getegid())
+
+        def echo(message: patchbay.Message) -> None:
+            if message.kind == patchbay.REQUEST:
+                service.reply(message.id, message.data)
+
+        self.serve_in_thread(service, echo)
+        with patchbay.CapsClient(self.broker, name, gid=os.getegid(), access="group") as client:
+            self.assertEqual(client.call(b"by group"), b"by group")
+        with patchbay.CapsClient(self.broker, name, uid=os.geteuid()) as client:
+            self.assertEqual(client.call(b"by uid"), b"by uid")
+        with self.assertRaises(FileNotFoundError):
+            patchbay.CapsClient(self.broker, name, uid=os.geteuid() + 1)
+        with self.assertRaises(FileNotFoundError):
+            patchbay.CapsClient(self.broker, name, gid=os.getegid() + 1)
+        with self.assertRaises(PermissionError):
+            patchbay.CapsClient(self.broker, name, access=("user", "world"))
+        with self.assertRaises(OSError) as caught:
+            patchbay.CapsClient(self.broker, name, uid=2 ** 32 - 1)
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+
     def test_client_of_an_unknown_service_is_ENOENT(self) -> None:
         with self.assertRaises(FileNotFoundError):
             patchbay.CapsClient(self.broker, unique("nobody"))

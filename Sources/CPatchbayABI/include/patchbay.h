@@ -225,6 +225,8 @@ typedef struct pb_caps_client  pb_caps_client;
 
 #define PB_CAPS_WAIT_FOR_SERVICE 1   /* pb_caps_client_open waits until the name is registered */
 
+#define PB_CAPS_ANY (-1)   /* pb_caps_service_register, pb_caps_client_connect: no uid or no gid */
+
 enum pb_caps_kind {
     PB_CAPS_REQUEST = 1,       /* a client's request: answer with pb_caps_reply */
     PB_CAPS_REPLY = 2,         /* the service's answer (a client's message) */
@@ -255,6 +257,15 @@ struct pb_caps_message {
  * has the name), -EACCES (a name the broker's policy reserves to another user or group),
  * -EDQUOT. */
 int pb_caps_service_open(pb_broker *broker, const char *name, unsigned access, pb_caps_service **out);
+
+/* DragonFly's caps_sys_service with every argument: pb_caps_service_open, registered under uid
+ * and gid as given (PB_CAPS_ANY: not registered under that key; PB_CAPS_USER admits clients
+ * whose effective uid is uid, PB_CAPS_GROUP members of gid, so neither admits anyone through
+ * PB_CAPS_ANY). Clients that name a uid or gid find only registrations under it. A caller other
+ * than root may give only its own effective uid and a gid it is a member of: -EPERM otherwise.
+ * -EINVAL also for an id out of range (0 to 4294967294, or PB_CAPS_ANY). */
+int pb_caps_service_register(pb_broker *broker, const char *name, int64_t uid, int64_t gid, unsigned access,
+                             pb_caps_service **out);
 
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
  * into buffer. Returns the payload's full length (capped at INT_MAX; m->length has it whole). When that is more than
@@ -307,6 +318,17 @@ void pb_caps_service_close(pb_caps_service *service);
 /* Connects to the service registered under name (flags: PB_CAPS_WAIT_FOR_SERVICE).
  * -ENOENT: no such service (or none this user may reach). */
 int pb_caps_client_open(pb_broker *broker, const char *name, unsigned flags, pb_caps_client **out);
+
+/* DragonFly's caps_sys_client with every argument: connects to the newest service registered
+ * under name, uid and gid (PB_CAPS_ANY: any; naming no uid finds only services this user can
+ * trust, as pb_caps_client_open: its own uid's, root's, or the name's owners' by the broker's
+ * policy; naming one finds that uid's, whoever it is), admitted through a class both sides set:
+ * access is a mask of PB_CAPS_USER, PB_CAPS_GROUP, PB_CAPS_WORLD (0: all three, as
+ * pb_caps_client_open). flags: PB_CAPS_WAIT_FOR_SERVICE. -ENOENT: no such service; -EACCES: no
+ * class both sides set admits this process; -EINVAL: unknown bits, or an id out of range (0 to
+ * 4294967294, or PB_CAPS_ANY). */
+int pb_caps_client_connect(pb_broker *broker, const char *name, int64_t uid, int64_t gid, unsigned access,
+                           unsigned flags, pb_caps_client **out);
 
 /* Sends a request and waits for its reply, which is copied into reply. Returns the reply's
  * length. -EMSGSIZE: the reply was longer than capacity (it is discarded); -ECONNRESET: the

@@ -616,8 +616,9 @@ final class CapsRegistry {
     /// USER, GROUP or WORLD, set on both sides and true of the client. Root gets no bypass.
     static func permits(service: CapsServiceRecord, clientFlags: CapsFlags, caller: PeerCredentials) -> Bool {
         let shared = service.flags.intersection(clientFlags)
-        if shared.contains(.user), service.uid >= 0, UInt32(service.uid) == caller.uid { return true }
-        if shared.contains(.group), service.gid >= 0, caller.isMember(of: UInt32(service.gid)) { return true }
+        // An id past 2^31 travels as its bits in an i32; only -1 is no id.
+        if shared.contains(.user), service.uid != -1, UInt32(bitPattern: service.uid) == caller.uid { return true }
+        if shared.contains(.group), service.gid != -1, caller.isMember(of: UInt32(bitPattern: service.gid)) { return true }
         if shared.contains(.world) { return true }
         return false
     }
