@@ -292,6 +292,29 @@ struct TwoUserTests {
         #expect(try service.wait() == .exited(0))
     }
 
+    @Test("a service root registers for a uid past 2^31 admits that uid through USER (the id travels as its bits)")
+    func capsUserClassPastTwoToThe31() throws {
+        let build = try CBuild.shared.get()
+        chmod(build.libraryDirectory, 0o755)
+        let broker = try openBroker(["--system"])
+        let environment = build.environment(broker)
+        let service = try Child(build.testProgram, ["register", "c.high", "3000000000", "-1", "1"], environment: environment)
+        #expect(try service.readLine() == "ready")
+        let call = try run("/usr/bin/setpriv", ["--reuid", "3000000000", "--regid", "3000000000", "--clear-groups",
+                                                build.testProgram, "connect", "c.high", "3000000000", "-1", "1", "hi"],
+                           environment: environment)
+        guard call.standardOutput == "c:hi\n" else {
+            Issue.record("uid 3000000000's call: \(call.standardOutput)\(call.standardError)")
+            service.kill(SIGKILL)  // it would wait for a request that never comes
+            _ = try service.wait()
+            return
+        }
+        let request = try #require(try service.readLine()).split(separator: " ")
+        #expect(request.count == 5 && request[3] == "3000000000", "\(request)")
+        #expect(try service.readLine() == "dispose \(request.count == 5 ? request[1] : "")")
+        #expect(try service.wait() == .exited(0))
+    }
+
     @Test("share --for-uid: only that uid can claim")
     func claimRestrictedToAnotherUser() throws {
         let broker = try openBroker(["--system"])
