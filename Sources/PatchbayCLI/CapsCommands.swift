@@ -3,6 +3,7 @@ import Glibc
 import Patchbay
 import PatchbayProtocol
 import PatchbaySystem
+import Synchronization
 import SystemPackage
 
 /// `patchbay caps ...`: DragonFly BSD's CAPS request/reply services.
@@ -52,6 +53,12 @@ struct CapsCommand: ParsableCommand {
 
         @Option(help: "With --exec: a program still running after this long is killed and its request gets ETIMEDOUT (e.g. 500ms, 30s, 5m, or never).")
         var execTimeout: String = "30s"
+
+        @Option(help: "With --exec: programs run at once; more requests wait, each uid taking its turn.")
+        var maxPrograms = 4
+
+        @Option(help: "With --exec: programs run at once for one uid other than this service's (default: half of --max-programs, rounded up); its other requests wait.")
+        var maxProgramsPerUid: Int?
 
         @Option(parsing: .remaining, help: "Run this command per request.")
         var exec: [String] = []
@@ -103,7 +110,7 @@ struct CapsCommand: ParsableCommand {
             if limit <= 0 { failUsage(command, "--max-request must be positive") }
             let heldLimit = parseSize(maxReplyBytesPerUid, command)
             if heldLimit <= 0 { failUsage(command, "--max-reply-bytes-per-uid must be positive") }
-            var held = HeldReplies(limit: heldLimit)
+            let held = HeldReplies(limit: heldLimit)
             let replyLimit = parseSize(maxReply, command)
             if replyLimit < 0 { failUsage(command, "--max-reply must not be negative") }
             let timeout: UInt64 = switch DurationText.parse(execTimeout, for: command) {
@@ -111,6 +118,15 @@ struct CapsCommand: ParsableCommand {
             case .after(let duration): nanoseconds(duration)
             }
             let limits = FilterLimits(output: replyLimit, nanoseconds: timeout)
+            if maxPrograms < 1 { failUsage(command, "--max-programs must be at least 1") }
+            let perUID = maxProgramsPerUid ?? (maxPrograms + 1) / 2
+            if perUID < 1 { failUsage(command, "--max-programs-per-uid must be at least 1") }
+            let books = Mutex(held)
+            let jobs = starter.map { starter in
+                ExecJobs(slots: maxPrograms, perUID: perUID) { job in
+                    Self.run(job, starter: starter, limits: limits, books: books, service: service)
+                }
+            }
             while true {
                 do {
                     // In place: an attached payload is read where it is mapped, so a request is
@@ -119,9 +135,15 @@ struct CapsCommand: ParsableCommand {
                     try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
                         switch message.kind {
                         case .request:
-                            answer(message, payload, limit: limit, held: &held, service: service, program: starter, limits: limits)
-                        case .dispose:
-                            held.consumed(message.messageID)
+                            answer(message, payload, limit: limit, books: books, service: service, jobs: jobs)
+                        case .dispose, .aborted:
+                            // A reply consumed; or a request its client took back or left behind
+                            // (then a DISPOSE too), which need not run if it has not started.
+                            let withdrawn = jobs?.withdraw(message.messageID, of: message.credentials.uid)
+                            books.withLock { held in
+                                held.consumed(message.messageID)
+                                if let withdrawn { held.release(withdrawn.request.count, of: withdrawn.uid) }
+                            }
                         default:
                             break
                         }
@@ -138,8 +160,9 @@ struct CapsCommand: ParsableCommand {
             }
         }
 
-        private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int, held: inout HeldReplies,
-                            service: CapsService, program: ExecStarter?, limits: FilterLimits) {
+        /// A request taken off the ring: refused, echoed, or filed for its program.
+        private func answer(_ message: CapsServiceMessage, _ payload: UnsafeRawBufferPointer, limit: Int,
+                            books: borrowing Mutex<HeldReplies>, service: CapsService, jobs: ExecJobs?) {
             let uid = message.credentials.uid
             do {
                 guard payload.count <= limit else {
@@ -147,33 +170,63 @@ struct CapsCommand: ParsableCommand {
                     try service.reply(to: message.messageID, error: .messageTooLong)
                     return
                 }
-                // An echo's reply is as long as its request: refused before the copy is made (a
-                // program's reply is checked once it is known, below).
-                guard program != nil || held.admits(payload.count, of: uid) else {
-                    writeStandardError("patchbay: caps serve: request \(message.messageID): uid \(uid)'s replies not consumed yet hold \(held.bytes(of: uid)) bytes, --max-reply-bytes-per-uid is \(held.limit); refused with EDQUOT\n")
+                // An echo's reply is as long as its request, and a request waiting for its
+                // program is held as long as it waits: either is refused before the copy is made
+                // (a program's reply is checked once it is known, in `run`).
+                let (admitted, holding, bound) = books.withLock { held in
+                    let admitted = held.admits(payload.count, of: uid)
+                    if admitted, jobs != nil { held.hold(payload.count, for: uid) }
+                    return (admitted, held.bytes(of: uid), held.limit)
+                }
+                guard admitted else {
+                    writeStandardError("patchbay: caps serve: request \(message.messageID): uid \(uid)'s replies not consumed yet and requests waiting hold \(holding) bytes, --max-reply-bytes-per-uid is \(bound); refused with EDQUOT\n")
                     try service.reply(to: message.messageID, error: .diskQuotaExceeded)
                     return
                 }
                 let request = Array(payload)
-                let answer: Result<[UInt8], FilterFailure> = if let program {
-                    runFilter(program, input: request, limits: limits)
-                } else {
-                    .success(request)
+                guard let jobs else {
+                    try service.reply(to: message.messageID, request)
+                    books.withLock { $0.replied(message.messageID, request.count, to: uid) }
+                    return
+                }
+                jobs.submit(ExecJobs.Job(messageID: message.messageID, uid: uid, request: request))
+            } catch {
+                writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
+            }
+        }
+
+        /// A request's program, on a slot's thread, and its answer.
+        private static func run(_ job: ExecJobs.Job, starter: ExecStarter, limits: FilterLimits,
+                                books: borrowing Mutex<HeldReplies>, service: CapsService) {
+            let answer = runFilter(starter, input: job.request, limits: limits)
+            do throws(PatchbayError) {
+                // Booked before it is sent: its DISPOSE may come back before `reply` returns.
+                let admitted = books.withLock { held in
+                    held.release(job.request.count, of: job.uid)
+                    guard case .success(let bytes) = answer else { return true }
+                    guard held.admits(bytes.count, of: job.uid) else { return false }
+                    held.replied(job.messageID, bytes.count, to: job.uid)
+                    return true
                 }
                 switch answer {
-                case .success(let bytes) where !held.admits(bytes.count, of: uid):
-                    writeStandardError("patchbay: caps serve: request \(message.messageID): a \(bytes.count)-byte reply would take uid \(uid)'s replies not consumed yet past --max-reply-bytes-per-uid (\(held.limit)); refused with EDQUOT\n")
-                    try service.reply(to: message.messageID, error: .diskQuotaExceeded)
+                case .success(let bytes) where !admitted:
+                    writeStandardError("patchbay: caps serve: request \(job.messageID): a \(bytes.count)-byte reply would take uid \(job.uid)'s replies not consumed yet past --max-reply-bytes-per-uid; refused with EDQUOT\n")
+                    try service.reply(to: job.messageID, error: .diskQuotaExceeded)
                 case .success(let bytes):
-                    try service.reply(to: message.messageID, bytes)
-                    held.replied(message.messageID, bytes.count, to: uid)
+                    do throws(PatchbayError) {
+                        try service.reply(to: job.messageID, bytes)
+                    } catch {
+                        books.withLock { $0.consumed(job.messageID) }  // no DISPOSE will come
+                        throw error
+                    }
                 case .failure(let failure):
                     // Never an empty reply the caller would take for an answer: an error
                     // reply (EIO, ETIMEDOUT or EMSGSIZE), and the reason here.
-                    writeStandardError("patchbay: caps serve: request \(message.messageID): \(failure.reason); refused with \(failure.errno.name)\n")
-                    try service.reply(to: message.messageID, error: failure.errno)
+                    writeStandardError("patchbay: caps serve: request \(job.messageID): \(failure.reason); refused with \(failure.errno.name)\n")
+                    try service.reply(to: job.messageID, error: failure.errno)
                 }
             } catch {
+                // (A request its client aborted, or whose client left, while it ran: EINVAL.)
                 writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
             }
         }
@@ -471,6 +524,16 @@ struct HeldReplies {
     mutating func replied(_ messageID: UInt64, _ bytes: Int, to uid: UInt32) {
         replies[messageID] = (uid, bytes)
         perUid[uid, default: 0] += bytes
+    }
+
+    /// A request's copy, waiting for its program: held for `uid` until `release`.
+    mutating func hold(_ bytes: Int, for uid: UInt32) {
+        perUid[uid, default: 0] += bytes
+    }
+
+    mutating func release(_ bytes: Int, of uid: UInt32) {
+        let left = (perUid[uid] ?? 0) - bytes
+        perUid[uid] = left > 0 ? left : nil
     }
 
     /// A DISPOSE (the client consumed the reply, or went away without).

@@ -267,6 +267,54 @@ struct TwoUserResourceTests {
         }
     }
 
+    @Test("root's caps serve --exec runs nobody's programs no more than --max-programs-per-uid at once: root is answered while nobody's slow requests run and wait")
+    func execProgramsTakeTurns() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        // A request "slow" says so through the FIFO, then sleeps a minute; any other is echoed.
+        let started = broker.directory + "/started"
+        #expect(mkfifo(started, 0o600) == 0)
+        let service = try Child(patchbayCLI, ["caps", "serve", "paced", "--allow", "world", "--max-programs", "2",
+                                              "--exec-timeout", "90s", "--exec", "/bin/sh", "-c",
+                                              "read x; if [ \"$x\" = slow ]; then echo started > \(started); exec /bin/sleep 61.5; fi; echo \"$x\""],
+                                environment: broker.environment)
+        // One program at a time, or no cap per uid, and root's call waits a minute behind
+        // nobody's: the service is killed after 20 s and the call then fails.
+        let watchdog = killing(service.pid, after: 20)
+        var callers: [Child] = []
+        defer {
+            watchdog()
+            service.kill(SIGKILL)
+            _ = try? service.wait()
+            for caller in callers { caller.kill(SIGKILL); _ = try? caller.wait() }
+            for pid in processes(withCommandLine: "/bin/sleep 61.5") { kill(pid, SIGKILL) }
+        }
+        for _ in 0..<3 {
+            callers.append(try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                          "caps", "call", "paced", "--wait-for-service", "slow"],
+                                     environment: broker.environment))
+        }
+        // nobody's first program is running (its others wait: one slot of two is nobody's).
+        let fifo = open(started, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        #expect(fifo >= 0)
+        defer { close(fifo) }
+        var ready = pollfd(fd: fifo, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 20_000) == 1)
+        var line = [UInt8](repeating: 0, count: 16)
+        #expect(read(fifo, &line, line.count) == 8 && Array(line.prefix(8)) == Array("started\n".utf8))
+        // All three of nobody's requests are the service's before root's comes (it counts the
+        // entries it takes in its status page, and the broker shows the count).
+        let root = try broker.connect()
+        let taken = "patchbay_caps_messages_total{service=\"paced\",uid=\"0\",direction=\"to_service\"}"
+        var requests = 0.0
+        for _ in 0..<2_000 where requests < 3 {
+            requests = Exposition(try root.metrics()).samples[taken] ?? 0
+            if requests < 3 { usleep(10_000) }
+        }
+        #expect(requests == 3)
+        #expect(try CapsClient(root, name: "paced", waitForService: true).call(Array("fast".utf8)) == Array("fast\n".utf8))
+    }
+
     @Test("the loop's time refusing nobody's connections to root's /net listener is charged to nobody's share of the turn, not root's (whose other requests waited turn after turn while nobody connected in a loop)")
     func refusedNetConnectionsAreChargedToTheirMaker() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "2", "--net-connections-per-second-per-uid", "0.5"])
