@@ -271,23 +271,23 @@ struct TwoUserResourceTests {
     func execProgramsTakeTurns() throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
-        // A request "slow" says so through the FIFO, then sleeps a minute; any other is echoed.
+        // A request "slow" says so through the FIFO, then sleeps two minutes; any other is echoed.
         let started = broker.directory + "/started"
         #expect(mkfifo(started, 0o600) == 0)
         let service = try Child(patchbayCLI, ["caps", "serve", "paced", "--allow", "world", "--max-programs", "2",
-                                              "--exec-timeout", "90s", "--exec", "/bin/sh", "-c",
-                                              "read x; if [ \"$x\" = slow ]; then echo started > \(started); exec /bin/sleep 61.5; fi; echo \"$x\""],
+                                              "--exec-timeout", "180s", "--exec", "/bin/sh", "-c",
+                                              "read x; if [ \"$x\" = slow ]; then echo started > \(started); exec /bin/sleep 121.5; fi; echo \"$x\""],
                                 environment: broker.environment)
-        // One program at a time, or no cap per uid, and root's call waits a minute behind
-        // nobody's: the service is killed after 20 s and the call then fails.
-        let watchdog = killing(service.pid, after: 20)
+        // One program at a time, or no cap per uid, and root's call waits two minutes behind
+        // nobody's: the service is killed after 45 s and the call then fails.
+        let watchdog = killing(service.pid, after: 45)
         var callers: [Child] = []
         defer {
             watchdog()
             service.kill(SIGKILL)
             _ = try? service.wait()
             for caller in callers { caller.kill(SIGKILL); _ = try? caller.wait() }
-            for pid in processes(withCommandLine: "/bin/sleep 61.5") { kill(pid, SIGKILL) }
+            for pid in processes(withCommandLine: "/bin/sleep 121.5") { kill(pid, SIGKILL) }
         }
         for _ in 0..<3 {
             callers.append(try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
@@ -299,7 +299,7 @@ struct TwoUserResourceTests {
         #expect(fifo >= 0)
         defer { close(fifo) }
         var ready = pollfd(fd: fifo, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&ready, 1, 20_000) == 1)
+        #expect(poll(&ready, 1, 40_000) == 1)
         var line = [UInt8](repeating: 0, count: 16)
         #expect(read(fifo, &line, line.count) == 8 && Array(line.prefix(8)) == Array("started\n".utf8))
         // All three of nobody's requests are the service's before root's comes (it counts the
