@@ -70,6 +70,10 @@ struct CapsCommand: ParsableCommand {
         func run() throws {
             let command = "caps serve"
             let access = parseAccess(allow, command)
+            // (Each program has a thread of the service's waiting for it.)
+            if !(1...1024).contains(maxPrograms) { failUsage(command, "--max-programs must be 1 to 1024") }
+            let perUID = maxProgramsPerUid ?? (maxPrograms + 1) / 2
+            if perUID < 1 { failUsage(command, "--max-programs-per-uid must be at least 1") }
             // A program that cannot run is found now, not at the first request.
             let program = exec.first.map { resolveProgram($0, for: command) }
             // A program that exits without reading its request must not kill the service.
@@ -118,9 +122,6 @@ struct CapsCommand: ParsableCommand {
             case .after(let duration): nanoseconds(duration)
             }
             let limits = FilterLimits(output: replyLimit, nanoseconds: timeout)
-            if maxPrograms < 1 { failUsage(command, "--max-programs must be at least 1") }
-            let perUID = maxProgramsPerUid ?? (maxPrograms + 1) / 2
-            if perUID < 1 { failUsage(command, "--max-programs-per-uid must be at least 1") }
             let books = Mutex(held)
             let jobs = starter.map { starter in
                 ExecJobs(slots: maxPrograms, perUID: perUID) { job in

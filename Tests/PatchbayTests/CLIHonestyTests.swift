@@ -200,6 +200,12 @@ struct CLIHonestyTests {
         #expect(missing.termination == .exited(127))
         #expect(missing.standardError.hasPrefix("patchbay: caps serve: ENOENT: cannot run /nonexistent/prog"), "\(missing.standardError)")
         #expect(try broker.connect().listServices().isEmpty)
+        for (option, value) in [("--max-programs", "0"), ("--max-programs", "1025"), ("--max-programs-per-uid", "0")] {
+            let refused = try cli(broker, ["caps", "serve", "unstarted", option, value, "--exec", "/bin/cat"])
+            #expect(refused.termination == .exited(64), "\(option) \(value)")
+            #expect(refused.standardError.hasPrefix("patchbay: caps serve: EINVAL: \(option) must be"), "\(refused.standardError)")
+        }
+        #expect(try broker.connect().listServices().isEmpty)
         let server = try Child(patchbayCLI, ["caps", "serve", "failing", "--exec", "/bin/false"], environment: broker.environment)
         defer { server.kill(SIGTERM); _ = try? server.wait() }
         let call = try cli(broker, ["caps", "call", "failing", "--wait-for-service", "hello"])
