@@ -150,7 +150,7 @@ struct TwoUserResourceTests {
         #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
     }
 
-    @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart; the taker's entry is left alone")
+    @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart, and after the record is removed; the taker's entry is left alone")
     func perUserStoreNameTakenByAnother() throws {
         // A user with no other business on this machine (no passwd entry needed), running its
         // per-user broker at the default path: no XDG_RUNTIME_DIR, so /tmp/patchbay-$UID.
@@ -198,6 +198,19 @@ struct TwoUserResourceTests {
         #expect(read.standardOutput == "kept bytes")
         let doctor = try cli(["doctor"])
         #expect(doctor.standardOutput.contains(place), "\(doctor.standardOutput)")
+        // A cleaner of /tmp removes the record, the store staying in /dev/shm: the next broker
+        // finds the store it left there, and records it again.
+        second.kill(SIGTERM)
+        #expect(try second.wait() == .exited(0))
+        #expect(unlink(socketDirectory + "/shm-store") == 0)
+        let third = try startBroker()
+        defer { third.kill(SIGTERM); _ = try? third.wait() }
+        #expect(try third.readLine() == "ready")
+        let again = try cli(["shm", "read", "/kept"])
+        #expect(again.termination == .exited(0), "\(again.standardError)")
+        #expect(again.standardOutput == "kept bytes")
+        let relength = readlink(socketDirectory + "/shm-store", &target, 4096)
+        #expect(relength > 0 && String(decoding: target[0..<relength].map { UInt8(bitPattern: $0) }, as: UTF8.self) == place)
     }
 
     @Test("nobody connecting to root's /net listener past its burst finds its connections closed unaccepted (the broker accepts and hands over no more of them); root's own connections, at the same pace, are all served")

@@ -8,7 +8,9 @@
 // a directory of its own beside it, under a name nobody can guess (mkdtemp), and records that
 // name where only its uid can write: a symbolic link in its private socket directory
 // (`/tmp/patchbay-$UID/shm-store`). Every later broker on that socket reads the record first, so
-// named objects survive restarts there as they do at the default name.
+// named objects survive restarts there as they do at the default name. A record lost (a cleaner
+// of /tmp removed it, with the store still in /dev/shm) is made again for the store left behind:
+// a directory beside the taken name that only this uid can have made (its own, private).
 
 import Glibc
 import Logging
@@ -43,21 +45,52 @@ public enum StorePlace {
         var info = Glibc.stat()
         guard lstat(path, &info) == 0, info.st_uid != geteuid() else { return path }
         let owner = info.st_uid
-        var template = Array((path + "-XXXXXX").utf8CString)
-        guard mkdtemp(&template) != nil else {
-            let error = Errno.current
-            throw BrokerStartError(errno: error, reason: "\(path) is uid \(owner)'s, and no store could be made beside it: \(error.name)")
+        let place: String
+        if let left = leftBehind(for: path) {
+            place = left
+            logger.warning("the shared memory store's record was gone; recorded again the store found beside the taken name",
+                           metadata: ["store": "\(place)"])
+        } else {
+            var template = Array((path + "-XXXXXX").utf8CString)
+            guard mkdtemp(&template) != nil else {
+                let error = Errno.current
+                throw BrokerStartError(errno: error, reason: "\(path) is uid \(owner)'s, and no store could be made beside it: \(error.name)")
+            }
+            place = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         }
-        let place = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         let record = socketDirectory + "/" + recordName
         unlink(record)  // one that names something else (`recorded` passed it over)
         guard symlink(place, record) == 0 else {
             let error = Errno.current
-            rmdir(place)
+            rmdir(place)  // (only if empty: a store left behind keeps its objects)
             throw BrokerStartError(errno: error, reason: "cannot record the store's place at \(record): \(error.name)")
         }
         logger.warning("the shared memory store's default name is another user's; this broker's store is beside it, recorded in its socket directory",
                        metadata: ["taken": "\(path)", "owner": "\(owner)", "store": "\(place)", "record": "\(record)"])
         return place
+    }
+
+    /// A store an earlier broker made beside `path` and whose record is gone: a directory named
+    /// as `mkdtemp` names them there, this uid's and private (no other uid can make one that
+    /// is), the most recently changed if there are several.
+    static func leftBehind(for path: String) -> String? {
+        guard let slash = path.lastIndex(of: "/") else { return nil }
+        let parent = String(path[..<slash]), prefix = String(path[path.index(after: slash)...]) + "-"
+        guard let directory = opendir(parent.isEmpty ? "/" : parent) else { return nil }
+        defer { closedir(directory) }
+        var newest: (place: String, changed: Int)?
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            guard name.hasPrefix(prefix), name.utf8.count == prefix.utf8.count + 6 else { continue }
+            let place = parent + "/" + name
+            var info = Glibc.stat()
+            guard lstat(place, &info) == 0, info.st_mode & S_IFMT == S_IFDIR, info.st_uid == geteuid(),
+                  info.st_mode & 0o077 == 0 else { continue }
+            let changed = info.st_mtim.tv_sec
+            if newest == nil || changed > newest!.changed { newest = (place, changed) }
+        }
+        return newest?.place
     }
 }
