@@ -17,7 +17,7 @@ struct CapsCommand: ParsableCommand {
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Register NAME and answer every request.",
-            discussion: "--echo replies with the request's bytes; --exec runs COMMAND per request, request on its stdin, reply from its stdout.")
+            discussion: "--echo replies with the request's bytes; --exec runs COMMAND per request, request on its stdin, reply from its stdout, and the client's credentials (the kernel's) in its environment: PATCHBAY_CAPS_CLIENT_PID, PATCHBAY_CAPS_CLIENT_UID, PATCHBAY_CAPS_CLIENT_EUID, PATCHBAY_CAPS_CLIENT_GID, and PATCHBAY_CAPS_MESSAGE_ID.")
 
         @Argument var name: String
 
@@ -190,7 +190,10 @@ struct CapsCommand: ParsableCommand {
                     books.withLock { $0.replied(message.messageID, request.count, to: uid) }
                     return
                 }
-                jobs.submit(ExecJobs.Job(messageID: message.messageID, uid: uid, request: request))
+                let client = message.credentials
+                jobs.submit(ExecJobs.Job(origin: CapsRequestOrigin(messageID: message.messageID, pid: client.pid, uid: client.uid,
+                                                                   euid: client.euid, gid: client.gid),
+                                         request: request))
             } catch {
                 writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
             }
@@ -199,7 +202,7 @@ struct CapsCommand: ParsableCommand {
         /// A request's program, on a slot's thread, and its answer.
         private static func run(_ job: ExecJobs.Job, starter: ExecStarter, limits: FilterLimits,
                                 books: borrowing Mutex<HeldReplies>, service: CapsService) {
-            let answer = runFilter(starter, input: job.request, limits: limits)
+            let answer = runFilter(starter, input: job.request, limits: limits, origin: job.origin)
             do throws(PatchbayError) {
                 // Booked before it is sent: its DISPOSE may come back before `reply` returns.
                 let admitted = books.withLock { held in
@@ -442,7 +445,8 @@ struct FilterLimits {
 /// next write fails, `EPIPE`), and one that runs longer than `limits.nanoseconds` is killed by
 /// the starter; this side stops reading at that deadline too, so that a process the program left
 /// behind holding its stdout cannot hold the service.
-func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits) -> Result<[UInt8], FilterFailure> {
+func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits,
+               origin: CapsRequestOrigin? = nil) -> Result<[UInt8], FilterFailure> {
     let program = starter.program
     guard let stdin = try? Pipe(), let stdout = try? Pipe() else {
         return .failure(FilterFailure(reason: "cannot make pipes for \(program)"))
@@ -450,7 +454,8 @@ func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits) -> 
     let writer = stdin.writeEnd
     let reader = stdout.readEnd
     // (The program's ends are closed here once sent: the program's output ends when it exits.)
-    let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue, limit: limits.nanoseconds)
+    let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue, limit: limits.nanoseconds,
+                            request: origin)
     _ = consume stdin.readEnd
     stdout.writeEnd.close()
     guard let tag else { return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone")) }

@@ -11,9 +11,10 @@ import Synchronization
 final class ExecJobs: @unchecked Sendable {  // the queue under its mutex; the word is atomic
     /// A request waiting for its program: its copy, and whose it is.
     struct Job: Sendable {
-        let messageID: UInt64
-        let uid: UInt32
+        let origin: CapsRequestOrigin
         let request: [UInt8]
+        var messageID: UInt64 { origin.messageID }
+        var uid: UInt32 { origin.uid }
     }
 
     private struct Queue {

@@ -15,7 +15,10 @@ import SystemPackage
 //
 // Between the two, on a local seqpacket socket: the service sends a message of 16 bytes, two
 // 64-bit words (a tag, and how long the program may run in nanoseconds, 0 for ever), with two
-// descriptors (the program's stdin and stdout); the starter answers, once the program has ended,
+// descriptors (the program's stdin and stdout), or of 40 bytes for a CAPS request, whose three
+// more words are its message id, then its client's pid and uid, then euid and gid (32 bits each,
+// low first), which the program finds in its environment (`PATCHBAY_CAPS_MESSAGE_ID`,
+// `PATCHBAY_CAPS_CLIENT_PID`, `_UID`, `_EUID`, `_GID`); the starter answers, once the program has ended,
 // with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status, 1 and the
 // signal, 2 and the errno it could not be started with, 3 and 0: it ran out of time and the
 // starter killed it). Programs run at the same time as far as the service starts them so.
@@ -29,26 +32,37 @@ struct ExecStarterCommand: ParsableCommand {
     func run() throws {
         guard let path = program.first else { throw ExitCode(2) }
         let arguments = Array(program.dropFirst())
-        let environment = currentEnvironment()
-        var words: (tag: UInt64, limit: UInt64) = (0, 0)
+        // The service's own values of the names below never reach a program.
+        let environment = currentEnvironment().filter { !$0.hasPrefix("PATCHBAY_CAPS_") }
+        var words: (tag: UInt64, limit: UInt64, message: UInt64, pidUID: UInt64, euidGID: UInt64) = (0, 0, 0, 0, 0)
         while true {
-            // A tag, a time limit and the program's stdin and stdout; nothing (the service is
-            // gone): done.
+            // A tag, a time limit (and a CAPS request's id and client) and the program's stdin
+            // and stdout; nothing (the service is gone): done.
             guard let received = withUnsafeMutableBytes(of: &words, { SeqpacketSocket.receiveRaw(3, $0) }) else {
                 if errno == EINTR { continue }
                 return
             }
-            guard received.length == 16, received.descriptors.count == 2 else {
+            guard received.length == 16 || received.length == 40, received.descriptors.count == 2 else {
                 received.descriptors.forEach { close($0) }
                 if received.length == 0 { return }
                 continue
             }
+            var programEnvironment = environment
+            if received.length == 40 {
+                let low = { (word: UInt64) in UInt32(truncatingIfNeeded: word) }
+                let high = { (word: UInt64) in UInt32(truncatingIfNeeded: word >> 32) }
+                programEnvironment += ["PATCHBAY_CAPS_MESSAGE_ID=\(words.message)",
+                                       "PATCHBAY_CAPS_CLIENT_PID=\(Int32(bitPattern: low(words.pidUID)))",
+                                       "PATCHBAY_CAPS_CLIENT_UID=\(high(words.pidUID))",
+                                       "PATCHBAY_CAPS_CLIENT_EUID=\(low(words.euidGID))",
+                                       "PATCHBAY_CAPS_CLIENT_GID=\(high(words.euidGID))"]
+            }
             let started = Result { () throws(Errno) -> pid_t in
-                try spawnProcess(path: path, arguments: arguments, environment: environment,
+                try spawnProcess(path: path, arguments: arguments, environment: programEnvironment,
                                  descriptors: [0: received.descriptors[0], 1: received.descriptors[1], 2: 2])
             }
             received.descriptors.forEach { close($0) }
-            let (which, limit) = words
+            let (which, limit) = (words.tag, words.limit)
             switch started {
             case .success(let pid):
                 startThread {
@@ -85,6 +99,15 @@ func startExecStarter(_ program: String, arguments: [String], for command: Strin
             throw PatchbayError(error, "cannot start the process that runs \(program)")
         }
     }
+}
+
+/// A CAPS request's id and its client's credentials (the kernel's), for its program's environment.
+struct CapsRequestOrigin: Sendable {
+    var messageID: UInt64
+    var pid: Int32
+    var uid: UInt32
+    var euid: UInt32
+    var gid: UInt32
 }
 
 /// The service's side: the starter, started now, and programs run through it, from any thread.
@@ -131,16 +154,21 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
     /// caller still owns them, and may close them once this returns), to be killed if it runs
     /// longer than `limit` nanoseconds (0: it may run for ever). Nil when the starter is gone;
     /// else the tag `wait` takes.
-    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0) -> UInt64? {
+    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0, request: CapsRequestOrigin? = nil) -> UInt64? {
         pthread_mutex_lock(lock)
         let tag = state.nextTag
         state.nextTag += 1
         pthread_mutex_unlock(lock)
-        var words = (tag, limit)
-        let sent = withUnsafeBytes(of: &words) { raw in
+        var words: [UInt64] = [tag, limit]
+        if let request {
+            words += [request.messageID,
+                      UInt64(UInt32(bitPattern: request.pid)) | UInt64(request.uid) << 32,
+                      UInt64(request.euid) | UInt64(request.gid) << 32]
+        }
+        let sent = words.withUnsafeBytes { raw in
             [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, raw, $0) }
         }
-        guard sent == 16 else {
+        guard sent == words.count * 8 else {
             pthread_mutex_lock(lock)
             state.gone = true
             pthread_cond_broadcast(changed)

@@ -315,6 +315,40 @@ struct TwoUserTests {
         #expect(try service.wait() == .exited(0))
     }
 
+    @Test("caps serve --exec gives its program the kernel's credentials of the request's client (nobody's, not what the service's environment said) and the message id")
+    func execProgramSeesItsClient() throws {
+        let broker = try openBroker(["--system"])
+        var environment = broker.environment
+        // A value the service inherited must not pass for the client's, nor stay beside it.
+        environment["PATCHBAY_CAPS_CLIENT_UID"] = "0"
+        let service = try Child(patchbayCLI, ["caps", "serve", "whoami", "--allow", "world", "--exec", "/usr/bin/env"],
+                                environment: environment)
+        defer { service.kill(SIGTERM); _ = try? service.wait() }
+        /// The program's PATCHBAY_CAPS_ variables, each line as the program saw it.
+        func variables(_ output: String) -> [String: String] {
+            var found: [String: String] = [:]
+            for line in output.split(separator: "\n") where line.hasPrefix("PATCHBAY_CAPS_") {
+                let parts = line.split(separator: "=", maxSplits: 1)
+                found[String(parts[0])] = found[String(parts[0])] == nil ? String(parts.count == 2 ? parts[1] : "") : "(twice)"
+            }
+            return found
+        }
+        let caller = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                    "caps", "call", "whoami", "--wait-for-service", "x"], environment: broker.environment)
+        var output = ""
+        while let line = try caller.readLine() { output += line + "\n" }
+        #expect(try caller.wait() == .exited(0))
+        let seen = variables(output)
+        #expect(seen["PATCHBAY_CAPS_CLIENT_PID"] == "\(caller.pid)" && seen["PATCHBAY_CAPS_CLIENT_UID"] == "65534"
+                    && seen["PATCHBAY_CAPS_CLIENT_EUID"] == "65534" && seen["PATCHBAY_CAPS_CLIENT_GID"] == "65534", "\(seen)")
+        #expect(seen["PATCHBAY_CAPS_MESSAGE_ID"].flatMap { UInt64($0) }.map { $0 > 0 } == true, "\(seen)")
+        #expect(seen.count == 5, "\(seen)")
+        // Root's own call says root.
+        let mine = variables(String(decoding: try CapsClient(try broker.connect(), name: "whoami").call(Array("x".utf8)), as: UTF8.self))
+        #expect(mine["PATCHBAY_CAPS_CLIENT_PID"] == "\(getpid())" && mine["PATCHBAY_CAPS_CLIENT_UID"] == "0"
+                    && mine["PATCHBAY_CAPS_CLIENT_GID"] == "\(getegid())", "\(mine)")
+    }
+
     @Test("share --for-uid: only that uid can claim")
     func claimRestrictedToAnotherUser() throws {
         let broker = try openBroker(["--system"])
