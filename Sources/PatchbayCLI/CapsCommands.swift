@@ -152,12 +152,6 @@ struct CapsCommand: ParsableCommand {
                 } catch {
                     fail(command, error)
                 }
-                // Without its starter the service can answer nothing again: it stops, failing,
-                // rather than refuse every request from now on (the request that found it gone
-                // had its error reply).
-                if let starter, starter.isGone {
-                    fail(command, .ioError, "the process that runs \(starter.program) is gone; no request can be answered any more")
-                }
             }
         }
 
@@ -232,6 +226,13 @@ struct CapsCommand: ParsableCommand {
             } catch {
                 // (A request its client aborted, or whose client left, while it ran: EINVAL.)
                 writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
+            }
+            // Without its starter the service can answer nothing again: it stops, failing,
+            // rather than refuse every request from now on. Here, on the slot's thread, once the
+            // request that found it gone has had its error reply (the service's own thread could
+            // see the starter gone first, and exit before that reply went).
+            if starter.isGone {
+                fail("caps serve", .ioError, "the process that runs \(starter.program) is gone; no request can be answered any more")
             }
         }
     }

@@ -15,10 +15,12 @@ import SystemPackage
 //
 // Between the two, on a local seqpacket socket: the service sends a message of 16 bytes, two
 // 64-bit words (a tag, and how long the program may run in nanoseconds, 0 for ever), with two
-// descriptors (the program's stdin and stdout), or of 40 bytes for a CAPS request, whose three
-// more words are its message id, then its client's pid and uid, then euid and gid (32 bits each,
-// low first), which the program finds in its environment (`PATCHBAY_CAPS_MESSAGE_ID`,
-// `PATCHBAY_CAPS_CLIENT_PID`, `_UID`, `_EUID`, `_GID`); the starter answers, once the program has ended,
+// descriptors (the program's stdin and stdout); of 32 bytes for a `/net` connection, whose two
+// more words are its peer's pid and uid, then gid (32 bits each, low first), which the program
+// finds in its environment (`PATCHBAY_NET_PEER_PID`, `_UID`, `_GID`); or of 40 bytes for a CAPS
+// request, whose three more words are its message id, then its client's pid and uid, then euid
+// and gid (`PATCHBAY_CAPS_MESSAGE_ID`, `PATCHBAY_CAPS_CLIENT_PID`, `_UID`, `_EUID`, `_GID`). The
+// service's own values of those names never reach a program. The starter answers, once the program has ended,
 // with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status, 1 and the
 // signal, 2 and the errno it could not be started with, 3 and 0: it ran out of time and the
 // starter killed it). Programs run at the same time as far as the service starts them so.
@@ -33,7 +35,7 @@ struct ExecStarterCommand: ParsableCommand {
         guard let path = program.first else { throw ExitCode(2) }
         let arguments = Array(program.dropFirst())
         // The service's own values of the names below never reach a program.
-        let environment = currentEnvironment().filter { !$0.hasPrefix("PATCHBAY_CAPS_") }
+        let environment = currentEnvironment().filter { !$0.hasPrefix("PATCHBAY_CAPS_") && !$0.hasPrefix("PATCHBAY_NET_PEER_") }
         var words: (tag: UInt64, limit: UInt64, message: UInt64, pidUID: UInt64, euidGID: UInt64) = (0, 0, 0, 0, 0)
         while true {
             // A tag, a time limit (and a CAPS request's id and client) and the program's stdin
@@ -42,15 +44,20 @@ struct ExecStarterCommand: ParsableCommand {
                 if errno == EINTR { continue }
                 return
             }
-            guard received.length == 16 || received.length == 40, received.descriptors.count == 2 else {
+            guard [16, 32, 40].contains(received.length), received.descriptors.count == 2 else {
                 received.descriptors.forEach { close($0) }
                 if received.length == 0 { return }
                 continue
             }
             var programEnvironment = environment
-            if received.length == 40 {
-                let low = { (word: UInt64) in UInt32(truncatingIfNeeded: word) }
-                let high = { (word: UInt64) in UInt32(truncatingIfNeeded: word >> 32) }
+            let low = { (word: UInt64) in UInt32(truncatingIfNeeded: word) }
+            let high = { (word: UInt64) in UInt32(truncatingIfNeeded: word >> 32) }
+            if received.length == 32 {
+                // (The words after the limit: pid and uid, then gid.)
+                programEnvironment += ["PATCHBAY_NET_PEER_PID=\(Int32(bitPattern: low(words.message)))",
+                                       "PATCHBAY_NET_PEER_UID=\(high(words.message))",
+                                       "PATCHBAY_NET_PEER_GID=\(low(words.pidUID))"]
+            } else if received.length == 40 {
                 programEnvironment += ["PATCHBAY_CAPS_MESSAGE_ID=\(words.message)",
                                        "PATCHBAY_CAPS_CLIENT_PID=\(Int32(bitPattern: low(words.pidUID)))",
                                        "PATCHBAY_CAPS_CLIENT_UID=\(high(words.pidUID))",
@@ -154,13 +161,16 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
     /// caller still owns them, and may close them once this returns), to be killed if it runs
     /// longer than `limit` nanoseconds (0: it may run for ever). Nil when the starter is gone;
     /// else the tag `wait` takes.
-    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0, request: CapsRequestOrigin? = nil) -> UInt64? {
+    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0, request: CapsRequestOrigin? = nil,
+               peer: (pid: Int32, uid: UInt32, gid: UInt32)? = nil) -> UInt64? {
         pthread_mutex_lock(lock)
         let tag = state.nextTag
         state.nextTag += 1
         pthread_mutex_unlock(lock)
         var words: [UInt64] = [tag, limit]
-        if let request {
+        if let peer {
+            words += [UInt64(UInt32(bitPattern: peer.pid)) | UInt64(peer.uid) << 32, UInt64(peer.gid)]
+        } else if let request {
             words += [request.messageID,
                       UInt64(UInt32(bitPattern: request.pid)) | UInt64(request.uid) << 32,
                       UInt64(request.euid) | UInt64(request.gid) << 32]

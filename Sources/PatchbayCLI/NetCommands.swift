@@ -18,7 +18,9 @@ struct NetCommand: ParsableCommand {
             abstract: "Bind NAME, listen, and serve every connection.",
             discussion: """
                 --echo sends every packet (or byte chunk) back; --exec runs COMMAND for each \
-                connection with the connection as its stdin and stdout. For dgram, --echo answers \
+                connection with the connection as its stdin and stdout, and its peer as the kernel \
+                recorded it at connect(2) in PATCHBAY_NET_PEER_PID, PATCHBAY_NET_PEER_UID and \
+                PATCHBAY_NET_PEER_GID. For dgram, --echo answers \
                 each datagram to its sender. Runs until interrupted.
                 """)
 
@@ -366,8 +368,10 @@ final class ConnectionBox: @unchecked Sendable {
     /// program that fails is logged.
     func run(_ starter: ExecStarter) {
         let fd = socket.dataDescriptor
+        // The peer as the kernel recorded it at connect(2), for the program's environment.
+        let peer = try? UnixSocket.peerCredentials(of: fd)
         // Without its starter the listener can serve nothing again: it stops, failing.
-        guard let tag = starter.start(stdin: fd, stdout: fd) else {
+        guard let tag = starter.start(stdin: fd, stdout: fd, peer: peer) else {
             fail("net listen", .ioError, "the process that runs \(starter.program) is gone; no connection can be served any more")
         }
         switch starter.wait(tag) {

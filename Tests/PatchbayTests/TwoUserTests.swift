@@ -349,6 +349,29 @@ struct TwoUserTests {
                     && mine["PATCHBAY_CAPS_CLIENT_GID"] == "\(getegid())", "\(mine)")
     }
 
+    @Test("net listen --exec gives its program the connection's peer as the kernel recorded it (nobody), whatever the server's environment said")
+    func netExecProgramSeesItsPeer() throws {
+        let broker = try openBroker(["--system"])
+        var environment = broker.environment
+        environment["PATCHBAY_NET_PEER_UID"] = "0"
+        let server = try Child(patchbayCLI, ["net", "listen", "peerenv", "--type", "stream", "--exec", "/usr/bin/env"],
+                               environment: environment)
+        defer { server.kill(SIGTERM); _ = try? server.wait() }
+        _ = try waitUntilListening(try broker.connect(), "peerenv")
+        let peer = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", patchbayCLI,
+                                                  "net", "connect", "peerenv", "--type", "stream"], environment: broker.environment)
+        peer.closeInput()
+        var seen: [String: [String]] = [:]
+        while let line = try peer.readLine() {
+            guard line.hasPrefix("PATCHBAY_NET_PEER_") else { continue }
+            let parts = line.split(separator: "=", maxSplits: 1)
+            seen[String(parts[0]), default: []].append(parts.count == 2 ? String(parts[1]) : "")
+        }
+        _ = try peer.wait()
+        #expect(seen == ["PATCHBAY_NET_PEER_PID": ["\(peer.pid)"], "PATCHBAY_NET_PEER_UID": ["65534"],
+                         "PATCHBAY_NET_PEER_GID": ["65534"]], "\(seen)")
+    }
+
     @Test("share --for-uid: only that uid can claim")
     func claimRestrictedToAnotherUser() throws {
         let broker = try openBroker(["--system"])
