@@ -1823,6 +1823,78 @@ func capsForgeDispose(_ name: String) throws(PatchbayError) {
     say("consumed " + replies.joined(separator: " "))
 }
 
+/// This process's open descriptors for the memory files `caps-rewrite-kept` sends.
+func openDescriptors() -> Int {
+    guard let directory = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(directory) }
+    var count = 0
+    var target = [CChar](repeating: 0, count: 64)
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let length = readlink("/proc/self/fd/" + name, &target, target.count - 1)
+        if length > 0, String(decoding: target[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self).contains("rewrite-kept") {
+            count += 1
+        }
+    }
+    return count
+}
+
+/// A WORLD service that reads with a 16-byte buffer, as a C service with a fixed buffer does:
+/// says "ready N" (N: its open descriptors for `caps-rewrite-kept`'s memory files, 0); for each request read short, "short ID", then waits
+/// for a line "go" and refuses it (`EMSGSIZE`), saying "refused" or the errno of the refusal; for
+/// each DISPOSE, "dispose ID N" once its descriptors are back to the count at "ready" (or after
+/// 5 s, whatever they are).
+func capsShortReader(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let service = try CapsService(broker, name: name, access: [.world])
+    let ready = openDescriptors()
+    say("ready \(ready)")
+    var buffer = [UInt8](repeating: 0, count: 16)
+    while true {
+        let message = try buffer.withUnsafeMutableBytes { raw in
+            Result { () throws(PatchbayError) -> CapsServiceMessage in try service.wait(into: raw) }
+        }.get()
+        switch message.kind {
+        case .request where message.length > 16:
+            say("short \(message.messageID)")
+            guard Swift.readLine() == "go" else { return }
+            do throws(PatchbayError) {
+                try service.reply(to: message.messageID, error: .messageTooLong)
+                say("refused")
+            } catch {
+                say(error.errno.name)
+            }
+        case .dispose:
+            let deadline = monotonicNanoseconds() + 5_000_000_000
+            while openDescriptors() > ready && monotonicNanoseconds() < deadline { usleep(1_000) }
+            say("dispose \(message.messageID) \(openDescriptors())")
+        default:
+            break
+        }
+    }
+}
+
+/// A hostile client of `name`: puts a 100-byte request carrying 8 descriptors (memory files named
+/// "rewrite-kept") and says "put ID";
+/// on a line "rewrite", sends 8 more under a new id, writes that id over the request's entry and
+/// says "rewritten ID"; leaves at the end of its input.
+func capsRewriteKept(_ name: String) throws(PatchbayError) {
+    let broker = try Broker()
+    let client = try CapsClient(broker, name: name, waitForService: true)
+    // Memory files of a name the service can count.
+    func nulls() -> [CInt] { (0..<8).map { _ in (try? makeMemoryFile(name: "rewrite-kept", sealable: false))?.release() ?? -1 } }
+    let first = nulls()
+    let id = try client.put([UInt8](repeating: 0x61, count: 100), descriptors: first)
+    first.forEach { close($0) }
+    say("put \(id)")
+    guard Swift.readLine() == "rewrite" else { return }
+    let second = nulls()
+    let rewritten = try client.rewriteWaitingRequest(sending: second)
+    second.forEach { close($0) }
+    say("rewritten \(rewritten.map { "\($0)" } ?? "none")")
+    waitForEndOfInput()
+}
+
 /// A service that reads one request and never answers; killed by the test.
 func capsServiceHang(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
@@ -2174,6 +2246,10 @@ func main() -> CInt {
             try capsClient(arguments[1], count: Int(arguments[2]) ?? 1)
         case "caps-forced-sleep" where arguments.count == 4 && Int(arguments[2]) != nil && Int(arguments[3]) != nil:
             try capsForcedSleep(arguments[1], count: Int(arguments[2])!, window: Int(arguments[3])!)
+        case "caps-short-reader" where arguments.count == 2:
+            try capsShortReader(arguments[1])
+        case "caps-rewrite-kept" where arguments.count == 2:
+            try capsRewriteKept(arguments[1])
         case "caps-scribble-service-words" where arguments.count == 2:
             try capsScribbleServiceWords(arguments[1])
         case "caps-forge-dispose" where arguments.count == 2:

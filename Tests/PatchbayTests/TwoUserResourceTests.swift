@@ -328,6 +328,38 @@ struct TwoUserResourceTests {
         #expect(try CapsClient(root, name: "paced", waitForService: true).call(Array("fast".utf8)) == Array("fast\n".utf8))
     }
 
+    @Test("nobody cannot leave descriptors with root's service by rewriting the id of a request it read short: what was kept for the old id is closed, and root's service is back to its own descriptors once nobody leaves")
+    func rewrittenShortReadKeepsNothing() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let service = try Child(testPeer, ["caps-short-reader", "kept"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let ready = try #require(try service.readLine())
+        #expect(ready.hasPrefix("ready "))
+        let own = ready.split(separator: " ").last.map(String.init) ?? ""
+        let client = try nobodyPeer(["caps-rewrite-kept", "kept"], broker)
+        defer { client.kill(SIGKILL); _ = try? client.wait() }
+        let put = try #require(try client.readLine())
+        // Read short: its 8 descriptors kept for the request's next read.
+        #expect(try service.readLine() == "short \(put.dropFirst(4))")
+        // nobody writes a new id over the entry, with 8 more descriptors under it.
+        try client.writeLine("rewrite")
+        let rewritten = try #require(try client.readLine())
+        #expect(rewritten.hasPrefix("rewritten ") && rewritten != "rewritten none", "\(rewritten)")
+        // Root's refusal names the id it read: no longer the entry's.
+        try service.writeLine("go")
+        #expect(try service.readLine() == "EINVAL")
+        #expect(try service.readLine() == "short \(rewritten.dropFirst(10))")
+        try service.writeLine("go")
+        #expect(try service.readLine() == "refused")
+        // nobody leaves: its refused request is DISPOSEd, and the service holds what it held
+        // before nobody came (with the leak, 8 of nobody's descriptors more, for good).
+        client.closeInput()
+        _ = try client.wait()
+        let disposed = try service.readLine()
+        #expect(disposed == "dispose \(rewritten.dropFirst(10)) \(own)", "\(disposed ?? "nothing"), ready with \(own)")
+    }
+
     @Test("the loop's time refusing nobody's connections to root's /net listener is charged to nobody's share of the turn, not root's (whose other requests waited turn after turn while nobody connected in a loop)")
     func refusedNetConnectionsAreChargedToTheirMaker() throws {
         let broker = try openBroker(["--net-connection-burst-per-uid", "2", "--net-connections-per-second-per-uid", "0.5"])

@@ -278,6 +278,22 @@ public final class CapsClient: @unchecked Sendable {
         }
     }
 
+    /// Sends `descriptors` under a new message id of this channel and writes that id over the
+    /// oldest request still in the ring, as a hostile client can (the service may have read the
+    /// entry short and kept what came with it under the old id): only for the project's tests.
+    /// Returns the new id, nil if no request waits in the ring.
+    package func rewriteWaitingRequest(sending descriptors: [CInt]) throws(PatchbayError) -> UInt64? {
+        try core.lock.locked { () throws(PatchbayError) -> UInt64? in
+            try checkUsable()
+            guard let waiting = channel.pendingRequestSlots().first else { return nil }
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID, sequence: sequence)
+            try sendAttachments(direct.rawValue, messageID: messageID, descriptors: descriptors)
+            channel.rewriteRequestID(at: waiting.position, to: messageID)
+            return messageID
+        }
+    }
+
     /// Puts a REQUEST entry that says its payload is inline but is `length` bytes long, as a
     /// hostile client writing its ring by other means could: only for the project's tests, to
     /// check that a service refuses an inline payload longer than an entry holds.

@@ -101,6 +101,16 @@ final class AttachmentStash {
         if !waiting.isEmpty { waiting[messageID] = nil }
     }
 
+    /// A service's rule: only the request at the head of a channel's ring is ever kept (read
+    /// short, it stays there), so whatever is kept for another id of `channel` belongs to an
+    /// entry its client rewrote (a new id over the old, which the service will never name again)
+    /// and is closed. `current` nil: everything kept for the channel (its client is gone).
+    @inline(__always)
+    func discardStale(of channel: UInt64, keeping current: UInt64?) {
+        guard !waiting.isEmpty else { return }
+        for id in waiting.keys where capsChannel(of: id) == channel && id != current { waiting[id] = nil }
+    }
+
     /// Closes the descriptors of a message nobody will read, kept or still queued on `direct`.
     func discard(_ entry: CapsEntry, from direct: CInt, peer: UInt64) {
         guard entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0 else { return }

@@ -817,7 +817,12 @@ public final class CapsService: @unchecked Sendable {
               client.messages.count < maximumInFlight,
               let (entry, position) = client.channel.peek(.request), entry.kind == .request, entry.messageID == messageID,
               client.channel.claimForService(position)
-        else { return nil }
+        else {
+            // Not the head any more (its client took it back, or rewrote the entry): what was
+            // kept for it when it was read short will never be asked for.
+            core.stash.discardKept(messageID)
+            return nil
+        }
         client.channel.advance(.request)
         core.stash.discard(entry, from: client.direct.rawValue, peer: UInt64(client.credentials.uid))
         let record = MessageRecord(id: messageID, offset: -1, length: 0, state: Self.received)
@@ -1040,6 +1045,8 @@ public final class CapsService: @unchecked Sendable {
             client.channel.advance(.request)
             return nil
         }
+        // What was kept for this channel's head under another id: its client rewrote the entry.
+        core.stash.discardStale(of: client.id, keeping: entry.messageID)
         switch entry.kind {
         case .request where !client.messages.contains(entry.messageID):
             if entry.flags & (CapsEntryFlags.attachedPayload | CapsEntryFlags.descriptors) != 0,
@@ -1249,6 +1256,7 @@ public final class CapsService: @unchecked Sendable {
         }
         // Replies it consumed before going are among these: still shown, in id order with the rest.
         left.append(contentsOf: client.messages.all().map(\.id))
+        core.stash.discardStale(of: channelID, keeping: nil)  // kept under ids it rewrote, too
         for id in left.sorted() {
             core.stash.discard(id)
             synthetic.append(CapsServiceMessage(kind: .dispose, messageID: id, length: 0, consumed: true,
