@@ -542,6 +542,8 @@ static void test_caps(pb_broker *broker) {
     FAILS(pb_caps_client_connect(broker, keyed, geteuid(), PB_CAPS_ANY, 0, 2, &keyed_client), EINVAL);
     FAILS(pb_caps_client_connect(broker, keyed, (int64_t)geteuid() + 1, PB_CAPS_ANY, 0, 0, &keyed_client), ENOENT);
     FAILS(pb_caps_client_connect(broker, keyed, PB_CAPS_ANY, (int64_t)getegid() + 1, 0, 0, &keyed_client), ENOENT);
+    /* (The service there is this uid's: the reason does not blame its uid.) */
+    CHECK(strstr(pb_last_reason(), "name that uid") == NULL && strstr(pb_last_reason(), "matching uid -1, gid") != NULL);
     FAILS(pb_caps_client_connect(broker, keyed, geteuid(), getegid(), PB_CAPS_WORLD, 0, &keyed_client), EACCES);
     OK(pb_caps_client_connect(broker, keyed, geteuid(), getegid(), PB_CAPS_GROUP, 0, &keyed_client));
     pb_caps_client_close(keyed_client);

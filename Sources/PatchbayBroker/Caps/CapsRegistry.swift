@@ -589,7 +589,10 @@ final class CapsRegistry {
         }
         guard let service = candidates.last else {
             if flags.contains(.waitForService) { return nil }
-            if uid == -1, let other = (byName[name] ?? []).compactMap({ services[$0] }).first {
+            // (Said only of a registration this client would not trust: one it would, passed
+            // over for its gid, gets the plain reason below.)
+            if uid == -1, let other = (byName[name] ?? []).compactMap({ services[$0] })
+                .first(where: { !policy.trusts(serviceOwner: $0.owner, of: name, client: caller) }) {
                 throw RequestError(errno: .noSuchFileOrDirectory,
                                    reason: "no service \(name) of uid \(caller.uid) or root is registered; the one there is uid \(other.owner.uid)'s: name that uid to use it")
             }
