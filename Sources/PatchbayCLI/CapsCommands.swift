@@ -114,7 +114,6 @@ struct CapsCommand: ParsableCommand {
             if limit <= 0 { failUsage(command, "--max-request must be positive") }
             let heldLimit = parseSize(maxReplyBytesPerUid, command)
             if heldLimit <= 0 { failUsage(command, "--max-reply-bytes-per-uid must be positive") }
-            let held = HeldReplies(limit: heldLimit)
             let replyLimit = parseSize(maxReply, command)
             if replyLimit < 0 { failUsage(command, "--max-reply must not be negative") }
             let timeout: UInt64 = switch DurationText.parse(execTimeout, for: command) {
@@ -122,7 +121,7 @@ struct CapsCommand: ParsableCommand {
             case .after(let duration): nanoseconds(duration)
             }
             let limits = FilterLimits(output: replyLimit, nanoseconds: timeout)
-            let books = Mutex(held)
+            let books = Mutex(HeldReplies(limit: heldLimit))
             let jobs = starter.map { starter in
                 ExecJobs(slots: maxPrograms, perUID: perUID) { job in
                     Self.run(job, starter: starter, limits: limits, books: books, service: service)
@@ -185,8 +184,8 @@ struct CapsCommand: ParsableCommand {
                     return
                 }
                 let client = message.credentials
-                jobs.submit(ExecJobs.Job(origin: CapsRequestOrigin(messageID: message.messageID, pid: client.pid, uid: client.uid,
-                                                                   euid: client.euid, gid: client.gid),
+                jobs.submit(ExecJobs.Job(origin: ProgramPeer(pid: client.pid, uid: client.uid, euid: client.euid, gid: client.gid,
+                                                             messageID: message.messageID),
                                          request: request))
             } catch {
                 writeStandardError("patchbay: caps serve: \(error.errno.name): \(error.reason)\n")
@@ -447,7 +446,7 @@ struct FilterLimits {
 /// the starter; this side stops reading at that deadline too, so that a process the program left
 /// behind holding its stdout cannot hold the service.
 func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits,
-               origin: CapsRequestOrigin? = nil) -> Result<[UInt8], FilterFailure> {
+               origin: ProgramPeer? = nil) -> Result<[UInt8], FilterFailure> {
     let program = starter.program
     guard let stdin = try? Pipe(), let stdout = try? Pipe() else {
         return .failure(FilterFailure(reason: "cannot make pipes for \(program)"))
@@ -456,7 +455,7 @@ func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits,
     let reader = stdout.readEnd
     // (The program's ends are closed here once sent: the program's output ends when it exits.)
     let tag = starter.start(stdin: stdin.readEnd.rawValue, stdout: stdout.writeEnd.rawValue, limit: limits.nanoseconds,
-                            request: origin)
+                            peer: origin)
     _ = consume stdin.readEnd
     stdout.writeEnd.close()
     guard let tag else { return .failure(FilterFailure(reason: "cannot run \(program): its starter is gone")) }
@@ -530,7 +529,7 @@ struct HeldReplies {
 
     mutating func replied(_ messageID: UInt64, _ bytes: Int, to uid: UInt32) {
         replies[messageID] = (uid, bytes)
-        perUid[uid, default: 0] += bytes
+        hold(bytes, for: uid)
     }
 
     /// A request's copy, waiting for its program: held for `uid` until `release`.
@@ -546,7 +545,6 @@ struct HeldReplies {
     /// A DISPOSE (the client consumed the reply, or went away without).
     mutating func consumed(_ messageID: UInt64) {
         guard let reply = replies.removeValue(forKey: messageID) else { return }
-        let left = (perUid[reply.uid] ?? 0) - reply.bytes
-        perUid[reply.uid] = left > 0 ? left : nil
+        release(reply.bytes, of: reply.uid)
     }
 }

@@ -11,9 +11,9 @@ import Synchronization
 final class ExecJobs: @unchecked Sendable {  // the queue under its mutex; the word is atomic
     /// A request waiting for its program: its copy, and whose it is.
     struct Job: Sendable {
-        let origin: CapsRequestOrigin
+        let origin: ProgramPeer  // with its message id
         let request: [UInt8]
-        var messageID: UInt64 { origin.messageID }
+        var messageID: UInt64 { origin.messageID ?? 0 }
         var uid: UInt32 { origin.uid }
     }
 

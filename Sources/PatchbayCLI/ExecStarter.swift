@@ -15,11 +15,11 @@ import SystemPackage
 //
 // Between the two, on a local seqpacket socket: the service sends a message of 16 bytes, two
 // 64-bit words (a tag, and how long the program may run in nanoseconds, 0 for ever), with two
-// descriptors (the program's stdin and stdout); of 32 bytes for a `/net` connection, whose two
-// more words are its peer's pid and uid, then gid (32 bits each, low first), which the program
-// finds in its environment (`PATCHBAY_NET_PEER_PID`, `_UID`, `_GID`); or of 40 bytes for a CAPS
-// request, whose three more words are its message id, then its client's pid and uid, then euid
-// and gid (`PATCHBAY_CAPS_MESSAGE_ID`, `PATCHBAY_CAPS_CLIENT_PID`, `_UID`, `_EUID`, `_GID`). The
+// descriptors (the program's stdin and stdout); or of 32 bytes, whose two more words are the
+// kernel's credentials of the peer the program answers, pid and uid, then euid and gid (32 bits
+// each, low first), for a `/net` connection (`PATCHBAY_NET_PEER_PID`, `_UID`, `_GID` in the
+// program's environment); or of 40 bytes, the same and a CAPS request's message id
+// (`PATCHBAY_CAPS_CLIENT_PID`, `_UID`, `_EUID`, `_GID`, `PATCHBAY_CAPS_MESSAGE_ID`). The
 // service's own values of those names never reach a program. The starter answers, once the program has ended,
 // with 24 bytes, three 64-bit words: the tag, then how it ended (0 and the exit status, 1 and the
 // signal, 2 and the errno it could not be started with, 3 and 0: it ran out of time and the
@@ -36,7 +36,7 @@ struct ExecStarterCommand: ParsableCommand {
         let arguments = Array(program.dropFirst())
         // The service's own values of the names below never reach a program.
         let environment = currentEnvironment().filter { !$0.hasPrefix("PATCHBAY_CAPS_") && !$0.hasPrefix("PATCHBAY_NET_PEER_") }
-        var words: (tag: UInt64, limit: UInt64, message: UInt64, pidUID: UInt64, euidGID: UInt64) = (0, 0, 0, 0, 0)
+        var words: (tag: UInt64, limit: UInt64, pidUID: UInt64, euidGID: UInt64, message: UInt64) = (0, 0, 0, 0, 0)
         while true {
             // A tag, a time limit (and a CAPS request's id and client) and the program's stdin
             // and stdout; nothing (the service is gone): done.
@@ -50,19 +50,13 @@ struct ExecStarterCommand: ParsableCommand {
                 continue
             }
             var programEnvironment = environment
-            let low = { (word: UInt64) in UInt32(truncatingIfNeeded: word) }
-            let high = { (word: UInt64) in UInt32(truncatingIfNeeded: word >> 32) }
-            if received.length == 32 {
-                // (The words after the limit: pid and uid, then gid.)
-                programEnvironment += ["PATCHBAY_NET_PEER_PID=\(Int32(bitPattern: low(words.message)))",
-                                       "PATCHBAY_NET_PEER_UID=\(high(words.message))",
-                                       "PATCHBAY_NET_PEER_GID=\(low(words.pidUID))"]
-            } else if received.length == 40 {
-                programEnvironment += ["PATCHBAY_CAPS_MESSAGE_ID=\(words.message)",
-                                       "PATCHBAY_CAPS_CLIENT_PID=\(Int32(bitPattern: low(words.pidUID)))",
-                                       "PATCHBAY_CAPS_CLIENT_UID=\(high(words.pidUID))",
-                                       "PATCHBAY_CAPS_CLIENT_EUID=\(low(words.euidGID))",
-                                       "PATCHBAY_CAPS_CLIENT_GID=\(high(words.euidGID))"]
+            if received.length >= 32 {
+                let pid = Int32(bitPattern: UInt32(truncatingIfNeeded: words.pidUID)), uid = words.pidUID >> 32
+                let euid = UInt32(truncatingIfNeeded: words.euidGID), gid = words.euidGID >> 32
+                programEnvironment += received.length == 40
+                    ? ["PATCHBAY_CAPS_CLIENT_PID=\(pid)", "PATCHBAY_CAPS_CLIENT_UID=\(uid)", "PATCHBAY_CAPS_CLIENT_EUID=\(euid)",
+                       "PATCHBAY_CAPS_CLIENT_GID=\(gid)", "PATCHBAY_CAPS_MESSAGE_ID=\(words.message)"]
+                    : ["PATCHBAY_NET_PEER_PID=\(pid)", "PATCHBAY_NET_PEER_UID=\(uid)", "PATCHBAY_NET_PEER_GID=\(gid)"]
             }
             let started = Result { () throws(Errno) -> pid_t in
                 try spawnProcess(path: path, arguments: arguments, environment: programEnvironment,
@@ -108,13 +102,14 @@ func startExecStarter(_ program: String, arguments: [String], for command: Strin
     }
 }
 
-/// A CAPS request's id and its client's credentials (the kernel's), for its program's environment.
-struct CapsRequestOrigin: Sendable {
-    var messageID: UInt64
+/// The peer a program answers, as the kernel saw it: a connection's (`SO_PEERCRED`, whose uid is
+/// also its euid), or a CAPS request's client with the request's id; for the program's environment.
+struct ProgramPeer: Sendable {
     var pid: Int32
     var uid: UInt32
     var euid: UInt32
     var gid: UInt32
+    var messageID: UInt64?
 }
 
 /// The service's side: the starter, started now, and programs run through it, from any thread.
@@ -161,19 +156,15 @@ final class ExecStarter: @unchecked Sendable {  // the socket is written whole m
     /// caller still owns them, and may close them once this returns), to be killed if it runs
     /// longer than `limit` nanoseconds (0: it may run for ever). Nil when the starter is gone;
     /// else the tag `wait` takes.
-    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0, request: CapsRequestOrigin? = nil,
-               peer: (pid: Int32, uid: UInt32, gid: UInt32)? = nil) -> UInt64? {
+    func start(stdin: CInt, stdout: CInt, limit: UInt64 = 0, peer: ProgramPeer? = nil) -> UInt64? {
         pthread_mutex_lock(lock)
         let tag = state.nextTag
         state.nextTag += 1
         pthread_mutex_unlock(lock)
         var words: [UInt64] = [tag, limit]
         if let peer {
-            words += [UInt64(UInt32(bitPattern: peer.pid)) | UInt64(peer.uid) << 32, UInt64(peer.gid)]
-        } else if let request {
-            words += [request.messageID,
-                      UInt64(UInt32(bitPattern: request.pid)) | UInt64(request.uid) << 32,
-                      UInt64(request.euid) | UInt64(request.gid) << 32]
+            words += [UInt64(UInt32(bitPattern: peer.pid)) | UInt64(peer.uid) << 32, UInt64(peer.euid) | UInt64(peer.gid) << 32]
+            if let messageID = peer.messageID { words.append(messageID) }
         }
         let sent = words.withUnsafeBytes { raw in
             [stdin, stdout].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket, raw, $0) }

@@ -369,7 +369,7 @@ final class ConnectionBox: @unchecked Sendable {
     func run(_ starter: ExecStarter) {
         let fd = socket.dataDescriptor
         // The peer as the kernel recorded it at connect(2), for the program's environment.
-        let peer = try? UnixSocket.peerCredentials(of: fd)
+        let peer = (try? UnixSocket.peerCredentials(of: fd)).map { ProgramPeer(pid: $0.pid, uid: $0.uid, euid: $0.uid, gid: $0.gid) }
         // Without its starter the listener can serve nothing again: it stops, failing.
         guard let tag = starter.start(stdin: fd, stdout: fd, peer: peer) else {
             fail("net listen", .ioError, "the process that runs \(starter.program) is gone; no connection can be served any more")

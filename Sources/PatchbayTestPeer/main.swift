@@ -1840,8 +1840,8 @@ func openDescriptors() -> Int {
 }
 
 /// A WORLD service that reads with a 16-byte buffer, as a C service with a fixed buffer does:
-/// says "ready N" (N: its open descriptors for `caps-rewrite-kept`'s memory files, 0); for each request read short, "short ID", then waits
-/// for a line "go" and refuses it (`EMSGSIZE`), saying "refused" or the errno of the refusal; for
+/// says "ready N" (N: its open descriptors for `caps-rewrite-kept`'s memory files, 0); for each
+/// request read short, "short ID", then waits for a line "go" and refuses it (`EMSGSIZE`), saying "refused" or the errno of the refusal; for
 /// each DISPOSE, "dispose ID N" once its descriptors are back to the count at "ready" (or after
 /// 5 s, whatever they are).
 func capsShortReader(_ name: String) throws(PatchbayError) {
@@ -1875,20 +1875,19 @@ func capsShortReader(_ name: String) throws(PatchbayError) {
 }
 
 /// A hostile client of `name`: puts a 100-byte request carrying 8 descriptors (memory files named
-/// "rewrite-kept") and says "put ID";
-/// on a line "rewrite", sends 8 more under a new id, writes that id over the request's entry and
+/// "rewrite-kept") and says "put ID"; on a line "rewrite", sends 8 more under a new id, writes that id over the request's entry and
 /// says "rewritten ID"; leaves at the end of its input.
 func capsRewriteKept(_ name: String) throws(PatchbayError) {
     let broker = try Broker()
     let client = try CapsClient(broker, name: name, waitForService: true)
     // Memory files of a name the service can count.
-    func nulls() -> [CInt] { (0..<8).map { _ in (try? makeMemoryFile(name: "rewrite-kept", sealable: false))?.release() ?? -1 } }
-    let first = nulls()
+    func memoryFiles() -> [CInt] { (0..<8).map { _ in (try? makeMemoryFile(name: "rewrite-kept", sealable: false))?.release() ?? -1 } }
+    let first = memoryFiles()
     let id = try client.put([UInt8](repeating: 0x61, count: 100), descriptors: first)
     first.forEach { close($0) }
     say("put \(id)")
     guard Swift.readLine() == "rewrite" else { return }
-    let second = nulls()
+    let second = memoryFiles()
     let rewritten = try client.rewriteWaitingRequest(sending: second)
     second.forEach { close($0) }
     say("rewritten \(rewritten.map { "\($0)" } ?? "none")")

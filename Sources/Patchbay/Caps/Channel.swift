@@ -454,14 +454,14 @@ final class CapsChannel: @unchecked Sendable {
         head != tail && tail &- head <= capacity
     }
 
-    /// Every request entry still in the ring (between the service's head and this client's
-    /// tail), newest last, with its position: for aborting in place.
     /// Writes `messageID` over the id of the request entry at `position`, as a hostile client
     /// can: only for the project's tests.
     func rewriteRequestID(at position: UInt64, to messageID: UInt64) {
         slot(.request, position).storeBytes(of: messageID, toByteOffset: CapsLayout.entryMessageID, as: UInt64.self)
     }
 
+    /// Every request entry still in the ring (between the service's head and this client's
+    /// tail), newest last, with its position: for aborting in place.
     func pendingRequestSlots() -> [(messageID: UInt64, position: UInt64)] {
         let head = SharedWord.load(word64(Ring.request.headOffset))
         let tail = SharedWord.load(tail(.request))
