@@ -75,8 +75,8 @@ package func waitForProcess(_ pid: pid_t) throws(Errno) -> Termination {
     return .signaled(pb_wtermsig(status))
 }
 
-/// Whether `pid`, a child of this process that nobody reaps meanwhile, ends within
-/// `nanoseconds` (its pidfd turns readable; it is not reaped). True at once if no pidfd can be
+/// Whether `pid` ends within `nanoseconds` (its pidfd turns readable; it is not reaped): a child
+/// of this process that nobody reaps meanwhile, or another's process (readable once it exits). True at once if no pidfd can be
 /// opened for it (a kernel before 5.3): it may then take all the time it likes.
 package func childEnds(_ pid: pid_t, within nanoseconds: UInt64) -> Bool {
     let pidfd = pb_pidfd_open(pid)
