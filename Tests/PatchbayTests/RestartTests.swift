@@ -229,6 +229,40 @@ struct RestartTests {
         #expect(listener.socket.kernelDescriptor == kernelSocket && socketID.withLock { $0 } != 0)
     }
 
+    @Test("CAPS ids go on across a restart from caps-ids and end at 2^32 - 1 (a channel's is its messages' high half): past it, ENOSPC")
+    func capsIDsRunOut() throws {
+        let broker = try TestBroker()
+        try broker.stop()
+        // As if this broker's predecessors had handed out all ids but the last two.
+        let store = broker.directory + "/shm"
+        _ = mkdir(store, 0o700)
+        try writeFile(store + "/caps-ids", "4294967294\n")
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: store)
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted); withExtendedLifetime(broker) {} }
+        let client = try broker.connect()
+        let service = try CapsService(client, name: "last_ids", access: [.world])
+        #expect(service.serviceID == 4_294_967_294)
+        // The last id: its messages' ids are still its own.
+        let caller = try CapsClient(client, name: "last_ids")
+        let id = try caller.put(Array("last".utf8))
+        #expect(id >> 32 == 4_294_967_295)
+        let (request, bytes) = try serviceWait(service)
+        #expect(request.messageID == id && request.channelID == 4_294_967_295 && bytes == Array("last".utf8))
+        try service.reply(to: id, Array("answered".utf8))
+        let (reply, answer) = try clientWait(caller)
+        #expect(reply.messageID == id && answer == Array("answered".utf8))
+        // None left: neither a connection nor a registration is made, and each says why.
+        let refused = expectErrno(.noSpace) { () throws(PatchbayError) in _ = try CapsClient(client, name: "last_ids") }
+        #expect(refused?.reason.contains("CAPS ids") == true, "\(String(describing: refused))")
+        expectErrno(.noSpace) { () throws(PatchbayError) in _ = try CapsService(client, name: "one_more", access: [.world]) }
+        // The service and its client are untouched.
+        let again = try caller.put(Array("still".utf8))
+        let (second, _) = try serviceWait(service)
+        #expect(second.kind == .dispose && second.messageID == id)
+        let (third, _) = try serviceWait(service)
+        #expect(third.kind == .request && third.messageID == again)
+    }
+
     func waitUntilRegistered(_ broker: Broker, _ name: String) throws {
         let deadline = monotonicNanoseconds() + 10_000_000_000
         while monotonicNanoseconds() < deadline {

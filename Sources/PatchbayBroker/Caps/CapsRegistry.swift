@@ -284,6 +284,18 @@ final class CapsRegistry {
         reservedIDs = 0
     }
 
+    /// The last id handed out: a channel's id is the high half of its messages' ids.
+    static let lastID = UInt64(UInt32.max)
+
+    /// Refuses a registration or connection once every id is spent (ENOSPC): checked before
+    /// anything is made for it, so `takeID` always has one to give.
+    private func checkIDsLeft() throws(RequestError) {
+        guard nextID <= Self.lastID else {
+            throw RequestError(errno: .noSpace,
+                               reason: "this broker has handed out all \(Self.lastID) CAPS ids (they are never reused, across restarts too: see caps-ids in its shared memory directory)")
+        }
+    }
+
     /// The next id, reserving a new block in the file first when the last one is used up.
     private func takeID() -> UInt64 {
         let id = nextID
@@ -453,6 +465,7 @@ final class CapsRegistry {
         guard owned < maximumServicesPerUser else {
             throw RequestError(errno: .diskQuotaExceeded, reason: "uid \(caller.uid) already has \(owned) services registered, the limit")
         }
+        try checkIDsLeft()
     }
 
     func register(name: String, uid: Int32, gid: Int32, flags: CapsFlags, maximumInFlight: UInt32,
@@ -613,6 +626,7 @@ final class CapsRegistry {
                                    reason: "uid \(caller.uid) already has \(held) connections to service \(name), the most one user may have (--max-caps-clients-per-uid)")
             }
         }
+        try checkIDsLeft()
         return try makeChannel(service: service, session: session, client: caller)
     }
 
