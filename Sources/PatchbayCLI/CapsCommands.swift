@@ -144,6 +144,12 @@ struct CapsCommand: ParsableCommand {
                                 held.consumed(message.messageID)
                                 if let withdrawn { held.release(withdrawn.request.count, of: withdrawn.uid) }
                             }
+                            // An aborted request is still this service's to answer: the reply,
+                            // discarded unseen, frees the request's space at its client. (One
+                            // whose client left gets none: it is DISPOSEd already.)
+                            if message.kind == .aborted, withdrawn != nil {
+                                try? service.reply(to: message.messageID, error: .canceled)
+                            }
                         default:
                             break
                         }

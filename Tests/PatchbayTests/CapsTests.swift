@@ -1318,6 +1318,53 @@ struct CapsTests {
         _ = try echo.wait()
         _ = try upper.wait()
     }
+
+    @Test("caps serve --exec: a request its client aborts while it waits for a free program slot is never run, and is still answered (the reply the client discards frees its space there)")
+    func execWithdrawsAnAbortedRequest() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let started = broker.directory + "/started", release = broker.directory + "/release", ran = broker.directory + "/ran"
+        #expect(mkfifo(started, 0o600) == 0 && mkfifo(release, 0o600) == 0)
+        // Each program notes its request; "slow" says so through one FIFO and waits on another.
+        let service = try Child(patchbayCLI, ["caps", "serve", "paced1", "--max-programs", "1", "--exec", "/bin/sh", "-c",
+                                              "read x; echo \"$x\" >> \(ran); if [ \"$x\" = slow ]; then echo started > \(started); read y < \(release); fi; echo \"$x\""],
+                                environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        let slow = try Child(patchbayCLI, ["caps", "call", "paced1", "--wait-for-service", "slow"], environment: broker.environment)
+        defer { slow.kill(SIGKILL); _ = try? slow.wait() }
+        let fifo = open(started, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        #expect(fifo >= 0)
+        defer { close(fifo) }
+        var ready = pollfd(fd: fifo, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 30_000) == 1)
+        // The one slot is taken: the next request waits, and its client takes it back.
+        let port = try CapsClient(client, name: "paced1")
+        let id = try port.put(Array("aborted\n".utf8))
+        func count(_ direction: String, reaching expected: Double) throws -> Double {
+            let sample = "patchbay_caps_messages_total{service=\"paced1\",uid=\"\(geteuid())\",direction=\"\(direction)\"}"
+            let deadline = monotonicNanoseconds() + 20_000_000_000
+            var seen = 0.0
+            repeat {
+                seen = Exposition(try client.metrics()).samples[sample] ?? 0
+                if seen >= expected { break }
+                usleep(5_000)
+            } while monotonicNanoseconds() < deadline
+            return seen
+        }
+        #expect(try count("to_service", reaching: 2) == 2)
+        #expect(try port.abort(id) == .atService)
+        // Answered while the slow program still runs: the service's only reply so far.
+        #expect(try count("to_client", reaching: 1) == 1)
+        let writer = open(release, O_WRONLY | O_CLOEXEC)
+        #expect(writer >= 0)
+        #expect(write(writer, "go\n", 3) == 3)
+        close(writer)
+        #expect(try slow.readLine() == "slow")
+        #expect(try slow.wait() == .exited(0))
+        // The slot is free again, and the aborted request was never run.
+        #expect(try CapsClient(client, name: "paced1").call(Array("after\n".utf8)) == Array("after\n".utf8))
+        #expect(try openFile(ran, flags: O_RDONLY).readToEnd(limit: 1 << 10) == Array("slow\nafter\n".utf8))
+    }
 }
 
 
