@@ -279,17 +279,8 @@ struct TwoUserTests {
         #expect(userOnly.standardOutput == "error \(EACCES)\n", "\(userOnly.standardOutput)\(userOnly.standardError)")
         let named = try run(build.testProgram, ["connect", "c.owned", "65534", "-1", "4", "hi"],
                             environment: environment)
-        guard named.standardOutput == "c:hi\n" else {
-            Issue.record("root's call by uid: \(named.standardOutput)\(named.standardError)")
-            service.kill(SIGKILL)  // it would wait for a request that never comes
-            _ = try service.wait()
-            return
-        }
         // nobody's service saw root's kernel uid on the request, then the DISPOSE.
-        let request = try #require(try service.readLine()).split(separator: " ")
-        #expect(request.count == 5 && request[0] == "request" && request[3] == "0", "\(request)")
-        #expect(try service.readLine() == "dispose \(request.count == 5 ? request[1] : "")")
-        #expect(try service.wait() == .exited(0))
+        try expectServedOnce(service, named, from: "0", "root's call by uid")
     }
 
     @Test("a service root registers for a uid past 2^31 admits that uid through USER (the id travels as its bits)")
@@ -303,16 +294,25 @@ struct TwoUserTests {
         let call = try run("/usr/bin/setpriv", ["--reuid", "3000000000", "--regid", "3000000000", "--clear-groups",
                                                 build.testProgram, "connect", "c.high", "3000000000", "-1", "1", "hi"],
                            environment: environment)
+        try expectServedOnce(service, call, from: "3000000000", "uid 3000000000's call")
+    }
+
+    /// The C test program's `register` service, after `call` (its `connect`): answered, and the
+    /// service saw the request with the caller's kernel uid, then its DISPOSE, and ended. A
+    /// failed call leaves the service waiting for a request that never comes: it is killed.
+    private func expectServedOnce(_ service: Child, _ call: Finished, from uid: String, _ what: String,
+                                  sourceLocation: SourceLocation = #_sourceLocation) throws {
         guard call.standardOutput == "c:hi\n" else {
-            Issue.record("uid 3000000000's call: \(call.standardOutput)\(call.standardError)")
-            service.kill(SIGKILL)  // it would wait for a request that never comes
+            Issue.record("\(what): \(call.standardOutput)\(call.standardError)", sourceLocation: sourceLocation)
+            service.kill(SIGKILL)
             _ = try service.wait()
             return
         }
-        let request = try #require(try service.readLine()).split(separator: " ")
-        #expect(request.count == 5 && request[3] == "3000000000", "\(request)")
-        #expect(try service.readLine() == "dispose \(request.count == 5 ? request[1] : "")")
-        #expect(try service.wait() == .exited(0))
+        let request = try #require(try service.readLine(), sourceLocation: sourceLocation).split(separator: " ")
+        #expect(request.count == 5 && request[0] == "request" && request[3] == uid[...], "\(request)",
+                sourceLocation: sourceLocation)
+        #expect(try service.readLine() == "dispose \(request.count == 5 ? request[1] : "")", sourceLocation: sourceLocation)
+        #expect(try service.wait() == .exited(0), sourceLocation: sourceLocation)
     }
 
     @Test("caps serve --exec gives its program the kernel's credentials of the request's client (nobody's, not what the service's environment said) and the message id")
