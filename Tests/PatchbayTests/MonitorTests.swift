@@ -12,16 +12,16 @@ func monitorsAccepted(_ broker: Broker) throws -> Int {
     return try broker.metrics().split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
 }
 
-/// Waits (at most 5 s) until the broker has accepted `count` monitors.
+/// Waits (at most 30 s) until the broker has accepted `count` monitors.
 func waitForMonitors(_ broker: Broker, _ count: Int) throws {
-    let deadline = monotonicNanoseconds() + 5_000_000_000
+    let deadline = monotonicNanoseconds() + 30_000_000_000
     while try monitorsAccepted(broker) < count, monotonicNanoseconds() < deadline { usleep(2_000) }
 }
 
-/// Events until `want` holds for one of them (returned with all seen), or 5 s without it.
+/// Events until `want` holds for one of them (returned with all seen), or 30 s without it.
 private func events(_ monitor: BrokerMonitor, until want: (MonitorEvent) -> Bool) throws -> (found: MonitorEvent?, seen: [MonitorEvent]) {
     var seen: [MonitorEvent] = []
-    let deadline = monotonicNanoseconds() + 5_000_000_000
+    let deadline = monotonicNanoseconds() + 30_000_000_000
     while monotonicNanoseconds() < deadline {
         guard let event = try monitor.next(timeoutMilliseconds: 200) else { continue }
         seen.append(event)

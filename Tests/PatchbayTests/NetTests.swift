@@ -198,7 +198,7 @@ struct NetTests {
         }
         // The broker drains the handle on its own wake-ups; once nothing sent is left unread
         // (SIOCOUTQ) it has seen every packet, and the socket must still be there.
-        let deadline = monotonicNanoseconds() + 5_000_000_000
+        let deadline = monotonicNanoseconds() + 30_000_000_000
         var queued: CInt = 1
         while monotonicNanoseconds() < deadline {
             guard ioctl(socket.handle.rawValue, UInt(TIOCOUTQ), &queued) == 0, queued > 0 else { break }
@@ -383,7 +383,7 @@ struct NetTests {
             #expect(try server.wait() == .signaled(SIGKILL))
             #expect(try socket.receive() == nil)  // EOF, not a hang
             // The name is free again.
-            let deadline = monotonicNanoseconds() + 5_000_000_000
+            let deadline = monotonicNanoseconds() + 30_000_000_000
             while try client.listSockets().contains(where: { $0.name == "doomed" }), monotonicNanoseconds() < deadline {
                 usleep(2_000)
             }

@@ -186,7 +186,7 @@ final class TestBroker {
     /// Waits (bounded) until the broker's descriptor count equals `expected`; returns the last
     /// count seen. The broker closes descriptors asynchronously to the test (on a client's close
     /// or a key's expiry), so the test polls the observable outcome with a deadline.
-    func waitForDescriptorCount(_ expected: Int, within seconds: Double = 5) throws -> Int {
+    func waitForDescriptorCount(_ expected: Int, within seconds: Double = 30) throws -> Int {
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
         var count = try descriptorCount()
         while count != expected && monotonicNanoseconds() < deadline {
