@@ -595,9 +595,9 @@ static int64_t pb_nanoseconds(struct statx_timestamp t) {
     return (int64_t)t.tv_sec * 1000000000 + (int64_t)t.tv_nsec;
 }
 
-int pb_fstatx(int fd, pb_file_status *out) {
+static int pb_statx_into(int dirfd, const char *path, int flags, pb_file_status *out) {
     struct statx info;
-    if (statx(fd, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_BTIME, &info) < 0) return -1;
+    if (statx(dirfd, path, flags, STATX_BASIC_STATS | STATX_BTIME, &info) < 0) return -1;
     out->size = info.stx_size;
     out->blocks = info.stx_blocks;
     out->mode = info.stx_mode;
@@ -611,6 +611,12 @@ int pb_fstatx(int fd, pb_file_status *out) {
     out->change_ns = pb_nanoseconds(info.stx_ctime);
     out->birth_ns = (info.stx_mask & STATX_BTIME) ? pb_nanoseconds(info.stx_btime) : 0;
     return 0;
+}
+
+int pb_fstatx(int fd, pb_file_status *out) { return pb_statx_into(fd, "", AT_EMPTY_PATH, out); }
+
+int pb_statx_at(int dirfd, const char *name, pb_file_status *out) {
+    return pb_statx_into(dirfd, name, AT_SYMLINK_NOFOLLOW, out);
 }
 
 int pb_file_type(int fd, uint32_t *mode) {

@@ -21,15 +21,28 @@ package struct FileStatus: Sendable, Equatable {
     package var birthTime: Int64
 }
 
+extension FileStatus {
+    init(_ raw: pb_file_status) {
+        self.init(size: Int(raw.size), blocks: Int(raw.blocks), mode: raw.mode, uid: raw.uid, gid: raw.gid,
+                  linkCount: raw.nlink, inode: raw.inode, device: raw.device, accessTime: raw.access_ns,
+                  modifyTime: raw.modify_ns, changeTime: raw.change_ns, birthTime: raw.birth_ns)
+    }
+}
+
+/// What the kernel knows of `name` in `directory`, found without opening it (a symbolic link is
+/// not followed). The corresponding C call is `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`.
+package func fileStatus(in directory: borrowing Descriptor, _ name: String) throws(Errno) -> FileStatus {
+    var raw = pb_file_status()
+    _ = try syscallRetrying { pb_statx_at(directory.rawValue, name, &raw) }
+    return FileStatus(raw)
+}
+
 extension Descriptor {
     /// The corresponding C call is `statx(fd, "", AT_EMPTY_PATH)`.
     package borrowing func status() throws(Errno) -> FileStatus {
         var raw = pb_file_status()
         _ = try syscallRetrying { pb_fstatx(rawValue, &raw) }
-        return FileStatus(
-            size: Int(raw.size), blocks: Int(raw.blocks), mode: raw.mode, uid: raw.uid, gid: raw.gid,
-            linkCount: raw.nlink, inode: raw.inode, device: raw.device, accessTime: raw.access_ns,
-            modifyTime: raw.modify_ns, changeTime: raw.change_ns, birthTime: raw.birth_ns)
+        return FileStatus(raw)
     }
 
     /// Device and inode, without asking a remote file system (`AT_STATX_DONT_SYNC`).

@@ -2375,6 +2375,8 @@ func main() -> CInt {
             try brokerForkClaim()
         case "claim-after-exec" where arguments.count >= 2 && arguments[1].hasPrefix("/"):
             try claimAfterExec(Array(arguments.dropFirst()))
+        case "shm-lease" where arguments.count == 2:
+            try sharedMemoryLease(arguments[1])
         case "share-and-hang" where arguments.count == 3:
             try shareAndHang(arguments[1], milliseconds: Int64(arguments[2]) ?? 60_000)
         default:
@@ -2386,6 +2388,33 @@ func main() -> CInt {
         return 1
     }
     return 0
+}
+
+/// Makes the named object `name` (mode 0644) and holds a write lease on its file (`F_SETLEASE`,
+/// its owner's right): says "leased", then for each line on stdin says "lease TYPE" (what
+/// `F_GETLEASE` reports: the type the lease is being broken to, once an open by someone else
+/// conflicted with it: `F_RDLCK` for a read-only open, `F_UNLCK` for a read-write one),
+/// and on "release" lets the lease go ("released").
+func sharedMemoryLease(_ name: String) throws(PatchbayError) {
+    let F_SETLEASE: CInt = 1024, F_GETLEASE: CInt = 1025  // fcntl.h's, with _GNU_SOURCE
+    signal(SIGIO, SIG_IGN)  // a lease break's notice, which would otherwise end the process
+    let broker = try Broker()
+    // The broker keeps no copy: this process's descriptor is the file's only open one.
+    _ = try broker.openSharedMemory(name, options: [.create, .exclusive], mode: 0o644)
+    let object = try broker.openSharedMemory(name)
+    let fd = object.descriptor.rawValue
+    guard fcntl(fd, F_SETLEASE, CInt(F_WRLCK)) == 0 else { throw PatchbayError(Errno.current, "F_SETLEASE failed") }
+    say("leased")
+    while let line = readLine() {
+        if line == "release" {
+            guard fcntl(fd, F_SETLEASE, CInt(F_UNLCK)) == 0 else { throw PatchbayError(Errno.current, "F_SETLEASE failed") }
+            say("released")
+            continue
+        }
+        let type = fcntl(fd, F_GETLEASE)
+        say("lease " + (type == CInt(F_WRLCK) ? "F_WRLCK" : type == CInt(F_RDLCK) ? "F_RDLCK" : type == CInt(F_UNLCK) ? "F_UNLCK" : "error"))
+    }
+    withExtendedLifetime(object) {}
 }
 
 exit(main())

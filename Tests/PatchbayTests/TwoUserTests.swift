@@ -71,6 +71,36 @@ struct TwoUserTests {
         expectErrno(.permissionDenied) { () throws(PatchbayError) in _ = try root.openSharedMemory("/theirs") }
     }
 
+    @Test("nobody's lease on its own object's file never makes the broker wait: stat and ls do not open the file, an open is EAGAIN at once (the lease's break begun), and succeeds once the lease is gone")
+    func leasedObjectNeverStallsTheBroker() throws {
+        let broker = try openBroker(["--system"])
+        let root = try broker.connect()
+        let holder = try nobodyPeer(["shm-lease", "/leased"], broker)
+        defer { holder.kill(SIGKILL); _ = try? holder.wait() }
+        #expect(try holder.readLine() == "leased")
+        // A blocking open by the broker would wait for the lease's break (45 s by default), with
+        // everyone's requests behind it; the break would show in F_GETLEASE.
+        let info = try root.statSharedMemory("/leased")
+        #expect(info.uid == otherUID && info.mode == 0o644)
+        #expect(try root.listSharedMemory().contains { $0.name == Array("/leased".utf8) })
+        try holder.writeLine("lease?")
+        #expect(try holder.readLine() == "lease F_WRLCK")
+        let refused = expectErrno(.resourceTemporarilyUnavailable) { () throws(PatchbayError) in
+            _ = try root.openSharedMemory("/leased", access: .readOnly)
+        }
+        #expect(refused?.reason.contains("lease") == true, "\(String(describing: refused))")
+        // The open began the break: the holder was told to let go of writing (a read-only open
+        // needs the write lease downgraded, to a read lease).
+        try holder.writeLine("lease?")
+        #expect(try holder.readLine() == "lease F_RDLCK")
+        try holder.writeLine("release")
+        #expect(try holder.readLine() == "released")
+        let opened = try root.openSharedMemory("/leased", access: .readOnly)
+        // The descriptor root gets is an ordinary, blocking one.
+        #expect(fcntl(opened.descriptor.rawValue, F_GETFL) & O_NONBLOCK == 0)
+        #expect(try root.status().clients >= 1)
+    }
+
     @Test("CAPS: registering someone else's uid or gid is EPERM for a non-root caller")
     func capsRegistrationPermission() throws {
         let broker = try openBroker(["--system"])

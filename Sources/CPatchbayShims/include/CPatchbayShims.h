@@ -161,6 +161,10 @@ typedef struct {
 
 int pb_fstatx(int fd, pb_file_status *out);
 
+/// statx of `name` in directory `dirfd`, not following a symbolic link, without opening it (an
+/// open could wait on a lease another process holds on the file); -1 with errno on failure.
+int pb_statx_at(int dirfd, const char *name, pb_file_status *out);
+
 /// Device and inode of an open file, with AT_STATX_DONT_SYNC; -1 on failure.
 int pb_file_identity(int fd, uint64_t *device, uint64_t *inode);
 

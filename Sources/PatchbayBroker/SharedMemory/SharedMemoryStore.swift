@@ -328,8 +328,15 @@ final class SharedMemoryStore {
         guard let object = objects[name] else {
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no shared memory object is named \(Self.display(name))")
         }
-        let handle = try openData(object, flags: O_RDONLY)
-        return try info(name, object, handle)
+        // Found, not opened: an open of a file its owner holds a lease on would wait for the
+        // lease (45 s by default), and `stat` needs no permission at all.
+        let status: FileStatus
+        do {
+            status = try fileStatus(in: directory(of: object).descriptor, object.id)
+        } catch {
+            throw RequestError(errno: error, reason: "cannot stat the object's file: \(error.name)")
+        }
+        return Self.info(name, object, status)
     }
 
     /// Up to `limit` objects whose names sort after `after`, and whether more follow: a binary
@@ -535,12 +542,27 @@ final class SharedMemoryStore {
 
     // MARK: Files
 
+    /// Opens the object's file without ever waiting (tenth attack round): the file is its owner's,
+    /// who may hold a lease on it (`F_SETLEASE`), and a blocking open that conflicts with a lease
+    /// waits until the owner lets go or the kernel breaks it (`lease-break-time`, 45 s), with the
+    /// broker's one thread. Non-blocking, the open starts the break and fails at once: `EAGAIN`.
+    /// The descriptor the client gets is blocking again, as any other.
     private func openData(_ object: SharedMemoryObject, flags: CInt) throws(RequestError) -> Descriptor {
+        let handle: Descriptor
         do {
-            return try openFile(in: directory(of: object).descriptor, object.id, flags: flags)
+            handle = try openFile(in: directory(of: object).descriptor, object.id, flags: flags | O_NONBLOCK)
         } catch {
+            if error == .wouldBlock {
+                throw RequestError(errno: .resourceTemporarilyUnavailable,
+                                   reason: "the object's owner holds a lease on its file (F_SETLEASE); the kernel breaks it within /proc/sys/fs/lease-break-time seconds unless the owner lets go sooner: try again then")
+            }
             throw RequestError(errno: error, reason: "cannot open the object's file: \(error.name)")
         }
+        guard fcntl(handle.rawValue, F_SETFL, flags & ~O_NONBLOCK & ~(O_RDWR | O_WRONLY)) == 0 else {
+            let error = Errno.current
+            throw RequestError(errno: error, reason: "cannot make the object's descriptor blocking: \(error.name)")
+        }
+        return handle
     }
 
     private func info(_ name: [UInt8], _ object: SharedMemoryObject, _ handle: borrowing Descriptor)
@@ -552,7 +574,11 @@ final class SharedMemoryStore {
         } catch {
             throw RequestError(errno: error, reason: "cannot stat the object's file: \(error.name)")
         }
-        return SharedMemoryInfo(
+        return Self.info(name, object, status)
+    }
+
+    private static func info(_ name: [UInt8], _ object: SharedMemoryObject, _ status: FileStatus) -> SharedMemoryInfo {
+        SharedMemoryInfo(
             name: name, size: UInt64(status.size), uid: object.uid, gid: object.gid, mode: object.mode,
             accessTime: status.accessTime, modifyTime: status.modifyTime, changeTime: status.changeTime,
             birthTime: status.birthTime, blocks: UInt64(status.blocks))
