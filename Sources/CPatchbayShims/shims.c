@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -611,6 +612,14 @@ static int pb_statx_into(int dirfd, const char *path, int flags, pb_file_status 
     out->change_ns = pb_nanoseconds(info.stx_ctime);
     out->birth_ns = (info.stx_mask & STATX_BTIME) ? pb_nanoseconds(info.stx_btime) : 0;
     return 0;
+}
+
+int pb_rename_noreplace(const char *from, const char *to) {
+    return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
+}
+
+int pb_rename_exchange(const char *from, const char *to) {
+    return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_EXCHANGE);
 }
 
 int pb_fstatx(int fd, pb_file_status *out) { return pb_statx_into(fd, "", AT_EMPTY_PATH, out); }

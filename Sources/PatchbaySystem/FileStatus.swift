@@ -29,6 +29,16 @@ extension FileStatus {
     }
 }
 
+/// `rename(from, to)` that fails with `EEXIST` when `to` exists (renameat2 `RENAME_NOREPLACE`).
+package func renameWithoutReplacing(_ from: String, _ to: String) throws(Errno) {
+    _ = try syscallRetrying { pb_rename_noreplace(from, to) }
+}
+
+/// Swaps the entries `from` and `to` in one step (renameat2 `RENAME_EXCHANGE`): both must exist.
+package func renameExchanging(_ from: String, _ to: String) throws(Errno) {
+    _ = try syscallRetrying { pb_rename_exchange(from, to) }
+}
+
 /// What the kernel knows of `name` in `directory`, found without opening it (a symbolic link is
 /// not followed). The corresponding C call is `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`.
 package func fileStatus(in directory: borrowing Descriptor, _ name: String) throws(Errno) -> FileStatus {

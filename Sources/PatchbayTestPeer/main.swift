@@ -2375,6 +2375,11 @@ func main() -> CInt {
             try brokerForkClaim()
         case "claim-after-exec" where arguments.count >= 2 && arguments[1].hasPrefix("/"):
             try claimAfterExec(Array(arguments.dropFirst()))
+        case "mkdir-loop" where arguments.count == 2:
+            // Makes the directory, says so, and makes it again whenever it is gone, until killed.
+            _ = mkdir(arguments[1], 0o777)
+            say("looping")
+            while true { _ = mkdir(arguments[1], 0o777) }
         case "shm-lease" where arguments.count == 2:
             try sharedMemoryLease(arguments[1])
         case "share-and-hang" where arguments.count == 3:

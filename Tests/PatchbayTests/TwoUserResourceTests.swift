@@ -150,6 +150,27 @@ struct TwoUserResourceTests {
         #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
     }
 
+    @Test("a system broker starts although nobody makes its store's name again whenever it is gone, in a directory anyone may write: the store is put in place in one step (in exchange for nobody's entry, moved aside once)")
+    func racedStoreNameIsExchanged() throws {
+        let socketDirectory = makeTemporaryDirectory()
+        let shared = makeTemporaryDirectory()
+        defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
+        chmod(shared, 0o1777)
+        let store = shared + "/patchbay-system"
+        let racer = try Child("/usr/bin/setpriv", setprivNobody + [testPeer, "mkdir-loop", store])
+        defer { racer.kill(SIGKILL); _ = try? racer.wait() }
+        #expect(try racer.readLine() == "looping")
+        // Moved aside and then made anew, the name was nobody's again by the broker's mkdir.
+        let broker = try daemonSayingReady(["--system", "--socket", socketDirectory + "/patchbay.sock", "--shm-directory", store])
+        defer { broker.kill(SIGTERM); _ = try? broker.wait() }
+        #expect(try broker.readLine() == "ready")
+        var info = stat()
+        #expect(lstat(store, &info) == 0 && info.st_uid == 0 && info.st_mode & 0o777 == 0o700, "uid \(info.st_uid)")
+        let moved = try directoryEntries(shared).filter { $0.hasPrefix("patchbay-system.moved-aside-65534-") }
+        #expect(moved.count == 1, "\(moved)")
+        #expect(try directoryEntries(shared).allSatisfy { !$0.hasPrefix("patchbay-system.new-") })
+    }
+
     @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart, and after the record is removed; the taker's entry is left alone")
     func perUserStoreNameTakenByAnother() throws {
         // A user with no other business on this machine (no passwd entry needed), running its

@@ -161,6 +161,11 @@ typedef struct {
 
 int pb_fstatx(int fd, pb_file_status *out);
 
+/// renameat2 with RENAME_NOREPLACE (EEXIST when `to` exists) and with RENAME_EXCHANGE (both must
+/// exist; each takes the other's place at once); -1 with errno on failure.
+int pb_rename_noreplace(const char *from, const char *to);
+int pb_rename_exchange(const char *from, const char *to);
+
 /// statx of `name` in directory `dirfd`, not following a symbolic link, without opening it (an
 /// open could wait on a lease another process holds on the file); -1 with errno on failure.
 int pb_statx_at(int dirfd, const char *name, pb_file_status *out);

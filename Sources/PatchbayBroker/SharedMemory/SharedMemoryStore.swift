@@ -136,8 +136,8 @@ final class SharedMemoryStore {
         self.path = path
         self.logger = logger
         self.perOwnerStores = perOwnerStores
-        if geteuid() == 0 { Self.moveAsideIfPlanted(path, logger: logger) }
         do {
+            try Self.placeStore(path, logger: logger)
             try Self.makePrivateDirectory(path)
             try Self.makePrivateDirectory(path + "/objects")
         } catch {
@@ -594,22 +594,48 @@ final class SharedMemoryStore {
 
     /// A store's name in a directory anyone may write (the default `/dev/shm/patchbay-system`) can
     /// be taken by another user first, which kept the broker from starting (seventh attack round).
-    /// Run as root, the broker moves such an entry aside, to `<path>.moved-aside-<uid>-<random>`,
-    /// still its maker's, and says so; its own store is then made in its place. (A broker not run
-    /// as root cannot move another user's entry in a sticky directory: it refuses to start.)
-    private static func moveAsideIfPlanted(_ path: String, logger: Logger) {
-        var info = Glibc.stat()
-        guard lstat(path, &info) == 0, info.st_uid != geteuid(),
-              let slash = path.lastIndex(of: "/") else { return }
+    /// Run as root there, the broker makes its store whole under a name nobody can guess
+    /// (`mkdtemp`) and puts it in place in one step: at the free name (`RENAME_NOREPLACE`), or in
+    /// exchange for another user's entry (`RENAME_EXCHANGE`), which it then moves aside, to
+    /// `<path>.moved-aside-<uid>-<random>`, still its maker's, and says so. Moving the entry aside
+    /// first and then making the directory let a user who made the name again in between win every
+    /// start (tenth attack round). (A broker not run as root cannot move another user's entry in
+    /// a sticky directory: `makePrivateDirectory` then refuses to start.)
+    private static func placeStore(_ path: String, logger: Logger) throws(RequestError) {
+        guard geteuid() == 0, let slash = path.lastIndex(of: "/") else { return }
         var parent = Glibc.stat()
         let parentPath = slash == path.startIndex ? "/" : String(path[..<slash])
         guard lstat(parentPath + "/.", &parent) == 0, parent.st_mode & 0o002 != 0 else { return }
-        let aside = path + ".moved-aside-\(info.st_uid)-" + newIdentifier().prefix(8)
-        if Glibc.rename(path, aside) == 0 {
-            logger.warning("another user's entry was at the shared memory store's path: moved aside", metadata: [
-                "path": "\(path)", "uid": "\(info.st_uid)", "moved_to": "\(aside)",
-            ])
+        // A few rounds: each lost one means another user changed the entry between two calls.
+        for _ in 0..<16 {
+            var info = Glibc.stat()
+            if lstat(path, &info) == 0 && info.st_uid == geteuid() { return }  // root's: checked by the caller
+            var template = Array((path + ".new-XXXXXX").utf8CString)
+            guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+                let error = Errno.current
+                throw RequestError(errno: error, reason: "cannot create a directory beside \(path): \(error.name)")
+            }
+            let fresh = String(cString: made)
+            do throws(Errno) {
+                try renameWithoutReplacing(fresh, path)
+                return
+            } catch where error == .fileExists {
+                // Taken since: swap ours in, if it is still another's, and move theirs aside.
+                if lstat(path, &info) == 0, info.st_uid != geteuid(), (try? renameExchanging(fresh, path)) != nil {
+                    let aside = path + ".moved-aside-\(info.st_uid)-" + newIdentifier().prefix(8)
+                    let moved = Glibc.rename(fresh, aside) == 0
+                    logger.warning("another user's entry was at the shared memory store's path: moved aside", metadata: [
+                        "path": "\(path)", "uid": "\(info.st_uid)", "moved_to": "\(moved ? aside : fresh)",
+                    ])
+                    return
+                }
+                rmdir(fresh)
+            } catch {
+                rmdir(fresh)
+                throw RequestError(errno: error, reason: "cannot put the shared memory store in place at \(path): \(error.name)")
+            }
         }
+        throw RequestError(errno: .resourceBusy, reason: "\(path) kept changing under another user's hands; the shared memory store could not be put there")
     }
 
     private static func makePrivateDirectory(_ path: String) throws(RequestError) {
