@@ -171,6 +171,40 @@ struct TwoUserResourceTests {
         #expect(try directoryEntries(shared).allSatisfy { !$0.hasPrefix("patchbay-system.new-") })
     }
 
+    @Test("nobody filling the file system the system broker's journal is on (as /dev/shm, which anyone may write) neither keeps the broker from starting again nor makes it hand out CAPS ids it could not reserve; with room again, all is as before")
+    func fullJournalFileSystem() throws {
+        let socketDirectory = makeTemporaryDirectory()
+        let shared = makeTemporaryDirectory()
+        defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
+        #expect(try run("/bin/mount", ["-t", "tmpfs", "-o", "size=2m,mode=1777", "tmpfs", shared]).termination == .exited(0))
+        let socket = socketDirectory + "/patchbay.sock"
+        let arguments = ["--system", "--socket", socket, "--shm-directory", shared + "/patchbay-system"]
+        let first = try daemonSayingReady(arguments)
+        #expect(try first.readLine() == "ready")
+        do {
+            let root = try Broker(socketPath: socket)
+            try root.openSharedMemory("/kept", options: .create).truncate(to: 8192)
+            _ = try CapsService(root, name: "before", access: [.world])
+        }
+        // nobody fills the file system, and the broker is killed (a crash, a restart).
+        let filler = try run("/usr/bin/setpriv", setprivNobody + ["/bin/sh", "-c", "cat /dev/zero > \(shared)/filler"])
+        #expect(filler.standardError.contains("No space left"), "\(filler.standardError)")
+        first.kill(SIGKILL)
+        _ = try first.wait()
+        let second = try daemonSayingReady(arguments)
+        defer { second.kill(SIGTERM); _ = try? second.wait() }
+        #expect(try second.readLine() == "ready")
+        let root = try Broker(socketPath: socket)
+        #expect(try root.statSharedMemory("/kept").size == 8192)
+        // A new service needs an id this broker has not reserved yet: refused, not handed out.
+        let refused = expectErrno(.noSpace) { () throws(PatchbayError) in _ = try CapsService(root, name: "during", access: [.world]) }
+        #expect(refused?.reason.contains("reserve") == true, "\(String(describing: refused))")
+        #expect(unlink(shared + "/filler") == 0)
+        let after = try CapsService(root, name: "after", access: [.world])
+        #expect(after.serviceID > 4096)  // past the block the first broker reserved
+        #expect(try root.openSharedMemory("/new", options: .create).size == 0)
+    }
+
     @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart, and after the record is removed; the taker's entry is left alone")
     func perUserStoreNameTakenByAnother() throws {
         // A user with no other business on this machine (no passwd entry needed), running its

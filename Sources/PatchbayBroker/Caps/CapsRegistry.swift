@@ -287,30 +287,35 @@ final class CapsRegistry {
     /// The last id handed out: a channel's id is the high half of its messages' ids.
     static let lastID = UInt64(UInt32.max)
 
-    /// Refuses a registration or connection once every id is spent (ENOSPC): checked before
-    /// anything is made for it, so `takeID` always has one to give.
+    /// Makes sure `takeID` has an id to give, before anything is made for a registration or a
+    /// connection: refused with ENOSPC once every id is spent, and with the write's errno when a
+    /// new block cannot be reserved in the file (its file system full: it may be `/dev/shm`,
+    /// which any user can fill). An id handed out unreserved could be handed out again after a
+    /// restart, to a channel beside one of the same id that outlived the broker.
     private func checkIDsLeft() throws(RequestError) {
         guard nextID <= Self.lastID else {
             throw RequestError(errno: .noSpace,
                                reason: "this broker has handed out all \(Self.lastID) CAPS ids (they are never reused, across restarts too: see caps-ids in its shared memory directory)")
         }
+        guard let idsFile, nextID >= reservedIDs else { return }
+        let ceiling = nextID + Self.idBlock
+        let temporary = idsFile + ".new"
+        do throws(Errno) {
+            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+            try file.writeAll(Array("\(ceiling)\n".utf8))
+            guard rename(temporary, idsFile) == 0 else { throw Errno.current }
+        } catch {
+            unlink(temporary)
+            logger.warning("cannot reserve CAPS ids", metadata: ["errno": "\(error.name)"])
+            throw RequestError(errno: error, reason: "cannot reserve CAPS ids in \(idsFile): \(error.name)")
+        }
+        reservedIDs = ceiling
     }
 
-    /// The next id, reserving a new block in the file first when the last one is used up.
+    /// The next id (`checkIDsLeft` made sure there is one, reserved).
     private func takeID() -> UInt64 {
         let id = nextID
         nextID += 1
-        if let idsFile, id >= reservedIDs {
-            reservedIDs = id + Self.idBlock
-            let temporary = idsFile + ".new"
-            do throws(Errno) {
-                let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
-                try file.writeAll(Array("\(reservedIDs)\n".utf8))
-                guard rename(temporary, idsFile) == 0 else { throw Errno.current }
-            } catch {
-                logger.warning("cannot reserve CAPS ids", metadata: ["errno": "\(error.name)"])
-            }
-        }
         return id
     }
     /// Lines in the file: one short line is appended per change, and the file is rewritten whole

@@ -99,6 +99,8 @@ final class SharedMemoryStore {
     private let keepRootsWithServiceManager: Bool
     private var journal: Descriptor
     private var journalRecords = 0
+    /// The journal's length up to its last whole record, as `replay` found it.
+    private var journalIntactLength = 0
     private(set) var objects = ObjectNames()
     /// Where the bounded refresh of byte estimates resumes (an index into the sorted names).
     private var refreshCursor = 0
@@ -157,9 +159,21 @@ final class SharedMemoryStore {
         do {
             try replay()
             try removeOrphans()
-            try compact()
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot recover the shared memory store \(path): \(error.name)")
+        }
+        // The journal's file system may be full: `/dev/shm`, which any user can fill (tenth
+        // attack round). That must not keep the broker from starting: the journal replayed is
+        // kept, cut back to its last whole record so that later appends follow it.
+        do {
+            try compact()
+        } catch {
+            logger.warning("journal compaction failed; the journal is kept as it is", metadata: ["errno": "\(error.name)"])
+            if (try? journal.size()) != journalIntactLength {
+                do { try journal.truncate(to: journalIntactLength) } catch {
+                    throw BrokerStartError(errno: error, reason: "cannot cut the torn end off the shared memory store's journal \(path)/journal: \(error.name)")
+                }
+            }
         }
         // Kept roots that no name needs (their uid's tmpfs is mounted after all, or holds nothing
         // named): the service manager lets its copy go, unless it now keeps the mounted one
@@ -742,6 +756,7 @@ final class SharedMemoryStore {
                 logger.warning("dropping a torn record at the end of the journal")
                 break
             }
+            journalIntactLength = bytes.count - reader.remaining
             var fields = WireReader(body)
             do {
                 switch try fields.u8("type") {
@@ -847,8 +862,13 @@ final class SharedMemoryStore {
         let temporary = path + "/journal.new"
         Glibc.unlink(temporary)
         let replacement = try openFile(temporary, flags: O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_NOFOLLOW, mode: 0o600)
-        try replacement.writeAll(bytes)
-        _ = try syscallRetrying { Glibc.rename(temporary, path + "/journal") }
+        do throws(Errno) {
+            try replacement.writeAll(bytes)
+            _ = try syscallRetrying { Glibc.rename(temporary, path + "/journal") }
+        } catch {
+            Glibc.unlink(temporary)
+            throw error
+        }
         journal = replacement
         journalRecords = objects.count
     }
