@@ -351,7 +351,7 @@ final class SessionTable {
 
     /// A process's command name (`/proc/PID/comm`), or "" when it cannot be read.
     private func commandName(of pid: pid_t) -> String {
-        guard let file = try? openFile("/proc/\(pid)/comm", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 64) else {
+        guard let file = openProcessFile(pid, "comm"), let bytes = try? file.readToEnd(limit: 64) else {
             return ""
         }
         let text = String(decoding: bytes, as: UTF8.self)

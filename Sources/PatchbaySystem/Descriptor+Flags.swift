@@ -39,9 +39,13 @@ extension Descriptor {
     }
 
     /// A new, read-only open file description of the same file, through `/proc/self/fd`: unlike
-    /// `dup`, whoever receives it cannot write, whatever the original allows.
+    /// `dup`, whoever receives it cannot write, whatever the original allows. Never waits for a
+    /// lease on the file (`EAGAIN` instead, as `openProcessFile`); the new description is
+    /// blocking, as any other.
     package borrowing func reopenReadOnly() throws(Errno) -> Descriptor {
-        try openFile("/proc/self/fd/\(rawValue)", flags: O_RDONLY)
+        let reopened = try openFile("/proc/self/fd/\(rawValue)", flags: O_RDONLY | O_NONBLOCK)
+        _ = try syscallRetrying { fcntl(reopened.rawValue, F_SETFL, 0) }
+        return reopened
     }
 
     /// Whether `FD_CLOEXEC` is set.

@@ -136,10 +136,19 @@ package func currentExecutablePath() -> String? {
     return String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
+/// Opens a file of another process's `/proc/PID/` for reading without ever waiting: the files
+/// are that process's user's, who may hold a lease on them (`F_SETLEASE`), and an open that
+/// conflicts with a lease waits for its break (45 s by default), with the broker's one thread
+/// (tenth attack round). Non-blocking, such an open fails at once (`EAGAIN`): the caller then
+/// learns nothing from the file, as for a process that is gone.
+package func openProcessFile(_ pid: pid_t, _ name: String) -> Descriptor? {
+    try? openFile("/proc/\(pid)/\(name)", flags: O_RDONLY | O_NONBLOCK)
+}
+
 /// The real uid of process `pid`, which `SO_PEERCRED` does not report (it gives the effective
 /// one): the `Uid:` line of `/proc/PID/status`. Nil when the process is gone.
 package func realUserID(of pid: pid_t) -> UInt32? {
-    guard let status = try? openFile("/proc/\(pid)/status", flags: O_RDONLY),
+    guard let status = openProcessFile(pid, "status"),
           let bytes = try? status.readToEnd(limit: 8192) else { return nil }
     for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Uid:") {
         return line.dropFirst(4).split(whereSeparator: { $0 == " " || $0 == "\t" }).first.flatMap { uid_t($0) }
@@ -156,7 +165,7 @@ package func processStartTime(of pid: pid_t) -> UInt64? {
 
 /// The command name (`comm`, field 2) and start time (field 22) of `/proc/PID/stat`.
 package func processStat(of pid: pid_t) -> (command: String, startTime: UInt64)? {
-    guard let stat = try? openFile("/proc/\(pid)/stat", flags: O_RDONLY),
+    guard let stat = openProcessFile(pid, "stat"),
           let bytes = try? stat.readToEnd(limit: 4096),
           let open = bytes.firstIndex(of: UInt8(ascii: "(")),
           let close = bytes.lastIndex(of: UInt8(ascii: ")")), open < close else { return nil }

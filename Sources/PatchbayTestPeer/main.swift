@@ -2380,6 +2380,8 @@ func main() -> CInt {
             _ = mkdir(arguments[1], 0o777)
             say("looping")
             while true { _ = mkdir(arguments[1], 0o777) }
+        case "lease-own-proc-and-connect" where arguments.count == 2:
+            try leaseOwnProcAndConnect(arguments[1])
         case "shm-lease" where arguments.count == 2:
             try sharedMemoryLease(arguments[1])
         case "share-and-hang" where arguments.count == 3:
@@ -2393,6 +2395,42 @@ func main() -> CInt {
         return 1
     }
     return 0
+}
+
+private func connectedSocket(_ path: String) throws(PatchbayError) -> SeqpacketSocket {
+    do throws(Errno) {
+        let socket = try SeqpacketSocket()
+        try socket.connect(path: path)
+        return socket
+    } catch {
+        throw PatchbayError(error, "cannot connect to \(path)")
+    }
+}
+
+/// Holds write leases on this process's own `/proc/self/stat`, `comm` and `status` (its user's
+/// files), says "leased", then connects a plain socket to the broker at `path` (which reads
+/// those files of the process that connected when it accepts) and says "connected"; on
+/// "release?" it says whether it still holds all three ("held 3"), and lets them go.
+func leaseOwnProcAndConnect(_ path: String) throws(PatchbayError) {
+    let F_SETLEASE: CInt = 1024, F_GETLEASE: CInt = 1025
+    signal(SIGIO, SIG_IGN)
+    var leased: [CInt] = []
+    for name in ["stat", "comm", "status"] {
+        let fd = open("/proc/self/\(name)", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0, fcntl(fd, F_SETLEASE, CInt(F_WRLCK)) == 0 else { throw PatchbayError(Errno.current, "cannot lease /proc/self/\(name)") }
+        leased.append(fd)
+    }
+    say("leased")
+    let socket = try connectedSocket(path)
+    say("connected")
+    while let line = readLine(), line == "release?" {
+        // A lease being broken still answers F_GETLEASE with the type it is broken to; one the
+        // kernel removed (its break time passed) answers F_UNLCK.
+        let held = leased.filter { fcntl($0, F_GETLEASE) != CInt(F_UNLCK) }.count
+        for fd in leased { _ = fcntl(fd, F_SETLEASE, CInt(F_UNLCK)) }
+        say("held \(held)")
+    }
+    withExtendedLifetime(socket) {}
 }
 
 /// Makes the named object `name` (mode 0644) and holds a write lease on its file (`F_SETLEASE`,

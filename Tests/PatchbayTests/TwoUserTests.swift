@@ -101,6 +101,24 @@ struct TwoUserTests {
         #expect(try root.status().clients >= 1)
     }
 
+    @Test("nobody's leases on its own /proc files never make the broker wait when it accepts nobody's connection (it reads the connecting process's /proc/PID/stat then): root is answered while nobody still holds them")
+    func procLeasesNeverStallTheBroker() throws {
+        let broker = try openBroker(["--system"])
+        let holder = try nobodyPeer(["lease-own-proc-and-connect", broker.socketPath], broker)
+        // A broker that waited would wait for the leases' break (45 s by default): the watchdog
+        // kills the holder sooner, which lets the broker go on, and fails the test below.
+        let watchdog = killing(holder.pid, after: 20)
+        defer { watchdog(); holder.kill(SIGKILL); _ = try? holder.wait() }
+        #expect(try holder.readLine() == "leased")
+        #expect(try holder.readLine() == "connected")
+        // Three requests in turn: nobody's connection waited to be accepted before the first, so
+        // the accept comes before the last of them is answered.
+        let root = try broker.connect()
+        for _ in 0..<3 { _ = try root.status() }
+        try holder.writeLine("release?")
+        #expect(try holder.readLine() == "held 3")
+    }
+
     @Test("CAPS: registering someone else's uid or gid is EPERM for a non-root caller")
     func capsRegistrationPermission() throws {
         let broker = try openBroker(["--system"])
