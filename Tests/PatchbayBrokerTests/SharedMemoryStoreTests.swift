@@ -336,6 +336,42 @@ struct SharedMemoryReplayTests {
         store = nil
     }
 
+    @Test("a store opened on a full file system (a user filled /dev/shm) keeps its journal, cut back to its last whole record, instead of failing to start: a change recorded once there is room survives a reopen", .enabled(if: geteuid() == 0, "needs root to mount a small tmpfs"))
+    func fullFileSystemAtOpenKeepsTheJournal() throws {
+        let temporary = TemporaryStore()
+        try #require(mount("tmpfs", temporary.directory, "tmpfs", 0, "size=64k,mode=0700") == 0, "mount: \(errno)")
+        defer { umount2(temporary.directory, Int32(MNT_DETACH)) }
+        var store: SharedMemoryStore? = try temporary.open()
+        try create(store!, "/before")
+        store = nil
+        // A record torn by a crash at the journal's end, then the file system full.
+        let journal = temporary.path + "/journal"
+        var info = stat()
+        try #require(stat(journal, &info) == 0)
+        let whole = info.st_size
+        let torn: [UInt8] = [0xE8, 0x03, 0, 0, 1, 2, 3]  // a length of 1000, then 3 bytes
+        let fd = open(journal, O_WRONLY | O_APPEND | O_CLOEXEC)
+        try #require(fd >= 0 && torn.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == torn.count)
+        close(fd)
+        let filler = temporary.directory + "/filler"
+        let fill = open(filler, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        try #require(fill >= 0)
+        let chunk = [UInt8](repeating: 1, count: 4096)
+        while chunk.withUnsafeBytes({ write(fill, $0.baseAddress, $0.count) }) > 0 {}
+        close(fill)
+        // Its rewrite fails for want of room: the store opens all the same, the torn end cut off.
+        store = try temporary.open()
+        #expect(snapshot(store!)["/before"] != nil)
+        #expect(stat(journal, &info) == 0 && info.st_size == whole, "journal of \(info.st_size) bytes, \(whole) whole")
+        #expect(access(temporary.path + "/journal.new", F_OK) != 0)
+        unlink(filler)
+        try create(store!, "/after")
+        store = nil
+        store = try temporary.open()
+        #expect(snapshot(store!)["/after"] != nil, "a change recorded after the torn end was lost")
+        store = nil
+    }
+
 }
 
 @Suite("SharedMemoryStore: operations, permissions and quotas")
