@@ -1,13 +1,15 @@
 // Who may hold which names: the system broker's reservations, read at start from a directory of
 // `*.conf` files (`/etc/patchbay/policy.d` by default), the way D-Bus policy reserves well-known
-// names. A reserved CAPS name can be registered, and a reserved `/net` name bound, only by the
-// owners its rule lists; anyone else gets EACCES. A CAPS client that names no uid trusts the
-// services of its own uid and of root, and, for a reserved name, those of the name's owners.
+// names. A reserved CAPS name can be registered, a reserved `/net` name bound, and a reserved
+// shared memory name created (or made a rename's target), only by the owners its rule lists;
+// anyone else gets EACCES. A CAPS client that names no uid trusts the services of its own uid
+// and of root, and, for a reserved name, those of the name's owners.
 //
 // The format, one rule per line, `#` to the end of a line is a comment:
 //
 //   caps  NAME  OWNER...        reserve a CAPS service name
 //   net   NAME  OWNER...        reserve a /net/local name
+//   shm   NAME  OWNER...        reserve a named shared memory object's name (with its `/`)
 //
 // NAME is exact, or a prefix followed by `*` (`org.example.*`). An OWNER is `uid:N`,
 // `uid:USERNAME`, `group:N` or `group:GROUPNAME` (a member of the group). Files are read in
@@ -22,6 +24,7 @@ struct Policy {
     enum Kind: String {
         case caps
         case net
+        case shm
     }
 
     enum Owner: Equatable {
@@ -120,7 +123,7 @@ struct Policy {
                 BrokerStartError(errno: .invalidArgument, reason: "\(file), line \(index + 1): \(reason)")
             }
             guard let kind = Kind(rawValue: String(words[0])) else {
-                throw failure("a rule starts with caps or net, not \"\(words[0].prefix(40))\"")
+                throw failure("a rule starts with caps, net or shm, not \"\(words[0].prefix(40))\"")
             }
             guard words.count >= 3 else { throw failure("a rule is KIND NAME OWNER..., with at least one owner") }
             var name = String(words[1])

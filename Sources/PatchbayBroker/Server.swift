@@ -116,6 +116,7 @@ public final class BrokerServer {
                                              refillPerSecond: configuration.netConnectionsPerSecondPerUser)
         netTable.budget = budget
         netTable.policy = policy
+        store.policy = policy
         let registry = CapsRegistry(logger: logger)
         registry.maximumServicesPerUser = configuration.maximumServicesPerUser
         registry.maximumClientsPerUser = configuration.maximumCapsClientsPerUser

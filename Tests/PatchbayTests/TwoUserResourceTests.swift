@@ -883,7 +883,7 @@ struct TwoUserNameTests {
         _ = held
     }
 
-    @Test("policy: a reserved CAPS or /net name is taken only by its owners; a reserved name's owner (a uid, or a member of a group) is trusted by every caller")
+    @Test("policy: a reserved CAPS, /net or shared memory name is taken only by its owners; a reserved name's owner (a uid, or a member of a group) is trusted by every caller")
     func policyReservations() throws {
         let policy = makeTemporaryDirectory()
         defer { removeTree(policy) }
@@ -891,6 +891,7 @@ struct TwoUserNameTests {
             # reserved for root
             caps  system.*      uid:0
             net   printer       uid:0       # the spooler's socket
+            shm   /system.*     uid:0       # objects root makes at boot
             # nobody's, and trusted as such
             caps  shared.echo   uid:65534
             # a group's: any member's service is trusted
@@ -904,9 +905,29 @@ struct TwoUserNameTests {
         #expect(capsTaken.standardError.contains("reserved by the broker's policy for uid 0"), "\(capsTaken.standardError)")
         let netTaken = try runAsOtherUser(["net", "listen", "printer", "--echo"], environment: environment)
         #expect(netTaken.standardError.contains("EACCES"), "\(netTaken.standardError)")
+        // nobody can put no object under a reserved shared memory name: not by creating it, not by
+        // renaming its own onto it, not by exchanging its own with root's world-writable one.
+        let shmTaken = try runAsOtherUser(["shm", "create", "/system.clock", "--mode", "0644"], environment: environment)
+        #expect(shmTaken.standardError.hasPrefix("patchbay: shm create: EACCES: "), "\(shmTaken.standardError)")
+        #expect(shmTaken.standardError.contains("reserved by the broker's policy for uid 0"), "\(shmTaken.standardError)")
+        #expect(try runAsOtherUser(["shm", "create", "/mine", "--mode", "0666"], environment: environment).termination == .exited(0))
+        let renamed = try runAsOtherUser(["shm", "mv", "/mine", "/system.clock"], environment: environment)
+        #expect(renamed.standardError.hasPrefix("patchbay: shm mv: EACCES: "), "\(renamed.standardError)")
+        // Root's world-writable object (umask 0): nobody may write it, and so rename it, but not
+        // put its own object under its name.
+        #expect(try run("/bin/sh", ["-c", "umask 0; exec \"$0\" shm create /system.shared --mode 0666 --size 4096", patchbayCLI],
+                        environment: environment).termination == .exited(0))
+        #expect(try root.statSharedMemory("/system.shared").mode == 0o666)
+        let exchanged = try runAsOtherUser(["shm", "mv", "/mine", "/system.shared", "--exchange"], environment: environment)
+        #expect(exchanged.standardError.hasPrefix("patchbay: shm mv: EACCES: "), "\(exchanged.standardError)")
+        let reversed = try runAsOtherUser(["shm", "mv", "/system.shared", "/mine", "--exchange"], environment: environment)
+        #expect(reversed.standardError.hasPrefix("patchbay: shm mv: EACCES: "), "\(reversed.standardError)")
+        #expect(try root.statSharedMemory("/system.shared").uid == 0)
+        expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try root.statSharedMemory("/system.clock") }
         // Root takes its own reserved names.
         _ = try CapsService(root, name: "system.time", access: [.world])
         _ = try Socket.listen(root, name: "printer")
+        #expect(try root.openSharedMemory("/system.clock", options: [.create, .exclusive]).size == 0)
         // nobody's reserved service is trusted by root without naming the uid.
         let theirs = try serveAsNobody("shared.echo", broker, root: root)
         defer { theirs.kill(SIGTERM); _ = try? theirs.wait() }

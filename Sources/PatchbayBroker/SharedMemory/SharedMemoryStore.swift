@@ -99,6 +99,8 @@ final class SharedMemoryStore {
     private let keepRootsWithServiceManager: Bool
     private var journal: Descriptor
     private var journalRecords = 0
+    /// Name reservations (`shm` rules): who may create a reserved name.
+    var policy = Policy.none
     /// The journal's length up to its last whole record, as `replay` found it.
     private var journalIntactLength = 0
     private(set) var objects = ObjectNames()
@@ -237,6 +239,7 @@ final class SharedMemoryStore {
         guard create else {
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no shared memory object is named \(Self.display(request.name))")
         }
+        try checkReservation(request.name, by: caller)
         try checkQuota(of: caller.uid)
         var object = SharedMemoryObject(id: Self.newIdentifier(), uid: caller.uid, gid: caller.gid,
                                         mode: request.mode & ~request.umask & 0o777)
@@ -322,6 +325,9 @@ final class SharedMemoryStore {
             }
         }
         let swap = exchange && target != nil
+        // The names the rename binds (both, for an exchange) must not be reserved for others.
+        try checkReservation(to, by: caller)
+        if swap { try checkReservation(from, by: caller) }
         try append(.rename(from: from, to: to, exchange: swap, by: caller.uid))
         var moved = source
         moved.boundBy = caller.uid
@@ -547,6 +553,12 @@ final class SharedMemoryStore {
     static func display(_ name: [UInt8]) -> String {
         let text = String(decoding: name.prefix(80), as: UTF8.self)
         return "\"" + text + (name.count > 80 ? "…" : "") + "\""
+    }
+
+    /// EACCES when the broker's policy reserves `name` for owners other than `caller`: only they
+    /// may put an object under it (create it, or rename onto it).
+    private func checkReservation(_ name: [UInt8], by caller: PeerCredentials) throws(RequestError) {
+        try policy.checkTake(.shm, Substring(String(decoding: name, as: UTF8.self)), by: caller)
     }
 
     static func octal(_ mode: UInt32) -> String {
