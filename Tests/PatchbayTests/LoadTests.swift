@@ -8,7 +8,8 @@ import Testing
 struct LoadTests {
     @Test("patchbay load: 200 clients of mixed operations and one that never reads; no errors, the slow one held back")
     func shortLoad() throws {
-        let result = try run(patchbayCLI, ["load", "--clients", "200", "--threads", "2", "--seconds", "1"])
+        // Two seconds: every client must get through each kind once, even on a loaded machine.
+        let result = try run(patchbayCLI, ["load", "--clients", "200", "--threads", "2", "--seconds", "2"])
         #expect(result.termination == .exited(0), "\(result.standardOutput)\(result.standardError)")
         #expect(result.standardOutput.contains("errors: none"), "\(result.standardOutput)")
         #expect(result.standardOutput.contains("the broker stopped reading it"), "\(result.standardOutput)")

@@ -181,14 +181,32 @@ struct TwoUserResourceTests {
         let arguments = ["--system", "--socket", socket, "--shm-directory", shared + "/patchbay-system"]
         let first = try daemonSayingReady(arguments)
         #expect(try first.readLine() == "ready")
+        let generations = shared + "/patchbay-system/caps-generations"
         do {
             let root = try Broker(socketPath: socket)
             try root.openSharedMemory("/kept", options: .create).truncate(to: 8192)
-            _ = try CapsService(root, name: "before", access: [.world])
+            // Kept open while the file is padded below (its close appends a line).
+            let before = try CapsService(root, name: "before", access: [.world])
+            defer { withExtendedLifetime(before) {} }
+            // The generations file's last page full (lines of one word are skipped when read), so
+            // that its next line needs a block of the full file system.
+            var info = stat()
+            #expect(stat(generations, &info) == 0 && info.st_size < 4096)
+            let padding = Array(String(repeating: "x\n", count: (4096 - Int(info.st_size)) / 2).utf8)
+                + (info.st_size % 2 == 1 ? Array("\n".utf8) : [])
+            let file = try openFile(generations, flags: O_WRONLY | O_APPEND)
+            try file.writeAll(padding)
+            #expect(stat(generations, &info) == 0 && info.st_size == 4096)
+            // nobody fills the file system.
+            let filler = try run("/usr/bin/setpriv", setprivNobody + ["/bin/sh", "-c", "cat /dev/zero > \(shared)/filler"])
+            #expect(filler.standardError.contains("No space left"), "\(filler.standardError)")
+            // An id is at hand (its block reserved), but the registration's generation and hold
+            // cannot be saved: it is refused, so that a restart cannot give its name to another.
+            let unsaved = expectErrno(.noSpace) { () throws(PatchbayError) in _ = try CapsService(root, name: "during", access: [.world]) }
+            #expect(unsaved?.reason.contains("generation") == true, "\(String(describing: unsaved))")
+            #expect(try !root.listServices().contains { $0.name == "during" })
         }
-        // nobody fills the file system, and the broker is killed (a crash, a restart).
-        let filler = try run("/usr/bin/setpriv", setprivNobody + ["/bin/sh", "-c", "cat /dev/zero > \(shared)/filler"])
-        #expect(filler.standardError.contains("No space left"), "\(filler.standardError)")
+        // The broker is killed (a crash, a restart).
         first.kill(SIGKILL)
         _ = try first.wait()
         let second = try daemonSayingReady(arguments)
@@ -203,6 +221,8 @@ struct TwoUserResourceTests {
         let after = try CapsService(root, name: "after", access: [.world])
         #expect(after.serviceID > 4096)  // past the block the first broker reserved
         #expect(try root.openSharedMemory("/new", options: .create).size == 0)
+        let saved = String(decoding: try openFile(generations, flags: O_RDONLY).readToEnd(limit: 1 << 20), as: UTF8.self)
+        #expect(saved.contains("held after 0\n") && !saved.contains(" during "), "\(saved)")
     }
 
     @Test("a per-user broker whose store's default name (/dev/shm/patchbay-$UID, in a directory anyone may write) another user took keeps its store beside it under a name of its own, recorded in its private socket directory, and finds its objects there after a restart, and after the record is removed; the taker's entry is left alone")

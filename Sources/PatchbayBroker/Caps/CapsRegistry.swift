@@ -46,6 +46,9 @@ final class CapsServiceRecord {
     let notices: Descriptor
     let noticesMapping: Mapping
     var channels: Set<UInt64> = []
+    /// The generation the registration started at (`initialGeneration`), saved before it was
+    /// admitted.
+    var initialGeneration: UInt64 = 0
     /// Uids whose new connections the service takes no more for now (`capsRefuseUser`), at most
     /// `CapsRegistry.maximumRefusedUsers`.
     var refusedUsers: Set<UInt32> = []
@@ -372,19 +375,27 @@ final class CapsRegistry {
     }
 
     /// Records `name`'s last generation: one appended line, the file compacted when stale lines
-    /// outnumber the names.
-    private func saveGeneration(of key: RememberedName, forgotten: [String] = [], held: Bool = false) {
-        guard let generation = lastGeneration[key] else { return }
+    /// outnumber the names. The error when it could not be saved.
+    private func saveGeneration(of key: RememberedName, forgotten: [String] = [], held: Bool = false) -> Errno? {
+        guard let generation = lastGeneration[key] else { return nil }
         var text = forgotten.isEmpty ? "" : "\(forgottenFloor[key.uid] ?? 0) * \(key.uid)\n"
         for each in forgotten { text += "- \(each) \(key.uid)\n" }
         text += "\(generation) \(key.name) \(key.uid)\n"
         if held { text += "held \(key.name) \(key.uid)\n" }
-        appendGenerationLines(text)
+        return appendGenerationLines(text)
     }
 
-    /// Appends `text`'s lines to the file, or writes the table whole when there is none yet.
-    private func appendGenerationLines(_ text: String) {
-        guard let generationsFile else { return }
+    /// The tables changed since the file last took a write: a write failed (its file system
+    /// full), perhaps cut short mid-line. The next save writes the table whole instead of
+    /// appending after a torn line.
+    private var generationsUnsaved = false
+
+    /// Appends `text`'s lines (whose changes the tables already hold) to the file, or writes the
+    /// table whole when there is none yet or a write failed since. The error when neither worked.
+    @discardableResult
+    private func appendGenerationLines(_ text: String) -> Errno? {
+        guard let generationsFile else { return nil }
+        if generationsUnsaved { return rewriteGenerations() }
         do throws(Errno) {
             let file = try openFile(generationsFile, flags: O_WRONLY | O_APPEND | O_NOFOLLOW)
             try file.writeAll(Array(text.utf8))
@@ -392,14 +403,18 @@ final class CapsRegistry {
         } catch {
             if error == .noSuchFileOrDirectory { return rewriteGenerations() }  // the first: made whole
             logger.warning("cannot save a CAPS generation", metadata: ["errno": "\(error.name)"])
+            generationsUnsaved = true
+            return error
         }
         if generationLines > 2 * (lastGeneration.count + services.count) + 64 { rewriteGenerations() }
+        return nil
     }
 
     /// Writes the table whole to a new file renamed over the old (a crash leaves one or the
-    /// other).
-    private func rewriteGenerations() {
-        guard let generationsFile else { return }
+    /// other). The error when it could not.
+    @discardableResult
+    private func rewriteGenerations() -> Errno? {
+        guard let generationsFile else { return nil }
         // Each uid's names oldest first, so the order of forgetting survives a restart.
         var text = ""
         for (uid, floor) in forgottenFloor.sorted(by: { $0.key < $1.key }) { text += "\(floor) * \(uid)\n" }
@@ -420,8 +435,13 @@ final class CapsRegistry {
             try file.writeAll(Array(text.utf8))
             guard rename(temporary, generationsFile) == 0 else { throw Errno.current }
             generationLines = forgottenFloor.count + lastGeneration.count + held.count
+            generationsUnsaved = false
+            return nil
         } catch {
+            unlink(temporary)
             logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
+            generationsUnsaved = true
+            return error
         }
     }
 
@@ -503,6 +523,20 @@ final class CapsRegistry {
         servicesPerUser[caller.uid, default: 0] += 1
         byName[name, default: []].append(id)
         serviceBySession[session] = id
+        // Its generation and hold are saved before it is admitted: lost, the name would not be
+        // kept for this uid across a restart, and its generations could start lower after one
+        // (tenth attack round: the file's file system, `/dev/shm` by default, filled by another
+        // user).
+        do {
+            record.initialGeneration = try initialGeneration(of: name, by: caller.uid)
+        } catch {
+            services[id] = nil
+            servicesPerUser[caller.uid] = (servicesPerUser[caller.uid] ?? 1) > 1 ? servicesPerUser[caller.uid]! - 1 : nil
+            byName[name]?.removeAll { $0 == id }
+            if byName[name]?.isEmpty == true { byName[name] = nil }
+            serviceBySession[session] = nil
+            throw error
+        }
         // Held again by its keeper (admitted): kept no longer.
         if keptNames[name] != nil { keptNames[name] = nil }
         logger.debug("service registered", metadata: ["name": "\(name)", "service": "\(id)"])
@@ -516,7 +550,7 @@ final class CapsRegistry {
     /// The name is remembered for `uid`, the registering process's, as its most recently
     /// registered; past `maximumNamesPerUser`, that uid's least recently registered names it has
     /// no live registration of are forgotten.
-    func initialGeneration(of name: String, by uid: UInt32) -> UInt64 {
+    private func initialGeneration(of name: String, by uid: UInt32) throws(RequestError) -> UInt64 {
         let key = RememberedName(uid: uid, name: name)
         let generation = min((lastGeneration[key] ?? forgottenFloor[uid] ?? 0) + 1, Self.highestGeneration)
         remember(key, generation: generation)
@@ -534,7 +568,9 @@ final class CapsRegistry {
             forgottenFloor[uid] = max(forgottenFloor[uid] ?? 0, lastGeneration[old] ?? 0)
             forget(old)
         }
-        saveGeneration(of: key, forgotten: forgotten, held: registrations(of: name, by: uid) == 1)
+        if let error = saveGeneration(of: key, forgotten: forgotten, held: registrations(of: name, by: uid) == 1) {
+            throw RequestError(errno: error, reason: "cannot save the name's generation in \(generationsFile ?? "caps-generations"): \(error.name)")
+        }
         return generation
     }
 

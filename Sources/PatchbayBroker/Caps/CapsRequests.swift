@@ -60,7 +60,7 @@ final class CapsRequests: SessionClosedHook {
                 let service = try registry.register(
                     name: name, uid: uid, gid: gid, flags: flags, maximumInFlight: maximumInFlight,
                     statusPage: page, session: context.session.id, caller: context.caller)
-                sessions.reply(.caps(.service(serviceID: service.id, generation: registry.initialGeneration(of: name, by: context.caller.uid))),
+                sessions.reply(.caps(.service(serviceID: service.id, generation: service.initialGeneration)),
                                attaching: [service.notices.rawValue], to: context)
                 retryWaitingClients(for: name)
             } catch {
