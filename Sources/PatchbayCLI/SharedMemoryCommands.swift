@@ -345,7 +345,9 @@ func sharedMemoryJSON(_ info: SharedMemoryInfo) -> String {
 }
 
 extension String {
+    /// Padded to a table column of `width`, the last of which is the gap to the next: a value
+    /// as wide or wider (a 20-digit generation a service wrote, a long name) keeps one space.
     func padding(_ width: Int) -> String {
-        count >= width ? self : self + String(repeating: " ", count: width - count)
+        count >= width ? self + " " : self + String(repeating: " ", count: width - count)
     }
 }

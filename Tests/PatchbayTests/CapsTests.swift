@@ -1311,6 +1311,11 @@ struct CapsTests {
             .standardOutput == "QUIET\n")
         let listing = try run(patchbayCLI, ["caps", "ls", "--json"], environment: broker.environment).standardOutput
         #expect(listing.contains("\"name\": \"cli.echo\"") && listing.contains("\"flags\": \"world\""))
+        // A name wider than its column is still apart from the uid after it.
+        let long = try CapsService(client, name: "a.name.wider.than.its.column", access: [.world])
+        let table = try run(patchbayCLI, ["caps", "ls"], environment: broker.environment).standardOutput
+        #expect(table.contains("a.name.wider.than.its.column \(geteuid()) "), "\(table)")
+        withExtendedLifetime(long) {}
         let missing = try run(patchbayCLI, ["caps", "call", "nobody", "x"], environment: broker.environment)
         #expect(missing.standardError.hasPrefix("patchbay: caps call: ENOENT: "))
         echo.kill(SIGTERM)
