@@ -165,7 +165,8 @@ struct BrokerTests {
         let status = try Broker(socketPath: path).status()
         #expect(status.pid == pid)
         kill(pid, SIGTERM)
-        #expect(try waitForProcess(pid) == .exited(0))
+        let end = try waitForProcess(pid)
+        #expect(end == .exited(0), "the broker ended with \(end)")
         // The socket belonged to the service manager, so the broker leaves its file alone.
         #expect(access(path, F_OK) == 0)
     }
