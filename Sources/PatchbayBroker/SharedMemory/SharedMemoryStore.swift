@@ -584,7 +584,7 @@ final class SharedMemoryStore {
             }
             throw RequestError(errno: error, reason: "cannot open the object's file: \(error.name)")
         }
-        guard fcntl(handle.rawValue, F_SETFL, flags & ~O_NONBLOCK & ~(O_RDWR | O_WRONLY)) == 0 else {
+        guard fcntl(handle.rawValue, F_SETFL, 0) == 0 else {  // no status flag: O_NONBLOCK off
             let error = Errno.current
             throw RequestError(errno: error, reason: "cannot make the object's descriptor blocking: \(error.name)")
         }
