@@ -309,12 +309,7 @@ struct SharedMemoryReplayTests {
         var store: SharedMemoryStore? = try temporary.open()
         try create(store!, "/before")
         // Everything but a few hundred bytes taken by a file outside the store.
-        let filler = temporary.directory + "/filler"
-        let fd = open(filler, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        try #require(fd >= 0)
-        let chunk = [UInt8](repeating: 1, count: 4096)
-        while chunk.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) > 0 {}
-        close(fd)
+        let filler = try fill(temporary.directory)
         // Creates until one is refused for want of room: its record was cut short (or not written).
         var refused: Errno?
         for index in 0..<1000 where refused == nil {
@@ -336,6 +331,17 @@ struct SharedMemoryReplayTests {
         store = nil
     }
 
+    /// Fills the file system of `directory` with a file there until a write fails; its path.
+    private func fill(_ directory: String) throws -> String {
+        let filler = directory + "/filler"
+        let fd = open(filler, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let chunk = [UInt8](repeating: 1, count: 4096)
+        while chunk.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) > 0 {}
+        return filler
+    }
+
     @Test("a store opened on a full file system (a user filled /dev/shm) keeps its journal, cut back to its last whole record, instead of failing to start: a change recorded once there is room survives a reopen", .enabled(if: geteuid() == 0, "needs root to mount a small tmpfs"))
     func fullFileSystemAtOpenKeepsTheJournal() throws {
         let temporary = TemporaryStore()
@@ -353,12 +359,7 @@ struct SharedMemoryReplayTests {
         let fd = open(journal, O_WRONLY | O_APPEND | O_CLOEXEC)
         try #require(fd >= 0 && torn.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == torn.count)
         close(fd)
-        let filler = temporary.directory + "/filler"
-        let fill = open(filler, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        try #require(fill >= 0)
-        let chunk = [UInt8](repeating: 1, count: 4096)
-        while chunk.withUnsafeBytes({ write(fill, $0.baseAddress, $0.count) }) > 0 {}
-        close(fill)
+        let filler = try fill(temporary.directory)
         // Its rewrite fails for want of room: the store opens all the same, the torn end cut off.
         store = try temporary.open()
         #expect(snapshot(store!)["/before"] != nil)

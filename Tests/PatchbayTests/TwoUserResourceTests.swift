@@ -134,41 +134,45 @@ struct TwoUserResourceTests {
 
     @Test("a system broker whose shared memory store's name nobody took first, in a directory anyone may write (as /dev/shm), moves nobody's entry aside and starts")
     func plantedStoreIsMovedAside() throws {
-        let socketDirectory = makeTemporaryDirectory()
-        let shared = makeTemporaryDirectory()
-        defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
-        chmod(shared, 0o1777)
-        let store = shared + "/patchbay-system"
-        #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
-        let broker = try daemonSayingReady(["--system", "--socket", socketDirectory + "/patchbay.sock", "--shm-directory", store])
-        defer { broker.kill(SIGTERM); _ = try? broker.wait() }
-        #expect(try broker.readLine() == "ready")
-        var info = stat()
-        #expect(lstat(store, &info) == 0 && info.st_uid == 0 && info.st_mode & 0o777 == 0o700, "uid \(info.st_uid)")
-        let moved = try directoryEntries(shared).filter { $0.hasPrefix("patchbay-system.moved-aside-65534-") }
-        #expect(moved.count == 1, "\(moved)")
-        #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
+        try expectStoreTakenBack { (store: String) throws -> Child? in
+            #expect(try run("/usr/bin/setpriv", setprivNobody + ["/bin/mkdir", "-m", "0700", store]).termination == .exited(0))
+            return nil
+        }
     }
 
     @Test("a system broker starts although nobody makes its store's name again whenever it is gone, in a directory anyone may write: the store is put in place in one step (in exchange for nobody's entry, moved aside once)")
     func racedStoreNameIsExchanged() throws {
+        // Moved aside and then made anew, the name was nobody's again by the broker's mkdir.
+        try expectStoreTakenBack { (store: String) throws -> Child? in
+            let racer = try Child("/usr/bin/setpriv", setprivNobody + [testPeer, "mkdir-loop", store])
+            #expect(try racer.readLine() == "looping")
+            return racer
+        }
+    }
+
+    /// A system broker on a store in a sticky directory anyone may write (as /dev/shm), started
+    /// once `plant` made nobody's entry at the store's path (and perhaps goes on making it: the
+    /// process it returns, killed at the end): the broker starts, the store is root's and
+    /// private, nobody's entry was moved aside once, and no directory of the broker's own is
+    /// left beside it.
+    private func expectStoreTakenBack(plant: (String) throws -> Child?) throws {
         let socketDirectory = makeTemporaryDirectory()
         let shared = makeTemporaryDirectory()
         defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
         chmod(shared, 0o1777)
         let store = shared + "/patchbay-system"
-        let racer = try Child("/usr/bin/setpriv", setprivNobody + [testPeer, "mkdir-loop", store])
-        defer { racer.kill(SIGKILL); _ = try? racer.wait() }
-        #expect(try racer.readLine() == "looping")
-        // Moved aside and then made anew, the name was nobody's again by the broker's mkdir.
+        let planter = try plant(store)
+        defer { planter?.kill(SIGKILL); _ = try? planter?.wait() }
         let broker = try daemonSayingReady(["--system", "--socket", socketDirectory + "/patchbay.sock", "--shm-directory", store])
         defer { broker.kill(SIGTERM); _ = try? broker.wait() }
         #expect(try broker.readLine() == "ready")
         var info = stat()
         #expect(lstat(store, &info) == 0 && info.st_uid == 0 && info.st_mode & 0o777 == 0o700, "uid \(info.st_uid)")
-        let moved = try directoryEntries(shared).filter { $0.hasPrefix("patchbay-system.moved-aside-65534-") }
-        #expect(moved.count == 1, "\(moved)")
-        #expect(try directoryEntries(shared).allSatisfy { !$0.hasPrefix("patchbay-system.new-") })
+        let entries = try directoryEntries(shared)
+        let moved = entries.filter { $0.hasPrefix("patchbay-system.moved-aside-65534-") }
+        #expect(moved.count == 1, "\(entries)")
+        #expect(moved.first.map { lstat(shared + "/" + $0, &info) == 0 && info.st_uid == 65534 } == true)
+        #expect(entries.allSatisfy { !$0.hasPrefix("patchbay-system.new-") }, "\(entries)")
     }
 
     @Test("nobody filling the file system the system broker's journal is on (as /dev/shm, which anyone may write) neither keeps the broker from starting again nor makes it hand out CAPS ids it could not reserve; with room again, all is as before")

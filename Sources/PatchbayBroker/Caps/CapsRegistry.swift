@@ -531,7 +531,8 @@ final class CapsRegistry {
             record.initialGeneration = try initialGeneration(of: name, by: caller.uid)
         } catch {
             services[id] = nil
-            servicesPerUser[caller.uid] = (servicesPerUser[caller.uid] ?? 1) > 1 ? servicesPerUser[caller.uid]! - 1 : nil
+            let remaining = (servicesPerUser[caller.uid] ?? 1) - 1
+            servicesPerUser[caller.uid] = remaining > 0 ? remaining : nil
             byName[name]?.removeAll { $0 == id }
             if byName[name]?.isEmpty == true { byName[name] = nil }
             serviceBySession[session] = nil
