@@ -86,9 +86,13 @@ public final class BrokerServer {
         // What the service manager keeps for a restart (keys, uids' tmpfs roots), if it keeps any.
         let keepWithServiceManager = getenv("NOTIFY_SOCKET") != nil
             && (configuration.keepKeysWithServiceManager || ServiceManager.keepsDescriptors)
+        // The policy first: a malformed one stops the broker before it has made anything.
+        let policy = try configuration.policyDirectory.map { (directory) throws(BrokerStartError) in
+            try Policy.load(directory: directory)
+        } ?? .none
         // The store comes before the socket, so a store that cannot be used leaves no socket behind.
         var store: SharedMemoryStore?
-        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode, backlog: configuration.listenBacklog) { (keptOwnerRoots) throws(BrokerStartError) in
+        listener = try BrokerListener(path: configuration.socketPath, mode: configuration.mode, backlog: configuration.listenBacklog) { (keptOwnerRoots, keptStateRoot) throws(BrokerStartError) in
             // Every uid's objects on a tmpfs of its own, where the broker may mount: the system
             // broker, run as root.
             // The per-user broker at its default path: its socket directory is private, and
@@ -101,15 +105,13 @@ public final class BrokerServer {
             }
             store = try SharedMemoryStore(path: storePath,
                                           perOwnerStores: configuration.mode == .system && geteuid() == 0,
-                                          keptOwnerRoots: keptOwnerRoots, keepRootsWithServiceManager: keepWithServiceManager,
+                                          keptOwnerRoots: keptOwnerRoots, keptStateRoot: keptStateRoot,
+                                          keepRootsWithServiceManager: keepWithServiceManager,
                                           logger: logger)
         }
         guard let store else { preconditionFailure("the listener sets the store up before listening") }
         store.maximumObjectsPerUser = configuration.maximumSharedMemoryObjectsPerUser
         store.maximumBytesPerUser = configuration.maximumSharedMemoryBytesPerUser
-        let policy = try configuration.policyDirectory.map { (directory) throws(BrokerStartError) in
-            try Policy.load(directory: directory)
-        } ?? .none
         let netTable = try NetTable(directory: configuration.netDirectory, mode: configuration.mode, logger: logger)
         netTable.maximumSocketsPerUser = configuration.maximumSocketsPerUser
         netTable.connecting = UidTokenBucket(burst: configuration.netConnectionBurstPerUser,
@@ -124,7 +126,7 @@ public final class BrokerServer {
         registry.budget = budget
         registry.policy = policy
         registry.nameGrace = configuration.capsNameGrace
-        registry.generationsFile = store.path + "/caps-generations"
+        registry.generationsFile = store.statePath + "/caps-generations"
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
             loop = try EventLoop(logger: logger)

@@ -35,14 +35,16 @@ final class BrokerListener {
     /// The name under which the service manager keeps a uid's shared memory tmpfs (its root
     /// directory, `SharedMemoryStore`): `pbshm-uid-<uid>`.
     static let ownerRootPrefix = "pbshm-uid-"
+    /// The name under which it keeps the store's state tmpfs (its journal, `SharedMemoryStore`).
+    static let stateRootName = "pbshm-state"
 
     /// Prepares `path`'s directory, takes the path's lock, and listens there, or adopts the
     /// listening socket a service manager passed (`LISTEN_FDS`). `beforeListening` runs after the
     /// lock and before the socket exists, so whatever it sets up (the shared memory store) can
     /// fail without leaving a socket behind; it is given the uids' tmpfs roots the service
-    /// manager kept (`pbshm-uid-` names), by uid.
+    /// manager kept (`pbshm-uid-` names), by uid, and the state's root (`pbshm-state`).
     init(path: String, mode: BrokerConfiguration.Mode, backlog: Int32 = 4096,
-         beforeListening: (_ keptOwnerRoots: [UInt32: CInt]) throws(BrokerStartError) -> Void)
+         beforeListening: (_ keptOwnerRoots: [UInt32: CInt], _ keptStateRoot: CInt?) throws(BrokerStartError) -> Void)
         throws(BrokerStartError)
     {
         self.path = path
@@ -50,8 +52,11 @@ final class BrokerListener {
         let inherited = try Self.inheritedListener(keptFiles: &keptFiles)
         inheritedKeyFiles = keptFiles.filter { $0.name.hasPrefix(StoredKey.prefix) }
         var ownerRoots: [UInt32: CInt] = [:]
-        for (name, fd) in keptFiles where name.hasPrefix(Self.ownerRootPrefix) {
-            if let uid = UInt32(name.dropFirst(Self.ownerRootPrefix.count)), ownerRoots[uid] == nil {
+        var stateRoot: CInt?
+        for (name, fd) in keptFiles where name.hasPrefix(Self.ownerRootPrefix) || name == Self.stateRootName {
+            if name == Self.stateRootName, stateRoot == nil {
+                stateRoot = fd
+            } else if let uid = UInt32(name.dropFirst(Self.ownerRootPrefix.count)), ownerRoots[uid] == nil {
                 ownerRoots[uid] = fd
             } else {
                 close(fd)
@@ -62,7 +67,7 @@ final class BrokerListener {
         }
         // Under socket activation too: a broker started by hand on the same path must not steal it.
         pathLock = try Self.lockPath(path)
-        try beforeListening(ownerRoots)
+        try beforeListening(ownerRoots, stateRoot)
         if let inherited {
             socket = inherited
             ownSocketFile = nil
@@ -135,7 +140,7 @@ final class BrokerListener {
 
     /// What a service manager passed (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, from fd 3):
     /// at most one listening socket, and files it kept: keys (`pbkey-` names, KeyFDStore.swift)
-    /// and uids' shared memory roots (`pbshm-uid-`).
+    /// uids' shared memory roots (`pbshm-uid-`) and the store's state root (`pbshm-state`).
     private static func inheritedListener(keptFiles: inout [(name: String, file: CInt)]) throws(BrokerStartError)
         -> SeqpacketSocket?
     {
@@ -151,7 +156,7 @@ final class BrokerListener {
         for index in 0..<count {
             let fd = CInt(3 + index)
             let name = index < names.count ? names[index] : ""
-            if name.hasPrefix(StoredKey.prefix) || name.hasPrefix(ownerRootPrefix) {
+            if name.hasPrefix(StoredKey.prefix) || name.hasPrefix(ownerRootPrefix) || name == stateRootName {
                 _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
                 keptFiles.append((name, fd))
             } else if listenerFD == nil {

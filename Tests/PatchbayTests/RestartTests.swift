@@ -229,6 +229,33 @@ struct RestartTests {
         #expect(listener.socket.kernelDescriptor == kernelSocket && socketID.withLock { $0 } != 0)
     }
 
+    @Test("a system broker started on a store whose journal and CAPS files an older broker left beside the objects moves them to the store's own state tmpfs and carries on from them: names, generations, ids", .enabled(if: geteuid() == 0, "needs root to mount"))
+    func stateMovesToItsOwnFileSystem() throws {
+        let broker = try TestBroker()
+        let store = broker.directory + "/shm"
+        do {
+            let client = try broker.connect()
+            try client.openSharedMemory("/older", options: .create).truncate(to: 4096)
+            let service = try CapsService(client, name: "older")
+            #expect(service.currentGeneration == 1)
+        }
+        try broker.stop()
+        // A per-user broker keeps them in the store's own directory, as every broker once did.
+        #expect(!isMountPoint(store + "/state"))
+        for name in ["journal", "caps-ids", "caps-generations"] { #expect(access(store + "/" + name, F_OK) == 0, "\(name)") }
+        let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: store, ["--system"])
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted); withExtendedLifetime(broker) {} }
+        #expect(isMountPoint(store + "/state"))
+        for name in ["journal", "caps-ids", "caps-generations"] {
+            #expect(access(store + "/" + name, F_OK) != 0 && access(store + "/state/" + name, F_OK) == 0, "\(name)")
+        }
+        let client = try broker.connect()
+        #expect(try client.statSharedMemory("/older").size == 4096)
+        let service = try CapsService(client, name: "older")
+        #expect(service.currentGeneration == 2)
+        #expect(service.serviceID > 4096)  // past the block the older broker reserved
+    }
+
     @Test("CAPS ids go on across a restart from caps-ids and end at 2^32 - 1 (a channel's is its messages' high half): past it, ENOSPC")
     func capsIDsRunOut() throws {
         let broker = try TestBroker()

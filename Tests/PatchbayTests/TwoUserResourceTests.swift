@@ -175,17 +175,64 @@ struct TwoUserResourceTests {
         #expect(entries.allSatisfy { !$0.hasPrefix("patchbay-system.new-") }, "\(entries)")
     }
 
-    @Test("nobody filling the file system the system broker's journal is on (as /dev/shm, which anyone may write) neither keeps the broker from starting again nor makes it hand out CAPS ids it could not reserve; with room again, all is as before")
+    @Test("nobody filling the file system the system broker's store is on (/dev/shm, which anyone may write) changes nothing for root: the journal and the CAPS files are on a tmpfs of the store's own, so creates, renames, removals and CAPS registrations go on, before a crash and after it")
+    func fullStoreFileSystem() throws {
+        let socketDirectory = makeTemporaryDirectory()
+        let shared = makeTemporaryDirectory()
+        defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
+        #expect(try run("/bin/mount", ["-t", "tmpfs", "-o", "size=2m,mode=1777", "tmpfs", shared]).termination == .exited(0))
+        let socket = socketDirectory + "/patchbay.sock"
+        let store = shared + "/patchbay-system"
+        let arguments = ["--system", "--socket", socket, "--shm-directory", store]
+        let first = try daemonSayingReady(arguments)
+        #expect(try first.readLine() == "ready")
+        #expect(isMountPoint(store + "/state"))
+        let filler = try run("/usr/bin/setpriv", setprivNobody + ["/bin/sh", "-c", "cat /dev/zero > \(shared)/filler"])
+        #expect(filler.standardError.contains("No space left"), "\(filler.standardError)")
+        do {
+            let root = try Broker(socketPath: socket)
+            try root.openSharedMemory("/kept", options: .create).truncate(to: 8192)
+            _ = try root.openSharedMemory("/moved", options: .create)
+            try root.renameSharedMemory(from: "/moved", to: "/renamed")
+            _ = try root.openSharedMemory("/gone", options: .create)
+            try root.unlinkSharedMemory("/gone")
+            let during = try CapsService(root, name: "during", access: [.world])
+            #expect(try root.listServices().contains { $0.name == "during" })
+            withExtendedLifetime(during) {}
+        }
+        // A crash, the file system still full.
+        first.kill(SIGKILL)
+        _ = try first.wait()
+        let second = try daemonSayingReady(arguments)
+        defer { second.kill(SIGTERM); _ = try? second.wait() }
+        #expect(try second.readLine() == "ready")
+        let root = try Broker(socketPath: socket)
+        #expect(try root.statSharedMemory("/kept").size == 8192)
+        _ = try root.statSharedMemory("/renamed")
+        for gone in ["/moved", "/gone"] {
+            expectErrno(.noSuchFileOrDirectory) { () throws(PatchbayError) in _ = try root.statSharedMemory(gone) }
+        }
+        // The first service after a start reserves a new block of ids; its name's hold is saved.
+        let after = try CapsService(root, name: "after", access: [.world])
+        #expect(after.serviceID > 4096)
+        let saved = String(decoding: try openFile(store + "/state/caps-generations", flags: O_RDONLY).readToEnd(limit: 1 << 20), as: UTF8.self)
+        #expect(saved.contains(" during ") && saved.contains(" after "), "\(saved)")
+        #expect(access(shared + "/filler", F_OK) == 0)
+        withExtendedLifetime(after) {}
+    }
+
+    @Test("nobody filling the file system a per-user broker's store is on (as /dev/shm, which anyone may write; a per-user broker cannot mount one of its own) neither keeps the broker from starting again nor makes it hand out CAPS ids it could not reserve; with room again, all is as before")
     func fullJournalFileSystem() throws {
         let socketDirectory = makeTemporaryDirectory()
         let shared = makeTemporaryDirectory()
         defer { unmountEverything(under: shared); removeTree(shared); removeTree(socketDirectory) }
         #expect(try run("/bin/mount", ["-t", "tmpfs", "-o", "size=2m,mode=1777", "tmpfs", shared]).termination == .exited(0))
         let socket = socketDirectory + "/patchbay.sock"
-        let arguments = ["--system", "--socket", socket, "--shm-directory", shared + "/patchbay-system"]
+        let arguments = ["--socket", socket, "--shm-directory", shared + "/patchbay-0"]
         let first = try daemonSayingReady(arguments)
         #expect(try first.readLine() == "ready")
-        let generations = shared + "/patchbay-system/caps-generations"
+        #expect(!isMountPoint(shared + "/patchbay-0/state"))
+        let generations = shared + "/patchbay-0/caps-generations"
         do {
             let root = try Broker(socketPath: socket)
             try root.openSharedMemory("/kept", options: .create).truncate(to: 8192)
@@ -552,7 +599,7 @@ struct TwoUserResourceTests {
         #expect(try runAsOtherUser(["shm", "create", "/kept", "--size", "4k"], environment: kept.environment).termination == .exited(0))
         #expect(try kept.stop() == .exited(0))
         #expect(isMountPoint(keptStore + "/uids/\(otherUID)"))
-        #expect(access(keptStore + "/journal", F_OK) == 0)
+        #expect(access(keptStore + "/state/journal", F_OK) == 0)
     }
 
     @Test("nobody's listeners killed with an accept waiting leave no stale watch behind: the broker takes every later connection, root's included")
@@ -848,7 +895,7 @@ struct TwoUserNameTests {
     @Test("a CAPS name root held when the broker died stays root's after the restart: nobody's registration is EEXIST until root registers it again or --caps-name-grace passes; a name root had let go is free at once; with a grace of 0 nothing is kept")
     func capsNamesAreKeptAcrossARestart() throws {
         let broker = try openBroker([])
-        let generations = broker.directory + "/shm/caps-generations"
+        let generations = broker.directory + "/shm/state/caps-generations"
         /// Kills the broker (root's services stay up and hold their names) and starts another.
         func crashAndRestart(_ arguments: [String], killing pid: pid_t) throws -> pid_t {
             kill(pid, SIGKILL)
@@ -964,7 +1011,7 @@ struct TwoUserNameTests {
         #expect(try teamClient.call(Array("pong".utf8)) == Array("pong".utf8))
     }
 
-    @Test("a malformed policy stops the broker from starting, with the file and line")
+    @Test("a malformed policy stops the broker from starting, with the file and line, before it has made anything")
     func malformedPolicy() throws {
         let policy = makeTemporaryDirectory()
         defer { removeTree(policy) }
@@ -975,6 +1022,8 @@ struct TwoUserNameTests {
                                               "--policy-directory", policy])
         #expect(result.termination == .exited(1))
         #expect(result.standardError.contains("bad.conf, line 2"), "\(result.standardError)")
+        // Before it made anything: no store (nor its state tmpfs), no socket.
+        #expect(access(directory + "/shm", F_OK) != 0 && access(directory + "/s.sock", F_OK) != 0)
     }
 }
 

@@ -167,7 +167,7 @@ struct TwoUserTests {
         #expect(generations.first == 1 && zip(generations, generations.dropFirst()).allSatisfy { $0 <= $1 }, "\(said)")
         _ = try churn.wait()
         // The generations file, replayed line by line as the broker reads it at start.
-        let text = try String(decoding: openFile(broker.directory + "/shm/caps-generations", flags: O_RDONLY).readToEnd(limit: 1 << 20),
+        let text = try String(decoding: openFile(broker.directory + "/shm/state/caps-generations", flags: O_RDONLY).readToEnd(limit: 1 << 20),
                               as: UTF8.self)
         var remembered = Set<String>()
         for line in text.split(separator: "\n") {

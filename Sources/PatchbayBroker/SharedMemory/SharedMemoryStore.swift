@@ -11,12 +11,16 @@
 // the kernel frees its pages when the last one goes. A later `open(create)` of the same name makes
 // a new object.
 //
-// Durability. The namespace is a journal next to the objects: one appended record per change
+// Durability. The namespace is a journal beside the objects: one appended record per change
 // (bind a name to a new object, unbind a name, rename/exchange). A record is written before the
 // file system is touched for a removal and after it for a creation, so a broker killed at any
 // instant restarts into a consistent namespace: names whose file is gone are dropped, files no
 // name refers to are deleted, and the journal is compacted. Contents, sizes and times live in the
 // files themselves; owners and modes live in the journal. Only a reboot (tmpfs) clears it all.
+// Where the broker may mount, the journal (and the CAPS registry's id and generation files) are
+// on a small tmpfs of the store's own (`state/`), kept across restarts as the uids' are: on the
+// store's own file system (`/dev/shm`, which any user may fill) a full file system would make
+// every change fail.
 //
 // Permissions. The owner is the creator's effective uid and gid as the kernel reports them; the
 // mode is `mode & ~umask & 0777`; the creator is not checked. Decision (Linux's
@@ -86,6 +90,12 @@ final class SharedMemoryStore {
     static let maximumNameLength = 1023
 
     let path: String
+    /// Where the journal and the CAPS registry's files live: `state/`, a tmpfs of the store's
+    /// own, where the broker may mount; else `path`.
+    let statePath: String
+    /// The state tmpfs's root the service manager kept, when it is mounted nowhere here (the
+    /// mount went with an earlier broker's namespace): `statePath` is `/proc/self/fd/<it>`.
+    private var keptStateDirectory: StoreDirectory?
     private let lock: FileLock
     private let objectsDirectory: StoreDirectory
     /// Each uid's own tmpfs, once it has one.
@@ -128,7 +138,11 @@ final class SharedMemoryStore {
     /// the last broker's mount namespace, the file system did not). With
     /// `keepRootsWithServiceManager`, each root in use is given to the service manager
     /// (`FDSTORE=1`, `pbshm-uid-<uid>`) and taken back when its tmpfs is let go.
-    init(path: String, perOwnerStores: Bool = false, keptOwnerRoots: [UInt32: CInt] = [:],
+    ///
+    /// With `perOwnerStores` too, the journal goes to `state/`, a tmpfs of its own, found again
+    /// as the uids' are (`keptStateRoot`, `pbshm-state`); a journal an earlier broker left in
+    /// `path` is moved there.
+    init(path: String, perOwnerStores: Bool = false, keptOwnerRoots: [UInt32: CInt] = [:], keptStateRoot: CInt? = nil,
          keepRootsWithServiceManager: Bool = false, logger: Logger) throws(BrokerStartError) {
         for (uid, fd) in keptOwnerRoots { self.keptOwnerRoots[uid] = StoreDirectory(Descriptor(adopting: fd)) }
         self.keepRootsWithServiceManager = keepRootsWithServiceManager
@@ -152,9 +166,16 @@ final class SharedMemoryStore {
         } catch {
             throw BrokerStartError(errno: .addressInUse, reason: "another broker is using the shared memory store \(path)")
         }
+        if perOwnerStores {
+            (statePath, keptStateDirectory) = Self.stateFileSystem(of: path, kept: keptStateRoot,
+                                                                   keepWithServiceManager: keepRootsWithServiceManager, logger: logger)
+        } else {
+            if let keptStateRoot { close(keptStateRoot) }
+            statePath = path
+        }
         do {
             objectsDirectory = StoreDirectory(try openFile(path + "/objects", flags: O_RDONLY | O_DIRECTORY | O_NOFOLLOW))
-            journal = try openFile(path + "/journal", flags: O_RDWR | O_CREAT | O_APPEND | O_NOFOLLOW, mode: 0o600)
+            journal = try openFile(statePath + "/journal", flags: O_RDWR | O_CREAT | O_APPEND | O_NOFOLLOW, mode: 0o600)
         } catch {
             throw BrokerStartError(errno: error, reason: "cannot open the shared memory store \(path): \(error.name)")
         }
@@ -173,7 +194,7 @@ final class SharedMemoryStore {
             logger.warning("journal compaction failed; the journal is kept as it is", metadata: ["errno": "\(error.name)"])
             if (try? journal.size()) != journalIntactLength {
                 do { try journal.truncate(to: journalIntactLength) } catch {
-                    throw BrokerStartError(errno: error, reason: "cannot cut the torn end off the shared memory store's journal \(path)/journal: \(error.name)")
+                    throw BrokerStartError(errno: error, reason: "cannot cut the torn end off the shared memory store's journal \(statePath)/journal: \(error.name)")
                 }
             }
         }
@@ -483,6 +504,104 @@ final class SharedMemoryStore {
         ServiceManager.notify("FDSTORE=1\nFDNAME=\(BrokerListener.ownerRootPrefix)\(uid)", descriptors: [store.descriptor.rawValue])
     }
 
+    // MARK: The state's file system
+
+    /// Bytes and files of the state's tmpfs. The journal holds one record per live name (at most
+    /// about 1.1 KiB) and up to four dead ones per live name plus 4,096 before it is compacted,
+    /// so this is room for about 180,000 names; pages are used only as the files grow.
+    static let stateBytes = 1 << 30
+    static let stateFiles = 64
+    /// The files that live in the state's directory.
+    static let stateFileNames = ["journal", "caps-ids", "caps-generations"]
+
+    /// Where the state lives: `path/state` with a tmpfs of its own mounted there, or `path` if
+    /// none can be had (the broker says why; its files then share the store's file system). A
+    /// tmpfs still mounted there is used; else the one the service manager kept (`kept`), through
+    /// its descriptor, which is then returned to be held (a mount cannot be made again from a
+    /// file system whose mount namespace is gone); else a new one, given to the service manager
+    /// to keep. Files an earlier broker left in `path` are moved in; if they cannot be, they stay
+    /// where they are, and so does the state.
+    private static func stateFileSystem(of path: String, kept: CInt?, keepWithServiceManager: Bool,
+                                        logger: Logger) -> (path: String, held: StoreDirectory?) {
+        var directory = path + "/state"
+        var held: StoreDirectory?
+        do throws(RequestError) {
+            try makePrivateDirectory(directory)
+            if isMountPoint(directory) {
+                // Mounted in this namespace: an earlier broker's, which the manager keeps already.
+                if let kept { close(kept) } else { keepStateRoot(directory, keepWithServiceManager) }
+            } else if let kept {
+                held = StoreDirectory(Descriptor(adopting: kept))
+                directory = "/proc/self/fd/\(kept)"
+            } else {
+                do {
+                    try mountMemoryFileSystem(at: directory, bytes: stateBytes, files: stateFiles)
+                } catch {
+                    throw RequestError(errno: error, reason: "cannot mount a tmpfs at \(directory): \(error.name)")
+                }
+                keepStateRoot(directory, keepWithServiceManager)
+            }
+        } catch {
+            logger.warning("the store's journal and CAPS files stay on the store's own file system, where a full one makes changes fail",
+                           metadata: ["reason": "\(error.reason)"])
+            if let kept { close(kept) }
+            return (path, nil)
+        }
+        for name in stateFileNames {
+            do throws(Errno) {
+                try moveFile(name, from: path, to: directory)
+            } catch {
+                logger.error("cannot move the store's \(name) to its own file system; the store's files stay where they are",
+                             metadata: ["errno": "\(error.name)"])
+                return (path, nil)
+            }
+        }
+        Glibc.unlink(path + "/journal.new")
+        return (directory, held)
+    }
+
+    private static func keepStateRoot(_ directory: String, _ keep: Bool) {
+        guard keep, let root = try? openDirectory(directory) else { return }
+        ServiceManager.notify("FDSTORE=1\nFDNAME=\(BrokerListener.stateRootName)", descriptors: [root.rawValue])
+    }
+
+    /// Moves the file `name` from the directory `from` to `to` (another file system): copied to
+    /// a new file, renamed into place, then removed from `from`. A copy already in `to` (a
+    /// move cut short after its rename) is kept, being the same.
+    private static func moveFile(_ name: String, from: String, to: String) throws(Errno) {
+        let source: Descriptor
+        do {
+            source = try openFile(from + "/" + name, flags: O_RDONLY | O_NOFOLLOW)
+        } catch .noSuchFileOrDirectory {
+            return
+        }
+        var info = Glibc.stat()
+        if lstat(to + "/" + name, &info) != 0 {
+            let bytes = try source.readToEnd()
+            let temporary = to + "/" + name + ".new"
+            Glibc.unlink(temporary)
+            let copy = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600)
+            do throws(Errno) {
+                try copy.writeAll(bytes)
+                _ = try syscallRetrying { Glibc.rename(temporary, to + "/" + name) }
+            } catch {
+                Glibc.unlink(temporary)
+                throw error
+            }
+        }
+        _ = try syscallRetrying { Glibc.unlink(from + "/" + name) }
+    }
+
+    private static func isEmptyDirectory(_ path: String) -> Bool {
+        guard let listing = opendir(path) else { return false }
+        defer { closedir(listing) }
+        while let entry = readdir(listing) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in Array(raw.prefix { $0 != 0 }) }
+            if name != [0x2E] && name != [0x2E, 0x2E] { return false }
+        }
+        return true
+    }
+
     private static func openDirectory(_ path: String) throws(RequestError) -> Descriptor {
         do {
             return try openFile(path, flags: O_RDONLY | O_DIRECTORY | O_NOFOLLOW)
@@ -496,7 +615,18 @@ final class SharedMemoryStore {
     /// next broker on the same socket.
     func removeIfEmpty() {
         guard objects.count == 0, ownerDirectories.isEmpty else { return }
-        try? PatchbaySystem.removeFile(atPath: path + "/journal")
+        try? PatchbaySystem.removeFile(atPath: statePath + "/journal")
+        // The state's tmpfs goes when it holds nothing more (the CAPS registry's files keep it,
+        // and with it the store: names' generations are kept across restarts).
+        if statePath != path, Self.isEmptyDirectory(statePath) {
+            if keepRootsWithServiceManager { ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(BrokerListener.stateRootName)") }
+            if keptStateDirectory != nil {
+                keptStateDirectory = nil
+                _ = rmdir(path + "/state")
+            } else if (try? unmount(at: statePath)) != nil {
+                _ = rmdir(statePath)
+            }
+        }
         _ = rmdir(path + "/objects")
         _ = rmdir(path + "/uids")
         try? PatchbaySystem.removeFile(atPath: path + "/lock")
@@ -871,12 +1001,12 @@ final class SharedMemoryStore {
         for (name, object) in objects.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) {
             bytes += Record.bind(name: name, object: object).encode()
         }
-        let temporary = path + "/journal.new"
+        let temporary = statePath + "/journal.new"
         Glibc.unlink(temporary)
         let replacement = try openFile(temporary, flags: O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_NOFOLLOW, mode: 0o600)
         do throws(Errno) {
             try replacement.writeAll(bytes)
-            _ = try syscallRetrying { Glibc.rename(temporary, path + "/journal") }
+            _ = try syscallRetrying { Glibc.rename(temporary, statePath + "/journal") }
         } catch {
             Glibc.unlink(temporary)
             throw error
