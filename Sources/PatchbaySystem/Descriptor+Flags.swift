@@ -25,17 +25,26 @@ extension Descriptor {
     }
 
     /// Reads and throws away up to `maximumPackets` packets waiting on a socket, without
-    /// blocking (`recv(MSG_DONTWAIT)` into a small buffer); returns how many there were.
+    /// blocking, into a small buffer; returns how many there were. Read with room for
+    /// descriptors: any that came with the packets go to `close` (with a plain `recv` the kernel
+    /// would close them in this thread, and a lingering TCP socket's last close waits).
     @discardableResult
-    package borrowing func discardPendingPackets(maximumPackets: Int) -> Int {
-        var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        var count = 0
-        while count < maximumPackets {
-            let received = withUnsafeMutableBytes(of: &scratch) { Glibc.recv(rawValue, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
-            if received < 0 { break }
-            count += 1
+    package borrowing func discardPendingPackets(maximumPackets: Int, closing close: (CInt) -> Void) -> Int {
+        withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds in
+            var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+            var count = 0
+            while count < maximumPackets {
+                var received: CInt = 0
+                var flags: CInt = 0
+                let length = withUnsafeMutableBytes(of: &scratch) {
+                    pb_recv_with_fds(rawValue, $0.baseAddress, $0.count, fds.baseAddress, CInt(fds.count), &received, &flags, 1)
+                }
+                for index in 0..<Int(received) { close(fds[index]) }
+                if length < 0 { break }
+                count += 1
+            }
+            return count
         }
-        return count
     }
 
     /// A new, read-only open file description of the same file, through `/proc/self/fd`: unlike

@@ -11,6 +11,8 @@ package struct Epoll: ~Copyable {
         package static let writable = Events(rawValue: 0x004)
         package static let error = Events(rawValue: 0x008)
         package static let hangup = Events(rawValue: 0x010)
+        /// `EPOLLRDHUP`: the peer shut its writing down (or closed); reads now return end of file.
+        package static let readHangup = Events(rawValue: 0x2000)
         /// `EPOLLET`: reported once per change, not while it lasts.
         package static let edgeTriggered = Events(rawValue: 1 << 31)
     }

@@ -40,6 +40,12 @@
 //   net-send-lingering NAME PORT
 //                             listens on NAME, accepts one connection, sends it "hello" with a
 //                             lingering TCP socket attached; prints "listening", then "sent"
+//   net-handle-lingering PORT SECONDS
+//                             opens a /net local socket and writes to its handle a packet carrying
+//                             a local socket with a TCP socket lingering SECONDS in its queue; prints
+//                             "sent" or "refused ERRNO", then waits for EOF
+//   net-handle-shutdown       opens a /net local socket and shuts its handle's writing down;
+//                             prints "shut", then waits for EOF
 //   caps-fork-and-go NAME service|client
 //                             a port whose process forks a child that lives on, then closes the
 //                             port; prints "ready" / "put ID", then "closed PID"
@@ -422,6 +428,37 @@ func netSendLingering(name: String, port: UInt16) throws(PatchbayError) {
     }
     say("sent")
     waitForEndOfInput()
+}
+
+/// Opens a `/net` local seqpacket socket and writes to its handle a packet carrying a local socket
+/// with a lingering TCP socket (to `port`, `seconds`) in its queue, this side's copy closed:
+/// whoever closes the last copy waits. Says "sent", or "refused ERRNO" when the kernel refuses
+/// descriptors there (this side's close is then the last, and waits); then stays (the socket
+/// with it) until its input ends.
+func netHandleLingering(port: UInt16, seconds: Int32) throws(PatchbayError) {
+    let broker = try Broker()
+    let socket = try Socket.open(broker, type: .seqpacket)
+    let wrapped = try wrappedLingeringSocket(port: port, seconds: seconds)
+    var byte: UInt8 = 1
+    let sent = withUnsafeBytes(of: &byte) { raw in
+        [wrapped.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(socket.handle.rawValue, raw, $0) }
+    }
+    let refused = sent == 1 ? nil : Errno.current
+    say(refused.map { "refused \($0.name)" } ?? "sent")
+    _ = consume wrapped
+    waitForEndOfInput()
+    withExtendedLifetime(socket) {}
+}
+
+/// Opens a `/net` local seqpacket socket and shuts its handle's writing down: the broker's end
+/// reads end of file from then on. Says "shut", then stays until its input ends.
+func netHandleShutdown() throws(PatchbayError) {
+    let broker = try Broker()
+    let socket = try Socket.open(broker, type: .seqpacket)
+    guard shutdown(socket.handle.rawValue, CInt(SHUT_WR)) == 0 else { throw PatchbayError(Errno.current, "shutdown") }
+    say("shut")
+    waitForEndOfInput()
+    withExtendedLifetime(socket) {}
 }
 
 /// Connects to `service` and sends, on its wake socket, a wake-up carrying a local socket with a
@@ -2296,6 +2333,10 @@ func main() -> CInt {
             try netSendLingering(name: arguments[1], port: UInt16(arguments[2])!)
         case "net-accept-many" where arguments.count == 3 && Int(arguments[2]).map({ $0 > 1 }) == true:
             try netAcceptMany(arguments[1], count: Int(arguments[2])!)
+        case "net-handle-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int32(arguments[2]) != nil:
+            try netHandleLingering(port: UInt16(arguments[1])!, seconds: Int32(arguments[2])!)
+        case "net-handle-shutdown" where arguments.count == 1:
+            try netHandleShutdown()
         case "caps-wake-lingering" where arguments.count == 3 && UInt16(arguments[2]) != nil:
             try capsWakeLingering(service: arguments[1], port: UInt16(arguments[2])!)
         case "caps-wake-lingering" where arguments.count == 4 && UInt16(arguments[2]) != nil && Int32(arguments[3]) != nil:

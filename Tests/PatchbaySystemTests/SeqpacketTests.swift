@@ -364,3 +364,33 @@ func sendRawRights(_ socket: CInt, payload: [UInt8], descriptors: [CInt]) throws
     let sent = payload.withUnsafeBytes { raw in descriptors.withUnsafeBufferPointer { SeqpacketSocket.sendRights(socket, raw, $0) } }
     if sent < 0 { throw Errno.current }
 }
+
+@Suite("NetHandleTests: discarding what is written to a handle")
+struct NetHandleTests {
+    @Test("discarding packets reads each one and hands the descriptors any carried to the caller (to close on a thread of its choosing) instead of letting the kernel close them in the reading thread")
+    func discardHandsDescriptorsOver() throws {
+        let pair = try SeqpacketSocket.pair()
+        var ends: [CInt] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[0]); close(ends[1]) }
+        var pipeInfo = stat()
+        #expect(fstat(ends[0], &pipeInfo) == 0)
+        let writer = pair.second.descriptor.rawValue
+        let byte: [UInt8] = [1]
+        for carried in [[ends[0]], [], [ends[0], ends[1]]] {
+            let sent = byte.withUnsafeBytes { raw in carried.withUnsafeBufferPointer { SeqpacketSocket.sendRaw(writer, raw, $0) } }
+            #expect(sent == 1)
+        }
+        var handed: [CInt] = []
+        #expect(pair.first.descriptor.discardPendingPackets(maximumPackets: 64) { handed.append($0) } == 3)
+        #expect(handed.count == 3)
+        for fd in handed {
+            var info = stat()
+            #expect(fstat(fd, &info) == 0 && info.st_ino == pipeInfo.st_ino && info.st_dev == pipeInfo.st_dev)
+            #expect(fcntl(fd, F_GETFD) & FD_CLOEXEC != 0)
+            close(fd)
+        }
+        // Nothing left, and an empty end returns at once.
+        #expect(pair.first.descriptor.discardPendingPackets(maximumPackets: 64) { _ in Issue.record("a descriptor from nowhere") } == 0)
+    }
+}

@@ -115,6 +115,12 @@ private func asNobody(_ arguments: [String], environment: [String: String?]) thr
 }
 
 /// The test peer running as nobody against `broker`, followed line by line.
+/// Whether this kernel lets a local socket refuse descriptors (`SO_PASSRIGHTS`, Linux 6.16).
+func kernelRefusesDescriptors() throws -> Bool {
+    let probe = try WakeSocket.pair()
+    return WakeSocket.refuseDescriptors(probe.reader.rawValue)
+}
+
 func nobodyPeer(_ arguments: [String], _ broker: TestBroker) throws -> Child {
     try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer] + arguments,
               environment: broker.environment)
@@ -231,6 +237,60 @@ struct TwoUserLingerTests {
         withExtendedLifetime(connection) {}
     }
 
+    @Test("nobody cannot put a descriptor in its /net socket's handle for the broker to read (the kernel refuses it there); the broker, which reads and discards what is written to handles, goes on serving root, and lets the socket go with its handle")
+    func netHandleTakesNoDescriptors() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let listener = try DeafListener()
+        let root = try broker.connect()
+        // Refused, nobody's own close is the last, and waits its linger: 2 s. Taken (a kernel that
+        // cannot refuse it), 60 s: a broker stuck closing it would not answer within `finishes`.
+        let refusable = try kernelRefusesDescriptors()
+        let attacker = try nobodyPeer(["net-handle-lingering", "\(listener.port)", refusable ? "2" : "60"], broker)
+        var attackerOpen = true
+        defer { if attackerOpen { attacker.closeInput() } }
+        let said = try attacker.readLine() ?? ""
+        #expect(said == (refusable ? "refused EPERM" : "sent"), "\(said)")  // (taken: read and closed off the loop, NetHandleTests)
+        let answered = Mutex(false)
+        #expect(try finishes { answered.withLock { $0 = (try? root.status()) != nil } }, "the broker is stuck")
+        #expect(answered.withLock { $0 })
+        #expect(try root.listSockets().contains { $0.ownerUID == 65534 })
+        attacker.closeInput()
+        attackerOpen = false
+        _ = try attacker.wait()
+        #expect(try eventually { try !root.listSockets().contains { $0.ownerUID == 65534 } })
+        withExtendedLifetime(listener) {}
+    }
+
+    @Test("nobody shutting its /net socket's handle down for writing (the broker's end then reads end of file for good) does not make the broker's loop spin on it; the socket still goes when its handle is closed")
+    func shutHandleDoesNotSpin() throws {
+        let broker = try TestBroker(["--system"])
+        chmod(broker.directory, 0o755)
+        let root = try broker.connect()
+        let attacker = try nobodyPeer(["net-handle-shutdown"], broker)
+        var attackerOpen = true
+        defer { if attackerOpen { attacker.closeInput() } }
+        #expect(try attacker.readLine() == "shut")
+        _ = try root.status()
+        // The broker's processor time over two seconds: a loop woken for good by the end of file
+        // takes a whole processor (a share of one under load), an idle broker next to nothing.
+        func processorTicks() throws -> Int {
+            let text = String(decoding: try openFile("/proc/\(broker.pid)/stat", flags: O_RDONLY).readToEnd(), as: UTF8.self)
+            let fields = text[text.index(after: text.lastIndex(of: ")")!)...].split(separator: " ")
+            return Int(fields[11])! + Int(fields[12])!  // utime and stime, fields 14 and 15
+        }
+        let before = try processorTicks()
+        let start = monotonicNanoseconds()
+        while monotonicNanoseconds() - start < 2_000_000_000 { usleep(100_000) }
+        let used = try processorTicks() - before
+        #expect(used < Int(sysconf(Int32(_SC_CLK_TCK))) * 2 / 5, "the broker used \(used) ticks in 2 s")
+        #expect(try root.listSockets().contains { $0.ownerUID == 65534 })
+        attacker.closeInput()
+        attackerOpen = false
+        _ = try attacker.wait()
+        #expect(try eventually { try !root.listSockets().contains { $0.ownerUID == 65534 } })
+    }
+
     @Test("nobody cannot hand root's service a descriptor on its wake socket (the kernel refuses it), and the service, waiting in epoll, goes on serving")
     func wakeSocketTakesNoDescriptors() throws {
         let broker = try TestBroker(["--system"])
@@ -241,11 +301,8 @@ struct TwoUserLingerTests {
         let attacker = try nobodyPeer(["caps-wake-lingering", "wakesvc", "\(listener.port)"], broker)
         defer { attacker.closeInput() }
         let said = try attacker.readLine() ?? ""
-        if WakeSocket.refuseDescriptors(try WakeSocket.pair().reader.rawValue) {
-            #expect(said == "refused EPERM", "\(said)")
-        } else {
-            #expect(said == "sent" || said.hasPrefix("refused"), "\(said)")  // drained safely instead (WakeSocketTests)
-        }
+        // (Taken, on a kernel that cannot refuse it: drained safely instead, WakeSocketTests.)
+        #expect(said == (try kernelRefusesDescriptors() ? "refused EPERM" : "sent"), "\(said)")
         // The service drains its wake sockets as it waits through its descriptor, and answers.
         let caller = try CapsClient(root, name: "wakesvc")
         let answered = Mutex(false)

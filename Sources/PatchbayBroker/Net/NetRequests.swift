@@ -200,7 +200,7 @@ final class NetRequests: SessionClosedHook {
     // MARK: Readiness
 
     private func watchHandle(_ socket: NetSocket) {
-        try? loop.register(socket.handle.rawValue, as: .netHandle(socket: socket.id), events: [.readable])
+        try? loop.register(socket.handle.rawValue, as: .netHandle(socket: socket.id), events: [.readable, .readHangup])
     }
 
     /// Watches an accepted connection another uid made for the hang-up of that uid's end: no
@@ -237,13 +237,24 @@ final class NetRequests: SessionClosedHook {
         return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && domain == AF_UNIX
     }
 
-    /// A handle end is readable: junk a client wrote (discarded) or the hang-up of the last copy.
+    /// A handle end is readable: junk a client wrote (discarded), a holder shutting its writing
+    /// down, or the hang-up of the last copy.
     func handleReadable(_ id: UInt64, events: Epoll.Events) {
         guard let socket = table.sockets[id] else { return }
         // Only the hang-up closes the socket: a zero-length packet also reads as 0 bytes. Junk is
-        // drained a bounded amount per wake-up, so a client writing without end cannot hold the loop.
+        // drained a bounded amount per wake-up, so a client writing without end cannot hold the
+        // loop; descriptors sent with it (on a kernel that cannot refuse them) are closed on the
+        // uid's closing thread.
         guard events.contains(.hangup) || events.contains(.error) else {
-            socket.handle.discardPendingPackets(maximumPackets: 64)
+            let uid = socket.accountedUID
+            socket.handle.discardPendingPackets(maximumPackets: 64) { DeferredCloser.shared.close(raw: $0, of: uid) }
+            if events.contains(.readHangup) {
+                // A holder shut its writing down (`shutdown(SHUT_WR)`): the end reads end of file
+                // from now on, and would be readable for good. Only the hang-up is watched now
+                // (always reported); what was written before the shutdown was read above, and
+                // nothing can be written after it.
+                try? loop.modify(socket.handle.rawValue, events: [])
+            }
             return
         }
         release(socket, reason: nil)

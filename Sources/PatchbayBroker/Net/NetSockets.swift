@@ -238,6 +238,10 @@ final class NetTable {
         nextID += 1
         let brokerEnd = pair.first
         let clientEnd = pair.second
+        // What a client writes to its handle is read and thrown away; it may not carry
+        // descriptors (Linux 6.16: `EPERM` for the sender), whose last close, if the broker's
+        // thread made it, could wait (a lingering TCP socket's, for as long as its sender likes).
+        WakeSocket.refuseDescriptors(brokerEnd.descriptor.rawValue)
         // Reading the handle returns the socket's id, as in PatchworkOS.
         _ = try? brokerEnd.send(Array("\(id)\n".utf8), nonblocking: true)
         do { try brokerEnd.descriptor.setNonblocking(true) } catch {}
