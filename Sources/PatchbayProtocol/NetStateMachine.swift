@@ -125,8 +125,9 @@ public enum NetControlLine {
                 }
                 var backlog: Int32?
                 if let text = arguments.first {
-                    guard let value = Int32(text), value > 0 else {
-                        throw NetControlSyntaxError(reason: "the backlog must be a positive number, not \"\(text.prefix(20))\"")
+                    // Decimal digits only, as socket ids in paths (no sign, no spaces).
+                    guard text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let value = Int32(text), value > 0 else {
+                        throw NetControlSyntaxError(reason: "the backlog must be a positive decimal number, not \"\(text.prefix(20))\"")
                     }
                     backlog = value
                 }

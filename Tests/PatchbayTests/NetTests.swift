@@ -98,11 +98,13 @@ struct NetTests {
         }
         #expect(try socket.state() == .new)
         // A malformed line changes nothing...
-        do {
-            try socket.control("bind first && listen 0")
-            Issue.record("listen 0 succeeded")
-        } catch {
-            #expect(error.errno == .invalidArgument && error.reason.contains("backlog"))
+        for backlog in ["0", "+5", "-1", "2147483648", "٣"] {
+            do {
+                try socket.control("bind first && listen \(backlog)")
+                Issue.record("listen \(backlog) succeeded")
+            } catch {
+                #expect(error.errno == .invalidArgument && error.reason.contains("backlog"), "\(backlog): \(error)")
+            }
         }
         #expect(try socket.state() == .new)
         // ...while a well-formed chain runs command by command and stops at the first failure.
