@@ -126,6 +126,7 @@ public final class BrokerServer {
         registry.budget = budget
         registry.policy = policy
         registry.nameGrace = configuration.capsNameGrace
+        if store.statePath != store.path { registry.mirrorDirectory = store.path }
         registry.generationsFile = store.statePath + "/caps-generations"
         spareDescriptor = try? openFile("/dev/null", flags: O_RDONLY)
         do {
@@ -229,6 +230,7 @@ public final class BrokerServer {
         if let root = listener.rootSocket { loop.unregister(root.socket.rawValue) }
         let clientCount = sessions.count
         sessions.closeAll(reason: "broker stopping")
+        caps.registry.saveCopies()
         sharedMemory.store.releaseEmptyOwnerStores()
         sharedMemory.store.removeIfEmpty()
         logger.info("broker stopped", metadata: [

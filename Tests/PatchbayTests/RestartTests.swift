@@ -9,6 +9,13 @@ import SystemPackage
 import Synchronization
 import Testing
 
+/// How far past copies that may be behind a broker goes (CapsRegistry.idsPastADirtyCopy and
+/// generationsPastADirtyCopy).
+enum CapsRegistryMargins {
+    static let ids: UInt64 = 1 << 20
+    static let generations: UInt64 = 1 << 32
+}
+
 @Suite("Broker restarts")
 struct RestartTests {
     @Test("SIGKILL under traffic: prompt errors, reconnection to the new broker, named memory intact")
@@ -246,14 +253,53 @@ struct RestartTests {
         let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: store, ["--system"])
         defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted); withExtendedLifetime(broker) {} }
         #expect(isMountPoint(store + "/state"))
-        for name in ["journal", "caps-ids", "caps-generations"] {
-            #expect(access(store + "/" + name, F_OK) != 0 && access(store + "/state/" + name, F_OK) == 0, "\(name)")
+        #expect(access(store + "/journal", F_OK) != 0 && access(store + "/state/journal", F_OK) == 0)
+        // The CAPS files stay as copies, marked as possibly behind while a broker runs.
+        for name in ["caps-ids", "caps-generations"] {
+            #expect(access(store + "/" + name, F_OK) != 0 && access(store + "/" + name + ".dirty", F_OK) == 0, "\(name)")
         }
         let client = try broker.connect()
         #expect(try client.statSharedMemory("/older").size == 4096)
         let service = try CapsService(client, name: "older")
         #expect(service.currentGeneration == 2)
-        #expect(service.serviceID > 4096)  // past the block the older broker reserved
+        #expect(service.serviceID > 4096 && service.serviceID < 2 * 4096)  // past the block the older broker reserved
+    }
+
+    @Test("a system broker whose state tmpfs is lost between two runs (a service's private mount namespace, which systemctl stop ends) goes on from the copies of its CAPS generations and ids a clean stop leaves beside the store; after an unclean end (the copies marked as possibly behind) it goes well past them", .enabled(if: geteuid() == 0, "needs root to mount"))
+    func capsCopiesOutliveTheState() throws {
+        let broker = try TestBroker(["--system"])
+        let store = broker.directory + "/shm"
+        let client = try broker.connect()
+        do { _ = try CapsService(client, name: "kept") }
+        let second = try CapsService(client, name: "kept")
+        #expect(second.currentGeneration == 2)
+        let lastID = second.serviceID
+        withExtendedLifetime(second) {}
+        #expect(try broker.stop() == .exited(0))
+        for name in ["caps-ids", "caps-generations"] {
+            #expect(access(store + "/" + name, F_OK) == 0 && access(store + "/" + name + ".dirty", F_OK) != 0, "\(name)")
+        }
+        // The state goes with the namespace it was mounted in.
+        try unmount(at: store + "/state")
+        let clean = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: store, ["--system"])
+        let third = try CapsService(try broker.connect(), name: "kept")
+        #expect(third.currentGeneration == 3)  // exactly: the copies were whole
+        #expect(third.serviceID > lastID && third.serviceID < CapsRegistryMargins.ids)
+        let thirdID = third.serviceID
+        withExtendedLifetime(third) {}
+        // A crash, and the state lost too: the copies are the ones from before this run.
+        kill(clean, SIGKILL)
+        _ = try waitForProcess(clean)
+        try unmount(at: store + "/state")
+        let unclean = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: store, ["--system"])
+        defer { kill(unclean, SIGTERM); _ = try? waitForProcess(unclean); withExtendedLifetime(broker) {} }
+        let fourth = try CapsService(try broker.connect(), name: "kept")
+        #expect(fourth.currentGeneration > CapsRegistryMargins.generations)
+        #expect(fourth.serviceID > thirdID + CapsRegistryMargins.ids - 4096)
+        let fresh = try CapsService(try broker.connect(), name: "never_seen")
+        #expect(fresh.currentGeneration > CapsRegistryMargins.generations)  // no name's record could be missing
+        withExtendedLifetime(fourth) {}
+        withExtendedLifetime(fresh) {}
     }
 
     @Test("CAPS ids go on across a restart from caps-ids and end at 2^32 - 1 (a channel's is its messages' high half): past it, ENOSPC")

@@ -227,6 +227,9 @@ final class CapsRegistry {
     /// Per uid, the highest generation of a name it forgot: a name it has no record of starts
     /// above it, so a forgotten name registered again is still visibly newer than before.
     private var forgottenFloor: [UInt32: UInt64] = [:]
+    /// Every uid's floor: raised past any generation a lost record could have held, when the
+    /// records come from a copy that may have fallen behind (`mirrorDirectory`). Line `<gen> * *`.
+    private var everyUIDFloor: UInt64 = 0
     private var nextID: UInt64 = 1
     private var logger: Logger
     let arenaSize = CapsLayout.defaultArenaSize
@@ -265,9 +268,81 @@ final class CapsRegistry {
     /// winning), so a service registered after a restart is still visibly newer than the one
     /// before. Nil: kept in memory only.
     var generationsFile: String? {
-        didSet {
-            loadGenerations()
-            loadReservedIDs()
+        didSet { load() }
+    }
+
+    /// Where copies of the generations and ids are kept when `generationsFile` is on a file
+    /// system a stop may lose (the system broker's state tmpfs, mounted in a service's private
+    /// mount namespace, which `systemctl stop` ends, along with the descriptor store that keeps
+    /// it across a crash or restart): the store's own directory. Set before `generationsFile`.
+    /// The copies are written at a clean stop (`saveCopies`); while a broker runs they are
+    /// renamed `<file>.dirty` (a rename needs no room), so a broker that finds only those after
+    /// losing the state knows they may be behind, and moves past anything they could have missed.
+    var mirrorDirectory: String?
+    /// How far past a copy that may be behind the ids and the generations go.
+    static let idsPastADirtyCopy: UInt64 = 1 << 20
+    static let generationsPastADirtyCopy: UInt64 = 1 << 32
+
+    private func load() {
+        guard let generationsFile, let idsFile else { return }
+        var generationsSource = generationsFile
+        var idsSource = idsFile
+        var behind = false
+        if let mirrorDirectory {
+            func source(_ own: String, _ name: String) -> String {
+                if access(own, F_OK) == 0 { return own }
+                let copy = mirrorDirectory + "/" + name
+                if access(copy, F_OK) == 0 { return copy }
+                if access(copy + ".dirty", F_OK) == 0 {
+                    behind = true
+                    return copy + ".dirty"
+                }
+                return own
+            }
+            generationsSource = source(generationsFile, "caps-generations")
+            idsSource = source(idsFile, "caps-ids")
+        }
+        let loaded = loadGenerations(from: generationsSource)
+        loadReservedIDs(from: idsSource)
+        if behind {
+            nextID = min(nextID + Self.idsPastADirtyCopy, Self.lastID + 1)
+            for key in Array(lastGeneration.keys) {
+                lastGeneration[key] = min(lastGeneration[key]! + Self.generationsPastADirtyCopy, Self.highestGeneration)
+            }
+            for uid in Array(forgottenFloor.keys) {
+                forgottenFloor[uid] = min(forgottenFloor[uid]! + Self.generationsPastADirtyCopy, Self.highestGeneration)
+            }
+            everyUIDFloor = min(everyUIDFloor + Self.generationsPastADirtyCopy, Self.highestGeneration)
+            logger.warning("CAPS generations and ids taken from copies that may be behind (the broker before did not stop cleanly, and its state is gone); they go on well past them",
+                           metadata: ["ids": "\(nextID)"])
+        }
+        // Compacted (and made, from a copy) at once.
+        if loaded || behind { rewriteGenerations() }
+        if let mirrorDirectory {
+            for name in ["caps-generations", "caps-ids"] {
+                let copy = mirrorDirectory + "/" + name
+                if access(copy, F_OK) == 0 { rename(copy, copy + ".dirty") }
+            }
+        }
+    }
+
+    /// Writes the copies in `mirrorDirectory` (at a clean stop) and removes the `.dirty` marks; a
+    /// copy that cannot be written leaves its mark, and the next broker that must use it goes past it.
+    func saveCopies() {
+        guard let mirrorDirectory, let generationsFile, let idsFile,
+              access(generationsFile, F_OK) == 0 || access(idsFile, F_OK) == 0 else { return }  // no CAPS here yet
+        let ids = "\(max(reservedIDs, nextID))\n"
+        for (name, text) in [("caps-generations", generationsText().text), ("caps-ids", ids)] {
+            let copy = mirrorDirectory + "/" + name
+            do throws(Errno) {
+                let file = try openFile(copy + ".new", flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+                try file.writeAll(Array(text.utf8))
+                guard rename(copy + ".new", copy) == 0 else { throw Errno.current }
+                unlink(copy + ".dirty")
+            } catch {
+                unlink(copy + ".new")
+                logger.warning("cannot keep a copy of the CAPS \(name) beside the store; the next broker goes past it", metadata: ["errno": "\(error.name)"])
+            }
         }
     }
     /// Ids (of services and channels) are never handed out twice, even across restarts: a
@@ -279,8 +354,8 @@ final class CapsRegistry {
 
     private var idsFile: String? { generationsFile.map { String($0[..<($0.lastIndex(of: "/") ?? $0.startIndex)]) + "/caps-ids" } }
 
-    private func loadReservedIDs() {
-        guard let idsFile, let file = try? openFile(idsFile, flags: O_RDONLY | O_NOFOLLOW),
+    private func loadReservedIDs(from idsFile: String) {
+        guard let file = try? openFile(idsFile, flags: O_RDONLY | O_NOFOLLOW),
               let bytes = try? file.readToEnd(limit: 64),
               let ceiling = UInt64(String(decoding: bytes.prefix { $0 != 0x0A }, as: UTF8.self)) else { return }
         nextID = max(nextID, ceiling)
@@ -326,11 +401,11 @@ final class CapsRegistry {
     /// whole table. No descriptor is held between writes.
     private var generationLines = 0
 
-    private func loadGenerations() {
-        guard let generationsFile else { return }
+    /// Whether there was a file to load.
+    private func loadGenerations(from generationsFile: String) -> Bool {
         // No file: nothing to load, and none is made until a name registers.
         guard let file = try? openFile(generationsFile, flags: O_RDONLY | O_NOFOLLOW),
-              let bytes = try? file.readToEnd(limit: 16 << 20) else { return }
+              let bytes = try? file.readToEnd(limit: 16 << 20) else { return false }
         // Lines in the order they were written: `<generation> <name> <uid>` (a registration, or a
         // generation seen at a close; without a uid, from an older broker: root's), `- <name>
         // <uid>` (forgotten), `<generation> * <uid>` (that uid's floor), `held <name> <uid>` and
@@ -340,6 +415,10 @@ final class CapsRegistry {
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
             guard fields.count == 2 || fields.count == 3 else { continue }
+            if fields.count == 3, fields[1] == "*", fields[2] == "*", let floor = UInt64(fields[0]) {
+                everyUIDFloor = max(everyUIDFloor, min(floor, Self.highestGeneration))
+                continue
+            }
             let uid = fields.count == 3 ? UInt32(fields[2]) : 0
             guard let uid else { continue }
             if fields[0] == "held" || fields[0] == "released" {
@@ -371,7 +450,7 @@ final class CapsRegistry {
                 "names": "\(held.count)", "seconds": "\(nameGrace / 1_000_000_000)",
             ])
         }
-        rewriteGenerations()
+        return true
     }
 
     /// Records `name`'s last generation: one appended line, the file compacted when stale lines
@@ -415,8 +494,27 @@ final class CapsRegistry {
     @discardableResult
     private func rewriteGenerations() -> Errno? {
         guard let generationsFile else { return nil }
+        let (text, lines) = generationsText()
+        let temporary = generationsFile + ".new"
+        do throws(Errno) {
+            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+            try file.writeAll(Array(text.utf8))
+            guard rename(temporary, generationsFile) == 0 else { throw Errno.current }
+            generationLines = lines
+            generationsUnsaved = false
+            return nil
+        } catch {
+            unlink(temporary)
+            logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
+            generationsUnsaved = true
+            return error
+        }
+    }
+
+    /// The table whole, as the file holds it, and its number of lines.
+    private func generationsText() -> (text: String, lines: Int) {
         // Each uid's names oldest first, so the order of forgetting survives a restart.
-        var text = ""
+        var text = everyUIDFloor > 0 ? "\(everyUIDFloor) * *\n" : ""
         for (uid, floor) in forgottenFloor.sorted(by: { $0.key < $1.key }) { text += "\(floor) * \(uid)\n" }
         for uid in namesByUser.keys.sorted() {
             for name in namesByUser[uid] ?? [] {
@@ -429,20 +527,7 @@ final class CapsRegistry {
             for (name, uid) in keptNames { held.insert(RememberedName(uid: uid, name: name)) }
         }
         for each in held.sorted(by: { ($0.uid, $0.name) < ($1.uid, $1.name) }) { text += "held \(each.name) \(each.uid)\n" }
-        let temporary = generationsFile + ".new"
-        do throws(Errno) {
-            let file = try openFile(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
-            try file.writeAll(Array(text.utf8))
-            guard rename(temporary, generationsFile) == 0 else { throw Errno.current }
-            generationLines = forgottenFloor.count + lastGeneration.count + held.count
-            generationsUnsaved = false
-            return nil
-        } catch {
-            unlink(temporary)
-            logger.warning("cannot save CAPS generations", metadata: ["errno": "\(error.name)"])
-            generationsUnsaved = true
-            return error
-        }
+        return (text, (everyUIDFloor > 0 ? 1 : 0) + forgottenFloor.count + lastGeneration.count + held.count)
     }
 
     // MARK: Registration
@@ -553,7 +638,7 @@ final class CapsRegistry {
     /// no live registration of are forgotten.
     private func initialGeneration(of name: String, by uid: UInt32) throws(RequestError) -> UInt64 {
         let key = RememberedName(uid: uid, name: name)
-        let generation = min((lastGeneration[key] ?? forgottenFloor[uid] ?? 0) + 1, Self.highestGeneration)
+        let generation = min(max(lastGeneration[key] ?? forgottenFloor[uid] ?? 0, everyUIDFloor) + 1, Self.highestGeneration)
         remember(key, generation: generation)
         var forgotten: [String] = []
         if let names = namesByUser[uid], names.count > maximumNamesPerUser {

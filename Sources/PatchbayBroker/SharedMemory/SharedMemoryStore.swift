@@ -511,8 +511,10 @@ final class SharedMemoryStore {
     /// so this is room for about 180,000 names; pages are used only as the files grow.
     static let stateBytes = 1 << 30
     static let stateFiles = 64
-    /// The files that live in the state's directory.
-    static let stateFileNames = ["journal", "caps-ids", "caps-generations"]
+    /// The files an earlier broker left in the store's directory that move to the state's. (The
+    /// CAPS registry's stay there as copies, which it reads when the state has none: see
+    /// `CapsRegistry.mirrorDirectory`.)
+    static let stateFileNames = ["journal"]
 
     /// Where the state lives: `path/state` with a tmpfs of its own mounted there, or `path` if
     /// none can be had (the broker says why; its files then share the store's file system). A
