@@ -202,3 +202,29 @@ struct EmptyingTests {
         for fd in left { close(fd) }
     }
 }
+
+@Suite("PeerDescriptors: a peer's files are closed on its own thread")
+struct PeerDescriptorTests {
+    @Test("every descriptor a peer handed over is closed on that peer's closing thread, not the caller's: a plain pipe end queued behind a close that waits stays open until that one finishes")
+    func closedOnThePeersThread() throws {
+        let listener = try DeafTCPListener()
+        let peer = UInt64.random(in: 1 << 40 ..< 1 << 50)
+        // The peer's closing thread held up: a local socket holding a TCP socket lingering a minute.
+        let (holder, wrapper) = try localPair(SOCK_SEQPACKET)
+        try queue([try listener.lingeringSocket()], on: holder)
+        close(holder)
+        PeerDescriptors.close(wrapper, of: peer)
+        // A pipe's write end from the same peer: closed here, its reader would see the end at once.
+        var ends: [CInt] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[0]) }
+        PeerDescriptors.close(ends[1], of: peer)
+        var reader = pollfd(fd: ends[0], events: Int16(POLLIN), revents: 0)
+        #expect(poll(&reader, 1, 0) == 0, "the pipe was closed on the calling thread")
+        #expect(PeerDescriptors.outstanding(of: peer) == 2)
+        // The listener gone, the lingering close ends (reset), and the pipe's follows.
+        _ = consume listener
+        reader.revents = 0
+        #expect(poll(&reader, 1, 30_000) == 1 && reader.revents & Int16(POLLHUP) != 0)
+    }
+}
