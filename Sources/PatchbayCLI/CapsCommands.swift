@@ -265,20 +265,44 @@ struct CapsCommand: ParsableCommand {
         @Option(help: "Refuse a reply larger than this, unread, with EMSGSIZE (e.g. 64M, 512K).")
         var maxReply: String = "64M"
 
+        @Option(help: "Give up when no reply has come this long after the request went (e.g. 500ms, 2s): ETIMEDOUT. Default: never.")
+        var timeout: String = "never"
+
         func run() throws {
             let command = "caps call"
             let access = parseAccess(allow, command)
             let limit = parseSize(maxReply, command)
             if limit <= 0 { failUsage(command, "--max-reply must be positive") }
+            let patience = DurationText.parse(timeout, for: command)
             let request = data.map { Array($0.utf8) } ?? readStandardInput()
             let broker = connectBroker(for: command)
             let client = attempt(command) { () throws(PatchbayError) -> CapsClient in
                 try CapsClient(broker, name: name, uid: uid, gid: gid, access: access, waitForService: waitForService)
             }
+            // A service that never answers (stopped, or another user's that chooses not to) is
+            // given up on at the deadline: the wait is cancelled, the request abandoned (its reply,
+            // if one comes, is disposed of unread) and the process exits.
+            let answered = Atomic<Bool>(false)
+            if case .after(let duration) = patience {
+                let client = client
+                startThread {
+                    let (seconds, attoseconds) = duration.components
+                    var pause = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
+                    var left = timespec()
+                    while nanosleep(&pause, &left) != 0 && errno == EINTR { pause = left }
+                    if !answered.load(ordering: .acquiring) { client.cancelWait() }
+                }
+            }
             // Read in place and copied once, after its length is checked: a service's attached
             // reply of gigabytes it never wrote costs it nothing, and this process nothing either.
-            let reply = attempt(command) { () throws(PatchbayError) -> [UInt8] in
-                try client.call(request, maxReplyLength: limit)
+            let reply: [UInt8]
+            do {
+                reply = try client.call(request, maxReplyLength: limit)
+                answered.store(true, ordering: .releasing)
+            } catch where error.errno == .canceled {
+                fail(command, .timedOut, "no reply from the service \(name) within \(timeout); the request is abandoned")
+            } catch {
+                fail(command, error)
             }
             writeStandardOutput(bytes: reply)
         }

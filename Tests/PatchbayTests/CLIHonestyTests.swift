@@ -73,6 +73,25 @@ struct CLIHonestyTests {
         #expect(try holder.call(request) == request)
     }
 
+    @Test("caps call --timeout gives up on a service that never answers: ETIMEDOUT and exit 1, nothing printed; a service that answers in time is printed; a timeout that is not a positive duration is a usage error")
+    func callTimesOut() throws {
+        let broker = try TestBroker()
+        let service = try CapsService(try broker.connect(), name: "mute", access: [.world])
+        // Registered, and never reading a request.
+        let silent = try cli(broker, ["caps", "call", "mute", "hello", "--timeout", "300ms"])
+        #expect(silent.termination == .exited(1), "\(silent.standardError)")
+        #expect(silent.standardError == "patchbay: caps call: ETIMEDOUT: no reply from the service mute within 300ms; the request is abandoned\n")
+        #expect(silent.standardOutput.isEmpty)
+        let echo = try Child(patchbayCLI, ["caps", "serve", "talker", "--echo"], environment: broker.environment)
+        defer { echo.kill(SIGTERM); _ = try? echo.wait() }
+        let answered = try cli(broker, ["caps", "call", "talker", "hello", "--wait-for-service", "--timeout", "60s"])
+        #expect(answered.termination == .exited(0) && answered.standardOutput == "hello", "\(answered.standardError)")
+        for bad in ["0s", "-1s", "soon"] {
+            #expect(try cli(broker, ["caps", "call", "talker", "hello", "--timeout", bad]).termination == .exited(64), "\(bad)")
+        }
+        withExtendedLifetime(service) {}
+    }
+
     @Test("caps call refuses a reply past --max-reply (default 64M) unread, with EMSGSIZE and exit 1; a small one is printed; the library's call(_:maxReplyLength:), blocking and async, refuses the same way")
     func callRefusesLargeReplies() async throws {
         let broker = try TestBroker()
