@@ -265,7 +265,7 @@ struct CapsCommand: ParsableCommand {
         @Option(help: "Refuse a reply larger than this, unread, with EMSGSIZE (e.g. 64M, 512K).")
         var maxReply: String = "64M"
 
-        @Option(help: "Give up when no reply has come this long after the request went (e.g. 500ms, 2s): ETIMEDOUT. Default: never.")
+        @Option(help: "Give up when the reply has not come this long after the command began, waiting for the service included (e.g. 500ms, 2s): ETIMEDOUT. Default: never.")
         var timeout: String = "never"
 
         func run() throws {
@@ -276,35 +276,75 @@ struct CapsCommand: ParsableCommand {
             let patience = DurationText.parse(timeout, for: command)
             let request = data.map { Array($0.utf8) } ?? readStandardInput()
             let broker = connectBroker(for: command)
-            let client = attempt(command) { () throws(PatchbayError) -> CapsClient in
-                try CapsClient(broker, name: name, uid: uid, gid: gid, access: access, waitForService: waitForService)
-            }
-            // A service that never answers (stopped, or another user's that chooses not to) is
-            // given up on at the deadline: the wait is cancelled, the request abandoned (its reply,
-            // if one comes, is disposed of unread) and the process exits.
-            let answered = Atomic<Bool>(false)
+            // A service that does not register, or never answers (stopped, or another user's that
+            // chooses not to), is given up on at the deadline: the wait for it, or for its reply,
+            // is cancelled (the request abandoned: its reply, if one comes, is disposed of unread)
+            // and the process exits.
+            let deadline = CallDeadline()
             if case .after(let duration) = patience {
-                let client = client
                 startThread {
                     let (seconds, attoseconds) = duration.components
                     var pause = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
                     var left = timespec()
                     while nanosleep(&pause, &left) != 0 && errno == EINTR { pause = left }
-                    if !answered.load(ordering: .acquiring) { client.cancelWait() }
+                    deadline.expire()
                 }
             }
+            func timedOut() -> Never {
+                fail(command, .timedOut, "no reply from the service \(name) within \(timeout)"
+                     + (deadline.connected ? "; the request is abandoned" : " (it was not there to take the request)"))
+            }
+            let client: CapsClient
+            do {
+                client = try CapsClient(broker, name: name, uid: uid, gid: gid, access: access, waitForService: waitForService,
+                                        attempt: deadline.attempt)
+            } catch where error.errno == .canceled && patience != .never {
+                timedOut()
+            } catch {
+                fail(command, error)
+            }
+            deadline.connect(client)
             // Read in place and copied once, after its length is checked: a service's attached
             // reply of gigabytes it never wrote costs it nothing, and this process nothing either.
             let reply: [UInt8]
             do {
                 reply = try client.call(request, maxReplyLength: limit)
-                answered.store(true, ordering: .releasing)
-            } catch where error.errno == .canceled {
-                fail(command, .timedOut, "no reply from the service \(name) within \(timeout); the request is abandoned")
+                deadline.answered()
+            } catch where error.errno == .canceled && patience != .never {
+                timedOut()
             } catch {
                 fail(command, error)
             }
             writeStandardOutput(bytes: reply)
+        }
+    }
+
+    /// `caps call --timeout`: at the deadline, the command's wait for its service, or for the
+    /// reply, whichever it is in, is cancelled (nothing once the reply is in).
+    final class CallDeadline: Sendable {
+        let attempt = CapsConnectAttempt()
+        private let state = Mutex<(client: CapsClient?, expired: Bool, answered: Bool)>((nil, false, false))
+
+        var connected: Bool { state.withLock { $0.client != nil } }
+
+        func connect(_ client: CapsClient) {
+            state.withLock { state in
+                state.client = client
+                // Expired while the connection was being made: the call's wait ends at once.
+                if state.expired { client.cancelWait() }
+            }
+        }
+
+        func answered() { state.withLock { $0.answered = true } }
+
+        func expire() {
+            let waiting = state.withLock { state -> Bool in
+                guard !state.answered else { return false }
+                state.expired = true
+                state.client?.cancelWait()
+                return state.client == nil
+            }
+            if waiting { attempt.cancel() }
         }
     }
 

@@ -73,7 +73,7 @@ struct CLIHonestyTests {
         #expect(try holder.call(request) == request)
     }
 
-    @Test("caps call --timeout gives up on a service that never answers: ETIMEDOUT and exit 1, nothing printed; a service that answers in time is printed; a timeout that is not a positive duration is a usage error")
+    @Test("caps call --timeout gives up on a service that never answers, or never registers (--wait-for-service): ETIMEDOUT and exit 1, nothing printed; a service that answers in time is printed; a timeout that is not a positive duration is a usage error")
     func callTimesOut() throws {
         let broker = try TestBroker()
         let service = try CapsService(try broker.connect(), name: "mute", access: [.world])
@@ -82,6 +82,9 @@ struct CLIHonestyTests {
         #expect(silent.termination == .exited(1), "\(silent.standardError)")
         #expect(silent.standardError == "patchbay: caps call: ETIMEDOUT: no reply from the service mute within 300ms; the request is abandoned\n")
         #expect(silent.standardOutput.isEmpty)
+        let absent = try cli(broker, ["caps", "call", "absent", "hello", "--wait-for-service", "--timeout", "300ms"])
+        #expect(absent.termination == .exited(1), "\(absent.standardError)")
+        #expect(absent.standardError == "patchbay: caps call: ETIMEDOUT: no reply from the service absent within 300ms (it was not there to take the request)\n")
         let echo = try Child(patchbayCLI, ["caps", "serve", "talker", "--echo"], environment: broker.environment)
         defer { echo.kill(SIGTERM); _ = try? echo.wait() }
         let answered = try cli(broker, ["caps", "call", "talker", "hello", "--wait-for-service", "--timeout", "60s"])

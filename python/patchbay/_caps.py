@@ -289,7 +289,9 @@ class CapsClient(_native.Handle):
         """Sends data as a request and returns the reply. A reply longer than reply_capacity
         (default: the client's, 1 MiB) is discarded: OSError EMSGSIZE. The errno a service
         answered with reply_error is raised as OSError; ConnectionResetError when the service
-        went away first."""
+        went away first. It waits as long as the service takes: with a service not trusted to
+        answer, put() the request, wait on fileno() (select, selectors) with a deadline of your
+        own, take the reply with get(), and abort() it at the deadline."""
         data = _payload(data)
         capacity = self.reply_capacity if reply_capacity is None else reply_capacity
         # One reply buffer per thread, kept: allocating (and zeroing) a megabyte per call would

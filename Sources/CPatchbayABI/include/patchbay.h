@@ -338,7 +338,11 @@ int pb_caps_client_connect(pb_broker *broker, const char *name, int64_t uid, int
  * -EMSGSIZE), and those to pb_caps_put requests for pb_caps_get, pb_caps_wait_reply and
  * pb_caps_receive_reply (copied, up to the channel's 16 MiB of payload space for all kept at
  * once: past it such a reply shows -EMSGSIZE instead of its bytes; descriptors it carried are
- * closed). */
+ * closed). It waits as long as the service takes: a service that never answers (stopped, or
+ * another user's that chooses not to, or one whose reply the library drops as malformed) holds
+ * it for ever. With a service not trusted to answer, use pb_caps_put, then poll
+ * pb_caps_client_fd with a deadline of your own and pb_caps_client_get, and pb_caps_abort at
+ * the deadline. */
 ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length, void *reply, size_t capacity);
 
 /* Sends a request without waiting; *id is its message id. */
