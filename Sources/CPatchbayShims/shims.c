@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -551,6 +552,19 @@ int pb_wifexited(int status) { return WIFEXITED(status); }
 int pb_wexitstatus(int status) { return WEXITSTATUS(status); }
 int pb_wifsignaled(int status) { return WIFSIGNALED(status); }
 int pb_wtermsig(int status) { return WTERMSIG(status); }
+
+int pb_spawn_addclosefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
+
+int pb_become_only(unsigned uid, unsigned gid) {
+    if (setresgid(gid, gid, gid) != 0) return -1;
+    return setresuid(uid, uid, uid);
+}
+
+int pb_secure_execution(void) {
+    return getauxval(AT_SECURE) != 0;
+}
 
 int pb_spawnattr_init_clean(void *attr, int new_session) {
     posix_spawnattr_t *a = (posix_spawnattr_t *)attr;

@@ -14,7 +14,7 @@ import SystemPackage
 
 enum Autostart {
     static func defaultUserSocketPath() -> String {
-        let runtime = getenv("XDG_RUNTIME_DIR").map { String(cString: $0) }
+        let runtime = trustedEnvironmentValue("XDG_RUNTIME_DIR")
         return userBrokerSocketPath(uid: geteuid(), xdgRuntimeDirectory: runtime)
     }
 
@@ -131,7 +131,7 @@ enum Autostart {
                 environment: environment(applying: ["LISTEN_FDS": nil, "LISTEN_PID": nil]),
                 descriptors: [0: nullFile.rawValue, 1: nullFile.rawValue, 2: logFile.rawValue,
                               3: ready.writeEnd.rawValue],
-                newSession: true)
+                newSession: true, closingOthers: true)
         } catch {
             throw PatchbayError(error, "cannot start the broker \(daemon): \(error.name)")
         }
@@ -168,19 +168,34 @@ enum Autostart {
 
     /// `PATCHBAY_DAEMON`, else `patchbayd` or `patchbay` beside the running executable, else
     /// `patchbayd` on `PATH`.
+    ///
+    /// None in a process with borrowed privileges (a set-user-ID program): it starts no broker.
+    /// One beside the running executable only if neither it nor its directory can be changed by
+    /// another user (owned by root or this uid, not group- or world-writable): a program run from
+    /// a directory anyone may write must not make whoever runs it start another user's file.
     static func daemonExecutable() -> String? {
-        if let explicit = getenv("PATCHBAY_DAEMON").map({ String(cString: $0) }), !explicit.isEmpty {
+        guard !runsWithBorrowedPrivileges else { return nil }
+        if let explicit = trustedEnvironmentValue("PATCHBAY_DAEMON"), !explicit.isEmpty {
             return explicit
         }
         var candidates: [String] = []
         if let current = currentExecutablePath(), let slash = current.lastIndex(of: "/") {
             let directory = String(current[..<slash])
-            candidates += [directory + "/patchbayd", directory + "/patchbay"]
+            if Self.isOnlyOurs(directory) {
+                candidates += [directory + "/patchbayd", directory + "/patchbay"].filter(Self.isOnlyOurs)
+            }
         }
-        if let path = getenv("PATH").map({ String(cString: $0) }) {
-            candidates += path.split(separator: ":").map { $0 + "/patchbayd" }
+        if let path = trustedEnvironmentValue("PATH") {
+            candidates += path.split(separator: ":").filter { $0.hasPrefix("/") }.map { $0 + "/patchbayd" }
         }
         return candidates.first { access($0, X_OK) == 0 }
+    }
+
+    /// Whether `path` (followed) is owned by root or this uid and not writable by group or others.
+    private static func isOnlyOurs(_ path: String) -> Bool {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return false }
+        return (info.st_uid == 0 || info.st_uid == geteuid()) && info.st_mode & 0o022 == 0
     }
 
     private static func connectFailureReason(_ error: Errno, path: String) -> String {

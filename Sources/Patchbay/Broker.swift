@@ -51,7 +51,7 @@ public final class Broker: Sendable {
 
     /// The socket a `Broker()` would use: $PATCHBAY_SOCKET, else the per-user default.
     public static var defaultSocketPath: String {
-        if let explicit = getenv("PATCHBAY_SOCKET").map({ String(cString: $0) }), !explicit.isEmpty { return explicit }
+        if let explicit = trustedEnvironmentValue("PATCHBAY_SOCKET"), !explicit.isEmpty { return explicit }
         return Autostart.defaultUserSocketPath()
     }
 
@@ -63,7 +63,7 @@ public final class Broker: Sendable {
     /// `autostart` applies only to the per-user default path. `reconnect` says how a lost
     /// connection is made again (Reconnect.swift): by default 8 attempts over about 3.5 s.
     public init(socketPath: String? = nil, autostart: Bool = true, reconnect: ReconnectPolicy = .standard) throws(PatchbayError) {
-        let explicit = socketPath ?? getenv("PATCHBAY_SOCKET").map { String(cString: $0) }
+        let explicit = socketPath ?? trustedEnvironmentValue("PATCHBAY_SOCKET")
         let path: String
         var allowed = false
         var isDefault = false
@@ -72,7 +72,9 @@ public final class Broker: Sendable {
         } else {
             path = Autostart.defaultUserSocketPath()
             isDefault = true
-            allowed = autostart && getenv("PATCHBAY_AUTOSTART").map { String(cString: $0) } != "0"
+            // Never from a process with borrowed privileges (a set-user-ID program): the broker
+            // would run with its real ids too, and whoever started it could stop it.
+            allowed = autostart && !runsWithBorrowedPrivileges && trustedEnvironmentValue("PATCHBAY_AUTOSTART") != "0"
         }
         self.socketPath = path
         autostarts = allowed

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CPatchbayShims
 import Glibc
 import Logging
 import Patchbay
@@ -160,6 +161,15 @@ public struct DaemonCommand: ParsableCommand {
         }
         // The ready descriptor is ours from here on; nothing else may inherit it.
         if let readyFd { _ = fcntl(readyFd, F_SETFD, FD_CLOEXEC) }
+        // Started with real ids other than its effective ones (by a set-user-ID program), the
+        // broker takes its effective ids for all three: its real user could otherwise signal it,
+        // stop it or kill it (fifteenth attack round).
+        let (euid, egid) = (geteuid(), getegid())
+        if getgid() != egid || getuid() != euid {
+            guard pb_become_only(euid, egid) == 0 else {
+                fail("daemon", Errno.current, "cannot give up the real uid \(getuid()) and gid \(getgid()) it was started with")
+            }
+        }
         if detach {
             // Before any thread exists: the parent returns at once to whoever started us, and the
             // broker continues in a child that is no one's zombie, in a session of its own, and

@@ -23,7 +23,8 @@ package func spawnProcess(
     arguments: [String],
     environment: [String],
     descriptors: [CInt: CInt] = [:],
-    newSession: Bool = false
+    newSession: Bool = false,
+    closingOthers: Bool = false
 ) throws(Errno) -> pid_t {
     var actions = posix_spawn_file_actions_t()
     if posix_spawn_file_actions_init(&actions) != 0 { throw Errno.noMemory }
@@ -42,6 +43,12 @@ package func spawnProcess(
     for (child, temporary) in staged {
         try check(posix_spawn_file_actions_adddup2(&actions, temporary, child))
         try check(posix_spawn_file_actions_addclose(&actions, temporary))
+    }
+    // Everything else the caller has open without FD_CLOEXEC stays behind too: a long-lived
+    // child (the broker) would otherwise hold its starter's pipes and files for its whole life.
+    if closingOthers {
+        let from = (descriptors.keys.max() ?? 2) + 1
+        try check(withUnsafeMutablePointer(to: &actions) { pb_spawn_addclosefrom(UnsafeMutableRawPointer($0), from) })
     }
 
     var attributes = posix_spawnattr_t()

@@ -420,6 +420,72 @@ struct BrokerTests {
         #expect(!text.standardOutput.contains(key.text))
     }
 
+    @Test("an autostarted broker keeps none of its starter's descriptors but those it is given: a pipe the starter left open without close-on-exec ends with the starter")
+    func autostartedBrokerKeepsNoStarterDescriptors() throws {
+        let runtime = makeTemporaryDirectory()
+        defer { removeTree(runtime) }
+        let output = try Pipe()
+        let extra = try Pipe()
+        let pid = try spawnProcess(
+            path: patchbayCLI, arguments: ["status", "--start", "--json"],
+            environment: PatchbaySystem.environment(applying: ["XDG_RUNTIME_DIR": runtime, "PATCHBAY_SOCKET": nil]),
+            descriptors: [1: output.writeEnd.rawValue, 2: 2, 7: extra.writeEnd.rawValue])
+        _ = consume output.writeEnd
+        _ = consume extra.writeEnd
+        #expect(try waitForProcess(pid) == .exited(0))
+        let line = String(decoding: try output.readEnd.readToEnd(), as: UTF8.self)
+        let field = try #require(line.split(separator: ",").first { $0.contains("\"pid\"") })
+        let brokerPID = try #require(Int32(String(field.split(separator: ":")[1]).trimmed))
+        defer { kill(brokerPID, SIGTERM) }
+        // Nobody holds the pipe's write end any more: its reader is at end of file at once.
+        var reader = pollfd(fd: extra.readEnd.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&reader, 1, 0) == 1 && reader.revents & Int16(POLLHUP) != 0, "the broker kept its starter's descriptor 7")
+        #expect(kill(brokerPID, 0) == 0)
+    }
+
+    @Test("in a process with borrowed privileges (real and effective ids differ, as in a set-user-ID program) the library reads no PATCHBAY_SOCKET, XDG_RUNTIME_DIR or PATCHBAY_DAEMON and starts no broker; a broker started so takes its effective ids for all three", .enabled(if: geteuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0, "needs root and setpriv"))
+    func borrowedPrivilegesIgnoreTheEnvironment() throws {
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let fake = try SeqpacketSocket()
+        try fake.bind(path: directory + "/fake.sock")
+        try fake.listen(backlog: 16)
+        chmod(directory, 0o755)
+        chmod(directory + "/fake.sock", 0o777)
+        let runtime = directory + "/xdg"
+        let environment: [String: String?] = ["PATCHBAY_SOCKET": directory + "/fake.sock", "XDG_RUNTIME_DIR": runtime,
+                                              "PATCHBAY_DAEMON": patchbayDaemon, "PATCHBAY_AUTOSTART": nil]
+        let borrowed = ["--ruid", "65534", "--euid", "0", "--rgid", "65534", "--egid", "0", "--clear-groups"]
+        _ = try run("/usr/bin/setpriv", borrowed + [patchbayCLI, "status", "--start"], environment: environment)
+        var pending = pollfd(fd: fake.descriptor.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pending, 1, 0) == 0, "the library connected to the socket its environment named")
+        #expect(access(runtime, F_OK) != 0, "the library made a directory its environment named")
+        // Without borrowed privileges the same environment is obeyed (so the test can fail).
+        let obeying = try Child(patchbayCLI, ["status"], environment: environment)
+        #expect(poll(&pending, 1, 10_000) == 1)
+        let accepted = Glibc.accept(fake.descriptor.rawValue, nil, nil)
+        #expect(accepted >= 0)
+        // Gone (its reconnections refused), the command ends.
+        _ = consume fake
+        unlink(directory + "/fake.sock")
+        close(accepted)
+        _ = try obeying.wait()
+        // The daemon itself, started with a real uid and gid other than its effective ones.
+        // (No shell between them: dash gives up an effective uid its real one does not match.)
+        let ready = try Pipe()
+        let daemon = try spawnProcess(
+            path: "/usr/bin/setpriv",
+            arguments: borrowed + [patchbayDaemon, "--socket", directory + "/own.sock", "--shm-directory", directory + "/shm", "--ready-fd", "3"],
+            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        defer { kill(daemon, SIGTERM); _ = try? waitForProcess(daemon) }
+        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
+        let status = String(decoding: try openFile("/proc/\(daemon)/status", flags: O_RDONLY).readToEnd(), as: UTF8.self)
+        let ids = status.split(separator: "\n").filter { $0.hasPrefix("Uid:") || $0.hasPrefix("Gid:") }
+            .map { $0.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst().joined(separator: " ") }
+        #expect(ids == ["0 0 0 0", "0 0 0 0"], "\(ids)")
+    }
+
     @Test("autostart: clients started together with no broker all end up on one broker")
     func autostartRace() throws {
         let runtime = makeTemporaryDirectory()

@@ -138,6 +138,13 @@ int pb_wtermsig(int status);
 /// posix_spawnattr_setflags with POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK (empty mask) |
 /// POSIX_SPAWN_SETSIGDEF for SIGPIPE/SIGTERM/SIGINT/SIGHUP, so children start with default signals.
 int pb_spawnattr_init_clean(void *attr, int new_session);
+/// posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor from `from` on.
+int pb_spawn_addclosefrom(void *actions, int from);
+/// Whether this process was started in secure-execution mode (getauxval(AT_SECURE): a set-user-ID
+/// or set-group-ID program, file capabilities, or real and effective ids that differ at exec).
+int pb_secure_execution(void);
+/// setresgid(gid, gid, gid) then setresuid(uid, uid, uid): 0, or -1 with errno.
+int pb_become_only(unsigned uid, unsigned gid);
 
 /// A POSIX (per-process) write lock on the whole file, F_SETLKW when `wait`, else F_SETLK.
 int pb_lock_file(int fd, int wait);
