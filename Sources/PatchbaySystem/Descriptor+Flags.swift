@@ -24,27 +24,10 @@ extension Descriptor {
         _ = try syscallRetrying { lseek(rawValue, off_t(offset), SEEK_SET) }
     }
 
-    /// Reads and throws away up to `maximumPackets` packets waiting on a socket, without
-    /// blocking, into a small buffer; returns how many there were. Read with room for
-    /// descriptors: any that came with the packets go to `close` (with a plain `recv` the kernel
-    /// would close them in this thread, and a lingering TCP socket's last close waits).
+    /// `discardPendingPackets(_:maximumPackets:closing:)` on this socket.
     @discardableResult
     package borrowing func discardPendingPackets(maximumPackets: Int, closing close: (CInt) -> Void) -> Int {
-        withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds in
-            var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-            var count = 0
-            while count < maximumPackets {
-                var received: CInt = 0
-                var flags: CInt = 0
-                let length = withUnsafeMutableBytes(of: &scratch) {
-                    pb_recv_with_fds(rawValue, $0.baseAddress, $0.count, fds.baseAddress, CInt(fds.count), &received, &flags, 1)
-                }
-                for index in 0..<Int(received) { close(fds[index]) }
-                if length < 0 { break }
-                count += 1
-            }
-            return count
-        }
+        PatchbaySystem.discardPendingPackets(rawValue, maximumPackets: maximumPackets, closing: close)
     }
 
     /// A new, read-only open file description of the same file, through `/proc/self/fd`: unlike
@@ -61,5 +44,28 @@ extension Descriptor {
     package borrowing func isCloseOnExec() throws(Errno) -> Bool {
         let flags = try syscallRetrying { fcntl(rawValue, F_GETFD) }
         return flags & FD_CLOEXEC != 0
+    }
+}
+
+/// Reads and throws away up to `maximumPackets` packets waiting on the socket `fd`, without
+/// blocking, into a small buffer; returns how many there were. Read with room for descriptors:
+/// any that came with the packets go to `close` (with a plain `recv` the kernel would close them
+/// in this thread, and a lingering TCP socket's last close waits).
+@discardableResult
+package func discardPendingPackets(_ fd: CInt, maximumPackets: Int, closing close: (CInt) -> Void) -> Int {
+    withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds in
+        var scratch = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        var count = 0
+        while count < maximumPackets {
+            var received: CInt = 0
+            var flags: CInt = 0
+            let length = withUnsafeMutableBytes(of: &scratch) {
+                pb_recv_with_fds(fd, $0.baseAddress, $0.count, fds.baseAddress, CInt(fds.count), &received, &flags, 1)
+            }
+            for index in 0..<Int(received) { close(fds[index]) }
+            if length < 0 { break }  // (EINTR is retried inside)
+            count += 1
+        }
+        return count
     }
 }

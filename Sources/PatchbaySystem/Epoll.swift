@@ -241,20 +241,6 @@ package enum WakeSocket {
     /// plain `recv` would have the kernel close them in this thread).
     @discardableResult
     package static func drain(_ reader: CInt, of peer: UInt64, limit: Int = 1024) -> Int {
-        withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds in
-            var buffer: (UInt64, UInt64) = (0, 0)
-            var count = 0
-            while count < limit {
-                var received: CInt = 0
-                var flags: CInt = 0
-                let length = withUnsafeMutableBytes(of: &buffer) {
-                    pb_recv_with_fds(reader, $0.baseAddress, $0.count, fds.baseAddress, CInt(fds.count), &received, &flags, 1)
-                }
-                for index in 0..<Int(received) { PeerDescriptors.close(fds[index], of: peer) }
-                if length < 0 { break }  // (EINTR is retried inside)
-                count += 1
-            }
-            return count
-        }
+        discardPendingPackets(reader, maximumPackets: limit) { PeerDescriptors.close($0, of: peer) }
     }
 }
