@@ -159,6 +159,37 @@ public final class Broker: Sendable {
         }
     }
 
+    /// `call` for an errand that must not wait for a broker to come back (a datagram server
+    /// asking to be taken back: it goes on receiving meanwhile): a connection found gone is made
+    /// again with one attempt, never per `reconnectPolicy`'s retries. Fails with the transport's
+    /// errno when no broker answers.
+    func callConnectingOnce(_ request: Request, descriptors: [CInt]) throws(PatchbayError) -> Response {
+        let response = try connection.withLock { (connection) throws(PatchbayError) -> Response in
+            if connection.isInherited || connection.isBroken {
+                try makeOwnConnectingOnce(&connection)
+            }
+            do throws(PatchbayError) {
+                return try connection.call(request, descriptors: descriptors)
+            } catch {
+                guard connection.isBroken, connection.lastRequestUnsent else { throw error }
+                try makeOwnConnectingOnce(&connection)
+                return try connection.call(request, descriptors: descriptors)
+            }
+        }
+        guard !response.descriptorLost else {
+            throw PatchbayError(.tooManyOpenFiles, "no free descriptor in this process to receive what the broker sent")
+        }
+        return response
+    }
+
+    /// `makeOwn` with one attempt at a new connection.
+    private func makeOwnConnectingOnce(_ connection: inout Connection) throws(PatchbayError) {
+        let inherited = connection.isInherited
+        connection = try connectServing()
+        let now = reconnectionCount.add(1, ordering: .releasing).newValue
+        if inherited { forkedAtCount.store(now, ordering: .releasing) }
+    }
+
     /// Before a request is sent on `connection` (its lock held): a fork child makes a connection
     /// of its own, since the broker takes a connection's frames only from the process that made
     /// it (the parent keeps the old one: the child's copy of the socket is closed, which the

@@ -132,10 +132,17 @@ struct NetCommand: ParsableCommand {
                 if let mode = mode.flatMap(NetCommand.parsedMode) { try socket.bind(name, mode: mode) } else { try socket.bind(name) }
                 try socket.openData()
                 var buffer = [UInt8](repeating: 0, count: 65536)
+                var id = socket.id
                 while true {
+                    // (A broker that goes away and comes back takes the socket back by itself
+                    // while this waits: Socket.receive.)
                     let received = try buffer.withUnsafeMutableBytes { raw in
                         Result { () throws(PatchbayError) -> Socket.Received in try socket.receive(into: raw, wantSender: true) }
                     }.get()
+                    if socket.id != id {
+                        id = socket.id
+                        writeStandardError("patchbay: net listen: the broker restarted; \(name) is bound again (socket \(id))\n")
+                    }
                     if let sender = received.sender {
                         // Never waiting for a sender that does not read, and never through a link
                         // the sender may have pointed elsewhere since (`reply`).

@@ -79,6 +79,10 @@
 //                             connections refused with descriptors queued in each (every tenth a
 //                             local socket holding a lingering TCP socket); prints "refused R with
 //                             descriptors queued (W a lingering socket), of N", then waits for EOF
+//   adopt-claimed KEY NAME [TYPE]
+//                             claims KEY (a socket), says "claimed", and at end of input asks the
+//                             broker to adopt it as NAME's socket of TYPE (seqpacket); prints
+//                             "adopted ID" or "refused ERRNO"
 //   adopt-lingering PORT      asks the broker to adopt a socket pair's end holding a lingering TCP
 //                             socket; prints "refused ERRNO" or "adopted"
 //   net-accept-left-behind NAME
@@ -2223,12 +2227,12 @@ func traffic(blockInAccept: Bool) -> Never {
 
 /// Claims KEY (a listener's kernel socket someone shared), says "claimed", and at the end of its
 /// input tries to adopt it under NAME at the broker, saying "adopted ID" or "refused ERRNO".
-func adoptClaimed(_ keyText: String, _ name: String) throws(PatchbayError) {
+func adoptClaimed(_ keyText: String, _ name: String, type kind: Socket.Kind = .seqpacket) throws(PatchbayError) {
     let claimed = try Broker().claim(try Key(parsing: keyText))
     say("claimed")
     waitForEndOfInput()
     do {
-        say("adopted \(try Broker().adoptListener(claimed.rawValue, name: name, type: .seqpacket))")
+        say("adopted \(try Broker().adoptListener(claimed.rawValue, name: name, type: kind))")
     } catch {
         say("refused \(error.errno.name)")
     }
@@ -2320,6 +2324,8 @@ func main() -> CInt {
             try chaos(service: arguments[1])
         case "adopt-claimed" where arguments.count == 3:
             try adoptClaimed(arguments[1], arguments[2])
+        case "adopt-claimed" where arguments.count == 4 && Socket.Kind(rawValue: arguments[3]) != nil:
+            try adoptClaimed(arguments[1], arguments[2], type: Socket.Kind(rawValue: arguments[3])!)
         case "share-wrapped-lingering" where arguments.count == 3 && UInt16(arguments[1]) != nil && Int32(arguments[2]) != nil:
             try shareWrappedLingering(port: UInt16(arguments[1])!, seconds: Int32(arguments[2])!)
         case "share-lingering" where arguments.count == 4 && UInt16(arguments[1]) != nil && Int64(arguments[2]) != nil

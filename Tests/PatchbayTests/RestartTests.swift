@@ -145,6 +145,63 @@ struct RestartTests {
         #expect(listener.isRunning && server.isRunning)
     }
 
+    @Test("a datagram server outlives the broker: it answers while none runs, the broker that comes back has it again under its name (netAdopt, by the server itself), and a name whose socket closed before any broker took it back can be bound again")
+    func datagramServerRidesOutARestart() throws {
+        let broker = try TestBroker()
+        let server = try Child(patchbayCLI, ["net", "listen", "dg1", "--type", "dgram", "--echo"], environment: broker.environment)
+        defer { server.kill(SIGKILL); _ = try? server.wait() }
+        let client = try broker.connect()
+        func bound() throws -> NetSocketInfo? { try client.listSockets().first { $0.name == "dg1" } }
+        #expect(try eventually { try bound() != nil })
+        let before = try #require(try bound())
+        let sender = try UnixSocket(.datagram)
+        try sender.bind(path: broker.directory + "/sender")
+        let path = try client.localSocketPath("dg1")
+        try sender.connectWithoutBlocking(path: path)
+        func echoed(_ text: String) throws -> String {
+            let bytes = Array(text.utf8)
+            _ = bytes.withUnsafeBytes { send(sender.rawValue, $0.baseAddress, $0.count, 0) }
+            var ready = pollfd(fd: sender.rawValue, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 10_000) == 1 else { return "(no answer within 10 s)" }
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let count = buffer.withUnsafeMutableBytes { recv(sender.rawValue, $0.baseAddress, $0.count, 0) }
+            return String(decoding: buffer[0..<max(count, 0)], as: UTF8.self)
+        }
+        #expect(try echoed("one") == "one")
+
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        #expect(try echoed("two") == "two")
+        let second = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        var secondRuns = true
+        defer { if secondRuns { kill(second, SIGKILL); _ = try? waitForProcess(second) } }
+        // The server finds out by itself (it makes no broker call while it receives) and is
+        // taken back: the same process and socket file, BOUND, under a new id.
+        #expect(try eventually { try bound() != nil })
+        let after = try #require(try bound())
+        #expect(after.ownerPID == before.ownerPID && after.state == "BOUND", "\(after)")
+        #expect(try echoed("three") == "three")
+        #expect(server.isRunning)
+
+        // Again, with the server stopped until the broker after this one has started, and
+        // killed then: nobody takes the socket back, and its file is left behind with no socket
+        // bound to it. Binding the name works all the same (before: EADDRINUSE until the next
+        // broker start).
+        kill(second, SIGKILL)
+        _ = try waitForProcess(second)
+        secondRuns = false
+        server.kill(SIGSTOP)
+        let third = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(third, SIGTERM); _ = try? waitForProcess(third) }
+        #expect(try bound() == nil)
+        server.kill(SIGKILL)
+        _ = try server.wait()
+        #expect(access(path, F_OK) == 0)
+        var fresh = try Socket.open(client, type: .dgram)
+        try fresh.bind("dg1")
+        #expect(try bound()?.ownerPID == getpid())
+    }
+
     @Test("70 clients leave at once while no broker runs: a service sleeping on futex words is told of every one")
     func manyDeparturesWithoutTheBroker() throws {
         let broker = try TestBroker()

@@ -1492,6 +1492,53 @@ extension TwoUserNetTests {
     }
 }
 
+extension TwoUserNetTests {
+    @Test("nobody holding root's bound datagram socket (shared to it) cannot take it as its own after a broker restart: EACCES; root's own server, waiting in receive, has it taken back")
+    func datagramAdoptionIsTheOwners() throws {
+        let broker = try openBroker()
+        let root = try Broker(socketPath: broker.socketPath, reconnect: .forever)
+        var server = try Socket.open(root, type: .dgram)
+        try server.bind("root-dg")
+        try server.openData()
+        let key = try root.share(rawDescriptor: server.kernelDescriptor)
+        let thief = try Child("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", testPeer,
+                                                    "adopt-claimed", key.text, "root-dg", "dgram"],
+                              environment: broker.environment)
+        #expect(try thief.readLine() == "claimed")
+        // Root's server waits in receive, as a datagram server does, and answers one datagram.
+        let box = ListenerBox(server)
+        let answered = Mutex<[UInt8]?>(nil)
+        startThread {
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let count = buffer.withUnsafeMutableBytes { raw in (try? box.socket.receive(into: raw))?.count }
+            answered.withLock { $0 = count.map { Array(buffer[0..<$0]) } }
+        }
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let ready = try Pipe()
+        let restarted = try spawnProcess(
+            path: patchbayDaemon,
+            arguments: ["--system", "--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm", "--ready-fd", "3"],
+            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
+        // Whichever asks first, nobody is refused: the socket file is root's. (A datagram socket
+        // has no kernel record of who bound it; the file is the proof.)
+        thief.closeInput()
+        #expect(try thief.readLine() == "refused EACCES")
+        #expect(try thief.wait() == .exited(0))
+        let watcher = try broker.connect()
+        #expect(try eventually { try watcher.listSockets().contains { $0.name == "root-dg" && $0.ownerPID == getpid() && $0.state == "BOUND" } })
+        // nobody reaches root's name as before.
+        let sender = try runAsOtherUser(["net", "connect", "root-dg", "--type", "dgram"], environment: broker.environment,
+                                        input: "hello\n")
+        #expect(sender.termination == .exited(0), "\(sender.standardError)")
+        #expect(try eventually { answered.withLock { $0 } != nil })
+        #expect(answered.withLock { $0 } == Array("hello".utf8))
+    }
+}
+
 @Suite("Two users: CAPS peers", .enabled(if: twoUsersAvailable, "needs root, setpriv and a nobody user that can run the products"))
 struct TwoUserCapsPeerTests {
     @Test("a client of nobody's that ignores its in-flight limit gets refusals (ENOBUFS) past it; root's service holds only the limit")

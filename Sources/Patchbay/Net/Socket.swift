@@ -14,6 +14,7 @@
 public import PatchbayProtocol
 import Glibc
 import PatchbaySystem
+import Synchronization
 
 /// The states of a `/net` socket (SEMANTICS.md §4): `NEW`, `BOUND`, `LISTENING`, `CONNECTING`,
 /// `CONNECTED`, `CLOSING`, `CLOSED`.
@@ -113,9 +114,10 @@ public struct Socket: ~Copyable {
         noteListening(command)
     }
 
-    /// Remembers a name bound and listened on, to bind it again after a broker restart.
+    /// Remembers a name bound and listened on (or bound, for datagrams), to have it taken back,
+    /// or bind it again, after a broker restart.
     private func noteListening(_ line: String) {
-        if kind != .dgram { core.noteListening(line) }
+        core.noteListening(line)
     }
 
     /// `control`, on a socket known by its id and kernel socket. Returns whether a command
@@ -479,6 +481,8 @@ final class SocketCore: @unchecked Sendable {
     var listening: (name: String, mode: UInt32?, backlog: Int32?)?
     /// The broker's reconnection count when this socket was last known to the broker.
     var brokerGeneration: UInt64
+    /// A bound datagram socket's watch over its broker (`Socket.awaitDatagram`).
+    let datagramWatch = Mutex(DatagramWatch.watching)
 
     init(id: UInt64, handle: consuming Descriptor, kernelFD: CInt, dataIsOpen: Bool, brokerGeneration: UInt64) {
         self.id = id

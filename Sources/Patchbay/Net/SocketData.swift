@@ -1,5 +1,6 @@
 // A connected socket's data: its kernel socket, read and written directly (no broker involved).
 
+import Glibc
 import PatchbaySystem
 import SystemPackage
 
@@ -72,7 +73,12 @@ extension Socket {
     {
         let fd = try dataDescriptorOrFail()
         do {
-            let system = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+            let system: UnixSocket.Received
+            if kind == .dgram && !nonblocking && core.bound != nil {
+                system = try receiveWatchingTheBroker(on: fd, into: buffer, wantSender: wantSender)
+            } else {
+                system = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
+            }
             var received = Received(count: system.count, messageLength: system.messageLength,
                                     sender: system.sender.map(Address.init))
             if received.messageLength == 0 {
@@ -102,6 +108,91 @@ extension Socket {
     public func shutdownWriting() throws(PatchbayError) {
         let fd = try dataDescriptorOrFail()
         do { try UnixSocket.shutdownWriting(on: fd) } catch { throw PatchbayError(error, "shutdown failed") }
+    }
+
+    /// A blocking receive on a bound datagram socket. A datagram server makes no broker call
+    /// while it only receives, so nothing else would tell it that the broker went away, and a
+    /// broker started again would not know its name (`net ls`, a `connect` through the broker's
+    /// checks) while its socket file kept receiving. So while it waits, it watches its handle as
+    /// well, whose broker end closes with the broker; once that happens it asks the broker
+    /// that comes back to take the socket back under its name (`netAdopt`): at once, then after
+    /// 0.1 s, 0.2 s, ... at most every 5 s, one connection attempt each, never holding up a
+    /// datagram. A refusal (the name bound there by another socket, not the caller's, or a
+    /// broker that does not take datagram sockets back) ends the watch; the socket receives on.
+    private func receiveWatchingTheBroker(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer,
+                                          wantSender: Bool) throws(Errno) -> UnixSocket.Received {
+        while true {
+            do {
+                return try UnixSocket.receive(on: fd, into: buffer, nonblocking: true, wantSender: wantSender)
+            } catch .resourceTemporarilyUnavailable where !Self.isNonblocking(fd) {
+                awaitDatagram(on: fd)
+            }
+        }
+    }
+
+    private static func isNonblocking(_ fd: CInt) -> Bool {
+        let flags = fcntl(fd, F_GETFL)
+        return flags >= 0 && flags & O_NONBLOCK != 0
+    }
+
+    /// Waits until `fd` is readable (or in error), minding the broker meanwhile (above).
+    private func awaitDatagram(on fd: CInt) {
+        // A fork child's copy is its parent's socket: not its to have taken back.
+        let ownSocket = !broker.madeBeforeFork(core.brokerGeneration)
+        while true {
+            let (handle, retryAt) = core.datagramWatch.withLock { watch -> (CInt, UInt64?) in
+                switch watch {
+                case .watching: (ownSocket ? core.handle.rawValue : -1, nil)
+                case .takingBack(let at, _): (-1, at)
+                case .done: (-1, nil)
+                }
+            }
+            var timeout: CInt = -1
+            if let retryAt {
+                let now = monotonicNanoseconds()
+                timeout = retryAt <= now ? 0 : CInt(min((retryAt - now + 999_999) / 1_000_000, 5_000))
+            }
+            // POLLRDHUP alone on the handle: it has the socket's id to read, which is no news.
+            var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
+                          pollfd(fd: handle, events: Int16(0x2000), revents: 0)]  // POLLRDHUP
+            let ready = poll(&polled, 2, timeout)
+            if ready < 0 && errno != EINTR { return }  // (the receive then reports the socket's state)
+            if polled[0].revents != 0 { return }
+            if handle >= 0 && polled[1].revents != 0 {
+                core.datagramWatch.withLock { watch in
+                    if case .watching = watch { watch = .takingBack(at: 0, delay: 100_000_000) }
+                }
+            }
+            if retryAt != nil || (handle >= 0 && polled[1].revents != 0) { takeBack() }
+        }
+    }
+
+    /// One attempt, if one is due, at having the broker that replaced the one gone take this
+    /// datagram socket back under its name.
+    private func takeBack() {
+        core.datagramWatch.withLock { watch in
+            guard case .takingBack(let at, let delay) = watch, monotonicNanoseconds() >= at,
+                  let bound = core.bound else { return }
+            do throws(PatchbayError) {
+                var response = try broker.callConnectingOnce(
+                    .net(.adopt(family: family.rawValue, type: kind.rawValue, name: bound.name)), descriptors: [kernelFD])
+                guard case .net(.adopt(let newID)) = response.reply, let handle = response.takeDescriptor() else {
+                    watch = .done
+                    return
+                }
+                core.id = newID
+                core.handle = Descriptor(handle)
+                core.brokerGeneration = broker.reconnections
+                watch = .watching
+            } catch {
+                switch error.errno {
+                case .addressInUse, .permissionDenied, .invalidArgument, .protocolError:
+                    watch = .done
+                default:
+                    watch = .takingBack(at: monotonicNanoseconds() &+ delay, delay: min(delay * 2, 5_000_000_000))
+                }
+            }
+        }
     }
 
     private func dataDescriptorOrFail() throws(PatchbayError) -> CInt {
@@ -148,4 +239,15 @@ extension Socket {
         /// The peer has shut down and everything it sent has been read (stream and seqpacket).
         public var isEndOfFile = false
     }
+}
+
+/// What a bound datagram socket knows of its broker (`Socket.awaitDatagram`).
+enum DatagramWatch {
+    /// Its handle is watched: its broker end closes if the broker goes away.
+    case watching
+    /// The broker went away: the next attempt at being taken back is due at `at` (monotonic
+    /// nanoseconds), the one after `delay` later.
+    case takingBack(at: UInt64, delay: UInt64)
+    /// Given up (refused for good).
+    case done
 }

@@ -357,12 +357,13 @@ final class NetTable {
 
     // MARK: Adopting a listener
 
-    /// A listener that outlived the broker that made it (the client kept its kernel socket; the
-    /// broker restarted without keeping it): registered again under `name`, LISTENING, with a
-    /// new id and handle. Checked so that nobody adopts what is not theirs: a listening socket of
-    /// the family and type given, put in listening mode by the caller's uid (SO_PEERCRED), bound
-    /// to exactly `name`'s path in the broker's directory, where the socket file is the caller's
-    /// (the broker gave it to the binder); and the name free in this broker.
+    /// A listener, or a bound datagram socket, that outlived the broker that made it (the client
+    /// kept its kernel socket; the broker restarted without keeping it): registered again under
+    /// `name`, LISTENING (or BOUND), with a new id and handle. Checked so that nobody adopts what
+    /// is not theirs: a socket of the family and type given, a listener put in listening mode by
+    /// the caller's uid (SO_PEERCRED), bound to exactly `name`'s path in the broker's directory,
+    /// where the socket file is the caller's (the broker gave it to the binder); and the name
+    /// free in this broker.
     func adopt(_ kernel: consuming UnixSocket, family: any NetFamily, type: NetSocketType, name: String,
                caller: PeerCredentials) throws(RequestError) -> NetOpened {
         do throws(RequestError) {
@@ -374,12 +375,16 @@ final class NetTable {
             throw error
         }
         let path = family.path(of: Substring(name))
-        try? kernel.descriptor.setNonblocking(true)
-        let opened = try adopt(kernel, data: nil, type: type, family: family, caller: caller, state: .listening, accountedUID: caller.uid)
+        // Only a listener's: the broker accepts on it. A datagram socket's file description is
+        // the one its server receives on, which must stay as its server made it.
+        if type != .dgram { try? kernel.descriptor.setNonblocking(true) }
+        let opened = try adopt(kernel, data: nil, type: type, family: family, caller: caller,
+                               state: type == .dgram ? .bound : .listening, accountedUID: caller.uid)
         opened.socket.name = name
         opened.socket.boundFile = fileIdentity(atPath: path)
         names[name] = opened.socket.id
-        logger.info("listener adopted", metadata: ["socket": "\(opened.socket.id)", "name": "\(name)", "uid": "\(caller.uid)"])
+        logger.info(type == .dgram ? "datagram socket adopted" : "listener adopted",
+                    metadata: ["socket": "\(opened.socket.id)", "name": "\(name)", "uid": "\(caller.uid)"])
         return opened
     }
 
@@ -396,15 +401,20 @@ final class NetTable {
         guard let kinds = try? kernel.typeAndFamily(), kinds.family == AF_UNIX, kinds.type == type.kernelKind.rawValue else {
             throw RequestError(errno: .invalidArgument, reason: "the descriptor is not a local \(type.rawValue) socket")
         }
-        guard type != .dgram, kernel.isListening() else {
+        guard type == .dgram || kernel.isListening() else {
             throw RequestError(errno: .invalidArgument, reason: "the descriptor is not a listening socket")
         }
         guard UnixSocket.localPath(of: kernel.rawValue) == path else {
             throw RequestError(errno: .invalidArgument, reason: "the socket is not bound to \(name) in this broker's directory")
         }
-        guard let listener = try? kernel.peerCredentials(), listener.uid == caller.uid,
-              socketFileOwner(atPath: path) == caller.uid else {
-            throw RequestError(errno: .permissionDenied, reason: "the listener on \(name) is not uid \(caller.uid)'s")
+        // A listener's kernel record says who called listen(2); a datagram socket has none (it
+        // has no peer), and the file alone, which only this directory's broker makes and gives
+        // its binder, says whose the name is.
+        let owned = type == .dgram || (try? kernel.peerCredentials())?.uid == caller.uid
+        guard owned, socketFileOwner(atPath: path) == caller.uid else {
+            throw RequestError(errno: .permissionDenied,
+                               reason: type == .dgram ? "the datagram socket on \(name) is not uid \(caller.uid)'s"
+                                                      : "the listener on \(name) is not uid \(caller.uid)'s")
         }
     }
 
@@ -453,7 +463,14 @@ final class NetTable {
         }
         let path = socket.family.path(of: Substring(name))
         do {
-            try socket.kernel.bind(path: path)
+            do {
+                try socket.kernel.bind(path: path)
+            } catch .addressInUse where removeIfStale(path) {
+                // A file no socket is bound to, which no socket of this broker's holds (the name
+                // is free here): left by a socket that outlived the last broker and closed since.
+                logger.notice("removed a stale socket file", metadata: ["name": "\(name)"])
+                try socket.kernel.bind(path: path)
+            }
         } catch {
             let reason = error == .addressInUse
                 ? "the name \(name) is taken (a socket file exists at \(path))"
@@ -637,28 +654,31 @@ final class NetTable {
             }
         }
         guard !files.isEmpty else { return }
-        // Which of these very files a socket is bound to, from the kernel's socket table: not a
-        // path string (/proc/net/unix), which any user can make a socket of its own show (bound
-        // in a mount namespace of its own, or kept after its file was unlinked and made again).
-        // Not a probe connection either, which a listener would accept as one from root.
-        let bound = unixSocketsBound(to: files.map(\.identity))
-        let boundPaths = bound == nil ? boundUnixSocketPaths() : nil
-        if bound == nil {
-            logger.warning("the kernel's socket table (sock_diag) cannot be read; stale socket files are told by path instead")
-        }
-        for (index, file) in files.enumerated() {
-            let live: Bool
-            if let bound {
-                live = bound[index]
-            } else if let boundPaths {
-                live = boundPaths.contains(file.path)
-            } else {
-                live = answersConnections(file.path)
-            }
-            guard !live else { continue }
+        for (file, live) in zip(files, liveness(of: files.map { ($0.path, $0.identity) })) where !live {
             try? removeFile(atPath: file.path)
             logger.notice("removed a stale socket file", metadata: ["name": "\(file.name)"])
         }
+    }
+
+    /// Whether some socket is still bound to each of these very files, from the kernel's socket
+    /// table: not a path string (/proc/net/unix), which any user can make a socket of its own
+    /// show (bound in a mount namespace of its own, or kept after its file was unlinked and made
+    /// again). Not a probe connection either, which a listener would accept as one from root.
+    private func liveness(of files: [(path: String, identity: (device: UInt64, inode: UInt64))]) -> [Bool] {
+        if let bound = unixSocketsBound(to: files.map(\.identity)) { return bound }
+        logger.warning("the kernel's socket table (sock_diag) cannot be read; stale socket files are told by path instead")
+        if let boundPaths = boundUnixSocketPaths() { return files.map { boundPaths.contains($0.path) } }
+        return files.map { answersConnections($0.path) }
+    }
+
+    /// Removes the socket file at `path` if no socket is bound to it any more: one a socket that
+    /// outlived an earlier broker bound (a datagram server, or a listener, never taken back by
+    /// this broker), whose socket has closed since this broker started. True if it was removed.
+    private func removeIfStale(_ path: String) -> Bool {
+        guard isSocketFile(atPath: path) == true, let identity = fileIdentity(atPath: path),
+              liveness(of: [(path, identity)]) == [false] else { return false }
+        do { try removeFile(atPath: path) } catch { return false }
+        return true
     }
 
     /// Without the socket table or /proc: a probe with each type (the wrong one says EPROTOTYPE,
