@@ -17,7 +17,11 @@ extension pb_caps_message {
         case .connected: PB_CAPS_CONNECTED
         case .disconnected: PB_CAPS_DISCONNECTED
         }
-        self.init(id: message.messageID, kind: CInt(kind.rawValue), length: message.length, pid: message.credentials.pid,
+        // A connection notice answers nothing: its id is the client's channel id (SEMANTICS.md),
+        // which C has no other field for.
+        let notice = message.kind == .connected || message.kind == .disconnected
+        self.init(id: notice ? message.channelID : message.messageID, kind: CInt(kind.rawValue), length: message.length,
+                  pid: message.credentials.pid,
                   uid: message.credentials.uid, euid: message.credentials.euid, gid: message.credentials.gid)
     }
 

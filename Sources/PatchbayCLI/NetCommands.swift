@@ -83,6 +83,8 @@ struct NetCommand: ParsableCommand {
             var reconnections = broker.reconnections
             var refused = 0
             var lost = 0
+            var reserve = DescriptorReserve()
+            reserve.take()
             while true {
                 // Full: the next connection waits in the backlog until one ends.
                 slots.waitForRoom()
@@ -91,12 +93,18 @@ struct NetCommand: ParsableCommand {
                     connection = try listener.accept()
                 } catch {
                     if error.errno == .interrupted { continue }
-                    // No descriptor for the connection (it is lost): the server goes on, and
-                    // tries again once a connection ends, or in 100 ms.
+                    // No room for the connection's descriptors: it stays queued (the library
+                    // checks before taking it), where its client would wait unanswered. It is
+                    // taken with the two descriptors kept for this and closed at once, so its
+                    // client reads end of file; the server goes on, and takes the next once a
+                    // connection ends, or in 100 ms.
                     if error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
                         lost += 1
+                        reserve.release()
+                        _ = try? listener.accept(nonblocking: true)
+                        reserve.take()
                         if lost == 1 || lost % 100 == 0 {
-                            writeStandardError("patchbay: net listen: \(lost) connection(s) lost so far: \(error.reason); serving the \(slots.count) open ones\n")
+                            writeStandardError("patchbay: net listen: \(lost) connection(s) closed unserved so far: \(error.reason); serving the \(slots.count) open ones\n")
                         }
                         slots.waitForRelease(nanoseconds: 100_000_000)
                         continue
@@ -463,4 +471,23 @@ final class ConnectionBox: @unchecked Sendable {
 func searchPath(_ name: String) -> String? {
     let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
     return path.split(separator: ":").map { "\($0)/\(name)" }.first { access($0, X_OK) == 0 }
+}
+
+/// Two descriptors a server keeps in hand to take a connection it has no room for, only to close
+/// it (the connection's handle and kernel socket need two).
+struct DescriptorReserve {
+    private var held: [CInt] = []
+
+    mutating func take() {
+        while held.count < 2 {
+            let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return }
+            held.append(fd)
+        }
+    }
+
+    mutating func release() {
+        for fd in held { close(fd) }
+        held = []
+    }
 }

@@ -65,6 +65,10 @@
 //                             then connects once more with a frame holding a lingering TCP socket
 //                             queued before the broker reads it; prints "refused ERRNO with it
 //                             queued", then waits for EOF
+//   net-accept-with-full-table NAME SPARE
+//                             listens on NAME ("listening"); at a line of input, fills its table
+//                             but SPARE and accepts (the errno, or "accepted"), then with room
+//                             accepts again: "retry: " and the connection's first packet
 //   caps-open-with-full-table NAME client|service SPARE
 //                             fills its descriptor table but SPARE, opens a CAPS port; prints the errno (or
 //                             "opened"), then "opened on retry" (or "retry ERRNO") once it has room
@@ -1213,6 +1217,42 @@ func capsOpenWithFullTable(_ name: String, side: String, spare: Int) throws(Patc
     do {
         try openPort()
         say("opened on retry")
+    } catch {
+        say("retry " + error.errno.name)
+    }
+}
+
+/// Listens on NAME and says "listening"; once a line arrives on input (a connection is queued by
+/// then), fills its descriptor table but SPARE and accepts: says the errno (or "accepted"); then,
+/// with room again, accepts and says "retry: " and the first packet the connection brings (or
+/// "retry ERRNO").
+func netAcceptWithFullTable(_ name: String, spare: Int) throws(PatchbayError) {
+    let broker = try Broker()
+    let listener = try Socket.listen(broker, name: name, nonblocking: true)
+    say("listening")
+    _ = readLine()
+    var current = rlimit()
+    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
+    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
+    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+    var fillers: [CInt] = []
+    while true {
+        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { break }
+        fillers.append(fd)
+    }
+    for _ in 0..<spare { if let fd = fillers.popLast() { close(fd) } }
+    do {
+        _ = try listener.accept()
+        say("accepted")
+    } catch {
+        say(error.errno.name)
+    }
+    for fd in fillers { close(fd) }
+    do {
+        let connection = try listener.accept()
+        let packet = try connection.receive()?.bytes ?? []
+        say("retry: " + String(decoding: packet, as: UTF8.self))
     } catch {
         say("retry " + error.errno.name)
     }
@@ -2373,6 +2413,8 @@ func main() -> CInt {
             try capsWedgeAndChurn(arguments[1], port: UInt16(arguments[2])!, count: Int(arguments[3])!)
         case "caps-open-with-full-table" where arguments.count == 4 && ["client", "service"].contains(arguments[2]) && Int(arguments[3]) != nil:
             try capsOpenWithFullTable(arguments[1], side: arguments[2], spare: Int(arguments[3])!)
+        case "net-accept-with-full-table" where arguments.count == 3 && Int(arguments[2]) != nil:
+            try netAcceptWithFullTable(arguments[1], spare: Int(arguments[2])!)
         case "caps-serve-full" where arguments.count == 2:
             try capsServeFull(arguments[1])
         case "caps-connect-many" where arguments.count == 3 && Int(arguments[2]) != nil:

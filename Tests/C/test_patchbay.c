@@ -679,8 +679,18 @@ static void test_caps(pb_broker *broker) {
     pb_caps_client *visitor = NULL;
     OK(pb_caps_client_open(broker, noticed, 0, &visitor));
     CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_CONNECTED && m.pid == getpid());
+    /* A notice's id is the client's channel id, the high half of its messages' ids. */
+    uint64_t channel = m.id, visit = 0;
+    CHECK(channel != 0);
+    OK(pb_caps_put(visitor, "v", 1, &visit));
+    CHECK(visit >> 32 == channel);
+    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 1 && m.kind == PB_CAPS_REQUEST && m.id == visit);
+    OK(pb_caps_reply(second, visit, "w", 1));
     pb_caps_client_close(visitor);
-    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISCONNECTED && m.pid == getpid());
+    /* The unread reply comes back as a DISPOSE, then the departure. */
+    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISPOSE && m.id == visit);
+    CHECK(pb_caps_wait(second, &m, buffer, sizeof buffer) == 0 && m.kind == PB_CAPS_DISCONNECTED && m.pid == getpid()
+          && m.id == channel);
     pb_caps_service_close(second);
 
     /* The service goes with a request unanswered: it comes back as a 0-byte reply, then

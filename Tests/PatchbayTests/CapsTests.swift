@@ -770,6 +770,10 @@ struct CapsTests {
         let small = try client.put(Array("put".utf8))
         let first = try callWhile(small, replyingToPutWith: 10)
         #expect((try? first?.get()) == Array("call answer".utf8))
+        // An event loop that asks for the port's descriptor only now is told of it at once
+        // (before: only of replies still in the ring).
+        var ready = pollfd(fd: client.eventDescriptor, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 0) == 1)
         // There at once, for get (it never waits: a reply lost would fail here, not hang).
         var buffer = [UInt8](repeating: 0, count: 64)
         let kept = try buffer.withUnsafeMutableBytes { raw in Result { () throws(PatchbayError) -> CapsReply in try client.get(into: raw) } }.get()

@@ -135,6 +135,23 @@ struct NetTests {
         #expect(try datagram.state() == .bound)
     }
 
+    @Test("an accept with no room for the connection's two descriptors (0 or 1 spare) is EMFILE and leaves the connection queued: the next accept gets it, with what it sent")
+    func acceptWithoutRoomKeepsTheConnection() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        for spare in 0..<2 {
+            let name = "full\(spare)"
+            let peer = try Child(testPeer, ["net-accept-with-full-table", name, "\(spare)"], environment: broker.environment)
+            #expect(try peer.readLine() == "listening")
+            let connection = try Socket.connect(client, to: name)
+            #expect(try connection.send(Array("first".utf8)) == 5)
+            try peer.writeLine("go")
+            #expect(try peer.readLine() == "EMFILE", "\(spare) spare")
+            #expect(try peer.readLine() == "retry: first", "\(spare) spare")
+            #expect(try peer.wait() == .exited(0))
+        }
+    }
+
     @Test("listen, connect, accept and data across two unrelated processes", arguments: Socket.Kind.allCases)
     func acrossProcesses(_ kind: Socket.Kind) throws {
         let broker = try TestBroker()

@@ -12,13 +12,15 @@
  *     pb_last_reason() gives the calling thread's last failure as a sentence.
  *   - A string argument that points at memory this process cannot read is -EFAULT, as a kernel's
  *     copy-in answers, never a crash (the library reads it through process_vm_readv first, up to
- *     its NUL however far that is).
+ *     its NUL however far that is). A NULL string is -EINVAL ("the key is NULL"), except a shared
+ *     memory name, where FreeBSD answers -EFAULT and so does this library.
  *   - Opaque handles (pb_broker, pb_caps_service, pb_caps_client, pb_socket) are made by an
  *     *_open function and freed by the matching *_close, which accepts NULL.
  *   - Descriptors returned to you are yours (close them); descriptors you pass in stay yours.
  *     Every descriptor the library makes is close-on-exec. A call whose answer is a descriptor
  *     fails with -EMFILE when this process has no free one (pb_shm_open with O_CREAT checks for
- *     one first, so it creates nothing unless another thread takes it meanwhile; opening a CAPS
+ *     one first, so it creates nothing unless another thread takes it meanwhile; pb_net_accept
+ *     checks for its two first, so the connection stays queued; opening a CAPS
  *     port, which receives up to five, says -EMFILE too, and the broker forgets the port).
  *   - A pb_broker is thread-safe: calls on it are serialised over its one connection, so a
  *     call that waits (a blocking pb_net_accept on a socket made through it) holds up the
@@ -119,8 +121,9 @@ int pb_share_for(pb_broker *broker, int fd, int64_t timeout_ms, int who, int64_t
  * or memory that cannot be read),
  * -ENAMETOOLONG, -EINVAL (no leading '/', not UTF-8); then -ENOENT, -EEXIST, -EACCES, -EDQUOT.
  * name PB_SHM_ANON: a new anonymous object as pb_shm_anonymous(0) makes, with no broker needed
- * (broker may be NULL); oflag must be O_RDWR (-EINVAL for O_RDONLY, as FreeBSD), its other
- * flags and mode are ignored. */
+ * (broker may be NULL); oflag must be O_RDWR (-EINVAL for O_RDONLY, as FreeBSD), O_CREAT,
+ * O_EXCL, O_TRUNC and O_CLOEXEC in it are ignored (any other flag is still -EINVAL, as above),
+ * and so is mode. */
 int pb_shm_open(pb_broker *broker, const char *name, int oflag, mode_t mode);
 
 /* shm_unlink(3): removes the name; descriptors and mappings keep working. -ENOENT, -EACCES;
@@ -177,7 +180,9 @@ int pb_net_ctl(pb_socket *socket, const char *command);
 
 /* Accepts one connection on a listening socket: waits (unless PB_NET_NONBLOCK was given to
  * pb_net_open, or flags has it), and sets *out to the connected socket.
- * -EINVAL: not listening. -EAGAIN. -ECONNABORTED: the listener closed while this waited. */
+ * -EINVAL: not listening. -EAGAIN. -ECONNABORTED: the listener closed while this waited.
+ * -EMFILE: no room in this process for the connection's two descriptors, checked before it is
+ * taken: it stays queued for the next accept (unless another thread takes the room meanwhile). */
 int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
 
 /* The socket's kernel descriptor for data (send/recv/poll/epoll), once connected or accepted
@@ -202,13 +207,17 @@ int pb_net_fd(pb_socket *socket);
 /* The socket's id (its directory is /net/local/<id>/). */
 uint64_t pb_net_id(const pb_socket *socket);
 
-/* Convenience: open, "bind NAME && listen", for seqpacket or stream (type). */
+/* Convenience: open, "bind NAME && listen", for seqpacket or stream (type): -EOPNOTSUPP for
+ * dgram (datagram sockets do not listen); otherwise pb_net_open's and pb_net_ctl's errors. */
 int pb_net_listen(pb_broker *broker, const char *name, const char *type, pb_socket **out);
 
 /* Convenience: open, "connect NAME". */
 int pb_net_connect(pb_broker *broker, const char *name, const char *type, pb_socket **out);
 
-/* Closes the socket (its handle, and its kernel socket here). NULL is ignored. */
+/* Closes the socket (its handle, and its kernel socket here). NULL is ignored. The broker learns
+ * of it when it reads the handle's hang-up, on its next turn (well under a millisecond when idle,
+ * a few under load): until then the socket still counts against this uid's socket quota, so an
+ * open right after closing at the quota may be -EDQUOT for that moment. */
 void pb_net_close(pb_socket *socket);
 
 /* ---- CAPS (DragonFly BSD) --------------------------------------------------------------- */
@@ -240,7 +249,8 @@ enum pb_caps_kind {
  * (SO_PEERCRED when the client connected); uid is the real uid, euid the effective one. For a
  * client (replies), they are 0: the client chose its service by name. */
 struct pb_caps_message {
-    uint64_t id;       /* the message id: reply with it */
+    uint64_t id;       /* the message id: reply with it (CONNECTED, DISCONNECTED: the client's
+                          channel id, the high 32 bits of its messages' ids) */
     int kind;          /* enum pb_caps_kind */
     size_t length;     /* the payload's full length */
     pid_t pid;
@@ -270,7 +280,12 @@ int pb_caps_service_register(pb_broker *broker, const char *name, int64_t uid, i
 /* Waits for the next message (REQUEST, DISPOSE, ABORTED, or a notice) and copies its payload
  * into buffer. Returns the payload's full length (capped at INT_MAX; m->length has it whole). When that is more than
  * capacity, only capacity bytes were copied and the message stays queued for a call with a
- * larger buffer (DragonFly's rule). -ECANCELED: pb_caps_service_cancel was called. */
+ * larger buffer (DragonFly's rule). -ECANCELED: pb_caps_service_cancel was called.
+ * A broker restart is ridden out: the service registers again by itself (while a thread waits
+ * here, or when an event loop calls pb_caps_get), its clients' channels working throughout. If it
+ * cannot (the name taken meanwhile, or no broker within the reconnection attempts), every
+ * pb_caps_wait, pb_caps_receive and pb_caps_get that finds nothing left from its clients returns
+ * -ECONNRESET from then on (the reason says why): close the port and register anew. */
 int pb_caps_wait(pb_caps_service *service, struct pb_caps_message *m, void *buffer, size_t capacity);
 
 /* pb_caps_wait without waiting: -EAGAIN when nothing is queued. */
@@ -284,7 +299,8 @@ int pb_caps_receive(pb_caps_service *service,
                     void *context);
 
 /* Replies to request id with length bytes of data. -EINVAL: not a request read and awaiting a
- * reply (unknown id, answered already, a DISPOSE); -EMSGSIZE: over 4 GiB. */
+ * reply (unknown id, answered already, a DISPOSE); -EMSGSIZE: 4 GiB or more (at most
+ * 4 GiB - 1 bytes, a message's length field being 32 bits). */
 int pb_caps_reply(pb_caps_service *service, uint64_t id, const void *data, size_t length);
 
 /* Zero-copy reply: fill writes the reply's length bytes in place, in the client's shared memory. */
@@ -345,7 +361,8 @@ int pb_caps_client_connect(pb_broker *broker, const char *name, int64_t uid, int
  * the deadline. */
 ssize_t pb_caps_call(pb_caps_client *client, const void *request, size_t length, void *reply, size_t capacity);
 
-/* Sends a request without waiting; *id is its message id. */
+/* Sends a request without waiting; *id is its message id. -EMSGSIZE: 4 GiB or more (as
+ * pb_caps_reply); -ENOBUFS: too many requests in flight. */
 int pb_caps_put(pb_caps_client *client, const void *data, size_t length, uint64_t *id);
 
 /* Takes request id back. Returns PB_CAPS_ABORT_RETURNED (the service had not read it: it is
@@ -355,7 +372,9 @@ int pb_caps_put(pb_caps_client *client, const void *data, size_t length, uint64_
 #define PB_CAPS_ABORT_AT_SERVICE 1
 int pb_caps_abort(pb_caps_client *client, uint64_t id);
 
-/* The service's generation (DragonFly's caps_sys_getgen), into *generation. */
+/* The service's generation (DragonFly's caps_sys_getgen), into *generation: read from the
+ * service's status page, which stays mapped, so it answers (the last generation the service
+ * set) after the service has gone too, where the other calls say -ENOTCONN. */
 int pb_caps_generation(pb_caps_client *client, uint64_t *generation);
 
 /* Zero-copy request: fill writes length bytes in place, in the shared memory the service reads. */

@@ -707,8 +707,11 @@ public final class CapsClient: @unchecked Sendable {
             watching = true
             SharedWord.store(channel.word32(CapsLayout.clientWatchingOffset), 1)
             SharedWord.fence()
-            // The service signals from now on; what it answered before is announced here.
-            if channel.hasEntries(.reply) || channel.serviceClosed, let watchSet { try? watchSet.backlog.signal() }
+            // The service signals from now on; what it answered before is announced here, and so
+            // are replies to puts a `call` read on its way to its own and kept (`keep`).
+            if channel.hasEntries(.reply) || channel.serviceClosed || !keptReplies.isEmpty, let watchSet {
+                try? watchSet.backlog.signal()
+            }
             return watchSet?.epoll.descriptorNumber ?? clientWake.rawValue
         }
     }

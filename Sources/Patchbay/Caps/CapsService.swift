@@ -211,6 +211,15 @@ public final class CapsService: @unchecked Sendable {
         let lookAgainAfter: CInt
     }
 
+    /// The plan for waiting now (under the lock), unless the service could not register again
+    /// after a broker restart: then nothing would ever wake the wait for a new client, and every
+    /// wait that finds nothing left from its clients throws that (as `get` does), not only the
+    /// first.
+    private func waitPlanUnlessFailed() throws(PatchbayError) -> WaitPlan {
+        if let registrationFailure { throw registrationFailure }
+        return waitPlan()
+    }
+
     /// The plan for waiting now (under the lock).
     private func waitPlan() -> WaitPlan {
         if !refusedUsers.isEmpty { readmitUsers() }
@@ -463,9 +472,19 @@ public final class CapsService: @unchecked Sendable {
                 drainWakeups()
                 _ = try? backlogEvent.consume()
             }
-            guard let message = try nextMessage(room: buffer.count, { message, payload in Self.copy(payload, into: buffer, message) })
-            else { throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting") }
-            return message
+            if let message = try nextMessage(room: buffer.count, { message, payload in Self.copy(payload, into: buffer, message) }) {
+                return message
+            }
+            // Nothing waits. What `control` has (the broker gone, a registration made again or
+            // failed, a client departed while no broker runs) makes `eventDescriptor` readable,
+            // and an event loop calls only this: it is acted on here, or the loop would spin on a
+            // readiness nothing takes, and the service would never register again.
+            try handleControl(takingCancels: false)
+            if let message = try nextMessage(room: buffer.count, { message, payload in Self.copy(payload, into: buffer, message) }) {
+                return message
+            }
+            if let registrationFailure { throw registrationFailure }
+            throw PatchbayError(.resourceTemporarilyUnavailable, "no message is waiting")
         }
     }
 
@@ -479,7 +498,7 @@ public final class CapsService: @unchecked Sendable {
             var plan: WaitPlan?
             if let message = try core.lock.locked({ () throws(PatchbayError) -> CapsServiceMessage? in
                 let message = try nextMessage(room: buffer.count) { message, payload in Self.copy(payload, into: buffer, message) }
-                if message == nil { plan = waitPlan() }
+                if message == nil { plan = try waitPlanUnlessFailed() }
                 return message
             }) {
                 return message
@@ -496,7 +515,7 @@ public final class CapsService: @unchecked Sendable {
             var plan: WaitPlan?
             if let result = try core.lock.locked({ () throws(PatchbayError) -> R? in
                 let result = try nextMessage(room: nil, body)
-                if result == nil { plan = waitPlan() }
+                if result == nil { plan = try waitPlanUnlessFailed() }
                 return result
             }) {
                 return result
@@ -513,7 +532,7 @@ public final class CapsService: @unchecked Sendable {
             // nil: a message was delivered (and no plan was made, so none is released).
             let plan = try core.lock.locked { () throws(PatchbayError) -> WaitPlan? in
                 if try nextMessage(room: nil, { message, payload in body(message, payload) }) != nil { return nil }
-                return waitPlan()
+                return try waitPlanUnlessFailed()
             }
             guard let plan else { return }
             try sleepUntilWork(plan)
@@ -1424,7 +1443,8 @@ public final class CapsService: @unchecked Sendable {
     /// the wait (a cancel, a registration that failed, a broker lost for good). Everything is
     /// taken first: a thread sleeping on futex words hears of `control` only when something new
     /// arrives there, so nothing ready may be left behind.
-    private func handleControl() throws(PatchbayError) {
+    /// `takingCancels` false (`get`): a cancellation is left for the next wait.
+    private func handleControl(takingCancels: Bool = true) throws(PatchbayError) {
         var failure: PatchbayError?
         var events: [Epoll.Event]
         repeat {
@@ -1441,6 +1461,7 @@ public final class CapsService: @unchecked Sendable {
                         do throws(PatchbayError) { try brokerLost() } catch { failure = failure ?? error }
                     }
                 case Self.cancelToken:
+                    guard takingCancels else { continue }
                     // After `cancelWaits` the event stays signalled: every sleeper wakes to it.
                     if !waitsCancelled.load(ordering: .acquiring) { _ = try? cancelEvent.consume() }
                     failure = failure ?? PatchbayError(.canceled, "the wait was cancelled")

@@ -14,6 +14,7 @@
 public import PatchbayProtocol
 import Glibc
 import PatchbaySystem
+import SystemPackage
 import Synchronization
 
 /// The states of a `/net` socket (SEMANTICS.md §4): `NEW`, `BOUND`, `LISTENING`, `CONNECTING`,
@@ -335,6 +336,20 @@ public struct Socket: ~Copyable {
 
     private static func accept(_ broker: Broker, socket id: UInt64, family: Family, type kind: Kind,
                                nonblocking: Bool, within generation: UInt64?) throws(PatchbayError) -> Socket {
+        // The broker takes the connection off the listener's queue to send it: with no room here
+        // for its two descriptors (its handle and kernel socket) it would be lost on the way. So
+        // an accept is refused first, as accept(2) is, and the connection stays queued.
+        var probes: [CInt] = []
+        defer { for probe in probes { Glibc.close(probe) } }
+        for _ in 0..<2 {
+            let probe = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
+            guard probe >= 0 else {
+                throw PatchbayError(SystemPackage.Errno(rawValue: errno), "no free descriptors in this process for a connection's two; it stays queued")
+            }
+            probes.append(probe)
+        }
+        for probe in probes { Glibc.close(probe) }
+        probes = []
         var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/accept",
                                                          flags: nonblocking ? .nonblock : [])), within: generation)
         guard case .namespace(.open(let objectKind, let newID)) = response.reply,

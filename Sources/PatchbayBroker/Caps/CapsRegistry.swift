@@ -733,8 +733,13 @@ final class CapsRegistry {
             // over for its gid, gets the plain reason below.)
             if uid == -1, let other = (byName[name] ?? []).compactMap({ services[$0] })
                 .first(where: { !policy.trusts(serviceOwner: $0.owner, of: name, client: caller) }) {
+                // A registration under no uid (-1) matches no uid a client names: only its own
+                // uid's clients (and what the policy trusts) reach it.
+                let advice = other.uid == -1
+                    ? ", registered under no uid, which only that uid's own clients reach"
+                    : ": name uid \(other.uid) to use it"
                 throw RequestError(errno: .noSuchFileOrDirectory,
-                                   reason: "no service \(name) of uid \(caller.uid) or root is registered; the one there is uid \(other.owner.uid)'s: name that uid to use it")
+                                   reason: "no service \(name) of uid \(caller.uid) or root is registered; the one there is uid \(other.owner.uid)'s\(advice)")
             }
             throw RequestError(errno: .noSuchFileOrDirectory, reason: "no service \(name) is registered (matching uid \(uid), gid \(gid))")
         }
