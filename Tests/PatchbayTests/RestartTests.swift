@@ -345,6 +345,8 @@ struct RestartTests {
         let once = try Broker(socketPath: broker.socketPath, reconnect: ReconnectPolicy(attempts: 2, initialDelay: 10))
         let doomed = try CapsService(once, name: "doomed_svc", access: [.world])
         _ = doomed.eventDescriptor
+        // And one whose broker does not reconnect at all.
+        let never = try CapsService(try Broker(socketPath: broker.socketPath, reconnect: .never), name: "never_svc", access: [.world])
         kill(restarted, SIGKILL)
         _ = try waitForProcess(restarted)
         var errors: [Errno] = []
@@ -367,6 +369,15 @@ struct RestartTests {
             } catch let error as PatchbayError { errors.append(error.errno) }
         }
         #expect(errors == [.connectionReset, .connectionReset, .connectionReset], "\(errors)")
+        var neverErrors: [Errno] = []
+        for _ in 0..<2 {
+            do {
+                _ = try buffer.withUnsafeMutableBytes { raw in
+                    try Result { () throws(PatchbayError) -> CapsServiceMessage in try never.wait(into: raw) }.get()
+                }
+            } catch let error as PatchbayError { neverErrors.append(error.errno) }
+        }
+        #expect(neverErrors == [.connectionReset, .connectionReset], "\(neverErrors)")
     }
 
     @Test("a system broker started on a store whose journal and CAPS files an older broker left beside the objects moves them to the store's own state tmpfs and carries on from them: names, generations, ids", .enabled(if: geteuid() == 0, "needs root to mount"))

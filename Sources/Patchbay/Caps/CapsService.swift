@@ -377,7 +377,10 @@ public final class CapsService: @unchecked Sendable {
     private func brokerLost() throws(PatchbayError) {
         try? control.remove(connection.socket.rawValue)
         guard broker.reconnectPolicy.reconnects else {
-            throw PatchbayError(.connectionReset, "the broker closed this service's connection")
+            // For good: every later wait or get that finds nothing says so too.
+            let failure = PatchbayError(.connectionReset, "the broker closed this service's connection, and its broker does not reconnect")
+            registrationFailure = failure
+            throw failure
         }
         guard !unregistered else { return }
         unregistered = true
