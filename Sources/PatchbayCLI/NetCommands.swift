@@ -37,13 +37,13 @@ struct NetCommand: ParsableCommand {
         @Flag(help: "Send everything back.")
         var echo = false
 
-        @Option(help: "Connections served at once; more wait in the backlog until one ends.")
+        @Option(help: "Connections served at once; more wait in the backlog until one ends. Lowered to what the descriptor limit allows (two descriptors a connection, three with --exec), saying so.")
         var maxConnections = 1024
 
         @Option(help: "The listen backlog: connections the kernel queues before connect fails with EAGAIN (the kernel caps it at net.core.somaxconn).")
         var backlog = 4096
 
-        @Option(help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections); more from it are closed at once.")
+        @Option(help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections, as lowered); more from it are closed at once.")
         var maxConnectionsPerUid: Int?
 
         @Option(parsing: .remaining, help: "Run this command per connection (stdin/stdout = the connection).")
@@ -73,10 +73,19 @@ struct NetCommand: ParsableCommand {
                 if let error = serveDatagrams(broker) { fail(command, error) }
                 return
             }
-            // Each connection holds two descriptors here (and a process with --exec): the soft
-            // limit, often 1024, would be reached by one user's few hundred connections.
-            raiseDescriptorLimit()
-            let slots = ConnectionSlots(total: maxConnections, perUID: maxConnectionsPerUid ?? max(maxConnections / 4, 1))
+            // Each connection holds two descriptors here (three with --exec, with its program's
+            // pipe): the soft limit, often 1024, would be reached by one user's few hundred
+            // connections. Past what the table holds, connections are lost at accept whoever
+            // makes them, so the bound comes from it too, and the share of one uid from that
+            // bound: one uid's connections can then never take every descriptor (the sixteenth
+            // attack round locked root out of a listener limited to 40 with 16 connections).
+            let limit = raiseDescriptorLimit()
+            let room = max((limit - 32) / (exec.isEmpty ? 2 : 3), 1)
+            let total = min(maxConnections, room)
+            if total < maxConnections {
+                writeStandardError("patchbay: net listen: serving at most \(total) connections at once, not \(maxConnections): this process may open \(limit) descriptors\n")
+            }
+            let slots = ConnectionSlots(total: total, perUID: maxConnectionsPerUid ?? max(total / 4, 1))
             let listener = attempt(command) { () throws(PatchbayError) -> Socket in
                 try Socket.listen(broker, name: name, type: type, backlog: backlog, mode: mode.flatMap(NetCommand.parsedMode))
             }
@@ -349,11 +358,16 @@ final class ConnectionSlots: @unchecked Sendable {
 
 /// Raises the soft limit on open descriptors to the hard one (a server's connections each hold
 /// some; the soft limit is often 1024 for select()'s sake, which nothing here uses).
-func raiseDescriptorLimit() {
+@discardableResult
+func raiseDescriptorLimit() -> Int {
     var limit = rlimit()
-    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
-    limit.rlim_cur = limit.rlim_max
-    _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+    if limit.rlim_cur < limit.rlim_max {
+        let soft = limit.rlim_cur
+        limit.rlim_cur = limit.rlim_max
+        if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) != 0 { limit.rlim_cur = soft }
+    }
+    return Int(min(limit.rlim_cur, 1 << 30))
 }
 
 final class ConnectionBox: @unchecked Sendable {

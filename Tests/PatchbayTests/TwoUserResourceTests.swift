@@ -508,7 +508,7 @@ struct TwoUserResourceTests {
         #expect(charged > 0, "\(charged)")
     }
 
-    @Test("root's net listen serves nobody at most --max-connections-per-uid connections at once (its others are closed at once) and root still gets through; out of descriptors, it loses a connection, never its name")
+    @Test("root's net listen serves nobody at most --max-connections-per-uid connections at once (its others are closed at once) and root still gets through; with few descriptors it serves what it can hold, and never loses its name")
     func listenerBoundsOneUsersConnections() throws {
         let broker = try openBroker([])
         let root = try broker.connect()
@@ -528,16 +528,17 @@ struct TwoUserResourceTests {
         holder.closeInput()
         _ = try holder.wait()
 
-        // A server whose descriptors run out (a hard limit of 40: each connection holds two)
-        // loses the connections it cannot take, and goes on serving under its name.
+        // A server with few descriptors (a hard limit of 40: each connection holds two) serves
+        // only as many connections as it can hold (4 here), whatever --max-connections says:
+        // the rest would wait in the backlog, none is lost for want of a descriptor, and it
+        // goes on serving under its name. (Before, it took them until accept ran out and lost
+        // the ones it could not take.)
         let starved = try Child("/usr/bin/prlimit", ["--nofile=40", "--", patchbayCLI, "net", "listen", "starved", "--echo",
                                                      "--max-connections-per-uid", "100"], environment: broker.environment)
         defer { starved.kill(SIGTERM); _ = try? starved.wait() }
         let listening = try waitUntilListening(root, "starved")
-        let flood = try nobodyPeer(["net-connect-hold", "starved", "30"], broker)
-        let said = try flood.readLine() ?? ""
-        let counts = said.split(separator: " ").compactMap { Int($0) }
-        #expect(said.hasPrefix("echoed ") && counts.count == 2 && counts[0] > 0 && counts[1] > 0 && counts[0] + counts[1] == 30, "\(said)")
+        let flood = try nobodyPeer(["net-connect-hold", "starved", "4"], broker)
+        #expect(try flood.readLine() == "echoed 4 ended 0")
         flood.closeInput()
         _ = try flood.wait()
         #expect(starved.isRunning)
@@ -547,6 +548,19 @@ struct TwoUserResourceTests {
         while !answered && monotonicNanoseconds() < deadline { answered = try answers("starved", "still mine") }
         #expect(answered)
         #expect(try root.listSockets().first { $0.name == "starved" }?.ownerPID == listening.ownerPID)
+
+        // The same limit with the default share: the bound comes from the descriptor limit (40:
+        // 4 connections), a quarter of it per uid, so nobody holding 16 connections has one
+        // served and cannot lock root out (before: 64 a uid, every descriptor nobody's).
+        let shared = try Child("/usr/bin/prlimit", ["--nofile=40", "--", patchbayCLI, "net", "listen", "shared", "--echo"],
+                               environment: broker.environment)
+        defer { shared.kill(SIGTERM); _ = try? shared.wait() }
+        _ = try waitUntilListening(root, "shared")
+        let hog = try nobodyPeer(["net-connect-hold", "shared", "16"], broker)
+        #expect(try hog.readLine() == "echoed 1 ended 15")
+        #expect(try answers("shared", "root while nobody holds its share"))
+        hog.closeInput()
+        _ = try hog.wait()
     }
 
     @Test("shared memory bytes: a uid that grows its object through its own descriptor fills only its own tmpfs; root's objects keep working")

@@ -84,6 +84,10 @@ def _receive(function: Callable[..., int], handle: int, capacity: int,
     give instead, or None to look again."""
     header = _native.CapsMessage()
     usual = capacity
+    # A buffer no larger than limit: a longer message then never fits, so it stays queued and
+    # goes to too_long unread, whatever its length (a limit below the usual buffer included).
+    first = capacity if limit is None or too_long is None else max(min(capacity, limit), 1)
+    capacity = first
     while True:
         buffer = (c_char * capacity).from_buffer(bytearray(capacity))
         result = function(handle, byref(header), buffer, capacity)
@@ -92,7 +96,7 @@ def _receive(function: Callable[..., int], handle: int, capacity: int,
                 instead = too_long(limit)
                 if instead is not None:
                     return instead, usual
-                capacity = usual
+                capacity = first
                 continue
             capacity = max(result, header.length)
             continue
@@ -306,7 +310,9 @@ class CapsClient(_native.Handle):
     def abort(self, id: int) -> bool:
         """Takes request id back. True: the service had not read it, and it is gone (no reply
         will come); False: the service has it and is told, and its reply is discarded. OSError
-        EINVAL when id is not a request of this client in flight."""
+        EINVAL when id is not a request of this client in flight. (The service is told with an
+        ABORTED message at its next wait or get; one that replies before that never sees it:
+        its reply is discarded, and it gets the DISPOSE.)"""
         return check(lib().pb_caps_abort(self._live(), id)) == 0
 
     def generation(self) -> int:
@@ -346,7 +352,9 @@ class CapsClient(_native.Handle):
 
     def wait_reply(self) -> Tuple[int, bytes]:
         """Waits for the next reply and returns (request id, reply). Raises the errno the service
-        answered with. A request the service left unanswered when it went away comes back as an
+        answered with (an OSError whose text names the request id; with several requests in
+        flight, call() each, or keep the ids in order: replies to one service come back as it
+        answers them). A request the service left unanswered when it went away comes back as an
         empty reply (DragonFly's rule); after those, OSError ENOTCONN. A reply longer than
         reply_capacity is disposed of unread: OSError EMSGSIZE (a service can announce gigabytes
         it never wrote)."""

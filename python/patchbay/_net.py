@@ -52,7 +52,11 @@ class Socket(_native.Handle):
 
     def accept(self, nonblock: bool = False) -> Socket:
         """Accepts one connection on a listening socket, waiting for it unless the socket was opened
-        non-blocking or nonblock is true (then BlockingIOError when none is pending)."""
+        non-blocking or nonblock is true (then BlockingIOError when none is pending). The
+        connection accepted is non-blocking too in either case (its send and recv raise
+        BlockingIOError instead of waiting), as PB_NET_NONBLOCK makes it in C. A blocking accept
+        waits in the broker over its Broker's one connection and holds up that Broker's other
+        calls until it returns: give a listener that waits a Broker of its own."""
         return Socket(_native.open_handle(lib().pb_net_accept, self._live(), _NONBLOCK if nonblock else 0))
 
     def fileno(self) -> int:
@@ -73,11 +77,19 @@ class Socket(_native.Handle):
         return int(lib().pb_net_id(self._live()))
 
     def send(self, data: bytes) -> int:
-        """Writes data to the kernel socket (one packet for seqpacket); returns the bytes written."""
-        return os.write(self._data(), data)
+        """Writes data to the kernel socket (one packet for seqpacket); returns the bytes written.
+        Never raises SIGPIPE (MSG_NOSIGNAL): a peer gone is BrokenPipeError (or
+        ConnectionResetError), whatever the process does with SIGPIPE."""
+        view = _socket.socket(fileno=self._data())
+        try:
+            return view.send(data, _socket.MSG_NOSIGNAL)
+        finally:
+            view.detach()
 
     def recv(self, size: int = 65536) -> bytes:
         """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream.
+        A seqpacket or dgram packet longer than size is cut to size and the rest discarded, as
+        socket.recv does, with no sign of it: read with a size as large as the largest packet.
 
         Descriptors a peer sends along (SCM_RIGHTS) are received and closed on a thread of this
         package's, never here: the last close of one can wait as long as its sender likes (a TCP

@@ -529,6 +529,25 @@ class CapsTests(BrokerTestCase):
             # Consumed (DISPOSEd), they no longer count.
             self.assertEqual(client.call(b"x" * 80 * 1024), b"x" * 80 * 1024)
 
+    def test_a_max_request_below_the_receive_buffer_is_enforced_too(self) -> None:
+        name = unique("py")
+        service = patchbay.CapsService(self.broker, name, max_request=10)
+        seen = []
+
+        def echo(message: patchbay.Message) -> None:
+            if message.kind == patchbay.REQUEST:
+                seen.append(len(message.data))
+                service.reply(message.id, message.data)
+
+        self.serve_in_thread(service, echo)
+        with patchbay.CapsClient(self.broker, name) as client:
+            for length in (11, 1000):
+                with self.assertRaises(OSError) as caught:
+                    client.call(b"y" * length)
+                self.assertEqual(caught.exception.errno, errno.EMSGSIZE)
+            self.assertEqual(client.call(b"y" * 10), b"y" * 10)
+            self.assertEqual(seen, [10])
+
     # pb_caps_service_fd is readable for a message queued before it was first asked for.
     def test_service_fd_is_readable_for_a_message_queued_before_it_was_asked_for(self) -> None:
         name = unique("py")
@@ -678,6 +697,28 @@ class NetTests(BrokerTestCase):
             self.assertEqual(connector.recv(), b"to the connector")
             connector.close()
             self.assertEqual(accepted.recv(), b"")
+
+    def test_send_to_a_peer_gone_raises_even_with_SIGPIPE_at_its_default(self) -> None:
+        name = unique("py")
+        child = run_python("""
+            import signal, sys, patchbay
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            with patchbay.Broker() as broker, patchbay.Socket.listen(broker, sys.argv[1], type="stream") as listener:
+                print("listening", flush=True)
+                with listener.accept() as accepted:
+                    accepted.recv(10)
+                    try:
+                        for _ in range(100):
+                            accepted.send(b"z" * 4096)
+                        print("sent")
+                    except (BrokenPipeError, ConnectionResetError):
+                        print("gone")
+            """, name, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(child.stdout.readline().strip(), b"listening")
+        with patchbay.Socket.connect(self.broker, name, type="stream") as connector:
+            connector.send(b"bye")
+        # (Killed by SIGPIPE, the child would fail finish.)
+        self.assertEqual(self.finish(child).strip(), "gone")
 
     def test_stream_socket_from_a_child(self) -> None:
         name = unique("py")

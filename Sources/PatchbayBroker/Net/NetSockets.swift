@@ -664,11 +664,23 @@ final class NetTable {
     /// table: not a path string (/proc/net/unix), which any user can make a socket of its own
     /// show (bound in a mount namespace of its own, or kept after its file was unlinked and made
     /// again). Not a probe connection either, which a listener would accept as one from root.
+    ///
+    /// The table alone is no proof that a file is dead: it comes as a dump in parts, and the
+    /// kernel resumes each part at a position in a hash slot, so sockets unbound in that slot
+    /// meanwhile (which anyone can make happen, with sockets of its own hashed there) shift a
+    /// live one past the resumption point and out of the dump (the sixteenth attack round had
+    /// the broker remove root's live datagram name that way, then bound it itself). So a file
+    /// the table does not show bound is removed only if a datagram socket's `connect(2)` to it
+    /// is refused too (`dead`), which goes by the file's inode to the very socket bound there.
     private func liveness(of files: [(path: String, identity: (device: UInt64, inode: UInt64))]) -> [Bool] {
-        if let bound = unixSocketsBound(to: files.map(\.identity)) { return bound }
-        logger.warning("the kernel's socket table (sock_diag) cannot be read; stale socket files are told by path instead")
-        if let boundPaths = boundUnixSocketPaths() { return files.map { boundPaths.contains($0.path) } }
-        return files.map { answersConnections($0.path) }
+        let told: [Bool]
+        if let bound = unixSocketsBound(to: files.map(\.identity)) {
+            told = bound
+        } else {
+            logger.warning("the kernel's socket table (sock_diag) cannot be read; stale socket files are told by a probe alone")
+            told = files.map { _ in false }
+        }
+        return zip(files, told).map { file, bound in bound || !Self.dead(file.path) }
     }
 
     /// Removes the socket file at `path` if no socket is bound to it any more: one a socket that
@@ -681,35 +693,18 @@ final class NetTable {
         return true
     }
 
-    /// Without the socket table or /proc: a probe with each type (the wrong one says EPROTOTYPE,
-    /// a live one connects, a dead one refuses).
-    private func answersConnections(_ path: String) -> Bool {
-        for kind in UnixSocket.Kind.allCases {
-            guard let probe = try? UnixSocket(kind) else { continue }
-            do {
-                try probe.connectWithoutBlocking(path: path)
-                return true
-            } catch {
-                if error == .protocolWrongTypeForSocket { continue }
-                return error != .connectionRefused
-            }
+    /// Whether no socket is bound to the socket file at `path`: a datagram socket's `connect(2)`
+    /// to it is refused (`ECONNREFUSED`). A datagram socket bound there connects, and any other
+    /// type answers `EPROTOTYPE` before any connection is made, so nothing listening there ever
+    /// sees a connection from the broker; anything else (the file changed meanwhile) counts as
+    /// alive.
+    static func dead(_ path: String) -> Bool {
+        guard let probe = try? UnixSocket(.datagram) else { return false }
+        do {
+            try probe.connectWithoutBlocking(path: path)
+            return false
+        } catch {
+            return error == .connectionRefused
         }
-        return false
-    }
-
-    /// The paths of every AF_UNIX socket bound in this network namespace (the last column of
-    /// /proc/net/unix), or nil when that file cannot be read.
-    private func boundUnixSocketPaths() -> Set<String>? {
-        guard let file = try? openFile("/proc/net/unix", flags: O_RDONLY), let bytes = try? file.readToEnd(limit: 64 << 20)
-        else { return nil }
-        var paths: Set<String> = []
-        let prefix = local.directory + "/"
-        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n").dropFirst() {
-            // Num RefCount Protocol Flags Type St Inode Path
-            let fields = line.split(separator: " ", maxSplits: 7, omittingEmptySubsequences: true)
-            guard fields.count == 8, fields[7].hasPrefix(prefix) else { continue }
-            paths.insert(String(fields[7]))
-        }
-        return paths
     }
 }
