@@ -116,8 +116,9 @@ extension Socket {
     /// checks) while its socket file kept receiving. So while it waits, it watches its handle as
     /// well, whose broker end closes with the broker; once that happens it asks the broker
     /// that comes back to take the socket back under its name (`netAdopt`): at once, then after
-    /// 0.1 s, 0.2 s, ... at most every 5 s, one connection attempt each, never holding up a
-    /// datagram. A refusal (the name bound there by another socket, not the caller's, or a
+    /// 0.1 s, 0.2 s, ... at most every 5 s, one connection attempt each (which fails at once
+    /// while no broker listens, or starts the per-user broker where the library may), receiving
+    /// in between. A refusal (the name bound there by another socket, not the caller's, or a
     /// broker that does not take datagram sockets back) ends the watch; the socket receives on.
     private func receiveWatchingTheBroker(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer,
                                           wantSender: Bool) throws(Errno) -> UnixSocket.Received {
