@@ -135,6 +135,33 @@ struct NetTests {
         #expect(try datagram.state() == .bound)
     }
 
+    @Test("a live socket file the kernel's socket table does not show (bound from another network namespace) is never taken for stale: a bind of its name is EADDRINUSE until that socket closes",
+          .enabled(if: geteuid() == 0, "needs root for a network namespace"))
+    func liveFileTheTableMissesStays() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let path = try client.localSocketPath("ghost")
+        // sock_diag lists the sockets of the broker's network namespace only, as its dump can
+        // miss one of them under churn: the connect probe is what finds this one alive.
+        let ghost = try Child("/usr/bin/unshare", ["--net", "/usr/bin/python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(sys.argv[1])
+            print("bound", flush=True)
+            sys.stdin.read()
+            """, path])
+        defer { ghost.kill(SIGKILL); _ = try? ghost.wait() }
+        #expect(try ghost.readLine() == "bound")
+        var socket = try Socket.open(client, type: .dgram)
+        expectErrno(.addressInUse) { () throws(PatchbayError) in try socket.bind("ghost") }
+        #expect(access(path, F_OK) == 0)
+        // Gone: the file is stale now, and the bind takes it.
+        ghost.closeInput()
+        #expect(try ghost.wait() == .exited(0))
+        try socket.bind("ghost")
+        #expect(try socket.state() == .bound)
+    }
+
     @Test("an accept with no room for the connection's two descriptors (0 or 1 spare) is EMFILE and leaves the connection queued: the next accept gets it, with what it sent")
     func acceptWithoutRoomKeepsTheConnection() throws {
         let broker = try TestBroker()
