@@ -36,6 +36,19 @@ package func socketFileOwner(atPath path: String) -> UInt32? {
     return info.st_uid
 }
 
+/// Checks that this process has `count` free descriptors now (opening and closing as many): a
+/// call whose answer brings descriptors from the broker is refused before it asks, when what
+/// the broker would do on the way could not be handed over. `EMFILE` (or `ENFILE`) otherwise.
+package func checkDescriptorRoom(_ count: Int) throws(Errno) {
+    var opened: [CInt] = []
+    defer { for fd in opened { close(fd) } }
+    for _ in 0..<count {
+        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw Errno.current }
+        opened.append(fd)
+    }
+}
+
 /// Whether anything exists at `path` (`access(F_OK)`).
 package func fileExists(atPath path: String) -> Bool {
     access(path, F_OK) == 0

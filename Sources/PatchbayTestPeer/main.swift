@@ -1189,17 +1189,7 @@ func capsWedgeAndChurn(_ name: String, port: UInt16, count: Int) throws(Patchbay
 func capsOpenWithFullTable(_ name: String, side: String, spare: Int) throws(PatchbayError) {
     let broker = try Broker()
     _ = try broker.status()
-    var current = rlimit()
-    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
-    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
-    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-    var fillers: [CInt] = []
-    while true {
-        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        if fd < 0 { break }
-        fillers.append(fd)
-    }
-    for _ in 0..<spare { if let fd = fillers.popLast() { close(fd) } }
+    let fillers = fillDescriptorTable(leaving: spare)
     func openPort() throws(PatchbayError) {
         if side == "client" {
             _ = try CapsClient(broker, name: name, access: [.world])
@@ -1231,17 +1221,7 @@ func netAcceptWithFullTable(_ name: String, spare: Int) throws(PatchbayError) {
     let listener = try Socket.listen(broker, name: name, nonblocking: true)
     say("listening")
     _ = readLine()
-    var current = rlimit()
-    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
-    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
-    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-    var fillers: [CInt] = []
-    while true {
-        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        if fd < 0 { break }
-        fillers.append(fd)
-    }
-    for _ in 0..<spare { if let fd = fillers.popLast() { close(fd) } }
+    let fillers = fillDescriptorTable(leaving: spare)
     do {
         _ = try listener.accept()
         say("accepted")
@@ -1256,6 +1236,22 @@ func netAcceptWithFullTable(_ name: String, spare: Int) throws(PatchbayError) {
     } catch {
         say("retry " + error.errno.name)
     }
+}
+
+/// Lowers the descriptor limit to 64 and fills the table but `spare`; returns the fillers.
+func fillDescriptorTable(leaving spare: Int) -> [CInt] {
+    var current = rlimit()
+    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
+    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
+    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
+    var fillers: [CInt] = []
+    while true {
+        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { break }
+        fillers.append(fd)
+    }
+    for _ in 0..<spare { if let fd = fillers.popLast() { close(fd) } }
+    return fillers
 }
 
 /// Registers a world service `name`, then fills this process's descriptor table (soft limit 256)

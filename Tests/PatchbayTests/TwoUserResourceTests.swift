@@ -1462,6 +1462,25 @@ struct TwoUserNetTests {
 }
 
 extension TwoUserNetTests {
+    /// SIGKILLs `broker` and starts a system broker on its socket and store, ready when this
+    /// returns; its pid.
+    func killAndRestartSystemBroker(_ broker: TestBroker) throws -> pid_t {
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        let ready = try Pipe()
+        let restarted = try spawnProcess(
+            path: patchbayDaemon,
+            arguments: ["--system", "--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm", "--ready-fd", "3"],
+            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
+        _ = consume ready.writeEnd
+        guard try ready.readEnd.readToEnd() == Array("ready\n".utf8) else {
+            kill(restarted, SIGKILL)
+            _ = try? waitForProcess(restarted)
+            throw PatchbayError(.timedOut, "the restarted broker never said it was ready")
+        }
+        return restarted
+    }
+
     @Test("nobody holding root's listener (shared to it) cannot take it as its own after a broker restart: EACCES; root's own listener takes it back")
     func adoptionIsTheOwners() throws {
         let broker = try openBroker()
@@ -1472,16 +1491,8 @@ extension TwoUserNetTests {
                                                     "adopt-claimed", key.text, "root-svc"],
                               environment: broker.environment)
         #expect(try thief.readLine() == "claimed")
-        kill(broker.pid, SIGKILL)
-        _ = try waitForProcess(broker.pid)
-        let ready = try Pipe()
-        let restarted = try spawnProcess(
-            path: patchbayDaemon,
-            arguments: ["--system", "--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm", "--ready-fd", "3"],
-            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
-        _ = consume ready.writeEnd
+        let restarted = try killAndRestartSystemBroker(broker)
         defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
-        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
         // nobody tries first, with root's kernel socket: the listener was put in listening mode
         // by root, and the socket file is root's.
         thief.closeInput()
@@ -1527,16 +1538,8 @@ extension TwoUserNetTests {
             let count = buffer.withUnsafeMutableBytes { raw in (try? box.socket.receive(into: raw))?.count }
             answered.withLock { $0 = count.map { Array(buffer[0..<$0]) } }
         }
-        kill(broker.pid, SIGKILL)
-        _ = try waitForProcess(broker.pid)
-        let ready = try Pipe()
-        let restarted = try spawnProcess(
-            path: patchbayDaemon,
-            arguments: ["--system", "--socket", broker.socketPath, "--shm-directory", broker.directory + "/shm", "--ready-fd", "3"],
-            environment: currentEnvironment(), descriptors: [3: ready.writeEnd.rawValue])
-        _ = consume ready.writeEnd
+        let restarted = try killAndRestartSystemBroker(broker)
         defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
-        #expect(try ready.readEnd.readToEnd() == Array("ready\n".utf8))
         // Whichever asks first, nobody is refused: the socket file is root's. (A datagram socket
         // has no kernel record of who bound it; the file is the proof.)
         thief.closeInput()

@@ -14,7 +14,6 @@
 public import PatchbayProtocol
 import Glibc
 import PatchbaySystem
-import SystemPackage
 import Synchronization
 
 /// The states of a `/net` socket (SEMANTICS.md §4): `NEW`, `BOUND`, `LISTENING`, `CONNECTING`,
@@ -339,17 +338,11 @@ public struct Socket: ~Copyable {
         // The broker takes the connection off the listener's queue to send it: with no room here
         // for its two descriptors (its handle and kernel socket) it would be lost on the way. So
         // an accept is refused first, as accept(2) is, and the connection stays queued.
-        var probes: [CInt] = []
-        defer { for probe in probes { Glibc.close(probe) } }
-        for _ in 0..<2 {
-            let probe = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
-            guard probe >= 0 else {
-                throw PatchbayError(SystemPackage.Errno(rawValue: errno), "no free descriptors in this process for a connection's two; it stays queued")
-            }
-            probes.append(probe)
+        do {
+            try checkDescriptorRoom(2)
+        } catch {
+            throw PatchbayError(error, "no free descriptors in this process for a connection's two; it stays queued")
         }
-        for probe in probes { Glibc.close(probe) }
-        probes = []
         var response = try broker.call(.namespace(.open(path: "/net/\(family.rawValue)/\(id)/accept",
                                                          flags: nonblocking ? .nonblock : [])), within: generation)
         guard case .namespace(.open(let objectKind, let newID)) = response.reply,

@@ -89,12 +89,11 @@ extension Broker {
         if options.contains(.create) {
             // With no free descriptor here, the broker would make the object and this process
             // could not take it: refused first, as shm_open(3) is (it needs its descriptor first).
-            let probe = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
-            guard probe >= 0 else {
-                let error = Errno.current
+            do {
+                try checkDescriptorRoom(1)
+            } catch {
                 throw PatchbayError(error, "no free descriptor in this process for the object; nothing was created")
             }
-            Glibc.close(probe)
         }
         var response = try call(.sharedMemory(.open(request)))
         guard case .sharedMemory(.open) = response.reply, let handle = response.takeDescriptor() else {

@@ -686,9 +686,11 @@ final class NetTable {
     /// Removes the socket file at `path` if no socket is bound to it any more: one a socket that
     /// outlived an earlier broker bound (a datagram server, or a listener, never taken back by
     /// this broker), whose socket has closed since this broker started. True if it was removed.
+    /// The probe alone decides here, without the socket table: a dump of every local socket in
+    /// the namespace, which a client's refused binds, one after another, would make the loop
+    /// read each time, proves nothing the probe does not.
     private func removeIfStale(_ path: String) -> Bool {
-        guard isSocketFile(atPath: path) == true, let identity = fileIdentity(atPath: path),
-              liveness(of: [(path, identity)]) == [false] else { return false }
+        guard isSocketFile(atPath: path) == true, Self.dead(path) else { return false }
         do { try removeFile(atPath: path) } catch { return false }
         return true
     }
