@@ -65,18 +65,67 @@ public func pb_net_accept(_ listener: OpaquePointer?, _ flags: CUnsignedInt, _ o
 public func pb_net_data(_ socket: OpaquePointer?) -> CInt {
     exported { () throws(PatchbayError) -> CInt in
         let held = try object(socket, as: SocketHandle.self, "socket")
-        // A bound datagram socket's data file is opened on first use.
-        if held.socket.dataDescriptor < 0 && held.socket.kind == .dgram { try held.socket.openDataInPlace() }
-        guard held.socket.dataDescriptor >= 0 else {
-            throw PatchbayError(.socketNotConnected, "socket \(held.socket.id) is not connected (no data descriptor yet)")
-        }
-        let fd = held.socket.dataDescriptor
+        let fd = try openedData(held)
         // PB_NET_NONBLOCK: C's data calls are the kernel's, on this descriptor.
         if held.socket.nonblocking, held.madeNonblocking.load(ordering: .relaxed) != fd {
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             held.madeNonblocking.store(fd, ordering: .relaxed)
         }
         return fd
+    }
+}
+
+/// The data descriptor, opening a bound datagram socket's data file on first use (`pb_net_data`).
+private func openedData(_ held: SocketHandle) throws(PatchbayError) -> CInt {
+    if held.socket.dataDescriptor < 0 && held.socket.kind == .dgram { try held.socket.openDataInPlace() }
+    guard held.socket.dataDescriptor >= 0 else {
+        throw PatchbayError(.socketNotConnected, "socket \(held.socket.id) is not connected (no data descriptor yet)")
+    }
+    return held.socket.dataDescriptor
+}
+
+@_cdecl("pb_net_recv")
+public func pb_net_recv(_ socket: OpaquePointer?, _ buffer: UnsafeMutableRawPointer?, _ capacity: Int,
+                        _ from: UnsafeMutableRawPointer?, _ fromLength: UnsafeMutablePointer<socklen_t>?) -> Int {
+    do throws(PatchbayError) {
+        let held = try object(socket, as: SocketHandle.self, "socket")
+        let buffer = try PatchbayC.buffer(buffer, capacity)
+        if from != nil && fromLength == nil { throw PatchbayError(.invalidArgument, "from is given without fromlen") }
+        _ = try openedData(held)
+        let received = try held.socket.receive(into: buffer, wantSender: from != nil, interruptible: true)
+        if let from, let fromLength {
+            // As recvfrom(2): at most *fromlen bytes of the address, and its whole length back.
+            let bytes = received.sender?.bytes ?? []
+            let room = Int(fromLength.pointee)
+            bytes.withUnsafeBytes { raw in
+                if let base = raw.baseAddress { from.copyMemory(from: base, byteCount: min(room, raw.count)) }
+            }
+            fromLength.pointee = socklen_t(bytes.count)
+        }
+        return received.messageLength
+    } catch {
+        return Int(fail(error))
+    }
+}
+
+@_cdecl("pb_net_reply")
+public func pb_net_reply(_ socket: OpaquePointer?, _ data: UnsafeRawPointer?, _ length: Int,
+                         _ to: UnsafeRawPointer?, _ toLength: socklen_t) -> Int {
+    do throws(PatchbayError) {
+        let held = try object(socket, as: SocketHandle.self, "socket")
+        let data = try bytes(data, length)
+        guard let to else { throw PatchbayError(.invalidArgument, "the address is NULL") }
+        guard toLength >= 2, Int(toLength) <= MemoryLayout<sockaddr_un>.size else {
+            throw PatchbayError(.invalidArgument, "an address of \(toLength) bytes is not a sockaddr_un")
+        }
+        guard to.loadUnaligned(as: sa_family_t.self) == sa_family_t(AF_UNIX) else {
+            throw PatchbayError(.addressFamilyNotSupported, "the address is not AF_UNIX")
+        }
+        _ = try openedData(held)
+        let address = Socket.Address(bytes: Array(UnsafeRawBufferPointer(start: to, count: Int(toLength))))
+        return try held.socket.reply(data, to: address)
+    } catch {
+        return Int(fail(error))
     }
 }
 

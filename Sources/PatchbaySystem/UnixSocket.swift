@@ -15,6 +15,7 @@ package struct UnixSocket: ~Copyable {
     /// Where a datagram came from (a `sockaddr_un`), to answer it with `send(_:to:)`.
     package struct Address: Sendable, Equatable {
         package var bytes: [UInt8]
+        package init(bytes: [UInt8]) { self.bytes = bytes }
         /// The path, or nil for an unnamed or abstract address.
         package var path: String? {
             guard bytes.count > 2, bytes[2] != 0 else { return nil }

@@ -9,6 +9,8 @@
  *                                  the first DISPOSE
  *   test_patchbay call NAME DATA   a CAPS client: prints the reply to DATA
  *   test_patchbay share PATH       shares PATH opened read-only, prints the key, waits for stdin EOF
+ *   test_patchbay dgram-echo NAME  a datagram server on NAME: answers each packet with "c:" + its
+ *                                  bytes (pb_net_recv, pb_net_reply) until a packet "quit"
  *
  * Compiled with -std=c11 -Wall -Wextra -Werror; the header is also checked as C++.
  */
@@ -19,6 +21,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +31,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -440,6 +444,151 @@ static void test_net(pb_broker *broker) {
         OK(pb_net_ctl(fresh, bind_again));
         pb_net_close(fresh);
     }
+}
+
+/* ---- datagrams: pb_net_recv and pb_net_reply ---- */
+
+static void on_signal(int signal) { (void)signal; }
+
+struct interrupted {
+    pb_socket *server;
+    volatile int started;
+    volatile long long result;
+};
+
+static void *receive_until_interrupted(void *argument) {
+    struct interrupted *waiting = argument;
+    char byte;
+    waiting->started = 1;
+    waiting->result = pb_net_recv(waiting->server, &byte, 1, NULL, NULL);
+    return NULL;
+}
+
+static void test_dgram(pb_broker *broker) {
+    char name[96], bind_line[128];
+    named("c-dg-", name, sizeof name);
+    snprintf(bind_line, sizeof bind_line, "bind %s", name);
+    pb_socket *server = NULL, *client = NULL, *unbound = NULL, *quick = NULL;
+    char bytes[64];
+    struct sockaddr_un from;
+    socklen_t from_length = sizeof from;
+    OK(pb_net_open(broker, "dgram", 0, &unbound));
+    FAILS(pb_net_recv(unbound, bytes, sizeof bytes, NULL, NULL), ENOTCONN);
+    pb_net_close(unbound);
+    FAILS(pb_net_recv(NULL, bytes, sizeof bytes, NULL, NULL), EINVAL);
+
+    OK(pb_net_open(broker, "dgram", 0, &server));
+    OK(pb_net_ctl(server, bind_line));
+    FAILS(pb_net_recv(server, NULL, 4, NULL, NULL), EINVAL);
+    FAILS(pb_net_recv(server, bytes, sizeof bytes, &from, NULL), EINVAL);
+    OK(pb_net_connect(broker, name, "dgram", &client));
+    int data = pb_net_data(client);
+    OK(data);
+
+    /* The sender's address comes back, and the answer goes there. */
+    CHECK(send(data, "ping", 4, 0) == 4);
+    CHECK(pb_net_recv(server, bytes, sizeof bytes, &from, &from_length) == 4 && memcmp(bytes, "ping", 4) == 0);
+    CHECK(from_length > sizeof(sa_family_t) && from.sun_family == AF_UNIX);
+    CHECK(pb_net_reply(server, "pong!", 5, &from, from_length) == 5);
+    CHECK(recv(data, bytes, sizeof bytes, 0) == 5 && memcmp(bytes, "pong!", 5) == 0);
+    FAILS(pb_net_reply(server, "x", 1, NULL, 0), EINVAL);
+    FAILS(pb_net_reply(server, "x", 1, &from, 1), EINVAL);
+    FAILS(pb_net_reply(server, "x", 1, &from, sizeof from + 1), EINVAL);
+    struct sockaddr_un other = from;
+    other.sun_family = AF_INET;
+    FAILS(pb_net_reply(server, "x", 1, &other, from_length), EAFNOSUPPORT);
+    /* Nobody bound at the path now. */
+    struct sockaddr_un gone = { .sun_family = AF_UNIX };
+    snprintf(gone.sun_path, sizeof gone.sun_path, "/tmp/c-dg-gone-%s", unique);
+    FAILS(pb_net_reply(server, "x", 1, &gone, sizeof gone), ENOENT);
+
+    /* A packet longer than the buffer: its whole length, the rest discarded. */
+    CHECK(send(data, "0123456789", 10, 0) == 10);
+    CHECK(pb_net_recv(server, bytes, 4, NULL, NULL) == 10 && memcmp(bytes, "0123", 4) == 0);
+    CHECK(send(data, "", 0, 0) == 0);
+    CHECK(pb_net_recv(server, bytes, sizeof bytes, NULL, NULL) == 0);
+
+    /* Descriptors sent along are closed by the library, not left in this process: the pipe's
+     * reader sees end of file once the last copy of its write end (the one received) is closed. */
+    int pipe_ends[2];
+    CHECK(pipe2(pipe_ends, O_CLOEXEC) == 0);
+    char control[CMSG_SPACE(sizeof(int))];
+    memset(control, 0, sizeof control);
+    struct iovec part = { .iov_base = "fd", .iov_len = 2 };
+    struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &pipe_ends[1], sizeof(int));
+    CHECK(sendmsg(data, &message, 0) == 2);
+    close(pipe_ends[1]);
+    CHECK(pb_net_recv(server, bytes, sizeof bytes, NULL, NULL) == 2 && memcmp(bytes, "fd", 2) == 0);
+    CHECK(read(pipe_ends[0], bytes, 1) == 0);
+    close(pipe_ends[0]);
+
+    /* A signal handled while it waits ends the wait, as it ends recv(2). */
+    struct sigaction action = { .sa_handler = on_signal }, previous;
+    sigemptyset(&action.sa_mask);
+    CHECK(sigaction(SIGUSR1, &action, &previous) == 0);
+    struct interrupted waiting = { .server = server, .started = 0, .result = 1 };
+    pthread_t thread;
+    CHECK(pthread_create(&thread, NULL, receive_until_interrupted, &waiting) == 0);
+    while (!waiting.started) sched_yield();
+    /* Until the thread is in its wait, a signal may land before it: send until it returns. */
+    for (int tries = 0; tries < 5000 && waiting.result == 1; tries++) {
+        pthread_kill(thread, SIGUSR1);
+        struct timespec pause = { 0, 1000000 };
+        nanosleep(&pause, NULL);
+    }
+    CHECK(pthread_join(thread, NULL) == 0);
+    CHECK(waiting.result == -EINTR);
+    CHECK(sigaction(SIGUSR1, &previous, NULL) == 0);
+
+    /* Non-blocking: nothing queued is -EAGAIN. */
+    char quick_line[128];
+    snprintf(quick_line, sizeof quick_line, "bind %s-nb", name);
+    OK(pb_net_open(broker, "dgram", PB_NET_NONBLOCK, &quick));
+    OK(pb_net_ctl(quick, quick_line));
+    FAILS(pb_net_recv(quick, bytes, sizeof bytes, NULL, NULL), EAGAIN);
+    pb_net_close(quick);
+    pb_net_close(client);
+    pb_net_close(server);
+}
+
+/* test_patchbay dgram-echo NAME: binds NAME, prints "ready", then answers each packet with "c:" +
+ * its bytes through pb_net_recv and pb_net_reply, until a packet "quit". */
+static int run_dgram_echo(const char *name) {
+    pb_broker *broker;
+    pb_socket *server;
+    char line[160];
+    snprintf(line, sizeof line, "bind %s", name);
+    if (pb_broker_open(&broker) < 0 || pb_net_open(broker, "dgram", 0, &server) < 0 || pb_net_ctl(server, line) < 0) {
+        fprintf(stderr, "dgram-echo: %s\n", pb_last_reason());
+        return 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    char packet[256], answer[260];
+    for (;;) {
+        struct sockaddr_un from;
+        socklen_t from_length = sizeof from;
+        ssize_t length = pb_net_recv(server, packet, sizeof packet, &from, &from_length);
+        if (length == -EINTR) continue;
+        if (length < 0) {
+            fprintf(stderr, "dgram-echo: pb_net_recv: %s\n", pb_last_reason());
+            return 1;
+        }
+        size_t copied = (size_t)length < sizeof packet ? (size_t)length : sizeof packet;
+        if (copied == 4 && memcmp(packet, "quit", 4) == 0) break;
+        memcpy(answer, "c:", 2);
+        memcpy(answer + 2, packet, copied);
+        if (pb_net_reply(server, answer, copied + 2, &from, from_length) < 0)
+            fprintf(stderr, "dgram-echo: pb_net_reply: %s\n", pb_last_reason());
+    }
+    pb_net_close(server);
+    pb_broker_close(broker);
+    return 0;
 }
 
 /* ---- CAPS ---- */
@@ -884,6 +1033,7 @@ int main(int argc, char **argv) {
         test_shm_anon();
         test_no_free_descriptor(broker);
         test_net(broker);
+        test_dgram(broker);
         test_caps(broker);
         test_close_cancels_wait(broker);
         pb_broker_close(broker);
@@ -897,7 +1047,8 @@ int main(int argc, char **argv) {
     if (argc == 7 && strcmp(argv[1], "connect") == 0)
         return run_call(argv[2], argv[6], 1, strtoll(argv[3], NULL, 10), strtoll(argv[4], NULL, 10), (unsigned)strtoul(argv[5], NULL, 10));
     if (argc == 3 && strcmp(argv[1], "share") == 0) return run_share(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "dgram-echo") == 0) return run_dgram_echo(argv[2]);
     fprintf(stderr, "usage: test_patchbay all | service NAME | register NAME UID GID ACCESS | call NAME DATA"
-                    " | connect NAME UID GID ACCESS DATA | share PATH\n");
+                    " | connect NAME UID GID ACCESS DATA | share PATH | dgram-echo NAME\n");
     return 2;
 }

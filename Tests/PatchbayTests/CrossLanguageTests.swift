@@ -190,6 +190,63 @@ struct CrossLanguageTests {
         #expect(again.standardOutput == "\(ENOENT) True\n", "\(again.standardError)")
     }
 
+    @Test("a C (pb_net_recv) and a Python (recv_from) datagram server outlive the broker: answering while none runs, taken back under their names by the next",
+          arguments: ["c", "python"])
+    func datagramServersRideOutARestart(_ language: String) throws {
+        let build = try CBuild.shared.get()
+        let broker = try TestBroker()
+        let name = "dg-" + language
+        let server: Child
+        if language == "c" {
+            server = try Child(build.testProgram, ["dgram-echo", name], environment: build.environment(broker))
+        } else {
+            server = try Child(python3!, ["-c", """
+                import sys, patchbay
+                server = patchbay.Socket.open(patchbay.Broker(), "dgram")
+                server.ctl("bind " + sys.argv[1])
+                print("ready", flush=True)
+                while True:
+                    data, sender = server.recv_from(256)
+                    if data == b"quit":
+                        break
+                    server.reply(b"py:" + data, sender)
+                """, name], environment: build.environment(broker))
+        }
+        defer { server.kill(SIGKILL); _ = try? server.wait() }
+        #expect(try server.readLine() == "ready")
+        let prefix = language == "c" ? "c:" : "py:"
+        let client = try broker.connect()
+        func bound() throws -> NetSocketInfo? { try client.listSockets().first { $0.name == name } }
+        let before = try #require(try bound())
+        let sender = try UnixSocket(.datagram)
+        try sender.bind(path: broker.directory + "/sender-" + language)
+        try sender.connectWithoutBlocking(path: try client.localSocketPath(name))
+        func echoed(_ text: String) throws -> String {
+            let bytes = Array(text.utf8)
+            _ = bytes.withUnsafeBytes { send(sender.rawValue, $0.baseAddress, $0.count, 0) }
+            var ready = pollfd(fd: sender.rawValue, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 10_000) == 1 else { return "(no answer within 10 s)" }
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let count = buffer.withUnsafeMutableBytes { recv(sender.rawValue, $0.baseAddress, $0.count, 0) }
+            return String(decoding: buffer[0..<max(count, 0)], as: UTF8.self)
+        }
+        #expect(try echoed("one") == prefix + "one")
+
+        kill(broker.pid, SIGKILL)
+        _ = try waitForProcess(broker.pid)
+        #expect(try echoed("two") == prefix + "two")
+        let second = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+        defer { kill(second, SIGTERM); _ = try? waitForProcess(second) }
+        // Found out by the server itself, which makes no broker call while it receives: the same
+        // process and socket file, BOUND, under a new id.
+        #expect(try eventually { try bound() != nil })
+        let after = try #require(try bound())
+        #expect(after.ownerPID == before.ownerPID && after.state == "BOUND", "\(after)")
+        #expect(try echoed("three") == prefix + "three")
+        _ = Array("quit".utf8).withUnsafeBytes { send(sender.rawValue, $0.baseAddress, $0.count, 0) }
+        #expect(try server.wait() == .exited(0))
+    }
+
     @Test("the Python package's own tests (python/tests)")
     func pythonTests() throws {
         let build = try CBuild.shared.get()

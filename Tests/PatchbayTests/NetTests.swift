@@ -73,6 +73,20 @@ struct NetTests {
                 }
             }
         }
+        // A forbidden connect is EINVAL whatever its name: one bound by nothing, or by a socket
+        // of another type, does not let the kernel's ENOENT or EPROTOTYPE come out first.
+        var datagram = try Socket.open(client, type: .dgram)
+        try datagram.bind("dgname")
+        for state in [NetSocketState.listening, .connected] {
+            for name in ["nothere", "dgname"] {
+                guard var socket = try socket(in: state) else { continue }
+                #expect(throws: PatchbayError.self, "connect \(name) from \(state)") { try socket.connect(to: name) }
+                do { try socket.connect(to: name) } catch {
+                    #expect(error.errno == .invalidArgument, "connect \(name) from \(state): \(error)")
+                }
+                #expect(try socket.state() == state)
+            }
+        }
         // Accepted connections are born CONNECTED, and the listener stays LISTENING.
         let accepted = try target.accept(nonblocking: true)
         #expect(try accepted.state() == .connected)

@@ -63,6 +63,8 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "pb_net_ctl": (c_int, [c_void_p, c_char_p]),
     "pb_net_accept": (c_int, [c_void_p, c_uint, _OUT]),
     "pb_net_data": (c_int, [c_void_p]),
+    "pb_net_recv": (c_ssize_t, [c_void_p, c_void_p, c_size_t, c_void_p, POINTER(c_uint)]),
+    "pb_net_reply": (c_ssize_t, [c_void_p, c_void_p, c_size_t, c_void_p, c_uint]),
     "pb_net_fd": (c_int, [c_void_p]),
     "pb_net_id": (c_uint64, [c_void_p]),
     "pb_net_listen": (c_int, [c_void_p, c_char_p, c_char_p, _OUT]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import os
 import queue
@@ -10,12 +11,15 @@ import socket as _socket
 import stat
 import struct
 import threading
+from typing import Union
 
 from . import _native
 from ._broker import Broker
 from ._native import check, encode, lib
 
 _NONBLOCK = 1  # PB_NET_NONBLOCK
+_SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
+_SOCKADDR_UN_SIZE = 2 + _SUN_PATH
 
 
 class Socket(_native.Handle):
@@ -26,24 +30,29 @@ class Socket(_native.Handle):
     """
 
     _close_function = "pb_net_close"
+    _type = "seqpacket"
+
+    def _typed(self, type: str) -> Socket:
+        self._type = type
+        return self
 
     @classmethod
     def open(cls, broker: Broker, type: str = "seqpacket", nonblock: bool = False) -> Socket:
         """A new socket in state NEW; nonblock makes accept and data calls raise BlockingIOError
         instead of waiting."""
-        return cls(_native.open_handle(lib().pb_net_open, broker._live(), encode(type), _NONBLOCK if nonblock else 0))
+        return cls(_native.open_handle(lib().pb_net_open, broker._live(), encode(type), _NONBLOCK if nonblock else 0))._typed(type)
 
     @classmethod
     def listen(cls, broker: Broker, name: str, type: str = "seqpacket") -> Socket:
         """A socket bound to name and listening (seqpacket or stream). OSError EADDRINUSE when the
         name is taken."""
-        return cls(_native.open_handle(lib().pb_net_listen, broker._live(), encode(name), encode(type)))
+        return cls(_native.open_handle(lib().pb_net_listen, broker._live(), encode(name), encode(type)))._typed(type)
 
     @classmethod
     def connect(cls, broker: Broker, name: str, type: str = "seqpacket") -> Socket:
         """A socket connected to the listener bound to name (FileNotFoundError when nothing is,
         ConnectionRefusedError when nobody listens there)."""
-        return cls(_native.open_handle(lib().pb_net_connect, broker._live(), encode(name), encode(type)))
+        return cls(_native.open_handle(lib().pb_net_connect, broker._live(), encode(name), encode(type)))._typed(type)
 
     def ctl(self, command: str) -> None:
         """Runs a ctl command line: "bind NAME [MODE]", "listen [BACKLOG]", "connect NAME", joined
@@ -57,7 +66,7 @@ class Socket(_native.Handle):
         BlockingIOError instead of waiting), as PB_NET_NONBLOCK makes it in C. A blocking accept
         waits in the broker over its Broker's one connection and holds up that Broker's other
         calls until it returns: give a listener that waits a Broker of its own."""
-        return Socket(_native.open_handle(lib().pb_net_accept, self._live(), _NONBLOCK if nonblock else 0))
+        return Socket(_native.open_handle(lib().pb_net_accept, self._live(), _NONBLOCK if nonblock else 0))._typed(self._type)
 
     def fileno(self) -> int:
         """The kernel socket, from the open on, for select/poll/selectors: a listener's is readable
@@ -90,6 +99,8 @@ class Socket(_native.Handle):
         """Reads at most size bytes (one packet for seqpacket); b"" at the end of the stream.
         A seqpacket or dgram packet longer than size is cut to size and the rest discarded, as
         socket.recv does, with no sign of it: read with a size as large as the largest packet.
+        On a dgram socket it is recv_from without the sender (a bound one minds its broker while
+        it waits: see recv_from).
 
         Descriptors a peer sends along (SCM_RIGHTS) are received and closed on a thread of this
         package's, never here: the last close of one can wait as long as its sender likes (a TCP
@@ -98,7 +109,76 @@ class Socket(_native.Handle):
         received descriptors wait to be closed (a peer keeps making their closes wait), recv
         raises OSError EMFILE and reads nothing: the bytes stay queued, and closing the socket
         cuts the peer off."""
+        if self._dgram:
+            return self._receive_datagram(size, want_sender=False)[0]
         return _receive(self._data(), size)
+
+    def recv_from(self, size: int = 65536) -> "tuple[bytes, Union[str, bytes]]":
+        """A dgram socket's next packet and its sender's address, as socket.recvfrom gives them:
+        a path (str), an abstract name (bytes starting with a NUL), or "" for an unnamed sender
+        (which cannot be answered). A packet longer than size is cut to size, the rest
+        discarded. Answer with reply(data, address).
+
+        A blocking receive on a bound dgram socket also minds its broker, as a listener's accept
+        does: after a broker restart (its broker's end of this socket's handle closes) it has the
+        broker that comes back take the socket back under its name, at once and then with
+        growing pauses (at most 5 s), receiving all the while; without that the socket would
+        receive on but not be listed, and its name could not be reached through the broker.
+        Signals are handled while it waits (KeyboardInterrupt ends it). Descriptors a peer
+        sends along are received and closed on a thread of the library's; once 64 of them wait to
+        be closed (their closes do not finish), the socket is shut for reading and this raises
+        OSError ENOBUFS."""
+        if not self._dgram:
+            raise OSError(errno.EOPNOTSUPP, f"recv_from is for dgram sockets; this one is {self._type}")
+        return self._receive_datagram(size, want_sender=True)
+
+    def reply(self, data: bytes, address: "Union[str, bytes]") -> int:
+        """Answers the sender of a packet recv_from returned, as a server should: never waiting
+        (a sender that does not read loses the answer: BlockingIOError), and to a path only
+        through the very socket file found there with no symbolic link in any component
+        (OSError ELOOP), so a sender that bound under a link and then pointed the link at
+        another socket cannot have the answer sent there in this process's name (sendto would
+        follow the link). Returns the bytes sent."""
+        if not self._dgram:
+            raise OSError(errno.EOPNOTSUPP, f"reply is for dgram sockets; this one is {self._type}")
+        raw = os.fsencode(address) if isinstance(address, str) else bytes(address)
+        if not raw:
+            raise OSError(errno.EINVAL, "an unnamed sender cannot be answered")
+        if not raw.startswith(b"\0"):
+            raw += b"\0"
+        if len(raw) > _SUN_PATH:
+            raise OSError(errno.ENAMETOOLONG, f"the address is {len(raw)} bytes; a sockaddr_un holds {_SUN_PATH}")
+        sockaddr = struct.pack("=H", _socket.AF_UNIX) + raw
+        payload = bytes(data)
+        return check(lib().pb_net_reply(self._live(), payload, len(payload), sockaddr, len(sockaddr)))
+
+    @property
+    def _dgram(self) -> bool:
+        return self._type == "dgram"
+
+    def _receive_datagram(self, size: int, want_sender: bool) -> "tuple[bytes, Union[str, bytes]]":
+        if size < 0:
+            raise ValueError("negative size")
+        buffer = ctypes.create_string_buffer(max(size, 1))
+        sockaddr = ctypes.create_string_buffer(_SOCKADDR_UN_SIZE)
+        length = ctypes.c_uint(_SOCKADDR_UN_SIZE)
+        while True:
+            result = lib().pb_net_recv(self._live(), buffer, size, sockaddr if want_sender else None,
+                                       ctypes.byref(length) if want_sender else None)
+            # PEP 475: a signal's handler runs here, between two calls (a KeyboardInterrupt raises
+            # out of the loop), and the wait goes on.
+            if result != -errno.EINTR:
+                break
+        check(result)
+        data = buffer.raw[: min(result, size)]
+        if not want_sender:
+            return data, ""
+        raw = sockaddr.raw[2 : min(length.value, _SOCKADDR_UN_SIZE)]
+        if not raw:
+            return data, ""
+        if raw[0] == 0:
+            return data, raw
+        return data, os.fsdecode(raw.split(b"\0", 1)[0])
 
 
 # Descriptors that arrived with data: SCM_RIGHTS carries at most 253 (SCM_MAX_FD) per message,

@@ -15,6 +15,7 @@ import queue
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -787,6 +788,72 @@ class NetTests(BrokerTestCase):
                 with _net._closer_lock:
                     _net._outstanding -= _net._CLOSING_BOUND
             self.assertEqual(accepted.recv(), b"kept")
+
+    def test_datagram_server_answers_its_senders(self) -> None:
+        name = unique("pydg")
+        with patchbay.Socket.open(self.broker, "dgram") as server, \
+                patchbay.Socket.open(self.broker, "dgram") as unbound:
+            with self.assertRaises(OSError) as caught:
+                unbound.recv_from()
+            self.assertEqual(caught.exception.errno, errno.ENOTCONN)
+            server.ctl(f"bind {name}")
+            with patchbay.Socket.connect(self.broker, name, "dgram") as sender:
+                sender.send(b"ping")
+                data, address = server.recv_from(64)
+                self.assertEqual(data, b"ping")
+                self.assertTrue(address, "a connected sender has an address")
+                self.assertEqual(server.reply(b"pong!", address), 5)
+                self.assertEqual(sender.recv(64), b"pong!")
+                # Cut to size, the rest discarded; an empty packet is b"".
+                sender.send(b"0123456789")
+                self.assertEqual(server.recv(4), b"0123")
+                sender.send(b"")
+                self.assertEqual(server.recv_from(64)[0], b"")
+            with self.assertRaises(OSError) as caught:
+                server.reply(b"x", "")
+            self.assertEqual(caught.exception.errno, errno.EINVAL)
+            with self.assertRaises(FileNotFoundError):
+                server.reply(b"x", os.path.join(tempfile.gettempdir(), unique("gone")))
+        with patchbay.Socket.listen(self.broker, unique("py")) as listener:
+            with self.assertRaises(OSError) as caught:
+                listener.recv_from()
+            self.assertEqual(caught.exception.errno, errno.EOPNOTSUPP)
+
+    def test_a_signal_ends_a_datagram_wait_with_its_handler(self) -> None:
+        class Woken(Exception):
+            pass
+
+        def wake(signal_number: int, frame: object) -> None:
+            raise Woken()
+
+        previous = signal.signal(signal.SIGALRM, wake)
+        done = threading.Event()
+        try:
+            with patchbay.Socket.open(self.broker, "dgram") as server:
+                name = unique("pydg")
+                server.ctl(f"bind {name}")
+
+                late: "list[bool]" = []
+
+                def end_a_wait_the_signal_did_not() -> None:
+                    if not done.wait(DEADLINE):
+                        late.append(True)
+                        with patchbay.Socket.connect(self.broker, name, "dgram") as sender:
+                            sender.send(b"late")
+                watchdog = threading.Thread(target=end_a_wait_the_signal_did_not, daemon=True)
+                watchdog.start()
+                signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)  # again, should one land before the wait
+                with self.assertRaises(Woken):
+                    server.recv_from()
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                done.set()
+                watchdog.join()
+                # Ended by the signal's handler, not by the packet the watchdog sends after DEADLINE.
+                self.assertEqual(late, [])
+        finally:
+            done.set()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
     def test_second_listen_on_a_name_is_EADDRINUSE(self) -> None:
         name = unique("py")

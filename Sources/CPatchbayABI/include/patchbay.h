@@ -45,7 +45,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/un.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -193,8 +195,36 @@ int pb_net_accept(pb_socket *listener, unsigned flags, pb_socket **out);
  * chose (a TCP socket with SO_LINGER). Against a peer you do not trust, receive with recvmsg(),
  * room for 253 descriptors (SCM_MAX_FD) and MSG_CMSG_CLOEXEC, turn a socket's lingering off
  * (SO_LINGER, l_onoff 0) and close what came on a thread that may wait, with a bound on how many
- * wait there, as the Swift library and the Python package do. */
+ * wait there, as pb_net_recv, the Swift library and the Python package do. */
 int pb_net_data(pb_socket *socket);
+
+/* Receives one message from the socket's data (connected, accepted, or a bound dgram), as
+ * recvfrom(2) on pb_net_data's descriptor would, with what a server needs done for it:
+ *   - Returns the message's whole length: more than capacity when a seqpacket or dgram packet
+ *     was cut (the rest is discarded); 0 at end of file, or for an empty packet (as recv(2)).
+ *   - from, if not NULL, receives the sender's address (dgram; *fromlen in: the room at from,
+ *     out: the address's whole length, 0 for an unnamed sender), to answer with pb_net_reply.
+ *   - Descriptors a peer sends along are received and closed on a thread of the library's,
+ *     lingering off (see pb_net_data), never in the caller's thread.
+ *   - A blocking receive on a bound dgram socket also minds its broker: after a broker restart
+ *     it has the broker that comes back take the socket back under its name (as a listener's
+ *     next pb_net_accept does; see "Broker restarts" in the README), receiving in between.
+ *     A server that only polls pb_net_data's descriptor is not taken back.
+ * -EAGAIN: PB_NET_NONBLOCK and nothing queued. -EINTR: a signal handler ran while it waited.
+ * -ENOTCONN: not connected (or, for dgram, not bound). -ENOBUFS: 64 descriptors this socket's
+ * peers sent wait to be closed (their closes do not finish): the socket is shut for reading. -EINVAL: NULL socket, NULL buffer with a capacity, from without
+ * fromlen. Otherwise recvmsg(2)'s errors. */
+ssize_t pb_net_recv(pb_socket *socket, void *buffer, size_t capacity, struct sockaddr_un *from, socklen_t *fromlen);
+
+/* Answers the sender of a datagram pb_net_recv received (to, tolen: its from and *fromlen),
+ * as a server should: never waiting (a sender that does not read loses the answer: -EAGAIN),
+ * and to a path only through the very socket file found there with no symbolic link in any
+ * component (-ELOOP): sendto(2) to a path would follow a link the sender bound under and then
+ * pointed at another socket, and send the answer there in this process's name. Unnamed and
+ * abstract addresses are sent to as they are. Returns the bytes sent. -EINVAL: NULL socket,
+ * NULL data with a length, NULL to, tolen not that of a sockaddr_un; -EAFNOSUPPORT: not AF_UNIX;
+ * -ECONNREFUSED, -ENOENT: nothing bound there now; otherwise sendto(2)'s errors. */
+ssize_t pb_net_reply(pb_socket *socket, const void *data, size_t length, const struct sockaddr_un *to, socklen_t tolen);
 
 /* The socket's kernel descriptor, from pb_net_open on (the one pb_net_data returns once data is
  * open): for poll/epoll and socket options. A listener's is readable when a connection waits,

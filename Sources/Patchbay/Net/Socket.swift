@@ -166,6 +166,22 @@ public struct Socket: ~Copyable {
 
     /// connect(2) on the kernel socket, without waiting for room in the listener's backlog.
     private static func connect(_ kernel: CInt, socket id: UInt64, to name: String, path: String) throws(PatchbayError) {
+        // The state machine first (SEMANTICS §4): a listening or connected socket cannot connect,
+        // whatever the name, so the kernel's answer about the name (ENOENT, EPROTOTYPE, ...)
+        // must not come out before the broker's EINVAL.
+        var listening: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        if getsockopt(kernel, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening != 0 {
+            throw PatchbayError(.invalidArgument, "socket \(id) is listening; only a NEW or BOUND socket connects")
+        }
+        var peer = sockaddr_storage()
+        var peerLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let connected = withUnsafeMutablePointer(to: &peer) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(kernel, $0, &peerLength) }
+        }
+        if connected == 0 {
+            throw PatchbayError(.invalidArgument, "socket \(id) is connected already; only a NEW or BOUND socket connects")
+        }
         do {
             try UnixSocket.connectWithoutBlocking(on: kernel, path: path)
         } catch {

@@ -45,11 +45,18 @@ extension Socket {
     /// link at another socket, would have the answer sent there, under this process's name.
     @discardableResult
     public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
+        try bytes.withUnsafeBytes { raw in
+            Result { () throws(PatchbayError) -> Int in try reply(raw, to: sender) }
+        }.get()
+    }
+
+    /// `reply(_:to:)` from memory the caller holds.
+    @discardableResult
+    public func reply(_ bytes: UnsafeRawBufferPointer, to sender: Address) throws(PatchbayError) -> Int {
         let fd = try dataDescriptorOrFail()
-        let result = bytes.withUnsafeBytes { raw in
-            Result { () throws(Errno) -> Int in try UnixSocket.reply(on: fd, raw, to: sender.system) }
+        do { return try UnixSocket.reply(on: fd, bytes, to: sender.system) } catch {
+            throw PatchbayError(error, "cannot answer \(sender): \(error.name)")
         }
-        do { return try result.get() } catch { throw PatchbayError(error, "cannot answer \(sender): \(error.name)") }
     }
 
     /// Sends a datagram to `address` (a name's path, or the address a received one came from:
@@ -71,11 +78,20 @@ extension Socket {
     public func receive(into buffer: UnsafeMutableRawBufferPointer, wantSender: Bool = false)
         throws(PatchbayError) -> Received
     {
+        try receive(into: buffer, wantSender: wantSender, interruptible: false)
+    }
+
+    /// `receive(into:wantSender:)`; `interruptible`: a signal handled while a bound datagram
+    /// socket waits ends the wait with `EINTR`, as it ends a `recv(2)` (C's `pb_net_recv`, and
+    /// Python, which must run its signal handlers), instead of waiting on.
+    package func receive(into buffer: UnsafeMutableRawBufferPointer, wantSender: Bool, interruptible: Bool)
+        throws(PatchbayError) -> Received
+    {
         let fd = try dataDescriptorOrFail()
         do {
             let system: UnixSocket.Received
             if kind == .dgram && !nonblocking && core.bound != nil {
-                system = try receiveWatchingTheBroker(on: fd, into: buffer, wantSender: wantSender)
+                system = try receiveWatchingTheBroker(on: fd, into: buffer, wantSender: wantSender, interruptible: interruptible)
             } else {
                 system = try UnixSocket.receive(on: fd, into: buffer, nonblocking: nonblocking, wantSender: wantSender)
             }
@@ -121,12 +137,12 @@ extension Socket {
     /// in between. A refusal (the name bound there by another socket, not the caller's, or a
     /// broker that does not take datagram sockets back) ends the watch; the socket receives on.
     private func receiveWatchingTheBroker(on fd: CInt, into buffer: UnsafeMutableRawBufferPointer,
-                                          wantSender: Bool) throws(Errno) -> UnixSocket.Received {
+                                          wantSender: Bool, interruptible: Bool) throws(Errno) -> UnixSocket.Received {
         while true {
             do {
                 return try UnixSocket.receive(on: fd, into: buffer, nonblocking: true, wantSender: wantSender)
             } catch .resourceTemporarilyUnavailable where !Self.isNonblocking(fd) {
-                awaitDatagram(on: fd)
+                if !awaitDatagram(on: fd) && interruptible { throw .interrupted }
             }
         }
     }
@@ -136,8 +152,9 @@ extension Socket {
         return flags >= 0 && flags & O_NONBLOCK != 0
     }
 
-    /// Waits until `fd` is readable (or in error), minding the broker meanwhile (above).
-    private func awaitDatagram(on fd: CInt) {
+    /// Waits until `fd` is readable (or in error), minding the broker meanwhile (above): false
+    /// when a signal handler ran instead.
+    private func awaitDatagram(on fd: CInt) -> Bool {
         // A fork child's copy is its parent's socket: not its to have taken back.
         let ownSocket = !broker.madeBeforeFork(core.brokerGeneration)
         while true {
@@ -157,8 +174,8 @@ extension Socket {
             var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
                           pollfd(fd: handle, events: Int16(0x2000), revents: 0)]  // POLLRDHUP
             let ready = poll(&polled, 2, timeout)
-            if ready < 0 && errno != EINTR { return }  // (the receive then reports the socket's state)
-            if polled[0].revents != 0 { return }
+            if ready < 0 { return errno != EINTR }  // (the receive then reports the socket's state)
+            if polled[0].revents != 0 { return true }
             if handle >= 0 && polled[1].revents != 0 {
                 core.datagramWatch.withLock { watch in
                     if case .watching = watch { watch = .takingBack(at: 0, delay: 100_000_000) }
@@ -222,6 +239,11 @@ extension Socket {
 
         /// The raw `sockaddr_un` bytes.
         public var bytes: [UInt8] { system.bytes }
+
+        /// An address from raw `sockaddr_un` bytes (C's and Python's answers to a sender).
+        package init(bytes: [UInt8]) { system = UnixSocket.Address(bytes: bytes) }
+
+        init(_ system: UnixSocket.Address) { self.system = system }
 
         /// The path, or nil for an unnamed or abstract address.
         public var path: String? { system.path }
