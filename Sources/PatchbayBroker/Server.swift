@@ -52,6 +52,14 @@ public final class BrokerServer {
     /// another uid's listener, refused or accepted).
     private var loopNanoseconds: [UInt32: UInt64] = [:]
     private static let batchesPerTurn = 64
+    /// A uid's connections put back in the loop per turn, once its share had run out
+    /// (`SessionTable.deferReading`): each may read `workPerWakeup` units, so these can use a
+    /// whole share of a turn.
+    private static let resumedPerTurn = TurnShares.workPerUid / workPerWakeup
+    /// Turns of the loop, and the events they handled (`patchbay_loop_turns_total`,
+    /// `patchbay_loop_events_total`).
+    private var turns: UInt64 = 0
+    private var eventsDispatched: UInt64 = 0
 
     /// Closes a uid may have waiting (its last connection's, a few descriptors no request took)
     /// before its frames are read with care (`serviceSession`): more mean its closes are stuck.
@@ -191,7 +199,11 @@ public final class BrokerServer {
         while running {
             do {
                 turn.startTurn()
+                turns &+= 1
+                // Connections set aside when their uid's share ran out come back a few at a time.
+                sessions.resumeDeferred(perUser: Self.resumedPerTurn)
                 let dispatch = { [unowned self] (owner: Registration, events: Epoll.Events) in
+                    eventsDispatched &+= 1
                     switch owner {
                     case .brokerListener: acceptClients(on: listener.socket)
                     case .rootListener: if let root = listener.rootSocket { acceptClients(on: root.socket, rootOnly: true) }
@@ -337,7 +349,12 @@ public final class BrokerServer {
             // ready); one with only a hang-up or an error to report is still handled now.
             let uid = session.credentials.uid
             let allowance = min(Self.workPerWakeup, turn.workLeft(for: uid))
-            guard allowance > 0 || !events.contains(.readable) else { return }
+            guard allowance > 0 || !events.contains(.readable) else {
+                // Out of the loop until a later turn: looked at now, it would be looked at in
+                // every turn until then.
+                sessions.deferReading(session)
+                return
+            }
             var work = 0
             let started = monotonicNanoseconds()
             // Time the loop spent refusing or accepting other uids' connections to this uid's
@@ -663,6 +680,13 @@ public final class BrokerServer {
             "\(DeferredCloser.shared.outstanding(of: $0.uid))"
         }
         let charged = loopNanoseconds.filter { everyone || $0.key == caller.uid }.sorted { ($0.value, $1.key) > ($1.value, $0.key) }.prefix(100)
+        out.metric("patchbay_loop_turns_total", "counter", "Turns of the broker's loop (a wait for events, and the handling of what it found).",
+                   [("", "\(turns)")])
+        out.metric("patchbay_loop_events_total", "counter", "Events the broker's loop handled (a connection ready to read or write, a listener, a signal).",
+                   [("", "\(eventsDispatched)")])
+        out.metric("patchbay_loop_deferred_total", "counter",
+                   "Connections taken out of the loop until a later turn because their uid had had its share of one (they come back 16 per uid per turn).",
+                   [("", "\(sessions.deferrals)")])
         out.metric("patchbay_user_loop_seconds_total", "counter",
                    "The broker loop's time charged to each uid: reading and answering its requests, and refusing or accepting its connections to another uid's /net listener (the busiest 100).",
                    charged.map { (MetricsText.labels(["uid": "\($0.key)"]), MetricsText.number(Double($0.value) / 1e9)) })

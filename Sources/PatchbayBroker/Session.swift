@@ -48,6 +48,8 @@ final class Session {
     /// Since when the broker has stopped reading this client because its queue is full (monotonic
     /// nanoseconds), or nil while it reads.
     var readingPausedSince: UInt64?
+    /// Out of the loop until its uid's next turn share (`SessionTable.deferReading`).
+    var readingDeferred = false
     /// The client's command name: read when the connection was accepted, else (the process had
     /// exited by then) once a monitor first needs it.
     var command: String?

@@ -7,6 +7,7 @@
 // leaves its queue full without reading for `stuckClientTimeout` is disconnected. So no unread
 // reply makes the broker grow without bound, and a slow reader only ever waits on itself.
 
+import DequeModule
 import Glibc
 import Logging
 import PatchbayProtocol
@@ -31,8 +32,17 @@ final class SessionTable {
     let limits: QueueLimits
     private let brokerUID = geteuid()
     private let logger: Logger
-    /// Sessions whose reading is paused, and since when.
+    /// Sessions whose reading is paused, and since when; and the same by uid, and in the order
+    /// they paused (an entry whose session resumed or paused again since is skipped), so that
+    /// neither a drain nor the loop's look at the oldest walks every paused session of every uid.
     private var paused: [UInt64: UInt64] = [:]
+    private var pausedByUser: [UInt32: Set<UInt64>] = [:]
+    private var pausedOrder = Deque<(id: UInt64, since: UInt64)>()
+    /// Sessions out of the loop because their uid had its share of a turn, per uid, oldest first
+    /// (`deferReading`); a closed one is skipped when its turn comes.
+    private var deferred: [UInt32: Deque<UInt64>] = [:]
+    /// Sessions put out of the loop, and back, since the start (`patchbay_loop_deferred_total`).
+    private(set) var deferrals: UInt64 = 0
     /// Reply bytes waiting for each uid's clients, all connections together.
     private(set) var queuedBytesByUser: [UInt32: Int] = [:]
     /// The subsystems, told of every closed session.
@@ -395,13 +405,19 @@ final class SessionTable {
 
     /// Reads again the paused sessions of `uid` whose queues (their own and the uid's) allow it.
     private func resumeReadable(uid: UInt32) {
-        guard !paused.isEmpty, !userIsBackedUp(uid) else { return }
-        for id in Array(paused.keys) {
-            guard let session = sessions[id], session.credentials.uid == uid, !session.isBackedUp(limits) else { continue }
+        guard let ids = pausedByUser[uid], !userIsBackedUp(uid) else { return }
+        for id in ids {
+            guard let session = sessions[id], !session.isBackedUp(limits) else { continue }
             session.readingPausedSince = nil
-            paused[id] = nil
+            unpause(id, of: uid)
             updateInterest(session)
         }
+    }
+
+    private func unpause(_ id: UInt64, of uid: UInt32) {
+        guard paused.removeValue(forKey: id) != nil else { return }
+        pausedByUser[uid]?.remove(id)
+        if pausedByUser[uid]?.isEmpty == true { pausedByUser[uid] = nil }
     }
 
     /// Whether the broker may read another request from `session` now. When its queue, or all
@@ -411,6 +427,8 @@ final class SessionTable {
         guard session.isBackedUp(limits) || userIsBackedUp(session.credentials.uid) else { return true }
         session.readingPausedSince = now
         paused[session.id] = now
+        pausedByUser[session.credentials.uid, default: []].insert(session.id)
+        pausedOrder.append((session.id, now))
         updateInterest(session)
         return false
     }
@@ -420,15 +438,24 @@ final class SessionTable {
         guard !paused.isEmpty else { return }
         // A paused client with replies of its own waiting is stuck; one with none, paused because
         // its uid's clients together hold their most, waits for those to drain (or be cut off).
-        for (id, since) in paused where now &- since >= configuration.stuckClientTimeout {
-            guard let session = sessions[id], session.queuedFrames > 0 else { continue }
-            close(id, reason: "client left \(session.queuedFrames) replies unread")
+        // Oldest first: what is left has not been paused that long.
+        while let (id, since) = pausedOrder.first, now &- since >= configuration.stuckClientTimeout {
+            pausedOrder.removeFirst()
+            guard paused[id] == since, let session = sessions[id] else { continue }
+            if session.queuedFrames > 0 {
+                close(id, reason: "client left \(session.queuedFrames) replies unread")
+            } else {
+                // Paused for its uid's queues, with none of its own: looked at again a timeout on.
+                pausedOrder.append((id, now))
+                paused[id] = now
+            }
         }
     }
 
     /// How long the loop may sleep before a paused client's time is up (-1: none paused).
     func millisecondsUntilNextStuckCheck(now: UInt64) -> CInt {
-        guard let oldest = paused.filter({ (sessions[$0.key]?.queuedFrames ?? 0) > 0 }).values.min() else { return -1 }
+        while let (id, since) = pausedOrder.first, paused[id] != since { pausedOrder.removeFirst() }
+        guard let oldest = pausedOrder.first?.since else { return -1 }
         let deadline = oldest &+ configuration.stuckClientTimeout
         if deadline <= now { return 0 }
         return CInt(min((deadline - now) / 1_000_000 + 1, 60_000))
@@ -441,9 +468,53 @@ final class SessionTable {
     }
 
     private func updateInterest(_ session: Session) {
+        guard !session.readingDeferred else { return }  // (watched again as it is when resumed)
+        try? loop.modify(session.socket.rawValue, events: interest(of: session))
+    }
+
+    private func interest(of session: Session) -> Epoll.Events {
         var events: Epoll.Events = session.readingPausedSince == nil ? [.readable] : []
         if session.wantsWritable { events.insert(.writable) }
-        try? loop.modify(session.socket.rawValue, events: events)
+        return events
+    }
+
+    // MARK: A uid's share of the loop
+
+    /// Takes a ready session out of the loop until `resumeDeferred` puts it back: its uid has had
+    /// its share of this turn. Left in, it would stay ready (connections are watched
+    /// level-triggered), and every turn would look at each of the uid's ready connections only to
+    /// find its share spent: a uid with thousands of them, each holding a few requests (or a
+    /// hang-up behind them), made every turn cost thousands of events, and every other user's
+    /// requests a hundred times slower (seventeenth attack round). Out of the loop, a turn costs
+    /// what it reads. (Removed, not modified: a hang-up is reported whatever events are asked for.)
+    func deferReading(_ session: Session) {
+        guard !session.readingDeferred else { return }
+        session.readingDeferred = true
+        loop.unregister(session.socket.rawValue)
+        deferred[session.credentials.uid, default: []].append(session.id)
+        deferrals &+= 1
+    }
+
+    /// Puts back in the loop up to `perUser` of each uid's deferred sessions, oldest first, watched
+    /// for what they were (the next wait reports the ready ones, in a turn with fresh shares).
+    func resumeDeferred(perUser: Int) {
+        guard !deferred.isEmpty else { return }
+        for uid in Array(deferred.keys) {
+            guard var queue = deferred.removeValue(forKey: uid) else { continue }
+            var resumed = 0
+            while resumed < perUser, let id = queue.popFirst() {
+                guard let session = sessions[id], session.readingDeferred else { continue }
+                session.readingDeferred = false
+                do {
+                    try loop.register(session.socket.rawValue, as: .session(id), events: interest(of: session))
+                } catch {
+                    close(id, reason: "cannot be watched again (\(error.name))")
+                    continue
+                }
+                resumed += 1
+            }
+            if !queue.isEmpty { deferred[uid] = queue }
+        }
     }
 
     // MARK: Closing
@@ -452,7 +523,7 @@ final class SessionTable {
     func close(_ id: UInt64, reason: String) {
         guard let session = sessions.removeValue(forKey: id) else { return }
         monitors[id] = nil
-        paused[id] = nil
+        unpause(id, of: session.credentials.uid)
         noteDrained(session.queuedBytes, of: session)
         resumeReadable(uid: session.credentials.uid)
         loop.unregister(session.socket.rawValue)

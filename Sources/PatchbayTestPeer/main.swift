@@ -2298,6 +2298,47 @@ func capsTap(_ id: UInt64) {
     }
 }
 
+/// A CAPS service (world) NAME whose receiving thread has a stack of 64 KiB: says "ready", waits
+/// for "go" on stdin, then answers one request with its own bytes and says "served". Whatever a
+/// client queued before "go" is taken in one go: entries the service drops must not each cost it
+/// a stack frame (a client could otherwise crash it).
+func capsServeOnSmallStack(_ name: String) throws(PatchbayError) {
+    let service = try CapsService(try Broker(), name: name, access: [.world])
+    say("ready")
+    guard readLine() == "go" else { return }
+    final class Outcome: @unchecked Sendable { var text = "none" }
+    let outcome = Outcome()
+    let box = Unmanaged.passRetained(Box { () in
+        do {
+            try service.receive { (message: CapsServiceMessage, payload: UnsafeRawBufferPointer) in
+                guard message.kind == .request else { outcome.text = "unexpected \(message.kind)"; return }
+                do { try service.reply(to: message.messageID, Array(payload)); outcome.text = "served" } catch {
+                    outcome.text = "reply failed: \(error)"
+                }
+            }
+        } catch {
+            outcome.text = "receive failed: \(error)"
+        }
+    })
+    var attributes = pthread_attr_t()
+    pthread_attr_init(&attributes)
+    pthread_attr_setstacksize(&attributes, 64 << 10)
+    var thread = pthread_t()
+    let created = pthread_create(&thread, &attributes, { raw in
+        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+        return nil
+    }, box.toOpaque())
+    pthread_attr_destroy(&attributes)
+    guard created == 0 else { throw PatchbayError(Errno(rawValue: created), "pthread_create") }
+    pthread_join(thread, nil)
+    say(outcome.text)
+}
+
+private final class Box: @unchecked Sendable {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
+}
+
 func main() -> CInt {
     let arguments = Array(CommandLine.arguments.dropFirst())
     do {
@@ -2332,6 +2373,8 @@ func main() -> CInt {
             try capsForgeDispose(arguments[1])
         case "caps-service-fork" where arguments.count == 2:
             try capsServiceFork(arguments[1])
+        case "caps-serve-small-stack" where arguments.count == 2:
+            try capsServeOnSmallStack(arguments[1])
         case "caps-hold" where arguments.count == 3 && Int(arguments[2]) != nil:
             try capsHold(arguments[1], count: Int(arguments[2])!)
         case "caps-wake-storm" where arguments.count == 2:

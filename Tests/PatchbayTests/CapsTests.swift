@@ -1087,6 +1087,24 @@ struct CapsTests {
         #expect(throws: PatchbayError.self) { _ = try serviceGet(service) }
     }
 
+    @Test("a ring full of forged entries costs the service no stack: a service on a 64 KiB stack drops 1,023 of them in one receive and answers the request behind them")
+    func forgedEntriesDroppedInALoop() throws {
+        let broker = try TestBroker()
+        let service = try Child(testPeer, ["caps-serve-small-stack", "forged.loop"], environment: broker.environment)
+        defer { service.kill(SIGKILL); _ = try? service.wait() }
+        #expect(try service.readLine() == "ready")
+        let port = try CapsClient(try broker.connect(), name: "forged.loop")
+        // Queued while the service does not read: ids naming another channel, which it drops
+        // unread and silently, then one honest request (the ring holds 1,024).
+        for _ in 0..<(CapsLayout.ringCapacity - 1) { try port.putForgedForeign() }
+        let id = try port.put(Array("behind them".utf8))
+        try service.writeLine("go")
+        let (reply, bytes) = try clientWait(port)
+        #expect(reply.messageID == id && bytes == Array("behind them".utf8))
+        #expect(try service.readLine() == "served")
+        #expect(try service.wait() == .exited(0))
+    }
+
     @Test("a request whose arena payload lies outside the arena is refused unread (EBADMSG); one at its very end is read")
     func arenaBounds() throws {
         let broker = try TestBroker()

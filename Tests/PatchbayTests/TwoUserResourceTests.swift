@@ -1316,6 +1316,49 @@ struct TwoUserAccountingTests {
         #expect(try broker.waitForDescriptorCount(before) == before)
     }
 
+    @Test("nobody's thousand connections, each holding requests it never reads the answers to, do not make every turn of the loop look at each of them: root's requests are served in turns of a few events")
+    func readyConnectionsCostWhatIsRead() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        func loopCounter(_ name: String) throws -> Double {
+            let line = try root.metrics().split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            return Double(line?.split(separator: " ").last ?? "") ?? -1
+        }
+        // 1,000 connections (within nobody's connection burst and descriptor share), 20 status
+        // requests queued on each, no answer ever read.
+        let flooder = try pythonAsNobody("""
+            import resource, socket, struct, sys
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            held = []
+            for i in range(1000):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(sys.argv[1])
+                held.append(s)
+            for s in held:
+                for k in range(20):
+                    try:
+                        s.send(struct.pack("<2sBBHHQ", b"PB", 1, 1, 1, 0, k + 1), socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+            print(len(held), flush=True)
+            sys.stdin.read()
+            """, [broker.socketPath])
+        #expect(try flooder.readLine() == "1000")
+        let turns = try loopCounter("patchbay_loop_turns_total")
+        let events = try loopCounter("patchbay_loop_events_total")
+        for _ in 0..<300 { _ = try root.status() }
+        let turnsTaken = try loopCounter("patchbay_loop_turns_total") - turns
+        let eventsHandled = try loopCounter("patchbay_loop_events_total") - events
+        // Before, each turn was handed every one of nobody's ready connections (about 1,000
+        // events a turn, for as long as nobody kept them), so hundreds of events per request.
+        #expect(eventsHandled / 300 < 50, "\(eventsHandled) events in \(turnsTaken) turns while root made 300 requests")
+        #expect(try loopCounter("patchbay_loop_deferred_total") > 0)
+        flooder.closeInput()
+        try flooder.wait()
+        #expect(try eventually { try root.status().clients == 1 })
+    }
+
     @Test("one uid's idle connections stop at its share of the broker's descriptors; root's status and keys keep working")
     func descriptorShare() throws {
         // A broker with 2,048 descriptors: 64 its own, 256 in transit, root 1,728, all other uids

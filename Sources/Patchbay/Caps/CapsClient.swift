@@ -315,6 +315,22 @@ public final class CapsClient: @unchecked Sendable {
         try putForged(offset: 0, length: length, flags: CapsEntryFlags.inlinePayload | CapsEntryFlags.descriptors)
     }
 
+    /// Puts a REQUEST entry whose id names the next channel, not this one, as a hostile client
+    /// writing its ring by other means could: only for the project's tests (the service drops it
+    /// unread and says nothing).
+    package func putForgedForeign() throws(PatchbayError) {
+        try core.lock.locked { () throws(PatchbayError) in
+            try checkUsable()
+            sequence &+= 1
+            let messageID = capsMessageID(channel: channelID &+ 1, sequence: sequence)
+            guard channel.push(.request, CapsEntry(messageID: messageID, offset: 0, length: 0, kind: .request,
+                                                   flags: CapsEntryFlags.inlinePayload))
+            else {
+                throw PatchbayError(.noBufferSpace, "the request ring is full")
+            }
+        }
+    }
+
     /// A REQUEST entry with whatever payload fields the tests' hostile client chose.
     private func putForged(offset: UInt64, length: UInt32, flags: UInt32) throws(PatchbayError) -> UInt64 {
         try core.lock.locked { () throws(PatchbayError) -> UInt64 in
@@ -902,7 +918,13 @@ public final class CapsClient: @unchecked Sendable {
             finish(entry.messageID, request, dispose: true)
             return result
         }
+        // At most a ring's worth of entries passed over per call (a service can write replies to
+        // nothing as fast as they are dropped: a non-blocking `get` must still return, and a
+        // wait looks again).
+        var passedOver = 0
         while let (entry, _) = channel.peek(.reply) {
+            passedOver += 1
+            if passedOver > CapsLayout.ringCapacity { return nil }
             let request = requests.find(entry.messageID)
             if entry.kind == .discardedReply || (request.map { $0.state & Self.unread != 0 } ?? false) {
                 core.stash.discard(entry, from: direct.rawValue, peer: servicePeer)

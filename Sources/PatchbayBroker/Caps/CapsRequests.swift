@@ -24,9 +24,15 @@ final class CapsRequests: SessionClosedHook {
         var uid: Int32
         var gid: Int32
         var flags: CapsFlags
+        /// When it was parked: clients waiting for one name try again in that order.
+        var order: UInt64
     }
 
-    private var waiting: [WaitingClient] = []
+    /// Parked connects by session id (a connection parks one at most): found and dropped by
+    /// session in constant time, so thousands of them cost each park and each close no more
+    /// (a walk of the list per park and per close made them quadratic: seventeenth attack round).
+    private var waiting: [UInt64: WaitingClient] = [:]
+    private var nextWaitingOrder: UInt64 = 0
 
     /// A service's tap (`caps serve --tap`): a connection of the process that registered it,
     /// whose records of the messages the service sees go to monitors of the service's uid.
@@ -72,11 +78,13 @@ final class CapsRequests: SessionClosedHook {
                 if let connection = try registry.connect(name: name, uid: uid, gid: gid, flags: flags,
                                                          session: context.session.id, caller: context.caller) {
                     deliver(connection, to: context.session, as: context.parked)
-                } else if waiting.contains(where: { $0.request.session == context.session.id }) {
+                } else if waiting[context.session.id] != nil {
                     sessions.fail(RequestError(errno: .invalidArgument, reason: "this connection already waits for a service"),
                                   context)
                 } else {
-                    waiting.append(WaitingClient(request: context.parked, name: name, uid: uid, gid: gid, flags: flags))
+                    nextWaitingOrder &+= 1
+                    waiting[context.session.id] = WaitingClient(request: context.parked, name: name, uid: uid, gid: gid,
+                                                                flags: flags, order: nextWaitingOrder)
                 }
             } catch {
                 sessions.fail(error, context)
@@ -193,8 +201,8 @@ final class CapsRequests: SessionClosedHook {
 
     /// Clients waiting for `name` try again now that a service registered.
     private func retryWaitingClients(for name: String) {
-        let ready = waiting.filter { $0.name == name }
-        waiting.removeAll { $0.name == name }
+        let ready = waiting.values.filter { $0.name == name }.sorted { $0.order < $1.order }
+        for entry in ready { waiting[entry.request.session] = nil }
         for entry in ready {
             guard let session = sessions[entry.request.session] else { continue }
             do {
@@ -202,7 +210,7 @@ final class CapsRequests: SessionClosedHook {
                                                          session: session.id, caller: session.credentials) {
                     deliver(connection, to: session, as: entry.request)
                 } else {
-                    waiting.append(entry)
+                    waiting[entry.request.session] = entry
                 }
             } catch {
                 sessions.fail(error, entry.request)
@@ -213,7 +221,7 @@ final class CapsRequests: SessionClosedHook {
     /// A port's connection closed: its parked connect is dropped, and the service of each of its
     /// channels hears that the client left.
     func sessionClosed(_ session: Session) {
-        waiting.removeAll { $0.request.session == session.id }
+        waiting[session.id] = nil
         taps[session.id] = nil
         if !taps.isEmpty, let channel = registry.channel(ofSession: session.id),
            taps.values.contains(where: { $0.serviceID == channel.serviceID }) {
