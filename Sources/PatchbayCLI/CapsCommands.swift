@@ -274,7 +274,7 @@ struct CapsCommand: ParsableCommand {
             let limit = parseSize(maxReply, command)
             if limit <= 0 { failUsage(command, "--max-reply must be positive") }
             let patience = DurationText.parse(timeout, for: command)
-            let request = data.map { Array($0.utf8) } ?? readStandardInput()
+            let request = data.map { Array($0.utf8) } ?? readStandardInput(for: "caps call")
             let broker = connectBroker(for: command)
             // A service that does not register, or never answers (stopped, or another user's that
             // chooses not to), is given up on at the deadline: the wait for it, or for its reply,
@@ -484,13 +484,16 @@ func flagNames(_ flags: UInt32) -> String {
     return names.joined(separator: ",")
 }
 
-func readStandardInput() -> [UInt8] {
+/// All of stdin, or the command fails (a read error is never taken for the end of the input:
+/// `caps call NAME < /tmp` sent an empty request and exited 0).
+func readStandardInput(for command: String) -> [UInt8] {
     var result: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
         let count = chunk.withUnsafeMutableBytes { Glibc.read(0, $0.baseAddress, $0.count) }
         if count < 0 && errno == EINTR { continue }
-        if count <= 0 { return result }
+        if count < 0 { fail(command, Errno.current, "reading stdin failed") }
+        if count == 0 { return result }
         result += chunk[0..<count]
     }
 }
@@ -551,7 +554,7 @@ func runFilter(_ starter: ExecStarter, input: [UInt8], limits: FilterLimits,
     case (.late, _):
         return .failure(FilterFailure(reason: "\(program)'s output did not end within --exec-timeout", errno: .timedOut))
     case (_, .success(let termination)) where termination != .exited(0):
-        return .failure(FilterFailure(reason: "\(program) ended with \(termination)"))
+        return .failure(FilterFailure(reason: "\(program) \(termination)"))
     case (.bytes(let bytes), .success):
         return .success(bytes)
     }

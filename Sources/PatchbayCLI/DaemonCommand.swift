@@ -31,7 +31,7 @@ public struct DaemonCommand: ParsableCommand {
     var system = false
 
     @Option(name: .customLong("shm-directory"),
-            help: "Private directory for named shared memory (default /dev/shm/patchbay-$UID[-hash]).")
+            help: "Private directory for named shared memory (default: shm/ beside the per-user socket under $XDG_RUNTIME_DIR, else /dev/shm/patchbay-$UID[-hash]; /dev/shm/patchbay-system with --system).")
     var sharedMemoryDirectory: String?
 
     @Option(help: "Outstanding keys allowed per uid (EDQUOT beyond).")

@@ -175,7 +175,7 @@ private final class Tour {
         say("   2000 echo round trips across the two processes: median \(formatDuration(nanoseconds: pings[1000])), "
             + "p99 \(formatDuration(nanoseconds: pings[1980])) (the kernel's own cost: the broker is not on the path)")
         let path = try broker.localSocketPath("demo-echo")
-        say("   any program can connect too: socat - UNIX-CONNECT:\(path)")
+        say("   any program can connect too: socat - UNIX-CONNECT:\(path),type=5   (type 5: seqpacket)")
         let sockets = try runChild(["net", "ls"])
         for line in sockets.output.split(separator: "\n") { say("   " + line) }
         kill(echoServer, SIGTERM)

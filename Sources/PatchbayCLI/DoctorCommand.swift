@@ -50,12 +50,18 @@ struct DoctorCommand: ParsableCommand {
                     : "not a directory"))
         }
 
-        // The socket, and whether a broker answers on it.
+        // The socket, and whether a broker answers on it. One starts by itself only on the
+        // per-user default path, with autostart on and a daemon to run.
+        let named = getenv("PATCHBAY_SOCKET").map { String(cString: $0) }.map { !$0.isEmpty } ?? false
+        let autostartOff = getenv("PATCHBAY_AUTOSTART").map { String(cString: $0) } == "0"
+        let startsByItself = !named && !autostartOff && Broker.daemonExecutable.map(isExecutableFile) == true
         if isSocketFile(atPath: socketPath) != true {
             let exists = fileExists(atPath: socketPath)
-            findings.append(Finding(what: "socket", path: socketPath, ok: !exists, note: exists
+            let why = named ? "PATCHBAY_SOCKET names this path" : autostartOff ? "PATCHBAY_AUTOSTART=0" : "no daemon to run (below)"
+            findings.append(Finding(what: "socket", path: socketPath, ok: !exists && startsByItself, note: exists
                 ? "something that is not a socket is in the way"
-                : "no broker running; one starts on the first use"))
+                : startsByItself ? "no broker running; one starts on the first use"
+                : "no broker running, and none starts by itself (\(why)): start one (patchbay daemon)"))
         } else {
             do {
                 let report = try Broker(socketPath: socketPath, autostart: false).status()
@@ -116,7 +122,9 @@ struct DoctorCommand: ParsableCommand {
 
         // What autostart would run.
         if let daemon = Broker.daemonExecutable {
-            findings.append(Finding(what: "daemon", path: daemon, ok: true, note: "autostart runs this"))
+            let runnable = isExecutableFile(daemon)
+            findings.append(Finding(what: "daemon", path: daemon, ok: runnable, note: runnable
+                ? "autostart runs this" : "not an executable file: autostart cannot start a broker (PATCHBAY_DAEMON names it)"))
         } else {
             findings.append(Finding(what: "daemon", path: "-", ok: false,
                                     note: "patchbayd is not beside this program nor on PATH: autostart cannot start a broker (install it, or set PATCHBAY_DAEMON)"))
@@ -138,4 +146,10 @@ struct DoctorCommand: ParsableCommand {
         }
         if findings.contains(where: { !$0.ok }) { throw ExitCode(1) }
     }
+}
+
+/// A regular file this process may execute.
+private func isExecutableFile(_ path: String) -> Bool {
+    var info = stat()
+    return stat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFREG && access(path, X_OK) == 0
 }

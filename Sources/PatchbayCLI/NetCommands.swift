@@ -405,7 +405,7 @@ final class ConnectionBox: @unchecked Sendable {
         }
         switch starter.wait(tag) {
         case .success(let termination) where termination != .exited(0):
-            writeStandardError("patchbay: net listen: \(starter.program) ended with \(termination) for a connection\n")
+            writeStandardError("patchbay: net listen: \(starter.program) \(termination) for a connection\n")
         case .success:
             break
         case .failure(let failure):
@@ -422,7 +422,10 @@ final class ConnectionBox: @unchecked Sendable {
         while true {
             let count = chunk.withUnsafeMutableBytes { Glibc.read(0, $0.baseAddress, $0.count) }
             if count < 0 && errno == EINTR { continue }
-            if count <= 0 { break }
+            // A read error is not the end of the input: the command fails at once (the peer
+            // would otherwise wait for the rest, and `net connect` with it).
+            if count < 0 { fail("net connect", Errno.current, "reading stdin failed") }
+            if count == 0 { break }
             do throws(PatchbayError) {
                 if !packets {
                     try socket.send(Array(chunk[0..<count]))

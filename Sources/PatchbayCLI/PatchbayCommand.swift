@@ -13,7 +13,8 @@ public struct PatchbayCommand: ParsableCommand {
             Commands talk to the per-user broker (started on demand) or to PATCHBAY_SOCKET. \
             Errors are printed as `patchbay: <command>: <ERRNO>: <sentence>`. Exit status: 0 done; \
             1 the operation failed (the errno says why); 64 a wrong command line; 69 no broker \
-            could be reached or started; 127 a program to run does not exist or cannot be run.
+            could be reached or started; 127 a program to run does not exist or cannot be run; \
+            3 (status only) no broker is running.
             """,
         version: patchbayVersion,
         subcommands: [DaemonCommand.self, StatusCommand.self, MetricsCommand.self, MonitorCommand.self, DoctorCommand.self, ShareCommand.self, ClaimCommand.self, SharedMemoryCommand.self, NetCommand.self, CapsCommand.self,

@@ -44,7 +44,94 @@ func resolveProgram(_ name: String, for command: String) -> String {
     guard info.st_mode & S_IFMT != S_IFDIR, access(path, X_OK) == 0 else {
         fail(command, .permissionDenied, "cannot run \(name): not an executable file", status: ExitStatus.cannotRun)
     }
+    if let problem = unrunnable(path) {
+        fail(command, problem.errno, "cannot run \(name): \(problem.reason)", status: ExitStatus.cannotRun)
+    }
     return path
+}
+
+/// What would make `execve` of an executable file fail, found by reading its start as the kernel
+/// does: a script's interpreter (`#!`) that is missing or not executable, an ELF program's loader
+/// (`PT_INTERP`) that is missing, or neither a script nor an ELF file (`ENOEXEC`: the library
+/// starts programs with `posix_spawn`, which does not hand such a file to a shell). Nil when it
+/// looks runnable (it may still fail: an ELF file for another machine).
+func unrunnable(_ path: String) -> PatchbayError? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }  // (execute-only: the kernel decides)
+    defer { close(fd) }
+    var head = [UInt8](repeating: 0, count: 256)
+    let count = head.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+    guard count > 0 else { return PatchbayError(.execFormatError, "an empty file is not a program") }
+    head.removeSubrange(count...)
+    if head.starts(with: Array("#!".utf8)) {
+        let line = head.dropFirst(2).prefix { $0 != UInt8(ascii: "\n") }
+        let words = line.split(whereSeparator: { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\t") })
+        guard let first = words.first else { return PatchbayError(.execFormatError, "its #! line names no interpreter") }
+        let interpreter = String(decoding: first, as: UTF8.self)
+        var info = stat()
+        guard stat(interpreter, &info) == 0 else {
+            return PatchbayError(.noSuchFileOrDirectory, "its interpreter \(interpreter) does not exist")
+        }
+        guard info.st_mode & S_IFMT == S_IFREG, access(interpreter, X_OK) == 0 else {
+            return PatchbayError(.permissionDenied, "its interpreter \(interpreter) is not an executable file")
+        }
+        return nil
+    }
+    guard head.starts(with: [0x7F, 0x45, 0x4C, 0x46]) else {
+        return PatchbayError(.execFormatError, "neither a script (#!) nor an ELF program")
+    }
+    // ELF64, little-endian (this machine's): the program headers, for a PT_INTERP naming the loader.
+    guard head.count >= 64, head[4] == 2, head[5] == 1 else { return nil }
+    func integer(_ bytes: ArraySlice<UInt8>) -> Int { bytes.reversed().reduce(0) { $0 << 8 | Int($1) } }
+    let table = integer(head[0x20..<0x28]), entrySize = integer(head[0x36..<0x38]), entries = integer(head[0x38..<0x3A])
+    guard entrySize >= 56, entries < 256, table > 0 else { return nil }
+    var headers = [UInt8](repeating: 0, count: entrySize * entries)
+    guard headers.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, off_t(table)) }) == headers.count else { return nil }
+    for index in 0..<entries {
+        let entry = headers[(index * entrySize)..<(index * entrySize + 56)]
+        guard integer(entry.prefix(4)) == 3 else { continue }  // PT_INTERP
+        let offset = integer(entry.dropFirst(8).prefix(8)), size = integer(entry.dropFirst(32).prefix(8))
+        guard size > 1, size < 4096 else { return nil }
+        var name = [UInt8](repeating: 0, count: size)
+        guard name.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, off_t(offset)) }) == size else { return nil }
+        let loader = String(decoding: name.prefix { $0 != 0 }, as: UTF8.self)
+        if access(loader, X_OK) != 0 {
+            return PatchbayError(.noSuchFileOrDirectory, "its loader \(loader) does not exist")
+        }
+    }
+    return nil
+}
+
+/// The command the arguments name (`caps call`), for a failure met where no command name is at
+/// hand (a write to stdout).
+let invokedCommandName: String = {
+    var names: [String] = []
+    var level = PatchbayCommand.configuration.subcommands
+    for argument in CommandLine.arguments.dropFirst() {
+        guard let next = level.first(where: { $0.configuration.commandName == argument }) else { break }
+        names.append(argument)
+        level = next.configuration.subcommands
+    }
+    if names.isEmpty { return CommandLine.arguments.first.map { $0.hasSuffix("patchbayd") } == true ? "daemon" : "output" }
+    return names.joined(separator: " ")
+}()
+
+/// Holds each of descriptors 0, 1 and 2 the program was started without (`cmd >&-`, `<&-`) with
+/// `/dev/null` opened the other way round (read-only for 1 and 2, write-only for 0), close-on-exec:
+/// a write to the closed stdout still fails (`EBADF`), as does a read of the closed stdin, and
+/// nothing else the command opens takes their numbers. Without it the broker connection, the
+/// first descriptor a command opens, became descriptor 1 and received the command's output: a
+/// key written there was lost while `share` exited 0.
+public func holdClosedStandardDescriptors() {
+    for fd: CInt in 0...2 where fcntl(fd, F_GETFD) < 0 {
+        let held = open("/dev/null", (fd == 0 ? O_WRONLY : O_RDONLY) | O_CLOEXEC)
+        guard held >= 0 else { return }
+        if held != fd {
+            dup2(held, fd)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            close(held)
+        }
+    }
 }
 
 func writeStandardError(_ text: String) {
@@ -103,7 +190,7 @@ func writeStandardOutput(bytes: [UInt8]) {
     while offset < bytes.count {
         let n = bytes[offset...].withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
         if n < 0 && errno == EINTR { continue }
-        if n <= 0 { fail("output", n < 0 ? Errno.current : .ioError, "writing to stdout failed") }
+        if n <= 0 { fail(invokedCommandName, n < 0 ? Errno.current : .ioError, "writing to stdout failed") }
         offset += n
     }
 }

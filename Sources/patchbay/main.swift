@@ -1,3 +1,4 @@
 import PatchbayCLI
 
+holdClosedStandardDescriptors()
 PatchbayCommand.main()

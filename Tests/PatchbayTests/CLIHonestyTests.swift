@@ -352,10 +352,37 @@ struct CLIHonestyTests {
         let client = try broker.connect()
         let directory = makeTemporaryDirectory()
         defer { removeTree(directory) }
-        let key = try client.share(try openFile(directory, flags: O_RDONLY | O_DIRECTORY)).text
+        var key = try client.share(try openFile(directory, flags: O_RDONLY | O_DIRECTORY)).text
         let missing = try cli(broker, ["claim", key, "--", "/nonexistent/prog"])
         #expect(missing.termination == .exited(127))
         #expect(try client.status().keys == 1)  // not spent
+        // Executable files exec would refuse: a script whose interpreter is missing, a file that
+        // is neither a script nor an ELF program (posix_spawn hands it to no shell). Found before
+        // the key is spent too.
+        let programs = [("script", "#!/nonexistent/interpreter\necho hi\n", "ENOENT: cannot run \(directory)/script: its interpreter /nonexistent/interpreter does not exist"),
+                        ("garbage", "this is not a program\n", "ENOEXEC: cannot run \(directory)/garbage: neither a script (#!) nor an ELF program")]
+        for (name, text, said) in programs {
+            let path = directory + "/" + name
+            let file = try openFile(path, flags: O_WRONLY | O_CREAT, mode: 0o755)
+            _ = Array(text.utf8).withUnsafeBytes { write(file.rawValue, $0.baseAddress, $0.count) }
+            let refused = try cli(broker, ["claim", key, "--", path])
+            #expect(refused.termination == .exited(127), "\(name)")
+            #expect(refused.standardError == "patchbay: claim: \(said)\n", "\(refused.standardError)")
+            #expect(try client.status().keys == 1)
+        }
+        // A script with an interpreter that exists, and an ELF program, run.
+        let good = try cli(broker, ["claim", key, "--", "/bin/sh", "-c", "exit 0"])
+        #expect(good.termination == .exited(0), "\(good.standardError)")
+        #expect(try client.status().keys == 0)
+        let again = try client.share(try openFile(directory, flags: O_RDONLY | O_DIRECTORY)).text
+        let script = directory + "/good"
+        do {  // (closed before it runs: a file open for writing is ETXTBSY to exec)
+            let written = try openFile(script, flags: O_WRONLY | O_CREAT, mode: 0o755)
+            _ = Array("#!/bin/sh\nexit 0\n".utf8).withUnsafeBytes { write(written.rawValue, $0.baseAddress, $0.count) }
+        }
+        let scripted = try cli(broker, ["claim", again, "--", script])
+        #expect(scripted.termination == .exited(0), "\(scripted.standardError)")
+        key = try client.share(try openFile(directory, flags: O_RDONLY | O_DIRECTORY)).text
         let plain = try cli(broker, ["claim", key])
         #expect(plain.termination == .exited(1))
         #expect(plain.standardError.hasPrefix("patchbay: claim: EISDIR: the claimed file is a directory"), "\(plain.standardError)")
@@ -428,5 +455,47 @@ struct CLIHonestyTests {
         #expect(unsafe.termination == .exited(1))
         #expect(unsafe.standardOutput.contains("directory PROBLEM  \(runtime)/patchbay"), "\(unsafe.standardOutput)")
         #expect(access(runtime + "/patchbay/patchbay.sock", F_OK) != 0)
+        // No broker, and none would start by itself: a problem, not "one starts on the first use".
+        let quiet = makeTemporaryDirectory()
+        defer { removeTree(quiet) }
+        let off = try run(patchbayCLI, ["doctor"], environment: ["XDG_RUNTIME_DIR": quiet, "PATCHBAY_SOCKET": nil, "PATCHBAY_AUTOSTART": "0"])
+        #expect(off.termination == .exited(1))
+        #expect(off.standardOutput.contains("none starts by itself (PATCHBAY_AUTOSTART=0)"), "\(off.standardOutput)")
+        let named = try run(patchbayCLI, ["doctor"], environment: ["PATCHBAY_SOCKET": quiet + "/elsewhere.sock"])
+        #expect(named.termination == .exited(1))
+        #expect(named.standardOutput.contains("none starts by itself (PATCHBAY_SOCKET names this path)"), "\(named.standardOutput)")
+        let missingDaemon = try run(patchbayCLI, ["doctor"], environment: broker.environment.merging(["PATCHBAY_DAEMON": "/nonexistent/patchbayd"]) { $1 })
+        #expect(missingDaemon.termination == .exited(1))
+        #expect(missingDaemon.standardOutput.contains("daemon    PROBLEM  /nonexistent/patchbayd"), "\(missingDaemon.standardOutput)")
+    }
+
+    @Test("a command started with stdout or stdin closed fails (EBADF) instead of writing its output into, or reading its input from, its broker connection")
+    func closedStandardDescriptors() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        let file = directory + "/f"
+        _ = try openFile(file, flags: O_WRONLY | O_CREAT, mode: 0o600)
+        // The broker connection was the first descriptor opened, so it became descriptor 1 and
+        // took the key (a frame the broker refused as EPROTO), and share exited 0.
+        let share = try run("/bin/sh", ["-c", "exec \"$0\" share \"$1\" >&-", patchbayCLI, file], environment: broker.environment)
+        #expect(share.termination == .exited(1))
+        #expect(share.standardError.hasPrefix("patchbay: share: EBADF: writing to stdout failed"), "\(share.standardError)")
+        let status = try run("/bin/sh", ["-c", "exec \"$0\" status >&-", patchbayCLI], environment: broker.environment)
+        #expect(status.termination == .exited(1))
+        #expect(status.standardError.hasPrefix("patchbay: status: EBADF"), "\(status.standardError)")
+        // Nothing reached the broker but whole requests.
+        let refused = try client.metrics().split(separator: "\n").filter { $0.hasPrefix("patchbay_requests_total") && $0.contains("EPROTO") }
+        #expect(refused.isEmpty, "\(refused)")
+        // stdin closed, or unreadable: the request is never sent empty.
+        let service = try CapsService(client, name: "stdin.check", access: [.world])
+        defer { withExtendedLifetime(service) {} }
+        let closed = try run("/bin/sh", ["-c", "exec \"$0\" caps call stdin.check <&-", patchbayCLI], environment: broker.environment)
+        #expect(closed.termination == .exited(1))
+        #expect(closed.standardError.hasPrefix("patchbay: caps call: EBADF: reading stdin failed"), "\(closed.standardError)")
+        let unreadable = try run("/bin/sh", ["-c", "exec \"$0\" caps call stdin.check < \"$1\"", patchbayCLI, directory], environment: broker.environment)
+        #expect(unreadable.termination == .exited(1))
+        #expect(unreadable.standardError.hasPrefix("patchbay: caps call: EISDIR: reading stdin failed"), "\(unreadable.standardError)")
     }
 }
