@@ -21,13 +21,13 @@ struct CapsCommand: ParsableCommand {
 
         @Argument var name: String
 
-        @Option(help: "Register under this uid (default: yours; -1: none).")
+        @Option(parsing: .unconditional, help: "Register under this uid (default: yours; -1: none).")
         var uid: Int32?
 
-        @Option(help: "Register under this gid (default: none).")
+        @Option(parsing: .unconditional, help: "Register under this gid (default: none).")
         var gid: Int32 = -1
 
-        @Option(help: "Access classes, comma-separated: user, group, world.")
+        @Option(parsing: .unconditional, help: "Access classes, comma-separated: user, group, world.")
         var allow: String = "user"
 
         @Flag(help: "Fail with EEXIST if a matching service is registered.")
@@ -42,22 +42,22 @@ struct CapsCommand: ParsableCommand {
         @Flag(help: "As --tap, with each payload's first 256 bytes.")
         var tapPayload = false
 
-        @Option(help: "Refuse requests larger than this unread, with EMSGSIZE (e.g. 64M, 512K).")
+        @Option(parsing: .unconditional, help: "Refuse requests larger than this unread, with EMSGSIZE (e.g. 64M, 512K).")
         var maxRequest: String = "64M"
 
-        @Option(help: "Replies a client uid has not consumed yet may hold this much (e.g. 256M); past it, requests of that uid get EDQUOT.")
+        @Option(parsing: .unconditional, help: "Replies a client uid has not consumed yet may hold this much (e.g. 256M); past it, requests of that uid get EDQUOT.")
         var maxReplyBytesPerUid: String = "256M"
 
-        @Option(help: "With --exec: a program that writes more than this is not read further and its request gets EMSGSIZE (e.g. 64M).")
+        @Option(parsing: .unconditional, help: "With --exec: a program that writes more than this is not read further and its request gets EMSGSIZE (e.g. 64M).")
         var maxReply: String = "64M"
 
-        @Option(help: "With --exec: a program still running after this long is killed and its request gets ETIMEDOUT (e.g. 500ms, 30s, 5m, or never).")
+        @Option(parsing: .unconditional, help: "With --exec: a program still running after this long is killed and its request gets ETIMEDOUT (e.g. 500ms, 30s, 5m, or never).")
         var execTimeout: String = "30s"
 
-        @Option(help: "With --exec: programs run at once; more requests wait, each uid taking its turn.")
+        @Option(parsing: .unconditional, help: "With --exec: programs run at once; more requests wait, each uid taking its turn.")
         var maxPrograms = 4
 
-        @Option(help: "With --exec: programs run at once for one uid other than this service's (default: half of --max-programs, rounded up); its other requests wait.")
+        @Option(parsing: .unconditional, help: "With --exec: programs run at once for one uid other than this service's (default: half of --max-programs, rounded up); its other requests wait.")
         var maxProgramsPerUid: Int?
 
         @Option(parsing: .remaining, help: "Run this command per request.")
@@ -250,22 +250,22 @@ struct CapsCommand: ParsableCommand {
         @Argument(help: "The request (default: stdin).")
         var data: String?
 
-        @Option(help: "Only a service registered under this uid.")
+        @Option(parsing: .unconditional, help: "Only a service registered under this uid.")
         var uid: Int32 = -1
 
-        @Option(help: "Only a service registered under this gid.")
+        @Option(parsing: .unconditional, help: "Only a service registered under this gid.")
         var gid: Int32 = -1
 
-        @Option(help: "Access classes, comma-separated: user, group, world.")
+        @Option(parsing: .unconditional, help: "Access classes, comma-separated: user, group, world.")
         var allow: String = "user,group,world"
 
         @Flag(help: "Wait for the service to register instead of failing with ENOENT.")
         var waitForService = false
 
-        @Option(help: "Refuse a reply larger than this, unread, with EMSGSIZE (e.g. 64M, 512K).")
+        @Option(parsing: .unconditional, help: "Refuse a reply larger than this, unread, with EMSGSIZE (e.g. 64M, 512K).")
         var maxReply: String = "64M"
 
-        @Option(help: "Give up when the reply has not come this long after the command began, waiting for the service included (e.g. 500ms, 2s): ETIMEDOUT. Default: never.")
+        @Option(parsing: .unconditional, help: "Give up when the reply has not come this long after the command began, waiting for the service included (e.g. 500ms, 2s): ETIMEDOUT. Default: never.")
         var timeout: String = "never"
 
         func run() throws {
@@ -394,10 +394,10 @@ extension CapsCommand {
             channel; another user of the system broker, those of its services and its clients.
             """)
 
-        @Option(help: "Time between refreshes: 500ms, 1s, 2s.")
+        @Option(parsing: .unconditional, help: "Time between refreshes: 500ms, 1s, 2s.")
         var interval = "1s"
 
-        @Option(help: "Stop after this many refreshes (default: until interrupted).")
+        @Option(parsing: .unconditional, help: "Stop after this many refreshes (default: until interrupted).")
         var count: Int?
 
         @Flag(help: "Print one JSON object per channel per refresh instead of the table.")

@@ -24,96 +24,96 @@ public struct DaemonCommand: ParsableCommand {
         version: PatchbayProtocol.patchbayVersion
     )
 
-    @Option(help: "Listen on this socket path.")
+    @Option(parsing: .unconditional, help: "Listen on this socket path.")
     var socket: String?
 
     @Flag(help: "Serve every user (socket /run/patchbay/patchbay.sock, mode 0666; root's own beside it, <socket>.root, mode 0600).")
     var system = false
 
-    @Option(name: .customLong("shm-directory"),
+    @Option(name: .customLong("shm-directory"), parsing: .unconditional,
             help: "Private directory for named shared memory (default: shm/ beside the per-user socket under $XDG_RUNTIME_DIR, else /dev/shm/patchbay-$UID[-hash]; /dev/shm/patchbay-system with --system).")
     var sharedMemoryDirectory: String?
 
-    @Option(help: "Outstanding keys allowed per uid (EDQUOT beyond).")
+    @Option(parsing: .unconditional, help: "Outstanding keys allowed per uid (EDQUOT beyond).")
     var maxKeysPerUid = 4096
 
-    @Option(help: "Named shared memory objects allowed per uid (EDQUOT beyond).")
+    @Option(parsing: .unconditional, help: "Named shared memory objects allowed per uid (EDQUOT beyond).")
     var maxShmObjectsPerUid = 4096
 
-    @Option(help: "Memory a uid's named shared memory may occupy before it can create no more (e.g. 8G, 512M).")
+    @Option(parsing: .unconditional, help: "Memory a uid's named shared memory may occupy before it can create no more (e.g. 8G, 512M).")
     var maxShmBytesPerUid = "8G"
 
-    @Option(help: "/net sockets allowed open per uid (EDQUOT beyond).")
+    @Option(parsing: .unconditional, help: "/net sockets allowed open per uid (EDQUOT beyond).")
     var maxSocketsPerUid = 4096
 
-    @Option(help: "CAPS services allowed registered per uid (EDQUOT beyond).")
+    @Option(parsing: .unconditional, help: "CAPS services allowed registered per uid (EDQUOT beyond).")
     var maxServicesPerUid = 256
 
-    @Option(help: "Connections one uid other than root may have open to one CAPS service of another uid (EDQUOT beyond).")
+    @Option(parsing: .unconditional, help: "Connections one uid other than root may have open to one CAPS service of another uid (EDQUOT beyond).")
     var maxCapsClientsPerUid = 64
 
-    @Option(help: "CAPS names a uid may have remembered for their generations; past it, its least recently registered name not registered now is forgotten.")
+    @Option(parsing: .unconditional, help: "CAPS names a uid may have remembered for their generations; past it, its least recently registered name not registered now is forgotten.")
     var maxCapsNamesPerUid = 1024
 
-    @Option(help: "How long a CAPS name registered when the broker last stopped stays its holder's uid's, until that uid registers it again (e.g. 30s, 2m; 0 keeps none): another uid's registration meanwhile is EEXIST.")
+    @Option(parsing: .unconditional, help: "How long a CAPS name registered when the broker last stopped stays its holder's uid's, until that uid registers it again (e.g. 30s, 2m; 0 keeps none): another uid's registration meanwhile is EEXIST.")
     var capsNameGrace = "30s"
 
-    @Option(help: "The listen backlog of the broker's socket (the kernel caps it at net.core.somaxconn). Root's own socket beside the system broker's has its own.")
+    @Option(parsing: .unconditional, help: "The listen backlog of the broker's socket (the kernel caps it at net.core.somaxconn). Root's own socket beside the system broker's has its own.")
     var listenBacklog: Int32 = 4096
 
-    @Option(help: "New connections a uid other than root may open to the broker in a burst before it is slowed down (EAGAIN beyond).")
+    @Option(parsing: .unconditional, help: "New connections a uid other than root may open to the broker in a burst before it is slowed down (EAGAIN beyond).")
     var connectionBurstPerUid = 1024
 
-    @Option(help: "New connections per second a uid other than root is allowed once its burst is spent.")
+    @Option(parsing: .unconditional, help: "New connections per second a uid other than root is allowed once its burst is spent.")
     var connectionsPerSecondPerUid = 512.0
 
-    @Option(help: "Connections a uid other than root may make to /net listeners in a burst before the broker closes them unaccepted.")
+    @Option(parsing: .unconditional, help: "Connections a uid other than root may make to /net listeners in a burst before the broker closes them unaccepted.")
     var netConnectionBurstPerUid = 4096
 
-    @Option(help: "Connections per second a uid other than root may make to /net listeners once its burst is spent.")
+    @Option(parsing: .unconditional, help: "Connections per second a uid other than root may make to /net listeners once its burst is spent.")
     var netConnectionsPerSecondPerUid = 2048.0
 
-    @Option(help: "Failed claims a uid may make in a burst before it is slowed down.")
+    @Option(parsing: .unconditional, help: "Failed claims a uid may make in a burst before it is slowed down.")
     var failedClaimBurst = 64
 
-    @Option(help: "Failed claims per second a uid is allowed once its burst is spent.")
+    @Option(parsing: .unconditional, help: "Failed claims per second a uid is allowed once its burst is spent.")
     var failedClaimsPerSecond = 16.0
 
-    @Option(help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
+    @Option(parsing: .unconditional, help: "How long a claimer has to acknowledge a claimed descriptor (e.g. 10s, 500ms).")
     var claimAckTimeout = "10s"
 
     @Flag(help: "Keep each key's file, and each uid's shared memory tmpfs (--system), in the service manager's descriptor store ($NOTIFY_SOCKET, systemd's FileDescriptorStoreMax=), so they survive a restart or a crash.")
     var fdStore = false
 
-    @Option(help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")
+    @Option(parsing: .unconditional, help: "Read name reservations from the *.conf files of this directory (system broker; default /etc/patchbay/policy.d).")
     var policyDirectory: String?
 
-    @Option(help: "Messages a client may leave unread before the broker refuses to queue more for it (CAPS connection notices: the connecting client gets EAGAIN).")
+    @Option(parsing: .unconditional, help: "Messages a client may leave unread before the broker refuses to queue more for it (CAPS connection notices: the connecting client gets EAGAIN).")
     var maxQueuedMessages = 4096
 
-    @Option(help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
+    @Option(parsing: .unconditional, help: "How long a client may leave its full reply queue unread before it is disconnected (e.g. 30s).")
     var stuckClientTimeout = "30s"
 
-    @Option(help: "How long the close of a descriptor a client handed over may wait (a lingering TCP socket) before it is interrupted (e.g. 5s, or never).")
+    @Option(parsing: .unconditional, help: "How long the close of a descriptor a client handed over may wait (a lingering TCP socket) before it is interrupted (e.g. 5s, or never).")
     var closeTimeout = "5s"
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    @Option(parsing: .unconditional, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
-    @Option(help: "Write \"ready\" to this descriptor once listening, then close it.")
+    @Option(parsing: .unconditional, help: "Write \"ready\" to this descriptor once listening, then close it.")
     var readyFd: Int32?
 
     @Flag(help: "Fork into the background first (used when a client starts the broker).")
     var detach = false
 
-    @Option(help: ArgumentHelp("Write the metrics (Prometheus text, as `patchbay metrics` prints them) to this absolute path, replaced atomically, for node_exporter's textfile collector.",
+    @Option(parsing: .unconditional, help: ArgumentHelp("Write the metrics (Prometheus text, as `patchbay metrics` prints them) to this absolute path, replaced atomically, for node_exporter's textfile collector.",
                                valueName: "path"))
     var metricsFile: String?
 
-    @Option(help: "How often --metrics-file is written (e.g. 15s, 500ms).")
+    @Option(parsing: .unconditional, help: "How often --metrics-file is written (e.g. 15s, 500ms).")
     var metricsInterval = "15s"
 
-    @Option(help: ArgumentHelp("The --metrics-file's permissions, in octal. The file holds the broker's view, every uid's rows and every service's name: 0640 lets the file's group read it too (a directory with the setgid bit gives the file the directory's group), 0644 lets every user read them.",
+    @Option(parsing: .unconditional, help: ArgumentHelp("The --metrics-file's permissions, in octal. The file holds the broker's view, every uid's rows and every service's name: 0640 lets the file's group read it too (a directory with the setgid bit gives the file the directory's group), 0644 lets every user read them.",
                                valueName: "mode"))
     var metricsFileMode = "0600"
 

@@ -21,10 +21,10 @@ struct ShareCommand: ParsableCommand {
     @Option(name: .customLong("for-gid"), parsing: .unconditional, help: ArgumentHelp("Only members of this group may claim the key.", valueName: "gid-or-name"))
     var forGroup: String?
 
-    @Option(name: .customLong("for-pid"), help: "Only this process may claim the key.")
+    @Option(name: .customLong("for-pid"), parsing: .unconditional, help: "Only this process may claim the key.")
     var forPID: Int32?
 
-    @Option(help: "Share this already-open descriptor instead of opening a path.")
+    @Option(parsing: .unconditional, help: "Share this already-open descriptor instead of opening a path.")
     var fd: Int32?
 
     @Flag(help: "Open PATH for reading and writing (default: read-only).")

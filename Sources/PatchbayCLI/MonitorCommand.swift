@@ -22,19 +22,19 @@ struct MonitorCommand: ParsableCommand {
             status 69.
             """)
 
-    @Option(name: .customLong("subsystem"), help: "keys, shm, net, caps, broker, namespace (repeatable; default: all).")
+    @Option(name: .customLong("subsystem"), parsing: .unconditionalSingleValue, help: "keys, shm, net, caps, broker, namespace (repeatable; default: all).")
     var subsystems: [String] = []
 
-    @Option(help: "Only requests of this uid.")
+    @Option(parsing: .unconditional, help: "Only requests of this uid.")
     var uid: Int64?
 
-    @Option(help: "Only requests of this pid.")
+    @Option(parsing: .unconditional, help: "Only requests of this pid.")
     var pid: Int32?
 
-    @Option(help: "Only requests about this object (a name, exactly as shown).")
+    @Option(parsing: .unconditional, help: "Only requests about this object (a name, exactly as shown).")
     var name: String?
 
-    @Option(help: "Stop after this many events.")
+    @Option(parsing: .unconditional, help: "Stop after this many events.")
     var count: Int?
 
     @Flag(help: "One JSON object per line.")

@@ -27,23 +27,23 @@ struct NetCommand: ParsableCommand {
         @Argument(help: "The local name to bind.")
         var name: String
 
-        @Option(help: "seqpacket, stream or dgram.")
+        @Option(parsing: .unconditional, help: "seqpacket, stream or dgram.")
         var type: Socket.Kind = .seqpacket
 
-        @Option(help: ArgumentHelp("Permission bits of the name's socket file, in octal (default 0666 on a system broker, 0600 on a per-user one).",
+        @Option(parsing: .unconditional, help: ArgumentHelp("Permission bits of the name's socket file, in octal (default 0666 on a system broker, 0600 on a per-user one).",
                                    valueName: "octal"))
         var mode: String?
 
         @Flag(help: "Send everything back.")
         var echo = false
 
-        @Option(help: "Connections served at once; more wait in the backlog until one ends. Lowered to what the descriptor limit allows (two descriptors a connection, three with --exec), saying so.")
+        @Option(parsing: .unconditional, help: "Connections served at once; more wait in the backlog until one ends. Lowered to what the descriptor limit allows (two descriptors a connection, three with --exec), saying so.")
         var maxConnections = 1024
 
-        @Option(help: "The listen backlog: connections the kernel queues before connect fails with EAGAIN (the kernel caps it at net.core.somaxconn).")
+        @Option(parsing: .unconditional, help: "The listen backlog: connections the kernel queues before connect fails with EAGAIN (the kernel caps it at net.core.somaxconn).")
         var backlog = 4096
 
-        @Option(help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections, as lowered); more from it are closed at once.")
+        @Option(parsing: .unconditional, help: "Connections served at once from one uid other than this server's (default: a quarter of --max-connections, as lowered); more from it are closed at once.")
         var maxConnectionsPerUid: Int?
 
         @Option(parsing: .remaining, help: "Run this command per connection (stdin/stdout = the connection).")
@@ -187,7 +187,7 @@ struct NetCommand: ParsableCommand {
         @Argument(help: "The local name to connect to.")
         var name: String
 
-        @Option(help: "seqpacket, stream or dgram (default: the type of the socket bound to NAME).")
+        @Option(parsing: .unconditional, help: "seqpacket, stream or dgram (default: the type of the socket bound to NAME).")
         var type: Socket.Kind?
 
         func run() throws {

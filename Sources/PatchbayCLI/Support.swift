@@ -102,13 +102,32 @@ func unrunnable(_ path: String) -> PatchbayError? {
     return nil
 }
 
+/// Parses the command line and runs the command it names, as `ParsableCommand.main` does, but a
+/// command line that is wrong is said the way every other failure is: `patchbay: <command>:
+/// EINVAL: <what is wrong>`, the usage after it, and status 64.
+public func runCommandLine(_ type: any ParsableCommand.Type, arguments: [String]? = nil) -> Never {
+    do {
+        var command = try type.parseAsRoot(arguments)
+        try command.run()
+        exit(0)
+    } catch {
+        if type.exitCode(for: error) == .validationFailure {
+            var text = type.fullMessage(for: error)
+            if text.hasPrefix("Error: ") { text = "patchbay: \(invokedCommandName): EINVAL: " + text.dropFirst("Error: ".count) }
+            writeStandardError(text.hasSuffix("\n") ? text : text + "\n")
+            exit(ExitStatus.usage)
+        }
+        type.exit(withError: error)
+    }
+}
+
 /// The command the arguments name (`caps call`), for a failure met where no command name is at
 /// hand (a write to stdout).
 let invokedCommandName: String = {
     var names: [String] = []
     var level = PatchbayCommand.configuration.subcommands
     for argument in CommandLine.arguments.dropFirst() {
-        guard let next = level.first(where: { $0.configuration.commandName == argument }) else { break }
+        guard let next = level.first(where: { $0._commandName == argument }) else { break }
         names.append(argument)
         level = next.configuration.subcommands
     }

@@ -1,4 +1,4 @@
 import PatchbayCLI
 
 holdClosedStandardDescriptors()
-PatchbayCommand.main()
+runCommandLine(PatchbayCommand.self)

@@ -5,4 +5,4 @@ holdClosedStandardDescriptors()
 // --detach`, whichever of the two programs PATCHBAY_DAEMON names (or a wrapper of either).
 var arguments = Array(CommandLine.arguments.dropFirst())
 if arguments.first == "daemon" { arguments.removeFirst() }
-DaemonCommand.main(arguments)
+runCommandLine(DaemonCommand.self, arguments: arguments)

@@ -469,6 +469,25 @@ struct CLIHonestyTests {
         #expect(missingDaemon.standardOutput.contains("daemon    PROBLEM  /nonexistent/patchbayd"), "\(missingDaemon.standardOutput)")
     }
 
+    @Test("a wrong command line is said as every failure is (patchbay: <command>: EINVAL: ...), with the usage, and exits 64; values that look like options reach their validator")
+    func usageErrorsInTheCommonFormat() throws {
+        let broker = try TestBroker()
+        let unknown = try cli(broker, ["status", "--bogus"])
+        #expect(unknown.termination == .exited(64))
+        #expect(unknown.standardError.hasPrefix("patchbay: status: EINVAL: Unknown option '--bogus'\nUsage: patchbay status"),
+                "\(unknown.standardError)")
+        let negative = try cli(broker, ["caps", "call", "x", "--timeout", "-5s"])
+        #expect(negative.termination == .exited(64))
+        #expect(negative.standardError.hasPrefix("patchbay: caps call: EINVAL: the timeout must be positive (or never); got -5s"),
+                "\(negative.standardError)")
+        let daemon = try run(patchbayDaemon, ["--nope"])
+        #expect(daemon.termination == .exited(64))
+        #expect(daemon.standardError.hasPrefix("patchbay: daemon: EINVAL: Unknown option '--nope'"), "\(daemon.standardError)")
+        // `patchbayd daemon ...`, as autostart runs whichever program PATCHBAY_DAEMON names.
+        let help = try run(patchbayDaemon, ["daemon", "--help"])
+        #expect(help.termination == .exited(0) && help.standardOutput.contains("--shm-directory"), "\(help.standardError)")
+    }
+
     @Test("a command started with stdout or stdin closed fails (EBADF) instead of writing its output into, or reading its input from, its broker connection")
     func closedStandardDescriptors() throws {
         let broker = try TestBroker()

@@ -17,7 +17,7 @@ struct BenchCommand: ParsableCommand {
         case keys, shm, net, caps, broker
     }
 
-    @Option(name: .customLong("suite"), help: "keys, shm, net, caps, broker (repeatable; default: all).")
+    @Option(name: .customLong("suite"), parsing: .unconditionalSingleValue, help: "keys, shm, net, caps, broker (repeatable; default: all).")
     var suites: [Suite] = []
 
     @Flag(help: "Fewer iterations: finishes in under a minute.")
@@ -26,7 +26,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print JSON rows instead of the table.")
     var json = false
 
-    @Option(help: ArgumentHelp("Also draw the run as an SVG chart in this file.", valueName: "file"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Also draw the run as an SVG chart in this file.", valueName: "file"))
     var svg: String?
 
     func run() throws {

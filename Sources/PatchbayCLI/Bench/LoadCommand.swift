@@ -20,13 +20,13 @@ struct LoadCommand: ParsableCommand {
             close of a /net socket. Every error is counted by errno; none is expected.
             """)
 
-    @Option(help: "Client connections (with --hostile: the idle connections the hostile uid tries to hold).")
+    @Option(parsing: .unconditional, help: "Client connections (with --hostile: the idle connections the hostile uid tries to hold).")
     var clients = 1000
 
-    @Option(help: "How long to run, in seconds.")
+    @Option(parsing: .unconditional, help: "How long to run, in seconds.")
     var seconds = 30.0
 
-    @Option(help: "Client threads.")
+    @Option(parsing: .unconditional, help: "Client threads.")
     var threads = 4
 
     @Flag(help: "Leave out the client that never reads.")
