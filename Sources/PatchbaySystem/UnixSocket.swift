@@ -185,6 +185,7 @@ package struct UnixSocket: ~Copyable {
     /// then points the link elsewhere cannot have the answer sent, in this process's name, to
     /// another socket. Abstract and autobound addresses are sent to as they are.
     package static func reply(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address) throws(Errno) -> Int {
+        if replyRefusal(address) != nil { throw .invalidArgument }
         guard let path = address.path else { return try send(on: fd, bytes, to: address, nonblocking: true) }
         let file = path.withCString { pb_open_socket_file($0) }
         guard file >= 0 else { throw Errno.current }
@@ -193,6 +194,29 @@ package struct UnixSocket: ~Copyable {
         return try syscallRetrying {
             target.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, CInt(MSG_NOSIGNAL) | CInt(MSG_DONTWAIT), $0, $1) }
         }
+    }
+
+    /// Why a sender's address is not answered (`EINVAL`), or nil. A path that is not absolute is
+    /// the sender's own directory's business: resolved in the server's, it names another file,
+    /// which a sender could choose (a root-only socket beside a root server's working directory).
+    /// An abstract name is looked up in the server's network namespace, whatever namespace the
+    /// sender bound it in: a sender in a namespace of its own could name any abstract socket of
+    /// the server's (systemd's, a desktop bus's) and have the server send to it. Only an
+    /// autobound name (the kernel's choice: five hex digits, which `connect` and `send` of an
+    /// unbound datagram socket get) is answered. An unnamed sender cannot be answered at all.
+    package static func replyRefusal(_ address: Address) -> String? {
+        let bytes = address.bytes
+        guard bytes.count > 2 else { return "the sender is unnamed: it cannot be answered" }
+        if bytes[2] == 0 {
+            let name = bytes[3...]
+            let hex = name.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+            return name.count == 5 && hex ? nil
+                : "the sender's abstract name is not one the kernel gave it (an autobound one): not answered, as it would be looked up in this process's network namespace"
+        }
+        guard bytes[2] == UInt8(ascii: "/") else {
+            return "the sender's path is relative to its own directory: not answered, as it would name a file relative to this process's"
+        }
+        return nil
     }
 
     /// `sendto` on a socket descriptor owned elsewhere.

@@ -748,4 +748,65 @@ struct NetTests {
         _ = try server.wait()
         _ = try echo.wait()
     }
+
+    @Test("a datagram server answers only senders it can name (an absolute path, an autobound name): a relative path or an abstract name the sender chose is EINVAL, nothing sent; descriptors sent to it are refused (EPERM)",
+          .enabled(if: access("/usr/bin/python3", X_OK) == 0, "needs python3"))
+    func datagramServerAnswersOnlyWhatItCanName() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var server = try Socket.open(client, type: .dgram)
+        try server.bind("answers")
+        try server.openData()
+        let directory = makeTemporaryDirectory()
+        defer { removeTree(directory) }
+        // The senders, each from a socket of its own: bound at a relative path (relative to the
+        // sender's own directory: resolved in the server's, it would name another file), under an
+        // abstract name it chose (resolved in the server's network namespace), autobound, and at
+        // an absolute path; then a packet carrying a descriptor.
+        let senders = try Child("/usr/bin/python3", ["-c", """
+            import os, socket, sys
+            server, home = sys.argv[1], sys.argv[2]
+            os.chdir(home)
+            def sender(address):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.bind(address)
+                s.settimeout(10)
+                return s
+            relative, chosen, automatic, absolute = sender("rel.sock"), sender("\\0patchbay-test-chosen-%d" % os.getpid()), sender(""), sender(os.path.join(home, "abs.sock"))
+            for s, text in ((relative, b"relative"), (chosen, b"chosen"), (automatic, b"automatic"), (absolute, b"absolute")):
+                s.sendto(text, server)
+            for s in (automatic, absolute):
+                print(s.recv(64).decode(), flush=True)
+            r, w = os.pipe()
+            try:
+                absolute.sendmsg([b"fd"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, w.to_bytes(4, sys.byteorder))], 0, server)
+                print("descriptor sent", flush=True)
+            except PermissionError:
+                print("EPERM", flush=True)
+            """, try client.localSocketPath("answers"), directory])
+        defer { senders.kill(SIGKILL); _ = try? senders.wait() }
+        var outcomes: [String: String] = [:]
+        for _ in 0..<4 {
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let received = try buffer.withUnsafeMutableBytes { raw in try server.receive(into: raw, wantSender: true) }
+            let text = String(decoding: buffer[0..<received.count], as: UTF8.self)
+            do {
+                try server.reply(Array("answer:\(text)".utf8), to: try #require(received.sender))
+                outcomes[text] = "answered"
+            } catch let error as PatchbayError {
+                outcomes[text] = error.errno.name
+            }
+        }
+        #expect(outcomes == ["relative": "EINVAL", "chosen": "EINVAL", "automatic": "answered", "absolute": "answered"], "\(outcomes)")
+        #expect(try senders.readLine() == "answer:automatic")
+        #expect(try senders.readLine() == "answer:absolute")
+        let probe = try UnixSocket(.datagram)
+        if WakeSocket.refuseDescriptors(probe.rawValue) {
+            #expect(try senders.readLine() == "EPERM")
+        } else {
+            #expect(try senders.readLine() == "descriptor sent")
+        }
+        #expect(try senders.wait() == .exited(0))
+    }
+
 }

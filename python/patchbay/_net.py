@@ -138,7 +138,11 @@ class Socket(_native.Handle):
         through the very socket file found there with no symbolic link in any component
         (OSError ELOOP), so a sender that bound under a link and then pointed the link at
         another socket cannot have the answer sent there in this process's name (sendto would
-        follow the link). Returns the bytes sent."""
+        follow the link). OSError EINVAL, nothing sent: a sender bound at a relative path (it
+        would name a file relative to this process's directory), or under an abstract name the
+        kernel did not choose (autobound names, five hex digits, are answered; others would be
+        looked up in this process's network namespace, not the sender's). Returns the bytes
+        sent."""
         if not self._dgram:
             raise OSError(errno.EOPNOTSUPP, f"reply is for dgram sockets; this one is {self._type}")
         raw = os.fsencode(address) if isinstance(address, str) else bytes(address)

@@ -205,7 +205,9 @@ int pb_net_data(pb_socket *socket);
  *   - from, if not NULL, receives the sender's address (dgram; *fromlen in: the room at from,
  *     out: the address's whole length, 0 for an unnamed sender), to answer with pb_net_reply.
  *   - Descriptors a peer sends along are received and closed on a thread of the library's,
- *     lingering off (see pb_net_data), never in the caller's thread.
+ *     lingering off (see pb_net_data), never in the caller's thread. A dgram socket takes none
+ *     at all (SO_PASSRIGHTS off, Linux 6.16: a sender's SCM_RIGHTS is -EPERM), since anyone may
+ *     send to a bound one; turn it back on on pb_net_fd's descriptor to take them.
  *   - A blocking receive on a bound dgram socket also minds its broker: after a broker restart
  *     it has the broker that comes back take the socket back under its name (as a listener's
  *     next pb_net_accept does; see "Broker restarts" in the README), receiving in between.
@@ -220,9 +222,12 @@ ssize_t pb_net_recv(pb_socket *socket, void *buffer, size_t capacity, struct soc
  * as a server should: never waiting (a sender that does not read loses the answer: -EAGAIN),
  * and to a path only through the very socket file found there with no symbolic link in any
  * component (-ELOOP): sendto(2) to a path would follow a link the sender bound under and then
- * pointed at another socket, and send the answer there in this process's name. Unnamed and
- * abstract addresses are sent to as they are. Returns the bytes sent. -EINVAL: NULL socket,
- * NULL data with a length, NULL to, tolen not that of a sockaddr_un; -EAFNOSUPPORT: not AF_UNIX;
+ * pointed at another socket, and send the answer there in this process's name. An autobound
+ * sender (an abstract name the kernel chose: 5 hex digits) is sent to as it is. Returns the bytes
+ * sent. -EINVAL, nothing sent: a sender bound at a relative path (it would name a file relative
+ * to this process's directory), under an abstract name of its own choosing (looked up in this
+ * process's network namespace, not the sender's), or unnamed; NULL socket, NULL data with a
+ * length, NULL to, tolen not that of a sockaddr_un; -EAFNOSUPPORT: not AF_UNIX;
  * -ECONNREFUSED, -ENOENT: nothing bound there now; otherwise sendto(2)'s errors. */
 ssize_t pb_net_reply(pb_socket *socket, const void *data, size_t length, const struct sockaddr_un *to, socklen_t tolen);
 

@@ -43,6 +43,9 @@ extension Socket {
     /// path only through the very socket file found there with no symbolic link on the way
     /// (`ELOOP`). With `send(to:)` a sender that bound its socket under a link, then pointed the
     /// link at another socket, would have the answer sent there, under this process's name.
+    /// `EINVAL`, nothing sent: a sender bound at a relative path (resolved here it would name
+    /// another file), under an abstract name the kernel did not choose (looked up in this
+    /// process's network namespace, not the sender's), or unnamed.
     @discardableResult
     public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
         try bytes.withUnsafeBytes { raw in
@@ -54,6 +57,7 @@ extension Socket {
     @discardableResult
     public func reply(_ bytes: UnsafeRawBufferPointer, to sender: Address) throws(PatchbayError) -> Int {
         let fd = try dataDescriptorOrFail()
+        if let refusal = UnixSocket.replyRefusal(sender.system) { throw PatchbayError(.invalidArgument, refusal) }
         do { return try UnixSocket.reply(on: fd, bytes, to: sender.system) } catch {
             throw PatchbayError(error, "cannot answer \(sender): \(error.name)")
         }
