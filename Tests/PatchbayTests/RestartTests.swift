@@ -126,7 +126,8 @@ struct RestartTests {
         // A new broker on the same path and store: the servers take their names back by
         // themselves, and this process's Broker reconnects on its next call.
         let restarted = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
-        defer { kill(restarted, SIGTERM); _ = try? waitForProcess(restarted) }
+        var running = restarted
+        defer { kill(running, SIGTERM); _ = try? waitForProcess(running) }
         let after = try waitUntilListening(client, "echo1")
         #expect(client.reconnections == 1)
         #expect(after.ownerPID == before.ownerPID)
@@ -142,6 +143,21 @@ struct RestartTests {
         let call = try run(patchbayCLI, ["caps", "call", "svc", "cli"], environment: broker.environment)
         #expect(call.termination == .exited(0) && call.standardOutput == "cli", "\(call)")
         // Both servers are still the same processes, and said what happened.
+        #expect(listener.isRunning && server.isRunning)
+
+        // Twice more with no connection in between, a clean stop then a kill: the accept made
+        // again after one restart is taken back at the next (it ended the server there).
+        for signal in [SIGTERM, SIGKILL] {
+            kill(running, signal)
+            _ = try waitForProcess(running)
+            running = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
+            #expect(try waitUntilListening(client, "echo1").ownerPID == before.ownerPID)
+        }
+        try waitUntilRegistered(client, "svc")
+        let last = try Socket.connect(client, to: "echo1")
+        #expect(try last.send(Array("five".utf8)) == 4)
+        #expect(try last.receive()?.bytes == Array("five".utf8))
+        #expect(try CapsClient(client, name: "svc").call(Array("again".utf8)) == Array("again".utf8))
         #expect(listener.isRunning && server.isRunning)
     }
 

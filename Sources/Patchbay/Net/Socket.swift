@@ -283,18 +283,22 @@ public struct Socket: ~Copyable {
             throw PatchbayError(.connectionReset, "socket \(core.id) was made by the parent process before fork; "
                                     + "a fork child's sockets are its own")
         }
-        do throws(PatchbayError) {
-            if core.listening != nil && core.brokerGeneration != broker.reconnections {
+        // As many restarts as come while it waits: each one's accept, lost with its broker, is
+        // made again once the listener is back (taking back failing ends it, as does a broker
+        // that does not come back within the policy). Only the first was, and a listener that
+        // had ridden out one restart ended at the next.
+        while true {
+            do throws(PatchbayError) {
+                if core.listening != nil && core.brokerGeneration != broker.reconnections {
+                    try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
+                }
+                return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
+                                         within: core.brokerGeneration)
+            } catch {
+                guard core.listening != nil, !broker.madeBeforeFork(core.brokerGeneration), broker.reconnectPolicy.reconnects,
+                      ReconnectPolicy.isTransport(error.errno) else { throw error }
                 try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
             }
-            return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
-                                     within: core.brokerGeneration)
-        } catch {
-            guard core.listening != nil, !broker.madeBeforeFork(core.brokerGeneration), broker.reconnectPolicy.reconnects,
-                  ReconnectPolicy.isTransport(error.errno) else { throw error }
-            try listenAgain(broker, core: core, family: family, type: kind, nonblocking: nonblocking)
-            return try Socket.accept(broker, socket: core.id, family: family, type: kind, nonblocking: nonblocking,
-                                     within: core.brokerGeneration)
         }
     }
 
