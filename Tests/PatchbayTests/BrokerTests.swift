@@ -418,6 +418,20 @@ struct BrokerTests {
         let text = try run(patchbayCLI, ["status"], environment: broker.environment)
         #expect(text.standardOutput.contains("2 keys"))
         #expect(!text.standardOutput.contains(key.text))
+        // Kept as keys come and go (no longer counted by a walk of every key per status): the
+        // oldest key's age is the oldest live one's, whichever were claimed in between.
+        let older = try #require(try second.status().users.first { $0.uid == geteuid() }).oldestKeyAgeNanoseconds
+        let later = try first.share(try openFile("/dev/null", flags: O_RDONLY))
+        _ = try second.claim(key)  // the oldest goes
+        let after = try #require(try second.status().users.first { $0.uid == geteuid() })
+        #expect(after.keys == 2 && after.oldestKeyAgeNanoseconds > 0 && after.oldestKeyAgeNanoseconds < older + 1_000_000_000)
+        _ = try second.claim(later)
+        let counts = try second.status()
+        #expect(counts.keysByFileKind[FileKind.characterDevice.rawValue] == nil && counts.keysByFileKind[FileKind.anonymous.rawValue] == 1,
+                "\(counts.keysByFileKind)")
+        for _ in 0..<300 { _ = try second.claim(try first.share(try openFile("/dev/null", flags: O_RDONLY))) }
+        let left = try #require(try second.status().users.first { $0.uid == geteuid() })
+        #expect(left.keys == 1 && left.oldestKeyAgeNanoseconds >= older, "the event counter's key is the one left")
     }
 
     @Test("an autostarted broker keeps none of its starter's descriptors but those it is given: a pipe the starter left open without close-on-exec ends with the starter")
