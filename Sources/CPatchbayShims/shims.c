@@ -231,7 +231,8 @@ ssize_t pb_send_with_fds(int socket, const void *buffer, size_t length, const in
  * are closed by the kernel inside recvmsg, in this thread, and the last close of a file its
  * sender chose can block (a TCP socket with SO_LINGER): never here. */
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid) {
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid,
+                        unsigned *sender_uid) {
     struct iovec iov = { .iov_base = buffer, .iov_len = length };
     // Room for the sender's credentials too (SO_PASSCRED): they come first, and without room for
     // them the descriptors after them would be cut off, closed by the kernel in this thread.
@@ -252,6 +253,7 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
     *fd_count = 0;
     *flags_out = 0;
     if (sender_pid != NULL) *sender_pid = 0;
+    if (sender_uid != NULL) *sender_uid = (unsigned)-1;
     ssize_t n;
     do {
         n = recvmsg(socket, &msg, flags | MSG_CMSG_CLOEXEC);
@@ -267,6 +269,7 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
             struct ucred credentials;
             memcpy(&credentials, CMSG_DATA(cmsg), sizeof credentials);
             if (sender_pid != NULL) *sender_pid = credentials.pid;
+            if (sender_uid != NULL) *sender_uid = credentials.uid;
             continue;
         }
         if (cmsg->cmsg_type != SCM_RIGHTS) continue;
@@ -289,7 +292,7 @@ ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void
 ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int fd_capacity,
                          int *fd_count, int *flags_out, int dontwait) {
     return pb_recv_message(socket, buffer, length, dontwait ? MSG_DONTWAIT : 0, NULL, NULL, fds, fd_capacity, fd_count,
-                           flags_out, NULL);
+                           flags_out, NULL, NULL);
 }
 
 int pb_queue_holds_no_descriptors(int socket, int limit) {

@@ -189,7 +189,7 @@ package struct SeqpacketSocket: ~Copyable {
         var sender: CInt = 0
         let length = fds.withUnsafeMutableBufferPointer { fdBuffer in
             pb_recv_message(descriptor.rawValue, buffer.baseAddress, buffer.count, nonblocking ? CInt(MSG_DONTWAIT) : 0, nil, nil,
-                            fdBuffer.baseAddress, CInt(fdBuffer.count), &fdCount, &flags, &sender)
+                            fdBuffer.baseAddress, CInt(fdBuffer.count), &fdCount, &flags, &sender, nil)
         }
         if length < 0 { throw Errno.current }
         return ReceivedMessage(

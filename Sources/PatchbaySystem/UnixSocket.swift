@@ -15,7 +15,16 @@ package struct UnixSocket: ~Copyable {
     /// Where a datagram came from (a `sockaddr_un`), to answer it with `send(_:to:)`.
     package struct Address: Sendable, Equatable {
         package var bytes: [UInt8]
+        /// The sender's pid and uid as the kernel reported them with its datagram
+        /// (`SCM_CREDENTIALS`; 0 and `UInt32.max` when not known).
+        package var senderPID: Int32 = 0
+        package var senderUID = UInt32.max
         package init(bytes: [UInt8]) { self.bytes = bytes }
+        package init(bytes: [UInt8], senderPID: Int32, senderUID: UInt32) {
+            self.bytes = bytes
+            self.senderPID = senderPID
+            self.senderUID = senderUID
+        }
         /// The path, or nil for an unnamed or abstract address.
         package var path: String? {
             guard bytes.count > 2, bytes[2] != 0 else { return nil }
@@ -186,10 +195,21 @@ package struct UnixSocket: ~Copyable {
     /// another socket. Abstract and autobound addresses are sent to as they are.
     package static func reply(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address) throws(Errno) -> Int {
         if replyRefusal(address) != nil { throw .invalidArgument }
-        guard let path = address.path else { return try send(on: fd, bytes, to: address, nonblocking: true) }
+        guard let path = address.path else {
+            guard senderSharesNetworkNamespace(address) else { throw .permissionDenied }
+            return try send(on: fd, bytes, to: address, nonblocking: true)
+        }
         let file = path.withCString { pb_open_socket_file($0) }
         guard file >= 0 else { throw Errno.current }
         defer { close(file) }
+        // The path is the sender's, in its own mount namespace: here it may name another file
+        // (a sender in a namespace of its own binds at the path of any socket of root's, or of
+        // this very server's). The file found must be the sender's uid's, as the kernel reported
+        // the sender (eighteenth and nineteenth attack rounds).
+        var info = stat()
+        guard fstat(file, &info) == 0, address.senderUID != UInt32.max, info.st_uid == address.senderUID else {
+            throw .permissionDenied
+        }
         var target = try UnixAddress(path: "/proc/self/fd/\(file)")
         return try syscallRetrying {
             target.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, CInt(MSG_NOSIGNAL) | CInt(MSG_DONTWAIT), $0, $1) }
@@ -217,6 +237,21 @@ package struct UnixSocket: ~Copyable {
             return "the sender's path is relative to its own directory: not answered, as it would name a file relative to this process's"
         }
         return nil
+    }
+
+    /// Whether an autobound sender is in this process's network namespace, where its abstract
+    /// name is looked up: one in a namespace of its own can bind the name of any autobound socket
+    /// here (they are listed in `/proc/net/unix`). By the pid the kernel reported with its
+    /// datagram (a sender no longer there, or in a pid namespace this one cannot see, is not).
+    package static func senderSharesNetworkNamespace(_ address: Address) -> Bool {
+        guard address.senderPID > 0 else { return false }
+        func namespace(_ path: String) -> String? {
+            var link = [CChar](repeating: 0, count: 64)
+            let count = readlink(path, &link, link.count - 1)
+            return count > 0 ? String(decoding: link.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self) : nil
+        }
+        guard let own = namespace("/proc/self/ns/net"), let sender = namespace("/proc/\(address.senderPID)/ns/net") else { return false }
+        return own == sender
     }
 
     /// `sendto` on a socket descriptor owned elsewhere.
@@ -271,18 +306,22 @@ package struct UnixSocket: ~Copyable {
         let flags = CInt(MSG_TRUNC) | (nonblocking ? CInt(MSG_DONTWAIT) : 0)
         var storage = sockaddr_un()
         var length = CUnsignedInt(MemoryLayout<sockaddr_un>.size)
+        var senderPID: CInt = 0
+        var senderUID = UInt32.max
         let total = try withUnsafeTemporaryAllocation(of: CInt.self, capacity: maximumDescriptorsReceived) { fds throws(Errno) -> Int in
             var count: CInt = 0
             var received: CInt = 0
             let total = withUnsafeMutableBytes(of: &storage) { name in
                 pb_recv_message(fd, buffer.baseAddress, buffer.count, flags, wantSender ? name.baseAddress : nil, &length,
-                                fds.baseAddress, CInt(fds.count), &count, &received, nil)
+                                fds.baseAddress, CInt(fds.count), &count, &received, &senderPID, &senderUID)
             }
             for index in 0..<Int(count) { PeerDescriptors.close(fds[index], of: owner) }
             guard total >= 0 else { throw Errno.current }
             return total
         }
-        let sender = wantSender ? withUnsafeBytes(of: &storage) { Address(bytes: Array($0.prefix(Int(length)))) } : nil
+        let sender = wantSender
+            ? withUnsafeBytes(of: &storage) { Address(bytes: Array($0.prefix(Int(length))), senderPID: senderPID, senderUID: senderUID) }
+            : nil
         return Received(count: min(total, buffer.count), messageLength: total, sender: sender)
     }
 

@@ -809,4 +809,63 @@ struct NetTests {
         #expect(try senders.wait() == .exited(0))
     }
 
+
+    @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own, is refused (EACCES), and root's socket gets nothing",
+          .enabled(if: networkNamespacesAvailable && access("/usr/bin/setpriv", X_OK) == 0, "needs root, unshare, setpriv and python3"))
+    func datagramAnswersStayInTheServersNamespaces() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var server = try Socket.open(client, type: .dgram)
+        try server.bind("ns-answers", mode: 0o666)
+        try server.openData()
+        let serverPath = try client.localSocketPath("ns-answers")
+        chmod(broker.directory, 0o755)
+        chmod(broker.directory + "/net", 0o755)
+        // Root's victims: a socket in a directory only root may enter, and an autobound one.
+        let closed = makeTemporaryDirectory()
+        defer { removeTree(closed) }
+        chmod(closed, 0o700)
+        let victim = try UnixSocket(.datagram)
+        try victim.bind(path: closed + "/victim.sock")
+        let autobound = try UnixSocket(.datagram)
+        var family = sa_family_t(AF_UNIX)
+        _ = withUnsafePointer(to: &family) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(autobound.rawValue, $0, 2) } }
+        var name = sockaddr_un()
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+        _ = withUnsafeMutablePointer(to: &name) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(autobound.rawValue, $0, &length) } }
+        let abstract = withUnsafeBytes(of: &name.sun_path) { Array($0.prefix(Int(length) - 2)) }
+        #expect(abstract.count == 6 && abstract[0] == 0)
+        let abstractName = String(decoding: abstract.dropFirst(), as: UTF8.self)
+        // nobody, in a mount namespace where a tmpfs hides root's directory, binds at the
+        // victim's path; root, in a network namespace of its own, binds the autobound name.
+        let script = """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(sys.argv[2])
+            s.sendto(b"to the victim", sys.argv[1])
+            """
+        let mounted = try run("/usr/bin/unshare", ["--mount", "--propagation", "private", "/bin/sh", "-c",
+                                                   "mount -t tmpfs -o mode=1777 none \"$1\" && exec /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c \"$2\" \"$3\" \"$4\"",
+                                                   "sh", closed, script, serverPath, closed + "/victim.sock"])
+        #expect(mounted.termination == .exited(0), "\(mounted.standardError)")
+        let namespaced = try run("/usr/bin/unshare", ["--net", "/usr/bin/python3", "-c", script, serverPath, "\0" + abstractName])
+        #expect(namespaced.termination == .exited(0), "\(namespaced.standardError)")
+        var outcomes: [String] = []
+        for _ in 0..<2 {
+            var buffer = [UInt8](repeating: 0, count: 64)
+            let received = try buffer.withUnsafeMutableBytes { raw in try server.receive(into: raw, wantSender: true) }
+            do {
+                try server.reply(Array("as root".utf8), to: try #require(received.sender))
+                outcomes.append("answered")
+            } catch let error as PatchbayError {
+                outcomes.append(error.errno.name)
+            }
+        }
+        #expect(outcomes == ["EACCES", "EACCES"], "\(outcomes)")
+        for socket in [victim.rawValue, autobound.rawValue] {
+            var byte: UInt8 = 0
+            #expect(recv(socket, &byte, 1, CInt(MSG_DONTWAIT)) == -1 && errno == EAGAIN)
+        }
+    }
+
 }

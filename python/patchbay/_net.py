@@ -138,10 +138,14 @@ class Socket(_native.Handle):
         through the very socket file found there with no symbolic link in any component
         (OSError ELOOP), so a sender that bound under a link and then pointed the link at
         another socket cannot have the answer sent there in this process's name (sendto would
-        follow the link). OSError EINVAL, nothing sent: a sender bound at a relative path (it
+        follow the link). Only one of the last 64 senders recv_from returned is answered.
+        OSError EINVAL, nothing sent: any other address, a sender bound at a relative path (it
         would name a file relative to this process's directory), or under an abstract name the
         kernel did not choose (autobound names, five hex digits, are answered; others would be
-        looked up in this process's network namespace, not the sender's). Returns the bytes
+        looked up in this process's network namespace, not the sender's). PermissionError
+        (EACCES), nothing sent: the socket file at the sender's path is not the sender's uid's
+        (a sender in a mount namespace of its own can bind at the path of any socket file), or
+        an autobound sender is not in this process's network namespace. Returns the bytes
         sent."""
         if not self._dgram:
             raise OSError(errno.EOPNOTSUPP, f"reply is for dgram sockets; this one is {self._type}")

@@ -212,7 +212,8 @@ int pb_net_data(pb_socket *socket);
  *     it has the broker that comes back take the socket back under its name (as a listener's
  *     next pb_net_accept does; see "Broker restarts" in the README), receiving in between.
  *     A server that only polls pb_net_data's descriptor is not taken back.
- * -EAGAIN: PB_NET_NONBLOCK and nothing queued. -EINTR: a signal handler ran while it waited.
+ * -EAGAIN: PB_NET_NONBLOCK and nothing queued. -EINTR: a signal handler ran while a bound dgram
+ * socket waited (other waits go on across a signal).
  * -ENOTCONN: not connected (or, for dgram, not bound). -ENOBUFS: 64 descriptors this socket's
  * peers sent wait to be closed (their closes do not finish): the socket is shut for reading. -EINVAL: NULL socket, NULL buffer with a capacity, from without
  * fromlen. Otherwise recvmsg(2)'s errors. */
@@ -224,10 +225,15 @@ ssize_t pb_net_recv(pb_socket *socket, void *buffer, size_t capacity, struct soc
  * component (-ELOOP): sendto(2) to a path would follow a link the sender bound under and then
  * pointed at another socket, and send the answer there in this process's name. An autobound
  * sender (an abstract name the kernel chose: 5 hex digits) is sent to as it is. Returns the bytes
- * sent. -EINVAL, nothing sent: a sender bound at a relative path (it would name a file relative
- * to this process's directory), under an abstract name of its own choosing (looked up in this
- * process's network namespace, not the sender's), or unnamed; NULL socket, NULL data with a
- * length, NULL to, tolen not that of a sockaddr_un; -EAFNOSUPPORT: not AF_UNIX;
+ * sent. Only one of the last 64 senders this socket received from is answered, with what the
+ * kernel said of it (its uid and pid, SO_PASSCRED): -EINVAL, nothing sent, for any other
+ * address, a sender bound at a relative path (it would name a file relative to this process's
+ * directory), under an abstract name of its own choosing (looked up in this process's network
+ * namespace, not the sender's), or unnamed; NULL socket, NULL data with a length, NULL to, tolen
+ * not that of a sockaddr_un. -EACCES, nothing sent: the socket file at the sender's path is not
+ * the sender's uid's (a sender in a mount namespace of its own can bind at the path of any
+ * socket file, this server's own included), or an autobound sender is not in this process's
+ * network namespace. -EAFNOSUPPORT: not AF_UNIX;
  * -ECONNREFUSED, -ENOENT: nothing bound there now; otherwise sendto(2)'s errors. */
 ssize_t pb_net_reply(pb_socket *socket, const void *data, size_t length, const struct sockaddr_un *to, socklen_t tolen);
 

@@ -83,7 +83,8 @@ ssize_t pb_recv_with_fds(int socket, void *buffer, size_t length, int *fds, int 
 /// for the process that sent this very message (`SCM_CREDENTIALS`), else 0.
 /// `pb_recv_with_fds` is this with no address and `dontwait` for MSG_DONTWAIT.
 ssize_t pb_recv_message(int socket, void *buffer, size_t length, int flags, void *name, unsigned *name_length,
-                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid);
+                        int *fds, int fd_capacity, int *fd_count, int *flags_out, int *sender_pid,
+                        unsigned *sender_uid);
 
 /// For a local socket this process never read from (a connection refused at once, a connection a
 /// listener will not serve), before it is closed here: 1 when its receive queue holds no

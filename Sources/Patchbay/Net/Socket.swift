@@ -511,6 +511,18 @@ final class SocketCore: @unchecked Sendable {
     var brokerGeneration: UInt64
     /// A bound datagram socket's watch over its broker (`Socket.awaitDatagram`).
     let datagramWatch = Mutex(DatagramWatch.watching)
+    /// The last senders a datagram socket received from, most recent first, with what the kernel
+    /// said of each (`SCM_CREDENTIALS`): an address C or Python hands back to answer is found here.
+    let recentSenders = Mutex<[UnixSocket.Address]>([])
+    static let recentSendersKept = 64
+
+    func noteSender(_ sender: UnixSocket.Address) {
+        recentSenders.withLock { senders in
+            senders.removeAll { $0.bytes == sender.bytes }
+            senders.insert(sender, at: 0)
+            if senders.count > Self.recentSendersKept { senders.removeLast() }
+        }
+    }
 
     init(id: UInt64, handle: consuming Descriptor, kernelFD: CInt, dataIsOpen: Bool, brokerGeneration: UInt64) {
         self.id = id

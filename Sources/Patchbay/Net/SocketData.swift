@@ -45,7 +45,11 @@ extension Socket {
     /// link at another socket, would have the answer sent there, under this process's name.
     /// `EINVAL`, nothing sent: a sender bound at a relative path (resolved here it would name
     /// another file), under an abstract name the kernel did not choose (looked up in this
-    /// process's network namespace, not the sender's), or unnamed.
+    /// process's network namespace, not the sender's), unnamed, or not among the last 64 senders
+    /// this socket received from (an address made up rather than received). `EACCES`, nothing
+    /// sent: the socket file at the sender's path is not the sender's uid's (a sender in a mount
+    /// namespace of its own can bind at the path of any socket file, this server's own included),
+    /// or an autobound sender is not in this process's network namespace.
     @discardableResult
     public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
         try bytes.withUnsafeBytes { raw in
@@ -58,8 +62,25 @@ extension Socket {
     public func reply(_ bytes: UnsafeRawBufferPointer, to sender: Address) throws(PatchbayError) -> Int {
         let fd = try dataDescriptorOrFail()
         if let refusal = UnixSocket.replyRefusal(sender.system) { throw PatchbayError(.invalidArgument, refusal) }
-        do { return try UnixSocket.reply(on: fd, bytes, to: sender.system) } catch {
-            throw PatchbayError(error, "cannot answer \(sender): \(error.name)")
+        // What the kernel said of the sender: on the address a receive made, else from the last
+        // senders this socket received from (an address C or Python hands back).
+        var target = sender.system
+        if target.senderUID == UInt32.max {
+            guard let known = core.recentSenders.withLock({ $0.first { $0.bytes == target.bytes } }) else {
+                throw PatchbayError(.invalidArgument, "\(sender.path ?? "that address") is not among the last \(SocketCore.recentSendersKept) senders this socket received from: only a sender is answered")
+            }
+            target = known
+        }
+        do { return try UnixSocket.reply(on: fd, bytes, to: target) } catch {
+            let reason = switch error {
+            case .permissionDenied where target.path != nil:
+                "the socket file at \(target.path ?? "") is not the sender's (uid \(target.senderUID)): not answered, as a sender in a mount namespace of its own can bind at the path of any socket file"
+            case .permissionDenied:
+                "the sender is not in this process's network namespace (or is gone): its autobound name would be looked up here"
+            default:
+                "cannot answer \(sender.path ?? "the sender"): \(error.name)"
+            }
+            throw PatchbayError(error, reason)
         }
     }
 
@@ -101,6 +122,7 @@ extension Socket {
             }
             var received = Received(count: system.count, messageLength: system.messageLength,
                                     sender: system.sender.map(Address.init))
+            if let sender = system.sender, kind == .dgram, sender.bytes.count > 2 { core.noteSender(sender) }
             if received.messageLength == 0 {
                 switch kind {
                 case .stream: received.isEndOfFile = true
