@@ -186,16 +186,7 @@ func claimWithFullTable(_ keyText: String) throws(PatchbayError) {
     let key = try Key(parsing: keyText)
     let broker = try Broker()
     // A low limit keeps the filling quick; the fillers stay open while claiming.
-    var current = rlimit()
-    getrlimit(CInt(RLIMIT_NOFILE.rawValue), &current)
-    var limit = rlimit(rlim_cur: 64, rlim_max: current.rlim_max)
-    setrlimit(CInt(RLIMIT_NOFILE.rawValue), &limit)
-    var fillers: [CInt] = []
-    while true {
-        let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        if fd < 0 { break }
-        fillers.append(fd)
-    }
+    let fillers = fillDescriptorTable(leaving: 0)
     do {
         _ = try broker.claim(key)
         say("claimed")

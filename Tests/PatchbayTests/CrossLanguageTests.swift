@@ -221,20 +221,12 @@ struct CrossLanguageTests {
         let sender = try UnixSocket(.datagram)
         try sender.bind(path: broker.directory + "/sender-" + language)
         try sender.connectWithoutBlocking(path: try client.localSocketPath(name))
-        func echoed(_ text: String) throws -> String {
-            let bytes = Array(text.utf8)
-            _ = bytes.withUnsafeBytes { send(sender.rawValue, $0.baseAddress, $0.count, 0) }
-            var ready = pollfd(fd: sender.rawValue, events: Int16(POLLIN), revents: 0)
-            guard poll(&ready, 1, 10_000) == 1 else { return "(no answer within 10 s)" }
-            var buffer = [UInt8](repeating: 0, count: 64)
-            let count = buffer.withUnsafeMutableBytes { recv(sender.rawValue, $0.baseAddress, $0.count, 0) }
-            return String(decoding: buffer[0..<max(count, 0)], as: UTF8.self)
-        }
-        #expect(try echoed("one") == prefix + "one")
+        func echoed(_ text: String) -> String { datagramExchange(text, on: sender.rawValue) }
+        #expect(echoed("one") == prefix + "one")
 
         kill(broker.pid, SIGKILL)
         _ = try waitForProcess(broker.pid)
-        #expect(try echoed("two") == prefix + "two")
+        #expect(echoed("two") == prefix + "two")
         let second = try spawnDaemon(socketPath: broker.socketPath, sharedMemoryDirectory: broker.directory + "/shm")
         defer { kill(second, SIGTERM); _ = try? waitForProcess(second) }
         // Found out by the server itself, which makes no broker call while it receives: the same
@@ -242,7 +234,7 @@ struct CrossLanguageTests {
         #expect(try eventually { try bound() != nil })
         let after = try #require(try bound())
         #expect(after.ownerPID == before.ownerPID && after.state == "BOUND", "\(after)")
-        #expect(try echoed("three") == prefix + "three")
+        #expect(echoed("three") == prefix + "three")
         _ = Array("quit".utf8).withUnsafeBytes { send(sender.rawValue, $0.baseAddress, $0.count, 0) }
         #expect(try server.wait() == .exited(0))
     }
