@@ -100,7 +100,9 @@ struct ClaimCommand: ParsableCommand {
         do {
             parsed = try Key(parsing: String(text.filter { $0 != " " && $0 != "\t" && $0 != "\r" }))
         } catch {
-            fail("claim", error)
+            // A key on the command line that does not parse is a usage error like any other
+            // value's (64); one read from stdin is input, not the command line (1).
+            fail("claim", error, status: key == "-" ? ExitStatus.failed : ExitStatus.usage)
         }
         // A program that cannot run is found before the key is spent.
         let program = command.first.map { resolveProgram($0, for: "claim") }

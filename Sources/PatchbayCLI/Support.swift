@@ -108,6 +108,15 @@ func unrunnable(_ path: String) -> PatchbayError? {
 public func runCommandLine(_ type: any ParsableCommand.Type, arguments: [String]? = nil) -> Never {
     do {
         var command = try type.parseAsRoot(arguments)
+        let parsed = Swift.type(of: command)
+        if !parsed.configuration.subcommands.isEmpty {
+            // A group (`patchbay`, `patchbay shm`) named without one of its commands was asked to
+            // do nothing: say so and show what it offers, on stderr, and fail as a usage error.
+            // `--help` still prints the same text to stdout and succeeds.
+            let group = parsed == type ? "" : "\(invokedCommandName): "
+            writeStandardError("patchbay: \(group)EINVAL: name one of its commands\n\n" + type.helpMessage(for: parsed) + "\n")
+            exit(ExitStatus.usage)
+        }
         try command.run()
         exit(0)
     } catch {

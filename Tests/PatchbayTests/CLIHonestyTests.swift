@@ -486,6 +486,25 @@ struct CLIHonestyTests {
         // `patchbayd daemon ...`, as autostart runs whichever program PATCHBAY_DAEMON names.
         let help = try run(patchbayDaemon, ["daemon", "--help"])
         #expect(help.termination == .exited(0) && help.standardOutput.contains("--shm-directory"), "\(help.standardError)")
+        // A group named without one of its commands was asked to do nothing: usage, not success.
+        let bare = try cli(broker, [])
+        #expect(bare.termination == .exited(64) && bare.standardOutput.isEmpty)
+        #expect(bare.standardError.hasPrefix("patchbay: EINVAL: name one of its commands\n"), "\(bare.standardError)")
+        #expect(bare.standardError.contains("SUBCOMMANDS:") && bare.standardError.contains("claim"), "\(bare.standardError)")
+        for group in ["shm", "net", "caps"] {
+            let named = try cli(broker, [group])
+            #expect(named.termination == .exited(64) && named.standardOutput.isEmpty, "\(group)")
+            #expect(named.standardError.hasPrefix("patchbay: \(group): EINVAL: name one of its commands\n"), "\(named.standardError)")
+            let asked = try cli(broker, [group, "--help"])
+            #expect(asked.termination == .exited(0) && asked.standardOutput.contains("SUBCOMMANDS:"), "\(group)")
+        }
+        // A key on the command line that does not parse is a value that does not parse (64);
+        // from stdin it is input (1).
+        let badKey = try cli(broker, ["claim", "notakey"])
+        #expect(badKey.termination == .exited(64), "\(badKey.standardError)")
+        #expect(badKey.standardError.hasPrefix("patchbay: claim: EINVAL: "), "\(badKey.standardError)")
+        let badKeyRead = try cli(broker, ["claim", "-"], input: "notakey\n")
+        #expect(badKeyRead.termination == .exited(1), "\(badKeyRead.standardError)")
     }
 
     @Test("a command started with stdout or stdin closed fails (EBADF) instead of writing its output into, or reading its input from, its broker connection")
