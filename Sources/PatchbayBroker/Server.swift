@@ -202,6 +202,8 @@ public final class BrokerServer {
                 turns &+= 1
                 // Connections set aside when their uid's share ran out come back a few at a time.
                 sessions.resumeDeferred(perUser: Self.resumedPerTurn)
+                // So do connects parked for a service that has registered since.
+                caps.connectReady(perUser: Self.resumedPerTurn)
                 let dispatch = { [unowned self] (owner: Registration, events: Epoll.Events) in
                     eventsDispatched &+= 1
                     switch owner {
@@ -251,8 +253,10 @@ public final class BrokerServer {
     }
 
     /// The loop sleeps until the next key deadline, stuck-client check or release of the CAPS
-    /// names kept across a restart, whichever comes first.
+    /// names kept across a restart, whichever comes first; not at all while parked connects wait
+    /// to be tried again.
     private func nextTimeoutMilliseconds() -> CInt {
+        if caps.hasReadyClients { return 0 }
         let now = monotonicNanoseconds()
         let timeouts = [keys.millisecondsUntilNextDeadline(now: now), sessions.millisecondsUntilNextStuckCheck(now: now),
                         caps.registry.millisecondsUntilKeptNamesRelease(now: now)]
@@ -641,6 +645,8 @@ public final class BrokerServer {
         out.gauge("patchbay_sockets", "Open /net sockets.", report.sockets)
         out.gauge("patchbay_caps_services", "Registered CAPS services.", report.users.reduce(0) { $0 + $1.services })
         out.gauge("patchbay_caps_channels", "CAPS client channels.", caps.registry.channels.count)
+        out.gauge("patchbay_caps_parked", "CAPS connects parked until a service of their name registers (or waiting for their turn since).",
+                  caps.parkedCount)
         out.metric("patchbay_shm_objects_created_total", "counter",
                    "Named shared memory objects created since start (their bytes come later, from the client's ftruncate: see patchbay_user_shm_bytes).",
                    [("", "\(sharedMemory.store.objectsCreated)")])

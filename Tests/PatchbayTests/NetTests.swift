@@ -810,7 +810,7 @@ struct NetTests {
     }
 
 
-    @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own, is refused (EACCES), and root's socket gets nothing",
+    @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own is refused (EACCES), and root's socket gets nothing; nobody's own autobound socket is answered",
           .enabled(if: networkNamespacesAvailable && access("/usr/bin/setpriv", X_OK) == 0, "needs root, unshare, setpriv and python3"))
     func datagramAnswersStayInTheServersNamespaces() throws {
         let broker = try TestBroker()
@@ -837,21 +837,36 @@ struct NetTests {
         #expect(abstract.count == 6 && abstract[0] == 0)
         let abstractName = String(decoding: abstract.dropFirst(), as: UTF8.self)
         // nobody, in a mount namespace where a tmpfs hides root's directory, binds at the
-        // victim's path; root, in a network namespace of its own, binds the autobound name.
+        // victim's path; root, in a network namespace of its own, binds the autobound name
+        // (`@name`: an abstract one).
         let script = """
             import socket, sys
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            s.bind(sys.argv[2])
+            s.bind(b"\\0" + sys.argv[2][1:].encode() if sys.argv[2].startswith("@") else sys.argv[2])
             s.sendto(b"to the victim", sys.argv[1])
             """
         let mounted = try run("/usr/bin/unshare", ["--mount", "--propagation", "private", "/bin/sh", "-c",
                                                    "mount -t tmpfs -o mode=1777 none \"$1\" && exec /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c \"$2\" \"$3\" \"$4\"",
                                                    "sh", closed, script, serverPath, closed + "/victim.sock"])
         #expect(mounted.termination == .exited(0), "\(mounted.standardError)")
-        let namespaced = try run("/usr/bin/unshare", ["--net", "/usr/bin/python3", "-c", script, serverPath, "\0" + abstractName])
-        #expect(namespaced.termination == .exited(0), "\(namespaced.standardError)")
+        // The sender stays until answered: one gone is refused for that alone (as this test's
+        // senders all were until a later session).
+        let staying = script + "\nprint('sent', flush=True)\nsys.stdin.readline()\n"
+        let namespaced = try Child("/usr/bin/unshare", ["--net", "/usr/bin/python3", "-c", staying, serverPath, "@" + abstractName])
+        #expect(try namespaced.readLine() == "sent")
+        // And nobody's own autobound socket, here: answered.
+        let honest = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind("")
+            s.sendto(b"honest", sys.argv[1])
+            print("sent", flush=True)
+            s.settimeout(10)
+            print(s.recv(64).decode(), flush=True)
+            """, serverPath])
+        #expect(try honest.readLine() == "sent")
         var outcomes: [String] = []
-        for _ in 0..<2 {
+        for _ in 0..<3 {
             var buffer = [UInt8](repeating: 0, count: 64)
             let received = try buffer.withUnsafeMutableBytes { raw in try server.receive(into: raw, wantSender: true) }
             do {
@@ -861,7 +876,11 @@ struct NetTests {
                 outcomes.append(error.errno.name)
             }
         }
-        #expect(outcomes == ["EACCES", "EACCES"], "\(outcomes)")
+        #expect(outcomes == ["EACCES", "EACCES", "answered"], "\(outcomes)")
+        #expect(try honest.readLine() == "as root")
+        #expect(try honest.wait() == .exited(0))
+        try namespaced.writeLine("done")
+        #expect(try namespaced.wait() == .exited(0))
         for socket in [victim.rawValue, autobound.rawValue] {
             var byte: UInt8 = 0
             #expect(recv(socket, &byte, 1, CInt(MSG_DONTWAIT)) == -1 && errno == EAGAIN)

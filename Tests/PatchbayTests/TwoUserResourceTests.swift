@@ -1316,6 +1316,55 @@ struct TwoUserAccountingTests {
         #expect(try broker.waitForDescriptorCount(before) == before)
     }
 
+    @Test("a registration does not build, at once, a channel for each of nobody's 400 connects parked for its name: they connect a few per turn, root's requests served between, and all of them connect")
+    func parkedConnectsConnectAFewPerTurn() throws {
+        let broker = try openBroker([])
+        let root = try broker.connect()
+        func gauge(_ name: String) throws -> Int {
+            let line = try root.metrics().split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            return Int(line?.split(separator: " ").last ?? "") ?? -1
+        }
+        // Raw frames (PROTOCOL.md §5.7): capsClient with waitForService, then capsService.
+        let parker = try pythonAsNobody("""
+            import array, fcntl, os, socket, struct, sys
+            def connect():
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(sys.argv[1])
+                return s
+            def frame(op, payload, fds=()):
+                data = struct.pack("<2sBBHHQ", b"PB", 1, 1, op, 0, 1) + payload
+                return [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            name = struct.pack("<H", 9) + b"park.many"
+            held = []
+            for i in range(400):
+                s = connect()
+                s.sendmsg(*frame(61, name + struct.pack("<iiI", -1, -1, 4 | 16)))
+                held.append(s)
+            print("parked", flush=True)
+            sys.stdin.readline()
+            page = os.memfd_create("status", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+            os.ftruncate(page, 4096)
+            fcntl.fcntl(page, 1033, 0x17)
+            service = connect()
+            service.sendmsg(*frame(60, name + struct.pack("<iiII", -1, -1, 4, 0), [page]))
+            reply = service.recv(4096)
+            print("registered" if reply[3] == 2 else "refused", flush=True)
+            sys.stdin.read()
+            """, [broker.socketPath])
+        #expect(try parker.readLine() == "parked")
+        #expect(try eventually { try gauge("patchbay_caps_parked") == 400 })
+        try parker.writeLine("go")
+        #expect(try parker.readLine() == "registered")
+        // Before, the registration's own request built all 400 channels before the broker read
+        // anything else: none was left parked by the time root could ask.
+        let parkedAtOnce = try gauge("patchbay_caps_parked")
+        #expect(parkedAtOnce > 200, "\(parkedAtOnce) connects still parked when root's request was served")
+        #expect(try eventually { try gauge("patchbay_caps_parked") == 0 && gauge("patchbay_caps_channels") == 400 })
+        parker.closeInput()
+        try parker.wait()
+        #expect(try eventually { try root.status().clients == 1 })
+    }
+
     @Test("nobody's thousand connections, each holding requests it never reads the answers to, do not make every turn of the loop look at each of them: root's requests are served in turns of a few events")
     func readyConnectionsCostWhatIsRead() throws {
         let broker = try openBroker([])

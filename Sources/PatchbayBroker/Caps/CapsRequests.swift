@@ -24,15 +24,23 @@ final class CapsRequests: SessionClosedHook {
         var uid: Int32
         var gid: Int32
         var flags: CapsFlags
-        /// When it was parked: clients waiting for one name try again in that order.
-        var order: UInt64
+        /// Its service registered: it waits in `ready` for its turn to be tried again.
+        var isReady = false
     }
 
     /// Parked connects by session id (a connection parks one at most): found and dropped by
     /// session in constant time, so thousands of them cost each park and each close no more
     /// (a walk of the list per park and per close made them quadratic: seventeenth attack round).
     private var waiting: [UInt64: WaitingClient] = [:]
-    private var nextWaitingOrder: UInt64 = 0
+    /// The same by name, in the order they parked (a session that no longer waits for the name is
+    /// skipped when met, and the queue compacted once most of it is such): a registration finds
+    /// its name's clients without walking every parked connect.
+    private var waitingByName: [String: (queue: Deque<UInt64>, live: Int)] = [:]
+    /// Parked connects whose service registered, by the client's uid, in the order they parked:
+    /// tried again a few per uid per turn of the loop (`connectReady`), not all within the
+    /// registration. A uid's 600 parked connects made one registration build 600 channels while
+    /// every other client waited, a quarter of a second each time (twentieth attack round).
+    private var ready: [UInt32: Deque<UInt64>] = [:]
 
     /// A service's tap (`caps serve --tap`): a connection of the process that registered it,
     /// whose records of the messages the service sees go to monitors of the service's uid.
@@ -68,7 +76,7 @@ final class CapsRequests: SessionClosedHook {
                     statusPage: page, session: context.session.id, caller: context.caller)
                 sessions.reply(.caps(.service(serviceID: service.id, generation: service.initialGeneration)),
                                attaching: [service.notices.rawValue], to: context)
-                retryWaitingClients(for: name)
+                markReady(name)
             } catch {
                 sessions.fail(error, context)
             }
@@ -82,9 +90,7 @@ final class CapsRequests: SessionClosedHook {
                     sessions.fail(RequestError(errno: .invalidArgument, reason: "this connection already waits for a service"),
                                   context)
                 } else {
-                    nextWaitingOrder &+= 1
-                    waiting[context.session.id] = WaitingClient(request: context.parked, name: name, uid: uid, gid: gid,
-                                                                flags: flags, order: nextWaitingOrder)
+                    park(WaitingClient(request: context.parked, name: name, uid: uid, gid: gid, flags: flags))
                 }
             } catch {
                 sessions.fail(error, context)
@@ -199,29 +205,72 @@ final class CapsRequests: SessionClosedHook {
         }
     }
 
-    /// Clients waiting for `name` try again now that a service registered.
-    private func retryWaitingClients(for name: String) {
-        let ready = waiting.values.filter { $0.name == name }.sorted { $0.order < $1.order }
-        for entry in ready { waiting[entry.request.session] = nil }
-        for entry in ready {
-            guard let session = sessions[entry.request.session] else { continue }
-            do {
-                if let connection = try registry.connect(name: entry.name, uid: entry.uid, gid: entry.gid, flags: entry.flags,
-                                                         session: session.id, caller: session.credentials) {
-                    deliver(connection, to: session, as: entry.request)
-                } else {
-                    waiting[entry.request.session] = entry
+    private func park(_ entry: WaitingClient) {
+        waiting[entry.request.session] = entry
+        waitingByName[entry.name, default: ([], 0)].queue.append(entry.request.session)
+        waitingByName[entry.name]?.live += 1
+    }
+
+    /// A parked connect for `name` stopped waiting (its connection closed): its place in the
+    /// name's queue is skipped, and the queue compacted once that is most of it.
+    private func stoppedWaiting(_ entry: WaitingClient) {
+        guard !entry.isReady, var named = waitingByName.removeValue(forKey: entry.name) else { return }
+        named.live -= 1
+        guard named.live > 0 else { return }
+        if named.queue.count > 2 * named.live + 16 {
+            named.queue = Deque(named.queue.filter { waiting[$0].map { $0.name == entry.name && !$0.isReady } ?? false })
+        }
+        waitingByName[entry.name] = named
+    }
+
+    /// A service of `name` registered: the clients parked for it are queued to be tried again, by
+    /// uid, in the order they parked (a copy of a few ids each; no channel is built here).
+    private func markReady(_ name: String) {
+        guard let named = waitingByName.removeValue(forKey: name) else { return }
+        for id in named.queue {
+            guard var entry = waiting[id], entry.name == name, !entry.isReady, let session = sessions[id] else { continue }
+            entry.isReady = true
+            waiting[id] = entry
+            ready[session.credentials.uid, default: []].append(id)
+        }
+    }
+
+    /// Parked connects, including those waiting for their turn to be tried again.
+    var parkedCount: Int { waiting.count }
+
+    /// Whether parked connects wait to be tried again (the loop does not sleep meanwhile).
+    var hasReadyClients: Bool { !ready.isEmpty }
+
+    /// Tries again up to `perUser` of each uid's parked connects whose service registered, oldest
+    /// first: each connects, fails (`EACCES`, …) or parks again.
+    func connectReady(perUser: Int) {
+        guard !ready.isEmpty else { return }
+        for uid in Array(ready.keys) {
+            guard var queue = ready.removeValue(forKey: uid) else { continue }
+            var tried = 0
+            while tried < perUser, let id = queue.popFirst() {
+                guard var entry = waiting.removeValue(forKey: id), entry.isReady, let session = sessions[id] else { continue }
+                tried += 1
+                do {
+                    if let connection = try registry.connect(name: entry.name, uid: entry.uid, gid: entry.gid, flags: entry.flags,
+                                                             session: session.id, caller: session.credentials) {
+                        deliver(connection, to: session, as: entry.request)
+                    } else {
+                        entry.isReady = false
+                        park(entry)
+                    }
+                } catch {
+                    sessions.fail(error, entry.request)
                 }
-            } catch {
-                sessions.fail(error, entry.request)
             }
+            if !queue.isEmpty { ready[uid] = queue }
         }
     }
 
     /// A port's connection closed: its parked connect is dropped, and the service of each of its
     /// channels hears that the client left.
     func sessionClosed(_ session: Session) {
-        waiting[session.id] = nil
+        if let entry = waiting.removeValue(forKey: session.id) { stoppedWaiting(entry) }
         taps[session.id] = nil
         if !taps.isEmpty, let channel = registry.channel(ofSession: session.id),
            taps.values.contains(where: { $0.serviceID == channel.serviceID }) {
