@@ -2,6 +2,8 @@
 #include "CPatchbayShims.h"
 
 #include <errno.h>
+#include <stddef.h>
+#include <sys/un.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -785,6 +787,47 @@ int pb_pidfd_exited(int pidfd) {
 }
 
 
+
+/* Whether the process of `pidfd` (`pid`) holds, among its descriptors below `limit`, a local socket
+ * bound at the abstract name `name` (`length` bytes after the leading NUL) in the network
+ * namespace of `socket`: 1 yes; 0 no, or it cannot be looked at (ptrace rules: EACCES, EPERM);
+ * -1 with errno (no SO_NETNS_COOKIE, before Linux 5.14). Names are unique in a namespace, so such
+ * a socket is the one `sendto` there reaches. Each of its sockets looked at is copied here
+ * (pidfd_getfd) and the copy handed to `release` (with `context`), which must close it: its close
+ * may be the last one, if the process closes its own meanwhile, and wait on what was queued in it. */
+int pb_process_holds_abstract_socket(int pidfd, int pid, int socket, const char *name, size_t length, int limit,
+                                     void (*release)(int, void *), void *context) {
+    uint64_t namespace = 0;
+    socklen_t size = sizeof namespace;
+    if (getsockopt(socket, SOL_SOCKET, SO_NETNS_COOKIE, &namespace, &size) != 0) return -1;
+    for (int fd = 0; fd < limit; fd++) {
+        char path[64], link[64];
+        snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
+        ssize_t count = readlink(path, link, sizeof link - 1);
+        if (count < 0) {
+            if (errno == EACCES || errno == EPERM) return 0;
+            continue;
+        }
+        link[count] = 0;
+        if (strncmp(link, "socket:[", 8) != 0) continue;
+        int copy = (int)syscall(438 /* pidfd_getfd */, pidfd, fd, 0);
+        if (copy < 0) {
+            if (errno == EPERM || errno == EACCES) return 0;
+            continue;
+        }
+        struct sockaddr_un address;
+        socklen_t address_length = sizeof address;
+        uint64_t theirs = 0;
+        socklen_t theirs_size = sizeof theirs;
+        int found = getsockname(copy, (struct sockaddr *)&address, &address_length) == 0 && address.sun_family == AF_UNIX &&
+                    address_length == offsetof(struct sockaddr_un, sun_path) + 1 + length && address.sun_path[0] == 0 &&
+                    memcmp(address.sun_path + 1, name, length) == 0 &&
+                    getsockopt(copy, SOL_SOCKET, SO_NETNS_COOKIE, &theirs, &theirs_size) == 0 && theirs == namespace;
+        release(copy, context);
+        if (found) return 1;
+    }
+    return 0;
+}
 
 /* Which files a local socket is bound to, from the kernel's socket table (sock_diag, the
  * UNIX_DIAG_VFS attribute: the device and inode of the socket file a bound socket made). A path

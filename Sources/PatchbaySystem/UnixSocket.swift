@@ -196,7 +196,7 @@ package struct UnixSocket: ~Copyable {
     package static func reply(on fd: CInt, _ bytes: UnsafeRawBufferPointer, to address: Address) throws(Errno) -> Int {
         if replyRefusal(address) != nil { throw .invalidArgument }
         guard let path = address.path else {
-            guard senderSharesNetworkNamespace(address) else { throw .permissionDenied }
+            try checkAutoboundSender(address, on: fd)
             return try send(on: fd, bytes, to: address, nonblocking: true)
         }
         let file = path.withCString { pb_open_socket_file($0) }
@@ -238,6 +238,45 @@ package struct UnixSocket: ~Copyable {
         }
         return nil
     }
+
+    /// Refuses (`EACCES`) to answer an autobound sender whose name, looked up in `fd`'s network
+    /// namespace, may reach a socket that is not the sender's. One of this process's uid must be
+    /// in that namespace itself (by the pid the kernel reported): a sender in a namespace of its
+    /// own can bind the name of any autobound socket here (they are listed in `/proc/net/unix`;
+    /// nineteenth attack round). One of another uid must hold, among its first
+    /// `senderDescriptorsSearched` descriptors, the very socket bound at that name in this
+    /// namespace: a socket it made in a namespace of its own, under the name of one of this
+    /// uid's, and sends from a process here, passes the first check (twentieth attack round).
+    /// The search copies its sockets (`pidfd_getfd`), which takes the rights to trace it (a root
+    /// server has them; another finds the first check refusing as well).
+    package static func checkAutoboundSender(_ address: Address, on fd: CInt) throws(Errno) {
+        guard address.senderUID != UInt32.max, address.senderPID > 0 else { throw .permissionDenied }
+        guard address.senderUID != geteuid() else {
+            guard senderSharesNetworkNamespace(address) else { throw .permissionDenied }
+            return
+        }
+        let owner = autoboundSearchOwner | UInt64(address.senderUID)
+        guard !PeerDescriptors.pastBound(of: owner) else { throw .permissionDenied }
+        let pidfd = pb_pidfd_open(address.senderPID)
+        guard pidfd >= 0 else { throw .permissionDenied }
+        defer { close(pidfd) }
+        let name = address.bytes.dropFirst(3)
+        // Each copy is closed on the sender's uid's closing thread: its close may be the last.
+        let held = name.withUnsafeBytes { raw in
+            pb_process_holds_abstract_socket(pidfd, address.senderPID, fd, raw.baseAddress?.assumingMemoryBound(to: CChar.self),
+                                             raw.count, senderDescriptorsSearched,
+                                             { copy, owner in PeerDescriptors.close(copy, of: UInt64(UInt(bitPattern: owner))) },
+                                             UnsafeMutableRawPointer(bitPattern: UInt(owner)))
+        }
+        guard held == 1 else { throw .permissionDenied }
+    }
+
+    /// How many of another uid's sender's descriptors are searched for its socket.
+    package static let senderDescriptorsSearched: CInt = 256
+    /// The closing threads of the copies made searching a sender's descriptors, one per uid
+    /// (or'd with it): a uid whose copies' closes do not finish stops being searched (`EACCES`)
+    /// once `PeerDescriptors.bound` wait.
+    private static let autoboundSearchOwner: UInt64 = 1 << 60
 
     /// Whether an autobound sender is in this process's network namespace, where its abstract
     /// name is looked up: one in a namespace of its own can bind the name of any autobound socket

@@ -810,7 +810,7 @@ struct NetTests {
     }
 
 
-    @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own is refused (EACCES), and root's socket gets nothing; nobody's own autobound socket is answered",
+    @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own (sent from there, or from nobody's process here) is refused (EACCES), and root's socket gets nothing; nobody's own autobound socket is answered",
           .enabled(if: networkNamespacesAvailable && access("/usr/bin/setpriv", X_OK) == 0, "needs root, unshare, setpriv and python3"))
     func datagramAnswersStayInTheServersNamespaces() throws {
         let broker = try TestBroker()
@@ -854,6 +854,27 @@ struct NetTests {
         let staying = script + "\nprint('sent', flush=True)\nsys.stdin.readline()\n"
         let namespaced = try Child("/usr/bin/unshare", ["--net", "/usr/bin/python3", "-c", staying, serverPath, "@" + abstractName])
         #expect(try namespaced.readLine() == "sent")
+        // The same name's socket, made in a network namespace of its own, handed to a process
+        // of nobody's in the server's namespace, which sends from it: the sender's process is
+        // where it should be, but the socket at its name here is root's. (nobody does all of it
+        // alone in a user namespace of its own; root makes the socket here so that the test
+        // needs none.)
+        let handed = """
+            import ctypes, os, socket, sys
+            libc = ctypes.CDLL(None, use_errno=True)
+            home = os.open("/proc/self/ns/net", os.O_RDONLY)
+            assert libc.unshare(0x40000000) == 0
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(b"\\0" + sys.argv[2].encode())
+            assert libc.setns(home, 0x40000000) == 0
+            os.set_inheritable(s.fileno(), True)
+            os.execv("/usr/bin/setpriv", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                     "import socket, sys; socket.socket(fileno=int(sys.argv[1])).sendto(b'to the victim', sys.argv[2]); "
+                     "print('sent', flush=True); sys.stdin.readline()",
+                     str(s.fileno()), sys.argv[1]])
+            """
+        let passed = try Child("/usr/bin/python3", ["-c", handed, serverPath, abstractName])
+        #expect(try passed.readLine() == "sent")
         // And nobody's own autobound socket, here: answered.
         let honest = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", """
             import socket, sys
@@ -866,7 +887,7 @@ struct NetTests {
             """, serverPath])
         #expect(try honest.readLine() == "sent")
         var outcomes: [String] = []
-        for _ in 0..<3 {
+        for _ in 0..<4 {
             var buffer = [UInt8](repeating: 0, count: 64)
             let received = try buffer.withUnsafeMutableBytes { raw in try server.receive(into: raw, wantSender: true) }
             do {
@@ -876,11 +897,13 @@ struct NetTests {
                 outcomes.append(error.errno.name)
             }
         }
-        #expect(outcomes == ["EACCES", "EACCES", "answered"], "\(outcomes)")
+        #expect(outcomes == ["EACCES", "EACCES", "EACCES", "answered"], "\(outcomes)")
         #expect(try honest.readLine() == "as root")
         #expect(try honest.wait() == .exited(0))
-        try namespaced.writeLine("done")
-        #expect(try namespaced.wait() == .exited(0))
+        for sender in [namespaced, passed] {
+            try sender.writeLine("done")
+            #expect(try sender.wait() == .exited(0))
+        }
         for socket in [victim.rawValue, autobound.rawValue] {
             var byte: UInt8 = 0
             #expect(recv(socket, &byte, 1, CInt(MSG_DONTWAIT)) == -1 && errno == EAGAIN)

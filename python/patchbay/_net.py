@@ -144,8 +144,10 @@ class Socket(_native.Handle):
         kernel did not choose (autobound names, five hex digits, are answered; others would be
         looked up in this process's network namespace, not the sender's). PermissionError
         (EACCES), nothing sent: the socket file at the sender's path is not the sender's uid's
-        (a sender in a mount namespace of its own can bind at the path of any socket file), or
-        an autobound sender is not in this process's network namespace. Returns the bytes
+        (a sender in a mount namespace of its own can bind at the path of any socket file), an
+        autobound sender of this process's uid is not in its network namespace, or one of
+        another uid does not hold, among its first 256 descriptors, the very socket bound at
+        its name here (or may not be traced by this process, or is gone). Returns the bytes
         sent."""
         if not self._dgram:
             raise OSError(errno.EOPNOTSUPP, f"reply is for dgram sockets; this one is {self._type}")

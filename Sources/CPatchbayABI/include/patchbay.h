@@ -232,8 +232,10 @@ ssize_t pb_net_recv(pb_socket *socket, void *buffer, size_t capacity, struct soc
  * namespace, not the sender's), or unnamed; NULL socket, NULL data with a length, NULL to, tolen
  * not that of a sockaddr_un. -EACCES, nothing sent: the socket file at the sender's path is not
  * the sender's uid's (a sender in a mount namespace of its own can bind at the path of any
- * socket file, this server's own included), or an autobound sender is not in this process's
- * network namespace. -EAFNOSUPPORT: not AF_UNIX;
+ * socket file, this server's own included), an autobound sender of this process's uid is not in
+ * its network namespace, or one of another uid does not hold, among its first 256 descriptors,
+ * the very socket bound at its name in the socket's network namespace (or may not be traced by
+ * this process, or is gone). -EAFNOSUPPORT: not AF_UNIX;
  * -ECONNREFUSED, -ENOENT: nothing bound there now; otherwise sendto(2)'s errors. */
 ssize_t pb_net_reply(pb_socket *socket, const void *data, size_t length, const struct sockaddr_un *to, socklen_t tolen);
 

@@ -316,6 +316,15 @@ int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int 
 /// UNIX_DIAG_VFS): `bound[i]` 1 or 0. 0, or -1 with errno (no sock_diag for AF_UNIX).
 int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound);
 
+/// Whether the process of `pidfd` (`pid`) holds, among its descriptors below `limit`, a local
+/// socket bound at the abstract name `name` (`length` bytes after the leading NUL) in the network
+/// namespace of `socket` (the one `sendto` there reaches): 1 yes; 0 no, or it cannot be looked at
+/// (ptrace rules); -1 with errno (no SO_NETNS_COOKIE, before Linux 5.14). Each of its sockets
+/// looked at is copied here (pidfd_getfd) and the copy handed to `release` (with `context`), which
+/// must close it.
+int pb_process_holds_abstract_socket(int pidfd, int pid, int socket, const char *name, size_t length, int limit,
+                                     void (*release)(int, void *), void *context);
+
 /// An O_PATH descriptor of the socket file at `path`, no symbolic link followed in any component
 /// (ELOOP), ENOTSOCK if it is no socket; -1 with errno.
 int pb_open_socket_file(const char *path);

@@ -49,7 +49,11 @@ extension Socket {
     /// this socket received from (an address made up rather than received). `EACCES`, nothing
     /// sent: the socket file at the sender's path is not the sender's uid's (a sender in a mount
     /// namespace of its own can bind at the path of any socket file, this server's own included),
-    /// or an autobound sender is not in this process's network namespace.
+    /// an autobound sender of this process's uid is not in its network namespace, or one of
+    /// another uid does not hold, among its first 256 descriptors, the very socket bound at its
+    /// name in this socket's network namespace (a socket made in a namespace of its own, under
+    /// the name of one of this namespace's, can be handed to a process here to send from), may
+    /// not be traced by this process, or is gone.
     @discardableResult
     public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
         try bytes.withUnsafeBytes { raw in
@@ -76,7 +80,9 @@ extension Socket {
             case .permissionDenied where target.path != nil:
                 "the socket file at \(target.path ?? "") is not the sender's (uid \(target.senderUID)): not answered, as a sender in a mount namespace of its own can bind at the path of any socket file"
             case .permissionDenied:
-                "the sender is not in this process's network namespace (or is gone): its autobound name would be looked up here"
+                target.senderUID == geteuid()
+                    ? "the sender is not in this process's network namespace (or is gone): its autobound name would be looked up here"
+                    : "the sender (uid \(target.senderUID)) does not hold the socket bound at its autobound name here (or may not be traced by this process, or is gone): not answered, as a socket made in another network namespace under the name of one of this one's can be sent from here"
             default:
                 "cannot answer \(sender.path ?? "the sender"): \(error.name)"
             }
