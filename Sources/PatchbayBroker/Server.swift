@@ -702,7 +702,7 @@ public final class BrokerServer {
         let services = caps.registry.messageCounts().filter { everyone || $0.uid == caller.uid }
             .sorted { ($0.toService &+ $0.toClient, $0.name) > ($1.toService &+ $1.toClient, $1.name) }.prefix(100)
         out.metric("patchbay_caps_messages_total", "counter",
-                   "CAPS messages since each service registered, as its channels' ring words say: to_service counts the REQUESTs and ABORTs it consumed, to_client the replies it published.",
+                   "CAPS messages since each service registered, as the service counts them in its status page (its clients cannot write it): to_service the REQUESTs and ABORTs it consumed, to_client the replies it published.",
                    services.flatMap { service in
                        ["to_service", "to_client"].map { direction in
                            (MetricsText.labels(["service": service.name, "uid": "\(service.uid)", "direction": direction]),
