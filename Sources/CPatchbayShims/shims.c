@@ -788,45 +788,122 @@ int pb_pidfd_exited(int pidfd) {
 
 
 
-/* Whether the process of `pidfd` (`pid`) holds, among its descriptors below `limit`, a local socket
- * bound at the abstract name `name` (`length` bytes after the leading NUL) in the network
- * namespace of `socket`: 1 yes; 0 no, or it cannot be looked at (ptrace rules: EACCES, EPERM);
- * -1 with errno (no SO_NETNS_COOKIE, before Linux 5.14). Names are unique in a namespace, so such
- * a socket is the one `sendto` there reaches. Each of its sockets looked at is copied here
- * (pidfd_getfd) and the copy handed to `release` (with `context`), which must close it: its close
- * may be the last one, if the process closes its own meanwhile, and wait on what was queued in it. */
-int pb_process_holds_abstract_socket(int pidfd, int pid, int socket, const char *name, size_t length, int limit,
-                                     void (*release)(int, void *), void *context) {
-    uint64_t namespace = 0;
-    socklen_t size = sizeof namespace;
-    if (getsockopt(socket, SOL_SOCKET, SO_NETNS_COOKIE, &namespace, &size) != 0) return -1;
-    for (int fd = 0; fd < limit; fd++) {
-        char path[64], link[64];
-        snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
-        ssize_t count = readlink(path, link, sizeof link - 1);
-        if (count < 0) {
-            if (errno == EACCES || errno == EPERM) return 0;
-            continue;
-        }
-        link[count] = 0;
-        if (strncmp(link, "socket:[", 8) != 0) continue;
-        int copy = (int)syscall(438 /* pidfd_getfd */, pidfd, fd, 0);
-        if (copy < 0) {
-            if (errno == EPERM || errno == EACCES) return 0;
-            continue;
-        }
-        struct sockaddr_un address;
-        socklen_t address_length = sizeof address;
-        uint64_t theirs = 0;
-        socklen_t theirs_size = sizeof theirs;
-        int found = getsockname(copy, (struct sockaddr *)&address, &address_length) == 0 && address.sun_family == AF_UNIX &&
-                    address_length == offsetof(struct sockaddr_un, sun_path) + 1 + length && address.sun_path[0] == 0 &&
-                    memcmp(address.sun_path + 1, name, length) == 0 &&
-                    getsockopt(copy, SOL_SOCKET, SO_NETNS_COOKIE, &theirs, &theirs_size) == 0 && theirs == namespace;
-        release(copy, context);
-        if (found) return 1;
+/* The inode of the peer of this process's connected local socket of inode `probe`, from the
+ * kernel's socket table (sock_diag, that one socket by its inode, UNIX_DIAG_PEER): 0 with
+ * `*peer`, or -1 with errno (ENOPROTOOPT: no peer said). */
+static int unix_diag_peer_of(uint32_t probe, uint32_t *peer) {
+    int diag = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (diag < 0) return -1;
+    struct timeval timeout = { .tv_sec = 5, .tv_usec = 0 };
+    (void)setsockopt(diag, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    struct {
+        struct nlmsghdr header;
+        struct unix_diag_req request;
+    } query;
+    memset(&query, 0, sizeof query);
+    query.header.nlmsg_len = sizeof query;
+    query.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    query.header.nlmsg_flags = NLM_F_REQUEST;
+    query.request.sdiag_family = AF_UNIX;
+    query.request.udiag_states = ~0u;
+    query.request.udiag_ino = probe;
+    query.request.udiag_show = UDIAG_SHOW_PEER;
+    query.request.udiag_cookie[0] = query.request.udiag_cookie[1] = ~0u;  // no cookie: by inode alone
+    static _Thread_local char buffer[4096] __attribute__((aligned(NLMSG_ALIGNTO)));
+    ssize_t n = -1;
+    if (send(diag, &query, sizeof query, 0) == (ssize_t)sizeof query) {
+        do {
+            n = recv(diag, buffer, sizeof buffer, 0);
+        } while (n < 0 && errno == EINTR);
     }
-    return 0;
+    int saved = errno;
+    close(diag);
+    if (n < 0) {
+        errno = saved;
+        return -1;
+    }
+    int left = (int)n;
+    for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, left); header = NLMSG_NEXT(header, left)) {
+        if (header->nlmsg_type == NLMSG_ERROR) {
+            struct nlmsgerr *error = NLMSG_DATA(header);
+            errno = error->error < 0 ? -error->error : EPROTO;
+            return -1;
+        }
+        if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY || header->nlmsg_len < NLMSG_LENGTH(sizeof(struct unix_diag_msg))) continue;
+        const struct unix_diag_msg *message = NLMSG_DATA(header);
+        int attributes = (int)(header->nlmsg_len - NLMSG_LENGTH(sizeof *message));
+        for (const struct rtattr *attribute = (const struct rtattr *)(message + 1); RTA_OK(attribute, attributes);
+             attribute = RTA_NEXT(attribute, attributes)) {
+            if (attribute->rta_type == UNIX_DIAG_PEER && RTA_PAYLOAD(attribute) >= sizeof(uint32_t)) {
+                memcpy(peer, RTA_DATA(attribute), sizeof(uint32_t));
+                return 0;
+            }
+        }
+        break;
+    }
+    errno = ENOPROTOOPT;
+    return -1;
+}
+
+/* The inode of the local datagram socket bound at the abstract name `name` (`length` bytes after the
+ * leading NUL) in the network namespace of `server`, the one `sendto` there reaches: a probe socket
+ * made here is connected to it, and the kernel's socket table names the probe's peer. Nothing is
+ * copied from, or sent to, anyone. 0 with `*inode`, or -1 with errno: connect's (ECONNREFUSED
+ * nothing bound there, EPROTOTYPE not a datagram socket); EXDEV this thread is in another network
+ * namespace than `server`; ENOPROTOOPT no SO_NETNS_COOKIE (before Linux 5.14) or no peer said. */
+int pb_abstract_socket_inode(int server, const char *name, size_t length, uint32_t *inode) {
+    struct sockaddr_un address;
+    if (length == 0 || length > sizeof address.sun_path - 1) {
+        errno = EINVAL;
+        return -1;
+    }
+    int probe = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (probe < 0) return -1;
+    int result = -1;
+    uint64_t ours = 0, theirs = 0;
+    socklen_t size = sizeof ours, their_size = sizeof theirs;
+    struct stat info;
+    memset(&address, 0, sizeof address);
+    address.sun_family = AF_UNIX;
+    memcpy(address.sun_path + 1, name, length);
+    if (getsockopt(probe, SOL_SOCKET, SO_NETNS_COOKIE, &ours, &size) != 0 ||
+        getsockopt(server, SOL_SOCKET, SO_NETNS_COOKIE, &theirs, &their_size) != 0) {
+        // (errno as getsockopt left it)
+    } else if (ours != theirs) {
+        errno = EXDEV;
+    } else if (connect(probe, (struct sockaddr *)&address, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + length)) == 0 &&
+               fstat(probe, &info) == 0) {
+        result = unix_diag_peer_of((uint32_t)info.st_ino, inode);
+    }
+    int saved = errno;
+    close(probe);  // a socket of this process's own, never read from
+    errno = saved;
+    return result;
+}
+
+/* Whether descriptor `fd` of process `pid` is the socket of inode `inode` (its /proc/PID/fd link
+ * reads `socket:[INODE]`; nothing is opened or copied). */
+static int descriptor_is_socket(int pid, int fd, uint32_t inode) {
+    char path[64], link[64], expected[32];
+    int expected_length = snprintf(expected, sizeof expected, "socket:[%u]", inode);
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
+    ssize_t count = readlink(path, link, sizeof link);
+    if (count < 0) return errno == ENOENT ? 0 : -1;
+    return count == expected_length && memcmp(link, expected, (size_t)count) == 0;
+}
+
+/* Which of process `pid`'s descriptors below `limit` is the socket of inode `inode`, `hint` looked
+ * at first, whatever `limit` (-1: none): the descriptor, or -1 (none, or it cannot be looked at: ptrace rules, gone).
+ * Each descriptor looked at costs a readlink of /proc/PID/fd/N (a few microseconds). */
+int pb_process_socket_descriptor(int pid, uint32_t inode, int hint, int limit) {
+    if (hint >= 0 && descriptor_is_socket(pid, hint, inode) == 1) return hint;
+    for (int fd = 0; fd < limit; fd++) {
+        if (fd == hint) continue;
+        int is = descriptor_is_socket(pid, fd, inode);
+        if (is == 1) return fd;
+        if (is < 0) return -1;
+    }
+    return -1;
 }
 
 /* Which files a local socket is bound to, from the kernel's socket table (sock_diag, the

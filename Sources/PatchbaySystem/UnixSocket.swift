@@ -1,5 +1,6 @@
 package import SystemPackage
 import Glibc
+import Synchronization
 import CPatchbayShims
 
 /// An `AF_UNIX` socket of any type (`SOCK_STREAM`, `SOCK_SEQPACKET`, `SOCK_DGRAM`): what
@@ -245,38 +246,72 @@ package struct UnixSocket: ~Copyable {
     /// own can bind the name of any autobound socket here (they are listed in `/proc/net/unix`;
     /// nineteenth attack round). One of another uid must hold, among its first
     /// `senderDescriptorsSearched` descriptors, the very socket bound at that name in this
-    /// namespace: a socket it made in a namespace of its own, under the name of one of this
-    /// uid's, and sends from a process here, passes the first check (twentieth attack round).
-    /// The search copies its sockets (`pidfd_getfd`), which takes the rights to trace it (a root
-    /// server has them; another finds the first check refusing as well).
+    /// namespace (the kernel's socket table names its inode; the sender's `/proc/PID/fd` links
+    /// name its sockets'): a socket it made in a namespace of its own, under the name of one of
+    /// this uid's, and sends from a process here, passes the first check (twentieth attack
+    /// round). Nothing of the sender's is opened or copied: a copy closed here would drop this
+    /// process's POSIX locks on whatever file the sender had swapped in (twenty-first round).
+    /// Reading the links takes the rights to trace the sender (a root server has them; another
+    /// finds the first check refusing as well).
     package static func checkAutoboundSender(_ address: Address, on fd: CInt) throws(Errno) {
         guard address.senderUID != UInt32.max, address.senderPID > 0 else { throw .permissionDenied }
         guard address.senderUID != geteuid() else {
             guard senderSharesNetworkNamespace(address) else { throw .permissionDenied }
             return
         }
-        let owner = autoboundSearchOwner | UInt64(address.senderUID)
-        guard !PeerDescriptors.pastBound(of: owner) else { throw .permissionDenied }
-        let pidfd = pb_pidfd_open(address.senderPID)
-        guard pidfd >= 0 else { throw .permissionDenied }
-        defer { close(pidfd) }
-        let name = address.bytes.dropFirst(3)
-        // Each copy is closed on the sender's uid's closing thread: its close may be the last.
-        let held = name.withUnsafeBytes { raw in
-            pb_process_holds_abstract_socket(pidfd, address.senderPID, fd, raw.baseAddress?.assumingMemoryBound(to: CChar.self),
-                                             raw.count, senderDescriptorsSearched,
-                                             { copy, owner in PeerDescriptors.close(copy, of: UInt64(UInt(bitPattern: owner))) },
-                                             UnsafeMutableRawPointer(bitPattern: UInt(owner)))
+        let name = Array(address.bytes.dropFirst(3))
+        var inode: UInt32 = 0
+        let found = name.withUnsafeBytes { raw in
+            pb_abstract_socket_inode(fd, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count, &inode)
         }
-        guard held == 1 else { throw .permissionDenied }
+        guard found == 0 else { throw .permissionDenied }
+        // Where this sender held it last time, looked at first; a search of all of them is
+        // rationed per uid, as a sender chooses how many there are to read.
+        let key = AutoboundSender(pid: address.senderPID, name: name)
+        let hint = autoboundSenders.withLock { $0.held[key] } ?? -1
+        if hint >= 0, pb_process_socket_descriptor(address.senderPID, inode, hint, 0) == hint { return }
+        guard autoboundSenders.withLock({ $0.mayScan(uid: address.senderUID, now: monotonicNanoseconds()) }) else {
+            throw .resourceTemporarilyUnavailable
+        }
+        let held = pb_process_socket_descriptor(address.senderPID, inode, -1, senderDescriptorsSearched)
+        guard held >= 0 else { throw .permissionDenied }
+        autoboundSenders.withLock { $0.remember(key, at: held) }
     }
 
     /// How many of another uid's sender's descriptors are searched for its socket.
     package static let senderDescriptorsSearched: CInt = 256
-    /// The closing threads of the copies made searching a sender's descriptors, one per uid
-    /// (or'd with it): a uid whose copies' closes do not finish stops being searched (`EACCES`)
-    /// once `PeerDescriptors.bound` wait.
-    private static let autoboundSearchOwner: UInt64 = 1 << 60
+    /// How many such searches one uid's senders may cost this process per second.
+    package static let senderSearchesPerSecond = 64
+
+    private struct AutoboundSender: Hashable {
+        var pid: CInt
+        var name: [UInt8]
+    }
+
+    /// Where senders of other uids held their sockets (at most 1,024 kept), and each uid's
+    /// searches this second (at most 1,024 uids kept).
+    private struct AutoboundSenders {
+        var held: [AutoboundSender: CInt] = [:]
+        var searches: [UInt32: (second: UInt64, count: Int)] = [:]
+
+        mutating func mayScan(uid: UInt32, now: UInt64) -> Bool {
+            let second = now / 1_000_000_000
+            if searches.count >= 1024, searches[uid] == nil { searches = searches.filter { $0.value.second == second } }
+            var entry = searches[uid] ?? (second, 0)
+            if entry.second != second { entry = (second, 0) }
+            guard entry.count < UnixSocket.senderSearchesPerSecond else { return false }
+            entry.count += 1
+            searches[uid] = entry
+            return true
+        }
+
+        mutating func remember(_ sender: AutoboundSender, at descriptor: CInt) {
+            if held.count >= 1024 { held.removeAll(keepingCapacity: true) }
+            held[sender] = descriptor
+        }
+    }
+
+    private static let autoboundSenders = Mutex(AutoboundSenders())
 
     /// Whether an autobound sender is in this process's network namespace, where its abstract
     /// name is looked up: one in a namespace of its own can bind the name of any autobound socket

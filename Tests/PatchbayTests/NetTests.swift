@@ -810,6 +810,52 @@ struct NetTests {
     }
 
 
+    @Test("a datagram server's search of another uid's senders for their sockets is rationed per uid: nobody's 200 senders that never hold their socket where it is looked for cost at most 64 searches a second, the rest refused at once (EAGAIN)",
+          .enabled(if: geteuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0 && access("/usr/bin/python3", X_OK) == 0, "needs root, setpriv and python3"))
+    func autoboundSenderSearchesAreRationed() throws {
+        let broker = try TestBroker()
+        let client = try broker.connect()
+        var server = try Socket.open(client, type: .dgram)
+        try server.bind("rationed", mode: 0o666)
+        try server.openData()
+        chmod(broker.directory, 0o755)
+        chmod(broker.directory + "/net", 0o755)
+        // Each sender's socket sits past the descriptors searched (fd 300 and up).
+        let senders = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", """
+            import os, resource, socket, sys
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+            for i in range(200):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                os.dup2(s.fileno(), 300 + i)
+                s.close()
+                s = socket.socket(fileno=300 + i)
+                s.bind("")
+                s.sendto(b"far", sys.argv[1])
+                s.detach()
+            print("sent", flush=True)
+            sys.stdin.readline()
+            """, try client.localSocketPath("rationed")])
+        defer { senders.kill(SIGKILL); _ = try? senders.wait() }
+        // (They send as this reads: a datagram socket's queue holds few.)
+        var outcomes: [String: Int] = [:]
+        for _ in 0..<200 {
+            var buffer = [UInt8](repeating: 0, count: 16)
+            let received = try buffer.withUnsafeMutableBytes { raw in try server.receive(into: raw, wantSender: true) }
+            do {
+                try server.reply(Array("no".utf8), to: try #require(received.sender))
+                outcomes["answered", default: 0] += 1
+            } catch let error as PatchbayError {
+                outcomes[error.errno.name, default: 0] += 1
+            }
+        }
+        // 200 searches of 256 descriptors each take well under the 3 seconds that would allow
+        // 192 of them; those past a second's 64 are refused without one.
+        #expect(outcomes["answered"] == nil && (outcomes["EACCES"] ?? 0) >= 32 && (outcomes["EAGAIN"] ?? 0) >= 8, "\(outcomes)")
+        #expect(try senders.readLine() == "sent")
+        try senders.writeLine("done")
+        #expect(try senders.wait() == .exited(0))
+    }
+
     @Test("a datagram server's answer does not follow a sender into its own namespaces: nobody bound, in a mount namespace of its own, at the path of root's socket, or root's autobound name in a network namespace of its own (sent from there, or from nobody's process here) is refused (EACCES), and root's socket gets nothing; nobody's own autobound socket is answered",
           .enabled(if: networkNamespacesAvailable && access("/usr/bin/setpriv", X_OK) == 0, "needs root, unshare, setpriv and python3"))
     func datagramAnswersStayInTheServersNamespaces() throws {

@@ -316,14 +316,16 @@ int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int 
 /// UNIX_DIAG_VFS): `bound[i]` 1 or 0. 0, or -1 with errno (no sock_diag for AF_UNIX).
 int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound);
 
-/// Whether the process of `pidfd` (`pid`) holds, among its descriptors below `limit`, a local
-/// socket bound at the abstract name `name` (`length` bytes after the leading NUL) in the network
-/// namespace of `socket` (the one `sendto` there reaches): 1 yes; 0 no, or it cannot be looked at
-/// (ptrace rules); -1 with errno (no SO_NETNS_COOKIE, before Linux 5.14). Each of its sockets
-/// looked at is copied here (pidfd_getfd) and the copy handed to `release` (with `context`), which
-/// must close it.
-int pb_process_holds_abstract_socket(int pidfd, int pid, int socket, const char *name, size_t length, int limit,
-                                     void (*release)(int, void *), void *context);
+/// The inode of the local datagram socket bound at the abstract name `name` (`length` bytes after
+/// the leading NUL) in `server`'s network namespace (the one `sendto` there reaches), from the
+/// kernel's socket table through a probe connected to it: 0 with `*inode`, or -1 with errno
+/// (ECONNREFUSED nothing bound there, EPROTOTYPE not a datagram socket, EXDEV this thread is in
+/// another network namespace than `server`, ENOPROTOOPT not said).
+int pb_abstract_socket_inode(int server, const char *name, size_t length, uint32_t *inode);
+/// Which of process `pid`'s descriptors below `limit` is the socket of inode `inode` (its
+/// /proc/PID/fd links; nothing is opened or copied), `hint` looked at first, whatever `limit` (-1: none): the
+/// descriptor, or -1 (none, or it cannot be looked at).
+int pb_process_socket_descriptor(int pid, uint32_t inode, int hint, int limit);
 
 /// An O_PATH descriptor of the socket file at `path`, no symbolic link followed in any component
 /// (ELOOP), ENOTSOCK if it is no socket; -1 with errno.
