@@ -419,13 +419,18 @@ func netSendLingering(name: String, port: UInt16) throws(PatchbayError) {
     let listener = try Socket.listen(broker, name: name, type: .seqpacket)
     say("listening")
     let connection = try listener.accept()
-    do {
-        let inner = try lingeringSocket(port: port)
-        let hello = Array("hello".utf8)
-        guard hello.withUnsafeBytes({ raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection.dataDescriptor, raw, $0) } }) == hello.count
-        else { throw PatchbayError(Errno.current, "sendmsg") }
+    say("accepted")
+    guard Swift.readLine() == "go" else { return }
+    let hello = Array("hello".utf8)
+    let inner = try lingeringSocket(port: port)
+    if hello.withUnsafeBytes({ raw in [inner.rawValue].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection.dataDescriptor, raw, $0) } }) == hello.count {
+        say("sent")
+    } else {
+        // The kernel refused the descriptor (SO_PASSRIGHTS off at root's end): the data alone.
+        let refused = Errno.current
+        _ = hello.withUnsafeBytes { raw in [CInt]().withUnsafeBufferPointer { SeqpacketSocket.sendRaw(connection.dataDescriptor, raw, $0) } }
+        say("refused \(refused.name)")
     }
-    say("sent")
     waitForEndOfInput()
 }
 
@@ -616,6 +621,8 @@ func netListenerWithLingering(port: UInt16) throws(PatchbayError) {
     let path: String
     do {
         let listener = try Socket.listen(broker, name: "lingering.embryo", type: .seqpacket)
+        // Its own listener: it may let its connections take descriptors again (they inherit it).
+        WakeSocket.acceptDescriptors(listener.kernelDescriptor)
         path = try broker.localSocketPath("lingering.embryo")
         let connection = try connectSeqpacket(to: path)
         let inner = try lingeringSocket(port: port)

@@ -565,7 +565,7 @@ struct NetTests {
     // That the close happens on a closing thread, not in the receiving one, is what
     // TwoUserLingerTests.lingeringWithNetDataDoesNotHangReceiver shows (a close that would wait);
     // this test shows only that none is left open (a plain recv would pass it too).
-    @Test("descriptors a peer sends with data are taken off the socket and closed: the receiver keeps none", arguments: [Socket.Kind.seqpacket, .stream])
+    @Test("a /net socket takes no descriptors (EPERM at the sender: a close of one in the receiving process would drop its POSIX locks on the file); where the kernel cannot refuse them (played by turning SO_PASSRIGHTS back on), those a peer sends with data are taken off the socket and closed: the receiver keeps none", arguments: [Socket.Kind.seqpacket, .stream])
     func receivedDescriptorsAreClosedElsewhere(_ kind: Socket.Kind) throws {
         let broker = try TestBroker()
         let client = try broker.connect()
@@ -576,10 +576,24 @@ struct NetTests {
         #expect(pipe(&ends) == 0)
         defer { close(ends[1]) }
         var bytes: [UInt8] = Array("with a descriptor".utf8)
-        let sent = bytes.withUnsafeMutableBytes { raw in
-            [ends[0]].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.dataDescriptor, UnsafeRawBufferPointer(raw), $0) }
+        func send() -> Int {
+            bytes.withUnsafeMutableBytes { raw in
+                [ends[0]].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(sender.dataDescriptor, UnsafeRawBufferPointer(raw), $0) }
+            }
         }
+        // Both ends refuse them, the accepted one from its first byte (inherited from the listener).
+        if try kernelRefusesDescriptors() {
+            #expect(send() == -1 && errno == EPERM)
+            var reply: [UInt8] = [1]
+            let toSender = reply.withUnsafeMutableBytes { raw in
+                [ends[0]].withUnsafeBufferPointer { SeqpacketSocket.sendRaw(receiver.dataDescriptor, UnsafeRawBufferPointer(raw), $0) }
+            }
+            #expect(toSender == -1 && errno == EPERM)
+            WakeSocket.acceptDescriptors(receiver.dataDescriptor)
+        }
+        let sent = send()
         #expect(sent == bytes.count)
+        guard sent == bytes.count else { return }
         close(ends[0])  // the read end now lives only in the receiver's queue
         let received = try receiver.receive()
         #expect(received?.bytes == bytes)

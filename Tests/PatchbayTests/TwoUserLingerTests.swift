@@ -212,8 +212,9 @@ struct TwoUserLingerTests {
         withExtendedLifetime(listener) {}
     }
 
-    @Test("a lingering TCP socket nobody's /net listener sends root with its data: root's receive returns the data at once, the socket closed elsewhere")
-    func lingeringWithNetDataDoesNotHangReceiver() throws {
+    @Test("a lingering TCP socket nobody's /net listener sends root with its data: refused by the kernel (EPERM: root's /net socket takes no descriptors), and where it is not (played by turning SO_PASSRIGHTS back on), root's receive returns the data at once, the socket closed elsewhere",
+          arguments: [false, true])
+    func lingeringWithNetDataDoesNotHangReceiver(passingRights: Bool) throws {
         let broker = try TestBroker(["--system"])
         chmod(broker.directory, 0o755)
         let listener = try DeafListener()
@@ -222,7 +223,10 @@ struct TwoUserLingerTests {
         defer { attacker.closeInput() }
         #expect(try attacker.readLine() == "listening")
         let connection = try Socket.connect(root, to: "lingering.data")
-        #expect(try attacker.readLine() == "sent")
+        #expect(try attacker.readLine() == "accepted")
+        if passingRights { WakeSocket.acceptDescriptors(connection.dataDescriptor) }
+        try attacker.writeLine("go")
+        #expect(try attacker.readLine() == (passingRights || !(try kernelRefusesDescriptors()) ? "sent" : "refused EPERM"))
         let data = connection.dataDescriptor
         let got = Mutex<[UInt8]?>(nil)
         #expect(try finishes {

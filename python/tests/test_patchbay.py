@@ -758,6 +758,18 @@ class NetTests(BrokerTestCase):
                 patchbay.Socket.connect(self.broker, name) as connector, \
                 listener.accept() as accepted:
             sender = socket.socket(fileno=os.dup(connector.fileno()))
+            # A /net socket takes no descriptors (SO_PASSRIGHTS off, Linux 6.16): EPERM. Turned
+            # back on, as a kernel without it behaves, the library's receive is what is tested.
+            receiving = socket.socket(fileno=os.dup(accepted.fileno()))
+            try:
+                receiving.setsockopt(socket.SOL_SOCKET, 83, 0)  # raises on a kernel without it
+            except OSError:
+                pass
+            else:
+                with self.assertRaises(PermissionError):
+                    socket.send_fds(sender, [b"with a socket"], [lingering.fileno()])
+                receiving.setsockopt(socket.SOL_SOCKET, 83, 1)
+            receiving.close()
             socket.send_fds(sender, [b"with a socket"], [lingering.fileno()])
             sender.close()
             lingering.close()

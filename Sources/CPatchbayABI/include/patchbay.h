@@ -204,10 +204,11 @@ int pb_net_data(pb_socket *socket);
  *     was cut (the rest is discarded); 0 at end of file, or for an empty packet (as recv(2)).
  *   - from, if not NULL, receives the sender's address (dgram; *fromlen in: the room at from,
  *     out: the address's whole length, 0 for an unnamed sender), to answer with pb_net_reply.
- *   - Descriptors a peer sends along are received and closed on a thread of the library's,
- *     lingering off (see pb_net_data), never in the caller's thread. A dgram socket takes none
- *     at all (SO_PASSRIGHTS off, Linux 6.16: a sender's SCM_RIGHTS is -EPERM), since anyone may
- *     send to a bound one; turn it back on on pb_net_fd's descriptor to take them.
+ *   - A /net socket takes no descriptors at all (SO_PASSRIGHTS off, Linux 6.16: a peer's
+ *     SCM_RIGHTS is -EPERM): anyone may send to a bound dgram one, and a close of a descriptor a
+ *     peer chose drops this process's POSIX locks on that file. Turn it back on on pb_net_fd's
+ *     descriptor to take them; they are then received and closed on a thread of the library's,
+ *     lingering off (see pb_net_data), never in the caller's thread.
  *   - A blocking receive on a bound dgram socket also minds its broker: after a broker restart
  *     it has the broker that comes back take the socket back under its name (as a listener's
  *     next pb_net_accept does; see "Broker restarts" in the README), receiving in between.

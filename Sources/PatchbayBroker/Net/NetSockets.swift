@@ -201,16 +201,17 @@ final class NetTable {
         do {
             let kernel = try UnixSocket(type.kernelKind)
             // Unbound datagram senders get an autobound address, so a datagram peer can answer.
-            // A datagram socket takes no descriptors (`SO_PASSRIGHTS` off, Linux 6.16: a sender's
-            // `SCM_RIGHTS` is `EPERM`): anyone may send to a bound one, and descriptors that
-            // came (their closes can be made to wait) would pile up in its server until the
+            if type == .dgram { try kernel.enableCredentialPassing() }
+            // A `/net` socket takes no descriptors (`SO_PASSRIGHTS` off, Linux 6.16: a peer's
+            // `SCM_RIGHTS` is `EPERM`; a listener's connections have it off from their first
+            // byte, as they inherit it): the library never hands any to its program, and those
+            // that came were closed in the receiving process, which drops its POSIX locks on
+            // the file (a lock file's descriptor sent to root's listener freed root's lock:
+            // twenty-first attack round), and could pile up in a datagram server until the
             // library shut it for reading, which stopped root's datagram servers, name and all,
-            // with one packet of 64 (eighteenth attack round). A program that wants them turns
-            // it back on, on its own descriptor.
-            if type == .dgram {
-                try kernel.enableCredentialPassing()
-                WakeSocket.refuseDescriptors(kernel.rawValue)
-            }
+            // with one packet of 64 (eighteenth round). A program that wants them turns it back
+            // on, on its own descriptor.
+            WakeSocket.refuseDescriptors(kernel.rawValue)
             let data = try duplicateDescriptor(kernel.rawValue)
             return try adopt(kernel, data: data, type: type, family: family, caller: caller, state: .new, accountedUID: caller.uid)
         } catch let error as RequestError {
@@ -387,8 +388,8 @@ final class NetTable {
         // Only a listener's: the broker accepts on it. A datagram socket's file description is
         // the one its server receives on, which must stay as its server made it.
         if type != .dgram { try? kernel.descriptor.setNonblocking(true) }
-        // (As at a factory open: a datagram socket taken back takes no descriptors either.)
-        if type == .dgram { WakeSocket.refuseDescriptors(kernel.rawValue) }
+        // (As at a factory open: a socket taken back takes no descriptors either.)
+        WakeSocket.refuseDescriptors(kernel.rawValue)
         let opened = try adopt(kernel, data: nil, type: type, family: family, caller: caller,
                                state: type == .dgram ? .bound : .listening, accountedUID: caller.uid)
         opened.socket.name = name
