@@ -788,14 +788,34 @@ int pb_pidfd_exited(int pidfd) {
 
 
 
-/* The inode of the peer of this process's connected local socket of inode `probe`, from the
- * kernel's socket table (sock_diag, that one socket by its inode, UNIX_DIAG_PEER): 0 with
- * `*peer`, or -1 with errno (ENOPROTOOPT: no peer said). */
-static int unix_diag_peer_of(uint32_t probe, uint32_t *peer) {
-    int diag = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-    if (diag < 0) return -1;
+/* One sock_diag query of the local sockets of this thread's network namespace, with the `show`
+ * attributes (UDIAG_SHOW_*): every socket (`inode` 0, a dump) or the one of inode `inode`. `each`
+ * sees each socket's message and the length of its attributes. With `same_namespace_as` >= 0, the
+ * namespace must be that socket's (SO_NETNS_COOKIE): EXDEV otherwise. 0, or -1 with errno (no
+ * sock_diag for AF_UNIX, ENOENT no socket of that inode, a netlink error). */
+static int unix_diag_query(uint32_t inode, unsigned show, int same_namespace_as,
+                           void (*each)(const struct unix_diag_msg *, int, void *), void *context) {
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    int saved;
+    if (same_namespace_as >= 0) {
+        uint64_t ours = 0, theirs = 0;
+        socklen_t size = sizeof ours, their_size = sizeof theirs;
+        if (getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, &ours, &size) != 0 ||
+            getsockopt(same_namespace_as, SOL_SOCKET, SO_NETNS_COOKIE, &theirs, &their_size) != 0) {
+            saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        if (ours != theirs) {
+            close(fd);
+            errno = EXDEV;
+            return -1;
+        }
+    }
     struct timeval timeout = { .tv_sec = 5, .tv_usec = 0 };
-    (void)setsockopt(diag, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     struct {
         struct nlmsghdr header;
         struct unix_diag_req request;
@@ -803,82 +823,103 @@ static int unix_diag_peer_of(uint32_t probe, uint32_t *peer) {
     memset(&query, 0, sizeof query);
     query.header.nlmsg_len = sizeof query;
     query.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-    query.header.nlmsg_flags = NLM_F_REQUEST;
+    query.header.nlmsg_flags = NLM_F_REQUEST | (inode == 0 ? NLM_F_DUMP : 0);
     query.request.sdiag_family = AF_UNIX;
     query.request.udiag_states = ~0u;
-    query.request.udiag_ino = probe;
-    query.request.udiag_show = UDIAG_SHOW_PEER;
-    query.request.udiag_cookie[0] = query.request.udiag_cookie[1] = ~0u;  // no cookie: by inode alone
-    static _Thread_local char buffer[4096] __attribute__((aligned(NLMSG_ALIGNTO)));
-    ssize_t n = -1;
-    if (send(diag, &query, sizeof query, 0) == (ssize_t)sizeof query) {
-        do {
-            n = recv(diag, buffer, sizeof buffer, 0);
-        } while (n < 0 && errno == EINTR);
-    }
-    int saved = errno;
-    close(diag);
-    if (n < 0) {
+    query.request.udiag_ino = inode;
+    query.request.udiag_show = show;
+    if (inode != 0) query.request.udiag_cookie[0] = query.request.udiag_cookie[1] = ~0u;  // by inode alone
+    ssize_t sent;
+    do {
+        sent = send(fd, &query, sizeof query, 0);
+    } while (sent < 0 && errno == EINTR);
+    if (sent != (ssize_t)sizeof query) {
+        saved = sent < 0 ? errno : EPROTO;
+        close(fd);
         errno = saved;
         return -1;
     }
-    int left = (int)n;
-    for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, left); header = NLMSG_NEXT(header, left)) {
-        if (header->nlmsg_type == NLMSG_ERROR) {
-            struct nlmsgerr *error = NLMSG_DATA(header);
-            errno = error->error < 0 ? -error->error : EPROTO;
+    static _Thread_local char buffer[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
+    for (;;) {
+        ssize_t n;
+        do {
+            n = recv(fd, buffer, sizeof buffer, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n <= 0) {
+            saved = n == 0 ? EPROTO : errno;
+            close(fd);
+            errno = saved;
             return -1;
         }
-        if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY || header->nlmsg_len < NLMSG_LENGTH(sizeof(struct unix_diag_msg))) continue;
-        const struct unix_diag_msg *message = NLMSG_DATA(header);
-        int attributes = (int)(header->nlmsg_len - NLMSG_LENGTH(sizeof *message));
-        for (const struct rtattr *attribute = (const struct rtattr *)(message + 1); RTA_OK(attribute, attributes);
-             attribute = RTA_NEXT(attribute, attributes)) {
-            if (attribute->rta_type == UNIX_DIAG_PEER && RTA_PAYLOAD(attribute) >= sizeof(uint32_t)) {
-                memcpy(peer, RTA_DATA(attribute), sizeof(uint32_t));
+        int length = (int)n;
+        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, length); header = NLMSG_NEXT(header, length)) {
+            if (header->nlmsg_type == NLMSG_DONE) {
+                close(fd);
+                return 0;
+            }
+            if (header->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *error = NLMSG_DATA(header);
+                int code = header->nlmsg_len >= NLMSG_LENGTH(sizeof *error) && error->error < 0 ? -error->error : EPROTO;
+                close(fd);
+                errno = code;
+                return -1;
+            }
+            if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY || header->nlmsg_len < NLMSG_LENGTH(sizeof(struct unix_diag_msg))) continue;
+            const struct unix_diag_msg *message = NLMSG_DATA(header);
+            each(message, (int)(header->nlmsg_len - NLMSG_LENGTH(sizeof *message)), context);
+            if (inode != 0) {  // one socket: no NLMSG_DONE follows
+                close(fd);
                 return 0;
             }
         }
-        break;
     }
-    errno = ENOPROTOOPT;
-    return -1;
 }
 
-/* The inode of the local datagram socket bound at the abstract name `name` (`length` bytes after the
- * leading NUL) in the network namespace of `server`, the one `sendto` there reaches: a probe socket
- * made here is connected to it, and the kernel's socket table names the probe's peer. Nothing is
- * copied from, or sent to, anyone. 0 with `*inode`, or -1 with errno: connect's (ECONNREFUSED
- * nothing bound there, EPROTOTYPE not a datagram socket); EXDEV this thread is in another network
- * namespace than `server`; ENOPROTOOPT no SO_NETNS_COOKIE (before Linux 5.14) or no peer said. */
+struct abstract_name {
+    const char *name;
+    size_t length;
+    int found;
+    uint32_t inode;
+};
+
+static void match_abstract_name(const struct unix_diag_msg *message, int left, void *context) {
+    struct abstract_name *search = context;
+    for (const struct rtattr *attribute = (const struct rtattr *)(message + 1); RTA_OK(attribute, left);
+         attribute = RTA_NEXT(attribute, left)) {
+        if (attribute->rta_type != UNIX_DIAG_NAME) continue;
+        // An abstract name comes with its leading NUL.
+        const char *bytes = RTA_DATA(attribute);
+        if (RTA_PAYLOAD(attribute) == search->length + 1 && bytes[0] == 0 && memcmp(bytes + 1, search->name, search->length) == 0) {
+            search->found = 1;
+            search->inode = message->udiag_ino;
+        }
+    }
+}
+
+/* The inode of the local socket bound at the abstract name `name` (`length` bytes after the leading
+ * NUL) in the network namespace of `server`, the one `sendto` there reaches, from the kernel's
+ * socket table (sock_diag, every socket of the namespace with its name; nothing is sent to, or
+ * connected to, anyone). 0 with `*inode`, or -1 with errno: ENOENT nothing bound there; EXDEV this
+ * thread is in another network namespace than `server`; ENOPROTOOPT no SO_NETNS_COOKIE (before
+ * Linux 5.14). */
 int pb_abstract_socket_inode(int server, const char *name, size_t length, uint32_t *inode) {
-    struct sockaddr_un address;
-    if (length == 0 || length > sizeof address.sun_path - 1) {
-        errno = EINVAL;
+    struct abstract_name search = { name, length, 0, 0 };
+    if (unix_diag_query(0, UDIAG_SHOW_NAME, server, match_abstract_name, &search) != 0) return -1;
+    if (!search.found) {
+        errno = ENOENT;
         return -1;
     }
-    int probe = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (probe < 0) return -1;
-    int result = -1;
-    uint64_t ours = 0, theirs = 0;
-    socklen_t size = sizeof ours, their_size = sizeof theirs;
-    struct stat info;
-    memset(&address, 0, sizeof address);
-    address.sun_family = AF_UNIX;
-    memcpy(address.sun_path + 1, name, length);
-    if (getsockopt(probe, SOL_SOCKET, SO_NETNS_COOKIE, &ours, &size) != 0 ||
-        getsockopt(server, SOL_SOCKET, SO_NETNS_COOKIE, &theirs, &their_size) != 0) {
-        // (errno as getsockopt left it)
-    } else if (ours != theirs) {
-        errno = EXDEV;
-    } else if (connect(probe, (struct sockaddr *)&address, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + length)) == 0 &&
-               fstat(probe, &info) == 0) {
-        result = unix_diag_peer_of((uint32_t)info.st_ino, inode);
-    }
-    int saved = errno;
-    close(probe);  // a socket of this process's own, never read from
-    errno = saved;
-    return result;
+    *inode = search.inode;
+    return 0;
+}
+
+/* Whether the local socket of inode `inode` is in `server`'s network namespace and bound at the
+ * abstract name `name` (`length` bytes after the leading NUL): 1 yes, 0 no (gone, elsewhere, or
+ * another name), -1 with errno (as pb_abstract_socket_inode). One socket looked up by its inode. */
+int pb_socket_has_abstract_name(int server, uint32_t inode, const char *name, size_t length) {
+    struct abstract_name search = { name, length, 0, 0 };
+    if (unix_diag_query(inode, UDIAG_SHOW_NAME, server, match_abstract_name, &search) != 0) return errno == ENOENT ? 0 : -1;
+    return search.found && search.inode == inode;
 }
 
 /* Whether descriptor `fd` of process `pid` is the socket of inode `inode` (its /proc/PID/fd link
@@ -906,75 +947,37 @@ int pb_process_socket_descriptor(int pid, uint32_t inode, int hint, int limit) {
     return -1;
 }
 
+struct bound_files {
+    const uint64_t *devices, *inodes;
+    int count;
+    unsigned char *bound;
+};
+
+static void mark_bound_files(const struct unix_diag_msg *message, int left, void *context) {
+    struct bound_files *files = context;
+    for (const struct rtattr *attribute = (const struct rtattr *)(message + 1); RTA_OK(attribute, left);
+         attribute = RTA_NEXT(attribute, left)) {
+        if (attribute->rta_type != UNIX_DIAG_VFS || RTA_PAYLOAD(attribute) < sizeof(struct unix_diag_vfs)) continue;
+        struct unix_diag_vfs vfs;
+        memcpy(&vfs, RTA_DATA(attribute), sizeof vfs);
+        // The kernel's device number (major << 20 | minor), and the inode's low 32 bits.
+        unsigned int major_number = vfs.udiag_vfs_dev >> 20, minor_number = vfs.udiag_vfs_dev & 0xfffff;
+        for (int i = 0; i < files->count; i++) {
+            if (major(files->devices[i]) == major_number && minor(files->devices[i]) == minor_number &&
+                (uint32_t)files->inodes[i] == vfs.udiag_vfs_ino)
+                files->bound[i] = 1;
+        }
+    }
+}
+
 /* Which files a local socket is bound to, from the kernel's socket table (sock_diag, the
  * UNIX_DIAG_VFS attribute: the device and inode of the socket file a bound socket made). A path
  * string proves nothing: anyone can bind a socket to the same path string in a mount namespace of
  * its own, or keep a socket whose file was since unlinked and made again. */
 int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound) {
     memset(bound, 0, (size_t)count);
-    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-    if (fd < 0) return -1;
-    struct timeval timeout = { .tv_sec = 5, .tv_usec = 0 };
-    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    struct {
-        struct nlmsghdr header;
-        struct unix_diag_req request;
-    } query;
-    memset(&query, 0, sizeof query);
-    query.header.nlmsg_len = sizeof query;
-    query.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-    query.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-    query.request.sdiag_family = AF_UNIX;
-    query.request.udiag_states = ~0u;
-    query.request.udiag_show = UDIAG_SHOW_VFS;
-    if (send(fd, &query, sizeof query, 0) != (ssize_t)sizeof query) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
-    static _Thread_local char buffer[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
-    for (;;) {
-        ssize_t n;
-        do {
-            n = recv(fd, buffer, sizeof buffer, 0);
-        } while (n < 0 && errno == EINTR);
-        if (n <= 0) {
-            int saved = n == 0 ? EPROTO : errno;
-            close(fd);
-            errno = saved;
-            return -1;
-        }
-        int length = (int)n;
-        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, length); header = NLMSG_NEXT(header, length)) {
-            if (header->nlmsg_type == NLMSG_DONE) {
-                close(fd);
-                return 0;
-            }
-            if (header->nlmsg_type == NLMSG_ERROR) {
-                struct nlmsgerr *error = NLMSG_DATA(header);
-                close(fd);
-                errno = error->error < 0 ? -error->error : EPROTO;
-                return -1;
-            }
-            if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY || header->nlmsg_len < NLMSG_LENGTH(sizeof(struct unix_diag_msg))) continue;
-            struct unix_diag_msg *message = NLMSG_DATA(header);
-            int left = (int)(header->nlmsg_len - NLMSG_LENGTH(sizeof *message));
-            for (struct rtattr *attribute = (struct rtattr *)(message + 1); RTA_OK(attribute, left);
-                 attribute = RTA_NEXT(attribute, left)) {
-                if (attribute->rta_type != UNIX_DIAG_VFS || RTA_PAYLOAD(attribute) < sizeof(struct unix_diag_vfs)) continue;
-                struct unix_diag_vfs vfs;
-                memcpy(&vfs, RTA_DATA(attribute), sizeof vfs);
-                // The kernel's device number (major << 20 | minor), and the inode's low 32 bits.
-                unsigned int major_number = vfs.udiag_vfs_dev >> 20, minor_number = vfs.udiag_vfs_dev & 0xfffff;
-                for (int i = 0; i < count; i++) {
-                    if (major(devices[i]) == major_number && minor(devices[i]) == minor_number &&
-                        (uint32_t)inodes[i] == vfs.udiag_vfs_ino)
-                        bound[i] = 1;
-                }
-            }
-        }
-    }
+    struct bound_files files = { devices, inodes, count, bound };
+    return unix_diag_query(0, UDIAG_SHOW_VFS, -1, mark_bound_files, &files);
 }
 
 /* An O_PATH descriptor of the socket file at `path`, found without following any symbolic link in

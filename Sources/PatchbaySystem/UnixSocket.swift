@@ -249,8 +249,10 @@ package struct UnixSocket: ~Copyable {
     /// namespace (the kernel's socket table names its inode; the sender's `/proc/PID/fd` links
     /// name its sockets'): a socket it made in a namespace of its own, under the name of one of
     /// this uid's, and sends from a process here, passes the first check (twentieth attack
-    /// round). Nothing of the sender's is opened or copied: a copy closed here would drop this
-    /// process's POSIX locks on whatever file the sender had swapped in (twenty-first round).
+    /// round). Nothing of the sender's is opened, copied or connected to: a copy closed here
+    /// would drop this process's POSIX locks on whatever file the sender had swapped in
+    /// (twenty-first round), and a probe connected to the name fails for a sender connected to
+    /// this server.
     /// Reading the links takes the rights to trace the sender (a root server has them; another
     /// finds the first check refusing as well).
     package static func checkAutoboundSender(_ address: Address, on fd: CInt) throws(Errno) {
@@ -260,54 +262,67 @@ package struct UnixSocket: ~Copyable {
             return
         }
         let name = Array(address.bytes.dropFirst(3))
+        let key = AutoboundSender(pid: address.senderPID, name: name)
+        // Where this sender held it last time: that socket still bound at the name here, and
+        // still the sender's descriptor there (one socket looked up, one link read).
+        if let (descriptor, inode) = autoboundSenders.withLock({ $0.held[key] }) {
+            let named = name.withUnsafeBytes { raw in
+                pb_socket_has_abstract_name(fd, inode, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count)
+            }
+            if named == 1, pb_process_socket_descriptor(address.senderPID, inode, descriptor, 0) == descriptor { return }
+        }
+        // Else a search: the namespace's whole socket table, then up to 256 of the sender's
+        // links. Rationed per uid and in all, as a sender chooses how many sockets and
+        // descriptors there are to read (and, with a user namespace of its own, its uids).
+        guard autoboundSenders.withLock({ $0.mayScan(uid: address.senderUID, now: monotonicNanoseconds()) }) else {
+            throw .resourceTemporarilyUnavailable
+        }
         var inode: UInt32 = 0
         let found = name.withUnsafeBytes { raw in
             pb_abstract_socket_inode(fd, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count, &inode)
         }
         guard found == 0 else { throw .permissionDenied }
-        // Where this sender held it last time, looked at first; a search of all of them is
-        // rationed per uid, as a sender chooses how many there are to read.
-        let key = AutoboundSender(pid: address.senderPID, name: name)
-        let hint = autoboundSenders.withLock { $0.held[key] } ?? -1
-        if hint >= 0, pb_process_socket_descriptor(address.senderPID, inode, hint, 0) == hint { return }
-        guard autoboundSenders.withLock({ $0.mayScan(uid: address.senderUID, now: monotonicNanoseconds()) }) else {
-            throw .resourceTemporarilyUnavailable
-        }
         let held = pb_process_socket_descriptor(address.senderPID, inode, -1, senderDescriptorsSearched)
         guard held >= 0 else { throw .permissionDenied }
-        autoboundSenders.withLock { $0.remember(key, at: held) }
+        autoboundSenders.withLock { $0.remember(key, at: held, inode: inode) }
     }
 
     /// How many of another uid's sender's descriptors are searched for its socket.
     package static let senderDescriptorsSearched: CInt = 256
-    /// How many such searches one uid's senders may cost this process per second.
+    /// How many such searches one uid's senders may cost this process per second, and all uids'.
     package static let senderSearchesPerSecond = 64
+    package static let allSendersSearchesPerSecond = 256
 
     private struct AutoboundSender: Hashable {
         var pid: CInt
         var name: [UInt8]
     }
 
-    /// Where senders of other uids held their sockets (at most 1,024 kept), and each uid's
-    /// searches this second (at most 1,024 uids kept).
+    /// Where senders of other uids held their sockets (at most 1,024 kept), and this second's
+    /// searches, by uid (at most 1,024 uids; past that, only the total counts) and in all.
     private struct AutoboundSenders {
-        var held: [AutoboundSender: CInt] = [:]
-        var searches: [UInt32: (second: UInt64, count: Int)] = [:]
+        var held: [AutoboundSender: (descriptor: CInt, inode: UInt32)] = [:]
+        var second: UInt64 = 0
+        var searches: [UInt32: Int] = [:]
+        var total = 0
 
         mutating func mayScan(uid: UInt32, now: UInt64) -> Bool {
-            let second = now / 1_000_000_000
-            if searches.count >= 1024, searches[uid] == nil { searches = searches.filter { $0.value.second == second } }
-            var entry = searches[uid] ?? (second, 0)
-            if entry.second != second { entry = (second, 0) }
-            guard entry.count < UnixSocket.senderSearchesPerSecond else { return false }
-            entry.count += 1
-            searches[uid] = entry
+            let current = now / 1_000_000_000
+            if current != second {
+                second = current
+                searches.removeAll(keepingCapacity: true)
+                total = 0
+            }
+            let count = searches[uid] ?? 0
+            guard total < UnixSocket.allSendersSearchesPerSecond, count < UnixSocket.senderSearchesPerSecond else { return false }
+            total += 1
+            if searches.count < 1024 || searches[uid] != nil { searches[uid] = count + 1 }
             return true
         }
 
-        mutating func remember(_ sender: AutoboundSender, at descriptor: CInt) {
+        mutating func remember(_ sender: AutoboundSender, at descriptor: CInt, inode: UInt32) {
             if held.count >= 1024 { held.removeAll(keepingCapacity: true) }
-            held[sender] = descriptor
+            held[sender] = (descriptor, inode)
         }
     }
 

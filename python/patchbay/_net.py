@@ -149,7 +149,7 @@ class Socket(_native.Handle):
         another uid does not hold, among its first 256 descriptors, the very socket bound at
         its name here (or may not be traced by this process, or is gone). BlockingIOError
         (EAGAIN), nothing sent: the receiver's queue is full, or the sender's uid's senders
-        have had their 64 searches this second. Returns the bytes sent."""
+        have had their 64 searches this second (all uids' 256). Returns the bytes sent."""
         if not self._dgram:
             raise OSError(errno.EOPNOTSUPP, f"reply is for dgram sockets; this one is {self._type}")
         raw = os.fsencode(address) if isinstance(address, str) else bytes(address)

@@ -237,7 +237,8 @@ ssize_t pb_net_recv(pb_socket *socket, void *buffer, size_t capacity, struct soc
  * its network namespace, or one of another uid does not hold, among its first 256 descriptors,
  * the very socket bound at its name in the socket's network namespace (or may not be traced by
  * this process, or is gone). -EAGAIN, nothing sent: the receiver's queue is full, or the
- * sender's uid's senders have had their 64 searches this second. -EAFNOSUPPORT: not AF_UNIX;
+ * sender's uid's senders have had their 64 searches this second (all uids' 256). -EAFNOSUPPORT:
+ * not AF_UNIX;
  * -ECONNREFUSED, -ENOENT: nothing bound there now; otherwise sendto(2)'s errors. */
 ssize_t pb_net_reply(pb_socket *socket, const void *data, size_t length, const struct sockaddr_un *to, socklen_t tolen);
 

@@ -316,12 +316,15 @@ int pb_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int 
 /// UNIX_DIAG_VFS): `bound[i]` 1 or 0. 0, or -1 with errno (no sock_diag for AF_UNIX).
 int pb_unix_sockets_bound_to(const uint64_t *devices, const uint64_t *inodes, int count, unsigned char *bound);
 
-/// The inode of the local datagram socket bound at the abstract name `name` (`length` bytes after
-/// the leading NUL) in `server`'s network namespace (the one `sendto` there reaches), from the
-/// kernel's socket table through a probe connected to it: 0 with `*inode`, or -1 with errno
-/// (ECONNREFUSED nothing bound there, EPROTOTYPE not a datagram socket, EXDEV this thread is in
-/// another network namespace than `server`, ENOPROTOOPT not said).
+/// The inode of the local socket bound at the abstract name `name` (`length` bytes after the
+/// leading NUL) in `server`'s network namespace (the one `sendto` there reaches), from the kernel's
+/// socket table (a sock_diag dump; nothing is sent or connected): 0 with `*inode`, or -1 with
+/// errno (ENOENT nothing bound there, EXDEV this thread is in another network namespace than
+/// `server`, ENOPROTOOPT no SO_NETNS_COOKIE).
 int pb_abstract_socket_inode(int server, const char *name, size_t length, uint32_t *inode);
+/// Whether the local socket of inode `inode` is in `server`'s network namespace and bound at the
+/// abstract name `name`: 1 yes, 0 no, -1 with errno. One socket, looked up by its inode.
+int pb_socket_has_abstract_name(int server, uint32_t inode, const char *name, size_t length);
 /// Which of process `pid`'s descriptors below `limit` is the socket of inode `inode` (its
 /// /proc/PID/fd links; nothing is opened or copied), `hint` looked at first, whatever `limit` (-1: none): the
 /// descriptor, or -1 (none, or it cannot be looked at).

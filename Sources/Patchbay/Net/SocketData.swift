@@ -54,8 +54,9 @@ extension Socket {
     /// name in this socket's network namespace (a socket made in a namespace of its own, under
     /// the name of one of this namespace's, can be handed to a process here to send from), may
     /// not be traced by this process, or is gone. `EAGAIN`, nothing sent: the receiver's queue
-    /// is full, or the sender's uid's senders have had their 64 searches this second (each reads
-    /// up to 256 of a sender's `/proc/PID/fd` links, so their number is rationed per uid).
+    /// is full, or the sender's uid's senders have had their 64 searches this second, or all
+    /// uids' 256 (each reads the namespace's socket table and up to 256 of a sender's
+    /// `/proc/PID/fd` links, so their number is rationed).
     @discardableResult
     public func reply(_ bytes: [UInt8], to sender: Address) throws(PatchbayError) -> Int {
         try bytes.withUnsafeBytes { raw in
@@ -86,7 +87,7 @@ extension Socket {
                     ? "the sender is not in this process's network namespace (or is gone): its autobound name would be looked up here"
                     : "the sender (uid \(target.senderUID)) does not hold the socket bound at its autobound name here (or may not be traced by this process, or is gone): not answered, as a socket made in another network namespace under the name of one of this one's can be sent from here"
             case .resourceTemporarilyUnavailable where target.path == nil && target.senderUID != geteuid():
-                "not answered now: the receiver's queue is full, or uid \(target.senderUID)'s senders have had their \(UnixSocket.senderSearchesPerSecond) searches for their sockets this second"
+                "not answered now: the receiver's queue is full, or uid \(target.senderUID)'s senders have had their \(UnixSocket.senderSearchesPerSecond) searches for their sockets this second (or all uids' \(UnixSocket.allSendersSearchesPerSecond))"
             default:
                 "cannot answer \(sender.path ?? "the sender"): \(error.name)"
             }
