@@ -207,7 +207,8 @@ int pb_net_data(pb_socket *socket);
  *   - A /net socket takes no descriptors at all (SO_PASSRIGHTS off, Linux 6.16: a peer's
  *     SCM_RIGHTS is -EPERM): anyone may send to a bound dgram one, and a close of a descriptor a
  *     peer chose drops this process's POSIX locks on that file. Turn it back on on pb_net_fd's
- *     descriptor to take them; they are then received and closed on a thread of the library's,
+ *     descriptor to take them (again after a broker restart, whose broker takes the socket back
+ *     with it off); they are then received and closed on a thread of the library's,
  *     lingering off (see pb_net_data), never in the caller's thread.
  *   - A blocking receive on a bound dgram socket also minds its broker: after a broker restart
  *     it has the broker that comes back take the socket back under its name (as a listener's
