@@ -263,18 +263,25 @@ package struct UnixSocket: ~Copyable {
         }
         let name = Array(address.bytes.dropFirst(3))
         let key = AutoboundSender(pid: address.senderPID, name: name)
-        // Where this sender held it last time: that socket still bound at the name here, and
-        // still the sender's descriptor there (one socket looked up, one link read).
-        if let (descriptor, inode) = autoboundSenders.withLock({ $0.held[key] }) {
+        // Where this sender held it last time: taken as it is for a second after it was last
+        // looked at (a lookup by inode walks the namespace's socket table, whose size any user
+        // can raise), then looked at again: that socket still bound at the name here, and still
+        // the sender's descriptor there (one socket looked up, one link read).
+        let now = monotonicNanoseconds()
+        if let known = autoboundSenders.withLock({ $0.held[key] }) {
+            if now &- known.checked < 1_000_000_000 { return }
             let named = name.withUnsafeBytes { raw in
-                pb_socket_has_abstract_name(fd, inode, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count)
+                pb_socket_has_abstract_name(fd, known.inode, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count)
             }
-            if named == 1, pb_process_socket_descriptor(address.senderPID, inode, descriptor, 0) == descriptor { return }
+            if named == 1, pb_process_socket_descriptor(address.senderPID, known.inode, known.descriptor, 0) == known.descriptor {
+                autoboundSenders.withLock { $0.remember(key, at: known.descriptor, inode: known.inode, now: now) }
+                return
+            }
         }
         // Else a search: the namespace's whole socket table, then up to 256 of the sender's
         // links. Rationed per uid and in all, as a sender chooses how many sockets and
         // descriptors there are to read (and, with a user namespace of its own, its uids).
-        guard autoboundSenders.withLock({ $0.mayScan(uid: address.senderUID, now: monotonicNanoseconds()) }) else {
+        guard autoboundSenders.withLock({ $0.mayScan(uid: address.senderUID, now: now) }) else {
             throw .resourceTemporarilyUnavailable
         }
         var inode: UInt32 = 0
@@ -284,7 +291,7 @@ package struct UnixSocket: ~Copyable {
         guard found == 0 else { throw .permissionDenied }
         let held = pb_process_socket_descriptor(address.senderPID, inode, -1, senderDescriptorsSearched)
         guard held >= 0 else { throw .permissionDenied }
-        autoboundSenders.withLock { $0.remember(key, at: held, inode: inode) }
+        autoboundSenders.withLock { $0.remember(key, at: held, inode: inode, now: now) }
     }
 
     /// How many of another uid's sender's descriptors are searched for its socket.
@@ -301,7 +308,7 @@ package struct UnixSocket: ~Copyable {
     /// Where senders of other uids held their sockets (at most 1,024 kept), and this second's
     /// searches, by uid (at most 1,024 uids; past that, only the total counts) and in all.
     private struct AutoboundSenders {
-        var held: [AutoboundSender: (descriptor: CInt, inode: UInt32)] = [:]
+        var held: [AutoboundSender: (descriptor: CInt, inode: UInt32, checked: UInt64)] = [:]
         var second: UInt64 = 0
         var searches: [UInt32: Int] = [:]
         var total = 0
@@ -320,9 +327,9 @@ package struct UnixSocket: ~Copyable {
             return true
         }
 
-        mutating func remember(_ sender: AutoboundSender, at descriptor: CInt, inode: UInt32) {
-            if held.count >= 1024 { held.removeAll(keepingCapacity: true) }
-            held[sender] = (descriptor, inode)
+        mutating func remember(_ sender: AutoboundSender, at descriptor: CInt, inode: UInt32, now: UInt64) {
+            if held.count >= 1024, held[sender] == nil { held.removeAll(keepingCapacity: true) }
+            held[sender] = (descriptor, inode, now)
         }
     }
 
