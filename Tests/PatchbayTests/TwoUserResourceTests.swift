@@ -1320,10 +1320,7 @@ struct TwoUserAccountingTests {
     func parkedConnectsConnectAFewPerTurn() throws {
         let broker = try openBroker([])
         let root = try broker.connect()
-        func gauge(_ name: String) throws -> Int {
-            let line = try root.metrics().split(separator: "\n").first { $0.hasPrefix(name + " ") }
-            return Int(line?.split(separator: " ").last ?? "") ?? -1
-        }
+        func gauge(_ name: String) throws -> Int { Int(try metricValue(root, name)) }
         // Raw frames (PROTOCOL.md §5.7): capsClient with waitForService, then capsService.
         let parker = try pythonAsNobody("""
             import array, fcntl, os, socket, struct, sys
@@ -1369,10 +1366,7 @@ struct TwoUserAccountingTests {
     func readyConnectionsCostWhatIsRead() throws {
         let broker = try openBroker([])
         let root = try broker.connect()
-        func loopCounter(_ name: String) throws -> Double {
-            let line = try root.metrics().split(separator: "\n").first { $0.hasPrefix(name + " ") }
-            return Double(line?.split(separator: " ").last ?? "") ?? -1
-        }
+        func loopCounter(_ name: String) throws -> Double { try metricValue(root, name) }
         // 1,000 connections (within nobody's connection burst and descriptor share), 20 status
         // requests queued on each, no answer ever read.
         let flooder = try pythonAsNobody("""
@@ -1858,4 +1852,10 @@ let setprivNobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
 func daemonSayingReady(_ arguments: [String], asNobody nobody: Bool = false) throws -> Child {
     let shell = ["/bin/sh", "-c", "exec \"$0\" \"$@\" --ready-fd 3 3>&1", patchbayDaemon] + arguments
     return nobody ? try Child("/usr/bin/setpriv", setprivNobody + shell) : try Child(shell[0], Array(shell.dropFirst()))
+}
+
+/// The value of the unlabelled metric `name` in `broker`'s metrics text, -1 when it is missing.
+func metricValue(_ broker: Broker, _ name: String) throws -> Double {
+    let line = try broker.metrics().split(separator: "\n").first { $0.hasPrefix(name + " ") }
+    return Double(line?.split(separator: " ").last ?? "") ?? -1
 }
